@@ -1,0 +1,11 @@
+"""pvlab's guest kernel: a small paravirtual kernel written in Python.
+
+It runs on the VCPUs of a pvlab domain through native entry points (see
+hypervisor/public/native.py) and keeps every piece of its state in guest memory,
+so that a domain can be saved in one process and restored in another.
+It may import only ``hypervisor.public`` from the hypervisor.
+"""
+
+from guestos.entry import native_entries
+
+__all__ = ["native_entries"]

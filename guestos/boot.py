@@ -1,0 +1,132 @@
+"""Boot: vcpu0 enters start_kernel with rsi = start_info; it sets up the
+kernel's data, maps shared_info, registers its entry points, starts a timer,
+brings up the other VCPUs with vcpu_op, and starts a user program per cpu."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from guestos import events, syscalls, traps
+from guestos.hypercall import with_args
+from guestos.kdata import KSTACK_PAGES, MAX_CPUS, header, kernel, percpu
+from guestos.mm import PTE_RW, alloc_pages, pfn_of, pfn_to_mfn, read_cstr, va
+from guestos.printk import printk
+from guestos.user import program_names, start_program
+from hypervisor.public.arch_x86 import FLAT_KERNEL_SS64, VGCF_in_kernel, vcpu_guest_context
+from hypervisor.public.native import TailCall
+from hypervisor.public.sched import SCHEDOP_block, SHUTDOWN_poweroff
+from hypervisor.public.vcpu import VCPUOP_initialise, VCPUOP_is_up, VCPUOP_up
+from hypervisor.public.xen import Hypercall, start_info
+
+
+
+def parse_cmdline(cmdline: str) -> list[tuple[str, tuple[int, int, int]]]:
+    """``run=prog[:a0[:a1[:a2]]],...``: one program per cpu, in cpu order."""
+    for word in cmdline.split():
+        if word.startswith("run="):
+            out = []
+            for item in word[4:].split(","):
+                name, *nums = item.split(":")
+                args = [int(n, 0) for n in nums[:3]] + [0] * (3 - len(nums[:3]))
+                out.append((name, (args[0], args[1], args[2])))
+            return out
+    return [("hello", (0, 0, 0))]
+
+
+def register_callbacks(cpu: Any) -> None:
+    cpu.hypercall(Hypercall.set_callbacks, cpu.native_addr(events.hypervisor_callback),
+                  cpu.native_addr(events.failsafe_callback),
+                  cpu.native_addr(syscalls.syscall_entry))
+    cpu.hypercall(Hypercall.set_trap_table, with_args(cpu, traps.trap_table(cpu)))
+    cpu.hypercall(Hypercall.stack_switch, FLAT_KERNEL_SS64, percpu(cpu).stack_top)
+
+
+def start_kernel(cpu: Any) -> TailCall:
+    """Native entry 0: the image's ENTRY. rsi = start_info's VA."""
+    si_va = cpu.reg("rsi")
+    k = kernel(cpu)
+    si = start_info.from_buffer_copy(cpu.read(si_va, ctypes.sizeof(start_info)))
+    magic, nr_pages, shinfo_maddr = si.magic, si.nr_pages, si.shared_info
+    k.start_info = si_va
+    k.nr_pages = nr_pages
+    k.mfn_list = si.mfn_list
+    k.next_free_pfn = pfn_of(cpu.reg("rsp"))  # everything below the boot stack top is taken
+    k.kernel_l4_mfn = pfn_to_mfn(cpu, pfn_of(si.pt_base))
+    # map shared_info over a spare page of the kernel's own mapping
+    shinfo_pfn = alloc_pages(cpu)
+    cpu.hypercall(Hypercall.update_va_mapping, va(shinfo_pfn), shinfo_maddr | PTE_RW, 0)
+    k.shared_info = va(shinfo_pfn)
+    nr_cpus = 0
+    while nr_cpus < MAX_CPUS and cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, nr_cpus, 0) >= 0:
+        nr_cpus += 1
+    k.nr_cpus = nr_cpus
+    for n in range(nr_cpus):
+        percpu(cpu, n).stack_top = va(alloc_pages(cpu, KSTACK_PAGES) + KSTACK_PAGES)
+    printk(cpu, f"pvlab guest kernel booting on {magic.decode()}")
+    printk(cpu, f"{nr_pages} pages ({nr_pages >> 8} MiB), {nr_cpus} vcpus, "
+           f"command line {read_cstr(cpu, si_va + 128, 1024)!r}")
+    printk(cpu, f"programs in the image: {', '.join(program_names(cpu))}")
+    cpu.set_regs(rsp=percpu(cpu).stack_top)
+    register_callbacks(cpu)
+    events.init_cpu(cpu)
+    k.cpus_up = 1
+    for n in range(1, nr_cpus):
+        _bring_up(cpu, n)
+    return _run_or_idle(cpu)
+
+
+def _bring_up(cpu: Any, n: int) -> None:
+    k = kernel(cpu)
+    ctx = vcpu_guest_context()
+    ctx.flags = VGCF_in_kernel
+    ctx.user_regs.rip = cpu.native_addr(secondary_start)
+    ctx.user_regs.rsp = percpu(cpu, n).stack_top
+    ctx.user_regs.rflags = 0x202
+    ctx.kernel_ss = FLAT_KERNEL_SS64
+    ctx.kernel_sp = percpu(cpu, n).stack_top
+    ctx.ctrlreg[3] = k.kernel_l4_mfn << 12
+    ctx.event_callback_eip = cpu.native_addr(events.hypervisor_callback)
+    ctx.syscall_callback_eip = cpu.native_addr(syscalls.syscall_entry)
+    buf = va(alloc_pages(cpu, 2))  # the context is 5168 bytes
+    cpu.write(buf, bytes(ctx))
+    rc = cpu.hypercall(Hypercall.vcpu_op, VCPUOP_initialise, n, buf)
+    if rc == 0:
+        rc = cpu.hypercall(Hypercall.vcpu_op, VCPUOP_up, n, 0)
+    printk(cpu, f"bringing up vcpu{n}: {'ok' if rc == 0 else rc}")
+
+
+def secondary_start(cpu: Any) -> TailCall:
+    register_callbacks(cpu)
+    events.init_cpu(cpu)
+    k = kernel(cpu)
+    k.cpus_up = k.cpus_up + 1
+    printk(cpu, "up")
+    return _run_or_idle(cpu)
+
+
+def _run_or_idle(cpu: Any) -> TailCall:
+    k = kernel(cpu)
+    plan = parse_cmdline(read_cstr(cpu, k.start_info + 128, 1024))
+    if cpu.vcpu_id < len(plan):
+        name, args = plan[cpu.vcpu_id]
+        k.tasks_live = k.tasks_live + 1
+        k.tasks_started = k.tasks_started + 1
+        printk(cpu, f"starting {name}")
+        return start_program(cpu, name, args)
+    return cpu_idle(cpu)
+
+
+def cpu_idle(cpu: Any) -> TailCall:
+    """Nothing to run: block until an event, and come back here."""
+    cpu.set_regs(rsp=percpu(cpu).stack_top)
+    return TailCall(Hypercall.sched_op, (SCHEDOP_block, 0), cpu_idle)
+
+
+def poweroff(cpu: Any) -> TailCall:
+    from guestos.hypercall import shutdown_args
+    printk(cpu, "all programs exited: powering off")
+    return TailCall(Hypercall.sched_op, shutdown_args(cpu, SHUTDOWN_poweroff), cpu_idle)
+
+
+__all__ = ["start_kernel", "secondary_start", "cpu_idle", "header"]

@@ -1,0 +1,73 @@
+"""Event channels, the guest side: the upcall handler scans the 2-level
+pending bitmaps in shared_info and runs the handler of each pending port on
+this cpu; the timer ticks through VIRQ_TIMER."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from guestos.frame import return_from_bounce
+from guestos.hypercall import with_args
+from guestos.kdata import kernel, percpu
+from hypervisor.public.event_channel import EVTCHNOP_bind_virq, EVTCHNOP_unmask
+from hypervisor.public.native import TailCall
+from hypervisor.public.xen import VIRQ_TIMER, Hypercall
+
+TICK_NS = 10_000_000  # 100 Hz
+VCPU_INFO_SIZE = 64
+PENDING_OFF, MASK_OFF = 2048, 2560
+
+
+def now(cpu: Any) -> int:
+    vi = kernel(cpu).shared_info + VCPU_INFO_SIZE * cpu.vcpu_id
+    return cpu.read_u64(vi + 48)  # vcpu_time_info.system_time
+
+
+def init_cpu(cpu: Any) -> None:
+    arg = with_args(cpu, struct.pack("<III", VIRQ_TIMER, cpu.vcpu_id, 0))
+    if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_virq, arg) == 0:
+        port = struct.unpack("<I", cpu.read(arg + 8, 4))[0]
+        percpu(cpu).timer_port = port
+        cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
+                      with_args(cpu, struct.pack("<I", port)))
+    cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
+
+
+def timer_tick(cpu: Any) -> None:
+    pc = percpu(cpu)
+    pc.ticks = pc.ticks + 1
+    cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
+
+
+def hypervisor_callback(cpu: Any) -> TailCall:
+    """The event upcall (events are masked while it runs)."""
+    sh = kernel(cpu).shared_info
+    vi = sh + VCPU_INFO_SIZE * cpu.vcpu_id
+    while cpu.read(vi, 1)[0]:
+        cpu.write(vi, b"\0")  # evtchn_upcall_pending = 0
+        sel = cpu.read_u64(vi + 8)
+        cpu.write_u64(vi + 8, 0)
+        while sel:
+            w = (sel & -sel).bit_length() - 1
+            sel &= sel - 1
+            pending = cpu.read_u64(sh + PENDING_OFF + 8 * w)
+            mask = cpu.read_u64(sh + MASK_OFF + 8 * w)
+            bits = pending & ~mask
+            cpu.write_u64(sh + PENDING_OFF + 8 * w, pending & ~bits)
+            while bits:
+                b = (bits & -bits).bit_length() - 1
+                bits &= bits - 1
+                handle_port(cpu, 64 * w + b)
+    return return_from_bounce(cpu)
+
+
+def handle_port(cpu: Any, port: int) -> None:
+    if port == percpu(cpu).timer_port:
+        timer_tick(cpu)
+
+
+def failsafe_callback(cpu: Any) -> TailCall:
+    from guestos.printk import printk
+    printk(cpu, "failsafe callback: a bad segment on return to the guest")
+    return return_from_bounce(cpu)

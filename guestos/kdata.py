@@ -1,0 +1,70 @@
+"""The kernel's global data, at the image's ``kernel_data`` area.
+
+The image header (at VIRT_BASE, hypervisor/public/native.py) says where that
+area is; everything the kernel remembers between two native calls is here or
+in pages it allocated and recorded here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestos.layout import Layout
+from hypervisor.public.native import pvlab_image_header
+
+VIRT_BASE = 0xFFFFFFFF80000000
+MAX_CPUS = 32
+KSTACK_PAGES = 2
+
+# the kernel's globals
+KERNEL = Layout("kernel", [
+    ("start_info", "u64"),     # VA of start_info
+    ("shared_info", "u64"),    # VA where shared_info is mapped
+    ("nr_pages", "u64"),
+    ("mfn_list", "u64"),       # VA of the p2m list
+    ("next_free_pfn", "u64"),  # bump allocator
+    ("nr_cpus", "u64"),
+    ("cpus_up", "u64"),
+    ("tasks_live", "u64"),
+    ("tasks_started", "u64"),
+    ("next_pid", "u64"),
+    ("kernel_l4_mfn", "u64"),
+    ("ticks", "u64"),
+])
+KERNEL_OFFSET = 0
+
+# per-cpu data, an array after the globals
+PERCPU = Layout("percpu", [
+    ("stack_top", "u64"),
+    ("timer_port", "u64"),
+    ("ticks", "u64"),
+    ("task_pid", "u64"),        # 0: idle
+    ("task_user_l4", "u64"),    # mfn of the running task's user L4
+    ("task_program", "u64"),
+])
+PERCPU_OFFSET = 512
+
+# a shared_info mapping the kernel makes at boot
+SHARED_INFO_VA = VIRT_BASE - 0x1000
+
+
+def header(cpu: Any) -> pvlab_image_header:
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, 72))
+
+
+def kernel(cpu: Any) -> Any:
+    return KERNEL.at(cpu, header(cpu).kernel_data + KERNEL_OFFSET)
+
+
+def percpu(cpu: Any, n: int | None = None) -> Any:
+    n = cpu.vcpu_id if n is None else n
+    return PERCPU.at(cpu, header(cpu).kernel_data + PERCPU_OFFSET + n * PERCPU.size)
+
+
+# per-cpu scratch buffers for hypercall argument structs, after the per-cpu array
+SCRATCH_OFFSET = PERCPU_OFFSET + MAX_CPUS * 64
+SCRATCH_SIZE = 256
+
+
+def scratch_va(cpu: Any) -> int:
+    return header(cpu).kernel_data + SCRATCH_OFFSET + cpu.vcpu_id * SCRATCH_SIZE

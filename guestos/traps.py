@@ -1,0 +1,54 @@
+"""Exceptions from user programs: the task is killed with a message and the
+kernel goes on; a fault in the kernel itself is a panic."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from guestos.frame import read_bounce
+from guestos.kdata import kernel
+from guestos.printk import printk
+from hypervisor.public.native import TailCall
+
+# trap_info flags: DPL 0 for faults, bit 2 masks events on entry
+TI_MASK_EVENTS = 4
+
+
+def page_fault(cpu: Any) -> TailCall:
+    cr2 = cpu.read_u64(kernel(cpu).shared_info + 64 * cpu.vcpu_id + 16)
+    return _kill(cpu, f"page fault at {cr2:#x}", error_code=True)
+
+
+def general_protection(cpu: Any) -> TailCall:
+    return _kill(cpu, "general protection fault", error_code=True)
+
+
+def invalid_op(cpu: Any) -> TailCall:
+    return _kill(cpu, "invalid opcode", error_code=False)
+
+
+def breakpoint(cpu: Any) -> TailCall:
+    return _kill(cpu, "breakpoint", error_code=False)
+
+
+def divide_error(cpu: Any) -> TailCall:
+    return _kill(cpu, "divide error", error_code=False)
+
+
+def _kill(cpu: Any, what: str, error_code: bool) -> TailCall:
+    from guestos.syscalls import task_exit
+    rip = read_bounce(cpu, error_code)[2]
+    printk(cpu, f"killed task: {what} at rip {rip:#x}")
+    return task_exit(cpu, 139)
+
+
+HANDLERS = ((0, divide_error), (3, breakpoint), (6, invalid_op), (13, general_protection),
+            (14, page_fault))
+
+
+def trap_table(cpu: Any) -> bytes:
+    """The set_trap_table argument: trap_info entries ended by a zero address."""
+    out = b"".join(struct.pack("<BBHxxxxQ", vec, 3 if vec == 3 else TI_MASK_EVENTS, 0,
+                               cpu.native_addr(fn)) for vec, fn in HANDLERS)
+    return out + bytes(16)

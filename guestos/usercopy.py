@@ -1,0 +1,35 @@
+"""copy_from_user: the kernel's L4 does not map user memory (each task has its
+own user L4), so the kernel walks the running task's tables itself, reading
+them through its own read-only mapping and the M2P."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestos.kdata import percpu
+from guestos.mm import FRAME, va
+from hypervisor.public.arch_x86 import _PAGE_PRESENT, MACH2PHYS_VIRT_START
+
+
+def user_pfn(cpu: Any, uva: int) -> int | None:
+    mfn = percpu(cpu).task_user_l4
+    for shift in (39, 30, 21, 12):
+        pfn = cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
+        e = cpu.read_u64(va(pfn) + 8 * ((uva >> shift) & 511))
+        if not e & _PAGE_PRESENT:
+            return None
+        mfn = (e & FRAME) >> 12
+    return cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
+
+
+def copy_from_user(cpu: Any, uva: int, size: int) -> bytes | None:
+    out = bytearray()
+    while size:
+        n = min(size, 4096 - (uva & 0xFFF))
+        pfn = user_pfn(cpu, uva)
+        if pfn is None:
+            return None
+        out += cpu.read(va(pfn) + (uva & 0xFFF), n)
+        uva += n
+        size -= n
+    return bytes(out)

@@ -1,0 +1,165 @@
+"""The hypervisor: machine, domains, the hypercall dispatcher and the way back
+into a guest. One object per machine; everything runs on one host thread
+(Unicorn engines on several threads lose ``lock``-prefixed updates)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from unicorn.unicorn_const import UC_CTL_TLB_FLUSH
+from unicorn.unicorn_py3.unicorn import uclib
+
+from hypervisor.cpu.vcpu import Vcpu
+from hypervisor.domain import Domain
+from hypervisor.hypercalls.callback import (
+    do_callback_op,
+    do_set_callbacks,
+    do_set_trap_table,
+    do_stack_switch,
+)
+from hypervisor.hypercalls.console import do_console_io
+from hypervisor.hypercalls.evtchn import do_event_channel_op
+from hypervisor.hypercalls.sched import do_sched_op, do_set_timer_op
+from hypervisor.hypercalls.vcpu import do_vcpu_op
+from hypervisor.hypercalls.version import do_xen_version
+from hypervisor.machine import Machine
+from hypervisor.mm.frames import DOMID_XEN
+from hypervisor.mm.mmu import Mmu
+from hypervisor.mm.walker import Walker
+from hypervisor.public.errno import ENOSYS
+from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.public.xen import VIRQ_TIMER, Hypercall
+from hypervisor.scheduler import Scheduler
+from hypervisor.traps import Traps
+
+log = logging.getLogger(__name__)
+
+# uc_ctl(UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)): the binding has no wrapper for it
+_UC_CTL_IO_WRITE = 1
+_TLB_FLUSH = (_UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
+
+Handler = Callable[..., "int | None"]
+
+
+class Hypervisor:
+    """A machine running domains."""
+
+    def __init__(self, memory_mib: int = 256, seed: int = 0, clock: str = "deterministic",
+                 slice_insns: int = 50_000, slice_us: int = 5_000) -> None:
+        self.machine = Machine(memory_mib, seed)
+        self.walker = Walker(self.machine.memory)
+        self.traps = Traps(self)
+        self.mmu = Mmu(self)
+        self.domains: dict[int, Domain] = {}
+        self.scheduler = Scheduler(self, clock, slice_insns, slice_us)
+        self.machine.types.on_type_change = self._type_changed
+        self.table: dict[int, Handler] = {
+            Hypercall.set_trap_table: do_set_trap_table,
+            Hypercall.mmu_update: self.mmu.mmu_update,
+            Hypercall.stack_switch: do_stack_switch,
+            Hypercall.set_callbacks: do_set_callbacks,
+            Hypercall.update_va_mapping: self.mmu.update_va_mapping,
+            Hypercall.set_timer_op: do_set_timer_op,
+            Hypercall.xen_version: do_xen_version,
+            Hypercall.console_io: do_console_io,
+            Hypercall.iret: self._do_iret,
+            Hypercall.vcpu_op: do_vcpu_op,
+            Hypercall.mmuext_op: self.mmu.mmuext_op,
+            Hypercall.sched_op: do_sched_op,
+            Hypercall.callback_op: do_callback_op,
+            Hypercall.event_channel_op: do_event_channel_op,
+        }
+        self.hypercall_count = 0
+
+    # --- domains -----------------------------------------------------------------------
+
+    def create_domain(self, name: str, max_pages: int, nr_vcpus: int) -> Domain:
+        domid = 1 + max(self.domains, default=0)
+        dom = Domain(self, domid, name, max_pages, nr_vcpus)
+        self.domains[domid] = dom
+        return dom
+
+    def domain_by_id(self, domid: int) -> Domain | None:
+        return self.domains.get(domid)
+
+    def destroy_domain(self, dom: Domain) -> None:
+        """Tear a domain down and give all its frames back."""
+        ft = self.machine.frames
+        for mfn in ft.owned_by(dom.domid).tolist():
+            ft.type_count[mfn] = 0
+            ft.ref_count[mfn] = 0
+            self.machine.m2p[mfn] = 0xFFFFFFFFFFFFFFFF
+            ft.free(mfn)
+        dom.close()
+        self.domains.pop(dom.domid, None)
+        self.walker.flush()
+
+    # --- hypercalls --------------------------------------------------------------------
+
+    def hypercall(self, vcpu: Vcpu, nr: int, args: list[int] | tuple[int, ...]) -> int | None:
+        """The one dispatcher, for x86 ``syscall`` and the Python kernel alike."""
+        self.hypercall_count += 1
+        handler = self.table.get(nr)
+        if handler is None:
+            return -ENOSYS
+        rc = handler(vcpu, *args)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("d%dv%d hypercall %s%s -> %s", vcpu.domain.domid, vcpu.vcpu_id,
+                      Hypercall(nr).name if nr in Hypercall._value2member_map_ else nr,
+                      tuple(hex(a) for a in args), rc)
+        return rc
+
+    def _do_iret(self, vcpu: Vcpu, *_: int) -> int:
+        return self.traps.do_iret(vcpu)
+
+    def return_to_guest(self, vcpu: Vcpu) -> None:
+        """Xen's exit path to a guest: deliver a pending event upcall."""
+        self.traps.deliver_event(vcpu)
+
+    # --- guest memory ------------------------------------------------------------------
+
+    def copy_from_guest(self, vcpu: Vcpu, va: int, size: int) -> bytes:
+        return self.walker.read(vcpu.current_table, va, size)
+
+    def copy_to_guest(self, vcpu: Vcpu, va: int, data: bytes) -> None:
+        self.walker.write(vcpu.current_table, va, data)
+
+    def flush_tlbs(self, dom: Domain) -> None:
+        """A TLB shootdown: every VCPU of the domain and the software walker."""
+        for v in dom.vcpus:
+            uclib.uc_ctl(v.uc._uch, _TLB_FLUSH)
+        self.walker.flush()
+
+    def _type_changed(self, domid: int) -> None:
+        dom = self.domains.get(domid)
+        if dom is not None and domid != DOMID_XEN:
+            self.flush_tlbs(dom)
+
+    # --- time and wake-ups -------------------------------------------------------------
+
+    def kick(self, vcpu: Vcpu) -> None:
+        """An event is pending for ``vcpu``: wake it if it is blocked."""
+        if vcpu.blocked:
+            vcpu.blocked = False
+            vcpu.clock = max(vcpu.clock, self.scheduler.now())
+
+    def fire_timer(self, vcpu: Vcpu) -> None:
+        vcpu.timer_deadline = 0
+        vcpu.domain.evtchn.send_virq(vcpu.vcpu_id, VIRQ_TIMER)
+
+    def suspend_domain(self, dom: Domain, vcpu: Vcpu) -> None:
+        dom.shutdown(SHUTDOWN_suspend)
+
+    # --- running -----------------------------------------------------------------------
+
+    def run(self, until_ns: int | None = None, stop: Callable[[], bool] | None = None) -> None:
+        self.scheduler.run(until_ns, stop)
+
+    def close(self) -> None:
+        for dom in list(self.domains.values()):
+            dom.close()
+
+
+__all__ = ["Hypervisor", "Any"]

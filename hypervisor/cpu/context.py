@@ -1,0 +1,93 @@
+"""A VCPU's state as one record: Xen's ``vcpu_guest_context`` (64-bit layout,
+5168 bytes), which is what VCPUOP_initialise takes and what save writes.
+
+CR3 and the user L4 are machine addresses here (Xen's xen_pfn_to_cr3 of an mfn);
+save canonicalises them to pfns, restore localises them back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE
+
+from hypervisor.mm.frames import PageType
+from hypervisor.public.arch_x86 import (
+    VGCF_in_kernel,
+    VGCF_online,
+    VGCF_syscall_disables_events,
+    vcpu_guest_context,
+)
+from hypervisor.public.errno import EINVAL
+
+if TYPE_CHECKING:
+    from hypervisor.cpu.vcpu import Vcpu
+
+CONTEXT_SIZE = ctypes.sizeof(vcpu_guest_context)
+_USER_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+              "rax", "rcx", "rdx", "rsi", "rdi", "rip", "rflags", "rsp")
+
+
+def get_context(vcpu: Vcpu) -> vcpu_guest_context:
+    ctx = vcpu_guest_context()
+    regs = vcpu.read_regs()
+    regs["rip"] = vcpu.get_rip()
+    ur = ctx.user_regs
+    for name in _USER_REGS:
+        setattr(ur, name, regs[name])
+    flags = 0
+    if vcpu.in_kernel:
+        flags |= VGCF_in_kernel
+    if vcpu.online:
+        flags |= VGCF_online
+    if vcpu.syscall_masks_events:
+        flags |= VGCF_syscall_disables_events
+    ctx.flags = flags
+    for vector, (tflags, cs, address) in vcpu.trap_ctxt.items():
+        t = ctx.trap_ctxt[vector]
+        t.vector, t.flags, t.cs, t.address = vector, tflags, cs, address
+    ctx.kernel_ss, ctx.kernel_sp = vcpu.kernel_ss, vcpu.kernel_sp
+    ctx.ctrlreg[3] = vcpu.guest_table << 12
+    ctx.ctrlreg[1] = vcpu.guest_table_user << 12
+    ctx.event_callback_eip = vcpu.event_callback
+    ctx.failsafe_callback_eip = vcpu.failsafe_callback
+    ctx.syscall_callback_eip = vcpu.syscall_callback
+    ctx.fs_base = vcpu.uc.reg_read(UC_X86_REG_FS_BASE)
+    ctx.gs_base_kernel = vcpu.uc.reg_read(UC_X86_REG_GS_BASE)
+    return ctx
+
+
+def set_context(vcpu: Vcpu, raw: bytes) -> int:
+    """Load a vcpu_guest_context (Xen's arch_set_info_guest); the new kernel L4
+    takes a type reference and is validated if it is not already."""
+    ctx = vcpu_guest_context.from_buffer_copy(raw)
+    dom = vcpu.domain
+    types = dom.machine.types
+    cr3 = ctx.ctrlreg[3] >> 12
+    user = ctx.ctrlreg[1] >> 12
+    if not cr3 or types.get_page_and_type(cr3, PageType.l4, dom.domid):
+        return -EINVAL
+    if user and types.get_page_and_type(user, PageType.l4, dom.domid):
+        types.put_page_and_type(cr3)
+        return -EINVAL
+    for old in (vcpu.guest_table, vcpu.guest_table_user):
+        if old:
+            types.put_page_and_type(old)
+    vcpu.guest_table, vcpu.guest_table_user = cr3, user
+    vcpu.in_kernel = bool(ctx.flags & VGCF_in_kernel) or not user
+    vcpu.syscall_masks_events = bool(ctx.flags & VGCF_syscall_disables_events)
+    vcpu.trap_ctxt = {t.vector: (t.flags, t.cs, t.address)
+                      for t in ctx.trap_ctxt if t.address}
+    vcpu.kernel_ss, vcpu.kernel_sp = ctx.kernel_ss, ctx.kernel_sp
+    vcpu.event_callback = ctx.event_callback_eip
+    vcpu.failsafe_callback = ctx.failsafe_callback_eip
+    vcpu.syscall_callback = ctx.syscall_callback_eip
+    ur = ctx.user_regs
+    regs = {name: getattr(ur, name) for name in _USER_REGS}
+    regs["rflags"] |= 0x202
+    vcpu.write_regs(**regs)
+    vcpu.load_cr3(vcpu.current_table)
+    vcpu.uc.reg_write(UC_X86_REG_FS_BASE, ctx.fs_base)
+    vcpu.uc.reg_write(UC_X86_REG_GS_BASE, ctx.gs_base_kernel)
+    return 0

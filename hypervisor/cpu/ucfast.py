@@ -1,0 +1,196 @@
+"""Fast paths into libunicorn that the Python binding does not offer.
+
+The binding's ``reg_read`` costs ~2.5 us a register and it has no virtual-memory
+API; a trap handler that reads six argument registers that way would spend most of
+its time in the binding. Here registers are read and written in one ctypes batch
+with preallocated arrays (~1 us), and the two private fields of Unicorn's state that
+a hypervisor needs are reached directly:
+
+* the retired-instruction counter of a counted ``emu_start`` (``uc->emu_counter``),
+  which gives deterministic virtual time even when a slice ends early;
+* the CPU's ``old_exception`` (must be reset after every fault a hook handles,
+  Unicorn issue #1883) and ``error_code`` (the page-fault error code), inside the
+  context blob.
+
+Both are private layouts, found at run time with marker values; the project pins
+``unicorn==2.1.4`` for that reason (shared/reference/unicorn.md, gotchas 1 and 13).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Sequence
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
+from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.x86_const import (
+    UC_X86_INS_SYSCALL,
+    UC_X86_REG_DR0,
+    UC_X86_REG_RAX,
+)
+
+_c_u64_p = ctypes.POINTER(ctypes.c_uint64)
+
+
+class RegBatch:
+    """Read or write a fixed list of 64-bit registers in one library call."""
+
+    def __init__(self, uc: Uc, regs: Sequence[int]) -> None:
+        self._uch = uc._uch
+        n = len(regs)
+        self.n = n
+        self._ids = (ctypes.c_int * n)(*regs)
+        self._vals = (ctypes.c_uint64 * n)()
+        self._ptrs = (ctypes.c_void_p * n)(
+            *[ctypes.addressof(self._vals) + 8 * i for i in range(n)]
+        )
+
+    def read(self) -> list[int]:
+        uclib.uc_reg_read_batch(self._uch, self._ids, self._ptrs, self.n)
+        return self._vals[:]
+
+    def write(self, values: Sequence[int]) -> None:
+        vals = self._vals
+        for i, v in enumerate(values):
+            vals[i] = v & 0xFFFFFFFFFFFFFFFF
+        uclib.uc_reg_write_batch(self._uch, self._ids, self._ptrs, self.n)
+
+
+class FastReg:
+    """One register, read and written through ctypes without the binding's checks."""
+
+    def __init__(self, uc: Uc, reg: int) -> None:
+        self._uch = uc._uch
+        self._id = reg
+        self._val = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._val)
+
+    def read(self) -> int:
+        uclib.uc_reg_read(self._uch, self._id, self._ref)
+        return self._val.value
+
+    def write(self, value: int) -> None:
+        self._val.value = value & 0xFFFFFFFFFFFFFFFF
+        uclib.uc_reg_write(self._uch, self._id, self._ref)
+
+
+# --- the instruction counter -------------------------------------------------------
+
+_counter_offset: int | None = None
+
+
+def _find_counter_offset() -> int:
+    """Locate ``emu_counter`` in ``struct uc_struct``: run a counted slice of a
+    known length on a scratch engine and look for ``emu_count`` (N) just after
+    ``emu_counter`` (N + 1: the count hook stops on the instruction after N)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x2000)
+    uc.mem_write(0x1000, b"\x48\xff\xc0" * 1024)  # inc %rax, many times
+    n = 0x1D3
+    uc.emu_start(0x1000, 0, 0, n)
+    raw = ctypes.string_at(uc._uch.value, 8192)
+    for off in range(0, len(raw) - 16, 8):
+        counter, count = struct.unpack_from("<QQ", raw, off)
+        if count == n and counter == n + 1:
+            return off
+    raise RuntimeError("cannot find unicorn's emu_counter; is unicorn 2.1.4 installed?")
+
+
+class InsnCounter:
+    """Instructions retired by the current counted ``emu_start`` of one engine."""
+
+    def __init__(self, uc: Uc) -> None:
+        global _counter_offset
+        if _counter_offset is None:
+            _counter_offset = _find_counter_offset()
+        self._cell = ctypes.c_uint64.from_address(uc._uch.value + _counter_offset)
+
+    def retired(self, budget: int) -> int:
+        """Instructions executed by the last ``emu_start(count=budget)``."""
+        return min(self._cell.value, budget)
+
+
+# --- the CPU state blob ----------------------------------------------------------
+
+_dr0_offset: int | None = None
+_MARK = 0x5A17C0DEFEED1234
+
+
+def _find_dr0_offset(uc: Uc, ctx: ctypes.c_void_p, size: int) -> int:
+    uc.reg_write(UC_X86_REG_DR0, _MARK)
+    uclib.uc_context_save(uc._uch, ctx)
+    raw = ctypes.string_at(ctx.value, size)
+    uc.reg_write(UC_X86_REG_DR0, 0)
+    off = raw.find(struct.pack("<Q", _MARK))
+    if off < 0:
+        raise RuntimeError("cannot find DR0 in unicorn's context blob")
+    return off
+
+
+class CpuEnv:
+    """Access to the private ``CPUX86State`` fields Unicorn leaves out of its API.
+
+    ``env->error_code`` sits 16 bytes before ``dr[0]`` and ``env->old_exception``
+    96 bytes after it in Unicorn 2.1.4's ``CPUX86State``
+    (shared/reference/unicorn-measurements.md, cross-cutting facts 2 and 4).
+    """
+
+    def __init__(self, uc: Uc) -> None:
+        global _dr0_offset
+        self._uc = uc
+        self._size = uclib.uc_context_size(uc._uch)
+        self._ctx = ctypes.c_void_p()
+        uclib.uc_context_alloc(uc._uch, ctypes.byref(self._ctx))
+        # the blob starts after the uc_context header; offsets are relative to the
+        # start of the allocation, so the header is included
+        alloc = self._size + 64
+        if _dr0_offset is None:
+            _dr0_offset = _find_dr0_offset(uc, self._ctx, alloc)
+        self._old_exc = ctypes.c_int32.from_address(self._ctx.value + _dr0_offset + 96)
+        self._err = ctypes.c_int32.from_address(self._ctx.value + _dr0_offset - 16)
+
+    def fault_error_code(self) -> int:
+        """The error code of the exception being delivered (saves the blob first)."""
+        uclib.uc_context_save(self._uc._uch, self._ctx)
+        return self._err.value & 0xFFFFFFFF
+
+    def clear_old_exception(self) -> None:
+        """Forget the fault a hook just handled, so the next one is not a #DF."""
+        uclib.uc_context_save(self._uc._uch, self._ctx)
+        self._old_exc.value = -1
+        uclib.uc_context_restore(self._uc._uch, self._ctx)
+
+    def free(self) -> None:
+        if self._ctx:
+            uclib.uc_context_free(self._ctx)
+            self._ctx = ctypes.c_void_p()
+
+
+# --- virtual memory through the live page tables ----------------------------------
+
+UC_PROT_READ = 1
+UC_PROT_WRITE = 2
+UC_PROT_EXEC = 4
+
+uclib.uc_vmem_translate.restype = ctypes.c_int
+uclib.uc_vmem_translate.argtypes = [
+    ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, _c_u64_p,
+]
+
+
+def vmem_translate(uc: Uc, va: int, prot: int = UC_PROT_READ) -> int | None:
+    """Physical address of ``va`` through the engine's current CR3, or None.
+
+    A failed translation writes the guest's CR2 (gotcha 14): callers that care
+    save and restore CR2 around it."""
+    pa = ctypes.c_uint64()
+    err = uclib.uc_vmem_translate(uc._uch, va, prot, ctypes.byref(pa))
+    return pa.value if err == 0 else None
+
+
+__all__ = [
+    "CpuEnv", "FastReg", "InsnCounter", "RegBatch", "vmem_translate",
+    "UC_PROT_READ", "UC_PROT_WRITE", "UC_PROT_EXEC",
+    "UC_HOOK_INSN", "UC_X86_INS_SYSCALL", "UC_X86_REG_RAX",
+]

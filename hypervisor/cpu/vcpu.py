@@ -1,0 +1,288 @@
+"""A virtual CPU: one Unicorn x86-64 engine with real 4-level paging.
+
+All guest code, kernel and user, runs at CPL3 (as in Xen's x86-64 PV ABI); the
+hypervisor tracks which of the two the VCPU is in and keeps two L4s, switching
+CR3 on every kernel/user transition. A fresh engine starts at CPL0 and enters
+CPL3 once, through the hypervisor's ``iretq`` stub; Unicorn cannot change CPL
+any other way.
+
+Every way out of guest code lands in a hook here:
+* ``syscall``: a hypercall in kernel mode, a system call bounced to the guest
+  kernel in user mode;
+* an exception (UC_HOOK_INTR / invalid opcode): injected into the guest
+  kernel's trap table, or the domain crashes with a report;
+* a fetch from the native text range: the Python guest kernel runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
+from unicorn.x86_const import (
+    UC_X86_INS_SYSCALL,
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR2,
+    UC_X86_REG_CR3,
+    UC_X86_REG_CR4,
+    UC_X86_REG_GDTR,
+    UC_X86_REG_MSR,
+    UC_X86_REG_R8,
+    UC_X86_REG_R9,
+    UC_X86_REG_R10,
+    UC_X86_REG_R11,
+    UC_X86_REG_R12,
+    UC_X86_REG_R13,
+    UC_X86_REG_R14,
+    UC_X86_REG_R15,
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBP,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDI,
+    UC_X86_REG_RDX,
+    UC_X86_REG_RFLAGS,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSI,
+    UC_X86_REG_RSP,
+)
+
+from hypervisor.cpu.ucfast import CpuEnv, FastReg, InsnCounter, RegBatch
+from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
+from hypervisor.mm.memory import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from hypervisor.domain import Domain
+
+log = logging.getLogger(__name__)
+
+# the order of cpu_user_regs in Xen's public header is not the order we batch in;
+# these names index the batch
+GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+_GPR_IDS = (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX,
+            UC_X86_REG_RSI, UC_X86_REG_RDI, UC_X86_REG_RBP, UC_X86_REG_RSP,
+            UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+            UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+            UC_X86_REG_RIP, UC_X86_REG_RFLAGS)
+GPR_INDEX = {name: i for i, name in enumerate(GPR_NAMES)}
+# hypercall arguments, 64-bit PV ABI: nr in rax, args rdi rsi rdx r10 r8
+_HCALL_IDS = (UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
+              UC_X86_REG_R10, UC_X86_REG_R8)
+
+CR0_PE, CR0_WP, CR0_PG = 1 << 0, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR = 1 << 5, 1 << 9
+MSR_EFER = 0xC0000080
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
+RFLAGS_DEFAULT = 0x202  # IF, reserved bit 1
+
+X86_EXC_DE, X86_EXC_DB, X86_EXC_BP, X86_EXC_UD = 0, 1, 3, 6
+X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
+
+
+class Vcpu:
+    """One VCPU of a domain. Its architectural state lives in the Unicorn engine;
+    the PV state Xen keeps per vcpu (mode, L4s, callbacks, trap table, kernel
+    stack, timer) lives here and is what a context record carries."""
+
+    def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
+        self.domain = domain
+        self.vcpu_id = vcpu_id
+        self.machine = machine
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        mem = machine.memory
+        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
+        self.gprs = RegBatch(uc, _GPR_IDS)
+        self.hcall_args = RegBatch(uc, _HCALL_IDS)
+        self.rax = FastReg(uc, UC_X86_REG_RAX)
+        self.rip = FastReg(uc, UC_X86_REG_RIP)
+        self.rsp = FastReg(uc, UC_X86_REG_RSP)
+        self.cr3 = FastReg(uc, UC_X86_REG_CR3)
+        self.counter = InsnCounter(uc)
+        self.env = CpuEnv(uc)
+
+        # Xen's per-vcpu PV state (struct pv_vcpu)
+        self.online = False
+        self.initialised = False
+        self.blocked = False
+        self.in_kernel = True
+        self.guest_table = 0        # kernel L4 mfn
+        self.guest_table_user = 0   # user L4 mfn (0: none)
+        self.kernel_ss = 0
+        self.kernel_sp = 0
+        self.event_callback = 0
+        self.failsafe_callback = 0
+        self.syscall_callback = 0
+        self.syscall_masks_events = False
+        self.trap_ctxt: dict[int, tuple[int, int, int]] = {}  # vector -> (flags, cs, addr)
+        self.timer_deadline = 0     # ns of system time, 0 = none
+        self.clock = 0              # this vcpu's system time, ns
+
+        self.fresh = True           # still at CPL0: enter through the boot stub
+        self.stop_requested = False
+        self._budget = 0
+        self._in_syscall_hook = False
+        self._hooks: list[int] = []
+        self.trace_left = 0
+        self.trace_hook: Any = None
+
+        self._setup_cpu()
+        self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0,
+                                       UC_X86_INS_SYSCALL))
+        self._hooks.append(uc.hook_add(UC_HOOK_INTR, self._on_intr))
+        self._hooks.append(uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid))
+
+    # --- set-up --------------------------------------------------------------------
+
+    def _setup_cpu(self) -> None:
+        uc = self.uc
+        uc.reg_write(UC_X86_REG_GDTR, (0, GDT_VA, 0xFFFF, 0))
+        uc.reg_write(UC_X86_REG_CR4, uc.reg_read(UC_X86_REG_CR4) | CR4_PAE | CR4_OSFXSR)
+        uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE))
+
+    def bind_native(self, begin: int, end: int, callback: Any) -> None:
+        """Run ``callback(vcpu, addr)`` whenever the VCPU reaches [begin, end)."""
+        def hook(uc: Uc, addr: int, size: int, ud: Any) -> None:
+            callback(self, addr)
+        self._hooks.append(self.uc.hook_add(UC_HOOK_CODE, hook, None, begin, end - 1))
+
+    # --- registers -----------------------------------------------------------------
+
+    def read_regs(self) -> dict[str, int]:
+        return dict(zip(GPR_NAMES, self.gprs.read()))
+
+    def write_regs(self, **regs: int) -> None:
+        """Write some registers; RIP last, and corrected inside a syscall hook
+        (Unicorn adds the syscall's length after the hook: gotcha 3)."""
+        rip = regs.pop("rip", None)
+        if regs:
+            vals = self.gprs.read()
+            for name, value in regs.items():
+                vals[GPR_INDEX[name]] = value
+            # an unchanged RIP read inside a syscall hook is the syscall's own
+            # address, and writing it back resumes after the syscall: correct
+            self.gprs.write(vals)
+        if rip is not None:
+            self.set_rip(rip)
+
+    def set_rip(self, rip: int) -> None:
+        self.rip.write(rip - 2 if self._in_syscall_hook else rip)
+
+    def get_rip(self) -> int:
+        """The guest's RIP; inside a syscall hook, the address after the syscall."""
+        rip = self.rip.read()
+        return rip + 2 if self._in_syscall_hook else rip
+
+    def load_cr3(self, mfn: int) -> None:
+        self.cr3.write(mfn << PAGE_SHIFT)
+
+    @property
+    def current_table(self) -> int:
+        return self.guest_table if self.in_kernel else self.guest_table_user
+
+    def toggle_guest_mode(self) -> None:
+        """Switch between guest kernel and guest user mode (Xen's
+        toggle_guest_mode): the other L4, and the other GS base."""
+        self.in_kernel = not self.in_kernel
+        self.load_cr3(self.current_table)
+
+    # --- running -------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """End the current slice as soon as the running hook returns."""
+        self.stop_requested = True
+
+    def retired_in_slice(self) -> int:
+        """Instructions retired so far in the running (counted) slice."""
+        return self.counter.retired(self._budget) if self._budget else 0
+
+    def run(self, budget: int, timeout_us: int = 0) -> int:
+        """Run one slice: at most ``budget`` instructions (deterministic clock) or
+        ``timeout_us`` of host time (fast clock). Returns instructions retired
+        (deterministic) or 0 (fast)."""
+        uc = self.uc
+        self.stop_requested = False
+        self._budget = budget
+        start = self.rip.read()
+        if self.fresh:
+            # enter CPL3 through the stub: iretq pops rip, cs, rflags, rsp, ss
+            regs = self.gprs.read()
+            frame = self.machine.boot_frame(regs[16], regs[7], regs[17] | 0x2)
+            self.machine.memory.write(self.machine.xen.stack_mfn << PAGE_SHIFT, frame)
+            self.rsp.write(BOOT_STACK_VA)
+            uc.reg_write(UC_X86_REG_CR0, CR0_PE | CR0_WP | CR0_PG | 0x10)
+            start = BOOT_STUB_VA
+            self.fresh = False
+        try:
+            uc.emu_start(start, 0, timeout_us, budget)
+        except UcError as e:
+            self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
+        retired = self.counter.retired(budget) if budget else 0
+        self._budget = 0
+        return retired
+
+    # --- hooks ---------------------------------------------------------------------
+
+    def _on_syscall(self, uc: Uc, ud: Any) -> None:
+        self._in_syscall_hook = True
+        try:
+            hv = self.domain.hypervisor
+            if self.in_kernel:
+                nr, *args = self.hcall_args.read()
+                rc = hv.hypercall(self, nr, args)
+                if rc is not None:
+                    self.rax.write(rc)
+            else:
+                hv.traps.bounce_syscall(self)
+            hv.return_to_guest(self)
+        except Exception:
+            # a bug in the hypervisor must not vanish inside Unicorn: stop and
+            # re-raise from emu_start with the slice state intact
+            self._in_syscall_hook = False
+            raise
+        self._in_syscall_hook = False
+        if self.stop_requested:
+            uc.emu_stop()
+
+    def _on_intr(self, uc: Uc, intno: int, ud: Any) -> None:
+        self.env.clear_old_exception()
+        hv = self.domain.hypervisor
+        if intno in (X86_EXC_PF, X86_EXC_DF):
+            cr2 = uc.reg_read(UC_X86_REG_CR2)
+            err = self.env.fault_error_code()
+            hv.traps.inject(self, X86_EXC_PF if intno == X86_EXC_PF else intno, err, cr2)
+        elif intno in (X86_EXC_GP,):
+            hv.traps.inject(self, intno, self.env.fault_error_code(), None)
+        else:
+            hv.traps.inject(self, intno, None, None, software=intno >= 32 or intno == 3)
+        hv.return_to_guest(self)
+        if self.stop_requested:
+            uc.emu_stop()
+
+    def _on_invalid(self, uc: Uc, ud: Any) -> bool:
+        hv = self.domain.hypervisor
+        hv.traps.inject(self, X86_EXC_UD, None, None)
+        hv.return_to_guest(self)
+        if self.stop_requested:
+            uc.emu_stop()
+        return True
+
+    def close(self) -> None:
+        for h in self._hooks:
+            try:
+                self.uc.hook_del(h)
+            except UcError:
+                pass
+        self._hooks.clear()
+        self.env.free()

@@ -1,0 +1,214 @@
+"""Event channels, Xen's 2-level ABI (xen/common/event_channel.c, event_2l.c).
+
+Pending and mask bits live in the domain's shared_info page, where the guest
+reads and writes them directly; the per-vcpu selector word and upcall flag live
+in vcpu_info. Setting a port pending raises an upcall on the vcpu it is bound to
+unless the port is masked; the upcall itself is delivered by the trap code on
+the way back into the guest.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, ENOENT, ENOSPC
+from hypervisor.public.xen import NR_EVENT_CHANNELS
+
+if TYPE_CHECKING:
+    from hypervisor.cpu.vcpu import Vcpu
+    from hypervisor.domain import Domain
+
+BITS_PER_WORD = 64
+
+
+class PortState(enum.IntEnum):
+    """ECS_* in Xen's struct evtchn."""
+
+    free = 0
+    reserved = 1
+    unbound = 2
+    interdomain = 3
+    pirq = 4
+    virq = 5
+    ipi = 6
+
+
+@dataclass
+class Port:
+    state: PortState = PortState.free
+    vcpu: int = 0
+    virq: int = 0
+    remote_dom: int = 0
+    remote_port: int = 0
+
+
+class EventChannels:
+    """The event-channel table of one domain."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.ports = [Port(PortState.reserved)]  # port 0 is never used
+        self.virqs: dict[tuple[int, int], int] = {}  # (vcpu, virq) -> port
+
+    # --- allocation ---------------------------------------------------------------
+
+    def _alloc(self) -> int:
+        for port, p in enumerate(self.ports):
+            if p.state == PortState.free:
+                return port
+        if len(self.ports) >= NR_EVENT_CHANNELS:
+            return -ENOSPC
+        self.ports.append(Port())
+        return len(self.ports) - 1
+
+    def _valid(self, port: int) -> bool:
+        return 0 < port < len(self.ports)
+
+    def bind_virq(self, virq: int, vcpu: int) -> int:
+        if vcpu >= len(self.domain.vcpus):
+            return -ENOENT
+        if (vcpu, virq) in self.virqs:
+            return -EEXIST
+        port = self._alloc()
+        if port < 0:
+            return port
+        self.ports[port] = Port(PortState.virq, vcpu=vcpu, virq=virq)
+        self.virqs[(vcpu, virq)] = port
+        return port
+
+    def bind_ipi(self, vcpu: int) -> int:
+        if vcpu >= len(self.domain.vcpus):
+            return -ENOENT
+        port = self._alloc()
+        if port < 0:
+            return port
+        self.ports[port] = Port(PortState.ipi, vcpu=vcpu)
+        return port
+
+    def alloc_unbound(self, remote_dom: int) -> int:
+        port = self._alloc()
+        if port < 0:
+            return port
+        self.ports[port] = Port(PortState.unbound, remote_dom=remote_dom)
+        return port
+
+    def close(self, port: int) -> int:
+        if not self._valid(port):
+            return -EINVAL
+        p = self.ports[port]
+        if p.state == PortState.free:
+            return -EINVAL
+        if p.state == PortState.reserved:
+            return -EINVAL
+        if p.state == PortState.virq:
+            del self.virqs[(p.vcpu, p.virq)]
+        if p.state == PortState.interdomain:
+            peer = self.domain.hypervisor.domain_by_id(p.remote_dom)
+            if peer is not None:
+                peer.evtchn.ports[p.remote_port] = Port(PortState.unbound,
+                                                        remote_dom=self.domain.domid)
+        self.ports[port] = Port()
+        # Xen clears the pending bit when a port is freed
+        self._clear_bit(self.domain.shared_info.evtchn_pending, port)
+        return 0
+
+    def bind_vcpu(self, port: int, vcpu: int) -> int:
+        if not self._valid(port) or vcpu >= len(self.domain.vcpus):
+            return -ENOENT if self._valid(port) else -EINVAL
+        p = self.ports[port]
+        if p.state == PortState.virq and p.virq != 0:
+            return -EINVAL  # only global virqs move; VIRQ_TIMER is per-vcpu
+        if p.state in (PortState.free, PortState.reserved):
+            return -EINVAL
+        p.vcpu = vcpu
+        return 0
+
+    # --- sending ------------------------------------------------------------------
+
+    def send(self, port: int) -> int:
+        if not self._valid(port):
+            return -EINVAL
+        p = self.ports[port]
+        if p.state == PortState.ipi:
+            self.set_pending(port)
+        elif p.state == PortState.interdomain:
+            peer = self.domain.hypervisor.domain_by_id(p.remote_dom)
+            if peer is not None:
+                peer.evtchn.set_pending(p.remote_port)
+        elif p.state == PortState.unbound:
+            pass  # silently dropped, as in Xen
+        else:
+            return -EINVAL
+        return 0
+
+    def send_virq(self, vcpu: int, virq: int) -> None:
+        port = self.virqs.get((vcpu, virq))
+        if port is not None:
+            self.set_pending(port)
+
+    # --- the 2-level bitmaps -------------------------------------------------------
+
+    @staticmethod
+    def _test_and_set(words: object, bit: int) -> bool:
+        w, b = divmod(bit, BITS_PER_WORD)
+        old = words[w]  # type: ignore[index]
+        words[w] = old | (1 << b)  # type: ignore[index]
+        return bool(old >> b & 1)
+
+    @staticmethod
+    def _test(words: object, bit: int) -> bool:
+        w, b = divmod(bit, BITS_PER_WORD)
+        return bool(words[w] >> b & 1)  # type: ignore[index]
+
+    @staticmethod
+    def _clear_bit(words: object, bit: int) -> None:
+        w, b = divmod(bit, BITS_PER_WORD)
+        words[w] &= ~(1 << b) & 0xFFFFFFFFFFFFFFFF  # type: ignore[index]
+
+    def set_pending(self, port: int) -> None:
+        shinfo = self.domain.shared_info
+        if self._test_and_set(shinfo.evtchn_pending, port):
+            return
+        if self._test(shinfo.evtchn_mask, port):
+            return
+        vcpu = self.domain.vcpus[self.ports[port].vcpu]
+        vi = shinfo.vcpu_info[vcpu.vcpu_id]
+        sel = vi.evtchn_pending_sel
+        w = port // BITS_PER_WORD
+        if sel >> w & 1:
+            return
+        vi.evtchn_pending_sel = sel | (1 << w)
+        self.mark_events_pending(vcpu)
+
+    def mark_events_pending(self, vcpu: Vcpu) -> None:
+        vi = self.domain.shared_info.vcpu_info[vcpu.vcpu_id]
+        if vi.evtchn_upcall_pending:
+            return
+        vi.evtchn_upcall_pending = 1
+        self.domain.hypervisor.kick(vcpu)
+
+    def unmask(self, port: int) -> int:
+        if not self._valid(port):
+            return -EINVAL
+        shinfo = self.domain.shared_info
+        w, b = divmod(port, BITS_PER_WORD)
+        if not shinfo.evtchn_mask[w] >> b & 1:
+            return 0
+        self._clear_bit(shinfo.evtchn_mask, port)
+        if self._test(shinfo.evtchn_pending, port):
+            vcpu = self.domain.vcpus[self.ports[port].vcpu]
+            vi = shinfo.vcpu_info[vcpu.vcpu_id]
+            if not vi.evtchn_pending_sel >> w & 1:
+                vi.evtchn_pending_sel |= 1 << w
+                self.mark_events_pending(vcpu)
+        return 0
+
+    def status(self, port: int) -> Port | int:
+        if not self._valid(port):
+            return -EINVAL
+        return self.ports[port]
+
+
+__all__ = ["EventChannels", "Port", "PortState", "EBUSY"]

@@ -1,0 +1,6 @@
+"""The hypercall table: Xen's numbers mapped to their implementations.
+
+One dispatcher (``Hypervisor.hypercall``) serves both the x86 ``syscall`` path
+and the Python guest kernel; each implementation takes the calling VCPU and the
+raw 64-bit arguments (rdi, rsi, rdx, r10, r8) and returns the value for rax.
+"""

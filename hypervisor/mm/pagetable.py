@@ -1,0 +1,285 @@
+"""Xen's page-type system for paravirtual pagetables (xen/arch/x86/mm.c).
+
+A guest's pagetables hold machine frame numbers and are walked by the real
+(emulated) MMU, so the hypervisor must make sure no guest can use them to reach
+memory it does not own. Xen's answer, modelled here:
+
+* a frame is used as exactly one of: a pagetable of level 1..4, a writable page,
+  or nothing, and changes use only while its type count is zero;
+* making a frame an Ln table *validates* it: every present entry must map a frame
+  the domain may map, with the right type for the level (an L2 entry points at an
+  L1, ...), and no L1 entry may map a pagetable frame writable;
+* once validated, a pagetable is read-only to the guest; it changes only through
+  ``mmu_update``, which validates each new entry the same way;
+* when the last type reference goes, the table is devalidated, dropping the
+  references its entries held.
+
+Errors are Xen's (negative errno, hypervisor/public/errno.py); the functions
+return 0 or a negative errno as Xen's do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hypervisor.mm.frames import DOMID_XEN, FREE, FrameTable, PageType
+from hypervisor.mm.memory import ENTRIES_PER_TABLE, MachineMemory
+from hypervisor.public.arch_x86 import (
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    _PAGE_RW,
+    PTE_FRAME_MASK,
+    ROOT_PAGETABLE_FIRST_XEN_SLOT,
+    ROOT_PAGETABLE_LAST_XEN_SLOT,
+)
+from hypervisor.public.errno import EBUSY, EINVAL, EPERM
+
+# Flags a PV guest may set (xen.md 5.2: base_disallow_mask): present, rw, user,
+# accessed, dirty, the available bits and NX. PWT/PCD/PSE/GLOBAL are refused
+# except GLOBAL in an L1.
+_L1_ALLOWED = 0x1 | 0x2 | 0x4 | 0x20 | 0x40 | 0x100 | 0xE00
+_L2_ALLOWED = 0x1 | 0x2 | 0x4 | 0x20 | 0x40 | 0xE00
+_HIGH_ALLOWED = 0xFFF0000000000000  # avail bits 52-62 and NX (63)
+_U64_FRAME = np.uint64(PTE_FRAME_MASK)
+
+LEVEL_TYPE = {1: PageType.l1, 2: PageType.l2, 3: PageType.l3, 4: PageType.l4}
+
+
+def is_guest_l4_slot(slot: int) -> bool:
+    return not ROOT_PAGETABLE_FIRST_XEN_SLOT <= slot <= ROOT_PAGETABLE_LAST_XEN_SLOT
+
+
+def pte_mfn(pte: int) -> int:
+    return (pte & PTE_FRAME_MASK) >> 12
+
+
+def flags_ok(level: int, pte: int) -> bool:
+    low = pte & 0xFFF
+    allowed = _L1_ALLOWED if level == 1 else _L2_ALLOWED
+    return not (low & ~allowed) and not (pte & 0x000F000000000000 & ~_HIGH_ALLOWED)
+
+
+class PageTypes:
+    """Type and reference counting over the frame table, for every domain."""
+
+    def __init__(self, frames: FrameTable, memory: MachineMemory) -> None:
+        self.frames = frames
+        self.memory = memory
+        # called with the domain id when a frame stops being writable and becomes
+        # a pagetable: stale writable TLB entries must go (Xen flushes dirty CPUs)
+        self.on_type_change = lambda domid: None
+        # the L4 slots the hypervisor owns, filled into every validated L4
+        self.xen_l4_slots: dict[int, int] = {}
+
+    # --- general references --------------------------------------------------------
+
+    def get_page(self, mfn: int, domid: int) -> bool:
+        """Take a general reference on a frame ``domid`` owns."""
+        if not 0 < mfn < self.frames.nr_frames or self.frames.owner[mfn] != domid:
+            return False
+        self.frames.ref_count[mfn] += 1
+        return True
+
+    def put_page(self, mfn: int) -> None:
+        ft = self.frames
+        assert ft.ref_count[mfn] > 0, f"ref_count underflow on mfn {mfn:#x}"
+        ft.ref_count[mfn] -= 1
+        if ft.ref_count[mfn] == 0 and ft.owner[mfn] not in (FREE, DOMID_XEN):
+            ft.free(mfn)
+
+    # --- type references -------------------------------------------------------------
+
+    def get_page_type(self, mfn: int, ptype: PageType, domid: int) -> int:
+        """Take a type reference; validates a pagetable on its first one."""
+        ft = self.frames
+        count = int(ft.type_count[mfn])
+        if count == 0:
+            if ft.type[mfn] != ptype:
+                was_writable = ft.type[mfn] == PageType.writable
+                ft.type[mfn] = ptype
+                ft.validated[mfn] = False
+                if was_writable and ptype != PageType.writable:
+                    self.on_type_change(domid)
+        elif ft.type[mfn] != ptype:
+            return -EINVAL  # "Bad type": a frame has one use at a time
+        ft.type_count[mfn] = count + 1
+        if not ft.validated[mfn]:
+            if ptype in (PageType.none, PageType.writable):
+                ft.validated[mfn] = True
+            else:
+                rc = self._promote(mfn, int(ptype), domid)
+                if rc:
+                    ft.type_count[mfn] = count
+                    if count == 0:
+                        ft.type[mfn] = PageType.none
+                    return rc
+                ft.validated[mfn] = True
+        return 0
+
+    def put_page_type(self, mfn: int) -> None:
+        ft = self.frames
+        assert ft.type_count[mfn] > 0, f"type_count underflow on mfn {mfn:#x}"
+        ft.type_count[mfn] -= 1
+        if ft.type_count[mfn] == 0 and ft.validated[mfn]:
+            level = int(ft.type[mfn])
+            if 1 <= level <= 4:
+                ft.validated[mfn] = False
+                self._demote(mfn, level)
+
+    def get_page_and_type(self, mfn: int, ptype: PageType, domid: int) -> int:
+        if not self.get_page(mfn, domid):
+            return -EINVAL
+        rc = self.get_page_type(mfn, ptype, domid)
+        if rc:
+            self.put_page(mfn)
+        return rc
+
+    def put_page_and_type(self, mfn: int) -> None:
+        self.put_page_type(mfn)
+        self.put_page(mfn)
+
+    # --- entries ---------------------------------------------------------------------
+
+    def get_entry(self, level: int, pte: int, domid: int, table_mfn: int) -> int:
+        """Take the references a present entry at ``level`` needs (Xen's
+        get_page_from_lNe); 0 or a negative errno."""
+        if not pte & _PAGE_PRESENT:
+            return 0
+        if not flags_ok(level, pte):
+            return -EINVAL  # "Bad L%d flags" (PSE above L1 included)
+        mfn = pte_mfn(pte)
+        ft = self.frames
+        if mfn >= ft.nr_frames:
+            return -EPERM  # not RAM: a non-privileged attempt to map MMIO space
+        if level == 1:
+            if ft.owner[mfn] != domid:
+                return -EBUSY  # foreign or hypervisor frame: could_not_pin
+            if pte & _PAGE_RW:
+                if not self.get_page(mfn, domid):
+                    return -EBUSY
+                if self.get_page_type(mfn, PageType.writable, domid):
+                    self.put_page(mfn)
+                    return -EBUSY  # "Could not get page type PGT_writable_page"
+                return 0
+            return 0 if self.get_page(mfn, domid) else -EBUSY
+        if ft.owner[mfn] != domid:
+            return -EINVAL
+        want = LEVEL_TYPE[level - 1]
+        if not self.get_page(mfn, domid):
+            return -EINVAL
+        rc = self.get_page_type(mfn, want, domid)
+        if rc == 0:
+            return 0
+        # a linear (recursive) pagetable: same level, already validated, and
+        # read-only (refused writable since XSA-182)
+        if (int(ft.type[mfn]) == level and ft.validated[mfn]
+                and ft.type_count[mfn] > 0 and not pte & _PAGE_RW):
+            ft.type_count[mfn] += 1
+            return 0
+        self.put_page(mfn)
+        return rc
+
+    def put_entry(self, level: int, pte: int) -> None:
+        if not pte & _PAGE_PRESENT:
+            return
+        mfn = pte_mfn(pte)
+        if level == 1:
+            if pte & _PAGE_RW:
+                self.put_page_type(mfn)
+            self.put_page(mfn)
+            return
+        self.put_page_type(mfn)
+        self.put_page(mfn)
+
+    # --- whole tables ----------------------------------------------------------------
+
+    def _slots(self, level: int) -> range:
+        return range(ENTRIES_PER_TABLE)
+
+    def _promote(self, mfn: int, level: int, domid: int) -> int:
+        table = self.memory.frame(mfn)
+        if level == 1:
+            return self._promote_l1(mfn, table, domid)
+        done: list[int] = []
+        present = np.flatnonzero(table & np.uint64(_PAGE_PRESENT))
+        for slot in present.tolist():
+            if level == 4 and not is_guest_l4_slot(slot):
+                continue
+            pte = int(table[slot])
+            rc = self.get_entry(level, pte, domid, mfn)
+            if rc:
+                for s in reversed(done):
+                    self.put_entry(level, int(table[s]))
+                return rc
+            done.append(slot)
+        if level == 4:
+            for slot, entry in self.xen_l4_slots.items():
+                table[slot] = entry
+        return 0
+
+    def _promote_l1(self, mfn: int, table: np.ndarray, domid: int) -> int:
+        """Validate an L1 in bulk: the common case (the guest's own RAM) is one
+        vectorised pass; anything unusual falls back to the per-entry rules."""
+        ft = self.frames
+        present = (table & np.uint64(_PAGE_PRESENT)) != 0
+        if not present.any():
+            return 0
+        ptes = table[present]
+        mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
+        low = ptes & np.uint64(0xFFF)
+        simple = (
+            np.all((low & np.uint64(~_L1_ALLOWED & 0xFFF)) == 0)
+            and np.all(mfns < ft.nr_frames)
+        )
+        if simple:
+            owned = ft.owner[mfns] == domid
+            rw = (ptes & np.uint64(_PAGE_RW)) != 0
+            rw_mfns = mfns[rw]
+            rw_types = ft.type[rw_mfns]
+            rw_counts = ft.type_count[rw_mfns]
+            # a writable mapping of a frame in use as a pagetable is refused;
+            # this table itself counts (its own type ref is already taken)
+            bad_rw = (rw_counts > 0) & (rw_types != PageType.writable)
+            if owned.all() and not bad_rw.any():
+                np.add.at(ft.ref_count, mfns, 1)
+                changed = rw_mfns[(rw_counts == 0) & (rw_types != PageType.writable)]
+                ft.type[changed] = PageType.writable
+                ft.validated[rw_mfns] = True
+                np.add.at(ft.type_count, rw_mfns, 1)
+                return 0
+        # slow path: exact per-entry semantics and error
+        done: list[int] = []
+        for slot in np.flatnonzero(present).tolist():
+            rc = self.get_entry(1, int(table[slot]), domid, mfn)
+            if rc:
+                for s in reversed(done):
+                    self.put_entry(1, int(table[s]))
+                return rc
+            done.append(slot)
+        return 0
+
+    def _demote(self, mfn: int, level: int) -> None:
+        table = self.memory.frame(mfn)
+        present = np.flatnonzero(table & np.uint64(_PAGE_PRESENT))
+        if level == 1:
+            ptes = table[present]
+            mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
+            rw = mfns[(ptes & np.uint64(_PAGE_RW)) != 0]
+            ft = self.frames
+            if (ft.type_count[rw] == 0).any() or (ft.ref_count[mfns] == 0).any():
+                raise AssertionError(f"count underflow demoting L1 {mfn:#x}")
+            np.subtract.at(ft.type_count, rw, 1)
+            np.subtract.at(ft.ref_count, mfns, 1)
+            gone = np.unique(mfns[ft.ref_count[mfns] == 0])
+            for m in gone.tolist():
+                if ft.owner[m] not in (FREE, DOMID_XEN):
+                    ft.free(m)
+            return
+        for slot in present.tolist():
+            if level == 4 and not is_guest_l4_slot(slot):
+                continue
+            self.put_entry(level, int(table[slot]))
+
+
+__all__ = ["PageTypes", "LEVEL_TYPE", "is_guest_l4_slot", "pte_mfn", "flags_ok",
+           "_PAGE_PSE"]

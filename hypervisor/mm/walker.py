@@ -1,0 +1,119 @@
+"""One software pagetable walker, shared by the hypervisor and the guest kernel.
+
+``uc.mem_read`` takes machine addresses once paging is on, so every access the
+hypervisor makes on a guest's behalf (hypercall arguments, bounce frames) and
+every access of the Python guest kernel goes through the guest's live pagetables
+here. A small software TLB caches translations; it is flushed exactly when the
+VCPUs' TLBs are (any pagetable update, TLB-flush op or CR3 load), so it can never
+see a mapping the emulated MMU would not.
+"""
+
+from __future__ import annotations
+
+from hypervisor.mm.memory import PAGE_SHIFT, MachineMemory
+from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PTE_FRAME_MASK
+
+# x86 page-fault error code bits
+PFEC_PRESENT = 1
+PFEC_WRITE = 2
+PFEC_USER = 4
+
+
+class GuestFault(Exception):
+    """A guest virtual address could not be accessed: what a #PF would report."""
+
+    def __init__(self, va: int, error_code: int) -> None:
+        kind = "write" if error_code & PFEC_WRITE else "read"
+        why = "protection" if error_code & PFEC_PRESENT else "not present"
+        super().__init__(f"{kind} of {va:#x}: {why}")
+        self.va = va
+        self.error_code = error_code
+
+
+class Walker:
+    """Translate guest virtual addresses through 4-level pagetables in machine
+    memory, with a software TLB keyed by (cr3 mfn, virtual page)."""
+
+    def __init__(self, memory: MachineMemory) -> None:
+        self.u64 = memory.u64
+        self.memory = memory
+        self.tlb: dict[tuple[int, int], tuple[int, bool]] = {}
+
+    def flush(self) -> None:
+        self.tlb.clear()
+
+    def translate(self, cr3_mfn: int, va: int, write: bool = False) -> int:
+        """Machine address of ``va``; raises GuestFault like the MMU would."""
+        key = (cr3_mfn, va >> PAGE_SHIFT)
+        hit = self.tlb.get(key)
+        if hit is not None and (hit[1] or not write):
+            return (hit[0] << PAGE_SHIFT) | (va & 0xFFF)
+        u64 = self.u64
+        table = cr3_mfn
+        writable = True
+        for shift in (39, 30, 21, 12):
+            pte = int(u64[(table << 9) | ((va >> shift) & 511)])
+            if not pte & _PAGE_PRESENT:
+                raise GuestFault(va, PFEC_WRITE if write else 0)
+            writable = writable and bool(pte & _PAGE_RW)
+            if shift != 12 and pte & _PAGE_PSE:
+                raise GuestFault(va, PFEC_PRESENT)  # no superpages for PV guests
+            table = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if write and not writable:
+            raise GuestFault(va, PFEC_PRESENT | PFEC_WRITE)
+        self.tlb[key] = (table, writable)
+        return (table << PAGE_SHIFT) | (va & 0xFFF)
+
+    def l1e_maddr(self, cr3_mfn: int, va: int) -> int | None:
+        """Machine address of the L1 entry mapping ``va`` (for update_va_mapping),
+        or None if an upper level is missing."""
+        u64 = self.u64
+        table = cr3_mfn
+        for shift in (39, 30, 21):
+            pte = int(u64[(table << 9) | ((va >> shift) & 511)])
+            if not pte & _PAGE_PRESENT or pte & _PAGE_PSE:
+                return None
+            table = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
+        return (table << PAGE_SHIFT) | (((va >> 12) & 511) << 3)
+
+    # --- byte access ---------------------------------------------------------------
+
+    def read(self, cr3_mfn: int, va: int, size: int) -> bytes:
+        buf = self.memory.buf
+        if (va & 0xFFF) + size <= 4096:
+            ma = self.translate(cr3_mfn, va)
+            return buf[ma:ma + size]
+        out = bytearray()
+        while size:
+            n = min(size, 4096 - (va & 0xFFF))
+            ma = self.translate(cr3_mfn, va)
+            out += buf[ma:ma + n]
+            va += n
+            size -= n
+        return bytes(out)
+
+    def write(self, cr3_mfn: int, va: int, data: bytes) -> None:
+        buf = self.memory.buf
+        size = len(data)
+        if (va & 0xFFF) + size <= 4096:
+            ma = self.translate(cr3_mfn, va, write=True)
+            buf[ma:ma + size] = data
+            return
+        pos = 0
+        while pos < size:
+            n = min(size - pos, 4096 - (va & 0xFFF))
+            ma = self.translate(cr3_mfn, va, write=True)
+            buf[ma:ma + n] = data[pos:pos + n]
+            va += n
+            pos += n
+
+    def read_u64(self, cr3_mfn: int, va: int) -> int:
+        if va & 7:
+            return int.from_bytes(self.read(cr3_mfn, va, 8), "little")
+        return int(self.u64[self.translate(cr3_mfn, va) >> 3])
+
+    def write_u64(self, cr3_mfn: int, va: int, value: int) -> None:
+        if va & 7:
+            self.write(cr3_mfn, va, value.to_bytes(8, "little"))
+        else:
+            self.u64[self.translate(cr3_mfn, va, write=True) >> 3] = value

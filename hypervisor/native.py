@@ -1,0 +1,143 @@
+"""Binding a Python guest kernel to a domain: native entry points.
+
+The image's native text range holds int3 bytes that never execute: a code hook
+bound to the range runs the Python function for the address instead, then
+either returns to the caller (pop the return address, result in rax) or makes
+the hypercall the function ended with, resuming at its continuation
+(hypervisor/public/native.py has the contract).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hypervisor.mm.walker import GuestFault
+from hypervisor.public.native import NATIVE_ENTRY_STRIDE, TailCall
+
+if TYPE_CHECKING:
+    from hypervisor.cpu.vcpu import Vcpu
+    from hypervisor.domain import Domain
+
+log = logging.getLogger(__name__)
+
+
+class KernelError(Exception):
+    """The guest kernel module cannot be bound (missing, or too many entries)."""
+
+
+class NativeCpu:
+    """The VCPU as a native kernel function sees it (one per entry)."""
+
+    __slots__ = ("vcpu", "vcpu_id", "_hv", "_kernel", "_regs")
+
+    def __init__(self, vcpu: Vcpu, kernel: NativeKernel) -> None:
+        self.vcpu = vcpu
+        self.vcpu_id = vcpu.vcpu_id
+        self._hv = vcpu.domain.hypervisor
+        self._kernel = kernel
+        self._regs: dict[str, int] | None = None
+
+    def regs(self) -> dict[str, int]:
+        if self._regs is None:
+            self._regs = self.vcpu.read_regs()
+        return self._regs
+
+    def reg(self, name: str) -> int:
+        return self.regs()[name]
+
+    def set_regs(self, **regs: int) -> None:
+        self.vcpu.write_regs(**regs)
+        if self._regs is not None:
+            self._regs.update(regs)
+
+    def read(self, va: int, size: int) -> bytes:
+        return self._hv.walker.read(self.vcpu.current_table, va, size)
+
+    def write(self, va: int, data: bytes) -> None:
+        self._hv.walker.write(self.vcpu.current_table, va, data)
+
+    def read_u64(self, va: int) -> int:
+        return self._hv.walker.read_u64(self.vcpu.current_table, va)
+
+    def write_u64(self, va: int, value: int) -> None:
+        self._hv.walker.write_u64(self.vcpu.current_table, va, value & 0xFFFFFFFFFFFFFFFF)
+
+    def hypercall(self, op: int, *args: int) -> int:
+        rc = self._hv.hypercall(self.vcpu, op, args)
+        return 0 if rc is None else rc
+
+    def native_addr(self, fn: Callable[..., object]) -> int:
+        return self._kernel.addr_of(fn)
+
+
+class NativeKernel:
+    """A Python kernel module bound to a domain's native text range."""
+
+    def __init__(self, domain: Domain, module_name: str, text: int, size: int) -> None:
+        try:
+            self.module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise KernelError(f"the image's kernel module {module_name!r} cannot be imported: {e}")
+        entries = list(self.module.native_entries())
+        if len(entries) * NATIVE_ENTRY_STRIDE > size:
+            raise KernelError(f"{module_name} has {len(entries)} native entries; the image's "
+                              f"native text ({size} bytes) holds {size // NATIVE_ENTRY_STRIDE}")
+        self.domain = domain
+        self.name = module_name
+        self.text = text
+        self.size = size
+        self.entries: dict[int, Callable[..., Any]] = {
+            text + NATIVE_ENTRY_STRIDE * i: fn for i, fn in enumerate(entries)}
+        self._addr = {fn: a for a, fn in self.entries.items()}
+        self.calls = 0
+
+    def names(self) -> list[str]:
+        return [fn.__qualname__ for fn in self.entries.values()]
+
+    def addr_of(self, fn: Callable[..., object]) -> int:
+        try:
+            return self._addr[fn]
+        except KeyError:
+            raise KernelError(f"{fn.__qualname__} is not a native entry of {self.name}") from None
+
+    def bind(self, vcpu: Vcpu) -> None:
+        vcpu.bind_native(self.text, self.text + self.size, self.enter)
+
+    def enter(self, vcpu: Vcpu, addr: int) -> None:
+        """The VCPU reached ``addr`` in the native text range."""
+        fn = self.entries.get(addr)
+        dom = vcpu.domain
+        if fn is None:
+            dom.crash(vcpu, f"jump to {addr:#x} in native text, which is no entry point")
+            vcpu.uc.emu_stop()
+            return
+        self.calls += 1
+        hv = dom.hypervisor
+        dom.update_time_now(vcpu)
+        cpu = NativeCpu(vcpu, self)
+        try:
+            result = fn(cpu)
+            if isinstance(result, TailCall):
+                if result.continuation is not None:
+                    vcpu.set_rip(self.addr_of(result.continuation))
+                rc = hv.hypercall(vcpu, result.op, result.args)
+                if rc is not None and dom.is_running:
+                    vcpu.rax.write(rc)
+            else:
+                rsp = vcpu.rsp.read()
+                ret = hv.walker.read_u64(vcpu.current_table, rsp)
+                vcpu.write_regs(rax=0 if result is None else result, rsp=rsp + 8, rip=ret)
+        except GuestFault as f:
+            log.debug("kernel fault", exc_info=True)
+            dom.crash(vcpu, f"kernel fault in {fn.__qualname__}: {f}")
+        hv.return_to_guest(vcpu)
+        if vcpu.stop_requested or not dom.is_running:
+            vcpu.uc.emu_stop()
+
+
+def stack_words(data: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))

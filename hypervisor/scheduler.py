@@ -1,0 +1,114 @@
+"""Round-robin of every VCPU of every domain on one host thread, with two clocks.
+
+* deterministic (the default): a slice is N instructions (``emu_start(count=N)``)
+  and time is instructions retired, 1 instruction = 1 ns. Each VCPU has its own
+  clock; the scheduler always runs the runnable VCPU whose clock is furthest
+  behind (ties by domain, then vcpu id), so VCPUs advance as if in parallel and
+  a whole run, with every interleaving and race in it, follows from the seed.
+* fast: slices end after a fixed host time (``emu_start(timeout=)``) and time is
+  host time. Interleavings then depend on the host; the guest's results must not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hypervisor.core import Hypervisor
+    from hypervisor.cpu.vcpu import Vcpu
+
+CLOCKS = ("deterministic", "fast")
+
+
+class Scheduler:
+    def __init__(self, hypervisor: Hypervisor, clock: str, slice_insns: int, slice_us: int) -> None:
+        if clock not in CLOCKS:
+            raise ValueError(f"unknown clock {clock!r}: choose one of {', '.join(CLOCKS)}")
+        self.hv = hypervisor
+        self.clock = clock
+        self.deterministic = clock == "deterministic"
+        self.slice_insns = slice_insns
+        self.slice_us = slice_us
+        self.current: Vcpu | None = None
+        self._t0 = time.monotonic_ns()
+        self._rr = 0
+        self.slices = 0
+
+    # --- time --------------------------------------------------------------------------
+
+    def host_now(self) -> int:
+        return time.monotonic_ns() - self._t0
+
+    def now(self) -> int:
+        """System time as seen by whoever is running now."""
+        if not self.deterministic:
+            return self.host_now()
+        cur = self.current
+        if cur is not None:
+            return cur.clock + cur.retired_in_slice()
+        return min((v.clock for v in self._online()), default=0)
+
+    def _online(self) -> list[Vcpu]:
+        return [v for d in self.hv.domains.values() if d.is_running and not d.paused
+                for v in d.vcpus if v.online]
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self, until_ns: int | None = None, stop: Callable[[], bool] | None = None) -> None:
+        hv = self.hv
+        while stop is None or not stop():
+            online = self._online()
+            if not online:
+                return
+            runnable = [v for v in online if not v.blocked]
+            sleepers = [v for v in online if v.blocked and v.timer_deadline]
+            if self.deterministic:
+                v = min(runnable, key=lambda x: x.clock) if runnable else None
+                wake = min(sleepers, key=lambda x: x.timer_deadline) if sleepers else None
+                if wake is not None and (v is None or wake.timer_deadline <= v.clock):
+                    wake.clock = max(wake.clock, wake.timer_deadline)
+                    hv.fire_timer(wake)
+                    continue
+                if v is None:
+                    return  # every VCPU blocked with nothing to wake it
+                if until_ns is not None and v.clock >= until_ns:
+                    return
+            else:
+                now = self.host_now()
+                for s in sleepers:
+                    if s.timer_deadline <= now:
+                        hv.fire_timer(s)
+                runnable = [x for x in online if not x.blocked]
+                if not runnable:
+                    if not sleepers:
+                        return
+                    nxt = min(s.timer_deadline for s in sleepers)
+                    time.sleep(max(0, nxt - now) / 1e9)
+                    continue
+                if until_ns is not None and now >= until_ns:
+                    return
+                self._rr = (self._rr + 1) % len(runnable)
+                v = runnable[self._rr]
+                v.clock = now
+            self.run_slice(v)
+
+    def run_slice(self, v: Vcpu) -> None:
+        hv = self.hv
+        if v.timer_deadline and v.clock >= v.timer_deadline:
+            hv.fire_timer(v)
+        v.domain.update_time(v)
+        hv.return_to_guest(v)
+        if not v.domain.is_running or v.blocked or not v.online:
+            return
+        self.current = v
+        self.slices += 1
+        try:
+            if self.deterministic:
+                retired = v.run(self.slice_insns)
+                v.clock += max(retired, 1)
+            else:
+                v.run(0, self.slice_us)
+        finally:
+            self.current = None

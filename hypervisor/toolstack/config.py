@@ -1,0 +1,80 @@
+"""Domain configuration: a TOML file, checked key by key.
+
+    name = "smp"
+    memory = 64          # MiB
+    vcpus = 2
+    image = "../firmware/guest.elf"   # relative to this file
+    cmdline = "run=hashchain,counter"
+    seed = 1             # frame shuffling and scheduling
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_VCPUS = 32  # XEN_LEGACY_MAX_VCPUS: vcpu_info lives in shared_info
+MAX_MEMORY_MIB = 1536  # the kernel maps all its memory below the top 2 GiB
+MAX_CMDLINE = 1023
+
+
+class ConfigError(Exception):
+    """A domain configuration is wrong; the message names the key."""
+
+
+@dataclass
+class DomainConfig:
+    name: str
+    memory: int
+    vcpus: int
+    image: Path
+    cmdline: str = ""
+    seed: int = 0
+    path: Path | None = None
+
+
+_KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int}
+_REQUIRED = ("name", "memory", "image")
+
+
+def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
+    src = str(where) if where else "config"
+    for key in data:
+        if key not in _KEYS:
+            raise ConfigError(f"{src}: unknown key {key!r} (known: {', '.join(_KEYS)})")
+    for key in _REQUIRED:
+        if key not in data:
+            raise ConfigError(f"{src}: missing key {key!r}")
+    for key, value in data.items():
+        want = _KEYS[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{src}: {key} must be {'an integer' if want is int else 'a string'}"
+                              f", not {value!r}")
+    memory, vcpus = data["memory"], data.get("vcpus", 1)
+    if not 4 <= memory <= MAX_MEMORY_MIB:
+        raise ConfigError(f"{src}: memory is {memory} MiB; it must be 4 to {MAX_MEMORY_MIB}")
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise ConfigError(f"{src}: vcpus is {vcpus}; it must be 1 to {MAX_VCPUS}")
+    if len(data.get("cmdline", "")) > MAX_CMDLINE:
+        raise ConfigError(f"{src}: cmdline is longer than {MAX_CMDLINE} characters")
+    image = Path(data["image"])
+    if where is not None and not image.is_absolute():
+        image = where.parent / image
+    if not image.exists():
+        raise ConfigError(f"{src}: image {str(image)!r} does not exist")
+    seed = data.get("seed", 0)
+    if seed < 0:
+        raise ConfigError(f"{src}: seed must not be negative")
+    return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed, where)
+
+
+def load_config(path: str | Path) -> DomainConfig:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(data, p)

@@ -71,6 +71,9 @@ def start_kernel(cpu: Any) -> TailCall:
     register_callbacks(cpu)
     events.init_cpu(cpu)
     k.cpus_up = 1
+    # every planned task counts as live from the start, so that the first to
+    # exit does not power off before the others have even begun
+    k.tasks_live = min(len(parse_cmdline(read_cstr(cpu, si_va + 128, 1024))), nr_cpus)
     for n in range(1, nr_cpus):
         _bring_up(cpu, n)
     return _run_or_idle(cpu)
@@ -110,7 +113,6 @@ def _run_or_idle(cpu: Any) -> TailCall:
     plan = parse_cmdline(read_cstr(cpu, k.start_info + 128, 1024))
     if cpu.vcpu_id < len(plan):
         name, args = plan[cpu.vcpu_id]
-        k.tasks_live = k.tasks_live + 1
         k.tasks_started = k.tasks_started + 1
         printk(cpu, f"starting {name}")
         return start_program(cpu, name, args)

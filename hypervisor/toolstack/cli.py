@@ -1,0 +1,104 @@
+"""The ``pvlab`` command line (verbs named as xl names them where xl has one)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from hypervisor.domain import Domain
+from hypervisor.toolstack.builder import BuildError
+from hypervisor.toolstack.config import ConfigError, load_config
+from hypervisor.toolstack.elfimage import ImageError
+from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.timeparse import format_duration, parse_duration
+
+EXIT_OK, EXIT_GUEST_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _stream(dom: Domain, data: bytes) -> None:
+    sys.stdout.write(data.decode(errors="replace"))
+    sys.stdout.flush()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic")
+    if args.trace:
+        from hypervisor.toolstack.trace import Tracer
+        Tracer(dom, args.trace, sys.stdout).attach()
+    result = run_domain(hv, dom, args.until, _stream)
+    if result.reason == "poweroff":
+        return EXIT_OK
+    if result.reason == "running":
+        print(f"pvlab: stopped at {format_duration(args.until)} of virtual time; the guest "
+              "was still running", file=sys.stderr)
+        return EXIT_OK
+    if result.reason == "crash":
+        print(f"pvlab: {dom.crash_report}", file=sys.stderr)
+    elif result.reason == "hung":
+        print(f"pvlab: domain {dom.name} hung: every VCPU blocked with no timer set",
+              file=sys.stderr)
+    else:
+        print(f"pvlab: domain {dom.name} shut down ({result.reason})", file=sys.stderr)
+    return EXIT_GUEST_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pvlab",
+        description="A paravirtual machine lab: a Python hypervisor running a pure-Python "
+                    "Xen-PV guest kernel on Unicorn x86-64 VCPUs.",
+        epilog="Exit codes: 0 the guest powered off cleanly (or ran until --until), "
+               "1 the guest crashed or hung, 2 bad input.")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log hypervisor events (-vv: every hypercall)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    run = sub.add_parser("run", help="boot a domain and stream its console",
+                         description="Boot the domain CONFIG describes and stream its "
+                                     "console to stdout until it shuts down.")
+    run.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+    run.add_argument("--until", metavar="TIME", type=_duration,
+                     help="stop after TIME of virtual time (e.g. 20ms, 1.5s)")
+    run.add_argument("--seed", metavar="N", type=int,
+                     help="override the configuration's seed (frame shuffling, scheduling)")
+    run.add_argument("--fast", action="store_true",
+                     help="fast clock: host-time slices instead of deterministic "
+                          "instruction-count slices (results stay the same, runs do not "
+                          "repeat bit for bit)")
+    run.add_argument("--trace", metavar="N", type=int, default=0,
+                     help="print the first N instructions each VCPU executes, "
+                          "disassembled, with symbols")
+    run.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="pvlab: %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ImageError, BuildError, CliError) as e:
+        print(f"pvlab: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pvlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -134,8 +134,7 @@ class Vcpu:
         self._budget = 0
         self._in_syscall_hook = False
         self._hooks: list[int] = []
-        self.trace_left = 0
-        self.trace_hook: Any = None
+        self.after_slice: Any = None  # called after each slice (the tracer uses it)
 
         self._setup_cpu()
         self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0,
@@ -230,6 +229,8 @@ class Vcpu:
             self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
         retired = self.counter.retired(budget) if budget else 0
         self._budget = 0
+        if self.after_slice is not None:
+            self.after_slice(self)
         return retired
 
     # --- hooks ---------------------------------------------------------------------

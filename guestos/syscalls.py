@@ -57,7 +57,7 @@ def task_exit(cpu: Any, code: int) -> TailCall:
     from guestos.boot import cpu_idle, poweroff
     from guestos.printk import printk
     pc = percpu(cpu)
-    printk(cpu, f"task {pc.task_pid} exited with code {code}")
+    printk(cpu, f"task {pc.task_pid} exited with code {code} ({pc.ticks} timer ticks so far)")
     l4 = pc.task_user_l4
     mmuext(cpu, MMUEXT_NEW_USER_BASEPTR, 0)
     mmuext(cpu, MMUEXT_UNPIN_TABLE, l4)

@@ -21,7 +21,7 @@ def test_hello_boots_runs_and_powers_off():
     assert r.reason == "poweroff", out
     assert "pvlab guest kernel booting on xen-3.0-x86_64" in out
     assert "hello from user space\n" in out
-    assert "[cpu0] task 1 exited with code 0" in out
+    assert "[cpu0] task 1 exited with code 0 (" in out
 
 
 def test_secondary_vcpus_come_up_and_run_programs():

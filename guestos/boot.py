@@ -20,7 +20,6 @@ from hypervisor.public.vcpu import VCPUOP_initialise, VCPUOP_is_up, VCPUOP_up
 from hypervisor.public.xen import Hypercall, start_info
 
 
-
 def parse_cmdline(cmdline: str) -> list[tuple[str, tuple[int, int, int]]]:
     """``run=prog[:a0[:a1[:a2]]],...``: one program per cpu, in cpu order."""
     for word in cmdline.split():

@@ -6,7 +6,8 @@ import struct
 from typing import Any
 
 from hypervisor.public.sched import SCHEDOP_shutdown
-from hypervisor.public.xen import CONSOLEIO_write, DOMID_SELF, Hypercall
+from hypervisor.public.xen import DOMID_SELF, CONSOLEIO_write, Hypercall
+
 
 def console_write(cpu: Any, buf_va: int, size: int) -> int:
     return cpu.hypercall(Hypercall.console_io, CONSOLEIO_write, size, buf_va)

@@ -84,7 +84,8 @@ class AddressSpace:
         for shift in (39, 30, 21):
             t = self._next(t, (uva >> shift) & 511)
         flags = PTE_RW if writable else PTE_RO
-        self.cpu.write_u64(va(t) + 8 * ((uva >> 12) & 511), (pfn_to_mfn(self.cpu, pfn) << 12) | flags)
+        pte = (pfn_to_mfn(self.cpu, pfn) << 12) | flags
+        self.cpu.write_u64(va(t) + 8 * ((uva >> 12) & 511), pte)
 
     def activate(self) -> int:
         """Pin and install as this VCPU's user L4; returns the L4's mfn."""

@@ -49,7 +49,8 @@ def load_program(cpu: Any, name: str) -> tuple[AddressSpace, int]:
     aspace = AddressSpace(cpu)
     for i in range(phnum):
         ph = cpu.read(elf + phoff + i * phentsize, 56)
-        p_type, p_flags, p_offset, p_vaddr, _pa, p_filesz, p_memsz, _al = struct.unpack("<IIQQQQQQ", ph)
+        p_type, p_flags, p_offset, p_vaddr, _pa, p_filesz, p_memsz, _al = struct.unpack(
+            "<IIQQQQQQ", ph)
         if p_type != PT_LOAD or not p_memsz:
             continue
         first = p_vaddr & ~0xFFF

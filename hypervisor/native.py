@@ -81,7 +81,8 @@ class NativeKernel:
         try:
             self.module = importlib.import_module(module_name)
         except ImportError as e:
-            raise KernelError(f"the image's kernel module {module_name!r} cannot be imported: {e}")
+            raise KernelError(
+                f"the image's kernel module {module_name!r} cannot be imported: {e}") from None
         entries = list(self.module.native_entries())
         if len(entries) * NATIVE_ENTRY_STRIDE > size:
             raise KernelError(f"{module_name} has {len(entries)} native entries; the image's "

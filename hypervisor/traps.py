@@ -20,8 +20,8 @@ from hypervisor.public.arch_x86 import (
     FLAT_KERNEL_SS64,
     FLAT_USER_CS64,
     FLAT_USER_SS64,
-    VGCF_in_syscall,
     X86_EFLAGS_IF,
+    VGCF_in_syscall,
 )
 
 if TYPE_CHECKING:

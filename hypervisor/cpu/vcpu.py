@@ -159,7 +159,7 @@ class Vcpu:
     # --- registers -----------------------------------------------------------------
 
     def read_regs(self) -> dict[str, int]:
-        return dict(zip(GPR_NAMES, self.gprs.read()))
+        return dict(zip(GPR_NAMES, self.gprs.read(), strict=True))
 
     def write_regs(self, **regs: int) -> None:
         """Write some registers; RIP last, and corrected inside a syscall hook

@@ -32,7 +32,8 @@ def do_set_callbacks(vcpu: Vcpu, event: int, failsafe: int, syscall: int, *_: in
 
 def do_callback_op(vcpu: Vcpu, cmd: int, arg: int, *_: int) -> int:
     try:
-        raw = vcpu.domain.hypervisor.copy_from_guest(vcpu, arg, 16 if cmd == CALLBACKOP_register else 2)
+        size = 16 if cmd == CALLBACKOP_register else 2
+        raw = vcpu.domain.hypervisor.copy_from_guest(vcpu, arg, size)
     except GuestFault:
         return -EFAULT
     if cmd == CALLBACKOP_register:

@@ -105,7 +105,8 @@ class Mmu:
         if rc == 0:
             for i in range(count):
                 try:
-                    ptr, val = struct.unpack("<QQ", self.hv.copy_from_guest(vcpu, reqs + 16 * i, 16))
+                    raw = self.hv.copy_from_guest(vcpu, reqs + 16 * i, 16)
+                    ptr, val = struct.unpack("<QQ", raw)
                 except GuestFault:
                     rc = -EFAULT
                     break

@@ -160,7 +160,6 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
     l1_pfn = l2_pfn + l2s
     pt_set = range(lay.pt_pfn, lay.pt_pfn + pt_pages)
     rw = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
-    ro = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
     pfns = np.arange(nr_pages, dtype=np.uint64)
     l1e = (p2m << np.uint64(PAGE_SHIFT)) | np.uint64(rw)
     l1e[lay.pt_pfn:lay.pt_pfn + pt_pages] &= ~np.uint64(_PAGE_RW | _PAGE_DIRTY)

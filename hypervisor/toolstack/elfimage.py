@@ -12,8 +12,8 @@ from elftools.elf.elffile import ELFFile
 
 from hypervisor.public.elfnote import (
     PVLAB_NOTE_KERNEL,
-    PVLAB_NOTE_NATIVE_TEXT,
     PVLAB_NOTE_NAME,
+    PVLAB_NOTE_NATIVE_TEXT,
     XenElfNote,
 )
 
@@ -113,7 +113,8 @@ def load_image(path: str | Path) -> GuestImage:
             symtab = elf.get_section_by_name(".symtab")
             if symtab is not None:
                 for sym in symtab.iter_symbols():
-                    if sym.name and sym["st_info"]["type"] in ("STT_FUNC", "STT_NOTYPE", "STT_OBJECT"):
+                    kind = sym["st_info"]["type"]
+                    if sym.name and kind in ("STT_FUNC", "STT_NOTYPE", "STT_OBJECT"):
                         img.symbols.setdefault(sym["st_value"], sym.name)
     except FileNotFoundError:
         raise ImageError(f"{p}: no such image file") from None

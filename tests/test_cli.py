@@ -1,0 +1,59 @@
+"""The pvlab command: help, exit codes, one-line errors (never a traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hypervisor.toolstack.cli import main
+from tests.conftest import ROOT
+
+
+def test_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "Exit codes" in out
+
+
+def test_run_help_is_complete(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--until", "--seed", "--fast", "--trace"):
+        assert flag in out
+
+
+def test_run_hello_exits_zero(capsys):
+    assert main(["run", str(ROOT / "examples/hello.toml")]) == 0
+    assert "hello from user space" in capsys.readouterr().out
+
+
+def test_bad_config_is_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["run", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pvlab: ") and "no such configuration" in err[0]
+
+
+def test_not_an_elf_image(capsys, tmp_path):
+    (tmp_path / "bad.elf").write_bytes(b"not an elf")
+    (tmp_path / "d.toml").write_text('name="x"\nmemory=16\nimage="bad.elf"\n')
+    assert main(["run", str(tmp_path / "d.toml")]) == 2
+    assert "not a valid ELF image" in capsys.readouterr().err
+
+
+def test_trace_prints_disassembly(capsys):
+    assert main(["run", str(ROOT / "examples/hello.toml"), "--trace", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "python guestos.boot.start_kernel" in out
+    assert "mov eax, 1" in out
+
+
+def test_console_script_entry_point():
+    cmd = [sys.executable, "-m", "hypervisor", "run", str(ROOT / "examples/hello.toml")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "hello from user space" in r.stdout

@@ -1,0 +1,61 @@
+"""Domain configuration: every bad key or value is named in one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from hypervisor.toolstack.config import ConfigError, load_config
+
+GOOD = """
+name = "t"
+memory = 16
+vcpus = 2
+image = "{image}"
+cmdline = "run=hello"
+seed = 3
+"""
+
+
+def write(tmp_path, text, **fmt):
+    p = tmp_path / "dom.toml"
+    p.write_text(text.format(**fmt))
+    return p
+
+
+def test_good_config_loads(tmp_path):
+    from tests.conftest import GUEST_IMAGE
+    cfg = load_config(write(tmp_path, GOOD, image=GUEST_IMAGE))
+    assert (cfg.name, cfg.memory, cfg.vcpus, cfg.cmdline, cfg.seed) == ("t", 16, 2, "run=hello", 3)
+
+
+def test_image_path_is_relative_to_the_config(tmp_path):
+    from tests.conftest import GUEST_IMAGE
+    (tmp_path / "img.elf").write_bytes(GUEST_IMAGE.read_bytes())
+    cfg = load_config(write(tmp_path, GOOD, image="img.elf"))
+    assert cfg.image == tmp_path / "img.elf"
+
+
+@pytest.mark.parametrize("change, message", [
+    (("memory = 16", "memory = 1"), "memory is 1 MiB"),
+    (("memory = 16", 'memory = "16"'), "memory must be an integer"),
+    (("vcpus = 2", "vcpus = 0"), "vcpus is 0"),
+    (("vcpus = 2", "vcpus = 99"), "vcpus is 99"),
+    (("seed = 3", "seed = -1"), "seed must not be negative"),
+    (("seed = 3", "sead = 3"), "unknown key 'sead'"),
+    (('name = "t"', ""), "missing key 'name'"),
+    (("cmdline = \"run=hello\"", "cmdline = \"" + "x" * 2000 + "\""), "cmdline is longer"),
+])
+def test_bad_values_are_named(tmp_path, change, message):
+    from tests.conftest import GUEST_IMAGE
+    text = GOOD.format(image=GUEST_IMAGE).replace(*change)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text.replace("{", "{{").replace("}", "}}")))
+
+
+def test_missing_image_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(write(tmp_path, GOOD, image="nowhere.elf"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "name = "))
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "absent.toml")

@@ -72,6 +72,8 @@ class Hypervisor:
             Hypercall.event_channel_op: do_event_channel_op,
         }
         self.hypercall_count = 0
+        # a test mode: called as after_hypercall(vcpu, nr, args, rc) after each one
+        self.after_hypercall: Callable[[Vcpu, int, Any, Any], None] | None = None
 
     # --- domains -----------------------------------------------------------------------
 
@@ -105,6 +107,8 @@ class Hypervisor:
         if handler is None:
             return -ENOSYS
         rc = handler(vcpu, *args)
+        if self.after_hypercall is not None:
+            self.after_hypercall(vcpu, nr, args, rc)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("d%dv%d hypercall %s%s -> %s", vcpu.domain.domid, vcpu.vcpu_id,
                       Hypercall(nr).name if nr in Hypercall._value2member_map_ else nr,
@@ -162,4 +166,3 @@ class Hypervisor:
             dom.close()
 
 
-__all__ = ["Hypervisor", "Any"]

@@ -1,0 +1,132 @@
+"""The frame-accounting invariants of DESIGN.md section 7, checked by a full
+recount from the pagetables (what Xen's own audit code did in debug builds).
+
+* every machine frame is owned by exactly one domain, by the hypervisor, or free;
+* M2P and each guest's p2m agree for every populated pfn;
+* no present entry of a validated table maps a frame the domain may not map,
+  and no writable L1 entry maps a pagetable frame;
+* type and reference counts equal what a recount gives.
+
+``audit`` returns a list of problems (empty when all hold); tests assert it is
+empty after every operation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hypervisor.mm.frames import DOMID_XEN, FREE, PageType
+from hypervisor.mm.pagetable import is_guest_l4_slot
+from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_RW, PTE_FRAME_MASK
+
+if TYPE_CHECKING:
+    from hypervisor.core import Hypervisor
+
+_FRAME = np.uint64(PTE_FRAME_MASK)
+
+
+def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
+    """(ref_count, type_count) as the pagetables, pins and VCPUs imply them."""
+    ft = hv.machine.frames
+    mem = hv.machine.memory
+    refs = np.zeros(ft.nr_frames, dtype=np.int64)
+    types = np.zeros(ft.nr_frames, dtype=np.int64)
+    guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
+    refs[guest] += 1  # the allocation reference
+    tables = np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4))
+    for mfn in tables.tolist():
+        level = int(ft.type[mfn])
+        t = mem.frame(mfn)
+        slots = np.flatnonzero(t & np.uint64(_PAGE_PRESENT))
+        if level == 4:
+            slots = slots[[is_guest_l4_slot(s) for s in slots.tolist()]]
+        ptes = t[slots]
+        targets = ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+        np.add.at(refs, targets, 1)
+        if level == 1:
+            np.add.at(types, targets[(ptes & np.uint64(_PAGE_RW)) != 0], 1)
+        else:
+            np.add.at(types, targets, 1)
+    pinned = np.flatnonzero(ft.pinned & guest)
+    refs[pinned] += 1
+    types[pinned] += 1
+    for dom in hv.domains.values():
+        for v in dom.vcpus:
+            for mfn in (v.guest_table, v.guest_table_user):
+                if mfn:
+                    refs[mfn] += 1
+                    types[mfn] += 1
+    return refs, types
+
+
+def audit(hv: Hypervisor) -> list[str]:
+    ft = hv.machine.frames
+    mem = hv.machine.memory
+    problems: list[str] = []
+    known = {FREE, DOMID_XEN, *hv.domains}
+    for owner in np.unique(ft.owner).tolist():
+        if owner not in known:
+            problems.append(f"frames owned by unknown domain {owner}")
+    if len(ft._free) != int((ft.owner == FREE).sum()):
+        problems.append("free list and owner table disagree")
+    if len(set(ft._free)) != len(ft._free):
+        problems.append("a frame is on the free list twice")
+
+    guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
+    refs, types = recount(hv)
+    bad = np.flatnonzero(guest & (refs != ft.ref_count.astype(np.int64)))
+    for mfn in bad[:5].tolist():
+        problems.append(f"mfn {mfn:#x}: ref_count {int(ft.ref_count[mfn])}, recount {refs[mfn]}")
+    bad = np.flatnonzero(guest & (types != ft.type_count.astype(np.int64)))
+    for mfn in bad[:5].tolist():
+        problems.append(f"mfn {mfn:#x}: type_count {int(ft.type_count[mfn])} "
+                        f"(type {PageType(int(ft.type[mfn])).name}), recount {types[mfn]}")
+
+    # every present entry of a validated table maps a frame of the same domain,
+    # and no writable L1 entry maps a pagetable
+    tables = np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4))
+    for mfn in tables.tolist():
+        level = int(ft.type[mfn])
+        t = mem.frame(mfn)
+        slots = np.flatnonzero(t & np.uint64(_PAGE_PRESENT))
+        if level == 4:
+            slots = slots[[is_guest_l4_slot(s) for s in slots.tolist()]]
+        ptes = t[slots]
+        targets = ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+        foreign = targets[ft.owner[targets] != ft.owner[mfn]]
+        if foreign.size:
+            problems.append(f"L{level} {mfn:#x} maps frame {int(foreign[0]):#x} of another owner")
+        if level == 1:
+            rw = targets[(ptes & np.uint64(_PAGE_RW)) != 0]
+            pt = rw[(ft.type[rw] >= 1) & (ft.type[rw] <= 4) & (ft.type_count[rw] > 0)]
+            if pt.size:
+                problems.append(f"L1 {mfn:#x} maps pagetable {int(pt[0]):#x} writable")
+
+    # M2P <-> p2m, for domains whose p2m list the builder placed
+    for dom in hv.domains.values():
+        layout = getattr(dom, "layout", None)
+        if layout is None:
+            continue
+        p2m = _guest_p2m(hv, dom, layout)
+        populated = p2m != np.uint64(0xFFFFFFFFFFFFFFFF)
+        mfns = p2m[populated].astype(np.int64)
+        pfns = np.flatnonzero(populated)
+        wrong = pfns[hv.machine.m2p[mfns] != pfns.astype(np.uint64)]
+        if wrong.size:
+            problems.append(f"domain {dom.domid}: M2P and p2m disagree at pfn {int(wrong[0]):#x}")
+        if (ft.owner[mfns] != dom.domid).any():
+            problems.append(f"domain {dom.domid}: its p2m lists a frame it does not own")
+    return problems
+
+
+def _guest_p2m(hv: Hypervisor, dom, layout) -> np.ndarray:
+    """The guest's own p2m list, read from its frames."""
+    mem = hv.machine.memory
+    out = np.empty(layout.nr_pages, dtype=np.uint64)
+    for i, mfn in enumerate(dom.p2m_frames):
+        chunk = mem.frame(int(mfn))
+        n = min(512, layout.nr_pages - 512 * i)
+        out[512 * i:512 * i + n] = chunk[:n]
+    return out

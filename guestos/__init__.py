@@ -7,5 +7,6 @@ It may import only ``hypervisor.public`` from the hypervisor.
 """
 
 from guestos.entry import native_entries
+from guestos.panic import oops
 
-__all__ = ["native_entries"]
+__all__ = ["native_entries", "oops"]

@@ -97,7 +97,7 @@ class Domain:
         """Xen's domain_crash: the domain stops, with a report of why."""
         where = f"vcpu{vcpu.vcpu_id}: " if vcpu is not None else ""
         self.crash_report = f"domain {self.domid} ({self.name}) crashed: {where}{why}"
-        log.warning("%s", self.crash_report)
+        log.info("%s", self.crash_report)
         self.shutdown(SHUTDOWN_crash)
 
     def close(self) -> None:

@@ -108,6 +108,18 @@ class NativeKernel:
     def bind(self, vcpu: Vcpu) -> None:
         vcpu.bind_native(self.text, self.text + self.size, self.enter)
 
+    def _oops(self, vcpu: Vcpu, cpu: NativeCpu, fn: Callable[..., Any], e: Exception) -> None:
+        """A kernel function raised: let the kernel report it (its ``oops``
+        hook, if it has one), then the domain crashes, as after a Linux oops."""
+        report = f"kernel oops in {fn.__module__}.{fn.__qualname__}: {type(e).__name__}: {e}"
+        hook = getattr(self.module, "oops", None)
+        if hook is not None:
+            try:
+                hook(cpu, e)
+            except Exception:  # noqa: BLE001 - a broken oops hook must not hide the first oops
+                log.info("the kernel's oops hook failed too", exc_info=True)
+        vcpu.domain.crash(vcpu, report)
+
     def enter(self, vcpu: Vcpu, addr: int) -> None:
         """The VCPU reached ``addr`` in the native text range."""
         fn = self.entries.get(addr)
@@ -135,6 +147,9 @@ class NativeKernel:
         except GuestFault as f:
             log.debug("kernel fault", exc_info=True)
             dom.crash(vcpu, f"kernel fault in {fn.__qualname__}: {f}")
+        except Exception as e:  # noqa: BLE001 - the kernel is guest code: its bugs crash the guest
+            log.info("guest kernel oops in %s", fn.__qualname__, exc_info=True)
+            self._oops(vcpu, cpu, fn, e)
         hv.return_to_guest(vcpu)
         if vcpu.stop_requested or not dom.is_running:
             vcpu.uc.emu_stop()

@@ -43,3 +43,10 @@ def test_user_pagetables_are_pinned_and_released():
     owned = ft.owner == dom.domid
     assert int((ft.pinned & owned).sum()) == 1  # the bootstrap L4
     hv.close()
+
+
+def test_kernel_panic_crashes_the_domain_with_a_report():
+    r = run(make_config("run=nosuch"))
+    assert r.reason == "crash"
+    assert "Kernel panic - not syncing: KernelPanic: no program 'nosuch'" in r.console.decode()
+    assert "kernel oops in guestos.boot.start_kernel" in r.domain.crash_report

@@ -15,6 +15,10 @@ names. When a VCPU reaches one of these addresses, the function runs with a
   there; it may wake in another process after a restore, and the continuation
   runs then. Hypercalls that do not return (iret) take no continuation.
 
+If a native function raises, the runtime calls the kernel module's ``oops(cpu,
+exc)`` (if it has one) to let it report, then crashes the domain: an exception in
+the kernel is a guest kernel bug, never the hypervisor's.
+
 Everything a kernel function keeps beyond its own return lives in guest memory:
 the ``NativeCpu`` is rebuilt for every entry.
 """

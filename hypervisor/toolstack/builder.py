@@ -22,7 +22,7 @@ from hypervisor.core import Hypervisor
 from hypervisor.domain import Domain
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
-from hypervisor.native import NativeKernel
+from hypervisor.native import KernelError, NativeKernel
 from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -216,8 +216,11 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
 
     # the guest kernel
     text, size = image.native_text
-    dom.kernel_module = image.kernel_module
-    dom.native = NativeKernel(dom, image.kernel_module, text, size)
+    dom.kernel_module = cfg.kernel or image.kernel_module
+    try:
+        dom.native = NativeKernel(dom, dom.kernel_module, text, size)
+    except KernelError as e:
+        raise BuildError(f"{cfg.name}: {e}") from None
     dom.image = image
     for v in dom.vcpus:
         dom.native.bind(v)

@@ -6,6 +6,7 @@
     image = "../firmware/guest.elf"   # relative to this file
     cmdline = "run=hashchain,counter"
     seed = 1             # frame shuffling and scheduling
+    kernel = "guestos"   # optional: boot another Python kernel than the image names
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ class DomainConfig:
     cmdline: str = ""
     seed: int = 0
     path: Path | None = None
+    kernel: str = ""          # a Python module overriding the image's kernel note
 
 
-_KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int}
+_KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
+         "kernel": str}
 _REQUIRED = ("name", "memory", "image")
 
 
@@ -66,7 +69,11 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     seed = data.get("seed", 0)
     if seed < 0:
         raise ConfigError(f"{src}: seed must not be negative")
-    return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed, where)
+    kernel = data.get("kernel", "")
+    if kernel and not all(part.isidentifier() for part in kernel.split(".")):
+        raise ConfigError(f"{src}: kernel {kernel!r} is not a Python module name")
+    return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
+                        where, kernel)
 
 
 def load_config(path: str | Path) -> DomainConfig:

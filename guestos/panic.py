@@ -1,0 +1,12 @@
+"""When the kernel itself fails: print why, as Linux's panic() does. The
+runtime crashes the domain after this returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestos.printk import printk
+
+
+def oops(cpu: Any, exc: Exception) -> None:
+    printk(cpu, f"Kernel panic - not syncing: {type(exc).__name__}: {exc}")

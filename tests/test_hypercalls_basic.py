@@ -1,0 +1,125 @@
+"""Hypercall results and errors from the Python kernel path of a booted domain:
+each checks Xen's exact value (hypervisor/public/errno.py), in the manner of XTF.
+Sources: xen/common/kernel.c (xen_version), drivers/char/console.c
+(console_io), common/domain.c (vcpu_op), common/event_channel.c, common/sched/core.c."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+
+import pytest
+
+from hypervisor.public.errno import EEXIST, EFAULT, EINVAL, ENOENT, ENOSYS
+from hypervisor.public.event_channel import (
+    EVTCHNOP_bind_ipi,
+    EVTCHNOP_bind_virq,
+    EVTCHNOP_close,
+    EVTCHNOP_send,
+    EVTCHNOP_unmask,
+)
+from hypervisor.public.sched import SCHEDOP_shutdown
+from hypervisor.public.vcpu import VCPUOP_is_up, VCPUOP_up
+from hypervisor.public.xen import (
+    CONSOLEIO_write,
+    NR_VIRQS,
+    VIRQ_TIMER,
+    XENVER_pagesize,
+    XENVER_version,
+    Hypercall,
+)
+from hypervisor.toolstack.session import boot, run_domain
+from tests.conftest import make_config
+from tests.kernels import probe
+
+
+def run_probe(fn, vcpus=2):
+    probe.PROBE = fn
+    cfg = replace(make_config(vcpus=vcpus), kernel="tests.kernels.probe")
+    hv, dom = boot(cfg)
+    try:
+        r = run_domain(hv, dom)
+        assert r.reason == "poweroff", dom.crash_report
+        return probe.RESULT[0], dom
+    finally:
+        probe.PROBE = None
+        hv.close()
+
+
+def test_unknown_hypercall_is_enosys():
+    rc, _ = run_probe(lambda cpu: [cpu.hypercall(n) for n in (11, 44, 63, 127)])
+    assert rc == [-ENOSYS] * 4
+
+
+def test_xen_version():
+    rc, _ = run_probe(lambda cpu: (cpu.hypercall(Hypercall.xen_version, XENVER_version, 0),
+                                   cpu.hypercall(Hypercall.xen_version, XENVER_pagesize, 0),
+                                   cpu.hypercall(Hypercall.xen_version, 99, 0)))
+    assert rc == ((4 << 16) | 19, 4096, -ENOSYS)
+
+
+def test_console_io_write_and_fault():
+    def fn(cpu):
+        buf = probe.scratch(cpu)
+        cpu.write(buf, b"probe says hi\n")
+        return (cpu.hypercall(Hypercall.console_io, CONSOLEIO_write, 14, buf),
+                cpu.hypercall(Hypercall.console_io, CONSOLEIO_write, 4, 0x1000),
+                cpu.hypercall(Hypercall.console_io, 7, 0, 0))
+    rc, dom = run_probe(fn)
+    assert rc == (0, -EFAULT, -ENOSYS)
+    assert dom.console_out == b"probe says hi\n"
+
+
+def test_vcpu_op_errors():
+    def fn(cpu):
+        return (cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, 0, 0),
+                cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, 1, 0),
+                cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, 2, 0),
+                cpu.hypercall(Hypercall.vcpu_op, VCPUOP_up, 1, 0),   # never initialised
+                cpu.hypercall(Hypercall.vcpu_op, 99, 0, 0))
+    rc, _ = run_probe(fn)
+    assert rc == (1, 0, -ENOENT, -EINVAL, -ENOSYS)
+
+
+def _evtchn(cpu, cmd, fmt, *vals):
+    buf = probe.scratch(cpu)
+    cpu.write(buf, struct.pack(fmt, *vals))
+    rc = cpu.hypercall(Hypercall.event_channel_op, cmd, buf)
+    return rc, struct.unpack(fmt, cpu.read(buf, struct.calcsize(fmt)))
+
+
+def test_event_channel_ops():
+    def fn(cpu):
+        rc1, (_, _, port) = _evtchn(cpu, EVTCHNOP_bind_virq, "<III", VIRQ_TIMER, 0, 0)
+        rc2, _ = _evtchn(cpu, EVTCHNOP_bind_virq, "<III", VIRQ_TIMER, 0, 0)      # again
+        rc3, _ = _evtchn(cpu, EVTCHNOP_bind_virq, "<III", NR_VIRQS, 0, 0)        # no such virq
+        rc4, (_, ipi) = _evtchn(cpu, EVTCHNOP_bind_ipi, "<II", 1, 0)
+        rc5, _ = _evtchn(cpu, EVTCHNOP_send, "<I", ipi)
+        rc6, _ = _evtchn(cpu, EVTCHNOP_send, "<I", port)                         # virq: no
+        rc7, _ = _evtchn(cpu, EVTCHNOP_unmask, "<I", ipi)
+        rc8, _ = _evtchn(cpu, EVTCHNOP_close, "<I", ipi)
+        rc9, _ = _evtchn(cpu, EVTCHNOP_close, "<I", ipi)                         # twice
+        rc10 = cpu.hypercall(Hypercall.event_channel_op, 99, 0)
+        return (rc1, port > 0, rc2, rc3, rc4, ipi > port, rc5, rc6, rc7, rc8, rc9, rc10)
+    rc, _ = run_probe(fn)
+    assert rc == (0, True, -EEXIST, -EINVAL, 0, True, 0, -EINVAL, 0, 0, -EINVAL, -ENOSYS)
+
+
+def test_sched_op_shutdown_needs_readable_reason():
+    rc, _ = run_probe(lambda cpu: (cpu.hypercall(Hypercall.sched_op, SCHEDOP_shutdown, 0x10),
+                                   cpu.hypercall(Hypercall.sched_op, 77, 0)))
+    assert rc == (-EFAULT, -ENOSYS)
+
+
+@pytest.mark.parametrize("kernel", ["no.such.module", "1bad"])
+def test_bad_kernel_module_is_refused(kernel):
+    from hypervisor.toolstack.builder import BuildError
+    from hypervisor.toolstack.config import ConfigError, parse_config
+    from tests.conftest import GUEST_IMAGE
+    data = {"name": "k", "memory": 16, "image": str(GUEST_IMAGE), "kernel": kernel}
+    if not all(p.isidentifier() for p in kernel.split(".")):
+        with pytest.raises(ConfigError, match="not a Python module name"):
+            parse_config(data)
+        return
+    with pytest.raises(BuildError, match="cannot be imported"):
+        boot(parse_config(data))

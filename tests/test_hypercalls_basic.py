@@ -21,12 +21,12 @@ from hypervisor.public.event_channel import (
 from hypervisor.public.sched import SCHEDOP_shutdown
 from hypervisor.public.vcpu import VCPUOP_is_up, VCPUOP_up
 from hypervisor.public.xen import (
-    CONSOLEIO_write,
     NR_VIRQS,
     VIRQ_TIMER,
+    CONSOLEIO_write,
+    Hypercall,
     XENVER_pagesize,
     XENVER_version,
-    Hypercall,
 )
 from hypervisor.toolstack.session import boot, run_domain
 from tests.conftest import make_config

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hypervisor.cpu.vcpu import RAX, RSP
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.native import NATIVE_ENTRY_STRIDE, TailCall
 
@@ -139,9 +140,9 @@ class NativeKernel:
                     vcpu.set_rip(self.addr_of(result.continuation))
                 rc = hv.hypercall(vcpu, result.op, result.args)
                 if rc is not None and dom.is_running:
-                    vcpu.rax.write(rc)
+                    vcpu.gpr[RAX] = rc & 0xFFFFFFFFFFFFFFFF
             else:
-                rsp = vcpu.rsp.read()
+                rsp = vcpu.gpr[RSP]
                 ret = hv.walker.read_u64(vcpu.current_table, rsp)
                 vcpu.write_regs(rax=0 if result is None else result, rsp=rsp + 8, rip=ret)
         except GuestFault as f:

@@ -27,7 +27,22 @@ from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
     UC_X86_INS_SYSCALL,
     UC_X86_REG_DR0,
+    UC_X86_REG_R8,
+    UC_X86_REG_R9,
+    UC_X86_REG_R10,
+    UC_X86_REG_R11,
+    UC_X86_REG_R12,
+    UC_X86_REG_R13,
+    UC_X86_REG_R14,
+    UC_X86_REG_R15,
     UC_X86_REG_RAX,
+    UC_X86_REG_RBP,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDI,
+    UC_X86_REG_RDX,
+    UC_X86_REG_RSI,
+    UC_X86_REG_RSP,
 )
 
 _c_u64_p = ctypes.POINTER(ctypes.c_uint64)
@@ -73,6 +88,67 @@ class FastReg:
     def write(self, value: int) -> None:
         self._val.value = value & 0xFFFFFFFFFFFFFFFF
         uclib.uc_reg_write(self._uch, self._id, self._ref)
+
+
+# --- the general-purpose registers, in place -----------------------------------------
+
+# QEMU's CPUX86State.regs[] order
+GPR_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_GPR_UC_IDS = (UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
+               UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
+               UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+               UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15)
+_GPR_MARKS = tuple(0x5EED00000000C0DE + (i << 20) for i in range(16))
+_MAX_SCAN = 512 << 20
+
+
+def _readable_regions() -> list[tuple[int, int]]:
+    out = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if perms.startswith("rw"):
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def gpr_file(uc: Uc) -> ctypes.Array | None:
+    """The engine's ``env->regs[16]`` as a ctypes array, or None if it cannot be
+    found. Unicorn's own ``uc_reg_write`` of a GPR is a plain store to this
+    array, so loads and stores here are equivalent and cost no library call.
+
+    Found by writing marker values through the API and looking for them in the
+    writable mappings that pointers in ``struct uc_struct`` lead into; checked
+    both ways before use."""
+    for reg, mark in zip(_GPR_UC_IDS, _GPR_MARKS, strict=True):
+        uc.reg_write(reg, mark)
+    pattern = struct.pack("<16Q", *_GPR_MARKS)
+    regions = _readable_regions()
+    head = ctypes.string_at(uc._uch.value, 4096)
+    tried: set[tuple[int, int]] = set()
+    found = None
+    for (ptr,) in struct.iter_unpack("<Q", head):
+        for lo, hi in regions:
+            if lo <= ptr < hi and (lo, hi) not in tried and hi - lo <= _MAX_SCAN:
+                tried.add((lo, hi))
+                i = ctypes.string_at(lo, hi - lo).find(pattern)
+                if i >= 0:
+                    found = lo + i
+                break
+        if found is not None:
+            break
+    if found is None:
+        return None
+    regs = (ctypes.c_uint64 * 16).from_address(found)
+    regs[0] = 0x1234
+    ok = uc.reg_read(UC_X86_REG_RAX) == 0x1234
+    uc.reg_write(UC_X86_REG_R15, 0x4321)
+    ok = ok and regs[15] == 0x4321
+    for reg in _GPR_UC_IDS:
+        uc.reg_write(reg, 0)
+    return regs if ok else None
 
 
 # --- the instruction counter -------------------------------------------------------

@@ -38,27 +38,11 @@ from unicorn.x86_const import (
     UC_X86_REG_CR4,
     UC_X86_REG_GDTR,
     UC_X86_REG_MSR,
-    UC_X86_REG_R8,
-    UC_X86_REG_R9,
-    UC_X86_REG_R10,
-    UC_X86_REG_R11,
-    UC_X86_REG_R12,
-    UC_X86_REG_R13,
-    UC_X86_REG_R14,
-    UC_X86_REG_R15,
-    UC_X86_REG_RAX,
-    UC_X86_REG_RBP,
-    UC_X86_REG_RBX,
-    UC_X86_REG_RCX,
-    UC_X86_REG_RDI,
-    UC_X86_REG_RDX,
     UC_X86_REG_RFLAGS,
     UC_X86_REG_RIP,
-    UC_X86_REG_RSI,
-    UC_X86_REG_RSP,
 )
 
-from hypervisor.cpu.ucfast import CpuEnv, FastReg, InsnCounter, RegBatch
+from hypervisor.cpu.ucfast import GPR_ORDER, CpuEnv, FastReg, InsnCounter, gpr_file
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
 from hypervisor.mm.memory import PAGE_SHIFT
 
@@ -67,19 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# the order of cpu_user_regs in Xen's public header is not the order we batch in;
-# these names index the batch
-GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
-_GPR_IDS = (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX,
-            UC_X86_REG_RSI, UC_X86_REG_RDI, UC_X86_REG_RBP, UC_X86_REG_RSP,
-            UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
-            UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
-            UC_X86_REG_RIP, UC_X86_REG_RFLAGS)
-GPR_INDEX = {name: i for i, name in enumerate(GPR_NAMES)}
-# hypercall arguments, 64-bit PV ABI: nr in rax, args rdi rsi rdx r10 r8
-_HCALL_IDS = (UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
-              UC_X86_REG_R10, UC_X86_REG_R8)
+GPR_NAMES = (*GPR_ORDER, "rip", "rflags")
+GPR_INDEX = {name: i for i, name in enumerate(GPR_ORDER)}
+RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8, R9, R10, R11 = range(12)
 
 CR0_PE, CR0_WP, CR0_PG = 1 << 0, 1 << 16, 1 << 31
 CR4_PAE, CR4_OSFXSR = 1 << 5, 1 << 9
@@ -98,16 +72,19 @@ class Vcpu:
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
+        self.hv = domain.hypervisor
         self.vcpu_id = vcpu_id
         self.machine = machine
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         mem = machine.memory
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
-        self.gprs = RegBatch(uc, _GPR_IDS)
-        self.hcall_args = RegBatch(uc, _HCALL_IDS)
-        self.rax = FastReg(uc, UC_X86_REG_RAX)
+        gprs = gpr_file(uc)
+        if gprs is None:
+            raise RuntimeError("cannot locate unicorn's register file; pvlab needs unicorn 2.1.4")
+        # env->regs[] in place: a load or store here is what uc_reg_read/write do
+        self.gpr = gprs
         self.rip = FastReg(uc, UC_X86_REG_RIP)
-        self.rsp = FastReg(uc, UC_X86_REG_RSP)
+        self.rflags = FastReg(uc, UC_X86_REG_RFLAGS)
         self.cr3 = FastReg(uc, UC_X86_REG_CR3)
         self.counter = InsnCounter(uc)
         self.env = CpuEnv(uc)
@@ -159,19 +136,21 @@ class Vcpu:
     # --- registers -----------------------------------------------------------------
 
     def read_regs(self) -> dict[str, int]:
-        return dict(zip(GPR_NAMES, self.gprs.read(), strict=True))
+        regs = dict(zip(GPR_ORDER, self.gpr, strict=True))
+        regs["rip"] = self.rip.read()
+        regs["rflags"] = self.rflags.read()
+        return regs
 
     def write_regs(self, **regs: int) -> None:
-        """Write some registers; RIP last, and corrected inside a syscall hook
+        """Write some registers; a new RIP is corrected inside a syscall hook
         (Unicorn adds the syscall's length after the hook: gotcha 3)."""
         rip = regs.pop("rip", None)
-        if regs:
-            vals = self.gprs.read()
-            for name, value in regs.items():
-                vals[GPR_INDEX[name]] = value
-            # an unchanged RIP read inside a syscall hook is the syscall's own
-            # address, and writing it back resumes after the syscall: correct
-            self.gprs.write(vals)
+        rflags = regs.pop("rflags", None)
+        gpr = self.gpr
+        for name, value in regs.items():
+            gpr[GPR_INDEX[name]] = value & 0xFFFFFFFFFFFFFFFF
+        if rflags is not None:
+            self.rflags.write(rflags)
         if rip is not None:
             self.set_rip(rip)
 
@@ -216,10 +195,10 @@ class Vcpu:
         start = self.rip.read()
         if self.fresh:
             # enter CPL3 through the stub: iretq pops rip, cs, rflags, rsp, ss
-            regs = self.gprs.read()
-            frame = self.machine.boot_frame(regs[16], regs[7], regs[17] | 0x2)
+            frame = self.machine.boot_frame(self.rip.read(), self.gpr[RSP],
+                                            self.rflags.read() | 0x2)
             self.machine.memory.write(self.machine.xen.stack_mfn << PAGE_SHIFT, frame)
-            self.rsp.write(BOOT_STACK_VA)
+            self.gpr[RSP] = BOOT_STACK_VA
             uc.reg_write(UC_X86_REG_CR0, CR0_PE | CR0_WP | CR0_PG | 0x10)
             start = BOOT_STUB_VA
             self.fresh = False
@@ -238,21 +217,18 @@ class Vcpu:
     def _on_syscall(self, uc: Uc, ud: Any) -> None:
         self._in_syscall_hook = True
         try:
-            hv = self.domain.hypervisor
+            hv = self.hv
             if self.in_kernel:
-                nr, *args = self.hcall_args.read()
-                rc = hv.hypercall(self, nr, args)
+                g = self.gpr
+                # 64-bit PV ABI: nr in rax, arguments in rdi, rsi, rdx, r10, r8
+                rc = hv.hypercall(self, g[RAX], (g[RDI], g[RSI], g[RDX], g[R10], g[R8]))
                 if rc is not None:
-                    self.rax.write(rc)
+                    g[RAX] = rc & 0xFFFFFFFFFFFFFFFF
             else:
                 hv.traps.bounce_syscall(self)
             hv.return_to_guest(self)
-        except Exception:
-            # a bug in the hypervisor must not vanish inside Unicorn: stop and
-            # re-raise from emu_start with the slice state intact
+        finally:
             self._in_syscall_hook = False
-            raise
-        self._in_syscall_hook = False
         if self.stop_requested:
             uc.emu_stop()
 

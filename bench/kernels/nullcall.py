@@ -23,7 +23,7 @@ from typing import Any
 
 from hypervisor.public.native import TailCall, pvlab_image_header
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
-from hypervisor.public.xen import XENVER_version, Hypercall
+from hypervisor.public.xen import Hypercall, XENVER_version
 
 VIRT_BASE = 0xFFFFFFFF80000000
 COUNT = 100_000

@@ -19,6 +19,20 @@
         .equ NATIVE_TEXT_SIZE, 16384
         .equ KERNEL_DATA_SIZE, 65536
 
+# A program table entry: its name padded to 16 bytes, then where its ELF is.
+.macro program name, n
+\n\():  .ascii  "\name"
+        .fill   16 - (. - \n\()b), 1, 0
+        .quad   \name\()_elf - programs, \name\()_end - \name\()_elf
+.endm
+# An embedded user program ELF.
+.macro blob name
+        .balign 16
+\name\()_elf:
+        .incbin "user/\name\().elf"
+\name\()_end:
+.endm
+
 # An ELF note: name, type, then the descriptor between 2: and 3:.
 .macro note name, type
         .balign 4
@@ -55,22 +69,16 @@ hypercall_page:                             # the hypervisor writes the stubs
         .section .rodata.programs, "a"
         .balign 16
 programs:
-        .quad   (prog_end - prog_names) / 32
-prog_names:
-.macro program name
-        .balign 8
-        .ascii  "\name"
-        .fill   16 - (. - 5f), 1, 0
-        .quad   \name\()_elf - programs, \name\()_end - \name\()_elf
-.endm
-5:      .ascii  "hello"
-        .fill   16 - (. - 5b), 1, 0
-        .quad   hello_elf - programs, hello_end - hello_elf
-prog_end:
+        .quad   4                           # entries: name[16], offset, size
+        program hello, 1
+        program counter, 2
+        program hashchain, 3
+        program dirtier, 4
         .balign 16
-hello_elf:
-        .incbin "user/hello.elf"
-hello_end:
+        blob hello
+        blob counter
+        blob hashchain
+        blob dirtier
 
         .section .bss.kernel_data, "aw", @nobits
         .balign 4096

@@ -71,7 +71,8 @@ def test_program_table_embeds_each_program():
         entry = table + 8 + 32 * i
         name = seg.data[entry:entry + 16].rstrip(b"\0").decode()
         off, size = struct.unpack_from("<QQ", seg.data, entry + 16)
-        assert seg.data[table + off:table + off + size] == (FIRMWARE / f"user/{name}.elf").read_bytes()
+        blob = seg.data[table + off:table + off + size]
+        assert blob == (FIRMWARE / f"user/{name}.elf").read_bytes()
         names.append(name)
     assert tuple(names) == PROGRAMS
 

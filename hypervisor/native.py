@@ -130,6 +130,8 @@ class NativeKernel:
             vcpu.uc.emu_stop()
             return
         self.calls += 1
+        if vcpu.on_native is not None:
+            vcpu.on_native(vcpu, addr, fn)
         hv = dom.hypervisor
         dom.update_time_now(vcpu)
         cpu = NativeCpu(vcpu, self)

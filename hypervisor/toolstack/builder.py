@@ -26,6 +26,7 @@ from hypervisor.native import KernelError, NativeKernel
 from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
+    _PAGE_NX,
     _PAGE_PRESENT,
     _PAGE_RW,
     _PAGE_USER,
@@ -164,6 +165,10 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
     pfns = np.arange(nr_pages, dtype=np.uint64)
     l1e = (p2m << np.uint64(PAGE_SHIFT)) | np.uint64(rw)
     l1e[lay.pt_pfn:lay.pt_pfn + pt_pages] &= ~np.uint64(_PAGE_RW | _PAGE_DIRTY)
+    # the native text is never executed: entering it must fault (see Vcpu.bind_native)
+    text, size = image.native_text
+    first = (text - base) >> PAGE_SHIFT
+    l1e[first:first + (size >> PAGE_SHIFT)] |= np.uint64(_PAGE_NX)
     for i in range(l1s):
         entries = l1e[i * 512:(i + 1) * 512]
         mem.frame(int(p2m[l1_pfn + i]))[:len(entries)] = entries
@@ -215,7 +220,6 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
     machine.frames.pinned[l4_mfn] = True
 
     # the guest kernel
-    text, size = image.native_text
     dom.kernel_module = cfg.kernel or image.kernel_module
     try:
         dom.native = NativeKernel(dom, dom.kernel_module, text, size)

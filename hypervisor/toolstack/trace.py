@@ -52,10 +52,20 @@ class Tracer:
             self.left[v.vcpu_id] = self.count
             self.hooks[v.vcpu_id] = v.uc.hook_add(UC_HOOK_CODE, self._hook, v)
             v.after_slice = self._after_slice
+            v.on_native = self._native
 
     def _name(self, addr: int) -> str:
         sym = self.symbols.lookup(addr)
         return f"<{sym}>" if sym else ""
+
+    def _native(self, vcpu: Any, addr: int, fn: Any) -> None:
+        """A native entry: no x86 instruction runs there, the kernel's Python does."""
+        n = self.left.get(vcpu.vcpu_id, 0)
+        if n <= 0:
+            return
+        self.left[vcpu.vcpu_id] = n - 1
+        self.out.write(f"trace d{self.dom.domid}v{vcpu.vcpu_id} k {addr:016x} "
+                       f"{'<native>':<40} python {fn.__module__}.{fn.__qualname__}\n")
 
     def _hook(self, uc: Any, addr: int, size: int, vcpu: Any) -> None:
         n = self.left.get(vcpu.vcpu_id, 0)
@@ -64,13 +74,6 @@ class Tracer:
             uc.emu_stop()
             return
         self.left[vcpu.vcpu_id] = n - 1
-        native = self.dom.native
-        if native is not None and addr in native.entries:
-            # the native hook ran first and already left kernel mode behind it
-            fn = native.entries[addr]
-            self.out.write(f"trace d{self.dom.domid}v{vcpu.vcpu_id} k {addr:016x} "
-                           f"{'<native>':<40} python {fn.__module__}.{fn.__qualname__}\n")
-            return
         hv = self.dom.hypervisor
         try:
             code = hv.walker.read(vcpu.current_table, addr, max(size, 1))
@@ -96,3 +99,4 @@ class Tracer:
         uc.reg_write(UC_X86_REG_CR2, cr2)
         vcpu.env.clear_old_exception()
         vcpu.after_slice = None
+        vcpu.on_native = None

@@ -1,0 +1,17 @@
+"""The benchmarks still run (tiny sizes: figures come from `make bench`, never
+from timed asserts)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_vcpu_bench_runs():
+    r = subprocess.run([sys.executable, "bench/vcpu.py", "--rounds", "2", "--pages", "2",
+                        "--calls", "2000", "--repeat", "1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "x bare" in r.stdout and "x the empty hook" in r.stdout

@@ -56,6 +56,7 @@ def start_kernel(cpu: Any) -> TailCall:
     shinfo_pfn = alloc_pages(cpu)
     cpu.hypercall(Hypercall.update_va_mapping, va(shinfo_pfn), shinfo_maddr | PTE_RW, 0)
     k.shared_info = va(shinfo_pfn)
+    events.mask_all(cpu)
     nr_cpus = 0
     while nr_cpus < MAX_CPUS and cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, nr_cpus, 0) >= 0:
         nr_cpus += 1

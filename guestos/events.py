@@ -24,6 +24,12 @@ def now(cpu: Any) -> int:
     return cpu.read_u64(vi + 48)  # vcpu_time_info.system_time
 
 
+def mask_all(cpu: Any) -> None:
+    """Mask every port (Linux's xen_evtchn_mask_all): Xen leaves masks to the
+    guest, and a port is unmasked only once its handler is in place."""
+    cpu.write(kernel(cpu).shared_info + MASK_OFF, b"\xff" * 512)
+
+
 def init_cpu(cpu: Any) -> None:
     arg = with_args(cpu, struct.pack("<III", VIRQ_TIMER, cpu.vcpu_id, 0))
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_virq, arg) == 0:

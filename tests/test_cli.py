@@ -57,3 +57,11 @@ def test_console_script_entry_point():
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "hello from user space" in r.stdout
+
+
+def test_until_stops_a_running_guest(capsys):
+    assert main(["run", str(ROOT / "examples/smp.toml"), "--until", "2ms"]) == 0
+    captured = capsys.readouterr()
+    assert "hashchain start" in captured.out
+    assert "hashchain digest" not in captured.out
+    assert "stopped at 2.000 ms of virtual time" in captured.err

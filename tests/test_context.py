@@ -1,0 +1,34 @@
+"""A VCPU's state is one record, Xen's vcpu_guest_context: taken from a VCPU
+mid-run and loaded back, the guest goes on to the same result."""
+
+from __future__ import annotations
+
+import ctypes
+
+from hypervisor.cpu.context import CONTEXT_SIZE, get_context, set_context
+from hypervisor.public.arch_x86 import VGCF_online, vcpu_guest_context
+from hypervisor.toolstack.session import boot, run_domain
+from tests.conftest import make_config
+from tests.reference import hashchain_line
+
+
+def test_context_record_is_xens_size():
+    assert CONTEXT_SIZE == ctypes.sizeof(vcpu_guest_context) == 5168
+
+
+def test_context_round_trip_mid_run():
+    hv, dom = boot(make_config("run=hashchain:6:4"))
+    hv.run(until_ns=1_000_000)  # stop in the middle of hashchain
+    v = dom.vcpus[0]
+    ctx = get_context(v)
+    raw = bytes(ctx)
+    assert ctx.flags & VGCF_online
+    assert ctx.ctrlreg[3] == v.guest_table << 12
+    # scribble over the registers, then load the record back
+    v.write_regs(rax=1, rbx=2, rcx=3, rdx=4, rsi=5, rdi=6, r8=7, r12=8, r13=9, r14=10, r15=11)
+    assert set_context(v, raw) == 0
+    assert bytes(get_context(v)) == raw
+    r = run_domain(hv, dom)
+    assert r.reason == "poweroff"
+    assert hashchain_line(6, 4).encode() in r.console
+    hv.close()

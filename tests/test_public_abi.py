@@ -1,0 +1,67 @@
+"""The public ABI matches Xen's headers: struct sizes and offsets as gcc lays
+them out for x86-64 (xen/include/public/*.h), hypercall numbers, errno values."""
+
+from __future__ import annotations
+
+import ctypes
+
+from hypervisor.public import arch_x86, errno, xen
+from hypervisor.public.arch_x86 import cpu_user_regs, trap_info, vcpu_guest_context
+from hypervisor.public.native import pvlab_image_header
+from hypervisor.public.xen import (
+    Hypercall,
+    mmu_update,
+    mmuext_op,
+    shared_info,
+    start_info,
+    vcpu_info,
+)
+
+
+def off(struct, field):
+    return getattr(struct, field).offset
+
+
+def test_struct_sizes():
+    assert ctypes.sizeof(start_info) == 1168
+    assert ctypes.sizeof(shared_info) == 3136
+    assert ctypes.sizeof(vcpu_info) == 64
+    assert ctypes.sizeof(vcpu_guest_context) == 5168
+    assert ctypes.sizeof(cpu_user_regs) == 200
+    assert ctypes.sizeof(trap_info) == 16
+    assert ctypes.sizeof(mmu_update) == 16
+    assert ctypes.sizeof(mmuext_op) == 24
+    assert ctypes.sizeof(arch_x86.iret_context) == 72
+    assert ctypes.sizeof(pvlab_image_header) == 72
+
+
+def test_offsets():
+    assert off(start_info, "shared_info") == 40
+    assert off(start_info, "store_mfn") == 56 and off(start_info, "store_evtchn") == 64
+    assert off(start_info, "console") == 72
+    assert off(start_info, "pt_base") == 88 and off(start_info, "mfn_list") == 104
+    assert off(start_info, "cmd_line") == 128 and off(start_info, "nr_p2m_frames") == 1160
+    assert off(shared_info, "evtchn_pending") == 2048 and off(shared_info, "evtchn_mask") == 2560
+    assert off(shared_info, "arch") == 3088
+    assert off(vcpu_info, "evtchn_pending_sel") == 8 and off(vcpu_info, "time") == 32
+    assert off(vcpu_guest_context, "user_regs") == 520
+    assert off(vcpu_guest_context, "trap_ctxt") == 720
+    assert off(vcpu_guest_context, "kernel_sp") == 4976
+    assert off(vcpu_guest_context, "ctrlreg") == 4984
+    assert off(vcpu_guest_context, "event_callback_eip") == 5112
+    assert off(vcpu_guest_context, "gs_base_user") == 5160
+    assert off(cpu_user_regs, "rax") == 80 and off(cpu_user_regs, "rdx") == 96
+    assert off(cpu_user_regs, "rip") == 128 and off(cpu_user_regs, "cs") == 136
+    assert off(cpu_user_regs, "saved_upcall_mask") == 140
+    assert off(cpu_user_regs, "rflags") == 144 and off(cpu_user_regs, "gs") == 192
+
+
+def test_numbers():
+    assert (Hypercall.set_trap_table, Hypercall.mmu_update, Hypercall.console_io) == (0, 1, 18)
+    assert (Hypercall.iret, Hypercall.vcpu_op, Hypercall.mmuext_op) == (23, 24, 26)
+    assert (Hypercall.sched_op, Hypercall.event_channel_op) == (29, 32)
+    assert (errno.EPERM, errno.ESRCH, errno.EFAULT, errno.EBUSY) == (1, 3, 14, 16)
+    assert (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) == (22, 38, 95)
+    assert errno.errno_name(-22) == "-EINVAL"
+    assert xen.DOMID_SELF == 0x7FF0 and xen.NR_EVENT_CHANNELS == 4096
+    assert arch_x86.FLAT_RING3_CS64 == 0xE033 and arch_x86.FLAT_RING3_SS64 == 0xE02B

@@ -239,6 +239,13 @@ class Vcpu:
             uc.emu_stop()
 
     def _on_intr(self, uc: Uc, intno: int, ud: Any) -> None:
+        # Whatever the handling, the slice ends here. A hook on Unicorn's
+        # exception path that switches CR3 and redirects RIP (a bounce into the
+        # kernel, a native call returning to user mode) and then lets emulation
+        # carry on leaves the engine inconsistent: under the fast clock, a later
+        # asynchronous stop then corrupted guest state (a wrong hashchain digest
+        # in about half the runs). Restarting with a fresh emu_start is exact.
+        uc.emu_stop()
         self.env.clear_old_exception()
         hv = self.hv
         if intno in (X86_EXC_PF, X86_EXC_DF):
@@ -254,15 +261,12 @@ class Vcpu:
         else:
             hv.traps.inject(self, intno, None, None, software=intno >= 32 or intno == 3)
         hv.return_to_guest(self)
-        if self.stop_requested:
-            uc.emu_stop()
 
     def _on_invalid(self, uc: Uc, ud: Any) -> bool:
-        hv = self.domain.hypervisor
+        uc.emu_stop()  # as in _on_intr: the slice ends with the exception
+        hv = self.hv
         hv.traps.inject(self, X86_EXC_UD, None, None)
         hv.return_to_guest(self)
-        if self.stop_requested:
-            uc.emu_stop()
         return True
 
     def close(self) -> None:

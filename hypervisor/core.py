@@ -27,6 +27,7 @@ from hypervisor.hypercalls.version import do_xen_version
 from hypervisor.machine import Machine
 from hypervisor.mm.frames import DOMID_XEN
 from hypervisor.mm.mmu import Mmu
+from hypervisor.mm.reservation import Reservation
 from hypervisor.mm.walker import Walker
 from hypervisor.public.errno import ENOSYS
 from hypervisor.public.sched import SHUTDOWN_suspend
@@ -52,6 +53,7 @@ class Hypervisor:
         self.walker = Walker(self.machine.memory)
         self.traps = Traps(self)
         self.mmu = Mmu(self)
+        self.reservation = Reservation(self)
         self.domains: dict[int, Domain] = {}
         self.scheduler = Scheduler(self, clock, slice_insns, slice_us)
         self.machine.types.on_type_change = self._type_changed
@@ -61,6 +63,7 @@ class Hypervisor:
             Hypercall.stack_switch: do_stack_switch,
             Hypercall.set_callbacks: do_set_callbacks,
             Hypercall.update_va_mapping: self.mmu.update_va_mapping,
+            Hypercall.memory_op: self.reservation.memory_op,
             Hypercall.set_timer_op: do_set_timer_op,
             Hypercall.xen_version: do_xen_version,
             Hypercall.console_io: do_console_io,
@@ -92,7 +95,6 @@ class Hypervisor:
         for mfn in ft.owned_by(dom.domid).tolist():
             ft.type_count[mfn] = 0
             ft.ref_count[mfn] = 0
-            self.machine.m2p[mfn] = 0xFFFFFFFFFFFFFFFF
             ft.free(mfn)
         dom.close()
         self.domains.pop(dom.domid, None)

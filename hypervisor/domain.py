@@ -69,7 +69,9 @@ class Domain:
 
     @property
     def tot_pages(self) -> int:
-        return int((self.machine.frames.owner == self.domid).sum())
+        """Frames in the domain's reservation (shared hypervisor pages excluded)."""
+        ft = self.machine.frames
+        return int(((ft.owner == self.domid) & ~ft.xenheap).sum())
 
     # --- console ---------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class Machine:
         for mfn in taken:
             ft.owner[mfn] = DOMID_XEN
             ft.ref_count[mfn] = 1
+            ft.allocated[mfn] = True
             self.memory.clear_frame(mfn)
         return taken
 
@@ -110,6 +111,7 @@ class Machine:
         base = m2p_mfns[0] * ENTRIES_PER_TABLE
         self.m2p: np.ndarray = mem.u64[base:base + n]
         self.m2p[:] = INVALID_M2P
+        self.frames.m2p = self.m2p
 
         ro_user = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED | _PAGE_NX
         m2p_l3 = self._map_range(m2p_mfns, ro_user, MACH2PHYS_VIRT_START)

@@ -34,7 +34,7 @@ def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
     refs = np.zeros(ft.nr_frames, dtype=np.int64)
     types = np.zeros(ft.nr_frames, dtype=np.int64)
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
-    refs[guest] += 1  # the allocation reference
+    refs[guest & ft.allocated] += 1  # the allocation reference
     tables = np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4))
     for mfn in tables.tolist():
         level = int(ft.type[mfn])

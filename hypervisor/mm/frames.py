@@ -10,10 +10,14 @@ recounts) are vectorised:
 * ``type_count``: references that need the frame to stay of its type (pins,
   pagetable entries pointing at it, writable mappings, a VCPU's CR3);
 * ``ref_count``: general references (allocation, every mapping, every type ref);
-* ``pinned`` and ``validated`` bits.
+* ``pinned`` and ``validated`` bits, and ``allocated`` (Xen's PGC_allocated: the
+  domain still holds the reference its allocation gave it).
 
 Allocation is shuffled with a seed, so a guest's pfn->mfn map is never the
-identity and a restored guest lands on different frames.
+identity and a restored guest lands on different frames. It is shuffled by
+2 MiB chunk: a seeded order of chunks, each shuffled inside and filled before
+the next is opened. Scattering every frame over the whole machine would leave
+no free aligned 2 MiB run, and no order-9 extent could ever be allocated.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from hypervisor.mm.memory import MachineMemory
 
 FREE = -1
+CHUNK_FRAMES = 512  # 2 MiB
 DOMID_XEN = 0x7FF2  # xen.h: the hypervisor's own frames
 INVALID_M2P = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -57,11 +62,20 @@ class FrameTable:
         self.ref_count = np.zeros(n, dtype=np.uint32)
         self.pinned = np.zeros(n, dtype=bool)
         self.validated = np.zeros(n, dtype=bool)
+        self.allocated = np.zeros(n, dtype=bool)
+        # a hypervisor page shared with a domain (shared_info): mappable by it,
+        # not part of its reservation (Xen's PGC_xen_heap)
+        self.xenheap = np.zeros(n, dtype=bool)
+        self.m2p: np.ndarray | None = None  # set by the machine: entries die with frames
         rng = np.random.default_rng(seed)
-        # the free list is a shuffled stack of mfns; frame 0 is never handed out
-        # so that a zero mfn in a guest structure is always a bug
-        order = rng.permutation(np.arange(1, n, dtype=np.int64))
-        self._free = [int(m) for m in order[::-1]]
+        # the free list is a stack of mfns, popped from its end; frame 0 is never
+        # handed out so that a zero mfn in a guest structure is always a bug
+        order: list[int] = []
+        for chunk in rng.permutation(-(-n // CHUNK_FRAMES)).tolist():
+            first = chunk * CHUNK_FRAMES
+            frames = np.arange(max(first, 1), min(first + CHUNK_FRAMES, n), dtype=np.int64)
+            order += rng.permutation(frames).tolist()
+        self._free = order[::-1]
         self.owner[0] = DOMID_XEN
 
     @property
@@ -72,13 +86,16 @@ class FrameTable:
         """Take one free frame for ``owner``, zeroed, holding one allocation ref."""
         if not self._free:
             raise OutOfMemory("no free machine frames")
-        mfn = self._free.pop()
+        return self._take(self._free.pop(), owner)
+
+    def _take(self, mfn: int, owner: int) -> int:
         self.owner[mfn] = owner
         self.type[mfn] = PageType.none
         self.type_count[mfn] = 0
         self.ref_count[mfn] = 1
         self.pinned[mfn] = False
         self.validated[mfn] = False
+        self.allocated[mfn] = True
         self.memory.clear_frame(mfn)
         return mfn
 
@@ -86,6 +103,22 @@ class FrameTable:
         if count > len(self._free):
             raise OutOfMemory(f"{count} frames wanted, {len(self._free)} free")
         return [self.alloc(owner) for _ in range(count)]
+
+    def alloc_contiguous(self, owner: int, order: int) -> list[int]:
+        """2**order machine-contiguous frames, aligned to their size (an extent
+        of order > 0, which a PV guest addresses as mfn + j)."""
+        n = 1 << order
+        if order == 0:
+            return [self.alloc(owner)]
+        free = self.owner == FREE
+        blocks = free[: len(free) // n * n].reshape(-1, n).all(axis=1)
+        candidates = np.flatnonzero(blocks)
+        if not candidates.size:
+            raise OutOfMemory(f"no free run of {n} contiguous frames")
+        first = int(candidates[0]) * n
+        taken = set(range(first, first + n))
+        self._free = [m for m in self._free if m not in taken]
+        return [self._take(m, owner) for m in range(first, first + n)]
 
     def free(self, mfn: int) -> None:
         """Return a frame whose last reference has gone to the free list."""
@@ -95,6 +128,10 @@ class FrameTable:
         self.type[mfn] = PageType.none
         self.pinned[mfn] = False
         self.validated[mfn] = False
+        self.allocated[mfn] = False
+        self.xenheap[mfn] = False
+        if self.m2p is not None:
+            self.m2p[mfn] = INVALID_M2P
         self._free.append(mfn)
 
     def owned_by(self, domid: int) -> np.ndarray:

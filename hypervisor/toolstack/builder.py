@@ -91,7 +91,8 @@ def build_domain(hv: Hypervisor, cfg: DomainConfig) -> Domain:
     if nr_pages + 64 > hv.machine.frames.nr_free:
         raise BuildError(f"{cfg.name}: {cfg.memory} MiB wanted but the machine has only "
                          f"{hv.machine.frames.nr_free * PAGE_SIZE >> 20} MiB free")
-    dom = hv.create_domain(cfg.name, nr_pages, cfg.vcpus)
+    max_pages = max(cfg.maxmem, cfg.memory) * (1 << 20) // PAGE_SIZE
+    dom = hv.create_domain(cfg.name, max_pages, cfg.vcpus)
     try:
         _build(hv, dom, image, cfg, nr_pages)
     except Exception:
@@ -187,6 +188,7 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
 
     # shared_info: a hypervisor-provided page the guest maps itself
     shinfo_mfn = machine.frames.alloc(dom.domid)
+    machine.frames.xenheap[shinfo_mfn] = True
     dom.set_shared_info(shinfo_mfn)
     for v in range(32):
         dom.shared_info.vcpu_info[v].evtchn_upcall_mask = 1

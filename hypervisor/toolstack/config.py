@@ -7,6 +7,7 @@
     cmdline = "run=hashchain,counter"
     seed = 1             # frame shuffling and scheduling
     kernel = "guestos"   # optional: boot another Python kernel than the image names
+    maxmem = 128         # optional: MiB the domain may grow to (balloon up); default memory
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ class DomainConfig:
     seed: int = 0
     path: Path | None = None
     kernel: str = ""          # a Python module overriding the image's kernel note
+    maxmem: int = 0           # MiB the domain may grow to (xl's maxmem); 0: = memory
 
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
-         "kernel": str}
+         "kernel": str, "maxmem": int}
 _REQUIRED = ("name", "memory", "image")
 
 
@@ -69,11 +71,15 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     seed = data.get("seed", 0)
     if seed < 0:
         raise ConfigError(f"{src}: seed must not be negative")
+    maxmem = data.get("maxmem", memory)
+    if not memory <= maxmem <= MAX_MEMORY_MIB:
+        raise ConfigError(f"{src}: maxmem is {maxmem} MiB; it must be at least memory "
+                          f"({memory} MiB) and at most {MAX_MEMORY_MIB}")
     kernel = data.get("kernel", "")
     if kernel and not all(part.isidentifier() for part in kernel.split(".")):
         raise ConfigError(f"{src}: kernel {kernel!r} is not a Python module name")
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
-                        where, kernel)
+                        where, kernel, maxmem)
 
 
 def load_config(path: str | Path) -> DomainConfig:

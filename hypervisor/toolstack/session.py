@@ -34,7 +34,7 @@ class RunResult:
 def boot(cfg: DomainConfig, seed: int | None = None, clock: str = "deterministic",
          slice_insns: int = 50_000) -> tuple[Hypervisor, Domain]:
     seed = cfg.seed if seed is None else seed
-    hv = Hypervisor(machine_mib_for(cfg.memory), seed=seed, clock=clock,
+    hv = Hypervisor(machine_mib_for(max(cfg.memory, cfg.maxmem)), seed=seed, clock=clock,
                     slice_insns=slice_insns)
     dom = build_domain(hv, cfg)
     return hv, dom

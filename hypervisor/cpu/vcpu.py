@@ -97,6 +97,8 @@ class Vcpu:
         self.guest_table_user = 0   # user L4 mfn (0: none)
         self.kernel_ss = 0
         self.kernel_sp = 0
+        self.ldt_base = 0
+        self.ldt_ents = 0
         self.event_callback = 0
         self.failsafe_callback = 0
         self.syscall_callback = 0

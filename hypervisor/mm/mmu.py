@@ -1,10 +1,17 @@
 """The MMU hypercalls: mmu_update, update_va_mapping and mmuext_op
-(xen/arch/x86/mm.c do_mmu_update, __do_update_va_mapping, do_mmuext_op).
+(xen/arch/x86/pv/mm.c and mm.c: do_mmu_update, __do_update_va_mapping,
+do_mmuext_op).
 
 Each takes many operations in one call, stops at the first that fails, reports
 how many were done through ``pdone``, and returns 0 or the failing op's errno.
 Every change to a pagetable flushes the TLBs that could hold a stale entry: the
 Unicorn TLB of each VCPU of the domain and the shared software walker's.
+
+Foreign domains: a PV domU may name only itself. ``DOMID_SELF`` is the way;
+its own numeric id is "Cannot specify itself as foreign domain" (-ESRCH); an
+unknown domain is -ESRCH; an existing other domain (or DOMID_IO / DOMID_XEN) is
+refused by XSM's default policy (-EPERM), or for mmuext_op, if it is not a PV
+guest at all, -EINVAL.
 """
 
 from __future__ import annotations
@@ -15,22 +22,36 @@ from typing import TYPE_CHECKING
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.pagetable import LEVEL_TYPE, is_guest_l4_slot
 from hypervisor.mm.walker import GuestFault
-from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH
+from hypervisor.public.errno import EACCES, EFAULT, EINVAL, ENOSYS, EOPNOTSUPP, EPERM, ESRCH
 from hypervisor.public.xen import (
+    DOMID_IO,
     DOMID_SELF,
-    MMU_MACHPHYS_UPDATE,
+    DOMID_XEN,
     MMU_NORMAL_PT_UPDATE,
+    MMU_PT_UPDATE_NO_TRANSLATE,
+    MMU_PT_UPDATE_PRESERVE_AD,
+    MMU_UPDATE_PREEMPTED,
+    MMUEXT_CLEAR_PAGE,
+    MMUEXT_COPY_PAGE,
+    MMUEXT_FLUSH_CACHE,
+    MMUEXT_FLUSH_CACHE_GLOBAL,
     MMUEXT_INVLPG_ALL,
     MMUEXT_INVLPG_LOCAL,
     MMUEXT_INVLPG_MULTI,
+    MMUEXT_MARK_SUPER,
     MMUEXT_NEW_BASEPTR,
     MMUEXT_NEW_USER_BASEPTR,
     MMUEXT_PIN_L1_TABLE,
     MMUEXT_PIN_L4_TABLE,
+    MMUEXT_SET_LDT,
     MMUEXT_TLB_FLUSH_ALL,
     MMUEXT_TLB_FLUSH_LOCAL,
     MMUEXT_TLB_FLUSH_MULTI,
+    MMUEXT_UNMARK_SUPER,
     MMUEXT_UNPIN_TABLE,
+    UVMF_ALL,
+    UVMF_FLUSHTYPE_MASK,
+    UVMF_LOCAL,
 )
 
 if TYPE_CHECKING:
@@ -38,8 +59,10 @@ if TYPE_CHECKING:
     from hypervisor.cpu.vcpu import Vcpu
     from hypervisor.domain import Domain
 
-_TLB_OPS = {MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_TLB_FLUSH_MULTI, MMUEXT_TLB_FLUSH_ALL,
-            MMUEXT_INVLPG_LOCAL, MMUEXT_INVLPG_MULTI, MMUEXT_INVLPG_ALL}
+_MULTI_OPS = (MMUEXT_TLB_FLUSH_MULTI, MMUEXT_INVLPG_MULTI)
+_AD_BITS = 0x20 | 0x40
+LDT_MAX_ENTS = 8192
+FOREIGN = object()  # a page owner that is not the caller (refused by XSM)
 
 
 class Mmu:
@@ -51,19 +74,26 @@ class Mmu:
 
     # --- helpers -------------------------------------------------------------------
 
-    def _foreign_ok(self, vcpu: Vcpu, foreigndom: int) -> int:
-        fd = foreigndom & 0xFFFF
-        if fd != DOMID_SELF or foreigndom >> 16:
-            return -ESRCH  # no foreign (or explicitly named own) domains for PV guests here
-        return 0
+    def get_pg_owner(self, vcpu: Vcpu, domid: int) -> Domain | object | None:
+        """Xen's get_pg_owner: the caller, a foreign owner, or None (-ESRCH)."""
+        if domid == DOMID_SELF:
+            return vcpu.domain
+        if domid == vcpu.domain.domid:
+            return None  # "Cannot specify itself as foreign domain"
+        if domid in (DOMID_IO, DOMID_XEN) or self.hv.domain_by_id(domid) is not None:
+            return FOREIGN
+        return None  # "Unknown domain"
 
     def table_level(self, mfn: int) -> int:
-        """The level of a validated pagetable frame, or 0."""
+        """The level of a validated, in-use pagetable frame, or 0."""
         ft = self.frames
         t = int(ft.type[mfn])
         if 1 <= t <= 4 and ft.validated[mfn] and ft.type_count[mfn] > 0:
             return t
         return 0
+
+    def owned(self, mfn: int, dom: Domain) -> bool:
+        return 0 < mfn < self.frames.nr_frames and self.frames.owner[mfn] == dom.domid
 
     def mod_entry(self, dom: Domain, table_mfn: int, slot: int, new: int) -> int:
         """Replace one entry of a validated table: take the new entry's
@@ -80,108 +110,178 @@ class Mmu:
         self.types.put_entry(level, old)
         return 0
 
-    def normal_update(self, dom: Domain, maddr: int, val: int) -> int:
+    def normal_update(self, dom: Domain, maddr: int, val: int, preserve_ad: bool) -> int:
         mfn = maddr >> 12
-        ft = self.frames
-        if not 0 < mfn < ft.nr_frames or ft.owner[mfn] != dom.domid:
+        if not self.owned(mfn, dom):
             return -EINVAL  # "Could not get page for normal update"
         slot = (maddr & 0xFFF) >> 3
+        if preserve_ad:
+            val |= int(self.memory.frame(mfn)[slot]) & _AD_BITS
         if self.table_level(mfn):
             return self.mod_entry(dom, mfn, slot, val)
-        # not a pagetable: Xen takes a writable type ref and just writes
+        # not a pagetable in use: Xen takes a writable type ref and just writes
         if self.types.get_page_type(mfn, PageType.writable, dom.domid):
             return -EINVAL
         self.memory.frame(mfn)[slot] = val
         self.types.put_page_type(mfn)
         return 0
 
-    # --- hypercalls ----------------------------------------------------------------
+    def _vcpumask_ok(self, vcpu: Vcpu, ptr: int) -> bool:
+        """A vcpu bitmap (UVMF_MULTI / *_MULTI ops) must be readable."""
+        try:
+            self.hv.copy_from_guest(vcpu, ptr, 8)
+        except GuestFault:
+            return False
+        return True
+
+    def _report(self, vcpu: Vcpu, pdone: int, done: int, rc: int) -> int:
+        if pdone:
+            try:
+                self.hv.copy_to_guest(vcpu, pdone, struct.pack("<I", done))
+            except GuestFault:
+                pass  # as in Xen, a bad pdone does not change the result
+        return rc
+
+    # --- mmu_update ----------------------------------------------------------------
 
     def mmu_update(self, vcpu: Vcpu, reqs: int, count: int, pdone: int, foreigndom: int) -> int:
         dom = vcpu.domain
-        count &= 0x7FFFFFFF  # MMU_UPDATE_PREEMPTED is our own continuation flag
-        rc = self._foreign_ok(vcpu, foreigndom)
+        count &= 0xFFFFFFFF
         done = 0
-        if rc == 0:
-            for i in range(count):
+        if count & MMU_UPDATE_PREEMPTED:
+            count &= ~MMU_UPDATE_PREEMPTED
+            if pdone:
                 try:
-                    raw = self.hv.copy_from_guest(vcpu, reqs + 16 * i, 16)
-                    ptr, val = struct.unpack("<QQ", raw)
+                    (done,) = struct.unpack("<I", self.hv.copy_from_guest(vcpu, pdone, 4))
                 except GuestFault:
-                    rc = -EFAULT
-                    break
-                cmd = ptr & 3
-                if cmd == MMU_NORMAL_PT_UPDATE:
-                    rc = self.normal_update(dom, ptr & ~3, val)
-                elif cmd == MMU_MACHPHYS_UPDATE:
-                    mfn = ptr >> 12
-                    if not 0 < mfn < self.frames.nr_frames or self.frames.owner[mfn] != dom.domid:
-                        rc = -EINVAL
-                    else:
-                        self.hv.machine.set_m2p(mfn, val)
+                    done = 0
+        pt_dom = (foreigndom >> 16) & 0xFFFF
+        pt_foreign = False
+        if pt_dom:
+            pt_owner = self.hv.domain_by_id(pt_dom - 1)
+            if pt_owner is None:
+                return -ESRCH
+            pt_foreign = pt_owner is not dom
+        pg_owner = self.get_pg_owner(vcpu, foreigndom & 0xFFFF)
+        if pg_owner is None:
+            return self._report(vcpu, pdone, done, -ESRCH)
+        rc = 0
+        i = 0
+        for i in range(count):
+            try:
+                ptr, val = struct.unpack("<QQ", self.hv.copy_from_guest(vcpu, reqs + 16 * i, 16))
+            except GuestFault:
+                rc = -EFAULT
+                break
+            cmd = ptr & 3
+            if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD,
+                       MMU_PT_UPDATE_NO_TRANSLATE):
+                if pt_foreign or pg_owner is FOREIGN:
+                    rc = -EPERM  # xsm_mmu_update: a domU acts on itself only
                 else:
-                    rc = -ENOSYS
-                if rc:
-                    break
-                done += 1
-        self.hv.flush_tlbs(dom)
-        return self._report(vcpu, pdone, done, rc)
+                    rc = self.normal_update(dom, ptr & ~3, val,
+                                            cmd == MMU_PT_UPDATE_PRESERVE_AD)
+            else:  # MMU_MACHPHYS_UPDATE
+                mfn = ptr >> 12
+                if pt_foreign or pg_owner is FOREIGN:
+                    rc = -EPERM
+                elif not self.owned(mfn, dom):
+                    rc = -EINVAL  # "Could not get page for mach->phys update"
+                else:
+                    self.hv.machine.set_m2p(mfn, val)
+            if rc:
+                break
+        else:
+            i = count
+        if count:
+            self.hv.flush_tlbs(dom)
+        return self._report(vcpu, pdone, done + i, rc)
 
-    def update_va_mapping(self, vcpu: Vcpu, va: int, val: int, flags: int) -> int:
+    # --- update_va_mapping -----------------------------------------------------------
+
+    def update_va_mapping(self, vcpu: Vcpu, va: int, val: int, flags: int, *_: int) -> int:
         dom = vcpu.domain
         maddr = self.hv.walker.l1e_maddr(vcpu.guest_table, va)
         if maddr is None:
-            return -EINVAL
+            return -EINVAL  # no L1 maps va
         l1 = maddr >> 12
-        if self.frames.owner[l1] != dom.domid or self.table_level(l1) != 1:
+        if not self.owned(l1, dom) or self.table_level(l1) != 1:
             return -EINVAL
         rc = self.mod_entry(dom, l1, (maddr & 0xFFF) >> 3, val)
-        if rc == 0:
-            self.hv.flush_tlbs(dom)
-        return rc
+        if rc:
+            return rc
+        target = flags & ~UVMF_FLUSHTYPE_MASK
+        if flags & UVMF_FLUSHTYPE_MASK and target not in (UVMF_LOCAL, UVMF_ALL) \
+                and not self._vcpumask_ok(vcpu, target):
+            return -EFAULT
+        self.hv.flush_tlbs(dom)
+        return 0
+
+    # --- mmuext_op -----------------------------------------------------------------
 
     def mmuext_op(self, vcpu: Vcpu, ops: int, count: int, pdone: int, foreigndom: int) -> int:
         dom = vcpu.domain
-        count &= 0x7FFFFFFF
-        rc = self._foreign_ok(vcpu, foreigndom)
+        count &= 0xFFFFFFFF
         done = 0
-        if rc == 0:
-            for i in range(count):
+        if count & MMU_UPDATE_PREEMPTED:
+            count &= ~MMU_UPDATE_PREEMPTED
+            if pdone:
                 try:
-                    cmd, _pad, arg1, _arg2 = struct.unpack(
-                        "<IIQQ", self.hv.copy_from_guest(vcpu, ops + 24 * i, 24))
+                    (done,) = struct.unpack("<I", self.hv.copy_from_guest(vcpu, pdone, 4))
                 except GuestFault:
-                    rc = -EFAULT
-                    break
-                rc = self._one_op(vcpu, dom, cmd, arg1)
-                if rc:
-                    break
-                done += 1
-        self.hv.flush_tlbs(dom)
-        return self._report(vcpu, pdone, done, rc)
+                    done = 0
+        pg_owner = self.get_pg_owner(vcpu, foreigndom & 0xFFFF)
+        if pg_owner is None:
+            return -ESRCH
+        if pg_owner is FOREIGN:
+            # DOMID_IO / DOMID_XEN are not PV guests; another domain is refused by XSM
+            return -EINVAL if foreigndom & 0xFFFF in (DOMID_IO, DOMID_XEN) else -EPERM
+        rc = 0
+        i = 0
+        for i in range(count):
+            try:
+                cmd, _pad, arg1, arg2 = struct.unpack(
+                    "<IIQQ", self.hv.copy_from_guest(vcpu, ops + 24 * i, 24))
+            except GuestFault:
+                rc = -EFAULT
+                break
+            rc = self._one_op(vcpu, dom, cmd, arg1, arg2)
+            if rc:
+                break
+        else:
+            i = count
+        if count:
+            self.hv.flush_tlbs(dom)
+        return self._report(vcpu, pdone, done + i, rc)
 
-    def _one_op(self, vcpu: Vcpu, dom: Domain, cmd: int, mfn: int) -> int:
+    def _one_op(self, vcpu: Vcpu, dom: Domain, cmd: int, arg1: int, arg2: int) -> int:
         ft = self.frames
         types = self.types
-        owned = 0 < mfn < ft.nr_frames and ft.owner[mfn] == dom.domid
+        mfn = arg1
         if MMUEXT_PIN_L1_TABLE <= cmd <= MMUEXT_PIN_L4_TABLE:
-            if not owned:
-                return -EINVAL
-            if ft.pinned[mfn]:
-                return -EINVAL  # "mfn already pinned"
-            rc = types.get_page_and_type(mfn, LEVEL_TYPE[cmd - MMUEXT_PIN_L1_TABLE + 1], dom.domid)
+            if not (0 < mfn < ft.nr_frames and types.get_page(mfn, dom.domid)):
+                return -EINVAL  # not the owner's frame
+            rc = types.get_page_type(mfn, LEVEL_TYPE[cmd - MMUEXT_PIN_L1_TABLE + 1], dom.domid)
             if rc:
+                types.put_page(mfn)
                 return rc
+            if ft.pinned[mfn]:
+                types.put_page_and_type(mfn)
+                return -EINVAL  # "mfn already pinned"
             ft.pinned[mfn] = True
             return 0
         if cmd == MMUEXT_UNPIN_TABLE:
-            if not owned or not ft.pinned[mfn]:
-                return -EINVAL  # "mfn bad, or bad owner" / "mfn not pinned"
+            if not self.owned(mfn, dom):
+                return -EINVAL  # "mfn bad, or bad owner"
+            if not ft.pinned[mfn]:
+                return -EINVAL  # "mfn not pinned"
             ft.pinned[mfn] = False
             types.put_page_and_type(mfn)
             return 0
         if cmd == MMUEXT_NEW_BASEPTR:
-            if not owned:
+            if mfn == vcpu.guest_table:
+                return 0
+            if not self.owned(mfn, dom):
                 return -EINVAL
             rc = types.get_page_and_type(mfn, PageType.l4, dom.domid)
             if rc:
@@ -193,8 +293,10 @@ class Mmu:
                 types.put_page_and_type(old)
             return 0
         if cmd == MMUEXT_NEW_USER_BASEPTR:
+            if mfn == vcpu.guest_table_user:
+                return 0
             if mfn:
-                if not owned:
+                if not self.owned(mfn, dom):
                     return -EINVAL
                 rc = types.get_page_and_type(mfn, PageType.l4, dom.domid)
                 if rc:
@@ -205,17 +307,48 @@ class Mmu:
             if old:
                 types.put_page_and_type(old)
             return 0
-        if cmd in _TLB_OPS:
+        if cmd in (MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_INVLPG_LOCAL, MMUEXT_TLB_FLUSH_ALL,
+                   MMUEXT_INVLPG_ALL):
             return 0  # the flush after the batch covers it
+        if cmd in _MULTI_OPS:
+            return 0 if self._vcpumask_ok(vcpu, arg2) else -EINVAL
+        if cmd == MMUEXT_FLUSH_CACHE:
+            return -EACCES  # a domU has no cache-flush permission
+        if cmd == MMUEXT_FLUSH_CACHE_GLOBAL:
+            return -EINVAL
+        if cmd == MMUEXT_SET_LDT:
+            ents = arg2 & 0xFFFFFFFF
+            ptr = arg1 if ents else 0
+            if ptr & 0xFFF or ents > LDT_MAX_ENTS or ptr >= 0x0000800000000000 and \
+                    ptr < 0xFFFF800000000000:
+                return -EINVAL  # "Bad args to SET_LDT"
+            vcpu.ldt_base, vcpu.ldt_ents = ptr, ents
+            return 0
+        if cmd == MMUEXT_CLEAR_PAGE:
+            return self._with_writable(dom, mfn, lambda: self.memory.clear_frame(mfn))
+        if cmd == MMUEXT_COPY_PAGE:
+            src = arg2
+            if not self.owned(src, dom):
+                return -EINVAL  # "Error copying from mfn"
+            return self._with_writable(
+                dom, mfn, lambda: self.memory.frame(mfn).__setitem__(
+                    slice(None), self.memory.frame(src)))
+        if cmd in (MMUEXT_MARK_SUPER, MMUEXT_UNMARK_SUPER):
+            return -EOPNOTSUPP
         return -ENOSYS
 
-    def _report(self, vcpu: Vcpu, pdone: int, done: int, rc: int) -> int:
-        if pdone:
-            try:
-                self.hv.copy_to_guest(vcpu, pdone, struct.pack("<I", done))
-            except GuestFault:
-                return -EFAULT
-        return rc
+    def _with_writable(self, dom: Domain, mfn: int, action) -> int:
+        """Do ``action`` on a frame that can be a writable page right now: never
+        a pagetable (so CLEAR_PAGE and COPY_PAGE cannot forge one)."""
+        if not self.owned(mfn, dom):
+            return -EINVAL
+        types = self.types
+        types.get_page(mfn, dom.domid)
+        if types.get_page_type(mfn, PageType.writable, dom.domid):
+            types.put_page(mfn)
+            return -EINVAL
+        action()
+        types.put_page_and_type(mfn)
+        return 0
 
 
-__all__ = ["Mmu", "EPERM"]

@@ -65,3 +65,20 @@ def test_until_stops_a_running_guest(capsys):
     assert "hashchain start" in captured.out
     assert "hashchain digest" not in captured.out
     assert "stopped at 2.000 ms of virtual time" in captured.err
+
+
+def test_frames_shows_pagetables_and_pinned_l4s(capsys):
+    assert main(["frames", str(ROOT / "examples/smp.toml"), "--at", "3ms",
+                 "--type", "L1,L2,L3,L4"]) == 0
+    out = capsys.readouterr().out
+    assert "invariants: all hold" in out
+    summary = out[out.index("summary:"):]
+    # the bootstrap L4 and each running task's user L4, all pinned
+    assert any(line.split()[:3] == ["L4", "3", "3"] for line in summary.splitlines())
+    table = out[:out.index("summary:")]
+    assert " L1 " in table and " pinned" in table and "writable" not in table
+
+
+def test_frames_rejects_an_unknown_type(capsys):
+    assert main(["frames", str(ROOT / "examples/hello.toml"), "--type", "L5"]) == 2
+    assert "--type takes" in capsys.readouterr().err

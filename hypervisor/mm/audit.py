@@ -27,23 +27,30 @@ if TYPE_CHECKING:
 _FRAME = np.uint64(PTE_FRAME_MASK)
 
 
-def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
-    """(ref_count, type_count) as the pagetables, pins and VCPUs imply them."""
+def validated_tables(hv: Hypervisor):
+    """(mfn, level, present ptes, their target mfns) for every validated
+    pagetable of every guest; Xen's own L4 slots are left out."""
     ft = hv.machine.frames
     mem = hv.machine.memory
-    refs = np.zeros(ft.nr_frames, dtype=np.int64)
-    types = np.zeros(ft.nr_frames, dtype=np.int64)
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
-    refs[guest & ft.allocated] += 1  # the allocation reference
-    tables = np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4))
-    for mfn in tables.tolist():
+    for mfn in np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4)).tolist():
         level = int(ft.type[mfn])
         t = mem.frame(mfn)
         slots = np.flatnonzero(t & np.uint64(_PAGE_PRESENT))
         if level == 4:
             slots = slots[[is_guest_l4_slot(s) for s in slots.tolist()]]
         ptes = t[slots]
-        targets = ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+        yield mfn, level, ptes, ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+
+
+def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
+    """(ref_count, type_count) as the pagetables, pins and VCPUs imply them."""
+    ft = hv.machine.frames
+    refs = np.zeros(ft.nr_frames, dtype=np.int64)
+    types = np.zeros(ft.nr_frames, dtype=np.int64)
+    guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
+    refs[guest & ft.allocated] += 1  # the allocation reference
+    for _mfn, level, ptes, targets in validated_tables(hv):
         np.add.at(refs, targets, 1)
         if level == 1:
             np.add.at(types, targets[(ptes & np.uint64(_PAGE_RW)) != 0], 1)
@@ -63,7 +70,6 @@ def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
 
 def audit(hv: Hypervisor) -> list[str]:
     ft = hv.machine.frames
-    mem = hv.machine.memory
     problems: list[str] = []
     known = {FREE, DOMID_XEN, *hv.domains}
     for owner in np.unique(ft.owner).tolist():
@@ -86,15 +92,7 @@ def audit(hv: Hypervisor) -> list[str]:
 
     # every present entry of a validated table maps a frame of the same domain,
     # and no writable L1 entry maps a pagetable
-    tables = np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4))
-    for mfn in tables.tolist():
-        level = int(ft.type[mfn])
-        t = mem.frame(mfn)
-        slots = np.flatnonzero(t & np.uint64(_PAGE_PRESENT))
-        if level == 4:
-            slots = slots[[is_guest_l4_slot(s) for s in slots.tolist()]]
-        ptes = t[slots]
-        targets = ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+    for mfn, level, ptes, targets in validated_tables(hv):
         foreign = targets[ft.owner[targets] != ft.owner[mfn]]
         if foreign.size:
             problems.append(f"L{level} {mfn:#x} maps frame {int(foreign[0]):#x} of another owner")

@@ -134,6 +134,19 @@ class Mmu:
             return False
         return True
 
+    def _resume(self, vcpu: Vcpu, count: int, pdone: int) -> tuple[int, int]:
+        """A call re-issued as a continuation carries MMU_UPDATE_PREEMPTED in
+        its count and its progress so far in *pdone (Xen's convention)."""
+        done = 0
+        if count & MMU_UPDATE_PREEMPTED:
+            count &= ~MMU_UPDATE_PREEMPTED
+            if pdone:
+                try:
+                    (done,) = struct.unpack("<I", self.hv.copy_from_guest(vcpu, pdone, 4))
+                except GuestFault:
+                    done = 0
+        return count, done
+
     def _report(self, vcpu: Vcpu, pdone: int, done: int, rc: int) -> int:
         if pdone:
             try:
@@ -147,14 +160,7 @@ class Mmu:
     def mmu_update(self, vcpu: Vcpu, reqs: int, count: int, pdone: int, foreigndom: int) -> int:
         dom = vcpu.domain
         count &= 0xFFFFFFFF
-        done = 0
-        if count & MMU_UPDATE_PREEMPTED:
-            count &= ~MMU_UPDATE_PREEMPTED
-            if pdone:
-                try:
-                    (done,) = struct.unpack("<I", self.hv.copy_from_guest(vcpu, pdone, 4))
-                except GuestFault:
-                    done = 0
+        count, done = self._resume(vcpu, count, pdone)
         pt_dom = (foreigndom >> 16) & 0xFFFF
         pt_foreign = False
         if pt_dom:
@@ -222,14 +228,7 @@ class Mmu:
     def mmuext_op(self, vcpu: Vcpu, ops: int, count: int, pdone: int, foreigndom: int) -> int:
         dom = vcpu.domain
         count &= 0xFFFFFFFF
-        done = 0
-        if count & MMU_UPDATE_PREEMPTED:
-            count &= ~MMU_UPDATE_PREEMPTED
-            if pdone:
-                try:
-                    (done,) = struct.unpack("<I", self.hv.copy_from_guest(vcpu, pdone, 4))
-                except GuestFault:
-                    done = 0
+        count, done = self._resume(vcpu, count, pdone)
         pg_owner = self.get_pg_owner(vcpu, foreigndom & 0xFFFF)
         if pg_owner is None:
             return -ESRCH

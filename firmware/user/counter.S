@@ -2,18 +2,13 @@
 #   arg0 (rdi) = number of lines (default 5)
 #   arg1 (rsi) = busy-loop iterations between lines (default 100000)
         .include "syscall.inc"
+        .include "macros.inc"
         .text
         .globl _start
 _start:
-        mov     %rdi, %r12              # lines
-        test    %r12, %r12
-        jnz     1f
-        mov     $5, %r12
-1:      mov     %rsi, %r13              # spin
-        test    %r13, %r13
-        jnz     2f
-        mov     $100000, %r13
-2:      mov     $1, %rbx                # line number
+        default %r12, %rdi, $5          # lines
+        default %r13, %rsi, $100000     # spin
+        mov     $1, %rbx                # line number
 next_line:
         mov     %r13, %rcx
 3:      dec     %rcx                    # burn time so the scheduler interleaves
@@ -24,12 +19,7 @@ next_line:
         mov     %rax, %rdi
         mov     %rbx, %rsi
         call    fmt_dec
-        movb    $'\n', (%rax)
-        inc     %rax
-        lea     line(%rip), %rdi
-        mov     %rax, %rsi
-        sub     %rdi, %rsi
-        call    write_out
+        call    print_line
         inc     %rbx
         cmp     %r12, %rbx
         jbe     next_line

@@ -6,38 +6,22 @@
 # Each pass writes the pass number into the first word of every page and a
 # checksum (pass * page index + 1) into the second.
         .include "syscall.inc"
+        .include "macros.inc"
         .equ    MAX_PAGES, 256
         .text
         .globl _start
 _start:
-        mov     %rdi, %r12              # pages
-        test    %r12, %r12
-        jnz     1f
-        mov     $16, %r12
-1:      cmp     $MAX_PAGES, %r12
-        jbe     2f
-        mov     $MAX_PAGES, %r12
-2:      mov     %rsi, %r13              # spin
-        test    %r13, %r13
-        jnz     3f
-        mov     $10000, %r13
-3:      mov     %rdx, %r14              # passes
-        test    %r14, %r14
-        jnz     4f
-        mov     $100, %r14
-4:
+        default %r12, %rdi, $16         # pages
+        clamp   %r12, $MAX_PAGES
+        default %r13, %rsi, $10000      # spin
+        default %r14, %rdx, $100        # passes
         lea     line(%rip), %rdi
         lea     s_start(%rip), %rsi
         call    fmt_str
         mov     %rax, %rdi
         mov     %r12, %rsi
         call    fmt_dec
-        movb    $'\n', (%rax)
-        inc     %rax
-        lea     line(%rip), %rdi
-        mov     %rax, %rsi
-        sub     %rdi, %rsi
-        call    write_out
+        call    print_line
 
         lea     pages(%rip), %rbx
         xor     %r15d, %r15d            # pass
@@ -66,12 +50,7 @@ pass:
         mov     %rax, %rdi
         mov     %r14, %rsi
         call    fmt_dec
-        movb    $'\n', (%rax)
-        inc     %rax
-        lea     line(%rip), %rdi
-        mov     %rax, %rsi
-        sub     %rdi, %rsi
-        call    write_out
+        call    print_line
         xor     %edi, %edi
         call    exit_prog
 

@@ -8,22 +8,14 @@
 # round r and each word i:  h = rotl((h ^ buf[i]) * 0x100000001b3, 17);
 # buf[i] = h ^ r. The digest is h, printed as 16 hex digits.
         .include "syscall.inc"
+        .include "macros.inc"
         .equ    MAX_PAGES, 256
         .text
         .globl _start
 _start:
-        mov     %rdi, %r12              # rounds
-        test    %r12, %r12
-        jnz     1f
-        mov     $100, %r12
-1:      mov     %rsi, %r13              # pages
-        test    %r13, %r13
-        jnz     2f
-        mov     $64, %r13
-2:      cmp     $MAX_PAGES, %r13
-        jbe     3f
-        mov     $MAX_PAGES, %r13
-3:
+        default %r12, %rdi, $100        # rounds
+        default %r13, %rsi, $64         # pages
+        clamp   %r13, $MAX_PAGES
         # "hashchain start rounds=R pages=P\n"
         lea     line(%rip), %rdi
         lea     s_start(%rip), %rsi
@@ -37,12 +29,7 @@ _start:
         mov     %rax, %rdi
         mov     %r13, %rsi
         call    fmt_dec
-        movb    $'\n', (%rax)
-        inc     %rax
-        lea     line(%rip), %rdi
-        mov     %rax, %rsi
-        sub     %rdi, %rsi
-        call    write_out
+        call    print_line
 
         # initialise the buffer
         mov     %r13, %r14
@@ -84,12 +71,7 @@ round:
         mov     %rax, %rdi
         mov     %rbp, %rsi
         call    fmt_hex16
-        movb    $'\n', (%rax)
-        inc     %rax
-        lea     line(%rip), %rdi
-        mov     %rax, %rsi
-        sub     %rdi, %rsi
-        call    write_out
+        call    print_line
         xor     %edi, %edi
         call    exit_prog
 

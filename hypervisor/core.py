@@ -44,6 +44,10 @@ _TLB_FLUSH = (_UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
 Handler = Callable[..., "int | None"]
 
 
+def _name(nr: int) -> str:
+    return Hypercall(nr).name if nr in Hypercall._value2member_map_ else str(nr)
+
+
 class Hypervisor:
     """A machine running domains."""
 
@@ -108,13 +112,18 @@ class Hypervisor:
         handler = self.table.get(nr)
         if handler is None:
             return -ENOSYS
-        rc = handler(vcpu, *args)
+        try:
+            rc = handler(vcpu, *args)
+        except Exception as e:  # noqa: BLE001 - a hypervisor bug must not take the host down
+            log.exception("internal error in hypercall %s", nr)
+            vcpu.domain.crash(vcpu, f"internal error in hypercall {_name(nr)}: "
+                              f"{type(e).__name__}: {e} (a pvlab bug: please report it)")
+            return None
         if self.after_hypercall is not None:
             self.after_hypercall(vcpu, nr, args, rc)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("d%dv%d hypercall %s%s -> %s", vcpu.domain.domid, vcpu.vcpu_id,
-                      Hypercall(nr).name if nr in Hypercall._value2member_map_ else nr,
-                      tuple(hex(a) for a in args), rc)
+                      _name(nr), tuple(hex(a) for a in args), rc)
         return rc
 
     def _do_iret(self, vcpu: Vcpu, *_: int) -> int:

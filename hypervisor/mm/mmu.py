@@ -157,7 +157,8 @@ class Mmu:
 
     # --- mmu_update ----------------------------------------------------------------
 
-    def mmu_update(self, vcpu: Vcpu, reqs: int, count: int, pdone: int, foreigndom: int) -> int:
+    def mmu_update(self, vcpu: Vcpu, reqs: int, count: int, pdone: int, foreigndom: int,
+                   *_: int) -> int:
         dom = vcpu.domain
         count &= 0xFFFFFFFF
         count, done = self._resume(vcpu, count, pdone)
@@ -225,7 +226,8 @@ class Mmu:
 
     # --- mmuext_op -----------------------------------------------------------------
 
-    def mmuext_op(self, vcpu: Vcpu, ops: int, count: int, pdone: int, foreigndom: int) -> int:
+    def mmuext_op(self, vcpu: Vcpu, ops: int, count: int, pdone: int, foreigndom: int,
+                  *_: int) -> int:
         dom = vcpu.domain
         count &= 0xFFFFFFFF
         count, done = self._resume(vcpu, count, pdone)

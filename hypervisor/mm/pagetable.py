@@ -39,7 +39,6 @@ from hypervisor.public.errno import EBUSY, EINVAL, EPERM
 # except GLOBAL in an L1.
 _L1_ALLOWED = 0x1 | 0x2 | 0x4 | 0x20 | 0x40 | 0x100 | 0xE00
 _L2_ALLOWED = 0x1 | 0x2 | 0x4 | 0x20 | 0x40 | 0xE00
-_HIGH_ALLOWED = 0xFFF0000000000000  # avail bits 52-62 and NX (63)
 _U64_FRAME = np.uint64(PTE_FRAME_MASK)
 
 LEVEL_TYPE = {1: PageType.l1, 2: PageType.l2, 3: PageType.l3, 4: PageType.l4}
@@ -54,9 +53,10 @@ def pte_mfn(pte: int) -> int:
 
 
 def flags_ok(level: int, pte: int) -> bool:
-    low = pte & 0xFFF
+    """Xen's flags are PTE bits 0-11 and 52-63 (get_pte_flags); bits 12-51 are
+    the frame. Of the high ones, the available bits and NX are all allowed."""
     allowed = _L1_ALLOWED if level == 1 else _L2_ALLOWED
-    return not (low & ~allowed) and not (pte & 0x000F000000000000 & ~_HIGH_ALLOWED)
+    return not (pte & 0xFFF & ~allowed)
 
 
 class PageTypes:

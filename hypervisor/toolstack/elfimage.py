@@ -59,6 +59,10 @@ class GuestImage:
         return self.note_u64(XenElfNote.HYPERCALL_PAGE)
 
     @property
+    def has_python_kernel(self) -> bool:
+        return PVLAB_NOTE_KERNEL in self.pvlab_notes
+
+    @property
     def kernel_module(self) -> str:
         raw = self.pvlab_notes.get(PVLAB_NOTE_KERNEL)
         if raw is None:

@@ -123,3 +123,23 @@ def test_bad_kernel_module_is_refused(kernel):
         return
     with pytest.raises(BuildError, match="cannot be imported"):
         boot(parse_config(data))
+
+
+def test_a_hypervisor_bug_in_a_hypercall_crashes_only_the_domain():
+    """An exception inside a hypercall handler is an internal error: it is
+    logged and the calling domain crashes with one line; nothing escapes."""
+    def boom(vcpu, *args):
+        raise RuntimeError("deliberate")
+
+    probe.PROBE = lambda cpu: cpu.hypercall(Hypercall.xen_version, 0, 0)
+    cfg = replace(make_config(), kernel="tests.kernels.probe")
+    hv, dom = boot(cfg)
+    hv.table[Hypercall.xen_version] = boom
+    try:
+        r = run_domain(hv, dom)
+        assert r.reason == "crash"
+        assert "internal error in hypercall xen_version: RuntimeError: deliberate" in \
+            dom.crash_report
+    finally:
+        probe.PROBE = None
+        hv.close()

@@ -21,6 +21,7 @@ from hypervisor.hypercalls.callback import (
 )
 from hypervisor.hypercalls.console import do_console_io
 from hypervisor.hypercalls.evtchn import do_event_channel_op
+from hypervisor.hypercalls.multicall import do_multicall
 from hypervisor.hypercalls.sched import do_sched_op, do_set_timer_op
 from hypervisor.hypercalls.vcpu import do_vcpu_op
 from hypervisor.hypercalls.version import do_xen_version
@@ -67,6 +68,7 @@ class Hypervisor:
             Hypercall.stack_switch: do_stack_switch,
             Hypercall.set_callbacks: do_set_callbacks,
             Hypercall.update_va_mapping: self.mmu.update_va_mapping,
+            Hypercall.multicall: do_multicall,
             Hypercall.memory_op: self.reservation.memory_op,
             Hypercall.set_timer_op: do_set_timer_op,
             Hypercall.xen_version: do_xen_version,

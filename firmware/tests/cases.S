@@ -11,7 +11,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # unknown_hypercall #1: hypercall [63]
@@ -21,7 +21,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # xen_version #0: hypercall [17, 0, 0]
@@ -37,7 +37,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # xen_version #1: hypercall [17, 7, 0]
@@ -53,7 +53,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # pin_not_owned #0: mmuext [0, 'xen_frame', 0]
@@ -72,7 +72,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # unpin_not_pinned #0: mmuext [4, 'free_mfn', 0]
@@ -91,7 +91,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # pin_mapped_writable #0: mmuext [0, 'free_mfn', 0]
@@ -110,7 +110,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # pin_bootstrap_l4_twice #0: mmuext [3, 'l4_mfn', 0]
@@ -129,7 +129,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # mmuext_unknown #0: mmuext [99, 0, 0]
@@ -148,7 +148,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # mark_super #0: mmuext [19, 0, 0]
@@ -167,7 +167,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # flush_cache #0: mmuext [12, 0, 0]
@@ -186,7 +186,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # foreign_self #0: mmuext_fd [6, 0, 0, 1]
@@ -205,7 +205,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # foreign_unknown #0: mmuext_fd [6, 0, 0, 77]
@@ -224,7 +224,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # l4_xen_slot #0: mmu_update [('slot', 'l4_mfn', 256), 0]
@@ -244,7 +244,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # xsa182_linear_l4 #0: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'l4_mfn', 37)]
@@ -267,7 +267,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # xsa182_linear_l4 #1: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'l4_mfn', 103)]
@@ -290,7 +290,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # xsa182_linear_l4 #2: mmu_update [('slot', 'l4_mfn', 300), 0]
@@ -310,7 +310,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # map_l4_writable #0: uvm ['free_va', ('pte', 'l4_mfn', 103), 0]
@@ -332,7 +332,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # map_l4_writable #1: uvm ['free_va', ('pte', 'l4_mfn', 37), 0]
@@ -354,7 +354,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # map_l4_writable #2: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
@@ -376,7 +376,45 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xsa279_noncanonical #0: uvm [9223372036854775808, 0, 6]
+        movabs $0x8000000000000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x6, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_xsa279_noncanonical_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xsa279_noncanonical #1: mmuext [7, 9223372036854775808, 0]
+        movabs $0x8000000000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $7, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_xsa279_noncanonical_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # map_hypervisor_frame #0: uvm ['free_va', ('pte', 'xen_frame', 37), 0]
@@ -398,7 +436,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # map_mmio #0: uvm ['free_va', ('pte', 'mmio_frame', 37), 0]
@@ -420,7 +458,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # bad_l1_flags #0: uvm ['free_va', ('pte', 'free_mfn', 119), 0]
@@ -442,7 +480,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # memory_queries #0: query [3]
@@ -455,7 +493,7 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         # memory_queries #1: query [2]
@@ -468,13 +506,12 @@ test_main:
         call puts
         mov (%rsp), %rdi
         call put_hex
-        lea s_nl(%rip), %rdi
+        lea s_newline(%rip), %rdi
         call puts
         pop %rax
         ret
 
         .section .rodata
-s_nl: .asciz "\n"
 s_unknown_hypercall_0: .asciz "rc unknown_hypercall.0 "
 s_unknown_hypercall_1: .asciz "rc unknown_hypercall.1 "
 s_xen_version_0: .asciz "rc xen_version.0 "
@@ -495,6 +532,8 @@ s_xsa182_linear_l4_2: .asciz "rc xsa182_linear_l4.2 "
 s_map_l4_writable_0: .asciz "rc map_l4_writable.0 "
 s_map_l4_writable_1: .asciz "rc map_l4_writable.1 "
 s_map_l4_writable_2: .asciz "rc map_l4_writable.2 "
+s_xsa279_noncanonical_0: .asciz "rc xsa279_noncanonical.0 "
+s_xsa279_noncanonical_1: .asciz "rc xsa279_noncanonical.1 "
 s_map_hypervisor_frame_0: .asciz "rc map_hypervisor_frame.0 "
 s_map_mmio_0: .asciz "rc map_mmio.0 "
 s_bad_l1_flags_0: .asciz "rc bad_l1_flags.0 "

@@ -10,7 +10,6 @@
         .equ XEN_ELFNOTE_GUEST_OS, 6
         .equ XEN_ELFNOTE_LOADER, 8
         .equ XEN_ELFNOTE_FEATURES, 10
-        .equ VIRT_BASE, 0xffffffff80000000
         .include "hypercall.inc"
 
 .macro note type
@@ -30,6 +29,8 @@
         .globl  _start
 _start:                                 # rsi = start_info, rsp = boot stack
         mov     %rsi, start_info(%rip)
+        call    sym_free_pfn
+        mov     %rax, next_free(%rip)   # alloc_page hands out pages below the top one
         call    test_main
         lea     s_result(%rip), %rdi
         call    puts
@@ -98,10 +99,8 @@ sym_free_mfn:
         jmp     mfn_of_pfn
 sym_free_va:
         call    sym_free_pfn
-        shl     $12, %rax
-        movabs  $VIRT_BASE, %rdi
-        add     %rdi, %rax
-        ret
+        mov     %rax, %rdi
+        jmp     pfn_va
 sym_l4_mfn:
         mov     start_info(%rip), %rax
         mov     88(%rax), %rdi
@@ -109,6 +108,97 @@ sym_l4_mfn:
         sub     %rax, %rdi
         shr     $12, %rdi
         jmp     mfn_of_pfn
+
+# --- what test guests need to build pagetables ---------------------------------
+        .globl  pfn_va, alloc_page, set_mapping, mmuext1, mmu_update1, expect_zero, say
+        .globl  s_newline
+# pfn_va(rdi = pfn) -> rax = the page's address in the kernel's mapping of RAM
+pfn_va:
+        mov     %rdi, %rax
+        shl     $12, %rax
+        movabs  $VIRT_BASE, %rdi
+        add     %rdi, %rax
+        ret
+
+# alloc_page() -> rax = pfn of a zeroed page, taken from the top of RAM down
+alloc_page:
+        decq    next_free(%rip)
+        mov     next_free(%rip), %rdi
+        call    pfn_va
+        mov     %rax, %rdi
+        xor     %eax, %eax
+        mov     $PAGE_WORDS, %ecx
+        rep stosq
+        mov     next_free(%rip), %rax
+        ret
+
+# set_mapping(rdi = pfn, rsi = flags) -> rax = rc: remap the kernel's mapping of
+# a page (read-only before it becomes a pagetable, writable after)
+set_mapping:
+        push    %rbx
+        push    %r12
+        mov     %rdi, %rbx
+        mov     %rsi, %r12
+        call    mfn_of_pfn
+        shl     $12, %rax
+        or      %r12, %rax
+        mov     %rax, %r12
+        mov     %rbx, %rdi
+        call    pfn_va
+        mov     %rax, %rdi
+        mov     %r12, %rsi
+        mov     $UVMF_INVLPG, %edx
+        call    hypercall_page + HYPERCALL_update_va_mapping * 32
+        pop     %r12
+        pop     %rbx
+        ret
+
+# mmuext1(edi = cmd, rsi = arg1) -> rax = rc: one mmuext_op
+mmuext1:
+        mov     %edi, mmuext_buf(%rip)
+        movl    $0, mmuext_buf+4(%rip)
+        mov     %rsi, mmuext_buf+8(%rip)
+        movq    $0, mmuext_buf+16(%rip)
+        lea     mmuext_buf(%rip), %rdi
+        mov     $1, %esi
+        xor     %edx, %edx
+        mov     $DOMID_SELF, %r10d
+        jmp     hypercall_page + HYPERCALL_mmuext_op * 32
+
+# mmu_update1(rdi = ptr, rsi = val) -> rax = rc: one mmu_update request
+mmu_update1:
+        mov     %rdi, mu_buf(%rip)
+        mov     %rsi, mu_buf+8(%rip)
+        lea     mu_buf(%rip), %rdi
+        mov     $1, %esi
+        xor     %edx, %edx
+        mov     $DOMID_SELF, %r10d
+        jmp     hypercall_page + HYPERCALL_mmu_update * 32
+
+# expect_zero(rax = rc, rdi = what): if rc is not 0, report it and count a failure
+expect_zero:
+        test    %rax, %rax
+        jnz     1f
+        ret
+1:      push    %rax
+        push    %rdi
+        lea     s_unexpected(%rip), %rdi
+        call    puts
+        pop     %rdi
+        call    puts
+        mov     (%rsp), %rdi
+        call    put_hex
+        lea     s_newline(%rip), %rdi
+        call    puts
+        incq    failures(%rip)
+        pop     %rax
+        ret
+
+# say(rdi = message): a line of output
+say:
+        call    puts
+        lea     s_newline(%rip), %rdi
+        jmp     puts
 
         .section .text.hypercall_page, "ax"
         .balign 4096
@@ -120,6 +210,8 @@ hypercall_page:
 s_result:  .asciz "Test result: "
 s_success: .asciz "SUCCESS\n"
 s_failure: .asciz "FAILURE\n"
+s_unexpected: .asciz "error: unexpected result from "
+s_newline: .asciz "\n"
 
         .data
         .globl  start_info, failures, scratch
@@ -129,6 +221,9 @@ shutdown_reason: .long 0
         .balign 16
 scratch:        .skip 256
 hexbuf:         .skip 24
+next_free:      .quad 0
+mmuext_buf:     .skip 24
+mu_buf:         .skip 16
 
         .section .note.Xen, "a"
         note XEN_ELFNOTE_GUEST_OS

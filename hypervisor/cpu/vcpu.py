@@ -111,6 +111,7 @@ class Vcpu:
         self.stop_requested = False
         self._budget = 0
         self._in_syscall_hook = False
+        self.in_multicall = False  # Xen refuses a multicall inside a multicall
         self._hooks: list[int] = []
         self.after_slice: Any = None  # called after each slice (the tracer uses it)
         self.native_begin = self.native_end = 0

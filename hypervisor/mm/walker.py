@@ -11,7 +11,13 @@ see a mapping the emulated MMU would not.
 from __future__ import annotations
 
 from hypervisor.mm.memory import PAGE_SHIFT, MachineMemory
-from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, PTE_FRAME_MASK
+from hypervisor.public.arch_x86 import (
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    _PAGE_RW,
+    HYPERVISOR_VIRT_END,
+    PTE_FRAME_MASK,
+)
 
 # x86 page-fault error code bits
 PFEC_PRESENT = 1
@@ -66,7 +72,10 @@ class Walker:
 
     def l1e_maddr(self, cr3_mfn: int, va: int) -> int | None:
         """Machine address of the L1 entry mapping ``va`` (for update_va_mapping),
-        or None if an upper level is missing."""
+        or None if an upper level is missing or ``va`` is not a guest address
+        (Xen's ``__addr_ok``: canonical and outside the hypervisor's range)."""
+        if not (va < 1 << 47 or va >= HYPERVISOR_VIRT_END):
+            return None
         u64 = self.u64
         table = cr3_mfn
         for shift in (39, 30, 21):

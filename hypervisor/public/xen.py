@@ -62,6 +62,9 @@ class Hypercall(enum.IntEnum):
 
 
 # mmu_update commands: ptr[1:0]
+# struct multicall_entry: op, result, args[6]
+MULTICALL_ENTRY_SIZE = 64
+
 MMU_NORMAL_PT_UPDATE = 0
 MMU_MACHPHYS_UPDATE = 1
 MMU_PT_UPDATE_PRESERVE_AD = 2

@@ -27,11 +27,14 @@ from hypervisor.public.errno import (
 from hypervisor.public.memory import XENMEM_current_reservation, XENMEM_maximum_ram_page
 from hypervisor.public.xen import (
     MMUEXT_FLUSH_CACHE,
+    MMUEXT_INVLPG_LOCAL,
     MMUEXT_MARK_SUPER,
     MMUEXT_PIN_L1_TABLE,
     MMUEXT_PIN_L4_TABLE,
     MMUEXT_TLB_FLUSH_LOCAL,
     MMUEXT_UNPIN_TABLE,
+    UVMF_ALL,
+    UVMF_INVLPG,
     Hypercall,
     XENVER_pagesize,
     XENVER_version,
@@ -63,6 +66,9 @@ CASES: dict[str, list[tuple]] = {
     "map_l4_writable": [("uvm", "free_va", ("pte", "l4_mfn", RW), 0, -EBUSY),
                         ("uvm", "free_va", ("pte", "l4_mfn", RO), 0, 0),
                         ("uvm", "free_va", ("pte", "free_mfn", RW), 0, 0)],
+    "xsa279_noncanonical": [  # XTF tests/xsa-279: flushing a non-canonical address
+        ("uvm", 1 << 63, 0, UVMF_INVLPG | UVMF_ALL, -EINVAL),
+        ("mmuext", MMUEXT_INVLPG_LOCAL, 1 << 63, 0, 0)],
     "map_hypervisor_frame": [("uvm", "free_va", ("pte", "xen_frame", RO), 0, -EBUSY)],
     "map_mmio": [("uvm", "free_va", ("pte", "mmio_frame", RO), 0, -EPERM)],
     "bad_l1_flags": [("uvm", "free_va", ("pte", "free_mfn", RW | 0x10), 0, -EINVAL)],

@@ -79,9 +79,9 @@ def generate() -> str:
             lines += [f"        {ins}" for ins in step(kind, rest[:-1])]
             lines += ["        push %rax", f"        lea {label}(%rip), %rdi",
                       "        call puts", "        mov (%rsp), %rdi", "        call put_hex",
-                      "        lea s_nl(%rip), %rdi", "        call puts", "        pop %rax"]
+                      "        lea s_newline(%rip), %rdi", "        call puts", "        pop %rax"]
             strings.append(f'{label}: .asciz "rc {name}.{n} "')
-    lines += ["        ret", "", "        .section .rodata", 's_nl: .asciz "\\n"', *strings]
+    lines += ["        ret", "", "        .section .rodata", *strings]
     return "\n".join(lines) + "\n"
 
 

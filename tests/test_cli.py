@@ -82,3 +82,19 @@ def test_frames_shows_pagetables_and_pinned_l4s(capsys):
 def test_frames_rejects_an_unknown_type(capsys):
     assert main(["frames", str(ROOT / "examples/hello.toml"), "--type", "L5"]) == 2
     assert "--type takes" in capsys.readouterr().err
+
+
+def test_an_image_or_binary_file_given_as_config_is_one_line_and_exit_2(capsys, tmp_path):
+    """Regression: a guest ELF passed where a config belongs gave a traceback."""
+    assert main(["run", str(ROOT / "firmware/tests/xsa.elf")]) == 2
+    err = capsys.readouterr().err
+    assert "is a guest image, not a domain configuration" in err and "Traceback" not in err
+    blob = tmp_path / "blob.toml"
+    blob.write_bytes(b"\x80\xff\x00binary")
+    assert main(["run", str(blob)]) == 2
+    assert "not a TOML text file" in capsys.readouterr().err
+
+
+def test_xsa_example_succeeds(capsys):
+    assert main(["run", str(ROOT / "examples/xsa.toml")]) == 0
+    assert "Test result: SUCCESS" in capsys.readouterr().out

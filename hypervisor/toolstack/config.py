@@ -85,9 +85,18 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
 def load_config(path: str | Path) -> DomainConfig:
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such configuration file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it: {e.strerror}") from None
+    if raw.startswith(b"\x7fELF"):
+        raise ConfigError(f"{p}: this is a guest image, not a domain configuration; name it "
+                          f"as `image` in a TOML file (see examples/, e.g. examples/xsa.toml)")
+    try:
+        data = tomllib.loads(raw.decode())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a TOML text file (it is not UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
     return parse_config(data, p)

@@ -5,13 +5,24 @@ guests, which pvlab does not run."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from hypervisor.mm.audit import audit
 from hypervisor.mm.walker import Walker
+from hypervisor.public.xen import (
+    DOMID_SELF,
+    MMUEXT_PIN_L2_TABLE,
+    MMUEXT_UNPIN_TABLE,
+    UVMF_INVLPG,
+    Hypercall,
+)
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.session import boot, run_domain
 from tests.conftest import FIRMWARE
+from tests.hypercalls.guest import RW, TABLE, Guest, run_case
+from tests.hypercalls.test_multicall import multicall
 
 
 def run_xsa_guest(vcpus: int = 2) -> str:
@@ -53,3 +64,37 @@ def test_xsa286_poc_catches_a_stale_linear_mapping(monkeypatch: pytest.MonkeyPat
     out = run_xsa_guest()
     assert "XSA-286: FAILURE: a stale linear mapping edited the first L1" in out
     assert "Test result: FAILURE" in out
+
+
+
+def test_xsa286_from_the_python_kernel_path():
+    """The same PoC from the Python kernel: same steps, same outcome."""
+    def case(g: Guest) -> tuple[list[tuple[int, int]], int]:
+        _, l1t1 = g.table()
+        _, l1t2 = g.table()
+        _, l2t1 = g.table({0: (l1t1 << 12) | TABLE})
+        _, l2t2 = g.table({0: (l1t2 << 12) | TABLE})
+        _, l3 = g.table()
+        assert g.mmu_update([(g.l4_mfn << 12, (l3 << 12) | TABLE)]) == (0, 1)
+        assert g.mmuext([(MMUEXT_PIN_L2_TABLE, l2t1, 0), (MMUEXT_PIN_L2_TABLE, l2t2, 0)]) \
+            == (0, 2)
+        addr, new = 1 << 30, (g.mfn(0) << 12) | RW
+        switch = g.scratch + 0x100  # one mmu_update request: l3[1] -> l2t2
+        seen = []
+        for _ in range(15):
+            assert g.mmu_update([((l3 << 12) + 8, (l2t1 << 12) | TABLE), (l1t1 << 12, 0),
+                                 (l1t2 << 12, 0)])[0] == 0
+            g.cpu.write(switch, struct.pack("<QQ", (l3 << 12) + 8, (l2t2 << 12) | TABLE))
+            rc, results = multicall(g, [
+                (Hypercall.update_va_mapping, addr, 0, UVMF_INVLPG),
+                (Hypercall.mmu_update, switch, 1, 0, DOMID_SELF),
+                (Hypercall.update_va_mapping, addr, new, UVMF_INVLPG)])
+            assert (rc, results) == (0, [0, 0, 0])
+            seen.append((g.read_entry(l1t1, 0), g.read_entry(l1t2, 0)))
+        g.mmu_update([((l3 << 12) + 8, 0), (l1t2 << 12, 0), (g.l4_mfn << 12, 0)])
+        assert g.mmuext([(MMUEXT_UNPIN_TABLE, l2t1, 0), (MMUEXT_UNPIN_TABLE, l2t2, 0)]) \
+            == (0, 2)
+        return seen, new
+
+    seen, new = run_case(case)
+    assert seen == [(0, new)] * 15  # the first L1 untouched, the second edited

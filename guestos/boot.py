@@ -1,6 +1,7 @@
 """Boot: vcpu0 enters start_kernel with rsi = start_info; it sets up the
 kernel's data, maps shared_info, registers its entry points, starts a timer,
-brings up the other VCPUs with vcpu_op, and starts a user program per cpu."""
+creates the tasks the command line names (spread over the cpus), brings up
+the other VCPUs with vcpu_op, and every cpu enters the scheduler."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any
 from guestos import events, syscalls, traps
 from guestos.hypercall import with_args
 from guestos.kdata import KSTACK_PAGES, MAX_CPUS, header, kernel, percpu
-from guestos.mm import PTE_RW, alloc_pages, pfn_of, pfn_to_mfn, read_cstr, va
+from guestos.mm import PAGE_SIZE, PTE_RW, alloc_pages, pfn_of, pfn_to_mfn, read_cstr, va
 from guestos.printk import printk
-from guestos.user import program_names, start_program
+from guestos.task import schedule, spawn
+from guestos.user import program_names
 from hypervisor.public.arch_x86 import FLAT_KERNEL_SS64, VGCF_in_kernel, vcpu_guest_context
 from hypervisor.public.native import TailCall
 from hypervisor.public.sched import SCHEDOP_block, SHUTDOWN_poweroff
@@ -21,7 +23,8 @@ from hypervisor.public.xen import Hypercall, start_info
 
 
 def parse_cmdline(cmdline: str) -> list[tuple[str, tuple[int, int, int]]]:
-    """``run=prog[:a0[:a1[:a2]]],...``: one program per cpu, in cpu order."""
+    """``run=prog[:a0[:a1[:a2]]],...``: the tasks to start, on cpus 0, 1, ...
+    in turn."""
     for word in cmdline.split():
         if word.startswith("run="):
             out = []
@@ -31,6 +34,20 @@ def parse_cmdline(cmdline: str) -> list[tuple[str, tuple[int, int, int]]]:
                 out.append((name, (args[0], args[1], args[2])))
             return out
     return [("hello", (0, 0, 0))]
+
+
+def parse_holds(cmdline: str) -> dict[str, tuple[int, int]]:
+    """``hold=build:PID:MS`` / ``hold=exit:PID:MS``: stop that task's
+    construction (pgd built, not yet pinned) or teardown (pgd unpinned, not yet
+    freed) for MS milliseconds of virtual time."""
+    holds = {}
+    for word in cmdline.split():
+        if word.startswith("hold="):
+            for item in word[5:].split(","):
+                what, pid, ms = item.split(":")
+                if what in ("build", "exit"):
+                    holds[what] = (int(pid, 0), int(ms, 0))
+    return holds
 
 
 def register_callbacks(cpu: Any) -> None:
@@ -63,6 +80,7 @@ def start_kernel(cpu: Any) -> TailCall:
     k.nr_cpus = nr_cpus
     for n in range(nr_cpus):
         percpu(cpu, n).stack_top = va(alloc_pages(cpu, KSTACK_PAGES) + KSTACK_PAGES)
+    k.mem_map = va(alloc_pages(cpu, (nr_pages + PAGE_SIZE - 1) // PAGE_SIZE))
     printk(cpu, f"pvlab guest kernel booting on {magic.decode()}")
     printk(cpu, f"{nr_pages} pages ({nr_pages >> 8} MiB), {nr_cpus} vcpus, "
            f"command line {read_cstr(cpu, si_va + 128, 1024)!r}")
@@ -71,12 +89,17 @@ def start_kernel(cpu: Any) -> TailCall:
     register_callbacks(cpu)
     events.init_cpu(cpu)
     k.cpus_up = 1
-    # every planned task counts as live from the start, so that the first to
-    # exit does not power off before the others have even begun
-    k.tasks_live = min(len(parse_cmdline(read_cstr(cpu, si_va + 128, 1024))), nr_cpus)
+    cmdline = read_cstr(cpu, si_va + 128, 1024)
+    holds = parse_holds(cmdline)
+    k.hold_build_pid, k.hold_build_ms = holds.get("build", (0, 0))
+    k.hold_exit_pid, k.hold_exit_ms = holds.get("exit", (0, 0))
+    for i, (name, args) in enumerate(parse_cmdline(cmdline)):
+        pid = spawn(cpu, name, args, on_cpu=i % nr_cpus)
+        printk(cpu, f"task {pid}: {name} on cpu{i % nr_cpus}" if pid > 0 else
+               f"cannot start {name}: error {pid}")
     for n in range(1, nr_cpus):
         _bring_up(cpu, n)
-    return _run_or_idle(cpu)
+    return schedule(cpu)
 
 
 def _bring_up(cpu: Any, n: int) -> None:
@@ -105,18 +128,7 @@ def secondary_start(cpu: Any) -> TailCall:
     k = kernel(cpu)
     k.cpus_up = k.cpus_up + 1
     printk(cpu, "up")
-    return _run_or_idle(cpu)
-
-
-def _run_or_idle(cpu: Any) -> TailCall:
-    k = kernel(cpu)
-    plan = parse_cmdline(read_cstr(cpu, k.start_info + 128, 1024))
-    if cpu.vcpu_id < len(plan):
-        name, args = plan[cpu.vcpu_id]
-        k.tasks_started = k.tasks_started + 1
-        printk(cpu, f"starting {name}")
-        return start_program(cpu, name, args)
-    return cpu_idle(cpu)
+    return schedule(cpu)
 
 
 def cpu_idle(cpu: Any) -> TailCall:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from guestos.frame import return_from_bounce
+from guestos.frame import read_bounce, return_from_bounce
 from guestos.hypercall import with_args
 from guestos.kdata import kernel, percpu
 from hypervisor.public.event_channel import EVTCHNOP_bind_virq, EVTCHNOP_unmask
@@ -41,9 +41,11 @@ def init_cpu(cpu: Any) -> None:
 
 
 def timer_tick(cpu: Any) -> None:
+    from guestos.task import scheduler_tick
     pc = percpu(cpu)
     pc.ticks = pc.ticks + 1
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
+    scheduler_tick(cpu)
 
 
 def hypervisor_callback(cpu: Any) -> TailCall:
@@ -65,6 +67,21 @@ def hypervisor_callback(cpu: Any) -> TailCall:
                 b = (bits & -bits).bit_length() - 1
                 bits &= bits - 1
                 handle_port(cpu, 64 * w + b)
+    return _return_or_switch(cpu)
+
+
+def _return_or_switch(cpu: Any) -> TailCall:
+    """Back to what the event interrupted, unless the scheduler wants this cpu:
+    a user task whose time is up, or the idle loop with a task now runnable."""
+    from guestos.boot import cpu_idle
+    from guestos.task import current, pick_next, preempt_current, schedule
+    frame = read_bounce(cpu)
+    rip, cs = frame[2], frame[3]
+    if cs & 3 == 3:  # user mode (Xen clears the RPL of a kernel-mode frame)
+        if percpu(cpu).need_resched and current(cpu) is not None:
+            return preempt_current(cpu, frame)
+    elif rip == cpu.native_addr(cpu_idle) and pick_next(cpu) is not None:
+        return schedule(cpu)
     return return_from_bounce(cpu)
 
 

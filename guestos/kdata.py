@@ -26,10 +26,17 @@ KERNEL = Layout("kernel", [
     ("nr_cpus", "u64"),
     ("cpus_up", "u64"),
     ("tasks_live", "u64"),
-    ("tasks_started", "u64"),
     ("next_pid", "u64"),
     ("kernel_l4_mfn", "u64"),
     ("ticks", "u64"),
+    ("free_head", "u64"),      # first pfn of the free-page list (0: empty)
+    ("free_pages", "u64"),
+    ("mem_map", "u64"),        # VA of the page flags, a byte per pfn
+    ("next_cpu", "u64"),       # where the next spawned task goes
+    ("hold_build_pid", "u64"), # options: stop a task's construction or teardown
+    ("hold_build_ms", "u64"),  #   half way, leaving its pgd unpinned a while
+    ("hold_exit_pid", "u64"),
+    ("hold_exit_ms", "u64"),
 ])
 KERNEL_OFFSET = 0
 
@@ -38,11 +45,14 @@ PERCPU = Layout("percpu", [
     ("stack_top", "u64"),
     ("timer_port", "u64"),
     ("ticks", "u64"),
-    ("task_pid", "u64"),        # 0: idle
-    ("task_user_l4", "u64"),    # mfn of the running task's user L4
-    ("task_program", "u64"),
+    ("user_l4", "u64"),         # mfn of the user L4 installed on this cpu
+    ("current", "u64"),         # task slot + 1 of the running task; 0: idle
+    ("need_resched", "u64"),
+    ("last", "u64"),            # slot that ran last, for round robin
 ])
 PERCPU_OFFSET = 512
+PERCPU_STRIDE = 64
+assert PERCPU.size <= PERCPU_STRIDE
 
 # a shared_info mapping the kernel makes at boot
 SHARED_INFO_VA = VIRT_BASE - 0x1000
@@ -58,13 +68,28 @@ def kernel(cpu: Any) -> Any:
 
 def percpu(cpu: Any, n: int | None = None) -> Any:
     n = cpu.vcpu_id if n is None else n
-    return PERCPU.at(cpu, header(cpu).kernel_data + PERCPU_OFFSET + n * PERCPU.size)
+    return PERCPU.at(cpu, header(cpu).kernel_data + PERCPU_OFFSET + n * PERCPU_STRIDE)
 
 
 # per-cpu scratch buffers for hypercall argument structs, after the per-cpu array
-SCRATCH_OFFSET = PERCPU_OFFSET + MAX_CPUS * 64
+SCRATCH_OFFSET = PERCPU_OFFSET + MAX_CPUS * PERCPU_STRIDE
 SCRATCH_SIZE = 256
 
 
 def scratch_va(cpu: Any) -> int:
     return header(cpu).kernel_data + SCRATCH_OFFSET + cpu.vcpu_id * SCRATCH_SIZE
+
+
+# the task table and the pgd_list, after the scratch buffers
+MAX_TASKS = 64
+TASKS_OFFSET = 16384
+TASK_SIZE = 256
+PGD_LIST_OFFSET = TASKS_OFFSET + MAX_TASKS * TASK_SIZE
+
+
+def tasks_va(cpu: Any) -> int:
+    return header(cpu).kernel_data + TASKS_OFFSET
+
+
+def pgd_list_va(cpu: Any) -> int:
+    return header(cpu).kernel_data + PGD_LIST_OFFSET

@@ -7,7 +7,6 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from guestos.hypercall import mmuext
 from guestos.kdata import VIRT_BASE, kernel
 from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
@@ -16,7 +15,7 @@ from hypervisor.public.arch_x86 import (
     _PAGE_RW,
     _PAGE_USER,
 )
-from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR, MMUEXT_PIN_L4_TABLE, Hypercall
+from hypervisor.public.xen import Hypercall
 
 PAGE_SIZE = 4096
 PTE_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
@@ -26,6 +25,10 @@ FRAME = 0x000FFFFFFFFFF000
 
 class KernelPanic(Exception):
     pass
+
+
+class OutOfMemory(KernelPanic):
+    """No free page: a caller that can fail (spawn) reports it; others panic."""
 
 
 def va(pfn: int) -> int:
@@ -41,32 +44,70 @@ def pfn_to_mfn(cpu: Any, pfn: int) -> int:
 
 
 def alloc_pages(cpu: Any, n: int = 1) -> int:
-    """n zeroed, contiguous pfns."""
+    """n zeroed, contiguous pfns: a single page from the free list if it has
+    one, else (and for runs, which only boot asks for) from the bump pointer."""
     k = kernel(cpu)
-    pfn = k.next_free_pfn
-    if pfn + n > k.nr_pages:
-        raise KernelPanic("out of memory")
-    k.next_free_pfn = pfn + n
+    pfn = k.free_head if n == 1 else 0
+    if pfn:
+        k.free_head = cpu.read_u64(va(pfn))  # a free page holds the next one's pfn
+        k.free_pages = k.free_pages - 1
+    else:
+        pfn = k.next_free_pfn
+        if pfn + n > k.nr_pages:
+            raise OutOfMemory(f"out of memory ({n} pages asked)")
+        k.next_free_pfn = pfn + n
     cpu.write(va(pfn), bytes(PAGE_SIZE * n))
     return pfn
 
 
-def set_page_ro(cpu: Any, pfn: int) -> None:
-    """Make the kernel's mapping of a page read-only before it becomes a pagetable."""
+def free_page(cpu: Any, pfn: int) -> None:
+    """Give a page back; it must be writable in the kernel's mapping."""
+    k = kernel(cpu)
+    if page_flags(cpu, pfn) & PG_PINNED:
+        raise KernelPanic(f"freeing pfn {pfn:#x}, which is a pinned pagetable")
+    cpu.write_u64(va(pfn), k.free_head)
+    k.free_head = pfn
+    k.free_pages = k.free_pages + 1
+
+
+def nr_free_pages(cpu: Any) -> int:
+    k = kernel(cpu)
+    return k.free_pages + k.nr_pages - k.next_free_pfn
+
+
+# page flags (Linux's struct page flags, here a byte per pfn in mem_map)
+PG_PINNED = 1       # a pagetable Xen has pinned (PG_pinned)
+PG_SAVEPINNED = 2   # pinned by xen_mm_pin_all for a save (PG_savepinned)
+
+
+def page_flags(cpu: Any, pfn: int) -> int:
+    mem_map = kernel(cpu).mem_map
+    return cpu.read(mem_map + pfn, 1)[0] if mem_map else 0
+
+
+def set_page_flags(cpu: Any, pfn: int, set_: int = 0, clear: int = 0) -> None:
+    mem_map = kernel(cpu).mem_map
+    old = cpu.read(mem_map + pfn, 1)[0]
+    cpu.write(mem_map + pfn, bytes([(old | set_) & ~clear & 0xFF]))
+
+
+def set_page_ro(cpu: Any, pfn: int, ro: bool = True) -> None:
+    """The kernel's mapping of a page: read-only while it is a pagetable."""
     rc = cpu.hypercall(Hypercall.update_va_mapping, va(pfn),
-                       (pfn_to_mfn(cpu, pfn) << 12) | PTE_RO, 0)
+                       (pfn_to_mfn(cpu, pfn) << 12) | (PTE_RO if ro else PTE_RW), 0)
     if rc:
         raise KernelPanic(f"update_va_mapping of pfn {pfn:#x} failed: {rc}")
 
 
 class AddressSpace:
-    """A user address space under construction: tables are ordinary pages
-    until ``activate`` pins the L4."""
+    """A user address space under construction: its tables are ordinary
+    writable pages until guestos.pgd pins the L4."""
 
     def __init__(self, cpu: Any) -> None:
         self.cpu = cpu
         self.l4 = alloc_pages(cpu)
         self.tables = [self.l4]
+        self.stack_top = 0
 
     def _next(self, table_pfn: int, index: int) -> int:
         cpu = self.cpu
@@ -86,18 +127,6 @@ class AddressSpace:
         flags = PTE_RW if writable else PTE_RO
         pte = (pfn_to_mfn(self.cpu, pfn) << 12) | flags
         self.cpu.write_u64(va(t) + 8 * ((uva >> 12) & 511), pte)
-
-    def activate(self) -> int:
-        """Pin and install as this VCPU's user L4; returns the L4's mfn."""
-        cpu = self.cpu
-        for pfn in self.tables:
-            set_page_ro(cpu, pfn)
-        mfn = pfn_to_mfn(cpu, self.l4)
-        for cmd in (MMUEXT_PIN_L4_TABLE, MMUEXT_NEW_USER_BASEPTR):
-            rc = mmuext(cpu, cmd, mfn)
-            if rc:
-                raise KernelPanic(f"mmuext_op {cmd} on mfn {mfn:#x} failed: {rc}")
-        return mfn
 
 
 def read_cstr(cpu: Any, addr: int, size: int) -> str:

@@ -1,50 +1,75 @@
-"""System calls from user programs, bounced here by the hypervisor."""
+"""System calls from user programs, bounced here by the hypervisor.
+
+Numbers are Linux's where Linux has the call; sleep takes milliseconds and
+spawn(name, a0, a1, a2) starts another program of the image as a new task
+(pvlab's own, numbered 1000)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from guestos.events import now
 from guestos.frame import iret_to, read_bounce
-from guestos.hypercall import console_write, mmuext
-from guestos.kdata import kernel, percpu
+from guestos.hypercall import console_write
+from guestos.kdata import scratch_va
+from guestos.printk import printk
+from guestos.task import (
+    RUNNABLE,
+    SLEEPING,
+    current,
+    exit_current,
+    save_user_context,
+    schedule,
+    spawn,
+)
+from guestos.usercopy import copy_from_user
 from hypervisor.public.native import TailCall
-from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR, MMUEXT_UNPIN_TABLE
 
 SYS_write, SYS_sched_yield, SYS_sleep, SYS_getpid, SYS_exit = 1, 24, 35, 39, 60
+SYS_spawn = 1000
 ENOSYS, EFAULT, EBADF = 38, 14, 9
 MAX_WRITE = 1 << 16
+MAX_NAME = 16
 
 
 def syscall_entry(cpu: Any) -> TailCall:
     r = cpu.regs()
     nr = r["rax"]
+    frame = read_bounce(cpu)
+    t = current(cpu)
+    assert t is not None, "a system call with no task running"
     if nr == SYS_exit:
-        return task_exit(cpu, r["rdi"])
+        return exit_current(cpu, r["rdi"])
+    if nr in (SYS_sched_yield, SYS_sleep):
+        save_user_context(cpu, t, frame, rax=0)
+        if nr == SYS_sleep:
+            t.wake_at = now(cpu) + r["rdi"] * 1_000_000
+            t.state = SLEEPING
+        else:
+            t.state = RUNNABLE
+        return schedule(cpu)
     if nr == SYS_write:
         rc = sys_write(cpu, r["rdi"], r["rsi"], r["rdx"])
     elif nr == SYS_getpid:
-        rc = percpu(cpu).task_pid
-    elif nr in (SYS_sched_yield, SYS_sleep):
-        rc = 0
+        rc = t.pid
+    elif nr == SYS_spawn:
+        rc = sys_spawn(cpu, r["rdi"], (r["rsi"], r["rdx"], r["r10"]))
     else:
         rc = -ENOSYS
-    rcx, r11, rip, cs, rflags, rsp, ss = read_bounce(cpu)
+    rcx, r11, rip, cs, rflags, rsp, ss = frame
     frame_top = cpu.reg("rsp") + 56
     return iret_to(cpu, rc, rip, cs, rflags, rsp, ss, rcx, r11, in_syscall=True, stack=frame_top)
 
 
 def sys_write(cpu: Any, fd: int, buf: int, size: int) -> int:
-    """Copy from the user's address space and print. The user L4 is not ours,
-    so the bytes are read through the user mapping the hypervisor walks for us:
-    the console_io hypercall takes a kernel buffer; copy via the task's L4."""
+    """Copy from the user's address space (the kernel's L4 does not map it)
+    into a kernel buffer, and print."""
     if fd not in (1, 2):
         return -EBADF
     size = min(size, MAX_WRITE)
-    from guestos.usercopy import copy_from_user
     data = copy_from_user(cpu, buf, size)
     if data is None:
         return -EFAULT
-    from guestos.kdata import scratch_va
     tmp = scratch_va(cpu)
     for i in range(0, len(data), 256):
         chunk = data[i:i + 256]
@@ -53,18 +78,12 @@ def sys_write(cpu: Any, fd: int, buf: int, size: int) -> int:
     return len(data)
 
 
-def task_exit(cpu: Any, code: int) -> TailCall:
-    from guestos.boot import cpu_idle, poweroff
-    from guestos.printk import printk
-    pc = percpu(cpu)
-    printk(cpu, f"task {pc.task_pid} exited with code {code} ({pc.ticks} timer ticks so far)")
-    l4 = pc.task_user_l4
-    mmuext(cpu, MMUEXT_NEW_USER_BASEPTR, 0)
-    mmuext(cpu, MMUEXT_UNPIN_TABLE, l4)
-    pc.task_pid = 0
-    pc.task_user_l4 = 0
-    k = kernel(cpu)
-    k.tasks_live = k.tasks_live - 1
-    if k.tasks_live == 0:
-        return poweroff(cpu)
-    return cpu_idle(cpu)
+def sys_spawn(cpu: Any, name_ptr: int, args: tuple[int, int, int]) -> int:
+    raw = copy_from_user(cpu, name_ptr, MAX_NAME)
+    if raw is None:
+        return -EFAULT
+    name = raw.split(b"\0")[0].decode(errors="replace")
+    pid = spawn(cpu, name, args)
+    if pid > 0:
+        printk(cpu, f"task {current(cpu).pid} spawned {name} as task {pid}")
+    return pid

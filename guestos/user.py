@@ -1,16 +1,13 @@
-"""User programs: found in the image's program table, loaded from their ELF
-into a fresh address space, and entered at CPL3 through the iret hypercall."""
+"""User programs: found in the image's program table and loaded from their ELF
+into a fresh address space (guestos.task runs them)."""
 
 from __future__ import annotations
 
 import struct
 from typing import Any
 
-from guestos.frame import iret_to
-from guestos.kdata import header, kernel, percpu
+from guestos.kdata import header
 from guestos.mm import AddressSpace, KernelPanic, alloc_pages, read_cstr, va
-from hypervisor.public.arch_x86 import FLAT_USER_CS64, FLAT_USER_SS64
-from hypervisor.public.native import TailCall
 
 USER_STACK_TOP = 0x00007FFFFFFFF000
 USER_STACK_PAGES = 4
@@ -38,6 +35,21 @@ def program_names(cpu: Any) -> list[str]:
     return [read_cstr(cpu, table + 8 + 32 * i, 16) for i in range(count)]
 
 
+def pages_needed(cpu: Any, name: str) -> int:
+    """An upper bound of the pages load_program takes for ``name``."""
+    elf, _ = find_program(cpu, name)
+    ehdr = cpu.read(elf, 64)
+    _entry, phoff = struct.unpack_from("<QQ", ehdr, 24)
+    phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+    n = USER_STACK_PAGES + 4 * 3  # data, stack, and an L3, L2, L1 per mapped region
+    for i in range(phnum):
+        p_type, _f, _o, p_vaddr, _pa, _fs, p_memsz, _al = struct.unpack(
+            "<IIQQQQQQ", cpu.read(elf + phoff + i * phentsize, 56))
+        if p_type == PT_LOAD and p_memsz:
+            n += (p_vaddr + p_memsz - (p_vaddr & ~0xFFF) + 0xFFF) >> 12
+    return n + 1  # the L4
+
+
 def load_program(cpu: Any, name: str) -> tuple[AddressSpace, int]:
     """Build an address space holding program ``name``; returns it and the entry."""
     elf, size = find_program(cpu, name)
@@ -63,20 +75,5 @@ def load_program(cpu: Any, name: str) -> tuple[AddressSpace, int]:
     stack = alloc_pages(cpu, USER_STACK_PAGES)
     for p in range(USER_STACK_PAGES):
         aspace.map(USER_STACK_TOP - 4096 * (USER_STACK_PAGES - p), stack + p, True)
+    aspace.stack_top = USER_STACK_TOP
     return aspace, entry
-
-
-def start_program(cpu: Any, name: str, args: tuple[int, int, int]) -> TailCall:
-    """Load ``name`` and enter it on this cpu, in user mode."""
-    aspace, entry = load_program(cpu, name)
-    l4 = aspace.activate()
-    k = kernel(cpu)
-    pc = percpu(cpu)
-    pid = k.next_pid + 1
-    k.next_pid = pid
-    pc.task_pid = pid
-    pc.task_user_l4 = l4
-    cpu.set_regs(rdi=args[0], rsi=args[1], rdx=args[2], rax=0, rbx=0, rbp=0,
-                 r8=0, r9=0, r10=0, r12=0, r13=0, r14=0, r15=0)
-    return iret_to(cpu, 0, entry, FLAT_USER_CS64, 0x202, USER_STACK_TOP, FLAT_USER_SS64,
-                   stack=pc.stack_top)

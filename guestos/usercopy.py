@@ -12,7 +12,7 @@ from hypervisor.public.arch_x86 import _PAGE_PRESENT, MACH2PHYS_VIRT_START
 
 
 def user_pfn(cpu: Any, uva: int) -> int | None:
-    mfn = percpu(cpu).task_user_l4
+    mfn = percpu(cpu).user_l4
     for shift in (39, 30, 21, 12):
         pfn = cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
         e = cpu.read_u64(va(pfn) + 8 * ((uva >> shift) & 511))

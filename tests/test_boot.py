@@ -21,7 +21,7 @@ def test_hello_boots_runs_and_powers_off():
     assert r.reason == "poweroff", out
     assert "pvlab guest kernel booting on xen-3.0-x86_64" in out
     assert "hello from user space\n" in out
-    assert "[cpu0] task 1 exited with code 0 (" in out
+    assert "[cpu0] task 1 exited with code 0\n" in out
 
 
 def test_secondary_vcpus_come_up_and_run_programs():
@@ -29,7 +29,8 @@ def test_secondary_vcpus_come_up_and_run_programs():
     out = r.console.decode()
     assert r.reason == "poweroff", out
     assert "bringing up vcpu1: ok" in out
-    assert "[cpu1] starting hello" in out
+    assert "[cpu0] task 2: hello on cpu1" in out
+    assert "[cpu1] task 2 exited with code 0" in out
     assert out.count("hello from user space\n") == 2
 
 
@@ -45,8 +46,22 @@ def test_user_pagetables_are_pinned_and_released():
     hv.close()
 
 
-def test_kernel_panic_crashes_the_domain_with_a_report():
-    r = run(make_config("run=nosuch"))
+def test_unknown_program_is_reported_and_the_others_run():
+    r = run(make_config("run=nosuch,hello"))
+    out = r.console.decode()
+    assert r.reason == "poweroff", out
+    assert "cannot start nosuch: error -2" in out and "hello from user space" in out
+
+
+def test_kernel_panic_crashes_the_domain_with_a_report(monkeypatch):
+    import guestos.boot
+    from guestos.mm import KernelPanic
+
+    def broken(cmdline):
+        raise KernelPanic("a test made the command line unreadable")
+
+    monkeypatch.setattr(guestos.boot, "parse_holds", broken)
+    r = run(make_config("run=hello"))
     assert r.reason == "crash"
-    assert "Kernel panic - not syncing: KernelPanic: no program 'nosuch'" in r.console.decode()
+    assert "Kernel panic - not syncing: KernelPanic: a test made" in r.console.decode()
     assert "kernel oops in guestos.boot.start_kernel" in r.domain.crash_report

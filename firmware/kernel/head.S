@@ -69,16 +69,18 @@ hypercall_page:                             # the hypervisor writes the stubs
         .section .rodata.programs, "a"
         .balign 16
 programs:
-        .quad   4                           # entries: name[16], offset, size
+        .quad   5                           # entries: name[16], offset, size
         program hello, 1
         program counter, 2
         program hashchain, 3
         program dirtier, 4
+        program spawner, 5
         .balign 16
         blob hello
         blob counter
         blob hashchain
         blob dirtier
+        blob spawner
 
         .section .bss.kernel_data, "aw", @nobits
         .balign 4096

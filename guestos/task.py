@@ -1,0 +1,227 @@
+"""Tasks: the task table in kernel data, a run queue per cpu (a task stays on
+the cpu it was given), and the switch between tasks on a timer tick, a yield,
+a sleep or an exit.
+
+A task's life: NEW (its pgd built, still unpinned) -> RUNNABLE (pgd pinned)
+<-> RUNNING <-> SLEEPING -> DEAD (pgd unpinned) -> FREE (pages freed). A
+guest option holds a chosen task in NEW or DEAD for a while, so that an
+unpinned pgd is on the pgd_list at a chosen moment (a save must cope).
+
+A task's user registers live in its task struct while it does not run; the
+kernel has no stack of its own per task (the per-cpu stack is empty whenever
+the cpu is in user mode or idle), so switching is: save the interrupted
+registers, load the next task's, iret.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guestos.events import now
+from guestos.frame import iret_to
+from guestos.hypercall import mmuext
+from guestos.kdata import MAX_TASKS, TASK_SIZE, kernel, percpu, tasks_va
+from guestos.layout import Layout, Ref
+from guestos.mm import nr_free_pages, pfn_to_mfn
+from guestos.pgd import pgd_free, pgd_list_add, pgd_pin, pgd_pinned, pgd_unpin
+from guestos.printk import printk
+from hypervisor.public.arch_x86 import FLAT_USER_CS64, FLAT_USER_SS64
+from hypervisor.public.native import TailCall
+from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR
+
+FREE, NEW, RUNNABLE, RUNNING, SLEEPING, DEAD = range(6)
+STATE_NAMES = ("free", "new", "runnable", "running", "sleeping", "dead")
+
+# the user registers a task struct keeps (rsp, rip, rflags from its frames)
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+        "r12", "r13", "r14", "r15")
+SAVED = (*GPRS, "rsp", "rip", "rflags")
+
+TASK = Layout("task", [
+    ("state", "u64"),
+    ("pid", "u64"),
+    ("cpu", "u64"),
+    ("pgd", "u64"),        # pfn of the task's user L4
+    ("wake_at", "u64"),    # virtual ns: the end of a sleep or of a hold
+    ("exit_code", "u64"),
+    *((r, "u64") for r in SAVED),
+])
+assert TASK.size <= TASK_SIZE
+RFLAGS_IF = 0x200
+ENOENT, EAGAIN = 2, 11
+
+
+def task(cpu: Any, slot: int) -> Ref:
+    return TASK.at(cpu, tasks_va(cpu) + slot * TASK_SIZE)
+
+
+def current(cpu: Any) -> Ref | None:
+    cur = percpu(cpu).current
+    return task(cpu, cur - 1) if cur else None
+
+
+def slots_on(cpu: Any, n: int) -> list[int]:
+    """Slots of the live tasks of cpu n."""
+    return [s for s in range(MAX_TASKS)
+            if task(cpu, s).state != FREE and task(cpu, s).cpu == n]
+
+
+# --- creation and exit --------------------------------------------------------------
+
+def spawn(cpu: Any, name: str, args: tuple[int, int, int], on_cpu: int | None = None) -> int:
+    """Create a task running program ``name``: returns its pid, or -ENOENT
+    (no such program) or -EAGAIN (no free task slot or memory)."""
+    from guestos.user import load_program, pages_needed, program_names
+    k = kernel(cpu)
+    if name not in program_names(cpu):
+        return -ENOENT
+    slot = next((s for s in range(MAX_TASKS) if task(cpu, s).state == FREE), None)
+    if slot is None or nr_free_pages(cpu) < pages_needed(cpu, name):
+        return -EAGAIN
+    aspace, entry = load_program(cpu, name)
+    t = task(cpu, slot)
+    pid = k.next_pid + 1
+    k.next_pid = pid
+    if on_cpu is None:
+        on_cpu = k.next_cpu % k.nr_cpus
+        k.next_cpu = on_cpu + 1
+    t.pid, t.cpu, t.pgd, t.exit_code, t.wake_at = pid, on_cpu, aspace.l4, 0, 0
+    for r in GPRS:
+        setattr(t, r, 0)
+    t.rdi, t.rsi, t.rdx = args
+    t.rip, t.rsp, t.rflags = entry, aspace.stack_top, RFLAGS_IF | 0x2
+    pgd_list_add(cpu, aspace.l4)
+    t.state = NEW
+    k.tasks_live = k.tasks_live + 1
+    if k.hold_build_pid == pid:
+        # construction stops here a while: the pgd is on the list, unpinned
+        t.wake_at = now(cpu) + k.hold_build_ms * 1_000_000
+        printk(cpu, f"task {pid}: construction held for {k.hold_build_ms} ms, pgd unpinned")
+    else:
+        _finish_construction(cpu, t)
+    return pid
+
+
+def _finish_construction(cpu: Any, t: Ref) -> None:
+    pgd_pin(cpu, t.pgd)  # pinned before first use
+    t.state = RUNNABLE
+
+
+def _release(cpu: Any, t: Ref) -> None:
+    """The end of a teardown: free the pgd and every page it maps."""
+    pgd_free(cpu, t.pgd)
+    t.pgd = 0
+    t.state = FREE
+    k = kernel(cpu)
+    k.tasks_live = k.tasks_live - 1
+
+
+def exit_current(cpu: Any, code: int) -> TailCall:
+    """The running task exits: its pgd comes off this cpu, is unpinned, freed."""
+    t = current(cpu)
+    assert t is not None
+    k = kernel(cpu)
+    printk(cpu, f"task {t.pid} exited with code {code}")
+    install_user_l4(cpu, 0)
+    pgd_unpin(cpu, t.pgd)
+    t.exit_code = code
+    t.state = DEAD
+    percpu(cpu).current = 0
+    if k.hold_exit_pid == t.pid:
+        t.wake_at = now(cpu) + k.hold_exit_ms * 1_000_000
+        printk(cpu, f"task {t.pid}: teardown held for {k.hold_exit_ms} ms, pgd unpinned")
+    else:
+        _release(cpu, t)
+    return schedule(cpu)
+
+
+# --- saving and resuming user context -----------------------------------------------
+
+def save_user_context(cpu: Any, t: Ref, frame: tuple[int, ...], rax: int | None = None) -> None:
+    """Keep the interrupted user registers: the live ones, and from the bounce
+    frame (rcx, r11, rip, cs, rflags, rsp, ss) the ones Xen saved there."""
+    regs = cpu.regs()
+    rcx, r11, rip, _cs, rflags, rsp, _ss = frame
+    for r in GPRS:
+        setattr(t, r, regs[r])
+    t.rcx, t.r11, t.rip, t.rflags, t.rsp = rcx, r11, rip, rflags, rsp
+    if rax is not None:
+        t.rax = rax
+
+
+def install_user_l4(cpu: Any, mfn: int) -> None:
+    pc = percpu(cpu)
+    if pc.user_l4 != mfn:
+        mmuext(cpu, MMUEXT_NEW_USER_BASEPTR, mfn)
+        pc.user_l4 = mfn
+
+
+def _resume(cpu: Any, slot: int) -> TailCall:
+    t = task(cpu, slot)
+    pc = percpu(cpu)
+    if not pgd_pinned(cpu, t.pgd):
+        pgd_pin(cpu, t.pgd)
+    install_user_l4(cpu, pfn_to_mfn(cpu, t.pgd))
+    pc.current = slot + 1
+    pc.last = slot
+    pc.need_resched = 0
+    t.state = RUNNING
+    cpu.set_regs(**{r: getattr(t, r) for r in GPRS if r not in ("rax", "rcx", "r11")})
+    return iret_to(cpu, t.rax, t.rip, FLAT_USER_CS64, t.rflags, t.rsp, FLAT_USER_SS64,
+                   t.rcx, t.r11, stack=pc.stack_top)
+
+
+# --- the scheduler ------------------------------------------------------------------
+
+def pick_next(cpu: Any) -> int | None:
+    """Round robin over this cpu's runnable tasks, starting after the last one run."""
+    mine = [s for s in slots_on(cpu, cpu.vcpu_id) if task(cpu, s).state == RUNNABLE]
+    if not mine:
+        return None
+    last = percpu(cpu).last
+    later = [s for s in mine if s > last]
+    return (later or mine)[0]
+
+
+def schedule(cpu: Any) -> TailCall:
+    """Run the next runnable task of this cpu, or idle. The current task, if
+    any, has been saved (and is RUNNABLE, SLEEPING or gone)."""
+    from guestos.boot import cpu_idle, poweroff
+    percpu(cpu).current = 0
+    nxt = pick_next(cpu)
+    if nxt is not None:
+        return _resume(cpu, nxt)
+    if kernel(cpu).tasks_live == 0:
+        return poweroff(cpu)
+    return cpu_idle(cpu)
+
+
+def preempt_current(cpu: Any, frame: tuple[int, ...]) -> TailCall:
+    t = current(cpu)
+    assert t is not None
+    save_user_context(cpu, t, frame)
+    t.state = RUNNABLE
+    return schedule(cpu)
+
+
+def scheduler_tick(cpu: Any) -> None:
+    """On each timer tick of this cpu: wake sleepers, go on with held
+    constructions and teardowns, and ask for a switch if another task waits."""
+    t_now = now(cpu)
+    waiting = False
+    for s in slots_on(cpu, cpu.vcpu_id):
+        t = task(cpu, s)
+        state = t.state
+        if state in (SLEEPING, NEW, DEAD) and t.wake_at <= t_now:
+            if state == SLEEPING:
+                t.state = RUNNABLE
+            elif state == NEW:
+                printk(cpu, f"task {t.pid}: construction goes on")
+                _finish_construction(cpu, t)
+            else:
+                printk(cpu, f"task {t.pid}: teardown goes on")
+                _release(cpu, t)
+        if t.state == RUNNABLE:
+            waiting = True
+    if waiting:
+        percpu(cpu).need_resched = 1

@@ -10,8 +10,18 @@ from typing import Any
 
 from guestos import events, syscalls, traps
 from guestos.hypercall import with_args
-from guestos.kdata import KSTACK_PAGES, MAX_CPUS, header, kernel, percpu
-from guestos.mm import PAGE_SIZE, PTE_RW, alloc_pages, pfn_of, pfn_to_mfn, read_cstr, va
+from guestos.kdata import KSTACK_PAGES, MAX_CPUS, MAX_TASKS, header, kernel, percpu
+from guestos.mm import (
+    PAGE_SIZE,
+    PTE_RW,
+    alloc_pages,
+    free_page,
+    nr_free_pages,
+    pfn_of,
+    pfn_to_mfn,
+    read_cstr,
+    va,
+)
 from guestos.printk import printk
 from guestos.task import schedule, spawn
 from guestos.user import program_names
@@ -80,6 +90,7 @@ def start_kernel(cpu: Any) -> TailCall:
     k.nr_cpus = nr_cpus
     for n in range(nr_cpus):
         percpu(cpu, n).stack_top = va(alloc_pages(cpu, KSTACK_PAGES) + KSTACK_PAGES)
+        percpu(cpu, n).last = MAX_TASKS - 1  # round robin starts at the first slot
     k.mem_map = va(alloc_pages(cpu, (nr_pages + PAGE_SIZE - 1) // PAGE_SIZE))
     printk(cpu, f"pvlab guest kernel booting on {magic.decode()}")
     printk(cpu, f"{nr_pages} pages ({nr_pages >> 8} MiB), {nr_cpus} vcpus, "
@@ -93,6 +104,7 @@ def start_kernel(cpu: Any) -> TailCall:
     holds = parse_holds(cmdline)
     k.hold_build_pid, k.hold_build_ms = holds.get("build", (0, 0))
     k.hold_exit_pid, k.hold_exit_ms = holds.get("exit", (0, 0))
+    k.free_at_boot = nr_free_pages(cpu)
     for i, (name, args) in enumerate(parse_cmdline(cmdline)):
         pid = spawn(cpu, name, args, on_cpu=i % nr_cpus)
         printk(cpu, f"task {pid}: {name} on cpu{i % nr_cpus}" if pid > 0 else
@@ -114,9 +126,11 @@ def _bring_up(cpu: Any, n: int) -> None:
     ctx.ctrlreg[3] = k.kernel_l4_mfn << 12
     ctx.event_callback_eip = cpu.native_addr(events.hypervisor_callback)
     ctx.syscall_callback_eip = cpu.native_addr(syscalls.syscall_entry)
-    buf = va(alloc_pages(cpu, 2))  # the context is 5168 bytes
-    cpu.write(buf, bytes(ctx))
-    rc = cpu.hypercall(Hypercall.vcpu_op, VCPUOP_initialise, n, buf)
+    first = alloc_pages(cpu, 2)  # the context is 5168 bytes
+    cpu.write(va(first), bytes(ctx))
+    rc = cpu.hypercall(Hypercall.vcpu_op, VCPUOP_initialise, n, va(first))
+    free_page(cpu, first)
+    free_page(cpu, first + 1)
     if rc == 0:
         rc = cpu.hypercall(Hypercall.vcpu_op, VCPUOP_up, n, 0)
     printk(cpu, f"bringing up vcpu{n}: {'ok' if rc == 0 else rc}")
@@ -139,7 +153,9 @@ def cpu_idle(cpu: Any) -> TailCall:
 
 def poweroff(cpu: Any) -> TailCall:
     from guestos.hypercall import shutdown_args
-    printk(cpu, "all programs exited: powering off")
+    k = kernel(cpu)
+    printk(cpu, f"all programs exited: powering off ({nr_free_pages(cpu)} pages free, "
+           f"{k.free_at_boot} before the first task)")
     return TailCall(Hypercall.sched_op, shutdown_args(cpu, SHUTDOWN_poweroff), cpu_idle)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from guestos.frame import read_bounce, return_from_bounce
 from guestos.hypercall import with_args
-from guestos.kdata import kernel, percpu
+from guestos.kdata import kernel, percpu, port_cpu_va
 from hypervisor.public.event_channel import EVTCHNOP_bind_virq, EVTCHNOP_unmask
 from hypervisor.public.native import TailCall
 from hypervisor.public.xen import VIRQ_TIMER, Hypercall
@@ -30,11 +30,25 @@ def mask_all(cpu: Any) -> None:
     cpu.write(kernel(cpu).shared_info + MASK_OFF, b"\xff" * 512)
 
 
+def bind_port_to_cpu(cpu: Any, port: int, n: int) -> None:
+    cpu.write(port_cpu_va(cpu) + port, bytes([n + 1]))
+
+
+def cpu_ports(cpu: Any, w: int) -> int:
+    """The bits of pending word w that are this cpu's ports (Linux's
+    cpu_evtchn_mask): the pending bitmap is shared by every vcpu, and a
+    handler must not take another cpu's events."""
+    owners = cpu.read(port_cpu_va(cpu) + 64 * w, 64)
+    me = cpu.vcpu_id + 1
+    return sum(1 << b for b, owner in enumerate(owners) if owner == me)
+
+
 def init_cpu(cpu: Any) -> None:
     arg = with_args(cpu, struct.pack("<III", VIRQ_TIMER, cpu.vcpu_id, 0))
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_virq, arg) == 0:
         port = struct.unpack("<I", cpu.read(arg + 8, 4))[0]
         percpu(cpu).timer_port = port
+        bind_port_to_cpu(cpu, port, cpu.vcpu_id)
         cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
                       with_args(cpu, struct.pack("<I", port)))
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
@@ -61,7 +75,7 @@ def hypervisor_callback(cpu: Any) -> TailCall:
             sel &= sel - 1
             pending = cpu.read_u64(sh + PENDING_OFF + 8 * w)
             mask = cpu.read_u64(sh + MASK_OFF + 8 * w)
-            bits = pending & ~mask
+            bits = pending & ~mask & cpu_ports(cpu, w)
             cpu.write_u64(sh + PENDING_OFF + 8 * w, pending & ~bits)
             while bits:
                 b = (bits & -bits).bit_length() - 1

@@ -37,6 +37,7 @@ KERNEL = Layout("kernel", [
     ("hold_build_ms", "u64"),  #   half way, leaving its pgd unpinned a while
     ("hold_exit_pid", "u64"),
     ("hold_exit_ms", "u64"),
+    ("free_at_boot", "u64"),   # free pages before the first task: none may leak
 ])
 KERNEL_OFFSET = 0
 
@@ -85,6 +86,15 @@ MAX_TASKS = 64
 TASKS_OFFSET = 16384
 TASK_SIZE = 256
 PGD_LIST_OFFSET = TASKS_OFFSET + MAX_TASKS * TASK_SIZE
+
+
+# which cpu each event channel port is bound to (cpu + 1; 0: none), a byte a port
+NR_PORTS = 4096  # the 2-level ABI's 64 x 64
+PORT_CPU_OFFSET = PGD_LIST_OFFSET + MAX_TASKS * 8
+
+
+def port_cpu_va(cpu: Any) -> int:
+    return header(cpu).kernel_data + PORT_CPU_OFFSET
 
 
 def tasks_va(cpu: Any) -> int:

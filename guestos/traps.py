@@ -8,6 +8,7 @@ from typing import Any
 
 from guestos.frame import read_bounce
 from guestos.kdata import kernel
+from guestos.mm import KernelPanic
 from guestos.printk import printk
 from hypervisor.public.native import TailCall
 
@@ -37,10 +38,13 @@ def divide_error(cpu: Any) -> TailCall:
 
 
 def _kill(cpu: Any, what: str, error_code: bool) -> TailCall:
-    from guestos.syscalls import task_exit
+    from guestos.task import current, exit_current
     rip = read_bounce(cpu, error_code)[2]
-    printk(cpu, f"killed task: {what} at rip {rip:#x}")
-    return task_exit(cpu, 139)
+    t = current(cpu)
+    if t is None:
+        raise KernelPanic(f"{what} in the kernel at rip {rip:#x}")
+    printk(cpu, f"killed task {t.pid}: {what} at rip {rip:#x}")
+    return exit_current(cpu, 139)
 
 
 HANDLERS = ((0, divide_error), (3, breakpoint), (6, invalid_op), (13, general_protection),

@@ -17,7 +17,7 @@ from hypervisor.toolstack.session import boot, run_domain
 from tests.conftest import FIRMWARE, GUEST_IMAGE, make_config
 from tests.reference import hashchain_line
 
-PROGRAMS = ("hello", "counter", "hashchain", "dirtier", "spawner")
+PROGRAMS = ("hello", "counter", "hashchain", "dirtier", "spawner", "fault")
 
 
 def console(cmdline: str, vcpus: int = 1) -> str:

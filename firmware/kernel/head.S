@@ -69,18 +69,20 @@ hypercall_page:                             # the hypervisor writes the stubs
         .section .rodata.programs, "a"
         .balign 16
 programs:
-        .quad   5                           # entries: name[16], offset, size
+        .quad   6                           # entries: name[16], offset, size
         program hello, 1
         program counter, 2
         program hashchain, 3
         program dirtier, 4
         program spawner, 5
+        program fault, 6
         .balign 16
         blob hello
         blob counter
         blob hashchain
         blob dirtier
         blob spawner
+        blob fault
 
         .section .bss.kernel_data, "aw", @nobits
         .balign 4096

@@ -46,8 +46,9 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     hv.run(until_ns)
     if dom.shutdown_reason is not None:
         reason = SHUTDOWN_NAMES.get(dom.shutdown_reason, str(dom.shutdown_reason))
-    elif until_ns is not None and all(v.clock >= until_ns for v in dom.vcpus if v.online):
-        reason = "running"
+    elif until_ns is not None and all(v.clock >= until_ns or (v.blocked and v.timer_deadline)
+                                      for v in dom.vcpus if v.online):
+        reason = "running"  # each VCPU reached the time, or sleeps until a timer
     else:
         reason = "hung"
     t = max((v.clock for v in dom.vcpus), default=0)

@@ -102,6 +102,36 @@ class Domain:
         log.info("%s", self.crash_report)
         self.shutdown(SHUTDOWN_crash)
 
+    # --- rebuilding the VCPUs from their records ---------------------------------------
+
+    # what Xen keeps per vcpu beside the context record: scheduling state
+    _SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock")
+
+    def rebuild_vcpus(self) -> None:
+        """Throw away every VCPU object (engine, hooks, Python state) and the
+        binding of the guest kernel, and make them anew from the VCPUs' context
+        records and the hypervisor's scheduling state alone. The guest must go
+        on as if nothing happened: the test of DESIGN.md's rule 2, and the
+        path a restore takes in a new process."""
+        from hypervisor.cpu.context import get_context, set_context
+        from hypervisor.native import NativeKernel
+        records = [(bytes(get_context(v)) if v.guest_table else None,
+                    {k: getattr(v, k) for k in self._SCHED_STATE}) for v in self.vcpus]
+        for v in self.vcpus:
+            v.close()
+        self.hypervisor.scheduler.current = None
+        self.vcpus = [Vcpu(self, i, self.machine) for i in range(len(records))]
+        if self.native is not None:
+            old = self.native
+            self.native = NativeKernel(self, self.kernel_module, old.text, old.size)
+            for v in self.vcpus:
+                self.native.bind(v)
+        for v, (ctx, state) in zip(self.vcpus, records, strict=True):
+            if ctx is not None:
+                set_context(v, ctx, take_refs=False)
+            for k, value in state.items():
+                setattr(v, k, value)
+
     def close(self) -> None:
         for v in self.vcpus:
             v.close()

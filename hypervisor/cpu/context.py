@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 from typing import TYPE_CHECKING
 
+from unicorn import x86_const
 from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE
 
 from hypervisor.mm.frames import PageType
 from hypervisor.public.arch_x86 import (
+    VGCF_i387_valid,
     VGCF_in_kernel,
     VGCF_online,
     VGCF_syscall_disables_events,
@@ -55,25 +57,56 @@ def get_context(vcpu: Vcpu) -> vcpu_guest_context:
     ctx.syscall_callback_eip = vcpu.syscall_callback
     ctx.fs_base = vcpu.uc.reg_read(UC_X86_REG_FS_BASE)
     ctx.gs_base_kernel = vcpu.uc.reg_read(UC_X86_REG_GS_BASE)
+    _save_sse(vcpu, ctx)
     return ctx
 
 
-def set_context(vcpu: Vcpu, raw: bytes) -> int:
+# fpu_ctxt is an FXSAVE image: MXCSR at 24, XMM0-15 at 160 (16 bytes each).
+# The x87 stack is not carried: neither the kernel nor the programs use it.
+_FX_MXCSR, _FX_XMM = 24, 160
+_XMM = [getattr(x86_const, f"UC_X86_REG_XMM{i}") for i in range(16)]
+
+
+def _save_sse(vcpu: Vcpu, ctx: vcpu_guest_context) -> None:
+    fx = bytearray(512)
+    fx[_FX_MXCSR:_FX_MXCSR + 4] = vcpu.uc.reg_read(x86_const.UC_X86_REG_MXCSR).to_bytes(4, "little")
+    for i, reg in enumerate(_XMM):
+        off = _FX_XMM + 16 * i
+        fx[off:off + 16] = vcpu.uc.reg_read(reg).to_bytes(16, "little")
+    ctypes.memmove(ctypes.addressof(ctx.fpu_ctxt), bytes(fx), 512)
+    ctx.flags |= VGCF_i387_valid
+
+
+def _load_sse(vcpu: Vcpu, ctx: vcpu_guest_context) -> None:
+    if not ctx.flags & VGCF_i387_valid:
+        return
+    fx = bytes(ctx.fpu_ctxt)
+    mxcsr = int.from_bytes(fx[_FX_MXCSR:_FX_MXCSR + 4], "little")
+    vcpu.uc.reg_write(x86_const.UC_X86_REG_MXCSR, mxcsr or 0x1F80)
+    for i, reg in enumerate(_XMM):
+        off = _FX_XMM + 16 * i
+        vcpu.uc.reg_write(reg, int.from_bytes(fx[off:off + 16], "little"))
+
+
+def set_context(vcpu: Vcpu, raw: bytes, take_refs: bool = True) -> int:
     """Load a vcpu_guest_context (Xen's arch_set_info_guest); the new kernel L4
-    takes a type reference and is validated if it is not already."""
+    takes a type reference and is validated if it is not already. With
+    ``take_refs=False`` the references are already held (a VCPU object rebuilt
+    from the record of one that held them)."""
     ctx = vcpu_guest_context.from_buffer_copy(raw)
     dom = vcpu.domain
     types = dom.machine.types
     cr3 = ctx.ctrlreg[3] >> 12
     user = ctx.ctrlreg[1] >> 12
-    if not cr3 or types.get_page_and_type(cr3, PageType.l4, dom.domid):
-        return -EINVAL
-    if user and types.get_page_and_type(user, PageType.l4, dom.domid):
-        types.put_page_and_type(cr3)
-        return -EINVAL
-    for old in (vcpu.guest_table, vcpu.guest_table_user):
-        if old:
-            types.put_page_and_type(old)
+    if take_refs:
+        if not cr3 or types.get_page_and_type(cr3, PageType.l4, dom.domid):
+            return -EINVAL
+        if user and types.get_page_and_type(user, PageType.l4, dom.domid):
+            types.put_page_and_type(cr3)
+            return -EINVAL
+        for old in (vcpu.guest_table, vcpu.guest_table_user):
+            if old:
+                types.put_page_and_type(old)
     vcpu.guest_table, vcpu.guest_table_user = cr3, user
     vcpu.in_kernel = bool(ctx.flags & VGCF_in_kernel) or not user
     vcpu.syscall_masks_events = bool(ctx.flags & VGCF_syscall_disables_events)
@@ -90,4 +123,5 @@ def set_context(vcpu: Vcpu, raw: bytes) -> int:
     vcpu.load_cr3(vcpu.current_table)
     vcpu.uc.reg_write(UC_X86_REG_FS_BASE, ctx.fs_base)
     vcpu.uc.reg_write(UC_X86_REG_GS_BASE, ctx.gs_base_kernel)
+    _load_sse(vcpu, ctx)
     return 0

@@ -82,7 +82,7 @@ def _load_sse(vcpu: Vcpu, ctx: vcpu_guest_context) -> None:
         return
     fx = bytes(ctx.fpu_ctxt)
     mxcsr = int.from_bytes(fx[_FX_MXCSR:_FX_MXCSR + 4], "little")
-    vcpu.uc.reg_write(x86_const.UC_X86_REG_MXCSR, mxcsr or 0x1F80)
+    vcpu.uc.reg_write(x86_const.UC_X86_REG_MXCSR, mxcsr)
     for i, reg in enumerate(_XMM):
         off = _FX_XMM + 16 * i
         vcpu.uc.reg_write(reg, int.from_bytes(fx[off:off + 16], "little"))

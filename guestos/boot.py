@@ -104,6 +104,9 @@ def start_kernel(cpu: Any) -> TailCall:
     holds = parse_holds(cmdline)
     k.hold_build_pid, k.hold_build_ms = holds.get("build", (0, 0))
     k.hold_exit_pid, k.hold_exit_ms = holds.get("exit", (0, 0))
+    for word in cmdline.split():
+        if word.startswith("stopmachine="):
+            k.stop_test_ms = int(word.split("=", 1)[1], 0)
     k.free_at_boot = nr_free_pages(cpu)
     for i, (name, args) in enumerate(parse_cmdline(cmdline)):
         pid = spawn(cpu, name, args, on_cpu=i % nr_cpus)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 
 def native_entries() -> list[Callable[..., object]]:
-    from guestos import boot, events, syscalls, traps
+    from guestos import boot, events, stop_machine, syscalls, traps
     return [
         boot.start_kernel,          # 0: ENTRY
         boot.secondary_start,
@@ -21,4 +21,5 @@ def native_entries() -> list[Callable[..., object]]:
         traps.invalid_op,
         traps.general_protection,
         traps.page_fault,
+        stop_machine.multi_cpu_stop,
     ]

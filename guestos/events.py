@@ -10,7 +10,7 @@ from typing import Any
 from guestos.frame import read_bounce, return_from_bounce
 from guestos.hypercall import with_args
 from guestos.kdata import kernel, percpu, port_cpu_va
-from hypervisor.public.event_channel import EVTCHNOP_bind_virq, EVTCHNOP_unmask
+from hypervisor.public.event_channel import EVTCHNOP_bind_ipi, EVTCHNOP_bind_virq, EVTCHNOP_unmask
 from hypervisor.public.native import TailCall
 from hypervisor.public.xen import VIRQ_TIMER, Hypercall
 
@@ -51,6 +51,14 @@ def init_cpu(cpu: Any) -> None:
         bind_port_to_cpu(cpu, port, cpu.vcpu_id)
         cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
                       with_args(cpu, struct.pack("<I", port)))
+    # the IPI port: other cpus kick this one through it (stop_machine)
+    arg = with_args(cpu, struct.pack("<II", cpu.vcpu_id, 0))
+    if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_ipi, arg) == 0:
+        port = struct.unpack("<I", cpu.read(arg + 4, 4))[0]
+        percpu(cpu).ipi_port = port
+        bind_port_to_cpu(cpu, port, cpu.vcpu_id)
+        cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
+                      with_args(cpu, struct.pack("<I", port)))
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
 
 
@@ -60,6 +68,13 @@ def timer_tick(cpu: Any) -> None:
     pc.ticks = pc.ticks + 1
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
     scheduler_tick(cpu)
+    k = kernel(cpu)
+    if cpu.vcpu_id == 0 and k.stop_test_ms and now(cpu) >= k.stop_test_ms * 1_000_000:
+        from guestos.printk import printk
+        from guestos.stop_machine import FN_CHECK, THEN_RESCHEDULE, stop_machine
+        k.stop_test_ms = 0
+        printk(cpu, "stop_machine: starting (option stopmachine=)")
+        stop_machine(cpu, FN_CHECK, 0, THEN_RESCHEDULE)
 
 
 def hypervisor_callback(cpu: Any) -> TailCall:
@@ -87,11 +102,27 @@ def hypervisor_callback(cpu: Any) -> TailCall:
 def _return_or_switch(cpu: Any) -> TailCall:
     """Back to what the event interrupted, unless the scheduler wants this cpu:
     a user task whose time is up, or the idle loop with a task now runnable."""
+    from guestos import stop_machine
     from guestos.boot import cpu_idle
-    from guestos.task import current, pick_next, preempt_current, schedule
+    from guestos.task import (
+        RUNNABLE,
+        current,
+        pick_next,
+        preempt_current,
+        save_user_context,
+        schedule,
+    )
     frame = read_bounce(cpu)
     rip, cs = frame[2], frame[3]
-    if cs & 3 == 3:  # user mode (Xen clears the RPL of a kernel-mode frame)
+    user = cs & 3 == 3  # Xen clears the RPL of a kernel-mode frame
+    if stop_machine.wanted(cpu) and (user or rip == cpu.native_addr(cpu_idle)):
+        t = current(cpu)
+        if user and t is not None:
+            save_user_context(cpu, t, frame)
+            t.state = RUNNABLE
+            percpu(cpu).current = 0
+        return stop_machine.enter(cpu)
+    if user:
         if percpu(cpu).need_resched and current(cpu) is not None:
             return preempt_current(cpu, frame)
     elif rip == cpu.native_addr(cpu_idle) and pick_next(cpu) is not None:

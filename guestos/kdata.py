@@ -38,6 +38,7 @@ KERNEL = Layout("kernel", [
     ("hold_exit_pid", "u64"),
     ("hold_exit_ms", "u64"),
     ("free_at_boot", "u64"),   # free pages before the first task: none may leak
+    ("stop_test_ms", "u64"),   # option stopmachine=MS: a demonstration run at MS
 ])
 KERNEL_OFFSET = 0
 
@@ -47,12 +48,17 @@ PERCPU = Layout("percpu", [
     ("timer_port", "u64"),
     ("ticks", "u64"),
     ("user_l4", "u64"),         # mfn of the user L4 installed on this cpu
+    ("ipi_port", "u64"),
+    ("stop_state", "u64"),      # stop_machine: the last state this cpu acknowledged
+    ("in_stopper", "u64"),      # 1 while this cpu spins in stop_machine
+    ("stop_saved_mask", "u64"), # its event mask before stop_machine masked it
     ("current", "u64"),         # task slot + 1 of the running task; 0: idle
     ("need_resched", "u64"),
     ("last", "u64"),            # slot that ran last, for round robin
+    ("stop_seq", "u64"),        # the stop_machine this cpu joined last
 ])
 PERCPU_OFFSET = 512
-PERCPU_STRIDE = 64
+PERCPU_STRIDE = 128
 assert PERCPU.size <= PERCPU_STRIDE
 
 # a shared_info mapping the kernel makes at boot
@@ -91,6 +97,10 @@ PGD_LIST_OFFSET = TASKS_OFFSET + MAX_TASKS * TASK_SIZE
 # which cpu each event channel port is bound to (cpu + 1; 0: none), a byte a port
 NR_PORTS = 4096  # the 2-level ABI's 64 x 64
 PORT_CPU_OFFSET = PGD_LIST_OFFSET + MAX_TASKS * 8
+
+
+# the stop_machine control block (guestos/stop_machine.py), after the port table
+STOP_OFFSET = PORT_CPU_OFFSET + NR_PORTS
 
 
 def port_cpu_va(cpu: Any) -> int:

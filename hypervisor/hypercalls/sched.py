@@ -19,10 +19,15 @@ from hypervisor.public.sched import (
 if TYPE_CHECKING:
     from hypervisor.cpu.vcpu import Vcpu
 
+YIELD_NS = 1000  # virtual time a yield stands for
+
 
 def do_sched_op(vcpu: Vcpu, cmd: int, arg: int, *rest: int) -> int:
     dom = vcpu.domain
     if cmd == SCHEDOP_yield:
+        # a VCPU that yields is spinning (waiting for another one): let its
+        # virtual time pass, or the deterministic clock would run it forever
+        vcpu.clock += YIELD_NS
         vcpu.request_stop()
         return 0
     if cmd == SCHEDOP_block:

@@ -1,0 +1,197 @@
+"""stop_machine, as Linux's kernel/stop_machine.c has it (multi_cpu_stop).
+
+``stop_machine(cpu, fn, target, then)`` brings every online cpu into a spin
+loop that steps through the states PREPARE, DISABLE_IRQ, RUN, EXIT together:
+a state advances only when every cpu has acknowledged it. In DISABLE_IRQ each
+cpu masks its events; in RUN the chosen cpu runs ``fn`` while the others spin,
+masked, and they are released (EXIT) only after ``fn`` is done. Then every cpu
+restores its event mask and goes back to its tasks; the cpu that asked goes
+on with ``then``.
+
+Here a cpu enters the loop from the event upcall: the asking cpu sends an IPI
+to every other cpu, and the upcall's way out (events._return_or_switch) sees a
+stop_machine under way, saves the interrupted task and comes here instead. The
+spin is a yield with this function as its continuation (rule 3), so a cpu
+spinning here can be saved and restored like any other.
+
+``fn`` is given by number (STOP_FUNCTIONS): guest memory holds numbers, not
+Python objects. It returns an int, or ends with a blocking hypercall whose
+continuation later calls ``fn_done`` (the suspend hypercall does).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from guestos.hypercall import with_args
+from guestos.kdata import STOP_OFFSET, header, kernel, percpu
+from guestos.layout import Layout, Ref
+from guestos.printk import printk
+from hypervisor.public.event_channel import EVTCHNOP_send
+from hypervisor.public.native import TailCall
+from hypervisor.public.sched import SCHEDOP_yield
+from hypervisor.public.xen import Hypercall
+
+NONE, PREPARE, DISABLE_IRQ, RUN, EXIT = range(5)
+STATE_NAMES = ("none", "prepare", "disable_irq", "run", "exit")
+EBUSY = 16
+VCPU_INFO_SIZE = 64
+UPCALL_MASK_OFF = 1  # vcpu_info.evtchn_upcall_mask
+
+STOP = Layout("stop_machine", [
+    ("active", "u64"),
+    ("state", "u64"),
+    ("ack", "u64"),        # acknowledgements still missing for this state
+    ("nthreads", "u64"),
+    ("fn", "u64"),         # index into STOP_FUNCTIONS
+    ("cpu", "u64"),        # where fn runs
+    ("caller", "u64"),     # the cpu that asked, which goes on with `then`
+    ("then", "u64"),       # index into STOP_CONTINUATIONS
+    ("result", "u64"),
+    ("seq", "u64"),        # one number per stop_machine: a cpu joins each once
+])
+
+
+def stopper(cpu: Any) -> Ref:
+    return STOP.at(cpu, header(cpu).kernel_data + STOP_OFFSET)
+
+
+# --- the functions it can run, and what the caller does after -------------------------
+
+def check_the_others_spin(cpu: Any) -> int:
+    """A demonstration fn: report, for every other online cpu, whether it is in
+    the stopper with its events masked (they all must be)."""
+    k = kernel(cpu)
+    bad = [n for n in range(k.cpus_up) if n != cpu.vcpu_id
+           and not (percpu(cpu, n).in_stopper and events_masked(cpu, n))]
+    others = ",".join(str(n) for n in range(k.cpus_up) if n != cpu.vcpu_id) or "none"
+    if bad:
+        printk(cpu, f"stop_machine: FAILURE: cpus {bad} are not spinning masked")
+        return 1
+    printk(cpu, f"stop_machine: fn ran on cpu{cpu.vcpu_id} while cpus {others} "
+           "spun with events masked")
+    return 0
+
+
+def _reschedule(cpu: Any) -> TailCall:
+    from guestos.task import schedule
+    return schedule(cpu)
+
+
+# the order is an ABI with saved images: only ever append
+STOP_FUNCTIONS: tuple[Callable[[Any], Any], ...] = (check_the_others_spin,)
+FN_CHECK = 0
+STOP_CONTINUATIONS: tuple[Callable[[Any], TailCall], ...] = (_reschedule,)
+THEN_RESCHEDULE = 0
+
+
+# --- events -----------------------------------------------------------------------
+
+def events_masked(cpu: Any, n: int) -> bool:
+    return bool(cpu.read(_vcpu_info(cpu, n) + UPCALL_MASK_OFF, 1)[0])
+
+
+def _vcpu_info(cpu: Any, n: int) -> int:
+    return kernel(cpu).shared_info + VCPU_INFO_SIZE * n
+
+
+def _set_mask(cpu: Any, value: int) -> None:
+    cpu.write(_vcpu_info(cpu, cpu.vcpu_id) + UPCALL_MASK_OFF, bytes([value]))
+
+
+def send_ipi(cpu: Any, n: int) -> None:
+    cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_send,
+                  with_args(cpu, struct.pack("<I", percpu(cpu, n).ipi_port)))
+
+
+# --- the protocol ------------------------------------------------------------------
+
+def stop_machine(cpu: Any, fn: int, target: int, then: int) -> int:
+    """Start a stop_machine from this cpu (in the kernel, from an event handler):
+    returns 0, or -EBUSY if one is under way. The cpus enter it on their way
+    out of the upcall."""
+    sm = stopper(cpu)
+    if sm.active:
+        return -EBUSY
+    n = kernel(cpu).cpus_up
+    sm.active, sm.state, sm.nthreads, sm.ack = 1, PREPARE, n, n
+    sm.fn, sm.cpu, sm.caller, sm.then, sm.result = fn, target, cpu.vcpu_id, then, 0
+    sm.seq = sm.seq + 1
+    for other in range(n):
+        if other != cpu.vcpu_id:
+            send_ipi(cpu, other)
+    return 0
+
+
+def wanted(cpu: Any) -> bool:
+    """Is a stop_machine under way that this cpu has not joined yet? A cpu that
+    has already left it (EXIT acknowledged, the others not yet) must not join
+    again: it would acknowledge EXIT twice and strand the others."""
+    sm = stopper(cpu)
+    pc = percpu(cpu)
+    return bool(sm.active) and not pc.in_stopper and pc.stop_seq != sm.seq \
+        and cpu.vcpu_id < sm.nthreads
+
+
+def enter(cpu: Any) -> TailCall:
+    """Join: the cpu's task (if any) has been saved; spin from an empty stack."""
+    pc = percpu(cpu)
+    pc.in_stopper, pc.stop_state, pc.stop_seq = 1, NONE, stopper(cpu).seq
+    cpu.set_regs(rsp=pc.stack_top)
+    return multi_cpu_stop(cpu)
+
+
+def _ack(cpu: Any) -> None:
+    sm = stopper(cpu)
+    sm.ack = sm.ack - 1
+    if sm.ack == 0:
+        if sm.state == EXIT:
+            sm.active, sm.state = 0, NONE
+        else:
+            sm.ack, sm.state = sm.nthreads, sm.state + 1
+
+
+def multi_cpu_stop(cpu: Any) -> TailCall:
+    """One turn of the spin loop (a native entry: the continuation of the yield)."""
+    sm = stopper(cpu)
+    pc = percpu(cpu)
+    cur = sm.state if sm.active else NONE
+    if pc.stop_state == EXIT:
+        return _leave(cpu)  # acknowledged EXIT last time round: done
+    if cur != pc.stop_state and cur != NONE:
+        pc.stop_state = cur
+        if cur == DISABLE_IRQ:
+            pc.stop_saved_mask = events_masked(cpu, cpu.vcpu_id)
+            _set_mask(cpu, 1)
+        elif cur == RUN and cpu.vcpu_id == sm.cpu:
+            result = STOP_FUNCTIONS[sm.fn](cpu)
+            if isinstance(result, TailCall):
+                return result  # its continuation calls fn_done
+            sm.result = result
+        _ack(cpu)
+        if cur == EXIT:
+            return _leave(cpu)
+    return TailCall(Hypercall.sched_op, (SCHEDOP_yield, 0), multi_cpu_stop)
+
+
+def fn_done(cpu: Any, result: int) -> TailCall:
+    """The end of a fn that blocked: acknowledge RUN and spin on."""
+    sm = stopper(cpu)
+    sm.result = result
+    cpu.set_regs(rsp=percpu(cpu).stack_top)
+    _ack(cpu)
+    return TailCall(Hypercall.sched_op, (SCHEDOP_yield, 0), multi_cpu_stop)
+
+
+def _leave(cpu: Any) -> TailCall:
+    pc = percpu(cpu)
+    caller = stopper(cpu).caller == cpu.vcpu_id
+    then = stopper(cpu).then
+    pc.in_stopper, pc.stop_state = 0, NONE
+    _set_mask(cpu, pc.stop_saved_mask)
+    if caller:
+        return STOP_CONTINUATIONS[then](cpu)
+    return _reschedule(cpu)
+

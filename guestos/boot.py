@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from guestos import events, syscalls, traps
+from guestos import events, manage, pm, syscalls, traps
 from guestos.hypercall import with_args
 from guestos.kdata import KSTACK_PAGES, MAX_CPUS, MAX_TASKS, header, kernel, percpu
 from guestos.mm import (
@@ -16,6 +16,7 @@ from guestos.mm import (
     PTE_RW,
     alloc_pages,
     free_page,
+    mfn_to_pfn,
     nr_free_pages,
     pfn_of,
     pfn_to_mfn,
@@ -60,6 +61,41 @@ def parse_holds(cmdline: str) -> dict[str, tuple[int, int]]:
     return holds
 
 
+def parse_int(cmdline: str, name: str, default: int = 0) -> int:
+    """The value of option ``name=N`` (0x.. too); default if it is absent or no number."""
+    for word in cmdline.split():
+        if word.startswith(name + "="):
+            try:
+                return int(word.split("=", 1)[1], 0)
+            except ValueError:
+                return default
+    return default
+
+
+def parse_options(cpu: Any, cmdline: str) -> None:
+    """The kernel's options besides run= and hold=:
+    stopmachine=MS   run a stop_machine check at MS
+    nosaverestore    built without save/restore (CONFIG_XEN_SAVE_RESTORE=n)
+    worker=MS        a freezable kernel worker that runs every MS
+    testdevs=N       N test devices that log their PM callbacks
+    pmfail=DEV:PHASE device DEV (0: the console, 1..N: the test devices) fails PHASE
+                     (freeze, freeze_noirq, ...: guestos/pm.py PHASES)"""
+    k = kernel(cpu)
+    words = cmdline.split()
+    k.stop_test_ms = parse_int(cmdline, "stopmachine")
+    k.save_restore = 0 if "nosaverestore" in words else 1
+    k.wq_period_ms = parse_int(cmdline, "worker")
+    k.wq_next = k.wq_period_ms * 1_000_000
+    for word in words:
+        if word.startswith("pmfail="):
+            dev, _, phase = word[7:].partition(":")
+            if dev.isdigit() and phase in pm.PHASES:
+                k.pm_fail = (int(dev) + 1) << 8 | (pm.PHASES.index(phase) + 1)
+            else:
+                printk(cpu, f"option {word}: want pmfail=DEV:PHASE, PHASE one of "
+                       + ", ".join(pm.PHASES))
+
+
 def register_callbacks(cpu: Any) -> None:
     cpu.hypercall(Hypercall.set_callbacks, cpu.native_addr(events.hypervisor_callback),
                   cpu.native_addr(events.failsafe_callback),
@@ -79,6 +115,11 @@ def start_kernel(cpu: Any) -> TailCall:
     k.mfn_list = si.mfn_list
     k.next_free_pfn = pfn_of(cpu.reg("rsp"))  # everything below the boot stack top is taken
     k.kernel_l4_mfn = pfn_to_mfn(cpu, pfn_of(si.pt_base))
+    # the console ring: printk goes there from now on; the store ring
+    k.console_pfn = mfn_to_pfn(cpu, si.console.domU.mfn)
+    k.console_port = si.console.domU.evtchn
+    k.store_pfn = mfn_to_pfn(cpu, si.store_mfn)
+    k.store_port = si.store_evtchn
     # map shared_info over a spare page of the kernel's own mapping
     shinfo_pfn = alloc_pages(cpu)
     cpu.hypercall(Hypercall.update_va_mapping, va(shinfo_pfn), shinfo_maddr | PTE_RW, 0)
@@ -104,9 +145,11 @@ def start_kernel(cpu: Any) -> TailCall:
     holds = parse_holds(cmdline)
     k.hold_build_pid, k.hold_build_ms = holds.get("build", (0, 0))
     k.hold_exit_pid, k.hold_exit_ms = holds.get("exit", (0, 0))
-    for word in cmdline.split():
-        if word.startswith("stopmachine="):
-            k.stop_test_ms = int(word.split("=", 1)[1], 0)
+    parse_options(cpu, cmdline)
+    pm.device_register(cpu, pm.DRV_XENCONS)
+    for i in range(parse_int(cmdline, "testdevs")):
+        pm.device_register(cpu, pm.DRV_TESTDEV, i)
+    manage.xenbus_init(cpu)
     k.free_at_boot = nr_free_pages(cpu)
     for i, (name, args) in enumerate(parse_cmdline(cmdline)):
         pid = spawn(cpu, name, args, on_cpu=i % nr_cpus)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 
 def native_entries() -> list[Callable[..., object]]:
-    from guestos import boot, events, stop_machine, syscalls, traps
+    from guestos import boot, events, manage, stop_machine, suspend, syscalls, traps
     return [
         boot.start_kernel,          # 0: ENTRY
         boot.secondary_start,
@@ -22,4 +22,6 @@ def native_entries() -> list[Callable[..., object]]:
         traps.general_protection,
         traps.page_fault,
         stop_machine.multi_cpu_stop,
+        manage.suspend_freeze_wait,
+        suspend.xen_suspend_resumed,
     ]

@@ -69,6 +69,9 @@ def timer_tick(cpu: Any) -> None:
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
     scheduler_tick(cpu)
     k = kernel(cpu)
+    if cpu.vcpu_id == 0:
+        from guestos.freezer import run_workqueue
+        run_workqueue(cpu, now(cpu))
     if cpu.vcpu_id == 0 and k.stop_test_ms and now(cpu) >= k.stop_test_ms * 1_000_000:
         from guestos.printk import printk
         from guestos.stop_machine import FN_CHECK, THEN_RESCHEDULE, stop_machine
@@ -102,7 +105,7 @@ def hypervisor_callback(cpu: Any) -> TailCall:
 def _return_or_switch(cpu: Any) -> TailCall:
     """Back to what the event interrupted, unless the scheduler wants this cpu:
     a user task whose time is up, or the idle loop with a task now runnable."""
-    from guestos import stop_machine
+    from guestos import manage, stop_machine
     from guestos.boot import cpu_idle
     from guestos.task import (
         RUNNABLE,
@@ -115,17 +118,20 @@ def _return_or_switch(cpu: Any) -> TailCall:
     frame = read_bounce(cpu)
     rip, cs = frame[2], frame[3]
     user = cs & 3 == 3  # Xen clears the RPL of a kernel-mode frame
-    if stop_machine.wanted(cpu) and (user or rip == cpu.native_addr(cpu_idle)):
+    idle = rip == cpu.native_addr(cpu_idle)
+    stop, work = stop_machine.wanted(cpu), manage.worker_wanted(cpu)
+    if (stop or work) and (user or idle):
+        # a kernel context of its own takes this cpu: keep the task it interrupted
         t = current(cpu)
         if user and t is not None:
             save_user_context(cpu, t, frame)
             t.state = RUNNABLE
             percpu(cpu).current = 0
-        return stop_machine.enter(cpu)
+        return stop_machine.enter(cpu) if stop else manage.xenwatch(cpu)
     if user:
         if percpu(cpu).need_resched and current(cpu) is not None:
             return preempt_current(cpu, frame)
-    elif rip == cpu.native_addr(cpu_idle) and pick_next(cpu) is not None:
+    elif idle and pick_next(cpu) is not None:
         return schedule(cpu)
     return return_from_bounce(cpu)
 
@@ -133,6 +139,9 @@ def _return_or_switch(cpu: Any) -> TailCall:
 def handle_port(cpu: Any, port: int) -> None:
     if port == percpu(cpu).timer_port:
         timer_tick(cpu)
+    elif port == kernel(cpu).store_port and not kernel(cpu).xs_suspended:
+        from guestos.xenbus import process_events
+        process_events(cpu)
 
 
 def failsafe_callback(cpu: Any) -> TailCall:

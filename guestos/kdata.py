@@ -39,6 +39,28 @@ KERNEL = Layout("kernel", [
     ("hold_exit_ms", "u64"),
     ("free_at_boot", "u64"),   # free pages before the first task: none may leak
     ("stop_test_ms", "u64"),   # option stopmachine=MS: a demonstration run at MS
+    ("console_port", "u64"),   # the console ring's event channel (start_info)
+    ("console_pfn", "u64"),    #   and its page
+    ("store_port", "u64"),     # the xenstore ring's
+    ("store_pfn", "u64"),
+    ("xs_req_id", "u64"),      # the last xenstore request id
+    ("xs_in_len", "u64"),      # bytes of a reply read from the ring, not yet whole
+    ("xs_suspended", "u64"),   # xs_suspend .. xs_resume: no requests
+    ("save_restore", "u64"),   # CONFIG_XEN_SAVE_RESTORE: 1 unless option nosaverestore
+    ("shutting_down", "u64"),  # SHUTDOWN_* + 1 while a request is handled; 0: none
+    ("shutdown_request", "u64"),  # SHUTDOWN_* + 1 for the xenwatch worker; 0: none
+    ("freezing", "u64"),       # user tasks are frozen (picked by no cpu)
+    ("wq_frozen", "u64"),      # freezable workers are frozen
+    ("wq_runs", "u64"),        # times the freezable work has run (option worker=MS)
+    ("wq_period_ms", "u64"),
+    ("wq_next", "u64"),        #   and when it runs next (virtual ns)
+    ("suspend_step", "u64"),   # do_suspend: where the worker is
+    ("suspend_deadline", "u64"),  # freezing gives up after this (virtual ns)
+    ("suspend_cancelled", "u64"),  # the suspend hypercall's result
+    ("nr_devices", "u64"),
+    ("pm_fail", "u64"),        # option pmfail=DEV.PHASE: (dev + 1) << 8 | phase
+    ("pm_done", "u64"),        # devices through the current PM phase (for rollback)
+    ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
 ])
 KERNEL_OFFSET = 0
 
@@ -56,6 +78,7 @@ PERCPU = Layout("percpu", [
     ("need_resched", "u64"),
     ("last", "u64"),            # slot that ran last, for round robin
     ("stop_seq", "u64"),        # the stop_machine this cpu joined last
+    ("in_worker", "u64"),       # 1 while this cpu runs the xenwatch worker
 ])
 PERCPU_OFFSET = 512
 PERCPU_STRIDE = 128
@@ -113,3 +136,26 @@ def tasks_va(cpu: Any) -> int:
 
 def pgd_list_va(cpu: Any) -> int:
     return header(cpu).kernel_data + PGD_LIST_OFFSET
+
+
+# xenbus: watches, queued watch events, a reply being read (guestos/xenbus.py)
+XENBUS_OFFSET = STOP_OFFSET + 256
+MAX_WATCHES = 8
+WATCH_SIZE = 128               # u64 handler + 1 (0: free), path
+MAX_XS_EVENTS = 8
+XS_EVENT_SIZE = 256            # u64 length, the event's payload
+XS_IN_SIZE = 16 + 4096         # one message: header and the largest payload
+WATCHES_OFFSET = XENBUS_OFFSET
+XS_EVENTS_OFFSET = WATCHES_OFFSET + MAX_WATCHES * WATCH_SIZE
+XS_IN_OFFSET = XS_EVENTS_OFFSET + MAX_XS_EVENTS * XS_EVENT_SIZE
+
+# the PM core's device list (guestos/pm.py)
+DEVICES_OFFSET = XS_IN_OFFSET + XS_IN_SIZE
+MAX_DEVICES = 16
+DEVICE_SIZE = 16               # u64 driver, u64 instance
+KDATA_END = DEVICES_OFFSET + MAX_DEVICES * DEVICE_SIZE
+assert KDATA_END <= 65536, "kernel data outgrew KERNEL_DATA_SIZE (firmware/kernel/head.S)"
+
+
+def kdata_va(cpu: Any, offset: int) -> int:
+    return header(cpu).kernel_data + offset

@@ -14,6 +14,7 @@ from hypervisor.public.arch_x86 import (
     _PAGE_PRESENT,
     _PAGE_RW,
     _PAGE_USER,
+    MACH2PHYS_VIRT_START,
 )
 from hypervisor.public.xen import Hypercall
 
@@ -41,6 +42,11 @@ def pfn_of(addr: int) -> int:
 
 def pfn_to_mfn(cpu: Any, pfn: int) -> int:
     return cpu.read_u64(kernel(cpu).mfn_list + 8 * pfn)
+
+
+def mfn_to_pfn(cpu: Any, mfn: int) -> int:
+    """Through the read-only M2P the hypervisor maps into every guest."""
+    return cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
 
 
 def alloc_pages(cpu: Any, n: int = 1) -> int:

@@ -1,17 +1,26 @@
-"""printk: kernel messages to the console, prefixed with the cpu."""
+"""printk: kernel messages to the console, prefixed with the cpu. Before
+the console ring is known (the first lines of boot) they go through the
+console_io hypercall, as Linux's early printk does."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from guestos.hypercall import console_write
-from guestos.kdata import scratch_va
+from guestos.kdata import kernel, scratch_va
 
 
-def printk(cpu: Any, msg: str) -> None:
-    data = f"[cpu{cpu.vcpu_id}] {msg}\n".encode()
+def console_out(cpu: Any, data: bytes) -> None:
+    if kernel(cpu).console_port:
+        from guestos.xencons import hvc_write
+        hvc_write(cpu, data)
+        return
     buf = scratch_va(cpu)
     for i in range(0, len(data), 256):
         chunk = data[i:i + 256]
         cpu.write(buf, chunk)
         console_write(cpu, buf, len(chunk))
+
+
+def printk(cpu: Any, msg: str) -> None:
+    console_out(cpu, f"[cpu{cpu.vcpu_id}] {msg}\n".encode())

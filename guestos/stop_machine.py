@@ -80,11 +80,21 @@ def _reschedule(cpu: Any) -> TailCall:
     return schedule(cpu)
 
 
+def _xen_suspend(cpu: Any) -> TailCall:
+    from guestos.suspend import xen_suspend
+    return xen_suspend(cpu)
+
+
+def _suspend_resume(cpu: Any) -> TailCall:
+    from guestos.manage import suspend_resume
+    return suspend_resume(cpu)
+
+
 # the order is an ABI with saved images: only ever append
-STOP_FUNCTIONS: tuple[Callable[[Any], Any], ...] = (check_the_others_spin,)
-FN_CHECK = 0
-STOP_CONTINUATIONS: tuple[Callable[[Any], TailCall], ...] = (_reschedule,)
-THEN_RESCHEDULE = 0
+STOP_FUNCTIONS: tuple[Callable[[Any], Any], ...] = (check_the_others_spin, _xen_suspend)
+FN_CHECK, FN_XEN_SUSPEND = 0, 1
+STOP_CONTINUATIONS: tuple[Callable[[Any], TailCall], ...] = (_reschedule, _suspend_resume)
+THEN_RESCHEDULE, THEN_SUSPEND_RESUME = 0, 1
 
 
 # --- events -----------------------------------------------------------------------

@@ -10,9 +10,7 @@ from typing import Any
 
 from guestos.events import now
 from guestos.frame import iret_to, read_bounce
-from guestos.hypercall import console_write
-from guestos.kdata import scratch_va
-from guestos.printk import printk
+from guestos.printk import console_out, printk
 from guestos.task import (
     RUNNABLE,
     SLEEPING,
@@ -70,11 +68,7 @@ def sys_write(cpu: Any, fd: int, buf: int, size: int) -> int:
     data = copy_from_user(cpu, buf, size)
     if data is None:
         return -EFAULT
-    tmp = scratch_va(cpu)
-    for i in range(0, len(data), 256):
-        chunk = data[i:i + 256]
-        cpu.write(tmp, chunk)
-        console_write(cpu, tmp, len(chunk))
+    console_out(cpu, data)
     return len(data)
 
 

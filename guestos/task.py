@@ -174,7 +174,10 @@ def _resume(cpu: Any, slot: int) -> TailCall:
 # --- the scheduler ------------------------------------------------------------------
 
 def pick_next(cpu: Any) -> int | None:
-    """Round robin over this cpu's runnable tasks, starting after the last one run."""
+    """Round robin over this cpu's runnable tasks, starting after the last one
+    run; none while the freezer holds them."""
+    if kernel(cpu).freezing:
+        return None
     mine = [s for s in slots_on(cpu, cpu.vcpu_id) if task(cpu, s).state == RUNNABLE]
     if not mine:
         return None
@@ -209,10 +212,11 @@ def scheduler_tick(cpu: Any) -> None:
     constructions and teardowns, and ask for a switch if another task waits."""
     t_now = now(cpu)
     waiting = False
+    frozen = kernel(cpu).freezing  # a held construction or teardown is frozen too
     for s in slots_on(cpu, cpu.vcpu_id):
         t = task(cpu, s)
         state = t.state
-        if state in (SLEEPING, NEW, DEAD) and t.wake_at <= t_now:
+        if state in (SLEEPING, NEW, DEAD) and t.wake_at <= t_now and not frozen:
             if state == SLEEPING:
                 t.state = RUNNABLE
             elif state == NEW:

@@ -81,6 +81,9 @@ class Hypervisor:
             Hypercall.event_channel_op: do_event_channel_op,
         }
         self.hypercall_count = 0
+        # the toolstack's xenstore (hypervisor/toolstack/xenstored.Store), shared by
+        # its domains; the toolstack sets it up with the first one
+        self.xenstore: Any = None
         # a test mode: called as after_hypercall(vcpu, nr, args, rc) after each one
         self.after_hypercall: Callable[[Vcpu, int, Any, Any], None] | None = None
 
@@ -168,6 +171,13 @@ class Hypervisor:
 
     def suspend_domain(self, dom: Domain, vcpu: Vcpu) -> None:
         dom.shutdown(SHUTDOWN_suspend)
+
+    def resume_domain(self, dom: Domain) -> None:
+        """XEN_DOMCTL_resumedomain: a domain that shut down for a suspend runs
+        on (its VCPUs where they stopped; the toolstack has set the result)."""
+        if dom.shutdown_reason != SHUTDOWN_suspend:
+            raise ValueError(f"domain {dom.domid} is not suspended")
+        dom.shutdown_reason = None
 
     # --- running -----------------------------------------------------------------------
 

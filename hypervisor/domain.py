@@ -41,6 +41,9 @@ class Domain:
         self.console_sink: Any = None      # callable(bytes) for live output
         self.native: Any = None            # the bound guest kernel, if any
         self.kernel_module = ""
+        # the toolstack's backends on this domain's rings (consoled, xenstored)
+        self.console_backend: Any = None
+        self.xenstore: Any = None
 
     # --- shared_info -----------------------------------------------------------------
 
@@ -133,6 +136,9 @@ class Domain:
                 setattr(v, k, value)
 
     def close(self) -> None:
+        if self.xenstore is not None:
+            self.xenstore.store.release(self.xenstore)
+            self.xenstore = None
         for v in self.vcpus:
             v.close()
         self._shared_info = None

@@ -10,6 +10,7 @@ the way back into the guest.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from hypervisor.domain import Domain
 
 BITS_PER_WORD = 64
+DOMID_TOOLSTACK = 0  # the other end of a guest's console and xenstore channels
 
 
 class PortState(enum.IntEnum):
@@ -51,6 +53,9 @@ class EventChannels:
         self.domain = domain
         self.ports = [Port(PortState.reserved)]  # port 0 is never used
         self.virqs: dict[tuple[int, int], int] = {}  # (vcpu, virq) -> port
+        # ports whose far end is a toolstack backend (consoled, xenstored):
+        # a send runs the backend at once, inside the guest's hypercall
+        self.backends: dict[int, Callable[[], None]] = {}
 
     # --- allocation ---------------------------------------------------------------
 
@@ -94,6 +99,15 @@ class EventChannels:
         self.ports[port] = Port(PortState.unbound, remote_dom=remote_dom)
         return port
 
+    def bind_backend(self, port: int, notify: Callable[[], None]) -> None:
+        """The toolstack side binds a port the builder left unbound for it, as
+        xenconsoled and xenstored do with EVTCHNOP_bind_interdomain."""
+        p = self.ports[port]
+        if p.state != PortState.unbound or p.remote_dom != DOMID_TOOLSTACK:
+            raise ValueError(f"port {port} is not unbound for the toolstack")
+        p.state = PortState.interdomain
+        self.backends[port] = notify
+
     def close(self, port: int) -> int:
         if not self._valid(port):
             return -EINVAL
@@ -104,7 +118,7 @@ class EventChannels:
             return -EINVAL
         if p.state == PortState.virq:
             del self.virqs[(p.vcpu, p.virq)]
-        if p.state == PortState.interdomain:
+        if p.state == PortState.interdomain and self.backends.pop(port, None) is None:
             peer = self.domain.hypervisor.domain_by_id(p.remote_dom)
             if peer is not None:
                 peer.evtchn.ports[p.remote_port] = Port(PortState.unbound,
@@ -134,6 +148,10 @@ class EventChannels:
         if p.state == PortState.ipi:
             self.set_pending(port)
         elif p.state == PortState.interdomain:
+            backend = self.backends.get(port)
+            if backend is not None:
+                backend()
+                return 0
             peer = self.domain.hypervisor.domain_by_id(p.remote_dom)
             if peer is not None:
                 peer.evtchn.set_pending(p.remote_port)

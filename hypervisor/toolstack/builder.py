@@ -34,7 +34,9 @@ from hypervisor.public.arch_x86 import (
 from hypervisor.public.native import PVLAB_IMAGE_MAGIC, pvlab_image_header
 from hypervisor.public.xen import start_info
 from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.elfimage import GuestImage, ImageError, load_image
+from hypervisor.toolstack.xenstored import Store
 
 START_INFO_MAGIC = b"xen-3.0-x86_64"
 BOOT_STACK_PAGES = 4
@@ -212,6 +214,11 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
     si.console.domU.mfn = int(p2m[lay.console_pfn])
     si.console.domU.evtchn = console_port
     si.pt_base = va(lay.pt_pfn)
+    # the toolstack's ends: the console daemon and the store (XS_INTRODUCE)
+    dom.console_backend = ConsoleBackend(dom, si.console.domU.mfn, console_port)
+    if hv.xenstore is None:
+        hv.xenstore = Store()
+    dom.xenstore = hv.xenstore.introduce(dom, si.store_mfn, store_port)
     si.nr_pt_frames = pt_pages
     si.mfn_list = va(lay.p2m_pfn)
     si.cmd_line = cfg.cmdline.encode()

@@ -9,6 +9,7 @@ import sys
 from hypervisor.domain import Domain
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
+from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.elfimage import ImageError
 from hypervisor.toolstack.session import boot, run_domain
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
@@ -32,13 +33,26 @@ def _stream(dom: Domain, data: bytes) -> None:
     sys.stdout.flush()
 
 
+def _note(msg: str) -> None:
+    sys.stdout.write(f"[toolstack] {msg}\n")
+    sys.stdout.flush()
+
+
+def _request(text: str) -> Request:
+    try:
+        return parse_request(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic")
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(dom, args.trace, sys.stdout).attach()
-    result = run_domain(hv, dom, args.until, _stream)
+    requests = [*cfg.requests, *args.request]
+    result = run_domain(hv, dom, args.until, _stream, requests, _note)
     if result.reason == "poweroff":
         return EXIT_OK
     if result.reason == "running":
@@ -104,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", metavar="N", type=int, default=0,
                      help="print the first N instructions each VCPU executes, "
                           "disassembled, with symbols")
+    run.add_argument("--request", metavar="'TIME WHAT'", type=_request, action="append",
+                     default=[],
+                     help="at TIME of virtual time the toolstack asks the guest WHAT: "
+                          "poweroff, halt, reboot, suspend (it writes control/shutdown), "
+                          "or PATH=VALUE (a xenstore write in the guest's home); a guest "
+                          "that suspends is resumed cancelled; repeatable "
+                          "(e.g. --request '15ms suspend')")
     run.set_defaults(func=cmd_run)
 
     frames = sub.add_parser("frames", help="show a domain's frame table at a point in time",

@@ -8,6 +8,8 @@
     seed = 1             # frame shuffling and scheduling
     kernel = "guestos"   # optional: boot another Python kernel than the image names
     maxmem = 128         # optional: MiB the domain may grow to (balloon up); default memory
+    requests = ["15ms suspend"]   # optional: what the toolstack asks of the guest, and when
+                                  # (poweroff, halt, reboot, suspend, or PATH=VALUE in xenstore)
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+from hypervisor.toolstack.control import Request, parse_request
 
 MAX_VCPUS = 32  # XEN_LEGACY_MAX_VCPUS: vcpu_info lives in shared_info
 MAX_MEMORY_MIB = 1536  # the kernel maps all its memory below the top 2 GiB
@@ -36,10 +40,12 @@ class DomainConfig:
     path: Path | None = None
     kernel: str = ""          # a Python module overriding the image's kernel note
     maxmem: int = 0           # MiB the domain may grow to (xl's maxmem); 0: = memory
+    requests: tuple[Request, ...] = ()  # the toolstack's requests to the running guest
 
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
-         "kernel": str, "maxmem": int}
+         "kernel": str, "maxmem": int, "requests": list}
+_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings"}
 _REQUIRED = ("name", "memory", "image")
 
 
@@ -54,8 +60,7 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     for key, value in data.items():
         want = _KEYS[key]
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ConfigError(f"{src}: {key} must be {'an integer' if want is int else 'a string'}"
-                              f", not {value!r}")
+            raise ConfigError(f"{src}: {key} must be {_TYPE_NAMES[want]}, not {value!r}")
     memory, vcpus = data["memory"], data.get("vcpus", 1)
     if not 4 <= memory <= MAX_MEMORY_MIB:
         raise ConfigError(f"{src}: memory is {memory} MiB; it must be 4 to {MAX_MEMORY_MIB}")
@@ -78,8 +83,16 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     kernel = data.get("kernel", "")
     if kernel and not all(part.isidentifier() for part in kernel.split(".")):
         raise ConfigError(f"{src}: kernel {kernel!r} is not a Python module name")
+    requests = []
+    for text in data.get("requests", []):
+        if not isinstance(text, str):
+            raise ConfigError(f"{src}: requests must be a list of strings, not {text!r}")
+        try:
+            requests.append(parse_request(text))
+        except ValueError as e:
+            raise ConfigError(f"{src}: {e}") from None
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
-                        where, kernel, maxmem)
+                        where, kernel, maxmem, tuple(requests))
 
 
 def load_config(path: str | Path) -> DomainConfig:

@@ -3,13 +3,26 @@ does, as a function the tests and tools call too."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from hypervisor.core import Hypervisor
 from hypervisor.domain import SHUTDOWN_NAMES, Domain
+from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.control import (
+    ACK_TIMEOUT_NS,
+    Request,
+    apply_request,
+    cancel_shutdown,
+    resume_cancelled,
+    shutdown_pending,
+)
+from hypervisor.toolstack.timeparse import format_duration
+
+log = logging.getLogger(__name__)
 
 HYPERVISOR_OVERHEAD_MIB = 8
 
@@ -25,6 +38,7 @@ class RunResult:
     console: bytes
     reason: str           # "poweroff", "crash", ..., "running" (time limit) or "hung"
     virtual_ns: int
+    notes: list[str] = field(default_factory=list)  # the toolstack's messages
 
     @property
     def ok(self) -> bool:
@@ -41,15 +55,70 @@ def boot(cfg: DomainConfig, seed: int | None = None, clock: str = "deterministic
 
 
 def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
-               sink: Callable[[Domain, bytes], None] | None = None) -> RunResult:
+               sink: Callable[[Domain, bytes], None] | None = None,
+               requests: Sequence[Request] = (),
+               note: Callable[[str], None] | None = None) -> RunResult:
+    """Run until the domain shuts down, hangs, or (with until_ns) every VCPU
+    reaches that virtual time. ``requests`` are made at their times; a domain
+    that suspends is resumed cancelled (nothing saves it here). ``note`` gets
+    the toolstack's own messages."""
     dom.console_sink = sink
-    hv.run(until_ns)
+    notes: list[str] = []
+
+    def say(msg: str) -> None:
+        notes.append(msg)
+        log.info("%s", msg)
+        if note is not None:
+            note(msg)
+
+    pending = sorted(requests, key=lambda r: r.at_ns)
+    ack_deadline: int | None = None
+    while True:
+        marks = [pending[0].at_ns] if pending else []
+        if ack_deadline is not None:
+            marks.append(ack_deadline)
+        if until_ns is not None:
+            marks.append(until_ns)
+        limit = min(marks) if marks else None
+        hv.run(limit)
+        if dom.shutdown_reason == SHUTDOWN_suspend:
+            say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
+                "(the suspend hypercall returns 1)")
+            resume_cancelled(hv, dom)
+            ack_deadline = None
+            continue
+        if dom.shutdown_reason is not None or limit is None or not _reached(dom, limit):
+            break
+        while pending and pending[0].at_ns <= limit:
+            req = pending.pop(0)
+            say(f"at {format_duration(req.at_ns)}: {_describe(req)}")
+            apply_request(hv, dom, req)
+            if req.command:
+                ack_deadline = req.at_ns + ACK_TIMEOUT_NS
+        if ack_deadline is not None:
+            if not shutdown_pending(hv, dom):
+                ack_deadline = None
+            elif limit >= ack_deadline:
+                say(f"guest didn't acknowledge {shutdown_pending(hv, dom)}, cancelling request")
+                cancel_shutdown(hv, dom)
+                ack_deadline = None
+        if until_ns is not None and limit >= until_ns:
+            break
     if dom.shutdown_reason is not None:
         reason = SHUTDOWN_NAMES.get(dom.shutdown_reason, str(dom.shutdown_reason))
-    elif until_ns is not None and all(v.clock >= until_ns or (v.blocked and v.timer_deadline)
-                                      for v in dom.vcpus if v.online):
+    elif until_ns is not None and _reached(dom, until_ns):
         reason = "running"  # each VCPU reached the time, or sleeps until a timer
     else:
         reason = "hung"
     t = max((v.clock for v in dom.vcpus), default=0)
-    return RunResult(dom, bytes(dom.console_out), reason, t)
+    return RunResult(dom, bytes(dom.console_out), reason, t, notes)
+
+
+def _reached(dom: Domain, t: int) -> bool:
+    return all(v.clock >= t or (v.blocked and v.timer_deadline) for v in dom.vcpus if v.online)
+
+
+def _describe(req: Request) -> str:
+    if req.command:
+        return f"the toolstack writes control/shutdown = {req.command}"
+    return f"the toolstack writes {req.path} = {req.value}"

@@ -1,0 +1,198 @@
+"""Shutdown requests from the toolstack and the suspend path (Linux's
+drivers/xen/manage.c).
+
+The kernel watches ``control/shutdown`` in its xenstore home. The watch
+handler reads the value in a transaction and, for a command it can carry out
+(poweroff, halt, reboot, and suspend if save/restore is built in), writes ""
+back as its acknowledgement; anything else is ignored with a log line. The
+request is then carried out by the xenwatch worker on cpu0, a kernel context
+of its own that can wait (rule 3: every wait a yield with a continuation):
+
+    do_suspend: freeze_processes, freezable workers, dpm_suspend_start(FREEZE),
+        xs_suspend, dpm_suspend_noirq(FREEZE), stop_machine(xen_suspend, cpu0),
+        dpm_resume_noirq(THAW or RESTORE), xs_suspend_cancel or xs_resume,
+        dpm_resume_end(THAW or RESTORE), thaw_processes
+
+Every step is logged with the cpu it ran on.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from guestos import freezer, pm, xenbus
+from guestos.events import now
+from guestos.hypercall import shutdown_args, with_args
+from guestos.kdata import kernel, percpu
+from guestos.printk import printk
+from hypervisor.public.event_channel import EVTCHNOP_unmask
+from hypervisor.public.native import TailCall
+from hypervisor.public.sched import (
+    SCHEDOP_yield,
+    SHUTDOWN_poweroff,
+    SHUTDOWN_reboot,
+    SHUTDOWN_suspend,
+)
+from hypervisor.public.xen import Hypercall
+
+COMMANDS = {"poweroff": SHUTDOWN_poweroff, "halt": SHUTDOWN_poweroff,
+            "reboot": SHUTDOWN_reboot, "suspend": SHUTDOWN_suspend}
+
+
+def xenbus_init(cpu: Any) -> None:
+    """At boot on cpu0: the store's port is cpu0's; watch control/shutdown and
+    say which commands this kernel carries out."""
+    from guestos.events import bind_port_to_cpu
+    k = kernel(cpu)
+    bind_port_to_cpu(cpu, k.store_port, 0)
+    cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
+                  with_args(cpu, struct.pack("<I", k.store_port)))
+    for feature in ("poweroff", "reboot") + (("suspend",) if k.save_restore else ()):
+        xenbus.write(cpu, f"control/feature-{feature}", "1")
+    xenbus.register_watch(cpu, "control/shutdown", xenbus.WATCH_SHUTDOWN)
+    printk(cpu, "xenbus: connected; watching control/shutdown"
+           + ("" if k.save_restore else " (built without save/restore support)"))
+
+
+def shutdown_handler(cpu: Any, path: str) -> None:
+    """The watch on control/shutdown (runs on cpu0, events masked)."""
+    k = kernel(cpu)
+    if k.shutting_down:
+        return  # one request at a time
+    known = dict(COMMANDS)
+    if not k.save_restore:
+        del known["suspend"]  # CONFIG_XEN_SAVE_RESTORE=n: no handler for it
+    for _ in range(16):
+        tx = xenbus.transaction_start(cpu)
+        try:
+            value = xenbus.read(cpu, "control/shutdown", tx)
+        except xenbus.XenbusError:
+            xenbus.transaction_end(cpu, tx, abort=True)
+            return
+        if value in known:
+            xenbus.write(cpu, "control/shutdown", "", tx)  # the acknowledgement
+        try:
+            xenbus.transaction_end(cpu, tx)
+        except xenbus.XenbusError as e:
+            if e.errno == "EAGAIN":
+                continue
+            raise
+        break
+    else:
+        printk(cpu, "shutdown request: the store keeps failing the transaction")
+        return
+    if value in known:
+        printk(cpu, f"shutdown request: {value}")
+        k.shutting_down = known[value] + 1
+        k.shutdown_request = known[value] + 1
+    elif value == "suspend":
+        printk(cpu, "Ignoring shutdown request: suspend: this kernel is built without "
+               "save/restore support (option nosaverestore: CONFIG_XEN_SAVE_RESTORE=n)")
+    elif value:
+        printk(cpu, f"Ignoring shutdown request: {value}")
+
+
+# --- the xenwatch worker on cpu0 ----------------------------------------------------
+
+def worker_wanted(cpu: Any) -> bool:
+    return cpu.vcpu_id == 0 and bool(kernel(cpu).shutdown_request) \
+        and not percpu(cpu).in_worker and not percpu(cpu).in_stopper
+
+
+def xenwatch(cpu: Any) -> TailCall:
+    """Carry out the request (this cpu's task, if any, has been saved)."""
+    k = kernel(cpu)
+    pc = percpu(cpu)
+    pc.in_worker = 1
+    cpu.set_regs(rsp=pc.stack_top)
+    req = k.shutdown_request - 1
+    k.shutdown_request = 0
+    if req == SHUTDOWN_suspend:
+        return do_suspend(cpu)
+    from guestos.boot import cpu_idle
+    printk(cpu, f"shutting down: {'reboot' if req == SHUTDOWN_reboot else 'poweroff'}")
+    return TailCall(Hypercall.sched_op, shutdown_args(cpu, req), cpu_idle)
+
+
+def _worker_done(cpu: Any) -> TailCall:
+    from guestos.task import schedule
+    k = kernel(cpu)
+    k.shutting_down = 0
+    percpu(cpu).in_worker = 0
+    if k.shutdown_request == 0:
+        xenbus.process_events(cpu)  # what came in while the store was suspended
+    return schedule(cpu)
+
+
+def do_suspend(cpu: Any) -> TailCall:
+    k = kernel(cpu)
+    printk(cpu, "suspend: freeze_processes")
+    freezer.freeze_processes_start(cpu)
+    k.suspend_deadline = now(cpu) + freezer.FREEZE_TIMEOUT_NS
+    return suspend_freeze_wait(cpu)
+
+
+def suspend_freeze_wait(cpu: Any) -> TailCall:
+    """Wait for the tasks on the other cpus to reach a safe point (a native
+    entry: the continuation of the yield)."""
+    from guestos.stop_machine import FN_XEN_SUSPEND, THEN_SUSPEND_RESUME, enter, stop_machine
+    k = kernel(cpu)
+    busy = freezer.running_elsewhere(cpu)
+    if busy:
+        if now(cpu) < k.suspend_deadline:
+            return TailCall(Hypercall.sched_op, (SCHEDOP_yield, 0), suspend_freeze_wait)
+        printk(cpu, f"suspend: freezing of tasks failed: {busy} refuse to freeze; aborted")
+        freezer.thaw_processes(cpu)
+        return _worker_done(cpu)
+    printk(cpu, f"freezer: {freezer.nr_tasks(cpu)} tasks frozen")
+    freezer.freeze_kernel_threads(cpu)
+    if pm.dpm_suspend_start(cpu):
+        printk(cpu, "suspend: dpm_suspend_start failed; aborted")
+        freezer.thaw_processes(cpu)
+        return _worker_done(cpu)
+    k.xs_suspended = 1
+    printk(cpu, "xenbus: xs_suspend")
+    if pm.dpm_suspend_noirq(cpu):
+        printk(cpu, "suspend: dpm_suspend_noirq failed; aborted")
+        _xs_suspend_cancel(cpu)
+        pm.dpm_resume_end(cpu, pm.PMSG_THAW)
+        freezer.thaw_processes(cpu)
+        return _worker_done(cpu)
+    printk(cpu, "suspend: stop_machine(xen_suspend) on cpu0")
+    if stop_machine(cpu, FN_XEN_SUSPEND, 0, THEN_SUSPEND_RESUME):
+        printk(cpu, "suspend: stop_machine is busy; aborted")
+        _xs_suspend_cancel(cpu)
+        pm.dpm_resume_end(cpu, pm.PMSG_THAW)
+        freezer.thaw_processes(cpu)
+        return _worker_done(cpu)
+    return enter(cpu)
+
+
+def _xs_suspend_cancel(cpu: Any) -> None:
+    kernel(cpu).xs_suspended = 0
+    printk(cpu, "xenbus: xs_suspend_cancel")
+
+
+def _xs_resume(cpu: Any) -> None:
+    """In a new domain: a fresh ring, and the store knows none of our watches."""
+    k = kernel(cpu)
+    k.xs_in_len = 0
+    k.xs_suspended = 0
+    n = xenbus.reregister_watches(cpu)
+    printk(cpu, f"xenbus: xs_resume: ring reconnected, {n} watches registered again")
+
+
+def suspend_resume(cpu: Any) -> TailCall:
+    """After stop_machine, on cpu0: the way back, THAW or RESTORE."""
+    k = kernel(cpu)
+    msg = pm.PMSG_THAW if k.suspend_cancelled else pm.PMSG_RESTORE
+    pm.dpm_resume_noirq(cpu, msg)
+    if k.suspend_cancelled:
+        _xs_suspend_cancel(cpu)
+    else:
+        _xs_resume(cpu)
+    pm.dpm_resume_end(cpu, msg)
+    freezer.thaw_processes(cpu)
+    printk(cpu, "suspend: done")
+    return _worker_done(cpu)

@@ -1,0 +1,81 @@
+"""xen_suspend: the function stop_machine runs on cpu0 for a save or a
+checkpoint, with every other cpu spinning with events masked (Linux's
+drivers/xen/manage.c xen_suspend, arch/x86/xen/suspend_pv.c):
+
+    sysdev_suspend
+    xen_mm_pin_all            pin every unpinned pgd, marking it SavePinned,
+                              so the tools canonicalise every pagetable
+    pre-suspend               start_info's store and console frames as pfns
+    the suspend hypercall     SCHEDOP_shutdown(SHUTDOWN_suspend), start_info's
+                              mfn in the third argument; it returns 1 if the
+                              suspend was cancelled or only a checkpoint, 0 in
+                              a new domain after a restore
+    post-suspend              shared_info mapped again; after a checkpoint the
+                              store and console pfns back to mfns (a restorer
+                              has already written new mfns there)
+    xen_mm_unpin_all          unpin exactly the SavePinned pgds
+    sysdev_resume
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from guestos.kdata import kernel, percpu
+from guestos.mm import PTE_RW, mfn_to_pfn, pfn_of, pfn_to_mfn
+from guestos.pgd import xen_mm_pin_all, xen_mm_unpin_all
+from guestos.pm import sysdev_resume, sysdev_suspend
+from guestos.printk import printk
+from hypervisor.public.native import TailCall
+from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_suspend
+from hypervisor.public.xen import Hypercall, start_info
+
+STORE_MFN_OFF = start_info.store_mfn.offset
+CONSOLE_MFN_OFF = start_info.console.offset  # console.domU.mfn comes first
+SHARED_INFO_OFF = start_info.shared_info.offset
+
+
+def xen_suspend(cpu: Any) -> TailCall:
+    from guestos.stop_machine import events_masked
+    k = kernel(cpu)
+    others = [n for n in range(k.cpus_up) if n != cpu.vcpu_id]
+    spinning = [n for n in others if percpu(cpu, n).in_stopper and events_masked(cpu, n)]
+    printk(cpu, f"xen_suspend: on cpu{cpu.vcpu_id}, cpus "
+           f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
+           + ("" if spinning == others else " - FAILURE: not all of them"))
+    sysdev_suspend(cpu)
+    n = xen_mm_pin_all(cpu)
+    k.save_pinned = n
+    printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
+    si = k.start_info
+    cpu.write_u64(si + STORE_MFN_OFF, mfn_to_pfn(cpu, cpu.read_u64(si + STORE_MFN_OFF)))
+    cpu.write_u64(si + CONSOLE_MFN_OFF, mfn_to_pfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))
+    printk(cpu, "pre-suspend: start_info's store and console frames are pfns")
+    printk(cpu, "suspend hypercall (SCHEDOP_shutdown, SHUTDOWN_suspend)")
+    from guestos.hypercall import with_args
+    arg = with_args(cpu, struct.pack("<I", SHUTDOWN_suspend))
+    return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, arg, pfn_to_mfn(cpu, pfn_of(si))),
+                    xen_suspend_resumed)
+
+
+def xen_suspend_resumed(cpu: Any) -> TailCall:
+    """The suspend hypercall's continuation (a native entry): rax says how."""
+    from guestos.stop_machine import fn_done
+    k = kernel(cpu)
+    cancelled = 1 if cpu.reg("rax") == 1 else 0
+    printk(cpu, f"suspend hypercall returned {cancelled} "
+           f"({'cancelled or checkpointed' if cancelled else 'resumed in a new domain'})")
+    si = k.start_info
+    # shared_info again where the kernel maps it: its frame may be new
+    cpu.hypercall(Hypercall.update_va_mapping, k.shared_info,
+                  cpu.read_u64(si + SHARED_INFO_OFF) | PTE_RW, 0)
+    if cancelled:
+        cpu.write_u64(si + STORE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + STORE_MFN_OFF)))
+        cpu.write_u64(si + CONSOLE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))
+    printk(cpu, "post-suspend: shared_info mapped, start_info's frames are mfns")
+    n = xen_mm_unpin_all(cpu)
+    printk(cpu, f"xen_mm_unpin_all: {n} SavePinned pgds unpinned")
+    sysdev_resume(cpu, cancelled)
+    k.suspend_cancelled = cancelled
+    return fn_done(cpu, cancelled)

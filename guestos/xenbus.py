@@ -1,0 +1,261 @@
+"""The xenstore client (Linux's drivers/xen/xenbus/xenbus_comms.c and
+xenbus_xs.c, much reduced): requests go into the ``req`` half of the store
+ring as XS wire messages, replies and watch events come back in ``rsp``.
+
+The store answers inside the notify hypercall, so a request's reply is in the
+ring when the hypercall returns; watch events may come before it (a write can
+fire the writer's own watch) and are queued, in kernel data, for the store
+port's event handler, which runs each watch's handler on cpu0, as Linux's
+xenwatch thread does.
+
+Everything lives in guest memory: the ring, the last request id, a reply
+half read, the watches (handler number and path) and the queued events.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from guestos.kdata import (
+    MAX_WATCHES,
+    MAX_XS_EVENTS,
+    WATCH_SIZE,
+    WATCHES_OFFSET,
+    XS_EVENT_SIZE,
+    XS_EVENTS_OFFSET,
+    XS_IN_OFFSET,
+    XS_IN_SIZE,
+    kdata_va,
+    kernel,
+)
+from guestos.mm import va
+from guestos.xencons import notify, read_u32
+from hypervisor.public.io.xs_wire import (
+    REQ_CONS_OFF,
+    REQ_OFF,
+    REQ_PROD_OFF,
+    RSP_CONS_OFF,
+    RSP_OFF,
+    RSP_PROD_OFF,
+    XENSTORE_RING_SIZE,
+    XSD_ERRORS,
+    XSD_SOCKMSG,
+    XsType,
+    mask_xenstore_idx,
+)
+
+HDR = XSD_SOCKMSG.size
+
+
+class XenbusError(Exception):
+    """A request failed: ``errno`` is the store's error name (ENOENT, EAGAIN...)."""
+
+    def __init__(self, errno: str, what: str = "") -> None:
+        super().__init__(f"{errno}{': ' + what if what else ''}")
+        self.errno = errno
+
+
+# --- the ring -----------------------------------------------------------------------
+
+def _ring(cpu: Any) -> int:
+    return va(kernel(cpu).store_pfn)
+
+
+def _put(cpu: Any, msg: bytes) -> None:
+    ring = _ring(cpu)
+    k = kernel(cpu)
+    sent = 0
+    for _ in range(4):
+        cons, prod = read_u32(cpu, ring + REQ_CONS_OFF), read_u32(cpu, ring + REQ_PROD_OFF)
+        n = min(XENSTORE_RING_SIZE - ((prod - cons) & 0xFFFFFFFF), len(msg) - sent)
+        while n > 0:
+            off = mask_xenstore_idx(prod)
+            chunk = min(n, XENSTORE_RING_SIZE - off)
+            cpu.write(ring + REQ_OFF + off, msg[sent:sent + chunk])
+            prod, sent, n = (prod + chunk) & 0xFFFFFFFF, sent + chunk, n - chunk
+        cpu.write(ring + REQ_PROD_OFF, struct.pack("<I", prod))
+        notify(cpu, k.store_port)
+        if sent == len(msg):
+            return
+    raise XenbusError("EIO", "the store does not take requests")
+
+
+def _pull(cpu: Any) -> bytes | None:
+    """One whole message from the reply ring, or None if there is none yet.
+    Bytes are moved into a kernel buffer first, so a message longer than the
+    ring arrives in parts."""
+    k = kernel(cpu)
+    ring = _ring(cpu)
+    buf = kdata_va(cpu, XS_IN_OFFSET)
+    while True:
+        have = k.xs_in_len
+        if have >= HDR:
+            n = XSD_SOCKMSG.unpack(cpu.read(buf, HDR))[3]
+            if have >= HDR + n:
+                msg = cpu.read(buf, HDR + n)
+                rest = cpu.read(buf + HDR + n, have - HDR - n)
+                cpu.write(buf, rest)
+                k.xs_in_len = len(rest)
+                return msg
+        cons, prod = read_u32(cpu, ring + RSP_CONS_OFF), read_u32(cpu, ring + RSP_PROD_OFF)
+        avail = min((prod - cons) & 0xFFFFFFFF, XS_IN_SIZE - have)
+        if avail == 0:
+            return None
+        data = bytearray()
+        while len(data) < avail:
+            off = mask_xenstore_idx(cons)
+            chunk = min(avail - len(data), XENSTORE_RING_SIZE - off)
+            data += cpu.read(ring + RSP_OFF + off, chunk)
+            cons = (cons + chunk) & 0xFFFFFFFF
+        cpu.write(buf + have, bytes(data))
+        k.xs_in_len = have + len(data)
+        cpu.write(ring + RSP_CONS_OFF, struct.pack("<I", cons))
+        notify(cpu, k.store_port)  # room in the ring: the store may have more
+
+
+def _queue_event(cpu: Any, payload: bytes) -> None:
+    base = kdata_va(cpu, XS_EVENTS_OFFSET)
+    for i in range(MAX_XS_EVENTS):
+        slot = base + i * XS_EVENT_SIZE
+        if cpu.read_u64(slot) == 0:
+            payload = payload[:XS_EVENT_SIZE - 8]
+            cpu.write_u64(slot, len(payload))
+            cpu.write(slot + 8, payload)
+            return
+    from guestos.printk import printk
+    printk(cpu, "xenbus: watch event queue full, event dropped")
+
+
+def talk(cpu: Any, typ: int, payload: bytes, tx: int = 0) -> bytes:
+    """Send one request, return its reply's payload; XenbusError on an error."""
+    k = kernel(cpu)
+    req_id = (k.xs_req_id + 1) & 0xFFFFFFFF
+    k.xs_req_id = req_id
+    _put(cpu, XSD_SOCKMSG.pack(typ, req_id, tx, len(payload)) + payload)
+    while True:
+        msg = _pull(cpu)
+        if msg is None:
+            raise XenbusError("EIO", "the store did not answer")
+        rtyp, rid, _tx, n = XSD_SOCKMSG.unpack(msg[:HDR])
+        body = msg[HDR:HDR + n]
+        if rtyp == XsType.XS_WATCH_EVENT:
+            _queue_event(cpu, body)
+            continue
+        if rid != req_id:
+            continue  # a stale reply (say, from before a reconnect)
+        if rtyp == XsType.XS_ERROR:
+            name = body.rstrip(b"\0").decode(errors="replace")
+            raise XenbusError(name if name in XSD_ERRORS else "EINVAL")
+        return body
+
+
+# --- the operations -----------------------------------------------------------------
+
+def _z(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def read(cpu: Any, path: str, tx: int = 0) -> str:
+    return talk(cpu, XsType.XS_READ, _z(path), tx).decode(errors="replace")
+
+
+def write(cpu: Any, path: str, value: str, tx: int = 0) -> None:
+    talk(cpu, XsType.XS_WRITE, _z(path) + value.encode(), tx)
+
+
+def mkdir(cpu: Any, path: str, tx: int = 0) -> None:
+    talk(cpu, XsType.XS_MKDIR, _z(path), tx)
+
+
+def rm(cpu: Any, path: str, tx: int = 0) -> None:
+    talk(cpu, XsType.XS_RM, _z(path), tx)
+
+
+def directory(cpu: Any, path: str, tx: int = 0) -> list[str]:
+    body = talk(cpu, XsType.XS_DIRECTORY, _z(path), tx)
+    return [n.decode() for n in body.split(b"\0") if n]
+
+
+def transaction_start(cpu: Any) -> int:
+    return int(talk(cpu, XsType.XS_TRANSACTION_START, b"\0").rstrip(b"\0"))
+
+
+def transaction_end(cpu: Any, tx: int, abort: bool = False) -> None:
+    talk(cpu, XsType.XS_TRANSACTION_END, b"F\0" if abort else b"T\0", tx)
+
+
+# --- watches ------------------------------------------------------------------------
+
+def _watch_slot(cpu: Any, i: int) -> int:
+    return kdata_va(cpu, WATCHES_OFFSET) + i * WATCH_SIZE
+
+
+def _watch_path(cpu: Any, i: int) -> str:
+    return cpu.read(_watch_slot(cpu, i) + 8, WATCH_SIZE - 8).split(b"\0")[0].decode()
+
+
+def register_watch(cpu: Any, path: str, handler: int) -> int:
+    """Watch ``path``; WATCH_HANDLERS[handler] runs on each event. The token
+    sent to the store is the watch's slot number."""
+    for i in range(MAX_WATCHES):
+        slot = _watch_slot(cpu, i)
+        if cpu.read_u64(slot) == 0:
+            cpu.write_u64(slot, handler + 1)
+            cpu.write(slot + 8, _z(path)[:WATCH_SIZE - 8])
+            talk(cpu, XsType.XS_WATCH, _z(path) + _z(str(i)))
+            return i
+    raise XenbusError("ENOSPC", "no free watch slot")
+
+
+def unregister_watch(cpu: Any, i: int) -> None:
+    talk(cpu, XsType.XS_UNWATCH, _z(_watch_path(cpu, i)) + _z(str(i)))
+    cpu.write_u64(_watch_slot(cpu, i), 0)
+
+
+def reregister_watches(cpu: Any) -> int:
+    """After a resume in a new domain the store knows none of them (xs_resume)."""
+    n = 0
+    for i in range(MAX_WATCHES):
+        if cpu.read_u64(_watch_slot(cpu, i)):
+            talk(cpu, XsType.XS_WATCH, _z(_watch_path(cpu, i)) + _z(str(i)))
+            n += 1
+    return n
+
+
+def _handlers() -> tuple[Callable[[Any, str], None], ...]:
+    from guestos.manage import shutdown_handler
+    return (shutdown_handler,)
+
+
+# the order is an ABI with saved images: only ever append
+WATCH_SHUTDOWN = 0
+
+
+def process_events(cpu: Any) -> None:
+    """The store port's handler (cpu0): take watch events from the ring and
+    the queue and run their handlers, in order."""
+    while True:
+        msg = _pull(cpu)
+        if msg is None:
+            break
+        rtyp, _rid, _tx, n = XSD_SOCKMSG.unpack(msg[:HDR])
+        if rtyp == XsType.XS_WATCH_EVENT:
+            _queue_event(cpu, msg[HDR:HDR + n])
+    base = kdata_va(cpu, XS_EVENTS_OFFSET)
+    for _ in range(4 * MAX_XS_EVENTS):  # handlers may queue more
+        n = cpu.read_u64(base)
+        if n == 0:
+            return
+        payload = cpu.read(base + 8, n)
+        # pop the head: the queue stays packed from slot 0, in arrival order
+        rest = cpu.read(base + XS_EVENT_SIZE, (MAX_XS_EVENTS - 1) * XS_EVENT_SIZE)
+        cpu.write(base, rest + bytes(XS_EVENT_SIZE))
+        parts = payload.split(b"\0")
+        path, token = parts[0].decode(errors="replace"), parts[1] if len(parts) > 1 else b""
+        if not token.isdigit() or int(token) >= MAX_WATCHES:
+            continue
+        handler = cpu.read_u64(_watch_slot(cpu, int(token)))
+        if handler:
+            _handlers()[handler - 1](cpu, path)

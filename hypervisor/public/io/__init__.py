@@ -1,0 +1,1 @@
+"""Shared-ring device interfaces (xen/include/public/io/)."""

@@ -1,0 +1,91 @@
+"""What the toolstack asks of a running guest, and the suspend handshake
+(tools/libs/light/libxl_dom_suspend.c, tools/libs/ctrl/xc_resume.c).
+
+A shutdown request is a write of ``control/shutdown`` in the guest's
+xenstore home; the guest acknowledges a command it will carry out by writing
+"" back. For a suspend the toolstack then waits for the domain to shut down
+with reason suspend; without an acknowledgement in ACK_TIMEOUT_NS it clears
+the request itself and gives up, as libxl does ("guest didn't acknowledge
+suspend, cancelling request").
+
+A suspended domain that is not saved away is resumed *cancelled*: the
+toolstack writes 1 into vcpu0's rax (the suspend hypercall's result; rip is
+already past the hypercall) and unpauses it, as xc_domain_resume does for a
+guest that supports the cooperative resume. The guest then goes the THAW way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hypervisor.cpu.vcpu import RAX
+from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.toolstack.timeparse import parse_duration
+from hypervisor.toolstack.xenstored import XsError, home
+
+if TYPE_CHECKING:
+    from hypervisor.core import Hypervisor
+    from hypervisor.domain import Domain
+
+SHUTDOWN_NODE = "control/shutdown"
+COMMANDS = ("poweroff", "halt", "reboot", "suspend")
+ACK_TIMEOUT_NS = 500_000_000  # virtual time; libxl waits 60 s of real time
+
+
+@dataclass(frozen=True)
+class Request:
+    """At ``at_ns`` of virtual time: a shutdown command, or a xenstore write."""
+
+    at_ns: int
+    command: str = ""                 # one of COMMANDS
+    path: str = ""                    # or write VALUE at PATH (relative to the home)
+    value: str = ""
+
+    def __str__(self) -> str:
+        return self.command or f"{self.path}={self.value}"
+
+
+def parse_request(text: str) -> Request:
+    """'TIME COMMAND' or 'TIME PATH=VALUE', e.g. '15ms suspend', '2ms memory/target=8192'."""
+    parts = text.split(None, 1)
+    if len(parts) != 2:
+        raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
+                         f"(WHAT: {', '.join(COMMANDS)}, or PATH=VALUE)")
+    at = parse_duration(parts[0])
+    what = parts[1].strip()
+    if what in COMMANDS:
+        return Request(at, command=what)
+    path, eq, value = what.partition("=")
+    if not eq or not path or any(c.isspace() for c in path):
+        raise ValueError(f"request {text!r}: {what!r} is neither a command "
+                         f"({', '.join(COMMANDS)}) nor PATH=VALUE")
+    return Request(at, path=path.strip(), value=value.strip())
+
+
+def apply_request(hv: Hypervisor, dom: Domain, req: Request) -> None:
+    if req.command:
+        hv.xenstore.write(f"{home(dom.domid)}/{SHUTDOWN_NODE}", req.command.encode())
+    else:
+        path = req.path if req.path.startswith("/") else f"{home(dom.domid)}/{req.path}"
+        hv.xenstore.write(path, req.value.encode())
+
+
+def shutdown_pending(hv: Hypervisor, dom: Domain) -> str:
+    """The unacknowledged command in control/shutdown, or ""."""
+    try:
+        return hv.xenstore.read(f"{home(dom.domid)}/{SHUTDOWN_NODE}").decode()
+    except XsError:
+        return ""
+
+
+def cancel_shutdown(hv: Hypervisor, dom: Domain) -> None:
+    hv.xenstore.write(f"{home(dom.domid)}/{SHUTDOWN_NODE}", b"")
+
+
+def resume_cancelled(hv: Hypervisor, dom: Domain) -> None:
+    """Resume a domain shut down for suspend, the suspend hypercall returning 1."""
+    if dom.shutdown_reason != SHUTDOWN_suspend:
+        raise ValueError(f"domain {dom.name} is not suspended")
+    dom.vcpus[0].gpr[RAX] = 1
+    hv.resume_domain(dom)

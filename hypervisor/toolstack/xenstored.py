@@ -265,10 +265,14 @@ class XenstoreConnection:
         if self.broken:
             return
         if self._u32(CONNECTION_OFF) != 0:
-            # the guest asks to reconnect (XENSTORE_RECONNECT): start afresh
-            self._set_u32(REQ_CONS_OFF, self._u32(REQ_PROD_OFF))
+            # the guest asks to reconnect (XENSTORE_RECONNECT): every index
+            # back to 0, whatever was in flight dropped, connected again
+            for off in (REQ_CONS_OFF, REQ_PROD_OFF, RSP_CONS_OFF, RSP_PROD_OFF):
+                self._set_u32(off, 0)
             self.out.clear()
             self._set_u32(CONNECTION_OFF, 0)
+            self.dom.evtchn.set_pending(self.port)
+            return
         cons, prod = self._u32(REQ_CONS_OFF), self._u32(REQ_PROD_OFF)
         while (prod - cons) & 0xFFFFFFFF >= XSD_SOCKMSG.size:
             if (prod - cons) & 0xFFFFFFFF > XENSTORE_RING_SIZE:

@@ -32,3 +32,28 @@ def test_context_round_trip_mid_run():
     assert r.reason == "poweroff"
     assert hashchain_line(6, 4).encode() in r.console
     hv.close()
+
+
+def test_the_register_file_is_found_when_other_engines_hold_the_same_markers():
+    """Regression: gpr_file used fixed markers and took the first match, so a
+    stale copy in another engine (say, a VCPU of a domain destroyed earlier in
+    the process) made it fail: 'cannot locate unicorn's register file'."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+
+    from hypervisor.cpu.ucfast import _GPR_MARKS, _GPR_UC_IDS, gpr_file
+    decoys = []
+    for _ in range(8):
+        d = Uc(UC_ARCH_X86, UC_MODE_64)
+        for reg, mark in zip(_GPR_UC_IDS, _GPR_MARKS, strict=True):
+            d.reg_write(reg, mark)
+        decoys.append(d)
+    for _ in range(4):
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        regs = gpr_file(uc, marks=_GPR_MARKS)
+        assert regs is not None
+        regs[3] = 0xABCD  # rbx
+        from unicorn.x86_const import UC_X86_REG_RBX
+        assert uc.reg_read(UC_X86_REG_RBX) == 0xABCD
+        decoys.append(uc)
+    for d in decoys[:8]:  # the decoys kept their values
+        assert d.reg_read(_GPR_UC_IDS[0]) == _GPR_MARKS[0]

@@ -114,17 +114,23 @@ def _readable_regions() -> list[tuple[int, int]]:
     return out
 
 
-def gpr_file(uc: Uc) -> ctypes.Array | None:
+def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
     """The engine's ``env->regs[16]`` as a ctypes array, or None if it cannot be
     found. Unicorn's own ``uc_reg_write`` of a GPR is a plain store to this
     array, so loads and stores here are equivalent and cost no library call.
 
     Found by writing marker values through the API and looking for them in the
-    writable mappings that pointers in ``struct uc_struct`` lead into; checked
-    both ways before use."""
-    for reg, mark in zip(_GPR_UC_IDS, _GPR_MARKS, strict=True):
+    writable mappings that pointers in ``struct uc_struct`` lead into; every
+    match is checked both ways before use, because other engines (live, or
+    freed and not yet reused) can hold the same values: each call takes
+    markers of its own unless given some."""
+    global _mark_serial
+    if marks is None:
+        _mark_serial += 1
+        marks = tuple(m ^ (_mark_serial << 40) for m in _GPR_MARKS)
+    for reg, mark in zip(_GPR_UC_IDS, marks, strict=True):
         uc.reg_write(reg, mark)
-    pattern = struct.pack("<16Q", *_GPR_MARKS)
+    pattern = struct.pack("<16Q", *marks)
     regions = _readable_regions()
     head = ctypes.string_at(uc._uch.value, 4096)
     tried: set[tuple[int, int]] = set()
@@ -133,22 +139,33 @@ def gpr_file(uc: Uc) -> ctypes.Array | None:
         for lo, hi in regions:
             if lo <= ptr < hi and (lo, hi) not in tried and hi - lo <= _MAX_SCAN:
                 tried.add((lo, hi))
-                i = ctypes.string_at(lo, hi - lo).find(pattern)
-                if i >= 0:
-                    found = lo + i
+                found = _verified_match(uc, ctypes.string_at(lo, hi - lo), lo, pattern)
                 break
         if found is not None:
             break
-    if found is None:
-        return None
-    regs = (ctypes.c_uint64 * 16).from_address(found)
-    regs[0] = 0x1234
-    ok = uc.reg_read(UC_X86_REG_RAX) == 0x1234
-    uc.reg_write(UC_X86_REG_R15, 0x4321)
-    ok = ok and regs[15] == 0x4321
     for reg in _GPR_UC_IDS:
         uc.reg_write(reg, 0)
-    return regs if ok else None
+    return found
+
+
+def _verified_match(uc: Uc, data: bytes, base: int, pattern: bytes) -> ctypes.Array | None:
+    i = data.find(pattern)
+    while i >= 0:
+        if (base + i) % 8 == 0:
+            regs = (ctypes.c_uint64 * 16).from_address(base + i)
+            old_rax, old_r15 = regs[0], regs[15]
+            regs[0] = 0x1234
+            ok = uc.reg_read(UC_X86_REG_RAX) == 0x1234
+            uc.reg_write(UC_X86_REG_R15, 0x4321)
+            ok = ok and regs[15] == 0x4321
+            if ok:
+                return regs
+            regs[0], regs[15] = old_rax, old_r15  # someone else's: leave it as it was
+        i = data.find(pattern, i + 1)
+    return None
+
+
+_mark_serial = 0
 
 
 # --- the instruction counter -------------------------------------------------------

@@ -260,3 +260,34 @@ def test_an_unknown_request_is_ignored_and_left_in_place():
     assert r.reason == "poweroff"
     assert "[cpu0] Ignoring shutdown request: sleep" in out
 
+
+
+class PokingView(KernelView):
+    """A KernelView that may write too: for driving one kernel function by hand."""
+
+    def write(self, va: int, data: bytes) -> None:
+        self._walker.write(self._table, va, data)
+
+    def write_u64(self, va: int, value: int) -> None:
+        self._walker.write_u64(self._table, va, value)
+
+
+def test_a_frozen_worker_does_not_run_and_runs_again_after_the_thaw():
+    from guestos.freezer import run_workqueue
+    from guestos.kdata import kernel
+    hv, dom = boot(make_config("run=spawner:1:1:100 worker=10", vcpus=1))
+    try:
+        run_domain(hv, dom, until_ns=25_000_000)
+        view = PokingView(hv, dom)
+        k = kernel(view)
+        runs = k.wq_runs
+        assert runs >= 2  # it has been running on the tick
+        due = k.wq_next
+        k.wq_frozen = 1
+        run_workqueue(view, due + 1)
+        assert k.wq_runs == runs  # frozen: it stays put
+        k.wq_frozen = 0
+        run_workqueue(view, due + 1)
+        assert k.wq_runs == runs + 1
+    finally:
+        hv.close()

@@ -1,0 +1,144 @@
+"""The framing of Xen's libxc migration stream (docs/specs/libxc-migration-stream
+.pandoc in xen.git, revision 3; tools/libs/guest/xg_sr_stream_format.h):
+
+    image header   24 octets, big-endian: marker ~0, "XENF", version, options
+    domain header  16 octets: type (1 = x86 PV), page_shift, Xen's version
+    records        u32 type, u32 length, the body, zero padding to 8 octets
+
+Version 3 is written; 2 and 3 are read (a v2 stream has no STATIC_DATA_END:
+a reader infers it at the first X86_PV_P2M_FRAMES). Record types with bit 31
+set are optional: a reader skips the ones it does not know, and fails on an
+unknown mandatory one. This module only frames; what the records hold is the
+save and restore code's business.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+IHDR = struct.Struct(">QIIHHI")
+IHDR_MARKER = 0xFFFFFFFFFFFFFFFF
+IHDR_ID = 0x58454E46  # "XENF"
+IHDR_OPT_BIG_ENDIAN = 1
+DHDR = struct.Struct("<IHHII")
+DHDR_TYPE_X86_PV = 1
+RHDR = struct.Struct("<II")
+REC_ALIGN = 8
+REC_LENGTH_MAX = 128 << 20
+REC_TYPE_OPTIONAL = 0x80000000
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
+
+
+class RecType(enum.IntEnum):
+    END = 0x00
+    PAGE_DATA = 0x01
+    X86_PV_INFO = 0x02
+    X86_PV_P2M_FRAMES = 0x03
+    X86_PV_VCPU_BASIC = 0x04
+    X86_PV_VCPU_EXTENDED = 0x05
+    X86_PV_VCPU_XSAVE = 0x06
+    SHARED_INFO = 0x07
+    X86_TSC_INFO = 0x08
+    HVM_CONTEXT = 0x09
+    HVM_PARAMS = 0x0A
+    TOOLSTACK = 0x0B
+    X86_PV_VCPU_MSRS = 0x0C
+    VERIFY = 0x0D
+    CHECKPOINT = 0x0E
+    CHECKPOINT_DIRTY_PFN_LIST = 0x0F
+    STATIC_DATA_END = 0x10
+    X86_CPUID_POLICY = 0x11
+    X86_MSR_POLICY = 0x12
+
+
+def rec_name(rtype: int) -> str:
+    try:
+        return RecType(rtype).name
+    except ValueError:
+        return f"{'optional' if rtype & REC_TYPE_OPTIONAL else 'mandatory'} record {rtype:#x}"
+
+
+class StreamError(Exception):
+    """A stream that cannot be read: the message names the record and offset."""
+
+
+@dataclass(frozen=True)
+class DomainHeader:
+    type: int
+    page_shift: int
+    xen_major: int
+    xen_minor: int
+
+
+@dataclass(frozen=True)
+class Record:
+    type: int
+    body: bytes
+    offset: int  # where its header starts in the stream
+
+    @property
+    def name(self) -> str:
+        return rec_name(self.type)
+
+
+def write_headers(out: BinaryIO, xen_major: int, xen_minor: int) -> None:
+    out.write(IHDR.pack(IHDR_MARKER, IHDR_ID, VERSION, 0, 0, 0))
+    out.write(DHDR.pack(DHDR_TYPE_X86_PV, 12, 0, xen_major, xen_minor))
+
+
+def write_record(out: BinaryIO, rtype: int, body: bytes = b"") -> None:
+    if len(body) > REC_LENGTH_MAX:
+        raise StreamError(f"{rec_name(rtype)}: {len(body)} octets is over the "
+                          f"{REC_LENGTH_MAX} limit")
+    out.write(RHDR.pack(rtype, len(body)))
+    out.write(body)
+    out.write(bytes(-len(body) % REC_ALIGN))
+
+
+def _read(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
+    data = src.read(n)
+    if len(data) != n:
+        raise StreamError(f"truncated at offset {offset}: {what} needs {n} octets, "
+                          f"{len(data)} left")
+    return data
+
+
+def read_headers(src: BinaryIO) -> tuple[int, DomainHeader]:
+    """Check the image and domain headers; returns (version, domain header)."""
+    marker, ident, version, options, _, _ = IHDR.unpack(_read(src, IHDR.size, "image header", 0))
+    if marker != IHDR_MARKER or ident != IHDR_ID:
+        raise StreamError("offset 0: not a Xen migration stream (no 'XENF' image header)")
+    if version not in READABLE_VERSIONS:
+        raise StreamError(f"offset 12: stream version {version}; this reads versions "
+                          f"{READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}")
+    if options & IHDR_OPT_BIG_ENDIAN:
+        raise StreamError("offset 16: a big-endian stream; only little-endian ones are read")
+    dtype, shift, _, major, minor = DHDR.unpack(_read(src, DHDR.size, "domain header",
+                                                      IHDR.size))
+    if dtype != DHDR_TYPE_X86_PV:
+        raise StreamError(f"offset {IHDR.size}: domain type {dtype}; only x86 PV (1) is read")
+    if shift != 12:
+        raise StreamError(f"offset {IHDR.size + 4}: page shift {shift}; x86 PV needs 12")
+    return version, DomainHeader(dtype, shift, major, minor)
+
+
+def read_records(src: BinaryIO, start: int = IHDR.size + DHDR.size) -> Iterator[Record]:
+    """Every record up to and including END, framing checked."""
+    offset = start
+    while True:
+        rtype, length = RHDR.unpack(_read(src, RHDR.size, "a record header", offset))
+        if length > REC_LENGTH_MAX:
+            raise StreamError(f"offset {offset}: {rec_name(rtype)} claims {length} octets, "
+                              f"over the {REC_LENGTH_MAX} limit")
+        padded = length + (-length % REC_ALIGN)
+        body = _read(src, padded, rec_name(rtype), offset + RHDR.size)[:length]
+        rec = Record(rtype, body, offset)
+        offset += RHDR.size + padded
+        yield rec
+        if rtype == RecType.END:
+            return

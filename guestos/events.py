@@ -4,34 +4,65 @@ this cpu; the timer ticks through VIRQ_TIMER."""
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import Any
 
 from guestos.frame import read_bounce, return_from_bounce
 from guestos.hypercall import with_args
 from guestos.kdata import kernel, percpu, port_cpu_va
-from hypervisor.public.event_channel import EVTCHNOP_bind_ipi, EVTCHNOP_bind_virq, EVTCHNOP_unmask
+from hypervisor.public.event_channel import (
+    EVTCHNOP_bind_ipi,
+    EVTCHNOP_bind_virq,
+    EVTCHNOP_send,
+    EVTCHNOP_unmask,
+)
 from hypervisor.public.native import TailCall
-from hypervisor.public.xen import VIRQ_TIMER, Hypercall
+from hypervisor.public.xen import VIRQ_TIMER, Hypercall, shared_info, vcpu_info, vcpu_time_info
 
 TICK_NS = 10_000_000  # 100 Hz
-VCPU_INFO_SIZE = 64
-PENDING_OFF, MASK_OFF = 2048, 2560
+VCPU_INFO_SIZE = ctypes.sizeof(vcpu_info)
+PENDING_OFF = shared_info.evtchn_pending.offset
+MASK_OFF = shared_info.evtchn_mask.offset
+UPCALL_PENDING_OFF = vcpu_info.evtchn_upcall_pending.offset
+UPCALL_MASK_OFF = vcpu_info.evtchn_upcall_mask.offset
+PENDING_SEL_OFF = vcpu_info.evtchn_pending_sel.offset
+SYSTEM_TIME_OFF = vcpu_info.time.offset + vcpu_time_info.system_time.offset
+
+
+def vcpu_info_va(cpu: Any, n: int | None = None) -> int:
+    n = cpu.vcpu_id if n is None else n
+    return kernel(cpu).shared_info + VCPU_INFO_SIZE * n
 
 
 def now(cpu: Any) -> int:
-    vi = kernel(cpu).shared_info + VCPU_INFO_SIZE * cpu.vcpu_id
-    return cpu.read_u64(vi + 48)  # vcpu_time_info.system_time
+    return cpu.read_u64(vcpu_info_va(cpu) + SYSTEM_TIME_OFF)
+
+
+def upcall_masked(cpu: Any, n: int | None = None) -> bool:
+    return bool(cpu.read(vcpu_info_va(cpu, n) + UPCALL_MASK_OFF, 1)[0])
+
+
+def set_upcall_mask(cpu: Any, masked: int) -> None:
+    cpu.write(vcpu_info_va(cpu) + UPCALL_MASK_OFF, bytes([masked]))
+
+
+def notify_remote_via_evtchn(cpu: Any, port: int) -> None:
+    cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_send,
+                  with_args(cpu, struct.pack("<I", port)))
+
+
+def take_port(cpu: Any, port: int, n: int) -> None:
+    """Cpu n handles the port's events from now on; then unmask it."""
+    cpu.write(port_cpu_va(cpu) + port, bytes([n + 1]))
+    cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
+                  with_args(cpu, struct.pack("<I", port)))
 
 
 def mask_all(cpu: Any) -> None:
     """Mask every port (Linux's xen_evtchn_mask_all): Xen leaves masks to the
     guest, and a port is unmasked only once its handler is in place."""
     cpu.write(kernel(cpu).shared_info + MASK_OFF, b"\xff" * 512)
-
-
-def bind_port_to_cpu(cpu: Any, port: int, n: int) -> None:
-    cpu.write(port_cpu_va(cpu) + port, bytes([n + 1]))
 
 
 def cpu_ports(cpu: Any, w: int) -> int:
@@ -48,17 +79,13 @@ def init_cpu(cpu: Any) -> None:
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_virq, arg) == 0:
         port = struct.unpack("<I", cpu.read(arg + 8, 4))[0]
         percpu(cpu).timer_port = port
-        bind_port_to_cpu(cpu, port, cpu.vcpu_id)
-        cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
-                      with_args(cpu, struct.pack("<I", port)))
+        take_port(cpu, port, cpu.vcpu_id)
     # the IPI port: other cpus kick this one through it (stop_machine)
     arg = with_args(cpu, struct.pack("<II", cpu.vcpu_id, 0))
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_ipi, arg) == 0:
         port = struct.unpack("<I", cpu.read(arg + 4, 4))[0]
         percpu(cpu).ipi_port = port
-        bind_port_to_cpu(cpu, port, cpu.vcpu_id)
-        cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
-                      with_args(cpu, struct.pack("<I", port)))
+        take_port(cpu, port, cpu.vcpu_id)
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
 
 
@@ -68,11 +95,13 @@ def timer_tick(cpu: Any) -> None:
     pc.ticks = pc.ticks + 1
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
     scheduler_tick(cpu)
+    if cpu.vcpu_id != 0:
+        return
+    from guestos.freezer import run_workqueue
+    t_now = now(cpu)
+    run_workqueue(cpu, t_now)
     k = kernel(cpu)
-    if cpu.vcpu_id == 0:
-        from guestos.freezer import run_workqueue
-        run_workqueue(cpu, now(cpu))
-    if cpu.vcpu_id == 0 and k.stop_test_ms and now(cpu) >= k.stop_test_ms * 1_000_000:
+    if k.stop_test_ms and t_now >= k.stop_test_ms * 1_000_000:
         from guestos.printk import printk
         from guestos.stop_machine import FN_CHECK, THEN_RESCHEDULE, stop_machine
         k.stop_test_ms = 0
@@ -83,11 +112,11 @@ def timer_tick(cpu: Any) -> None:
 def hypervisor_callback(cpu: Any) -> TailCall:
     """The event upcall (events are masked while it runs)."""
     sh = kernel(cpu).shared_info
-    vi = sh + VCPU_INFO_SIZE * cpu.vcpu_id
-    while cpu.read(vi, 1)[0]:
-        cpu.write(vi, b"\0")  # evtchn_upcall_pending = 0
-        sel = cpu.read_u64(vi + 8)
-        cpu.write_u64(vi + 8, 0)
+    vi = vcpu_info_va(cpu)
+    while cpu.read(vi + UPCALL_PENDING_OFF, 1)[0]:
+        cpu.write(vi + UPCALL_PENDING_OFF, b"\0")
+        sel = cpu.read_u64(vi + PENDING_SEL_OFF)
+        cpu.write_u64(vi + PENDING_SEL_OFF, 0)
         while sel:
             w = (sel & -sel).bit_length() - 1
             sel &= sel - 1
@@ -119,8 +148,8 @@ def _return_or_switch(cpu: Any) -> TailCall:
     rip, cs = frame[2], frame[3]
     user = cs & 3 == 3  # Xen clears the RPL of a kernel-mode frame
     idle = rip == cpu.native_addr(cpu_idle)
-    stop, work = stop_machine.wanted(cpu), manage.worker_wanted(cpu)
-    if (stop or work) and (user or idle):
+    stop = (user or idle) and stop_machine.wanted(cpu)
+    if stop or ((user or idle) and manage.worker_wanted(cpu)):
         # a kernel context of its own takes this cpu: keep the task it interrupted
         t = current(cpu)
         if user and t is not None:
@@ -139,7 +168,7 @@ def _return_or_switch(cpu: Any) -> TailCall:
 def handle_port(cpu: Any, port: int) -> None:
     if port == percpu(cpu).timer_port:
         timer_tick(cpu)
-    elif port == kernel(cpu).store_port and not kernel(cpu).xs_suspended:
+    elif port == kernel(cpu).store_port:
         from guestos.xenbus import process_events
         process_events(cpu)
 

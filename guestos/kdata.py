@@ -54,12 +54,10 @@ KERNEL = Layout("kernel", [
     ("wq_runs", "u64"),        # times the freezable work has run (option worker=MS)
     ("wq_period_ms", "u64"),
     ("wq_next", "u64"),        #   and when it runs next (virtual ns)
-    ("suspend_step", "u64"),   # do_suspend: where the worker is
     ("suspend_deadline", "u64"),  # freezing gives up after this (virtual ns)
     ("suspend_cancelled", "u64"),  # the suspend hypercall's result
     ("nr_devices", "u64"),
-    ("pm_fail", "u64"),        # option pmfail=DEV.PHASE: (dev + 1) << 8 | phase
-    ("pm_done", "u64"),        # devices through the current PM phase (for rollback)
+    ("pm_fail", "u64"),        # option pmfail=DEV:PHASE: (dev + 1) << 8 | phase + 1
     ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
 ])
 KERNEL_OFFSET = 0

@@ -18,15 +18,13 @@ Every step is logged with the cpu it ran on.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from guestos import freezer, pm, xenbus
-from guestos.events import now
-from guestos.hypercall import shutdown_args, with_args
+from guestos.events import now, take_port
+from guestos.hypercall import shutdown_args
 from guestos.kdata import kernel, percpu
 from guestos.printk import printk
-from hypervisor.public.event_channel import EVTCHNOP_unmask
 from hypervisor.public.native import TailCall
 from hypervisor.public.sched import (
     SCHEDOP_yield,
@@ -43,11 +41,8 @@ COMMANDS = {"poweroff": SHUTDOWN_poweroff, "halt": SHUTDOWN_poweroff,
 def xenbus_init(cpu: Any) -> None:
     """At boot on cpu0: the store's port is cpu0's; watch control/shutdown and
     say which commands this kernel carries out."""
-    from guestos.events import bind_port_to_cpu
     k = kernel(cpu)
-    bind_port_to_cpu(cpu, k.store_port, 0)
-    cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
-                  with_args(cpu, struct.pack("<I", k.store_port)))
+    take_port(cpu, k.store_port, 0)
     for feature in ("poweroff", "reboot") + (("suspend",) if k.save_restore else ()):
         xenbus.write(cpu, f"control/feature-{feature}", "1")
     xenbus.register_watch(cpu, "control/shutdown", xenbus.WATCH_SHUTDOWN)

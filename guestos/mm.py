@@ -135,6 +135,10 @@ class AddressSpace:
         self.cpu.write_u64(va(t) + 8 * ((uva >> 12) & 511), pte)
 
 
+def read_u32(cpu: Any, addr: int) -> int:
+    return struct.unpack("<I", cpu.read(addr, 4))[0]
+
+
 def read_cstr(cpu: Any, addr: int, size: int) -> str:
     return cpu.read(addr, size).split(b"\0")[0].decode(errors="replace")
 

@@ -21,13 +21,14 @@ from guestos.mm import (
     PG_SAVEPINNED,
     KernelPanic,
     free_page,
+    mfn_to_pfn,
     page_flags,
     pfn_to_mfn,
     set_page_flags,
     set_page_ro,
     va,
 )
-from hypervisor.public.arch_x86 import _PAGE_PRESENT, MACH2PHYS_VIRT_START
+from hypervisor.public.arch_x86 import _PAGE_PRESENT
 from hypervisor.public.xen import MMUEXT_PIN_L4_TABLE, MMUEXT_UNPIN_TABLE
 
 USER_L4_SLOTS = 256  # the lower half: the user's part of a pgd
@@ -67,7 +68,7 @@ def pgd_pinned(cpu: Any, pfn: int) -> bool:
 # --- walking a pgd -----------------------------------------------------------------
 
 def _pfn_of_entry(cpu: Any, e: int) -> int:
-    return cpu.read_u64(MACH2PHYS_VIRT_START + 8 * ((e & FRAME) >> 12))  # M2P
+    return mfn_to_pfn(cpu, (e & FRAME) >> 12)
 
 
 def pgd_walk(cpu: Any, pgd: int) -> tuple[list[int], list[int]]:

@@ -18,13 +18,17 @@ The device list lives in kernel data: a driver number and an instance each.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from guestos.kdata import DEVICE_SIZE, DEVICES_OFFSET, MAX_DEVICES, kdata_va, kernel
 from guestos.layout import Layout, Ref
+from guestos.mm import mfn_to_pfn
 from guestos.printk import printk
+from hypervisor.public.errno import EBUSY
+from hypervisor.public.xen import start_info
 
 PMSG_FREEZE, PMSG_THAW, PMSG_RESTORE = 1, 2, 3
 PMSG_NAMES = {PMSG_FREEZE: "FREEZE", PMSG_THAW: "THAW", PMSG_RESTORE: "RESTORE"}
@@ -32,7 +36,6 @@ PMSG_NAMES = {PMSG_FREEZE: "FREEZE", PMSG_THAW: "THAW", PMSG_RESTORE: "RESTORE"}
 # the callbacks of struct dev_pm_ops that these messages run
 FREEZE, FREEZE_NOIRQ, THAW_NOIRQ, THAW, RESTORE_NOIRQ, RESTORE = range(6)
 PHASES = ("freeze", "freeze_noirq", "thaw_noirq", "thaw", "restore_noirq", "restore")
-EBUSY = 16
 
 DEVICE = Layout("device", [("driver", "u64"), ("instance", "u64")])
 assert DEVICE.size <= DEVICE_SIZE
@@ -133,10 +136,6 @@ def sysdev_resume(cpu: Any, cancelled: int) -> None:
 
 def _console_restore(cpu: Any, instance: int) -> int:
     """hvc_xen: in a new domain the console's port comes from start_info again."""
-    import ctypes
-
-    from guestos.mm import mfn_to_pfn
-    from hypervisor.public.xen import start_info
     k = kernel(cpu)
     si = start_info.from_buffer_copy(cpu.read(k.start_info, ctypes.sizeof(start_info)))
     k.console_pfn = mfn_to_pfn(cpu, si.console.domU.mfn)

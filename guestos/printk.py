@@ -8,11 +8,11 @@ from typing import Any
 
 from guestos.hypercall import console_write
 from guestos.kdata import kernel, scratch_va
+from guestos.xencons import hvc_write
 
 
 def console_out(cpu: Any, data: bytes) -> None:
     if kernel(cpu).console_port:
-        from guestos.xencons import hvc_write
         hvc_write(cpu, data)
         return
     buf = scratch_va(cpu)

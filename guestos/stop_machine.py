@@ -21,24 +21,19 @@ continuation later calls ``fn_done`` (the suspend hypercall does).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
-from guestos.hypercall import with_args
+from guestos.events import notify_remote_via_evtchn, set_upcall_mask, upcall_masked
 from guestos.kdata import STOP_OFFSET, header, kernel, percpu
 from guestos.layout import Layout, Ref
 from guestos.printk import printk
-from hypervisor.public.event_channel import EVTCHNOP_send
+from hypervisor.public.errno import EBUSY
 from hypervisor.public.native import TailCall
 from hypervisor.public.sched import SCHEDOP_yield
 from hypervisor.public.xen import Hypercall
 
 NONE, PREPARE, DISABLE_IRQ, RUN, EXIT = range(5)
-STATE_NAMES = ("none", "prepare", "disable_irq", "run", "exit")
-EBUSY = 16
-VCPU_INFO_SIZE = 64
-UPCALL_MASK_OFF = 1  # vcpu_info.evtchn_upcall_mask
 
 STOP = Layout("stop_machine", [
     ("active", "u64"),
@@ -65,7 +60,7 @@ def check_the_others_spin(cpu: Any) -> int:
     the stopper with its events masked (they all must be)."""
     k = kernel(cpu)
     bad = [n for n in range(k.cpus_up) if n != cpu.vcpu_id
-           and not (percpu(cpu, n).in_stopper and events_masked(cpu, n))]
+           and not (percpu(cpu, n).in_stopper and upcall_masked(cpu, n))]
     others = ",".join(str(n) for n in range(k.cpus_up) if n != cpu.vcpu_id) or "none"
     if bad:
         printk(cpu, f"stop_machine: FAILURE: cpus {bad} are not spinning masked")
@@ -97,23 +92,8 @@ STOP_CONTINUATIONS: tuple[Callable[[Any], TailCall], ...] = (_reschedule, _suspe
 THEN_RESCHEDULE, THEN_SUSPEND_RESUME = 0, 1
 
 
-# --- events -----------------------------------------------------------------------
-
-def events_masked(cpu: Any, n: int) -> bool:
-    return bool(cpu.read(_vcpu_info(cpu, n) + UPCALL_MASK_OFF, 1)[0])
-
-
-def _vcpu_info(cpu: Any, n: int) -> int:
-    return kernel(cpu).shared_info + VCPU_INFO_SIZE * n
-
-
-def _set_mask(cpu: Any, value: int) -> None:
-    cpu.write(_vcpu_info(cpu, cpu.vcpu_id) + UPCALL_MASK_OFF, bytes([value]))
-
-
 def send_ipi(cpu: Any, n: int) -> None:
-    cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_send,
-                  with_args(cpu, struct.pack("<I", percpu(cpu, n).ipi_port)))
+    notify_remote_via_evtchn(cpu, percpu(cpu, n).ipi_port)
 
 
 # --- the protocol ------------------------------------------------------------------
@@ -173,8 +153,8 @@ def multi_cpu_stop(cpu: Any) -> TailCall:
     if cur != pc.stop_state and cur != NONE:
         pc.stop_state = cur
         if cur == DISABLE_IRQ:
-            pc.stop_saved_mask = events_masked(cpu, cpu.vcpu_id)
-            _set_mask(cpu, 1)
+            pc.stop_saved_mask = upcall_masked(cpu)
+            set_upcall_mask(cpu, 1)
         elif cur == RUN and cpu.vcpu_id == sm.cpu:
             result = STOP_FUNCTIONS[sm.fn](cpu)
             if isinstance(result, TailCall):
@@ -200,7 +180,7 @@ def _leave(cpu: Any) -> TailCall:
     caller = stopper(cpu).caller == cpu.vcpu_id
     then = stopper(cpu).then
     pc.in_stopper, pc.stop_state = 0, NONE
-    _set_mask(cpu, pc.stop_saved_mask)
+    set_upcall_mask(cpu, pc.stop_saved_mask)
     if caller:
         return STOP_CONTINUATIONS[then](cpu)
     return _reschedule(cpu)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from guestos.events import upcall_masked
+from guestos.hypercall import with_args
 from guestos.kdata import kernel, percpu
 from guestos.mm import PTE_RW, mfn_to_pfn, pfn_of, pfn_to_mfn
 from guestos.pgd import xen_mm_pin_all, xen_mm_unpin_all
@@ -37,10 +39,9 @@ SHARED_INFO_OFF = start_info.shared_info.offset
 
 
 def xen_suspend(cpu: Any) -> TailCall:
-    from guestos.stop_machine import events_masked
     k = kernel(cpu)
     others = [n for n in range(k.cpus_up) if n != cpu.vcpu_id]
-    spinning = [n for n in others if percpu(cpu, n).in_stopper and events_masked(cpu, n)]
+    spinning = [n for n in others if percpu(cpu, n).in_stopper and upcall_masked(cpu, n)]
     printk(cpu, f"xen_suspend: on cpu{cpu.vcpu_id}, cpus "
            f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
            + ("" if spinning == others else " - FAILURE: not all of them"))
@@ -53,7 +54,6 @@ def xen_suspend(cpu: Any) -> TailCall:
     cpu.write_u64(si + CONSOLE_MFN_OFF, mfn_to_pfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))
     printk(cpu, "pre-suspend: start_info's store and console frames are pfns")
     printk(cpu, "suspend hypercall (SCHEDOP_shutdown, SHUTDOWN_suspend)")
-    from guestos.hypercall import with_args
     arg = with_args(cpu, struct.pack("<I", SHUTDOWN_suspend))
     return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, arg, pfn_to_mfn(cpu, pfn_of(si))),
                     xen_suspend_resumed)

@@ -21,11 +21,11 @@ from guestos.task import (
     spawn,
 )
 from guestos.usercopy import copy_from_user
+from hypervisor.public.errno import EBADF, EFAULT, ENOSYS
 from hypervisor.public.native import TailCall
 
 SYS_write, SYS_sched_yield, SYS_sleep, SYS_getpid, SYS_exit = 1, 24, 35, 39, 60
 SYS_spawn = 1000
-ENOSYS, EFAULT, EBADF = 38, 14, 9
 MAX_WRITE = 1 << 16
 MAX_NAME = 16
 

@@ -26,11 +26,11 @@ from guestos.mm import nr_free_pages, pfn_to_mfn
 from guestos.pgd import pgd_free, pgd_list_add, pgd_pin, pgd_pinned, pgd_unpin
 from guestos.printk import printk
 from hypervisor.public.arch_x86 import FLAT_USER_CS64, FLAT_USER_SS64
+from hypervisor.public.errno import EAGAIN, ENOENT
 from hypervisor.public.native import TailCall
 from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR
 
 FREE, NEW, RUNNABLE, RUNNING, SLEEPING, DEAD = range(6)
-STATE_NAMES = ("free", "new", "runnable", "running", "sleeping", "dead")
 
 # the user registers a task struct keeps (rsp, rip, rflags from its frames)
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
@@ -48,7 +48,6 @@ TASK = Layout("task", [
 ])
 assert TASK.size <= TASK_SIZE
 RFLAGS_IF = 0x200
-ENOENT, EAGAIN = 2, 11
 
 
 def task(cpu: Any, slot: int) -> Ref:

@@ -7,19 +7,19 @@ from __future__ import annotations
 from typing import Any
 
 from guestos.kdata import percpu
-from guestos.mm import FRAME, va
-from hypervisor.public.arch_x86 import _PAGE_PRESENT, MACH2PHYS_VIRT_START
+from guestos.mm import FRAME, mfn_to_pfn, va
+from hypervisor.public.arch_x86 import _PAGE_PRESENT
 
 
 def user_pfn(cpu: Any, uva: int) -> int | None:
     mfn = percpu(cpu).user_l4
     for shift in (39, 30, 21, 12):
-        pfn = cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
+        pfn = mfn_to_pfn(cpu, mfn)
         e = cpu.read_u64(va(pfn) + 8 * ((uva >> shift) & 511))
         if not e & _PAGE_PRESENT:
             return None
         mfn = (e & FRAME) >> 12
-    return cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
+    return mfn_to_pfn(cpu, mfn)
 
 
 def copy_from_user(cpu: Any, uva: int, size: int) -> bytes | None:

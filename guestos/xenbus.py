@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from guestos.events import notify_remote_via_evtchn
 from guestos.kdata import (
     MAX_WATCHES,
     MAX_XS_EVENTS,
@@ -30,8 +31,8 @@ from guestos.kdata import (
     kdata_va,
     kernel,
 )
-from guestos.mm import va
-from guestos.xencons import notify, read_u32
+from guestos.mm import read_u32, va
+from hypervisor.public.io.ring import ring_spans, ring_used
 from hypervisor.public.io.xs_wire import (
     REQ_CONS_OFF,
     REQ_OFF,
@@ -43,7 +44,6 @@ from hypervisor.public.io.xs_wire import (
     XSD_ERRORS,
     XSD_SOCKMSG,
     XsType,
-    mask_xenstore_idx,
 )
 
 HDR = XSD_SOCKMSG.size
@@ -69,14 +69,12 @@ def _put(cpu: Any, msg: bytes) -> None:
     sent = 0
     for _ in range(4):
         cons, prod = read_u32(cpu, ring + REQ_CONS_OFF), read_u32(cpu, ring + REQ_PROD_OFF)
-        n = min(XENSTORE_RING_SIZE - ((prod - cons) & 0xFFFFFFFF), len(msg) - sent)
-        while n > 0:
-            off = mask_xenstore_idx(prod)
-            chunk = min(n, XENSTORE_RING_SIZE - off)
+        n = min(XENSTORE_RING_SIZE - ring_used(cons, prod), len(msg) - sent)
+        for off, chunk in ring_spans(prod, n, XENSTORE_RING_SIZE):
             cpu.write(ring + REQ_OFF + off, msg[sent:sent + chunk])
-            prod, sent, n = (prod + chunk) & 0xFFFFFFFF, sent + chunk, n - chunk
-        cpu.write(ring + REQ_PROD_OFF, struct.pack("<I", prod))
-        notify(cpu, k.store_port)
+            sent += chunk
+        cpu.write(ring + REQ_PROD_OFF, struct.pack("<I", (prod + n) & 0xFFFFFFFF))
+        notify_remote_via_evtchn(cpu, k.store_port)
         if sent == len(msg):
             return
     raise XenbusError("EIO", "the store does not take requests")
@@ -100,19 +98,15 @@ def _pull(cpu: Any) -> bytes | None:
                 k.xs_in_len = len(rest)
                 return msg
         cons, prod = read_u32(cpu, ring + RSP_CONS_OFF), read_u32(cpu, ring + RSP_PROD_OFF)
-        avail = min((prod - cons) & 0xFFFFFFFF, XS_IN_SIZE - have)
+        avail = min(ring_used(cons, prod), XS_IN_SIZE - have)
         if avail == 0:
             return None
-        data = bytearray()
-        while len(data) < avail:
-            off = mask_xenstore_idx(cons)
-            chunk = min(avail - len(data), XENSTORE_RING_SIZE - off)
-            data += cpu.read(ring + RSP_OFF + off, chunk)
-            cons = (cons + chunk) & 0xFFFFFFFF
-        cpu.write(buf + have, bytes(data))
-        k.xs_in_len = have + len(data)
-        cpu.write(ring + RSP_CONS_OFF, struct.pack("<I", cons))
-        notify(cpu, k.store_port)  # room in the ring: the store may have more
+        data = b"".join(cpu.read(ring + RSP_OFF + off, chunk)
+                        for off, chunk in ring_spans(cons, avail, XENSTORE_RING_SIZE))
+        cpu.write(buf + have, data)
+        k.xs_in_len = have + avail
+        cpu.write(ring + RSP_CONS_OFF, struct.pack("<I", (cons + avail) & 0xFFFFFFFF))
+        notify_remote_via_evtchn(cpu, k.store_port)  # room: the store may have more
 
 
 def _queue_event(cpu: Any, payload: bytes) -> None:
@@ -235,7 +229,10 @@ WATCH_SHUTDOWN = 0
 
 def process_events(cpu: Any) -> None:
     """The store port's handler (cpu0): take watch events from the ring and
-    the queue and run their handlers, in order."""
+    the queue and run their handlers, in order. Not between xs_suspend and
+    xs_resume: the events wait in the ring."""
+    if kernel(cpu).xs_suspended:
+        return
     while True:
         msg = _pull(cpu)
         if msg is None:

@@ -9,27 +9,11 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from guestos.hypercall import with_args
+from guestos.events import notify_remote_via_evtchn
 from guestos.kdata import kernel
-from guestos.mm import va
-from hypervisor.public.event_channel import EVTCHNOP_send
-from hypervisor.public.io.console import (
-    OUT_CONS_OFF,
-    OUT_OFF,
-    OUT_PROD_OFF,
-    XENCONS_OUT_SIZE,
-    mask_out,
-)
-from hypervisor.public.xen import Hypercall
-
-
-def read_u32(cpu: Any, addr: int) -> int:
-    return struct.unpack("<I", cpu.read(addr, 4))[0]
-
-
-def notify(cpu: Any, port: int) -> None:
-    cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_send,
-                  with_args(cpu, struct.pack("<I", port)))
+from guestos.mm import read_u32, va
+from hypervisor.public.io.console import OUT_CONS_OFF, OUT_OFF, OUT_PROD_OFF, XENCONS_OUT_SIZE
+from hypervisor.public.io.ring import ring_spans, ring_used
 
 
 def hvc_write(cpu: Any, data: bytes) -> int:
@@ -39,16 +23,13 @@ def hvc_write(cpu: Any, data: bytes) -> int:
     sent = 0
     stuck = 0
     while sent < len(data) and stuck < 2:
-        cons = read_u32(cpu, ring + OUT_CONS_OFF)
-        prod = read_u32(cpu, ring + OUT_PROD_OFF)
-        room = XENCONS_OUT_SIZE - ((prod - cons) & 0xFFFFFFFF)
+        cons, prod = read_u32(cpu, ring + OUT_CONS_OFF), read_u32(cpu, ring + OUT_PROD_OFF)
+        room = XENCONS_OUT_SIZE - ring_used(cons, prod)
         n = min(room, len(data) - sent)
-        while n > 0:
-            off = mask_out(prod)
-            chunk = min(n, XENCONS_OUT_SIZE - off)
+        for off, chunk in ring_spans(prod, n, XENCONS_OUT_SIZE):
             cpu.write(ring + OUT_OFF + off, data[sent:sent + chunk])
-            prod, sent, n = (prod + chunk) & 0xFFFFFFFF, sent + chunk, n - chunk
-        cpu.write(ring + OUT_PROD_OFF, struct.pack("<I", prod))  # after the data
-        notify(cpu, port)
+            sent += chunk
+        cpu.write(ring + OUT_PROD_OFF, struct.pack("<I", (prod + n) & 0xFFFFFFFF))  # after the data
+        notify_remote_via_evtchn(cpu, port)
         stuck = stuck + 1 if room == 0 else 0
     return sent

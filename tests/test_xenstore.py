@@ -173,6 +173,11 @@ def test_requests_over_the_ring_get_their_replies_and_errors(guest):
     assert r[3] == home(dom.domid).encode() + b"\0"
     (r,) = ring.ask(XsType.XS_INTRODUCE, b"")
     assert r[3] == b"ENOSYS\0"
+    # ending a transaction: the argument is checked first, then that there is one
+    (r,) = ring.ask(XsType.XS_TRANSACTION_END, b"X\0")
+    assert r[3] == b"EINVAL\0"
+    (r,) = ring.ask(XsType.XS_TRANSACTION_END, b"T\0")
+    assert r[3] == b"ENOENT\0"
     # a transaction: its id, its replies carry it, the commit
     (r,) = ring.ask(XsType.XS_TRANSACTION_START, b"\0")
     tid = int(r[3].rstrip(b"\0"))

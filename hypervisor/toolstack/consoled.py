@@ -6,13 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.public.io.console import (
-    OUT_CONS_OFF,
-    OUT_OFF,
-    OUT_PROD_OFF,
-    XENCONS_OUT_SIZE,
-    mask_out,
-)
+from hypervisor.public.io.console import OUT_CONS_OFF, OUT_OFF, OUT_PROD_OFF, XENCONS_OUT_SIZE
+from hypervisor.public.io.ring import ring_spans, ring_used
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
@@ -32,17 +27,13 @@ class ConsoleBackend:
     def notify(self) -> None:
         cons = int.from_bytes(self.mem.read(self.ring + OUT_CONS_OFF, 4), "little")
         prod = int.from_bytes(self.mem.read(self.ring + OUT_PROD_OFF, 4), "little")
-        n = (prod - cons) & 0xFFFFFFFF
+        n = ring_used(cons, prod)
         if n > XENCONS_OUT_SIZE:
             n = XENCONS_OUT_SIZE  # a confused guest: take one ringful, as xenconsoled does
             cons = (prod - n) & 0xFFFFFFFF
-        data = bytearray()
-        while n:
-            off = mask_out(cons)
-            chunk = min(n, XENCONS_OUT_SIZE - off)
-            data += self.mem.read(self.ring + OUT_OFF + off, chunk)
-            cons, n = (cons + chunk) & 0xFFFFFFFF, n - chunk
-        self.mem.write(self.ring + OUT_CONS_OFF, cons.to_bytes(4, "little"))
+        data = b"".join(self.mem.read(self.ring + OUT_OFF + off, chunk)
+                        for off, chunk in ring_spans(cons, n, XENCONS_OUT_SIZE))
+        self.mem.write(self.ring + OUT_CONS_OFF, prod.to_bytes(4, "little"))
         if data:
-            self.dom.console_write(bytes(data))
+            self.dom.console_write(data)
         self.dom.evtchn.set_pending(self.port)  # room again: the guest may wait on it

@@ -42,9 +42,6 @@ class Request:
     path: str = ""                    # or write VALUE at PATH (relative to the home)
     value: str = ""
 
-    def __str__(self) -> str:
-        return self.command or f"{self.path}={self.value}"
-
 
 def parse_request(text: str) -> Request:
     """'TIME COMMAND' or 'TIME PATH=VALUE', e.g. '15ms suspend', '2ms memory/target=8192'."""

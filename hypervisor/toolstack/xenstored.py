@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from hypervisor.public.io.ring import ring_spans, ring_used
 from hypervisor.public.io.xs_wire import (
     CONNECTION_OFF,
     REQ_CONS_OFF,
@@ -39,7 +40,6 @@ from hypervisor.public.io.xs_wire import (
     XENSTORE_RING_SIZE,
     XSD_SOCKMSG,
     XsType,
-    mask_xenstore_idx,
     xenstore_domain_interface,
 )
 
@@ -229,13 +229,6 @@ class XenstoreConnection:
         self.out = bytearray()  # replies and events not yet in the ring
         self.broken = False
 
-    def move_ring(self, ring_mfn: int, port: int) -> None:
-        """The guest resumed in a new domain: its ring page and port are new."""
-        self.ring, self.port = ring_mfn << 12, port
-        self.out.clear()
-        self.broken = False
-        self.dom.evtchn.bind_backend(port, self.notify)
-
     # --- the ring ---------------------------------------------------------------------
 
     def _u32(self, off: int) -> int:
@@ -245,20 +238,13 @@ class XenstoreConnection:
         self.mem.write(self.ring + off, (v & 0xFFFFFFFF).to_bytes(4, "little"))
 
     def _ring_read(self, base: int, idx: int, n: int) -> bytes:
-        out = bytearray()
-        while n:
-            off = mask_xenstore_idx(idx)
-            chunk = min(n, XENSTORE_RING_SIZE - off)
-            out += self.mem.read(self.ring + base + off, chunk)
-            idx, n = idx + chunk, n - chunk
-        return bytes(out)
+        return b"".join(self.mem.read(self.ring + base + off, chunk)
+                        for off, chunk in ring_spans(idx, n, XENSTORE_RING_SIZE))
 
     def _ring_write(self, base: int, idx: int, data: bytes) -> None:
-        while data:
-            off = mask_xenstore_idx(idx)
-            chunk = min(len(data), XENSTORE_RING_SIZE - off)
+        for off, chunk in ring_spans(idx, len(data), XENSTORE_RING_SIZE):
             self.mem.write(self.ring + base + off, data[:chunk])
-            idx, data = idx + chunk, data[chunk:]
+            data = data[chunk:]
 
     def notify(self) -> None:
         """The guest kicked the store's port: serve what it asked, send what is due."""
@@ -274,8 +260,8 @@ class XenstoreConnection:
             self.dom.evtchn.set_pending(self.port)
             return
         cons, prod = self._u32(REQ_CONS_OFF), self._u32(REQ_PROD_OFF)
-        while (prod - cons) & 0xFFFFFFFF >= XSD_SOCKMSG.size:
-            if (prod - cons) & 0xFFFFFFFF > XENSTORE_RING_SIZE:
+        while ring_used(cons, prod) >= XSD_SOCKMSG.size:
+            if ring_used(cons, prod) > XENSTORE_RING_SIZE:
                 self._protocol_error("request ring indices out of range")
                 return
             typ, req_id, tx_id, n = XSD_SOCKMSG.unpack(
@@ -283,7 +269,7 @@ class XenstoreConnection:
             if n > XENSTORE_PAYLOAD_MAX:
                 self._protocol_error(f"a payload of {n} bytes")
                 return
-            if (prod - cons) & 0xFFFFFFFF < XSD_SOCKMSG.size + n:
+            if ring_used(cons, prod) < XSD_SOCKMSG.size + n:
                 break  # the rest of this message is not written yet
             payload = self._ring_read(REQ_OFF, cons + XSD_SOCKMSG.size, n)
             cons = (cons + XSD_SOCKMSG.size + n) & 0xFFFFFFFF
@@ -294,7 +280,7 @@ class XenstoreConnection:
     def flush(self) -> None:
         """Move queued messages into the reply ring as far as there is room."""
         cons, prod = self._u32(RSP_CONS_OFF), self._u32(RSP_PROD_OFF)
-        room = XENSTORE_RING_SIZE - ((prod - cons) & 0xFFFFFFFF)
+        room = XENSTORE_RING_SIZE - ring_used(cons, prod)
         if room <= 0 or not self.out:
             return
         data = bytes(self.out[:room])
@@ -347,12 +333,12 @@ class XenstoreConnection:
                 raise XsError("EBUSY")
             return typ, str(st.transaction_start(self)).encode() + b"\0"
         if typ == XsType.XS_TRANSACTION_END:
-            tx = st.transaction(self, tx_id)
-            if tx is None:
-                raise XsError("EINVAL")
             commit = payload.rstrip(b"\0")
             if commit not in (b"T", b"F"):
                 raise XsError("EINVAL")
+            tx = st.transaction(self, tx_id)
+            if tx is None:
+                raise XsError("ENOENT")  # xenstored: no transaction on this request
             st.transaction_end(tx, tx_id, commit == b"T")
             return ok
         if typ == XsType.XS_WATCH or typ == XsType.XS_UNWATCH:

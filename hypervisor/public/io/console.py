@@ -1,6 +1,6 @@
 """The console ring (xen/include/public/io/console.h): one page shared by the
 guest and the console daemon; ``out`` carries the guest's output, ``in`` its
-input. Indices run free; MASK_XENCONS_IDX reduces them to ring offsets."""
+input. Indices run free (hypervisor/public/io/ring.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,3 @@ class xencons_interface(ctypes.LittleEndianStructure):
 OUT_OFF = xencons_interface.out.offset
 OUT_CONS_OFF = xencons_interface.out_cons.offset
 OUT_PROD_OFF = xencons_interface.out_prod.offset
-
-
-def mask_out(idx: int) -> int:
-    return idx & (XENCONS_OUT_SIZE - 1)

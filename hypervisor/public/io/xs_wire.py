@@ -74,7 +74,3 @@ REQ_PROD_OFF = xenstore_domain_interface.req_prod.offset
 RSP_CONS_OFF = xenstore_domain_interface.rsp_cons.offset
 RSP_PROD_OFF = xenstore_domain_interface.rsp_prod.offset
 CONNECTION_OFF = xenstore_domain_interface.connection.offset
-
-
-def mask_xenstore_idx(idx: int) -> int:
-    return idx & (XENSTORE_RING_SIZE - 1)

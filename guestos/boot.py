@@ -22,6 +22,7 @@ from guestos.mm import (
     pfn_to_mfn,
     read_cstr,
     va,
+    xen_setup_mfn_list_list,
 )
 from guestos.printk import printk
 from guestos.task import schedule, spawn
@@ -76,6 +77,8 @@ def parse_options(cpu: Any, cmdline: str) -> None:
     """The kernel's options besides run= and hold=:
     stopmachine=MS   run a stop_machine check at MS
     nosaverestore    built without save/restore (CONFIG_XEN_SAVE_RESTORE=n)
+    nopinall         the suspend path skips xen_mm_pin_all: a bug to find, which
+                     breaks unpinned pgds across a restore
     worker=MS        a freezable kernel worker that runs every MS
     testdevs=N       N test devices that log their PM callbacks
     pmfail=DEV:PHASE device DEV (0: the console, 1..N: the test devices) fails PHASE
@@ -84,6 +87,7 @@ def parse_options(cpu: Any, cmdline: str) -> None:
     words = cmdline.split()
     k.stop_test_ms = parse_int(cmdline, "stopmachine")
     k.save_restore = 0 if "nosaverestore" in words else 1
+    k.no_pin_all = 1 if "nopinall" in words else 0
     k.wq_period_ms = parse_int(cmdline, "worker")
     k.wq_next = k.wq_period_ms * 1_000_000
     for word in words:
@@ -114,7 +118,7 @@ def start_kernel(cpu: Any) -> TailCall:
     k.nr_pages = nr_pages
     k.mfn_list = si.mfn_list
     k.next_free_pfn = pfn_of(cpu.reg("rsp"))  # everything below the boot stack top is taken
-    k.kernel_l4_mfn = pfn_to_mfn(cpu, pfn_of(si.pt_base))
+    k.kernel_l4_pfn = pfn_of(si.pt_base)
     # the console ring: printk goes there from now on; the store ring
     k.console_pfn = mfn_to_pfn(cpu, si.console.domU.mfn)
     k.console_port = si.console.domU.evtchn
@@ -125,6 +129,7 @@ def start_kernel(cpu: Any) -> TailCall:
     cpu.hypercall(Hypercall.update_va_mapping, va(shinfo_pfn), shinfo_maddr | PTE_RW, 0)
     k.shared_info = va(shinfo_pfn)
     events.mask_all(cpu)
+    xen_setup_mfn_list_list(cpu)
     nr_cpus = 0
     while nr_cpus < MAX_CPUS and cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, nr_cpus, 0) >= 0:
         nr_cpus += 1
@@ -169,7 +174,7 @@ def _bring_up(cpu: Any, n: int) -> None:
     ctx.user_regs.rflags = 0x202
     ctx.kernel_ss = FLAT_KERNEL_SS64
     ctx.kernel_sp = percpu(cpu, n).stack_top
-    ctx.ctrlreg[3] = k.kernel_l4_mfn << 12
+    ctx.ctrlreg[3] = pfn_to_mfn(cpu, k.kernel_l4_pfn) << 12
     ctx.event_callback_eip = cpu.native_addr(events.hypervisor_callback)
     ctx.syscall_callback_eip = cpu.native_addr(syscalls.syscall_entry)
     first = alloc_pages(cpu, 2)  # the context is 5168 bytes

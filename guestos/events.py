@@ -10,7 +10,7 @@ from typing import Any
 
 from guestos.frame import read_bounce, return_from_bounce
 from guestos.hypercall import with_args
-from guestos.kdata import kernel, percpu, port_cpu_va
+from guestos.kdata import NR_PORTS, kernel, percpu, port_cpu_va
 from hypervisor.public.event_channel import (
     EVTCHNOP_bind_ipi,
     EVTCHNOP_bind_virq,
@@ -74,18 +74,43 @@ def cpu_ports(cpu: Any, w: int) -> int:
     return sum(1 << b for b, owner in enumerate(owners) if owner == me)
 
 
-def init_cpu(cpu: Any) -> None:
-    arg = with_args(cpu, struct.pack("<III", VIRQ_TIMER, cpu.vcpu_id, 0))
+def _bind_cpu_ports(cpu: Any, n: int) -> None:
+    """Bind cpu n's timer VIRQ and IPI ports (EVTCHNOP_bind_virq and _ipi take
+    the vcpu: cpu0 can bind them for every cpu, as a restore does)."""
+    arg = with_args(cpu, struct.pack("<III", VIRQ_TIMER, n, 0))
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_virq, arg) == 0:
         port = struct.unpack("<I", cpu.read(arg + 8, 4))[0]
-        percpu(cpu).timer_port = port
-        take_port(cpu, port, cpu.vcpu_id)
+        percpu(cpu, n).timer_port = port
+        take_port(cpu, port, n)
     # the IPI port: other cpus kick this one through it (stop_machine)
-    arg = with_args(cpu, struct.pack("<II", cpu.vcpu_id, 0))
+    arg = with_args(cpu, struct.pack("<II", n, 0))
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_ipi, arg) == 0:
         port = struct.unpack("<I", cpu.read(arg + 4, 4))[0]
-        percpu(cpu).ipi_port = port
-        take_port(cpu, port, cpu.vcpu_id)
+        percpu(cpu, n).ipi_port = port
+        take_port(cpu, port, n)
+
+
+def init_cpu(cpu: Any) -> None:
+    _bind_cpu_ports(cpu, cpu.vcpu_id)
+    cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
+
+
+def xen_irq_resume(cpu: Any) -> None:
+    """In a new domain (Linux's xen_irq_resume, on cpu0): every port is gone
+    and every mask set (the restorer masked them all). Forget the old ports,
+    bind each cpu's timer VIRQ and IPI anew, and take the store's new port
+    (start_info has it; the console's is only sent on)."""
+    cpu.write(port_cpu_va(cpu), bytes(NR_PORTS))
+    mask_all(cpu)
+    k = kernel(cpu)
+    for n in range(k.cpus_up):
+        _bind_cpu_ports(cpu, n)
+    take_port(cpu, k.store_port, 0)
+
+
+def resume_timer(cpu: Any) -> None:
+    """A new domain has no timers: each cpu sets its own again (Linux's
+    clockevents resume)."""
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
 
 

@@ -27,7 +27,7 @@ KERNEL = Layout("kernel", [
     ("cpus_up", "u64"),
     ("tasks_live", "u64"),
     ("next_pid", "u64"),
-    ("kernel_l4_mfn", "u64"),
+    ("kernel_l4_pfn", "u64"),
     ("ticks", "u64"),
     ("free_head", "u64"),      # first pfn of the free-page list (0: empty)
     ("free_pages", "u64"),
@@ -59,6 +59,8 @@ KERNEL = Layout("kernel", [
     ("nr_devices", "u64"),
     ("pm_fail", "u64"),        # option pmfail=DEV:PHASE: (dev + 1) << 8 | phase + 1
     ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
+    ("no_pin_all", "u64"),     # option nopinall: the suspend skips xen_mm_pin_all (a lab bug)
+    ("restores", "u64"),       # times this kernel resumed in a new domain
 ])
 KERNEL_OFFSET = 0
 
@@ -67,7 +69,7 @@ PERCPU = Layout("percpu", [
     ("stack_top", "u64"),
     ("timer_port", "u64"),
     ("ticks", "u64"),
-    ("user_l4", "u64"),         # mfn of the user L4 installed on this cpu
+    ("user_pgd", "u64"),        # pfn of the user L4 installed on this cpu (0: none)
     ("ipi_port", "u64"),
     ("stop_state", "u64"),      # stop_machine: the last state this cpu acknowledged
     ("in_stopper", "u64"),      # 1 while this cpu spins in stop_machine

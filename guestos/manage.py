@@ -172,7 +172,7 @@ def _xs_suspend_cancel(cpu: Any) -> None:
 def _xs_resume(cpu: Any) -> None:
     """In a new domain: a fresh ring, and the store knows none of our watches."""
     k = kernel(cpu)
-    k.xs_in_len = 0
+    xenbus.xb_init_comms(cpu)
     k.xs_suspended = 0
     n = xenbus.reregister_watches(cpu)
     printk(cpu, f"xenbus: xs_resume: ring reconnected, {n} watches registered again")

@@ -16,7 +16,7 @@ from hypervisor.public.arch_x86 import (
     _PAGE_USER,
     MACH2PHYS_VIRT_START,
 )
-from hypervisor.public.xen import Hypercall
+from hypervisor.public.xen import Hypercall, arch_shared_info, shared_info
 
 PAGE_SIZE = 4096
 PTE_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
@@ -47,6 +47,34 @@ def pfn_to_mfn(cpu: Any, pfn: int) -> int:
 def mfn_to_pfn(cpu: Any, mfn: int) -> int:
     """Through the read-only M2P the hypervisor maps into every guest."""
     return cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
+
+
+def mfn_is_ours(cpu: Any, mfn: int) -> bool:
+    """Does the M2P name a pfn whose p2m entry is this mfn? (Xen's
+    mfn_in_pseudophysmap, from the guest's side.) Not so for a stale mfn,
+    one a pagetable kept from another machine."""
+    pfn = mfn_to_pfn(cpu, mfn)
+    return pfn < kernel(cpu).nr_pages and pfn_to_mfn(cpu, pfn) == mfn
+
+
+_ARCH = shared_info.arch.offset
+INVALID_FRAME_LIST_LIST = (1 << 64) - 1  # the p2m is a virtual list: see p2m_vaddr
+
+
+def xen_setup_mfn_list_list(cpu: Any) -> None:
+    """Tell the toolstack where the p2m list is (Linux's xen_setup_mfn_list_list,
+    the SIF_VIRT_P2M_4TOOLS way): a virtual list at p2m_vaddr, mapped by the
+    L4 at p2m_cr3, max_pfn entries long. At boot, and after every suspend:
+    shared_info and the L4's mfn may be new."""
+    k = kernel(cpu)
+    arch = k.shared_info + _ARCH
+    cpu.write_u64(arch + arch_shared_info.max_pfn.offset, k.nr_pages)
+    cpu.write_u64(arch + arch_shared_info.pfn_to_mfn_frame_list_list.offset,
+                  INVALID_FRAME_LIST_LIST)
+    cpu.write_u64(arch + arch_shared_info.p2m_cr3.offset,
+                  pfn_to_mfn(cpu, k.kernel_l4_pfn) << 12)
+    cpu.write_u64(arch + arch_shared_info.p2m_vaddr.offset, k.mfn_list)
+    cpu.write_u64(arch + arch_shared_info.p2m_generation.offset, 0)
 
 
 def alloc_pages(cpu: Any, n: int = 1) -> int:

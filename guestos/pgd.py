@@ -21,6 +21,7 @@ from guestos.mm import (
     PG_SAVEPINNED,
     KernelPanic,
     free_page,
+    mfn_is_ours,
     mfn_to_pfn,
     page_flags,
     pfn_to_mfn,
@@ -67,8 +68,14 @@ def pgd_pinned(cpu: Any, pfn: int) -> bool:
 
 # --- walking a pgd -----------------------------------------------------------------
 
-def _pfn_of_entry(cpu: Any, e: int) -> int:
-    return mfn_to_pfn(cpu, (e & FRAME) >> 12)
+def _pfn_of_entry(cpu: Any, pgd: int, level: int, slot: int, e: int) -> int:
+    mfn = (e & FRAME) >> 12
+    if not mfn_is_ours(cpu, mfn):
+        # Linux's pte_mfn_to_pfn finds no pfn either; a pgd that went through a
+        # save unpinned, never canonicalised, holds the old machine's mfns
+        raise KernelPanic(f"pgd {pgd:#x}: L{level} entry {slot} holds mfn {mfn:#x}, which "
+                          "is not this domain's (a stale mfn: was this pgd saved unpinned?)")
+    return mfn_to_pfn(cpu, mfn)
 
 
 def pgd_walk(cpu: Any, pgd: int) -> tuple[list[int], list[int]]:
@@ -84,7 +91,7 @@ def pgd_walk(cpu: Any, pgd: int) -> tuple[list[int], list[int]]:
             for i in range(n):
                 e = int.from_bytes(raw[8 * i:8 * i + 8], "little")
                 if e & _PAGE_PRESENT:
-                    nxt.append(_pfn_of_entry(cpu, e))
+                    nxt.append(_pfn_of_entry(cpu, pgd, 4 - depth, i, e))
         tables += nxt
         level = nxt
     for t in level:
@@ -92,7 +99,7 @@ def pgd_walk(cpu: Any, pgd: int) -> tuple[list[int], list[int]]:
         for i in range(512):
             e = int.from_bytes(raw[8 * i:8 * i + 8], "little")
             if e & _PAGE_PRESENT:
-                leaves.append(_pfn_of_entry(cpu, e))
+                leaves.append(_pfn_of_entry(cpu, pgd, 1, i, e))
     return tables, leaves
 
 

@@ -24,7 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from guestos.events import notify_remote_via_evtchn, set_upcall_mask, upcall_masked
+from guestos.events import (
+    notify_remote_via_evtchn,
+    resume_timer,
+    set_upcall_mask,
+    upcall_masked,
+)
 from guestos.kdata import STOP_OFFSET, header, kernel, percpu
 from guestos.layout import Layout, Ref
 from guestos.printk import printk
@@ -180,6 +185,8 @@ def _leave(cpu: Any) -> TailCall:
     caller = stopper(cpu).caller == cpu.vcpu_id
     then = stopper(cpu).then
     pc.in_stopper, pc.stop_state = 0, NONE
+    if stopper(cpu).fn == FN_XEN_SUSPEND and not kernel(cpu).suspend_cancelled:
+        resume_timer(cpu)  # resumed in a new domain, which has no timers
     set_upcall_mask(cpu, pc.stop_saved_mask)
     if caller:
         return STOP_CONTINUATIONS[then](cpu)

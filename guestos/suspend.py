@@ -5,14 +5,17 @@ drivers/xen/manage.c xen_suspend, arch/x86/xen/suspend_pv.c):
     sysdev_suspend
     xen_mm_pin_all            pin every unpinned pgd, marking it SavePinned,
                               so the tools canonicalise every pagetable
-    pre-suspend               start_info's store and console frames as pfns
+    pre-suspend               start_info's store and console frames as pfns;
+                              shared_info unmapped (its frame is no pfn)
     the suspend hypercall     SCHEDOP_shutdown(SHUTDOWN_suspend), start_info's
                               mfn in the third argument; it returns 1 if the
                               suspend was cancelled or only a checkpoint, 0 in
                               a new domain after a restore
-    post-suspend              shared_info mapped again; after a checkpoint the
-                              store and console pfns back to mfns (a restorer
-                              has already written new mfns there)
+    post-suspend              shared_info mapped again, the p2m's place told
+                              again; after a checkpoint the store and console
+                              pfns back to mfns; in a new domain (a restore)
+                              the new frames and ports taken from start_info,
+                              every cpu's timer and IPI ports bound anew
     xen_mm_unpin_all          unpin exactly the SavePinned pgds
     sysdev_resume
 """
@@ -22,11 +25,19 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from guestos.events import upcall_masked
+from guestos.events import upcall_masked, xen_irq_resume
 from guestos.hypercall import with_args
 from guestos.kdata import kernel, percpu
-from guestos.mm import PTE_RW, mfn_to_pfn, pfn_of, pfn_to_mfn
-from guestos.pgd import xen_mm_pin_all, xen_mm_unpin_all
+from guestos.mm import (
+    PAGE_SIZE,
+    PTE_RW,
+    mfn_to_pfn,
+    pfn_of,
+    pfn_to_mfn,
+    read_u32,
+    xen_setup_mfn_list_list,
+)
+from guestos.pgd import pgd_list, pgd_pinned, xen_mm_pin_all, xen_mm_unpin_all
 from guestos.pm import sysdev_resume, sysdev_suspend
 from guestos.printk import printk
 from hypervisor.public.native import TailCall
@@ -34,7 +45,9 @@ from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_suspend
 from hypervisor.public.xen import Hypercall, start_info
 
 STORE_MFN_OFF = start_info.store_mfn.offset
-CONSOLE_MFN_OFF = start_info.console.offset  # console.domU.mfn comes first
+STORE_EVTCHN_OFF = start_info.store_evtchn.offset
+CONSOLE_MFN_OFF = start_info.console.offset  # console.domU: mfn, then evtchn
+CONSOLE_EVTCHN_OFF = CONSOLE_MFN_OFF + 8
 SHARED_INFO_OFF = start_info.shared_info.offset
 
 
@@ -46,13 +59,27 @@ def xen_suspend(cpu: Any) -> TailCall:
            f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
            + ("" if spinning == others else " - FAILURE: not all of them"))
     sysdev_suspend(cpu)
-    n = xen_mm_pin_all(cpu)
-    k.save_pinned = n
-    printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
+    if k.no_pin_all:
+        n = sum(1 for pgd in pgd_list(cpu) if not pgd_pinned(cpu, pgd))
+        k.save_pinned = 0
+        printk(cpu, f"xen_mm_pin_all: SKIPPED (option nopinall): {n} unpinned pgds go "
+               "out raw, their mfns not canonicalised")
+    else:
+        n = xen_mm_pin_all(cpu)
+        k.save_pinned = n
+        printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
     si = k.start_info
     cpu.write_u64(si + STORE_MFN_OFF, mfn_to_pfn(cpu, cpu.read_u64(si + STORE_MFN_OFF)))
     cpu.write_u64(si + CONSOLE_MFN_OFF, mfn_to_pfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))
-    printk(cpu, "pre-suspend: start_info's store and console frames are pfns")
+    # shared_info's frame is the hypervisor's, no pfn of ours: no pagetable may
+    # map it when the tools canonicalise them. Its address gets the page's own
+    # frame back, holding a copy (Linux's xen_dummy_shared_info)
+    copy = cpu.read(k.shared_info, PAGE_SIZE)
+    own = pfn_to_mfn(cpu, pfn_of(k.shared_info))
+    cpu.hypercall(Hypercall.update_va_mapping, k.shared_info, (own << 12) | PTE_RW, 0)
+    cpu.write(k.shared_info, copy)
+    printk(cpu, "pre-suspend: start_info's store and console frames are pfns, "
+           "shared_info unmapped")
     printk(cpu, "suspend hypercall (SCHEDOP_shutdown, SHUTDOWN_suspend)")
     arg = with_args(cpu, struct.pack("<I", SHUTDOWN_suspend))
     return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, arg, pfn_to_mfn(cpu, pfn_of(si))),
@@ -70,10 +97,22 @@ def xen_suspend_resumed(cpu: Any) -> TailCall:
     # shared_info again where the kernel maps it: its frame may be new
     cpu.hypercall(Hypercall.update_va_mapping, k.shared_info,
                   cpu.read_u64(si + SHARED_INFO_OFF) | PTE_RW, 0)
+    xen_setup_mfn_list_list(cpu)
     if cancelled:
         cpu.write_u64(si + STORE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + STORE_MFN_OFF)))
         cpu.write_u64(si + CONSOLE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))
-    printk(cpu, "post-suspend: shared_info mapped, start_info's frames are mfns")
+        printk(cpu, "post-suspend: shared_info mapped, start_info's frames are mfns")
+    else:
+        # the restorer wrote the new frames and ports into start_info
+        k.restores = k.restores + 1
+        k.console_pfn = mfn_to_pfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF))
+        k.console_port = read_u32(cpu, si + CONSOLE_EVTCHN_OFF)
+        k.store_pfn = mfn_to_pfn(cpu, cpu.read_u64(si + STORE_MFN_OFF))
+        k.store_port = read_u32(cpu, si + STORE_EVTCHN_OFF)
+        xen_irq_resume(cpu)
+        printk(cpu, f"post-suspend: shared_info mapped; console on pfn {k.console_pfn:#x} "
+               f"port {k.console_port}, store on pfn {k.store_pfn:#x} port {k.store_port}; "
+               f"timer and IPI ports of {k.cpus_up} cpus bound again")
     n = xen_mm_unpin_all(cpu)
     printk(cpu, f"xen_mm_unpin_all: {n} SavePinned pgds unpinned")
     sysdev_resume(cpu, cancelled)

@@ -148,11 +148,13 @@ def save_user_context(cpu: Any, t: Ref, frame: tuple[int, ...], rax: int | None 
         t.rax = rax
 
 
-def install_user_l4(cpu: Any, mfn: int) -> None:
+def install_user_l4(cpu: Any, pgd: int) -> None:
+    """Make pgd (a pfn; 0: none) this cpu's user L4. The kernel remembers the
+    pfn, not the mfn: after a restore every mfn is new."""
     pc = percpu(cpu)
-    if pc.user_l4 != mfn:
-        mmuext(cpu, MMUEXT_NEW_USER_BASEPTR, mfn)
-        pc.user_l4 = mfn
+    if pc.user_pgd != pgd:
+        mmuext(cpu, MMUEXT_NEW_USER_BASEPTR, pfn_to_mfn(cpu, pgd) if pgd else 0)
+        pc.user_pgd = pgd
 
 
 def _resume(cpu: Any, slot: int) -> TailCall:
@@ -160,7 +162,7 @@ def _resume(cpu: Any, slot: int) -> TailCall:
     pc = percpu(cpu)
     if not pgd_pinned(cpu, t.pgd):
         pgd_pin(cpu, t.pgd)
-    install_user_l4(cpu, pfn_to_mfn(cpu, t.pgd))
+    install_user_l4(cpu, t.pgd)
     pc.current = slot + 1
     pc.last = slot
     pc.need_resched = 0

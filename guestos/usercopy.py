@@ -12,14 +12,13 @@ from hypervisor.public.arch_x86 import _PAGE_PRESENT
 
 
 def user_pfn(cpu: Any, uva: int) -> int | None:
-    mfn = percpu(cpu).user_l4
+    pfn = percpu(cpu).user_pgd
     for shift in (39, 30, 21, 12):
-        pfn = mfn_to_pfn(cpu, mfn)
         e = cpu.read_u64(va(pfn) + 8 * ((uva >> shift) & 511))
         if not e & _PAGE_PRESENT:
             return None
-        mfn = (e & FRAME) >> 12
-    return mfn_to_pfn(cpu, mfn)
+        pfn = mfn_to_pfn(cpu, (e & FRAME) >> 12)
+    return pfn
 
 
 def copy_from_user(cpu: Any, uva: int, size: int) -> bytes | None:

@@ -109,6 +109,14 @@ def _pull(cpu: Any) -> bytes | None:
         notify_remote_via_evtchn(cpu, k.store_port)  # room: the store may have more
 
 
+def xb_init_comms(cpu: Any) -> None:
+    """The ring in a new domain (Linux's xb_init_comms on resume): replies of
+    the old store are of no use; skip them, and what was half read."""
+    ring = _ring(cpu)
+    cpu.write(ring + RSP_CONS_OFF, cpu.read(ring + RSP_PROD_OFF, 4))
+    kernel(cpu).xs_in_len = 0
+
+
 def _queue_event(cpu: Any, payload: bytes) -> None:
     base = kdata_va(cpu, XS_EVENTS_OFFSET)
     for i in range(MAX_XS_EVENTS):

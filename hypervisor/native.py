@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hypervisor.cpu.vcpu import RAX, RSP
+from hypervisor.cpu.vcpu import R8, R10, RAX, RDI, RDX, RSI, RSP
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.native import NATIVE_ENTRY_STRIDE, TailCall
 
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from hypervisor.domain import Domain
 
 log = logging.getLogger(__name__)
+
+# the 64-bit PV hypercall ABI's argument registers (xen-x86_64.h), in order
+ARG_REGS = (RDI, RSI, RDX, R10, R8)
 
 
 class KernelError(Exception):
@@ -140,6 +143,10 @@ class NativeKernel:
             if isinstance(result, TailCall):
                 if result.continuation is not None:
                     vcpu.set_rip(self.addr_of(result.continuation))
+                # the arguments where the ABI has them: the toolstack reads the
+                # suspend hypercall's third (start_info's mfn) from vcpu0's rdx
+                for reg, a in zip(ARG_REGS, result.args, strict=False):
+                    vcpu.gpr[reg] = a & 0xFFFFFFFFFFFFFFFF
                 rc = hv.hypercall(vcpu, result.op, result.args)
                 if rc is not None and dom.is_running:
                     vcpu.gpr[RAX] = rc & 0xFFFFFFFFFFFFFFFF

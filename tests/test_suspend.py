@@ -44,7 +44,7 @@ TRACE = """\
 [cpu0] xen_suspend: on cpu0, cpus 1,2,3 spinning with events masked
 [cpu0] PM: sysdev_suspend(FREEZE)
 [cpu0] xen_mm_pin_all: 2 unpinned pgds pinned (SavePinned)
-[cpu0] pre-suspend: start_info's store and console frames are pfns
+[cpu0] pre-suspend: start_info's store and console frames are pfns, shared_info unmapped
 [cpu0] suspend hypercall (SCHEDOP_shutdown, SHUTDOWN_suspend)
 [cpu0] suspend hypercall returned 1 (cancelled or checkpointed)
 [cpu0] post-suspend: shared_info mapped, start_info's frames are mfns

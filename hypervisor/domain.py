@@ -44,6 +44,10 @@ class Domain:
         # the toolstack's backends on this domain's rings (consoled, xenstored)
         self.console_backend: Any = None
         self.xenstore: Any = None
+        # the guest's p2m list as its builder or restorer laid it out: the
+        # frames holding it and its entries (for the invariant audit)
+        self.p2m_frames: list[int] = []
+        self.p2m_size = 0
 
     # --- shared_info -----------------------------------------------------------------
 

@@ -106,10 +106,9 @@ def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
 
     # M2P <-> p2m, for domains whose p2m list the builder placed
     for dom in hv.domains.values() if p2m else ():
-        layout = getattr(dom, "layout", None)
-        if layout is None:
+        if not dom.p2m_size:
             continue
-        p2m = _guest_p2m(hv, dom, layout)
+        p2m = _guest_p2m(hv, dom)
         populated = p2m != np.uint64(0xFFFFFFFFFFFFFFFF)
         mfns = p2m[populated].astype(np.int64)
         pfns = np.flatnonzero(populated)
@@ -121,12 +120,12 @@ def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
     return problems
 
 
-def _guest_p2m(hv: Hypervisor, dom, layout) -> np.ndarray:
+def _guest_p2m(hv: Hypervisor, dom) -> np.ndarray:
     """The guest's own p2m list, read from its frames."""
     mem = hv.machine.memory
-    out = np.empty(layout.nr_pages, dtype=np.uint64)
+    out = np.empty(dom.p2m_size, dtype=np.uint64)
     for i, mfn in enumerate(dom.p2m_frames):
         chunk = mem.frame(int(mfn))
-        n = min(512, layout.nr_pages - 512 * i)
+        n = min(512, dom.p2m_size - 512 * i)
         out[512 * i:512 * i + n] = chunk[:n]
     return out

@@ -152,6 +152,7 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
         raise BuildError(f"{cfg.name}: {cfg.memory} MiB is too small for the image")
     dom.layout = lay
     dom.p2m_frames = [int(p2m[lay.p2m_pfn + i]) for i in range(p2m_pages)]
+    dom.p2m_size = nr_pages
 
     # the p2m list the guest reads (start_info.mfn_list)
     p2m_bytes = p2m.tobytes()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypervisor.core import Hypervisor
 from hypervisor.domain import SHUTDOWN_NAMES, Domain
@@ -25,6 +26,7 @@ from hypervisor.toolstack.timeparse import format_duration
 log = logging.getLogger(__name__)
 
 HYPERVISOR_OVERHEAD_MIB = 8
+SUSPEND_TIMEOUT_NS = 2_000_000_000  # virtual time from the request to the suspend
 
 
 def machine_mib_for(memory_mib: int) -> int:
@@ -57,11 +59,13 @@ def boot(cfg: DomainConfig, seed: int | None = None, clock: str = "deterministic
 def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                sink: Callable[[Domain, bytes], None] | None = None,
                requests: Sequence[Request] = (),
-               note: Callable[[str], None] | None = None) -> RunResult:
+               note: Callable[[str], None] | None = None,
+               on_suspend: Callable[[Domain], bool] | None = None) -> RunResult:
     """Run until the domain shuts down, hangs, or (with until_ns) every VCPU
-    reaches that virtual time. ``requests`` are made at their times; a domain
-    that suspends is resumed cancelled (nothing saves it here). ``note`` gets
-    the toolstack's own messages."""
+    reaches that virtual time. ``requests`` are made at their times. A domain
+    that suspends is handed to ``on_suspend`` (which saves it, say): if that
+    returns True, or there is none, the domain is resumed cancelled and runs
+    on; if False, the run ends there. ``note`` gets the toolstack's messages."""
     dom.console_sink = sink
     notes: list[str] = []
 
@@ -82,8 +86,13 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
         limit = min(marks) if marks else None
         hv.run(limit)
         if dom.shutdown_reason == SHUTDOWN_suspend:
-            say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
-                "(the suspend hypercall returns 1)")
+            if on_suspend is not None:
+                if not on_suspend(dom):
+                    break
+                say(f"domain {dom.name} resumed: the suspend hypercall returns 1")
+            else:
+                say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
+                    "(the suspend hypercall returns 1)")
             resume_cancelled(hv, dom)
             ack_deadline = None
             continue
@@ -122,3 +131,44 @@ def _describe(req: Request) -> str:
     if req.command:
         return f"the toolstack writes control/shutdown = {req.command}"
     return f"the toolstack writes {req.path} = {req.value}"
+
+
+def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | None = None,
+                sink: Callable[[Domain, bytes], None] | None = None,
+                note: Callable[[str], None] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[RunResult, Any]:
+    """``xl save``: run the domain to virtual time ``at_ns``, ask it to suspend
+    (control/shutdown), wait for it, write the image to ``path`` and destroy
+    the domain. If the guest does not suspend, or the image cannot be written,
+    SaveError says why; the guest is left running (the suspend hypercall
+    returned 1) and nothing is at ``path``."""
+    from hypervisor.toolstack.save import SaveError, save_to_file
+    saved: list[Any] = []
+    failed: list[SaveError] = []
+
+    def on_suspend(d: Domain) -> bool:
+        try:
+            saved.append(save_to_file(hv, d, path, seed=seed, progress=progress))
+        except SaveError as e:
+            failed.append(e)
+            resume_cancelled(hv, d)
+        return False
+
+    result = run_domain(hv, dom, at_ns + SUSPEND_TIMEOUT_NS, sink,
+                        [Request(at_ns, command="suspend")], note, on_suspend)
+    if failed:
+        raise SaveError(f"{failed[0]}; nothing was written, the guest runs on (its suspend "
+                        "hypercall returned 1)")
+    if not saved:
+        if result.reason not in ("running", "hung"):
+            why = f"the guest shut down ({result.reason}) before it suspended"
+        elif any("didn't acknowledge" in n for n in result.notes):
+            why = (f"the guest did not acknowledge the suspend request (control/shutdown) "
+                   f"within {format_duration(ACK_TIMEOUT_NS)} of virtual time: is it built "
+                   "without save/restore support?")
+        else:
+            why = (f"the guest did not suspend within "
+                   f"{format_duration(SUSPEND_TIMEOUT_NS)} of virtual time of the request")
+        raise SaveError(f"{why}; nothing was saved")
+    hv.destroy_domain(dom)
+    return result, saved[0]

@@ -56,7 +56,28 @@ class RecType(enum.IntEnum):
     X86_MSR_POLICY = 0x12
 
 
+class PvlabRecType(enum.IntEnum):
+    """pvlab's own records, in the optional range: Xen's tools skip them."""
+
+    PVLAB_DOMAIN = 0x80000101    # JSON: name, memory, vcpus, kernel binding, clocks
+    PVLAB_XENSTORE = 0x80000102  # the domain's xenstore home: path NUL value NUL ...
+
+
+# record bodies (xg_sr_stream_format.h), little-endian
+X86_PV_INFO = struct.Struct("<BB6x")              # guest_width, pt_levels
+P2M_FRAMES_HDR = struct.Struct("<II")              # start_pfn, end_pfn; then u64 pfns
+PAGE_DATA_HDR = struct.Struct("<I4x")              # count; then u64 pfn|type, pages
+X86_TSC_INFO = struct.Struct("<IIQI4x")            # mode, khz, nsec, incarnation
+VCPU_HDR = struct.Struct("<I4x")                   # vcpu_id; then the context
+PAGE_DATA_PFN_MASK = 0x000FFFFFFFFFFFFF
+PAGE_DATA_TYPE_SHIFT = 32                          # pfn entry = type << 32 | pfn
+MAX_BATCH_SIZE = 1024                              # pfns per PAGE_DATA record
+GUEST_WIDTH_X86_64, PT_LEVELS_X86_64 = 8, 4
+
+
 def rec_name(rtype: int) -> str:
+    if rtype in PvlabRecType._value2member_map_:
+        return PvlabRecType(rtype).name
     try:
         return RecType(rtype).name
     except ValueError:

@@ -1,0 +1,392 @@
+"""Reading and checking a saved image (a libxc migration stream) without
+applying it: what a restore does first, so that a bad image is refused before
+anything is created, and what ``pvlab image show`` prints.
+
+Every check of xg_sr_restore.c and xg_sr_restore_x86_pv.c that applies to a
+non-live x86-64 PV stream is made here, with the record and its offset in
+the message: headers, record order and lengths, PAGE_DATA's counts, pfns and
+types, P2M_FRAMES' size, one context per VCPU of the right size, vcpu0 there,
+its start_info pfn and every CR3 of the right type, and every present entry of
+every pagetable naming a pfn the image populates. Page data is skipped over
+(only pagetables are read), so a check costs little beside the restore.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from hypervisor.cpu.context import CONTEXT_SIZE
+from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
+from hypervisor.public.arch_x86 import _PAGE_PRESENT, vcpu_guest_context
+from hypervisor.public.domctl import (
+    PFINFO_BROKEN,
+    PFINFO_L4TAB,
+    PFINFO_LPINTAB,
+    PFINFO_LTAB_SHIFT,
+    PFINFO_LTABTYPE_MASK,
+    PFINFO_NOTAB,
+    PFINFO_XALLOC,
+    PFINFO_XTAB,
+)
+from hypervisor.toolstack import stream
+from hypervisor.toolstack.stream import PvlabRecType, RecType, StreamError
+
+MAX_VCPUS = 32
+# the type nibbles a stream may carry (xg_sr_common.h is_known_page_type)
+KNOWN_NIBBLES = frozenset([0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC, 0xD, 0xE, 0xF])
+NO_DATA = frozenset([PFINFO_XTAB >> PFINFO_LTAB_SHIFT, PFINFO_BROKEN >> PFINFO_LTAB_SHIFT,
+                     PFINFO_XALLOC >> PFINFO_LTAB_SHIFT])
+NOT_POPULATED = frozenset([PFINFO_XTAB >> PFINFO_LTAB_SHIFT, PFINFO_BROKEN >> PFINFO_LTAB_SHIFT])
+PTE_FRAME_MASK = np.uint64(0x000FFFFFFFFFF000)
+TYPE_NAMES = {0x0: "NOTAB", 0x1: "L1", 0x2: "L2", 0x3: "L3", 0x4: "L4", 0x9: "L1 pinned",
+              0xA: "L2 pinned", 0xB: "L3 pinned", 0xC: "L4 pinned", 0xD: "BROKEN",
+              0xE: "XALLOC", 0xF: "XTAB"}
+
+
+class ImageError(StreamError):
+    """An image that cannot be restored: the message names record and offset."""
+
+
+@dataclass
+class PageBatch:
+    """One PAGE_DATA record: its pfns, their type nibbles, where its pages are."""
+
+    offset: int            # of the record
+    data_offset: int       # of its first page
+    pfns: np.ndarray       # int64
+    nibbles: np.ndarray    # uint8
+    with_data: np.ndarray  # bool per pfn entry
+
+
+@dataclass
+class RecordInfo:
+    type: int
+    offset: int
+    length: int
+
+    @property
+    def name(self) -> str:
+        return stream.rec_name(self.type)
+
+
+@dataclass
+class ImageInfo:
+    path: str
+    version: int
+    header: stream.DomainHeader
+    records: list[RecordInfo] = field(default_factory=list)
+    max_pfn: int = -1
+    p2m_frame_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    batches: list[PageBatch] = field(default_factory=list)
+    nibbles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # per pfn
+    tsc: tuple[int, int, int, int] | None = None
+    shared_info: bytes = b""
+    vcpus: dict[int, bytes] = field(default_factory=dict)
+    domain: dict | None = None
+    xenstore: list[tuple[str, bytes]] = field(default_factory=list)
+    checkpoint: bool = False
+    size: int = 0
+
+    @property
+    def nr_pfns(self) -> int:
+        return self.max_pfn + 1
+
+    def populated(self) -> np.ndarray:
+        """pfns the image gives a frame."""
+        seen = self.nibbles != 0xFF
+        return np.flatnonzero(seen & ~np.isin(self.nibbles, list(NOT_POPULATED)))
+
+    def type_counts(self) -> dict[str, int]:
+        seen = self.nibbles[self.nibbles != 0xFF]
+        values, counts = np.unique(seen, return_counts=True)
+        return {TYPE_NAMES[int(v)]: int(c) for v, c in zip(values, counts, strict=True)}
+
+    def context(self, vcpu_id: int) -> vcpu_guest_context:
+        return vcpu_guest_context.from_buffer_copy(self.vcpus[vcpu_id])
+
+
+def _fail(rec: stream.Record | RecordInfo, why: str) -> ImageError:
+    return ImageError(f"{rec.name} record at offset {rec.offset}: {why}")
+
+
+def scan_image(path: str | Path) -> ImageInfo:
+    """Read and check a whole image; raises ImageError naming what is wrong."""
+    p = Path(path)
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise ImageError(f"cannot read {p}: {e.strerror or e}") from None
+    with f:
+        try:
+            return _scan(f, str(p))
+        except StreamError as e:
+            raise ImageError(f"{p}: {e}") from None
+
+
+def _scan(f: BinaryIO, path: str) -> ImageInfo:
+    version, dhdr = stream.read_headers(f)
+    info = ImageInfo(path, version, dhdr)
+    seen_pv_info = seen_static_end = False
+    tables: list[tuple[int, int, int]] = []  # (pfn, level, offset of its page)
+    last = None
+    for rec, length in _records(f):
+        info.records.append(RecordInfo(rec.type, rec.offset, length))
+        last = rec
+        t = rec.type
+        if t == RecType.END:
+            break
+        if t == RecType.X86_PV_INFO:
+            if seen_pv_info:
+                raise _fail(rec, "a second X86_PV_INFO")
+            if len(rec.body) != stream.X86_PV_INFO.size:
+                raise _fail(rec, f"length {len(rec.body)}, expected {stream.X86_PV_INFO.size}")
+            width, levels = stream.X86_PV_INFO.unpack(rec.body)
+            if (width, levels) != (stream.GUEST_WIDTH_X86_64, stream.PT_LEVELS_X86_64):
+                raise _fail(rec, f"guest width {width}, {levels} pagetable levels: only "
+                            "64-bit guests with 4 levels are restored")
+            seen_pv_info = True
+        elif t == RecType.STATIC_DATA_END:
+            if seen_static_end:
+                raise _fail(rec, "a second STATIC_DATA_END")
+            if not seen_pv_info:
+                raise _fail(rec, "before X86_PV_INFO")
+            seen_static_end = True
+        elif t == RecType.X86_PV_P2M_FRAMES:
+            if not seen_pv_info:
+                raise _fail(rec, "before X86_PV_INFO")
+            if not seen_static_end:
+                if version >= 3:
+                    raise _fail(rec, "before STATIC_DATA_END (mandatory in version 3)")
+                seen_static_end = True  # a v2 stream: STATIC_DATA_END is implied here
+            if info.max_pfn >= 0:
+                raise _fail(rec, "a second X86_PV_P2M_FRAMES")
+            _p2m_frames(info, rec)
+        elif t == RecType.PAGE_DATA:
+            if info.max_pfn < 0:
+                raise _fail(rec, "before X86_PV_P2M_FRAMES")
+            tables += _page_data(info, rec, length)
+        elif t == RecType.X86_TSC_INFO:
+            if len(rec.body) != stream.X86_TSC_INFO.size:
+                raise _fail(rec, f"length {len(rec.body)}, expected {stream.X86_TSC_INFO.size}")
+            info.tsc = stream.X86_TSC_INFO.unpack(rec.body)
+        elif t == RecType.SHARED_INFO:
+            if not seen_pv_info:
+                raise _fail(rec, "before X86_PV_INFO")
+            if len(rec.body) != PAGE_SIZE:
+                raise _fail(rec, f"length {len(rec.body)}, expected {PAGE_SIZE}")
+            info.shared_info = rec.body
+        elif t == RecType.X86_PV_VCPU_BASIC:
+            _vcpu_basic(info, rec)
+        elif t == RecType.CHECKPOINT:
+            if rec.body:
+                raise _fail(rec, "a CHECKPOINT record has no body")
+            info.checkpoint = True
+        elif t in (RecType.X86_PV_VCPU_EXTENDED, RecType.X86_PV_VCPU_XSAVE,
+                   RecType.X86_PV_VCPU_MSRS, RecType.X86_CPUID_POLICY, RecType.X86_MSR_POLICY):
+            pass  # state pvlab's VCPUs do not have: read and dropped
+        elif t == PvlabRecType.PVLAB_DOMAIN:
+            try:
+                info.domain = json.loads(rec.body)
+            except ValueError as e:
+                raise _fail(rec, f"not JSON: {e}") from None
+            if not isinstance(info.domain, dict):
+                raise _fail(rec, "not a JSON object")
+        elif t == PvlabRecType.PVLAB_XENSTORE:
+            info.xenstore = _xenstore(rec)
+        elif not t & stream.REC_TYPE_OPTIONAL:
+            raise _fail(rec, "a mandatory record type this restorer does not know")
+    assert last is not None
+    info.size = f.tell()
+    if f.read(1):
+        raise ImageError(f"offset {info.size}: data after the END record")
+    _check_whole(info, last)
+    _check_tables(info, f, tables)
+    return info
+
+
+def _records(f: BinaryIO) -> Iterator[tuple[stream.Record, int]]:
+    """(record, its length): of a PAGE_DATA record only the header and pfn list
+    are read, its pages skipped over."""
+    offset = stream.IHDR.size + stream.DHDR.size
+    while True:
+        raw = f.read(stream.RHDR.size)
+        if len(raw) != stream.RHDR.size:
+            raise ImageError(f"truncated at offset {offset}: no END record (a record header "
+                             f"needs {stream.RHDR.size} octets, {len(raw)} left)")
+        rtype, length = stream.RHDR.unpack(raw)
+        if length > stream.REC_LENGTH_MAX:
+            raise ImageError(f"{stream.rec_name(rtype)} record at offset {offset}: claims "
+                             f"{length} octets, over the {stream.REC_LENGTH_MAX} limit")
+        padded = length + (-length % stream.REC_ALIGN)
+        if rtype == RecType.PAGE_DATA and length >= stream.PAGE_DATA_HDR.size:
+            head = f.read(stream.PAGE_DATA_HDR.size)
+            count = stream.PAGE_DATA_HDR.unpack(head)[0] if len(head) == 8 else 0
+            want = min(8 * count, length - stream.PAGE_DATA_HDR.size)
+            body = head + f.read(want)
+            rest = padded - len(body)
+            here = f.tell()
+            end = f.seek(0, 2)
+            if here + rest > end or len(body) != stream.PAGE_DATA_HDR.size + want:
+                raise ImageError(f"truncated at offset {end}: PAGE_DATA record at offset "
+                                 f"{offset} needs {padded} octets, {end - offset - 8} left")
+            f.seek(here + rest)
+            rec = stream.Record(rtype, body, offset)
+        else:
+            body = f.read(padded)
+            if len(body) != padded:
+                raise ImageError(f"truncated at offset {offset + 8 + len(body)}: "
+                                 f"{stream.rec_name(rtype)} record at offset {offset} needs "
+                                 f"{padded} octets, {len(body)} left")
+            rec = stream.Record(rtype, body[:length], offset)
+        offset += stream.RHDR.size + padded
+        yield rec, length
+        if rtype == RecType.END:
+            return
+
+
+def _p2m_frames(info: ImageInfo, rec: stream.Record) -> None:
+    body = rec.body
+    if len(body) < stream.P2M_FRAMES_HDR.size:
+        raise _fail(rec, f"length {len(body)}, less than its {stream.P2M_FRAMES_HDR.size}-octet "
+                    "header")
+    start, end = stream.P2M_FRAMES_HDR.unpack_from(body)
+    fpp = PAGE_SIZE // 8
+    if start > end:
+        raise _fail(rec, f"start_pfn {start:#x} is after end_pfn {end:#x}")
+    if start != 0:
+        raise _fail(rec, f"start_pfn {start:#x}: a p2m from pfn 0 is expected")
+    want = stream.P2M_FRAMES_HDR.size + 8 * ((end // fpp + 1) - start // fpp)
+    if len(body) != want:
+        raise _fail(rec, f"length {len(body)}, expected {want} for pfns {start:#x}-{end:#x}")
+    info.max_pfn = end
+    info.p2m_frame_pfns = np.frombuffer(body, dtype=np.uint64,
+                                        offset=stream.P2M_FRAMES_HDR.size).astype(np.int64)
+    info.nibbles = np.full(end + 1, 0xFF, dtype=np.uint8)  # 0xFF: not in the image
+
+
+def _page_data(info: ImageInfo, rec: stream.Record, length: int) -> list[tuple[int, int, int]]:
+    if length < stream.PAGE_DATA_HDR.size:
+        raise _fail(rec, f"length {length}, less than its 8-octet header")
+    (count,) = stream.PAGE_DATA_HDR.unpack_from(rec.body)
+    if count < 1:
+        raise _fail(rec, "expected at least 1 pfn")
+    if count > stream.MAX_BATCH_SIZE:
+        raise _fail(rec, f"{count} pfns, more than a batch's {stream.MAX_BATCH_SIZE}")
+    if len(rec.body) != 8 + 8 * count:
+        raise _fail(rec, f"length {length} is too short for {count} pfns")
+    entries = np.frombuffer(rec.body, dtype=np.uint64, offset=8)
+    pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
+    nib = (entries >> np.uint64(60)).astype(np.uint8)
+    reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
+    for i in range(count):
+        if pfns[i] > info.max_pfn:
+            raise _fail(rec, f"pfn {int(pfns[i]):#x} (index {i}) outside the domain's "
+                        f"maximum {info.max_pfn:#x}")
+        if int(nib[i]) not in KNOWN_NIBBLES:
+            raise _fail(rec, f"pfn {int(pfns[i]):#x} (index {i}): unknown type "
+                        f"{int(nib[i]):#x}")
+        if reserved[i]:
+            raise _fail(rec, f"pfn {int(pfns[i]):#x} (index {i}): reserved bits set")
+    with_data = ~np.isin(nib, list(NO_DATA))
+    want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
+    if length != want:
+        raise _fail(rec, f"wrong size: length {length}, expected {want} for {count} pfns "
+                    f"with {int(with_data.sum())} pages of data")
+    data_offset = rec.offset + stream.RHDR.size + 8 + 8 * count
+    info.batches.append(PageBatch(rec.offset, data_offset, pfns, nib, with_data))
+    info.nibbles[pfns] = nib
+    tables = []
+    level = nib & 0x7
+    for k, i in enumerate(np.flatnonzero(with_data)):
+        if 1 <= level[i] <= 4:
+            tables.append((int(pfns[i]), int(level[i]), data_offset + PAGE_SIZE * k))
+    return tables
+
+
+def _vcpu_basic(info: ImageInfo, rec: stream.Record) -> None:
+    want = stream.VCPU_HDR.size + CONTEXT_SIZE
+    if len(rec.body) != want:
+        raise _fail(rec, f"length {len(rec.body)}, expected {want} (8 + a 64-bit "
+                    "vcpu_guest_context)")
+    (vcpu_id,) = stream.VCPU_HDR.unpack_from(rec.body)
+    if vcpu_id >= MAX_VCPUS:
+        raise _fail(rec, f"vcpu {vcpu_id}: at most {MAX_VCPUS} are supported")
+    if vcpu_id in info.vcpus:
+        raise _fail(rec, f"a second context for vcpu {vcpu_id}")
+    info.vcpus[vcpu_id] = rec.body[stream.VCPU_HDR.size:]
+
+
+def _xenstore(rec: stream.Record) -> list[tuple[str, bytes]]:
+    parts = rec.body.split(b"\0")
+    if not rec.body.endswith(b"\0") or len(parts) % 2 != 1:
+        raise _fail(rec, "not NUL-terminated path and value pairs")
+    out = []
+    for path, value in zip(parts[0:-1:2], parts[1:-1:2], strict=True):
+        name = path.decode(errors="replace")
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise _fail(rec, f"path {name!r} is not relative to the domain's home")
+        out.append((name, value))
+    return out
+
+
+def _check_whole(info: ImageInfo, end: stream.Record) -> None:
+    """What only the whole stream can tell (x86_pv_stream_complete's checks)."""
+    def bad(why: str) -> ImageError:
+        return ImageError(f"{info.path}: {why}")
+    if info.max_pfn < 0:
+        raise bad("no X86_PV_P2M_FRAMES record")
+    if 0 not in info.vcpus:
+        raise bad("the sender didn't send vcpu0's basic state (no X86_PV_VCPU_BASIC for "
+                  "vcpu 0)")
+    if not info.shared_info:
+        raise bad("no SHARED_INFO record")
+    nib = info.nibbles
+    for i, pfn in enumerate(info.p2m_frame_pfns.tolist()):
+        if pfn > info.max_pfn or nib[pfn] != 0:
+            raise bad(f"p2m frame {i} is pfn {pfn:#x}, which is not a NOTAB page of the image")
+    for vcpu_id, raw in info.vcpus.items():
+        ctx = vcpu_guest_context.from_buffer_copy(raw)
+        cr3 = ctx.ctrlreg[3] >> PAGE_SHIFT
+        if cr3 > info.max_pfn or nib[cr3] & (PFINFO_LTABTYPE_MASK >> PFINFO_LTAB_SHIFT) \
+                != PFINFO_L4TAB >> PFINFO_LTAB_SHIFT:
+            what = TYPE_NAMES.get(int(nib[cr3]), "absent") if cr3 <= info.max_pfn else "absent"
+            raise bad(f"vcpu{vcpu_id}'s cr3 (pfn {cr3:#x}) has type {what}, expected L4")
+        if ctx.ctrlreg[1] & 1:
+            user = ctx.ctrlreg[1] >> PAGE_SHIFT
+            if user > info.max_pfn or nib[user] & 7 != 4:
+                raise bad(f"vcpu{vcpu_id}'s user L4 (pfn {user:#x}) is no L4 of the image")
+        if vcpu_id == 0:
+            si = ctx.user_regs.rdx
+            if si > info.max_pfn or nib[si] != PFINFO_NOTAB:
+                raise bad(f"start info pfn {si:#x} (vcpu0's rdx) has a bad type")
+
+
+def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int]]) -> None:
+    """Every present entry of every pagetable must name a pfn the image populates
+    (what localising would find out half way through a restore)."""
+    populated = np.zeros(info.nr_pfns, dtype=bool)
+    populated[info.populated()] = True
+    for pfn, level, offset in tables:
+        f.seek(offset)
+        page = np.frombuffer(f.read(PAGE_SIZE), dtype=np.uint64)
+        if page.size != ENTRIES_PER_TABLE:
+            raise ImageError(f"{info.path}: truncated at offset {offset}")
+        present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
+        targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+        bad = targets > np.uint64(info.max_pfn)
+        if not bad.any():
+            bad = ~populated[targets.astype(np.int64)]
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ImageError(f"{info.path}: pagetable pfn {pfn:#x} (L{level}) slot "
+                             f"{int(present[i])} names pfn {int(targets[i]):#x}, which the "
+                             "image does not populate")
+
+
+__all__ = ["ImageError", "ImageInfo", "PageBatch", "scan_image", "PFINFO_LPINTAB"]

@@ -1,0 +1,341 @@
+"""Saving a suspended domain as Xen's libxc migration stream (tools/libs/guest/
+xg_sr_save.c and xg_sr_save_x86_pv.c, the non-live path).
+
+The guest has suspended itself (SHUTDOWN_suspend, start_info's mfn in vcpu0's
+rdx). The save then
+
+* finds the guest's p2m through shared_info.arch (p2m_cr3, p2m_vaddr, max_pfn:
+  the virtual p2m list the kernel published), walking the guest's own tables;
+* asks the frame table each page's type, as XEN_DOMCTL_getpageframeinfo3 does:
+  a pagetable pinned or in use (validated) is L1..L4, pinned ones with LPINTAB;
+  one that is neither is plain data, NOTAB, and goes out raw;
+* canonicalises every L1..L4 page (normalise_pagetable): each present entry's
+  mfn becomes its pfn, an L4's hypervisor slots are cleared; an mfn that is not
+  the domain's is an error naming the pagetable's pfn and the slot;
+* writes the VCPU contexts with CR3, the user L4 and vcpu0's rdx as pfns.
+
+Canonicalisation works on whole arrays of tables at once (numpy). The image
+goes to a temporary file in the destination's directory, is flushed and
+renamed into place: a failed save leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import numpy as np
+
+from hypervisor.cpu.context import get_context
+from hypervisor.cpu.vcpu import RDX
+from hypervisor.hypercalls.version import XEN_MAJOR, XEN_MINOR
+from hypervisor.mm.frames import PageType
+from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
+from hypervisor.mm.pagetable import ROOT_PAGETABLE_FIRST_XEN_SLOT, ROOT_PAGETABLE_LAST_XEN_SLOT
+from hypervisor.mm.walker import GuestFault
+from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_PSE
+from hypervisor.public.domctl import (
+    PFINFO_LPINTAB,
+    PFINFO_LTAB_SHIFT,
+    PFINFO_NOTAB,
+    PFINFO_XTAB,
+    TSC_MODE_ALWAYS_EMULATE,
+)
+from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.toolstack import stream
+from hypervisor.toolstack.stream import PvlabRecType, RecType
+from hypervisor.toolstack.xenstored import home
+
+if TYPE_CHECKING:
+    from hypervisor.core import Hypervisor
+    from hypervisor.domain import Domain
+
+PTE_FRAME_MASK = np.uint64(0x000FFFFFFFFFF000)
+INVALID_MFN = np.uint64(0xFFFFFFFFFFFFFFFF)
+P2M_VIRTUAL_LIST = 0xFFFFFFFFFFFFFFFF  # shared_info.arch.pfn_to_mfn_frame_list_list
+FPP = PAGE_SIZE // 8                   # p2m entries per frame, 64-bit guest
+TSC_KHZ = 1_000_000                    # deterministic clock: one instruction, one ns
+# xenstore nodes the toolstack makes itself at XS_INTRODUCE; not carried over
+INTRODUCED_NODES = ("name", "domid")
+
+Progress = Callable[[int, int], None]  # (pages done, pages in all)
+
+
+class SaveError(Exception):
+    """The domain cannot be saved; nothing is left at the destination."""
+
+
+@dataclass
+class SaveStats:
+    pages: int = 0
+    tables: int = 0
+    pinned: int = 0
+    bytes: int = 0
+    canonicalise_s: float = 0.0
+    total_s: float = 0.0
+
+
+# --- finding the guest's memory ------------------------------------------------------
+
+def locate_p2m(hv: Hypervisor, dom: Domain) -> tuple[np.ndarray, np.ndarray]:
+    """The guest's p2m (pfn -> mfn, INVALID_MFN where none) and the pfns of the
+    frames that hold it, found from shared_info.arch as Xen's tools find it."""
+    arch = dom.shared_info.arch
+    if arch.pfn_to_mfn_frame_list_list != P2M_VIRTUAL_LIST or not arch.p2m_vaddr:
+        raise SaveError("the guest has not published its p2m list in shared_info.arch "
+                        "(p2m_vaddr, p2m_cr3): its kernel does not support save")
+    max_pfn = int(arch.max_pfn)
+    if not 0 < max_pfn <= dom.max_pages:
+        raise SaveError(f"shared_info.arch.max_pfn is {max_pfn}; the domain may have at "
+                        f"most {dom.max_pages} pages")
+    nframes = -(-max_pfn // FPP)
+    cr3 = int(arch.p2m_cr3) >> PAGE_SHIFT
+    ft = hv.machine.frames
+    if not 0 < cr3 < ft.nr_frames or ft.owner[cr3] != dom.domid:
+        raise SaveError(f"shared_info.arch.p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the "
+                        "domain's")
+    mfns = np.empty(nframes, dtype=np.int64)
+    for i in range(nframes):
+        va = int(arch.p2m_vaddr) + i * PAGE_SIZE
+        try:
+            mfns[i] = hv.walker.translate(cr3, va) >> PAGE_SHIFT
+        except GuestFault:
+            raise SaveError(f"p2m frame {i} (va {va:#x}) is not mapped by p2m_cr3") from None
+    if (ft.owner[mfns] != dom.domid).any():
+        raise SaveError("a frame of the p2m list is not the domain's")
+    mem = hv.machine.memory
+    p2m = mem.u64.reshape(-1, ENTRIES_PER_TABLE)[mfns].reshape(-1)[:max_pfn].copy()
+    frame_pfns = hv.machine.m2p[mfns].astype(np.int64)
+    bad = np.flatnonzero((frame_pfns >= max_pfn)
+                         | (p2m[np.minimum(frame_pfns, max_pfn - 1)] != mfns.astype(np.uint64)))
+    if bad.size:
+        raise SaveError(f"bad mfn in p2m_frame_list[{int(bad[0])}]: "
+                        f"{int(mfns[bad[0]]):#x} is not in the domain's pseudophysical map")
+    return p2m, frame_pfns
+
+
+def page_types(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> np.ndarray:
+    """XEN_DOMCTL_getpageframeinfo3 for every pfn: the PFINFO type (u32)."""
+    ft = hv.machine.frames
+    m2p = hv.machine.m2p
+    types = np.full(p2m.size, PFINFO_XTAB, dtype=np.uint32)
+    pfns = np.flatnonzero(p2m != INVALID_MFN)
+    mfns = p2m[pfns].astype(np.int64)
+    inside = mfns < ft.nr_frames
+    foreign = ~inside
+    foreign[inside] = (ft.owner[mfns[inside]] != dom.domid) \
+        | (m2p[mfns[inside]] != pfns[inside].astype(np.uint64))
+    if foreign.any():
+        i = int(np.flatnonzero(foreign)[0])
+        raise SaveError(f"p2m[{int(pfns[i]):#x}] = {int(mfns[i]):#x}: not a frame of the "
+                        "domain's (or the M2P disagrees)")
+    t = ft.type[mfns].astype(np.uint32)  # PageType.l1..l4 are 1..4, as PFINFO's levels
+    pinned = ft.pinned[mfns]
+    table = (t >= PageType.l1) & (t <= PageType.l4) & (pinned | ft.validated[mfns])
+    out = np.where(table, t << PFINFO_LTAB_SHIFT, PFINFO_NOTAB).astype(np.uint32)
+    out[table & pinned] |= np.uint32(PFINFO_LPINTAB)
+    types[pfns] = out
+    return types
+
+
+# --- canonicalisation ----------------------------------------------------------------
+
+def canonicalise(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
+                 p2m: np.ndarray, m2p: np.ndarray) -> np.ndarray:
+    """normalise_pagetable for many tables at once: ``tables`` is (n, 512) u64
+    (a copy: the guest's own pages are never changed), ``levels`` their levels.
+    Returns the tables with every present entry's mfn replaced by its pfn."""
+    out = tables.copy()
+    xen = slice(ROOT_PAGETABLE_FIRST_XEN_SLOT, ROOT_PAGETABLE_LAST_XEN_SLOT + 1)
+    out[levels == 4, xen] = 0  # the hypervisor's slots: it fills them again itself
+    present = (out & np.uint64(_PAGE_PRESENT)) != 0
+    superpage = present & ((out & np.uint64(_PAGE_PSE)) != 0) & (levels[:, None] > 1)
+    if superpage.any():
+        row, slot = (int(x[0]) for x in np.nonzero(superpage))
+        raise SaveError(f"cannot migrate a superpage: pagetable pfn {int(table_pfns[row]):#x} "
+                        f"(L{int(levels[row])}) slot {slot}: {int(out[row, slot]):#018x}")
+    rows, slots = np.nonzero(present)
+    entries = out[rows, slots]
+    mfns = (entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+    ok = mfns < np.uint64(m2p.size)
+    pfns = np.full(mfns.size, INVALID_MFN, dtype=np.uint64)
+    pfns[ok] = m2p[mfns[ok].astype(np.int64)]
+    ok &= pfns < np.uint64(p2m.size)
+    ok[ok] = p2m[pfns[ok].astype(np.int64)] == mfns[ok]
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        row, slot = int(rows[i]), int(slots[i])
+        raise SaveError(f"pagetable pfn {int(table_pfns[row]):#x} (L{int(levels[row])}) "
+                        f"slot {slot}: entry {int(entries[i]):#018x} holds mfn "
+                        f"{int(mfns[i]):#x}, which is not the domain's (bad mfn for "
+                        f"L{int(levels[row])}[{slot}])")
+    out[rows, slots] = (entries & ~PTE_FRAME_MASK) | (pfns << np.uint64(PAGE_SHIFT))
+    return out
+
+
+def _mfn_to_pfn(hv: Hypervisor, p2m: np.ndarray, mfn: int, what: str) -> int:
+    """mfn_to_pfn with Xen's mfn_in_pseudophysmap check."""
+    m2p = hv.machine.m2p
+    pfn = int(m2p[mfn]) if 0 <= mfn < m2p.size else -1
+    if not 0 <= pfn < p2m.size or int(p2m[pfn]) != mfn:
+        raise SaveError(f"bad mfn for {what}: {mfn:#x} is not in the domain's "
+                        "pseudophysical map")
+    return pfn
+
+
+# --- the records ---------------------------------------------------------------------
+
+def vcpu_records(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> list[tuple[int, bytes]]:
+    """(vcpu id, canonical vcpu_guest_context) for every online VCPU."""
+    out = []
+    for v in dom.vcpus:
+        if not v.online:
+            continue
+        ctx = get_context(v)
+        ctx.ctrlreg[3] = _mfn_to_pfn(hv, p2m, ctx.ctrlreg[3] >> PAGE_SHIFT,
+                                     f"vcpu{v.vcpu_id}'s cr3") << PAGE_SHIFT
+        if ctx.ctrlreg[1]:
+            # bit 0: "a user L4 is set", so that pfn 0 still means something
+            ctx.ctrlreg[1] = 1 | _mfn_to_pfn(hv, p2m, ctx.ctrlreg[1] >> PAGE_SHIFT,
+                                             f"vcpu{v.vcpu_id}'s user L4") << PAGE_SHIFT
+        if v.vcpu_id == 0:
+            # the suspend record: start_info's mfn, the hypercall's third argument
+            ctx.user_regs.rdx = _mfn_to_pfn(hv, p2m, int(v.gpr[RDX]), "suspend record")
+            ctx.user_regs.rax = 0  # the suspend hypercall's result as Xen leaves it
+        out.append((v.vcpu_id, bytes(ctx)))
+    return out
+
+
+def domain_record(dom: Domain, kind: str, seed: int | None) -> bytes:
+    native = dom.native
+    info = {
+        "pvlab_image": 1,
+        "kind": kind,
+        "name": dom.name,
+        "max_pages": dom.max_pages,
+        "vcpus": len(dom.vcpus),
+        "seed": seed,
+        "kernel": None if native is None else
+        {"module": native.name, "text": native.text, "size": native.size},
+        "clocks": [v.clock for v in dom.vcpus],
+    }
+    return json.dumps(info, sort_keys=True).encode()
+
+
+def xenstore_record(hv: Hypervisor, dom: Domain) -> bytes:
+    """The domain's home in the store, as NUL-terminated relative path and value
+    pairs (libxl's xenstore data records have the same form)."""
+    top = home(dom.domid)
+    out = bytearray()
+    for path, value in sorted(hv.xenstore.nodes.items()):
+        if path.startswith(top + "/"):
+            rel = path[len(top) + 1:]
+            if rel not in INTRODUCED_NODES:
+                out += rel.encode() + b"\0" + value + b"\0"
+    return bytes(out)
+
+
+def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = False,
+                seed: int | None = None, progress: Progress | None = None) -> SaveStats:
+    """Write the whole stream of a suspended domain to ``out``."""
+    t0 = time.perf_counter()
+    stats = SaveStats()
+    if dom.shutdown_reason != SHUTDOWN_suspend:
+        raise SaveError(f"domain {dom.name} is not suspended")
+    p2m, frame_pfns = locate_p2m(hv, dom)
+    types = page_types(hv, dom, p2m)
+    levels = (types >> PFINFO_LTAB_SHIFT) & 0x7
+    table_pfns = np.flatnonzero(levels)
+    mem = hv.machine.memory
+    frames = mem.u64.reshape(-1, ENTRIES_PER_TABLE)
+    tc = time.perf_counter()
+    canon = canonicalise(frames[p2m[table_pfns].astype(np.int64)], levels[table_pfns],
+                         table_pfns, p2m, hv.machine.m2p)
+    stats.canonicalise_s = time.perf_counter() - tc
+    slot_of = np.full(p2m.size, -1, dtype=np.int64)
+    slot_of[table_pfns] = np.arange(table_pfns.size)
+    vcpus = vcpu_records(hv, dom, p2m)
+
+    stream.write_headers(out, XEN_MAJOR, XEN_MINOR)
+    rec = stream.write_record
+    rec(out, RecType.X86_PV_INFO, stream.X86_PV_INFO.pack(stream.GUEST_WIDTH_X86_64,
+                                                          stream.PT_LEVELS_X86_64))
+    rec(out, PvlabRecType.PVLAB_DOMAIN,
+        domain_record(dom, "checkpoint" if checkpoint else "save", seed))
+    rec(out, RecType.STATIC_DATA_END)
+    max_pfn = p2m.size - 1
+    p2m_list = np.zeros(max_pfn // FPP + 1, dtype=np.uint64)
+    p2m_list[:frame_pfns.size] = frame_pfns.astype(np.uint64)
+    rec(out, RecType.X86_PV_P2M_FRAMES, stream.P2M_FRAMES_HDR.pack(0, max_pfn) + p2m_list.tobytes())
+    total = p2m.size
+    for first in range(0, total, stream.MAX_BATCH_SIZE):
+        pfns = np.arange(first, min(first + stream.MAX_BATCH_SIZE, total))
+        t = types[pfns]
+        with_data = pfns[t != PFINFO_XTAB]
+        pages = frames[p2m[with_data].astype(np.int64)]
+        rows = slot_of[with_data]
+        is_table = rows >= 0
+        if is_table.any():
+            pages[is_table] = canon[rows[is_table]]
+        entries = (t.astype(np.uint64) << np.uint64(stream.PAGE_DATA_TYPE_SHIFT)) \
+            | pfns.astype(np.uint64)
+        body_len = stream.PAGE_DATA_HDR.size + 8 * pfns.size + PAGE_SIZE * with_data.size
+        out.write(stream.RHDR.pack(RecType.PAGE_DATA, body_len))
+        out.write(stream.PAGE_DATA_HDR.pack(pfns.size))
+        out.write(entries.tobytes())
+        out.write(pages.tobytes())
+        # body_len is a multiple of 8: no padding
+        stats.pages += int(with_data.size)
+        if progress is not None:
+            progress(int(pfns[-1]) + 1, total)
+    clock = max((v.clock for v in dom.vcpus), default=0)
+    rec(out, RecType.X86_TSC_INFO,
+        stream.X86_TSC_INFO.pack(TSC_MODE_ALWAYS_EMULATE, TSC_KHZ, clock, 0))
+    rec(out, RecType.SHARED_INFO, mem.read(dom.shared_info_mfn << PAGE_SHIFT, PAGE_SIZE))
+    for vcpu_id, ctx in vcpus:
+        rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
+    if hv.xenstore is not None:
+        rec(out, PvlabRecType.PVLAB_XENSTORE, xenstore_record(hv, dom))
+    if checkpoint:
+        rec(out, RecType.CHECKPOINT)
+    rec(out, RecType.END)
+    stats.tables = int(table_pfns.size)
+    stats.pinned = int(((types & PFINFO_LPINTAB) != 0).sum())
+    stats.total_s = time.perf_counter() - t0
+    return stats
+
+
+def save_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
+                 checkpoint: bool = False, seed: int | None = None,
+                 progress: Progress | None = None) -> SaveStats:
+    """Write the image to a temporary file beside ``path``, flush it to disk and
+    rename it into place. On any failure the temporary file is removed and
+    nothing is left at ``path``."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise SaveError(f"{dest} is a directory; name the image file")
+    if not dest.parent.is_dir():
+        raise SaveError(f"{dest.parent} does not exist: cannot write {dest.name} there")
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb", buffering=1 << 22) as f:
+            stats = write_image(hv, dom, f, checkpoint, seed, progress)
+            stats.bytes = f.tell()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SaveError(f"cannot write {dest}: {e.strerror or e}") from None
+        raise
+    return stats
+
+
+__all__ = ["SaveError", "SaveStats", "save_to_file", "write_image", "canonicalise",
+           "locate_p2m", "page_types"]

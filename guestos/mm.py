@@ -99,6 +99,7 @@ def free_page(cpu: Any, pfn: int) -> None:
     k = kernel(cpu)
     if page_flags(cpu, pfn) & PG_PINNED:
         raise KernelPanic(f"freeing pfn {pfn:#x}, which is a pinned pagetable")
+    set_page_flags(cpu, pfn, clear=PG_TABLE)
     cpu.write_u64(va(pfn), k.free_head)
     k.free_head = pfn
     k.free_pages = k.free_pages + 1
@@ -112,6 +113,7 @@ def nr_free_pages(cpu: Any) -> int:
 # page flags (Linux's struct page flags, here a byte per pfn in mem_map)
 PG_PINNED = 1       # a pagetable Xen has pinned (PG_pinned)
 PG_SAVEPINNED = 2   # pinned by xen_mm_pin_all for a save (PG_savepinned)
+PG_TABLE = 4        # a pagetable page of a user address space (PG_table)
 
 
 def page_flags(cpu: Any, pfn: int) -> int:
@@ -140,6 +142,7 @@ class AddressSpace:
     def __init__(self, cpu: Any) -> None:
         self.cpu = cpu
         self.l4 = alloc_pages(cpu)
+        set_page_flags(cpu, self.l4, set_=PG_TABLE)
         self.tables = [self.l4]
         self.stack_top = 0
 
@@ -150,6 +153,7 @@ class AddressSpace:
             mfn = (e & FRAME) >> 12
             return cpu.read_u64(0xFFFF800000000000 + 8 * mfn)  # M2P: mfn -> pfn
         new = alloc_pages(cpu)
+        set_page_flags(cpu, new, set_=PG_TABLE)
         self.tables.append(new)
         cpu.write_u64(va(table_pfn) + 8 * index, (pfn_to_mfn(cpu, new) << 12) | PTE_RW)
         return new

@@ -19,6 +19,7 @@ from guestos.mm import (
     FRAME,
     PG_PINNED,
     PG_SAVEPINNED,
+    PG_TABLE,
     KernelPanic,
     free_page,
     mfn_is_ours,
@@ -69,13 +70,20 @@ def pgd_pinned(cpu: Any, pfn: int) -> bool:
 # --- walking a pgd -----------------------------------------------------------------
 
 def _pfn_of_entry(cpu: Any, pgd: int, level: int, slot: int, e: int) -> int:
+    """The pfn an entry of one of pgd's tables maps. A pgd that went through a
+    save unpinned was never canonicalised: on the new machine its entries hold
+    the old machine's mfns, which name no frame of ours or the wrong one.
+    Either is found here, before Xen is asked to pin a tree of garbage."""
     mfn = (e & FRAME) >> 12
+    stale = "a stale mfn: was this pgd saved unpinned, its mfns never canonicalised?"
     if not mfn_is_ours(cpu, mfn):
-        # Linux's pte_mfn_to_pfn finds no pfn either; a pgd that went through a
-        # save unpinned, never canonicalised, holds the old machine's mfns
         raise KernelPanic(f"pgd {pgd:#x}: L{level} entry {slot} holds mfn {mfn:#x}, which "
-                          "is not this domain's (a stale mfn: was this pgd saved unpinned?)")
-    return mfn_to_pfn(cpu, mfn)
+                          f"is not this domain's ({stale})")
+    pfn = mfn_to_pfn(cpu, mfn)
+    if level > 1 and not page_flags(cpu, pfn) & PG_TABLE:
+        raise KernelPanic(f"pgd {pgd:#x}: L{level} entry {slot} holds mfn {mfn:#x}, pfn "
+                          f"{pfn:#x}, which is no pagetable page ({stale})")
+    return pfn
 
 
 def pgd_walk(cpu: Any, pgd: int) -> tuple[list[int], list[int]]:

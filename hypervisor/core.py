@@ -54,6 +54,7 @@ class Hypervisor:
 
     def __init__(self, memory_mib: int = 256, seed: int = 0, clock: str = "deterministic",
                  slice_insns: int = 50_000, slice_us: int = 5_000) -> None:
+        self.seed = seed
         self.machine = Machine(memory_mib, seed)
         self.walker = Walker(self.machine.memory)
         self.traps = Traps(self)

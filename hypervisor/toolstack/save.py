@@ -266,7 +266,8 @@ def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = F
     rec(out, RecType.X86_PV_INFO, stream.X86_PV_INFO.pack(stream.GUEST_WIDTH_X86_64,
                                                           stream.PT_LEVELS_X86_64))
     rec(out, PvlabRecType.PVLAB_DOMAIN,
-        domain_record(dom, "checkpoint" if checkpoint else "save", seed))
+        domain_record(dom, "checkpoint" if checkpoint else "save",
+                      hv.seed if seed is None else seed))
     rec(out, RecType.STATIC_DATA_END)
     max_pfn = p2m.size - 1
     p2m_list = np.zeros(max_pfn // FPP + 1, dtype=np.uint64)

@@ -193,6 +193,9 @@ def _return_or_switch(cpu: Any) -> TailCall:
 def handle_port(cpu: Any, port: int) -> None:
     if port == percpu(cpu).timer_port:
         timer_tick(cpu)
+    elif port == percpu(cpu).ipi_port:
+        from guestos.task import wake_due
+        wake_due(cpu)
     elif port == kernel(cpu).store_port:
         from guestos.xenbus import process_events
         process_events(cpu)

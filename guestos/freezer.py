@@ -52,9 +52,11 @@ def thaw_processes(cpu: Any) -> None:
     k.freezing = 0
     printk(cpu, f"freezer: thaw_processes: {nr_tasks(cpu)} tasks thawed "
            f"(workers: {k.wq_runs} runs)")
+    from guestos.task import wake_due
+    wake_due(cpu)
     for n in range(k.cpus_up):
         if n != cpu.vcpu_id:
-            send_ipi(cpu, n)  # an idle cpu looks for its tasks again
+            send_ipi(cpu, n)  # each cpu wakes what came due, and looks for its tasks
 
 
 def run_workqueue(cpu: Any, t_now: int) -> None:

@@ -209,8 +209,16 @@ def preempt_current(cpu: Any, frame: tuple[int, ...]) -> TailCall:
 
 
 def scheduler_tick(cpu: Any) -> None:
-    """On each timer tick of this cpu: wake sleepers, go on with held
-    constructions and teardowns, and ask for a switch if another task waits."""
+    """On each timer tick of this cpu."""
+    wake_due(cpu)
+
+
+def wake_due(cpu: Any) -> None:
+    """Wake this cpu's sleepers whose time has come, go on with held
+    constructions and teardowns, and ask for a switch if another task waits.
+    On every tick, and when the thaw kicks the cpu: what came due while the
+    tasks were frozen must not wait for the next tick, which a checkpoint
+    taken at every tick would freeze again."""
     t_now = now(cpu)
     waiting = False
     frozen = kernel(cpu).freezing  # a held construction or teardown is frozen too

@@ -11,7 +11,9 @@ from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.elfimage import ImageError
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.restore import RestoreError
+from hypervisor.toolstack.session import RunResult, boot, run_domain
+from hypervisor.toolstack.stream import StreamError
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
 
 EXIT_OK, EXIT_GUEST_FAILED, EXIT_USAGE = 0, 1, 2
@@ -53,10 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         Tracer(dom, args.trace, sys.stdout).attach()
     requests = [*cfg.requests, *args.request]
     result = run_domain(hv, dom, args.until, _stream, requests, _note)
+    return _exit_for(result, dom, args.until)
+
+
+def _exit_for(result: RunResult, dom: Domain, until: int | None) -> int:
+    """What ``run`` and ``restore`` exit with, and say, once the guest stops."""
     if result.reason == "poweroff":
         return EXIT_OK
     if result.reason == "running":
-        print(f"pvlab: stopped at {format_duration(args.until)} of virtual time; the guest "
+        print(f"pvlab: stopped at {format_duration(until or 0)} of virtual time; the guest "
               "was still running", file=sys.stderr)
         return EXIT_OK
     if result.reason == "crash":
@@ -67,6 +74,112 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"pvlab: domain {dom.name} shut down ({result.reason})", file=sys.stderr)
     return EXIT_GUEST_FAILED
+
+
+class ProgressBar:
+    """``label [#####.....]  45%  115/256 MiB`` on stderr, when it is a terminal
+    and the guest is big enough for the wait to show."""
+
+    WIDTH = 30
+    MIN_PAGES = 32768  # 128 MiB
+
+    def __init__(self, label: str, force: bool = False) -> None:
+        self.label = label
+        self.shown = -1
+        self.enabled = force or sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < self.MIN_PAGES:
+            return
+        pct = 100 * done // max(total, 1)
+        if pct == self.shown:
+            return
+        self.shown = pct
+        fill = self.WIDTH * done // max(total, 1)
+        sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (self.WIDTH - fill)}] {pct:3d}%  "
+                         f"{done >> 8}/{total >> 8} MiB")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack.save import SaveError
+    from hypervisor.toolstack.session import save_domain
+    cfg = load_config(args.config)
+    hv, dom = boot(cfg, seed=args.seed)
+    try:
+        _, stats = save_domain(hv, dom, args.image, args.at, sink=_stream, note=_note,
+                               progress=ProgressBar("saving"))
+    except SaveError as e:
+        print(f"pvlab: save failed: {e}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    _note(f"saved domain {cfg.name} to {args.image}: {stats.bytes / (1 << 20):.1f} MiB, "
+          f"{stats.pages} pages, {stats.tables} pagetables canonicalised ({stats.pinned} "
+          f"pinned), in {stats.total_s:.2f} s; the domain is destroyed")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack.restore import restore_image
+    hv, dom, stats = restore_image(args.image, seed=args.seed,
+                                   progress=ProgressBar("restoring"))
+    _note(f"restored {args.image} as domain {dom.domid} ({dom.name}): {stats.pages} pages on "
+          f"new frames, {stats.tables} pagetables localised, {stats.pinned} pinned again, "
+          f"in {stats.total_s:.2f} s; its suspend hypercall returns 0")
+    result = run_domain(hv, dom, args.until, _stream, [], _note)
+    return _exit_for(result, dom, args.until)
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hypervisor.toolstack.control import Request
+    from hypervisor.toolstack.save import SaveError, save_to_file
+    out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out} is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.every <= 0:
+        raise CliError("--every must be more than 0")
+    cfg = load_config(args.config)
+    hv, dom = boot(cfg, seed=args.seed)
+    taken: list[Path] = []
+
+    def on_suspend(d: Domain) -> bool:
+        path = out / f"checkpoint-{len(taken) + 1:03d}.img"
+        try:
+            stats = save_to_file(hv, d, path, checkpoint=True, progress=ProgressBar("checkpoint"))
+        except SaveError as e:
+            _note(f"checkpoint {len(taken) + 1} failed: {e}; the guest runs on")
+            return True
+        taken.append(path)
+        _note(f"checkpoint {len(taken)}: {path} ({stats.bytes / (1 << 20):.1f} MiB, "
+              f"{stats.total_s:.2f} s)")
+        return True
+
+    last = args.until if args.until is not None else args.every * args.max
+    times = range(args.every, last + 1, args.every)
+    requests = [Request(t, command="suspend") for t in list(times)[:args.max]]
+    result = run_domain(hv, dom, args.until, _stream, requests, _note, on_suspend)
+    _note(f"{len(taken)} checkpoints in {out}")
+    return _exit_for(result, dom, args.until)
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack.image import scan_image
+    from hypervisor.toolstack.imagetool import describe, diff
+    if args.action == "show":
+        if len(args.images) != 1:
+            raise CliError("image show takes one IMAGE")
+        print(describe(scan_image(args.images[0]), records=args.records))
+        return EXIT_OK
+    if len(args.images) != 2:
+        raise CliError("image diff takes two images: A B")
+    a, b = (scan_image(p) for p in args.images)
+    lines = diff(a, b)
+    print("\n".join(lines) if lines else "the images hold the same guest state")
+    return EXIT_OK if not lines else EXIT_GUEST_FAILED
 
 
 def cmd_frames(args: argparse.Namespace) -> int:
@@ -141,6 +254,61 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only frames of these types, e.g. L1,L2,L3,L4")
     frames.add_argument("--summary", action="store_true", help="print only the summary")
     frames.set_defaults(func=cmd_frames)
+
+    save = sub.add_parser("save", help="boot a domain, run it to a time, save it to a file",
+                          description="Boot the domain CONFIG describes, run it to virtual "
+                                      "time --at, ask it to suspend (control/shutdown = "
+                                      "suspend), and write its image to IMAGE: Xen's libxc "
+                                      "migration stream, pagetables canonicalised. The "
+                                      "domain is gone afterwards, as with xl save; "
+                                      "`pvlab restore IMAGE` brings it back.")
+    save.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+    save.add_argument("image", metavar="IMAGE", help="the image file to write")
+    save.add_argument("--at", metavar="TIME", type=_duration, required=True,
+                      help="virtual time of the suspend request (e.g. 12ms)")
+    save.add_argument("--seed", metavar="N", type=int, help="override the configuration's seed")
+    save.set_defaults(func=cmd_save)
+
+    restore = sub.add_parser("restore", help="restore a saved image and run it",
+                             description="Check IMAGE whole, restore it into a new domain on "
+                                         "new machine frames (pagetables localised, what was "
+                                         "pinned pinned again) and run it, its console on "
+                                         "stdout: the guest resumes from its suspend "
+                                         "hypercall with 0 and goes the RESTORE way.")
+    restore.add_argument("image", metavar="IMAGE", help="an image pvlab save or checkpoint wrote")
+    restore.add_argument("--until", metavar="TIME", type=_duration,
+                         help="stop at this virtual time (counted from the guest's boot)")
+    restore.add_argument("--seed", metavar="N", type=int,
+                         help="seed of the new machine's frame shuffle (default: the saved "
+                              "seed plus one, so that the frames differ)")
+    restore.set_defaults(func=cmd_restore)
+
+    ckpt = sub.add_parser("checkpoint", help="run a domain, saving a checkpoint at intervals",
+                          description="Boot the domain CONFIG describes and run it; every "
+                                      "--every of virtual time save a complete image into "
+                                      "DIR (checkpoint-001.img, ...) and let the guest go on "
+                                      "(its suspend hypercall returns 1: THAW), as Remus "
+                                      "and xl save -c do.")
+    ckpt.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+    ckpt.add_argument("dir", metavar="DIR", help="directory for the images (made if need be)")
+    ckpt.add_argument("--every", metavar="TIME", type=_duration, required=True,
+                      help="virtual time between checkpoints (e.g. 5ms)")
+    ckpt.add_argument("--until", metavar="TIME", type=_duration,
+                      help="stop at this virtual time (default: when the guest shuts down)")
+    ckpt.add_argument("--max", metavar="N", type=int, default=100,
+                      help="at most N checkpoints (default 100)")
+    ckpt.add_argument("--seed", metavar="N", type=int, help="override the configuration's seed")
+    ckpt.set_defaults(func=cmd_checkpoint)
+
+    image = sub.add_parser("image", help="show a saved image, or diff two",
+                           description="image show IMAGE: its records, page types, pinned "
+                                       "tables, VCPUs and xenstore nodes. image diff A B: what "
+                                       "differs between two images (exit 1 if anything).")
+    image.add_argument("action", choices=("show", "diff"), help="show IMAGE, or diff A B")
+    image.add_argument("images", metavar="IMAGE", nargs="+", help="image file(s)")
+    image.add_argument("--records", action="store_true",
+                       help="show: list every record with its offset and length")
+    image.set_defaults(func=cmd_image)
     return p
 
 
@@ -151,9 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="pvlab: %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ImageError, BuildError, CliError) as e:
+    except (ConfigError, ImageError, BuildError, CliError, StreamError) as e:
         print(f"pvlab: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RestoreError as e:
+        print(f"pvlab: {e}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
     except KeyboardInterrupt:
         print("pvlab: interrupted", file=sys.stderr)
         return 130

@@ -57,3 +57,20 @@ def test_the_register_file_is_found_when_other_engines_hold_the_same_markers():
         decoys.append(uc)
     for d in decoys[:8]:  # the decoys kept their values
         assert d.reg_read(_GPR_UC_IDS[0]) == _GPR_MARKS[0]
+
+
+def test_the_register_file_is_found_in_a_mapping_bigger_than_the_scan_limit(monkeypatch):
+    """Regression: a process that had restored a few images had a heap bigger
+    than the 512 MiB gpr_file searched whole, so the mapping holding a new
+    engine's registers was skipped: 'cannot locate unicorn's register file'.
+    Bigger mappings are now searched about the pointers that lead into them."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn.x86_const import UC_X86_REG_RCX
+
+    from hypervisor.cpu import ucfast
+    monkeypatch.setattr(ucfast, "_MAX_SCAN", 4096)  # every mapping counts as big
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    regs = ucfast.gpr_file(uc)
+    assert regs is not None
+    regs[1] = 0x5151
+    assert uc.reg_read(UC_X86_REG_RCX) == 0x5151

@@ -280,6 +280,9 @@ def test_damaged_record_fields_are_refused_naming_the_record(good_image, tmp_pat
     assert "X86_PV_VCPU_BASIC" in msg
     msg = patched(by_name["X86_PV_P2M_FRAMES"].offset + 12, (1 << 20).to_bytes(4, "little"))
     assert "X86_PV_P2M_FRAMES" in msg and "length" in msg
+    # regression: a p2m frame pfn with the top bit set went negative and crashed the check
+    msg = patched(by_name["X86_PV_P2M_FRAMES"].offset + 16, ((1 << 63) | 5).to_bytes(8, "little"))
+    assert "X86_PV_P2M_FRAMES" in msg and "outside the domain's maximum" in msg
     msg = patched(by_name["SHARED_INFO"].offset, (0x7F).to_bytes(4, "little"))
     assert "mandatory record type" in msg
     msg = patched(by_name["END"].offset, (0x10).to_bytes(4, "little"))

@@ -100,7 +100,8 @@ _GPR_UC_IDS = (UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
                UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
                UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15)
 _GPR_MARKS = tuple(0x5EED00000000C0DE + (i << 20) for i in range(16))
-_MAX_SCAN = 512 << 20
+_MAX_SCAN = 512 << 20  # a mapping up to this size is searched whole
+_WINDOW = 4 << 20      # in a bigger one (a grown heap), this much about the pointer
 
 
 def _readable_regions() -> list[tuple[int, int]]:
@@ -137,9 +138,13 @@ def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
     found = None
     for (ptr,) in struct.iter_unpack("<Q", head):
         for lo, hi in regions:
-            if lo <= ptr < hi and (lo, hi) not in tried and hi - lo <= _MAX_SCAN:
-                tried.add((lo, hi))
-                found = _verified_match(uc, ctypes.string_at(lo, hi - lo), lo, pattern)
+            if lo <= ptr < hi:
+                if hi - lo > _MAX_SCAN:
+                    # the CPU state is allocated right by what uc_struct points at
+                    lo, hi = max(lo, ptr - _WINDOW) & ~7, min(hi, ptr + _WINDOW)
+                if (lo, hi) not in tried:
+                    tried.add((lo, hi))
+                    found = _verified_match(uc, ctypes.string_at(lo, hi - lo), lo, pattern)
                 break
         if found is not None:
             break

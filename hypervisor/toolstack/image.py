@@ -265,8 +265,12 @@ def _p2m_frames(info: ImageInfo, rec: stream.Record) -> None:
     if len(body) != want:
         raise _fail(rec, f"length {len(body)}, expected {want} for pfns {start:#x}-{end:#x}")
     info.max_pfn = end
-    info.p2m_frame_pfns = np.frombuffer(body, dtype=np.uint64,
-                                        offset=stream.P2M_FRAMES_HDR.size).astype(np.int64)
+    frames = np.frombuffer(body, dtype=np.uint64, offset=stream.P2M_FRAMES_HDR.size)
+    outside = np.flatnonzero(frames > np.uint64(end))
+    if outside.size:
+        raise _fail(rec, f"p2m frame {int(outside[0])} is pfn {int(frames[outside[0]]):#x}, "
+                    f"outside the domain's maximum {end:#x}")
+    info.p2m_frame_pfns = frames.astype(np.int64)
     info.nibbles = np.full(end + 1, 0xFF, dtype=np.uint8)  # 0xFF: not in the image
 
 
@@ -348,7 +352,7 @@ def _check_whole(info: ImageInfo, end: stream.Record) -> None:
         raise bad("no SHARED_INFO record")
     nib = info.nibbles
     for i, pfn in enumerate(info.p2m_frame_pfns.tolist()):
-        if pfn > info.max_pfn or nib[pfn] != 0:
+        if nib[pfn] != 0:
             raise bad(f"p2m frame {i} is pfn {pfn:#x}, which is not a NOTAB page of the image")
     for vcpu_id, raw in info.vcpus.items():
         ctx = vcpu_guest_context.from_buffer_copy(raw)

@@ -16,13 +16,13 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/pvlab run examples/smp.toml
+	$(PY) tools/save-restore-demo
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hypervisor guestos tests tools bench
+	$(VENV)/bin/ruff check hypervisor guestos tests tools tools/save-restore-demo bench
 
 bench: $(STAMP)
 	$(PY) bench/vcpu.py

@@ -1,0 +1,22 @@
+"""The save/restore demo (`make demo`, the main job) runs and finds everything equal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_the_save_restore_demo_finds_everything_equal():
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "save-restore-demo")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    for want in ("0 of 16384 pfns kept their mfn", "in the image (pfn)",
+                 "PM: dpm_resume_end(RESTORE)", "all 26 result lines equal: True",
+                 "the checkpoint, restored in a new process, finished the same: True",
+                 "save-restore demo: everything matches"):
+        assert want in p.stdout

@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/vcpu.py
+	$(PY) bench/saverestore.py
 
 firmware:
 	$(MAKE) -C firmware

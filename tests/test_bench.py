@@ -15,3 +15,10 @@ def test_vcpu_bench_runs():
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "x bare" in r.stdout and "x the empty hook" in r.stdout
+
+
+def test_saverestore_bench_runs():
+    r = subprocess.run([sys.executable, "bench/saverestore.py", "--sizes", "16",
+                        "--repeat", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "save MiB/s" in r.stdout and "x " in r.stdout

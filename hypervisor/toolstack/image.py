@@ -288,15 +288,17 @@ def _page_data(info: ImageInfo, rec: stream.Record, length: int) -> list[tuple[i
     pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
     nib = (entries >> np.uint64(60)).astype(np.uint8)
     reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
-    for i in range(count):
-        if pfns[i] > info.max_pfn:
-            raise _fail(rec, f"pfn {int(pfns[i]):#x} (index {i}) outside the domain's "
-                        f"maximum {info.max_pfn:#x}")
-        if int(nib[i]) not in KNOWN_NIBBLES:
-            raise _fail(rec, f"pfn {int(pfns[i]):#x} (index {i}): unknown type "
-                        f"{int(nib[i]):#x}")
-        if reserved[i]:
-            raise _fail(rec, f"pfn {int(pfns[i]):#x} (index {i}): reserved bits set")
+    known = np.isin(nib, list(KNOWN_NIBBLES))
+    bad = np.flatnonzero((pfns > info.max_pfn) | ~known | (reserved != 0))
+    if bad.size:
+        i = int(bad[0])
+        pfn = int(pfns[i])
+        if pfn > info.max_pfn:
+            raise _fail(rec, f"pfn {pfn:#x} (index {i}) outside the domain's maximum "
+                        f"{info.max_pfn:#x}")
+        if not known[i]:
+            raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
+        raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
     with_data = ~np.isin(nib, list(NO_DATA))
     want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
     if length != want:

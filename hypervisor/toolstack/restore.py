@@ -35,6 +35,7 @@ from hypervisor.mm.frames import OutOfMemory, PageType
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
 from hypervisor.native import KernelError, NativeKernel
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, VGCF_online, vcpu_guest_context
+from hypervisor.public.domctl import PFINFO_LTAB_SHIFT, PFINFO_XALLOC
 from hypervisor.public.xen import XEN_LEGACY_MAX_VCPUS, shared_info, start_info
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
@@ -128,9 +129,13 @@ def _restore(hv: Hypervisor, dom: Domain, info: ImageInfo, stats: RestoreStats,
     if pfns.size > ft.nr_free:
         raise RestoreError(f"{pfns.size} frames wanted, {ft.nr_free} free")
     p2m = np.full(info.nr_pfns, INVALID_MFN, dtype=np.uint64)
-    mfns = np.array(ft.alloc_many(dom.domid, int(pfns.size)), dtype=np.int64)
+    # frames not zeroed here: every one gets its page from the image below, but
+    # the XALLOC ones (allocate only, no data), zeroed after
+    mfns = np.array(ft.alloc_many(dom.domid, int(pfns.size), zero=False), dtype=np.int64)
     p2m[pfns] = mfns.astype(np.uint64)
     machine.m2p[mfns] = pfns.astype(np.uint64)
+    no_data = pfns[info.nibbles[pfns] == PFINFO_XALLOC >> PFINFO_LTAB_SHIFT]
+    frames[p2m[no_data].astype(np.int64)] = 0
 
     # the pages, localised where they are pagetables
     done = 0

@@ -323,6 +323,7 @@ def save_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
     if not dest.parent.is_dir():
         raise SaveError(f"{dest.parent} does not exist: cannot write {dest.name} there")
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    t0 = time.perf_counter()
     try:
         with open(tmp, "wb", buffering=1 << 22) as f:
             stats = write_image(hv, dom, f, checkpoint, seed, progress)
@@ -330,6 +331,7 @@ def save_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
+        stats.total_s = time.perf_counter() - t0  # the data on disk, as xl save ends
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):

@@ -49,12 +49,12 @@ def mfn_to_pfn(cpu: Any, mfn: int) -> int:
     return cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
 
 
-def mfn_is_ours(cpu: Any, mfn: int) -> bool:
-    """Does the M2P name a pfn whose p2m entry is this mfn? (Xen's
-    mfn_in_pseudophysmap, from the guest's side.) Not so for a stale mfn,
-    one a pagetable kept from another machine."""
+def our_pfn(cpu: Any, mfn: int) -> int | None:
+    """mfn's pfn if the M2P names one whose p2m entry is this mfn (Xen's
+    mfn_in_pseudophysmap, from the guest's side), else None: so for a stale
+    mfn, one a pagetable kept from another machine."""
     pfn = mfn_to_pfn(cpu, mfn)
-    return pfn < kernel(cpu).nr_pages and pfn_to_mfn(cpu, pfn) == mfn
+    return pfn if pfn < kernel(cpu).nr_pages and pfn_to_mfn(cpu, pfn) == mfn else None
 
 
 _ARCH = shared_info.arch.offset

@@ -22,8 +22,7 @@ from guestos.mm import (
     PG_TABLE,
     KernelPanic,
     free_page,
-    mfn_is_ours,
-    mfn_to_pfn,
+    our_pfn,
     page_flags,
     pfn_to_mfn,
     set_page_flags,
@@ -76,10 +75,10 @@ def _pfn_of_entry(cpu: Any, pgd: int, level: int, slot: int, e: int) -> int:
     Either is found here, before Xen is asked to pin a tree of garbage."""
     mfn = (e & FRAME) >> 12
     stale = "a stale mfn: was this pgd saved unpinned, its mfns never canonicalised?"
-    if not mfn_is_ours(cpu, mfn):
+    pfn = our_pfn(cpu, mfn)
+    if pfn is None:
         raise KernelPanic(f"pgd {pgd:#x}: L{level} entry {slot} holds mfn {mfn:#x}, which "
                           f"is not this domain's ({stale})")
-    pfn = mfn_to_pfn(cpu, mfn)
     if level > 1 and not page_flags(cpu, pfn) & PG_TABLE:
         raise KernelPanic(f"pgd {pgd:#x}: L{level} entry {slot} holds mfn {mfn:#x}, pfn "
                           f"{pfn:#x}, which is no pagetable page ({stale})")

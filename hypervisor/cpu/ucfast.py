@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
@@ -100,8 +101,9 @@ _GPR_UC_IDS = (UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
                UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
                UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15)
 _GPR_MARKS = tuple(0x5EED00000000C0DE + (i << 20) for i in range(16))
-_MAX_SCAN = 512 << 20  # a mapping up to this size is searched whole
+_MAX_SCAN = 512 << 20  # a mapping up to this size is searched whole at once
 _WINDOW = 4 << 20      # in a bigger one (a grown heap), this much about the pointer
+                       # first, and all of it only if that finds nothing
 
 
 def _readable_regions() -> list[tuple[int, int]]:
@@ -131,21 +133,25 @@ def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
         marks = tuple(m ^ (_mark_serial << 40) for m in _GPR_MARKS)
     for reg, mark in zip(_GPR_UC_IDS, marks, strict=True):
         uc.reg_write(reg, mark)
-    pattern = struct.pack("<16Q", *marks)
+    want = np.array(marks, dtype=np.uint64)
     regions = _readable_regions()
     head = ctypes.string_at(uc._uch.value, 4096)
-    tried: set[tuple[int, int]] = set()
-    found = None
+    spans: list[tuple[int, int]] = []
+    big: list[tuple[int, int]] = []
     for (ptr,) in struct.iter_unpack("<Q", head):
         for lo, hi in regions:
             if lo <= ptr < hi:
                 if hi - lo > _MAX_SCAN:
-                    # the CPU state is allocated right by what uc_struct points at
-                    lo, hi = max(lo, ptr - _WINDOW) & ~7, min(hi, ptr + _WINDOW)
-                if (lo, hi) not in tried:
-                    tried.add((lo, hi))
-                    found = _verified_match(uc, ctypes.string_at(lo, hi - lo), lo, pattern)
+                    # the CPU state is most often right by what uc_struct points at
+                    spans.append((max(lo, ptr - _WINDOW) & ~7, min(hi, ptr + _WINDOW)))
+                    big.append((lo, hi))
+                else:
+                    spans.append((lo, hi))
                 break
+    found = None
+    # the windows and small mappings first, then the big mappings whole
+    for lo, hi in dict.fromkeys(spans + big):
+        found = _verified_match(uc, lo, hi, want)
         if found is not None:
             break
     for reg in _GPR_UC_IDS:
@@ -153,24 +159,47 @@ def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
     return found
 
 
-def _verified_match(uc: Uc, data: bytes, base: int, pattern: bytes) -> ctypes.Array | None:
-    i = data.find(pattern)
-    while i >= 0:
-        if (base + i) % 8 == 0:
-            regs = (ctypes.c_uint64 * 16).from_address(base + i)
-            old_rax, old_r15 = regs[0], regs[15]
-            regs[0] = 0x1234
-            ok = uc.reg_read(UC_X86_REG_RAX) == 0x1234
-            uc.reg_write(UC_X86_REG_R15, 0x4321)
-            ok = ok and regs[15] == 0x4321
-            if ok:
-                return regs
-            regs[0], regs[15] = old_rax, old_r15  # someone else's: leave it as it was
-        i = data.find(pattern, i + 1)
+def _verified_match(uc: Uc, lo: int, hi: int, want: np.ndarray) -> ctypes.Array | None:
+    """Look for the 16 markers in [lo, hi) through a view, not a copy."""
+    words = np.ctypeslib.as_array((ctypes.c_uint64 * ((hi - lo) // 8)).from_address(lo))
+    for i in np.flatnonzero(words[:-15] == want[0]).tolist():
+        if not (words[i:i + 16] == want).all():
+            continue
+        regs = (ctypes.c_uint64 * 16).from_address(lo + 8 * i)
+        old_rax, old_r15 = regs[0], regs[15]
+        regs[0] = 0x1234
+        ok = uc.reg_read(UC_X86_REG_RAX) == 0x1234
+        uc.reg_write(UC_X86_REG_R15, 0x4321)
+        ok = ok and regs[15] == 0x4321
+        if ok:
+            return regs
+        regs[0], regs[15] = old_rax, old_r15  # someone else's: leave it as it was
+        uc.reg_write(UC_X86_REG_R15, int(want[15]))  # and ours holds its marker again
     return None
 
 
 _mark_serial = 0
+
+
+class RegFileByCalls:
+    """``env->regs[16]`` through uc_reg_read and uc_reg_write: what gpr_file's
+    array is, at the cost of a library call per access. For an engine whose
+    register file could not be found (gpr_file's search is a heuristic)."""
+
+    def __init__(self, uc: Uc) -> None:
+        self.uc = uc
+
+    def __len__(self) -> int:
+        return len(_GPR_UC_IDS)
+
+    def __getitem__(self, i: int) -> int:
+        return self.uc.reg_read(_GPR_UC_IDS[i])
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self.uc.reg_write(_GPR_UC_IDS[i], value & 0xFFFFFFFFFFFFFFFF)
+
+    def __iter__(self) -> Iterator[int]:
+        return (self.uc.reg_read(r) for r in _GPR_UC_IDS)
 
 
 # --- the instruction counter -------------------------------------------------------

@@ -41,7 +41,14 @@ from unicorn.x86_const import (
     UC_X86_REG_RIP,
 )
 
-from hypervisor.cpu.ucfast import GPR_ORDER, CpuEnv, FastReg, InsnCounter, gpr_file
+from hypervisor.cpu.ucfast import (
+    GPR_ORDER,
+    CpuEnv,
+    FastReg,
+    InsnCounter,
+    RegFileByCalls,
+    gpr_file,
+)
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
 from hypervisor.mm.memory import PAGE_SHIFT
 
@@ -77,11 +84,15 @@ class Vcpu:
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         mem = machine.memory
         uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
+        # env->regs[] in place: a load or store here is what uc_reg_read/write do;
+        # if the search fails twice, the same through the library calls (slower)
         gprs = gpr_file(uc)
         if gprs is None:
-            raise RuntimeError("cannot locate unicorn's register file; pvlab needs unicorn 2.1.4")
-        # env->regs[] in place: a load or store here is what uc_reg_read/write do
-        self.gpr = gprs
+            gprs = gpr_file(uc)
+        if gprs is None:
+            log.warning("vcpu%d: unicorn's register file not found; using uc_reg_read/"
+                        "write for its GPRs (slower)", vcpu_id)
+        self.gpr = gprs if gprs is not None else RegFileByCalls(uc)
         self.rip = FastReg(uc, UC_X86_REG_RIP)
         self.rflags = FastReg(uc, UC_X86_REG_RFLAGS)
         self.cr3 = FastReg(uc, UC_X86_REG_CR3)

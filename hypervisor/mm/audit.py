@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hypervisor.mm.frames import DOMID_XEN, FREE, PageType
+from hypervisor.mm.frames import DOMID_XEN, FREE, INVALID_MFN, PageType
 from hypervisor.mm.pagetable import is_guest_l4_slot
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_RW, PTE_FRAME_MASK
 
@@ -109,7 +109,7 @@ def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
         if not dom.p2m_size:
             continue
         p2m = _guest_p2m(hv, dom)
-        populated = p2m != np.uint64(0xFFFFFFFFFFFFFFFF)
+        populated = p2m != INVALID_MFN
         mfns = p2m[populated].astype(np.int64)
         pfns = np.flatnonzero(populated)
         wrong = pfns[hv.machine.m2p[mfns] != pfns.astype(np.uint64)]

@@ -32,6 +32,7 @@ FREE = -1
 CHUNK_FRAMES = 512  # 2 MiB
 DOMID_XEN = 0x7FF2  # xen.h: the hypervisor's own frames
 INVALID_M2P = np.uint64(0xFFFFFFFFFFFFFFFF)
+INVALID_MFN = np.uint64(0xFFFFFFFFFFFFFFFF)  # a p2m entry with no frame (Xen's INVALID_MFN)
 
 
 class PageType(enum.IntEnum):
@@ -86,18 +87,21 @@ class FrameTable:
         """Take one free frame for ``owner``, zeroed, holding one allocation ref."""
         if not self._free:
             raise OutOfMemory("no free machine frames")
-        return self._take(self._free.pop(), owner)
-
-    def _take(self, mfn: int, owner: int) -> int:
-        self.owner[mfn] = owner
-        self.type[mfn] = PageType.none
-        self.type_count[mfn] = 0
-        self.ref_count[mfn] = 1
-        self.pinned[mfn] = False
-        self.validated[mfn] = False
-        self.allocated[mfn] = True
-        self.memory.clear_frame(mfn)
+        mfn = self._free.pop()
+        self._take(mfn, owner)
         return mfn
+
+    def _take(self, mfns: int | np.ndarray, owner: int, zero: bool = True) -> None:
+        """A frame, or an array of them, to ``owner`` with its allocation ref."""
+        self.owner[mfns] = owner
+        self.type[mfns] = PageType.none
+        self.type_count[mfns] = 0
+        self.ref_count[mfns] = 1
+        self.pinned[mfns] = False
+        self.validated[mfns] = False
+        self.allocated[mfns] = True
+        if zero:
+            self.memory.u64.reshape(self.nr_frames, -1)[mfns] = 0
 
     def alloc_many(self, owner: int, count: int, zero: bool = True) -> list[int]:
         """``count`` frames, as ``count`` calls of alloc would give them, in bulk;
@@ -108,16 +112,7 @@ class FrameTable:
             return []
         mfns = self._free[-count:][::-1]
         del self._free[-count:]
-        idx = np.array(mfns, dtype=np.int64)
-        self.owner[idx] = owner
-        self.type[idx] = PageType.none
-        self.type_count[idx] = 0
-        self.ref_count[idx] = 1
-        self.pinned[idx] = False
-        self.validated[idx] = False
-        self.allocated[idx] = True
-        if zero:
-            self.memory.u64.reshape(-1, self.memory.u64.size // self.nr_frames)[idx] = 0
+        self._take(np.array(mfns, dtype=np.int64), owner, zero)
         return mfns
 
     def alloc_contiguous(self, owner: int, order: int) -> list[int]:
@@ -134,7 +129,8 @@ class FrameTable:
         first = int(candidates[0]) * n
         taken = set(range(first, first + n))
         self._free = [m for m in self._free if m not in taken]
-        return [self._take(m, owner) for m in range(first, first + n)]
+        self._take(np.arange(first, first + n), owner)
+        return list(range(first, first + n))
 
     def free(self, mfn: int) -> None:
         """Return a frame whose last reference has gone to the free list."""

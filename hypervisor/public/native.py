@@ -13,7 +13,9 @@ names. When a VCPU reaches one of these addresses, the function runs with a
   the VCPU then continues at the continuation's native address with the
   hypercall's result in rax. If the hypercall blocks, the VCPU sleeps right
   there; it may wake in another process after a restore, and the continuation
-  runs then. Hypercalls that do not return (iret) take no continuation.
+  runs then. Hypercalls that do not return (iret) take no continuation. The
+  arguments are left in rdi, rsi, rdx, r10, r8, as an x86 hypercall has them
+  (the toolstack reads the suspend hypercall's third from vcpu0's rdx).
 
 If a native function raises, the runtime calls the kernel module's ``oops(cpu,
 exc)`` (if it has one) to let it report, then crashes the domain: an exception in

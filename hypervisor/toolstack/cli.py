@@ -83,10 +83,10 @@ class ProgressBar:
     WIDTH = 30
     MIN_PAGES = 32768  # 128 MiB
 
-    def __init__(self, label: str, force: bool = False) -> None:
+    def __init__(self, label: str) -> None:
         self.label = label
         self.shown = -1
-        self.enabled = force or sys.stderr.isatty()
+        self.enabled = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or total < self.MIN_PAGES:
@@ -134,12 +134,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hypervisor.toolstack.control import Request
     from hypervisor.toolstack.save import SaveError, save_to_file
     out = Path(args.dir)
     if out.exists() and not out.is_dir():
         raise CliError(f"{out} is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot make {out}: {e.strerror or e}") from None
     if args.every <= 0:
         raise CliError("--every must be more than 0")
     cfg = load_config(args.config)
@@ -205,6 +207,15 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_GUEST_FAILED
 
 
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+
+
+def _seed_arg(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--seed", metavar="N", type=int,
+                   help="override the configuration's seed" + extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pvlab",
@@ -219,11 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot a domain and stream its console",
                          description="Boot the domain CONFIG describes and stream its "
                                      "console to stdout until it shuts down.")
-    run.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+    _config_arg(run)
     run.add_argument("--until", metavar="TIME", type=_duration,
                      help="stop after TIME of virtual time (e.g. 20ms, 1.5s)")
-    run.add_argument("--seed", metavar="N", type=int,
-                     help="override the configuration's seed (frame shuffling, scheduling)")
+    _seed_arg(run, " (frame shuffling, scheduling)")
     run.add_argument("--fast", action="store_true",
                      help="fast clock: host-time slices instead of deterministic "
                           "instruction-count slices (results stay the same, runs do not "
@@ -246,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "pfn, mfn, type, type and reference counts and pinned "
                                         "bit, a summary per type, and whether the "
                                         "frame-accounting invariants hold.")
-    frames.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+    _config_arg(frames)
     frames.add_argument("--at", metavar="TIME", type=_duration, default=parse_duration("5ms"),
                         help="virtual time to stop at (default 5ms)")
-    frames.add_argument("--seed", metavar="N", type=int, help="override the configuration's seed")
+    _seed_arg(frames)
     frames.add_argument("--type", metavar="TYPES",
                         help="only frames of these types, e.g. L1,L2,L3,L4")
     frames.add_argument("--summary", action="store_true", help="print only the summary")
@@ -262,11 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "migration stream, pagetables canonicalised. The "
                                       "domain is gone afterwards, as with xl save; "
                                       "`pvlab restore IMAGE` brings it back.")
-    save.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+    _config_arg(save)
     save.add_argument("image", metavar="IMAGE", help="the image file to write")
     save.add_argument("--at", metavar="TIME", type=_duration, required=True,
                       help="virtual time of the suspend request (e.g. 12ms)")
-    save.add_argument("--seed", metavar="N", type=int, help="override the configuration's seed")
+    _seed_arg(save)
     save.set_defaults(func=cmd_save)
 
     restore = sub.add_parser("restore", help="restore a saved image and run it",
@@ -289,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "DIR (checkpoint-001.img, ...) and let the guest go on "
                                       "(its suspend hypercall returns 1: THAW), as Remus "
                                       "and xl save -c do.")
-    ckpt.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
+    _config_arg(ckpt)
     ckpt.add_argument("dir", metavar="DIR", help="directory for the images (made if need be)")
     ckpt.add_argument("--every", metavar="TIME", type=_duration, required=True,
                       help="virtual time between checkpoints (e.g. 5ms)")
@@ -297,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop at this virtual time (default: when the guest shuts down)")
     ckpt.add_argument("--max", metavar="N", type=int, default=100,
                       help="at most N checkpoints (default 100)")
-    ckpt.add_argument("--seed", metavar="N", type=int, help="override the configuration's seed")
+    _seed_arg(ckpt)
     ckpt.set_defaults(func=cmd_checkpoint)
 
     image = sub.add_parser("image", help="show a saved image, or diff two",

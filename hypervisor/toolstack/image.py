@@ -14,7 +14,6 @@ every pagetable naming a pfn the image populates. Page data is skipped over
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +22,7 @@ import numpy as np
 
 from hypervisor.cpu.context import CONTEXT_SIZE
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
+from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, vcpu_guest_context
 from hypervisor.public.domctl import (
     PFINFO_BROKEN,
@@ -43,7 +43,7 @@ KNOWN_NIBBLES = frozenset([0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC, 0xD, 0xE
 NO_DATA = frozenset([PFINFO_XTAB >> PFINFO_LTAB_SHIFT, PFINFO_BROKEN >> PFINFO_LTAB_SHIFT,
                      PFINFO_XALLOC >> PFINFO_LTAB_SHIFT])
 NOT_POPULATED = frozenset([PFINFO_XTAB >> PFINFO_LTAB_SHIFT, PFINFO_BROKEN >> PFINFO_LTAB_SHIFT])
-PTE_FRAME_MASK = np.uint64(0x000FFFFFFFFFF000)
+PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
 TYPE_NAMES = {0x0: "NOTAB", 0x1: "L1", 0x2: "L2", 0x3: "L3", 0x4: "L4", 0x9: "L1 pinned",
               0xA: "L2 pinned", 0xB: "L3 pinned", 0xC: "L4 pinned", 0xD: "BROKEN",
               0xE: "XALLOC", 0xF: "XTAB"}
@@ -135,8 +135,8 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
     seen_pv_info = seen_static_end = False
     tables: list[tuple[int, int, int]] = []  # (pfn, level, offset of its page)
     last = None
-    for rec, length in _records(f):
-        info.records.append(RecordInfo(rec.type, rec.offset, length))
+    for rec in stream.read_records(f, partial={RecType.PAGE_DATA: _page_data_head}):
+        info.records.append(RecordInfo(rec.type, rec.offset, rec.length))
         last = rec
         t = rec.type
         if t == RecType.END:
@@ -170,7 +170,7 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
         elif t == RecType.PAGE_DATA:
             if info.max_pfn < 0:
                 raise _fail(rec, "before X86_PV_P2M_FRAMES")
-            tables += _page_data(info, rec, length)
+            tables += _page_data(info, rec)
         elif t == RecType.X86_TSC_INFO:
             if len(rec.body) != stream.X86_TSC_INFO.size:
                 raise _fail(rec, f"length {len(rec.body)}, expected {stream.X86_TSC_INFO.size}")
@@ -210,44 +210,13 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
     return info
 
 
-def _records(f: BinaryIO) -> Iterator[tuple[stream.Record, int]]:
-    """(record, its length): of a PAGE_DATA record only the header and pfn list
-    are read, its pages skipped over."""
-    offset = stream.IHDR.size + stream.DHDR.size
-    while True:
-        raw = f.read(stream.RHDR.size)
-        if len(raw) != stream.RHDR.size:
-            raise ImageError(f"truncated at offset {offset}: no END record (a record header "
-                             f"needs {stream.RHDR.size} octets, {len(raw)} left)")
-        rtype, length = stream.RHDR.unpack(raw)
-        if length > stream.REC_LENGTH_MAX:
-            raise ImageError(f"{stream.rec_name(rtype)} record at offset {offset}: claims "
-                             f"{length} octets, over the {stream.REC_LENGTH_MAX} limit")
-        padded = length + (-length % stream.REC_ALIGN)
-        if rtype == RecType.PAGE_DATA and length >= stream.PAGE_DATA_HDR.size:
-            head = f.read(stream.PAGE_DATA_HDR.size)
-            count = stream.PAGE_DATA_HDR.unpack(head)[0] if len(head) == 8 else 0
-            want = min(8 * count, length - stream.PAGE_DATA_HDR.size)
-            body = head + f.read(want)
-            rest = padded - len(body)
-            here = f.tell()
-            end = f.seek(0, 2)
-            if here + rest > end or len(body) != stream.PAGE_DATA_HDR.size + want:
-                raise ImageError(f"truncated at offset {end}: PAGE_DATA record at offset "
-                                 f"{offset} needs {padded} octets, {end - offset - 8} left")
-            f.seek(here + rest)
-            rec = stream.Record(rtype, body, offset)
-        else:
-            body = f.read(padded)
-            if len(body) != padded:
-                raise ImageError(f"truncated at offset {offset + 8 + len(body)}: "
-                                 f"{stream.rec_name(rtype)} record at offset {offset} needs "
-                                 f"{padded} octets, {len(body)} left")
-            rec = stream.Record(rtype, body[:length], offset)
-        offset += stream.RHDR.size + padded
-        yield rec, length
-        if rtype == RecType.END:
-            return
+def _page_data_head(f: BinaryIO, length: int) -> bytes:
+    """PAGE_DATA's header and pfn list; its pages are not read when checking."""
+    head = f.read(min(length, stream.PAGE_DATA_HDR.size))
+    if len(head) < stream.PAGE_DATA_HDR.size:
+        return head
+    (count,) = stream.PAGE_DATA_HDR.unpack(head)
+    return head + f.read(min(8 * count, length - len(head)))
 
 
 def _p2m_frames(info: ImageInfo, rec: stream.Record) -> None:
@@ -274,7 +243,8 @@ def _p2m_frames(info: ImageInfo, rec: stream.Record) -> None:
     info.nibbles = np.full(end + 1, 0xFF, dtype=np.uint8)  # 0xFF: not in the image
 
 
-def _page_data(info: ImageInfo, rec: stream.Record, length: int) -> list[tuple[int, int, int]]:
+def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]]:
+    length = rec.length
     if length < stream.PAGE_DATA_HDR.size:
         raise _fail(rec, f"length {length}, less than its 8-octet header")
     (count,) = stream.PAGE_DATA_HDR.unpack_from(rec.body)

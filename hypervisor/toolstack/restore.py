@@ -22,7 +22,6 @@ RESTORE way. On any failure the new domain is destroyed: no half domain.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,21 +30,18 @@ import numpy as np
 from hypervisor.core import Hypervisor
 from hypervisor.cpu.context import set_context
 from hypervisor.domain import Domain
-from hypervisor.mm.frames import OutOfMemory, PageType
+from hypervisor.mm.frames import INVALID_MFN, OutOfMemory
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
+from hypervisor.mm.pagetable import LEVEL_TYPE
 from hypervisor.native import KernelError, NativeKernel
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, VGCF_online, vcpu_guest_context
 from hypervisor.public.domctl import PFINFO_LTAB_SHIFT, PFINFO_XALLOC
 from hypervisor.public.xen import XEN_LEGACY_MAX_VCPUS, shared_info, start_info
 from hypervisor.toolstack.consoled import ConsoleBackend
-from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.save import Progress
+from hypervisor.toolstack.session import machine_mib_for
 from hypervisor.toolstack.xenstored import Store, home
-
-PTE_FRAME_MASK = np.uint64(0x000FFFFFFFFFF000)
-INVALID_MFN = np.uint64(0xFFFFFFFFFFFFFFFF)
-LEVEL_TYPE = {1: PageType.l1, 2: PageType.l2, 3: PageType.l3, 4: PageType.l4}
-
-Progress = Callable[[int, int], None]
 
 
 class RestoreError(Exception):
@@ -75,7 +71,6 @@ def localise(tables: np.ndarray, p2m: np.ndarray) -> np.ndarray:
 
 def machine_for(info: ImageInfo) -> int:
     """Machine memory (MiB) for restoring this image alone."""
-    from hypervisor.toolstack.session import machine_mib_for
     pages = max(int(info.domain.get("max_pages", 0)), info.nr_pfns)  # type: ignore[union-attr]
     return machine_mib_for(-(-pages * PAGE_SIZE // (1 << 20)))
 

@@ -34,10 +34,11 @@ import numpy as np
 from hypervisor.cpu.context import get_context
 from hypervisor.cpu.vcpu import RDX
 from hypervisor.hypercalls.version import XEN_MAJOR, XEN_MINOR
-from hypervisor.mm.frames import PageType
+from hypervisor.mm.frames import INVALID_MFN, PageType
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
 from hypervisor.mm.pagetable import ROOT_PAGETABLE_FIRST_XEN_SLOT, ROOT_PAGETABLE_LAST_XEN_SLOT
 from hypervisor.mm.walker import GuestFault
+from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_PSE
 from hypervisor.public.domctl import (
     PFINFO_LPINTAB,
@@ -55,8 +56,7 @@ if TYPE_CHECKING:
     from hypervisor.core import Hypervisor
     from hypervisor.domain import Domain
 
-PTE_FRAME_MASK = np.uint64(0x000FFFFFFFFFF000)
-INVALID_MFN = np.uint64(0xFFFFFFFFFFFFFFFF)
+PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
 P2M_VIRTUAL_LIST = 0xFFFFFFFFFFFFFFFF  # shared_info.arch.pfn_to_mfn_frame_list_list
 FPP = PAGE_SIZE // 8                   # p2m entries per frame, 64-bit guest
 TSC_KHZ = 1_000_000                    # deterministic clock: one instruction, one ns

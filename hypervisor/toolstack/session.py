@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from hypervisor.core import Hypervisor
 from hypervisor.domain import SHUTDOWN_NAMES, Domain
@@ -21,6 +20,7 @@ from hypervisor.toolstack.control import (
     resume_cancelled,
     shutdown_pending,
 )
+from hypervisor.toolstack.save import SaveError, SaveStats, save_to_file
 from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
@@ -136,14 +136,14 @@ def _describe(req: Request) -> str:
 def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | None = None,
                 sink: Callable[[Domain, bytes], None] | None = None,
                 note: Callable[[str], None] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> tuple[RunResult, Any]:
+                progress: Callable[[int, int], None] | None = None,
+                ) -> tuple[RunResult, SaveStats]:
     """``xl save``: run the domain to virtual time ``at_ns``, ask it to suspend
     (control/shutdown), wait for it, write the image to ``path`` and destroy
     the domain. If the guest does not suspend, or the image cannot be written,
     SaveError says why; the guest is left running (the suspend hypercall
     returned 1) and nothing is at ``path``."""
-    from hypervisor.toolstack.save import SaveError, save_to_file
-    saved: list[Any] = []
+    saved: list[SaveStats] = []
     failed: list[SaveError] = []
 
     def on_suspend(d: Domain) -> bool:

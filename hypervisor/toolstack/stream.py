@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -99,12 +99,18 @@ class DomainHeader:
 @dataclass(frozen=True)
 class Record:
     type: int
-    body: bytes
-    offset: int  # where its header starts in the stream
+    body: bytes    # the whole body, or what a partial reader took of it
+    offset: int    # where its header starts in the stream
+    length: int    # of the body in the stream
 
     @property
     def name(self) -> str:
         return rec_name(self.type)
+
+
+# reads the part of a record's body its caller needs, given (src, length); the
+# framer then seeks past the rest (PAGE_DATA's pages, say, when only checking)
+PartialReader = Callable[[BinaryIO, int], bytes]
 
 
 def write_headers(out: BinaryIO, xen_major: int, xen_minor: int) -> None:
@@ -148,17 +154,33 @@ def read_headers(src: BinaryIO) -> tuple[int, DomainHeader]:
     return version, DomainHeader(dtype, shift, major, minor)
 
 
-def read_records(src: BinaryIO, start: int = IHDR.size + DHDR.size) -> Iterator[Record]:
-    """Every record up to and including END, framing checked."""
+def read_records(src: BinaryIO, start: int = IHDR.size + DHDR.size,
+                 partial: Mapping[int, PartialReader] | None = None) -> Iterator[Record]:
+    """Every record up to and including END, framing checked. A record whose
+    type is in ``partial`` is read by that function, the rest of it skipped
+    (``src`` must then be seekable)."""
     offset = start
+    end = None
     while True:
         rtype, length = RHDR.unpack(_read(src, RHDR.size, "a record header", offset))
         if length > REC_LENGTH_MAX:
             raise StreamError(f"offset {offset}: {rec_name(rtype)} claims {length} octets, "
                               f"over the {REC_LENGTH_MAX} limit")
         padded = length + (-length % REC_ALIGN)
-        body = _read(src, padded, rec_name(rtype), offset + RHDR.size)[:length]
-        rec = Record(rtype, body, offset)
+        reader = partial.get(rtype) if partial else None
+        if reader is None:
+            body = _read(src, padded, rec_name(rtype), offset + RHDR.size)[:length]
+        else:
+            here = src.tell()
+            if end is None:
+                end = src.seek(0, 2)
+            if here + padded > end:
+                raise StreamError(f"truncated at offset {end}: {rec_name(rtype)} needs "
+                                  f"{padded} octets, {end - here} left")
+            src.seek(here)
+            body = reader(src, length)
+            src.seek(here + padded)
+        rec = Record(rtype, body, offset, length)
         offset += RHDR.size + padded
         yield rec
         if rtype == RecType.END:

@@ -9,6 +9,7 @@ import ctypes
 from typing import Any
 
 from guestos import events, manage, pm, syscalls, traps
+from guestos.drivers import virtio_balloon
 from guestos.hypercall import with_args
 from guestos.kdata import KSTACK_PAGES, MAX_CPUS, MAX_TASKS, header, kernel, percpu
 from guestos.mm import (
@@ -73,6 +74,14 @@ def parse_int(cmdline: str, name: str, default: int = 0) -> int:
     return default
 
 
+def parse_word(cmdline: str, name: str, default: str = "") -> str:
+    """The value of option ``name=VALUE``; default if it is absent."""
+    for word in cmdline.split():
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return default
+
+
 def parse_options(cpu: Any, cmdline: str) -> None:
     """The kernel's options besides run= and hold=:
     stopmachine=MS   run a stop_machine check at MS
@@ -82,7 +91,11 @@ def parse_options(cpu: Any, cmdline: str) -> None:
     worker=MS        a freezable kernel worker that runs every MS
     testdevs=N       N test devices that log their PM callbacks
     pmfail=DEV:PHASE device DEV (0: the console, 1..N: the test devices) fails PHASE
-                     (freeze, freeze_noirq, ...: guestos/pm.py PHASES)"""
+                     (freeze, freeze_noirq, ...: guestos/pm.py PHASES)
+    virtio_mmio.device=SIZE@BASE:PORT   a virtio-mmio device (the toolstack adds it)
+    virtio_balloon.policy=P   what the balloon does across a save: discard, deflate
+                     (the default) or keep (guestos/drivers/virtio_balloon.py)
+    balloonbug=leak  the 2012 discard code's leak, for the lab"""
     k = kernel(cpu)
     words = cmdline.split()
     k.stop_test_ms = parse_int(cmdline, "stopmachine")
@@ -116,6 +129,7 @@ def start_kernel(cpu: Any) -> TailCall:
     magic, nr_pages, shinfo_maddr = si.magic, si.nr_pages, si.shared_info
     k.start_info = si_va
     k.nr_pages = nr_pages
+    k.totalram_pages = nr_pages
     k.mfn_list = si.mfn_list
     k.next_free_pfn = pfn_of(cpu.reg("rsp"))  # everything below the boot stack top is taken
     k.kernel_l4_pfn = pfn_of(si.pt_base)
@@ -155,6 +169,7 @@ def start_kernel(cpu: Any) -> TailCall:
     for i in range(parse_int(cmdline, "testdevs")):
         pm.device_register(cpu, pm.DRV_TESTDEV, i)
     manage.xenbus_init(cpu)
+    virtio_balloon.probe_all(cpu, cmdline)
     k.free_at_boot = nr_free_pages(cpu)
     for i, (name, args) in enumerate(parse_cmdline(cmdline)):
         pid = spawn(cpu, name, args, on_cpu=i % nr_cpus)

@@ -59,6 +59,12 @@ def take_port(cpu: Any, port: int, n: int) -> None:
                   with_args(cpu, struct.pack("<I", port)))
 
 
+def mask_port(cpu: Any, port: int) -> None:
+    """Mask one port (Linux's mask_evtchn): a pending event stays pending."""
+    addr = kernel(cpu).shared_info + MASK_OFF + 8 * (port // 64)
+    cpu.write_u64(addr, cpu.read_u64(addr) | 1 << (port % 64))
+
+
 def mask_all(cpu: Any) -> None:
     """Mask every port (Linux's xen_evtchn_mask_all): Xen leaves masks to the
     guest, and a port is unmasked only once its handler is in place."""
@@ -199,6 +205,9 @@ def handle_port(cpu: Any, port: int) -> None:
     elif port == kernel(cpu).store_port:
         from guestos.xenbus import process_events
         process_events(cpu)
+    elif kernel(cpu).vballoon:
+        from guestos.drivers.virtio_balloon import balloon_interrupt
+        balloon_interrupt(cpu, port)
 
 
 def failsafe_callback(cpu: Any) -> TailCall:

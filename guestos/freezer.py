@@ -60,9 +60,15 @@ def thaw_processes(cpu: Any) -> None:
 
 
 def run_workqueue(cpu: Any, t_now: int) -> None:
-    """From cpu0's timer tick: the periodic freezable work item, when due."""
+    """From cpu0's timer tick: the freezable work items, when due (the
+    balloon's, and the periodic one of option worker=MS)."""
     k = kernel(cpu)
-    if not k.wq_period_ms or k.wq_frozen or t_now < k.wq_next:
+    if k.wq_frozen:
+        return
+    if k.vballoon:
+        from guestos.drivers.virtio_balloon import run_work
+        run_work(cpu)
+    if not k.wq_period_ms or t_now < k.wq_next:
         return
     k.wq_runs = k.wq_runs + 1
     k.wq_next = t_now + k.wq_period_ms * 1_000_000

@@ -61,6 +61,8 @@ KERNEL = Layout("kernel", [
     ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
     ("no_pin_all", "u64"),     # option nopinall: the suspend skips xen_mm_pin_all (a lab bug)
     ("restores", "u64"),       # times this kernel resumed in a new domain
+    ("vballoon", "u64"),       # VA of the balloon driver's state page (0: no balloon)
+    ("totalram_pages", "u64"), # the RAM the kernel counts as its own (less the balloon)
 ])
 KERNEL_OFFSET = 0
 

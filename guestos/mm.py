@@ -77,9 +77,10 @@ def xen_setup_mfn_list_list(cpu: Any) -> None:
     cpu.write_u64(arch + arch_shared_info.p2m_generation.offset, 0)
 
 
-def alloc_pages(cpu: Any, n: int = 1) -> int:
+def alloc_pages(cpu: Any, n: int = 1, zero: bool = True) -> int:
     """n zeroed, contiguous pfns: a single page from the free list if it has
-    one, else (and for runs, which only boot asks for) from the bump pointer."""
+    one, else (and for runs, which only boot asks for) from the bump pointer.
+    ``zero=False`` for a page that is given away at once (to the balloon)."""
     k = kernel(cpu)
     pfn = k.free_head if n == 1 else 0
     if pfn:
@@ -90,7 +91,8 @@ def alloc_pages(cpu: Any, n: int = 1) -> int:
         if pfn + n > k.nr_pages:
             raise OutOfMemory(f"out of memory ({n} pages asked)")
         k.next_free_pfn = pfn + n
-    cpu.write(va(pfn), bytes(PAGE_SIZE * n))
+    if zero:
+        cpu.write(va(pfn), bytes(PAGE_SIZE * n))
     return pfn
 
 
@@ -114,6 +116,7 @@ def nr_free_pages(cpu: Any) -> int:
 PG_PINNED = 1       # a pagetable Xen has pinned (PG_pinned)
 PG_SAVEPINNED = 2   # pinned by xen_mm_pin_all for a save (PG_savepinned)
 PG_TABLE = 4        # a pagetable page of a user address space (PG_table)
+PG_BALLOON = 8      # in the balloon: no frame behind it (PageOffline, the balloon list)
 
 
 def page_flags(cpu: Any, pfn: int) -> int:

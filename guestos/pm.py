@@ -150,9 +150,17 @@ def _testdev(phase: int) -> Callback:
     return cb
 
 
+def _balloon(phase: int) -> Callback:
+    def cb(cpu: Any, instance: int) -> int:
+        from guestos.drivers import virtio_balloon
+        return getattr(virtio_balloon, PHASES[phase])(cpu, instance)
+    return cb
+
+
 # the order is an ABI with saved images: only ever append
 DRIVERS: tuple[Driver, ...] = (
     Driver("xencons", {RESTORE: _console_restore}),
     Driver("testdev", {p: _testdev(p) for p in range(len(PHASES))}),
+    Driver("virtio_balloon", {p: _balloon(p) for p in (FREEZE, THAW, RESTORE)}),
 )
-DRV_XENCONS, DRV_TESTDEV = 0, 1
+DRV_XENCONS, DRV_TESTDEV, DRV_VIRTIO_BALLOON = 0, 1, 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from guestos.drivers import virtio_balloon
 from guestos.events import upcall_masked, xen_irq_resume
 from guestos.hypercall import with_args
 from guestos.kdata import kernel, percpu
@@ -78,6 +79,7 @@ def xen_suspend(cpu: Any) -> TailCall:
     own = pfn_to_mfn(cpu, pfn_of(k.shared_info))
     cpu.hypercall(Hypercall.update_va_mapping, k.shared_info, (own << 12) | PTE_RW, 0)
     cpu.write(k.shared_info, copy)
+    virtio_balloon.pre_suspend(cpu)  # device memory: no pfn either
     printk(cpu, "pre-suspend: start_info's store and console frames are pfns, "
            "shared_info unmapped")
     printk(cpu, "suspend hypercall (SCHEDOP_shutdown, SHUTDOWN_suspend)")
@@ -98,6 +100,7 @@ def xen_suspend_resumed(cpu: Any) -> TailCall:
     cpu.hypercall(Hypercall.update_va_mapping, k.shared_info,
                   cpu.read_u64(si + SHARED_INFO_OFF) | PTE_RW, 0)
     xen_setup_mfn_list_list(cpu)
+    virtio_balloon.post_suspend(cpu)
     if cancelled:
         cpu.write_u64(si + STORE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + STORE_MFN_OFF)))
         cpu.write_u64(si + CONSOLE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))

@@ -12,6 +12,7 @@ from unicorn.unicorn_const import UC_CTL_TLB_FLUSH
 from unicorn.unicorn_py3.unicorn import uclib
 
 from hypervisor.cpu.vcpu import Vcpu
+from hypervisor.devices.mmio import MmioBus
 from hypervisor.domain import Domain
 from hypervisor.hypercalls.callback import (
     do_callback_op,
@@ -63,6 +64,8 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self.scheduler = Scheduler(self, clock, slice_insns, slice_us)
         self.machine.types.on_type_change = self._type_changed
+        self.machine.types.iomem_permitted = self._iomem_permitted
+        self.bus = MmioBus()
         self.table: dict[int, Handler] = {
             Hypercall.set_trap_table: do_set_trap_table,
             Hypercall.mmu_update: self.mmu.mmu_update,
@@ -99,6 +102,25 @@ class Hypervisor:
     def domain_by_id(self, domid: int) -> Domain | None:
         return self.domains.get(domid)
 
+    def iomem_permit(self, dom: Domain, first_mfn: int, nr_mfns: int) -> None:
+        """XEN_DOMCTL_iomem_permission: let ``dom`` map these frames of device
+        memory (never RAM)."""
+        if first_mfn < self.machine.nr_frames:
+            raise ValueError(f"mfn {first_mfn:#x} is RAM, not device memory")
+        dom.iomem.append(range(first_mfn, first_mfn + nr_mfns))
+
+    def _iomem_permitted(self, domid: int, mfn: int) -> bool:
+        dom = self.domains.get(domid)
+        return dom is not None and any(mfn in r for r in dom.iomem)
+
+    def add_device(self, dom: Domain, base: int, device: Any) -> None:
+        """Put a device's register page on the bus at machine address ``base``,
+        reachable by ``dom``'s VCPUs' loads and stores once mapped."""
+        self.bus.add(base, device)
+        dom.devices.append(device)
+        for v in dom.vcpus:
+            v.map_mmio(base)
+
     def destroy_domain(self, dom: Domain) -> None:
         """Tear a domain down and give all its frames back."""
         ft = self.machine.frames
@@ -106,6 +128,9 @@ class Hypervisor:
             ft.type_count[mfn] = 0
             ft.ref_count[mfn] = 0
             ft.free(mfn)
+        for device in dom.devices:
+            self.bus.remove(device)
+            self.scheduler.cancel_timers(device)
         dom.close()
         self.domains.pop(dom.domid, None)
         self.walker.flush()

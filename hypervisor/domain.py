@@ -48,6 +48,9 @@ class Domain:
         # frames holding it and its entries (for the invariant audit)
         self.p2m_frames: list[int] = []
         self.p2m_size = 0
+        # device memory it may map (XEN_DOMCTL_iomem_permission), its devices
+        self.iomem: list[range] = []
+        self.devices: list[Any] = []
 
     # --- shared_info -----------------------------------------------------------------
 
@@ -128,6 +131,9 @@ class Domain:
             v.close()
         self.hypervisor.scheduler.current = None
         self.vcpus = [Vcpu(self, i, self.machine) for i in range(len(records))]
+        for v in self.vcpus:
+            for dev in self.devices:
+                v.map_mmio(dev.base)
         if self.native is not None:
             old = self.native
             self.native = NativeKernel(self, self.kernel_module, old.text, old.size)

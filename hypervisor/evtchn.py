@@ -99,6 +99,18 @@ class EventChannels:
         self.ports[port] = Port(PortState.unbound, remote_dom=remote_dom)
         return port
 
+    def alloc_unbound_at(self, port: int, remote_dom: int) -> int:
+        """alloc_unbound at a chosen port (a restorer re-creating a device whose
+        port the guest knows from its command line); -EBUSY if it is taken."""
+        if not 0 < port < NR_EVENT_CHANNELS:
+            return -EINVAL
+        while len(self.ports) <= port:
+            self.ports.append(Port())
+        if self.ports[port].state != PortState.free:
+            return -EBUSY
+        self.ports[port] = Port(PortState.unbound, remote_dom=remote_dom)
+        return port
+
     def bind_backend(self, port: int, notify: Callable[[], None]) -> None:
         """The toolstack side binds a port the builder left unbound for it, as
         xenconsoled and xenstored do with EVTCHNOP_bind_interdomain."""

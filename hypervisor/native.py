@@ -70,6 +70,25 @@ class NativeCpu:
     def write_u64(self, va: int, value: int) -> None:
         self._hv.walker.write_u64(self.vcpu.current_table, va, value & 0xFFFFFFFFFFFFFFFF)
 
+    def readl(self, va: int, size: int = 4) -> int:
+        """A load from device memory (or RAM) at ``va``, through the live
+        pagetables, as the VCPU would make it: 1, 2 or 4 bytes."""
+        hv = self._hv
+        maddr = hv.walker.translate(self.vcpu.current_table, va)
+        if maddr + size <= hv.machine.memory.size:
+            return int.from_bytes(hv.machine.memory.read(maddr, size), "little")
+        return hv.bus.read(self.vcpu.domain, maddr, size)
+
+    def writel(self, va: int, value: int, size: int = 4) -> None:
+        """A store to device memory (or RAM) at ``va``: 1, 2 or 4 bytes."""
+        hv = self._hv
+        maddr = hv.walker.translate(self.vcpu.current_table, va, write=True)
+        value &= (1 << (8 * size)) - 1
+        if maddr + size <= hv.machine.memory.size:
+            hv.machine.memory.write(maddr, value.to_bytes(size, "little"))
+        else:
+            hv.bus.write(self.vcpu.domain, maddr, size, value)
+
     def hypercall(self, op: int, *args: int) -> int:
         rc = self._hv.hypercall(self.vcpu, op, args)
         return 0 if rc is None else rc

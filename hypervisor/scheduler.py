@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hypervisor.core import Hypervisor
@@ -35,6 +37,29 @@ class Scheduler:
         self._t0 = time.monotonic_ns()
         self._rr = 0
         self.slices = 0
+        # the host's own timers (a device model's polling): (deadline, seq, owner, fn)
+        self.timers: list[tuple[int, int, Any, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._timer_now: int | None = None
+
+    # --- host timers -------------------------------------------------------------------
+
+    def add_timer(self, deadline_ns: int, owner: Any, fn: Callable[[], None]) -> None:
+        """Call ``fn`` at system time ``deadline_ns`` (QEMU's timer_mod on the
+        virtual clock); ``owner`` names it for cancel_timers."""
+        heapq.heappush(self.timers, (deadline_ns, next(self._seq), owner, fn))
+
+    def cancel_timers(self, owner: Any) -> None:
+        self.timers = [t for t in self.timers if t[2] is not owner]
+        heapq.heapify(self.timers)
+
+    def _fire_timer(self) -> None:
+        deadline, _, _, fn = heapq.heappop(self.timers)
+        self._timer_now = deadline
+        try:
+            fn()
+        finally:
+            self._timer_now = None
 
     # --- time --------------------------------------------------------------------------
 
@@ -45,6 +70,8 @@ class Scheduler:
         """System time as seen by whoever is running now."""
         if not self.deterministic:
             return self.host_now()
+        if self._timer_now is not None:
+            return self._timer_now
         cur = self.current
         if cur is not None:
             return cur.clock + cur.retired_in_slice()
@@ -67,6 +94,13 @@ class Scheduler:
             if self.deterministic:
                 v = min(runnable, key=lambda x: x.clock) if runnable else None
                 wake = min(sleepers, key=lambda x: x.timer_deadline) if sleepers else None
+                if self.timers and (v is not None or wake is not None):
+                    due = self.timers[0][0]
+                    if ((v is None or due <= v.clock)
+                            and (wake is None or due <= wake.timer_deadline)
+                            and (until_ns is None or due < until_ns)):
+                        self._fire_timer()
+                        continue
                 if wake is not None and (v is None or wake.timer_deadline <= v.clock):
                     wake.clock = max(wake.clock, wake.timer_deadline)
                     hv.fire_timer(wake)
@@ -77,6 +111,8 @@ class Scheduler:
                     return
             else:
                 now = self.host_now()
+                while self.timers and self.timers[0][0] <= now:
+                    self._fire_timer()
                 for s in sleepers:
                     if s.timer_deadline <= now:
                         hv.fire_timer(s)

@@ -50,7 +50,7 @@ from hypervisor.cpu.ucfast import (
     gpr_file,
 )
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
-from hypervisor.mm.memory import PAGE_SHIFT
+from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
@@ -282,6 +282,21 @@ class Vcpu:
         hv.traps.inject(self, X86_EXC_UD, None, None)
         hv.return_to_guest(self)
         return True
+
+    # --- device memory ---------------------------------------------------------------
+
+    def map_mmio(self, base: int) -> None:
+        """Send this engine's loads and stores at the device page ``base`` to
+        the bus (they arrive here only through a PTE the hypervisor allowed)."""
+        bus, dom = self.hv.bus, self.domain
+
+        def read(uc: Uc, offset: int, size: int, ud: Any) -> int:
+            return bus.read(dom, base + offset, size)
+
+        def write(uc: Uc, offset: int, size: int, value: int, ud: Any) -> None:
+            bus.write(dom, base + offset, size, value)
+
+        self.uc.mmio_map(base, PAGE_SIZE, read, None, write, None)
 
     def close(self) -> None:
         for h in self._hooks:

@@ -29,9 +29,13 @@ if TYPE_CHECKING:
 _FRAME = np.uint64(PTE_FRAME_MASK)
 
 
-def validated_tables(hv: Hypervisor):
+def validated_tables(hv: Hypervisor, io_mfns: list[tuple[int, int, int]] | None = None):
     """(mfn, level, present ptes, their target mfns) for every validated
-    pagetable of every guest; Xen's own L4 slots are left out."""
+    pagetable of every guest; Xen's own L4 slots are left out, and entries
+    that map device memory (beyond RAM) go to ``io_mfns`` as (table, level,
+    mfn) instead."""
+    if io_mfns is None:
+        io_mfns = []
     ft = hv.machine.frames
     mem = hv.machine.memory
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
@@ -42,7 +46,12 @@ def validated_tables(hv: Hypervisor):
         if level == 4:
             slots = slots[[is_guest_l4_slot(s) for s in slots.tolist()]]
         ptes = t[slots]
-        yield mfn, level, ptes, ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+        targets = ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+        io = targets >= ft.nr_frames
+        if io.any():  # device memory: checked against the domain's I/O ranges
+            io_mfns.extend((mfn, level, int(m)) for m in targets[io].tolist())
+            ptes, targets = ptes[~io], targets[~io]
+        yield mfn, level, ptes, targets
 
 
 def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +102,10 @@ def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
                         f"(type {PageType(int(ft.type[mfn])).name}), recount {types[mfn]}")
 
     # every present entry of a validated table maps a frame of the same domain,
-    # and no writable L1 entry maps a pagetable
-    for mfn, level, ptes, targets in validated_tables(hv):
+    # or device memory the domain was given, and no writable L1 entry maps a
+    # pagetable
+    io: list[tuple[int, int, int]] = []
+    for mfn, level, ptes, targets in validated_tables(hv, io):
         foreign = targets[ft.owner[targets] != ft.owner[mfn]]
         if foreign.size:
             problems.append(f"L{level} {mfn:#x} maps frame {int(foreign[0]):#x} of another owner")
@@ -103,6 +114,11 @@ def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
             pt = rw[(ft.type[rw] >= 1) & (ft.type[rw] <= 4) & (ft.type_count[rw] > 0)]
             if pt.size:
                 problems.append(f"L1 {mfn:#x} maps pagetable {int(pt[0]):#x} writable")
+
+    permitted = hv.machine.types.iomem_permitted
+    for table, level, mfn in io:
+        if level != 1 or not permitted(int(ft.owner[table]), mfn):
+            problems.append(f"L{level} {table:#x} maps device memory {mfn:#x} it was not given")
 
     # M2P <-> p2m, for domains whose p2m list the builder placed
     for dom in hv.domains.values() if p2m else ():

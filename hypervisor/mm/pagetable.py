@@ -70,6 +70,10 @@ class PageTypes:
         self.on_type_change = lambda domid: None
         # the L4 slots the hypervisor owns, filled into every validated L4
         self.xen_l4_slots: dict[int, int] = {}
+        # whether a domain may map a frame that is not RAM (Xen's
+        # iomem_access_permitted: the toolstack grants ranges with
+        # XEN_DOMCTL_iomem_permission); the hypervisor sets it
+        self.iomem_permitted = lambda domid, mfn: False
 
     # --- general references --------------------------------------------------------
 
@@ -150,7 +154,11 @@ class PageTypes:
         mfn = pte_mfn(pte)
         ft = self.frames
         if mfn >= ft.nr_frames:
-            return -EPERM  # not RAM: a non-privileged attempt to map MMIO space
+            # not RAM: device memory, mappable by an L1 entry of a domain the
+            # toolstack gave access; no frame, so no reference is taken
+            if level == 1 and self.iomem_permitted(domid, mfn):
+                return 0
+            return -EPERM  # "Non-privileged attempt to map I/O space"
         if level == 1:
             if ft.owner[mfn] != domid:
                 return -EBUSY  # foreign or hypervisor frame: could_not_pin
@@ -183,6 +191,8 @@ class PageTypes:
         if not pte & _PAGE_PRESENT:
             return
         mfn = pte_mfn(pte)
+        if mfn >= self.frames.nr_frames:
+            return  # device memory: get_entry took nothing
         if level == 1:
             if pte & _PAGE_RW:
                 self.put_page_type(mfn)
@@ -264,8 +274,10 @@ class PageTypes:
         if level == 1:
             ptes = table[present]
             mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
-            rw = mfns[(ptes & np.uint64(_PAGE_RW)) != 0]
             ft = self.frames
+            ram = mfns < ft.nr_frames  # device memory holds no references
+            ptes, mfns = ptes[ram], mfns[ram]
+            rw = mfns[(ptes & np.uint64(_PAGE_RW)) != 0]
             if (ft.type_count[rw] == 0).any() or (ft.ref_count[mfns] == 0).any():
                 raise AssertionError(f"count underflow demoting L1 {mfn:#x}")
             np.subtract.at(ft.type_count, rw, 1)

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from hypervisor.core import Hypervisor
+from hypervisor.devices.balloon import Balloon
+from hypervisor.devices.virtio_mmio import VirtioMmio
 from hypervisor.domain import Domain
+from hypervisor.evtchn import DOMID_TOOLSTACK
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.native import KernelError, NativeKernel
@@ -31,9 +34,10 @@ from hypervisor.public.arch_x86 import (
     _PAGE_RW,
     _PAGE_USER,
 )
+from hypervisor.public.io.virtio import VIRTIO_MMIO_WINDOW
 from hypervisor.public.native import PVLAB_IMAGE_MAGIC, pvlab_image_header
 from hypervisor.public.xen import start_info
-from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.config import MAX_CMDLINE, DomainConfig
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.elfimage import GuestImage, ImageError, load_image
 from hypervisor.toolstack.xenstored import Store
@@ -76,6 +80,27 @@ def hypercall_page() -> bytes:
             stub = b"\x51\x41\x53\xb8" + struct.pack("<I", i) + b"\x0f\x05\x41\x5b\x59\xc3"
         page[32 * i:32 * i + len(stub)] = stub
     return bytes(page)
+
+
+def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
+                deflate_on_oom: bool = False, base: int | None = None,
+                port: int | None = None) -> str:
+    """Give ``dom`` a virtio-mmio balloon: a register page on the bus that the
+    domain may map (its I/O memory permission), an event channel for its
+    interrupt. Returns the kernel command line word that tells the guest
+    where it is, in Linux's virtio_mmio.device=<size>@<base>:<irq> form (the
+    irq being the event channel's port). A restore passes the saved base and
+    port: the guest knows them from its command line."""
+    port = dom.evtchn.alloc_unbound(DOMID_TOOLSTACK) if port is None else \
+        dom.evtchn.alloc_unbound_at(port, DOMID_TOOLSTACK)
+    if port < 0:
+        raise BuildError(f"{dom.name}: no event channel for the balloon ({port})")
+    dom.evtchn.bind_backend(port, lambda: None)  # the guest notifies through QueueNotify
+    base = hv.bus.next_base() if base is None else base
+    transport = VirtioMmio(dom, Balloon(dom, stats_interval_ns, deflate_on_oom), base, port)
+    hv.iomem_permit(dom, base >> PAGE_SHIFT, 1)
+    hv.add_device(dom, base, transport)
+    return f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
 
 
 def _pt_frames_needed(nr_pages: int) -> tuple[int, int, int]:
@@ -222,7 +247,14 @@ def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
     dom.xenstore = hv.xenstore.introduce(dom, si.store_mfn, store_port)
     si.nr_pt_frames = pt_pages
     si.mfn_list = va(lay.p2m_pfn)
-    si.cmd_line = cfg.cmdline.encode()
+    cmdline = cfg.cmdline
+    if cfg.balloon is not None:
+        word = add_balloon(hv, dom, cfg.balloon.stats_interval_ns, cfg.balloon.deflate_on_oom)
+        cmdline = f"{cmdline} {word}".strip()
+        if len(cmdline) > MAX_CMDLINE:
+            raise BuildError(f"{cfg.name}: the command line with the balloon's device is "
+                             f"longer than {MAX_CMDLINE} characters")
+    si.cmd_line = cmdline.encode()
     si.first_p2m_pfn = lay.p2m_pfn
     si.nr_p2m_frames = p2m_pages
     mem.write(maddr(lay.start_info_pfn), bytes(si))

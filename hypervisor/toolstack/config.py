@@ -9,7 +9,13 @@
     kernel = "guestos"   # optional: boot another Python kernel than the image names
     maxmem = 128         # optional: MiB the domain may grow to (balloon up); default memory
     requests = ["15ms suspend"]   # optional: what the toolstack asks of the guest, and when
-                                  # (poweroff, halt, reboot, suspend, or PATH=VALUE in xenstore)
+                                  # (poweroff, halt, reboot, suspend, checkpoint, mem-set MIB,
+                                  # balloon-stats, balloon-inhibit, balloon-uninhibit, or
+                                  # PATH=VALUE in xenstore)
+
+    [balloon]            # optional: a virtio-mmio balloon device
+    stats_interval = "50ms"   # the host polls the guest's memory statistics (default: never)
+    deflate_on_oom = false    # offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (default: no)
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hypervisor.toolstack.control import Request, parse_request
+from hypervisor.toolstack.timeparse import parse_duration
 
 MAX_VCPUS = 32  # XEN_LEGACY_MAX_VCPUS: vcpu_info lives in shared_info
 MAX_MEMORY_MIB = 1536  # the kernel maps all its memory below the top 2 GiB
@@ -41,11 +48,20 @@ class DomainConfig:
     kernel: str = ""          # a Python module overriding the image's kernel note
     maxmem: int = 0           # MiB the domain may grow to (xl's maxmem); 0: = memory
     requests: tuple[Request, ...] = ()  # the toolstack's requests to the running guest
+    balloon: BalloonConfig | None = None  # a balloon device, if any
+
+
+@dataclass(frozen=True)
+class BalloonConfig:
+    stats_interval_ns: int = 0  # 0: the host never polls the statistics
+    deflate_on_oom: bool = False
 
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
-         "kernel": str, "maxmem": int, "requests": list}
-_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings"}
+         "kernel": str, "maxmem": int, "requests": list, "balloon": dict}
+_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
+               dict: "a table ([balloon])"}
+_BALLOON_KEYS = ("stats_interval", "deflate_on_oom")
 _REQUIRED = ("name", "memory", "image")
 
 
@@ -91,8 +107,31 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
             requests.append(parse_request(text))
         except ValueError as e:
             raise ConfigError(f"{src}: {e}") from None
+    balloon = _balloon_config(data["balloon"], src) if "balloon" in data else None
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
-                        where, kernel, maxmem, tuple(requests))
+                        where, kernel, maxmem, tuple(requests), balloon)
+
+
+def _balloon_config(table: dict, src: str) -> BalloonConfig:
+    for key in table:
+        if key not in _BALLOON_KEYS:
+            raise ConfigError(f"{src}: unknown key balloon.{key} (known: "
+                              f"{', '.join(_BALLOON_KEYS)})")
+    interval = table.get("stats_interval", "0ms")
+    if not isinstance(interval, str):
+        raise ConfigError(f"{src}: balloon.stats_interval must be a duration such as "
+                          f"\"50ms\", not {interval!r}")
+    try:
+        ns = parse_duration(interval)
+    except ValueError as e:
+        raise ConfigError(f"{src}: balloon.stats_interval: {e}") from None
+    if 0 < ns < 1_000_000:
+        raise ConfigError(f"{src}: balloon.stats_interval is {interval}; make it 0 (never) "
+                          "or at least 1ms")
+    oom = table.get("deflate_on_oom", False)
+    if not isinstance(oom, bool):
+        raise ConfigError(f"{src}: balloon.deflate_on_oom must be true or false, not {oom!r}")
+    return BalloonConfig(ns, oom)
 
 
 def load_config(path: str | Path) -> DomainConfig:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 SHUTDOWN_NODE = "control/shutdown"
 COMMANDS = ("poweroff", "halt", "reboot", "suspend")
+# a suspend whose image is kept, and the host's balloon controls
+TOOLSTACK_COMMANDS = ("checkpoint", "mem-set", "balloon-stats", "balloon-inhibit",
+                      "balloon-uninhibit")
 ACK_TIMEOUT_NS = 500_000_000  # virtual time; libxl waits 60 s of real time
 
 
@@ -38,34 +41,53 @@ class Request:
     """At ``at_ns`` of virtual time: a shutdown command, or a xenstore write."""
 
     at_ns: int
-    command: str = ""                 # one of COMMANDS
+    command: str = ""                 # one of COMMANDS or TOOLSTACK_COMMANDS
     path: str = ""                    # or write VALUE at PATH (relative to the home)
-    value: str = ""
+    value: str = ""                   # (mem-set: the target in MiB)
+
+    @property
+    def shutdown(self) -> bool:
+        """A request the guest carries out through control/shutdown."""
+        return self.command in COMMANDS or self.command == "checkpoint"
 
 
 def parse_request(text: str) -> Request:
-    """'TIME COMMAND' or 'TIME PATH=VALUE', e.g. '15ms suspend', '2ms memory/target=8192'."""
+    """'TIME COMMAND' or 'TIME PATH=VALUE', e.g. '15ms suspend', '5ms mem-set 32',
+    '2ms memory/target=8192'."""
     parts = text.split(None, 1)
+    known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS)
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
-                         f"(WHAT: {', '.join(COMMANDS)}, or PATH=VALUE)")
+                         f"(WHAT: {known}, or PATH=VALUE)")
     at = parse_duration(parts[0])
     what = parts[1].strip()
-    if what in COMMANDS:
+    if what in COMMANDS or what in TOOLSTACK_COMMANDS[:1] + TOOLSTACK_COMMANDS[2:]:
         return Request(at, command=what)
+    verb, _, arg = what.partition(" ")
+    if verb == "mem-set":
+        if not arg.strip().isdigit():
+            raise ValueError(f"request {text!r}: mem-set takes the guest's memory target "
+                             "in MiB, e.g. '5ms mem-set 32'")
+        return Request(at, command=verb, value=arg.strip())
     path, eq, value = what.partition("=")
     if not eq or not path or any(c.isspace() for c in path):
         raise ValueError(f"request {text!r}: {what!r} is neither a command "
-                         f"({', '.join(COMMANDS)}) nor PATH=VALUE")
+                         f"({known}) nor PATH=VALUE")
     return Request(at, path=path.strip(), value=value.strip())
 
 
-def apply_request(hv: Hypervisor, dom: Domain, req: Request) -> None:
-    if req.command:
-        hv.xenstore.write(f"{home(dom.domid)}/{SHUTDOWN_NODE}", req.command.encode())
+def apply_request(hv: Hypervisor, dom: Domain, req: Request) -> str:
+    """Make the request; returns what the toolstack has to say of it ("" if nothing)."""
+    if req.shutdown:
+        command = "suspend" if req.command == "checkpoint" else req.command
+        hv.xenstore.write(f"{home(dom.domid)}/{SHUTDOWN_NODE}", command.encode())
+    elif req.command:
+        from hypervisor.toolstack import balloonctl
+        return balloonctl.apply(dom, req.command, req.value)
     else:
         path = req.path if req.path.startswith("/") else f"{home(dom.domid)}/{req.path}"
         hv.xenstore.write(path, req.value.encode())
+    return ""
 
 
 def shutdown_pending(hv: Hypervisor, dom: Domain) -> str:

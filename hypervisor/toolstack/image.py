@@ -90,6 +90,7 @@ class ImageInfo:
     vcpus: dict[int, bytes] = field(default_factory=dict)
     domain: dict | None = None
     xenstore: list[tuple[str, bytes]] = field(default_factory=list)
+    devices: list[dict] = field(default_factory=list)
     checkpoint: bool = False
     size: int = 0
 
@@ -199,6 +200,8 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
                 raise _fail(rec, "not a JSON object")
         elif t == PvlabRecType.PVLAB_XENSTORE:
             info.xenstore = _xenstore(rec)
+        elif t == PvlabRecType.PVLAB_DEVICES:
+            info.devices = _devices(rec)
         elif not t & stream.REC_TYPE_OPTIONAL:
             raise _fail(rec, "a mandatory record type this restorer does not know")
     assert last is not None
@@ -208,6 +211,27 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
     _check_whole(info, last)
     _check_tables(info, f, tables)
     return info
+
+
+_DEVICE_KEYS = {"bus": str, "base": int, "port": int, "kind": str, "num_pages": int,
+                "actual": int, "stats_interval_ns": int, "deflate_on_oom": bool}
+
+
+def _devices(rec: stream.Record) -> list[dict]:
+    try:
+        devices = json.loads(rec.body)
+    except ValueError as e:
+        raise _fail(rec, f"not JSON: {e}") from None
+    if not isinstance(devices, list):
+        raise _fail(rec, "not a JSON list")
+    for d in devices:
+        if not isinstance(d, dict) or d.get("kind") != "balloon" or d.get("bus") != "virtio-mmio":
+            raise _fail(rec, f"a device this restorer does not know: {d!r}")
+        for key, want in _DEVICE_KEYS.items():
+            value = d.get(key)
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise _fail(rec, f"device {key} is missing or not {want.__name__}")
+    return devices
 
 
 def _page_data_head(f: BinaryIO, length: int) -> bytes:

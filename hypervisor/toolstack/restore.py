@@ -37,6 +37,7 @@ from hypervisor.native import KernelError, NativeKernel
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, VGCF_online, vcpu_guest_context
 from hypervisor.public.domctl import PFINFO_LTAB_SHIFT, PFINFO_XALLOC
 from hypervisor.public.xen import XEN_LEGACY_MAX_VCPUS, shared_info, start_info
+from hypervisor.toolstack.builder import BuildError, add_balloon
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
 from hypervisor.toolstack.save import Progress
@@ -205,6 +206,17 @@ def _restore(hv: Hypervisor, dom: Domain, info: ImageInfo, stats: RestoreStats,
     for rel, value in info.xenstore:
         hv.xenstore.write(f"{home(dom.domid)}/{rel}", value)
     del si
+    # the devices, at the addresses and ports the guest knows from its command
+    # line, with what the host kept of them
+    for d in info.devices:
+        try:
+            add_balloon(hv, dom, d["stats_interval_ns"], d["deflate_on_oom"], base=d["base"],
+                        port=d["port"])
+        except (BuildError, ValueError) as e:
+            raise RestoreError(f"the balloon at {d['base']:#x} cannot be re-created: {e}") \
+                from None
+        bal = dom.devices[-1].device
+        bal.num_pages, bal.actual = d["num_pages"], d["actual"]
 
     # pin again what was pinned, with the recorded types (pin_pagetables)
     for pfn in np.flatnonzero((info.nibbles >= 0x9) & (info.nibbles <= 0xC)).tolist():

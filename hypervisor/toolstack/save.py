@@ -240,6 +240,21 @@ def xenstore_record(hv: Hypervisor, dom: Domain) -> bytes:
     return bytes(out)
 
 
+def devices_record(dom: Domain) -> bytes:
+    """The domain's devices, where they are and what the host keeps of them
+    (a balloon's target and actual: the ``keep`` policy relies on them). The
+    guest has frozen them: a device still live would have rings in frames
+    the restorer moves, so it is refused."""
+    out = []
+    for t in dom.devices:
+        if t.status:
+            raise SaveError(f"the {t.device.name} device at {t.base:#x} is live (status "
+                            f"{t.status:#x}): the guest did not reset it when it froze its "
+                            "devices, and its rings cannot be carried over")
+        out.append({"bus": "virtio-mmio", "base": t.base, "port": t.port, **t.device.state()})
+    return json.dumps(out, sort_keys=True).encode()
+
+
 def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = False,
                 seed: int | None = None, progress: Progress | None = None) -> SaveStats:
     """Write the whole stream of a suspended domain to ``out``."""
@@ -260,6 +275,7 @@ def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = F
     slot_of = np.full(p2m.size, -1, dtype=np.int64)
     slot_of[table_pfns] = np.arange(table_pfns.size)
     vcpus = vcpu_records(hv, dom, p2m)
+    devices = devices_record(dom) if dom.devices else None
 
     stream.write_headers(out, XEN_MAJOR, XEN_MINOR)
     rec = stream.write_record
@@ -302,6 +318,8 @@ def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = F
         rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
     if hv.xenstore is not None:
         rec(out, PvlabRecType.PVLAB_XENSTORE, xenstore_record(hv, dom))
+    if devices is not None:
+        rec(out, PvlabRecType.PVLAB_DEVICES, devices)
     if checkpoint:
         rec(out, RecType.CHECKPOINT)
     rec(out, RecType.END)

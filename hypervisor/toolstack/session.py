@@ -4,8 +4,10 @@ does, as a function the tests and tools call too."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hypervisor.core import Hypervisor
 from hypervisor.domain import SHUTDOWN_NAMES, Domain
@@ -60,76 +62,106 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                sink: Callable[[Domain, bytes], None] | None = None,
                requests: Sequence[Request] = (),
                note: Callable[[str], None] | None = None,
-               on_suspend: Callable[[Domain], bool] | None = None) -> RunResult:
+               on_suspend: Callable[[Domain], bool] | None = None,
+               checkpoint_dir: str | Path | None = None) -> RunResult:
     """Run until the domain shuts down, hangs, or (with until_ns) every VCPU
     reaches that virtual time. ``requests`` are made at their times. A domain
     that suspends is handed to ``on_suspend`` (which saves it, say): if that
     returns True, or there is none, the domain is resumed cancelled and runs
-    on; if False, the run ends there. ``note`` gets the toolstack's messages."""
+    on; if False, the run ends there. A suspend that a ``checkpoint`` request
+    asked for writes a checkpoint image into ``checkpoint_dir`` (by default
+    a temporary one, gone when the run ends) and runs on. ``note`` gets the
+    toolstack's messages."""
     dom.console_sink = sink
     notes: list[str] = []
+    checkpoints_wanted = 0
+    with tempfile.TemporaryDirectory(prefix="pvlab-checkpoints-") as tmp:
+        where = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tmp)
 
-    def say(msg: str) -> None:
-        notes.append(msg)
-        log.info("%s", msg)
-        if note is not None:
-            note(msg)
+        def say(msg: str) -> None:
+            notes.append(msg)
+            log.info("%s", msg)
+            if note is not None:
+                note(msg)
 
-    pending = sorted(requests, key=lambda r: r.at_ns)
-    ack_deadline: int | None = None
-    while True:
-        marks = [pending[0].at_ns] if pending else []
-        if ack_deadline is not None:
-            marks.append(ack_deadline)
-        if until_ns is not None:
-            marks.append(until_ns)
-        limit = min(marks) if marks else None
-        hv.run(limit)
-        if dom.shutdown_reason == SHUTDOWN_suspend:
-            if on_suspend is not None:
-                if not on_suspend(dom):
-                    break
-                say(f"domain {dom.name} resumed: the suspend hypercall returns 1")
-            else:
-                say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
-                    "(the suspend hypercall returns 1)")
-            resume_cancelled(hv, dom)
-            ack_deadline = None
-            continue
-        if dom.shutdown_reason is not None or limit is None or not _reached(dom, limit):
-            break
-        while pending and pending[0].at_ns <= limit:
-            req = pending.pop(0)
-            say(f"at {format_duration(req.at_ns)}: {_describe(req)}")
-            apply_request(hv, dom, req)
-            if req.command:
-                ack_deadline = req.at_ns + ACK_TIMEOUT_NS
-        if ack_deadline is not None:
-            if not shutdown_pending(hv, dom):
+        pending = sorted(requests, key=lambda r: r.at_ns)
+        ack_deadline: int | None = None
+        while True:
+            marks = [pending[0].at_ns] if pending else []
+            if ack_deadline is not None:
+                marks.append(ack_deadline)
+            if until_ns is not None:
+                marks.append(until_ns)
+            limit = min(marks) if marks else None
+            hv.run(limit)
+            if dom.shutdown_reason == SHUTDOWN_suspend:
+                if checkpoints_wanted and on_suspend is None:
+                    checkpoints_wanted -= 1
+                    _take_checkpoint(hv, dom, where, say)
+                elif on_suspend is not None:
+                    if not on_suspend(dom):
+                        break
+                    say(f"domain {dom.name} resumed: the suspend hypercall returns 1")
+                else:
+                    say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
+                        "(the suspend hypercall returns 1)")
+                resume_cancelled(hv, dom)
                 ack_deadline = None
-            elif limit >= ack_deadline:
-                say(f"guest didn't acknowledge {shutdown_pending(hv, dom)}, cancelling request")
-                cancel_shutdown(hv, dom)
-                ack_deadline = None
-        if until_ns is not None and limit >= until_ns:
-            break
-    if dom.shutdown_reason is not None:
-        reason = SHUTDOWN_NAMES.get(dom.shutdown_reason, str(dom.shutdown_reason))
-    elif until_ns is not None and _reached(dom, until_ns):
-        reason = "running"  # each VCPU reached the time, or sleeps until a timer
-    else:
-        reason = "hung"
-    t = max((v.clock for v in dom.vcpus), default=0)
-    return RunResult(dom, bytes(dom.console_out), reason, t, notes)
+                continue
+            if dom.shutdown_reason is not None or limit is None or not _reached(dom, limit):
+                break
+            while pending and pending[0].at_ns <= limit:
+                req = pending.pop(0)
+                say(f"at {format_duration(req.at_ns)}: {_describe(req)}")
+                msg = apply_request(hv, dom, req)
+                if msg:
+                    say(msg)
+                if req.command == "checkpoint":
+                    checkpoints_wanted += 1
+                if req.shutdown:
+                    ack_deadline = req.at_ns + ACK_TIMEOUT_NS
+            if ack_deadline is not None:
+                if not shutdown_pending(hv, dom):
+                    ack_deadline = None
+                elif limit >= ack_deadline:
+                    say(f"guest didn't acknowledge {shutdown_pending(hv, dom)}, cancelling request")
+                    cancel_shutdown(hv, dom)
+                    ack_deadline = None
+            if until_ns is not None and limit >= until_ns:
+                break
+        if dom.shutdown_reason is not None:
+            reason = SHUTDOWN_NAMES.get(dom.shutdown_reason, str(dom.shutdown_reason))
+        elif until_ns is not None and _reached(dom, until_ns):
+            reason = "running"  # each VCPU reached the time, or sleeps until a timer
+        else:
+            reason = "hung"
+        t = max((v.clock for v in dom.vcpus), default=0)
+        return RunResult(dom, bytes(dom.console_out), reason, t, notes)
 
 
 def _reached(dom: Domain, t: int) -> bool:
     return all(v.clock >= t or (v.blocked and v.timer_deadline) for v in dom.vcpus if v.online)
 
 
+def _take_checkpoint(hv: Hypervisor, dom: Domain, where: Path,
+                     say: Callable[[str], None]) -> None:
+    n = len(list(where.glob(f"{dom.name}-checkpoint-*.img"))) + 1
+    path = where / f"{dom.name}-checkpoint-{n:03d}.img"
+    try:
+        stats = save_to_file(hv, dom, path, checkpoint=True)
+    except SaveError as e:
+        say(f"checkpoint failed: {e}; the guest runs on")
+        return
+    say(f"checkpoint {n}: {stats.bytes / (1 << 20):.1f} MiB image written")
+
+
 def _describe(req: Request) -> str:
-    if req.command:
+    if req.command == "checkpoint":
+        return "the toolstack asks for a checkpoint (control/shutdown = suspend)"
+    if req.shutdown:
         return f"the toolstack writes control/shutdown = {req.command}"
+    if req.command:
+        return f"{req.command} {req.value}".strip()
     return f"the toolstack writes {req.path} = {req.value}"
 
 

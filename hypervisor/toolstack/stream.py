@@ -61,6 +61,7 @@ class PvlabRecType(enum.IntEnum):
 
     PVLAB_DOMAIN = 0x80000101    # JSON: name, memory, vcpus, kernel binding, clocks
     PVLAB_XENSTORE = 0x80000102  # the domain's xenstore home: path NUL value NUL ...
+    PVLAB_DEVICES = 0x80000103   # JSON: the domain's devices and their host-side state
 
 
 # record bodies (xg_sr_stream_format.h), little-endian

@@ -1,0 +1,1 @@
+"""Device drivers: the virtio-mmio transport, split virtqueues, the balloon."""

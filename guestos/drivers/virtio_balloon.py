@@ -1,0 +1,549 @@
+"""The virtio balloon driver (Linux's drivers/virtio/virtio_balloon.c, for a
+Xen PV guest).
+
+Inflating gives pages to the host: take free pages, mark them PG_BALLOON (the
+balloon's page list is that flag in mem_map, as Linux keeps it in struct
+page), set their p2m entries invalid, unmap them from the kernel's linear
+map, and send their frame numbers (machine frames: bus addresses here) on
+the inflate queue; the device frees each frame nothing maps any more.
+Deflating takes pages back the Xen way: XENMEM_populate_physmap gives each
+pfn a fresh zeroed frame, the deflate queue tells the host which (before the
+pages are used: MUST_TELL_HOST), then they are mapped and freed to the
+allocator. Requests carry at most 256 page numbers; ``actual`` is written
+after each.
+
+The work (Linux's update_balloon_size_func on system_freezable_wq) runs when
+the interrupt queues it and then from cpu0's timer tick, while freezable
+workers are not frozen (the port is cpu0's); it moves towards
+num_pages a few batches at a time and stays queued until ``actual`` meets the
+target; when the guest is short of memory it logs "Out of puff!" and tries
+again 200 ms later. The device serves a request as soon as it is notified
+(as the console and store backends do), so tell_host finds its buffer used
+when the notify returns; a buffer not used means the device is broken.
+
+PM (seeds 000 and 001), chosen with ``virtio_balloon.policy=``:
+
+* freeze: the worker is already frozen; with ``deflate`` the balloon is
+  emptied first (Linux since 2012); then the device is reset, its interrupt
+  masked and the handler told to leave it alone (no handler can be half
+  way: see virtio_mmio.disable_irq), and only then are the queues deleted.
+* thaw (a checkpoint, or a failed suspend): the device is set up again; the
+  balloon stays as it was (``deflate``: it refills to the target).
+* restore (a new domain): ``discard`` (the 2012 commit): the host forgot the
+  balloon, so the driver forgets its pages: each gets a fresh frame and goes
+  back to the allocator and the RAM count, num_pages = 0, and the host's
+  target makes the work inflate again. ``deflate``: the balloon is empty;
+  refill. ``keep``: the balloon and the device's state came through the
+  image; nothing to do. The option ``balloonbug=leak`` brings back what the
+  first discard code did: the pages were only counted back, never freed,
+  "a fancy way of leaking lots of memory" (the lab in docs/labs/balloon-s4.md).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from guestos.events import now
+from guestos.hypercall import with_args
+from guestos.kdata import kernel
+from guestos.layout import Layout, Ref
+from guestos.mm import (
+    PG_BALLOON,
+    PTE_RW,
+    alloc_pages,
+    free_page,
+    nr_free_pages,
+    pfn_to_mfn,
+    set_page_flags,
+    va,
+)
+from guestos.printk import printk
+from hypervisor.public.io.virtio import (
+    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
+    VIRTIO_BALLOON_CFG_ACTUAL,
+    VIRTIO_BALLOON_CFG_NUM_PAGES,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_S_AVAIL,
+    VIRTIO_BALLOON_S_CACHES,
+    VIRTIO_BALLOON_S_MAJFLT,
+    VIRTIO_BALLOON_S_MEMFREE,
+    VIRTIO_BALLOON_S_MEMTOT,
+    VIRTIO_BALLOON_S_MINFLT,
+    VIRTIO_BALLOON_S_SWAP_IN,
+    VIRTIO_BALLOON_S_SWAP_OUT,
+    VIRTIO_BALLOON_STAT,
+    VIRTIO_BALLOON_VQ_DEFLATE,
+    VIRTIO_BALLOON_VQ_INFLATE,
+    VIRTIO_BALLOON_VQ_STATS,
+    VIRTIO_ID_BALLOON,
+    VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_VRING,
+)
+from hypervisor.public.memory import XENMEM_populate_physmap, xen_memory_reservation
+from hypervisor.public.xen import DOMID_SELF, Hypercall
+
+from . import virtio_mmio as vm
+from . import virtio_ring
+
+POLICIES = ("discard", "deflate", "keep")
+POLICY_DISCARD, POLICY_DEFLATE, POLICY_KEEP = range(3)
+KNOWN_FEATURES = (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST | 1 << VIRTIO_BALLOON_F_STATS_VQ
+                  | 1 << VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+BATCHES_PER_RUN = 16       # requests of 256 pages the work sends per timer tick
+OUT_OF_PUFF_NS = 200_000_000
+RESERVE_PAGES = 256        # free pages the balloon leaves the kernel
+INVALID_P2M = (1 << 64) - 1
+STATS_TAGS = (VIRTIO_BALLOON_S_SWAP_IN, VIRTIO_BALLOON_S_SWAP_OUT, VIRTIO_BALLOON_S_MAJFLT,
+              VIRTIO_BALLOON_S_MINFLT, VIRTIO_BALLOON_S_MEMFREE, VIRTIO_BALLOON_S_MEMTOT,
+              VIRTIO_BALLOON_S_AVAIL, VIRTIO_BALLOON_S_CACHES)
+
+VBALLOON = Layout("virtio_balloon", [
+    ("num_pages", "u64"),     # pages in the balloon
+    ("policy", "u64"),        # POLICY_*
+    ("leak_bug", "u64"),      # option balloonbug=leak
+    ("work_queued", "u64"),
+    ("stats_pending", "u64"), # the host returned the stats buffer: refill it
+    ("retry_at", "u64"),      # out of puff: the work waits until then
+    ("pfns", "u64"),          # pfn of the page holding the request (le32 frames)
+    ("stats", "u64"),         # pfn of the stats buffer
+    ("fills", "u64"),
+    ("leaks", "u64"),
+    ("out_of_puff", "u64"),
+    ("not_acked", "u64"),
+    ("stats_requests", "u64"),
+    ("discarded", "u64"),     # pages the last discard took back
+])
+VB_OFFSET = 1024
+EXTENTS_OFFSET = 1024         # in the request page: u64 pfns for populate_physmap
+
+
+def _state(cpu: Any) -> int:
+    return kernel(cpu).vballoon
+
+
+def _vb(cpu: Any) -> Ref:
+    return VBALLOON.at(cpu, _state(cpu) + VB_OFFSET)
+
+
+def _dev(cpu: Any) -> Ref:
+    return vm.dev_at(cpu, _state(cpu))
+
+
+def _vq(cpu: Any, index: int) -> Ref:
+    return vm.vq_at(cpu, _state(cpu), index)
+
+
+def balloon_pages(cpu: Any) -> int:
+    return _vb(cpu).num_pages if _state(cpu) else 0
+
+
+# --- probe -------------------------------------------------------------------------------
+
+def probe_all(cpu: Any, cmdline: str) -> None:
+    """At boot: each virtio_mmio.device= on the command line."""
+    for _size, base, port in vm.parse_devices(cmdline):
+        if _state(cpu):
+            printk(cpu, f"virtio-mmio at {base:#x}: only one balloon is supported; ignored")
+            continue
+        state = va(alloc_pages(cpu))
+        dev = vm.dev_at(cpu, state)
+        dev.base, dev.port = base, port
+        try:
+            vm.ioremap(cpu, dev)
+            device_id = vm.probe_regs(cpu, dev)
+        except vm.VirtioError as e:
+            printk(cpu, str(e))
+            continue
+        if device_id == 0:
+            continue  # a placeholder: ignore it silently
+        if device_id != VIRTIO_ID_BALLOON:
+            printk(cpu, f"virtio-mmio at {base:#x}: device id {device_id}: no driver")
+            continue
+        kernel(cpu).vballoon = state
+        try:
+            _probe(cpu, cmdline)
+        except vm.VirtioError as e:
+            printk(cpu, f"virtio_balloon: probe failed: {e}")
+            kernel(cpu).vballoon = 0
+
+
+def _probe(cpu: Any, cmdline: str) -> None:
+    from guestos import pm
+    from guestos.boot import parse_word
+    dev, vb = _dev(cpu), _vb(cpu)
+    policy = parse_word(cmdline, "virtio_balloon.policy", "deflate")
+    if policy not in POLICIES:
+        printk(cpu, f"virtio_balloon: policy {policy!r} unknown (one of "
+               f"{', '.join(POLICIES)}); using deflate")
+        policy = "deflate"
+    vb.policy = POLICIES.index(policy)
+    vb.leak_bug = 1 if "balloonbug=leak" in cmdline.split() else 0
+    vb.pfns, vb.stats = alloc_pages(cpu), alloc_pages(cpu)
+    vm.negotiate(cpu, dev, KNOWN_FEATURES)
+    _init_vqs(cpu)
+    vm.device_ready(cpu, dev)
+    vm.enable_irq(cpu, dev)
+    dev.config_enabled = 1
+    pm.device_register(cpu, pm.DRV_VIRTIO_BALLOON)
+    printk(cpu, f"virtio_balloon: device at {dev.base:#x}, event channel {dev.port}, "
+           f"features {dev.features:#x}, policy {policy}"
+           + (" (option balloonbug=leak: the 2012 discard bug)" if vb.leak_bug else ""))
+    if towards_target(cpu):
+        virtballoon_changed(cpu)
+
+
+def _init_vqs(cpu: Any) -> None:
+    """The queues, numbered by offered position, and the first stats buffer
+    made available and kicked, before DRIVER_OK, as Linux's init_vqs does
+    (the device holds the kick until DRIVER_OK)."""
+    dev = _dev(cpu)
+    vm.setup_vq(cpu, dev, _vq(cpu, VIRTIO_BALLOON_VQ_INFLATE), VIRTIO_BALLOON_VQ_INFLATE)
+    vm.setup_vq(cpu, dev, _vq(cpu, VIRTIO_BALLOON_VQ_DEFLATE), VIRTIO_BALLOON_VQ_DEFLATE)
+    if vm.has_feature(dev, VIRTIO_BALLOON_F_STATS_VQ):
+        vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
+        vm.setup_vq(cpu, dev, vq, VIRTIO_BALLOON_VQ_STATS)
+        _add_stats_buffer(cpu)
+
+
+def _del_vqs(cpu: Any) -> None:
+    dev = _dev(cpu)
+    for i in (VIRTIO_BALLOON_VQ_INFLATE, VIRTIO_BALLOON_VQ_DEFLATE, VIRTIO_BALLOON_VQ_STATS):
+        vm.del_vq(cpu, dev, _vq(cpu, i))
+
+
+# --- the target -----------------------------------------------------------------------------
+
+def towards_target(cpu: Any) -> int:
+    """Pages to add to the balloon (negative: to take out)."""
+    target = vm.config_read(cpu, _dev(cpu), VIRTIO_BALLOON_CFG_NUM_PAGES)
+    return target - _vb(cpu).num_pages
+
+
+def update_balloon_size(cpu: Any) -> None:
+    vm.config_write(cpu, _dev(cpu), VIRTIO_BALLOON_CFG_ACTUAL, _vb(cpu).num_pages)
+
+
+def virtballoon_changed(cpu: Any) -> None:
+    """The config changed (or probe found a target): queue the work, unless
+    config changes are held back (frozen)."""
+    dev = _dev(cpu)
+    if not dev.config_enabled:
+        dev.config_pending = 1
+        return
+    _vb(cpu).work_queued = 1
+
+
+def _accounts_ram(cpu: Any) -> bool:
+    """Without DEFLATE_ON_OOM, ballooned pages leave the RAM count
+    (adjust_managed_page_count)."""
+    return not vm.has_feature(_dev(cpu), VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+
+
+def _adjust_ram(cpu: Any, delta: int) -> None:
+    if _accounts_ram(cpu):
+        k = kernel(cpu)
+        k.totalram_pages = k.totalram_pages + delta
+
+
+# --- requests ------------------------------------------------------------------------------
+
+def _put_frames(cpu: Any, mfns: list[int]) -> None:
+    cpu.write(va(_vb(cpu).pfns), struct.pack(f"<{len(mfns)}I", *mfns))
+
+
+def tell_host(cpu: Any, index: int, n: int) -> bool:
+    """Send the request page's first n frame numbers on queue ``index`` and
+    see it used."""
+    dev, vq = _dev(cpu), _vq(cpu, index)
+    head = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, _vb(cpu).pfns), 4 * n,
+                               writable=False)
+    if head < 0:
+        return False
+    vm.notify(cpu, dev, vq)
+    while (got := virtio_ring.get_buf(cpu, vq)) is not None:
+        if got[0] == head:
+            return True
+    vb = _vb(cpu)
+    vb.not_acked = vb.not_acked + 1
+    printk(cpu, f"virtio_balloon: the device did not use request {head} on queue {index}")
+    return False
+
+
+def fill_balloon(cpu: Any, num: int) -> int:
+    """Give up to ``num`` (at most 256) pages to the host; returns how many."""
+    vb = _vb(cpu)
+    num = min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX, max(0, nr_free_pages(cpu) - RESERVE_PAGES))
+    if num <= 0:
+        vb.out_of_puff = vb.out_of_puff + 1
+        vb.retry_at = now(cpu) + OUT_OF_PUFF_NS
+        printk(cpu, f"virtio_balloon: Out of puff! Can't get pages ({nr_free_pages(cpu)} "
+               f"free, {RESERVE_PAGES} kept); trying again in 200 ms")
+        return 0
+    k = kernel(cpu)
+    pfns = [alloc_pages(cpu, zero=False) for _ in range(num)]
+    mfns = [pfn_to_mfn(cpu, pfn) for pfn in pfns]
+    for pfn in pfns:
+        set_page_flags(cpu, pfn, set_=PG_BALLOON)
+        cpu.write_u64(k.mfn_list + 8 * pfn, INVALID_P2M)
+        cpu.hypercall(Hypercall.update_va_mapping, va(pfn), 0, 0)
+    _put_frames(cpu, mfns)
+    vb.num_pages = vb.num_pages + num
+    _adjust_ram(cpu, -num)
+    vb.fills = vb.fills + 1
+    if not tell_host(cpu, VIRTIO_BALLOON_VQ_INFLATE, num):
+        _give_back(cpu, pfns, mfns)  # the host took none of them: they are still ours
+        return 0
+    return num
+
+
+def _give_back(cpu: Any, pfns: list[int], mfns: list[int]) -> None:
+    """Pages out of the balloon onto frames we hold: map, unmark, free."""
+    k, vb = kernel(cpu), _vb(cpu)
+    for pfn, mfn in zip(pfns, mfns, strict=True):
+        cpu.write_u64(k.mfn_list + 8 * pfn, mfn)
+        cpu.hypercall(Hypercall.update_va_mapping, va(pfn), (mfn << 12) | PTE_RW, 0)
+        set_page_flags(cpu, pfn, clear=PG_BALLOON)
+        free_page(cpu, pfn)
+    vb.num_pages = vb.num_pages - len(pfns)
+    _adjust_ram(cpu, len(pfns))
+
+
+def _ballooned(cpu: Any, num: int) -> list[int]:
+    """The first ``num`` pfns of the balloon list (PG_BALLOON in mem_map)."""
+    k = kernel(cpu)
+    flags = cpu.read(k.mem_map, k.nr_pages).translate(_BALLOON_BYTES)
+    out: list[int] = []
+    pos = flags.find(1)
+    while pos >= 0 and len(out) < num:
+        out.append(pos)
+        pos = flags.find(1, pos + 1)
+    return out
+
+
+_BALLOON_BYTES = bytes(1 if b & PG_BALLOON else 0 for b in range(256))
+
+
+def _populate(cpu: Any, pfns: list[int]) -> list[int]:
+    """XENMEM_populate_physmap: a fresh zeroed frame for each pfn (as many as
+    the reservation allows); returns their mfns, and sets the p2m."""
+    k = kernel(cpu)
+    ext = va(_vb(cpu).pfns) + EXTENTS_OFFSET
+    cpu.write(ext, struct.pack(f"<{len(pfns)}Q", *pfns))
+    res = xen_memory_reservation(extent_start=ext, nr_extents=len(pfns), extent_order=0,
+                                 domid=DOMID_SELF)
+    done = cpu.hypercall(Hypercall.memory_op, XENMEM_populate_physmap,
+                         with_args(cpu, bytes(res)))
+    done = max(0, done)
+    mfns = list(struct.unpack(f"<{done}Q", cpu.read(ext, 8 * done))) if done else []
+    for pfn, mfn in zip(pfns, mfns, strict=False):
+        cpu.write_u64(k.mfn_list + 8 * pfn, mfn)
+    return mfns
+
+
+def leak_balloon(cpu: Any, num: int) -> int:
+    """Take up to ``num`` (at most 256) pages back; returns how many."""
+    vb = _vb(cpu)
+    pfns = _ballooned(cpu, min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX, vb.num_pages))
+    if not pfns:
+        return 0
+    mfns = _populate(cpu, pfns)
+    if len(mfns) < len(pfns):
+        printk(cpu, f"virtio_balloon: only {len(mfns)} of {len(pfns)} pages could be given "
+               "frames again; trying again in 200 ms")
+        vb.retry_at = now(cpu) + OUT_OF_PUFF_NS
+        pfns = pfns[:len(mfns)]
+        if not pfns:
+            return 0
+    _put_frames(cpu, mfns)
+    # MUST_TELL_HOST: the host hears of the pages before they are used
+    tell_host(cpu, VIRTIO_BALLOON_VQ_DEFLATE, len(mfns))
+    _give_back(cpu, pfns, mfns)
+    vb.leaks = vb.leaks + 1
+    return len(pfns)
+
+
+# --- the work --------------------------------------------------------------------------------
+
+def run_work(cpu: Any) -> None:
+    """From cpu0's timer tick, while freezable workers run."""
+    if not _state(cpu) or not _dev(cpu).irq_enabled:
+        return
+    vb = _vb(cpu)
+    if vb.stats_pending:
+        vb.stats_pending = 0
+        stats_handle_request(cpu)
+    if not vb.work_queued or now(cpu) < vb.retry_at:
+        return
+    for _ in range(BATCHES_PER_RUN):
+        diff = towards_target(cpu)
+        if diff > 0:
+            moved = fill_balloon(cpu, diff)
+        elif diff < 0:
+            moved = leak_balloon(cpu, -diff)
+        else:
+            break
+        update_balloon_size(cpu)
+        if not moved:
+            break
+    if towards_target(cpu) == 0:
+        vb.work_queued = 0
+        printk(cpu, f"virtio_balloon: balloon at its target: {vb.num_pages} pages "
+               f"({kernel(cpu).totalram_pages} pages of RAM, {nr_free_pages(cpu)} free)")
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def _add_stats_buffer(cpu: Any) -> None:
+    k = kernel(cpu)
+    free = nr_free_pages(cpu) * 4096
+    values = {VIRTIO_BALLOON_S_MEMFREE: free, VIRTIO_BALLOON_S_AVAIL: free,
+              VIRTIO_BALLOON_S_MEMTOT: k.totalram_pages * 4096}
+    data = b"".join(VIRTIO_BALLOON_STAT.pack(tag, values.get(tag, 0)) for tag in STATS_TAGS)
+    vb = _vb(cpu)
+    cpu.write(va(vb.stats), data)
+    vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
+    if virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, vb.stats), len(data),
+                           writable=False) >= 0:
+        vm.notify(cpu, _dev(cpu), vq)
+
+
+def stats_handle_request(cpu: Any) -> None:
+    """The host used the stats buffer: take it back, refill it, give it again."""
+    vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
+    if virtio_ring.get_buf(cpu, vq) is None:
+        return
+    vb = _vb(cpu)
+    vb.stats_requests = vb.stats_requests + 1
+    _add_stats_buffer(cpu)
+
+
+# --- the interrupt ---------------------------------------------------------------------------
+
+def balloon_interrupt(cpu: Any, port: int) -> None:
+    """vm_interrupt for the balloon's port. After a freeze the device is
+    reset and its queues gone: an event that was already pending, or that
+    raced the reset, finds irq_enabled 0 and is only counted."""
+    dev = _dev(cpu)
+    if port != dev.port:
+        return
+    if not dev.irq_enabled or not dev.regs:
+        dev.spurious = dev.spurious + 1
+        return
+    dev.interrupts = dev.interrupts + 1
+    status = vm.ack_interrupt(cpu, dev)
+    if status & VIRTIO_MMIO_INT_CONFIG:
+        virtballoon_changed(cpu)
+    if status & VIRTIO_MMIO_INT_VRING:
+        vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
+        if vq.present:
+            _vb(cpu).stats_pending = 1  # the work refills it (stats_request)
+    if not kernel(cpu).wq_frozen:
+        run_work(cpu)  # queue_work: the work runs now, and then on each tick until done
+
+
+# --- PM ----------------------------------------------------------------------------------------
+
+def freeze(cpu: Any, instance: int) -> int:
+    """virtio_device_freeze + virtballoon_freeze."""
+    k, dev, vb = kernel(cpu), _dev(cpu), _vb(cpu)
+    if not k.wq_frozen:
+        printk(cpu, "virtio_balloon: freeze with the worker still running")
+    dev.config_enabled = 0
+    if vb.policy == POLICY_DEFLATE:
+        while vb.num_pages:  # remove_common: leak everything, telling the host
+            if not leak_balloon(cpu, vb.num_pages):
+                printk(cpu, f"virtio_balloon: freeze: {vb.num_pages} pages could not be "
+                       "taken back")
+                break
+        update_balloon_size(cpu)
+    vm.reset(cpu, dev)
+    vm.disable_irq(cpu, dev)
+    _del_vqs(cpu)
+    printk(cpu, f"virtio_balloon: frozen: device reset, queues deleted, {vb.num_pages} "
+           f"pages in the balloon (policy {POLICIES[vb.policy]})")
+    return 0
+
+
+def _restore_common(cpu: Any) -> int:
+    """virtio_device_restore + the driver's restore: set the device up again."""
+    dev = _dev(cpu)
+    if not dev.regs:
+        printk(cpu, "virtio_balloon: the device's registers are not mapped; it stays off")
+        return -19  # ENODEV
+    try:
+        vm.negotiate(cpu, dev, KNOWN_FEATURES)
+        _init_vqs(cpu)
+    except vm.VirtioError as e:
+        printk(cpu, f"virtio_balloon: cannot set the device up again: {e}")
+        return -5  # EIO
+    vm.device_ready(cpu, dev)
+    vm.enable_irq(cpu, dev)
+    dev.config_enabled = 1
+    dev.config_pending = 0
+    if towards_target(cpu):
+        virtballoon_changed(cpu)
+    update_balloon_size(cpu)
+    return 0
+
+
+def thaw(cpu: Any, instance: int) -> int:
+    rc = _restore_common(cpu)
+    if rc == 0:
+        printk(cpu, f"virtio_balloon: thawed: {_vb(cpu).num_pages} pages in the balloon")
+    return rc
+
+
+def restore(cpu: Any, instance: int) -> int:
+    vb = _vb(cpu)
+    if vb.policy == POLICY_DISCARD and vb.num_pages:
+        _discard(cpu)
+    rc = _restore_common(cpu)
+    if rc == 0:
+        printk(cpu, f"virtio_balloon: restored: {vb.num_pages} pages in the balloon, "
+               f"target {vb.num_pages + towards_target(cpu)}")
+    return rc
+
+
+def _discard(cpu: Any) -> None:
+    """The host has forgotten the balloon: forget its pages, give them back to
+    the RAM count, num_pages = 0. Done right, each page gets a frame again and
+    goes back to the allocator; with balloonbug=leak only the counters move."""
+    vb = _vb(cpu)
+    n = vb.num_pages
+    while vb.num_pages:
+        pfns = _ballooned(cpu, min(vb.num_pages, VIRTIO_BALLOON_ARRAY_PFNS_MAX))
+        if not pfns:
+            break
+        if vb.leak_bug:
+            for pfn in pfns:
+                set_page_flags(cpu, pfn, clear=PG_BALLOON)
+            vb.num_pages = vb.num_pages - len(pfns)
+            _adjust_ram(cpu, len(pfns))
+            continue
+        mfns = _populate(cpu, pfns)
+        if not mfns:
+            printk(cpu, f"virtio_balloon: discard: no frames for {vb.num_pages} pages")
+            break
+        _give_back(cpu, pfns[:len(mfns)], mfns)
+    vb.discarded = n - vb.num_pages
+    printk(cpu, f"virtio_balloon: restore: discarded the balloon's {vb.discarded} pages "
+           + ("(counted back as RAM, never freed: LEAKED)" if vb.leak_bug else
+              "(fresh frames, back to the allocator)"))
+
+
+# --- suspend: the register mapping ---------------------------------------------------------
+
+def pre_suspend(cpu: Any) -> None:
+    if _state(cpu):
+        vm.iounmap(cpu, _dev(cpu))
+
+
+def post_suspend(cpu: Any) -> None:
+    if _state(cpu):
+        try:
+            vm.ioremap(cpu, _dev(cpu))
+        except vm.VirtioError as e:
+            printk(cpu, str(e))

@@ -1,0 +1,112 @@
+"""Split virtqueues, the driver's side (Linux's drivers/virtio/virtio_ring.c,
+cut to what the balloon needs: one descriptor per buffer, no event index).
+
+Each area gets a page of its own: the descriptor table (16 bytes an entry,
+so at most 256 entries in a page), the available ring and the used ring. A
+PV guest's pfns are not machine-contiguous, and virtio 1.x lets the three
+areas lie anywhere; the device is given their machine addresses. The queue's
+own bookkeeping (free descriptors, the shadow of avail->idx, how far the
+used ring has been read) is a VQ struct in the driver's state page.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from guestos.layout import Layout, Ref
+from guestos.mm import PAGE_SIZE, alloc_pages, free_page, pfn_to_mfn, va
+from hypervisor.public.io.virtio import (
+    VRING_DESC,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_IDX_OFF,
+    VRING_RING_OFF,
+    VRING_USED_ELEM,
+)
+
+VQ = Layout("virtqueue", [
+    ("present", "u64"),    # 1 while the queue exists (find_vqs .. del_vqs)
+    ("index", "u64"),
+    ("num", "u64"),
+    ("desc", "u64"),       # pfns of the three areas
+    ("avail", "u64"),
+    ("used", "u64"),
+    ("free_head", "u64"),  # descriptors not in use, chained through next
+    ("num_free", "u64"),
+    ("avail_idx", "u64"),  # the driver's avail->idx (free-running u16)
+    ("last_used", "u64"),  # the used entries read so far (free-running u16)
+])
+MAX_QUEUE_SIZE = PAGE_SIZE // VRING_DESC.size  # the descriptor table in one page
+_U16 = struct.Struct("<H")
+
+
+def vring_new(cpu: Any, vq: Ref, index: int, num: int) -> None:
+    """Zeroed areas for a queue of ``num`` entries, every descriptor free."""
+    vq.index, vq.num = index, num
+    vq.desc, vq.avail, vq.used = alloc_pages(cpu), alloc_pages(cpu), alloc_pages(cpu)
+    table = bytearray(PAGE_SIZE)
+    for i in range(num):
+        VRING_DESC.pack_into(table, VRING_DESC.size * i, 0, 0, 0, (i + 1) % num)
+    cpu.write(va(vq.desc), bytes(table))
+    vq.free_head, vq.num_free = 0, num
+    vq.avail_idx = vq.last_used = 0
+    vq.present = 1
+
+
+def vring_del(cpu: Any, vq: Ref) -> None:
+    """Free the areas: only once the device can no longer touch them (reset)."""
+    if not vq.present:
+        return
+    vq.present = 0
+    for pfn in (vq.desc, vq.avail, vq.used):
+        free_page(cpu, pfn)
+
+
+def bus_addr(cpu: Any, pfn: int, offset: int = 0) -> int:
+    """A page's address for the device: its machine address (PV DMA)."""
+    return (pfn_to_mfn(cpu, pfn) << 12) + offset
+
+
+def area_addrs(cpu: Any, vq: Ref) -> tuple[int, int, int]:
+    return bus_addr(cpu, vq.desc), bus_addr(cpu, vq.avail), bus_addr(cpu, vq.used)
+
+
+def add_buf(cpu: Any, vq: Ref, addr: int, length: int, writable: bool) -> int:
+    """Make one buffer available (virtqueue_add_outbuf/inbuf); returns its
+    descriptor, or -1 if the queue is full. The caller kicks."""
+    if not vq.present or vq.num_free == 0:
+        return -1
+    head = vq.free_head
+    slot = va(vq.desc) + VRING_DESC.size * head
+    nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))[3]
+    cpu.write(slot, VRING_DESC.pack(addr, length, VRING_DESC_F_WRITE if writable else 0, nxt))
+    vq.free_head, vq.num_free = nxt, vq.num_free - 1
+    idx = vq.avail_idx
+    cpu.write(va(vq.avail) + VRING_RING_OFF + 2 * (idx % vq.num), _U16.pack(head))
+    # the entry before the index: the device must not see one without the other
+    vq.avail_idx = (idx + 1) & 0xFFFF
+    cpu.write(va(vq.avail) + VRING_IDX_OFF, _U16.pack(vq.avail_idx))
+    return head
+
+
+def get_buf(cpu: Any, vq: Ref) -> tuple[int, int] | None:
+    """The next used buffer (descriptor, length written), its descriptor
+    freed; None if the device has used nothing new."""
+    if not vq.present:
+        return None
+    used_idx = _U16.unpack(cpu.read(va(vq.used) + VRING_IDX_OFF, 2))[0]
+    last = vq.last_used
+    if used_idx == last:
+        return None
+    elem = va(vq.used) + VRING_RING_OFF + VRING_USED_ELEM.size * (last % vq.num)
+    head, length = VRING_USED_ELEM.unpack(cpu.read(elem, VRING_USED_ELEM.size))
+    if head >= vq.num:
+        raise ValueError(f"virtqueue {vq.index}: the device used descriptor {head}, "
+                         f"beyond the queue's {vq.num}")
+    slot = va(vq.desc) + VRING_DESC.size * head
+    addr, length_, flags, _ = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))
+    cpu.write(slot, VRING_DESC.pack(0, 0, flags & ~VRING_DESC_F_NEXT, vq.free_head))
+    vq.free_head, vq.num_free = head, vq.num_free + 1
+    vq.last_used = (last + 1) & 0xFFFF
+    return head, length

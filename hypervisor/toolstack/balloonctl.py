@@ -1,0 +1,81 @@
+"""The host's balloon controls: what ``mem-set`` and ``balloon-stats`` do.
+
+``mem-set MIB`` follows xl mem-set and QEMU's ``balloon``: the number is the
+memory the guest should be left with, not the size of the balloon; the
+balloon's target (num_pages) is the difference from the guest's memory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypervisor.devices.balloon import Balloon, BalloonError
+from hypervisor.mm.memory import PAGE_SIZE
+from hypervisor.toolstack.timeparse import format_duration
+
+if TYPE_CHECKING:
+    from hypervisor.domain import Domain
+
+PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
+
+
+def balloon_of(dom: Domain) -> Balloon:
+    for dev in dom.devices:
+        if isinstance(dev.device, Balloon):
+            return dev.device
+    raise BalloonError(f"domain {dom.name} has no balloon device (add a [balloon] table "
+                       "to its configuration)")
+
+
+def memory_mib(dom: Domain) -> int:
+    return dom.p2m_size // PAGES_PER_MIB
+
+
+def mem_set(dom: Domain, target_mib: int) -> str:
+    bal = balloon_of(dom)
+    total = memory_mib(dom)
+    if not 1 <= target_mib <= total:
+        raise BalloonError(f"mem-set {target_mib}: the target is the guest's memory in MiB, "
+                           f"1 to its {total} MiB")
+    bal.set_target((total - target_mib) * PAGES_PER_MIB)
+    return (f"mem-set {target_mib}: balloon target {bal.num_pages} pages "
+            f"({total - target_mib} MiB of the guest's {total} MiB)")
+
+
+def stats_text(dom: Domain) -> str:
+    bal = balloon_of(dom)
+    info = bal.info()
+    left = (dom.p2m_size - info["actual"]) / PAGES_PER_MIB
+    lines = [f"balloon of {dom.name}: target {info['num_pages']} pages, actual "
+             f"{info['actual']} pages; the guest has {left:g} of its {memory_mib(dom)} MiB"
+             + (f"; inhibited ({info['inhibits']})" if info["inhibits"] else "")]
+    if info["stats_updated_ns"] is None:
+        lines.append("  no statistics from the guest yet")
+    else:
+        lines.append(f"  statistics of {format_duration(info['stats_updated_ns'])}:")
+        lines += [f"    {name:<18} {value}" for name, value in info["stats"].items()]
+    counters = info["counters"]
+    if counters:
+        lines.append("  device: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
+    return "\n".join(lines)
+
+
+def apply(dom: Domain, command: str, value: str) -> str:
+    """A balloon request of a run; a refusal is said, not raised."""
+    try:
+        if command == "mem-set":
+            return mem_set(dom, int(value))
+        if command == "balloon-stats":
+            return stats_text(dom)
+        if command == "balloon-inhibit":
+            bal = balloon_of(dom)
+            bal.inhibit()
+            return f"balloon inhibited ({bal.inhibits})"
+        if command == "balloon-uninhibit":
+            bal = balloon_of(dom)
+            freed = bal.uninhibit()
+            return (f"balloon inhibit released ({bal.inhibits} left); "
+                    f"{freed} frames set aside meanwhile freed")
+    except BalloonError as e:
+        return f"{command} refused: {e}"
+    raise ValueError(f"unknown balloon command {command!r}")

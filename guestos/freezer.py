@@ -54,6 +54,9 @@ def thaw_processes(cpu: Any) -> None:
            f"(workers: {k.wq_runs} runs)")
     from guestos.task import wake_due
     wake_due(cpu)
+    if k.vballoon:  # work queued while the workers were frozen runs now
+        from guestos.drivers.virtio_balloon import run_work
+        run_work(cpu)
     for n in range(k.cpus_up):
         if n != cpu.vcpu_id:
             send_ipi(cpu, n)  # each cpu wakes what came due, and looks for its tasks

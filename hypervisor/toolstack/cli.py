@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from hypervisor.toolstack.trace import Tracer
         Tracer(dom, args.trace, sys.stdout).attach()
     requests = [*cfg.requests, *args.request]
-    result = run_domain(hv, dom, args.until, _stream, requests, _note)
+    result = run_domain(hv, dom, args.until, _stream, requests, _note,
+                        checkpoint_dir=args.checkpoint_dir)
     return _exit_for(result, dom, args.until)
 
 
@@ -127,7 +128,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     _note(f"restored {args.image} as domain {dom.domid} ({dom.name}): {stats.pages} pages on "
           f"new frames, {stats.tables} pagetables localised, {stats.pinned} pinned again, "
           f"in {stats.total_s:.2f} s; its suspend hypercall returns 0")
-    result = run_domain(hv, dom, args.until, _stream, [], _note)
+    result = run_domain(hv, dom, args.until, _stream, args.request, _note,
+                        checkpoint_dir=args.checkpoint_dir)
     return _exit_for(result, dom, args.until)
 
 
@@ -207,6 +209,22 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_GUEST_FAILED
 
 
+def _request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--request", metavar="'TIME WHAT'", type=_request, action="append",
+                   default=[],
+                   help="at TIME of virtual time the toolstack asks WHAT of the guest: "
+                        "poweroff, halt, reboot, suspend (it writes control/shutdown; a "
+                        "guest that suspends is resumed cancelled), checkpoint (a suspend "
+                        "whose image is written, see --checkpoint-dir), mem-set MIB (the "
+                        "guest's memory target, as xl mem-set), balloon-stats, "
+                        "balloon-inhibit, balloon-uninhibit, or PATH=VALUE (a xenstore "
+                        "write in the guest's home); repeatable (e.g. --request '15ms "
+                        "suspend' --request '2ms mem-set 16')")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="keep the images of checkpoint requests here (default: they are "
+                        "written to a temporary directory and removed)")
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
 
@@ -241,13 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", metavar="N", type=int, default=0,
                      help="print the first N instructions each VCPU executes, "
                           "disassembled, with symbols")
-    run.add_argument("--request", metavar="'TIME WHAT'", type=_request, action="append",
-                     default=[],
-                     help="at TIME of virtual time the toolstack asks the guest WHAT: "
-                          "poweroff, halt, reboot, suspend (it writes control/shutdown), "
-                          "or PATH=VALUE (a xenstore write in the guest's home); a guest "
-                          "that suspends is resumed cancelled; repeatable "
-                          "(e.g. --request '15ms suspend')")
+    _request_args(run)
     run.set_defaults(func=cmd_run)
 
     frames = sub.add_parser("frames", help="show a domain's frame table at a point in time",
@@ -291,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--seed", metavar="N", type=int,
                          help="seed of the new machine's frame shuffle (default: the saved "
                               "seed plus one, so that the frames differ)")
+    _request_args(restore)
     restore.set_defaults(func=cmd_restore)
 
     ckpt = sub.add_parser("checkpoint", help="run a domain, saving a checkpoint at intervals",

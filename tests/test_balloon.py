@@ -1,0 +1,332 @@
+"""The balloon from the guest's side (issue: virtio-mmio balloon): the example
+runs hashchain to the reference digest while ballooned down and back with a
+checkpoint between; the frame-accounting invariants hold after every balloon
+operation; each restore policy works across a save and a restore in a fresh
+process, and the 2012 discard code's leak is shown; events racing the
+freeze are harmless under many seeds; an inhibit sets inflated frames aside
+and frees each once when it lifts; a device still live is not saved."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hypervisor.devices.balloon import Balloon
+from hypervisor.mm.audit import audit
+from hypervisor.public.memory import XENMEM_populate_physmap
+from hypervisor.public.xen import Hypercall
+from hypervisor.toolstack.config import BalloonConfig, load_config
+from hypervisor.toolstack.control import parse_request
+from hypervisor.toolstack.save import SaveError
+from hypervisor.toolstack.session import boot, run_domain, save_domain
+from tests.conftest import ROOT, make_config
+
+EXAMPLE = ROOT / "examples" / "balloon.toml"
+REFERENCE_DIGEST = "hashchain digest ef1035920e1827ec"  # examples/smp.toml's hashchain
+PAGES_PER_MIB = 256
+
+
+def balloon_config(cmdline: str, memory: int = 32, vcpus: int = 2, seed: int = 1,
+                   stats: int = 5_000_000):
+    cfg = make_config(cmdline, vcpus=vcpus, memory=memory, seed=seed)
+    return dataclasses.replace(cfg, balloon=BalloonConfig(stats))
+
+
+def requests(*texts: str):
+    return [parse_request(t) for t in texts]
+
+
+def free_pages_line(console: str) -> tuple[int, int]:
+    m = re.search(r"powering off \((\d+) pages free, (\d+) before the first task\)", console)
+    assert m, console[-2000:]
+    return int(m.group(1)), int(m.group(2))
+
+
+def device(dom):
+    t = dom.devices[0]
+    assert isinstance(t.device, Balloon)
+    return t, t.device
+
+
+# --- the example ------------------------------------------------------------------------
+
+def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_digest():
+    cfg = load_config(EXAMPLE)
+    hv, dom = boot(cfg)
+    t, bal = device(dom)
+    r = run_domain(hv, dom, None, requests=cfg.requests)
+    out = r.console.decode()
+    assert r.reason == "poweroff", out[-3000:]
+    assert REFERENCE_DIGEST in out
+    notes = "\n".join(r.notes)
+    assert "mem-set 16: balloon target 4096 pages" in notes
+    assert "checkpoint 1:" in notes and "image written" in notes
+    assert "actual 4096 pages; the guest has 16 of its 32 MiB" in notes  # the 9 ms stats
+    assert "virtio_balloon: thawed" in out
+    assert bal.counters["freed"] >= 4096 and bal.actual == 0 and bal.num_pages == 0
+    free, before = free_pages_line(out)
+    assert free == before  # every page came back
+    assert dom.tot_pages == 32 * PAGES_PER_MIB
+    assert audit(hv) == []
+
+
+def test_pvlab_run_of_the_example_exits_0_with_the_reference_digest():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "hypervisor", "run", str(EXAMPLE)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert REFERENCE_DIGEST in p.stdout
+    assert "[toolstack] checkpoint 1:" in p.stdout
+
+
+# --- the invariants after every balloon operation ------------------------------------------
+
+def test_frame_accounting_holds_after_every_balloon_operation():
+    """After each request the device serves and after each populate_physmap
+    the driver makes, the invariants of DESIGN.md section 7 hold (the p2m
+    check too: the driver updates its p2m before it tells the host)."""
+    cfg = balloon_config("run=hashchain", memory=16)
+    hv, dom = boot(cfg)
+    t, bal = device(dom)
+    problems: list[str] = []
+    checks = [0]
+    serve = bal.handle_queue
+
+    def checked_serve(q):
+        serve(q)
+        checks[0] += 1
+        problems.extend(audit(hv))
+
+    def after(vcpu, nr, args, rc):
+        if nr == Hypercall.memory_op and args[0] == XENMEM_populate_physmap:
+            checks[0] += 1
+            problems.extend(audit(hv))
+
+    bal.handle_queue = checked_serve
+    hv.after_hypercall = after
+    r = run_domain(hv, dom, None, requests=requests("1ms mem-set 8", "4ms mem-set 12",
+                                                    "7ms mem-set 16"))
+    assert r.reason == "poweroff", r.console.decode()[-2000:]
+    assert checks[0] >= 24 and problems == []  # 8 inflates, 8 deflates, 8 populates
+    assert bal.counters["freed"] == 8 * PAGES_PER_MIB
+    assert bal.counters["deflated"] == 8 * PAGES_PER_MIB
+    assert audit(hv) == []
+
+
+# --- the policies across a save and a restore in a fresh process -----------------------------
+
+RESTORE_SCRIPT = """
+import sys
+from hypervisor.mm.audit import audit
+from hypervisor.toolstack.control import parse_request
+from hypervisor.toolstack.restore import restore_image
+from hypervisor.toolstack.session import run_domain
+hv, dom, _ = restore_image(sys.argv[1])
+bal = dom.devices[0].device
+print("RESTORED", dom.tot_pages, bal.num_pages, bal.actual)
+t = max(v.clock for v in dom.vcpus) // 1_000_000 + 3
+r = run_domain(hv, dom, None, requests=[parse_request(f"{t}ms mem-set 32")])
+print(r.console.decode())
+print("END", r.reason, dom.tot_pages, bal.num_pages, bal.actual, audit(hv))
+"""
+
+
+def save_ballooned(tmp_path: Path, policy: str, extra: str = "", seed: int = 1) -> Path:
+    cfg = balloon_config(f"run=hashchain virtio_balloon.policy={policy} {extra}".strip(),
+                         seed=seed)
+    hv, dom = boot(cfg)
+    r = run_domain(hv, dom, 3_000_000, requests=requests("1ms mem-set 16"))
+    assert r.reason == "running"
+    assert dom.tot_pages == 16 * PAGES_PER_MIB  # ballooned down by half
+    path = tmp_path / f"{policy}.img"
+    result, _ = save_domain(hv, dom, str(path), 4_000_000)
+    assert f"policy {policy}" in result.console.decode()
+    return path
+
+
+def restore_elsewhere(path: Path) -> tuple[list[str], str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    restored = next(line for line in lines if line.startswith("RESTORED")).split()
+    end = next(line for line in lines if line.startswith("END")).split(None, 5)
+    return restored + end, p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["discard", "deflate", "keep"])
+def test_a_guest_ballooned_to_half_saved_restored_and_ballooned_back_finishes(tmp_path,
+                                                                              policy):
+    path = save_ballooned(tmp_path, policy)
+    fields, out = restore_elsewhere(path)
+    _, tot, num_pages, actual, _, reason, end_tot, end_target, end_actual, problems = fields
+    assert reason == "poweroff", out[-3000:]
+    assert REFERENCE_DIGEST in out
+    # the image carries the host's target: each policy comes back to it
+    assert int(num_pages) == 16 * PAGES_PER_MIB
+    if policy == "deflate":
+        assert int(tot) == 32 * PAGES_PER_MIB and int(actual) == 0  # deflated at freeze
+    else:
+        assert int(tot) == 16 * PAGES_PER_MIB and int(actual) == 16 * PAGES_PER_MIB
+    if policy == "discard":
+        assert "discarded the balloon's 4096 pages (fresh frames" in out
+    if policy == "keep":
+        assert "restored: 4096 pages in the balloon" in out
+    # ballooned back up: everything is the guest's again, nothing leaked
+    assert (int(end_tot), int(end_target), int(end_actual)) == (32 * PAGES_PER_MIB, 0, 0)
+    free, before = free_pages_line(out)
+    assert free == before
+    assert problems == "[]"
+
+
+@pytest.mark.slow
+def test_the_2012_discard_code_leaks_what_the_fixed_discard_gives_back(tmp_path):
+    """The lab of docs/labs/balloon-s4.md: balloonbug=leak counts the pages
+    back as RAM but never gives them frames nor frees them."""
+    path = save_ballooned(tmp_path, "discard", "balloonbug=leak")
+    fields, out = restore_elsewhere(path)
+    assert fields[5] == "poweroff" and REFERENCE_DIGEST in out
+    assert "never freed: LEAKED" in out
+    free, before = free_pages_line(out)
+    assert before - free == 16 * PAGES_PER_MIB  # half the guest, gone
+    assert int(fields[6]) == 16 * PAGES_PER_MIB  # the domain never got those frames back
+
+
+# --- events racing the freeze ------------------------------------------------------------------
+
+def _race_run(seed: int, step: int, policy: str) -> tuple[str, list[str], Balloon, object]:
+    """A checkpoint at 4 ms; at the device's ``step``-th register access from
+    then on the host changes the target, returns the stats buffer and fires
+    the event channel, all at once."""
+    cfg = balloon_config(f"run=hashchain virtio_balloon.policy={policy}", memory=16,
+                         seed=seed, stats=1_000_000)
+    hv, dom = boot(cfg)
+    t, bal = device(dom)
+    seen = [0]
+    armed = [False]
+    mmio_write, mmio_read = t.mmio_write, t.mmio_read
+
+    def inject():
+        if armed[0]:
+            seen[0] += 1
+            if seen[0] == step:
+                if not bal.inhibits:
+                    bal.num_pages = 2 * PAGES_PER_MIB if bal.num_pages else 4 * PAGES_PER_MIB
+                    t.config_changed()
+                bal._poll()
+                dom.evtchn.set_pending(t.port)
+
+    def write(offset, size, value):
+        mmio_write(offset, size, value)
+        inject()
+
+    def read(offset, size):
+        value = mmio_read(offset, size)
+        inject()
+        return value
+
+    t.mmio_write, t.mmio_read = write, read
+
+    def arm(vcpu, nr, args, rc):
+        if dom.xenstore is not None and "suspend: freeze_processes" in dom.console_out.decode():
+            armed[0] = True
+
+    hv.after_hypercall = arm
+    r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "4ms checkpoint",
+                                                    "9ms mem-set 16"))
+    return r.console.decode(), audit(hv), bal, (r, seen[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["discard", "deflate"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy):
+    out, problems, bal, (r, steps) = _race_run(seed, 10 ** 9, policy)
+    assert r.reason == "poweroff" and steps > 5
+    for step in range(1, steps + 1):
+        out, problems, bal, (r, _) = _race_run(seed, step, policy)
+        assert r.reason == "poweroff", f"step {step}: {r.domain.crash_report}\n{out[-2000:]}"
+        assert "hashchain digest" in out and problems == [], (step, problems)
+        assert bal.transport.counters["ring_errors"] == 0, step
+        free, before = free_pages_line(out)
+        assert free == before, step  # the last target (16 MiB) reached, nothing lost
+
+
+def test_notifies_and_events_after_the_reset_are_discarded_and_counted():
+    cfg = balloon_config("run=hashchain", memory=16)
+    hv, dom = boot(cfg)
+    t, bal = device(dom)
+    r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "4ms checkpoint"))
+    assert r.reason == "poweroff"
+    assert t.counters["resets"] >= 2  # probe and freeze
+    before = t.counters["notifies_discarded"]
+    t.mmio_write(0x070, 4, 0)   # a reset, then a stray notify on every queue
+    for q in range(3):
+        t.mmio_write(0x050, 4, q)
+    assert t.counters["notifies_discarded"] == before + 3
+
+
+# --- the inhibit ---------------------------------------------------------------------------------
+
+def test_an_inflate_while_inhibited_is_acknowledged_set_aside_and_freed_once_after():
+    cfg = balloon_config("run=hashchain", memory=16)
+    hv, dom = boot(cfg)
+    t, bal = device(dom)
+    seen: dict[str, int] = {}
+
+    def peek(vcpu, nr, args, rc):
+        if bal.inhibits and bal.set_aside and "during" not in seen:
+            seen["during"] = dom.tot_pages
+    hv.after_hypercall = peek
+    r = run_domain(hv, dom, None, requests=requests(
+        "1ms mem-set 12", "1ms balloon-inhibit", "2ms mem-set 8", "3ms balloon-inhibit",
+        "4ms balloon-uninhibit", "5ms balloon-stats", "6ms balloon-uninhibit",
+        "7ms balloon-uninhibit"))
+    notes = "\n".join(r.notes)
+    assert r.reason == "poweroff"
+    # the guest's inflate went through while inhibited: acknowledged, no frame freed
+    assert seen["during"] == 16 * PAGES_PER_MIB
+    assert bal.counters["inhibited"] == 4 * PAGES_PER_MIB
+    assert "mem-set refused: ballooning is inhibited" in notes
+    assert "inhibited (1)" in notes                      # the 5 ms stats: one inhibit left
+    assert "4096 frames" not in notes
+    assert f"{4 * PAGES_PER_MIB} frames set aside meanwhile freed" in notes
+    assert "balloon-uninhibit refused: the balloon is not inhibited" in notes
+    assert bal.counters["freed"] == 4 * PAGES_PER_MIB and bal.counters["refused"] == 0
+    assert dom.tot_pages == 12 * PAGES_PER_MIB  # the target of before the inhibit
+    assert audit(hv) == []
+
+
+# --- saving -----------------------------------------------------------------------------------------
+
+def test_a_device_the_guest_left_live_is_not_saved_and_the_guest_runs_on(tmp_path,
+                                                                         monkeypatch):
+    from guestos.drivers import virtio_balloon
+    monkeypatch.setattr(virtio_balloon, "freeze", lambda cpu, instance: 0)
+    cfg = balloon_config("run=hashchain", memory=16)
+    hv, dom = boot(cfg)
+    with pytest.raises(SaveError, match="live .*did not reset it"):
+        save_domain(hv, dom, str(tmp_path / "x.img"), 2_000_000)
+    assert not (tmp_path / "x.img").exists()
+    r = run_domain(hv, dom, None)
+    assert r.reason == "poweroff" and "hashchain digest" in r.console.decode()
+
+
+def test_device_memory_is_mappable_only_with_the_domains_permission():
+    cfg = balloon_config("run=hello", memory=16)
+    hv, dom = boot(cfg)
+    t, _ = device(dom)
+    types = hv.machine.types
+    pte = t.base | 0x67
+    assert types.get_entry(1, pte, dom.domid, 0) == 0
+    assert types.get_entry(2, pte, dom.domid, 0) < 0     # an L2 may not point there
+    assert types.get_entry(1, pte + 0x1000, dom.domid, 0) < 0   # not given
+    assert types.get_entry(1, pte, dom.domid + 1, 0) < 0         # another domain

@@ -233,7 +233,9 @@ def virtballoon_changed(cpu: Any) -> None:
     if not dev.config_enabled:
         dev.config_pending = 1
         return
-    _vb(cpu).work_queued = 1
+    vb = _vb(cpu)
+    vb.work_queued = 1
+    vb.retry_at = 0  # a new target is worth trying at once, out of puff or not
 
 
 def _accounts_ram(cpu: Any) -> bool:

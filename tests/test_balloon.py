@@ -334,3 +334,18 @@ def test_device_memory_is_mappable_only_with_the_domains_permission():
     assert types.get_entry(2, pte, dom.domid, 0) < 0     # an L2 may not point there
     assert types.get_entry(1, pte + 0x1000, dom.domid, 0) < 0   # not given
     assert types.get_entry(1, pte, dom.domid + 1, 0) < 0         # another domain
+
+
+def test_each_vcpu_engine_sends_device_memory_to_the_bus():
+    """The x86 path: Unicorn's mmio_map in every engine, before and after the
+    VCPUs are rebuilt from their records (as a restore does)."""
+    hv, dom = boot(balloon_config("run=hello", memory=16))
+    t, _ = device(dom)
+    for _ in range(2):
+        for v in dom.vcpus:
+            assert v.uc.mem_read(t.base, 4) == b"virt"
+            assert int.from_bytes(v.uc.mem_read(t.base + 8, 4), "little") == 5
+        dom.vcpus[1].uc.mem_write(t.base + 0x70, (1).to_bytes(4, "little"))
+        assert t.status == 1
+        t.mmio_write(0x70, 4, 0)
+        dom.rebuild_vcpus()

@@ -186,14 +186,12 @@ def probe_regs(cpu: Any, dev: Ref) -> int:
     return dev.device_id
 
 
-def negotiate(cpu: Any, dev: Ref, known: int, failed: bool = False) -> int:
+def negotiate(cpu: Any, dev: Ref, known: int) -> int:
     """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK read back (Linux's
     virtio_dev_probe / virtio_device_restore_priv). Returns the features, or
     raises VirtioError with the device left FAILED."""
     reset(cpu, dev)
     add_status(cpu, dev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
-    if failed:
-        add_status(cpu, dev, VIRTIO_CONFIG_S_FAILED)
     add_status(cpu, dev, VIRTIO_CONFIG_S_DRIVER)
     offered = 0
     for sel in (1, 0):

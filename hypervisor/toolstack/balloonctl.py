@@ -47,7 +47,7 @@ def stats_text(dom: Domain) -> str:
     info = bal.info()
     left = (dom.p2m_size - info["actual"]) / PAGES_PER_MIB
     lines = [f"balloon of {dom.name}: target {info['num_pages']} pages, actual "
-             f"{info['actual']} pages; the guest has {left:g} of its {memory_mib(dom)} MiB"
+             f"{info['actual']} pages; the guest has {left:.1f} of its {memory_mib(dom)} MiB"
              + (f"; inhibited ({info['inhibits']})" if info["inhibits"] else "")]
     if info["stats_updated_ns"] is None:
         lines.append("  no statistics from the guest yet")

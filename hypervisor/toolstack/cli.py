@@ -47,7 +47,22 @@ def _request(text: str) -> Request:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _checkpoint_dir(args: argparse.Namespace) -> None:
+    """--checkpoint-dir, made if need be."""
+    from pathlib import Path
+    if args.checkpoint_dir is None:
+        return
+    out = Path(args.checkpoint_dir)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out} is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot make {out}: {e.strerror or e}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _checkpoint_dir(args)
     cfg = load_config(args.config)
     hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic")
     if args.trace:
@@ -111,7 +126,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     hv, dom = boot(cfg, seed=args.seed)
     try:
         _, stats = save_domain(hv, dom, args.image, args.at, sink=_stream, note=_note,
-                               progress=ProgressBar("saving"))
+                               progress=ProgressBar("saving"), requests=cfg.requests)
     except SaveError as e:
         print(f"pvlab: save failed: {e}", file=sys.stderr)
         return EXIT_GUEST_FAILED
@@ -123,6 +138,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from hypervisor.toolstack.restore import restore_image
+    _checkpoint_dir(args)
     hv, dom, stats = restore_image(args.image, seed=args.seed,
                                    progress=ProgressBar("restoring"))
     _note(f"restored {args.image} as domain {dom.domid} ({dom.name}): {stats.pages} pages on "

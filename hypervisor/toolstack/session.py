@@ -169,11 +169,13 @@ def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | 
                 sink: Callable[[Domain, bytes], None] | None = None,
                 note: Callable[[str], None] | None = None,
                 progress: Callable[[int, int], None] | None = None,
+                requests: Sequence[Request] = (),
                 ) -> tuple[RunResult, SaveStats]:
-    """``xl save``: run the domain to virtual time ``at_ns``, ask it to suspend
-    (control/shutdown), wait for it, write the image to ``path`` and destroy
-    the domain. If the guest does not suspend, or the image cannot be written,
-    SaveError says why; the guest is left running (the suspend hypercall
+    """``xl save``: run the domain to virtual time ``at_ns`` (making those of
+    ``requests`` that are no shutdown command and come before it: a mem-set,
+    say), ask it to suspend (control/shutdown), wait for it, write the image
+    to ``path`` and destroy the domain. If the guest does not suspend, or the
+    image cannot be written, SaveError says why; the guest is left running (the suspend hypercall
     returned 1) and nothing is at ``path``."""
     saved: list[SaveStats] = []
     failed: list[SaveError] = []
@@ -186,8 +188,9 @@ def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | 
             resume_cancelled(hv, d)
         return False
 
+    before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
     result = run_domain(hv, dom, at_ns + SUSPEND_TIMEOUT_NS, sink,
-                        [Request(at_ns, command="suspend")], note, on_suspend)
+                        [*before, Request(at_ns, command="suspend")], note, on_suspend)
     if failed:
         raise SaveError(f"{failed[0]}; nothing was written, the guest runs on (its suspend "
                         "hypercall returned 1)")

@@ -67,7 +67,7 @@ def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_di
     notes = "\n".join(r.notes)
     assert "mem-set 16: balloon target 4096 pages" in notes
     assert "checkpoint 1:" in notes and "image written" in notes
-    assert "actual 4096 pages; the guest has 16 of its 32 MiB" in notes  # the 9 ms stats
+    assert "actual 4096 pages; the guest has 16.0 of its 32 MiB" in notes  # the 9 ms stats
     assert "virtio_balloon: thawed" in out
     assert bal.counters["freed"] >= 4096 and bal.actual == 0 and bal.num_pages == 0
     free, before = free_pages_line(out)

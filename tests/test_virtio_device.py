@@ -14,6 +14,8 @@ the last tests throw random rings and register writes at the device.
 from __future__ import annotations
 
 import struct
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,13 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unicorn import UcError
 
-from hypervisor.devices.balloon import QUEUE_SIZE, BalloonError
+from hypervisor.devices.balloon import QUEUE_SIZE, REQUEST_MAX_BYTES, BalloonError
 from hypervisor.devices.mmio import MMIO_BASE, MMIO_NONE
 from hypervisor.devices.virtio_mmio import PVLAB_VENDOR_ID
 from hypervisor.mm.audit import audit
-from hypervisor.mm.frames import DOMID_XEN, FREE, PageType
+from hypervisor.mm.frames import FREE, INVALID_M2P, PageType
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.public.io.virtio import (
+    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_STATS_VQ,
@@ -236,7 +239,7 @@ class Driver:
         self.write(VIRTIO_MMIO_QUEUE_NOTIFY, index)
 
     def used(self, ring: Ring) -> tuple[int, list[tuple[int, int]]]:
-        """avail->idx of the used ring and its elements so far (up to num)."""
+        """used->idx and the used elements so far (up to num of them)."""
         idx = _U16.unpack(self.mem.read(ring.used + VRING_IDX_OFF, 2))[0]
         elems = [VRING_USED_ELEM.unpack(self.mem.read(
             ring.used + VRING_RING_OFF + VRING_USED_ELEM.size * k, VRING_USED_ELEM.size))
@@ -421,6 +424,21 @@ def test_config_space_reads(env):
     assert drv.read(cfg + 6, 4) == 0                   # runs past them
     assert drv.read(0x200, 4) == 0                     # beyond the register window
     assert drv.t.counters["bad_accesses"] == 5
+
+
+@pytest.mark.parametrize("size", [0, 3, 5, 16])
+def test_odd_access_sizes_are_bad_accesses(env, size):
+    """A Python guest kernel's readl/writel passes its own size through: an
+    odd one is a bad access, counted, never an exception (a size of 0 would
+    divide by zero in the config space's alignment check)."""
+    _, _, drv = env
+    drv.write(VIRTIO_MMIO_STATUS, ACK)
+    drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER)
+    for offset in (VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG + 3, VIRTIO_MMIO_STATUS):
+        assert drv.read(offset, size) == 0
+        drv.write(offset, 0, size)
+    assert drv.t.counters["bad_accesses"] == 6
+    assert drv.status == ACK | DRIVER and drv.t.device.actual == 0
 
 
 def test_config_space_writes(env):
@@ -785,12 +803,14 @@ def test_inflate_frees_unused_frames(env):
     flushes = count_flushes(hv, dom)
     victims = [drv.frame() for _ in range(3)]
     assert all(ft.ref_count[m] == 1 for m in victims)
+    for k, m in enumerate(victims):  # as if they were guest pages once (pfns past its p2m)
+        hv.machine.set_m2p(m, 0x10000 + k)
     guard = Guard(hv, dom)
     free0, tot0 = ft.nr_free, dom.tot_pages
     head = drv.request(INFLATE, victims)
     assert [int(ft.owner[m]) for m in victims] == [FREE] * 3
     assert ft.nr_free == free0 + 3 and dom.tot_pages == tot0 - 3
-    assert all(hv.machine.m2p[m] == np.uint64(0xFFFFFFFFFFFFFFFF) for m in victims)
+    assert all(hv.machine.m2p[m] == INVALID_M2P for m in victims)
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert drv.isr & VIRTIO_MMIO_INT_VRING
     assert pending_event(dom, t.port)
@@ -898,6 +918,58 @@ def test_malformed_inflate_buffer_is_acked_not_acted_on(env, shape):
     guard.check()
 
 
+def test_inflate_request_size_is_bounded(env):
+    """A request carries at most VIRTIO_BALLOON_ARRAY_PFNS_MAX page numbers,
+    in one buffer or several: more is acknowledged, not acted on, so no
+    notify can keep the host busy walking a huge buffer."""
+    hv, dom, drv = env
+    ft = hv.machine.frames
+    bal = drv.t.device
+    drv.start()
+    assert REQUEST_MAX_BYTES == 4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX == 1024
+    frames = [drv.frame() for _ in range(VIRTIO_BALLOON_ARRAY_PFNS_MAX + 1)]
+    ring = drv.rings[INFLATE]
+    # 257 in one buffer, then 128 + 129 in two: neither is acted on
+    big = drv.buffer(b"".join(_U32.pack(m) for m in frames))
+    h1 = drv.add(ring, [(big, 4 * len(frames), False)])
+    h2 = drv.add(ring, [(big, 4 * 128, False), (big + 4 * 128, 4 * 129, False)])
+    drv.notify(INFLATE)
+    assert all(ft.owner[m] == dom.domid for m in frames)
+    assert bal.counters["malformed"] == 2 and bal.counters["freed"] == 0
+    assert drv.used(ring) == (2, [(h1, 0), (h2, 0)])
+    # 256 is fine; a device-writable buffer does not count against the limit
+    h3 = drv.add(ring, [(big, 4 * 256, False), (drv.buffer(b""), 4096, True)])
+    drv.notify(INFLATE)
+    assert all(ft.owner[m] == FREE for m in frames[:256]) and ft.owner[frames[256]] == dom.domid
+    assert bal.counters["freed"] == 256 and bal.counters["malformed"] == 3
+    assert drv.used(ring)[1][2] == (h3, 0)
+    assert drv.status == ALL_OK
+    assert audit(hv, p2m=False) == []
+
+
+def test_huge_buffers_are_cheap(env):
+    """A chain of many descriptors, each over megabytes of the domain's own
+    memory, costs the host next to nothing (neither read nor walked)."""
+    hv, dom, drv = env
+    ft = hv.machine.frames
+    own = np.flatnonzero((ft.owner == dom.domid) & ~ft.xenheap)
+    # a run of 64 machine-contiguous frames of the domain (allocation is by 2 MiB chunk)
+    first = next(int(m) for m in own if (ft.owner[m:m + 64] == dom.domid).all()
+                 and not ft.xenheap[m:m + 64].any())
+    drv.start(num=256)
+    guard = Guard(hv, dom)
+    start = time.perf_counter()
+    for q in (INFLATE, DEFLATE, STATS):
+        drv.add(drv.rings[q], [(first << PAGE_SHIFT, 64 * PAGE_SIZE, False)] * 256)
+        drv.notify(q)
+    assert time.perf_counter() - start < 1.0
+    bal = drv.t.device
+    assert bal.counters["malformed"] == 3 and bal.counters["refused"] == 0
+    assert bal.stats == {} and bal.stats_held == 0
+    assert drv.status == ALL_OK
+    guard.check()
+
+
 def test_deflate_counts_the_domains_frames(env):
     hv, dom, drv = env
     ft = hv.machine.frames
@@ -956,12 +1028,16 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     bal = drv.t.device
     drv.start()
     victims = [drv.frame() for _ in range(4)]
+    for k, m in enumerate(victims):
+        hv.machine.set_m2p(m, 0x10000 + k)
     guard = Guard(hv, dom)
     free0 = ft.nr_free
     bal.inhibit()
     head = drv.request(INFLATE, victims[:2])
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert all(ft.owner[m] == dom.domid for m in victims)
+    # set aside: still owned, but no longer a pfn of the guest
+    assert [hv.machine.m2p[m] == INVALID_M2P for m in victims] == [True, True, False, False]
     assert ft.nr_free == free0
     assert bal.counters["inhibited"] == 2 and bal.counters["freed"] == 0
     assert audit(hv, p2m=False) == []
@@ -1012,7 +1088,7 @@ def test_set_aside_frame_taken_back_is_not_freed(env):
     kept, gone = drv.frame(), drv.frame()
     bal.inhibit()
     drv.request(INFLATE, [kept, gone])
-    assert hv.machine.m2p[kept] == np.uint64(0xFFFFFFFFFFFFFFFF)
+    assert hv.machine.m2p[kept] == INVALID_M2P
     hv.machine.set_m2p(kept, 5)
     assert bal.uninhibit() == 1
     assert ft.owner[kept] == dom.domid and ft.owner[gone] == FREE
@@ -1340,25 +1416,6 @@ def test_pagetable_may_hold_a_readable_ring_but_not_the_used_ring(env):
 # what a fuzzed address or frame number points at; resolved against the booted machine
 TARGETS = ("data", "desc", "avail", "used", "spare", "mapped", "l4", "l1", "m2p", "zero",
            "free", "xenheap", "beyond", "mmio")
-
-
-def u(bits: int):
-    return st.integers(0, (1 << bits) - 1)
-
-
-small_index = st.one_of(st.integers(0, 9), u(16))
-descriptor = st.tuples(
-    st.one_of(st.tuples(st.sampled_from(TARGETS), st.integers(0, PAGE_SIZE - 1)), u(64)),
-    st.one_of(st.sampled_from([0, 1, 4, 8, 10, 12, 20, 4096, 4097]), u(32)),
-    st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]), u(16)),
-    small_index)
-desc_table = st.one_of(st.lists(descriptor, max_size=10), st.binary(max_size=16 * 10))
-avail_ring = st.one_of(
-    st.tuples(st.integers(0, 1), st.one_of(st.integers(0, 12), u(16)),
-              st.lists(small_index, max_size=10)),
-    st.binary(max_size=32))
-payload = st.one_of(st.lists(st.one_of(st.sampled_from(TARGETS), u(32)), max_size=12),
-                    st.binary(max_size=64))
 REGISTERS = (VIRTIO_MMIO_STATUS, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_NUM,
              VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_INTERRUPT_ACK,
              VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DRIVER_FEATURES,
@@ -1366,20 +1423,58 @@ REGISTERS = (VIRTIO_MMIO_STATUS, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_NUM,
              VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
              VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW,
              VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG + 4)
-reg_value = st.one_of(st.integers(0, 16), st.sampled_from([0x40, 0x7F, 0x80, 0xFF, 256, 4096]),
+NEXT, WRITE = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+FUZZ_MIB = 8  # a smaller domain boots faster: more examples in the time
+
+
+def u(bits: int):
+    return st.integers(0, (1 << bits) - 1)
+
+
+def often(*strategies):
+    """one_of, the first strategy drawn about half the time."""
+    return st.one_of(strategies[0], *strategies)
+
+
+@st.composite
+def scenario(draw):
+    """A queue size, rings (the same in every queue), a payload page and a
+    sequence of register writes and host actions. Biased towards well-formed
+    rings, so that the device gets past the ring checks to inflate, deflate
+    and the statistics, with every kind of breakage mixed in."""
+    num = draw(st.sampled_from([1, 2, 4, 8]))
+    index = often(st.integers(0, num - 1), st.integers(0, 9), u(16))
+    addr = often(st.tuples(st.just("data"), st.sampled_from([0, 4, 8])),
+                 st.tuples(st.sampled_from(TARGETS), st.integers(0, PAGE_SIZE - 1)), u(64))
+    length = often(st.sampled_from([0, 4, 8, 10, 12, 20, 40]),
+                   st.sampled_from([1, 6, PAGE_SIZE, PAGE_SIZE + 1]), u(32))
+    flags = often(st.sampled_from([0, NEXT]), st.sampled_from([WRITE, WRITE | NEXT]),
+                  st.integers(0, 7), u(16))
+    table = draw(often(st.lists(st.tuples(addr, length, flags, index), max_size=num),
+                       st.binary(max_size=VRING_DESC.size * num)))
+    heads = st.lists(index, min_size=1, max_size=num)
+    # (flags, idx, heads); idx None: as many as there are heads
+    avail = draw(often(st.tuples(st.integers(0, 1), st.none(), heads),
+                       st.tuples(st.integers(0, 1), often(st.integers(0, 2 * num), u(16)),
+                                 heads),
+                       st.binary(max_size=6 + 2 * num)))
+    data = draw(often(st.lists(often(st.sampled_from(TARGETS), u(32)), max_size=12),
+                      st.binary(max_size=64)))
+    value = st.one_of(st.integers(0, 16), st.sampled_from([0x40, 0x7F, 0x80, 0xFF, 256, 4096]),
                       st.tuples(st.sampled_from(TARGETS), st.integers(0, 7)), u(32))
-op = st.one_of(
-    st.tuples(st.just("notify"), st.integers(0, 3)),
-    st.tuples(st.just("reg"), st.sampled_from(REGISTERS), reg_value),
-    st.tuples(st.just("raw"), st.integers(0, PAGE_SIZE - 1), st.sampled_from([1, 2, 4, 8]),
-              u(64)),
-    st.tuples(st.just("read"), st.integers(0, PAGE_SIZE - 1), st.sampled_from([1, 2, 4, 8])),
-    st.tuples(st.just("avail_idx"), st.integers(0, 3), st.one_of(st.integers(0, 12), u(16))),
-    st.tuples(st.just("poll")),
-    st.tuples(st.just("target"), u(32)),
-    st.tuples(st.just("inhibit")),
-    st.tuples(st.just("uninhibit")),
-)
+    sizes = often(st.sampled_from([1, 2, 4, 8]), st.sampled_from([0, 3, 16]))
+    op = st.one_of(
+        st.tuples(st.just("notify"), st.integers(0, 3)),
+        st.tuples(st.just("more"), st.integers(0, 3), often(st.integers(0, num), u(16))),
+        st.tuples(st.just("reg"), st.sampled_from(REGISTERS), value),
+        st.tuples(st.just("raw"), st.integers(0, PAGE_SIZE - 1), sizes, u(64)),
+        st.tuples(st.just("read"), st.integers(0, PAGE_SIZE - 1), sizes),
+        st.tuples(st.sampled_from(["poll", "inhibit", "uninhibit"])),
+        st.tuples(st.just("target"), u(32)),
+    )
+    ops = draw(st.lists(op, max_size=20))
+    driver_ok = draw(st.sampled_from([True, True, False]))
+    return num, driver_ok, table, avail, data, ops
 
 
 def _targets(hv, dom, drv, spare: int, rings: dict[int, Ring]) -> dict[str, int]:
@@ -1395,8 +1490,8 @@ def _targets(hv, dom, drv, spare: int, rings: dict[int, Ring]) -> dict[str, int]
             "mmio": drv.t.base >> PAGE_SHIFT}
 
 
-def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> None:
-    hv, dom = boot_balloon()
+def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
+    hv, dom = boot_balloon(memory=FUZZ_MIB)
     drv = Driver(hv, dom)
     t, bal = drv.t, drv.t.device
     drv.start(num=num, driver_ok=driver_ok)
@@ -1418,6 +1513,8 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> None:
         raw_avail = avail
     else:
         flags, idx, ring = avail
+        if idx is None:
+            idx = min(len(ring), num)
         raw_avail = _U16.pack(flags) + _U16.pack(idx) + b"".join(_U16.pack(h) for h in ring)
     if isinstance(data, bytes):
         raw_data = data
@@ -1443,10 +1540,11 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> None:
         elif kind == "read":
             value = drv.read(o[1], o[2])
             assert 0 <= value < 1 << (8 * o[2])
-        elif kind == "avail_idx":
+        elif kind == "more":  # the driver makes more buffers available
             r = drv.rings.get(o[1])
             if r is not None:
-                drv.set_avail_idx(r, o[2])
+                idx = _U16.unpack(drv.mem.read(r.avail + VRING_IDX_OFF, 2))[0]
+                drv.set_avail_idx(r, (idx + o[2]) & 0xFFFF)
         elif kind == "poll":
             bal._poll()
         elif kind == "target":
@@ -1465,6 +1563,12 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> None:
                     bal.uninhibit()
         assert 0 <= t.status <= 0xFF
         assert t.isr & ~(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG) == 0
+    # then as a driver would go on: DRIVER_OK (refused if the handshake was
+    # broken meanwhile), a kick of every queue, the host's poll
+    drv.write(VIRTIO_MMIO_STATUS, ALL_OK)
+    for i in (INFLATE, DEFLATE, STATS):
+        drv.notify(i)
+    bal._poll()
 
     guard.check()
     if t.status & NEEDS_RESET:
@@ -1474,21 +1578,152 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> None:
         bal.uninhibit()
     guard.check()
     assert bal.set_aside == []
+    seen = Counter(t.counters) + Counter(bal.counters)
+    seen.update(needs_reset=bool(t.status & NEEDS_RESET))
+    seen["stats"] = dict(bal.stats)
     assert_recovers(hv, dom, drv)
+    return seen
 
 
 @settings(max_examples=200, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(num=st.sampled_from([1, 2, 4, 8]), driver_ok=st.booleans(), table=desc_table,
-       avail=avail_ring, data=payload, ops=st.lists(op, max_size=25))
-def test_fuzz_rings_and_registers(num, driver_ok, table, avail, data, ops):
-    run_fuzz(num, driver_ok, table, avail, data, ops)
+@given(scenario())
+def test_fuzz_rings_and_registers(case):
+    run_fuzz(*case)
 
 
-def test_fuzz_finds_work_to_do():
-    """The fuzz strategy reaches the interesting paths: a well-formed example
-    frees frames, an ill-formed one needs a reset (a check on the harness)."""
-    good = [(("data", 0), 8, 0, 0)]
-    run_fuzz(8, True, good, (0, 1, [0]), ["spare", "mapped"], [("notify", 0)])
-    run_fuzz(8, True, [(("l4", 0), 8, VRING_DESC_F_WRITE, 0)], (0, 1, [0]), [],
-             [("notify", 0), ("notify", 2)])
+def test_fuzz_harness_reaches_the_device():
+    """A check on the harness: a well-formed case frees frames and refuses
+    the mapped one; an ill-formed one ends in DEVICE_NEEDS_RESET."""
+    c = run_fuzz(8, True, [(("data", 0), 8, 0, 0)], (0, None, [0]), ["spare", "mapped"],
+                 [("notify", 0)])
+    # inflate frees the spare, refuses the mapped frame; then deflate (the
+    # same ring contents) counts the mapped one, refuses the spare now gone
+    assert (c["freed"], c["refused"], c["deflated"]) == (1, 2, 1) and not c["ring_errors"]
+    c = run_fuzz(8, True, [(("l4", 0), 8, WRITE, 0)], (0, None, [0]), [], [("notify", 0)])
+    assert c["ring_errors"] == 1 and c["needs_reset"]
+    c = run_fuzz(1, True, [(("data", 0), 20, 0, 0)], (0, None, [0]),
+                 b"".join(VIRTIO_BALLOON_STAT.pack(4, 77) for _ in range(2)), [("notify", 2)])
+    assert c["stats"] == {"free-memory": 77}
+
+
+# well-formed rings: the device must take every chain, and free exactly the
+# unused frames an inflate request names (the spares), nothing else
+SPARES = 4
+KEPT = ("mapped", "l4", "l1", "m2p", "zero", "free", "xenheap", "beyond", "mmio")
+
+
+@st.composite
+def well_formed(draw):
+    num = draw(st.sampled_from([1, 2, 4, 8]))
+    entry = st.one_of(st.integers(0, SPARES - 1), st.sampled_from(KEPT), u(32))
+    # a chain: readable buffers of entries, perhaps a device-writable one at the end
+    chain = st.tuples(st.lists(st.lists(entry, max_size=6), min_size=1, max_size=3),
+                      st.booleans())
+    chains = draw(st.lists(chain, min_size=1, max_size=num))
+    budget, kept = num, []
+    for bufs, tail in chains:  # at most num descriptors in the table
+        need = len(bufs) + tail
+        if need > budget:
+            break
+        kept.append((bufs, tail))
+        budget -= need
+    ops = draw(st.lists(st.one_of(
+        st.tuples(st.just("publish"), st.integers(0, 3), st.integers(1, num)),
+        st.tuples(st.just("notify"), st.integers(0, 2)),
+        st.tuples(st.sampled_from(["poll", "inhibit", "uninhibit", "ack"])),
+        st.tuples(st.just("target"), u(32))), max_size=15))
+    return num, kept or [([[]], False)], ops
+
+
+@settings(max_examples=100, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(well_formed())
+def test_fuzz_well_formed_rings(case):
+    num, chains, ops = case
+    hv, dom = boot_balloon(memory=FUZZ_MIB)
+    drv = Driver(hv, dom)
+    t, bal = drv.t, drv.t.device
+    ft = hv.machine.frames
+    drv.start(num=num)
+    spares = [drv.frame() for _ in range(SPARES)]
+    kinds = {"mapped": mapped_frame(hv, dom), "l4": dom.vcpus[0].guest_table,
+             "l1": int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0]),
+             "m2p": 1, "zero": 0, "free": free_frame(hv),
+             "xenheap": int(np.flatnonzero(ft.xenheap)[0]), "beyond": ft.nr_frames,
+             "mmio": t.base >> PAGE_SHIFT}
+
+    data_page = drv.page()
+    # the frames the balloon could free: a random number naming one of them
+    # (a ring page, say) is moved beyond RAM, only the spares are to go
+    unused = set(np.flatnonzero((ft.owner == dom.domid) & (ft.ref_count == 1)).tolist())
+
+    def mfn(e) -> int:
+        if isinstance(e, str):
+            return kinds[e]
+        if e < SPARES:
+            return spares[e]
+        return ft.nr_frames + e if e in unused else e
+
+    # lay the chains out, the same in every queue; the payload in a page of its own
+    payload, layout, named = b"", [], set()
+    for bufs, tail in chains:
+        descs = []
+        for entries in bufs:
+            descs.append((data_page + len(payload), 4 * len(entries), False))
+            payload += b"".join(_U32.pack(mfn(e)) for e in entries)
+            named |= {e for e in entries if isinstance(e, int) and e < SPARES}
+        if tail:
+            descs.append((data_page, 4, True))
+        layout.append(descs)
+    drv.mem.write(data_page, payload)
+    heads = {}
+    for q in (INFLATE, DEFLATE, STATS):
+        ring = drv.rings[q]
+        heads[q] = [drv.add(ring, descs) for descs in layout]
+        drv.set_avail_idx(ring, 0)  # published by the ops, a few at a time
+        ring.avail_idx = 0
+    published = dict.fromkeys((INFLATE, DEFLATE, STATS), 0)
+    owners = {k: int(ft.owner[m]) for k, m in kinds.items() if m < ft.nr_frames}
+    guard = Guard(hv, dom)
+
+    def publish(q: int, n: int) -> None:
+        published[q] = min(len(chains), published[q] + n)
+        drv.set_avail_idx(drv.rings[q], published[q])
+
+    for o in ops:
+        if o[0] == "publish" and o[1] < 3:
+            publish(o[1], o[2])
+        elif o[0] == "notify":
+            drv.notify(o[1])
+        elif o[0] == "poll":
+            bal._poll()
+        elif o[0] == "inhibit":
+            bal.inhibit()
+        elif o[0] == "uninhibit" and bal.inhibits:
+            bal.uninhibit()
+        elif o[0] == "ack":
+            drv.write(VIRTIO_MMIO_INTERRUPT_ACK, drv.isr)
+        elif o[0] == "target" and not bal.inhibits:
+            bal.set_target(o[1])
+        assert t.counters["ring_errors"] == 0, t.last_error
+    for q in (INFLATE, DEFLATE, STATS):
+        publish(q, len(chains))
+        drv.notify(q)
+    while bal.inhibits:
+        bal.uninhibit()
+
+    assert t.counters["ring_errors"] == 0 and drv.status == ALL_OK
+    for q in (INFLATE, DEFLATE):
+        idx, elems = drv.used(drv.rings[q])
+        assert idx == len(chains) and elems == [(h, 0) for h in heads[q]][:num]
+    idx, elems = drv.used(drv.rings[STATS])
+    assert idx + (bal.stats_held is not None) == len(chains)
+    assert [h for h, _ in elems] == heads[STATS][:idx][:num]
+    assert {m for m in spares if ft.owner[m] == FREE} == {spares[e] for e in named}
+    assert all(ft.owner[m] == dom.domid for i, m in enumerate(spares) if i not in named)
+    assert {k: int(ft.owner[kinds[k]]) for k in owners} == owners
+    assert bal.counters["freed"] == len(named)
+    assert bal.counters["malformed"] >= sum(tail for _, tail in chains)
+    guard.check()
+    assert_recovers(hv, dom, drv)

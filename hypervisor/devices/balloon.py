@@ -38,11 +38,13 @@ from hypervisor.devices.virtio_mmio import VirtioDevice
 from hypervisor.devices.virtqueue import RingError, SplitQueue
 from hypervisor.mm.frames import INVALID_M2P
 from hypervisor.public.io.virtio import (
+    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_CFG_ACTUAL,
     VIRTIO_BALLOON_CONFIG_SIZE,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_PFN,
     VIRTIO_BALLOON_S_NAMES,
     VIRTIO_BALLOON_STAT,
     VIRTIO_BALLOON_VQ_INFLATE,
@@ -57,6 +59,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 256  # a descriptor table fills one page
+# the most a request may carry: an inflate or deflate request's page numbers
+# (Linux sends at most VIRTIO_BALLOON_ARRAY_PFNS_MAX; Firecracker refuses a
+# longer descriptor), a statistics buffer (ten-byte entries, a few dozen tags)
+REQUEST_MAX_BYTES = VIRTIO_BALLOON_ARRAY_PFNS_MAX * VIRTIO_BALLOON_PFN.size
+STATS_MAX_BYTES = 4096
 
 
 class BalloonError(Exception):
@@ -128,22 +135,33 @@ class Balloon(VirtioDevice):
         mem = self.transport.mem
         done = 0
         freed = False
-        while (chain := q.pop(mem)) is not None:
-            for buf in chain.buffers:
-                if buf.writable or buf.length % 4:
-                    self.counters["malformed"] += 1  # acknowledged, not acted on
+        try:
+            while (chain := q.pop(mem)) is not None:
+                if sum(b.length for b in chain.readable()) > REQUEST_MAX_BYTES:
+                    # more page numbers than a request carries: acknowledged, not
+                    # acted on (else one notify could keep the host busy for minutes)
+                    self.counters["malformed"] += 1
+                    q.push(mem, chain.head, 0)
+                    done += 1
                     continue
-                data = mem.read(buf.addr, buf.length, f"queue {q.index} buffer")
-                for i in range(0, buf.length, 4):
-                    mfn = int.from_bytes(data[i:i + 4], "little")
-                    if inflate:
-                        freed |= self._inflate(mfn)
-                    else:
-                        self._deflate(mfn)
-            q.push(mem, chain.head, 0)
-            done += 1
-        if freed:
-            self.hv.flush_tlbs(self.domain)  # no stale translation may reach a freed frame
+                for buf in chain.buffers:
+                    if buf.writable or buf.length % 4:
+                        self.counters["malformed"] += 1  # acknowledged, not acted on
+                        continue
+                    data = mem.read(buf.addr, buf.length, f"queue {q.index} buffer")
+                    for i in range(0, buf.length, 4):
+                        mfn = int.from_bytes(data[i:i + 4], "little")
+                        if inflate:
+                            freed |= self._inflate(mfn)
+                        else:
+                            self._deflate(mfn)
+                q.push(mem, chain.head, 0)
+                done += 1
+        finally:
+            # no stale translation may reach a freed frame, also when a ring
+            # error (the driver ballooned a ring page, say) cut the loop short
+            if freed:
+                self.hv.flush_tlbs(self.domain)
         if done:
             self.transport.used_notify(q)
 
@@ -191,8 +209,9 @@ class Balloon(VirtioDevice):
     def set_target(self, pages: int) -> None:
         """The balloon should hold ``pages`` pages (num_pages)."""
         if self.inhibits:
-            raise BalloonError("ballooning is inhibited (post-copy migration is running): "
-                               "the target is unchanged; try again when it has finished")
+            raise BalloonError("ballooning is inhibited (as post-copy migration inhibits it "
+                               "while it runs): the target is unchanged; try again when the "
+                               "inhibit is lifted")
         if not 0 <= pages < 1 << 32:
             raise BalloonError(f"a balloon of {pages} pages is impossible")
         self.num_pages = pages
@@ -232,6 +251,9 @@ class Balloon(VirtioDevice):
                 q.push(mem, self.stats_held, 0)
                 self.transport.used_notify(q)
             self.stats_held = chain.head
+            if sum(b.length for b in chain.readable()) > STATS_MAX_BYTES:
+                self.counters["malformed"] += 1  # held, but not read: too big
+                continue
             data = b"".join(mem.read(b.addr, b.length, "stats buffer")
                             for b in chain.readable())
             if len(data) % VIRTIO_BALLOON_STAT.size:

@@ -175,7 +175,7 @@ class VirtioMmio:
 
     def mmio_read(self, offset: int, size: int) -> int:
         if offset >= VIRTIO_MMIO_CONFIG:
-            if offset >= VIRTIO_MMIO_WINDOW or offset % size:
+            if offset >= VIRTIO_MMIO_WINDOW or size not in (1, 2, 4) or offset % size:
                 self._bad(f"config read of {size} bytes at {offset:#x}")
                 return 0
             return self.device.config_read(offset - VIRTIO_MMIO_CONFIG, size)
@@ -209,7 +209,7 @@ class VirtioMmio:
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         if offset >= VIRTIO_MMIO_CONFIG:
-            if offset >= VIRTIO_MMIO_WINDOW or offset % size:
+            if offset >= VIRTIO_MMIO_WINDOW or size not in (1, 2, 4) or offset % size:
                 self._bad(f"config write of {size} bytes at {offset:#x}")
                 return
             if not self.status & VIRTIO_CONFIG_S_DRIVER:
@@ -278,7 +278,11 @@ class VirtioMmio:
             for q in self.queues:  # the notifies that came too early
                 if q.kick_pending:
                     q.kick_pending = False
-                    self._serve(q)
+                    if self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
+                        # the device broke meanwhile: it serves nothing until reset
+                        self.counters["notifies_discarded"] += 1
+                    else:
+                        self._serve(q)
 
     def _write_driver_features(self, value: int) -> None:
         st = self.status

@@ -59,6 +59,7 @@ from guestos.mm import (
     va,
 )
 from guestos.printk import printk
+from hypervisor.public.errno import EIO, ENODEV
 from hypervisor.public.io.virtio import (
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_CFG_ACTUAL,
@@ -474,13 +475,13 @@ def _restore_common(cpu: Any) -> int:
     dev = _dev(cpu)
     if not dev.regs:
         printk(cpu, "virtio_balloon: the device's registers are not mapped; it stays off")
-        return -19  # ENODEV
+        return -ENODEV
     try:
         vm.negotiate(cpu, dev, KNOWN_FEATURES)
         _init_vqs(cpu)
     except vm.VirtioError as e:
         printk(cpu, f"virtio_balloon: cannot set the device up again: {e}")
-        return -5  # EIO
+        return -EIO
     vm.device_ready(cpu, dev)
     vm.enable_irq(cpu, dev)
     dev.config_enabled = 1

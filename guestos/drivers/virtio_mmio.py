@@ -19,12 +19,11 @@ start of the driver's state page (guest memory, like all kernel state).
 from __future__ import annotations
 
 import re
-import struct
 from typing import Any
 
 from guestos.events import mask_port, take_port
 from guestos.layout import Layout, Ref
-from guestos.mm import PTE_RW, KernelPanic, alloc_pages, pfn_to_mfn, va
+from guestos.mm import PTE_RW, alloc_pages, pfn_to_mfn, va
 from guestos.printk import printk
 from hypervisor.public.io.virtio import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -84,7 +83,7 @@ assert VIRTIO_DEV.size <= VQ_OFFSET and virtio_ring.VQ.size <= VQ_STRIDE
 _DEVICE_RE = re.compile(r"^(\w+)@(\w+):(\d+)(?::(\d+))?$")
 
 
-class VirtioError(KernelPanic):
+class VirtioError(Exception):
     """The device cannot be driven; the message says why (not fatal to the kernel)."""
 
 
@@ -282,6 +281,3 @@ def ack_interrupt(cpu: Any, dev: Ref) -> int:
         writel(cpu, dev, VIRTIO_MMIO_INTERRUPT_ACK, status)
     return status
 
-
-def u32(value: int) -> bytes:
-    return struct.pack("<I", value & 0xFFFFFFFF)

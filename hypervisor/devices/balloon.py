@@ -167,10 +167,15 @@ class Balloon(VirtioDevice):
 
     # --- inflate and deflate -----------------------------------------------------------
 
+    def _ours(self, mfn: int) -> bool:
+        ft = self.hv.machine.frames
+        return 0 < mfn < ft.nr_frames and ft.owner[mfn] == self.domain.domid \
+            and not ft.xenheap[mfn]
+
     def _unused(self, mfn: int) -> str:
         """Why ``mfn`` may not leave the domain, or "" if it may."""
         ft = self.hv.machine.frames
-        if not 0 < mfn < ft.nr_frames or ft.owner[mfn] != self.domain.domid or ft.xenheap[mfn]:
+        if not self._ours(mfn):
             return "not the domain's"
         if ft.ref_count[mfn] != 1 or ft.type_count[mfn] or ft.pinned[mfn] \
                 or not ft.allocated[mfn]:
@@ -198,8 +203,7 @@ class Balloon(VirtioDevice):
         self.counters["freed"] += 1
 
     def _deflate(self, mfn: int) -> None:
-        ft = self.hv.machine.frames
-        if not 0 < mfn < ft.nr_frames or ft.owner[mfn] != self.domain.domid or ft.xenheap[mfn]:
+        if not self._ours(mfn):
             self.counters["refused"] += 1
             return
         self.counters["deflated"] += 1

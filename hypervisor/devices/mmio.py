@@ -58,9 +58,6 @@ class MmioBus:
         for mfn in [m for m, d in self.windows.items() if d is device]:
             del self.windows[mfn]
 
-    def device_at(self, mfn: int) -> MmioDevice | None:
-        return self.windows.get(mfn)
-
     def read(self, dom: Domain, maddr: int, size: int) -> int:
         dev = self.windows.get(maddr >> PAGE_SHIFT)
         if dev is None or dev.domain is not dom:

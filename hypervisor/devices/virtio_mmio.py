@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hypervisor.devices.virtqueue import DomainMemory, RingError, SplitQueue
 from hypervisor.public.io.virtio import (
@@ -118,6 +118,7 @@ class VirtioMmio:
         self.mem = DomainMemory(dom)
         self.queues = [SplitQueue(i, n) for i, n in enumerate(device.queue_sizes())]
         self.counters: Counter[str] = Counter()
+        self.last_error = ""  # the last ring error, for the curious
         self.config_generation = 0
         device.transport = self
         self._reset_registers()
@@ -355,9 +356,3 @@ class VirtioMmio:
             return
         if wanted:
             self.interrupt(VIRTIO_MMIO_INT_VRING)
-
-    # --- state for an image ---------------------------------------------------------
-
-    def state(self) -> dict[str, Any]:
-        return {"status": self.status, "config_generation": self.config_generation,
-                "counters": dict(self.counters)}

@@ -207,7 +207,3 @@ class SplitQueue:
     def wants_interrupt(self, mem: DomainMemory) -> bool:
         flags = mem.read_u16(self.avail + VRING_FLAGS_OFF, f"queue {self.index} avail flags")
         return not flags & VRING_AVAIL_F_NO_INTERRUPT
-
-    def state(self) -> dict[str, int | bool]:
-        return {"num": self.num, "ready": self.ready, "desc": self.desc, "avail": self.avail,
-                "used": self.used, "last_avail": self.last_avail, "used_idx": self.used_idx}

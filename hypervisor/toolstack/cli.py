@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from hypervisor.domain import Domain
 from hypervisor.toolstack.builder import BuildError
@@ -47,18 +48,21 @@ def _request(text: str) -> Request:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _checkpoint_dir(args: argparse.Namespace) -> None:
-    """--checkpoint-dir, made if need be."""
-    from pathlib import Path
-    if args.checkpoint_dir is None:
-        return
-    out = Path(args.checkpoint_dir)
+def _make_dir(path: str) -> Path:
+    """A directory for images, made if need be; a clear error if it cannot be."""
+    out = Path(path)
     if out.exists() and not out.is_dir():
         raise CliError(f"{out} is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"cannot make {out}: {e.strerror or e}") from None
+    return out
+
+
+def _checkpoint_dir(args: argparse.Namespace) -> None:
+    if args.checkpoint_dir is not None:
+        _make_dir(args.checkpoint_dir)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -150,16 +154,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from hypervisor.toolstack.save import SaveError, save_to_file
-    out = Path(args.dir)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"{out} is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CliError(f"cannot make {out}: {e.strerror or e}") from None
+    out = _make_dir(args.dir)
     if args.every <= 0:
         raise CliError("--every must be more than 0")
     cfg = load_config(args.config)

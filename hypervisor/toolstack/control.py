@@ -61,7 +61,7 @@ def parse_request(text: str) -> Request:
                          f"(WHAT: {known}, or PATH=VALUE)")
     at = parse_duration(parts[0])
     what = parts[1].strip()
-    if what in COMMANDS or what in TOOLSTACK_COMMANDS[:1] + TOOLSTACK_COMMANDS[2:]:
+    if what in COMMANDS or (what in TOOLSTACK_COMMANDS and what != "mem-set"):
         return Request(at, command=what)
     verb, _, arg = what.partition(" ")
     if verb == "mem-set":

@@ -75,15 +75,22 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     dom.console_sink = sink
     notes: list[str] = []
     checkpoints_wanted = 0
-    with tempfile.TemporaryDirectory(prefix="pvlab-checkpoints-") as tmp:
-        where = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tmp)
+    scratch: list[tempfile.TemporaryDirectory[str]] = []  # made at the first checkpoint
 
-        def say(msg: str) -> None:
-            notes.append(msg)
-            log.info("%s", msg)
-            if note is not None:
-                note(msg)
+    def where() -> Path:
+        if checkpoint_dir is not None:
+            return Path(checkpoint_dir)
+        if not scratch:
+            scratch.append(tempfile.TemporaryDirectory(prefix="pvlab-checkpoints-"))
+        return Path(scratch[0].name)
 
+    def say(msg: str) -> None:
+        notes.append(msg)
+        log.info("%s", msg)
+        if note is not None:
+            note(msg)
+
+    try:
         pending = sorted(requests, key=lambda r: r.at_ns)
         ack_deadline: int | None = None
         while True:
@@ -97,7 +104,7 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
             if dom.shutdown_reason == SHUTDOWN_suspend:
                 if checkpoints_wanted and on_suspend is None:
                     checkpoints_wanted -= 1
-                    _take_checkpoint(hv, dom, where, say)
+                    _take_checkpoint(hv, dom, where(), say)
                 elif on_suspend is not None:
                     if not on_suspend(dom):
                         break
@@ -137,6 +144,9 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
             reason = "hung"
         t = max((v.clock for v in dom.vcpus), default=0)
         return RunResult(dom, bytes(dom.console_out), reason, t, notes)
+    finally:
+        for d in scratch:
+            d.cleanup()
 
 
 def _reached(dom: Domain, t: int) -> bool:

@@ -34,6 +34,9 @@ from typing import Protocol
 
 NATIVE_ENTRY_STRIDE = 16
 
+# where a pvlab guest image is linked: its header is the first byte there
+VIRT_BASE = 0xFFFFFFFF80000000
+
 PVLAB_IMAGE_MAGIC = 0x474D4942414C5650  # "PVLABIMG" little-endian
 
 

@@ -7,6 +7,10 @@ import enum
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
+# ~0: a p2m or M2P entry that names no frame (Xen's INVALID_MFN, Linux's
+# INVALID_P2M_ENTRY and Xen's INVALID_M2P_ENTRY are this one value)
+INVALID_MFN = (1 << 64) - 1
+
 
 class Hypercall(enum.IntEnum):
     set_trap_table = 0

@@ -5,12 +5,11 @@ into a guest. One object per machine; everything runs on one host thread
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from unicorn.unicorn_const import UC_CTL_TLB_FLUSH
-from unicorn.unicorn_py3.unicorn import uclib
-
+from hypervisor import traps
+from hypervisor.cpu.context import get_context, set_context
 from hypervisor.cpu.vcpu import Vcpu
 from hypervisor.devices.mmio import MmioBus
 from hypervisor.domain import Domain
@@ -27,21 +26,17 @@ from hypervisor.hypercalls.sched import do_sched_op, do_set_timer_op
 from hypervisor.hypercalls.vcpu import do_vcpu_op
 from hypervisor.hypercalls.version import do_xen_version
 from hypervisor.machine import Machine
-from hypervisor.mm.frames import DOMID_XEN
 from hypervisor.mm.mmu import Mmu
 from hypervisor.mm.reservation import Reservation
-from hypervisor.mm.walker import Walker
+from hypervisor.native import NativeKernel
 from hypervisor.public.errno import ENOSYS
-from hypervisor.public.sched import SHUTDOWN_suspend
-from hypervisor.public.xen import VIRQ_TIMER, Hypercall
+from hypervisor.public.xen import DOMID_XEN, Hypercall
 from hypervisor.scheduler import Scheduler
-from hypervisor.traps import Traps
 
 log = logging.getLogger(__name__)
 
-# uc_ctl(UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)): the binding has no wrapper for it
-_UC_CTL_IO_WRITE = 1
-_TLB_FLUSH = (_UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
+# what Xen keeps per vcpu beside its context record: scheduling state
+_SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock")
 
 Handler = Callable[..., "int | None"]
 
@@ -51,18 +46,20 @@ def _name(nr: int) -> str:
 
 
 class Hypervisor:
-    """A machine running domains."""
+    """A machine running domains. It builds the layers below it and hands each
+    what it needs (the machine, the domain list, the scheduler, itself as the
+    VCPUs' exits); none of them names it."""
 
     def __init__(self, memory_mib: int = 256, seed: int = 0, clock: str = "deterministic",
                  slice_insns: int = 50_000, slice_us: int = 5_000) -> None:
         self.seed = seed
         self.machine = Machine(memory_mib, seed)
-        self.walker = Walker(self.machine.memory)
-        self.traps = Traps(self)
-        self.mmu = Mmu(self)
-        self.reservation = Reservation(self)
+        self.walker = self.machine.walker
+        self.mmu = Mmu(self.machine)
+        self.reservation = Reservation(self.machine)
         self.domains: dict[int, Domain] = {}
-        self.scheduler = Scheduler(self, clock, slice_insns, slice_us)
+        self.scheduler = Scheduler(self.domains, self.return_to_guest, clock,
+                                   slice_insns, slice_us)
         self.machine.types.on_type_change = self._type_changed
         self.machine.types.iomem_permitted = self._iomem_permitted
         self.bus = MmioBus()
@@ -77,7 +74,7 @@ class Hypervisor:
             Hypercall.set_timer_op: do_set_timer_op,
             Hypercall.xen_version: do_xen_version,
             Hypercall.console_io: do_console_io,
-            Hypercall.iret: self._do_iret,
+            Hypercall.iret: traps.do_iret,
             Hypercall.vcpu_op: do_vcpu_op,
             Hypercall.mmuext_op: self.mmu.mmuext_op,
             Hypercall.sched_op: do_sched_op,
@@ -95,7 +92,9 @@ class Hypervisor:
 
     def create_domain(self, name: str, max_pages: int, nr_vcpus: int) -> Domain:
         domid = 1 + max(self.domains, default=0)
-        dom = Domain(self, domid, name, max_pages, nr_vcpus)
+        dom = Domain(domid, name, max_pages, nr_vcpus, machine=self.machine,
+                     domains=self.domains, scheduler=self.scheduler, exits=self)
+        dom.hypervisor = self
         self.domains[domid] = dom
         return dom
 
@@ -135,9 +134,36 @@ class Hypervisor:
         self.domains.pop(dom.domid, None)
         self.walker.flush()
 
+    def rebuild_vcpus(self, dom: Domain) -> None:
+        """Throw away every VCPU object of ``dom`` (engine, hooks, Python state)
+        and the binding of its guest kernel, and make them anew from the VCPUs'
+        context records and the scheduling state alone. The guest must go on
+        as if nothing happened: that checks the rule that a guest kernel keeps
+        all its state in guest memory, and it is the path a restore in a new
+        process takes."""
+        records = [(bytes(get_context(v)) if v.guest_table else None,
+                    {k: getattr(v, k) for k in _SCHED_STATE}) for v in dom.vcpus]
+        for v in dom.vcpus:
+            v.close()
+        self.scheduler.current = None
+        dom.vcpus = [Vcpu(dom, i, self.machine) for i in range(len(records))]
+        for v in dom.vcpus:
+            for dev in dom.devices:
+                v.map_mmio(dev.base)
+        if dom.native is not None:
+            old = dom.native
+            dom.native = NativeKernel(dom, dom.kernel_module, old.text, old.size)
+            for v in dom.vcpus:
+                dom.native.bind(v)
+        for v, (ctx, state) in zip(dom.vcpus, records, strict=True):
+            if ctx is not None:
+                set_context(v, ctx, take_refs=False)
+            for k, value in state.items():
+                setattr(v, k, value)
+
     # --- hypercalls --------------------------------------------------------------------
 
-    def hypercall(self, vcpu: Vcpu, nr: int, args: list[int] | tuple[int, ...]) -> int | None:
+    def hypercall(self, vcpu: Vcpu, nr: int, args: Sequence[int]) -> int | None:
         """The one dispatcher, for x86 ``syscall`` and the Python kernel alike."""
         self.hypercall_count += 1
         handler = self.table.get(nr)
@@ -157,53 +183,27 @@ class Hypervisor:
                       _name(nr), tuple(hex(a) for a in args), rc)
         return rc
 
-    def _do_iret(self, vcpu: Vcpu, *_: int) -> int:
-        return self.traps.do_iret(vcpu)
+    # --- the VCPUs' exits (cpu.vcpu.GuestExits) -----------------------------------
 
     def return_to_guest(self, vcpu: Vcpu) -> None:
         """Xen's exit path to a guest: deliver a pending event upcall."""
-        self.traps.deliver_event(vcpu)
+        traps.deliver_event(vcpu)
 
-    # --- guest memory ------------------------------------------------------------------
+    bounce_syscall = staticmethod(traps.bounce_syscall)
+    inject = staticmethod(traps.inject)
 
-    def copy_from_guest(self, vcpu: Vcpu, va: int, size: int) -> bytes:
-        return self.walker.read(vcpu.current_table, va, size)
-
-    def copy_to_guest(self, vcpu: Vcpu, va: int, data: bytes) -> None:
-        self.walker.write(vcpu.current_table, va, data)
+    # --- kept for toolstack/ and devices/ until they go through hypervisor.domctl -
 
     def flush_tlbs(self, dom: Domain) -> None:
-        """A TLB shootdown: every VCPU of the domain and the software walker."""
-        for v in dom.vcpus:
-            uclib.uc_ctl(v.uc._uch, _TLB_FLUSH)
-        self.walker.flush()
+        dom.flush_tlbs()
+
+    def resume_domain(self, dom: Domain) -> None:
+        dom.resume()
 
     def _type_changed(self, domid: int) -> None:
         dom = self.domains.get(domid)
         if dom is not None and domid != DOMID_XEN:
             self.flush_tlbs(dom)
-
-    # --- time and wake-ups -------------------------------------------------------------
-
-    def kick(self, vcpu: Vcpu) -> None:
-        """An event is pending for ``vcpu``: wake it if it is blocked."""
-        if vcpu.blocked:
-            vcpu.blocked = False
-            vcpu.clock = max(vcpu.clock, self.scheduler.now())
-
-    def fire_timer(self, vcpu: Vcpu) -> None:
-        vcpu.timer_deadline = 0
-        vcpu.domain.evtchn.send_virq(vcpu.vcpu_id, VIRQ_TIMER)
-
-    def suspend_domain(self, dom: Domain, vcpu: Vcpu) -> None:
-        dom.shutdown(SHUTDOWN_suspend)
-
-    def resume_domain(self, dom: Domain) -> None:
-        """XEN_DOMCTL_resumedomain: a domain that shut down for a suspend runs
-        on (its VCPUs where they stopped; the toolstack has set the result)."""
-        if dom.shutdown_reason != SHUTDOWN_suspend:
-            raise ValueError(f"domain {dom.domid} is not suspended")
-        dom.shutdown_reason = None
 
     # --- running -----------------------------------------------------------------------
 

@@ -1,37 +1,63 @@
 """A domain: its VCPUs, its memory accounting, its event channels, its console,
-and how it ends (Xen's struct domain, cut to what pvlab models)."""
+and how it ends (Xen's struct domain, cut to what pvlab models).
+
+A domain is given what it needs of the hypervisor that runs it: the machine, the
+list of every domain (for domain_by_id), the scheduler's clock and wake-up, and
+the exits its VCPUs take. It never names the core. It and its VCPUs know each
+other, as Xen's struct domain and struct vcpu do: the one import cycle allowed.
+"""
 
 from __future__ import annotations
 
-import ctypes
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from hypervisor.cpu.vcpu import Vcpu
+from unicorn.unicorn_const import UC_CTL_TLB_FLUSH
+from unicorn.unicorn_py3.unicorn import uclib
+
+from hypervisor.cpu.vcpu import GuestExits, Vcpu
 from hypervisor.evtchn import EventChannels
 from hypervisor.mm.memory import PAGE_SHIFT
-from hypervisor.public.sched import SHUTDOWN_crash
+from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_suspend
 from hypervisor.public.xen import shared_info
 
 if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
+    from hypervisor.machine import Machine
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_NAMES = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog",
                   5: "soft_reset"}
 
+# uc_ctl(UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)): the binding has no wrapper for it
+_UC_CTL_IO_WRITE = 1
+_TLB_FLUSH = (_UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
+
+
+class Scheduling(Protocol):
+    """What a domain needs of the scheduler: the time now, and waking a VCPU
+    an event is pending for."""
+
+    def now(self) -> int: ...
+    def kick(self, vcpu: Vcpu) -> None: ...
+
 
 class Domain:
-    def __init__(self, hypervisor: Hypervisor, domid: int, name: str,
-                 max_pages: int, nr_vcpus: int) -> None:
-        self.hypervisor = hypervisor
-        self.machine = hypervisor.machine
+    def __init__(self, domid: int, name: str, max_pages: int, nr_vcpus: int, *,
+                 machine: Machine, domains: dict[int, Domain], scheduler: Scheduling,
+                 exits: GuestExits) -> None:
+        self.machine = machine
+        self.domains = domains      # every domain of the machine, by id (Xen's domain_list)
+        self.scheduler = scheduler
+        self.exits = exits          # given to each VCPU
+        # the hypervisor object, for toolstack/ and devices/ until they go
+        # through hypervisor.domctl; nothing in the hypervisor's own layers uses it
+        self.hypervisor: Any = None
         self.domid = domid
         self.name = name
         self.max_pages = max_pages
-        self.vcpus = [Vcpu(self, i, self.machine) for i in range(nr_vcpus)]
-        self.evtchn = EventChannels(self)
+        self.vcpus = [Vcpu(self, i, machine) for i in range(nr_vcpus)]
+        self.evtchn = EventChannels(self, scheduler.kick)
         self.shared_info_mfn = 0
         self._shared_info: Any = None
         self.shutdown_reason: int | None = None
@@ -74,7 +100,7 @@ class Domain:
         """As update_time, mid-slice: the clock plus what the slice retired."""
         t = self._shared_info.vcpu_info[vcpu.vcpu_id].time
         t.version += 1
-        t.system_time = self.hypervisor.scheduler.now()
+        t.system_time = self.scheduler.now()
         t.version += 1
 
     @property
@@ -112,38 +138,38 @@ class Domain:
         log.info("%s", self.crash_report)
         self.shutdown(SHUTDOWN_crash)
 
-    # --- rebuilding the VCPUs from their records ---------------------------------------
+    # --- other domains, TLBs --------------------------------------------------------
 
-    # what Xen keeps per vcpu beside the context record: scheduling state
-    _SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock")
+    def domain_by_id(self, domid: int) -> Domain | None:
+        """Another domain of the same machine (Xen's rcu_lock_domain_by_id)."""
+        return self.domains.get(domid)
+
+    def flush_tlbs(self) -> None:
+        """A TLB shootdown (Xen's flush_tlb_mask of the domain's dirty CPUs):
+        every VCPU's engine and the machine's software walker."""
+        for v in self.vcpus:
+            uclib.uc_ctl(v.uc._uch, _TLB_FLUSH)
+        self.machine.walker.flush()
+
+    # --- suspend and resume ----------------------------------------------------------
+
+    def suspend(self) -> None:
+        """SCHEDOP_shutdown(SHUTDOWN_suspend): the VCPUs stop where they are,
+        for the toolstack to save or resume the domain."""
+        self.shutdown(SHUTDOWN_suspend)
+
+    def resume(self) -> None:
+        """Xen's domain_resume (XEN_DOMCTL_resumedomain): a domain that shut
+        down for a suspend runs on, its VCPUs where they stopped (the toolstack
+        has set the suspend hypercall's result)."""
+        if self.shutdown_reason != SHUTDOWN_suspend:
+            raise ValueError(f"domain {self.domid} is not suspended")
+        self.shutdown_reason = None
 
     def rebuild_vcpus(self) -> None:
-        """Throw away every VCPU object (engine, hooks, Python state) and the
-        binding of the guest kernel, and make them anew from the VCPUs' context
-        records and the hypervisor's scheduling state alone. The guest must go
-        on as if nothing happened: the test of DESIGN.md's rule 2, and the
-        path a restore takes in a new process."""
-        from hypervisor.cpu.context import get_context, set_context
-        from hypervisor.native import NativeKernel
-        records = [(bytes(get_context(v)) if v.guest_table else None,
-                    {k: getattr(v, k) for k in self._SCHED_STATE}) for v in self.vcpus]
-        for v in self.vcpus:
-            v.close()
-        self.hypervisor.scheduler.current = None
-        self.vcpus = [Vcpu(self, i, self.machine) for i in range(len(records))]
-        for v in self.vcpus:
-            for dev in self.devices:
-                v.map_mmio(dev.base)
-        if self.native is not None:
-            old = self.native
-            self.native = NativeKernel(self, self.kernel_module, old.text, old.size)
-            for v in self.vcpus:
-                self.native.bind(v)
-        for v, (ctx, state) in zip(self.vcpus, records, strict=True):
-            if ctx is not None:
-                set_context(v, ctx, take_refs=False)
-            for k, value in state.items():
-                setattr(v, k, value)
+        """The core's Hypervisor.rebuild_vcpus(dom), under its old name (kept
+        for callers until the merge)."""
+        self.hypervisor.rebuild_vcpus(self)
 
     def close(self) -> None:
         if self.xenstore is not None:
@@ -154,4 +180,4 @@ class Domain:
         self._shared_info = None
 
 
-__all__ = ["Domain", "ctypes"]
+__all__ = ["Domain", "Scheduling", "SHUTDOWN_NAMES"]

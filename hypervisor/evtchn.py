@@ -5,21 +5,20 @@ reads and writes them directly; the per-vcpu selector word and upcall flag live
 in vcpu_info. Setting a port pending raises an upcall on the vcpu it is bound to
 unless the port is masked; the upcall itself is delivered by the trap code on
 the way back into the guest.
+
+The table is given its domain (through the little it needs of one, below) and
+the scheduler's kick; it names neither class.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, ENOENT, ENOSPC
 from hypervisor.public.xen import NR_EVENT_CHANNELS
-
-if TYPE_CHECKING:
-    from hypervisor.cpu.vcpu import Vcpu
-    from hypervisor.domain import Domain
 
 BITS_PER_WORD = 64
 DOMID_TOOLSTACK = 0  # the other end of a guest's console and xenstore channels
@@ -46,11 +45,24 @@ class Port:
     remote_port: int = 0
 
 
+class EvtchnDomain(Protocol):
+    """What an event-channel table needs of its domain."""
+
+    domid: int
+    vcpus: Sequence[Any]
+    evtchn: EventChannels
+
+    @property
+    def shared_info(self) -> Any: ...
+    def domain_by_id(self, domid: int) -> EvtchnDomain | None: ...
+
+
 class EventChannels:
     """The event-channel table of one domain."""
 
-    def __init__(self, domain: Domain) -> None:
+    def __init__(self, domain: EvtchnDomain, kick: Callable[[Any], None]) -> None:
         self.domain = domain
+        self.kick = kick    # the scheduler's: wake a VCPU an upcall is pending for
         self.ports = [Port(PortState.reserved)]  # port 0 is never used
         self.virqs: dict[tuple[int, int], int] = {}  # (vcpu, virq) -> port
         # ports whose far end is a toolstack backend (consoled, xenstored):
@@ -131,7 +143,7 @@ class EventChannels:
         if p.state == PortState.virq:
             del self.virqs[(p.vcpu, p.virq)]
         if p.state == PortState.interdomain and self.backends.pop(port, None) is None:
-            peer = self.domain.hypervisor.domain_by_id(p.remote_dom)
+            peer = self.domain.domain_by_id(p.remote_dom)
             if peer is not None:
                 peer.evtchn.ports[p.remote_port] = Port(PortState.unbound,
                                                         remote_dom=self.domain.domid)
@@ -164,7 +176,7 @@ class EventChannels:
             if backend is not None:
                 backend()
                 return 0
-            peer = self.domain.hypervisor.domain_by_id(p.remote_dom)
+            peer = self.domain.domain_by_id(p.remote_dom)
             if peer is not None:
                 peer.evtchn.set_pending(p.remote_port)
         elif p.state == PortState.unbound:
@@ -212,12 +224,12 @@ class EventChannels:
         vi.evtchn_pending_sel = sel | (1 << w)
         self.mark_events_pending(vcpu)
 
-    def mark_events_pending(self, vcpu: Vcpu) -> None:
+    def mark_events_pending(self, vcpu: Any) -> None:
         vi = self.domain.shared_info.vcpu_info[vcpu.vcpu_id]
         if vi.evtchn_upcall_pending:
             return
         vi.evtchn_upcall_pending = 1
-        self.domain.hypervisor.kick(vcpu)
+        self.kick(vcpu)
 
     def unmask(self, port: int) -> int:
         if not self._valid(port):

@@ -1,5 +1,6 @@
-"""The machine: machine memory, the frame table, the M2P, and the hypervisor's
-own mappings that every guest L4 carries in the slots Xen reserves for itself.
+"""The machine: machine memory, the frame table, the M2P, the software pagetable
+walker every access on a guest's behalf goes through, and the hypervisor's own
+mappings that every guest L4 carries in the slots Xen reserves for itself.
 
 Hypervisor frames sit at the bottom of machine memory (frame 0 is never used, so
 a zero mfn is always a bug), and everything above is handed out shuffled.
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hypervisor.mm.frames import DOMID_XEN, INVALID_M2P, FrameTable
+from hypervisor.mm.frames import DOMID_XEN, FrameTable
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, MachineMemory
 from hypervisor.mm.pagetable import PageTypes
+from hypervisor.mm.walker import Walker
 from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_NX,
@@ -33,6 +35,7 @@ from hypervisor.public.arch_x86 import (
     FLAT_RING3_SS64,
     MACH2PHYS_VIRT_START,
 )
+from hypervisor.public.xen import INVALID_MFN
 
 XEN_TEXT_SLOT = 261
 XEN_TEXT_VIRT = 0xFFFF828000000000  # L4 slot 261
@@ -64,13 +67,16 @@ class XenArea:
 
 
 class Machine:
-    """Machine memory with its frame table, page types and M2P."""
+    """Machine memory with its frame table, page types, M2P and walker."""
 
     def __init__(self, memory_mib: int, seed: int = 0) -> None:
         nr_frames = memory_mib * (1 << 20) // PAGE_SIZE
         self.memory = MachineMemory(nr_frames)
         self.frames = FrameTable(self.memory, seed)
         self.types = PageTypes(self.frames, self.memory)
+        # one walker and software TLB for the machine: flushed whenever any
+        # VCPU's TLB is (Domain.flush_tlbs)
+        self.walker = Walker(self.memory)
         self.seed = seed
         self._build_xen_area()
 
@@ -110,7 +116,7 @@ class Machine:
         assert m2p_mfns == list(range(m2p_mfns[0], m2p_mfns[0] + m2p_frames))
         base = m2p_mfns[0] * ENTRIES_PER_TABLE
         self.m2p: np.ndarray = mem.u64[base:base + n]
-        self.m2p[:] = INVALID_M2P
+        self.m2p[:] = INVALID_MFN
         self.frames.m2p = self.m2p
 
         ro_user = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED | _PAGE_NX

@@ -36,12 +36,12 @@ class KernelError(Exception):
 class NativeCpu:
     """The VCPU as a native kernel function sees it (one per entry)."""
 
-    __slots__ = ("vcpu", "vcpu_id", "_hv", "_kernel", "_regs")
+    __slots__ = ("vcpu", "vcpu_id", "_walker", "_kernel", "_regs")
 
     def __init__(self, vcpu: Vcpu, kernel: NativeKernel) -> None:
         self.vcpu = vcpu
         self.vcpu_id = vcpu.vcpu_id
-        self._hv = vcpu.domain.hypervisor
+        self._walker = vcpu.machine.walker
         self._kernel = kernel
         self._regs: dict[str, int] | None = None
 
@@ -59,38 +59,38 @@ class NativeCpu:
             self._regs.update(regs)
 
     def read(self, va: int, size: int) -> bytes:
-        return self._hv.walker.read(self.vcpu.current_table, va, size)
+        return self._walker.read(self.vcpu.current_table, va, size)
 
     def write(self, va: int, data: bytes) -> None:
-        self._hv.walker.write(self.vcpu.current_table, va, data)
+        self._walker.write(self.vcpu.current_table, va, data)
 
     def read_u64(self, va: int) -> int:
-        return self._hv.walker.read_u64(self.vcpu.current_table, va)
+        return self._walker.read_u64(self.vcpu.current_table, va)
 
     def write_u64(self, va: int, value: int) -> None:
-        self._hv.walker.write_u64(self.vcpu.current_table, va, value & 0xFFFFFFFFFFFFFFFF)
+        self._walker.write_u64(self.vcpu.current_table, va, value & 0xFFFFFFFFFFFFFFFF)
 
     def readl(self, va: int, size: int = 4) -> int:
         """A load from device memory (or RAM) at ``va``, through the live
         pagetables, as the VCPU would make it: 1, 2 or 4 bytes."""
-        hv = self._hv
-        maddr = hv.walker.translate(self.vcpu.current_table, va)
-        if maddr + size <= hv.machine.memory.size:
-            return int.from_bytes(hv.machine.memory.read(maddr, size), "little")
-        return hv.bus.read(self.vcpu.domain, maddr, size)
+        maddr = self._walker.translate(self.vcpu.current_table, va)
+        memory = self.vcpu.machine.memory
+        if maddr + size <= memory.size:
+            return int.from_bytes(memory.read(maddr, size), "little")
+        return self.vcpu.exits.bus.read(self.vcpu.domain, maddr, size)
 
     def writel(self, va: int, value: int, size: int = 4) -> None:
         """A store to device memory (or RAM) at ``va``: 1, 2 or 4 bytes."""
-        hv = self._hv
-        maddr = hv.walker.translate(self.vcpu.current_table, va, write=True)
+        maddr = self._walker.translate(self.vcpu.current_table, va, write=True)
         value &= (1 << (8 * size)) - 1
-        if maddr + size <= hv.machine.memory.size:
-            hv.machine.memory.write(maddr, value.to_bytes(size, "little"))
+        memory = self.vcpu.machine.memory
+        if maddr + size <= memory.size:
+            memory.write(maddr, value.to_bytes(size, "little"))
         else:
-            hv.bus.write(self.vcpu.domain, maddr, size, value)
+            self.vcpu.exits.bus.write(self.vcpu.domain, maddr, size, value)
 
     def hypercall(self, op: int, *args: int) -> int:
-        rc = self._hv.hypercall(self.vcpu, op, args)
+        rc = self.vcpu.exits.hypercall(self.vcpu, op, args)
         return 0 if rc is None else rc
 
     def native_addr(self, fn: Callable[..., object]) -> int:
@@ -154,7 +154,7 @@ class NativeKernel:
         self.calls += 1
         if vcpu.on_native is not None:
             vcpu.on_native(vcpu, addr, fn)
-        hv = dom.hypervisor
+        exits = vcpu.exits
         dom.update_time_now(vcpu)
         cpu = NativeCpu(vcpu, self)
         try:
@@ -166,12 +166,12 @@ class NativeKernel:
                 # suspend hypercall's third (start_info's mfn) from vcpu0's rdx
                 for reg, a in zip(ARG_REGS, result.args, strict=False):
                     vcpu.gpr[reg] = a & 0xFFFFFFFFFFFFFFFF
-                rc = hv.hypercall(vcpu, result.op, result.args)
+                rc = exits.hypercall(vcpu, result.op, result.args)
                 if rc is not None and dom.is_running:
                     vcpu.gpr[RAX] = rc & 0xFFFFFFFFFFFFFFFF
             else:
                 rsp = vcpu.gpr[RSP]
-                ret = hv.walker.read_u64(vcpu.current_table, rsp)
+                ret = vcpu.machine.walker.read_u64(vcpu.current_table, rsp)
                 vcpu.write_regs(rax=0 if result is None else result, rsp=rsp + 8, rip=ret)
         except GuestFault as f:
             log.debug("kernel fault", exc_info=True)
@@ -179,7 +179,7 @@ class NativeKernel:
         except Exception as e:  # noqa: BLE001 - the kernel is guest code: its bugs crash the guest
             log.info("guest kernel oops in %s", fn.__qualname__, exc_info=True)
             self._oops(vcpu, cpu, fn, e)
-        hv.return_to_guest(vcpu)
+        exits.return_to_guest(vcpu)
         if vcpu.stop_requested or not dom.is_running:
             vcpu.uc.emu_stop()
 

@@ -7,6 +7,10 @@
   a whole run, with every interleaving and race in it, follows from the seed.
 * fast: slices end after a fixed host time (``emu_start(timeout=)``) and time is
   host time. Interleavings then depend on the host; the guest's results must not.
+
+The scheduler is given the machine's domains and the exit path back into a
+guest (the core's return_to_guest); it also owns the wake-ups: a VCPU's
+one-shot timer and the kick of a blocked VCPU an event is pending for.
 """
 
 from __future__ import annotations
@@ -17,18 +21,29 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hypervisor.public.xen import VIRQ_TIMER
+
 if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
     from hypervisor.cpu.vcpu import Vcpu
+    from hypervisor.domain import Domain
 
 CLOCKS = ("deterministic", "fast")
 
 
+def fire_timer(vcpu: Vcpu) -> None:
+    """A VCPU's one-shot timer expired: VIRQ_TIMER to it (Xen's
+    vcpu_singleshot_timer_fn and send_timer_event)."""
+    vcpu.timer_deadline = 0
+    vcpu.domain.evtchn.send_virq(vcpu.vcpu_id, VIRQ_TIMER)
+
+
 class Scheduler:
-    def __init__(self, hypervisor: Hypervisor, clock: str, slice_insns: int, slice_us: int) -> None:
+    def __init__(self, domains: dict[int, Domain], return_to_guest: Callable[[Vcpu], None],
+                 clock: str, slice_insns: int, slice_us: int) -> None:
         if clock not in CLOCKS:
             raise ValueError(f"unknown clock {clock!r}: choose one of {', '.join(CLOCKS)}")
-        self.hv = hypervisor
+        self.domains = domains
+        self.return_to_guest = return_to_guest
         self.clock = clock
         self.deterministic = clock == "deterministic"
         self.slice_insns = slice_insns
@@ -78,13 +93,19 @@ class Scheduler:
         return min((v.clock for v in self._online()), default=0)
 
     def _online(self) -> list[Vcpu]:
-        return [v for d in self.hv.domains.values() if d.is_running and not d.paused
+        return [v for d in self.domains.values() if d.is_running and not d.paused
                 for v in d.vcpus if v.online]
+
+    def kick(self, vcpu: Vcpu) -> None:
+        """An event is pending for ``vcpu``: wake it if it is blocked (Xen's
+        vcpu_unblock), at the time of whoever sent it."""
+        if vcpu.blocked:
+            vcpu.blocked = False
+            vcpu.clock = max(vcpu.clock, self.now())
 
     # --- the loop ------------------------------------------------------------------------
 
     def run(self, until_ns: int | None = None, stop: Callable[[], bool] | None = None) -> None:
-        hv = self.hv
         while stop is None or not stop():
             online = self._online()
             if not online:
@@ -103,7 +124,7 @@ class Scheduler:
                         continue
                 if wake is not None and (v is None or wake.timer_deadline <= v.clock):
                     wake.clock = max(wake.clock, wake.timer_deadline)
-                    hv.fire_timer(wake)
+                    fire_timer(wake)
                     continue
                 if v is None:
                     return  # every VCPU blocked with nothing to wake it
@@ -115,7 +136,7 @@ class Scheduler:
                     self._fire_timer()
                 for s in sleepers:
                     if s.timer_deadline <= now:
-                        hv.fire_timer(s)
+                        fire_timer(s)
                 runnable = [x for x in online if not x.blocked]
                 if not runnable:
                     if not sleepers:
@@ -131,11 +152,10 @@ class Scheduler:
             self.run_slice(v)
 
     def run_slice(self, v: Vcpu) -> None:
-        hv = self.hv
         if v.timer_deadline and v.clock >= v.timer_deadline:
-            hv.fire_timer(v)
+            fire_timer(v)
         v.domain.update_time(v)
-        hv.return_to_guest(v)
+        self.return_to_guest(v)
         if not v.domain.is_running or v.blocked or not v.online:
             return
         self.current = v

@@ -11,6 +11,7 @@ RFLAGS.IF, and the iret hypercall restores it from RFLAGS.IF.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import TYPE_CHECKING
 
@@ -22,116 +23,120 @@ from hypervisor.public.arch_x86 import (
     FLAT_USER_SS64,
     X86_EFLAGS_IF,
     VGCF_in_syscall,
+    iret_context,
 )
 
 if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
     from hypervisor.cpu.vcpu import Vcpu
 
 EFLAGS_TF, EFLAGS_IOPL, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 1 << 8, 3 << 12, 1 << 14, 1 << 16, 1 << 17
 TI_FLAG_DPL_MASK = 3
 TI_FLAG_IF = 4  # trap_info flags bit 2: mask events on entry
 
+X86_EXC_UD, X86_EXC_GP = 6, 13
+SELECTOR_IDT = 2  # error code of a fault on a gate: the selector is an IDT index
+
 EXCEPTION_NAMES = {0: "divide error", 1: "debug", 3: "breakpoint", 6: "invalid opcode",
                    8: "double fault", 13: "general protection fault", 14: "page fault"}
 
 
-class Traps:
-    def __init__(self, hypervisor: Hypervisor) -> None:
-        self.hv = hypervisor
+def create_bounce_frame(vcpu: Vcpu, handler: int, error_code: int | None = None,
+                        mask_events: bool = False, syscall: bool = False) -> bool:
+    """Enter the guest kernel at ``handler`` with a bounce frame; False (and
+    the domain crashed) if the frame cannot be written."""
+    regs = vcpu.read_regs()
+    rip = vcpu.get_rip()
+    rcx, r11, rflags = regs["rcx"], regs["r11"], regs["rflags"]
+    if syscall:
+        # what the hardware syscall instruction would have left behind
+        rcx, r11 = rip, rflags
+    vi = vcpu.domain.shared_info.vcpu_info[vcpu.vcpu_id]
+    if vcpu.in_kernel:
+        sp = regs["rsp"]
+        cs, ss = FLAT_KERNEL_CS64 & ~3, FLAT_KERNEL_SS64 & ~3
+    else:
+        vcpu.toggle_guest_mode()
+        sp = vcpu.kernel_sp
+        cs, ss = FLAT_USER_CS64, FLAT_USER_SS64
+    mask = vi.evtchn_upcall_mask
+    saved_rflags = (rflags & ~X86_EFLAGS_IF) | (0 if mask else X86_EFLAGS_IF)
+    words = [rcx, r11]
+    if error_code is not None:
+        words.append(error_code)
+    words += [rip, cs | (mask << 32), saved_rflags, regs["rsp"], ss]
+    sp -= 8 * len(words)
+    try:
+        vcpu.copy_to_guest(sp, struct.pack(f"<{len(words)}Q", *words))
+    except GuestFault as f:
+        vcpu.domain.crash(vcpu, f"cannot write a bounce frame on the kernel stack ({f})")
+        return False
+    if mask_events:
+        vi.evtchn_upcall_mask = 1
+    vcpu.write_regs(rsp=sp, rflags=rflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM),
+                    rip=handler)
+    return True
 
-    def create_bounce_frame(self, vcpu: Vcpu, handler: int, error_code: int | None = None,
-                            mask_events: bool = False, syscall: bool = False) -> bool:
-        """Enter the guest kernel at ``handler`` with a bounce frame; False (and
-        the domain crashed) if the frame cannot be written."""
-        regs = vcpu.read_regs()
-        rip = vcpu.get_rip()
-        rcx, r11, rflags = regs["rcx"], regs["r11"], regs["rflags"]
-        if syscall:
-            # what the hardware syscall instruction would have left behind
-            rcx, r11 = rip, rflags
-        vi = vcpu.domain.shared_info.vcpu_info[vcpu.vcpu_id]
-        if vcpu.in_kernel:
-            sp = regs["rsp"]
-            cs, ss = FLAT_KERNEL_CS64 & ~3, FLAT_KERNEL_SS64 & ~3
-        else:
-            vcpu.toggle_guest_mode()
-            sp = vcpu.kernel_sp
-            cs, ss = FLAT_USER_CS64, FLAT_USER_SS64
-        mask = vi.evtchn_upcall_mask
-        saved_rflags = (rflags & ~X86_EFLAGS_IF) | (0 if mask else X86_EFLAGS_IF)
-        words = [rcx, r11]
-        if error_code is not None:
-            words.append(error_code)
-        words += [rip, cs | (mask << 32), saved_rflags, regs["rsp"], ss]
-        sp -= 8 * len(words)
-        try:
-            self.hv.walker.write(vcpu.guest_table, sp, struct.pack(f"<{len(words)}Q", *words))
-        except GuestFault as f:
-            vcpu.domain.crash(vcpu, f"cannot write a bounce frame on the kernel stack ({f})")
-            return False
-        if mask_events:
-            vi.evtchn_upcall_mask = 1
-        vcpu.write_regs(rsp=sp, rflags=rflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM),
-                        rip=handler)
-        return True
 
-    def inject(self, vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
-               software: bool = False) -> None:
-        """Deliver an exception to the guest kernel's trap table entry."""
+def inject(vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
+           software: bool = False) -> None:
+    """Deliver an exception to the guest kernel's trap table entry."""
+    flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
+    if software and (flags & TI_FLAG_DPL_MASK) < 3:
+        # int N needs a gate with DPL 3, or it is a #GP on the gate (vector<<3|2)
+        vector, error_code, cr2 = X86_EXC_GP, (vector << 3) | SELECTOR_IDT, None
         flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
-        if software and (flags & TI_FLAG_DPL_MASK) < 3:
-            # int N needs a gate with DPL 3, or it is a #GP on the gate (vector<<3|2)
-            vector, error_code, cr2 = 13, (vector << 3) | 2, None
-            flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
-        if cr2 is not None:
-            vcpu.domain.shared_info.vcpu_info[vcpu.vcpu_id].arch.cr2 = cr2
-        if not addr:
-            what = EXCEPTION_NAMES.get(vector, f"exception {vector}")
-            detail = f" at {cr2:#x}" if cr2 is not None else ""
-            err = f" (error code {error_code:#x})" if error_code is not None else ""
-            mode = "kernel" if vcpu.in_kernel else "user"
-            vcpu.domain.crash(vcpu, f"{what}{detail}{err} in guest {mode} mode at rip "
-                              f"{vcpu.get_rip():#x}, and no trap handler is registered")
-            return
-        self.create_bounce_frame(vcpu, addr, error_code, mask_events=bool(flags & TI_FLAG_IF))
+    if cr2 is not None:
+        vcpu.domain.shared_info.vcpu_info[vcpu.vcpu_id].arch.cr2 = cr2
+    if not addr:
+        what = EXCEPTION_NAMES.get(vector, f"exception {vector}")
+        detail = f" at {cr2:#x}" if cr2 is not None else ""
+        err = f" (error code {error_code:#x})" if error_code is not None else ""
+        mode = "kernel" if vcpu.in_kernel else "user"
+        vcpu.domain.crash(vcpu, f"{what}{detail}{err} in guest {mode} mode at rip "
+                          f"{vcpu.get_rip():#x}, and no trap handler is registered")
+        return
+    create_bounce_frame(vcpu, addr, error_code, mask_events=bool(flags & TI_FLAG_IF))
 
-    def bounce_syscall(self, vcpu: Vcpu) -> None:
-        """A syscall from guest user mode goes to the kernel's syscall callback."""
-        if not vcpu.syscall_callback:
-            self.inject(vcpu, 6, None, None)
-            return
-        self.create_bounce_frame(vcpu, vcpu.syscall_callback, syscall=True,
-                                 mask_events=vcpu.syscall_masks_events)
 
-    def deliver_event(self, vcpu: Vcpu) -> None:
-        """The upcall Xen makes on the way back to a guest with events pending."""
-        dom = vcpu.domain
-        if not dom.is_running or vcpu.blocked or not vcpu.event_callback:
-            return
-        vi = dom.shared_info.vcpu_info[vcpu.vcpu_id]
-        if vi.evtchn_upcall_pending and not vi.evtchn_upcall_mask:
-            self.create_bounce_frame(vcpu, vcpu.event_callback, mask_events=True)
+def bounce_syscall(vcpu: Vcpu) -> None:
+    """A syscall from guest user mode goes to the kernel's syscall callback."""
+    if not vcpu.syscall_callback:
+        inject(vcpu, X86_EXC_UD, None, None)
+        return
+    create_bounce_frame(vcpu, vcpu.syscall_callback, syscall=True,
+                        mask_events=vcpu.syscall_masks_events)
 
-    def do_iret(self, vcpu: Vcpu) -> int:
-        """HYPERVISOR_iret: pop {rax, r11, rcx, flags, rip, cs, rflags, rsp, ss}."""
-        rsp = vcpu.read_regs()["rsp"]
-        try:
-            raw = self.hv.walker.read(vcpu.current_table, rsp, 72)
-        except GuestFault:
-            vcpu.domain.crash(vcpu, "fault while reading the IRET context from the guest stack")
+
+def deliver_event(vcpu: Vcpu) -> None:
+    """The upcall Xen makes on the way back to a guest with events pending."""
+    dom = vcpu.domain
+    if not dom.is_running or vcpu.blocked or not vcpu.event_callback:
+        return
+    vi = dom.shared_info.vcpu_info[vcpu.vcpu_id]
+    if vi.evtchn_upcall_pending and not vi.evtchn_upcall_mask:
+        create_bounce_frame(vcpu, vcpu.event_callback, mask_events=True)
+
+
+def do_iret(vcpu: Vcpu, *_: int) -> int:
+    """HYPERVISOR_iret: pop {rax, r11, rcx, flags, rip, cs, rflags, rsp, ss}."""
+    rsp = vcpu.read_regs()["rsp"]
+    try:
+        ctx = iret_context.from_buffer_copy(
+            vcpu.copy_from_guest(rsp, ctypes.sizeof(iret_context)))
+    except GuestFault:
+        vcpu.domain.crash(vcpu, "fault while reading the IRET context from the guest stack")
+        return 0
+    if ctx.cs & 3 == 3:
+        if not vcpu.guest_table_user:
+            vcpu.domain.crash(vcpu, "guest switching to user mode with no user page tables")
             return 0
-        rax, r11, rcx, flags, rip, cs, rflags, new_rsp, _ss = struct.unpack("<9Q", raw)
-        if cs & 3 == 3:
-            if not vcpu.guest_table_user:
-                vcpu.domain.crash(vcpu, "guest switching to user mode with no user page tables")
-                return 0
-            if vcpu.in_kernel:
-                vcpu.toggle_guest_mode()
-        regs = {"rsp": new_rsp, "rflags": (rflags & ~(EFLAGS_IOPL | EFLAGS_VM)) | X86_EFLAGS_IF}
-        if not flags & VGCF_in_syscall:
-            regs["r11"], regs["rcx"] = r11, rcx
-        vcpu.write_regs(rip=rip, **regs)
-        vi = vcpu.domain.shared_info.vcpu_info[vcpu.vcpu_id]
-        vi.evtchn_upcall_mask = 0 if rflags & X86_EFLAGS_IF else 1
-        return rax
+        if vcpu.in_kernel:
+            vcpu.toggle_guest_mode()
+    regs = {"rsp": ctx.rsp,
+            "rflags": (ctx.rflags & ~(EFLAGS_IOPL | EFLAGS_VM)) | X86_EFLAGS_IF}
+    if not ctx.flags & VGCF_in_syscall:
+        regs["r11"], regs["rcx"] = ctx.r11, ctx.rcx
+    vcpu.write_regs(rip=ctx.rip, **regs)
+    vi = vcpu.domain.shared_info.vcpu_info[vcpu.vcpu_id]
+    vi.evtchn_upcall_mask = 0 if ctx.rflags & X86_EFLAGS_IF else 1
+    return ctx.rax

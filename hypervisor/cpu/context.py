@@ -14,7 +14,10 @@ from unicorn import x86_const
 from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE
 
 from hypervisor.mm.frames import PageType
+from hypervisor.mm.memory import PAGE_SHIFT
 from hypervisor.public.arch_x86 import (
+    X86_EFLAGS_IF,
+    X86_EFLAGS_MBS,
     VGCF_i387_valid,
     VGCF_in_kernel,
     VGCF_online,
@@ -50,8 +53,8 @@ def get_context(vcpu: Vcpu) -> vcpu_guest_context:
         t = ctx.trap_ctxt[vector]
         t.vector, t.flags, t.cs, t.address = vector, tflags, cs, address
     ctx.kernel_ss, ctx.kernel_sp = vcpu.kernel_ss, vcpu.kernel_sp
-    ctx.ctrlreg[3] = vcpu.guest_table << 12
-    ctx.ctrlreg[1] = vcpu.guest_table_user << 12
+    ctx.ctrlreg[3] = vcpu.guest_table << PAGE_SHIFT
+    ctx.ctrlreg[1] = vcpu.guest_table_user << PAGE_SHIFT
     ctx.event_callback_eip = vcpu.event_callback
     ctx.failsafe_callback_eip = vcpu.failsafe_callback
     ctx.syscall_callback_eip = vcpu.syscall_callback
@@ -96,8 +99,8 @@ def set_context(vcpu: Vcpu, raw: bytes, take_refs: bool = True) -> int:
     ctx = vcpu_guest_context.from_buffer_copy(raw)
     dom = vcpu.domain
     types = dom.machine.types
-    cr3 = ctx.ctrlreg[3] >> 12
-    user = ctx.ctrlreg[1] >> 12
+    cr3 = ctx.ctrlreg[3] >> PAGE_SHIFT
+    user = ctx.ctrlreg[1] >> PAGE_SHIFT
     if take_refs:
         if not cr3 or types.get_page_and_type(cr3, PageType.l4, dom.domid):
             return -EINVAL
@@ -118,7 +121,7 @@ def set_context(vcpu: Vcpu, raw: bytes, take_refs: bool = True) -> int:
     vcpu.syscall_callback = ctx.syscall_callback_eip
     ur = ctx.user_regs
     regs = {name: getattr(ur, name) for name in _USER_REGS}
-    regs["rflags"] |= 0x202
+    regs["rflags"] |= X86_EFLAGS_IF | X86_EFLAGS_MBS
     vcpu.write_regs(**regs)
     vcpu.load_cr3(vcpu.current_table)
     vcpu.uc.reg_write(UC_X86_REG_FS_BASE, ctx.fs_base)

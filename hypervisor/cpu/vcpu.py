@@ -12,12 +12,20 @@ Every way out of guest code lands in a hook here:
 * an exception (UC_HOOK_INTR / invalid opcode): injected into the guest
   kernel's trap table, or the domain crashes with a report;
 * a fetch from the native text range: the Python guest kernel runs.
+
+What happens next is the hypervisor's business, not the VCPU's: the domain
+hands each VCPU the ``GuestExits`` the core implements (the targets of Xen's
+entry.S), so this module never names the core.
+
+A VCPU and its domain know each other (Xen's struct vcpu has ``domain``, struct
+domain has ``vcpu[]``): the one import cycle the hypervisor keeps.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from unicorn import (
     UC_ARCH_X86,
@@ -51,6 +59,7 @@ from hypervisor.cpu.ucfast import (
 )
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.public.arch_x86 import X86_EFLAGS_IF, X86_EFLAGS_MBS
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
@@ -61,14 +70,36 @@ GPR_NAMES = (*GPR_ORDER, "rip", "rflags")
 GPR_INDEX = {name: i for i, name in enumerate(GPR_ORDER)}
 RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8, R9, R10, R11 = range(12)
 
-CR0_PE, CR0_WP, CR0_PG = 1 << 0, 1 << 16, 1 << 31
+CR0_PE, CR0_ET, CR0_WP, CR0_PG = 1 << 0, 1 << 4, 1 << 16, 1 << 31
 CR4_PAE, CR4_OSFXSR = 1 << 5, 1 << 9
 MSR_EFER = 0xC0000080
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
-RFLAGS_DEFAULT = 0x202  # IF, reserved bit 1
+RFLAGS_DEFAULT = X86_EFLAGS_IF | X86_EFLAGS_MBS
 
 X86_EXC_DE, X86_EXC_DB, X86_EXC_BP, X86_EXC_UD = 0, 1, 3, 6
 X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
+
+
+class MmioBus(Protocol):
+    """Device models by machine address: where a VCPU's loads and stores to
+    device memory go."""
+
+    def read(self, dom: Domain, addr: int, size: int) -> int: ...
+    def write(self, dom: Domain, addr: int, size: int, value: int) -> None: ...
+
+
+class GuestExits(Protocol):
+    """Where a VCPU goes when guest code traps out to the hypervisor: the
+    targets of Xen's entry.S (the hypercall table, the syscall and exception
+    bounces, the event check on the way back in). The core is one."""
+
+    bus: MmioBus
+
+    def hypercall(self, vcpu: Vcpu, nr: int, args: Sequence[int]) -> int | None: ...
+    def bounce_syscall(self, vcpu: Vcpu) -> None: ...
+    def inject(self, vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
+               software: bool = False) -> None: ...
+    def return_to_guest(self, vcpu: Vcpu) -> None: ...
 
 
 class Vcpu:
@@ -78,7 +109,7 @@ class Vcpu:
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
-        self.hv = domain.hypervisor
+        self.exits: GuestExits = domain.exits
         self.vcpu_id = vcpu_id
         self.machine = machine
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -182,6 +213,16 @@ class Vcpu:
         rip = self.rip.read()
         return rip + 2 if self._in_syscall_hook else rip
 
+    # --- guest memory ----------------------------------------------------------------
+
+    def copy_from_guest(self, va: int, size: int) -> bytes:
+        """Read the guest's memory at ``va`` through its live pagetables (Xen's
+        copy_from_guest); raises GuestFault where the VCPU would fault."""
+        return self.machine.walker.read(self.current_table, va, size)
+
+    def copy_to_guest(self, va: int, data: bytes) -> None:
+        self.machine.walker.write(self.current_table, va, data)
+
     def load_cr3(self, mfn: int) -> None:
         self.cr3.write(mfn << PAGE_SHIFT)
 
@@ -216,10 +257,10 @@ class Vcpu:
         if self.fresh:
             # enter CPL3 through the stub: iretq pops rip, cs, rflags, rsp, ss
             frame = self.machine.boot_frame(self.rip.read(), self.gpr[RSP],
-                                            self.rflags.read() | 0x2)
+                                            self.rflags.read() | X86_EFLAGS_MBS)
             self.machine.memory.write(self.machine.xen.stack_mfn << PAGE_SHIFT, frame)
             self.gpr[RSP] = BOOT_STACK_VA
-            uc.reg_write(UC_X86_REG_CR0, CR0_PE | CR0_WP | CR0_PG | 0x10)
+            uc.reg_write(UC_X86_REG_CR0, CR0_PE | CR0_ET | CR0_WP | CR0_PG)
             start = BOOT_STUB_VA
             self.fresh = False
         try:
@@ -237,16 +278,16 @@ class Vcpu:
     def _on_syscall(self, uc: Uc, ud: Any) -> None:
         self._in_syscall_hook = True
         try:
-            hv = self.hv
+            exits = self.exits
             if self.in_kernel:
                 g = self.gpr
                 # 64-bit PV ABI: nr in rax, arguments in rdi, rsi, rdx, r10, r8
-                rc = hv.hypercall(self, g[RAX], (g[RDI], g[RSI], g[RDX], g[R10], g[R8]))
+                rc = exits.hypercall(self, g[RAX], (g[RDI], g[RSI], g[RDX], g[R10], g[R8]))
                 if rc is not None:
                     g[RAX] = rc & 0xFFFFFFFFFFFFFFFF
             else:
-                hv.traps.bounce_syscall(self)
-            hv.return_to_guest(self)
+                exits.bounce_syscall(self)
+            exits.return_to_guest(self)
         finally:
             self._in_syscall_hook = False
         if self.stop_requested:
@@ -261,7 +302,7 @@ class Vcpu:
         # in about half the runs). Restarting with a fresh emu_start is exact.
         uc.emu_stop()
         self.env.clear_old_exception()
-        hv = self.hv
+        exits = self.exits
         if intno in (X86_EXC_PF, X86_EXC_DF):
             cr2 = uc.reg_read(UC_X86_REG_CR2)
             if (self.native_begin <= cr2 < self.native_end and self.in_kernel
@@ -269,18 +310,17 @@ class Vcpu:
                 self.native_call(self, cr2)
                 return
             err = self.env.fault_error_code()
-            hv.traps.inject(self, X86_EXC_PF if intno == X86_EXC_PF else intno, err, cr2)
+            exits.inject(self, X86_EXC_PF if intno == X86_EXC_PF else intno, err, cr2)
         elif intno in (X86_EXC_GP,):
-            hv.traps.inject(self, intno, self.env.fault_error_code(), None)
+            exits.inject(self, intno, self.env.fault_error_code(), None)
         else:
-            hv.traps.inject(self, intno, None, None, software=intno >= 32 or intno == 3)
-        hv.return_to_guest(self)
+            exits.inject(self, intno, None, None, software=intno >= 32 or intno == X86_EXC_BP)
+        exits.return_to_guest(self)
 
     def _on_invalid(self, uc: Uc, ud: Any) -> bool:
         uc.emu_stop()  # as in _on_intr: the slice ends with the exception
-        hv = self.hv
-        hv.traps.inject(self, X86_EXC_UD, None, None)
-        hv.return_to_guest(self)
+        self.exits.inject(self, X86_EXC_UD, None, None)
+        self.exits.return_to_guest(self)
         return True
 
     # --- device memory ---------------------------------------------------------------
@@ -288,7 +328,7 @@ class Vcpu:
     def map_mmio(self, base: int) -> None:
         """Send this engine's loads and stores at the device page ``base`` to
         the bus (they arrive here only through a PTE the hypervisor allowed)."""
-        bus, dom = self.hv.bus, self.domain
+        bus, dom = self.exits.bus, self.domain
 
         def read(uc: Uc, offset: int, size: int, ud: Any) -> int:
             return bus.read(dom, base + offset, size)

@@ -3,10 +3,11 @@ set_trap_table, stack_switch (xen/arch/x86/pv/callback.c, pv/traps.c)."""
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.walker import GuestFault
+from hypervisor.public.arch_x86 import trap_info
 from hypervisor.public.callback import (
     CALLBACKF_mask_events,
     CALLBACKOP_register,
@@ -14,6 +15,8 @@ from hypervisor.public.callback import (
     CALLBACKTYPE_event,
     CALLBACKTYPE_failsafe,
     CALLBACKTYPE_syscall,
+    callback_register,
+    callback_unregister,
 )
 from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS
 
@@ -31,24 +34,25 @@ def do_set_callbacks(vcpu: Vcpu, event: int, failsafe: int, syscall: int, *_: in
 
 
 def do_callback_op(vcpu: Vcpu, cmd: int, arg: int, *_: int) -> int:
+    if cmd == CALLBACKOP_register:
+        struct_type: type[ctypes.LittleEndianStructure] = callback_register
+    elif cmd == CALLBACKOP_unregister:
+        struct_type = callback_unregister
+    else:
+        return -ENOSYS
     try:
-        size = 16 if cmd == CALLBACKOP_register else 2
-        raw = vcpu.domain.hypervisor.copy_from_guest(vcpu, arg, size)
+        op = struct_type.from_buffer_copy(vcpu.copy_from_guest(arg, ctypes.sizeof(struct_type)))
     except GuestFault:
         return -EFAULT
     if cmd == CALLBACKOP_register:
-        ctype, flags, address = struct.unpack("<HHxxxxQ", raw)
-        mask = bool(flags & CALLBACKF_mask_events)
-    elif cmd == CALLBACKOP_unregister:
-        (ctype,) = struct.unpack("<H", raw)
-        address, mask = 0, False
+        address, mask = op.address, bool(op.flags & CALLBACKF_mask_events)
     else:
-        return -ENOSYS
-    if ctype == CALLBACKTYPE_event:
+        address, mask = 0, False
+    if op.type == CALLBACKTYPE_event:
         vcpu.event_callback = address
-    elif ctype == CALLBACKTYPE_failsafe:
+    elif op.type == CALLBACKTYPE_failsafe:
         vcpu.failsafe_callback = address
-    elif ctype == CALLBACKTYPE_syscall:
+    elif op.type == CALLBACKTYPE_syscall:
         vcpu.syscall_callback = address
         vcpu.syscall_masks_events = mask
     else:
@@ -57,21 +61,20 @@ def do_callback_op(vcpu: Vcpu, cmd: int, arg: int, *_: int) -> int:
 
 
 def do_set_trap_table(vcpu: Vcpu, traps: int, *_: int) -> int:
-    """An array of trap_info {u8 vector; u8 flags; u16 cs; u64 address},
-    ended by an entry whose address is 0; a NULL pointer clears the table."""
+    """An array of trap_info, ended by an entry whose address is 0; a NULL
+    pointer clears the table."""
     if not traps:
         vcpu.trap_ctxt.clear()
         return 0
-    hv = vcpu.domain.hypervisor
+    size = ctypes.sizeof(trap_info)
     for i in range(MAX_TRAPS):
         try:
-            vector, flags, cs, address = struct.unpack(
-                "<BBHxxxxQ", hv.copy_from_guest(vcpu, traps + 16 * i, 16))
+            t = trap_info.from_buffer_copy(vcpu.copy_from_guest(traps + size * i, size))
         except GuestFault:
             return -EFAULT
-        if address == 0:
+        if t.address == 0:
             break
-        vcpu.trap_ctxt[vector] = (flags, cs, address)
+        vcpu.trap_ctxt[t.vector] = (t.flags, t.cs, t.address)
     return 0
 
 

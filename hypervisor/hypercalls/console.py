@@ -18,7 +18,7 @@ def do_console_io(vcpu: Vcpu, cmd: int, count: int, buf: int, *_: int) -> int:
     if cmd == CONSOLEIO_write:
         count &= 0xFFFFFFFF
         try:
-            data = vcpu.domain.hypervisor.copy_from_guest(vcpu, buf, min(count, CONSOLE_MAX_WRITE))
+            data = vcpu.copy_from_guest(buf, min(count, CONSOLE_MAX_WRITE))
         except GuestFault:
             return -EFAULT
         vcpu.domain.console_write(data)

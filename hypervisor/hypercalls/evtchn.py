@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.walker import GuestFault
@@ -15,61 +15,65 @@ from hypervisor.public.event_channel import (
     EVTCHNOP_close,
     EVTCHNOP_send,
     EVTCHNOP_unmask,
+    evtchn_alloc_unbound,
+    evtchn_bind_ipi,
+    evtchn_bind_vcpu,
+    evtchn_bind_virq,
+    evtchn_close,
+    evtchn_send,
+    evtchn_unmask,
 )
-from hypervisor.public.xen import NR_VIRQS, VIRQ_TIMER
+from hypervisor.public.xen import NR_VIRQS, VIRQ_DEBUG, VIRQ_TIMER, VIRQ_XENOPROF, VIRQ_XENPMU
 
 if TYPE_CHECKING:
     from hypervisor.cpu.vcpu import Vcpu
 
-# argument struct sizes (event_channel.h)
-_SIZES = {EVTCHNOP_bind_virq: 12, EVTCHNOP_bind_ipi: 8, EVTCHNOP_close: 4, EVTCHNOP_send: 4,
-          EVTCHNOP_unmask: 4, EVTCHNOP_alloc_unbound: 8, EVTCHNOP_bind_vcpu: 8}
-# per-vcpu virqs may be bound on any vcpu, global ones only on vcpu 0
-PER_VCPU_VIRQS = {VIRQ_TIMER, 1, 6}  # TIMER, DEBUG, XENOPROF
+# the argument struct of each command
+_ARGS: dict[int, type[ctypes.LittleEndianStructure]] = {
+    EVTCHNOP_bind_virq: evtchn_bind_virq, EVTCHNOP_bind_ipi: evtchn_bind_ipi,
+    EVTCHNOP_close: evtchn_close, EVTCHNOP_send: evtchn_send, EVTCHNOP_unmask: evtchn_unmask,
+    EVTCHNOP_alloc_unbound: evtchn_alloc_unbound, EVTCHNOP_bind_vcpu: evtchn_bind_vcpu}
+
+# per-vcpu virqs may be bound on any vcpu, global ones only on vcpu 0 (Xen's
+# virq_is_global)
+PER_VCPU_VIRQS = {VIRQ_TIMER, VIRQ_DEBUG, VIRQ_XENOPROF, VIRQ_XENPMU}
 
 
 def do_event_channel_op(vcpu: Vcpu, cmd: int, arg: int, *_: int) -> int:
-    size = _SIZES.get(cmd)
-    if size is None:
+    struct_type = _ARGS.get(cmd)
+    if struct_type is None:
         return -ENOSYS
-    hv = vcpu.domain.hypervisor
-    ev = vcpu.domain.evtchn
     try:
-        raw = hv.copy_from_guest(vcpu, arg, size)
+        op = struct_type.from_buffer_copy(vcpu.copy_from_guest(arg, ctypes.sizeof(struct_type)))
     except GuestFault:
         return -EFAULT
-    out: tuple[int, int] | None = None  # (offset, port) written back on success
+    ev = vcpu.domain.evtchn
     if cmd == EVTCHNOP_bind_virq:
-        virq, target, _ = struct.unpack("<III", raw)
-        if virq >= NR_VIRQS or (virq not in PER_VCPU_VIRQS and target != 0):
+        if op.virq >= NR_VIRQS or (op.virq not in PER_VCPU_VIRQS and op.vcpu != 0):
             return -EINVAL
-        rc = ev.bind_virq(virq, target)
-        out = (8, rc)
-    elif cmd == EVTCHNOP_bind_ipi:
-        target, _ = struct.unpack("<II", raw)
-        rc = ev.bind_ipi(target)
-        out = (4, rc)
-    elif cmd == EVTCHNOP_alloc_unbound:
-        _dom, remote, _ = struct.unpack("<HHI", raw)
-        rc = ev.alloc_unbound(remote)
-        out = (4, rc)
-    elif cmd == EVTCHNOP_bind_vcpu:
-        port, target = struct.unpack("<II", raw)
-        rc = ev.bind_vcpu(port, target)
-    else:
-        (port,) = struct.unpack("<I", raw)
-        if cmd == EVTCHNOP_close:
-            rc = ev.close(port)
-        elif cmd == EVTCHNOP_send:
-            rc = ev.send(port)
-        else:
-            rc = ev.unmask(port)
-    if out is not None:
-        if out[1] < 0:
-            return out[1]
-        try:
-            hv.copy_to_guest(vcpu, arg + out[0], struct.pack("<I", out[1]))
-        except GuestFault:
-            return -EFAULT
-        return 0
-    return rc if rc is not None else -EINVAL
+        return _port_out(vcpu, arg, op, ev.bind_virq(op.virq, op.vcpu))
+    if cmd == EVTCHNOP_bind_ipi:
+        return _port_out(vcpu, arg, op, ev.bind_ipi(op.vcpu))
+    if cmd == EVTCHNOP_alloc_unbound:
+        return _port_out(vcpu, arg, op, ev.alloc_unbound(op.remote_dom))
+    if cmd == EVTCHNOP_bind_vcpu:
+        return ev.bind_vcpu(op.port, op.vcpu)
+    if cmd == EVTCHNOP_close:
+        return ev.close(op.port)
+    if cmd == EVTCHNOP_send:
+        return ev.send(op.port)
+    return ev.unmask(op.port)
+
+
+def _port_out(vcpu: Vcpu, arg: int, op: ctypes.LittleEndianStructure, port: int) -> int:
+    """A new port goes back in the caller's struct, as Xen copies the whole
+    struct back; an error goes back as the result alone."""
+    if port < 0:
+        return port
+    op.port = port  # type: ignore[attr-defined]
+    try:
+        vcpu.copy_to_guest(arg, bytes(op))
+    except GuestFault:
+        return -EFAULT
+    return 0
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.walker import GuestFault
@@ -14,7 +14,9 @@ from hypervisor.public.sched import (
     SCHEDOP_yield,
     SHUTDOWN_soft_reset,
     SHUTDOWN_suspend,
+    sched_shutdown,
 )
+from hypervisor.scheduler import fire_timer
 
 if TYPE_CHECKING:
     from hypervisor.cpu.vcpu import Vcpu
@@ -40,7 +42,8 @@ def do_sched_op(vcpu: Vcpu, cmd: int, arg: int, *rest: int) -> int:
         return 0
     if cmd in (SCHEDOP_shutdown, SCHEDOP_shutdown_code):
         try:
-            (reason,) = struct.unpack("<I", dom.hypervisor.copy_from_guest(vcpu, arg, 4))
+            reason = sched_shutdown.from_buffer_copy(
+                vcpu.copy_from_guest(arg, ctypes.sizeof(sched_shutdown))).reason
         except GuestFault:
             return -EFAULT
         if reason > SHUTDOWN_soft_reset:
@@ -50,7 +53,7 @@ def do_sched_op(vcpu: Vcpu, cmd: int, arg: int, *rest: int) -> int:
         if reason == SHUTDOWN_suspend:
             # x86 PV: rdx (the third argument) holds start_info's mfn and must
             # survive: the toolstack reads it from the VCPU context
-            dom.hypervisor.suspend_domain(dom, vcpu)
+            dom.suspend()
             return 0
         dom.shutdown(reason)
         return 0
@@ -61,5 +64,5 @@ def do_set_timer_op(vcpu: Vcpu, timeout: int, *_: int) -> int:
     """One-shot timer at absolute system time ``timeout`` ns; 0 cancels it."""
     vcpu.timer_deadline = timeout
     if timeout and timeout <= vcpu.clock:
-        vcpu.domain.hypervisor.fire_timer(vcpu)
+        fire_timer(vcpu)
     return 0

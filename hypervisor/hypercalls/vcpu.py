@@ -23,7 +23,7 @@ def do_vcpu_op(vcpu: Vcpu, cmd: int, vcpuid: int, arg: int, *_: int) -> int:
         if target.initialised:
             return -EEXIST
         try:
-            raw = dom.hypervisor.copy_from_guest(vcpu, arg, CONTEXT_SIZE)
+            raw = vcpu.copy_from_guest(arg, CONTEXT_SIZE)
         except GuestFault:
             return -EFAULT
         rc = set_context(target, raw)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
+from hypervisor.mm.memory import PAGE_SIZE
 from hypervisor.mm.walker import GuestFault
+from hypervisor.public.arch_x86 import HYPERVISOR_VIRT_START
 from hypervisor.public.errno import EFAULT, ENOSYS
+from hypervisor.public.version import (
+    XEN_CAPABILITIES_INFO_LEN,
+    XEN_CHANGESET_INFO_LEN,
+    XEN_EXTRAVERSION_LEN,
+    xen_compile_info,
+    xen_feature_info,
+    xen_platform_parameters,
+)
 from hypervisor.public.xen import (
     XENVER_capabilities,
     XENVER_changeset,
@@ -24,12 +33,12 @@ if TYPE_CHECKING:
 XEN_MAJOR, XEN_MINOR = 4, 19  # the ABI modelled: Xen 4.19's public headers
 EXTRAVERSION = b"-pvlab"
 CAPABILITIES = b"xen-3.0-x86_64"
-HYPERVISOR_VIRT_START = 0xFFFF800000000000
+CHANGESET = b"pvlab"
 
 
 def _put(vcpu: Vcpu, arg: int, data: bytes) -> int:
     try:
-        vcpu.domain.hypervisor.copy_to_guest(vcpu, arg, data)
+        vcpu.copy_to_guest(arg, data)
     except GuestFault:
         return -EFAULT
     return 0
@@ -39,17 +48,18 @@ def do_xen_version(vcpu: Vcpu, cmd: int, arg: int, *_: int) -> int:
     if cmd == XENVER_version:
         return (XEN_MAJOR << 16) | XEN_MINOR
     if cmd == XENVER_extraversion:
-        return _put(vcpu, arg, EXTRAVERSION.ljust(16, b"\0"))
+        return _put(vcpu, arg, EXTRAVERSION.ljust(XEN_EXTRAVERSION_LEN, b"\0"))
     if cmd == XENVER_capabilities:
-        return _put(vcpu, arg, CAPABILITIES.ljust(1024, b"\0"))
+        return _put(vcpu, arg, CAPABILITIES.ljust(XEN_CAPABILITIES_INFO_LEN, b"\0"))
     if cmd == XENVER_changeset:
-        return _put(vcpu, arg, b"pvlab".ljust(64, b"\0"))
+        return _put(vcpu, arg, CHANGESET.ljust(XEN_CHANGESET_INFO_LEN, b"\0"))
     if cmd == XENVER_compile_info:
-        return _put(vcpu, arg, b"\0" * (64 + 16 + 32 + 32))
+        return _put(vcpu, arg, bytes(xen_compile_info()))
     if cmd == XENVER_platform_parameters:
-        return _put(vcpu, arg, struct.pack("<Q", HYPERVISOR_VIRT_START))
+        return _put(vcpu, arg, bytes(xen_platform_parameters(HYPERVISOR_VIRT_START)))
     if cmd == XENVER_get_features:
-        return _put(vcpu, arg, struct.pack("<II", 0, 0))
+        return _put(vcpu, arg, bytes(xen_feature_info(0, 0)))
     if cmd == XENVER_pagesize:
-        return 4096
+        return PAGE_SIZE
     return -ENOSYS
+

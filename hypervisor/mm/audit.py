@@ -1,5 +1,6 @@
-"""The frame-accounting invariants of DESIGN.md section 7, checked by a full
-recount from the pagetables (what Xen's own audit code did in debug builds).
+"""The frame-accounting invariants, checked by a full recount from the
+pagetables (what Xen's own audit code did in debug builds). They must hold
+after every hypercall, every toolstack operation and every restore:
 
 * every machine frame is owned by exactly one domain, by the hypervisor, or free;
 * M2P and each guest's p2m agree for every populated pfn (a property of a
@@ -15,16 +16,26 @@ empty after every operation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from hypervisor.mm.frames import DOMID_XEN, FREE, INVALID_MFN, PageType
+from hypervisor.mm.frames import DOMID_XEN, FREE, PageType
 from hypervisor.mm.pagetable import is_guest_l4_slot
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_RW, PTE_FRAME_MASK
+from hypervisor.public.xen import INVALID_MFN
 
 if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
+    from hypervisor.domain import Domain
+    from hypervisor.machine import Machine
+
+
+class Hypervisor(Protocol):
+    """What the audit reads: the machine and its domains."""
+
+    machine: Machine
+    domains: Mapping[int, Domain]
 
 _FRAME = np.uint64(PTE_FRAME_MASK)
 
@@ -136,7 +147,7 @@ def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
     return problems
 
 
-def _guest_p2m(hv: Hypervisor, dom) -> np.ndarray:
+def _guest_p2m(hv: Hypervisor, dom: Domain) -> np.ndarray:
     """The guest's own p2m list, read from its frames."""
     mem = hv.machine.memory
     out = np.empty(dom.p2m_size, dtype=np.uint64)

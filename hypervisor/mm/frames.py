@@ -27,12 +27,13 @@ import enum
 import numpy as np
 
 from hypervisor.mm.memory import MachineMemory
+from hypervisor.public.xen import DOMID_XEN, INVALID_MFN
 
 FREE = -1
 CHUNK_FRAMES = 512  # 2 MiB
-DOMID_XEN = 0x7FF2  # xen.h: the hypervisor's own frames
-INVALID_M2P = np.uint64(0xFFFFFFFFFFFFFFFF)
-INVALID_MFN = np.uint64(0xFFFFFFFFFFFFFFFF)  # a p2m entry with no frame (Xen's INVALID_MFN)
+# the old names of hypervisor.public.xen.INVALID_MFN, kept for toolstack/ and
+# devices/ until they import it from there
+INVALID_M2P = INVALID_MFN
 
 
 class PageType(enum.IntEnum):
@@ -143,7 +144,7 @@ class FrameTable:
         self.allocated[mfn] = False
         self.xenheap[mfn] = False
         if self.m2p is not None:
-            self.m2p[mfn] = INVALID_M2P
+            self.m2p[mfn] = INVALID_MFN
         self._free.append(mfn)
 
     def owned_by(self, domid: int) -> np.ndarray:

@@ -16,12 +16,13 @@ guest at all, -EINVAL.
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.pagetable import LEVEL_TYPE, is_guest_l4_slot
 from hypervisor.mm.walker import GuestFault
+from hypervisor.public.arch_x86 import _PAGE_ACCESSED, _PAGE_DIRTY, HYPERVISOR_VIRT_START
 from hypervisor.public.errno import EACCES, EFAULT, EINVAL, ENOSYS, EOPNOTSUPP, EPERM, ESRCH
 from hypervisor.public.xen import (
     DOMID_IO,
@@ -52,25 +53,32 @@ from hypervisor.public.xen import (
     UVMF_ALL,
     UVMF_FLUSHTYPE_MASK,
     UVMF_LOCAL,
+    mmu_update,
+    mmuext_op,
 )
 
 if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
     from hypervisor.cpu.vcpu import Vcpu
     from hypervisor.domain import Domain
+    from hypervisor.machine import Machine
 
 _MULTI_OPS = (MMUEXT_TLB_FLUSH_MULTI, MMUEXT_INVLPG_MULTI)
-_AD_BITS = 0x20 | 0x40
+_AD_BITS = _PAGE_ACCESSED | _PAGE_DIRTY
 LDT_MAX_ENTS = 8192
 FOREIGN = object()  # a page owner that is not the caller (refused by XSM)
+_MMU_UPDATE_SIZE = ctypes.sizeof(mmu_update)
+_MMUEXT_OP_SIZE = ctypes.sizeof(mmuext_op)
+# the lower half of the 48-bit address space ends here; above it, up to the
+# hypervisor's range, addresses are not canonical
+CANONICAL_LOW_END = 1 << 47
 
 
 class Mmu:
-    def __init__(self, hypervisor: Hypervisor) -> None:
-        self.hv = hypervisor
-        self.types = hypervisor.machine.types
-        self.frames = hypervisor.machine.frames
-        self.memory = hypervisor.machine.memory
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.types = machine.types
+        self.frames = machine.frames
+        self.memory = machine.memory
 
     # --- helpers -------------------------------------------------------------------
 
@@ -80,7 +88,7 @@ class Mmu:
             return vcpu.domain
         if domid == vcpu.domain.domid:
             return None  # "Cannot specify itself as foreign domain"
-        if domid in (DOMID_IO, DOMID_XEN) or self.hv.domain_by_id(domid) is not None:
+        if domid in (DOMID_IO, DOMID_XEN) or vcpu.domain.domain_by_id(domid) is not None:
             return FOREIGN
         return None  # "Unknown domain"
 
@@ -129,7 +137,7 @@ class Mmu:
     def _vcpumask_ok(self, vcpu: Vcpu, ptr: int) -> bool:
         """A vcpu bitmap (UVMF_MULTI / *_MULTI ops) must be readable."""
         try:
-            self.hv.copy_from_guest(vcpu, ptr, 8)
+            vcpu.copy_from_guest(ptr, 8)
         except GuestFault:
             return False
         return True
@@ -142,7 +150,7 @@ class Mmu:
             count &= ~MMU_UPDATE_PREEMPTED
             if pdone:
                 try:
-                    (done,) = struct.unpack("<I", self.hv.copy_from_guest(vcpu, pdone, 4))
+                    done = ctypes.c_uint32.from_buffer_copy(vcpu.copy_from_guest(pdone, 4)).value
                 except GuestFault:
                     done = 0
         return count, done
@@ -150,7 +158,7 @@ class Mmu:
     def _report(self, vcpu: Vcpu, pdone: int, done: int, rc: int) -> int:
         if pdone:
             try:
-                self.hv.copy_to_guest(vcpu, pdone, struct.pack("<I", done))
+                vcpu.copy_to_guest(pdone, bytes(ctypes.c_uint32(done)))
             except GuestFault:
                 pass  # as in Xen, a bad pdone does not change the result
         return rc
@@ -165,7 +173,7 @@ class Mmu:
         pt_dom = (foreigndom >> 16) & 0xFFFF
         pt_foreign = False
         if pt_dom:
-            pt_owner = self.hv.domain_by_id(pt_dom - 1)
+            pt_owner = dom.domain_by_id(pt_dom - 1)
             if pt_owner is None:
                 return -ESRCH
             pt_foreign = pt_owner is not dom
@@ -176,10 +184,12 @@ class Mmu:
         i = 0
         for i in range(count):
             try:
-                ptr, val = struct.unpack("<QQ", self.hv.copy_from_guest(vcpu, reqs + 16 * i, 16))
+                req = mmu_update.from_buffer_copy(
+                    vcpu.copy_from_guest(reqs + _MMU_UPDATE_SIZE * i, _MMU_UPDATE_SIZE))
             except GuestFault:
                 rc = -EFAULT
                 break
+            ptr, val = req.ptr, req.val
             cmd = ptr & 3
             if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD,
                        MMU_PT_UPDATE_NO_TRANSLATE):
@@ -195,20 +205,20 @@ class Mmu:
                 elif not self.owned(mfn, dom):
                     rc = -EINVAL  # "Could not get page for mach->phys update"
                 else:
-                    self.hv.machine.set_m2p(mfn, val)
+                    self.machine.set_m2p(mfn, val)
             if rc:
                 break
         else:
             i = count
         if count:
-            self.hv.flush_tlbs(dom)
+            dom.flush_tlbs()
         return self._report(vcpu, pdone, done + i, rc)
 
     # --- update_va_mapping -----------------------------------------------------------
 
     def update_va_mapping(self, vcpu: Vcpu, va: int, val: int, flags: int, *_: int) -> int:
         dom = vcpu.domain
-        maddr = self.hv.walker.l1e_maddr(vcpu.guest_table, va)
+        maddr = self.machine.walker.l1e_maddr(vcpu.guest_table, va)
         if maddr is None:
             return -EINVAL  # no L1 maps va
         l1 = maddr >> 12
@@ -221,7 +231,7 @@ class Mmu:
         if flags & UVMF_FLUSHTYPE_MASK and target not in (UVMF_LOCAL, UVMF_ALL) \
                 and not self._vcpumask_ok(vcpu, target):
             return -EFAULT
-        self.hv.flush_tlbs(dom)
+        dom.flush_tlbs()
         return 0
 
     # --- mmuext_op -----------------------------------------------------------------
@@ -241,18 +251,18 @@ class Mmu:
         i = 0
         for i in range(count):
             try:
-                cmd, _pad, arg1, arg2 = struct.unpack(
-                    "<IIQQ", self.hv.copy_from_guest(vcpu, ops + 24 * i, 24))
+                op = mmuext_op.from_buffer_copy(
+                    vcpu.copy_from_guest(ops + _MMUEXT_OP_SIZE * i, _MMUEXT_OP_SIZE))
             except GuestFault:
                 rc = -EFAULT
                 break
-            rc = self._one_op(vcpu, dom, cmd, arg1, arg2)
+            rc = self._one_op(vcpu, dom, op.cmd, op.arg1.mfn, op.arg2.src_mfn)
             if rc:
                 break
         else:
             i = count
         if count:
-            self.hv.flush_tlbs(dom)
+            dom.flush_tlbs()
         return self._report(vcpu, pdone, done + i, rc)
 
     def _one_op(self, vcpu: Vcpu, dom: Domain, cmd: int, arg1: int, arg2: int) -> int:
@@ -320,8 +330,8 @@ class Mmu:
         if cmd == MMUEXT_SET_LDT:
             ents = arg2 & 0xFFFFFFFF
             ptr = arg1 if ents else 0
-            if ptr & 0xFFF or ents > LDT_MAX_ENTS or ptr >= 0x0000800000000000 and \
-                    ptr < 0xFFFF800000000000:
+            if ptr & 0xFFF or ents > LDT_MAX_ENTS or \
+                    CANONICAL_LOW_END <= ptr < HYPERVISOR_VIRT_START:
                 return -EINVAL  # "Bad args to SET_LDT"
             vcpu.ldt_base, vcpu.ldt_ents = ptr, ents
             return 0

@@ -15,10 +15,9 @@ end at once, but the encoding is honoured on the way in.
 from __future__ import annotations
 
 import ctypes
-import struct
 from typing import TYPE_CHECKING
 
-from hypervisor.mm.frames import INVALID_M2P, OutOfMemory
+from hypervisor.mm.frames import OutOfMemory
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, ENXIO, EPERM, ESRCH
 from hypervisor.public.memory import (
@@ -32,29 +31,29 @@ from hypervisor.public.memory import (
     XENMEM_populate_physmap,
     xen_memory_reservation,
 )
-from hypervisor.public.xen import DOMID_SELF
+from hypervisor.public.xen import DOMID_SELF, INVALID_MFN, domid_t, xen_pfn_t
 
 if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
     from hypervisor.cpu.vcpu import Vcpu
     from hypervisor.domain import Domain
+    from hypervisor.machine import Machine
 
 DOMU_MAX_ORDER = 9  # CONFIG_DOMU_MAX_ORDER on x86: 2 MiB extents at most
 _RES_SIZE = ctypes.sizeof(xen_memory_reservation)
+_PFN_SIZE = ctypes.sizeof(xen_pfn_t)
 UINT_MAX = 0xFFFFFFFF
 
 
 class Reservation:
-    def __init__(self, hypervisor: Hypervisor) -> None:
-        self.hv = hypervisor
-        self.machine = hypervisor.machine
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
 
     def _target(self, vcpu: Vcpu, domid: int) -> Domain | int:
         """The domain a memory op names: the caller (DOMID_SELF or its own id);
         another existing domain is refused as XSM refuses a domU (-EPERM)."""
         if domid in (DOMID_SELF, vcpu.domain.domid):
             return vcpu.domain
-        if self.hv.domain_by_id(domid) is None:
+        if vcpu.domain.domain_by_id(domid) is None:
             return -ESRCH
         return -EPERM
 
@@ -70,7 +69,8 @@ class Reservation:
             if start:
                 return -EINVAL
             try:
-                (domid,) = struct.unpack("<H", self.hv.copy_from_guest(vcpu, arg, 2))
+                domid = domid_t.from_buffer_copy(
+                    vcpu.copy_from_guest(arg, ctypes.sizeof(domid_t))).value
             except GuestFault:
                 return -EFAULT
             d = self._target(vcpu, domid)
@@ -82,7 +82,7 @@ class Reservation:
     def _reservation(self, vcpu: Vcpu, op: int, start: int, arg: int) -> int:
         try:
             res = xen_memory_reservation.from_buffer_copy(
-                self.hv.copy_from_guest(vcpu, arg, _RES_SIZE))
+                vcpu.copy_from_guest(arg, _RES_SIZE))
         except GuestFault:
             return start
         if res.nr_extents > (UINT_MAX >> MEMOP_EXTENT_SHIFT) or start >= res.nr_extents:
@@ -95,10 +95,11 @@ class Reservation:
                 XENMEM_populate_physmap: self._populate_one}[op]
         done = start
         for i in range(start, res.nr_extents):
-            if not step(vcpu, d, res.extent_start + 8 * i, res.extent_start, res.extent_order):
+            slot = res.extent_start + _PFN_SIZE * i
+            if not step(vcpu, d, slot, res.extent_start, res.extent_order):
                 break
             done = i + 1
-        self.hv.flush_tlbs(d)
+        d.flush_tlbs()
         return done
 
     # --- one extent each ------------------------------------------------------------
@@ -114,14 +115,14 @@ class Reservation:
 
     def _put_u64(self, vcpu: Vcpu, va: int, value: int) -> bool:
         try:
-            self.hv.copy_to_guest(vcpu, va, struct.pack("<Q", value))
+            vcpu.copy_to_guest(va, bytes(xen_pfn_t(value)))
         except GuestFault:
             return False
         return True
 
     def _get_u64(self, vcpu: Vcpu, va: int) -> int | None:
         try:
-            return struct.unpack("<Q", self.hv.copy_from_guest(vcpu, va, 8))[0]
+            return xen_pfn_t.from_buffer_copy(vcpu.copy_from_guest(va, _PFN_SIZE)).value
         except GuestFault:
             return None
 
@@ -159,7 +160,7 @@ class Reservation:
             return -EINVAL
         if ft.xenheap[mfn] or not types.get_page(mfn, d.domid):
             return -ENXIO  # "Bad page free for domain"
-        self.machine.m2p[mfn] = INVALID_M2P
+        self.machine.m2p[mfn] = INVALID_MFN
         if ft.pinned[mfn]:
             ft.pinned[mfn] = False
             types.put_page_and_type(mfn)

@@ -38,6 +38,7 @@ _PAGE_GLOBAL = 0x100
 _PAGE_NX = 1 << 63
 PTE_FRAME_MASK = 0x000FFFFFFFFFF000
 
+X86_EFLAGS_MBS = 1 << 1  # reads as one on every x86
 X86_EFLAGS_IF = 1 << 9
 
 # vcpu_guest_context.flags

@@ -1,4 +1,9 @@
-"""event_channel_op commands (xen/include/public/event_channel.h)."""
+"""event_channel_op commands and their argument structs
+(xen/include/public/event_channel.h)."""
+
+import ctypes
+
+evtchn_port_t = ctypes.c_uint32
 
 EVTCHNOP_bind_interdomain = 0
 EVTCHNOP_bind_virq = 1
@@ -14,3 +19,37 @@ EVTCHNOP_reset = 10
 EVTCHNOP_init_control = 11
 EVTCHNOP_expand_array = 12
 EVTCHNOP_set_priority = 13
+
+
+class evtchn_alloc_unbound(ctypes.LittleEndianStructure):
+    """EVTCHNOP_alloc_unbound: a port for ``remote_dom`` to bind; 8 bytes."""
+    _fields_ = [("dom", ctypes.c_uint16), ("remote_dom", ctypes.c_uint16),
+                ("port", evtchn_port_t)]
+
+
+class evtchn_bind_virq(ctypes.LittleEndianStructure):
+    """EVTCHNOP_bind_virq: ``virq`` on ``vcpu``; the port comes back; 12 bytes."""
+    _fields_ = [("virq", ctypes.c_uint32), ("vcpu", ctypes.c_uint32), ("port", evtchn_port_t)]
+
+
+class evtchn_bind_ipi(ctypes.LittleEndianStructure):
+    """EVTCHNOP_bind_ipi: an IPI port to ``vcpu``; the port comes back; 8 bytes."""
+    _fields_ = [("vcpu", ctypes.c_uint32), ("port", evtchn_port_t)]
+
+
+class evtchn_close(ctypes.LittleEndianStructure):
+    """EVTCHNOP_close (also the layout of evtchn_send and evtchn_unmask); 4 bytes."""
+    _fields_ = [("port", evtchn_port_t)]
+
+
+class evtchn_send(evtchn_close):
+    """EVTCHNOP_send; 4 bytes."""
+
+
+class evtchn_unmask(evtchn_close):
+    """EVTCHNOP_unmask; 4 bytes."""
+
+
+class evtchn_bind_vcpu(ctypes.LittleEndianStructure):
+    """EVTCHNOP_bind_vcpu: deliver ``port`` to ``vcpu``; 8 bytes."""
+    _fields_ = [("port", evtchn_port_t), ("vcpu", ctypes.c_uint32)]

@@ -1,4 +1,7 @@
-"""sched_op commands and shutdown reasons (xen/include/public/sched.h)."""
+"""sched_op commands, shutdown reasons and argument structs
+(xen/include/public/sched.h)."""
+
+import ctypes
 
 SCHEDOP_yield = 0
 SCHEDOP_block = 1
@@ -15,3 +18,8 @@ SHUTDOWN_suspend = 2
 SHUTDOWN_crash = 3
 SHUTDOWN_watchdog = 4
 SHUTDOWN_soft_reset = 5
+
+
+class sched_shutdown(ctypes.LittleEndianStructure):
+    """SCHEDOP_shutdown and SCHEDOP_shutdown_code: the reason; 4 bytes."""
+    _fields_ = [("reason", ctypes.c_uint32)]

@@ -66,9 +66,6 @@ class Hypercall(enum.IntEnum):
 
 
 # mmu_update commands: ptr[1:0]
-# struct multicall_entry: op, result, args[6]
-MULTICALL_ENTRY_SIZE = 64
-
 MMU_NORMAL_PT_UPDATE = 0
 MMU_MACHPHYS_UPDATE = 1
 MMU_PT_UPDATE_PRESERVE_AD = 2
@@ -154,6 +151,20 @@ SIF_VIRT_P2M_4TOOLS = 1 << 4
 
 XEN_LEGACY_MAX_VCPUS = 32
 NR_EVENT_CHANNELS = 64 * 64  # 2-level ABI, 64-bit guest
+
+
+domid_t = ctypes.c_uint16
+xen_pfn_t = ctypes.c_uint64  # a pfn or mfn in a guest's list (memory_op's extents)
+
+
+class multicall_entry(ctypes.LittleEndianStructure):
+    """struct multicall_entry (xen.h), 64 bytes on x86-64: a hypercall and
+    its result, written back in place."""
+    _fields_ = [("op", ctypes.c_uint64), ("result", ctypes.c_uint64),
+                ("args", ctypes.c_uint64 * 6)]
+
+
+MULTICALL_ENTRY_SIZE = ctypes.sizeof(multicall_entry)
 
 
 class mmu_update(ctypes.LittleEndianStructure):

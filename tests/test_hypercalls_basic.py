@@ -22,7 +22,10 @@ from hypervisor.public.sched import SCHEDOP_shutdown
 from hypervisor.public.vcpu import VCPUOP_is_up, VCPUOP_up
 from hypervisor.public.xen import (
     NR_VIRQS,
+    VIRQ_DEBUGGER,
     VIRQ_TIMER,
+    VIRQ_XENOPROF,
+    VIRQ_XENPMU,
     CONSOLEIO_write,
     Hypercall,
     XENVER_pagesize,
@@ -103,6 +106,18 @@ def test_event_channel_ops():
         return (rc1, port > 0, rc2, rc3, rc4, ipi > port, rc5, rc6, rc7, rc8, rc9, rc10)
     rc, _ = run_probe(fn)
     assert rc == (0, True, -EEXIST, -EINVAL, 0, True, 0, -EINVAL, 0, 0, -EINVAL, -ENOSYS)
+
+
+def test_bind_virq_per_vcpu_or_global():
+    """Xen's virq_is_global (common/event_channel.c): VIRQ_TIMER, VIRQ_DEBUG,
+    VIRQ_XENOPROF and VIRQ_XENPMU are per-vcpu and bind on any vcpu; every other
+    virq is global and binds on vcpu 0 only (-EINVAL elsewhere), VIRQ_DEBUGGER
+    (6) among them. pvlab had 6 where XENOPROF (7) belongs, and no XENPMU."""
+    def fn(cpu):
+        return tuple(_evtchn(cpu, EVTCHNOP_bind_virq, "<III", virq, 1, 0)[0]
+                     for virq in (VIRQ_XENOPROF, VIRQ_XENPMU, VIRQ_DEBUGGER))
+    rc, _ = run_probe(fn)
+    assert rc == (0, 0, -EINVAL)
 
 
 def test_sched_op_shutdown_needs_readable_reason():

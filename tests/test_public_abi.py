@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from hypervisor.public import arch_x86, errno, xen
+from hypervisor.public import arch_x86, callback, errno, event_channel, sched, version, xen
 from hypervisor.public.arch_x86 import cpu_user_regs, trap_info, vcpu_guest_context
 from hypervisor.public.native import pvlab_image_header
 from hypervisor.public.xen import (
@@ -33,6 +33,31 @@ def test_struct_sizes():
     assert ctypes.sizeof(mmuext_op) == 24
     assert ctypes.sizeof(arch_x86.iret_context) == 72
     assert ctypes.sizeof(pvlab_image_header) == 72
+
+
+def test_hypercall_argument_struct_sizes():
+    """The structs hypercall arguments are read through (callback.h,
+    event_channel.h, sched.h, xen.h, version.h)."""
+    assert ctypes.sizeof(callback.callback_register) == 16
+    assert callback.callback_register.address.offset == 8
+    assert ctypes.sizeof(callback.callback_unregister) == 4
+    assert ctypes.sizeof(event_channel.evtchn_bind_virq) == 12
+    assert event_channel.evtchn_bind_virq.port.offset == 8
+    assert ctypes.sizeof(event_channel.evtchn_bind_ipi) == 8
+    assert event_channel.evtchn_bind_ipi.port.offset == 4
+    assert ctypes.sizeof(event_channel.evtchn_alloc_unbound) == 8
+    assert event_channel.evtchn_alloc_unbound.port.offset == 4
+    assert ctypes.sizeof(event_channel.evtchn_bind_vcpu) == 8
+    for op in (event_channel.evtchn_close, event_channel.evtchn_send,
+               event_channel.evtchn_unmask):
+        assert ctypes.sizeof(op) == 4
+    assert ctypes.sizeof(sched.sched_shutdown) == 4
+    assert ctypes.sizeof(xen.multicall_entry) == xen.MULTICALL_ENTRY_SIZE == 64
+    assert xen.multicall_entry.result.offset == 8 and xen.multicall_entry.args.offset == 16
+    assert ctypes.sizeof(xen.domid_t) == 2 and ctypes.sizeof(xen.xen_pfn_t) == 8
+    assert ctypes.sizeof(version.xen_compile_info) == 144
+    assert ctypes.sizeof(version.xen_platform_parameters) == 8
+    assert ctypes.sizeof(version.xen_feature_info) == 8
 
 
 def test_offsets():

@@ -13,7 +13,9 @@ a hypervisor needs are reached directly:
   context blob.
 
 Both are private layouts, found at run time with marker values; the project pins
-``unicorn==2.1.4`` for that reason (shared/reference/unicorn.md, gotchas 1 and 13).
+``unicorn==2.1.4`` for that reason: Unicorn never runs the CPU's interrupt
+delivery, so a fault a hook handled stays in ``old_exception`` and the next one
+becomes a double fault, and the page-fault error code is in no public API.
 """
 
 from __future__ import annotations
@@ -259,8 +261,8 @@ class CpuEnv:
     """Access to the private ``CPUX86State`` fields Unicorn leaves out of its API.
 
     ``env->error_code`` sits 16 bytes before ``dr[0]`` and ``env->old_exception``
-    96 bytes after it in Unicorn 2.1.4's ``CPUX86State``
-    (shared/reference/unicorn-measurements.md, cross-cutting facts 2 and 4).
+    96 bytes after it in Unicorn 2.1.4's ``CPUX86State`` (measured on that
+    version; ``dr[0]`` itself is found with a marker value).
     """
 
     def __init__(self, uc: Uc) -> None:
@@ -309,8 +311,8 @@ uclib.uc_vmem_translate.argtypes = [
 def vmem_translate(uc: Uc, va: int, prot: int = UC_PROT_READ) -> int | None:
     """Physical address of ``va`` through the engine's current CR3, or None.
 
-    A failed translation writes the guest's CR2 (gotcha 14): callers that care
-    save and restore CR2 around it."""
+    A failed translation writes the guest's CR2 (Unicorn raises the fault as
+    the MMU would): callers that care save and restore CR2 around it."""
     pa = ctypes.c_uint64()
     err = uclib.uc_vmem_translate(uc._uch, va, prot, ctypes.byref(pa))
     return pa.value if err == 0 else None

@@ -194,7 +194,7 @@ class Vcpu:
 
     def write_regs(self, **regs: int) -> None:
         """Write some registers; a new RIP is corrected inside a syscall hook
-        (Unicorn adds the syscall's length after the hook: gotcha 3)."""
+        (Unicorn adds the syscall's two bytes after the hook returns)."""
         rip = regs.pop("rip", None)
         rflags = regs.pop("rflags", None)
         gpr = self.gpr

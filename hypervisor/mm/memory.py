@@ -30,7 +30,7 @@ class MachineMemory:
         self.u8 = np.frombuffer(self.buf, dtype=np.uint8)
         self.u64 = np.frombuffer(self.buf, dtype=np.uint64)
         # the host address Unicorn maps; keep self.buf alive as long as any engine
-        # uses it (mem_map_ptr does not hold a reference: gotcha 11)
+        # uses it (mem_map_ptr does not hold a reference)
         self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
 
     def frame(self, mfn: int) -> np.ndarray:

@@ -266,58 +266,16 @@ class Mmu:
         return self._report(vcpu, pdone, done + i, rc)
 
     def _one_op(self, vcpu: Vcpu, dom: Domain, cmd: int, arg1: int, arg2: int) -> int:
-        ft = self.frames
-        types = self.types
+        """One mmuext_op (Xen's do_mmuext_op switch): 0 or a negative errno."""
         mfn = arg1
         if MMUEXT_PIN_L1_TABLE <= cmd <= MMUEXT_PIN_L4_TABLE:
-            if not (0 < mfn < ft.nr_frames and types.get_page(mfn, dom.domid)):
-                return -EINVAL  # not the owner's frame
-            rc = types.get_page_type(mfn, LEVEL_TYPE[cmd - MMUEXT_PIN_L1_TABLE + 1], dom.domid)
-            if rc:
-                types.put_page(mfn)
-                return rc
-            if ft.pinned[mfn]:
-                types.put_page_and_type(mfn)
-                return -EINVAL  # "mfn already pinned"
-            ft.pinned[mfn] = True
-            return 0
+            return self._pin(dom, mfn, LEVEL_TYPE[cmd - MMUEXT_PIN_L1_TABLE + 1])
         if cmd == MMUEXT_UNPIN_TABLE:
-            if not self.owned(mfn, dom):
-                return -EINVAL  # "mfn bad, or bad owner"
-            if not ft.pinned[mfn]:
-                return -EINVAL  # "mfn not pinned"
-            ft.pinned[mfn] = False
-            types.put_page_and_type(mfn)
-            return 0
+            return self._unpin(dom, mfn)
         if cmd == MMUEXT_NEW_BASEPTR:
-            if mfn == vcpu.guest_table:
-                return 0
-            if not self.owned(mfn, dom):
-                return -EINVAL
-            rc = types.get_page_and_type(mfn, PageType.l4, dom.domid)
-            if rc:
-                return rc
-            old, vcpu.guest_table = vcpu.guest_table, mfn
-            if vcpu.in_kernel:
-                vcpu.load_cr3(mfn)
-            if old:
-                types.put_page_and_type(old)
-            return 0
+            return self._new_baseptr(vcpu, dom, mfn)
         if cmd == MMUEXT_NEW_USER_BASEPTR:
-            if mfn == vcpu.guest_table_user:
-                return 0
-            if mfn:
-                if not self.owned(mfn, dom):
-                    return -EINVAL
-                rc = types.get_page_and_type(mfn, PageType.l4, dom.domid)
-                if rc:
-                    return rc
-            old, vcpu.guest_table_user = vcpu.guest_table_user, mfn
-            if not vcpu.in_kernel:
-                vcpu.load_cr3(mfn)
-            if old:
-                types.put_page_and_type(old)
-            return 0
+            return self._new_user_baseptr(vcpu, dom, mfn)
         if cmd in (MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_INVLPG_LOCAL, MMUEXT_TLB_FLUSH_ALL,
                    MMUEXT_INVLPG_ALL):
             return 0  # the flush after the batch covers it
@@ -328,13 +286,7 @@ class Mmu:
         if cmd == MMUEXT_FLUSH_CACHE_GLOBAL:
             return -EINVAL
         if cmd == MMUEXT_SET_LDT:
-            ents = arg2 & 0xFFFFFFFF
-            ptr = arg1 if ents else 0
-            if ptr & 0xFFF or ents > LDT_MAX_ENTS or \
-                    CANONICAL_LOW_END <= ptr < HYPERVISOR_VIRT_START:
-                return -EINVAL  # "Bad args to SET_LDT"
-            vcpu.ldt_base, vcpu.ldt_ents = ptr, ents
-            return 0
+            return self._set_ldt(vcpu, arg1, arg2 & 0xFFFFFFFF)
         if cmd == MMUEXT_CLEAR_PAGE:
             return self._with_writable(dom, mfn, lambda: self.memory.clear_frame(mfn))
         if cmd == MMUEXT_COPY_PAGE:
@@ -347,6 +299,71 @@ class Mmu:
         if cmd in (MMUEXT_MARK_SUPER, MMUEXT_UNMARK_SUPER):
             return -EOPNOTSUPP
         return -ENOSYS
+
+    def _pin(self, dom: Domain, mfn: int, ptype: PageType) -> int:
+        """MMUEXT_PIN_Ln_TABLE: a type reference the guest holds until it unpins."""
+        ft, types = self.frames, self.types
+        if not (0 < mfn < ft.nr_frames and types.get_page(mfn, dom.domid)):
+            return -EINVAL  # not the owner's frame
+        rc = types.get_page_type(mfn, ptype, dom.domid)
+        if rc:
+            types.put_page(mfn)
+            return rc
+        if ft.pinned[mfn]:
+            types.put_page_and_type(mfn)
+            return -EINVAL  # "mfn already pinned"
+        ft.pinned[mfn] = True
+        return 0
+
+    def _unpin(self, dom: Domain, mfn: int) -> int:
+        ft = self.frames
+        if not self.owned(mfn, dom):
+            return -EINVAL  # "mfn bad, or bad owner"
+        if not ft.pinned[mfn]:
+            return -EINVAL  # "mfn not pinned"
+        ft.pinned[mfn] = False
+        self.types.put_page_and_type(mfn)
+        return 0
+
+    def _new_baseptr(self, vcpu: Vcpu, dom: Domain, mfn: int) -> int:
+        """MMUEXT_NEW_BASEPTR: the kernel's L4, with a type reference on it."""
+        if mfn == vcpu.guest_table:
+            return 0
+        if not self.owned(mfn, dom):
+            return -EINVAL
+        rc = self.types.get_page_and_type(mfn, PageType.l4, dom.domid)
+        if rc:
+            return rc
+        old, vcpu.guest_table = vcpu.guest_table, mfn
+        if vcpu.in_kernel:
+            vcpu.load_cr3(mfn)
+        if old:
+            self.types.put_page_and_type(old)
+        return 0
+
+    def _new_user_baseptr(self, vcpu: Vcpu, dom: Domain, mfn: int) -> int:
+        """MMUEXT_NEW_USER_BASEPTR: the user L4 (0 for none)."""
+        if mfn == vcpu.guest_table_user:
+            return 0
+        if mfn:
+            if not self.owned(mfn, dom):
+                return -EINVAL
+            rc = self.types.get_page_and_type(mfn, PageType.l4, dom.domid)
+            if rc:
+                return rc
+        old, vcpu.guest_table_user = vcpu.guest_table_user, mfn
+        if not vcpu.in_kernel:
+            vcpu.load_cr3(mfn)
+        if old:
+            self.types.put_page_and_type(old)
+        return 0
+
+    def _set_ldt(self, vcpu: Vcpu, ptr: int, ents: int) -> int:
+        ptr = ptr if ents else 0
+        if ptr & 0xFFF or ents > LDT_MAX_ENTS or CANONICAL_LOW_END <= ptr < HYPERVISOR_VIRT_START:
+            return -EINVAL  # "Bad args to SET_LDT"
+        vcpu.ldt_base, vcpu.ldt_ents = ptr, ents
+        return 0
 
     def _with_writable(self, dom: Domain, mfn: int, action) -> int:
         """Do ``action`` on a frame that can be a writable page right now: never

@@ -25,20 +25,25 @@ import numpy as np
 from hypervisor.mm.frames import DOMID_XEN, FREE, FrameTable, PageType
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, MachineMemory
 from hypervisor.public.arch_x86 import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_GLOBAL,
     _PAGE_PRESENT,
     _PAGE_PSE,
     _PAGE_RW,
+    _PAGE_USER,
     PTE_FRAME_MASK,
     ROOT_PAGETABLE_FIRST_XEN_SLOT,
     ROOT_PAGETABLE_LAST_XEN_SLOT,
 )
 from hypervisor.public.errno import EBUSY, EINVAL, EPERM
 
-# Flags a PV guest may set (xen.md 5.2: base_disallow_mask): present, rw, user,
-# accessed, dirty, the available bits and NX. PWT/PCD/PSE/GLOBAL are refused
-# except GLOBAL in an L1.
-_L1_ALLOWED = 0x1 | 0x2 | 0x4 | 0x20 | 0x40 | 0x100 | 0xE00
-_L2_ALLOWED = 0x1 | 0x2 | 0x4 | 0x20 | 0x40 | 0xE00
+# Flags a PV guest may set (the complement of Xen's base_disallow_mask):
+# present, rw, user, accessed, dirty, the available bits and NX. PWT/PCD/PSE/
+# GLOBAL are refused, except GLOBAL in an L1.
+_PAGE_AVAIL = 0xE00  # bits 9-11, the software's own
+_L2_ALLOWED = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_AVAIL
+_L1_ALLOWED = _L2_ALLOWED | _PAGE_GLOBAL
 _U64_FRAME = np.uint64(PTE_FRAME_MASK)
 
 LEVEL_TYPE = {1: PageType.l1, 2: PageType.l2, 3: PageType.l3, 4: PageType.l4}

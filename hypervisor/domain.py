@@ -18,7 +18,14 @@ from unicorn.unicorn_py3.unicorn import uclib
 from hypervisor.cpu.vcpu import GuestExits, Vcpu
 from hypervisor.evtchn import EventChannels
 from hypervisor.mm.memory import PAGE_SHIFT
-from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_suspend
+from hypervisor.public.sched import (
+    SHUTDOWN_crash,
+    SHUTDOWN_poweroff,
+    SHUTDOWN_reboot,
+    SHUTDOWN_soft_reset,
+    SHUTDOWN_suspend,
+    SHUTDOWN_watchdog,
+)
 from hypervisor.public.xen import shared_info
 
 if TYPE_CHECKING:
@@ -26,8 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_NAMES = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog",
-                  5: "soft_reset"}
+SHUTDOWN_NAMES = {SHUTDOWN_poweroff: "poweroff", SHUTDOWN_reboot: "reboot",
+                  SHUTDOWN_suspend: "suspend", SHUTDOWN_crash: "crash",
+                  SHUTDOWN_watchdog: "watchdog", SHUTDOWN_soft_reset: "soft_reset"}
 
 # uc_ctl(UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0)): the binding has no wrapper for it
 _UC_CTL_IO_WRITE = 1

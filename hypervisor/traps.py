@@ -15,13 +15,29 @@ import ctypes
 import struct
 from typing import TYPE_CHECKING
 
+from hypervisor.cpu.vcpu import (
+    X86_EXC_BP,
+    X86_EXC_DB,
+    X86_EXC_DE,
+    X86_EXC_DF,
+    X86_EXC_GP,
+    X86_EXC_PF,
+    X86_EXC_UD,
+)
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.arch_x86 import (
     FLAT_KERNEL_CS64,
     FLAT_KERNEL_SS64,
     FLAT_USER_CS64,
     FLAT_USER_SS64,
+    TI_DPL_MASK,
+    TI_IF,
     X86_EFLAGS_IF,
+    X86_EFLAGS_IOPL,
+    X86_EFLAGS_NT,
+    X86_EFLAGS_RF,
+    X86_EFLAGS_TF,
+    X86_EFLAGS_VM,
     VGCF_in_syscall,
     iret_context,
 )
@@ -29,15 +45,12 @@ from hypervisor.public.arch_x86 import (
 if TYPE_CHECKING:
     from hypervisor.cpu.vcpu import Vcpu
 
-EFLAGS_TF, EFLAGS_IOPL, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 1 << 8, 3 << 12, 1 << 14, 1 << 16, 1 << 17
-TI_FLAG_DPL_MASK = 3
-TI_FLAG_IF = 4  # trap_info flags bit 2: mask events on entry
-
-X86_EXC_UD, X86_EXC_GP = 6, 13
+USER_DPL = 3  # int N from the guest needs a gate it may use
 SELECTOR_IDT = 2  # error code of a fault on a gate: the selector is an IDT index
 
-EXCEPTION_NAMES = {0: "divide error", 1: "debug", 3: "breakpoint", 6: "invalid opcode",
-                   8: "double fault", 13: "general protection fault", 14: "page fault"}
+EXCEPTION_NAMES = {X86_EXC_DE: "divide error", X86_EXC_DB: "debug", X86_EXC_BP: "breakpoint",
+                   X86_EXC_UD: "invalid opcode", X86_EXC_DF: "double fault",
+                   X86_EXC_GP: "general protection fault", X86_EXC_PF: "page fault"}
 
 
 def create_bounce_frame(vcpu: Vcpu, handler: int, error_code: int | None = None,
@@ -72,8 +85,8 @@ def create_bounce_frame(vcpu: Vcpu, handler: int, error_code: int | None = None,
         return False
     if mask_events:
         vi.evtchn_upcall_mask = 1
-    vcpu.write_regs(rsp=sp, rflags=rflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM),
-                    rip=handler)
+    entry_clears = X86_EFLAGS_TF | X86_EFLAGS_NT | X86_EFLAGS_RF | X86_EFLAGS_VM
+    vcpu.write_regs(rsp=sp, rflags=rflags & ~entry_clears, rip=handler)
     return True
 
 
@@ -81,7 +94,7 @@ def inject(vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
            software: bool = False) -> None:
     """Deliver an exception to the guest kernel's trap table entry."""
     flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
-    if software and (flags & TI_FLAG_DPL_MASK) < 3:
+    if software and (flags & TI_DPL_MASK) < USER_DPL:
         # int N needs a gate with DPL 3, or it is a #GP on the gate (vector<<3|2)
         vector, error_code, cr2 = X86_EXC_GP, (vector << 3) | SELECTOR_IDT, None
         flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
@@ -95,7 +108,7 @@ def inject(vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
         vcpu.domain.crash(vcpu, f"{what}{detail}{err} in guest {mode} mode at rip "
                           f"{vcpu.get_rip():#x}, and no trap handler is registered")
         return
-    create_bounce_frame(vcpu, addr, error_code, mask_events=bool(flags & TI_FLAG_IF))
+    create_bounce_frame(vcpu, addr, error_code, mask_events=bool(flags & TI_IF))
 
 
 def bounce_syscall(vcpu: Vcpu) -> None:
@@ -133,7 +146,7 @@ def do_iret(vcpu: Vcpu, *_: int) -> int:
         if vcpu.in_kernel:
             vcpu.toggle_guest_mode()
     regs = {"rsp": ctx.rsp,
-            "rflags": (ctx.rflags & ~(EFLAGS_IOPL | EFLAGS_VM)) | X86_EFLAGS_IF}
+            "rflags": (ctx.rflags & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) | X86_EFLAGS_IF}
     if not ctx.flags & VGCF_in_syscall:
         regs["r11"], regs["rcx"] = ctx.r11, ctx.rcx
     vcpu.write_regs(rip=ctx.rip, **regs)

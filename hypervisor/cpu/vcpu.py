@@ -76,8 +76,10 @@ MSR_EFER = 0xC0000080
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 RFLAGS_DEFAULT = X86_EFLAGS_IF | X86_EFLAGS_MBS
 
+# exception vectors (Xen's X86_EXC_*)
 X86_EXC_DE, X86_EXC_DB, X86_EXC_BP, X86_EXC_UD = 0, 1, 3, 6
 X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
+FIRST_EXTERNAL_VECTOR = 32  # vectors below are exceptions; int N above is software
 
 
 class MmioBus(Protocol):
@@ -314,7 +316,8 @@ class Vcpu:
         elif intno in (X86_EXC_GP,):
             exits.inject(self, intno, self.env.fault_error_code(), None)
         else:
-            exits.inject(self, intno, None, None, software=intno >= 32 or intno == X86_EXC_BP)
+            software = intno >= FIRST_EXTERNAL_VECTOR or intno == X86_EXC_BP
+            exits.inject(self, intno, None, None, software=software)
         exits.return_to_guest(self)
 
     def _on_invalid(self, uc: Uc, ud: Any) -> bool:

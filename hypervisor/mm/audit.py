@@ -16,7 +16,7 @@ empty after every operation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -40,7 +40,8 @@ class Hypervisor(Protocol):
 _FRAME = np.uint64(PTE_FRAME_MASK)
 
 
-def validated_tables(hv: Hypervisor, io_mfns: list[tuple[int, int, int]] | None = None):
+def validated_tables(hv: Hypervisor, io_mfns: list[tuple[int, int, int]] | None = None,
+                     ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """(mfn, level, present ptes, their target mfns) for every validated
     pagetable of every guest; Xen's own L4 slots are left out, and entries
     that map device memory (beyond RAM) go to ``io_mfns`` as (table, level,

@@ -39,7 +39,17 @@ _PAGE_NX = 1 << 63
 PTE_FRAME_MASK = 0x000FFFFFFFFFF000
 
 X86_EFLAGS_MBS = 1 << 1  # reads as one on every x86
+X86_EFLAGS_TF = 1 << 8
 X86_EFLAGS_IF = 1 << 9
+X86_EFLAGS_IOPL = 3 << 12
+X86_EFLAGS_NT = 1 << 14
+X86_EFLAGS_RF = 1 << 16
+X86_EFLAGS_VM = 1 << 17
+
+# trap_info.flags: the gate's DPL in bits 0-1 (TI_GET_DPL), and bit 2 (TI_GET_IF)
+# to mask events on entry, as an interrupt gate clears IF
+TI_DPL_MASK = 3
+TI_IF = 1 << 2
 
 # vcpu_guest_context.flags
 VGCF_i387_valid = 1 << 0

@@ -1,10 +1,14 @@
 """Binding a Python guest kernel to a domain: native entry points.
 
-The image's native text range holds int3 bytes that never execute: a code hook
-bound to the range runs the Python function for the address instead, then
-either returns to the caller (pop the return address, result in rax) or makes
-the hypercall the function ended with, resuming at its continuation
-(hypervisor/public/native.py has the contract).
+The image's native text range holds int3 bytes that never execute: the range
+is mapped no-execute, so a jump there faults at exactly the entry's address,
+and the VCPU's exception hook runs the Python function for that address
+instead. The function then either returns to the caller (pop the return
+address, result in rax) or makes the hypercall it ended with, resuming at its
+continuation (hypervisor/public/native.py has the contract).
+
+A native call reaches nothing but its VCPU: the machine's walker and memory,
+and the exits the VCPU was given (the hypercall table, the MMIO bus).
 """
 
 from __future__ import annotations

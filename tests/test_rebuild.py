@@ -35,7 +35,7 @@ def run(stops: list[int], vcpus: int = 2, seed: int = 1) -> str:
             if r.reason != "running":
                 break
             forget_the_kernel()
-            dom.rebuild_vcpus()
+            hv.rebuild_vcpus(dom)
             assert audit(hv) == []
         r = run_domain(hv, dom)
         assert r.reason == "poweroff", r.console.decode() + dom.crash_report
@@ -75,7 +75,7 @@ def test_the_suspend_path_survives_a_rebuild_at_every_step():
                 if "shutdown request" in out and "suspend: done" not in out:
                     inside.append(out.splitlines()[-1])
                 forget_the_kernel()
-                dom.rebuild_vcpus()
+                hv.rebuild_vcpus(dom)
                 assert audit(hv) == []
             r = run_domain(hv, dom, requests=[req] if req.at_ns > done else [])
             assert r.reason == "poweroff", r.console.decode() + dom.crash_report

@@ -59,7 +59,8 @@ class Domain:
         self.scheduler = scheduler
         self.exits = exits          # given to each VCPU
         # the hypervisor object, for toolstack/ and devices/ until they go
-        # through hypervisor.domctl; nothing in the hypervisor's own layers uses it
+        # through hypervisor.domctl; in this module only the old name
+        # rebuild_vcpus uses it, and no lower module does
         self.hypervisor: Any = None
         self.domid = domid
         self.name = name

@@ -37,17 +37,18 @@ from hypervisor.public.arch_x86 import (
 )
 from hypervisor.public.xen import INVALID_MFN
 
-XEN_TEXT_SLOT = 261
-XEN_TEXT_VIRT = 0xFFFF828000000000  # L4 slot 261
+
+def l4_slot(va: int) -> int:
+    return (va >> 39) & 511
+
+
+XEN_TEXT_VIRT = 0xFFFF828000000000
+XEN_TEXT_SLOT = l4_slot(XEN_TEXT_VIRT)   # 261
 BOOT_STUB_VA = XEN_TEXT_VIRT
 BOOT_STACK_VA = XEN_TEXT_VIRT + PAGE_SIZE
 GDT_VA = XEN_TEXT_VIRT + 0x10000
 GDT_RESERVED_PAGE = 14  # selectors 0xe000.. live in GDT page 14, as in Xen
-M2P_SLOT = 256
-
-
-def l4_slot(va: int) -> int:
-    return (va >> 39) & 511
+M2P_SLOT = l4_slot(MACH2PHYS_VIRT_START)  # 256
 
 
 def _descriptor(code: bool) -> int:

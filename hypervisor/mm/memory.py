@@ -13,9 +13,11 @@ import mmap
 
 import numpy as np
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
+
 ENTRIES_PER_TABLE = PAGE_SIZE // 8
+
+__all__ = ["ENTRIES_PER_TABLE", "PAGE_SHIFT", "PAGE_SIZE", "MachineMemory"]
 
 
 class MachineMemory:

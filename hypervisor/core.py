@@ -12,7 +12,7 @@ from unicorn.unicorn_const import UC_CTL_TLB_FLUSH
 from unicorn.unicorn_py3.unicorn import uclib
 
 from hypervisor.cpu.vcpu import Vcpu
-from hypervisor.devices.mmio import MmioBus
+from hypervisor.devices.bus import MmioBus
 from hypervisor.domain import Domain
 from hypervisor.hypercalls.callback import (
     do_callback_op,

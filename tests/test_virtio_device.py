@@ -13,10 +13,12 @@ the last tests throw random rings and register writes at the device.
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unicorn import UcError
 
-from hypervisor.devices.balloon import QUEUE_SIZE, REQUEST_MAX_BYTES, BalloonError
-from hypervisor.devices.mmio import MMIO_BASE, MMIO_NONE
-from hypervisor.devices.virtio_mmio import PVLAB_VENDOR_ID
+from hypervisor.devices.balloon import (
+    QUEUE_SIZE,
+    REQUEST_MAX_BYTES,
+    STATE_KEYS,
+    BalloonError,
+    BalloonMetrics,
+    restore_state,
+    save_state,
+)
+from hypervisor.devices.bus import MMIO_BASE, MMIO_NONE
+from hypervisor.devices.virtio.mmio import PVLAB_VENDOR_ID, VirtioMmio, VirtioMmioMetrics
 from hypervisor.mm.audit import audit
 from hypervisor.mm.frames import FREE, INVALID_M2P, PageType
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
@@ -355,7 +365,7 @@ def test_identity_registers(env):
     assert drv.read(VIRTIO_MMIO_QUEUE_NUM_MAX) == 0  # no fourth queue
     assert drv.read(VIRTIO_MMIO_STATUS) == 0
     assert drv.read(VIRTIO_MMIO_INTERRUPT_STATUS) == 0
-    assert drv.t.counters["bad_accesses"] == 0
+    assert drv.t.metrics.bad_accesses == 0
 
 
 @pytest.mark.parametrize("oom", [False, True])
@@ -385,7 +395,7 @@ def test_device_feature_words(oom):
 def test_bad_register_reads_give_zero_and_are_counted(env, offset, size):
     _, _, drv = env
     assert drv.read(offset, size) == 0
-    assert drv.t.counters["bad_accesses"] == 1
+    assert drv.t.metrics.bad_accesses == 1
 
 
 def test_bad_register_writes_are_ignored_and_counted(env):
@@ -400,7 +410,7 @@ def test_bad_register_writes_are_ignored_and_counted(env):
     drv.write(VIRTIO_MMIO_QUEUE_NUM_MAX, 8)
     drv.write(VIRTIO_MMIO_INTERRUPT_STATUS, 3)
     drv.write(0x0F8, 1)                                 # nothing there
-    assert t.counters["bad_accesses"] == 8
+    assert t.metrics.bad_accesses == 8
     assert drv.read(VIRTIO_MMIO_MAGIC_VALUE) == VIRTIO_MMIO_MAGIC
     assert drv.read(VIRTIO_MMIO_DEVICE_ID) == VIRTIO_ID_BALLOON
 
@@ -417,13 +427,13 @@ def test_config_space_reads(env):
         [0x78, 0x56, 0x34, 0x12, 0x0D, 0x0C, 0x0B, 0x0A]
     assert drv.read(cfg, 2) == 0x5678 and drv.read(cfg + 2, 2) == 0x1234
     assert drv.read(cfg + 6, 2) == 0x0A0B
-    assert drv.t.counters["bad_accesses"] == 0
+    assert drv.t.metrics.bad_accesses == 0
     assert drv.read(cfg + 1, 2) == 0                   # misaligned
     assert drv.read(cfg + 2, 4) == 0
     assert drv.read(cfg + 8, 4) == 0                   # beyond the balloon's 8 bytes
     assert drv.read(cfg + 6, 4) == 0                   # runs past them
     assert drv.read(0x200, 4) == 0                     # beyond the register window
-    assert drv.t.counters["bad_accesses"] == 5
+    assert drv.t.metrics.bad_accesses == 5
 
 
 @pytest.mark.parametrize("size", [0, 3, 5, 16])
@@ -437,7 +447,7 @@ def test_odd_access_sizes_are_bad_accesses(env, size):
     for offset in (VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG + 3, VIRTIO_MMIO_STATUS):
         assert drv.read(offset, size) == 0
         drv.write(offset, 0, size)
-    assert drv.t.counters["bad_accesses"] == 6
+    assert drv.t.metrics.bad_accesses == 6
     assert drv.status == ACK | DRIVER and drv.t.device.actual == 0
 
 
@@ -447,7 +457,7 @@ def test_config_space_writes(env):
     cfg = VIRTIO_MMIO_CONFIG
     bal.set_target(100)
     drv.write(cfg + 4, 7)                               # before DRIVER: refused
-    assert bal.actual == 0 and drv.t.counters["bad_accesses"] == 1
+    assert bal.actual == 0 and drv.t.metrics.bad_accesses == 1
     drv.write(VIRTIO_MMIO_STATUS, ACK)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER)
     drv.write(cfg + 4, 0x11223344)
@@ -456,14 +466,14 @@ def test_config_space_writes(env):
     assert bal.actual == 0x1122AA44
     drv.write(cfg + 6, 0xBEEF, size=2)
     assert bal.actual == 0xBEEFAA44
-    before = drv.t.counters["bad_accesses"]
+    before = drv.t.metrics.bad_accesses
     drv.write(cfg, 5)                                   # num_pages is the host's
     drv.write(cfg + 2, 5, size=2)
     drv.write(cfg + 3, 0xFFFF, size=2)                  # misaligned
     drv.write(cfg + 8, 1)                               # beyond
     assert bal.num_pages == 100 and drv.read(cfg) == 100
     assert bal.actual == 0xBEEFAA44
-    assert drv.t.counters["bad_accesses"] == before + 4
+    assert drv.t.metrics.bad_accesses == before + 4
 
 
 def test_config_generation_and_interrupt_on_target_change(env):
@@ -472,14 +482,14 @@ def test_config_generation_and_interrupt_on_target_change(env):
     g0 = drv.read(VIRTIO_MMIO_CONFIG_GENERATION)
     bal.set_target(10)                                 # before DRIVER_OK: no interrupt
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == g0 + 1
-    assert drv.isr == 0 and t.counters["interrupts"] == 0
+    assert drv.isr == 0 and t.metrics.interrupts == 0
     assert not pending_event(dom, t.port)
     drv.start()
     bal.set_target(20)
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == g0 + 2
     assert drv.read(VIRTIO_MMIO_CONFIG) == 20
     assert drv.isr == VIRTIO_MMIO_INT_CONFIG
-    assert t.counters["interrupts"] == 1
+    assert t.metrics.interrupts == 1
     assert pending_event(dom, t.port)
     drv.write(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG)
     assert drv.isr == 0
@@ -497,7 +507,7 @@ def test_address_with_no_device_reads_all_ones(env):
     assert hv.bus.read(dom, MMIO_BASE - PAGE_SIZE, 1) == 0xFF
     hv.bus.write(dom, nowhere, 4, 0)
     assert hv.bus.unclaimed == before + 4
-    assert drv.t.counters["bad_accesses"] == 0
+    assert drv.t.metrics.bad_accesses == 0
 
 
 def test_another_domain_cannot_reach_the_device(env):
@@ -509,7 +519,7 @@ def test_another_domain_cannot_reach_the_device(env):
     assert hv.bus.read(other, t.base + VIRTIO_MMIO_MAGIC_VALUE, 4) == 0xFFFFFFFF
     hv.bus.write(other, t.base + VIRTIO_MMIO_STATUS, 4, ACK)
     assert hv.bus.unclaimed == before + 2
-    assert t.status == 0 and t.counters["bad_accesses"] == 0
+    assert t.status == 0 and t.metrics.bad_accesses == 0
     # nor do its VCPUs' engines map the page
     with pytest.raises(UcError):
         other.vcpus[0].uc.mem_read(t.base, 4)
@@ -556,8 +566,8 @@ def test_handshake(env):
     drv.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0)
     drv.write(VIRTIO_MMIO_DRIVER_FEATURES, 0)
     assert t.negotiated(VIRTIO_BALLOON_F_STATS_VQ)
-    assert t.counters["bad_accesses"] == 1
-    assert t.counters["ring_errors"] == 0 and t.counters["features_refused"] == 0
+    assert t.metrics.bad_accesses == 1
+    assert t.metrics.ring_errors == 0 and t.metrics.features_refused == 0
 
 
 @pytest.mark.parametrize("features", [0, 1 << VIRTIO_BALLOON_F_STATS_VQ,   # no VERSION_1
@@ -572,7 +582,7 @@ def test_features_ok_refused(env, features):
     drv.set_features(features)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK)
     assert drv.status == ACK | DRIVER     # FEATURES_OK does not read back
-    assert t.counters["features_refused"] == 1
+    assert t.metrics.features_refused == 1
     # the queues cannot be set up, DRIVER_OK is not taken
     drv.write(VIRTIO_MMIO_QUEUE_SEL, 0)
     drv.write(VIRTIO_MMIO_QUEUE_READY, 1)
@@ -583,7 +593,7 @@ def test_features_ok_refused(env, features):
     drv.set_features(WANTED)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK)
     assert drv.status == ACK | DRIVER | FEATURES_OK
-    assert drv.t.counters["features_refused"] == 2
+    assert drv.t.metrics.features_refused == 2
 
 
 def test_status_bits_in_order(env):
@@ -598,7 +608,7 @@ def test_status_bits_in_order(env):
     drv.set_features(WANTED)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | DRIVER_OK)  # DRIVER_OK before FEATURES_OK
     assert drv.status == ACK | DRIVER
-    assert t.counters["bad_accesses"] == 3
+    assert t.metrics.bad_accesses == 3
 
 
 def test_clearing_status_bits_is_refused(env):
@@ -607,7 +617,7 @@ def test_clearing_status_bits_is_refused(env):
     for bad in (ACK | DRIVER | FEATURES_OK, ACK, DRIVER_OK | FEATURES_OK | DRIVER):
         drv.write(VIRTIO_MMIO_STATUS, bad)
         assert drv.status == ALL_OK
-    assert drv.t.counters["bad_accesses"] == 3
+    assert drv.t.metrics.bad_accesses == 3
     drv.write(VIRTIO_MMIO_STATUS, ALL_OK | VIRTIO_CONFIG_S_FAILED)  # FAILED is always taken
     assert drv.status == ALL_OK | VIRTIO_CONFIG_S_FAILED
 
@@ -626,7 +636,7 @@ def test_reset_clears_everything(env):
         assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
         assert t.queues[q].desc == t.queues[q].avail == t.queues[q].used == 0
         assert t.queues[q].last_avail == t.queues[q].used_idx == 0
-    assert t.counters["resets"] == 2  # start() resets once first
+    assert t.metrics.resets == 2  # start() resets once first
     assert t.driver_features == 0
     assert not [x for x in hv.scheduler.timers if x[2] is bal]
     assert bal.num_pages == 3  # the target survives a reset
@@ -641,7 +651,7 @@ def test_queue_registers_locked_while_ready(env):
     drv.negotiate()
     ring = drv.setup_queue(INFLATE, num=64)
     q = t.queues[INFLATE]
-    bad = t.counters["bad_accesses"]
+    bad = t.metrics.bad_accesses
     drv.write(VIRTIO_MMIO_QUEUE_NUM, 8)
     drv.write(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000)
     drv.write(VIRTIO_MMIO_QUEUE_DESC_HIGH, 1)
@@ -650,7 +660,7 @@ def test_queue_registers_locked_while_ready(env):
     drv.write(VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000)
     drv.write(VIRTIO_MMIO_QUEUE_USED_HIGH, 1)
     assert (q.num, q.desc, q.avail, q.used) == (64, ring.desc, ring.avail, ring.used)
-    assert t.counters["bad_accesses"] == bad + 7
+    assert t.metrics.bad_accesses == bad + 7
     # QueueReady 0 unlocks them
     drv.write(VIRTIO_MMIO_QUEUE_READY, 0)
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
@@ -667,14 +677,14 @@ def test_queue_registers_need_features_ok(env):
     drv.write(VIRTIO_MMIO_QUEUE_NUM, 8)
     drv.write(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000)
     assert t.queues[0].num == QUEUE_SIZE and t.queues[0].desc == 0
-    assert t.counters["bad_accesses"] == 2
+    assert t.metrics.bad_accesses == 2
     drv.set_features(WANTED)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK)
     drv.write(VIRTIO_MMIO_QUEUE_SEL, 7)  # no such queue
     drv.write(VIRTIO_MMIO_QUEUE_NUM, 8)
     drv.write(VIRTIO_MMIO_QUEUE_READY, 1)
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
-    assert t.counters["bad_accesses"] == 4
+    assert t.metrics.bad_accesses == 4
 
 
 @pytest.mark.parametrize("num", [0, 3, 100, 512, 1 << 31])
@@ -688,7 +698,7 @@ def test_bad_queue_size_needs_reset(env, num):
     assert drv.status & NEEDS_RESET
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == gen + 1
     assert drv.isr == 0  # no interrupt before DRIVER_OK
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.ring_errors == 1
     drv.write(VIRTIO_MMIO_STATUS, 0)
     assert drv.status == 0
     drv.start()
@@ -706,7 +716,7 @@ def test_power_of_two_queue_sizes_work(env, num):
         assert ft.owner[mfn] == FREE
     idx, elems = drv.used(drv.rings[INFLATE])
     assert idx == num + 3 and len(elems) == num
-    assert drv.t.counters["ring_errors"] == 0 and drv.status == ALL_OK
+    assert drv.t.metrics.ring_errors == 0 and drv.status == ALL_OK
 
 
 # --- 3. notify rules -------------------------------------------------------------------
@@ -725,12 +735,12 @@ def test_notifies_that_are_discarded(env):
     drv.notify(DEFLATE)   # not ready
     drv.notify(5)         # no such queue
     drv.notify(0xFFFF)
-    assert t.counters["notifies_discarded"] == 3
+    assert t.metrics.notifies_discarded == 3
     assert t.queues[INFLATE].last_avail == 0 and ft.owner[victim] == dom.domid
     drv.write(VIRTIO_MMIO_STATUS, 0)
     drv.notify(INFLATE)   # after a reset
-    assert t.counters["notifies_discarded"] == 4
-    assert t.counters["notifies"] == 0
+    assert t.metrics.notifies_discarded == 4
+    assert t.metrics.notifies == 0
     assert ft.owner[victim] == dom.domid
     assert drv.used(ring)[0] == 0
     assert audit(hv, p2m=False) == []
@@ -745,15 +755,15 @@ def test_stats_notify_before_driver_ok_is_held(env):
     entries = stats_bytes([(4, 1000), (5, 4096)])
     drv.add(drv.rings[STATS], [(drv.buffer(entries), len(entries), False)])
     drv.notify(STATS)
-    assert t.counters["notifies_held"] == 1
-    assert t.counters["notifies"] == 0
+    assert t.metrics.notifies_held == 1
+    assert t.metrics.notifies == 0
     assert bal.stats == {} and bal.stats_held is None
     assert t.queues[STATS].last_avail == 0
     drv.driver_ok()
     assert t.queues[STATS].last_avail == 1
     assert bal.stats == {"free-memory": 1000, "total-memory": 4096}
     assert bal.stats_held == 0
-    assert t.counters["notifies"] == 1
+    assert t.metrics.notifies == 1
 
 
 def test_inflate_notify_before_driver_ok_is_served_at_driver_ok(env):
@@ -764,7 +774,7 @@ def test_inflate_notify_before_driver_ok_is_served_at_driver_ok(env):
     mfn = drv.frame()
     drv.request(INFLATE, [mfn])
     drv.request(INFLATE, [])  # two notifies, one held kick
-    assert t.counters["notifies_held"] == 2
+    assert t.metrics.notifies_held == 2
     assert ft.owner[mfn] == dom.domid and drv.isr == 0
     drv.driver_ok()
     assert ft.owner[mfn] == FREE
@@ -783,14 +793,14 @@ def test_held_notify_is_dropped_if_the_device_needs_reset(env):
     drv.setup_queue(INFLATE)
     mfn = drv.frame()
     drv.request(INFLATE, [mfn])
-    assert t.counters["notifies_held"] == 1
+    assert t.metrics.notifies_held == 1
     drv.setup_queue(DEFLATE, num=3)  # a bad size: DEVICE_NEEDS_RESET
     assert drv.status & NEEDS_RESET
     drv.write(VIRTIO_MMIO_STATUS, ALL_OK)
     assert drv.status & NEEDS_RESET
     assert ft.owner[mfn] == dom.domid
     assert t.queues[INFLATE].last_avail == 0
-    assert t.counters["notifies"] == 0
+    assert t.metrics.notifies == 0
 
 
 # --- 4. inflate and deflate ------------------------------------------------------------
@@ -814,8 +824,8 @@ def test_inflate_frees_unused_frames(env):
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert drv.isr & VIRTIO_MMIO_INT_VRING
     assert pending_event(dom, t.port)
-    assert t.counters["interrupts"] == 1 and t.counters["notifies"] == 1
-    assert bal.counters["freed"] == 3 and bal.counters["refused"] == 0
+    assert t.metrics.interrupts == 1 and t.metrics.notifies == 1
+    assert bal.metrics.freed == 3 and bal.metrics.refused == 0
     assert flushes == [dom.domid]
     guard.check()
 
@@ -843,7 +853,7 @@ def test_inflate_without_interrupt_when_suppressed(env):
     drv.request(INFLATE, [mfn])
     assert hv.machine.frames.owner[mfn] == FREE
     assert drv.used(ring)[0] == 1
-    assert drv.isr == 0 and drv.t.counters["interrupts"] == 0
+    assert drv.isr == 0 and drv.t.metrics.interrupts == 0
 
 
 REFUSED = {
@@ -874,7 +884,7 @@ def test_inflate_refuses_frames_in_use_or_not_the_domains(env, kind):
     guard = Guard(hv, dom)
     free0 = ft.nr_free
     head = drv.request(INFLATE, [mfn, good])
-    assert bal.counters["refused"] == 1 and bal.counters["freed"] == 1
+    assert bal.metrics.refused == 1 and bal.metrics.freed == 1
     assert ft.nr_free == free0 + 1 and ft.owner[good] == FREE
     if owner is not None:
         assert ft.owner[mfn] == owner
@@ -893,7 +903,7 @@ def test_inflate_refuses_another_domains_frame(env):
     guard = Guard(hv, dom)
     drv.request(INFLATE, [theirs])
     assert ft.owner[theirs] == other.domid and ft.ref_count[theirs] == 1
-    assert drv.t.device.counters["refused"] == 1
+    assert drv.t.device.metrics.refused == 1
     guard.check()
 
 
@@ -912,7 +922,7 @@ def test_malformed_inflate_buffer_is_acked_not_acted_on(env, shape):
     head = drv.add(drv.rings[INFLATE], bufs)
     drv.notify(INFLATE)
     assert ft.owner[mfn] == dom.domid
-    assert bal.counters["malformed"] == 1 and bal.counters["freed"] == 0
+    assert bal.metrics.malformed == 1 and bal.metrics.freed == 0
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert drv.status == ALL_OK
     guard.check()
@@ -935,13 +945,13 @@ def test_inflate_request_size_is_bounded(env):
     h2 = drv.add(ring, [(big, 4 * 128, False), (big + 4 * 128, 4 * 129, False)])
     drv.notify(INFLATE)
     assert all(ft.owner[m] == dom.domid for m in frames)
-    assert bal.counters["malformed"] == 2 and bal.counters["freed"] == 0
+    assert bal.metrics.malformed == 2 and bal.metrics.freed == 0
     assert drv.used(ring) == (2, [(h1, 0), (h2, 0)])
     # 256 is fine; a device-writable buffer does not count against the limit
     h3 = drv.add(ring, [(big, 4 * 256, False), (drv.buffer(b""), 4096, True)])
     drv.notify(INFLATE)
     assert all(ft.owner[m] == FREE for m in frames[:256]) and ft.owner[frames[256]] == dom.domid
-    assert bal.counters["freed"] == 256 and bal.counters["malformed"] == 3
+    assert bal.metrics.freed == 256 and bal.metrics.malformed == 3
     assert drv.used(ring)[1][2] == (h3, 0)
     assert drv.status == ALL_OK
     assert audit(hv, p2m=False) == []
@@ -964,7 +974,7 @@ def test_huge_buffers_are_cheap(env):
         drv.notify(q)
     assert time.perf_counter() - start < 1.0
     bal = drv.t.device
-    assert bal.counters["malformed"] == 3 and bal.counters["refused"] == 0
+    assert bal.metrics.malformed == 3 and bal.metrics.refused == 0
     assert bal.stats == {} and bal.stats_held == 0
     assert drv.status == ALL_OK
     guard.check()
@@ -979,8 +989,8 @@ def test_deflate_counts_the_domains_frames(env):
     guard = Guard(hv, dom)
     free0 = ft.nr_free
     head = drv.request(DEFLATE, [*mine, 1, free_frame(hv), ft.nr_frames])
-    assert bal.counters["deflated"] == 2 and bal.counters["refused"] == 3
-    assert bal.counters["freed"] == 0 and ft.nr_free == free0
+    assert bal.metrics.deflated == 2 and bal.metrics.refused == 3
+    assert bal.metrics.freed == 0 and ft.nr_free == free0
     assert all(ft.owner[m] == dom.domid for m in mine)
     assert drv.used(drv.rings[DEFLATE]) == (1, [(head, 0)])
     assert drv.isr & VIRTIO_MMIO_INT_VRING
@@ -997,7 +1007,7 @@ def test_inflate_twice_the_same_frame_frees_it_once(env):
     drv.request(INFLATE, [mfn, mfn])
     drv.request(INFLATE, [mfn])
     assert ft.nr_free == free0 + 1
-    assert bal.counters["freed"] == 1 and bal.counters["refused"] == 2
+    assert bal.metrics.freed == 1 and bal.metrics.refused == 2
     assert audit(hv, p2m=False) == []
 
 
@@ -1039,7 +1049,7 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     # set aside: still owned, but no longer a pfn of the guest
     assert [hv.machine.m2p[m] == INVALID_M2P for m in victims] == [True, True, False, False]
     assert ft.nr_free == free0
-    assert bal.counters["inhibited"] == 2 and bal.counters["freed"] == 0
+    assert bal.metrics.inhibited == 2 and bal.metrics.freed == 0
     assert audit(hv, p2m=False) == []
     with pytest.raises(BalloonError, match="inhibited"):
         bal.set_target(10)
@@ -1052,7 +1062,7 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     assert bal.uninhibit() == 4
     assert all(ft.owner[m] == FREE for m in victims)
     assert ft.nr_free == free0 + 4
-    assert bal.counters["freed"] == 4 and bal.set_aside == []
+    assert bal.metrics.freed == 4 and bal.set_aside == []
     guard.check()
     with pytest.raises(BalloonError, match="not inhibited"):
         bal.uninhibit()
@@ -1073,7 +1083,7 @@ def test_inhibited_frame_listed_twice_is_freed_once(env):
     drv.request(INFLATE, [mfn])
     bal.uninhibit()
     assert ft.owner[mfn] == FREE and ft.nr_free == free0 + 1
-    assert bal.counters["freed"] == 1
+    assert bal.metrics.freed == 1
     assert ft._free.count(mfn) == 1
     assert audit(hv, p2m=False) == []
 
@@ -1092,7 +1102,7 @@ def test_set_aside_frame_taken_back_is_not_freed(env):
     hv.machine.set_m2p(kept, 5)
     assert bal.uninhibit() == 1
     assert ft.owner[kept] == dom.domid and ft.owner[gone] == FREE
-    assert bal.counters["refused"] == 1
+    assert bal.metrics.refused == 1
     assert audit(hv, p2m=False) == []
 
 
@@ -1112,7 +1122,7 @@ def test_stats_buffer_is_parsed(env):
     assert bal.stats_updated_ns == hv.scheduler.now()
     assert bal.stats_held == 0
     assert drv.used(drv.rings[STATS])[0] == 0  # held, not returned
-    assert bal.counters["malformed"] == 0
+    assert bal.metrics.malformed == 0
 
 
 def test_stats_buffer_of_odd_length_is_counted(env):
@@ -1123,7 +1133,7 @@ def test_stats_buffer_of_odd_length_is_counted(env):
     drv.add(drv.rings[STATS], [(drv.buffer(data), len(data), False)])
     drv.notify(STATS)
     assert bal.stats == {"free-memory": 5}
-    assert bal.counters["malformed"] == 1
+    assert bal.metrics.malformed == 1
 
 
 def test_second_stats_buffer_returns_the_older(env):
@@ -1135,10 +1145,10 @@ def test_second_stats_buffer_returns_the_older(env):
     drv.notify(STATS)
     second = drv.add(ring, [(drv.buffer(stats_bytes([(4, 2)])), 10, False)])
     drv.notify(STATS)
-    assert bal.counters["stats_errors"] == 1
+    assert bal.metrics.stats_errors == 1
     assert drv.used(ring) == (1, [(first, 0)])
     assert bal.stats_held == second and bal.stats == {"free-memory": 2}
-    assert drv.isr & VIRTIO_MMIO_INT_VRING and t.counters["interrupts"] == 1
+    assert drv.isr & VIRTIO_MMIO_INT_VRING and t.metrics.interrupts == 1
 
 
 def test_host_poll_returns_the_held_buffer(env):
@@ -1314,7 +1324,7 @@ def test_broken_ring_needs_reset(env, case, queue):
     gen = drv.read(VIRTIO_MMIO_CONFIG_GENERATION)
     drv.notify(queue)  # must not raise
     assert drv.status == ALL_OK | NEEDS_RESET, t.__dict__.get("last_error")
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.ring_errors == 1
     assert drv.isr & VIRTIO_MMIO_INT_CONFIG
     assert pending_event(dom, t.port)
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == gen + 1
@@ -1323,8 +1333,8 @@ def test_broken_ring_needs_reset(env, case, queue):
     last_avail = t.queues[queue].last_avail
     drv.notify(queue)
     drv.notify(INFLATE)
-    assert t.counters["notifies_discarded"] == 2
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.notifies_discarded == 2
+    assert t.metrics.ring_errors == 1
     assert t.queues[queue].last_avail == last_avail
     t.device._poll()  # the host poll leaves it alone too
     guard.check()
@@ -1391,9 +1401,9 @@ def test_broken_layout_refused_at_queue_ready(env, case):
     drv.setup_queue(INFLATE, num=8, **BROKEN_LAYOUTS[case](hv, dom, drv))
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
     assert drv.status & NEEDS_RESET
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.ring_errors == 1
     drv.notify(INFLATE)
-    assert t.counters["notifies_discarded"] == 1
+    assert t.metrics.notifies_discarded == 1
     guard.check()
     assert_recovers(hv, dom, drv)
 
@@ -1409,6 +1419,60 @@ def test_pagetable_may_hold_a_readable_ring_but_not_the_used_ring(env):
     drv.setup_queue(INFLATE, num=8, avail=l1 << PAGE_SHIFT)
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 1
     assert not drv.status & NEEDS_RESET
+
+
+# --- 8. what an image carries, and the counters ----------------------------------------
+
+@pytest.mark.parametrize("interval,oom", [("5ms", False), ("0ms", True)])
+def test_persist_round_trip_of_a_busy_balloon(interval, oom):
+    """save_state makes the balloon's PVLAB_DEVICES entry; restore_state makes
+    from it a balloon that saves the same entry. The device is saved mid-inflate
+    (target 300 pages, 2 in the balloon), inhibited, with frames set aside and a
+    statistics buffer held: that is the host's and the rings' state, which no
+    image carries, so the restored balloon starts without it."""
+    hv, dom = boot_balloon(interval=interval, deflate_on_oom=oom)
+    drv = Driver(hv, dom)
+    t, bal = drv.t, drv.t.device
+    drv.start()
+    bal.set_target(300)
+    victims = [drv.frame() for _ in range(4)]
+    drv.request(INFLATE, victims[:2])
+    drv.write(VIRTIO_MMIO_CONFIG + 4, 2)                # the driver's actual
+    bal.inhibit()
+    drv.request(INFLATE, victims[2:])
+    entries = stats_bytes([(4, 1000)])
+    drv.add(drv.rings[STATS], [(drv.buffer(entries), len(entries), False)])
+    drv.notify(STATS)
+    assert bal.inhibits == 1 and len(bal.set_aside) == 2 and bal.stats_held is not None
+
+    state = save_state(t)
+    assert json.loads(json.dumps(state)) == state
+    assert state == {"bus": "virtio-mmio", "base": t.base, "port": t.port, "kind": "balloon",
+                     "num_pages": 300, "actual": 2,
+                     "stats_interval_ns": INTERVAL_NS if interval == "5ms" else 0,
+                     "deflate_on_oom": oom}
+    assert {k: type(v) for k, v in state.items()} == STATE_KEYS
+
+    again = restore_state(state, bal.host)
+    restored = VirtioMmio(again, t.mem, state["base"], state["port"], lambda: None)
+    assert save_state(restored) == state
+    assert again.features() == bal.features()
+    assert again.config_bytes() == bal.config_bytes()
+    assert (again.inhibits, again.set_aside, again.stats_held, again.stats) == (0, [], None, {})
+    assert again.metrics == BalloonMetrics()
+
+
+def test_counters_are_declared():
+    """Every counter is a declared field: a misspelt one is an error, not a
+    new counter; the host's report shows the ones that moved."""
+    m = BalloonMetrics()
+    with pytest.raises(AttributeError):
+        m.fred = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        VirtioMmioMetrics().ring_error = 1  # type: ignore[attr-defined]
+    m.freed += 2
+    m.refused += 1
+    assert m.nonzero() == {"freed": 2, "refused": 1}
 
 
 # --- fuzzing -------------------------------------------------------------------------------
@@ -1572,13 +1636,13 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
 
     guard.check()
     if t.status & NEEDS_RESET:
-        assert t.counters["ring_errors"] >= 1
+        assert t.metrics.ring_errors >= 1
     # drop every inhibit: what was set aside is freed once, the counts stay right
     while bal.inhibits:
         bal.uninhibit()
     guard.check()
     assert bal.set_aside == []
-    seen = Counter(t.counters) + Counter(bal.counters)
+    seen = Counter(asdict(t.metrics)) + Counter(asdict(bal.metrics))
     seen.update(needs_reset=bool(t.status & NEEDS_RESET))
     seen["stats"] = dict(bal.stats)
     assert_recovers(hv, dom, drv)
@@ -1706,14 +1770,14 @@ def test_fuzz_well_formed_rings(case):
             drv.write(VIRTIO_MMIO_INTERRUPT_ACK, drv.isr)
         elif o[0] == "target" and not bal.inhibits:
             bal.set_target(o[1])
-        assert t.counters["ring_errors"] == 0, t.last_error
+        assert t.metrics.ring_errors == 0, t.last_error
     for q in (INFLATE, DEFLATE, STATS):
         publish(q, len(chains))
         drv.notify(q)
     while bal.inhibits:
         bal.uninhibit()
 
-    assert t.counters["ring_errors"] == 0 and drv.status == ALL_OK
+    assert t.metrics.ring_errors == 0 and drv.status == ALL_OK
     for q in (INFLATE, DEFLATE):
         idx, elems = drv.used(drv.rings[q])
         assert idx == len(chains) and elems == [(h, 0) for h in heads[q]][:num]
@@ -1723,7 +1787,7 @@ def test_fuzz_well_formed_rings(case):
     assert {m for m in spares if ft.owner[m] == FREE} == {spares[e] for e in named}
     assert all(ft.owner[m] == dom.domid for i, m in enumerate(spares) if i not in named)
     assert {k: int(ft.owner[kinds[k]]) for k in owners} == owners
-    assert bal.counters["freed"] == len(named)
-    assert bal.counters["malformed"] >= sum(tail for _, tail in chains)
+    assert bal.metrics.freed == len(named)
+    assert bal.metrics.malformed >= sum(tail for _, tail in chains)
     guard.check()
     assert_recovers(hv, dom, drv)

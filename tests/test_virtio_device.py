@@ -320,11 +320,37 @@ def env():
     return hv, dom, Driver(hv, dom)
 
 
+def other_domain(hv):
+    """A second domain on the machine, with no device."""
+    return build_domain(hv, parse_config({"name": "other", "memory": 4,
+                                          "image": "firmware/guest.elf"}, ROOT / "o.toml"))
+
+
 def mapped_frame(hv, dom) -> int:
     """A guest frame the bootstrap tables map (ref 2: allocation and mapping)."""
     ft = hv.machine.frames
     return int(np.flatnonzero((ft.owner == dom.domid) & (ft.ref_count == 2)
                               & (ft.type == PageType.writable) & ~ft.xenheap)[0])
+
+
+def l1_frame(hv, dom) -> int:
+    """An L1 pagetable of the domain's bootstrap tables."""
+    ft = hv.machine.frames
+    return int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0])
+
+
+def xenheap_frame(hv) -> int:
+    """A hypervisor page shared with a domain (its shared_info)."""
+    return int(np.flatnonzero(hv.machine.frames.xenheap)[0])
+
+
+def frame_kinds(hv, dom, drv) -> dict[str, int]:
+    """A frame of each kind the device must never free or write: in use by
+    the domain, its pagetables, the hypervisor's, free, beyond RAM, MMIO."""
+    return {"mapped": mapped_frame(hv, dom), "l4": dom.vcpus[0].guest_table,
+            "l1": l1_frame(hv, dom), "m2p": 1, "zero": 0, "free": free_frame(hv),
+            "xenheap": xenheap_frame(hv), "beyond": hv.machine.frames.nr_frames,
+            "mmio": drv.t.base >> PAGE_SHIFT}
 
 
 def free_frame(hv) -> int:
@@ -398,18 +424,22 @@ def test_bad_register_reads_give_zero_and_are_counted(env, offset, size):
     assert drv.t.metrics.bad_accesses == 1
 
 
+BAD_STATUS_WRITES = [(VIRTIO_MMIO_STATUS, 1), (VIRTIO_MMIO_STATUS, 2),  # registers take 32 bits
+                     (VIRTIO_MMIO_STATUS + 1, 4),                        # misaligned
+                     (VIRTIO_MMIO_STATUS, 8)]
+BAD_REGISTER_WRITES = [(VIRTIO_MMIO_MAGIC_VALUE, 0), (VIRTIO_MMIO_QUEUE_NUM_MAX, 8),  # read-only
+                       (VIRTIO_MMIO_INTERRUPT_STATUS, 3),
+                       (0x0F8, 1)]                                         # nothing there
+
+
 def test_bad_register_writes_are_ignored_and_counted(env):
     _, _, drv = env
     t = drv.t
-    drv.write(VIRTIO_MMIO_STATUS, ACK, size=1)        # registers take 32 bits
-    drv.write(VIRTIO_MMIO_STATUS, ACK, size=2)
-    drv.write(VIRTIO_MMIO_STATUS + 1, ACK, size=4)    # misaligned
-    drv.write(VIRTIO_MMIO_STATUS, ACK, size=8)
+    for offset, size in BAD_STATUS_WRITES:
+        drv.write(offset, ACK, size=size)
     assert t.status == 0 and drv.status == 0
-    drv.write(VIRTIO_MMIO_MAGIC_VALUE, 0)              # read-only
-    drv.write(VIRTIO_MMIO_QUEUE_NUM_MAX, 8)
-    drv.write(VIRTIO_MMIO_INTERRUPT_STATUS, 3)
-    drv.write(0x0F8, 1)                                 # nothing there
+    for offset, value in BAD_REGISTER_WRITES:
+        drv.write(offset, value)
     assert t.metrics.bad_accesses == 8
     assert drv.read(VIRTIO_MMIO_MAGIC_VALUE) == VIRTIO_MMIO_MAGIC
     assert drv.read(VIRTIO_MMIO_DEVICE_ID) == VIRTIO_ID_BALLOON
@@ -421,18 +451,18 @@ def test_config_space_reads(env):
     bal.set_target(0x12345678)
     bal.actual = 0x0A0B0C0D
     cfg = VIRTIO_MMIO_CONFIG
-    assert drv.read(cfg) == 0x12345678                 # num_pages, le32
-    assert drv.read(cfg + 4) == 0x0A0B0C0D             # actual, le32
+    good = {(0, 4): 0x12345678,                        # num_pages, le32
+            (4, 4): 0x0A0B0C0D,                        # actual, le32
+            (0, 2): 0x5678, (2, 2): 0x1234, (6, 2): 0x0A0B}
+    assert {key: drv.read(cfg + key[0], key[1]) for key in good} == good
     assert [drv.read(cfg + i, 1) for i in range(8)] == \
         [0x78, 0x56, 0x34, 0x12, 0x0D, 0x0C, 0x0B, 0x0A]
-    assert drv.read(cfg, 2) == 0x5678 and drv.read(cfg + 2, 2) == 0x1234
-    assert drv.read(cfg + 6, 2) == 0x0A0B
     assert drv.t.metrics.bad_accesses == 0
-    assert drv.read(cfg + 1, 2) == 0                   # misaligned
-    assert drv.read(cfg + 2, 4) == 0
-    assert drv.read(cfg + 8, 4) == 0                   # beyond the balloon's 8 bytes
-    assert drv.read(cfg + 6, 4) == 0                   # runs past them
-    assert drv.read(0x200, 4) == 0                     # beyond the register window
+    bad = [(cfg + 1, 2), (cfg + 2, 4),                 # misaligned
+           (cfg + 8, 4),                               # beyond the balloon's 8 bytes
+           (cfg + 6, 4),                               # runs past them
+           (0x200, 4)]                                 # beyond the register window
+    assert [drv.read(offset, size) for offset, size in bad] == [0] * 5
     assert drv.t.metrics.bad_accesses == 5
 
 
@@ -512,8 +542,7 @@ def test_address_with_no_device_reads_all_ones(env):
 
 def test_another_domain_cannot_reach_the_device(env):
     hv, dom, drv = env
-    other = build_domain(hv, parse_config({"name": "other", "memory": 4,
-                                           "image": "firmware/guest.elf"}, ROOT / "o.toml"))
+    other = other_domain(hv)
     t = drv.t
     before = hv.bus.unclaimed
     assert hv.bus.read(other, t.base + VIRTIO_MMIO_MAGIC_VALUE, 4) == 0xFFFFFFFF
@@ -652,13 +681,12 @@ def test_queue_registers_locked_while_ready(env):
     ring = drv.setup_queue(INFLATE, num=64)
     q = t.queues[INFLATE]
     bad = t.metrics.bad_accesses
-    drv.write(VIRTIO_MMIO_QUEUE_NUM, 8)
-    drv.write(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000)
-    drv.write(VIRTIO_MMIO_QUEUE_DESC_HIGH, 1)
-    drv.write(VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000)
-    drv.write(VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 1)
-    drv.write(VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000)
-    drv.write(VIRTIO_MMIO_QUEUE_USED_HIGH, 1)
+    for offset, value in [(VIRTIO_MMIO_QUEUE_NUM, 8),
+                          (VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000), (VIRTIO_MMIO_QUEUE_DESC_HIGH, 1),
+                          (VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000),
+                          (VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 1),
+                          (VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000), (VIRTIO_MMIO_QUEUE_USED_HIGH, 1)]:
+        drv.write(offset, value)
     assert (q.num, q.desc, q.avail, q.used) == (64, ring.desc, ring.avail, ring.used)
     assert t.metrics.bad_accesses == bad + 7
     # QueueReady 0 unlocks them
@@ -856,20 +884,10 @@ def test_inflate_without_interrupt_when_suppressed(env):
     assert drv.isr == 0 and drv.t.metrics.interrupts == 0
 
 
-REFUSED = {
-    "mapped": lambda hv, dom, drv: mapped_frame(hv, dom),
-    "l4": lambda hv, dom, drv: dom.vcpus[0].guest_table,
-    "pagetable-l1": lambda hv, dom, drv: int(np.flatnonzero(
-        (hv.machine.frames.owner == dom.domid)
-        & (hv.machine.frames.type == PageType.l1))[0]),
-    "shared-info": lambda hv, dom, drv: int(np.flatnonzero(hv.machine.frames.xenheap)[0]),
-    "hypervisor-m2p": lambda hv, dom, drv: 1,
-    "zero": lambda hv, dom, drv: 0,
-    "free": lambda hv, dom, drv: free_frame(hv),
-    "beyond-ram": lambda hv, dom, drv: hv.machine.frames.nr_frames,
-    "mmio": lambda hv, dom, drv: drv.t.base >> PAGE_SHIFT,
-    "all-ones": lambda hv, dom, drv: 0xFFFFFFFF,
-}
+# test case -> the frame_kinds entry it names (or the number itself)
+REFUSED = {"mapped": "mapped", "l4": "l4", "pagetable-l1": "l1", "shared-info": "xenheap",
+           "hypervisor-m2p": "m2p", "zero": "zero", "free": "free", "beyond-ram": "beyond",
+           "mmio": "mmio", "all-ones": 0xFFFFFFFF}
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
@@ -878,7 +896,8 @@ def test_inflate_refuses_frames_in_use_or_not_the_domains(env, kind):
     ft = hv.machine.frames
     bal = drv.t.device
     drv.start()
-    mfn = REFUSED[kind](hv, dom, drv)
+    which = REFUSED[kind]
+    mfn = frame_kinds(hv, dom, drv)[which] if isinstance(which, str) else which
     owner = int(ft.owner[mfn]) if mfn < ft.nr_frames else None
     good = drv.frame()
     guard = Guard(hv, dom)
@@ -895,8 +914,7 @@ def test_inflate_refuses_frames_in_use_or_not_the_domains(env, kind):
 
 def test_inflate_refuses_another_domains_frame(env):
     hv, dom, drv = env
-    other = build_domain(hv, parse_config({"name": "other", "memory": 4,
-                                           "image": "firmware/guest.elf"}, ROOT / "o.toml"))
+    other = other_domain(hv)
     ft = hv.machine.frames
     drv.start()
     theirs = ft.alloc(other.domid)  # unused, but not ours
@@ -907,7 +925,10 @@ def test_inflate_refuses_another_domains_frame(env):
     guard.check()
 
 
-@pytest.mark.parametrize("shape", ["write-only", "len-6", "len-1"])
+MALFORMED = {"write-only": (4, True), "len-6": (6, False), "len-1": (1, False)}
+
+
+@pytest.mark.parametrize("shape", sorted(MALFORMED))
 def test_malformed_inflate_buffer_is_acked_not_acted_on(env, shape):
     hv, dom, drv = env
     ft = hv.machine.frames
@@ -917,9 +938,8 @@ def test_malformed_inflate_buffer_is_acked_not_acted_on(env, shape):
     data = _U32.pack(mfn) + b"\0\0\0\0"
     addr = drv.buffer(data)
     guard = Guard(hv, dom)
-    bufs = {"write-only": [(addr, 4, True)], "len-6": [(addr, 6, False)],
-            "len-1": [(addr, 1, False)]}[shape]
-    head = drv.add(drv.rings[INFLATE], bufs)
+    length, writable = MALFORMED[shape]
+    head = drv.add(drv.rings[INFLATE], [(addr, length, writable)])
     drv.notify(INFLATE)
     assert ft.owner[mfn] == dom.domid
     assert bal.metrics.malformed == 1 and bal.metrics.freed == 0
@@ -1108,32 +1128,29 @@ def test_set_aside_frame_taken_back_is_not_freed(env):
 
 # --- 6. statistics -----------------------------------------------------------------------
 
-def test_stats_buffer_is_parsed(env):
+# a statistics buffer, what the device reads from it, and whether it is malformed
+STATS_BUFFERS = {
+    "parsed": (stats_bytes([(0, 11), (1, 22), (4, 1 << 40), (5, 1 << 41), (99, 7), (6, 33),
+                            (9, 44)]),  # tag 99 is unknown: ignored
+               {"swap-in": 11, "swap-out": 22, "free-memory": 1 << 40, "total-memory": 1 << 41,
+                "available-memory": 33, "hugetlb-failures": 44}, 0),
+    "odd-length": (stats_bytes([(4, 5)]) + b"\x05\x00\x01", {"free-memory": 5}, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATS_BUFFERS))
+def test_stats_buffer_is_parsed(env, case):
     hv, dom, drv = env
     bal = drv.t.device
+    data, stats, malformed = STATS_BUFFERS[case]
     drv.start()
-    data = stats_bytes([(0, 11), (1, 22), (4, 1 << 40), (5, 1 << 41), (99, 7), (6, 33),
-                        (9, 44)])
     drv.add(drv.rings[STATS], [(drv.buffer(data), len(data), False)])
     drv.notify(STATS)
-    assert bal.stats == {"swap-in": 11, "swap-out": 22, "free-memory": 1 << 40,
-                         "total-memory": 1 << 41, "available-memory": 33,
-                         "hugetlb-failures": 44}
+    assert bal.stats == stats
     assert bal.stats_updated_ns == hv.scheduler.now()
     assert bal.stats_held == 0
     assert drv.used(drv.rings[STATS])[0] == 0  # held, not returned
-    assert bal.metrics.malformed == 0
-
-
-def test_stats_buffer_of_odd_length_is_counted(env):
-    hv, dom, drv = env
-    bal = drv.t.device
-    drv.start()
-    data = stats_bytes([(4, 5)]) + b"\x05\x00\x01"
-    drv.add(drv.rings[STATS], [(drv.buffer(data), len(data), False)])
-    drv.notify(STATS)
-    assert bal.stats == {"free-memory": 5}
-    assert bal.metrics.malformed == 1
+    assert bal.metrics.malformed == malformed
 
 
 def test_second_stats_buffer_returns_the_older(env):
@@ -1198,28 +1215,29 @@ def test_no_stats_interval_no_timer():
 
 # --- 7. ring validation --------------------------------------------------------------------
 
-def _outside_ram(hv, dom, drv, ring):
-    drv.add(ring, [(hv.machine.memory.size - 2, 4, False)])
-
-
-def _hypervisor_frame(hv, dom, drv, ring):
-    drv.add(ring, [(1 << PAGE_SHIFT, 4, False)])
-
-
-def _free_frame(hv, dom, drv, ring):
-    drv.add(ring, [(free_frame(hv) << PAGE_SHIFT, 4, False)])
-
-
-def _shared_info(hv, dom, drv, ring):
-    xenheap = int(np.flatnonzero(hv.machine.frames.xenheap)[0])
-    drv.add(ring, [(xenheap << PAGE_SHIFT, 4, False)])
-
-
-def _crosses_out_of_the_domain(hv, dom, drv, ring):
+def _last_word_of_the_domain(hv, dom) -> int:
+    """The last 4 bytes of a frame of the domain whose next frame is not."""
     ft = hv.machine.frames
     mfn = next(m for m in np.flatnonzero(ft.owner == dom.domid).tolist()
                if m + 1 < ft.nr_frames and ft.owner[m + 1] != dom.domid)
-    drv.add(ring, [((mfn << PAGE_SHIFT) + PAGE_SIZE - 4, 8, False)])
+    return (mfn << PAGE_SHIFT) + PAGE_SIZE - 4
+
+
+# one device-readable buffer where the device may not read: (address, length)
+BAD_BUFFERS: dict[str, Callable] = {
+    "outside-ram": lambda hv, dom: (hv.machine.memory.size - 2, 4),
+    "hypervisor-frame": lambda hv, dom: (1 << PAGE_SHIFT, 4),
+    "free-frame": lambda hv, dom: (free_frame(hv) << PAGE_SHIFT, 4),
+    "xenheap-frame": lambda hv, dom: (xenheap_frame(hv) << PAGE_SHIFT, 4),
+    "crosses-out-of-the-domain": lambda hv, dom: (_last_word_of_the_domain(hv, dom), 8),
+}
+
+
+def _bad_buffer(case: str) -> Callable:
+    def add(hv, dom, drv, ring):
+        addr, length = BAD_BUFFERS[case](hv, dom)
+        drv.add(ring, [(addr, length, False)])
+    return add
 
 
 def _writable_into_pagetable(hv, dom, drv, ring):
@@ -1287,9 +1305,7 @@ def _used_page_becomes_foreign(hv, dom, drv, ring):
 
 
 BROKEN_CHAINS: dict[str, Callable] = {
-    "outside-ram": _outside_ram, "hypervisor-frame": _hypervisor_frame,
-    "free-frame": _free_frame, "xenheap-frame": _shared_info,
-    "crosses-out-of-the-domain": _crosses_out_of_the_domain,
+    **{case: _bad_buffer(case) for case in BAD_BUFFERS},
     "writable-into-pagetable": _writable_into_pagetable, "loop": _loop,
     "self-loop": _self_loop, "next-out-of-range": _next_out_of_range,
     "head-out-of-range": _head_out_of_range, "indirect": _indirect,
@@ -1341,54 +1357,18 @@ def test_broken_ring_needs_reset(env, case, queue):
     assert_recovers(hv, dom, drv)
 
 
-def _used_in_pagetable(hv, dom, drv):
-    return {"used": dom.vcpus[0].guest_table << PAGE_SHIFT}
-
-
-def _desc_in_hypervisor(hv, dom, drv):
-    return {"desc": 1 << PAGE_SHIFT}
-
-
-def _avail_free(hv, dom, drv):
-    return {"avail": free_frame(hv) << PAGE_SHIFT}
-
-
-def _desc_misaligned(hv, dom, drv):
-    return {"desc": drv.page() + 8}
-
-
-def _used_misaligned(hv, dom, drv):
-    return {"used": drv.page() + 2}
-
-
-def _avail_misaligned(hv, dom, drv):
-    return {"avail": drv.page() + 1}
-
-
-def _desc_beyond_ram(hv, dom, drv):
-    return {"desc": hv.machine.memory.size}
-
-
-def _used_at_4g(hv, dom, drv):
-    return {"used": 1 << 32}
-
-
-def _desc_at_mmio(hv, dom, drv):
-    return {"desc": drv.t.base}
-
-
-def _used_read_only_mapped_pagetable(hv, dom, drv):
-    ft = hv.machine.frames
-    l1 = int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0])
-    return {"used": l1 << PAGE_SHIFT}
-
-
+# a ring where the device may not have it: (which ring, its address)
 BROKEN_LAYOUTS: dict[str, Callable] = {
-    "used-in-l4": _used_in_pagetable, "used-in-l1": _used_read_only_mapped_pagetable,
-    "desc-in-hypervisor-frame": _desc_in_hypervisor, "avail-in-free-frame": _avail_free,
-    "desc-misaligned": _desc_misaligned, "used-misaligned": _used_misaligned,
-    "avail-misaligned": _avail_misaligned, "desc-beyond-ram": _desc_beyond_ram,
-    "used-at-4GiB": _used_at_4g, "desc-at-mmio-window": _desc_at_mmio,
+    "used-in-l4": lambda hv, dom, drv: ("used", dom.vcpus[0].guest_table << PAGE_SHIFT),
+    "used-in-l1": lambda hv, dom, drv: ("used", l1_frame(hv, dom) << PAGE_SHIFT),
+    "desc-in-hypervisor-frame": lambda hv, dom, drv: ("desc", 1 << PAGE_SHIFT),
+    "avail-in-free-frame": lambda hv, dom, drv: ("avail", free_frame(hv) << PAGE_SHIFT),
+    "desc-misaligned": lambda hv, dom, drv: ("desc", drv.page() + 8),
+    "used-misaligned": lambda hv, dom, drv: ("used", drv.page() + 2),
+    "avail-misaligned": lambda hv, dom, drv: ("avail", drv.page() + 1),
+    "desc-beyond-ram": lambda hv, dom, drv: ("desc", hv.machine.memory.size),
+    "used-at-4GiB": lambda hv, dom, drv: ("used", 1 << 32),
+    "desc-at-mmio-window": lambda hv, dom, drv: ("desc", drv.t.base),
 }
 
 
@@ -1398,7 +1378,8 @@ def test_broken_layout_refused_at_queue_ready(env, case):
     t = drv.t
     drv.negotiate()
     guard = Guard(hv, dom)
-    drv.setup_queue(INFLATE, num=8, **BROKEN_LAYOUTS[case](hv, dom, drv))
+    ring, addr = BROKEN_LAYOUTS[case](hv, dom, drv)
+    drv.setup_queue(INFLATE, num=8, **{ring: addr})
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
     assert drv.status & NEEDS_RESET
     assert t.metrics.ring_errors == 1
@@ -1413,10 +1394,8 @@ def test_pagetable_may_hold_a_readable_ring_but_not_the_used_ring(env):
     they may lie in a (read-only mapped) pagetable frame of the domain; the
     used ring, which the device writes, may not."""
     hv, dom, drv = env
-    ft = hv.machine.frames
-    l1 = int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0])
     drv.negotiate()
-    drv.setup_queue(INFLATE, num=8, avail=l1 << PAGE_SHIFT)
+    drv.setup_queue(INFLATE, num=8, avail=l1_frame(hv, dom) << PAGE_SHIFT)
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 1
     assert not drv.status & NEEDS_RESET
 
@@ -1543,32 +1522,21 @@ def scenario(draw):
 
 def _targets(hv, dom, drv, spare: int, rings: dict[int, Ring]) -> dict[str, int]:
     """Frame numbers of each kind of target."""
-    ft = hv.machine.frames
     r = rings[INFLATE]
     return {"data": drv.data >> PAGE_SHIFT, "desc": r.desc >> PAGE_SHIFT,
             "avail": r.avail >> PAGE_SHIFT, "used": r.used >> PAGE_SHIFT, "spare": spare,
-            "mapped": mapped_frame(hv, dom), "l4": dom.vcpus[0].guest_table,
-            "l1": int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0]),
-            "m2p": 1, "zero": 0, "free": free_frame(hv),
-            "xenheap": int(np.flatnonzero(ft.xenheap)[0]), "beyond": ft.nr_frames,
-            "mmio": drv.t.base >> PAGE_SHIFT}
+            **frame_kinds(hv, dom, drv)}
 
 
-def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
-    hv, dom = boot_balloon(memory=FUZZ_MIB)
-    drv = Driver(hv, dom)
-    t, bal = drv.t, drv.t.device
-    drv.start(num=num, driver_ok=driver_ok)
-    drv.data = drv.page()
-    spare = drv.frame()
-    frames = _targets(hv, dom, drv, spare, drv.rings)
-
+def _fuzzed_rings(num: int, frames: dict[str, int], table, avail,
+                  data) -> tuple[bytes, bytes, bytes]:
+    """The fuzzed descriptor table and available ring, and the inflate/deflate
+    payload, as bytes; addresses named by kind resolved against ``frames``."""
     def addr(x) -> int:
         if isinstance(x, tuple):
             return (frames[x[0]] << PAGE_SHIFT) + x[1]
         return x
 
-    # the fuzzed rings, the same in every queue, and the inflate/deflate payload
     if isinstance(table, bytes):
         raw_table = table
     else:
@@ -1584,6 +1552,59 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
         raw_data = data
     else:
         raw_data = b"".join(_U32.pack(frames[x] if isinstance(x, str) else x) for x in data)
+    return raw_table, raw_avail, raw_data
+
+
+def _fuzz_op(drv: Driver, frames: dict[str, int], o: tuple) -> None:
+    """One register write or host action of a fuzzed scenario."""
+    bal = drv.t.device
+    kind = o[0]
+    if kind == "notify":
+        drv.notify(o[1])
+    elif kind == "reg":
+        value = o[2]
+        if isinstance(value, tuple):  # a ring address, low word
+            value = ((frames[value[0]] << PAGE_SHIFT) + 8 * value[1]) & 0xFFFFFFFF
+        drv.write(o[1], value)
+    elif kind == "raw":
+        drv.write(o[1], o[3] & ((1 << (8 * o[2])) - 1), size=o[2])
+    elif kind == "read":
+        value = drv.read(o[1], o[2])
+        assert 0 <= value < 1 << (8 * o[2])
+    elif kind == "more":  # the driver makes more buffers available
+        r = drv.rings.get(o[1])
+        if r is not None:
+            idx = _U16.unpack(drv.mem.read(r.avail + VRING_IDX_OFF, 2))[0]
+            drv.set_avail_idx(r, (idx + o[2]) & 0xFFFF)
+    elif kind == "poll":
+        bal._poll()
+    elif kind == "target":
+        if bal.inhibits:
+            with pytest.raises(BalloonError):
+                bal.set_target(o[1])
+        else:
+            bal.set_target(o[1])
+    elif kind == "inhibit":
+        bal.inhibit()
+    elif kind == "uninhibit":
+        if bal.inhibits:
+            bal.uninhibit()
+        else:
+            with pytest.raises(BalloonError):
+                bal.uninhibit()
+
+
+def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
+    hv, dom = boot_balloon(memory=FUZZ_MIB)
+    drv = Driver(hv, dom)
+    t, bal = drv.t, drv.t.device
+    drv.start(num=num, driver_ok=driver_ok)
+    drv.data = drv.page()
+    spare = drv.frame()
+    frames = _targets(hv, dom, drv, spare, drv.rings)
+
+    # the fuzzed rings, the same in every queue, and the inflate/deflate payload
+    raw_table, raw_avail, raw_data = _fuzzed_rings(num, frames, table, avail, data)
     for r in drv.rings.values():
         drv.mem.write(r.desc, raw_table)
         drv.mem.write(r.avail, raw_avail)
@@ -1591,40 +1612,7 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
     guard = Guard(hv, dom)
 
     for o in ops:
-        kind = o[0]
-        if kind == "notify":
-            drv.notify(o[1])
-        elif kind == "reg":
-            value = o[2]
-            if isinstance(value, tuple):  # a ring address, low word
-                value = ((frames[value[0]] << PAGE_SHIFT) + 8 * value[1]) & 0xFFFFFFFF
-            drv.write(o[1], value)
-        elif kind == "raw":
-            drv.write(o[1], o[3] & ((1 << (8 * o[2])) - 1), size=o[2])
-        elif kind == "read":
-            value = drv.read(o[1], o[2])
-            assert 0 <= value < 1 << (8 * o[2])
-        elif kind == "more":  # the driver makes more buffers available
-            r = drv.rings.get(o[1])
-            if r is not None:
-                idx = _U16.unpack(drv.mem.read(r.avail + VRING_IDX_OFF, 2))[0]
-                drv.set_avail_idx(r, (idx + o[2]) & 0xFFFF)
-        elif kind == "poll":
-            bal._poll()
-        elif kind == "target":
-            if bal.inhibits:
-                with pytest.raises(BalloonError):
-                    bal.set_target(o[1])
-            else:
-                bal.set_target(o[1])
-        elif kind == "inhibit":
-            bal.inhibit()
-        elif kind == "uninhibit":
-            if bal.inhibits:
-                bal.uninhibit()
-            else:
-                with pytest.raises(BalloonError):
-                    bal.uninhibit()
+        _fuzz_op(drv, frames, o)
         assert 0 <= t.status <= 0xFF
         assert t.isr & ~(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG) == 0
     # then as a driver would go on: DRIVER_OK (refused if the handshake was
@@ -1700,10 +1688,47 @@ def well_formed(draw):
     return num, kept or [([[]], False)], ops
 
 
+def _lay_out_chains(chains, data_page: int,
+                    mfn: Callable[[object], int]) -> tuple[bytes, list, set[int]]:
+    """The chains' payload, their (addr, len, writable) buffers, and which
+    spares they name."""
+    payload, layout, named = b"", [], set()
+    for bufs, tail in chains:
+        descs = []
+        for entries in bufs:
+            descs.append((data_page + len(payload), 4 * len(entries), False))
+            payload += b"".join(_U32.pack(mfn(e)) for e in entries)
+            named |= {e for e in entries if isinstance(e, int) and e < SPARES}
+        if tail:
+            descs.append((data_page, 4, True))
+        layout.append(descs)
+    return payload, layout, named
+
+
+def _well_formed_op(drv: Driver, o: tuple) -> None:
+    """One driver or host action of a well-formed scenario (not a publish)."""
+    bal = drv.t.device
+    if o[0] == "notify":
+        drv.notify(o[1])
+    elif o[0] == "poll":
+        bal._poll()
+    elif o[0] == "inhibit":
+        bal.inhibit()
+    elif o[0] == "uninhibit" and bal.inhibits:
+        bal.uninhibit()
+    elif o[0] == "ack":
+        drv.write(VIRTIO_MMIO_INTERRUPT_ACK, drv.isr)
+    elif o[0] == "target" and not bal.inhibits:
+        bal.set_target(o[1])
+
+
 @settings(max_examples=100, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(well_formed())
 def test_fuzz_well_formed_rings(case):
+    """Well-formed rings: every chain is taken, exactly the spares an inflate
+    names are freed. (One scenario read top to bottom, hence its length:
+    set-up, the ops, then what must hold.)"""
     num, chains, ops = case
     hv, dom = boot_balloon(memory=FUZZ_MIB)
     drv = Driver(hv, dom)
@@ -1711,11 +1736,7 @@ def test_fuzz_well_formed_rings(case):
     ft = hv.machine.frames
     drv.start(num=num)
     spares = [drv.frame() for _ in range(SPARES)]
-    kinds = {"mapped": mapped_frame(hv, dom), "l4": dom.vcpus[0].guest_table,
-             "l1": int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0]),
-             "m2p": 1, "zero": 0, "free": free_frame(hv),
-             "xenheap": int(np.flatnonzero(ft.xenheap)[0]), "beyond": ft.nr_frames,
-             "mmio": t.base >> PAGE_SHIFT}
+    kinds = frame_kinds(hv, dom, drv)
 
     data_page = drv.page()
     # the frames the balloon could free: a random number naming one of them
@@ -1730,16 +1751,7 @@ def test_fuzz_well_formed_rings(case):
         return ft.nr_frames + e if e in unused else e
 
     # lay the chains out, the same in every queue; the payload in a page of its own
-    payload, layout, named = b"", [], set()
-    for bufs, tail in chains:
-        descs = []
-        for entries in bufs:
-            descs.append((data_page + len(payload), 4 * len(entries), False))
-            payload += b"".join(_U32.pack(mfn(e)) for e in entries)
-            named |= {e for e in entries if isinstance(e, int) and e < SPARES}
-        if tail:
-            descs.append((data_page, 4, True))
-        layout.append(descs)
+    payload, layout, named = _lay_out_chains(chains, data_page, mfn)
     drv.mem.write(data_page, payload)
     heads = {}
     for q in (INFLATE, DEFLATE, STATS):
@@ -1758,18 +1770,8 @@ def test_fuzz_well_formed_rings(case):
     for o in ops:
         if o[0] == "publish" and o[1] < 3:
             publish(o[1], o[2])
-        elif o[0] == "notify":
-            drv.notify(o[1])
-        elif o[0] == "poll":
-            bal._poll()
-        elif o[0] == "inhibit":
-            bal.inhibit()
-        elif o[0] == "uninhibit" and bal.inhibits:
-            bal.uninhibit()
-        elif o[0] == "ack":
-            drv.write(VIRTIO_MMIO_INTERRUPT_ACK, drv.isr)
-        elif o[0] == "target" and not bal.inhibits:
-            bal.set_target(o[1])
+        else:
+            _well_formed_op(drv, o)
         assert t.metrics.ring_errors == 0, t.last_error
     for q in (INFLATE, DEFLATE, STATS):
         publish(q, len(chains))

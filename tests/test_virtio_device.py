@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,16 +32,19 @@ from hypervisor.devices.balloon import (
     QUEUE_SIZE,
     REQUEST_MAX_BYTES,
     STATE_KEYS,
+    Balloon,
     BalloonError,
+    BalloonHost,
     BalloonMetrics,
     restore_state,
     save_state,
 )
-from hypervisor.devices.bus import MMIO_BASE, MMIO_NONE
+from hypervisor.devices.bus import MMIO_BASE, MMIO_NONE, MmioBus
 from hypervisor.devices.virtio.mmio import PVLAB_VENDOR_ID, VirtioMmio, VirtioMmioMetrics
+from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.mm.audit import audit
-from hypervisor.mm.frames import FREE, INVALID_M2P, PageType
-from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.mm.frames import FREE, INVALID_M2P, FrameTable, PageType
+from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE, MachineMemory
 from hypervisor.public.io.virtio import (
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -92,6 +96,7 @@ from hypervisor.public.io.virtio import (
     VRING_RING_OFF,
     VRING_USED_ELEM,
 )
+from hypervisor.public.xen import INVALID_MFN
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.config import parse_config
 from hypervisor.toolstack.session import boot
@@ -1452,6 +1457,60 @@ def test_counters_are_declared():
     m.freed += 2
     m.refused += 1
     assert m.nonzero() == {"freed": 2, "refused": 1}
+
+
+class FakeTimers:
+    """The host's timers, by hand: a list and a fixed now."""
+
+    def __init__(self) -> None:
+        self.timers: list[tuple[int, object, Callable[[], None]]] = []
+
+    def now(self) -> int:
+        return 1000
+
+    def add_timer(self, deadline_ns: int, owner: object, fn: Callable[[], None]) -> None:
+        self.timers.append((deadline_ns, owner, fn))
+
+    def cancel_timers(self, owner: object) -> None:
+        self.timers = [x for x in self.timers if x[1] is not owner]
+
+
+def test_the_balloon_runs_on_what_it_is_given():
+    """No hypervisor and no domain: a machine memory, a frame table, and
+    functions. The device and its transport use only what their creator
+    gives them, so this is enough to drive them through a whole handshake,
+    an inflate, a deflate and a statistics poll."""
+    domid = 7
+    mem = MachineMemory(128)
+    ft = FrameTable(mem, seed=1)
+    m2p = np.full(ft.nr_frames, INVALID_MFN, dtype=np.uint64)
+    removed: list[int] = []
+    flushes: list[int] = []
+    events: list[int] = []
+    timers = FakeTimers()
+    host = BalloonHost(domid, ft, m2p, lambda mfn: removed.append(mfn) or 0,
+                       lambda: flushes.append(domid), timers, lambda: True)
+    bal = Balloon(host, stats_interval_ns=INTERVAL_NS)
+    t = VirtioMmio(bal, DomainMemory(mem, ft, domid), MMIO_BASE, 3, lambda: events.append(3))
+    bus = MmioBus()
+    bus.add(MMIO_BASE, t)
+    hv = SimpleNamespace(bus=bus, machine=SimpleNamespace(frames=ft, memory=mem))
+    drv = Driver(hv, SimpleNamespace(domid=domid, devices=[t]))
+    drv.start()
+    assert [(x[0], x[1]) for x in timers.timers] == [(1000 + INTERVAL_NS, bal)]
+
+    victim, kept = drv.frame(), drv.frame()
+    drv.request(INFLATE, [victim])
+    drv.request(DEFLATE, [kept, 0])
+    assert removed == [victim] and flushes == [domid]
+    assert (bal.metrics.freed, bal.metrics.deflated, bal.metrics.refused) == (1, 1, 1)
+    entries = stats_bytes([(4, 1000)])
+    head = drv.add(drv.rings[STATS], [(drv.buffer(entries), len(entries), False)])
+    drv.notify(STATS)
+    assert bal.stats == {"free-memory": 1000} and bal.stats_updated_ns == 1000
+    timers.timers.pop()[2]()  # the poll gives the buffer back
+    assert drv.used(drv.rings[STATS]) == (1, [(head, 0)])
+    assert events and t.metrics.ring_errors == 0 and drv.status == ALL_OK
 
 
 # --- fuzzing -------------------------------------------------------------------------------

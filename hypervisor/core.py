@@ -130,7 +130,7 @@ class Hypervisor:
             ft.free(mfn)
         for device in dom.devices:
             self.bus.remove(device)
-            self.scheduler.cancel_timers(device)
+            self.scheduler.cancel_timers(device.device)  # the model owns its timers
         dom.close()
         self.domains.pop(dom.domid, None)
         self.walker.flush()

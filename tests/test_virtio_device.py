@@ -1211,6 +1211,18 @@ def test_reset_forgets_the_held_stats_buffer(env):
     assert drv.used(ring)[0] == 0
 
 
+def test_destroying_the_domain_ends_the_statistics_poll(env):
+    """The poll timer belongs to the balloon, not to its transport: tearing
+    the domain down must cancel it (it was left armed, and re-armed itself
+    for ever, since a destroyed domain never shut down)."""
+    hv, dom, drv = env
+    bal = drv.t.device
+    drv.start()
+    assert [x for x in hv.scheduler.timers if x[2] is bal]
+    hv.destroy_domain(dom)
+    assert not [x for x in hv.scheduler.timers if x[2] is bal]
+
+
 def test_no_stats_interval_no_timer():
     hv, dom = boot_balloon(interval="0ms")
     drv = Driver(hv, dom)

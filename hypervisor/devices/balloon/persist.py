@@ -24,7 +24,7 @@ from hypervisor.devices.virtio.mmio import VirtioMmio
 BUS = "virtio-mmio"
 KIND = "balloon"
 
-# the keys of an entry and their JSON types, for a restorer to check
+# the keys of an entry and their JSON types: what the image checker demands
 STATE_KEYS: dict[str, type] = {"bus": str, "base": int, "port": int, "kind": str,
                                "num_pages": int, "actual": int, "stats_interval_ns": int,
                                "deflate_on_oom": bool}

@@ -11,7 +11,7 @@ from typing import Any
 from hypervisor import traps
 from hypervisor.cpu.context import get_context, set_context
 from hypervisor.cpu.vcpu import Vcpu
-from hypervisor.devices.mmio import MmioBus
+from hypervisor.devices.bus import MmioBus
 from hypervisor.domain import Domain
 from hypervisor.hypercalls.callback import (
     do_callback_op,
@@ -129,7 +129,7 @@ class Hypervisor:
             ft.free(mfn)
         for device in dom.devices:
             self.bus.remove(device)
-            self.scheduler.cancel_timers(device)
+            self.scheduler.cancel_timers(device.device)  # the model owns its timers
         dom.close()
         self.domains.pop(dom.domid, None)
         self.walker.flush()

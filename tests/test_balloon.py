@@ -69,7 +69,7 @@ def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_di
     assert "checkpoint 1:" in notes and "image written" in notes
     assert "actual 4096 pages; the guest has 16.0 of its 32 MiB" in notes  # the 9 ms stats
     assert "virtio_balloon: thawed" in out
-    assert bal.counters["freed"] >= 4096 and bal.actual == 0 and bal.num_pages == 0
+    assert bal.metrics.freed >= 4096 and bal.actual == 0 and bal.num_pages == 0
     free, before = free_pages_line(out)
     assert free == before  # every page came back
     assert dom.tot_pages == 32 * PAGES_PER_MIB
@@ -114,8 +114,8 @@ def test_frame_accounting_holds_after_every_balloon_operation():
                                                     "7ms mem-set 16"))
     assert r.reason == "poweroff", r.console.decode()[-2000:]
     assert checks[0] >= 24 and problems == []  # 8 inflates, 8 deflates, 8 populates
-    assert bal.counters["freed"] == 8 * PAGES_PER_MIB
-    assert bal.counters["deflated"] == 8 * PAGES_PER_MIB
+    assert bal.metrics.freed == 8 * PAGES_PER_MIB
+    assert bal.metrics.deflated == 8 * PAGES_PER_MIB
     assert audit(hv) == []
 
 
@@ -258,7 +258,7 @@ def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy):
         out, problems, bal, (r, _) = _race_run(seed, step, policy)
         assert r.reason == "poweroff", f"step {step}: {r.domain.crash_report}\n{out[-2000:]}"
         assert "hashchain digest" in out and problems == [], (step, problems)
-        assert bal.transport.counters["ring_errors"] == 0, step
+        assert bal.transport.metrics.ring_errors == 0, step
         free, before = free_pages_line(out)
         assert free == before, step  # the last target (16 MiB) reached, nothing lost
         assert bal.num_pages == 0 and bal.actual == 0, step
@@ -270,12 +270,12 @@ def test_notifies_and_events_after_the_reset_are_discarded_and_counted():
     t, bal = device(dom)
     r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "4ms checkpoint"))
     assert r.reason == "poweroff"
-    assert t.counters["resets"] >= 2  # probe and freeze
-    before = t.counters["notifies_discarded"]
+    assert t.metrics.resets >= 2  # probe and freeze
+    before = t.metrics.notifies_discarded
     t.mmio_write(0x070, 4, 0)   # a reset, then a stray notify on every queue
     for q in range(3):
         t.mmio_write(0x050, 4, q)
-    assert t.counters["notifies_discarded"] == before + 3
+    assert t.metrics.notifies_discarded == before + 3
 
 
 # --- the inhibit ---------------------------------------------------------------------------------
@@ -298,13 +298,13 @@ def test_an_inflate_while_inhibited_is_acknowledged_set_aside_and_freed_once_aft
     assert r.reason == "poweroff"
     # the guest's inflate went through while inhibited: acknowledged, no frame freed
     assert seen["during"] == 16 * PAGES_PER_MIB
-    assert bal.counters["inhibited"] == 4 * PAGES_PER_MIB
+    assert bal.metrics.inhibited == 4 * PAGES_PER_MIB
     assert "mem-set refused: ballooning is inhibited" in notes
     assert "inhibited (1)" in notes                      # the 5 ms stats: one inhibit left
     assert "4096 frames" not in notes
     assert f"{4 * PAGES_PER_MIB} frames set aside meanwhile freed" in notes
     assert "balloon-uninhibit refused: the balloon is not inhibited" in notes
-    assert bal.counters["freed"] == 4 * PAGES_PER_MIB and bal.counters["refused"] == 0
+    assert bal.metrics.freed == 4 * PAGES_PER_MIB and bal.metrics.refused == 0
     assert dom.tot_pages == 12 * PAGES_PER_MIB  # the target of before the inhibit
     assert audit(hv) == []
 

@@ -121,6 +121,18 @@ def test_toolstack_sees_the_hypervisor_only_through_its_control_interface():
     assert bad == []
 
 
+def test_devices_are_given_what_they_use():
+    """A device model is given its domain's memory, the frame operations it
+    uses, a function that sends its event and the host's timers by whoever
+    creates it: it imports none of the hypervisor's higher layers."""
+    higher = ("hypervisor.core", "hypervisor.domain", "hypervisor.toolstack",
+              "hypervisor.domctl", "hypervisor.cpu", "hypervisor.evtchn", "hypervisor.scheduler",
+              "hypervisor.machine", "hypervisor.native", "hypervisor.hypercalls")
+    bad = [(str(p.relative_to(ROOT)), m) for p, m in imports("hypervisor/devices")
+           if m.startswith(higher)]
+    assert bad == []
+
+
 def test_guestos_has_no_import_cycle():
     assert cycles(graph("guestos")) == []
 

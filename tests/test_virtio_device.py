@@ -13,11 +13,14 @@ the last tests throw random rings and register writes at the device.
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,12 +28,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unicorn import UcError
 
-from hypervisor.devices.balloon import QUEUE_SIZE, REQUEST_MAX_BYTES, BalloonError
-from hypervisor.devices.mmio import MMIO_BASE, MMIO_NONE
-from hypervisor.devices.virtio_mmio import PVLAB_VENDOR_ID
+from hypervisor.devices.balloon import (
+    QUEUE_SIZE,
+    REQUEST_MAX_BYTES,
+    STATE_KEYS,
+    Balloon,
+    BalloonError,
+    BalloonHost,
+    BalloonMetrics,
+    restore_state,
+    save_state,
+)
+from hypervisor.devices.bus import MMIO_BASE, MMIO_NONE, MmioBus
+from hypervisor.devices.virtio.mmio import PVLAB_VENDOR_ID, VirtioMmio, VirtioMmioMetrics
+from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.mm.audit import audit
-from hypervisor.mm.frames import FREE, INVALID_M2P, PageType
-from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.mm.frames import FREE, INVALID_M2P, FrameTable, PageType
+from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE, MachineMemory
 from hypervisor.public.io.virtio import (
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -82,6 +96,7 @@ from hypervisor.public.io.virtio import (
     VRING_RING_OFF,
     VRING_USED_ELEM,
 )
+from hypervisor.public.xen import INVALID_MFN
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.config import parse_config
 from hypervisor.toolstack.session import boot
@@ -310,11 +325,37 @@ def env():
     return hv, dom, Driver(hv, dom)
 
 
+def other_domain(hv):
+    """A second domain on the machine, with no device."""
+    return build_domain(hv, parse_config({"name": "other", "memory": 4,
+                                          "image": "firmware/guest.elf"}, ROOT / "o.toml"))
+
+
 def mapped_frame(hv, dom) -> int:
     """A guest frame the bootstrap tables map (ref 2: allocation and mapping)."""
     ft = hv.machine.frames
     return int(np.flatnonzero((ft.owner == dom.domid) & (ft.ref_count == 2)
                               & (ft.type == PageType.writable) & ~ft.xenheap)[0])
+
+
+def l1_frame(hv, dom) -> int:
+    """An L1 pagetable of the domain's bootstrap tables."""
+    ft = hv.machine.frames
+    return int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0])
+
+
+def xenheap_frame(hv) -> int:
+    """A hypervisor page shared with a domain (its shared_info)."""
+    return int(np.flatnonzero(hv.machine.frames.xenheap)[0])
+
+
+def frame_kinds(hv, dom, drv) -> dict[str, int]:
+    """A frame of each kind the device must never free or write: in use by
+    the domain, its pagetables, the hypervisor's, free, beyond RAM, MMIO."""
+    return {"mapped": mapped_frame(hv, dom), "l4": dom.vcpus[0].guest_table,
+            "l1": l1_frame(hv, dom), "m2p": 1, "zero": 0, "free": free_frame(hv),
+            "xenheap": xenheap_frame(hv), "beyond": hv.machine.frames.nr_frames,
+            "mmio": drv.t.base >> PAGE_SHIFT}
 
 
 def free_frame(hv) -> int:
@@ -355,7 +396,7 @@ def test_identity_registers(env):
     assert drv.read(VIRTIO_MMIO_QUEUE_NUM_MAX) == 0  # no fourth queue
     assert drv.read(VIRTIO_MMIO_STATUS) == 0
     assert drv.read(VIRTIO_MMIO_INTERRUPT_STATUS) == 0
-    assert drv.t.counters["bad_accesses"] == 0
+    assert drv.t.metrics.bad_accesses == 0
 
 
 @pytest.mark.parametrize("oom", [False, True])
@@ -385,22 +426,26 @@ def test_device_feature_words(oom):
 def test_bad_register_reads_give_zero_and_are_counted(env, offset, size):
     _, _, drv = env
     assert drv.read(offset, size) == 0
-    assert drv.t.counters["bad_accesses"] == 1
+    assert drv.t.metrics.bad_accesses == 1
+
+
+BAD_STATUS_WRITES = [(VIRTIO_MMIO_STATUS, 1), (VIRTIO_MMIO_STATUS, 2),  # registers take 32 bits
+                     (VIRTIO_MMIO_STATUS + 1, 4),                        # misaligned
+                     (VIRTIO_MMIO_STATUS, 8)]
+BAD_REGISTER_WRITES = [(VIRTIO_MMIO_MAGIC_VALUE, 0), (VIRTIO_MMIO_QUEUE_NUM_MAX, 8),  # read-only
+                       (VIRTIO_MMIO_INTERRUPT_STATUS, 3),
+                       (0x0F8, 1)]                                         # nothing there
 
 
 def test_bad_register_writes_are_ignored_and_counted(env):
     _, _, drv = env
     t = drv.t
-    drv.write(VIRTIO_MMIO_STATUS, ACK, size=1)        # registers take 32 bits
-    drv.write(VIRTIO_MMIO_STATUS, ACK, size=2)
-    drv.write(VIRTIO_MMIO_STATUS + 1, ACK, size=4)    # misaligned
-    drv.write(VIRTIO_MMIO_STATUS, ACK, size=8)
+    for offset, size in BAD_STATUS_WRITES:
+        drv.write(offset, ACK, size=size)
     assert t.status == 0 and drv.status == 0
-    drv.write(VIRTIO_MMIO_MAGIC_VALUE, 0)              # read-only
-    drv.write(VIRTIO_MMIO_QUEUE_NUM_MAX, 8)
-    drv.write(VIRTIO_MMIO_INTERRUPT_STATUS, 3)
-    drv.write(0x0F8, 1)                                 # nothing there
-    assert t.counters["bad_accesses"] == 8
+    for offset, value in BAD_REGISTER_WRITES:
+        drv.write(offset, value)
+    assert t.metrics.bad_accesses == 8
     assert drv.read(VIRTIO_MMIO_MAGIC_VALUE) == VIRTIO_MMIO_MAGIC
     assert drv.read(VIRTIO_MMIO_DEVICE_ID) == VIRTIO_ID_BALLOON
 
@@ -411,19 +456,19 @@ def test_config_space_reads(env):
     bal.set_target(0x12345678)
     bal.actual = 0x0A0B0C0D
     cfg = VIRTIO_MMIO_CONFIG
-    assert drv.read(cfg) == 0x12345678                 # num_pages, le32
-    assert drv.read(cfg + 4) == 0x0A0B0C0D             # actual, le32
+    good = {(0, 4): 0x12345678,                        # num_pages, le32
+            (4, 4): 0x0A0B0C0D,                        # actual, le32
+            (0, 2): 0x5678, (2, 2): 0x1234, (6, 2): 0x0A0B}
+    assert {key: drv.read(cfg + key[0], key[1]) for key in good} == good
     assert [drv.read(cfg + i, 1) for i in range(8)] == \
         [0x78, 0x56, 0x34, 0x12, 0x0D, 0x0C, 0x0B, 0x0A]
-    assert drv.read(cfg, 2) == 0x5678 and drv.read(cfg + 2, 2) == 0x1234
-    assert drv.read(cfg + 6, 2) == 0x0A0B
-    assert drv.t.counters["bad_accesses"] == 0
-    assert drv.read(cfg + 1, 2) == 0                   # misaligned
-    assert drv.read(cfg + 2, 4) == 0
-    assert drv.read(cfg + 8, 4) == 0                   # beyond the balloon's 8 bytes
-    assert drv.read(cfg + 6, 4) == 0                   # runs past them
-    assert drv.read(0x200, 4) == 0                     # beyond the register window
-    assert drv.t.counters["bad_accesses"] == 5
+    assert drv.t.metrics.bad_accesses == 0
+    bad = [(cfg + 1, 2), (cfg + 2, 4),                 # misaligned
+           (cfg + 8, 4),                               # beyond the balloon's 8 bytes
+           (cfg + 6, 4),                               # runs past them
+           (0x200, 4)]                                 # beyond the register window
+    assert [drv.read(offset, size) for offset, size in bad] == [0] * 5
+    assert drv.t.metrics.bad_accesses == 5
 
 
 @pytest.mark.parametrize("size", [0, 3, 5, 16])
@@ -437,7 +482,7 @@ def test_odd_access_sizes_are_bad_accesses(env, size):
     for offset in (VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG + 3, VIRTIO_MMIO_STATUS):
         assert drv.read(offset, size) == 0
         drv.write(offset, 0, size)
-    assert drv.t.counters["bad_accesses"] == 6
+    assert drv.t.metrics.bad_accesses == 6
     assert drv.status == ACK | DRIVER and drv.t.device.actual == 0
 
 
@@ -447,7 +492,7 @@ def test_config_space_writes(env):
     cfg = VIRTIO_MMIO_CONFIG
     bal.set_target(100)
     drv.write(cfg + 4, 7)                               # before DRIVER: refused
-    assert bal.actual == 0 and drv.t.counters["bad_accesses"] == 1
+    assert bal.actual == 0 and drv.t.metrics.bad_accesses == 1
     drv.write(VIRTIO_MMIO_STATUS, ACK)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER)
     drv.write(cfg + 4, 0x11223344)
@@ -456,14 +501,14 @@ def test_config_space_writes(env):
     assert bal.actual == 0x1122AA44
     drv.write(cfg + 6, 0xBEEF, size=2)
     assert bal.actual == 0xBEEFAA44
-    before = drv.t.counters["bad_accesses"]
+    before = drv.t.metrics.bad_accesses
     drv.write(cfg, 5)                                   # num_pages is the host's
     drv.write(cfg + 2, 5, size=2)
     drv.write(cfg + 3, 0xFFFF, size=2)                  # misaligned
     drv.write(cfg + 8, 1)                               # beyond
     assert bal.num_pages == 100 and drv.read(cfg) == 100
     assert bal.actual == 0xBEEFAA44
-    assert drv.t.counters["bad_accesses"] == before + 4
+    assert drv.t.metrics.bad_accesses == before + 4
 
 
 def test_config_generation_and_interrupt_on_target_change(env):
@@ -472,14 +517,14 @@ def test_config_generation_and_interrupt_on_target_change(env):
     g0 = drv.read(VIRTIO_MMIO_CONFIG_GENERATION)
     bal.set_target(10)                                 # before DRIVER_OK: no interrupt
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == g0 + 1
-    assert drv.isr == 0 and t.counters["interrupts"] == 0
+    assert drv.isr == 0 and t.metrics.interrupts == 0
     assert not pending_event(dom, t.port)
     drv.start()
     bal.set_target(20)
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == g0 + 2
     assert drv.read(VIRTIO_MMIO_CONFIG) == 20
     assert drv.isr == VIRTIO_MMIO_INT_CONFIG
-    assert t.counters["interrupts"] == 1
+    assert t.metrics.interrupts == 1
     assert pending_event(dom, t.port)
     drv.write(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG)
     assert drv.isr == 0
@@ -497,19 +542,18 @@ def test_address_with_no_device_reads_all_ones(env):
     assert hv.bus.read(dom, MMIO_BASE - PAGE_SIZE, 1) == 0xFF
     hv.bus.write(dom, nowhere, 4, 0)
     assert hv.bus.unclaimed == before + 4
-    assert drv.t.counters["bad_accesses"] == 0
+    assert drv.t.metrics.bad_accesses == 0
 
 
 def test_another_domain_cannot_reach_the_device(env):
     hv, dom, drv = env
-    other = build_domain(hv, parse_config({"name": "other", "memory": 4,
-                                           "image": "firmware/guest.elf"}, ROOT / "o.toml"))
+    other = other_domain(hv)
     t = drv.t
     before = hv.bus.unclaimed
     assert hv.bus.read(other, t.base + VIRTIO_MMIO_MAGIC_VALUE, 4) == 0xFFFFFFFF
     hv.bus.write(other, t.base + VIRTIO_MMIO_STATUS, 4, ACK)
     assert hv.bus.unclaimed == before + 2
-    assert t.status == 0 and t.counters["bad_accesses"] == 0
+    assert t.status == 0 and t.metrics.bad_accesses == 0
     # nor do its VCPUs' engines map the page
     with pytest.raises(UcError):
         other.vcpus[0].uc.mem_read(t.base, 4)
@@ -556,8 +600,8 @@ def test_handshake(env):
     drv.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0)
     drv.write(VIRTIO_MMIO_DRIVER_FEATURES, 0)
     assert t.negotiated(VIRTIO_BALLOON_F_STATS_VQ)
-    assert t.counters["bad_accesses"] == 1
-    assert t.counters["ring_errors"] == 0 and t.counters["features_refused"] == 0
+    assert t.metrics.bad_accesses == 1
+    assert t.metrics.ring_errors == 0 and t.metrics.features_refused == 0
 
 
 @pytest.mark.parametrize("features", [0, 1 << VIRTIO_BALLOON_F_STATS_VQ,   # no VERSION_1
@@ -572,7 +616,7 @@ def test_features_ok_refused(env, features):
     drv.set_features(features)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK)
     assert drv.status == ACK | DRIVER     # FEATURES_OK does not read back
-    assert t.counters["features_refused"] == 1
+    assert t.metrics.features_refused == 1
     # the queues cannot be set up, DRIVER_OK is not taken
     drv.write(VIRTIO_MMIO_QUEUE_SEL, 0)
     drv.write(VIRTIO_MMIO_QUEUE_READY, 1)
@@ -583,7 +627,7 @@ def test_features_ok_refused(env, features):
     drv.set_features(WANTED)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK)
     assert drv.status == ACK | DRIVER | FEATURES_OK
-    assert drv.t.counters["features_refused"] == 2
+    assert drv.t.metrics.features_refused == 2
 
 
 def test_status_bits_in_order(env):
@@ -598,7 +642,7 @@ def test_status_bits_in_order(env):
     drv.set_features(WANTED)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | DRIVER_OK)  # DRIVER_OK before FEATURES_OK
     assert drv.status == ACK | DRIVER
-    assert t.counters["bad_accesses"] == 3
+    assert t.metrics.bad_accesses == 3
 
 
 def test_clearing_status_bits_is_refused(env):
@@ -607,7 +651,7 @@ def test_clearing_status_bits_is_refused(env):
     for bad in (ACK | DRIVER | FEATURES_OK, ACK, DRIVER_OK | FEATURES_OK | DRIVER):
         drv.write(VIRTIO_MMIO_STATUS, bad)
         assert drv.status == ALL_OK
-    assert drv.t.counters["bad_accesses"] == 3
+    assert drv.t.metrics.bad_accesses == 3
     drv.write(VIRTIO_MMIO_STATUS, ALL_OK | VIRTIO_CONFIG_S_FAILED)  # FAILED is always taken
     assert drv.status == ALL_OK | VIRTIO_CONFIG_S_FAILED
 
@@ -626,7 +670,7 @@ def test_reset_clears_everything(env):
         assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
         assert t.queues[q].desc == t.queues[q].avail == t.queues[q].used == 0
         assert t.queues[q].last_avail == t.queues[q].used_idx == 0
-    assert t.counters["resets"] == 2  # start() resets once first
+    assert t.metrics.resets == 2  # start() resets once first
     assert t.driver_features == 0
     assert not [x for x in hv.scheduler.timers if x[2] is bal]
     assert bal.num_pages == 3  # the target survives a reset
@@ -641,16 +685,15 @@ def test_queue_registers_locked_while_ready(env):
     drv.negotiate()
     ring = drv.setup_queue(INFLATE, num=64)
     q = t.queues[INFLATE]
-    bad = t.counters["bad_accesses"]
-    drv.write(VIRTIO_MMIO_QUEUE_NUM, 8)
-    drv.write(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000)
-    drv.write(VIRTIO_MMIO_QUEUE_DESC_HIGH, 1)
-    drv.write(VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000)
-    drv.write(VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 1)
-    drv.write(VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000)
-    drv.write(VIRTIO_MMIO_QUEUE_USED_HIGH, 1)
+    bad = t.metrics.bad_accesses
+    for offset, value in [(VIRTIO_MMIO_QUEUE_NUM, 8),
+                          (VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000), (VIRTIO_MMIO_QUEUE_DESC_HIGH, 1),
+                          (VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000),
+                          (VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 1),
+                          (VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000), (VIRTIO_MMIO_QUEUE_USED_HIGH, 1)]:
+        drv.write(offset, value)
     assert (q.num, q.desc, q.avail, q.used) == (64, ring.desc, ring.avail, ring.used)
-    assert t.counters["bad_accesses"] == bad + 7
+    assert t.metrics.bad_accesses == bad + 7
     # QueueReady 0 unlocks them
     drv.write(VIRTIO_MMIO_QUEUE_READY, 0)
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
@@ -667,14 +710,14 @@ def test_queue_registers_need_features_ok(env):
     drv.write(VIRTIO_MMIO_QUEUE_NUM, 8)
     drv.write(VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000)
     assert t.queues[0].num == QUEUE_SIZE and t.queues[0].desc == 0
-    assert t.counters["bad_accesses"] == 2
+    assert t.metrics.bad_accesses == 2
     drv.set_features(WANTED)
     drv.write(VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK)
     drv.write(VIRTIO_MMIO_QUEUE_SEL, 7)  # no such queue
     drv.write(VIRTIO_MMIO_QUEUE_NUM, 8)
     drv.write(VIRTIO_MMIO_QUEUE_READY, 1)
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
-    assert t.counters["bad_accesses"] == 4
+    assert t.metrics.bad_accesses == 4
 
 
 @pytest.mark.parametrize("num", [0, 3, 100, 512, 1 << 31])
@@ -688,7 +731,7 @@ def test_bad_queue_size_needs_reset(env, num):
     assert drv.status & NEEDS_RESET
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == gen + 1
     assert drv.isr == 0  # no interrupt before DRIVER_OK
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.ring_errors == 1
     drv.write(VIRTIO_MMIO_STATUS, 0)
     assert drv.status == 0
     drv.start()
@@ -706,7 +749,7 @@ def test_power_of_two_queue_sizes_work(env, num):
         assert ft.owner[mfn] == FREE
     idx, elems = drv.used(drv.rings[INFLATE])
     assert idx == num + 3 and len(elems) == num
-    assert drv.t.counters["ring_errors"] == 0 and drv.status == ALL_OK
+    assert drv.t.metrics.ring_errors == 0 and drv.status == ALL_OK
 
 
 # --- 3. notify rules -------------------------------------------------------------------
@@ -725,12 +768,12 @@ def test_notifies_that_are_discarded(env):
     drv.notify(DEFLATE)   # not ready
     drv.notify(5)         # no such queue
     drv.notify(0xFFFF)
-    assert t.counters["notifies_discarded"] == 3
+    assert t.metrics.notifies_discarded == 3
     assert t.queues[INFLATE].last_avail == 0 and ft.owner[victim] == dom.domid
     drv.write(VIRTIO_MMIO_STATUS, 0)
     drv.notify(INFLATE)   # after a reset
-    assert t.counters["notifies_discarded"] == 4
-    assert t.counters["notifies"] == 0
+    assert t.metrics.notifies_discarded == 4
+    assert t.metrics.notifies == 0
     assert ft.owner[victim] == dom.domid
     assert drv.used(ring)[0] == 0
     assert audit(hv, p2m=False) == []
@@ -745,15 +788,15 @@ def test_stats_notify_before_driver_ok_is_held(env):
     entries = stats_bytes([(4, 1000), (5, 4096)])
     drv.add(drv.rings[STATS], [(drv.buffer(entries), len(entries), False)])
     drv.notify(STATS)
-    assert t.counters["notifies_held"] == 1
-    assert t.counters["notifies"] == 0
+    assert t.metrics.notifies_held == 1
+    assert t.metrics.notifies == 0
     assert bal.stats == {} and bal.stats_held is None
     assert t.queues[STATS].last_avail == 0
     drv.driver_ok()
     assert t.queues[STATS].last_avail == 1
     assert bal.stats == {"free-memory": 1000, "total-memory": 4096}
     assert bal.stats_held == 0
-    assert t.counters["notifies"] == 1
+    assert t.metrics.notifies == 1
 
 
 def test_inflate_notify_before_driver_ok_is_served_at_driver_ok(env):
@@ -764,7 +807,7 @@ def test_inflate_notify_before_driver_ok_is_served_at_driver_ok(env):
     mfn = drv.frame()
     drv.request(INFLATE, [mfn])
     drv.request(INFLATE, [])  # two notifies, one held kick
-    assert t.counters["notifies_held"] == 2
+    assert t.metrics.notifies_held == 2
     assert ft.owner[mfn] == dom.domid and drv.isr == 0
     drv.driver_ok()
     assert ft.owner[mfn] == FREE
@@ -783,14 +826,14 @@ def test_held_notify_is_dropped_if_the_device_needs_reset(env):
     drv.setup_queue(INFLATE)
     mfn = drv.frame()
     drv.request(INFLATE, [mfn])
-    assert t.counters["notifies_held"] == 1
+    assert t.metrics.notifies_held == 1
     drv.setup_queue(DEFLATE, num=3)  # a bad size: DEVICE_NEEDS_RESET
     assert drv.status & NEEDS_RESET
     drv.write(VIRTIO_MMIO_STATUS, ALL_OK)
     assert drv.status & NEEDS_RESET
     assert ft.owner[mfn] == dom.domid
     assert t.queues[INFLATE].last_avail == 0
-    assert t.counters["notifies"] == 0
+    assert t.metrics.notifies == 0
 
 
 # --- 4. inflate and deflate ------------------------------------------------------------
@@ -814,8 +857,8 @@ def test_inflate_frees_unused_frames(env):
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert drv.isr & VIRTIO_MMIO_INT_VRING
     assert pending_event(dom, t.port)
-    assert t.counters["interrupts"] == 1 and t.counters["notifies"] == 1
-    assert bal.counters["freed"] == 3 and bal.counters["refused"] == 0
+    assert t.metrics.interrupts == 1 and t.metrics.notifies == 1
+    assert bal.metrics.freed == 3 and bal.metrics.refused == 0
     assert flushes == [dom.domid]
     guard.check()
 
@@ -843,23 +886,13 @@ def test_inflate_without_interrupt_when_suppressed(env):
     drv.request(INFLATE, [mfn])
     assert hv.machine.frames.owner[mfn] == FREE
     assert drv.used(ring)[0] == 1
-    assert drv.isr == 0 and drv.t.counters["interrupts"] == 0
+    assert drv.isr == 0 and drv.t.metrics.interrupts == 0
 
 
-REFUSED = {
-    "mapped": lambda hv, dom, drv: mapped_frame(hv, dom),
-    "l4": lambda hv, dom, drv: dom.vcpus[0].guest_table,
-    "pagetable-l1": lambda hv, dom, drv: int(np.flatnonzero(
-        (hv.machine.frames.owner == dom.domid)
-        & (hv.machine.frames.type == PageType.l1))[0]),
-    "shared-info": lambda hv, dom, drv: int(np.flatnonzero(hv.machine.frames.xenheap)[0]),
-    "hypervisor-m2p": lambda hv, dom, drv: 1,
-    "zero": lambda hv, dom, drv: 0,
-    "free": lambda hv, dom, drv: free_frame(hv),
-    "beyond-ram": lambda hv, dom, drv: hv.machine.frames.nr_frames,
-    "mmio": lambda hv, dom, drv: drv.t.base >> PAGE_SHIFT,
-    "all-ones": lambda hv, dom, drv: 0xFFFFFFFF,
-}
+# test case -> the frame_kinds entry it names (or the number itself)
+REFUSED = {"mapped": "mapped", "l4": "l4", "pagetable-l1": "l1", "shared-info": "xenheap",
+           "hypervisor-m2p": "m2p", "zero": "zero", "free": "free", "beyond-ram": "beyond",
+           "mmio": "mmio", "all-ones": 0xFFFFFFFF}
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
@@ -868,13 +901,14 @@ def test_inflate_refuses_frames_in_use_or_not_the_domains(env, kind):
     ft = hv.machine.frames
     bal = drv.t.device
     drv.start()
-    mfn = REFUSED[kind](hv, dom, drv)
+    which = REFUSED[kind]
+    mfn = frame_kinds(hv, dom, drv)[which] if isinstance(which, str) else which
     owner = int(ft.owner[mfn]) if mfn < ft.nr_frames else None
     good = drv.frame()
     guard = Guard(hv, dom)
     free0 = ft.nr_free
     head = drv.request(INFLATE, [mfn, good])
-    assert bal.counters["refused"] == 1 and bal.counters["freed"] == 1
+    assert bal.metrics.refused == 1 and bal.metrics.freed == 1
     assert ft.nr_free == free0 + 1 and ft.owner[good] == FREE
     if owner is not None:
         assert ft.owner[mfn] == owner
@@ -885,19 +919,21 @@ def test_inflate_refuses_frames_in_use_or_not_the_domains(env, kind):
 
 def test_inflate_refuses_another_domains_frame(env):
     hv, dom, drv = env
-    other = build_domain(hv, parse_config({"name": "other", "memory": 4,
-                                           "image": "firmware/guest.elf"}, ROOT / "o.toml"))
+    other = other_domain(hv)
     ft = hv.machine.frames
     drv.start()
     theirs = ft.alloc(other.domid)  # unused, but not ours
     guard = Guard(hv, dom)
     drv.request(INFLATE, [theirs])
     assert ft.owner[theirs] == other.domid and ft.ref_count[theirs] == 1
-    assert drv.t.device.counters["refused"] == 1
+    assert drv.t.device.metrics.refused == 1
     guard.check()
 
 
-@pytest.mark.parametrize("shape", ["write-only", "len-6", "len-1"])
+MALFORMED = {"write-only": (4, True), "len-6": (6, False), "len-1": (1, False)}
+
+
+@pytest.mark.parametrize("shape", sorted(MALFORMED))
 def test_malformed_inflate_buffer_is_acked_not_acted_on(env, shape):
     hv, dom, drv = env
     ft = hv.machine.frames
@@ -907,12 +943,11 @@ def test_malformed_inflate_buffer_is_acked_not_acted_on(env, shape):
     data = _U32.pack(mfn) + b"\0\0\0\0"
     addr = drv.buffer(data)
     guard = Guard(hv, dom)
-    bufs = {"write-only": [(addr, 4, True)], "len-6": [(addr, 6, False)],
-            "len-1": [(addr, 1, False)]}[shape]
-    head = drv.add(drv.rings[INFLATE], bufs)
+    length, writable = MALFORMED[shape]
+    head = drv.add(drv.rings[INFLATE], [(addr, length, writable)])
     drv.notify(INFLATE)
     assert ft.owner[mfn] == dom.domid
-    assert bal.counters["malformed"] == 1 and bal.counters["freed"] == 0
+    assert bal.metrics.malformed == 1 and bal.metrics.freed == 0
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert drv.status == ALL_OK
     guard.check()
@@ -935,13 +970,13 @@ def test_inflate_request_size_is_bounded(env):
     h2 = drv.add(ring, [(big, 4 * 128, False), (big + 4 * 128, 4 * 129, False)])
     drv.notify(INFLATE)
     assert all(ft.owner[m] == dom.domid for m in frames)
-    assert bal.counters["malformed"] == 2 and bal.counters["freed"] == 0
+    assert bal.metrics.malformed == 2 and bal.metrics.freed == 0
     assert drv.used(ring) == (2, [(h1, 0), (h2, 0)])
     # 256 is fine; a device-writable buffer does not count against the limit
     h3 = drv.add(ring, [(big, 4 * 256, False), (drv.buffer(b""), 4096, True)])
     drv.notify(INFLATE)
     assert all(ft.owner[m] == FREE for m in frames[:256]) and ft.owner[frames[256]] == dom.domid
-    assert bal.counters["freed"] == 256 and bal.counters["malformed"] == 3
+    assert bal.metrics.freed == 256 and bal.metrics.malformed == 3
     assert drv.used(ring)[1][2] == (h3, 0)
     assert drv.status == ALL_OK
     assert audit(hv, p2m=False) == []
@@ -964,7 +999,7 @@ def test_huge_buffers_are_cheap(env):
         drv.notify(q)
     assert time.perf_counter() - start < 1.0
     bal = drv.t.device
-    assert bal.counters["malformed"] == 3 and bal.counters["refused"] == 0
+    assert bal.metrics.malformed == 3 and bal.metrics.refused == 0
     assert bal.stats == {} and bal.stats_held == 0
     assert drv.status == ALL_OK
     guard.check()
@@ -979,8 +1014,8 @@ def test_deflate_counts_the_domains_frames(env):
     guard = Guard(hv, dom)
     free0 = ft.nr_free
     head = drv.request(DEFLATE, [*mine, 1, free_frame(hv), ft.nr_frames])
-    assert bal.counters["deflated"] == 2 and bal.counters["refused"] == 3
-    assert bal.counters["freed"] == 0 and ft.nr_free == free0
+    assert bal.metrics.deflated == 2 and bal.metrics.refused == 3
+    assert bal.metrics.freed == 0 and ft.nr_free == free0
     assert all(ft.owner[m] == dom.domid for m in mine)
     assert drv.used(drv.rings[DEFLATE]) == (1, [(head, 0)])
     assert drv.isr & VIRTIO_MMIO_INT_VRING
@@ -997,7 +1032,7 @@ def test_inflate_twice_the_same_frame_frees_it_once(env):
     drv.request(INFLATE, [mfn, mfn])
     drv.request(INFLATE, [mfn])
     assert ft.nr_free == free0 + 1
-    assert bal.counters["freed"] == 1 and bal.counters["refused"] == 2
+    assert bal.metrics.freed == 1 and bal.metrics.refused == 2
     assert audit(hv, p2m=False) == []
 
 
@@ -1039,7 +1074,7 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     # set aside: still owned, but no longer a pfn of the guest
     assert [hv.machine.m2p[m] == INVALID_M2P for m in victims] == [True, True, False, False]
     assert ft.nr_free == free0
-    assert bal.counters["inhibited"] == 2 and bal.counters["freed"] == 0
+    assert bal.metrics.inhibited == 2 and bal.metrics.freed == 0
     assert audit(hv, p2m=False) == []
     with pytest.raises(BalloonError, match="inhibited"):
         bal.set_target(10)
@@ -1052,7 +1087,7 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     assert bal.uninhibit() == 4
     assert all(ft.owner[m] == FREE for m in victims)
     assert ft.nr_free == free0 + 4
-    assert bal.counters["freed"] == 4 and bal.set_aside == []
+    assert bal.metrics.freed == 4 and bal.set_aside == []
     guard.check()
     with pytest.raises(BalloonError, match="not inhibited"):
         bal.uninhibit()
@@ -1073,7 +1108,7 @@ def test_inhibited_frame_listed_twice_is_freed_once(env):
     drv.request(INFLATE, [mfn])
     bal.uninhibit()
     assert ft.owner[mfn] == FREE and ft.nr_free == free0 + 1
-    assert bal.counters["freed"] == 1
+    assert bal.metrics.freed == 1
     assert ft._free.count(mfn) == 1
     assert audit(hv, p2m=False) == []
 
@@ -1092,38 +1127,35 @@ def test_set_aside_frame_taken_back_is_not_freed(env):
     hv.machine.set_m2p(kept, 5)
     assert bal.uninhibit() == 1
     assert ft.owner[kept] == dom.domid and ft.owner[gone] == FREE
-    assert bal.counters["refused"] == 1
+    assert bal.metrics.refused == 1
     assert audit(hv, p2m=False) == []
 
 
 # --- 6. statistics -----------------------------------------------------------------------
 
-def test_stats_buffer_is_parsed(env):
+# a statistics buffer, what the device reads from it, and whether it is malformed
+STATS_BUFFERS = {
+    "parsed": (stats_bytes([(0, 11), (1, 22), (4, 1 << 40), (5, 1 << 41), (99, 7), (6, 33),
+                            (9, 44)]),  # tag 99 is unknown: ignored
+               {"swap-in": 11, "swap-out": 22, "free-memory": 1 << 40, "total-memory": 1 << 41,
+                "available-memory": 33, "hugetlb-failures": 44}, 0),
+    "odd-length": (stats_bytes([(4, 5)]) + b"\x05\x00\x01", {"free-memory": 5}, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATS_BUFFERS))
+def test_stats_buffer_is_parsed(env, case):
     hv, dom, drv = env
     bal = drv.t.device
+    data, stats, malformed = STATS_BUFFERS[case]
     drv.start()
-    data = stats_bytes([(0, 11), (1, 22), (4, 1 << 40), (5, 1 << 41), (99, 7), (6, 33),
-                        (9, 44)])
     drv.add(drv.rings[STATS], [(drv.buffer(data), len(data), False)])
     drv.notify(STATS)
-    assert bal.stats == {"swap-in": 11, "swap-out": 22, "free-memory": 1 << 40,
-                         "total-memory": 1 << 41, "available-memory": 33,
-                         "hugetlb-failures": 44}
+    assert bal.stats == stats
     assert bal.stats_updated_ns == hv.scheduler.now()
     assert bal.stats_held == 0
     assert drv.used(drv.rings[STATS])[0] == 0  # held, not returned
-    assert bal.counters["malformed"] == 0
-
-
-def test_stats_buffer_of_odd_length_is_counted(env):
-    hv, dom, drv = env
-    bal = drv.t.device
-    drv.start()
-    data = stats_bytes([(4, 5)]) + b"\x05\x00\x01"
-    drv.add(drv.rings[STATS], [(drv.buffer(data), len(data), False)])
-    drv.notify(STATS)
-    assert bal.stats == {"free-memory": 5}
-    assert bal.counters["malformed"] == 1
+    assert bal.metrics.malformed == malformed
 
 
 def test_second_stats_buffer_returns_the_older(env):
@@ -1135,10 +1167,10 @@ def test_second_stats_buffer_returns_the_older(env):
     drv.notify(STATS)
     second = drv.add(ring, [(drv.buffer(stats_bytes([(4, 2)])), 10, False)])
     drv.notify(STATS)
-    assert bal.counters["stats_errors"] == 1
+    assert bal.metrics.stats_errors == 1
     assert drv.used(ring) == (1, [(first, 0)])
     assert bal.stats_held == second and bal.stats == {"free-memory": 2}
-    assert drv.isr & VIRTIO_MMIO_INT_VRING and t.counters["interrupts"] == 1
+    assert drv.isr & VIRTIO_MMIO_INT_VRING and t.metrics.interrupts == 1
 
 
 def test_host_poll_returns_the_held_buffer(env):
@@ -1179,6 +1211,18 @@ def test_reset_forgets_the_held_stats_buffer(env):
     assert drv.used(ring)[0] == 0
 
 
+def test_destroying_the_domain_ends_the_statistics_poll(env):
+    """The poll timer belongs to the balloon, not to its transport: tearing
+    the domain down must cancel it (it was left armed, and re-armed itself
+    for ever, since a destroyed domain never shut down)."""
+    hv, dom, drv = env
+    bal = drv.t.device
+    drv.start()
+    assert [x for x in hv.scheduler.timers if x[2] is bal]
+    hv.destroy_domain(dom)
+    assert not [x for x in hv.scheduler.timers if x[2] is bal]
+
+
 def test_no_stats_interval_no_timer():
     hv, dom = boot_balloon(interval="0ms")
     drv = Driver(hv, dom)
@@ -1188,28 +1232,29 @@ def test_no_stats_interval_no_timer():
 
 # --- 7. ring validation --------------------------------------------------------------------
 
-def _outside_ram(hv, dom, drv, ring):
-    drv.add(ring, [(hv.machine.memory.size - 2, 4, False)])
-
-
-def _hypervisor_frame(hv, dom, drv, ring):
-    drv.add(ring, [(1 << PAGE_SHIFT, 4, False)])
-
-
-def _free_frame(hv, dom, drv, ring):
-    drv.add(ring, [(free_frame(hv) << PAGE_SHIFT, 4, False)])
-
-
-def _shared_info(hv, dom, drv, ring):
-    xenheap = int(np.flatnonzero(hv.machine.frames.xenheap)[0])
-    drv.add(ring, [(xenheap << PAGE_SHIFT, 4, False)])
-
-
-def _crosses_out_of_the_domain(hv, dom, drv, ring):
+def _last_word_of_the_domain(hv, dom) -> int:
+    """The last 4 bytes of a frame of the domain whose next frame is not."""
     ft = hv.machine.frames
     mfn = next(m for m in np.flatnonzero(ft.owner == dom.domid).tolist()
                if m + 1 < ft.nr_frames and ft.owner[m + 1] != dom.domid)
-    drv.add(ring, [((mfn << PAGE_SHIFT) + PAGE_SIZE - 4, 8, False)])
+    return (mfn << PAGE_SHIFT) + PAGE_SIZE - 4
+
+
+# one device-readable buffer where the device may not read: (address, length)
+BAD_BUFFERS: dict[str, Callable] = {
+    "outside-ram": lambda hv, dom: (hv.machine.memory.size - 2, 4),
+    "hypervisor-frame": lambda hv, dom: (1 << PAGE_SHIFT, 4),
+    "free-frame": lambda hv, dom: (free_frame(hv) << PAGE_SHIFT, 4),
+    "xenheap-frame": lambda hv, dom: (xenheap_frame(hv) << PAGE_SHIFT, 4),
+    "crosses-out-of-the-domain": lambda hv, dom: (_last_word_of_the_domain(hv, dom), 8),
+}
+
+
+def _bad_buffer(case: str) -> Callable:
+    def add(hv, dom, drv, ring):
+        addr, length = BAD_BUFFERS[case](hv, dom)
+        drv.add(ring, [(addr, length, False)])
+    return add
 
 
 def _writable_into_pagetable(hv, dom, drv, ring):
@@ -1277,9 +1322,7 @@ def _used_page_becomes_foreign(hv, dom, drv, ring):
 
 
 BROKEN_CHAINS: dict[str, Callable] = {
-    "outside-ram": _outside_ram, "hypervisor-frame": _hypervisor_frame,
-    "free-frame": _free_frame, "xenheap-frame": _shared_info,
-    "crosses-out-of-the-domain": _crosses_out_of_the_domain,
+    **{case: _bad_buffer(case) for case in BAD_BUFFERS},
     "writable-into-pagetable": _writable_into_pagetable, "loop": _loop,
     "self-loop": _self_loop, "next-out-of-range": _next_out_of_range,
     "head-out-of-range": _head_out_of_range, "indirect": _indirect,
@@ -1314,7 +1357,7 @@ def test_broken_ring_needs_reset(env, case, queue):
     gen = drv.read(VIRTIO_MMIO_CONFIG_GENERATION)
     drv.notify(queue)  # must not raise
     assert drv.status == ALL_OK | NEEDS_RESET, t.__dict__.get("last_error")
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.ring_errors == 1
     assert drv.isr & VIRTIO_MMIO_INT_CONFIG
     assert pending_event(dom, t.port)
     assert drv.read(VIRTIO_MMIO_CONFIG_GENERATION) == gen + 1
@@ -1323,62 +1366,26 @@ def test_broken_ring_needs_reset(env, case, queue):
     last_avail = t.queues[queue].last_avail
     drv.notify(queue)
     drv.notify(INFLATE)
-    assert t.counters["notifies_discarded"] == 2
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.notifies_discarded == 2
+    assert t.metrics.ring_errors == 1
     assert t.queues[queue].last_avail == last_avail
     t.device._poll()  # the host poll leaves it alone too
     guard.check()
     assert_recovers(hv, dom, drv)
 
 
-def _used_in_pagetable(hv, dom, drv):
-    return {"used": dom.vcpus[0].guest_table << PAGE_SHIFT}
-
-
-def _desc_in_hypervisor(hv, dom, drv):
-    return {"desc": 1 << PAGE_SHIFT}
-
-
-def _avail_free(hv, dom, drv):
-    return {"avail": free_frame(hv) << PAGE_SHIFT}
-
-
-def _desc_misaligned(hv, dom, drv):
-    return {"desc": drv.page() + 8}
-
-
-def _used_misaligned(hv, dom, drv):
-    return {"used": drv.page() + 2}
-
-
-def _avail_misaligned(hv, dom, drv):
-    return {"avail": drv.page() + 1}
-
-
-def _desc_beyond_ram(hv, dom, drv):
-    return {"desc": hv.machine.memory.size}
-
-
-def _used_at_4g(hv, dom, drv):
-    return {"used": 1 << 32}
-
-
-def _desc_at_mmio(hv, dom, drv):
-    return {"desc": drv.t.base}
-
-
-def _used_read_only_mapped_pagetable(hv, dom, drv):
-    ft = hv.machine.frames
-    l1 = int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0])
-    return {"used": l1 << PAGE_SHIFT}
-
-
+# a ring where the device may not have it: (which ring, its address)
 BROKEN_LAYOUTS: dict[str, Callable] = {
-    "used-in-l4": _used_in_pagetable, "used-in-l1": _used_read_only_mapped_pagetable,
-    "desc-in-hypervisor-frame": _desc_in_hypervisor, "avail-in-free-frame": _avail_free,
-    "desc-misaligned": _desc_misaligned, "used-misaligned": _used_misaligned,
-    "avail-misaligned": _avail_misaligned, "desc-beyond-ram": _desc_beyond_ram,
-    "used-at-4GiB": _used_at_4g, "desc-at-mmio-window": _desc_at_mmio,
+    "used-in-l4": lambda hv, dom, drv: ("used", dom.vcpus[0].guest_table << PAGE_SHIFT),
+    "used-in-l1": lambda hv, dom, drv: ("used", l1_frame(hv, dom) << PAGE_SHIFT),
+    "desc-in-hypervisor-frame": lambda hv, dom, drv: ("desc", 1 << PAGE_SHIFT),
+    "avail-in-free-frame": lambda hv, dom, drv: ("avail", free_frame(hv) << PAGE_SHIFT),
+    "desc-misaligned": lambda hv, dom, drv: ("desc", drv.page() + 8),
+    "used-misaligned": lambda hv, dom, drv: ("used", drv.page() + 2),
+    "avail-misaligned": lambda hv, dom, drv: ("avail", drv.page() + 1),
+    "desc-beyond-ram": lambda hv, dom, drv: ("desc", hv.machine.memory.size),
+    "used-at-4GiB": lambda hv, dom, drv: ("used", 1 << 32),
+    "desc-at-mmio-window": lambda hv, dom, drv: ("desc", drv.t.base),
 }
 
 
@@ -1388,12 +1395,13 @@ def test_broken_layout_refused_at_queue_ready(env, case):
     t = drv.t
     drv.negotiate()
     guard = Guard(hv, dom)
-    drv.setup_queue(INFLATE, num=8, **BROKEN_LAYOUTS[case](hv, dom, drv))
+    ring, addr = BROKEN_LAYOUTS[case](hv, dom, drv)
+    drv.setup_queue(INFLATE, num=8, **{ring: addr})
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 0
     assert drv.status & NEEDS_RESET
-    assert t.counters["ring_errors"] == 1
+    assert t.metrics.ring_errors == 1
     drv.notify(INFLATE)
-    assert t.counters["notifies_discarded"] == 1
+    assert t.metrics.notifies_discarded == 1
     guard.check()
     assert_recovers(hv, dom, drv)
 
@@ -1403,12 +1411,118 @@ def test_pagetable_may_hold_a_readable_ring_but_not_the_used_ring(env):
     they may lie in a (read-only mapped) pagetable frame of the domain; the
     used ring, which the device writes, may not."""
     hv, dom, drv = env
-    ft = hv.machine.frames
-    l1 = int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0])
     drv.negotiate()
-    drv.setup_queue(INFLATE, num=8, avail=l1 << PAGE_SHIFT)
+    drv.setup_queue(INFLATE, num=8, avail=l1_frame(hv, dom) << PAGE_SHIFT)
     assert drv.read(VIRTIO_MMIO_QUEUE_READY) == 1
     assert not drv.status & NEEDS_RESET
+
+
+# --- 8. what an image carries, and the counters ----------------------------------------
+
+@pytest.mark.parametrize("interval,oom", [("5ms", False), ("0ms", True)])
+def test_persist_round_trip_of_a_busy_balloon(interval, oom):
+    """save_state makes the balloon's PVLAB_DEVICES entry; restore_state makes
+    from it a balloon that saves the same entry. The device is saved mid-inflate
+    (target 300 pages, 2 in the balloon), inhibited, with frames set aside and a
+    statistics buffer held: that is the host's and the rings' state, which no
+    image carries, so the restored balloon starts without it."""
+    hv, dom = boot_balloon(interval=interval, deflate_on_oom=oom)
+    drv = Driver(hv, dom)
+    t, bal = drv.t, drv.t.device
+    drv.start()
+    bal.set_target(300)
+    victims = [drv.frame() for _ in range(4)]
+    drv.request(INFLATE, victims[:2])
+    drv.write(VIRTIO_MMIO_CONFIG + 4, 2)                # the driver's actual
+    bal.inhibit()
+    drv.request(INFLATE, victims[2:])
+    entries = stats_bytes([(4, 1000)])
+    drv.add(drv.rings[STATS], [(drv.buffer(entries), len(entries), False)])
+    drv.notify(STATS)
+    assert bal.inhibits == 1 and len(bal.set_aside) == 2 and bal.stats_held is not None
+
+    state = save_state(t)
+    assert json.loads(json.dumps(state)) == state
+    assert state == {"bus": "virtio-mmio", "base": t.base, "port": t.port, "kind": "balloon",
+                     "num_pages": 300, "actual": 2,
+                     "stats_interval_ns": INTERVAL_NS if interval == "5ms" else 0,
+                     "deflate_on_oom": oom}
+    assert {k: type(v) for k, v in state.items()} == STATE_KEYS
+
+    again = restore_state(state, bal.host)
+    restored = VirtioMmio(again, t.mem, state["base"], state["port"], lambda: None)
+    assert save_state(restored) == state
+    assert again.features() == bal.features()
+    assert again.config_bytes() == bal.config_bytes()
+    assert (again.inhibits, again.set_aside, again.stats_held, again.stats) == (0, [], None, {})
+    assert again.metrics == BalloonMetrics()
+
+
+def test_counters_are_declared():
+    """Every counter is a declared field: a misspelt one is an error, not a
+    new counter; the host's report shows the ones that moved."""
+    m = BalloonMetrics()
+    with pytest.raises(AttributeError):
+        m.fred = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        VirtioMmioMetrics().ring_error = 1  # type: ignore[attr-defined]
+    m.freed += 2
+    m.refused += 1
+    assert m.nonzero() == {"freed": 2, "refused": 1}
+
+
+class FakeTimers:
+    """The host's timers, by hand: a list and a fixed now."""
+
+    def __init__(self) -> None:
+        self.timers: list[tuple[int, object, Callable[[], None]]] = []
+
+    def now(self) -> int:
+        return 1000
+
+    def add_timer(self, deadline_ns: int, owner: object, fn: Callable[[], None]) -> None:
+        self.timers.append((deadline_ns, owner, fn))
+
+    def cancel_timers(self, owner: object) -> None:
+        self.timers = [x for x in self.timers if x[1] is not owner]
+
+
+def test_the_balloon_runs_on_what_it_is_given():
+    """No hypervisor and no domain: a machine memory, a frame table, and
+    functions. The device and its transport use only what their creator
+    gives them, so this is enough to drive them through a whole handshake,
+    an inflate, a deflate and a statistics poll."""
+    domid = 7
+    mem = MachineMemory(128)
+    ft = FrameTable(mem, seed=1)
+    m2p = np.full(ft.nr_frames, INVALID_MFN, dtype=np.uint64)
+    removed: list[int] = []
+    flushes: list[int] = []
+    events: list[int] = []
+    timers = FakeTimers()
+    host = BalloonHost(domid, ft, m2p, lambda mfn: removed.append(mfn) or 0,
+                       lambda: flushes.append(domid), timers, lambda: True)
+    bal = Balloon(host, stats_interval_ns=INTERVAL_NS)
+    t = VirtioMmio(bal, DomainMemory(mem, ft, domid), MMIO_BASE, 3, lambda: events.append(3))
+    bus = MmioBus()
+    bus.add(MMIO_BASE, t)
+    hv = SimpleNamespace(bus=bus, machine=SimpleNamespace(frames=ft, memory=mem))
+    drv = Driver(hv, SimpleNamespace(domid=domid, devices=[t]))
+    drv.start()
+    assert [(x[0], x[1]) for x in timers.timers] == [(1000 + INTERVAL_NS, bal)]
+
+    victim, kept = drv.frame(), drv.frame()
+    drv.request(INFLATE, [victim])
+    drv.request(DEFLATE, [kept, 0])
+    assert removed == [victim] and flushes == [domid]
+    assert (bal.metrics.freed, bal.metrics.deflated, bal.metrics.refused) == (1, 1, 1)
+    entries = stats_bytes([(4, 1000)])
+    head = drv.add(drv.rings[STATS], [(drv.buffer(entries), len(entries), False)])
+    drv.notify(STATS)
+    assert bal.stats == {"free-memory": 1000} and bal.stats_updated_ns == 1000
+    timers.timers.pop()[2]()  # the poll gives the buffer back
+    assert drv.used(drv.rings[STATS]) == (1, [(head, 0)])
+    assert events and t.metrics.ring_errors == 0 and drv.status == ALL_OK
 
 
 # --- fuzzing -------------------------------------------------------------------------------
@@ -1479,32 +1593,21 @@ def scenario(draw):
 
 def _targets(hv, dom, drv, spare: int, rings: dict[int, Ring]) -> dict[str, int]:
     """Frame numbers of each kind of target."""
-    ft = hv.machine.frames
     r = rings[INFLATE]
     return {"data": drv.data >> PAGE_SHIFT, "desc": r.desc >> PAGE_SHIFT,
             "avail": r.avail >> PAGE_SHIFT, "used": r.used >> PAGE_SHIFT, "spare": spare,
-            "mapped": mapped_frame(hv, dom), "l4": dom.vcpus[0].guest_table,
-            "l1": int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0]),
-            "m2p": 1, "zero": 0, "free": free_frame(hv),
-            "xenheap": int(np.flatnonzero(ft.xenheap)[0]), "beyond": ft.nr_frames,
-            "mmio": drv.t.base >> PAGE_SHIFT}
+            **frame_kinds(hv, dom, drv)}
 
 
-def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
-    hv, dom = boot_balloon(memory=FUZZ_MIB)
-    drv = Driver(hv, dom)
-    t, bal = drv.t, drv.t.device
-    drv.start(num=num, driver_ok=driver_ok)
-    drv.data = drv.page()
-    spare = drv.frame()
-    frames = _targets(hv, dom, drv, spare, drv.rings)
-
+def _fuzzed_rings(num: int, frames: dict[str, int], table, avail,
+                  data) -> tuple[bytes, bytes, bytes]:
+    """The fuzzed descriptor table and available ring, and the inflate/deflate
+    payload, as bytes; addresses named by kind resolved against ``frames``."""
     def addr(x) -> int:
         if isinstance(x, tuple):
             return (frames[x[0]] << PAGE_SHIFT) + x[1]
         return x
 
-    # the fuzzed rings, the same in every queue, and the inflate/deflate payload
     if isinstance(table, bytes):
         raw_table = table
     else:
@@ -1520,6 +1623,59 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
         raw_data = data
     else:
         raw_data = b"".join(_U32.pack(frames[x] if isinstance(x, str) else x) for x in data)
+    return raw_table, raw_avail, raw_data
+
+
+def _fuzz_op(drv: Driver, frames: dict[str, int], o: tuple) -> None:
+    """One register write or host action of a fuzzed scenario."""
+    bal = drv.t.device
+    kind = o[0]
+    if kind == "notify":
+        drv.notify(o[1])
+    elif kind == "reg":
+        value = o[2]
+        if isinstance(value, tuple):  # a ring address, low word
+            value = ((frames[value[0]] << PAGE_SHIFT) + 8 * value[1]) & 0xFFFFFFFF
+        drv.write(o[1], value)
+    elif kind == "raw":
+        drv.write(o[1], o[3] & ((1 << (8 * o[2])) - 1), size=o[2])
+    elif kind == "read":
+        value = drv.read(o[1], o[2])
+        assert 0 <= value < 1 << (8 * o[2])
+    elif kind == "more":  # the driver makes more buffers available
+        r = drv.rings.get(o[1])
+        if r is not None:
+            idx = _U16.unpack(drv.mem.read(r.avail + VRING_IDX_OFF, 2))[0]
+            drv.set_avail_idx(r, (idx + o[2]) & 0xFFFF)
+    elif kind == "poll":
+        bal._poll()
+    elif kind == "target":
+        if bal.inhibits:
+            with pytest.raises(BalloonError):
+                bal.set_target(o[1])
+        else:
+            bal.set_target(o[1])
+    elif kind == "inhibit":
+        bal.inhibit()
+    elif kind == "uninhibit":
+        if bal.inhibits:
+            bal.uninhibit()
+        else:
+            with pytest.raises(BalloonError):
+                bal.uninhibit()
+
+
+def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
+    hv, dom = boot_balloon(memory=FUZZ_MIB)
+    drv = Driver(hv, dom)
+    t, bal = drv.t, drv.t.device
+    drv.start(num=num, driver_ok=driver_ok)
+    drv.data = drv.page()
+    spare = drv.frame()
+    frames = _targets(hv, dom, drv, spare, drv.rings)
+
+    # the fuzzed rings, the same in every queue, and the inflate/deflate payload
+    raw_table, raw_avail, raw_data = _fuzzed_rings(num, frames, table, avail, data)
     for r in drv.rings.values():
         drv.mem.write(r.desc, raw_table)
         drv.mem.write(r.avail, raw_avail)
@@ -1527,40 +1683,7 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
     guard = Guard(hv, dom)
 
     for o in ops:
-        kind = o[0]
-        if kind == "notify":
-            drv.notify(o[1])
-        elif kind == "reg":
-            value = o[2]
-            if isinstance(value, tuple):  # a ring address, low word
-                value = ((frames[value[0]] << PAGE_SHIFT) + 8 * value[1]) & 0xFFFFFFFF
-            drv.write(o[1], value)
-        elif kind == "raw":
-            drv.write(o[1], o[3] & ((1 << (8 * o[2])) - 1), size=o[2])
-        elif kind == "read":
-            value = drv.read(o[1], o[2])
-            assert 0 <= value < 1 << (8 * o[2])
-        elif kind == "more":  # the driver makes more buffers available
-            r = drv.rings.get(o[1])
-            if r is not None:
-                idx = _U16.unpack(drv.mem.read(r.avail + VRING_IDX_OFF, 2))[0]
-                drv.set_avail_idx(r, (idx + o[2]) & 0xFFFF)
-        elif kind == "poll":
-            bal._poll()
-        elif kind == "target":
-            if bal.inhibits:
-                with pytest.raises(BalloonError):
-                    bal.set_target(o[1])
-            else:
-                bal.set_target(o[1])
-        elif kind == "inhibit":
-            bal.inhibit()
-        elif kind == "uninhibit":
-            if bal.inhibits:
-                bal.uninhibit()
-            else:
-                with pytest.raises(BalloonError):
-                    bal.uninhibit()
+        _fuzz_op(drv, frames, o)
         assert 0 <= t.status <= 0xFF
         assert t.isr & ~(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG) == 0
     # then as a driver would go on: DRIVER_OK (refused if the handshake was
@@ -1572,13 +1695,13 @@ def run_fuzz(num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
 
     guard.check()
     if t.status & NEEDS_RESET:
-        assert t.counters["ring_errors"] >= 1
+        assert t.metrics.ring_errors >= 1
     # drop every inhibit: what was set aside is freed once, the counts stay right
     while bal.inhibits:
         bal.uninhibit()
     guard.check()
     assert bal.set_aside == []
-    seen = Counter(t.counters) + Counter(bal.counters)
+    seen = Counter(asdict(t.metrics)) + Counter(asdict(bal.metrics))
     seen.update(needs_reset=bool(t.status & NEEDS_RESET))
     seen["stats"] = dict(bal.stats)
     assert_recovers(hv, dom, drv)
@@ -1636,10 +1759,47 @@ def well_formed(draw):
     return num, kept or [([[]], False)], ops
 
 
+def _lay_out_chains(chains, data_page: int,
+                    mfn: Callable[[object], int]) -> tuple[bytes, list, set[int]]:
+    """The chains' payload, their (addr, len, writable) buffers, and which
+    spares they name."""
+    payload, layout, named = b"", [], set()
+    for bufs, tail in chains:
+        descs = []
+        for entries in bufs:
+            descs.append((data_page + len(payload), 4 * len(entries), False))
+            payload += b"".join(_U32.pack(mfn(e)) for e in entries)
+            named |= {e for e in entries if isinstance(e, int) and e < SPARES}
+        if tail:
+            descs.append((data_page, 4, True))
+        layout.append(descs)
+    return payload, layout, named
+
+
+def _well_formed_op(drv: Driver, o: tuple) -> None:
+    """One driver or host action of a well-formed scenario (not a publish)."""
+    bal = drv.t.device
+    if o[0] == "notify":
+        drv.notify(o[1])
+    elif o[0] == "poll":
+        bal._poll()
+    elif o[0] == "inhibit":
+        bal.inhibit()
+    elif o[0] == "uninhibit" and bal.inhibits:
+        bal.uninhibit()
+    elif o[0] == "ack":
+        drv.write(VIRTIO_MMIO_INTERRUPT_ACK, drv.isr)
+    elif o[0] == "target" and not bal.inhibits:
+        bal.set_target(o[1])
+
+
 @settings(max_examples=100, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(well_formed())
 def test_fuzz_well_formed_rings(case):
+    """Well-formed rings: every chain is taken, exactly the spares an inflate
+    names are freed. (One scenario read top to bottom, hence its length:
+    set-up, the ops, then what must hold.)"""
     num, chains, ops = case
     hv, dom = boot_balloon(memory=FUZZ_MIB)
     drv = Driver(hv, dom)
@@ -1647,11 +1807,7 @@ def test_fuzz_well_formed_rings(case):
     ft = hv.machine.frames
     drv.start(num=num)
     spares = [drv.frame() for _ in range(SPARES)]
-    kinds = {"mapped": mapped_frame(hv, dom), "l4": dom.vcpus[0].guest_table,
-             "l1": int(np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1))[0]),
-             "m2p": 1, "zero": 0, "free": free_frame(hv),
-             "xenheap": int(np.flatnonzero(ft.xenheap)[0]), "beyond": ft.nr_frames,
-             "mmio": t.base >> PAGE_SHIFT}
+    kinds = frame_kinds(hv, dom, drv)
 
     data_page = drv.page()
     # the frames the balloon could free: a random number naming one of them
@@ -1666,16 +1822,7 @@ def test_fuzz_well_formed_rings(case):
         return ft.nr_frames + e if e in unused else e
 
     # lay the chains out, the same in every queue; the payload in a page of its own
-    payload, layout, named = b"", [], set()
-    for bufs, tail in chains:
-        descs = []
-        for entries in bufs:
-            descs.append((data_page + len(payload), 4 * len(entries), False))
-            payload += b"".join(_U32.pack(mfn(e)) for e in entries)
-            named |= {e for e in entries if isinstance(e, int) and e < SPARES}
-        if tail:
-            descs.append((data_page, 4, True))
-        layout.append(descs)
+    payload, layout, named = _lay_out_chains(chains, data_page, mfn)
     drv.mem.write(data_page, payload)
     heads = {}
     for q in (INFLATE, DEFLATE, STATS):
@@ -1694,26 +1841,16 @@ def test_fuzz_well_formed_rings(case):
     for o in ops:
         if o[0] == "publish" and o[1] < 3:
             publish(o[1], o[2])
-        elif o[0] == "notify":
-            drv.notify(o[1])
-        elif o[0] == "poll":
-            bal._poll()
-        elif o[0] == "inhibit":
-            bal.inhibit()
-        elif o[0] == "uninhibit" and bal.inhibits:
-            bal.uninhibit()
-        elif o[0] == "ack":
-            drv.write(VIRTIO_MMIO_INTERRUPT_ACK, drv.isr)
-        elif o[0] == "target" and not bal.inhibits:
-            bal.set_target(o[1])
-        assert t.counters["ring_errors"] == 0, t.last_error
+        else:
+            _well_formed_op(drv, o)
+        assert t.metrics.ring_errors == 0, t.last_error
     for q in (INFLATE, DEFLATE, STATS):
         publish(q, len(chains))
         drv.notify(q)
     while bal.inhibits:
         bal.uninhibit()
 
-    assert t.counters["ring_errors"] == 0 and drv.status == ALL_OK
+    assert t.metrics.ring_errors == 0 and drv.status == ALL_OK
     for q in (INFLATE, DEFLATE):
         idx, elems = drv.used(drv.rings[q])
         assert idx == len(chains) and elems == [(h, 0) for h in heads[q]][:num]
@@ -1723,7 +1860,7 @@ def test_fuzz_well_formed_rings(case):
     assert {m for m in spares if ft.owner[m] == FREE} == {spares[e] for e in named}
     assert all(ft.owner[m] == dom.domid for i, m in enumerate(spares) if i not in named)
     assert {k: int(ft.owner[kinds[k]]) for k in owners} == owners
-    assert bal.counters["freed"] == len(named)
-    assert bal.counters["malformed"] >= sum(tail for _, tail in chains)
+    assert bal.metrics.freed == len(named)
+    assert bal.metrics.malformed >= sum(tail for _, tail in chains)
     guard.check()
     assert_recovers(hv, dom, drv)

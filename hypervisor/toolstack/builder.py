@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from hypervisor.core import Hypervisor
-from hypervisor.devices.balloon import Balloon
-from hypervisor.devices.virtio_mmio import VirtioMmio
+from hypervisor.devices.balloon import Balloon, BalloonHost
+from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
+from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.domain import Domain
 from hypervisor.evtchn import DOMID_TOOLSTACK
 from hypervisor.mm.frames import PageType
@@ -82,22 +83,46 @@ def hypercall_page() -> bytes:
     return bytes(page)
 
 
+def balloon_host(hv: Hypervisor, dom: Domain) -> BalloonHost:
+    """What a balloon of ``dom`` is given: the frame table and the M2P, the
+    frame release of XENMEM_decrease_reservation, the domain's TLB flush,
+    the scheduler's timers."""
+    machine = hv.machine
+    return BalloonHost(dom.domid, machine.frames, machine.m2p,
+                       lambda mfn: hv.reservation.remove_page(dom, mfn),
+                       lambda: hv.flush_tlbs(dom), hv.scheduler, lambda: dom.is_running)
+
+
 def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
-                deflate_on_oom: bool = False, base: int | None = None,
-                port: int | None = None) -> str:
-    """Give ``dom`` a virtio-mmio balloon: a register page on the bus that the
-    domain may map (its I/O memory permission), an event channel for its
-    interrupt. Returns the kernel command line word that tells the guest
-    where it is, in Linux's virtio_mmio.device=<size>@<base>:<irq> form (the
-    irq being the event channel's port). A restore passes the saved base and
-    port: the guest knows them from its command line."""
+                deflate_on_oom: bool = False) -> str:
+    """Give ``dom`` a virtio balloon; returns its command line word."""
+    return add_virtio_device(hv, dom, Balloon(balloon_host(hv, dom), stats_interval_ns,
+                                              deflate_on_oom))
+
+
+def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice,
+                      base: int | None = None, port: int | None = None) -> str:
+    """Put ``device`` behind a virtio-mmio transport of ``dom``: a register
+    page on the bus that the domain may map (its I/O memory permission), an
+    event channel for its interrupt. Returns the kernel command line word
+    that tells the guest where it is, in Linux's
+    virtio_mmio.device=<size>@<base>:<irq> form (the irq being the event
+    channel's port). A restore passes the saved base and port: the guest
+    knows them from its command line."""
     port = dom.evtchn.alloc_unbound(DOMID_TOOLSTACK) if port is None else \
         dom.evtchn.alloc_unbound_at(port, DOMID_TOOLSTACK)
     if port < 0:
-        raise BuildError(f"{dom.name}: no event channel for the balloon ({port})")
+        raise BuildError(f"{dom.name}: no event channel for the {device.name} ({port})")
     dom.evtchn.bind_backend(port, lambda: None)  # the guest notifies through QueueNotify
+
+    def send_event() -> None:
+        # a domain that is not running, or has no shared_info yet, takes no event
+        if dom.is_running and dom.shared_info is not None:
+            dom.evtchn.set_pending(port)
+
     base = hv.bus.next_base() if base is None else base
-    transport = VirtioMmio(dom, Balloon(dom, stats_interval_ns, deflate_on_oom), base, port)
+    mem = DomainMemory(hv.machine.memory, hv.machine.frames, dom.domid)
+    transport = VirtioMmio(device, mem, base, port, send_event)
     hv.iomem_permit(dom, base >> PAGE_SHIFT, 1)
     hv.add_device(dom, base, transport)
     return f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"

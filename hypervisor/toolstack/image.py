@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 
 from hypervisor.cpu.context import CONTEXT_SIZE
+from hypervisor.devices.balloon import persist as balloon_persist
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
 from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, vcpu_guest_context
@@ -213,10 +214,6 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
     return info
 
 
-_DEVICE_KEYS = {"bus": str, "base": int, "port": int, "kind": str, "num_pages": int,
-                "actual": int, "stats_interval_ns": int, "deflate_on_oom": bool}
-
-
 def _devices(rec: stream.Record) -> list[dict]:
     try:
         devices = json.loads(rec.body)
@@ -225,9 +222,10 @@ def _devices(rec: stream.Record) -> list[dict]:
     if not isinstance(devices, list):
         raise _fail(rec, "not a JSON list")
     for d in devices:
-        if not isinstance(d, dict) or d.get("kind") != "balloon" or d.get("bus") != "virtio-mmio":
+        if not isinstance(d, dict) or d.get("kind") != balloon_persist.KIND \
+                or d.get("bus") != balloon_persist.BUS:
             raise _fail(rec, f"a device this restorer does not know: {d!r}")
-        for key, want in _DEVICE_KEYS.items():
+        for key, want in balloon_persist.STATE_KEYS.items():
             value = d.get(key)
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise _fail(rec, f"device {key} is missing or not {want.__name__}")

@@ -29,6 +29,7 @@ import numpy as np
 
 from hypervisor.core import Hypervisor
 from hypervisor.cpu.context import set_context
+from hypervisor.devices.balloon import restore_state
 from hypervisor.domain import Domain
 from hypervisor.mm.frames import INVALID_MFN, OutOfMemory
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
@@ -37,7 +38,7 @@ from hypervisor.native import KernelError, NativeKernel
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, VGCF_online, vcpu_guest_context
 from hypervisor.public.domctl import PFINFO_LTAB_SHIFT, PFINFO_XALLOC
 from hypervisor.public.xen import XEN_LEGACY_MAX_VCPUS, shared_info, start_info
-from hypervisor.toolstack.builder import BuildError, add_balloon
+from hypervisor.toolstack.builder import BuildError, add_virtio_device, balloon_host
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
 from hypervisor.toolstack.save import Progress
@@ -210,13 +211,11 @@ def _restore(hv: Hypervisor, dom: Domain, info: ImageInfo, stats: RestoreStats,
     # line, with what the host kept of them
     for d in info.devices:
         try:
-            add_balloon(hv, dom, d["stats_interval_ns"], d["deflate_on_oom"], base=d["base"],
-                        port=d["port"])
+            add_virtio_device(hv, dom, restore_state(d, balloon_host(hv, dom)),
+                              base=d["base"], port=d["port"])
         except (BuildError, ValueError) as e:
             raise RestoreError(f"the balloon at {d['base']:#x} cannot be re-created: {e}") \
                 from None
-        bal = dom.devices[-1].device
-        bal.num_pages, bal.actual = d["num_pages"], d["actual"]
 
     # pin again what was pinned, with the recorded types (pin_pagetables)
     for pfn in np.flatnonzero((info.nibbles >= 0x9) & (info.nibbles <= 0xC)).tolist():

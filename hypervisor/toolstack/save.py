@@ -33,6 +33,7 @@ import numpy as np
 
 from hypervisor.cpu.context import get_context
 from hypervisor.cpu.vcpu import RDX
+from hypervisor.devices.balloon import save_state
 from hypervisor.hypercalls.version import XEN_MAJOR, XEN_MINOR
 from hypervisor.mm.frames import INVALID_MFN, PageType
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
@@ -251,7 +252,7 @@ def devices_record(dom: Domain) -> bytes:
             raise SaveError(f"the {t.device.name} device at {t.base:#x} is live (status "
                             f"{t.status:#x}): the guest did not reset it when it froze its "
                             "devices, and its rings cannot be carried over")
-        out.append({"bus": "virtio-mmio", "base": t.base, "port": t.port, **t.device.state()})
+        out.append(save_state(t))
     return json.dumps(out, sort_keys=True).encode()
 
 

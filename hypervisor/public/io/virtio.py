@@ -47,7 +47,7 @@ VIRTIO_MMIO_WINDOW = 0x200               # bytes of registers (Linux: 0x200@base
 VIRTIO_MMIO_INT_VRING = 1                # a used buffer, on any queue
 VIRTIO_MMIO_INT_CONFIG = 2               # the config space changed
 
-# --- device status (section 2.1) -------------------------------------------------
+# --- device status (virtio 1.2, 2.1) ----------------------------------------------
 
 VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
 VIRTIO_CONFIG_S_DRIVER = 2
@@ -56,13 +56,13 @@ VIRTIO_CONFIG_S_FEATURES_OK = 8
 VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
 VIRTIO_CONFIG_S_FAILED = 0x80
 
-# --- transport feature bits (chapter 6) ------------------------------------------
+# --- transport feature bits (virtio 1.2, 6) ---------------------------------------
 
 VIRTIO_F_INDIRECT_DESC = 28
 VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
 
-# --- split virtqueues (section 2.7) ----------------------------------------------
+# --- split virtqueues (virtio 1.2, 2.7) -------------------------------------------
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -97,7 +97,7 @@ VRING_RING_OFF = 4
 
 VIRTIO_ID_BALLOON = 5
 
-# --- the traditional memory balloon (section 5.5) --------------------------------
+# --- the traditional memory balloon (virtio 1.2, 5.5) -----------------------------
 
 VIRTIO_BALLOON_F_MUST_TELL_HOST = 0  # tell (and wait for the ack) before reusing pages
 VIRTIO_BALLOON_F_STATS_VQ = 1        # the stats queue exists

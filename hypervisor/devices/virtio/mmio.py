@@ -1,5 +1,6 @@
-"""The virtio-mmio transport, version 2 (virtio 1.2 section 4.2; QEMU's
-hw/virtio/virtio-mmio.c and Firecracker's transport/mmio.rs were the models).
+"""The virtio-mmio transport, version 2 (the virtio 1.2 specification, section
+4.2; QEMU's hw/virtio/virtio-mmio.c and Firecracker's transport/mmio.rs were
+the models).
 
 One register page per device. Control registers (below 0x100) take only
 aligned 32-bit accesses; the config space at 0x100 takes 8-, 16- and 32-bit
@@ -10,9 +11,10 @@ device, clearing the interrupt status and every QueueReady. A bad access is
 ignored (a read gives 0) and counted, never an error of the host.
 
 The interrupt is an event channel: the device sets InterruptStatus bits and
-makes the port pending, as a backend notifies its frontend. Notifications
-are sent only while DRIVER_OK is set (section 3.1: the device consumes no
-buffer and sends no notification before). A notify for a queue that is not
+sends the event with the function its creator gave it, as a backend
+notifies its frontend. Notifications are sent only while DRIVER_OK is set
+(the device consumes no buffer and sends no notification before the driver
+says it is ready: virtio 1.2, 3.1). A notify for a queue that is not
 ready, or after a reset, is discarded and counted; one that comes after
 QueueReady but before DRIVER_OK (Linux kicks the balloon's stats queue that
 early) is held and served at DRIVER_OK.
@@ -21,10 +23,10 @@ early) is held and served at DRIVER_OK.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from hypervisor.devices.virtqueue import DomainMemory, RingError, SplitQueue
+from hypervisor.devices.virtio.queue import DomainMemory, RingError, SplitQueue
 from hypervisor.public.io.virtio import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
     VIRTIO_CONFIG_S_DRIVER,
@@ -64,9 +66,6 @@ from hypervisor.public.io.virtio import (
     VIRTIO_MMIO_WINDOW,
 )
 
-if TYPE_CHECKING:
-    from hypervisor.domain import Domain
-
 log = logging.getLogger(__name__)
 
 PVLAB_VENDOR_ID = 0x424C5650  # "PVLB"
@@ -74,6 +73,20 @@ _QUEUE_ADDR = {VIRTIO_MMIO_QUEUE_DESC_LOW: ("desc", 0), VIRTIO_MMIO_QUEUE_DESC_H
                VIRTIO_MMIO_QUEUE_AVAIL_LOW: ("avail", 0),
                VIRTIO_MMIO_QUEUE_AVAIL_HIGH: ("avail", 32),
                VIRTIO_MMIO_QUEUE_USED_LOW: ("used", 0), VIRTIO_MMIO_QUEUE_USED_HIGH: ("used", 32)}
+
+
+@dataclass(slots=True)
+class VirtioMmioMetrics:
+    """What the transport counts (slots: a misspelt counter is an error)."""
+
+    bad_accesses: int = 0        # register accesses ignored: size, alignment, order
+    features_refused: int = 0    # FEATURES_OK not taken: the driver's choice was bad
+    resets: int = 0              # status 0 written
+    ring_errors: int = 0         # rules broken in the rings: DEVICE_NEEDS_RESET
+    notifies: int = 0            # QueueNotify writes served
+    notifies_held: int = 0       # ... that came before DRIVER_OK, served at DRIVER_OK
+    notifies_discarded: int = 0  # ... for a queue not ready, or while the device is broken
+    interrupts: int = 0          # InterruptStatus raised and the event sent
 
 
 class VirtioDevice:
@@ -108,16 +121,23 @@ class VirtioDevice:
 
 
 class VirtioMmio:
-    """One device's register page, its queues and its interrupt."""
+    """One device's register page, its queues and its interrupt.
 
-    def __init__(self, dom: Domain, device: VirtioDevice, base: int, port: int) -> None:
-        self.domain = dom
+    Its creator gives it the device, the domain's memory as the device may
+    touch it (``mem``, which names the domain), where the page is on the bus
+    (``base``), the event channel that is its interrupt (``port``) and the
+    function that sends that event (``send_event``)."""
+
+    def __init__(self, device: VirtioDevice, mem: DomainMemory, base: int, port: int,
+                 send_event: Callable[[], None]) -> None:
         self.device = device
+        self.mem = mem
+        self.domid = mem.domid
         self.base = base
         self.port = port
-        self.mem = DomainMemory(dom)
+        self.send_event = send_event
         self.queues = [SplitQueue(i, n) for i, n in enumerate(device.queue_sizes())]
-        self.counters: Counter[str] = Counter()
+        self.metrics = VirtioMmioMetrics()
         self.last_error = ""  # the last ring error, for the curious
         self.config_generation = 0
         device.transport = self
@@ -149,9 +169,8 @@ class VirtioMmio:
         if not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             return
         self.isr |= bits
-        self.counters["interrupts"] += 1
-        if self.domain.is_running and self.domain.shared_info is not None:
-            self.domain.evtchn.set_pending(self.port)
+        self.metrics.interrupts += 1
+        self.send_event()
 
     def config_changed(self) -> None:
         """The device changed its config space (QEMU's virtio_notify_config)."""
@@ -159,29 +178,31 @@ class VirtioMmio:
         self.interrupt(VIRTIO_MMIO_INT_CONFIG)
 
     def needs_reset(self, why: str) -> None:
-        """An error the device cannot recover from (section 2.1.2)."""
-        self.counters["ring_errors"] += 1
-        log.info("d%d %s: %s: DEVICE_NEEDS_RESET", self.domain.domid, self.device.name, why)
+        """An error the device cannot recover from (virtio 1.2, 2.1.2): it
+        serves nothing more until the driver resets it."""
+        self.metrics.ring_errors += 1
+        log.info("d%d %s: %s: DEVICE_NEEDS_RESET", self.domid, self.device.name, why)
         self.last_error = why
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
             return
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
         self.config_changed()
 
-    def _bad(self, what: str) -> None:
-        self.counters["bad_accesses"] += 1
-        log.debug("d%d %s: %s", self.domain.domid, self.device.name, what)
+    def bad_access(self, what: str) -> None:
+        """A register or config access the rules refuse: ignored, counted."""
+        self.metrics.bad_accesses += 1
+        log.debug("d%d %s: %s", self.domid, self.device.name, what)
 
     # --- the bus side -----------------------------------------------------------------
 
     def mmio_read(self, offset: int, size: int) -> int:
         if offset >= VIRTIO_MMIO_CONFIG:
             if offset >= VIRTIO_MMIO_WINDOW or size not in (1, 2, 4) or offset % size:
-                self._bad(f"config read of {size} bytes at {offset:#x}")
+                self.bad_access(f"config read of {size} bytes at {offset:#x}")
                 return 0
             return self.device.config_read(offset - VIRTIO_MMIO_CONFIG, size)
         if size != 4 or offset % 4:
-            self._bad(f"read of {size} bytes at {offset:#x}: registers take aligned 32 bits")
+            self.bad_access(f"read of {size} bytes at {offset:#x}: registers take aligned 32 bits")
             return 0
         q = self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
         if offset == VIRTIO_MMIO_MAGIC_VALUE:
@@ -205,21 +226,21 @@ class VirtioMmio:
             return self.status
         if offset == VIRTIO_MMIO_CONFIG_GENERATION:
             return self.config_generation
-        self._bad(f"read of write-only or unknown register {offset:#x}")
+        self.bad_access(f"read of write-only or unknown register {offset:#x}")
         return 0
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         if offset >= VIRTIO_MMIO_CONFIG:
             if offset >= VIRTIO_MMIO_WINDOW or size not in (1, 2, 4) or offset % size:
-                self._bad(f"config write of {size} bytes at {offset:#x}")
+                self.bad_access(f"config write of {size} bytes at {offset:#x}")
                 return
             if not self.status & VIRTIO_CONFIG_S_DRIVER:
-                self._bad("config write before DRIVER")
+                self.bad_access("config write before DRIVER")
                 return
             self.device.config_write(offset - VIRTIO_MMIO_CONFIG, size, value)
             return
         if size != 4 or offset % 4:
-            self._bad(f"write of {size} bytes at {offset:#x}: registers take aligned 32 bits")
+            self.bad_access(f"write of {size} bytes at {offset:#x}: registers take aligned 32 bits")
             return
         if offset == VIRTIO_MMIO_STATUS:
             self._write_status(value & 0xFF)
@@ -238,13 +259,13 @@ class VirtioMmio:
         elif offset in (VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_READY) or offset in _QUEUE_ADDR:
             self._write_queue(offset, value)
         else:
-            self._bad(f"write of read-only or unknown register {offset:#x}")
+            self.bad_access(f"write of read-only or unknown register {offset:#x}")
 
     # --- status and features ----------------------------------------------------------
 
     def reset(self) -> None:
         """Status 0: forget the negotiation, stop every queue, clear interrupts."""
-        self.counters["resets"] += 1
+        self.metrics.resets += 1
         self._reset_registers()
         self.device.reset()
 
@@ -257,7 +278,7 @@ class VirtioMmio:
             self.status |= VIRTIO_CONFIG_S_FAILED
             return
         if old & ~new & ~VIRTIO_CONFIG_S_NEEDS_RESET:
-            self._bad(f"status {new:#x} clears bits of {old:#x}: only a reset may")
+            self.bad_access(f"status {new:#x} clears bits of {old:#x}: only a reset may")
             return
         added = new & ~old
         needs = {VIRTIO_CONFIG_S_DRIVER: VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -265,13 +286,13 @@ class VirtioMmio:
                  VIRTIO_CONFIG_S_DRIVER_OK: VIRTIO_CONFIG_S_FEATURES_OK}
         for bit, before in needs.items():
             if added & bit and not new & before:
-                self._bad(f"status {new:#x} sets {bit:#x} before {before:#x}")
+                self.bad_access(f"status {new:#x} sets {bit:#x} before {before:#x}")
                 return
         if added & VIRTIO_CONFIG_S_FEATURES_OK:
             wanted = self.driver_features
             if wanted & ~self.device.features() or not wanted >> VIRTIO_F_VERSION_1 & 1:
                 # refused: FEATURES_OK does not read back (the driver must give up)
-                self.counters["features_refused"] += 1
+                self.metrics.features_refused += 1
                 new &= ~VIRTIO_CONFIG_S_FEATURES_OK & ~VIRTIO_CONFIG_S_DRIVER_OK
         self.status = (new & ~VIRTIO_CONFIG_S_NEEDS_RESET) | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK and not old & VIRTIO_CONFIG_S_DRIVER_OK:
@@ -281,7 +302,7 @@ class VirtioMmio:
                     q.kick_pending = False
                     if self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
                         # the device broke meanwhile: it serves nothing until reset
-                        self.counters["notifies_discarded"] += 1
+                        self.metrics.notifies_discarded += 1
                     else:
                         self._serve(q)
 
@@ -289,11 +310,11 @@ class VirtioMmio:
         st = self.status
         if not st & VIRTIO_CONFIG_S_DRIVER or st & (VIRTIO_CONFIG_S_FEATURES_OK
                                                     | VIRTIO_CONFIG_S_FAILED):
-            self._bad("DriverFeatures written outside DRIVER .. FEATURES_OK")
+            self.bad_access("DriverFeatures written outside DRIVER .. FEATURES_OK")
             return
         sel = self.driver_features_sel
         if sel >= 2:
-            self._bad(f"DriverFeaturesSel {sel}: no such feature word")
+            self.bad_access(f"DriverFeaturesSel {sel}: no such feature word")
             return
         shift = 32 * sel
         self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
@@ -302,14 +323,14 @@ class VirtioMmio:
 
     def _write_queue(self, offset: int, value: int) -> None:
         if self.queue_sel >= len(self.queues):
-            self._bad(f"queue register {offset:#x} of queue {self.queue_sel}, which is none")
+            self.bad_access(f"queue register {offset:#x} of queue {self.queue_sel}, which is none")
             return
         q = self.queues[self.queue_sel]
         if offset == VIRTIO_MMIO_QUEUE_READY and not value:
             q.ready = False  # stopping a queue is always allowed (after a reset too)
             return
         if not self.status & VIRTIO_CONFIG_S_FEATURES_OK or self.status & VIRTIO_CONFIG_S_FAILED:
-            self._bad(f"queue register {offset:#x} written outside FEATURES_OK")
+            self.bad_access(f"queue register {offset:#x} written outside FEATURES_OK")
             return
         if offset == VIRTIO_MMIO_QUEUE_READY:
             try:
@@ -320,7 +341,8 @@ class VirtioMmio:
             q.ready = True
             return
         if q.ready:
-            self._bad(f"queue {q.index} register {offset:#x} written while the queue is ready")
+            self.bad_access(f"queue {q.index} register {offset:#x} written while the queue "
+                            "is ready")
             return
         if offset == VIRTIO_MMIO_QUEUE_NUM:
             q.num = value
@@ -332,16 +354,16 @@ class VirtioMmio:
     def _notify(self, index: int) -> None:
         q = self.queues[index] if index < len(self.queues) else None
         if q is None or not q.ready or self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
-            self.counters["notifies_discarded"] += 1
+            self.metrics.notifies_discarded += 1
             return
         if not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
             q.kick_pending = True  # served at DRIVER_OK
-            self.counters["notifies_held"] += 1
+            self.metrics.notifies_held += 1
             return
         self._serve(q)
 
     def _serve(self, q: SplitQueue) -> None:
-        self.counters["notifies"] += 1
+        self.metrics.notifies += 1
         try:
             self.device.handle_queue(q)
         except RingError as e:

@@ -11,12 +11,9 @@ readl/writel (its accessors translate through the same live pagetables).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
-
-if TYPE_CHECKING:
-    from hypervisor.domain import Domain
+from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +25,19 @@ MMIO_NONE = 0xFFFF_FFFF  # what a read of an address with no device returns
 
 
 class MmioDevice(Protocol):
-    domain: Domain
+    """A register window: the domain it serves and its accessors."""
+
+    domid: int
 
     def mmio_read(self, offset: int, size: int) -> int: ...
 
     def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class Requester(Protocol):
+    """Who makes an access: the bus needs only its domain id (a domain)."""
+
+    domid: int
 
 
 class MmioBus:
@@ -58,16 +63,16 @@ class MmioBus:
         for mfn in [m for m, d in self.windows.items() if d is device]:
             del self.windows[mfn]
 
-    def read(self, dom: Domain, maddr: int, size: int) -> int:
+    def read(self, dom: Requester, maddr: int, size: int) -> int:
         dev = self.windows.get(maddr >> PAGE_SHIFT)
-        if dev is None or dev.domain is not dom:
+        if dev is None or dev.domid != dom.domid:
             self.unclaimed += 1
             return MMIO_NONE & ((1 << (8 * size)) - 1)
         return dev.mmio_read(maddr & (PAGE_SIZE - 1), size)
 
-    def write(self, dom: Domain, maddr: int, size: int, value: int) -> None:
+    def write(self, dom: Requester, maddr: int, size: int, value: int) -> None:
         dev = self.windows.get(maddr >> PAGE_SHIFT)
-        if dev is None or dev.domain is not dom:
+        if dev is None or dev.domid != dom.domid:
             self.unclaimed += 1
             return
         dev.mmio_write(maddr & (PAGE_SIZE - 1), size, value)

@@ -1,5 +1,6 @@
-"""Split virtqueues, the device's side (virtio 1.2 section 2.7; QEMU's
-hw/virtio/virtio.c virtqueue_pop/virtqueue_push, Firecracker's queue.rs).
+"""Split virtqueues, the device's side (the virtio 1.2 specification, section
+2.7; QEMU's hw/virtio/virtio.c virtqueue_pop/virtqueue_push, Firecracker's
+queue.rs).
 
 The rings live in guest memory at bus addresses, which in this machine are
 machine addresses. The guest may write anything there, so every access is
@@ -26,7 +27,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hypervisor.mm.frames import PageType
-from hypervisor.mm.memory import PAGE_SHIFT
 from hypervisor.public.io.virtio import (
     VRING_AVAIL_ALIGN,
     VRING_AVAIL_F_NO_INTERRUPT,
@@ -43,9 +43,11 @@ from hypervisor.public.io.virtio import (
     vring_avail_size,
     vring_used_size,
 )
+from hypervisor.public.xen import PAGE_SHIFT
 
 if TYPE_CHECKING:
-    from hypervisor.domain import Domain
+    from hypervisor.mm.frames import FrameTable
+    from hypervisor.mm.memory import MachineMemory
 
 _U16 = struct.Struct("<H")
 
@@ -71,20 +73,23 @@ class Chain:
 
 
 class DomainMemory:
-    """A domain's memory as its devices may touch it, by bus address."""
+    """A domain's memory as its devices may touch it, by bus address: the
+    machine's memory and frame table, seen for one domain. Whoever creates a
+    device gives it this view, so no device reaches up to the hypervisor."""
 
-    def __init__(self, dom: Domain) -> None:
-        self.dom = dom
-        self.machine = dom.hypervisor.machine
+    def __init__(self, memory: MachineMemory, frames: FrameTable, domid: int) -> None:
+        self.memory = memory
+        self.frames = frames
+        self.domid = domid
 
     def check(self, addr: int, length: int, write: bool, what: str) -> None:
-        ft = self.machine.frames
-        if length < 0 or addr < 0 or addr + length > self.machine.memory.size:
+        ft = self.frames
+        if length < 0 or addr < 0 or addr + length > self.memory.size:
             raise RingError(f"{what} at {addr:#x}+{length:#x} is outside RAM")
         if length == 0:
             return
         mfns = np.arange(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1)
-        if ((ft.owner[mfns] != self.dom.domid) | ft.xenheap[mfns]).any():
+        if ((ft.owner[mfns] != self.domid) | ft.xenheap[mfns]).any():
             raise RingError(f"{what} at {addr:#x}+{length:#x} is not the domain's memory")
         if write:
             table = (ft.type[mfns] >= PageType.l1) & (ft.type[mfns] <= PageType.l4) \
@@ -95,11 +100,11 @@ class DomainMemory:
 
     def read(self, addr: int, length: int, what: str) -> bytes:
         self.check(addr, length, False, what)
-        return self.machine.memory.read(addr, length)
+        return self.memory.read(addr, length)
 
     def write(self, addr: int, data: bytes, what: str) -> None:
         self.check(addr, len(data), True, what)
-        self.machine.memory.write(addr, data)
+        self.memory.write(addr, data)
 
     def read_u16(self, addr: int, what: str) -> int:
         return _U16.unpack(self.read(addr, 2, what))[0]
@@ -122,8 +127,8 @@ class SplitQueue:
         self.kick_pending = False  # a notify the device could not serve yet
 
     def check_layout(self, mem: DomainMemory) -> None:
-        """The rings' sizes and alignment (section 2.7), and that they are the
-        domain's memory: at QueueReady, and again at every use."""
+        """The rings' sizes and alignment (virtio 1.2, 2.7), and that they are
+        the domain's memory: at QueueReady, and again at every use."""
         n = self.num
         if not n or n & (n - 1) or n > self.num_max:
             raise RingError(f"queue {self.index}: size {n} is not a power of two "

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 USER_DPL = 3  # int N from the guest needs a gate it may use
 SELECTOR_IDT = 2  # error code of a fault on a gate: the selector is an IDT index
+_IRET_SIZE = ctypes.sizeof(iret_context)
+# the bounce frame's CS slot carries the saved event mask above the selector
+# (cpu_user_regs.saved_upcall_mask sits 4 bytes into the 8-byte cs slot)
+SAVED_UPCALL_MASK_SHIFT = 32
 
 EXCEPTION_NAMES = {X86_EXC_DE: "divide error", X86_EXC_DB: "debug", X86_EXC_BP: "breakpoint",
                    X86_EXC_UD: "invalid opcode", X86_EXC_DF: "double fault",
@@ -76,7 +80,7 @@ def create_bounce_frame(vcpu: Vcpu, handler: int, error_code: int | None = None,
     words = [rcx, r11]
     if error_code is not None:
         words.append(error_code)
-    words += [rip, cs | (mask << 32), saved_rflags, regs["rsp"], ss]
+    words += [rip, cs | (mask << SAVED_UPCALL_MASK_SHIFT), saved_rflags, regs["rsp"], ss]
     sp -= 8 * len(words)
     try:
         vcpu.copy_to_guest(sp, struct.pack(f"<{len(words)}Q", *words))
@@ -134,8 +138,7 @@ def do_iret(vcpu: Vcpu, *_: int) -> int:
     """HYPERVISOR_iret: pop {rax, r11, rcx, flags, rip, cs, rflags, rsp, ss}."""
     rsp = vcpu.read_regs()["rsp"]
     try:
-        ctx = iret_context.from_buffer_copy(
-            vcpu.copy_from_guest(rsp, ctypes.sizeof(iret_context)))
+        ctx = iret_context.from_buffer_copy(vcpu.copy_from_guest(rsp, _IRET_SIZE))
     except GuestFault:
         vcpu.domain.crash(vcpu, "fault while reading the IRET context from the guest stack")
         return 0

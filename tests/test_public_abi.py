@@ -90,3 +90,17 @@ def test_numbers():
     assert errno.errno_name(-22) == "-EINVAL"
     assert xen.DOMID_SELF == 0x7FF0 and xen.NR_EVENT_CHANNELS == 4096
     assert arch_x86.FLAT_RING3_CS64 == 0xE033 and arch_x86.FLAT_RING3_SS64 == 0xE02B
+
+
+def test_the_hypervisors_native_cpu_offers_the_whole_public_protocol():
+    """A native kernel function may use every member of public/native.py's
+    NativeCpu; the hypervisor's own NativeCpu must have each of them."""
+    import typing
+
+    from hypervisor import native
+    from hypervisor.public.native import NativeCpu
+    members = set(typing.get_type_hints(NativeCpu)) | {
+        name for name, value in vars(NativeCpu).items()
+        if callable(value) and not name.startswith("_")}
+    assert members and all(hasattr(native.NativeCpu, m) for m in members), \
+        sorted(m for m in members if not hasattr(native.NativeCpu, m))

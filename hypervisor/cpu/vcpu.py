@@ -82,7 +82,7 @@ X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
 FIRST_EXTERNAL_VECTOR = 32  # vectors below are exceptions; int N above is software
 
 
-class MmioBus(Protocol):
+class DeviceBus(Protocol):
     """Device models by machine address: where a VCPU's loads and stores to
     device memory go."""
 
@@ -95,7 +95,7 @@ class GuestExits(Protocol):
     targets of Xen's entry.S (the hypercall table, the syscall and exception
     bounces, the event check on the way back in). The core is one."""
 
-    bus: MmioBus
+    bus: DeviceBus
 
     def hypercall(self, vcpu: Vcpu, nr: int, args: Sequence[int]) -> int | None: ...
     def bounce_syscall(self, vcpu: Vcpu) -> None: ...

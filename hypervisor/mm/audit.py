@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from hypervisor.machine import Machine
 
 
-class Hypervisor(Protocol):
-    """What the audit reads: the machine and its domains."""
+class Audited(Protocol):
+    """What the audit reads: a machine and its domains (the core has both)."""
 
     machine: Machine
     domains: Mapping[int, Domain]
@@ -40,7 +40,7 @@ class Hypervisor(Protocol):
 _FRAME = np.uint64(PTE_FRAME_MASK)
 
 
-def validated_tables(hv: Hypervisor, io_mfns: list[tuple[int, int, int]] | None = None,
+def validated_tables(hv: Audited, io_mfns: list[tuple[int, int, int]] | None = None,
                      ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """(mfn, level, present ptes, their target mfns) for every validated
     pagetable of every guest; Xen's own L4 slots are left out, and entries
@@ -66,7 +66,7 @@ def validated_tables(hv: Hypervisor, io_mfns: list[tuple[int, int, int]] | None 
         yield mfn, level, ptes, targets
 
 
-def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
+def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
     """(ref_count, type_count) as the pagetables, pins and VCPUs imply them."""
     ft = hv.machine.frames
     refs = np.zeros(ft.nr_frames, dtype=np.int64)
@@ -91,7 +91,7 @@ def recount(hv: Hypervisor) -> tuple[np.ndarray, np.ndarray]:
     return refs, types
 
 
-def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
+def audit(hv: Audited, p2m: bool = True) -> list[str]:
     ft = hv.machine.frames
     problems: list[str] = []
     known = {FREE, DOMID_XEN, *hv.domains}
@@ -148,7 +148,7 @@ def audit(hv: Hypervisor, p2m: bool = True) -> list[str]:
     return problems
 
 
-def _guest_p2m(hv: Hypervisor, dom: Domain) -> np.ndarray:
+def _guest_p2m(hv: Audited, dom: Domain) -> np.ndarray:
     """The guest's own p2m list, read from its frames."""
     mem = hv.machine.memory
     out = np.empty(dom.p2m_size, dtype=np.uint64)

@@ -38,7 +38,11 @@ _PAGE_GLOBAL = 0x100
 _PAGE_NX = 1 << 63
 PTE_FRAME_MASK = 0x000FFFFFFFFFF000
 
+X86_EFLAGS_MBS = 1 << 1  # reserved, must be set
 X86_EFLAGS_IF = 1 << 9
+
+# entries in a pagetable of any level (x86-64, 4 KiB pages)
+L1_PAGETABLE_ENTRIES = 512
 
 # vcpu_guest_context.flags
 VGCF_i387_valid = 1 << 0

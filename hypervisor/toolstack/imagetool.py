@@ -10,8 +10,9 @@ from collections import Counter
 
 import numpy as np
 
-from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.public.arch_x86 import VGCF_in_kernel, VGCF_online
+from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.toolstack import pfinfo
 from hypervisor.toolstack.image import TYPE_NAMES, ImageInfo
 from hypervisor.toolstack.timeparse import format_duration
 
@@ -65,7 +66,7 @@ def describe(info: ImageInfo, records: bool = False) -> str:
     if records:
         lines += [f"  {r.offset:>12}  {r.name:<24} {r.length} octets" for r in info.records]
     lines.append("page types: " + ", ".join(f"{n} {c}" for n, c in info.type_counts().items()))
-    pinned = np.flatnonzero((info.nibbles >= 0x9) & (info.nibbles <= 0xC))
+    pinned = np.flatnonzero(pfinfo.is_pinned_table(info.nibbles))
     lines.append(f"pinned tables ({pinned.size}): " + ", ".join(
         f"{int(p):#x} {TYPE_NAMES[int(info.nibbles[p])].split()[0]}" for p in pinned))
     lines.append(f"p2m frames: pfns {_ranges(info.p2m_frame_pfns.tolist())}")
@@ -100,8 +101,8 @@ def diff(a: ImageInfo, b: ImageInfo) -> list[str]:
     typed = np.flatnonzero(a.nibbles[:n] != b.nibbles[:n])
     if typed.size:
         out.append(f"page types differ at {typed.size} pfns: " + ", ".join(
-            f"{int(p):#x} {TYPE_NAMES.get(int(a.nibbles[p]), 'absent')} -> "
-            f"{TYPE_NAMES.get(int(b.nibbles[p]), 'absent')}" for p in typed[:LIST_MAX]))
+            f"{int(p):#x} {pfinfo.type_name(a.nibbles[p])} -> "
+            f"{pfinfo.type_name(b.nibbles[p])}" for p in typed[:LIST_MAX]))
     ia, ib = page_index(a), page_index(b)
     changed: list[int] = []
     with open(a.path, "rb") as fa, open(b.path, "rb") as fb:

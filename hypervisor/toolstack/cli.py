@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic")
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
-        Tracer(dom, args.trace, sys.stdout).attach()
+        Tracer(hv, dom, args.trace, sys.stdout).attach()
     requests = [*cfg.requests, *args.request]
     result = run_domain(hv, dom, args.until, _stream, requests, _note,
                         checkpoint_dir=args.checkpoint_dir)

@@ -4,7 +4,7 @@ the Python kernel's native entries.
 
 A Python code hook on every instruction costs ~1000x; it is attached only for
 the traced prefix and removed between slices (removing a code hook inside a
-run makes Unicorn raise a hidden #PF: gotcha 2), with CR2 and the CPU's
+run makes Unicorn raise a hidden #PF), with CR2 and the CPU's
 old_exception repaired after.
 """
 
@@ -17,8 +17,8 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from unicorn import UC_HOOK_CODE, UcError
 from unicorn.x86_const import UC_X86_REG_CR2
 
-from hypervisor.domain import Domain
-from hypervisor.mm.walker import GuestFault
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor
 
 
 class Symbols:
@@ -37,7 +37,8 @@ class Symbols:
 
 
 class Tracer:
-    def __init__(self, dom: Domain, count: int, out: IO[str]) -> None:
+    def __init__(self, hv: Hypervisor, dom: Domain, count: int, out: IO[str]) -> None:
+        self.hv = hv
         self.dom = dom
         self.count = count
         self.out = out
@@ -74,11 +75,8 @@ class Tracer:
             uc.emu_stop()
             return
         self.left[vcpu.vcpu_id] = n - 1
-        hv = self.dom.hypervisor
-        try:
-            code = hv.walker.read(vcpu.current_table, addr, max(size, 1))
-        except GuestFault:
-            code = b""
+        code = domctl.gdbsx_guestmemio(self.hv, self.dom, vcpu.vcpu_id, addr, max(size, 1)) \
+            or b""
         text = "(unreadable)"
         for insn in self.cs.disasm(code, addr):
             text = f"{insn.mnemonic} {insn.op_str}".strip()

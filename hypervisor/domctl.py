@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from unicorn import UC_HOOK_CODE, UcError
+from unicorn.x86_const import UC_X86_REG_CR2
 
 from hypervisor.core import Hypervisor
 from hypervisor.cpu.context import get_context, set_context
@@ -134,6 +136,20 @@ def settscinfo(dom: Domain, clocks_ns: Mapping[int, int]) -> None:
 def vcpu_clocks(dom: Domain) -> list[int]:
     """Each VCPU's virtual time (XEN_DOMCTL_gettscinfo, per VCPU)."""
     return [v.clock for v in dom.vcpus]
+
+
+@dataclass(frozen=True)
+class VcpuInfo:
+    """XEN_DOMCTL_getvcpuinfo: whether it is up, blocked, and its time."""
+
+    online: bool
+    blocked: bool
+    cpu_time: int  # its virtual clock, ns
+
+
+def getvcpuinfo(dom: Domain, vcpu_id: int) -> VcpuInfo:
+    v = dom.vcpus[vcpu_id]
+    return VcpuInfo(bool(v.online), bool(v.blocked), int(v.clock))
 
 
 def reached(dom: Domain, t_ns: int) -> bool:
@@ -331,6 +347,44 @@ def gdbsx_guestmemio(hv: Hypervisor, dom: Domain, vcpu_id: int, va: int,
         return None
 
 
+def debug_trace(dom: Domain, vcpu_id: int, more: Callable[[], bool],
+                on_insn: Callable[[int, int, bool], None],
+                on_native: Callable[[int, Callable[..., Any]], None]) -> None:
+    """Trace a VCPU (as a debugger single-steps through XEN_DOMCTL_debug_op):
+    on_insn(addr, size, in_kernel) before each x86 instruction, on_native(addr,
+    fn) at each entry of the Python kernel, while more() says so. A code hook
+    on every instruction costs ~1000x: the slice stops when more() turns
+    false, and the hook is removed after it, between slices (removing a code
+    hook inside a run makes Unicorn raise a hidden #PF), with CR2 and the
+    CPU's old_exception repaired."""
+    v = dom.vcpus[vcpu_id]
+
+    def hook(uc: Any, addr: int, size: int, _: Any) -> None:
+        if not more():
+            v.request_stop()
+            uc.emu_stop()
+            return
+        on_insn(addr, size, v.in_kernel)
+
+    handle = v.uc.hook_add(UC_HOOK_CODE, hook, None)
+
+    def after_slice(vcpu: Any) -> None:
+        if more():
+            return
+        cr2 = vcpu.uc.reg_read(UC_X86_REG_CR2)
+        try:
+            vcpu.uc.hook_del(handle)
+        except UcError:
+            pass
+        vcpu.uc.reg_write(UC_X86_REG_CR2, cr2)
+        vcpu.env.clear_old_exception()
+        vcpu.after_slice = None
+        vcpu.on_native = None
+
+    v.after_slice = after_slice
+    v.on_native = lambda vcpu, addr, fn: on_native(addr, fn) if more() else None
+
+
 # --- event channels -----------------------------------------------------------------
 
 def evtchn_alloc_unbound(dom: Domain, remote_dom: int, port: int | None = None) -> int:
@@ -433,14 +487,15 @@ def dump_frames(hv: Hypervisor, dom: Domain) -> FrameDump:
 
 __all__ = [
     "Balloon", "BalloonError", "Domain", "DomctlError", "ForeignMap", "FrameDump",
-    "Hypervisor", "KernelError", "OutOfMemory", "PageType", "PhysInfo",
-    "add_virtio_balloon", "alloc_shared_info", "audit", "createdomain", "destroydomain",
-    "devices_state", "dump_frames", "evtchn_alloc_unbound", "evtchn_bind_backend",
-    "evtchn_notify", "find_device", "gdbsx_guestmemio", "getpageframeinfo3",
-    "getvcpucontext", "iomem_permission", "kernel_binding", "load_kernel", "map_foreign_bulk",
-    "map_foreign_range", "map_m2p", "map_shared_info", "map_struct", "max_mem", "max_vcpus",
-    "mmu_machphys_update", "mmuext_pin_table", "modify_returncode", "next_mmio_base",
-    "pausedomain", "physinfo", "populate_physmap", "reached", "resumedomain", "run",
-    "set_device_state", "settscinfo", "setvcpucontext", "shared_info_frame", "shutdown_name",
-    "tlb_flush", "unpausedomain", "vcpu_clocks", "xen_version",
+    "Hypervisor", "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo",
+    "add_virtio_balloon", "alloc_shared_info", "audit", "createdomain", "debug_trace",
+    "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
+    "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
+    "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission", "kernel_binding",
+    "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p", "map_shared_info",
+    "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update", "mmuext_pin_table",
+    "modify_returncode", "next_mmio_base", "pausedomain", "physinfo", "populate_physmap",
+    "reached", "resumedomain", "run", "set_device_state", "settscinfo", "setvcpucontext",
+    "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain", "vcpu_clocks",
+    "xen_version",
 ]

@@ -216,7 +216,7 @@ def write_one_vcpu_basic(hv: Hypervisor, dom: Domain, vcpu_id: int,
 def vcpu_records(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> list[tuple[int, bytes]]:
     """write_all_vcpu_information: (vcpu id, canonical context) for every
     online VCPU."""
-    online = [i for i, v in enumerate(dom.vcpus) if v.online]
+    online = [i for i in range(domctl.max_vcpus(dom)) if domctl.getvcpuinfo(dom, i).online]
     return [(i, write_one_vcpu_basic(hv, dom, i, p2m)) for i in online]
 
 

@@ -64,6 +64,9 @@ class CheckpointWriter:
 
     directory: Path
     progress: Progress | None = None
+    # name the images by their path in what the toolstack says; a scratch
+    # directory's path means nothing to the user (and differs every run)
+    show_directory: bool = True
     outcomes: list[SaveOutcome] = field(default_factory=list)
 
     @property
@@ -79,5 +82,5 @@ class CheckpointWriter:
         if not out.ok:
             return out, f"checkpoint {n} failed: {out.error}; the guest runs on"
         assert out.stats is not None
-        return out, (f"checkpoint {n}: {path} ({out.stats.bytes / (1 << 20):.1f} MiB image "
-                     f"written in {out.stats.total_s:.2f} s)")
+        where = path if self.show_directory else path.name
+        return out, f"checkpoint {n}: {where}: {out.stats.bytes / (1 << 20):.1f} MiB image written"

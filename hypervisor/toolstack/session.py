@@ -91,11 +91,11 @@ class _Run:
         """The run's writer; by default into a temporary directory, made at the
         first checkpoint and gone when the run ends."""
         if self.writer is None:
-            where = self.checkpoint_dir
-            if where is None:
+            if self.checkpoint_dir is not None:
+                self.writer = CheckpointWriter(Path(self.checkpoint_dir))
+            else:
                 self.scratch = tempfile.TemporaryDirectory(prefix="pvlab-checkpoints-")
-                where = self.scratch.name
-            self.writer = CheckpointWriter(Path(where))
+                self.writer = CheckpointWriter(Path(self.scratch.name), show_directory=False)
         return self.writer
 
     def next_limit(self, until_ns: int | None) -> int | None:

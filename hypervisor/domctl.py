@@ -7,11 +7,16 @@ pin), event channels for backends, and foreign mappings of a domain's frames
 (xc_map_foreign_bulk).
 
 The toolstack (hypervisor/toolstack/) imports nothing else of the hypervisor
-but hypervisor/public/. It holds two handles: the machine (``Hypervisor``,
-libxc's xc_interface) and a domain (``Domain``, where libxc passes a domid);
-it reads a domain's descriptive fields (name, domid, shutdown_reason, its
-console output) but changes a domain only through the calls below. Live
-migration will add shadow_op (log-dirty) here.
+but hypervisor/public/, and this module imports nothing of the toolstack. The
+toolstack holds two handles: the machine (``Hypervisor``, libxc's
+xc_interface) and a domain (``Domain``, where libxc passes a domid). It reads
+a domain's descriptive fields (name, domid, max_pages, shutdown_reason,
+crash_report, console_out) and keeps its own objects in the slots the
+hypervisor holds for it (the machine's xenstore; a domain's console and
+xenstore backends, console_sink, image, and p2m_frames/p2m_size: where the
+builder or restorer put the guest's p2m list, for the frame audit); every
+other change to a domain goes through the calls below. Live migration will add
+shadow_op (log-dirty) here.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from hypervisor.public.domctl import (
     PFINFO_NOTAB,
     PFINFO_XTAB,
 )
-from hypervisor.public.errno import EINVAL, EPERM
+from hypervisor.public.errno import EBUSY, EINVAL, EPERM
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, shared_info
 
 ENTRIES_PER_TABLE = PAGE_SIZE // 8
@@ -444,7 +449,7 @@ def devices_state(dom: Domain) -> list[dict[str, Any]]:
     out = []
     for t in dom.devices:
         if t.status:
-            raise DomctlError(EINVAL, f"the {t.device.name} device at {t.base:#x} is live "
+            raise DomctlError(EBUSY, f"the {t.device.name} device at {t.base:#x} is live "
                               f"(status {t.status:#x}): the guest did not reset it when it "
                               "froze its devices, and its rings cannot be carried over")
         out.append({"bus": "virtio-mmio", "base": t.base, "port": t.port, **t.device.state()})

@@ -127,25 +127,20 @@ def xenstore_of(hv: Hypervisor) -> Store:
 
 def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
                 deflate_on_oom: bool = False, base: int | None = None,
-                port: int | None = None) -> domctl.Balloon:
+                port: int | None = None) -> tuple[domctl.Balloon, str]:
     """Give ``dom`` a virtio-mmio balloon: a register page on the bus that the
     domain may map (its I/O memory permission), an event channel for its
-    interrupt. A restore passes the saved base and port: the guest knows them
-    from its command line. balloon_cmdline says where it is."""
+    interrupt. Returns the device and the kernel command line word that tells
+    the guest where it is, in Linux's virtio_mmio.device=<size>@<base>:<irq>
+    form (the irq being the event channel's port). A restore passes the saved
+    base and port: the guest knows them from its command line."""
     port = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK, port)
     if port < 0:
         raise BuildError(f"{dom.name}: no event channel for the balloon ({port})")
     domctl.evtchn_bind_backend(dom, port, lambda: None)  # the guest notifies through QueueNotify
     base = domctl.next_mmio_base(hv) if base is None else base
-    return domctl.add_virtio_balloon(hv, dom, base, port, stats_interval_ns, deflate_on_oom)
-
-
-def balloon_cmdline(dom: Domain, balloon: domctl.Balloon) -> str:
-    """The kernel command line word that tells the guest where its balloon is,
-    in Linux's virtio_mmio.device=<size>@<base>:<irq> form (the irq being the
-    event channel's port)."""
-    t = next(d for d in dom.devices if d.device is balloon)
-    return f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{t.base:#x}:{t.port}"
+    balloon = domctl.add_virtio_balloon(hv, dom, base, port, stats_interval_ns, deflate_on_oom)
+    return balloon, f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
 
 
 def build_domain(hv: Hypervisor, cfg: DomainConfig) -> Domain:
@@ -356,8 +351,9 @@ def _cmdline(xd: DomImage) -> str:
     cfg = xd.cfg
     if cfg.balloon is None:
         return cfg.cmdline
-    bal = add_balloon(xd.hv, xd.dom, cfg.balloon.stats_interval_ns, cfg.balloon.deflate_on_oom)
-    cmdline = f"{cfg.cmdline} {balloon_cmdline(xd.dom, bal)}".strip()
+    _, word = add_balloon(xd.hv, xd.dom, cfg.balloon.stats_interval_ns,
+                          cfg.balloon.deflate_on_oom)
+    cmdline = f"{cfg.cmdline} {word}".strip()
     if len(cmdline) > MAX_CMDLINE:
         raise BuildError(f"{cfg.name}: the command line with the balloon's device is "
                          f"longer than {MAX_CMDLINE} characters")

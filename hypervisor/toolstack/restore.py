@@ -272,7 +272,7 @@ def handle_devices(ctx: RestoreContext) -> None:
     guest knows from its command line, with what the host kept of it."""
     for d in ctx.info.devices:
         try:
-            bal = add_balloon(ctx.hv, ctx.dom, d["stats_interval_ns"], d["deflate_on_oom"],
+            bal, _ = add_balloon(ctx.hv, ctx.dom, d["stats_interval_ns"], d["deflate_on_oom"],
                               base=d["base"], port=d["port"])
         except (BuildError, ValueError) as e:
             raise RestoreError(f"the balloon at {d['base']:#x} cannot be re-created: {e}") \

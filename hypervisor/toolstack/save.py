@@ -247,14 +247,15 @@ def xenstore_record(hv: Hypervisor, dom: Domain) -> bytes:
     return bytes(out)
 
 
-def devices_record(dom: Domain) -> bytes:
+def devices_record(dom: Domain) -> bytes | None:
     """The domain's devices, where they are and what the host keeps of them
-    (a balloon's target and actual: the ``keep`` policy relies on them). The
-    guest must have frozen them: a device still live is refused."""
+    (a balloon's target and actual: the ``keep`` policy relies on them); None
+    if it has none. The guest must have frozen them: a live one is refused."""
     try:
-        return json.dumps(domctl.devices_state(dom), sort_keys=True).encode()
+        state = domctl.devices_state(dom)
     except DomctlError as e:
         raise SaveError(str(e)) from None
+    return json.dumps(state, sort_keys=True).encode() if state else None
 
 
 # --- the stream ----------------------------------------------------------------------
@@ -289,7 +290,7 @@ def x86_pv_setup(hv: Hypervisor, dom: Domain, stats: SaveStats) -> SaveContext:
     stats.pinned = int(pfinfo.is_pinned_table(pfinfo.nibble(types)).sum())
     slot_of = np.full(p2m.size, -1, dtype=np.int64)
     slot_of[table_pfns] = np.arange(table_pfns.size)
-    devices = devices_record(dom) if dom.devices else None
+    devices = devices_record(dom)
     return SaveContext(p2m, frame_pfns, types, canon, slot_of, vcpu_records(hv, dom, p2m),
                        devices)
 

@@ -342,7 +342,7 @@ def _check_whole(info: ImageInfo, end: stream.Record) -> None:
         if cr3 > info.max_pfn or pfinfo.level(nib[cr3]) != pfinfo.L4:
             what = pfinfo.type_name(nib[cr3]) if cr3 <= info.max_pfn else "absent"
             raise bad(f"vcpu{vcpu_id}'s cr3 (pfn {cr3:#x}) has type {what}, expected L4")
-        if ctx.ctrlreg[1] & 1:
+        if ctx.ctrlreg[1] & stream.USER_L4_SET:
             user = ctx.ctrlreg[1] >> PAGE_SHIFT
             if user > info.max_pfn or pfinfo.level(nib[user]) != pfinfo.L4:
                 raise bad(f"vcpu{vcpu_id}'s user L4 (pfn {user:#x}) is no L4 of the image")

@@ -12,7 +12,7 @@ import numpy as np
 
 from hypervisor.public.arch_x86 import VGCF_in_kernel, VGCF_online
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
-from hypervisor.toolstack import pfinfo
+from hypervisor.toolstack import pfinfo, stream
 from hypervisor.toolstack.image import TYPE_NAMES, ImageInfo
 from hypervisor.toolstack.timeparse import format_duration
 
@@ -40,7 +40,8 @@ def _vcpu_line(info: ImageInfo, vcpu_id: int) -> str:
     r = ctx.user_regs
     mode = "kernel" if ctx.flags & VGCF_in_kernel else "user"
     state = "online" if ctx.flags & VGCF_online else "offline"
-    user = f"pfn {ctx.ctrlreg[1] >> PAGE_SHIFT:#x}" if ctx.ctrlreg[1] & 1 else "none"
+    has_user = ctx.ctrlreg[1] & stream.USER_L4_SET
+    user = f"pfn {ctx.ctrlreg[1] >> PAGE_SHIFT:#x}" if has_user else "none"
     return (f"vcpu{vcpu_id}: {state}, {mode} mode, rip {r.rip:#x} rsp {r.rsp:#x}, "
             f"cr3 pfn {ctx.ctrlreg[3] >> PAGE_SHIFT:#x}, user L4 {user}")
 

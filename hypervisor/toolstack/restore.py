@@ -52,7 +52,7 @@ from hypervisor.public.xen import (
     shared_info,
     start_info,
 )
-from hypervisor.toolstack import pfinfo
+from hypervisor.toolstack import pfinfo, stream
 from hypervisor.toolstack.builder import BuildError, add_balloon, xenstore_of
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
@@ -61,7 +61,6 @@ from hypervisor.toolstack.session import machine_mib_for
 from hypervisor.toolstack.xenstored import home
 
 DOMID_TOOLSTACK = 0  # the other end of the console and store channels
-USER_L4_SET = 1      # ctrlreg[1] bit 0 in an image: a user L4 is set (see save)
 ALL_MASKED = (1 << 64) - 1  # a word of evtchn_mask
 
 
@@ -291,11 +290,17 @@ def stream_complete(ctx: RestoreContext) -> None:
                            int(kernel["size"]))
     for vcpu_id in sorted(ctx.info.vcpus):
         update_vcpu_context(ctx, vcpu_id)
+    handle_tsc_info(ctx)
+    domctl.tlb_flush(ctx.hv, ctx.dom)
+
+
+def handle_tsc_info(ctx: RestoreContext) -> None:
+    """Each VCPU's clock from pvlab's domain record, else X86_TSC_INFO's
+    nanoseconds (save: write_tsc_info, domain_record)."""
     clocks = ctx.info.domain.get("clocks", []) if ctx.info.domain else []
     tsc_ns = ctx.info.tsc[2] if ctx.info.tsc else 0
     domctl.settscinfo(ctx.dom, {i: int(clocks[i]) if i < len(clocks) else tsc_ns
                                 for i in ctx.info.vcpus})
-    domctl.tlb_flush(ctx.hv, ctx.dom)
 
 
 def pin_pagetables(ctx: RestoreContext) -> None:
@@ -316,7 +321,7 @@ def update_vcpu_context(ctx: RestoreContext, vcpu_id: int) -> None:
     finds start_info's new mfn in rdx."""
     vc = vcpu_guest_context.from_buffer_copy(ctx.info.vcpus[vcpu_id])
     vc.ctrlreg[3] = int(ctx.p2m[vc.ctrlreg[3] >> PAGE_SHIFT]) << PAGE_SHIFT
-    if vc.ctrlreg[1] & USER_L4_SET:
+    if vc.ctrlreg[1] & stream.USER_L4_SET:
         vc.ctrlreg[1] = int(ctx.p2m[vc.ctrlreg[1] >> PAGE_SHIFT]) << PAGE_SHIFT
     if vcpu_id == 0:
         vc.user_regs.rdx = ctx.start_info_mfn

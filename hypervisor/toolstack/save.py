@@ -203,9 +203,8 @@ def write_one_vcpu_basic(hv: Hypervisor, dom: Domain, vcpu_id: int,
     ctx.ctrlreg[3] = _mfn_to_pfn(hv, p2m, ctx.ctrlreg[3] >> PAGE_SHIFT,
                                  f"vcpu{vcpu_id}'s cr3") << PAGE_SHIFT
     if ctx.ctrlreg[1]:
-        # bit 0: "a user L4 is set", so that pfn 0 still means something
-        ctx.ctrlreg[1] = 1 | _mfn_to_pfn(hv, p2m, ctx.ctrlreg[1] >> PAGE_SHIFT,
-                                         f"vcpu{vcpu_id}'s user L4") << PAGE_SHIFT
+        user = _mfn_to_pfn(hv, p2m, ctx.ctrlreg[1] >> PAGE_SHIFT, f"vcpu{vcpu_id}'s user L4")
+        ctx.ctrlreg[1] = stream.USER_L4_SET | user << PAGE_SHIFT
     if vcpu_id == 0:
         # the suspend record: start_info's mfn, the hypercall's third argument
         ctx.user_regs.rdx = _mfn_to_pfn(hv, p2m, int(ctx.user_regs.rdx), "suspend record")
@@ -347,7 +346,8 @@ def send_domain_memory_nonlive(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: S
 
 def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
                             checkpoint: bool) -> None:
-    """x86_pv_end_of_checkpoint and the end: X86_TSC_INFO (write_tsc_info),
+    """x86_pv_end_of_checkpoint and the end: X86_TSC_INFO (write_tsc_info;
+    restore: handle_tsc_info),
     SHARED_INFO (write_shared_info), a X86_PV_VCPU_BASIC per VCPU, pvlab's
     xenstore and devices records, CHECKPOINT if it is one, END."""
     rec = stream.write_record

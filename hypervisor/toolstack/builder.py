@@ -338,7 +338,7 @@ def start_info_x86_64(xd: DomImage) -> None:
     si.console.domU.evtchn = console_port
     si.pt_base = xd.va(lay.pt_pfn)
     dom.console_backend = ConsoleBackend(hv, dom, si.console.domU.mfn, console_port)
-    dom.xenstore = xenstore_of(hv).introduce(hv, dom, si.store_mfn, store_port)
+    dom.xenstore = xenstore_of(hv).introduce_domain(hv, dom, si.store_mfn, store_port)
     si.nr_pt_frames = lay.pt_pages
     si.mfn_list = xd.va(lay.p2m_pfn)
     si.cmd_line = _cmdline(xd).encode()

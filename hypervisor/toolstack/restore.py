@@ -261,7 +261,7 @@ def process_start_info(ctx: RestoreContext) -> None:
     si.flags = 0
     dom.console_backend = ConsoleBackend(hv, dom, si.console.domU.mfn, si.console.domU.evtchn)
     store = xenstore_of(hv)
-    dom.xenstore = store.introduce(hv, dom, si.store_mfn, si.store_evtchn)
+    dom.xenstore = store.introduce_domain(hv, dom, si.store_mfn, si.store_evtchn)
     for rel, value in info.xenstore:
         store.write(f"{home(dom.domid)}/{rel}", value)
 

@@ -200,10 +200,10 @@ class Store:
 
     # --- domains ----------------------------------------------------------------------
 
-    def introduce(self, hv: Hypervisor, dom: Domain, ring_mfn: int,
-                  port: int) -> XenstoreConnection:
-        """Connect a new domain (XS_INTRODUCE): map its ring, bind its port, give
-        it its home."""
+    def introduce_domain(self, hv: Hypervisor, dom: Domain, ring_mfn: int,
+                         port: int) -> XenstoreConnection:
+        """XS_INTRODUCE (libxl's xs_introduce_domain): connect a new domain: map
+        its ring, bind its port, give it its home."""
         self.write(home(dom.domid), b"")
         self.write(home(dom.domid) + "/name", dom.name.encode())
         self.write(home(dom.domid) + "/domid", str(dom.domid).encode())

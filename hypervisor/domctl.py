@@ -283,6 +283,10 @@ def getpageframeinfo3(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> np.ndarr
     return out
 
 
+# --- log-dirty ----------------------------------------------------------------------
+# XEN_DOMCTL_shadow_op (XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, CLEAN, PEEK) goes
+# here with live migration: the frames a domain wrote since the last round.
+
 # --- foreign mappings ---------------------------------------------------------------
 
 class ForeignMap:
@@ -341,6 +345,8 @@ def map_struct(hv: Hypervisor, dom: Domain, mfn: int, struct: type[ctypes.Struct
     _check_owned(hv, dom, np.array([mfn], dtype=np.int64))
     return struct.from_buffer(hv.machine.memory.buf, mfn << PAGE_SHIFT)
 
+
+# --- debugging ----------------------------------------------------------------------
 
 def gdbsx_guestmemio(hv: Hypervisor, dom: Domain, vcpu_id: int, va: int,
                      size: int) -> bytes | None:

@@ -40,6 +40,7 @@ from hypervisor.public.arch_x86 import (
     X86_EFLAGS_MBS,
     VGCF_in_kernel,
     VGCF_online,
+    table_offset,
     vcpu_guest_context,
 )
 from hypervisor.public.io.virtio import VIRTIO_MMIO_WINDOW
@@ -293,15 +294,15 @@ def setup_pgtables(xd: DomImage) -> None:
     for i in range(l1s):
         entries = l1e[i * L1_PAGETABLE_ENTRIES:(i + 1) * L1_PAGETABLE_ENTRIES]
         l1[i][:len(entries)] = entries
-    l2_first = (base >> 21) & 511
-    l3_first = (base >> 30) & 511
-    assert l3_first + l2s <= 512, "guest memory does not fit below the top of the address space"
+    n = L1_PAGETABLE_ENTRIES
+    l2_first, l3_first = table_offset(base, 2), table_offset(base, 3)
+    assert l3_first + l2s <= n, "guest memory does not fit below the top of the address space"
     for i in range(l1s):
         g = l2_first + i  # global L2 slot counted from the L3 slot of VIRT_BASE
-        _set_entry(xd, l2_pfn + g // 512, g % 512, l1_pfn + i)
+        _set_entry(xd, l2_pfn + g // n, g % n, l1_pfn + i)
     for i in range(l2s):
         _set_entry(xd, l3_pfn, l3_first + i, l2_pfn + i)
-    _set_entry(xd, l4_pfn, (base >> 39) & 511, l3_pfn)
+    _set_entry(xd, l4_pfn, table_offset(base, 4), l3_pfn)
 
 
 def _set_entry(xd: DomImage, table_pfn: int, slot: int, target_pfn: int) -> None:

@@ -37,9 +37,9 @@ from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import (
     _PAGE_PRESENT,
     _PAGE_PSE,
-    L1_PAGETABLE_ENTRIES,
     ROOT_PAGETABLE_FIRST_XEN_SLOT,
     ROOT_PAGETABLE_LAST_XEN_SLOT,
+    table_offset,
 )
 from hypervisor.public.domctl import PFINFO_XTAB, TSC_MODE_ALWAYS_EMULATE
 from hypervisor.public.sched import SHUTDOWN_suspend
@@ -80,7 +80,7 @@ def _walk(hv: Hypervisor, dom: Domain, l4_mfn: int, va: int) -> int:
     it is not mapped by a 4 KiB page of the domain's."""
     mfn = l4_mfn
     for lvl in (4, 3, 2, 1):
-        slot = (va >> (PAGE_SHIFT + 9 * (lvl - 1))) & (L1_PAGETABLE_ENTRIES - 1)
+        slot = table_offset(va, lvl)
         try:
             entry = int(domctl.map_foreign_bulk(hv, dom, [mfn])[0][slot])
         except DomctlError:

@@ -244,7 +244,7 @@ def alloc_layout(xd: DomImage) -> None:
     console rings, bootstrap pagetables (L4, L3, L2s, L1s), boot stack."""
     nr_pages = xd.p2m.size
     image_pages = -(-(xd.image.end - xd.image.virt_base) // PAGE_SIZE)
-    p2m_pages = -(-nr_pages * 8 // PAGE_SIZE)
+    p2m_pages = -(-nr_pages // L1_PAGETABLE_ENTRIES)  # a u64 per pfn, 512 a frame
     pt_pages = sum(_pt_frames_needed(nr_pages)) + 1
     si = image_pages + p2m_pages
     xd.lay = BootLayout(nr_pages=nr_pages, image_pages=image_pages,

@@ -96,3 +96,11 @@ def test_kernel_load_puts_a_segment_that_is_not_page_aligned_on_its_own_frames()
     assert guest[:0x800] == bytes(0x800) and guest[0x800 + len(data):] == \
         bytes(4 * PAGE_SIZE - 0x800 - len(data))
     hv.close()
+
+
+def test_the_control_interface_imports_nothing_of_the_toolstack():
+    """domctl is below the toolstack: it is given what it needs, never reaches up."""
+    from tests.test_layering import imports
+    bad = [m for p, m in imports("hypervisor") if p.name == "domctl.py"
+           and m.startswith("hypervisor.toolstack")]
+    assert bad == []

@@ -51,6 +51,19 @@ X86_EFLAGS_VM = 1 << 17
 TI_DPL_MASK = 3
 TI_IF = 1 << 2
 
+# entries in a pagetable of any level (x86-64, 4 KiB pages): each level
+# translates PAGETABLE_ORDER bits of a virtual address, above the page offset
+L1_PAGETABLE_ENTRIES = 512
+PAGETABLE_ORDER = 9
+_PAGE_OFFSET_BITS = 12
+
+
+def table_offset(va: int, level: int) -> int:
+    """The slot of ``va`` in its level-``level`` table (Xen's
+    l1_table_offset .. l4_table_offset)."""
+    shift = _PAGE_OFFSET_BITS + PAGETABLE_ORDER * (level - 1)
+    return (va >> shift) & (L1_PAGETABLE_ENTRIES - 1)
+
 # vcpu_guest_context.flags
 VGCF_i387_valid = 1 << 0
 VGCF_in_kernel = 1 << 2

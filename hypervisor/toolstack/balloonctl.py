@@ -7,22 +7,18 @@ balloon's target (num_pages) is the difference from the guest's memory.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from hypervisor.devices.balloon import Balloon, BalloonError
-from hypervisor.mm.memory import PAGE_SIZE
+from hypervisor import domctl
+from hypervisor.domctl import Balloon, BalloonError, Domain
+from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack.timeparse import format_duration
-
-if TYPE_CHECKING:
-    from hypervisor.domain import Domain
 
 PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
 
 
 def balloon_of(dom: Domain) -> Balloon:
-    for dev in dom.devices:
-        if isinstance(dev.device, Balloon):
-            return dev.device
+    bal = domctl.find_device(dom, Balloon)
+    if bal is not None:
+        return bal
     raise BalloonError(f"domain {dom.name} has no balloon device (add a [balloon] table "
                        "to its configuration)")
 

@@ -9,24 +9,25 @@ guest's pseudo-physical space from pfn 0 upward:
 The bootstrap pagetables map *all* of the guest's memory at VIRT_BASE
 (pfn p at VIRT_BASE + p * 4096) with the pagetable frames themselves read-only,
 and the L4 is pinned, so every frame is typed exactly as Xen types it.
+
+The stages are libxc's (xc_dom_core.c, xc_dom_x86.c, xc_dom_boot.c), each a
+function of that name working on a DomImage (struct xc_dom_image):
+parse_image, meminit (allocate the memory), kernel_load, alloc_layout (the
+start-of-day pfns), setup_p2m_list, setup_hypercall_page, setup_pgtables
+(boot pagetables), shared_info_x86_64, start_info_x86_64, bootlate (pin the
+L4), load the Python kernel, vcpu_x86_64 (vcpu setup).
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from hypervisor.core import Hypervisor
-from hypervisor.devices.balloon import Balloon, BalloonHost
-from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
-from hypervisor.devices.virtio.queue import DomainMemory
-from hypervisor.domain import Domain
-from hypervisor.evtchn import DOMID_TOOLSTACK
-from hypervisor.mm.frames import PageType
-from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
-from hypervisor.native import KernelError, NativeKernel
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor, KernelError
 from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -34,10 +35,23 @@ from hypervisor.public.arch_x86 import (
     _PAGE_PRESENT,
     _PAGE_RW,
     _PAGE_USER,
+    L1_PAGETABLE_ENTRIES,
+    X86_EFLAGS_IF,
+    X86_EFLAGS_MBS,
+    VGCF_in_kernel,
+    VGCF_online,
+    table_offset,
+    vcpu_guest_context,
 )
 from hypervisor.public.io.virtio import VIRTIO_MMIO_WINDOW
 from hypervisor.public.native import PVLAB_IMAGE_MAGIC, pvlab_image_header
-from hypervisor.public.xen import start_info
+from hypervisor.public.xen import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    XEN_LEGACY_MAX_VCPUS,
+    Hypercall,
+    start_info,
+)
 from hypervisor.toolstack.config import MAX_CMDLINE, DomainConfig
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.elfimage import GuestImage, ImageError, load_image
@@ -45,8 +59,10 @@ from hypervisor.toolstack.xenstored import Store
 
 START_INFO_MAGIC = b"xen-3.0-x86_64"
 BOOT_STACK_PAGES = 4
-HYPERCALL_STUBS = 128
-HYPERCALL_IRET = 23
+HYPERCALL_STUB_SIZE = 32  # the hypercall page: hypercall i's stub at 32 * i
+SLACK_PAGES = 64          # beside the guest's memory: shared_info, device pages
+DOMID_TOOLSTACK = 0       # the other end of the console and store channels
+L1_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
 
 
 class BuildError(Exception):
@@ -69,247 +85,310 @@ class BootLayout:
     stack_pfn: int
 
 
+@dataclass
+class DomImage:
+    """What the builder knows of the domain it builds (libxc's xc_dom_image)."""
+
+    hv: Hypervisor
+    dom: Domain
+    cfg: DomainConfig
+    image: GuestImage
+    python_kernel: bool
+    p2m: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    lay: BootLayout | None = None
+
+    def va(self, pfn: int) -> int:
+        return self.image.virt_base + (pfn << PAGE_SHIFT)
+
+    def mfn(self, pfn: int) -> int:
+        return int(self.p2m[pfn])
+
+
 def hypercall_page() -> bytes:
     """Xen's 64-bit PV hypercall page: 32-byte stubs, 0xCC-padded."""
     page = bytearray(b"\xcc" * PAGE_SIZE)
-    for i in range(HYPERCALL_STUBS):
-        if i == HYPERCALL_IRET:
+    for i in range(PAGE_SIZE // HYPERCALL_STUB_SIZE):
+        if i == Hypercall.iret:
             # push rcx; push r11; push rax; mov $23, %eax; syscall (never returns)
             stub = b"\x51\x41\x53\x50\xb8" + struct.pack("<I", i) + b"\x0f\x05"
         else:
             # push rcx; push r11; mov $i, %eax; syscall; pop r11; pop rcx; ret
             stub = b"\x51\x41\x53\xb8" + struct.pack("<I", i) + b"\x0f\x05\x41\x5b\x59\xc3"
-        page[32 * i:32 * i + len(stub)] = stub
+        at = HYPERCALL_STUB_SIZE * i
+        page[at:at + len(stub)] = stub
     return bytes(page)
 
 
-def balloon_host(hv: Hypervisor, dom: Domain) -> BalloonHost:
-    """What a balloon of ``dom`` is given: the frame table and the M2P, the
-    frame release of XENMEM_decrease_reservation, the domain's TLB flush,
-    the scheduler's timers."""
-    machine = hv.machine
-    return BalloonHost(dom.domid, machine.frames, machine.m2p,
-                       lambda mfn: hv.reservation.remove_page(dom, mfn),
-                       lambda: hv.flush_tlbs(dom), hv.scheduler, lambda: dom.is_running)
+def xenstore_of(hv: Hypervisor) -> Store:
+    """The toolstack's store, made with the first domain that needs it."""
+    if hv.xenstore is None:
+        hv.xenstore = Store()
+    return hv.xenstore
 
 
 def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
-                deflate_on_oom: bool = False) -> str:
-    """Give ``dom`` a virtio balloon; returns its command line word."""
-    return add_virtio_device(hv, dom, Balloon(balloon_host(hv, dom), stats_interval_ns,
-                                              deflate_on_oom))
-
-
-def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice,
-                      base: int | None = None, port: int | None = None) -> str:
-    """Put ``device`` behind a virtio-mmio transport of ``dom``: a register
-    page on the bus that the domain may map (its I/O memory permission), an
-    event channel for its interrupt. Returns the kernel command line word
-    that tells the guest where it is, in Linux's
-    virtio_mmio.device=<size>@<base>:<irq> form (the irq being the event
-    channel's port). A restore passes the saved base and port: the guest
-    knows them from its command line."""
-    port = dom.evtchn.alloc_unbound(DOMID_TOOLSTACK) if port is None else \
-        dom.evtchn.alloc_unbound_at(port, DOMID_TOOLSTACK)
+                deflate_on_oom: bool = False, base: int | None = None,
+                port: int | None = None,
+                state: dict | None = None) -> tuple[domctl.Balloon, str]:
+    """Give ``dom`` a virtio-mmio balloon: a register page on the bus that the
+    domain may map (its I/O memory permission), an event channel for its
+    interrupt. Returns the device and the kernel command line word that tells
+    the guest where it is, in Linux's virtio_mmio.device=<size>@<base>:<irq>
+    form (the irq being the event channel's port). A restore passes the saved
+    base and port (the guest knows them from its command line) and the state
+    the image carries."""
+    port = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK, port)
     if port < 0:
-        raise BuildError(f"{dom.name}: no event channel for the {device.name} ({port})")
-    dom.evtchn.bind_backend(port, lambda: None)  # the guest notifies through QueueNotify
-
-    def send_event() -> None:
-        # a domain that is not running, or has no shared_info yet, takes no event
-        if dom.is_running and dom.shared_info is not None:
-            dom.evtchn.set_pending(port)
-
-    base = hv.bus.next_base() if base is None else base
-    mem = DomainMemory(hv.machine.memory, hv.machine.frames, dom.domid)
-    transport = VirtioMmio(device, mem, base, port, send_event)
-    hv.iomem_permit(dom, base >> PAGE_SHIFT, 1)
-    hv.add_device(dom, base, transport)
-    return f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
-
-
-def _pt_frames_needed(nr_pages: int) -> tuple[int, int, int]:
-    l1 = -(-nr_pages // 512)
-    l2 = -(-l1 // 512)
-    l3 = 1
-    return l1, l2, l3
+        raise BuildError(f"{dom.name}: no event channel for the balloon ({port})")
+    domctl.evtchn_bind_backend(dom, port, lambda: None)  # the guest notifies through QueueNotify
+    base = domctl.next_mmio_base(hv) if base is None else base
+    if state is None:
+        balloon = domctl.add_virtio_balloon(hv, dom, base, port, stats_interval_ns,
+                                            deflate_on_oom)
+    else:
+        balloon = domctl.restore_virtio_balloon(hv, dom, state)
+    return balloon, f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
 
 
 def build_domain(hv: Hypervisor, cfg: DomainConfig) -> Domain:
     """Create and build a domain from its configuration; the domain is left
     ready to run (vcpu0 at the image's entry), or nothing is left at all."""
     image = load_image(cfg.image)
+    python_kernel = parse_image(image, cfg)
     nr_pages = cfg.memory * (1 << 20) // PAGE_SIZE
-    if nr_pages + 64 > hv.machine.frames.nr_free:
+    free = domctl.physinfo(hv).free_pages
+    if nr_pages + SLACK_PAGES > free:
         raise BuildError(f"{cfg.name}: {cfg.memory} MiB wanted but the machine has only "
-                         f"{hv.machine.frames.nr_free * PAGE_SIZE >> 20} MiB free")
+                         f"{free * PAGE_SIZE >> 20} MiB free")
     max_pages = max(cfg.maxmem, cfg.memory) * (1 << 20) // PAGE_SIZE
-    dom = hv.create_domain(cfg.name, max_pages, cfg.vcpus)
+    dom = domctl.createdomain(hv, cfg.name, cfg.vcpus, max_pages)
     try:
-        _build(hv, dom, image, cfg, nr_pages)
+        xc_dom_build(DomImage(hv, dom, cfg, image, python_kernel), nr_pages)
     except Exception:
-        hv.destroy_domain(dom)
+        domctl.destroydomain(hv, dom)
         raise
     return dom
 
 
-def _build(hv: Hypervisor, dom: Domain, image: GuestImage, cfg: DomainConfig,
-           nr_pages: int) -> None:
-    machine = hv.machine
-    mem = machine.memory
+def xc_dom_build(xd: DomImage, nr_pages: int) -> None:
+    """The stages, in the order their frames are allocated: keep it (the
+    shuffled allocator makes the mfns depend on it)."""
+    meminit(xd, nr_pages)
+    kernel_load(xd)
+    alloc_layout(xd)
+    setup_p2m_list(xd)
+    setup_hypercall_page(xd)
+    setup_pgtables(xd)
+    shared_info_x86_64(xd)
+    start_info_x86_64(xd)
+    bootlate(xd)
+    xd.dom.image = xd.image  # its symbols, for the tracer
+    if xd.python_kernel:
+        text, size = xd.image.native_text
+        module = xd.cfg.kernel or xd.image.kernel_module
+        try:
+            domctl.load_kernel(xd.dom, module, text, size)
+        except KernelError as e:
+            raise BuildError(f"{xd.cfg.name}: {e}") from None
+    vcpu_x86_64(xd)
+
+
+# --- the image and the memory -----------------------------------------------------------
+
+def parse_image(image: GuestImage, cfg: DomainConfig) -> bool:
+    """xc_dom_parse_image: the image's segments lie at or above VIRT_BASE; one
+    with a Python kernel starts with pvlab's header (a plain PV kernel, x86
+    code at its ENTRY as XTF's tests are, has neither header nor notes).
+    Returns whether the kernel is Python."""
     base = image.virt_base
     if any(s.vaddr < base for s in image.segments):
         raise ImageError(f"{image.path}: a segment lies below VIRT_BASE {base:#x}")
-
-    # pfn -> mfn for all of the guest's memory, from the shuffled allocator
-    p2m = np.array(machine.frames.alloc_many(dom.domid, nr_pages), dtype=np.uint64)
-    machine.m2p[p2m.astype(np.int64)] = np.arange(nr_pages, dtype=np.uint64)
-
-    def va(pfn: int) -> int:
-        return base + (pfn << PAGE_SHIFT)
-
-    def maddr(pfn: int) -> int:
-        return int(p2m[pfn]) << PAGE_SHIFT
-
-    # the kernel image
-    image_pages = -(-(image.end - base) // PAGE_SIZE)
-    for seg in image.segments:
-        off = seg.vaddr - base
-        for pos in range(0, len(seg.data), PAGE_SIZE):
-            chunk = seg.data[pos:pos + PAGE_SIZE]
-            pfn = (off + pos) >> PAGE_SHIFT
-            mem.write(maddr(pfn) + ((off + pos) & 0xFFF), chunk)
-    # an image with a Python kernel carries pvlab's header and notes; a plain PV
-    # kernel (x86 code at its ENTRY, as XTF's tests are) has neither
     python_kernel = bool(cfg.kernel) or image.has_python_kernel
     if python_kernel:
-        hdr = pvlab_image_header.from_buffer_copy(mem.read(maddr(0), 72))
-        if hdr.magic != PVLAB_IMAGE_MAGIC:
+        first = next((s.data for s in image.segments if s.vaddr == base), b"")
+        size = ctypes.sizeof(pvlab_image_header)
+        raw = bytes(first[:size]).ljust(size, b"\0")
+        if pvlab_image_header.from_buffer_copy(raw).magic != PVLAB_IMAGE_MAGIC:
             raise ImageError(f"{image.path}: no pvlab image header at VIRT_BASE")
+    return python_kernel
 
-    # start-of-day layout
-    p2m_pages = -(-nr_pages * 8 // PAGE_SIZE)
-    l1s, l2s, l3s = _pt_frames_needed(nr_pages)
-    pt_pages = l1s + l2s + l3s + 1
-    lay = BootLayout(nr_pages=nr_pages, image_pages=image_pages,
-                     p2m_pfn=image_pages, p2m_pages=p2m_pages,
-                     start_info_pfn=image_pages + p2m_pages,
-                     store_pfn=image_pages + p2m_pages + 1,
-                     console_pfn=image_pages + p2m_pages + 2,
-                     pt_pfn=image_pages + p2m_pages + 3, pt_pages=pt_pages,
-                     stack_pfn=image_pages + p2m_pages + 3 + pt_pages)
-    if lay.stack_pfn + BOOT_STACK_PAGES > nr_pages:
-        raise BuildError(f"{cfg.name}: {cfg.memory} MiB is too small for the image")
-    dom.layout = lay
-    dom.p2m_frames = [int(p2m[lay.p2m_pfn + i]) for i in range(p2m_pages)]
-    dom.p2m_size = nr_pages
 
-    # the p2m list the guest reads (start_info.mfn_list)
-    p2m_bytes = p2m.tobytes()
-    for i in range(p2m_pages):
-        mem.write(maddr(lay.p2m_pfn + i), p2m_bytes[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+def meminit(xd: DomImage, nr_pages: int) -> None:
+    """arch_setup_meminit: pfn -> mfn for all of the guest's memory, from the
+    shuffled heap; the M2P learns the map."""
+    mfns = domctl.populate_physmap(xd.hv, xd.dom, nr_pages)
+    xd.p2m = mfns.astype(np.uint64)
+    domctl.mmu_machphys_update(xd.hv, xd.dom, mfns, np.arange(nr_pages))
 
-    # the hypercall page, where the image's note says
-    hpfn = (image.hypercall_page - base) >> PAGE_SHIFT
-    mem.write(maddr(hpfn), hypercall_page())
 
-    # bootstrap pagetables: L4, L3, L2s, L1s (in that pfn order)
+def _write_phys(xd: DomImage, offset: int, data: bytes) -> None:
+    """Copy ``data`` to guest-physical ``offset``, a frame at a time."""
+    pos = 0
+    while pos < len(data):
+        pfn, off = divmod(offset + pos, PAGE_SIZE)
+        n = min(PAGE_SIZE - off, len(data) - pos)
+        page = domctl.map_foreign_range(xd.hv, xd.dom, xd.mfn(pfn))
+        page[off:off + n] = np.frombuffer(data, dtype=np.uint8, count=n, offset=pos)
+        pos += n
+
+
+def kernel_load(xd: DomImage) -> None:
+    """xc_dom_load_elf_kernel: each segment at its place above VIRT_BASE."""
+    for seg in xd.image.segments:
+        _write_phys(xd, seg.vaddr - xd.image.virt_base, bytes(seg.data))
+
+
+def _pt_frames_needed(nr_pages: int) -> tuple[int, int, int]:
+    l1 = -(-nr_pages // L1_PAGETABLE_ENTRIES)
+    l2 = -(-l1 // L1_PAGETABLE_ENTRIES)
+    l3 = 1
+    return l1, l2, l3
+
+
+def alloc_layout(xd: DomImage) -> None:
+    """The start-of-day pfns after the image: p2m list, start_info, store and
+    console rings, bootstrap pagetables (L4, L3, L2s, L1s), boot stack."""
+    nr_pages = xd.p2m.size
+    image_pages = -(-(xd.image.end - xd.image.virt_base) // PAGE_SIZE)
+    p2m_pages = -(-nr_pages // L1_PAGETABLE_ENTRIES)  # a u64 per pfn, 512 a frame
+    pt_pages = sum(_pt_frames_needed(nr_pages)) + 1
+    si = image_pages + p2m_pages
+    xd.lay = BootLayout(nr_pages=nr_pages, image_pages=image_pages,
+                        p2m_pfn=image_pages, p2m_pages=p2m_pages, start_info_pfn=si,
+                        store_pfn=si + 1, console_pfn=si + 2, pt_pfn=si + 3,
+                        pt_pages=pt_pages, stack_pfn=si + 3 + pt_pages)
+    if xd.lay.stack_pfn + BOOT_STACK_PAGES > nr_pages:
+        raise BuildError(f"{xd.cfg.name}: {xd.cfg.memory} MiB is too small for the image")
+
+
+def setup_p2m_list(xd: DomImage) -> None:
+    """The p2m list the guest reads (start_info.mfn_list), in its own frames."""
+    lay = xd.lay
+    assert lay is not None
+    frames = xd.p2m[lay.p2m_pfn:lay.p2m_pfn + lay.p2m_pages].astype(np.int64)
+    flat = np.zeros(lay.p2m_pages * L1_PAGETABLE_ENTRIES, dtype=np.uint64)
+    flat[:xd.p2m.size] = xd.p2m
+    domctl.map_foreign_bulk(xd.hv, xd.dom, frames)[:] = flat.reshape(-1, L1_PAGETABLE_ENTRIES)
+    # where the p2m list is, for the hypervisor's frame audit
+    xd.dom.p2m_frames = frames.tolist()
+    xd.dom.p2m_size = int(xd.p2m.size)
+
+
+def setup_hypercall_page(xd: DomImage) -> None:
+    """The hypercall page, where the image's XEN_ELFNOTE_HYPERCALL_PAGE says."""
+    pfn = (xd.image.hypercall_page - xd.image.virt_base) >> PAGE_SHIFT
+    _write_phys(xd, pfn << PAGE_SHIFT, hypercall_page())
+
+
+def setup_pgtables(xd: DomImage) -> None:
+    """setup_pgtables_x86_64: all guest memory mapped at VIRT_BASE, the
+    pagetable frames themselves read-only, the native text no-execute
+    (entering it must fault: see Vcpu.bind_native)."""
+    lay = xd.lay
+    assert lay is not None
+    base = xd.image.virt_base
+    l1s, l2s, _ = _pt_frames_needed(lay.nr_pages)
     l4_pfn = lay.pt_pfn
-    l3_pfn = l4_pfn + 1
-    l2_pfn = l3_pfn + 1
-    l1_pfn = l2_pfn + l2s
-    pt_set = range(lay.pt_pfn, lay.pt_pfn + pt_pages)
-    rw = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
-    pfns = np.arange(nr_pages, dtype=np.uint64)
-    l1e = (p2m << np.uint64(PAGE_SHIFT)) | np.uint64(rw)
-    l1e[lay.pt_pfn:lay.pt_pfn + pt_pages] &= ~np.uint64(_PAGE_RW | _PAGE_DIRTY)
-    # the native text is never executed: entering it must fault (see Vcpu.bind_native)
-    if python_kernel:
-        text, size = image.native_text
+    l3_pfn, l2_pfn, l1_pfn = l4_pfn + 1, l4_pfn + 2, l4_pfn + 2 + l2s
+    l1e = (xd.p2m << np.uint64(PAGE_SHIFT)) | np.uint64(L1_RW)
+    l1e[lay.pt_pfn:lay.pt_pfn + lay.pt_pages] &= ~np.uint64(_PAGE_RW | _PAGE_DIRTY)
+    if xd.python_kernel:
+        text, size = xd.image.native_text
         first = (text - base) >> PAGE_SHIFT
         l1e[first:first + (size >> PAGE_SHIFT)] |= np.uint64(_PAGE_NX)
+    l1 = domctl.map_foreign_bulk(xd.hv, xd.dom, xd.p2m[l1_pfn:l1_pfn + l1s].astype(np.int64))
     for i in range(l1s):
-        entries = l1e[i * 512:(i + 1) * 512]
-        mem.frame(int(p2m[l1_pfn + i]))[:len(entries)] = entries
-    del pfns
-    l2_first = (base >> 21) & 511
-    l3_first = (base >> 30) & 511
+        entries = l1e[i * L1_PAGETABLE_ENTRIES:(i + 1) * L1_PAGETABLE_ENTRIES]
+        l1[i][:len(entries)] = entries
+    n = L1_PAGETABLE_ENTRIES
+    l2_first, l3_first = table_offset(base, 2), table_offset(base, 3)
+    assert l3_first + l2s <= n, "guest memory does not fit below the top of the address space"
     for i in range(l1s):
         g = l2_first + i  # global L2 slot counted from the L3 slot of VIRT_BASE
-        l2 = l2_pfn + g // 512
-        mem.frame(int(p2m[l2]))[g % 512] = maddr(l1_pfn + i) | rw
+        _set_entry(xd, l2_pfn + g // n, g % n, l1_pfn + i)
     for i in range(l2s):
-        mem.frame(int(p2m[l3_pfn]))[l3_first + i] = maddr(l2_pfn + i) | rw
-    mem.frame(int(p2m[l4_pfn]))[(base >> 39) & 511] = maddr(l3_pfn) | rw
-    assert l3_first + l2s <= 512, "guest memory does not fit below the top of the address space"
-    del pt_set
+        _set_entry(xd, l3_pfn, l3_first + i, l2_pfn + i)
+    _set_entry(xd, l4_pfn, table_offset(base, 4), l3_pfn)
 
-    # shared_info: a hypervisor-provided page the guest maps itself
-    shinfo_mfn = machine.frames.alloc(dom.domid)
-    machine.frames.xenheap[shinfo_mfn] = True
-    dom.set_shared_info(shinfo_mfn)
-    for v in range(32):
-        dom.shared_info.vcpu_info[v].evtchn_upcall_mask = 1
 
-    # console and xenstore event channels (interdomain, to the toolstack side)
-    console_port = dom.evtchn.alloc_unbound(0)
-    store_port = dom.evtchn.alloc_unbound(0)
+def _set_entry(xd: DomImage, table_pfn: int, slot: int, target_pfn: int) -> None:
+    table = domctl.map_foreign_bulk(xd.hv, xd.dom, [xd.mfn(table_pfn)])[0]
+    table[slot] = (xd.mfn(target_pfn) << PAGE_SHIFT) | L1_RW
 
-    si = start_info()
+
+# --- start of day -----------------------------------------------------------------------
+
+def shared_info_x86_64(xd: DomImage) -> None:
+    """shared_info: a hypervisor page the guest maps itself; every VCPU's
+    upcalls masked until the guest registers its callback."""
+    domctl.alloc_shared_info(xd.hv, xd.dom)
+    shinfo = domctl.map_shared_info(xd.hv, xd.dom)
+    for v in range(XEN_LEGACY_MAX_VCPUS):
+        shinfo.vcpu_info[v].evtchn_upcall_mask = 1
+
+
+def start_info_x86_64(xd: DomImage) -> None:
+    """start_info, and the toolstack's ends of the console and store rings
+    (interdomain event channels to the toolstack's side; XS_INTRODUCE)."""
+    hv, dom, lay = xd.hv, xd.dom, xd.lay
+    assert lay is not None
+    console_port = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK)
+    store_port = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK)
+    si = domctl.map_struct(hv, dom, xd.mfn(lay.start_info_pfn), start_info)
     si.magic = START_INFO_MAGIC
-    si.nr_pages = nr_pages
-    si.shared_info = shinfo_mfn << PAGE_SHIFT
+    si.nr_pages = lay.nr_pages
+    si.shared_info = domctl.shared_info_frame(dom) << PAGE_SHIFT
     si.flags = 0
-    si.store_mfn = int(p2m[lay.store_pfn])
+    si.store_mfn = xd.mfn(lay.store_pfn)
     si.store_evtchn = store_port
-    si.console.domU.mfn = int(p2m[lay.console_pfn])
+    si.console.domU.mfn = xd.mfn(lay.console_pfn)
     si.console.domU.evtchn = console_port
-    si.pt_base = va(lay.pt_pfn)
-    # the toolstack's ends: the console daemon and the store (XS_INTRODUCE)
-    dom.console_backend = ConsoleBackend(dom, si.console.domU.mfn, console_port)
-    if hv.xenstore is None:
-        hv.xenstore = Store()
-    dom.xenstore = hv.xenstore.introduce(dom, si.store_mfn, store_port)
-    si.nr_pt_frames = pt_pages
-    si.mfn_list = va(lay.p2m_pfn)
-    cmdline = cfg.cmdline
-    if cfg.balloon is not None:
-        word = add_balloon(hv, dom, cfg.balloon.stats_interval_ns, cfg.balloon.deflate_on_oom)
-        cmdline = f"{cmdline} {word}".strip()
-        if len(cmdline) > MAX_CMDLINE:
-            raise BuildError(f"{cfg.name}: the command line with the balloon's device is "
-                             f"longer than {MAX_CMDLINE} characters")
-    si.cmd_line = cmdline.encode()
+    si.pt_base = xd.va(lay.pt_pfn)
+    dom.console_backend = ConsoleBackend(hv, dom, si.console.domU.mfn, console_port)
+    dom.xenstore = xenstore_of(hv).introduce_domain(hv, dom, si.store_mfn, store_port)
+    si.nr_pt_frames = lay.pt_pages
+    si.mfn_list = xd.va(lay.p2m_pfn)
+    si.cmd_line = _cmdline(xd).encode()
     si.first_p2m_pfn = lay.p2m_pfn
-    si.nr_p2m_frames = p2m_pages
-    mem.write(maddr(lay.start_info_pfn), bytes(si))
+    si.nr_p2m_frames = lay.p2m_pages
 
-    # type and pin the bootstrap tables, as Xen's builder does (PIN_L4_TABLE)
-    l4_mfn = int(p2m[l4_pfn])
-    rc = machine.types.get_page_and_type(l4_mfn, PageType.l4, dom.domid)
+
+def _cmdline(xd: DomImage) -> str:
+    """The configuration's command line, and the balloon's device if it has one."""
+    cfg = xd.cfg
+    if cfg.balloon is None:
+        return cfg.cmdline
+    _, word = add_balloon(xd.hv, xd.dom, cfg.balloon.stats_interval_ns,
+                          cfg.balloon.deflate_on_oom)
+    cmdline = f"{cfg.cmdline} {word}".strip()
+    if len(cmdline) > MAX_CMDLINE:
+        raise BuildError(f"{cfg.name}: the command line with the balloon's device is "
+                         f"longer than {MAX_CMDLINE} characters")
+    return cmdline
+
+
+def bootlate(xd: DomImage) -> None:
+    """arch_setup_bootlate: pin the bootstrap L4 (MMUEXT_PIN_L4_TABLE), which
+    types and validates every table under it."""
+    assert xd.lay is not None
+    rc = domctl.mmuext_pin_table(xd.hv, xd.dom, xd.mfn(xd.lay.pt_pfn), 4)
     if rc:
-        raise BuildError(f"{cfg.name}: the bootstrap pagetables do not validate ({rc})")
-    machine.frames.pinned[l4_mfn] = True
+        raise BuildError(f"{xd.cfg.name}: the bootstrap pagetables do not validate ({rc})")
 
-    # the guest kernel, if it is Python
-    dom.image = image
-    if python_kernel:
-        dom.kernel_module = cfg.kernel or image.kernel_module
-        try:
-            dom.native = NativeKernel(dom, dom.kernel_module, text, size)
-        except KernelError as e:
-            raise BuildError(f"{cfg.name}: {e}") from None
-        for v in dom.vcpus:
-            dom.native.bind(v)
 
-    # vcpu0 at the entry point: rsi = start_info, rsp = top of the boot stack
-    v0 = dom.vcpus[0]
-    if machine.types.get_page_and_type(l4_mfn, PageType.l4, dom.domid):
-        raise BuildError("cannot take the CR3 reference")
-    v0.guest_table = l4_mfn
-    v0.in_kernel = True
-    v0.load_cr3(l4_mfn)
-    v0.write_regs(rip=image.entry, rsp=va(lay.stack_pfn + BOOT_STACK_PAGES),
-                  rsi=va(lay.start_info_pfn), rflags=0x202)
-    v0.online = True
-    v0.initialised = True
+def vcpu_x86_64(xd: DomImage) -> None:
+    """vcpu0 at the entry point, in kernel mode, interrupts on: rsi =
+    start_info, rsp = top of the boot stack, CR3 the bootstrap L4
+    (setvcpucontext, as xc_dom_boot_image does)."""
+    lay = xd.lay
+    assert lay is not None
+    ctx = vcpu_guest_context()
+    ctx.flags = VGCF_in_kernel | VGCF_online
+    ctx.user_regs.rip = xd.image.entry
+    ctx.user_regs.rsp = xd.va(lay.stack_pfn + BOOT_STACK_PAGES)
+    ctx.user_regs.rsi = xd.va(lay.start_info_pfn)
+    ctx.user_regs.rflags = X86_EFLAGS_IF | X86_EFLAGS_MBS
+    ctx.ctrlreg[3] = xd.mfn(lay.pt_pfn) << PAGE_SHIFT
+    if domctl.setvcpucontext(xd.dom, 0, ctx):
+        raise BuildError(f"{xd.cfg.name}: vcpu0's context is refused: cannot take the CR3 "
+                         "reference")

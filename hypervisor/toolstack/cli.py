@@ -6,8 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from hypervisor.domain import Domain
+from hypervisor import domctl
+from hypervisor.domctl import Domain
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.control import Request, parse_request
@@ -71,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic")
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
-        Tracer(dom, args.trace, sys.stdout).attach()
+        Tracer(hv, dom, args.trace, sys.stdout).attach()
     requests = [*cfg.requests, *args.request]
     result = run_domain(hv, dom, args.until, _stream, requests, _note,
                         checkpoint_dir=args.checkpoint_dir)
@@ -124,16 +126,15 @@ class ProgressBar:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from hypervisor.toolstack.save import SaveError
-    from hypervisor.toolstack.session import save_domain
+    from hypervisor.toolstack.session import suspend_and_save
     cfg = load_config(args.config)
     hv, dom = boot(cfg, seed=args.seed)
-    try:
-        _, stats = save_domain(hv, dom, args.image, args.at, sink=_stream, note=_note,
-                               progress=ProgressBar("saving"), requests=cfg.requests)
-    except SaveError as e:
-        print(f"pvlab: save failed: {e}", file=sys.stderr)
+    _, outcome = suspend_and_save(hv, dom, args.image, args.at, sink=_stream, note=_note,
+                                  progress=ProgressBar("saving"), requests=cfg.requests)
+    if outcome.stats is None:
+        print(f"pvlab: save failed: {outcome.error}", file=sys.stderr)
         return EXIT_GUEST_FAILED
+    stats = outcome.stats
     _note(f"saved domain {cfg.name} to {args.image}: {stats.bytes / (1 << 20):.1f} MiB, "
           f"{stats.pages} pages, {stats.tables} pagetables canonicalised ({stats.pinned} "
           f"pinned), in {stats.total_s:.2f} s; the domain is destroyed")
@@ -154,31 +155,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from hypervisor.toolstack.save import SaveError, save_to_file
-    out = _make_dir(args.dir)
+    from hypervisor.toolstack.checkpoint import CheckpointWriter
     if args.every <= 0:
         raise CliError("--every must be more than 0")
+    if args.max < 1:
+        raise CliError("--max must be at least 1")
+    out = _make_dir(args.dir)
     cfg = load_config(args.config)
     hv, dom = boot(cfg, seed=args.seed)
-    taken: list[Path] = []
-
-    def on_suspend(d: Domain) -> bool:
-        path = out / f"checkpoint-{len(taken) + 1:03d}.img"
-        try:
-            stats = save_to_file(hv, d, path, checkpoint=True, progress=ProgressBar("checkpoint"))
-        except SaveError as e:
-            _note(f"checkpoint {len(taken) + 1} failed: {e}; the guest runs on")
-            return True
-        taken.append(path)
-        _note(f"checkpoint {len(taken)}: {path} ({stats.bytes / (1 << 20):.1f} MiB, "
-              f"{stats.total_s:.2f} s)")
-        return True
-
     last = args.until if args.until is not None else args.every * args.max
-    times = range(args.every, last + 1, args.every)
-    requests = [Request(t, command="suspend") for t in list(times)[:args.max]]
-    result = run_domain(hv, dom, args.until, _stream, requests, _note, on_suspend)
-    _note(f"{len(taken)} checkpoints in {out}")
+    times = list(range(args.every, last + 1, args.every))[:args.max]
+    writer = CheckpointWriter(out, progress=ProgressBar("checkpoint"))
+    requests = [Request(t, command="checkpoint") for t in times]
+    result = run_domain(hv, dom, args.until, _stream, requests, _note, checkpoints=writer)
+    _note(f"{len(writer.taken)} checkpoints in {out}")
     return _exit_for(result, dom, args.until)
 
 
@@ -199,7 +189,6 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_frames(args: argparse.Namespace) -> int:
-    from hypervisor.mm.audit import audit
     from hypervisor.toolstack.frames import format_summary, format_table, frame_table
     cfg = load_config(args.config)
     hv, dom = boot(cfg, seed=args.seed)
@@ -212,11 +201,11 @@ def cmd_frames(args: argparse.Namespace) -> int:
         if not types <= known:
             raise CliError(f"--type takes a comma-separated list of {', '.join(sorted(known))}")
     state = "running" if dom.is_running else "shut down"
-    print(f"at {format_duration(max(v.clock for v in dom.vcpus))} of virtual time ({state})")
+    print(f"at {format_duration(max(domctl.vcpu_clocks(dom)))} of virtual time ({state})")
     if not args.summary:
         print(format_table(dom, rows, types))
     print(format_summary(rows))
-    problems = audit(hv)
+    problems = domctl.audit(hv)
     print("invariants: " + ("all hold" if not problems else "; ".join(problems)))
     return EXIT_OK if not problems else EXIT_GUEST_FAILED
 
@@ -246,17 +235,7 @@ def _seed_arg(p: argparse.ArgumentParser, extra: str = "") -> None:
                    help="override the configuration's seed" + extra)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pvlab",
-        description="A paravirtual machine lab: a Python hypervisor running a pure-Python "
-                    "Xen-PV guest kernel on Unicorn x86-64 VCPUs.",
-        epilog="Exit codes: 0 the guest powered off cleanly (or ran until --until), "
-               "1 the guest crashed or hung, 2 bad input.")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log hypervisor events (-vv: every hypercall)")
-    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-
+def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="boot a domain and stream its console",
                          description="Boot the domain CONFIG describes and stream its "
                                      "console to stdout until it shuts down.")
@@ -274,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     _request_args(run)
     run.set_defaults(func=cmd_run)
 
+
+
+def _add_frames(sub: Any) -> None:
     frames = sub.add_parser("frames", help="show a domain's frame table at a point in time",
                             description="Boot the domain CONFIG describes, run it to virtual "
                                         "time --at, and print its frame table: per frame its "
@@ -289,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     frames.add_argument("--summary", action="store_true", help="print only the summary")
     frames.set_defaults(func=cmd_frames)
 
+
+
+def _add_save(sub: Any) -> None:
     save = sub.add_parser("save", help="boot a domain, run it to a time, save it to a file",
                           description="Boot the domain CONFIG describes, run it to virtual "
                                       "time --at, ask it to suspend (control/shutdown = "
@@ -303,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     _seed_arg(save)
     save.set_defaults(func=cmd_save)
 
+
+
+def _add_restore(sub: Any) -> None:
     restore = sub.add_parser("restore", help="restore a saved image and run it",
                              description="Check IMAGE whole, restore it into a new domain on "
                                          "new machine frames (pagetables localised, what was "
@@ -318,10 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     _request_args(restore)
     restore.set_defaults(func=cmd_restore)
 
+
+
+def _add_checkpoint(sub: Any) -> None:
     ckpt = sub.add_parser("checkpoint", help="run a domain, saving a checkpoint at intervals",
                           description="Boot the domain CONFIG describes and run it; every "
                                       "--every of virtual time save a complete image into "
-                                      "DIR (checkpoint-001.img, ...) and let the guest go on "
+                                      "DIR (NAME-checkpoint-001.img, ..., NAME the domain's) "
+                                      "and let the guest go on "
                                       "(its suspend hypercall returns 1: THAW), as Remus "
                                       "and xl save -c do.")
     _config_arg(ckpt)
@@ -335,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     _seed_arg(ckpt)
     ckpt.set_defaults(func=cmd_checkpoint)
 
+
+
+def _add_image(sub: Any) -> None:
     image = sub.add_parser("image", help="show a saved image, or diff two",
                            description="image show IMAGE: its records, page types, pinned "
                                        "tables, VCPUs and xenstore nodes. image diff A B: what "
@@ -344,6 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--records", action="store_true",
                        help="show: list every record with its offset and length")
     image.set_defaults(func=cmd_image)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pvlab",
+        description="A paravirtual machine lab: a Python hypervisor running a pure-Python "
+                    "Xen-PV guest kernel on Unicorn x86-64 VCPUs.",
+        epilog="Exit codes: 0 the guest powered off cleanly (or ran until --until), "
+               "1 the guest crashed or hung, 2 bad input.")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log hypervisor events (-vv: every hypercall)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    _add_run(sub)
+    _add_frames(sub)
+    _add_save(sub)
+    _add_restore(sub)
+    _add_checkpoint(sub)
+    _add_image(sub)
     return p
 
 

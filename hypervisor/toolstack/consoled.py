@@ -4,36 +4,40 @@ hand it to the domain's console."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import numpy as np
 
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.io.console import OUT_CONS_OFF, OUT_OFF, OUT_PROD_OFF, XENCONS_OUT_SIZE
 from hypervisor.public.io.ring import ring_spans, ring_used
-
-if TYPE_CHECKING:
-    from hypervisor.domain import Domain
+from hypervisor.public.xen import PAGE_SHIFT
 
 
 class ConsoleBackend:
-    def __init__(self, dom: Domain, ring_mfn: int, port: int) -> None:
+    def __init__(self, hv: Hypervisor, dom: Domain, ring_mfn: int, port: int) -> None:
+        self.hv = hv
         self.dom = dom
-        self.mem = dom.hypervisor.machine.memory
         self.move_ring(ring_mfn, port)
 
     def move_ring(self, ring_mfn: int, port: int) -> None:
-        """Bind (again, after a restore: the page and the port are new)."""
-        self.ring, self.port = ring_mfn << 12, port
-        self.dom.evtchn.bind_backend(port, self.notify)
+        """Map the ring and bind the port (again, after a restore: both are new)."""
+        self.ring, self.port = ring_mfn << PAGE_SHIFT, port
+        self.page = domctl.map_foreign_range(self.hv, self.dom, ring_mfn)
+        domctl.evtchn_bind_backend(self.dom, port, self.notify)
+
+    def _u32(self, off: int) -> int:
+        return int.from_bytes(self.page[off:off + 4].tobytes(), "little")
 
     def notify(self) -> None:
-        cons = int.from_bytes(self.mem.read(self.ring + OUT_CONS_OFF, 4), "little")
-        prod = int.from_bytes(self.mem.read(self.ring + OUT_PROD_OFF, 4), "little")
+        cons, prod = self._u32(OUT_CONS_OFF), self._u32(OUT_PROD_OFF)
         n = ring_used(cons, prod)
         if n > XENCONS_OUT_SIZE:
             n = XENCONS_OUT_SIZE  # a confused guest: take one ringful, as xenconsoled does
             cons = (prod - n) & 0xFFFFFFFF
-        data = b"".join(self.mem.read(self.ring + OUT_OFF + off, chunk)
+        data = b"".join(self.page[OUT_OFF + off:OUT_OFF + off + chunk].tobytes()
                         for off, chunk in ring_spans(cons, n, XENCONS_OUT_SIZE))
-        self.mem.write(self.ring + OUT_CONS_OFF, prod.to_bytes(4, "little"))
+        self.page[OUT_CONS_OFF:OUT_CONS_OFF + 4] = np.frombuffer(prod.to_bytes(4, "little"),
+                                                                  dtype=np.uint8)
         if data:
             self.dom.console_write(data)
-        self.dom.evtchn.set_pending(self.port)  # room again: the guest may wait on it
+        domctl.evtchn_notify(self.dom, self.port)  # room again: the guest may wait on it

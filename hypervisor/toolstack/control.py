@@ -17,16 +17,12 @@ guest that supports the cooperative resume. The guest then goes the THAW way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from hypervisor.cpu.vcpu import RAX
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack.timeparse import parse_duration
 from hypervisor.toolstack.xenstored import XsError, home
-
-if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
-    from hypervisor.domain import Domain
 
 SHUTDOWN_NODE = "control/shutdown"
 COMMANDS = ("poweroff", "halt", "reboot", "suspend")
@@ -106,5 +102,5 @@ def resume_cancelled(hv: Hypervisor, dom: Domain) -> None:
     """Resume a domain shut down for suspend, the suspend hypercall returning 1."""
     if dom.shutdown_reason != SHUTDOWN_suspend:
         raise ValueError(f"domain {dom.name} is not suspended")
-    dom.vcpus[0].gpr[RAX] = 1
-    hv.resume_domain(dom)
+    domctl.modify_returncode(dom, 1)
+    domctl.resumedomain(hv, dom)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from hypervisor.core import Hypervisor
-from hypervisor.domain import Domain
-from hypervisor.mm.frames import INVALID_M2P, PageType
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor, PageType
+from hypervisor.public.xen import INVALID_MFN
 
 TYPE_NAMES = {PageType.none: "none", PageType.writable: "writable", PageType.l1: "L1",
               PageType.l2: "L2", PageType.l3: "L3", PageType.l4: "L4"}
@@ -28,18 +28,15 @@ class FrameInfo:
 
 def frame_table(hv: Hypervisor, dom: Domain) -> list[FrameInfo]:
     """Every frame the domain owns, in pfn order (frames with no pfn last)."""
-    ft = hv.machine.frames
-    mfns = ft.owned_by(dom.domid)
-    pfns = hv.machine.m2p[mfns]
+    d = domctl.dump_frames(hv, dom)
     rows = []
-    for mfn, pfn in zip(mfns.tolist(), pfns.tolist(), strict=True):
-        t = int(ft.type[mfn])
+    for i, (mfn, pfn) in enumerate(zip(d.mfns.tolist(), d.pfns.tolist(), strict=True)):
+        t = int(d.type[i])
         # a type with no type reference left is only history: show it as such
-        name = TYPE_NAMES.get(PageType(t), str(t)) if ft.type_count[mfn] else "none"
-        rows.append(FrameInfo(None if pfn == int(INVALID_M2P) else int(pfn), mfn, name,
-                              int(ft.type_count[mfn]), int(ft.ref_count[mfn]),
-                              bool(ft.pinned[mfn]), bool(ft.validated[mfn]),
-                              bool(ft.xenheap[mfn])))
+        name = TYPE_NAMES.get(PageType(t), str(t)) if d.type_count[i] else "none"
+        rows.append(FrameInfo(None if pfn == INVALID_MFN else int(pfn), mfn, name,
+                              int(d.type_count[i]), int(d.ref_count[i]), bool(d.pinned[i]),
+                              bool(d.validated[i]), bool(d.xenheap[i])))
     rows.sort(key=lambda r: (r.pfn is None, r.pfn or 0, r.mfn))
     return rows
 

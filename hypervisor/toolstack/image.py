@@ -13,6 +13,7 @@ every pagetable naming a pfn the image populates. Page data is skipped over
 
 from __future__ import annotations
 
+import ctypes
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,34 +21,17 @@ from typing import BinaryIO
 
 import numpy as np
 
-from hypervisor.cpu.context import CONTEXT_SIZE
-from hypervisor.devices.balloon import persist as balloon_persist
-from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
+from hypervisor import domctl
 from hypervisor.public import arch_x86
-from hypervisor.public.arch_x86 import _PAGE_PRESENT, vcpu_guest_context
-from hypervisor.public.domctl import (
-    PFINFO_BROKEN,
-    PFINFO_L4TAB,
-    PFINFO_LPINTAB,
-    PFINFO_LTAB_SHIFT,
-    PFINFO_LTABTYPE_MASK,
-    PFINFO_NOTAB,
-    PFINFO_XALLOC,
-    PFINFO_XTAB,
-)
-from hypervisor.toolstack import stream
+from hypervisor.public.arch_x86 import _PAGE_PRESENT, L1_PAGETABLE_ENTRIES, vcpu_guest_context
+from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.toolstack import pfinfo, stream
+from hypervisor.toolstack.pfinfo import ABSENT, KNOWN, NO_DATA, NOT_POPULATED, TYPE_NAMES
 from hypervisor.toolstack.stream import PvlabRecType, RecType, StreamError
 
 MAX_VCPUS = 32
-# the type nibbles a stream may carry (xg_sr_common.h is_known_page_type)
-KNOWN_NIBBLES = frozenset([0x0, 0x1, 0x2, 0x3, 0x4, 0x9, 0xA, 0xB, 0xC, 0xD, 0xE, 0xF])
-NO_DATA = frozenset([PFINFO_XTAB >> PFINFO_LTAB_SHIFT, PFINFO_BROKEN >> PFINFO_LTAB_SHIFT,
-                     PFINFO_XALLOC >> PFINFO_LTAB_SHIFT])
-NOT_POPULATED = frozenset([PFINFO_XTAB >> PFINFO_LTAB_SHIFT, PFINFO_BROKEN >> PFINFO_LTAB_SHIFT])
+CONTEXT_SIZE = ctypes.sizeof(vcpu_guest_context)
 PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
-TYPE_NAMES = {0x0: "NOTAB", 0x1: "L1", 0x2: "L2", 0x3: "L3", 0x4: "L4", 0x9: "L1 pinned",
-              0xA: "L2 pinned", 0xB: "L3 pinned", 0xC: "L4 pinned", 0xD: "BROKEN",
-              0xE: "XALLOC", 0xF: "XTAB"}
 
 
 class ImageError(StreamError):
@@ -101,11 +85,11 @@ class ImageInfo:
 
     def populated(self) -> np.ndarray:
         """pfns the image gives a frame."""
-        seen = self.nibbles != 0xFF
+        seen = self.nibbles != ABSENT
         return np.flatnonzero(seen & ~np.isin(self.nibbles, list(NOT_POPULATED)))
 
     def type_counts(self) -> dict[str, int]:
-        seen = self.nibbles[self.nibbles != 0xFF]
+        seen = self.nibbles[self.nibbles != ABSENT]
         values, counts = np.unique(seen, return_counts=True)
         return {TYPE_NAMES[int(v)]: int(c) for v, c in zip(values, counts, strict=True)}
 
@@ -132,6 +116,8 @@ def scan_image(path: str | Path) -> ImageInfo:
 
 
 def _scan(f: BinaryIO, path: str) -> ImageInfo:
+    # one pass over the records in stream order, a branch per record type as
+    # xg_sr_restore.c's process_record has: longer than most, read as a table
     version, dhdr = stream.read_headers(f)
     info = ImageInfo(path, version, dhdr)
     seen_pv_info = seen_static_end = False
@@ -222,13 +208,9 @@ def _devices(rec: stream.Record) -> list[dict]:
     if not isinstance(devices, list):
         raise _fail(rec, "not a JSON list")
     for d in devices:
-        if not isinstance(d, dict) or d.get("kind") != balloon_persist.KIND \
-                or d.get("bus") != balloon_persist.BUS:
-            raise _fail(rec, f"a device this restorer does not know: {d!r}")
-        for key, want in balloon_persist.STATE_KEYS.items():
-            value = d.get(key)
-            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-                raise _fail(rec, f"device {key} is missing or not {want.__name__}")
+        why = domctl.check_device_state(d)
+        if why:
+            raise _fail(rec, why)
     return devices
 
 
@@ -262,7 +244,7 @@ def _p2m_frames(info: ImageInfo, rec: stream.Record) -> None:
         raise _fail(rec, f"p2m frame {int(outside[0])} is pfn {int(frames[outside[0]]):#x}, "
                     f"outside the domain's maximum {end:#x}")
     info.p2m_frame_pfns = frames.astype(np.int64)
-    info.nibbles = np.full(end + 1, 0xFF, dtype=np.uint8)  # 0xFF: not in the image
+    info.nibbles = np.full(end + 1, ABSENT, dtype=np.uint8)
 
 
 def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]]:
@@ -280,7 +262,7 @@ def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]
     pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
     nib = (entries >> np.uint64(60)).astype(np.uint8)
     reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
-    known = np.isin(nib, list(KNOWN_NIBBLES))
+    known = np.isin(nib, list(KNOWN))
     bad = np.flatnonzero((pfns > info.max_pfn) | ~known | (reserved != 0))
     if bad.size:
         i = int(bad[0])
@@ -300,9 +282,9 @@ def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]
     info.batches.append(PageBatch(rec.offset, data_offset, pfns, nib, with_data))
     info.nibbles[pfns] = nib
     tables = []
-    level = nib & 0x7
+    level = pfinfo.level(nib)
     for k, i in enumerate(np.flatnonzero(with_data)):
-        if 1 <= level[i] <= 4:
+        if level[i]:
             tables.append((int(pfns[i]), int(level[i]), data_offset + PAGE_SIZE * k))
     return tables
 
@@ -351,17 +333,16 @@ def _check_whole(info: ImageInfo, end: stream.Record) -> None:
     for vcpu_id, raw in info.vcpus.items():
         ctx = vcpu_guest_context.from_buffer_copy(raw)
         cr3 = ctx.ctrlreg[3] >> PAGE_SHIFT
-        if cr3 > info.max_pfn or nib[cr3] & (PFINFO_LTABTYPE_MASK >> PFINFO_LTAB_SHIFT) \
-                != PFINFO_L4TAB >> PFINFO_LTAB_SHIFT:
-            what = TYPE_NAMES.get(int(nib[cr3]), "absent") if cr3 <= info.max_pfn else "absent"
+        if cr3 > info.max_pfn or pfinfo.level(nib[cr3]) != pfinfo.L4:
+            what = pfinfo.type_name(nib[cr3]) if cr3 <= info.max_pfn else "absent"
             raise bad(f"vcpu{vcpu_id}'s cr3 (pfn {cr3:#x}) has type {what}, expected L4")
-        if ctx.ctrlreg[1] & 1:
+        if ctx.ctrlreg[1] & stream.USER_L4_SET:
             user = ctx.ctrlreg[1] >> PAGE_SHIFT
-            if user > info.max_pfn or nib[user] & 7 != 4:
+            if user > info.max_pfn or pfinfo.level(nib[user]) != pfinfo.L4:
                 raise bad(f"vcpu{vcpu_id}'s user L4 (pfn {user:#x}) is no L4 of the image")
         if vcpu_id == 0:
             si = ctx.user_regs.rdx
-            if si > info.max_pfn or nib[si] != PFINFO_NOTAB:
+            if si > info.max_pfn or nib[si] != pfinfo.NOTAB:
                 raise bad(f"start info pfn {si:#x} (vcpu0's rdx) has a bad type")
 
 
@@ -373,7 +354,7 @@ def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int
     for pfn, level, offset in tables:
         f.seek(offset)
         page = np.frombuffer(f.read(PAGE_SIZE), dtype=np.uint64)
-        if page.size != ENTRIES_PER_TABLE:
+        if page.size != L1_PAGETABLE_ENTRIES:
             raise ImageError(f"{info.path}: truncated at offset {offset}")
         present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
         targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
@@ -387,4 +368,4 @@ def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int
                              "image does not populate")
 
 
-__all__ = ["ImageError", "ImageInfo", "PageBatch", "scan_image", "PFINFO_LPINTAB"]
+__all__ = ["ImageError", "ImageInfo", "PageBatch", "scan_image", "TYPE_NAMES"]

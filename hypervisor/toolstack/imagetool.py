@@ -10,8 +10,9 @@ from collections import Counter
 
 import numpy as np
 
-from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.public.arch_x86 import VGCF_in_kernel, VGCF_online
+from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.toolstack import pfinfo, stream
 from hypervisor.toolstack.image import TYPE_NAMES, ImageInfo
 from hypervisor.toolstack.timeparse import format_duration
 
@@ -39,7 +40,8 @@ def _vcpu_line(info: ImageInfo, vcpu_id: int) -> str:
     r = ctx.user_regs
     mode = "kernel" if ctx.flags & VGCF_in_kernel else "user"
     state = "online" if ctx.flags & VGCF_online else "offline"
-    user = f"pfn {ctx.ctrlreg[1] >> PAGE_SHIFT:#x}" if ctx.ctrlreg[1] & 1 else "none"
+    has_user = ctx.ctrlreg[1] & stream.USER_L4_SET
+    user = f"pfn {ctx.ctrlreg[1] >> PAGE_SHIFT:#x}" if has_user else "none"
     return (f"vcpu{vcpu_id}: {state}, {mode} mode, rip {r.rip:#x} rsp {r.rsp:#x}, "
             f"cr3 pfn {ctx.ctrlreg[3] >> PAGE_SHIFT:#x}, user L4 {user}")
 
@@ -65,7 +67,7 @@ def describe(info: ImageInfo, records: bool = False) -> str:
     if records:
         lines += [f"  {r.offset:>12}  {r.name:<24} {r.length} octets" for r in info.records]
     lines.append("page types: " + ", ".join(f"{n} {c}" for n, c in info.type_counts().items()))
-    pinned = np.flatnonzero((info.nibbles >= 0x9) & (info.nibbles <= 0xC))
+    pinned = np.flatnonzero(pfinfo.is_pinned_table(info.nibbles))
     lines.append(f"pinned tables ({pinned.size}): " + ", ".join(
         f"{int(p):#x} {TYPE_NAMES[int(info.nibbles[p])].split()[0]}" for p in pinned))
     lines.append(f"p2m frames: pfns {_ranges(info.p2m_frame_pfns.tolist())}")
@@ -100,8 +102,8 @@ def diff(a: ImageInfo, b: ImageInfo) -> list[str]:
     typed = np.flatnonzero(a.nibbles[:n] != b.nibbles[:n])
     if typed.size:
         out.append(f"page types differ at {typed.size} pfns: " + ", ".join(
-            f"{int(p):#x} {TYPE_NAMES.get(int(a.nibbles[p]), 'absent')} -> "
-            f"{TYPE_NAMES.get(int(b.nibbles[p]), 'absent')}" for p in typed[:LIST_MAX]))
+            f"{int(p):#x} {pfinfo.type_name(a.nibbles[p])} -> "
+            f"{pfinfo.type_name(b.nibbles[p])}" for p in typed[:LIST_MAX]))
     ia, ib = page_index(a), page_index(b)
     changed: list[int] = []
     with open(a.path, "rb") as fa, open(b.path, "rb") as fb:

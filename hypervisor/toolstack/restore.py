@@ -17,33 +17,51 @@ before anything exists. Then, in a machine of its own:
 
 vcpu0 then returns from its suspend hypercall with 0: the guest goes the
 RESTORE way. On any failure the new domain is destroyed: no half domain.
+
+Each step is a function named as Xen names it, the mirror of a step of
+save.py: populate_pfns and process_page_data (save: send_domain_memory_nonlive,
+write_batch), localise_page (canonicalise), update_guest_p2m
+(write_static_data's P2M_FRAMES), handle_shared_info (write_shared_info),
+process_start_info (the suspend record in vcpu0's rdx), pin_pagetables (the
+LPINTAB types of getpageframeinfo3), update_vcpu_context (write_one_vcpu_basic),
+all under stream_complete as x86_pv_stream_complete does.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hypervisor.core import Hypervisor
-from hypervisor.cpu.context import set_context
-from hypervisor.devices.balloon import restore_state
-from hypervisor.domain import Domain
-from hypervisor.mm.frames import INVALID_MFN, OutOfMemory
-from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
-from hypervisor.mm.pagetable import LEVEL_TYPE
-from hypervisor.native import KernelError, NativeKernel
-from hypervisor.public.arch_x86 import _PAGE_PRESENT, VGCF_online, vcpu_guest_context
-from hypervisor.public.domctl import PFINFO_LTAB_SHIFT, PFINFO_XALLOC
-from hypervisor.public.xen import XEN_LEGACY_MAX_VCPUS, shared_info, start_info
-from hypervisor.toolstack.builder import BuildError, add_virtio_device, balloon_host
+from hypervisor import domctl
+from hypervisor.domctl import (
+    Domain,
+    DomctlError,
+    Hypervisor,
+    KernelError,
+    OutOfMemory,
+)
+from hypervisor.public.arch_x86 import _PAGE_PRESENT, L1_PAGETABLE_ENTRIES, vcpu_guest_context
+from hypervisor.public.xen import (
+    INVALID_MFN,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    XEN_LEGACY_MAX_VCPUS,
+    shared_info,
+    start_info,
+)
+from hypervisor.toolstack import pfinfo, stream
+from hypervisor.toolstack.builder import BuildError, add_balloon, xenstore_of
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
 from hypervisor.toolstack.save import Progress
 from hypervisor.toolstack.session import machine_mib_for
-from hypervisor.toolstack.xenstored import Store, home
+from hypervisor.toolstack.xenstored import home
+
+DOMID_TOOLSTACK = 0  # the other end of the console and store channels
+ALL_MASKED = (1 << 64) - 1  # a word of evtchn_mask
 
 
 class RestoreError(Exception):
@@ -60,9 +78,22 @@ class RestoreStats:
     info: ImageInfo | None = None
 
 
-def localise(tables: np.ndarray, p2m: np.ndarray) -> np.ndarray:
-    """x86_pv_localise_page for many tables at once: every present entry's pfn
-    becomes its new mfn (the image's check made sure each pfn has one)."""
+@dataclass
+class RestoreContext:
+    """What the restore carries from step to step (xc_sr_context's restore half)."""
+
+    hv: Hypervisor
+    dom: Domain
+    info: ImageInfo
+    stats: RestoreStats
+    p2m: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    start_info_mfn: int = 0
+
+
+def localise_page(tables: np.ndarray, p2m: np.ndarray) -> np.ndarray:
+    """x86_pv_localise_page for a batch of tables at once: every present
+    entry's pfn becomes its new mfn (the image's check made sure each pfn has
+    one). save.canonicalise did the reverse."""
     present = (tables & np.uint64(_PAGE_PRESENT)) != 0
     entries = tables[present]
     pfns = ((entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
@@ -98,43 +129,57 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
     if max(info.vcpus) >= nr_vcpus:
         raise ImageError(f"{path}: a context for vcpu {max(info.vcpus)}, but the domain has "
                          f"{nr_vcpus} vcpus")
-    dom = hv.create_domain(str(d.get("name", "restored")), int(d.get("max_pages", info.nr_pfns)),
-                           nr_vcpus)
+    dom = domctl.createdomain(hv, str(d.get("name", "restored")), nr_vcpus,
+                              int(d.get("max_pages", info.nr_pfns)))
     stats = RestoreStats(info=info)
     try:
-        _restore(hv, dom, info, stats, progress)
+        restore(RestoreContext(hv, dom, info, stats), progress)
     except ImageError:
-        hv.destroy_domain(dom)
+        domctl.destroydomain(hv, dom)
         raise
-    except (OutOfMemory, OSError, KernelError, RestoreError) as e:
-        hv.destroy_domain(dom)
+    except (OutOfMemory, OSError, KernelError, DomctlError, RestoreError) as e:
+        domctl.destroydomain(hv, dom)
         raise RestoreError(f"restoring {path} failed: {e}; nothing is left of the new "
                            "domain") from None
     stats.total_s = time.perf_counter() - t0
     return hv, dom, stats
 
 
-def _restore(hv: Hypervisor, dom: Domain, info: ImageInfo, stats: RestoreStats,
-             progress: Progress | None) -> None:
-    machine = hv.machine
-    ft = machine.frames
-    mem = machine.memory
-    frames = mem.u64.reshape(-1, ENTRIES_PER_TABLE)
+def restore(ctx: RestoreContext, progress: Progress | None) -> None:
+    """xg_sr_restore.c's restore: the memory, then the records that follow it,
+    then stream_complete. The order is the frames' allocation order: keep it."""
+    populate_pfns(ctx)
+    process_page_data(ctx, progress)
+    update_guest_p2m(ctx)
+    handle_shared_info(ctx)
+    process_start_info(ctx)
+    handle_devices(ctx)
+    stream_complete(ctx)
 
-    # populate: a new frame for every pfn the image gives one
+
+# --- memory ---------------------------------------------------------------------------
+
+def populate_pfns(ctx: RestoreContext) -> None:
+    """A new frame for every pfn the image gives one; the M2P learns them.
+    Frames are not zeroed: each gets its page from the image, but the XALLOC
+    ones (allocate only, no data), zeroed here."""
+    hv, dom, info = ctx.hv, ctx.dom, ctx.info
     pfns = info.populated()
-    if pfns.size > ft.nr_free:
-        raise RestoreError(f"{pfns.size} frames wanted, {ft.nr_free} free")
-    p2m = np.full(info.nr_pfns, INVALID_MFN, dtype=np.uint64)
-    # frames not zeroed here: every one gets its page from the image below, but
-    # the XALLOC ones (allocate only, no data), zeroed after
-    mfns = np.array(ft.alloc_many(dom.domid, int(pfns.size), zero=False), dtype=np.int64)
-    p2m[pfns] = mfns.astype(np.uint64)
-    machine.m2p[mfns] = pfns.astype(np.uint64)
-    no_data = pfns[info.nibbles[pfns] == PFINFO_XALLOC >> PFINFO_LTAB_SHIFT]
-    frames[p2m[no_data].astype(np.int64)] = 0
+    free = domctl.physinfo(hv).free_pages
+    if pfns.size > free:
+        raise RestoreError(f"{pfns.size} frames wanted, {free} free")
+    mfns = domctl.populate_physmap(hv, dom, int(pfns.size), zero=False)
+    ctx.p2m = np.full(info.nr_pfns, INVALID_MFN, dtype=np.uint64)
+    ctx.p2m[pfns] = mfns.astype(np.uint64)
+    domctl.mmu_machphys_update(hv, dom, mfns, pfns)
+    no_data = pfns[info.nibbles[pfns] == pfinfo.XALLOC]
+    domctl.map_foreign_bulk(hv, dom, ctx.p2m[no_data].astype(np.int64))[:] = 0
 
-    # the pages, localised where they are pagetables
+
+def process_page_data(ctx: RestoreContext, progress: Progress | None) -> None:
+    """Every PAGE_DATA batch's pages into their new frames, pagetables
+    localised on the way (save: write_batch)."""
+    info, stats = ctx.info, ctx.stats
     done = 0
     with open(info.path, "rb", buffering=0) as f:
         for batch in info.batches:
@@ -144,114 +189,143 @@ def _restore(hv: Hypervisor, dom: Domain, info: ImageInfo, stats: RestoreStats,
                 raw = f.read(n * PAGE_SIZE)
                 if len(raw) != n * PAGE_SIZE:
                     raise RestoreError(f"{info.path} changed while it was read")
-                pages = np.frombuffer(raw, dtype=np.uint64).reshape(n, ENTRIES_PER_TABLE)
-                pfn = batch.pfns[batch.with_data]
-                level = batch.nibbles[batch.with_data] & 0x7
-                table = (level >= 1) & (level <= 4)
-                if table.any():
-                    tl = time.perf_counter()
-                    pages = pages.copy()
-                    pages[table] = localise(pages[table], p2m)
-                    stats.localise_s += time.perf_counter() - tl
-                    stats.tables += int(table.sum())
-                frames[p2m[pfn].astype(np.int64)] = pages
+                pages = np.frombuffer(raw, dtype=np.uint64).reshape(n, L1_PAGETABLE_ENTRIES)
+                _write_pages(ctx, batch.pfns[batch.with_data], batch.nibbles[batch.with_data],
+                             pages)
                 stats.pages += n
             done += batch.pfns.size
             if progress is not None:
                 progress(done, info.nr_pfns)
 
-    # the guest's p2m list, in its own frames
-    frame_mfns = p2m[info.p2m_frame_pfns].astype(np.int64)
-    flat = np.full(frame_mfns.size * ENTRIES_PER_TABLE, INVALID_MFN, dtype=np.uint64)
+
+def _write_pages(ctx: RestoreContext, pfns: np.ndarray, nibbles: np.ndarray,
+                 pages: np.ndarray) -> None:
+    table = pfinfo.is_table(nibbles)
+    if table.any():
+        tl = time.perf_counter()
+        pages = pages.copy()
+        pages[table] = localise_page(pages[table], ctx.p2m)
+        ctx.stats.localise_s += time.perf_counter() - tl
+        ctx.stats.tables += int(table.sum())
+    domctl.map_foreign_bulk(ctx.hv, ctx.dom, ctx.p2m[pfns].astype(np.int64))[:] = pages
+
+
+def update_guest_p2m(ctx: RestoreContext) -> None:
+    """The guest's p2m list, in its own frames, rewritten with the new map."""
+    hv, dom, p2m = ctx.hv, ctx.dom, ctx.p2m
+    frame_mfns = p2m[ctx.info.p2m_frame_pfns].astype(np.int64)
+    flat = np.full(frame_mfns.size * L1_PAGETABLE_ENTRIES, INVALID_MFN, dtype=np.uint64)
     flat[:p2m.size] = p2m
-    frames[frame_mfns] = flat.reshape(-1, ENTRIES_PER_TABLE)
+    domctl.map_foreign_bulk(hv, dom, frame_mfns)[:] = flat.reshape(-1, L1_PAGETABLE_ENTRIES)
+    # where the p2m list is, for the hypervisor's frame audit
     dom.p2m_frames = frame_mfns.tolist()
     dom.p2m_size = int(p2m.size)
 
-    # shared_info: the saved vcpu_info and arch, every port masked, none pending
-    shinfo_mfn = ft.alloc(dom.domid)
-    ft.xenheap[shinfo_mfn] = True
-    dom.set_shared_info(shinfo_mfn)
-    old = shared_info.from_buffer_copy(info.shared_info)
-    new = dom.shared_info
+
+# --- the records after the memory -------------------------------------------------------
+
+def handle_shared_info(ctx: RestoreContext) -> None:
+    """A new shared_info with the saved vcpu_info and arch parts, every event
+    channel masked and none pending: the guest binds its ports anew."""
+    hv, dom = ctx.hv, ctx.dom
+    domctl.alloc_shared_info(hv, dom)
+    old = shared_info.from_buffer_copy(ctx.info.shared_info)
+    new = domctl.map_shared_info(hv, dom)
     for i in range(XEN_LEGACY_MAX_VCPUS):
         new.vcpu_info[i] = old.vcpu_info[i]
         new.vcpu_info[i].evtchn_pending_sel = 0
     new.arch = old.arch
     new.arch.pfn_to_mfn_frame_list_list = 0  # the guest tells it again
-    for w in range(64):
+    for w in range(len(new.evtchn_pending)):
         new.evtchn_pending[w] = 0
-        new.evtchn_mask[w] = 0xFFFFFFFFFFFFFFFF
+        new.evtchn_mask[w] = ALL_MASKED
 
-    # start_info: new frames, new ports, the new shared_info (process_start_info)
-    ctx0 = info.context(0)
-    si_pfn = int(ctx0.user_regs.rdx)
-    si_maddr = int(p2m[si_pfn]) << PAGE_SHIFT
-    si = start_info.from_buffer(mem.buf, si_maddr)
+
+def process_start_info(ctx: RestoreContext) -> None:
+    """start_info, found from the suspend record (vcpu0's rdx): the new store
+    and console frames and ports, nr_pages, the new shared_info, flags 0;
+    the console and store backends connected to them."""
+    hv, dom, p2m, info = ctx.hv, ctx.dom, ctx.p2m, ctx.info
+    si_pfn = int(info.context(0).user_regs.rdx)
+    ctx.start_info_mfn = int(p2m[si_pfn])
+    si = domctl.map_struct(hv, dom, ctx.start_info_mfn, start_info)
     for what, pfn in (("store", si.store_mfn), ("console", si.console.domU.mfn)):
         if pfn >= p2m.size or p2m[pfn] == INVALID_MFN:
             raise RestoreError(f"start_info's {what} pfn {pfn:#x} is not in the image")
     si.store_mfn = int(p2m[si.store_mfn])
     si.console.domU.mfn = int(p2m[si.console.domU.mfn])
-    console_port = dom.evtchn.alloc_unbound(0)
-    store_port = dom.evtchn.alloc_unbound(0)
-    si.console.domU.evtchn = console_port
-    si.store_evtchn = store_port
+    si.console.domU.evtchn = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK)
+    si.store_evtchn = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK)
     si.nr_pages = info.nr_pfns
-    si.shared_info = shinfo_mfn << PAGE_SHIFT
+    si.shared_info = domctl.shared_info_frame(dom) << PAGE_SHIFT
     si.flags = 0
-    dom.console_backend = ConsoleBackend(dom, si.console.domU.mfn, console_port)
-    if hv.xenstore is None:
-        hv.xenstore = Store()
-    dom.xenstore = hv.xenstore.introduce(dom, si.store_mfn, store_port)
+    dom.console_backend = ConsoleBackend(hv, dom, si.console.domU.mfn, si.console.domU.evtchn)
+    store = xenstore_of(hv)
+    dom.xenstore = store.introduce_domain(hv, dom, si.store_mfn, si.store_evtchn)
     for rel, value in info.xenstore:
-        hv.xenstore.write(f"{home(dom.domid)}/{rel}", value)
-    del si
-    # the devices, at the addresses and ports the guest knows from its command
-    # line, with what the host kept of them
-    for d in info.devices:
+        store.write(f"{home(dom.domid)}/{rel}", value)
+
+
+def handle_devices(ctx: RestoreContext) -> None:
+    """pvlab's PVLAB_DEVICES record: each device at the address and port the
+    guest knows from its command line, with what the host kept of it."""
+    for d in ctx.info.devices:
         try:
-            add_virtio_device(hv, dom, restore_state(d, balloon_host(hv, dom)),
-                              base=d["base"], port=d["port"])
+            add_balloon(ctx.hv, ctx.dom, d["stats_interval_ns"], d["deflate_on_oom"],
+                        base=d["base"], port=d["port"], state=d)
         except (BuildError, ValueError) as e:
             raise RestoreError(f"the balloon at {d['base']:#x} cannot be re-created: {e}") \
                 from None
 
-    # pin again what was pinned, with the recorded types (pin_pagetables)
-    for pfn in np.flatnonzero((info.nibbles >= 0x9) & (info.nibbles <= 0xC)).tolist():
-        level = int(info.nibbles[pfn]) & 0x7
-        mfn = int(p2m[pfn])
-        rc = machine.types.get_page_and_type(mfn, LEVEL_TYPE[level], dom.domid)
+
+# --- the end of the stream ---------------------------------------------------------------
+
+def stream_complete(ctx: RestoreContext) -> None:
+    """x86_pv_stream_complete: pin what was pinned, then the VCPUs."""
+    pin_pagetables(ctx)
+    kernel = ctx.info.domain.get("kernel") if ctx.info.domain else None
+    if kernel:
+        domctl.load_kernel(ctx.dom, str(kernel["module"]), int(kernel["text"]),
+                           int(kernel["size"]))
+    for vcpu_id in sorted(ctx.info.vcpus):
+        update_vcpu_context(ctx, vcpu_id)
+    handle_tsc_info(ctx)
+    domctl.tlb_flush(ctx.hv, ctx.dom)
+
+
+def handle_tsc_info(ctx: RestoreContext) -> None:
+    """Each VCPU's clock from pvlab's domain record, else X86_TSC_INFO's
+    nanoseconds (save: write_tsc_info, domain_record)."""
+    clocks = ctx.info.domain.get("clocks", []) if ctx.info.domain else []
+    tsc_ns = ctx.info.tsc[2] if ctx.info.tsc else 0
+    domctl.settscinfo(ctx.dom, {i: int(clocks[i]) if i < len(clocks) else tsc_ns
+                                for i in ctx.info.vcpus})
+
+
+def pin_pagetables(ctx: RestoreContext) -> None:
+    """Pin again what was pinned, with the recorded type (Xen validates it)."""
+    info = ctx.info
+    for pfn in np.flatnonzero(pfinfo.is_pinned_table(info.nibbles)).tolist():
+        level = int(pfinfo.level(info.nibbles[pfn]))
+        rc = domctl.mmuext_pin_table(ctx.hv, ctx.dom, int(ctx.p2m[pfn]), level)
         if rc:
             raise RestoreError(f"pinning pfn {pfn:#x} as an L{level} table failed ({rc}): "
                                "the hypervisor refuses the table's contents")
-        ft.pinned[mfn] = True
-        stats.pinned += 1
+        ctx.stats.pinned += 1
 
-    # the VCPUs: contexts with machine frames again, the kernel bound
-    kernel = info.domain.get("kernel") if info.domain else None
-    if kernel:
-        dom.kernel_module = str(kernel["module"])
-        dom.native = NativeKernel(dom, dom.kernel_module, int(kernel["text"]),
-                                  int(kernel["size"]))
-        for v in dom.vcpus:
-            dom.native.bind(v)
-    clocks = info.domain.get("clocks", []) if info.domain else []
-    tsc_ns = info.tsc[2] if info.tsc else 0
-    for vcpu_id in sorted(info.vcpus):
-        ctx = vcpu_guest_context.from_buffer_copy(info.vcpus[vcpu_id])
-        ctx.ctrlreg[3] = int(p2m[ctx.ctrlreg[3] >> PAGE_SHIFT]) << PAGE_SHIFT
-        if ctx.ctrlreg[1] & 1:
-            ctx.ctrlreg[1] = int(p2m[ctx.ctrlreg[1] >> PAGE_SHIFT]) << PAGE_SHIFT
-        if vcpu_id == 0:
-            ctx.user_regs.rdx = si_maddr >> PAGE_SHIFT
-            ctx.user_regs.rax = 0  # the suspend hypercall returns 0: resumed in a new domain
-        v = dom.vcpus[vcpu_id]
-        rc = set_context(v, bytes(ctx))
-        if rc:
-            raise RestoreError(f"vcpu{vcpu_id}'s context is refused ({rc}): its cr3 does "
-                               "not validate")
-        v.online = bool(ctx.flags & VGCF_online)
-        v.initialised = True
-        v.clock = int(clocks[vcpu_id]) if vcpu_id < len(clocks) else tsc_ns
-    hv.flush_tlbs(dom)
+
+def update_vcpu_context(ctx: RestoreContext, vcpu_id: int) -> None:
+    """A VCPU's saved context with machine frames again (save:
+    write_one_vcpu_basic); vcpu0 returns 0 from its suspend hypercall and
+    finds start_info's new mfn in rdx."""
+    vc = vcpu_guest_context.from_buffer_copy(ctx.info.vcpus[vcpu_id])
+    vc.ctrlreg[3] = int(ctx.p2m[vc.ctrlreg[3] >> PAGE_SHIFT]) << PAGE_SHIFT
+    if vc.ctrlreg[1] & stream.USER_L4_SET:
+        vc.ctrlreg[1] = int(ctx.p2m[vc.ctrlreg[1] >> PAGE_SHIFT]) << PAGE_SHIFT
+    if vcpu_id == 0:
+        vc.user_regs.rdx = ctx.start_info_mfn
+        vc.user_regs.rax = 0  # the suspend hypercall returns 0: resumed in a new domain
+    rc = domctl.setvcpucontext(ctx.dom, vcpu_id, vc)
+    if rc:
+        raise RestoreError(f"vcpu{vcpu_id}'s context is refused ({rc}): its cr3 does "
+                           "not validate")

@@ -27,35 +27,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
-from hypervisor.cpu.context import get_context
-from hypervisor.cpu.vcpu import RDX
-from hypervisor.devices.balloon import save_state
-from hypervisor.hypercalls.version import XEN_MAJOR, XEN_MINOR
-from hypervisor.mm.frames import INVALID_MFN, PageType
-from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE
-from hypervisor.mm.pagetable import ROOT_PAGETABLE_FIRST_XEN_SLOT, ROOT_PAGETABLE_LAST_XEN_SLOT
-from hypervisor.mm.walker import GuestFault
+from hypervisor import domctl
+from hypervisor.domctl import Domain, DomctlError, Hypervisor
 from hypervisor.public import arch_x86
-from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_PSE
-from hypervisor.public.domctl import (
-    PFINFO_LPINTAB,
-    PFINFO_LTAB_SHIFT,
-    PFINFO_NOTAB,
-    PFINFO_XTAB,
-    TSC_MODE_ALWAYS_EMULATE,
+from hypervisor.public.arch_x86 import (
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    ROOT_PAGETABLE_FIRST_XEN_SLOT,
+    ROOT_PAGETABLE_LAST_XEN_SLOT,
+    table_offset,
 )
+from hypervisor.public.domctl import PFINFO_XTAB, TSC_MODE_ALWAYS_EMULATE
 from hypervisor.public.sched import SHUTDOWN_suspend
-from hypervisor.toolstack import stream
+from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE
+from hypervisor.toolstack import pfinfo, stream
 from hypervisor.toolstack.stream import PvlabRecType, RecType
 from hypervisor.toolstack.xenstored import home
-
-if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
-    from hypervisor.domain import Domain
 
 PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
 P2M_VIRTUAL_LIST = 0xFFFFFFFFFFFFFFFF  # shared_info.arch.pfn_to_mfn_frame_list_list
@@ -83,10 +74,28 @@ class SaveStats:
 
 # --- finding the guest's memory ------------------------------------------------------
 
+def _walk(hv: Hypervisor, dom: Domain, l4_mfn: int, va: int) -> int:
+    """The mfn ``va`` maps to in the guest's tables from ``l4_mfn``, walked
+    through foreign mappings as the tools do (map_p2m_tree); SaveError if
+    it is not mapped by a 4 KiB page of the domain's."""
+    mfn = l4_mfn
+    for lvl in (4, 3, 2, 1):
+        slot = table_offset(va, lvl)
+        try:
+            entry = int(domctl.map_foreign_bulk(hv, dom, [mfn])[0][slot])
+        except DomctlError:
+            entry = 0
+        if not entry & _PAGE_PRESENT or (lvl > 1 and entry & _PAGE_PSE):
+            raise SaveError(f"va {va:#x} is not mapped by p2m_cr3 (L{lvl} slot {slot})")
+        mfn = (entry & arch_x86.PTE_FRAME_MASK) >> PAGE_SHIFT
+    return mfn
+
+
 def locate_p2m(hv: Hypervisor, dom: Domain) -> tuple[np.ndarray, np.ndarray]:
     """The guest's p2m (pfn -> mfn, INVALID_MFN where none) and the pfns of the
-    frames that hold it, found from shared_info.arch as Xen's tools find it."""
-    arch = dom.shared_info.arch
+    frames that hold it, found from shared_info.arch as Xen's tools find it
+    (x86_pv_map_m2p's neighbour, map_p2m_list)."""
+    arch = domctl.map_shared_info(hv, dom).arch
     if arch.pfn_to_mfn_frame_list_list != P2M_VIRTUAL_LIST or not arch.p2m_vaddr:
         raise SaveError("the guest has not published its p2m list in shared_info.arch "
                         "(p2m_vaddr, p2m_cr3): its kernel does not support save")
@@ -96,22 +105,21 @@ def locate_p2m(hv: Hypervisor, dom: Domain) -> tuple[np.ndarray, np.ndarray]:
                         f"most {dom.max_pages} pages")
     nframes = -(-max_pfn // FPP)
     cr3 = int(arch.p2m_cr3) >> PAGE_SHIFT
-    ft = hv.machine.frames
-    if not 0 < cr3 < ft.nr_frames or ft.owner[cr3] != dom.domid:
+    if not cr3 or domctl.getpageframeinfo3(hv, dom, np.array([cr3]))[0] == PFINFO_XTAB:
         raise SaveError(f"shared_info.arch.p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the "
                         "domain's")
     mfns = np.empty(nframes, dtype=np.int64)
     for i in range(nframes):
         va = int(arch.p2m_vaddr) + i * PAGE_SIZE
         try:
-            mfns[i] = hv.walker.translate(cr3, va) >> PAGE_SHIFT
-        except GuestFault:
+            mfns[i] = _walk(hv, dom, cr3, va)
+        except SaveError:
             raise SaveError(f"p2m frame {i} (va {va:#x}) is not mapped by p2m_cr3") from None
-    if (ft.owner[mfns] != dom.domid).any():
-        raise SaveError("a frame of the p2m list is not the domain's")
-    mem = hv.machine.memory
-    p2m = mem.u64.reshape(-1, ENTRIES_PER_TABLE)[mfns].reshape(-1)[:max_pfn].copy()
-    frame_pfns = hv.machine.m2p[mfns].astype(np.int64)
+    try:
+        p2m = np.asarray(domctl.map_foreign_bulk(hv, dom, mfns)).reshape(-1)[:max_pfn].copy()
+    except DomctlError:
+        raise SaveError("a frame of the p2m list is not the domain's") from None
+    frame_pfns = domctl.map_m2p(hv)[mfns].astype(np.int64)
     bad = np.flatnonzero((frame_pfns >= max_pfn)
                          | (p2m[np.minimum(frame_pfns, max_pfn - 1)] != mfns.astype(np.uint64)))
     if bad.size:
@@ -121,25 +129,20 @@ def locate_p2m(hv: Hypervisor, dom: Domain) -> tuple[np.ndarray, np.ndarray]:
 
 
 def page_types(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> np.ndarray:
-    """XEN_DOMCTL_getpageframeinfo3 for every pfn: the PFINFO type (u32)."""
-    ft = hv.machine.frames
-    m2p = hv.machine.m2p
+    """XEN_DOMCTL_getpageframeinfo3 for every pfn: the PFINFO type (u32); XTAB
+    where the p2m has no frame. Every frame the p2m names must be the
+    domain's, and the M2P must name its pfn back."""
     types = np.full(p2m.size, PFINFO_XTAB, dtype=np.uint32)
     pfns = np.flatnonzero(p2m != INVALID_MFN)
     mfns = p2m[pfns].astype(np.int64)
-    inside = mfns < ft.nr_frames
-    foreign = ~inside
-    foreign[inside] = (ft.owner[mfns[inside]] != dom.domid) \
-        | (m2p[mfns[inside]] != pfns[inside].astype(np.uint64))
+    out = domctl.getpageframeinfo3(hv, dom, mfns)
+    m2p = domctl.map_m2p(hv)
+    foreign = out == PFINFO_XTAB
+    foreign[~foreign] = m2p[mfns[~foreign]] != pfns[~foreign].astype(np.uint64)
     if foreign.any():
         i = int(np.flatnonzero(foreign)[0])
         raise SaveError(f"p2m[{int(pfns[i]):#x}] = {int(mfns[i]):#x}: not a frame of the "
                         "domain's (or the M2P disagrees)")
-    t = ft.type[mfns].astype(np.uint32)  # PageType.l1..l4 are 1..4, as PFINFO's levels
-    pinned = ft.pinned[mfns]
-    table = (t >= PageType.l1) & (t <= PageType.l4) & (pinned | ft.validated[mfns])
-    out = np.where(table, t << PFINFO_LTAB_SHIFT, PFINFO_NOTAB).astype(np.uint32)
-    out[table & pinned] |= np.uint32(PFINFO_LPINTAB)
     types[pfns] = out
     return types
 
@@ -150,7 +153,8 @@ def canonicalise(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
                  p2m: np.ndarray, m2p: np.ndarray) -> np.ndarray:
     """normalise_pagetable for many tables at once: ``tables`` is (n, 512) u64
     (a copy: the guest's own pages are never changed), ``levels`` their levels.
-    Returns the tables with every present entry's mfn replaced by its pfn."""
+    Returns the tables with every present entry's mfn replaced by its pfn.
+    restore.localise_page undoes it."""
     out = tables.copy()
     xen = slice(ROOT_PAGETABLE_FIRST_XEN_SLOT, ROOT_PAGETABLE_LAST_XEN_SLOT + 1)
     out[levels == 4, xen] = 0  # the hypervisor's slots: it fills them again itself
@@ -181,7 +185,7 @@ def canonicalise(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
 
 def _mfn_to_pfn(hv: Hypervisor, p2m: np.ndarray, mfn: int, what: str) -> int:
     """mfn_to_pfn with Xen's mfn_in_pseudophysmap check."""
-    m2p = hv.machine.m2p
+    m2p = domctl.map_m2p(hv)
     pfn = int(m2p[mfn]) if 0 <= mfn < m2p.size else -1
     if not 0 <= pfn < p2m.size or int(p2m[pfn]) != mfn:
         raise SaveError(f"bad mfn for {what}: {mfn:#x} is not in the domain's "
@@ -191,39 +195,40 @@ def _mfn_to_pfn(hv: Hypervisor, p2m: np.ndarray, mfn: int, what: str) -> int:
 
 # --- the records ---------------------------------------------------------------------
 
+def write_one_vcpu_basic(hv: Hypervisor, dom: Domain, vcpu_id: int,
+                         p2m: np.ndarray) -> bytes:
+    """A VCPU's context with its frames as pfns (restore.update_vcpu_context
+    turns them back into mfns)."""
+    ctx = domctl.getvcpucontext(dom, vcpu_id)
+    ctx.ctrlreg[3] = _mfn_to_pfn(hv, p2m, ctx.ctrlreg[3] >> PAGE_SHIFT,
+                                 f"vcpu{vcpu_id}'s cr3") << PAGE_SHIFT
+    if ctx.ctrlreg[1]:
+        user = _mfn_to_pfn(hv, p2m, ctx.ctrlreg[1] >> PAGE_SHIFT, f"vcpu{vcpu_id}'s user L4")
+        ctx.ctrlreg[1] = stream.USER_L4_SET | user << PAGE_SHIFT
+    if vcpu_id == 0:
+        # the suspend record: start_info's mfn, the hypercall's third argument
+        ctx.user_regs.rdx = _mfn_to_pfn(hv, p2m, int(ctx.user_regs.rdx), "suspend record")
+        ctx.user_regs.rax = 0  # the suspend hypercall's result as Xen leaves it
+    return bytes(ctx)
+
+
 def vcpu_records(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> list[tuple[int, bytes]]:
-    """(vcpu id, canonical vcpu_guest_context) for every online VCPU."""
-    out = []
-    for v in dom.vcpus:
-        if not v.online:
-            continue
-        ctx = get_context(v)
-        ctx.ctrlreg[3] = _mfn_to_pfn(hv, p2m, ctx.ctrlreg[3] >> PAGE_SHIFT,
-                                     f"vcpu{v.vcpu_id}'s cr3") << PAGE_SHIFT
-        if ctx.ctrlreg[1]:
-            # bit 0: "a user L4 is set", so that pfn 0 still means something
-            ctx.ctrlreg[1] = 1 | _mfn_to_pfn(hv, p2m, ctx.ctrlreg[1] >> PAGE_SHIFT,
-                                             f"vcpu{v.vcpu_id}'s user L4") << PAGE_SHIFT
-        if v.vcpu_id == 0:
-            # the suspend record: start_info's mfn, the hypercall's third argument
-            ctx.user_regs.rdx = _mfn_to_pfn(hv, p2m, int(v.gpr[RDX]), "suspend record")
-            ctx.user_regs.rax = 0  # the suspend hypercall's result as Xen leaves it
-        out.append((v.vcpu_id, bytes(ctx)))
-    return out
+    """write_all_vcpu_information: (vcpu id, canonical context) for every
+    online VCPU."""
+    online = [i for i in range(domctl.max_vcpus(dom)) if domctl.getvcpuinfo(dom, i).online]
+    return [(i, write_one_vcpu_basic(hv, dom, i, p2m)) for i in online]
 
 
-def domain_record(dom: Domain, kind: str, seed: int | None) -> bytes:
-    native = dom.native
+def domain_record(hv: Hypervisor, dom: Domain, kind: str, seed: int | None) -> bytes:
     info = {
         "pvlab_image": 1,
         "kind": kind,
         "name": dom.name,
         "max_pages": dom.max_pages,
-        "vcpus": len(dom.vcpus),
+        "vcpus": domctl.max_vcpus(dom),
         "seed": seed,
-        "kernel": None if native is None else
-        {"module": native.name, "text": native.text, "size": native.size},
-        "clocks": [v.clock for v in dom.vcpus],
+        "kernel": domctl.kernel_binding(dom),
+        "clocks": domctl.vcpu_clocks(dom),
     }
     return json.dumps(info, sort_keys=True).encode()
 
@@ -241,91 +246,138 @@ def xenstore_record(hv: Hypervisor, dom: Domain) -> bytes:
     return bytes(out)
 
 
-def devices_record(dom: Domain) -> bytes:
+def devices_record(dom: Domain) -> bytes | None:
     """The domain's devices, where they are and what the host keeps of them
-    (a balloon's target and actual: the ``keep`` policy relies on them). The
-    guest has frozen them: a device still live would have rings in frames
-    the restorer moves, so it is refused."""
-    out = []
-    for t in dom.devices:
-        if t.status:
-            raise SaveError(f"the {t.device.name} device at {t.base:#x} is live (status "
-                            f"{t.status:#x}): the guest did not reset it when it froze its "
-                            "devices, and its rings cannot be carried over")
-        out.append(save_state(t))
-    return json.dumps(out, sort_keys=True).encode()
+    (a balloon's target and actual: the ``keep`` policy relies on them); None
+    if it has none. The guest must have frozen them: a live one is refused."""
+    try:
+        state = domctl.devices_state(dom)
+    except DomctlError as e:
+        raise SaveError(str(e)) from None
+    return json.dumps(state, sort_keys=True).encode() if state else None
 
 
-def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = False,
-                seed: int | None = None, progress: Progress | None = None) -> SaveStats:
-    """Write the whole stream of a suspended domain to ``out``."""
-    t0 = time.perf_counter()
-    stats = SaveStats()
+# --- the stream ----------------------------------------------------------------------
+
+@dataclass
+class SaveContext:
+    """What the save found before it writes a byte (xc_sr_context's save half)."""
+
+    p2m: np.ndarray           # pfn -> mfn
+    frame_pfns: np.ndarray    # the pfns of the p2m list's frames
+    types: np.ndarray         # PFINFO per pfn
+    canon: np.ndarray         # the canonical pagetables, in table_pfns order
+    slot_of: np.ndarray       # pfn -> its row in canon, or -1
+    vcpus: list[tuple[int, bytes]]
+    devices: bytes | None
+
+
+def x86_pv_setup(hv: Hypervisor, dom: Domain, stats: SaveStats) -> SaveContext:
+    """Everything that can fail, before the first byte is written: the p2m,
+    the page types, every pagetable normalised, the VCPU records."""
     if dom.shutdown_reason != SHUTDOWN_suspend:
         raise SaveError(f"domain {dom.name} is not suspended")
     p2m, frame_pfns = locate_p2m(hv, dom)
     types = page_types(hv, dom, p2m)
-    levels = (types >> PFINFO_LTAB_SHIFT) & 0x7
+    levels = pfinfo.level(pfinfo.nibble(types))
     table_pfns = np.flatnonzero(levels)
-    mem = hv.machine.memory
-    frames = mem.u64.reshape(-1, ENTRIES_PER_TABLE)
     tc = time.perf_counter()
-    canon = canonicalise(frames[p2m[table_pfns].astype(np.int64)], levels[table_pfns],
-                         table_pfns, p2m, hv.machine.m2p)
+    tables = np.asarray(domctl.map_foreign_bulk(hv, dom, p2m[table_pfns].astype(np.int64)))
+    canon = canonicalise(tables, levels[table_pfns], table_pfns, p2m, domctl.map_m2p(hv))
     stats.canonicalise_s = time.perf_counter() - tc
+    stats.tables = int(table_pfns.size)
+    stats.pinned = int(pfinfo.is_pinned_table(pfinfo.nibble(types)).sum())
     slot_of = np.full(p2m.size, -1, dtype=np.int64)
     slot_of[table_pfns] = np.arange(table_pfns.size)
-    vcpus = vcpu_records(hv, dom, p2m)
-    devices = devices_record(dom) if dom.devices else None
+    devices = devices_record(dom)
+    return SaveContext(p2m, frame_pfns, types, canon, slot_of, vcpu_records(hv, dom, p2m),
+                       devices)
 
-    stream.write_headers(out, XEN_MAJOR, XEN_MINOR)
+
+def write_static_data(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                      kind: str, seed: int | None) -> None:
+    """The headers, X86_PV_INFO, pvlab's domain record, STATIC_DATA_END and
+    X86_PV_P2M_FRAMES (write_x86_pv_info, write_x86_pv_p2m_frames)."""
+    major, minor = domctl.xen_version(hv)
+    stream.write_headers(out, major, minor)
     rec = stream.write_record
     rec(out, RecType.X86_PV_INFO, stream.X86_PV_INFO.pack(stream.GUEST_WIDTH_X86_64,
                                                           stream.PT_LEVELS_X86_64))
-    rec(out, PvlabRecType.PVLAB_DOMAIN,
-        domain_record(dom, "checkpoint" if checkpoint else "save",
-                      hv.seed if seed is None else seed))
+    rec(out, PvlabRecType.PVLAB_DOMAIN, domain_record(hv, dom, kind, seed))
     rec(out, RecType.STATIC_DATA_END)
-    max_pfn = p2m.size - 1
+    max_pfn = sc.p2m.size - 1
     p2m_list = np.zeros(max_pfn // FPP + 1, dtype=np.uint64)
-    p2m_list[:frame_pfns.size] = frame_pfns.astype(np.uint64)
-    rec(out, RecType.X86_PV_P2M_FRAMES, stream.P2M_FRAMES_HDR.pack(0, max_pfn) + p2m_list.tobytes())
-    total = p2m.size
+    p2m_list[:sc.frame_pfns.size] = sc.frame_pfns.astype(np.uint64)
+    rec(out, RecType.X86_PV_P2M_FRAMES,
+        stream.P2M_FRAMES_HDR.pack(0, max_pfn) + p2m_list.tobytes())
+
+
+def write_batch(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                pfns: np.ndarray) -> int:
+    """One PAGE_DATA record: the batch's types and pfns, then the pages of those
+    that have data, pagetables in their canonical form. Returns the pages."""
+    t = sc.types[pfns]
+    with_data = pfns[t != PFINFO_XTAB]
+    pages = np.asarray(domctl.map_foreign_bulk(hv, dom, sc.p2m[with_data].astype(np.int64)))
+    rows = sc.slot_of[with_data]
+    is_table = rows >= 0
+    if is_table.any():
+        pages[is_table] = sc.canon[rows[is_table]]
+    entries = (t.astype(np.uint64) << np.uint64(stream.PAGE_DATA_TYPE_SHIFT)) \
+        | pfns.astype(np.uint64)
+    body_len = stream.PAGE_DATA_HDR.size + 8 * pfns.size + PAGE_SIZE * with_data.size
+    out.write(stream.RHDR.pack(RecType.PAGE_DATA, body_len))
+    out.write(stream.PAGE_DATA_HDR.pack(pfns.size))
+    out.write(entries.tobytes())
+    out.write(pages.tobytes())  # body_len is a multiple of 8: no padding
+    return int(with_data.size)
+
+
+def send_domain_memory_nonlive(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                               stats: SaveStats, progress: Progress | None) -> None:
+    """Every pfn once, in batches of MAX_BATCH_SIZE (restore: process_page_data)."""
+    total = sc.p2m.size
     for first in range(0, total, stream.MAX_BATCH_SIZE):
         pfns = np.arange(first, min(first + stream.MAX_BATCH_SIZE, total))
-        t = types[pfns]
-        with_data = pfns[t != PFINFO_XTAB]
-        pages = frames[p2m[with_data].astype(np.int64)]
-        rows = slot_of[with_data]
-        is_table = rows >= 0
-        if is_table.any():
-            pages[is_table] = canon[rows[is_table]]
-        entries = (t.astype(np.uint64) << np.uint64(stream.PAGE_DATA_TYPE_SHIFT)) \
-            | pfns.astype(np.uint64)
-        body_len = stream.PAGE_DATA_HDR.size + 8 * pfns.size + PAGE_SIZE * with_data.size
-        out.write(stream.RHDR.pack(RecType.PAGE_DATA, body_len))
-        out.write(stream.PAGE_DATA_HDR.pack(pfns.size))
-        out.write(entries.tobytes())
-        out.write(pages.tobytes())
-        # body_len is a multiple of 8: no padding
-        stats.pages += int(with_data.size)
+        stats.pages += write_batch(hv, dom, out, sc, pfns)
         if progress is not None:
             progress(int(pfns[-1]) + 1, total)
-    clock = max((v.clock for v in dom.vcpus), default=0)
+
+
+def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                            checkpoint: bool) -> None:
+    """x86_pv_end_of_checkpoint and the end: X86_TSC_INFO (write_tsc_info;
+    restore: handle_tsc_info),
+    SHARED_INFO (write_shared_info), a X86_PV_VCPU_BASIC per VCPU, pvlab's
+    xenstore and devices records, CHECKPOINT if it is one, END."""
+    rec = stream.write_record
+    clock = max(domctl.vcpu_clocks(dom), default=0)
     rec(out, RecType.X86_TSC_INFO,
         stream.X86_TSC_INFO.pack(TSC_MODE_ALWAYS_EMULATE, TSC_KHZ, clock, 0))
-    rec(out, RecType.SHARED_INFO, mem.read(dom.shared_info_mfn << PAGE_SHIFT, PAGE_SIZE))
-    for vcpu_id, ctx in vcpus:
+    mfn = domctl.shared_info_frame(dom)
+    rec(out, RecType.SHARED_INFO, domctl.map_foreign_range(hv, dom, mfn).tobytes())
+    for vcpu_id, ctx in sc.vcpus:
         rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
     if hv.xenstore is not None:
         rec(out, PvlabRecType.PVLAB_XENSTORE, xenstore_record(hv, dom))
-    if devices is not None:
-        rec(out, PvlabRecType.PVLAB_DEVICES, devices)
+    if sc.devices is not None:
+        rec(out, PvlabRecType.PVLAB_DEVICES, sc.devices)
     if checkpoint:
         rec(out, RecType.CHECKPOINT)
     rec(out, RecType.END)
-    stats.tables = int(table_pfns.size)
-    stats.pinned = int(((types & PFINFO_LPINTAB) != 0).sum())
+
+
+def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = False,
+                seed: int | None = None, progress: Progress | None = None) -> SaveStats:
+    """Write the whole stream of a suspended domain to ``out`` (xg_sr_save.c's
+    save: setup, static data, memory, end of checkpoint)."""
+    t0 = time.perf_counter()
+    stats = SaveStats()
+    sc = x86_pv_setup(hv, dom, stats)
+    write_static_data(hv, dom, out, sc, "checkpoint" if checkpoint else "save",
+                      hv.seed if seed is None else seed)
+    send_domain_memory_nonlive(hv, dom, out, sc, stats, progress)
+    write_end_of_checkpoint(hv, dom, out, sc, checkpoint)
     stats.total_s = time.perf_counter() - t0
     return stats
 

@@ -9,10 +9,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypervisor.core import Hypervisor
-from hypervisor.domain import SHUTDOWN_NAMES, Domain
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack.builder import build_domain
+from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome, try_save
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.control import (
     ACK_TIMEOUT_NS,
@@ -22,7 +23,7 @@ from hypervisor.toolstack.control import (
     resume_cancelled,
     shutdown_pending,
 )
-from hypervisor.toolstack.save import SaveError, SaveStats, save_to_file
+from hypervisor.toolstack.save import Progress, SaveError, SaveStats
 from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class RunResult:
     reason: str           # "poweroff", "crash", ..., "running" (time limit) or "hung"
     virtual_ns: int
     notes: list[str] = field(default_factory=list)  # the toolstack's messages
+    # a shutdown command the guest did not acknowledge in time ("" if none)
+    unacknowledged: str = ""
+    checkpoints: list[SaveOutcome] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -58,111 +62,142 @@ def boot(cfg: DomainConfig, seed: int | None = None, clock: str = "deterministic
     return hv, dom
 
 
+class _Run:
+    """The state of one run_domain: the requests still to make, the
+    acknowledgement awaited, the checkpoints asked for, what was said."""
+
+    def __init__(self, hv: Hypervisor, dom: Domain, requests: Sequence[Request],
+                 note: Callable[[str], None] | None, writer: CheckpointWriter | None,
+                 checkpoint_dir: str | Path | None) -> None:
+        self.hv, self.dom, self.note = hv, dom, note
+        self.pending = sorted(requests, key=lambda r: r.at_ns)
+        self.ack_deadline: int | None = None
+        # a checkpoint request is awaiting its suspend; two made before the guest
+        # suspends are one write of control/shutdown, so one checkpoint
+        self.checkpoint_wanted = False
+        self.unacknowledged = ""
+        self.notes: list[str] = []
+        self.writer = writer
+        self.checkpoint_dir = checkpoint_dir
+        self.scratch: tempfile.TemporaryDirectory[str] | None = None
+
+    def say(self, msg: str) -> None:
+        self.notes.append(msg)
+        log.info("%s", msg)
+        if self.note is not None:
+            self.note(msg)
+
+    def checkpoint_writer(self) -> CheckpointWriter:
+        """The run's writer; by default into a temporary directory, made at the
+        first checkpoint and gone when the run ends."""
+        if self.writer is None:
+            if self.checkpoint_dir is not None:
+                self.writer = CheckpointWriter(Path(self.checkpoint_dir))
+            else:
+                self.scratch = tempfile.TemporaryDirectory(prefix="pvlab-checkpoints-")
+                self.writer = CheckpointWriter(Path(self.scratch.name), show_directory=False)
+        return self.writer
+
+    def next_limit(self, until_ns: int | None) -> int | None:
+        marks = [self.pending[0].at_ns] if self.pending else []
+        if self.ack_deadline is not None:
+            marks.append(self.ack_deadline)
+        if until_ns is not None:
+            marks.append(until_ns)
+        return min(marks) if marks else None
+
+    def suspended(self, on_suspend: Callable[[Domain], bool] | None) -> bool:
+        """The domain suspended: checkpoint it, hand it to on_suspend, or
+        resume it cancelled. False if the run ends here."""
+        dom = self.dom
+        if self.checkpoint_wanted and on_suspend is None:
+            self.checkpoint_wanted = False
+            _, line = self.checkpoint_writer().take(self.hv, dom)
+            self.say(line)
+        elif on_suspend is not None:
+            if not on_suspend(dom):
+                return False
+            self.say(f"domain {dom.name} resumed: the suspend hypercall returns 1")
+        else:
+            self.say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
+                     "(the suspend hypercall returns 1)")
+        resume_cancelled(self.hv, dom)
+        self.ack_deadline = None
+        return True
+
+    def make_requests(self, limit: int) -> None:
+        """Make the requests due by ``limit``; give up on an unacknowledged one."""
+        while self.pending and self.pending[0].at_ns <= limit:
+            req = self.pending.pop(0)
+            self.say(f"at {format_duration(req.at_ns)}: {_describe(req)}")
+            msg = apply_request(self.hv, self.dom, req)
+            if msg:
+                self.say(msg)
+            if req.command == "checkpoint":
+                self.checkpoint_wanted = True
+            if req.shutdown:
+                self.ack_deadline = req.at_ns + ACK_TIMEOUT_NS
+        if self.ack_deadline is None:
+            return
+        waiting = shutdown_pending(self.hv, self.dom)
+        if not waiting:
+            self.ack_deadline = None
+        elif limit >= self.ack_deadline:
+            self.unacknowledged = waiting
+            self.say(f"guest didn't acknowledge {waiting}, cancelling request")
+            cancel_shutdown(self.hv, self.dom)
+            self.checkpoint_wanted = False
+            self.ack_deadline = None
+
+    def result(self, until_ns: int | None) -> RunResult:
+        dom = self.dom
+        if dom.shutdown_reason is not None:
+            reason = domctl.shutdown_name(dom.shutdown_reason)
+        elif until_ns is not None and domctl.reached(dom, until_ns):
+            reason = "running"  # each VCPU reached the time, or sleeps until a timer
+        else:
+            reason = "hung"
+        t = max(domctl.vcpu_clocks(dom), default=0)
+        checkpoints = list(self.writer.outcomes) if self.writer is not None else []
+        return RunResult(dom, bytes(dom.console_out), reason, t, self.notes,
+                         self.unacknowledged, checkpoints)
+
+
 def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                sink: Callable[[Domain, bytes], None] | None = None,
                requests: Sequence[Request] = (),
                note: Callable[[str], None] | None = None,
                on_suspend: Callable[[Domain], bool] | None = None,
-               checkpoint_dir: str | Path | None = None) -> RunResult:
+               checkpoint_dir: str | Path | None = None,
+               checkpoints: CheckpointWriter | None = None) -> RunResult:
     """Run until the domain shuts down, hangs, or (with until_ns) every VCPU
     reaches that virtual time. ``requests`` are made at their times. A domain
     that suspends is handed to ``on_suspend`` (which saves it, say): if that
     returns True, or there is none, the domain is resumed cancelled and runs
     on; if False, the run ends there. A suspend that a ``checkpoint`` request
-    asked for writes a checkpoint image into ``checkpoint_dir`` (by default
-    a temporary one, gone when the run ends) and runs on. ``note`` gets the
-    toolstack's messages."""
+    asked for is written by ``checkpoints`` (by default a writer into
+    ``checkpoint_dir``, or a temporary directory gone when the run ends) and
+    the domain runs on. ``note`` gets the toolstack's messages."""
     dom.console_sink = sink
-    notes: list[str] = []
-    checkpoints_wanted = 0
-    scratch: list[tempfile.TemporaryDirectory[str]] = []  # made at the first checkpoint
-
-    def where() -> Path:
-        if checkpoint_dir is not None:
-            return Path(checkpoint_dir)
-        if not scratch:
-            scratch.append(tempfile.TemporaryDirectory(prefix="pvlab-checkpoints-"))
-        return Path(scratch[0].name)
-
-    def say(msg: str) -> None:
-        notes.append(msg)
-        log.info("%s", msg)
-        if note is not None:
-            note(msg)
-
+    run = _Run(hv, dom, requests, note, checkpoints, checkpoint_dir)
     try:
-        pending = sorted(requests, key=lambda r: r.at_ns)
-        ack_deadline: int | None = None
         while True:
-            marks = [pending[0].at_ns] if pending else []
-            if ack_deadline is not None:
-                marks.append(ack_deadline)
-            if until_ns is not None:
-                marks.append(until_ns)
-            limit = min(marks) if marks else None
-            hv.run(limit)
+            limit = run.next_limit(until_ns)
+            domctl.run(hv, limit)
             if dom.shutdown_reason == SHUTDOWN_suspend:
-                if checkpoints_wanted and on_suspend is None:
-                    checkpoints_wanted -= 1
-                    _take_checkpoint(hv, dom, where(), say)
-                elif on_suspend is not None:
-                    if not on_suspend(dom):
-                        break
-                    say(f"domain {dom.name} resumed: the suspend hypercall returns 1")
-                else:
-                    say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
-                        "(the suspend hypercall returns 1)")
-                resume_cancelled(hv, dom)
-                ack_deadline = None
+                if not run.suspended(on_suspend):
+                    break
                 continue
-            if dom.shutdown_reason is not None or limit is None or not _reached(dom, limit):
+            if dom.shutdown_reason is not None or limit is None \
+                    or not domctl.reached(dom, limit):
                 break
-            while pending and pending[0].at_ns <= limit:
-                req = pending.pop(0)
-                say(f"at {format_duration(req.at_ns)}: {_describe(req)}")
-                msg = apply_request(hv, dom, req)
-                if msg:
-                    say(msg)
-                if req.command == "checkpoint":
-                    checkpoints_wanted += 1
-                if req.shutdown:
-                    ack_deadline = req.at_ns + ACK_TIMEOUT_NS
-            if ack_deadline is not None:
-                if not shutdown_pending(hv, dom):
-                    ack_deadline = None
-                elif limit >= ack_deadline:
-                    say(f"guest didn't acknowledge {shutdown_pending(hv, dom)}, cancelling request")
-                    cancel_shutdown(hv, dom)
-                    ack_deadline = None
+            run.make_requests(limit)
             if until_ns is not None and limit >= until_ns:
                 break
-        if dom.shutdown_reason is not None:
-            reason = SHUTDOWN_NAMES.get(dom.shutdown_reason, str(dom.shutdown_reason))
-        elif until_ns is not None and _reached(dom, until_ns):
-            reason = "running"  # each VCPU reached the time, or sleeps until a timer
-        else:
-            reason = "hung"
-        t = max((v.clock for v in dom.vcpus), default=0)
-        return RunResult(dom, bytes(dom.console_out), reason, t, notes)
+        return run.result(until_ns)
     finally:
-        for d in scratch:
-            d.cleanup()
-
-
-def _reached(dom: Domain, t: int) -> bool:
-    return all(v.clock >= t or (v.blocked and v.timer_deadline) for v in dom.vcpus if v.online)
-
-
-def _take_checkpoint(hv: Hypervisor, dom: Domain, where: Path,
-                     say: Callable[[str], None]) -> None:
-    n = len(list(where.glob(f"{dom.name}-checkpoint-*.img"))) + 1
-    path = where / f"{dom.name}-checkpoint-{n:03d}.img"
-    try:
-        stats = save_to_file(hv, dom, path, checkpoint=True)
-    except SaveError as e:
-        say(f"checkpoint failed: {e}; the guest runs on")
-        return
-    say(f"checkpoint {n}: {stats.bytes / (1 << 20):.1f} MiB image written")
+        if run.scratch is not None:
+            run.scratch.cleanup()
 
 
 def _describe(req: Request) -> str:
@@ -175,45 +210,61 @@ def _describe(req: Request) -> str:
     return f"the toolstack writes {req.path} = {req.value}"
 
 
-def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | None = None,
-                sink: Callable[[Domain, bytes], None] | None = None,
-                note: Callable[[str], None] | None = None,
-                progress: Callable[[int, int], None] | None = None,
-                requests: Sequence[Request] = (),
-                ) -> tuple[RunResult, SaveStats]:
+def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
+                     seed: int | None = None,
+                     sink: Callable[[Domain, bytes], None] | None = None,
+                     note: Callable[[str], None] | None = None,
+                     progress: Progress | None = None,
+                     requests: Sequence[Request] = (),
+                     ) -> tuple[RunResult, SaveOutcome]:
     """``xl save``: run the domain to virtual time ``at_ns`` (making those of
     ``requests`` that are no shutdown command and come before it: a mem-set,
     say), ask it to suspend (control/shutdown), wait for it, write the image
-    to ``path`` and destroy the domain. If the guest does not suspend, or the
-    image cannot be written, SaveError says why; the guest is left running (the suspend hypercall
-    returned 1) and nothing is at ``path``."""
-    saved: list[SaveStats] = []
-    failed: list[SaveError] = []
+    to ``path`` and destroy the domain. The outcome says why if it failed;
+    then the guest is left running (its suspend hypercall returned 1, or it
+    never suspended) and nothing is at ``path``."""
+    outcome = SaveOutcome(Path(path))
 
     def on_suspend(d: Domain) -> bool:
-        try:
-            saved.append(save_to_file(hv, d, path, seed=seed, progress=progress))
-        except SaveError as e:
-            failed.append(e)
+        nonlocal outcome
+        outcome = try_save(hv, d, Path(path), seed=seed, progress=progress)
+        if not outcome.ok:
+            outcome.error = (f"{outcome.error}; nothing was written, the guest runs on "
+                             "(its suspend hypercall returned 1)")
             resume_cancelled(hv, d)
         return False
 
     before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
     result = run_domain(hv, dom, at_ns + SUSPEND_TIMEOUT_NS, sink,
                         [*before, Request(at_ns, command="suspend")], note, on_suspend)
-    if failed:
-        raise SaveError(f"{failed[0]}; nothing was written, the guest runs on (its suspend "
-                        "hypercall returned 1)")
-    if not saved:
-        if result.reason not in ("running", "hung"):
-            why = f"the guest shut down ({result.reason}) before it suspended"
-        elif any("didn't acknowledge" in n for n in result.notes):
-            why = (f"the guest did not acknowledge the suspend request (control/shutdown) "
-                   f"within {format_duration(ACK_TIMEOUT_NS)} of virtual time: is it built "
-                   "without save/restore support?")
-        else:
-            why = (f"the guest did not suspend within "
-                   f"{format_duration(SUSPEND_TIMEOUT_NS)} of virtual time of the request")
-        raise SaveError(f"{why}; nothing was saved")
-    hv.destroy_domain(dom)
-    return result, saved[0]
+    if outcome.ok:
+        domctl.destroydomain(hv, dom)
+    elif not outcome.error:
+        outcome.error = f"{_why_not_suspended(result)}; nothing was saved"
+    return result, outcome
+
+
+def _why_not_suspended(result: RunResult) -> str:
+    if result.reason not in ("running", "hung"):
+        return f"the guest shut down ({result.reason}) before it suspended"
+    if result.unacknowledged:
+        return (f"the guest did not acknowledge the suspend request (control/shutdown) "
+                f"within {format_duration(ACK_TIMEOUT_NS)} of virtual time: is it built "
+                "without save/restore support?")
+    return (f"the guest did not suspend within {format_duration(SUSPEND_TIMEOUT_NS)} of "
+            "virtual time of the request")
+
+
+def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | None = None,
+                sink: Callable[[Domain, bytes], None] | None = None,
+                note: Callable[[str], None] | None = None,
+                progress: Callable[[int, int], None] | None = None,
+                requests: Sequence[Request] = (),
+                ) -> tuple[RunResult, SaveStats]:
+    """suspend_and_save for callers that want an exception: SaveError says why
+    the save failed."""
+    result, outcome = suspend_and_save(hv, dom, path, at_ns, seed, sink, note, progress,
+                                       requests)
+    if outcome.stats is None:
+        raise SaveError(outcome.error)
+    return result, outcome.stats

@@ -70,6 +70,10 @@ P2M_FRAMES_HDR = struct.Struct("<II")              # start_pfn, end_pfn; then u6
 PAGE_DATA_HDR = struct.Struct("<I4x")              # count; then u64 pfn|type, pages
 X86_TSC_INFO = struct.Struct("<IIQI4x")            # mode, khz, nsec, incarnation
 VCPU_HDR = struct.Struct("<I4x")                   # vcpu_id; then the context
+# the context's ctrlreg[1] (the user L4, as a pfn) has bit 0 set when there is
+# one, so that pfn 0 still names a table (pvlab's; Xen's 64-bit PV contexts
+# keep the user L4 elsewhere)
+USER_L4_SET = 1
 PAGE_DATA_PFN_MASK = 0x000FFFFFFFFFFFFF
 PAGE_DATA_TYPE_SHIFT = 32                          # pfn entry = type << 32 | pfn
 MAX_BATCH_SIZE = 1024                              # pfns per PAGE_DATA record

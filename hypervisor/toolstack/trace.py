@@ -2,23 +2,20 @@
 disassembled with capstone, with symbols from the guest image and the names of
 the Python kernel's native entries.
 
-A Python code hook on every instruction costs ~1000x; it is attached only for
-the traced prefix and removed between slices (removing a code hook inside a
-run makes Unicorn raise a hidden #PF: gotcha 2), with CR2 and the CPU's
-old_exception repaired after.
+The hypervisor traces for it (domctl.debug_trace): a code hook on every
+instruction costs ~1000x, so it is attached only for the traced prefix.
 """
 
 from __future__ import annotations
 
 import bisect
+from functools import partial
 from typing import IO, Any
 
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
-from unicorn import UC_HOOK_CODE, UcError
-from unicorn.x86_const import UC_X86_REG_CR2
 
-from hypervisor.domain import Domain
-from hypervisor.mm.walker import GuestFault
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor
 
 
 class Symbols:
@@ -37,7 +34,8 @@ class Symbols:
 
 
 class Tracer:
-    def __init__(self, dom: Domain, count: int, out: IO[str]) -> None:
+    def __init__(self, hv: Hypervisor, dom: Domain, count: int, out: IO[str]) -> None:
+        self.hv = hv
         self.dom = dom
         self.count = count
         self.out = out
@@ -45,58 +43,33 @@ class Tracer:
         image = getattr(dom, "image", None)
         self.symbols = Symbols(image.symbols if image is not None else {})
         self.left: dict[int, int] = {}
-        self.hooks: dict[int, Any] = {}
 
     def attach(self) -> None:
-        for v in self.dom.vcpus:
-            self.left[v.vcpu_id] = self.count
-            self.hooks[v.vcpu_id] = v.uc.hook_add(UC_HOOK_CODE, self._hook, v)
-            v.after_slice = self._after_slice
-            v.on_native = self._native
+        for v in range(domctl.max_vcpus(self.dom)):
+            self.left[v] = self.count
+            domctl.debug_trace(self.dom, v, partial(self._more, v), partial(self._insn, v),
+                               partial(self._native, v))
+
+    def _more(self, vcpu_id: int) -> bool:
+        return self.left.get(vcpu_id, 0) > 0
 
     def _name(self, addr: int) -> str:
         sym = self.symbols.lookup(addr)
         return f"<{sym}>" if sym else ""
 
-    def _native(self, vcpu: Any, addr: int, fn: Any) -> None:
+    def _native(self, vcpu_id: int, addr: int, fn: Any) -> None:
         """A native entry: no x86 instruction runs there, the kernel's Python does."""
-        n = self.left.get(vcpu.vcpu_id, 0)
-        if n <= 0:
-            return
-        self.left[vcpu.vcpu_id] = n - 1
-        self.out.write(f"trace d{self.dom.domid}v{vcpu.vcpu_id} k {addr:016x} "
+        self.left[vcpu_id] -= 1
+        self.out.write(f"trace d{self.dom.domid}v{vcpu_id} k {addr:016x} "
                        f"{'<native>':<40} python {fn.__module__}.{fn.__qualname__}\n")
 
-    def _hook(self, uc: Any, addr: int, size: int, vcpu: Any) -> None:
-        n = self.left.get(vcpu.vcpu_id, 0)
-        if n <= 0:
-            vcpu.request_stop()
-            uc.emu_stop()
-            return
-        self.left[vcpu.vcpu_id] = n - 1
-        hv = self.dom.hypervisor
-        try:
-            code = hv.walker.read(vcpu.current_table, addr, max(size, 1))
-        except GuestFault:
-            code = b""
+    def _insn(self, vcpu_id: int, addr: int, size: int, in_kernel: bool) -> None:
+        self.left[vcpu_id] -= 1
+        code = domctl.gdbsx_guestmemio(self.hv, self.dom, vcpu_id, addr, max(size, 1)) or b""
         text = "(unreadable)"
         for insn in self.cs.disasm(code, addr):
             text = f"{insn.mnemonic} {insn.op_str}".strip()
             break
-        mode = "k" if vcpu.in_kernel else "u"
-        self.out.write(f"trace d{self.dom.domid}v{vcpu.vcpu_id} {mode} {addr:016x} "
+        mode = "k" if in_kernel else "u"
+        self.out.write(f"trace d{self.dom.domid}v{vcpu_id} {mode} {addr:016x} "
                        f"{self._name(addr):<40} {text}\n")
-
-    def _after_slice(self, vcpu: Any) -> None:
-        if self.left.get(vcpu.vcpu_id, 0) > 0 or vcpu.vcpu_id not in self.hooks:
-            return
-        uc = vcpu.uc
-        cr2 = uc.reg_read(UC_X86_REG_CR2)
-        try:
-            uc.hook_del(self.hooks.pop(vcpu.vcpu_id))
-        except UcError:
-            pass
-        uc.reg_write(UC_X86_REG_CR2, cr2)
-        vcpu.env.clear_old_exception()
-        vcpu.after_slice = None
-        vcpu.on_native = None

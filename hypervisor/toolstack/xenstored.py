@@ -24,8 +24,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+import numpy as np
+
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.io.ring import ring_spans, ring_used
 from hypervisor.public.io.xs_wire import (
     CONNECTION_OFF,
@@ -42,9 +45,7 @@ from hypervisor.public.io.xs_wire import (
     XsType,
     xenstore_domain_interface,
 )
-
-if TYPE_CHECKING:
-    from hypervisor.domain import Domain
+from hypervisor.public.xen import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +200,16 @@ class Store:
 
     # --- domains ----------------------------------------------------------------------
 
-    def introduce(self, dom: Domain, ring_mfn: int, port: int) -> XenstoreConnection:
-        """Connect a new domain (XS_INTRODUCE) and give it its home."""
+    def introduce_domain(self, hv: Hypervisor, dom: Domain, ring_mfn: int,
+                         port: int) -> XenstoreConnection:
+        """XS_INTRODUCE (libxl's xs_introduce_domain): connect a new domain: map
+        its ring, bind its port, give it its home."""
         self.write(home(dom.domid), b"")
         self.write(home(dom.domid) + "/name", dom.name.encode())
         self.write(home(dom.domid) + "/domid", str(dom.domid).encode())
-        conn = XenstoreConnection(self, dom, ring_mfn, port)
-        dom.evtchn.bind_backend(port, conn.notify)
+        conn = XenstoreConnection(self, dom, ring_mfn, domctl.map_foreign_range(hv, dom, ring_mfn),
+                                  port)
+        domctl.evtchn_bind_backend(dom, port, conn.notify)
         return conn
 
     def release(self, conn: XenstoreConnection) -> None:
@@ -219,31 +223,38 @@ class Store:
 class XenstoreConnection:
     """One guest's ring: requests in, replies and watch events out."""
 
-    def __init__(self, store: Store, dom: Domain, ring_mfn: int, port: int) -> None:
+    def __init__(self, store: Store, dom: Domain, ring_mfn: int, page: np.ndarray,
+                 port: int) -> None:
         self.store = store
         self.dom = dom
         self.domid = dom.domid
-        self.mem = dom.hypervisor.machine.memory
-        self.ring = ring_mfn << 12
+        self.ring = ring_mfn << PAGE_SHIFT  # the ring's machine address
+        self.page = page  # the guest's xenstore_domain_interface page, mapped
         self.port = port
         self.out = bytearray()  # replies and events not yet in the ring
         self.broken = False
 
     # --- the ring ---------------------------------------------------------------------
 
+    def _read(self, off: int, n: int) -> bytes:
+        return self.page[off:off + n].tobytes()
+
+    def _write(self, off: int, data: bytes) -> None:
+        self.page[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
     def _u32(self, off: int) -> int:
-        return int.from_bytes(self.mem.read(self.ring + off, 4), "little")
+        return int.from_bytes(self._read(off, 4), "little")
 
     def _set_u32(self, off: int, v: int) -> None:
-        self.mem.write(self.ring + off, (v & 0xFFFFFFFF).to_bytes(4, "little"))
+        self._write(off, (v & 0xFFFFFFFF).to_bytes(4, "little"))
 
     def _ring_read(self, base: int, idx: int, n: int) -> bytes:
-        return b"".join(self.mem.read(self.ring + base + off, chunk)
+        return b"".join(self._read(base + off, chunk)
                         for off, chunk in ring_spans(idx, n, XENSTORE_RING_SIZE))
 
     def _ring_write(self, base: int, idx: int, data: bytes) -> None:
         for off, chunk in ring_spans(idx, len(data), XENSTORE_RING_SIZE):
-            self.mem.write(self.ring + base + off, data[:chunk])
+            self._write(base + off, data[:chunk])
             data = data[chunk:]
 
     def notify(self) -> None:
@@ -257,7 +268,7 @@ class XenstoreConnection:
                 self._set_u32(off, 0)
             self.out.clear()
             self._set_u32(CONNECTION_OFF, 0)
-            self.dom.evtchn.set_pending(self.port)
+            domctl.evtchn_notify(self.dom, self.port)
             return
         cons, prod = self._u32(REQ_CONS_OFF), self._u32(REQ_PROD_OFF)
         while ring_used(cons, prod) >= XSD_SOCKMSG.size:
@@ -287,7 +298,7 @@ class XenstoreConnection:
         del self.out[:len(data)]
         self._ring_write(RSP_OFF, prod, data)
         self._set_u32(RSP_PROD_OFF, prod + len(data))
-        self.dom.evtchn.set_pending(self.port)
+        domctl.evtchn_notify(self.dom, self.port)
 
     def _protocol_error(self, what: str) -> None:
         log.warning("domain %d: xenstore ring protocol error: %s; connection closed",

@@ -1,0 +1,555 @@
+"""The control interface: all the toolstack may ask of the hypervisor, as libxc
+sees Xen (tools/libs/ctrl/): domctls (XEN_DOMCTL_createdomain, max_mem,
+getpageframeinfo3, getvcpucontext, setvcpucontext, pausedomain, resumedomain,
+iomem_permission, ...), sysctls (physinfo), privileged hypercalls on a foreign
+domain (memory_op populate_physmap, mmu_update MMU_MACHPHYS_UPDATE, mmuext_op
+pin), event channels for backends, and foreign mappings of a domain's frames
+(xc_map_foreign_bulk).
+
+The toolstack (hypervisor/toolstack/) imports nothing else of the hypervisor
+but hypervisor/public/, and this module imports nothing of the toolstack. The
+toolstack holds two handles: the machine (``Hypervisor``, libxc's
+xc_interface) and a domain (``Domain``, where libxc passes a domid). It reads
+a domain's descriptive fields (name, domid, max_pages, shutdown_reason,
+crash_report, console_out) and keeps its own objects in the slots the
+hypervisor holds for it (the machine's xenstore; a domain's console and
+xenstore backends, console_sink, image, and p2m_frames/p2m_size: where the
+builder or restorer put the guest's p2m list, for the frame audit); every
+other change to a domain goes through the calls below. Live migration will add
+shadow_op (log-dirty) here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from unicorn import UC_HOOK_CODE, UcError
+from unicorn.x86_const import UC_X86_REG_CR2
+
+from hypervisor.core import Hypervisor
+from hypervisor.cpu.context import get_context, set_context
+from hypervisor.cpu.vcpu import RAX
+from hypervisor.devices.balloon import Balloon, BalloonError, BalloonHost
+from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
+from hypervisor.devices.virtio.queue import DomainMemory
+from hypervisor.domain import SHUTDOWN_NAMES, Domain
+from hypervisor.hypercalls.version import XEN_MAJOR, XEN_MINOR
+from hypervisor.mm.audit import audit as _audit
+from hypervisor.mm.frames import OutOfMemory, PageType
+from hypervisor.mm.pagetable import LEVEL_TYPE
+from hypervisor.mm.walker import GuestFault
+from hypervisor.native import KernelError, NativeKernel
+from hypervisor.public.arch_x86 import VGCF_online, vcpu_guest_context
+from hypervisor.public.domctl import (
+    PFINFO_LPINTAB,
+    PFINFO_LTAB_SHIFT,
+    PFINFO_NOTAB,
+    PFINFO_XTAB,
+)
+from hypervisor.public.errno import EBUSY, EINVAL, EPERM
+from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, shared_info
+
+ENTRIES_PER_TABLE = PAGE_SIZE // 8
+
+
+class DomctlError(Exception):
+    """A control operation refused, with Xen's errno."""
+
+    def __init__(self, errno: int, why: str) -> None:
+        super().__init__(why)
+        self.errno = errno
+
+
+# --- domains ------------------------------------------------------------------------
+
+def createdomain(hv: Hypervisor, name: str, max_vcpus: int, max_pages: int) -> Domain:
+    """XEN_DOMCTL_createdomain (max_vcpus is part of its configuration since
+    Xen 4.12) and XEN_DOMCTL_max_mem in one: an empty domain, VCPUs down."""
+    return hv.create_domain(name, max_pages, max_vcpus)
+
+
+def destroydomain(hv: Hypervisor, dom: Domain) -> None:
+    """XEN_DOMCTL_destroydomain: every frame back to the heap, devices gone."""
+    hv.destroy_domain(dom)
+
+
+def max_mem(dom: Domain, max_pages: int) -> None:
+    """XEN_DOMCTL_max_mem: the most frames the domain's reservation may hold."""
+    dom.max_pages = max_pages
+
+
+def max_vcpus(dom: Domain) -> int:
+    """The number of VCPUs the domain was created with (its max_vcpus)."""
+    return len(dom.vcpus)
+
+
+def pausedomain(dom: Domain) -> None:
+    """XEN_DOMCTL_pausedomain: the scheduler runs none of its VCPUs."""
+    dom.paused = True
+
+
+def unpausedomain(dom: Domain) -> None:
+    dom.paused = False
+
+
+def resumedomain(hv: Hypervisor, dom: Domain) -> None:
+    """XEN_DOMCTL_resumedomain: a domain shut down for suspend runs on."""
+    dom.resume()
+
+
+def shutdown_name(reason: int) -> str:
+    return SHUTDOWN_NAMES.get(reason, str(reason))
+
+
+# --- VCPUs --------------------------------------------------------------------------
+
+def getvcpucontext(dom: Domain, vcpu_id: int) -> vcpu_guest_context:
+    """XEN_DOMCTL_getvcpucontext: CR3 and the user L4 as machine addresses."""
+    return get_context(dom.vcpus[vcpu_id])
+
+
+def setvcpucontext(dom: Domain, vcpu_id: int, ctx: vcpu_guest_context) -> int:
+    """XEN_DOMCTL_setvcpucontext (arch_set_info_guest): the kernel L4 takes a
+    type reference and is validated; VGCF_online brings the VCPU up. 0 or
+    -EINVAL when CR3 does not validate."""
+    v = dom.vcpus[vcpu_id]
+    rc = set_context(v, bytes(ctx))
+    if rc:
+        return rc
+    v.online = bool(ctx.flags & VGCF_online)
+    v.initialised = True
+    return 0
+
+
+def modify_returncode(dom: Domain, rc: int) -> None:
+    """xc_resume.c's modify_returncode: the result vcpu0's suspend hypercall
+    returns (1: cancelled, the guest goes on in the same domain). libxc does
+    it with getvcpucontext and setvcpucontext; one register is all it changes."""
+    dom.vcpus[0].gpr[RAX] = rc
+
+
+def settscinfo(dom: Domain, clocks_ns: Mapping[int, int]) -> None:
+    """XEN_DOMCTL_settscinfo: the guest's time goes on where the image left
+    it. pvlab's deterministic clock is per VCPU: vcpu id -> ns."""
+    for vcpu_id, ns in clocks_ns.items():
+        dom.vcpus[vcpu_id].clock = int(ns)
+
+
+def vcpu_clocks(dom: Domain) -> list[int]:
+    """Each VCPU's virtual time (XEN_DOMCTL_gettscinfo, per VCPU)."""
+    return [v.clock for v in dom.vcpus]
+
+
+@dataclass(frozen=True)
+class VcpuInfo:
+    """XEN_DOMCTL_getvcpuinfo: whether it is up, blocked, and its time."""
+
+    online: bool
+    blocked: bool
+    cpu_time: int  # its virtual clock, ns
+
+
+def getvcpuinfo(dom: Domain, vcpu_id: int) -> VcpuInfo:
+    v = dom.vcpus[vcpu_id]
+    return VcpuInfo(bool(v.online), bool(v.blocked), int(v.clock))
+
+
+def reached(dom: Domain, t_ns: int) -> bool:
+    """Every online VCPU has run to ``t_ns`` or sleeps until a timer."""
+    return all(v.clock >= t_ns or (v.blocked and v.timer_deadline)
+               for v in dom.vcpus if v.online)
+
+
+def run(hv: Hypervisor, until_ns: int | None = None) -> None:
+    """Let the machine's scheduler run every runnable VCPU (to ``until_ns``)."""
+    hv.run(until_ns)
+
+
+def load_kernel(dom: Domain, module: str, text: int, size: int) -> None:
+    """Bind the Python guest kernel the image names to the domain's VCPUs: its
+    native entries at ``text`` (``size`` bytes). Raises KernelError."""
+    dom.kernel_module = module
+    dom.native = NativeKernel(dom, module, text, size)
+    for v in dom.vcpus:
+        dom.native.bind(v)
+
+
+def kernel_binding(dom: Domain) -> dict[str, Any] | None:
+    """What load_kernel was given, for an image to name it again."""
+    native = dom.native
+    if native is None:
+        return None
+    return {"module": native.name, "text": native.text, "size": native.size}
+
+
+# --- memory -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PhysInfo:
+    total_pages: int
+    free_pages: int
+
+
+def physinfo(hv: Hypervisor) -> PhysInfo:
+    """XEN_SYSCTL_physinfo."""
+    ft = hv.machine.frames
+    return PhysInfo(ft.nr_frames, ft.nr_free)
+
+
+def xen_version(hv: Hypervisor) -> tuple[int, int]:
+    """XENVER_version: (major, minor) of the ABI the hypervisor speaks."""
+    return XEN_MAJOR, XEN_MINOR
+
+
+def populate_physmap(hv: Hypervisor, dom: Domain, nr_frames: int,
+                     zero: bool = True) -> np.ndarray:
+    """XENMEM_populate_physmap on a foreign domain: ``nr_frames`` new frames
+    from the shuffled heap, as mfns (int64). ``zero=False`` when every frame
+    is about to be written whole. Raises OutOfMemory."""
+    return np.array(hv.machine.frames.alloc_many(dom.domid, nr_frames, zero=zero),
+                    dtype=np.int64)
+
+
+def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,
+                        pfns: np.ndarray) -> None:
+    """mmu_update MMU_MACHPHYS_UPDATE for a batch: the M2P learns mfn -> pfn
+    for frames the domain owns."""
+    mfns = np.asarray(mfns, dtype=np.int64)
+    _check_owned(hv, dom, mfns)
+    hv.machine.m2p[mfns] = np.asarray(pfns, dtype=np.uint64)
+
+
+def map_m2p(hv: Hypervisor) -> np.ndarray:
+    """xc_map_m2p: the machine-to-phys table, read-only."""
+    view = hv.machine.m2p.view()
+    view.flags.writeable = False
+    return view
+
+
+def alloc_shared_info(hv: Hypervisor, dom: Domain) -> int:
+    """The domain's shared_info page (Xen allocates it in arch_domain_create):
+    a hypervisor frame the domain may map. Returns its mfn."""
+    mfn = hv.machine.frames.alloc(dom.domid)
+    hv.machine.frames.xenheap[mfn] = True
+    dom.set_shared_info(mfn)
+    return mfn
+
+
+def map_shared_info(hv: Hypervisor, dom: Domain) -> Any:
+    """xc_map_foreign_range of shared_info_frame, as the shared_info struct."""
+    return shared_info.from_buffer(hv.machine.memory.buf, dom.shared_info_mfn << PAGE_SHIFT)
+
+
+def tlb_flush(hv: Hypervisor, dom: Domain) -> None:
+    """MMUEXT_TLB_FLUSH_ALL for a foreign domain: its VCPUs drop what they
+    cached of mappings the toolstack has rewritten underneath them."""
+    dom.flush_tlbs()
+
+
+def shared_info_frame(dom: Domain) -> int:
+    """getdomaininfo's shared_info_frame."""
+    return dom.shared_info_mfn
+
+
+def mmuext_pin_table(hv: Hypervisor, dom: Domain, mfn: int, level: int) -> int:
+    """mmuext_op MMUEXT_PIN_L<level>_TABLE on a foreign domain: the frame takes
+    that type (validated now) and keeps it until unpinned. 0 or -errno."""
+    rc = hv.machine.types.get_page_and_type(mfn, LEVEL_TYPE[level], dom.domid)
+    if rc:
+        return rc
+    hv.machine.frames.pinned[mfn] = True
+    return 0
+
+
+def getpageframeinfo3(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> np.ndarray:
+    """XEN_DOMCTL_getpageframeinfo3: a PFINFO type (u32) per frame. A frame
+    not the domain's is XTAB; a pagetable pinned or in use (validated) is
+    L1..L4, LPINTAB if pinned; one that is neither is plain data, NOTAB."""
+    ft = hv.machine.frames
+    mfns = np.asarray(mfns, dtype=np.int64)
+    out = np.full(mfns.size, PFINFO_XTAB, dtype=np.uint32)
+    ok = (mfns >= 0) & (mfns < ft.nr_frames)
+    ok[ok] = ft.owner[mfns[ok]] == dom.domid
+    m = mfns[ok]
+    t = ft.type[m].astype(np.uint32)  # PageType.l1..l4 are 1..4, as PFINFO's levels
+    pinned = ft.pinned[m]
+    table = (t >= PageType.l1) & (t <= PageType.l4) & (pinned | ft.validated[m])
+    types = np.where(table, t << PFINFO_LTAB_SHIFT, PFINFO_NOTAB).astype(np.uint32)
+    types[table & pinned] |= np.uint32(PFINFO_LPINTAB)
+    out[ok] = types
+    return out
+
+
+# --- log-dirty ----------------------------------------------------------------------
+# XEN_DOMCTL_shadow_op (XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, CLEAN, PEEK) goes
+# here with live migration: the frames a domain wrote since the last round.
+
+# --- foreign mappings ---------------------------------------------------------------
+
+class ForeignMap:
+    """xc_map_foreign_bulk's result: a domain's frames as rows of 512 u64.
+    ``fmap[i]`` is a view of one frame (writes reach the guest); a slice or
+    mask reads a copy; assigning to it writes the frames."""
+
+    def __init__(self, frames: np.ndarray, mfns: np.ndarray) -> None:
+        self._frames = frames
+        self.mfns = mfns
+
+    def __len__(self) -> int:
+        return int(self.mfns.size)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self._frames[self.mfns[key]]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._frames[self.mfns[key]] = value
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self._frames[self.mfns]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _check_owned(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> None:
+    ft = hv.machine.frames
+    inside = (mfns >= 0) & (mfns < ft.nr_frames)
+    if not inside.all():
+        bad = int(mfns[~inside][0])
+        raise DomctlError(EINVAL, f"mfn {bad:#x} is no frame of the machine")
+    foreign = ft.owner[mfns] != dom.domid
+    if foreign.any():
+        bad = int(mfns[foreign][0])
+        raise DomctlError(EPERM, f"mfn {bad:#x} is not a frame of domain {dom.domid}")
+
+
+def map_foreign_bulk(hv: Hypervisor, dom: Domain, mfns: Sequence[int] | np.ndarray,
+                     ) -> ForeignMap:
+    """xc_map_foreign_bulk: the domain's frames ``mfns`` (a PV domain names
+    its frames by mfn); a frame it does not own is refused (EPERM)."""
+    mfns = np.asarray(mfns, dtype=np.int64).reshape(-1)
+    _check_owned(hv, dom, mfns)
+    return ForeignMap(hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE), mfns)
+
+
+def map_foreign_range(hv: Hypervisor, dom: Domain, mfn: int) -> np.ndarray:
+    """xc_map_foreign_range of one frame: its 4096 bytes, a writable view."""
+    _check_owned(hv, dom, np.array([mfn], dtype=np.int64))
+    return hv.machine.memory.frame_bytes(mfn)
+
+
+def map_struct(hv: Hypervisor, dom: Domain, mfn: int, struct: type[ctypes.Structure],
+               ) -> Any:
+    """A frame of the domain mapped as a ctypes struct (start_info, say)."""
+    _check_owned(hv, dom, np.array([mfn], dtype=np.int64))
+    return struct.from_buffer(hv.machine.memory.buf, mfn << PAGE_SHIFT)
+
+
+# --- debugging ----------------------------------------------------------------------
+
+def gdbsx_guestmemio(hv: Hypervisor, dom: Domain, vcpu_id: int, va: int,
+                     size: int) -> bytes | None:
+    """XEN_DOMCTL_gdbsx_guestmemio (read): ``size`` bytes at a guest virtual
+    address through the VCPU's current tables; None if not mapped."""
+    try:
+        return hv.walker.read(dom.vcpus[vcpu_id].current_table, va, size)
+    except GuestFault:
+        return None
+
+
+def debug_trace(dom: Domain, vcpu_id: int, more: Callable[[], bool],
+                on_insn: Callable[[int, int, bool], None],
+                on_native: Callable[[int, Callable[..., Any]], None]) -> None:
+    """Trace a VCPU (as a debugger single-steps through XEN_DOMCTL_debug_op):
+    on_insn(addr, size, in_kernel) before each x86 instruction, on_native(addr,
+    fn) at each entry of the Python kernel, while more() says so. A code hook
+    on every instruction costs ~1000x: the slice stops when more() turns
+    false, and the hook is removed after it, between slices (removing a code
+    hook inside a run makes Unicorn raise a hidden #PF), with CR2 and the
+    CPU's old_exception repaired."""
+    v = dom.vcpus[vcpu_id]
+
+    def hook(uc: Any, addr: int, size: int, _: Any) -> None:
+        if not more():
+            v.request_stop()
+            uc.emu_stop()
+            return
+        on_insn(addr, size, v.in_kernel)
+
+    handle = v.uc.hook_add(UC_HOOK_CODE, hook, None)
+
+    def after_slice(vcpu: Any) -> None:
+        if more():
+            return
+        cr2 = vcpu.uc.reg_read(UC_X86_REG_CR2)
+        try:
+            vcpu.uc.hook_del(handle)
+        except UcError:
+            pass
+        vcpu.uc.reg_write(UC_X86_REG_CR2, cr2)
+        vcpu.env.clear_old_exception()
+        vcpu.after_slice = None
+        vcpu.on_native = None
+
+    v.after_slice = after_slice
+    v.on_native = lambda vcpu, addr, fn: on_native(addr, fn) if more() else None
+
+
+# --- event channels -----------------------------------------------------------------
+
+def evtchn_alloc_unbound(dom: Domain, remote_dom: int, port: int | None = None) -> int:
+    """EVTCHNOP_alloc_unbound in the domain for ``remote_dom``; at ``port`` if
+    given (a restore keeps the ports the guest knows). The port or -errno."""
+    if port is None:
+        return dom.evtchn.alloc_unbound(remote_dom)
+    return dom.evtchn.alloc_unbound_at(port, remote_dom)
+
+
+def evtchn_bind_backend(dom: Domain, port: int, notify: Callable[[], None]) -> None:
+    """The backend's end of an interdomain channel (EVTCHNOP_bind_interdomain
+    from the toolstack's side): ``notify`` runs when the guest sends on it."""
+    dom.evtchn.bind_backend(port, notify)
+
+
+def evtchn_notify(dom: Domain, port: int) -> None:
+    """xenevtchn_notify from the backend: the guest's port goes pending."""
+    dom.evtchn.set_pending(port)
+
+
+# --- devices ------------------------------------------------------------------------
+
+def iomem_permission(hv: Hypervisor, dom: Domain, first_mfn: int, nr_mfns: int) -> None:
+    """XEN_DOMCTL_iomem_permission: the domain may map these frames of device
+    memory (never RAM: ValueError)."""
+    hv.iomem_permit(dom, first_mfn, nr_mfns)
+
+
+def next_mmio_base(hv: Hypervisor) -> int:
+    """The next free page of the device bus."""
+    return hv.bus.next_base()
+
+
+def balloon_host(hv: Hypervisor, dom: Domain) -> BalloonHost:
+    """What a balloon of ``dom`` is given: the frame table and the M2P, the
+    frame release of XENMEM_decrease_reservation, the domain's TLB flush,
+    the scheduler's timers."""
+    machine = hv.machine
+    return BalloonHost(dom.domid, machine.frames, machine.m2p,
+                       lambda mfn: hv.reservation.remove_page(dom, mfn),
+                       dom.flush_tlbs, hv.scheduler, lambda: dom.is_running)
+
+
+def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice, base: int,
+                      port: int) -> VirtioMmio:
+    """Put ``device`` behind a virtio-mmio transport at machine address
+    ``base``, its interrupt on the domain's event channel ``port``, mappable
+    by the domain."""
+    def send_event() -> None:
+        # a domain that is not running, or has no shared_info yet, takes no event
+        if dom.is_running and dom.shared_info is not None:
+            dom.evtchn.set_pending(port)
+
+    mem = DomainMemory(hv.machine.memory, hv.machine.frames, dom.domid)
+    transport = VirtioMmio(device, mem, base, port, send_event)
+    iomem_permission(hv, dom, base >> PAGE_SHIFT, 1)
+    hv.add_device(dom, base, transport)
+    return transport
+
+
+def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
+                       stats_interval_ns: int, deflate_on_oom: bool) -> Balloon:
+    """A new virtio-mmio balloon of ``dom``."""
+    balloon = Balloon(balloon_host(hv, dom), stats_interval_ns, deflate_on_oom)
+    add_virtio_device(hv, dom, balloon, base, port)
+    return balloon
+
+
+def restore_virtio_balloon(hv: Hypervisor, dom: Domain, state: dict[str, Any]) -> Balloon:
+    """A balloon re-created from its PVLAB_DEVICES entry, at the base and
+    port the guest knows from its command line."""
+    balloon = balloon_persist.restore_state(state, balloon_host(hv, dom))
+    add_virtio_device(hv, dom, balloon, state["base"], state["port"])
+    return balloon
+
+
+def find_device(dom: Domain, kind: type) -> Any | None:
+    """The domain's first device model of this kind, or None."""
+    for dev in dom.devices:
+        if isinstance(dev.device, kind):
+            return dev.device
+    return None
+
+
+def devices_state(dom: Domain) -> list[dict[str, Any]]:
+    """What an image carries of each device (its PVLAB_DEVICES record): where
+    it is and what the host keeps of it. The guest must have frozen (reset)
+    them: a live device has rings in frames a restore moves (EBUSY)."""
+    out = []
+    for t in dom.devices:
+        if t.status:
+            raise DomctlError(EBUSY, f"the {t.device.name} device at {t.base:#x} is live "
+                              f"(status {t.status:#x}): the guest did not reset it when it "
+                              "froze its devices, and its rings cannot be carried over")
+        out.append(balloon_persist.save_state(t))
+    return out
+
+
+def check_device_state(state: object) -> str | None:
+    """Why a PVLAB_DEVICES entry cannot be restored, or None: a device this
+    hypervisor knows, with every key of its declared state and type."""
+    if not isinstance(state, dict) or state.get("kind") != balloon_persist.KIND \
+            or state.get("bus") != balloon_persist.BUS:
+        return f"a device this restorer does not know: {state!r}"
+    for key, want in balloon_persist.STATE_KEYS.items():
+        value = state.get(key)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            return f"device {key} is missing or not {want.__name__}"
+    return None
+
+
+# --- checks -------------------------------------------------------------------------
+
+def audit(hv: Hypervisor) -> list[str]:
+    """The frame-accounting invariants that fail (Xen's debug audit)."""
+    return _audit(hv)
+
+
+@dataclass
+class FrameDump:
+    """The frame table's rows for a domain's frames (Xen's 'q' debug key)."""
+
+    mfns: np.ndarray
+    pfns: np.ndarray          # from the M2P; INVALID_MFN where none
+    type: np.ndarray          # PageType values
+    type_count: np.ndarray
+    ref_count: np.ndarray
+    pinned: np.ndarray
+    validated: np.ndarray
+    xenheap: np.ndarray       # a hypervisor page shared with the domain
+
+
+def dump_frames(hv: Hypervisor, dom: Domain) -> FrameDump:
+    ft = hv.machine.frames
+    mfns = ft.owned_by(dom.domid)
+    return FrameDump(mfns, hv.machine.m2p[mfns], ft.type[mfns], ft.type_count[mfns],
+                     ft.ref_count[mfns], ft.pinned[mfns], ft.validated[mfns],
+                     ft.xenheap[mfns])
+
+
+__all__ = [
+    "Balloon", "BalloonError", "Domain", "DomctlError", "ForeignMap", "FrameDump", "Hypervisor",
+    "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio_balloon",
+    "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "check_device_state",
+    "createdomain", "debug_trace", "destroydomain", "devices_state", "dump_frames",
+    "evtchn_alloc_unbound", "evtchn_bind_backend", "evtchn_notify", "find_device",
+    "gdbsx_guestmemio", "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission",
+    "kernel_binding", "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p",
+    "map_shared_info", "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update",
+    "mmuext_pin_table", "modify_returncode", "next_mmio_base", "pausedomain", "physinfo",
+    "populate_physmap", "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo",
+    "setvcpucontext", "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain",
+    "vcpu_clocks", "xen_version",
+]

@@ -439,7 +439,7 @@ def balloon_host(hv: Hypervisor, dom: Domain) -> BalloonHost:
     machine = hv.machine
     return BalloonHost(dom.domid, machine.frames, machine.m2p,
                        lambda mfn: hv.reservation.remove_page(dom, mfn),
-                       dom.flush_tlbs, hv.scheduler, lambda: dom.is_running)
+                       lambda: dom.flush_tlbs(), hv.scheduler, lambda: dom.is_running)
 
 
 def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice, base: int,

@@ -369,13 +369,13 @@ def pending_event(dom, port: int) -> bool:
 
 def count_flushes(hv, dom) -> list[int]:
     calls: list[int] = []
-    real = hv.flush_tlbs
+    real = dom.flush_tlbs
 
-    def flush(d):
-        calls.append(d.domid)
-        real(d)
+    def flush():
+        calls.append(dom.domid)
+        real()
 
-    hv.flush_tlbs = flush
+    dom.flush_tlbs = flush
     return calls
 
 

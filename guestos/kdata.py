@@ -1,20 +1,63 @@
-"""The kernel's global data, at the image's ``kernel_data`` area.
+"""The kernel's data, at the image's ``kernel_data`` area, and the one
+allocator that places each subsystem's part of it.
 
 The image header (at VIRT_BASE, hypervisor/public/native.py) says where that
 area is; everything the kernel remembers between two native calls is here or
-in pages it allocated and recorded here.
+in pages it allocated and recorded here. Each subsystem declares the layout
+of its part in its own module, with a check that it fits its area; AREAS
+below gives every area its size and, in that order, its place.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import ctypes
+from dataclasses import dataclass
 
-from guestos.layout import Layout
-from hypervisor.public.native import pvlab_image_header
+from guestos.layout import Layout, Ref
+from hypervisor.public.native import VIRT_BASE, NativeCpu, pvlab_image_header
+from hypervisor.public.xen import start_info
 
-VIRT_BASE = 0xFFFFFFFF80000000
+KERNEL_DATA_SIZE = 65536  # firmware/kernel/head.S reserves this much
 MAX_CPUS = 32
 KSTACK_PAGES = 2
+MAX_TASKS = 64
+NR_PORTS = 4096  # the 2-level event channel ABI's 64 x 64
+
+NO_TASK = 0xFFFFFFFFFFFFFFFF  # a cpu runs no task (the idle loop)
+
+
+@dataclass(frozen=True)
+class Area:
+    name: str
+    offset: int
+    size: int
+
+    def va(self, cpu: NativeCpu) -> int:
+        return header(cpu).kernel_data + self.offset
+
+
+def _place(sizes: list[tuple[str, int]]) -> dict[str, Area]:
+    """Areas one after the other, each 64-byte aligned."""
+    areas, off = {}, 0
+    for name, size in sizes:
+        areas[name] = Area(name, off, size)
+        off = (off + size + 63) // 64 * 64
+    assert off <= KERNEL_DATA_SIZE, f"kernel data outgrew KERNEL_DATA_SIZE ({off} bytes)"
+    return areas
+
+
+AREAS = _place([
+    ("kernel", 512),                    # the globals below
+    ("percpu", MAX_CPUS * 128),         # PERCPU, one a cpu
+    ("scratch", MAX_CPUS * 256),        # hypercall arguments (guestos/hypercall.py)
+    ("tasks", MAX_TASKS * 256),         # the task table (guestos/task.py)
+    ("pgd_list", MAX_TASKS * 8),        # guestos/pgd.py
+    ("evtchn", NR_PORTS + 32 * 32),     # evtchn_to_irq and irq_info (guestos/evtchn.py)
+    ("stop_machine", 256),              # guestos/stop_machine.py
+    ("xenbus", 8 * 128 + 8 * 256 + 16 + 4096),  # watches, events, a reply (guestos/xenbus.py)
+    ("pm", 16 * 16 + 8 * 8),            # devices and syscore ops (guestos/pm.py)
+    ("workqueue", 8 * 16),              # guestos/workqueue.py
+])
 
 # the kernel's globals
 KERNEL = Layout("kernel", [
@@ -43,121 +86,73 @@ KERNEL = Layout("kernel", [
     ("console_pfn", "u64"),    #   and its page
     ("store_port", "u64"),     # the xenstore ring's
     ("store_pfn", "u64"),
+    ("store_irq", "u64"),      #   and the irq its port is bound to
     ("xs_req_id", "u64"),      # the last xenstore request id
     ("xs_in_len", "u64"),      # bytes of a reply read from the ring, not yet whole
     ("xs_suspended", "u64"),   # xs_suspend .. xs_resume: no requests
     ("save_restore", "u64"),   # CONFIG_XEN_SAVE_RESTORE: 1 unless option nosaverestore
-    ("shutting_down", "u64"),  # SHUTDOWN_* + 1 while a request is handled; 0: none
-    ("shutdown_request", "u64"),  # SHUTDOWN_* + 1 for the xenwatch worker; 0: none
+    ("shutting_down", "u64"),  # SHUTDOWN_* while a request is handled; NO_SHUTDOWN: none
+    ("shutdown_request", "u64"),  # SHUTDOWN_* for the xenwatch worker; NO_SHUTDOWN: none
     ("freezing", "u64"),       # user tasks are frozen (picked by no cpu)
     ("wq_frozen", "u64"),      # freezable workers are frozen
-    ("wq_runs", "u64"),        # times the freezable work has run (option worker=MS)
+    ("wq_runs", "u64"),        # times the periodic work has run (option worker=MS)
     ("wq_period_ms", "u64"),
     ("wq_next", "u64"),        #   and when it runs next (virtual ns)
     ("suspend_deadline", "u64"),  # freezing gives up after this (virtual ns)
     ("suspend_cancelled", "u64"),  # the suspend hypercall's result
     ("nr_devices", "u64"),
-    ("pm_fail", "u64"),        # option pmfail=DEV:PHASE: (dev + 1) << 8 | phase + 1
+    ("pm_fail_dev", "u64"),    # option pmfail=DEV:PHASE (NO_PM_FAIL: none)
+    ("pm_fail_phase", "u64"),
     ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
     ("no_pin_all", "u64"),     # option nopinall: the suspend skips xen_mm_pin_all (a lab bug)
     ("restores", "u64"),       # times this kernel resumed in a new domain
     ("vballoon", "u64"),       # VA of the balloon driver's state page (0: no balloon)
     ("totalram_pages", "u64"), # the RAM the kernel counts as its own (less the balloon)
+    ("nr_syscore", "u64"),     # syscore ops registered (guestos/pm.py)
 ])
-KERNEL_OFFSET = 0
+assert KERNEL.size <= AREAS["kernel"].size
 
-# per-cpu data, an array after the globals
+# per-cpu data, an array
 PERCPU = Layout("percpu", [
     ("stack_top", "u64"),
-    ("timer_port", "u64"),
+    ("tick_lost", "u64"),       # a new domain has no timer: set it again (guestos/time.py)
     ("ticks", "u64"),
     ("user_pgd", "u64"),        # pfn of the user L4 installed on this cpu (0: none)
-    ("ipi_port", "u64"),
     ("stop_state", "u64"),      # stop_machine: the last state this cpu acknowledged
     ("in_stopper", "u64"),      # 1 while this cpu spins in stop_machine
     ("stop_saved_mask", "u64"), # its event mask before stop_machine masked it
-    ("current", "u64"),         # task slot + 1 of the running task; 0: idle
+    ("current", "u64"),         # task slot of the running task; NO_TASK: idle
     ("need_resched", "u64"),
     ("last", "u64"),            # slot that ran last, for round robin
     ("stop_seq", "u64"),        # the stop_machine this cpu joined last
     ("in_worker", "u64"),       # 1 while this cpu runs the xenwatch worker
 ])
-PERCPU_OFFSET = 512
-PERCPU_STRIDE = 128
+PERCPU_STRIDE = AREAS["percpu"].size // MAX_CPUS
 assert PERCPU.size <= PERCPU_STRIDE
 
 # a shared_info mapping the kernel makes at boot
 SHARED_INFO_VA = VIRT_BASE - 0x1000
 
 
-def header(cpu: Any) -> pvlab_image_header:
-    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, 72))
+def header(cpu: NativeCpu) -> pvlab_image_header:
+    size = ctypes.sizeof(pvlab_image_header)
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, size))
 
 
-def kernel(cpu: Any) -> Any:
-    return KERNEL.at(cpu, header(cpu).kernel_data + KERNEL_OFFSET)
+def kernel(cpu: NativeCpu) -> Ref:
+    return KERNEL.at(cpu, AREAS["kernel"].va(cpu))
 
 
-def percpu(cpu: Any, n: int | None = None) -> Any:
+def percpu(cpu: NativeCpu, n: int | None = None) -> Ref:
     n = cpu.vcpu_id if n is None else n
-    return PERCPU.at(cpu, header(cpu).kernel_data + PERCPU_OFFSET + n * PERCPU_STRIDE)
+    return PERCPU.at(cpu, AREAS["percpu"].va(cpu) + n * PERCPU_STRIDE)
 
 
-# per-cpu scratch buffers for hypercall argument structs, after the per-cpu array
-SCRATCH_OFFSET = PERCPU_OFFSET + MAX_CPUS * PERCPU_STRIDE
-SCRATCH_SIZE = 256
+def read_start_info(cpu: NativeCpu) -> start_info:
+    """The start_info page Xen (or the restorer) wrote for this domain."""
+    return start_info.from_buffer_copy(cpu.read(kernel(cpu).start_info,
+                                                ctypes.sizeof(start_info)))
 
 
-def scratch_va(cpu: Any) -> int:
-    return header(cpu).kernel_data + SCRATCH_OFFSET + cpu.vcpu_id * SCRATCH_SIZE
-
-
-# the task table and the pgd_list, after the scratch buffers
-MAX_TASKS = 64
-TASKS_OFFSET = 16384
-TASK_SIZE = 256
-PGD_LIST_OFFSET = TASKS_OFFSET + MAX_TASKS * TASK_SIZE
-
-
-# which cpu each event channel port is bound to (cpu + 1; 0: none), a byte a port
-NR_PORTS = 4096  # the 2-level ABI's 64 x 64
-PORT_CPU_OFFSET = PGD_LIST_OFFSET + MAX_TASKS * 8
-
-
-# the stop_machine control block (guestos/stop_machine.py), after the port table
-STOP_OFFSET = PORT_CPU_OFFSET + NR_PORTS
-
-
-def port_cpu_va(cpu: Any) -> int:
-    return header(cpu).kernel_data + PORT_CPU_OFFSET
-
-
-def tasks_va(cpu: Any) -> int:
-    return header(cpu).kernel_data + TASKS_OFFSET
-
-
-def pgd_list_va(cpu: Any) -> int:
-    return header(cpu).kernel_data + PGD_LIST_OFFSET
-
-
-# xenbus: watches, queued watch events, a reply being read (guestos/xenbus.py)
-XENBUS_OFFSET = STOP_OFFSET + 256
-MAX_WATCHES = 8
-WATCH_SIZE = 128               # u64 handler + 1 (0: free), path
-MAX_XS_EVENTS = 8
-XS_EVENT_SIZE = 256            # u64 length, the event's payload
-XS_IN_SIZE = 16 + 4096         # one message: header and the largest payload
-WATCHES_OFFSET = XENBUS_OFFSET
-XS_EVENTS_OFFSET = WATCHES_OFFSET + MAX_WATCHES * WATCH_SIZE
-XS_IN_OFFSET = XS_EVENTS_OFFSET + MAX_XS_EVENTS * XS_EVENT_SIZE
-
-# the PM core's device list (guestos/pm.py)
-DEVICES_OFFSET = XS_IN_OFFSET + XS_IN_SIZE
-MAX_DEVICES = 16
-DEVICE_SIZE = 16               # u64 driver, u64 instance
-KDATA_END = DEVICES_OFFSET + MAX_DEVICES * DEVICE_SIZE
-assert KDATA_END <= 65536, "kernel data outgrew KERNEL_DATA_SIZE (firmware/kernel/head.S)"
-
-
-def kdata_va(cpu: Any, offset: int) -> int:
-    return header(cpu).kernel_data + offset
+def write_start_info(cpu: NativeCpu, si: start_info) -> None:
+    cpu.write(kernel(cpu).start_info, bytes(si))

@@ -4,14 +4,13 @@ console_io hypercall, as Linux's early printk does."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from guestos.hypercall import console_write
-from guestos.kdata import kernel, scratch_va
+from guestos.hypercall import console_write, scratch_va
+from guestos.kdata import kernel
 from guestos.xencons import hvc_write
+from hypervisor.public.native import NativeCpu
 
 
-def console_out(cpu: Any, data: bytes) -> None:
+def console_out(cpu: NativeCpu, data: bytes) -> None:
     if kernel(cpu).console_port:
         hvc_write(cpu, data)
         return
@@ -22,5 +21,5 @@ def console_out(cpu: Any, data: bytes) -> None:
         console_write(cpu, buf, len(chunk))
 
 
-def printk(cpu: Any, msg: str) -> None:
+def printk(cpu: NativeCpu, msg: str) -> None:
     console_out(cpu, f"[cpu{cpu.vcpu_id}] {msg}\n".encode())

@@ -15,20 +15,21 @@ registers, load the next task's, iret.
 
 from __future__ import annotations
 
-from typing import Any
-
-from guestos.events import now
 from guestos.frame import iret_to
-from guestos.hypercall import mmuext
-from guestos.kdata import MAX_TASKS, TASK_SIZE, kernel, percpu, tasks_va
+from guestos.hypercall import mmuext, shutdown_args
+from guestos.idle import cpu_idle
+from guestos.kdata import AREAS, MAX_TASKS, NO_TASK, kernel, percpu
 from guestos.layout import Layout, Ref
 from guestos.mm import nr_free_pages, pfn_to_mfn
 from guestos.pgd import pgd_free, pgd_list_add, pgd_pin, pgd_pinned, pgd_unpin
 from guestos.printk import printk
+from guestos.time import NSEC_PER_MSEC, now, tick_resume_local
+from guestos.user import load_program, pages_needed, program_names
 from hypervisor.public.arch_x86 import FLAT_USER_CS64, FLAT_USER_SS64
 from hypervisor.public.errno import EAGAIN, ENOENT
-from hypervisor.public.native import TailCall
-from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR
+from hypervisor.public.native import NativeCpu, TailCall
+from hypervisor.public.sched import SHUTDOWN_poweroff
+from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR, Hypercall
 
 FREE, NEW, RUNNABLE, RUNNING, SLEEPING, DEAD = range(6)
 
@@ -46,20 +47,21 @@ TASK = Layout("task", [
     ("exit_code", "u64"),
     *((r, "u64") for r in SAVED),
 ])
+TASK_SIZE = AREAS["tasks"].size // MAX_TASKS
 assert TASK.size <= TASK_SIZE
 RFLAGS_IF = 0x200
 
 
-def task(cpu: Any, slot: int) -> Ref:
-    return TASK.at(cpu, tasks_va(cpu) + slot * TASK_SIZE)
+def task(cpu: NativeCpu, slot: int) -> Ref:
+    return TASK.at(cpu, AREAS["tasks"].va(cpu) + slot * TASK_SIZE)
 
 
-def current(cpu: Any) -> Ref | None:
+def current(cpu: NativeCpu) -> Ref | None:
     cur = percpu(cpu).current
-    return task(cpu, cur - 1) if cur else None
+    return task(cpu, cur) if cur != NO_TASK else None
 
 
-def slots_on(cpu: Any, n: int) -> list[int]:
+def slots_on(cpu: NativeCpu, n: int) -> list[int]:
     """Slots of the live tasks of cpu n."""
     return [s for s in range(MAX_TASKS)
             if task(cpu, s).state != FREE and task(cpu, s).cpu == n]
@@ -67,10 +69,9 @@ def slots_on(cpu: Any, n: int) -> list[int]:
 
 # --- creation and exit --------------------------------------------------------------
 
-def spawn(cpu: Any, name: str, args: tuple[int, int, int], on_cpu: int | None = None) -> int:
+def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | None = None) -> int:
     """Create a task running program ``name``: returns its pid, or -ENOENT
     (no such program) or -EAGAIN (no free task slot or memory)."""
-    from guestos.user import load_program, pages_needed, program_names
     k = kernel(cpu)
     if name not in program_names(cpu):
         return -ENOENT
@@ -94,19 +95,19 @@ def spawn(cpu: Any, name: str, args: tuple[int, int, int], on_cpu: int | None = 
     k.tasks_live = k.tasks_live + 1
     if k.hold_build_pid == pid:
         # construction stops here a while: the pgd is on the list, unpinned
-        t.wake_at = now(cpu) + k.hold_build_ms * 1_000_000
+        t.wake_at = now(cpu) + k.hold_build_ms * NSEC_PER_MSEC
         printk(cpu, f"task {pid}: construction held for {k.hold_build_ms} ms, pgd unpinned")
     else:
         _finish_construction(cpu, t)
     return pid
 
 
-def _finish_construction(cpu: Any, t: Ref) -> None:
+def _finish_construction(cpu: NativeCpu, t: Ref) -> None:
     pgd_pin(cpu, t.pgd)  # pinned before first use
     t.state = RUNNABLE
 
 
-def _release(cpu: Any, t: Ref) -> None:
+def _release(cpu: NativeCpu, t: Ref) -> None:
     """The end of a teardown: free the pgd and every page it maps."""
     pgd_free(cpu, t.pgd)
     t.pgd = 0
@@ -115,7 +116,7 @@ def _release(cpu: Any, t: Ref) -> None:
     k.tasks_live = k.tasks_live - 1
 
 
-def exit_current(cpu: Any, code: int) -> TailCall:
+def exit_current(cpu: NativeCpu, code: int) -> TailCall:
     """The running task exits: its pgd comes off this cpu, is unpinned, freed."""
     t = current(cpu)
     assert t is not None
@@ -125,9 +126,9 @@ def exit_current(cpu: Any, code: int) -> TailCall:
     pgd_unpin(cpu, t.pgd)
     t.exit_code = code
     t.state = DEAD
-    percpu(cpu).current = 0
+    percpu(cpu).current = NO_TASK
     if k.hold_exit_pid == t.pid:
-        t.wake_at = now(cpu) + k.hold_exit_ms * 1_000_000
+        t.wake_at = now(cpu) + k.hold_exit_ms * NSEC_PER_MSEC
         printk(cpu, f"task {t.pid}: teardown held for {k.hold_exit_ms} ms, pgd unpinned")
     else:
         _release(cpu, t)
@@ -136,7 +137,8 @@ def exit_current(cpu: Any, code: int) -> TailCall:
 
 # --- saving and resuming user context -----------------------------------------------
 
-def save_user_context(cpu: Any, t: Ref, frame: tuple[int, ...], rax: int | None = None) -> None:
+def save_user_context(cpu: NativeCpu, t: Ref, frame: tuple[int, ...],
+                      rax: int | None = None) -> None:
     """Keep the interrupted user registers: the live ones, and from the bounce
     frame (rcx, r11, rip, cs, rflags, rsp, ss) the ones Xen saved there."""
     regs = cpu.regs()
@@ -148,7 +150,7 @@ def save_user_context(cpu: Any, t: Ref, frame: tuple[int, ...], rax: int | None 
         t.rax = rax
 
 
-def install_user_l4(cpu: Any, pgd: int) -> None:
+def install_user_l4(cpu: NativeCpu, pgd: int) -> None:
     """Make pgd (a pfn; 0: none) this cpu's user L4. The kernel remembers the
     pfn, not the mfn: after a restore every mfn is new."""
     pc = percpu(cpu)
@@ -157,13 +159,13 @@ def install_user_l4(cpu: Any, pgd: int) -> None:
         pc.user_pgd = pgd
 
 
-def _resume(cpu: Any, slot: int) -> TailCall:
+def _resume(cpu: NativeCpu, slot: int) -> TailCall:
     t = task(cpu, slot)
     pc = percpu(cpu)
     if not pgd_pinned(cpu, t.pgd):
         pgd_pin(cpu, t.pgd)
     install_user_l4(cpu, t.pgd)
-    pc.current = slot + 1
+    pc.current = slot
     pc.last = slot
     pc.need_resched = 0
     t.state = RUNNING
@@ -174,7 +176,7 @@ def _resume(cpu: Any, slot: int) -> TailCall:
 
 # --- the scheduler ------------------------------------------------------------------
 
-def pick_next(cpu: Any) -> int | None:
+def pick_next(cpu: NativeCpu) -> int | None:
     """Round robin over this cpu's runnable tasks, starting after the last one
     run; none while the freezer holds them."""
     if kernel(cpu).freezing:
@@ -187,20 +189,28 @@ def pick_next(cpu: Any) -> int | None:
     return (later or mine)[0]
 
 
-def schedule(cpu: Any) -> TailCall:
+def schedule(cpu: NativeCpu) -> TailCall:
     """Run the next runnable task of this cpu, or idle. The current task, if
     any, has been saved (and is RUNNABLE, SLEEPING or gone)."""
-    from guestos.boot import cpu_idle, poweroff
-    percpu(cpu).current = 0
+    tick_resume_local(cpu)
+    percpu(cpu).current = NO_TASK
     nxt = pick_next(cpu)
     if nxt is not None:
         return _resume(cpu, nxt)
     if kernel(cpu).tasks_live == 0:
-        return poweroff(cpu)
+        return kernel_power_off(cpu)
     return cpu_idle(cpu)
 
 
-def preempt_current(cpu: Any, frame: tuple[int, ...]) -> TailCall:
+def kernel_power_off(cpu: NativeCpu) -> TailCall:
+    """The last task is gone: the domain is done."""
+    k = kernel(cpu)
+    printk(cpu, f"all programs exited: powering off ({nr_free_pages(cpu)} pages free, "
+           f"{k.free_at_boot} before the first task)")
+    return TailCall(Hypercall.sched_op, shutdown_args(cpu, SHUTDOWN_poweroff), cpu_idle)
+
+
+def preempt_current(cpu: NativeCpu, frame: tuple[int, ...]) -> TailCall:
     t = current(cpu)
     assert t is not None
     save_user_context(cpu, t, frame)
@@ -208,12 +218,12 @@ def preempt_current(cpu: Any, frame: tuple[int, ...]) -> TailCall:
     return schedule(cpu)
 
 
-def scheduler_tick(cpu: Any) -> None:
+def scheduler_tick(cpu: NativeCpu) -> None:
     """On each timer tick of this cpu."""
     wake_due(cpu)
 
 
-def wake_due(cpu: Any) -> None:
+def wake_due(cpu: NativeCpu) -> None:
     """Wake this cpu's sleepers whose time has come, go on with held
     constructions and teardowns, and ask for a switch if another task waits.
     On every tick, and when the thaw kicks the cpu: what came due while the

@@ -7,16 +7,17 @@ kick, so a full ring frees up after one."""
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from guestos.events import notify_remote_via_evtchn
+from guestos.evtchn import notify_remote_via_evtchn
 from guestos.kdata import kernel
-from guestos.mm import read_u32, va
+from guestos.mm import mfn_to_pfn, read_u32, va
 from hypervisor.public.io.console import OUT_CONS_OFF, OUT_OFF, OUT_PROD_OFF, XENCONS_OUT_SIZE
 from hypervisor.public.io.ring import ring_spans, ring_used
+from hypervisor.public.native import NativeCpu
+from hypervisor.public.xen import start_info
 
 
-def hvc_write(cpu: Any, data: bytes) -> int:
+def hvc_write(cpu: NativeCpu, data: bytes) -> int:
     """Write all of ``data`` (or what a stuck console lets through): bytes sent."""
     k = kernel(cpu)
     ring, port = va(k.console_pfn), k.console_port
@@ -33,3 +34,11 @@ def hvc_write(cpu: Any, data: bytes) -> int:
         notify_remote_via_evtchn(cpu, port)
         stuck = stuck + 1 if room == 0 else 0
     return sent
+
+
+def xencons_init(cpu: NativeCpu, si: start_info) -> None:
+    """The console's ring and port, from start_info: at boot, and in a new
+    domain (where the restorer wrote the new ones) before anything is printed."""
+    k = kernel(cpu)
+    k.console_pfn = mfn_to_pfn(cpu, si.console.domU.mfn)
+    k.console_port = si.console.domU.evtchn

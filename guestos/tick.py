@@ -1,0 +1,38 @@
+"""The timer tick (Linux's xen_timer_interrupt and tick_handle_periodic):
+VIRQ_TIMER of each cpu, 100 times a second, sets the next one and drives the
+scheduler; on cpu0 it also runs the freezable workqueue."""
+
+from __future__ import annotations
+
+from guestos.evtchn import bind_virq_to_irqhandler
+from guestos.kdata import kernel, percpu
+from guestos.printk import printk
+from guestos.stop_machine import check_the_others_spin, reschedule, stop_machine
+from guestos.symbols import export
+from guestos.task import scheduler_tick
+from guestos.time import NSEC_PER_MSEC, now, set_next_tick
+from guestos.workqueue import run_workqueue
+from hypervisor.public.native import NativeCpu
+from hypervisor.public.xen import VIRQ_TIMER
+
+
+@export
+def xen_timer_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
+    pc = percpu(cpu)
+    pc.ticks = pc.ticks + 1
+    set_next_tick(cpu)
+    scheduler_tick(cpu)
+    if cpu.vcpu_id != 0:
+        return
+    t_now = now(cpu)
+    run_workqueue(cpu, t_now)
+    k = kernel(cpu)
+    if k.stop_test_ms and t_now >= k.stop_test_ms * NSEC_PER_MSEC:
+        k.stop_test_ms = 0
+        printk(cpu, "stop_machine: starting (option stopmachine=)")
+        stop_machine(cpu, check_the_others_spin, reschedule)
+
+
+def xen_setup_timer(cpu: NativeCpu, n: int) -> None:
+    """Cpu n's VIRQ_TIMER (any cpu may bind it for cpu n)."""
+    bind_virq_to_irqhandler(cpu, VIRQ_TIMER, n, xen_timer_interrupt)

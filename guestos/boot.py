@@ -20,6 +20,7 @@ from guestos.kdata import (
     percpu,
     read_start_info,
 )
+from guestos.manage import xen_manage
 from guestos.mm import (
     PAGE_SIZE,
     PTE_RW,
@@ -30,11 +31,14 @@ from guestos.mm import (
     pfn_to_mfn,
     va,
     xen_setup_mfn_list_list,
+    zone,
 )
 from guestos.printk import printk
 from guestos.smp import xen_smp_intr_init
+from guestos.stop_machine import stopper
+from guestos.suspend import suspend_state
 from guestos.symbols import do_initcalls
-from guestos.task import schedule, spawn
+from guestos.task import sched, schedule, spawn
 from guestos.tick import xen_setup_timer
 from guestos.time import set_next_tick
 from guestos.upcall import failsafe_callback, hypervisor_callback
@@ -94,11 +98,10 @@ balloonbug=, testdevs=).
     virtio_balloon.policy=P   what the balloon does across a save: discard, deflate
                      (the default) or keep (guestos/drivers/virtio_balloon.py)
     balloonbug=leak  the 2012 discard code's leak, for the lab"""
-    k = kernel(cpu)
     words = cmdline.split()
-    k.stop_test_ms = parse_int(cmdline, "stopmachine")
-    k.save_restore = 0 if "nosaverestore" in words else 1
-    k.no_pin_all = 1 if "nopinall" in words else 0
+    stopper(cpu).test_at_ms = parse_int(cmdline, "stopmachine")
+    xen_manage(cpu).save_restore = 0 if "nosaverestore" in words else 1
+    suspend_state(cpu).no_pin_all = 1 if "nopinall" in words else 0
     start_periodic_work(cpu, parse_int(cmdline, "worker"))
     pm.pm_fail_option(cpu, cmdline)
 
@@ -124,9 +127,10 @@ def setup_arch(cpu: NativeCpu, si_va: int) -> None:
     k.start_info = si_va
     si = read_start_info(cpu)
     k.nr_pages = si.nr_pages
-    k.totalram_pages = si.nr_pages
     k.mfn_list = si.mfn_list
-    k.next_free_pfn = pfn_of(cpu.reg("rsp"))  # everything below the boot stack top is taken
+    z = zone(cpu)
+    z.totalram_pages = si.nr_pages
+    z.next_free_pfn = pfn_of(cpu.reg("rsp"))  # everything below the boot stack top is taken
     k.kernel_l4_pfn = pfn_of(si.pt_base)
     xencons_init(cpu, si)  # printk goes to the console ring from now on
     xenstore_init(cpu, si)
@@ -145,7 +149,7 @@ def setup_arch(cpu: NativeCpu, si_va: int) -> None:
         pc.stack_top = va(alloc_pages(cpu, KSTACK_PAGES) + KSTACK_PAGES)
         pc.last = MAX_TASKS - 1  # round robin starts at the first slot
         pc.current = NO_TASK
-    k.mem_map = va(alloc_pages(cpu, (si.nr_pages + PAGE_SIZE - 1) // PAGE_SIZE))
+    z.mem_map = va(alloc_pages(cpu, (si.nr_pages + PAGE_SIZE - 1) // PAGE_SIZE))
 
 
 def start_kernel(cpu: NativeCpu) -> TailCall:
@@ -162,13 +166,13 @@ def start_kernel(cpu: NativeCpu) -> TailCall:
     register_callbacks(cpu)
     init_cpu(cpu)
     k.cpus_up = 1
-    holds = parse_holds(cmdline)
-    k.hold_build_pid, k.hold_build_ms = holds.get("build", (0, 0))
-    k.hold_exit_pid, k.hold_exit_ms = holds.get("exit", (0, 0))
+    holds, sc = parse_holds(cmdline), sched(cpu)
+    sc.hold_build_pid, sc.hold_build_ms = holds.get("build", (0, 0))
+    sc.hold_exit_pid, sc.hold_exit_ms = holds.get("exit", (0, 0))
     parse_options(cpu, cmdline)
     manage.xenbus_init(cpu)
     do_initcalls(cpu, cmdline)
-    k.free_at_boot = nr_free_pages(cpu)
+    sc.free_at_boot = nr_free_pages(cpu)
     for i, (name, args) in enumerate(parse_cmdline(cmdline)):
         pid = spawn(cpu, name, args, on_cpu=i % k.nr_cpus)
         printk(cpu, f"task {pid}: {name} on cpu{i % k.nr_cpus}" if pid > 0 else

@@ -2,21 +2,22 @@
 ``freezing`` is set the scheduler picks no user task, so each one stops at
 its next safe point (a preemption, a syscall's return, a sleep) and stays
 stopped; the cpus running one are kicked with an IPI to get there soon.
-Freezable workers (guestos/workqueue.py) stop running while ``wq_frozen``
-is set; the thaw runs the work queued meanwhile.
+Freezable workers (guestos/workqueue.py) stop running while the workqueue
+is frozen; the thaw runs the work queued meanwhile.
 
 Option worker=MS adds a periodic freezable work item that only counts its
 runs: a test sees whether frozen workers stay put."""
 
 from __future__ import annotations
 
-from guestos.kdata import MAX_TASKS, NO_TASK, kernel, percpu
+from guestos.kdata import AREAS, MAX_TASKS, NO_TASK, kernel, percpu
+from guestos.layout import Layout, Ref
 from guestos.printk import printk
 from guestos.smp import xen_send_IPI_one
 from guestos.symbols import export
-from guestos.task import FREE, task, wake_due
+from guestos.task import FREE, sched, task, wake_due
 from guestos.time import NSEC_PER_MSEC, now
-from guestos.workqueue import queue_work, run_workqueue
+from guestos.workqueue import freeze_workqueues, queue_work, run_workqueue, thaw_workqueues
 from hypervisor.public.native import NativeCpu
 
 FREEZE_TIMEOUT_NS = 20_000_000_000  # Linux gives up freezing after 20 s
@@ -24,7 +25,7 @@ FREEZE_TIMEOUT_NS = 20_000_000_000  # Linux gives up freezing after 20 s
 
 def freeze_processes_start(cpu: NativeCpu) -> None:
     k = kernel(cpu)
-    k.freezing = 1
+    sched(cpu).freezing = 1
     for n in range(k.cpus_up):
         if n != cpu.vcpu_id and percpu(cpu, n).current != NO_TASK:
             percpu(cpu, n).need_resched = 1
@@ -43,17 +44,16 @@ def nr_tasks(cpu: NativeCpu) -> int:
 
 
 def freeze_kernel_threads(cpu: NativeCpu) -> None:
-    k = kernel(cpu)
-    k.wq_frozen = 1
-    printk(cpu, f"freezer: freezable workers frozen ({k.wq_runs} runs so far)")
+    freeze_workqueues(cpu)
+    printk(cpu, f"freezer: freezable workers frozen ({periodic(cpu).runs} runs so far)")
 
 
 def thaw_processes(cpu: NativeCpu) -> None:
     k = kernel(cpu)
-    k.wq_frozen = 0
-    k.freezing = 0
+    thaw_workqueues(cpu)
+    sched(cpu).freezing = 0
     printk(cpu, f"freezer: thaw_processes: {nr_tasks(cpu)} tasks thawed "
-           f"(workers: {k.wq_runs} runs)")
+           f"(workers: {periodic(cpu).runs} runs)")
     wake_due(cpu)
     run_workqueue(cpu, now(cpu))  # work queued while the workers were frozen
     for n in range(k.cpus_up):
@@ -61,20 +61,33 @@ def thaw_processes(cpu: NativeCpu) -> None:
             xen_send_IPI_one(cpu, n)  # each cpu wakes what came due, and looks for its tasks
 
 
+# the periodic work item of option worker=MS
+PERIODIC = Layout("periodic_work", [
+    ("runs", "u64"),
+    ("period_ms", "u64"),
+    ("next", "u64"),           # when it runs next (virtual ns)
+])
+assert PERIODIC.size <= AREAS["freezer"].size
+
+
+def periodic(cpu: NativeCpu) -> Ref:
+    return PERIODIC.at(cpu, AREAS["freezer"].va(cpu))
+
+
 def start_periodic_work(cpu: NativeCpu, period_ms: int) -> None:
     """Option worker=MS, at boot."""
-    k = kernel(cpu)
-    k.wq_period_ms = period_ms
-    k.wq_next = period_ms * NSEC_PER_MSEC
+    p = periodic(cpu)
+    p.period_ms = period_ms
+    p.next = period_ms * NSEC_PER_MSEC
     if period_ms:
         queue_work(cpu, periodic_work)
 
 
 @export
 def periodic_work(cpu: NativeCpu, t_now: int) -> None:
-    k = kernel(cpu)
+    p = periodic(cpu)
     queue_work(cpu, periodic_work)  # it runs on every tick, counting when due
-    if t_now < k.wq_next:
+    if t_now < p.next:
         return
-    k.wq_runs = k.wq_runs + 1
-    k.wq_next = t_now + k.wq_period_ms * NSEC_PER_MSEC
+    p.runs = p.runs + 1
+    p.next = t_now + p.period_ms * NSEC_PER_MSEC

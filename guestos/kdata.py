@@ -47,68 +47,34 @@ def _place(sizes: list[tuple[str, int]]) -> dict[str, Area]:
 
 
 AREAS = _place([
-    ("kernel", 512),                    # the globals below
-    ("percpu", MAX_CPUS * 128),         # PERCPU, one a cpu
+    ("kernel", 128),                    # KERNEL below: what boot learns from start_info
+    ("percpu", MAX_CPUS * 128),         # PERCPU below, one a cpu
     ("scratch", MAX_CPUS * 256),        # hypercall arguments (guestos/hypercall.py)
+    ("mm", 64),                         # the page allocator (guestos/mm.py)
+    ("sched", 128),                     # the scheduler's globals (guestos/task.py)
     ("tasks", MAX_TASKS * 256),         # the task table (guestos/task.py)
     ("pgd_list", MAX_TASKS * 8),        # guestos/pgd.py
     ("evtchn", NR_PORTS + 32 * 32),     # evtchn_to_irq and irq_info (guestos/evtchn.py)
-    ("stop_machine", 256),              # guestos/stop_machine.py
-    ("xenbus", 8 * 128 + 8 * 256 + 16 + 4096),  # watches, events, a reply (guestos/xenbus.py)
-    ("pm", 16 * 16 + 8 * 8),            # devices and syscore ops (guestos/pm.py)
-    ("workqueue", 8 * 16),              # guestos/workqueue.py
+    ("stop_machine", 128),              # guestos/stop_machine.py
+    ("xencons", 16),                    # guestos/xencons.py
+    ("xenbus", 64 + 8 * 128 + 8 * 256 + 16 + 4096),  # guestos/xenbus.py
+    ("pm", 32 + 16 * 16 + 8 * 16),      # devices and syscore ops (guestos/pm.py)
+    ("workqueue", 8 + 8 * 24),          # guestos/workqueue.py
+    ("freezer", 32),                    # guestos/freezer.py
+    ("suspend", 32),                    # guestos/suspend.py
+    ("manage", 48),                     # guestos/manage.py
 ])
 
-# the kernel's globals
+# what boot learns from start_info and the hypervisor, which every subsystem reads
 KERNEL = Layout("kernel", [
     ("start_info", "u64"),     # VA of start_info
     ("shared_info", "u64"),    # VA where shared_info is mapped
     ("nr_pages", "u64"),
     ("mfn_list", "u64"),       # VA of the p2m list
-    ("next_free_pfn", "u64"),  # bump allocator
+    ("kernel_l4_pfn", "u64"),
     ("nr_cpus", "u64"),
     ("cpus_up", "u64"),
-    ("tasks_live", "u64"),
-    ("next_pid", "u64"),
-    ("kernel_l4_pfn", "u64"),
-    ("ticks", "u64"),
-    ("free_head", "u64"),      # first pfn of the free-page list (0: empty)
-    ("free_pages", "u64"),
-    ("mem_map", "u64"),        # VA of the page flags, a byte per pfn
-    ("next_cpu", "u64"),       # where the next spawned task goes
-    ("hold_build_pid", "u64"), # options: stop a task's construction or teardown
-    ("hold_build_ms", "u64"),  #   half way, leaving its pgd unpinned a while
-    ("hold_exit_pid", "u64"),
-    ("hold_exit_ms", "u64"),
-    ("free_at_boot", "u64"),   # free pages before the first task: none may leak
-    ("stop_test_ms", "u64"),   # option stopmachine=MS: a demonstration run at MS
-    ("console_port", "u64"),   # the console ring's event channel (start_info)
-    ("console_pfn", "u64"),    #   and its page
-    ("store_port", "u64"),     # the xenstore ring's
-    ("store_pfn", "u64"),
-    ("store_irq", "u64"),      #   and the irq its port is bound to
-    ("xs_req_id", "u64"),      # the last xenstore request id
-    ("xs_in_len", "u64"),      # bytes of a reply read from the ring, not yet whole
-    ("xs_suspended", "u64"),   # xs_suspend .. xs_resume: no requests
-    ("save_restore", "u64"),   # CONFIG_XEN_SAVE_RESTORE: 1 unless option nosaverestore
-    ("shutting_down", "u64"),  # SHUTDOWN_* while a request is handled; NO_SHUTDOWN: none
-    ("shutdown_request", "u64"),  # SHUTDOWN_* for the xenwatch worker; NO_SHUTDOWN: none
-    ("freezing", "u64"),       # user tasks are frozen (picked by no cpu)
-    ("wq_frozen", "u64"),      # freezable workers are frozen
-    ("wq_runs", "u64"),        # times the periodic work has run (option worker=MS)
-    ("wq_period_ms", "u64"),
-    ("wq_next", "u64"),        #   and when it runs next (virtual ns)
-    ("suspend_deadline", "u64"),  # freezing gives up after this (virtual ns)
-    ("suspend_cancelled", "u64"),  # the suspend hypercall's result
-    ("nr_devices", "u64"),
-    ("pm_fail_dev", "u64"),    # option pmfail=DEV:PHASE (NO_PM_FAIL: none)
-    ("pm_fail_phase", "u64"),
-    ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
-    ("no_pin_all", "u64"),     # option nopinall: the suspend skips xen_mm_pin_all (a lab bug)
-    ("restores", "u64"),       # times this kernel resumed in a new domain
     ("vballoon", "u64"),       # VA of the balloon driver's state page (0: no balloon)
-    ("totalram_pages", "u64"), # the RAM the kernel counts as its own (less the balloon)
-    ("nr_syscore", "u64"),     # syscore ops registered (guestos/pm.py)
 ])
 assert KERNEL.size <= AREAS["kernel"].size
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 from guestos import freezer, pm, xenbus
 from guestos.hypercall import shutdown_args
 from guestos.idle import cpu_idle
-from guestos.kdata import kernel, percpu
+from guestos.kdata import AREAS, percpu
+from guestos.layout import Layout, Ref
 from guestos.printk import printk
 from guestos.stop_machine import enter, stop_machine
-from guestos.suspend import xen_suspend
+from guestos.suspend import suspend_state, xen_suspend
 from guestos.symbols import export
 from guestos.task import schedule
 from guestos.time import now
@@ -39,6 +40,18 @@ from hypervisor.public.sched import (
 from hypervisor.public.xen import Hypercall
 
 NO_SHUTDOWN = 0xFFFFFFFFFFFFFFFF  # no request in shutting_down / shutdown_request
+
+MANAGE = Layout("manage", [
+    ("save_restore", "u64"),     # CONFIG_XEN_SAVE_RESTORE: 1 unless option nosaverestore
+    ("shutting_down", "u64"),    # SHUTDOWN_* while a request is handled
+    ("shutdown_request", "u64"), # SHUTDOWN_* for the xenwatch worker
+    ("suspend_deadline", "u64"), # freezing gives up after this (virtual ns)
+])
+assert MANAGE.size <= AREAS["manage"].size
+
+
+def xen_manage(cpu: NativeCpu) -> Ref:
+    return MANAGE.at(cpu, AREAS["manage"].va(cpu))
 COMMANDS = {"poweroff": SHUTDOWN_poweroff, "halt": SHUTDOWN_poweroff,
             "reboot": SHUTDOWN_reboot, "suspend": SHUTDOWN_suspend}
 
@@ -46,7 +59,7 @@ COMMANDS = {"poweroff": SHUTDOWN_poweroff, "halt": SHUTDOWN_poweroff,
 def xenbus_init(cpu: NativeCpu) -> None:
     """At boot on cpu0: the store's port is cpu0's; watch control/shutdown and
     say which commands this kernel carries out."""
-    k = kernel(cpu)
+    k = xen_manage(cpu)
     k.shutting_down = k.shutdown_request = NO_SHUTDOWN
     xenbus.xs_init(cpu)
     for feature in ("poweroff", "reboot") + (("suspend",) if k.save_restore else ()):
@@ -59,7 +72,7 @@ def xenbus_init(cpu: NativeCpu) -> None:
 @export
 def shutdown_handler(cpu: NativeCpu, path: str) -> None:
     """The watch on control/shutdown (runs on cpu0, events masked)."""
-    k = kernel(cpu)
+    k = xen_manage(cpu)
     if k.shutting_down != NO_SHUTDOWN:
         return  # one request at a time
     known = dict(COMMANDS)
@@ -97,13 +110,13 @@ def shutdown_handler(cpu: NativeCpu, path: str) -> None:
 # --- the xenwatch worker on cpu0 ----------------------------------------------------
 
 def worker_wanted(cpu: NativeCpu) -> bool:
-    return cpu.vcpu_id == 0 and kernel(cpu).shutdown_request != NO_SHUTDOWN \
+    return cpu.vcpu_id == 0 and xen_manage(cpu).shutdown_request != NO_SHUTDOWN \
         and not percpu(cpu).in_worker and not percpu(cpu).in_stopper
 
 
 def xenwatch(cpu: NativeCpu) -> TailCall:
     """Carry out the request (this cpu's task, if any, has been saved)."""
-    k = kernel(cpu)
+    k = xen_manage(cpu)
     pc = percpu(cpu)
     pc.in_worker = 1
     cpu.set_regs(rsp=pc.stack_top)
@@ -116,7 +129,7 @@ def xenwatch(cpu: NativeCpu) -> TailCall:
 
 
 def _worker_done(cpu: NativeCpu) -> TailCall:
-    k = kernel(cpu)
+    k = xen_manage(cpu)
     k.shutting_down = NO_SHUTDOWN
     percpu(cpu).in_worker = 0
     if k.shutdown_request == NO_SHUTDOWN:
@@ -125,7 +138,7 @@ def _worker_done(cpu: NativeCpu) -> TailCall:
 
 
 def do_suspend(cpu: NativeCpu) -> TailCall:
-    k = kernel(cpu)
+    k = xen_manage(cpu)
     printk(cpu, "suspend: freeze_processes")
     freezer.freeze_processes_start(cpu)
     k.suspend_deadline = now(cpu) + freezer.FREEZE_TIMEOUT_NS
@@ -135,7 +148,7 @@ def do_suspend(cpu: NativeCpu) -> TailCall:
 def suspend_freeze_wait(cpu: NativeCpu) -> TailCall:
     """Wait for the tasks on the other cpus to reach a safe point (a native
     entry: the continuation of the yield)."""
-    k = kernel(cpu)
+    k = xen_manage(cpu)
     busy = freezer.running_elsewhere(cpu)
     if busy:
         if now(cpu) < k.suspend_deadline:
@@ -149,7 +162,7 @@ def suspend_freeze_wait(cpu: NativeCpu) -> TailCall:
         printk(cpu, "suspend: dpm_suspend_start failed; aborted")
         freezer.thaw_processes(cpu)
         return _worker_done(cpu)
-    k.xs_suspended = 1
+    xenbus.xs(cpu).suspended = 1
     printk(cpu, "xenbus: xs_suspend")
     if pm.dpm_suspend_noirq(cpu):
         printk(cpu, "suspend: dpm_suspend_noirq failed; aborted")
@@ -168,15 +181,14 @@ def suspend_freeze_wait(cpu: NativeCpu) -> TailCall:
 
 
 def _xs_suspend_cancel(cpu: NativeCpu) -> None:
-    kernel(cpu).xs_suspended = 0
+    xenbus.xs(cpu).suspended = 0
     printk(cpu, "xenbus: xs_suspend_cancel")
 
 
 def _xs_resume(cpu: NativeCpu) -> None:
     """In a new domain: a fresh ring, and the store knows none of our watches."""
-    k = kernel(cpu)
     xenbus.xb_init_comms(cpu)
-    k.xs_suspended = 0
+    xenbus.xs(cpu).suspended = 0
     n = xenbus.reregister_watches(cpu)
     printk(cpu, f"xenbus: xs_resume: ring reconnected, {n} watches registered again")
 
@@ -184,10 +196,10 @@ def _xs_resume(cpu: NativeCpu) -> None:
 @export
 def suspend_resume(cpu: NativeCpu) -> TailCall:
     """After stop_machine, on cpu0: the way back, THAW or RESTORE."""
-    k = kernel(cpu)
-    msg = pm.PMSG_THAW if k.suspend_cancelled else pm.PMSG_RESTORE
+    cancelled = suspend_state(cpu).cancelled
+    msg = pm.PMSG_THAW if cancelled else pm.PMSG_RESTORE
     pm.dpm_resume_noirq(cpu, msg)
-    if k.suspend_cancelled:
+    if cancelled:
         _xs_suspend_cancel(cpu)
     else:
         _xs_resume(cpu)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import struct
 
-from guestos.kdata import kernel
+from guestos.kdata import AREAS, kernel
+from guestos.layout import Layout, Ref
 from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -22,6 +23,21 @@ PAGE_SIZE = 4096
 PTE_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
 PTE_RO = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
 FRAME = 0x000FFFFFFFFFF000
+
+
+# the page allocator's globals (Linux keeps them in struct zone and mem_map)
+ZONE = Layout("zone", [
+    ("next_free_pfn", "u64"),  # bump allocator: every pfn below it is taken
+    ("free_head", "u64"),      # first pfn of the free-page list (0: empty)
+    ("free_pages", "u64"),
+    ("mem_map", "u64"),        # VA of the page flags, a byte per pfn
+    ("totalram_pages", "u64"), # the RAM the kernel counts as its own (less the balloon)
+])
+assert ZONE.size <= AREAS["mm"].size
+
+
+def zone(cpu: NativeCpu) -> Ref:
+    return ZONE.at(cpu, AREAS["mm"].va(cpu))
 
 
 class KernelPanic(Exception):
@@ -81,16 +97,16 @@ def alloc_pages(cpu: NativeCpu, n: int = 1, zero: bool = True) -> int:
     """n zeroed, contiguous pfns: a single page from the free list if it has
     one, else (and for runs, which only boot asks for) from the bump pointer.
     ``zero=False`` for a page that is given away at once (to the balloon)."""
-    k = kernel(cpu)
-    pfn = k.free_head if n == 1 else 0
+    z = zone(cpu)
+    pfn = z.free_head if n == 1 else 0
     if pfn:
-        k.free_head = cpu.read_u64(va(pfn))  # a free page holds the next one's pfn
-        k.free_pages = k.free_pages - 1
+        z.free_head = cpu.read_u64(va(pfn))  # a free page holds the next one's pfn
+        z.free_pages = z.free_pages - 1
     else:
-        pfn = k.next_free_pfn
-        if pfn + n > k.nr_pages:
+        pfn = z.next_free_pfn
+        if pfn + n > kernel(cpu).nr_pages:
             raise OutOfMemory(f"out of memory ({n} pages asked)")
-        k.next_free_pfn = pfn + n
+        z.next_free_pfn = pfn + n
     if zero:
         cpu.write(va(pfn), bytes(PAGE_SIZE * n))
     return pfn
@@ -98,18 +114,18 @@ def alloc_pages(cpu: NativeCpu, n: int = 1, zero: bool = True) -> int:
 
 def free_page(cpu: NativeCpu, pfn: int) -> None:
     """Give a page back; it must be writable in the kernel's mapping."""
-    k = kernel(cpu)
     if page_flags(cpu, pfn) & PG_PINNED:
         raise KernelPanic(f"freeing pfn {pfn:#x}, which is a pinned pagetable")
     set_page_flags(cpu, pfn, clear=PG_TABLE)
-    cpu.write_u64(va(pfn), k.free_head)
-    k.free_head = pfn
-    k.free_pages = k.free_pages + 1
+    z = zone(cpu)
+    cpu.write_u64(va(pfn), z.free_head)
+    z.free_head = pfn
+    z.free_pages = z.free_pages + 1
 
 
 def nr_free_pages(cpu: NativeCpu) -> int:
-    k = kernel(cpu)
-    return k.free_pages + k.nr_pages - k.next_free_pfn
+    z = zone(cpu)
+    return z.free_pages + kernel(cpu).nr_pages - z.next_free_pfn
 
 
 # page flags (Linux's struct page flags, here a byte per pfn in mem_map)
@@ -120,12 +136,12 @@ PG_BALLOON = 8      # in the balloon: no frame behind it (PageOffline, the ballo
 
 
 def page_flags(cpu: NativeCpu, pfn: int) -> int:
-    mem_map = kernel(cpu).mem_map
+    mem_map = zone(cpu).mem_map
     return cpu.read(mem_map + pfn, 1)[0] if mem_map else 0
 
 
 def set_page_flags(cpu: NativeCpu, pfn: int, set_: int = 0, clear: int = 0) -> None:
-    mem_map = kernel(cpu).mem_map
+    mem_map = zone(cpu).mem_map
     old = cpu.read(mem_map + pfn, 1)[0]
     cpu.write(mem_map + pfn, bytes([(old | set_) & ~clear & 0xFF]))
 

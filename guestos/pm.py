@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from guestos.kdata import AREAS, kernel
+from guestos.kdata import AREAS
 from guestos.layout import Layout, Ref
 from guestos.printk import printk
 from guestos.symbols import symbol, symbol_number
@@ -41,8 +41,16 @@ PHASES = ("freeze", "freeze_noirq", "thaw_noirq", "thaw", "restore_noirq", "rest
 MAX_DEVICES = 16
 MAX_SYSCORE = 8
 NO_DEVICE = 0xFFFFFFFFFFFFFFFF  # option pmfail= names none
+PM = Layout("pm", [
+    ("nr_devices", "u64"),
+    ("nr_syscore", "u64"),
+    ("fail_dev", "u64"),       # option pmfail=DEV:PHASE (NO_DEVICE: none)
+    ("fail_phase", "u64"),
+])
 DEVICE = Layout("device", [("ops", "u64"), ("instance", "u64")])
-assert MAX_DEVICES * DEVICE.size + MAX_SYSCORE * 8 <= AREAS["pm"].size
+DEVICES_OFFSET = PM.size
+SYSCORE_OFFSET = DEVICES_OFFSET + MAX_DEVICES * DEVICE.size
+assert SYSCORE_OFFSET + MAX_SYSCORE * 8 <= AREAS["pm"].size
 
 Callback = Callable[[NativeCpu, int], int]  # (cpu, instance) -> 0 or -errno
 
@@ -69,8 +77,12 @@ class syscore_ops:
     resume: Callable[[NativeCpu], None]
 
 
+def pm_state(cpu: NativeCpu) -> Ref:
+    return PM.at(cpu, AREAS["pm"].va(cpu))
+
+
 def device(cpu: NativeCpu, i: int) -> Ref:
-    return DEVICE.at(cpu, AREAS["pm"].va(cpu) + i * DEVICE.size)
+    return DEVICE.at(cpu, AREAS["pm"].va(cpu) + DEVICES_OFFSET + i * DEVICE.size)
 
 
 def _ops(cpu: NativeCpu, i: int) -> dev_pm_ops:
@@ -79,7 +91,7 @@ def _ops(cpu: NativeCpu, i: int) -> dev_pm_ops:
 
 def device_register(cpu: NativeCpu, ops: dev_pm_ops, instance: int = 0) -> int:
     """Add a device to the PM list: returns its number, or -EBUSY if full."""
-    k = kernel(cpu)
+    k = pm_state(cpu)
     n = k.nr_devices
     if n >= MAX_DEVICES:
         return -EBUSY
@@ -101,13 +113,13 @@ def _callback(ops: dev_pm_ops, phase: int) -> Callback | None:
 def pm_fail_option(cpu: NativeCpu, cmdline: str) -> None:
     """Option pmfail=DEV:PHASE: device DEV (in registration order) fails
     PHASE, for the tests of the rollback."""
-    k = kernel(cpu)
-    k.pm_fail_dev = NO_DEVICE
+    k = pm_state(cpu)
+    k.fail_dev = NO_DEVICE
     for word in cmdline.split():
         if word.startswith("pmfail="):
             dev, _, phase = word[7:].partition(":")
             if dev.isdigit() and phase in PHASES:
-                k.pm_fail_dev, k.pm_fail_phase = int(dev), PHASES.index(phase)
+                k.fail_dev, k.fail_phase = int(dev), PHASES.index(phase)
             else:
                 printk(cpu, f"option {word}: want pmfail=DEV:PHASE, PHASE one of "
                        + ", ".join(PHASES))
@@ -116,14 +128,14 @@ def pm_fail_option(cpu: NativeCpu, cmdline: str) -> None:
 def _call(cpu: NativeCpu, i: int, phase: int) -> int:
     cb = _callback(_ops(cpu, i), phase)
     rc = cb(cpu, device(cpu, i).instance) if cb is not None else 0
-    k = kernel(cpu)
-    if rc == 0 and k.pm_fail_dev == i and k.pm_fail_phase == phase:
+    k = pm_state(cpu)
+    if rc == 0 and k.fail_dev == i and k.fail_phase == phase:
         rc = -EBUSY
     return rc
 
 
 def _suspend(cpu: NativeCpu, phase: int, undo: int, what: str) -> int:
-    n = kernel(cpu).nr_devices
+    n = pm_state(cpu).nr_devices
     printk(cpu, f"PM: {what}(FREEZE)")
     for i in reversed(range(n)):
         rc = _call(cpu, i, phase)
@@ -145,7 +157,7 @@ def dpm_suspend_noirq(cpu: NativeCpu) -> int:
 
 def _resume(cpu: NativeCpu, msg: int, phase: int, what: str) -> None:
     printk(cpu, f"PM: {what}({PMSG_NAMES[msg]})")
-    for i in range(kernel(cpu).nr_devices):
+    for i in range(pm_state(cpu).nr_devices):
         rc = _call(cpu, i, phase)
         if rc:
             printk(cpu, f"PM: device {dev_name(cpu, i)} failed to {PHASES[phase]}: error {rc}")
@@ -162,11 +174,11 @@ def dpm_resume_end(cpu: NativeCpu, msg: int) -> None:
 # --- system devices (syscore), run on cpu0 with the others stopped ------------------
 
 def _syscore_va(cpu: NativeCpu) -> int:
-    return AREAS["pm"].va(cpu) + MAX_DEVICES * DEVICE.size
+    return AREAS["pm"].va(cpu) + SYSCORE_OFFSET
 
 
 def register_syscore_ops(cpu: NativeCpu, ops: syscore_ops) -> None:
-    k = kernel(cpu)
+    k = pm_state(cpu)
     if k.nr_syscore >= MAX_SYSCORE:
         raise RuntimeError("too many syscore_ops")
     cpu.write_u64(_syscore_va(cpu) + 8 * k.nr_syscore, symbol_number(ops))
@@ -176,7 +188,7 @@ def register_syscore_ops(cpu: NativeCpu, ops: syscore_ops) -> None:
 def _syscore(cpu: NativeCpu) -> list[syscore_ops]:
     base = _syscore_va(cpu)
     return [symbol(cpu.read_u64(base + 8 * i))  # type: ignore[misc]
-            for i in range(kernel(cpu).nr_syscore)]
+            for i in range(pm_state(cpu).nr_syscore)]
 
 
 def sysdev_suspend(cpu: NativeCpu) -> None:

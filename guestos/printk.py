@@ -5,13 +5,12 @@ console_io hypercall, as Linux's early printk does."""
 from __future__ import annotations
 
 from guestos.hypercall import console_write, scratch_va
-from guestos.kdata import kernel
-from guestos.xencons import hvc_write
+from guestos.xencons import hvc_write, xencons
 from hypervisor.public.native import NativeCpu
 
 
 def console_out(cpu: NativeCpu, data: bytes) -> None:
-    if kernel(cpu).console_port:
+    if xencons(cpu).port:
         hvc_write(cpu, data)
         return
     buf = scratch_va(cpu)

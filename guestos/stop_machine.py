@@ -50,6 +50,7 @@ STOP = Layout("stop_machine", [
     ("then", "u64"),       # symbol number of then(cpu)
     ("result", "u64"),
     ("seq", "u64"),        # one number per stop_machine: a cpu joins each once
+    ("test_at_ms", "u64"), # option stopmachine=MS: a demonstration run at MS (0: none)
 ])
 assert STOP.size <= AREAS["stop_machine"].size
 

@@ -26,7 +26,8 @@ import struct
 
 from guestos.evtchn import upcall_masked, xen_irq_resume
 from guestos.hypercall import with_args
-from guestos.kdata import kernel, percpu, read_start_info, write_start_info
+from guestos.kdata import AREAS, kernel, percpu, read_start_info, write_start_info
+from guestos.layout import Layout, Ref
 from guestos.mm import PAGE_SIZE, PTE_RW, mfn_to_pfn, pfn_of, pfn_to_mfn, xen_setup_mfn_list_list
 from guestos.pgd import pgd_list, pgd_pinned, xen_mm_pin_all, xen_mm_unpin_all
 from guestos.pm import sysdev_resume, sysdev_suspend
@@ -34,11 +35,23 @@ from guestos.printk import printk
 from guestos.stop_machine import fn_done
 from guestos.symbols import export
 from guestos.time import xen_timer_resume
-from guestos.xenbus import xenstore_init
-from guestos.xencons import xencons_init
+from guestos.xenbus import xenstore_init, xs
+from guestos.xencons import xencons, xencons_init
 from hypervisor.public.native import NativeCpu, TailCall
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_suspend
 from hypervisor.public.xen import Hypercall
+
+SUSPEND = Layout("suspend", [
+    ("cancelled", "u64"),      # the suspend hypercall's result
+    ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
+    ("no_pin_all", "u64"),     # option nopinall: skip xen_mm_pin_all (a lab bug)
+    ("restores", "u64"),       # times this kernel resumed in a new domain
+])
+assert SUSPEND.size <= AREAS["suspend"].size
+
+
+def suspend_state(cpu: NativeCpu) -> Ref:
+    return SUSPEND.at(cpu, AREAS["suspend"].va(cpu))
 
 
 @export
@@ -50,14 +63,15 @@ def xen_suspend(cpu: NativeCpu) -> TailCall:
            f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
            + ("" if spinning == others else " - FAILURE: not all of them"))
     sysdev_suspend(cpu)
-    if k.no_pin_all:
+    st = suspend_state(cpu)
+    if st.no_pin_all:
         n = sum(1 for pgd in pgd_list(cpu) if not pgd_pinned(cpu, pgd))
-        k.save_pinned = 0
+        st.save_pinned = 0
         printk(cpu, f"xen_mm_pin_all: SKIPPED (option nopinall): {n} unpinned pgds go "
                "out raw, their mfns not canonicalised")
     else:
         n = xen_mm_pin_all(cpu)
-        k.save_pinned = n
+        st.save_pinned = n
         printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
     si = read_start_info(cpu)
     si.store_mfn = mfn_to_pfn(cpu, si.store_mfn)
@@ -95,16 +109,18 @@ def xen_suspend_resumed(cpu: NativeCpu) -> TailCall:
         printk(cpu, "post-suspend: shared_info mapped, start_info's frames are mfns")
     else:
         # the restorer wrote the new frames and ports into start_info
-        k.restores = k.restores + 1
+        st = suspend_state(cpu)
+        st.restores = st.restores + 1
         xencons_init(cpu, si)
         xenstore_init(cpu, si)
         xen_irq_resume(cpu)
         xen_timer_resume(cpu)
-        printk(cpu, f"post-suspend: shared_info mapped; console on pfn {k.console_pfn:#x} "
-               f"port {k.console_port}, store on pfn {k.store_pfn:#x} port {k.store_port}; "
+        printk(cpu, f"post-suspend: shared_info mapped; console on pfn {xencons(cpu).pfn:#x} "
+               f"port {xencons(cpu).port}, store on pfn {xs(cpu).store_pfn:#x} "
+               f"port {xs(cpu).store_port}; "
                f"timer and IPI ports of {k.cpus_up} cpus bound again")
     n = xen_mm_unpin_all(cpu)
     printk(cpu, f"xen_mm_unpin_all: {n} SavePinned pgds unpinned")
     sysdev_resume(cpu)
-    k.suspend_cancelled = cancelled
+    suspend_state(cpu).cancelled = cancelled
     return fn_done(cpu, cancelled)

@@ -51,6 +51,24 @@ TASK_SIZE = AREAS["tasks"].size // MAX_TASKS
 assert TASK.size <= TASK_SIZE
 RFLAGS_IF = 0x200
 
+# the scheduler's globals
+SCHED = Layout("sched", [
+    ("tasks_live", "u64"),
+    ("next_pid", "u64"),
+    ("next_cpu", "u64"),       # where the next spawned task goes
+    ("freezing", "u64"),       # the freezer holds user tasks: no cpu picks one
+    ("hold_build_pid", "u64"), # options hold=: stop a task's construction or teardown
+    ("hold_build_ms", "u64"),  #   half way, leaving its pgd unpinned a while
+    ("hold_exit_pid", "u64"),
+    ("hold_exit_ms", "u64"),
+    ("free_at_boot", "u64"),   # free pages before the first task: none may leak
+])
+assert SCHED.size <= AREAS["sched"].size
+
+
+def sched(cpu: NativeCpu) -> Ref:
+    return SCHED.at(cpu, AREAS["sched"].va(cpu))
+
 
 def task(cpu: NativeCpu, slot: int) -> Ref:
     return TASK.at(cpu, AREAS["tasks"].va(cpu) + slot * TASK_SIZE)
@@ -72,7 +90,7 @@ def slots_on(cpu: NativeCpu, n: int) -> list[int]:
 def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | None = None) -> int:
     """Create a task running program ``name``: returns its pid, or -ENOENT
     (no such program) or -EAGAIN (no free task slot or memory)."""
-    k = kernel(cpu)
+    k, sc = kernel(cpu), sched(cpu)
     if name not in program_names(cpu):
         return -ENOENT
     slot = next((s for s in range(MAX_TASKS) if task(cpu, s).state == FREE), None)
@@ -80,11 +98,11 @@ def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | N
         return -EAGAIN
     aspace, entry = load_program(cpu, name)
     t = task(cpu, slot)
-    pid = k.next_pid + 1
-    k.next_pid = pid
+    pid = sc.next_pid + 1
+    sc.next_pid = pid
     if on_cpu is None:
-        on_cpu = k.next_cpu % k.nr_cpus
-        k.next_cpu = on_cpu + 1
+        on_cpu = sc.next_cpu % k.nr_cpus
+        sc.next_cpu = on_cpu + 1
     t.pid, t.cpu, t.pgd, t.exit_code, t.wake_at = pid, on_cpu, aspace.l4, 0, 0
     for r in GPRS:
         setattr(t, r, 0)
@@ -92,11 +110,11 @@ def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | N
     t.rip, t.rsp, t.rflags = entry, aspace.stack_top, RFLAGS_IF | 0x2
     pgd_list_add(cpu, aspace.l4)
     t.state = NEW
-    k.tasks_live = k.tasks_live + 1
-    if k.hold_build_pid == pid:
+    sc.tasks_live = sc.tasks_live + 1
+    if sc.hold_build_pid == pid:
         # construction stops here a while: the pgd is on the list, unpinned
-        t.wake_at = now(cpu) + k.hold_build_ms * NSEC_PER_MSEC
-        printk(cpu, f"task {pid}: construction held for {k.hold_build_ms} ms, pgd unpinned")
+        t.wake_at = now(cpu) + sc.hold_build_ms * NSEC_PER_MSEC
+        printk(cpu, f"task {pid}: construction held for {sc.hold_build_ms} ms, pgd unpinned")
     else:
         _finish_construction(cpu, t)
     return pid
@@ -112,24 +130,24 @@ def _release(cpu: NativeCpu, t: Ref) -> None:
     pgd_free(cpu, t.pgd)
     t.pgd = 0
     t.state = FREE
-    k = kernel(cpu)
-    k.tasks_live = k.tasks_live - 1
+    sc = sched(cpu)
+    sc.tasks_live = sc.tasks_live - 1
 
 
 def exit_current(cpu: NativeCpu, code: int) -> TailCall:
     """The running task exits: its pgd comes off this cpu, is unpinned, freed."""
     t = current(cpu)
     assert t is not None
-    k = kernel(cpu)
+    sc = sched(cpu)
     printk(cpu, f"task {t.pid} exited with code {code}")
     install_user_l4(cpu, 0)
     pgd_unpin(cpu, t.pgd)
     t.exit_code = code
     t.state = DEAD
     percpu(cpu).current = NO_TASK
-    if k.hold_exit_pid == t.pid:
-        t.wake_at = now(cpu) + k.hold_exit_ms * NSEC_PER_MSEC
-        printk(cpu, f"task {t.pid}: teardown held for {k.hold_exit_ms} ms, pgd unpinned")
+    if sc.hold_exit_pid == t.pid:
+        t.wake_at = now(cpu) + sc.hold_exit_ms * NSEC_PER_MSEC
+        printk(cpu, f"task {t.pid}: teardown held for {sc.hold_exit_ms} ms, pgd unpinned")
     else:
         _release(cpu, t)
     return schedule(cpu)
@@ -179,7 +197,7 @@ def _resume(cpu: NativeCpu, slot: int) -> TailCall:
 def pick_next(cpu: NativeCpu) -> int | None:
     """Round robin over this cpu's runnable tasks, starting after the last one
     run; none while the freezer holds them."""
-    if kernel(cpu).freezing:
+    if sched(cpu).freezing:
         return None
     mine = [s for s in slots_on(cpu, cpu.vcpu_id) if task(cpu, s).state == RUNNABLE]
     if not mine:
@@ -197,16 +215,16 @@ def schedule(cpu: NativeCpu) -> TailCall:
     nxt = pick_next(cpu)
     if nxt is not None:
         return _resume(cpu, nxt)
-    if kernel(cpu).tasks_live == 0:
+    if sched(cpu).tasks_live == 0:
         return kernel_power_off(cpu)
     return cpu_idle(cpu)
 
 
 def kernel_power_off(cpu: NativeCpu) -> TailCall:
     """The last task is gone: the domain is done."""
-    k = kernel(cpu)
+    sc = sched(cpu)
     printk(cpu, f"all programs exited: powering off ({nr_free_pages(cpu)} pages free, "
-           f"{k.free_at_boot} before the first task)")
+           f"{sc.free_at_boot} before the first task)")
     return TailCall(Hypercall.sched_op, shutdown_args(cpu, SHUTDOWN_poweroff), cpu_idle)
 
 
@@ -231,7 +249,7 @@ def wake_due(cpu: NativeCpu) -> None:
     taken at every tick would freeze again."""
     t_now = now(cpu)
     waiting = False
-    frozen = kernel(cpu).freezing  # a held construction or teardown is frozen too
+    frozen = sched(cpu).freezing  # a held construction or teardown is frozen too
     for s in slots_on(cpu, cpu.vcpu_id):
         t = task(cpu, s)
         state = t.state

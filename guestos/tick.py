@@ -5,9 +5,9 @@ scheduler; on cpu0 it also runs the freezable workqueue."""
 from __future__ import annotations
 
 from guestos.evtchn import bind_virq_to_irqhandler
-from guestos.kdata import kernel, percpu
+from guestos.kdata import percpu
 from guestos.printk import printk
-from guestos.stop_machine import check_the_others_spin, reschedule, stop_machine
+from guestos.stop_machine import check_the_others_spin, reschedule, stop_machine, stopper
 from guestos.symbols import export
 from guestos.task import scheduler_tick
 from guestos.time import NSEC_PER_MSEC, now, set_next_tick
@@ -26,9 +26,9 @@ def xen_timer_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
         return
     t_now = now(cpu)
     run_workqueue(cpu, t_now)
-    k = kernel(cpu)
-    if k.stop_test_ms and t_now >= k.stop_test_ms * NSEC_PER_MSEC:
-        k.stop_test_ms = 0
+    sm = stopper(cpu)
+    if sm.test_at_ms and t_now >= sm.test_at_ms * NSEC_PER_MSEC:
+        sm.test_at_ms = 0
         printk(cpu, "stop_machine: starting (option stopmachine=)")
         stop_machine(cpu, check_the_others_spin, reschedule)
 

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from guestos.kdata import AREAS, kernel
+from guestos.kdata import AREAS
 from guestos.layout import Layout, Ref
 from guestos.symbols import NO_SYMBOL, symbol, symbol_number
 from hypervisor.public.native import NativeCpu
 
 MAX_WORK = 8
+WQ = Layout("workqueue", [("frozen", "u64")])  # the freezer stopped the workers
 WORK = Layout("work_struct", [("func", "u64"), ("pending", "u64")])
-assert MAX_WORK * WORK.size <= AREAS["workqueue"].size
+assert WQ.size + MAX_WORK * WORK.size <= AREAS["workqueue"].size
 
 WorkFunc = Callable[[NativeCpu, int], None]
 
 
+def workqueue(cpu: NativeCpu) -> Ref:
+    return WQ.at(cpu, AREAS["workqueue"].va(cpu))
+
+
 def _work(cpu: NativeCpu, i: int) -> Ref:
-    return WORK.at(cpu, AREAS["workqueue"].va(cpu) + i * WORK.size)
+    return WORK.at(cpu, AREAS["workqueue"].va(cpu) + WQ.size + i * WORK.size)
 
 
 def _slot(cpu: NativeCpu, fn: WorkFunc) -> Ref:
@@ -51,7 +56,15 @@ def queue_work(cpu: NativeCpu, fn: WorkFunc) -> None:
 
 
 def workqueue_frozen(cpu: NativeCpu) -> bool:
-    return bool(kernel(cpu).wq_frozen)
+    return bool(workqueue(cpu).frozen)
+
+
+def freeze_workqueues(cpu: NativeCpu) -> None:
+    workqueue(cpu).frozen = 1
+
+
+def thaw_workqueues(cpu: NativeCpu) -> None:
+    workqueue(cpu).frozen = 0
 
 
 def flush_work(cpu: NativeCpu, fn: WorkFunc, t_now: int) -> None:

@@ -20,7 +20,8 @@ import struct
 from collections.abc import Callable
 
 from guestos.evtchn import bind_evtchn_to_irqhandler, notify_remote_via_evtchn, rebind_evtchn_irq
-from guestos.kdata import AREAS, kernel
+from guestos.kdata import AREAS
+from guestos.layout import Layout, Ref
 from guestos.mm import mfn_to_pfn, read_u32, va
 from guestos.printk import printk
 from guestos.symbols import NO_SYMBOL, export, symbol, symbol_number
@@ -40,15 +41,29 @@ from hypervisor.public.io.xs_wire import (
 from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import start_info
 
+# the client's globals
+XS = Layout("xenstore", [
+    ("store_pfn", "u64"),      # the ring's page (start_info)
+    ("store_port", "u64"),     #   its event channel
+    ("store_irq", "u64"),      #   and the irq that is bound to
+    ("req_id", "u64"),         # the last request id
+    ("in_len", "u64"),         # bytes of a reply read from the ring, not yet whole
+    ("suspended", "u64"),      # xs_suspend .. xs_resume: no requests
+])
 MAX_WATCHES = 8
 WATCH_SIZE = 128               # u64 callback, path
 MAX_XS_EVENTS = 8
 XS_EVENT_SIZE = 256            # u64 length, the event's payload
 XS_IN_SIZE = 16 + 4096         # one message: header and the largest payload
-WATCHES_OFFSET = 0
+WATCHES_OFFSET = XS.size
 XS_EVENTS_OFFSET = WATCHES_OFFSET + MAX_WATCHES * WATCH_SIZE
 XS_IN_OFFSET = XS_EVENTS_OFFSET + MAX_XS_EVENTS * XS_EVENT_SIZE
 assert XS_IN_OFFSET + XS_IN_SIZE <= AREAS["xenbus"].size
+
+
+def xs(cpu: NativeCpu) -> Ref:
+    return XS.at(cpu, AREAS["xenbus"].va(cpu))
+
 
 WatchCallback = Callable[[NativeCpu, str], None]
 
@@ -66,12 +81,12 @@ class XenbusError(Exception):
 # --- the ring -----------------------------------------------------------------------
 
 def _ring(cpu: NativeCpu) -> int:
-    return va(kernel(cpu).store_pfn)
+    return va(xs(cpu).store_pfn)
 
 
 def _put(cpu: NativeCpu, msg: bytes) -> None:
     ring = _ring(cpu)
-    k = kernel(cpu)
+    x = xs(cpu)
     sent = 0
     for _ in range(4):
         cons, prod = read_u32(cpu, ring + REQ_CONS_OFF), read_u32(cpu, ring + REQ_PROD_OFF)
@@ -80,7 +95,7 @@ def _put(cpu: NativeCpu, msg: bytes) -> None:
             cpu.write(ring + REQ_OFF + off, msg[sent:sent + chunk])
             sent += chunk
         cpu.write(ring + REQ_PROD_OFF, struct.pack("<I", (prod + n) & 0xFFFFFFFF))
-        notify_remote_via_evtchn(cpu, k.store_port)
+        notify_remote_via_evtchn(cpu, x.store_port)
         if sent == len(msg):
             return
     raise XenbusError("EIO", "the store does not take requests")
@@ -90,18 +105,18 @@ def _pull(cpu: NativeCpu) -> bytes | None:
     """One whole message from the reply ring, or None if there is none yet.
     Bytes are moved into a kernel buffer first, so a message longer than the
     ring arrives in parts."""
-    k = kernel(cpu)
+    x = xs(cpu)
     ring = _ring(cpu)
     buf = AREAS["xenbus"].va(cpu) + XS_IN_OFFSET
     while True:
-        have = k.xs_in_len
+        have = x.in_len
         if have >= HDR:
             n = XSD_SOCKMSG.unpack(cpu.read(buf, HDR))[3]
             if have >= HDR + n:
                 msg = cpu.read(buf, HDR + n)
                 rest = cpu.read(buf + HDR + n, have - HDR - n)
                 cpu.write(buf, rest)
-                k.xs_in_len = len(rest)
+                x.in_len = len(rest)
                 return msg
         cons, prod = read_u32(cpu, ring + RSP_CONS_OFF), read_u32(cpu, ring + RSP_PROD_OFF)
         avail = min(ring_used(cons, prod), XS_IN_SIZE - have)
@@ -110,34 +125,34 @@ def _pull(cpu: NativeCpu) -> bytes | None:
         data = b"".join(cpu.read(ring + RSP_OFF + off, chunk)
                         for off, chunk in ring_spans(cons, avail, XENSTORE_RING_SIZE))
         cpu.write(buf + have, data)
-        k.xs_in_len = have + avail
+        x.in_len = have + avail
         cpu.write(ring + RSP_CONS_OFF, struct.pack("<I", (cons + avail) & 0xFFFFFFFF))
-        notify_remote_via_evtchn(cpu, k.store_port)  # room: the store may have more
+        notify_remote_via_evtchn(cpu, x.store_port)  # room: the store may have more
 
 
 def xenstore_init(cpu: NativeCpu, si: start_info) -> None:
     """The store's ring and port, from start_info: at boot, and in a new
     domain (where the restorer wrote the new ones)."""
-    k = kernel(cpu)
-    k.store_pfn = mfn_to_pfn(cpu, si.store_mfn)
-    k.store_port = si.store_evtchn
+    x = xs(cpu)
+    x.store_pfn = mfn_to_pfn(cpu, si.store_mfn)
+    x.store_port = si.store_evtchn
 
 
 def xs_init(cpu: NativeCpu) -> None:
     """At boot, on cpu0: the store's events run the watches on cpu0."""
-    k = kernel(cpu)
-    k.store_irq = bind_evtchn_to_irqhandler(cpu, k.store_port, xenbus_interrupt)
+    x = xs(cpu)
+    x.store_irq = bind_evtchn_to_irqhandler(cpu, x.store_port, xenbus_interrupt)
 
 
 def xb_init_comms(cpu: NativeCpu) -> None:
     """The ring in a new domain (Linux's xb_init_comms on resume): replies of
     the old store are of no use; skip them, and what was half read. The
     store's irq gets the new port."""
-    k = kernel(cpu)
+    x = xs(cpu)
     ring = _ring(cpu)
     cpu.write(ring + RSP_CONS_OFF, cpu.read(ring + RSP_PROD_OFF, 4))
-    k.xs_in_len = 0
-    rebind_evtchn_irq(cpu, k.store_port, k.store_irq)
+    x.in_len = 0
+    rebind_evtchn_irq(cpu, x.store_port, x.store_irq)
 
 
 def _queue_event(cpu: NativeCpu, payload: bytes) -> None:
@@ -154,9 +169,9 @@ def _queue_event(cpu: NativeCpu, payload: bytes) -> None:
 
 def talk(cpu: NativeCpu, typ: int, payload: bytes, tx: int = 0) -> bytes:
     """Send one request, return its reply's payload; XenbusError on an error."""
-    k = kernel(cpu)
-    req_id = (k.xs_req_id + 1) & 0xFFFFFFFF
-    k.xs_req_id = req_id
+    x = xs(cpu)
+    req_id = (x.req_id + 1) & 0xFFFFFFFF
+    x.req_id = req_id
     _put(cpu, XSD_SOCKMSG.pack(typ, req_id, tx, len(payload)) + payload)
     while True:
         msg = _pull(cpu)
@@ -252,7 +267,7 @@ def process_events(cpu: NativeCpu) -> None:
     """The store port's handler (cpu0): take watch events from the ring and
     the queue and run their handlers, in order. Not between xs_suspend and
     xs_resume: the events wait in the ring."""
-    if kernel(cpu).xs_suspended:
+    if xs(cpu).suspended:
         return
     while True:
         msg = _pull(cpu)

@@ -56,6 +56,7 @@ from guestos.mm import (
     pfn_to_mfn,
     set_page_flags,
     va,
+    zone,
 )
 from guestos.pm import dev_pm_ops, device_register, register_syscore_ops, syscore_ops
 from guestos.printk import printk
@@ -251,8 +252,8 @@ def _accounts_ram(cpu: NativeCpu) -> bool:
 
 def _adjust_ram(cpu: NativeCpu, delta: int) -> None:
     if _accounts_ram(cpu):
-        k = kernel(cpu)
-        k.totalram_pages = k.totalram_pages + delta
+        z = zone(cpu)
+        z.totalram_pages = z.totalram_pages + delta
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def _give_back(cpu: NativeCpu, pfns: list[int], mfns: list[int]) -> None:
 def _ballooned(cpu: NativeCpu, num: int) -> list[int]:
     """The first ``num`` pfns of the balloon list (PG_BALLOON in mem_map)."""
     k = kernel(cpu)
-    flags = cpu.read(k.mem_map, k.nr_pages).translate(_BALLOON_BYTES)
+    flags = cpu.read(zone(cpu).mem_map, k.nr_pages).translate(_BALLOON_BYTES)
     out: list[int] = []
     pos = flags.find(1)
     while pos >= 0 and len(out) < num:
@@ -404,16 +405,15 @@ def update_balloon_size_func(cpu: NativeCpu, t_now: int) -> None:
     if towards_target(cpu) == 0:
         vb.work_queued = 0
         printk(cpu, f"virtio_balloon: balloon at its target: {vb.num_pages} pages "
-               f"({kernel(cpu).totalram_pages} pages of RAM, {nr_free_pages(cpu)} free)")
+               f"({zone(cpu).totalram_pages} pages of RAM, {nr_free_pages(cpu)} free)")
 
 
 # --- statistics ------------------------------------------------------------------------------
 
 def _add_stats_buffer(cpu: NativeCpu) -> None:
-    k = kernel(cpu)
     free = nr_free_pages(cpu) * 4096
     values = {VIRTIO_BALLOON_S_MEMFREE: free, VIRTIO_BALLOON_S_AVAIL: free,
-              VIRTIO_BALLOON_S_MEMTOT: k.totalram_pages * 4096}
+              VIRTIO_BALLOON_S_MEMTOT: zone(cpu).totalram_pages * 4096}
     data = b"".join(VIRTIO_BALLOON_STAT.pack(tag, values.get(tag, 0)) for tag in STATS_TAGS)
     vb = _vb(cpu)
     cpu.write(va(vb.stats), data)

@@ -7,7 +7,7 @@ import struct
 from guestos.kdata import AREAS, MAX_CPUS
 from hypervisor.public.native import NativeCpu
 from hypervisor.public.sched import SCHEDOP_shutdown
-from hypervisor.public.xen import DOMID_SELF, CONSOLEIO_write, Hypercall
+from hypervisor.public.xen import DOMID_SELF, CONSOLEIO_write, Hypercall, mmuext_op
 
 SCRATCH_SIZE = AREAS["scratch"].size // MAX_CPUS
 
@@ -33,6 +33,8 @@ def shutdown_args(cpu: NativeCpu, reason: int) -> tuple[int, int]:
     return SCHEDOP_shutdown, with_args(cpu, struct.pack("<I", reason))
 
 
-def mmuext(cpu: NativeCpu, cmd: int, arg1: int) -> int:
-    va = with_args(cpu, struct.pack("<IIQQ", cmd, 0, arg1, 0) + b"\0" * 8)
-    return cpu.hypercall(Hypercall.mmuext_op, va, 1, 0, DOMID_SELF)
+def mmuext(cpu: NativeCpu, cmd: int, mfn: int) -> int:
+    """One mmuext_op on a frame (pin, unpin, new user baseptr)."""
+    op = mmuext_op(cmd=cmd)
+    op.arg1.mfn = mfn
+    return cpu.hypercall(Hypercall.mmuext_op, with_args(cpu, bytes(op)), 1, 0, DOMID_SELF)

@@ -11,9 +11,11 @@ below gives every area its size and, in that order, its place.
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 
 from guestos.layout import Layout, Ref
+from guestos.symbols import NO_SYMBOL, symbol_number
 from hypervisor.public.native import VIRT_BASE, NativeCpu, pvlab_image_header
 from hypervisor.public.xen import start_info
 
@@ -24,6 +26,7 @@ MAX_TASKS = 64
 NR_PORTS = 4096  # the 2-level event channel ABI's 64 x 64
 
 NO_TASK = 0xFFFFFFFFFFFFFFFF  # a cpu runs no task (the idle loop)
+MAX_DRVDATA = 8
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ AREAS = _place([
     ("xenbus", 64 + 8 * 128 + 8 * 256 + 16 + 4096),  # guestos/xenbus.py
     ("pm", 32 + 16 * 16 + 8 * 16),      # devices and syscore ops (guestos/pm.py)
     ("workqueue", 8 + 8 * 24),          # guestos/workqueue.py
+    ("drvdata", MAX_DRVDATA * 16),      # driver_data() below
     ("freezer", 32),                    # guestos/freezer.py
     ("suspend", 32),                    # guestos/suspend.py
     ("manage", 48),                     # guestos/manage.py
@@ -74,7 +78,6 @@ KERNEL = Layout("kernel", [
     ("kernel_l4_pfn", "u64"),
     ("nr_cpus", "u64"),
     ("cpus_up", "u64"),
-    ("vballoon", "u64"),       # VA of the balloon driver's state page (0: no balloon)
 ])
 assert KERNEL.size <= AREAS["kernel"].size
 
@@ -122,3 +125,29 @@ def read_start_info(cpu: NativeCpu) -> start_info:
 
 def write_start_info(cpu: NativeCpu, si: start_info) -> None:
     cpu.write(kernel(cpu).start_info, bytes(si))
+
+
+# --- a driver's own data ---------------------------------------------------------------
+
+def _drvdata(cpu: NativeCpu) -> list[int]:
+    raw = cpu.read(AREAS["drvdata"].va(cpu), AREAS["drvdata"].size)
+    return list(struct.unpack(f"<{2 * MAX_DRVDATA}Q", raw))
+
+
+def driver_data(cpu: NativeCpu, key: object) -> int:
+    """What the driver that exported ``key`` keeps here (its state page, say),
+    or 0: a driver has no area of its own in AREAS, which it cannot edit."""
+    words, number = _drvdata(cpu), symbol_number(key)
+    for i in range(0, len(words), 2):
+        if words[i] == number:
+            return words[i + 1]
+    return 0
+
+
+def set_driver_data(cpu: NativeCpu, key: object, value: int) -> None:
+    words, number = _drvdata(cpu), symbol_number(key)
+    for i in range(0, len(words), 2):
+        if words[i] in (number, NO_SYMBOL):
+            cpu.write(AREAS["drvdata"].va(cpu) + 8 * i, struct.pack("<QQ", number, value))
+            return
+    raise RuntimeError("no free driver data slot")

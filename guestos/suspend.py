@@ -15,9 +15,13 @@ drivers/xen/manage.c xen_suspend, arch/x86/xen/suspend_pv.c):
                               again; after a checkpoint the store and console
                               pfns back to mfns; in a new domain (a restore)
                               the new frames and ports taken from start_info,
-                              every cpu's timer and IPI ports bound anew
+                              every VIRQ and IPI bound anew, every cpu's tick
+                              marked lost
     xen_mm_unpin_all          unpin exactly the SavePinned pgds
     sysdev_resume
+
+Drivers that must act here register syscore_ops (guestos/pm.py): this file
+names none of them.
 """
 
 from __future__ import annotations

@@ -3,13 +3,12 @@ kernel goes on; a fault in the kernel itself is a panic."""
 
 from __future__ import annotations
 
-import struct
-
 from guestos.evtchn import vcpu_info_va
 from guestos.frame import read_bounce
 from guestos.mm import KernelPanic
 from guestos.printk import printk
 from guestos.task import current, exit_current
+from hypervisor.public.arch_x86 import trap_info
 from hypervisor.public.native import NativeCpu, TailCall
 from hypervisor.public.xen import arch_vcpu_info, vcpu_info
 
@@ -55,6 +54,6 @@ HANDLERS = ((0, divide_error), (3, breakpoint), (6, invalid_op), (13, general_pr
 
 def trap_table(cpu: NativeCpu) -> bytes:
     """The set_trap_table argument: trap_info entries ended by a zero address."""
-    out = b"".join(struct.pack("<BBHxxxxQ", vec, 3 if vec == 3 else TI_MASK_EVENTS, 0,
-                               cpu.native_addr(fn)) for vec, fn in HANDLERS)
-    return out + bytes(16)
+    out = b"".join(bytes(trap_info(vector=vec, flags=3 if vec == 3 else TI_MASK_EVENTS,
+                                   address=cpu.native_addr(fn))) for vec, fn in HANDLERS)
+    return out + bytes(trap_info())

@@ -45,7 +45,7 @@ import struct
 
 from guestos.cmdline import parse_word
 from guestos.hypercall import with_args
-from guestos.kdata import kernel
+from guestos.kdata import driver_data, kernel, set_driver_data
 from guestos.layout import Layout, Ref
 from guestos.mm import (
     PG_BALLOON,
@@ -126,7 +126,8 @@ EXTENTS_OFFSET = 1024         # in the request page: u64 pfns for populate_physm
 
 
 def _state(cpu: NativeCpu) -> int:
-    return kernel(cpu).vballoon
+    """The driver's state page (0: no balloon)."""
+    return driver_data(cpu, virtballoon_pm_ops)
 
 
 def _vb(cpu: NativeCpu) -> Ref:
@@ -168,12 +169,12 @@ def virtio_balloon_init(cpu: NativeCpu, cmdline: str) -> None:
         if device_id != VIRTIO_ID_BALLOON:
             printk(cpu, f"virtio-mmio at {base:#x}: device id {device_id}: no driver")
             continue
-        kernel(cpu).vballoon = state
+        set_driver_data(cpu, virtballoon_pm_ops, state)
         try:
             _probe(cpu, cmdline)
         except vm.VirtioError as e:
             printk(cpu, f"virtio_balloon: probe failed: {e}")
-            kernel(cpu).vballoon = 0
+            set_driver_data(cpu, virtballoon_pm_ops, 0)
 
 
 def _probe(cpu: NativeCpu, cmdline: str) -> None:

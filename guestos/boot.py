@@ -14,8 +14,6 @@ from guestos.hypercall import with_args
 from guestos.kdata import (
     KSTACK_PAGES,
     MAX_CPUS,
-    MAX_TASKS,
-    NO_TASK,
     kernel,
     percpu,
     read_start_info,
@@ -38,7 +36,7 @@ from guestos.smp import xen_smp_intr_init
 from guestos.stop_machine import stopper
 from guestos.suspend import suspend_state
 from guestos.symbols import do_initcalls
-from guestos.task import sched, schedule, spawn
+from guestos.task import init_rq, sched, schedule, spawn
 from guestos.tick import xen_setup_timer
 from guestos.time import set_next_tick
 from guestos.upcall import failsafe_callback, hypervisor_callback
@@ -145,10 +143,8 @@ def setup_arch(cpu: NativeCpu, si_va: int) -> None:
         nr_cpus += 1
     k.nr_cpus = nr_cpus
     for n in range(nr_cpus):
-        pc = percpu(cpu, n)
-        pc.stack_top = va(alloc_pages(cpu, KSTACK_PAGES) + KSTACK_PAGES)
-        pc.last = MAX_TASKS - 1  # round robin starts at the first slot
-        pc.current = NO_TASK
+        percpu(cpu, n).stack_top = va(alloc_pages(cpu, KSTACK_PAGES) + KSTACK_PAGES)
+        init_rq(cpu, n)
     z.mem_map = va(alloc_pages(cpu, (si.nr_pages + PAGE_SIZE - 1) // PAGE_SIZE))
 
 

@@ -10,12 +10,12 @@ runs: a test sees whether frozen workers stay put."""
 
 from __future__ import annotations
 
-from guestos.kdata import AREAS, MAX_TASKS, NO_TASK, kernel, percpu
+from guestos.kdata import AREAS, MAX_TASKS, kernel
 from guestos.layout import Layout, Ref
 from guestos.printk import printk
 from guestos.smp import xen_send_IPI_one
 from guestos.symbols import export
-from guestos.task import FREE, sched, task, wake_due
+from guestos.task import FREE, NO_TASK, cpu_rq, sched, task, wake_due
 from guestos.time import NSEC_PER_MSEC, now
 from guestos.workqueue import freeze_workqueues, queue_work, run_workqueue, thaw_workqueues
 from hypervisor.public.native import NativeCpu
@@ -27,16 +27,16 @@ def freeze_processes_start(cpu: NativeCpu) -> None:
     k = kernel(cpu)
     sched(cpu).freezing = 1
     for n in range(k.cpus_up):
-        if n != cpu.vcpu_id and percpu(cpu, n).current != NO_TASK:
-            percpu(cpu, n).need_resched = 1
+        if n != cpu.vcpu_id and cpu_rq(cpu, n).current != NO_TASK:
+            cpu_rq(cpu, n).need_resched = 1
             xen_send_IPI_one(cpu, n)
 
 
 def running_elsewhere(cpu: NativeCpu) -> list[int]:
     """The pids still running on other cpus (not yet at a safe point)."""
     k = kernel(cpu)
-    return [task(cpu, percpu(cpu, n).current).pid for n in range(k.cpus_up)
-            if n != cpu.vcpu_id and percpu(cpu, n).current != NO_TASK]
+    return [task(cpu, cpu_rq(cpu, n).current).pid for n in range(k.cpus_up)
+            if n != cpu.vcpu_id and cpu_rq(cpu, n).current != NO_TASK]
 
 
 def nr_tasks(cpu: NativeCpu) -> int:

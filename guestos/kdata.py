@@ -25,7 +25,6 @@ KSTACK_PAGES = 2
 MAX_TASKS = 64
 NR_PORTS = 4096  # the 2-level event channel ABI's 64 x 64
 
-NO_TASK = 0xFFFFFFFFFFFFFFFF  # a cpu runs no task (the idle loop)
 MAX_DRVDATA = 8
 
 
@@ -51,7 +50,10 @@ def _place(sizes: list[tuple[str, int]]) -> dict[str, Area]:
 
 AREAS = _place([
     ("kernel", 128),                    # KERNEL below: what boot learns from start_info
-    ("percpu", MAX_CPUS * 128),         # PERCPU below, one a cpu
+    ("percpu", MAX_CPUS * 8),           # PERCPU below, one a cpu
+    ("sched_percpu", MAX_CPUS * 32),    # each cpu's run queue (guestos/task.py)
+    ("stop_percpu", MAX_CPUS * 32),     # each cpu's stopper (guestos/stop_machine.py)
+    ("tick_percpu", MAX_CPUS * 16),     # each cpu's tick (guestos/time.py)
     ("scratch", MAX_CPUS * 256),        # hypercall arguments (guestos/hypercall.py)
     ("mm", 64),                         # the page allocator (guestos/mm.py)
     ("sched", 128),                     # the scheduler's globals (guestos/task.py)
@@ -81,26 +83,12 @@ KERNEL = Layout("kernel", [
 ])
 assert KERNEL.size <= AREAS["kernel"].size
 
-# per-cpu data, an array
+# per-cpu data: each subsystem declares its own layout and has an area with
+# one copy a cpu (per_cpu below); this is boot's
 PERCPU = Layout("percpu", [
-    ("stack_top", "u64"),
-    ("tick_lost", "u64"),       # a new domain has no timer: set it again (guestos/time.py)
-    ("ticks", "u64"),
-    ("user_pgd", "u64"),        # pfn of the user L4 installed on this cpu (0: none)
-    ("stop_state", "u64"),      # stop_machine: the last state this cpu acknowledged
-    ("in_stopper", "u64"),      # 1 while this cpu spins in stop_machine
-    ("stop_saved_mask", "u64"), # its event mask before stop_machine masked it
-    ("current", "u64"),         # task slot of the running task; NO_TASK: idle
-    ("need_resched", "u64"),
-    ("last", "u64"),            # slot that ran last, for round robin
-    ("stop_seq", "u64"),        # the stop_machine this cpu joined last
-    ("in_worker", "u64"),       # 1 while this cpu runs the xenwatch worker
+    ("stack_top", "u64"),       # the cpu's kernel stack, empty whenever it is not in use
 ])
-PERCPU_STRIDE = AREAS["percpu"].size // MAX_CPUS
-assert PERCPU.size <= PERCPU_STRIDE
-
-# a shared_info mapping the kernel makes at boot
-SHARED_INFO_VA = VIRT_BASE - 0x1000
+assert PERCPU.size <= AREAS["percpu"].size // MAX_CPUS
 
 
 def header(cpu: NativeCpu) -> pvlab_image_header:
@@ -112,9 +100,15 @@ def kernel(cpu: NativeCpu) -> Ref:
     return KERNEL.at(cpu, AREAS["kernel"].va(cpu))
 
 
-def percpu(cpu: NativeCpu, n: int | None = None) -> Ref:
+def per_cpu(cpu: NativeCpu, area: str, layout: Layout, n: int | None = None) -> Ref:
+    """Cpu n's copy (this cpu's by default) of per-cpu data kept in ``area``."""
     n = cpu.vcpu_id if n is None else n
-    return PERCPU.at(cpu, AREAS["percpu"].va(cpu) + n * PERCPU_STRIDE)
+    a = AREAS[area]
+    return layout.at(cpu, a.va(cpu) + n * (a.size // MAX_CPUS))
+
+
+def percpu(cpu: NativeCpu, n: int | None = None) -> Ref:
+    return per_cpu(cpu, "percpu", PERCPU, n)
 
 
 def read_start_info(cpu: NativeCpu) -> start_info:

@@ -25,7 +25,7 @@ from guestos.idle import cpu_idle
 from guestos.kdata import AREAS, percpu
 from guestos.layout import Layout, Ref
 from guestos.printk import printk
-from guestos.stop_machine import enter, stop_machine
+from guestos.stop_machine import cpu_stopper, enter, stop_machine
 from guestos.suspend import suspend_state, xen_suspend
 from guestos.symbols import export
 from guestos.task import schedule
@@ -46,6 +46,7 @@ MANAGE = Layout("manage", [
     ("shutting_down", "u64"),    # SHUTDOWN_* while a request is handled
     ("shutdown_request", "u64"), # SHUTDOWN_* for the xenwatch worker
     ("suspend_deadline", "u64"), # freezing gives up after this (virtual ns)
+    ("in_worker", "u64"),        # 1 while cpu0 runs the xenwatch worker
 ])
 assert MANAGE.size <= AREAS["manage"].size
 
@@ -111,15 +112,14 @@ def shutdown_handler(cpu: NativeCpu, path: str) -> None:
 
 def worker_wanted(cpu: NativeCpu) -> bool:
     return cpu.vcpu_id == 0 and xen_manage(cpu).shutdown_request != NO_SHUTDOWN \
-        and not percpu(cpu).in_worker and not percpu(cpu).in_stopper
+        and not xen_manage(cpu).in_worker and not cpu_stopper(cpu).in_stopper
 
 
 def xenwatch(cpu: NativeCpu) -> TailCall:
     """Carry out the request (this cpu's task, if any, has been saved)."""
     k = xen_manage(cpu)
-    pc = percpu(cpu)
-    pc.in_worker = 1
-    cpu.set_regs(rsp=pc.stack_top)
+    k.in_worker = 1
+    cpu.set_regs(rsp=percpu(cpu).stack_top)
     req = k.shutdown_request
     k.shutdown_request = NO_SHUTDOWN
     if req == SHUTDOWN_suspend:
@@ -131,7 +131,7 @@ def xenwatch(cpu: NativeCpu) -> TailCall:
 def _worker_done(cpu: NativeCpu) -> TailCall:
     k = xen_manage(cpu)
     k.shutting_down = NO_SHUTDOWN
-    percpu(cpu).in_worker = 0
+    k.in_worker = 0
     if k.shutdown_request == NO_SHUTDOWN:
         xenbus.process_events(cpu)  # what came in while the store was suspended
     return schedule(cpu)

@@ -193,6 +193,3 @@ def read_u32(cpu: NativeCpu, addr: int) -> int:
 def read_cstr(cpu: NativeCpu, addr: int, size: int) -> str:
     return cpu.read(addr, size).split(b"\0")[0].decode(errors="replace")
 
-
-def u64s(data: bytes) -> tuple[int, ...]:
-    return struct.unpack(f"<{len(data) // 8}Q", data)

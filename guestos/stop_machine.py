@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from guestos.evtchn import set_upcall_mask, upcall_masked
-from guestos.kdata import AREAS, kernel, percpu
+from guestos.kdata import AREAS, MAX_CPUS, kernel, per_cpu, percpu
 from guestos.layout import Layout, Ref
 from guestos.printk import printk
 from guestos.smp import xen_send_IPI_one
@@ -54,6 +54,20 @@ STOP = Layout("stop_machine", [
 ])
 assert STOP.size <= AREAS["stop_machine"].size
 
+# each cpu's stopper
+STOP_CPU = Layout("cpu_stopper", [
+    ("stop_state", "u64"),      # the last state this cpu acknowledged
+    ("in_stopper", "u64"),      # 1 while this cpu spins here
+    ("stop_saved_mask", "u64"), # its event mask before the stop masked it
+    ("stop_seq", "u64"),        # the stop_machine this cpu joined last
+])
+assert STOP_CPU.size <= AREAS["stop_percpu"].size // MAX_CPUS
+
+
+def cpu_stopper(cpu: NativeCpu, n: int | None = None) -> Ref:
+    return per_cpu(cpu, "stop_percpu", STOP_CPU, n)
+
+
 StopFn = Callable[[NativeCpu], "int | TailCall"]
 Continuation = Callable[[NativeCpu], TailCall]
 
@@ -70,7 +84,7 @@ def check_the_others_spin(cpu: NativeCpu) -> int:
     its events masked (they all must be)."""
     k = kernel(cpu)
     bad = [n for n in range(k.cpus_up) if n != cpu.vcpu_id
-           and not (percpu(cpu, n).in_stopper and upcall_masked(cpu, n))]
+           and not (cpu_stopper(cpu, n).in_stopper and upcall_masked(cpu, n))]
     others = ",".join(str(n) for n in range(k.cpus_up) if n != cpu.vcpu_id) or "none"
     if bad:
         printk(cpu, f"stop_machine: FAILURE: cpus {bad} are not spinning masked")
@@ -111,16 +125,16 @@ def wanted(cpu: NativeCpu) -> bool:
     has already left it (EXIT acknowledged, the others not yet) must not join
     again: it would acknowledge EXIT twice and strand the others."""
     sm = stopper(cpu)
-    pc = percpu(cpu)
+    pc = cpu_stopper(cpu)
     return bool(sm.active) and not pc.in_stopper and pc.stop_seq != sm.seq \
         and cpu.vcpu_id < sm.nthreads
 
 
 def enter(cpu: NativeCpu) -> TailCall:
     """Join: the cpu's task (if any) has been saved; spin from an empty stack."""
-    pc = percpu(cpu)
+    pc = cpu_stopper(cpu)
     pc.in_stopper, pc.stop_state, pc.stop_seq = 1, NONE, stopper(cpu).seq
-    cpu.set_regs(rsp=pc.stack_top)
+    cpu.set_regs(rsp=percpu(cpu).stack_top)
     return multi_cpu_stop(cpu)
 
 
@@ -137,7 +151,7 @@ def _ack(cpu: NativeCpu) -> None:
 def multi_cpu_stop(cpu: NativeCpu) -> TailCall:
     """One turn of the spin loop (a native entry: the continuation of the yield)."""
     sm = stopper(cpu)
-    pc = percpu(cpu)
+    pc = cpu_stopper(cpu)
     cur = sm.state if sm.active else NONE
     if pc.stop_state == EXIT:
         return _leave(cpu)  # acknowledged EXIT last time round: done
@@ -168,7 +182,7 @@ def fn_done(cpu: NativeCpu, result: int) -> TailCall:
 
 
 def _leave(cpu: NativeCpu) -> TailCall:
-    pc = percpu(cpu)
+    pc = cpu_stopper(cpu)
     caller = stopper(cpu).caller == cpu.vcpu_id
     then: Continuation = symbol(stopper(cpu).then)  # type: ignore[assignment]
     pc.in_stopper, pc.stop_state = 0, NONE

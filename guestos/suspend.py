@@ -30,13 +30,13 @@ import struct
 
 from guestos.evtchn import upcall_masked, xen_irq_resume
 from guestos.hypercall import with_args
-from guestos.kdata import AREAS, kernel, percpu, read_start_info, write_start_info
+from guestos.kdata import AREAS, kernel, read_start_info, write_start_info
 from guestos.layout import Layout, Ref
 from guestos.mm import PAGE_SIZE, PTE_RW, mfn_to_pfn, pfn_of, pfn_to_mfn, xen_setup_mfn_list_list
 from guestos.pgd import pgd_list, pgd_pinned, xen_mm_pin_all, xen_mm_unpin_all
 from guestos.pm import sysdev_resume, sysdev_suspend
 from guestos.printk import printk
-from guestos.stop_machine import fn_done
+from guestos.stop_machine import cpu_stopper, fn_done
 from guestos.symbols import export
 from guestos.time import xen_timer_resume
 from guestos.xenbus import xenstore_init, xs
@@ -62,7 +62,7 @@ def suspend_state(cpu: NativeCpu) -> Ref:
 def xen_suspend(cpu: NativeCpu) -> TailCall:
     k = kernel(cpu)
     others = [n for n in range(k.cpus_up) if n != cpu.vcpu_id]
-    spinning = [n for n in others if percpu(cpu, n).in_stopper and upcall_masked(cpu, n)]
+    spinning = [n for n in others if cpu_stopper(cpu, n).in_stopper and upcall_masked(cpu, n)]
     printk(cpu, f"xen_suspend: on cpu{cpu.vcpu_id}, cpus "
            f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
            + ("" if spinning == others else " - FAILURE: not all of them"))

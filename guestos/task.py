@@ -18,7 +18,7 @@ from __future__ import annotations
 from guestos.frame import iret_to
 from guestos.hypercall import mmuext, shutdown_args
 from guestos.idle import cpu_idle
-from guestos.kdata import AREAS, MAX_TASKS, NO_TASK, kernel, percpu
+from guestos.kdata import AREAS, MAX_CPUS, MAX_TASKS, kernel, per_cpu, percpu
 from guestos.layout import Layout, Ref
 from guestos.mm import nr_free_pages, pfn_to_mfn
 from guestos.pgd import pgd_free, pgd_list_add, pgd_pin, pgd_pinned, pgd_unpin
@@ -70,12 +70,34 @@ def sched(cpu: NativeCpu) -> Ref:
     return SCHED.at(cpu, AREAS["sched"].va(cpu))
 
 
+NO_TASK = 0xFFFFFFFFFFFFFFFF  # a cpu runs no task (the idle loop)
+
+# each cpu's run queue (Linux's struct rq)
+RQ = Layout("rq", [
+    ("current", "u64"),        # task slot of the running task; NO_TASK: idle
+    ("need_resched", "u64"),
+    ("last", "u64"),           # slot that ran last, for round robin
+    ("user_pgd", "u64"),       # pfn of the user L4 installed on this cpu (0: none)
+])
+assert RQ.size <= AREAS["sched_percpu"].size // MAX_CPUS
+
+
+def cpu_rq(cpu: NativeCpu, n: int | None = None) -> Ref:
+    return per_cpu(cpu, "sched_percpu", RQ, n)
+
+
+def init_rq(cpu: NativeCpu, n: int) -> None:
+    """At boot: cpu n runs nothing, and round robin starts at the first slot."""
+    rq = cpu_rq(cpu, n)
+    rq.current, rq.last = NO_TASK, MAX_TASKS - 1
+
+
 def task(cpu: NativeCpu, slot: int) -> Ref:
     return TASK.at(cpu, AREAS["tasks"].va(cpu) + slot * TASK_SIZE)
 
 
 def current(cpu: NativeCpu) -> Ref | None:
-    cur = percpu(cpu).current
+    cur = cpu_rq(cpu).current
     return task(cpu, cur) if cur != NO_TASK else None
 
 
@@ -144,7 +166,7 @@ def exit_current(cpu: NativeCpu, code: int) -> TailCall:
     pgd_unpin(cpu, t.pgd)
     t.exit_code = code
     t.state = DEAD
-    percpu(cpu).current = NO_TASK
+    cpu_rq(cpu).current = NO_TASK
     if sc.hold_exit_pid == t.pid:
         t.wake_at = now(cpu) + sc.hold_exit_ms * NSEC_PER_MSEC
         printk(cpu, f"task {t.pid}: teardown held for {sc.hold_exit_ms} ms, pgd unpinned")
@@ -171,25 +193,25 @@ def save_user_context(cpu: NativeCpu, t: Ref, frame: tuple[int, ...],
 def install_user_l4(cpu: NativeCpu, pgd: int) -> None:
     """Make pgd (a pfn; 0: none) this cpu's user L4. The kernel remembers the
     pfn, not the mfn: after a restore every mfn is new."""
-    pc = percpu(cpu)
-    if pc.user_pgd != pgd:
+    rq = cpu_rq(cpu)
+    if rq.user_pgd != pgd:
         mmuext(cpu, MMUEXT_NEW_USER_BASEPTR, pfn_to_mfn(cpu, pgd) if pgd else 0)
-        pc.user_pgd = pgd
+        rq.user_pgd = pgd
 
 
 def _resume(cpu: NativeCpu, slot: int) -> TailCall:
     t = task(cpu, slot)
-    pc = percpu(cpu)
+    rq = cpu_rq(cpu)
     if not pgd_pinned(cpu, t.pgd):
         pgd_pin(cpu, t.pgd)
     install_user_l4(cpu, t.pgd)
-    pc.current = slot
-    pc.last = slot
-    pc.need_resched = 0
+    rq.current = slot
+    rq.last = slot
+    rq.need_resched = 0
     t.state = RUNNING
     cpu.set_regs(**{r: getattr(t, r) for r in GPRS if r not in ("rax", "rcx", "r11")})
     return iret_to(cpu, t.rax, t.rip, FLAT_USER_CS64, t.rflags, t.rsp, FLAT_USER_SS64,
-                   t.rcx, t.r11, stack=pc.stack_top)
+                   t.rcx, t.r11, stack=percpu(cpu).stack_top)
 
 
 # --- the scheduler ------------------------------------------------------------------
@@ -202,7 +224,7 @@ def pick_next(cpu: NativeCpu) -> int | None:
     mine = [s for s in slots_on(cpu, cpu.vcpu_id) if task(cpu, s).state == RUNNABLE]
     if not mine:
         return None
-    last = percpu(cpu).last
+    last = cpu_rq(cpu).last
     later = [s for s in mine if s > last]
     return (later or mine)[0]
 
@@ -211,7 +233,7 @@ def schedule(cpu: NativeCpu) -> TailCall:
     """Run the next runnable task of this cpu, or idle. The current task, if
     any, has been saved (and is RUNNABLE, SLEEPING or gone)."""
     tick_resume_local(cpu)
-    percpu(cpu).current = NO_TASK
+    cpu_rq(cpu).current = NO_TASK
     nxt = pick_next(cpu)
     if nxt is not None:
         return _resume(cpu, nxt)
@@ -265,4 +287,4 @@ def wake_due(cpu: NativeCpu) -> None:
         if t.state == RUNNABLE:
             waiting = True
     if waiting:
-        percpu(cpu).need_resched = 1
+        cpu_rq(cpu).need_resched = 1

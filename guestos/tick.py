@@ -5,12 +5,11 @@ scheduler; on cpu0 it also runs the freezable workqueue."""
 from __future__ import annotations
 
 from guestos.evtchn import bind_virq_to_irqhandler
-from guestos.kdata import percpu
 from guestos.printk import printk
 from guestos.stop_machine import check_the_others_spin, reschedule, stop_machine, stopper
 from guestos.symbols import export
 from guestos.task import scheduler_tick
-from guestos.time import NSEC_PER_MSEC, now, set_next_tick
+from guestos.time import NSEC_PER_MSEC, now, set_next_tick, tick_cpu
 from guestos.workqueue import run_workqueue
 from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import VIRQ_TIMER
@@ -18,8 +17,8 @@ from hypervisor.public.xen import VIRQ_TIMER
 
 @export
 def xen_timer_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
-    pc = percpu(cpu)
-    pc.ticks = pc.ticks + 1
+    tc = tick_cpu(cpu)
+    tc.ticks = tc.ticks + 1
     set_next_tick(cpu)
     scheduler_tick(cpu)
     if cpu.vcpu_id != 0:

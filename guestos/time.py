@@ -10,13 +10,25 @@ the calling vcpu only."""
 from __future__ import annotations
 
 from guestos.evtchn import vcpu_info_va
-from guestos.kdata import kernel, percpu
+from guestos.kdata import AREAS, MAX_CPUS, kernel, per_cpu
+from guestos.layout import Layout, Ref
 from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import Hypercall, vcpu_info, vcpu_time_info
 
 TICK_NS = 10_000_000  # 100 Hz
 NSEC_PER_MSEC = 1_000_000
 SYSTEM_TIME_OFF = vcpu_info.time.offset + vcpu_time_info.system_time.offset
+
+# each cpu's tick
+TICK = Layout("tick", [
+    ("ticks", "u64"),
+    ("tick_lost", "u64"),      # a new domain has no timer: set it again
+])
+assert TICK.size <= AREAS["tick_percpu"].size // MAX_CPUS
+
+
+def tick_cpu(cpu: NativeCpu, n: int | None = None) -> Ref:
+    return per_cpu(cpu, "tick_percpu", TICK, n)
 
 
 def now(cpu: NativeCpu) -> int:
@@ -31,11 +43,11 @@ def set_next_tick(cpu: NativeCpu) -> None:
 
 def xen_timer_resume(cpu: NativeCpu) -> None:
     for n in range(kernel(cpu).cpus_up):
-        percpu(cpu, n).tick_lost = 1
+        tick_cpu(cpu, n).tick_lost = 1
 
 
 def tick_resume_local(cpu: NativeCpu) -> None:
-    pc = percpu(cpu)
-    if pc.tick_lost:
-        pc.tick_lost = 0
+    tc = tick_cpu(cpu)
+    if tc.tick_lost:
+        tc.tick_lost = 0
         set_next_tick(cpu)

@@ -11,10 +11,11 @@ from guestos import manage, stop_machine
 from guestos.evtchn import xen_evtchn_do_upcall
 from guestos.frame import read_bounce, return_from_bounce
 from guestos.idle import cpu_idle
-from guestos.kdata import NO_TASK, percpu
 from guestos.printk import printk
 from guestos.task import (
+    NO_TASK,
     RUNNABLE,
+    cpu_rq,
     current,
     pick_next,
     preempt_current,
@@ -42,10 +43,10 @@ def irqentry_exit(cpu: NativeCpu) -> TailCall:
         if user and t is not None:
             save_user_context(cpu, t, frame)
             t.state = RUNNABLE
-            percpu(cpu).current = NO_TASK
+            cpu_rq(cpu).current = NO_TASK
         return stop_machine.enter(cpu) if stop else manage.xenwatch(cpu)
     if user:
-        if percpu(cpu).need_resched and current(cpu) is not None:
+        if cpu_rq(cpu).need_resched and current(cpu) is not None:
             return preempt_current(cpu, frame)
     elif idle and pick_next(cpu) is not None:
         return schedule(cpu)

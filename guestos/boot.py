@@ -11,6 +11,7 @@ from guestos.cmdline import parse_int
 from guestos.evtchn import xen_init_IRQ
 from guestos.freezer import start_periodic_work
 from guestos.hypercall import with_args
+from guestos.init import do_initcalls
 from guestos.kdata import (
     KSTACK_PAGES,
     MAX_CPUS,
@@ -35,7 +36,6 @@ from guestos.printk import printk
 from guestos.smp import xen_smp_intr_init
 from guestos.stop_machine import stopper
 from guestos.suspend import suspend_state
-from guestos.symbols import do_initcalls
 from guestos.task import init_rq, sched, schedule, spawn
 from guestos.tick import xen_setup_timer
 from guestos.time import set_next_tick

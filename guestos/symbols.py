@@ -11,9 +11,7 @@ Code becomes a symbol with ``export``, when its module is imported: a
 driver exports its own handlers and registers them itself (the
 registration calls live next to the tables: evtchn.py, pm.py, xenbus.py,
 stop_machine.py, workqueue.py), so the code that keeps a table never names
-the code it calls. ``device_initcall`` is the one list kept in Python:
-which code runs at boot is part of the kernel's code, like Linux's
-initcall section, not its state.
+the code it calls.
 
 The ABI with saved images: a symbol's number is the CRC32 of its name
 (module and function), whatever the order modules are imported in. A saved
@@ -25,17 +23,13 @@ the rule is written.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 from typing import TypeVar
-
-from hypervisor.public.native import NativeCpu
 
 NO_SYMBOL = 0  # a table entry that points at nothing
 
 T = TypeVar("T")
 _by_number: dict[int, object] = {}
 _number_of: dict[int, int] = {}   # id(code) -> its symbol number
-_initcalls: list[Callable[[NativeCpu, str], None]] = []
 
 
 def export(code: T, name: str | None = None) -> T:
@@ -69,14 +63,3 @@ def symbol(number: int) -> object:
         raise RuntimeError(f"no exported code has symbol number {number:#x}: is the module "
                            "that registered it not imported?") from None
 
-
-def device_initcall(fn: Callable[[NativeCpu, str], None]) -> Callable[[NativeCpu, str], None]:
-    """Run ``fn(cpu, cmdline)`` at boot on cpu0, after the core is up (Linux's
-    device_initcall), in the order the modules were imported."""
-    _initcalls.append(fn)
-    return fn
-
-
-def do_initcalls(cpu: NativeCpu, cmdline: str) -> None:
-    for fn in _initcalls:
-        fn(cpu, cmdline)

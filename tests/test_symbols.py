@@ -4,6 +4,7 @@ it imported the kernel's modules in."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zlib
@@ -26,7 +27,8 @@ print(symbol_number(balloon_interrupt), symbol_number(virtballoon_pm_ops),
 
 def numbers_after_importing(*modules: str) -> str:
     out = subprocess.run([sys.executable, "-c", SCRIPT, *modules], cwd=ROOT, check=True,
-                         capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)})
+                         capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return out.stdout
 
 

@@ -5,8 +5,9 @@ option pmfail=0:PHASE can fail."""
 
 from __future__ import annotations
 
+from guestos.init import device_initcall
 from guestos.pm import dev_pm_ops, device_register
-from guestos.symbols import device_initcall, export
+from guestos.symbols import export
 from hypervisor.public.native import NativeCpu
 
 xencons_pm_ops = export(dev_pm_ops("xencons"), "guestos.drivers.hvc_xen.xencons_pm_ops")

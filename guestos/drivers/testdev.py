@@ -4,9 +4,10 @@ they get, so a test sees the order in which the PM core calls them."""
 from __future__ import annotations
 
 from guestos.cmdline import parse_int
+from guestos.init import device_initcall
 from guestos.pm import dev_pm_ops, device_register
 from guestos.printk import printk
-from guestos.symbols import device_initcall, export
+from guestos.symbols import export
 from hypervisor.public.native import NativeCpu
 
 

@@ -45,6 +45,7 @@ import struct
 
 from guestos.cmdline import parse_word
 from guestos.hypercall import with_args
+from guestos.init import device_initcall
 from guestos.kdata import driver_data, kernel, set_driver_data
 from guestos.layout import Layout, Ref
 from guestos.mm import (
@@ -60,7 +61,7 @@ from guestos.mm import (
 )
 from guestos.pm import dev_pm_ops, device_register, register_syscore_ops, syscore_ops
 from guestos.printk import printk
-from guestos.symbols import device_initcall, export
+from guestos.symbols import export
 from guestos.time import now
 from guestos.workqueue import flush_work, queue_work, workqueue_frozen
 from hypervisor.public.errno import EIO, ENODEV

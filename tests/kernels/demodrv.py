@@ -14,9 +14,10 @@ import struct
 from guestos import native_entries, oops
 from guestos.evtchn import bind_evtchn_to_irqhandler
 from guestos.hypercall import with_args
+from guestos.init import device_initcall
 from guestos.pm import dev_pm_ops, device_register
 from guestos.printk import printk
-from guestos.symbols import device_initcall, export
+from guestos.symbols import export
 from guestos.xenbus import register_xenbus_watch
 from hypervisor.public.event_channel import EVTCHNOP_alloc_unbound
 from hypervisor.public.native import NativeCpu

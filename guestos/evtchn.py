@@ -184,17 +184,6 @@ def ipi_evtchn(cpu: NativeCpu, n: int) -> int:
     return NO_PORT
 
 
-def enable_irq(cpu: NativeCpu, irq: int) -> None:
-    rebind_evtchn_irq(cpu, irq_info(cpu, irq).evtchn, irq)
-
-
-def disable_irq(cpu: NativeCpu, irq: int) -> None:
-    """Mask the irq's port. No handler can be half way through: a handler is
-    one native call, which runs to its end before any other VCPU runs (what
-    synchronize_irq waits for in Linux)."""
-    mask_evtchn(cpu, irq_info(cpu, irq).evtchn)
-
-
 def xen_irq_resume(cpu: NativeCpu) -> None:
     """In a new domain (Linux's xen_irq_resume, on cpu0): every port is gone
     and every mask set (the restorer masked them all). Forget the old ports,

@@ -87,15 +87,11 @@ def parse_options(cpu: NativeCpu, cmdline: str) -> None:
     nopinall         the suspend path skips xen_mm_pin_all: a bug to find, which
                      breaks unpinned pgds across a restore
     worker=MS        a freezable kernel worker that runs every MS
-    testdevs=N       N test devices that log their PM callbacks
-    pmfail=DEV:PHASE device DEV (0: the console, 1..N: the test devices) fails PHASE
-                     (freeze, freeze_noirq, ...: guestos/pm.py PHASES)
-The drivers read their own (virtio_mmio.device=, virtio_balloon.policy=,
-balloonbug=, testdevs=).
-    virtio_mmio.device=SIZE@BASE:PORT   a virtio-mmio device (the toolstack adds it)
-    virtio_balloon.policy=P   what the balloon does across a save: discard, deflate
-                     (the default) or keep (guestos/drivers/virtio_balloon.py)
-    balloonbug=leak  the 2012 discard code's leak, for the lab"""
+    pmfail=DEV:PHASE PM device DEV, in registration order (0: the console, then the
+                     test devices), fails PHASE (freeze, freeze_noirq, ...: pm.PHASES)
+    The drivers read their own from their initcalls: testdevs=N (drivers/testdev.py),
+    virtio_mmio.device=SIZE@BASE:PORT, virtio_balloon.policy=P and balloonbug=leak
+    (drivers/virtio_balloon.py)."""
     words = cmdline.split()
     stopper(cpu).test_at_ms = parse_int(cmdline, "stopmachine")
     xen_manage(cpu).save_restore = 0 if "nosaverestore" in words else 1

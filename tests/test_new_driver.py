@@ -52,3 +52,13 @@ def test_a_driver_in_its_own_file_gets_its_irq_watch_and_pm_callbacks():
     assert pm == ["[cpu0] demodrv0: freeze", "[cpu0] demodrv0: freeze_noirq",
                   "[cpu0] demodrv0: thaw_noirq", "[cpu0] demodrv0: thaw"]
 
+
+
+def test_the_core_imports_no_driver():
+    """Only boot builds the drivers in (it imports guestos.drivers); the code
+    that keeps the tables they register in imports none of them."""
+    from tests.test_layering import imports
+    bad = [(p.name, m) for p, m in imports("guestos")
+           if p.parent.name == "guestos" and p.name != "boot.py"
+           and m.startswith("guestos.drivers")]
+    assert bad == []

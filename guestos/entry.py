@@ -1,20 +1,24 @@
 """The native entry table: the order here *is* the ABI with the image (entry i
-is at native_text + 16 * i, entry 0 is the boot entry) and with saved images,
-so entries are only ever appended."""
+is at native_text + 16 * i, entry 0 is the boot entry) and with saved images
+(a sleeping VCPU's rip is an entry's address), so entries are only ever
+appended. Code that guest memory points at otherwise is named by symbol
+(guestos/symbols.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from guestos import boot, manage, stop_machine, suspend, syscalls, traps, upcall
+from guestos.idle import cpu_idle
+
 
 def native_entries() -> list[Callable[..., object]]:
-    from guestos import boot, events, manage, stop_machine, suspend, syscalls, traps
     return [
         boot.start_kernel,          # 0: ENTRY
         boot.secondary_start,
-        boot.cpu_idle,
-        events.hypervisor_callback,
-        events.failsafe_callback,
+        cpu_idle,
+        upcall.hypervisor_callback,
+        upcall.failsafe_callback,
         syscalls.syscall_entry,
         traps.divide_error,
         traps.breakpoint,

@@ -9,17 +9,16 @@ one into the other in place and making the hypercall.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from hypervisor.public.arch_x86 import VGCF_in_syscall
-from hypervisor.public.native import TailCall
+from hypervisor.public.native import NativeCpu, TailCall
 from hypervisor.public.xen import Hypercall
 
 BOUNCE = struct.Struct("<7Q")
 IRET = struct.Struct("<9Q")
 
 
-def read_bounce(cpu: Any, error_code: bool = False) -> tuple[int, ...]:
+def read_bounce(cpu: NativeCpu, error_code: bool = False) -> tuple[int, ...]:
     """(rcx, r11, rip, cs, rflags, rsp, ss) of the frame at rsp."""
     rsp = cpu.reg("rsp")
     if error_code:
@@ -28,7 +27,7 @@ def read_bounce(cpu: Any, error_code: bool = False) -> tuple[int, ...]:
     return BOUNCE.unpack(cpu.read(rsp, BOUNCE.size))
 
 
-def iret_to(cpu: Any, rax: int, rip: int, cs: int, rflags: int, rsp: int, ss: int,
+def iret_to(cpu: NativeCpu, rax: int, rip: int, cs: int, rflags: int, rsp: int, ss: int,
             rcx: int = 0, r11: int = 0, in_syscall: bool = False,
             stack: int | None = None) -> TailCall:
     """Return through HYPERVISOR_iret, building its frame below ``stack``."""
@@ -40,7 +39,7 @@ def iret_to(cpu: Any, rax: int, rip: int, cs: int, rflags: int, rsp: int, ss: in
     return TailCall(Hypercall.iret)
 
 
-def return_from_bounce(cpu: Any, error_code: bool = False) -> TailCall:
+def return_from_bounce(cpu: NativeCpu, error_code: bool = False) -> TailCall:
     """Resume whatever the bounce frame at rsp interrupted, registers intact."""
     rcx, r11, rip, cs, rflags, rsp, ss = read_bounce(cpu, error_code)
     frame_top = cpu.reg("rsp") + (64 if error_code else BOUNCE.size)

@@ -2,77 +2,92 @@
 ``freezing`` is set the scheduler picks no user task, so each one stops at
 its next safe point (a preemption, a syscall's return, a sleep) and stays
 stopped; the cpus running one are kicked with an IPI to get there soon.
-Freezable kernel workers (here the one periodic work item, option worker=MS)
-stop running while ``wq_frozen`` is set."""
+Freezable workers (guestos/workqueue.py) stop running while the workqueue
+is frozen; the thaw runs the work queued meanwhile.
+
+Option worker=MS adds a periodic freezable work item that only counts its
+runs: a test sees whether frozen workers stay put."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from guestos.kdata import kernel, percpu
+from guestos.kdata import AREAS, MAX_TASKS, kernel
+from guestos.layout import Layout, Ref
 from guestos.printk import printk
+from guestos.smp import xen_send_IPI_one
+from guestos.symbols import export
+from guestos.task import FREE, NO_TASK, cpu_rq, sched, task, wake_due
+from guestos.time import NSEC_PER_MSEC, now
+from guestos.workqueue import freeze_workqueues, queue_work, run_workqueue, thaw_workqueues
+from hypervisor.public.native import NativeCpu
 
 FREEZE_TIMEOUT_NS = 20_000_000_000  # Linux gives up freezing after 20 s
 
 
-def freeze_processes_start(cpu: Any) -> None:
-    from guestos.stop_machine import send_ipi
+def freeze_processes_start(cpu: NativeCpu) -> None:
     k = kernel(cpu)
-    k.freezing = 1
+    sched(cpu).freezing = 1
     for n in range(k.cpus_up):
-        if n != cpu.vcpu_id and percpu(cpu, n).current:
-            percpu(cpu, n).need_resched = 1
-            send_ipi(cpu, n)
+        if n != cpu.vcpu_id and cpu_rq(cpu, n).current != NO_TASK:
+            cpu_rq(cpu, n).need_resched = 1
+            xen_send_IPI_one(cpu, n)
 
 
-def running_elsewhere(cpu: Any) -> list[int]:
+def running_elsewhere(cpu: NativeCpu) -> list[int]:
     """The pids still running on other cpus (not yet at a safe point)."""
-    from guestos.task import task
     k = kernel(cpu)
-    return [task(cpu, percpu(cpu, n).current - 1).pid for n in range(k.cpus_up)
-            if n != cpu.vcpu_id and percpu(cpu, n).current]
+    return [task(cpu, cpu_rq(cpu, n).current).pid for n in range(k.cpus_up)
+            if n != cpu.vcpu_id and cpu_rq(cpu, n).current != NO_TASK]
 
 
-def nr_tasks(cpu: Any) -> int:
-    from guestos.kdata import MAX_TASKS
-    from guestos.task import FREE, task
+def nr_tasks(cpu: NativeCpu) -> int:
     return sum(1 for s in range(MAX_TASKS) if task(cpu, s).state != FREE)
 
 
-def freeze_kernel_threads(cpu: Any) -> None:
-    k = kernel(cpu)
-    k.wq_frozen = 1
-    printk(cpu, f"freezer: freezable workers frozen ({k.wq_runs} runs so far)")
+def freeze_kernel_threads(cpu: NativeCpu) -> None:
+    freeze_workqueues(cpu)
+    printk(cpu, f"freezer: freezable workers frozen ({periodic(cpu).runs} runs so far)")
 
 
-def thaw_processes(cpu: Any) -> None:
-    from guestos.stop_machine import send_ipi
+def thaw_processes(cpu: NativeCpu) -> None:
     k = kernel(cpu)
-    k.wq_frozen = 0
-    k.freezing = 0
+    thaw_workqueues(cpu)
+    sched(cpu).freezing = 0
     printk(cpu, f"freezer: thaw_processes: {nr_tasks(cpu)} tasks thawed "
-           f"(workers: {k.wq_runs} runs)")
-    from guestos.task import wake_due
+           f"(workers: {periodic(cpu).runs} runs)")
     wake_due(cpu)
-    if k.vballoon:  # work queued while the workers were frozen runs now
-        from guestos.drivers.virtio_balloon import run_work
-        run_work(cpu)
+    run_workqueue(cpu, now(cpu))  # work queued while the workers were frozen
     for n in range(k.cpus_up):
         if n != cpu.vcpu_id:
-            send_ipi(cpu, n)  # each cpu wakes what came due, and looks for its tasks
+            xen_send_IPI_one(cpu, n)  # each cpu wakes what came due, and looks for its tasks
 
 
-def run_workqueue(cpu: Any, t_now: int) -> None:
-    """From cpu0's timer tick: the freezable work items, when due (the
-    balloon's, and the periodic one of option worker=MS)."""
-    k = kernel(cpu)
-    if k.wq_frozen:
+# the periodic work item of option worker=MS
+PERIODIC = Layout("periodic_work", [
+    ("runs", "u64"),
+    ("period_ms", "u64"),
+    ("next", "u64"),           # when it runs next (virtual ns)
+])
+assert PERIODIC.size <= AREAS["freezer"].size
+
+
+def periodic(cpu: NativeCpu) -> Ref:
+    return PERIODIC.at(cpu, AREAS["freezer"].va(cpu))
+
+
+def start_periodic_work(cpu: NativeCpu, period_ms: int) -> None:
+    """Option worker=MS, at boot."""
+    p = periodic(cpu)
+    p.period_ms = period_ms
+    p.next = period_ms * NSEC_PER_MSEC
+    if period_ms:
+        queue_work(cpu, periodic_work)
+
+
+@export
+def periodic_work(cpu: NativeCpu, t_now: int) -> None:
+    p = periodic(cpu)
+    queue_work(cpu, periodic_work)  # it runs on every tick, counting when due
+    if t_now < p.next:
         return
-    if k.vballoon:
-        from guestos.drivers.virtio_balloon import run_work
-        run_work(cpu)
-    if not k.wq_period_ms or t_now < k.wq_next:
-        return
-    k.wq_runs = k.wq_runs + 1
-    k.wq_next = t_now + k.wq_period_ms * 1_000_000
-
+    p.runs = p.runs + 1
+    p.next = t_now + p.period_ms * NSEC_PER_MSEC

@@ -8,7 +8,8 @@ virtual address; ``Ref`` binds one to an address and a VCPU, so that
 from __future__ import annotations
 
 import struct
-from typing import Any
+
+from hypervisor.public.native import NativeCpu
 
 _FMT = {"u8": "<B", "u16": "<H", "u32": "<I", "u64": "<Q"}
 
@@ -25,14 +26,14 @@ class Layout:
             off += s.size
         self.size = (off + 7) // 8 * 8
 
-    def at(self, cpu: Any, va: int) -> Ref:
+    def at(self, cpu: NativeCpu, va: int) -> Ref:
         return Ref(self, cpu, va)
 
 
 class Ref:
     __slots__ = ("_layout", "_cpu", "va")
 
-    def __init__(self, layout: Layout, cpu: Any, va: int) -> None:
+    def __init__(self, layout: Layout, cpu: NativeCpu, va: int) -> None:
         object.__setattr__(self, "_layout", layout)
         object.__setattr__(self, "_cpu", cpu)
         object.__setattr__(self, "va", va)

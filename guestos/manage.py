@@ -6,7 +6,8 @@ handler reads the value in a transaction and, for a command it can carry out
 (poweroff, halt, reboot, and suspend if save/restore is built in), writes ""
 back as its acknowledgement; anything else is ignored with a log line. The
 request is then carried out by the xenwatch worker on cpu0, a kernel context
-of its own that can wait (rule 3: every wait a yield with a continuation):
+of its own that can wait (every wait in the kernel is a yield with a
+continuation, so a waiting cpu can be saved like any other):
 
     do_suspend: freeze_processes, freezable workers, dpm_suspend_start(FREEZE),
         xs_suspend, dpm_suspend_noirq(FREEZE), stop_machine(xen_suspend, cpu0),
@@ -18,14 +19,18 @@ Every step is logged with the cpu it ran on.
 
 from __future__ import annotations
 
-from typing import Any
-
 from guestos import freezer, pm, xenbus
-from guestos.events import now, take_port
 from guestos.hypercall import shutdown_args
-from guestos.kdata import kernel, percpu
+from guestos.idle import cpu_idle
+from guestos.kdata import AREAS, percpu
+from guestos.layout import Layout, Ref
 from guestos.printk import printk
-from hypervisor.public.native import TailCall
+from guestos.stop_machine import cpu_stopper, enter, stop_machine
+from guestos.suspend import suspend_state, xen_suspend
+from guestos.symbols import export
+from guestos.task import schedule
+from guestos.time import now
+from hypervisor.public.native import NativeCpu, TailCall
 from hypervisor.public.sched import (
     SCHEDOP_yield,
     SHUTDOWN_poweroff,
@@ -34,26 +39,42 @@ from hypervisor.public.sched import (
 )
 from hypervisor.public.xen import Hypercall
 
+NO_SHUTDOWN = 0xFFFFFFFFFFFFFFFF  # no request in shutting_down / shutdown_request
+
+MANAGE = Layout("manage", [
+    ("save_restore", "u64"),     # CONFIG_XEN_SAVE_RESTORE: 1 unless option nosaverestore
+    ("shutting_down", "u64"),    # SHUTDOWN_* while a request is handled
+    ("shutdown_request", "u64"), # SHUTDOWN_* for the xenwatch worker
+    ("suspend_deadline", "u64"), # freezing gives up after this (virtual ns)
+    ("in_worker", "u64"),        # 1 while cpu0 runs the xenwatch worker
+])
+assert MANAGE.size <= AREAS["manage"].size
+
+
+def xen_manage(cpu: NativeCpu) -> Ref:
+    return MANAGE.at(cpu, AREAS["manage"].va(cpu))
 COMMANDS = {"poweroff": SHUTDOWN_poweroff, "halt": SHUTDOWN_poweroff,
             "reboot": SHUTDOWN_reboot, "suspend": SHUTDOWN_suspend}
 
 
-def xenbus_init(cpu: Any) -> None:
+def xenbus_init(cpu: NativeCpu) -> None:
     """At boot on cpu0: the store's port is cpu0's; watch control/shutdown and
     say which commands this kernel carries out."""
-    k = kernel(cpu)
-    take_port(cpu, k.store_port, 0)
+    k = xen_manage(cpu)
+    k.shutting_down = k.shutdown_request = NO_SHUTDOWN
+    xenbus.xs_init(cpu)
     for feature in ("poweroff", "reboot") + (("suspend",) if k.save_restore else ()):
         xenbus.write(cpu, f"control/feature-{feature}", "1")
-    xenbus.register_watch(cpu, "control/shutdown", xenbus.WATCH_SHUTDOWN)
+    xenbus.register_xenbus_watch(cpu, "control/shutdown", shutdown_handler)
     printk(cpu, "xenbus: connected; watching control/shutdown"
            + ("" if k.save_restore else " (built without save/restore support)"))
 
 
-def shutdown_handler(cpu: Any, path: str) -> None:
+@export
+def shutdown_handler(cpu: NativeCpu, path: str) -> None:
     """The watch on control/shutdown (runs on cpu0, events masked)."""
-    k = kernel(cpu)
-    if k.shutting_down:
+    k = xen_manage(cpu)
+    if k.shutting_down != NO_SHUTDOWN:
         return  # one request at a time
     known = dict(COMMANDS)
     if not k.save_restore:
@@ -79,8 +100,7 @@ def shutdown_handler(cpu: Any, path: str) -> None:
         return
     if value in known:
         printk(cpu, f"shutdown request: {value}")
-        k.shutting_down = known[value] + 1
-        k.shutdown_request = known[value] + 1
+        k.shutting_down = k.shutdown_request = known[value]
     elif value == "suspend":
         printk(cpu, "Ignoring shutdown request: suspend: this kernel is built without "
                "save/restore support (option nosaverestore: CONFIG_XEN_SAVE_RESTORE=n)")
@@ -90,49 +110,45 @@ def shutdown_handler(cpu: Any, path: str) -> None:
 
 # --- the xenwatch worker on cpu0 ----------------------------------------------------
 
-def worker_wanted(cpu: Any) -> bool:
-    return cpu.vcpu_id == 0 and bool(kernel(cpu).shutdown_request) \
-        and not percpu(cpu).in_worker and not percpu(cpu).in_stopper
+def worker_wanted(cpu: NativeCpu) -> bool:
+    return cpu.vcpu_id == 0 and xen_manage(cpu).shutdown_request != NO_SHUTDOWN \
+        and not xen_manage(cpu).in_worker and not cpu_stopper(cpu).in_stopper
 
 
-def xenwatch(cpu: Any) -> TailCall:
+def xenwatch(cpu: NativeCpu) -> TailCall:
     """Carry out the request (this cpu's task, if any, has been saved)."""
-    k = kernel(cpu)
-    pc = percpu(cpu)
-    pc.in_worker = 1
-    cpu.set_regs(rsp=pc.stack_top)
-    req = k.shutdown_request - 1
-    k.shutdown_request = 0
+    k = xen_manage(cpu)
+    k.in_worker = 1
+    cpu.set_regs(rsp=percpu(cpu).stack_top)
+    req = k.shutdown_request
+    k.shutdown_request = NO_SHUTDOWN
     if req == SHUTDOWN_suspend:
         return do_suspend(cpu)
-    from guestos.boot import cpu_idle
     printk(cpu, f"shutting down: {'reboot' if req == SHUTDOWN_reboot else 'poweroff'}")
     return TailCall(Hypercall.sched_op, shutdown_args(cpu, req), cpu_idle)
 
 
-def _worker_done(cpu: Any) -> TailCall:
-    from guestos.task import schedule
-    k = kernel(cpu)
-    k.shutting_down = 0
-    percpu(cpu).in_worker = 0
-    if k.shutdown_request == 0:
+def _worker_done(cpu: NativeCpu) -> TailCall:
+    k = xen_manage(cpu)
+    k.shutting_down = NO_SHUTDOWN
+    k.in_worker = 0
+    if k.shutdown_request == NO_SHUTDOWN:
         xenbus.process_events(cpu)  # what came in while the store was suspended
     return schedule(cpu)
 
 
-def do_suspend(cpu: Any) -> TailCall:
-    k = kernel(cpu)
+def do_suspend(cpu: NativeCpu) -> TailCall:
+    k = xen_manage(cpu)
     printk(cpu, "suspend: freeze_processes")
     freezer.freeze_processes_start(cpu)
     k.suspend_deadline = now(cpu) + freezer.FREEZE_TIMEOUT_NS
     return suspend_freeze_wait(cpu)
 
 
-def suspend_freeze_wait(cpu: Any) -> TailCall:
+def suspend_freeze_wait(cpu: NativeCpu) -> TailCall:
     """Wait for the tasks on the other cpus to reach a safe point (a native
     entry: the continuation of the yield)."""
-    from guestos.stop_machine import FN_XEN_SUSPEND, THEN_SUSPEND_RESUME, enter, stop_machine
-    k = kernel(cpu)
+    k = xen_manage(cpu)
     busy = freezer.running_elsewhere(cpu)
     if busy:
         if now(cpu) < k.suspend_deadline:
@@ -146,7 +162,7 @@ def suspend_freeze_wait(cpu: Any) -> TailCall:
         printk(cpu, "suspend: dpm_suspend_start failed; aborted")
         freezer.thaw_processes(cpu)
         return _worker_done(cpu)
-    k.xs_suspended = 1
+    xenbus.xs(cpu).suspended = 1
     printk(cpu, "xenbus: xs_suspend")
     if pm.dpm_suspend_noirq(cpu):
         printk(cpu, "suspend: dpm_suspend_noirq failed; aborted")
@@ -155,7 +171,7 @@ def suspend_freeze_wait(cpu: Any) -> TailCall:
         freezer.thaw_processes(cpu)
         return _worker_done(cpu)
     printk(cpu, "suspend: stop_machine(xen_suspend) on cpu0")
-    if stop_machine(cpu, FN_XEN_SUSPEND, 0, THEN_SUSPEND_RESUME):
+    if stop_machine(cpu, xen_suspend, suspend_resume):
         printk(cpu, "suspend: stop_machine is busy; aborted")
         _xs_suspend_cancel(cpu)
         pm.dpm_resume_end(cpu, pm.PMSG_THAW)
@@ -164,26 +180,26 @@ def suspend_freeze_wait(cpu: Any) -> TailCall:
     return enter(cpu)
 
 
-def _xs_suspend_cancel(cpu: Any) -> None:
-    kernel(cpu).xs_suspended = 0
+def _xs_suspend_cancel(cpu: NativeCpu) -> None:
+    xenbus.xs(cpu).suspended = 0
     printk(cpu, "xenbus: xs_suspend_cancel")
 
 
-def _xs_resume(cpu: Any) -> None:
+def _xs_resume(cpu: NativeCpu) -> None:
     """In a new domain: a fresh ring, and the store knows none of our watches."""
-    k = kernel(cpu)
     xenbus.xb_init_comms(cpu)
-    k.xs_suspended = 0
+    xenbus.xs(cpu).suspended = 0
     n = xenbus.reregister_watches(cpu)
     printk(cpu, f"xenbus: xs_resume: ring reconnected, {n} watches registered again")
 
 
-def suspend_resume(cpu: Any) -> TailCall:
+@export
+def suspend_resume(cpu: NativeCpu) -> TailCall:
     """After stop_machine, on cpu0: the way back, THAW or RESTORE."""
-    k = kernel(cpu)
-    msg = pm.PMSG_THAW if k.suspend_cancelled else pm.PMSG_RESTORE
+    cancelled = suspend_state(cpu).cancelled
+    msg = pm.PMSG_THAW if cancelled else pm.PMSG_RESTORE
     pm.dpm_resume_noirq(cpu, msg)
-    if k.suspend_cancelled:
+    if cancelled:
         _xs_suspend_cancel(cpu)
     else:
         _xs_resume(cpu)

@@ -5,9 +5,9 @@ made read-only in the kernel's own mapping, then pinned)."""
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from guestos.kdata import VIRT_BASE, kernel
+from guestos.kdata import AREAS, kernel
+from guestos.layout import Layout, Ref
 from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -16,12 +16,28 @@ from hypervisor.public.arch_x86 import (
     _PAGE_USER,
     MACH2PHYS_VIRT_START,
 )
+from hypervisor.public.native import VIRT_BASE, NativeCpu
 from hypervisor.public.xen import Hypercall, arch_shared_info, shared_info
 
 PAGE_SIZE = 4096
 PTE_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
 PTE_RO = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
 FRAME = 0x000FFFFFFFFFF000
+
+
+# the page allocator's globals (Linux keeps them in struct zone and mem_map)
+ZONE = Layout("zone", [
+    ("next_free_pfn", "u64"),  # bump allocator: every pfn below it is taken
+    ("free_head", "u64"),      # first pfn of the free-page list (0: empty)
+    ("free_pages", "u64"),
+    ("mem_map", "u64"),        # VA of the page flags, a byte per pfn
+    ("totalram_pages", "u64"), # the RAM the kernel counts as its own (less the balloon)
+])
+assert ZONE.size <= AREAS["mm"].size
+
+
+def zone(cpu: NativeCpu) -> Ref:
+    return ZONE.at(cpu, AREAS["mm"].va(cpu))
 
 
 class KernelPanic(Exception):
@@ -40,16 +56,16 @@ def pfn_of(addr: int) -> int:
     return (addr - VIRT_BASE) >> 12
 
 
-def pfn_to_mfn(cpu: Any, pfn: int) -> int:
+def pfn_to_mfn(cpu: NativeCpu, pfn: int) -> int:
     return cpu.read_u64(kernel(cpu).mfn_list + 8 * pfn)
 
 
-def mfn_to_pfn(cpu: Any, mfn: int) -> int:
+def mfn_to_pfn(cpu: NativeCpu, mfn: int) -> int:
     """Through the read-only M2P the hypervisor maps into every guest."""
     return cpu.read_u64(MACH2PHYS_VIRT_START + 8 * mfn)
 
 
-def our_pfn(cpu: Any, mfn: int) -> int | None:
+def our_pfn(cpu: NativeCpu, mfn: int) -> int | None:
     """mfn's pfn if the M2P names one whose p2m entry is this mfn (Xen's
     mfn_in_pseudophysmap, from the guest's side), else None: so for a stale
     mfn, one a pagetable kept from another machine."""
@@ -61,7 +77,7 @@ _ARCH = shared_info.arch.offset
 INVALID_FRAME_LIST_LIST = (1 << 64) - 1  # the p2m is a virtual list: see p2m_vaddr
 
 
-def xen_setup_mfn_list_list(cpu: Any) -> None:
+def xen_setup_mfn_list_list(cpu: NativeCpu) -> None:
     """Tell the toolstack where the p2m list is (Linux's xen_setup_mfn_list_list,
     the SIF_VIRT_P2M_4TOOLS way): a virtual list at p2m_vaddr, mapped by the
     L4 at p2m_cr3, max_pfn entries long. At boot, and after every suspend:
@@ -77,39 +93,39 @@ def xen_setup_mfn_list_list(cpu: Any) -> None:
     cpu.write_u64(arch + arch_shared_info.p2m_generation.offset, 0)
 
 
-def alloc_pages(cpu: Any, n: int = 1, zero: bool = True) -> int:
+def alloc_pages(cpu: NativeCpu, n: int = 1, zero: bool = True) -> int:
     """n zeroed, contiguous pfns: a single page from the free list if it has
     one, else (and for runs, which only boot asks for) from the bump pointer.
     ``zero=False`` for a page that is given away at once (to the balloon)."""
-    k = kernel(cpu)
-    pfn = k.free_head if n == 1 else 0
+    z = zone(cpu)
+    pfn = z.free_head if n == 1 else 0
     if pfn:
-        k.free_head = cpu.read_u64(va(pfn))  # a free page holds the next one's pfn
-        k.free_pages = k.free_pages - 1
+        z.free_head = cpu.read_u64(va(pfn))  # a free page holds the next one's pfn
+        z.free_pages = z.free_pages - 1
     else:
-        pfn = k.next_free_pfn
-        if pfn + n > k.nr_pages:
+        pfn = z.next_free_pfn
+        if pfn + n > kernel(cpu).nr_pages:
             raise OutOfMemory(f"out of memory ({n} pages asked)")
-        k.next_free_pfn = pfn + n
+        z.next_free_pfn = pfn + n
     if zero:
         cpu.write(va(pfn), bytes(PAGE_SIZE * n))
     return pfn
 
 
-def free_page(cpu: Any, pfn: int) -> None:
+def free_page(cpu: NativeCpu, pfn: int) -> None:
     """Give a page back; it must be writable in the kernel's mapping."""
-    k = kernel(cpu)
     if page_flags(cpu, pfn) & PG_PINNED:
         raise KernelPanic(f"freeing pfn {pfn:#x}, which is a pinned pagetable")
     set_page_flags(cpu, pfn, clear=PG_TABLE)
-    cpu.write_u64(va(pfn), k.free_head)
-    k.free_head = pfn
-    k.free_pages = k.free_pages + 1
+    z = zone(cpu)
+    cpu.write_u64(va(pfn), z.free_head)
+    z.free_head = pfn
+    z.free_pages = z.free_pages + 1
 
 
-def nr_free_pages(cpu: Any) -> int:
-    k = kernel(cpu)
-    return k.free_pages + k.nr_pages - k.next_free_pfn
+def nr_free_pages(cpu: NativeCpu) -> int:
+    z = zone(cpu)
+    return z.free_pages + kernel(cpu).nr_pages - z.next_free_pfn
 
 
 # page flags (Linux's struct page flags, here a byte per pfn in mem_map)
@@ -119,18 +135,18 @@ PG_TABLE = 4        # a pagetable page of a user address space (PG_table)
 PG_BALLOON = 8      # in the balloon: no frame behind it (PageOffline, the balloon list)
 
 
-def page_flags(cpu: Any, pfn: int) -> int:
-    mem_map = kernel(cpu).mem_map
+def page_flags(cpu: NativeCpu, pfn: int) -> int:
+    mem_map = zone(cpu).mem_map
     return cpu.read(mem_map + pfn, 1)[0] if mem_map else 0
 
 
-def set_page_flags(cpu: Any, pfn: int, set_: int = 0, clear: int = 0) -> None:
-    mem_map = kernel(cpu).mem_map
+def set_page_flags(cpu: NativeCpu, pfn: int, set_: int = 0, clear: int = 0) -> None:
+    mem_map = zone(cpu).mem_map
     old = cpu.read(mem_map + pfn, 1)[0]
     cpu.write(mem_map + pfn, bytes([(old | set_) & ~clear & 0xFF]))
 
 
-def set_page_ro(cpu: Any, pfn: int, ro: bool = True) -> None:
+def set_page_ro(cpu: NativeCpu, pfn: int, ro: bool = True) -> None:
     """The kernel's mapping of a page: read-only while it is a pagetable."""
     rc = cpu.hypercall(Hypercall.update_va_mapping, va(pfn),
                        (pfn_to_mfn(cpu, pfn) << 12) | (PTE_RO if ro else PTE_RW), 0)
@@ -142,7 +158,7 @@ class AddressSpace:
     """A user address space under construction: its tables are ordinary
     writable pages until guestos.pgd pins the L4."""
 
-    def __init__(self, cpu: Any) -> None:
+    def __init__(self, cpu: NativeCpu) -> None:
         self.cpu = cpu
         self.l4 = alloc_pages(cpu)
         set_page_flags(cpu, self.l4, set_=PG_TABLE)
@@ -154,7 +170,7 @@ class AddressSpace:
         e = cpu.read_u64(va(table_pfn) + 8 * index)
         if e & _PAGE_PRESENT:
             mfn = (e & FRAME) >> 12
-            return cpu.read_u64(0xFFFF800000000000 + 8 * mfn)  # M2P: mfn -> pfn
+            return mfn_to_pfn(cpu, mfn)
         new = alloc_pages(cpu)
         set_page_flags(cpu, new, set_=PG_TABLE)
         self.tables.append(new)
@@ -170,13 +186,10 @@ class AddressSpace:
         self.cpu.write_u64(va(t) + 8 * ((uva >> 12) & 511), pte)
 
 
-def read_u32(cpu: Any, addr: int) -> int:
+def read_u32(cpu: NativeCpu, addr: int) -> int:
     return struct.unpack("<I", cpu.read(addr, 4))[0]
 
 
-def read_cstr(cpu: Any, addr: int, size: int) -> str:
+def read_cstr(cpu: NativeCpu, addr: int, size: int) -> str:
     return cpu.read(addr, size).split(b"\0")[0].decode(errors="replace")
 
-
-def u64s(data: bytes) -> tuple[int, ...]:
-    return struct.unpack(f"<{len(data) // 8}Q", data)

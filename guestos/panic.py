@@ -3,10 +3,9 @@ runtime crashes the domain after this returns."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from guestos.printk import printk
+from hypervisor.public.native import NativeCpu
 
 
-def oops(cpu: Any, exc: Exception) -> None:
+def oops(cpu: NativeCpu, exc: Exception) -> None:
     printk(cpu, f"Kernel panic - not syncing: {type(exc).__name__}: {exc}")

@@ -11,10 +11,8 @@ PG_savepinned, and resume unpins exactly those (xen_mm_unpin_all).
 
 from __future__ import annotations
 
-from typing import Any
-
 from guestos.hypercall import mmuext
-from guestos.kdata import MAX_TASKS, pgd_list_va
+from guestos.kdata import AREAS, MAX_TASKS
 from guestos.mm import (
     FRAME,
     PG_PINNED,
@@ -30,6 +28,7 @@ from guestos.mm import (
     va,
 )
 from hypervisor.public.arch_x86 import _PAGE_PRESENT
+from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import MMUEXT_PIN_L4_TABLE, MMUEXT_UNPIN_TABLE
 
 USER_L4_SLOTS = 256  # the lower half: the user's part of a pgd
@@ -37,15 +36,15 @@ USER_L4_SLOTS = 256  # the lower half: the user's part of a pgd
 
 # --- the list --------------------------------------------------------------------
 
-def pgd_list(cpu: Any) -> list[int]:
+def pgd_list(cpu: NativeCpu) -> list[int]:
     """The pfns of every pgd the kernel has built and not yet freed."""
-    raw = cpu.read(pgd_list_va(cpu), 8 * MAX_TASKS)
+    raw = cpu.read(AREAS["pgd_list"].va(cpu), 8 * MAX_TASKS)
     return [p for p in (int.from_bytes(raw[i:i + 8], "little")
                         for i in range(0, len(raw), 8)) if p]
 
 
-def pgd_list_add(cpu: Any, pfn: int) -> None:
-    base = pgd_list_va(cpu)
+def pgd_list_add(cpu: NativeCpu, pfn: int) -> None:
+    base = AREAS["pgd_list"].va(cpu)
     for i in range(MAX_TASKS):
         if not cpu.read_u64(base + 8 * i):
             cpu.write_u64(base + 8 * i, pfn)
@@ -53,8 +52,8 @@ def pgd_list_add(cpu: Any, pfn: int) -> None:
     raise KernelPanic("pgd_list is full")
 
 
-def pgd_list_del(cpu: Any, pfn: int) -> None:
-    base = pgd_list_va(cpu)
+def pgd_list_del(cpu: NativeCpu, pfn: int) -> None:
+    base = AREAS["pgd_list"].va(cpu)
     for i in range(MAX_TASKS):
         if cpu.read_u64(base + 8 * i) == pfn:
             cpu.write_u64(base + 8 * i, 0)
@@ -62,13 +61,13 @@ def pgd_list_del(cpu: Any, pfn: int) -> None:
     raise KernelPanic(f"pgd {pfn:#x} is not on the pgd_list")
 
 
-def pgd_pinned(cpu: Any, pfn: int) -> bool:
+def pgd_pinned(cpu: NativeCpu, pfn: int) -> bool:
     return bool(page_flags(cpu, pfn) & PG_PINNED)
 
 
 # --- walking a pgd -----------------------------------------------------------------
 
-def _pfn_of_entry(cpu: Any, pgd: int, level: int, slot: int, e: int) -> int:
+def _pfn_of_entry(cpu: NativeCpu, pgd: int, level: int, slot: int, e: int) -> int:
     """The pfn an entry of one of pgd's tables maps. A pgd that went through a
     save unpinned was never canonicalised: on the new machine its entries hold
     the old machine's mfns, which name no frame of ours or the wrong one.
@@ -85,7 +84,7 @@ def _pfn_of_entry(cpu: Any, pgd: int, level: int, slot: int, e: int) -> int:
     return pfn
 
 
-def pgd_walk(cpu: Any, pgd: int) -> tuple[list[int], list[int]]:
+def pgd_walk(cpu: NativeCpu, pgd: int) -> tuple[list[int], list[int]]:
     """(table pfns, pfns the L1s map) of the user part of a pgd, read through
     the kernel's mapping and the M2P (the tables hold machine frames)."""
     tables, leaves = [pgd], []
@@ -112,7 +111,7 @@ def pgd_walk(cpu: Any, pgd: int) -> tuple[list[int], list[int]]:
 
 # --- pin, unpin, free -------------------------------------------------------------
 
-def pgd_pin(cpu: Any, pgd: int) -> None:
+def pgd_pin(cpu: NativeCpu, pgd: int) -> None:
     """xen_pgd_pin: every table read-only in the kernel's mapping, then pin the L4."""
     tables, _ = pgd_walk(cpu, pgd)
     for t in tables:
@@ -124,7 +123,7 @@ def pgd_pin(cpu: Any, pgd: int) -> None:
         set_page_flags(cpu, t, set_=PG_PINNED)
 
 
-def pgd_unpin(cpu: Any, pgd: int) -> None:
+def pgd_unpin(cpu: NativeCpu, pgd: int) -> None:
     """xen_pgd_unpin: unpin the L4, then the tables are writable pages again."""
     rc = mmuext(cpu, MMUEXT_UNPIN_TABLE, pfn_to_mfn(cpu, pgd))
     if rc:
@@ -135,7 +134,7 @@ def pgd_unpin(cpu: Any, pgd: int) -> None:
         set_page_flags(cpu, t, clear=PG_PINNED | PG_SAVEPINNED)
 
 
-def pgd_free(cpu: Any, pgd: int) -> None:
+def pgd_free(cpu: NativeCpu, pgd: int) -> None:
     """Free an unpinned pgd with every page it maps, and take it off the list."""
     if pgd_pinned(cpu, pgd):
         raise KernelPanic(f"freeing pgd {pgd:#x} while it is pinned")
@@ -145,7 +144,7 @@ def pgd_free(cpu: Any, pgd: int) -> None:
         free_page(cpu, p)
 
 
-def xen_mm_pin_all(cpu: Any) -> int:
+def xen_mm_pin_all(cpu: NativeCpu) -> int:
     """Pin every pgd that is not pinned, marking it PG_savepinned; returns how many."""
     n = 0
     for pgd in pgd_list(cpu):
@@ -156,7 +155,7 @@ def xen_mm_pin_all(cpu: Any) -> int:
     return n
 
 
-def xen_mm_unpin_all(cpu: Any) -> int:
+def xen_mm_unpin_all(cpu: NativeCpu) -> int:
     """Unpin exactly the pgds xen_mm_pin_all pinned; returns how many."""
     n = 0
     for pgd in pgd_list(cpu):

@@ -9,26 +9,27 @@ drivers/base/power/main.c, and include/linux/pm.h on how Xen uses it):
     dpm_resume_noirq(cancelled ? PMSG_THAW : PMSG_RESTORE)
     dpm_resume_end(cancelled ? PMSG_THAW : PMSG_RESTORE)
 
+A driver registers each device it drives with ``device_register(cpu, ops,
+instance)``, ``ops`` its exported ``dev_pm_ops``; code that must run on cpu0
+with the other cpus stopped (inside xen_suspend) registers ``syscore_ops``.
+Both lists live in kernel data, as symbol numbers (guestos/symbols.py).
+
 Devices are suspended last-registered first and resumed in registration
 order. A driver may fail a freeze: the devices already frozen are thawed (in
 reverse, as they were frozen) and the caller aborts the suspend.
-
-The device list lives in kernel data: a driver number and an instance each.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from guestos.kdata import DEVICE_SIZE, DEVICES_OFFSET, MAX_DEVICES, kdata_va, kernel
+from guestos.kdata import AREAS
 from guestos.layout import Layout, Ref
-from guestos.mm import mfn_to_pfn
 from guestos.printk import printk
+from guestos.symbols import symbol, symbol_number
 from hypervisor.public.errno import EBUSY
-from hypervisor.public.xen import start_info
+from hypervisor.public.native import NativeCpu
 
 PMSG_FREEZE, PMSG_THAW, PMSG_RESTORE = 1, 2, 3
 PMSG_NAMES = {PMSG_FREEZE: "FREEZE", PMSG_THAW: "THAW", PMSG_RESTORE: "RESTORE"}
@@ -37,50 +38,104 @@ PMSG_NAMES = {PMSG_FREEZE: "FREEZE", PMSG_THAW: "THAW", PMSG_RESTORE: "RESTORE"}
 FREEZE, FREEZE_NOIRQ, THAW_NOIRQ, THAW, RESTORE_NOIRQ, RESTORE = range(6)
 PHASES = ("freeze", "freeze_noirq", "thaw_noirq", "thaw", "restore_noirq", "restore")
 
-DEVICE = Layout("device", [("driver", "u64"), ("instance", "u64")])
-assert DEVICE.size <= DEVICE_SIZE
+MAX_DEVICES = 16
+MAX_SYSCORE = 8
+NO_DEVICE = 0xFFFFFFFFFFFFFFFF  # option pmfail= names none
+PM = Layout("pm", [
+    ("nr_devices", "u64"),
+    ("nr_syscore", "u64"),
+    ("fail_dev", "u64"),       # option pmfail=DEV:PHASE (NO_DEVICE: none)
+    ("fail_phase", "u64"),
+])
+DEVICE = Layout("device", [("ops", "u64"), ("instance", "u64")])
+DEVICES_OFFSET = PM.size
+SYSCORE_OFFSET = DEVICES_OFFSET + MAX_DEVICES * DEVICE.size
+assert SYSCORE_OFFSET + MAX_SYSCORE * 8 <= AREAS["pm"].size
 
-Callback = Callable[[Any, int], int]
+Callback = Callable[[NativeCpu, int], int]  # (cpu, instance) -> 0 or -errno
 
 
-@dataclass(frozen=True)
-class Driver:
+@dataclass
+class dev_pm_ops:
+    """A driver's PM callbacks (include/linux/pm.h); export it before use."""
+
     name: str
-    ops: dict[int, Callback]  # phase -> callback(cpu, instance) -> 0 or -errno
+    freeze: Callback | None = None
+    freeze_noirq: Callback | None = None
+    thaw_noirq: Callback | None = None
+    thaw: Callback | None = None
+    restore_noirq: Callback | None = None
+    restore: Callback | None = None
 
 
-def device(cpu: Any, i: int) -> Ref:
-    return DEVICE.at(cpu, kdata_va(cpu, DEVICES_OFFSET) + i * DEVICE_SIZE)
+@dataclass
+class syscore_ops:
+    """Run on cpu0 inside xen_suspend, the other cpus stopped (Linux's
+    include/linux/syscore_ops.h); export it before use."""
+
+    suspend: Callable[[NativeCpu], None]
+    resume: Callable[[NativeCpu], None]
 
 
-def device_register(cpu: Any, driver: int, instance: int = 0) -> int:
-    k = kernel(cpu)
+def pm_state(cpu: NativeCpu) -> Ref:
+    return PM.at(cpu, AREAS["pm"].va(cpu))
+
+
+def device(cpu: NativeCpu, i: int) -> Ref:
+    return DEVICE.at(cpu, AREAS["pm"].va(cpu) + DEVICES_OFFSET + i * DEVICE.size)
+
+
+def _ops(cpu: NativeCpu, i: int) -> dev_pm_ops:
+    return symbol(device(cpu, i).ops)  # type: ignore[return-value]
+
+
+def device_register(cpu: NativeCpu, ops: dev_pm_ops, instance: int = 0) -> int:
+    """Add a device to the PM list: returns its number, or -EBUSY if full."""
+    k = pm_state(cpu)
     n = k.nr_devices
     if n >= MAX_DEVICES:
         return -EBUSY
     d = device(cpu, n)
-    d.driver, d.instance = driver, instance
+    d.ops, d.instance = symbol_number(ops), instance
     k.nr_devices = n + 1
     return n
 
 
-def dev_name(cpu: Any, i: int) -> str:
-    d = device(cpu, i)
-    return f"{DRIVERS[d.driver].name}{d.instance}"
+def dev_name(cpu: NativeCpu, i: int) -> str:
+    return f"{_ops(cpu, i).name}{device(cpu, i).instance}"
 
 
-def _call(cpu: Any, i: int, phase: int) -> int:
-    d = device(cpu, i)
-    cb = DRIVERS[d.driver].ops.get(phase)
-    rc = cb(cpu, d.instance) if cb is not None else 0
-    k = kernel(cpu)
-    if rc == 0 and k.pm_fail == ((i + 1) << 8 | (phase + 1)):
-        rc = -EBUSY  # option pmfail=DEV:PHASE, for the tests of the rollback
+def _callback(ops: dev_pm_ops, phase: int) -> Callback | None:
+    return (ops.freeze, ops.freeze_noirq, ops.thaw_noirq, ops.thaw, ops.restore_noirq,
+            ops.restore)[phase]
+
+
+def pm_fail_option(cpu: NativeCpu, cmdline: str) -> None:
+    """Option pmfail=DEV:PHASE: device DEV (in registration order) fails
+    PHASE, for the tests of the rollback."""
+    k = pm_state(cpu)
+    k.fail_dev = NO_DEVICE
+    for word in cmdline.split():
+        if word.startswith("pmfail="):
+            dev, _, phase = word[7:].partition(":")
+            if dev.isdigit() and phase in PHASES:
+                k.fail_dev, k.fail_phase = int(dev), PHASES.index(phase)
+            else:
+                printk(cpu, f"option {word}: want pmfail=DEV:PHASE, PHASE one of "
+                       + ", ".join(PHASES))
+
+
+def _call(cpu: NativeCpu, i: int, phase: int) -> int:
+    cb = _callback(_ops(cpu, i), phase)
+    rc = cb(cpu, device(cpu, i).instance) if cb is not None else 0
+    k = pm_state(cpu)
+    if rc == 0 and k.fail_dev == i and k.fail_phase == phase:
+        rc = -EBUSY
     return rc
 
 
-def _suspend(cpu: Any, phase: int, undo: int, what: str) -> int:
-    n = kernel(cpu).nr_devices
+def _suspend(cpu: NativeCpu, phase: int, undo: int, what: str) -> int:
+    n = pm_state(cpu).nr_devices
     printk(cpu, f"PM: {what}(FREEZE)")
     for i in reversed(range(n)):
         rc = _call(cpu, i, phase)
@@ -92,75 +147,57 @@ def _suspend(cpu: Any, phase: int, undo: int, what: str) -> int:
     return 0
 
 
-def dpm_suspend_start(cpu: Any) -> int:
+def dpm_suspend_start(cpu: NativeCpu) -> int:
     return _suspend(cpu, FREEZE, THAW, "dpm_suspend_start")
 
 
-def dpm_suspend_noirq(cpu: Any) -> int:
+def dpm_suspend_noirq(cpu: NativeCpu) -> int:
     return _suspend(cpu, FREEZE_NOIRQ, THAW_NOIRQ, "dpm_suspend_noirq")
 
 
-def _resume(cpu: Any, msg: int, phase: int, what: str) -> None:
+def _resume(cpu: NativeCpu, msg: int, phase: int, what: str) -> None:
     printk(cpu, f"PM: {what}({PMSG_NAMES[msg]})")
-    for i in range(kernel(cpu).nr_devices):
+    for i in range(pm_state(cpu).nr_devices):
         rc = _call(cpu, i, phase)
         if rc:
             printk(cpu, f"PM: device {dev_name(cpu, i)} failed to {PHASES[phase]}: error {rc}")
 
 
-def dpm_resume_noirq(cpu: Any, msg: int) -> None:
+def dpm_resume_noirq(cpu: NativeCpu, msg: int) -> None:
     _resume(cpu, msg, THAW_NOIRQ if msg == PMSG_THAW else RESTORE_NOIRQ, "dpm_resume_noirq")
 
 
-def dpm_resume_end(cpu: Any, msg: int) -> None:
+def dpm_resume_end(cpu: NativeCpu, msg: int) -> None:
     _resume(cpu, msg, THAW if msg == PMSG_THAW else RESTORE, "dpm_resume_end")
 
 
 # --- system devices (syscore), run on cpu0 with the others stopped ------------------
 
-def sysdev_suspend(cpu: Any) -> None:
+def _syscore_va(cpu: NativeCpu) -> int:
+    return AREAS["pm"].va(cpu) + SYSCORE_OFFSET
+
+
+def register_syscore_ops(cpu: NativeCpu, ops: syscore_ops) -> None:
+    k = pm_state(cpu)
+    if k.nr_syscore >= MAX_SYSCORE:
+        raise RuntimeError("too many syscore_ops")
+    cpu.write_u64(_syscore_va(cpu) + 8 * k.nr_syscore, symbol_number(ops))
+    k.nr_syscore = k.nr_syscore + 1
+
+
+def _syscore(cpu: NativeCpu) -> list[syscore_ops]:
+    base = _syscore_va(cpu)
+    return [symbol(cpu.read_u64(base + 8 * i))  # type: ignore[misc]
+            for i in range(pm_state(cpu).nr_syscore)]
+
+
+def sysdev_suspend(cpu: NativeCpu) -> None:
     printk(cpu, "PM: sysdev_suspend(FREEZE)")
+    for ops in reversed(_syscore(cpu)):
+        ops.suspend(cpu)
 
 
-def sysdev_resume(cpu: Any, cancelled: int) -> None:
-    """The timer goes on where it was after a checkpoint; in a new domain it
-    has to be set again (xen_timer_resume)."""
-    if not cancelled:
-        from guestos.events import TICK_NS, now
-        from hypervisor.public.xen import Hypercall
-        cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
+def sysdev_resume(cpu: NativeCpu) -> None:
+    for ops in _syscore(cpu):
+        ops.resume(cpu)
     printk(cpu, "PM: sysdev_resume")
-
-
-# --- drivers ------------------------------------------------------------------------
-
-def _console_restore(cpu: Any, instance: int) -> int:
-    """hvc_xen: in a new domain the console's port comes from start_info again."""
-    k = kernel(cpu)
-    si = start_info.from_buffer_copy(cpu.read(k.start_info, ctypes.sizeof(start_info)))
-    k.console_pfn = mfn_to_pfn(cpu, si.console.domU.mfn)
-    k.console_port = si.console.domU.evtchn
-    return 0
-
-
-def _testdev(phase: int) -> Callback:
-    def cb(cpu: Any, instance: int) -> int:
-        printk(cpu, f"testdev{instance}: {PHASES[phase]}")
-        return 0
-    return cb
-
-
-def _balloon(phase: int) -> Callback:
-    def cb(cpu: Any, instance: int) -> int:
-        from guestos.drivers import virtio_balloon
-        return getattr(virtio_balloon, PHASES[phase])(cpu, instance)
-    return cb
-
-
-# the order is an ABI with saved images: only ever append
-DRIVERS: tuple[Driver, ...] = (
-    Driver("xencons", {RESTORE: _console_restore}),
-    Driver("testdev", {p: _testdev(p) for p in range(len(PHASES))}),
-    Driver("virtio_balloon", {p: _balloon(p) for p in (FREEZE, THAW, RESTORE)}),
-)
-DRV_XENCONS, DRV_TESTDEV, DRV_VIRTIO_BALLOON = 0, 1, 2

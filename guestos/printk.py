@@ -4,15 +4,13 @@ console_io hypercall, as Linux's early printk does."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from guestos.hypercall import console_write
-from guestos.kdata import kernel, scratch_va
-from guestos.xencons import hvc_write
+from guestos.hypercall import console_write, scratch_va
+from guestos.xencons import hvc_write, xencons
+from hypervisor.public.native import NativeCpu
 
 
-def console_out(cpu: Any, data: bytes) -> None:
-    if kernel(cpu).console_port:
+def console_out(cpu: NativeCpu, data: bytes) -> None:
+    if xencons(cpu).port:
         hvc_write(cpu, data)
         return
     buf = scratch_va(cpu)
@@ -22,5 +20,5 @@ def console_out(cpu: Any, data: bytes) -> None:
         console_write(cpu, buf, len(chunk))
 
 
-def printk(cpu: Any, msg: str) -> None:
+def printk(cpu: NativeCpu, msg: str) -> None:
     console_out(cpu, f"[cpu{cpu.vcpu_id}] {msg}\n".encode())

@@ -15,63 +15,72 @@ drivers/xen/manage.c xen_suspend, arch/x86/xen/suspend_pv.c):
                               again; after a checkpoint the store and console
                               pfns back to mfns; in a new domain (a restore)
                               the new frames and ports taken from start_info,
-                              every cpu's timer and IPI ports bound anew
+                              every VIRQ and IPI bound anew, every cpu's tick
+                              marked lost
     xen_mm_unpin_all          unpin exactly the SavePinned pgds
     sysdev_resume
+
+Drivers that must act here register syscore_ops (guestos/pm.py): this file
+names none of them.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from guestos.drivers import virtio_balloon
-from guestos.events import upcall_masked, xen_irq_resume
+from guestos.evtchn import upcall_masked, xen_irq_resume
 from guestos.hypercall import with_args
-from guestos.kdata import kernel, percpu
-from guestos.mm import (
-    PAGE_SIZE,
-    PTE_RW,
-    mfn_to_pfn,
-    pfn_of,
-    pfn_to_mfn,
-    read_u32,
-    xen_setup_mfn_list_list,
-)
+from guestos.kdata import AREAS, kernel, read_start_info, write_start_info
+from guestos.layout import Layout, Ref
+from guestos.mm import PAGE_SIZE, PTE_RW, mfn_to_pfn, pfn_of, pfn_to_mfn, xen_setup_mfn_list_list
 from guestos.pgd import pgd_list, pgd_pinned, xen_mm_pin_all, xen_mm_unpin_all
 from guestos.pm import sysdev_resume, sysdev_suspend
 from guestos.printk import printk
-from hypervisor.public.native import TailCall
+from guestos.stop_machine import cpu_stopper, fn_done
+from guestos.symbols import export
+from guestos.time import xen_timer_resume
+from guestos.xenbus import xenstore_init, xs
+from guestos.xencons import xencons, xencons_init
+from hypervisor.public.native import NativeCpu, TailCall
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_suspend
-from hypervisor.public.xen import Hypercall, start_info
+from hypervisor.public.xen import Hypercall
 
-STORE_MFN_OFF = start_info.store_mfn.offset
-STORE_EVTCHN_OFF = start_info.store_evtchn.offset
-CONSOLE_MFN_OFF = start_info.console.offset  # console.domU: mfn, then evtchn
-CONSOLE_EVTCHN_OFF = CONSOLE_MFN_OFF + 8
-SHARED_INFO_OFF = start_info.shared_info.offset
+SUSPEND = Layout("suspend", [
+    ("cancelled", "u64"),      # the suspend hypercall's result
+    ("save_pinned", "u64"),    # pgds xen_mm_pin_all pinned for this save
+    ("no_pin_all", "u64"),     # option nopinall: skip xen_mm_pin_all (a lab bug)
+    ("restores", "u64"),       # times this kernel resumed in a new domain
+])
+assert SUSPEND.size <= AREAS["suspend"].size
 
 
-def xen_suspend(cpu: Any) -> TailCall:
+def suspend_state(cpu: NativeCpu) -> Ref:
+    return SUSPEND.at(cpu, AREAS["suspend"].va(cpu))
+
+
+@export
+def xen_suspend(cpu: NativeCpu) -> TailCall:
     k = kernel(cpu)
     others = [n for n in range(k.cpus_up) if n != cpu.vcpu_id]
-    spinning = [n for n in others if percpu(cpu, n).in_stopper and upcall_masked(cpu, n)]
+    spinning = [n for n in others if cpu_stopper(cpu, n).in_stopper and upcall_masked(cpu, n)]
     printk(cpu, f"xen_suspend: on cpu{cpu.vcpu_id}, cpus "
            f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
            + ("" if spinning == others else " - FAILURE: not all of them"))
     sysdev_suspend(cpu)
-    if k.no_pin_all:
+    st = suspend_state(cpu)
+    if st.no_pin_all:
         n = sum(1 for pgd in pgd_list(cpu) if not pgd_pinned(cpu, pgd))
-        k.save_pinned = 0
+        st.save_pinned = 0
         printk(cpu, f"xen_mm_pin_all: SKIPPED (option nopinall): {n} unpinned pgds go "
                "out raw, their mfns not canonicalised")
     else:
         n = xen_mm_pin_all(cpu)
-        k.save_pinned = n
+        st.save_pinned = n
         printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
-    si = k.start_info
-    cpu.write_u64(si + STORE_MFN_OFF, mfn_to_pfn(cpu, cpu.read_u64(si + STORE_MFN_OFF)))
-    cpu.write_u64(si + CONSOLE_MFN_OFF, mfn_to_pfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))
+    si = read_start_info(cpu)
+    si.store_mfn = mfn_to_pfn(cpu, si.store_mfn)
+    si.console.domU.mfn = mfn_to_pfn(cpu, si.console.domU.mfn)
+    write_start_info(cpu, si)
     # shared_info's frame is the hypervisor's, no pfn of ours: no pagetable may
     # map it when the tools canonicalise them. Its address gets the page's own
     # frame back, holding a copy (Linux's xen_dummy_shared_info)
@@ -79,45 +88,43 @@ def xen_suspend(cpu: Any) -> TailCall:
     own = pfn_to_mfn(cpu, pfn_of(k.shared_info))
     cpu.hypercall(Hypercall.update_va_mapping, k.shared_info, (own << 12) | PTE_RW, 0)
     cpu.write(k.shared_info, copy)
-    virtio_balloon.pre_suspend(cpu)  # device memory: no pfn either
     printk(cpu, "pre-suspend: start_info's store and console frames are pfns, "
            "shared_info unmapped")
     printk(cpu, "suspend hypercall (SCHEDOP_shutdown, SHUTDOWN_suspend)")
     arg = with_args(cpu, struct.pack("<I", SHUTDOWN_suspend))
-    return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, arg, pfn_to_mfn(cpu, pfn_of(si))),
-                    xen_suspend_resumed)
+    si_mfn = pfn_to_mfn(cpu, pfn_of(k.start_info))
+    return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, arg, si_mfn), xen_suspend_resumed)
 
 
-def xen_suspend_resumed(cpu: Any) -> TailCall:
+def xen_suspend_resumed(cpu: NativeCpu) -> TailCall:
     """The suspend hypercall's continuation (a native entry): rax says how."""
-    from guestos.stop_machine import fn_done
     k = kernel(cpu)
     cancelled = 1 if cpu.reg("rax") == 1 else 0
     printk(cpu, f"suspend hypercall returned {cancelled} "
            f"({'cancelled or checkpointed' if cancelled else 'resumed in a new domain'})")
-    si = k.start_info
+    si = read_start_info(cpu)
     # shared_info again where the kernel maps it: its frame may be new
-    cpu.hypercall(Hypercall.update_va_mapping, k.shared_info,
-                  cpu.read_u64(si + SHARED_INFO_OFF) | PTE_RW, 0)
+    cpu.hypercall(Hypercall.update_va_mapping, k.shared_info, si.shared_info | PTE_RW, 0)
     xen_setup_mfn_list_list(cpu)
-    virtio_balloon.post_suspend(cpu)
     if cancelled:
-        cpu.write_u64(si + STORE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + STORE_MFN_OFF)))
-        cpu.write_u64(si + CONSOLE_MFN_OFF, pfn_to_mfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF)))
+        si.store_mfn = pfn_to_mfn(cpu, si.store_mfn)
+        si.console.domU.mfn = pfn_to_mfn(cpu, si.console.domU.mfn)
+        write_start_info(cpu, si)
         printk(cpu, "post-suspend: shared_info mapped, start_info's frames are mfns")
     else:
         # the restorer wrote the new frames and ports into start_info
-        k.restores = k.restores + 1
-        k.console_pfn = mfn_to_pfn(cpu, cpu.read_u64(si + CONSOLE_MFN_OFF))
-        k.console_port = read_u32(cpu, si + CONSOLE_EVTCHN_OFF)
-        k.store_pfn = mfn_to_pfn(cpu, cpu.read_u64(si + STORE_MFN_OFF))
-        k.store_port = read_u32(cpu, si + STORE_EVTCHN_OFF)
+        st = suspend_state(cpu)
+        st.restores = st.restores + 1
+        xencons_init(cpu, si)
+        xenstore_init(cpu, si)
         xen_irq_resume(cpu)
-        printk(cpu, f"post-suspend: shared_info mapped; console on pfn {k.console_pfn:#x} "
-               f"port {k.console_port}, store on pfn {k.store_pfn:#x} port {k.store_port}; "
+        xen_timer_resume(cpu)
+        printk(cpu, f"post-suspend: shared_info mapped; console on pfn {xencons(cpu).pfn:#x} "
+               f"port {xencons(cpu).port}, store on pfn {xs(cpu).store_pfn:#x} "
+               f"port {xs(cpu).store_port}; "
                f"timer and IPI ports of {k.cpus_up} cpus bound again")
     n = xen_mm_unpin_all(cpu)
     printk(cpu, f"xen_mm_unpin_all: {n} SavePinned pgds unpinned")
-    sysdev_resume(cpu, cancelled)
-    k.suspend_cancelled = cancelled
+    sysdev_resume(cpu)
+    suspend_state(cpu).cancelled = cancelled
     return fn_done(cpu, cancelled)

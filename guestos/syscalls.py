@@ -6,9 +6,6 @@ spawn(name, a0, a1, a2) starts another program of the image as a new task
 
 from __future__ import annotations
 
-from typing import Any
-
-from guestos.events import now
 from guestos.frame import iret_to, read_bounce
 from guestos.printk import console_out, printk
 from guestos.task import (
@@ -20,9 +17,10 @@ from guestos.task import (
     schedule,
     spawn,
 )
+from guestos.time import NSEC_PER_MSEC, now
 from guestos.usercopy import copy_from_user
 from hypervisor.public.errno import EBADF, EFAULT, ENOSYS
-from hypervisor.public.native import TailCall
+from hypervisor.public.native import NativeCpu, TailCall
 
 SYS_write, SYS_sched_yield, SYS_sleep, SYS_getpid, SYS_exit = 1, 24, 35, 39, 60
 SYS_spawn = 1000
@@ -30,7 +28,7 @@ MAX_WRITE = 1 << 16
 MAX_NAME = 16
 
 
-def syscall_entry(cpu: Any) -> TailCall:
+def syscall_entry(cpu: NativeCpu) -> TailCall:
     r = cpu.regs()
     nr = r["rax"]
     frame = read_bounce(cpu)
@@ -41,7 +39,7 @@ def syscall_entry(cpu: Any) -> TailCall:
     if nr in (SYS_sched_yield, SYS_sleep):
         save_user_context(cpu, t, frame, rax=0)
         if nr == SYS_sleep:
-            t.wake_at = now(cpu) + r["rdi"] * 1_000_000
+            t.wake_at = now(cpu) + r["rdi"] * NSEC_PER_MSEC
             t.state = SLEEPING
         else:
             t.state = RUNNABLE
@@ -59,7 +57,7 @@ def syscall_entry(cpu: Any) -> TailCall:
     return iret_to(cpu, rc, rip, cs, rflags, rsp, ss, rcx, r11, in_syscall=True, stack=frame_top)
 
 
-def sys_write(cpu: Any, fd: int, buf: int, size: int) -> int:
+def sys_write(cpu: NativeCpu, fd: int, buf: int, size: int) -> int:
     """Copy from the user's address space (the kernel's L4 does not map it)
     into a kernel buffer, and print."""
     if fd not in (1, 2):
@@ -72,7 +70,7 @@ def sys_write(cpu: Any, fd: int, buf: int, size: int) -> int:
     return len(data)
 
 
-def sys_spawn(cpu: Any, name_ptr: int, args: tuple[int, int, int]) -> int:
+def sys_spawn(cpu: NativeCpu, name_ptr: int, args: tuple[int, int, int]) -> int:
     raw = copy_from_user(cpu, name_ptr, MAX_NAME)
     if raw is None:
         return -EFAULT

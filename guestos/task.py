@@ -15,20 +15,21 @@ registers, load the next task's, iret.
 
 from __future__ import annotations
 
-from typing import Any
-
-from guestos.events import now
 from guestos.frame import iret_to
-from guestos.hypercall import mmuext
-from guestos.kdata import MAX_TASKS, TASK_SIZE, kernel, percpu, tasks_va
+from guestos.hypercall import mmuext, shutdown_args
+from guestos.idle import cpu_idle
+from guestos.kdata import AREAS, MAX_CPUS, MAX_TASKS, kernel, per_cpu, percpu
 from guestos.layout import Layout, Ref
 from guestos.mm import nr_free_pages, pfn_to_mfn
 from guestos.pgd import pgd_free, pgd_list_add, pgd_pin, pgd_pinned, pgd_unpin
 from guestos.printk import printk
+from guestos.time import NSEC_PER_MSEC, now, tick_resume_local
+from guestos.user import load_program, pages_needed, program_names
 from hypervisor.public.arch_x86 import FLAT_USER_CS64, FLAT_USER_SS64
 from hypervisor.public.errno import EAGAIN, ENOENT
-from hypervisor.public.native import TailCall
-from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR
+from hypervisor.public.native import NativeCpu, TailCall
+from hypervisor.public.sched import SHUTDOWN_poweroff
+from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR, Hypercall
 
 FREE, NEW, RUNNABLE, RUNNING, SLEEPING, DEAD = range(6)
 
@@ -46,20 +47,61 @@ TASK = Layout("task", [
     ("exit_code", "u64"),
     *((r, "u64") for r in SAVED),
 ])
+TASK_SIZE = AREAS["tasks"].size // MAX_TASKS
 assert TASK.size <= TASK_SIZE
 RFLAGS_IF = 0x200
 
+# the scheduler's globals
+SCHED = Layout("sched", [
+    ("tasks_live", "u64"),
+    ("next_pid", "u64"),
+    ("next_cpu", "u64"),       # where the next spawned task goes
+    ("freezing", "u64"),       # the freezer holds user tasks: no cpu picks one
+    ("hold_build_pid", "u64"), # options hold=: stop a task's construction or teardown
+    ("hold_build_ms", "u64"),  #   half way, leaving its pgd unpinned a while
+    ("hold_exit_pid", "u64"),
+    ("hold_exit_ms", "u64"),
+    ("free_at_boot", "u64"),   # free pages before the first task: none may leak
+])
+assert SCHED.size <= AREAS["sched"].size
 
-def task(cpu: Any, slot: int) -> Ref:
-    return TASK.at(cpu, tasks_va(cpu) + slot * TASK_SIZE)
+
+def sched(cpu: NativeCpu) -> Ref:
+    return SCHED.at(cpu, AREAS["sched"].va(cpu))
 
 
-def current(cpu: Any) -> Ref | None:
-    cur = percpu(cpu).current
-    return task(cpu, cur - 1) if cur else None
+NO_TASK = 0xFFFFFFFFFFFFFFFF  # a cpu runs no task (the idle loop)
+
+# each cpu's run queue (Linux's struct rq)
+RQ = Layout("rq", [
+    ("current", "u64"),        # task slot of the running task; NO_TASK: idle
+    ("need_resched", "u64"),
+    ("last", "u64"),           # slot that ran last, for round robin
+    ("user_pgd", "u64"),       # pfn of the user L4 installed on this cpu (0: none)
+])
+assert RQ.size <= AREAS["sched_percpu"].size // MAX_CPUS
 
 
-def slots_on(cpu: Any, n: int) -> list[int]:
+def cpu_rq(cpu: NativeCpu, n: int | None = None) -> Ref:
+    return per_cpu(cpu, "sched_percpu", RQ, n)
+
+
+def init_rq(cpu: NativeCpu, n: int) -> None:
+    """At boot: cpu n runs nothing, and round robin starts at the first slot."""
+    rq = cpu_rq(cpu, n)
+    rq.current, rq.last = NO_TASK, MAX_TASKS - 1
+
+
+def task(cpu: NativeCpu, slot: int) -> Ref:
+    return TASK.at(cpu, AREAS["tasks"].va(cpu) + slot * TASK_SIZE)
+
+
+def current(cpu: NativeCpu) -> Ref | None:
+    cur = cpu_rq(cpu).current
+    return task(cpu, cur) if cur != NO_TASK else None
+
+
+def slots_on(cpu: NativeCpu, n: int) -> list[int]:
     """Slots of the live tasks of cpu n."""
     return [s for s in range(MAX_TASKS)
             if task(cpu, s).state != FREE and task(cpu, s).cpu == n]
@@ -67,11 +109,10 @@ def slots_on(cpu: Any, n: int) -> list[int]:
 
 # --- creation and exit --------------------------------------------------------------
 
-def spawn(cpu: Any, name: str, args: tuple[int, int, int], on_cpu: int | None = None) -> int:
+def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | None = None) -> int:
     """Create a task running program ``name``: returns its pid, or -ENOENT
     (no such program) or -EAGAIN (no free task slot or memory)."""
-    from guestos.user import load_program, pages_needed, program_names
-    k = kernel(cpu)
+    k, sc = kernel(cpu), sched(cpu)
     if name not in program_names(cpu):
         return -ENOENT
     slot = next((s for s in range(MAX_TASKS) if task(cpu, s).state == FREE), None)
@@ -79,11 +120,11 @@ def spawn(cpu: Any, name: str, args: tuple[int, int, int], on_cpu: int | None = 
         return -EAGAIN
     aspace, entry = load_program(cpu, name)
     t = task(cpu, slot)
-    pid = k.next_pid + 1
-    k.next_pid = pid
+    pid = sc.next_pid + 1
+    sc.next_pid = pid
     if on_cpu is None:
-        on_cpu = k.next_cpu % k.nr_cpus
-        k.next_cpu = on_cpu + 1
+        on_cpu = sc.next_cpu % k.nr_cpus
+        sc.next_cpu = on_cpu + 1
     t.pid, t.cpu, t.pgd, t.exit_code, t.wake_at = pid, on_cpu, aspace.l4, 0, 0
     for r in GPRS:
         setattr(t, r, 0)
@@ -91,44 +132,44 @@ def spawn(cpu: Any, name: str, args: tuple[int, int, int], on_cpu: int | None = 
     t.rip, t.rsp, t.rflags = entry, aspace.stack_top, RFLAGS_IF | 0x2
     pgd_list_add(cpu, aspace.l4)
     t.state = NEW
-    k.tasks_live = k.tasks_live + 1
-    if k.hold_build_pid == pid:
+    sc.tasks_live = sc.tasks_live + 1
+    if sc.hold_build_pid == pid:
         # construction stops here a while: the pgd is on the list, unpinned
-        t.wake_at = now(cpu) + k.hold_build_ms * 1_000_000
-        printk(cpu, f"task {pid}: construction held for {k.hold_build_ms} ms, pgd unpinned")
+        t.wake_at = now(cpu) + sc.hold_build_ms * NSEC_PER_MSEC
+        printk(cpu, f"task {pid}: construction held for {sc.hold_build_ms} ms, pgd unpinned")
     else:
         _finish_construction(cpu, t)
     return pid
 
 
-def _finish_construction(cpu: Any, t: Ref) -> None:
+def _finish_construction(cpu: NativeCpu, t: Ref) -> None:
     pgd_pin(cpu, t.pgd)  # pinned before first use
     t.state = RUNNABLE
 
 
-def _release(cpu: Any, t: Ref) -> None:
+def _release(cpu: NativeCpu, t: Ref) -> None:
     """The end of a teardown: free the pgd and every page it maps."""
     pgd_free(cpu, t.pgd)
     t.pgd = 0
     t.state = FREE
-    k = kernel(cpu)
-    k.tasks_live = k.tasks_live - 1
+    sc = sched(cpu)
+    sc.tasks_live = sc.tasks_live - 1
 
 
-def exit_current(cpu: Any, code: int) -> TailCall:
+def exit_current(cpu: NativeCpu, code: int) -> TailCall:
     """The running task exits: its pgd comes off this cpu, is unpinned, freed."""
     t = current(cpu)
     assert t is not None
-    k = kernel(cpu)
+    sc = sched(cpu)
     printk(cpu, f"task {t.pid} exited with code {code}")
     install_user_l4(cpu, 0)
     pgd_unpin(cpu, t.pgd)
     t.exit_code = code
     t.state = DEAD
-    percpu(cpu).current = 0
-    if k.hold_exit_pid == t.pid:
-        t.wake_at = now(cpu) + k.hold_exit_ms * 1_000_000
-        printk(cpu, f"task {t.pid}: teardown held for {k.hold_exit_ms} ms, pgd unpinned")
+    cpu_rq(cpu).current = NO_TASK
+    if sc.hold_exit_pid == t.pid:
+        t.wake_at = now(cpu) + sc.hold_exit_ms * NSEC_PER_MSEC
+        printk(cpu, f"task {t.pid}: teardown held for {sc.hold_exit_ms} ms, pgd unpinned")
     else:
         _release(cpu, t)
     return schedule(cpu)
@@ -136,7 +177,8 @@ def exit_current(cpu: Any, code: int) -> TailCall:
 
 # --- saving and resuming user context -----------------------------------------------
 
-def save_user_context(cpu: Any, t: Ref, frame: tuple[int, ...], rax: int | None = None) -> None:
+def save_user_context(cpu: NativeCpu, t: Ref, frame: tuple[int, ...],
+                      rax: int | None = None) -> None:
     """Keep the interrupted user registers: the live ones, and from the bounce
     frame (rcx, r11, rip, cs, rflags, rsp, ss) the ones Xen saved there."""
     regs = cpu.regs()
@@ -148,59 +190,67 @@ def save_user_context(cpu: Any, t: Ref, frame: tuple[int, ...], rax: int | None 
         t.rax = rax
 
 
-def install_user_l4(cpu: Any, pgd: int) -> None:
+def install_user_l4(cpu: NativeCpu, pgd: int) -> None:
     """Make pgd (a pfn; 0: none) this cpu's user L4. The kernel remembers the
     pfn, not the mfn: after a restore every mfn is new."""
-    pc = percpu(cpu)
-    if pc.user_pgd != pgd:
+    rq = cpu_rq(cpu)
+    if rq.user_pgd != pgd:
         mmuext(cpu, MMUEXT_NEW_USER_BASEPTR, pfn_to_mfn(cpu, pgd) if pgd else 0)
-        pc.user_pgd = pgd
+        rq.user_pgd = pgd
 
 
-def _resume(cpu: Any, slot: int) -> TailCall:
+def _resume(cpu: NativeCpu, slot: int) -> TailCall:
     t = task(cpu, slot)
-    pc = percpu(cpu)
+    rq = cpu_rq(cpu)
     if not pgd_pinned(cpu, t.pgd):
         pgd_pin(cpu, t.pgd)
     install_user_l4(cpu, t.pgd)
-    pc.current = slot + 1
-    pc.last = slot
-    pc.need_resched = 0
+    rq.current = slot
+    rq.last = slot
+    rq.need_resched = 0
     t.state = RUNNING
     cpu.set_regs(**{r: getattr(t, r) for r in GPRS if r not in ("rax", "rcx", "r11")})
     return iret_to(cpu, t.rax, t.rip, FLAT_USER_CS64, t.rflags, t.rsp, FLAT_USER_SS64,
-                   t.rcx, t.r11, stack=pc.stack_top)
+                   t.rcx, t.r11, stack=percpu(cpu).stack_top)
 
 
 # --- the scheduler ------------------------------------------------------------------
 
-def pick_next(cpu: Any) -> int | None:
+def pick_next(cpu: NativeCpu) -> int | None:
     """Round robin over this cpu's runnable tasks, starting after the last one
     run; none while the freezer holds them."""
-    if kernel(cpu).freezing:
+    if sched(cpu).freezing:
         return None
     mine = [s for s in slots_on(cpu, cpu.vcpu_id) if task(cpu, s).state == RUNNABLE]
     if not mine:
         return None
-    last = percpu(cpu).last
+    last = cpu_rq(cpu).last
     later = [s for s in mine if s > last]
     return (later or mine)[0]
 
 
-def schedule(cpu: Any) -> TailCall:
+def schedule(cpu: NativeCpu) -> TailCall:
     """Run the next runnable task of this cpu, or idle. The current task, if
     any, has been saved (and is RUNNABLE, SLEEPING or gone)."""
-    from guestos.boot import cpu_idle, poweroff
-    percpu(cpu).current = 0
+    tick_resume_local(cpu)
+    cpu_rq(cpu).current = NO_TASK
     nxt = pick_next(cpu)
     if nxt is not None:
         return _resume(cpu, nxt)
-    if kernel(cpu).tasks_live == 0:
-        return poweroff(cpu)
+    if sched(cpu).tasks_live == 0:
+        return kernel_power_off(cpu)
     return cpu_idle(cpu)
 
 
-def preempt_current(cpu: Any, frame: tuple[int, ...]) -> TailCall:
+def kernel_power_off(cpu: NativeCpu) -> TailCall:
+    """The last task is gone: the domain is done."""
+    sc = sched(cpu)
+    printk(cpu, f"all programs exited: powering off ({nr_free_pages(cpu)} pages free, "
+           f"{sc.free_at_boot} before the first task)")
+    return TailCall(Hypercall.sched_op, shutdown_args(cpu, SHUTDOWN_poweroff), cpu_idle)
+
+
+def preempt_current(cpu: NativeCpu, frame: tuple[int, ...]) -> TailCall:
     t = current(cpu)
     assert t is not None
     save_user_context(cpu, t, frame)
@@ -208,12 +258,12 @@ def preempt_current(cpu: Any, frame: tuple[int, ...]) -> TailCall:
     return schedule(cpu)
 
 
-def scheduler_tick(cpu: Any) -> None:
+def scheduler_tick(cpu: NativeCpu) -> None:
     """On each timer tick of this cpu."""
     wake_due(cpu)
 
 
-def wake_due(cpu: Any) -> None:
+def wake_due(cpu: NativeCpu) -> None:
     """Wake this cpu's sleepers whose time has come, go on with held
     constructions and teardowns, and ask for a switch if another task waits.
     On every tick, and when the thaw kicks the cpu: what came due while the
@@ -221,7 +271,7 @@ def wake_due(cpu: Any) -> None:
     taken at every tick would freeze again."""
     t_now = now(cpu)
     waiting = False
-    frozen = kernel(cpu).freezing  # a held construction or teardown is frozen too
+    frozen = sched(cpu).freezing  # a held construction or teardown is frozen too
     for s in slots_on(cpu, cpu.vcpu_id):
         t = task(cpu, s)
         state = t.state
@@ -237,4 +287,4 @@ def wake_due(cpu: Any) -> None:
         if t.state == RUNNABLE:
             waiting = True
     if waiting:
-        percpu(cpu).need_resched = 1
+        cpu_rq(cpu).need_resched = 1

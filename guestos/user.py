@@ -4,10 +4,10 @@ into a fresh address space (guestos.task runs them)."""
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from guestos.kdata import header
 from guestos.mm import AddressSpace, KernelPanic, alloc_pages, read_cstr, va
+from hypervisor.public.native import NativeCpu
 
 USER_STACK_TOP = 0x00007FFFFFFFF000
 USER_STACK_PAGES = 4
@@ -16,7 +16,7 @@ PF_W = 2
 ELF_MAGIC = b"\x7fELF"
 
 
-def find_program(cpu: Any, name: str) -> tuple[int, int]:
+def find_program(cpu: NativeCpu, name: str) -> tuple[int, int]:
     """(VA, size) of a program's ELF in the image's program table."""
     table = header(cpu).programs
     (count,) = struct.unpack("<Q", cpu.read(table, 8))
@@ -29,13 +29,13 @@ def find_program(cpu: Any, name: str) -> tuple[int, int]:
     raise KernelPanic(f"no program {name!r} in the image")
 
 
-def program_names(cpu: Any) -> list[str]:
+def program_names(cpu: NativeCpu) -> list[str]:
     table = header(cpu).programs
     (count,) = struct.unpack("<Q", cpu.read(table, 8))
     return [read_cstr(cpu, table + 8 + 32 * i, 16) for i in range(count)]
 
 
-def pages_needed(cpu: Any, name: str) -> int:
+def pages_needed(cpu: NativeCpu, name: str) -> int:
     """An upper bound of the pages load_program takes for ``name``."""
     elf, _ = find_program(cpu, name)
     ehdr = cpu.read(elf, 64)
@@ -50,7 +50,7 @@ def pages_needed(cpu: Any, name: str) -> int:
     return n + 1  # the L4
 
 
-def load_program(cpu: Any, name: str) -> tuple[AddressSpace, int]:
+def load_program(cpu: NativeCpu, name: str) -> tuple[AddressSpace, int]:
     """Build an address space holding program ``name``; returns it and the entry."""
     elf, size = find_program(cpu, name)
     ehdr = cpu.read(elf, 64)

@@ -4,15 +4,14 @@ them through its own read-only mapping and the M2P."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from guestos.kdata import percpu
 from guestos.mm import FRAME, mfn_to_pfn, va
+from guestos.task import cpu_rq
 from hypervisor.public.arch_x86 import _PAGE_PRESENT
+from hypervisor.public.native import NativeCpu
 
 
-def user_pfn(cpu: Any, uva: int) -> int | None:
-    pfn = percpu(cpu).user_pgd
+def user_pfn(cpu: NativeCpu, uva: int) -> int | None:
+    pfn = cpu_rq(cpu).user_pgd
     for shift in (39, 30, 21, 12):
         e = cpu.read_u64(va(pfn) + 8 * ((uva >> shift) & 511))
         if not e & _PAGE_PRESENT:
@@ -21,7 +20,7 @@ def user_pfn(cpu: Any, uva: int) -> int | None:
     return pfn
 
 
-def copy_from_user(cpu: Any, uva: int, size: int) -> bytes | None:
+def copy_from_user(cpu: NativeCpu, uva: int, size: int) -> bytes | None:
     out = bytearray()
     while size:
         n = min(size, 4096 - (uva & 0xFFF))

@@ -9,29 +9,22 @@ port's event handler, which runs each watch's handler on cpu0, as Linux's
 xenwatch thread does.
 
 Everything lives in guest memory: the ring, the last request id, a reply
-half read, the watches (handler number and path) and the queued events.
+half read, the watches (callback's symbol number and path) and the queued
+events. A watch is registered with ``register_xenbus_watch(cpu, path,
+callback)``; the callback is an exported ``callback(cpu, path)``.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
 
-from guestos.events import notify_remote_via_evtchn
-from guestos.kdata import (
-    MAX_WATCHES,
-    MAX_XS_EVENTS,
-    WATCH_SIZE,
-    WATCHES_OFFSET,
-    XS_EVENT_SIZE,
-    XS_EVENTS_OFFSET,
-    XS_IN_OFFSET,
-    XS_IN_SIZE,
-    kdata_va,
-    kernel,
-)
-from guestos.mm import read_u32, va
+from guestos.evtchn import bind_evtchn_to_irqhandler, notify_remote_via_evtchn, rebind_evtchn_irq
+from guestos.kdata import AREAS
+from guestos.layout import Layout, Ref
+from guestos.mm import mfn_to_pfn, read_u32, va
+from guestos.printk import printk
+from guestos.symbols import NO_SYMBOL, export, symbol, symbol_number
 from hypervisor.public.io.ring import ring_spans, ring_used
 from hypervisor.public.io.xs_wire import (
     REQ_CONS_OFF,
@@ -45,6 +38,34 @@ from hypervisor.public.io.xs_wire import (
     XSD_SOCKMSG,
     XsType,
 )
+from hypervisor.public.native import NativeCpu
+from hypervisor.public.xen import start_info
+
+# the client's globals
+XS = Layout("xenstore", [
+    ("store_pfn", "u64"),      # the ring's page (start_info)
+    ("store_port", "u64"),     #   its event channel
+    ("store_irq", "u64"),      #   and the irq that is bound to
+    ("req_id", "u64"),         # the last request id
+    ("in_len", "u64"),         # bytes of a reply read from the ring, not yet whole
+    ("suspended", "u64"),      # xs_suspend .. xs_resume: no requests
+])
+MAX_WATCHES = 8
+WATCH_SIZE = 128               # u64 callback, path
+MAX_XS_EVENTS = 8
+XS_EVENT_SIZE = 256            # u64 length, the event's payload
+XS_IN_SIZE = 16 + 4096         # one message: header and the largest payload
+WATCHES_OFFSET = XS.size
+XS_EVENTS_OFFSET = WATCHES_OFFSET + MAX_WATCHES * WATCH_SIZE
+XS_IN_OFFSET = XS_EVENTS_OFFSET + MAX_XS_EVENTS * XS_EVENT_SIZE
+assert XS_IN_OFFSET + XS_IN_SIZE <= AREAS["xenbus"].size
+
+
+def xs(cpu: NativeCpu) -> Ref:
+    return XS.at(cpu, AREAS["xenbus"].va(cpu))
+
+
+WatchCallback = Callable[[NativeCpu, str], None]
 
 HDR = XSD_SOCKMSG.size
 
@@ -59,13 +80,13 @@ class XenbusError(Exception):
 
 # --- the ring -----------------------------------------------------------------------
 
-def _ring(cpu: Any) -> int:
-    return va(kernel(cpu).store_pfn)
+def _ring(cpu: NativeCpu) -> int:
+    return va(xs(cpu).store_pfn)
 
 
-def _put(cpu: Any, msg: bytes) -> None:
+def _put(cpu: NativeCpu, msg: bytes) -> None:
     ring = _ring(cpu)
-    k = kernel(cpu)
+    x = xs(cpu)
     sent = 0
     for _ in range(4):
         cons, prod = read_u32(cpu, ring + REQ_CONS_OFF), read_u32(cpu, ring + REQ_PROD_OFF)
@@ -74,28 +95,28 @@ def _put(cpu: Any, msg: bytes) -> None:
             cpu.write(ring + REQ_OFF + off, msg[sent:sent + chunk])
             sent += chunk
         cpu.write(ring + REQ_PROD_OFF, struct.pack("<I", (prod + n) & 0xFFFFFFFF))
-        notify_remote_via_evtchn(cpu, k.store_port)
+        notify_remote_via_evtchn(cpu, x.store_port)
         if sent == len(msg):
             return
     raise XenbusError("EIO", "the store does not take requests")
 
 
-def _pull(cpu: Any) -> bytes | None:
+def _pull(cpu: NativeCpu) -> bytes | None:
     """One whole message from the reply ring, or None if there is none yet.
     Bytes are moved into a kernel buffer first, so a message longer than the
     ring arrives in parts."""
-    k = kernel(cpu)
+    x = xs(cpu)
     ring = _ring(cpu)
-    buf = kdata_va(cpu, XS_IN_OFFSET)
+    buf = AREAS["xenbus"].va(cpu) + XS_IN_OFFSET
     while True:
-        have = k.xs_in_len
+        have = x.in_len
         if have >= HDR:
             n = XSD_SOCKMSG.unpack(cpu.read(buf, HDR))[3]
             if have >= HDR + n:
                 msg = cpu.read(buf, HDR + n)
                 rest = cpu.read(buf + HDR + n, have - HDR - n)
                 cpu.write(buf, rest)
-                k.xs_in_len = len(rest)
+                x.in_len = len(rest)
                 return msg
         cons, prod = read_u32(cpu, ring + RSP_CONS_OFF), read_u32(cpu, ring + RSP_PROD_OFF)
         avail = min(ring_used(cons, prod), XS_IN_SIZE - have)
@@ -104,21 +125,38 @@ def _pull(cpu: Any) -> bytes | None:
         data = b"".join(cpu.read(ring + RSP_OFF + off, chunk)
                         for off, chunk in ring_spans(cons, avail, XENSTORE_RING_SIZE))
         cpu.write(buf + have, data)
-        k.xs_in_len = have + avail
+        x.in_len = have + avail
         cpu.write(ring + RSP_CONS_OFF, struct.pack("<I", (cons + avail) & 0xFFFFFFFF))
-        notify_remote_via_evtchn(cpu, k.store_port)  # room: the store may have more
+        notify_remote_via_evtchn(cpu, x.store_port)  # room: the store may have more
 
 
-def xb_init_comms(cpu: Any) -> None:
+def xenstore_init(cpu: NativeCpu, si: start_info) -> None:
+    """The store's ring and port, from start_info: at boot, and in a new
+    domain (where the restorer wrote the new ones)."""
+    x = xs(cpu)
+    x.store_pfn = mfn_to_pfn(cpu, si.store_mfn)
+    x.store_port = si.store_evtchn
+
+
+def xs_init(cpu: NativeCpu) -> None:
+    """At boot, on cpu0: the store's events run the watches on cpu0."""
+    x = xs(cpu)
+    x.store_irq = bind_evtchn_to_irqhandler(cpu, x.store_port, xenbus_interrupt)
+
+
+def xb_init_comms(cpu: NativeCpu) -> None:
     """The ring in a new domain (Linux's xb_init_comms on resume): replies of
-    the old store are of no use; skip them, and what was half read."""
+    the old store are of no use; skip them, and what was half read. The
+    store's irq gets the new port."""
+    x = xs(cpu)
     ring = _ring(cpu)
     cpu.write(ring + RSP_CONS_OFF, cpu.read(ring + RSP_PROD_OFF, 4))
-    kernel(cpu).xs_in_len = 0
+    x.in_len = 0
+    rebind_evtchn_irq(cpu, x.store_port, x.store_irq)
 
 
-def _queue_event(cpu: Any, payload: bytes) -> None:
-    base = kdata_va(cpu, XS_EVENTS_OFFSET)
+def _queue_event(cpu: NativeCpu, payload: bytes) -> None:
+    base = AREAS["xenbus"].va(cpu) + XS_EVENTS_OFFSET
     for i in range(MAX_XS_EVENTS):
         slot = base + i * XS_EVENT_SIZE
         if cpu.read_u64(slot) == 0:
@@ -126,15 +164,14 @@ def _queue_event(cpu: Any, payload: bytes) -> None:
             cpu.write_u64(slot, len(payload))
             cpu.write(slot + 8, payload)
             return
-    from guestos.printk import printk
     printk(cpu, "xenbus: watch event queue full, event dropped")
 
 
-def talk(cpu: Any, typ: int, payload: bytes, tx: int = 0) -> bytes:
+def talk(cpu: NativeCpu, typ: int, payload: bytes, tx: int = 0) -> bytes:
     """Send one request, return its reply's payload; XenbusError on an error."""
-    k = kernel(cpu)
-    req_id = (k.xs_req_id + 1) & 0xFFFFFFFF
-    k.xs_req_id = req_id
+    x = xs(cpu)
+    req_id = (x.req_id + 1) & 0xFFFFFFFF
+    x.req_id = req_id
     _put(cpu, XSD_SOCKMSG.pack(typ, req_id, tx, len(payload)) + payload)
     while True:
         msg = _pull(cpu)
@@ -159,87 +196,78 @@ def _z(s: str) -> bytes:
     return s.encode() + b"\0"
 
 
-def read(cpu: Any, path: str, tx: int = 0) -> str:
+def read(cpu: NativeCpu, path: str, tx: int = 0) -> str:
     return talk(cpu, XsType.XS_READ, _z(path), tx).decode(errors="replace")
 
 
-def write(cpu: Any, path: str, value: str, tx: int = 0) -> None:
+def write(cpu: NativeCpu, path: str, value: str, tx: int = 0) -> None:
     talk(cpu, XsType.XS_WRITE, _z(path) + value.encode(), tx)
 
 
-def mkdir(cpu: Any, path: str, tx: int = 0) -> None:
+def mkdir(cpu: NativeCpu, path: str, tx: int = 0) -> None:
     talk(cpu, XsType.XS_MKDIR, _z(path), tx)
 
 
-def rm(cpu: Any, path: str, tx: int = 0) -> None:
+def rm(cpu: NativeCpu, path: str, tx: int = 0) -> None:
     talk(cpu, XsType.XS_RM, _z(path), tx)
 
 
-def directory(cpu: Any, path: str, tx: int = 0) -> list[str]:
+def directory(cpu: NativeCpu, path: str, tx: int = 0) -> list[str]:
     body = talk(cpu, XsType.XS_DIRECTORY, _z(path), tx)
     return [n.decode() for n in body.split(b"\0") if n]
 
 
-def transaction_start(cpu: Any) -> int:
+def transaction_start(cpu: NativeCpu) -> int:
     return int(talk(cpu, XsType.XS_TRANSACTION_START, b"\0").rstrip(b"\0"))
 
 
-def transaction_end(cpu: Any, tx: int, abort: bool = False) -> None:
+def transaction_end(cpu: NativeCpu, tx: int, abort: bool = False) -> None:
     talk(cpu, XsType.XS_TRANSACTION_END, b"F\0" if abort else b"T\0", tx)
 
 
 # --- watches ------------------------------------------------------------------------
 
-def _watch_slot(cpu: Any, i: int) -> int:
-    return kdata_va(cpu, WATCHES_OFFSET) + i * WATCH_SIZE
+def _watch_slot(cpu: NativeCpu, i: int) -> int:
+    return AREAS["xenbus"].va(cpu) + WATCHES_OFFSET + i * WATCH_SIZE
 
 
-def _watch_path(cpu: Any, i: int) -> str:
+def _watch_path(cpu: NativeCpu, i: int) -> str:
     return cpu.read(_watch_slot(cpu, i) + 8, WATCH_SIZE - 8).split(b"\0")[0].decode()
 
 
-def register_watch(cpu: Any, path: str, handler: int) -> int:
-    """Watch ``path``; WATCH_HANDLERS[handler] runs on each event. The token
-    sent to the store is the watch's slot number."""
+def register_xenbus_watch(cpu: NativeCpu, path: str, callback: WatchCallback) -> int:
+    """Watch ``path``: ``callback(cpu, path)`` runs on cpu0 on each event. The
+    token sent to the store is the watch's slot number."""
     for i in range(MAX_WATCHES):
         slot = _watch_slot(cpu, i)
-        if cpu.read_u64(slot) == 0:
-            cpu.write_u64(slot, handler + 1)
+        if cpu.read_u64(slot) == NO_SYMBOL:
+            cpu.write_u64(slot, symbol_number(callback))
             cpu.write(slot + 8, _z(path)[:WATCH_SIZE - 8])
             talk(cpu, XsType.XS_WATCH, _z(path) + _z(str(i)))
             return i
     raise XenbusError("ENOSPC", "no free watch slot")
 
 
-def unregister_watch(cpu: Any, i: int) -> None:
+def unregister_xenbus_watch(cpu: NativeCpu, i: int) -> None:
     talk(cpu, XsType.XS_UNWATCH, _z(_watch_path(cpu, i)) + _z(str(i)))
-    cpu.write_u64(_watch_slot(cpu, i), 0)
+    cpu.write_u64(_watch_slot(cpu, i), NO_SYMBOL)
 
 
-def reregister_watches(cpu: Any) -> int:
+def reregister_watches(cpu: NativeCpu) -> int:
     """After a resume in a new domain the store knows none of them (xs_resume)."""
     n = 0
     for i in range(MAX_WATCHES):
-        if cpu.read_u64(_watch_slot(cpu, i)):
+        if cpu.read_u64(_watch_slot(cpu, i)) != NO_SYMBOL:
             talk(cpu, XsType.XS_WATCH, _z(_watch_path(cpu, i)) + _z(str(i)))
             n += 1
     return n
 
 
-def _handlers() -> tuple[Callable[[Any, str], None], ...]:
-    from guestos.manage import shutdown_handler
-    return (shutdown_handler,)
-
-
-# the order is an ABI with saved images: only ever append
-WATCH_SHUTDOWN = 0
-
-
-def process_events(cpu: Any) -> None:
+def process_events(cpu: NativeCpu) -> None:
     """The store port's handler (cpu0): take watch events from the ring and
     the queue and run their handlers, in order. Not between xs_suspend and
     xs_resume: the events wait in the ring."""
-    if kernel(cpu).xs_suspended:
+    if xs(cpu).suspended:
         return
     while True:
         msg = _pull(cpu)
@@ -248,7 +276,7 @@ def process_events(cpu: Any) -> None:
         rtyp, _rid, _tx, n = XSD_SOCKMSG.unpack(msg[:HDR])
         if rtyp == XsType.XS_WATCH_EVENT:
             _queue_event(cpu, msg[HDR:HDR + n])
-    base = kdata_va(cpu, XS_EVENTS_OFFSET)
+    base = AREAS["xenbus"].va(cpu) + XS_EVENTS_OFFSET
     for _ in range(4 * MAX_XS_EVENTS):  # handlers may queue more
         n = cpu.read_u64(base)
         if n == 0:
@@ -261,6 +289,12 @@ def process_events(cpu: Any) -> None:
         path, token = parts[0].decode(errors="replace"), parts[1] if len(parts) > 1 else b""
         if not token.isdigit() or int(token) >= MAX_WATCHES:
             continue
-        handler = cpu.read_u64(_watch_slot(cpu, int(token)))
-        if handler:
-            _handlers()[handler - 1](cpu, path)
+        number = cpu.read_u64(_watch_slot(cpu, int(token)))
+        if number != NO_SYMBOL:
+            callback: WatchCallback = symbol(number)  # type: ignore[assignment]
+            callback(cpu, path)
+
+
+@export
+def xenbus_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
+    process_events(cpu)

@@ -7,19 +7,31 @@ kick, so a full ring frees up after one."""
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from guestos.events import notify_remote_via_evtchn
-from guestos.kdata import kernel
-from guestos.mm import read_u32, va
+from guestos.evtchn import notify_remote_via_evtchn
+from guestos.kdata import AREAS
+from guestos.layout import Layout, Ref
+from guestos.mm import mfn_to_pfn, read_u32, va
 from hypervisor.public.io.console import OUT_CONS_OFF, OUT_OFF, OUT_PROD_OFF, XENCONS_OUT_SIZE
 from hypervisor.public.io.ring import ring_spans, ring_used
+from hypervisor.public.native import NativeCpu
+from hypervisor.public.xen import start_info
+
+XENCONS = Layout("xencons", [
+    ("pfn", "u64"),            # the console ring's page (start_info)
+    ("port", "u64"),           #   and its event channel (0: not known yet)
+])
+assert XENCONS.size <= AREAS["xencons"].size
 
 
-def hvc_write(cpu: Any, data: bytes) -> int:
+def xencons(cpu: NativeCpu) -> Ref:
+    return XENCONS.at(cpu, AREAS["xencons"].va(cpu))
+
+
+def hvc_write(cpu: NativeCpu, data: bytes) -> int:
     """Write all of ``data`` (or what a stuck console lets through): bytes sent."""
-    k = kernel(cpu)
-    ring, port = va(k.console_pfn), k.console_port
+    cons = xencons(cpu)
+    ring, port = va(cons.pfn), cons.port
     sent = 0
     stuck = 0
     while sent < len(data) and stuck < 2:
@@ -33,3 +45,11 @@ def hvc_write(cpu: Any, data: bytes) -> int:
         notify_remote_via_evtchn(cpu, port)
         stuck = stuck + 1 if room == 0 else 0
     return sent
+
+
+def xencons_init(cpu: NativeCpu, si: start_info) -> None:
+    """The console's ring and port, from start_info: at boot, and in a new
+    domain (where the restorer wrote the new ones) before anything is printed."""
+    cons = xencons(cpu)
+    cons.pfn = mfn_to_pfn(cpu, si.console.domU.mfn)
+    cons.port = si.console.domU.evtchn

@@ -314,7 +314,7 @@ def test_an_inflate_while_inhibited_is_acknowledged_set_aside_and_freed_once_aft
 def test_a_device_the_guest_left_live_is_not_saved_and_the_guest_runs_on(tmp_path,
                                                                          monkeypatch):
     from guestos.drivers import virtio_balloon
-    monkeypatch.setattr(virtio_balloon, "freeze", lambda cpu, instance: 0)
+    monkeypatch.setattr(virtio_balloon.virtballoon_pm_ops, "freeze", lambda cpu, instance: 0)
     cfg = balloon_config("run=hashchain", memory=16)
     hv, dom = boot(cfg)
     with pytest.raises(SaveError, match="live .*did not reset it"):

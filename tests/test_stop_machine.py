@@ -36,9 +36,10 @@ def run(seed: int, noisy: bool = False) -> str:
                         or nr == Hypercall.event_channel_op and args[0] == EVTCHNOP_send):
                     return
                 if not ports:
-                    from guestos.kdata import percpu
+                    from guestos.evtchn import NO_PORT, ipi_evtchn
                     view = KernelView(hv, dom)
-                    ports.extend(p for p in (percpu(view, c).ipi_port for c in range(4)) if p)
+                    ports.extend(p for p in (ipi_evtchn(view, c) for c in range(4))
+                                 if p != NO_PORT)
                     if len(ports) < 4:
                         ports.clear()
                         return

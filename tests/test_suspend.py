@@ -160,9 +160,9 @@ def test_an_event_arriving_at_every_point_changes_nothing(example, reference):
 def test_held_pgds_are_pinned_for_the_save_and_unpinned_after_it(example):
     """xen_mm_unpin_all unpins exactly the SavePinned pgds: after the suspend the
     held construction's and teardown's pgds are unpinned again."""
-    from guestos.kdata import kernel
     from guestos.mm import page_flags
     from guestos.pgd import PG_SAVEPINNED
+    from guestos.suspend import suspend_state
     from tests.kview import pgds
     seen = {}
 
@@ -172,7 +172,7 @@ def test_held_pgds_are_pinned_for_the_save_and_unpinned_after_it(example):
                 view = KernelView(hv, dom)
                 seen["after"] = pgds(view)
                 seen["savepinned"] = [p for p in pgds(view) if page_flags(view, p) & PG_SAVEPINNED]
-                seen["save_pinned"] = kernel(view).save_pinned
+                seen["save_pinned"] = suspend_state(view).save_pinned
         hv.after_hypercall = after
 
     r, _, _ = run(example, hook=look)
@@ -273,21 +273,21 @@ class PokingView(KernelView):
 
 
 def test_a_frozen_worker_does_not_run_and_runs_again_after_the_thaw():
-    from guestos.freezer import run_workqueue
-    from guestos.kdata import kernel
+    from guestos.freezer import periodic
+    from guestos.workqueue import run_workqueue, workqueue
     hv, dom = boot(make_config("run=spawner:1:1:100 worker=10", vcpus=1))
     try:
         run_domain(hv, dom, until_ns=25_000_000)
         view = PokingView(hv, dom)
-        k = kernel(view)
-        runs = k.wq_runs
+        k, wq = periodic(view), workqueue(view)
+        runs = k.runs
         assert runs >= 2  # it has been running on the tick
-        due = k.wq_next
-        k.wq_frozen = 1
+        due = k.next
+        wq.frozen = 1
         run_workqueue(view, due + 1)
-        assert k.wq_runs == runs  # frozen: it stays put
-        k.wq_frozen = 0
+        assert k.runs == runs  # frozen: it stays put
+        wq.frozen = 0
         run_workqueue(view, due + 1)
-        assert k.wq_runs == runs + 1
+        assert k.runs == runs + 1
     finally:
         hv.close()

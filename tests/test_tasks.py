@@ -120,11 +120,11 @@ def test_every_live_pgd_is_on_the_list_and_pinned_when_nothing_is_held():
 def test_an_idle_cpu_gets_its_own_timer_ticks():
     """Regression: an upcall on one cpu cleared every pending bit of the shared
     bitmap, taking other cpus' timer events, so an idle cpu never woke again."""
-    from guestos.kdata import percpu
+    from guestos.time import tick_cpu
     hv, dom = boot(make_config("run=counter:3:5000000", vcpus=2))
     try:
         run_domain(hv, dom, until_ns=45 * MS)
         view = KernelView(hv, dom)
-        assert percpu(view, 1).ticks >= 3 and percpu(view, 0).ticks >= 3
+        assert tick_cpu(view, 1).ticks >= 3 and tick_cpu(view, 0).ticks >= 3
     finally:
         hv.close()

@@ -21,7 +21,7 @@ again 200 ms later. The device serves a request as soon as it is notified
 (as the console and store backends do), so tell_host finds its buffer used
 when the notify returns; a buffer not used means the device is broken.
 
-PM (seeds 000 and 001), chosen with ``virtio_balloon.policy=``:
+PM, chosen with ``virtio_balloon.policy=``:
 
 * freeze: the worker is already frozen; with ``deflate`` the balloon is
   emptied first (Linux since 2012); then the device is reset, its interrupt
@@ -42,11 +42,11 @@ PM (seeds 000 and 001), chosen with ``virtio_balloon.policy=``:
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from guestos.events import now
+from guestos.cmdline import parse_word
 from guestos.hypercall import with_args
-from guestos.kdata import kernel
+from guestos.init import device_initcall
+from guestos.kdata import driver_data, kernel, set_driver_data
 from guestos.layout import Layout, Ref
 from guestos.mm import (
     PG_BALLOON,
@@ -57,8 +57,13 @@ from guestos.mm import (
     pfn_to_mfn,
     set_page_flags,
     va,
+    zone,
 )
+from guestos.pm import dev_pm_ops, device_register, register_syscore_ops, syscore_ops
 from guestos.printk import printk
+from guestos.symbols import export
+from guestos.time import now
+from guestos.workqueue import flush_work, queue_work, workqueue_frozen
 from hypervisor.public.errno import EIO, ENODEV
 from hypervisor.public.io.virtio import (
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
@@ -84,7 +89,8 @@ from hypervisor.public.io.virtio import (
     VIRTIO_MMIO_INT_VRING,
 )
 from hypervisor.public.memory import XENMEM_populate_physmap, xen_memory_reservation
-from hypervisor.public.xen import DOMID_SELF, Hypercall
+from hypervisor.public.native import NativeCpu
+from hypervisor.public.xen import DOMID_SELF, INVALID_MFN, Hypercall
 
 from . import virtio_mmio as vm
 from . import virtio_ring
@@ -96,7 +102,6 @@ KNOWN_FEATURES = (1 << VIRTIO_BALLOON_F_MUST_TELL_HOST | 1 << VIRTIO_BALLOON_F_S
 BATCHES_PER_RUN = 16       # requests of 256 pages the work sends per timer tick
 OUT_OF_PUFF_NS = 200_000_000
 RESERVE_PAGES = 256        # free pages the balloon leaves the kernel
-INVALID_P2M = (1 << 64) - 1
 STATS_TAGS = (VIRTIO_BALLOON_S_SWAP_IN, VIRTIO_BALLOON_S_SWAP_OUT, VIRTIO_BALLOON_S_MAJFLT,
               VIRTIO_BALLOON_S_MINFLT, VIRTIO_BALLOON_S_MEMFREE, VIRTIO_BALLOON_S_MEMTOT,
               VIRTIO_BALLOON_S_AVAIL, VIRTIO_BALLOON_S_CACHES)
@@ -121,29 +126,31 @@ VB_OFFSET = 1024
 EXTENTS_OFFSET = 1024         # in the request page: u64 pfns for populate_physmap
 
 
-def _state(cpu: Any) -> int:
-    return kernel(cpu).vballoon
+def _state(cpu: NativeCpu) -> int:
+    """The driver's state page (0: no balloon)."""
+    return driver_data(cpu, virtballoon_pm_ops)
 
 
-def _vb(cpu: Any) -> Ref:
+def _vb(cpu: NativeCpu) -> Ref:
     return VBALLOON.at(cpu, _state(cpu) + VB_OFFSET)
 
 
-def _dev(cpu: Any) -> Ref:
+def _dev(cpu: NativeCpu) -> Ref:
     return vm.dev_at(cpu, _state(cpu))
 
 
-def _vq(cpu: Any, index: int) -> Ref:
+def _vq(cpu: NativeCpu, index: int) -> Ref:
     return vm.vq_at(cpu, _state(cpu), index)
 
 
-def balloon_pages(cpu: Any) -> int:
+def balloon_pages(cpu: NativeCpu) -> int:
     return _vb(cpu).num_pages if _state(cpu) else 0
 
 
 # --- probe -------------------------------------------------------------------------------
 
-def probe_all(cpu: Any, cmdline: str) -> None:
+@device_initcall
+def virtio_balloon_init(cpu: NativeCpu, cmdline: str) -> None:
     """At boot: each virtio_mmio.device= on the command line."""
     for _size, base, port in vm.parse_devices(cmdline):
         if _state(cpu):
@@ -163,17 +170,15 @@ def probe_all(cpu: Any, cmdline: str) -> None:
         if device_id != VIRTIO_ID_BALLOON:
             printk(cpu, f"virtio-mmio at {base:#x}: device id {device_id}: no driver")
             continue
-        kernel(cpu).vballoon = state
+        set_driver_data(cpu, virtballoon_pm_ops, state)
         try:
             _probe(cpu, cmdline)
         except vm.VirtioError as e:
             printk(cpu, f"virtio_balloon: probe failed: {e}")
-            kernel(cpu).vballoon = 0
+            set_driver_data(cpu, virtballoon_pm_ops, 0)
 
 
-def _probe(cpu: Any, cmdline: str) -> None:
-    from guestos import pm
-    from guestos.boot import parse_word
+def _probe(cpu: NativeCpu, cmdline: str) -> None:
     dev, vb = _dev(cpu), _vb(cpu)
     policy = parse_word(cmdline, "virtio_balloon.policy", "deflate")
     if policy not in POLICIES:
@@ -186,9 +191,10 @@ def _probe(cpu: Any, cmdline: str) -> None:
     vm.negotiate(cpu, dev, KNOWN_FEATURES)
     _init_vqs(cpu)
     vm.device_ready(cpu, dev)
-    vm.enable_irq(cpu, dev)
+    vm.request_irq(cpu, dev, balloon_interrupt)
     dev.config_enabled = 1
-    pm.device_register(cpu, pm.DRV_VIRTIO_BALLOON)
+    device_register(cpu, virtballoon_pm_ops)
+    register_syscore_ops(cpu, virtballoon_syscore_ops)
     printk(cpu, f"virtio_balloon: device at {dev.base:#x}, event channel {dev.port}, "
            f"features {dev.features:#x}, policy {policy}"
            + (" (option balloonbug=leak: the 2012 discard bug)" if vb.leak_bug else ""))
@@ -196,7 +202,7 @@ def _probe(cpu: Any, cmdline: str) -> None:
         virtballoon_changed(cpu)
 
 
-def _init_vqs(cpu: Any) -> None:
+def _init_vqs(cpu: NativeCpu) -> None:
     """The queues, numbered by offered position, and the first stats buffer
     made available and kicked, before DRIVER_OK, as Linux's init_vqs does
     (the device holds the kick until DRIVER_OK)."""
@@ -209,7 +215,7 @@ def _init_vqs(cpu: Any) -> None:
         _add_stats_buffer(cpu)
 
 
-def _del_vqs(cpu: Any) -> None:
+def _del_vqs(cpu: NativeCpu) -> None:
     dev = _dev(cpu)
     for i in (VIRTIO_BALLOON_VQ_INFLATE, VIRTIO_BALLOON_VQ_DEFLATE, VIRTIO_BALLOON_VQ_STATS):
         vm.del_vq(cpu, dev, _vq(cpu, i))
@@ -217,17 +223,17 @@ def _del_vqs(cpu: Any) -> None:
 
 # --- the target -----------------------------------------------------------------------------
 
-def towards_target(cpu: Any) -> int:
+def towards_target(cpu: NativeCpu) -> int:
     """Pages to add to the balloon (negative: to take out)."""
     target = vm.config_read(cpu, _dev(cpu), VIRTIO_BALLOON_CFG_NUM_PAGES)
     return target - _vb(cpu).num_pages
 
 
-def update_balloon_size(cpu: Any) -> None:
+def update_balloon_size(cpu: NativeCpu) -> None:
     vm.config_write(cpu, _dev(cpu), VIRTIO_BALLOON_CFG_ACTUAL, _vb(cpu).num_pages)
 
 
-def virtballoon_changed(cpu: Any) -> None:
+def virtballoon_changed(cpu: NativeCpu) -> None:
     """The config changed (or probe found a target): queue the work, unless
     config changes are held back (frozen)."""
     dev = _dev(cpu)
@@ -237,27 +243,28 @@ def virtballoon_changed(cpu: Any) -> None:
     vb = _vb(cpu)
     vb.work_queued = 1
     vb.retry_at = 0  # a new target is worth trying at once, out of puff or not
+    queue_work(cpu, update_balloon_size_func)
 
 
-def _accounts_ram(cpu: Any) -> bool:
+def _accounts_ram(cpu: NativeCpu) -> bool:
     """Without DEFLATE_ON_OOM, ballooned pages leave the RAM count
     (adjust_managed_page_count)."""
     return not vm.has_feature(_dev(cpu), VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
 
 
-def _adjust_ram(cpu: Any, delta: int) -> None:
+def _adjust_ram(cpu: NativeCpu, delta: int) -> None:
     if _accounts_ram(cpu):
-        k = kernel(cpu)
-        k.totalram_pages = k.totalram_pages + delta
+        z = zone(cpu)
+        z.totalram_pages = z.totalram_pages + delta
 
 
 # --- requests ------------------------------------------------------------------------------
 
-def _put_frames(cpu: Any, mfns: list[int]) -> None:
+def _put_frames(cpu: NativeCpu, mfns: list[int]) -> None:
     cpu.write(va(_vb(cpu).pfns), struct.pack(f"<{len(mfns)}I", *mfns))
 
 
-def tell_host(cpu: Any, index: int, n: int) -> bool:
+def tell_host(cpu: NativeCpu, index: int, n: int) -> bool:
     """Send the request page's first n frame numbers on queue ``index`` and
     see it used."""
     dev, vq = _dev(cpu), _vq(cpu, index)
@@ -275,7 +282,7 @@ def tell_host(cpu: Any, index: int, n: int) -> bool:
     return False
 
 
-def fill_balloon(cpu: Any, num: int) -> int:
+def fill_balloon(cpu: NativeCpu, num: int) -> int:
     """Give up to ``num`` (at most 256) pages to the host; returns how many."""
     vb = _vb(cpu)
     num = min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX, max(0, nr_free_pages(cpu) - RESERVE_PAGES))
@@ -290,7 +297,7 @@ def fill_balloon(cpu: Any, num: int) -> int:
     mfns = [pfn_to_mfn(cpu, pfn) for pfn in pfns]
     for pfn in pfns:
         set_page_flags(cpu, pfn, set_=PG_BALLOON)
-        cpu.write_u64(k.mfn_list + 8 * pfn, INVALID_P2M)
+        cpu.write_u64(k.mfn_list + 8 * pfn, INVALID_MFN)
         cpu.hypercall(Hypercall.update_va_mapping, va(pfn), 0, 0)
     _put_frames(cpu, mfns)
     vb.num_pages = vb.num_pages + num
@@ -302,7 +309,7 @@ def fill_balloon(cpu: Any, num: int) -> int:
     return num
 
 
-def _give_back(cpu: Any, pfns: list[int], mfns: list[int]) -> None:
+def _give_back(cpu: NativeCpu, pfns: list[int], mfns: list[int]) -> None:
     """Pages out of the balloon onto frames we hold: map, unmark, free."""
     k, vb = kernel(cpu), _vb(cpu)
     for pfn, mfn in zip(pfns, mfns, strict=True):
@@ -314,10 +321,10 @@ def _give_back(cpu: Any, pfns: list[int], mfns: list[int]) -> None:
     _adjust_ram(cpu, len(pfns))
 
 
-def _ballooned(cpu: Any, num: int) -> list[int]:
+def _ballooned(cpu: NativeCpu, num: int) -> list[int]:
     """The first ``num`` pfns of the balloon list (PG_BALLOON in mem_map)."""
     k = kernel(cpu)
-    flags = cpu.read(k.mem_map, k.nr_pages).translate(_BALLOON_BYTES)
+    flags = cpu.read(zone(cpu).mem_map, k.nr_pages).translate(_BALLOON_BYTES)
     out: list[int] = []
     pos = flags.find(1)
     while pos >= 0 and len(out) < num:
@@ -329,7 +336,7 @@ def _ballooned(cpu: Any, num: int) -> list[int]:
 _BALLOON_BYTES = bytes(1 if b & PG_BALLOON else 0 for b in range(256))
 
 
-def _populate(cpu: Any, pfns: list[int]) -> list[int]:
+def _populate(cpu: NativeCpu, pfns: list[int]) -> list[int]:
     """XENMEM_populate_physmap: a fresh zeroed frame for each pfn (as many as
     the reservation allows); returns their mfns, and sets the p2m."""
     k = kernel(cpu)
@@ -346,7 +353,7 @@ def _populate(cpu: Any, pfns: list[int]) -> list[int]:
     return mfns
 
 
-def leak_balloon(cpu: Any, num: int) -> int:
+def leak_balloon(cpu: NativeCpu, num: int) -> int:
     """Take up to ``num`` (at most 256) pages back; returns how many."""
     vb = _vb(cpu)
     pfns = _ballooned(cpu, min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX, vb.num_pages))
@@ -370,15 +377,21 @@ def leak_balloon(cpu: Any, num: int) -> int:
 
 # --- the work --------------------------------------------------------------------------------
 
-def run_work(cpu: Any) -> None:
-    """From cpu0's timer tick, while freezable workers run."""
-    if not _state(cpu) or not _dev(cpu).irq_enabled:
+@export
+def update_balloon_size_func(cpu: NativeCpu, t_now: int) -> None:
+    """The work (on the freezable workqueue): queued again until the balloon
+    meets its target and the stats are refilled."""
+    if not _state(cpu):
         return
     vb = _vb(cpu)
+    if vb.work_queued or vb.stats_pending:
+        queue_work(cpu, update_balloon_size_func)
+    if not _dev(cpu).irq_enabled:
+        return
     if vb.stats_pending:
         vb.stats_pending = 0
         stats_handle_request(cpu)
-    if not vb.work_queued or now(cpu) < vb.retry_at:
+    if not vb.work_queued or t_now < vb.retry_at:
         return
     for _ in range(BATCHES_PER_RUN):
         diff = towards_target(cpu)
@@ -394,16 +407,15 @@ def run_work(cpu: Any) -> None:
     if towards_target(cpu) == 0:
         vb.work_queued = 0
         printk(cpu, f"virtio_balloon: balloon at its target: {vb.num_pages} pages "
-               f"({kernel(cpu).totalram_pages} pages of RAM, {nr_free_pages(cpu)} free)")
+               f"({zone(cpu).totalram_pages} pages of RAM, {nr_free_pages(cpu)} free)")
 
 
 # --- statistics ------------------------------------------------------------------------------
 
-def _add_stats_buffer(cpu: Any) -> None:
-    k = kernel(cpu)
+def _add_stats_buffer(cpu: NativeCpu) -> None:
     free = nr_free_pages(cpu) * 4096
     values = {VIRTIO_BALLOON_S_MEMFREE: free, VIRTIO_BALLOON_S_AVAIL: free,
-              VIRTIO_BALLOON_S_MEMTOT: k.totalram_pages * 4096}
+              VIRTIO_BALLOON_S_MEMTOT: zone(cpu).totalram_pages * 4096}
     data = b"".join(VIRTIO_BALLOON_STAT.pack(tag, values.get(tag, 0)) for tag in STATS_TAGS)
     vb = _vb(cpu)
     cpu.write(va(vb.stats), data)
@@ -413,7 +425,7 @@ def _add_stats_buffer(cpu: Any) -> None:
         vm.notify(cpu, _dev(cpu), vq)
 
 
-def stats_handle_request(cpu: Any) -> None:
+def stats_handle_request(cpu: NativeCpu) -> None:
     """The host used the stats buffer: take it back, refill it, give it again."""
     vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
     if virtio_ring.get_buf(cpu, vq) is None:
@@ -425,13 +437,12 @@ def stats_handle_request(cpu: Any) -> None:
 
 # --- the interrupt ---------------------------------------------------------------------------
 
-def balloon_interrupt(cpu: Any, port: int) -> None:
+@export
+def balloon_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
     """vm_interrupt for the balloon's port. After a freeze the device is
     reset and its queues gone: an event that was already pending, or that
     raced the reset, finds irq_enabled 0 and is only counted."""
     dev = _dev(cpu)
-    if port != dev.port:
-        return
     if not dev.irq_enabled or not dev.regs:
         dev.spurious = dev.spurious + 1
         return
@@ -443,16 +454,16 @@ def balloon_interrupt(cpu: Any, port: int) -> None:
         vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
         if vq.present:
             _vb(cpu).stats_pending = 1  # the work refills it (stats_request)
-    if not kernel(cpu).wq_frozen:
-        run_work(cpu)  # queue_work: the work runs now, and then on each tick until done
+            queue_work(cpu, update_balloon_size_func)
+    flush_work(cpu, update_balloon_size_func, now(cpu))
 
 
 # --- PM ----------------------------------------------------------------------------------------
 
-def freeze(cpu: Any, instance: int) -> int:
+def virtballoon_freeze(cpu: NativeCpu, instance: int) -> int:
     """virtio_device_freeze + virtballoon_freeze."""
-    k, dev, vb = kernel(cpu), _dev(cpu), _vb(cpu)
-    if not k.wq_frozen:
+    dev, vb = _dev(cpu), _vb(cpu)
+    if not workqueue_frozen(cpu):
         printk(cpu, "virtio_balloon: freeze with the worker still running")
     dev.config_enabled = 0
     if vb.policy == POLICY_DEFLATE:
@@ -470,7 +481,7 @@ def freeze(cpu: Any, instance: int) -> int:
     return 0
 
 
-def _restore_common(cpu: Any) -> int:
+def _restore_common(cpu: NativeCpu) -> int:
     """virtio_device_restore + the driver's restore: set the device up again."""
     dev = _dev(cpu)
     if not dev.regs:
@@ -492,14 +503,14 @@ def _restore_common(cpu: Any) -> int:
     return 0
 
 
-def thaw(cpu: Any, instance: int) -> int:
+def virtballoon_thaw(cpu: NativeCpu, instance: int) -> int:
     rc = _restore_common(cpu)
     if rc == 0:
         printk(cpu, f"virtio_balloon: thawed: {_vb(cpu).num_pages} pages in the balloon")
     return rc
 
 
-def restore(cpu: Any, instance: int) -> int:
+def virtballoon_restore(cpu: NativeCpu, instance: int) -> int:
     vb = _vb(cpu)
     if vb.policy == POLICY_DISCARD and vb.num_pages:
         _discard(cpu)
@@ -510,7 +521,7 @@ def restore(cpu: Any, instance: int) -> int:
     return rc
 
 
-def _discard(cpu: Any) -> None:
+def _discard(cpu: NativeCpu) -> None:
     """The host has forgotten the balloon: forget its pages, give them back to
     the RAM count, num_pages = 0. Done right, each page gets a frame again and
     goes back to the allocator; with balloonbug=leak only the counters move."""
@@ -537,16 +548,25 @@ def _discard(cpu: Any) -> None:
               "(fresh frames, back to the allocator)"))
 
 
+virtballoon_pm_ops = export(dev_pm_ops(
+    "virtio_balloon", freeze=virtballoon_freeze, thaw=virtballoon_thaw,
+    restore=virtballoon_restore), "guestos.drivers.virtio_balloon.virtballoon_pm_ops")
+
+
 # --- suspend: the register mapping ---------------------------------------------------------
 
-def pre_suspend(cpu: Any) -> None:
-    if _state(cpu):
-        vm.iounmap(cpu, _dev(cpu))
+def virtballoon_iounmap(cpu: NativeCpu) -> None:
+    """Inside xen_suspend: device memory has no pfn, so no pagetable may map
+    it when the tools canonicalise them."""
+    vm.iounmap(cpu, _dev(cpu))
 
 
-def post_suspend(cpu: Any) -> None:
-    if _state(cpu):
-        try:
-            vm.ioremap(cpu, _dev(cpu))
-        except vm.VirtioError as e:
-            printk(cpu, str(e))
+def virtballoon_ioremap(cpu: NativeCpu) -> None:
+    try:
+        vm.ioremap(cpu, _dev(cpu))
+    except vm.VirtioError as e:
+        printk(cpu, str(e))
+
+
+virtballoon_syscore_ops = export(syscore_ops(virtballoon_iounmap, virtballoon_ioremap),
+                                 "guestos.drivers.virtio_balloon.virtballoon_syscore_ops")

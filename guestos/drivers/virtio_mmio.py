@@ -19,9 +19,8 @@ start of the driver's state page (guest memory, like all kernel state).
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from guestos.events import mask_port, take_port
+from guestos.evtchn import IrqHandler, bind_evtchn_to_irqhandler, mask_evtchn, rebind_evtchn_irq
 from guestos.layout import Layout, Ref
 from guestos.mm import PTE_RW, alloc_pages, pfn_to_mfn, va
 from guestos.printk import printk
@@ -58,6 +57,7 @@ from hypervisor.public.io.virtio import (
     VIRTIO_MMIO_VERSION,
     VIRTIO_MMIO_VERSION_2,
 )
+from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import Hypercall
 
 from . import virtio_ring
@@ -68,6 +68,7 @@ VIRTIO_DEV = Layout("virtio_dev", [
     ("regs", "u64"),          # where the kernel maps it (0: not mapped)
     ("regs_pfn", "u64"),      # the linear-map page whose slot the mapping takes
     ("port", "u64"),          # the event channel of its interrupt
+    ("irq", "u64"),           #   and the irq it is bound to
     ("device_id", "u64"),
     ("features", "u64"),      # negotiated
     ("irq_enabled", "u64"),   # 0: the handler leaves the device alone (frozen, reset)
@@ -107,17 +108,17 @@ def parse_devices(cmdline: str) -> list[tuple[int, int, int]]:
     return out
 
 
-def dev_at(cpu: Any, state_va: int) -> Ref:
+def dev_at(cpu: NativeCpu, state_va: int) -> Ref:
     return VIRTIO_DEV.at(cpu, state_va)
 
 
-def vq_at(cpu: Any, state_va: int, index: int) -> Ref:
+def vq_at(cpu: NativeCpu, state_va: int, index: int) -> Ref:
     return virtio_ring.VQ.at(cpu, state_va + VQ_OFFSET + index * VQ_STRIDE)
 
 
 # --- the register page ------------------------------------------------------------------
 
-def ioremap(cpu: Any, dev: Ref) -> None:
+def ioremap(cpu: NativeCpu, dev: Ref) -> None:
     if not dev.regs_pfn:
         dev.regs_pfn = alloc_pages(cpu)
     rc = cpu.hypercall(Hypercall.update_va_mapping, va(dev.regs_pfn), dev.base | PTE_RW, 0)
@@ -127,7 +128,7 @@ def ioremap(cpu: Any, dev: Ref) -> None:
     dev.regs = va(dev.regs_pfn)
 
 
-def iounmap(cpu: Any, dev: Ref) -> None:
+def iounmap(cpu: NativeCpu, dev: Ref) -> None:
     """Give the page its own frame back (the mapping of device memory goes)."""
     if not dev.regs:
         return
@@ -136,16 +137,17 @@ def iounmap(cpu: Any, dev: Ref) -> None:
     dev.regs = 0
 
 
-def readl(cpu: Any, dev: Ref, off: int) -> int:
+def readl(cpu: NativeCpu, dev: Ref, off: int) -> int:
     return cpu.readl(dev.regs + off)
 
 
-def writel(cpu: Any, dev: Ref, off: int, value: int) -> None:
+def writel(cpu: NativeCpu, dev: Ref, off: int, value: int) -> None:
     cpu.writel(dev.regs + off, value)
 
 
-def config_read(cpu: Any, dev: Ref, off: int, size: int = 4) -> int:
-    """A config field, read until the generation holds still (section 2.5.1)."""
+def config_read(cpu: NativeCpu, dev: Ref, off: int, size: int = 4) -> int:
+    """A config field, read until the generation holds still: the device may
+    change the config between two reads of a field wider than one access."""
     while True:
         before = readl(cpu, dev, VIRTIO_MMIO_CONFIG_GENERATION)
         value = cpu.readl(dev.regs + VIRTIO_MMIO_CONFIG + off, size)
@@ -153,27 +155,27 @@ def config_read(cpu: Any, dev: Ref, off: int, size: int = 4) -> int:
             return value
 
 
-def config_write(cpu: Any, dev: Ref, off: int, value: int, size: int = 4) -> None:
+def config_write(cpu: NativeCpu, dev: Ref, off: int, value: int, size: int = 4) -> None:
     cpu.writel(dev.regs + VIRTIO_MMIO_CONFIG + off, value, size)
 
 
 # --- status and features ----------------------------------------------------------------
 
-def get_status(cpu: Any, dev: Ref) -> int:
+def get_status(cpu: NativeCpu, dev: Ref) -> int:
     return readl(cpu, dev, VIRTIO_MMIO_STATUS) & 0xFF
 
 
-def add_status(cpu: Any, dev: Ref, bits: int) -> None:
+def add_status(cpu: NativeCpu, dev: Ref, bits: int) -> None:
     writel(cpu, dev, VIRTIO_MMIO_STATUS, get_status(cpu, dev) | bits)
 
 
-def reset(cpu: Any, dev: Ref) -> None:
+def reset(cpu: NativeCpu, dev: Ref) -> None:
     """vm_reset: status 0. The device stops using every queue and clears its
     interrupt status; from here on it touches no ring."""
     writel(cpu, dev, VIRTIO_MMIO_STATUS, 0)
 
 
-def probe_regs(cpu: Any, dev: Ref) -> int:
+def probe_regs(cpu: NativeCpu, dev: Ref) -> int:
     """virtio_mmio_probe: magic and version; returns the device id (0: none)."""
     magic = readl(cpu, dev, VIRTIO_MMIO_MAGIC_VALUE)
     if magic != VIRTIO_MMIO_MAGIC:
@@ -185,7 +187,7 @@ def probe_regs(cpu: Any, dev: Ref) -> int:
     return dev.device_id
 
 
-def negotiate(cpu: Any, dev: Ref, known: int) -> int:
+def negotiate(cpu: NativeCpu, dev: Ref, known: int) -> int:
     """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK read back (Linux's
     virtio_dev_probe / virtio_device_restore_priv). Returns the features, or
     raises VirtioError with the device left FAILED."""
@@ -212,7 +214,7 @@ def negotiate(cpu: Any, dev: Ref, known: int) -> int:
     return features
 
 
-def device_ready(cpu: Any, dev: Ref) -> None:
+def device_ready(cpu: NativeCpu, dev: Ref) -> None:
     add_status(cpu, dev, VIRTIO_CONFIG_S_DRIVER_OK)
 
 
@@ -222,7 +224,7 @@ def has_feature(dev: Ref, bit: int) -> bool:
 
 # --- queues -----------------------------------------------------------------------------
 
-def setup_vq(cpu: Any, dev: Ref, vq: Ref, index: int) -> None:
+def setup_vq(cpu: NativeCpu, dev: Ref, vq: Ref, index: int) -> None:
     """vm_setup_vq: select, check it is free and exists, give it its rings."""
     writel(cpu, dev, VIRTIO_MMIO_QUEUE_SEL, index)
     if readl(cpu, dev, VIRTIO_MMIO_QUEUE_READY):
@@ -242,7 +244,7 @@ def setup_vq(cpu: Any, dev: Ref, vq: Ref, index: int) -> None:
     writel(cpu, dev, VIRTIO_MMIO_QUEUE_READY, 1)
 
 
-def del_vq(cpu: Any, dev: Ref, vq: Ref) -> None:
+def del_vq(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
     """vm_del_vq: stop the queue, then free its rings (after a reset the
     device no longer touches them)."""
     if not vq.present:
@@ -254,26 +256,34 @@ def del_vq(cpu: Any, dev: Ref, vq: Ref) -> None:
     virtio_ring.vring_del(cpu, vq)
 
 
-def notify(cpu: Any, dev: Ref, vq: Ref) -> None:
+def notify(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
     writel(cpu, dev, VIRTIO_MMIO_QUEUE_NOTIFY, vq.index)
 
 
 # --- the interrupt ----------------------------------------------------------------------
 
-def enable_irq(cpu: Any, dev: Ref) -> None:
+def request_irq(cpu: NativeCpu, dev: Ref, handler: IrqHandler) -> None:
+    """At probe: the device's port runs ``handler`` on cpu0, with the
+    driver's state page as dev_id."""
+    dev.irq = bind_evtchn_to_irqhandler(cpu, dev.port, handler, dev_id=dev.va)
     dev.irq_enabled = 1
-    take_port(cpu, dev.port, 0)
 
 
-def disable_irq(cpu: Any, dev: Ref) -> None:
+def enable_irq(cpu: NativeCpu, dev: Ref) -> None:
+    """Again after a freeze; in a new domain the irq gets its port back."""
+    dev.irq_enabled = 1
+    rebind_evtchn_irq(cpu, dev.port, dev.irq)
+
+
+def disable_irq(cpu: NativeCpu, dev: Ref) -> None:
     """Mask the port and let the handler ignore the device. No handler can be
     half way through: a handler is one native call, which runs to its end
     before any other VCPU runs (what synchronize_irq waits for in Linux)."""
-    mask_port(cpu, dev.port)
+    mask_evtchn(cpu, dev.port)
     dev.irq_enabled = 0
 
 
-def ack_interrupt(cpu: Any, dev: Ref) -> int:
+def ack_interrupt(cpu: NativeCpu, dev: Ref) -> int:
     """vm_interrupt's first half: read InterruptStatus and acknowledge it
     before handling, so that a new event is not lost."""
     status = readl(cpu, dev, VIRTIO_MMIO_INTERRUPT_STATUS)

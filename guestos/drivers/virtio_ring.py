@@ -12,7 +12,6 @@ used ring has been read) is a VQ struct in the driver's state page.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from guestos.layout import Layout, Ref
 from guestos.mm import PAGE_SIZE, alloc_pages, free_page, pfn_to_mfn, va
@@ -24,6 +23,7 @@ from hypervisor.public.io.virtio import (
     VRING_RING_OFF,
     VRING_USED_ELEM,
 )
+from hypervisor.public.native import NativeCpu
 
 VQ = Layout("virtqueue", [
     ("present", "u64"),    # 1 while the queue exists (find_vqs .. del_vqs)
@@ -41,7 +41,7 @@ MAX_QUEUE_SIZE = PAGE_SIZE // VRING_DESC.size  # the descriptor table in one pag
 _U16 = struct.Struct("<H")
 
 
-def vring_new(cpu: Any, vq: Ref, index: int, num: int) -> None:
+def vring_new(cpu: NativeCpu, vq: Ref, index: int, num: int) -> None:
     """Zeroed areas for a queue of ``num`` entries, every descriptor free."""
     vq.index, vq.num = index, num
     vq.desc, vq.avail, vq.used = alloc_pages(cpu), alloc_pages(cpu), alloc_pages(cpu)
@@ -54,7 +54,7 @@ def vring_new(cpu: Any, vq: Ref, index: int, num: int) -> None:
     vq.present = 1
 
 
-def vring_del(cpu: Any, vq: Ref) -> None:
+def vring_del(cpu: NativeCpu, vq: Ref) -> None:
     """Free the areas: only once the device can no longer touch them (reset)."""
     if not vq.present:
         return
@@ -63,16 +63,16 @@ def vring_del(cpu: Any, vq: Ref) -> None:
         free_page(cpu, pfn)
 
 
-def bus_addr(cpu: Any, pfn: int, offset: int = 0) -> int:
+def bus_addr(cpu: NativeCpu, pfn: int, offset: int = 0) -> int:
     """A page's address for the device: its machine address (PV DMA)."""
     return (pfn_to_mfn(cpu, pfn) << 12) + offset
 
 
-def area_addrs(cpu: Any, vq: Ref) -> tuple[int, int, int]:
+def area_addrs(cpu: NativeCpu, vq: Ref) -> tuple[int, int, int]:
     return bus_addr(cpu, vq.desc), bus_addr(cpu, vq.avail), bus_addr(cpu, vq.used)
 
 
-def add_buf(cpu: Any, vq: Ref, addr: int, length: int, writable: bool) -> int:
+def add_buf(cpu: NativeCpu, vq: Ref, addr: int, length: int, writable: bool) -> int:
     """Make one buffer available (virtqueue_add_outbuf/inbuf); returns its
     descriptor, or -1 if the queue is full. The caller kicks."""
     if not vq.present or vq.num_free == 0:
@@ -90,7 +90,7 @@ def add_buf(cpu: Any, vq: Ref, addr: int, length: int, writable: bool) -> int:
     return head
 
 
-def get_buf(cpu: Any, vq: Ref) -> tuple[int, int] | None:
+def get_buf(cpu: NativeCpu, vq: Ref) -> tuple[int, int] | None:
     """The next used buffer (descriptor, length written), its descriptor
     freed; None if the device has used nothing new."""
     if not vq.present:

@@ -1,0 +1,58 @@
+"""The event upcall and its way out (Linux's xen_hypervisor_callback and the
+return path of kernel/entry/common.c): run the handlers of the pending
+events, then go back to what the event interrupted, unless something else
+wants this cpu: a kernel context of its own (stop_machine's stopper, the
+xenwatch worker), or the scheduler (a user task whose time is up, or the
+idle loop with a task now runnable)."""
+
+from __future__ import annotations
+
+from guestos import manage, stop_machine
+from guestos.evtchn import xen_evtchn_do_upcall
+from guestos.frame import read_bounce, return_from_bounce
+from guestos.idle import cpu_idle
+from guestos.printk import printk
+from guestos.task import (
+    NO_TASK,
+    RUNNABLE,
+    cpu_rq,
+    current,
+    pick_next,
+    preempt_current,
+    save_user_context,
+    schedule,
+)
+from hypervisor.public.native import NativeCpu, TailCall
+
+
+def hypervisor_callback(cpu: NativeCpu) -> TailCall:
+    """The event upcall (a native entry; events are masked while it runs)."""
+    xen_evtchn_do_upcall(cpu)
+    return irqentry_exit(cpu)
+
+
+def irqentry_exit(cpu: NativeCpu) -> TailCall:
+    frame = read_bounce(cpu)
+    rip, cs = frame[2], frame[3]
+    user = cs & 3 == 3  # Xen clears the RPL of a kernel-mode frame
+    idle = rip == cpu.native_addr(cpu_idle)
+    stop = (user or idle) and stop_machine.wanted(cpu)
+    if stop or ((user or idle) and manage.worker_wanted(cpu)):
+        # a kernel context of its own takes this cpu: keep the task it interrupted
+        t = current(cpu)
+        if user and t is not None:
+            save_user_context(cpu, t, frame)
+            t.state = RUNNABLE
+            cpu_rq(cpu).current = NO_TASK
+        return stop_machine.enter(cpu) if stop else manage.xenwatch(cpu)
+    if user:
+        if cpu_rq(cpu).need_resched and current(cpu) is not None:
+            return preempt_current(cpu, frame)
+    elif idle and pick_next(cpu) is not None:
+        return schedule(cpu)
+    return return_from_bounce(cpu)
+
+
+def failsafe_callback(cpu: NativeCpu) -> TailCall:
+    printk(cpu, "failsafe callback: a bad segment on return to the guest")
+    return return_from_bounce(cpu)

@@ -6,15 +6,16 @@ handlers first. The handler records into ``SEEN`` and powers off."""
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 from typing import Any
 
-from hypervisor.public.native import TailCall, pvlab_image_header
+from hypervisor.public.native import VIRT_BASE, TailCall, pvlab_image_header
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
 from hypervisor.public.xen import Hypercall
 
-VIRT_BASE = 0xFFFFFFFF80000000
+HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 CODE = b"\x0f\x0b"  # ud2
 REGISTER = True
 SKIP_GP = 0  # #GPs to step over (handler returns past a 3-byte instruction)
@@ -22,7 +23,7 @@ SEEN: dict[str, int] = {}
 
 
 def _data(cpu: Any) -> int:
-    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, 72)).kernel_data
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE)).kernel_data
 
 
 def start(cpu: Any) -> int:

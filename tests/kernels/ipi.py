@@ -15,7 +15,7 @@ from typing import Any
 
 from hypervisor.public.arch_x86 import VGCF_in_kernel, vcpu_guest_context
 from hypervisor.public.event_channel import EVTCHNOP_bind_ipi, EVTCHNOP_send, EVTCHNOP_unmask
-from hypervisor.public.native import TailCall, pvlab_image_header
+from hypervisor.public.native import VIRT_BASE, TailCall, pvlab_image_header
 from hypervisor.public.sched import (
     SCHEDOP_block,
     SCHEDOP_shutdown,
@@ -25,14 +25,14 @@ from hypervisor.public.sched import (
 from hypervisor.public.vcpu import VCPUOP_initialise, VCPUOP_up
 from hypervisor.public.xen import Hypercall, start_info
 
-VIRT_BASE = 0xFFFFFFFF80000000
+HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 MASKED = False
 LOG: list[str] = []
 SHINFO_MASK = 2560
 
 
 def _data(cpu: Any) -> int:
-    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, 72)).kernel_data
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE)).kernel_data
 
 
 def _evtchn(cpu: Any, cmd: int, fmt: str, *vals: int) -> tuple[int, tuple[int, ...]]:

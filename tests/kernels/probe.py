@@ -6,22 +6,23 @@ domain (the x86 path is tested by firmware/tests guests)."""
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 from typing import Any
 
-from hypervisor.public.native import TailCall, pvlab_image_header
+from hypervisor.public.native import VIRT_BASE, TailCall, pvlab_image_header
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
 from hypervisor.public.xen import Hypercall
 
+HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 PROBE: Callable[[Any], object] | None = None
 RESULT: list[object] = []
-VIRT_BASE = 0xFFFFFFFF80000000
 
 
 def scratch(cpu: Any) -> int:
     """A free spot for argument structs: the image's kernel_data area."""
-    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, 72)).kernel_data
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE)).kernel_data
 
 
 def start(cpu: Any) -> TailCall:

@@ -1,16 +1,29 @@
-"""Shared fixtures: booting domains from small configurations."""
+"""Shared fixtures: small configurations, booted machines that are always
+closed, the suite's extra seed, and the environment of a child process."""
 
 from __future__ import annotations
 
+import datetime
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.session import boot
+
+if TYPE_CHECKING:
+    from hypervisor.core import Hypervisor
+    from hypervisor.domain import Domain
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 GUEST_IMAGE = FIRMWARE / "guest.elf"
+
+Boot = Callable[..., "tuple[Hypervisor, Domain]"]
 
 
 def make_config(cmdline: str = "run=hello", vcpus: int = 1, memory: int = 16,
@@ -22,3 +35,72 @@ def make_config(cmdline: str = "run=hello", vcpus: int = 1, memory: int = 16,
 @pytest.fixture
 def config_factory():
     return make_config
+
+
+# --- booted machines ---------------------------------------------------------------------
+
+@contextmanager
+def booting() -> Iterator[Boot]:
+    """Give a function that boots a machine as ``session.boot(cfg, ...)`` does
+    (no config: make_config()'s) and returns (hv, dom); every machine it made
+    is closed when the block ends, however it ends. For fixtures of a wider
+    scope and for helpers that boot once per hypothesis example; a test takes
+    the ``booted`` fixture instead."""
+    machines: list[Hypervisor] = []
+
+    def boot_one(cfg: DomainConfig | None = None, **kwargs) -> tuple[Hypervisor, Domain]:
+        hv, dom = boot(make_config() if cfg is None else cfg, **kwargs)
+        machines.append(hv)
+        return hv, dom
+
+    try:
+        yield boot_one
+    finally:
+        for hv in reversed(machines):
+            hv.close()
+
+
+@pytest.fixture
+def booted() -> Iterator[Boot]:
+    """``booted(cfg, seed=..., clock=...)`` boots a machine and returns (hv, dom);
+    the test's machines are all closed at teardown."""
+    with booting() as boot_one:
+        yield boot_one
+
+
+# --- the extra seed ------------------------------------------------------------------------
+
+SEED_VARIABLE = "PVLAB_TEST_SEED"
+
+
+def extra_seed() -> int:
+    """The seed some tests add to their fixed ones, so that runs on different
+    days explore different schedules and frames: $PVLAB_TEST_SEED if set, else
+    one drawn from today's date (UTC). Test ids name it "extra", never its
+    value, so every process of a parallel run collects the same tests."""
+    if os.environ.get(SEED_VARIABLE):
+        return int(os.environ[SEED_VARIABLE])
+    today = datetime.datetime.now(datetime.UTC).date()
+    return 1000 + today.toordinal() * 7919 % 99000
+
+
+EXTRA_SEED = extra_seed()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # worker processes and child processes inherit the seed drawn here
+    os.environ[SEED_VARIABLE] = str(EXTRA_SEED)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"pvlab: extra seed {EXTRA_SEED} (repeat a run with {SEED_VARIABLE}={EXTRA_SEED})"
+
+
+# --- child processes -------------------------------------------------------------------------
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a Python child process that must run this
+    checkout's code (a restore "in a fresh process", the demo, the CLI): the
+    checkout first on PYTHONPATH, ahead of any installed copy of the packages."""
+    path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **extra}

@@ -1,7 +1,8 @@
-"""The two clocks (DESIGN.md section 2): with the deterministic clock the same
-seed gives the same run bit for bit, across VCPUs and domains; another seed
-moves the guest to other machine frames but not its results; the fast clock
-gives the same results too."""
+"""The two clocks: with the deterministic clock (a slice is a fixed number of
+instructions, an instruction one nanosecond) the same seed gives the same run
+bit for bit, across VCPUs and domains; another seed moves the guest to other
+machine frames but not its results; the fast clock (host time) gives the same
+results too."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from hypervisor.core import Hypervisor
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.config import load_config
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import ROOT, make_config
 from tests.reference import hashchain_line
 
@@ -61,28 +62,24 @@ def test_fast_clock_same_results():
     assert hashchain_line(4, 8).encode() in fast[0][0]
 
 
-def test_pfn_to_mfn_is_shuffled_and_seeded():
+def test_pfn_to_mfn_is_shuffled_and_seeded(booted):
     def p2m(seed):
-        hv, dom = boot(make_config(seed=seed))
-        frames = list(dom.p2m_frames)
-        hv.close()
-        return frames
+        hv, dom = booted(make_config(seed=seed))
+        return list(dom.p2m_frames)
     a, b = p2m(1), p2m(2)
     assert a == p2m(1) and a != b
     assert a != sorted(a)
 
 
 @pytest.mark.slow
-def test_smp_example_digest_is_the_reference_and_runs_20ms():
+def test_smp_example_digest_is_the_reference_and_runs_20ms(booted):
     cfg = load_config(ROOT / "examples/smp.toml")
     outs = []
     for seed in (cfg.seed, cfg.seed + 1):
-        hv, dom = boot(cfg, seed=seed)
-        r = run_domain(hv, dom)
+        r = run_domain(*booted(cfg, seed=seed))
         assert r.reason == "poweroff"
         assert r.virtual_ns >= 20_000_000
         outs.append(r.console)
-        hv.close()
     assert hashchain_line(100, 64).encode() in outs[0]
     digest = [line for line in outs[0].splitlines() if b"digest" in line]
     assert digest == [line for line in outs[1].splitlines() if b"digest" in line]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +66,16 @@ def booted() -> Iterator[Boot]:
     the test's machines are all closed at teardown."""
     with booting() as boot_one:
         yield boot_one
+
+
+# --- the fast lane ------------------------------------------------------------------------
+
+def sweep(values: Iterable[object], fast: int = 1) -> list[object]:
+    """Parameters of a sweep (seeds, save times): the first ``fast`` of them
+    run in `make check` too, the others only in `make test` (marked slow).
+    The ids stay the values'."""
+    return [v if i < fast else pytest.param(v, marks=pytest.mark.slow)
+            for i, v in enumerate(values)]
 
 
 # --- the extra seed ------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def device(dom):
 
 # --- the example ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_digest(booted):
     cfg = load_config(EXAMPLE)
     hv, dom = booted(cfg)
@@ -75,6 +76,7 @@ def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_di
     assert audit(hv) == []
 
 
+@pytest.mark.slow
 def test_pvlab_run_of_the_example_exits_0_with_the_reference_digest():
     p = subprocess.run([sys.executable, "-m", "hypervisor", "run", str(EXAMPLE)], cwd=ROOT,
                        env=checkout_env(), capture_output=True, text=True, timeout=300)
@@ -256,14 +258,16 @@ def _race(boot, seed: int, step: int, policy: str) -> tuple[str, list[str], Ball
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("half", [0, 1])
 @pytest.mark.parametrize("policy", ["discard", "deflate"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy):
+def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy, half):
     """Every register access of the freeze and the thaw gets its event, the
-    odd ones under seed 1, the even ones under seed 2."""
+    odd ones under seed 1, the even ones under seed 2; those in two halves
+    (every other one), so that a parallel run spreads them over the cores."""
     out, problems, bal, (r, steps) = _race_run(seed, 10 ** 9, policy)
     assert r.reason == "poweroff" and steps > 20
-    for step in range(seed, steps + 1, 2):
+    for step in range(seed + 2 * half, steps + 1, 4):
         out, problems, bal, (r, _) = _race_run(seed, step, policy)
         assert r.reason == "poweroff", f"step {step}: {r.domain.crash_report}\n{out[-2000:]}"
         assert "hashchain digest" in out and problems == [], (step, problems)

@@ -14,7 +14,7 @@ import pytest
 
 from hypervisor.mm.audit import audit
 from hypervisor.toolstack.session import run_domain
-from tests.conftest import make_config
+from tests.conftest import make_config, sweep
 from tests.reference import hashchain_line
 
 MS = 1_000_000
@@ -48,7 +48,7 @@ def run(booted):
     return go
 
 
-@pytest.mark.parametrize("vcpus", [1, 2])
+@pytest.mark.parametrize("vcpus", sweep([1, 2]))
 def test_the_guest_goes_on_the_same_after_its_vcpus_and_kernel_are_rebuilt(run, vcpus: int):
     reference = run([], vcpus=vcpus)
     assert hashchain_line(20, 16) in reference and hashchain_line(8, 8) in reference
@@ -58,6 +58,7 @@ def test_the_guest_goes_on_the_same_after_its_vcpus_and_kernel_are_rebuilt(run, 
     assert run(stops, vcpus=vcpus) == reference
 
 
+@pytest.mark.slow
 def test_the_suspend_path_survives_a_rebuild_at_every_step(booted):
     """Stops land in the freeze wait, the stop_machine spins, the suspended
     domain's resume and the thaw: the same output as without any stop."""

@@ -170,6 +170,7 @@ def test_a_version_2_stream_is_read(example, tmp_path):
 
 # --- canonicalisation is necessary ---------------------------------------------------
 
+@pytest.mark.slow
 def test_without_pin_all_an_unpinned_pgd_is_broken_after_a_restore(example, reference,
                                                                    tmp_path):
     """Task 6's pgd is under construction (unpinned) at 12 ms. Saved raw, its
@@ -236,6 +237,7 @@ def _refused_cleanly(path: Path) -> str:
     return str(e.value)
 
 
+@pytest.mark.slow
 def test_a_truncated_image_is_refused_at_every_record_boundary(good_image, tmp_path):
     raw = good_image.read_bytes()
     info = scan_image(good_image)
@@ -351,6 +353,7 @@ def test_a_guest_without_save_restore_support_is_not_saved(booted, tmp_path):
 
 # --- checkpoints ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_checkpoints_at_every_tick_leave_the_guest_running_to_its_end(example, reference,
                                                                       booted, tmp_path):
     """Regression: checkpoints taken every 10 ms, at every tick, froze the tasks
@@ -389,6 +392,7 @@ def _pvlab(*args: str) -> subprocess.CompletedProcess[str]:
                           env=checkout_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_save_show_diff_and_refusals(tmp_path, good_image):
     img = tmp_path / "cli.img"
     p = _pvlab("save", str(EXAMPLE), str(img), "--at", "9ms")

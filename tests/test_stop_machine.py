@@ -14,7 +14,7 @@ from hypervisor.public.event_channel import EVTCHNOP_send
 from hypervisor.public.sched import SCHEDOP_yield
 from hypervisor.public.xen import Hypercall
 from hypervisor.toolstack.session import run_domain
-from tests.conftest import make_config
+from tests.conftest import make_config, sweep
 from tests.kview import KernelView
 from tests.reference import hashchain_line
 
@@ -66,11 +66,11 @@ def check(out: str) -> None:
     assert m and m.group(1) == m.group(2)
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", sweep(range(20), fast=2))
 def test_the_others_spin_masked_while_fn_runs_under_many_seeds(run, seed: int):
     check(run(seed))
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", sweep(range(3)))
 def test_an_event_arriving_at_every_point_changes_nothing(run, seed: int):
     check(run(seed, noisy=True))

@@ -18,7 +18,7 @@ from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.session import run_domain
 from hypervisor.toolstack.xenstored import home
-from tests.conftest import booting, make_config
+from tests.conftest import booting, make_config, sweep
 from tests.kview import KernelView
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "suspend-cancel.toml"
@@ -114,7 +114,7 @@ def test_the_example_runs_freeze_then_thaw_in_the_order_linux_has(example, refer
     assert m and m.group(1) == m.group(2)
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", sweep(range(20), fast=2))
 def test_every_task_ends_with_its_digest_under_many_seeds(example, reference, seed: int):
     r, _, _ = run(example, seed=seed)
     out = r.console.decode()
@@ -125,7 +125,7 @@ def test_every_task_ends_with_its_digest_under_many_seeds(example, reference, se
     assert outcome(out) == reference
 
 
-@pytest.mark.parametrize("at_ms", [1, 3, 6, 9, 15, 21, 26])
+@pytest.mark.parametrize("at_ms", sweep([1, 3, 6, 9, 15, 21, 26], fast=2))
 def test_a_suspend_at_any_moment_changes_no_result(example, reference, at_ms: int):
     r, _, _ = run(example, requests=[parse_request(f"{at_ms}ms suspend")])
     out = r.console.decode()

@@ -1604,6 +1604,7 @@ def fuzz_case(boot, num: int, driver_ok: bool, table, avail, data, ops) -> Count
     return seen
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenario())
@@ -1655,6 +1656,7 @@ def well_formed(draw):
     return num, kept or [([[]], False)], ops
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(well_formed())

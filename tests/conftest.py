@@ -102,8 +102,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ[SEED_VARIABLE] = str(EXTRA_SEED)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def _seed_line() -> str:
     return f"pvlab: extra seed {EXTRA_SEED} (repeat a run with {SEED_VARIABLE}={EXTRA_SEED})"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    # the header is not shown with -q, the suite's default: say it at the end too
+    terminalreporter.write_line(_seed_line())
 
 
 # --- child processes -------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The suite's own rules: every process collects the same test ids (a
-parallel run compares them and refuses to start otherwise), no test asserts on
-wall-clock time (a loaded machine fails it at random: timing belongs in
-bench/), the ABI's constants are imported rather than copied, and a child
-process runs the code of the checkout it was started from."""
+parallel run compares them and refuses to start otherwise), every machine a
+test boots is closed, no test asserts on wall-clock time (a loaded machine
+fails it at random: timing belongs in bench/), the ABI's constants are
+imported rather than copied, and a child process runs the code of the checkout
+it was started from."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, SEED_VARIABLE, checkout_env
+from tests.conftest import ROOT, SEED_VARIABLE, booting, checkout_env
 
 TESTS = ROOT / "tests"
 
@@ -32,6 +33,23 @@ def test_test_ids_do_not_depend_on_the_extra_seed():
     their ids, so each pytest-xdist worker collected other tests."""
     a, b = collected("1111"), collected("2222")
     assert len(a) > 300 and a == b
+
+
+def test_every_machine_booted_is_closed_however_the_test_ends():
+    closed: list[int] = []
+
+    def watched(hv):
+        real = hv.close
+        hv.close = lambda: closed.append(1) or real()
+
+    with booting() as boot:
+        watched(boot()[0])
+        watched(boot()[0])
+    assert closed == [1, 1]
+    with pytest.raises(RuntimeError, match="a failing test"), booting() as boot:
+        watched(boot()[0])
+        raise RuntimeError("a failing test")
+    assert closed == [1, 1, 1]
 
 
 def _sources(*dirs: str) -> list:

@@ -32,11 +32,6 @@ def make_config(cmdline: str = "run=hello", vcpus: int = 1, memory: int = 16,
                         cmdline=cmdline, seed=seed)
 
 
-@pytest.fixture
-def config_factory():
-    return make_config
-
-
 # --- booted machines ---------------------------------------------------------------------
 
 @contextmanager

@@ -18,20 +18,22 @@ from tests.conftest import ROOT, SEED_VARIABLE, booting, checkout_env
 TESTS = ROOT / "tests"
 
 
-def collected(seed: str) -> list[str]:
+def collected(seed: str, hash_seed: str) -> list[str]:
+    env = checkout_env(**{SEED_VARIABLE: seed, "PYTHONHASHSEED": hash_seed})
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
                         "--collect-only", "-q", "-o", "addopts=", str(TESTS)],
-                       cwd=ROOT, env=checkout_env(**{SEED_VARIABLE: seed}),
-                       capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return [line for line in p.stdout.splitlines() if "::" in line]
 
 
 @pytest.mark.slow
-def test_test_ids_do_not_depend_on_the_extra_seed():
+def test_test_ids_do_not_depend_on_the_extra_seed_or_the_hash_seed():
     """Regression: the save/restore tests named a seed drawn at import in
-    their ids, so each pytest-xdist worker collected other tests."""
-    a, b = collected("1111"), collected("2222")
+    their ids, so each pytest-xdist worker collected other tests. Parameters
+    taken from a set of strings would differ in order from process to process
+    in the same way (string hashing is salted per process)."""
+    a, b = collected("1111", "1"), collected("2222", "2")
     assert len(a) > 300 and a == b
 
 

@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from hypervisor.core import Hypervisor
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.session import boot
 
 if TYPE_CHECKING:
-    from hypervisor.core import Hypervisor
     from hypervisor.domain import Domain
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 GUEST_IMAGE = FIRMWARE / "guest.elf"
-
-Boot = Callable[..., "tuple[Hypervisor, Domain]"]
 
 
 def make_config(cmdline: str = "run=hello", vcpus: int = 1, memory: int = 16,
@@ -34,33 +32,50 @@ def make_config(cmdline: str = "run=hello", vcpus: int = 1, memory: int = 16,
 
 # --- booted machines ---------------------------------------------------------------------
 
-@contextmanager
-def booting() -> Iterator[Boot]:
-    """Give a function that boots a machine as ``session.boot(cfg, ...)`` does
-    (no config: make_config()'s) and returns (hv, dom); every machine it made
-    is closed when the block ends, however it ends. For fixtures of a wider
-    scope and for helpers that boot once per hypothesis example; a test takes
-    the ``booted`` fixture instead."""
-    machines: list[Hypervisor] = []
+class Machines:
+    """The machines a test makes, closed together at its end. Called as
+    ``session.boot(cfg, ...)`` is (no config: make_config()'s), it boots one
+    and returns (hv, dom); ``bare(mib, ...)`` gives an empty machine, for a
+    test that builds several domains on one or needs another size than boot
+    would choose."""
 
-    def boot_one(cfg: DomainConfig | None = None, **kwargs) -> tuple[Hypervisor, Domain]:
+    def __init__(self) -> None:
+        self._made: list[Hypervisor] = []
+
+    def __call__(self, cfg: DomainConfig | None = None, **kwargs: Any
+                 ) -> tuple[Hypervisor, Domain]:
         hv, dom = boot(make_config() if cfg is None else cfg, **kwargs)
-        machines.append(hv)
+        self._made.append(hv)
         return hv, dom
 
+    def bare(self, mib: int, **kwargs: Any) -> Hypervisor:
+        hv = Hypervisor(mib, **kwargs)
+        self._made.append(hv)
+        return hv
+
+    def close(self) -> None:
+        while self._made:
+            self._made.pop().close()
+
+
+@contextmanager
+def booting() -> Iterator[Machines]:
+    """Machines closed when the block ends, however it ends: for fixtures of
+    a wider scope and for helpers that boot once per hypothesis example or per
+    step of a sweep. A test takes the ``booted`` fixture instead."""
+    machines = Machines()
     try:
-        yield boot_one
+        yield machines
     finally:
-        for hv in reversed(machines):
-            hv.close()
+        machines.close()
 
 
 @pytest.fixture
-def booted() -> Iterator[Boot]:
+def booted() -> Iterator[Machines]:
     """``booted(cfg, seed=..., clock=...)`` boots a machine and returns (hv, dom);
-    the test's machines are all closed at teardown."""
-    with booting() as boot_one:
-        yield boot_one
+    ``booted.bare(mib, ...)`` gives an empty one. All are closed at teardown."""
+    with booting() as machines:
+        yield machines
 
 
 # --- the fast lane ------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 
-from hypervisor.core import Hypervisor
 from hypervisor.mm.audit import audit
 from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH
 from hypervisor.public.memory import (
@@ -30,7 +29,7 @@ from tests.kernels import probe
 
 
 @pytest.fixture
-def run_probe(booted, request):
+def run_probe(booted):
     """run_probe(fn, memory=16, maxmem=20, check=None, machine_mib=None): the
     probe kernel calls ``fn(cpu)``; the invariants hold after, and ``check(hv,
     dom)`` too; what ``fn`` returned. ``machine_mib`` asks for a bigger machine
@@ -42,8 +41,7 @@ def run_probe(booted, request):
             if machine_mib is None:
                 hv, dom = booted(cfg)
             else:
-                hv = Hypervisor(machine_mib, seed=cfg.seed)
-                request.addfinalizer(hv.close)
+                hv = booted.bare(machine_mib, seed=cfg.seed)
                 dom = build_domain(hv, cfg)
             r = run_domain(hv, dom)
             assert r.reason == "poweroff", dom.crash_report

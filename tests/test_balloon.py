@@ -1,15 +1,14 @@
-"""The balloon from the guest's side (issue: virtio-mmio balloon): the example
-runs hashchain to the reference digest while ballooned down and back with a
-checkpoint between; the frame-accounting invariants hold after every balloon
-operation; each restore policy works across a save and a restore in a fresh
-process, and the 2012 discard code's leak is shown; events racing the
-freeze are harmless under many seeds; an inhibit sets inflated frames aside
-and frees each once when it lifts; a device still live is not saved."""
+"""The balloon from the guest's side: the example runs hashchain to the
+reference digest while ballooned down and back with a checkpoint between; the
+frame-accounting invariants hold after every balloon operation; each restore
+policy works across a save and a restore in a fresh process, and the 2012
+discard code's leak is shown; events racing the freeze are harmless under many
+seeds; an inhibit sets inflated frames aside and frees each once when it lifts;
+a device still live is not saved."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -24,8 +23,8 @@ from hypervisor.public.xen import Hypercall
 from hypervisor.toolstack.config import BalloonConfig, load_config
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.save import SaveError
-from hypervisor.toolstack.session import boot, run_domain, save_domain
-from tests.conftest import ROOT, make_config
+from hypervisor.toolstack.session import run_domain, save_domain
+from tests.conftest import ROOT, booting, checkout_env, make_config
 
 EXAMPLE = ROOT / "examples" / "balloon.toml"
 REFERENCE_DIGEST = "hashchain digest ef1035920e1827ec"  # examples/smp.toml's hashchain
@@ -56,9 +55,10 @@ def device(dom):
 
 # --- the example ------------------------------------------------------------------------
 
-def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_digest():
+@pytest.mark.slow
+def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_digest(booted):
     cfg = load_config(EXAMPLE)
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     t, bal = device(dom)
     r = run_domain(hv, dom, None, requests=cfg.requests)
     out = r.console.decode()
@@ -76,10 +76,10 @@ def test_the_example_balloons_to_half_and_back_with_a_checkpoint_and_the_same_di
     assert audit(hv) == []
 
 
+@pytest.mark.slow
 def test_pvlab_run_of_the_example_exits_0_with_the_reference_digest():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "hypervisor", "run", str(EXAMPLE)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert REFERENCE_DIGEST in p.stdout
     assert "[toolstack] checkpoint 1:" in p.stdout
@@ -87,12 +87,13 @@ def test_pvlab_run_of_the_example_exits_0_with_the_reference_digest():
 
 # --- the invariants after every balloon operation ------------------------------------------
 
-def test_frame_accounting_holds_after_every_balloon_operation():
+def test_frame_accounting_holds_after_every_balloon_operation(booted):
     """After each request the device serves and after each populate_physmap
-    the driver makes, the invariants of DESIGN.md section 7 hold (the p2m
-    check too: the driver updates its p2m before it tells the host)."""
+    the driver makes, the frame-accounting invariants hold (one owner a frame,
+    counts equal a recount, no writable mapping of a pagetable; the p2m check
+    too: the driver updates its p2m before it tells the host)."""
     cfg = balloon_config("run=hashchain", memory=16)
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     t, bal = device(dom)
     problems: list[str] = []
     checks = [0]
@@ -137,23 +138,27 @@ print("END", r.reason, dom.tot_pages, bal.num_pages, bal.actual, audit(hv))
 """
 
 
-def save_ballooned(tmp_path: Path, policy: str, extra: str = "", seed: int = 1) -> Path:
-    cfg = balloon_config(f"run=hashchain virtio_balloon.policy={policy} {extra}".strip(),
-                         seed=seed)
-    hv, dom = boot(cfg)
-    r = run_domain(hv, dom, 3_000_000, requests=requests("1ms mem-set 16"))
-    assert r.reason == "running"
-    assert dom.tot_pages == 16 * PAGES_PER_MIB  # ballooned down by half
-    path = tmp_path / f"{policy}.img"
-    result, _ = save_domain(hv, dom, str(path), 4_000_000)
-    assert f"policy {policy}" in result.console.decode()
-    return path
+@pytest.fixture
+def save_ballooned(booted):
+    """save_ballooned(tmp_path, policy, extra="", seed=1): a guest ballooned
+    down to half and saved under ``policy``; the image."""
+    def save(tmp_path: Path, policy: str, extra: str = "", seed: int = 1) -> Path:
+        cfg = balloon_config(f"run=hashchain virtio_balloon.policy={policy} {extra}".strip(),
+                             seed=seed)
+        hv, dom = booted(cfg)
+        r = run_domain(hv, dom, 3_000_000, requests=requests("1ms mem-set 16"))
+        assert r.reason == "running"
+        assert dom.tot_pages == 16 * PAGES_PER_MIB  # ballooned down by half
+        path = tmp_path / f"{policy}.img"
+        result, _ = save_domain(hv, dom, str(path), 4_000_000)
+        assert f"policy {policy}" in result.console.decode()
+        return path
+    return save
 
 
 def restore_elsewhere(path: Path) -> tuple[list[str], str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(path)], cwd=ROOT,
+                       env=checkout_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
     restored = next(line for line in lines if line.startswith("RESTORED")).split()
@@ -163,8 +168,8 @@ def restore_elsewhere(path: Path) -> tuple[list[str], str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["discard", "deflate", "keep"])
-def test_a_guest_ballooned_to_half_saved_restored_and_ballooned_back_finishes(tmp_path,
-                                                                              policy):
+def test_a_guest_ballooned_to_half_saved_restored_and_ballooned_back_finishes(save_ballooned,
+                                                                              tmp_path, policy):
     path = save_ballooned(tmp_path, policy)
     fields, out = restore_elsewhere(path)
     _, tot, num_pages, actual, _, reason, end_tot, end_target, end_actual, problems = fields
@@ -188,7 +193,8 @@ def test_a_guest_ballooned_to_half_saved_restored_and_ballooned_back_finishes(tm
 
 
 @pytest.mark.slow
-def test_the_2012_discard_code_leaks_what_the_fixed_discard_gives_back(tmp_path):
+def test_the_2012_discard_code_leaks_what_the_fixed_discard_gives_back(save_ballooned,
+                                                                        tmp_path):
     """The lab of docs/labs/balloon-s4.md: balloonbug=leak counts the pages
     back as RAM but never gives them frames nor frees them."""
     path = save_ballooned(tmp_path, "discard", "balloonbug=leak")
@@ -206,7 +212,12 @@ def _race_run(seed: int, step: int, policy: str) -> tuple[str, list[str], Balloo
     """A checkpoint at 4 ms; at the device's ``step``-th register access
     between the start of the freeze and the end of the thaw, the host changes
     the target, returns the stats buffer and fires the event channel, all at
-    once."""
+    once. A test makes many runs: each closes its machine at its end."""
+    with booting() as boot:
+        return _race(boot, seed, step, policy)
+
+
+def _race(boot, seed: int, step: int, policy: str) -> tuple[str, list[str], Balloon, object]:
     cfg = balloon_config(f"run=hashchain:60:32 virtio_balloon.policy={policy}", memory=16,
                          seed=seed, stats=1_000_000)
     hv, dom = boot(cfg)
@@ -247,14 +258,16 @@ def _race_run(seed: int, step: int, policy: str) -> tuple[str, list[str], Balloo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("half", [0, 1])
 @pytest.mark.parametrize("policy", ["discard", "deflate"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy):
+def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy, half):
     """Every register access of the freeze and the thaw gets its event, the
-    odd ones under seed 1, the even ones under seed 2."""
+    odd ones under seed 1, the even ones under seed 2; those in two halves
+    (every other one), so that a parallel run spreads them over the cores."""
     out, problems, bal, (r, steps) = _race_run(seed, 10 ** 9, policy)
     assert r.reason == "poweroff" and steps > 20
-    for step in range(seed, steps + 1, 2):
+    for step in range(seed + 2 * half, steps + 1, 4):
         out, problems, bal, (r, _) = _race_run(seed, step, policy)
         assert r.reason == "poweroff", f"step {step}: {r.domain.crash_report}\n{out[-2000:]}"
         assert "hashchain digest" in out and problems == [], (step, problems)
@@ -264,9 +277,9 @@ def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy):
         assert bal.num_pages == 0 and bal.actual == 0, step
 
 
-def test_notifies_and_events_after_the_reset_are_discarded_and_counted():
+def test_notifies_and_events_after_the_reset_are_discarded_and_counted(booted):
     cfg = balloon_config("run=hashchain", memory=16)
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     t, bal = device(dom)
     r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "4ms checkpoint"))
     assert r.reason == "poweroff"
@@ -280,9 +293,9 @@ def test_notifies_and_events_after_the_reset_are_discarded_and_counted():
 
 # --- the inhibit ---------------------------------------------------------------------------------
 
-def test_an_inflate_while_inhibited_is_acknowledged_set_aside_and_freed_once_after():
+def test_an_inflate_while_inhibited_is_acknowledged_set_aside_and_freed_once_after(booted):
     cfg = balloon_config("run=hashchain", memory=16)
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     t, bal = device(dom)
     seen: dict[str, int] = {}
 
@@ -312,11 +325,11 @@ def test_an_inflate_while_inhibited_is_acknowledged_set_aside_and_freed_once_aft
 # --- saving -------------------------------------------------------------------------------
 
 def test_a_device_the_guest_left_live_is_not_saved_and_the_guest_runs_on(tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, booted):
     from guestos.drivers import virtio_balloon
     monkeypatch.setattr(virtio_balloon.virtballoon_pm_ops, "freeze", lambda cpu, instance: 0)
     cfg = balloon_config("run=hashchain", memory=16)
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     with pytest.raises(SaveError, match="live .*did not reset it"):
         save_domain(hv, dom, str(tmp_path / "x.img"), 2_000_000)
     assert not (tmp_path / "x.img").exists()
@@ -324,9 +337,9 @@ def test_a_device_the_guest_left_live_is_not_saved_and_the_guest_runs_on(tmp_pat
     assert r.reason == "poweroff" and "hashchain digest" in r.console.decode()
 
 
-def test_device_memory_is_mappable_only_with_the_domains_permission():
+def test_device_memory_is_mappable_only_with_the_domains_permission(booted):
     cfg = balloon_config("run=hello", memory=16)
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     t, _ = device(dom)
     types = hv.machine.types
     pte = t.base | 0x67
@@ -336,10 +349,10 @@ def test_device_memory_is_mappable_only_with_the_domains_permission():
     assert types.get_entry(1, pte, dom.domid + 1, 0) < 0         # another domain
 
 
-def test_each_vcpu_engine_sends_device_memory_to_the_bus():
+def test_each_vcpu_engine_sends_device_memory_to_the_bus(booted):
     """The x86 path: Unicorn's mmio_map in every engine, before and after the
     VCPUs are rebuilt from their records (as a restore does)."""
-    hv, dom = boot(balloon_config("run=hello", memory=16))
+    hv, dom = booted(balloon_config("run=hello", memory=16))
     t, _ = device(dom)
     for _ in range(2):
         for v in dom.vcpus:

@@ -6,19 +6,21 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, checkout_env
 
 
 def test_vcpu_bench_runs():
     r = subprocess.run([sys.executable, "bench/vcpu.py", "--rounds", "2", "--pages", "2",
                         "--calls", "2000", "--repeat", "1"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     assert "x bare" in r.stdout and "x the empty hook" in r.stdout
 
 
 def test_saverestore_bench_runs():
     r = subprocess.run([sys.executable, "bench/saverestore.py", "--sizes", "16",
-                        "--repeat", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        "--repeat", "1"], capture_output=True, text=True, cwd=ROOT,
+                       env=checkout_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "save MiB/s" in r.stdout and "x " in r.stdout

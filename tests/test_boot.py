@@ -3,19 +3,19 @@ a clean poweroff; several VCPUs brought up with vcpu_op."""
 
 from __future__ import annotations
 
-from hypervisor.toolstack.session import boot, run_domain
+import pytest
+
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 
 
-def run(cfg):
-    hv, dom = boot(cfg)
-    try:
-        return run_domain(hv, dom)
-    finally:
-        hv.close()
+@pytest.fixture
+def run(booted):
+    """run(cfg): boot the configuration and run it to its end."""
+    return lambda cfg: run_domain(*booted(cfg))
 
 
-def test_hello_boots_runs_and_powers_off():
+def test_hello_boots_runs_and_powers_off(run):
     r = run(make_config("run=hello"))
     out = r.console.decode()
     assert r.reason == "poweroff", out
@@ -24,7 +24,7 @@ def test_hello_boots_runs_and_powers_off():
     assert "[cpu0] task 1 exited with code 0\n" in out
 
 
-def test_secondary_vcpus_come_up_and_run_programs():
+def test_secondary_vcpus_come_up_and_run_programs(run):
     r = run(make_config("run=hello,hello", vcpus=2))
     out = r.console.decode()
     assert r.reason == "poweroff", out
@@ -34,26 +34,25 @@ def test_secondary_vcpus_come_up_and_run_programs():
     assert out.count("hello from user space\n") == 2
 
 
-def test_user_pagetables_are_pinned_and_released():
+def test_user_pagetables_are_pinned_and_released(booted):
     """The task's user L4 is pinned while it runs and unpinned when it exits,
     so after poweroff no pinned L4 is left but the builder's."""
     cfg = make_config("run=hello")
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     run_domain(hv, dom)
     ft = hv.machine.frames
     owned = ft.owner == dom.domid
     assert int((ft.pinned & owned).sum()) == 1  # the bootstrap L4
-    hv.close()
 
 
-def test_unknown_program_is_reported_and_the_others_run():
+def test_unknown_program_is_reported_and_the_others_run(run):
     r = run(make_config("run=nosuch,hello"))
     out = r.console.decode()
     assert r.reason == "poweroff", out
     assert "cannot start nosuch: error -2" in out and "hello from user space" in out
 
 
-def test_kernel_panic_crashes_the_domain_with_a_report(monkeypatch):
+def test_kernel_panic_crashes_the_domain_with_a_report(monkeypatch, run):
     import guestos.boot
     from guestos.mm import KernelPanic
 

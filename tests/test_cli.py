@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from hypervisor.toolstack.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, checkout_env
 
 
 def test_help_lists_every_verb(capsys):
@@ -54,7 +54,8 @@ def test_trace_prints_disassembly(capsys):
 
 def test_console_script_entry_point():
     cmd = [sys.executable, "-m", "hypervisor", "run", str(ROOT / "examples/hello.toml")]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     assert "hello from user space" in r.stdout
 

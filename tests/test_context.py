@@ -7,7 +7,7 @@ import ctypes
 
 from hypervisor.cpu.context import CONTEXT_SIZE, get_context, set_context
 from hypervisor.public.arch_x86 import VGCF_online, vcpu_guest_context
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 from tests.reference import hashchain_line
 
@@ -16,8 +16,8 @@ def test_context_record_is_xens_size():
     assert CONTEXT_SIZE == ctypes.sizeof(vcpu_guest_context) == 5168
 
 
-def test_context_round_trip_mid_run():
-    hv, dom = boot(make_config("run=hashchain:6:4"))
+def test_context_round_trip_mid_run(booted):
+    hv, dom = booted(make_config("run=hashchain:6:4"))
     hv.run(until_ns=1_000_000)  # stop in the middle of hashchain
     v = dom.vcpus[0]
     ctx = get_context(v)
@@ -31,7 +31,6 @@ def test_context_round_trip_mid_run():
     r = run_domain(hv, dom)
     assert r.reason == "poweroff"
     assert hashchain_line(6, 4).encode() in r.console
-    hv.close()
 
 
 def test_the_register_file_is_found_when_other_engines_hold_the_same_markers():
@@ -79,15 +78,14 @@ def test_the_register_file_is_found_in_a_mapping_bigger_than_the_scan_limit(monk
     assert uc.reg_read(UC_X86_REG_RCX) == 0x5151
 
 
-def test_a_vcpu_whose_register_file_is_not_found_still_runs(monkeypatch):
+def test_a_vcpu_whose_register_file_is_not_found_still_runs(monkeypatch, booted):
     """Regression: a failed search for the register file (it happened, rarely, in
     long test runs) raised from Vcpu() and lost the domain being built; the
     VCPU now reaches its registers through the library calls instead."""
     from hypervisor.cpu import vcpu
     from hypervisor.cpu.ucfast import RegFileByCalls
     monkeypatch.setattr(vcpu, "gpr_file", lambda uc: None)
-    hv, dom = boot(make_config("run=hashchain:4:4"))
+    hv, dom = booted(make_config("run=hashchain:4:4"))
     assert isinstance(dom.vcpus[0].gpr, RegFileByCalls)
     r = run_domain(hv, dom)
     assert r.reason == "poweroff" and hashchain_line(4, 4) in r.console.decode()
-    hv.close()

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, checkout_env
 
 
 @pytest.mark.slow
 def test_the_save_restore_demo_finds_everything_equal():
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "save-restore-demo")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       env=checkout_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr
     for want in ("0 of 16384 pfns kept their mfn", "in the image (pfn)",
                  "PM: dpm_resume_end(RESTORE)", "all 26 result lines equal: True",

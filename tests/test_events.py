@@ -7,23 +7,29 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hypervisor.toolstack.session import boot, run_domain
+import pytest
+
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 from tests.kernels import ipi
 
 
-def run_ipi(masked: bool) -> tuple[str, list[str]]:
-    ipi.MASKED = masked
-    hv, dom = boot(replace(make_config(vcpus=2), kernel="tests.kernels.ipi"))
-    try:
-        r = run_domain(hv, dom)
-        return r.reason + (f": {dom.crash_report}" if dom.crash_report else ""), list(ipi.LOG)
-    finally:
-        ipi.MASKED = False
-        hv.close()
+@pytest.fixture
+def run_ipi(booted):
+    """run_ipi(masked): the ipi test kernel's run; its reason and its log."""
+    def run(masked: bool) -> tuple[str, list[str]]:
+        ipi.MASKED = masked
+        try:
+            hv, dom = booted(replace(make_config(vcpus=2), kernel="tests.kernels.ipi"))
+            r = run_domain(hv, dom)
+            return r.reason + (f": {dom.crash_report}" if dom.crash_report else ""), \
+                list(ipi.LOG)
+        finally:
+            ipi.MASKED = False
+    return run
 
 
-def test_ipi_wakes_the_target_vcpu_with_an_upcall():
+def test_ipi_wakes_the_target_vcpu_with_an_upcall(run_ipi):
     reason, log = run_ipi(masked=False)
     assert reason == "poweroff"
     assert log[0].startswith("bind_ipi 0 port ")
@@ -32,7 +38,7 @@ def test_ipi_wakes_the_target_vcpu_with_an_upcall():
     assert "vcpu0 unmasks" not in log
 
 
-def test_masked_port_delivers_only_after_unmask():
+def test_masked_port_delivers_only_after_unmask(run_ipi):
     reason, log = run_ipi(masked=True)
     assert reason == "poweroff"
     assert log.index("vcpu1 blocks") < log.index("vcpu0 unmasks") < log.index("upcall on vcpu1")

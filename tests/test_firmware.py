@@ -13,30 +13,32 @@ import pytest
 from hypervisor.public.elfnote import PVLAB_NOTE_KERNEL, PVLAB_NOTE_NATIVE_TEXT, XenElfNote
 from hypervisor.public.native import PVLAB_IMAGE_MAGIC, pvlab_image_header
 from hypervisor.toolstack.elfimage import load_image
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE, GUEST_IMAGE, make_config
 from tests.reference import hashchain_line
 
 PROGRAMS = ("hello", "counter", "hashchain", "dirtier", "spawner", "fault")
 
 
-def console(cmdline: str, vcpus: int = 1) -> str:
-    hv, dom = boot(make_config(cmdline, vcpus=vcpus, memory=16))
-    try:
+@pytest.fixture
+def console(booted):
+    """console(cmdline, vcpus=1): a guest's whole run, which must power off;
+    its console."""
+    def run(cmdline: str, vcpus: int = 1) -> str:
+        hv, dom = booted(make_config(cmdline, vcpus=vcpus, memory=16))
         r = run_domain(hv, dom)
         assert r.reason == "poweroff", dom.crash_report
         return r.console.decode()
-    finally:
-        hv.close()
+    return run
 
 
-def test_hashchain_matches_the_python_reference():
+def test_hashchain_matches_the_python_reference(console):
     out = console("run=hashchain:3:2")
     assert "hashchain start rounds=3 pages=2\n" in out
     assert hashchain_line(3, 2) in out
 
 
-def test_counter_and_dirtier_print_what_they_should():
+def test_counter_and_dirtier_print_what_they_should(console):
     lines = console("run=counter:3:10,dirtier:2:10:7", vcpus=2).splitlines()
     # the two VCPUs' lines interleave; each program's own lines keep their order
     assert [x for x in lines if x.startswith("counter")] == ["counter 1", "counter 2",

@@ -31,37 +31,40 @@ from hypervisor.public.xen import (
     XENVER_pagesize,
     XENVER_version,
 )
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 from tests.kernels import probe
 
 
-def run_probe(fn, vcpus=2):
-    probe.PROBE = fn
-    cfg = replace(make_config(vcpus=vcpus), kernel="tests.kernels.probe")
-    hv, dom = boot(cfg)
-    try:
-        r = run_domain(hv, dom)
-        assert r.reason == "poweroff", dom.crash_report
-        return probe.RESULT[0], dom
-    finally:
-        probe.PROBE = None
-        hv.close()
+@pytest.fixture
+def run_probe(booted):
+    """run_probe(fn, vcpus=2): the probe kernel calls ``fn(cpu)``; what it
+    returned, and the domain."""
+    def run(fn, vcpus=2):
+        probe.PROBE = fn
+        try:
+            hv, dom = booted(replace(make_config(vcpus=vcpus), kernel="tests.kernels.probe"))
+            r = run_domain(hv, dom)
+            assert r.reason == "poweroff", dom.crash_report
+            return probe.RESULT[0], dom
+        finally:
+            probe.PROBE = None
+    return run
 
 
-def test_unknown_hypercall_is_enosys():
+def test_unknown_hypercall_is_enosys(run_probe):
     rc, _ = run_probe(lambda cpu: [cpu.hypercall(n) for n in (11, 44, 63, 127)])
     assert rc == [-ENOSYS] * 4
 
 
-def test_xen_version():
+def test_xen_version(run_probe):
     rc, _ = run_probe(lambda cpu: (cpu.hypercall(Hypercall.xen_version, XENVER_version, 0),
                                    cpu.hypercall(Hypercall.xen_version, XENVER_pagesize, 0),
                                    cpu.hypercall(Hypercall.xen_version, 99, 0)))
     assert rc == ((4 << 16) | 19, 4096, -ENOSYS)
 
 
-def test_console_io_write_and_fault():
+def test_console_io_write_and_fault(run_probe):
     def fn(cpu):
         buf = probe.scratch(cpu)
         cpu.write(buf, b"probe says hi\n")
@@ -73,7 +76,7 @@ def test_console_io_write_and_fault():
     assert dom.console_out == b"probe says hi\n"
 
 
-def test_vcpu_op_errors():
+def test_vcpu_op_errors(run_probe):
     def fn(cpu):
         return (cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, 0, 0),
                 cpu.hypercall(Hypercall.vcpu_op, VCPUOP_is_up, 1, 0),
@@ -91,7 +94,7 @@ def _evtchn(cpu, cmd, fmt, *vals):
     return rc, struct.unpack(fmt, cpu.read(buf, struct.calcsize(fmt)))
 
 
-def test_event_channel_ops():
+def test_event_channel_ops(run_probe):
     def fn(cpu):
         rc1, (_, _, port) = _evtchn(cpu, EVTCHNOP_bind_virq, "<III", VIRQ_TIMER, 0, 0)
         rc2, _ = _evtchn(cpu, EVTCHNOP_bind_virq, "<III", VIRQ_TIMER, 0, 0)      # again
@@ -108,7 +111,7 @@ def test_event_channel_ops():
     assert rc == (0, True, -EEXIST, -EINVAL, 0, True, 0, -EINVAL, 0, 0, -EINVAL, -ENOSYS)
 
 
-def test_bind_virq_per_vcpu_or_global():
+def test_bind_virq_per_vcpu_or_global(run_probe):
     """Xen's virq_is_global (common/event_channel.c): VIRQ_TIMER, VIRQ_DEBUG,
     VIRQ_XENOPROF and VIRQ_XENPMU are per-vcpu and bind on any vcpu; every other
     virq is global and binds on vcpu 0 only (-EINVAL elsewhere), VIRQ_DEBUGGER
@@ -120,14 +123,14 @@ def test_bind_virq_per_vcpu_or_global():
     assert rc == (0, 0, -EINVAL)
 
 
-def test_sched_op_shutdown_needs_readable_reason():
+def test_sched_op_shutdown_needs_readable_reason(run_probe):
     rc, _ = run_probe(lambda cpu: (cpu.hypercall(Hypercall.sched_op, SCHEDOP_shutdown, 0x10),
                                    cpu.hypercall(Hypercall.sched_op, 77, 0)))
     assert rc == (-EFAULT, -ENOSYS)
 
 
 @pytest.mark.parametrize("kernel", ["no.such.module", "1bad"])
-def test_bad_kernel_module_is_refused(kernel):
+def test_bad_kernel_module_is_refused(booted, kernel):
     from hypervisor.toolstack.builder import BuildError
     from hypervisor.toolstack.config import ConfigError, parse_config
     from tests.conftest import GUEST_IMAGE
@@ -137,10 +140,10 @@ def test_bad_kernel_module_is_refused(kernel):
             parse_config(data)
         return
     with pytest.raises(BuildError, match="cannot be imported"):
-        boot(parse_config(data))
+        booted(parse_config(data))
 
 
-def test_a_hypervisor_bug_in_a_hypercall_crashes_only_the_domain():
+def test_a_hypervisor_bug_in_a_hypercall_crashes_only_the_domain(booted):
     """An exception inside a hypercall handler is an internal error: it is
     logged and the calling domain crashes with one line; nothing escapes."""
     def boom(vcpu, *args):
@@ -148,7 +151,7 @@ def test_a_hypervisor_bug_in_a_hypercall_crashes_only_the_domain():
 
     probe.PROBE = lambda cpu: cpu.hypercall(Hypercall.xen_version, 0, 0)
     cfg = replace(make_config(), kernel="tests.kernels.probe")
-    hv, dom = boot(cfg)
+    hv, dom = booted(cfg)
     hv.table[Hypercall.xen_version] = boom
     try:
         r = run_domain(hv, dom)
@@ -157,4 +160,3 @@ def test_a_hypervisor_bug_in_a_hypercall_crashes_only_the_domain():
             dom.crash_report
     finally:
         probe.PROBE = None
-        hv.close()

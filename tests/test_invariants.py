@@ -1,16 +1,17 @@
-"""DESIGN.md section 7: the frame-accounting invariants hold after building a
-domain and after every hypercall of a whole run (the audit recounts from the
-pagetables)."""
+"""The frame-accounting invariants hold after building a domain and after
+every hypercall of a whole run: every frame has one owner, M2P and p2m agree,
+a validated table maps only what its domain may and no pagetable writable,
+and the type and reference counts equal a recount from the pagetables."""
 
 from __future__ import annotations
 
 from hypervisor.mm.audit import audit
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 
 
-def test_invariants_after_every_hypercall():
-    hv, dom = boot(make_config("run=hello,hello", vcpus=2))
+def test_invariants_after_every_hypercall(booted):
+    hv, dom = booted(make_config("run=hello,hello", vcpus=2))
     assert audit(hv) == []
     seen = []
 
@@ -23,20 +24,18 @@ def test_invariants_after_every_hypercall():
     r = run_domain(hv, dom)
     assert r.reason == "poweroff"
     assert len(seen) > 30
-    hv.close()
 
 
-def test_audit_catches_a_wrong_count():
-    hv, dom = boot(make_config())
+def test_audit_catches_a_wrong_count(booted):
+    hv, dom = booted(make_config())
     ft = hv.machine.frames
     mfn = int(ft.owned_by(dom.domid)[0])
     ft.ref_count[mfn] += 1
     assert any("ref_count" in p for p in audit(hv))
-    hv.close()
 
 
-def test_destroying_a_domain_frees_every_frame():
-    hv, dom = boot(make_config())
+def test_destroying_a_domain_frees_every_frame(booted):
+    hv, dom = booted(make_config())
     free_before = hv.machine.frames.nr_free
     owned = len(hv.machine.frames.owned_by(dom.domid))
     hv.destroy_domain(dom)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import struct
 from dataclasses import replace
 
-from hypervisor.core import Hypervisor
+import pytest
+
 from hypervisor.mm.audit import audit
 from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH
 from hypervisor.public.memory import (
@@ -19,33 +20,38 @@ from hypervisor.public.memory import (
     XENMEM_maximum_reservation,
     XENMEM_populate_physmap,
 )
+from hypervisor.public.native import VIRT_BASE
 from hypervisor.public.xen import DOMID_SELF, Hypercall
 from hypervisor.toolstack.builder import build_domain
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 from tests.kernels import probe
 
-VIRT_BASE = 0xFFFFFFFF80000000
 
-
-def run_probe(fn, memory=16, maxmem=20, check=None, machine_mib=None):
-    probe.PROBE = fn
-    cfg = replace(make_config(memory=memory), kernel="tests.kernels.probe", maxmem=maxmem)
-    if machine_mib is None:
-        hv, dom = boot(cfg)
-    else:
-        hv = Hypervisor(machine_mib, seed=cfg.seed)
-        dom = build_domain(hv, cfg)
-    try:
-        r = run_domain(hv, dom)
-        assert r.reason == "poweroff", dom.crash_report
-        assert audit(hv) == []
-        if check is not None:
-            check(hv, dom)
-        return probe.RESULT[0]
-    finally:
-        probe.PROBE = None
-        hv.close()
+@pytest.fixture
+def run_probe(booted):
+    """run_probe(fn, memory=16, maxmem=20, check=None, machine_mib=None): the
+    probe kernel calls ``fn(cpu)``; the invariants hold after, and ``check(hv,
+    dom)`` too; what ``fn`` returned. ``machine_mib`` asks for a bigger machine
+    than boot() would size for the domain."""
+    def run(fn, memory=16, maxmem=20, check=None, machine_mib=None):
+        probe.PROBE = fn
+        cfg = replace(make_config(memory=memory), kernel="tests.kernels.probe", maxmem=maxmem)
+        try:
+            if machine_mib is None:
+                hv, dom = booted(cfg)
+            else:
+                hv = booted.bare(machine_mib, seed=cfg.seed)
+                dom = build_domain(hv, cfg)
+            r = run_domain(hv, dom)
+            assert r.reason == "poweroff", dom.crash_report
+            assert audit(hv) == []
+            if check is not None:
+                check(hv, dom)
+            return probe.RESULT[0]
+        finally:
+            probe.PROBE = None
+    return run
 
 
 def reservation(cpu, op, extents, order=0, domid=DOMID_SELF, start=0, handle=None):
@@ -66,7 +72,7 @@ def query(cpu, op, domid=DOMID_SELF, ptr=None, start=0):
                          buf if ptr is None else ptr)
 
 
-def test_queries():
+def test_queries(run_probe):
     def fn(cpu):
         return (query(cpu, XENMEM_current_reservation), query(cpu, XENMEM_maximum_reservation),
                 query(cpu, XENMEM_maximum_ram_page) > 0,
@@ -78,7 +84,7 @@ def test_queries():
     assert run_probe(fn) == (4096, 5120, True, -EINVAL, -EINVAL, -ESRCH, -EFAULT, -ENOSYS)
 
 
-def test_own_numeric_domid_is_self_and_another_domain_is_refused():
+def test_own_numeric_domid_is_self_and_another_domain_is_refused(run_probe):
     def fn(cpu):
         return query(cpu, XENMEM_current_reservation, domid=1)
     assert run_probe(fn) == 4096   # the first domain is domain 1
@@ -104,7 +110,7 @@ def pfn_to_mfn(cpu, pfn: int) -> int:
     return cpu.read_u64(p2m_slot(cpu, pfn))
 
 
-def test_decrease_then_populate_moves_a_pfn_to_a_new_frame():
+def test_decrease_then_populate_moves_a_pfn_to_a_new_frame(run_probe):
     seen = {}
 
     def fn(cpu):
@@ -127,7 +133,7 @@ def test_decrease_then_populate_moves_a_pfn_to_a_new_frame():
     assert run_probe(fn, check=check) == (0, 1, 4095, 1, 4096)
 
 
-def test_decrease_of_a_still_mapped_frame_keeps_it_until_unmapped():
+def test_decrease_of_a_still_mapped_frame_keeps_it_until_unmapped(run_probe):
     seen = {}
 
     def fn(cpu):
@@ -147,7 +153,7 @@ def test_decrease_of_a_still_mapped_frame_keeps_it_until_unmapped():
     assert run_probe(fn, check=check) == (1, 4096)
 
 
-def test_reservation_ops_return_counts_never_errors():
+def test_reservation_ops_return_counts_never_errors(run_probe):
     def fn(cpu):
         other = 1 << 40
         return (
@@ -162,7 +168,7 @@ def test_reservation_ops_return_counts_never_errors():
     assert run_probe(fn) == (0, 0, 0, 0, 2, 3, 0)
 
 
-def test_increase_stops_at_the_maximum_reservation():
+def test_increase_stops_at_the_maximum_reservation(run_probe):
     def fn(cpu):
         rc, mfns = reservation(cpu, XENMEM_increase_reservation, [0] * 300)
         return rc, query(cpu, XENMEM_current_reservation), len(set(mfns[:rc]))
@@ -170,7 +176,7 @@ def test_increase_stops_at_the_maximum_reservation():
     assert run_probe(fn, maxmem=17) == (256, 4096 + 256, 256)
 
 
-def test_order_9_extent_is_machine_contiguous():
+def test_order_9_extent_is_machine_contiguous(run_probe):
     def fn(cpu):
         rc, out = reservation(cpu, XENMEM_populate_physmap, [8192], order=9)
         return rc, out[0]

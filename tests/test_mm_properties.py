@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random sequences of mmu_update,
 update_va_mapping, mmuext_op and memory_op thrown at a domain from its own
-kernel. After every hypercall the invariants of DESIGN.md section 7 hold (the
+kernel. After every hypercall the frame-accounting invariants hold (the
 audit recounts everything from the pagetables): the hypervisor never crashes,
 never lets the domain map a frame it may not, never leaves a writable mapping
 of a pagetable, and its counts equal a full recount.
@@ -25,8 +25,8 @@ from hypervisor.public.xen import (
     MMUEXT_UNPIN_TABLE,
     Hypercall,
 )
-from hypervisor.toolstack.session import boot, run_domain
-from tests.conftest import make_config
+from hypervisor.toolstack.session import run_domain
+from tests.conftest import booting, make_config
 from tests.hypercalls.guest import RO, RW, Guest
 from tests.kernels import probe
 
@@ -109,14 +109,14 @@ def run_ops(ops: list[tuple]) -> None:
         hv.after_hypercall = None
 
     probe.PROBE = fn
-    hv, dom = boot(replace(make_config(), kernel="tests.kernels.probe"))
     try:
-        r = run_domain(hv, dom)
-        assert r.reason == "poweroff", dom.crash_report
-        assert audit(hv) == []
+        with booting() as boot:  # a machine per example, closed after it
+            hv, dom = boot(replace(make_config(), kernel="tests.kernels.probe"))
+            r = run_domain(hv, dom)
+            assert r.reason == "poweroff", dom.crash_report
+            assert audit(hv) == []
     finally:
         probe.PROBE = None
-        hv.close()
 
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None,

@@ -1,12 +1,11 @@
-"""Save, restore and checkpoint (DESIGN.md section 5): a guest saved at many
-points under many scheduler seeds and restored in a fresh process, on other
-machine frames, ends with the digests of the uninterrupted run; without the
-pin-all its unpinned pgds break; a bad image is refused with nothing made; a
-failed save leaves no file and the guest running."""
+"""Save, restore and checkpoint: a guest saved at many points under many
+scheduler seeds and restored in a fresh process, on other machine frames, ends
+with the digests of the uninterrupted run; without the pin-all its unpinned
+pgds break; a bad image is refused with nothing made; a failed save leaves no
+file and the guest running."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import subprocess
@@ -23,12 +22,11 @@ from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.image import ImageError, scan_image
 from hypervisor.toolstack.restore import RestoreError, restore_image
 from hypervisor.toolstack.save import SaveError, canonicalise
-from hypervisor.toolstack.session import boot, run_domain, save_domain
-from tests.conftest import ROOT, make_config
+from hypervisor.toolstack.session import run_domain, save_domain
+from tests.conftest import EXTRA_SEED, ROOT, booting, checkout_env, make_config
 
 EXAMPLE = ROOT / "examples" / "suspend-cancel.toml"
 LIMIT_NS = 2_000_000_000
-RANDOM_SEED = random.randrange(1000, 100000)  # CI: the fixed seeds plus one random
 
 
 def outcome(out: str) -> list[str]:
@@ -46,9 +44,8 @@ def example():
 
 @pytest.fixture(scope="module")
 def reference(example):
-    hv, dom = boot(example)
-    r = run_domain(hv, dom, LIMIT_NS)
-    hv.close()
+    with booting() as boot:
+        r = run_domain(*boot(example), LIMIT_NS)
     assert r.reason == "poweroff"
     return outcome(r.console.decode())
 
@@ -57,29 +54,28 @@ def save(cfg, path: Path, at_ms: float, seed: int | None = None, cmdline: str = 
     """Save at at_ms; returns the console up to the save."""
     if cmdline:
         cfg = type(cfg)(**{**cfg.__dict__, "cmdline": cfg.cmdline + " " + cmdline})
-    hv, dom = boot(cfg, seed=seed)
-    result, stats = save_domain(hv, dom, str(path), int(at_ms * 1_000_000))
-    assert stats.pages > 0 and not dom.hypervisor.domains
+    with booting() as boot:
+        hv, dom = boot(cfg, seed=seed)
+        result, stats = save_domain(hv, dom, str(path), int(at_ms * 1_000_000))
+        assert stats.pages > 0 and not dom.hypervisor.domains
     return result.console.decode()
 
 
 def restore_in_new_process(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "hypervisor", "restore", str(path), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=checkout_env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 # --- a save anywhere, a restore in a fresh process -------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3, RANDOM_SEED])
+@pytest.mark.parametrize("seed", [1, 2, 3, pytest.param(EXTRA_SEED, id="extra")])
 @pytest.mark.parametrize("at_ms", [2, 7, 12, 19, 27])
 def test_a_guest_saved_anywhere_finishes_after_a_restore_in_a_new_process(
-        example, reference, tmp_path, seed: int, at_ms: int):
+        example, reference, booted, tmp_path, seed: int, at_ms: int):
     if seed != 1:
-        hv, dom = boot(example, seed=seed)
-        r = run_domain(hv, dom, LIMIT_NS)
-        hv.close()
+        r = run_domain(*booted(example, seed=seed), LIMIT_NS)
         reference = outcome(r.console.decode())  # the seed's own uninterrupted run
     img = tmp_path / "guest.img"
     before = save(example, img, at_ms, seed=seed)
@@ -97,12 +93,12 @@ def test_a_guest_saved_anywhere_finishes_after_a_restore_in_a_new_process(
     assert outcome(before + after) == reference
 
 
-def test_the_restored_guest_is_on_other_frames_and_its_accounting_holds(example, tmp_path):
+def test_the_restored_guest_is_on_other_frames_and_its_accounting_holds(example, booted,
+                                                                        tmp_path):
     img = tmp_path / "g.img"
-    hv0, dom0 = boot(example)
+    hv0, dom0 = booted(example)
     run_domain(hv0, dom0, 12_000_000)
     old_p2m = hv0.machine.memory.u64.reshape(-1, 512)[np.array(dom0.p2m_frames)].reshape(-1)
-    hv0.close()
     save(example, img, 12)
     hv, dom, stats = restore_image(img)
     new_p2m = hv.machine.memory.u64.reshape(-1, 512)[np.array(dom.p2m_frames)].reshape(-1)
@@ -174,6 +170,7 @@ def test_a_version_2_stream_is_read(example, tmp_path):
 
 # --- canonicalisation is necessary ---------------------------------------------------
 
+@pytest.mark.slow
 def test_without_pin_all_an_unpinned_pgd_is_broken_after_a_restore(example, reference,
                                                                    tmp_path):
     """Task 6's pgd is under construction (unpinned) at 12 ms. Saved raw, its
@@ -240,6 +237,7 @@ def _refused_cleanly(path: Path) -> str:
     return str(e.value)
 
 
+@pytest.mark.slow
 def test_a_truncated_image_is_refused_at_every_record_boundary(good_image, tmp_path):
     raw = good_image.read_bytes()
     info = scan_image(good_image)
@@ -296,7 +294,7 @@ def test_random_bytes_anywhere_in_the_structure_are_refused_or_harmless(good_ima
     raw = good_image.read_bytes()
     info = scan_image(good_image)
     first_page = info.batches[0].data_offset
-    rng = random.Random(RANDOM_SEED)
+    rng = random.Random(EXTRA_SEED)
     bad = tmp_path / "noise.img"
     for _ in range(12):
         b = bytearray(raw)
@@ -318,10 +316,10 @@ def test_random_bytes_anywhere_in_the_structure_are_refused_or_harmless(good_ima
 # --- a failed save leaves nothing and the guest running -------------------------------
 
 def test_a_save_that_fails_half_way_leaves_no_file_and_the_guest_runs(example, reference,
-                                                                      tmp_path):
+                                                                      booted, tmp_path):
     from hypervisor.toolstack import session
     dest = tmp_path / "never.img"
-    hv, dom = boot(example)
+    hv, dom = booted(example)
 
     def fail(done: int, total: int) -> None:
         if done > total // 2:
@@ -335,35 +333,34 @@ def test_a_save_that_fails_half_way_leaves_no_file_and_the_guest_runs(example, r
     out = r.console.decode()
     assert r.reason == "poweroff" and "suspend hypercall returned 1" in out
     assert outcome(out) == reference
-    hv.close()
 
 
-def test_a_save_into_a_missing_directory_is_refused_and_the_guest_runs(example, tmp_path):
-    hv, dom = boot(example)
+def test_a_save_into_a_missing_directory_is_refused_and_the_guest_runs(example, booted,
+                                                                       tmp_path):
+    hv, dom = booted(example)
     with pytest.raises(SaveError, match="does not exist"):
         save_domain(hv, dom, str(tmp_path / "no" / "such.img"), 5_000_000)
     assert dom.is_running
-    hv.close()
 
 
-def test_a_guest_without_save_restore_support_is_not_saved(tmp_path):
+def test_a_guest_without_save_restore_support_is_not_saved(booted, tmp_path):
     # a task asleep for 2 s: the guest outlives the toolstack's wait
-    hv, dom = boot(make_config("run=spawner:1:1:2000 nosaverestore"))
+    hv, dom = booted(make_config("run=spawner:1:1:2000 nosaverestore"))
     with pytest.raises(SaveError, match="did not acknowledge the suspend request"):
         save_domain(hv, dom, str(tmp_path / "x.img"), 5_000_000)
     assert not (tmp_path / "x.img").exists()
-    hv.close()
 
 
 # --- checkpoints ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_checkpoints_at_every_tick_leave_the_guest_running_to_its_end(example, reference,
-                                                                      tmp_path):
+                                                                      booted, tmp_path):
     """Regression: checkpoints taken every 10 ms, at every tick, froze the tasks
     whenever a sleeper came due, and the guest never finished."""
     from hypervisor.toolstack.control import Request
     from hypervisor.toolstack.save import save_to_file
-    hv, dom = boot(example)
+    hv, dom = booted(example)
     taken: list[tuple[Path, int]] = []
 
     def on_suspend(d) -> bool:
@@ -378,7 +375,6 @@ def test_checkpoints_at_every_tick_leave_the_guest_running_to_its_end(example, r
     assert r.reason == "poweroff", out[-2000:]
     assert out.count("suspend hypercall returned 1") == len(taken) >= 3
     assert outcome(out) == reference
-    hv.close()
     # each checkpoint is a complete image: the second, restored, ends the same
     path, at = taken[1]
     info = scan_image(path)
@@ -392,11 +388,11 @@ def test_checkpoints_at_every_tick_leave_the_guest_running_to_its_end(example, r
 # --- the command line ------------------------------------------------------------------
 
 def _pvlab(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "hypervisor", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "hypervisor", *args], cwd=ROOT,
+                          env=checkout_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_save_show_diff_and_refusals(tmp_path, good_image):
     img = tmp_path / "cli.img"
     p = _pvlab("save", str(EXAMPLE), str(img), "--at", "9ms")

@@ -13,8 +13,8 @@ import pytest
 from hypervisor.public.event_channel import EVTCHNOP_send
 from hypervisor.public.sched import SCHEDOP_yield
 from hypervisor.public.xen import Hypercall
-from hypervisor.toolstack.session import boot, run_domain
-from tests.conftest import make_config
+from hypervisor.toolstack.session import run_domain
+from tests.conftest import make_config, sweep
 from tests.kview import KernelView
 from tests.reference import hashchain_line
 
@@ -23,9 +23,12 @@ LIMIT_NS = 500_000_000
 SPUN = "[cpu0] stop_machine: fn ran on cpu0 while cpus 1,2,3 spun with events masked"
 
 
-def run(seed: int, noisy: bool = False) -> str:
-    hv, dom = boot(make_config(CMDLINE, vcpus=4, seed=seed))
-    try:
+@pytest.fixture
+def run(booted):
+    """run(seed, noisy=False): the stop_machine guest's run, which must power
+    off; with ``noisy`` an event is thrown at a cpu at every step."""
+    def go(seed: int, noisy: bool = False) -> str:
+        hv, dom = booted(make_config(CMDLINE, vcpus=4, seed=seed))
         if noisy:
             ports: list[int] = []
             n = [0]
@@ -52,8 +55,7 @@ def run(seed: int, noisy: bool = False) -> str:
         out = r.console.decode()
         assert r.reason == "poweroff", out + dom.crash_report
         return out
-    finally:
-        hv.close()
+    return go
 
 
 def check(out: str) -> None:
@@ -65,11 +67,11 @@ def check(out: str) -> None:
     assert m and m.group(1) == m.group(2)
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_the_others_spin_masked_while_fn_runs_under_many_seeds(seed: int):
+@pytest.mark.parametrize("seed", sweep(range(20), fast=2))
+def test_the_others_spin_masked_while_fn_runs_under_many_seeds(run, seed: int):
     check(run(seed))
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_an_event_arriving_at_every_point_changes_nothing(seed: int):
+@pytest.mark.parametrize("seed", sweep(range(3)))
+def test_an_event_arriving_at_every_point_changes_nothing(run, seed: int):
     check(run(seed, noisy=True))

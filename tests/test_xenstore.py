@@ -20,7 +20,7 @@ from hypervisor.public.io.xs_wire import (
     xenstore_domain_interface,
 )
 from hypervisor.public.xen import Hypercall
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from hypervisor.toolstack.xenstored import Store, XsError, home
 from tests.conftest import make_config
 
@@ -108,13 +108,12 @@ def test_a_transaction_sees_its_own_writes_commits_them_or_fails_with_eagain():
 # --- the wire protocol, on a real guest's ring --------------------------------------
 
 @pytest.fixture
-def guest():
+def guest(booted):
     """A booted guest whose kernel has connected to the store; the test then
     plays the guest's part on the ring page itself."""
-    hv, dom = boot(make_config("run=spawner:1:1:50"))
+    hv, dom = booted(make_config("run=spawner:1:1:50"))
     run_domain(hv, dom, until_ns=1_000_000)
-    yield hv, dom
-    hv.close()
+    return hv, dom
 
 
 class Ring:
@@ -226,34 +225,28 @@ def test_a_reconnect_request_resets_the_ring(guest):
 
 # --- the console ring ---------------------------------------------------------------
 
-def test_the_kernel_prints_through_the_ring_not_console_io():
-    hv, dom = boot(make_config("run=counter:500:1000,hello", vcpus=2))
+def test_the_kernel_prints_through_the_ring_not_console_io(booted):
+    hv, dom = booted(make_config("run=counter:500:1000,hello", vcpus=2))
     calls = []
     hv.after_hypercall = lambda v, nr, args, rc: calls.append(nr)
-    try:
-        r = run_domain(hv, dom)
-        assert r.reason == "poweroff"
-        assert Hypercall.console_io not in calls
-        assert len(r.console) > 2 * XENCONS_OUT_SIZE  # the ring wrapped
-        assert b"hello from user space" in r.console
-    finally:
-        hv.close()
+    r = run_domain(hv, dom)
+    assert r.reason == "poweroff"
+    assert Hypercall.console_io not in calls
+    assert len(r.console) > 2 * XENCONS_OUT_SIZE  # the ring wrapped
+    assert b"hello from user space" in r.console
 
 
-def test_the_console_backend_takes_what_wraps_around_the_ring():
-    hv, dom = boot(make_config("run=hello"))
-    try:
-        be = dom.console_backend
-        mem = hv.machine.memory
-        start = 0xFFFFFFFF - 9  # indices run free and wrap at 2**32
-        for off in (OUT_CONS_OFF, OUT_PROD_OFF):
-            mem.write(be.ring + off, start.to_bytes(4, "little"))
-        data = b"0123456789abcdefghij"
-        for i, b in enumerate(data):
-            mem.write(be.ring + OUT_OFF + (start + i) % XENCONS_OUT_SIZE, bytes([b]))
-        mem.write(be.ring + OUT_PROD_OFF, ((start + len(data)) & 0xFFFFFFFF).to_bytes(4, "little"))
-        before = len(dom.console_out)
-        be.notify()
-        assert bytes(dom.console_out[before:]) == data
-    finally:
-        hv.close()
+def test_the_console_backend_takes_what_wraps_around_the_ring(booted):
+    hv, dom = booted(make_config("run=hello"))
+    be = dom.console_backend
+    mem = hv.machine.memory
+    start = 0xFFFFFFFF - 9  # indices run free and wrap at 2**32
+    for off in (OUT_CONS_OFF, OUT_PROD_OFF):
+        mem.write(be.ring + off, start.to_bytes(4, "little"))
+    data = b"0123456789abcdefghij"
+    for i, b in enumerate(data):
+        mem.write(be.ring + OUT_OFF + (start + i) % XENCONS_OUT_SIZE, bytes([b]))
+    mem.write(be.ring + OUT_PROD_OFF, ((start + len(data)) & 0xFFFFFFFF).to_bytes(4, "little"))
+    before = len(dom.console_out)
+    be.notify()
+    assert bytes(dom.console_out[before:]) == data

@@ -16,16 +16,17 @@ toolchain:
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
-from hypervisor.public.native import TailCall, pvlab_image_header
+from hypervisor.public.native import VIRT_BASE, TailCall, pvlab_image_header
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
 from hypervisor.public.xen import Hypercall, XENVER_version
 
-VIRT_BASE = 0xFFFFFFFF80000000
+HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 COUNT = 100_000
 RESULTS: dict[str, float] = {}
 
@@ -41,7 +42,7 @@ def _loop(n: int) -> bytes:
 
 
 def start(cpu: Any) -> int:
-    hdr = pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, 72))
+    hdr = pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE))
     # Python path first
     t = time.perf_counter()
     for _ in range(COUNT):
@@ -59,7 +60,7 @@ def start(cpu: Any) -> int:
 
 def done(cpu: Any) -> TailCall:
     RESULTS["x86_us"] = (time.perf_counter() - RESULTS["x86_start"]) / COUNT * 1e6
-    buf = pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, 72)).kernel_data
+    buf = pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE)).kernel_data
     cpu.write(buf, struct.pack("<I", SHUTDOWN_poweroff))
     return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, buf), None)
 

@@ -23,9 +23,9 @@ from hypervisor.public.arch_x86 import (
     MACH2PHYS_VIRT_START,
     PTE_FRAME_MASK,
 )
+from hypervisor.public.native import VIRT_BASE
 from hypervisor.public.xen import DOMID_SELF, Hypercall, start_info
 
-VIRT_BASE = 0xFFFFFFFF80000000
 RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
 RO = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
 TABLE = RW
@@ -123,12 +123,12 @@ class Guest:
         return pfn, mfn
 
 
-def run_case(fn: Any, vcpus: int = 1, memory: int = 16, maxmem: int = 0, with_hv: bool = False
-             ) -> Any:
-    """Boot a probe domain, run ``fn(Guest)`` in its kernel, check invariants."""
+def run_case(fn: Any, vcpus: int = 1, memory: int = 16, maxmem: int = 0) -> Any:
+    """Boot a probe domain, run ``fn(Guest)`` in its kernel, check invariants;
+    the machine is closed before it returns."""
     from hypervisor.mm.audit import audit
-    from hypervisor.toolstack.session import boot, run_domain
-    from tests.conftest import make_config
+    from hypervisor.toolstack.session import run_domain
+    from tests.conftest import booting, make_config
     from tests.kernels import probe
 
     result: dict[str, Any] = {}
@@ -139,14 +139,13 @@ def run_case(fn: Any, vcpus: int = 1, memory: int = 16, maxmem: int = 0, with_hv
     probe.PROBE = probe_fn
     cfg = replace(make_config(vcpus=vcpus, memory=memory), kernel="tests.kernels.probe",
                   maxmem=maxmem or memory)
-    hv, dom = boot(cfg)
     try:
-        r = run_domain(hv, dom)
-        assert r.reason == "poweroff", dom.crash_report
-        problems = audit(hv)
-        assert problems == [], problems
-        return (result.get("value"), hv, dom) if with_hv else result.get("value")
+        with booting() as boot:
+            hv, dom = boot(cfg)
+            r = run_domain(hv, dom)
+            assert r.reason == "poweroff", dom.crash_report
+            problems = audit(hv)
+            assert problems == [], problems
+            return result.get("value")
     finally:
         probe.PROBE = None
-        if not with_hv:
-            hv.close()

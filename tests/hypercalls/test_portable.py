@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from hypervisor.mm.audit import audit
 from hypervisor.public.xen import DOMID_SELF, Hypercall
 from hypervisor.toolstack.config import DomainConfig
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE
 from tests.hypercalls.guest import Guest, run_case
 from tests.hypercalls.portable import ANY, CASES, resolve
@@ -26,10 +28,11 @@ def matches(got: dict[str, int], want: dict[str, object]) -> list[str]:
             if v is not ANY and got.get(k) != v]
 
 
-def run_x86() -> dict[str, int]:
-    cfg = DomainConfig("hcall", 16, 1, FIRMWARE / "tests/hcall.elf")
-    hv, dom = boot(cfg)
-    try:
+@pytest.fixture
+def run_x86(booted):
+    """run_x86(): the x86 case guest's results, by case step."""
+    def run() -> dict[str, int]:
+        hv, dom = booted(DomainConfig("hcall", 16, 1, FIRMWARE / "tests/hcall.elf"))
         r = run_domain(hv, dom)
         assert r.reason == "poweroff", dom.crash_report
         assert audit(hv) == []
@@ -40,8 +43,7 @@ def run_x86() -> dict[str, int]:
             v = int(m.group(2), 16)
             rcs[m.group(1)] = v - (1 << 64) if v >> 63 else v
         return rcs
-    finally:
-        hv.close()
+    return run
 
 
 def run_python() -> dict[str, int]:
@@ -77,7 +79,7 @@ def test_generated_x86_cases_are_up_to_date():
         "firmware/tests/cases.S, then make firmware"
 
 
-def test_x86_path_gives_xens_results():
+def test_x86_path_gives_xens_results(run_x86):
     assert matches(run_x86(), expected()) == []
 
 
@@ -85,7 +87,7 @@ def test_python_path_gives_xens_results():
     assert matches(run_python(), expected()) == []
 
 
-def test_both_paths_agree_step_for_step():
+def test_both_paths_agree_step_for_step(run_x86):
     x86, py = run_x86(), run_python()
     assert set(x86) == set(py) == set(expected())
     differ = {k: (x86[k], py[k]) for k in x86 if x86[k] != py[k] and expected()[k] is not ANY}

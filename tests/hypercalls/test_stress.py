@@ -13,35 +13,39 @@ import pytest
 from hypervisor.mm.audit import audit
 from hypervisor.mm.frames import PageType
 from hypervisor.toolstack.config import DomainConfig
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE, ROOT
 
 
-def run_stress(cmdline: str, seed: int = 1, audit_every_call: bool = False,
-               until_ns: int | None = None) -> tuple[str, dict[str, int]]:
-    cfg = replace(DomainConfig("stress", 16, 1, FIRMWARE / "tests/stress.elf"),
-                  cmdline=cmdline, seed=seed)
-    hv, dom = boot(cfg)
-    seen: dict[str, int] = {"calls": 0, "max_pinned_l4": 0, "max_unpinned_tables": 0}
+@pytest.fixture
+def run_stress(booted):
+    """run_stress(cmdline, seed=1, audit_every_call=False, until_ns=None): the
+    stress guest's run, the invariants holding at its end (and after every
+    hypercall if asked); its console and what the audits saw."""
+    def run(cmdline: str, seed: int = 1, audit_every_call: bool = False,
+            until_ns: int | None = None) -> tuple[str, dict[str, int]]:
+        cfg = replace(DomainConfig("stress", 16, 1, FIRMWARE / "tests/stress.elf"),
+                      cmdline=cmdline, seed=seed)
+        hv, dom = booted(cfg)
+        seen: dict[str, int] = {"calls": 0, "max_pinned_l4": 0, "max_unpinned_tables": 0}
 
-    def check(vcpu, nr, args, rc) -> None:
-        problems = audit(hv, p2m=False)
-        assert problems == [], f"after hypercall {nr}{tuple(map(hex, args))} -> {rc}: {problems}"
-        ft = hv.machine.frames
-        mine = ft.owner == dom.domid
-        l4 = mine & (ft.type == PageType.l4)
-        seen["calls"] += 1
-        seen["max_pinned_l4"] = max(seen["max_pinned_l4"], int((l4 & ft.pinned).sum()))
+        def check(vcpu, nr, args, rc) -> None:
+            problems = audit(hv, p2m=False)
+            assert problems == [], \
+                f"after hypercall {nr}{tuple(map(hex, args))} -> {rc}: {problems}"
+            ft = hv.machine.frames
+            mine = ft.owner == dom.domid
+            l4 = mine & (ft.type == PageType.l4)
+            seen["calls"] += 1
+            seen["max_pinned_l4"] = max(seen["max_pinned_l4"], int((l4 & ft.pinned).sum()))
 
-    if audit_every_call:
-        hv.after_hypercall = check
-    try:
+        if audit_every_call:
+            hv.after_hypercall = check
         r = run_domain(hv, dom, until_ns)
         assert r.reason == ("poweroff" if until_ns is None else "time"), dom.crash_report
         assert audit(hv) == []
         return r.console.decode(), seen
-    finally:
-        hv.close()
+    return run
 
 
 def totals(out: str) -> dict[str, int]:
@@ -50,7 +54,7 @@ def totals(out: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_invariants_hold_after_every_hypercall_over_a_long_run():
+def test_invariants_hold_after_every_hypercall_over_a_long_run(run_stress):
     out, seen = run_stress("1000", audit_every_call=True)
     assert out.rstrip().endswith("Test result: SUCCESS"), out
     t = totals(out)
@@ -62,7 +66,7 @@ def test_invariants_hold_after_every_hypercall_over_a_long_run():
     assert seen["max_pinned_l4"] >= 1 + 5  # the bootstrap L4 and most slots at once
 
 
-def test_results_do_not_depend_on_the_machine_frames():
+def test_results_do_not_depend_on_the_machine_frames(run_stress):
     """Different hypervisor seeds shuffle the frames differently; what the guest
     reads through its tables is the same."""
     a, _ = run_stress("200", seed=1)
@@ -71,7 +75,7 @@ def test_results_do_not_depend_on_the_machine_frames():
     assert totals(a) == totals(b)
 
 
-def test_generator_seed_changes_the_shapes():
+def test_generator_seed_changes_the_shapes(run_stress):
     a, _ = run_stress("100 1")
     b, _ = run_stress("100 2")
     assert totals(a)["checksum"] != totals(b)["checksum"]

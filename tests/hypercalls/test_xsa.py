@@ -19,36 +19,39 @@ from hypervisor.public.xen import (
     Hypercall,
 )
 from hypervisor.toolstack.config import DomainConfig
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE
 from tests.hypercalls.guest import RW, TABLE, Guest, run_case
 from tests.hypercalls.test_multicall import multicall
 
 
-def run_xsa_guest(vcpus: int = 2) -> str:
-    hv, dom = boot(DomainConfig("xsa", 16, vcpus, FIRMWARE / "tests/xsa.elf"))
-    try:
+@pytest.fixture
+def run_xsa_guest(booted):
+    """run_xsa_guest(vcpus=2): the x86 XSA guest's run, which must power off
+    with the invariants holding; its console."""
+    def run(vcpus: int = 2) -> str:
+        hv, dom = booted(DomainConfig("xsa", 16, vcpus, FIRMWARE / "tests/xsa.elf"))
         r = run_domain(hv, dom)
         assert r.reason == "poweroff", dom.crash_report
         assert audit(hv) == []
         return r.console.decode()
-    finally:
-        hv.close()
+    return run
 
 
-def test_xsa286_and_xsa296_pocs_find_pvlab_not_vulnerable():
+def test_xsa286_and_xsa296_pocs_find_pvlab_not_vulnerable(run_xsa_guest):
     out = run_xsa_guest()
     assert "XSA-286: not vulnerable" in out
     assert "XSA-296: not vulnerable" in out
     assert out.rstrip().endswith("Test result: SUCCESS"), out
 
 
-def test_xsa296_is_skipped_with_one_vcpu():
+def test_xsa296_is_skipped_with_one_vcpu(run_xsa_guest):
     out = run_xsa_guest(vcpus=1)
     assert "XSA-296: SKIP" in out and "Test result: SUCCESS" in out
 
 
-def test_xsa286_poc_catches_a_stale_linear_mapping(monkeypatch: pytest.MonkeyPatch):
+def test_xsa286_poc_catches_a_stale_linear_mapping(monkeypatch: pytest.MonkeyPatch,
+                                                   run_xsa_guest):
     """The PoC is not vacuous: a hypervisor that caches where an address's L1
     entry lives across an mmu_update (XSA-286's bug) fails it."""
     real = Walker.l1e_maddr

@@ -15,6 +15,7 @@ from hypervisor.public.native import VIRT_BASE, TailCall, pvlab_image_header
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
 from hypervisor.public.xen import Hypercall
 
+HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 CODE = b"\x0f\x0b"  # ud2
 REGISTER = True
 SKIP_GP = 0  # #GPs to step over (handler returns past a 3-byte instruction)
@@ -22,8 +23,7 @@ SEEN: dict[str, int] = {}
 
 
 def _data(cpu: Any) -> int:
-    hdr = cpu.read(VIRT_BASE, ctypes.sizeof(pvlab_image_header))
-    return pvlab_image_header.from_buffer_copy(hdr).kernel_data
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE)).kernel_data
 
 
 def start(cpu: Any) -> int:

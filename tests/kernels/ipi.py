@@ -25,14 +25,14 @@ from hypervisor.public.sched import (
 from hypervisor.public.vcpu import VCPUOP_initialise, VCPUOP_up
 from hypervisor.public.xen import Hypercall, start_info
 
+HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 MASKED = False
 LOG: list[str] = []
 SHINFO_MASK = 2560
 
 
 def _data(cpu: Any) -> int:
-    hdr = cpu.read(VIRT_BASE, ctypes.sizeof(pvlab_image_header))
-    return pvlab_image_header.from_buffer_copy(hdr).kernel_data
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE)).kernel_data
 
 
 def _evtchn(cpu: Any, cmd: int, fmt: str, *vals: int) -> tuple[int, tuple[int, ...]]:

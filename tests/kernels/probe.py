@@ -15,14 +15,14 @@ from hypervisor.public.native import VIRT_BASE, TailCall, pvlab_image_header
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
 from hypervisor.public.xen import Hypercall
 
+HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 PROBE: Callable[[Any], object] | None = None
 RESULT: list[object] = []
 
 
 def scratch(cpu: Any) -> int:
     """A free spot for argument structs: the image's kernel_data area."""
-    hdr = cpu.read(VIRT_BASE, ctypes.sizeof(pvlab_image_header))
-    return pvlab_image_header.from_buffer_copy(hdr).kernel_data
+    return pvlab_image_header.from_buffer_copy(cpu.read(VIRT_BASE, HEADER_SIZE)).kernel_data
 
 
 def start(cpu: Any) -> TailCall:

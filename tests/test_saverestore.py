@@ -287,6 +287,7 @@ def test_damaged_record_fields_are_refused_naming_the_record(good_image, tmp_pat
     assert "STATIC_DATA_END" in msg
 
 
+@pytest.mark.slow
 def test_random_bytes_anywhere_in_the_structure_are_refused_or_harmless(good_image, tmp_path):
     """No checksum covers page data (Xen's stream has none), so a flipped data
     byte may restore; but a restore either works or fails with a message, never

@@ -31,7 +31,7 @@ from hypervisor.mm.reservation import Reservation
 from hypervisor.native import NativeKernel
 from hypervisor.public.errno import ENOSYS
 from hypervisor.public.xen import DOMID_XEN, Hypercall
-from hypervisor.scheduler import Scheduler, fire_timer
+from hypervisor.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ class Hypervisor:
         domid = 1 + max(self.domains, default=0)
         dom = Domain(domid, name, max_pages, nr_vcpus, machine=self.machine,
                      domains=self.domains, scheduler=self.scheduler, exits=self)
-        dom.hypervisor = self
         self.domains[domid] = dom
         return dom
 
@@ -192,34 +191,10 @@ class Hypervisor:
     bounce_syscall = staticmethod(traps.bounce_syscall)
     inject = staticmethod(traps.inject)
 
-    # --- old names, kept for toolstack/ and devices/ until they go through
-    # --- hypervisor.domctl: each is now a method of the domain, VCPU or scheduler
-
-    def flush_tlbs(self, dom: Domain) -> None:
-        dom.flush_tlbs()
-
-    def resume_domain(self, dom: Domain) -> None:
-        dom.resume()
-
-    def suspend_domain(self, dom: Domain, vcpu: Vcpu | None = None) -> None:
-        dom.suspend()
-
-    def copy_from_guest(self, vcpu: Vcpu, va: int, size: int) -> bytes:
-        return vcpu.copy_from_guest(va, size)
-
-    def copy_to_guest(self, vcpu: Vcpu, va: int, data: bytes) -> None:
-        vcpu.copy_to_guest(va, data)
-
-    def kick(self, vcpu: Vcpu) -> None:
-        self.scheduler.kick(vcpu)
-
-    def fire_timer(self, vcpu: Vcpu) -> None:
-        fire_timer(vcpu)
-
     def _type_changed(self, domid: int) -> None:
         dom = self.domains.get(domid)
         if dom is not None and domid != DOMID_XEN:
-            self.flush_tlbs(dom)
+            dom.flush_tlbs()
 
     # --- running -----------------------------------------------------------------------
 

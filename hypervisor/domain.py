@@ -58,10 +58,6 @@ class Domain:
         self.domains = domains      # every domain of the machine, by id (Xen's domain_list)
         self.scheduler = scheduler
         self.exits = exits          # given to each VCPU
-        # the hypervisor object, for toolstack/ and devices/ until they go
-        # through hypervisor.domctl; in this module only the old name
-        # rebuild_vcpus uses it, and no lower module does
-        self.hypervisor: Any = None
         self.domid = domid
         self.name = name
         self.max_pages = max_pages
@@ -174,11 +170,6 @@ class Domain:
         if self.shutdown_reason != SHUTDOWN_suspend:
             raise ValueError(f"domain {self.domid} is not suspended")
         self.shutdown_reason = None
-
-    def rebuild_vcpus(self) -> None:
-        """The core's Hypervisor.rebuild_vcpus(dom), under its old name (kept
-        for callers until the merge)."""
-        self.hypervisor.rebuild_vcpus(self)
 
     def close(self) -> None:
         if self.xenstore is not None:

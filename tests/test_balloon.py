@@ -361,4 +361,4 @@ def test_each_vcpu_engine_sends_device_memory_to_the_bus(booted):
         dom.vcpus[1].uc.mem_write(t.base + 0x70, (1).to_bytes(4, "little"))
         assert t.status == 1
         t.mmio_write(0x70, 4, 0)
-        dom.rebuild_vcpus()
+        hv.rebuild_vcpus(dom)

@@ -57,7 +57,7 @@ def save(cfg, path: Path, at_ms: float, seed: int | None = None, cmdline: str = 
     with booting() as boot:
         hv, dom = boot(cfg, seed=seed)
         result, stats = save_domain(hv, dom, str(path), int(at_ms * 1_000_000))
-        assert stats.pages > 0 and not dom.hypervisor.domains
+        assert stats.pages > 0 and not hv.domains
     return result.console.decode()
 
 

@@ -42,7 +42,7 @@ from hypervisor.devices.bus import MMIO_BASE, MMIO_NONE, MmioBus
 from hypervisor.devices.virtio.mmio import PVLAB_VENDOR_ID, VirtioMmio, VirtioMmioMetrics
 from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.mm.audit import audit
-from hypervisor.mm.frames import FREE, INVALID_M2P, FrameTable, PageType
+from hypervisor.mm.frames import FREE, FrameTable, PageType
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE, MachineMemory
 from hypervisor.public.io.virtio import (
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
@@ -854,7 +854,7 @@ def test_inflate_frees_unused_frames(env):
     head = drv.request(INFLATE, victims)
     assert [int(ft.owner[m]) for m in victims] == [FREE] * 3
     assert ft.nr_free == free0 + 3 and dom.tot_pages == tot0 - 3
-    assert all(hv.machine.m2p[m] == INVALID_M2P for m in victims)
+    assert all(hv.machine.m2p[m] == INVALID_MFN for m in victims)
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert drv.isr & VIRTIO_MMIO_INT_VRING
     assert pending_event(dom, t.port)
@@ -1085,7 +1085,7 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert all(ft.owner[m] == dom.domid for m in victims)
     # set aside: still owned, but no longer a pfn of the guest
-    assert [hv.machine.m2p[m] == INVALID_M2P for m in victims] == [True, True, False, False]
+    assert [hv.machine.m2p[m] == INVALID_MFN for m in victims] == [True, True, False, False]
     assert ft.nr_free == free0
     assert bal.metrics.inhibited == 2 and bal.metrics.freed == 0
     assert audit(hv, p2m=False) == []
@@ -1136,7 +1136,7 @@ def test_set_aside_frame_taken_back_is_not_freed(env):
     kept, gone = drv.frame(), drv.frame()
     bal.inhibit()
     drv.request(INFLATE, [kept, gone])
-    assert hv.machine.m2p[kept] == INVALID_M2P
+    assert hv.machine.m2p[kept] == INVALID_MFN
     hv.machine.set_m2p(kept, 5)
     assert bal.uninhibit() == 1
     assert ft.owner[kept] == dom.domid and ft.owner[gone] == FREE

@@ -31,9 +31,6 @@ from hypervisor.public.xen import DOMID_XEN, INVALID_MFN
 
 FREE = -1
 CHUNK_FRAMES = 512  # 2 MiB
-# the old names of hypervisor.public.xen.INVALID_MFN, kept for toolstack/ and
-# devices/ until they import it from there
-INVALID_M2P = INVALID_MFN
 
 
 class PageType(enum.IntEnum):

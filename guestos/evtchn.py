@@ -14,7 +14,6 @@ pending port that belongs to this cpu, whatever driver bound it.
 from __future__ import annotations
 
 import ctypes
-import struct
 from collections.abc import Callable
 
 from guestos.hypercall import with_args
@@ -26,6 +25,10 @@ from hypervisor.public.event_channel import (
     EVTCHNOP_bind_virq,
     EVTCHNOP_send,
     EVTCHNOP_unmask,
+    evtchn_bind_ipi,
+    evtchn_bind_virq,
+    evtchn_send,
+    evtchn_unmask,
 )
 from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import Hypercall, shared_info, vcpu_info
@@ -89,7 +92,7 @@ def set_upcall_mask(cpu: NativeCpu, masked: int) -> None:
 
 def notify_remote_via_evtchn(cpu: NativeCpu, port: int) -> None:
     cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_send,
-                  with_args(cpu, struct.pack("<I", port)))
+                  with_args(cpu, bytes(evtchn_send(port=port))))
 
 
 def mask_evtchn(cpu: NativeCpu, port: int) -> None:
@@ -101,7 +104,7 @@ def mask_evtchn(cpu: NativeCpu, port: int) -> None:
 def unmask_evtchn(cpu: NativeCpu, port: int) -> None:
     """Through Xen, which raises the upcall if an event waited under the mask."""
     cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_unmask,
-                  with_args(cpu, struct.pack("<I", port)))
+                  with_args(cpu, bytes(evtchn_unmask(port=port))))
 
 
 def mask_all(cpu: NativeCpu) -> None:
@@ -141,17 +144,17 @@ def bind_evtchn_to_irqhandler(cpu: NativeCpu, port: int, handler: IrqHandler,
 
 
 def _bind_virq(cpu: NativeCpu, virq: int, n: int) -> int:
-    arg = with_args(cpu, struct.pack("<III", virq, n, 0))
+    arg = with_args(cpu, bytes(evtchn_bind_virq(virq=virq, vcpu=n)))
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_virq, arg):
         return NO_PORT
-    return struct.unpack("<I", cpu.read(arg + 8, 4))[0]
+    return evtchn_bind_virq.from_buffer_copy(cpu.read(arg, ctypes.sizeof(evtchn_bind_virq))).port
 
 
 def _bind_ipi(cpu: NativeCpu, n: int) -> int:
-    arg = with_args(cpu, struct.pack("<II", n, 0))
+    arg = with_args(cpu, bytes(evtchn_bind_ipi(vcpu=n)))
     if cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_ipi, arg):
         return NO_PORT
-    return struct.unpack("<I", cpu.read(arg + 4, 4))[0]
+    return evtchn_bind_ipi.from_buffer_copy(cpu.read(arg, ctypes.sizeof(evtchn_bind_ipi))).port
 
 
 def bind_virq_to_irqhandler(cpu: NativeCpu, virq: int, n: int, handler: IrqHandler,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import struct
-
 from guestos.kdata import AREAS, MAX_CPUS
 from hypervisor.public.native import NativeCpu
-from hypervisor.public.sched import SCHEDOP_shutdown
+from hypervisor.public.sched import SCHEDOP_shutdown, sched_shutdown
 from hypervisor.public.xen import DOMID_SELF, CONSOLEIO_write, Hypercall, mmuext_op
 
 SCRATCH_SIZE = AREAS["scratch"].size // MAX_CPUS
@@ -30,7 +28,7 @@ def with_args(cpu: NativeCpu, data: bytes) -> int:
 
 
 def shutdown_args(cpu: NativeCpu, reason: int) -> tuple[int, int]:
-    return SCHEDOP_shutdown, with_args(cpu, struct.pack("<I", reason))
+    return SCHEDOP_shutdown, with_args(cpu, bytes(sched_shutdown(reason=reason)))
 
 
 def mmuext(cpu: NativeCpu, cmd: int, mfn: int) -> int:

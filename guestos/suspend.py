@@ -26,10 +26,8 @@ names none of them.
 
 from __future__ import annotations
 
-import struct
-
 from guestos.evtchn import upcall_masked, xen_irq_resume
-from guestos.hypercall import with_args
+from guestos.hypercall import shutdown_args
 from guestos.kdata import AREAS, kernel, read_start_info, write_start_info
 from guestos.layout import Layout, Ref
 from guestos.mm import PAGE_SIZE, PTE_RW, mfn_to_pfn, pfn_of, pfn_to_mfn, xen_setup_mfn_list_list
@@ -91,7 +89,7 @@ def xen_suspend(cpu: NativeCpu) -> TailCall:
     printk(cpu, "pre-suspend: start_info's store and console frames are pfns, "
            "shared_info unmapped")
     printk(cpu, "suspend hypercall (SCHEDOP_shutdown, SHUTDOWN_suspend)")
-    arg = with_args(cpu, struct.pack("<I", SHUTDOWN_suspend))
+    _, arg = shutdown_args(cpu, SHUTDOWN_suspend)
     si_mfn = pfn_to_mfn(cpu, pfn_of(k.start_info))
     return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, arg, si_mfn), xen_suspend_resumed)
 

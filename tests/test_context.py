@@ -58,19 +58,50 @@ def test_the_register_file_is_found_when_other_engines_hold_the_same_markers():
         assert d.reg_read(_GPR_UC_IDS[0]) == _GPR_MARKS[0]
 
 
+def test_the_register_file_is_found_when_its_mapping_is_split():
+    """Regression: gpr_file searched each mapping on its own, but one heap is
+    several mappings once part of it differs in flags (numpy madvises a big array
+    in it MADV_HUGEPAGE). The X86CPU that uc->cpu points at then straddled two,
+    env->regs in the one no pointer in uc_struct led into, and a full run with
+    two xdist workers missed it. Split here with MADV_DONTDUMP, which only keeps
+    the registers' page out of core dumps."""
+    import ctypes
+    import mmap
+
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+
+    from hypervisor.cpu.ucfast import gpr_file
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    regs = gpr_file(uc)
+    assert regs is not None
+    at = ctypes.addressof(regs)
+    lo = at & -mmap.PAGESIZE
+    hi = (at + ctypes.sizeof(regs) + mmap.PAGESIZE - 1) & -mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_dontdump, madv_dodump = 16, 17
+    assert libc.madvise(lo, hi - lo, madv_dontdump) == 0
+    try:
+        with open("/proc/self/maps") as maps:
+            assert f"{lo:x}-{hi:x} " in maps.read()  # the registers' own mapping now
+        again = gpr_file(uc)
+    finally:
+        libc.madvise(lo, hi - lo, madv_dodump)  # and the kernel joins it back
+    assert again is not None and ctypes.addressof(again) == at
+
+
 def test_the_register_file_is_found_in_a_mapping_bigger_than_the_scan_limit(monkeypatch):
     """Regression: a process that had restored a few images had a heap bigger
     than the 512 MiB gpr_file searched whole, so the mapping holding a new
     engine's registers was skipped: 'cannot locate unicorn's register file'.
-    Bigger mappings are searched about the pointers that lead into them, and
-    whole if that finds nothing (searching only about the pointers missed the
-    registers in long test runs)."""
+    Mappings are searched about the pointers that lead into them, and whole if
+    that finds nothing (searching only about the pointers missed the registers
+    in long test runs)."""
     from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
     from unicorn.x86_const import UC_X86_REG_RCX
 
     from hypervisor.cpu import ucfast
-    monkeypatch.setattr(ucfast, "_MAX_SCAN", 4096)  # every mapping counts as big
-    monkeypatch.setattr(ucfast, "_WINDOW", 64)      # and no window holds the registers
+    monkeypatch.setattr(ucfast, "_WINDOW", 64)  # no window holds the registers
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     regs = ucfast.gpr_file(uc)
     assert regs is not None

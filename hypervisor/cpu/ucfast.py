@@ -103,18 +103,23 @@ _GPR_UC_IDS = (UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
                UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
                UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15)
 _GPR_MARKS = tuple(0x5EED00000000C0DE + (i << 20) for i in range(16))
-_MAX_SCAN = 512 << 20  # a mapping up to this size is searched whole at once
-_WINDOW = 4 << 20      # in a bigger one (a grown heap), this much about the pointer
-                       # first, and all of it only if that finds nothing
+_WINDOW = 4 << 20  # searched about each pointer first; whole mappings (a heap can
+                   # grow to GiBs) only if that finds nothing
 
 
 def _readable_regions() -> list[tuple[int, int]]:
-    out = []
+    """The writable mappings, adjacent ones joined: one heap can be several
+    mappings (numpy's madvise(MADV_HUGEPAGE) of a big array in it splits it), and
+    a struct the heap holds can straddle two of them: the X86CPU that uc->cpu
+    points at, with env->regs in the next mapping."""
+    out: list[tuple[int, int]] = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             span, perms = line.split()[:2]
             if perms.startswith("rw"):
                 lo, hi = (int(x, 16) for x in span.split("-"))
+                if out and out[-1][1] == lo:
+                    lo = out.pop()[0]
                 out.append((lo, hi))
     return out
 
@@ -138,21 +143,25 @@ def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
     want = np.array(marks, dtype=np.uint64)
     regions = _readable_regions()
     head = ctypes.string_at(uc._uch.value, 4096)
-    spans: list[tuple[int, int]] = []
-    big: list[tuple[int, int]] = []
+    windows: list[tuple[int, int]] = []
+    whole: list[tuple[int, int]] = []
     for (ptr,) in struct.iter_unpack("<Q", head):
         for lo, hi in regions:
             if lo <= ptr < hi:
-                if hi - lo > _MAX_SCAN:
-                    # the CPU state is most often right by what uc_struct points at
-                    spans.append((max(lo, ptr - _WINDOW) & ~7, min(hi, ptr + _WINDOW)))
-                    big.append((lo, hi))
-                else:
-                    spans.append((lo, hi))
+                # the CPU state is right by what uc_struct points at (env->regs
+                # ~35 KiB past uc->cpu); a window keeps a big heap's search short
+                windows.append((max(lo, ptr - _WINDOW) & ~7, min(hi, ptr + _WINDOW)))
+                whole.append((lo, hi))
                 break
+    spans: list[tuple[int, int]] = []
+    for lo, hi in sorted(windows):  # overlapping windows (most are) searched once
+        if spans and lo <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
+        else:
+            spans.append((lo, hi))
     found = None
-    # the windows and small mappings first, then the big mappings whole
-    for lo, hi in dict.fromkeys(spans + big):
+    # the windows first, then the mappings whole, smallest first
+    for lo, hi in spans + sorted(set(whole), key=lambda r: r[1] - r[0]):
         found = _verified_match(uc, lo, hi, want)
         if found is not None:
             break

@@ -30,7 +30,7 @@ from hypervisor.mm.mmu import Mmu
 from hypervisor.mm.reservation import Reservation
 from hypervisor.native import NativeKernel
 from hypervisor.public.errno import ENOSYS
-from hypervisor.public.xen import DOMID_XEN, Hypercall
+from hypervisor.public.xen import DOMID_XEN, VIRQ_CON_RING, VIRQ_DOM_EXC, Hypercall
 from hypervisor.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ class Hypervisor:
             Hypercall.event_channel_op: do_event_channel_op,
         }
         self.hypercall_count = 0
-        # the toolstack's xenstore (hypervisor/toolstack/xenstored.Store), shared by
-        # its domains; the toolstack sets it up with the first one
-        self.xenstore: Any = None
+        # the global VIRQs the toolstack bound (VIRQ_DOM_EXC, VIRQ_CON_RING): Xen
+        # sends them to the domain that bound them; here the handler is called
+        self.global_virqs: dict[int, Callable[..., None]] = {}
         # a test mode: called as after_hypercall(vcpu, nr, args, rc) after each one
         self.after_hypercall: Callable[[Vcpu, int, Any, Any], None] | None = None
 
@@ -93,12 +93,31 @@ class Hypervisor:
     def create_domain(self, name: str, max_pages: int, nr_vcpus: int) -> Domain:
         domid = 1 + max(self.domains, default=0)
         dom = Domain(domid, name, max_pages, nr_vcpus, machine=self.machine,
-                     domains=self.domains, scheduler=self.scheduler, exits=self)
+                     domains=self.domains, scheduler=self.scheduler, exits=self,
+                     on_console=self._console_output)
         self.domains[domid] = dom
         return dom
 
     def domain_by_id(self, domid: int) -> Domain | None:
         return self.domains.get(domid)
+
+    def bind_global_virq(self, virq: int, handler: Callable[..., None]) -> bool:
+        """The toolstack binds a global VIRQ (one binding each, as in Xen);
+        False if it is bound already."""
+        if virq in self.global_virqs:
+            return False
+        self.global_virqs[virq] = handler
+        return True
+
+    def send_global_virq(self, virq: int, *args: Any) -> None:
+        """Xen's send_global_virq: to whoever bound it, if anyone did."""
+        handler = self.global_virqs.get(virq)
+        if handler is not None:
+            handler(*args)
+
+    def _console_output(self, dom: Domain, data: bytes) -> None:
+        """What a domain wrote to its console (VIRQ_CON_RING)."""
+        self.send_global_virq(VIRQ_CON_RING, dom, data)
 
     def iomem_permit(self, dom: Domain, first_mfn: int, nr_mfns: int) -> None:
         """XEN_DOMCTL_iomem_permission: let ``dom`` map these frames of device
@@ -132,6 +151,7 @@ class Hypervisor:
         dom.close()
         self.domains.pop(dom.domid, None)
         self.walker.flush()
+        self.send_global_virq(VIRQ_DOM_EXC, dom.domid)  # the toolstack cleans up after it
 
     def rebuild_vcpus(self, dom: Domain) -> None:
         """Throw away every VCPU object of ``dom`` (engine, hooks, Python state)

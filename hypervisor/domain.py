@@ -10,6 +10,7 @@ other, as Xen's struct domain and struct vcpu do: the one import cycle allowed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from unicorn.unicorn_const import UC_CTL_TLB_FLUSH
@@ -53,11 +54,13 @@ class Scheduling(Protocol):
 class Domain:
     def __init__(self, domid: int, name: str, max_pages: int, nr_vcpus: int, *,
                  machine: Machine, domains: dict[int, Domain], scheduler: Scheduling,
-                 exits: GuestExits) -> None:
+                 exits: GuestExits,
+                 on_console: Callable[[Domain, bytes], None] | None = None) -> None:
         self.machine = machine
         self.domains = domains      # every domain of the machine, by id (Xen's domain_list)
         self.scheduler = scheduler
         self.exits = exits          # given to each VCPU
+        self.on_console = on_console  # where each console write goes on to
         self.domid = domid
         self.name = name
         self.max_pages = max_pages
@@ -68,17 +71,9 @@ class Domain:
         self.shutdown_reason: int | None = None
         self.paused = False
         self.crash_report = ""
-        self.console_out = bytearray()
-        self.console_sink: Any = None      # callable(bytes) for live output
+        self.console_out = bytearray()     # everything written to its console
         self.native: Any = None            # the bound guest kernel, if any
         self.kernel_module = ""
-        # the toolstack's backends on this domain's rings (consoled, xenstored)
-        self.console_backend: Any = None
-        self.xenstore: Any = None
-        # the guest's p2m list as its builder or restorer laid it out: the
-        # frames holding it and its entries (for the invariant audit)
-        self.p2m_frames: list[int] = []
-        self.p2m_size = 0
         # device memory it may map (XEN_DOMCTL_iomem_permission), its devices
         self.iomem: list[range] = []
         self.devices: list[Any] = []
@@ -117,9 +112,11 @@ class Domain:
     # --- console ---------------------------------------------------------------------
 
     def console_write(self, data: bytes) -> None:
+        """Output of the domain's console (its console_io hypercalls, and what the
+        console daemon took from its ring): kept, and passed on."""
         self.console_out += data
-        if self.console_sink is not None:
-            self.console_sink(self, data)
+        if self.on_console is not None:
+            self.on_console(self, data)
 
     # --- life and death ----------------------------------------------------------------
 
@@ -172,9 +169,6 @@ class Domain:
         self.shutdown_reason = None
 
     def close(self) -> None:
-        if self.xenstore is not None:
-            self.xenstore.store.release(self.xenstore)
-            self.xenstore = None
         for v in self.vcpus:
             v.close()
         self._shared_info = None

@@ -9,14 +9,19 @@ pin), event channels for backends, and foreign mappings of a domain's frames
 The toolstack (hypervisor/toolstack/) imports nothing else of the hypervisor
 but hypervisor/public/, and this module imports nothing of the toolstack. The
 toolstack holds two handles: the machine (``Hypervisor``, libxc's
-xc_interface) and a domain (``Domain``, where libxc passes a domid). It reads
-a domain's descriptive fields (name, domid, max_pages, shutdown_reason,
-crash_report, console_out) and keeps its own objects in the slots the
-hypervisor holds for it (the machine's xenstore; a domain's console and
-xenstore backends, console_sink, image, and p2m_frames/p2m_size: where the
-builder or restorer put the guest's p2m list, for the frame audit); every
-other change to a domain goes through the calls below. Live migration will add
-shadow_op (log-dirty) here.
+xc_interface) and a domain (``Domain``, where libxc passes a domid). Of a
+domain it reads only the descriptive fields xc_domain_getinfo would give:
+name, domid, max_pages, tot_pages, is_running, shutdown_reason, crash_report
+and console_out (what the domain wrote to its console); of the machine, its
+seed. It keeps its own
+state itself (hypervisor/toolstack/context.py, as libxl keeps its
+libxl_ctx): the xenstore, each domain's xenstore connection, console backend
+and console sink, its image, and where its p2m list is; the hypervisor's
+objects hold none of it. It learns of the machine's events through the global
+VIRQs it binds here: VIRQ_DOM_EXC when a domain is destroyed (it releases its
+xenstore connection itself), VIRQ_CON_RING for console output; and it passes
+the p2m lists it recorded to ``audit``. Every change to a domain goes through
+the calls below. Live migration will add shadow_op (log-dirty) here.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ from hypervisor.public.domctl import (
     PFINFO_NOTAB,
     PFINFO_XTAB,
 )
-from hypervisor.public.errno import EBUSY, EINVAL, EPERM
-from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, shared_info
+from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, EPERM
+from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, VIRQ_CON_RING, VIRQ_DOM_EXC, shared_info
 
 ENTRIES_PER_TABLE = PAGE_SIZE // 8
 
@@ -100,6 +105,31 @@ def unpausedomain(dom: Domain) -> None:
 def resumedomain(hv: Hypervisor, dom: Domain) -> None:
     """XEN_DOMCTL_resumedomain: a domain shut down for suspend runs on."""
     dom.resume()
+
+
+def bind_virq_dom_exc(hv: Hypervisor, handler: Callable[[int], None]) -> None:
+    """EVTCHNOP_bind_virq(VIRQ_DOM_EXC), as xenstored binds it: ``handler(domid)``
+    runs when a domain has been destroyed, for the toolstack to release what
+    it kept for it (xenstored's @releaseDomain). One binding (EEXIST)."""
+    if not hv.bind_global_virq(VIRQ_DOM_EXC, handler):
+        raise DomctlError(EEXIST, "VIRQ_DOM_EXC is bound already")
+
+
+def bind_virq_con_ring(hv: Hypervisor, handler: Callable[[Domain, bytes], None]) -> None:
+    """EVTCHNOP_bind_virq(VIRQ_CON_RING): ``handler(dom, data)`` gets what a
+    domain writes to its console, its console_io hypercalls and what the
+    console daemon hands over from its ring (console_write), in order; Xen
+    signals the virq and the toolstack reads the console ring
+    (XEN_SYSCTL_readconsole), pvlab passes the data. One binding (EEXIST)."""
+    if not hv.bind_global_virq(VIRQ_CON_RING, handler):
+        raise DomctlError(EEXIST, "VIRQ_CON_RING is bound already")
+
+
+def console_write(dom: Domain, data: bytes) -> None:
+    """What the console daemon took from the domain's console ring: into the
+    domain's console output (console_out, after what it wrote with console_io)
+    and on to VIRQ_CON_RING's handler."""
+    dom.console_write(data)
 
 
 def shutdown_name(reason: int) -> str:
@@ -512,9 +542,12 @@ def check_device_state(state: object) -> str | None:
 
 # --- checks -------------------------------------------------------------------------
 
-def audit(hv: Hypervisor) -> list[str]:
-    """The frame-accounting invariants that fail (Xen's debug audit)."""
-    return _audit(hv)
+def audit(hv: Hypervisor,
+          p2m_lists: Mapping[int, tuple[Sequence[int], int]] | None = None) -> list[str]:
+    """The frame-accounting invariants that fail (Xen's debug audit). The M2P
+    is checked against the p2m lists the toolstack names: domid -> (the frames
+    holding the list, its number of entries)."""
+    return _audit(hv, p2m_lists)
 
 
 @dataclass
@@ -542,14 +575,15 @@ def dump_frames(hv: Hypervisor, dom: Domain) -> FrameDump:
 __all__ = [
     "Balloon", "BalloonError", "Domain", "DomctlError", "ForeignMap", "FrameDump", "Hypervisor",
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio_balloon",
-    "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "check_device_state",
-    "createdomain", "debug_trace", "destroydomain", "devices_state", "dump_frames",
-    "evtchn_alloc_unbound", "evtchn_bind_backend", "evtchn_notify", "find_device",
-    "gdbsx_guestmemio", "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission",
-    "kernel_binding", "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p",
-    "map_shared_info", "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update",
-    "mmuext_pin_table", "modify_returncode", "next_mmio_base", "pausedomain", "physinfo",
-    "populate_physmap", "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo",
-    "setvcpucontext", "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain",
-    "vcpu_clocks", "xen_version",
+    "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
+    "bind_virq_dom_exc", "check_device_state", "console_write", "createdomain", "debug_trace",
+    "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
+    "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
+    "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission", "kernel_binding",
+    "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p", "map_shared_info",
+    "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update", "mmuext_pin_table",
+    "modify_returncode", "next_mmio_base", "pausedomain", "physinfo", "populate_physmap",
+    "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo", "setvcpucontext",
+    "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain", "vcpu_clocks",
+    "xen_version"
 ]

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from hypervisor.devices.balloon import Balloon
-from hypervisor.mm.audit import audit
 from hypervisor.public.memory import XENMEM_populate_physmap
 from hypervisor.public.xen import Hypercall
 from hypervisor.toolstack.config import BalloonConfig, load_config
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.save import SaveError
 from hypervisor.toolstack.session import run_domain, save_domain
@@ -124,7 +124,7 @@ def test_frame_accounting_holds_after_every_balloon_operation(booted):
 
 RESTORE_SCRIPT = """
 import sys
-from hypervisor.mm.audit import audit
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.restore import restore_image
 from hypervisor.toolstack.session import run_domain

@@ -5,7 +5,7 @@ and the type and reference counts equal a recount from the pagetables."""
 
 from __future__ import annotations
 
-from hypervisor.mm.audit import audit
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 

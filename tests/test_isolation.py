@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 
-from hypervisor.mm.audit import audit
 from hypervisor.public.errno import EBUSY, EINVAL, EPERM
 from hypervisor.public.memory import XENMEM_current_reservation, XENMEM_decrease_reservation
 from hypervisor.public.xen import (
@@ -20,6 +19,7 @@ from hypervisor.public.xen import (
     Hypercall,
 )
 from hypervisor.toolstack.builder import build_domain
+from hypervisor.toolstack.context import audit
 from tests.conftest import make_config
 from tests.hypercalls.guest import RO, RW, Guest
 from tests.kernels import probe

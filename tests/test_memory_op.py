@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 
-from hypervisor.mm.audit import audit
 from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH
 from hypervisor.public.memory import (
     MEMOP_EXTENT_SHIFT,
@@ -23,6 +22,7 @@ from hypervisor.public.memory import (
 from hypervisor.public.native import VIRT_BASE
 from hypervisor.public.xen import DOMID_SELF, Hypercall
 from hypervisor.toolstack.builder import build_domain
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config
 from tests.kernels import probe

@@ -16,7 +16,6 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from hypervisor.mm.audit import audit
 from hypervisor.public.memory import XENMEM_decrease_reservation, XENMEM_populate_physmap
 from hypervisor.public.xen import (
     MMUEXT_CLEAR_PAGE,
@@ -25,6 +24,7 @@ from hypervisor.public.xen import (
     MMUEXT_UNPIN_TABLE,
     Hypercall,
 )
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import booting, make_config
 from tests.hypercalls.guest import RO, RW, Guest

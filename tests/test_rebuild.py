@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from hypervisor.mm.audit import audit
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config, sweep
 from tests.reference import hashchain_line

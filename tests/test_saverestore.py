@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hypervisor.mm.audit import audit
 from hypervisor.public.domctl import PFINFO_LPINTAB
 from hypervisor.toolstack import stream
 from hypervisor.toolstack.config import load_config
+from hypervisor.toolstack.context import audit, domain_of
 from hypervisor.toolstack.image import ImageError, scan_image
 from hypervisor.toolstack.restore import RestoreError, restore_image
 from hypervisor.toolstack.save import SaveError, canonicalise
@@ -98,11 +98,13 @@ def test_the_restored_guest_is_on_other_frames_and_its_accounting_holds(example,
     img = tmp_path / "g.img"
     hv0, dom0 = booted(example)
     run_domain(hv0, dom0, 12_000_000)
-    old_p2m = hv0.machine.memory.u64.reshape(-1, 512)[np.array(dom0.p2m_frames)].reshape(-1)
+    old_frames = np.array(domain_of(hv0, dom0).p2m_frames)
+    old_p2m = hv0.machine.memory.u64.reshape(-1, 512)[old_frames].reshape(-1)
     save(example, img, 12)
     hv, dom, stats = restore_image(img)
-    new_p2m = hv.machine.memory.u64.reshape(-1, 512)[np.array(dom.p2m_frames)].reshape(-1)
-    n = dom.p2m_size
+    new_frames = np.array(domain_of(hv, dom).p2m_frames)
+    new_p2m = hv.machine.memory.u64.reshape(-1, 512)[new_frames].reshape(-1)
+    n = domain_of(hv, dom).p2m_size
     same = int((old_p2m[:n] == new_p2m[:n]).sum())
     assert same < n // 100, f"{same} of {n} pfns kept their mfn"
     assert stats.pinned == 5 and stats.tables > stats.pinned

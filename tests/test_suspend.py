@@ -15,6 +15,7 @@ from hypervisor.public.event_channel import EVTCHNOP_send
 from hypervisor.public.sched import SCHEDOP_yield
 from hypervisor.public.xen import Hypercall
 from hypervisor.toolstack.config import load_config
+from hypervisor.toolstack.context import context_of
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.session import run_domain
 from hypervisor.toolstack.xenstored import home
@@ -234,9 +235,9 @@ def test_the_kernel_says_what_it_supports_in_xenstore(booted):
         hv, dom = booted(make_config(cmdline))
         run_domain(hv, dom, until_ns=500_000)
         base = home(dom.domid) + "/control/"
-        assert hv.xenstore.read(base + "feature-poweroff") == b"1"
-        assert (base + "feature-suspend" in hv.xenstore.nodes) is suspend
-        assert [w.path for w in hv.xenstore.watches] == ["control/shutdown"]
+        assert context_of(hv).store.read(base + "feature-poweroff") == b"1"
+        assert (base + "feature-suspend" in context_of(hv).store.nodes) is suspend
+        assert [w.path for w in context_of(hv).store.watches] == ["control/shutdown"]
 
 
 @pytest.mark.parametrize("command,reason", [("poweroff", "poweroff"), ("halt", "poweroff"),

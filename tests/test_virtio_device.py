@@ -41,7 +41,6 @@ from hypervisor.devices.balloon import (
 from hypervisor.devices.bus import MMIO_BASE, MMIO_NONE, MmioBus
 from hypervisor.devices.virtio.mmio import PVLAB_VENDOR_ID, VirtioMmio, VirtioMmioMetrics
 from hypervisor.devices.virtio.queue import DomainMemory
-from hypervisor.mm.audit import audit
 from hypervisor.mm.frames import FREE, FrameTable, PageType
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE, MachineMemory
 from hypervisor.public.io.virtio import (
@@ -98,6 +97,7 @@ from hypervisor.public.io.virtio import (
 from hypervisor.public.xen import INVALID_MFN
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.config import parse_config
+from hypervisor.toolstack.context import audit
 from tests.conftest import booting
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,6 +20,7 @@ from hypervisor.public.io.xs_wire import (
     xenstore_domain_interface,
 )
 from hypervisor.public.xen import Hypercall
+from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.session import run_domain
 from hypervisor.toolstack.xenstored import Store, XsError, home
 from tests.conftest import make_config
@@ -118,7 +119,7 @@ def guest(booted):
 
 class Ring:
     def __init__(self, hv, dom) -> None:
-        self.conn = dom.xenstore
+        self.conn = domain_of(hv, dom).xenstore
         self.mem = hv.machine.memory
         self.base = self.conn.ring
         self.req_id = 100
@@ -182,10 +183,10 @@ def test_requests_over_the_ring_get_their_replies_and_errors(guest):
     tid = int(r[3].rstrip(b"\0"))
     (r,) = ring.ask(XsType.XS_WRITE, b"data/t\0in-tx", tx=tid)
     assert r[2] == tid and r[3] == b"OK\0"
-    assert "data/t" not in str(hv.xenstore.directory(home(dom.domid) + "/data"))
+    assert "data/t" not in str(context_of(hv).store.directory(home(dom.domid) + "/data"))
     (r,) = ring.ask(XsType.XS_TRANSACTION_END, b"T\0", tx=tid)
     assert r[3] == b"OK\0"
-    assert hv.xenstore.read(home(dom.domid) + "/data/t") == b"in-tx"
+    assert context_of(hv).store.read(home(dom.domid) + "/data/t") == b"in-tx"
 
 
 def test_a_watch_event_comes_before_the_reply_of_the_write_that_fired_it(guest):
@@ -204,10 +205,10 @@ def test_an_oversized_message_breaks_the_connection_with_a_protocol_error(guest)
     ring = Ring(hv, dom)
     ring.take()
     ring.put(XSD_SOCKMSG.pack(XsType.XS_READ, 1, 0, 5000))
-    dom.xenstore.notify()
+    domain_of(hv, dom).xenstore.notify()
     err = xenstore_domain_interface.error.offset
     assert ring.u32(err) == 3  # XENSTORE_ERROR_PROTO
-    assert dom.xenstore.broken
+    assert domain_of(hv, dom).xenstore.broken
 
 
 def test_a_reconnect_request_resets_the_ring(guest):
@@ -216,7 +217,7 @@ def test_a_reconnect_request_resets_the_ring(guest):
     ring.take()
     ring.put(b"half a message")
     hv.machine.memory.write(ring.base + CONNECTION_OFF, (1).to_bytes(4, "little"))  # RECONNECT
-    dom.xenstore.notify()
+    domain_of(hv, dom).xenstore.notify()
     assert ring.u32(CONNECTION_OFF) == 0
     assert [ring.u32(off) for off in (REQ_PROD_OFF, RSP_CONS_OFF, RSP_PROD_OFF)] == [0, 0, 0]
     (r,) = ring.ask(XsType.XS_READ, b"name\0")
@@ -238,7 +239,7 @@ def test_the_kernel_prints_through_the_ring_not_console_io(booted):
 
 def test_the_console_backend_takes_what_wraps_around_the_ring(booted):
     hv, dom = booted(make_config("run=hello"))
-    be = dom.console_backend
+    be = domain_of(hv, dom).console
     mem = hv.machine.memory
     start = 0xFFFFFFFF - 9  # indices run free and wrap at 2**32
     for off in (OUT_CONS_OFF, OUT_PROD_OFF):

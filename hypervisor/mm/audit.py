@@ -3,9 +3,11 @@ pagetables (what Xen's own audit code did in debug builds). They must hold
 after every hypercall, every toolstack operation and every restore:
 
 * every machine frame is owned by exactly one domain, by the hypervisor, or free;
-* M2P and each guest's p2m agree for every populated pfn (a property of a
-  guest at rest: between a decrease_reservation and its MMU_MACHPHYS_UPDATE the
-  two legitimately differ, so a per-hypercall audit passes ``p2m=False``);
+* M2P and each guest's p2m agree for every populated pfn: the caller names
+  where each p2m list is (the guest's and the toolstack's business; the
+  hypervisor does not keep it), and a guest at rest is checked (between a
+  decrease_reservation and its MMU_MACHPHYS_UPDATE the two legitimately
+  differ, so a per-hypercall audit passes none);
 * no present entry of a validated table maps a frame the domain may not map,
   and no writable L1 entry maps a pagetable frame;
 * type and reference counts equal what a recount gives.
@@ -16,7 +18,7 @@ empty after every operation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -91,7 +93,12 @@ def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
     return refs, types
 
 
-def audit(hv: Audited, p2m: bool = True) -> list[str]:
+# domid -> (the frames holding its p2m list, the number of entries)
+P2mLists = Mapping[int, tuple[Sequence[int], int]]
+
+
+def audit(hv: Audited, p2m_lists: P2mLists | None = None) -> list[str]:
+    """Every invariant that fails; the p2m check for the lists given."""
     ft = hv.machine.frames
     problems: list[str] = []
     known = {FREE, DOMID_XEN, *hv.domains}
@@ -132,11 +139,12 @@ def audit(hv: Audited, p2m: bool = True) -> list[str]:
         if level != 1 or not permitted(int(ft.owner[table]), mfn):
             problems.append(f"L{level} {table:#x} maps device memory {mfn:#x} it was not given")
 
-    # M2P <-> p2m, for domains whose p2m list the builder placed
-    for dom in hv.domains.values() if p2m else ():
-        if not dom.p2m_size:
+    # M2P <-> p2m, for the domains whose p2m list the caller names
+    for domid, (frames, size) in (p2m_lists or {}).items():
+        dom = hv.domains.get(domid)
+        if dom is None or not size:
             continue
-        p2m = _guest_p2m(hv, dom)
+        p2m = _guest_p2m(hv, frames, size)
         populated = p2m != INVALID_MFN
         mfns = p2m[populated].astype(np.int64)
         pfns = np.flatnonzero(populated)
@@ -148,12 +156,12 @@ def audit(hv: Audited, p2m: bool = True) -> list[str]:
     return problems
 
 
-def _guest_p2m(hv: Audited, dom: Domain) -> np.ndarray:
+def _guest_p2m(hv: Audited, frames: Sequence[int], size: int) -> np.ndarray:
     """The guest's own p2m list, read from its frames."""
     mem = hv.machine.memory
-    out = np.empty(dom.p2m_size, dtype=np.uint64)
-    for i, mfn in enumerate(dom.p2m_frames):
+    out = np.empty(size, dtype=np.uint64)
+    for i, mfn in enumerate(frames):
         chunk = mem.frame(int(mfn))
-        n = min(512, dom.p2m_size - 512 * i)
+        n = min(512, size - 512 * i)
         out[512 * i:512 * i + n] = chunk[:n]
     return out

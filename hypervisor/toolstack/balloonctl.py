@@ -8,8 +8,9 @@ balloon's target (num_pages) is the difference from the guest's memory.
 from __future__ import annotations
 
 from hypervisor import domctl
-from hypervisor.domctl import Balloon, BalloonError, Domain
+from hypervisor.domctl import Balloon, BalloonError, Domain, Hypervisor
 from hypervisor.public.xen import PAGE_SIZE
+from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.timeparse import format_duration
 
 PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
@@ -23,13 +24,19 @@ def balloon_of(dom: Domain) -> Balloon:
                        "to its configuration)")
 
 
-def memory_mib(dom: Domain) -> int:
-    return dom.p2m_size // PAGES_PER_MIB
+def guest_pages(hv: Hypervisor, dom: Domain) -> int:
+    """The guest's memory in pages: the entries of the p2m list it was built
+    or restored with."""
+    return domain_of(hv, dom).p2m_size
 
 
-def mem_set(dom: Domain, target_mib: int) -> str:
+def memory_mib(hv: Hypervisor, dom: Domain) -> int:
+    return guest_pages(hv, dom) // PAGES_PER_MIB
+
+
+def mem_set(hv: Hypervisor, dom: Domain, target_mib: int) -> str:
     bal = balloon_of(dom)
-    total = memory_mib(dom)
+    total = memory_mib(hv, dom)
     if not 1 <= target_mib <= total:
         raise BalloonError(f"mem-set {target_mib}: the target is the guest's memory in MiB, "
                            f"1 to its {total} MiB")
@@ -38,12 +45,12 @@ def mem_set(dom: Domain, target_mib: int) -> str:
             f"({total - target_mib} MiB of the guest's {total} MiB)")
 
 
-def stats_text(dom: Domain) -> str:
+def stats_text(hv: Hypervisor, dom: Domain) -> str:
     bal = balloon_of(dom)
     info = bal.info()
-    left = (dom.p2m_size - info["actual"]) / PAGES_PER_MIB
+    left = (guest_pages(hv, dom) - info["actual"]) / PAGES_PER_MIB
     lines = [f"balloon of {dom.name}: target {info['num_pages']} pages, actual "
-             f"{info['actual']} pages; the guest has {left:.1f} of its {memory_mib(dom)} MiB"
+             f"{info['actual']} pages; the guest has {left:.1f} of its {memory_mib(hv, dom)} MiB"
              + (f"; inhibited ({info['inhibits']})" if info["inhibits"] else "")]
     if info["stats_updated_ns"] is None:
         lines.append("  no statistics from the guest yet")
@@ -56,13 +63,13 @@ def stats_text(dom: Domain) -> str:
     return "\n".join(lines)
 
 
-def apply(dom: Domain, command: str, value: str) -> str:
+def apply(hv: Hypervisor, dom: Domain, command: str, value: str) -> str:
     """A balloon request of a run; a refusal is said, not raised."""
     try:
         if command == "mem-set":
-            return mem_set(dom, int(value))
+            return mem_set(hv, dom, int(value))
         if command == "balloon-stats":
-            return stats_text(dom)
+            return stats_text(hv, dom)
         if command == "balloon-inhibit":
             bal = balloon_of(dom)
             bal.inhibit()

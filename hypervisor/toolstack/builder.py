@@ -54,8 +54,8 @@ from hypervisor.public.xen import (
 )
 from hypervisor.toolstack.config import MAX_CMDLINE, DomainConfig
 from hypervisor.toolstack.consoled import ConsoleBackend
+from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.elfimage import GuestImage, ImageError, load_image
-from hypervisor.toolstack.xenstored import Store
 
 START_INFO_MAGIC = b"xen-3.0-x86_64"
 BOOT_STACK_PAGES = 4
@@ -119,13 +119,6 @@ def hypercall_page() -> bytes:
     return bytes(page)
 
 
-def xenstore_of(hv: Hypervisor) -> Store:
-    """The toolstack's store, made with the first domain that needs it."""
-    if hv.xenstore is None:
-        hv.xenstore = Store()
-    return hv.xenstore
-
-
 def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
                 deflate_on_oom: bool = False, base: int | None = None,
                 port: int | None = None,
@@ -182,7 +175,7 @@ def xc_dom_build(xd: DomImage, nr_pages: int) -> None:
     shared_info_x86_64(xd)
     start_info_x86_64(xd)
     bootlate(xd)
-    xd.dom.image = xd.image  # its symbols, for the tracer
+    domain_of(xd.hv, xd.dom).image = xd.image  # its symbols, for the tracer
     if xd.python_kernel:
         text, size = xd.image.native_text
         module = xd.cfg.kernel or xd.image.kernel_module
@@ -269,9 +262,10 @@ def setup_p2m_list(xd: DomImage) -> None:
     flat = np.zeros(lay.p2m_pages * L1_PAGETABLE_ENTRIES, dtype=np.uint64)
     flat[:xd.p2m.size] = xd.p2m
     domctl.map_foreign_bulk(xd.hv, xd.dom, frames)[:] = flat.reshape(-1, L1_PAGETABLE_ENTRIES)
-    # where the p2m list is, for the hypervisor's frame audit
-    xd.dom.p2m_frames = frames.tolist()
-    xd.dom.p2m_size = int(xd.p2m.size)
+    # where the p2m list is, for the frame audit
+    tdom = domain_of(xd.hv, xd.dom)
+    tdom.p2m_frames = frames.tolist()
+    tdom.p2m_size = int(xd.p2m.size)
 
 
 def setup_hypercall_page(xd: DomImage) -> None:
@@ -344,8 +338,10 @@ def start_info_x86_64(xd: DomImage) -> None:
     si.console.domU.mfn = xd.mfn(lay.console_pfn)
     si.console.domU.evtchn = console_port
     si.pt_base = xd.va(lay.pt_pfn)
-    dom.console_backend = ConsoleBackend(hv, dom, si.console.domU.mfn, console_port)
-    dom.xenstore = xenstore_of(hv).introduce_domain(hv, dom, si.store_mfn, store_port)
+    ctx = context_of(hv)
+    tdom = ctx.domain(dom)
+    tdom.console = ConsoleBackend(hv, dom, si.console.domU.mfn, console_port)
+    tdom.xenstore = ctx.xenstore().introduce_domain(hv, dom, si.store_mfn, store_port)
     si.nr_pt_frames = lay.pt_pages
     si.mfn_list = xd.va(lay.p2m_pfn)
     si.cmd_line = _cmdline(xd).encode()

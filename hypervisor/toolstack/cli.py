@@ -12,6 +12,7 @@ from hypervisor import domctl
 from hypervisor.domctl import Domain
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.elfimage import ImageError
 from hypervisor.toolstack.restore import RestoreError
@@ -205,7 +206,7 @@ def cmd_frames(args: argparse.Namespace) -> int:
     if not args.summary:
         print(format_table(dom, rows, types))
     print(format_summary(rows))
-    problems = domctl.audit(hv)
+    problems = audit(hv)
     print("invariants: " + ("all hold" if not problems else "; ".join(problems)))
     return EXIT_OK if not problems else EXIT_GUEST_FAILED
 

@@ -39,5 +39,5 @@ class ConsoleBackend:
         self.page[OUT_CONS_OFF:OUT_CONS_OFF + 4] = np.frombuffer(prod.to_bytes(4, "little"),
                                                                   dtype=np.uint8)
         if data:
-            self.dom.console_write(data)
+            domctl.console_write(self.dom, data)
         domctl.evtchn_notify(self.dom, self.port)  # room again: the guest may wait on it

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.toolstack.context import context_of
 from hypervisor.toolstack.timeparse import parse_duration
 from hypervisor.toolstack.xenstored import XsError, home
 
@@ -76,26 +77,27 @@ def apply_request(hv: Hypervisor, dom: Domain, req: Request) -> str:
     """Make the request; returns what the toolstack has to say of it ("" if nothing)."""
     if req.shutdown:
         command = "suspend" if req.command == "checkpoint" else req.command
-        hv.xenstore.write(f"{home(dom.domid)}/{SHUTDOWN_NODE}", command.encode())
+        context_of(hv).xenstore().write(f"{home(dom.domid)}/{SHUTDOWN_NODE}",
+                                        command.encode())
     elif req.command:
         from hypervisor.toolstack import balloonctl
-        return balloonctl.apply(dom, req.command, req.value)
+        return balloonctl.apply(hv, dom, req.command, req.value)
     else:
         path = req.path if req.path.startswith("/") else f"{home(dom.domid)}/{req.path}"
-        hv.xenstore.write(path, req.value.encode())
+        context_of(hv).xenstore().write(path, req.value.encode())
     return ""
 
 
 def shutdown_pending(hv: Hypervisor, dom: Domain) -> str:
     """The unacknowledged command in control/shutdown, or ""."""
     try:
-        return hv.xenstore.read(f"{home(dom.domid)}/{SHUTDOWN_NODE}").decode()
+        return context_of(hv).xenstore().read(f"{home(dom.domid)}/{SHUTDOWN_NODE}").decode()
     except XsError:
         return ""
 
 
 def cancel_shutdown(hv: Hypervisor, dom: Domain) -> None:
-    hv.xenstore.write(f"{home(dom.domid)}/{SHUTDOWN_NODE}", b"")
+    context_of(hv).xenstore().write(f"{home(dom.domid)}/{SHUTDOWN_NODE}", b"")
 
 
 def resume_cancelled(hv: Hypervisor, dom: Domain) -> None:

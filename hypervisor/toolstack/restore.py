@@ -53,8 +53,9 @@ from hypervisor.public.xen import (
     start_info,
 )
 from hypervisor.toolstack import pfinfo, stream
-from hypervisor.toolstack.builder import BuildError, add_balloon, xenstore_of
+from hypervisor.toolstack.builder import BuildError, add_balloon
 from hypervisor.toolstack.consoled import ConsoleBackend
+from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
 from hypervisor.toolstack.save import Progress
 from hypervisor.toolstack.session import machine_mib_for
@@ -217,9 +218,10 @@ def update_guest_p2m(ctx: RestoreContext) -> None:
     flat = np.full(frame_mfns.size * L1_PAGETABLE_ENTRIES, INVALID_MFN, dtype=np.uint64)
     flat[:p2m.size] = p2m
     domctl.map_foreign_bulk(hv, dom, frame_mfns)[:] = flat.reshape(-1, L1_PAGETABLE_ENTRIES)
-    # where the p2m list is, for the hypervisor's frame audit
-    dom.p2m_frames = frame_mfns.tolist()
-    dom.p2m_size = int(p2m.size)
+    # where the p2m list is, for the frame audit
+    tdom = domain_of(hv, dom)
+    tdom.p2m_frames = frame_mfns.tolist()
+    tdom.p2m_size = int(p2m.size)
 
 
 # --- the records after the memory -------------------------------------------------------
@@ -259,9 +261,11 @@ def process_start_info(ctx: RestoreContext) -> None:
     si.nr_pages = info.nr_pfns
     si.shared_info = domctl.shared_info_frame(dom) << PAGE_SHIFT
     si.flags = 0
-    dom.console_backend = ConsoleBackend(hv, dom, si.console.domU.mfn, si.console.domU.evtchn)
-    store = xenstore_of(hv)
-    dom.xenstore = store.introduce_domain(hv, dom, si.store_mfn, si.store_evtchn)
+    ctx = context_of(hv)
+    tdom = ctx.domain(dom)
+    tdom.console = ConsoleBackend(hv, dom, si.console.domU.mfn, si.console.domU.evtchn)
+    store = ctx.xenstore()
+    tdom.xenstore = store.introduce_domain(hv, dom, si.store_mfn, si.store_evtchn)
     for rel, value in info.xenstore:
         store.write(f"{home(dom.domid)}/{rel}", value)
 

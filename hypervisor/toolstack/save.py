@@ -45,8 +45,9 @@ from hypervisor.public.domctl import PFINFO_XTAB, TSC_MODE_ALWAYS_EMULATE
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE
 from hypervisor.toolstack import pfinfo, stream
+from hypervisor.toolstack.context import context_of
 from hypervisor.toolstack.stream import PvlabRecType, RecType
-from hypervisor.toolstack.xenstored import home
+from hypervisor.toolstack.xenstored import Store, home
 
 PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
 P2M_VIRTUAL_LIST = 0xFFFFFFFFFFFFFFFF  # shared_info.arch.pfn_to_mfn_frame_list_list
@@ -233,12 +234,12 @@ def domain_record(hv: Hypervisor, dom: Domain, kind: str, seed: int | None) -> b
     return json.dumps(info, sort_keys=True).encode()
 
 
-def xenstore_record(hv: Hypervisor, dom: Domain) -> bytes:
+def xenstore_record(store: Store, dom: Domain) -> bytes:
     """The domain's home in the store, as NUL-terminated relative path and value
     pairs (libxl's xenstore data records have the same form)."""
     top = home(dom.domid)
     out = bytearray()
-    for path, value in sorted(hv.xenstore.nodes.items()):
+    for path, value in sorted(store.nodes.items()):
         if path.startswith(top + "/"):
             rel = path[len(top) + 1:]
             if rel not in INTRODUCED_NODES:
@@ -358,8 +359,9 @@ def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: Save
     rec(out, RecType.SHARED_INFO, domctl.map_foreign_range(hv, dom, mfn).tobytes())
     for vcpu_id, ctx in sc.vcpus:
         rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
-    if hv.xenstore is not None:
-        rec(out, PvlabRecType.PVLAB_XENSTORE, xenstore_record(hv, dom))
+    store = context_of(hv).store
+    if store is not None:
+        rec(out, PvlabRecType.PVLAB_XENSTORE, xenstore_record(store, dom))
     if sc.devices is not None:
         rec(out, PvlabRecType.PVLAB_DEVICES, sc.devices)
     if checkpoint:

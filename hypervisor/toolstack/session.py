@@ -15,6 +15,7 @@ from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome, try_save
 from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import (
     ACK_TIMEOUT_NS,
     Request,
@@ -178,7 +179,7 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     asked for is written by ``checkpoints`` (by default a writer into
     ``checkpoint_dir``, or a temporary directory gone when the run ends) and
     the domain runs on. ``note`` gets the toolstack's messages."""
-    dom.console_sink = sink
+    domain_of(hv, dom).console_sink = sink
     run = _Run(hv, dom, requests, note, checkpoints, checkpoint_dir)
     try:
         while True:

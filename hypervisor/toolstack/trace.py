@@ -16,6 +16,7 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.toolstack.context import domain_of
 
 
 class Symbols:
@@ -40,7 +41,7 @@ class Tracer:
         self.count = count
         self.out = out
         self.cs = Cs(CS_ARCH_X86, CS_MODE_64)
-        image = getattr(dom, "image", None)
+        image = domain_of(hv, dom).image
         self.symbols = Symbols(image.symbols if image is not None else {})
         self.left: dict[int, int] = {}
 

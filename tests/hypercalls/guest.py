@@ -126,7 +126,7 @@ class Guest:
 def run_case(fn: Any, vcpus: int = 1, memory: int = 16, maxmem: int = 0) -> Any:
     """Boot a probe domain, run ``fn(Guest)`` in its kernel, check invariants;
     the machine is closed before it returns."""
-    from hypervisor.mm.audit import audit
+    from hypervisor.toolstack.context import audit
     from hypervisor.toolstack.session import run_domain
     from tests.conftest import booting, make_config
     from tests.kernels import probe

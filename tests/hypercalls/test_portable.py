@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from hypervisor.mm.audit import audit
 from hypervisor.public.xen import DOMID_SELF, Hypercall
 from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE
 from tests.hypercalls.guest import Guest, run_case

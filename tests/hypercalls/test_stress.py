@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from hypervisor.mm.audit import audit
 from hypervisor.mm.frames import PageType
 from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE, ROOT
 

@@ -9,7 +9,6 @@ import struct
 
 import pytest
 
-from hypervisor.mm.audit import audit
 from hypervisor.mm.walker import Walker
 from hypervisor.public.xen import (
     DOMID_SELF,
@@ -19,6 +18,7 @@ from hypervisor.public.xen import (
     Hypercall,
 )
 from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE
 from tests.hypercalls.guest import RW, TABLE, Guest, run_case

@@ -144,3 +144,22 @@ def test_hypervisor_has_no_import_cycle_but_xens_own():
 def test_the_cycle_finder_finds_cycles():
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
     assert cycles(g) == [{"a", "b", "c"}]
+
+
+# what the toolstack keeps of a domain and of the machine (toolstack/context.py):
+# the store, a domain's connection to it, its console daemon and sink, its image,
+# where its p2m list is
+TOOLSTACK_STATE = {"xenstore", "store", "console_backend", "console_sink", "image",
+                   "p2m_frames", "p2m_size"}
+
+
+def test_the_hypervisors_objects_hold_no_toolstack_state():
+    """Xen's struct domain knows nothing of xenstored or xenconsoled, and the
+    guest's p2m is the guest's and the toolstack's business: neither the
+    domain nor the machine names any of it, not even to tear it down."""
+    for rel in ("hypervisor/domain.py", "hypervisor/core.py"):
+        tree = ast.parse((ROOT / rel).read_text())
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert sorted(names & TOOLSTACK_STATE) == [], rel
+        assert [n for n in names if "xenstore" in n or "p2m" in n] == [], rel

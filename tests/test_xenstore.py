@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from hypervisor import domctl
+from hypervisor.public.errno import EEXIST
 from hypervisor.public.io.console import OUT_CONS_OFF, OUT_OFF, OUT_PROD_OFF, XENCONS_OUT_SIZE
 from hypervisor.public.io.xs_wire import (
     CONNECTION_OFF,
@@ -251,3 +253,51 @@ def test_the_console_backend_takes_what_wraps_around_the_ring(booted):
     before = len(dom.console_out)
     be.notify()
     assert bytes(dom.console_out[before:]) == data
+
+
+# --- the toolstack keeps its own state -----------------------------------------------
+
+def test_a_booted_domain_and_its_machine_carry_none_of_the_toolstacks_state(booted):
+    hv, dom = booted(make_config("run=hello"))
+    run_domain(hv, dom, until_ns=500_000)
+    tdom = domain_of(hv, dom)
+    assert tdom.xenstore is not None and tdom.console is not None and tdom.image is not None
+    assert tdom.p2m_size == 16 << 8 and len(tdom.p2m_frames) == 8  # 16 MiB, 512 a frame
+    assert context_of(hv).store is tdom.xenstore.store
+    state = {"xenstore", "store", "console_backend", "console_sink", "image", "p2m_frames",
+             "p2m_size"}
+    assert sorted(state & set(vars(dom))) == []
+    assert sorted(state & set(vars(hv))) == []
+
+
+def test_destroying_a_domain_releases_its_xenstore_connection(booted):
+    """The hypervisor tells the toolstack through its VIRQ_DOM_EXC binding;
+    the toolstack releases the domain's connection itself: its watches and
+    home are gone, and so is its record."""
+    hv, dom = booted(make_config("run=spawner:1:1:50"))
+    run_domain(hv, dom, until_ns=1_000_000)
+    ctx = context_of(hv)
+    conn = domain_of(hv, dom).xenstore
+    assert [w.path for w in ctx.store.watches if w.conn is conn] == ["control/shutdown"]
+    assert home(dom.domid) in ctx.store.nodes
+    domctl.destroydomain(hv, dom)
+    assert [w for w in ctx.store.watches if w.conn is conn] == []
+    assert [p for p in ctx.store.nodes if p.startswith(home(dom.domid))] == []
+    assert dom.domid not in ctx.domains
+
+
+def test_the_hypervisor_calls_what_the_toolstack_bound_to_its_global_virqs(booted):
+    hv = booted.bare(32)
+    gone: list[int] = []
+    said: list[tuple[int, bytes]] = []
+    domctl.bind_virq_dom_exc(hv, gone.append)
+    domctl.bind_virq_con_ring(hv, lambda d, data: said.append((d.domid, data)))
+    with pytest.raises(domctl.DomctlError) as e:
+        domctl.bind_virq_dom_exc(hv, gone.append)
+    assert e.value.errno == EEXIST
+    dom = domctl.createdomain(hv, "d", 1, 16)
+    domctl.console_write(dom, b"from the ring\n")
+    assert said == [(dom.domid, b"from the ring\n")]
+    assert bytes(dom.console_out) == b"from the ring\n"
+    domctl.destroydomain(hv, dom)
+    assert gone == [dom.domid]

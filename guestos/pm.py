@@ -121,8 +121,9 @@ def pm_fail_option(cpu: NativeCpu, cmdline: str) -> None:
             if dev.isdigit() and phase in PHASES:
                 k.fail_dev, k.fail_phase = int(dev), PHASES.index(phase)
             else:
-                printk(cpu, f"option {word}: want pmfail=DEV:PHASE, PHASE one of "
-                       + ", ".join(PHASES))
+                printk(cpu, f"option {word}: want pmfail=DEV:PHASE, DEV a device's "
+                       "number in registration order (0: the console, then the test "
+                       "devices), PHASE one of " + ", ".join(PHASES))
 
 
 def _call(cpu: NativeCpu, i: int, phase: int) -> int:

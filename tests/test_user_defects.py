@@ -6,6 +6,7 @@ first, and a restored guest that could not be saved."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.session import run_domain
-from tests.conftest import GUEST_IMAGE, ROOT, checkout_env, make_config
+from tests.conftest import FIRMWARE, GUEST_IMAGE, ROOT, checkout_env, make_config
 from tests.test_balloon import balloon_config, requests
 
 BUSY = "run=hashchain:60:32,hashchain:60:32"
@@ -153,3 +154,19 @@ def test_a_save_request_that_cannot_be_made_is_refused_before_the_restore(image,
     assert "restored" not in out.out
     err = out.err.strip().splitlines()
     assert len(err) == 1 and why in err[0], err
+
+
+# --- the stress example ---------------------------------------------------------------
+
+def test_the_stress_guest_says_how_far_it_has_come(booted):
+    """A long run of examples/stress.toml shows its progress in words, a line
+    every twentieth of the run, not a bare hex count."""
+    cfg = dataclasses.replace(make_config(), name="stress", image=FIRMWARE / "tests/stress.elf",
+                              cmdline="40")
+    hv, dom = booted(cfg)
+    out = run_domain(hv, dom).console.decode()
+    progress = [ln for ln in out.splitlines() if " of 40 iterations (" in ln]
+    assert len(progress) == 20
+    assert progress[0] == "stress: 2 of 40 iterations (5%)"
+    assert progress[-1] == "stress: 40 of 40 iterations (100%)"
+    assert out.rstrip().endswith("Test result: SUCCESS")

@@ -170,3 +170,25 @@ def test_the_stress_guest_says_how_far_it_has_come(booted):
     assert progress[0] == "stress: 2 of 40 iterations (5%)"
     assert progress[-1] == "stress: 40 of 40 iterations (100%)"
     assert out.rstrip().endswith("Test result: SUCCESS")
+
+
+# --- the demo ---------------------------------------------------------------------------
+
+def test_the_demos_pm_columns_keep_every_step_whole():
+    from hypervisor.toolstack.demo import pm_columns
+    left = "[cpu0] pre-suspend: start_info's store and console frames are pfns, shared_info " \
+           "unmapped"
+    right = "[cpu0] post-suspend: shared_info mapped; console on pfn 0x42 port 1, store on " \
+            "pfn 0x41 port 2; timer and IPI ports of 4 cpus bound again"
+    rows = pm_columns(f"{left}\n[cpu0] PM: sysdev_suspend(FREEZE)\n", f"{right}\n")
+    assert rows[0] == f"{left} | {right}"
+    assert rows[1].startswith("[cpu0] PM: sysdev_suspend(FREEZE)") and rows[1].endswith("|")
+
+
+@pytest.mark.slow
+def test_pvlab_demo_runs_from_any_directory(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "hypervisor.toolstack.cli", "demo"], cwd=tmp_path,
+                       env=checkout_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr
+    assert "save-restore demo: everything matches" in p.stdout
+    assert "shared_info unmapped | [cpu0]" in p.stdout  # a whole step, then the other side

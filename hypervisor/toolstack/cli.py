@@ -241,6 +241,18 @@ def cmd_image(args: argparse.Namespace) -> int:
     return EXIT_OK if not lines else EXIT_GUEST_FAILED
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack import demo
+    if args.restore_side:
+        image, out_json, pgd = args.restore_side
+        return demo.restore_side(image, out_json, int(pgd))
+    config = Path(args.config) if args.config else demo.EXAMPLE
+    if not config.is_file():
+        raise CliError(f"{config} does not exist: give the demo's configuration "
+                       "(examples/save-restore.toml in pvlab's source)")
+    return demo.run_demo(config)
+
+
 def cmd_frames(args: argparse.Namespace) -> int:
     from hypervisor.toolstack.frames import format_summary, format_table, frame_table
     cfg = load_config(args.config)
@@ -396,6 +408,22 @@ def _add_image(sub: Any) -> None:
     image.set_defaults(func=cmd_image)
 
 
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="the save/restore demo (make demo)",
+                          description="An SMP guest saved mid-run and restored in a new "
+                                      "process on other machine frames: pfn -> mfn on both "
+                                      "sides, a pgd's entries as mfns, pfns and new mfns, "
+                                      "the PM steps of each side, the results beside an "
+                                      "uninterrupted run's; then a checkpoint. Exit 1 if "
+                                      "anything differs.")
+    demo.add_argument("config", metavar="CONFIG", nargs="?",
+                      help="the guest (default: examples/save-restore.toml)")
+    # the restoring side, run by the demo itself in a new process
+    demo.add_argument("--restore-side", nargs=3, metavar=("IMAGE", "JSON", "PGD"),
+                      help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pvlab",
@@ -412,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_restore(sub)
     _add_checkpoint(sub)
     _add_image(sub)
+    _add_demo(sub)
     return p
 
 

@@ -145,6 +145,8 @@ def test_pvlab_run_saves_with_the_same_request(tmp_path, capsys):
     (["--request", "3ms save {dir}/x.img", "--request", "4ms mem-set 4"],
      "comes after the save"),
     (["--request", "3ms save {dir}/x.img", "--until", "2ms"], "before its save"),
+    (["--request", "3ms save {dir}/x.img", "--request", "2ms checkpoint"],
+     "a checkpoint request and a save request"),
 ])
 def test_a_save_request_that_cannot_be_made_is_refused_before_the_restore(image, tmp_path,
                                                                            capsys, extra, why):

@@ -82,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _save_request(requests: list[Request], until: int | None) -> Request | None:
     """The one ``save PATH`` request, checked before the guest boots: its
-    directory exists, and nothing is asked after it (the domain is gone)."""
+    directory exists, no other shutdown or checkpoint is asked, and nothing
+    after it (the domain is gone)."""
     saves = [r for r in requests if r.command == SAVE]
     if not saves:
         return None
@@ -94,6 +95,11 @@ def _save_request(requests: list[Request], until: int | None) -> Request | None:
     if later:
         raise CliError(f"a request at {format_duration(later[0].at_ns)} comes after the save "
                        f"at {format_duration(save.at_ns)}: the domain is gone by then")
+    shutdown = [r for r in requests if r.shutdown]
+    if shutdown:
+        # suspend_and_save makes only requests that leave the guest running
+        raise CliError(f"a {shutdown[0].command} request and a save request: the save is "
+                       "the run's one shutdown")
     if until is not None and until < save.at_ns:
         raise CliError(f"--until {format_duration(until)} stops the guest before its save "
                        f"at {format_duration(save.at_ns)}")

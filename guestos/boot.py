@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import guestos.drivers  # noqa: F401 - the built-in drivers register themselves
 from guestos import manage, pm, syscalls, traps
-from guestos.cmdline import parse_int, parse_run
+from guestos.cmdline import BadOption, parse_int, parse_run
 from guestos.evtchn import xen_init_IRQ
 from guestos.freezer import start_periodic_work
 from guestos.hypercall import with_args
@@ -59,6 +59,20 @@ def parse_cmdline(cmdline: str) -> list[tuple[str, tuple[int, int, int]]]:
         if word.startswith("run="):
             return parse_run(word)
     return [("hello", (0, 0, 0))]
+
+
+def check_cmdline(cmdline: str) -> str:
+    """The options the kernel cannot obey, for the builder to refuse before
+    boot (hypervisor/public/native.py's check_cmdline): "" or the first
+    reason. Boot checks the same again itself."""
+    try:
+        parse_cmdline(cmdline)
+    except BadOption as e:
+        return str(e)
+    for word in cmdline.split():
+        if word.startswith("pmfail=") and pm.pmfail_error(word):
+            return pm.pmfail_error(word)
+    return ""
 
 
 def parse_holds(cmdline: str) -> dict[str, tuple[int, int]]:

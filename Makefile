@@ -34,7 +34,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/save-restore-demo
+	$(VENV)/bin/pvlab demo
 
 test: $(STAMP)
 	$(PYTEST)

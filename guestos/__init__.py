@@ -6,7 +6,8 @@ so that a domain can be saved in one process and restored in another.
 It may import only ``hypervisor.public`` from the hypervisor.
 """
 
+from guestos.boot import check_cmdline
 from guestos.entry import native_entries
 from guestos.panic import oops
 
-__all__ = ["native_entries", "oops"]
+__all__ = ["check_cmdline", "native_entries", "oops"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import guestos.drivers  # noqa: F401 - the built-in drivers register themselves
 from guestos import manage, pm, syscalls, traps
-from guestos.cmdline import parse_int
+from guestos.cmdline import BadOption, parse_int, parse_run
 from guestos.evtchn import xen_init_IRQ
 from guestos.freezer import start_periodic_work
 from guestos.hypercall import with_args
@@ -57,13 +57,22 @@ def parse_cmdline(cmdline: str) -> list[tuple[str, tuple[int, int, int]]]:
     in turn."""
     for word in cmdline.split():
         if word.startswith("run="):
-            out = []
-            for item in word[4:].split(","):
-                name, *nums = item.split(":")
-                args = [int(n, 0) for n in nums[:3]] + [0] * (3 - len(nums[:3]))
-                out.append((name, (args[0], args[1], args[2])))
-            return out
+            return parse_run(word)
     return [("hello", (0, 0, 0))]
+
+
+def check_cmdline(cmdline: str) -> str:
+    """The options the kernel cannot obey, for the builder to refuse before
+    boot (hypervisor/public/native.py's check_cmdline): "" or the first
+    reason. Boot checks the same again itself."""
+    try:
+        parse_cmdline(cmdline)
+    except BadOption as e:
+        return str(e)
+    for word in cmdline.split():
+        if word.startswith("pmfail=") and pm.pmfail_error(word):
+            return pm.pmfail_error(word)
+    return ""
 
 
 def parse_holds(cmdline: str) -> dict[str, tuple[int, int]]:
@@ -165,10 +174,16 @@ def start_kernel(cpu: NativeCpu) -> TailCall:
     manage.xenbus_init(cpu)
     do_initcalls(cpu, cmdline)
     sc.free_at_boot = nr_free_pages(cpu)
+    names = program_names(cpu)
     for i, (name, args) in enumerate(parse_cmdline(cmdline)):
         pid = spawn(cpu, name, args, on_cpu=i % k.nr_cpus)
-        printk(cpu, f"task {pid}: {name} on cpu{i % k.nr_cpus}" if pid > 0 else
-               f"cannot start {name}: error {pid}")
+        if pid > 0:
+            printk(cpu, f"task {pid}: {name} on cpu{i % k.nr_cpus}")
+        elif name not in names:
+            printk(cpu, f"cannot start {name}: error {pid} (no program {name!r} in the "
+                   f"image; it has {', '.join(names)})")
+        else:
+            printk(cpu, f"cannot start {name}: error {pid}")
     for n in range(1, k.nr_cpus):
         _bring_up(cpu, n)
     return schedule(cpu)

@@ -110,6 +110,15 @@ def _callback(ops: dev_pm_ops, phase: int) -> Callback | None:
             ops.restore)[phase]
 
 
+def pmfail_error(word: str) -> str:
+    """Why option ``pmfail=DEV:PHASE`` cannot be obeyed, or ""."""
+    dev, _, phase = word[len("pmfail="):].partition(":")
+    if dev.isdigit() and phase in PHASES:
+        return ""
+    return (f"option {word}: want pmfail=DEV:PHASE, DEV a device's number in registration "
+            "order (0: the console, then the test devices), PHASE one of " + ", ".join(PHASES))
+
+
 def pm_fail_option(cpu: NativeCpu, cmdline: str) -> None:
     """Option pmfail=DEV:PHASE: device DEV (in registration order) fails
     PHASE, for the tests of the rollback."""
@@ -117,12 +126,12 @@ def pm_fail_option(cpu: NativeCpu, cmdline: str) -> None:
     k.fail_dev = NO_DEVICE
     for word in cmdline.split():
         if word.startswith("pmfail="):
-            dev, _, phase = word[7:].partition(":")
-            if dev.isdigit() and phase in PHASES:
-                k.fail_dev, k.fail_phase = int(dev), PHASES.index(phase)
-            else:
-                printk(cpu, f"option {word}: want pmfail=DEV:PHASE, PHASE one of "
-                       + ", ".join(PHASES))
+            why = pmfail_error(word)
+            if why:
+                printk(cpu, why)
+                continue
+            dev, _, phase = word[len("pmfail="):].partition(":")
+            k.fail_dev, k.fail_phase = int(dev), PHASES.index(phase)
 
 
 def _call(cpu: NativeCpu, i: int, phase: int) -> int:

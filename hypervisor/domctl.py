@@ -209,6 +209,12 @@ def load_kernel(dom: Domain, module: str, text: int, size: int) -> None:
         dom.native.bind(v)
 
 
+def kernel_cmdline_error(dom: Domain, cmdline: str) -> str:
+    """Ask the bound Python kernel whether it can obey ``cmdline``: "" or
+    why not (no kernel bound: "")."""
+    return dom.native.cmdline_error(cmdline) if dom.native is not None else ""
+
+
 def kernel_binding(dom: Domain) -> dict[str, Any] | None:
     """What load_kernel was given, for an image to name it again."""
     native = dom.native
@@ -580,10 +586,10 @@ __all__ = [
     "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission", "kernel_binding",
-    "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p", "map_shared_info",
-    "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update", "mmuext_pin_table",
-    "modify_returncode", "next_mmio_base", "pausedomain", "physinfo", "populate_physmap",
-    "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo", "setvcpucontext",
-    "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain", "vcpu_clocks",
-    "xen_version"
+    "kernel_cmdline_error", "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p",
+    "map_shared_info", "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update",
+    "mmuext_pin_table", "modify_returncode", "next_mmio_base", "pausedomain", "physinfo",
+    "populate_physmap", "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo",
+    "setvcpucontext", "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain",
+    "vcpu_clocks", "xen_version",
 ]

@@ -123,6 +123,12 @@ class NativeKernel:
         self._addr = {fn: a for a, fn in self.entries.items()}
         self.calls = 0
 
+    def cmdline_error(self, cmdline: str) -> str:
+        """The kernel's own check of its options (its ``check_cmdline`` hook,
+        if it has one): "" or why it cannot obey them."""
+        hook = getattr(self.module, "check_cmdline", None)
+        return str(hook(cmdline)) if hook is not None else ""
+
     def names(self) -> list[str]:
         return [fn.__qualname__ for fn in self.entries.values()]
 

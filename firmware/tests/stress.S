@@ -15,7 +15,8 @@
 # read-only inside its own tree, L1s pinned on their own.
 #
 # Command line: "ITERATIONS [SEED]" (decimal; default 200 and 1).
-# Output: a progress line every 1000 iterations, then the totals and a
+# Output: a progress line every twentieth of the run ("stress: 5000 of 100000
+# iterations (5%)": a long run shows how far it has come), then the totals and a
 # checksum of everything read through the built mappings (independent of the
 # machine frames, so the same for every hypervisor seed).
         .include "hypercall.inc"
@@ -87,16 +88,10 @@ test_main:
         inc     %rbx
         mov     %rbx, %rax
         xor     %edx, %edx
-        mov     $1000, %ecx
-        div     %rcx
+        divq    progress_step(%rip)
         test    %rdx, %rdx
         jnz     1b
-        lea     s_progress(%rip), %rdi
-        call    puts
-        mov     %rbx, %rdi
-        call    put_hex
-        lea     s_newline(%rip), %rdi
-        call    puts
+        call    say_progress
         jmp     1b
 3:      xor     %ebx, %ebx              # tear every slot down at the end
 4:      imul    $SL_SIZE, %rbx, %rdi
@@ -118,7 +113,44 @@ test_main:
         pop     %rbx
         ret
 
-# "ITERATIONS [SEED]" from start_info.cmd_line
+# say_progress(rbx = iterations done): "stress: N of TOTAL iterations (P%)"
+say_progress:
+        lea     s_progress(%rip), %rdi
+        call    puts
+        mov     %rbx, %rdi
+        call    put_dec
+        lea     s_of(%rip), %rdi
+        call    puts
+        mov     iterations(%rip), %rdi
+        call    put_dec
+        lea     s_iterations_pct(%rip), %rdi
+        call    puts
+        imul    $100, %rbx, %rax
+        xor     %edx, %edx
+        divq    iterations(%rip)
+        mov     %rax, %rdi
+        call    put_dec
+        lea     s_pct_end(%rip), %rdi
+        jmp     puts
+
+# put_dec(rdi = value): its decimal digits, no leading zeros
+put_dec:
+        mov     %rdi, %rax
+        lea     decbuf+20(%rip), %rsi
+        movb    $0, (%rsi)
+        mov     $10, %ecx
+1:      xor     %edx, %edx
+        div     %rcx
+        add     $'0', %dl
+        dec     %rsi
+        mov     %dl, (%rsi)
+        test    %rax, %rax
+        jnz     1b
+        mov     %rsi, %rdi
+        jmp     puts
+
+# "ITERATIONS [SEED]" from start_info.cmd_line; a progress line every
+# twentieth of the iterations (every one if there are fewer than 20)
 parse_cmdline:
         mov     start_info(%rip), %rsi
         add     $SI_CMD_LINE, %rsi
@@ -130,7 +162,15 @@ parse_cmdline:
         test    %rax, %rax
         jz      2f
         mov     %rax, rng(%rip)
-2:      ret
+2:      mov     iterations(%rip), %rax
+        xor     %edx, %edx
+        mov     $20, %ecx
+        div     %rcx
+        test    %rax, %rax
+        jnz     3f
+        inc     %rax
+3:      mov     %rax, progress_step(%rip)
+        ret
 
 # parse_decimal(rsi = text) -> rax = value (0 if none), rsi past it
 parse_decimal:
@@ -752,7 +792,10 @@ reservation:
         jmp     expect_zero
 
         .section .rodata
-s_progress:   .asciz "stress: iteration "
+s_progress:   .asciz "stress: "
+s_of:         .asciz " of "
+s_iterations_pct: .asciz " iterations ("
+s_pct_end:    .asciz "%)\n"
 s_iterations: .asciz "stress: iterations "
 s_pins:       .asciz "stress: trees pinned and used "
 s_unpinned_builds: .asciz "stress: trees left unpinned "
@@ -770,6 +813,8 @@ s_memory_op:  .asciz "memory_op (1 extent expected) "
         .data
         .balign 8
 iterations:      .quad 200
+progress_step:   .quad 10
+decbuf:          .skip 24
 rng:             .quad 1
 pins:            .quad 0
 unpinned_builds: .quad 0

@@ -21,6 +21,11 @@ If a native function raises, the runtime calls the kernel module's ``oops(cpu,
 exc)`` (if it has one) to let it report, then crashes the domain: an exception in
 the kernel is a guest kernel bug, never the hypervisor's.
 
+A kernel module may also have ``check_cmdline(cmdline) -> str``: "" if the
+kernel can obey every option of ``cmdline``, else the one-line reason it
+cannot. The builder asks it before the domain first runs, so that a mistyped
+option is refused as bad input rather than found by the booting guest.
+
 Everything a kernel function keeps beyond its own return lives in guest memory:
 the ``NativeCpu`` is rebuilt for every entry.
 """

@@ -52,7 +52,11 @@ def stats_text(hv: Hypervisor, dom: Domain) -> str:
     lines = [f"balloon of {dom.name}: target {info['num_pages']} pages, actual "
              f"{info['actual']} pages; the guest has {left:.1f} of its {memory_mib(hv, dom)} MiB"
              + (f"; inhibited ({info['inhibits']})" if info["inhibits"] else "")]
-    if info["stats_updated_ns"] is None:
+    if not bal.stats_interval_ns:
+        # without a poll the only statistics are the driver's first, from boot
+        lines.append("  no statistics interval: the host never asks for statistics (set "
+                     "stats_interval in the configuration's [balloon] table)")
+    elif info["stats_updated_ns"] is None:
         lines.append("  no statistics from the guest yet")
     else:
         lines.append(f"  statistics of {format_duration(info['stats_updated_ns'])}:")

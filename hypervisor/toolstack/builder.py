@@ -183,6 +183,9 @@ def xc_dom_build(xd: DomImage, nr_pages: int) -> None:
             domctl.load_kernel(xd.dom, module, text, size)
         except KernelError as e:
             raise BuildError(f"{xd.cfg.name}: {e}") from None
+        why = domctl.kernel_cmdline_error(xd.dom, xd.cfg.cmdline)
+        if why:
+            raise BuildError(f"{xd.cfg.name}: {why}")
     vcpu_x86_64(xd)
 
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from hypervisor import domctl
-from hypervisor.domctl import Domain
+from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.context import audit
-from hypervisor.toolstack.control import Request, parse_request
+from hypervisor.toolstack.control import SAVE, Request, parse_request
 from hypervisor.toolstack.elfimage import ImageError
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.session import RunResult, boot, run_domain
@@ -71,14 +72,69 @@ def _checkpoint_dir(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     _checkpoint_dir(args)
     cfg = load_config(args.config)
+    requests = [*cfg.requests, *args.request]
+    _save_request(requests, args.until)
     hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic")
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
-    requests = [*cfg.requests, *args.request]
-    result = run_domain(hv, dom, args.until, _stream, requests, _note,
-                        checkpoint_dir=args.checkpoint_dir)
-    return _exit_for(result, dom, args.until)
+    return _run_or_save(hv, dom, requests, args)
+
+
+def _save_request(requests: list[Request], until: int | None) -> Request | None:
+    """The one ``save PATH`` request, checked before the guest boots: its
+    directory exists, no other shutdown or checkpoint is asked, and nothing
+    after it (the domain is gone)."""
+    saves = [r for r in requests if r.command == SAVE]
+    if not saves:
+        return None
+    if len(saves) > 1:
+        raise CliError("at most one save request: the domain is gone after it")
+    save = saves[0]
+    _image_dest(save.value)
+    later = [r for r in requests if r.at_ns >= save.at_ns and r is not save]
+    if later:
+        raise CliError(f"a request at {format_duration(later[0].at_ns)} comes after the save "
+                       f"at {format_duration(save.at_ns)}: the domain is gone by then")
+    shutdown = [r for r in requests if r.shutdown]
+    if shutdown:
+        # suspend_and_save makes only requests that leave the guest running
+        raise CliError(f"a {shutdown[0].command} request and a save request: the save is "
+                       "the run's one shutdown")
+    if until is not None and until < save.at_ns:
+        raise CliError(f"--until {format_duration(until)} stops the guest before its save "
+                       f"at {format_duration(save.at_ns)}")
+    return save
+
+
+def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
+                 args: argparse.Namespace) -> int:
+    """What ``run`` and ``restore`` do once the domain exists: run it, or,
+    with a save request, run it to the save as ``pvlab save`` does."""
+    save = _save_request(requests, args.until)
+    if save is None:
+        result = run_domain(hv, dom, args.until, _stream, requests, _note,
+                            checkpoint_dir=args.checkpoint_dir)
+        return _exit_for(result, dom, args.until)
+    others = [r for r in requests if r is not save]
+    return _save(hv, dom, save.value, save.at_ns, others)
+
+
+def _save(hv: Hypervisor, dom: Domain, image: str, at_ns: int,
+          requests: list[Request]) -> int:
+    """Suspend the domain at ``at_ns``, write ``image``, destroy it (xl save)."""
+    from hypervisor.toolstack.session import suspend_and_save
+    name = dom.name
+    _, outcome = suspend_and_save(hv, dom, image, at_ns, sink=_stream, note=_note,
+                                  progress=ProgressBar("saving"), requests=requests)
+    if outcome.stats is None:
+        print(f"pvlab: save failed: {outcome.error}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    stats = outcome.stats
+    _note(f"saved domain {name} to {image}: {stats.bytes / (1 << 20):.1f} MiB, "
+          f"{stats.pages} pages, {stats.tables} pagetables canonicalised ({stats.pinned} "
+          f"pinned), in {stats.total_s:.2f} s; the domain is destroyed")
+    return EXIT_OK
 
 
 def _exit_for(result: RunResult, dom: Domain, until: int | None) -> int:
@@ -126,33 +182,36 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+def _image_dest(path: str) -> None:
+    """Refuse an image path that cannot be written before the guest boots: a
+    failed save would have suspended it for nothing."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise CliError(f"{dest} is a directory; name the image file")
+    if not dest.parent.is_dir():
+        raise CliError(f"{dest.parent} does not exist: cannot write {dest.name} there")
+
+
 def cmd_save(args: argparse.Namespace) -> int:
-    from hypervisor.toolstack.session import suspend_and_save
+    _image_dest(args.image)
     cfg = load_config(args.config)
+    if any(r.command == SAVE for r in cfg.requests):
+        raise CliError(f"{args.config}: a save request in the configuration and pvlab "
+                       "save's IMAGE: give one (pvlab run makes the configuration's)")
     hv, dom = boot(cfg, seed=args.seed)
-    _, outcome = suspend_and_save(hv, dom, args.image, args.at, sink=_stream, note=_note,
-                                  progress=ProgressBar("saving"), requests=cfg.requests)
-    if outcome.stats is None:
-        print(f"pvlab: save failed: {outcome.error}", file=sys.stderr)
-        return EXIT_GUEST_FAILED
-    stats = outcome.stats
-    _note(f"saved domain {cfg.name} to {args.image}: {stats.bytes / (1 << 20):.1f} MiB, "
-          f"{stats.pages} pages, {stats.tables} pagetables canonicalised ({stats.pinned} "
-          f"pinned), in {stats.total_s:.2f} s; the domain is destroyed")
-    return EXIT_OK
+    return _save(hv, dom, args.image, args.at, list(cfg.requests))
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from hypervisor.toolstack.restore import restore_image
     _checkpoint_dir(args)
+    _save_request(args.request, args.until)
     hv, dom, stats = restore_image(args.image, seed=args.seed,
                                    progress=ProgressBar("restoring"))
     _note(f"restored {args.image} as domain {dom.domid} ({dom.name}): {stats.pages} pages on "
           f"new frames, {stats.tables} pagetables localised, {stats.pinned} pinned again, "
           f"in {stats.total_s:.2f} s; its suspend hypercall returns 0")
-    result = run_domain(hv, dom, args.until, _stream, args.request, _note,
-                        checkpoint_dir=args.checkpoint_dir)
-    return _exit_for(result, dom, args.until)
+    return _run_or_save(hv, dom, args.request, args)
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -189,6 +248,18 @@ def cmd_image(args: argparse.Namespace) -> int:
     return EXIT_OK if not lines else EXIT_GUEST_FAILED
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack import demo
+    if args.restore_side:
+        image, out_json, pgd = args.restore_side
+        return demo.restore_side(image, out_json, int(pgd))
+    config = Path(args.config) if args.config else demo.EXAMPLE
+    if not config.is_file():
+        raise CliError(f"{config} does not exist: give the demo's configuration "
+                       "(examples/save-restore.toml in pvlab's source)")
+    return demo.run_demo(config)
+
+
 def cmd_frames(args: argparse.Namespace) -> int:
     from hypervisor.toolstack.frames import format_summary, format_table, frame_table
     cfg = load_config(args.config)
@@ -219,7 +290,9 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "guest that suspends is resumed cancelled), checkpoint (a suspend "
                         "whose image is written, see --checkpoint-dir), mem-set MIB (the "
                         "guest's memory target, as xl mem-set), balloon-stats, "
-                        "balloon-inhibit, balloon-uninhibit, or PATH=VALUE (a xenstore "
+                        "balloon-inhibit, balloon-uninhibit, save PATH (a suspend whose "
+                        "image is written to PATH, the domain then destroyed, as pvlab "
+                        "save does), or PATH=VALUE (a xenstore "
                         "write in the guest's home); repeatable (e.g. --request '15ms "
                         "suspend' --request '2ms mem-set 16')")
     p.add_argument("--checkpoint-dir", metavar="DIR",
@@ -342,6 +415,22 @@ def _add_image(sub: Any) -> None:
     image.set_defaults(func=cmd_image)
 
 
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="the save/restore demo (make demo)",
+                          description="An SMP guest saved mid-run and restored in a new "
+                                      "process on other machine frames: pfn -> mfn on both "
+                                      "sides, a pgd's entries as mfns, pfns and new mfns, "
+                                      "the PM steps of each side, the results beside an "
+                                      "uninterrupted run's; then a checkpoint. Exit 1 if "
+                                      "anything differs.")
+    demo.add_argument("config", metavar="CONFIG", nargs="?",
+                      help="the guest (default: examples/save-restore.toml)")
+    # the restoring side, run by the demo itself in a new process
+    demo.add_argument("--restore-side", nargs=3, metavar=("IMAGE", "JSON", "PGD"),
+                      help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pvlab",
@@ -358,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_restore(sub)
     _add_checkpoint(sub)
     _add_image(sub)
+    _add_demo(sub)
     return p
 
 
@@ -377,6 +467,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pvlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (``| head``): stop quietly, as cat and grep do
+        _quiet_stdout()
+        return EXIT_OK
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush finds
+    no closed pipe to complain about."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is no file (a test's capture): nothing will be flushed
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ COMMANDS = ("poweroff", "halt", "reboot", "suspend")
 # a suspend whose image is kept, and the host's balloon controls
 TOOLSTACK_COMMANDS = ("checkpoint", "mem-set", "balloon-stats", "balloon-inhibit",
                       "balloon-uninhibit")
+# a suspend whose image is written to PATH, the domain destroyed (xl save): the
+# command line's run and restore make it through session.suspend_and_save
+SAVE = "save"
 ACK_TIMEOUT_NS = 500_000_000  # virtual time; libxl waits 60 s of real time
 
 
@@ -40,7 +43,7 @@ class Request:
     at_ns: int
     command: str = ""                 # one of COMMANDS or TOOLSTACK_COMMANDS
     path: str = ""                    # or write VALUE at PATH (relative to the home)
-    value: str = ""                   # (mem-set: the target in MiB)
+    value: str = ""                   # (mem-set: the target in MiB; save: the image)
 
     @property
     def shutdown(self) -> bool:
@@ -52,7 +55,7 @@ def parse_request(text: str) -> Request:
     """'TIME COMMAND' or 'TIME PATH=VALUE', e.g. '15ms suspend', '5ms mem-set 32',
     '2ms memory/target=8192'."""
     parts = text.split(None, 1)
-    known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS)
+    known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH",))
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
                          f"(WHAT: {known}, or PATH=VALUE)")
@@ -61,6 +64,11 @@ def parse_request(text: str) -> Request:
     if what in COMMANDS or (what in TOOLSTACK_COMMANDS and what != "mem-set"):
         return Request(at, command=what)
     verb, _, arg = what.partition(" ")
+    if verb == SAVE:
+        if not arg.strip():
+            raise ValueError(f"request {text!r}: save takes the image's path, e.g. "
+                             "'5ms save guest.img'")
+        return Request(at, command=SAVE, value=arg.strip())
     if verb == "mem-set":
         if not arg.strip().isdigit():
             raise ValueError(f"request {text!r}: mem-set takes the guest's memory target "

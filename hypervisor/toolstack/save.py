@@ -280,6 +280,8 @@ def x86_pv_setup(hv: Hypervisor, dom: Domain, stats: SaveStats) -> SaveContext:
         raise SaveError(f"domain {dom.name} is not suspended")
     p2m, frame_pfns = locate_p2m(hv, dom)
     types = page_types(hv, dom, p2m)
+    # a pfn with no frame (ballooned out: INVALID_MFN in the p2m) is XTAB,
+    # level 0: never mapped as a table, never counted as one
     levels = pfinfo.level(pfinfo.nibble(types))
     table_pfns = np.flatnonzero(levels)
     tc = time.perf_counter()

@@ -150,10 +150,19 @@ class _Run:
             self.checkpoint_wanted = False
             self.ack_deadline = None
 
+    def say_not_made(self, reason: str) -> None:
+        """Requests timed after the guest shut down are said, never silently lost."""
+        t = format_duration(max(domctl.vcpu_clocks(self.dom), default=0))
+        whats = "; ".join(f"at {format_duration(r.at_ns)}: {_describe(r)}" for r in self.pending)
+        self.say(f"the guest shut down ({reason}) at {t}; {len(self.pending)} request(s) "
+                 f"not made: {whats}")
+
     def result(self, until_ns: int | None) -> RunResult:
         dom = self.dom
         if dom.shutdown_reason is not None:
             reason = domctl.shutdown_name(dom.shutdown_reason)
+            if self.pending and dom.shutdown_reason != SHUTDOWN_suspend:
+                self.say_not_made(reason)
         elif until_ns is not None and domctl.reached(dom, until_ns):
             reason = "running"  # each VCPU reached the time, or sleeps until a timer
         else:

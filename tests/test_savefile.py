@@ -116,8 +116,8 @@ def test_a_checkpoint_ends_with_checkpoint_end(images):
 def test_image_show_explains_every_layer(images):
     text = describe(scan_image(images["checkpoint"]), records=True)
     for words in ("xl save file", "xl header: stream v2, JSON config", "libxl stream version 2",
-                  "libxc stream version 3", "libxl LIBXC_CONTEXT", "libxl CHECKPOINT_END",
-                  "libxc X86_PV_P2M_FRAMES", "EMULATOR_XENSTORE_DATA"):
+                  "libxc migration stream version 3", "libxl LIBXC_CONTEXT",
+                  "libxl CHECKPOINT_END", "libxc X86_PV_P2M_FRAMES", "EMULATOR_XENSTORE_DATA"):
         assert words in text
 
 

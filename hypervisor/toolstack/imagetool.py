@@ -58,8 +58,8 @@ def _layers(info: ImageInfo, records: bool) -> list[str]:
              f"({', '.join(config) or 'empty'})",
              "libxl stream version 2: " + ", ".join(
                  f"{n} x{c}" for n, c in Counter(r.name for r in info.libxl_records).items()),
-             f"libxc stream version {info.version} at offset {info.libxc_offset}, x86 PV, "
-             f"written by Xen {h.xen_major}.{h.xen_minor} ABI"]
+             f"libxc migration stream version {info.version} at offset "
+             f"{info.libxc_offset}, x86 PV, written by Xen {h.xen_major}.{h.xen_minor} ABI"]
     if records:
         every = sorted(info.libxl_records + info.records, key=lambda r: r.offset)
         lines += [f"  {r.offset:>12}  {r.layer} {r.name:<24} {r.length} octets" for r in every]

@@ -5,6 +5,7 @@ of the images pvlab writes, so the layout is tested without Xen's code."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import subprocess
@@ -15,11 +16,12 @@ import pytest
 
 from hypervisor.toolstack import savefile, stream
 from hypervisor.toolstack.cli import main
-from hypervisor.toolstack.config import load_config
+from hypervisor.toolstack.config import BalloonConfig, load_config
+from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.image import ImageError, scan_image
 from hypervisor.toolstack.imagetool import describe
 from hypervisor.toolstack.session import save_domain
-from tests.conftest import ROOT, booting, checkout_env
+from tests.conftest import ROOT, booting, checkout_env, make_config
 
 EXAMPLE = ROOT / "examples" / "save-restore.toml"
 LIBXL_TYPES = {0: "END", 1: "LIBXC_CONTEXT", 2: "EMULATOR_XENSTORE_DATA",
@@ -169,3 +171,25 @@ def test_the_images_are_8_aligned(images):
         info = scan_image(Path(path))
         assert info.libxc_offset % 8 == 0
         assert all(b.data_offset % 8 == 0 for b in info.batches)
+
+
+@pytest.mark.parametrize("policy", ["deflate", "keep", "discard"])
+def test_a_ballooned_guest_has_one_emulator_context_per_device(policy, tmp_path):
+    """The balloon's state is libxl's EMULATOR_CONTEXT (emulator 0, index 0),
+    and the config names the same device where it is."""
+    cfg = dataclasses.replace(
+        make_config(f"run=hashchain:400:256,dirtier virtio_balloon.policy={policy}",
+                    vcpus=2, memory=8, name="nat"),
+        balloon=BalloonConfig(0), requests=[parse_request("1ms mem-set 6")])
+    img = tmp_path / "bal.img"
+    with booting() as boot:
+        hv, dom = boot(cfg)
+        save_domain(hv, dom, str(img), 8_000_000, requests=cfg.requests)
+    layers = read_layers(img.read_bytes())
+    contexts = [body for t, body in layers["libxl"] if t == 3]
+    assert len(contexts) == 1 and struct.unpack_from("<II", contexts[0]) == (0, 0)
+    state = json.loads(contexts[0][8:])
+    assert state["kind"] == "balloon" and state["num_pages"] == 512
+    place = {k: state[k] for k in ("bus", "kind", "base", "port")}
+    assert layers["config"]["pvlab"]["devices"] == [place]
+    assert scan_image(img).devices == [state]

@@ -193,3 +193,24 @@ def test_a_ballooned_guest_has_one_emulator_context_per_device(policy, tmp_path)
     place = {k: state[k] for k in ("bus", "kind", "base", "port")}
     assert layers["config"]["pvlab"]["devices"] == [place]
     assert scan_image(img).devices == [state]
+
+
+def test_an_image_cut_in_its_outer_layers_is_refused(images, tmp_path):
+    """Truncated in xl's header or its config, libxl's header, or at any of
+    libxl's records: refused, naming where."""
+    raw = images["checkpoint"].read_bytes()
+    info = scan_image(images["checkpoint"])
+    cuts = {0, 31, 40, 47, 50, info.libxc_offset - 24, info.libxc_offset - 9}
+    for r in info.libxl_records:
+        cuts |= {r.offset, r.offset + 4, r.offset + 8 + min(r.length, 4)}
+    bad = tmp_path / "cut.img"
+    for cut in sorted(c for c in cuts if c < len(raw)):
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(ImageError, match="truncated|offset|no LIBXC_CONTEXT"):
+            scan_image(bad)
+    xs = next(r for r in info.libxl_records if r.name == "EMULATOR_XENSTORE_DATA")
+    end = info.libxl_records[-1].offset
+    again = raw[xs.offset:xs.offset + 8 + xs.length + (-xs.length % 8)]
+    bad.write_bytes(raw[:end] + again + raw[end:])
+    with pytest.raises(ImageError, match="a second EMULATOR_XENSTORE_DATA"):
+        scan_image(bad)

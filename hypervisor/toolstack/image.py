@@ -272,10 +272,12 @@ def _config(info: ImageInfo, raw: bytes) -> None:
 def _libxl_tail(info: ImageInfo, recs: list[savefile.LibxlRecord]) -> None:
     """libxl's records besides LIBXC_CONTEXT: the xenstore nodes, a device
     model's state per EMULATOR_CONTEXT (in index order), CHECKPOINT_END."""
+    xenstore_seen = False
     for rec in recs:
         if rec.type == LibxlRecType.EMULATOR_XENSTORE_DATA:
-            if info.xenstore:
+            if xenstore_seen:
                 raise _fail(rec, "a second EMULATOR_XENSTORE_DATA")
+            xenstore_seen = True
             info.xenstore = _xenstore(rec, _emulator_data(rec, 0))
         elif rec.type == LibxlRecType.EMULATOR_CONTEXT:
             info.devices.append(_device(rec, _emulator_data(rec, len(info.devices))))

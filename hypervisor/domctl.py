@@ -504,7 +504,7 @@ def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
 
 
 def restore_virtio_balloon(hv: Hypervisor, dom: Domain, state: dict[str, Any]) -> Balloon:
-    """A balloon re-created from its PVLAB_DEVICES entry, at the base and
+    """A balloon re-created from its EMULATOR_CONTEXT entry, at the base and
     port the guest knows from its command line."""
     balloon = balloon_persist.restore_state(state, balloon_host(hv, dom))
     add_virtio_device(hv, dom, balloon, state["base"], state["port"])
@@ -520,7 +520,7 @@ def find_device(dom: Domain, kind: type) -> Any | None:
 
 
 def devices_state(dom: Domain) -> list[dict[str, Any]]:
-    """What an image carries of each device (its PVLAB_DEVICES record): where
+    """What an image carries of each device (its EMULATOR_CONTEXT record): where
     it is and what the host keeps of it. The guest must have frozen (reset)
     them: a live device has rings in frames a restore moves (EBUSY)."""
     out = []
@@ -534,7 +534,7 @@ def devices_state(dom: Domain) -> list[dict[str, Any]]:
 
 
 def check_device_state(state: object) -> str | None:
-    """Why a PVLAB_DEVICES entry cannot be restored, or None: a device this
+    """Why an EMULATOR_CONTEXT entry cannot be restored, or None: a device this
     hypervisor knows, with every key of its declared state and type."""
     if not isinstance(state, dict) or state.get("kind") != balloon_persist.KIND \
             or state.get("bus") != balloon_persist.BUS:

@@ -126,9 +126,9 @@ def test_the_restored_guest_is_on_other_frames_and_its_accounting_holds(example,
 def test_the_image_lays_out_xens_stream(example, tmp_path):
     img = tmp_path / "g.img"
     save(example, img, 12)
-    raw = img.read_bytes()
-    assert raw[:8] == b"\xff" * 8 and raw[8:12] == b"XENF" and raw[12:16] == b"\0\0\0\3"
     info = scan_image(img)
+    raw = img.read_bytes()[info.libxc_offset:]  # inside libxl's LIBXC_CONTEXT
+    assert raw[:8] == b"\xff" * 8 and raw[8:12] == b"XENF" and raw[12:16] == b"\0\0\0\3"
     names = [r.name for r in info.records]
     mandatory = [n for n in names if not n.startswith("PVLAB")]
     pages = mandatory.count("PAGE_DATA")
@@ -157,14 +157,15 @@ def test_a_version_2_stream_is_read(example, tmp_path):
     sde = next(r for r in info.records if r.name == "STATIC_DATA_END")
     raw = bytearray(img.read_bytes())
     del raw[sde.offset:sde.offset + 8]
-    raw[12:16] = (2).to_bytes(4, "big")
+    x = info.libxc_offset
+    raw[x + 12:x + 16] = (2).to_bytes(4, "big")
     v2 = tmp_path / "v2.img"
     v2.write_bytes(bytes(raw))
     assert scan_image(v2).version == 2
     hv, dom, _ = restore_image(v2)
     assert run_domain(hv, dom, LIMIT_NS).reason == "poweroff"
     hv.close()
-    raw[12:16] = (3).to_bytes(4, "big")  # the same in version 3 is refused
+    raw[x + 12:x + 16] = (3).to_bytes(4, "big")  # the same in version 3 is refused
     v2.write_bytes(bytes(raw))
     with pytest.raises(ImageError, match="before STATIC_DATA_END"):
         scan_image(v2)
@@ -265,9 +266,10 @@ def test_damaged_record_fields_are_refused_naming_the_record(good_image, tmp_pat
         bad.write_bytes(bytes(b))
         return _refused_cleanly(bad)
 
-    assert "not a Xen migration stream" in patched(8, b"XENG")
-    assert "stream version 4" in patched(12, (4).to_bytes(4, "big"))
-    assert "big-endian" in patched(16, (1).to_bytes(2, "big"))
+    x = info.libxc_offset
+    assert "not a Xen migration stream" in patched(x + 8, b"XENG")
+    assert "stream version 4" in patched(x + 12, (4).to_bytes(4, "big"))
+    assert "big-endian" in patched(x + 16, (1).to_bytes(2, "big"))
     page = by_name["PAGE_DATA"]
     msg = patched(page.offset + 16, ((0x7 << 60) | 3).to_bytes(8, "little"))
     assert f"PAGE_DATA record at offset {page.offset}" in msg and "unknown type" in msg

@@ -1434,7 +1434,7 @@ def test_pagetable_may_hold_a_readable_ring_but_not_the_used_ring(env):
 
 @pytest.mark.parametrize("interval,oom", [("5ms", False), ("0ms", True)])
 def test_persist_round_trip_of_a_busy_balloon(booted, interval, oom):
-    """save_state makes the balloon's PVLAB_DEVICES entry; restore_state makes
+    """save_state makes the balloon's EMULATOR_CONTEXT entry; restore_state makes
     from it a balloon that saves the same entry. The device is saved mid-inflate
     (target 300 pages, 2 in the balloon), inhibited, with frames set aside and a
     statistics buffer held: that is the host's and the rings' state, which no

@@ -351,8 +351,10 @@ def _add_save(sub: Any) -> None:
     save = sub.add_parser("save", help="boot a domain, run it to a time, save it to a file",
                           description="Boot the domain CONFIG describes, run it to virtual "
                                       "time --at, ask it to suspend (control/shutdown = "
-                                      "suspend), and write its image to IMAGE: Xen's libxc "
-                                      "migration stream, pagetables canonicalised. The "
+                                      "suspend), and write its image to IMAGE: an xl save "
+                                      "file (xl's header and config, libxl's stream around "
+                                      "Xen's libxc migration stream), pagetables "
+                                      "canonicalised. The "
                                       "domain is gone afterwards, as with xl save; "
                                       "`pvlab restore IMAGE` brings it back.")
     _config_arg(save)

@@ -1,6 +1,8 @@
-"""Reading and checking a saved image (a libxc migration stream) without
-applying it: what a restore does first, so that a bad image is refused before
-anything is created, and what ``pvlab image show`` prints.
+"""Reading and checking a saved image without applying it: what a restore
+does first, so that a bad image is refused before anything is created, and
+what ``pvlab image show`` prints. The image is an xl save file: xl's header
+and the domain's JSON config, libxl's stream, and in its LIBXC_CONTEXT the
+libxc migration stream (savefile.py, stream.py).
 
 Every check of xg_sr_restore.c and xg_sr_restore_x86_pv.c that applies to a
 non-live x86-64 PV stream is made here, with the record and its offset in
@@ -25,9 +27,10 @@ from hypervisor import domctl
 from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, L1_PAGETABLE_ENTRIES, vcpu_guest_context
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
-from hypervisor.toolstack import pfinfo, stream
+from hypervisor.toolstack import pfinfo, savefile, stream
 from hypervisor.toolstack.pfinfo import ABSENT, KNOWN, NO_DATA, NOT_POPULATED, TYPE_NAMES
-from hypervisor.toolstack.stream import PvlabRecType, RecType, StreamError
+from hypervisor.toolstack.savefile import EmulatorId, LibxlRecType
+from hypervisor.toolstack.stream import RecType, StreamError
 
 MAX_VCPUS = 32
 CONTEXT_SIZE = ctypes.sizeof(vcpu_guest_context)
@@ -54,9 +57,12 @@ class RecordInfo:
     type: int
     offset: int
     length: int
+    layer: str = "libxc"  # or "libxl"
 
     @property
     def name(self) -> str:
+        if self.layer == "libxl":
+            return savefile.libxl_rec_name(self.type)
         return stream.rec_name(self.type)
 
 
@@ -65,7 +71,10 @@ class ImageInfo:
     path: str
     version: int
     header: stream.DomainHeader
-    records: list[RecordInfo] = field(default_factory=list)
+    records: list[RecordInfo] = field(default_factory=list)          # libxc's
+    libxl_records: list[RecordInfo] = field(default_factory=list)
+    libxc_offset: int = 0      # where the libxc stream starts in the file
+    xl_config: dict = field(default_factory=dict)  # the xl header's JSON config
     max_pfn: int = -1
     p2m_frame_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     batches: list[PageBatch] = field(default_factory=list)
@@ -73,7 +82,7 @@ class ImageInfo:
     tsc: tuple[int, int, int, int] | None = None
     shared_info: bytes = b""
     vcpus: dict[int, bytes] = field(default_factory=dict)
-    domain: dict | None = None
+    domain: dict | None = None  # pvlab's view of xl_config; None: not pvlab's
     xenstore: list[tuple[str, bytes]] = field(default_factory=list)
     devices: list[dict] = field(default_factory=list)
     checkpoint: bool = False
@@ -97,7 +106,7 @@ class ImageInfo:
         return vcpu_guest_context.from_buffer_copy(self.vcpus[vcpu_id])
 
 
-def _fail(rec: stream.Record | RecordInfo, why: str) -> ImageError:
+def _fail(rec: stream.Record | savefile.LibxlRecord | RecordInfo, why: str) -> ImageError:
     return ImageError(f"{rec.name} record at offset {rec.offset}: {why}")
 
 
@@ -116,14 +125,51 @@ def scan_image(path: str | Path) -> ImageInfo:
 
 
 def _scan(f: BinaryIO, path: str) -> ImageInfo:
+    """The three layers in file order: xl's header, libxl's records with the
+    libxc stream read where LIBXC_CONTEXT stands, then the checks that need
+    the whole image."""
+    head = f.read(12)
+    if head == stream.IHDR.pack(stream.IHDR_MARKER, stream.IHDR_ID, 0, 0, 0, 0)[:12]:
+        raise StreamError("an image from an older pvlab (a bare libxc stream, no xl header); "
+                          "this pvlab reads only xl save files")
+    f.seek(0)
+    xl = savefile.read_xl_header(f)
+    savefile.read_libxl_header(f, xl.end)
+    info: ImageInfo | None = None
+    libxl: list[RecordInfo] = []
+    tail: list[savefile.LibxlRecord] = []
+    for rec in savefile.read_libxl_records(f):
+        libxl.append(RecordInfo(rec.type, rec.offset, rec.length, "libxl"))
+        if rec.type != LibxlRecType.LIBXC_CONTEXT:
+            tail.append(rec)
+            continue
+        if info is not None or rec.length:
+            raise _fail(libxl[-1], "a second LIBXC_CONTEXT, or one with a body")
+        info, tables, last = _scan_libxc(f, path, f.tell())
+    if info is None:
+        raise StreamError("no LIBXC_CONTEXT record: the libxl stream holds no domain")
+    info.libxl_records = libxl
+    info.size = f.tell()
+    if f.read(1):
+        raise ImageError(f"offset {info.size}: data after libxl's END record")
+    _config(info, xl.config)
+    _libxl_tail(info, tail)
+    _check_whole(info, last)
+    _check_tables(info, f, tables)
+    return info
+
+
+def _scan_libxc(f: BinaryIO, path: str, base: int
+                ) -> tuple[ImageInfo, list[tuple[int, int, int]], stream.Record]:
     # one pass over the records in stream order, a branch per record type as
     # xg_sr_restore.c's process_record has: longer than most, read as a table
-    version, dhdr = stream.read_headers(f)
-    info = ImageInfo(path, version, dhdr)
+    version, dhdr = stream.read_headers(f, base)
+    info = ImageInfo(path, version, dhdr, libxc_offset=base)
     seen_pv_info = seen_static_end = False
     tables: list[tuple[int, int, int]] = []  # (pfn, level, offset of its page)
     last = None
-    for rec in stream.read_records(f, partial={RecType.PAGE_DATA: _page_data_head}):
+    start = base + stream.IHDR.size + stream.DHDR.size
+    for rec in stream.read_records(f, start, partial={RecType.PAGE_DATA: _page_data_head}):
         info.records.append(RecordInfo(rec.type, rec.offset, rec.length))
         last = rec
         t = rec.type
@@ -178,40 +224,98 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
         elif t in (RecType.X86_PV_VCPU_EXTENDED, RecType.X86_PV_VCPU_XSAVE,
                    RecType.X86_PV_VCPU_MSRS, RecType.X86_CPUID_POLICY, RecType.X86_MSR_POLICY):
             pass  # state pvlab's VCPUs do not have: read and dropped
-        elif t == PvlabRecType.PVLAB_DOMAIN:
-            try:
-                info.domain = json.loads(rec.body)
-            except ValueError as e:
-                raise _fail(rec, f"not JSON: {e}") from None
-            if not isinstance(info.domain, dict):
-                raise _fail(rec, "not a JSON object")
-        elif t == PvlabRecType.PVLAB_XENSTORE:
-            info.xenstore = _xenstore(rec)
-        elif t == PvlabRecType.PVLAB_DEVICES:
-            info.devices = _devices(rec)
         elif not t & stream.REC_TYPE_OPTIONAL:
             raise _fail(rec, "a mandatory record type this restorer does not know")
     assert last is not None
-    info.size = f.tell()
-    if f.read(1):
-        raise ImageError(f"offset {info.size}: data after the END record")
-    _check_whole(info, last)
-    _check_tables(info, f, tables)
-    return info
+    return info, tables, last
 
 
-def _devices(rec: stream.Record) -> list[dict]:
+# the config's keys pvlab needs, with their JSON types: (where, key, type)
+CONFIG_KEYS = (("c_info", "name", str), ("b_info", "max_vcpus", int),
+               ("b_info", "max_memkb", int), ("pvlab", "image", int), ("pvlab", "kind", str),
+               ("pvlab", "kernel", dict), ("pvlab", "clocks", list),
+               ("pvlab", "devices", list))
+KERNEL_KEYS = (("module", str), ("text", int), ("size", int))
+
+
+def _config(info: ImageInfo, raw: bytes) -> None:
+    """The xl header's JSON config; info.domain is pvlab's view of it, None
+    when it has no "pvlab" part (an image Xen's xl wrote)."""
+    def bad(why: str) -> ImageError:
+        return ImageError(f"the xl header's config: {why}")
     try:
-        devices = json.loads(rec.body)
+        config = json.loads(raw) if raw else {}
+    except ValueError as e:
+        raise bad(f"not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise bad("not a JSON object")
+    info.xl_config = config
+    if "pvlab" not in config:
+        return
+    for where, key, want in CONFIG_KEYS:
+        part = config.get(where)
+        value = part.get(key) if isinstance(part, dict) else None
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise bad(f"{where}.{key} is missing or not {want.__name__}")
+    p = config["pvlab"]
+    for key, want in KERNEL_KEYS:
+        if not isinstance(p["kernel"].get(key), want):
+            raise bad(f"pvlab.kernel.{key} is missing or not {want.__name__}")
+    if not all(isinstance(c, int) for c in p["clocks"]):
+        raise bad("pvlab.clocks holds something that is not a clock")
+    info.domain = {"pvlab_image": p["image"], "kind": p["kind"], "seed": p.get("seed"),
+                   "name": config["c_info"]["name"], "vcpus": config["b_info"]["max_vcpus"],
+                   "max_pages": config["b_info"]["max_memkb"] * 1024 // PAGE_SIZE,
+                   "kernel": p["kernel"], "clocks": p["clocks"], "devices": p["devices"]}
+
+
+def _libxl_tail(info: ImageInfo, recs: list[savefile.LibxlRecord]) -> None:
+    """libxl's records besides LIBXC_CONTEXT: the xenstore nodes, a device
+    model's state per EMULATOR_CONTEXT (in index order), CHECKPOINT_END."""
+    xenstore_seen = False
+    for rec in recs:
+        if rec.type == LibxlRecType.EMULATOR_XENSTORE_DATA:
+            if xenstore_seen:
+                raise _fail(rec, "a second EMULATOR_XENSTORE_DATA")
+            xenstore_seen = True
+            info.xenstore = _xenstore(rec, _emulator_data(rec, 0))
+        elif rec.type == LibxlRecType.EMULATOR_CONTEXT:
+            info.devices.append(_device(rec, _emulator_data(rec, len(info.devices))))
+        elif rec.type == LibxlRecType.CHECKPOINT_END:
+            if rec.body or not info.checkpoint:
+                raise _fail(rec, "CHECKPOINT_END with a body, or in a stream with no "
+                            "CHECKPOINT")
+        elif rec.type != LibxlRecType.END:
+            raise _fail(rec, "a libxl record of a checkpointed (COLO) stream pvlab does "
+                        "not restore")
+    placed = (info.domain or {}).get("devices")
+    if placed is not None:
+        have = [{k: d[k] for k in savefile.DEVICE_CONFIG_KEYS} for d in info.devices]
+        if placed != have:
+            raise ImageError(f"the config's devices {placed} are not the ones whose state "
+                             f"the EMULATOR_CONTEXT records hold ({have})")
+
+
+def _emulator_data(rec: savefile.LibxlRecord, index: int) -> bytes:
+    """An EMULATOR_* record's data, its header checked: pvlab's device models
+    are emulator UNKNOWN, numbered from 0 in stream order."""
+    if rec.length < savefile.EMULATOR_HDR.size:
+        raise _fail(rec, f"length {rec.length}, less than its emulator header")
+    emu, idx = savefile.EMULATOR_HDR.unpack_from(rec.body)
+    if emu != EmulatorId.UNKNOWN or idx != index:
+        raise _fail(rec, f"emulator {emu} index {idx}; expected emulator 0 index {index}")
+    return rec.body[savefile.EMULATOR_HDR.size:]
+
+
+def _device(rec: savefile.LibxlRecord, data: bytes) -> dict:
+    try:
+        state = json.loads(data)
     except ValueError as e:
         raise _fail(rec, f"not JSON: {e}") from None
-    if not isinstance(devices, list):
-        raise _fail(rec, "not a JSON list")
-    for d in devices:
-        why = domctl.check_device_state(d)
-        if why:
-            raise _fail(rec, why)
-    return devices
+    why = domctl.check_device_state(state)
+    if why:
+        raise _fail(rec, why)
+    return state
 
 
 def _page_data_head(f: BinaryIO, length: int) -> bytes:
@@ -302,9 +406,9 @@ def _vcpu_basic(info: ImageInfo, rec: stream.Record) -> None:
     info.vcpus[vcpu_id] = rec.body[stream.VCPU_HDR.size:]
 
 
-def _xenstore(rec: stream.Record) -> list[tuple[str, bytes]]:
-    parts = rec.body.split(b"\0")
-    if not rec.body.endswith(b"\0") or len(parts) % 2 != 1:
+def _xenstore(rec: savefile.LibxlRecord, data: bytes) -> list[tuple[str, bytes]]:
+    parts = data.split(b"\0")
+    if data and (not data.endswith(b"\0") or len(parts) % 2 != 1):
         raise _fail(rec, "not NUL-terminated path and value pairs")
     out = []
     for path, value in zip(parts[0:-1:2], parts[1:-1:2], strict=True):

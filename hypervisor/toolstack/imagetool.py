@@ -1,10 +1,12 @@
 """What ``pvlab image show`` and ``pvlab image diff`` print: a saved image's
-records, page types, pinned tables, VCPUs and xenstore nodes, and the
+layers (xl's header and config, libxl's records, libxc's records), page
+types, pinned tables, VCPUs, xenstore nodes and devices, and the
 differences between two images (pagetables are canonical in both, so two
 saves of the same guest compare page by page whatever the machines)."""
 
 from __future__ import annotations
 
+import json
 import mmap
 from collections import Counter
 
@@ -46,11 +48,27 @@ def _vcpu_line(info: ImageInfo, vcpu_id: int) -> str:
             f"cr3 pfn {ctx.ctrlreg[3] >> PAGE_SHIFT:#x}, user L4 {user}")
 
 
+def _layers(info: ImageInfo, records: bool) -> list[str]:
+    """The three layers, outside in; with ``records`` every record of both
+    streams in file order."""
+    h = info.header
+    config = info.xl_config
+    lines = [f"{info.path}: xl save file, {info.size / (1 << 20):.1f} MiB",
+             f"xl header: stream v2, JSON config of {len(json.dumps(config))} octets "
+             f"({', '.join(config) or 'empty'})",
+             "libxl stream version 2: " + ", ".join(
+                 f"{n} x{c}" for n, c in Counter(r.name for r in info.libxl_records).items()),
+             f"libxc migration stream version {info.version} at offset "
+             f"{info.libxc_offset}, x86 PV, written by Xen {h.xen_major}.{h.xen_minor} ABI"]
+    if records:
+        every = sorted(info.libxl_records + info.records, key=lambda r: r.offset)
+        lines += [f"  {r.offset:>12}  {r.layer} {r.name:<24} {r.length} octets" for r in every]
+    return lines
+
+
 def describe(info: ImageInfo, records: bool = False) -> str:
     d = info.domain or {}
-    h = info.header
-    lines = [f"{info.path}: libxc migration stream version {info.version}, x86 PV, "
-             f"written by Xen {h.xen_major}.{h.xen_minor} ABI, {info.size / (1 << 20):.1f} MiB"]
+    lines = _layers(info, records)
     if d:
         kernel = (d.get("kernel") or {}).get("module", "none")
         clocks = d.get("clocks") or [0]
@@ -58,14 +76,12 @@ def describe(info: ImageInfo, records: bool = False) -> str:
                      f"a {d.get('kind')} at {format_duration(max(clocks))} of virtual time, "
                      f"seed {d.get('seed')}, guest kernel {kernel}")
     else:
-        lines.append("domain: no PVLAB_DOMAIN record (not written by pvlab)")
+        lines.append("domain: no pvlab part in the config (not written by pvlab)")
     if info.checkpoint:
-        lines.append("checkpoint: yes (a CHECKPOINT record: Xen reads it as a "
-                     "checkpointed stream)")
+        lines.append("checkpoint: yes (libxc's CHECKPOINT and libxl's CHECKPOINT_END: Xen "
+                     "reads it as a checkpointed stream)")
     counts = Counter(r.name for r in info.records)
-    lines.append("records: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
-    if records:
-        lines += [f"  {r.offset:>12}  {r.name:<24} {r.length} octets" for r in info.records]
+    lines.append("libxc records: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
     lines.append("page types: " + ", ".join(f"{n} {c}" for n, c in info.type_counts().items()))
     pinned = np.flatnonzero(pfinfo.is_pinned_table(info.nibbles))
     lines.append(f"pinned tables ({pinned.size}): " + ", ".join(
@@ -74,8 +90,11 @@ def describe(info: ImageInfo, records: bool = False) -> str:
     lines.append(f"start_info: pfn {info.context(0).user_regs.rdx:#x} (vcpu0's rdx)")
     lines += [_vcpu_line(info, v) for v in sorted(info.vcpus)]
     if info.xenstore:
-        lines.append("xenstore: " + ", ".join(
+        lines.append("xenstore (EMULATOR_XENSTORE_DATA): " + ", ".join(
             f"{p} = {v.decode(errors='replace')!r}" for p, v in info.xenstore))
+    for i, dev in enumerate(info.devices):
+        lines.append(f"device {i} (EMULATOR_CONTEXT): " + ", ".join(
+            f"{k} {v:#x}" if k == "base" else f"{k} {v}" for k, v in dev.items()))
     return "\n".join(lines)
 
 

@@ -118,8 +118,8 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
     t0 = time.perf_counter()
     info = scan_image(path)
     if info.domain is None or not info.domain.get("pvlab_image"):
-        raise ImageError(f"{path}: no PVLAB_DOMAIN record: a Xen image, which "
-                         "`pvlab image show` can read but pvlab cannot run (it has no "
+        raise ImageError(f"{path}: no pvlab part in the xl header's config: a Xen image, "
+                         "which `pvlab image show` can read but pvlab cannot run (it has no "
                          "guest kernel binding)")
     if seed is None:
         seed = int(info.domain.get("seed") or 0) + 1
@@ -271,8 +271,8 @@ def process_start_info(ctx: RestoreContext) -> None:
 
 
 def handle_devices(ctx: RestoreContext) -> None:
-    """pvlab's PVLAB_DEVICES record: each device at the address and port the
-    guest knows from its command line, with what the host kept of it."""
+    """libxl's EMULATOR_CONTEXT records: each device at the address and port
+    the guest knows from its command line, with what the host kept of it."""
     for d in ctx.info.devices:
         try:
             add_balloon(ctx.hv, ctx.dom, d["stats_interval_ns"], d["deflate_on_oom"],
@@ -298,8 +298,8 @@ def stream_complete(ctx: RestoreContext) -> None:
 
 
 def handle_tsc_info(ctx: RestoreContext) -> None:
-    """Each VCPU's clock from pvlab's domain record, else X86_TSC_INFO's
-    nanoseconds (save: write_tsc_info, domain_record)."""
+    """Each VCPU's clock from the config's pvlab part, else X86_TSC_INFO's
+    nanoseconds (save: write_tsc_info, domain_config)."""
     clocks = ctx.info.domain.get("clocks", []) if ctx.info.domain else []
     tsc_ns = ctx.info.tsc[2] if ctx.info.tsc else 0
     domctl.settscinfo(ctx.dom, {i: int(clocks[i]) if i < len(clocks) else tsc_ns

@@ -1,5 +1,7 @@
-"""Saving a suspended domain as Xen's libxc migration stream (tools/libs/guest/
-xg_sr_save.c and xg_sr_save_x86_pv.c, the non-live path).
+"""Saving a suspended domain as ``xl save`` does: xl's header with the
+domain's configuration, then libxl's stream around Xen's libxc migration
+stream (tools/libs/guest/xg_sr_save.c and xg_sr_save_x86_pv.c, the non-live
+path), then libxl's records of the xenstore nodes and the device models.
 
 The guest has suspended itself (SHUTDOWN_suspend, start_info's mfn in vcpu0's
 rdx). The save then
@@ -44,9 +46,10 @@ from hypervisor.public.arch_x86 import (
 from hypervisor.public.domctl import PFINFO_XTAB, TSC_MODE_ALWAYS_EMULATE
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE
-from hypervisor.toolstack import pfinfo, stream
+from hypervisor.toolstack import pfinfo, savefile, stream
 from hypervisor.toolstack.context import context_of
-from hypervisor.toolstack.stream import PvlabRecType, RecType
+from hypervisor.toolstack.savefile import LibxlRecType
+from hypervisor.toolstack.stream import RecType
 from hypervisor.toolstack.xenstored import Store, home
 
 PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
@@ -220,23 +223,31 @@ def vcpu_records(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> list[tuple[int
     return [(i, write_one_vcpu_basic(hv, dom, i, p2m)) for i in online]
 
 
-def domain_record(hv: Hypervisor, dom: Domain, kind: str, seed: int | None) -> bytes:
-    info = {
-        "pvlab_image": 1,
-        "kind": kind,
-        "name": dom.name,
-        "max_pages": dom.max_pages,
-        "vcpus": domctl.max_vcpus(dom),
-        "seed": seed,
-        "kernel": domctl.kernel_binding(dom),
-        "clocks": domctl.vcpu_clocks(dom),
+def domain_config(dom: Domain, kind: str, seed: int | None,
+                  devices: list[dict]) -> bytes:
+    """The configuration xl puts in its save file's header: libxl_domain_config's
+    JSON (c_info, b_info), and under "pvlab" what only pvlab needs to run the
+    image again: the kernel binding, each VCPU's clock, the seed and where
+    each device is (their state goes in EMULATOR_CONTEXT records)."""
+    config = {
+        "c_info": {"type": "pv", "name": dom.name},
+        "b_info": {"max_vcpus": domctl.max_vcpus(dom),
+                   "max_memkb": dom.max_pages * PAGE_SIZE // 1024},
+        "pvlab": {
+            "image": savefile.PVLAB_IMAGE_VERSION,
+            "kind": kind,
+            "seed": seed,
+            "kernel": domctl.kernel_binding(dom),
+            "clocks": domctl.vcpu_clocks(dom),
+            "devices": [{k: d[k] for k in savefile.DEVICE_CONFIG_KEYS} for d in devices],
+        },
     }
-    return json.dumps(info, sort_keys=True).encode()
+    return json.dumps(config, sort_keys=True).encode()
 
 
 def xenstore_record(store: Store, dom: Domain) -> bytes:
     """The domain's home in the store, as NUL-terminated relative path and value
-    pairs (libxl's xenstore data records have the same form)."""
+    pairs: the data of libxl's EMULATOR_XENSTORE_DATA record."""
     top = home(dom.domid)
     out = bytearray()
     for path, value in sorted(store.nodes.items()):
@@ -247,15 +258,14 @@ def xenstore_record(store: Store, dom: Domain) -> bytes:
     return bytes(out)
 
 
-def devices_record(dom: Domain) -> bytes | None:
+def devices_state(dom: Domain) -> list[dict]:
     """The domain's devices, where they are and what the host keeps of them
-    (a balloon's target and actual: the ``keep`` policy relies on them); None
-    if it has none. The guest must have frozen them: a live one is refused."""
+    (a balloon's target and actual: the ``keep`` policy relies on them). The
+    guest must have frozen them: a live one is refused."""
     try:
-        state = domctl.devices_state(dom)
+        return domctl.devices_state(dom)
     except DomctlError as e:
         raise SaveError(str(e)) from None
-    return json.dumps(state, sort_keys=True).encode() if state else None
 
 
 # --- the stream ----------------------------------------------------------------------
@@ -270,7 +280,7 @@ class SaveContext:
     canon: np.ndarray         # the canonical pagetables, in table_pfns order
     slot_of: np.ndarray       # pfn -> its row in canon, or -1
     vcpus: list[tuple[int, bytes]]
-    devices: bytes | None
+    devices: list[dict]       # each device model's state (EMULATOR_CONTEXT)
 
 
 def x86_pv_setup(hv: Hypervisor, dom: Domain, stats: SaveStats) -> SaveContext:
@@ -292,21 +302,19 @@ def x86_pv_setup(hv: Hypervisor, dom: Domain, stats: SaveStats) -> SaveContext:
     stats.pinned = int(pfinfo.is_pinned_table(pfinfo.nibble(types)).sum())
     slot_of = np.full(p2m.size, -1, dtype=np.int64)
     slot_of[table_pfns] = np.arange(table_pfns.size)
-    devices = devices_record(dom)
+    devices = devices_state(dom)
     return SaveContext(p2m, frame_pfns, types, canon, slot_of, vcpu_records(hv, dom, p2m),
                        devices)
 
 
-def write_static_data(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
-                      kind: str, seed: int | None) -> None:
-    """The headers, X86_PV_INFO, pvlab's domain record, STATIC_DATA_END and
-    X86_PV_P2M_FRAMES (write_x86_pv_info, write_x86_pv_p2m_frames)."""
+def write_static_data(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext) -> None:
+    """The libxc headers, X86_PV_INFO, STATIC_DATA_END and X86_PV_P2M_FRAMES
+    (write_x86_pv_info, write_x86_pv_p2m_frames)."""
     major, minor = domctl.xen_version(hv)
     stream.write_headers(out, major, minor)
     rec = stream.write_record
     rec(out, RecType.X86_PV_INFO, stream.X86_PV_INFO.pack(stream.GUEST_WIDTH_X86_64,
                                                           stream.PT_LEVELS_X86_64))
-    rec(out, PvlabRecType.PVLAB_DOMAIN, domain_record(hv, dom, kind, seed))
     rec(out, RecType.STATIC_DATA_END)
     max_pfn = sc.p2m.size - 1
     p2m_list = np.zeros(max_pfn // FPP + 1, dtype=np.uint64)
@@ -349,10 +357,10 @@ def send_domain_memory_nonlive(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: S
 
 def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
                             checkpoint: bool) -> None:
-    """x86_pv_end_of_checkpoint and the end: X86_TSC_INFO (write_tsc_info;
-    restore: handle_tsc_info),
-    SHARED_INFO (write_shared_info), a X86_PV_VCPU_BASIC per VCPU, pvlab's
-    xenstore and devices records, CHECKPOINT if it is one, END."""
+    """x86_pv_end_of_checkpoint and the end of the libxc stream: X86_TSC_INFO
+    (write_tsc_info; restore: handle_tsc_info), SHARED_INFO
+    (write_shared_info), a X86_PV_VCPU_BASIC per VCPU, CHECKPOINT if it is
+    one, END."""
     rec = stream.write_record
     clock = max(domctl.vcpu_clocks(dom), default=0)
     rec(out, RecType.X86_TSC_INFO,
@@ -361,27 +369,47 @@ def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: Save
     rec(out, RecType.SHARED_INFO, domctl.map_foreign_range(hv, dom, mfn).tobytes())
     for vcpu_id, ctx in sc.vcpus:
         rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
-    store = context_of(hv).store
-    if store is not None:
-        rec(out, PvlabRecType.PVLAB_XENSTORE, xenstore_record(store, dom))
-    if sc.devices is not None:
-        rec(out, PvlabRecType.PVLAB_DEVICES, sc.devices)
     if checkpoint:
         rec(out, RecType.CHECKPOINT)
     rec(out, RecType.END)
 
 
+def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                     checkpoint: bool) -> None:
+    """What libxl writes after the libxc stream (libxl_stream_write.c): the
+    xenstore nodes, each device model's state, CHECKPOINT_END closing a
+    checkpoint, END."""
+    rec = savefile.write_libxl_record
+    store = context_of(hv).store
+    if store is not None:
+        rec(out, LibxlRecType.EMULATOR_XENSTORE_DATA,
+            savefile.emulator_record(0, xenstore_record(store, dom)))
+    for index, state in enumerate(sc.devices):
+        rec(out, LibxlRecType.EMULATOR_CONTEXT,
+            savefile.emulator_record(index, json.dumps(state, sort_keys=True).encode()))
+    if checkpoint:
+        rec(out, LibxlRecType.CHECKPOINT_END)
+    rec(out, LibxlRecType.END)
+
+
 def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = False,
                 seed: int | None = None, progress: Progress | None = None) -> SaveStats:
-    """Write the whole stream of a suspended domain to ``out`` (xg_sr_save.c's
-    save: setup, static data, memory, end of checkpoint)."""
+    """Write the whole image of a suspended domain to ``out``: xl's header
+    and config, libxl's header and LIBXC_CONTEXT, the libxc stream
+    (xg_sr_save.c's save: setup, static data, memory, end of checkpoint),
+    libxl's records after it."""
     t0 = time.perf_counter()
     stats = SaveStats()
     sc = x86_pv_setup(hv, dom, stats)
-    write_static_data(hv, dom, out, sc, "checkpoint" if checkpoint else "save",
-                      hv.seed if seed is None else seed)
+    config = domain_config(dom, "checkpoint" if checkpoint else "save",
+                           hv.seed if seed is None else seed, sc.devices)
+    savefile.write_xl_header(out, config)
+    savefile.write_libxl_header(out)
+    savefile.write_libxl_record(out, LibxlRecType.LIBXC_CONTEXT)
+    write_static_data(hv, dom, out, sc)
     send_domain_memory_nonlive(hv, dom, out, sc, stats, progress)
     write_end_of_checkpoint(hv, dom, out, sc, checkpoint)
+    write_libxl_tail(hv, dom, out, sc, checkpoint)
     stats.total_s = time.perf_counter() - t0
     return stats
 

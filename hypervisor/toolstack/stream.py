@@ -8,8 +8,10 @@
 Version 3 is written; 2 and 3 are read (a v2 stream has no STATIC_DATA_END:
 a reader infers it at the first X86_PV_P2M_FRAMES). Record types with bit 31
 set are optional: a reader skips the ones it does not know, and fails on an
-unknown mandatory one. This module only frames; what the records hold is the
-save and restore code's business.
+unknown mandatory one (Xen's own verifier fails on both: pvlab writes only
+Xen's types). In a saved image this stream sits inside libxl's, which sits
+inside xl's save file (savefile.py). This module only frames; what the
+records hold is the save and restore code's business.
 """
 
 from __future__ import annotations
@@ -56,14 +58,6 @@ class RecType(enum.IntEnum):
     X86_MSR_POLICY = 0x12
 
 
-class PvlabRecType(enum.IntEnum):
-    """pvlab's own records, in the optional range: Xen's tools skip them."""
-
-    PVLAB_DOMAIN = 0x80000101    # JSON: name, memory, vcpus, kernel binding, clocks
-    PVLAB_XENSTORE = 0x80000102  # the domain's xenstore home: path NUL value NUL ...
-    PVLAB_DEVICES = 0x80000103   # JSON: the domain's devices and their host-side state
-
-
 # record bodies (xg_sr_stream_format.h), little-endian
 X86_PV_INFO = struct.Struct("<BB6x")              # guest_width, pt_levels
 P2M_FRAMES_HDR = struct.Struct("<II")              # start_pfn, end_pfn; then u64 pfns
@@ -81,8 +75,6 @@ GUEST_WIDTH_X86_64, PT_LEVELS_X86_64 = 8, 4
 
 
 def rec_name(rtype: int) -> str:
-    if rtype in PvlabRecType._value2member_map_:
-        return PvlabRecType(rtype).name
     try:
         return RecType(rtype).name
     except ValueError:
@@ -140,22 +132,28 @@ def _read(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
     return data
 
 
-def read_headers(src: BinaryIO) -> tuple[int, DomainHeader]:
-    """Check the image and domain headers; returns (version, domain header)."""
-    marker, ident, version, options, _, _ = IHDR.unpack(_read(src, IHDR.size, "image header", 0))
+def read_headers(src: BinaryIO, base: int = 0) -> tuple[int, DomainHeader]:
+    """Check the image and domain headers (the stream starting at offset
+    ``base`` of its file); returns (version, domain header)."""
+    marker, ident, version, options, _, _ = IHDR.unpack(_read(src, IHDR.size, "image header",
+                                                              base))
     if marker != IHDR_MARKER or ident != IHDR_ID:
-        raise StreamError("offset 0: not a Xen migration stream (no 'XENF' image header)")
+        raise StreamError(f"offset {base}: not a Xen migration stream (no 'XENF' image "
+                          "header)")
     if version not in READABLE_VERSIONS:
-        raise StreamError(f"offset 12: stream version {version}; this reads versions "
-                          f"{READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}")
+        raise StreamError(f"offset {base + 12}: stream version {version}; this reads "
+                          f"versions {READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}")
     if options & IHDR_OPT_BIG_ENDIAN:
-        raise StreamError("offset 16: a big-endian stream; only little-endian ones are read")
+        raise StreamError(f"offset {base + 16}: a big-endian stream; only little-endian ones "
+                          "are read")
     dtype, shift, _, major, minor = DHDR.unpack(_read(src, DHDR.size, "domain header",
-                                                      IHDR.size))
+                                                      base + IHDR.size))
     if dtype != DHDR_TYPE_X86_PV:
-        raise StreamError(f"offset {IHDR.size}: domain type {dtype}; only x86 PV (1) is read")
+        raise StreamError(f"offset {base + IHDR.size}: domain type {dtype}; only x86 PV (1) "
+                          "is read")
     if shift != 12:
-        raise StreamError(f"offset {IHDR.size + 4}: page shift {shift}; x86 PV needs 12")
+        raise StreamError(f"offset {base + IHDR.size + 4}: page shift {shift}; x86 PV "
+                          "needs 12")
     return version, DomainHeader(dtype, shift, major, minor)
 
 

@@ -1,6 +1,6 @@
 """The balloon's state that an image carries (Firecracker's balloon/persist.rs).
 
-A save writes one entry per device in the image's PVLAB_DEVICES record, as
+A save writes one entry per device in an EMULATOR_CONTEXT record of the image, as
 JSON; ``save_state`` makes the balloon's entry, ``restore_state`` makes a
 balloon again from it. The entry says where the device is (the transport's
 base and port: the guest knows them from its command line) and what the host
@@ -31,7 +31,7 @@ STATE_KEYS: dict[str, type] = {"bus": str, "base": int, "port": int, "kind": str
 
 
 def save_state(transport: VirtioMmio) -> dict[str, Any]:
-    """The PVLAB_DEVICES entry of the balloon behind ``transport``."""
+    """The EMULATOR_CONTEXT entry of the balloon behind ``transport``."""
     bal = transport.device
     if not isinstance(bal, Balloon):
         raise TypeError(f"{bal.name} is no balloon")

@@ -1,0 +1,198 @@
+"""The outer layers of a saved image, as ``xl save`` writes them:
+
+    xl header      tools/xl/xl.h's save_file_header: the magic line, the byte
+                   order, mandatory and optional flags, the optional data's
+                   length; the optional data is u32 config length, then the
+                   domain's configuration as NUL-terminated JSON
+    libxl stream   16 octets, big-endian: "LibxlFmt", version 2, options
+                   (libxl_sr_stream_format.h); then records framed as the
+                   libxc ones are (u32 type, u32 length, body, zero padding
+                   to 8 octets), up to END
+
+LIBXC_CONTEXT has no body: the libxc stream (stream.py) follows it inline,
+up to its own END, and the libxl records go on after it. The emulator
+records start with an emulator header (u32 id, u32 index). This module
+only frames; what the records hold is the save and restore code's business.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from hypervisor.toolstack.stream import REC_ALIGN, REC_LENGTH_MAX, RHDR, StreamError
+
+XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
+XL_HDR = struct.Struct("<32sIIII")  # magic, byteorder, mandatory, optional flags, optdata len
+XL_BYTEORDER = 0x01020304           # SAVEFILE_BYTEORDER_VALUE, in the saver's order
+XL_MANDATORY_FLAG_JSON = 1 << 0     # the config is JSON (libxl_domain_config)
+XL_MANDATORY_FLAG_STREAMV2 = 1 << 1  # a libxl stream follows, not a bare libxc one
+XL_MANDATORY_FLAG_ALL = XL_MANDATORY_FLAG_JSON | XL_MANDATORY_FLAG_STREAMV2
+XL_CONFIG_LEN = struct.Struct("<I")  # the first item of the optional data
+XL_OPTDATA_MAX = 16 << 20
+
+# pvlab's part of the config ("pvlab" in the JSON): 1 was a bare libxc
+# stream with pvlab's own records, which this pvlab no longer reads
+PVLAB_IMAGE_VERSION = 2
+DEVICE_CONFIG_KEYS = ("bus", "kind", "base", "port")  # a device's place, in the config
+
+LIBXL_HDR = struct.Struct(">QII")   # ident, version, options
+LIBXL_IDENT = 0x4C6962786C466D74    # "LibxlFmt"
+LIBXL_VERSION = 2
+LIBXL_OPT_BIG_ENDIAN = 1 << 0
+LIBXL_OPT_LEGACY = 1 << 1           # converted from a legacy stream
+EMULATOR_HDR = struct.Struct("<II")  # emulator id, index
+
+
+class LibxlRecType(enum.IntEnum):
+    END = 0x00
+    LIBXC_CONTEXT = 0x01
+    EMULATOR_XENSTORE_DATA = 0x02
+    EMULATOR_CONTEXT = 0x03
+    CHECKPOINT_END = 0x04
+    CHECKPOINT_STATE = 0x05
+
+
+class EmulatorId(enum.IntEnum):
+    UNKNOWN = 0          # pvlab's device models: neither of QEMU's
+    QEMU_TRADITIONAL = 1
+    QEMU_UPSTREAM = 2
+
+
+def libxl_rec_name(rtype: int) -> str:
+    try:
+        return LibxlRecType(rtype).name
+    except ValueError:
+        return f"libxl record {rtype:#x}"
+
+
+@dataclass(frozen=True)
+class XlHeader:
+    mandatory_flags: int
+    optional_flags: int
+    config: bytes        # the JSON, without its NUL
+    end: int             # offset of the libxl stream
+
+
+@dataclass(frozen=True)
+class LibxlRecord:
+    type: int
+    body: bytes
+    offset: int
+    length: int
+
+    @property
+    def name(self) -> str:
+        return libxl_rec_name(self.type)
+
+
+def write_xl_header(out: BinaryIO, config: bytes) -> None:
+    """save_domain_core_writeconfig: the header, then the config's length and
+    the config itself, NUL-terminated as xl writes it. The optional data is
+    padded to 8 octets (a reader skips what follows the config) so that every
+    record and page of the streams after it is 8-aligned in the file."""
+    config = config + b"\0"
+    flags = XL_MANDATORY_FLAG_STREAMV2 | XL_MANDATORY_FLAG_JSON
+    optdata = XL_CONFIG_LEN.pack(len(config)) + config
+    optdata += bytes(-len(optdata) % REC_ALIGN)
+    out.write(XL_HDR.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)))
+    out.write(optdata)
+
+
+def write_libxl_header(out: BinaryIO) -> None:
+    out.write(LIBXL_HDR.pack(LIBXL_IDENT, LIBXL_VERSION, 0))
+
+
+def write_libxl_record(out: BinaryIO, rtype: int, body: bytes = b"") -> None:
+    if len(body) > REC_LENGTH_MAX:
+        raise StreamError(f"{libxl_rec_name(rtype)}: {len(body)} octets is over the "
+                          f"{REC_LENGTH_MAX} limit")
+    out.write(RHDR.pack(rtype, len(body)))
+    out.write(body)
+    out.write(bytes(-len(body) % REC_ALIGN))
+
+
+def emulator_record(index: int, data: bytes) -> bytes:
+    """An EMULATOR_* record's body: the emulator header, then its data."""
+    return EMULATOR_HDR.pack(EmulatorId.UNKNOWN, index) + data
+
+
+def _read(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
+    data = src.read(n)
+    if len(data) != n:
+        raise StreamError(f"truncated at offset {offset}: {what} needs {n} octets, "
+                          f"{len(data)} left")
+    return data
+
+
+def read_xl_header(src: BinaryIO) -> XlHeader:
+    """The xl header and its config (xl's restore_domain checks)."""
+    magic, order, mflags, oflags, optlen = XL_HDR.unpack(_read(src, XL_HDR.size,
+                                                               "the xl header", 0))
+    if magic != XL_MAGIC:
+        raise StreamError("offset 0: not an xl save file (no 'Xen saved domain, xl format' "
+                          "line)")
+    if order != XL_BYTEORDER:
+        raise StreamError(f"offset 32: byte order mark {order:#010x}: only a little-endian "
+                          "saver's file is read")
+    if mflags & ~XL_MANDATORY_FLAG_ALL:
+        raise StreamError(f"offset 36: unknown mandatory flags {mflags:#x}")
+    if not mflags & XL_MANDATORY_FLAG_STREAMV2:
+        raise StreamError("offset 36: a legacy xl save file (no stream v2 flag); only "
+                          "libxl streams are read")
+    if oflags:
+        raise StreamError(f"offset 40: unknown optional flags {oflags:#x}")
+    if optlen > XL_OPTDATA_MAX:
+        raise StreamError(f"offset 44: {optlen} octets of optional data, over the "
+                          f"{XL_OPTDATA_MAX} limit")
+    optdata = _read(src, optlen, "the xl header's optional data", XL_HDR.size)
+    return XlHeader(mflags, oflags, _config(optdata, mflags), XL_HDR.size + optlen)
+
+
+def _config(optdata: bytes, mflags: int) -> bytes:
+    """The config from the optional data; what follows it is for others."""
+    if len(optdata) < XL_CONFIG_LEN.size:
+        return b""
+    (n,) = XL_CONFIG_LEN.unpack_from(optdata)
+    config = optdata[XL_CONFIG_LEN.size:XL_CONFIG_LEN.size + n]
+    if len(config) != n:
+        raise StreamError(f"offset {XL_HDR.size}: a config of {n} octets in "
+                          f"{len(optdata) - XL_CONFIG_LEN.size} of optional data")
+    if n and not mflags & XL_MANDATORY_FLAG_JSON:
+        raise StreamError("offset 36: a config that is not JSON (no JSON flag)")
+    return config.rstrip(b"\0")
+
+
+def read_libxl_header(src: BinaryIO, offset: int) -> None:
+    ident, version, options = LIBXL_HDR.unpack(_read(src, LIBXL_HDR.size,
+                                                      "the libxl header", offset))
+    if ident != LIBXL_IDENT:
+        raise StreamError(f"offset {offset}: no libxl stream ('LibxlFmt') after the xl header")
+    if version != LIBXL_VERSION:
+        raise StreamError(f"offset {offset + 8}: libxl stream version {version}; this reads "
+                          f"version {LIBXL_VERSION}")
+    if options & LIBXL_OPT_BIG_ENDIAN:
+        raise StreamError(f"offset {offset + 12}: a big-endian libxl stream; only "
+                          "little-endian ones are read")
+
+
+def read_libxl_records(src: BinaryIO) -> Iterator[LibxlRecord]:
+    """Every libxl record up to and including END. After LIBXC_CONTEXT the
+    caller reads the libxc stream from ``src`` before asking for the next."""
+    while True:
+        offset = src.tell()
+        rtype, length = RHDR.unpack(_read(src, RHDR.size, "a libxl record header", offset))
+        if rtype not in LibxlRecType._value2member_map_:
+            raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)}: a libxl record "
+                              "type this reader does not know")
+        if length > REC_LENGTH_MAX:
+            raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)} claims {length} "
+                              f"octets, over the {REC_LENGTH_MAX} limit")
+        padded = length + (-length % REC_ALIGN)
+        body = _read(src, padded, libxl_rec_name(rtype), offset + RHDR.size)[:length]
+        yield LibxlRecord(rtype, body, offset, length)
+        if rtype == LibxlRecType.END:
+            return

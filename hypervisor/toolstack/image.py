@@ -156,6 +156,7 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
     _libxl_tail(info, tail)
     _check_whole(info, last)
     _check_tables(info, f, tables)
+    savefile.check_digest(f, xl, required=info.domain is not None)
     return info
 
 

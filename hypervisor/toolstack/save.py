@@ -397,19 +397,22 @@ def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = F
     """Write the whole image of a suspended domain to ``out``: xl's header
     and config, libxl's header and LIBXC_CONTEXT, the libxc stream
     (xg_sr_save.c's save: setup, static data, memory, end of checkpoint),
-    libxl's records after it."""
+    libxl's records after it; every octet hashed on its way out, the
+    digest written into the xl header last. ``out`` must be seekable."""
     t0 = time.perf_counter()
     stats = SaveStats()
     sc = x86_pv_setup(hv, dom, stats)
     config = domain_config(dom, "checkpoint" if checkpoint else "save",
                            hv.seed if seed is None else seed, sc.devices)
-    savefile.write_xl_header(out, config)
-    savefile.write_libxl_header(out)
-    savefile.write_libxl_record(out, LibxlRecType.LIBXC_CONTEXT)
-    write_static_data(hv, dom, out, sc)
-    send_domain_memory_nonlive(hv, dom, out, sc, stats, progress)
-    write_end_of_checkpoint(hv, dom, out, sc, checkpoint)
-    write_libxl_tail(hv, dom, out, sc, checkpoint)
+    hashed = savefile.DigestWriter(out)
+    digest_offset = savefile.write_xl_header(hashed, config)
+    savefile.write_libxl_header(hashed)
+    savefile.write_libxl_record(hashed, LibxlRecType.LIBXC_CONTEXT)
+    write_static_data(hv, dom, hashed, sc)
+    send_domain_memory_nonlive(hv, dom, hashed, sc, stats, progress)
+    write_end_of_checkpoint(hv, dom, hashed, sc, checkpoint)
+    write_libxl_tail(hv, dom, hashed, sc, checkpoint)
+    hashed.finish(digest_offset)
     stats.total_s = time.perf_counter() - t0
     return stats
 

@@ -3,7 +3,8 @@
     xl header      tools/xl/xl.h's save_file_header: the magic line, the byte
                    order, mandatory and optional flags, the optional data's
                    length; the optional data is u32 config length, then the
-                   domain's configuration as NUL-terminated JSON
+                   domain's configuration as NUL-terminated JSON, then
+                   pvlab's integrity digest (below)
     libxl stream   16 octets, big-endian: "LibxlFmt", version 2, options
                    (libxl_sr_stream_format.h); then records framed as the
                    libxc ones are (u32 type, u32 length, body, zero padding
@@ -13,11 +14,20 @@ LIBXC_CONTEXT has no body: the libxc stream (stream.py) follows it inline,
 up to its own END, and the libxl records go on after it. The emulator
 records start with an emulator header (u32 id, u32 index). This module
 only frames; what the records hold is the save and restore code's business.
+
+Xen's streams carry no checksum over page data: a flipped octet in a data
+page restores silently. pvlab puts a SHA-256 digest of the whole file in the
+optional data after the config, where xl and Xen's verifier skip what they do
+not know. The digest is computed over every octet of the file with its own 32
+octets read as zeros: the save hashes as it writes (DigestWriter) and fills
+the digest in last; a restore checks it (check_digest) before building.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import io
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +45,15 @@ XL_CONFIG_LEN = struct.Struct("<I")  # the first item of the optional data
 XL_OPTDATA_MAX = 16 << 20
 
 # pvlab's part of the config ("pvlab" in the JSON): 1 was a bare libxc
-# stream with pvlab's own records, which this pvlab no longer reads
-PVLAB_IMAGE_VERSION = 2
+# stream with pvlab's own records, 2 had no integrity digest; this pvlab
+# reads neither
+PVLAB_IMAGE_VERSION = 3
+# the digest after the config: the algorithm's name NUL-padded, its value;
+# SHA-256 because hashlib's is the fastest of its strong digests here
+# (bench/saverestore.py prints what it costs)
+XL_DIGEST = struct.Struct("<16s32s")
+DIGEST_ALGORITHM = "sha256"
+DIGEST_CHUNK = 1 << 20
 DEVICE_CONFIG_KEYS = ("bus", "kind", "base", "port")  # a device's place, in the config
 
 LIBXL_HDR = struct.Struct(">QII")   # ident, version, options
@@ -75,6 +92,8 @@ class XlHeader:
     optional_flags: int
     config: bytes        # the JSON, without its NUL
     end: int             # offset of the libxl stream
+    digest: bytes | None = None  # pvlab's integrity digest, if there is one
+    digest_offset: int = 0       # where its value is in the file
 
 
 @dataclass(frozen=True)
@@ -89,17 +108,79 @@ class LibxlRecord:
         return libxl_rec_name(self.type)
 
 
-def write_xl_header(out: BinaryIO, config: bytes) -> None:
+def write_xl_header(out: BinaryIO, config: bytes) -> int:
     """save_domain_core_writeconfig: the header, then the config's length and
-    the config itself, NUL-terminated as xl writes it. The optional data is
-    padded to 8 octets (a reader skips what follows the config) so that every
-    record and page of the streams after it is 8-aligned in the file."""
+    the config itself, NUL-terminated as xl writes it, then room for pvlab's
+    digest. The optional data is padded to 8 octets (a reader skips what
+    follows the config) so that every record and page of the streams after
+    it is 8-aligned in the file. Returns where the digest's value goes."""
     config = config + b"\0"
     flags = XL_MANDATORY_FLAG_STREAMV2 | XL_MANDATORY_FLAG_JSON
     optdata = XL_CONFIG_LEN.pack(len(config)) + config
+    digest_offset = out.tell() + XL_HDR.size + len(optdata) + XL_DIGEST.size - 32
+    optdata += XL_DIGEST.pack(DIGEST_ALGORITHM.encode(), bytes(32))
     optdata += bytes(-len(optdata) % REC_ALIGN)
     out.write(XL_HDR.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)))
     out.write(optdata)
+    return digest_offset
+
+
+class DigestWriter:
+    """A file being saved, hashed as it is written: the digest costs no second
+    pass over the image. ``finish`` writes the digest into its place."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.hash = hashlib.new(DIGEST_ALGORITHM)
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.out.write(data)
+
+    def tell(self) -> int:
+        return self.out.tell()
+
+    def finish(self, digest_offset: int) -> None:
+        end = self.out.tell()
+        self.out.seek(digest_offset)
+        self.out.write(self.hash.digest())  # the zeros it replaces were hashed
+        self.out.seek(end)
+
+
+def seal(image: bytearray) -> None:
+    """Write the digest of an image held in memory into it: what a tool that
+    rewrites an image on purpose (a stream converter, a test) must do last."""
+    xl = read_xl_header(io.BytesIO(image))
+    if xl.digest is None:
+        raise StreamError("no room for an integrity digest in the xl header")
+    at = xl.digest_offset
+    image[at:at + 32] = bytes(32)
+    image[at:at + 32] = hashlib.new(DIGEST_ALGORITHM, image).digest()
+
+
+def check_digest(src: BinaryIO, xl: XlHeader, required: bool) -> None:
+    """Hash the whole file (the digest's own octets as zeros) and compare: the
+    one check that sees a changed octet of page data. One digest over the
+    file cannot say where the change is, only that there is one; the checks
+    of structure, made before this, name the record of what they see."""
+    if xl.digest is None:
+        if required:
+            raise StreamError("no integrity digest in the xl header's optional data: an "
+                              "image from an older pvlab, which this pvlab does not read")
+        return
+    h = hashlib.new(DIGEST_ALGORITHM)
+    src.seek(0)
+    pos = 0
+    while chunk := src.read(DIGEST_CHUNK):
+        lo, hi = xl.digest_offset - pos, xl.digest_offset + 32 - pos
+        if lo < len(chunk) and hi > 0:
+            chunk = bytearray(chunk)
+            chunk[max(lo, 0):max(hi, 0)] = bytes(min(hi, len(chunk)) - max(lo, 0))
+        h.update(chunk)
+        pos += len(chunk)
+    if h.digest() != xl.digest:
+        raise StreamError(f"offsets 0-{pos}: the integrity digest does not match: the image "
+                          "was changed after it was written")
 
 
 def write_libxl_header(out: BinaryIO) -> None:
@@ -149,7 +230,23 @@ def read_xl_header(src: BinaryIO) -> XlHeader:
         raise StreamError(f"offset 44: {optlen} octets of optional data, over the "
                           f"{XL_OPTDATA_MAX} limit")
     optdata = _read(src, optlen, "the xl header's optional data", XL_HDR.size)
-    return XlHeader(mflags, oflags, _config(optdata, mflags), XL_HDR.size + optlen)
+    config = _config(optdata, mflags)
+    digest, at = _digest(optdata)
+    return XlHeader(mflags, oflags, config, XL_HDR.size + optlen, digest, XL_HDR.size + at)
+
+
+def _digest(optdata: bytes) -> tuple[bytes | None, int]:
+    """pvlab's digest after the config, if there is one, and where its value
+    starts in the optional data."""
+    if len(optdata) < XL_CONFIG_LEN.size:
+        return None, 0
+    at = XL_CONFIG_LEN.size + XL_CONFIG_LEN.unpack_from(optdata)[0]
+    if len(optdata) - at < XL_DIGEST.size:
+        return None, 0
+    name, value = XL_DIGEST.unpack_from(optdata, at)
+    if name.rstrip(b"\0") != DIGEST_ALGORITHM.encode():
+        return None, 0
+    return value, at + XL_DIGEST.size - len(value)
 
 
 def _config(optdata: bytes, mflags: int) -> bytes:

@@ -1,7 +1,8 @@
 """Save and restore throughput: guest MiB per second for guests of 64, 256 and
 1024 MiB, beside writing and reading the same number of bytes with plain file
-I/O in the same run (the ratio is the figure: the goal is within 2x), and the
-time spent canonicalising and localising pagetables.
+I/O in the same run (the ratio is the figure: the goal is within 2x), the
+time spent canonicalising and localising pagetables, and what the integrity
+digest costs.
 
 Save: from the suspended domain to an image on disk (p2m walk, page types,
 canonicalisation, writing, fsync), against writing the image's own bytes from
@@ -9,6 +10,12 @@ memory and fsync. Restore: from the image to a domain ready to run (the whole-
 image check, new frames, localisation, pins, contexts), against reading the
 file into memory just allocated (both from the page cache: it was just written;
 both touch fresh memory, as a new machine's frames are).
+
+The digest: the save hashes as it writes, and SaveStats.digest_s is the time
+it spent hashing; the restore's check is one pass over the file, timed here
+alone (savefile.check_digest). "without" is the whole time less the digest's,
+in the same run, so the two columns are side by side and their ratio is the
+cost.
 
     .venv/bin/python bench/saverestore.py [--sizes 64,256,1024] [--repeat N]
 """
@@ -27,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hypervisor.core import Hypervisor  # noqa: E402
+from hypervisor.toolstack import savefile  # noqa: E402
 from hypervisor.toolstack.config import DomainConfig  # noqa: E402
 from hypervisor.toolstack.control import Request  # noqa: E402
 from hypervisor.toolstack.image import scan_image  # noqa: E402
@@ -93,9 +101,20 @@ def one(mib: int, work: Path) -> dict[str, float]:
     rhv = Hypervisor(machine_for(info), seed=2)
     _, _, rs = restore_image(img, hv=rhv)
     rhv.close()
+    check = digest_check(img)
     img.unlink()
     return {"save": s.total_s, "write": w, "canon": s.canonicalise_s, "tables": s.tables,
-            "restore": rs.total_s, "read": r, "local": rs.localise_s, "bytes": s.bytes}
+            "restore": rs.total_s, "read": r, "local": rs.localise_s, "bytes": s.bytes,
+            "save_nodigest": s.total_s - s.digest_s, "restore_nodigest": rs.total_s - check}
+
+
+def digest_check(img: Path) -> float:
+    """The restore's digest check alone: one pass over the file."""
+    with open(img, "rb") as f:
+        xl = savefile.read_xl_header(f)
+        t = time.perf_counter()
+        savefile.check_digest(f, xl, required=True)
+        return time.perf_counter() - t
 
 
 def main() -> int:
@@ -106,6 +125,7 @@ def main() -> int:
     args = p.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="pvlab-bench-"))
+    digest_rows = []
     print(f"{'guest':>6} {'save MiB/s':>10} {'plain write':>11} {'ratio':>6} "
           f"{'restore MiB/s':>13} {'plain read':>10} {'ratio':>6} {'tables':>6} "
           f"{'canonicalise':>12} {'localise':>9}")
@@ -113,6 +133,7 @@ def main() -> int:
         for mib in sizes:
             runs = [one(mib, work) for _ in range(args.repeat)]
             best = {k: min(r[k] for r in runs) for k in runs[0]}
+            digest_rows.append((mib, best))
             size = best["bytes"] / (1 << 20)
             print(f"{mib:>4}Mi {mib / best['save']:>10.0f} {size / best['write']:>9.0f}/s "
                   f"{best['save'] / best['write']:>5.2f}x {mib / best['restore']:>13.0f} "
@@ -124,6 +145,15 @@ def main() -> int:
             f.unlink()
         work.rmdir()
     print("ratio: the save (restore) time over plain file I/O of the same bytes, same run")
+    print(f"\nthe integrity digest ({savefile.DIGEST_ALGORITHM}), MiB/s of guest")
+    print(f"{'guest':>6} {'save':>8} {'without':>8} {'cost':>6} {'restore':>8} {'without':>8} "
+          f"{'cost':>6}")
+    for mib, best in digest_rows:
+        print(f"{mib:>4}Mi {mib / best['save']:>8.0f} {mib / best['save_nodigest']:>8.0f} "
+              f"{best['save'] / best['save_nodigest']:>5.2f}x {mib / best['restore']:>8.0f} "
+              f"{mib / best['restore_nodigest']:>8.0f} "
+              f"{best['restore'] / best['restore_nodigest']:>5.2f}x")
+    print("cost: the time with the digest over the time without it, same run")
     return 0
 
 

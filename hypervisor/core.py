@@ -30,6 +30,7 @@ from hypervisor.mm.mmu import Mmu
 from hypervisor.mm.reservation import Reservation
 from hypervisor.native import NativeKernel
 from hypervisor.public.errno import ENOSYS
+from hypervisor.public.sched import SCHEDOP_yield
 from hypervisor.public.xen import DOMID_XEN, VIRQ_CON_RING, VIRQ_DOM_EXC, Hypercall
 from hypervisor.scheduler import Scheduler
 
@@ -188,6 +189,8 @@ class Hypervisor:
         handler = self.table.get(nr)
         if handler is None:
             return -ENOSYS
+        if nr != Hypercall.sched_op or not args or args[0] != SCHEDOP_yield:
+            vcpu.idle_yields = 0  # any other hypercall is progress
         try:
             rc = handler(vcpu, *args)
         except Exception as e:  # noqa: BLE001 - a hypervisor bug must not take the host down

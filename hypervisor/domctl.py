@@ -200,6 +200,18 @@ def run(hv: Hypervisor, until_ns: int | None = None) -> None:
     hv.run(until_ns)
 
 
+def no_progress(hv: Hypervisor) -> str:
+    """Why the last run stopped with nothing able to change, or "" (the
+    scheduler's rule: pvlab's run loop, not a Xen domctl)."""
+    return hv.scheduler.stalled
+
+
+def idle_until(hv: Hypervisor, t_ns: int) -> None:
+    """Let the time of every stopped VCPU pass to ``t_ns``, when the toolstack
+    has a request to make there and nothing in the guest can run before it."""
+    hv.scheduler.idle_until(t_ns)
+
+
 def load_kernel(dom: Domain, module: str, text: int, size: int) -> None:
     """Bind the Python guest kernel the image names to the domain's VCPUs: its
     native entries at ``text`` (``size`` bytes). Raises KernelError."""

@@ -11,6 +11,15 @@
 The scheduler is given the machine's domains and the exit path back into a
 guest (the core's return_to_guest); it also owns the wake-ups: a VCPU's
 one-shot timer and the kick of a blocked VCPU an event is pending for.
+
+No progress: Xen has no watchdog; it would run such a guest for ever. pvlab's
+run loop stops when nothing can ever change again: no VCPU timer and no host
+timer is set, and every online VCPU is either blocked or has made SPIN_YIELDS
+sched_op yields in a row with no other hypercall and no event upcall between
+(a spin on a flag that no one can set). The rule counts hypercalls, not host
+time, so it fires at the same point in every run. It cannot see the
+toolstack's requests: the caller (run_domain) lets the idle time pass up to
+the next one instead of ending the run.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
     from hypervisor.domain import Domain
 
 CLOCKS = ("deterministic", "fast")
+SPIN_YIELDS = 100_000  # yields in a row that make a VCPU a spinner (0.1 s of its time)
 
 
 def fire_timer(vcpu: Vcpu) -> None:
@@ -56,6 +66,7 @@ class Scheduler:
         self.timers: list[tuple[int, int, Any, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._timer_now: int | None = None
+        self.stalled = ""  # why the last run stopped with no progress possible
 
     # --- host timers -------------------------------------------------------------------
 
@@ -103,19 +114,43 @@ class Scheduler:
             vcpu.blocked = False
             vcpu.clock = max(vcpu.clock, self.now())
 
+    def no_progress(self, online: list[Vcpu]) -> str:
+        """Why nothing can change any more, or "" (the rule is above)."""
+        if self.timers or any(v.timer_deadline for v in online):
+            return ""
+        blocked = sum(v.blocked for v in online)
+        spinning = sum(not v.blocked and v.idle_yields >= SPIN_YIELDS for v in online)
+        if blocked + spinning != len(online):
+            return ""
+        if not spinning:
+            return "every VCPU is blocked with no timer set and no event to come"
+        return (f"{spinning} VCPU(s) yield in a loop and {blocked} are blocked, with no timer "
+                "set and no event to come")
+
+    def idle_until(self, t_ns: int) -> None:
+        """Nothing runs before ``t_ns`` (the toolstack's next request): let
+        every stopped VCPU's time pass to it, as an idle CPU's does."""
+        for v in self._online():
+            v.clock = max(v.clock, t_ns)
+            v.idle_yields = 0
+
     # --- the loop ------------------------------------------------------------------------
 
     def run(self, until_ns: int | None = None, stop: Callable[[], bool] | None = None) -> None:
+        self.stalled = ""
         while stop is None or not stop():
             online = self._online()
             if not online:
+                return
+            self.stalled = self.no_progress(online)
+            if self.stalled:
                 return
             runnable = [v for v in online if not v.blocked]
             sleepers = [v for v in online if v.blocked and v.timer_deadline]
             if self.deterministic:
                 v = min(runnable, key=lambda x: x.clock) if runnable else None
                 wake = min(sleepers, key=lambda x: x.timer_deadline) if sleepers else None
-                if self.timers and (v is not None or wake is not None):
+                if self.timers:
                     due = self.timers[0][0]
                     if ((v is None or due <= v.clock)
                             and (wake is None or due <= wake.timer_deadline)
@@ -127,7 +162,8 @@ class Scheduler:
                     fire_timer(wake)
                     continue
                 if v is None:
-                    return  # every VCPU blocked with nothing to wake it
+                    self.idle_until(until_ns or 0)  # a host timer wakes them after
+                    return
                 if until_ns is not None and v.clock >= until_ns:
                     return
             else:
@@ -139,9 +175,10 @@ class Scheduler:
                         fire_timer(s)
                 runnable = [x for x in online if not x.blocked]
                 if not runnable:
-                    if not sleepers:
+                    wakes = [s.timer_deadline for s in sleepers] + [t[0] for t in self.timers[:1]]
+                    if not wakes:
                         return
-                    nxt = min(s.timer_deadline for s in sleepers)
+                    nxt = min(wakes)
                     time.sleep(max(0, nxt - now) / 1e9)
                     continue
                 if until_ns is not None and now >= until_ns:

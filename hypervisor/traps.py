@@ -131,6 +131,7 @@ def deliver_event(vcpu: Vcpu) -> None:
         return
     vi = dom.shared_info.vcpu_info[vcpu.vcpu_id]
     if vi.evtchn_upcall_pending and not vi.evtchn_upcall_mask:
+        vcpu.idle_yields = 0  # an event reached it: it is not spinning in vain
         create_bounce_frame(vcpu, vcpu.event_callback, mask_events=True)
 
 

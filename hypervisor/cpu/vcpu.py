@@ -149,6 +149,7 @@ class Vcpu:
         self.syscall_masks_events = False
         self.trap_ctxt: dict[int, tuple[int, int, int]] = {}  # vector -> (flags, cs, addr)
         self.timer_deadline = 0     # ns of system time, 0 = none
+        self.idle_yields = 0  # yields in a row, nothing else between (scheduler.no_progress)
         self.clock = 0              # this vcpu's system time, ns
 
         self.fresh = True           # still at CPL0: enter through the boot stub

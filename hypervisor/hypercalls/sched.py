@@ -30,6 +30,7 @@ def do_sched_op(vcpu: Vcpu, cmd: int, arg: int, *rest: int) -> int:
         # a VCPU that yields is spinning (waiting for another one): let its
         # virtual time pass, or the deterministic clock would run it forever
         vcpu.clock += YIELD_NS
+        vcpu.idle_yields += 1
         vcpu.request_stop()
         return 0
     if cmd == SCHEDOP_block:

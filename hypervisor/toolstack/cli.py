@@ -148,8 +148,7 @@ def _exit_for(result: RunResult, dom: Domain, until: int | None) -> int:
     if result.reason == "crash":
         print(f"pvlab: {dom.crash_report}", file=sys.stderr)
     elif result.reason == "hung":
-        print(f"pvlab: domain {dom.name} hung: every VCPU blocked with no timer set",
-              file=sys.stderr)
+        print(f"pvlab: domain {dom.name} hung: {result.why}", file=sys.stderr)
     else:
         print(f"pvlab: domain {dom.name} shut down ({result.reason})", file=sys.stderr)
     return EXIT_GUEST_FAILED

@@ -43,11 +43,13 @@ class RunResult:
     domain: Domain
     console: bytes
     reason: str           # "poweroff", "crash", ..., "running" (time limit) or "hung"
+    #                       (no progress possible: scheduler.py's rule, not Xen's)
     virtual_ns: int
     notes: list[str] = field(default_factory=list)  # the toolstack's messages
     # a shutdown command the guest did not acknowledge in time ("" if none)
     unacknowledged: str = ""
     checkpoints: list[SaveOutcome] = field(default_factory=list)
+    why: str = ""         # for "hung": why nothing could run any more, in one line
 
     @property
     def ok(self) -> bool:
@@ -159,6 +161,7 @@ class _Run:
 
     def result(self, until_ns: int | None) -> RunResult:
         dom = self.dom
+        why = ""
         if dom.shutdown_reason is not None:
             reason = domctl.shutdown_name(dom.shutdown_reason)
             if self.pending and dom.shutdown_reason != SHUTDOWN_suspend:
@@ -167,10 +170,16 @@ class _Run:
             reason = "running"  # each VCPU reached the time, or sleeps until a timer
         else:
             reason = "hung"
+            why = domctl.no_progress(self.hv) or "no VCPU is online"
         t = max(domctl.vcpu_clocks(dom), default=0)
         checkpoints = list(self.writer.outcomes) if self.writer is not None else []
         return RunResult(dom, bytes(dom.console_out), reason, t, self.notes,
-                         self.unacknowledged, checkpoints)
+                         self.unacknowledged, checkpoints, why)
+
+    def waits_for_toolstack(self) -> bool:
+        """A request or an acknowledgement deadline is still to come: a guest
+        that cannot run until then is waiting, not hung."""
+        return bool(self.pending) or self.ack_deadline is not None
 
 
 def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
@@ -198,9 +207,12 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                 if not run.suspended(on_suspend):
                     break
                 continue
-            if dom.shutdown_reason is not None or limit is None \
-                    or not domctl.reached(dom, limit):
+            if dom.shutdown_reason is not None or limit is None:
                 break
+            if not domctl.reached(dom, limit):
+                if not run.waits_for_toolstack():
+                    break
+                domctl.idle_until(hv, limit)  # nothing runs before the next request
             run.make_requests(limit)
             if until_ns is not None and limit >= until_ns:
                 break

@@ -63,7 +63,7 @@ def test_three_flipped_octets_in_a_data_page_are_refused_in_one_line_exit_2(imag
     assert "integrity digest" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_an_image_without_a_digest_is_refused_as_an_older_pvlab_s(image, tmp_path):
+def test_an_image_without_a_digest_is_refused_as_from_an_older_pvlab(image, tmp_path):
     raw = bytearray(image.read_bytes())
     xl = savefile.read_xl_header(open(image, "rb"))
     name_at = xl.digest_offset - 16

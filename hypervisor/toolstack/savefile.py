@@ -34,7 +34,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from hypervisor.toolstack.stream import REC_ALIGN, REC_LENGTH_MAX, RHDR, StreamError
+from hypervisor.toolstack.stream import (
+    REC_ALIGN,
+    REC_LENGTH_MAX,
+    RHDR,
+    StreamError,
+    write_record,
+)
 
 XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
 XL_HDR = struct.Struct("<32sIIII")  # magic, byteorder, mandatory, optional flags, optdata len
@@ -192,12 +198,7 @@ def write_libxl_header(out: BinaryIO) -> None:
 
 
 def write_libxl_record(out: BinaryIO, rtype: int, body: bytes = b"") -> None:
-    if len(body) > REC_LENGTH_MAX:
-        raise StreamError(f"{libxl_rec_name(rtype)}: {len(body)} octets is over the "
-                          f"{REC_LENGTH_MAX} limit")
-    out.write(RHDR.pack(rtype, len(body)))
-    out.write(body)
-    out.write(bytes(-len(body) % REC_ALIGN))
+    write_record(out, rtype, body, libxl_rec_name)
 
 
 def emulator_record(index: int, data: bytes) -> bytes:

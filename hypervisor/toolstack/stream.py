@@ -115,9 +115,12 @@ def write_headers(out: BinaryIO, xen_major: int, xen_minor: int) -> None:
     out.write(DHDR.pack(DHDR_TYPE_X86_PV, 12, 0, xen_major, xen_minor))
 
 
-def write_record(out: BinaryIO, rtype: int, body: bytes = b"") -> None:
+def write_record(out: BinaryIO, rtype: int, body: bytes = b"",
+                 name: Callable[[int], str] = rec_name) -> None:
+    """One record: type, length, body, padding to 8 octets. libxl's stream
+    frames its records the same way (``name`` gives its record names)."""
     if len(body) > REC_LENGTH_MAX:
-        raise StreamError(f"{rec_name(rtype)}: {len(body)} octets is over the "
+        raise StreamError(f"{name(rtype)}: {len(body)} octets is over the "
                           f"{REC_LENGTH_MAX} limit")
     out.write(RHDR.pack(rtype, len(body)))
     out.write(body)

@@ -232,6 +232,8 @@ def domain_config(dom: Domain, kind: str, seed: int | None,
     config = {
         "c_info": {"type": "pv", "name": dom.name},
         "b_info": {"max_vcpus": domctl.max_vcpus(dom),
+                   "avail_vcpus": [i for i in range(domctl.max_vcpus(dom))
+                                   if domctl.getvcpuinfo(dom, i).online],
                    "max_memkb": dom.max_pages * PAGE_SIZE // 1024},
         "pvlab": {
             "image": savefile.PVLAB_IMAGE_VERSION,

@@ -604,6 +604,8 @@ def _check_p2m(info: ImageInfo, f: BinaryIO) -> None:
                          f"{'a frame' if have[pfn] else 'no frame'}, but the image "
                          f"{'does not populate it' if have[pfn] else 'populates it'}")
     arch = shared_info.from_buffer_copy(info.shared_info).arch
+    if info.domain is None and not arch.p2m_cr3:
+        return  # a Xen guest publishing its p2m as a frame tree: nothing to walk
     owner = np.flatnonzero(have & (p2m == np.uint64(int(arch.p2m_cr3) >> PAGE_SHIFT)))
     if owner.size != 1 or pfinfo.level(info.nibbles[int(owner[0])]) != pfinfo.L4:
         raise ImageError(f"shared_info's p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the p2m "

@@ -9,14 +9,21 @@ non-live x86-64 PV stream is made here, with the record and its offset in
 the message: headers, record order and lengths, PAGE_DATA's counts, pfns and
 types, P2M_FRAMES' size, one context per VCPU of the right size, vcpu0 there,
 its start_info pfn and every CR3 of the right type, and every present entry of
-every pagetable naming a pfn the image populates. Page data is skipped over
-(only pagetables are read), so a check costs little beside the restore.
+every pagetable naming a pfn the image populates. Beyond Xen's checks, what
+would otherwise surface only as a hung or panicking guest: a context, marked
+online, for every VCPU the config says was up; p2m frames that are distinct
+and the ones the guest's own tables map at the p2m's address; pagetables that
+nest level by level with no table left unreferenced. Page data is skipped
+over (only pagetables and the p2m are read), so a check costs little beside
+the restore.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -25,8 +32,14 @@ import numpy as np
 
 from hypervisor import domctl
 from hypervisor.public import arch_x86
-from hypervisor.public.arch_x86 import _PAGE_PRESENT, L1_PAGETABLE_ENTRIES, vcpu_guest_context
-from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.public.arch_x86 import (
+    _PAGE_PRESENT,
+    _PAGE_PSE,
+    L1_PAGETABLE_ENTRIES,
+    VGCF_online,
+    vcpu_guest_context,
+)
+from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE, shared_info
 from hypervisor.toolstack import pfinfo, savefile, stream
 from hypervisor.toolstack.pfinfo import ABSENT, KNOWN, NO_DATA, NOT_POPULATED, TYPE_NAMES
 from hypervisor.toolstack.savefile import EmulatorId, LibxlRecType
@@ -107,13 +120,18 @@ class ImageInfo:
 
 
 def _fail(rec: stream.Record | savefile.LibxlRecord | RecordInfo, why: str) -> ImageError:
-    return ImageError(f"{rec.name} record at offset {rec.offset}: {why}")
+    # an unknown type's name already says "record": "mandatory record 0xcc"
+    name = rec.name if " record " in rec.name else f"{rec.name} record"
+    return ImageError(f"{name} at offset {rec.offset}: {why}")
 
 
 def scan_image(path: str | Path) -> ImageInfo:
     """Read and check a whole image; raises ImageError naming what is wrong."""
     p = Path(path)
     try:
+        # a FIFO or a device would block the open or the reads: never open one
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            raise ImageError(f"{p}: not a regular file")
         f = open(p, "rb")
     except OSError as e:
         raise ImageError(f"cannot read {p}: {e.strerror or e}") from None
@@ -155,7 +173,9 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
     _config(info, xl.config)
     _libxl_tail(info, tail)
     _check_whole(info, last)
+    _check_vcpus(info)
     _check_tables(info, f, tables)
+    _check_p2m(info, f)
     savefile.check_digest(f, xl, required=info.domain is not None)
     return info
 
@@ -187,6 +207,9 @@ def _scan_libxc(f: BinaryIO, path: str, base: int
                             "64-bit guests with 4 levels are restored")
             seen_pv_info = True
         elif t == RecType.STATIC_DATA_END:
+            if version < 3:
+                raise _fail(rec, f"in a version {version} stream: the record is new in "
+                            "version 3")
             if seen_static_end:
                 raise _fail(rec, "a second STATIC_DATA_END")
             if not seen_pv_info:
@@ -422,45 +445,114 @@ def _xenstore(rec: savefile.LibxlRecord, data: bytes) -> list[tuple[str, bytes]]
 
 def _check_whole(info: ImageInfo, end: stream.Record) -> None:
     """What only the whole stream can tell (x86_pv_stream_complete's checks)."""
-    def bad(why: str) -> ImageError:
-        return ImageError(f"{info.path}: {why}")
     if info.max_pfn < 0:
-        raise bad("no X86_PV_P2M_FRAMES record")
+        raise ImageError("no X86_PV_P2M_FRAMES record")
     if 0 not in info.vcpus:
-        raise bad("the sender didn't send vcpu0's basic state (no X86_PV_VCPU_BASIC for "
-                  "vcpu 0)")
+        raise ImageError("the sender didn't send vcpu0's basic state (no X86_PV_VCPU_BASIC "
+                         "for vcpu 0)")
     if not info.shared_info:
-        raise bad("no SHARED_INFO record")
+        raise ImageError("no SHARED_INFO record")
     nib = info.nibbles
-    for i, pfn in enumerate(info.p2m_frame_pfns.tolist()):
+    frames = info.p2m_frame_pfns
+    for i, pfn in enumerate(frames.tolist()):
         if nib[pfn] != 0:
-            raise bad(f"p2m frame {i} is pfn {pfn:#x}, which is not a NOTAB page of the image")
+            raise ImageError(f"p2m frame {i} is pfn {pfn:#x}, which is not a NOTAB page of "
+                             "the image")
+    twice = np.flatnonzero(np.bincount(frames, minlength=info.nr_pfns) > 1)
+    if twice.size:
+        raise ImageError(f"pfn {int(twice[0]):#x} is in the p2m frame list twice")
     for vcpu_id, raw in info.vcpus.items():
-        ctx = vcpu_guest_context.from_buffer_copy(raw)
-        cr3 = ctx.ctrlreg[3] >> PAGE_SHIFT
-        if cr3 > info.max_pfn or pfinfo.level(nib[cr3]) != pfinfo.L4:
-            what = pfinfo.type_name(nib[cr3]) if cr3 <= info.max_pfn else "absent"
-            raise bad(f"vcpu{vcpu_id}'s cr3 (pfn {cr3:#x}) has type {what}, expected L4")
-        if ctx.ctrlreg[1] & stream.USER_L4_SET:
-            user = ctx.ctrlreg[1] >> PAGE_SHIFT
-            if user > info.max_pfn or pfinfo.level(nib[user]) != pfinfo.L4:
-                raise bad(f"vcpu{vcpu_id}'s user L4 (pfn {user:#x}) is no L4 of the image")
-        if vcpu_id == 0:
-            si = ctx.user_regs.rdx
-            if si > info.max_pfn or nib[si] != pfinfo.NOTAB:
-                raise bad(f"start info pfn {si:#x} (vcpu0's rdx) has a bad type")
+        _check_vcpu_frames(info, vcpu_id, vcpu_guest_context.from_buffer_copy(raw))
+
+
+def _check_vcpu_frames(info: ImageInfo, vcpu_id: int, ctx: vcpu_guest_context) -> None:
+    """CR3 must name a pinned L4: only pinned tables are validated by the
+    restore before the VCPU runs on them (pin_pagetables)."""
+    nib = info.nibbles
+    cr3 = ctx.ctrlreg[3] >> PAGE_SHIFT
+    if cr3 > info.max_pfn or not (pfinfo.level(nib[cr3]) == pfinfo.L4
+                                  and pfinfo.is_pinned_table(nib[cr3])):
+        what = pfinfo.type_name(nib[cr3]) if cr3 <= info.max_pfn else "absent"
+        raise ImageError(f"vcpu{vcpu_id}'s cr3 (pfn {cr3:#x}) has type {what}, expected "
+                         "L4 pinned")
+    if ctx.ctrlreg[1] & stream.USER_L4_SET:
+        user = ctx.ctrlreg[1] >> PAGE_SHIFT
+        if user > info.max_pfn or pfinfo.level(nib[user]) != pfinfo.L4:
+            raise ImageError(f"vcpu{vcpu_id}'s user L4 (pfn {user:#x}) is no L4 of the image")
+    if vcpu_id == 0:
+        si = ctx.user_regs.rdx
+        if si > info.max_pfn or nib[si] != pfinfo.NOTAB:
+            raise ImageError(f"start info pfn {si:#x} (vcpu0's rdx) has a bad type")
+
+
+def vcpus_up(info: ImageInfo) -> list[int]:
+    """The VCPUs that were up at the save: libxl's b_info.avail_vcpus when the
+    config has it, else all max_vcpus of them (a pvlab guest brings every VCPU
+    up at boot and never takes one down)."""
+    b_info = info.xl_config.get("b_info", {})
+    avail = b_info.get("avail_vcpus")
+    if isinstance(avail, list) and all(isinstance(v, int) for v in avail):
+        return sorted(avail)
+    return list(range(int(b_info.get("max_vcpus", len(info.vcpus)))))
+
+
+def _check_vcpus(info: ImageInfo) -> None:
+    """One context, marked online, for every VCPU that was up. Xen's save
+    skips an offline VCPU, and its restore leaves a VCPU it has no context for
+    down: a guest that had it up would wait for it for ever."""
+    if info.domain is None:
+        return  # an image of Xen's: no pvlab guest to wait for its VCPUs
+    up = vcpus_up(info)
+    nr = int(info.domain["vcpus"])
+    for vcpu_id in sorted(info.vcpus):
+        if vcpu_id >= nr:
+            raise ImageError(f"a context for vcpu {vcpu_id}, but the domain has {nr} vcpus")
+        if not vcpu_guest_context.from_buffer_copy(info.vcpus[vcpu_id]).flags & VGCF_online:
+            raise ImageError(f"vcpu{vcpu_id}'s context is not marked online (VGCF_online): "
+                             "the save writes only the contexts of VCPUs that are up")
+    missing = [v for v in up if v not in info.vcpus]
+    if missing:
+        raise ImageError(f"no context (X86_PV_VCPU_BASIC) for vcpu {missing[0]}, which was up "
+                         f"at the save: {len(info.vcpus)} contexts for {len(up)} VCPUs up")
+    extra = sorted(set(info.vcpus) - set(up))
+    if extra:
+        raise ImageError(f"a context for vcpu {extra[0]}, which the config says was down")
+
+
+def _page_offsets(info: ImageInfo) -> np.ndarray:
+    """Where each pfn's page is in the file; -1 for a pfn with no data."""
+    where = np.full(info.nr_pfns, -1, dtype=np.int64)
+    for b in info.batches:
+        pfns = b.pfns[b.with_data]
+        where[pfns] = b.data_offset + PAGE_SIZE * np.arange(pfns.size, dtype=np.int64)
+    return where
+
+
+def _read_pages(f: BinaryIO, offsets: np.ndarray) -> np.ndarray:
+    """The pages at these file offsets, as rows of 512 entries."""
+    out = np.empty((offsets.size, L1_PAGETABLE_ENTRIES), dtype=np.uint64)
+    for k, offset in enumerate(offsets.tolist()):
+        f.seek(offset)
+        page = f.read(PAGE_SIZE)
+        if len(page) != PAGE_SIZE:
+            raise ImageError(f"truncated at offset {offset}")
+        out[k] = np.frombuffer(page, dtype=np.uint64)
+    return out
 
 
 def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int]]) -> None:
     """Every present entry of every pagetable must name a pfn the image populates
-    (what localising would find out half way through a restore)."""
+    (what localising would find out half way through a restore); an L4, L3 or
+    L2 entry must name a table one level down (what pinning validates, and
+    what the guest walks), and every L1..L3 must be named by a table one level
+    up: Xen keeps a table's type only while something references it, so an
+    unreferenced one is a table whose parent the image retyped."""
     populated = np.zeros(info.nr_pfns, dtype=bool)
     populated[info.populated()] = True
-    for pfn, level, offset in tables:
-        f.seek(offset)
-        page = np.frombuffer(f.read(PAGE_SIZE), dtype=np.uint64)
-        if page.size != L1_PAGETABLE_ENTRIES:
-            raise ImageError(f"{info.path}: truncated at offset {offset}")
+    levels = pfinfo.level(info.nibbles)
+    named = np.zeros(info.nr_pfns, dtype=bool)
+    pages = _read_pages(f, np.array([t[2] for t in tables], dtype=np.int64))
+    for (pfn, level, _), page in zip(tables, pages, strict=True):
         present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
         targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
         bad = targets > np.uint64(info.max_pfn)
@@ -468,9 +560,79 @@ def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int
             bad = ~populated[targets.astype(np.int64)]
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ImageError(f"{info.path}: pagetable pfn {pfn:#x} (L{level}) slot "
-                             f"{int(present[i])} names pfn {int(targets[i]):#x}, which the "
-                             "image does not populate")
+            raise ImageError(f"pagetable pfn {pfn:#x} (L{level}) slot {int(present[i])} names "
+                             f"pfn {int(targets[i]):#x}, which the image does not populate")
+        if level > 1:
+            _check_level(info, pfn, level, page[present], present, targets.astype(np.int64))
+            named[targets.astype(np.int64)] = True
+    orphans = np.flatnonzero((levels >= 1) & (levels < pfinfo.L4) & ~named)
+    if orphans.size:
+        pfn = int(orphans[0])
+        raise ImageError(f"pagetable pfn {pfn:#x} (L{int(levels[pfn])}) is named by no table "
+                         f"of level L{int(levels[pfn]) + 1}: the image retyped its parent")
 
 
-__all__ = ["ImageError", "ImageInfo", "PageBatch", "scan_image", "TYPE_NAMES"]
+def _check_level(info: ImageInfo, pfn: int, level: int, entries: np.ndarray,
+                 slots: np.ndarray, targets: np.ndarray) -> None:
+    """An L4, L3 or L2's entries name tables one level down; no superpages,
+    which the save never writes."""
+    below = pfinfo.level(info.nibbles[targets])
+    bad = np.flatnonzero((below != level - 1) | ((entries & np.uint64(_PAGE_PSE)) != 0))
+    if bad.size:
+        i = int(bad[0])
+        t = int(targets[i])
+        raise ImageError(f"pagetable pfn {pfn:#x} (L{level}) slot {int(slots[i])} names pfn "
+                         f"{t:#x} of type {pfinfo.type_name(info.nibbles[t])}, expected "
+                         f"L{level - 1}")
+
+
+def _check_p2m(info: ImageInfo, f: BinaryIO) -> None:
+    """The p2m frame list must be the frames of the p2m the guest published:
+    the ones its own tables map at shared_info's p2m_vaddr from p2m_cr3, and
+    the p2m they hold must give a frame to exactly the pfns the image
+    populates. Restore writes the new p2m into these frames: a wrong one
+    would overwrite a page of the guest's and leave its p2m stale."""
+    where = _page_offsets(info)
+    frames = info.p2m_frame_pfns
+    p2m = _read_pages(f, where[frames]).reshape(-1)[:info.nr_pfns]
+    have = p2m != np.uint64(INVALID_MFN)
+    populated = np.zeros(info.nr_pfns, dtype=bool)
+    populated[info.populated()] = True
+    differ = np.flatnonzero(have != populated)
+    if differ.size:
+        pfn = int(differ[0])
+        raise ImageError(f"the p2m in the frames of X86_PV_P2M_FRAMES gives pfn {pfn:#x} "
+                         f"{'a frame' if have[pfn] else 'no frame'}, but the image "
+                         f"{'does not populate it' if have[pfn] else 'populates it'}")
+    arch = shared_info.from_buffer_copy(info.shared_info).arch
+    if info.domain is None and not arch.p2m_cr3:
+        return  # a Xen guest publishing its p2m as a frame tree: nothing to walk
+    owner = np.flatnonzero(have & (p2m == np.uint64(int(arch.p2m_cr3) >> PAGE_SHIFT)))
+    if owner.size != 1 or pfinfo.level(info.nibbles[int(owner[0])]) != pfinfo.L4:
+        raise ImageError(f"shared_info's p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the p2m "
+                         "in the frames of X86_PV_P2M_FRAMES")
+    for i, pfn in enumerate(frames.tolist()):
+        va = int(arch.p2m_vaddr) + i * PAGE_SIZE
+        mapped = _walk(info, f, where, int(owner[0]), va)
+        if mapped != pfn:
+            raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {pfn:#x}, but the "
+                             f"guest's tables map pfn {mapped:#x} there (p2m_vaddr + "
+                             f"{i * PAGE_SIZE:#x})")
+
+
+def _walk(info: ImageInfo, f: BinaryIO, where: np.ndarray, l4: int, va: int) -> int:
+    """The pfn a canonical pagetable tree maps at ``va``; -1 if none."""
+    table = l4
+    for level in range(pfinfo.L4, 0, -1):
+        slot = (va >> (PAGE_SHIFT + 9 * (level - 1))) & (L1_PAGETABLE_ENTRIES - 1)
+        f.seek(int(where[table]) + 8 * slot)
+        (entry,) = np.frombuffer(f.read(8), dtype=np.uint64).tolist() or [0]
+        if not entry & _PAGE_PRESENT:
+            return -1
+        table = (entry & arch_x86.PTE_FRAME_MASK) >> PAGE_SHIFT
+        if table > info.max_pfn or where[table] < 0:
+            return -1
+    return table
+
+
+__all__ = ["ImageError", "ImageInfo", "PageBatch", "scan_image", "vcpus_up", "TYPE_NAMES"]

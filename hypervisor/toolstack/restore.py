@@ -126,19 +126,17 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
     if hv is None:
         hv = Hypervisor(machine_for(info), seed=seed, clock=clock)
     d = info.domain
-    nr_vcpus = int(d.get("vcpus", 1))
-    if max(info.vcpus) >= nr_vcpus:
-        raise ImageError(f"{path}: a context for vcpu {max(info.vcpus)}, but the domain has "
-                         f"{nr_vcpus} vcpus")
-    dom = domctl.createdomain(hv, str(d.get("name", "restored")), nr_vcpus,
-                              int(d.get("max_pages", info.nr_pfns)))
+    dom = domctl.createdomain(hv, str(d["name"]), int(d["vcpus"]), int(d["max_pages"]))
     stats = RestoreStats(info=info)
     try:
         restore(RestoreContext(hv, dom, info, stats), progress)
-    except ImageError:
+    except (ImageError, KernelError) as e:
+        # what the hypervisor refuses of the image's contents (a table, a
+        # context, the kernel binding): a refusal of the image as the check's
+        # are (exit 2), not a failed restore
         domctl.destroydomain(hv, dom)
-        raise
-    except (OutOfMemory, OSError, KernelError, DomctlError, RestoreError) as e:
+        raise ImageError(f"{path}: {e}; nothing is left of the new domain") from None
+    except (OutOfMemory, OSError, DomctlError, RestoreError) as e:
         domctl.destroydomain(hv, dom)
         raise RestoreError(f"restoring {path} failed: {e}; nothing is left of the new "
                            "domain") from None
@@ -253,7 +251,7 @@ def process_start_info(ctx: RestoreContext) -> None:
     si = domctl.map_struct(hv, dom, ctx.start_info_mfn, start_info)
     for what, pfn in (("store", si.store_mfn), ("console", si.console.domU.mfn)):
         if pfn >= p2m.size or p2m[pfn] == INVALID_MFN:
-            raise RestoreError(f"start_info's {what} pfn {pfn:#x} is not in the image")
+            raise ImageError(f"start_info's {what} pfn {pfn:#x} is not in the image")
     si.store_mfn = int(p2m[si.store_mfn])
     si.console.domU.mfn = int(p2m[si.console.domU.mfn])
     si.console.domU.evtchn = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK)
@@ -278,7 +276,7 @@ def handle_devices(ctx: RestoreContext) -> None:
             add_balloon(ctx.hv, ctx.dom, d["stats_interval_ns"], d["deflate_on_oom"],
                         base=d["base"], port=d["port"], state=d)
         except (BuildError, ValueError) as e:
-            raise RestoreError(f"the balloon at {d['base']:#x} cannot be re-created: {e}") \
+            raise ImageError(f"the balloon at {d['base']:#x} cannot be re-created: {e}") \
                 from None
 
 
@@ -313,8 +311,8 @@ def pin_pagetables(ctx: RestoreContext) -> None:
         level = int(pfinfo.level(info.nibbles[pfn]))
         rc = domctl.mmuext_pin_table(ctx.hv, ctx.dom, int(ctx.p2m[pfn]), level)
         if rc:
-            raise RestoreError(f"pinning pfn {pfn:#x} as an L{level} table failed ({rc}): "
-                               "the hypervisor refuses the table's contents")
+            raise ImageError(f"pinning pfn {pfn:#x} as an L{level} table failed ({rc}): "
+                             "the hypervisor refuses the table's contents")
         ctx.stats.pinned += 1
 
 
@@ -331,5 +329,5 @@ def update_vcpu_context(ctx: RestoreContext, vcpu_id: int) -> None:
         vc.user_regs.rax = 0  # the suspend hypercall returns 0: resumed in a new domain
     rc = domctl.setvcpucontext(ctx.dom, vcpu_id, vc)
     if rc:
-        raise RestoreError(f"vcpu{vcpu_id}'s context is refused ({rc}): its cr3 does "
-                           "not validate")
+        raise ImageError(f"vcpu{vcpu_id}'s context is refused ({rc}): its cr3 does "
+                         "not validate")

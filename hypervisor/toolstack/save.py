@@ -227,12 +227,15 @@ def vcpu_records(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> list[tuple[int
 def domain_config(dom: Domain, kind: str, seed: int | None,
                   devices: list[dict]) -> bytes:
     """The configuration xl puts in its save file's header: libxl_domain_config's
-    JSON (c_info, b_info), and under "pvlab" what only pvlab needs to run the
-    image again: the kernel binding, each VCPU's clock, the seed and where
-    each device is (their state goes in EMULATOR_CONTEXT records)."""
+    JSON (c_info, b_info with the VCPUs up as avail_vcpus), and under "pvlab"
+    what only pvlab needs to run the image again: the kernel binding, each
+    VCPU's clock, the seed and where each device is (their state goes in
+    EMULATOR_CONTEXT records)."""
     config = {
         "c_info": {"type": "pv", "name": dom.name},
         "b_info": {"max_vcpus": domctl.max_vcpus(dom),
+                   "avail_vcpus": [i for i in range(domctl.max_vcpus(dom))
+                                   if domctl.getvcpuinfo(dom, i).online],
                    "max_memkb": dom.max_pages * PAGE_SIZE // 1024},
         "pvlab": {
             "image": savefile.PVLAB_IMAGE_VERSION,

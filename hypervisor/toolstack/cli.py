@@ -327,7 +327,6 @@ def _add_run(sub: Any) -> None:
     run.set_defaults(func=cmd_run)
 
 
-
 def _add_frames(sub: Any) -> None:
     frames = sub.add_parser("frames", help="show a domain's frame table at a point in time",
                             description="Boot the domain CONFIG describes, run it to virtual "

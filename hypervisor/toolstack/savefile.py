@@ -39,6 +39,7 @@ from hypervisor.toolstack.stream import (
     REC_LENGTH_MAX,
     RHDR,
     StreamError,
+    read_exact,
     write_record,
 )
 
@@ -206,17 +207,9 @@ def emulator_record(index: int, data: bytes) -> bytes:
     return EMULATOR_HDR.pack(EmulatorId.UNKNOWN, index) + data
 
 
-def _read(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
-    data = src.read(n)
-    if len(data) != n:
-        raise StreamError(f"truncated at offset {offset}: {what} needs {n} octets, "
-                          f"{len(data)} left")
-    return data
-
-
 def read_xl_header(src: BinaryIO) -> XlHeader:
     """The xl header and its config (xl's restore_domain checks)."""
-    magic, order, mflags, oflags, optlen = XL_HDR.unpack(_read(src, XL_HDR.size,
+    magic, order, mflags, oflags, optlen = XL_HDR.unpack(read_exact(src, XL_HDR.size,
                                                                "the xl header", 0))
     if magic != XL_MAGIC:
         raise StreamError("offset 0: not an xl save file (no 'Xen saved domain, xl format' "
@@ -234,7 +227,7 @@ def read_xl_header(src: BinaryIO) -> XlHeader:
     if optlen > XL_OPTDATA_MAX:
         raise StreamError(f"offset 44: {optlen} octets of optional data, over the "
                           f"{XL_OPTDATA_MAX} limit")
-    optdata = _read(src, optlen, "the xl header's optional data", XL_HDR.size)
+    optdata = read_exact(src, optlen, "the xl header's optional data", XL_HDR.size)
     config = _config(optdata, mflags)
     digest, at = _digest(optdata)
     return XlHeader(mflags, oflags, config, XL_HDR.size + optlen, digest, XL_HDR.size + at)
@@ -269,7 +262,7 @@ def _config(optdata: bytes, mflags: int) -> bytes:
 
 
 def read_libxl_header(src: BinaryIO, offset: int) -> None:
-    ident, version, options = LIBXL_HDR.unpack(_read(src, LIBXL_HDR.size,
+    ident, version, options = LIBXL_HDR.unpack(read_exact(src, LIBXL_HDR.size,
                                                       "the libxl header", offset))
     if ident != LIBXL_IDENT:
         raise StreamError(f"offset {offset}: no libxl stream ('LibxlFmt') after the xl header")
@@ -286,7 +279,7 @@ def read_libxl_records(src: BinaryIO) -> Iterator[LibxlRecord]:
     caller reads the libxc stream from ``src`` before asking for the next."""
     while True:
         offset = src.tell()
-        rtype, length = RHDR.unpack(_read(src, RHDR.size, "a libxl record header", offset))
+        rtype, length = RHDR.unpack(read_exact(src, RHDR.size, "a libxl record header", offset))
         if rtype not in LibxlRecType._value2member_map_:
             raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)}: a libxl record "
                               "type this reader does not know")
@@ -294,7 +287,7 @@ def read_libxl_records(src: BinaryIO) -> Iterator[LibxlRecord]:
             raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)} claims {length} "
                               f"octets, over the {REC_LENGTH_MAX} limit")
         padded = length + (-length % REC_ALIGN)
-        body = _read(src, padded, libxl_rec_name(rtype), offset + RHDR.size)[:length]
+        body = read_exact(src, padded, libxl_rec_name(rtype), offset + RHDR.size)[:length]
         yield LibxlRecord(rtype, body, offset, length)
         if rtype == LibxlRecType.END:
             return

@@ -127,7 +127,8 @@ def write_record(out: BinaryIO, rtype: int, body: bytes = b"",
     out.write(bytes(-len(body) % REC_ALIGN))
 
 
-def _read(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
+def read_exact(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
+    """``n`` octets of ``what`` at ``offset``, or a refusal saying how many were left."""
     data = src.read(n)
     if len(data) != n:
         raise StreamError(f"truncated at offset {offset}: {what} needs {n} octets, "
@@ -138,7 +139,7 @@ def _read(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
 def read_headers(src: BinaryIO, base: int = 0) -> tuple[int, DomainHeader]:
     """Check the image and domain headers (the stream starting at offset
     ``base`` of its file); returns (version, domain header)."""
-    marker, ident, version, options, _, _ = IHDR.unpack(_read(src, IHDR.size, "image header",
+    marker, ident, version, options, _, _ = IHDR.unpack(read_exact(src, IHDR.size, "image header",
                                                               base))
     if marker != IHDR_MARKER or ident != IHDR_ID:
         raise StreamError(f"offset {base}: not a Xen migration stream (no 'XENF' image "
@@ -149,7 +150,7 @@ def read_headers(src: BinaryIO, base: int = 0) -> tuple[int, DomainHeader]:
     if options & IHDR_OPT_BIG_ENDIAN:
         raise StreamError(f"offset {base + 16}: a big-endian stream; only little-endian ones "
                           "are read")
-    dtype, shift, _, major, minor = DHDR.unpack(_read(src, DHDR.size, "domain header",
+    dtype, shift, _, major, minor = DHDR.unpack(read_exact(src, DHDR.size, "domain header",
                                                       base + IHDR.size))
     if dtype != DHDR_TYPE_X86_PV:
         raise StreamError(f"offset {base + IHDR.size}: domain type {dtype}; only x86 PV (1) "
@@ -168,14 +169,14 @@ def read_records(src: BinaryIO, start: int = IHDR.size + DHDR.size,
     offset = start
     end = None
     while True:
-        rtype, length = RHDR.unpack(_read(src, RHDR.size, "a record header", offset))
+        rtype, length = RHDR.unpack(read_exact(src, RHDR.size, "a record header", offset))
         if length > REC_LENGTH_MAX:
             raise StreamError(f"offset {offset}: {rec_name(rtype)} claims {length} octets, "
                               f"over the {REC_LENGTH_MAX} limit")
         padded = length + (-length % REC_ALIGN)
         reader = partial.get(rtype) if partial else None
         if reader is None:
-            body = _read(src, padded, rec_name(rtype), offset + RHDR.size)[:length]
+            body = read_exact(src, padded, rec_name(rtype), offset + RHDR.size)[:length]
         else:
             here = src.tell()
             if end is None:

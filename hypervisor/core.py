@@ -36,6 +36,8 @@ from hypervisor.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
+_SCHED_OP = int(Hypercall.sched_op)  # looked up once: the dispatcher runs on every hypercall
+
 # what Xen keeps per vcpu beside its context record: scheduling state
 _SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock")
 
@@ -189,7 +191,7 @@ class Hypervisor:
         handler = self.table.get(nr)
         if handler is None:
             return -ENOSYS
-        if nr != Hypercall.sched_op or not args or args[0] != SCHEDOP_yield:
+        if nr != _SCHED_OP or not args or args[0] != SCHEDOP_yield:
             vcpu.idle_yields = 0  # any other hypercall is progress
         try:
             rc = handler(vcpu, *args)

@@ -78,6 +78,19 @@ def booted() -> Iterator[Machines]:
         yield machines
 
 
+def save_example(path: Path, at_ns: int) -> Path:
+    """examples/save-restore.toml saved at ``at_ns`` of virtual time (its own
+    requests dropped): the good image that image tests damage copies of."""
+    from hypervisor.toolstack.config import load_config
+    from hypervisor.toolstack.session import save_domain
+    cfg = load_config(ROOT / "examples" / "save-restore.toml")
+    cfg.requests = []
+    with booting() as boot:
+        hv, dom = boot(cfg)
+        save_domain(hv, dom, str(path), at_ns)
+    return path
+
+
 # --- the fast lane ------------------------------------------------------------------------
 
 def sweep(values: Iterable[object], fast: int = 1) -> list[object]:

@@ -12,23 +12,15 @@ import sys
 import pytest
 
 from hypervisor.toolstack import savefile
-from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.image import ImageError, scan_image
-from hypervisor.toolstack.session import save_domain
-from tests.conftest import ROOT, booting, checkout_env
+from tests.conftest import ROOT, checkout_env, save_example
 
 EXAMPLE = ROOT / "examples" / "save-restore.toml"
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    img = tmp_path_factory.mktemp("digest") / "save.img"
-    cfg = load_config(EXAMPLE)
-    cfg.requests = []
-    with booting() as boot:
-        hv, dom = boot(cfg)
-        save_domain(hv, dom, str(img), 6_000_000)
-    return img
+    return save_example(tmp_path_factory.mktemp("digest") / "save.img", 6_000_000)
 
 
 def _restore(path) -> subprocess.CompletedProcess[str]:

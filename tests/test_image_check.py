@@ -19,12 +19,10 @@ from hypervisor.core import Hypervisor
 from hypervisor.public.arch_x86 import VGCF_online, vcpu_guest_context
 from hypervisor.toolstack import pfinfo, restore, savefile, stream
 from hypervisor.toolstack.cli import main
-from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
 from hypervisor.toolstack.restore import restore_image
-from hypervisor.toolstack.session import save_domain
 from hypervisor.toolstack.stream import RecType
-from tests.conftest import ROOT, booting
+from tests.conftest import ROOT, save_example
 
 EXAMPLE = ROOT / "examples" / "save-restore.toml"
 FLAGS_AT = stream.RHDR.size + stream.VCPU_HDR.size + vcpu_guest_context.flags.offset
@@ -33,13 +31,7 @@ FLAGS_AT = stream.RHDR.size + stream.VCPU_HDR.size + vcpu_guest_context.flags.of
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
     """The example saved at 12 ms: four VCPUs, five pinned L4s."""
-    img = tmp_path_factory.mktemp("check") / "good.img"
-    cfg = load_config(EXAMPLE)
-    cfg.requests = []
-    with booting() as boot:
-        hv, dom = boot(cfg)
-        save_domain(hv, dom, str(img), 12_000_000)
-    return img
+    return save_example(tmp_path_factory.mktemp("check") / "good.img", 12_000_000)
 
 
 # --- how to damage an image: each takes the file's bytes and its scan -------------------

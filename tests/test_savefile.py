@@ -16,12 +16,12 @@ import pytest
 
 from hypervisor.toolstack import savefile, stream
 from hypervisor.toolstack.cli import main
-from hypervisor.toolstack.config import BalloonConfig, load_config
+from hypervisor.toolstack.config import BalloonConfig
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.image import ImageError, scan_image
 from hypervisor.toolstack.imagetool import describe
 from hypervisor.toolstack.session import save_domain
-from tests.conftest import ROOT, booting, checkout_env, make_config
+from tests.conftest import ROOT, booting, checkout_env, make_config, save_example
 
 EXAMPLE = ROOT / "examples" / "save-restore.toml"
 LIBXL_TYPES = {0: "END", 1: "LIBXC_CONTEXT", 2: "EMULATOR_XENSTORE_DATA",
@@ -76,12 +76,7 @@ def read_layers(raw: bytes) -> dict:
 def images(tmp_path_factory):
     """A save and a checkpoint of the example."""
     out = tmp_path_factory.mktemp("xl")
-    cfg = load_config(EXAMPLE)
-    cfg.requests = []
-    made = {"save": out / "save.img"}
-    with booting() as boot:
-        hv, dom = boot(cfg)
-        save_domain(hv, dom, str(made["save"]), 6_000_000)
+    made = {"save": save_example(out / "save.img", 6_000_000)}
     assert main(["checkpoint", str(EXAMPLE), str(out), "--every", "5ms", "--max", "1",
                  "--until", "7ms"]) == 0
     made["checkpoint"] = out / "save-restore-checkpoint-001.img"

@@ -39,13 +39,14 @@ from hypervisor.public.xen import (
     XENVER_pagesize,
     XENVER_version,
 )
+from tests.hypercalls.cases_boot import CASES as BOOT_CASES
+from tests.hypercalls.cases_misc import CASES as MISC_CASES
+from tests.hypercalls.cases_mm import CASES as MM_CASES
+from tests.hypercalls.steps import ANY, OWN_DOMID, RO, RW
 
-RW = 0x67  # present, rw, user, accessed, dirty
-RO = 0x25  # present, user, accessed
-OWN_DOMID = 1  # the test guest is the first domain
-ANY = object()  # a result that is not fixed (e.g. max_ram_page)
+__all__ = ["ANY", "CASES", "OWN_DOMID", "RO", "RW", "resolve"]
 
-CASES: dict[str, list[tuple]] = {
+BASE_CASES: dict[str, list[tuple]] = {
     "unknown_hypercall": [("hypercall", 44, -ENOSYS), ("hypercall", 63, -ENOSYS)],
     "xen_version": [("hypercall", Hypercall.xen_version, XENVER_version, 0, (4 << 16) | 19),
                     ("hypercall", Hypercall.xen_version, XENVER_pagesize, 0, 4096)],
@@ -75,6 +76,12 @@ CASES: dict[str, list[tuple]] = {
     "memory_queries": [("query", XENMEM_current_reservation, 4096),
                        ("query", XENMEM_maximum_ram_page, ANY)],
 }
+
+# One file of cases per area, so they can grow apart; a name may appear once.
+CASES: dict[str, list[tuple]] = {}
+for _part in (BASE_CASES, MM_CASES, MISC_CASES, BOOT_CASES):
+    assert not CASES.keys() & _part.keys(), CASES.keys() & _part.keys()
+    CASES.update(_part)
 
 
 def resolve(sym: object, values: dict[str, int]) -> int:

@@ -6,24 +6,17 @@
 test_main:
         # unknown_hypercall #0: hypercall [44]
         call hypercall_page + 44 * 32
-        push %rax
         lea s_unknown_hypercall_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
         # unknown_hypercall #1: hypercall [63]
         call hypercall_page + 63 * 32
-        push %rax
         lea s_unknown_hypercall_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_unknown_hypercall:
         # xen_version #0: hypercall [17, 0, 0]
         movabs $0x0, %rax
         push %rax
@@ -32,14 +25,10 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 17 * 32
-        push %rax
         lea s_xen_version_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x40013, %rsi
+        mov $1, %edx
+        call check_rc
         # xen_version #1: hypercall [17, 7, 0]
         movabs $0x7, %rax
         push %rax
@@ -48,185 +37,164 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 17 * 32
-        push %rax
         lea s_xen_version_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x1000, %rsi
+        mov $1, %edx
+        call check_rc
+e_xen_version:
         # pin_not_owned #0: mmuext [0, 'xen_frame', 0]
         mov $1, %eax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_pin_not_owned_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_not_owned:
         # unpin_not_pinned #0: mmuext [4, 'free_mfn', 0]
         call sym_free_mfn
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_unpin_not_pinned_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_unpin_not_pinned:
         # pin_mapped_writable #0: mmuext [0, 'free_mfn', 0]
         call sym_free_mfn
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_pin_mapped_writable_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_mapped_writable:
         # pin_bootstrap_l4_twice #0: mmuext [3, 'l4_mfn', 0]
         call sym_l4_mfn
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $3, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_pin_bootstrap_l4_twice_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_bootstrap_l4_twice:
         # mmuext_unknown #0: mmuext [99, 0, 0]
         movabs $0x0, %rax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $99, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_mmuext_unknown_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmuext_unknown:
         # mark_super #0: mmuext [19, 0, 0]
         movabs $0x0, %rax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $19, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_mark_super_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffa1, %rsi
+        mov $1, %edx
+        call check_rc
+e_mark_super:
         # flush_cache #0: mmuext [12, 0, 0]
         movabs $0x0, %rax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $12, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_flush_cache_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xfffffffffffffff3, %rsi
+        mov $1, %edx
+        call check_rc
+e_flush_cache:
         # foreign_self #0: mmuext_fd [6, 0, 0, 1]
         movabs $0x0, %rax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $6, scratch(%rip)
+        movabs $0x1, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $1, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_foreign_self_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+e_foreign_self:
         # foreign_unknown #0: mmuext_fd [6, 0, 0, 77]
         movabs $0x0, %rax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $6, scratch(%rip)
+        movabs $0x4d, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $77, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_foreign_unknown_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+e_foreign_unknown:
         # l4_xen_slot #0: mmu_update [('slot', 'l4_mfn', 256), 0]
         call sym_l4_mfn
         shl $12, %rax
@@ -239,14 +207,11 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_l4_xen_slot_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_l4_xen_slot:
         # xsa182_linear_l4 #0: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'l4_mfn', 37)]
         call sym_l4_mfn
         shl $12, %rax
@@ -262,14 +227,10 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_xsa182_linear_l4_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
         # xsa182_linear_l4 #1: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'l4_mfn', 103)]
         call sym_l4_mfn
         shl $12, %rax
@@ -285,14 +246,10 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_xsa182_linear_l4_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
         # xsa182_linear_l4 #2: mmu_update [('slot', 'l4_mfn', 300), 0]
         call sym_l4_mfn
         shl $12, %rax
@@ -305,14 +262,11 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_xsa182_linear_l4_2(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_xsa182_linear_l4:
         # map_l4_writable #0: uvm ['free_va', ('pte', 'l4_mfn', 103), 0]
         call sym_free_va
         push %rax
@@ -327,14 +281,10 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_l4_writable_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
         # map_l4_writable #1: uvm ['free_va', ('pte', 'l4_mfn', 37), 0]
         call sym_free_va
         push %rax
@@ -349,14 +299,10 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_l4_writable_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
         # map_l4_writable #2: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
         call sym_free_va
         push %rax
@@ -371,14 +317,11 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_l4_writable_2(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_map_l4_writable:
         # xsa279_noncanonical #0: uvm [9223372036854775808, 0, 6]
         movabs $0x8000000000000000, %rax
         push %rax
@@ -390,33 +333,27 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_xsa279_noncanonical_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
         # xsa279_noncanonical #1: mmuext [7, 9223372036854775808, 0]
         movabs $0x8000000000000000, %rax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $7, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_xsa279_noncanonical_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_xsa279_noncanonical:
         # map_hypervisor_frame #0: uvm ['free_va', ('pte', 'xen_frame', 37), 0]
         call sym_free_va
         push %rax
@@ -431,14 +368,11 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_hypervisor_frame_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
+e_map_hypervisor_frame:
         # map_mmio #0: uvm ['free_va', ('pte', 'mmio_frame', 37), 0]
         call sym_free_va
         push %rax
@@ -453,14 +387,11 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_mmio_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+e_map_mmio:
         # bad_l1_flags #0: uvm ['free_va', ('pte', 'free_mfn', 119), 0]
         call sym_free_va
         push %rax
@@ -475,67 +406,111 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_bad_l1_flags_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_bad_l1_flags:
+        # vcpu_op_second_vcpu: needs ['vcpus', 2]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        cmp $-2, %rax
+        setne %al
+        movzbl %al, %eax
+        test %rax, %rax
+        jnz 1f
+        lea n_vcpu_op_second_vcpu(%rip), %rdi
+        call xtf_skip
+        jmp e_vcpu_op_second_vcpu
+        1:
+        # vcpu_op_second_vcpu #1: hypercall [24, 3, 1, 0]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_op_second_vcpu_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_op_second_vcpu #2: hypercall [24, 1, 1, 0]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_op_second_vcpu_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_op_second_vcpu:
         # memory_queries #0: query [3]
         movw $32752, scratch(%rip)
         mov $3, %edi
         lea scratch(%rip), %rsi
         call hypercall_page + 12 * 32
-        push %rax
         lea s_memory_queries_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x1000, %rsi
+        mov $1, %edx
+        call check_rc
         # memory_queries #1: query [2]
         movw $32752, scratch(%rip)
         mov $2, %edi
         lea scratch(%rip), %rsi
         call hypercall_page + 12 * 32
-        push %rax
         lea s_memory_queries_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        ret
+        xor %edx, %edx
+        call check_rc
+e_memory_queries:
+        xor %edi, %edi
+        jmp xtf_success
 
         .section .rodata
-s_unknown_hypercall_0: .asciz "rc unknown_hypercall.0 "
-s_unknown_hypercall_1: .asciz "rc unknown_hypercall.1 "
-s_xen_version_0: .asciz "rc xen_version.0 "
-s_xen_version_1: .asciz "rc xen_version.1 "
-s_pin_not_owned_0: .asciz "rc pin_not_owned.0 "
-s_unpin_not_pinned_0: .asciz "rc unpin_not_pinned.0 "
-s_pin_mapped_writable_0: .asciz "rc pin_mapped_writable.0 "
-s_pin_bootstrap_l4_twice_0: .asciz "rc pin_bootstrap_l4_twice.0 "
-s_mmuext_unknown_0: .asciz "rc mmuext_unknown.0 "
-s_mark_super_0: .asciz "rc mark_super.0 "
-s_flush_cache_0: .asciz "rc flush_cache.0 "
-s_foreign_self_0: .asciz "rc foreign_self.0 "
-s_foreign_unknown_0: .asciz "rc foreign_unknown.0 "
-s_l4_xen_slot_0: .asciz "rc l4_xen_slot.0 "
-s_xsa182_linear_l4_0: .asciz "rc xsa182_linear_l4.0 "
-s_xsa182_linear_l4_1: .asciz "rc xsa182_linear_l4.1 "
-s_xsa182_linear_l4_2: .asciz "rc xsa182_linear_l4.2 "
-s_map_l4_writable_0: .asciz "rc map_l4_writable.0 "
-s_map_l4_writable_1: .asciz "rc map_l4_writable.1 "
-s_map_l4_writable_2: .asciz "rc map_l4_writable.2 "
-s_xsa279_noncanonical_0: .asciz "rc xsa279_noncanonical.0 "
-s_xsa279_noncanonical_1: .asciz "rc xsa279_noncanonical.1 "
-s_map_hypervisor_frame_0: .asciz "rc map_hypervisor_frame.0 "
-s_map_mmio_0: .asciz "rc map_mmio.0 "
-s_bad_l1_flags_0: .asciz "rc bad_l1_flags.0 "
-s_memory_queries_0: .asciz "rc memory_queries.0 "
-s_memory_queries_1: .asciz "rc memory_queries.1 "
+s_unknown_hypercall_0: .asciz "unknown_hypercall.0"
+s_unknown_hypercall_1: .asciz "unknown_hypercall.1"
+s_xen_version_0: .asciz "xen_version.0"
+s_xen_version_1: .asciz "xen_version.1"
+s_pin_not_owned_0: .asciz "pin_not_owned.0"
+s_unpin_not_pinned_0: .asciz "unpin_not_pinned.0"
+s_pin_mapped_writable_0: .asciz "pin_mapped_writable.0"
+s_pin_bootstrap_l4_twice_0: .asciz "pin_bootstrap_l4_twice.0"
+s_mmuext_unknown_0: .asciz "mmuext_unknown.0"
+s_mark_super_0: .asciz "mark_super.0"
+s_flush_cache_0: .asciz "flush_cache.0"
+s_foreign_self_0: .asciz "foreign_self.0"
+s_foreign_unknown_0: .asciz "foreign_unknown.0"
+s_l4_xen_slot_0: .asciz "l4_xen_slot.0"
+s_xsa182_linear_l4_0: .asciz "xsa182_linear_l4.0"
+s_xsa182_linear_l4_1: .asciz "xsa182_linear_l4.1"
+s_xsa182_linear_l4_2: .asciz "xsa182_linear_l4.2"
+s_map_l4_writable_0: .asciz "map_l4_writable.0"
+s_map_l4_writable_1: .asciz "map_l4_writable.1"
+s_map_l4_writable_2: .asciz "map_l4_writable.2"
+s_xsa279_noncanonical_0: .asciz "xsa279_noncanonical.0"
+s_xsa279_noncanonical_1: .asciz "xsa279_noncanonical.1"
+s_map_hypervisor_frame_0: .asciz "map_hypervisor_frame.0"
+s_map_mmio_0: .asciz "map_mmio.0"
+s_bad_l1_flags_0: .asciz "bad_l1_flags.0"
+n_vcpu_op_second_vcpu: .asciz "SKIP: vcpu_op_second_vcpu: needs 2 VCPUs"
+s_vcpu_op_second_vcpu_1: .asciz "vcpu_op_second_vcpu.1"
+s_vcpu_op_second_vcpu_2: .asciz "vcpu_op_second_vcpu.2"
+s_memory_queries_0: .asciz "memory_queries.0"
+s_memory_queries_1: .asciz "memory_queries.1"

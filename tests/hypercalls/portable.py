@@ -3,14 +3,18 @@ generated GNU assembler file, firmware/tests/cases.S, run as a plain PV test
 guest) and interpreted by the Python kernel path. Both must give Xen's result,
 listed beside each step.
 
-A step is (kind, *args, expected). Arguments are numbers or symbols resolved
-by the guest at run time, the same way on both paths:
+A step is (kind, *args, expected): the kinds are listed, with their x86 and
+Python forms side by side, in tests/hypercalls/kinds.py, which also describes
+the arguments (numbers, or symbols the guest resolves at run time the same way
+on both paths: ``free_pfn``, ``free_mfn``, ``free_va`` for the top page of the
+guest's RAM, ``l4_mfn`` for the bootstrap L4, ``xen_frame``, ``mmio_frame``,
+``("pte", sym, flags)``, ``("slot", sym, n)``, ``("buf", off)``, ``("out", off)``).
+``expected`` is Xen's result, checked by the x86 guest itself, or ANY.
 
-* ``free_pfn``, ``free_mfn``, ``free_va``: the top page of the guest's RAM;
-* ``l4_mfn``: the bootstrap L4 (start_info.pt_base through the p2m list);
-* ``xen_frame``: a hypervisor frame (1); ``mmio_frame``: a frame beyond RAM;
-* ``("pte", sym, flags)``: sym << 12 | flags; ``("slot", sym, n)``: the machine
-  address of entry n of the table at mfn sym.
+A case may start with ``("needs", what, n)`` (kinds.NEEDS, e.g. ``("needs",
+"vcpus", 2)``): where the domain lacks it the case is skipped and the x86
+guest's verdict is SKIP. All cases run in sequence in one guest, so a case
+leaves the guest as it found it (close what it binds, unmap what it maps).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from hypervisor.public.errno import (
     ESRCH,
 )
 from hypervisor.public.memory import XENMEM_current_reservation, XENMEM_maximum_ram_page
+from hypervisor.public.vcpu import VCPUOP_is_up, VCPUOP_up
 from hypervisor.public.xen import (
     MMUEXT_FLUSH_CACHE,
     MMUEXT_INVLPG_LOCAL,
@@ -44,7 +49,7 @@ from tests.hypercalls.cases_misc import CASES as MISC_CASES
 from tests.hypercalls.cases_mm import CASES as MM_CASES
 from tests.hypercalls.steps import ANY, OWN_DOMID, RO, RW
 
-__all__ = ["ANY", "CASES", "OWN_DOMID", "RO", "RW", "resolve"]
+__all__ = ["ANY", "CASES", "OWN_DOMID", "RO", "RW"]
 
 BASE_CASES: dict[str, list[tuple]] = {
     "unknown_hypercall": [("hypercall", 44, -ENOSYS), ("hypercall", 63, -ENOSYS)],
@@ -73,6 +78,9 @@ BASE_CASES: dict[str, list[tuple]] = {
     "map_hypervisor_frame": [("uvm", "free_va", ("pte", "xen_frame", RO), 0, -EBUSY)],
     "map_mmio": [("uvm", "free_va", ("pte", "mmio_frame", RO), 0, -EPERM)],
     "bad_l1_flags": [("uvm", "free_va", ("pte", "free_mfn", RW | 0x10), 0, -EINVAL)],
+    "vcpu_op_second_vcpu": [("needs", "vcpus", 2),
+                            ("hypercall", Hypercall.vcpu_op, VCPUOP_is_up, 1, 0, 0),
+                            ("hypercall", Hypercall.vcpu_op, VCPUOP_up, 1, 0, -EINVAL)],
     "memory_queries": [("query", XENMEM_current_reservation, 4096),
                        ("query", XENMEM_maximum_ram_page, ANY)],
 }
@@ -83,13 +91,3 @@ for _part in (BASE_CASES, MM_CASES, MISC_CASES, BOOT_CASES):
     assert not CASES.keys() & _part.keys(), CASES.keys() & _part.keys()
     CASES.update(_part)
 
-
-def resolve(sym: object, values: dict[str, int]) -> int:
-    if isinstance(sym, int):
-        return sym
-    if isinstance(sym, str):
-        return values[sym]
-    kind, base, n = sym  # type: ignore[misc]
-    if kind == "pte":
-        return (resolve(base, values) << 12) | n
-    return (resolve(base, values) << 12) + 8 * n

@@ -232,6 +232,79 @@ sym_l4_mfn:
         shr     $12, %rdi
         jmp     mfn_of_pfn
 
+# The page below the top one (a second free page), the bootstrap tables on the
+# top page's path, and where the p2m list keeps the top page's frame.
+        .globl  sym_spare_pfn, sym_spare_mfn, sym_spare_va, sym_free_l1e, sym_l2_mfn
+        .globl  sym_p2m_free, table_mfn
+sym_spare_pfn:
+        call    sym_free_pfn
+        dec     %rax
+        ret
+sym_spare_mfn:
+        call    sym_spare_pfn
+        mov     %rax, %rdi
+        jmp     mfn_of_pfn
+sym_spare_va:
+        call    sym_spare_pfn
+        mov     %rax, %rdi
+        jmp     pfn_va
+sym_p2m_free:
+        call    sym_free_pfn
+        mov     start_info(%rip), %rdx
+        mov     104(%rdx), %rdx
+        lea     (%rdx,%rax,8), %rax
+        ret
+sym_l2_mfn:
+        call    sym_free_va
+        mov     %rax, %rdi
+        mov     $2, %esi
+        jmp     table_mfn
+sym_free_l1e:                           # machine address of the L1 entry mapping free_va
+        call    sym_free_va
+        push    %rax
+        mov     %rax, %rdi
+        mov     $1, %esi
+        call    table_mfn
+        pop     %rdx
+        shr     $12, %rdx
+        and     $511, %edx
+        shl     $12, %rax
+        lea     (%rax,%rdx,8), %rax
+        ret
+
+# table_mfn(rdi = va, esi = level) -> rax = the mfn of the level's table (4: the
+# L4 ... 1: the L1) on va's path in the bootstrap tables, read through the M2P
+# and the kernel's mapping of RAM, as a PV kernel walks its own tables
+table_mfn:
+        push    %rbx
+        push    %r12
+        push    %r13
+        mov     %rdi, %rbx
+        mov     %esi, %r12d
+        call    sym_l4_mfn
+        mov     $4, %r13d
+1:      cmp     %r12d, %r13d
+        jbe     2f
+        movabs  $MACH2PHYS_VIRT_START, %rdx
+        mov     (%rdx,%rax,8), %rdi
+        call    pfn_va
+        lea     -1(%r13), %ecx          # the index's shift: 12 + 9 * (level - 1)
+        imul    $9, %ecx
+        add     $12, %ecx
+        mov     %rbx, %rdx
+        shr     %cl, %rdx
+        and     $511, %edx
+        mov     (%rax,%rdx,8), %rax
+        movabs  $PTE_FRAME_MASK, %rdx
+        and     %rdx, %rax
+        shr     $12, %rax
+        dec     %r13d
+        jmp     1b
+2:      pop     %r13
+        pop     %r12
+        pop     %rbx
+        ret
+
 # --- what test guests need to build pagetables ---------------------------------
         .globl  pfn_va, alloc_page, set_mapping, mmuext1, mmu_update1, expect_zero, say
         .globl  s_newline

@@ -4,10 +4,12 @@ Python form (the same hypercall from the Python kernel path). A new kind is one
 entry of ``KINDS``; tests/hypercalls/portable.py describes a step.
 
 Arguments are expressions, evaluated by the guest at run time the same way on
-both paths: numbers; the symbols of ``SYMBOLS``; ``("pte", sym, flags)`` and
-``("slot", sym, n)``; ``("buf", off)``, the address of byte ``off`` of the
-guest's argument buffer; ``("out", off)``, the 32-bit field at ``off`` of the
-buffer as the previous ``mem`` step's hypercall left it (a port just bound).
+both paths: numbers; the symbols of ``SYMBOLS``; ``("pte", sym, flags)`` (a
+pagetable entry), ``("slot", sym, n)`` (the machine address of entry n of the
+table at mfn sym) and ``("or", e, bits)``; ``("buf", off)``, the address of
+byte ``off`` of the guest's argument buffer; ``("out", off)``, the 32-bit field
+at ``off`` of the buffer as the previous ``mem`` step's hypercall left it (a
+port just bound).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Ctx:
             return self.g.scratch + rest[0]
         if kind == "out":
             return struct.unpack_from("<I", self.last, rest[0])[0]
+        if kind == "or":
+            return self.value(rest[0]) | rest[1]
         base = self.value(rest[0]) << 12
         return base | rest[1] if kind == "pte" else base + 8 * rest[1]
 
@@ -54,6 +58,16 @@ SYMBOLS: dict[str, tuple[str, Callable[[Any], int]]] = {
     "l4_mfn": ("call sym_l4_mfn", lambda g: g.l4_mfn),
     "xen_frame": ("mov $1, %eax", lambda g: 1),
     "mmio_frame": ("movabs $0x1000000000, %rax", lambda g: 1 << 36),
+    # the page below the top one: a second free page
+    "spare_pfn": ("call sym_spare_pfn", lambda g: g.nr_pages - 2),
+    "spare_mfn": ("call sym_spare_mfn", lambda g: g.mfn(g.nr_pages - 2)),
+    "spare_va": ("call sym_spare_va", lambda g: g.va(g.nr_pages - 2)),
+    # the machine address of the bootstrap L1 entry that maps free_va
+    "free_l1e": ("call sym_free_l1e", lambda g: g.l1e_maddr(g.va(g.nr_pages - 1))),
+    # the bootstrap L2 on free_va's path
+    "l2_mfn": ("call sym_l2_mfn", lambda g: g.table_mfn(g.va(g.nr_pages - 1), 2)),
+    # where the p2m list keeps free_pfn's frame
+    "p2m_free": ("call sym_p2m_free", lambda g: g.si.mfn_list + 8 * (g.nr_pages - 1)),
 }
 
 
@@ -68,6 +82,8 @@ def expr(e: object) -> list[str]:
         return [f"lea scratch+{rest[0]}(%rip), %rax"]
     if kind == "out":
         return [f"mov lastbuf+{rest[0]}(%rip), %eax"]
+    if kind == "or":
+        return expr(rest[0]) + [f"movabs ${rest[1]:#x}, %rcx", "or %rcx, %rax"]
     out = expr(rest[0]) + ["shl $12, %rax"]
     if kind == "pte":
         return out + [f"movabs ${rest[1]:#x}, %rcx", "or %rcx, %rax"]
@@ -113,7 +129,7 @@ def fill_buffer(data: list[object]) -> list[str]:
 class Kind:
     """A step kind: the hypercall it makes (None: the first argument names it),
     its x86 code from the step's arguments, and its Python form."""
-    hypercall: Hypercall | None
+    hypercall: Hypercall | int | None
     x86: Callable[[list], list[str]]
     python: Callable[[Ctx, list], int]
 
@@ -171,6 +187,26 @@ def _py_mem_result(c: Ctx, args: list) -> int:
     return struct.unpack_from("<q", c.last, off)[0]
 
 
+def _x86_last(args: list) -> list[str]:
+    return [f"mov lastbuf+{args[0]}(%rip), %eax"]
+
+
+def _x86_peek(args: list) -> list[str]:
+    return expr(args[0]) + ["mov (%rax), %rax"]
+
+
+def _x86_poke(args: list) -> list[str]:
+    return expr(args[0]) + ["push %rax"] + expr(args[1]) + [
+        "pop %rcx", "mov %rax, (%rcx)", "xor %eax, %eax"]
+
+
+def _py_poke(c: Ctx, args: list) -> int:
+    c.g.cpu.write_u64(c.value(args[0]), c.value(args[1]) & (2**64 - 1))
+    return 0
+
+
+NO_HYPERCALL = -1  # a step that reads or writes the guest's own memory
+
 KINDS: dict[str, Kind] = {
     # ("hypercall", nr, *args): nr(args) with the args in registers
     "hypercall": Kind(None, lambda a: call(a[0], list(a[1:])),
@@ -196,11 +232,19 @@ KINDS: dict[str, Kind] = {
     # ("mem_result", nr, [args], [words], off): as mem; the result is the 64-bit
     # field at off of the buffer afterwards (a multicall entry's result)
     "mem_result": Kind(None, _x86_mem_result, _py_mem_result),
+    # ("last", off): the 32-bit field at off of the buffer as the last mem step's
+    # hypercall left it (a done count)
+    "last": Kind(NO_HYPERCALL, _x86_last,
+                 lambda c, a: struct.unpack_from("<I", c.last, a[0])[0]),
+    # ("peek", addr): the 64-bit word the guest reads at addr
+    "peek": Kind(NO_HYPERCALL, _x86_peek, lambda c, a: c.g.cpu.read_u64(c.value(a[0]))),
+    # ("poke", addr, value): the guest writes value at addr (its own page); 0
+    "poke": Kind(NO_HYPERCALL, _x86_poke, _py_poke),
 }
 
 
 def hypercall_of(kind: str, args: list) -> int:
-    """The hypercall a step makes."""
+    """The hypercall a step makes (NO_HYPERCALL for a read or write of memory)."""
     k = KINDS[kind]
     return int(k.hypercall if k.hypercall is not None else args[0])
 

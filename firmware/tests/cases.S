@@ -2957,6 +2957,91 @@ e_evtchn_ipi:
         movabs $0x0, %rsi
         mov $1, %edx
         call check_rc
+        # evtchn_virq_second_vcpu #3: mem [32, [1, ('buf', 0)], [4294967303]]
+        movabs $0x100000007, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #4: mem [32, [3, ('buf', 0)], [('out', 8)]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #5: mem [32, [1, ('buf', 0)], [4294967309]]
+        movabs $0x10000000d, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #6: mem [32, [3, ('buf', 0)], [('out', 8)]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #7: mem [32, [1, ('buf', 0)], [4294967302]]
+        movabs $0x100000006, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_7(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
 e_evtchn_virq_second_vcpu:
         # sched_op #0: hypercall [29, 2, 4096]
         movabs $0x2, %rax
@@ -3136,5 +3221,10 @@ s_evtchn_ipi_1: .asciz "evtchn_ipi.1"
 n_evtchn_virq_second_vcpu: .asciz "SKIP: evtchn_virq_second_vcpu: needs 2 VCPUs"
 s_evtchn_virq_second_vcpu_1: .asciz "evtchn_virq_second_vcpu.1"
 s_evtchn_virq_second_vcpu_2: .asciz "evtchn_virq_second_vcpu.2"
+s_evtchn_virq_second_vcpu_3: .asciz "evtchn_virq_second_vcpu.3"
+s_evtchn_virq_second_vcpu_4: .asciz "evtchn_virq_second_vcpu.4"
+s_evtchn_virq_second_vcpu_5: .asciz "evtchn_virq_second_vcpu.5"
+s_evtchn_virq_second_vcpu_6: .asciz "evtchn_virq_second_vcpu.6"
+s_evtchn_virq_second_vcpu_7: .asciz "evtchn_virq_second_vcpu.7"
 s_sched_op_0: .asciz "sched_op.0"
 s_sched_op_1: .asciz "sched_op.1"

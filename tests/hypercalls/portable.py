@@ -73,7 +73,10 @@ from hypervisor.public.xen import (
     UVMF_INVLPG,
     UVMF_LOCAL,
     UVMF_TLB_FLUSH,
+    VIRQ_DEBUGGER,
     VIRQ_TIMER,
+    VIRQ_XENOPROF,
+    VIRQ_XENPMU,
     CONSOLEIO_write,
     Hypercall,
     XENVER_pagesize,
@@ -294,9 +297,12 @@ BASE_CASES: dict[str, list[tuple]] = {
         evtchn(EVTCHNOP_close, [("out", 0)], -EINVAL)],
     "evtchn_ipi": [evtchn(EVTCHNOP_bind_ipi, [0], 0),
                    evtchn(EVTCHNOP_close, [("out", 4)], 0)],
-    "evtchn_virq_second_vcpu": [("needs", "vcpus", 2),
-                                evtchn(EVTCHNOP_bind_virq, [VIRQ_TIMER | 1 << 32], 0),
-                                evtchn(EVTCHNOP_close, [("out", 8)], 0)],
+    "evtchn_virq_second_vcpu": [  # per-vcpu VIRQs bind on vcpu 1, a global one does not
+        ("needs", "vcpus", 2),
+        *[step for virq in (VIRQ_TIMER, VIRQ_XENOPROF, VIRQ_XENPMU)
+          for step in (evtchn(EVTCHNOP_bind_virq, [virq | 1 << 32], 0),
+                       evtchn(EVTCHNOP_close, [("out", 8)], 0))],
+        evtchn(EVTCHNOP_bind_virq, [VIRQ_DEBUGGER | 1 << 32], -EINVAL)],
     "sched_op": [("hypercall", Hypercall.sched_op, SCHEDOP_shutdown, UNMAPPED, -EFAULT),
                  ("hypercall", Hypercall.sched_op, 99, 0, -ENOSYS)],
 }

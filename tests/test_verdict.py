@@ -24,6 +24,7 @@ def config(tmp_path, image: str, vcpus: int = 2, verdict: str = "xtf") -> str:
 def test_the_last_line_is_read_as_xtf_runner_reads_it():
     assert interpret_result("Test result: SUCCESS") == "SUCCESS"
     assert interpret_result("Test result: SKIP") == "SKIP"
+    assert interpret_result("Test result: ERROR") == "ERROR"
     assert interpret_result("Test result: FAILURE") == "FAILURE"
     assert interpret_result("SUCCESS") == "CRASH"
     assert xtf_result(b"Test result: SUCCESS\nlater\n", "poweroff") == "CRASH"

@@ -123,6 +123,16 @@ def test_x86_guest_reports_failure_with_the_case_step_and_both_results(
         in run.console
 
 
+def test_the_worst_verdict_wins(monkeypatch: pytest.MonkeyPatch, run_x86):
+    """A failure and a later skip: FAILURE (XTF's set_status keeps the worst)."""
+    real = hypervisor.core.do_xen_version
+    monkeypatch.setattr(hypervisor.core, "do_xen_version",
+                        lambda vcpu, cmd, *args: real(vcpu, cmd, *args) ^ (cmd == 0))
+    run = run_x86(vcpus=1)
+    assert "SKIP: vcpu_op_second_vcpu: needs 2 VCPUs\n" in run.console
+    assert run.verdict == "FAILURE"
+
+
 def test_x86_guest_reports_skip_for_a_case_that_needs_a_second_vcpu(run_x86):
     """With one VCPU the cases that need a second are skipped, on both paths
     alike, and the verdict is SKIP, never SUCCESS (XTF's rule)."""

@@ -127,8 +127,9 @@ def fill_buffer(data: list[object]) -> list[str]:
 
 @dataclass(frozen=True)
 class Kind:
-    """A step kind: the hypercall it makes (None: the first argument names it),
-    its x86 code from the step's arguments, and its Python form."""
+    """A step kind: the hypercall it makes (None: the step's first argument
+    names it; NO_HYPERCALL: it reads or writes the guest's own memory), its x86
+    code from the step's arguments, and its Python form."""
     hypercall: Hypercall | int | None
     x86: Callable[[list], list[str]]
     python: Callable[[Ctx, list], int]

@@ -15,8 +15,9 @@ from dataclasses import replace
 
 import pytest
 
+from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.session import run_domain
-from tests.conftest import make_config
+from tests.conftest import FIRMWARE, make_config
 from tests.kernels import faults
 
 # mov (%rax), %rax with rax = 0xdead000 (unmapped): a read of a not-present page
@@ -188,3 +189,16 @@ def test_no_handler_crashes_the_domain_with_a_report(run_fault, code, what):
     assert r.reason == "crash"
     assert what in r.domain.crash_report
     assert "no trap handler is registered" in r.domain.crash_report
+
+
+def test_x86_guest_sees_xens_traps(booted):
+    """firmware/tests/traps.S checks every rule above from x86 code, and that
+    a page mapped without _PAGE_USER still works (pv/mm.h adjust_guest_l1e);
+    its first exception is the #GP of a wrmsr, which Unicorn must not turn
+    into a double fault. Each failing check prints a FAILURE line."""
+    hv, dom = booted(DomainConfig("traps", 16, 1, FIRMWARE / "tests/traps.elf"))
+    r = run_domain(hv, dom)
+    out = r.console.decode()
+    assert r.reason == "poweroff", dom.crash_report
+    assert "FAILURE" not in out, out
+    assert out.rstrip().endswith("Test result: SUCCESS"), out

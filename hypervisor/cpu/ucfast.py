@@ -295,11 +295,15 @@ class CpuEnv:
         uclib.uc_context_save(self._uc._uch, self._ctx)
         return self._err.value & 0xFFFFFFFF
 
-    def software_interrupt(self) -> bool:
-        """Whether the exception being delivered is an int3 or int $N (saves
-        the blob first)."""
+    def take_exception(self) -> tuple[bool, int]:
+        """In an exception hook, with one save of the blob: whether the
+        exception is an int3 / int $N, and its error code; and forget it, so
+        the next one is not a #DF."""
         uclib.uc_context_save(self._uc._uch, self._ctx)
-        return bool(self._is_int.value)
+        taken = bool(self._is_int.value), self._err.value & 0xFFFFFFFF
+        self._old_exc.value = -1
+        uclib.uc_context_restore(self._uc._uch, self._ctx)
+        return taken
 
     def clear_old_exception(self) -> None:
         """Forget the fault a hook just handled, so the next one is not a #DF."""

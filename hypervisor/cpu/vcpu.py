@@ -317,9 +317,9 @@ class Vcpu:
         # asynchronous stop then corrupted guest state (a wrong hashchain digest
         # in about half the runs). Restarting with a fresh emu_start is exact.
         uc.emu_stop()
-        self.env.clear_old_exception()
+        software, err = self.env.take_exception()
         exits = self.exits
-        if self.env.software_interrupt():
+        if software:
             # int3, int $N: RIP is past the instruction
             exits.do_int(self, intno)
         elif intno in (X86_EXC_PF, X86_EXC_DF):
@@ -328,10 +328,9 @@ class Vcpu:
                     and cr2 == self.rip.read()):
                 self.native_call(self, cr2)
                 return
-            err = self.env.fault_error_code()
             exits.inject(self, X86_EXC_PF if intno == X86_EXC_PF else intno, err, cr2)
         elif intno == X86_EXC_GP:
-            exits.do_general_protection(self, self.env.fault_error_code())
+            exits.do_general_protection(self, err)
         else:
             exits.inject(self, intno, None, None)
         exits.return_to_guest(self)

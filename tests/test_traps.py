@@ -194,8 +194,11 @@ def test_no_handler_crashes_the_domain_with_a_report(run_fault, code, what):
 def test_x86_guest_sees_xens_traps(booted):
     """firmware/tests/traps.S checks every rule above from x86 code, and that
     a page mapped without _PAGE_USER still works (pv/mm.h adjust_guest_l1e);
-    its first exception is the #GP of a wrmsr, which Unicorn must not turn
-    into a double fault. Each failing check prints a FAILURE line."""
+    then, from guest user mode, that an int N needs a DPL-3 gate, a #PF has
+    the user bit, nothing privileged is emulated, and the forced-emulation
+    prefix still works. Its first exception is the #GP of a wrmsr, which
+    Unicorn must not turn into a double fault. Each failing check prints a
+    FAILURE line."""
     hv, dom = booted(DomainConfig("traps", 16, 1, FIRMWARE / "tests/traps.elf"))
     r = run_domain(hv, dom)
     out = r.console.decode()

@@ -8,6 +8,9 @@
         .include "hypercall.inc"
 
         .equ FLAT_KERNEL_CS, 0xe033
+        .equ FLAT_USER_CS, 0xe033       # the same selector: RPL 3 in an iret
+        .equ FLAT_USER_SS, 0xe02b       # frame means guest user mode
+        .equ FLAT_KERNEL_SS, 0xe02b
         .equ VEC_PERMITTED, 0x9d        # a gate of DPL 1: kernel mode may int
         .equ VEC_REFUSED, 0x9e          # a gate of DPL 0: #GP at the int
         .equ SELECTOR_IDT, 2
@@ -38,6 +41,10 @@ h_\vec:
         push    %rax
         mov     8(%rsp), %rax
         mov     %rax, ex_rip(%rip)
+        mov     16(%rsp), %rax          # the mode it came from: CS's RPL
+        and     $3, %eax
+        mov     %rax, ex_rpl(%rip)
+        andq    $~3, 16(%rsp)           # resume in guest kernel mode
         mov     ex_resume(%rip), %rax
         mov     %rax, 8(%rsp)
         movq    $0, ex_resume(%rip)
@@ -53,6 +60,25 @@ h_\vec:
         movq    $NO_VECTOR, ex_vector(%rip)
         movq    $NO_VECTOR, ex_error(%rip)
         movq    $0, ex_rip(%rip)
+.endm
+
+# enter_user target: iret to guest user mode at target, on the user stack;
+# the handler of the trap that follows resumes in kernel mode, on that stack,
+# so the resume address restores the kernel's (leave_user)
+.macro enter_user target
+        mov     %rsp, saved_rsp(%rip)
+        push    $FLAT_USER_SS
+        lea     ustack_top(%rip), %rax
+        push    %rax
+        push    $0x202                  # rflags: IF
+        push    $FLAT_USER_CS
+        lea     \target(%rip), %rax
+        push    %rax
+        push    $0                      # iret flags
+        jmp     hypercall_page + HYPERCALL_iret * 32
+.endm
+.macro leave_user
+        mov     saved_rsp(%rip), %rsp
 .endm
 
 # check what, got, want (got: a register or memory operand; want: immediate
@@ -196,6 +222,7 @@ test_main:
         check   s_ud_rip, ex_rip(%rip), %rbx
 
         call    kernel_page
+        call    user_mode
         pop     %r12
         pop     %rbx
         ret
@@ -243,6 +270,71 @@ unexpected:
         call    hypercall_page + HYPERCALL_sched_op * 32
         ud2
 
+# The rules that depend on the guest's mode, from guest user mode: the user L4
+# is the kernel's own (every entry has _PAGE_USER), traps come back to
+# kstack_top (stack_switch).
+user_mode:
+        push    %rbx
+        call    sym_l4_mfn
+        mov     %rax, %rsi
+        mov     $MMUEXT_NEW_USER_BASEPTR, %edi
+        call    mmuext1
+        lea     s_user_baseptr(%rip), %rdi
+        call    expect_zero
+        mov     $FLAT_KERNEL_SS, %edi
+        lea     kstack_top(%rip), %rsi
+        call    hypercall_page + HYPERCALL_stack_switch * 32
+        lea     s_stack_switch(%rip), %rdi
+        call    expect_zero
+
+        # permit_softint: user mode needs a gate of DPL 3
+        arm     1f
+        enter_user 2f
+2:      int     $VEC_PERMITTED
+1:      leave_user
+        check   s_user_int_rpl, ex_rpl(%rip), $3
+        check   s_user_int_vec, ex_vector(%rip), $13
+        check   s_user_int_err, ex_error(%rip), $(VEC_PERMITTED << 3 | SELECTOR_IDT)
+        lea     2b(%rip), %rbx
+        check   s_user_int_rip, ex_rip(%rip), %rbx
+
+        # pv_inject_event: a #PF in user mode has the user bit set
+        arm     1f
+        enter_user 2f
+2:      mov     UNMAPPED, %eax
+1:      leave_user
+        check   s_user_pf_vec, ex_vector(%rip), $14
+        check   s_user_pf_err, ex_error(%rip), $4
+
+        # nothing privileged is emulated in user mode (mode_ring0)
+        arm     1f
+        enter_user 2f
+2:      mov     %cr3, %rax
+1:      leave_user
+        check   s_user_cr3_vec, ex_vector(%rip), $13
+        check   s_user_cr3_err, ex_error(%rip), $0
+
+        # the forced-emulation prefix works in either mode; a ud2 brings it back
+        arm     1f
+        enter_user 2f
+2:      mov     $0x40000000, %eax
+        xor     %ecx, %ecx
+        ud2
+        .ascii  "xen"
+        cpuid
+        ud2
+1:      leave_user
+        check   s_user_fep, %rax, $0x40000005
+        check   s_user_fep_vec, ex_vector(%rip), $6
+
+        xor     %esi, %esi              # no user L4 again
+        mov     $MMUEXT_NEW_USER_BASEPTR, %edi
+        call    mmuext1
+        lea     s_user_baseptr(%rip), %rdi
+        call    expect_zero
+        pop     %rbx
+        ret
+
 # expect(rdi = what, rsi = got, rdx = want)
 expect:
         cmp     %rsi, %rdx
@@ -281,6 +373,13 @@ ex_vector:      .quad 0
 ex_error:       .quad 0
 ex_rip:         .quad 0
 ex_resume:      .quad 0
+ex_rpl:         .quad 0
+saved_rsp:      .quad 0
+        .balign 16
+        .skip   1024
+kstack_top:
+        .skip   1024
+ustack_top:
 # trap_info: vector, flags (DPL in bits 0-1), cs, address; ends with address 0
 trap_table:
         .irp v, 3, 6, 13, 14, VEC_REFUSED
@@ -334,4 +433,16 @@ s_ud_vec:               .asciz "ud2: vector"
 s_ud_rip:               .asciz "ud2: rip"
 s_kernel_map:           .asciz "map a page without _PAGE_USER "
 s_kernel_unmap:         .asciz "map it back "
+s_user_baseptr:         .asciz "MMUEXT_NEW_USER_BASEPTR "
+s_stack_switch:         .asciz "stack_switch "
+s_user_int_rpl:         .asciz "user int through a DPL-1 gate: from user mode"
+s_user_int_vec:         .asciz "user int through a DPL-1 gate: vector"
+s_user_int_err:         .asciz "user int through a DPL-1 gate: error code"
+s_user_int_rip:         .asciz "user int through a DPL-1 gate: rip"
+s_user_pf_vec:          .asciz "user #PF: vector"
+s_user_pf_err:          .asciz "user #PF: error code"
+s_user_cr3_vec:         .asciz "user mov %cr3: vector"
+s_user_cr3_err:         .asciz "user mov %cr3: error code"
+s_user_fep:             .asciz "user forced cpuid 0x40000000: eax"
+s_user_fep_vec:         .asciz "user forced cpuid then ud2: vector"
 s_kernel_page_vec:      .asciz "write through a mapping without _PAGE_USER: vector"

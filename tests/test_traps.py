@@ -205,3 +205,11 @@ def test_x86_guest_sees_xens_traps(booted):
     assert r.reason == "poweroff", dom.crash_report
     assert "FAILURE" not in out, out
     assert out.rstrip().endswith("Test result: SUCCESS"), out
+
+
+def test_int_0x80_with_a_handler_is_delivered_whatever_its_dpl(run_fault):
+    """Xen's gate for 0x80 has DPL 3 and its fast path delivers to a
+    registered handler without looking at the guest's DPL (x86_64/entry.S
+    entry_int80)."""
+    r, seen, _ = run_fault(b"\xcd\x80" + UD2, gates={0x80: 0})
+    assert (seen["vector"], seen["rip"]) == (-1, seen["code"] + 2)

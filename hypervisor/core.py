@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hypervisor import traps
+from hypervisor import emulate, traps
 from hypervisor.cpu.context import get_context, set_context
 from hypervisor.cpu.vcpu import Vcpu
 from hypervisor.devices.bus import MmioBus
@@ -215,6 +215,10 @@ class Hypervisor:
 
     bounce_syscall = staticmethod(traps.bounce_syscall)
     inject = staticmethod(traps.inject)
+    do_int = staticmethod(traps.do_int)
+    do_general_protection = staticmethod(traps.do_general_protection)
+    do_invalid_op = staticmethod(traps.do_invalid_op)
+    cpuid = staticmethod(emulate.cpuid)
 
     def _type_changed(self, domid: int) -> None:
         dom = self.domains.get(domid)

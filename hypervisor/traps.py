@@ -24,7 +24,8 @@ from hypervisor.cpu.vcpu import (
     X86_EXC_PF,
     X86_EXC_UD,
 )
-from hypervisor.mm.walker import GuestFault
+from hypervisor.emulate import emulate_forced_invalid_op, emulate_privileged_op
+from hypervisor.mm.walker import PFEC_USER, GuestFault
 from hypervisor.public.arch_x86 import (
     FLAT_KERNEL_CS64,
     FLAT_KERNEL_SS64,
@@ -45,8 +46,10 @@ from hypervisor.public.arch_x86 import (
 if TYPE_CHECKING:
     from hypervisor.cpu.vcpu import Vcpu
 
-USER_DPL = 3  # int N from the guest needs a gate it may use
+X86_EXC_OF = 4
 SELECTOR_IDT = 2  # error code of a fault on a gate: the selector is an IDT index
+INT_N_SIZE = 2  # int $N (CD ib): the #GP for a refused one is at the int itself
+LEGACY_SYSCALL_VECTOR = 0x80
 _IRET_SIZE = ctypes.sizeof(iret_context)
 # the bounce frame's CS slot carries the saved event mask above the selector
 # (cpu_user_regs.saved_upcall_mask sits 4 bytes into the 8-byte cs slot)
@@ -94,15 +97,15 @@ def create_bounce_frame(vcpu: Vcpu, handler: int, error_code: int | None = None,
     return True
 
 
-def inject(vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
-           software: bool = False) -> None:
-    """Deliver an exception to the guest kernel's trap table entry."""
+def inject(vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None) -> None:
+    """Deliver an exception to the guest kernel's trap table entry
+    (pv/traps.c pv_inject_event)."""
     flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
-    if software and (flags & TI_DPL_MASK) < USER_DPL:
-        # int N needs a gate with DPL 3, or it is a #GP on the gate (vector<<3|2)
-        vector, error_code, cr2 = X86_EXC_GP, (vector << 3) | SELECTOR_IDT, None
-        flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
+    if vector == X86_EXC_PF and error_code is not None:
+        # all guest code runs at CPL3: the user bit must tell the guest's mode
+        error_code = (error_code & ~PFEC_USER) | (0 if vcpu.in_kernel else PFEC_USER)
     if cr2 is not None:
+        vcpu.ctrlreg2 = cr2
         vcpu.domain.shared_info.vcpu_info[vcpu.vcpu_id].arch.cr2 = cr2
     if not addr:
         what = EXCEPTION_NAMES.get(vector, f"exception {vector}")
@@ -113,6 +116,43 @@ def inject(vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
                           f"{vcpu.get_rip():#x}, and no trap handler is registered")
         return
     create_bounce_frame(vcpu, addr, error_code, mask_events=bool(flags & TI_IF))
+
+
+def permit_softint(vcpu: Vcpu, dpl: int) -> bool:
+    """x86_64/regs.h permit_softint: guest kernel mode may use a gate of DPL
+    1 or more, guest user mode only DPL 3."""
+    return dpl >= (1 if vcpu.in_kernel else 3)
+
+
+def do_int(vcpu: Vcpu, vector: int) -> None:
+    """A software interrupt (int3, int $N), RIP already past it. Xen's own
+    gates for #BP and #OF have DPL 3 and inject whatever the guest's gate says
+    (traps.c do_int3); int $0x80 with a handler takes the fast path
+    (x86_64/entry.S entry_int80); any other int $N is a #GP to Xen, which
+    delivers it if the guest's gate permits (do_general_protection) and
+    otherwise passes the #GP on, at the int, naming the gate."""
+    flags, _cs, addr = vcpu.trap_ctxt.get(vector, (0, 0, 0))
+    if vector in (X86_EXC_BP, X86_EXC_OF) or (vector == LEGACY_SYSCALL_VECTOR and addr):
+        inject(vcpu, vector, None, None)
+    elif permit_softint(vcpu, flags & TI_DPL_MASK):
+        inject(vcpu, vector, None, None)
+    else:
+        vcpu.set_rip(vcpu.get_rip() - INT_N_SIZE)
+        inject(vcpu, X86_EXC_GP, (vector << 3) | SELECTOR_IDT, None)
+
+
+def do_general_protection(vcpu: Vcpu, error_code: int) -> None:
+    """traps.c do_general_protection: a #GP(0) may be a privileged instruction
+    Xen carries out for the guest kernel; otherwise the #GP is passed on."""
+    if error_code == 0 and emulate_privileged_op(vcpu):
+        return
+    inject(vcpu, X86_EXC_GP, error_code, None)
+
+
+def do_invalid_op(vcpu: Vcpu) -> None:
+    """traps.c do_invalid_op: the forced-emulation prefix, or a #UD."""
+    if not emulate_forced_invalid_op(vcpu):
+        inject(vcpu, X86_EXC_UD, None, None)
 
 
 def bounce_syscall(vcpu: Vcpu) -> None:

@@ -160,11 +160,12 @@ xsa286:
         call    pfn_va
         cmpq    $0, (%rax)
         jne     8f
-        mov     %rbp, %rdi              # ... and l1t2[0] the new entry
-        call    pfn_va
-        mov     (%rax), %rax
-        cmp     mc_map_val(%rip), %rax
-        jne     8f
+        mov     %rbp, %rdi              # ... and l1t2[0] the new entry, as Xen
+        call    pfn_va                  # adjusts it: a user page gets _PAGE_GLOBAL
+        mov     (%rax), %rax            # (adjust_guest_l1e)
+        xor     mc_map_val(%rip), %rax
+        and     $~_PAGE_GLOBAL, %rax
+        jnz     8f
         dec     %ebx
         jnz     1b
         lea     s_286_ok(%rip), %rdi

@@ -11,11 +11,12 @@ import ctypes
 from typing import TYPE_CHECKING
 
 from unicorn import x86_const
-from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE
+from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE, UC_X86_REG_MSR
 
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.memory import PAGE_SHIFT
 from hypervisor.public.arch_x86 import (
+    MSR_SHADOW_GS_BASE,
     X86_EFLAGS_IF,
     X86_EFLAGS_MBS,
     VGCF_i387_valid,
@@ -55,11 +56,13 @@ def get_context(vcpu: Vcpu) -> vcpu_guest_context:
     ctx.kernel_ss, ctx.kernel_sp = vcpu.kernel_ss, vcpu.kernel_sp
     ctx.ctrlreg[3] = vcpu.guest_table << PAGE_SHIFT
     ctx.ctrlreg[1] = vcpu.guest_table_user << PAGE_SHIFT
+    ctx.ctrlreg[2] = vcpu.ctrlreg2
     ctx.event_callback_eip = vcpu.event_callback
     ctx.failsafe_callback_eip = vcpu.failsafe_callback
     ctx.syscall_callback_eip = vcpu.syscall_callback
     ctx.fs_base = vcpu.uc.reg_read(UC_X86_REG_FS_BASE)
     ctx.gs_base_kernel = vcpu.uc.reg_read(UC_X86_REG_GS_BASE)
+    ctx.gs_base_user = vcpu.uc.reg_read(UC_X86_REG_MSR, MSR_SHADOW_GS_BASE)
     _save_sse(vcpu, ctx)
     return ctx
 
@@ -126,5 +129,7 @@ def set_context(vcpu: Vcpu, raw: bytes, take_refs: bool = True) -> int:
     vcpu.load_cr3(vcpu.current_table)
     vcpu.uc.reg_write(UC_X86_REG_FS_BASE, ctx.fs_base)
     vcpu.uc.reg_write(UC_X86_REG_GS_BASE, ctx.gs_base_kernel)
+    vcpu.uc.reg_write(UC_X86_REG_MSR, (MSR_SHADOW_GS_BASE, ctx.gs_base_user))
+    vcpu.ctrlreg2 = ctx.ctrlreg[2]
     _load_sse(vcpu, ctx)
     return 0

@@ -269,9 +269,10 @@ def _find_dr0_offset(uc: Uc, ctx: ctypes.c_void_p, size: int) -> int:
 class CpuEnv:
     """Access to the private ``CPUX86State`` fields Unicorn leaves out of its API.
 
-    ``env->error_code`` sits 16 bytes before ``dr[0]`` and ``env->old_exception``
-    96 bytes after it in Unicorn 2.1.4's ``CPUX86State`` (measured on that
-    version; ``dr[0]`` itself is found with a marker value).
+    ``env->error_code`` sits 16 bytes before ``dr[0]``, ``env->exception_is_int``
+    12 bytes before it and ``env->old_exception`` 96 bytes after it in Unicorn
+    2.1.4's ``CPUX86State`` (measured on that version; ``dr[0]`` itself is found
+    with a marker value).
     """
 
     def __init__(self, uc: Uc) -> None:
@@ -287,11 +288,22 @@ class CpuEnv:
             _dr0_offset = _find_dr0_offset(uc, self._ctx, alloc)
         self._old_exc = ctypes.c_int32.from_address(self._ctx.value + _dr0_offset + 96)
         self._err = ctypes.c_int32.from_address(self._ctx.value + _dr0_offset - 16)
+        self._is_int = ctypes.c_int32.from_address(self._ctx.value + _dr0_offset - 12)
 
     def fault_error_code(self) -> int:
         """The error code of the exception being delivered (saves the blob first)."""
         uclib.uc_context_save(self._uc._uch, self._ctx)
         return self._err.value & 0xFFFFFFFF
+
+    def take_exception(self) -> tuple[bool, int]:
+        """In an exception hook, with one save of the blob: whether the
+        exception is an int3 / int $N, and its error code; and forget it, so
+        the next one is not a #DF."""
+        uclib.uc_context_save(self._uc._uch, self._ctx)
+        taken = bool(self._is_int.value), self._err.value & 0xFFFFFFFF
+        self._old_exc.value = -1
+        uclib.uc_context_restore(self._uc._uch, self._ctx)
+        return taken
 
     def clear_old_exception(self) -> None:
         """Forget the fault a hook just handled, so the next one is not a #DF."""

@@ -9,8 +9,10 @@ any other way.
 Every way out of guest code lands in a hook here:
 * ``syscall``: a hypercall in kernel mode, a system call bounced to the guest
   kernel in user mode;
-* an exception (UC_HOOK_INTR / invalid opcode): injected into the guest
-  kernel's trap table, or the domain crashes with a report;
+* an exception (UC_HOOK_INTR / invalid opcode): emulated where Xen emulates
+  it, else injected into the guest kernel's trap table, or the domain crashes
+  with a report;
+* ``cpuid``: Xen's hypervisor leaves, or the CPU's own;
 * a fetch from the native text range: the Python guest kernel runs.
 
 What happens next is the hypervisor's business, not the VCPU's: the domain
@@ -38,6 +40,7 @@ from unicorn import (
     UcError,
 )
 from unicorn.x86_const import (
+    UC_X86_INS_CPUID,
     UC_X86_INS_SYSCALL,
     UC_X86_REG_CR0,
     UC_X86_REG_CR2,
@@ -79,7 +82,6 @@ RFLAGS_DEFAULT = X86_EFLAGS_IF | X86_EFLAGS_MBS
 # exception vectors (Xen's X86_EXC_*)
 X86_EXC_DE, X86_EXC_DB, X86_EXC_BP, X86_EXC_UD = 0, 1, 3, 6
 X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
-FIRST_EXTERNAL_VECTOR = 32  # vectors below are exceptions; int N above is software
 
 
 class DeviceBus(Protocol):
@@ -99,8 +101,12 @@ class GuestExits(Protocol):
 
     def hypercall(self, vcpu: Vcpu, nr: int, args: Sequence[int]) -> int | None: ...
     def bounce_syscall(self, vcpu: Vcpu) -> None: ...
-    def inject(self, vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
-               software: bool = False) -> None: ...
+    def inject(self, vcpu: Vcpu, vector: int, error_code: int | None,
+               cr2: int | None) -> None: ...
+    def do_int(self, vcpu: Vcpu, vector: int) -> None: ...
+    def do_general_protection(self, vcpu: Vcpu, error_code: int) -> None: ...
+    def do_invalid_op(self, vcpu: Vcpu) -> None: ...
+    def cpuid(self, vcpu: Vcpu) -> bool: ...
     def return_to_guest(self, vcpu: Vcpu) -> None: ...
 
 
@@ -139,6 +145,7 @@ class Vcpu:
         self.in_kernel = True
         self.guest_table = 0        # kernel L4 mfn
         self.guest_table_user = 0   # user L4 mfn (0: none)
+        self.ctrlreg2 = 0           # the last page-fault address delivered (CR2)
         self.kernel_ss = 0
         self.kernel_sp = 0
         self.ldt_base = 0
@@ -164,10 +171,7 @@ class Vcpu:
         self.on_native: Any = None    # told of each native entry (the tracer uses it)
 
         self._setup_cpu()
-        self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0,
-                                       UC_X86_INS_SYSCALL))
-        self._hooks.append(uc.hook_add(UC_HOOK_INTR, self._on_intr))
-        self._hooks.append(uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid))
+        self._add_hooks()
 
     # --- set-up --------------------------------------------------------------------
 
@@ -176,6 +180,15 @@ class Vcpu:
         uc.reg_write(UC_X86_REG_GDTR, (0, GDT_VA, 0xFFFF, 0))
         uc.reg_write(UC_X86_REG_CR4, uc.reg_read(UC_X86_REG_CR4) | CR4_PAE | CR4_OSFXSR)
         uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE))
+
+    def _add_hooks(self) -> None:
+        uc = self.uc
+        self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0,
+                                       UC_X86_INS_SYSCALL))
+        self._hooks.append(uc.hook_add(UC_HOOK_INTR, self._on_intr))
+        self._hooks.append(uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid))
+        self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0,
+                                       UC_X86_INS_CPUID))
 
     def bind_native(self, begin: int, end: int, callback: Any) -> None:
         """Run ``callback(vcpu, addr)`` whenever the VCPU, in guest kernel mode,
@@ -304,28 +317,33 @@ class Vcpu:
         # asynchronous stop then corrupted guest state (a wrong hashchain digest
         # in about half the runs). Restarting with a fresh emu_start is exact.
         uc.emu_stop()
-        self.env.clear_old_exception()
+        software, err = self.env.take_exception()
         exits = self.exits
-        if intno in (X86_EXC_PF, X86_EXC_DF):
+        if software:
+            # int3, int $N: RIP is past the instruction
+            exits.do_int(self, intno)
+        elif intno in (X86_EXC_PF, X86_EXC_DF):
             cr2 = uc.reg_read(UC_X86_REG_CR2)
             if (self.native_begin <= cr2 < self.native_end and self.in_kernel
                     and cr2 == self.rip.read()):
                 self.native_call(self, cr2)
                 return
-            err = self.env.fault_error_code()
             exits.inject(self, X86_EXC_PF if intno == X86_EXC_PF else intno, err, cr2)
-        elif intno in (X86_EXC_GP,):
-            exits.inject(self, intno, self.env.fault_error_code(), None)
+        elif intno == X86_EXC_GP:
+            exits.do_general_protection(self, err)
         else:
-            software = intno >= FIRST_EXTERNAL_VECTOR or intno == X86_EXC_BP
-            exits.inject(self, intno, None, None, software=software)
+            exits.inject(self, intno, None, None)
         exits.return_to_guest(self)
 
     def _on_invalid(self, uc: Uc, ud: Any) -> bool:
         uc.emu_stop()  # as in _on_intr: the slice ends with the exception
-        self.exits.inject(self, X86_EXC_UD, None, None)
+        self.exits.do_invalid_op(self)
         self.exits.return_to_guest(self)
         return True
+
+    def _on_cpuid(self, uc: Uc, ud: Any) -> int:
+        """1: the hypervisor answered the leaf; 0: the CPU runs it."""
+        return 1 if self.exits.cpuid(self) else 0
 
     # --- device memory ---------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import ctypes
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.frames import PageType
-from hypervisor.mm.pagetable import LEVEL_TYPE, is_guest_l4_slot
+from hypervisor.mm.pagetable import LEVEL_TYPE, adjust_guest_entry, is_guest_l4_slot
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.arch_x86 import _PAGE_ACCESSED, _PAGE_DIRTY, HYPERVISOR_VIRT_START
 from hypervisor.public.errno import EACCES, EFAULT, EINVAL, ENOSYS, EOPNOTSUPP, EPERM, ESRCH
@@ -111,6 +111,7 @@ class Mmu:
             return -EINVAL  # "L4 update in Xen-private area"
         table = self.memory.frame(table_mfn)
         old = int(table[slot])
+        new = adjust_guest_entry(level, new)
         rc = self.types.get_entry(level, new, dom.domid, table_mfn)
         if rc:
             return rc

@@ -12,7 +12,9 @@ memory it does not own. Xen's answer, modelled here:
 * once validated, a pagetable is read-only to the guest; it changes only through
   ``mmu_update``, which validates each new entry the same way;
 * when the last type reference goes, the table is devalidated, dropping the
-  references its entries held.
+  references its entries held;
+* each present entry validated is *adjusted* in place for a 64-bit PV guest,
+  whose code all runs at CPL3: it gets _PAGE_USER (adjust_guest_entry).
 
 Errors are Xen's (negative errno, hypervisor/public/errno.py); the functions
 return 0 or a negative errno as Xen's do.
@@ -28,6 +30,7 @@ from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_GLOBAL,
+    _PAGE_GUEST_KERNEL,
     _PAGE_PRESENT,
     _PAGE_PSE,
     _PAGE_RW,
@@ -45,6 +48,8 @@ _PAGE_AVAIL = 0xE00  # bits 9-11, the software's own
 _L2_ALLOWED = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY | _PAGE_AVAIL
 _L1_ALLOWED = _L2_ALLOWED | _PAGE_GLOBAL
 _U64_FRAME = np.uint64(PTE_FRAME_MASK)
+_U64_USER, _U64_GUEST_KERNEL = np.uint64(_PAGE_USER), np.uint64(_PAGE_GUEST_KERNEL)
+_U64_GLOBAL_USER = np.uint64(_PAGE_GLOBAL | _PAGE_USER)
 
 LEVEL_TYPE = {1: PageType.l1, 2: PageType.l2, 3: PageType.l3, 4: PageType.l4}
 
@@ -62,6 +67,30 @@ def flags_ok(level: int, pte: int) -> bool:
     the frame. Of the high ones, the available bits and NX are all allowed."""
     allowed = _L1_ALLOWED if level == 1 else _L2_ALLOWED
     return not (pte & 0xFFF & ~allowed)
+
+
+def adjust_guest_entry(level: int, pte: int) -> int:
+    """Xen's adjust_guest_l1e..l4e for a 64-bit PV guest (pv/mm.h): a present
+    entry gets _PAGE_USER, since guest kernel and user both run at CPL3. An L1
+    entry made without it is a kernel page, marked _PAGE_GUEST_KERNEL; one made
+    with it is a user page and gets _PAGE_GLOBAL. An L4 entry also gets
+    _PAGE_ACCESSED. The adjusted value is what the table holds."""
+    if not pte & _PAGE_PRESENT:
+        return pte
+    if level == 1:
+        if not pte & _PAGE_USER:
+            pte |= _PAGE_GUEST_KERNEL | _PAGE_USER
+        if not pte & _PAGE_GUEST_KERNEL:
+            pte |= _PAGE_GLOBAL | _PAGE_USER
+        return pte
+    return pte | _PAGE_USER | (_PAGE_ACCESSED if level == 4 else 0)
+
+
+def adjust_guest_l1es(ptes: np.ndarray) -> np.ndarray:
+    """adjust_guest_entry(1, ...) over present L1 entries at once."""
+    ptes = ptes | np.where((ptes & _U64_USER) == 0, _U64_GUEST_KERNEL | _U64_USER,
+                           np.uint64(0))
+    return ptes | np.where((ptes & _U64_GUEST_KERNEL) == 0, _U64_GLOBAL_USER, np.uint64(0))
 
 
 class PageTypes:
@@ -226,6 +255,7 @@ class PageTypes:
                 for s in reversed(done):
                     self.put_entry(level, int(table[s]))
                 return rc
+            table[slot] = adjust_guest_entry(level, pte)
             done.append(slot)
         if level == 4:
             for slot, entry in self.xen_l4_slots.items():
@@ -261,15 +291,18 @@ class PageTypes:
                 ft.type[changed] = PageType.writable
                 ft.validated[rw_mfns] = True
                 np.add.at(ft.type_count, rw_mfns, 1)
+                table[present] = adjust_guest_l1es(ptes)
                 return 0
         # slow path: exact per-entry semantics and error
         done: list[int] = []
         for slot in np.flatnonzero(present).tolist():
-            rc = self.get_entry(1, int(table[slot]), domid, mfn)
+            pte = int(table[slot])
+            rc = self.get_entry(1, pte, domid, mfn)
             if rc:
                 for s in reversed(done):
                     self.put_entry(1, int(table[s]))
                 return rc
+            table[slot] = adjust_guest_entry(1, pte)
             done.append(slot)
         return 0
 
@@ -299,4 +332,5 @@ class PageTypes:
 
 
 __all__ = ["PageTypes", "LEVEL_TYPE", "is_guest_l4_slot", "pte_mfn", "flags_ok",
+           "adjust_guest_entry",
            "_PAGE_PSE"]

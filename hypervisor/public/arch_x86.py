@@ -37,6 +37,14 @@ _PAGE_PAT = 0x080
 _PAGE_GLOBAL = 0x100
 _PAGE_NX = 1 << 63
 PTE_FRAME_MASK = 0x000FFFFFFFFFF000
+# bit 52, one of the available bits: Xen's mark on an L1 entry the guest made
+# without _PAGE_USER (a kernel page; x86_64/page.h)
+_PAGE_GUEST_KERNEL = 1 << 52
+
+# the segment-base MSRs a 64-bit PV kernel reads and writes (Xen emulates them)
+MSR_FS_BASE = 0xC0000100
+MSR_GS_BASE = 0xC0000101
+MSR_SHADOW_GS_BASE = 0xC0000102
 
 X86_EFLAGS_MBS = 1 << 1  # reads as one on every x86
 X86_EFLAGS_TF = 1 << 8

@@ -4,6 +4,7 @@ kernel and checks Xen's exact result and done count."""
 
 from __future__ import annotations
 
+from hypervisor.public.arch_x86 import _PAGE_GLOBAL
 from hypervisor.public.errno import EBUSY, EFAULT, EINVAL, EPERM, ESRCH
 from hypervisor.public.xen import (
     MMU_MACHPHYS_UPDATE,
@@ -16,12 +17,15 @@ from tests.hypercalls.guest import RO, RW, TABLE, run_case
 
 
 def test_l1_update_maps_a_page():
-    """A valid L1 entry is written and takes its references (mod_l1_entry)."""
+    """A valid L1 entry is written and takes its references (mod_l1_entry),
+    adjusted as Xen does: a user page gets _PAGE_GLOBAL (pv/mm.h
+    adjust_guest_l1e; tests/hypercalls/test_pte_adjust.py has the rules)."""
     def case(g):
         pfn, mfn = g.alloc()
         ptr = g.l1e_maddr(g.va(pfn))
         rc = g.mmu_update([(ptr | MMU_NORMAL_PT_UPDATE, (mfn << 12) | RO)])
-        return rc, g.read_entry(ptr >> 12, (ptr & 0xFFF) >> 3) == (mfn << 12) | RO
+        want = (mfn << 12) | RO | _PAGE_GLOBAL
+        return rc, g.read_entry(ptr >> 12, (ptr & 0xFFF) >> 3) == want
     assert run_case(case) == ((0, 1), True)
 
 

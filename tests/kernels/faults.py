@@ -2,7 +2,9 @@
 reports what its trap handler saw (vector, error code, CR2, frame RIP).
 
 ``CODE`` (bytes) is the instruction; ``REGISTER`` says whether to register trap
-handlers first. The handler records into ``SEEN`` and powers off."""
+handlers first; ``GATES`` maps more vectors to the trap table flags (DPL, IF) of
+a handler that records them. The handler records into ``SEEN`` (with the
+registers it found) and powers off."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 CODE = b"\x0f\x0b"  # ud2
 REGISTER = True
 SKIP_GP = 0  # #GPs to step over (handler returns past a 3-byte instruction)
+GATES: dict[int, int] = {}  # vector -> trap_info flags, entered at on_soft
 SEEN: dict[str, int] = {}
+RECORDED = ("rax", "rbx", "rdx")
 
 
 def _data(cpu: Any) -> int:
@@ -30,8 +34,10 @@ def start(cpu: Any) -> int:
     SEEN.clear()
     data = _data(cpu)
     if REGISTER:
-        table = b"".join(struct.pack("<BBHxxxxQ", vec, 0, 0, cpu.native_addr(fn))
-                         for vec, fn in ((6, on_ud), (13, on_gp), (14, on_pf), (3, on_bp)))
+        gates = [(6, 0, on_ud), (13, 0, on_gp), (14, 0, on_pf), (3, 0, on_bp)]
+        gates += [(vec, flags, on_soft) for vec, flags in GATES.items()]
+        table = b"".join(struct.pack("<BBHxxxxQ", vec, flags, 0, cpu.native_addr(fn))
+                         for vec, flags, fn in gates)
         cpu.write(data, table + bytes(16))
         cpu.hypercall(Hypercall.set_trap_table, data)
     code = data + 0x8000
@@ -45,6 +51,7 @@ def _record(cpu: Any, vector: int, has_error: bool) -> TailCall:
     rsp = cpu.reg("rsp")
     words = struct.unpack("<8Q", cpu.read(rsp, 64))
     SEEN["vector"] = vector
+    SEEN.update((name, cpu.reg(name)) for name in RECORDED)
     if has_error:
         SEEN["error_code"], SEEN["rip"] = words[2], words[3]
     else:
@@ -79,5 +86,10 @@ def on_bp(cpu: Any) -> TailCall:
     return _record(cpu, 3, False)
 
 
+def on_soft(cpu: Any) -> TailCall:
+    """A vector of GATES: the handler cannot tell which, so -1."""
+    return _record(cpu, -1, False)
+
+
 def native_entries() -> list[Callable[..., object]]:
-    return [start, on_ud, on_gp, on_pf, on_bp]
+    return [start, on_ud, on_gp, on_pf, on_bp, on_soft]

@@ -1,0 +1,41 @@
+"""The ELF loader reads a guest image as Xen's libelf does
+(xen.git common/libelf/libelf-dominfo.c): notes from PT_NOTE segments, else
+from SHT_NOTE sections (elf_xen_parse); without VIRT_BASE or ENTRY notes,
+virt_base 0 and the ELF header's entry point (elf_xen_addr_calc_check).
+firmware/tests/zero.S is such a guest, linked at virtual address 0."""
+
+from __future__ import annotations
+
+from hypervisor.public.elfnote import XenElfNote
+from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.elfimage import load_image
+from hypervisor.toolstack.session import run_domain
+from tests.conftest import FIRMWARE, GUEST_IMAGE
+
+ZERO_IMAGE = FIRMWARE / "tests/zero.elf"
+
+
+def test_notes_in_a_section_are_read_when_no_segment_holds_them():
+    img = load_image(ZERO_IMAGE)
+    assert img.note_str(XenElfNote.LOADER) == "generic"
+    assert img.hypercall_page == 0x1000
+
+
+def test_without_virt_base_and_entry_notes_libelf_defaults_apply():
+    img = load_image(ZERO_IMAGE)
+    assert XenElfNote.VIRT_BASE not in img.xen_notes
+    assert XenElfNote.ENTRY not in img.xen_notes
+    assert (img.virt_base, img.entry) == (0, 0)  # entry: e_entry, which is 0 here
+
+
+def test_notes_in_segments_still_win():
+    img = load_image(GUEST_IMAGE)
+    assert img.virt_base == 0xFFFFFFFF80000000
+
+
+def test_a_guest_starts_at_virtual_address_zero(booted):
+    """The guest's first instruction is at 0; it asks for a reboot."""
+    cfg = DomainConfig(name="zero", memory=16, vcpus=1, image=ZERO_IMAGE, seed=1)
+    hv, dom = booted(cfg)
+    r = run_domain(hv, dom)
+    assert r.reason == "reboot", (r.why, dom.crash_report)

@@ -80,6 +80,11 @@ RFLAGS_DEFAULT = X86_EFLAGS_IF | X86_EFLAGS_MBS
 X86_EXC_DE, X86_EXC_DB, X86_EXC_BP, X86_EXC_UD = 0, 1, 3, 6
 X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
 FIRST_EXTERNAL_VECTOR = 32  # vectors below are exceptions; int N above is software
+# emu_start's stop address. Unicorn stops at ``until`` before running it, so it
+# must be an address the guest can never execute: a guest may start at
+# virtual address 0 (libelf's default virt_base), but no code runs at a
+# non-canonical address (fetching it is a #GP).
+NEVER_REACHED = 0x8000_0000_0000_0000
 
 
 class DeviceBus(Protocol):
@@ -267,7 +272,7 @@ class Vcpu:
             start = BOOT_STUB_VA
             self.fresh = False
         try:
-            uc.emu_start(start, 0, timeout_us, budget)
+            uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
         except UcError as e:
             self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
         retired = self.counter.retired(budget) if budget else 0

@@ -83,7 +83,9 @@ FIRST_EXTERNAL_VECTOR = 32  # vectors below are exceptions; int N above is softw
 # emu_start's stop address. Unicorn stops at ``until`` before running it, so it
 # must be an address the guest can never execute: a guest may start at
 # virtual address 0 (libelf's default virt_base), but no code runs at a
-# non-canonical address (fetching it is a #GP).
+# non-canonical address (fetching it is a #GP). Unicorn translates
+# ``until - 1`` when emu_start ends, which here is a swallowed #GP that Run
+# clears (else the guest's next #GP or #PF would arrive as a #DF).
 NEVER_REACHED = 0x8000_0000_0000_0000
 
 
@@ -275,6 +277,7 @@ class Vcpu:
             uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
         except UcError as e:
             self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
+        self.env.clear_old_exception()  # Unicorn's own fetch at NEVER_REACHED - 1
         retired = self.counter.retired(budget) if budget else 0
         self._budget = 0
         if self.after_slice is not None:

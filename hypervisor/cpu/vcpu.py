@@ -150,6 +150,7 @@ class Vcpu:
         self.kernel_sp = 0
         self.ldt_base = 0
         self.ldt_ents = 0
+        self.gdt_frames, self.gdt_ents = [], 0  # set_gdt's (frames typed seg_desc)
         self.event_callback = 0
         self.failsafe_callback = 0
         self.syscall_callback = 0

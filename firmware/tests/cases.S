@@ -509,6 +509,1105 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # set_gdt_limits #0: hypercall [2, 0, 7169]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1c01, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        push %rax
+        lea s_set_gdt_limits_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_limits #1: hypercall [2, 0, 1]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        push %rax
+        lea s_set_gdt_limits_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_frame_mapped_writable #0: struct [[('q', 'free_mfn')], 2, 'buf', 1]
+        call sym_free_mfn
+        mov %rax, scratch+0(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_set_gdt_frame_mapped_writable_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_frame_not_owned #0: struct [[('q', 'xen_frame')], 2, 'buf', 1]
+        mov $1, %eax
+        mov %rax, scratch+0(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_set_gdt_frame_not_owned_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_read_only_frame #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_set_gdt_read_only_frame_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_read_only_frame #1: struct [[('q', 'free_mfn')], 2, 'buf', 512]
+        call sym_free_mfn
+        mov %rax, scratch+0(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x200, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_set_gdt_read_only_frame_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_read_only_frame #2: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_set_gdt_read_only_frame_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_read_only_frame #3: hypercall [2, 0, 0]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        push %rax
+        lea s_set_gdt_read_only_frame_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_gdt_read_only_frame #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_set_gdt_read_only_frame_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # sysctl_from_a_guest #0: hypercall [35, 0]
+        movabs $0x0, %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 35 * 32
+        push %rax
+        lea s_sysctl_from_a_guest_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # sysctl_from_a_guest #1: struct [[3, 0], 35, 'buf']
+        movabs $0x3, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 35 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_sysctl_from_a_guest_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # sysctl_from_a_guest #2: struct [[3, 21], 35, 'buf']
+        movabs $0x3, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x15, %rax
+        mov %eax, scratch+4(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 35 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_sysctl_from_a_guest_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # domctl_from_a_guest #0: hypercall [36, 0]
+        movabs $0x0, %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        push %rax
+        lea s_domctl_from_a_guest_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # domctl_from_a_guest #1: struct [[5, 0, 1], 36, 'buf']
+        movabs $0x5, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+8(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_domctl_from_a_guest_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # domctl_from_a_guest #2: struct [[5, 23, 1], 36, 'buf']
+        movabs $0x5, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x17, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+8(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_domctl_from_a_guest_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # domctl_from_a_guest #3: struct [[5, 23, 77], 36, 'buf']
+        movabs $0x5, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x17, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x4d, %rax
+        mov %eax, scratch+8(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_domctl_from_a_guest_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # domctl_from_a_guest #4: struct [[5, 23, 32752], 36, 'buf']
+        movabs $0x5, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x17, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+8(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_domctl_from_a_guest_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # domctl_from_a_guest #5: struct [[1, 23, 77], 36, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x17, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x4d, %rax
+        mov %eax, scratch+8(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_domctl_from_a_guest_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_bad_calls #0: hypercall [20, 99, 0, 1]
+        movabs $0x63, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        push %rax
+        lea s_gnttab_bad_calls_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_bad_calls #1: struct [[32752], 20, 4102, 'buf', 1]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1006, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_bad_calls_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_bad_calls #2: struct [[32752], 20, 6, 'buf', 2]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_bad_calls_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_bad_calls #3: struct [[32752], 20, 6, 'buf', 2147483648]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x80000000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_bad_calls_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_bad_calls #4: hypercall [20, 6, 0, 1]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        push %rax
+        lea s_gnttab_bad_calls_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #0: struct [[32752, 0, 0, 0], 20, 6, 'buf', 1]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_query_size_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #1: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_gnttab_query_size_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #2: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_gnttab_query_size_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #3: word [3]
+        movl scratch+236(%rip), %eax
+        push %rax
+        lea s_gnttab_query_size_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #4: struct [[1, 0, 0, 0], 20, 6, 'buf', 1]
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_query_size_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #5: word [3]
+        movl scratch+236(%rip), %eax
+        push %rax
+        lea s_gnttab_query_size_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #6: struct [[77, 0, 0, 0], 20, 6, 'buf', 1]
+        movabs $0x4d, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_query_size_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_query_size #7: word [3]
+        movl scratch+236(%rip), %eax
+        push %rax
+        lea s_gnttab_query_size_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #0: struct [[32752, 1, 0, 0, ('q', ('add', 'buf', 24))], 20, 2, 'buf', 1]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_setup_table_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #1: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_gnttab_setup_table_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #2: word [6]
+        movl scratch+248(%rip), %eax
+        push %rax
+        lea s_gnttab_setup_table_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #3: struct [[77, 1, 0, 0, ('q', 0)], 20, 2, 'buf', 1]
+        movabs $0x4d, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_setup_table_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #4: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_gnttab_setup_table_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #5: struct [[32752, 65, 0, 0, ('q', 0)], 20, 2, 'buf', 1]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x41, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_setup_table_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #6: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_gnttab_setup_table_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #7: struct [[32752, 1, 0, 0, ('q', 18446603336221196288)], 20, 2, 'buf', 1]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0xffff800000000000, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_setup_table_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_setup_table #8: struct [[32752, 1, 0, 0, ('q', ('add', 'buf', 24))], 20, 2, 'buf', 2]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_setup_table_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #0: struct [[32752, 0], 20, 10, 'buf', 1]
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0xa, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_versions_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #1: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_gnttab_versions_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #2: struct [[2], 20, 8, 'buf', 1]
+        movabs $0x2, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_versions_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #3: word [0]
+        movl scratch+224(%rip), %eax
+        push %rax
+        lea s_gnttab_versions_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #4: struct [[3], 20, 8, 'buf', 1]
+        movabs $0x3, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_versions_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #5: word [0]
+        movl scratch+224(%rip), %eax
+        push %rax
+        lea s_gnttab_versions_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #6: struct [[77, 0], 20, 10, 'buf', 1]
+        movabs $0x4d, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0xa, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_versions_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #7: struct [[1], 20, 8, 'buf', 1]
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_versions_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_versions #8: word [0]
+        movl scratch+224(%rip), %eax
+        push %rax
+        lea s_gnttab_versions_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -539,3 +1638,52 @@ s_map_mmio_0: .asciz "rc map_mmio.0 "
 s_bad_l1_flags_0: .asciz "rc bad_l1_flags.0 "
 s_memory_queries_0: .asciz "rc memory_queries.0 "
 s_memory_queries_1: .asciz "rc memory_queries.1 "
+s_set_gdt_limits_0: .asciz "rc set_gdt_limits.0 "
+s_set_gdt_limits_1: .asciz "rc set_gdt_limits.1 "
+s_set_gdt_frame_mapped_writable_0: .asciz "rc set_gdt_frame_mapped_writable.0 "
+s_set_gdt_frame_not_owned_0: .asciz "rc set_gdt_frame_not_owned.0 "
+s_set_gdt_read_only_frame_0: .asciz "rc set_gdt_read_only_frame.0 "
+s_set_gdt_read_only_frame_1: .asciz "rc set_gdt_read_only_frame.1 "
+s_set_gdt_read_only_frame_2: .asciz "rc set_gdt_read_only_frame.2 "
+s_set_gdt_read_only_frame_3: .asciz "rc set_gdt_read_only_frame.3 "
+s_set_gdt_read_only_frame_4: .asciz "rc set_gdt_read_only_frame.4 "
+s_sysctl_from_a_guest_0: .asciz "rc sysctl_from_a_guest.0 "
+s_sysctl_from_a_guest_1: .asciz "rc sysctl_from_a_guest.1 "
+s_sysctl_from_a_guest_2: .asciz "rc sysctl_from_a_guest.2 "
+s_domctl_from_a_guest_0: .asciz "rc domctl_from_a_guest.0 "
+s_domctl_from_a_guest_1: .asciz "rc domctl_from_a_guest.1 "
+s_domctl_from_a_guest_2: .asciz "rc domctl_from_a_guest.2 "
+s_domctl_from_a_guest_3: .asciz "rc domctl_from_a_guest.3 "
+s_domctl_from_a_guest_4: .asciz "rc domctl_from_a_guest.4 "
+s_domctl_from_a_guest_5: .asciz "rc domctl_from_a_guest.5 "
+s_gnttab_bad_calls_0: .asciz "rc gnttab_bad_calls.0 "
+s_gnttab_bad_calls_1: .asciz "rc gnttab_bad_calls.1 "
+s_gnttab_bad_calls_2: .asciz "rc gnttab_bad_calls.2 "
+s_gnttab_bad_calls_3: .asciz "rc gnttab_bad_calls.3 "
+s_gnttab_bad_calls_4: .asciz "rc gnttab_bad_calls.4 "
+s_gnttab_query_size_0: .asciz "rc gnttab_query_size.0 "
+s_gnttab_query_size_1: .asciz "rc gnttab_query_size.1 "
+s_gnttab_query_size_2: .asciz "rc gnttab_query_size.2 "
+s_gnttab_query_size_3: .asciz "rc gnttab_query_size.3 "
+s_gnttab_query_size_4: .asciz "rc gnttab_query_size.4 "
+s_gnttab_query_size_5: .asciz "rc gnttab_query_size.5 "
+s_gnttab_query_size_6: .asciz "rc gnttab_query_size.6 "
+s_gnttab_query_size_7: .asciz "rc gnttab_query_size.7 "
+s_gnttab_setup_table_0: .asciz "rc gnttab_setup_table.0 "
+s_gnttab_setup_table_1: .asciz "rc gnttab_setup_table.1 "
+s_gnttab_setup_table_2: .asciz "rc gnttab_setup_table.2 "
+s_gnttab_setup_table_3: .asciz "rc gnttab_setup_table.3 "
+s_gnttab_setup_table_4: .asciz "rc gnttab_setup_table.4 "
+s_gnttab_setup_table_5: .asciz "rc gnttab_setup_table.5 "
+s_gnttab_setup_table_6: .asciz "rc gnttab_setup_table.6 "
+s_gnttab_setup_table_7: .asciz "rc gnttab_setup_table.7 "
+s_gnttab_setup_table_8: .asciz "rc gnttab_setup_table.8 "
+s_gnttab_versions_0: .asciz "rc gnttab_versions.0 "
+s_gnttab_versions_1: .asciz "rc gnttab_versions.1 "
+s_gnttab_versions_2: .asciz "rc gnttab_versions.2 "
+s_gnttab_versions_3: .asciz "rc gnttab_versions.3 "
+s_gnttab_versions_4: .asciz "rc gnttab_versions.4 "
+s_gnttab_versions_5: .asciz "rc gnttab_versions.5 "
+s_gnttab_versions_6: .asciz "rc gnttab_versions.6 "
+s_gnttab_versions_7: .asciz "rc gnttab_versions.7 "
+s_gnttab_versions_8: .asciz "rc gnttab_versions.8 "

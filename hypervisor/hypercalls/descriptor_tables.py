@@ -75,6 +75,8 @@ def do_set_gdt(vcpu: Vcpu, frame_list: int, entries: int, *_: int) -> int:
     if entries > FIRST_RESERVED_GDT_ENTRY:
         return -EINVAL
     nr_frames = -(-entries // ENTRIES_PER_FRAME)
+    if nr_frames == 0:
+        return pv_set_gdt(vcpu, [], 0)  # nothing to read: copy_from_guest of 0 bytes
     try:
         frames = list(struct.unpack(f"<{nr_frames}Q",
                                     vcpu.copy_from_guest(frame_list, 8 * nr_frames)))

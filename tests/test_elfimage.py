@@ -6,9 +6,12 @@ firmware/tests/zero.S is such a guest, linked at virtual address 0."""
 
 from __future__ import annotations
 
+import pytest
+
 from hypervisor.public.elfnote import XenElfNote
+from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.config import DomainConfig
-from hypervisor.toolstack.elfimage import load_image
+from hypervisor.toolstack.elfimage import ImageError, load_image
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE, GUEST_IMAGE
 
@@ -39,3 +42,14 @@ def test_a_guest_starts_at_virtual_address_zero(booted):
     hv, dom = booted(cfg)
     r = run_domain(hv, dom)
     assert r.reason == "reboot", (r.why, dom.crash_report)
+
+
+def test_an_entry_outside_the_image_is_refused(tmp_path, booted):
+    """libelf's elf_xen_addr_calc_check: "ELF start or entries are out of bounds"."""
+    bad = tmp_path / "bad-entry.elf"
+    raw = bytearray(ZERO_IMAGE.read_bytes())
+    raw[24:32] = (0x100000).to_bytes(8, "little")  # e_entry, past the image's end
+    bad.write_bytes(bytes(raw))
+    cfg = DomainConfig(name="bad", memory=16, vcpus=1, image=bad, seed=1)
+    with pytest.raises(ImageError, match="out of bounds"):
+        build_domain(booted.bare(32), cfg)

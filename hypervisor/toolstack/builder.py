@@ -200,6 +200,10 @@ def parse_image(image: GuestImage, cfg: DomainConfig) -> bool:
     base = image.virt_base
     if any(s.vaddr < base for s in image.segments):
         raise ImageError(f"{image.path}: a segment lies below VIRT_BASE {base:#x}")
+    kstart = min(s.vaddr for s in image.segments)
+    if not kstart <= image.entry <= image.end:  # libelf's elf_xen_addr_calc_check
+        raise ImageError(f"{image.path}: ELF start or entries are out of bounds (entry "
+                         f"{image.entry:#x}, image {kstart:#x}-{image.end:#x})")
     python_kernel = bool(cfg.kernel) or image.has_python_kernel
     if python_kernel:
         first = next((s.data for s in image.segments if s.vaddr == base), b"")

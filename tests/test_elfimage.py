@@ -53,3 +53,16 @@ def test_an_entry_outside_the_image_is_refused(tmp_path, booted):
     cfg = DomainConfig(name="bad", memory=16, vcpus=1, image=bad, seed=1)
     with pytest.raises(ImageError, match="out of bounds"):
         build_domain(booted.bare(32), cfg)
+
+
+def test_segments_are_placed_by_their_physical_address(tmp_path, booted):
+    """libelf places a segment at p_paddr + VIRT_BASE - PADDR_OFFSET
+    (elf_parse_binary, elf_xen_addr_calc_check); p_vaddr plays no part."""
+    moved = tmp_path / "vaddr-moved.elf"
+    raw = bytearray(ZERO_IMAGE.read_bytes())
+    phdr = int.from_bytes(raw[32:40], "little")  # e_phoff; the first is the PT_LOAD
+    raw[phdr + 16:phdr + 24] = (0x40000).to_bytes(8, "little")  # p_vaddr, not p_paddr
+    moved.write_bytes(bytes(raw))
+    assert load_image(moved).segments[0].vaddr == 0
+    hv, dom = booted(DomainConfig(name="moved", memory=16, vcpus=1, image=moved, seed=1))
+    assert run_domain(hv, dom).reason == "reboot"

@@ -26,6 +26,9 @@ class ImageError(Exception):
 
 @dataclass
 class Segment:
+    """A PT_LOAD segment, at the virtual address libelf gives it: p_paddr +
+    VIRT_BASE - PADDR_OFFSET (elf_xen_addr_calc_check's virt_offset)."""
+
     vaddr: int
     data: bytes
     memsz: int
@@ -55,6 +58,16 @@ class GuestImage:
         if XenElfNote.VIRT_BASE not in self.xen_notes:
             return 0
         return self.note_u64(XenElfNote.VIRT_BASE)
+
+    @property
+    def virt_offset(self) -> int:
+        """VIRT_BASE - PADDR_OFFSET; the offset is 0 without its note (the
+        default for an image with notes), and needs VIRT_BASE (libelf)."""
+        if XenElfNote.PADDR_OFFSET not in self.xen_notes:
+            return self.virt_base
+        if XenElfNote.VIRT_BASE not in self.xen_notes:
+            raise ImageError(f"{self.path}: ELF_PADDR_OFFSET set, VIRT_BASE unset")
+        return (self.virt_base - self.note_u64(XenElfNote.PADDR_OFFSET)) & 0xFFFFFFFFFFFFFFFF
 
     @property
     def entry(self) -> int:
@@ -126,14 +139,16 @@ def load_image(path: str | Path) -> GuestImage:
             if elf.get_machine_arch() != "x64":
                 raise ImageError(f"{p}: not an x86-64 image ({elf.get_machine_arch()})")
             img = GuestImage(p, [], e_entry=elf["e_entry"])
-            for seg in elf.iter_segments():
-                if seg["p_type"] == "PT_LOAD":
-                    img.segments.append(Segment(seg["p_vaddr"], seg.data(), seg["p_memsz"]))
             for name, ntype, desc in read_notes(elf):
                 if name == "Xen":
                     img.xen_notes[ntype] = desc
                 elif name == PVLAB_NOTE_NAME:
                     img.pvlab_notes[ntype] = desc
+            offset = img.virt_offset
+            for seg in elf.iter_segments():
+                if seg["p_type"] == "PT_LOAD":
+                    at = (seg["p_paddr"] + offset) & 0xFFFFFFFFFFFFFFFF
+                    img.segments.append(Segment(at, seg.data(), seg["p_memsz"]))
             symtab = elf.get_section_by_name(".symtab")
             if symtab is not None:
                 for sym in symtab.iter_symbols():

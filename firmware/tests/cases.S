@@ -1608,6 +1608,283 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # gnttab_status_frames #0: struct [[1, 32752, ('q', ('add', 'buf', 24))], 20, 9, 'buf', 1]
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+4(%rip)
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_status_frames_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #1: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_gnttab_status_frames_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #2: struct [[0, 32752, ('q', 0)], 20, 9, 'buf', 1]
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_status_frames_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #3: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_gnttab_status_frames_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #4: struct [[1, 32752, ('q', ('add', 'buf', 24))], 20, 9, 'buf', 2]
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+4(%rip)
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_status_frames_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #5: struct [[2], 20, 8, 'buf', 1]
+        movabs $0x2, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_status_frames_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #6: struct [[1, 32752, ('q', ('add', 'buf', 24))], 20, 9, 'buf', 1]
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+4(%rip)
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_status_frames_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #7: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_gnttab_status_frames_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #8: word [6]
+        movl scratch+248(%rip), %eax
+        push %rax
+        lea s_gnttab_status_frames_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #9: struct [[1, 77, ('q', ('add', 'buf', 24))], 20, 9, 'buf', 1]
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x4d, %rax
+        mov %eax, scratch+4(%rip)
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_status_frames_9(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #10: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_gnttab_status_frames_10(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # gnttab_status_frames #11: struct [[1], 20, 8, 'buf', 1]
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_gnttab_status_frames_11(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -1687,3 +1964,15 @@ s_gnttab_versions_5: .asciz "rc gnttab_versions.5 "
 s_gnttab_versions_6: .asciz "rc gnttab_versions.6 "
 s_gnttab_versions_7: .asciz "rc gnttab_versions.7 "
 s_gnttab_versions_8: .asciz "rc gnttab_versions.8 "
+s_gnttab_status_frames_0: .asciz "rc gnttab_status_frames.0 "
+s_gnttab_status_frames_1: .asciz "rc gnttab_status_frames.1 "
+s_gnttab_status_frames_2: .asciz "rc gnttab_status_frames.2 "
+s_gnttab_status_frames_3: .asciz "rc gnttab_status_frames.3 "
+s_gnttab_status_frames_4: .asciz "rc gnttab_status_frames.4 "
+s_gnttab_status_frames_5: .asciz "rc gnttab_status_frames.5 "
+s_gnttab_status_frames_6: .asciz "rc gnttab_status_frames.6 "
+s_gnttab_status_frames_7: .asciz "rc gnttab_status_frames.7 "
+s_gnttab_status_frames_8: .asciz "rc gnttab_status_frames.8 "
+s_gnttab_status_frames_9: .asciz "rc gnttab_status_frames.9 "
+s_gnttab_status_frames_10: .asciz "rc gnttab_status_frames.10 "
+s_gnttab_status_frames_11: .asciz "rc gnttab_status_frames.11 "

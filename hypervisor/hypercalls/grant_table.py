@@ -1,6 +1,7 @@
 """grant_table_op, as far as a guest needs it at boot (xen/common/grant_table.c):
 GNTTABOP_setup_table (the frames of its own table, which it maps),
-GNTTABOP_query_size, GNTTABOP_set_version and GNTTABOP_get_version.
+GNTTABOP_query_size, GNTTABOP_set_version, GNTTABOP_get_version and
+GNTTABOP_get_status_frames.
 
 A domain's table is hypervisor frames shared with it (as shared_info is),
 made when it first asks (Xen makes INITIAL_NR_GRANT_FRAMES at domain
@@ -29,6 +30,7 @@ from hypervisor.public.grant_table import (
     GNTST_okay,
     GNTST_permission_denied,
     GNTTABOP_cache_flush,
+    GNTTABOP_get_status_frames,
     GNTTABOP_get_version,
     GNTTABOP_query_size,
     GNTTABOP_set_version,
@@ -153,12 +155,39 @@ def _setup(vcpu: Vcpu, op: public.gnttab_setup_table) -> int:
         return GNTST_general_error
     gt = grant_table_of(d)
     _grow(d, gt, op.nr_frames)
-    for i in range(op.nr_frames):
+    return _frames_out(vcpu, op.frame_list, gt.shared[:op.nr_frames])
+
+
+def _frames_out(vcpu: Vcpu, frame_list: int, frames: list[int]) -> int:
+    """The frames' numbers written to the guest's list, one u64 each."""
+    for i, mfn in enumerate(frames):
         try:
-            vcpu.copy_to_guest(op.frame_list + 8 * i, struct.pack("<Q", gt.shared[i]))
+            vcpu.copy_to_guest(frame_list + 8 * i, struct.pack("<Q", mfn))
         except GuestFault:
             return GNTST_bad_virt_addr
     return GNTST_okay
+
+
+def gnttab_get_status_frames(vcpu: Vcpu, uop: int, count: int) -> int:
+    """The v2 status frames (none in v1: asking for any is GNTST_general_error)."""
+    if count != 1:
+        return -EINVAL
+    op = _read(vcpu, uop, public.gnttab_get_status_frames)
+    if op is None:
+        return -EFAULT
+    if not _addr_ok(op.frame_list):
+        return -EFAULT  # guest_handle_okay
+    d = _domain(vcpu, op.dom)
+    if d is None:
+        status = GNTST_bad_domain
+    elif d is not vcpu.domain:
+        status = GNTST_permission_denied  # xsm_grant_setup (XSM_TARGET)
+    elif op.nr_frames > len(grant_table_of(d).status):
+        status = GNTST_general_error
+    else:
+        status = _frames_out(vcpu, op.frame_list, grant_table_of(d).status[:op.nr_frames])
+    offset = public.gnttab_get_status_frames.status.offset
+    return _write_back(vcpu, uop + offset, struct.pack("<h", status))
 
 
 def gnttab_query_size(vcpu: Vcpu, uop: int, count: int) -> int:
@@ -272,4 +301,5 @@ def gnttab_get_version(vcpu: Vcpu, uop: int, count: int) -> int:
 
 
 _OPS = {GNTTABOP_setup_table: gnttab_setup_table, GNTTABOP_query_size: gnttab_query_size,
-        GNTTABOP_set_version: gnttab_set_version, GNTTABOP_get_version: gnttab_get_version}
+        GNTTABOP_set_version: gnttab_set_version, GNTTABOP_get_version: gnttab_get_version,
+        GNTTABOP_get_status_frames: gnttab_get_status_frames}

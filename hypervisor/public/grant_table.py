@@ -59,6 +59,15 @@ class gnttab_query_size(ctypes.LittleEndianStructure):
     ]
 
 
+class gnttab_get_status_frames(ctypes.LittleEndianStructure):
+    _fields_ = [
+        ("nr_frames", ctypes.c_uint32),
+        ("dom", ctypes.c_uint16),
+        ("status", ctypes.c_int16),
+        ("frame_list", ctypes.c_uint64),  # XEN_GUEST_HANDLE(uint64_t)
+    ]
+
+
 class gnttab_get_version(ctypes.LittleEndianStructure):
     _fields_ = [
         ("dom", ctypes.c_uint16),

@@ -12,6 +12,7 @@ from hypervisor.public.grant_table import (
     GNTST_bad_domain,
     GNTST_general_error,
     GNTST_okay,
+    GNTTABOP_get_status_frames,
     GNTTABOP_get_version,
     GNTTABOP_query_size,
     GNTTABOP_set_version,
@@ -116,4 +117,21 @@ CASES: dict[str, list[tuple]] = {
         ("struct", [77, 0], GNTTAB, GNTTABOP_get_version, "buf", 1, -ESRCH),
         ("struct", [1], GNTTAB, GNTTABOP_set_version, "buf", 1, 0),
         ("word", 0, 1)],
+    "gnttab_status_frames": [  # nr_frames, then dom and status in word 1, then frame_list
+        ("struct", [1, DOMID_SELF, ("q", FRAME_LIST)], GNTTAB, GNTTABOP_get_status_frames,
+         "buf", 1, 0),
+        ("word", 1, DOMID_SELF | _status(GNTST_general_error) << 16),  # v1 has none
+        ("struct", [0, DOMID_SELF, ("q", 0)], GNTTAB, GNTTABOP_get_status_frames, "buf", 1, 0),
+        ("word", 1, DOMID_SELF | _status(GNTST_okay) << 16),
+        ("struct", [1, DOMID_SELF, ("q", FRAME_LIST)], GNTTAB, GNTTABOP_get_status_frames,
+         "buf", 2, -EINVAL),
+        ("struct", [2], GNTTAB, GNTTABOP_set_version, "buf", 1, 0),
+        ("struct", [1, DOMID_SELF, ("q", FRAME_LIST)], GNTTAB, GNTTABOP_get_status_frames,
+         "buf", 1, 0),
+        ("word", 1, DOMID_SELF | _status(GNTST_okay) << 16),
+        ("word", 6, ANY),  # the status frame
+        ("struct", [1, 77, ("q", FRAME_LIST)], GNTTAB, GNTTABOP_get_status_frames,
+         "buf", 1, 0),
+        ("word", 1, 77 | _status(GNTST_bad_domain) << 16),
+        ("struct", [1], GNTTAB, GNTTABOP_set_version, "buf", 1, 0)],
 }

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import struct
 
-from hypervisor.public.errno import EINVAL
+from hypervisor.public.errno import EBUSY, EINVAL
 from hypervisor.public.grant_table import (
+    GNTTABOP_get_status_frames,
     GNTTABOP_set_version,
     GNTTABOP_setup_table,
     GTF_permit_access,
@@ -18,7 +19,7 @@ from hypervisor.public.grant_table import (
 )
 from hypervisor.public.xen import DOMID_SELF, Hypercall
 from tests.hypercalls.guest import run_case
-from tests.hypercalls.steps import RW
+from tests.hypercalls.steps import RO, RW
 
 CODE64_DPL0 = 0x00AF9A000000FFFF   # present, S, code, L, DPL 0
 TSS64 = 0x0000890000000067        # present, system, 64-bit TSS: not for a PV guest
@@ -73,3 +74,23 @@ def test_the_grant_table_frame_is_mapped_and_keeps_reserved_entries_across_versi
     assert v2 == (GTF_permit_access, 0, 0, 0x1234)  # GTF_reading went to the status frame
     assert entry0 == struct.pack("<HHI", GTF_permit_access | GTF_reading, 0, 0x1234)
     assert entry8 == bytes(8)  # the rest is cleared
+
+
+def test_a_mapped_status_frame_keeps_the_table_at_version_2():
+    """gnttab_unpopulate_status_frames: -EBUSY while the guest maps one."""
+    def case(g):
+        buf = g.scratch
+
+        def call(op: int, data: bytes) -> int:
+            g.cpu.write(buf, data)
+            return g.cpu.hypercall(Hypercall.grant_table_op, op, buf, 1)
+        assert call(GNTTABOP_set_version, struct.pack("<I", 2)) == 0
+        assert call(GNTTABOP_get_status_frames,
+                    struct.pack("<IHhQ", 1, DOMID_SELF, 0, buf + 64)) == 0
+        status_frame = g.cpu.read_u64(buf + 64)
+        pfn, _ = g.alloc()
+        assert g.update_va_mapping(g.va(pfn), (status_frame << 12) | RO) == 0
+        busy = call(GNTTABOP_set_version, struct.pack("<I", 1))
+        assert g.set_ro(pfn, ro=False) == 0  # its own page again: the status frame unmapped
+        return busy, call(GNTTABOP_set_version, struct.pack("<I", 1))
+    assert run_case(case) == (-EBUSY, 0)

@@ -38,10 +38,10 @@ class Segment:
 class GuestImage:
     path: Path
     segments: list[Segment]
-    e_entry: int = 0
     xen_notes: dict[int, bytes] = field(default_factory=dict)
     pvlab_notes: dict[int, bytes] = field(default_factory=dict)
     symbols: dict[int, str] = field(default_factory=dict)
+    e_entry: int = 0  # the ELF header's entry point (the entry without an ENTRY note)
 
     def note_u64(self, note: int) -> int:
         raw = self.xen_notes.get(note)

@@ -21,7 +21,11 @@ from hypervisor.hypercalls.callback import (
 )
 from hypervisor.hypercalls.console import do_console_io
 from hypervisor.hypercalls.control import do_domctl, do_sysctl
-from hypervisor.hypercalls.descriptor_tables import do_set_gdt, segdesc_validator
+from hypervisor.hypercalls.descriptor_tables import (
+    do_set_gdt,
+    do_update_descriptor,
+    segdesc_validator,
+)
 from hypervisor.hypercalls.evtchn import do_event_channel_op
 from hypervisor.hypercalls.grant_table import do_grant_table_op
 from hypervisor.hypercalls.multicall import do_multicall
@@ -75,6 +79,7 @@ class Hypervisor:
             Hypercall.set_trap_table: do_set_trap_table,
             Hypercall.mmu_update: self.mmu.mmu_update,
             Hypercall.set_gdt: do_set_gdt,
+            Hypercall.update_descriptor: do_update_descriptor,
             Hypercall.stack_switch: do_stack_switch,
             Hypercall.set_callbacks: do_set_callbacks,
             Hypercall.update_va_mapping: self.mmu.update_va_mapping,

@@ -701,6 +701,244 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # update_descriptor #0: hypercall [10, ('add', ('pte', 'free_mfn', 0), 4), 49427445715107839]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x0, %rcx
+        or %rcx, %rax
+        add $4, %rax
+        push %rax
+        movabs $0xaf9a000000ffff, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor #1: hypercall [10, ('pte', 'free_mfn', 0), 150633093005415]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x0, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x890000000067, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor #2: hypercall [10, ('pte', 'xen_frame', 0), 0]
+        mov $1, %eax
+        shl $12, %rax
+        movabs $0x0, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor #3: hypercall [10, ('slot', 'l4_mfn', 300), 0]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor #4: hypercall [10, ('pte', 'free_mfn', 8), 49427445715107839]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x8, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0xaf9a000000ffff, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor #5: hypercall [10, ('pte', 'free_mfn', 8), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x8, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor_of_a_gdt_frame #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_update_descriptor_of_a_gdt_frame_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor_of_a_gdt_frame #1: struct [[('q', 'free_mfn')], 2, 'buf', 512]
+        call sym_free_mfn
+        mov %rax, scratch+0(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        movabs $0x200, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_update_descriptor_of_a_gdt_frame_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor_of_a_gdt_frame #2: hypercall [10, ('pte', 'free_mfn', 16), 49427445715107839]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x10, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0xaf9a000000ffff, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_of_a_gdt_frame_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor_of_a_gdt_frame #3: hypercall [10, ('pte', 'free_mfn', 16), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x10, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        push %rax
+        lea s_update_descriptor_of_a_gdt_frame_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor_of_a_gdt_frame #4: hypercall [2, 0, 0]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        push %rax
+        lea s_update_descriptor_of_a_gdt_frame_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # update_descriptor_of_a_gdt_frame #5: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_update_descriptor_of_a_gdt_frame_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         # sysctl_from_a_guest #0: hypercall [35, 0]
         movabs $0x0, %rax
         push %rax
@@ -1924,6 +2162,18 @@ s_set_gdt_read_only_frame_1: .asciz "rc set_gdt_read_only_frame.1 "
 s_set_gdt_read_only_frame_2: .asciz "rc set_gdt_read_only_frame.2 "
 s_set_gdt_read_only_frame_3: .asciz "rc set_gdt_read_only_frame.3 "
 s_set_gdt_read_only_frame_4: .asciz "rc set_gdt_read_only_frame.4 "
+s_update_descriptor_0: .asciz "rc update_descriptor.0 "
+s_update_descriptor_1: .asciz "rc update_descriptor.1 "
+s_update_descriptor_2: .asciz "rc update_descriptor.2 "
+s_update_descriptor_3: .asciz "rc update_descriptor.3 "
+s_update_descriptor_4: .asciz "rc update_descriptor.4 "
+s_update_descriptor_5: .asciz "rc update_descriptor.5 "
+s_update_descriptor_of_a_gdt_frame_0: .asciz "rc update_descriptor_of_a_gdt_frame.0 "
+s_update_descriptor_of_a_gdt_frame_1: .asciz "rc update_descriptor_of_a_gdt_frame.1 "
+s_update_descriptor_of_a_gdt_frame_2: .asciz "rc update_descriptor_of_a_gdt_frame.2 "
+s_update_descriptor_of_a_gdt_frame_3: .asciz "rc update_descriptor_of_a_gdt_frame.3 "
+s_update_descriptor_of_a_gdt_frame_4: .asciz "rc update_descriptor_of_a_gdt_frame.4 "
+s_update_descriptor_of_a_gdt_frame_5: .asciz "rc update_descriptor_of_a_gdt_frame.5 "
 s_sysctl_from_a_guest_0: .asciz "rc sysctl_from_a_guest.0 "
 s_sysctl_from_a_guest_1: .asciz "rc sysctl_from_a_guest.1 "
 s_sysctl_from_a_guest_2: .asciz "rc sysctl_from_a_guest.2 "

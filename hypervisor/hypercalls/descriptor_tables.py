@@ -1,4 +1,4 @@
-"""set_gdt (xen/arch/x86/pv/descriptor-tables.c, do_set_gdt and pv_set_gdt):
+"""set_gdt and update_descriptor (xen/arch/x86/pv/descriptor-tables.c):
 a PV guest's GDT is up to 14 frames of its own, which hold the type
 PGT_seg_desc_page while they are its GDT. Taking the type checks each
 descriptor (check_descriptor), so a frame still mapped writable anywhere, or
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.frames import PageType
-from hypervisor.mm.memory import MachineMemory
+from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE, MachineMemory
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.arch_x86 import FIRST_RESERVED_GDT_ENTRY, FLAT_KERNEL_CS64
 from hypervisor.public.errno import EFAULT, EINVAL
@@ -102,3 +102,24 @@ def pv_destroy_gdt(vcpu: Vcpu) -> None:
     for mfn in vcpu.gdt_frames:
         vcpu.machine.types.put_page_and_type(mfn)
     vcpu.gdt_frames, vcpu.gdt_ents = [], 0
+
+
+def do_update_descriptor(vcpu: Vcpu, pa: int, desc: int, *_: int) -> int:
+    """One descriptor written at machine address ``pa`` of a frame the guest
+    owns, checked first (check_descriptor); a frame in use as a GDT or LDT
+    takes it in place, any other must be able to take a writable reference
+    (so a pagetable in use is refused): -EINVAL for any failure."""
+    checked = check_descriptor(desc & 0xFFFFFFFF, desc >> 32)
+    if pa % 8 or checked is None:
+        return -EINVAL
+    types, domid, mfn = vcpu.machine.types, vcpu.domain.domid, pa >> PAGE_SHIFT
+    if not types.get_page(mfn, domid):
+        return -EINVAL
+    in_use = PageType(int(types.frames.type[mfn]))
+    ptype = PageType.seg_desc if in_use == PageType.seg_desc else PageType.writable
+    rc = types.get_page_type(mfn, ptype, domid)
+    if rc == 0:
+        vcpu.machine.memory.frame(mfn)[(pa & (PAGE_SIZE - 1)) // 8] = checked[0] | checked[1] << 32
+        types.put_page_type(mfn)
+    types.put_page(mfn)
+    return -EINVAL if rc else 0

@@ -23,6 +23,8 @@ from hypervisor.public.xen import DOMID_SELF, Hypercall
 from tests.hypercalls.steps import ANY, OWN_DOMID, RO, RW
 
 GNTTAB = Hypercall.grant_table_op
+CODE64_DPL0 = 0x00AF9A000000FFFF  # present, S, code, L, DPL 0
+TSS64 = 0x0000890000000067        # a system descriptor a PV guest may not have
 XEN_DOMCTL_getdomaininfo = 5
 XEN_SYSCTL_physinfo = 3
 
@@ -58,6 +60,22 @@ CASES: dict[str, list[tuple]] = {
         ("struct", [("q", "free_mfn")], Hypercall.set_gdt, "buf", 512, 0),
         ("uvm", "free_va", ("pte", "free_mfn", RW), 0, -EBUSY),  # a GDT frame stays read-only
         ("hypercall", Hypercall.set_gdt, 0, 0, 0),  # an empty GDT lets the frame go
+        ("uvm", "free_va", ("pte", "free_mfn", RW), 0, 0)],
+    # pv/descriptor-tables.c do_update_descriptor: pa is a machine address
+    "update_descriptor": [
+        ("hypercall", Hypercall.update_descriptor, ("add", ("pte", "free_mfn", 0), 4),
+         CODE64_DPL0, -EINVAL),  # not 8-byte aligned
+        ("hypercall", Hypercall.update_descriptor, ("pte", "free_mfn", 0), TSS64, -EINVAL),
+        ("hypercall", Hypercall.update_descriptor, ("pte", "xen_frame", 0), 0, -EINVAL),
+        ("hypercall", Hypercall.update_descriptor, ("slot", "l4_mfn", 300), 0, -EINVAL),
+        ("hypercall", Hypercall.update_descriptor, ("pte", "free_mfn", 8), CODE64_DPL0, 0),
+        ("hypercall", Hypercall.update_descriptor, ("pte", "free_mfn", 8), 0, 0)],
+    "update_descriptor_of_a_gdt_frame": [
+        ("uvm", "free_va", ("pte", "free_mfn", RO), 0, 0),
+        ("struct", [("q", "free_mfn")], Hypercall.set_gdt, "buf", 512, 0),
+        ("hypercall", Hypercall.update_descriptor, ("pte", "free_mfn", 16), CODE64_DPL0, 0),
+        ("hypercall", Hypercall.update_descriptor, ("pte", "free_mfn", 16), 0, 0),
+        ("hypercall", Hypercall.set_gdt, 0, 0, 0),
         ("uvm", "free_va", ("pte", "free_mfn", RW), 0, 0)],
     # common/sysctl.c do_sysctl, common/domctl.c do_domctl, xsm/dummy.h
     "sysctl_from_a_guest": [

@@ -94,3 +94,13 @@ def test_a_mapped_status_frame_keeps_the_table_at_version_2():
         assert g.set_ro(pfn, ro=False) == 0  # its own page again: the status frame unmapped
         return busy, call(GNTTABOP_set_version, struct.pack("<I", 1))
     assert run_case(case) == (-EBUSY, 0)
+
+
+def test_update_descriptor_writes_the_checked_descriptor():
+    def case(g):
+        pfn, mfn = g.alloc()
+        rc = g.cpu.hypercall(Hypercall.update_descriptor, (mfn << 12) + 8, CODE64_DPL0)
+        return rc, g.cpu.read_u64(g.va(pfn) + 8)
+    rc, written = run_case(case)
+    assert rc == 0
+    assert written == CODE64_DPL0 | 3 << 45  # DPL raised to the guest kernel's ring

@@ -20,12 +20,20 @@ from hypervisor.hypercalls.callback import (
     do_stack_switch,
 )
 from hypervisor.hypercalls.console import do_console_io
+from hypervisor.hypercalls.control import do_domctl, do_sysctl
+from hypervisor.hypercalls.descriptor_tables import (
+    do_set_gdt,
+    do_update_descriptor,
+    segdesc_validator,
+)
 from hypervisor.hypercalls.evtchn import do_event_channel_op
+from hypervisor.hypercalls.grant_table import do_grant_table_op
 from hypervisor.hypercalls.multicall import do_multicall
 from hypervisor.hypercalls.sched import do_sched_op, do_set_timer_op
 from hypervisor.hypercalls.vcpu import do_vcpu_op
 from hypervisor.hypercalls.version import do_xen_version
 from hypervisor.machine import Machine
+from hypervisor.mm.frames import PageType
 from hypervisor.mm.mmu import Mmu
 from hypervisor.mm.reservation import Reservation
 from hypervisor.native import NativeKernel
@@ -65,10 +73,13 @@ class Hypervisor:
                                    slice_insns, slice_us)
         self.machine.types.on_type_change = self._type_changed
         self.machine.types.iomem_permitted = self._iomem_permitted
+        self.machine.types.validators[PageType.seg_desc] = segdesc_validator(self.machine.memory)
         self.bus = MmioBus()
         self.table: dict[int, Handler] = {
             Hypercall.set_trap_table: do_set_trap_table,
             Hypercall.mmu_update: self.mmu.mmu_update,
+            Hypercall.set_gdt: do_set_gdt,
+            Hypercall.update_descriptor: do_update_descriptor,
             Hypercall.stack_switch: do_stack_switch,
             Hypercall.set_callbacks: do_set_callbacks,
             Hypercall.update_va_mapping: self.mmu.update_va_mapping,
@@ -77,12 +88,15 @@ class Hypervisor:
             Hypercall.set_timer_op: do_set_timer_op,
             Hypercall.xen_version: do_xen_version,
             Hypercall.console_io: do_console_io,
+            Hypercall.grant_table_op: do_grant_table_op,
             Hypercall.iret: traps.do_iret,
             Hypercall.vcpu_op: do_vcpu_op,
             Hypercall.mmuext_op: self.mmu.mmuext_op,
             Hypercall.sched_op: do_sched_op,
             Hypercall.callback_op: do_callback_op,
             Hypercall.event_channel_op: do_event_channel_op,
+            Hypercall.sysctl: do_sysctl,
+            Hypercall.domctl: do_domctl,
         }
         self.hypercall_count = 0
         # the global VIRQs the toolstack bound (VIRQ_DOM_EXC, VIRQ_CON_RING): Xen

@@ -68,6 +68,7 @@ class Domain:
         self.evtchn = EventChannels(self, scheduler.kick)
         self.shared_info_mfn = 0
         self._shared_info: Any = None
+        self.grant_table: Any = None      # made on its first grant_table_op
         self.shutdown_reason: int | None = None
         self.paused = False
         self.crash_report = ""

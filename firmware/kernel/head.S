@@ -107,7 +107,7 @@ kernel_data:
         .quad   VIRT_BASE
         endnote
         note "Xen", XEN_ELFNOTE_PADDR_OFFSET
-        .quad   0
+        .quad   VIRT_BASE   # p_paddr is p_vaddr: libelf loads at p_paddr + VIRT_BASE - PADDR_OFFSET
         endnote
         note "Xen", XEN_ELFNOTE_ENTRY
         .quad   native_text

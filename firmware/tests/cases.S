@@ -3068,6 +3068,1150 @@ e_evtchn_virq_second_vcpu:
         mov $1, %edx
         call check_rc
 e_sched_op:
+        # set_gdt_limits #0: hypercall [2, 0, 7169]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1c01, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        lea s_set_gdt_limits_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # set_gdt_limits #1: hypercall [2, 0, 1]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        lea s_set_gdt_limits_1(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_set_gdt_limits:
+        # set_gdt_frame_mapped_writable #0: mem [2, [('buf', 0), 1], ['free_mfn']]
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        call save_buffer
+        lea s_set_gdt_frame_mapped_writable_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_set_gdt_frame_mapped_writable:
+        # set_gdt_frame_not_owned #0: mem [2, [('buf', 0), 1], ['xen_frame']]
+        mov $1, %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        call save_buffer
+        lea s_set_gdt_frame_not_owned_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_set_gdt_frame_not_owned:
+        # set_gdt_read_only_frame #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_set_gdt_read_only_frame_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # set_gdt_read_only_frame #1: mem [2, [('buf', 0), 512], ['free_mfn']]
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x200, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        call save_buffer
+        lea s_set_gdt_read_only_frame_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # set_gdt_read_only_frame #2: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_set_gdt_read_only_frame_2(%rip), %rdi
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # set_gdt_read_only_frame #3: hypercall [2, 0, 0]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        lea s_set_gdt_read_only_frame_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # set_gdt_read_only_frame #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_set_gdt_read_only_frame_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_set_gdt_read_only_frame:
+        # update_descriptor #0: hypercall [10, ('or', ('pte', 'free_mfn', 0), 4), 49427445715107839]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x0, %rcx
+        or %rcx, %rax
+        movabs $0x4, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0xaf9a000000ffff, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor #1: hypercall [10, ('pte', 'free_mfn', 0), 150633093005415]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x0, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x890000000067, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor #2: hypercall [10, ('pte', 'xen_frame', 0), 0]
+        mov $1, %eax
+        shl $12, %rax
+        movabs $0x0, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor #3: hypercall [10, ('slot', 'l4_mfn', 300), 0]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor #4: hypercall [10, ('pte', 'free_mfn', 8), 49427445715107839]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x8, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0xaf9a000000ffff, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor #5: hypercall [10, ('pte', 'free_mfn', 8), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x8, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_update_descriptor:
+        # update_descriptor_of_a_gdt_frame #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_update_descriptor_of_a_gdt_frame_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor_of_a_gdt_frame #1: mem [2, [('buf', 0), 512], ['free_mfn']]
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x200, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        call save_buffer
+        lea s_update_descriptor_of_a_gdt_frame_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor_of_a_gdt_frame #2: hypercall [10, ('pte', 'free_mfn', 16), 49427445715107839]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x10, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0xaf9a000000ffff, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_of_a_gdt_frame_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor_of_a_gdt_frame #3: hypercall [10, ('pte', 'free_mfn', 16), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x10, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 10 * 32
+        lea s_update_descriptor_of_a_gdt_frame_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor_of_a_gdt_frame #4: hypercall [2, 0, 0]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 2 * 32
+        lea s_update_descriptor_of_a_gdt_frame_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # update_descriptor_of_a_gdt_frame #5: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_update_descriptor_of_a_gdt_frame_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_update_descriptor_of_a_gdt_frame:
+        # sysctl_from_a_guest #0: hypercall [35, 0]
+        movabs $0x0, %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 35 * 32
+        lea s_sysctl_from_a_guest_0(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # sysctl_from_a_guest #1: mem [35, [('buf', 0)], [b'\x03\x00\x00\x00\x00\x00\x00\x00']]
+        movabs $0x3, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 35 * 32
+        call save_buffer
+        lea s_sysctl_from_a_guest_1(%rip), %rdi
+        movabs $0xfffffffffffffff3, %rsi
+        mov $1, %edx
+        call check_rc
+        # sysctl_from_a_guest #2: mem [35, [('buf', 0)], [b'\x03\x00\x00\x00\x15\x00\x00\x00']]
+        movabs $0x1500000003, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 35 * 32
+        call save_buffer
+        lea s_sysctl_from_a_guest_2(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+e_sysctl_from_a_guest:
+        # domctl_from_a_guest #0: hypercall [36, 0]
+        movabs $0x0, %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        lea s_domctl_from_a_guest_0(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # domctl_from_a_guest #1: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00']]
+        movabs $0x5, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        call save_buffer
+        lea s_domctl_from_a_guest_1(%rip), %rdi
+        movabs $0xfffffffffffffff3, %rsi
+        mov $1, %edx
+        call check_rc
+        # domctl_from_a_guest #2: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x17\x00\x00\x00\x01\x00\x00\x00']]
+        movabs $0x1700000005, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        call save_buffer
+        lea s_domctl_from_a_guest_2(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+        # domctl_from_a_guest #3: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x17\x00\x00\x00M\x00\x00\x00']]
+        movabs $0x1700000005, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        call save_buffer
+        lea s_domctl_from_a_guest_3(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # domctl_from_a_guest #4: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x17\x00\x00\x00\xf0\x7f\x00\x00']]
+        movabs $0x1700000005, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        call save_buffer
+        lea s_domctl_from_a_guest_4(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # domctl_from_a_guest #5: mem [36, [('buf', 0)], [b'\x01\x00\x00\x00\x17\x00\x00\x00M\x00\x00\x00']]
+        movabs $0x1700000001, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 36 * 32
+        call save_buffer
+        lea s_domctl_from_a_guest_5(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+e_domctl_from_a_guest:
+        # gnttab_bad_calls #0: hypercall [20, 99, 0, 1]
+        movabs $0x63, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        lea s_gnttab_bad_calls_0(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_bad_calls #1: mem [20, [4102, ('buf', 0), 1], [b'\xf0\x7f\x00\x00']]
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1006, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_bad_calls_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_bad_calls #2: mem [20, [6, ('buf', 0), 2], [b'\xf0\x7f\x00\x00']]
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_bad_calls_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_bad_calls #3: mem [20, [6, ('buf', 0), 2147483648], [b'\xf0\x7f\x00\x00']]
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x80000000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_bad_calls_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_bad_calls #4: hypercall [20, 6, 0, 1]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        lea s_gnttab_bad_calls_4(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_gnttab_bad_calls:
+        # gnttab_query_size #0: mem [20, [6, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00']]
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_query_size_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_query_size #1: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_gnttab_query_size_1(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_query_size #2: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_gnttab_query_size_2(%rip), %rdi
+        movabs $0x40, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_query_size #3: last [12]
+        mov lastbuf+12(%rip), %eax
+        lea s_gnttab_query_size_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_query_size #4: mem [20, [6, ('buf', 0), 1], [b'\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00']]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_query_size_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_query_size #5: last [12]
+        mov lastbuf+12(%rip), %eax
+        lea s_gnttab_query_size_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_query_size #6: mem [20, [6, ('buf', 0), 1], [b'M\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00']]
+        movabs $0x4d, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_query_size_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_query_size #7: last [12]
+        mov lastbuf+12(%rip), %eax
+        lea s_gnttab_query_size_7(%rip), %rdi
+        movabs $0xfffe, %rsi
+        mov $1, %edx
+        call check_rc
+e_gnttab_query_size:
+        # gnttab_setup_table #0: mem [20, [2, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', ('buf', 24)]]
+        movabs $0x100007ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+24(%rip), %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_setup_table_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_setup_table #1: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_gnttab_setup_table_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_setup_table #2: last [24]
+        mov lastbuf+24(%rip), %eax
+        lea s_gnttab_setup_table_2(%rip), %rdi
+        xor %edx, %edx
+        call check_rc
+        # gnttab_setup_table #3: mem [20, [2, ('buf', 0), 1], [b'M\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', 0]]
+        movabs $0x10000004d, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_setup_table_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_setup_table #4: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_gnttab_setup_table_4(%rip), %rdi
+        movabs $0xfffe, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_setup_table #5: mem [20, [2, ('buf', 0), 1], [b'\xf0\x7f\x00\x00A\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', 0]]
+        movabs $0x4100007ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_setup_table_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_setup_table #6: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_gnttab_setup_table_6(%rip), %rdi
+        movabs $0xffff, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_setup_table #7: mem [20, [2, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', 18446603336221196288]]
+        movabs $0x100007ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0xffff800000000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_setup_table_7(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_setup_table #8: mem [20, [2, ('buf', 0), 2], [b'\xf0\x7f\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', ('buf', 24)]]
+        movabs $0x100007ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+24(%rip), %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x2, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_setup_table_8(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_gnttab_setup_table:
+        # gnttab_versions #0: mem [20, [10, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x00\x00\x00\x00']]
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0xa, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_versions_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #1: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_gnttab_versions_1(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #2: mem [20, [8, ('buf', 0), 1], [b'\x02\x00\x00\x00']]
+        movabs $0x2, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_versions_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #3: last [0]
+        mov lastbuf+0(%rip), %eax
+        lea s_gnttab_versions_3(%rip), %rdi
+        movabs $0x2, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #4: mem [20, [8, ('buf', 0), 1], [b'\x03\x00\x00\x00']]
+        movabs $0x3, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_versions_4(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #5: last [0]
+        mov lastbuf+0(%rip), %eax
+        lea s_gnttab_versions_5(%rip), %rdi
+        movabs $0x2, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #6: mem [20, [10, ('buf', 0), 1], [b'M\x00\x00\x00\x00\x00\x00\x00']]
+        movabs $0x4d, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0xa, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_versions_6(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #7: mem [20, [8, ('buf', 0), 1], [b'\x01\x00\x00\x00']]
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_versions_7(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_versions #8: last [0]
+        mov lastbuf+0(%rip), %eax
+        lea s_gnttab_versions_8(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+e_gnttab_versions:
+        # gnttab_status_frames #0: mem [20, [9, ('buf', 0), 1], [b'\x01\x00\x00\x00\xf0\x7f\x00\x00', ('buf', 24)]]
+        movabs $0x7ff000000001, %rax
+        push %rax
+        lea scratch+24(%rip), %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_status_frames_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #1: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_gnttab_status_frames_1(%rip), %rdi
+        movabs $0xffff7ff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #2: mem [20, [9, ('buf', 0), 1], [b'\x00\x00\x00\x00\xf0\x7f\x00\x00', 0]]
+        movabs $0x7ff000000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_status_frames_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #3: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_gnttab_status_frames_3(%rip), %rdi
+        movabs $0x7ff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #4: mem [20, [9, ('buf', 0), 2], [b'\x01\x00\x00\x00\xf0\x7f\x00\x00', ('buf', 24)]]
+        movabs $0x7ff000000001, %rax
+        push %rax
+        lea scratch+24(%rip), %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_status_frames_4(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #5: mem [20, [8, ('buf', 0), 1], [b'\x02\x00\x00\x00']]
+        movabs $0x2, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_status_frames_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #6: mem [20, [9, ('buf', 0), 1], [b'\x01\x00\x00\x00\xf0\x7f\x00\x00', ('buf', 24)]]
+        movabs $0x7ff000000001, %rax
+        push %rax
+        lea scratch+24(%rip), %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_status_frames_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #7: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_gnttab_status_frames_7(%rip), %rdi
+        movabs $0x7ff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #8: last [24]
+        mov lastbuf+24(%rip), %eax
+        lea s_gnttab_status_frames_8(%rip), %rdi
+        xor %edx, %edx
+        call check_rc
+        # gnttab_status_frames #9: mem [20, [9, ('buf', 0), 1], [b'\x01\x00\x00\x00M\x00\x00\x00', ('buf', 24)]]
+        movabs $0x4d00000001, %rax
+        push %rax
+        lea scratch+24(%rip), %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_status_frames_9(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #10: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_gnttab_status_frames_10(%rip), %rdi
+        movabs $0xfffe004d, %rsi
+        mov $1, %edx
+        call check_rc
+        # gnttab_status_frames #11: mem [20, [8, ('buf', 0), 1], [b'\x01\x00\x00\x00']]
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 20 * 32
+        call save_buffer
+        lea s_gnttab_status_frames_11(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_gnttab_status_frames:
         xor %edi, %edi
         jmp xtf_success
 
@@ -3228,3 +4372,76 @@ s_evtchn_virq_second_vcpu_6: .asciz "evtchn_virq_second_vcpu.6"
 s_evtchn_virq_second_vcpu_7: .asciz "evtchn_virq_second_vcpu.7"
 s_sched_op_0: .asciz "sched_op.0"
 s_sched_op_1: .asciz "sched_op.1"
+s_set_gdt_limits_0: .asciz "set_gdt_limits.0"
+s_set_gdt_limits_1: .asciz "set_gdt_limits.1"
+s_set_gdt_frame_mapped_writable_0: .asciz "set_gdt_frame_mapped_writable.0"
+s_set_gdt_frame_not_owned_0: .asciz "set_gdt_frame_not_owned.0"
+s_set_gdt_read_only_frame_0: .asciz "set_gdt_read_only_frame.0"
+s_set_gdt_read_only_frame_1: .asciz "set_gdt_read_only_frame.1"
+s_set_gdt_read_only_frame_2: .asciz "set_gdt_read_only_frame.2"
+s_set_gdt_read_only_frame_3: .asciz "set_gdt_read_only_frame.3"
+s_set_gdt_read_only_frame_4: .asciz "set_gdt_read_only_frame.4"
+s_update_descriptor_0: .asciz "update_descriptor.0"
+s_update_descriptor_1: .asciz "update_descriptor.1"
+s_update_descriptor_2: .asciz "update_descriptor.2"
+s_update_descriptor_3: .asciz "update_descriptor.3"
+s_update_descriptor_4: .asciz "update_descriptor.4"
+s_update_descriptor_5: .asciz "update_descriptor.5"
+s_update_descriptor_of_a_gdt_frame_0: .asciz "update_descriptor_of_a_gdt_frame.0"
+s_update_descriptor_of_a_gdt_frame_1: .asciz "update_descriptor_of_a_gdt_frame.1"
+s_update_descriptor_of_a_gdt_frame_2: .asciz "update_descriptor_of_a_gdt_frame.2"
+s_update_descriptor_of_a_gdt_frame_3: .asciz "update_descriptor_of_a_gdt_frame.3"
+s_update_descriptor_of_a_gdt_frame_4: .asciz "update_descriptor_of_a_gdt_frame.4"
+s_update_descriptor_of_a_gdt_frame_5: .asciz "update_descriptor_of_a_gdt_frame.5"
+s_sysctl_from_a_guest_0: .asciz "sysctl_from_a_guest.0"
+s_sysctl_from_a_guest_1: .asciz "sysctl_from_a_guest.1"
+s_sysctl_from_a_guest_2: .asciz "sysctl_from_a_guest.2"
+s_domctl_from_a_guest_0: .asciz "domctl_from_a_guest.0"
+s_domctl_from_a_guest_1: .asciz "domctl_from_a_guest.1"
+s_domctl_from_a_guest_2: .asciz "domctl_from_a_guest.2"
+s_domctl_from_a_guest_3: .asciz "domctl_from_a_guest.3"
+s_domctl_from_a_guest_4: .asciz "domctl_from_a_guest.4"
+s_domctl_from_a_guest_5: .asciz "domctl_from_a_guest.5"
+s_gnttab_bad_calls_0: .asciz "gnttab_bad_calls.0"
+s_gnttab_bad_calls_1: .asciz "gnttab_bad_calls.1"
+s_gnttab_bad_calls_2: .asciz "gnttab_bad_calls.2"
+s_gnttab_bad_calls_3: .asciz "gnttab_bad_calls.3"
+s_gnttab_bad_calls_4: .asciz "gnttab_bad_calls.4"
+s_gnttab_query_size_0: .asciz "gnttab_query_size.0"
+s_gnttab_query_size_1: .asciz "gnttab_query_size.1"
+s_gnttab_query_size_2: .asciz "gnttab_query_size.2"
+s_gnttab_query_size_3: .asciz "gnttab_query_size.3"
+s_gnttab_query_size_4: .asciz "gnttab_query_size.4"
+s_gnttab_query_size_5: .asciz "gnttab_query_size.5"
+s_gnttab_query_size_6: .asciz "gnttab_query_size.6"
+s_gnttab_query_size_7: .asciz "gnttab_query_size.7"
+s_gnttab_setup_table_0: .asciz "gnttab_setup_table.0"
+s_gnttab_setup_table_1: .asciz "gnttab_setup_table.1"
+s_gnttab_setup_table_2: .asciz "gnttab_setup_table.2"
+s_gnttab_setup_table_3: .asciz "gnttab_setup_table.3"
+s_gnttab_setup_table_4: .asciz "gnttab_setup_table.4"
+s_gnttab_setup_table_5: .asciz "gnttab_setup_table.5"
+s_gnttab_setup_table_6: .asciz "gnttab_setup_table.6"
+s_gnttab_setup_table_7: .asciz "gnttab_setup_table.7"
+s_gnttab_setup_table_8: .asciz "gnttab_setup_table.8"
+s_gnttab_versions_0: .asciz "gnttab_versions.0"
+s_gnttab_versions_1: .asciz "gnttab_versions.1"
+s_gnttab_versions_2: .asciz "gnttab_versions.2"
+s_gnttab_versions_3: .asciz "gnttab_versions.3"
+s_gnttab_versions_4: .asciz "gnttab_versions.4"
+s_gnttab_versions_5: .asciz "gnttab_versions.5"
+s_gnttab_versions_6: .asciz "gnttab_versions.6"
+s_gnttab_versions_7: .asciz "gnttab_versions.7"
+s_gnttab_versions_8: .asciz "gnttab_versions.8"
+s_gnttab_status_frames_0: .asciz "gnttab_status_frames.0"
+s_gnttab_status_frames_1: .asciz "gnttab_status_frames.1"
+s_gnttab_status_frames_2: .asciz "gnttab_status_frames.2"
+s_gnttab_status_frames_3: .asciz "gnttab_status_frames.3"
+s_gnttab_status_frames_4: .asciz "gnttab_status_frames.4"
+s_gnttab_status_frames_5: .asciz "gnttab_status_frames.5"
+s_gnttab_status_frames_6: .asciz "gnttab_status_frames.6"
+s_gnttab_status_frames_7: .asciz "gnttab_status_frames.7"
+s_gnttab_status_frames_8: .asciz "gnttab_status_frames.8"
+s_gnttab_status_frames_9: .asciz "gnttab_status_frames.9"
+s_gnttab_status_frames_10: .asciz "gnttab_status_frames.10"
+s_gnttab_status_frames_11: .asciz "gnttab_status_frames.11"

@@ -451,7 +451,7 @@ mu_buf:         .skip 16
         .quad   VIRT_BASE
         endnote
         note XEN_ELFNOTE_PADDR_OFFSET
-        .quad   0
+        .quad   VIRT_BASE   # p_paddr is p_vaddr: libelf loads at p_paddr + VIRT_BASE - PADDR_OFFSET
         endnote
         note XEN_ELFNOTE_ENTRY
         .quad   _start

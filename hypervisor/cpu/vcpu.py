@@ -82,6 +82,13 @@ RFLAGS_DEFAULT = X86_EFLAGS_IF | X86_EFLAGS_MBS
 # exception vectors (Xen's X86_EXC_*)
 X86_EXC_DE, X86_EXC_DB, X86_EXC_BP, X86_EXC_UD = 0, 1, 3, 6
 X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
+# emu_start's stop address. Unicorn stops at ``until`` before running it, so it
+# must be an address the guest can never execute: a guest may start at
+# virtual address 0 (libelf's default virt_base), but no code runs at a
+# non-canonical address (fetching it is a #GP). Unicorn translates
+# ``until - 1`` when emu_start ends, which here is a swallowed #GP that Run
+# clears (else the guest's next #GP or #PF would arrive as a #DF).
+NEVER_REACHED = 0x8000_0000_0000_0000
 
 
 class DeviceBus(Protocol):
@@ -150,6 +157,7 @@ class Vcpu:
         self.kernel_sp = 0
         self.ldt_base = 0
         self.ldt_ents = 0
+        self.gdt_frames, self.gdt_ents = [], 0  # set_gdt's (frames typed seg_desc)
         self.event_callback = 0
         self.failsafe_callback = 0
         self.syscall_callback = 0
@@ -280,9 +288,10 @@ class Vcpu:
             start = BOOT_STUB_VA
             self.fresh = False
         try:
-            uc.emu_start(start, 0, timeout_us, budget)
+            uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
         except UcError as e:
             self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
+        self.env.clear_old_exception()  # Unicorn's own fetch at NEVER_REACHED - 1
         retired = self.counter.retired(budget) if budget else 0
         self._budget = 0
         if self.after_slice is not None:

@@ -69,7 +69,8 @@ def validated_tables(hv: Audited, io_mfns: list[tuple[int, int, int]] | None = N
 
 
 def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
-    """(ref_count, type_count) as the pagetables, pins and VCPUs imply them."""
+    """(ref_count, type_count) as the pagetables, pins and VCPUs (their L4s and
+    GDT frames) imply them."""
     ft = hv.machine.frames
     refs = np.zeros(ft.nr_frames, dtype=np.int64)
     types = np.zeros(ft.nr_frames, dtype=np.int64)
@@ -86,7 +87,7 @@ def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
     types[pinned] += 1
     for dom in hv.domains.values():
         for v in dom.vcpus:
-            for mfn in (v.guest_table, v.guest_table_user):
+            for mfn in (v.guest_table, v.guest_table_user, *v.gdt_frames):
                 if mfn:
                     refs[mfn] += 1
                     types[mfn] += 1

@@ -41,6 +41,7 @@ class PageType(enum.IntEnum):
     l2 = 2
     l3 = 3
     l4 = 4
+    seg_desc = 5  # a GDT or LDT frame (PGT_seg_desc_page)
     writable = 7
 
 

@@ -22,6 +22,8 @@ return 0 or a negative errno as Xen's do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from hypervisor.mm.frames import DOMID_XEN, FREE, FrameTable, PageType
@@ -108,6 +110,10 @@ class PageTypes:
         # iomem_access_permitted: the toolstack grants ranges with
         # XEN_DOMCTL_iomem_permission); the hypervisor sets it
         self.iomem_permitted = lambda domid, mfn: False
+        # how a frame of a type other than a pagetable is validated when it
+        # takes the type (PGT_seg_desc_page: its descriptors), 0 or -errno;
+        # the module that owns the type registers it
+        self.validators: dict[PageType, Callable[[int, int], int]] = {}
 
     # --- general references --------------------------------------------------------
 
@@ -145,7 +151,8 @@ class PageTypes:
             if ptype in (PageType.none, PageType.writable):
                 ft.validated[mfn] = True
             else:
-                rc = self._promote(mfn, int(ptype), domid)
+                validate = self.validators.get(ptype)
+                rc = validate(mfn, domid) if validate else self._promote(mfn, int(ptype), domid)
                 if rc:
                     ft.type_count[mfn] = count
                     if count == 0:

@@ -21,3 +21,13 @@ PFINFO_LTAB_MASK = 0xF << 28
 TSC_MODE_DEFAULT = 0
 TSC_MODE_ALWAYS_EMULATE = 1
 TSC_MODE_NEVER_EMULATE = 2
+
+# The domctl hypercall's header (struct xen_domctl): cmd, interface_version,
+# domain, then a 128-byte union; the whole is 144 bytes.
+XEN_DOMCTL_INTERFACE_VERSION = 0x00000017
+XEN_DOMCTL_SIZE = 144
+XEN_DOMCTL_createdomain = 1
+XEN_DOMCTL_assign_device = 37
+XEN_DOMCTL_test_assign_device = 45
+XEN_DOMCTL_deassign_device = 47
+XEN_DOMCTL_vm_event_op = 56

@@ -43,6 +43,7 @@ from hypervisor.public.arch_x86 import (
     table_offset,
     vcpu_guest_context,
 )
+from hypervisor.public.elfnote import XenElfNote
 from hypervisor.public.io.virtio import VIRTIO_MMIO_WINDOW
 from hypervisor.public.native import PVLAB_IMAGE_MAGIC, pvlab_image_header
 from hypervisor.public.xen import (
@@ -199,6 +200,10 @@ def parse_image(image: GuestImage, cfg: DomainConfig) -> bool:
     base = image.virt_base
     if any(s.vaddr < base for s in image.segments):
         raise ImageError(f"{image.path}: a segment lies below VIRT_BASE {base:#x}")
+    kstart = min(s.vaddr for s in image.segments)
+    if not kstart <= image.entry <= image.end:  # libelf's elf_xen_addr_calc_check
+        raise ImageError(f"{image.path}: ELF start or entries are out of bounds (entry "
+                         f"{image.entry:#x}, image {kstart:#x}-{image.end:#x})")
     python_kernel = bool(cfg.kernel) or image.has_python_kernel
     if python_kernel:
         first = next((s.data for s in image.segments if s.vaddr == base), b"")
@@ -272,7 +277,10 @@ def setup_p2m_list(xd: DomImage) -> None:
 
 
 def setup_hypercall_page(xd: DomImage) -> None:
-    """The hypercall page, where the image's XEN_ELFNOTE_HYPERCALL_PAGE says."""
+    """The hypercall page, where the image's XEN_ELFNOTE_HYPERCALL_PAGE says;
+    none without the note (xc_dom_build_image)."""
+    if XenElfNote.HYPERCALL_PAGE not in xd.image.xen_notes:
+        return
     pfn = (xd.image.hypercall_page - xd.image.virt_base) >> PAGE_SHIFT
     _write_phys(xd, pfn << PAGE_SHIFT, hypercall_page())
 

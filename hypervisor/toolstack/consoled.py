@@ -29,15 +29,18 @@ class ConsoleBackend:
         return int.from_bytes(self.page[off:off + 4].tobytes(), "little")
 
     def notify(self) -> None:
+        """xenconsoled's buffer_append: take the output and notify the guest
+        (room again: it may wait on it). An empty ring, or indices further
+        apart than the ring is long, is left as it is and not notified: a
+        notification for nothing would wake a guest that waits for the ring
+        to drain, to kick again."""
         cons, prod = self._u32(OUT_CONS_OFF), self._u32(OUT_PROD_OFF)
         n = ring_used(cons, prod)
-        if n > XENCONS_OUT_SIZE:
-            n = XENCONS_OUT_SIZE  # a confused guest: take one ringful, as xenconsoled does
-            cons = (prod - n) & 0xFFFFFFFF
+        if n == 0 or n > XENCONS_OUT_SIZE:
+            return
         data = b"".join(self.page[OUT_OFF + off:OUT_OFF + off + chunk].tobytes()
                         for off, chunk in ring_spans(cons, n, XENCONS_OUT_SIZE))
         self.page[OUT_CONS_OFF:OUT_CONS_OFF + 4] = np.frombuffer(prod.to_bytes(4, "little"),
                                                                   dtype=np.uint8)
-        if data:
-            domctl.console_write(self.dom, data)
-        domctl.evtchn_notify(self.dom, self.port)  # room again: the guest may wait on it
+        domctl.console_write(self.dom, data)
+        domctl.evtchn_notify(self.dom, self.port)

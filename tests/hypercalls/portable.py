@@ -10,7 +10,14 @@ by the guest at run time, the same way on both paths:
 * ``l4_mfn``: the bootstrap L4 (start_info.pt_base through the p2m list);
 * ``xen_frame``: a hypervisor frame (1); ``mmio_frame``: a frame beyond RAM;
 * ``("pte", sym, flags)``: sym << 12 | flags; ``("slot", sym, n)``: the machine
-  address of entry n of the table at mfn sym.
+  address of entry n of the table at mfn sym; ``("add", sym, n)``: sym + n;
+* ``buf``: the guest's argument buffer; ``out0`` .. ``out7``: the 32-bit words
+  the buffer held after the last ``struct`` step (a port it was given).
+
+Step kinds: ``("hypercall", nr, *args, rc)``; ``("struct", fields, nr, *args, rc)``
+writes ``fields`` into ``buf`` first (each a 32-bit word, or ``("q", value)``
+for a 64-bit one), then makes the hypercall; the MMU kinds ``uvm``, ``mmuext``,
+``mmuext_fd``, ``mmu_update`` and ``query`` build their own request.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ from tests.hypercalls.cases_misc import CASES as MISC_CASES
 from tests.hypercalls.cases_mm import CASES as MM_CASES
 from tests.hypercalls.steps import ANY, OWN_DOMID, RO, RW
 
-__all__ = ["ANY", "CASES", "OWN_DOMID", "RO", "RW", "resolve"]
+__all__ = ["ANY", "CASES", "OUT_WORDS", "OWN_DOMID", "RO", "RW", "pack_fields", "resolve"]
+
+OUT_WORDS = 8  # words of the buffer a struct step keeps as out0 .. out7
 
 BASE_CASES: dict[str, list[tuple]] = {
     "unknown_hypercall": [("hypercall", 44, -ENOSYS), ("hypercall", 63, -ENOSYS)],
@@ -92,4 +101,17 @@ def resolve(sym: object, values: dict[str, int]) -> int:
     kind, base, n = sym  # type: ignore[misc]
     if kind == "pte":
         return (resolve(base, values) << 12) | n
+    if kind == "add":
+        return resolve(base, values) + n
     return (resolve(base, values) << 12) + 8 * n
+
+
+def pack_fields(fields: list, values: dict[str, int]) -> bytes:
+    """The bytes a ``struct`` step writes into its buffer."""
+    out = b""
+    for f in fields:
+        if isinstance(f, tuple) and f[0] == "q":
+            out += (resolve(f[1], values) & (2**64 - 1)).to_bytes(8, "little")
+        else:
+            out += (resolve(f, values) & 0xFFFFFFFF).to_bytes(4, "little")
+    return out

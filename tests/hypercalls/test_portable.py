@@ -14,7 +14,7 @@ from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE
 from tests.hypercalls.guest import Guest, run_case
-from tests.hypercalls.portable import ANY, CASES, resolve
+from tests.hypercalls.portable import ANY, CASES, OUT_WORDS, pack_fields, resolve
 from tests.hypercalls.x86gen import generate
 
 
@@ -50,10 +50,14 @@ def run_python() -> dict[str, int]:
     def interpret(g: Guest) -> dict[str, int]:
         free_pfn = g.nr_pages - 1
         values = {"free_pfn": free_pfn, "free_mfn": g.mfn(free_pfn), "free_va": g.va(free_pfn),
-                  "l4_mfn": g.l4_mfn, "xen_frame": 1, "mmio_frame": 1 << 36}
+                  "l4_mfn": g.l4_mfn, "xen_frame": 1, "mmio_frame": 1 << 36,
+                  "buf": g.scratch}
         out = {}
         for name, steps in CASES.items():
             for n, (kind, *args) in enumerate(steps):
+                if kind == "struct":
+                    out[f"{name}.{n}"] = struct_step(g, values, args[0], args[1:-1])
+                    continue
                 a = [resolve(x, values) for x in args[:-1]]
                 if kind == "hypercall":
                     rc = g.cpu.hypercall(a[0], *a[1:])
@@ -71,6 +75,16 @@ def run_python() -> dict[str, int]:
                 out[f"{name}.{n}"] = rc
         return out
     return run_case(interpret)
+
+
+def struct_step(g: Guest, values: dict[str, int], fields: list, call: list) -> int:
+    """Write the fields into the buffer, call, keep the buffer's first words."""
+    g.cpu.write(g.scratch, pack_fields(fields, values))
+    rc = g.cpu.hypercall(*(resolve(x, values) for x in call))
+    words = g.cpu.read(g.scratch, 4 * OUT_WORDS)
+    values.update({f"out{i}": int.from_bytes(words[4 * i:4 * i + 4], "little")
+                   for i in range(OUT_WORDS)})
+    return rc
 
 
 def test_generated_x86_cases_are_up_to_date():

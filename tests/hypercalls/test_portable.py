@@ -58,6 +58,9 @@ def run_python() -> dict[str, int]:
                 if kind == "struct":
                     out[f"{name}.{n}"] = struct_step(g, values, args[0], args[1:-1])
                     continue
+                if kind == "word":
+                    out[f"{name}.{n}"] = values[f"out{args[0]}"]
+                    continue
                 a = [resolve(x, values) for x in args[:-1]]
                 if kind == "hypercall":
                     rc = g.cpu.hypercall(a[0], *a[1:])

@@ -73,6 +73,8 @@ def step(kind: str, args: list) -> list[str]:
         return call(args[0], list(args[1:]))
     if kind == "struct":
         return struct_step(args[0], args[1], list(args[2:]))
+    if kind == "word":
+        return [_SYMBOLS[f"out{args[0]}"]]
     if kind == "uvm":
         return call(Hypercall.update_va_mapping, list(args))
     if kind in ("mmuext", "mmuext_fd"):

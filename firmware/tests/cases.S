@@ -509,6 +509,1102 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # bind_virq_debugger_vcpu1 #0: struct [[6, 1, 0], 32, 1, 'buf']
+        movabs $0x6, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_virq_debugger_vcpu1_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # unmask_port0_and_free_port #0: struct [[0], 32, 9, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_unmask_port0_and_free_port_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # unmask_port0_and_free_port #1: struct [[63], 32, 9, 'buf']
+        movabs $0x3f, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_unmask_port0_and_free_port_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #0: struct [[5000, 99], 32, 8, 'buf']
+        movabs $0x1388, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x63, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #1: struct [[5000, 0], 32, 8, 'buf']
+        movabs $0x1388, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #2: struct [[0, 0], 32, 7, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x7, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #3: struct [['out1', 0], 32, 8, 'buf']
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #4: struct [['out0'], 32, 3, 'buf']
+        movl scratch+224(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #5: struct [[1, 0, 0], 32, 1, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #6: struct [['out2', 0], 32, 8, 'buf']
+        movl scratch+232(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #7: struct [['out0'], 32, 3, 'buf']
+        movl scratch+224(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #8: struct [[12, 0, 0], 32, 1, 'buf']
+        movabs $0xc, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #9: struct [['out2', 0], 32, 8, 'buf']
+        movl scratch+232(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_9(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # bind_vcpu_rules #10: struct [['out0'], 32, 3, 'buf']
+        movl scratch+224(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_bind_vcpu_rules_10(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # alloc_unbound_unknown_domain #0: struct [[2146435149, 0], 32, 6, 'buf']
+        movabs $0x7ff0004d, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_alloc_unbound_unknown_domain_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #0: struct [[32752, 0, 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #1: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_evtchn_status_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #2: struct [[32752, 63, 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3f, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #3: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_evtchn_status_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #4: struct [[32752, 5000, 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1388, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #5: struct [[77, 0, 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x4d, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #6: struct [[0, 0], 32, 7, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x7, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #7: struct [[32752, 'out1', 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #8: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_evtchn_status_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #9: word [3]
+        movl scratch+236(%rip), %eax
+        push %rax
+        lea s_evtchn_status_9(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #10: struct [['out1'], 32, 3, 'buf']
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_10(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #11: struct [[1, 0, 0], 32, 1, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_11(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #12: struct [[32752, 'out2', 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movl scratch+232(%rip), %eax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_12(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #13: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_evtchn_status_13(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #14: word [4]
+        movl scratch+240(%rip), %eax
+        push %rax
+        lea s_evtchn_status_14(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_status #15: struct [['out1'], 32, 3, 'buf']
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_status_15(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #0: struct [[2146467824, 0], 32, 6, 'buf']
+        movabs $0x7ff07ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #1: struct [[32752, 'out1', 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #2: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_evtchn_loopback_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #3: word [4]
+        movl scratch+240(%rip), %eax
+        push %rax
+        lea s_evtchn_loopback_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #4: struct [[32752, 'out1', 0], 32, 0, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #5: struct [[32752, 'out2', 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movl scratch+232(%rip), %eax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #6: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_evtchn_loopback_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #7: word [4]
+        movl scratch+240(%rip), %eax
+        push %rax
+        lea s_evtchn_loopback_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #8: struct [['out1'], 32, 4, 'buf']
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #9: struct [['out1'], 32, 3, 'buf']
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_9(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #10: struct [[32752, 'out5', 0, 0, 0, 0], 32, 5, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movl scratch+244(%rip), %eax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_10(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #11: word [2]
+        movl scratch+232(%rip), %eax
+        push %rax
+        lea s_evtchn_loopback_11(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # evtchn_loopback #12: struct [['out1'], 32, 3, 'buf']
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_evtchn_loopback_12(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -539,3 +1635,47 @@ s_map_mmio_0: .asciz "rc map_mmio.0 "
 s_bad_l1_flags_0: .asciz "rc bad_l1_flags.0 "
 s_memory_queries_0: .asciz "rc memory_queries.0 "
 s_memory_queries_1: .asciz "rc memory_queries.1 "
+s_bind_virq_debugger_vcpu1_0: .asciz "rc bind_virq_debugger_vcpu1.0 "
+s_unmask_port0_and_free_port_0: .asciz "rc unmask_port0_and_free_port.0 "
+s_unmask_port0_and_free_port_1: .asciz "rc unmask_port0_and_free_port.1 "
+s_bind_vcpu_rules_0: .asciz "rc bind_vcpu_rules.0 "
+s_bind_vcpu_rules_1: .asciz "rc bind_vcpu_rules.1 "
+s_bind_vcpu_rules_2: .asciz "rc bind_vcpu_rules.2 "
+s_bind_vcpu_rules_3: .asciz "rc bind_vcpu_rules.3 "
+s_bind_vcpu_rules_4: .asciz "rc bind_vcpu_rules.4 "
+s_bind_vcpu_rules_5: .asciz "rc bind_vcpu_rules.5 "
+s_bind_vcpu_rules_6: .asciz "rc bind_vcpu_rules.6 "
+s_bind_vcpu_rules_7: .asciz "rc bind_vcpu_rules.7 "
+s_bind_vcpu_rules_8: .asciz "rc bind_vcpu_rules.8 "
+s_bind_vcpu_rules_9: .asciz "rc bind_vcpu_rules.9 "
+s_bind_vcpu_rules_10: .asciz "rc bind_vcpu_rules.10 "
+s_alloc_unbound_unknown_domain_0: .asciz "rc alloc_unbound_unknown_domain.0 "
+s_evtchn_status_0: .asciz "rc evtchn_status.0 "
+s_evtchn_status_1: .asciz "rc evtchn_status.1 "
+s_evtchn_status_2: .asciz "rc evtchn_status.2 "
+s_evtchn_status_3: .asciz "rc evtchn_status.3 "
+s_evtchn_status_4: .asciz "rc evtchn_status.4 "
+s_evtchn_status_5: .asciz "rc evtchn_status.5 "
+s_evtchn_status_6: .asciz "rc evtchn_status.6 "
+s_evtchn_status_7: .asciz "rc evtchn_status.7 "
+s_evtchn_status_8: .asciz "rc evtchn_status.8 "
+s_evtchn_status_9: .asciz "rc evtchn_status.9 "
+s_evtchn_status_10: .asciz "rc evtchn_status.10 "
+s_evtchn_status_11: .asciz "rc evtchn_status.11 "
+s_evtchn_status_12: .asciz "rc evtchn_status.12 "
+s_evtchn_status_13: .asciz "rc evtchn_status.13 "
+s_evtchn_status_14: .asciz "rc evtchn_status.14 "
+s_evtchn_status_15: .asciz "rc evtchn_status.15 "
+s_evtchn_loopback_0: .asciz "rc evtchn_loopback.0 "
+s_evtchn_loopback_1: .asciz "rc evtchn_loopback.1 "
+s_evtchn_loopback_2: .asciz "rc evtchn_loopback.2 "
+s_evtchn_loopback_3: .asciz "rc evtchn_loopback.3 "
+s_evtchn_loopback_4: .asciz "rc evtchn_loopback.4 "
+s_evtchn_loopback_5: .asciz "rc evtchn_loopback.5 "
+s_evtchn_loopback_6: .asciz "rc evtchn_loopback.6 "
+s_evtchn_loopback_7: .asciz "rc evtchn_loopback.7 "
+s_evtchn_loopback_8: .asciz "rc evtchn_loopback.8 "
+s_evtchn_loopback_9: .asciz "rc evtchn_loopback.9 "
+s_evtchn_loopback_10: .asciz "rc evtchn_loopback.10 "
+s_evtchn_loopback_11: .asciz "rc evtchn_loopback.11 "
+s_evtchn_loopback_12: .asciz "rc evtchn_loopback.12 "

@@ -17,8 +17,9 @@ by the guest at run time, the same way on both paths:
 Step kinds: ``("hypercall", nr, *args, rc)``; ``("struct", fields, nr, *args, rc)``
 writes ``fields`` into ``buf`` first (each a 32-bit word, or ``("q", value)``
 for a 64-bit one), then makes the hypercall; ``("word", i, value)`` gives the
-word ``out<i>`` the last struct step left (a field Xen wrote back); the MMU kinds ``uvm``, ``mmuext``,
-``mmuext_fd``, ``mmu_update`` and ``query`` build their own request.
+word ``out<i>`` the last struct step left (a field Xen wrote back); the MMU
+kinds ``uvm``, ``mmuext``, ``mmuext_fd``, ``mmu_update`` and ``query`` build
+their own request.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from hypervisor.hypercalls.multicall import do_multicall
 from hypervisor.hypercalls.sched import do_sched_op, do_set_timer_op
 from hypervisor.hypercalls.vcpu import do_vcpu_op
 from hypervisor.hypercalls.version import do_xen_version
+from hypervisor.hypercalls.vm_assist import do_vm_assist
 from hypervisor.machine import Machine
 from hypervisor.mm.mmu import Mmu
 from hypervisor.mm.reservation import Reservation
@@ -76,6 +77,7 @@ class Hypervisor:
             Hypercall.memory_op: self.reservation.memory_op,
             Hypercall.set_timer_op: do_set_timer_op,
             Hypercall.xen_version: do_xen_version,
+            Hypercall.vm_assist: do_vm_assist,
             Hypercall.console_io: do_console_io,
             Hypercall.iret: traps.do_iret,
             Hypercall.vcpu_op: do_vcpu_op,

@@ -69,6 +69,8 @@ class Domain:
         self.shared_info_mfn = 0
         self._shared_info: Any = None
         self.shutdown_reason: int | None = None
+        self.vm_assist = 0                 # VMASST_TYPE_* bits (do_vm_assist)
+        self.handle = bytes(16)            # the toolstack's UUID (xen_domain_handle_t)
         self.paused = False
         self.crash_report = ""
         self.console_out = bytearray()     # everything written to its console

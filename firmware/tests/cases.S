@@ -1605,6 +1605,744 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # callback_register #0: struct [[0, 0, ('q', 9223372036854775808)], 30, 0, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x8000000000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_register_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_register #1: struct [[3, 0, ('q', 18446607734267707392)], 30, 0, 'buf']
+        movabs $0x3, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0xffff840000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_register_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_register #2: struct [[7, 0, ('q', 18446607734267707392)], 30, 0, 'buf']
+        movabs $0x7, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0xffff840000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_register_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_register #3: struct [[5, 0, ('q', 18446607734267707392)], 30, 0, 'buf']
+        movabs $0x5, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0xffff840000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_register_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_nmi #0: struct [[4, 0, ('q', 18446607734267707392)], 30, 0, 'buf']
+        movabs $0x4, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0xffff840000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_nmi_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_nmi #1: struct [[4, 0, ('q', 0)], 30, 1, 'buf']
+        movabs $0x4, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_nmi_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_nmi #2: struct [[0, 0, ('q', 0)], 30, 1, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_nmi_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_nmi #3: struct [[6, 0, ('q', 0)], 30, 1, 'buf']
+        movabs $0x6, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_callback_nmi_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # callback_unknown_command #0: hypercall [30, 7, 4096]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        push %rax
+        lea s_callback_unknown_command_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # trap_table_noncanonical #0: struct [[3761438920, 0, ('q', 9223372036854775808), 0, 0, 0, 0], 0, 'buf']
+        movabs $0xe03300c8, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x8000000000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+16(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+20(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+24(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+28(%rip)
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 0 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_trap_table_noncanonical_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #0: hypercall [17, 7, 'buf']
+        movabs $0x7, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #1: struct [[0, 0], 17, 6, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_xen_version_subops_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #2: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_xen_version_subops_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #3: struct [[1, 0], 17, 6, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_xen_version_subops_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #4: hypercall [17, 6, 4096]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #5: hypercall [17, 8, 'buf']
+        movabs $0x8, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #6: struct [[0], 17, 9, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_xen_version_subops_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #7: word [0]
+        movl scratch+224(%rip), %eax
+        push %rax
+        lea s_xen_version_subops_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #8: hypercall [17, 10, 'buf']
+        movabs $0xa, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #9: hypercall [17, 1, 'free_va']
+        movabs $0x1, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_9(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #10: hypercall [17, 2, 'free_va']
+        movabs $0x2, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_10(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #11: hypercall [17, 3, 'free_va']
+        movabs $0x3, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_11(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #12: hypercall [17, 4, 'free_va']
+        movabs $0x4, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_12(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #13: struct [[0, 0], 17, 5, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_xen_version_subops_13(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #14: word [0]
+        movl scratch+224(%rip), %eax
+        push %rax
+        lea s_xen_version_subops_14(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #15: word [1]
+        movl scratch+228(%rip), %eax
+        push %rax
+        lea s_xen_version_subops_15(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #16: hypercall [17, 1, 4096]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_16(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # xen_version_subops #17: hypercall [17, 11, 0]
+        movabs $0xb, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        push %rax
+        lea s_xen_version_subops_17(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # console_io_domu #0: hypercall [18, 0, 0, 'buf']
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        push %rax
+        lea s_console_io_domu_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # console_io_domu #1: hypercall [18, 1, 16, 'buf']
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x10, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        push %rax
+        lea s_console_io_domu_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # console_io_domu #2: hypercall [18, 7, 0, 0]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        push %rax
+        lea s_console_io_domu_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vm_assist #0: hypercall [21, 0, 2]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        push %rax
+        lea s_vm_assist_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vm_assist #1: hypercall [21, 1, 2]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        push %rax
+        lea s_vm_assist_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vm_assist #2: hypercall [21, 0, 31]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1f, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        push %rax
+        lea s_vm_assist_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vm_assist #3: hypercall [21, 0, 64]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x40, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        push %rax
+        lea s_vm_assist_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vm_assist #4: hypercall [21, 5, 32]
+        movabs $0x5, %rax
+        push %rax
+        movabs $0x20, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        push %rax
+        lea s_vm_assist_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -1679,3 +2417,39 @@ s_evtchn_loopback_9: .asciz "rc evtchn_loopback.9 "
 s_evtchn_loopback_10: .asciz "rc evtchn_loopback.10 "
 s_evtchn_loopback_11: .asciz "rc evtchn_loopback.11 "
 s_evtchn_loopback_12: .asciz "rc evtchn_loopback.12 "
+s_callback_register_0: .asciz "rc callback_register.0 "
+s_callback_register_1: .asciz "rc callback_register.1 "
+s_callback_register_2: .asciz "rc callback_register.2 "
+s_callback_register_3: .asciz "rc callback_register.3 "
+s_callback_nmi_0: .asciz "rc callback_nmi.0 "
+s_callback_nmi_1: .asciz "rc callback_nmi.1 "
+s_callback_nmi_2: .asciz "rc callback_nmi.2 "
+s_callback_nmi_3: .asciz "rc callback_nmi.3 "
+s_callback_unknown_command_0: .asciz "rc callback_unknown_command.0 "
+s_trap_table_noncanonical_0: .asciz "rc trap_table_noncanonical.0 "
+s_xen_version_subops_0: .asciz "rc xen_version_subops.0 "
+s_xen_version_subops_1: .asciz "rc xen_version_subops.1 "
+s_xen_version_subops_2: .asciz "rc xen_version_subops.2 "
+s_xen_version_subops_3: .asciz "rc xen_version_subops.3 "
+s_xen_version_subops_4: .asciz "rc xen_version_subops.4 "
+s_xen_version_subops_5: .asciz "rc xen_version_subops.5 "
+s_xen_version_subops_6: .asciz "rc xen_version_subops.6 "
+s_xen_version_subops_7: .asciz "rc xen_version_subops.7 "
+s_xen_version_subops_8: .asciz "rc xen_version_subops.8 "
+s_xen_version_subops_9: .asciz "rc xen_version_subops.9 "
+s_xen_version_subops_10: .asciz "rc xen_version_subops.10 "
+s_xen_version_subops_11: .asciz "rc xen_version_subops.11 "
+s_xen_version_subops_12: .asciz "rc xen_version_subops.12 "
+s_xen_version_subops_13: .asciz "rc xen_version_subops.13 "
+s_xen_version_subops_14: .asciz "rc xen_version_subops.14 "
+s_xen_version_subops_15: .asciz "rc xen_version_subops.15 "
+s_xen_version_subops_16: .asciz "rc xen_version_subops.16 "
+s_xen_version_subops_17: .asciz "rc xen_version_subops.17 "
+s_console_io_domu_0: .asciz "rc console_io_domu.0 "
+s_console_io_domu_1: .asciz "rc console_io_domu.1 "
+s_console_io_domu_2: .asciz "rc console_io_domu.2 "
+s_vm_assist_0: .asciz "rc vm_assist.0 "
+s_vm_assist_1: .asciz "rc vm_assist.1 "
+s_vm_assist_2: .asciz "rc vm_assist.2 "
+s_vm_assist_3: .asciz "rc vm_assist.3 "
+s_vm_assist_4: .asciz "rc vm_assist.4 "

@@ -109,6 +109,10 @@ class Vcpu:
     the PV state Xen keeps per vcpu (mode, L4s, callbacks, trap table, kernel
     stack, timer) lives here and is what a context record carries."""
 
+    # compat entry points a 64-bit guest never takes: (address, masks events)
+    syscall32_callback: tuple[int, bool] = (0, False)
+    sysenter_callback: tuple[int, bool] = (0, False)
+
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
         self.exits: GuestExits = domain.exits

@@ -25,6 +25,12 @@ PFEC_WRITE = 2
 PFEC_USER = 4
 
 
+
+def is_canonical_address(addr: int) -> bool:
+    """Bits 63..47 all equal (Xen's is_canonical_address, 48-bit addresses)."""
+    top = addr >> 47
+    return top == 0 or top == (1 << 17) - 1
+
 class GuestFault(Exception):
     """A guest virtual address could not be accessed: what a #PF would report."""
 

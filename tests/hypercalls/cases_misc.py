@@ -5,7 +5,17 @@ constants are in tests/hypercalls/steps.py."""
 
 from __future__ import annotations
 
-from hypervisor.public.errno import EINVAL, ENOENT, ESRCH
+from hypervisor.public.arch_x86 import FLAT_KERNEL_CS64, HYPERVISOR_VIRT_START
+from hypervisor.public.callback import (
+    CALLBACKOP_register,
+    CALLBACKOP_unregister,
+    CALLBACKTYPE_event,
+    CALLBACKTYPE_nmi,
+    CALLBACKTYPE_syscall32,
+    CALLBACKTYPE_sysenter,
+    CALLBACKTYPE_sysenter_deprecated,
+)
+from hypervisor.public.errno import EFAULT, EINVAL, ENOENT, ENOSYS, EPERM, ESRCH
 from hypervisor.public.event_channel import (
     EVTCHNOP_alloc_unbound,
     EVTCHNOP_bind_interdomain,
@@ -22,12 +32,38 @@ from hypervisor.public.event_channel import (
     EVTCHNSTAT_unbound,
     EVTCHNSTAT_virq,
 )
+from hypervisor.public.version import (
+    XENFEAT_direct_mapped,
+    XENFEAT_dm_msix_all_writes,
+    XENFEAT_gnttab_map_avail_bits,
+    XENFEAT_highmem_assist,
+    XENFEAT_memory_op_vnode_supported,
+    XENFEAT_mmu_pt_update_preserve_ad,
+    XENFEAT_runstate_phys_area,
+    XENFEAT_vcpu_time_phys_area,
+)
 from hypervisor.public.xen import (
     DOMID_SELF,
     VIRQ_DEBUG,
     VIRQ_DEBUGGER,
     VIRQ_ENOMEM,
+    CONSOLEIO_read,
+    CONSOLEIO_write,
     Hypercall,
+    VMASST_CMD_disable,
+    VMASST_CMD_enable,
+    VMASST_TYPE_m2p_strict,
+    VMASST_TYPE_writable_pagetables,
+    XENVER_build_id,
+    XENVER_capabilities,
+    XENVER_changeset,
+    XENVER_commandline,
+    XENVER_compile_info,
+    XENVER_extraversion,
+    XENVER_get_features,
+    XENVER_guest_handle,
+    XENVER_pagesize,
+    XENVER_platform_parameters,
 )
 from tests.hypercalls.steps import OWN_DOMID
 
@@ -98,3 +134,81 @@ EVTCHN_CASES: dict[str, list[tuple]] = {
 }
 
 CASES: dict[str, list[tuple]] = {**EVTCHN_CASES}
+
+NONCANONICAL = 1 << 63
+CANONICAL = 0xFFFF_8400_0000_0000  # the address matters only for its form
+# what XENVER_get_features submap 0 gives a 64-bit PV domU on Xen 4.19
+# (common/kernel.c do_xen_version): not translated, so direct mapped
+PV_FEATURES = sum(1 << b for b in (
+    XENFEAT_memory_op_vnode_supported, XENFEAT_vcpu_time_phys_area,
+    XENFEAT_runstate_phys_area, XENFEAT_mmu_pt_update_preserve_ad, XENFEAT_highmem_assist,
+    XENFEAT_gnttab_map_avail_bits, XENFEAT_dm_msix_all_writes, XENFEAT_direct_mapped))
+DENIED = int.from_bytes(b"<den", "little")  # the first word of "<denied>"
+
+
+def callback(cmd: int, cb_type: int, address: int, rc: int) -> tuple:
+    """struct callback_register {type, flags; address} (callback_unregister
+    is its first word)."""
+    return ("struct", [cb_type, 0, ("q", address)], Hypercall.callback_op, cmd, "buf", rc)
+
+
+def xen_version(cmd: int, arg: object, rc: int) -> tuple:
+    return ("hypercall", Hypercall.xen_version, cmd, arg, rc)
+
+
+MISC_CASES: dict[str, list[tuple]] = {
+    # arch/x86/pv/callback.c register_guest_callback: the address must be
+    # canonical whatever the type; unknown types -ENOSYS; syscall32 and sysenter
+    # are accepted (a 64-bit guest never takes them)
+    "callback_register": [
+        callback(CALLBACKOP_register, CALLBACKTYPE_event, NONCANONICAL, -EINVAL),
+        callback(CALLBACKOP_register, CALLBACKTYPE_sysenter_deprecated, CANONICAL, -ENOSYS),
+        callback(CALLBACKOP_register, CALLBACKTYPE_syscall32, CANONICAL, 0),
+        callback(CALLBACKOP_register, CALLBACKTYPE_sysenter, CANONICAL, 0)],
+    # unregister_guest_callback: only the NMI callback can be unregistered
+    "callback_nmi": [callback(CALLBACKOP_register, CALLBACKTYPE_nmi, CANONICAL, 0),
+                     callback(CALLBACKOP_unregister, CALLBACKTYPE_nmi, 0, 0),
+                     callback(CALLBACKOP_unregister, CALLBACKTYPE_event, 0, -EINVAL),
+                     callback(CALLBACKOP_unregister, 6, 0, -ENOSYS)],
+    # do_callback_op: an unknown command never reads its argument
+    "callback_unknown_command": [("hypercall", Hypercall.callback_op, 7, 0x1000, -ENOSYS)],
+    # do_set_trap_table: a handler must be canonical
+    "trap_table_noncanonical": [("struct", [200 | FLAT_KERNEL_CS64 << 16, 0, ("q", NONCANONICAL),
+                                            0, 0, 0, 0], Hypercall.set_trap_table, "buf", -EINVAL)],
+    # common/kernel.c do_xen_version, with the dummy XSM policy's answers for a domU
+    "xen_version_subops": [
+        xen_version(XENVER_pagesize, "buf", -EINVAL),
+        ("struct", [0, 0], Hypercall.xen_version, XENVER_get_features, "buf", 0),
+        ("word", 1, PV_FEATURES),
+        ("struct", [1, 0], Hypercall.xen_version, XENVER_get_features, "buf", -EINVAL),
+        xen_version(XENVER_get_features, 0x1000, -EFAULT),
+        xen_version(XENVER_guest_handle, "buf", 0),
+        ("struct", [0], Hypercall.xen_version, XENVER_commandline, "buf", 0),
+        ("word", 0, DENIED),
+        xen_version(XENVER_build_id, "buf", -EPERM),
+        xen_version(XENVER_extraversion, "free_va", 0),
+        xen_version(XENVER_compile_info, "free_va", 0),
+        xen_version(XENVER_capabilities, "free_va", 0),
+        xen_version(XENVER_changeset, "free_va", 0),
+        ("struct", [0, 0], Hypercall.xen_version, XENVER_platform_parameters, "buf", 0),
+        ("word", 0, HYPERVISOR_VIRT_START & 0xFFFFFFFF),
+        ("word", 1, HYPERVISOR_VIRT_START >> 32),
+        xen_version(XENVER_extraversion, 0x1000, -EFAULT),
+        xen_version(11, 0, -ENOSYS)],
+    # drivers/char/console.c do_console_io with xsm_console_io (include/xsm/dummy.h)
+    # of a debug build (CONFIG_VERBOSE_DEBUG): a domU may write, nothing else
+    "console_io_domu": [("hypercall", Hypercall.console_io, CONSOLEIO_write, 0, "buf", 0),
+                        ("hypercall", Hypercall.console_io, CONSOLEIO_read, 16, "buf", -EPERM),
+                        ("hypercall", Hypercall.console_io, 7, 0, 0, -EPERM)],
+    # common/domain.c do_vm_assist: a type valid for 64-bit PV, else -EINVAL;
+    # an unknown command -ENOSYS
+    "vm_assist": [("hypercall", Hypercall.vm_assist, VMASST_CMD_enable,
+                   VMASST_TYPE_writable_pagetables, 0),
+                  ("hypercall", Hypercall.vm_assist, VMASST_CMD_disable,
+                   VMASST_TYPE_writable_pagetables, 0),
+                  ("hypercall", Hypercall.vm_assist, VMASST_CMD_enable, 31, -EINVAL),
+                  ("hypercall", Hypercall.vm_assist, VMASST_CMD_enable, 64, -EINVAL),
+                  ("hypercall", Hypercall.vm_assist, 5, VMASST_TYPE_m2p_strict, -ENOSYS)],
+}
+
+CASES.update(MISC_CASES)

@@ -103,9 +103,14 @@ class EventChannels:
         while len(self.ports) <= port:
             self.ports += [Port() for _ in range(EVTCHNS_PER_BUCKET)]
 
-    def _valid(self, port: int) -> bool:
+    def valid(self, port: int) -> bool:
         """Xen's port_is_valid: within the allocated buckets."""
         return 0 <= port < len(self.ports)
+
+    _valid = valid
+
+    def is_pending(self, port: int) -> bool:
+        return self._test(self.domain.shared_info.evtchn_pending, port)
 
     def bind_virq(self, virq: int, vcpu: int) -> int:
         if vcpu >= len(self.domain.vcpus):
@@ -261,19 +266,27 @@ class EventChannels:
         words[w] &= ~(1 << b) & 0xFFFFFFFFFFFFFFFF  # type: ignore[index]
 
     def set_pending(self, port: int) -> None:
+        """evtchn_2l_set_pending: the selector bit and the upcall unless the
+        port is masked; a VCPU polling for the port wakes even if it is."""
         shinfo = self.domain.shared_info
         if self._test_and_set(shinfo.evtchn_pending, port):
             return
-        if self._test(shinfo.evtchn_mask, port):
-            return
-        vcpu = self.domain.vcpus[self.ports[port].vcpu]
-        vi = shinfo.vcpu_info[vcpu.vcpu_id]
-        sel = vi.evtchn_pending_sel
-        w = port // BITS_PER_WORD
-        if sel >> w & 1:
-            return
-        vi.evtchn_pending_sel = sel | (1 << w)
-        self.mark_events_pending(vcpu)
+        if not self._test(shinfo.evtchn_mask, port):
+            vcpu = self.domain.vcpus[self.ports[port].vcpu]
+            vi = shinfo.vcpu_info[vcpu.vcpu_id]
+            sel = vi.evtchn_pending_sel
+            w = port // BITS_PER_WORD
+            if not sel >> w & 1:
+                vi.evtchn_pending_sel = sel | (1 << w)
+                self.mark_events_pending(vcpu)
+        self.check_pollers(port)
+
+    def check_pollers(self, port: int) -> None:
+        """evtchn_check_pollers: wake each VCPU polling for this port, or for
+        any (a poll of other than one port)."""
+        for v in self.domain.vcpus:
+            if v.poll_evtchn and (v.poll_evtchn < 0 or v.poll_evtchn == port):
+                self.kick(v)
 
     def mark_events_pending(self, vcpu: Any) -> None:
         vi = self.domain.shared_info.vcpu_info[vcpu.vcpu_id]

@@ -47,6 +47,28 @@ def fire_timer(vcpu: Vcpu) -> None:
     vcpu.domain.evtchn.send_virq(vcpu.vcpu_id, VIRQ_TIMER)
 
 
+def end_poll(vcpu: Vcpu) -> None:
+    """The VCPU leaves SCHEDOP_poll (an event, or the poll's timeout)."""
+    vcpu.poll_evtchn = 0
+    vcpu.poll_deadline = 0
+
+
+def next_wake(vcpu: Vcpu) -> int:
+    """The system time of the VCPU's next timer (0: none): its one-shot
+    timer, or the timeout of the poll it is blocked in."""
+    return min((t for t in (vcpu.timer_deadline, vcpu.poll_deadline) if t), default=0)
+
+
+def fire_timers(vcpu: Vcpu, now: int) -> None:
+    """Every timer of the VCPU due at ``now``: the one-shot timer sends
+    VIRQ_TIMER; a poll's timeout wakes it (Xen's poll_timer_fn)."""
+    if vcpu.timer_deadline and vcpu.timer_deadline <= now:
+        fire_timer(vcpu)
+    if vcpu.poll_deadline and vcpu.poll_deadline <= now:
+        end_poll(vcpu)
+        vcpu.blocked = False
+
+
 class Scheduler:
     def __init__(self, domains: dict[int, Domain], return_to_guest: Callable[[Vcpu], None],
                  clock: str, slice_insns: int, slice_us: int) -> None:
@@ -112,11 +134,12 @@ class Scheduler:
         vcpu_unblock), at the time of whoever sent it."""
         if vcpu.blocked:
             vcpu.blocked = False
+            end_poll(vcpu)
             vcpu.clock = max(vcpu.clock, self.now())
 
     def no_progress(self, online: list[Vcpu]) -> str:
         """Why nothing can change any more, or "" (the rule is above)."""
-        if self.timers or any(v.timer_deadline for v in online):
+        if self.timers or any(next_wake(v) for v in online):
             return ""
         blocked = sum(v.blocked for v in online)
         spinning = sum(not v.blocked and v.idle_yields >= SPIN_YIELDS for v in online)
@@ -146,20 +169,20 @@ class Scheduler:
             if self.stalled:
                 return
             runnable = [v for v in online if not v.blocked]
-            sleepers = [v for v in online if v.blocked and v.timer_deadline]
+            sleepers = [v for v in online if v.blocked and next_wake(v)]
             if self.deterministic:
                 v = min(runnable, key=lambda x: x.clock) if runnable else None
-                wake = min(sleepers, key=lambda x: x.timer_deadline) if sleepers else None
+                wake = min(sleepers, key=next_wake) if sleepers else None
                 if self.timers:
                     due = self.timers[0][0]
                     if ((v is None or due <= v.clock)
-                            and (wake is None or due <= wake.timer_deadline)
+                            and (wake is None or due <= next_wake(wake))
                             and (until_ns is None or due < until_ns)):
                         self._fire_timer()
                         continue
-                if wake is not None and (v is None or wake.timer_deadline <= v.clock):
-                    wake.clock = max(wake.clock, wake.timer_deadline)
-                    fire_timer(wake)
+                if wake is not None and (v is None or next_wake(wake) <= v.clock):
+                    wake.clock = max(wake.clock, next_wake(wake))
+                    fire_timers(wake, wake.clock)
                     continue
                 if v is None:
                     self.idle_until(until_ns or 0)  # a host timer wakes them after
@@ -171,11 +194,10 @@ class Scheduler:
                 while self.timers and self.timers[0][0] <= now:
                     self._fire_timer()
                 for s in sleepers:
-                    if s.timer_deadline <= now:
-                        fire_timer(s)
+                    fire_timers(s, now)
                 runnable = [x for x in online if not x.blocked]
                 if not runnable:
-                    wakes = [s.timer_deadline for s in sleepers] + [t[0] for t in self.timers[:1]]
+                    wakes = [next_wake(s) for s in sleepers] + [t[0] for t in self.timers[:1]]
                     if not wakes:
                         return
                     nxt = min(wakes)
@@ -189,8 +211,7 @@ class Scheduler:
             self.run_slice(v)
 
     def run_slice(self, v: Vcpu) -> None:
-        if v.timer_deadline and v.clock >= v.timer_deadline:
-            fire_timer(v)
+        fire_timers(v, v.clock)
         v.domain.update_time(v)
         self.return_to_guest(v)
         if not v.domain.is_running or v.blocked or not v.online:

@@ -2343,6 +2343,531 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # shutdown_code #0: struct [[0], 29, 5, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_shutdown_code_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # shutdown_code #1: hypercall [29, 5, 4096]
+        movabs $0x5, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        push %rax
+        lea s_shutdown_code_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # poll_checks #0: struct [[('q', ('add', 'buf', 24)), 200, 0, ('q', 0)], 29, 3, 'buf']
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0xc8, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_poll_checks_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # poll_checks #1: struct [[('q', 18446603336221196288), 1, 0, ('q', 0)], 29, 3, 'buf']
+        movabs $0xffff800000000000, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_poll_checks_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # poll_checks #2: struct [[('q', ('add', 'buf', 24)), 1, 0, ('q', 0), 5000], 29, 3, 'buf']
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x1388, %rax
+        mov %eax, scratch+24(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_poll_checks_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # poll_checks #3: struct [[0, 0], 32, 7, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x7, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_poll_checks_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # poll_checks #4: struct [['out1'], 32, 4, 'buf']
+        movl scratch+228(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_poll_checks_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # poll_checks #5: struct [[('q', ('add', 'buf', 24)), 1, 0, ('q', 0), 'out0'], 29, 3, 'buf']
+        lea scratch(%rip), %rax
+        add $24, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+12(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movl scratch+224(%rip), %eax
+        mov %eax, scratch+24(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_poll_checks_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # poll_checks #6: struct [['out6'], 32, 3, 'buf']
+        movl scratch+248(%rip), %eax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_poll_checks_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # remote_shutdown #0: struct [[77, 0], 29, 4, 'buf']
+        movabs $0x4d, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_remote_shutdown_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # remote_shutdown #1: struct [[32752, 0], 29, 4, 'buf']
+        movabs $0x7ff0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_remote_shutdown_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # remote_shutdown #2: struct [[1, 0], 29, 4, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_remote_shutdown_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # watchdog #0: struct [[0, 30], 29, 6, 'buf']
+        movabs $0x0, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x1e, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_watchdog_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # watchdog #1: struct [[1, 60], 29, 6, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x3c, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_watchdog_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # watchdog #2: struct [[2, 0], 29, 6, 'buf']
+        movabs $0x2, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_watchdog_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # watchdog #3: struct [[3, 0], 29, 6, 'buf']
+        movabs $0x3, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_watchdog_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # watchdog #4: struct [[1, 0], 29, 6, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_watchdog_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # watchdog #5: struct [[1, 0], 29, 6, 'buf']
+        movabs $0x1, %rax
+        mov %eax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+4(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_watchdog_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_override #0: hypercall [29, 7, 4096]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        push %rax
+        lea s_pin_override_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -2453,3 +2978,22 @@ s_vm_assist_1: .asciz "rc vm_assist.1 "
 s_vm_assist_2: .asciz "rc vm_assist.2 "
 s_vm_assist_3: .asciz "rc vm_assist.3 "
 s_vm_assist_4: .asciz "rc vm_assist.4 "
+s_shutdown_code_0: .asciz "rc shutdown_code.0 "
+s_shutdown_code_1: .asciz "rc shutdown_code.1 "
+s_poll_checks_0: .asciz "rc poll_checks.0 "
+s_poll_checks_1: .asciz "rc poll_checks.1 "
+s_poll_checks_2: .asciz "rc poll_checks.2 "
+s_poll_checks_3: .asciz "rc poll_checks.3 "
+s_poll_checks_4: .asciz "rc poll_checks.4 "
+s_poll_checks_5: .asciz "rc poll_checks.5 "
+s_poll_checks_6: .asciz "rc poll_checks.6 "
+s_remote_shutdown_0: .asciz "rc remote_shutdown.0 "
+s_remote_shutdown_1: .asciz "rc remote_shutdown.1 "
+s_remote_shutdown_2: .asciz "rc remote_shutdown.2 "
+s_watchdog_0: .asciz "rc watchdog.0 "
+s_watchdog_1: .asciz "rc watchdog.1 "
+s_watchdog_2: .asciz "rc watchdog.2 "
+s_watchdog_3: .asciz "rc watchdog.3 "
+s_watchdog_4: .asciz "rc watchdog.4 "
+s_watchdog_5: .asciz "rc watchdog.5 "
+s_pin_override_0: .asciz "rc pin_override.0 "

@@ -112,6 +112,10 @@ class Vcpu:
     # compat entry points a 64-bit guest never takes: (address, masks events)
     syscall32_callback: tuple[int, bool] = (0, False)
     sysenter_callback: tuple[int, bool] = (0, False)
+    # SCHEDOP_poll while blocked in it: the port polled for (-1: any), and the
+    # system time it ends at (0: none)
+    poll_evtchn = 0
+    poll_deadline = 0
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain

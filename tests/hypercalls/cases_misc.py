@@ -32,6 +32,14 @@ from hypervisor.public.event_channel import (
     EVTCHNSTAT_unbound,
     EVTCHNSTAT_virq,
 )
+from hypervisor.public.sched import (
+    SCHEDOP_pin_override,
+    SCHEDOP_poll,
+    SCHEDOP_remote_shutdown,
+    SCHEDOP_shutdown_code,
+    SCHEDOP_watchdog,
+    SHUTDOWN_poweroff,
+)
 from hypervisor.public.version import (
     XENFEAT_direct_mapped,
     XENFEAT_dm_msix_all_writes,
@@ -212,3 +220,48 @@ MISC_CASES: dict[str, list[tuple]] = {
 }
 
 CASES.update(MISC_CASES)
+
+
+def sched(cmd: int, fields: list, rc: int) -> tuple:
+    return ("struct", fields, Hypercall.sched_op, cmd, "buf", rc)
+
+
+def poll(nr_ports: int, ports: list, rc: int, where: object = ("add", "buf", 24)) -> tuple:
+    """struct sched_poll {ports; nr_ports; timeout} with the port list after it
+    in the buffer (at buf + 24, word 6). A poll that would block is not
+    portable: these end at once."""
+    return sched(SCHEDOP_poll, [("q", where), nr_ports, 0, ("q", 0), *ports], rc)
+
+
+SCHED_CASES: dict[str, list[tuple]] = {
+    # common/sched/core.c SCHEDOP_shutdown_code: any reason is stored (the
+    # case stores poweroff, what this guest ends with: the first code stays)
+    "shutdown_code": [sched(SCHEDOP_shutdown_code, [SHUTDOWN_poweroff], 0),
+                      ("hypercall", Hypercall.sched_op, SCHEDOP_shutdown_code, 0x1000, -EFAULT)],
+    # do_poll: more than 128 ports; a list in Xen's range (guest_handle_okay);
+    # a bad port; a pending port ends the poll at once
+    "poll_checks": [
+        poll(200, [], -EINVAL),
+        poll(1, [], -EFAULT, where=HYPERVISOR_VIRT_START),
+        poll(1, [BAD_PORT], -EINVAL),
+        evtchn(EVTCHNOP_bind_ipi, [0, 0], 0),
+        evtchn(EVTCHNOP_send, ["out1"], 0),
+        poll(1, ["out0"], 0), close("out6")],
+    # SCHEDOP_remote_shutdown: rcu_lock_domain_by_id (no DOMID_SELF), then the
+    # dummy XSM policy's XSM_DM_PRIV: a domU may not, itself included
+    "remote_shutdown": [sched(SCHEDOP_remote_shutdown, [77, SHUTDOWN_poweroff], -ESRCH),
+                        sched(SCHEDOP_remote_shutdown, [DOMID_SELF, SHUTDOWN_poweroff], -ESRCH),
+                        sched(SCHEDOP_remote_shutdown, [OWN_DOMID, SHUTDOWN_poweroff], -EPERM)],
+    # domain_watchdog: id 0 arms a free timer and returns its id + 1; timeout 0
+    # disarms; an id above the two timers, or one not armed, -EINVAL
+    "watchdog": [sched(SCHEDOP_watchdog, [0, 30], 1),
+                 sched(SCHEDOP_watchdog, [1, 60], 0),
+                 sched(SCHEDOP_watchdog, [2, 0], -EINVAL),
+                 sched(SCHEDOP_watchdog, [3, 0], -EINVAL),
+                 sched(SCHEDOP_watchdog, [1, 0], 0),
+                 sched(SCHEDOP_watchdog, [1, 0], -EINVAL)],
+    # SCHEDOP_pin_override: the hardware domain's alone, refused before the argument
+    "pin_override": [("hypercall", Hypercall.sched_op, SCHEDOP_pin_override, 0x1000, -EPERM)],
+}
+
+CASES.update(SCHED_CASES)

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 _SCHED_OP = int(Hypercall.sched_op)  # looked up once: the dispatcher runs on every hypercall
 
 # what Xen keeps per vcpu beside its context record: scheduling state
-_SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock")
+_SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock", "runstate",
+                "poll_evtchn", "poll_deadline", "periodic_period", "periodic_last")
 
 Handler = Callable[..., "int | None"]
 

@@ -12,9 +12,10 @@ The scheduler is given the machine's domains and the exit path back into a
 guest (the core's return_to_guest); it also owns the wake-ups: a VCPU's
 one-shot timer and the kick of a blocked VCPU an event is pending for.
 
-No progress: Xen has no watchdog; it would run such a guest for ever. pvlab's
-run loop stops when nothing can ever change again: no VCPU timer and no host
-timer is set, and every online VCPU is either blocked or has made SPIN_YIELDS
+No progress: Xen has no such detector; it would run such a guest for ever.
+pvlab's run loop stops when nothing can ever change again: no VCPU timer (a
+one-shot, a poll's timeout, a periodic one with VIRQ_TIMER bound) and no host
+timer (a device's, a domain's watchdog) is set, and every online VCPU is either blocked or has made SPIN_YIELDS
 sched_op yields in a row with no other hypercall and no event upcall between
 (a spin on a flag that no one can set). The rule counts hypercalls, not host
 time, so it fires at the same point in every run. It cannot see the
@@ -30,6 +31,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hypervisor.public.vcpu import (
+    RUNSTATE_blocked,
+    RUNSTATE_offline,
+    RUNSTATE_runnable,
+    RUNSTATE_running,
+)
 from hypervisor.public.xen import VIRQ_TIMER
 
 if TYPE_CHECKING:
@@ -53,10 +60,28 @@ def end_poll(vcpu: Vcpu) -> None:
     vcpu.poll_deadline = 0
 
 
+def periodic_next(vcpu: Vcpu) -> int:
+    """When the periodic timer next sends VIRQ_TIMER (0: never). Without the
+    VIRQ bound its ticks change nothing, so they are not counted."""
+    if not vcpu.periodic_period or (vcpu.vcpu_id, VIRQ_TIMER) not in vcpu.domain.evtchn.virqs:
+        return 0
+    return vcpu.periodic_last + vcpu.periodic_period
+
+
+def periodic_work(vcpu: Vcpu, now: int) -> None:
+    """Xen's vcpu_periodic_timer_work: a tick if one is due (on every
+    schedule-in and at the timer)."""
+    due = periodic_next(vcpu)
+    if due and now >= due:
+        vcpu.periodic_last = now
+        vcpu.domain.evtchn.send_virq(vcpu.vcpu_id, VIRQ_TIMER)
+
+
 def next_wake(vcpu: Vcpu) -> int:
     """The system time of the VCPU's next timer (0: none): its one-shot
-    timer, or the timeout of the poll it is blocked in."""
-    return min((t for t in (vcpu.timer_deadline, vcpu.poll_deadline) if t), default=0)
+    timer, its periodic timer, or the timeout of the poll it is blocked in."""
+    return min((t for t in (vcpu.timer_deadline, vcpu.poll_deadline, periodic_next(vcpu))
+                if t), default=0)
 
 
 def fire_timers(vcpu: Vcpu, now: int) -> None:
@@ -67,6 +92,7 @@ def fire_timers(vcpu: Vcpu, now: int) -> None:
     if vcpu.poll_deadline and vcpu.poll_deadline <= now:
         end_poll(vcpu)
         vcpu.blocked = False
+    periodic_work(vcpu, now)
 
 
 class Scheduler:
@@ -218,6 +244,7 @@ class Scheduler:
             return
         self.current = v
         self.slices += 1
+        v.runstate.change(RUNSTATE_running, v.clock)
         try:
             if self.deterministic:
                 retired = v.run(self.slice_insns)
@@ -226,3 +253,6 @@ class Scheduler:
                 v.run(0, self.slice_us)
         finally:
             self.current = None
+            end = v.clock if self.deterministic else self.host_now()
+            v.runstate.change(RUNSTATE_blocked if v.blocked else RUNSTATE_runnable
+                              if v.online else RUNSTATE_offline, end)

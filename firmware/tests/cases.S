@@ -2868,6 +2868,350 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # vcpu_initialise_copies_first #0: hypercall [24, 0, 0, 4096]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        push %rax
+        lea s_vcpu_initialise_copies_first_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_initialise_copies_first #1: hypercall [24, 0, 0, ('add', 'free_va', -8192)]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_va
+        add $-8192, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        push %rax
+        lea s_vcpu_initialise_copies_first_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_runstate #0: struct [[], 24, 4, 0, 'buf']
+        movabs $0x4, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_runstate_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_runstate #1: word [0]
+        movl scratch+224(%rip), %eax
+        push %rax
+        lea s_vcpu_runstate_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_runstate #2: hypercall [24, 4, 0, 4096]
+        movabs $0x4, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        push %rax
+        lea s_vcpu_runstate_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_periodic_timer #0: struct [[('q', 999999)], 24, 6, 0, 'buf']
+        movabs $0xf423f, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_periodic_timer_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_periodic_timer #1: struct [[('q', 1000000)], 24, 6, 0, 'buf']
+        movabs $0xf4240, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_periodic_timer_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_periodic_timer #2: struct [[], 24, 7, 0, 'buf']
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_periodic_timer_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_periodic_timer #3: hypercall [24, 6, 0, 4096]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        push %rax
+        lea s_vcpu_periodic_timer_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_periodic_timer #4: struct [[('q', 10000000)], 24, 6, 0, 'buf']
+        movabs $0x989680, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_periodic_timer_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_singleshot_timer #0: struct [[('q', 4611686018427387904), 0], 24, 8, 0, 'buf']
+        movabs $0x4000000000000000, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x8, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_singleshot_timer_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_singleshot_timer #1: struct [[], 24, 9, 0, 'buf']
+        movabs $0x9, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_singleshot_timer_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_singleshot_timer #2: struct [[('q', 4611686018427387904), 0], 24, 8, 5, 'buf']
+        movabs $0x4000000000000000, %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        mov %eax, scratch+8(%rip)
+        movabs $0x8, %rax
+        push %rax
+        movabs $0x5, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_singleshot_timer_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # vcpu_send_nmi #0: struct [[], 24, 11, 0, 'buf']
+        movabs $0xb, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        mov scratch+0(%rip), %rcx
+        mov %rcx, scratch+224(%rip)
+        mov scratch+8(%rip), %rcx
+        mov %rcx, scratch+232(%rip)
+        mov scratch+16(%rip), %rcx
+        mov %rcx, scratch+240(%rip)
+        mov scratch+24(%rip), %rcx
+        mov %rcx, scratch+248(%rip)
+        push %rax
+        lea s_vcpu_send_nmi_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -2997,3 +3341,17 @@ s_watchdog_3: .asciz "rc watchdog.3 "
 s_watchdog_4: .asciz "rc watchdog.4 "
 s_watchdog_5: .asciz "rc watchdog.5 "
 s_pin_override_0: .asciz "rc pin_override.0 "
+s_vcpu_initialise_copies_first_0: .asciz "rc vcpu_initialise_copies_first.0 "
+s_vcpu_initialise_copies_first_1: .asciz "rc vcpu_initialise_copies_first.1 "
+s_vcpu_runstate_0: .asciz "rc vcpu_runstate.0 "
+s_vcpu_runstate_1: .asciz "rc vcpu_runstate.1 "
+s_vcpu_runstate_2: .asciz "rc vcpu_runstate.2 "
+s_vcpu_periodic_timer_0: .asciz "rc vcpu_periodic_timer.0 "
+s_vcpu_periodic_timer_1: .asciz "rc vcpu_periodic_timer.1 "
+s_vcpu_periodic_timer_2: .asciz "rc vcpu_periodic_timer.2 "
+s_vcpu_periodic_timer_3: .asciz "rc vcpu_periodic_timer.3 "
+s_vcpu_periodic_timer_4: .asciz "rc vcpu_periodic_timer.4 "
+s_vcpu_singleshot_timer_0: .asciz "rc vcpu_singleshot_timer.0 "
+s_vcpu_singleshot_timer_1: .asciz "rc vcpu_singleshot_timer.1 "
+s_vcpu_singleshot_timer_2: .asciz "rc vcpu_singleshot_timer.2 "
+s_vcpu_send_nmi_0: .asciz "rc vcpu_send_nmi.0 "

@@ -15,7 +15,7 @@ from hypervisor.public.callback import (
     CALLBACKTYPE_sysenter,
     CALLBACKTYPE_sysenter_deprecated,
 )
-from hypervisor.public.errno import EFAULT, EINVAL, ENOENT, ENOSYS, EPERM, ESRCH
+from hypervisor.public.errno import EEXIST, EFAULT, EINVAL, ENOENT, ENOSYS, EPERM, ESRCH
 from hypervisor.public.event_channel import (
     EVTCHNOP_alloc_unbound,
     EVTCHNOP_bind_interdomain,
@@ -39,6 +39,16 @@ from hypervisor.public.sched import (
     SCHEDOP_shutdown_code,
     SCHEDOP_watchdog,
     SHUTDOWN_poweroff,
+)
+from hypervisor.public.vcpu import (
+    RUNSTATE_running,
+    VCPUOP_get_runstate_info,
+    VCPUOP_initialise,
+    VCPUOP_send_nmi,
+    VCPUOP_set_periodic_timer,
+    VCPUOP_set_singleshot_timer,
+    VCPUOP_stop_periodic_timer,
+    VCPUOP_stop_singleshot_timer,
 )
 from hypervisor.public.version import (
     XENFEAT_direct_mapped,
@@ -265,3 +275,38 @@ SCHED_CASES: dict[str, list[tuple]] = {
 }
 
 CASES.update(SCHED_CASES)
+
+
+def vcpu_op(cmd: int, vcpu: int, fields: list, rc: int) -> tuple:
+    return ("struct", fields, Hypercall.vcpu_op, cmd, vcpu, "buf", rc)
+
+
+VCPU_CASES: dict[str, list[tuple]] = {
+    # common/domain.c default_initialise_vcpu: the context is copied first
+    "vcpu_initialise_copies_first": [
+        ("hypercall", Hypercall.vcpu_op, VCPUOP_initialise, 0, 0x1000, -EFAULT),
+        ("hypercall", Hypercall.vcpu_op, VCPUOP_initialise, 0, ("add", "free_va", -8192),
+         -EEXIST)],
+    # common_vcpu_op VCPUOP_get_runstate_info: the caller is running
+    "vcpu_runstate": [vcpu_op(VCPUOP_get_runstate_info, 0, [], 0),
+                      ("word", 0, RUNSTATE_running),
+                      ("hypercall", Hypercall.vcpu_op, VCPUOP_get_runstate_info, 0, 0x1000,
+                       -EFAULT)],
+    # VCPUOP_set_periodic_timer: at least 1 ms; stop; back to Xen's 10 ms
+    "vcpu_periodic_timer": [vcpu_op(VCPUOP_set_periodic_timer, 0, [("q", 999_999)], -EINVAL),
+                            vcpu_op(VCPUOP_set_periodic_timer, 0, [("q", 1_000_000)], 0),
+                            vcpu_op(VCPUOP_stop_periodic_timer, 0, [], 0),
+                            ("hypercall", Hypercall.vcpu_op, VCPUOP_set_periodic_timer, 0,
+                             0x1000, -EFAULT),
+                            vcpu_op(VCPUOP_set_periodic_timer, 0, [("q", 10_000_000)], 0)],
+    # VCPUOP_set_singleshot_timer of the caller (far ahead), then stopped; of
+    # a vcpu that does not exist, -ENOENT
+    "vcpu_singleshot_timer": [vcpu_op(VCPUOP_set_singleshot_timer, 0, [("q", 1 << 62), 0], 0),
+                              vcpu_op(VCPUOP_stop_singleshot_timer, 0, [], 0),
+                              vcpu_op(VCPUOP_set_singleshot_timer, 5, [("q", 1 << 62), 0],
+                                      -ENOENT)],
+    # arch/x86/domain.c do_vcpu_op VCPUOP_send_nmi: no argument
+    "vcpu_send_nmi": [vcpu_op(VCPUOP_send_nmi, 0, [], -EINVAL)],
+}
+
+CASES.update(VCPU_CASES)

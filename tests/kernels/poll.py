@@ -5,9 +5,12 @@ path. ``MODE`` picks what vcpu0 does after binding an IPI port to itself:
   POLL_TIMEOUT_NS; nothing sets it pending, so the poll ends at the timeout;
 * ``event``: brings vcpu1 up, which sends to the port (a masked port: the
   poller wakes all the same), then polls with no timeout;
-* ``watchdog``: arms a watchdog of WATCHDOG_S seconds and blocks for good.
+* ``watchdog``: arms a watchdog of WATCHDOG_S seconds and blocks for good;
+* ``periodic``: binds VIRQ_TIMER, sets a periodic timer of PERIOD_NS and
+  polls the VIRQ's port TICKS times, clearing it after each tick.
 
-Each continuation logs the poll's result, then powers off."""
+Each continuation logs the poll's result, then (in ``periodic``, after the
+last tick) vcpu0's runstate, and powers off."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hypervisor.public.arch_x86 import VGCF_in_kernel, vcpu_guest_context
-from hypervisor.public.event_channel import EVTCHNOP_bind_ipi, EVTCHNOP_send
+from hypervisor.public.event_channel import EVTCHNOP_bind_ipi, EVTCHNOP_bind_virq, EVTCHNOP_send
 from hypervisor.public.native import VIRT_BASE, TailCall, pvlab_image_header
 from hypervisor.public.sched import (
     SCHEDOP_block,
@@ -26,15 +29,26 @@ from hypervisor.public.sched import (
     SCHEDOP_watchdog,
     SHUTDOWN_poweroff,
 )
-from hypervisor.public.vcpu import VCPUOP_initialise, VCPUOP_up
-from hypervisor.public.xen import Hypercall, start_info
+from hypervisor.public.vcpu import (
+    VCPUOP_get_runstate_info,
+    VCPUOP_initialise,
+    VCPUOP_set_periodic_timer,
+    VCPUOP_stop_periodic_timer,
+    VCPUOP_up,
+    vcpu_runstate_info,
+)
+from hypervisor.public.xen import VIRQ_TIMER, Hypercall, start_info
 
 HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 MODE = "timeout"
 POLL_TIMEOUT_NS = 50_000_000
 WATCHDOG_S = 1
+PERIOD_NS = 2_000_000
+TICKS = 3
+SHINFO_PENDING = 2048  # shared_info.evtchn_pending
 SHINFO_MASK = 2560  # shared_info.evtchn_mask
 LOG: list[str] = []
+RUNSTATES: list[vcpu_runstate_info] = []  # vcpu0's and vcpu1's, after the ticks
 
 
 def _data(cpu: Any) -> int:
@@ -47,15 +61,17 @@ def _call(cpu: Any, op: int, cmd: int, data: bytes) -> int:
     return cpu.hypercall(op, cmd, buf)
 
 
-def _poll(cpu: Any, port: int, timeout: int) -> TailCall:
+def _poll(cpu: Any, port: int, timeout: int, then: Callable[..., object] | None = None
+          ) -> TailCall:
     buf = _data(cpu) + 0x400
     cpu.write(buf + 0x20, struct.pack("<I", port))
     cpu.write(buf, struct.pack("<QIIQ", buf + 0x20, 1, 0, timeout))
-    return TailCall(Hypercall.sched_op, (SCHEDOP_poll, buf), after_poll)
+    return TailCall(Hypercall.sched_op, (SCHEDOP_poll, buf), then or after_poll)
 
 
 def start(cpu: Any) -> TailCall:
     LOG.clear()
+    RUNSTATES.clear()
     data = _data(cpu)
     port = struct.unpack("<II", _bind_ipi(cpu))[1]
     cpu.write_u64(data + 0x100, port)
@@ -65,6 +81,8 @@ def start(cpu: Any) -> TailCall:
         return TailCall(Hypercall.sched_op, (SCHEDOP_block, 0), None)
     if MODE == "timeout":
         return _poll(cpu, port, POLL_TIMEOUT_NS)
+    if MODE == "periodic":
+        return _start_ticks(cpu)
     _mask(cpu, port)
     _start_vcpu1(cpu)
     return _poll(cpu, port, 0)
@@ -77,13 +95,52 @@ def _bind_ipi(cpu: Any) -> bytes:
     return cpu.read(buf, 8)
 
 
-def _mask(cpu: Any, port: int) -> None:
-    """Map shared_info over a page of the data area and set the port's mask."""
+def _shinfo(cpu: Any) -> int:
+    """Map shared_info over a page of the data area."""
     si = start_info.from_buffer_copy(cpu.read(cpu.reg("rsi"), ctypes.sizeof(start_info)))
     shinfo = _data(cpu) + 0x2000
     cpu.hypercall(Hypercall.update_va_mapping, shinfo, si.shared_info | 0x67, 0)
-    word = shinfo + SHINFO_MASK + 8 * (port // 64)
+    return shinfo
+
+
+def _mask(cpu: Any, port: int) -> None:
+    word = _shinfo(cpu) + SHINFO_MASK + 8 * (port // 64)
     cpu.write_u64(word, cpu.read_u64(word) | (1 << (port % 64)))
+
+
+def _clear_pending(cpu: Any, port: int) -> None:
+    word = _data(cpu) + 0x2000 + SHINFO_PENDING + 8 * (port // 64)
+    cpu.write_u64(word, cpu.read_u64(word) & ~(1 << (port % 64)))
+
+
+def _start_ticks(cpu: Any) -> TailCall:
+    data = _data(cpu)
+    cpu.write(data + 0x200, struct.pack("<III", VIRQ_TIMER, 0, 0))
+    assert cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_virq, data + 0x200) == 0
+    port = struct.unpack("<III", cpu.read(data + 0x200, 12))[2]
+    cpu.write_u64(data + 0x100, port)
+    cpu.write_u64(data + 0x108, 0)  # ticks seen
+    _shinfo(cpu)
+    cpu.write(data + 0x300, struct.pack("<Q", PERIOD_NS))
+    assert cpu.hypercall(Hypercall.vcpu_op, VCPUOP_set_periodic_timer, 0, data + 0x300) == 0
+    _clear_pending(cpu, port)  # a tick may come at once
+    return _poll(cpu, port, 0, after_tick)
+
+
+def after_tick(cpu: Any) -> TailCall:
+    data = _data(cpu)
+    port = cpu.read_u64(data + 0x100)
+    ticks = cpu.read_u64(data + 0x108) + 1
+    cpu.write_u64(data + 0x108, ticks)
+    LOG.append(f"tick {cpu.reg('rax')}")
+    _clear_pending(cpu, port)
+    if ticks < TICKS:
+        return _poll(cpu, port, 0, after_tick)
+    cpu.hypercall(Hypercall.vcpu_op, VCPUOP_stop_periodic_timer, 0, 0)
+    for n in (0, 1):
+        assert cpu.hypercall(Hypercall.vcpu_op, VCPUOP_get_runstate_info, n, data + 0x300) == 0
+        RUNSTATES.append(vcpu_runstate_info.from_buffer_copy(cpu.read(data + 0x300, 48)))
+    return after_poll(cpu)
 
 
 def _start_vcpu1(cpu: Any) -> None:
@@ -114,4 +171,4 @@ def after_poll(cpu: Any) -> TailCall:
 
 
 def native_entries() -> list[Callable[..., object]]:
-    return [start, secondary, after_poll]
+    return [start, secondary, after_poll, after_tick]

@@ -10,17 +10,17 @@
 
 The scheduler is given the machine's domains and the exit path back into a
 guest (the core's return_to_guest); it also owns the wake-ups: a VCPU's
-one-shot timer and the kick of a blocked VCPU an event is pending for.
+timers and the kick of a blocked VCPU an event is pending for.
 
 No progress: Xen has no such detector; it would run such a guest for ever.
 pvlab's run loop stops when nothing can ever change again: no VCPU timer (a
 one-shot, a poll's timeout, a periodic one with VIRQ_TIMER bound) and no host
-timer (a device's, a domain's watchdog) is set, and every online VCPU is either blocked or has made SPIN_YIELDS
-sched_op yields in a row with no other hypercall and no event upcall between
-(a spin on a flag that no one can set). The rule counts hypercalls, not host
-time, so it fires at the same point in every run. It cannot see the
-toolstack's requests: the caller (run_domain) lets the idle time pass up to
-the next one instead of ending the run.
+timer (a device's, a domain's watchdog) is set, and every online VCPU is
+either blocked or has made SPIN_YIELDS sched_op yields in a row with no other
+hypercall and no event upcall between (a spin on a flag that no one can set).
+The rule counts hypercalls, not host time, so it fires at the same point in
+every run. It cannot see the toolstack's requests: the caller (run_domain)
+lets the idle time pass up to the next one instead of ending the run.
 """
 
 from __future__ import annotations

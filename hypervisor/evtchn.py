@@ -107,8 +107,6 @@ class EventChannels:
         """Xen's port_is_valid: within the allocated buckets."""
         return 0 <= port < len(self.ports)
 
-    _valid = valid
-
     def is_pending(self, port: int) -> bool:
         return self._test(self.domain.shared_info.evtchn_pending, port)
 
@@ -162,7 +160,7 @@ class EventChannels:
         self.backends[port] = notify
 
     def close(self, port: int) -> int:
-        if not self._valid(port):
+        if not self.valid(port):
             return -EINVAL
         p = self.ports[port]
         if p.state == PortState.free:
@@ -188,7 +186,7 @@ class EventChannels:
         an unbound or an interdomain port moves, nothing else does."""
         if vcpu >= len(self.domain.vcpus):
             return -ENOENT
-        if not self._valid(port):
+        if not self.valid(port):
             return -EINVAL
         p = self.ports[port]
         if p.state == PortState.virq and p.virq in PER_VCPU_VIRQS:
@@ -207,7 +205,7 @@ class EventChannels:
         if port < 0:
             return port
         rev = remote.evtchn
-        if not rev._valid(remote_port):
+        if not rev.valid(remote_port):
             return -EINVAL
         rp = rev.ports[remote_port]
         if rp.state != PortState.unbound or rp.remote_dom != self.domain.domid:
@@ -222,7 +220,7 @@ class EventChannels:
     # --- sending ------------------------------------------------------------------
 
     def send(self, port: int) -> int:
-        if not self._valid(port):
+        if not self.valid(port):
             return -EINVAL
         p = self.ports[port]
         if p.state == PortState.ipi:
@@ -296,7 +294,7 @@ class EventChannels:
         self.kick(vcpu)
 
     def unmask(self, port: int) -> int:
-        if not self._valid(port):
+        if not self.valid(port):
             return -EINVAL
         shinfo = self.domain.shared_info
         w, b = divmod(port, BITS_PER_WORD)
@@ -312,7 +310,7 @@ class EventChannels:
         return 0
 
     def status(self, port: int) -> Port | int:
-        if not self._valid(port):
+        if not self.valid(port):
             return -EINVAL
         return self.ports[port]
 

@@ -14,6 +14,7 @@ from hypervisor.public.vcpu import (
     RUNSTATE_blocked,
     RUNSTATE_offline,
     RUNSTATE_running,
+    VCPUOP_down,
     VCPUOP_get_runstate_info,
     VCPUOP_set_singleshot_timer,
     VCPUOP_stop_singleshot_timer,
@@ -71,3 +72,19 @@ def test_singleshot_timer_is_the_callers_own(booted):
     finally:
         probe.PROBE = None
     assert rc == (-EINVAL, -ENOENT, -EINVAL, -ENOENT, 0, RUNSTATE_offline)
+
+
+def test_down_of_the_last_vcpu_up_powers_the_domain_off(booted):
+    """VCPUOP_down when no other VCPU is up: Xen shuts the domain down with
+    SHUTDOWN_poweroff (common_vcpu_op) and the call gives 0."""
+    seen = []
+    probe.PROBE = lambda cpu: cpu.hypercall(Hypercall.vcpu_op, VCPUOP_down, 0, 0)
+    try:
+        hv, dom = booted(replace(make_config(vcpus=2), kernel="tests.kernels.probe"))
+        hv.after_hypercall = lambda v, nr, args, rc: seen.append(dom.shutdown_reason) if (
+            nr == Hypercall.vcpu_op and args[0] == VCPUOP_down) else None
+        run_domain(hv, dom)
+        rc = probe.RESULT[0]
+    finally:
+        probe.PROBE = None
+    assert (rc, seen) == (0, [0])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from hypervisor.cpu.context import CONTEXT_SIZE, set_context
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.errno import EEXIST, EFAULT, EINVAL, ENOENT, ENOSYS
+from hypervisor.public.sched import SHUTDOWN_poweroff
 from hypervisor.public.vcpu import (
     VCPUOP_down,
     VCPUOP_get_runstate_info,
@@ -48,6 +49,9 @@ def do_vcpu_op(vcpu: Vcpu, cmd: int, vcpuid: int, arg: int, *_: int) -> int:
             target.clock = max(target.clock, vcpu.clock)
         return 0
     if cmd == VCPUOP_down:
+        if not any(v.online for v in dom.vcpus if v is not target):
+            dom.shutdown(SHUTDOWN_poweroff)  # the last one up goes down: poweroff
+            return 0
         target.online = False
         target.request_stop()
         return 0

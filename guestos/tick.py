@@ -9,7 +9,7 @@ from guestos.printk import printk
 from guestos.stop_machine import check_the_others_spin, reschedule, stop_machine, stopper
 from guestos.symbols import export
 from guestos.task import scheduler_tick
-from guestos.time import NSEC_PER_MSEC, now, set_next_tick, tick_cpu
+from guestos.time import NSEC_PER_MSEC, now, set_next_tick, stop_periodic_timer, tick_cpu
 from guestos.workqueue import run_workqueue
 from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import VIRQ_TIMER
@@ -33,5 +33,8 @@ def xen_timer_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
 
 
 def xen_setup_timer(cpu: NativeCpu, n: int) -> None:
-    """Cpu n's VIRQ_TIMER (any cpu may bind it for cpu n)."""
+    """Cpu n's VIRQ_TIMER (any cpu may bind it for cpu n). The tick is the
+    one-shot timer alone: the periodic one Xen starts each vcpu with is
+    stopped first (Linux's xen_vcpuop_set_oneshot)."""
+    stop_periodic_timer(cpu, n)
     bind_virq_to_irqhandler(cpu, VIRQ_TIMER, n, xen_timer_interrupt)

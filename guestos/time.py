@@ -2,7 +2,8 @@
 which Xen keeps; each cpu has a one-shot timer (set_timer_op) that the tick
 sets again every time it fires.
 
-A new domain has no timers. The restore marks every cpu's tick lost
+A new domain has no one-shot timers, and a periodic one on each vcpu that
+the kernel stops. The restore marks every cpu's tick lost
 (``xen_timer_resume``, on cpu0), and each cpu sets its own timer again
 before it next picks a task (``tick_resume_local``): set_timer_op acts on
 the calling vcpu only."""
@@ -13,6 +14,7 @@ from guestos.evtchn import vcpu_info_va
 from guestos.kdata import AREAS, MAX_CPUS, kernel, per_cpu
 from guestos.layout import Layout, Ref
 from hypervisor.public.native import NativeCpu
+from hypervisor.public.vcpu import VCPUOP_stop_periodic_timer
 from hypervisor.public.xen import Hypercall, vcpu_info, vcpu_time_info
 
 TICK_NS = 10_000_000  # 100 Hz
@@ -41,8 +43,17 @@ def set_next_tick(cpu: NativeCpu) -> None:
     cpu.hypercall(Hypercall.set_timer_op, now(cpu) + TICK_NS)
 
 
+def stop_periodic_timer(cpu: NativeCpu, n: int) -> None:
+    """Xen gives every vcpu a 10 ms periodic timer; this kernel ticks with
+    the one-shot timer alone (VCPUOP_stop_periodic_timer, as Linux)."""
+    cpu.hypercall(Hypercall.vcpu_op, VCPUOP_stop_periodic_timer, n, 0)
+
+
 def xen_timer_resume(cpu: NativeCpu) -> None:
+    """The new domain's vcpus start with Xen's periodic timer again: stop it
+    (Linux's xen_timer_resume); each cpu's one-shot tick is lost."""
     for n in range(kernel(cpu).cpus_up):
+        stop_periodic_timer(cpu, n)
         tick_cpu(cpu, n).tick_lost = 1
 
 

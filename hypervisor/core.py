@@ -32,6 +32,7 @@ from hypervisor.hypercalls.multicall import do_multicall
 from hypervisor.hypercalls.sched import do_sched_op, do_set_timer_op
 from hypervisor.hypercalls.vcpu import do_vcpu_op
 from hypervisor.hypercalls.version import do_xen_version
+from hypervisor.hypercalls.vm_assist import do_vm_assist
 from hypervisor.machine import Machine
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.mmu import Mmu
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 _SCHED_OP = int(Hypercall.sched_op)  # looked up once: the dispatcher runs on every hypercall
 
 # what Xen keeps per vcpu beside its context record: scheduling state
-_SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock")
+_SCHED_STATE = ("online", "initialised", "blocked", "timer_deadline", "clock", "runstate",
+                "poll_evtchn", "poll_deadline", "periodic_period", "periodic_last")
 
 Handler = Callable[..., "int | None"]
 
@@ -87,6 +89,7 @@ class Hypervisor:
             Hypercall.memory_op: self.reservation.memory_op,
             Hypercall.set_timer_op: do_set_timer_op,
             Hypercall.xen_version: do_xen_version,
+            Hypercall.vm_assist: do_vm_assist,
             Hypercall.console_io: do_console_io,
             Hypercall.grant_table_op: do_grant_table_op,
             Hypercall.iret: traps.do_iret,

@@ -28,6 +28,7 @@ from hypervisor.public.sched import (
     SHUTDOWN_watchdog,
 )
 from hypervisor.public.xen import shared_info
+from hypervisor.watchdog import DomainWatchdog
 
 if TYPE_CHECKING:
     from hypervisor.machine import Machine
@@ -44,11 +45,13 @@ _TLB_FLUSH = (_UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
 
 
 class Scheduling(Protocol):
-    """What a domain needs of the scheduler: the time now, and waking a VCPU
-    an event is pending for."""
+    """What a domain needs of the scheduler: the time now, waking a VCPU an
+    event is pending for, and timers on system time."""
 
     def now(self) -> int: ...
     def kick(self, vcpu: Vcpu) -> None: ...
+    def add_timer(self, deadline_ns: int, owner: Any, fn: Callable[[], None]) -> None: ...
+    def cancel_timers(self, owner: Any) -> None: ...
 
 
 class Domain:
@@ -70,6 +73,12 @@ class Domain:
         self._shared_info: Any = None
         self.grant_table: Any = None      # made on its first grant_table_op
         self.shutdown_reason: int | None = None
+        # the reason a guest chose ahead (SCHEDOP_shutdown_code); None is
+        # Xen's SHUTDOWN_CODE_INVALID
+        self.shutdown_code: int | None = None
+        self.watchdog = DomainWatchdog(scheduler, self._watchdog_timeout)
+        self.vm_assist = 0                 # VMASST_TYPE_* bits (do_vm_assist)
+        self.handle = bytes(16)            # the toolstack's UUID (xen_domain_handle_t)
         self.paused = False
         self.crash_report = ""
         self.console_out = bytearray()     # everything written to its console
@@ -126,6 +135,11 @@ class Domain:
         return self.shutdown_reason is None
 
     def shutdown(self, reason: int) -> None:
+        """Xen's domain_shutdown: a code stored before (SCHEDOP_shutdown_code)
+        wins over the reason given, whoever asks (a crash included)."""
+        if self.shutdown_code is None:
+            self.shutdown_code = reason
+        reason = self.shutdown_code
         if self.shutdown_reason is not None:
             return
         self.shutdown_reason = reason
@@ -133,6 +147,12 @@ class Domain:
             v.request_stop()
         log.info("domain %d (%s) shut down: %s", self.domid, self.name,
                  SHUTDOWN_NAMES.get(reason, str(reason)))
+
+    def _watchdog_timeout(self) -> None:
+        """domain_watchdog_timeout: a watchdog timer expired."""
+        if self.is_running:
+            log.info("watchdog timer fired for domain %d", self.domid)
+            self.shutdown(SHUTDOWN_watchdog)
 
     def crash(self, vcpu: Vcpu | None, why: str) -> None:
         """Xen's domain_crash: the domain stops, with a report of why."""
@@ -168,8 +188,10 @@ class Domain:
         if self.shutdown_reason != SHUTDOWN_suspend:
             raise ValueError(f"domain {self.domid} is not suspended")
         self.shutdown_reason = None
+        self.shutdown_code = None
 
     def close(self) -> None:
+        self.watchdog.stop()
         for v in self.vcpus:
             v.close()
         self._shared_info = None

@@ -58,6 +58,7 @@ from hypervisor.public.domctl import (
 )
 from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, EPERM
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, VIRQ_CON_RING, VIRQ_DOM_EXC, shared_info
+from hypervisor.scheduler import next_wake
 
 ENTRIES_PER_TABLE = PAGE_SIZE // 8
 
@@ -191,7 +192,7 @@ def getvcpuinfo(dom: Domain, vcpu_id: int) -> VcpuInfo:
 
 def reached(dom: Domain, t_ns: int) -> bool:
     """Every online VCPU has run to ``t_ns`` or sleeps until a timer."""
-    return all(v.clock >= t_ns or (v.blocked and v.timer_deadline)
+    return all(v.clock >= t_ns or (v.blocked and next_wake(v))
                for v in dom.vcpus if v.online)
 
 

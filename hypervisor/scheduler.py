@@ -10,16 +10,17 @@
 
 The scheduler is given the machine's domains and the exit path back into a
 guest (the core's return_to_guest); it also owns the wake-ups: a VCPU's
-one-shot timer and the kick of a blocked VCPU an event is pending for.
+timers and the kick of a blocked VCPU an event is pending for.
 
-No progress: Xen has no watchdog; it would run such a guest for ever. pvlab's
-run loop stops when nothing can ever change again: no VCPU timer and no host
-timer is set, and every online VCPU is either blocked or has made SPIN_YIELDS
-sched_op yields in a row with no other hypercall and no event upcall between
-(a spin on a flag that no one can set). The rule counts hypercalls, not host
-time, so it fires at the same point in every run. It cannot see the
-toolstack's requests: the caller (run_domain) lets the idle time pass up to
-the next one instead of ending the run.
+No progress: Xen has no such detector; it would run such a guest for ever.
+pvlab's run loop stops when nothing can ever change again: no VCPU timer (a
+one-shot, a poll's timeout, a periodic one with VIRQ_TIMER bound) and no host
+timer (a device's, a domain's watchdog) is set, and every online VCPU is
+either blocked or has made SPIN_YIELDS sched_op yields in a row with no other
+hypercall and no event upcall between (a spin on a flag that no one can set).
+The rule counts hypercalls, not host time, so it fires at the same point in
+every run. It cannot see the toolstack's requests: the caller (run_domain)
+lets the idle time pass up to the next one instead of ending the run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hypervisor.public.vcpu import (
+    RUNSTATE_blocked,
+    RUNSTATE_offline,
+    RUNSTATE_runnable,
+    RUNSTATE_running,
+)
 from hypervisor.public.xen import VIRQ_TIMER
 
 if TYPE_CHECKING:
@@ -45,6 +52,47 @@ def fire_timer(vcpu: Vcpu) -> None:
     vcpu_singleshot_timer_fn and send_timer_event)."""
     vcpu.timer_deadline = 0
     vcpu.domain.evtchn.send_virq(vcpu.vcpu_id, VIRQ_TIMER)
+
+
+def end_poll(vcpu: Vcpu) -> None:
+    """The VCPU leaves SCHEDOP_poll (an event, or the poll's timeout)."""
+    vcpu.poll_evtchn = 0
+    vcpu.poll_deadline = 0
+
+
+def periodic_next(vcpu: Vcpu) -> int:
+    """When the periodic timer next sends VIRQ_TIMER (0: never). Without the
+    VIRQ bound its ticks change nothing, so they are not counted."""
+    if not vcpu.periodic_period or (vcpu.vcpu_id, VIRQ_TIMER) not in vcpu.domain.evtchn.virqs:
+        return 0
+    return vcpu.periodic_last + vcpu.periodic_period
+
+
+def periodic_work(vcpu: Vcpu, now: int) -> None:
+    """Xen's vcpu_periodic_timer_work: a tick if one is due (on every
+    schedule-in and at the timer)."""
+    due = periodic_next(vcpu)
+    if due and now >= due:
+        vcpu.periodic_last = now
+        vcpu.domain.evtchn.send_virq(vcpu.vcpu_id, VIRQ_TIMER)
+
+
+def next_wake(vcpu: Vcpu) -> int:
+    """The system time of the VCPU's next timer (0: none): its one-shot
+    timer, its periodic timer, or the timeout of the poll it is blocked in."""
+    return min((t for t in (vcpu.timer_deadline, vcpu.poll_deadline, periodic_next(vcpu))
+                if t), default=0)
+
+
+def fire_timers(vcpu: Vcpu, now: int) -> None:
+    """Every timer of the VCPU due at ``now``: the one-shot timer sends
+    VIRQ_TIMER; a poll's timeout wakes it (Xen's poll_timer_fn)."""
+    if vcpu.timer_deadline and vcpu.timer_deadline <= now:
+        fire_timer(vcpu)
+    if vcpu.poll_deadline and vcpu.poll_deadline <= now:
+        end_poll(vcpu)
+        vcpu.blocked = False
+    periodic_work(vcpu, now)
 
 
 class Scheduler:
@@ -112,11 +160,12 @@ class Scheduler:
         vcpu_unblock), at the time of whoever sent it."""
         if vcpu.blocked:
             vcpu.blocked = False
+            end_poll(vcpu)
             vcpu.clock = max(vcpu.clock, self.now())
 
     def no_progress(self, online: list[Vcpu]) -> str:
         """Why nothing can change any more, or "" (the rule is above)."""
-        if self.timers or any(v.timer_deadline for v in online):
+        if self.timers or any(next_wake(v) for v in online):
             return ""
         blocked = sum(v.blocked for v in online)
         spinning = sum(not v.blocked and v.idle_yields >= SPIN_YIELDS for v in online)
@@ -146,20 +195,20 @@ class Scheduler:
             if self.stalled:
                 return
             runnable = [v for v in online if not v.blocked]
-            sleepers = [v for v in online if v.blocked and v.timer_deadline]
+            sleepers = [v for v in online if v.blocked and next_wake(v)]
             if self.deterministic:
                 v = min(runnable, key=lambda x: x.clock) if runnable else None
-                wake = min(sleepers, key=lambda x: x.timer_deadline) if sleepers else None
+                wake = min(sleepers, key=next_wake) if sleepers else None
                 if self.timers:
                     due = self.timers[0][0]
                     if ((v is None or due <= v.clock)
-                            and (wake is None or due <= wake.timer_deadline)
+                            and (wake is None or due <= next_wake(wake))
                             and (until_ns is None or due < until_ns)):
                         self._fire_timer()
                         continue
-                if wake is not None and (v is None or wake.timer_deadline <= v.clock):
-                    wake.clock = max(wake.clock, wake.timer_deadline)
-                    fire_timer(wake)
+                if wake is not None and (v is None or next_wake(wake) <= v.clock):
+                    wake.clock = max(wake.clock, next_wake(wake))
+                    fire_timers(wake, wake.clock)
                     continue
                 if v is None:
                     self.idle_until(until_ns or 0)  # a host timer wakes them after
@@ -171,11 +220,10 @@ class Scheduler:
                 while self.timers and self.timers[0][0] <= now:
                     self._fire_timer()
                 for s in sleepers:
-                    if s.timer_deadline <= now:
-                        fire_timer(s)
+                    fire_timers(s, now)
                 runnable = [x for x in online if not x.blocked]
                 if not runnable:
-                    wakes = [s.timer_deadline for s in sleepers] + [t[0] for t in self.timers[:1]]
+                    wakes = [next_wake(s) for s in sleepers] + [t[0] for t in self.timers[:1]]
                     if not wakes:
                         return
                     nxt = min(wakes)
@@ -189,14 +237,14 @@ class Scheduler:
             self.run_slice(v)
 
     def run_slice(self, v: Vcpu) -> None:
-        if v.timer_deadline and v.clock >= v.timer_deadline:
-            fire_timer(v)
+        fire_timers(v, v.clock)
         v.domain.update_time(v)
         self.return_to_guest(v)
         if not v.domain.is_running or v.blocked or not v.online:
             return
         self.current = v
         self.slices += 1
+        v.runstate.change(RUNSTATE_running, v.clock)
         try:
             if self.deterministic:
                 retired = v.run(self.slice_insns)
@@ -205,3 +253,6 @@ class Scheduler:
                 v.run(0, self.slice_us)
         finally:
             self.current = None
+            end = v.clock if self.deterministic else self.host_now()
+            v.runstate.change(RUNSTATE_blocked if v.blocked else RUNSTATE_runnable
+                              if v.online else RUNSTATE_offline, end)

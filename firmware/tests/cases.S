@@ -3068,6 +3068,1990 @@ e_evtchn_virq_second_vcpu:
         mov $1, %edx
         call check_rc
 e_sched_op:
+        # bind_virq_debugger_vcpu1 #0: mem [32, [1, ('buf', 0)], [4294967302, 0]]
+        movabs $0x100000006, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_virq_debugger_vcpu1_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_bind_virq_debugger_vcpu1:
+        # unmask_port0_and_free_port #0: mem [32, [9, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_unmask_port0_and_free_port_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # unmask_port0_and_free_port #1: mem [32, [9, ('buf', 0)], [63]]
+        movabs $0x3f, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_unmask_port0_and_free_port_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_unmask_port0_and_free_port:
+        # bind_vcpu_rules #0: mem [32, [8, ('buf', 0)], [425201767304]]
+        movabs $0x6300001388, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_0(%rip), %rdi
+        movabs $0xfffffffffffffffe, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #1: mem [32, [8, ('buf', 0)], [5000]]
+        movabs $0x1388, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #2: mem [32, [7, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x7, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #3: mem [32, [8, ('buf', 0)], [('pair', ('out', 4), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+4(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #4: mem [32, [3, ('buf', 0)], [('pair', ('out', 0), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+0(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #5: mem [32, [1, ('buf', 0)], [1, 0]]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #6: mem [32, [8, ('buf', 0)], [('pair', ('out', 8), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+8(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_6(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #7: mem [32, [3, ('buf', 0)], [('pair', ('out', 0), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+0(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_7(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #8: mem [32, [1, ('buf', 0)], [12, 0]]
+        movabs $0xc, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_8(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #9: mem [32, [8, ('buf', 0)], [('pair', ('out', 8), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+8(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_9(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # bind_vcpu_rules #10: mem [32, [3, ('buf', 0)], [('pair', ('out', 0), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+0(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_bind_vcpu_rules_10(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_bind_vcpu_rules:
+        # alloc_unbound_unknown_domain #0: mem [32, [6, ('buf', 0)], [2146435149]]
+        movabs $0x7ff0004d, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_alloc_unbound_unknown_domain_0(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+e_alloc_unbound_unknown_domain:
+        # evtchn_status #0: mem [32, [5, ('buf', 0)], [32752, 0, 0]]
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #1: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_evtchn_status_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #2: mem [32, [5, ('buf', 0)], [270582972400, 0, 0]]
+        movabs $0x3f00007ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #3: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_evtchn_status_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #4: mem [32, [5, ('buf', 0)], [21474836512752, 0, 0]]
+        movabs $0x138800007ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_4(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #5: mem [32, [5, ('buf', 0)], [77, 0, 0]]
+        movabs $0x4d, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_5(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #6: mem [32, [7, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x7, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #7: mem [32, [5, ('buf', 0)], [('pair', 32752, ('out', 4)), 0, 0]]
+        mov lastbuf+4(%rip), %eax
+        push %rax
+        movabs $0x7ff0, %rax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_7(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #8: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_evtchn_status_8(%rip), %rdi
+        movabs $0x5, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #9: last [12]
+        mov lastbuf+12(%rip), %eax
+        lea s_evtchn_status_9(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #10: mem [32, [3, ('buf', 0)], [('pair', ('out', 4), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+4(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_10(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #11: mem [32, [1, ('buf', 0)], [1, 0]]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_11(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #12: mem [32, [5, ('buf', 0)], [('pair', 32752, ('out', 8)), 0, 0]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        movabs $0x7ff0, %rax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_12(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #13: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_evtchn_status_13(%rip), %rdi
+        movabs $0x4, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #14: last [16]
+        mov lastbuf+16(%rip), %eax
+        lea s_evtchn_status_14(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_status #15: mem [32, [3, ('buf', 0)], [('pair', ('out', 4), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+4(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_status_15(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_evtchn_status:
+        # evtchn_loopback #0: mem [32, [6, ('buf', 0)], [2146467824]]
+        movabs $0x7ff07ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #1: mem [32, [5, ('buf', 0)], [('pair', 32752, ('out', 4)), 0, 0]]
+        mov lastbuf+4(%rip), %eax
+        push %rax
+        movabs $0x7ff0, %rax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #2: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_evtchn_loopback_2(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #3: last [16]
+        mov lastbuf+16(%rip), %eax
+        lea s_evtchn_loopback_3(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #4: mem [32, [0, ('buf', 0)], [('pair', 32752, ('out', 4)), 0]]
+        mov lastbuf+4(%rip), %eax
+        push %rax
+        movabs $0x7ff0, %rax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #5: mem [32, [5, ('buf', 0)], [('pair', 32752, ('out', 8)), 0, 0]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        movabs $0x7ff0, %rax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #6: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_evtchn_loopback_6(%rip), %rdi
+        movabs $0x2, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #7: last [16]
+        mov lastbuf+16(%rip), %eax
+        lea s_evtchn_loopback_7(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #8: mem [32, [4, ('buf', 0)], [('pair', ('out', 4), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+4(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_8(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #9: mem [32, [3, ('buf', 0)], [('pair', ('out', 0), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+0(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_9(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #10: mem [32, [5, ('buf', 0)], [('pair', 32752, ('out', 20)), 0, 0]]
+        mov lastbuf+20(%rip), %eax
+        push %rax
+        movabs $0x7ff0, %rax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_10(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #11: last [8]
+        mov lastbuf+8(%rip), %eax
+        lea s_evtchn_loopback_11(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_loopback #12: mem [32, [3, ('buf', 0)], [('pair', ('out', 4), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+4(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_loopback_12(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_evtchn_loopback:
+        # callback_register #0: mem [30, [0, ('buf', 0)], [0, 9223372036854775808]]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x8000000000000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_register_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # callback_register #1: mem [30, [0, ('buf', 0)], [3, 18446607734267707392]]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0xffff840000000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_register_1(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+        # callback_register #2: mem [30, [0, ('buf', 0)], [7, 18446607734267707392]]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0xffff840000000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_register_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # callback_register #3: mem [30, [0, ('buf', 0)], [5, 18446607734267707392]]
+        movabs $0x5, %rax
+        push %rax
+        movabs $0xffff840000000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_register_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_callback_register:
+        # callback_nmi #0: mem [30, [0, ('buf', 0)], [4, 18446607734267707392]]
+        movabs $0x4, %rax
+        push %rax
+        movabs $0xffff840000000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_nmi_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # callback_nmi #1: mem [30, [1, ('buf', 0)], [4, 0]]
+        movabs $0x4, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_nmi_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # callback_nmi #2: mem [30, [1, ('buf', 0)], [0, 0]]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_nmi_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # callback_nmi #3: mem [30, [1, ('buf', 0)], [6, 0]]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        call save_buffer
+        lea s_callback_nmi_3(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_callback_nmi:
+        # callback_unknown_command #0: hypercall [30, 7, 4096]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 30 * 32
+        lea s_callback_unknown_command_0(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_callback_unknown_command:
+        # trap_table_noncanonical #0: mem [0, [('buf', 0)], [3761438920, 9223372036854775808, 0, 0]]
+        movabs $0xe03300c8, %rax
+        push %rax
+        movabs $0x8000000000000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdi
+        call hypercall_page + 0 * 32
+        call save_buffer
+        lea s_trap_table_noncanonical_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_trap_table_noncanonical:
+        # xen_version_subops #0: hypercall [17, 7, ('buf', 0)]
+        movabs $0x7, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #1: mem [17, [6, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        call save_buffer
+        lea s_xen_version_subops_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #2: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_xen_version_subops_2(%rip), %rdi
+        movabs $0x1e20e0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #3: mem [17, [6, ('buf', 0)], [1]]
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        call save_buffer
+        lea s_xen_version_subops_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #4: hypercall [17, 6, 4096]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_4(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #5: hypercall [17, 8, ('buf', 0)]
+        movabs $0x8, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #6: mem [17, [9, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        call save_buffer
+        lea s_xen_version_subops_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #7: last [0]
+        mov lastbuf+0(%rip), %eax
+        lea s_xen_version_subops_7(%rip), %rdi
+        movabs $0x6e65643c, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #8: hypercall [17, 10, ('buf', 0)]
+        movabs $0xa, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_8(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #9: hypercall [17, 1, 'free_va']
+        movabs $0x1, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_9(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #10: hypercall [17, 2, 'free_va']
+        movabs $0x2, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_10(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #11: hypercall [17, 3, 'free_va']
+        movabs $0x3, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_11(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #12: hypercall [17, 4, 'free_va']
+        movabs $0x4, %rax
+        push %rax
+        call sym_free_va
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_12(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #13: mem [17, [5, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        call save_buffer
+        lea s_xen_version_subops_13(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #14: last [0]
+        mov lastbuf+0(%rip), %eax
+        lea s_xen_version_subops_14(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #15: last [4]
+        mov lastbuf+4(%rip), %eax
+        lea s_xen_version_subops_15(%rip), %rdi
+        movabs $0xffff8000, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #16: hypercall [17, 1, 4096]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_16(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version_subops #17: hypercall [17, 11, 0]
+        movabs $0xb, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_subops_17(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_xen_version_subops:
+        # console_io_domu #0: hypercall [18, 0, 0, ('buf', 0)]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        lea s_console_io_domu_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # console_io_domu #1: hypercall [18, 1, 16, ('buf', 0)]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x10, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        lea s_console_io_domu_1(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+        # console_io_domu #2: hypercall [18, 7, 0, 0]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        lea s_console_io_domu_2(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+e_console_io_domu:
+        # vm_assist #0: hypercall [21, 0, 2]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        lea s_vm_assist_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vm_assist #1: hypercall [21, 1, 2]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        lea s_vm_assist_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vm_assist #2: hypercall [21, 0, 31]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1f, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        lea s_vm_assist_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # vm_assist #3: hypercall [21, 0, 64]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x40, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        lea s_vm_assist_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # vm_assist #4: hypercall [21, 5, 32]
+        movabs $0x5, %rax
+        push %rax
+        movabs $0x20, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 21 * 32
+        lea s_vm_assist_4(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_vm_assist:
+        # shutdown_code #0: mem [29, [5, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_shutdown_code_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # shutdown_code #1: hypercall [29, 5, 4096]
+        movabs $0x5, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        lea s_shutdown_code_1(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_shutdown_code:
+        # poll_checks #0: mem [29, [3, ('buf', 0)], [('add', ('buf', 0), 24), 200, 0]]
+        lea scratch+0(%rip), %rax
+        movabs $0x18, %rcx
+        add %rcx, %rax
+        push %rax
+        movabs $0xc8, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_poll_checks_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # poll_checks #1: mem [29, [3, ('buf', 0)], [18446603336221196288, 1, 0]]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_poll_checks_1(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # poll_checks #2: mem [29, [3, ('buf', 0)], [('add', ('buf', 0), 24), 1, 0, 5000]]
+        lea scratch+0(%rip), %rax
+        movabs $0x18, %rcx
+        add %rcx, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1388, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_poll_checks_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # poll_checks #3: mem [32, [7, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x7, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_poll_checks_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # poll_checks #4: mem [32, [4, ('buf', 0)], [('pair', ('out', 4), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+4(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_poll_checks_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # poll_checks #5: mem [29, [3, ('buf', 0)], [('add', ('buf', 0), 24), 1, 0, ('pair', ('out', 0), 0)]]
+        lea scratch+0(%rip), %rax
+        movabs $0x18, %rcx
+        add %rcx, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+0(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_poll_checks_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # poll_checks #6: mem [32, [3, ('buf', 0)], [('pair', ('out', 24), 0)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+24(%rip), %eax
+        mov %eax, %eax
+        pop %rcx
+        shl $32, %rcx
+        or %rcx, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_poll_checks_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_poll_checks:
+        # remote_shutdown #0: mem [29, [4, ('buf', 0)], [77]]
+        movabs $0x4d, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_remote_shutdown_0(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # remote_shutdown #1: mem [29, [4, ('buf', 0)], [32752]]
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_remote_shutdown_1(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # remote_shutdown #2: mem [29, [4, ('buf', 0)], [1]]
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x4, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_remote_shutdown_2(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+e_remote_shutdown:
+        # watchdog #0: mem [29, [6, ('buf', 0)], [128849018880]]
+        movabs $0x1e00000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_watchdog_0(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # watchdog #1: mem [29, [6, ('buf', 0)], [257698037761]]
+        movabs $0x3c00000001, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_watchdog_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # watchdog #2: mem [29, [6, ('buf', 0)], [2]]
+        movabs $0x2, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_watchdog_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # watchdog #3: mem [29, [6, ('buf', 0)], [3]]
+        movabs $0x3, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_watchdog_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # watchdog #4: mem [29, [6, ('buf', 0)], [1]]
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_watchdog_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # watchdog #5: mem [29, [6, ('buf', 0)], [1]]
+        movabs $0x1, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        call save_buffer
+        lea s_watchdog_5(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_watchdog:
+        # pin_override #0: hypercall [29, 7, 4096]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        lea s_pin_override_0(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_override:
+        # vcpu_initialise_copies_first #0: hypercall [24, 0, 0, 4096]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_initialise_copies_first_0(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_initialise_copies_first #1: hypercall [24, 0, 0, ('add', 'free_va', -8192)]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_va
+        movabs $0xffffffffffffe000, %rcx
+        add %rcx, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_initialise_copies_first_1(%rip), %rdi
+        movabs $0xffffffffffffffef, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_initialise_copies_first:
+        # vcpu_runstate #0: mem [24, [4, 0, ('buf', 0)], []]
+        movabs $0x4, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_runstate_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_runstate #1: last [0]
+        mov lastbuf+0(%rip), %eax
+        lea s_vcpu_runstate_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_runstate #2: hypercall [24, 4, 0, 4096]
+        movabs $0x4, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_runstate_2(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_runstate:
+        # vcpu_periodic_timer #0: mem [24, [6, 0, ('buf', 0)], [999999]]
+        movabs $0xf423f, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_periodic_timer_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_periodic_timer #1: mem [24, [6, 0, ('buf', 0)], [1000000]]
+        movabs $0xf4240, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_periodic_timer_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_periodic_timer #2: mem [24, [7, 0, ('buf', 0)], []]
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_periodic_timer_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_periodic_timer #3: hypercall [24, 6, 0, 4096]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_periodic_timer_3(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_periodic_timer #4: mem [24, [6, 0, ('buf', 0)], [10000000]]
+        movabs $0x989680, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_periodic_timer_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_periodic_timer:
+        # vcpu_singleshot_timer #0: mem [24, [8, 0, ('buf', 0)], [4611686018427387904, 0]]
+        movabs $0x4000000000000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_singleshot_timer_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_singleshot_timer #1: mem [24, [9, 0, ('buf', 0)], []]
+        movabs $0x9, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_singleshot_timer_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_singleshot_timer #2: mem [24, [8, 5, ('buf', 0)], [4611686018427387904, 0]]
+        movabs $0x4000000000000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x8, %rax
+        push %rax
+        movabs $0x5, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_singleshot_timer_2(%rip), %rdi
+        movabs $0xfffffffffffffffe, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_singleshot_timer:
+        # vcpu_send_nmi #0: mem [24, [11, 0, ('buf', 0)], []]
+        movabs $0xb, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        call save_buffer
+        lea s_vcpu_send_nmi_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_send_nmi:
         # set_gdt_limits #0: hypercall [2, 0, 7169]
         movabs $0x0, %rax
         push %rax
@@ -3410,7 +5394,7 @@ e_update_descriptor_of_a_gdt_frame:
         movabs $0xfffffffffffffff2, %rsi
         mov $1, %edx
         call check_rc
-        # sysctl_from_a_guest #1: mem [35, [('buf', 0)], [b'\x03\x00\x00\x00\x00\x00\x00\x00']]
+        # sysctl_from_a_guest #1: mem [35, [('buf', 0)], [3]]
         movabs $0x3, %rax
         push %rax
         pop %rax
@@ -3424,7 +5408,7 @@ e_update_descriptor_of_a_gdt_frame:
         movabs $0xfffffffffffffff3, %rsi
         mov $1, %edx
         call check_rc
-        # sysctl_from_a_guest #2: mem [35, [('buf', 0)], [b'\x03\x00\x00\x00\x15\x00\x00\x00']]
+        # sysctl_from_a_guest #2: mem [35, [('buf', 0)], [90194313219]]
         movabs $0x1500000003, %rax
         push %rax
         pop %rax
@@ -3448,7 +5432,7 @@ e_sysctl_from_a_guest:
         movabs $0xfffffffffffffff2, %rsi
         mov $1, %edx
         call check_rc
-        # domctl_from_a_guest #1: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00']]
+        # domctl_from_a_guest #1: mem [36, [('buf', 0)], [5, 1]]
         movabs $0x5, %rax
         push %rax
         movabs $0x1, %rax
@@ -3466,7 +5450,7 @@ e_sysctl_from_a_guest:
         movabs $0xfffffffffffffff3, %rsi
         mov $1, %edx
         call check_rc
-        # domctl_from_a_guest #2: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x17\x00\x00\x00\x01\x00\x00\x00']]
+        # domctl_from_a_guest #2: mem [36, [('buf', 0)], [98784247813, 1]]
         movabs $0x1700000005, %rax
         push %rax
         movabs $0x1, %rax
@@ -3484,7 +5468,7 @@ e_sysctl_from_a_guest:
         movabs $0xffffffffffffffff, %rsi
         mov $1, %edx
         call check_rc
-        # domctl_from_a_guest #3: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x17\x00\x00\x00M\x00\x00\x00']]
+        # domctl_from_a_guest #3: mem [36, [('buf', 0)], [98784247813, 77]]
         movabs $0x1700000005, %rax
         push %rax
         movabs $0x4d, %rax
@@ -3502,7 +5486,7 @@ e_sysctl_from_a_guest:
         movabs $0xfffffffffffffffd, %rsi
         mov $1, %edx
         call check_rc
-        # domctl_from_a_guest #4: mem [36, [('buf', 0)], [b'\x05\x00\x00\x00\x17\x00\x00\x00\xf0\x7f\x00\x00']]
+        # domctl_from_a_guest #4: mem [36, [('buf', 0)], [98784247813, 32752]]
         movabs $0x1700000005, %rax
         push %rax
         movabs $0x7ff0, %rax
@@ -3520,7 +5504,7 @@ e_sysctl_from_a_guest:
         movabs $0xfffffffffffffffd, %rsi
         mov $1, %edx
         call check_rc
-        # domctl_from_a_guest #5: mem [36, [('buf', 0)], [b'\x01\x00\x00\x00\x17\x00\x00\x00M\x00\x00\x00']]
+        # domctl_from_a_guest #5: mem [36, [('buf', 0)], [98784247809, 77]]
         movabs $0x1700000001, %rax
         push %rax
         movabs $0x4d, %rax
@@ -3554,7 +5538,7 @@ e_domctl_from_a_guest:
         movabs $0xffffffffffffffda, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_bad_calls #1: mem [20, [4102, ('buf', 0), 1], [b'\xf0\x7f\x00\x00']]
+        # gnttab_bad_calls #1: mem [20, [4102, ('buf', 0), 1], [32752]]
         movabs $0x7ff0, %rax
         push %rax
         pop %rax
@@ -3574,7 +5558,7 @@ e_domctl_from_a_guest:
         movabs $0xffffffffffffffea, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_bad_calls #2: mem [20, [6, ('buf', 0), 2], [b'\xf0\x7f\x00\x00']]
+        # gnttab_bad_calls #2: mem [20, [6, ('buf', 0), 2], [32752]]
         movabs $0x7ff0, %rax
         push %rax
         pop %rax
@@ -3594,7 +5578,7 @@ e_domctl_from_a_guest:
         movabs $0xffffffffffffffea, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_bad_calls #3: mem [20, [6, ('buf', 0), 2147483648], [b'\xf0\x7f\x00\x00']]
+        # gnttab_bad_calls #3: mem [20, [6, ('buf', 0), 2147483648], [32752]]
         movabs $0x7ff0, %rax
         push %rax
         pop %rax
@@ -3630,7 +5614,7 @@ e_domctl_from_a_guest:
         mov $1, %edx
         call check_rc
 e_gnttab_bad_calls:
-        # gnttab_query_size #0: mem [20, [6, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00']]
+        # gnttab_query_size #0: mem [20, [6, ('buf', 0), 1], [32752, 0]]
         movabs $0x7ff0, %rax
         push %rax
         movabs $0x0, %rax
@@ -3672,7 +5656,7 @@ e_gnttab_bad_calls:
         movabs $0x0, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_query_size #4: mem [20, [6, ('buf', 0), 1], [b'\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00']]
+        # gnttab_query_size #4: mem [20, [6, ('buf', 0), 1], [1, 0]]
         movabs $0x1, %rax
         push %rax
         movabs $0x0, %rax
@@ -3702,7 +5686,7 @@ e_gnttab_bad_calls:
         movabs $0x0, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_query_size #6: mem [20, [6, ('buf', 0), 1], [b'M\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00']]
+        # gnttab_query_size #6: mem [20, [6, ('buf', 0), 1], [77, 0]]
         movabs $0x4d, %rax
         push %rax
         movabs $0x0, %rax
@@ -3733,7 +5717,7 @@ e_gnttab_bad_calls:
         mov $1, %edx
         call check_rc
 e_gnttab_query_size:
-        # gnttab_setup_table #0: mem [20, [2, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', ('buf', 24)]]
+        # gnttab_setup_table #0: mem [20, [2, ('buf', 0), 1], [4295000048, 0, ('buf', 24)]]
         movabs $0x100007ff0, %rax
         push %rax
         movabs $0x0, %rax
@@ -3772,7 +5756,7 @@ e_gnttab_query_size:
         lea s_gnttab_setup_table_2(%rip), %rdi
         xor %edx, %edx
         call check_rc
-        # gnttab_setup_table #3: mem [20, [2, ('buf', 0), 1], [b'M\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', 0]]
+        # gnttab_setup_table #3: mem [20, [2, ('buf', 0), 1], [4294967373, 0, 0]]
         movabs $0x10000004d, %rax
         push %rax
         movabs $0x0, %rax
@@ -3806,7 +5790,7 @@ e_gnttab_query_size:
         movabs $0xfffe, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_setup_table #5: mem [20, [2, ('buf', 0), 1], [b'\xf0\x7f\x00\x00A\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', 0]]
+        # gnttab_setup_table #5: mem [20, [2, ('buf', 0), 1], [279172906992, 0, 0]]
         movabs $0x4100007ff0, %rax
         push %rax
         movabs $0x0, %rax
@@ -3840,7 +5824,7 @@ e_gnttab_query_size:
         movabs $0xffff, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_setup_table #7: mem [20, [2, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', 18446603336221196288]]
+        # gnttab_setup_table #7: mem [20, [2, ('buf', 0), 1], [4295000048, 0, 18446603336221196288]]
         movabs $0x100007ff0, %rax
         push %rax
         movabs $0x0, %rax
@@ -3868,7 +5852,7 @@ e_gnttab_query_size:
         movabs $0xfffffffffffffff2, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_setup_table #8: mem [20, [2, ('buf', 0), 2], [b'\xf0\x7f\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00', ('buf', 24)]]
+        # gnttab_setup_table #8: mem [20, [2, ('buf', 0), 2], [4295000048, 0, ('buf', 24)]]
         movabs $0x100007ff0, %rax
         push %rax
         movabs $0x0, %rax
@@ -3897,7 +5881,7 @@ e_gnttab_query_size:
         mov $1, %edx
         call check_rc
 e_gnttab_setup_table:
-        # gnttab_versions #0: mem [20, [10, ('buf', 0), 1], [b'\xf0\x7f\x00\x00\x00\x00\x00\x00']]
+        # gnttab_versions #0: mem [20, [10, ('buf', 0), 1], [32752]]
         movabs $0x7ff0, %rax
         push %rax
         pop %rax
@@ -3923,7 +5907,7 @@ e_gnttab_setup_table:
         movabs $0x1, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_versions #2: mem [20, [8, ('buf', 0), 1], [b'\x02\x00\x00\x00']]
+        # gnttab_versions #2: mem [20, [8, ('buf', 0), 1], [2]]
         movabs $0x2, %rax
         push %rax
         pop %rax
@@ -3949,7 +5933,7 @@ e_gnttab_setup_table:
         movabs $0x2, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_versions #4: mem [20, [8, ('buf', 0), 1], [b'\x03\x00\x00\x00']]
+        # gnttab_versions #4: mem [20, [8, ('buf', 0), 1], [3]]
         movabs $0x3, %rax
         push %rax
         pop %rax
@@ -3975,7 +5959,7 @@ e_gnttab_setup_table:
         movabs $0x2, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_versions #6: mem [20, [10, ('buf', 0), 1], [b'M\x00\x00\x00\x00\x00\x00\x00']]
+        # gnttab_versions #6: mem [20, [10, ('buf', 0), 1], [77]]
         movabs $0x4d, %rax
         push %rax
         pop %rax
@@ -3995,7 +5979,7 @@ e_gnttab_setup_table:
         movabs $0xfffffffffffffffd, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_versions #7: mem [20, [8, ('buf', 0), 1], [b'\x01\x00\x00\x00']]
+        # gnttab_versions #7: mem [20, [8, ('buf', 0), 1], [1]]
         movabs $0x1, %rax
         push %rax
         pop %rax
@@ -4022,7 +6006,7 @@ e_gnttab_setup_table:
         mov $1, %edx
         call check_rc
 e_gnttab_versions:
-        # gnttab_status_frames #0: mem [20, [9, ('buf', 0), 1], [b'\x01\x00\x00\x00\xf0\x7f\x00\x00', ('buf', 24)]]
+        # gnttab_status_frames #0: mem [20, [9, ('buf', 0), 1], [140668768878593, ('buf', 24)]]
         movabs $0x7ff000000001, %rax
         push %rax
         lea scratch+24(%rip), %rax
@@ -4052,7 +6036,7 @@ e_gnttab_versions:
         movabs $0xffff7ff0, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_status_frames #2: mem [20, [9, ('buf', 0), 1], [b'\x00\x00\x00\x00\xf0\x7f\x00\x00', 0]]
+        # gnttab_status_frames #2: mem [20, [9, ('buf', 0), 1], [140668768878592, 0]]
         movabs $0x7ff000000000, %rax
         push %rax
         movabs $0x0, %rax
@@ -4082,7 +6066,7 @@ e_gnttab_versions:
         movabs $0x7ff0, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_status_frames #4: mem [20, [9, ('buf', 0), 2], [b'\x01\x00\x00\x00\xf0\x7f\x00\x00', ('buf', 24)]]
+        # gnttab_status_frames #4: mem [20, [9, ('buf', 0), 2], [140668768878593, ('buf', 24)]]
         movabs $0x7ff000000001, %rax
         push %rax
         lea scratch+24(%rip), %rax
@@ -4106,7 +6090,7 @@ e_gnttab_versions:
         movabs $0xffffffffffffffea, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_status_frames #5: mem [20, [8, ('buf', 0), 1], [b'\x02\x00\x00\x00']]
+        # gnttab_status_frames #5: mem [20, [8, ('buf', 0), 1], [2]]
         movabs $0x2, %rax
         push %rax
         pop %rax
@@ -4126,7 +6110,7 @@ e_gnttab_versions:
         movabs $0x0, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_status_frames #6: mem [20, [9, ('buf', 0), 1], [b'\x01\x00\x00\x00\xf0\x7f\x00\x00', ('buf', 24)]]
+        # gnttab_status_frames #6: mem [20, [9, ('buf', 0), 1], [140668768878593, ('buf', 24)]]
         movabs $0x7ff000000001, %rax
         push %rax
         lea scratch+24(%rip), %rax
@@ -4161,7 +6145,7 @@ e_gnttab_versions:
         lea s_gnttab_status_frames_8(%rip), %rdi
         xor %edx, %edx
         call check_rc
-        # gnttab_status_frames #9: mem [20, [9, ('buf', 0), 1], [b'\x01\x00\x00\x00M\x00\x00\x00', ('buf', 24)]]
+        # gnttab_status_frames #9: mem [20, [9, ('buf', 0), 1], [330712481793, ('buf', 24)]]
         movabs $0x4d00000001, %rax
         push %rax
         lea scratch+24(%rip), %rax
@@ -4191,7 +6175,7 @@ e_gnttab_versions:
         movabs $0xfffe004d, %rsi
         mov $1, %edx
         call check_rc
-        # gnttab_status_frames #11: mem [20, [8, ('buf', 0), 1], [b'\x01\x00\x00\x00']]
+        # gnttab_status_frames #11: mem [20, [8, ('buf', 0), 1], [1]]
         movabs $0x1, %rax
         push %rax
         pop %rax
@@ -4372,6 +6356,119 @@ s_evtchn_virq_second_vcpu_6: .asciz "evtchn_virq_second_vcpu.6"
 s_evtchn_virq_second_vcpu_7: .asciz "evtchn_virq_second_vcpu.7"
 s_sched_op_0: .asciz "sched_op.0"
 s_sched_op_1: .asciz "sched_op.1"
+s_bind_virq_debugger_vcpu1_0: .asciz "bind_virq_debugger_vcpu1.0"
+s_unmask_port0_and_free_port_0: .asciz "unmask_port0_and_free_port.0"
+s_unmask_port0_and_free_port_1: .asciz "unmask_port0_and_free_port.1"
+s_bind_vcpu_rules_0: .asciz "bind_vcpu_rules.0"
+s_bind_vcpu_rules_1: .asciz "bind_vcpu_rules.1"
+s_bind_vcpu_rules_2: .asciz "bind_vcpu_rules.2"
+s_bind_vcpu_rules_3: .asciz "bind_vcpu_rules.3"
+s_bind_vcpu_rules_4: .asciz "bind_vcpu_rules.4"
+s_bind_vcpu_rules_5: .asciz "bind_vcpu_rules.5"
+s_bind_vcpu_rules_6: .asciz "bind_vcpu_rules.6"
+s_bind_vcpu_rules_7: .asciz "bind_vcpu_rules.7"
+s_bind_vcpu_rules_8: .asciz "bind_vcpu_rules.8"
+s_bind_vcpu_rules_9: .asciz "bind_vcpu_rules.9"
+s_bind_vcpu_rules_10: .asciz "bind_vcpu_rules.10"
+s_alloc_unbound_unknown_domain_0: .asciz "alloc_unbound_unknown_domain.0"
+s_evtchn_status_0: .asciz "evtchn_status.0"
+s_evtchn_status_1: .asciz "evtchn_status.1"
+s_evtchn_status_2: .asciz "evtchn_status.2"
+s_evtchn_status_3: .asciz "evtchn_status.3"
+s_evtchn_status_4: .asciz "evtchn_status.4"
+s_evtchn_status_5: .asciz "evtchn_status.5"
+s_evtchn_status_6: .asciz "evtchn_status.6"
+s_evtchn_status_7: .asciz "evtchn_status.7"
+s_evtchn_status_8: .asciz "evtchn_status.8"
+s_evtchn_status_9: .asciz "evtchn_status.9"
+s_evtchn_status_10: .asciz "evtchn_status.10"
+s_evtchn_status_11: .asciz "evtchn_status.11"
+s_evtchn_status_12: .asciz "evtchn_status.12"
+s_evtchn_status_13: .asciz "evtchn_status.13"
+s_evtchn_status_14: .asciz "evtchn_status.14"
+s_evtchn_status_15: .asciz "evtchn_status.15"
+s_evtchn_loopback_0: .asciz "evtchn_loopback.0"
+s_evtchn_loopback_1: .asciz "evtchn_loopback.1"
+s_evtchn_loopback_2: .asciz "evtchn_loopback.2"
+s_evtchn_loopback_3: .asciz "evtchn_loopback.3"
+s_evtchn_loopback_4: .asciz "evtchn_loopback.4"
+s_evtchn_loopback_5: .asciz "evtchn_loopback.5"
+s_evtchn_loopback_6: .asciz "evtchn_loopback.6"
+s_evtchn_loopback_7: .asciz "evtchn_loopback.7"
+s_evtchn_loopback_8: .asciz "evtchn_loopback.8"
+s_evtchn_loopback_9: .asciz "evtchn_loopback.9"
+s_evtchn_loopback_10: .asciz "evtchn_loopback.10"
+s_evtchn_loopback_11: .asciz "evtchn_loopback.11"
+s_evtchn_loopback_12: .asciz "evtchn_loopback.12"
+s_callback_register_0: .asciz "callback_register.0"
+s_callback_register_1: .asciz "callback_register.1"
+s_callback_register_2: .asciz "callback_register.2"
+s_callback_register_3: .asciz "callback_register.3"
+s_callback_nmi_0: .asciz "callback_nmi.0"
+s_callback_nmi_1: .asciz "callback_nmi.1"
+s_callback_nmi_2: .asciz "callback_nmi.2"
+s_callback_nmi_3: .asciz "callback_nmi.3"
+s_callback_unknown_command_0: .asciz "callback_unknown_command.0"
+s_trap_table_noncanonical_0: .asciz "trap_table_noncanonical.0"
+s_xen_version_subops_0: .asciz "xen_version_subops.0"
+s_xen_version_subops_1: .asciz "xen_version_subops.1"
+s_xen_version_subops_2: .asciz "xen_version_subops.2"
+s_xen_version_subops_3: .asciz "xen_version_subops.3"
+s_xen_version_subops_4: .asciz "xen_version_subops.4"
+s_xen_version_subops_5: .asciz "xen_version_subops.5"
+s_xen_version_subops_6: .asciz "xen_version_subops.6"
+s_xen_version_subops_7: .asciz "xen_version_subops.7"
+s_xen_version_subops_8: .asciz "xen_version_subops.8"
+s_xen_version_subops_9: .asciz "xen_version_subops.9"
+s_xen_version_subops_10: .asciz "xen_version_subops.10"
+s_xen_version_subops_11: .asciz "xen_version_subops.11"
+s_xen_version_subops_12: .asciz "xen_version_subops.12"
+s_xen_version_subops_13: .asciz "xen_version_subops.13"
+s_xen_version_subops_14: .asciz "xen_version_subops.14"
+s_xen_version_subops_15: .asciz "xen_version_subops.15"
+s_xen_version_subops_16: .asciz "xen_version_subops.16"
+s_xen_version_subops_17: .asciz "xen_version_subops.17"
+s_console_io_domu_0: .asciz "console_io_domu.0"
+s_console_io_domu_1: .asciz "console_io_domu.1"
+s_console_io_domu_2: .asciz "console_io_domu.2"
+s_vm_assist_0: .asciz "vm_assist.0"
+s_vm_assist_1: .asciz "vm_assist.1"
+s_vm_assist_2: .asciz "vm_assist.2"
+s_vm_assist_3: .asciz "vm_assist.3"
+s_vm_assist_4: .asciz "vm_assist.4"
+s_shutdown_code_0: .asciz "shutdown_code.0"
+s_shutdown_code_1: .asciz "shutdown_code.1"
+s_poll_checks_0: .asciz "poll_checks.0"
+s_poll_checks_1: .asciz "poll_checks.1"
+s_poll_checks_2: .asciz "poll_checks.2"
+s_poll_checks_3: .asciz "poll_checks.3"
+s_poll_checks_4: .asciz "poll_checks.4"
+s_poll_checks_5: .asciz "poll_checks.5"
+s_poll_checks_6: .asciz "poll_checks.6"
+s_remote_shutdown_0: .asciz "remote_shutdown.0"
+s_remote_shutdown_1: .asciz "remote_shutdown.1"
+s_remote_shutdown_2: .asciz "remote_shutdown.2"
+s_watchdog_0: .asciz "watchdog.0"
+s_watchdog_1: .asciz "watchdog.1"
+s_watchdog_2: .asciz "watchdog.2"
+s_watchdog_3: .asciz "watchdog.3"
+s_watchdog_4: .asciz "watchdog.4"
+s_watchdog_5: .asciz "watchdog.5"
+s_pin_override_0: .asciz "pin_override.0"
+s_vcpu_initialise_copies_first_0: .asciz "vcpu_initialise_copies_first.0"
+s_vcpu_initialise_copies_first_1: .asciz "vcpu_initialise_copies_first.1"
+s_vcpu_runstate_0: .asciz "vcpu_runstate.0"
+s_vcpu_runstate_1: .asciz "vcpu_runstate.1"
+s_vcpu_runstate_2: .asciz "vcpu_runstate.2"
+s_vcpu_periodic_timer_0: .asciz "vcpu_periodic_timer.0"
+s_vcpu_periodic_timer_1: .asciz "vcpu_periodic_timer.1"
+s_vcpu_periodic_timer_2: .asciz "vcpu_periodic_timer.2"
+s_vcpu_periodic_timer_3: .asciz "vcpu_periodic_timer.3"
+s_vcpu_periodic_timer_4: .asciz "vcpu_periodic_timer.4"
+s_vcpu_singleshot_timer_0: .asciz "vcpu_singleshot_timer.0"
+s_vcpu_singleshot_timer_1: .asciz "vcpu_singleshot_timer.1"
+s_vcpu_singleshot_timer_2: .asciz "vcpu_singleshot_timer.2"
+s_vcpu_send_nmi_0: .asciz "vcpu_send_nmi.0"
 s_set_gdt_limits_0: .asciz "set_gdt_limits.0"
 s_set_gdt_limits_1: .asciz "set_gdt_limits.1"
 s_set_gdt_frame_mapped_writable_0: .asciz "set_gdt_frame_mapped_writable.0"

@@ -60,6 +60,7 @@ def get_context(vcpu: Vcpu) -> vcpu_guest_context:
     ctx.event_callback_eip = vcpu.event_callback
     ctx.failsafe_callback_eip = vcpu.failsafe_callback
     ctx.syscall_callback_eip = vcpu.syscall_callback
+    ctx.vm_assist = vcpu.domain.vm_assist  # a domain's, carried by each context
     ctx.fs_base = vcpu.uc.reg_read(UC_X86_REG_FS_BASE)
     ctx.gs_base_kernel = vcpu.uc.reg_read(UC_X86_REG_GS_BASE)
     ctx.gs_base_user = vcpu.uc.reg_read(UC_X86_REG_MSR, MSR_SHADOW_GS_BASE)
@@ -122,6 +123,8 @@ def set_context(vcpu: Vcpu, raw: bytes, take_refs: bool = True) -> int:
     vcpu.event_callback = ctx.event_callback_eip
     vcpu.failsafe_callback = ctx.failsafe_callback_eip
     vcpu.syscall_callback = ctx.syscall_callback_eip
+    if vcpu.vcpu_id == 0:
+        dom.vm_assist = ctx.vm_assist  # arch_set_info_guest takes vcpu0's
     ur = ctx.user_regs
     regs = {name: getattr(ur, name) for name in _USER_REGS}
     regs["rflags"] |= X86_EFLAGS_IF | X86_EFLAGS_MBS

@@ -52,6 +52,7 @@ from unicorn.x86_const import (
     UC_X86_REG_RIP,
 )
 
+from hypervisor.cpu.runstate import Runstate
 from hypervisor.cpu.ucfast import (
     GPR_ORDER,
     CpuEnv,
@@ -122,6 +123,19 @@ class Vcpu:
     the PV state Xen keeps per vcpu (mode, L4s, callbacks, trap table, kernel
     stack, timer) lives here and is what a context record carries."""
 
+    # compat entry points a 64-bit guest never takes: (address, masks events)
+    syscall32_callback: tuple[int, bool] = (0, False)
+    sysenter_callback: tuple[int, bool] = (0, False)
+    # SCHEDOP_poll while blocked in it: the port polled for (-1: any), and the
+    # system time it ends at (0: none)
+    poll_evtchn = 0
+    poll_deadline = 0
+    # the periodic timer (VIRQ_TIMER every period; 0: stopped): Xen starts
+    # every vcpu with a 10 ms one (vcpu_create), a guest stops it if it has
+    # no use for it
+    periodic_period = 10_000_000
+    periodic_last = 0
+
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
         self.exits: GuestExits = domain.exits
@@ -164,6 +178,7 @@ class Vcpu:
         self.syscall_masks_events = False
         self.trap_ctxt: dict[int, tuple[int, int, int]] = {}  # vector -> (flags, cs, addr)
         self.timer_deadline = 0     # ns of system time, 0 = none
+        self.runstate = Runstate()
         self.idle_yields = 0  # yields in a row, nothing else between (scheduler.no_progress)
         self.clock = 0              # this vcpu's system time, ns
 

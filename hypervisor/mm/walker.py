@@ -25,6 +25,19 @@ PFEC_WRITE = 2
 PFEC_USER = 4
 
 
+
+def addr_ok(addr: int) -> bool:
+    """Xen's __addr_ok: a guest address, in the lower half of the 48-bit space
+    or above the hypervisor's range (a range from there faults on a
+    non-canonical address before it reaches the hypervisor's)."""
+    return addr < 1 << 47 or addr >= HYPERVISOR_VIRT_END
+
+
+def is_canonical_address(addr: int) -> bool:
+    """Bits 63..47 all equal (Xen's is_canonical_address, 48-bit addresses)."""
+    top = addr >> 47
+    return top == 0 or top == (1 << 17) - 1
+
 class GuestFault(Exception):
     """A guest virtual address could not be accessed: what a #PF would report."""
 

@@ -53,3 +53,36 @@ class evtchn_unmask(evtchn_close):
 class evtchn_bind_vcpu(ctypes.LittleEndianStructure):
     """EVTCHNOP_bind_vcpu: deliver ``port`` to ``vcpu``; 8 bytes."""
     _fields_ = [("port", evtchn_port_t), ("vcpu", ctypes.c_uint32)]
+
+
+class evtchn_bind_interdomain(ctypes.LittleEndianStructure):
+    """EVTCHNOP_bind_interdomain: bind to ``remote_port`` of ``remote_dom``; the
+    local port comes back; 12 bytes."""
+    _fields_ = [("remote_dom", ctypes.c_uint16), ("remote_port", evtchn_port_t),
+                ("local_port", evtchn_port_t)]
+
+
+EVTCHNSTAT_closed = 0      # free or reserved
+EVTCHNSTAT_unbound = 1     # waiting for the remote domain to bind
+EVTCHNSTAT_interdomain = 2
+EVTCHNSTAT_pirq = 3
+EVTCHNSTAT_virq = 4
+EVTCHNSTAT_ipi = 5
+
+
+class evtchn_status_interdomain(ctypes.LittleEndianStructure):
+    _fields_ = [("dom", ctypes.c_uint16), ("port", evtchn_port_t)]
+
+
+class evtchn_status_u(ctypes.Union):
+    """The state-dependent part of evtchn_status: unbound.dom, interdomain,
+    pirq, virq."""
+    _fields_ = [("unbound_dom", ctypes.c_uint16), ("interdomain", evtchn_status_interdomain),
+                ("pirq", ctypes.c_uint32), ("virq", ctypes.c_uint32)]
+
+
+class evtchn_status(ctypes.LittleEndianStructure):
+    """EVTCHNOP_status of ``port`` of ``dom``: its state and the vcpu it
+    notifies; 24 bytes."""
+    _fields_ = [("dom", ctypes.c_uint16), ("port", evtchn_port_t), ("status", ctypes.c_uint32),
+                ("vcpu", ctypes.c_uint32), ("u", evtchn_status_u)]

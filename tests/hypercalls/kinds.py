@@ -6,7 +6,8 @@ entry of ``KINDS``; tests/hypercalls/portable.py describes a step.
 Arguments are expressions, evaluated by the guest at run time the same way on
 both paths: numbers; the symbols of ``SYMBOLS``; ``("pte", sym, flags)`` (a
 pagetable entry), ``("slot", sym, n)`` (the machine address of entry n of the
-table at mfn sym) and ``("or", e, bits)``; ``("buf", off)``, the address of
+table at mfn sym), ``("or", e, bits)``, ``("add", e, n)`` and ``("pair", lo,
+hi)`` (two 32-bit fields as one 64-bit word); ``("buf", off)``, the address of
 byte ``off`` of the guest's argument buffer; ``("out", off)``, the 32-bit field
 at ``off`` of the buffer as the previous ``mem`` step's hypercall left it (a
 port just bound).
@@ -46,6 +47,10 @@ class Ctx:
             return struct.unpack_from("<I", self.last, rest[0])[0]
         if kind == "or":
             return self.value(rest[0]) | rest[1]
+        if kind == "add":
+            return self.value(rest[0]) + rest[1]
+        if kind == "pair":
+            return (self.value(rest[0]) & 0xFFFFFFFF) | self.value(rest[1]) << 32
         base = self.value(rest[0]) << 12
         return base | rest[1] if kind == "pte" else base + 8 * rest[1]
 
@@ -84,6 +89,11 @@ def expr(e: object) -> list[str]:
         return [f"mov lastbuf+{rest[0]}(%rip), %eax"]
     if kind == "or":
         return expr(rest[0]) + [f"movabs ${rest[1]:#x}, %rcx", "or %rcx, %rax"]
+    if kind == "add":
+        return expr(rest[0]) + [f"movabs ${rest[1] & (2**64 - 1):#x}, %rcx", "add %rcx, %rax"]
+    if kind == "pair":
+        return expr(rest[1]) + ["push %rax"] + expr(rest[0]) + [
+            "mov %eax, %eax", "pop %rcx", "shl $32, %rcx", "or %rcx, %rax"]
     out = expr(rest[0]) + ["shl $12, %rax"]
     if kind == "pte":
         return out + [f"movabs ${rest[1]:#x}, %rcx", "or %rcx, %rax"]

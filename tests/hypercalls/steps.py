@@ -8,22 +8,28 @@ ANY = object()  # a result that is not fixed (e.g. max_ram_page)
 BUF = ("buf", 0)  # the guest's argument buffer
 
 
+def _pair(lo: object, hi: object) -> object:
+    if isinstance(lo, int) and isinstance(hi, int):
+        return (lo & 0xFFFFFFFF) | (hi & 0xFFFFFFFF) << 32
+    return ("pair", lo, hi)
+
+
 def fields(items: list[object]) -> list[object]:
-    """A C struct's fields as a ``mem`` step's words: each int is a 32-bit
-    field, ``("q", e)`` a 64-bit one (at an 8-byte offset) that may be any
-    expression."""
+    """A C struct's fields as a ``mem`` step's 64-bit words: each item is a
+    32-bit field (a number or an expression), ``("q", e)`` a 64-bit one at an
+    8-byte offset."""
     out: list[object] = []
-    raw = b""
+    low: object = None  # a 32-bit field waiting for its upper half
     for item in items:
         if isinstance(item, tuple) and item[0] == "q":
-            assert len(raw) % 8 == 0, "a 64-bit field must be 8-byte aligned"
-            if raw:
-                out.append(raw)
-                raw = b""
+            assert low is None, "a 64-bit field must be 8-byte aligned"
             out.append(item[1])
+        elif low is None:
+            low = item
         else:
-            raw += (item & 0xFFFFFFFF).to_bytes(4, "little")  # type: ignore[operator]
-    return out + ([raw] if raw else [])
+            out.append(_pair(low, item))
+            low = None
+    return out + ([_pair(low, 0)] if low is not None else [])
 
 
 def struct(items: list[object], nr: int, *args_and_want: object) -> tuple:

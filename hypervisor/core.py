@@ -25,6 +25,7 @@ from hypervisor.hypercalls.multicall import do_multicall
 from hypervisor.hypercalls.sched import do_sched_op, do_set_timer_op
 from hypervisor.hypercalls.vcpu import do_vcpu_op
 from hypervisor.hypercalls.version import do_xen_version
+from hypervisor.hypercalls.vm_assist import do_vm_assist
 from hypervisor.machine import Machine
 from hypervisor.mm.mmu import Mmu
 from hypervisor.mm.reservation import Reservation
@@ -77,6 +78,7 @@ class Hypervisor:
             Hypercall.set_timer_op: do_set_timer_op,
             Hypercall.xen_version: do_xen_version,
             Hypercall.console_io: do_console_io,
+            Hypercall.vm_assist: do_vm_assist,
             Hypercall.iret: traps.do_iret,
             Hypercall.vcpu_op: do_vcpu_op,
             Hypercall.mmuext_op: self.mmu.mmuext_op,

@@ -76,6 +76,7 @@ class Domain:
         self.kernel_module = ""
         # device memory it may map (XEN_DOMCTL_iomem_permission), its devices
         self.iomem: list[range] = []
+        self.vm_assist = 0  # VMASST_TYPE_* bits the guest enabled (Xen's d->vm_assist)
         self.devices: list[Any] = []
 
     # --- shared_info -----------------------------------------------------------------

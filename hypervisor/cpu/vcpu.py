@@ -101,6 +101,8 @@ class GuestExits(Protocol):
     def bounce_syscall(self, vcpu: Vcpu) -> None: ...
     def inject(self, vcpu: Vcpu, vector: int, error_code: int | None, cr2: int | None,
                software: bool = False) -> None: ...
+    def do_page_fault(self, vcpu: Vcpu, error_code: int, cr2: int) -> None: ...
+    def ptwr_store(self, vcpu: Vcpu, va: int, data: bytes) -> bool: ...
     def return_to_guest(self, vcpu: Vcpu) -> None: ...
 
 
@@ -313,7 +315,10 @@ class Vcpu:
                 self.native_call(self, cr2)
                 return
             err = self.env.fault_error_code()
-            exits.inject(self, X86_EXC_PF if intno == X86_EXC_PF else intno, err, cr2)
+            if intno == X86_EXC_PF:
+                exits.do_page_fault(self, err, cr2)
+            else:
+                exits.inject(self, intno, err, cr2)
         elif intno in (X86_EXC_GP,):
             exits.inject(self, intno, self.env.fault_error_code(), None)
         else:

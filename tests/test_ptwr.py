@@ -21,10 +21,10 @@ from hypervisor.public.xen import (
     VMASST_TYPE_m2p_strict,
     VMASST_TYPE_writable_pagetables,
 )
-from hypervisor.toolstack.config import DomainConfig
+from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
-from tests.conftest import FIRMWARE
+from tests.conftest import ROOT, booting
 from tests.hypercalls.guest import RW, Guest, run_case
 
 CHECKS = (
@@ -46,9 +46,9 @@ CHECKS = (
 
 @pytest.fixture(scope="module")
 def ptwr_console() -> str:
-    from tests.conftest import booting
+    """The console of examples/ptwr.toml's run (the x86 test guest)."""
     with booting() as boot:
-        hv, dom = boot(DomainConfig("ptwr", 16, 1, FIRMWARE / "tests/ptwr.elf"))
+        hv, dom = boot(load_config(ROOT / "examples" / "ptwr.toml"))
         r = run_domain(hv, dom)
         assert r.reason == "poweroff", dom.crash_report
         assert audit(hv) == []

@@ -13,6 +13,7 @@ import pytest
 
 from hypervisor import domctl
 from hypervisor.mm.walker import GuestFault
+from hypervisor.public.arch_x86 import _PAGE_GLOBAL
 from hypervisor.public.errno import EINVAL, ENOSYS
 from hypervisor.public.xen import (
     Hypercall,
@@ -26,6 +27,10 @@ from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import ROOT, booting
 from tests.hypercalls.guest import RW, Guest, run_case
+
+# a user page's entry as Xen keeps it (adjust_guest_l1e adds _PAGE_GLOBAL), so
+# that it reads back as written
+USER_PTE = RW | _PAGE_GLOBAL
 
 CHECKS = (
     "without the vm_assist, a write to an L1 faults",
@@ -89,16 +94,16 @@ def test_python_kernel_store_to_its_l1_is_emulated():
         g.cpu.write_u64(g.va(y), 0x5959)
         entry = _l1e_va(g, g.va(x))
         orig = g.cpu.read_u64(entry)
-        before = _store(g, entry, (y_mfn << 12) | RW)
+        before = _store(g, entry, (y_mfn << 12) | USER_PTE)
         rc = g.cpu.hypercall(Hypercall.vm_assist, VMASST_CMD_enable,
                              VMASST_TYPE_writable_pagetables)
-        mapped = _store(g, entry, (y_mfn << 12) | RW)
+        mapped = _store(g, entry, (y_mfn << 12) | USER_PTE)
         seen = g.cpu.read_u64(g.va(x))
         table = g.m2p(g.l1e_maddr(g.va(x)) >> 12)
         refused = _store(g, entry, (g.mfn(table) << 12) | RW)
         after_refusal = g.cpu.read_u64(entry)
         restored = _store(g, entry, orig)
-        return (before, rc, mapped, hex(seen), refused, after_refusal == (y_mfn << 12) | RW,
+        return (before, rc, mapped, hex(seen), refused, after_refusal == (y_mfn << 12) | USER_PTE,
                 restored, g.cpu.read_u64(entry) == orig)
 
     assert run_case(case) == ("fault", 0, "done", "0x5959", "fault", True, "done", True)

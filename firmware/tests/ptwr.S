@@ -16,6 +16,9 @@
         .equ MACH2PHYS_VIRT_START, 0xffff800000000000
         .equ PFEC_PRESENT_WRITE, 3
         .equ FRAME_MASK, 0x000ffffffffff000
+        # a user page's entry as Xen keeps it (adjust_guest_l1e adds _PAGE_GLOBAL),
+        # so that it reads back as written
+        .equ PAGE_GLOBAL, 0x100
 
         .text
         .globl  test_main
@@ -50,7 +53,7 @@ test_main:
         mov     %r13, %rdi
         call    mfn_of_pfn
         shl     $12, %rax
-        or      $PTE_RW, %rax
+        or      $PTE_RW | PAGE_GLOBAL, %rax
         mov     %rax, pte_y(%rip)       # X's address mapped onto Y
 
         # 1. Without VMASST_TYPE_writable_pagetables the write is a plain #PF

@@ -10,7 +10,7 @@ from typing import Any
 
 from hypervisor import emulate, traps
 from hypervisor.cpu.context import get_context, set_context
-from hypervisor.cpu.vcpu import Vcpu
+from hypervisor.cpu.vcpu import X86_EXC_PF, Vcpu
 from hypervisor.devices.bus import MmioBus
 from hypervisor.domain import Domain
 from hypervisor.hypercalls.callback import (
@@ -36,6 +36,7 @@ from hypervisor.hypercalls.vm_assist import do_vm_assist
 from hypervisor.machine import Machine
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.mmu import Mmu
+from hypervisor.mm.ptwr import Ptwr
 from hypervisor.mm.reservation import Reservation
 from hypervisor.native import NativeKernel
 from hypervisor.public.errno import ENOSYS
@@ -69,6 +70,7 @@ class Hypervisor:
         self.machine = Machine(memory_mib, seed)
         self.walker = self.machine.walker
         self.mmu = Mmu(self.machine)
+        self.ptwr = Ptwr(self.mmu)
         self.reservation = Reservation(self.machine)
         self.domains: dict[int, Domain] = {}
         self.scheduler = Scheduler(self.domains, self.return_to_guest, clock,
@@ -236,6 +238,17 @@ class Hypervisor:
     do_general_protection = staticmethod(traps.do_general_protection)
     do_invalid_op = staticmethod(traps.do_invalid_op)
     cpuid = staticmethod(emulate.cpuid)
+
+    def do_page_fault(self, vcpu: Vcpu, error_code: int, cr2: int) -> None:
+        """Xen's do_page_fault: the fixups first (fixup_page_fault: the
+        writable-pagetable emulation), and only then the guest's #PF."""
+        if not self.ptwr.fixup(vcpu, error_code, cr2):
+            traps.inject(vcpu, X86_EXC_PF, error_code, cr2)
+
+    def ptwr_store(self, vcpu: Vcpu, va: int, data: bytes) -> bool:
+        """A store the Python kernel makes faulted on a read-only page:
+        True if it was a pagetable write Xen emulates (and it is done)."""
+        return self.ptwr.emulate_store(vcpu, va, data)
 
     def _type_changed(self, domid: int) -> None:
         dom = self.domains.get(domid)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.cpu.vcpu import R8, R10, RAX, RDI, RDX, RSI, RSP
-from hypervisor.mm.walker import GuestFault
+from hypervisor.mm.walker import PFEC_PRESENT, GuestFault
 from hypervisor.public.native import NATIVE_ENTRY_STRIDE, TailCall
 
 if TYPE_CHECKING:
@@ -66,13 +66,29 @@ class NativeCpu:
         return self._walker.read(self.vcpu.current_table, va, size)
 
     def write(self, va: int, data: bytes) -> None:
-        self._walker.write(self.vcpu.current_table, va, data)
+        try:
+            self._walker.write(self.vcpu.current_table, va, data)
+        except GuestFault as f:
+            self._ro_fault(f, va, data)
 
     def read_u64(self, va: int) -> int:
         return self._walker.read_u64(self.vcpu.current_table, va)
 
     def write_u64(self, va: int, value: int) -> None:
-        self._walker.write_u64(self.vcpu.current_table, va, value & 0xFFFFFFFFFFFFFFFF)
+        value &= 0xFFFFFFFFFFFFFFFF
+        try:
+            self._walker.write_u64(self.vcpu.current_table, va, value)
+        except GuestFault as f:
+            self._ro_fault(f, va, value.to_bytes(8, "little"))
+
+    def _ro_fault(self, fault: GuestFault, va: int, data: bytes) -> None:
+        """A store that hit a read-only page: Xen emulates it if it writes
+        an L1 pagetable the guest may write that way; otherwise the kernel
+        takes the fault."""
+        if fault.error_code & PFEC_PRESENT and fault.va == va \
+                and self.vcpu.exits.ptwr_store(self.vcpu, va, data):
+            return
+        raise fault
 
     def readl(self, va: int, size: int = 4) -> int:
         """A load from device memory (or RAM) at ``va``, through the live

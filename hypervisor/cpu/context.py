@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from unicorn import x86_const
 from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE, UC_X86_REG_MSR
 
+from hypervisor.hypercalls.vm_assist import PV64_VM_ASSIST_MASK
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.memory import PAGE_SHIFT
 from hypervisor.public.arch_x86 import (
@@ -97,12 +98,15 @@ def _load_sse(vcpu: Vcpu, ctx: vcpu_guest_context) -> None:
 
 def set_context(vcpu: Vcpu, raw: bytes, take_refs: bool = True) -> int:
     """Load a vcpu_guest_context (Xen's arch_set_info_guest); the new kernel L4
-    takes a type reference and is validated if it is not already. With
+    takes a type reference and is validated if it is not already. Vcpu 0's
+    record also sets the domain's vm_assist word (so a restore keeps it). With
     ``take_refs=False`` the references are already held (a VCPU object rebuilt
     from the record of one that held them)."""
     ctx = vcpu_guest_context.from_buffer_copy(raw)
     dom = vcpu.domain
     types = dom.machine.types
+    if vcpu.vcpu_id == 0 and ctx.vm_assist & ~PV64_VM_ASSIST_MASK:
+        return -EINVAL  # vcpu 0's record sets the domain's vm_assist: known types only
     cr3 = ctx.ctrlreg[3] >> PAGE_SHIFT
     user = ctx.ctrlreg[1] >> PAGE_SHIFT
     if take_refs:

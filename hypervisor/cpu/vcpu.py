@@ -115,6 +115,8 @@ class GuestExits(Protocol):
     def do_general_protection(self, vcpu: Vcpu, error_code: int) -> None: ...
     def do_invalid_op(self, vcpu: Vcpu) -> None: ...
     def cpuid(self, vcpu: Vcpu) -> bool: ...
+    def do_page_fault(self, vcpu: Vcpu, error_code: int, cr2: int) -> None: ...
+    def ptwr_store(self, vcpu: Vcpu, va: int, data: bytes) -> bool: ...
     def return_to_guest(self, vcpu: Vcpu) -> None: ...
 
 
@@ -352,7 +354,10 @@ class Vcpu:
                     and cr2 == self.rip.read()):
                 self.native_call(self, cr2)
                 return
-            exits.inject(self, X86_EXC_PF if intno == X86_EXC_PF else intno, err, cr2)
+            if intno == X86_EXC_PF:
+                exits.do_page_fault(self, err, cr2)
+            else:
+                exits.inject(self, intno, err, cr2)
         elif intno == X86_EXC_GP:
             exits.do_general_protection(self, err)
         else:

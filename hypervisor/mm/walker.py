@@ -23,6 +23,8 @@ from hypervisor.public.arch_x86 import (
 PFEC_PRESENT = 1
 PFEC_WRITE = 2
 PFEC_USER = 4
+PFEC_RESERVED_BIT = 8
+PFEC_INSN_FETCH = 16
 
 
 

@@ -103,6 +103,17 @@ UVMF_MULTI = 0
 UVMF_LOCAL = 0
 UVMF_ALL = 1 << 2
 
+# vm_assist commands and types (a bit each in the domain's vm_assist word)
+VMASST_CMD_enable = 0
+VMASST_CMD_disable = 1
+VMASST_TYPE_4gb_segments = 0
+VMASST_TYPE_4gb_segments_notify = 1
+VMASST_TYPE_writable_pagetables = 2
+VMASST_TYPE_pae_extended_cr3 = 3
+VMASST_TYPE_architectural_iopl = 4
+VMASST_TYPE_runstate_update_flag = 5
+VMASST_TYPE_m2p_strict = 32
+
 # console_io
 CONSOLEIO_write = 0
 CONSOLEIO_read = 1
@@ -119,17 +130,6 @@ XENVER_pagesize = 7
 XENVER_guest_handle = 8
 XENVER_commandline = 9
 XENVER_build_id = 10
-
-# vm_assist commands and types
-VMASST_CMD_enable = 0
-VMASST_CMD_disable = 1
-VMASST_TYPE_4gb_segments = 0
-VMASST_TYPE_4gb_segments_notify = 1
-VMASST_TYPE_writable_pagetables = 2
-VMASST_TYPE_pae_extended_cr3 = 3
-VMASST_TYPE_architectural_iopl = 4
-VMASST_TYPE_runstate_update_flag = 5
-VMASST_TYPE_m2p_strict = 32
 
 # domain ids
 DOMID_FIRST_RESERVED = 0x7FF0

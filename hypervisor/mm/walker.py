@@ -36,6 +36,12 @@ class GuestFault(Exception):
         self.error_code = error_code
 
 
+def addr_ok(va: int) -> bool:
+    """Xen's ``__addr_ok``: a guest address is canonical and below or above the
+    hypervisor's range (its own M2P mapping there is not a guest buffer)."""
+    return va < 1 << 47 or va >= HYPERVISOR_VIRT_END
+
+
 class Walker:
     """Translate guest virtual addresses through 4-level pagetables in machine
     memory, with a software TLB keyed by (cr3 mfn, virtual page)."""
@@ -74,7 +80,7 @@ class Walker:
         """Machine address of the L1 entry mapping ``va`` (for update_va_mapping),
         or None if an upper level is missing or ``va`` is not a guest address
         (Xen's ``__addr_ok``: canonical and outside the hypervisor's range)."""
-        if not (va < 1 << 47 or va >= HYPERVISOR_VIRT_END):
+        if not addr_ok(va):
             return None
         u64 = self.u64
         table = cr3_mfn

@@ -509,6 +509,943 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # mmu_update_cmd_is_ptr_and_7 #0: mmu_update [('pte', 'free_mfn', 4), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x4, %rcx
+        or %rcx, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_mmu_update_cmd_is_ptr_and_7_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # mmu_update_cmd_is_ptr_and_7 #1: mmu_update [('pte', 'free_mfn', 5), 'free_pfn']
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x5, %rcx
+        or %rcx, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_mmu_update_cmd_is_ptr_and_7_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # l1e_frame_all_ones #0: uvm ['free_va', ('pte', 1099511627775, 37), 0]
+        call sym_free_va
+        push %rax
+        movabs $0xffffffffff, %rax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_l1e_frame_all_ones_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # l4e_not_ram #0: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'mmio_frame', 37)]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x1000000000, %rax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_l4e_not_ram_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # request_list_in_xen_range #0: hypercall [1, 18446603336221196288, 1, 0, 32752]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_request_list_in_xen_range_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # request_list_in_xen_range #1: hypercall [1, 18446603336221196288, 1, 0, 77]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_request_list_in_xen_range_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # request_list_in_xen_range #2: hypercall [26, 18446603336221196288, 1, 0, 32752]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_request_list_in_xen_range_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # request_list_in_xen_range #3: hypercall [26, 18446603336221196288, 1, 0, 77]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_request_list_in_xen_range_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # preempted_with_null_list #0: hypercall [1, 0, 2147483648, 0, 32752]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x80000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_preempted_with_null_list_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # preempted_with_null_list #1: hypercall [26, 0, 2147483648, 0, 32752]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x80000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_preempted_with_null_list_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # uvm_flush_type_3 #0: uvm ['free_va', ('pte', 'free_mfn', 103), 140737488355331]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x800000000003, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_uvm_flush_type_3_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # uvm_otherdomain #0: hypercall [22, 'free_va', ('pte', 'free_mfn', 103), 0, 32752]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 22 * 32
+        push %rax
+        lea s_uvm_otherdomain_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # uvm_otherdomain #1: hypercall [22, 'free_va', ('pte', 'free_mfn', 103), 0, 1]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 22 * 32
+        push %rax
+        lea s_uvm_otherdomain_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # uvm_otherdomain #2: hypercall [22, 'free_va', ('pte', 'free_mfn', 103), 0, 77]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 22 * 32
+        push %rax
+        lea s_uvm_otherdomain_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_ldt_in_xen_range #0: mmuext [13, 18446603336221196288, 1]
+        movabs $0xffff800000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+16(%rip)
+        movq $13, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_set_ldt_in_xen_range_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # set_ldt_in_xen_range #1: mmuext [13, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $13, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_set_ldt_in_xen_range_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l2_mapping_itself #0: mmu_update [('slot', 'free_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l2_mapping_itself_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l2_mapping_itself #1: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_pin_l2_mapping_itself_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l2_mapping_itself #2: mmuext [1, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $1, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_pin_l2_mapping_itself_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l2_mapping_itself #3: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_pin_l2_mapping_itself_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l2_mapping_itself #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_pin_l2_mapping_itself_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l2_mapping_itself #5: mmu_update [('slot', 'free_mfn', 300), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l2_mapping_itself_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #0: mmu_update [('slot', 'free_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #1: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #2: mmuext [3, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $3, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #3: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #5: mmu_update [('slot', 'free_mfn', 300), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #6: mmu_update [('slot', 'free_mfn', 256), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2048, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #7: mmu_update [('slot', 'free_mfn', 257), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2056, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #8: mmu_update [('slot', 'free_mfn', 258), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2064, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #9: mmu_update [('slot', 'free_mfn', 259), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2072, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_9(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #10: mmu_update [('slot', 'free_mfn', 260), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2080, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_10(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #11: mmu_update [('slot', 'free_mfn', 261), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2088, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_11(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #12: mmu_update [('slot', 'free_mfn', 262), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2096, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_12(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #13: mmu_update [('slot', 'free_mfn', 263), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2104, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_13(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #14: mmu_update [('slot', 'free_mfn', 264), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2112, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_14(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #15: mmu_update [('slot', 'free_mfn', 265), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2120, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_15(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #16: mmu_update [('slot', 'free_mfn', 266), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2128, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_16(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #17: mmu_update [('slot', 'free_mfn', 267), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2136, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_17(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #18: mmu_update [('slot', 'free_mfn', 268), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2144, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_18(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #19: mmu_update [('slot', 'free_mfn', 269), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2152, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_19(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #20: mmu_update [('slot', 'free_mfn', 270), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2160, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_20(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # pin_l4_mapping_itself #21: mmu_update [('slot', 'free_mfn', 271), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2168, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_pin_l4_mapping_itself_21(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # maximum_gpfn #0: query [14]
+        movw $32752, scratch(%rip)
+        mov $14, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_maximum_gpfn_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -539,3 +1476,48 @@ s_map_mmio_0: .asciz "rc map_mmio.0 "
 s_bad_l1_flags_0: .asciz "rc bad_l1_flags.0 "
 s_memory_queries_0: .asciz "rc memory_queries.0 "
 s_memory_queries_1: .asciz "rc memory_queries.1 "
+s_mmu_update_cmd_is_ptr_and_7_0: .asciz "rc mmu_update_cmd_is_ptr_and_7.0 "
+s_mmu_update_cmd_is_ptr_and_7_1: .asciz "rc mmu_update_cmd_is_ptr_and_7.1 "
+s_l1e_frame_all_ones_0: .asciz "rc l1e_frame_all_ones.0 "
+s_l4e_not_ram_0: .asciz "rc l4e_not_ram.0 "
+s_request_list_in_xen_range_0: .asciz "rc request_list_in_xen_range.0 "
+s_request_list_in_xen_range_1: .asciz "rc request_list_in_xen_range.1 "
+s_request_list_in_xen_range_2: .asciz "rc request_list_in_xen_range.2 "
+s_request_list_in_xen_range_3: .asciz "rc request_list_in_xen_range.3 "
+s_preempted_with_null_list_0: .asciz "rc preempted_with_null_list.0 "
+s_preempted_with_null_list_1: .asciz "rc preempted_with_null_list.1 "
+s_uvm_flush_type_3_0: .asciz "rc uvm_flush_type_3.0 "
+s_uvm_otherdomain_0: .asciz "rc uvm_otherdomain.0 "
+s_uvm_otherdomain_1: .asciz "rc uvm_otherdomain.1 "
+s_uvm_otherdomain_2: .asciz "rc uvm_otherdomain.2 "
+s_set_ldt_in_xen_range_0: .asciz "rc set_ldt_in_xen_range.0 "
+s_set_ldt_in_xen_range_1: .asciz "rc set_ldt_in_xen_range.1 "
+s_pin_l2_mapping_itself_0: .asciz "rc pin_l2_mapping_itself.0 "
+s_pin_l2_mapping_itself_1: .asciz "rc pin_l2_mapping_itself.1 "
+s_pin_l2_mapping_itself_2: .asciz "rc pin_l2_mapping_itself.2 "
+s_pin_l2_mapping_itself_3: .asciz "rc pin_l2_mapping_itself.3 "
+s_pin_l2_mapping_itself_4: .asciz "rc pin_l2_mapping_itself.4 "
+s_pin_l2_mapping_itself_5: .asciz "rc pin_l2_mapping_itself.5 "
+s_pin_l4_mapping_itself_0: .asciz "rc pin_l4_mapping_itself.0 "
+s_pin_l4_mapping_itself_1: .asciz "rc pin_l4_mapping_itself.1 "
+s_pin_l4_mapping_itself_2: .asciz "rc pin_l4_mapping_itself.2 "
+s_pin_l4_mapping_itself_3: .asciz "rc pin_l4_mapping_itself.3 "
+s_pin_l4_mapping_itself_4: .asciz "rc pin_l4_mapping_itself.4 "
+s_pin_l4_mapping_itself_5: .asciz "rc pin_l4_mapping_itself.5 "
+s_pin_l4_mapping_itself_6: .asciz "rc pin_l4_mapping_itself.6 "
+s_pin_l4_mapping_itself_7: .asciz "rc pin_l4_mapping_itself.7 "
+s_pin_l4_mapping_itself_8: .asciz "rc pin_l4_mapping_itself.8 "
+s_pin_l4_mapping_itself_9: .asciz "rc pin_l4_mapping_itself.9 "
+s_pin_l4_mapping_itself_10: .asciz "rc pin_l4_mapping_itself.10 "
+s_pin_l4_mapping_itself_11: .asciz "rc pin_l4_mapping_itself.11 "
+s_pin_l4_mapping_itself_12: .asciz "rc pin_l4_mapping_itself.12 "
+s_pin_l4_mapping_itself_13: .asciz "rc pin_l4_mapping_itself.13 "
+s_pin_l4_mapping_itself_14: .asciz "rc pin_l4_mapping_itself.14 "
+s_pin_l4_mapping_itself_15: .asciz "rc pin_l4_mapping_itself.15 "
+s_pin_l4_mapping_itself_16: .asciz "rc pin_l4_mapping_itself.16 "
+s_pin_l4_mapping_itself_17: .asciz "rc pin_l4_mapping_itself.17 "
+s_pin_l4_mapping_itself_18: .asciz "rc pin_l4_mapping_itself.18 "
+s_pin_l4_mapping_itself_19: .asciz "rc pin_l4_mapping_itself.19 "
+s_pin_l4_mapping_itself_20: .asciz "rc pin_l4_mapping_itself.20 "
+s_pin_l4_mapping_itself_21: .asciz "rc pin_l4_mapping_itself.21 "
+s_maximum_gpfn_0: .asciz "rc maximum_gpfn.0 "

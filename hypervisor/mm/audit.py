@@ -75,7 +75,9 @@ def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
     types = np.zeros(ft.nr_frames, dtype=np.int64)
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
     refs[guest & ft.allocated] += 1  # the allocation reference
-    for _mfn, level, ptes, targets in validated_tables(hv):
+    for mfn, level, ptes, targets in validated_tables(hv):
+        if level > 1:  # a table mapping itself holds no reference
+            ptes, targets = ptes[targets != mfn], targets[targets != mfn]
         np.add.at(refs, targets, 1)
         if level == 1:
             np.add.at(types, targets[(ptes & np.uint64(_PAGE_RW)) != 0], 1)

@@ -4,4 +4,76 @@ constants are in tests/hypercalls/steps.py."""
 
 from __future__ import annotations
 
-CASES: dict[str, list[tuple]] = {}
+from hypervisor.public.arch_x86 import HYPERVISOR_VIRT_START, ROOT_PAGETABLE_FIRST_XEN_SLOT
+from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, ESRCH
+from hypervisor.public.memory import XENMEM_maximum_gpfn
+from hypervisor.public.xen import (
+    DOMID_SELF,
+    MMU_UPDATE_PREEMPTED,
+    MMUEXT_PIN_L2_TABLE,
+    MMUEXT_PIN_L4_TABLE,
+    MMUEXT_SET_LDT,
+    MMUEXT_UNPIN_TABLE,
+    UVMF_FLUSHTYPE_MASK,
+    Hypercall,
+)
+from tests.hypercalls.steps import OWN_DOMID, RO, RW
+
+XEN_VA = HYPERVISOR_VIRT_START  # a guest pointer into Xen's own range
+NON_CANONICAL = 1 << 47
+ALL_ONES_FRAME = (1 << 40) - 1  # PADDR_MASK >> PAGE_SHIFT: Xen's INVALID_MFN in a PTE
+
+
+def _pin_self_mapped(cmd: int) -> list[tuple]:
+    """The free page maps itself read-only in slot 300 and is pinned as a
+    table: allowed, as get_l2/l4_linear_pagetable allow a table to map
+    itself even while it is being validated. Then unpinned and cleared."""
+    return [("mmu_update", ("slot", "free_mfn", 300), ("pte", "free_mfn", RO), 0),
+            ("uvm", "free_va", ("pte", "free_mfn", RO), 0, 0),
+            ("mmuext", cmd, "free_mfn", 0, 0),
+            ("mmuext", MMUEXT_UNPIN_TABLE, "free_mfn", 0, 0),
+            ("uvm", "free_va", ("pte", "free_mfn", RW), 0, 0),
+            ("mmu_update", ("slot", "free_mfn", 300), 0, 0)]
+
+
+# a pinned L4 keeps the slots Xen filled in (init_xen_l4_slots): clear them
+_CLEAR_XEN_SLOTS = [("mmu_update", ("slot", "free_mfn", ROOT_PAGETABLE_FIRST_XEN_SLOT + n), 0, 0)
+                    for n in range(16)]
+
+CASES: dict[str, list[tuple]] = {
+    # do_mmu_update: the command is ptr & (sizeof(l1_pgentry_t) - 1); 4..7 are unknown
+    "mmu_update_cmd_is_ptr_and_7": [
+        ("mmu_update", ("pte", "free_mfn", 4), 0, -ENOSYS),
+        ("mmu_update", ("pte", "free_mfn", 5), "free_pfn", -ENOSYS)],
+    # get_page_from_l1e: a frame field of all ones is INVALID_MFN, not I/O space
+    "l1e_frame_all_ones": [("uvm", "free_va", ("pte", ALL_ONES_FRAME, RO), 0, -EINVAL)],
+    # get_page_and_type_from_mfn: above L1 a frame that is not RAM is no table
+    "l4e_not_ram": [("mmu_update", ("slot", "l4_mfn", 300), ("pte", "mmio_frame", RO), -EINVAL)],
+    # do_mmu_update / do_mmuext_op: guest_handle_okay before anything else
+    "request_list_in_xen_range": [
+        ("hypercall", Hypercall.mmu_update, XEN_VA, 1, 0, DOMID_SELF, -EFAULT),
+        ("hypercall", Hypercall.mmu_update, XEN_VA, 1, 0, 77, -EFAULT),
+        ("hypercall", Hypercall.mmuext_op, XEN_VA, 1, 0, DOMID_SELF, -EFAULT),
+        ("hypercall", Hypercall.mmuext_op, XEN_VA, 1, 0, 77, -EFAULT)],
+    # the continuation that carries a final result in foreigndom
+    "preempted_with_null_list": [
+        ("hypercall", Hypercall.mmu_update, 0, MMU_UPDATE_PREEMPTED, 0, DOMID_SELF, DOMID_SELF),
+        ("hypercall", Hypercall.mmuext_op, 0, MMU_UPDATE_PREEMPTED, 0, DOMID_SELF, DOMID_SELF)],
+    # __do_update_va_mapping: flush type 3 matches no case; the bitmap is never read
+    "uvm_flush_type_3": [
+        ("uvm", "free_va", ("pte", "free_mfn", RW), UVMF_FLUSHTYPE_MASK | NON_CANONICAL, 0)],
+    "uvm_otherdomain": [
+        ("hypercall", Hypercall.update_va_mapping_otherdomain, "free_va",
+         ("pte", "free_mfn", RW), 0, DOMID_SELF, 0),
+        ("hypercall", Hypercall.update_va_mapping_otherdomain, "free_va",
+         ("pte", "free_mfn", RW), 0, OWN_DOMID, -ESRCH),
+        ("hypercall", Hypercall.update_va_mapping_otherdomain, "free_va",
+         ("pte", "free_mfn", RW), 0, 77, -ESRCH)],
+    # do_mmuext_op SET_LDT: the base must pass __addr_ok
+    "set_ldt_in_xen_range": [("mmuext", MMUEXT_SET_LDT, XEN_VA, 1, -EINVAL),
+                             ("mmuext", MMUEXT_SET_LDT, 0, 0, 0)],
+    "pin_l2_mapping_itself": _pin_self_mapped(MMUEXT_PIN_L2_TABLE),
+    "pin_l4_mapping_itself": _pin_self_mapped(MMUEXT_PIN_L4_TABLE) + _CLEAR_XEN_SLOTS,
+    # domain_get_maximum_gpfn: shared_info's arch.max_pfn (the guest's) less one, or 0
+    "maximum_gpfn": [("query", XENMEM_maximum_gpfn, 0)],
+}

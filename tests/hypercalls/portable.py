@@ -10,7 +10,12 @@ by the guest at run time, the same way on both paths:
 * ``l4_mfn``: the bootstrap L4 (start_info.pt_base through the p2m list);
 * ``xen_frame``: a hypervisor frame (1); ``mmio_frame``: a frame beyond RAM;
 * ``("pte", sym, flags)``: sym << 12 | flags; ``("slot", sym, n)``: the machine
-  address of entry n of the table at mfn sym.
+  address of entry n of the table at mfn sym;
+* ``scratch_list``, ``scratch_list2``: bytes 128 and 192 of the step's 256-byte
+  scratch area (where a ``memop`` step's extent lists go).
+
+``("memop", cmd, ((offset, value), ...), expected)`` zeroes the scratch area,
+writes each value as a u64 at its offset and calls memory_op(cmd, scratch).
 """
 
 from __future__ import annotations

@@ -50,11 +50,12 @@ def run_python() -> dict[str, int]:
     def interpret(g: Guest) -> dict[str, int]:
         free_pfn = g.nr_pages - 1
         values = {"free_pfn": free_pfn, "free_mfn": g.mfn(free_pfn), "free_va": g.va(free_pfn),
-                  "l4_mfn": g.l4_mfn, "xen_frame": 1, "mmio_frame": 1 << 36}
+                  "l4_mfn": g.l4_mfn, "xen_frame": 1, "mmio_frame": 1 << 36,
+                  "scratch_list": g.scratch + 128, "scratch_list2": g.scratch + 192}
         out = {}
         for name, steps in CASES.items():
             for n, (kind, *args) in enumerate(steps):
-                a = [resolve(x, values) for x in args[:-1]]
+                a = [resolve(x, values) for x in args[:-1]] if kind != "memop" else args[:1]
                 if kind == "hypercall":
                     rc = g.cpu.hypercall(a[0], *a[1:])
                 elif kind == "uvm":
@@ -64,6 +65,8 @@ def run_python() -> dict[str, int]:
                     rc = g.mmuext1(a[0], a[1], a[2], foreigndom=fd)
                 elif kind == "mmu_update":
                     rc = g.mmu_update([(a[0], a[1])])[0]
+                elif kind == "memop":
+                    rc = memop(g, a[0], [(off, resolve(v, values)) for off, v in args[1]])
                 else:  # query
                     buf = g.scratch
                     g.cpu.write(buf, DOMID_SELF.to_bytes(2, "little"))
@@ -71,6 +74,14 @@ def run_python() -> dict[str, int]:
                 out[f"{name}.{n}"] = rc
         return out
     return run_case(interpret)
+
+
+def memop(g: Guest, cmd: int, words: list[tuple[int, int]]) -> int:
+    """memory_op(cmd, scratch) with a zeroed 256-byte scratch holding ``words``."""
+    g.cpu.write(g.scratch, bytes(256))
+    for off, value in words:
+        g.cpu.write_u64(g.scratch + off, value)
+    return g.cpu.hypercall(Hypercall.memory_op, cmd, g.scratch)
 
 
 def test_generated_x86_cases_are_up_to_date():

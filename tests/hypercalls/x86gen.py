@@ -14,7 +14,9 @@ from tests.hypercalls.portable import CASES
 
 _SYMBOLS = {"free_pfn": "call sym_free_pfn", "free_mfn": "call sym_free_mfn",
             "free_va": "call sym_free_va", "l4_mfn": "call sym_l4_mfn",
-            "xen_frame": "mov $1, %eax", "mmio_frame": "movabs $0x1000000000, %rax"}
+            "xen_frame": "mov $1, %eax", "mmio_frame": "movabs $0x1000000000, %rax",
+            "scratch_list": "lea scratch+128(%rip), %rax",
+            "scratch_list2": "lea scratch+192(%rip), %rax"}
 _ARG_REGS = ("%rdi", "%rsi", "%rdx", "%r10", "%r8")
 
 
@@ -59,6 +61,13 @@ def step(kind: str, args: list) -> list[str]:
                 + ["mov %rax, scratch+8(%rip)", "lea scratch(%rip), %rdi", "mov $1, %esi",
                    "lea scratch+32(%rip), %rdx", f"mov ${DOMID_SELF}, %r10d",
                    f"call hypercall_page + {Hypercall.mmu_update} * 32"])
+    if kind == "memop":
+        cmd, words = args
+        out = ["lea scratch(%rip), %rdi", "xor %eax, %eax", "mov $32, %ecx", "rep stosq"]
+        for off, value in words:
+            out += expr(value) + [f"mov %rax, scratch+{off}(%rip)"]
+        return out + [f"mov ${cmd}, %edi", "lea scratch(%rip), %rsi",
+                      f"call hypercall_page + {Hypercall.memory_op} * 32"]
     if kind == "query":
         return [f"movw ${DOMID_SELF}, scratch(%rip)", f"mov ${args[0]}, %edi",
                 "lea scratch(%rip), %rsi", f"call hypercall_page + {Hypercall.memory_op} * 32"]

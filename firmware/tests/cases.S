@@ -573,6 +573,111 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # l2e_not_ram #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_l2e_not_ram_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # l2e_not_ram #1: mmuext [1, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $1, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_l2e_not_ram_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # l2e_not_ram #2: mmu_update [('slot', 'free_mfn', 1), ('pte', 'mmio_frame', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $8, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x1000000000, %rax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_l2e_not_ram_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # l2e_not_ram #3: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_l2e_not_ram_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # l2e_not_ram #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_l2e_not_ram_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         # l4e_not_ram #0: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'mmio_frame', 37)]
         call sym_l4_mfn
         shl $12, %rax
@@ -1433,6 +1538,540 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # linear_chain #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_linear_chain_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #1: mmuext [3, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $3, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_linear_chain_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #2: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #3: mmu_update [('slot', 'free_mfn', 300), ('pte', 'l4_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_l4_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #4: mmu_update [('slot', 'l4_mfn', 300), 0]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #5: mmu_update [('slot', 'free_mfn', 300), ('pte', 'l4_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_l4_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #6: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #7: mmu_update [('slot', 'free_mfn', 300), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_7(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #8: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_linear_chain_8(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #9: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_linear_chain_9(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #10: mmu_update [('slot', 'free_mfn', 256), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2048, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_10(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #11: mmu_update [('slot', 'free_mfn', 257), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2056, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_11(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #12: mmu_update [('slot', 'free_mfn', 258), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2064, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_12(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #13: mmu_update [('slot', 'free_mfn', 259), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2072, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_13(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #14: mmu_update [('slot', 'free_mfn', 260), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2080, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_14(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #15: mmu_update [('slot', 'free_mfn', 261), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2088, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_15(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #16: mmu_update [('slot', 'free_mfn', 262), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2096, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_16(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #17: mmu_update [('slot', 'free_mfn', 263), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2104, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_17(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #18: mmu_update [('slot', 'free_mfn', 264), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2112, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_18(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #19: mmu_update [('slot', 'free_mfn', 265), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2120, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_19(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #20: mmu_update [('slot', 'free_mfn', 266), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2128, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_20(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #21: mmu_update [('slot', 'free_mfn', 267), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2136, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_21(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #22: mmu_update [('slot', 'free_mfn', 268), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2144, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_22(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #23: mmu_update [('slot', 'free_mfn', 269), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2152, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_23(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #24: mmu_update [('slot', 'free_mfn', 270), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2160, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_24(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # linear_chain #25: mmu_update [('slot', 'free_mfn', 271), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2168, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        push %rax
+        lea s_linear_chain_25(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         # maximum_gpfn #0: query [14]
         movw $32752, scratch(%rip)
         mov $14, %edi
@@ -1440,6 +2079,236 @@ test_main:
         call hypercall_page + 12 * 32
         push %rax
         lea s_maximum_gpfn_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # populate_physmap_mem_flags #0: memop [6, ((0, 'scratch_list'), (8, 1), (16, 51539607552), (24, 32752), (128, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0xc00000000, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+128(%rip)
+        mov $6, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_populate_physmap_mem_flags_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # populate_physmap_mem_flags #1: memop [6, ((0, 'scratch_list'), (8, 1), (16, 564049465049088), (24, 32752), (128, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x2010000000000, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+128(%rip)
+        mov $6, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_populate_physmap_mem_flags_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # populate_physmap_mem_flags #2: memop [6, ((0, 'scratch_list'), (8, 1), (16, 281474976710656), (24, 32752), (128, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x1000000000000, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+128(%rip)
+        mov $6, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_populate_physmap_mem_flags_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # exchange_refused #0: memop [11, ((0, 'scratch_list'), (8, 1), (16, 10), (24, 32752), (32, 'scratch_list2'), (40, 1), (48, 0), (56, 32752), (128, 'free_mfn'), (192, 'free_pfn'), (200, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0xa, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        lea scratch+192(%rip), %rax
+        mov %rax, scratch+32(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+40(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+48(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+56(%rip)
+        call sym_free_mfn
+        mov %rax, scratch+128(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+192(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+200(%rip)
+        mov $11, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_exchange_refused_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # exchange_refused #1: memop [11, ((0, 'scratch_list'), (8, 1), (16, 0), (24, 32752), (32, 'scratch_list2'), (40, 2), (48, 0), (56, 32752), (128, 'free_mfn'), (192, 'free_pfn'), (200, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        lea scratch+192(%rip), %rax
+        mov %rax, scratch+32(%rip)
+        movabs $0x2, %rax
+        mov %rax, scratch+40(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+48(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+56(%rip)
+        call sym_free_mfn
+        mov %rax, scratch+128(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+192(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+200(%rip)
+        mov $11, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_exchange_refused_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # exchange_refused #2: memop [75, ((0, 'scratch_list'), (8, 1), (16, 0), (24, 32752), (32, 'scratch_list2'), (40, 1), (48, 0), (56, 32752), (128, 'free_mfn'), (192, 'free_pfn'), (200, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        lea scratch+192(%rip), %rax
+        mov %rax, scratch+32(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+40(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+48(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+56(%rip)
+        call sym_free_mfn
+        mov %rax, scratch+128(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+192(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+200(%rip)
+        mov $75, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_exchange_refused_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # exchange_refused #3: memop [11, ((0, 'scratch_list'), (8, 1), (16, 0), (24, 32752), (32, 'scratch_list2'), (40, 1), (48, 0), (56, 32752), (128, 'free_mfn'), (192, 'free_pfn'), (200, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        lea scratch+192(%rip), %rax
+        mov %rax, scratch+32(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+40(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+48(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+56(%rip)
+        call sym_free_mfn
+        mov %rax, scratch+128(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+192(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+200(%rip)
+        mov $11, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_exchange_refused_3(%rip), %rdi
         call puts
         mov (%rsp), %rdi
         call put_hex
@@ -1479,6 +2348,11 @@ s_memory_queries_1: .asciz "rc memory_queries.1 "
 s_mmu_update_cmd_is_ptr_and_7_0: .asciz "rc mmu_update_cmd_is_ptr_and_7.0 "
 s_mmu_update_cmd_is_ptr_and_7_1: .asciz "rc mmu_update_cmd_is_ptr_and_7.1 "
 s_l1e_frame_all_ones_0: .asciz "rc l1e_frame_all_ones.0 "
+s_l2e_not_ram_0: .asciz "rc l2e_not_ram.0 "
+s_l2e_not_ram_1: .asciz "rc l2e_not_ram.1 "
+s_l2e_not_ram_2: .asciz "rc l2e_not_ram.2 "
+s_l2e_not_ram_3: .asciz "rc l2e_not_ram.3 "
+s_l2e_not_ram_4: .asciz "rc l2e_not_ram.4 "
 s_l4e_not_ram_0: .asciz "rc l4e_not_ram.0 "
 s_request_list_in_xen_range_0: .asciz "rc request_list_in_xen_range.0 "
 s_request_list_in_xen_range_1: .asciz "rc request_list_in_xen_range.1 "
@@ -1520,4 +2394,37 @@ s_pin_l4_mapping_itself_18: .asciz "rc pin_l4_mapping_itself.18 "
 s_pin_l4_mapping_itself_19: .asciz "rc pin_l4_mapping_itself.19 "
 s_pin_l4_mapping_itself_20: .asciz "rc pin_l4_mapping_itself.20 "
 s_pin_l4_mapping_itself_21: .asciz "rc pin_l4_mapping_itself.21 "
+s_linear_chain_0: .asciz "rc linear_chain.0 "
+s_linear_chain_1: .asciz "rc linear_chain.1 "
+s_linear_chain_2: .asciz "rc linear_chain.2 "
+s_linear_chain_3: .asciz "rc linear_chain.3 "
+s_linear_chain_4: .asciz "rc linear_chain.4 "
+s_linear_chain_5: .asciz "rc linear_chain.5 "
+s_linear_chain_6: .asciz "rc linear_chain.6 "
+s_linear_chain_7: .asciz "rc linear_chain.7 "
+s_linear_chain_8: .asciz "rc linear_chain.8 "
+s_linear_chain_9: .asciz "rc linear_chain.9 "
+s_linear_chain_10: .asciz "rc linear_chain.10 "
+s_linear_chain_11: .asciz "rc linear_chain.11 "
+s_linear_chain_12: .asciz "rc linear_chain.12 "
+s_linear_chain_13: .asciz "rc linear_chain.13 "
+s_linear_chain_14: .asciz "rc linear_chain.14 "
+s_linear_chain_15: .asciz "rc linear_chain.15 "
+s_linear_chain_16: .asciz "rc linear_chain.16 "
+s_linear_chain_17: .asciz "rc linear_chain.17 "
+s_linear_chain_18: .asciz "rc linear_chain.18 "
+s_linear_chain_19: .asciz "rc linear_chain.19 "
+s_linear_chain_20: .asciz "rc linear_chain.20 "
+s_linear_chain_21: .asciz "rc linear_chain.21 "
+s_linear_chain_22: .asciz "rc linear_chain.22 "
+s_linear_chain_23: .asciz "rc linear_chain.23 "
+s_linear_chain_24: .asciz "rc linear_chain.24 "
+s_linear_chain_25: .asciz "rc linear_chain.25 "
 s_maximum_gpfn_0: .asciz "rc maximum_gpfn.0 "
+s_populate_physmap_mem_flags_0: .asciz "rc populate_physmap_mem_flags.0 "
+s_populate_physmap_mem_flags_1: .asciz "rc populate_physmap_mem_flags.1 "
+s_populate_physmap_mem_flags_2: .asciz "rc populate_physmap_mem_flags.2 "
+s_exchange_refused_0: .asciz "rc exchange_refused.0 "
+s_exchange_refused_1: .asciz "rc exchange_refused.1 "
+s_exchange_refused_2: .asciz "rc exchange_refused.2 "
+s_exchange_refused_3: .asciz "rc exchange_refused.3 "

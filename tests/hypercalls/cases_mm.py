@@ -5,8 +5,16 @@ constants are in tests/hypercalls/steps.py."""
 from __future__ import annotations
 
 from hypervisor.public.arch_x86 import HYPERVISOR_VIRT_START, ROOT_PAGETABLE_FIRST_XEN_SLOT
-from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, ESRCH
-from hypervisor.public.memory import XENMEM_maximum_gpfn
+from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH
+from hypervisor.public.memory import (
+    MEMOP_EXTENT_SHIFT,
+    XENMEM_exchange,
+    XENMEM_maximum_gpfn,
+    XENMEM_populate_physmap,
+    XENMEMF_address_bits,
+    XENMEMF_exact_node,
+    XENMEMF_populate_on_demand,
+)
 from hypervisor.public.xen import (
     DOMID_SELF,
     MMU_UPDATE_PREEMPTED,
@@ -36,9 +44,42 @@ def _pin_self_mapped(cmd: int) -> list[tuple]:
             ("mmu_update", ("slot", "free_mfn", 300), 0, 0)]
 
 
+def _pinned_free_page(cmd: int, steps: list[tuple]) -> list[tuple]:
+    """``steps`` with the free page pinned by ``cmd`` (read-only in the
+    guest's mapping meanwhile), then unpinned and mapped writable again."""
+    return [("uvm", "free_va", ("pte", "free_mfn", RO), 0, 0),
+            ("mmuext", cmd, "free_mfn", 0, 0), *steps,
+            ("mmuext", MMUEXT_UNPIN_TABLE, "free_mfn", 0, 0),
+            ("uvm", "free_va", ("pte", "free_mfn", RW), 0, 0)]
+
+
+_CUR_300 = ("slot", "l4_mfn", 300)
+_FREE_300 = ("slot", "free_mfn", 300)
+
 # a pinned L4 keeps the slots Xen filled in (init_xen_l4_slots): clear them
 _CLEAR_XEN_SLOTS = [("mmu_update", ("slot", "free_mfn", ROOT_PAGETABLE_FIRST_XEN_SLOT + n), 0, 0)
                     for n in range(16)]
+
+
+
+def _reservation(at: int, lst: str, nr: int, order: int = 0, flags: int = 0) -> tuple:
+    """A xen_memory_reservation at offset ``at`` of a memop step's scratch."""
+    return ((at, lst), (at + 8, nr), (at + 16, order | flags << 32), (at + 24, DOMID_SELF))
+
+
+def _populate(flags: int) -> tuple:
+    return ("memop", XENMEM_populate_physmap,
+            (*_reservation(0, "scratch_list", 1, flags=flags), (128, "free_pfn")), 0)
+
+
+def _exchange(in_order: int = 0, out_nr: int = 1, start: int = 0, expected: int = 0) -> tuple:
+    """Exchange the free page's frame (still mapped by the guest: not stealable)
+    for a new frame at its pfn."""
+    return ("memop", XENMEM_exchange | start << MEMOP_EXTENT_SHIFT,
+            (*_reservation(0, "scratch_list", 1, in_order),
+             *_reservation(32, "scratch_list2", out_nr), (128, "free_mfn"),
+             (192, "free_pfn"), (200, "free_pfn")), expected)
+
 
 CASES: dict[str, list[tuple]] = {
     # do_mmu_update: the command is ptr & (sizeof(l1_pgentry_t) - 1); 4..7 are unknown
@@ -48,6 +89,8 @@ CASES: dict[str, list[tuple]] = {
     # get_page_from_l1e: a frame field of all ones is INVALID_MFN, not I/O space
     "l1e_frame_all_ones": [("uvm", "free_va", ("pte", ALL_ONES_FRAME, RO), 0, -EINVAL)],
     # get_page_and_type_from_mfn: above L1 a frame that is not RAM is no table
+    "l2e_not_ram": _pinned_free_page(MMUEXT_PIN_L2_TABLE, [
+        ("mmu_update", ("slot", "free_mfn", 1), ("pte", "mmio_frame", RO), -EINVAL)]),
     "l4e_not_ram": [("mmu_update", ("slot", "l4_mfn", 300), ("pte", "mmio_frame", RO), -EINVAL)],
     # do_mmu_update / do_mmuext_op: guest_handle_okay before anything else
     "request_list_in_xen_range": [
@@ -74,6 +117,24 @@ CASES: dict[str, list[tuple]] = {
                              ("mmuext", MMUEXT_SET_LDT, 0, 0, 0)],
     "pin_l2_mapping_itself": _pin_self_mapped(MMUEXT_PIN_L2_TABLE),
     "pin_l4_mapping_itself": _pin_self_mapped(MMUEXT_PIN_L4_TABLE) + _CLEAR_XEN_SLOTS,
+    # get_l4_linear_pagetable: a table used linearly may not hold linear
+    # entries (inc_linear_entries), one holding them may not be used so
+    "linear_chain": _pinned_free_page(MMUEXT_PIN_L4_TABLE, [
+        ("mmu_update", _CUR_300, ("pte", "free_mfn", RO), 0),
+        ("mmu_update", _FREE_300, ("pte", "l4_mfn", RO), -EINVAL),
+        ("mmu_update", _CUR_300, 0, 0),
+        ("mmu_update", _FREE_300, ("pte", "l4_mfn", RO), 0),
+        ("mmu_update", _CUR_300, ("pte", "free_mfn", RO), -EINVAL),
+        ("mmu_update", _FREE_300, 0, 0)]) + _CLEAR_XEN_SLOTS,
     # domain_get_maximum_gpfn: shared_info's arch.max_pfn (the guest's) less one, or 0
     "maximum_gpfn": [("query", XENMEM_maximum_gpfn, 0)],
+    # construct_memop_from_reservation, propagate_node, populate_physmap: 0 extents
+    "populate_physmap_mem_flags": [_populate(XENMEMF_address_bits(12)),
+                                   _populate(XENMEMF_exact_node(0)),
+                                   _populate(XENMEMF_populate_on_demand)],
+    # memory_exchange's early checks, do_memory_op's start extent, steal_page
+    "exchange_refused": [_exchange(in_order=10, expected=-EPERM),
+                         _exchange(out_nr=2, expected=-EINVAL),
+                         _exchange(start=1, expected=-EINVAL),
+                         _exchange(expected=-EINVAL)],
 }

@@ -16,6 +16,10 @@ by the guest at run time, the same way on both paths:
 
 ``("memop", cmd, ((offset, value), ...), expected)`` zeroes the scratch area,
 writes each value as a u64 at its offset and calls memory_op(cmd, scratch).
+``("reseat_free", offset, expected)`` gives the free pfn the frame whose mfn a
+memop wrote at scratch+offset (the guest's p2m) and maps it writable at
+free_va again (update_va_mapping's result): a case that traded the free page's
+frame away leaves the guest as it found it.
 """
 
 from __future__ import annotations

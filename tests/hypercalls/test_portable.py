@@ -14,7 +14,7 @@ from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE
 from tests.hypercalls.guest import Guest, run_case
-from tests.hypercalls.portable import ANY, CASES, resolve
+from tests.hypercalls.portable import ANY, CASES, RW, resolve
 from tests.hypercalls.x86gen import generate
 
 
@@ -67,6 +67,8 @@ def run_python() -> dict[str, int]:
                     rc = g.mmu_update([(a[0], a[1])])[0]
                 elif kind == "memop":
                     rc = memop(g, a[0], [(off, resolve(v, values)) for off, v in args[1]])
+                elif kind == "reseat_free":
+                    rc = reseat_free(g, a[0], values)
                 else:  # query
                     buf = g.scratch
                     g.cpu.write(buf, DOMID_SELF.to_bytes(2, "little"))
@@ -82,6 +84,16 @@ def memop(g: Guest, cmd: int, words: list[tuple[int, int]]) -> int:
     for off, value in words:
         g.cpu.write_u64(g.scratch + off, value)
     return g.cpu.hypercall(Hypercall.memory_op, cmd, g.scratch)
+
+
+def reseat_free(g: Guest, offset: int, values: dict[str, int]) -> int:
+    """The free pfn takes the frame whose mfn is at scratch+offset: p2m, then
+    the guest's mapping at free_va (update_va_mapping's result)."""
+    mfn = g.cpu.read_u64(g.scratch + offset)
+    free_pfn = values["free_pfn"]
+    g.cpu.write_u64(g.si.mfn_list + 8 * free_pfn, mfn)
+    values["free_mfn"] = mfn
+    return g.update_va_mapping(g.va(free_pfn), (mfn << 12) | RW)
 
 
 def test_generated_x86_cases_are_up_to_date():

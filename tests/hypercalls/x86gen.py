@@ -10,7 +10,7 @@ the 64-bit PV ABI (rdi, rsi, rdx, r10, r8), and prints ``rc <case>.<n> <hex>``.
 from __future__ import annotations
 
 from hypervisor.public.xen import DOMID_SELF, Hypercall
-from tests.hypercalls.portable import CASES
+from tests.hypercalls.portable import CASES, RW
 
 _SYMBOLS = {"free_pfn": "call sym_free_pfn", "free_mfn": "call sym_free_mfn",
             "free_va": "call sym_free_va", "l4_mfn": "call sym_l4_mfn",
@@ -68,6 +68,12 @@ def step(kind: str, args: list) -> list[str]:
             out += expr(value) + [f"mov %rax, scratch+{off}(%rip)"]
         return out + [f"mov ${cmd}, %edi", "lea scratch(%rip), %rsi",
                       f"call hypercall_page + {Hypercall.memory_op} * 32"]
+    if kind == "reseat_free":
+        # p2m[free_pfn] = the mfn at scratch+offset; map it at free_va again
+        return ([f"mov scratch+{args[0]}(%rip), %rax", "push %rax", "call sym_free_pfn",
+                 "mov start_info(%rip), %rcx", "mov 104(%rcx), %rcx", "pop %rdx",
+                 "mov %rdx, (%rcx,%rax,8)"]
+                + call(Hypercall.update_va_mapping, ["free_va", ("pte", "free_mfn", RW), 0]))
     if kind == "query":
         return [f"movw ${DOMID_SELF}, scratch(%rip)", f"mov ${args[0]}, %edi",
                 "lea scratch(%rip), %rsi", f"call hypercall_page + {Hypercall.memory_op} * 32"]

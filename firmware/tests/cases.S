@@ -2315,6 +2315,252 @@ test_main:
         lea s_newline(%rip), %rdi
         call puts
         pop %rax
+        # decrease_keeps_the_pin #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_decrease_keeps_the_pin_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # decrease_keeps_the_pin #1: mmuext [0, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $0, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_decrease_keeps_the_pin_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # decrease_keeps_the_pin #2: uvm ['free_va', 0, 0]
+        call sym_free_va
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_decrease_keeps_the_pin_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # decrease_keeps_the_pin #3: memop [1, ((0, 'scratch_list'), (8, 1), (16, 0), (24, 32752), (128, 'free_mfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        call sym_free_mfn
+        mov %rax, scratch+128(%rip)
+        mov $1, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_decrease_keeps_the_pin_3(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # decrease_keeps_the_pin #4: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 26 * 32
+        push %rax
+        lea s_decrease_keeps_the_pin_4(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # decrease_keeps_the_pin #5: memop [6, ((0, 'scratch_list'), (8, 1), (16, 0), (24, 32752), (128, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+128(%rip)
+        mov $6, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_decrease_keeps_the_pin_5(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # decrease_keeps_the_pin #6: reseat_free [128]
+        mov scratch+128(%rip), %rax
+        push %rax
+        call sym_free_pfn
+        mov start_info(%rip), %rcx
+        mov 104(%rcx), %rcx
+        pop %rdx
+        mov %rdx, (%rcx,%rax,8)
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_decrease_keeps_the_pin_6(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # exchange_one_frame #0: uvm ['free_va', 0, 0]
+        call sym_free_va
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_exchange_one_frame_0(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # exchange_one_frame #1: memop [11, ((0, 'scratch_list'), (8, 1), (16, 0), (24, 32752), (32, 'scratch_list2'), (40, 1), (48, 0), (56, 32752), (128, 'free_mfn'), (192, 'free_pfn'), (200, 'free_pfn'))]
+        lea scratch(%rip), %rdi
+        xor %eax, %eax
+        mov $32, %ecx
+        rep stosq
+        lea scratch+128(%rip), %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+24(%rip)
+        lea scratch+192(%rip), %rax
+        mov %rax, scratch+32(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+40(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+48(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, scratch+56(%rip)
+        call sym_free_mfn
+        mov %rax, scratch+128(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+192(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+200(%rip)
+        mov $11, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        push %rax
+        lea s_exchange_one_frame_1(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
+        # exchange_one_frame #2: reseat_free [192]
+        mov scratch+192(%rip), %rax
+        push %rax
+        call sym_free_pfn
+        mov start_info(%rip), %rcx
+        mov 104(%rcx), %rcx
+        pop %rdx
+        mov %rdx, (%rcx,%rax,8)
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        push %rax
+        lea s_exchange_one_frame_2(%rip), %rdi
+        call puts
+        mov (%rsp), %rdi
+        call put_hex
+        lea s_newline(%rip), %rdi
+        call puts
+        pop %rax
         ret
 
         .section .rodata
@@ -2428,3 +2674,13 @@ s_exchange_refused_0: .asciz "rc exchange_refused.0 "
 s_exchange_refused_1: .asciz "rc exchange_refused.1 "
 s_exchange_refused_2: .asciz "rc exchange_refused.2 "
 s_exchange_refused_3: .asciz "rc exchange_refused.3 "
+s_decrease_keeps_the_pin_0: .asciz "rc decrease_keeps_the_pin.0 "
+s_decrease_keeps_the_pin_1: .asciz "rc decrease_keeps_the_pin.1 "
+s_decrease_keeps_the_pin_2: .asciz "rc decrease_keeps_the_pin.2 "
+s_decrease_keeps_the_pin_3: .asciz "rc decrease_keeps_the_pin.3 "
+s_decrease_keeps_the_pin_4: .asciz "rc decrease_keeps_the_pin.4 "
+s_decrease_keeps_the_pin_5: .asciz "rc decrease_keeps_the_pin.5 "
+s_decrease_keeps_the_pin_6: .asciz "rc decrease_keeps_the_pin.6 "
+s_exchange_one_frame_0: .asciz "rc exchange_one_frame.0 "
+s_exchange_one_frame_1: .asciz "rc exchange_one_frame.1 "
+s_exchange_one_frame_2: .asciz "rc exchange_one_frame.2 "

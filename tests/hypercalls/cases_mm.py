@@ -8,6 +8,7 @@ from hypervisor.public.arch_x86 import HYPERVISOR_VIRT_START, ROOT_PAGETABLE_FIR
 from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH
 from hypervisor.public.memory import (
     MEMOP_EXTENT_SHIFT,
+    XENMEM_decrease_reservation,
     XENMEM_exchange,
     XENMEM_maximum_gpfn,
     XENMEM_populate_physmap,
@@ -18,6 +19,7 @@ from hypervisor.public.memory import (
 from hypervisor.public.xen import (
     DOMID_SELF,
     MMU_UPDATE_PREEMPTED,
+    MMUEXT_PIN_L1_TABLE,
     MMUEXT_PIN_L2_TABLE,
     MMUEXT_PIN_L4_TABLE,
     MMUEXT_SET_LDT,
@@ -67,9 +69,9 @@ def _reservation(at: int, lst: str, nr: int, order: int = 0, flags: int = 0) -> 
     return ((at, lst), (at + 8, nr), (at + 16, order | flags << 32), (at + 24, DOMID_SELF))
 
 
-def _populate(flags: int) -> tuple:
+def _populate(flags: int, expected: int = 0) -> tuple:
     return ("memop", XENMEM_populate_physmap,
-            (*_reservation(0, "scratch_list", 1, flags=flags), (128, "free_pfn")), 0)
+            (*_reservation(0, "scratch_list", 1, flags=flags), (128, "free_pfn")), expected)
 
 
 def _exchange(in_order: int = 0, out_nr: int = 1, start: int = 0, expected: int = 0) -> tuple:
@@ -137,4 +139,19 @@ CASES: dict[str, list[tuple]] = {
                          _exchange(out_nr=2, expected=-EINVAL),
                          _exchange(start=1, expected=-EINVAL),
                          _exchange(expected=-EINVAL)],
+    # guest_remove_page no longer unpins (XSA-252 fix): the guest's UNPIN
+    # succeeds and frees the frame; then the pfn is populated again
+    "decrease_keeps_the_pin": [
+        ("uvm", "free_va", ("pte", "free_mfn", RO), 0, 0),
+        ("mmuext", MMUEXT_PIN_L1_TABLE, "free_mfn", 0, 0),
+        ("uvm", "free_va", 0, 0, 0),
+        ("memop", XENMEM_decrease_reservation,
+         (*_reservation(0, "scratch_list", 1), (128, "free_mfn")), 1),
+        ("mmuext", MMUEXT_UNPIN_TABLE, "free_mfn", 0, 0),
+        _populate(0, expected=1),
+        ("reseat_free", 128, 0)],
+    # memory_exchange of the (unmapped) free page's frame for a new one
+    "exchange_one_frame": [("uvm", "free_va", 0, 0, 0),
+                           _exchange(expected=0),
+                           ("reseat_free", 192, 0)],
 }

@@ -187,4 +187,3 @@ class Reservation:
             types.put_page(mfn)
         types.put_page(mfn)
         return 0
-

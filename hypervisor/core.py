@@ -87,6 +87,7 @@ class Hypervisor:
             Hypercall.stack_switch: do_stack_switch,
             Hypercall.set_callbacks: do_set_callbacks,
             Hypercall.update_va_mapping: self.mmu.update_va_mapping,
+            Hypercall.update_va_mapping_otherdomain: self.mmu.update_va_mapping_otherdomain,
             Hypercall.multicall: do_multicall,
             Hypercall.memory_op: self.reservation.memory_op,
             Hypercall.set_timer_op: do_set_timer_op,

@@ -83,15 +83,18 @@ def test_cannot_free_another_domains_frame(two_domains):
 
 
 def test_foreign_page_owner_is_refused(two_domains):
-    """Naming another existing domain as page owner (or pagetable owner):
-    XSM_TARGET refuses a domU."""
+    """Naming another existing domain as page owner (or pagetable owner), in
+    mmu_update, mmuext_op or update_va_mapping_otherdomain: XSM_TARGET refuses
+    a domU."""
     def case(g, frames, domid):
         pfn, mfn = g.alloc()
         return (g.mmu_update([(g.l1e_maddr(g.va(pfn)), (mfn << 12) | RO)], foreigndom=domid),
                 g.mmu_update([(g.l1e_maddr(g.va(pfn)), (mfn << 12) | RO)],
                              foreigndom=0x7FF0 | (domid + 1) << 16),
-                g.mmuext1(MMUEXT_TLB_FLUSH_LOCAL, foreigndom=domid))
-    assert two_domains(case) == ((-EPERM, 0), (-EPERM, 0), -EPERM)
+                g.mmuext1(MMUEXT_TLB_FLUSH_LOCAL, foreigndom=domid),
+                g.cpu.hypercall(Hypercall.update_va_mapping_otherdomain, g.va(pfn),
+                                (mfn << 12) | RO, 0, domid))
+    assert two_domains(case) == ((-EPERM, 0), (-EPERM, 0), -EPERM, -EPERM)
 
 
 def test_other_domains_reservation_is_refused(two_domains):

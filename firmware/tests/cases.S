@@ -3068,6 +3068,2845 @@ e_evtchn_virq_second_vcpu:
         mov $1, %edx
         call check_rc
 e_sched_op:
+        # mmu_update_cmd_is_ptr_and_7 #0: mmu_update [('pte', 'free_mfn', 4), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x4, %rcx
+        or %rcx, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_cmd_is_ptr_and_7_0(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_cmd_is_ptr_and_7 #1: mmu_update [('pte', 'free_mfn', 5), 'free_pfn']
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x5, %rcx
+        or %rcx, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_cmd_is_ptr_and_7_1(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmu_update_cmd_is_ptr_and_7:
+        # l1e_frame_all_ones #0: uvm ['free_va', ('pte', 1099511627775, 37), 0]
+        call sym_free_va
+        push %rax
+        movabs $0xffffffffff, %rax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_l1e_frame_all_ones_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_l1e_frame_all_ones:
+        # l2e_not_ram #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_l2e_not_ram_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # l2e_not_ram #1: mmuext [1, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $1, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_l2e_not_ram_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # l2e_not_ram #2: mmu_update [('slot', 'free_mfn', 1), ('pte', 'mmio_frame', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $8, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x1000000000, %rax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_l2e_not_ram_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # l2e_not_ram #3: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_l2e_not_ram_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # l2e_not_ram #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_l2e_not_ram_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_l2e_not_ram:
+        # l4e_not_ram #0: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'mmio_frame', 37)]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x1000000000, %rax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_l4e_not_ram_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_l4e_not_ram:
+        # request_list_in_xen_range #0: hypercall [1, 18446603336221196288, 1, 0, 32752]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        lea s_request_list_in_xen_range_0(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range #1: hypercall [1, 18446603336221196288, 1, 0, 77]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        lea s_request_list_in_xen_range_1(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range #2: hypercall [26, 18446603336221196288, 1, 0, 32752]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        lea s_request_list_in_xen_range_2(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range #3: hypercall [26, 18446603336221196288, 1, 0, 77]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        lea s_request_list_in_xen_range_3(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_request_list_in_xen_range:
+        # preempted_with_null_list #0: hypercall [1, 0, 2147483648, 0, 32752]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x80000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        lea s_preempted_with_null_list_0(%rip), %rdi
+        movabs $0x7ff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # preempted_with_null_list #1: hypercall [26, 0, 2147483648, 0, 32752]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x80000000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        lea s_preempted_with_null_list_1(%rip), %rdi
+        movabs $0x7ff0, %rsi
+        mov $1, %edx
+        call check_rc
+e_preempted_with_null_list:
+        # uvm_flush_type_3 #0: uvm ['free_va', ('pte', 'free_mfn', 103), 140737488355331]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x800000000003, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_uvm_flush_type_3_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_uvm_flush_type_3:
+        # uvm_otherdomain #0: hypercall [22, 'free_va', ('pte', 'free_mfn', 103), 0, 32752]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 22 * 32
+        lea s_uvm_otherdomain_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # uvm_otherdomain #1: hypercall [22, 'free_va', ('pte', 'free_mfn', 103), 0, 1]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 22 * 32
+        lea s_uvm_otherdomain_1(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # uvm_otherdomain #2: hypercall [22, 'free_va', ('pte', 'free_mfn', 103), 0, 77]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 22 * 32
+        lea s_uvm_otherdomain_2(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+e_uvm_otherdomain:
+        # set_ldt_in_xen_range #0: mmuext [13, 18446603336221196288, 1]
+        movabs $0xffff800000000000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x1, %rax
+        mov %rax, scratch+16(%rip)
+        movq $13, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_set_ldt_in_xen_range_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # set_ldt_in_xen_range #1: mmuext [13, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $13, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_set_ldt_in_xen_range_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_set_ldt_in_xen_range:
+        # pin_l2_mapping_itself #0: mmu_update [('slot', 'free_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l2_mapping_itself_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_mapping_itself #1: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_mapping_itself_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_mapping_itself #2: mmuext [1, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $1, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l2_mapping_itself_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_mapping_itself #3: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l2_mapping_itself_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_mapping_itself #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_mapping_itself_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_mapping_itself #5: mmu_update [('slot', 'free_mfn', 300), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l2_mapping_itself_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_l2_mapping_itself:
+        # pin_l4_mapping_itself #0: mmu_update [('slot', 'free_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #1: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l4_mapping_itself_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #2: mmuext [3, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $3, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l4_mapping_itself_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #3: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l4_mapping_itself_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #4: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l4_mapping_itself_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #5: mmu_update [('slot', 'free_mfn', 300), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #6: mmu_update [('slot', 'free_mfn', 256), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2048, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #7: mmu_update [('slot', 'free_mfn', 257), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2056, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_7(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #8: mmu_update [('slot', 'free_mfn', 258), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2064, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_8(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #9: mmu_update [('slot', 'free_mfn', 259), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2072, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_9(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #10: mmu_update [('slot', 'free_mfn', 260), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2080, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_10(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #11: mmu_update [('slot', 'free_mfn', 261), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2088, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_11(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #12: mmu_update [('slot', 'free_mfn', 262), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2096, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_12(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #13: mmu_update [('slot', 'free_mfn', 263), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2104, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_13(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #14: mmu_update [('slot', 'free_mfn', 264), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2112, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_14(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #15: mmu_update [('slot', 'free_mfn', 265), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2120, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_15(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #16: mmu_update [('slot', 'free_mfn', 266), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2128, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_16(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #17: mmu_update [('slot', 'free_mfn', 267), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2136, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_17(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #18: mmu_update [('slot', 'free_mfn', 268), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2144, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_18(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #19: mmu_update [('slot', 'free_mfn', 269), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2152, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_19(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #20: mmu_update [('slot', 'free_mfn', 270), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2160, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_20(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_mapping_itself #21: mmu_update [('slot', 'free_mfn', 271), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2168, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_pin_l4_mapping_itself_21(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_l4_mapping_itself:
+        # linear_chain #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_linear_chain_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #1: mmuext [3, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $3, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_linear_chain_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #2: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #3: mmu_update [('slot', 'free_mfn', 300), ('pte', 'l4_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_l4_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #4: mmu_update [('slot', 'l4_mfn', 300), 0]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #5: mmu_update [('slot', 'free_mfn', 300), ('pte', 'l4_mfn', 37)]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_l4_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #6: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'free_mfn', 37)]
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_6(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #7: mmu_update [('slot', 'free_mfn', 300), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2400, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_7(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #8: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_linear_chain_8(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #9: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_linear_chain_9(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #10: mmu_update [('slot', 'free_mfn', 256), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2048, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_10(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #11: mmu_update [('slot', 'free_mfn', 257), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2056, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_11(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #12: mmu_update [('slot', 'free_mfn', 258), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2064, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_12(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #13: mmu_update [('slot', 'free_mfn', 259), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2072, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_13(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #14: mmu_update [('slot', 'free_mfn', 260), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2080, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_14(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #15: mmu_update [('slot', 'free_mfn', 261), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2088, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_15(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #16: mmu_update [('slot', 'free_mfn', 262), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2096, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_16(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #17: mmu_update [('slot', 'free_mfn', 263), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2104, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_17(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #18: mmu_update [('slot', 'free_mfn', 264), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2112, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_18(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #19: mmu_update [('slot', 'free_mfn', 265), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2120, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_19(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #20: mmu_update [('slot', 'free_mfn', 266), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2128, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_20(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #21: mmu_update [('slot', 'free_mfn', 267), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2136, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_21(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #22: mmu_update [('slot', 'free_mfn', 268), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2144, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_22(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #23: mmu_update [('slot', 'free_mfn', 269), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2152, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_23(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #24: mmu_update [('slot', 'free_mfn', 270), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2160, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_24(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # linear_chain #25: mmu_update [('slot', 'free_mfn', 271), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $2168, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_linear_chain_25(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_linear_chain:
+        # maximum_gpfn #0: query [14]
+        movw $32752, scratch(%rip)
+        mov $14, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        lea s_maximum_gpfn_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_maximum_gpfn:
+        # populate_physmap_mem_flags #0: mem [12, [6, ('buf', 0)], [('buf', 128), 1, 51539607552, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0xc00000000, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_populate_physmap_mem_flags_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # populate_physmap_mem_flags #1: mem [12, [6, ('buf', 0)], [('buf', 128), 1, 564049465049088, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x2010000000000, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_populate_physmap_mem_flags_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # populate_physmap_mem_flags #2: mem [12, [6, ('buf', 0)], [('buf', 128), 1, 281474976710656, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x1000000000000, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_populate_physmap_mem_flags_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_populate_physmap_mem_flags:
+        # exchange_refused #0: mem [12, [11, ('buf', 0)], [('buf', 128), 1, 10, 32752, ('buf', 192), 1, 0, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 'free_mfn', 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 'free_pfn', 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0xa, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        lea scratch+192(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0xb, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_exchange_refused_0(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+        # exchange_refused #1: mem [12, [11, ('buf', 0)], [('buf', 128), 1, 0, 32752, ('buf', 192), 2, 0, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 'free_mfn', 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 'free_pfn', 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        lea scratch+192(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0xb, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_exchange_refused_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # exchange_refused #2: mem [12, [75, ('buf', 0)], [('buf', 128), 1, 0, 32752, ('buf', 192), 1, 0, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 'free_mfn', 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 'free_pfn', 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        lea scratch+192(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x4b, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_exchange_refused_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # exchange_refused #3: mem [12, [11, ('buf', 0)], [('buf', 128), 1, 0, 32752, ('buf', 192), 1, 0, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 'free_mfn', 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 'free_pfn', 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        lea scratch+192(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0xb, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_exchange_refused_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_exchange_refused:
+        # decrease_keeps_the_pin #0: uvm ['free_va', ('pte', 'free_mfn', 37), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_decrease_keeps_the_pin_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_keeps_the_pin #1: mmuext [0, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_decrease_keeps_the_pin_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_keeps_the_pin #2: uvm ['free_va', 0, 0]
+        call sym_free_va
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_decrease_keeps_the_pin_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_keeps_the_pin #3: mem [12, [1, ('buf', 0)], [('buf', 128), 1, 0, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 'free_mfn', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_decrease_keeps_the_pin_3(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_keeps_the_pin #4: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_decrease_keeps_the_pin_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_keeps_the_pin #5: mem [12, [6, ('buf', 0)], [('buf', 128), 1, 0, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_decrease_keeps_the_pin_5(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_keeps_the_pin #6: reseat_free [128]
+        mov scratch+128(%rip), %rax
+        push %rax
+        call sym_free_pfn
+        mov start_info(%rip), %rcx
+        mov 104(%rcx), %rcx
+        pop %rdx
+        mov %rdx, (%rcx,%rax,8)
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_decrease_keeps_the_pin_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_decrease_keeps_the_pin:
+        # exchange_one_frame #0: uvm ['free_va', 0, 0]
+        call sym_free_va
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_exchange_one_frame_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # exchange_one_frame #1: mem [12, [11, ('buf', 0)], [('buf', 128), 1, 0, 32752, ('buf', 192), 1, 0, 32752, 0, 0, 0, 0, 0, 0, 0, 0, 'free_mfn', 0, 0, 0, 0, 0, 0, 0, 'free_pfn', 'free_pfn', 0, 0, 0, 0, 0, 0]]
+        lea scratch+128(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        lea scratch+192(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        call sym_free_pfn
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+248(%rip)
+        pop %rax
+        mov %rax, scratch+240(%rip)
+        pop %rax
+        mov %rax, scratch+232(%rip)
+        pop %rax
+        mov %rax, scratch+224(%rip)
+        pop %rax
+        mov %rax, scratch+216(%rip)
+        pop %rax
+        mov %rax, scratch+208(%rip)
+        pop %rax
+        mov %rax, scratch+200(%rip)
+        pop %rax
+        mov %rax, scratch+192(%rip)
+        pop %rax
+        mov %rax, scratch+184(%rip)
+        pop %rax
+        mov %rax, scratch+176(%rip)
+        pop %rax
+        mov %rax, scratch+168(%rip)
+        pop %rax
+        mov %rax, scratch+160(%rip)
+        pop %rax
+        mov %rax, scratch+152(%rip)
+        pop %rax
+        mov %rax, scratch+144(%rip)
+        pop %rax
+        mov %rax, scratch+136(%rip)
+        pop %rax
+        mov %rax, scratch+128(%rip)
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0xb, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_exchange_one_frame_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # exchange_one_frame #2: reseat_free [192]
+        mov scratch+192(%rip), %rax
+        push %rax
+        call sym_free_pfn
+        mov start_info(%rip), %rcx
+        mov 104(%rcx), %rcx
+        pop %rdx
+        mov %rdx, (%rcx,%rax,8)
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_exchange_one_frame_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_exchange_one_frame:
         # bind_virq_debugger_vcpu1 #0: mem [32, [1, ('buf', 0)], [4294967302, 0]]
         movabs $0x100000006, %rax
         push %rax
@@ -6356,6 +9195,99 @@ s_evtchn_virq_second_vcpu_6: .asciz "evtchn_virq_second_vcpu.6"
 s_evtchn_virq_second_vcpu_7: .asciz "evtchn_virq_second_vcpu.7"
 s_sched_op_0: .asciz "sched_op.0"
 s_sched_op_1: .asciz "sched_op.1"
+s_mmu_update_cmd_is_ptr_and_7_0: .asciz "mmu_update_cmd_is_ptr_and_7.0"
+s_mmu_update_cmd_is_ptr_and_7_1: .asciz "mmu_update_cmd_is_ptr_and_7.1"
+s_l1e_frame_all_ones_0: .asciz "l1e_frame_all_ones.0"
+s_l2e_not_ram_0: .asciz "l2e_not_ram.0"
+s_l2e_not_ram_1: .asciz "l2e_not_ram.1"
+s_l2e_not_ram_2: .asciz "l2e_not_ram.2"
+s_l2e_not_ram_3: .asciz "l2e_not_ram.3"
+s_l2e_not_ram_4: .asciz "l2e_not_ram.4"
+s_l4e_not_ram_0: .asciz "l4e_not_ram.0"
+s_request_list_in_xen_range_0: .asciz "request_list_in_xen_range.0"
+s_request_list_in_xen_range_1: .asciz "request_list_in_xen_range.1"
+s_request_list_in_xen_range_2: .asciz "request_list_in_xen_range.2"
+s_request_list_in_xen_range_3: .asciz "request_list_in_xen_range.3"
+s_preempted_with_null_list_0: .asciz "preempted_with_null_list.0"
+s_preempted_with_null_list_1: .asciz "preempted_with_null_list.1"
+s_uvm_flush_type_3_0: .asciz "uvm_flush_type_3.0"
+s_uvm_otherdomain_0: .asciz "uvm_otherdomain.0"
+s_uvm_otherdomain_1: .asciz "uvm_otherdomain.1"
+s_uvm_otherdomain_2: .asciz "uvm_otherdomain.2"
+s_set_ldt_in_xen_range_0: .asciz "set_ldt_in_xen_range.0"
+s_set_ldt_in_xen_range_1: .asciz "set_ldt_in_xen_range.1"
+s_pin_l2_mapping_itself_0: .asciz "pin_l2_mapping_itself.0"
+s_pin_l2_mapping_itself_1: .asciz "pin_l2_mapping_itself.1"
+s_pin_l2_mapping_itself_2: .asciz "pin_l2_mapping_itself.2"
+s_pin_l2_mapping_itself_3: .asciz "pin_l2_mapping_itself.3"
+s_pin_l2_mapping_itself_4: .asciz "pin_l2_mapping_itself.4"
+s_pin_l2_mapping_itself_5: .asciz "pin_l2_mapping_itself.5"
+s_pin_l4_mapping_itself_0: .asciz "pin_l4_mapping_itself.0"
+s_pin_l4_mapping_itself_1: .asciz "pin_l4_mapping_itself.1"
+s_pin_l4_mapping_itself_2: .asciz "pin_l4_mapping_itself.2"
+s_pin_l4_mapping_itself_3: .asciz "pin_l4_mapping_itself.3"
+s_pin_l4_mapping_itself_4: .asciz "pin_l4_mapping_itself.4"
+s_pin_l4_mapping_itself_5: .asciz "pin_l4_mapping_itself.5"
+s_pin_l4_mapping_itself_6: .asciz "pin_l4_mapping_itself.6"
+s_pin_l4_mapping_itself_7: .asciz "pin_l4_mapping_itself.7"
+s_pin_l4_mapping_itself_8: .asciz "pin_l4_mapping_itself.8"
+s_pin_l4_mapping_itself_9: .asciz "pin_l4_mapping_itself.9"
+s_pin_l4_mapping_itself_10: .asciz "pin_l4_mapping_itself.10"
+s_pin_l4_mapping_itself_11: .asciz "pin_l4_mapping_itself.11"
+s_pin_l4_mapping_itself_12: .asciz "pin_l4_mapping_itself.12"
+s_pin_l4_mapping_itself_13: .asciz "pin_l4_mapping_itself.13"
+s_pin_l4_mapping_itself_14: .asciz "pin_l4_mapping_itself.14"
+s_pin_l4_mapping_itself_15: .asciz "pin_l4_mapping_itself.15"
+s_pin_l4_mapping_itself_16: .asciz "pin_l4_mapping_itself.16"
+s_pin_l4_mapping_itself_17: .asciz "pin_l4_mapping_itself.17"
+s_pin_l4_mapping_itself_18: .asciz "pin_l4_mapping_itself.18"
+s_pin_l4_mapping_itself_19: .asciz "pin_l4_mapping_itself.19"
+s_pin_l4_mapping_itself_20: .asciz "pin_l4_mapping_itself.20"
+s_pin_l4_mapping_itself_21: .asciz "pin_l4_mapping_itself.21"
+s_linear_chain_0: .asciz "linear_chain.0"
+s_linear_chain_1: .asciz "linear_chain.1"
+s_linear_chain_2: .asciz "linear_chain.2"
+s_linear_chain_3: .asciz "linear_chain.3"
+s_linear_chain_4: .asciz "linear_chain.4"
+s_linear_chain_5: .asciz "linear_chain.5"
+s_linear_chain_6: .asciz "linear_chain.6"
+s_linear_chain_7: .asciz "linear_chain.7"
+s_linear_chain_8: .asciz "linear_chain.8"
+s_linear_chain_9: .asciz "linear_chain.9"
+s_linear_chain_10: .asciz "linear_chain.10"
+s_linear_chain_11: .asciz "linear_chain.11"
+s_linear_chain_12: .asciz "linear_chain.12"
+s_linear_chain_13: .asciz "linear_chain.13"
+s_linear_chain_14: .asciz "linear_chain.14"
+s_linear_chain_15: .asciz "linear_chain.15"
+s_linear_chain_16: .asciz "linear_chain.16"
+s_linear_chain_17: .asciz "linear_chain.17"
+s_linear_chain_18: .asciz "linear_chain.18"
+s_linear_chain_19: .asciz "linear_chain.19"
+s_linear_chain_20: .asciz "linear_chain.20"
+s_linear_chain_21: .asciz "linear_chain.21"
+s_linear_chain_22: .asciz "linear_chain.22"
+s_linear_chain_23: .asciz "linear_chain.23"
+s_linear_chain_24: .asciz "linear_chain.24"
+s_linear_chain_25: .asciz "linear_chain.25"
+s_maximum_gpfn_0: .asciz "maximum_gpfn.0"
+s_populate_physmap_mem_flags_0: .asciz "populate_physmap_mem_flags.0"
+s_populate_physmap_mem_flags_1: .asciz "populate_physmap_mem_flags.1"
+s_populate_physmap_mem_flags_2: .asciz "populate_physmap_mem_flags.2"
+s_exchange_refused_0: .asciz "exchange_refused.0"
+s_exchange_refused_1: .asciz "exchange_refused.1"
+s_exchange_refused_2: .asciz "exchange_refused.2"
+s_exchange_refused_3: .asciz "exchange_refused.3"
+s_decrease_keeps_the_pin_0: .asciz "decrease_keeps_the_pin.0"
+s_decrease_keeps_the_pin_1: .asciz "decrease_keeps_the_pin.1"
+s_decrease_keeps_the_pin_2: .asciz "decrease_keeps_the_pin.2"
+s_decrease_keeps_the_pin_3: .asciz "decrease_keeps_the_pin.3"
+s_decrease_keeps_the_pin_4: .asciz "decrease_keeps_the_pin.4"
+s_decrease_keeps_the_pin_5: .asciz "decrease_keeps_the_pin.5"
+s_decrease_keeps_the_pin_6: .asciz "decrease_keeps_the_pin.6"
+s_exchange_one_frame_0: .asciz "exchange_one_frame.0"
+s_exchange_one_frame_1: .asciz "exchange_one_frame.1"
+s_exchange_one_frame_2: .asciz "exchange_one_frame.2"
 s_bind_virq_debugger_vcpu1_0: .asciz "bind_virq_debugger_vcpu1.0"
 s_unmask_port0_and_free_port_0: .asciz "unmask_port0_and_free_port.0"
 s_unmask_port0_and_free_port_1: .asciz "unmask_port0_and_free_port.1"

@@ -63,6 +63,7 @@ from hypervisor.cpu.ucfast import (
 )
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
+from hypervisor.mm.walker import PFEC_WRITE, GuestFault, addr_ok
 from hypervisor.public.arch_x86 import X86_EFLAGS_IF, X86_EFLAGS_MBS
 
 if TYPE_CHECKING:
@@ -258,10 +259,15 @@ class Vcpu:
 
     def copy_from_guest(self, va: int, size: int) -> bytes:
         """Read the guest's memory at ``va`` through its live pagetables (Xen's
-        copy_from_guest); raises GuestFault where the VCPU would fault."""
+        copy_from_guest); raises GuestFault where the VCPU would fault, and
+        for an address Xen's access_ok refuses (copy_from_guest_pv)."""
+        if not addr_ok(va):
+            raise GuestFault(va, 0)
         return self.machine.walker.read(self.current_table, va, size)
 
     def copy_to_guest(self, va: int, data: bytes) -> None:
+        if not addr_ok(va):
+            raise GuestFault(va, PFEC_WRITE)
         self.machine.walker.write(self.current_table, va, data)
 
     def load_cr3(self, mfn: int) -> None:

@@ -10,7 +10,8 @@ after every hypercall, every toolstack operation and every restore:
   differ, so a per-hypercall audit passes none);
 * no present entry of a validated table maps a frame the domain may not map,
   and no writable L1 entry maps a pagetable frame;
-* type and reference counts equal what a recount gives.
+* type and reference counts equal what a recount gives, and so does each
+  table's linear_pt_count (its linear entries, less the ones mapping it).
 
 ``audit`` returns a list of problems (empty when all hold); tests assert it is
 empty after every operation.
@@ -76,7 +77,9 @@ def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
     types = np.zeros(ft.nr_frames, dtype=np.int64)
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
     refs[guest & ft.allocated] += 1  # the allocation reference
-    for _mfn, level, ptes, targets in validated_tables(hv):
+    for mfn, level, ptes, targets in validated_tables(hv):
+        if level > 1:  # a table mapping itself holds no reference
+            ptes, targets = ptes[targets != mfn], targets[targets != mfn]
         np.add.at(refs, targets, 1)
         if level == 1:
             np.add.at(types, targets[(ptes & np.uint64(_PAGE_RW)) != 0], 1)
@@ -92,6 +95,28 @@ def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
                     refs[mfn] += 1
                     types[mfn] += 1
     return refs, types
+
+
+def linear_recount(hv: Audited) -> np.ndarray:
+    """linear_pt_count as the tables imply it: +1 per linear entry a table
+    holds (one mapping another table of its own level), -1 per such entry
+    mapping it; a table mapping itself counts for neither."""
+    ft = hv.machine.frames
+    linear = np.zeros(ft.nr_frames, dtype=np.int64)
+    for mfn, level, _ptes, targets in validated_tables(hv):
+        if level > 1:
+            lin = targets[(ft.type[targets] == level) & (targets != mfn)]
+            linear[mfn] += lin.size
+            np.subtract.at(linear, lin, 1)
+    return linear
+
+
+def _linear_problems(hv: Audited, guest: np.ndarray) -> list[str]:
+    ft = hv.machine.frames
+    recounted = linear_recount(hv)
+    bad = np.flatnonzero(guest & (recounted != ft.linear.astype(np.int64)))
+    return [f"mfn {mfn:#x}: linear_pt_count {int(ft.linear[mfn])}, recount {recounted[mfn]}"
+            for mfn in bad[:5].tolist()]
 
 
 # domid -> (the frames holding its p2m list, the number of entries)
@@ -134,6 +159,8 @@ def audit(hv: Audited, p2m_lists: P2mLists | None = None) -> list[str]:
             pt = rw[(ft.type[rw] >= 1) & (ft.type[rw] <= 4) & (ft.type_count[rw] > 0)]
             if pt.size:
                 problems.append(f"L1 {mfn:#x} maps pagetable {int(pt[0]):#x} writable")
+
+    problems += _linear_problems(hv, guest)
 
     permitted = hv.machine.types.iomem_permitted
     for table, level, mfn in io:

@@ -11,7 +11,9 @@ recounts) are vectorised:
   pagetable entries pointing at it, writable mappings, a VCPU's CR3);
 * ``ref_count``: general references (allocation, every mapping, every type ref);
 * ``pinned`` and ``validated`` bits, and ``allocated`` (Xen's PGC_allocated: the
-  domain still holds the reference its allocation gave it).
+  domain still holds the reference its allocation gave it);
+* ``linear``: Xen's linear_pt_count: a table's linear (same-level) entries
+  when positive, the linear entries mapping it when negative; never both.
 
 Allocation is shuffled with a seed, so a guest's pfn->mfn map is never the
 identity and a restored guest lands on different frames. It is shuffled by
@@ -63,6 +65,7 @@ class FrameTable:
         self.pinned = np.zeros(n, dtype=bool)
         self.validated = np.zeros(n, dtype=bool)
         self.allocated = np.zeros(n, dtype=bool)
+        self.linear = np.zeros(n, dtype=np.int16)
         # a hypervisor page shared with a domain (shared_info): mappable by it,
         # not part of its reservation (Xen's PGC_xen_heap)
         self.xenheap = np.zeros(n, dtype=bool)
@@ -99,6 +102,7 @@ class FrameTable:
         self.pinned[mfns] = False
         self.validated[mfns] = False
         self.allocated[mfns] = True
+        self.linear[mfns] = 0
         if zero:
             self.memory.u64.reshape(self.nr_frames, -1)[mfns] = 0
 
@@ -141,6 +145,7 @@ class FrameTable:
         self.validated[mfn] = False
         self.allocated[mfn] = False
         self.xenheap[mfn] = False
+        self.linear[mfn] = 0
         if self.m2p is not None:
             self.m2p[mfn] = INVALID_MFN
         self._free.append(mfn)

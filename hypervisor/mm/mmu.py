@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.pagetable import LEVEL_TYPE, adjust_guest_entry, is_guest_l4_slot
-from hypervisor.mm.walker import GuestFault
-from hypervisor.public.arch_x86 import _PAGE_ACCESSED, _PAGE_DIRTY, HYPERVISOR_VIRT_START
+from hypervisor.mm.walker import GuestFault, addr_ok
+from hypervisor.public.arch_x86 import _PAGE_ACCESSED, _PAGE_DIRTY
 from hypervisor.public.errno import EACCES, EFAULT, EINVAL, ENOSYS, EOPNOTSUPP, EPERM, ESRCH
 from hypervisor.public.xen import (
     DOMID_IO,
     DOMID_SELF,
     DOMID_XEN,
+    MMU_MACHPHYS_UPDATE,
     MMU_NORMAL_PT_UPDATE,
     MMU_PT_UPDATE_NO_TRANSLATE,
     MMU_PT_UPDATE_PRESERVE_AD,
@@ -52,7 +53,9 @@ from hypervisor.public.xen import (
     MMUEXT_UNPIN_TABLE,
     UVMF_ALL,
     UVMF_FLUSHTYPE_MASK,
+    UVMF_INVLPG,
     UVMF_LOCAL,
+    UVMF_TLB_FLUSH,
     mmu_update,
     mmuext_op,
 )
@@ -68,9 +71,6 @@ LDT_MAX_ENTS = 8192
 FOREIGN = object()  # a page owner that is not the caller (refused by XSM)
 _MMU_UPDATE_SIZE = ctypes.sizeof(mmu_update)
 _MMUEXT_OP_SIZE = ctypes.sizeof(mmuext_op)
-# the lower half of the 48-bit address space ends here; above it, up to the
-# hypervisor's range, addresses are not canonical
-CANONICAL_LOW_END = 1 << 47
 
 
 class Mmu:
@@ -116,7 +116,7 @@ class Mmu:
         if rc:
             return rc
         table[slot] = new
-        self.types.put_entry(level, old)
+        self.types.put_entry(level, old, table_mfn)
         return 0
 
     def normal_update(self, dom: Domain, maddr: int, val: int, preserve_ad: bool) -> int:
@@ -142,6 +142,15 @@ class Mmu:
         except GuestFault:
             return False
         return True
+
+    @staticmethod
+    def _final_result(count: int, reqs: int, foreigndom: int) -> int | None:
+        """A continuation made only to carry a final result passes a NULL list,
+        MMU_UPDATE_PREEMPTED as its count and the result as foreigndom (Xen's
+        do_mmu_update / do_mmuext_op after an old_guest_table put)."""
+        if count == MMU_UPDATE_PREEMPTED and not reqs:
+            return ctypes.c_int32(foreigndom & 0xFFFFFFFF).value
+        return None
 
     def _resume(self, vcpu: Vcpu, count: int, pdone: int) -> tuple[int, int]:
         """A call re-issued as a continuation carries MMU_UPDATE_PREEMPTED in
@@ -170,7 +179,12 @@ class Mmu:
                    *_: int) -> int:
         dom = vcpu.domain
         count &= 0xFFFFFFFF
+        final = self._final_result(count, reqs, foreigndom)
+        if final is not None:
+            return final
         count, done = self._resume(vcpu, count, pdone)
+        if not addr_ok(reqs):
+            return -EFAULT  # guest_handle_okay, before the owners are looked at
         pt_dom = (foreigndom >> 16) & 0xFFFF
         pt_foreign = False
         if pt_dom:
@@ -190,23 +204,7 @@ class Mmu:
             except GuestFault:
                 rc = -EFAULT
                 break
-            ptr, val = req.ptr, req.val
-            cmd = ptr & 3
-            if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD,
-                       MMU_PT_UPDATE_NO_TRANSLATE):
-                if pt_foreign or pg_owner is FOREIGN:
-                    rc = -EPERM  # xsm_mmu_update: a domU acts on itself only
-                else:
-                    rc = self.normal_update(dom, ptr & ~3, val,
-                                            cmd == MMU_PT_UPDATE_PRESERVE_AD)
-            else:  # MMU_MACHPHYS_UPDATE
-                mfn = ptr >> 12
-                if pt_foreign or pg_owner is FOREIGN:
-                    rc = -EPERM
-                elif not self.owned(mfn, dom):
-                    rc = -EINVAL  # "Could not get page for mach->phys update"
-                else:
-                    self.machine.set_m2p(mfn, val)
+            rc = self._one_update(dom, req.ptr, req.val, pt_foreign or pg_owner is FOREIGN)
             if rc:
                 break
         else:
@@ -214,6 +212,25 @@ class Mmu:
         if count:
             dom.flush_tlbs()
         return self._report(vcpu, pdone, done + i, rc)
+
+    def _one_update(self, dom: Domain, ptr: int, val: int, foreign: bool) -> int:
+        """One request; its command is ptr & (sizeof(l1_pgentry_t) - 1), so
+        4..7 are unknown (-ENOSYS)."""
+        cmd = ptr & 7
+        if cmd in (MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD,
+                   MMU_PT_UPDATE_NO_TRANSLATE):
+            if foreign:
+                return -EPERM  # xsm_mmu_update: a domU acts on itself only
+            return self.normal_update(dom, ptr - cmd, val, cmd == MMU_PT_UPDATE_PRESERVE_AD)
+        if cmd == MMU_MACHPHYS_UPDATE:
+            mfn = ptr >> 12
+            if foreign:
+                return -EPERM
+            if not self.owned(mfn, dom):
+                return -EINVAL  # "Could not get page for mach->phys update"
+            self.machine.set_m2p(mfn, val)
+            return 0
+        return -ENOSYS
 
     # --- update_va_mapping -----------------------------------------------------------
 
@@ -228,12 +245,26 @@ class Mmu:
         rc = self.mod_entry(dom, l1, (maddr & 0xFFF) >> 3, val)
         if rc:
             return rc
+        # only UVMF_TLB_FLUSH and UVMF_INVLPG read a vcpu bitmap; type 3
+        # matches no case of __do_update_va_mapping's switch
         target = flags & ~UVMF_FLUSHTYPE_MASK
-        if flags & UVMF_FLUSHTYPE_MASK and target not in (UVMF_LOCAL, UVMF_ALL) \
-                and not self._vcpumask_ok(vcpu, target):
+        if flags & UVMF_FLUSHTYPE_MASK in (UVMF_TLB_FLUSH, UVMF_INVLPG) \
+                and target not in (UVMF_LOCAL, UVMF_ALL) and not self._vcpumask_ok(vcpu, target):
             return -EFAULT
         dom.flush_tlbs()
         return 0
+
+    def update_va_mapping_otherdomain(self, vcpu: Vcpu, va: int, val: int, flags: int,
+                                      domid: int, *_: int) -> int:
+        """As update_va_mapping, with the page owner named (Xen's
+        do_update_va_mapping_otherdomain): get_pg_owner, then XSM, which lets
+        a domU name only itself."""
+        pg_owner = self.get_pg_owner(vcpu, domid & 0xFFFF)
+        if pg_owner is None:
+            return -ESRCH
+        if pg_owner is FOREIGN:
+            return -EPERM  # xsm_update_va_mapping (XSM_TARGET)
+        return self.update_va_mapping(vcpu, va, val, flags)
 
     # --- mmuext_op -----------------------------------------------------------------
 
@@ -241,7 +272,12 @@ class Mmu:
                   *_: int) -> int:
         dom = vcpu.domain
         count &= 0xFFFFFFFF
+        final = self._final_result(count, ops, foreigndom)
+        if final is not None:
+            return final
         count, done = self._resume(vcpu, count, pdone)
+        if not addr_ok(ops):
+            return -EFAULT  # guest_handle_okay, before the owner is looked at
         pg_owner = self.get_pg_owner(vcpu, foreigndom & 0xFFFF)
         if pg_owner is None:
             return -ESRCH
@@ -361,7 +397,7 @@ class Mmu:
 
     def _set_ldt(self, vcpu: Vcpu, ptr: int, ents: int) -> int:
         ptr = ptr if ents else 0
-        if ptr & 0xFFF or ents > LDT_MAX_ENTS or CANONICAL_LOW_END <= ptr < HYPERVISOR_VIRT_START:
+        if ents > LDT_MAX_ENTS or (ents and (ptr & 0xFFF or not addr_ok(ptr))):
             return -EINVAL  # "Bad args to SET_LDT"
         vcpu.ldt_base, vcpu.ldt_ents = ptr, ents
         return 0

@@ -43,6 +43,10 @@ from hypervisor.public.arch_x86 import (
 )
 from hypervisor.public.errno import EBUSY, EINVAL, EPERM
 
+# an L1 frame field of all ones: Xen's INVALID_MFN (PADDR_MASK >> PAGE_SHIFT),
+# refused as invalid rather than as I/O space
+_PTE_FRAME_ALL_ONES = PTE_FRAME_MASK >> 12
+
 # Flags a PV guest may set (the complement of Xen's base_disallow_mask):
 # present, rw, user, accessed, dirty, the available bits and NX. PWT/PCD/PSE/
 # GLOBAL are refused, except GLOBAL in an L1.
@@ -196,10 +200,15 @@ class PageTypes:
         ft = self.frames
         if mfn >= ft.nr_frames:
             # not RAM: device memory, mappable by an L1 entry of a domain the
-            # toolstack gave access; no frame, so no reference is taken
-            if level == 1 and self.iomem_permitted(domid, mfn):
+            # toolstack gave access; no frame, so no reference is taken. Above
+            # L1 it is no table (get_page_and_type_from_mfn: -EINVAL)
+            if level != 1:
+                return -EINVAL
+            if self.iomem_permitted(domid, mfn):
                 return 0
-            return -EPERM  # "Non-privileged attempt to map I/O space"
+            if mfn == _PTE_FRAME_ALL_ONES:
+                return -EINVAL
+            return -EPERM  # "non-privileged attempt to map MMIO space"
         if level == 1:
             if ft.owner[mfn] != domid:
                 return -EBUSY  # foreign or hypervisor frame: could_not_pin
@@ -219,26 +228,52 @@ class PageTypes:
         rc = self.get_page_type(mfn, want, domid)
         if rc == 0:
             return 0
-        # a linear (recursive) pagetable: same level, already validated, and
-        # read-only (refused writable since XSA-182)
-        if (int(ft.type[mfn]) == level and ft.validated[mfn]
-                and ft.type_count[mfn] > 0 and not pte & _PAGE_RW):
-            ft.type_count[mfn] += 1
-            return 0
         self.put_page(mfn)
+        if rc == -EINVAL and self._get_linear(level, pte, table_mfn, domid):
+            return 0
         return rc
 
-    def put_entry(self, level: int, pte: int) -> None:
+    def _get_linear(self, level: int, pte: int, table_mfn: int, domid: int) -> bool:
+        """A linear (recursive) entry, as Xen's get_lN_linear_pagetable: read-only
+        (XSA-182); a table mapping itself takes no reference and may do so while
+        it is being validated; another table must be validated, of the same
+        level, hold no linear entries itself, and the table holding the entry
+        must not be mapped linearly elsewhere."""
+        if pte & _PAGE_RW:
+            return False
+        mfn = pte_mfn(pte)
+        if mfn == table_mfn:
+            return True
+        ft = self.frames
+        if ft.owner[table_mfn] != domid or ft.linear[table_mfn] < 0 or ft.linear[mfn] > 0:
+            return False
+        if not (int(ft.type[mfn]) == level and ft.validated[mfn] and ft.type_count[mfn] > 0):
+            return False
+        if not self.get_page(mfn, domid):
+            return False
+        ft.linear[table_mfn] += 1
+        ft.linear[mfn] -= 1
+        ft.type_count[mfn] += 1
+        return True
+
+    def put_entry(self, level: int, pte: int, table_mfn: int) -> None:
+        """Drop what get_entry took for ``pte``, an entry of ``table_mfn``."""
         if not pte & _PAGE_PRESENT:
             return
         mfn = pte_mfn(pte)
-        if mfn >= self.frames.nr_frames:
+        ft = self.frames
+        if mfn >= ft.nr_frames:
             return  # device memory: get_entry took nothing
         if level == 1:
             if pte & _PAGE_RW:
                 self.put_page_type(mfn)
             self.put_page(mfn)
             return
+        if mfn == table_mfn:
+            return  # a table mapping itself holds no reference
+        if int(ft.type[mfn]) == level:  # a linear entry (Xen's put_pt_page)
+            ft.linear[mfn] += 1
+            ft.linear[table_mfn] -= 1
         self.put_page_type(mfn)
         self.put_page(mfn)
 
@@ -260,7 +295,7 @@ class PageTypes:
             rc = self.get_entry(level, pte, domid, mfn)
             if rc:
                 for s in reversed(done):
-                    self.put_entry(level, int(table[s]))
+                    self.put_entry(level, int(table[s]), mfn)
                 return rc
             table[slot] = adjust_guest_entry(level, pte)
             done.append(slot)
@@ -307,7 +342,7 @@ class PageTypes:
             rc = self.get_entry(1, pte, domid, mfn)
             if rc:
                 for s in reversed(done):
-                    self.put_entry(1, int(table[s]))
+                    self.put_entry(1, int(table[s]), mfn)
                 return rc
             table[slot] = adjust_guest_entry(1, pte)
             done.append(slot)
@@ -335,7 +370,7 @@ class PageTypes:
         for slot in present.tolist():
             if level == 4 and not is_guest_l4_slot(slot):
                 continue
-            self.put_entry(level, int(table[slot]))
+            self.put_entry(level, int(table[slot]), mfn)
 
 
 __all__ = ["PageTypes", "LEVEL_TYPE", "is_guest_l4_slot", "pte_mfn", "flags_ok",

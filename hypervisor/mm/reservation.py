@@ -17,7 +17,9 @@ from __future__ import annotations
 import ctypes
 from typing import TYPE_CHECKING
 
+from hypervisor.mm.exchange import memory_exchange
 from hypervisor.mm.frames import OutOfMemory
+from hypervisor.mm.memflags import DOMU_MAX_ORDER, mem_flags_ok
 from hypervisor.mm.walker import GuestFault
 from hypervisor.public.errno import EFAULT, EINVAL, ENOSYS, ENXIO, EPERM, ESRCH
 from hypervisor.public.memory import (
@@ -25,10 +27,13 @@ from hypervisor.public.memory import (
     MEMOP_EXTENT_SHIFT,
     XENMEM_current_reservation,
     XENMEM_decrease_reservation,
+    XENMEM_exchange,
     XENMEM_increase_reservation,
+    XENMEM_maximum_gpfn,
     XENMEM_maximum_ram_page,
     XENMEM_maximum_reservation,
     XENMEM_populate_physmap,
+    XENMEMF_populate_on_demand,
     xen_memory_reservation,
 )
 from hypervisor.public.xen import DOMID_SELF, INVALID_MFN, domid_t, xen_pfn_t
@@ -38,7 +43,6 @@ if TYPE_CHECKING:
     from hypervisor.domain import Domain
     from hypervisor.machine import Machine
 
-DOMU_MAX_ORDER = 9  # CONFIG_DOMU_MAX_ORDER on x86: 2 MiB extents at most
 _RES_SIZE = ctypes.sizeof(xen_memory_reservation)
 _PFN_SIZE = ctypes.sizeof(xen_pfn_t)
 UINT_MAX = 0xFFFFFFFF
@@ -48,7 +52,7 @@ class Reservation:
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
 
-    def _target(self, vcpu: Vcpu, domid: int) -> Domain | int:
+    def target(self, vcpu: Vcpu, domid: int) -> Domain | int:
         """The domain a memory op names: the caller (DOMID_SELF or its own id);
         another existing domain is refused as XSM refuses a domU (-EPERM)."""
         if domid in (DOMID_SELF, vcpu.domain.domid):
@@ -65,19 +69,27 @@ class Reservation:
             return self._reservation(vcpu, op, start, arg)
         if op == XENMEM_maximum_ram_page:
             return -EINVAL if start else self.machine.nr_frames - 1
-        if op in (XENMEM_current_reservation, XENMEM_maximum_reservation):
-            if start:
-                return -EINVAL
-            try:
-                domid = domid_t.from_buffer_copy(
-                    vcpu.copy_from_guest(arg, ctypes.sizeof(domid_t))).value
-            except GuestFault:
-                return -EFAULT
-            d = self._target(vcpu, domid)
-            if isinstance(d, int):
-                return d
-            return d.tot_pages if op == XENMEM_current_reservation else d.max_pages
+        if op in (XENMEM_current_reservation, XENMEM_maximum_reservation, XENMEM_maximum_gpfn):
+            return -EINVAL if start else self._query(vcpu, op, arg)
+        if op == XENMEM_exchange:
+            return -EINVAL if start else memory_exchange(self, vcpu, arg)
         return -ENOSYS
+
+    def _query(self, vcpu: Vcpu, op: int, arg: int) -> int:
+        try:
+            domid = domid_t.from_buffer_copy(
+                vcpu.copy_from_guest(arg, ctypes.sizeof(domid_t))).value
+        except GuestFault:
+            return -EFAULT
+        d = self.target(vcpu, domid)
+        if isinstance(d, int):
+            return d
+        if op == XENMEM_current_reservation:
+            return d.tot_pages
+        if op == XENMEM_maximum_reservation:
+            return d.max_pages
+        # domain_get_maximum_gpfn: a PV guest states its p2m size in shared_info
+        return (int(d.shared_info.arch.max_pfn) or 1) - 1 if d.shared_info else 0
 
     def _reservation(self, vcpu: Vcpu, op: int, start: int, arg: int) -> int:
         try:
@@ -87,9 +99,12 @@ class Reservation:
             return start
         if res.nr_extents > (UINT_MAX >> MEMOP_EXTENT_SHIFT) or start >= res.nr_extents:
             return start
-        d = self._target(vcpu, res.domid)
-        if isinstance(d, int) or res.extent_order > DOMU_MAX_ORDER:
+        d = self.target(vcpu, res.domid)
+        if isinstance(d, int) or res.extent_order > DOMU_MAX_ORDER \
+                or not mem_flags_ok(res.mem_flags):
             return start
+        if op == XENMEM_populate_physmap and res.mem_flags & XENMEMF_populate_on_demand:
+            return start  # populate_physmap: "Disallow populating PoD pages on oneself"
         step = {XENMEM_increase_reservation: self._increase_one,
                 XENMEM_decrease_reservation: self._decrease_one,
                 XENMEM_populate_physmap: self._populate_one}[op]
@@ -104,14 +119,19 @@ class Reservation:
 
     # --- one extent each ------------------------------------------------------------
 
-    def _alloc_extent(self, d: Domain, order: int) -> list[int] | None:
-        n = 1 << order
-        if d.tot_pages + n > d.max_pages:
-            return None  # over the domain's maximum reservation
+    def alloc_frames(self, d: Domain, order: int) -> list[int] | None:
+        """An extent for ``d`` whatever its reservation (XENMEM_exchange keeps
+        the reservation as it is), or None if no free run is left."""
         try:
             return self.machine.frames.alloc_contiguous(d.domid, order)
         except OutOfMemory:
             return None
+
+    def _alloc_extent(self, d: Domain, order: int) -> list[int] | None:
+        n = 1 << order
+        if d.tot_pages + n > d.max_pages:
+            return None  # over the domain's maximum reservation
+        return self.alloc_frames(d, order)
 
     def _put_u64(self, vcpu: Vcpu, va: int, value: int) -> bool:
         try:
@@ -160,10 +180,8 @@ class Reservation:
             return -EINVAL
         if ft.xenheap[mfn] or not types.get_page(mfn, d.domid):
             return -ENXIO  # "Bad page free for domain"
+        # since the XSA-252 fix a pinned table stays pinned: the guest unpins it
         self.machine.m2p[mfn] = INVALID_MFN
-        if ft.pinned[mfn]:
-            ft.pinned[mfn] = False
-            types.put_page_and_type(mfn)
         if ft.allocated[mfn]:
             ft.allocated[mfn] = False
             types.put_page(mfn)

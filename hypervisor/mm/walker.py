@@ -89,7 +89,7 @@ class Walker:
         """Machine address of the L1 entry mapping ``va`` (for update_va_mapping),
         or None if an upper level is missing or ``va`` is not a guest address
         (Xen's ``__addr_ok``: canonical and outside the hypervisor's range)."""
-        if not (va < 1 << 47 or va >= HYPERVISOR_VIRT_END):
+        if not addr_ok(va):
             return None
         u64 = self.u64
         table = cr3_mfn

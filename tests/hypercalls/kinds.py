@@ -23,6 +23,7 @@ from typing import Any
 from hypervisor.public.errno import ENOENT
 from hypervisor.public.vcpu import VCPUOP_is_up
 from hypervisor.public.xen import DOMID_SELF, Hypercall
+from tests.hypercalls.steps import RW
 
 ARG_REGS = ("%rdi", "%rsi", "%rdx", "%r10", "%r8")
 BUF_SIZE = 512  # the argument buffer; `mem` steps write at most this much
@@ -216,6 +217,23 @@ def _py_poke(c: Ctx, args: list) -> int:
     return 0
 
 
+def _x86_reseat_free(args: list) -> list[str]:
+    # p2m[free_pfn] = the mfn at BUF + offset (start_info.mfn_list is at 104);
+    # then map it at free_va again
+    return ([f"mov scratch+{args[0]}(%rip), %rax", "push %rax", "call sym_free_pfn",
+             "mov start_info(%rip), %rcx", "mov 104(%rcx), %rcx", "pop %rdx",
+             "mov %rdx, (%rcx,%rax,8)"]
+            + call(Hypercall.update_va_mapping, ["free_va", ("pte", "free_mfn", RW), 0]))
+
+
+def _py_reseat_free(c: Ctx, args: list) -> int:
+    g = c.g
+    mfn = g.cpu.read_u64(g.scratch + args[0])
+    free_pfn = g.nr_pages - 1
+    g.cpu.write_u64(g.si.mfn_list + 8 * free_pfn, mfn)
+    return g.update_va_mapping(g.va(free_pfn), (mfn << 12) | RW)
+
+
 NO_HYPERCALL = -1  # a step that reads or writes the guest's own memory
 
 KINDS: dict[str, Kind] = {
@@ -249,6 +267,11 @@ KINDS: dict[str, Kind] = {
                  lambda c, a: struct.unpack_from("<I", c.last, a[0])[0]),
     # ("peek", addr): the 64-bit word the guest reads at addr
     "peek": Kind(NO_HYPERCALL, _x86_peek, lambda c, a: c.g.cpu.read_u64(c.value(a[0]))),
+    # ("reseat_free", off): the free pfn takes the frame whose mfn is at BUF +
+    # off (an exchange's or a populate's) in the p2m, and is mapped at free_va
+    # again (update_va_mapping's result), so a case that traded the free frame
+    # away leaves the guest as it found it
+    "reseat_free": Kind(Hypercall.update_va_mapping, _x86_reseat_free, _py_reseat_free),
     # ("poke", addr, value): the guest writes value at addr (its own page); 0
     "poke": Kind(NO_HYPERCALL, _x86_poke, _py_poke),
 }

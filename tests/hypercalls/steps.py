@@ -1,5 +1,7 @@
-"""Constants the portable hypercall cases share (tests/hypercalls/portable.py
-describes a step)."""
+"""Constants and step builders the portable hypercall cases share
+(tests/hypercalls/portable.py describes a step)."""
+
+from hypervisor.public.xen import Hypercall
 
 RW = 0x67  # present, rw, user, accessed, dirty
 RO = 0x25  # present, user, accessed
@@ -41,3 +43,16 @@ def struct(items: list[object], nr: int, *args_and_want: object) -> tuple:
 def word(i: int, want: object) -> tuple:
     """The 32-bit field i of BUF as the last ``mem`` step left it."""
     return ("last", 4 * i, want)
+
+
+MEMOP_BUF = 256  # a memop step's buffer: zeroed, then the words given
+
+
+def memop(cmd: int, words: tuple[tuple[int, object], ...], want: object) -> tuple:
+    """memory_op(cmd, BUF) with a zeroed buffer holding ``words`` (byte
+    offset, value) pairs: a ``mem`` step."""
+    buf: list[object] = [0] * (MEMOP_BUF // 8)
+    for off, value in words:
+        assert off % 8 == 0 and off < MEMOP_BUF, off
+        buf[off // 8] = value
+    return ("mem", Hypercall.memory_op, [cmd, BUF], buf, want)

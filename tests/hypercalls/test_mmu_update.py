@@ -4,14 +4,17 @@ kernel and checks Xen's exact result and done count."""
 
 from __future__ import annotations
 
-from hypervisor.public.arch_x86 import _PAGE_GLOBAL
+from hypervisor.public.arch_x86 import _PAGE_GLOBAL, MACH2PHYS_VIRT_START
 from hypervisor.public.errno import EBUSY, EFAULT, EINVAL, EPERM, ESRCH
 from hypervisor.public.xen import (
+    DOMID_SELF,
     MMU_MACHPHYS_UPDATE,
     MMU_NORMAL_PT_UPDATE,
     MMU_PT_UPDATE_PRESERVE_AD,
     MMUEXT_PIN_L2_TABLE,
+    MMUEXT_PIN_L4_TABLE,
     MMUEXT_UNPIN_TABLE,
+    Hypercall,
 )
 from tests.hypercalls.guest import RO, RW, TABLE, run_case
 
@@ -88,6 +91,19 @@ def test_l2_superpage_is_einval():
     assert run_case(case) == (-EINVAL, 0)
 
 
+def test_l2_entry_naming_a_frame_that_is_not_ram_is_einval():
+    """Above L1 a frame that is not RAM is no table: get_page_from_l2e's
+    get_page_and_type_from_mfn fails (-EINVAL), and so does the linear
+    pagetable path; the L1 rule for device memory (-EPERM) is not applied."""
+    def case(g):
+        _, l2mfn = g.table()
+        assert g.mmuext1(MMUEXT_PIN_L2_TABLE, l2mfn) == 0
+        rc = g.mmu_update([((l2mfn << 12) + 8, (1 << 40) | RO)])
+        assert g.mmuext1(MMUEXT_UNPIN_TABLE, l2mfn) == 0
+        return rc
+    assert run_case(case) == (-EINVAL, 0)
+
+
 def test_update_of_a_plain_page_just_writes():
     """A page that is not a pagetable in use is written as data."""
     def case(g):
@@ -107,6 +123,26 @@ def test_linear_pagetable_read_only_is_allowed_and_writable_refused():
         off = g.mmu_update([((g.l4_mfn << 12) + 8 * slot, 0)])
         return ro, rw, off
     assert run_case(case) == ((0, 1), (-EINVAL, 0), (0, 1))
+
+
+def test_linear_entries_do_not_chain():
+    """get_l4_linear_pagetable: a table used as a linear table may not hold
+    linear entries (inc_linear_entries), and one holding them may not be used
+    as one (inc_linear_uses); once the first entry goes, the other is allowed."""
+    def case(g):
+        _, l4b = g.table()
+        _, l4c = g.table()
+        assert g.mmuext1(MMUEXT_PIN_L4_TABLE, l4b) == g.mmuext1(MMUEXT_PIN_L4_TABLE, l4c) == 0
+        cur, b300 = (g.l4_mfn << 12) + 8 * 300, (l4b << 12) + 8 * 300
+        out = [g.mmu_update([(cur, (l4b << 12) | RO)]),
+               g.mmu_update([(b300, (l4c << 12) | RO)]),     # L4b is used linearly
+               g.mmu_update([(cur, 0)]),
+               g.mmu_update([(b300, (l4c << 12) | RO)]),
+               g.mmu_update([(cur, (l4b << 12) | RO)])]      # L4b holds a linear entry
+        assert g.mmu_update([(b300, 0)]) == (0, 1)
+        assert g.mmuext1(MMUEXT_UNPIN_TABLE, l4b) == g.mmuext1(MMUEXT_UNPIN_TABLE, l4c) == 0
+        return out
+    assert run_case(case) == [(0, 1), (-EINVAL, 0), (0, 1), (0, 1), (-EINVAL, 0)]
 
 
 def test_batch_stops_at_the_first_failure_with_done_count():
@@ -141,6 +177,19 @@ def test_bad_request_pointer_is_efault():
     def case(g):
         return g.mmu_update([(0, 0)], ptr=0x1000)
     assert run_case(case) == (-EFAULT, 0)
+
+
+def test_request_list_in_xens_range_is_efault_before_anything_else():
+    """guest_handle_okay is do_mmu_update's first check: a list in Xen's range
+    (here the M2P, which the guest can read) is -EFAULT, pdone not written,
+    whatever foreigndom names."""
+    def case(g):
+        pdone = g.scratch + 0x400
+        g.cpu.write_u64(pdone, 0xD0)
+        rcs = [g.cpu.hypercall(Hypercall.mmu_update, MACH2PHYS_VIRT_START, 1, pdone, fd)
+               for fd in (DOMID_SELF, 77)]
+        return rcs, g.cpu.read_u64(pdone)
+    assert run_case(case) == ([-EFAULT, -EFAULT], 0xD0)
 
 
 def test_preserve_ad_keeps_accessed_and_dirty():

@@ -3,9 +3,11 @@ xen/arch/x86/mm.c promote_lN_table, _get_page_type)."""
 
 from __future__ import annotations
 
-from hypervisor.public.errno import EACCES, EBUSY, EINVAL, ENOSYS, EOPNOTSUPP, ESRCH
+from hypervisor.public.arch_x86 import HYPERVISOR_VIRT_START, MACH2PHYS_VIRT_START
+from hypervisor.public.errno import EACCES, EBUSY, EFAULT, EINVAL, ENOSYS, EOPNOTSUPP, ESRCH
 from hypervisor.public.xen import (
     DOMID_IO,
+    DOMID_SELF,
     MMUEXT_CLEAR_PAGE,
     MMUEXT_COPY_PAGE,
     MMUEXT_FLUSH_CACHE,
@@ -21,6 +23,7 @@ from hypervisor.public.xen import (
     MMUEXT_TLB_FLUSH_LOCAL,
     MMUEXT_TLB_FLUSH_MULTI,
     MMUEXT_UNPIN_TABLE,
+    Hypercall,
 )
 from tests.hypercalls.guest import RO, RW, TABLE, run_case
 
@@ -114,9 +117,23 @@ def test_set_ldt_checks_its_arguments():
     def case(g):
         return (g.mmuext1(MMUEXT_SET_LDT, 0xFFFFFFFF80001001, 16),   # unaligned
                 g.mmuext1(MMUEXT_SET_LDT, 0xFFFFFFFF80001000, 8193),  # too many entries
+                g.mmuext1(MMUEXT_SET_LDT, HYPERVISOR_VIRT_START, 1),  # not __addr_ok
                 g.mmuext1(MMUEXT_SET_LDT, 0xFFFFFFFF80001000, 16),
                 g.mmuext1(MMUEXT_SET_LDT, 0, 0))
-    assert run_case(case) == (-EINVAL, -EINVAL, 0, 0)
+    assert run_case(case) == (-EINVAL, -EINVAL, -EINVAL, 0, 0)
+
+
+def test_op_list_in_xens_range_is_efault_before_anything_else():
+    """guest_handle_okay is do_mmuext_op's first check: an op list in Xen's
+    range (the M2P the guest can read) is -EFAULT, pdone untouched, whatever
+    foreigndom names."""
+    def case(g):
+        pdone = g.scratch + 0x400
+        g.cpu.write_u64(pdone, 0xD0)
+        rcs = [g.cpu.hypercall(Hypercall.mmuext_op, MACH2PHYS_VIRT_START, 1, pdone, fd)
+               for fd in (DOMID_SELF, 77)]
+        return rcs, g.cpu.read_u64(pdone)
+    assert run_case(case) == ([-EFAULT, -EFAULT], 0xD0)
 
 
 def test_clear_and_copy_page_never_touch_a_pagetable():

@@ -157,7 +157,8 @@ class Scheduler:
                             and (until_ns is None or due < until_ns)):
                         self._fire_timer()
                         continue
-                if wake is not None and (v is None or wake.timer_deadline <= v.clock):
+                if (wake is not None and (v is None or wake.timer_deadline <= v.clock)
+                        and (until_ns is None or wake.timer_deadline < until_ns)):
                     wake.clock = max(wake.clock, wake.timer_deadline)
                     fire_timer(wake)
                     continue

@@ -6,6 +6,7 @@
     image = "../firmware/guest.elf"   # relative to this file
     cmdline = "run=hashchain,counter"
     seed = 1             # frame shuffling and scheduling
+    sched_seed = 7       # optional: another schedule on the same frames (default: seed)
     kernel = "guestos"   # optional: boot another Python kernel than the image names
     maxmem = 128         # optional: MiB the domain may grow to (balloon up); default memory
     requests = ["15ms suspend"]   # optional: what the toolstack asks of the guest, and when
@@ -49,6 +50,7 @@ class DomainConfig:
     maxmem: int = 0           # MiB the domain may grow to (xl's maxmem); 0: = memory
     requests: tuple[Request, ...] = ()  # the toolstack's requests to the running guest
     balloon: BalloonConfig | None = None  # a balloon device, if any
+    sched_seed: int | None = None  # the schedule's seed; None: the seed's
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class BalloonConfig:
 
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
-         "kernel": str, "maxmem": int, "requests": list, "balloon": dict}
+         "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom")
@@ -90,8 +92,9 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     if not image.exists():
         raise ConfigError(f"{src}: image {str(image)!r} does not exist")
     seed = data.get("seed", 0)
-    if seed < 0:
-        raise ConfigError(f"{src}: seed must not be negative")
+    for key in ("seed", "sched_seed"):
+        if data.get(key, 0) < 0:
+            raise ConfigError(f"{src}: {key} must not be negative")
     maxmem = data.get("maxmem", memory)
     if not memory <= maxmem <= MAX_MEMORY_MIB:
         raise ConfigError(f"{src}: maxmem is {maxmem} MiB; it must be at least memory "
@@ -109,7 +112,8 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
             raise ConfigError(f"{src}: {e}") from None
     balloon = _balloon_config(data["balloon"], src) if "balloon" in data else None
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
-                        where, kernel, maxmem, tuple(requests), balloon)
+                        where, kernel, maxmem, tuple(requests), balloon,
+                        data.get("sched_seed"))
 
 
 def _balloon_config(table: dict, src: str) -> BalloonConfig:

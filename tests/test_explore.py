@@ -43,6 +43,14 @@ def test_seeds_are_ranges_and_lists():
             parse_seeds(bad)
 
 
+def test_the_replay_command_names_the_run_exactly():
+    assert Scenario("a b.toml", until_ns=20_000_000).replay(7) == (
+        "pvlab run 'a b.toml' --sched-seed 7 --until 20.000ms")
+    assert Scenario("c.toml", until_ns=1234, frames=True).replay(3) == (
+        "pvlab run c.toml --seed 3 --sched-seed 3 --until 1234ns")
+    assert Scenario("c.toml", seed=5).replay(3) == "pvlab run c.toml --seed 5 --sched-seed 3"
+
+
 def test_explore_finds_the_planted_race(planted):
     scenario = Scenario(str(planted), results="stop_machine")
     groups = explore(scenario, parse_seeds("1-12"), jobs=2)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.session import boot, run_domain
-from hypervisor.toolstack.timeparse import format_duration
+from hypervisor.toolstack.timeparse import format_duration, parse_duration
 
 DEFAULT_RESULTS = r"digest|FAILURE"
 TAIL_LINES = 6
@@ -104,13 +104,14 @@ class Scenario:
         """The command that runs this scenario's run ``seed`` again."""
         cmd = ["pvlab", "run", self.config]
         if self.frames:
-            cmd += ["--seed", str(seed)]
-        else:
-            if self.seed is not None:
-                cmd += ["--seed", str(self.seed)]
-            cmd += ["--sched-seed", str(seed)]
+            cmd += ["--seed", str(seed)]  # and the schedule's, whatever the config says
+        elif self.seed is not None:
+            cmd += ["--seed", str(self.seed)]
+        cmd += ["--sched-seed", str(seed)]
         if self.until_ns is not None:
-            cmd += ["--until", format_duration(self.until_ns).replace(" ", "")]
+            until = format_duration(self.until_ns).replace(" ", "")
+            exact = parse_duration(until) == self.until_ns
+            cmd += ["--until", until if exact else f"{self.until_ns}ns"]
         return shlex.join(cmd)
 
 

@@ -23,8 +23,9 @@ or ends with a blocking hypercall whose continuation later calls ``fn_done``
 Option ``stopmachinebug=ack`` plants a race, for ``pvlab explore`` to find: an
 off-by-one in the acknowledgement count, so that every state before EXIT
 advances when all cpus but one have acknowledged it. With three cpus or more,
-``fn`` then runs while the last cpu to answer the IPI is not yet in the
-stopper, in the schedules where it answers late.
+in the schedules where the last cpu answers the IPI late, ``fn`` runs while
+that cpu is not yet in the stopper, or the chosen cpu finds RUN already over
+and ``fn`` never runs.
 """
 
 from __future__ import annotations

@@ -6,24 +6,17 @@
 test_main:
         # unknown_hypercall #0: hypercall [44]
         call hypercall_page + 44 * 32
-        push %rax
         lea s_unknown_hypercall_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
         # unknown_hypercall #1: hypercall [63]
         call hypercall_page + 63 * 32
-        push %rax
         lea s_unknown_hypercall_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_unknown_hypercall:
         # xen_version #0: hypercall [17, 0, 0]
         movabs $0x0, %rax
         push %rax
@@ -32,14 +25,10 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 17 * 32
-        push %rax
         lea s_xen_version_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x40013, %rsi
+        mov $1, %edx
+        call check_rc
         # xen_version #1: hypercall [17, 7, 0]
         movabs $0x7, %rax
         push %rax
@@ -48,185 +37,185 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 17 * 32
-        push %rax
         lea s_xen_version_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # pin_not_owned #0: mmuext [0, 'xen_frame', 0]
-        mov $1, %eax
-        mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $0, scratch(%rip)
-        lea scratch(%rip), %rdi
-        mov $1, %esi
-        lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
-        call hypercall_page + 26 * 32
+        movabs $0x1000, %rsi
+        mov $1, %edx
+        call check_rc
+        # xen_version #2: hypercall [17, 99, 0]
+        movabs $0x63, %rax
         push %rax
-        lea s_pin_not_owned_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 17 * 32
+        lea s_xen_version_2(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_xen_version:
+        # console_io #0: mem [18, [0, 11, ('buf', 0)], [b'console_io\n']]
+        movabs $0x5f656c6f736e6f63, %rax
+        push %rax
+        movabs $0xa6f69, %rax
+        push %rax
         pop %rax
-        # unpin_not_pinned #0: mmuext [4, 'free_mfn', 0]
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        movabs $0xb, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        call save_buffer
+        lea s_console_io_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # console_io #1: hypercall [18, 0, 5, 4096]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x5, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 18 * 32
+        lea s_console_io_1(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_console_io:
+        # mmu_update_l1 #0: mmu_update ['free_l1e', ('pte', 'free_mfn', 103)]
+        call sym_free_l1e
+        mov %rax, scratch(%rip)
         call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
         mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $4, scratch(%rip)
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_unpin_not_pinned_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # pin_mapped_writable #0: mmuext [0, 'free_mfn', 0]
-        call sym_free_mfn
-        mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $0, scratch(%rip)
-        lea scratch(%rip), %rdi
-        mov $1, %esi
-        lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_pin_mapped_writable_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # pin_bootstrap_l4_twice #0: mmuext [3, 'l4_mfn', 0]
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_l1_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_l1 #1: mmu_update ['free_l1e', ('pte', 'l4_mfn', 103)]
+        call sym_free_l1e
+        mov %rax, scratch(%rip)
         call sym_l4_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
         mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $3, scratch(%rip)
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_pin_bootstrap_l4_twice_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # mmuext_unknown #0: mmuext [99, 0, 0]
-        movabs $0x0, %rax
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_l1_1(%rip), %rdi
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_l1 #2: mmu_update ['free_l1e', ('pte', 'xen_frame', 37)]
+        call sym_free_l1e
+        mov %rax, scratch(%rip)
+        mov $1, %eax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
         mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $99, scratch(%rip)
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_mmuext_unknown_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # mark_super #0: mmuext [19, 0, 0]
-        movabs $0x0, %rax
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_l1_2(%rip), %rdi
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_l1 #3: mmu_update ['free_l1e', ('pte', 'mmio_frame', 37)]
+        call sym_free_l1e
+        mov %rax, scratch(%rip)
+        movabs $0x1000000000, %rax
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
         mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $19, scratch(%rip)
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_mark_super_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # flush_cache #0: mmuext [12, 0, 0]
-        movabs $0x0, %rax
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_l1_3(%rip), %rdi
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_l1 #4: mmu_update ['free_l1e', ('pte', 'free_mfn', 119)]
+        call sym_free_l1e
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x77, %rcx
+        or %rcx, %rax
         mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $12, scratch(%rip)
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_flush_cache_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # foreign_self #0: mmuext_fd [6, 0, 0, 1]
-        movabs $0x0, %rax
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_l1_4(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_l1 #5: mmu_update [('or', 'free_l1e', 2), ('pte', 'free_mfn', 103)]
+        call sym_free_l1e
+        movabs $0x2, %rcx
+        or %rcx, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
         mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $6, scratch(%rip)
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $1, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_foreign_self_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # foreign_unknown #0: mmuext_fd [6, 0, 0, 77]
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_l1_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmu_update_l1:
+        # mmu_update_not_owned #0: mmu_update [('slot', 'xen_frame', 0), 0]
+        mov $1, %eax
+        shl $12, %rax
+        add $0, %rax
+        mov %rax, scratch(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+8(%rip)
-        movabs $0x0, %rax
-        mov %rax, scratch+16(%rip)
-        movq $6, scratch(%rip)
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $77, %r10d
-        call hypercall_page + 26 * 32
-        push %rax
-        lea s_foreign_unknown_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_not_owned_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmu_update_not_owned:
         # l4_xen_slot #0: mmu_update [('slot', 'l4_mfn', 256), 0]
         call sym_l4_mfn
         shl $12, %rax
@@ -239,14 +228,73 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_l4_xen_slot_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_l4_xen_slot:
+        # l2_superpage #0: mmu_update [('slot', 'l2_mfn', 500), ('pte', 'free_mfn', 231)]
+        call sym_l2_mfn
+        shl $12, %rax
+        add $4000, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0xe7, %rcx
+        or %rcx, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_l2_superpage_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_l2_superpage:
+        # mmu_update_plain_page #0: mmu_update [('slot', 'free_mfn', 3), 19087360]
+        call sym_free_mfn
+        shl $12, %rax
+        add $24, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x1234000, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_plain_page_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_plain_page #1: peek [('or', 'free_va', 24)]
+        call sym_free_va
+        movabs $0x18, %rcx
+        or %rcx, %rax
+        mov (%rax), %rax
+        lea s_mmu_update_plain_page_1(%rip), %rdi
+        movabs $0x1234000, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_plain_page #2: mmu_update [('slot', 'free_mfn', 3), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $24, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_plain_page_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmu_update_plain_page:
         # xsa182_linear_l4 #0: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'l4_mfn', 37)]
         call sym_l4_mfn
         shl $12, %rax
@@ -262,14 +310,10 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_xsa182_linear_l4_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
         # xsa182_linear_l4 #1: mmu_update [('slot', 'l4_mfn', 300), ('pte', 'l4_mfn', 103)]
         call sym_l4_mfn
         shl $12, %rax
@@ -285,14 +329,10 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_xsa182_linear_l4_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
         # xsa182_linear_l4 #2: mmu_update [('slot', 'l4_mfn', 300), 0]
         call sym_l4_mfn
         shl $12, %rax
@@ -305,14 +345,303 @@ test_main:
         lea scratch+32(%rip), %rdx
         mov $32752, %r10d
         call hypercall_page + 1 * 32
-        push %rax
         lea s_xsa182_linear_l4_2(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_xsa182_linear_l4:
+        # mmu_update_batch #0: mem [1, [('buf', 0), 2, ('buf', 32), 32752], [('slot', 'free_mfn', 0), 5, ('slot', 'l4_mfn', 256), 0, 0]]
+        call sym_free_mfn
+        shl $12, %rax
+        add $0, %rax
+        push %rax
+        movabs $0x5, %rax
+        push %rax
+        call sym_l4_mfn
+        shl $12, %rax
+        add $2048, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
         pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        lea scratch+32(%rip), %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        call save_buffer
+        lea s_mmu_update_batch_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_batch #1: last [32]
+        mov lastbuf+32(%rip), %eax
+        lea s_mmu_update_batch_1(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_batch #2: mmu_update [('slot', 'free_mfn', 0), 0]
+        call sym_free_mfn
+        shl $12, %rax
+        add $0, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_batch_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmu_update_batch:
+        # machphys_update #0: mmu_update [('or', ('slot', 'free_mfn', 0), 1), 'free_pfn']
+        call sym_free_mfn
+        shl $12, %rax
+        add $0, %rax
+        movabs $0x1, %rcx
+        or %rcx, %rax
+        mov %rax, scratch(%rip)
+        call sym_free_pfn
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_machphys_update_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # machphys_update #1: mmu_update [('or', ('slot', 'xen_frame', 0), 1), 0]
+        mov $1, %eax
+        shl $12, %rax
+        add $0, %rax
+        movabs $0x1, %rcx
+        or %rcx, %rax
+        mov %rax, scratch(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        mov $32752, %r10d
+        call hypercall_page + 1 * 32
+        lea s_machphys_update_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_machphys_update:
+        # mmu_update_foreign #0: mem [1, [('buf', 0), 1, 0, 1], [('slot', 'free_mfn', 0), 0]]
+        call sym_free_mfn
+        shl $12, %rax
+        add $0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        call save_buffer
+        lea s_mmu_update_foreign_0(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmu_update_foreign #1: mem [1, [('buf', 0), 1, 0, 77], [('slot', 'free_mfn', 0), 0]]
+        call sym_free_mfn
+        shl $12, %rax
+        add $0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        call save_buffer
+        lea s_mmu_update_foreign_1(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmu_update_foreign:
+        # mmu_update_bad_list #0: hypercall [1, 4096, 1, 0, 32752]
+        movabs $0x1000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        lea s_mmu_update_bad_list_0(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmu_update_bad_list:
+        # uvm_flush_types #0: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_uvm_flush_types_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # uvm_flush_types #1: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_uvm_flush_types_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # uvm_flush_types #2: uvm ['free_va', ('pte', 'free_mfn', 103), 5]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x5, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_uvm_flush_types_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # uvm_flush_types #3: uvm ['free_va', ('pte', 'free_mfn', 103), 6]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x6, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_uvm_flush_types_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_uvm_flush_types:
+        # uvm_no_l1 #0: uvm [4096, ('pte', 'free_mfn', 37), 0]
+        movabs $0x1000, %rax
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_uvm_no_l1_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_uvm_no_l1:
+        # uvm_bad_vcpu_bitmap #0: uvm ['free_va', ('pte', 'free_mfn', 103), 4097]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x1001, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_uvm_bad_vcpu_bitmap_0(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+e_uvm_bad_vcpu_bitmap:
         # map_l4_writable #0: uvm ['free_va', ('pte', 'l4_mfn', 103), 0]
         call sym_free_va
         push %rax
@@ -327,14 +656,10 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_l4_writable_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
         # map_l4_writable #1: uvm ['free_va', ('pte', 'l4_mfn', 37), 0]
         call sym_free_va
         push %rax
@@ -349,14 +674,10 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_l4_writable_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
         # map_l4_writable #2: uvm ['free_va', ('pte', 'free_mfn', 103), 0]
         call sym_free_va
         push %rax
@@ -371,14 +692,11 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_l4_writable_2(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_map_l4_writable:
         # xsa279_noncanonical #0: uvm [9223372036854775808, 0, 6]
         movabs $0x8000000000000000, %rax
         push %rax
@@ -390,33 +708,27 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_xsa279_noncanonical_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
         # xsa279_noncanonical #1: mmuext [7, 9223372036854775808, 0]
         movabs $0x8000000000000000, %rax
         mov %rax, scratch+8(%rip)
         movabs $0x0, %rax
         mov %rax, scratch+16(%rip)
         movq $7, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
         lea scratch(%rip), %rdi
         mov $1, %esi
         lea scratch+32(%rip), %rdx
-        mov $32752, %r10d
         call hypercall_page + 26 * 32
-        push %rax
         lea s_xsa279_noncanonical_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_xsa279_noncanonical:
         # map_hypervisor_frame #0: uvm ['free_va', ('pte', 'xen_frame', 37), 0]
         call sym_free_va
         push %rax
@@ -431,14 +743,11 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_hypervisor_frame_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
+e_map_hypervisor_frame:
         # map_mmio #0: uvm ['free_va', ('pte', 'mmio_frame', 37), 0]
         call sym_free_va
         push %rax
@@ -453,14 +762,11 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_map_mmio_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
+        movabs $0xffffffffffffffff, %rsi
+        mov $1, %edx
+        call check_rc
+e_map_mmio:
         # bad_l1_flags #0: uvm ['free_va', ('pte', 'free_mfn', 119), 0]
         call sym_free_va
         push %rax
@@ -475,67 +781,2450 @@ test_main:
         pop %rsi
         pop %rdi
         call hypercall_page + 14 * 32
-        push %rax
         lea s_bad_l1_flags_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_bad_l1_flags:
+        # pin_not_owned #0: mmuext [0, 'xen_frame', 0]
+        mov $1, %eax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_not_owned_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_not_owned:
+        # unpin_not_pinned #0: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_unpin_not_pinned_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_unpin_not_pinned:
+        # pin_mapped_writable #0: mmuext [0, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_mapped_writable_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_mapped_writable:
+        # pin_bootstrap_l4_twice #0: mmuext [3, 'l4_mfn', 0]
+        call sym_l4_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $3, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_bootstrap_l4_twice_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_bootstrap_l4_twice:
+        # pin_l1 #0: uvm ['free_va', ('pte', 'free_mfn', 37), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l1_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1 #1: mmuext [0, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l1_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1 #2: mmuext [0, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l1_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1 #3: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l1_3(%rip), %rdi
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1 #4: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l1_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1 #5: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l1_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_l1:
+        # pin_l1_maps_a_table_writable #0: poke ['free_va', ('pte', 'l4_mfn', 103)]
+        call sym_free_va
+        push %rax
+        call sym_l4_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_pin_l1_maps_a_table_writable_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1_maps_a_table_writable #1: uvm ['free_va', ('pte', 'free_mfn', 37), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l1_maps_a_table_writable_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1_maps_a_table_writable #2: mmuext [0, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $0, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l1_maps_a_table_writable_2(%rip), %rdi
+        movabs $0xfffffffffffffff0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1_maps_a_table_writable #3: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l1_maps_a_table_writable_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l1_maps_a_table_writable #4: poke ['free_va', 0]
+        call sym_free_va
+        push %rax
+        movabs $0x0, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_pin_l1_maps_a_table_writable_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_l1_maps_a_table_writable:
+        # pin_l2_tree #0: poke ['spare_va', ('pte', 'free_mfn', 103)]
+        call sym_spare_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_pin_l2_tree_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_tree #1: uvm ['free_va', ('pte', 'free_mfn', 37), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_tree_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_tree #2: uvm ['spare_va', ('pte', 'spare_mfn', 37), 2]
+        call sym_spare_va
+        push %rax
+        call sym_spare_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_tree_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_tree #3: mmuext [1, 'spare_mfn', 0]
+        call sym_spare_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $1, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l2_tree_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_tree #4: mmuext [4, 'spare_mfn', 0]
+        call sym_spare_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l2_tree_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_tree #5: uvm ['spare_va', ('pte', 'spare_mfn', 103), 2]
+        call sym_spare_va
+        push %rax
+        call sym_spare_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_tree_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_tree #6: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_tree_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_tree #7: poke ['spare_va', 0]
+        call sym_spare_va
+        push %rax
+        movabs $0x0, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_pin_l2_tree_7(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_l2_tree:
+        # pin_l2_entry_not_an_l1 #0: poke ['spare_va', ('pte', 'free_mfn', 103)]
+        call sym_spare_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_pin_l2_entry_not_an_l1_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_entry_not_an_l1 #1: uvm ['spare_va', ('pte', 'spare_mfn', 37), 2]
+        call sym_spare_va
+        push %rax
+        call sym_spare_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_entry_not_an_l1_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_entry_not_an_l1 #2: mmuext [1, 'spare_mfn', 0]
+        call sym_spare_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $1, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l2_entry_not_an_l1_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_entry_not_an_l1 #3: uvm ['spare_va', ('pte', 'spare_mfn', 103), 2]
+        call sym_spare_va
+        push %rax
+        call sym_spare_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l2_entry_not_an_l1_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l2_entry_not_an_l1 #4: poke ['spare_va', 0]
+        call sym_spare_va
+        push %rax
+        movabs $0x0, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_pin_l2_entry_not_an_l1_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_l2_entry_not_an_l1:
+        # pin_l4_xen_slots #0: poke [('or', 'free_va', 2048), 233492583]
+        call sym_free_va
+        movabs $0x800, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0xdead067, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_pin_l4_xen_slots_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_xen_slots #1: uvm ['free_va', ('pte', 'free_mfn', 37), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x25, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l4_xen_slots_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_xen_slots #2: mmuext [3, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $3, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l4_xen_slots_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_xen_slots #3: mmuext [4, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $4, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l4_xen_slots_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_xen_slots #4: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_pin_l4_xen_slots_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # pin_l4_xen_slots #5: mmuext [16, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $16, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_pin_l4_xen_slots_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_pin_l4_xen_slots:
+        # new_baseptr #0: mmuext [5, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $5, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_new_baseptr_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # new_baseptr #1: mmuext [5, 'l4_mfn', 0]
+        call sym_l4_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $5, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_new_baseptr_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_new_baseptr:
+        # tlb_flushes #0: mmuext [6, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $6, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_tlb_flushes_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # tlb_flushes #1: mmuext [10, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $10, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_tlb_flushes_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # tlb_flushes #2: mmuext [7, 'free_va', 0]
+        call sym_free_va
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $7, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_tlb_flushes_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # tlb_flushes #3: mmuext [8, 0, 4096]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x1000, %rax
+        mov %rax, scratch+16(%rip)
+        movq $8, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_tlb_flushes_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_tlb_flushes:
+        # mmuext_unknown #0: mmuext [99, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $99, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_mmuext_unknown_0(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmuext_unknown:
+        # mark_super #0: mmuext [19, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $19, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_mark_super_0(%rip), %rdi
+        movabs $0xffffffffffffffa1, %rsi
+        mov $1, %edx
+        call check_rc
+        # mark_super #1: mmuext [20, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $20, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_mark_super_1(%rip), %rdi
+        movabs $0xffffffffffffffa1, %rsi
+        mov $1, %edx
+        call check_rc
+e_mark_super:
+        # flush_cache #0: mmuext [12, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $12, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_flush_cache_0(%rip), %rdi
+        movabs $0xfffffffffffffff3, %rsi
+        mov $1, %edx
+        call check_rc
+        # flush_cache #1: mmuext [18, 0, 0]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $18, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_flush_cache_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_flush_cache:
+        # set_ldt_arguments #0: mmuext [13, 18446744071562072065, 16]
+        movabs $0xffffffff80001001, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x10, %rax
+        mov %rax, scratch+16(%rip)
+        movq $13, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_set_ldt_arguments_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # set_ldt_arguments #1: mmuext [13, 18446744071562072064, 8193]
+        movabs $0xffffffff80001000, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x2001, %rax
+        mov %rax, scratch+16(%rip)
+        movq $13, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_set_ldt_arguments_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_set_ldt_arguments:
+        # clear_and_copy_page #0: mmuext [16, 'l4_mfn', 0]
+        call sym_l4_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $16, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_clear_and_copy_page_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # clear_and_copy_page #1: mmuext [17, 'free_mfn', 'xen_frame']
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        mov $1, %eax
+        mov %rax, scratch+16(%rip)
+        movq $17, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_clear_and_copy_page_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # clear_and_copy_page #2: mmuext [17, 'free_mfn', 'spare_mfn']
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        call sym_spare_mfn
+        mov %rax, scratch+16(%rip)
+        movq $17, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_clear_and_copy_page_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # clear_and_copy_page #3: mmuext [16, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $16, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_clear_and_copy_page_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_clear_and_copy_page:
+        # foreign_self #0: mmuext_fd [6, 0, 0, 1]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $6, scratch(%rip)
+        movabs $0x1, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_foreign_self_0(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+e_foreign_self:
+        # foreign_unknown #0: mmuext_fd [6, 0, 0, 77]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $6, scratch(%rip)
+        movabs $0x4d, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_foreign_unknown_0(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+e_foreign_unknown:
+        # foreign_domid_io #0: mmuext_fd [6, 0, 0, 32753]
+        movabs $0x0, %rax
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $6, scratch(%rip)
+        movabs $0x7ff1, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_foreign_domid_io_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_foreign_domid_io:
+        # mmuext_batch #0: mem [26, [('buf', 0), 2, ('buf', 48), 32752], [6, 0, 0, 99, 0, 0, 0]]
+        movabs $0x6, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x63, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
         pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        lea scratch+48(%rip), %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        call save_buffer
+        lea s_mmuext_batch_0(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+        # mmuext_batch #1: last [48]
+        mov lastbuf+48(%rip), %eax
+        lea s_mmuext_batch_1(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+e_mmuext_batch:
         # memory_queries #0: query [3]
         movw $32752, scratch(%rip)
         mov $3, %edi
         lea scratch(%rip), %rsi
         call hypercall_page + 12 * 32
-        push %rax
         lea s_memory_queries_0(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
-        pop %rax
-        # memory_queries #1: query [2]
+        movabs $0x1000, %rsi
+        mov $1, %edx
+        call check_rc
+        # memory_queries #1: query [4]
+        movw $32752, scratch(%rip)
+        mov $4, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        lea s_memory_queries_1(%rip), %rdi
+        movabs $0x1000, %rsi
+        mov $1, %edx
+        call check_rc
+        # memory_queries #2: query [2]
         movw $32752, scratch(%rip)
         mov $2, %edi
         lea scratch(%rip), %rsi
         call hypercall_page + 12 * 32
+        lea s_memory_queries_2(%rip), %rdi
+        xor %edx, %edx
+        call check_rc
+e_memory_queries:
+        # memory_op_errors #0: query [67]
+        movw $32752, scratch(%rip)
+        mov $67, %edi
+        lea scratch(%rip), %rsi
+        call hypercall_page + 12 * 32
+        lea s_memory_op_errors_0(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # memory_op_errors #1: mem [12, [3, ('buf', 0)], [77]]
+        movabs $0x4d, %rax
         push %rax
-        lea s_memory_queries_1(%rip), %rdi
-        call puts
-        mov (%rsp), %rdi
-        call put_hex
-        lea s_newline(%rip), %rdi
-        call puts
         pop %rax
-        ret
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_memory_op_errors_1(%rip), %rdi
+        movabs $0xfffffffffffffffd, %rsi
+        mov $1, %edx
+        call check_rc
+        # memory_op_errors #2: hypercall [12, 3, 4096]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        lea s_memory_op_errors_2(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # memory_op_errors #3: hypercall [12, 99, 0]
+        movabs $0x63, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        lea s_memory_op_errors_3(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_memory_op_errors:
+        # reservation_counts #0: mem [12, [1, ('buf', 0)], [('buf', 64), 1, 0, 32752, 0, 0, 0, 0, 'xen_frame']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        mov $1, %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_reservation_counts_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # reservation_counts #1: mem [12, [1, ('buf', 0)], [('buf', 64), 1, 10, 32752, 0, 0, 0, 0, 'free_mfn']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0xa, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_reservation_counts_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # reservation_counts #2: mem [12, [1, ('buf', 0)], [('buf', 64), 1, 0, 77, 0, 0, 0, 0, 'free_mfn']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x4d, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_reservation_counts_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # reservation_counts #3: mem [12, [1, ('buf', 0)], [4096, 1, 0, 32752]]
+        movabs $0x1000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_reservation_counts_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # reservation_counts #4: mem [12, [129, ('buf', 0)], [('buf', 64), 1, 0, 32752, 0, 0, 0, 0, 'free_mfn']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x81, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_reservation_counts_4(%rip), %rdi
+        movabs $0x2, %rsi
+        mov $1, %edx
+        call check_rc
+        # reservation_counts #5: mem [12, [0, ('buf', 0)], [('buf', 64), 1, 0, 32752, 0, 0, 0, 0, 0]]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_reservation_counts_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_reservation_counts:
+        # decrease_unmapped_first #0: uvm ['free_va', 0, 2]
+        call sym_free_va
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_decrease_unmapped_first_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_unmapped_first #1: mem [12, [1, ('buf', 0)], [('buf', 64), 1, 0, 32752, 0, 0, 0, 0, 'free_mfn']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_decrease_unmapped_first_1(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_unmapped_first #2: mem [12, [6, ('buf', 0)], [('buf', 64), 1, 0, 32752, 0, 0, 0, 0, 'free_pfn']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_decrease_unmapped_first_2(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_unmapped_first #3: poke ['p2m_free', ('out', 64)]
+        call sym_p2m_free
+        push %rax
+        mov lastbuf+64(%rip), %eax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_decrease_unmapped_first_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_unmapped_first #4: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_decrease_unmapped_first_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_unmapped_first #5: mmuext [16, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $16, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_decrease_unmapped_first_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_decrease_unmapped_first:
+        # decrease_still_mapped #0: mem [12, [1, ('buf', 0)], [('buf', 64), 1, 0, 32752, 0, 0, 0, 0, 'free_mfn']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_mfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_decrease_still_mapped_0(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_still_mapped #1: uvm ['free_va', 0, 2]
+        call sym_free_va
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_decrease_still_mapped_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_still_mapped #2: mem [12, [6, ('buf', 0)], [('buf', 64), 1, 0, 32752, 0, 0, 0, 0, 'free_pfn']]
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        call sym_free_pfn
+        push %rax
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x6, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 12 * 32
+        call save_buffer
+        lea s_decrease_still_mapped_2(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_still_mapped #3: poke ['p2m_free', ('out', 64)]
+        call sym_p2m_free
+        push %rax
+        mov lastbuf+64(%rip), %eax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_decrease_still_mapped_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_still_mapped #4: uvm ['free_va', ('pte', 'free_mfn', 103), 2]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x67, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_decrease_still_mapped_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # decrease_still_mapped #5: mmuext [16, 'free_mfn', 0]
+        call sym_free_mfn
+        mov %rax, scratch+8(%rip)
+        movabs $0x0, %rax
+        mov %rax, scratch+16(%rip)
+        movq $16, scratch(%rip)
+        movabs $0x7ff0, %rax
+        mov %rax, %r10
+        lea scratch(%rip), %rdi
+        mov $1, %esi
+        lea scratch+32(%rip), %rdx
+        call hypercall_page + 26 * 32
+        lea s_decrease_still_mapped_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_decrease_still_mapped:
+        # multicall #0: mem_result [13, [('buf', 0), 1], [<Hypercall.xen_version: 17>, 0, 0, 0, 0, 0, 0, 0], 8]
+        movabs $0x11, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 13 * 32
+        call save_buffer
+        mov lastbuf+8(%rip), %rax
+        lea s_multicall_0(%rip), %rdi
+        movabs $0x40013, %rsi
+        mov $1, %edx
+        call check_rc
+        # multicall #1: mem_result [13, [('buf', 0), 2], [44, 0, 0, 0, 0, 0, 0, 0, <Hypercall.xen_version: 17>, 0, 7, 0, 0, 0, 0, 0], 8]
+        movabs $0x2c, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x11, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 13 * 32
+        call save_buffer
+        mov lastbuf+8(%rip), %rax
+        lea s_multicall_1(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+        # multicall #2: last [72]
+        mov lastbuf+72(%rip), %eax
+        lea s_multicall_2(%rip), %rdi
+        movabs $0x1000, %rsi
+        mov $1, %edx
+        call check_rc
+        # multicall #3: mem_result [13, [('buf', 0), 2], [<Hypercall.update_va_mapping: 14>, 0, 4096, 0, 0, 0, 0, 0, <Hypercall.xen_version: 17>, 0, 7, 0, 0, 0, 0, 0], 8]
+        movabs $0xe, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x11, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x7, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+120(%rip)
+        pop %rax
+        mov %rax, scratch+112(%rip)
+        pop %rax
+        mov %rax, scratch+104(%rip)
+        pop %rax
+        mov %rax, scratch+96(%rip)
+        pop %rax
+        mov %rax, scratch+88(%rip)
+        pop %rax
+        mov %rax, scratch+80(%rip)
+        pop %rax
+        mov %rax, scratch+72(%rip)
+        pop %rax
+        mov %rax, scratch+64(%rip)
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x2, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 13 * 32
+        call save_buffer
+        mov lastbuf+8(%rip), %rax
+        lea s_multicall_3(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # multicall #4: last [72]
+        mov lastbuf+72(%rip), %eax
+        lea s_multicall_4(%rip), %rdi
+        movabs $0x1000, %rsi
+        mov $1, %edx
+        call check_rc
+        # multicall #5: mem_result [13, [('buf', 0), 1], [<Hypercall.multicall: 13>, 0, ('buf', 64), 0, 0, 0, 0, 0], 8]
+        movabs $0xd, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        lea scratch+64(%rip), %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+56(%rip)
+        pop %rax
+        mov %rax, scratch+48(%rip)
+        pop %rax
+        mov %rax, scratch+40(%rip)
+        pop %rax
+        mov %rax, scratch+32(%rip)
+        pop %rax
+        mov %rax, scratch+24(%rip)
+        pop %rax
+        mov %rax, scratch+16(%rip)
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        lea scratch+0(%rip), %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 13 * 32
+        call save_buffer
+        mov lastbuf+8(%rip), %rax
+        lea s_multicall_5(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+        # multicall #6: hypercall [13, 4096, 1]
+        movabs $0x1000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 13 * 32
+        lea s_multicall_6(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # multicall #7: hypercall [13, 0, 0]
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 13 * 32
+        lea s_multicall_7(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_multicall:
+        # vcpu_op #0: hypercall [24, 3, 0, 0]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_op_0(%rip), %rdi
+        movabs $0x1, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_op #1: hypercall [24, 3, 99, 0]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x63, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_op_1(%rip), %rdi
+        movabs $0xfffffffffffffffe, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_op #2: hypercall [24, 99, 0, 0]
+        movabs $0x63, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_op_2(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_op:
+        # vcpu_op_second_vcpu: needs ['vcpus', 2]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        cmp $-2, %rax
+        setne %al
+        movzbl %al, %eax
+        test %rax, %rax
+        jnz 1f
+        lea n_vcpu_op_second_vcpu(%rip), %rdi
+        call xtf_skip
+        jmp e_vcpu_op_second_vcpu
+        1:
+        # vcpu_op_second_vcpu #1: hypercall [24, 3, 1, 0]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_op_second_vcpu_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # vcpu_op_second_vcpu #2: hypercall [24, 1, 1, 0]
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        lea s_vcpu_op_second_vcpu_2(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_vcpu_op_second_vcpu:
+        # evtchn_virq #0: mem [32, [1, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq #1: mem [32, [1, ('buf', 0)], [0, ('out', 8)]]
+        movabs $0x0, %rax
+        push %rax
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+8(%rip)
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_1(%rip), %rdi
+        movabs $0xffffffffffffffef, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq #2: mem [32, [9, ('buf', 0)], [('out', 8)]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x9, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq #3: mem [32, [3, ('buf', 0)], [('out', 0)]]
+        mov lastbuf+0(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq #4: mem [32, [3, ('buf', 0)], [('out', 0)]]
+        mov lastbuf+0(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_4(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_evtchn_virq:
+        # evtchn_ipi #0: mem [32, [7, ('buf', 0)], [0]]
+        movabs $0x0, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x7, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_ipi_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_ipi #1: mem [32, [3, ('buf', 0)], [('out', 4)]]
+        mov lastbuf+4(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_ipi_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+e_evtchn_ipi:
+        # evtchn_virq_second_vcpu: needs ['vcpus', 2]
+        movabs $0x3, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 24 * 32
+        cmp $-2, %rax
+        setne %al
+        movzbl %al, %eax
+        test %rax, %rax
+        jnz 1f
+        lea n_evtchn_virq_second_vcpu(%rip), %rdi
+        call xtf_skip
+        jmp e_evtchn_virq_second_vcpu
+        1:
+        # evtchn_virq_second_vcpu #1: mem [32, [1, ('buf', 0)], [4294967296]]
+        movabs $0x100000000, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_1(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #2: mem [32, [3, ('buf', 0)], [('out', 8)]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_2(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #3: mem [32, [1, ('buf', 0)], [4294967303]]
+        movabs $0x100000007, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #4: mem [32, [3, ('buf', 0)], [('out', 8)]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_4(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #5: mem [32, [1, ('buf', 0)], [4294967309]]
+        movabs $0x10000000d, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_5(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #6: mem [32, [3, ('buf', 0)], [('out', 8)]]
+        mov lastbuf+8(%rip), %eax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x3, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_6(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # evtchn_virq_second_vcpu #7: mem [32, [1, ('buf', 0)], [4294967302]]
+        movabs $0x100000006, %rax
+        push %rax
+        pop %rax
+        mov %rax, scratch+0(%rip)
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+0(%rip), %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 32 * 32
+        call save_buffer
+        lea s_evtchn_virq_second_vcpu_7(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
+e_evtchn_virq_second_vcpu:
+        # sched_op #0: hypercall [29, 2, 4096]
+        movabs $0x2, %rax
+        push %rax
+        movabs $0x1000, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        lea s_sched_op_0(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # sched_op #1: hypercall [29, 99, 0]
+        movabs $0x63, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 29 * 32
+        lea s_sched_op_1(%rip), %rdi
+        movabs $0xffffffffffffffda, %rsi
+        mov $1, %edx
+        call check_rc
+e_sched_op:
+        xor %edi, %edi
+        jmp xtf_success
 
         .section .rodata
-s_unknown_hypercall_0: .asciz "rc unknown_hypercall.0 "
-s_unknown_hypercall_1: .asciz "rc unknown_hypercall.1 "
-s_xen_version_0: .asciz "rc xen_version.0 "
-s_xen_version_1: .asciz "rc xen_version.1 "
-s_pin_not_owned_0: .asciz "rc pin_not_owned.0 "
-s_unpin_not_pinned_0: .asciz "rc unpin_not_pinned.0 "
-s_pin_mapped_writable_0: .asciz "rc pin_mapped_writable.0 "
-s_pin_bootstrap_l4_twice_0: .asciz "rc pin_bootstrap_l4_twice.0 "
-s_mmuext_unknown_0: .asciz "rc mmuext_unknown.0 "
-s_mark_super_0: .asciz "rc mark_super.0 "
-s_flush_cache_0: .asciz "rc flush_cache.0 "
-s_foreign_self_0: .asciz "rc foreign_self.0 "
-s_foreign_unknown_0: .asciz "rc foreign_unknown.0 "
-s_l4_xen_slot_0: .asciz "rc l4_xen_slot.0 "
-s_xsa182_linear_l4_0: .asciz "rc xsa182_linear_l4.0 "
-s_xsa182_linear_l4_1: .asciz "rc xsa182_linear_l4.1 "
-s_xsa182_linear_l4_2: .asciz "rc xsa182_linear_l4.2 "
-s_map_l4_writable_0: .asciz "rc map_l4_writable.0 "
-s_map_l4_writable_1: .asciz "rc map_l4_writable.1 "
-s_map_l4_writable_2: .asciz "rc map_l4_writable.2 "
-s_xsa279_noncanonical_0: .asciz "rc xsa279_noncanonical.0 "
-s_xsa279_noncanonical_1: .asciz "rc xsa279_noncanonical.1 "
-s_map_hypervisor_frame_0: .asciz "rc map_hypervisor_frame.0 "
-s_map_mmio_0: .asciz "rc map_mmio.0 "
-s_bad_l1_flags_0: .asciz "rc bad_l1_flags.0 "
-s_memory_queries_0: .asciz "rc memory_queries.0 "
-s_memory_queries_1: .asciz "rc memory_queries.1 "
+s_unknown_hypercall_0: .asciz "unknown_hypercall.0"
+s_unknown_hypercall_1: .asciz "unknown_hypercall.1"
+s_xen_version_0: .asciz "xen_version.0"
+s_xen_version_1: .asciz "xen_version.1"
+s_xen_version_2: .asciz "xen_version.2"
+s_console_io_0: .asciz "console_io.0"
+s_console_io_1: .asciz "console_io.1"
+s_mmu_update_l1_0: .asciz "mmu_update_l1.0"
+s_mmu_update_l1_1: .asciz "mmu_update_l1.1"
+s_mmu_update_l1_2: .asciz "mmu_update_l1.2"
+s_mmu_update_l1_3: .asciz "mmu_update_l1.3"
+s_mmu_update_l1_4: .asciz "mmu_update_l1.4"
+s_mmu_update_l1_5: .asciz "mmu_update_l1.5"
+s_mmu_update_not_owned_0: .asciz "mmu_update_not_owned.0"
+s_l4_xen_slot_0: .asciz "l4_xen_slot.0"
+s_l2_superpage_0: .asciz "l2_superpage.0"
+s_mmu_update_plain_page_0: .asciz "mmu_update_plain_page.0"
+s_mmu_update_plain_page_1: .asciz "mmu_update_plain_page.1"
+s_mmu_update_plain_page_2: .asciz "mmu_update_plain_page.2"
+s_xsa182_linear_l4_0: .asciz "xsa182_linear_l4.0"
+s_xsa182_linear_l4_1: .asciz "xsa182_linear_l4.1"
+s_xsa182_linear_l4_2: .asciz "xsa182_linear_l4.2"
+s_mmu_update_batch_0: .asciz "mmu_update_batch.0"
+s_mmu_update_batch_1: .asciz "mmu_update_batch.1"
+s_mmu_update_batch_2: .asciz "mmu_update_batch.2"
+s_machphys_update_0: .asciz "machphys_update.0"
+s_machphys_update_1: .asciz "machphys_update.1"
+s_mmu_update_foreign_0: .asciz "mmu_update_foreign.0"
+s_mmu_update_foreign_1: .asciz "mmu_update_foreign.1"
+s_mmu_update_bad_list_0: .asciz "mmu_update_bad_list.0"
+s_uvm_flush_types_0: .asciz "uvm_flush_types.0"
+s_uvm_flush_types_1: .asciz "uvm_flush_types.1"
+s_uvm_flush_types_2: .asciz "uvm_flush_types.2"
+s_uvm_flush_types_3: .asciz "uvm_flush_types.3"
+s_uvm_no_l1_0: .asciz "uvm_no_l1.0"
+s_uvm_bad_vcpu_bitmap_0: .asciz "uvm_bad_vcpu_bitmap.0"
+s_map_l4_writable_0: .asciz "map_l4_writable.0"
+s_map_l4_writable_1: .asciz "map_l4_writable.1"
+s_map_l4_writable_2: .asciz "map_l4_writable.2"
+s_xsa279_noncanonical_0: .asciz "xsa279_noncanonical.0"
+s_xsa279_noncanonical_1: .asciz "xsa279_noncanonical.1"
+s_map_hypervisor_frame_0: .asciz "map_hypervisor_frame.0"
+s_map_mmio_0: .asciz "map_mmio.0"
+s_bad_l1_flags_0: .asciz "bad_l1_flags.0"
+s_pin_not_owned_0: .asciz "pin_not_owned.0"
+s_unpin_not_pinned_0: .asciz "unpin_not_pinned.0"
+s_pin_mapped_writable_0: .asciz "pin_mapped_writable.0"
+s_pin_bootstrap_l4_twice_0: .asciz "pin_bootstrap_l4_twice.0"
+s_pin_l1_0: .asciz "pin_l1.0"
+s_pin_l1_1: .asciz "pin_l1.1"
+s_pin_l1_2: .asciz "pin_l1.2"
+s_pin_l1_3: .asciz "pin_l1.3"
+s_pin_l1_4: .asciz "pin_l1.4"
+s_pin_l1_5: .asciz "pin_l1.5"
+s_pin_l1_maps_a_table_writable_0: .asciz "pin_l1_maps_a_table_writable.0"
+s_pin_l1_maps_a_table_writable_1: .asciz "pin_l1_maps_a_table_writable.1"
+s_pin_l1_maps_a_table_writable_2: .asciz "pin_l1_maps_a_table_writable.2"
+s_pin_l1_maps_a_table_writable_3: .asciz "pin_l1_maps_a_table_writable.3"
+s_pin_l1_maps_a_table_writable_4: .asciz "pin_l1_maps_a_table_writable.4"
+s_pin_l2_tree_0: .asciz "pin_l2_tree.0"
+s_pin_l2_tree_1: .asciz "pin_l2_tree.1"
+s_pin_l2_tree_2: .asciz "pin_l2_tree.2"
+s_pin_l2_tree_3: .asciz "pin_l2_tree.3"
+s_pin_l2_tree_4: .asciz "pin_l2_tree.4"
+s_pin_l2_tree_5: .asciz "pin_l2_tree.5"
+s_pin_l2_tree_6: .asciz "pin_l2_tree.6"
+s_pin_l2_tree_7: .asciz "pin_l2_tree.7"
+s_pin_l2_entry_not_an_l1_0: .asciz "pin_l2_entry_not_an_l1.0"
+s_pin_l2_entry_not_an_l1_1: .asciz "pin_l2_entry_not_an_l1.1"
+s_pin_l2_entry_not_an_l1_2: .asciz "pin_l2_entry_not_an_l1.2"
+s_pin_l2_entry_not_an_l1_3: .asciz "pin_l2_entry_not_an_l1.3"
+s_pin_l2_entry_not_an_l1_4: .asciz "pin_l2_entry_not_an_l1.4"
+s_pin_l4_xen_slots_0: .asciz "pin_l4_xen_slots.0"
+s_pin_l4_xen_slots_1: .asciz "pin_l4_xen_slots.1"
+s_pin_l4_xen_slots_2: .asciz "pin_l4_xen_slots.2"
+s_pin_l4_xen_slots_3: .asciz "pin_l4_xen_slots.3"
+s_pin_l4_xen_slots_4: .asciz "pin_l4_xen_slots.4"
+s_pin_l4_xen_slots_5: .asciz "pin_l4_xen_slots.5"
+s_new_baseptr_0: .asciz "new_baseptr.0"
+s_new_baseptr_1: .asciz "new_baseptr.1"
+s_tlb_flushes_0: .asciz "tlb_flushes.0"
+s_tlb_flushes_1: .asciz "tlb_flushes.1"
+s_tlb_flushes_2: .asciz "tlb_flushes.2"
+s_tlb_flushes_3: .asciz "tlb_flushes.3"
+s_mmuext_unknown_0: .asciz "mmuext_unknown.0"
+s_mark_super_0: .asciz "mark_super.0"
+s_mark_super_1: .asciz "mark_super.1"
+s_flush_cache_0: .asciz "flush_cache.0"
+s_flush_cache_1: .asciz "flush_cache.1"
+s_set_ldt_arguments_0: .asciz "set_ldt_arguments.0"
+s_set_ldt_arguments_1: .asciz "set_ldt_arguments.1"
+s_clear_and_copy_page_0: .asciz "clear_and_copy_page.0"
+s_clear_and_copy_page_1: .asciz "clear_and_copy_page.1"
+s_clear_and_copy_page_2: .asciz "clear_and_copy_page.2"
+s_clear_and_copy_page_3: .asciz "clear_and_copy_page.3"
+s_foreign_self_0: .asciz "foreign_self.0"
+s_foreign_unknown_0: .asciz "foreign_unknown.0"
+s_foreign_domid_io_0: .asciz "foreign_domid_io.0"
+s_mmuext_batch_0: .asciz "mmuext_batch.0"
+s_mmuext_batch_1: .asciz "mmuext_batch.1"
+s_memory_queries_0: .asciz "memory_queries.0"
+s_memory_queries_1: .asciz "memory_queries.1"
+s_memory_queries_2: .asciz "memory_queries.2"
+s_memory_op_errors_0: .asciz "memory_op_errors.0"
+s_memory_op_errors_1: .asciz "memory_op_errors.1"
+s_memory_op_errors_2: .asciz "memory_op_errors.2"
+s_memory_op_errors_3: .asciz "memory_op_errors.3"
+s_reservation_counts_0: .asciz "reservation_counts.0"
+s_reservation_counts_1: .asciz "reservation_counts.1"
+s_reservation_counts_2: .asciz "reservation_counts.2"
+s_reservation_counts_3: .asciz "reservation_counts.3"
+s_reservation_counts_4: .asciz "reservation_counts.4"
+s_reservation_counts_5: .asciz "reservation_counts.5"
+s_decrease_unmapped_first_0: .asciz "decrease_unmapped_first.0"
+s_decrease_unmapped_first_1: .asciz "decrease_unmapped_first.1"
+s_decrease_unmapped_first_2: .asciz "decrease_unmapped_first.2"
+s_decrease_unmapped_first_3: .asciz "decrease_unmapped_first.3"
+s_decrease_unmapped_first_4: .asciz "decrease_unmapped_first.4"
+s_decrease_unmapped_first_5: .asciz "decrease_unmapped_first.5"
+s_decrease_still_mapped_0: .asciz "decrease_still_mapped.0"
+s_decrease_still_mapped_1: .asciz "decrease_still_mapped.1"
+s_decrease_still_mapped_2: .asciz "decrease_still_mapped.2"
+s_decrease_still_mapped_3: .asciz "decrease_still_mapped.3"
+s_decrease_still_mapped_4: .asciz "decrease_still_mapped.4"
+s_decrease_still_mapped_5: .asciz "decrease_still_mapped.5"
+s_multicall_0: .asciz "multicall.0"
+s_multicall_1: .asciz "multicall.1"
+s_multicall_2: .asciz "multicall.2"
+s_multicall_3: .asciz "multicall.3"
+s_multicall_4: .asciz "multicall.4"
+s_multicall_5: .asciz "multicall.5"
+s_multicall_6: .asciz "multicall.6"
+s_multicall_7: .asciz "multicall.7"
+s_vcpu_op_0: .asciz "vcpu_op.0"
+s_vcpu_op_1: .asciz "vcpu_op.1"
+s_vcpu_op_2: .asciz "vcpu_op.2"
+n_vcpu_op_second_vcpu: .asciz "SKIP: vcpu_op_second_vcpu: needs 2 VCPUs"
+s_vcpu_op_second_vcpu_1: .asciz "vcpu_op_second_vcpu.1"
+s_vcpu_op_second_vcpu_2: .asciz "vcpu_op_second_vcpu.2"
+s_evtchn_virq_0: .asciz "evtchn_virq.0"
+s_evtchn_virq_1: .asciz "evtchn_virq.1"
+s_evtchn_virq_2: .asciz "evtchn_virq.2"
+s_evtchn_virq_3: .asciz "evtchn_virq.3"
+s_evtchn_virq_4: .asciz "evtchn_virq.4"
+s_evtchn_ipi_0: .asciz "evtchn_ipi.0"
+s_evtchn_ipi_1: .asciz "evtchn_ipi.1"
+n_evtchn_virq_second_vcpu: .asciz "SKIP: evtchn_virq_second_vcpu: needs 2 VCPUs"
+s_evtchn_virq_second_vcpu_1: .asciz "evtchn_virq_second_vcpu.1"
+s_evtchn_virq_second_vcpu_2: .asciz "evtchn_virq_second_vcpu.2"
+s_evtchn_virq_second_vcpu_3: .asciz "evtchn_virq_second_vcpu.3"
+s_evtchn_virq_second_vcpu_4: .asciz "evtchn_virq_second_vcpu.4"
+s_evtchn_virq_second_vcpu_5: .asciz "evtchn_virq_second_vcpu.5"
+s_evtchn_virq_second_vcpu_6: .asciz "evtchn_virq_second_vcpu.6"
+s_evtchn_virq_second_vcpu_7: .asciz "evtchn_virq_second_vcpu.7"
+s_sched_op_0: .asciz "sched_op.0"
+s_sched_op_1: .asciz "sched_op.1"

@@ -18,7 +18,8 @@
 # Output: a progress line every twentieth of the run ("stress: 5000 of 100000
 # iterations (5%)": a long run shows how far it has come), then the totals and a
 # checksum of everything read through the built mappings (independent of the
-# machine frames, so the same for every hypervisor seed).
+# machine frames, so the same for every hypervisor seed), and the runtime's
+# "Test result:" line: FAILURE if a hypercall or a read gave another result.
         .include "hypercall.inc"
 
         .equ NSLOTS, 6
@@ -66,8 +67,8 @@ test_main:
         push    %r12
         call    parse_cmdline
         call    init_slots
-        cmpq    $0, failures(%rip)
-        jne     9f
+        cmpq    $STATUS_SUCCESS, test_status(%rip)
+        ja      9f              # a failure or error already
         xor     %ebx, %ebx              # iteration
 1:      cmp     iterations(%rip), %rbx
         jae     3f
@@ -83,8 +84,8 @@ test_main:
         mov     %r12, %rdi
         mov     %rbx, %rsi
         call    build
-        cmpq    $0, failures(%rip)
-        jne     9f
+        cmpq    $STATUS_SUCCESS, test_status(%rip)
+        ja      9f              # a failure or error already
         inc     %rbx
         mov     %rbx, %rax
         xor     %edx, %edx
@@ -109,6 +110,8 @@ test_main:
         lea     s_newline(%rip), %rdi
         call    puts
         .endr
+        xor     %edi, %edi
+        call    xtf_success             # unless something failed on the way
 9:      pop     %r12
         pop     %rbx
         ret
@@ -131,22 +134,6 @@ say_progress:
         mov     %rax, %rdi
         call    put_dec
         lea     s_pct_end(%rip), %rdi
-        jmp     puts
-
-# put_dec(rdi = value): its decimal digits, no leading zeros
-put_dec:
-        mov     %rdi, %rax
-        lea     decbuf+20(%rip), %rsi
-        movb    $0, (%rsi)
-        mov     $10, %ecx
-1:      xor     %edx, %edx
-        div     %rcx
-        add     $'0', %dl
-        dec     %rsi
-        mov     %dl, (%rsi)
-        test    %rax, %rax
-        jnz     1b
-        mov     %rsi, %rdi
         jmp     puts
 
 # "ITERATIONS [SEED]" from start_info.cmd_line; a progress line every
@@ -205,8 +192,7 @@ init_slots:
         cmp     %rax, %rdx
         jae     1f
         lea     s_too_small(%rip), %rdi
-        call    say
-        incq    failures(%rip)
+        call    xtf_error               # the test cannot run here: ERROR
         ret
 1:      lea     slots(%rip), %rdi
         mov     $NSLOTS, %ecx
@@ -582,8 +568,7 @@ remap_tables:
         cmp     mu_done(%rip), %ebx
         je      9f
         lea     s_done(%rip), %rdi
-        call    say
-        incq    failures(%rip)
+        call    xtf_failure
 9:      pop     %r14
         pop     %r13
         pop     %r12
@@ -695,8 +680,7 @@ touch:
         jb      4b
         jmp     9f
 8:      lea     s_mismatch(%rip), %rdi
-        call    say
-        incq    failures(%rip)
+        call    xtf_failure
 9:      pop     %r13
         pop     %r12
         pop     %rbx
@@ -814,7 +798,6 @@ s_memory_op:  .asciz "memory_op (1 extent expected) "
         .balign 8
 iterations:      .quad 200
 progress_step:   .quad 10
-decbuf:          .skip 24
 rng:             .quad 1
 pins:            .quad 0
 unpinned_builds: .quad 0

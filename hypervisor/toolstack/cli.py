@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
-    return _run_or_save(hv, dom, requests, args)
+    return _run_or_save(hv, dom, requests, args, cfg.verdict)
 
 
 def _save_request(requests: list[Request], until: int | None) -> Request | None:
@@ -110,14 +110,16 @@ def _save_request(requests: list[Request], until: int | None) -> Request | None:
 
 
 def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
-                 args: argparse.Namespace) -> int:
+                 args: argparse.Namespace, verdict: str = "") -> int:
     """What ``run`` and ``restore`` do once the domain exists: run it, or,
-    with a save request, run it to the save as ``pvlab save`` does."""
+    with a save request, run it to the save as ``pvlab save`` does. A run whose
+    configuration asks for a verdict exits with it."""
     save = _save_request(requests, args.until)
     if save is None:
         result = run_domain(hv, dom, args.until, _stream, requests, _note,
                             checkpoint_dir=args.checkpoint_dir)
-        return _exit_for(result, dom, args.until)
+        code = _exit_for(result, dom, args.until)
+        return _judge(result, dom) if verdict else code
     others = [r for r in requests if r is not save]
     return _save(hv, dom, save.value, save.at_ns, others)
 
@@ -154,6 +156,17 @@ def _exit_for(result: RunResult, dom: Domain, until: int | None) -> int:
     else:
         print(f"pvlab: domain {dom.name} shut down ({result.reason})", file=sys.stderr)
     return EXIT_GUEST_FAILED
+
+
+def _judge(result: RunResult, dom: Domain) -> int:
+    """The run judged as xtf-runner judges a test guest: its exit code, and a
+    line saying so unless the test succeeded."""
+    from hypervisor.toolstack.verdict import EXIT_CODES, xtf_result
+    verdict = xtf_result(result.console, result.reason)
+    if verdict != "SUCCESS":
+        print(f"pvlab: domain {dom.name}: test result {verdict} (exit {EXIT_CODES[verdict]}, "
+              "as xtf-runner)", file=sys.stderr)
+    return EXIT_CODES[verdict]
 
 
 class ProgressBar:
@@ -496,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="A paravirtual machine lab: a Python hypervisor running a pure-Python "
                     "Xen-PV guest kernel on Unicorn x86-64 VCPUs.",
         epilog="Exit codes: 0 the guest powered off cleanly (or ran until --until), "
-               "1 the guest crashed or hung, 2 bad input.")
+               "1 the guest crashed or hung, 2 bad input; a configuration with "
+               "verdict = \"xtf\" exits as xtf-runner does: 0 SUCCESS, 3 SKIP, 4 ERROR, "
+               "5 FAILURE, 6 CRASH.")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="log hypervisor events (-vv: every hypercall)")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)

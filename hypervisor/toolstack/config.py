@@ -13,6 +13,10 @@
                                   # (poweroff, halt, reboot, suspend, checkpoint, mem-set MIB,
                                   # balloon-stats, balloon-inhibit, balloon-uninhibit, or
                                   # PATH=VALUE in xenstore)
+    verdict = "xtf"      # optional: judge the run as xtf-runner does (a test guest): the
+                         # console's last line "Test result: X" sets the exit status,
+                         # SUCCESS 0, SKIP 3, ERROR 4, FAILURE 5, and CRASH 6 (no such
+                         # line, or the domain did not power off); default: not judged
 
     [balloon]            # optional: a virtio-mmio balloon device
     stats_interval = "50ms"   # the host polls the guest's memory statistics (default: never)
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.timeparse import parse_duration
+from hypervisor.toolstack.verdict import VERDICTS
 
 MAX_VCPUS = 32  # XEN_LEGACY_MAX_VCPUS: vcpu_info lives in shared_info
 MAX_MEMORY_MIB = 1536  # the kernel maps all its memory below the top 2 GiB
@@ -50,6 +55,7 @@ class DomainConfig:
     maxmem: int = 0           # MiB the domain may grow to (xl's maxmem); 0: = memory
     requests: tuple[Request, ...] = ()  # the toolstack's requests to the running guest
     balloon: BalloonConfig | None = None  # a balloon device, if any
+    verdict: str = ""         # "xtf": the toolstack judges the console as xtf-runner does
     sched_seed: int | None = None  # the schedule's seed; None: the seed's
 
 
@@ -60,7 +66,8 @@ class BalloonConfig:
 
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
-         "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict}
+         "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict,
+         "verdict": str}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom")
@@ -111,8 +118,11 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
         except ValueError as e:
             raise ConfigError(f"{src}: {e}") from None
     balloon = _balloon_config(data["balloon"], src) if "balloon" in data else None
+    verdict = data.get("verdict", "")
+    if verdict and verdict not in VERDICTS:
+        raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
-                        where, kernel, maxmem, tuple(requests), balloon,
+                        where, kernel, maxmem, tuple(requests), balloon, verdict,
                         data.get("sched_seed"))
 
 

@@ -80,6 +80,13 @@ class Guest:
             mfn = (e & PTE_FRAME_MASK) >> 12
         return (mfn << 12) | (((va >> 12) & 511) << 3)
 
+    def table_mfn(self, va: int, level: int) -> int:
+        """The bootstrap table of ``level`` (4: the L4 ... 1: an L1) on va's path."""
+        mfn = self.l4_mfn
+        for lvl in range(4, level, -1):
+            mfn = (self.read_entry(mfn, (va >> (12 + 9 * (lvl - 1))) & 511) & PTE_FRAME_MASK) >> 12
+        return mfn
+
     @property
     def l4_mfn(self) -> int:
         return self.mfn((self.si.pt_base - VIRT_BASE) >> 12)

@@ -4,65 +4,59 @@ test checks the committed file is what this writes.
 
 Each step evaluates its arguments (symbols through the runtime's sym_* helpers
 in firmware/tests/head.S), makes the hypercall through the hypercall page with
-the 64-bit PV ABI (rdi, rsi, rdx, r10, r8), and prints ``rc <case>.<n> <hex>``.
+the 64-bit PV ABI (rdi, rsi, rdx, r10, r8), prints ``rc <case>.<n> <hex>`` and
+checks the result against the one the case wants (the runtime's check_rc: a
+mismatch prints the case, step, result and wanted result, and the verdict
+becomes FAILURE). A case whose needs are not met is skipped (verdict SKIP).
+The runtime prints ``Test result:`` with the worst verdict, as XTF does.
 """
 
 from __future__ import annotations
 
-from hypervisor.public.xen import DOMID_SELF, Hypercall
-from tests.hypercalls.portable import CASES
-
-_SYMBOLS = {"free_pfn": "call sym_free_pfn", "free_mfn": "call sym_free_mfn",
-            "free_va": "call sym_free_va", "l4_mfn": "call sym_l4_mfn",
-            "xen_frame": "mov $1, %eax", "mmio_frame": "movabs $0x1000000000, %rax"}
-_ARG_REGS = ("%rdi", "%rsi", "%rdx", "%r10", "%r8")
-
-
-def expr(e: object) -> list[str]:
-    """Code leaving the value of ``e`` in rax."""
-    if isinstance(e, int):
-        return [f"movabs ${e & (2**64 - 1):#x}, %rax"]
-    if isinstance(e, str):
-        return [_SYMBOLS[e]]
-    kind, base, n = e  # type: ignore[misc]
-    out = expr(base) + ["shl $12, %rax"]
-    if kind == "pte":
-        return out + [f"movabs ${n:#x}, %rcx", "or %rcx, %rax"]
-    return out + [f"add ${8 * n}, %rax"]
-
-
-def call(nr: int, args: list[object]) -> list[str]:
-    """Evaluate args onto the stack, pop them into the ABI registers, call."""
-    out: list[str] = []
-    for a in args:
-        out += expr(a) + ["push %rax"]
-    for reg in reversed(_ARG_REGS[:len(args)]):
-        out.append(f"pop {reg}")
-    return out + [f"call hypercall_page + {nr} * 32"]
+from tests.hypercalls.kinds import KINDS, NEEDS
+from tests.hypercalls.portable import ANY, CASES
 
 
 def step(kind: str, args: list) -> list[str]:
-    if kind == "hypercall":
-        return call(args[0], list(args[1:]))
-    if kind == "uvm":
-        return call(Hypercall.update_va_mapping, list(args))
-    if kind in ("mmuext", "mmuext_fd"):
-        cmd, a1, a2 = args[:3]
-        fd = args[3] if kind == "mmuext_fd" else DOMID_SELF
-        return (expr(a1) + ["mov %rax, scratch+8(%rip)"] + expr(a2)
-                + ["mov %rax, scratch+16(%rip)", f"movq ${cmd}, scratch(%rip)"]
-                + ["lea scratch(%rip), %rdi", "mov $1, %esi", "lea scratch+32(%rip), %rdx",
-                   f"mov ${fd}, %r10d", f"call hypercall_page + {Hypercall.mmuext_op} * 32"])
-    if kind == "mmu_update":
-        ptr, val = args
-        return (expr(ptr) + ["mov %rax, scratch(%rip)"] + expr(val)
-                + ["mov %rax, scratch+8(%rip)", "lea scratch(%rip), %rdi", "mov $1, %esi",
-                   "lea scratch+32(%rip), %rdx", f"mov ${DOMID_SELF}, %r10d",
-                   f"call hypercall_page + {Hypercall.mmu_update} * 32"])
-    if kind == "query":
-        return [f"movw ${DOMID_SELF}, scratch(%rip)", f"mov ${args[0]}, %edi",
-                "lea scratch(%rip), %rsi", f"call hypercall_page + {Hypercall.memory_op} * 32"]
-    raise ValueError(f"unknown step kind {kind!r}")
+    """x86 code making one step's hypercall, its result left in rax."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown step kind {kind!r}")
+    return KINDS[kind].x86(list(args))
+
+
+def check(name: str, n: int, want: object) -> list[str]:
+    """Report the result in rax and check it against ``want`` (ANY: none)."""
+    if want is ANY:
+        compare = ["xor %edx, %edx"]
+    else:
+        assert isinstance(want, int), want
+        compare = [f"movabs ${want & (2**64 - 1):#x}, %rsi", "mov $1, %edx"]
+    return [f"lea s_{name}_{n}(%rip), %rdi", *compare, "call check_rc"]
+
+
+def needs(name: str, what: str, n: int) -> tuple[list[str], str]:
+    """Skip the rest of the case (to its end label) when the need is unmet."""
+    need = NEEDS[what]
+    code = need.x86(n) + ["test %rax, %rax", "jnz 1f", f"lea n_{name}(%rip), %rdi",
+                          "call xtf_skip", f"jmp e_{name}", "1:"]
+    return code, f'n_{name}: .asciz "SKIP: {name}: needs {need.what.format(n=n)}"'
+
+
+def case(name: str, steps: list[tuple]) -> tuple[list[str], list[str]]:
+    """The code of one case and its strings."""
+    lines: list[str] = []
+    strings: list[str] = []
+    for n, (kind, *rest) in enumerate(steps):
+        if kind == "needs":
+            code, text = needs(name, *rest)
+            lines += [f"        # {name}: needs {rest}"] + [f"        {c}" for c in code]
+            strings.append(text)
+            continue
+        shown = [a if not isinstance(a, int) else int(a) for a in rest[:-1]]
+        lines.append(f"        # {name} #{n}: {kind} {shown}")
+        lines += [f"        {ins}" for ins in step(kind, rest[:-1]) + check(name, n, rest[-1])]
+        strings.append(f's_{name}_{n}: .asciz "{name}.{n}"')
+    return lines + [f"e_{name}:"], strings
 
 
 def generate() -> str:
@@ -72,16 +66,11 @@ def generate() -> str:
              "test_main:"]
     strings: list[str] = []
     for name, steps in CASES.items():
-        for n, (kind, *rest) in enumerate(steps):
-            label = f"s_{name}_{n}"
-            shown = [a if not isinstance(a, int) else int(a) for a in rest[:-1]]
-            lines.append(f"        # {name} #{n}: {kind} {shown}")
-            lines += [f"        {ins}" for ins in step(kind, rest[:-1])]
-            lines += ["        push %rax", f"        lea {label}(%rip), %rdi",
-                      "        call puts", "        mov (%rsp), %rdi", "        call put_hex",
-                      "        lea s_newline(%rip), %rdi", "        call puts", "        pop %rax"]
-            strings.append(f'{label}: .asciz "rc {name}.{n} "')
-    lines += ["        ret", "", "        .section .rodata", *strings]
+        code, text = case(name, steps)
+        lines += code
+        strings += text
+    lines += ["        xor %edi, %edi", "        jmp xtf_success", "",
+              "        .section .rodata", *strings]
     return "\n".join(lines) + "\n"
 
 

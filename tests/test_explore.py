@@ -101,3 +101,10 @@ def test_the_real_kernel_gives_one_outcome_over_hundreds_of_schedules():
     assert len(groups) == 1, [(g.outcome, g.seeds[:5]) for g in groups]
     assert groups[0].outcome.reason == "poweroff" and verdict(groups) == 0
     assert groups[0].outcome.results == (SPUN, "stop_machine: starting (option stopmachine=)")
+
+
+def test_a_test_guests_verdict_is_a_result():
+    """The x86 hypercall suite under two schedules: its XTF verdict line is
+    compared (before, only digests and FAILURE lines were)."""
+    groups = explore(Scenario(str(ROOT / "examples/hypercalls.toml")), [1, 2], jobs=1)
+    assert [(g.outcome.results, g.seeds) for g in groups] == [(("Test result: SUCCESS",), [1, 2])]

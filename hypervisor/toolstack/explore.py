@@ -9,8 +9,9 @@ shutdown reason, or hung, or still running at the time limit), what went
 wrong (the crash report's first line, which carries a kernel panic's text,
 the reason it hung, a shutdown request it did not acknowledge) and its result
 lines: the console lines that match a pattern (by default the programs'
-digests and the kernel's FAILURE reports), less the ``[cpuN]`` prefix and
-sorted, since which cpu printed first is the schedule's. Runs with the same
+digests, the kernel's FAILURE reports and a test guest's XTF verdict), less
+the ``[cpuN]`` prefix and sorted, since which cpu printed first is the
+schedule's. Runs with the same
 outcome form a group; each group is printed with its seeds, the tail of one
 run's console and the ``pvlab run`` command that replays that run bit for bit.
 
@@ -32,7 +33,7 @@ from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.session import boot, run_domain
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
 
-DEFAULT_RESULTS = r"digest|FAILURE"
+DEFAULT_RESULTS = r"digest|FAILURE|Test result:"
 TAIL_LINES = 6
 MAX_SEEDS = 1_000_000
 _CPU_PREFIX = re.compile(r"^\[cpu\d+\] ")

@@ -48,6 +48,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/vcpu.py
 	$(PY) bench/saverestore.py
+	$(PY) bench/schedule.py
 
 firmware:
 	$(MAKE) -C firmware

@@ -92,6 +92,8 @@ def parse_holds(cmdline: str) -> dict[str, tuple[int, int]]:
 def parse_options(cpu: NativeCpu, cmdline: str) -> None:
     """The kernel's options besides run= and hold=:
     stopmachine=MS   run a stop_machine check at MS
+    stopmachinebug=ack  a planted race: each stop_machine state before EXIT
+                     advances one acknowledgement early (guestos/stop_machine.py)
     nosaverestore    built without save/restore (CONFIG_XEN_SAVE_RESTORE=n)
     nopinall         the suspend path skips xen_mm_pin_all: a bug to find, which
                      breaks unpinned pgds across a restore
@@ -103,6 +105,7 @@ def parse_options(cpu: NativeCpu, cmdline: str) -> None:
     (drivers/virtio_balloon.py)."""
     words = cmdline.split()
     stopper(cpu).test_at_ms = parse_int(cmdline, "stopmachine")
+    stopper(cpu).bug_ack = 1 if "stopmachinebug=ack" in words else 0
     xen_manage(cpu).save_restore = 0 if "nosaverestore" in words else 1
     suspend_state(cpu).no_pin_all = 1 if "nopinall" in words else 0
     start_periodic_work(cpu, parse_int(cmdline, "worker"))

@@ -19,6 +19,13 @@ other.
 symbol numbers: the control block is in kernel data. ``fn`` returns an int,
 or ends with a blocking hypercall whose continuation later calls ``fn_done``
 (the suspend hypercall does).
+
+Option ``stopmachinebug=ack`` plants a race, for ``pvlab explore`` to find: an
+off-by-one in the acknowledgement count, so that every state before EXIT
+advances when all cpus but one have acknowledged it. With three cpus or more,
+in the schedules where the last cpu answers the IPI late, ``fn`` runs while
+that cpu is not yet in the stopper, or the chosen cpu finds RUN already over
+and ``fn`` never runs.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ STOP = Layout("stop_machine", [
     ("result", "u64"),
     ("seq", "u64"),        # one number per stop_machine: a cpu joins each once
     ("test_at_ms", "u64"), # option stopmachine=MS: a demonstration run at MS (0: none)
+    ("bug_ack", "u64"),    # option stopmachinebug=ack: the planted race below
 ])
 assert STOP.size <= AREAS["stop_machine"].size
 
@@ -141,7 +149,7 @@ def enter(cpu: NativeCpu) -> TailCall:
 def _ack(cpu: NativeCpu) -> None:
     sm = stopper(cpu)
     sm.ack = sm.ack - 1
-    if sm.ack == 0:
+    if sm.ack == (1 if sm.bug_ack and sm.state != EXIT else 0):
         if sm.state == EXIT:
             sm.active, sm.state = 0, NONE
         else:

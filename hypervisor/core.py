@@ -65,7 +65,8 @@ class Hypervisor:
     VCPUs' exits); none of them names it."""
 
     def __init__(self, memory_mib: int = 256, seed: int = 0, clock: str = "deterministic",
-                 slice_insns: int = 50_000, slice_us: int = 5_000) -> None:
+                 slice_insns: int = 50_000, slice_us: int = 5_000,
+                 sched_seed: int | None = None) -> None:
         self.seed = seed
         self.machine = Machine(memory_mib, seed)
         self.walker = self.machine.walker
@@ -73,8 +74,9 @@ class Hypervisor:
         self.ptwr = Ptwr(self.mmu)
         self.reservation = Reservation(self.machine)
         self.domains: dict[int, Domain] = {}
-        self.scheduler = Scheduler(self.domains, self.return_to_guest, clock,
-                                   slice_insns, slice_us)
+        # the schedule follows the machine's seed unless given its own
+        self.scheduler = Scheduler(self.domains, self.return_to_guest, clock, slice_insns,
+                                   slice_us, seed if sched_seed is None else sched_seed)
         self.machine.types.on_type_change = self._type_changed
         self.machine.types.iomem_permitted = self._iomem_permitted
         self.machine.types.validators[PageType.seg_desc] = segdesc_validator(self.machine.memory)

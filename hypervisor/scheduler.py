@@ -1,10 +1,19 @@
-"""Round-robin of every VCPU of every domain on one host thread, with two clocks.
+"""Every VCPU of every domain, scheduled on one host thread, with two clocks.
 
-* deterministic (the default): a slice is N instructions (``emu_start(count=N)``)
-  and time is instructions retired, 1 instruction = 1 ns. Each VCPU has its own
-  clock; the scheduler always runs the runnable VCPU whose clock is furthest
-  behind (ties by domain, then vcpu id), so VCPUs advance as if in parallel and
-  a whole run, with every interleaving and race in it, follows from the seed.
+* deterministic (the default): a slice is a number of instructions
+  (``emu_start(count=N)``) and time is instructions retired, 1 instruction =
+  1 ns. Each VCPU has its own clock, and the scheduler runs a runnable VCPU
+  whose clock is behind, so VCPUs advance as if in parallel. Its choices come
+  from a random stream of its own, seeded with the schedule seed (by default
+  the machine's seed) and drawn only at these decisions, so a run, with every
+  interleaving and race in it, follows from the two seeds bit for bit:
+  - which VCPU runs next: any runnable one whose clock is less than one
+    slice ahead of the furthest behind (so none runs more than about two
+    slices ahead of another), picked at random;
+  - how long its slice is: from half to one and a half times the slice;
+  - how late a blocked VCPU wakes when an event is sent to it: from 0 to
+    WAKE_DELAY_NS after the sender's time, as a real IPI takes a while.
+  A guest's results must not depend on these choices: only its interleavings do.
 * fast: slices end after a fixed host time (``emu_start(timeout=)``) and time is
   host time. Interleavings then depend on the host; the guest's results must not.
 
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -45,6 +55,7 @@ if TYPE_CHECKING:
 
 CLOCKS = ("deterministic", "fast")
 SPIN_YIELDS = 100_000  # yields in a row that make a VCPU a spinner (0.1 s of its time)
+WAKE_DELAY_NS = 20_000  # the latest a kicked VCPU wakes after the event (a slow IPI)
 
 
 def fire_timer(vcpu: Vcpu) -> None:
@@ -97,9 +108,12 @@ def fire_timers(vcpu: Vcpu, now: int) -> None:
 
 class Scheduler:
     def __init__(self, domains: dict[int, Domain], return_to_guest: Callable[[Vcpu], None],
-                 clock: str, slice_insns: int, slice_us: int) -> None:
+                 clock: str, slice_insns: int, slice_us: int, sched_seed: int = 0) -> None:
         if clock not in CLOCKS:
             raise ValueError(f"unknown clock {clock!r}: choose one of {', '.join(CLOCKS)}")
+        # the schedule's own stream: the frame allocator's draws never move it
+        self.rng = random.Random(f"pvlab-schedule-{sched_seed}")
+        self.sched_seed = sched_seed
         self.domains = domains
         self.return_to_guest = return_to_guest
         self.clock = clock
@@ -161,7 +175,8 @@ class Scheduler:
         if vcpu.blocked:
             vcpu.blocked = False
             end_poll(vcpu)
-            vcpu.clock = max(vcpu.clock, self.now())
+            delay = self.rng.randint(0, WAKE_DELAY_NS) if self.deterministic else 0
+            vcpu.clock = max(vcpu.clock, self.now() + delay)
 
     def no_progress(self, online: list[Vcpu]) -> str:
         """Why nothing can change any more, or "" (the rule is above)."""
@@ -197,24 +212,26 @@ class Scheduler:
             runnable = [v for v in online if not v.blocked]
             sleepers = [v for v in online if v.blocked and next_wake(v)]
             if self.deterministic:
-                v = min(runnable, key=lambda x: x.clock) if runnable else None
+                behind = min(runnable, key=lambda x: x.clock) if runnable else None
                 wake = min(sleepers, key=next_wake) if sleepers else None
                 if self.timers:
                     due = self.timers[0][0]
-                    if ((v is None or due <= v.clock)
+                    if ((behind is None or due <= behind.clock)
                             and (wake is None or due <= next_wake(wake))
                             and (until_ns is None or due < until_ns)):
                         self._fire_timer()
                         continue
-                if wake is not None and (v is None or next_wake(wake) <= v.clock):
+                if (wake is not None and (behind is None or next_wake(wake) <= behind.clock)
+                        and (until_ns is None or next_wake(wake) < until_ns)):
                     wake.clock = max(wake.clock, next_wake(wake))
                     fire_timers(wake, wake.clock)
                     continue
-                if v is None:
+                if behind is None:
                     self.idle_until(until_ns or 0)  # a host timer wakes them after
                     return
-                if until_ns is not None and v.clock >= until_ns:
+                if until_ns is not None and behind.clock >= until_ns:
                     return
+                v = self.pick(runnable, behind.clock)
             else:
                 now = self.host_now()
                 while self.timers and self.timers[0][0] <= now:
@@ -236,6 +253,18 @@ class Scheduler:
                 v.clock = now
             self.run_slice(v)
 
+    def pick(self, runnable: list[Vcpu], first: int) -> Vcpu:
+        """The next VCPU to run: one of those less than a slice ahead of the
+        furthest behind (clock ``first``), at random (the choice the docstring
+        describes). The run's limit plays no part, so a run stopped at a limit
+        and run on makes the same choices as one that never stopped."""
+        near = [x for x in runnable if x.clock < first + self.slice_insns]
+        return near[0] if len(near) == 1 else self.rng.choice(near)
+
+    def slice_length(self) -> int:
+        half = self.slice_insns // 2
+        return self.rng.randint(max(half, 1), self.slice_insns + half)
+
     def run_slice(self, v: Vcpu) -> None:
         fire_timers(v, v.clock)
         v.domain.update_time(v)
@@ -247,7 +276,7 @@ class Scheduler:
         v.runstate.change(RUNSTATE_running, v.clock)
         try:
             if self.deterministic:
-                retired = v.run(self.slice_insns)
+                retired = v.run(self.slice_length())
                 v.clock += max(retired, 1)
             else:
                 v.run(0, self.slice_us)

@@ -18,8 +18,10 @@ from tests.conftest import GUEST_IMAGE, make_config
 
 # a guest that counts for longer than any run here: it answers a suspend at once
 BUSY = "run=counter:1000:400000"
-# a guest whose one task sleeps for 2 s, for a run that waits long
-SLEEPER = "run=spawner:1:1:2000"
+# a guest whose one task sleeps for 3 s, for a run that waits long: it outlives
+# the save's 2 s wait after a request (a 2 s sleep ended inside the wait in the
+# schedules whose tick came due before its end: the wake-up is at a tick)
+SLEEPER = "run=spawner:1:1:3000"
 
 
 def _config_file(tmp_path: Path, cmdline: str = BUSY) -> Path:

@@ -26,6 +26,10 @@ def test_good_config_loads(tmp_path):
     from tests.conftest import GUEST_IMAGE
     cfg = load_config(write(tmp_path, GOOD, image=GUEST_IMAGE))
     assert (cfg.name, cfg.memory, cfg.vcpus, cfg.cmdline, cfg.seed) == ("t", 16, 2, "run=hello", 3)
+    assert cfg.sched_seed is None  # the schedule follows the seed
+    cfg = load_config(write(tmp_path, GOOD.replace("seed = 3", "seed = 3\nsched_seed = 9"),
+                            image=GUEST_IMAGE))
+    assert (cfg.seed, cfg.sched_seed) == (3, 9)
 
 
 def test_image_path_is_relative_to_the_config(tmp_path):
@@ -42,6 +46,7 @@ def test_image_path_is_relative_to_the_config(tmp_path):
     (("vcpus = 2", "vcpus = 99"), "vcpus is 99"),
     (("seed = 3", "seed = -1"), "seed must not be negative"),
     (("seed = 3", "sead = 3"), "unknown key 'sead'"),
+    (("seed = 3", "sched_seed = -2"), "sched_seed must not be negative"),
     (('name = "t"', ""), "missing key 'name'"),
     (("cmdline = \"run=hello\"", "cmdline = \"" + "x" * 2000 + "\""), "cmdline is longer"),
 ])

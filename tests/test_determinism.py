@@ -1,8 +1,8 @@
 """The two clocks: with the deterministic clock (a slice is a fixed number of
 instructions, an instruction one nanosecond) the same seed gives the same run
 bit for bit, across VCPUs and domains; another seed moves the guest to other
-machine frames but not its results; the fast clock (host time) gives the same
-results too."""
+machine frames and gives it another schedule, but not other results; the fast
+clock (host time) gives the same results too."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def test_same_seed_same_run_bit_for_bit(two_domains):
 
 def test_another_seed_other_frames_same_results(two_domains):
     a, b = two_domains(7), two_domains(8)
-    assert a[0] == b[0]            # the same console output
+    # the same results; the seed drives the schedule too, so the order in which
+    # the VCPUs printed their lines may differ (hypervisor/scheduler.py)
+    assert [results(c) for c in a[0]] == [results(c) for c in b[0]]
     assert a[1] != b[1]            # on other machine frames
 
 

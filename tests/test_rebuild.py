@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from hypervisor.scheduler import WAKE_DELAY_NS
 from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import make_config, sweep
@@ -88,7 +89,8 @@ def test_the_suspend_path_survives_a_rebuild_at_every_step(booted):
     inside: list[str] = []
     reference = go([])
     assert "[cpu0] suspend: done" in reference
-    # the path takes a few microseconds of virtual time: stop every 0.2 us
-    stops = [req.at_ns + 200 * i for i in range(0, 40)]
+    # the path takes a few microseconds of virtual time and starts when the
+    # request's event has woken a VCPU, up to WAKE_DELAY_NS late: stop every 0.5 us
+    stops = list(range(req.at_ns, req.at_ns + WAKE_DELAY_NS + 10_000, 500))
     assert go(stops) == reference
     assert len(inside) >= 5, inside  # stops did land inside the suspend path

@@ -351,8 +351,9 @@ def test_a_save_into_a_missing_directory_is_refused_and_the_guest_runs(example, 
 
 
 def test_a_guest_without_save_restore_support_is_not_saved(booted, tmp_path):
-    # a task asleep for 2 s: the guest outlives the toolstack's wait
-    hv, dom = booted(make_config("run=spawner:1:1:2000 nosaverestore"))
+    # a task asleep for 3 s: the guest outlives the toolstack's wait (2 s after the
+    # request; a 2 s sleep ended inside it in some schedules)
+    hv, dom = booted(make_config("run=spawner:1:1:3000 nosaverestore"))
     with pytest.raises(SaveError, match="did not acknowledge the suspend request"):
         save_domain(hv, dom, str(tmp_path / "x.img"), 5_000_000)
     assert not (tmp_path / "x.img").exists()

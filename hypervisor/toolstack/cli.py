@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     requests = [*cfg.requests, *args.request]
     _save_request(requests, args.until)
-    hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic")
+    hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic",
+                   sched_seed=args.sched_seed)
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
@@ -321,6 +323,13 @@ def _seed_arg(p: argparse.ArgumentParser, extra: str = "") -> None:
                    help="override the configuration's seed" + extra)
 
 
+def _sched_seed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sched-seed", metavar="N", type=int,
+                   help="seed of the schedule alone (which VCPU runs next, slice lengths, "
+                        "wake-up delays), the frames staying those of the seed (default: "
+                        "the configuration's sched_seed, else the seed)")
+
+
 def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="boot a domain and stream its console",
                          description="Boot the domain CONFIG describes and stream its "
@@ -329,6 +338,7 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--until", metavar="TIME", type=_duration,
                      help="stop after TIME of virtual time (e.g. 20ms, 1.5s)")
     _seed_arg(run, " (frame shuffling, scheduling)")
+    _sched_seed_arg(run)
     run.add_argument("--fast", action="store_true",
                      help="fast clock: host-time slices instead of deterministic "
                           "instruction-count slices (results stay the same, runs do not "
@@ -416,6 +426,55 @@ def _add_checkpoint(sub: Any) -> None:
 
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack import explore
+    load_config(args.config)  # a bad configuration is one line, before any worker starts
+    if args.jobs < 0:
+        raise CliError("-j must be 0 (one worker per core) or more")
+    if args.frames and args.seed is not None:
+        raise CliError("--seed is the frames' seed: with --frames each run's seed is")
+    try:
+        seeds = explore.parse_seeds(args.seeds)
+        re.compile(args.results)
+    except explore.ExploreError as e:
+        raise CliError(str(e)) from None
+    except re.error as e:
+        raise CliError(f"--results {args.results!r} is no regular expression: {e}") from None
+    scenario = explore.Scenario(args.config, args.until, args.frames, args.seed, args.results)
+    groups = explore.explore(scenario, seeds, args.jobs, explore.progress_on_stderr())
+    explore.report(scenario, groups, print)
+    return explore.verdict(groups)
+
+
+def _add_explore(sub: Any) -> None:
+    from hypervisor.toolstack.explore import DEFAULT_RESULTS
+    ex = sub.add_parser(
+        "explore", help="run a domain under many schedules and group the outcomes",
+        description="Run the domain CONFIG describes once per seed, each run with that seed "
+                    "as its schedule seed (which VCPU runs next, slice lengths, wake-up "
+                    "delays) on the frames of the configuration's seed, in worker processes; "
+                    "group the runs by outcome (how they ended, a crash report or why they "
+                    "hung, their result lines) and print each group with its seeds, its "
+                    "console's tail and the pvlab run command that replays it. Exit 0 if "
+                    "every run ended alike and well, 1 if the outcomes differ or a run "
+                    "crashed or hung (a race found), 2 for bad input.")
+    _config_arg(ex)
+    ex.add_argument("--seeds", metavar="SEEDS", default="1-100",
+                    help="the seeds: N, A-B or a comma-separated list (default 1-100)")
+    ex.add_argument("-j", "--jobs", metavar="N", type=int, default=0,
+                    help="worker processes (default 0: one per core)")
+    ex.add_argument("--until", metavar="TIME", type=_duration,
+                    help="stop each run at TIME of virtual time (default: when the guest "
+                         "shuts down)")
+    ex.add_argument("--frames", action="store_true",
+                    help="each seed is the machine's seed: the frames move with the schedule")
+    _seed_arg(ex, " (the frames' seed; not with --frames)")
+    ex.add_argument("--results", metavar="REGEX", default=DEFAULT_RESULTS,
+                    help="console lines that are a run's results, compared across runs "
+                         f"(default {DEFAULT_RESULTS!r})")
+    ex.set_defaults(func=cmd_explore)
+
+
 def _add_image(sub: Any) -> None:
     image = sub.add_parser("image", help="show a saved image, or diff two",
                            description="image show IMAGE: its records, page types, pinned "
@@ -463,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(sub)
     _add_image(sub)
     _add_demo(sub)
+    _add_explore(sub)
     return p
 
 

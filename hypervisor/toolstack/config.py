@@ -6,6 +6,7 @@
     image = "../firmware/guest.elf"   # relative to this file
     cmdline = "run=hashchain,counter"
     seed = 1             # frame shuffling and scheduling
+    sched_seed = 7       # optional: another schedule on the same frames (default: seed)
     kernel = "guestos"   # optional: boot another Python kernel than the image names
     maxmem = 128         # optional: MiB the domain may grow to (balloon up); default memory
     requests = ["15ms suspend"]   # optional: what the toolstack asks of the guest, and when
@@ -55,6 +56,7 @@ class DomainConfig:
     requests: tuple[Request, ...] = ()  # the toolstack's requests to the running guest
     balloon: BalloonConfig | None = None  # a balloon device, if any
     verdict: str = ""         # "xtf": the toolstack judges the console as xtf-runner does
+    sched_seed: int | None = None  # the schedule's seed; None: the seed's
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class BalloonConfig:
 
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
-         "kernel": str, "maxmem": int, "requests": list, "balloon": dict, "verdict": str}
+         "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict,
+         "verdict": str}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom")
@@ -96,8 +99,9 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     if not image.exists():
         raise ConfigError(f"{src}: image {str(image)!r} does not exist")
     seed = data.get("seed", 0)
-    if seed < 0:
-        raise ConfigError(f"{src}: seed must not be negative")
+    for key in ("seed", "sched_seed"):
+        if data.get(key, 0) < 0:
+            raise ConfigError(f"{src}: {key} must not be negative")
     maxmem = data.get("maxmem", memory)
     if not memory <= maxmem <= MAX_MEMORY_MIB:
         raise ConfigError(f"{src}: maxmem is {maxmem} MiB; it must be at least memory "
@@ -118,7 +122,8 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     if verdict and verdict not in VERDICTS:
         raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
-                        where, kernel, maxmem, tuple(requests), balloon, verdict)
+                        where, kernel, maxmem, tuple(requests), balloon, verdict,
+                        data.get("sched_seed"))
 
 
 def _balloon_config(table: dict, src: str) -> BalloonConfig:

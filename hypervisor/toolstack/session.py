@@ -57,10 +57,14 @@ class RunResult:
 
 
 def boot(cfg: DomainConfig, seed: int | None = None, clock: str = "deterministic",
-         slice_insns: int = 50_000) -> tuple[Hypervisor, Domain]:
+         slice_insns: int = 50_000, sched_seed: int | None = None) -> tuple[Hypervisor, Domain]:
+    """A machine for ``cfg`` with its domain built. ``seed`` (default the
+    configuration's) shuffles the frames and, unless ``sched_seed`` (default
+    the configuration's, else the seed) is given, drives the schedule."""
     seed = cfg.seed if seed is None else seed
+    sched_seed = cfg.sched_seed if sched_seed is None else sched_seed
     hv = Hypervisor(machine_mib_for(max(cfg.memory, cfg.maxmem)), seed=seed, clock=clock,
-                    slice_insns=slice_insns)
+                    slice_insns=slice_insns, sched_seed=sched_seed)
     dom = build_domain(hv, cfg)
     return hv, dom
 

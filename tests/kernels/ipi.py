@@ -3,8 +3,9 @@ brings vcpu1 up and sends the IPI; vcpu1 blocks (which enables its events) and
 its upcall handler records what arrived.
 
 With ``MASKED``, vcpu0 first sets the port's mask bit in shared_info (Xen leaves
-masking to the guest: binding a port does not touch it), sends, yields, and only
-then unmasks with EVTCHNOP_unmask: the upcall must come after the unmask."""
+masking to the guest: binding a port does not touch it), sends, yields until
+vcpu1 has blocked, and only then unmasks with EVTCHNOP_unmask: the upcall must
+come after the unmask."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ HEADER_SIZE = ctypes.sizeof(pvlab_image_header)
 MASKED = False
 LOG: list[str] = []
 SHINFO_MASK = 2560
+BLOCKED_FLAG = 0x108  # in the data area: vcpu1 is about to block
 
 
 def _data(cpu: Any) -> int:
@@ -79,6 +81,9 @@ def _kernel_cr3(cpu: Any, start_info_va: int) -> int:
 
 def after_yield(cpu: Any) -> TailCall:
     port = cpu.read_u64(_data(cpu) + 0x100)
+    if MASKED and not cpu.read_u64(_data(cpu) + BLOCKED_FLAG):
+        # one yield is no wait: vcpu1 may not have run yet in this schedule
+        return TailCall(Hypercall.sched_op, (SCHEDOP_yield, 0), after_yield)
     if MASKED:
         LOG.append("vcpu0 unmasks")
         _evtchn(cpu, EVTCHNOP_unmask, "<I", port)
@@ -87,6 +92,7 @@ def after_yield(cpu: Any) -> TailCall:
 
 def secondary(cpu: Any) -> TailCall:
     LOG.append("vcpu1 blocks")
+    cpu.write_u64(_data(cpu) + BLOCKED_FLAG, 1)
     return TailCall(Hypercall.sched_op, (SCHEDOP_block, 0), woken)
 
 

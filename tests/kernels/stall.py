@@ -3,7 +3,9 @@ nothing can ever wake it. ``MODE`` picks what vcpu0 does after boot:
   "block"  SCHEDOP_block for ever, with no timer set and no event channel
            bound: nothing can wake it;
   "yield"  SCHEDOP_yield in a loop for ever, with no timer and nothing else:
-           a spin on a flag no one can set."""
+           a spin on a flag no one can set;
+  "sleep"  a one-shot timer at SLEEP_NS, then SCHEDOP_block (no event
+           channel is bound, so the timer's VIRQ wakes nothing)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ from hypervisor.public.sched import SCHEDOP_block, SCHEDOP_yield
 from hypervisor.public.xen import Hypercall
 
 MODE = "block"
+SLEEP_NS = 50_000_000
 
 
 def start(cpu: Any) -> TailCall:
     if MODE == "yield":
         return spin(cpu)
+    if MODE == "sleep":
+        return TailCall(Hypercall.set_timer_op, (SLEEP_NS,), block)
     return block(cpu)
 
 

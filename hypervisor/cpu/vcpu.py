@@ -25,9 +25,10 @@ domain has ``vcpu[]``): the one import cycle the hypervisor keeps.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from unicorn import (
     UC_ARCH_X86,
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from hypervisor.domain import Domain
 
 log = logging.getLogger(__name__)
+_CT = TypeVar("_CT", bound="ctypes._CData")  # a ctypes struct or scalar type
 
 GPR_NAMES = (*GPR_ORDER, "rip", "rflags")
 GPR_INDEX = {name: i for i, name in enumerate(GPR_ORDER)}
@@ -264,6 +266,15 @@ class Vcpu:
         if not addr_ok(va):
             raise GuestFault(va, 0)
         return self.machine.walker.read(self.current_table, va, size)
+
+    def copy_struct_from_guest(self, struct_type: type[_CT], va: int) -> _CT | None:
+        """The ctypes struct (or scalar) at ``va``, as Xen's typed
+        copy_from_guest(&op, arg, 1) reads it; None where that fails (-EFAULT)."""
+        try:
+            raw = self.copy_from_guest(va, ctypes.sizeof(struct_type))
+        except GuestFault:
+            return None
+        return struct_type.from_buffer_copy(raw)
 
     def copy_to_guest(self, va: int, data: bytes) -> None:
         if not addr_ok(va):

@@ -44,9 +44,8 @@ def do_callback_op(vcpu: Vcpu, cmd: int, arg: int, *_: int) -> int:
         struct_type = callback_unregister
     else:
         return -ENOSYS  # the argument is never read
-    try:
-        op = struct_type.from_buffer_copy(vcpu.copy_from_guest(arg, ctypes.sizeof(struct_type)))
-    except GuestFault:
+    op = vcpu.copy_struct_from_guest(struct_type, arg)
+    if op is None:
         return -EFAULT
     if cmd == CALLBACKOP_register:
         return register_guest_callback(vcpu, op)

@@ -54,9 +54,8 @@ def do_event_channel_op(vcpu: Vcpu, cmd: int, arg: int, *_: int) -> int:
     struct_type = _ARGS.get(cmd)
     if struct_type is None:
         return -ENOSYS
-    try:
-        op = struct_type.from_buffer_copy(vcpu.copy_from_guest(arg, ctypes.sizeof(struct_type)))
-    except GuestFault:
+    op = vcpu.copy_struct_from_guest(struct_type, arg)
+    if op is None:
         return -EFAULT
     ev = vcpu.domain.evtchn
     if cmd == EVTCHNOP_bind_virq:

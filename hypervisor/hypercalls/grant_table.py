@@ -117,10 +117,7 @@ def do_grant_table_op(vcpu: Vcpu, cmd: int, uop: int, count: int, *_: int) -> in
 
 
 def _read(vcpu: Vcpu, uop: int, struct_type: type) -> ctypes.Structure | None:
-    try:
-        return struct_type.from_buffer_copy(vcpu.copy_from_guest(uop, ctypes.sizeof(struct_type)))
-    except GuestFault:
-        return None
+    return vcpu.copy_struct_from_guest(struct_type, uop)
 
 
 def _write_back(vcpu: Vcpu, uop: int, data: bytes) -> int:

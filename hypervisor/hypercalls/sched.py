@@ -55,9 +55,8 @@ def do_sched_op(vcpu: Vcpu, cmd: int, arg: int, *rest: int) -> int:
     struct_type = _ARGS.get(cmd)
     if struct_type is None:
         return -ENOSYS
-    try:
-        op = struct_type.from_buffer_copy(vcpu.copy_from_guest(arg, ctypes.sizeof(struct_type)))
-    except GuestFault:
+    op = vcpu.copy_struct_from_guest(struct_type, arg)
+    if op is None:
         return -EFAULT
     return _with_arg(vcpu, cmd, op)
 

@@ -114,10 +114,7 @@ def _timer_op(vcpu: Vcpu, target: Vcpu, cmd: int, arg: int) -> int:
 
 def _read(vcpu: Vcpu, arg: int, struct_type: type[ctypes.LittleEndianStructure]
           ) -> ctypes.LittleEndianStructure | None:
-    try:
-        return struct_type.from_buffer_copy(vcpu.copy_from_guest(arg, ctypes.sizeof(struct_type)))
-    except GuestFault:
-        return None
+    return vcpu.copy_struct_from_guest(struct_type, arg)
 
 
 def _copy_out(vcpu: Vcpu, arg: int, data: bytes) -> int:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from hypervisor.cpu.vcpu import Vcpu
     from hypervisor.domain import Domain
 
-_SIZE = ctypes.sizeof(xen_memory_exchange)
 _NR_EXCHANGED = xen_memory_exchange.nr_exchanged.offset
 _PFN = ctypes.sizeof(xen_pfn_t)
 _ULONG_MAX = 2**64 - 1
@@ -43,9 +42,8 @@ class Reservation(Protocol):
 def memory_exchange(res: Reservation, vcpu: Vcpu, arg: int) -> int:
     """0 with every extent exchanged, or a negative errno; nr_exchanged is
     written back in both cases (except when there was nothing to do)."""
-    try:
-        exch = xen_memory_exchange.from_buffer_copy(vcpu.copy_from_guest(arg, _SIZE))
-    except GuestFault:
+    exch = vcpu.copy_struct_from_guest(xen_memory_exchange, arg)
+    if exch is None:
         return -EFAULT
     rc = _early_checks(exch)
     if rc is None:
@@ -143,10 +141,8 @@ def _stealable(res: Reservation, d: Domain, mfn: int) -> bool:
 
 
 def _get(vcpu: Vcpu, handle: int, i: int) -> int | None:
-    try:
-        return xen_pfn_t.from_buffer_copy(vcpu.copy_from_guest(handle + _PFN * i, _PFN)).value
-    except GuestFault:
-        return None
+    pfn = vcpu.copy_struct_from_guest(xen_pfn_t, handle + _PFN * i)
+    return None if pfn is None else pfn.value
 
 
 def _put(vcpu: Vcpu, handle: int, i: int, value: int) -> bool:

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from hypervisor.domain import Domain
     from hypervisor.machine import Machine
 
-_RES_SIZE = ctypes.sizeof(xen_memory_reservation)
 _PFN_SIZE = ctypes.sizeof(xen_pfn_t)
 UINT_MAX = 0xFFFFFFFF
 
@@ -92,10 +91,8 @@ class Reservation:
         return (int(d.shared_info.arch.max_pfn) or 1) - 1 if d.shared_info else 0
 
     def _reservation(self, vcpu: Vcpu, op: int, start: int, arg: int) -> int:
-        try:
-            res = xen_memory_reservation.from_buffer_copy(
-                vcpu.copy_from_guest(arg, _RES_SIZE))
-        except GuestFault:
+        res = vcpu.copy_struct_from_guest(xen_memory_reservation, arg)
+        if res is None:
             return start
         if res.nr_extents > (UINT_MAX >> MEMOP_EXTENT_SHIFT) or start >= res.nr_extents:
             return start
@@ -141,10 +138,8 @@ class Reservation:
         return True
 
     def _get_u64(self, vcpu: Vcpu, va: int) -> int | None:
-        try:
-            return xen_pfn_t.from_buffer_copy(vcpu.copy_from_guest(va, _PFN_SIZE)).value
-        except GuestFault:
-            return None
+        pfn = vcpu.copy_struct_from_guest(xen_pfn_t, va)
+        return None if pfn is None else pfn.value
 
     def _increase_one(self, vcpu: Vcpu, d: Domain, slot: int, handle: int, order: int) -> bool:
         mfns = self._alloc_extent(d, order)

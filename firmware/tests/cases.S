@@ -3303,6 +3303,79 @@ e_l4e_not_ram:
         mov $1, %edx
         call check_rc
 e_request_list_in_xen_range:
+        # request_list_in_xen_range_leaves_pdone #0: poke [('buf', 32), 1515870810]
+        lea scratch+32(%rip), %rax
+        push %rax
+        movabs $0x5a5a5a5a, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_request_list_in_xen_range_leaves_pdone_0(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range_leaves_pdone #1: hypercall [1, 18446603336221196288, 1, ('buf', 32), 32752]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+32(%rip), %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 1 * 32
+        lea s_request_list_in_xen_range_leaves_pdone_1(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range_leaves_pdone #2: peek [('buf', 32)]
+        lea scratch+32(%rip), %rax
+        mov (%rax), %rax
+        lea s_request_list_in_xen_range_leaves_pdone_2(%rip), %rdi
+        movabs $0x5a5a5a5a, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range_leaves_pdone #3: poke [('buf', 32), 1515870810]
+        lea scratch+32(%rip), %rax
+        push %rax
+        movabs $0x5a5a5a5a, %rax
+        pop %rcx
+        mov %rax, (%rcx)
+        xor %eax, %eax
+        lea s_request_list_in_xen_range_leaves_pdone_3(%rip), %rdi
+        movabs $0x0, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range_leaves_pdone #4: hypercall [26, 18446603336221196288, 1, ('buf', 32), 32752]
+        movabs $0xffff800000000000, %rax
+        push %rax
+        movabs $0x1, %rax
+        push %rax
+        lea scratch+32(%rip), %rax
+        push %rax
+        movabs $0x7ff0, %rax
+        push %rax
+        pop %r10
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 26 * 32
+        lea s_request_list_in_xen_range_leaves_pdone_4(%rip), %rdi
+        movabs $0xfffffffffffffff2, %rsi
+        mov $1, %edx
+        call check_rc
+        # request_list_in_xen_range_leaves_pdone #5: peek [('buf', 32)]
+        lea scratch+32(%rip), %rax
+        mov (%rax), %rax
+        lea s_request_list_in_xen_range_leaves_pdone_5(%rip), %rdi
+        movabs $0x5a5a5a5a, %rsi
+        mov $1, %edx
+        call check_rc
+e_request_list_in_xen_range_leaves_pdone:
         # preempted_with_null_list #0: hypercall [1, 0, 2147483648, 0, 32752]
         movabs $0x0, %rax
         push %rax
@@ -9208,6 +9281,12 @@ s_request_list_in_xen_range_0: .asciz "request_list_in_xen_range.0"
 s_request_list_in_xen_range_1: .asciz "request_list_in_xen_range.1"
 s_request_list_in_xen_range_2: .asciz "request_list_in_xen_range.2"
 s_request_list_in_xen_range_3: .asciz "request_list_in_xen_range.3"
+s_request_list_in_xen_range_leaves_pdone_0: .asciz "request_list_in_xen_range_leaves_pdone.0"
+s_request_list_in_xen_range_leaves_pdone_1: .asciz "request_list_in_xen_range_leaves_pdone.1"
+s_request_list_in_xen_range_leaves_pdone_2: .asciz "request_list_in_xen_range_leaves_pdone.2"
+s_request_list_in_xen_range_leaves_pdone_3: .asciz "request_list_in_xen_range_leaves_pdone.3"
+s_request_list_in_xen_range_leaves_pdone_4: .asciz "request_list_in_xen_range_leaves_pdone.4"
+s_request_list_in_xen_range_leaves_pdone_5: .asciz "request_list_in_xen_range_leaves_pdone.5"
 s_preempted_with_null_list_0: .asciz "preempted_with_null_list.0"
 s_preempted_with_null_list_1: .asciz "preempted_with_null_list.1"
 s_uvm_flush_type_3_0: .asciz "uvm_flush_type_3.0"

@@ -30,6 +30,8 @@ from hypervisor.public.xen import (
 from tests.hypercalls.steps import OWN_DOMID, RO, RW, memop
 
 XEN_VA = HYPERVISOR_VIRT_START  # a guest pointer into Xen's own range
+PDONE = ("buf", 32)  # where a case asks for the done count
+SENTINEL = 0x5A5A5A5A  # a done count no call writes
 NON_CANONICAL = 1 << 47
 ALL_ONES_FRAME = (1 << 40) - 1  # PADDR_MASK >> PAGE_SHIFT: Xen's INVALID_MFN in a PTE
 
@@ -100,6 +102,13 @@ CASES: dict[str, list[tuple]] = {
         ("hypercall", Hypercall.mmu_update, XEN_VA, 1, 0, 77, -EFAULT),
         ("hypercall", Hypercall.mmuext_op, XEN_VA, 1, 0, DOMID_SELF, -EFAULT),
         ("hypercall", Hypercall.mmuext_op, XEN_VA, 1, 0, 77, -EFAULT)],
+    # the list is refused before anything is done: pdone is never written
+    "request_list_in_xen_range_leaves_pdone": [
+        step
+        for nr in (Hypercall.mmu_update, Hypercall.mmuext_op)
+        for step in (("poke", PDONE, SENTINEL, 0),
+                     ("hypercall", nr, XEN_VA, 1, PDONE, DOMID_SELF, -EFAULT),
+                     ("peek", PDONE, SENTINEL))],
     # the continuation that carries a final result in foreigndom
     "preempted_with_null_list": [
         ("hypercall", Hypercall.mmu_update, 0, MMU_UPDATE_PREEMPTED, 0, DOMID_SELF, DOMID_SELF),

@@ -785,6 +785,24 @@ e_map_mmio:
         movabs $0xffffffffffffffea, %rsi
         mov $1, %edx
         call check_rc
+        # bad_l1_flags #1: uvm ['free_va', ('pte', 'free_mfn', 4611686018427388007), 0]
+        call sym_free_va
+        push %rax
+        call sym_free_mfn
+        shl $12, %rax
+        movabs $0x4000000000000067, %rcx
+        or %rcx, %rax
+        push %rax
+        movabs $0x0, %rax
+        push %rax
+        pop %rdx
+        pop %rsi
+        pop %rdi
+        call hypercall_page + 14 * 32
+        lea s_bad_l1_flags_1(%rip), %rdi
+        movabs $0xffffffffffffffea, %rsi
+        mov $1, %edx
+        call check_rc
 e_bad_l1_flags:
         # pin_not_owned #0: mmuext [0, 'xen_frame', 0]
         mov $1, %eax
@@ -9156,6 +9174,7 @@ s_xsa279_noncanonical_1: .asciz "xsa279_noncanonical.1"
 s_map_hypervisor_frame_0: .asciz "map_hypervisor_frame.0"
 s_map_mmio_0: .asciz "map_mmio.0"
 s_bad_l1_flags_0: .asciz "bad_l1_flags.0"
+s_bad_l1_flags_1: .asciz "bad_l1_flags.1"
 s_pin_not_owned_0: .asciz "pin_not_owned.0"
 s_unpin_not_pinned_0: .asciz "unpin_not_pinned.0"
 s_pin_mapped_writable_0: .asciz "pin_mapped_writable.0"

@@ -32,6 +32,7 @@ from hypervisor.public.arch_x86 import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_GLOBAL,
+    _PAGE_GNTTAB,
     _PAGE_GUEST_KERNEL,
     _PAGE_PRESENT,
     _PAGE_PSE,
@@ -70,9 +71,11 @@ def pte_mfn(pte: int) -> int:
 
 def flags_ok(level: int, pte: int) -> bool:
     """Xen's flags are PTE bits 0-11 and 52-63 (get_pte_flags); bits 12-51 are
-    the frame. Of the high ones, the available bits and NX are all allowed."""
-    allowed = _L1_ALLOWED if level == 1 else _L2_ALLOWED
-    return not (pte & 0xFFF & ~allowed)
+    the frame. Of the high ones, the available bits (52-62) and NX are allowed,
+    but not bit 62 in an L1: _PAGE_GNTTAB (mm.c L1_DISALLOW_MASK)."""
+    if level == 1:
+        return not (pte & 0xFFF & ~_L1_ALLOWED or pte & _PAGE_GNTTAB)
+    return not (pte & 0xFFF & ~_L2_ALLOWED)
 
 
 def adjust_guest_entry(level: int, pte: int) -> int:
@@ -316,6 +319,7 @@ class PageTypes:
         low = ptes & np.uint64(0xFFF)
         simple = (
             np.all((low & np.uint64(~_L1_ALLOWED & 0xFFF)) == 0)
+            and not np.any(ptes & np.uint64(_PAGE_GNTTAB))
             and np.all(mfns < ft.nr_frames)
         )
         if simple:

@@ -39,6 +39,7 @@ _PAGE_PSE = 0x080
 _PAGE_PAT = 0x080
 _PAGE_GLOBAL = 0x100
 _PAGE_NX = 1 << 63
+_PAGE_GNTTAB = 1 << 62  # a grant mapping's mark: an L1 entry from a guest may not carry it
 PTE_FRAME_MASK = 0x000FFFFFFFFFF000
 # bit 52, one of the available bits: Xen's mark on an L1 entry the guest made
 # without _PAGE_USER (a kernel page; x86_64/page.h)

@@ -177,7 +177,8 @@ BASE_CASES: dict[str, list[tuple]] = {
         ("mmuext", MMUEXT_INVLPG_LOCAL, 1 << 63, 0, 0)],
     "map_hypervisor_frame": [("uvm", "free_va", ("pte", "xen_frame", RO), 0, -EBUSY)],
     "map_mmio": [("uvm", "free_va", ("pte", "mmio_frame", RO), 0, -EPERM)],
-    "bad_l1_flags": [("uvm", "free_va", ("pte", "free_mfn", RW | 0x10), 0, -EINVAL)],
+    "bad_l1_flags": [("uvm", "free_va", ("pte", "free_mfn", RW | 0x10), 0, -EINVAL),
+                     ("uvm", "free_va", ("pte", "free_mfn", RW | 1 << 62), 0, -EINVAL)],
     # --- mmuext_op: pins (the top page as a table, the next one down as its parent) ---
     "pin_not_owned": [("mmuext", MMUEXT_PIN_L1_TABLE, "xen_frame", 0, -EINVAL)],
     "unpin_not_pinned": [("mmuext", MMUEXT_UNPIN_TABLE, "free_mfn", 0, -EINVAL)],

@@ -65,6 +65,18 @@ def test_l1_disallowed_flags_are_einval():
     assert run_case(case) == (-EINVAL, 0)
 
 
+def test_l1_gnttab_bit_is_einval_and_the_other_available_high_bits_are_fine():
+    """Bits 52-62 are available to the guest (base_disallow_mask allows
+    _PAGE_AVAIL_HIGH) but an L1 may not carry bit 62, _PAGE_GNTTAB
+    (xen/arch/x86/mm.c L1_DISALLOW_MASK): "Bad L1 flags", -EINVAL."""
+    def case(g):
+        pfn, mfn = g.alloc()
+        slot = g.l1e_maddr(g.va(pfn))
+        return (g.mmu_update([(slot, (mfn << 12) | RW | 1 << 62)]),
+                g.mmu_update([(slot, (mfn << 12) | RW | 1 << 61 | 1 << 53)]))
+    assert run_case(case) == ((-EINVAL, 0), (0, 1))
+
+
 def test_update_in_a_frame_not_owned_is_einval():
     """The PTE's page must belong to the caller ("Could not get page for normal update")."""
     def case(g):

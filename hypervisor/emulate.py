@@ -111,6 +111,8 @@ def write_msr(vcpu: Vcpu, msr: int, value: int) -> bool:
             vcpu.uc.reg_write(_BASE_REGS[msr], value)
         else:
             vcpu.uc.reg_write(UC_X86_REG_MSR, (MSR_SHADOW_GS_BASE, value))
+        if msr != MSR_FS_BASE:
+            vcpu.gs_bases_in_use = True  # kernel mode: GS is the kernel's, the shadow the user's
         return True
     # EFER: "Linux depends on being able to write back the current value"
     return msr == MSR_EFER and value == guest_efer(vcpu)

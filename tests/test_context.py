@@ -120,3 +120,28 @@ def test_a_vcpu_whose_register_file_is_not_found_still_runs(monkeypatch, booted)
     assert isinstance(dom.vcpus[0].gpr, RegFileByCalls)
     r = run_domain(hv, dom)
     assert r.reason == "poweroff" and hashchain_line(4, 4) in r.console.decode()
+
+
+def test_a_mode_switch_swaps_the_gs_bases_and_the_record_keeps_each_mode_s(booted):
+    """Xen's toggle_guest_mode swaps the kernel and user GS bases (swapgs), so
+    guest user mode runs with gs_base_user; the context record names each base
+    by its mode whichever mode the VCPU is in (arch_get_info_guest)."""
+    from unicorn.x86_const import UC_X86_REG_GS_BASE, UC_X86_REG_MSR
+
+    from hypervisor.public.arch_x86 import MSR_SHADOW_GS_BASE
+    hv, dom = booted(make_config("run=hashchain:6:4"))
+    hv.run(until_ns=1_000_000)
+    v = dom.vcpus[0]
+    kernel_gs, user_gs = 0x1000_0000, 0x2000_0000
+    ctx = get_context(v)
+    ctx.gs_base_kernel, ctx.gs_base_user = kernel_gs, user_gs
+    assert set_context(v, bytes(ctx), take_refs=False) == 0
+    mode = v.in_kernel
+    v.toggle_guest_mode()
+    active = v.uc.reg_read(UC_X86_REG_GS_BASE)
+    assert active == (user_gs if mode else kernel_gs)
+    assert v.uc.reg_read(UC_X86_REG_MSR, MSR_SHADOW_GS_BASE) == (kernel_gs if mode else user_gs)
+    again = get_context(v)
+    assert (again.gs_base_kernel, again.gs_base_user) == (kernel_gs, user_gs)
+    v.toggle_guest_mode()
+    assert v.uc.reg_read(UC_X86_REG_GS_BASE) == (kernel_gs if mode else user_gs)

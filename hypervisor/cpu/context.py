@@ -11,13 +11,12 @@ import ctypes
 from typing import TYPE_CHECKING
 
 from unicorn import x86_const
-from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE, UC_X86_REG_MSR
+from unicorn.x86_const import UC_X86_REG_FS_BASE
 
 from hypervisor.hypercalls.vm_assist import PV64_VM_ASSIST_MASK
 from hypervisor.mm.frames import PageType
 from hypervisor.mm.memory import PAGE_SHIFT
 from hypervisor.public.arch_x86 import (
-    MSR_SHADOW_GS_BASE,
     X86_EFLAGS_IF,
     X86_EFLAGS_MBS,
     VGCF_i387_valid,
@@ -63,8 +62,7 @@ def get_context(vcpu: Vcpu) -> vcpu_guest_context:
     ctx.syscall_callback_eip = vcpu.syscall_callback
     ctx.vm_assist = vcpu.domain.vm_assist  # a domain's, carried by each context
     ctx.fs_base = vcpu.uc.reg_read(UC_X86_REG_FS_BASE)
-    ctx.gs_base_kernel = vcpu.uc.reg_read(UC_X86_REG_GS_BASE)
-    ctx.gs_base_user = vcpu.uc.reg_read(UC_X86_REG_MSR, MSR_SHADOW_GS_BASE)
+    ctx.gs_base_kernel, ctx.gs_base_user = vcpu.gs_bases()
     _save_sse(vcpu, ctx)
     return ctx
 
@@ -135,8 +133,7 @@ def set_context(vcpu: Vcpu, raw: bytes, take_refs: bool = True) -> int:
     vcpu.write_regs(**regs)
     vcpu.load_cr3(vcpu.current_table)
     vcpu.uc.reg_write(UC_X86_REG_FS_BASE, ctx.fs_base)
-    vcpu.uc.reg_write(UC_X86_REG_GS_BASE, ctx.gs_base_kernel)
-    vcpu.uc.reg_write(UC_X86_REG_MSR, (MSR_SHADOW_GS_BASE, ctx.gs_base_user))
+    vcpu.set_gs_bases(ctx.gs_base_kernel, ctx.gs_base_user)
     vcpu.ctrlreg2 = ctx.ctrlreg[2]
     _load_sse(vcpu, ctx)
     return 0

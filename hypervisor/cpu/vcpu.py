@@ -48,6 +48,7 @@ from unicorn.x86_const import (
     UC_X86_REG_CR3,
     UC_X86_REG_CR4,
     UC_X86_REG_GDTR,
+    UC_X86_REG_GS_BASE,
     UC_X86_REG_MSR,
     UC_X86_REG_RFLAGS,
     UC_X86_REG_RIP,
@@ -65,7 +66,7 @@ from hypervisor.cpu.ucfast import (
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.mm.walker import PFEC_WRITE, GuestFault, addr_ok
-from hypervisor.public.arch_x86 import X86_EFLAGS_IF, X86_EFLAGS_MBS
+from hypervisor.public.arch_x86 import MSR_SHADOW_GS_BASE, X86_EFLAGS_IF, X86_EFLAGS_MBS
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
@@ -140,6 +141,7 @@ class Vcpu:
     # no use for it
     periodic_period = 10_000_000
     periodic_last = 0
+    gs_bases_in_use = False  # a GS base was set: a mode switch swaps them
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
@@ -290,9 +292,25 @@ class Vcpu:
 
     def toggle_guest_mode(self) -> None:
         """Switch between guest kernel and guest user mode (Xen's
-        toggle_guest_mode): the other L4, and the other GS base."""
+        toggle_guest_mode): the other L4, and the other GS base (its swapgs:
+        the engine's GS base is the mode's own, the shadow the other mode's)."""
         self.in_kernel = not self.in_kernel
         self.load_cr3(self.current_table)
+        if self.gs_bases_in_use:  # both still 0: nothing to swap
+            kernel, user = self.gs_bases()
+            self.set_gs_bases(user, kernel)
+
+    def gs_bases(self) -> tuple[int, int]:
+        """The guest's kernel and user GS bases, whichever mode it is in."""
+        active = self.uc.reg_read(UC_X86_REG_GS_BASE)
+        shadow = self.uc.reg_read(UC_X86_REG_MSR, MSR_SHADOW_GS_BASE)
+        return (active, shadow) if self.in_kernel else (shadow, active)
+
+    def set_gs_bases(self, kernel: int, user: int) -> None:
+        active, shadow = (kernel, user) if self.in_kernel else (user, kernel)
+        self.uc.reg_write(UC_X86_REG_GS_BASE, active)
+        self.uc.reg_write(UC_X86_REG_MSR, (MSR_SHADOW_GS_BASE, shadow))
+        self.gs_bases_in_use = bool(kernel or user)
 
     # --- running -------------------------------------------------------------------
 

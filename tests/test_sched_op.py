@@ -100,3 +100,23 @@ def test_shutdown_takes_any_reason(run_probe):
     99 (domain_shutdown takes a u8, no check)."""
     rc, reason = run_probe(lambda cpu: _sched(cpu, SCHEDOP_shutdown, 99))
     assert (rc, reason) == (0, "99")
+
+
+def test_set_timer_op_far_or_negative_timeouts_fire_in_100_ms(booted):
+    """do_set_timer_op: 0 stops the timer; a timeout that is negative (as
+    s_time_t) or more than 2^50 ns ahead is Linux's wrapped jiffies, and Xen
+    sets the timer 100 ms from now instead (xen/common/sched/core.c)."""
+    hv, dom = booted(make_config("run=hashchain:6:4"))
+    hv.run(until_ns=1_000_000)
+    v = dom.vcpus[0]
+    now = dom.scheduler.now()
+
+    def deadline_after(timeout: int) -> int:
+        assert hv.hypercall(v, Hypercall.set_timer_op, [timeout & (2**64 - 1)]) == 0
+        return v.timer_deadline
+
+    assert deadline_after(now + 5_000_000) == now + 5_000_000
+    assert deadline_after(-1) == now + 100_000_000
+    assert deadline_after(now + (1 << 51)) == now + 100_000_000
+    assert deadline_after(now + (1 << 49)) == now + (1 << 49)
+    assert deadline_after(0) == 0

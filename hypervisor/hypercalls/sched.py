@@ -112,8 +112,18 @@ def do_poll(vcpu: Vcpu, op: Any) -> int:
     return 0
 
 
+WRAPPED_TIMEOUT_NS = 100_000_000  # where Xen sets a wrapped timeout instead
+
+
 def do_set_timer_op(vcpu: Vcpu, timeout: int, *_: int) -> int:
-    """One-shot timer at absolute system time ``timeout`` ns; 0 cancels it."""
+    """One-shot timer at absolute system time ``timeout`` ns; 0 cancels it.
+    A timeout that is negative as s_time_t, or more than 2^50 ns (13 days)
+    ahead, is Linux's wrapped jiffies: Xen sets the timer 100 ms from now
+    rather than at once or never (do_set_timer_op)."""
+    now = vcpu.domain.scheduler.now()
+    offset = timeout - now  # timeout as s_time_t: below 2^63 when it gets here
+    if timeout and (timeout >> 63 or (offset > 0 and (offset >> 50) & 0xFFFFFFFF)):
+        timeout = now + WRAPPED_TIMEOUT_NS
     vcpu.timer_deadline = timeout
     if timeout and timeout <= vcpu.clock:
         fire_timer(vcpu)

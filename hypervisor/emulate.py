@@ -28,7 +28,7 @@ from unicorn.x86_const import (
 )
 
 from hypervisor.hypercalls.version import XEN_MAJOR, XEN_MINOR
-from hypervisor.mm.walker import GuestFault
+from hypervisor.mm.walker import is_canonical_address
 from hypervisor.public.arch_x86 import MSR_FS_BASE, MSR_GS_BASE, MSR_SHADOW_GS_BASE
 
 if TYPE_CHECKING:
@@ -60,12 +60,6 @@ XEN_CPUID_FEAT1_MMU_PT_UPDATE_PRESERVE_AD = 1 << 0
 FEP_SIGNATURE = b"\x0f\x0bxen"  # ud2; .ascii "xen"
 OPC_CPUID = b"\x0f\xa2"
 _OPC_MOV_FROM_CR, _OPC_WRMSR, _OPC_RDMSR = 0x20, 0x30, 0x32
-_MAX_INSN = 15
-
-
-def _canonical(va: int) -> bool:
-    top = va >> 47
-    return top in (0, 0x1FFFF)
 
 
 def read_cr(vcpu: Vcpu, reg: int) -> int | None:
@@ -105,7 +99,7 @@ def read_msr(vcpu: Vcpu, msr: int) -> int | None:
 def write_msr(vcpu: Vcpu, msr: int, value: int) -> bool:
     """emul-priv-op.c write_msr: done, or False for a #GP."""
     if msr in (*_BASE_REGS, MSR_SHADOW_GS_BASE):
-        if not _canonical(value):
+        if not is_canonical_address(value):
             return False
         if msr in _BASE_REGS:
             vcpu.uc.reg_write(_BASE_REGS[msr], value)
@@ -118,23 +112,13 @@ def write_msr(vcpu: Vcpu, msr: int, value: int) -> bool:
     return msr == MSR_EFER and value == guest_efer(vcpu)
 
 
-def _fetch(vcpu: Vcpu, rip: int) -> bytes | None:
-    """Up to 15 instruction bytes at rip, fewer at the end of a mapping."""
-    for size in (_MAX_INSN, 0x1000 - (rip & 0xFFF)):
-        try:
-            return vcpu.copy_from_guest(rip, min(size, _MAX_INSN))
-        except GuestFault:
-            continue
-    return None
-
-
 def emulate_privileged_op(vcpu: Vcpu) -> bool:
     """pv_emulate_privileged_op for a #GP(0) at the guest's RIP: True if the
     instruction was carried out (RIP past it), False to pass the #GP on."""
     if not vcpu.in_kernel:
         return False  # x86_emulate: mode_ring0() fails in guest user mode
     rip = vcpu.get_rip()
-    insn = _fetch(vcpu, rip)
+    insn = vcpu.fetch_insn(rip)
     if not insn:
         return False
     rex = insn[0] if 0x40 <= insn[0] <= 0x4F else 0
@@ -171,7 +155,7 @@ def emulate_forced_invalid_op(vcpu: Vcpu) -> bool:
     at the CPUID, which runs with Xen's view (the CPUID hook); False if the
     bytes are not the signature (the #UD stands)."""
     rip = vcpu.get_rip()
-    insn = _fetch(vcpu, rip) or b""
+    insn = vcpu.fetch_insn(rip) or b""
     if not insn.startswith(FEP_SIGNATURE + OPC_CPUID):
         return False
     vcpu.set_rip(rip + len(FEP_SIGNATURE))

@@ -210,20 +210,21 @@ class Scheduler:
             if self.stalled:
                 return
             runnable = [v for v in online if not v.blocked]
-            sleepers = [v for v in online if v.blocked and next_wake(v)]
+            # the blocked VCPUs a timer will wake, with the time it does
+            sleepers = [(t, v) for v in online if v.blocked and (t := next_wake(v))]
             if self.deterministic:
                 behind = min(runnable, key=lambda x: x.clock) if runnable else None
-                wake = min(sleepers, key=next_wake) if sleepers else None
+                wake_at, wake = min(sleepers, key=lambda s: s[0]) if sleepers else (0, None)
                 if self.timers:
                     due = self.timers[0][0]
                     if ((behind is None or due <= behind.clock)
-                            and (wake is None or due <= next_wake(wake))
+                            and (wake is None or due <= wake_at)
                             and (until_ns is None or due < until_ns)):
                         self._fire_timer()
                         continue
-                if (wake is not None and (behind is None or next_wake(wake) <= behind.clock)
-                        and (until_ns is None or next_wake(wake) < until_ns)):
-                    wake.clock = max(wake.clock, next_wake(wake))
+                if (wake is not None and (behind is None or wake_at <= behind.clock)
+                        and (until_ns is None or wake_at < until_ns)):
+                    wake.clock = max(wake.clock, wake_at)
                     fire_timers(wake, wake.clock)
                     continue
                 if behind is None:
@@ -236,11 +237,11 @@ class Scheduler:
                 now = self.host_now()
                 while self.timers and self.timers[0][0] <= now:
                     self._fire_timer()
-                for s in sleepers:
+                for _, s in sleepers:
                     fire_timers(s, now)
                 runnable = [x for x in online if not x.blocked]
                 if not runnable:
-                    wakes = [next_wake(s) for s in sleepers] + [t[0] for t in self.timers[:1]]
+                    wakes = [next_wake(s) for _, s in sleepers] + [t[0] for t in self.timers[:1]]
                     if not wakes:
                         return
                     nxt = min(wakes)

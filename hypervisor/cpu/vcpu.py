@@ -54,6 +54,7 @@ from unicorn.x86_const import (
     UC_X86_REG_RIP,
 )
 
+from hypervisor.cpu.insn import MAX_INSN_LEN
 from hypervisor.cpu.runstate import Runstate
 from hypervisor.cpu.ucfast import (
     GPR_ORDER,
@@ -277,6 +278,17 @@ class Vcpu:
         except GuestFault:
             return None
         return struct_type.from_buffer_copy(raw)
+
+    def fetch_insn(self, rip: int) -> bytes | None:
+        """The bytes of the instruction at ``rip`` an emulator may look at:
+        MAX_INSN_LEN of them, fewer where the mapping ends with the page
+        (x86_emulate's insn_fetch); None if none can be read."""
+        for size in (MAX_INSN_LEN, min(MAX_INSN_LEN, 0x1000 - (rip & 0xFFF))):
+            try:
+                return self.copy_from_guest(rip, size)
+            except GuestFault:
+                continue
+        return None
 
     def copy_to_guest(self, va: int, data: bytes) -> None:
         if not addr_ok(va):

@@ -38,7 +38,6 @@ from unicorn.x86_const import UC_X86_REG_FS_BASE, UC_X86_REG_GS_BASE
 from hypervisor.cpu.insn import (
     FS_PREFIX,
     GS_PREFIX,
-    MAX_INSN_LEN,
     MemWrite,
     decode_mem_write,
     write_reg,
@@ -49,7 +48,6 @@ from hypervisor.mm.walker import (
     PFEC_PRESENT,
     PFEC_RESERVED_BIT,
     PFEC_WRITE,
-    GuestFault,
 )
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_RW
 from hypervisor.public.xen import VMASST_TYPE_writable_pagetables
@@ -142,13 +140,9 @@ class Ptwr:
         """The instruction at RIP (ptwr_emulated_insn_fetch): as many of its
         15 bytes as are mapped."""
         rip = vcpu.get_rip()
-        try:
-            code = vcpu.copy_from_guest(rip, MAX_INSN_LEN)
-        except GuestFault:
-            try:
-                code = vcpu.copy_from_guest(rip, 0x1000 - (rip & 0xFFF))
-            except GuestFault:
-                return None
+        code = vcpu.fetch_insn(rip)
+        if code is None:
+            return None
         bases = {FS_PREFIX: vcpu.uc.reg_read(UC_X86_REG_FS_BASE),
                  GS_PREFIX: vcpu.uc.reg_read(UC_X86_REG_GS_BASE)}
         return decode_mem_write(code, rip, list(vcpu.gpr), bases)
@@ -193,8 +187,7 @@ class Ptwr:
     def _read(self, addr: int, size: int, cr2: int, l1: int) -> int:
         """What the L1 holds at ``addr`` (ptwr_emulated_read: the faulting
         page, which is the L1 itself)."""
-        if (addr ^ cr2) & PAGE_MASK or addr & (size - 1):
-            raise Unhandleable("access outside the faulting page, or unaligned")
+        _check_access(addr, size, cr2)
         return int.from_bytes(self.memory.read((l1 << 12) | (addr & 0xFFF), size), "little")
 
     # --- ptwr_emulated_update ----------------------------------------------------------
@@ -202,8 +195,7 @@ class Ptwr:
     def _update(self, vcpu: Vcpu, addr: int, cr2: int, val: int, size: int, l1: int) -> None:
         """Write ``size`` bytes of ``val`` into the L1 entry at ``addr``:
         validated and applied as mmu_update applies an L1 entry."""
-        if (addr ^ cr2) & PAGE_MASK or addr & (size - 1):
-            raise Unhandleable("access outside the faulting page, or unaligned")
+        _check_access(addr, size, cr2)
         slot = (addr & 0xFFF) >> 3
         if size != 8:
             # a sub-word store: the rest of the entry as it stands
@@ -213,6 +205,13 @@ class Ptwr:
             val = full & ~field | (val << shift) & field
         if self.mmu.mod_entry(vcpu.domain, l1, slot, val):
             raise Unhandleable("could not get_page_from_l1e()")
+
+
+def _check_access(addr: int, size: int, cr2: int) -> None:
+    """Xen's ptwr callbacks take only a naturally aligned access inside the
+    faulting page (the L1 itself)."""
+    if (addr ^ cr2) & PAGE_MASK or addr & (size - 1):
+        raise Unhandleable("access outside the faulting page, or unaligned")
 
 
 def rmw(op: str, current: int, src: int, size: int) -> tuple[int, int, int]:

@@ -4,28 +4,8 @@
 # xtf_success / xtf_skip / xtf_error / xtf_failure, the worst wins, and the last
 # line is "Test result: <verdict>" before the domain powers off.
 
-        .equ XEN_ELFNOTE_ENTRY, 1
-        .equ XEN_ELFNOTE_HYPERCALL_PAGE, 2
-        .equ XEN_ELFNOTE_VIRT_BASE, 3
-        .equ XEN_ELFNOTE_PADDR_OFFSET, 4
-        .equ XEN_ELFNOTE_XEN_VERSION, 5
-        .equ XEN_ELFNOTE_GUEST_OS, 6
-        .equ XEN_ELFNOTE_LOADER, 8
-        .equ XEN_ELFNOTE_FEATURES, 10
         .include "hypercall.inc"
-
-.macro note type
-        .balign 4
-        .long   2f - 1f
-        .long   4f - 3f
-        .long   \type
-1:      .asciz  "Xen"
-2:      .balign 4
-3:
-.endm
-.macro endnote
-4:      .balign 4
-.endm
+        .include "elfnote.inc"
 
         .section .text.head, "ax"
         .globl  _start

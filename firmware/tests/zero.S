@@ -5,24 +5,9 @@
 # segment holds a Xen note (elf_xen_parse). It shuts down with reason reboot,
 # which nothing but its own entry code asks for.
 
-        .equ XEN_ELFNOTE_HYPERCALL_PAGE, 2
-        .equ XEN_ELFNOTE_XEN_VERSION, 5
-        .equ XEN_ELFNOTE_LOADER, 8
         .equ SHUTDOWN_reboot, 1
         .include "hypercall.inc"
-
-.macro note type
-        .balign 4
-        .long   2f - 1f
-        .long   4f - 3f
-        .long   \type
-1:      .asciz  "Xen"
-2:      .balign 4
-3:
-.endm
-.macro endnote
-4:      .balign 4
-.endm
+        .include "elfnote.inc"
 
         .text
         .globl  _start

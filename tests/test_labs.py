@@ -18,6 +18,7 @@ from labs.gradelib import Settings, diff_lines
 from labs.grading import grade, score
 from labs.lab import Lab, reference_path
 from labs.starter import strip
+from tests.conftest import checkout_env
 
 ROOT = Path(__file__).resolve().parent.parent
 LABS = all_labs()
@@ -27,7 +28,7 @@ FIXTURE = Lab(name="fixture", order=0, title="t", handout="docs/labs/none.md",
 
 def pvlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hypervisor.toolstack.cli", *args],
-                          cwd=cwd, capture_output=True, text=True)
+                          cwd=cwd, capture_output=True, text=True, env=checkout_env())
 
 
 def test_strip_keeps_signature_and_docstring_and_puts_the_rule_in_the_body():

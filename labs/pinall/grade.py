@@ -11,6 +11,7 @@ held, independently of the student's code.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ class Saved:
     run: Result
     moment: Moment
     expected: list[str] = field(default_factory=list)   # the results of a run without a save
+
+
+def config(t: Ctx) -> str:
+    """churn.toml, named from where the grade runs if it is below it (the top
+    of the checkout, for a student), so that the replay commands read short."""
+    path = t.data(CONFIG)
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def moments(console: str) -> list[Moment]:
@@ -185,10 +194,10 @@ def pgd_list_at_save(t: Ctx) -> dict[int, Saved]:
     saved = {}
     for seed in t.seeds(SAVES):
         at = SAVES.get(seed, "12ms")
-        base = t.pvlab("run", t.data(CONFIG), "--seed", seed)
+        base = t.pvlab("run", config(t), "--seed", seed)
         check_ran(t, base, "the guest's run without a save")
         img = str(t.out(f"seed{seed}.img"))
-        r = t.pvlab("save", t.data(CONFIG), img, "--at", at, "--seed", seed)
+        r = t.pvlab("save", config(t), img, "--at", at, "--seed", seed)
         found = moments(r.out)
         t.check(found, f"the guest never began to suspend:\n{crash(r)}\n{why(r)}")
         check_moment(t, found[0], r)
@@ -232,7 +241,7 @@ def checkpoints_unpin(t: Ctx) -> None:
     for seed in t.seeds((1, 2)):
         expected = t.parent[seed].expected if seed in t.parent else None
         asks = [a for at in CHECKPOINTS for a in ("--request", f"{at} checkpoint")]
-        r = t.pvlab("run", t.data(CONFIG), "--seed", seed, *asks)
+        r = t.pvlab("run", config(t), "--seed", seed, *asks)
         check_ran(t, r, "the run with two checkpoints")
         found = moments(r.out)
         t.check(len(found) == len(CHECKPOINTS), f"the guest suspended {len(found)} times, "

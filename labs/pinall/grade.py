@@ -115,35 +115,51 @@ def crash(r: Result) -> str:
     return "\n".join("  " + line for line in lines[-3:]) or r.tail()
 
 
+PIN_REFUSED = "Xen refused to pin a pgd (EINVAL): it was pinned already. "
+# the crashes this lab's mistakes cause, a hint for each: the first whose
+# pattern the run's output matches (across lines) is given
+HINTS = [
+    (r"suspend hypercall returned 0.*xen_mm_unpin_all: 0 .*pinning pgd \S+ failed: -22",
+     PIN_REFUSED + "After the restore xen_mm_unpin_all found no pgd to unpin, so a held "
+     "construction went on and pinned its pgd again. Did xen_mm_pin_all mark the pgds it "
+     "pinned PG_SAVEPINNED? Is the pgd_list kept in guest memory? The restored kernel runs "
+     "in a new process, where only guest memory came along."),
+    (r"suspend hypercall returned.*pinning pgd \S+ failed: -22",
+     PIN_REFUSED + "After the resume a held construction went on and pinned its pgd, which "
+     "the save had pinned: xen_mm_unpin_all must unpin every pgd marked PG_SAVEPINNED (and "
+     "xen_mm_pin_all must mark the pgds it pins)."),
+    (r"pinning pgd \S+ failed: -22",
+     PIN_REFUSED + "xen_mm_pin_all pins only the pgds that are not pinned (pgd_pinned)."),
+    (r"update_va_mapping of pfn \S+ failed: -16",
+     "Xen refused to make a pagetable page writable again (EBUSY): the table is still in "
+     "use. xen_mm_unpin_all unpinned a pgd the save had not pinned, one a running task "
+     "uses: only the pgds marked PG_SAVEPINNED are unpinned."),
+    (r"unpinning pgd \S+ failed: -22",
+     "Xen refused to unpin a pgd (EINVAL): it was not pinned. Was it unpinned twice, once "
+     "by xen_mm_unpin_all and once by its task's exit?"),
+    (r"while it is pinned",
+     "a held teardown went on and found its pgd pinned again: who unpins it?"),
+    (r"stale mfn",
+     "a pgd went through the save unpinned, so the toolstack never turned its machine "
+     "frame numbers into pfns, and on the new machine they name nothing of the guest's."),
+    (r"'NoneType'",
+     "a function returned None where the kernel wanted a number: xen_mm_pin_all and "
+     "xen_mm_unpin_all return how many pgds they pinned or unpinned."),
+    (r"is not on the pgd_list",
+     "pgd_list_del did not find a pgd on the list. Did pgd_list_add put it there, in guest "
+     "memory? After a restore the kernel runs in a new process, and only guest memory came "
+     "along."),
+    (r"pgd_list is full",
+     "pgd_list_add found no empty slot: do freed pgds come off the list?"),
+]
+
+
 def why(r: Result) -> str:
-    """A hint for the crashes this lab's mistakes cause."""
+    """A hint for a crash: the unwritten function, or what the crash usually means."""
     text = r.out + r.err
     if m := re.search(r"NotImplementedError: lab pinall: (\w+)", text):
         return f"{m.group(1)} is still the starting point's: write it."
-    if re.search(r"pinning pgd 0x[0-9a-f]+ failed: -22", text):
-        if "suspend hypercall returned" in text:
-            return ("Xen refused to pin a pgd (EINVAL): it was pinned already. After the "
-                    "resume a held construction went on and pinned its pgd, which the save "
-                    "had pinned: xen_mm_unpin_all must unpin every pgd marked PG_SAVEPINNED "
-                    "(and xen_mm_pin_all must mark the pgds it pins).")
-        return ("Xen refused to pin a pgd (EINVAL): it was pinned already. xen_mm_pin_all "
-                "pins only the pgds that are not pinned (pgd_pinned).")
-    if re.search(r"update_va_mapping of pfn 0x[0-9a-f]+ failed: -16", text):
-        return ("Xen refused to make a pagetable page writable again (EBUSY): the table is "
-                "still in use. xen_mm_unpin_all unpinned a pgd the save had not pinned, one "
-                "a running task uses: only the pgds marked PG_SAVEPINNED are unpinned.")
-    if re.search(r"unpinning pgd 0x[0-9a-f]+ failed: -22", text):
-        return ("Xen refused to unpin a pgd (EINVAL): it was not pinned. Was it unpinned "
-                "twice, once by xen_mm_unpin_all and once by its task's exit?")
-    if "while it is pinned" in text:
-        return "a held teardown went on and found its pgd pinned again: who unpins it?"
-    if "stale mfn" in text:
-        return ("a pgd went through the save unpinned, so the toolstack never turned its "
-                "machine frame numbers into pfns, and on the new machine they name "
-                "nothing of the guest's.")
-    if "pgd_list is full" in text:
-        return "pgd_list_add found no empty slot: do freed pgds come off the list?"
-    return ""
+    return next((hint for pattern, hint in HINTS if re.search(pattern, text, re.S)), "")
 
 
 def check_ran(t: Ctx, r: Result, what: str) -> None:
@@ -167,12 +183,16 @@ def check_moment(t: Ctx, m: Moment, r: Result) -> None:
 
 
 def check_pins(t: Ctx, m: Moment) -> None:
+    t.check(m.pinned is not None, "the kernel did not say how many pgds xen_mm_pin_all "
+            "pinned: it prints the number the function returns, an int.")
     t.check(m.pinned == len(m.held), f"xen_mm_pin_all said it pinned {m.pinned} pgds, but "
             f"{len(m.held)} were unpinned (tasks {pids(m.held)}): it must pin every unpinned "
             "pgd on the list, leave the pinned ones alone, and return how many it pinned.")
 
 
 def check_unpins(t: Ctx, m: Moment) -> None:
+    t.check(m.unpinned is not None, "the kernel did not say how many pgds xen_mm_unpin_all "
+            "unpinned: it prints the number the function returns, an int.")
     t.check(m.unpinned == m.pinned, f"the save pinned {m.pinned} pgds, but xen_mm_unpin_all "
             f"unpinned {m.unpinned}: it must unpin exactly the pgds marked PG_SAVEPINNED "
             "(did xen_mm_pin_all mark them?), and return how many.")

@@ -7,7 +7,8 @@ knows how a picture looks."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,34 @@ PAGETABLES = ("L1", "L2", "L3", "L4")
 
 class PlotDataError(Exception):
     """The run gave nothing to draw: one line saying why."""
+
+
+class Machines:
+    """The machines a picture's runs make, closed together when it is drawn."""
+
+    def __init__(self) -> None:
+        self.made: list[Hypervisor] = []
+
+    def boot(self, cfg: DomainConfig, seed: int | None = None,
+             sched_seed: int | None = None) -> tuple[Hypervisor, Domain]:
+        hv, dom = boot(cfg, seed=seed, sched_seed=sched_seed)
+        self.made.append(hv)
+        return hv, dom
+
+    def restore(self, image: Path, seed: int | None = None) -> tuple[Hypervisor, Domain]:
+        hv, dom, _ = restore_image(image, seed=seed)
+        self.made.append(hv)
+        return hv, dom
+
+
+@contextmanager
+def closing_machines() -> Iterator[Machines]:
+    machines = Machines()
+    try:
+        yield machines
+    finally:
+        for hv in machines.made:
+            hv.close()
 
 
 def category_index(name: str) -> int:
@@ -114,16 +143,17 @@ def p2m_across_restore(cfg: DomainConfig, at_ns: int, seed: int | None = None,
                        restore_seed: int | None = None) -> P2mAcrossRestore:
     """Save the domain at ``at_ns`` (its p2m read just before it is destroyed)
     and restore the image on a machine with another frame shuffle."""
-    hv, dom = boot(cfg, seed=seed)
     seen: list[P2mView] = []
-    with tempfile.TemporaryDirectory(prefix="pvlab-p2m-") as scratch:
+    with closing_machines() as machines, tempfile.TemporaryDirectory(
+            prefix="pvlab-p2m-") as scratch:
+        hv, dom = machines.boot(cfg, seed=seed)
         image = Path(scratch) / f"{dom.name}.img"
         _, outcome = suspend_and_save(hv, dom, image, at_ns, requests=cfg.requests,
                                       saved=lambda d: seen.append(p2m_view(hv, d)))
         if not outcome.ok:
             raise PlotDataError(f"the save at {format_duration(at_ns)} failed: {outcome.error}")
-        hv2, dom2, _ = restore_image(image, seed=restore_seed)
-    return P2mAcrossRestore(seen[0], p2m_view(hv2, dom2), dom.name, at_ns)
+        hv2, dom2 = machines.restore(image, seed=restore_seed)
+        return P2mAcrossRestore(seen[0], p2m_view(hv2, dom2), dom.name, at_ns)
 
 
 # --- the balloon over time ------------------------------------------------------------------
@@ -192,27 +222,32 @@ def balloon_run(cfg: DomainConfig, until_ns: int, every_ns: int, seed: int | Non
     """Run the domain to ``until_ns``, its balloon sampled every ``every_ns``;
     with ``save_at``, save it then and restore the image (on other frames),
     making the requests ``after`` of the restored guest."""
-    hv, dom = boot(cfg, seed=seed)
-    try:
-        balloon_of(dom)
-    except BalloonError as e:
-        raise PlotDataError(str(e)) from None
-    out = BalloonRun(guest_pages(hv, dom), dom.name)
-    watch = _BalloonWatch(out, every_ns)
-    if save_at is None:
-        run_domain(hv, dom, until_ns, requests=cfg.requests, observer=watch.watch(hv, dom))
-        out.marks = _marks(cfg.requests)
-        return out
-    restored_at = _save_then_restore(cfg, hv, dom, watch, save_at, until_ns, after)
+    with closing_machines() as machines:
+        hv, dom = machines.boot(cfg, seed=seed)
+        try:
+            balloon_of(dom)
+        except BalloonError as e:
+            raise PlotDataError(str(e)) from None
+        out = BalloonRun(guest_pages(hv, dom), dom.name)
+        watch = _BalloonWatch(out, every_ns)
+        if save_at is None:
+            run_domain(hv, dom, until_ns, requests=cfg.requests,
+                       observer=watch.watch(hv, dom))
+            out.marks = _marks(cfg.requests)
+            return out
+        restored_at = _save_then_restore(machines, cfg, (hv, dom), watch, save_at, until_ns,
+                                         after)
     out.marks = _marks([r for r in cfg.requests if r.at_ns < save_at] + list(after))
     out.marks += [(save_at, "save"), (restored_at, "restore")]
     return out
 
 
-def _save_then_restore(cfg: DomainConfig, hv: Hypervisor, dom: Domain, watch: _BalloonWatch,
+def _save_then_restore(machines: Machines, cfg: DomainConfig,
+                       booted: tuple[Hypervisor, Domain], watch: _BalloonWatch,
                        save_at: int, until_ns: int, after: Sequence[Request]) -> int:
     """Save at ``save_at``, restore, run on to ``until_ns``: the virtual time
     the restored guest starts from."""
+    hv, dom = booted
     with tempfile.TemporaryDirectory(prefix="pvlab-balloon-") as scratch:
         image = Path(scratch) / f"{dom.name}.img"
         _, outcome = suspend_and_save(hv, dom, image, save_at, requests=cfg.requests,
@@ -220,7 +255,7 @@ def _save_then_restore(cfg: DomainConfig, hv: Hypervisor, dom: Domain, watch: _B
         if not outcome.ok:
             raise PlotDataError(f"the save at {format_duration(save_at)} failed: "
                                 f"{outcome.error}")
-        hv2, dom2, _ = restore_image(image)
+        hv2, dom2 = machines.restore(image)
     restored_at = max(domctl.vcpu_clocks(dom2))
     run_domain(hv2, dom2, until_ns, requests=after, observer=watch.watch(hv2, dom2))
     return restored_at

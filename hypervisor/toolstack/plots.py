@@ -220,12 +220,16 @@ def draw_timeline(tl: Timeline) -> Figure:
 
 # --- the balloon over time ------------------------------------------------------------------
 
-def _merge_marks(marks: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """One label per moment: a save and its restore share theirs."""
-    out: dict[int, list[str]] = {}
+def _merge_marks(marks: list[tuple[int, str]], near_ns: int) -> list[tuple[int, str]]:
+    """One label for moments closer than ``near_ns``: a save and its restore
+    share theirs."""
+    out: list[tuple[int, list[str]]] = []
     for at, what in sorted(marks):
-        out.setdefault(at, []).append(what)
-    return [(at, " | ".join(whats)) for at, whats in out.items()]
+        if out and at - out[-1][0] < near_ns:
+            out[-1][1].append(what)
+        else:
+            out.append((at, [what]))
+    return [(at, " | ".join(whats)) for at, whats in out]
 
 
 def draw_balloon(b: BalloonRun) -> Figure:
@@ -245,7 +249,8 @@ def draw_balloon(b: BalloonRun) -> Figure:
                 label="guest's free pages (its statistics)")
     ax.axhline(b.guest_pages, color="#999999", linewidth=0.8)
     ymax = b.guest_pages * 1.12
-    for at, what in _merge_marks(b.marks):
+    span = max((s.t_ns for s in b.samples), default=0)
+    for at, what in _merge_marks(b.marks, span // 100):
         ax.axvline(at / 1e6, color="#555555", linestyle=":", linewidth=1)
         ax.annotate(what, (at / 1e6, ymax), rotation=90, fontsize=7, va="top", ha="right",
                     color="#555555")

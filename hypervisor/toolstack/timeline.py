@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypervisor import domctl
-from hypervisor.domctl import Domain, Hypervisor, TraceRecord
+from hypervisor.domctl import Domain, TraceRecord
 from hypervisor.public.sched import SCHEDOP_shutdown
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.control import Request
-from hypervisor.toolstack.restore import restore_image
-from hypervisor.toolstack.session import boot, run_domain, suspend_and_save
+from hypervisor.toolstack.plotdata import closing_machines
+from hypervisor.toolstack.session import run_domain, suspend_and_save
 from hypervisor.toolstack.timeparse import format_duration
 
 FREEZE, STOP, HYPERCALL, RESUME = "freeze", "stop_machine", "hypercall", "resume"
@@ -145,39 +145,34 @@ def _timeline(steps: list[Step], dom: Domain, at_ns: int, gap: list[int]) -> Tim
     return Timeline(steps, domctl.max_vcpus(dom), at_ns, how, dom.name, gap)
 
 
-def _traced(cfg: DomainConfig, seed: int | None,
-            sched_seed: int | None) -> tuple[Hypervisor, Domain]:
-    hv, dom = boot(cfg, seed=seed, sched_seed=sched_seed)
-    domctl.tbuf_enable(dom)
-    return hv, dom
-
-
 def trace_checkpoint(cfg: DomainConfig, at_ns: int, seed: int | None = None,
                      sched_seed: int | None = None) -> Timeline:
     """A checkpoint at ``at_ns``: the guest suspends, is saved and goes on (THAW)."""
-    hv, dom = _traced(cfg, seed, sched_seed)
     before = [r for r in cfg.requests if r.at_ns < at_ns and not r.shutdown
               and r.command != "checkpoint"]
-    run_domain(hv, dom, at_ns + WINDOW_NS,
-               requests=[*before, Request(at_ns, command="checkpoint")])
-    return _timeline(suspend_steps(domctl.tbuf_read(dom), at_ns), dom, at_ns, [])
+    with closing_machines() as machines:
+        hv, dom = machines.boot(cfg, seed, sched_seed)
+        domctl.tbuf_enable(dom)
+        run_domain(hv, dom, at_ns + WINDOW_NS,
+                   requests=[*before, Request(at_ns, command="checkpoint")])
+        return _timeline(suspend_steps(domctl.tbuf_read(dom), at_ns), dom, at_ns, [])
 
 
 def trace_save_restore(cfg: DomainConfig, at_ns: int, seed: int | None = None,
                        sched_seed: int | None = None) -> Timeline:
     """A save at ``at_ns`` and its restore on other frames (RESTORE), one
     trace: the restored VCPUs go on from the clocks they were saved with."""
-    hv, dom = _traced(cfg, seed, sched_seed)
-    with tempfile.TemporaryDirectory(prefix="pvlab-timeline-") as scratch:
+    with closing_machines() as machines, tempfile.TemporaryDirectory(
+            prefix="pvlab-timeline-") as scratch:
+        hv, dom = machines.boot(cfg, seed, sched_seed)
+        domctl.tbuf_enable(dom)
         image = Path(scratch) / f"{dom.name}.img"
         _, outcome = suspend_and_save(hv, dom, image, at_ns, requests=cfg.requests)
         if not outcome.ok:
             raise TimelineError(f"the save at {format_duration(at_ns)} failed: {outcome.error}")
-        saved = domctl.tbuf_read(dom)
-        hv2, dom2, _ = restore_image(image)
-    domctl.tbuf_enable(dom2)
-    restored_at = max(domctl.vcpu_clocks(dom2))
-    run_domain(hv2, dom2, restored_at + WINDOW_NS)
-    steps = suspend_steps(saved + domctl.tbuf_read(dom2), at_ns)
-    gap = [max(s.t_ns for s in steps if s.kind == HYPERCALL)] if steps else []
-    return _timeline(steps, dom2, at_ns, gap)
+        hv2, dom2 = machines.restore(image)
+        domctl.tbuf_enable(dom2)
+        run_domain(hv2, dom2, max(domctl.vcpu_clocks(dom2)) + WINDOW_NS)
+        steps = suspend_steps(domctl.tbuf_read(dom) + domctl.tbuf_read(dom2), at_ns)
+        gap = [max(s.t_ns for s in steps if s.kind == HYPERCALL)] if steps else []
+        return _timeline(steps, dom2, at_ns, gap)

@@ -30,6 +30,7 @@ from hypervisor.toolstack.timeparse import format_duration
 FORMATS = {".png": "png", ".svg": "svg"}
 DPI = 110
 ROW_FRAMES = 256  # frames per row of the frame grid
+MAX_HEIGHT = 14  # inches: a big machine's rows get thinner, not the page longer
 
 COLOURS = {"free": "#eeeeee", "xen": "#404040", "shared_info": "#e377c2",
            "p2m list": "#17becf", "data": "#9ecae1", "L1": "#ffd92f", "L2": "#fc8d62",
@@ -91,7 +92,7 @@ def draw_frames(fm: FrameMap) -> Figure:
     rows = -(-n // ROW_FRAMES)
     grid = np.full(rows * ROW_FRAMES, category_index("free"), dtype=np.uint8)
     grid[:n] = fm.category
-    fig = Figure(figsize=(11, 2.2 + rows * 0.06))
+    fig = Figure(figsize=(11, min(2.2 + rows * 0.06, MAX_HEIGHT)))
     ax = fig.add_subplot()
     cmap = ListedColormap([COLOURS[c] for c in CATEGORIES])
     ax.imshow(grid.reshape(rows, ROW_FRAMES), cmap=cmap, vmin=0, vmax=len(CATEGORIES) - 1,

@@ -176,6 +176,13 @@ def test_a_picture_that_cannot_be_written_is_refused_before_the_run(tmp_path, ca
     assert why in err and err.count("\n") == 1 and not out.exists()
 
 
+def test_a_balloon_picture_of_a_guest_without_one_is_refused(tmp_path, capsys):
+    out = tmp_path / "b.png"
+    assert main(["plot", "balloon", str(ROOT / "examples/hello.toml"), "--until", "1ms",
+                 "-o", str(out)]) == 2
+    assert "no balloon" in capsys.readouterr().err and not out.exists()
+
+
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 

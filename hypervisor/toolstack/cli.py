@@ -470,6 +470,8 @@ def _plot_balloon(args: argparse.Namespace, cfg: Any) -> Any:
     from hypervisor.toolstack import plotdata, plots
     if args.every <= 0:
         raise CliError("--every must be more than 0")
+    if cfg.balloon is None:
+        raise CliError(f"{args.config}: the domain has no balloon (add a [balloon] table)")
     if args.save_at is not None and args.save_at >= args.until:
         raise CliError(f"--save-at {format_duration(args.save_at)} is not before --until "
                        f"{format_duration(args.until)}")

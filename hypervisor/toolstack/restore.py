@@ -216,15 +216,17 @@ def process_page_data(ctx: RestoreContext, progress: Progress | None) -> None:
 
 def _write_pages(ctx: RestoreContext, pfns: np.ndarray, nibbles: np.ndarray,
                  pages: np.ndarray) -> None:
+    """The batch's pages into their frames; the tables among them localised
+    (written over the raw copy: nothing runs or validates them meanwhile)."""
+    dest = domctl.map_foreign_bulk(ctx.hv, ctx.dom, ctx.p2m[pfns].astype(np.int64))
+    dest[:] = pages
     table = pfinfo.is_table(nibbles)
     if table.any():
         tl = time.perf_counter()
-        pages = pages.copy()
-        pages[table] = localise_page(pages[table], pfinfo.level(nibbles[table]), pfns[table],
-                                     ctx.p2m)
+        dest[table] = localise_page(pages[table], pfinfo.level(nibbles[table]), pfns[table],
+                                    ctx.p2m)
         ctx.stats.localise_s += time.perf_counter() - tl
         ctx.stats.tables += int(table.sum())
-    domctl.map_foreign_bulk(ctx.hv, ctx.dom, ctx.p2m[pfns].astype(np.int64))[:] = pages
 
 
 def update_guest_p2m(ctx: RestoreContext) -> None:

@@ -184,7 +184,7 @@ def probed(t: Ctx, reference: bool = False) -> dict:
     cache = t.settings.scratch / f"probe-{who}.json"
     if not cache.exists():
         flags = ["--reference"] if who == "reference" else ["--dir", str(t.settings.student)]
-        p = subprocess.run([sys.executable, "-m", "labs.canonicalise.probe", *flags],
+        p = subprocess.run([sys.executable, "-m", "labs.canonicalise.probe", "--json", *flags],
                            capture_output=True, text=True, timeout=120)
         if p.returncode:
             t.fail(f"the probe of your functions did not run:\n{p.stderr[-1500:]}")

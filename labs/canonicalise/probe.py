@@ -3,10 +3,10 @@ functions called on small hand-made pagetables, in a process of their own
 with the student's save.py and restore.py in place of the toolstack's
 (labs/overlay.py), as pvlab runs them.
 
-Prints one JSON object, a key per case: what came back (every nonzero entry
-as [row, slot, hex]) and whether the tables given were changed, or what was
-raised (its class and message). The grader compares it with the
-reference's; nothing here judges.
+Prints, for each case, what came back (every nonzero entry by row and slot)
+and whether the tables given were changed, or what was raised (its class
+and message); ``--json`` prints it as one JSON object, which the grader
+compares with the reference's. Nothing here judges.
 
 The machine of the cases: pfns 0..3 of the domain are on mfns 10..13 (the
 p2m), the M2P names them back; mfn 22 belongs to pfn 7, beyond the p2m; the
@@ -34,14 +34,14 @@ DEVICE_MFN = 0xD0000
 # canonicalise's tables: row 0 an L1 (pfn 1), row 1 an L4 (pfn 0), row 2 an L2 (pfn 2)
 CANON_LEVELS, CANON_PFNS = [1, 4, 2], [1, 0, 2]
 CANON_ENTRIES = {                                     # (row, slot): entry
-    (0, 0): (12 << 12) | 0x67,
-    (0, 5): NX | BIT52 | (13 << 12) | 0x25,
-    (0, 6): JUNK,
-    (1, 3): (11 << 12) | RW | PRESENT,
+    (0, 0): (12 << 12) | 0x67,                        # present, mfn 12 -> pfn 2
+    (0, 5): NX | BIT52 | (13 << 12) | 0x25,           # NX and bit 52 kept, mfn 13 -> pfn 3
+    (0, 6): JUNK,                                     # not present: copied as it is
+    (1, 3): (11 << 12) | RW | PRESENT,                # mfn 11 -> pfn 1
     (1, 256): (20 << 12) | RW | PRESENT,              # Xen's slots: cleared
     (1, 271): (21 << 12) | RW | PRESENT,
-    (1, 272): (10 << 12) | USER | RW | PRESENT,
-    (2, 7): (13 << 12) | 0x27,
+    (1, 272): (10 << 12) | USER | RW | PRESENT,       # the guest's again: mfn 10 -> pfn 0
+    (2, 7): (13 << 12) | 0x27,                        # an L2 entry, no PSE: mfn 13 -> pfn 3
 }
 CANON_BAD = {                                          # case: (row, slot, entry)
     "device": (0, 9, (DEVICE_MFN << 12) | 0x67),
@@ -54,10 +54,10 @@ CANON_BAD = {                                          # case: (row, slot, entry
 LOCAL_LEVELS, LOCAL_PFNS = [1, 4], [5, 9]
 LOCAL_P2M = [10, 11, INVALID, 13]
 LOCAL_ENTRIES = {
-    (0, 0): NX | BIT52 | (3 << 12) | 0x67,
-    (0, 6): JUNK,
-    (0, 7): (0 << 12) | 0x25,
-    (1, 3): (1 << 12) | RW | PRESENT,
+    (0, 0): NX | BIT52 | (3 << 12) | 0x67,            # pfn 3 -> mfn 13, NX and bit 52 kept
+    (0, 6): JUNK,                                     # not present: copied as it is
+    (0, 7): (0 << 12) | 0x25,                         # present, pfn 0 -> mfn 10
+    (1, 3): (1 << 12) | RW | PRESENT,                 # pfn 1 -> mfn 11
 }
 LOCAL_BAD = {
     "no_frame": (1, 9, (2 << 12) | PRESENT),
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "hand-made tables; print what they did (JSON)")
     p.add_argument("--dir", default=".", help="the directory holding canonicalise/")
     p.add_argument("--reference", action="store_true", help="the repo's own modules")
+    p.add_argument("--json", action="store_true", help="JSON, for the grader")
     args = p.parse_args(argv)
     from labs import LabError, find_lab
     from labs.overlay import install
@@ -143,8 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as e:
         print(f"pvlab: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(probe(), indent=1))
+    found = probe()
+    try:
+        print(json.dumps(found) if args.json else "\n".join(report(found)))
+    except BrokenPipeError:
+        pass  # the reader went away (| head)
     return 0
+
+
+def report(found: dict) -> list[str]:
+    """The findings for a person: a line per case, then the entries returned."""
+    if "import" in found:
+        return [f"save.py or restore.py does not import: {found['import']}"]
+    lines = []
+    for fn, cases in found.items():
+        for name, case in cases.items():
+            if "raised" in case:
+                lines.append(f"{fn} {name}: raised {case['raised']}: {case['message']}")
+            elif "shape" in case:
+                lines.append(f"{fn} {name}: returned an array of shape {case['shape']}")
+            else:
+                changed = " (and changed the tables it was given)" if case["changed_input"] \
+                    else ""
+                lines.append(f"{fn} {name}: returned{changed}")
+                lines += [f"    row {r} slot {s}: {v}" for r, s, v in case["out"]]
+    return lines
 
 
 if __name__ == "__main__":

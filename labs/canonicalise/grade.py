@@ -184,8 +184,12 @@ def probed(t: Ctx, reference: bool = False) -> dict:
     cache = t.settings.scratch / f"probe-{who}.json"
     if not cache.exists():
         flags = ["--reference"] if who == "reference" else ["--dir", str(t.settings.student)]
-        p = subprocess.run([sys.executable, "-m", "labs.canonicalise.probe", "--json", *flags],
-                           capture_output=True, text=True, timeout=120)
+        try:
+            p = subprocess.run([sys.executable, "-m", "labs.canonicalise.probe", "--json",
+                                *flags], capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            t.fail("your functions did not return within 120 s on tables of two or three "
+                   f"rows: a loop that never ends?\n{_replay(t)}")
         if p.returncode:
             t.fail(f"the probe of your functions did not run:\n{p.stderr[-1500:]}")
         cache.write_text(p.stdout)

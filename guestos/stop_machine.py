@@ -139,9 +139,12 @@ def wanted(cpu: NativeCpu) -> bool:
 
 
 def enter(cpu: NativeCpu) -> TailCall:
-    """Join: the cpu's task (if any) has been saved; spin from an empty stack."""
+    """Join: the cpu's task (if any) has been saved; spin from an empty stack.
+    The upcall returns into the stopper as into Linux's cpu_stopper_thread, a
+    kernel thread that runs with events on: they stay on until DISABLE_IRQ."""
     pc = cpu_stopper(cpu)
     pc.in_stopper, pc.stop_state, pc.stop_seq = 1, NONE, stopper(cpu).seq
+    set_upcall_mask(cpu, 0)
     cpu.set_regs(rsp=percpu(cpu).stack_top)
     return multi_cpu_stop(cpu)
 

@@ -150,6 +150,8 @@ def enter(cpu: NativeCpu) -> TailCall:
 
 
 def _ack(cpu: NativeCpu) -> None:
+    """This cpu acknowledges the current state (Linux's ack_state); the last
+    to acknowledge it moves every cpu on (set_state)."""
     sm = stopper(cpu)
     sm.ack = sm.ack - 1
     if sm.ack == (1 if sm.bug_ack and sm.state != EXIT else 0):
@@ -193,6 +195,7 @@ def fn_done(cpu: NativeCpu, result: int) -> TailCall:
 
 
 def _leave(cpu: NativeCpu) -> TailCall:
+    """This cpu is done with the stop_machine: back to its work."""
     pc = cpu_stopper(cpu)
     caller = stopper(cpu).caller == cpu.vcpu_id
     then: Continuation = symbol(stopper(cpu).then)  # type: ignore[assignment]

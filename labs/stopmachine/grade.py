@@ -235,9 +235,10 @@ def many_schedules(t: Ctx) -> None:
     seeds_bad = sorted(s for g, _ in bad for s in g.seeds)
     group, why = min(bad, key=lambda b: b[0].seeds[0])
     t.seed = group.seeds[0]
-    t.pvlab("run", config, "--sched-seed", t.seed, "--until", SUSPEND_UNTIL)
+    replay = t.pvlab("run", config, "--sched-seed", t.seed, "--until", SUSPEND_UNTIL)
     t.fail(f"{len(seeds_bad)} of {len(seeds)} schedules went wrong (seeds "
            f"{_seed_text(seeds_bad)}). Schedule {t.seed}:\n{why}\n"
+           f"The end of its console:\n{replay.tail(6)}\n"
            f"Its suspend path, cpu by cpu: pvlab lab run {t.lab.name} -- plot timeline "
            f"{shlex.quote(str(t.data('save.toml')))} --at 2ms --checkpoint --sched-seed "
            f"{t.seed} -o seed{t.seed}.png")

@@ -12,6 +12,7 @@ failure names the first seed that went wrong and the run that replays it.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from dataclasses import dataclass
@@ -236,12 +237,21 @@ def many_schedules(t: Ctx) -> None:
     group, why = min(bad, key=lambda b: b[0].seeds[0])
     t.seed = group.seeds[0]
     replay = t.pvlab("run", config, "--sched-seed", t.seed, "--until", SUSPEND_UNTIL)
+    said = [x for x in replay.out.splitlines() if re.search(RESULTS + "|suspend hypercall", x)]
     t.fail(f"{len(seeds_bad)} of {len(seeds)} schedules went wrong (seeds "
            f"{_seed_text(seeds_bad)}). Schedule {t.seed}:\n{why}\n"
-           f"The end of its console:\n{replay.tail(6)}\n"
-           f"Its suspend path, cpu by cpu: pvlab lab run {t.lab.name} -- plot timeline "
-           f"{shlex.quote(str(t.data('save.toml')))} --at 2ms --checkpoint --sched-seed "
-           f"{t.seed} -o seed{t.seed}.png")
+           "What that schedule's run said:\n" + "\n".join("    " + x for x in said)
+           + _timeline_hint(t))
+
+
+def _timeline_hint(t: Ctx) -> str:
+    """The command that draws the bad schedule's suspend path, where pvlab draws it."""
+    if importlib.util.find_spec("hypervisor.toolstack.timeline") is None:
+        return ""
+    cmd = ["pvlab", "lab", "run", t.lab.name, *t.settings.replay_flags(), "--", "plot",
+           "timeline", str(t.data("save.toml")), "--at", "2ms", "--checkpoint",
+           "--sched-seed", str(t.seed), "-o", f"seed{t.seed}.png"]
+    return "\nIts suspend path, cpu by cpu: " + shlex.join(cmd)
 
 
 def _seed_text(seeds: list[int], most: int = 12) -> str:

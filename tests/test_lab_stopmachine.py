@@ -63,6 +63,17 @@ RACY = {
 }
 
 
+# Another student's: RUN is acknowledged on sight, before fn is called, and
+# fn_done does not acknowledge it again; so the others may leave while fn is
+# blocked in the suspend hypercall.
+EARLY_LEAVE = dict(RACY, _ack=RACY["_ack"].replace(
+    "sm.ack <= 1:  # \"the last one is on its way\": it is not", "sm.ack == 0:"))
+EARLY_LEAVE["multi_cpu_stop"] = RACY["multi_cpu_stop"].replace(
+    "        if cur == DISABLE_IRQ:", "        _ack(cpu)\n        if cur == DISABLE_IRQ:").replace(
+    "            sm.result = result\n        _ack(cpu)\n", "            sm.result = result\n")
+EARLY_LEAVE["fn_done"] = RACY["fn_done"].replace("    _ack(cpu)\n", "")
+
+
 def pvlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hypervisor.toolstack.cli", *args],
                           cwd=cwd, capture_output=True, text=True, env=checkout_env(),
@@ -97,3 +108,16 @@ def test_an_acknowledgement_count_off_by_one_passes_one_schedule_and_fails_anoth
     assert cmd[:4] == ["pvlab", "lab", "run", "stopmachine"] and "--sched-seed" in cmd
     again = pvlab(*cmd[1:], cwd=tmp_path)
     assert "FAILURE" in again.stdout or "still running" in again.stderr, again.stdout
+
+
+def test_cpus_that_leave_while_fn_is_blocked_are_named(tmp_path):
+    """xen_suspend's continuation reports cpus that left the stopper before it
+    was done, and the grader says what that means (before, schedule 2 of this
+    stop_machine was only "stranded", the guest still running at the limit)."""
+    assert pvlab("lab", "start", "stopmachine", cwd=tmp_path).returncode == 0
+    write_functions(tmp_path / "stopmachine" / "stop_machine.py", EARLY_LEAVE)
+    r = pvlab("lab", "grade", "stopmachine", "--test", "many_schedules", "--seed", "2",
+              cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "cpus left the stopper while xen_suspend was still running" in r.stdout, r.stdout
+    assert "post-suspend: FAILURE: cpus [1, 2] left the stopper" in r.stdout

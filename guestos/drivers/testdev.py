@@ -1,9 +1,12 @@
 """Test devices (option testdevs=N): N devices that log each PM callback
-they get, so a test sees the order in which the PM core calls them."""
+they get, so a test sees the order in which the PM core calls them. They
+register testdev0 first, or testdev(N-1) first with option
+testdev.order=reverse: the PM core's order is the registration order,
+whatever the devices are called."""
 
 from __future__ import annotations
 
-from guestos.cmdline import parse_int
+from guestos.cmdline import parse_int, parse_word
 from guestos.init import device_initcall
 from guestos.pm import dev_pm_ops, device_register
 from guestos.printk import printk
@@ -48,5 +51,8 @@ testdev_pm_ops = export(dev_pm_ops(
 
 @device_initcall
 def testdev_init(cpu: NativeCpu, cmdline: str) -> None:
-    for i in range(parse_int(cmdline, "testdevs")):
+    instances = range(parse_int(cmdline, "testdevs"))
+    if parse_word(cmdline, "testdev.order") == "reverse":
+        instances = instances[::-1]
+    for i in instances:
         device_register(cpu, testdev_pm_ops, i)

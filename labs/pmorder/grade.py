@@ -153,15 +153,16 @@ def ran(t: Ctx, r: Result, what: str) -> None:
 
 
 def compare(t: Ctx, g: Guest, got: list[str], want: list[str], what: str, rule: str) -> None:
-    """The steps logged against the rule's, the first difference in context."""
+    """The steps logged against the rule's, from a little before the first difference."""
     if got == want:
         return
-    lines = diff_lines(want, got).split("\n    ")
-    first = next(i for i, line in enumerate(lines) if not line.lstrip().startswith("GOOD"))
-    shown = lines[max(0, first - 3):first + 10]
-    more = "\n      ..." if first + 10 < len(lines) else ""
-    t.fail(f"{what}: the steps differ from the rule's ({g.registered()}):\n    "
-           + "\n    ".join(shown) + more + f"\n{rule}")
+    first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                 min(len(got), len(want)))
+    lo, hi = max(0, first - 3), first + 8
+    more = "\n    ..." if hi < max(len(got), len(want)) else ""
+    t.fail(f"{what}: the steps differ from the rule's ({g.registered()}):\n"
+           + ("    ...\n" if lo else "") + diff_lines(want[lo:hi], got[lo:hi]) + more
+           + f"\n{rule}")
 
 
 FREEZE_RULE = ("The FREEZE phases go from the last registered device to the first (_suspend), "
@@ -177,6 +178,9 @@ UNDO_RULE = ("A device that fails a FREEZE phase stops it: the devices that phas
              "device that failed; then do_suspend undoes its earlier steps, latest first, "
              "and the suspend is aborted: no hypercall, the tasks thawed, the guest goes on.")
 
+RESUME_RULE = ("A resume phase is not undone: the failure is reported and the other devices "
+               "are resumed all the same.")
+
 
 def suspend(t: Ctx, g: Guest, seed: int, *extra: str) -> Result:
     r = t.pvlab("run", config(t, g), "--request", f"{SUSPEND_AT} suspend", "--seed", seed,
@@ -185,17 +189,20 @@ def suspend(t: Ctx, g: Guest, seed: int, *extra: str) -> Result:
     return r
 
 
-def save_and_restore(t: Ctx, g: Guest, seed: int) -> list[str]:
-    """Save g at SUSPEND_AT and restore the image: the steps of both runs."""
+def save_and_restore(t: Ctx, g: Guest, seed: int, what: str, rule: str) -> None:
+    """Save g at SUSPEND_AT, restore the image, and compare each run's steps
+    with the rule's: the FREEZE path in the save, RESTORE in the restored guest."""
     img = t.out(f"{g.label()}.img")
     r = t.pvlab("save", config(t, g), img, "--at", SUSPEND_AT, "--seed", seed)
     t.check(r.rc == 0 and img.exists(), f"the save ({g.label()}) failed (pvlab exited "
             f"{r.rc}):\n{r.tail()}\nThe save needs the whole FREEZE path up to the suspend "
             "hypercall.")
-    before = steps(r.out)
+    want = expected(g, "RESTORE")
+    back = want.index("suspend hypercall returned 0")
+    compare(t, g, steps(r.out), want[:back], f"{what} (the save)", rule)
     r = t.pvlab("restore", img)
     ran(t, r, f"the restore of a save at {SUSPEND_AT} ({g.label()})")
-    return before + steps(r.out)
+    compare(t, g, steps(r.out), want[back:], f"{what} (the restored guest)", rule)
 
 
 # --- the tests -----------------------------------------------------------------------
@@ -242,9 +249,8 @@ def checkpoint_restored(t: Ctx) -> None:
 def save_restore(t: Ctx) -> None:
     for seed in t.seeds(range(5, 7)):
         for reverse in ORDERS:
-            g = Guest(reverse)
-            compare(t, g, save_and_restore(t, g, seed), expected(g, "RESTORE"),
-                    "a save, then its restore", FREEZE_RULE + " " + RESTORE_RULE)
+            save_and_restore(t, Guest(reverse), seed, "a save, then its restore",
+                             FREEZE_RULE + " " + RESTORE_RULE)
 
 
 def failing(t: Ctx, phase: str, seed: int) -> None:
@@ -278,10 +284,6 @@ def resume_fails(t: Ctx) -> None:
         g = Guest(False, (2, "thaw"))
         r = suspend(t, g, seed)
         compare(t, g, steps(r.out), expected(g, "THAW"), "testdev1 failing to thaw",
-                "A resume phase is not undone: the failure is reported and the other "
-                "devices are resumed all the same.")
-        g = Guest(True, (1, "restore_noirq"))
-        compare(t, g, save_and_restore(t, g, seed), expected(g, "RESTORE"),
-                "testdev2 failing to restore_noirq after a restore",
-                "A resume phase is not undone: the failure is reported and the other "
-                "devices are resumed all the same.")
+                RESUME_RULE)
+        save_and_restore(t, Guest(True, (1, "restore_noirq")), seed,
+                         "testdev2 failing to restore_noirq after a restore", RESUME_RULE)

@@ -181,12 +181,12 @@ UNDO_RULE = ("A device that fails a FREEZE phase stops it: the devices that phas
              "get its undo (thaw, or thaw_noirq), the one done last first, and not the "
              "device that failed; then do_suspend undoes its earlier steps, latest first, "
              "and the suspend is aborted: no hypercall, the tasks thawed, the guest goes on.")
-
 RESUME_RULE = ("A resume phase is not undone: the failure is reported and the other devices "
                "are resumed all the same.")
 
 
 def suspend(t: Ctx, g: Guest, seed: int) -> Result:
+    """A suspend request the toolstack cancels (nothing saves the domain)."""
     r = t.pvlab("run", config(t, g), "--request", f"{SUSPEND_AT} suspend", "--seed", seed,
                 "--until", UNTIL)
     ran(t, r, f"a suspend at {SUSPEND_AT} ({g.label()})")

@@ -236,6 +236,16 @@ def test_devices_registered_in_reverse_are_frozen_in_reverse_of_that():
                                           "[cpu0] testdev0: thaw"]
 
 
+def test_an_unknown_registration_order_is_said_and_the_devices_go_forward():
+    cfg = make_config("run=hashchain:60:32 testdevs=2 testdev.order=backwards", vcpus=1)
+    r, _, _ = run(cfg, requests=[parse_request("1ms suspend")])
+    out = r.console.decode()
+    assert "[cpu0] testdev: order 'backwards' unknown (one of forward, reverse): forward" in out
+    trace = steps(out)
+    start = trace.index("[cpu0] PM: dpm_suspend_start(FREEZE)")
+    assert trace[start + 1:start + 3] == ["[cpu0] testdev1: freeze", "[cpu0] testdev0: freeze"]
+
+
 def test_a_kernel_without_save_restore_refuses_and_the_toolstack_gives_up():
     cfg = make_config("run=spawner:1:1:700 nosaverestore", vcpus=2)  # sleeps 0.7 s
     r, _, _ = run(cfg, requests=[parse_request("2ms suspend")])

@@ -13,6 +13,8 @@ from guestos.printk import printk
 from guestos.symbols import export
 from hypervisor.public.native import NativeCpu
 
+ORDERS = ("forward", "reverse")  # option testdev.order=: testdev0 registered first, or last
+
 
 def _log(cpu: NativeCpu, instance: int, what: str) -> int:
     printk(cpu, f"testdev{instance}: {what}")
@@ -52,7 +54,10 @@ testdev_pm_ops = export(dev_pm_ops(
 @device_initcall
 def testdev_init(cpu: NativeCpu, cmdline: str) -> None:
     instances = range(parse_int(cmdline, "testdevs"))
-    if parse_word(cmdline, "testdev.order") == "reverse":
+    order = parse_word(cmdline, "testdev.order", "forward")
+    if order not in ORDERS:
+        printk(cpu, f"testdev: order {order!r} unknown (one of {', '.join(ORDERS)}): forward")
+    if order == "reverse":
         instances = instances[::-1]
     for i in instances:
         device_register(cpu, testdev_pm_ops, i)

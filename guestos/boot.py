@@ -100,7 +100,8 @@ def parse_options(cpu: NativeCpu, cmdline: str) -> None:
     worker=MS        a freezable kernel worker that runs every MS
     pmfail=DEV:PHASE PM device DEV, in registration order (0: the console, then the
                      test devices), fails PHASE (freeze, freeze_noirq, ...: pm.PHASES)
-    The drivers read their own from their initcalls: testdevs=N (drivers/testdev.py),
+    The drivers read their own from their initcalls: testdevs=N and
+    testdev.order=reverse (drivers/testdev.py),
     virtio_mmio.device=SIZE@BASE:PORT, virtio_balloon.policy=P and balloonbug=leak|keepmap
     (drivers/virtio_balloon.py)."""
     words = cmdline.split()

@@ -158,12 +158,20 @@ def suspend_freeze_wait(cpu: NativeCpu) -> TailCall:
         return _worker_done(cpu)
     printk(cpu, f"freezer: {freezer.nr_tasks(cpu)} tasks frozen")
     freezer.freeze_kernel_threads(cpu)
+    return suspend_devices(cpu)
+
+
+def suspend_devices(cpu: NativeCpu) -> TailCall:
+    """do_suspend once the tasks and freezable workers are frozen: the
+    devices' FREEZE phases and the store's suspend, then xen_suspend on cpu0
+    under stop_machine, suspend_resume after it. A step that fails undoes the
+    steps before it, latest first, thaws the tasks and ends the request: the
+    suspend is aborted and the guest goes on."""
     if pm.dpm_suspend_start(cpu):
         printk(cpu, "suspend: dpm_suspend_start failed; aborted")
         freezer.thaw_processes(cpu)
         return _worker_done(cpu)
-    xenbus.xs(cpu).suspended = 1
-    printk(cpu, "xenbus: xs_suspend")
+    _xs_suspend(cpu)
     if pm.dpm_suspend_noirq(cpu):
         printk(cpu, "suspend: dpm_suspend_noirq failed; aborted")
         _xs_suspend_cancel(cpu)
@@ -178,6 +186,12 @@ def suspend_freeze_wait(cpu: NativeCpu) -> TailCall:
         freezer.thaw_processes(cpu)
         return _worker_done(cpu)
     return enter(cpu)
+
+
+def _xs_suspend(cpu: NativeCpu) -> None:
+    """Linux's xs_suspend: watch events wait in the ring until the resume."""
+    xenbus.xs(cpu).suspended = 1
+    printk(cpu, "xenbus: xs_suspend")
 
 
 def _xs_suspend_cancel(cpu: NativeCpu) -> None:

@@ -144,6 +144,10 @@ def _call(cpu: NativeCpu, i: int, phase: int) -> int:
 
 
 def _suspend(cpu: NativeCpu, phase: int, undo: int, what: str) -> int:
+    """One suspend phase (Linux's dpm_suspend, dpm_noirq_suspend_devices):
+    log ``PM: what(FREEZE)``, call ``phase`` of every device, last-registered
+    first. If one fails, log it, call ``undo`` of the devices this phase had
+    already done, newest first, and return the error; else 0."""
     n = pm_state(cpu).nr_devices
     printk(cpu, f"PM: {what}(FREEZE)")
     for i in reversed(range(n)):
@@ -157,14 +161,19 @@ def _suspend(cpu: NativeCpu, phase: int, undo: int, what: str) -> int:
 
 
 def dpm_suspend_start(cpu: NativeCpu) -> int:
+    """Each device's freeze: 0, or a device's error (the frozen ones thawed)."""
     return _suspend(cpu, FREEZE, THAW, "dpm_suspend_start")
 
 
 def dpm_suspend_noirq(cpu: NativeCpu) -> int:
+    """Each device's freeze_noirq: 0, or a device's error (those done get thaw_noirq)."""
     return _suspend(cpu, FREEZE_NOIRQ, THAW_NOIRQ, "dpm_suspend_noirq")
 
 
 def _resume(cpu: NativeCpu, msg: int, phase: int, what: str) -> None:
+    """One resume phase (Linux's dpm_resume_noirq, dpm_resume): log
+    ``PM: what(MSG)``, call ``phase`` of every device in registration order;
+    one that fails is logged and the others go on."""
     printk(cpu, f"PM: {what}({PMSG_NAMES[msg]})")
     for i in range(pm_state(cpu).nr_devices):
         rc = _call(cpu, i, phase)
@@ -173,10 +182,12 @@ def _resume(cpu: NativeCpu, msg: int, phase: int, what: str) -> None:
 
 
 def dpm_resume_noirq(cpu: NativeCpu, msg: int) -> None:
+    """Each device's thaw_noirq (msg PMSG_THAW) or restore_noirq (PMSG_RESTORE)."""
     _resume(cpu, msg, THAW_NOIRQ if msg == PMSG_THAW else RESTORE_NOIRQ, "dpm_resume_noirq")
 
 
 def dpm_resume_end(cpu: NativeCpu, msg: int) -> None:
+    """Each device's thaw (msg PMSG_THAW) or restore (PMSG_RESTORE)."""
     _resume(cpu, msg, THAW if msg == PMSG_THAW else RESTORE, "dpm_resume_end")
 
 

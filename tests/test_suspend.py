@@ -222,6 +222,33 @@ def test_a_device_that_fails_to_freeze_aborts_the_suspend_cleanly(device, phase,
     assert "counter 10" in out and "hashchain digest" in out
 
 
+def test_devices_registered_in_reverse_are_frozen_in_reverse_of_that():
+    """The PM core's order is the registration order, not the devices' names:
+    with testdev.order=reverse, testdev0 is registered last and frozen first,
+    and pmfail=1 names testdev2, the first one registered after the console."""
+    cfg = make_config("run=hashchain:60:32,counter:10:300000 testdevs=3 "
+                      "testdev.order=reverse pmfail=1:freeze", vcpus=2)
+    r, _, _ = run(cfg, requests=[parse_request("3ms suspend")])
+    trace = steps(r.console.decode())
+    start = trace.index("[cpu0] PM: dpm_suspend_start(FREEZE)")
+    assert trace[start + 1:start + 7] == ["[cpu0] testdev0: freeze",
+                                          "[cpu0] testdev1: freeze",
+                                          "[cpu0] testdev2: freeze",
+                                          "[cpu0] PM: device testdev2 failed to freeze: error -16",
+                                          "[cpu0] testdev1: thaw",
+                                          "[cpu0] testdev0: thaw"]
+
+
+def test_an_unknown_registration_order_is_said_and_the_devices_go_forward():
+    cfg = make_config("run=hashchain:60:32 testdevs=2 testdev.order=backwards", vcpus=1)
+    r, _, _ = run(cfg, requests=[parse_request("1ms suspend")])
+    out = r.console.decode()
+    assert "[cpu0] testdev: order 'backwards' unknown (one of forward, reverse): forward" in out
+    trace = steps(out)
+    start = trace.index("[cpu0] PM: dpm_suspend_start(FREEZE)")
+    assert trace[start + 1:start + 3] == ["[cpu0] testdev1: freeze", "[cpu0] testdev0: freeze"]
+
+
 def test_a_kernel_without_save_restore_refuses_and_the_toolstack_gives_up():
     cfg = make_config("run=spawner:1:1:700 nosaverestore", vcpus=2)  # sleeps 0.7 s
     r, _, _ = run(cfg, requests=[parse_request("2ms suspend")])

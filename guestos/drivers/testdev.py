@@ -1,14 +1,19 @@
 """Test devices (option testdevs=N): N devices that log each PM callback
-they get, so a test sees the order in which the PM core calls them."""
+they get, so a test sees the order in which the PM core calls them. They
+register testdev0 first, or testdev(N-1) first with option
+testdev.order=reverse: the PM core's order is the registration order,
+whatever the devices are called."""
 
 from __future__ import annotations
 
-from guestos.cmdline import parse_int
+from guestos.cmdline import parse_int, parse_word
 from guestos.init import device_initcall
 from guestos.pm import dev_pm_ops, device_register
 from guestos.printk import printk
 from guestos.symbols import export
 from hypervisor.public.native import NativeCpu
+
+ORDERS = ("forward", "reverse")  # option testdev.order=: testdev0 registered first, or last
 
 
 def _log(cpu: NativeCpu, instance: int, what: str) -> int:
@@ -48,5 +53,11 @@ testdev_pm_ops = export(dev_pm_ops(
 
 @device_initcall
 def testdev_init(cpu: NativeCpu, cmdline: str) -> None:
-    for i in range(parse_int(cmdline, "testdevs")):
+    instances = range(parse_int(cmdline, "testdevs"))
+    order = parse_word(cmdline, "testdev.order", "forward")
+    if order not in ORDERS:
+        printk(cpu, f"testdev: order {order!r} unknown (one of {', '.join(ORDERS)}): forward")
+    if order == "reverse":
+        instances = instances[::-1]
+    for i in instances:
         device_register(cpu, testdev_pm_ops, i)

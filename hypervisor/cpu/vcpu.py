@@ -70,6 +70,7 @@ from hypervisor.mm.walker import PFEC_WRITE, GuestFault, addr_ok
 from hypervisor.public.arch_x86 import MSR_SHADOW_GS_BASE, X86_EFLAGS_IF, X86_EFLAGS_MBS
 
 if TYPE_CHECKING:
+    from hypervisor.debugger import Debugger
     from hypervisor.domain import Domain
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ class Vcpu:
         self.native_begin = self.native_end = 0
         self.native_call: Any = None
         self.on_native: Any = None    # told of each native entry (the tracer uses it)
+        self.debug: Debugger | None = None  # an attached debugger runs the slices
+        self.slice_base = 0  # retired by the slice's pieces before the running one
 
         self._setup_cpu()
         self._add_hooks()
@@ -332,7 +335,7 @@ class Vcpu:
 
     def retired_in_slice(self) -> int:
         """Instructions retired so far in the running (counted) slice."""
-        return self.counter.retired(self._budget) if self._budget else 0
+        return self.slice_base + (self.counter.retired(self._budget) if self._budget else 0)
 
     def run(self, budget: int, timeout_us: int = 0) -> int:
         """Run one slice: at most ``budget`` instructions (deterministic clock) or
@@ -340,7 +343,6 @@ class Vcpu:
         (deterministic) or 0 (fast)."""
         uc = self.uc
         self.stop_requested = False
-        self._budget = budget
         start = self.rip.read()
         if self.fresh:
             # enter CPL3 through the stub: iretq pops rip, cs, rflags, rsp, ss
@@ -351,16 +353,31 @@ class Vcpu:
             uc.reg_write(UC_X86_REG_CR0, CR0_PE | CR0_ET | CR0_WP | CR0_PG)
             start = BOOT_STUB_VA
             self.fresh = False
+        self.slice_base = 0
         try:
-            uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
+            if self.debug is None:
+                self.emulate(start, timeout_us, budget)
+            else:
+                self.debug.run_slice(self, start, timeout_us, budget)
         except UcError as e:
             self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
         self.env.clear_old_exception()  # Unicorn's own fetch at NEVER_REACHED - 1
-        retired = self.counter.retired(budget) if budget else 0
+        retired = self.retired_in_slice() if budget else 0
         self._budget = 0
         if self.after_slice is not None:
             self.after_slice(self)
         return retired
+
+    def emulate(self, start: int, timeout_us: int, budget: int) -> None:
+        """Run the engine from ``start``: a slice, or a piece of one."""
+        self._budget = budget
+        self.uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
+
+    def end_piece(self) -> None:
+        """A piece of the slice is over and counted in slice_base (a stop for
+        the debugger): no instructions are running."""
+        self._budget = 0
+        self.env.clear_old_exception()
 
     # --- hooks ---------------------------------------------------------------------
 

@@ -106,7 +106,7 @@ class Connection:
                 self._fill()
             except ConnectionClosed:
                 return False
-            self._take_acks_and_interrupts()
+        self._take_acks_and_interrupts()
         hit, self.interrupt = self.interrupt, False
         return hit
 

@@ -450,7 +450,7 @@ def debug_attach(dom: Domain, on_stop: Callable[[int, str], None],
 
 def _debugger(dom: Domain) -> debugger.Debugger:
     d = dom.vcpus[0].debug
-    if d is None:
+    if not isinstance(d, debugger.Debugger):
         raise DomctlError(EINVAL, "no debugger is attached to the domain")
     return d
 
@@ -473,7 +473,7 @@ def debug_op_single_step(dom: Domain, vcpu_id: int) -> None:
 
 def debug_detach(dom: Domain) -> None:
     """The debugger goes: its hooks are removed and the guest runs on."""
-    if dom.vcpus[0].debug is not None:
+    if isinstance(dom.vcpus[0].debug, debugger.Debugger):
         dom.vcpus[0].debug.detach()
 
 

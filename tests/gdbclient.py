@@ -15,15 +15,20 @@ from tests.conftest import ROOT, checkout_env
 WAITING = re.compile(r"pvlab: waiting for gdb on 127\.0\.0\.1:(\d+)")
 
 
+def start_pvlab(args: list[str], cwd: Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """``pvlab ARGS --gdb 0`` in a child process, and the port it waits on."""
+    cmd = [sys.executable, "-m", "hypervisor", *args, "--gdb", "0"]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=checkout_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = proc.stderr.readline()
+    m = WAITING.match(line)
+    assert m, line + proc.stderr.read()
+    return proc, int(m.group(1))
+
+
 class GdbClient:
     def __init__(self, args: list[str], cwd: Path = ROOT) -> None:
-        cmd = [sys.executable, "-m", "hypervisor", *args, "--gdb", "0"]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=checkout_env(), text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        line = self.proc.stderr.readline()
-        m = WAITING.match(line)
-        assert m, line
-        self.port = int(m.group(1))
+        self.proc, self.port = start_pvlab(args, cwd)
         self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
         self.buf = b""
 

@@ -70,7 +70,6 @@ from hypervisor.mm.walker import PFEC_WRITE, GuestFault, addr_ok
 from hypervisor.public.arch_x86 import MSR_SHADOW_GS_BASE, X86_EFLAGS_IF, X86_EFLAGS_MBS
 
 if TYPE_CHECKING:
-    from hypervisor.debugger import Debugger
     from hypervisor.domain import Domain
 
 log = logging.getLogger(__name__)
@@ -126,6 +125,13 @@ class GuestExits(Protocol):
     def return_to_guest(self, vcpu: Vcpu) -> None: ...
 
 
+class SliceRunner(Protocol):
+    """An attached debugger: it runs the VCPU's slices, in pieces, with
+    stops between them (hypervisor/debugger.py)."""
+
+    def run_slice(self, v: Vcpu, start: int, timeout_us: int, budget: int) -> None: ...
+
+
 class Vcpu:
     """One VCPU of a domain. Its architectural state lives in the Unicorn engine;
     the PV state Xen keeps per vcpu (mode, L4s, callbacks, trap table, kernel
@@ -144,6 +150,8 @@ class Vcpu:
     periodic_period = 10_000_000
     periodic_last = 0
     gs_bases_in_use = False  # a GS base was set: a mode switch swaps them
+    debug: SliceRunner | None = None  # an attached debugger runs the slices
+    slice_base = 0  # instructions the slice's pieces before the running one retired
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
@@ -201,8 +209,6 @@ class Vcpu:
         self.native_begin = self.native_end = 0
         self.native_call: Any = None
         self.on_native: Any = None    # told of each native entry (the tracer uses it)
-        self.debug: Debugger | None = None  # an attached debugger runs the slices
-        self.slice_base = 0  # retired by the slice's pieces before the running one
 
         self._setup_cpu()
         self._add_hooks()

@@ -12,7 +12,8 @@ from hypervisor.public.gdb import GDB_REGS
 from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.gdbsx import decode_registers, encode_registers, target_xml
 from hypervisor.toolstack.rsp import Connection, checksum, escape, frame, unescape
-from tests.conftest import GUEST_IMAGE, ROOT
+from hypervisor.toolstack.session import save_domain
+from tests.conftest import GUEST_IMAGE, ROOT, make_config
 from tests.gdbclient import GdbClient
 
 NEXT_LINE = 0x400025  # counter's loop head
@@ -145,3 +146,19 @@ def test_bad_gdb_options_are_one_line(capsys):
         port = taken.getsockname()[1]
         assert main(["run", hello, "--gdb", str(port)]) == 2
     assert capsys.readouterr().err.startswith(f"pvlab: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_restore_waits_for_gdb_too(booted, tmp_path):
+    hv, dom = booted(make_config("run=counter:6:300000"))
+    save_domain(hv, dom, str(tmp_path / "c.img"), at_ns=3_000_000)
+    gdb = GdbClient(["restore", str(tmp_path / "c.img")])
+    assert gdb.ask(b"?") == b"T05thread:1;"
+    assert gdb.ask(b"Z0,%x,1" % NEXT_LINE) == b"OK"
+    gdb.send(b"c")
+    assert gdb.reply() == b"T05thread:1;"
+    assert decode_registers(gdb.ask(b"g"))["rbx"] == 6  # its last line, after the restore
+    assert gdb.ask(b"z0,%x,1" % NEXT_LINE) == b"OK"
+    gdb.send(b"c")
+    assert gdb.reply() == b"W00"
+    code, out, _ = gdb.finish()
+    assert code == 0 and "counter 6\n" in out

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.conftest import FIRMWARE, GUEST_IMAGE
+from tests.conftest import FIRMWARE
 from tests.gdbclient import start_pvlab
 
 
 def test_gdb_breaks_steps_and_continues_in_a_user_program(tmp_path):
     subprocess.run(["make", "-s", "-C", str(FIRMWARE), f"DEBUG={tmp_path}",
                     f"{tmp_path}/counter.elf"], check=True, capture_output=True, timeout=60)
-    cfg = tmp_path / "counter.toml"
-    cfg.write_text(f'name = "counter"\nmemory = 16\nvcpus = 2\nimage = "{GUEST_IMAGE}"\n'
-                   'cmdline = "run=counter:3:10,hello"\nseed = 1\n')
-    proc, port = start_pvlab(["run", str(cfg)])
+    proc, port = start_pvlab(["run", "examples/debug.toml"])
     commands = [
         f"file {tmp_path}/counter.elf", f"target remote 127.0.0.1:{port}", "info threads",
         "break next_line", "continue", "print $rbx", "stepi", "x/i $pc", "step",

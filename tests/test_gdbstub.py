@@ -13,7 +13,7 @@ from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.gdbsx import decode_registers, encode_registers, target_xml
 from hypervisor.toolstack.rsp import Connection, checksum, escape, frame, unescape
 from hypervisor.toolstack.session import save_domain
-from tests.conftest import GUEST_IMAGE, ROOT, make_config
+from tests.conftest import ROOT, make_config
 from tests.gdbclient import GdbClient
 
 NEXT_LINE = 0x400025  # counter's loop head
@@ -66,17 +66,8 @@ def test_target_xml_lists_every_register_in_packet_order():
 
 # --- a session --------------------------------------------------------------------------
 
-@pytest.fixture
-def counters(tmp_path):
-    """Two VCPUs: counter (5 lines) and hello."""
-    cfg = tmp_path / "counters.toml"
-    cfg.write_text(f'name = "counters"\nmemory = 16\nvcpus = 2\nimage = "{GUEST_IMAGE}"\n'
-                   'cmdline = "run=counter:5:100,hello"\nseed = 1\n')
-    return str(cfg)
-
-
-def test_a_session_breakpoint_registers_memory_step_detach(counters):
-    gdb = GdbClient(["run", counters])
+def test_a_session_breakpoint_registers_memory_step_detach():
+    gdb = GdbClient(["run", "examples/debug.toml"])  # counter and hello
     assert b"qXfer:features:read+" in gdb.ask(b"qSupported:multiprocess+;xmlRegisters=i386")
     doc, off = b"", 0
     while True:  # target.xml in small pieces, as gdb may ask for it
@@ -107,7 +98,7 @@ def test_a_session_breakpoint_registers_memory_step_detach(counters):
     assert gdb.ask(b"D") == b"OK"
     code, out, err = gdb.finish()
     assert code == 0, err
-    assert "counter 5" in out  # the guest ran on to its end
+    assert "counter 3" in out  # the guest ran on to its end
 
 
 def test_ctrl_c_stops_the_running_guest_and_k_kills_it():

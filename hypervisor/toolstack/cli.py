@@ -12,6 +12,7 @@ from typing import Any
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.toolstack import gdbsx
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.context import audit
@@ -96,12 +97,11 @@ def _gdb_port(text: str) -> int:
     return port
 
 
-def _attach_gdb(hv: Hypervisor, dom: Domain, port: int | None) -> Any:
+def _attach_gdb(hv: Hypervisor, dom: Domain, port: int | None) -> gdbsx.GdbServer | None:
     """With --gdb: listen on 127.0.0.1, say where, wait for gdb and serve it
     until it lets the guest run (None without --gdb)."""
     if port is None:
         return None
-    from hypervisor.toolstack import gdbsx
     try:
         sock = gdbsx.listen(port)
     except OSError as e:

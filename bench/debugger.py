@@ -31,7 +31,7 @@ def seconds(way: str, rounds: int) -> float:
     cmdline = "run=" + ",".join([f"hashchain:{rounds}:16"] * 4)
     hv, dom = boot(DomainConfig("bench", 32, 4, IMAGE, cmdline, 1))
     if way != WAYS[0]:
-        domctl.debug_attach(dom, lambda vcpu_id, why: None, lambda: False)
+        domctl.debug_attach(hv, dom, lambda vcpu_id, why: None, lambda: False)
     if way == WAYS[2]:
         domctl.debug_breakpoint(dom, NEVER, True)
     t = time.perf_counter()

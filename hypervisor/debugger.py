@@ -39,7 +39,6 @@ from unicorn.x86_const import UC_X86_REG_CR2
 
 from hypervisor.public.gdb import (
     GDB_REGS,
-    STOP_ATTACH,
     STOP_BREAKPOINT,
     STOP_INTERRUPT,
     STOP_STEP,
@@ -111,10 +110,6 @@ class Debugger:
     def step(self, vcpu_id: int) -> None:
         """Resume with one instruction of this VCPU, then stop it again."""
         self.stepping = vcpu_id
-
-    def stop(self, vcpu_id: int, why: str = STOP_ATTACH) -> None:
-        """Stop the VCPU before its next slice."""
-        self.pending[vcpu_id] = why
 
     def detach(self) -> None:
         """The guest runs on without a debugger: every hook goes."""

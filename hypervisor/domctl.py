@@ -440,11 +440,14 @@ def gdbsx_setreg(dom: Domain, vcpu_id: int, name: str, value: int) -> bool:
     return debugger.write_register(dom.vcpus[vcpu_id], name, value)
 
 
-def debug_attach(dom: Domain, on_stop: Callable[[int, str], None],
+def debug_attach(hv: Hypervisor, dom: Domain, on_stop: Callable[[int, str], None],
                  interrupted: Callable[[], bool]) -> None:
     """Attach a debugger to the domain (hypervisor/debugger.py): on_stop(vcpu
     id, why) is called when a VCPU stops and returns when the guest is to run
-    on; interrupted() is asked before every slice whether to stop."""
+    on; interrupted() is asked before every slice whether to stop. Only under
+    the deterministic clock, whose counted slices it cuts into pieces."""
+    if not hv.scheduler.deterministic:
+        raise DomctlError(EINVAL, "a debugger needs the deterministic clock")
     debugger.Debugger(dom, on_stop, interrupted)
 
 

@@ -45,7 +45,7 @@ def test_a_run_under_the_debugger_is_the_run_without_it(booted, spin, steps, rea
             to_step -= 1
             domctl.debug_op_single_step(dom, vcpu_id)
 
-    domctl.debug_attach(dom, on_stop, lambda: False)
+    domctl.debug_attach(hv, dom, on_stop, lambda: False)
     domctl.debug_breakpoint(dom, NEXT_LINE, True)
     debugged = _outcome(hv, dom, run_domain(hv, dom))
 
@@ -74,10 +74,17 @@ def test_registers_and_memory_of_a_stopped_vcpu(booted):
         assert not domctl.gdbsx_setreg(dom, vcpu_id, "cs", 0)
         domctl.debug_detach(dom)
 
-    domctl.debug_attach(dom, on_stop, lambda: False)
+    domctl.debug_attach(hv, dom, on_stop, lambda: False)
     domctl.debug_breakpoint(dom, NEXT_LINE, True)
     r = run_domain(hv, dom)
     assert r.reason == "poweroff"
     assert b"counter 2\n" in r.console  # detached, the guest ran on to its end
     assert seen == {"rbx": 1, "code": bytes.fromhex("4c89e9"), "unmapped": None}
+    assert all(v.debug is None for v in dom.vcpus)
+
+
+def test_a_debugger_needs_the_deterministic_clock(booted):
+    hv, dom = booted(make_config(), clock="fast")
+    with pytest.raises(domctl.DomctlError, match="deterministic clock"):
+        domctl.debug_attach(hv, dom, lambda vcpu_id, why: None, lambda: False)
     assert all(v.debug is None for v in dom.vcpus)

@@ -44,7 +44,6 @@ GDB_REGS: tuple[GdbReg, ...] = tuple(
 )
 
 # why a VCPU stopped for its debugger (the signal a gdb stop reply carries)
-STOP_ATTACH = "attach"          # the debugger attached before the guest ran
 STOP_BREAKPOINT = "breakpoint"  # about to run an instruction at a breakpoint
 STOP_STEP = "step"              # a single step is done
 STOP_INTERRUPT = "interrupt"    # the debugger asked the running guest to stop

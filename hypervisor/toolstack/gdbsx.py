@@ -112,7 +112,7 @@ class GdbServer:
 
     def attach(self) -> None:
         """Attach to the domain and serve gdb until it lets the guest run."""
-        domctl.debug_attach(self.dom, self.on_stop, self.interrupted)
+        domctl.debug_attach(self.hv, self.dom, self.on_stop, self.interrupted)
         self.serve()
 
     def on_stop(self, vcpu_id: int, why: str) -> None:

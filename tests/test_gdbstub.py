@@ -80,6 +80,9 @@ def test_a_session_breakpoint_registers_memory_step_detach():
     assert gdb.ask(b"qfThreadInfo") == b"m1,2"
     assert gdb.ask(b"qsThreadInfo") == b"l"
     assert gdb.ask(b"m1000,8") == b"E14"  # nothing is mapped there
+    assert gdb.ask(b"mzz,8") == b"E01" and gdb.ask(b"P10") == b"E01"  # malformed: no traceback
+    assert gdb.ask(b"Z2,402000,8") == b""  # no watchpoints
+    assert gdb.ask(b"X402000,0:") == b""   # binary writes unknown: gdb falls back to M
     assert gdb.ask(b"Z0,%x,1" % NEXT_LINE) == b"OK"
     gdb.send(b"vCont;c")
     stop = gdb.reply()

@@ -133,13 +133,23 @@ class GdbServer:
         try:
             while self.attached and not self.running:
                 packet = self.conn.read_packet()
-                handler = self.handlers.get(chr(packet[0])) if packet else None
-                reply = handler(packet[1:]) if handler is not None else b""
+                reply = self._handle(packet)
                 if reply is not None:
                     self._reply(reply)
         except (ConnectionClosed, OSError):
             log.info("gdb went away: the guest runs on")
             self._drop()
+
+    def _handle(self, packet: bytes) -> bytes | None:
+        """The reply to one packet: "" for one the server does not know, E01
+        for one it cannot parse."""
+        handler = self.handlers.get(chr(packet[0])) if packet else None
+        if handler is None:
+            return b""
+        try:
+            return handler(packet[1:])
+        except (ValueError, IndexError):
+            return BAD_REQUEST
 
     def finish(self, reason: str) -> None:
         """The run is over: tell gdb, if it waits for the guest, and hang up."""

@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/vcpu.py
 	$(PY) bench/saverestore.py
 	$(PY) bench/schedule.py
+	$(PY) bench/debugger.py
 
 firmware:
 	$(MAKE) -C firmware

@@ -35,6 +35,7 @@ import numpy as np
 from unicorn import UC_HOOK_CODE, UcError
 from unicorn.x86_const import UC_X86_REG_CR2
 
+from hypervisor import debugger
 from hypervisor.core import Hypervisor
 from hypervisor.cpu.context import get_context, set_context
 from hypervisor.cpu.vcpu import RAX
@@ -410,6 +411,76 @@ def gdbsx_guestmemio(hv: Hypervisor, dom: Domain, vcpu_id: int, va: int,
         return None
 
 
+def gdbsx_guestmemio_write(hv: Hypervisor, dom: Domain, vcpu_id: int, va: int,
+                           data: bytes) -> bool:
+    """XEN_DOMCTL_gdbsx_guestmemio (write): store ``data`` at a guest virtual
+    address where the guest itself may write; all of it or, where a page is
+    not mapped writable, none. Every engine drops its translated code, which
+    the store may have changed."""
+    v = dom.vcpus[vcpu_id]
+    try:
+        for page in range(va & ~(PAGE_SIZE - 1), va + len(data), PAGE_SIZE):
+            hv.walker.translate(v.current_table, max(page, va), write=True)
+    except GuestFault:
+        return False
+    hv.walker.write(v.current_table, va, data)
+    for other in dom.vcpus:
+        other.uc.ctl_flush_tb()
+    return True
+
+
+def gdbsx_getregs(dom: Domain, vcpu_id: int) -> dict[str, int]:
+    """A stopped VCPU's registers by gdb's names (hypervisor/public/gdb.py),
+    as gdbsx reads them with XEN_DOMCTL_getvcpucontext."""
+    return debugger.read_registers(dom.vcpus[vcpu_id])
+
+
+def gdbsx_setreg(dom: Domain, vcpu_id: int, name: str, value: int) -> bool:
+    """Write one register of a stopped VCPU by its gdb name; False for one
+    the debugger may not write (a segment selector, the x87 state)."""
+    return debugger.write_register(dom.vcpus[vcpu_id], name, value)
+
+
+def debug_attach(hv: Hypervisor, dom: Domain, on_stop: Callable[[int, str], None],
+                 interrupted: Callable[[], bool]) -> None:
+    """Attach a debugger to the domain (hypervisor/debugger.py): on_stop(vcpu
+    id, why) is called when a VCPU stops and returns when the guest is to run
+    on; interrupted() is asked before every slice whether to stop. Only under
+    the deterministic clock, whose counted slices it cuts into pieces."""
+    if not hv.scheduler.deterministic:
+        raise DomctlError(EINVAL, "a debugger needs the deterministic clock")
+    debugger.Debugger(dom, on_stop, interrupted)
+
+
+def _debugger(dom: Domain) -> debugger.Debugger:
+    d = dom.vcpus[0].debug
+    if not isinstance(d, debugger.Debugger):
+        raise DomctlError(EINVAL, "no debugger is attached to the domain")
+    return d
+
+
+def debug_breakpoint(dom: Domain, va: int, insert: bool) -> None:
+    """Insert or remove a breakpoint at a guest virtual address, on every
+    VCPU: a code hook, nothing written to guest memory."""
+    bps = _debugger(dom).breakpoints
+    if insert:
+        bps.add(va)
+    else:
+        bps.discard(va)
+
+
+def debug_op_single_step(dom: Domain, vcpu_id: int) -> None:
+    """XEN_DOMCTL_debug_op (SINGLE_STEP_ON), for the next resume: the VCPU
+    runs one instruction and stops."""
+    _debugger(dom).step(vcpu_id)
+
+
+def debug_detach(dom: Domain) -> None:
+    """The debugger goes: its hooks are removed and the guest runs on."""
+    if isinstance(dom.vcpus[0].debug, debugger.Debugger):
+        dom.vcpus[0].debug.detach()
+
+
 def debug_trace(dom: Domain, vcpu_id: int, more: Callable[[], bool],
                 on_insn: Callable[[int, int, bool], None],
                 on_native: Callable[[int, Callable[..., Any]], None]) -> None:
@@ -616,6 +687,8 @@ __all__ = [
     "bind_virq_dom_exc", "check_device_state", "console_write", "createdomain", "debug_trace",
     "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
+    "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",
+    "debug_op_single_step", "debug_detach",
     "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission", "kernel_binding",
     "kernel_cmdline_error", "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p",
     "map_shared_info", "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update",

@@ -32,3 +32,11 @@ def test_schedule_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "seeded / before" in r.stdout and "slices/s" in r.stdout
+
+
+def test_debugger_bench_runs():
+    r = subprocess.run([sys.executable, "bench/debugger.py", "--rounds", "1", "--repeat", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "a breakpoint set" in r.stdout and "x" in r.stdout

@@ -125,6 +125,13 @@ class GuestExits(Protocol):
     def return_to_guest(self, vcpu: Vcpu) -> None: ...
 
 
+class SliceRunner(Protocol):
+    """An attached debugger: it runs the VCPU's slices, in pieces, with
+    stops between them (hypervisor/debugger.py)."""
+
+    def run_slice(self, v: Vcpu, start: int, timeout_us: int, budget: int) -> None: ...
+
+
 class Vcpu:
     """One VCPU of a domain. Its architectural state lives in the Unicorn engine;
     the PV state Xen keeps per vcpu (mode, L4s, callbacks, trap table, kernel
@@ -143,6 +150,8 @@ class Vcpu:
     periodic_period = 10_000_000
     periodic_last = 0
     gs_bases_in_use = False  # a GS base was set: a mode switch swaps them
+    debug: SliceRunner | None = None  # an attached debugger runs the slices
+    slice_base = 0  # instructions the slice's pieces before the running one retired
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
@@ -332,7 +341,7 @@ class Vcpu:
 
     def retired_in_slice(self) -> int:
         """Instructions retired so far in the running (counted) slice."""
-        return self.counter.retired(self._budget) if self._budget else 0
+        return self.slice_base + (self.counter.retired(self._budget) if self._budget else 0)
 
     def run(self, budget: int, timeout_us: int = 0) -> int:
         """Run one slice: at most ``budget`` instructions (deterministic clock) or
@@ -340,7 +349,6 @@ class Vcpu:
         (deterministic) or 0 (fast)."""
         uc = self.uc
         self.stop_requested = False
-        self._budget = budget
         start = self.rip.read()
         if self.fresh:
             # enter CPL3 through the stub: iretq pops rip, cs, rflags, rsp, ss
@@ -351,16 +359,31 @@ class Vcpu:
             uc.reg_write(UC_X86_REG_CR0, CR0_PE | CR0_ET | CR0_WP | CR0_PG)
             start = BOOT_STUB_VA
             self.fresh = False
+        self.slice_base = 0
         try:
-            uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
+            if self.debug is None:
+                self.emulate(start, timeout_us, budget)
+            else:
+                self.debug.run_slice(self, start, timeout_us, budget)
         except UcError as e:
             self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
         self.env.clear_old_exception()  # Unicorn's own fetch at NEVER_REACHED - 1
-        retired = self.counter.retired(budget) if budget else 0
+        retired = self.retired_in_slice() if budget else 0
         self._budget = 0
         if self.after_slice is not None:
             self.after_slice(self)
         return retired
+
+    def emulate(self, start: int, timeout_us: int, budget: int) -> None:
+        """Run the engine from ``start``: a slice, or a piece of one."""
+        self._budget = budget
+        self.uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
+
+    def end_piece(self) -> None:
+        """A piece of the slice is over and counted in slice_base (a stop for
+        the debugger): no instructions are running."""
+        self._budget = 0
+        self.env.clear_old_exception()
 
     # --- hooks ---------------------------------------------------------------------
 

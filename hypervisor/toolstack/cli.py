@@ -13,11 +13,13 @@ from typing import Any
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.toolstack import gdbsx
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.context import audit
 from hypervisor.toolstack.control import SAVE, Request, parse_request
 from hypervisor.toolstack.elfimage import ImageError
+from hypervisor.toolstack.gdbsx import GdbKill
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.session import RunResult, boot, run_domain
 from hypervisor.toolstack.stream import StreamError
@@ -81,12 +83,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     requests = [*cfg.requests, *args.request]
     _save_request(requests, args.until)
+    if args.gdb is not None and args.fast:
+        raise CliError("--gdb needs the deterministic clock: leave out --fast")
     hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic",
                    sched_seed=args.sched_seed)
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
     return _run_or_save(hv, dom, requests, args, cfg.verdict)
+
+
+def _gdb_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is no TCP port (0-65535; 0: any free one)")
+    return port
+
+
+def _attach_gdb(hv: Hypervisor, dom: Domain, port: int | None) -> gdbsx.GdbServer | None:
+    """With --gdb: listen on 127.0.0.1, say where, wait for gdb and serve it
+    until it lets the guest run (None without --gdb)."""
+    if port is None:
+        return None
+    try:
+        sock = gdbsx.listen(port)
+    except OSError as e:
+        raise CliError(f"cannot listen on 127.0.0.1:{port}: {e.strerror or e}") from None
+    print(f"pvlab: waiting for gdb on 127.0.0.1:{sock.getsockname()[1]}", file=sys.stderr,
+          flush=True)
+    server = gdbsx.GdbServer(hv, dom, gdbsx.accept(sock))
+    server.attach()
+    return server
 
 
 def _save_request(requests: list[Request], until: int | None) -> Request | None:
@@ -121,13 +151,20 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     with a save request, run it to the save as ``pvlab save`` does. A run whose
     configuration asks for a verdict exits with it."""
     save = _save_request(requests, args.until)
-    if save is None:
-        result = run_domain(hv, dom, args.until, _stream, requests, _note,
-                            checkpoint_dir=args.checkpoint_dir)
-        code = _exit_for(result, dom, args.until)
-        return _judge(result, dom) if verdict else code
-    others = [r for r in requests if r is not save]
-    return _save(hv, dom, save.value, save.at_ns, others)
+    gdb = _attach_gdb(hv, dom, args.gdb)
+    reason = "running"
+    try:
+        if save is None:
+            result = run_domain(hv, dom, args.until, _stream, requests, _note,
+                                checkpoint_dir=args.checkpoint_dir)
+            reason = result.reason
+            code = _exit_for(result, dom, args.until)
+            return _judge(result, dom) if verdict else code
+        others = [r for r in requests if r is not save]
+        return _save(hv, dom, save.value, save.at_ns, others)
+    finally:
+        if gdb is not None:
+            gdb.finish(reason)
 
 
 def _save(hv: Hypervisor, dom: Domain, image: str, at_ns: int,
@@ -327,6 +364,14 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "written to a temporary directory and removed)")
 
 
+def _gdb_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gdb", metavar="PORT", type=_gdb_port,
+                   help="serve gdb's remote protocol on 127.0.0.1:PORT (0: any free port, "
+                        "printed on stderr) and wait for gdb to attach before the guest "
+                        "runs: one thread per VCPU, registers, memory by virtual address, "
+                        "breakpoints, single steps (docs/labs/debugging.md)")
+
+
 def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="domain configuration (TOML)")
 
@@ -360,6 +405,7 @@ def _add_run(sub: Any) -> None:
                      help="print the first N instructions each VCPU executes, "
                           "disassembled, with symbols")
     _request_args(run)
+    _gdb_arg(run)
     run.set_defaults(func=cmd_run)
 
 
@@ -417,6 +463,7 @@ def _add_restore(sub: Any) -> None:
                          help="seed of the new machine's frame shuffle (default: the saved "
                               "seed plus one, so that the frames differ)")
     _request_args(restore)
+    _gdb_arg(restore)
     restore.set_defaults(func=cmd_restore)
 
 
@@ -686,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except RestoreError as e:
         print(f"pvlab: {e}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    except GdbKill:
+        print("pvlab: the domain was killed from gdb", file=sys.stderr)
         return EXIT_GUEST_FAILED
     except KeyboardInterrupt:
         print("pvlab: interrupted", file=sys.stderr)

@@ -64,6 +64,8 @@ def _compiles(files: Iterable[Path]) -> None:
 
 def cmd_grade(args: argparse.Namespace) -> int:
     lab = find_lab(args.name)
+    if args.gdb is not None and not 0 < args.gdb < 65536:
+        raise LabError(f"--gdb {args.gdb}: name a TCP port (1-65535) for gdb to attach to")
     if not args.reference:
         _compiles(student_files(lab, Path(args.dir)).values())
     scratch, ours = _scratch(lab, args)

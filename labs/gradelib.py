@@ -153,6 +153,8 @@ class Ctx:
         if self._gdb is None or not argv or argv[0] not in ("run", "restore"):
             return argv
         port, self._gdb = self._gdb, None
+        print(f"\n    waiting for gdb on 127.0.0.1:{port} (gdb ELF -ex 'target remote :{port}')",
+              flush=True)
         return [argv[0], "--gdb", str(port), *argv[1:]]
 
     def fail(self, message: str) -> None:

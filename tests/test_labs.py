@@ -65,6 +65,15 @@ def test_a_seed_narrows_a_test_to_it(tmp_path):
     assert score(g) == (4, 4)
 
 
+def test_gdb_is_served_in_the_first_run_or_restore_of_a_test_only(tmp_path, capsys):
+    from labs.gradelib import Ctx, tests_of
+    ctx = Ctx(Settings(FIXTURE, None, tmp_path, gdb=1234), tests_of(FIXTURE.tests)[0])
+    assert ctx._with_gdb(["image", "show", "g.img"]) == ["image", "show", "g.img"]
+    assert ctx._with_gdb(["run", "a.toml"]) == ["run", "--gdb", "1234", "a.toml"]
+    assert ctx._with_gdb(["restore", "g.img"]) == ["restore", "g.img"]
+    assert "waiting for gdb on 127.0.0.1:1234" in capsys.readouterr().out
+
+
 def test_diff_lines_marks_good_bad_missing():
     text = diff_lines(["a", "b", "c"], ["a", "x"])
     assert "GOOD     a" in text and "BAD      x" in text and "MISSING  c" in text

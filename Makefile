@@ -11,12 +11,13 @@ JOBS ?= auto
 # save/restore and balloon tests do not leave a core idle at the end
 PYTEST := $(PY) -m pytest -n $(JOBS) --dist worksteal
 
-.PHONY: help venv demo test check lint bench firmware clean
+.PHONY: help venv demo test check lint bench firmware clean grade
 
 help:
 	@echo "make demo      the save/restore demo"
 	@echo "make test      the whole test suite, slow tests included, on every core"
 	@echo "make check     the edit loop's fast lane: ruff, then the tests not marked slow"
+	@echo "make grade LAB=NAME  grade your work on a teaching lab (pvlab lab list names them)"
 	@echo "make lint      ruff only"
 	@echo "make bench     the benchmarks' figures"
 	@echo "make firmware  rebuild the x86 firmware (needs GNU binutils)"
@@ -39,11 +40,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTEST)
 
+grade: $(STAMP)
+	@test -n "$(LAB)" || { echo "make grade LAB=NAME: name a lab (.venv/bin/pvlab lab list)"; exit 2; }
+	$(VENV)/bin/pvlab lab grade $(LAB)
+
 check: lint
 	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hypervisor guestos tests tools tools/save-restore-demo bench
+	$(VENV)/bin/ruff check hypervisor guestos labs tests tools tools/save-restore-demo bench
 
 bench: $(STAMP)
 	$(PY) bench/vcpu.py

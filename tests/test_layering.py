@@ -108,6 +108,20 @@ def test_hypervisor_never_imports_guestos():
     assert bad == []
 
 
+def test_hypervisor_never_imports_the_labs():
+    bad = [(str(p.relative_to(ROOT)), m) for p, m in imports("hypervisor")
+           if m.split(".")[0] == "labs"]
+    assert bad == []
+
+
+def test_labs_run_the_guest_kernel_only_through_pvlab():
+    """A lab names guestos modules as text: importing them would load the
+    reference into the grader, where a student's file could not replace it."""
+    bad = [(str(p.relative_to(ROOT)), m) for p, m in imports("labs")
+           if m.split(".")[0] == "guestos"]
+    assert bad == []
+
+
 def test_public_abi_imports_nothing_else_of_the_hypervisor():
     bad = [(str(p.relative_to(ROOT)), m) for p, m in imports("hypervisor/public")
            if m.split(".")[0] == "hypervisor" and not m.startswith("hypervisor.public")]

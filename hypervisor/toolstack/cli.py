@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -523,7 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image(sub)
     _add_demo(sub)
     _add_explore(sub)
+    _add_registered(sub)
     return p
+
+
+def _add_registered(sub: argparse._SubParsersAction) -> None:
+    """Verbs that other packages register (entry point group ``pvlab.verbs``,
+    setup.cfg): each is given the subparsers to add itself to."""
+    for ep in entry_points(group="pvlab.verbs"):
+        try:
+            ep.load()(sub)
+        except ImportError as e:
+            logging.getLogger(__name__).warning("verb %s not loaded: %s", ep.name, e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,188 @@
+"""Graded tests, in the shape of MIT 6.1810's gradelib: ``@test(points,
+title, parent=...)``, a line per test, ``Score: N/M``.
+
+A test runs pvlab in subprocesses (``t.pvlab``) with the student's files in
+place of the reference modules, and checks what they print and write. A
+failed check ends the test with a message that teaches, the seed it failed
+on and the commands that replay it. Everything runs on the deterministic
+clock with explicit seeds, so a grade is the same every time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labs.lab import ROOT, Lab
+
+TestFn = Callable[["Ctx"], Any]
+DEFAULT_TIMEOUT = 120  # seconds of a single pvlab run: a hung student kernel ends here
+_REGISTRY: dict[str, list[GradedTest]] = {}
+
+
+@dataclass
+class GradedTest:
+    fn: TestFn
+    points: int
+    title: str
+    parent: GradedTest | None
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+def test(points: int, title: str, parent: TestFn | None = None) -> Callable[[TestFn], TestFn]:
+    """Declare a graded test of the lab whose grade module this is."""
+    def register(fn: TestFn) -> TestFn:
+        tests = _REGISTRY.setdefault(fn.__module__, [])
+        up = next((t for t in tests if t.fn is parent), None) if parent else None
+        if parent is not None and up is None:
+            raise ValueError(f"{fn.__name__}: its parent must be declared before it")
+        tests.append(GradedTest(fn, points, title, up))
+        return fn
+    return register
+
+
+def tests_of(module: str) -> list[GradedTest]:
+    __import__(module)
+    return list(_REGISTRY.get(module, []))
+
+
+class Fail(Exception):
+    """A check failed: the message is for the student."""
+
+
+@dataclass
+class Result:
+    """One pvlab run: its exit status, what it printed, and how to run it again."""
+    rc: int
+    out: str
+    err: str
+    args: list[str]
+
+    @property
+    def console(self) -> str:
+        return self.out
+
+    def tail(self, n: int = 12) -> str:
+        lines = (self.out + self.err).rstrip().splitlines()[-n:]
+        return "\n".join("      " + line for line in lines)
+
+
+@dataclass
+class Settings:
+    """How a grade runs: whose code, where, and what to narrow it to."""
+    lab: Lab
+    student: Path | None          # the directory above the lab's; None: the reference
+    scratch: Path
+    seed: int | None = None
+    verbose: bool = False
+    gdb: int | None = None
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def run_prefix(self) -> list[str]:
+        base = [sys.executable, "-m", "labs.run", "--lab", self.lab.name]
+        return base + (["--reference"] if self.student is None
+                       else ["--dir", str(self.student)])
+
+    def replay_flags(self) -> list[str]:
+        if self.student is None:
+            return ["--reference"]
+        return [] if self.student == Path(".") else ["--dir", str(self.student)]
+
+
+class Ctx:
+    """What a graded test works with."""
+
+    def __init__(self, settings: Settings, test: GradedTest, parent: Any = None) -> None:
+        self.settings = settings
+        self.lab = settings.lab
+        self.lab_root = ROOT      # the checkout: examples/, firmware/
+        self.test = test
+        self.parent = parent
+        self.jobs = settings.jobs
+        self.seed: int | None = None
+        self.last: Result | None = None
+        self._gdb = settings.gdb
+        self._scratch = settings.scratch / test.name
+        self._scratch.mkdir(parents=True, exist_ok=True)
+
+    def data(self, name: str) -> Path:
+        """A file beside the lab's grade module."""
+        return Path(sys.modules[self.test.fn.__module__].__file__).parent / name
+
+    def out(self, name: str) -> Path:
+        """A path in this test's scratch directory (emptied by nobody: kept to look at)."""
+        return self._scratch / name
+
+    def seeds(self, seeds: Iterable[int]) -> Iterator[int]:
+        """The seeds to try, or only the one ``--seed`` names."""
+        chosen = [self.settings.seed] if self.settings.seed is not None else list(seeds)
+        for seed in chosen:
+            self.seed = seed
+            yield seed
+
+    def pvlab(self, *args: object, timeout: float = DEFAULT_TIMEOUT) -> Result:
+        """Run ``pvlab ARGS`` with the student's modules; never raises for the
+        student's failures (they are in the result)."""
+        argv = self._with_gdb([str(a) for a in args])
+        if self.settings.verbose:
+            print(f"    $ pvlab lab run {self.lab.name} -- {shlex.join(argv)}", flush=True)
+        try:
+            p = subprocess.run(self.settings.run_prefix() + ["--", *argv], capture_output=True,
+                               text=True, timeout=None if self._gdb else timeout,
+                               errors="replace")
+            self.last = Result(p.returncode, p.stdout, p.stderr, argv)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
+            self.last = Result(-1, out, "", argv)
+            self.fail(f"pvlab did not end within {timeout:.0f} s: the guest or the "
+                      "toolstack is stuck (a loop that never ends, a lock never released?)")
+        return self.last
+
+    def _with_gdb(self, argv: list[str]) -> list[str]:
+        """``--gdb PORT`` on the first run or restore of this test only."""
+        if self._gdb is None or not argv or argv[0] not in ("run", "restore"):
+            return argv
+        port, self._gdb = self._gdb, None
+        return [argv[0], "--gdb", str(port), *argv[1:]]
+
+    def fail(self, message: str) -> None:
+        raise Fail(message)
+
+    def check(self, cond: object, message: str) -> None:
+        if not cond:
+            raise Fail(message)
+
+    def expect_line(self, text: str, regex: str, message: str) -> re.Match[str]:
+        """The first line of ``text`` matching ``regex``, else a failure."""
+        m = re.search(regex, text, re.MULTILINE)
+        if m is None:
+            raise Fail(f"{message}\n    (no line matches /{regex}/)")
+        return m
+
+
+def diff_lines(expected: list[str], got: list[str]) -> str:
+    """Expected against got, line by line, as gradelib's assert_lines_match
+    marks them: GOOD, BAD (got instead of expected), MISSING, EXTRA."""
+    out = []
+    for i in range(max(len(expected), len(got))):
+        want = expected[i] if i < len(expected) else None
+        have = got[i] if i < len(got) else None
+        if want == have:
+            out.append(f"    GOOD     {have}")
+        elif have is None:
+            out.append(f"    MISSING  {want}")
+        elif want is None:
+            out.append(f"    EXTRA    {have}")
+        else:
+            out.append(f"    BAD      {have}\n      (expected {want})")
+    return "\n".join(out)

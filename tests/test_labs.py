@@ -1,0 +1,122 @@
+"""The lab machinery (labs/): starting points, the grader's score and
+messages, and for every lab that its grader can fail: the reference earns
+every test's points and a fresh starting point earns none."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labs import LabError, all_labs, find_lab
+from labs.gradelib import Settings, diff_lines
+from labs.grading import grade, score
+from labs.lab import Lab, reference_path
+from labs.starter import strip
+from tests.conftest import checkout_env
+
+ROOT = Path(__file__).resolve().parent.parent
+LABS = all_labs()
+FIXTURE = Lab(name="fixture", order=0, title="t", handout="docs/labs/none.md",
+              tests="tests.labfixture")
+
+
+def pvlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hypervisor.toolstack.cli", *args],
+                          cwd=cwd, capture_output=True, text=True, env=checkout_env())
+
+
+def test_strip_keeps_signature_and_docstring_and_puts_the_rule_in_the_body():
+    src = 'def f(a: int) -> int:\n    """Doc."""\n    x = a\n    return x\n\n\n' \
+          'class C:\n    def m(self):\n        return 1\n\n\ndef g():\n    return 2\n'
+    out = strip(src, "demo", {"f": "add one " * 20, "C.m": "one"})
+    tree = ast.parse(out)
+    f, c, g = tree.body
+    assert ast.get_docstring(f) == "Doc."
+    assert "# LAB demo: add one" in out and 'raise NotImplementedError("lab demo: f")' in out
+    assert all(len(line) <= 100 for line in out.splitlines())
+    assert isinstance(c.body[0].body[-1], ast.Raise)
+    assert ast.unparse(g) == "def g():\n    return 2"
+
+
+def test_strip_names_a_function_the_reference_lacks():
+    with pytest.raises(LabError, match="no function nope"):
+        strip("def f():\n    pass\n", "demo", {"nope": "x"})
+
+
+def test_grade_scores_points_follows_parents_and_says_how_to_replay(tmp_path):
+    out = io.StringIO()
+    g = grade(Settings(FIXTURE, None, tmp_path), out)
+    assert score(g) == (3, 9)
+    text = out.getvalue()
+    assert "seed 3 is the bad one" in text
+    assert "replay: pvlab lab grade fixture --reference --test seeded --seed 3" in text
+    assert 'needs "fails on seed 3", which failed' in text
+    assert text.rstrip().endswith("Score: 3/9")
+
+
+def test_a_seed_narrows_a_test_to_it(tmp_path):
+    g = grade(Settings(FIXTURE, None, tmp_path, seed=4), io.StringIO(), only="seeded")
+    assert score(g) == (4, 4)
+
+
+def test_diff_lines_marks_good_bad_missing():
+    text = diff_lines(["a", "b", "c"], ["a", "x"])
+    assert "GOOD     a" in text and "BAD      x" in text and "MISSING  c" in text
+
+
+def test_lab_verbs_give_one_line_errors(tmp_path):
+    for args in (["lab", "start", "nosuchlab"], ["lab", "grade", "nosuchlab"]):
+        r = pvlab(*args, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("pvlab: no lab named 'nosuchlab'")
+        assert "Traceback" not in r.stderr
+
+
+def test_grade_needs_a_starting_point_that_parses(tmp_path):
+    if not LABS:
+        pytest.skip("no lab yet")
+    lab = LABS[0]
+    r = pvlab("lab", "grade", lab.name, cwd=tmp_path)
+    assert r.returncode == 2 and f"pvlab lab start {lab.name}" in r.stderr
+    assert pvlab("lab", "start", lab.name, cwd=tmp_path).returncode == 0
+    name = next(iter(lab.files().values()))
+    with open(tmp_path / lab.name / name, "a") as f:
+        f.write("def broken(:\n")
+    r = pvlab("lab", "grade", lab.name, cwd=tmp_path)
+    assert r.returncode == 2 and f"{name}:" in r.stderr and "invalid syntax" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("lab", LABS, ids=[lab.name for lab in LABS])
+def test_every_lab_is_complete(lab: Lab):
+    assert find_lab(lab.name) is lab
+    assert (ROOT / lab.handout).is_file()
+    assert len(set(lab.files().values())) == len(lab.files())
+    for module, rules in lab.todo.items():
+        out = strip(reference_path(module).read_text(), lab.name, rules)
+        assert out.count("raise NotImplementedError") >= len(rules)
+        ast.parse(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lab", LABS, ids=[lab.name for lab in LABS])
+def test_reference_earns_every_point_and_the_starting_point_none(lab: Lab, tmp_path):
+    ref = pvlab("lab", "grade", lab.name, "--reference", "--json", "ref.json", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    got = json.loads((tmp_path / "ref.json").read_text())
+    assert got["score"] == got["total"] > 0
+    r = pvlab("lab", "start", lab.name, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    again = pvlab("lab", "start", lab.name, cwd=tmp_path)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    stub = pvlab("lab", "grade", lab.name, "--json", "stub.json", cwd=tmp_path)
+    assert stub.returncode == 1, stub.stdout + stub.stderr
+    tests = json.loads((tmp_path / "stub.json").read_text())["tests"]
+    earned = {t["name"]: t["earned"] for t in tests if t["points"]}
+    assert earned and not any(earned.values()), earned
+    assert "Score: 0/" in stub.stdout

@@ -268,6 +268,10 @@ def tell_host(cpu: NativeCpu, index: int, n: int) -> bool:
     """Send the request page's first n frame numbers on queue ``index`` and
     see it used."""
     dev, vq = _dev(cpu), _vq(cpu, index)
+    if not vq.present:  # deleted at the freeze: Linux would use a freed virtqueue
+        printk(cpu, f"virtio_balloon: a request on queue {index}, which the freeze deleted: "
+               "not sent")
+        return False
     head = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, _vb(cpu).pfns), 4 * n,
                                writable=False)
     if head < 0:

@@ -127,6 +127,16 @@ def pm_failed(t: Ctx, r: Result, what: str) -> None:
              "thaw and the restore: what _restore_common returned).")
 
 
+def no_deleted_queue(t: Ctx, r: Result, what: str) -> None:
+    """Nothing is sent on a queue between the freeze and the set-up again."""
+    if "which the freeze deleted: not sent" in r.out:
+        fail(t, f"{what}: the driver sent a request on a queue the freeze had deleted (the "
+             "console says 'which the freeze deleted'); in Linux that is a use after free. "
+             "Before _restore_common there are no queues. And under discard the host has "
+             "forgotten the balloon, so the discard tells it nothing: leak_balloon tells "
+             "the host, the discard uses only its helpers (_populate, _give_back).")
+
+
 def pages_short(t: Ctx, r: Result, expected_free: int, what: str) -> None:
     """The free pages at power-off are what the host's last target leaves."""
     free, before = poweroff(r)
@@ -218,6 +228,7 @@ def thaw(t: Ctx) -> None:
         r = ck.run
         pm_failed(t, r, f"the run with a checkpoint under {policy}")
         ended(t, r, f"the run with a checkpoint under {policy}")
+        no_deleted_queue(t, r, f"the run with a checkpoint under {policy}")
         s = stats_at(r, 10)
         check(t, s is not None, "the host's balloon-stats at 10 ms printed nothing\n" + r.tail())
         deflate = policy == "deflate"
@@ -247,6 +258,7 @@ def restored(t: Ctx, policy: str, ck: Checkpoint) -> Result:
     r = t.pvlab("restore", image_of(t, policy, ck), "--request", "12ms balloon-stats",
                 "--request", "13ms mem-set 32")
     ended(t, r, f"the guest restored under {policy}")
+    no_deleted_queue(t, r, f"the guest restored under {policy}")
     no_leak(t, r, policy)
     s = stats_at(r, 12)
     check(t, s is not None, "the host's balloon-stats at 12 ms printed nothing\n" + r.tail())
@@ -298,7 +310,9 @@ def restore_discard(t: Ctx) -> None:
         check(t, freed == BALLOON, "under discard the restored guest forgets its balloon "
                 "(the host has forgotten it) and the host's target makes it inflate again: "
                 f"the new device should have freed {BALLOON} frames by 12 ms, and it freed "
-                f"{freed}. virtballoon_restore must call _discard under this policy.")
+                f"{freed}. Under this policy virtballoon_restore calls _discard before it sets "
+             "the device up again (_restore_common), so that the work finds the balloon "
+             "empty and inflates it to the host's target.")
         nothing_lost(t, r, policy)
 
 

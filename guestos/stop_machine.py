@@ -140,14 +140,19 @@ def wanted(cpu: NativeCpu) -> bool:
 
 
 def enter(cpu: NativeCpu) -> TailCall:
-    """Join: the cpu's task (if any) has been saved; spin from an empty stack."""
+    """Join: the cpu's task (if any) has been saved; spin from an empty stack.
+    The upcall returns into the stopper as into Linux's cpu_stopper_thread, a
+    kernel thread that runs with events on: they stay on until DISABLE_IRQ."""
     pc = cpu_stopper(cpu)
     pc.in_stopper, pc.stop_state, pc.stop_seq = 1, NONE, stopper(cpu).seq
+    set_upcall_mask(cpu, 0)
     cpu.set_regs(rsp=percpu(cpu).stack_top)
     return multi_cpu_stop(cpu)
 
 
 def _ack(cpu: NativeCpu) -> None:
+    """This cpu acknowledges the current state (Linux's ack_state); the last
+    to acknowledge it moves every cpu on (set_state)."""
     sm = stopper(cpu)
     sm.ack = sm.ack - 1
     if sm.ack == (1 if sm.bug_ack and sm.state != EXIT else 0):
@@ -193,6 +198,7 @@ def fn_done(cpu: NativeCpu, result: int) -> TailCall:
 
 
 def _leave(cpu: NativeCpu) -> TailCall:
+    """This cpu is done with the stop_machine: back to its work."""
     pc = cpu_stopper(cpu)
     caller = stopper(cpu).caller == cpu.vcpu_id
     then: Continuation = symbol(stopper(cpu).then)  # type: ignore[assignment]

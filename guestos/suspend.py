@@ -56,25 +56,40 @@ def suspend_state(cpu: NativeCpu) -> Ref:
     return SUSPEND.at(cpu, AREAS["suspend"].va(cpu))
 
 
+def pin_for_save(cpu: NativeCpu) -> None:
+    """xen_mm_pin_all, after saying what the pgd_list holds: one pgd for
+    every task the console shows alive, the held ones unpinned."""
+    st = suspend_state(cpu)
+    pgds = pgd_list(cpu)
+    unpinned = sum(1 for pgd in pgds if not pgd_pinned(cpu, pgd))
+    printk(cpu, f"pgd_list: {len(pgds)} pgds, {unpinned} of them unpinned")
+    if st.no_pin_all:
+        st.save_pinned = 0
+        printk(cpu, f"xen_mm_pin_all: SKIPPED (option nopinall): {unpinned} unpinned pgds go "
+               "out raw, their mfns not canonicalised")
+        return
+    n = xen_mm_pin_all(cpu)
+    st.save_pinned = n
+    printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
+
+
+def spinning(cpu: NativeCpu) -> tuple[list[int], list[int]]:
+    """The other cpus, and those of them spinning in the stopper with their
+    events masked: all of them, for as long as xen_suspend runs."""
+    others = [n for n in range(kernel(cpu).cpus_up) if n != cpu.vcpu_id]
+    return others, [n for n in others
+                    if cpu_stopper(cpu, n).in_stopper and upcall_masked(cpu, n)]
+
+
 @export
 def xen_suspend(cpu: NativeCpu) -> TailCall:
     k = kernel(cpu)
-    others = [n for n in range(k.cpus_up) if n != cpu.vcpu_id]
-    spinning = [n for n in others if cpu_stopper(cpu, n).in_stopper and upcall_masked(cpu, n)]
+    others, spun = spinning(cpu)
     printk(cpu, f"xen_suspend: on cpu{cpu.vcpu_id}, cpus "
-           f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
-           + ("" if spinning == others else " - FAILURE: not all of them"))
+           f"{','.join(map(str, spun)) or 'none'} spinning with events masked"
+           + ("" if spun == others else " - FAILURE: not all of them"))
     sysdev_suspend(cpu)
-    st = suspend_state(cpu)
-    if st.no_pin_all:
-        n = sum(1 for pgd in pgd_list(cpu) if not pgd_pinned(cpu, pgd))
-        st.save_pinned = 0
-        printk(cpu, f"xen_mm_pin_all: SKIPPED (option nopinall): {n} unpinned pgds go "
-               "out raw, their mfns not canonicalised")
-    else:
-        n = xen_mm_pin_all(cpu)
-        st.save_pinned = n
-        printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
+    pin_for_save(cpu)
     si = read_start_info(cpu)
     si.store_mfn = mfn_to_pfn(cpu, si.store_mfn)
     si.console.domU.mfn = mfn_to_pfn(cpu, si.console.domU.mfn)
@@ -100,6 +115,11 @@ def xen_suspend_resumed(cpu: NativeCpu) -> TailCall:
     cancelled = 1 if cpu.reg("rax") == 1 else 0
     printk(cpu, f"suspend hypercall returned {cancelled} "
            f"({'cancelled or checkpointed' if cancelled else 'resumed in a new domain'})")
+    others, spun = spinning(cpu)
+    if spun != others:
+        left = [n for n in others if n not in spun]
+        printk(cpu, f"post-suspend: FAILURE: cpus {left} left the stopper (or unmasked "
+               "their events) before xen_suspend was done")
     si = read_start_info(cpu)
     # shared_info again where the kernel maps it: its frame may be new
     cpu.hypercall(Hypercall.update_va_mapping, k.shared_info, si.shared_info | PTE_RW, 0)

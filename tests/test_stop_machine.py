@@ -75,3 +75,29 @@ def test_the_others_spin_masked_while_fn_runs_under_many_seeds(run, seed: int):
 @pytest.mark.parametrize("seed", sweep(range(3)))
 def test_an_event_arriving_at_every_point_changes_nothing(run, seed: int):
     check(run(seed, noisy=True))
+
+
+def test_a_cpu_spins_with_events_on_until_disable_irq(booted):
+    """Linux's stopper is a kernel thread that runs with interrupts on until
+    DISABLE_IRQ, and off from then to EXIT. A cpu here enters the stopper from
+    the event upcall, which masks events, so enter unmasks them (before, every
+    cpu spun masked from the start, and a stopper that never masked events in
+    DISABLE_IRQ passed for one that did)."""
+    from guestos.evtchn import upcall_masked
+    from guestos.stop_machine import DISABLE_IRQ, EXIT, PREPARE, RUN, cpu_stopper
+    hv, dom = booted(make_config(CMDLINE, vcpus=4, seed=1))
+    masks: dict[int, set[bool]] = {}
+
+    def look(vcpu, nr, args, rc) -> None:
+        if nr == Hypercall.sched_op and args[0] == SCHEDOP_yield:
+            view = KernelView(hv, dom)
+            pc = cpu_stopper(view, vcpu.vcpu_id)
+            if pc.in_stopper:
+                masks.setdefault(pc.stop_state, set()).add(upcall_masked(view, vcpu.vcpu_id))
+
+    hv.after_hypercall = look
+    r = run_domain(hv, dom, until_ns=LIMIT_NS)
+    check(r.console.decode())
+    assert masks[PREPARE] == {False}
+    assert masks[DISABLE_IRQ] == masks[RUN] == {True}
+    assert EXIT not in masks  # a cpu that acknowledges EXIT leaves at once

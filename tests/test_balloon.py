@@ -277,6 +277,26 @@ def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy, half):
         assert bal.num_pages == 0 and bal.actual == 0, step
 
 
+def test_a_request_on_a_queue_the_freeze_deleted_is_not_sent_and_says_so(booted,
+                                                                          monkeypatch):
+    """A thaw that deflates before the device is set up again (a discard
+    written with leak_balloon, say) finds no deflate queue: the request is
+    not sent, and the console says why (before, it went silently)."""
+    from guestos.drivers import virtio_balloon as vb
+
+    def deflate_first(cpu, instance):
+        vb.leak_balloon(cpu, 16)
+        return vb.virtballoon_thaw(cpu, instance)
+    monkeypatch.setattr(vb.virtballoon_pm_ops, "thaw", deflate_first)
+    hv, dom = booted(balloon_config("run=hashchain virtio_balloon.policy=discard", memory=16))
+    t, bal = device(dom)
+    r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "3ms checkpoint"))
+    out = r.console.decode()
+    assert r.reason == "poweroff", out[-2000:]
+    assert "a request on queue 1, which the freeze deleted: not sent" in out
+    assert bal.metrics.deflated == 0 and audit(hv) == []
+
+
 def test_notifies_and_events_after_the_reset_are_discarded_and_counted(booted):
     cfg = balloon_config("run=hashchain", memory=16)
     hv, dom = booted(cfg)

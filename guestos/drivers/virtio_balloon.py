@@ -274,6 +274,10 @@ def tell_host(cpu: NativeCpu, index: int, n: int) -> bool:
     """Send the request page's first n frame numbers on queue ``index`` and
     see it used."""
     dev, vq = _dev(cpu), _vq(cpu, index)
+    if not vq.present:  # deleted at the freeze: Linux would use a freed virtqueue
+        printk(cpu, f"virtio_balloon: a request on queue {index}, which the freeze deleted: "
+               "not sent")
+        return False
     head = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, _vb(cpu).pfns), 4 * n,
                                writable=False)
     if head < 0:
@@ -467,7 +471,10 @@ def balloon_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
 # --- PM ----------------------------------------------------------------------------------------
 
 def virtballoon_freeze(cpu: NativeCpu, instance: int) -> int:
-    """virtio_device_freeze + virtballoon_freeze."""
+    """virtio_device_freeze + virtballoon_freeze: the workers are already
+    frozen. Under ``deflate`` the balloon is emptied first (Linux's
+    remove_common); then the device is reset before its queues are deleted,
+    so that neither side uses a queue while it goes."""
     dev, vb = _dev(cpu), _vb(cpu)
     if not workqueue_frozen(cpu):
         printk(cpu, "virtio_balloon: freeze with the worker still running")
@@ -510,6 +517,8 @@ def _restore_common(cpu: NativeCpu) -> int:
 
 
 def virtballoon_thaw(cpu: NativeCpu, instance: int) -> int:
+    """The same domain goes on (a checkpoint, or a suspend that failed): the
+    device is set up again and the balloon stays as the freeze left it."""
     rc = _restore_common(cpu)
     if rc == 0:
         printk(cpu, f"virtio_balloon: thawed: {_vb(cpu).num_pages} pages in the balloon")
@@ -517,6 +526,9 @@ def virtballoon_thaw(cpu: NativeCpu, instance: int) -> int:
 
 
 def virtballoon_restore(cpu: NativeCpu, instance: int) -> int:
+    """A new domain: the host kept the target, not the balloon's frames.
+    ``discard`` forgets the balloon first (Linux e562966); then the device is
+    set up again and the work moves towards the target."""
     vb = _vb(cpu)
     if vb.policy == POLICY_DISCARD and vb.num_pages:
         _discard(cpu)
@@ -528,30 +540,39 @@ def virtballoon_restore(cpu: NativeCpu, instance: int) -> int:
 
 
 def _discard(cpu: NativeCpu) -> None:
-    """The host has forgotten the balloon: forget its pages, give them back to
-    the RAM count, num_pages = 0. Done right, each page gets a frame again and
-    goes back to the allocator; with balloonbug=leak only the counters move."""
+    """The host has forgotten the balloon: every page leaves it and goes back
+    to the kernel, num_pages = 0. A ballooned pfn has no frame, so each page
+    gets a fresh one (populate_physmap) before it is freed to the allocator."""
     vb = _vb(cpu)
+    if vb.leak_bug:
+        _discard_as_shipped(cpu)
+        return
     n = vb.num_pages
     while vb.num_pages:
         pfns = _ballooned(cpu, min(vb.num_pages, VIRTIO_BALLOON_ARRAY_PFNS_MAX))
-        if not pfns:
-            break
-        if vb.leak_bug:
-            for pfn in pfns:
-                set_page_flags(cpu, pfn, clear=PG_BALLOON)
-            vb.num_pages = vb.num_pages - len(pfns)
-            _adjust_ram(cpu, len(pfns))
-            continue
-        mfns = _populate(cpu, pfns)
+        mfns = _populate(cpu, pfns) if pfns else []
         if not mfns:
             printk(cpu, f"virtio_balloon: discard: no frames for {vb.num_pages} pages")
             break
         _give_back(cpu, pfns[:len(mfns)], mfns)
     vb.discarded = n - vb.num_pages
     printk(cpu, f"virtio_balloon: restore: discarded the balloon's {vb.discarded} pages "
-           + ("(counted back as RAM, never freed: LEAKED)" if vb.leak_bug else
-              "(fresh frames, back to the allocator)"))
+           "(fresh frames, back to the allocator)")
+
+
+def _discard_as_shipped(cpu: NativeCpu) -> None:
+    """balloonbug=leak: the restore of Linux e562966, which only moved the
+    counters. Each page leaves the balloon and joins the RAM count, but gets no
+    frame and is never freed: "a fancy way of leaking lots of memory"."""
+    vb = _vb(cpu)
+    n = vb.num_pages
+    for pfn in _ballooned(cpu, n):
+        set_page_flags(cpu, pfn, clear=PG_BALLOON)
+    vb.num_pages = 0
+    _adjust_ram(cpu, n)
+    vb.discarded = n
+    printk(cpu, f"virtio_balloon: restore: discarded the balloon's {n} pages "
+           "(counted back as RAM, never freed: LEAKED)")
 
 
 virtballoon_pm_ops = export(dev_pm_ops(

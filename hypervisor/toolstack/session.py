@@ -18,6 +18,7 @@ from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import (
     ACK_TIMEOUT_NS,
+    TYPE,
     Request,
     apply_request,
     cancel_shutdown,
@@ -227,6 +228,8 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
 
 
 def _describe(req: Request) -> str:
+    if req.command == TYPE:
+        return f"the toolstack types {req.value!r} on the console"
     if req.command == "checkpoint":
         return "the toolstack asks for a checkpoint (control/shutdown = suspend)"
     if req.shutdown:

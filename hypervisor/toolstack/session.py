@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
@@ -24,6 +25,7 @@ from hypervisor.toolstack.control import (
     cancel_shutdown,
     resume_cancelled,
     shutdown_pending,
+    type_on_console,
 )
 from hypervisor.toolstack.save import Progress, SaveError, SaveStats
 from hypervisor.toolstack.timeparse import format_duration
@@ -32,6 +34,18 @@ log = logging.getLogger(__name__)
 
 HYPERVISOR_OVERHEAD_MIB = 8
 SUSPEND_TIMEOUT_NS = 2_000_000_000  # virtual time from the request to the suspend
+CONSOLE_POLL_NS = 20_000_000  # with a console attached, its input is looked at this often
+CONSOLE_WAIT_S = 0.05  # how long to wait for input while the guest can do nothing
+
+
+class ConsoleInput(Protocol):
+    """Where a person's input comes from (console.ConsoleClient): ``detached``
+    once they left, ``closed`` once no more input can come."""
+
+    detached: bool
+    closed: bool
+
+    def poll(self, timeout_s: float = 0.0) -> bytes: ...
 
 
 def machine_mib_for(memory_mib: int) -> int:
@@ -43,8 +57,9 @@ def machine_mib_for(memory_mib: int) -> int:
 class RunResult:
     domain: Domain
     console: bytes
-    reason: str           # "poweroff", "crash", ..., "running" (time limit) or "hung"
-    #                       (no progress possible: scheduler.py's rule, not Xen's)
+    reason: str           # "poweroff", "crash", ..., "running" (time limit), "hung"
+    #                       (no progress possible: scheduler.py's rule, not Xen's) or
+    #                       "detached" (the person at the console left: Ctrl-])
     virtual_ns: int
     notes: list[str] = field(default_factory=list)  # the toolstack's messages
     # a shutdown command the guest did not acknowledge in time ("" if none)
@@ -54,7 +69,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.reason in ("poweroff", "running")
+        return self.reason in ("poweroff", "running", "detached")
 
 
 def boot(cfg: DomainConfig, seed: int | None = None, clock: str = "deterministic",
@@ -88,6 +103,7 @@ class _Run:
         self.writer = writer
         self.checkpoint_dir = checkpoint_dir
         self.scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.detached = False
 
     def say(self, msg: str) -> None:
         self.notes.append(msg)
@@ -164,10 +180,22 @@ class _Run:
         self.say(f"the guest shut down ({reason}) at {t}; {len(self.pending)} request(s) "
                  f"not made: {whats}")
 
+    def poll_console(self, console: ConsoleInput) -> bool:
+        """Pass on what was typed; False if the person detached. While the
+        guest can do nothing (hung, or blocked with no timer) wait a little
+        for input instead of spinning."""
+        wait = CONSOLE_WAIT_S if domctl.no_progress(self.hv) else 0.0
+        data = console.poll(wait)
+        if data:
+            type_on_console(self.hv, self.dom, data)
+        return not console.detached
+
     def result(self, until_ns: int | None) -> RunResult:
         dom = self.dom
         why = ""
-        if dom.shutdown_reason is not None:
+        if self.detached:
+            reason = "detached"
+        elif dom.shutdown_reason is not None:
             reason = domctl.shutdown_name(dom.shutdown_reason)
             if self.pending and dom.shutdown_reason != SHUTDOWN_suspend:
                 self.say_not_made(reason)
@@ -193,9 +221,12 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                note: Callable[[str], None] | None = None,
                on_suspend: Callable[[Domain], bool] | None = None,
                checkpoint_dir: str | Path | None = None,
-               checkpoints: CheckpointWriter | None = None) -> RunResult:
+               checkpoints: CheckpointWriter | None = None,
+               console: ConsoleInput | None = None) -> RunResult:
     """Run until the domain shuts down, hangs, or (with until_ns) every VCPU
-    reaches that virtual time. ``requests`` are made at their times. A domain
+    reaches that virtual time. ``requests`` are made at their times; what is
+    typed at ``console`` goes to the guest's console as it comes, and the
+    run ends when the person detaches (it does not hang meanwhile). A domain
     that suspends is handed to ``on_suspend`` (which saves it, say): if that
     returns True, or there is none, the domain is resumed cancelled and runs
     on; if False, the run ends there. A suspend that a ``checkpoint`` request
@@ -207,6 +238,8 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     try:
         while True:
             limit = run.next_limit(until_ns)
+            if console is not None:
+                limit = _console_limit(hv, limit)
             domctl.run(hv, limit)
             if dom.shutdown_reason == SHUTDOWN_suspend:
                 if not run.suspended(on_suspend):
@@ -214,8 +247,13 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                 continue
             if dom.shutdown_reason is not None or limit is None:
                 break
+            if console is not None and not run.poll_console(console):
+                run.detached = True
+                break
             if not domctl.reached(dom, limit):
-                if not run.waits_for_toolstack():
+                typing = console is not None and not (console.closed
+                                                      and domctl.no_progress(hv))
+                if not run.waits_for_toolstack() and not typing:
                     break
                 domctl.idle_until(hv, limit)  # nothing runs before the next request
             run.make_requests(limit)
@@ -225,6 +263,13 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     finally:
         if run.scratch is not None:
             run.scratch.cleanup()
+
+
+def _console_limit(hv: Hypervisor, limit: int | None) -> int:
+    """The next time to look at the console's input: CONSOLE_POLL_NS from
+    now, or sooner if a request comes sooner."""
+    poll = domctl.system_time(hv) + CONSOLE_POLL_NS
+    return poll if limit is None else min(limit, poll)
 
 
 def _describe(req: Request) -> str:

@@ -23,6 +23,7 @@ from hypervisor.toolstack.control import (
     Request,
     apply_request,
     cancel_shutdown,
+    console_bytes,
     resume_cancelled,
     shutdown_pending,
     type_on_console,
@@ -274,7 +275,8 @@ def _console_limit(hv: Hypervisor, limit: int | None) -> int:
 
 def _describe(req: Request) -> str:
     if req.command == TYPE:
-        return f"the toolstack types {req.value!r} on the console"
+        text = console_bytes(req.value).decode(errors="replace")
+        return f"the toolstack types {text!r} on the console"
     if req.command == "checkpoint":
         return "the toolstack asks for a checkpoint (control/shutdown = suspend)"
     if req.shutdown:
@@ -312,10 +314,25 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
     result = run_domain(hv, dom, at_ns + SUSPEND_TIMEOUT_NS, sink,
                         [*before, Request(at_ns, command="suspend")], note, on_suspend)
     if outcome.ok:
+        _drop_console_input(hv, dom, note)
         domctl.destroydomain(hv, dom)
     elif not outcome.error:
         outcome.error = f"{_why_not_suspended(result)}; nothing was saved"
     return result, outcome
+
+
+def _drop_console_input(hv: Hypervisor, dom: Domain,
+                        note: Callable[[str], None] | None) -> None:
+    """Input typed but not yet in the guest's ring is the console daemon's,
+    and goes with the domain, as xenconsoled's buffer does: said, not kept
+    (what is in the ring is guest memory, and is in the image)."""
+    backend = domain_of(hv, dom).console
+    if backend is not None and backend.pending_input:
+        msg = (f"{len(backend.pending_input)} bytes typed on the console were not yet in the "
+               "guest's ring: they are dropped with the domain, as xenconsoled drops them")
+        log.info("%s", msg)
+        if note is not None:
+            note(msg)
 
 
 def _why_not_suspended(result: RunResult) -> str:

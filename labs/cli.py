@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from labs import LabError, all_labs, find_lab
@@ -52,10 +52,19 @@ def _scratch(lab: Lab, args: argparse.Namespace) -> tuple[Path, bool]:
     return where, False
 
 
+def _compiles(files: Iterable[Path]) -> None:
+    """A file that does not parse is one clear error before any test runs."""
+    for f in files:
+        try:
+            compile(f.read_text(), str(f), "exec")
+        except SyntaxError as e:
+            raise LabError(f"{f}:{e.lineno}: {e.msg}: fix it, then grade again") from None
+
+
 def cmd_grade(args: argparse.Namespace) -> int:
     lab = find_lab(args.name)
     if not args.reference:
-        student_files(lab, Path(args.dir))  # a clear error before any test runs
+        _compiles(student_files(lab, Path(args.dir)).values())
     scratch, ours = _scratch(lab, args)
     settings = Settings(lab, None if args.reference else Path(args.dir), scratch,
                         seed=args.seed, verbose=args.verbose_runs, gdb=args.gdb)

@@ -44,10 +44,12 @@ class Grade:
         if test.parent is not None:
             up = self.run(test.parent)
             if not up.ok:
+                self._head(test)
                 return self._done(test, False, f"needs \"{up.test.title}\", which failed",
                                   started)
             parent = self.results.get(up.test.name)
         ctx = Ctx(self.settings, test, parent)
+        self._head(test)
         try:
             self.results[test.name] = test.fn(ctx)
         except Fail as e:
@@ -76,11 +78,16 @@ class Grade:
         self._print(outcome)
         return outcome
 
+    def _head(self, t: GradedTest) -> None:
+        """The test's line up to its verdict, shown while it runs."""
+        points = f" [{t.points} pt{'s' if t.points != 1 else ''}]" if t.points else ""
+        end = "\n" if self.settings.verbose else "  "   # the runs' commands come next
+        self.out.write(f"== {self.settings.lab.name}: {t.title} =={points}{end}")
+        self.out.flush()
+
     def _print(self, o: Outcome) -> None:
-        head = f"== {self.settings.lab.name}: {o.test.title} =="
-        points = f" [{o.test.points} pt{'s' if o.test.points != 1 else ''}]" \
-            if o.test.points else ""
-        self.out.write(f"{head}{points}  {'OK' if o.ok else 'FAIL'} ({o.seconds:.1f}s)\n")
+        lead = "    -> " if self.settings.verbose else ""
+        self.out.write(f"{lead}{'OK' if o.ok else 'FAIL'} ({o.seconds:.1f}s)\n")
         for line in o.message.rstrip().splitlines():
             self.out.write(f"    {line}\n")
         self.out.flush()

@@ -77,6 +77,21 @@ def test_lab_verbs_give_one_line_errors(tmp_path):
         assert "Traceback" not in r.stderr
 
 
+def test_grade_needs_a_starting_point_that_parses(tmp_path):
+    if not LABS:
+        pytest.skip("no lab yet")
+    lab = LABS[0]
+    r = pvlab("lab", "grade", lab.name, cwd=tmp_path)
+    assert r.returncode == 2 and f"pvlab lab start {lab.name}" in r.stderr
+    assert pvlab("lab", "start", lab.name, cwd=tmp_path).returncode == 0
+    name = next(iter(lab.files().values()))
+    with open(tmp_path / lab.name / name, "a") as f:
+        f.write("def broken(:\n")
+    r = pvlab("lab", "grade", lab.name, cwd=tmp_path)
+    assert r.returncode == 2 and f"{name}:" in r.stderr and "invalid syntax" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize("lab", LABS, ids=[lab.name for lab in LABS])
 def test_every_lab_is_complete(lab: Lab):
     assert find_lab(lab.name) is lab

@@ -45,6 +45,7 @@ from hypervisor.public.sched import SCHEDOP_yield
 from hypervisor.public.xen import Hypercall
 
 NONE, PREPARE, DISABLE_IRQ, RUN, EXIT = range(5)
+STATE_NAMES = ("NONE", "PREPARE", "DISABLE_IRQ", "RUN", "EXIT")
 
 STOP = Layout("stop_machine", [
     ("active", "u64"),
@@ -165,6 +166,8 @@ def multi_cpu_stop(cpu: NativeCpu) -> TailCall:
         return _leave(cpu)  # acknowledged EXIT last time round: done
     if cur != pc.stop_state and cur != NONE:
         pc.stop_state = cur
+        # each cpu's step, for the trace (pvlab plot timeline), not the console
+        cpu.trace_marker(f"stop_machine {STATE_NAMES[cur]}")
         if cur == DISABLE_IRQ:
             pc.stop_saved_mask = upcall_masked(cpu)
             set_upcall_mask(cpu, 1)

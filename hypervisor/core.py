@@ -215,6 +215,9 @@ class Hypervisor:
             return -ENOSYS
         if nr != _SCHED_OP or not args or args[0] != SCHEDOP_yield:
             vcpu.idle_yields = 0  # any other hypercall is progress
+        tbuf = vcpu.domain.tbuf
+        if tbuf is not None:
+            tbuf.hypercall(self.scheduler.now(), vcpu.vcpu_id, nr, args)
         try:
             rc = handler(vcpu, *args)
         except Exception as e:  # noqa: BLE001 - a hypervisor bug must not take the host down

@@ -29,6 +29,7 @@ from hypervisor.public.sched import (
 )
 from hypervisor.public.xen import shared_info
 from hypervisor.watchdog import DomainWatchdog
+from hypervisor.xentrace import TraceBuffer
 
 if TYPE_CHECKING:
     from hypervisor.machine import Machine
@@ -47,6 +48,8 @@ _TLB_FLUSH = (_UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
 class Scheduling(Protocol):
     """What a domain needs of the scheduler: the time now, waking a VCPU an
     event is pending for, and timers on system time."""
+
+    current: Vcpu | None  # the VCPU running now, if any
 
     def now(self) -> int: ...
     def kick(self, vcpu: Vcpu) -> None: ...
@@ -87,6 +90,7 @@ class Domain:
         # device memory it may map (XEN_DOMCTL_iomem_permission), its devices
         self.iomem: list[range] = []
         self.devices: list[Any] = []
+        self.tbuf: TraceBuffer | None = None  # its trace buffer, once the toolstack enables it
 
     # --- shared_info -----------------------------------------------------------------
 
@@ -125,6 +129,9 @@ class Domain:
         """Output of the domain's console (its console_io hypercalls, and what the
         console daemon took from its ring): kept, and passed on."""
         self.console_out += data
+        if self.tbuf is not None:
+            cur = self.scheduler.current
+            self.tbuf.console(self.scheduler.now(), cur.vcpu_id if cur is not None else -1, data)
         if self.on_console is not None:
             self.on_console(self, data)
 

@@ -59,6 +59,7 @@ from hypervisor.public.domctl import (
 from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, EPERM
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, VIRQ_CON_RING, VIRQ_DOM_EXC, shared_info
 from hypervisor.scheduler import next_wake
+from hypervisor.xentrace import TraceBuffer, TraceRecord
 
 ENTRIES_PER_TABLE = PAGE_SIZE // 8
 
@@ -453,6 +454,20 @@ def debug_trace(dom: Domain, vcpu_id: int, more: Callable[[], bool],
     v.on_native = lambda vcpu, addr, fn: on_native(addr, fn) if more() else None
 
 
+def tbuf_enable(dom: Domain) -> None:
+    """XEN_SYSCTL_tbuf_op enable, for one domain: from now on its hypercalls,
+    kernel entries, console lines and the kernel's markers are recorded with
+    their virtual time (hypervisor/xentrace.py)."""
+    if dom.tbuf is None:
+        dom.tbuf = TraceBuffer()
+
+
+def tbuf_read(dom: Domain) -> list[TraceRecord]:
+    """What xentrace reads: the domain's trace records so far, in the order
+    they were made (each VCPU's in time order); [] if tracing is off."""
+    return list(dom.tbuf.records) if dom.tbuf is not None else []
+
+
 # --- event channels -----------------------------------------------------------------
 
 def evtchn_alloc_unbound(dom: Domain, remote_dom: int, port: int | None = None) -> int:
@@ -587,14 +602,17 @@ class FrameDump:
     pinned: np.ndarray
     validated: np.ndarray
     xenheap: np.ndarray       # a hypervisor page shared with the domain
+    owner: np.ndarray         # a domid, DOMID_XEN, or -1 for a free frame
 
 
-def dump_frames(hv: Hypervisor, dom: Domain) -> FrameDump:
+def dump_frames(hv: Hypervisor, dom: Domain | None = None) -> FrameDump:
+    """The rows of ``dom``'s frames, or with no domain of every frame of the
+    machine, in mfn order."""
     ft = hv.machine.frames
-    mfns = ft.owned_by(dom.domid)
+    mfns = ft.owned_by(dom.domid) if dom is not None else np.arange(ft.nr_frames)
     return FrameDump(mfns, hv.machine.m2p[mfns], ft.type[mfns], ft.type_count[mfns],
                      ft.ref_count[mfns], ft.pinned[mfns], ft.validated[mfns],
-                     ft.xenheap[mfns])
+                     ft.xenheap[mfns], ft.owner[mfns])
 
 
 __all__ = [
@@ -610,5 +628,5 @@ __all__ = [
     "mmuext_pin_table", "modify_returncode", "next_mmio_base", "pausedomain", "physinfo",
     "populate_physmap", "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo",
     "setvcpucontext", "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain",
-    "vcpu_clocks", "xen_version",
+    "vcpu_clocks", "xen_version", "tbuf_enable", "tbuf_read", "TraceRecord",
 ]

@@ -116,6 +116,11 @@ class NativeCpu:
     def native_addr(self, fn: Callable[..., object]) -> int:
         return self._kernel.addr_of(fn)
 
+    def trace_marker(self, text: str) -> None:
+        tbuf = self.vcpu.domain.tbuf
+        if tbuf is not None:
+            tbuf.marker(self.vcpu.domain.scheduler.now(), self.vcpu_id, text)
+
 
 class NativeKernel:
     """A Python kernel module bound to a domain's native text range."""
@@ -180,6 +185,8 @@ class NativeKernel:
         self.calls += 1
         if vcpu.on_native is not None:
             vcpu.on_native(vcpu, addr, fn)
+        if dom.tbuf is not None:
+            dom.tbuf.native(dom.scheduler.now(), vcpu.vcpu_id, fn.__qualname__)
         exits = vcpu.exits
         dom.update_time_now(vcpu)
         cpu = NativeCpu(vcpu, self)

@@ -312,19 +312,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_frames(args: argparse.Namespace) -> int:
     from hypervisor.toolstack.frames import format_summary, format_table, frame_table
-    cfg = load_config(args.config)
-    hv, dom = boot(cfg, seed=args.seed)
-    run_domain(hv, dom, args.at)
-    rows = frame_table(hv, dom)
     types = None
     if args.type:
         types = {t.strip() for t in args.type.split(",")}
         known = {"L1", "L2", "L3", "L4", "writable", "none"}
         if not types <= known:
             raise CliError(f"--type takes a comma-separated list of {', '.join(sorted(known))}")
+    if args.plot:
+        _plot_output(args.plot)
+    cfg = load_config(args.config)
+    hv, dom = boot(cfg, seed=args.seed)
+    run_domain(hv, dom, args.at)
+    rows = frame_table(hv, dom)
     state = "running" if dom.is_running else "shut down"
     print(f"at {format_duration(max(domctl.vcpu_clocks(dom)))} of virtual time ({state})")
-    if not args.summary:
+    if args.plot:
+        from hypervisor.toolstack import plotdata, plots
+        _write_plot(plots.draw_frames(plotdata.frame_map(hv, dom)), args.plot)
+    elif not args.summary:
         print(format_table(dom, rows, types))
     print(format_summary(rows))
     problems = audit(hv)
@@ -413,6 +418,9 @@ def _add_frames(sub: Any) -> None:
     frames.add_argument("--type", metavar="TYPES",
                         help="only frames of these types, e.g. L1,L2,L3,L4")
     frames.add_argument("--summary", action="store_true", help="print only the summary")
+    frames.add_argument("--plot", metavar="FILE",
+                        help="draw every machine frame into FILE (.png or .svg) by owner, "
+                             "type and pin state, instead of listing the domain's")
     frames.set_defaults(func=cmd_frames)
 
 
@@ -476,6 +484,69 @@ def _add_checkpoint(sub: Any) -> None:
 
 
 
+def _plot_output(path: str) -> None:
+    """Refuse a picture's file before any run: its name ends .png or .svg and
+    its directory can be written."""
+    from hypervisor.toolstack.plots import PlotError, check_output
+    try:
+        check_output(path)
+    except PlotError as e:
+        raise CliError(str(e)) from None
+
+
+def _write_plot(fig: Any, path: str) -> None:
+    from hypervisor.toolstack.plots import PlotError, save_figure
+    try:
+        save_figure(fig, path)
+    except PlotError as e:
+        raise CliError(str(e)) from None
+    _note(f"picture written to {path}")
+
+
+def _plot_p2m(args: argparse.Namespace, cfg: Any) -> Any:
+    from hypervisor.toolstack import plotdata, plots
+    return plots.draw_p2m(plotdata.p2m_across_restore(cfg, args.at, args.seed,
+                                                      args.restore_seed))
+
+
+def _plot_timeline(args: argparse.Namespace, cfg: Any) -> Any:
+    from hypervisor.toolstack import plots, timeline
+    trace = timeline.trace_checkpoint if args.checkpoint else timeline.trace_save_restore
+    return plots.draw_timeline(trace(cfg, args.at, args.seed, args.sched_seed))
+
+
+def _plot_balloon(args: argparse.Namespace, cfg: Any) -> Any:
+    from hypervisor.toolstack import plotdata, plots
+    if args.every <= 0:
+        raise CliError("--every must be more than 0")
+    if cfg.balloon is None:
+        raise CliError(f"{args.config}: the domain has no balloon (add a [balloon] table)")
+    if args.save_at is not None and args.save_at >= args.until:
+        raise CliError(f"--save-at {format_duration(args.save_at)} is not before --until "
+                       f"{format_duration(args.until)}")
+    if any(r.command == SAVE for r in [*cfg.requests, *args.request]):
+        raise CliError("plot balloon saves with --save-at, not a save request")
+    before = [r for r in args.request if args.save_at is None or r.at_ns < args.save_at]
+    after = [r for r in args.request if r not in before]
+    cfg.requests = (*cfg.requests, *before)
+    return plots.draw_balloon(plotdata.balloon_run(cfg, args.until, args.every, args.seed,
+                                                   args.save_at, after))
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack.plotdata import PlotDataError
+    from hypervisor.toolstack.timeline import TimelineError
+    _plot_output(args.output)
+    cfg = load_config(args.config)
+    try:
+        fig = args.draw(args, cfg)
+    except (PlotDataError, TimelineError) as e:
+        print(f"pvlab: {e}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    _write_plot(fig, args.output)
+    return EXIT_OK
+
+
 def cmd_explore(args: argparse.Namespace) -> int:
     from hypervisor.toolstack import explore
     load_config(args.config)  # a bad configuration is one line, before any worker starts
@@ -523,6 +594,63 @@ def _add_explore(sub: Any) -> None:
                     help="console lines that are a run's results, compared across runs "
                          f"(default {DEFAULT_RESULTS!r})")
     ex.set_defaults(func=cmd_explore)
+
+
+def _plot_common(p: argparse.ArgumentParser, draw: Any) -> None:
+    _config_arg(p)
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="the picture: FILE.png or FILE.svg")
+    _seed_arg(p)
+    p.set_defaults(func=cmd_plot, draw=draw)
+
+
+def _add_plot(sub: Any) -> None:
+    plot = sub.add_parser("plot", help="draw a picture from a real run (PNG or SVG)",
+                          description="Run the domain CONFIG describes and draw what it did: "
+                                      "p2m (its pfn -> mfn map before a save and after the "
+                                      "restore), timeline (the suspend path on each VCPU), "
+                                      "balloon (the balloon's pages over time). `pvlab frames "
+                                      "CONFIG --plot FILE` draws the machine's frames.")
+    kinds = plot.add_subparsers(dest="kind", metavar="KIND", required=True)
+    p2m = kinds.add_parser("p2m", help="pfn -> mfn before a save and after its restore",
+                           description="Save the domain at --at, restore the image on a "
+                                       "machine with another frame shuffle, and draw both "
+                                       "maps, pfn on x and mfn on y, pagetables marked.")
+    _plot_common(p2m, _plot_p2m)
+    p2m.add_argument("--at", metavar="TIME", type=_duration, required=True,
+                     help="virtual time of the save (e.g. 12ms)")
+    p2m.add_argument("--restore-seed", metavar="N", type=int,
+                     help="seed of the restoring machine's frame shuffle (default: the "
+                          "saved seed plus one)")
+    tl = kinds.add_parser("timeline", help="the suspend path on each VCPU",
+                          description="Ask the domain to suspend at --at and draw each "
+                                      "VCPU's way through it over virtual time: the freeze, "
+                                      "stop_machine's states, the suspend hypercall, and "
+                                      "the resume: RESTORE after a save and its restore "
+                                      "(the default), THAW after a checkpoint.")
+    _plot_common(tl, _plot_timeline)
+    tl.add_argument("--at", metavar="TIME", type=_duration, required=True,
+                    help="virtual time of the suspend request (e.g. 12ms)")
+    tl.add_argument("--checkpoint", action="store_true",
+                    help="a checkpoint: the guest goes on (THAW) instead of being restored")
+    _sched_seed_arg(tl)
+    bal = kinds.add_parser("balloon", help="the balloon's pages over virtual time",
+                           description="Run the domain (it needs a [balloon] table) to "
+                                       "--until, making its requests, and draw the "
+                                       "balloon's target and actual size, the domain's "
+                                       "pages and the guest's free pages over time; with "
+                                       "--save-at, save it then and go on in the restored "
+                                       "guest.")
+    _plot_common(bal, _plot_balloon)
+    bal.add_argument("--until", metavar="TIME", type=_duration, required=True,
+                     help="virtual time to stop at (e.g. 24ms)")
+    bal.add_argument("--every", metavar="TIME", type=_duration, default=parse_duration("100us"),
+                     help="time between samples (default 100us)")
+    bal.add_argument("--save-at", metavar="TIME", type=_duration,
+                     help="save the guest at TIME and restore it on other frames")
+    bal.add_argument("--request", metavar="'TIME WHAT'", type=_request, action="append",
+                     default=[], help="a request as pvlab run takes it (e.g. '14ms mem-set "
+                                      "32'), made of the restored guest if after --save-at")
 
 
 def _add_image(sub: Any) -> None:
@@ -573,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image(sub)
     _add_demo(sub)
     _add_explore(sub)
+    _add_plot(sub)
     _add_registered(sub)
     return p
 

@@ -55,6 +55,20 @@ def machine_mib_for(memory_mib: int) -> int:
 
 
 @dataclass
+class Observer:
+    """Something that looks at the machine every ``every_ns`` of virtual time
+    while a run goes on (the samples of ``pvlab plot balloon``): the run
+    stops there, which changes none of the scheduler's choices."""
+
+    every_ns: int
+    look: Callable[[int], None]
+    first_ns: int = 0  # the first look, if not at every_ns
+
+    def first(self) -> int:
+        return self.first_ns or self.every_ns
+
+
+@dataclass
 class RunResult:
     domain: Domain
     console: bytes
@@ -92,8 +106,10 @@ class _Run:
 
     def __init__(self, hv: Hypervisor, dom: Domain, requests: Sequence[Request],
                  note: Callable[[str], None] | None, writer: CheckpointWriter | None,
-                 checkpoint_dir: str | Path | None) -> None:
+                 checkpoint_dir: str | Path | None, observer: Observer | None = None) -> None:
         self.hv, self.dom, self.note = hv, dom, note
+        self.observer = observer
+        self.next_look = observer.first() if observer is not None else None
         self.pending = sorted(requests, key=lambda r: r.at_ns)
         self.ack_deadline: int | None = None
         # a checkpoint request is awaiting its suspend; two made before the guest
@@ -129,7 +145,17 @@ class _Run:
             marks.append(self.ack_deadline)
         if until_ns is not None:
             marks.append(until_ns)
+        if self.next_look is not None:
+            marks.append(self.next_look)
         return min(marks) if marks else None
+
+    def look(self, limit: int) -> None:
+        """Hand the observer the machine at each of its times reached by ``limit``."""
+        if self.observer is None or self.next_look is None:
+            return
+        while self.next_look <= limit:
+            self.observer.look(self.next_look)
+            self.next_look += self.observer.every_ns
 
     def suspended(self, on_suspend: Callable[[Domain], bool] | None) -> bool:
         """The domain suspended: checkpoint it, hand it to on_suspend, or
@@ -223,6 +249,7 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                on_suspend: Callable[[Domain], bool] | None = None,
                checkpoint_dir: str | Path | None = None,
                checkpoints: CheckpointWriter | None = None,
+               observer: Observer | None = None,
                console: ConsoleInput | None = None) -> RunResult:
     """Run until the domain shuts down, hangs, or (with until_ns) every VCPU
     reaches that virtual time. ``requests`` are made at their times; what is
@@ -233,9 +260,10 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     on; if False, the run ends there. A suspend that a ``checkpoint`` request
     asked for is written by ``checkpoints`` (by default a writer into
     ``checkpoint_dir``, or a temporary directory gone when the run ends) and
-    the domain runs on. ``note`` gets the toolstack's messages."""
+    the domain runs on. ``note`` gets the toolstack's messages; ``observer``
+    looks at the machine at its times."""
     domain_of(hv, dom).console_sink = sink
-    run = _Run(hv, dom, requests, note, checkpoints, checkpoint_dir)
+    run = _Run(hv, dom, requests, note, checkpoints, checkpoint_dir, observer)
     try:
         while True:
             limit = run.next_limit(until_ns)
@@ -257,6 +285,7 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                 if not run.waits_for_toolstack() and not typing:
                     break
                 domctl.idle_until(hv, limit)  # nothing runs before the next request
+            run.look(limit)
             run.make_requests(limit)
             if until_ns is not None and limit >= until_ns:
                 break
@@ -292,13 +321,16 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
                      note: Callable[[str], None] | None = None,
                      progress: Progress | None = None,
                      requests: Sequence[Request] = (),
+                     observer: Observer | None = None,
+                     saved: Callable[[Domain], None] | None = None,
                      ) -> tuple[RunResult, SaveOutcome]:
     """``xl save``: run the domain to virtual time ``at_ns`` (making those of
     ``requests`` that are no shutdown command and come before it: a mem-set,
     say), ask it to suspend (control/shutdown), wait for it, write the image
-    to ``path`` and destroy the domain. The outcome says why if it failed;
-    then the guest is left running (its suspend hypercall returned 1, or it
-    never suspended) and nothing is at ``path``."""
+    to ``path`` and destroy the domain (``saved`` sees it just before). The
+    outcome says why if it failed; then the guest is left running (its
+    suspend hypercall returned 1, or it never suspended) and nothing is at
+    ``path``. ``observer`` looks at the machine as run_domain's does."""
     outcome = SaveOutcome(Path(path))
 
     def on_suspend(d: Domain) -> bool:
@@ -312,8 +344,11 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
 
     before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
     result = run_domain(hv, dom, at_ns + SUSPEND_TIMEOUT_NS, sink,
-                        [*before, Request(at_ns, command="suspend")], note, on_suspend)
+                        [*before, Request(at_ns, command="suspend")], note, on_suspend,
+                        observer=observer)
     if outcome.ok:
+        if saved is not None:
+            saved(dom)
         _drop_console_input(hv, dom, note)
         domctl.destroydomain(hv, dom)
     elif not outcome.error:

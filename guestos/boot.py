@@ -101,7 +101,7 @@ def parse_options(cpu: NativeCpu, cmdline: str) -> None:
     pmfail=DEV:PHASE PM device DEV, in registration order (0: the console, then the
                      test devices), fails PHASE (freeze, freeze_noirq, ...: pm.PHASES)
     The drivers read their own from their initcalls: testdevs=N (drivers/testdev.py),
-    virtio_mmio.device=SIZE@BASE:PORT, virtio_balloon.policy=P and balloonbug=leak
+    virtio_mmio.device=SIZE@BASE:PORT, virtio_balloon.policy=P and balloonbug=leak|keepmap
     (drivers/virtio_balloon.py)."""
     words = cmdline.split()
     stopper(cpu).test_at_ms = parse_int(cmdline, "stopmachine")

@@ -44,6 +44,7 @@ def pgd_list(cpu: NativeCpu) -> list[int]:
 
 
 def pgd_list_add(cpu: NativeCpu, pfn: int) -> None:
+    """Put a new pgd on the list (Linux's pgd_list_add, from pgd_ctor)."""
     base = AREAS["pgd_list"].va(cpu)
     for i in range(MAX_TASKS):
         if not cpu.read_u64(base + 8 * i):
@@ -53,6 +54,7 @@ def pgd_list_add(cpu: NativeCpu, pfn: int) -> None:
 
 
 def pgd_list_del(cpu: NativeCpu, pfn: int) -> None:
+    """Take a pgd off the list as it is freed (Linux's pgd_list_del, from pgd_dtor)."""
     base = AREAS["pgd_list"].va(cpu)
     for i in range(MAX_TASKS):
         if cpu.read_u64(base + 8 * i) == pfn:

@@ -56,6 +56,23 @@ def suspend_state(cpu: NativeCpu) -> Ref:
     return SUSPEND.at(cpu, AREAS["suspend"].va(cpu))
 
 
+def pin_for_save(cpu: NativeCpu) -> None:
+    """xen_mm_pin_all, after saying what the pgd_list holds: one pgd for
+    every task the console shows alive, the held ones unpinned."""
+    st = suspend_state(cpu)
+    pgds = pgd_list(cpu)
+    unpinned = sum(1 for pgd in pgds if not pgd_pinned(cpu, pgd))
+    printk(cpu, f"pgd_list: {len(pgds)} pgds, {unpinned} of them unpinned")
+    if st.no_pin_all:
+        st.save_pinned = 0
+        printk(cpu, f"xen_mm_pin_all: SKIPPED (option nopinall): {unpinned} unpinned pgds go "
+               "out raw, their mfns not canonicalised")
+        return
+    n = xen_mm_pin_all(cpu)
+    st.save_pinned = n
+    printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
+
+
 @export
 def xen_suspend(cpu: NativeCpu) -> TailCall:
     k = kernel(cpu)
@@ -65,16 +82,7 @@ def xen_suspend(cpu: NativeCpu) -> TailCall:
            f"{','.join(map(str, spinning)) or 'none'} spinning with events masked"
            + ("" if spinning == others else " - FAILURE: not all of them"))
     sysdev_suspend(cpu)
-    st = suspend_state(cpu)
-    if st.no_pin_all:
-        n = sum(1 for pgd in pgd_list(cpu) if not pgd_pinned(cpu, pgd))
-        st.save_pinned = 0
-        printk(cpu, f"xen_mm_pin_all: SKIPPED (option nopinall): {n} unpinned pgds go "
-               "out raw, their mfns not canonicalised")
-    else:
-        n = xen_mm_pin_all(cpu)
-        st.save_pinned = n
-        printk(cpu, f"xen_mm_pin_all: {n} unpinned pgds pinned (SavePinned)")
+    pin_for_save(cpu)
     si = read_start_info(cpu)
     si.store_mfn = mfn_to_pfn(cpu, si.store_mfn)
     si.console.domU.mfn = mfn_to_pfn(cpu, si.console.domU.mfn)

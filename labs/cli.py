@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NoReturn
 
 from labs import LabError, all_labs, find_lab
 from labs.gradelib import Settings
@@ -81,9 +82,30 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return EXIT_OK if earned == total else EXIT_FAILED
 
 
+class _OwnOptions(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise LabError(f"{self.prog}: before --, only --dir D or --reference ({message})")
+
+
+def _lab_options(args: argparse.Namespace) -> list[str]:
+    """pvlab's arguments, after ``--``; ``--dir``/``--reference`` written between
+    the lab's name and ``--`` are the lab's (argparse leaves them in the remainder)."""
+    rest = list(args.args)
+    if "--" not in rest:
+        return rest
+    cut = rest.index("--")
+    own = _OwnOptions(prog=f"pvlab lab run {args.name}", add_help=False)
+    own.add_argument("--dir")
+    own.add_argument("--reference", action="store_true")
+    mine = own.parse_args(rest[:cut])
+    args.dir = mine.dir or args.dir
+    args.reference = mine.reference or args.reference
+    return rest[cut + 1:]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     lab = find_lab(args.name)
-    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    rest = _lab_options(args)
     if not rest:
         raise LabError("name what to run after --, e.g. pvlab lab run "
                        f"{lab.name} -- run examples/smp.toml")
@@ -128,7 +150,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rn.add_argument("name", metavar="NAME")
     _common(rn)
     rn.add_argument("--reference", action="store_true", help="the reference's modules")
-    rn.add_argument("args", nargs=argparse.REMAINDER, help="-- then pvlab's arguments")
+    rn.add_argument("args", nargs=argparse.REMAINDER, metavar="-- VERB ARGS",
+                    help="pvlab's arguments, after --")
     rn.set_defaults(func=_guarded(cmd_run))
 
 

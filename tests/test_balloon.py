@@ -337,6 +337,24 @@ def test_a_device_the_guest_left_live_is_not_saved_and_the_guest_runs_on(tmp_pat
     assert r.reason == "poweroff" and "hashchain digest" in r.console.decode()
 
 
+def test_a_register_page_left_mapped_stops_the_save_naming_its_entry_and_the_guest_runs_on(
+        tmp_path, booted):
+    """balloonbug=keepmap: the register page stays mapped inside xen_suspend,
+    the save finds an L1 entry holding device memory and refuses, as Xen's
+    normalise_pagetable does ("Bad mfn"); the guest, resumed cancelled, runs
+    on and maps its registers again."""
+    cfg = balloon_config("run=hashchain balloonbug=keepmap", memory=16)
+    hv, dom = booted(cfg)
+    with pytest.raises(SaveError, match=r"\(L1\) slot \d+: entry 0x0+d0000\w+ holds mfn "
+                                        r"0xd0000, which is not the domain's"):
+        save_domain(hv, dom, str(tmp_path / "x.img"), 2_000_000)
+    assert not (tmp_path / "x.img").exists()
+    r = run_domain(hv, dom, None)
+    out = r.console.decode()
+    assert "balloonbug=keepmap: the registers at 0xd0000000 stay mapped" in out
+    assert r.reason == "poweroff" and "hashchain digest" in out
+
+
 def test_device_memory_is_mappable_only_with_the_domains_permission(booted):
     cfg = balloon_config("run=hello", memory=16)
     hv, dom = booted(cfg)

@@ -78,8 +78,6 @@ def test_lab_verbs_give_one_line_errors(tmp_path):
 
 
 def test_grade_needs_a_starting_point_that_parses(tmp_path):
-    if not LABS:
-        pytest.skip("no lab yet")
     lab = LABS[0]
     r = pvlab("lab", "grade", lab.name, cwd=tmp_path)
     assert r.returncode == 2 and f"pvlab lab start {lab.name}" in r.stderr
@@ -90,6 +88,14 @@ def test_grade_needs_a_starting_point_that_parses(tmp_path):
     r = pvlab("lab", "grade", lab.name, cwd=tmp_path)
     assert r.returncode == 2 and f"{name}:" in r.stderr and "invalid syntax" in r.stderr
     assert len(r.stderr.splitlines()) == 1
+
+
+def test_lab_run_takes_its_own_options_before_the_double_dash(tmp_path):
+    lab = LABS[0].name
+    r = pvlab("lab", "run", lab, "--reference", "--", "image", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage: pvlab image"), r.stderr
+    r = pvlab("lab", "run", lab, "--bogus", "--", "run", "x.toml", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bogus" in r.stderr
 
 
 @pytest.mark.parametrize("lab", LABS, ids=[lab.name for lab in LABS])

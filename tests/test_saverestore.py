@@ -221,6 +221,29 @@ def test_canonicalise_names_the_table_and_slot_of_a_foreign_mfn():
         canonicalise(tables, np.array([1, 4]), np.array([1, 0]), p2m, m2p)
 
 
+def test_localise_page_keeps_the_flags_and_refuses_a_pfn_with_no_frame():
+    """x86_pv_localise_page: present entries' pfns become mfns, every other bit
+    and every non-present entry kept; a pfn beyond the p2m or one with no
+    frame is a RestoreError naming the table and slot ("Bad mfn for L%u[%u]"),
+    never an entry on a wrong frame (test failed before: an IndexError, or
+    INVALID_MFN shifted into the entry)."""
+    from hypervisor.toolstack.restore import localise_page
+    p2m = np.array([10, 11, 0xFFFFFFFFFFFFFFFF, 13], dtype=np.uint64)
+    tables = np.zeros((2, 512), dtype=np.uint64)
+    nx = np.uint64(1 << 63 | 1 << 52)
+    tables[0, 0] = nx | (3 << 12) | 0x67
+    tables[0, 6] = 7 << 12                 # not present: kept verbatim
+    tables[1, 3] = (1 << 12) | 0x3
+    out = localise_page(tables, np.array([1, 4]), np.array([5, 9]), p2m)
+    assert out[0, 0] == nx | (13 << 12) | 0x67 and out[0, 6] == 7 << 12
+    assert out[1, 3] == (11 << 12) | 0x3 and tables[1, 3] == (1 << 12) | 0x3
+    for pfn in (2, 4, 1 << 39):
+        tables[1, 9] = (pfn << 12) | 0x1
+        with pytest.raises(RestoreError, match=rf"pagetable pfn 0x9 \(L4\) slot 9: .* "
+                                               rf"names pfn {pfn:#x}, which has no frame"):
+            localise_page(tables, np.array([1, 4]), np.array([5, 9]), p2m)
+
+
 # --- bad images are refused, with nothing made ----------------------------------------
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,9 @@ def test_the_example_runs_freeze_then_thaw_in_the_order_linux_has(example, refer
     assert r.reason == "poweroff", out
     assert steps(out) == TRACE
     assert outcome(out) == reference
+    # before the pin-all the kernel says what its pgd_list holds: the four
+    # tasks alive, two of them held half built or half torn down
+    assert "[cpu0] pgd_list: 4 pgds, 2 of them unpinned" in out
     # the toolstack saw the suspend and resumed the domain cancelled
     assert any("suspended; resuming it" in n for n in r.notes)
     m = re.search(r"\((\d+) pages free, (\d+) before the first task\)", out)

@@ -66,6 +66,22 @@ def test_image_show_into_a_closed_pipe_stops_quietly(image):
     assert p.returncode == 0
 
 
+def test_a_run_into_a_closed_pipe_finishes_quietly():
+    """``pvlab run CONFIG | head``: the console is written inside the guest's
+    hypercall; a reader gone must not crash the guest with a traceback (test
+    failed before: "internal error in hypercall", the domain crashed, exit 1)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "hypervisor.toolstack.cli", "run",
+                            str(ROOT / "examples/hello.toml")], cwd=ROOT, env=checkout_env(),
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.stderr == ""
+    assert p.returncode == 0
+
+
 def test_a_save_to_a_missing_directory_is_refused_before_the_guest_boots(tmp_path, capsys):
     dest = tmp_path / "no-such-dir" / "x.img"
     assert main(["save", str(config_file(tmp_path)), str(dest), "--at", "3ms"]) == 2

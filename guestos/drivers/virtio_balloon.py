@@ -37,6 +37,10 @@ PM, chosen with ``virtio_balloon.policy=``:
   image; nothing to do. The option ``balloonbug=leak`` brings back what the
   first discard code did: the pages were only counted back, never freed,
   "a fancy way of leaking lots of memory" (the lab in docs/labs/balloon-s4.md).
+
+``balloonbug=keepmap`` leaves the register page mapped inside xen_suspend,
+so a pagetable names a frame that is not the domain's and the save refuses
+the image (the lab in docs/labs/canonicalise.md).
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ VBALLOON = Layout("virtio_balloon", [
     ("not_acked", "u64"),
     ("stats_requests", "u64"),
     ("discarded", "u64"),     # pages the last discard took back
+    ("map_bug", "u64"),       # option balloonbug=keepmap
 ])
 VB_OFFSET = 1024
 EXTENTS_OFFSET = 1024         # in the request page: u64 pfns for populate_physmap
@@ -187,6 +192,7 @@ def _probe(cpu: NativeCpu, cmdline: str) -> None:
         policy = "deflate"
     vb.policy = POLICIES.index(policy)
     vb.leak_bug = 1 if "balloonbug=leak" in cmdline.split() else 0
+    vb.map_bug = 1 if "balloonbug=keepmap" in cmdline.split() else 0
     vb.pfns, vb.stats = alloc_pages(cpu), alloc_pages(cpu)
     vm.negotiate(cpu, dev, KNOWN_FEATURES)
     _init_vqs(cpu)
@@ -557,7 +563,12 @@ virtballoon_pm_ops = export(dev_pm_ops(
 
 def virtballoon_iounmap(cpu: NativeCpu) -> None:
     """Inside xen_suspend: device memory has no pfn, so no pagetable may map
-    it when the tools canonicalise them."""
+    it when the tools canonicalise them. ``balloonbug=keepmap`` forgets to
+    (a planted bug: the save must refuse the image, "bad mfn")."""
+    if _vb(cpu).map_bug:
+        printk(cpu, f"virtio_balloon: balloonbug=keepmap: the registers at {_dev(cpu).base:#x} "
+               "stay mapped")
+        return
     vm.iounmap(cpu, _dev(cpu))
 
 

@@ -38,8 +38,13 @@ def _duration(text: str) -> int:
 
 
 def _stream(dom: Domain, data: bytes) -> None:
-    sys.stdout.write(data.decode(errors="replace"))
-    sys.stdout.flush()
+    # called inside the guest's hypercall: a reader gone (``| head``) must not
+    # crash the guest; the run goes on, its console discarded
+    try:
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
 
 
 def _note(msg: str) -> None:
@@ -171,8 +176,9 @@ def _save(hv: Hypervisor, dom: Domain, image: str, at_ns: int,
         return EXIT_GUEST_FAILED
     stats = outcome.stats
     _note(f"saved domain {name} to {image}: {stats.bytes / (1 << 20):.1f} MiB, "
-          f"{stats.pages} pages, {stats.tables} pagetables canonicalised ({stats.pinned} "
-          f"pinned), in {stats.total_s:.2f} s; the domain is destroyed")
+          f"{stats.pages} pages, {stats.tables} pagetables canonicalised in "
+          f"{stats.canonicalise_s * 1e3:.1f} ms ({stats.pinned} pinned), in "
+          f"{stats.total_s:.2f} s; the domain is destroyed")
     return EXIT_OK
 
 
@@ -259,8 +265,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     hv, dom, stats = restore_image(args.image, seed=args.seed, clock=clock,
                                    progress=ProgressBar("restoring"))
     _note(f"restored {args.image} as domain {dom.domid} ({dom.name}): {stats.pages} pages on "
-          f"new frames, {stats.tables} pagetables localised, {stats.pinned} pinned again, "
-          f"in {stats.total_s:.2f} s; its suspend hypercall returns 0")
+          f"new frames, {stats.tables} pagetables localised in {stats.localise_s * 1e3:.1f} ms, "
+          f"{stats.pinned} pinned again, in {stats.total_s:.2f} s; its suspend hypercall "
+          "returns 0")
     return _run_or_save(hv, dom, args.request, args)
 
 

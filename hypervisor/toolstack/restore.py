@@ -91,15 +91,32 @@ class RestoreContext:
     start_info_mfn: int = 0
 
 
-def localise_page(tables: np.ndarray, p2m: np.ndarray) -> np.ndarray:
-    """x86_pv_localise_page for a batch of tables at once: every present
-    entry's pfn becomes its new mfn (the image's check made sure each pfn has
-    one). save.canonicalise did the reverse."""
+def localise_page(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
+                  p2m: np.ndarray) -> np.ndarray:
+    """x86_pv_localise_page for many tables at once: ``tables`` is (n, 512)
+    u64, ``levels`` their levels, ``table_pfns`` their pfns. Returns the
+    tables with every present entry's pfn replaced by its new mfn (p2m);
+    flags and non-present entries are kept as they are. save.canonicalise did
+    the reverse. A present entry whose pfn has no frame here (beyond the p2m,
+    or one the image does not populate) is a RestoreError naming the table
+    and slot, as Xen's "Bad mfn for L%u[%u]": the image's check refuses such
+    a file first, but a stream is localised as it arrives."""
     present = (tables & np.uint64(_PAGE_PRESENT)) != 0
-    entries = tables[present]
-    pfns = ((entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    rows, slots = np.nonzero(present)
+    entries = tables[rows, slots]
+    pfns = (entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+    mfns = np.full(pfns.size, INVALID_MFN, dtype=np.uint64)
+    inside = pfns < np.uint64(p2m.size)
+    mfns[inside] = p2m[pfns[inside].astype(np.int64)]
+    bad = np.flatnonzero(mfns == np.uint64(INVALID_MFN))
+    if bad.size:
+        i = int(bad[0])
+        row, slot, level = int(rows[i]), int(slots[i]), int(levels[int(rows[i])])
+        raise RestoreError(f"pagetable pfn {int(table_pfns[row]):#x} (L{level}) slot {slot}: "
+                           f"entry {int(entries[i]):#018x} names pfn {int(pfns[i]):#x}, "
+                           f"which has no frame (bad mfn for L{level}[{slot}])")
     out = tables.copy()
-    out[present] = (entries & ~PTE_FRAME_MASK) | (p2m[pfns] << np.uint64(PAGE_SHIFT))
+    out[rows, slots] = (entries & ~PTE_FRAME_MASK) | (mfns << np.uint64(PAGE_SHIFT))
     return out
 
 
@@ -199,14 +216,17 @@ def process_page_data(ctx: RestoreContext, progress: Progress | None) -> None:
 
 def _write_pages(ctx: RestoreContext, pfns: np.ndarray, nibbles: np.ndarray,
                  pages: np.ndarray) -> None:
+    """The batch's pages into their frames; the tables among them localised
+    (written over the raw copy: nothing runs or validates them meanwhile)."""
+    dest = domctl.map_foreign_bulk(ctx.hv, ctx.dom, ctx.p2m[pfns].astype(np.int64))
+    dest[:] = pages
     table = pfinfo.is_table(nibbles)
     if table.any():
         tl = time.perf_counter()
-        pages = pages.copy()
-        pages[table] = localise_page(pages[table], ctx.p2m)
+        dest[table] = localise_page(pages[table], pfinfo.level(nibbles[table]), pfns[table],
+                                    ctx.p2m)
         ctx.stats.localise_s += time.perf_counter() - tl
         ctx.stats.tables += int(table.sum())
-    domctl.map_foreign_bulk(ctx.hv, ctx.dom, ctx.p2m[pfns].astype(np.int64))[:] = pages
 
 
 def update_guest_p2m(ctx: RestoreContext) -> None:

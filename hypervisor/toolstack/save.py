@@ -156,10 +156,14 @@ def page_types(hv: Hypervisor, dom: Domain, p2m: np.ndarray) -> np.ndarray:
 
 def canonicalise(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
                  p2m: np.ndarray, m2p: np.ndarray) -> np.ndarray:
-    """normalise_pagetable for many tables at once: ``tables`` is (n, 512) u64
-    (a copy: the guest's own pages are never changed), ``levels`` their levels.
-    Returns the tables with every present entry's mfn replaced by its pfn.
-    restore.localise_page undoes it."""
+    """normalise_pagetable for many tables at once: ``tables`` is (n, 512) u64,
+    the guest's pages read through a foreign mapping (never changed: the
+    result is a copy); ``levels`` their levels (1..4) and ``table_pfns``
+    their pfns, one a table; ``p2m`` the guest's pfn -> mfn (INVALID_MFN
+    where none) and ``m2p`` the machine's mfn -> pfn. Returns the tables
+    with every present entry's mfn replaced by its pfn and an L4's Xen slots
+    cleared; a frame that is not the domain's, or a superpage, is a
+    SaveError. restore.localise_page undoes it."""
     out = tables.copy()
     xen = slice(ROOT_PAGETABLE_FIRST_XEN_SLOT, ROOT_PAGETABLE_LAST_XEN_SLOT + 1)
     out[levels == 4, xen] = 0  # the hypervisor's slots: it fills them again itself

@@ -15,7 +15,7 @@ from guestos.layout import Layout, Ref
 from guestos.printk import printk
 from guestos.smp import xen_send_IPI_one
 from guestos.symbols import export
-from guestos.task import FREE, NO_TASK, cpu_rq, sched, task, wake_due
+from guestos.task import FREE, NO_TASK, ZOMBIE, cpu_rq, sched, task, wake_due
 from guestos.time import NSEC_PER_MSEC, now
 from guestos.workqueue import freeze_workqueues, queue_work, run_workqueue, thaw_workqueues
 from hypervisor.public.native import NativeCpu
@@ -40,7 +40,7 @@ def running_elsewhere(cpu: NativeCpu) -> list[int]:
 
 
 def nr_tasks(cpu: NativeCpu) -> int:
-    return sum(1 for s in range(MAX_TASKS) if task(cpu, s).state != FREE)
+    return sum(1 for s in range(MAX_TASKS) if task(cpu, s).state not in (FREE, ZOMBIE))
 
 
 def freeze_kernel_threads(cpu: NativeCpu) -> None:

@@ -69,6 +69,7 @@ AREAS = _place([
     ("freezer", 32),                    # guestos/freezer.py
     ("suspend", 32),                    # guestos/suspend.py
     ("manage", 48),                     # guestos/manage.py
+    ("tty", 64 + 4096),                 # the console's line buffer (guestos/tty.py)
 ])
 
 # what boot learns from start_info and the hypervisor, which every subsystem reads

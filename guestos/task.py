@@ -3,9 +3,20 @@ the cpu it was given), and the switch between tasks on a timer tick, a yield,
 a sleep or an exit.
 
 A task's life: NEW (its pgd built, still unpinned) -> RUNNABLE (pgd pinned)
-<-> RUNNING <-> SLEEPING -> DEAD (pgd unpinned) -> FREE (pages freed). A
-guest option holds a chosen task in NEW or DEAD for a while, so that an
-unpinned pgd is on the pgd_list at a chosen moment (a save must cope).
+<-> RUNNING <-> SLEEPING or BLOCKED -> DEAD (pgd unpinned) -> FREE (pages
+freed), or ZOMBIE first if the task that spawned it may wait for it (Linux's
+EXIT_ZOMBIE: only the slot and the exit code are left, until wait4 reaps
+it; a parent that exits lets its zombies go). A guest option holds a chosen
+task in NEW or DEAD for a while, so that an unpinned pgd is on the pgd_list
+at a chosen moment (a save must cope).
+
+A SLEEPING task wakes at its time (the tick); a BLOCKED one waits for an
+event named by its wait channel (input on the console, a child's exit) and
+is woken by whoever makes it (``wake_up_process``). A system call that
+blocks is restarted when the task wakes, as Linux restarts one that returns
+-ERESTARTSYS: its saved rip goes back over the ``syscall`` instruction and
+its rax is the call's number again, so nothing of the wait is kept but the
+state and the channel.
 
 A task's user registers live in its task struct while it does not run; the
 kernel has no stack of its own per task (the per-cpu stack is empty whenever
@@ -15,6 +26,7 @@ registers, load the next task's, iret.
 
 from __future__ import annotations
 
+from guestos.evtchn import NO_PORT, ipi_evtchn, notify_remote_via_evtchn
 from guestos.frame import iret_to
 from guestos.hypercall import mmuext, shutdown_args
 from guestos.idle import cpu_idle
@@ -31,7 +43,9 @@ from hypervisor.public.native import NativeCpu, TailCall
 from hypervisor.public.sched import SHUTDOWN_poweroff
 from hypervisor.public.xen import MMUEXT_NEW_USER_BASEPTR, Hypercall
 
-FREE, NEW, RUNNABLE, RUNNING, SLEEPING, DEAD = range(6)
+FREE, NEW, RUNNABLE, RUNNING, SLEEPING, DEAD, BLOCKED, ZOMBIE = range(8)
+# what a BLOCKED task waits for (Linux's wait queues, one each)
+WAIT_NONE, WAIT_TTY_READ, WAIT_CHILD = range(3)
 
 # the user registers a task struct keeps (rsp, rip, rflags from its frames)
 GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
@@ -46,6 +60,8 @@ TASK = Layout("task", [
     ("wake_at", "u64"),    # virtual ns: the end of a sleep or of a hold
     ("exit_code", "u64"),
     *((r, "u64") for r in SAVED),
+    ("parent", "u64"),     # pid of the task that spawned it and may wait4 it; 0: none
+    ("wait_chan", "u64"),  # WAIT_*: what a BLOCKED task waits for
 ])
 TASK_SIZE = AREAS["tasks"].size // MAX_TASKS
 assert TASK.size <= TASK_SIZE
@@ -109,9 +125,11 @@ def slots_on(cpu: NativeCpu, n: int) -> list[int]:
 
 # --- creation and exit --------------------------------------------------------------
 
-def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | None = None) -> int:
-    """Create a task running program ``name``: returns its pid, or -ENOENT
-    (no such program) or -EAGAIN (no free task slot or memory)."""
+def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | None = None,
+          parent: int = 0) -> int:
+    """Create a task running program ``name`` (a child of task ``parent``,
+    0: of none): returns its pid, or -ENOENT (no such program) or -EAGAIN (no
+    free task slot or memory)."""
     k, sc = kernel(cpu), sched(cpu)
     if name not in program_names(cpu):
         return -ENOENT
@@ -126,6 +144,7 @@ def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | N
         on_cpu = sc.next_cpu % k.nr_cpus
         sc.next_cpu = on_cpu + 1
     t.pid, t.cpu, t.pgd, t.exit_code, t.wake_at = pid, on_cpu, aspace.l4, 0, 0
+    t.parent, t.wait_chan = parent, WAIT_NONE
     for r in GPRS:
         setattr(t, r, 0)
     t.rdi, t.rsi, t.rdx = args
@@ -148,12 +167,59 @@ def _finish_construction(cpu: NativeCpu, t: Ref) -> None:
 
 
 def _release(cpu: NativeCpu, t: Ref) -> None:
-    """The end of a teardown: free the pgd and every page it maps."""
+    """The end of a teardown: free the pgd and every page it maps; the slot
+    too, unless a parent may still wait for the exit code."""
     pgd_free(cpu, t.pgd)
     t.pgd = 0
-    t.state = FREE
+    t.state = ZOMBIE if t.parent else FREE
     sc = sched(cpu)
     sc.tasks_live = sc.tasks_live - 1
+
+
+def find_task(cpu: NativeCpu, pid: int) -> Ref | None:
+    """The task ``pid`` (in any state but FREE), or None."""
+    for s in range(MAX_TASKS):
+        t = task(cpu, s)
+        if t.state != FREE and t.pid == pid:
+            return t
+    return None
+
+
+def wake_up_process(cpu: NativeCpu, t: Ref) -> None:
+    """A BLOCKED task can run again (Linux's try_to_wake_up): runnable, and
+    its cpu asked to reschedule, by an IPI if it is another cpu."""
+    t.state, t.wait_chan = RUNNABLE, WAIT_NONE
+    if t.cpu == cpu.vcpu_id:
+        cpu_rq(cpu).need_resched = 1
+        return
+    port = ipi_evtchn(cpu, t.cpu)
+    if port != NO_PORT:
+        notify_remote_via_evtchn(cpu, port)
+
+
+def wake_up_waiters(cpu: NativeCpu, chan: int, pid: int | None = None) -> None:
+    """Wake the tasks BLOCKED on ``chan`` (only task ``pid`` if given)."""
+    for s in range(MAX_TASKS):
+        t = task(cpu, s)
+        if t.state == BLOCKED and t.wait_chan == chan and pid in (None, t.pid):
+            wake_up_process(cpu, t)
+
+
+def exit_notify(cpu: NativeCpu, t: Ref) -> None:
+    """Linux's exit_notify: the exiting task's children are no one's (its
+    zombies are let go), and a parent blocked in wait4 is woken; with no
+    parent left, no one will reap this task."""
+    for s in range(MAX_TASKS):
+        child = task(cpu, s)
+        if child.state != FREE and child.parent == t.pid:
+            if child.state == ZOMBIE:
+                child.state = FREE
+            child.parent = 0
+    parent = find_task(cpu, t.parent) if t.parent else None
+    if parent is None or parent.state in (DEAD, ZOMBIE):
+        t.parent = 0
+    else:
+        wake_up_waiters(cpu, WAIT_CHILD, parent.pid)
 
 
 def exit_current(cpu: NativeCpu, code: int) -> TailCall:
@@ -162,6 +228,7 @@ def exit_current(cpu: NativeCpu, code: int) -> TailCall:
     assert t is not None
     sc = sched(cpu)
     printk(cpu, f"task {t.pid} exited with code {code}")
+    exit_notify(cpu, t)
     install_user_l4(cpu, 0)
     pgd_unpin(cpu, t.pgd)
     t.exit_code = code

@@ -2,7 +2,9 @@
 (start_info's console page, Xen's xencons_interface), as Linux's hvc_xen
 does: copy into ``out`` up to the consumer, publish the producer index, kick
 the console's event channel. The console daemon drains the ring inside that
-kick, so a full ring frees up after one."""
+kick, so a full ring frees up after one. Input comes the other way, in the
+``in`` half: ``domU_read_console`` takes it (the tty's interrupt handler
+calls it, guestos/tty.py) and kicks the daemon, which may have more."""
 
 from __future__ import annotations
 
@@ -12,7 +14,16 @@ from guestos.evtchn import notify_remote_via_evtchn
 from guestos.kdata import AREAS
 from guestos.layout import Layout, Ref
 from guestos.mm import mfn_to_pfn, read_u32, va
-from hypervisor.public.io.console import OUT_CONS_OFF, OUT_OFF, OUT_PROD_OFF, XENCONS_OUT_SIZE
+from hypervisor.public.io.console import (
+    IN_CONS_OFF,
+    IN_OFF,
+    IN_PROD_OFF,
+    OUT_CONS_OFF,
+    OUT_OFF,
+    OUT_PROD_OFF,
+    XENCONS_IN_SIZE,
+    XENCONS_OUT_SIZE,
+)
 from hypervisor.public.io.ring import ring_spans, ring_used
 from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import start_info
@@ -45,6 +56,23 @@ def hvc_write(cpu: NativeCpu, data: bytes) -> int:
         notify_remote_via_evtchn(cpu, port)
         stuck = stuck + 1 if room == 0 else 0
     return sent
+
+
+def domU_read_console(cpu: NativeCpu) -> bytes:
+    """What the daemon put in ``in``: taken, in_cons published after the
+    copy, and the daemon kicked (it may hold more than the ring had room
+    for). Indices further apart than the ring is long take nothing."""
+    cons = xencons(cpu)
+    ring = va(cons.pfn)
+    in_cons, in_prod = read_u32(cpu, ring + IN_CONS_OFF), read_u32(cpu, ring + IN_PROD_OFF)
+    n = ring_used(in_cons, in_prod)
+    if n == 0 or n > XENCONS_IN_SIZE:
+        return b""
+    data = b"".join(cpu.read(ring + IN_OFF + off, chunk)
+                    for off, chunk in ring_spans(in_cons, n, XENCONS_IN_SIZE))
+    cpu.write(ring + IN_CONS_OFF, struct.pack("<I", in_prod))
+    notify_remote_via_evtchn(cpu, cons.port)
+    return data
 
 
 def xencons_init(cpu: NativeCpu, si: start_info) -> None:

@@ -198,6 +198,12 @@ def reached(dom: Domain, t_ns: int) -> bool:
                for v in dom.vcpus if v.online)
 
 
+def system_time(hv: Hypervisor) -> int:
+    """Xen's NOW(): the system time of whoever runs, else of the VCPU
+    furthest behind (deterministic clock), or the host's (fast clock)."""
+    return hv.scheduler.now()
+
+
 def run(hv: Hypervisor, until_ns: int | None = None) -> None:
     """Let the machine's scheduler run every runnable VCPU (to ``until_ns``)."""
     hv.run(until_ns)

@@ -69,13 +69,14 @@ hypercall_page:                             # the hypervisor writes the stubs
         .section .rodata.programs, "a"
         .balign 16
 programs:
-        .quad   6                           # entries: name[16], offset, size
+        .quad   7                           # entries: name[16], offset, size
         program hello, 1
         program counter, 2
         program hashchain, 3
         program dirtier, 4
         program spawner, 5
         program fault, 6
+        program sh, 7
         .balign 16
         blob hello
         blob counter
@@ -83,6 +84,7 @@ programs:
         blob dirtier
         blob spawner
         blob fault
+        blob sh
 
         .section .bss.kernel_data, "aw", @nobits
         .balign 4096

@@ -78,15 +78,28 @@ def _checkpoint_dir(args: argparse.Namespace) -> None:
         _make_dir(args.checkpoint_dir)
 
 
+def _gdb_needs_counted_slices(args: argparse.Namespace, clock: str) -> None:
+    if args.gdb is not None and clock == "fast":
+        raise CliError("--gdb needs the deterministic clock: leave out --fast "
+                       "(with --console, add --deterministic)")
+
+
+def _clock(args: argparse.Namespace) -> str:
+    """Fast with --fast, and with --console unless --deterministic."""
+    if args.deterministic and args.fast:
+        raise CliError("--fast and --deterministic: choose one clock")
+    fast = args.fast or (args.console and not args.deterministic)
+    return "fast" if fast else "deterministic"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _checkpoint_dir(args)
     cfg = load_config(args.config)
     requests = [*cfg.requests, *args.request]
     _save_request(requests, args.until)
-    if args.gdb is not None and args.fast:
-        raise CliError("--gdb needs the deterministic clock: leave out --fast")
-    hv, dom = boot(cfg, seed=args.seed, clock="fast" if args.fast else "deterministic",
-                   sched_seed=args.sched_seed)
+    clock = _clock(args)
+    _gdb_needs_counted_slices(args, clock)
+    hv, dom = boot(cfg, seed=args.seed, clock=clock, sched_seed=args.sched_seed)
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
@@ -151,9 +164,14 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     with a save request, run it to the save as ``pvlab save`` does. A run whose
     configuration asks for a verdict exits with it."""
     save = _save_request(requests, args.until)
+    if save is not None and args.console:
+        raise CliError("--console and a save request: the save ends the run; attach to "
+                       "the restored domain instead (pvlab restore IMAGE --console)")
     gdb = _attach_gdb(hv, dom, args.gdb)
     reason = "running"
     try:
+        if save is None and args.console:
+            return _run_attached(hv, dom, requests, args)
         if save is None:
             result = run_domain(hv, dom, args.until, _stream, requests, _note,
                                 checkpoint_dir=args.checkpoint_dir)
@@ -165,6 +183,28 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     finally:
         if gdb is not None:
             gdb.finish(reason)
+
+
+def _run_attached(hv: Hypervisor, dom: Domain, requests: list[Request],
+                  args: argparse.Namespace) -> int:
+    """The run with this terminal as the guest's console (xl create -c)."""
+    from hypervisor.toolstack.console import ConsoleClient
+    client = ConsoleClient()
+    if client.raw:
+        print(f"pvlab: attached to the console of domain {dom.name}; Ctrl-] ends the run",
+              file=sys.stderr)
+    try:
+        result = run_domain(hv, dom, args.until, lambda _d, data: client.write(data),
+                            requests, lambda msg: client.write(f"[toolstack] {msg}\n".encode()),
+                            checkpoint_dir=args.checkpoint_dir, console=client)
+    finally:
+        client.close()
+    if result.reason == "detached":
+        print(f"\npvlab: detached from the console at {format_duration(result.virtual_ns)} of "
+              f"virtual time; domain {dom.name} ends with the run (no daemon keeps it)",
+              file=sys.stderr)
+        return EXIT_OK
+    return _exit_for(result, dom, args.until)
 
 
 def _save(hv: Hypervisor, dom: Domain, image: str, at_ns: int,
@@ -264,7 +304,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from hypervisor.toolstack.restore import restore_image
     _checkpoint_dir(args)
     _save_request(args.request, args.until)
-    hv, dom, stats = restore_image(args.image, seed=args.seed,
+    clock = "fast" if args.console and not args.deterministic else "deterministic"
+    _gdb_needs_counted_slices(args, clock)
+    hv, dom, stats = restore_image(args.image, seed=args.seed, clock=clock,
                                    progress=ProgressBar("restoring"))
     _note(f"restored {args.image} as domain {dom.domid} ({dom.name}): {stats.pages} pages on "
           f"new frames, {stats.tables} pagetables localised in {stats.localise_s * 1e3:.1f} ms, "
@@ -346,6 +388,17 @@ def cmd_frames(args: argparse.Namespace) -> int:
     return EXIT_OK if not problems else EXIT_GUEST_FAILED
 
 
+def _console_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--console", action="store_true",
+                   help="attach this terminal to the guest's console, as xl create -c: "
+                        "what is typed goes to the guest (it echoes and edits the line), "
+                        "Ctrl-] detaches, which ends the run; stdin that is no terminal is "
+                        "passed on as it comes. The clock is fast unless --deterministic")
+    p.add_argument("--deterministic", action="store_true",
+                   help="with --console: keep the deterministic clock (typed input then "
+                        "comes at whatever virtual time the guest has reached)")
+
+
 def _request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request", metavar="'TIME WHAT'", type=_request, action="append",
                    default=[],
@@ -356,7 +409,8 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "guest's memory target, as xl mem-set), balloon-stats, "
                         "balloon-inhibit, balloon-uninhibit, save PATH (a suspend whose "
                         "image is written to PATH, the domain then destroyed, as pvlab "
-                        "save does), or PATH=VALUE (a xenstore "
+                        "save does), type TEXT (TEXT typed on the guest's console, with "
+                        "the escapes \\n \\r \\t \\e \\\\ \\xHH), or PATH=VALUE (a xenstore "
                         "write in the guest's home); repeatable (e.g. --request '15ms "
                         "suspend' --request '2ms mem-set 16')")
     p.add_argument("--checkpoint-dir", metavar="DIR",
@@ -406,6 +460,7 @@ def _add_run(sub: Any) -> None:
                           "disassembled, with symbols")
     _request_args(run)
     _gdb_arg(run)
+    _console_args(run)
     run.set_defaults(func=cmd_run)
 
 
@@ -464,6 +519,7 @@ def _add_restore(sub: Any) -> None:
                               "seed plus one, so that the frames differ)")
     _request_args(restore)
     _gdb_arg(restore)
+    _console_args(restore)
     restore.set_defaults(func=cmd_restore)
 
 

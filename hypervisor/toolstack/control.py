@@ -16,6 +16,7 @@ guest that supports the cooperative resume. The guest then goes the THAW way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hypervisor import domctl
@@ -33,6 +34,10 @@ TOOLSTACK_COMMANDS = ("checkpoint", "mem-set", "balloon-stats", "balloon-inhibit
 # a suspend whose image is written to PATH, the domain destroyed (xl save): the
 # command line's run and restore make it through session.suspend_and_save
 SAVE = "save"
+# input typed on the guest's console (its text with backslash escapes)
+TYPE = "type"
+_TYPE_RE = re.compile(r"^\s*(\S+)\s+type (.*)$", re.DOTALL)
+_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "\\": b"\\", "e": b"\x1b"}
 ACK_TIMEOUT_NS = 500_000_000  # virtual time; libxl waits 60 s of real time
 
 
@@ -53,9 +58,13 @@ class Request:
 
 def parse_request(text: str) -> Request:
     """'TIME COMMAND' or 'TIME PATH=VALUE', e.g. '15ms suspend', '5ms mem-set 32',
-    '2ms memory/target=8192'."""
+    '2ms memory/target=8192', '3ms type hello\\n'."""
+    typed = _TYPE_RE.match(text)
+    if typed:
+        console_bytes(typed.group(2))  # a bad escape is bad input now, not at 3ms
+        return Request(parse_duration(typed.group(1)), command=TYPE, value=typed.group(2))
     parts = text.split(None, 1)
-    known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH",))
+    known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH", f"{TYPE} TEXT"))
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
                          f"(WHAT: {known}, or PATH=VALUE)")
@@ -81,9 +90,41 @@ def parse_request(text: str) -> Request:
     return Request(at, path=path.strip(), value=value.strip())
 
 
+def console_bytes(text: str) -> bytes:
+    """The bytes a ``type`` request's text stands for: UTF-8, with the
+    escapes \\n, \\r, \\t, \\e (escape), \\\\ and \\xHH; ValueError for another."""
+    out, i = bytearray(), 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out += c.encode()
+            i += 1
+            continue
+        nxt = text[i + 1:i + 2]
+        if nxt in _ESCAPES:
+            out += _ESCAPES[nxt]
+            i += 2
+        elif nxt == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", text[i + 2:i + 4]):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            raise ValueError(f"type {text!r}: unknown escape {text[i:i + 2]!r} (known: "
+                             "\\n \\r \\t \\e \\\\ \\xHH)")
+    return bytes(out)
+
+
+def type_on_console(hv: Hypervisor, dom: Domain, data: bytes) -> None:
+    """Input for the guest's console, through its console daemon."""
+    backend = context_of(hv).domain(dom).console
+    if backend is not None:
+        backend.feed(data)
+
+
 def apply_request(hv: Hypervisor, dom: Domain, req: Request) -> str:
     """Make the request; returns what the toolstack has to say of it ("" if nothing)."""
-    if req.shutdown:
+    if req.command == TYPE:
+        type_on_console(hv, dom, console_bytes(req.value))
+    elif req.shutdown:
         command = "suspend" if req.command == "checkpoint" else req.command
         context_of(hv).xenstore().write(f"{home(dom.domid)}/{SHUTDOWN_NODE}",
                                         command.encode())

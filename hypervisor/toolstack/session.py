@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
@@ -18,11 +19,14 @@ from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import (
     ACK_TIMEOUT_NS,
+    TYPE,
     Request,
     apply_request,
     cancel_shutdown,
+    console_bytes,
     resume_cancelled,
     shutdown_pending,
+    type_on_console,
 )
 from hypervisor.toolstack.save import Progress, SaveError, SaveStats
 from hypervisor.toolstack.timeparse import format_duration
@@ -31,6 +35,18 @@ log = logging.getLogger(__name__)
 
 HYPERVISOR_OVERHEAD_MIB = 8
 SUSPEND_TIMEOUT_NS = 2_000_000_000  # virtual time from the request to the suspend
+CONSOLE_POLL_NS = 20_000_000  # with a console attached, its input is looked at this often
+CONSOLE_WAIT_S = 0.05  # how long to wait for input while the guest can do nothing
+
+
+class ConsoleInput(Protocol):
+    """Where a person's input comes from (console.ConsoleClient): ``detached``
+    once they left, ``closed`` once no more input can come."""
+
+    detached: bool
+    closed: bool
+
+    def poll(self, timeout_s: float = 0.0) -> bytes: ...
 
 
 def machine_mib_for(memory_mib: int) -> int:
@@ -56,8 +72,9 @@ class Observer:
 class RunResult:
     domain: Domain
     console: bytes
-    reason: str           # "poweroff", "crash", ..., "running" (time limit) or "hung"
-    #                       (no progress possible: scheduler.py's rule, not Xen's)
+    reason: str           # "poweroff", "crash", ..., "running" (time limit), "hung"
+    #                       (no progress possible: scheduler.py's rule, not Xen's) or
+    #                       "detached" (the person at the console left: Ctrl-])
     virtual_ns: int
     notes: list[str] = field(default_factory=list)  # the toolstack's messages
     # a shutdown command the guest did not acknowledge in time ("" if none)
@@ -67,7 +84,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.reason in ("poweroff", "running")
+        return self.reason in ("poweroff", "running", "detached")
 
 
 def boot(cfg: DomainConfig, seed: int | None = None, clock: str = "deterministic",
@@ -103,6 +120,7 @@ class _Run:
         self.writer = writer
         self.checkpoint_dir = checkpoint_dir
         self.scratch: tempfile.TemporaryDirectory[str] | None = None
+        self.detached = False
 
     def say(self, msg: str) -> None:
         self.notes.append(msg)
@@ -189,10 +207,22 @@ class _Run:
         self.say(f"the guest shut down ({reason}) at {t}; {len(self.pending)} request(s) "
                  f"not made: {whats}")
 
+    def poll_console(self, console: ConsoleInput) -> bool:
+        """Pass on what was typed; False if the person detached. While the
+        guest can do nothing (hung, or blocked with no timer) wait a little
+        for input instead of spinning."""
+        wait = CONSOLE_WAIT_S if domctl.no_progress(self.hv) else 0.0
+        data = console.poll(wait)
+        if data:
+            type_on_console(self.hv, self.dom, data)
+        return not console.detached
+
     def result(self, until_ns: int | None) -> RunResult:
         dom = self.dom
         why = ""
-        if dom.shutdown_reason is not None:
+        if self.detached:
+            reason = "detached"
+        elif dom.shutdown_reason is not None:
             reason = domctl.shutdown_name(dom.shutdown_reason)
             if self.pending and dom.shutdown_reason != SHUTDOWN_suspend:
                 self.say_not_made(reason)
@@ -219,9 +249,12 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                on_suspend: Callable[[Domain], bool] | None = None,
                checkpoint_dir: str | Path | None = None,
                checkpoints: CheckpointWriter | None = None,
-               observer: Observer | None = None) -> RunResult:
+               observer: Observer | None = None,
+               console: ConsoleInput | None = None) -> RunResult:
     """Run until the domain shuts down, hangs, or (with until_ns) every VCPU
-    reaches that virtual time. ``requests`` are made at their times. A domain
+    reaches that virtual time. ``requests`` are made at their times; what is
+    typed at ``console`` goes to the guest's console as it comes, and the
+    run ends when the person detaches (it does not hang meanwhile). A domain
     that suspends is handed to ``on_suspend`` (which saves it, say): if that
     returns True, or there is none, the domain is resumed cancelled and runs
     on; if False, the run ends there. A suspend that a ``checkpoint`` request
@@ -234,6 +267,8 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     try:
         while True:
             limit = run.next_limit(until_ns)
+            if console is not None:
+                limit = _console_limit(hv, limit)
             domctl.run(hv, limit)
             if dom.shutdown_reason == SHUTDOWN_suspend:
                 if not run.suspended(on_suspend):
@@ -241,8 +276,13 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
                 continue
             if dom.shutdown_reason is not None or limit is None:
                 break
+            if console is not None and not run.poll_console(console):
+                run.detached = True
+                break
             if not domctl.reached(dom, limit):
-                if not run.waits_for_toolstack():
+                typing = console is not None and not (console.closed
+                                                      and domctl.no_progress(hv))
+                if not run.waits_for_toolstack() and not typing:
                     break
                 domctl.idle_until(hv, limit)  # nothing runs before the next request
             run.look(limit)
@@ -255,7 +295,17 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
             run.scratch.cleanup()
 
 
+def _console_limit(hv: Hypervisor, limit: int | None) -> int:
+    """The next time to look at the console's input: CONSOLE_POLL_NS from
+    now, or sooner if a request comes sooner."""
+    poll = domctl.system_time(hv) + CONSOLE_POLL_NS
+    return poll if limit is None else min(limit, poll)
+
+
 def _describe(req: Request) -> str:
+    if req.command == TYPE:
+        text = console_bytes(req.value).decode(errors="replace")
+        return f"the toolstack types {text!r} on the console"
     if req.command == "checkpoint":
         return "the toolstack asks for a checkpoint (control/shutdown = suspend)"
     if req.shutdown:
@@ -299,10 +349,25 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
     if outcome.ok:
         if saved is not None:
             saved(dom)
+        _drop_console_input(hv, dom, note)
         domctl.destroydomain(hv, dom)
     elif not outcome.error:
         outcome.error = f"{_why_not_suspended(result)}; nothing was saved"
     return result, outcome
+
+
+def _drop_console_input(hv: Hypervisor, dom: Domain,
+                        note: Callable[[str], None] | None) -> None:
+    """Input typed but not yet in the guest's ring is the console daemon's,
+    and goes with the domain, as xenconsoled's buffer does: said, not kept
+    (what is in the ring is guest memory, and is in the image)."""
+    backend = domain_of(hv, dom).console
+    if backend is not None and backend.pending_input:
+        msg = (f"{len(backend.pending_input)} bytes typed on the console were not yet in the "
+               "guest's ring: they are dropped with the domain, as xenconsoled drops them")
+        log.info("%s", msg)
+        if note is not None:
+            note(msg)
 
 
 def _why_not_suspended(result: RunResult) -> str:

@@ -165,9 +165,9 @@ def device_page_refused(t: Ctx) -> None:
                     "must fail with a SaveError (exit status 1, one line); it ended with "
                     f"status {r.rc}", r, "canonicalise"))
     line = r.err.strip().splitlines()[-1]
-    for part, what in ((r"0xd0000\b", "the mfn (0xd0000)"), (r"pfn 0x2e\b", "the table's pfn "
-                       "(0x2e)"), (r"\(L1\)", "its level (L1)"), (r"slot 65\b", "the slot "
-                       "(65)"), (r"bad mfn for L1\[65\]", "Xen's words, 'bad mfn for L1[65]'")):
+    for part, what in ((r"0xd0000\b", "the mfn (0xd0000)"), (r"pfn 0x30\b", "the table's pfn "
+                       "(0x30)"), (r"\(L1\)", "its level (L1)"), (r"slot 67\b", "the slot "
+                       "(67)"), (r"bad mfn for L1\[67\]", "Xen's words, 'bad mfn for L1[67]'")):
         t.check(re.search(part, line), f"the save failed, but its message does not name "
                 f"{what}:\n      {line}\nA student of the image must find the entry from "
                 "the message alone: 'pagetable pfn P (Ln) slot S: entry E holds mfn M, which "

@@ -22,6 +22,9 @@ class xencons_interface(ctypes.LittleEndianStructure):
     ]
 
 
+IN_OFF = xencons_interface.in_.offset
+IN_CONS_OFF = xencons_interface.in_cons.offset
+IN_PROD_OFF = xencons_interface.in_prod.offset
 OUT_OFF = xencons_interface.out.offset
 OUT_CONS_OFF = xencons_interface.out_cons.offset
 OUT_PROD_OFF = xencons_interface.out_prod.offset

@@ -132,8 +132,8 @@ def test_bad_gdb_options_are_one_line(capsys):
     assert e.value.code == 2
     assert "'70000' is no TCP port" in capsys.readouterr().err.splitlines()[-1]
     assert main(["run", hello, "--gdb", "0", "--fast"]) == 2
-    assert capsys.readouterr().err == ("pvlab: --gdb needs the deterministic clock: leave out "
-                                       "--fast\n")
+    assert capsys.readouterr().err.startswith("pvlab: --gdb needs the deterministic clock: "
+                                              "leave out --fast")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

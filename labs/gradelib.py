@@ -88,9 +88,9 @@ class Settings:
     gdb: int | None = None
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
-    def run_prefix(self) -> list[str]:
+    def run_prefix(self, reference: bool = False) -> list[str]:
         base = [sys.executable, "-m", "labs.run", "--lab", self.lab.name]
-        return base + (["--reference"] if self.student is None
+        return base + (["--reference"] if self.student is None or reference
                        else ["--dir", str(self.student)])
 
     def replay_flags(self) -> list[str]:
@@ -130,9 +130,16 @@ class Ctx:
             self.seed = seed
             yield seed
 
-    def pvlab(self, *args: object, timeout: float = DEFAULT_TIMEOUT) -> Result:
-        """Run ``pvlab ARGS`` with the student's modules; never raises for the
+    def pvlab(self, *args: object, timeout: float = DEFAULT_TIMEOUT,
+              reference: bool = False) -> Result:
+        """Run ``pvlab ARGS`` with the student's modules (the reference's with
+        ``reference``, to learn what a right answer is); never raises for the
         student's failures (they are in the result)."""
+        if reference:
+            p = subprocess.run(self.settings.run_prefix(True) + ["--", *map(str, args)],
+                               capture_output=True, text=True, timeout=timeout,
+                               errors="replace")
+            return Result(p.returncode, p.stdout, p.stderr, [str(a) for a in args])
         argv = self._with_gdb([str(a) for a in args])
         if self.settings.verbose:
             print(f"    $ pvlab lab run {self.lab.name} -- {shlex.join(argv)}", flush=True)

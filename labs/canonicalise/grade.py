@@ -165,9 +165,19 @@ def device_page_refused(t: Ctx) -> None:
                     "must fail with a SaveError (exit status 1, one line); it ended with "
                     f"status {r.rc}", r, "canonicalise"))
     line = r.err.strip().splitlines()[-1]
-    for part, what in ((r"0xd0000\b", "the mfn (0xd0000)"), (r"pfn 0x30\b", "the table's pfn "
-                       "(0x30)"), (r"\(L1\)", "its level (L1)"), (r"slot 67\b", "the slot "
-                       "(67)"), (r"bad mfn for L1\[67\]", "Xen's words, 'bad mfn for L1[67]'")):
+    ref = t.pvlab("save", data(t, KEEPMAP), t.out("reference.img"), "--at", "6ms",
+                  reference=True)
+    m = re.search(r"pfn (0x[0-9a-f]+) \(L(\d)\) slot (\d+)", ref.err)
+    if m is None:  # the grader's own bug: reported as such, not as the student's
+        raise RuntimeError(f"the reference's save did not refuse the device mapping:\n"
+                           f"{ref.tail()}")
+    pfn, level, slot = m.groups()
+    for part, what in ((r"0xd0000\b", "the mfn (0xd0000)"),
+                       (rf"pfn {pfn}\b", f"the table's pfn ({pfn})"),
+                       (rf"\(L{level}\)", f"its level (L{level})"),
+                       (rf"slot {slot}\b", f"the slot ({slot})"),
+                       (rf"bad mfn for L{level}\[{slot}\]",
+                        f"Xen's words, 'bad mfn for L{level}[{slot}]'")):
         t.check(re.search(part, line), f"the save failed, but its message does not name "
                 f"{what}:\n      {line}\nA student of the image must find the entry from "
                 "the message alone: 'pagetable pfn P (Ln) slot S: entry E holds mfn M, which "

@@ -23,6 +23,8 @@ from typing import Any
 from labs.lab import ROOT, Lab
 
 TestFn = Callable[["Ctx"], Any]
+# the kernel's last line: pages free at power-off, and before the first task
+POWER_OFF = re.compile(r"powering off \((\d+) pages free, (\d+) before the first task\)")
 DEFAULT_TIMEOUT = 120  # seconds of a single pvlab run: a hung student kernel ends here
 _REGISTRY: dict[str, list[GradedTest]] = {}
 
@@ -63,7 +65,7 @@ class Fail(Exception):
 @dataclass
 class Result:
     """One pvlab run: its exit status, what it printed, and how to run it again."""
-    rc: int
+    rc: int | None            # None: ended by the grader's timeout
     out: str
     err: str
     args: list[str]
@@ -135,25 +137,29 @@ class Ctx:
         """Run ``pvlab ARGS`` with the student's modules (the reference's with
         ``reference``, to learn what a right answer is); never raises for the
         student's failures (they are in the result)."""
-        if reference:
-            p = subprocess.run(self.settings.run_prefix(True) + ["--", *map(str, args)],
-                               capture_output=True, text=True, timeout=timeout,
-                               errors="replace")
-            return Result(p.returncode, p.stdout, p.stderr, [str(a) for a in args])
-        argv = self._with_gdb([str(a) for a in args])
+        argv = [str(a) for a in args]
+        if reference:  # the grader's own question: not the run a failure replays
+            return self._run(self.settings.run_prefix(True), argv, timeout)
+        argv = self._with_gdb(argv)
         if self.settings.verbose:
             print(f"    $ pvlab lab run {self.lab.name} -- {shlex.join(argv)}", flush=True)
-        try:
-            p = subprocess.run(self.settings.run_prefix() + ["--", *argv], capture_output=True,
-                               text=True, timeout=None if self._gdb else timeout,
-                               errors="replace")
-            self.last = Result(p.returncode, p.stdout, p.stderr, argv)
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
-            self.last = Result(-1, out, "", argv)
+        waited = "--gdb" in argv[1:2]
+        self.last = self._run(self.settings.run_prefix(), argv, None if waited else timeout)
+        if self.last.rc is None:
             self.fail(f"pvlab did not end within {timeout:.0f} s: the guest or the "
                       "toolstack is stuck (a loop that never ends, a lock never released?)")
         return self.last
+
+    @staticmethod
+    def _run(prefix: list[str], argv: list[str], timeout: float | None) -> Result:
+        """One pvlab child process; rc None if it ran past ``timeout``."""
+        try:
+            p = subprocess.run(prefix + ["--", *argv], capture_output=True, text=True,
+                               timeout=timeout, errors="replace")
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
+            return Result(None, out, "", argv)
+        return Result(p.returncode, p.stdout, p.stderr, argv)
 
     def _with_gdb(self, argv: list[str]) -> list[str]:
         """``--gdb PORT`` on the first run or restore of this test only."""

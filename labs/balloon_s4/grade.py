@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from labs.gradelib import Ctx, Result, test
+from labs.gradelib import POWER_OFF, Ctx, Result, test
 
 # the seeds each policy is graded on: the discard's restore is the lab's centre
 SEEDS = {"discard": range(1, 4), "deflate": range(1, 3), "keep": range(1, 2)}
@@ -63,7 +63,7 @@ def crash_line(r: Result) -> str | None:
 
 def poweroff(r: Result) -> tuple[int, int] | None:
     """(pages free at power-off, pages free before the first task)."""
-    m = re.search(r"powering off \((\d+) pages free, (\d+) before the first task\)", r.out)
+    m = POWER_OFF.search(r.out)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 

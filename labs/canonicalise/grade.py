@@ -56,11 +56,10 @@ def _reference(t: Ctx, name: str, *args: object) -> str:
     where.mkdir(parents=True, exist_ok=True)
     log = where / f"{name}.txt"
     if not log.exists():
-        p = subprocess.run([sys.executable, "-m", "hypervisor.toolstack.cli",
-                            *map(str, args)], capture_output=True, text=True, timeout=300)
-        if p.returncode:
-            raise RuntimeError(f"the reference's pvlab {args} failed: {p.stderr[-2000:]}")
-        log.write_text(p.stdout)
+        r = t.pvlab(*args, timeout=300, reference=True)
+        if r.rc != 0:
+            raise RuntimeError(f"the reference's pvlab {args} failed: {r.err[-2000:]}")
+        log.write_text(r.out)
     return log.read_text()
 
 

@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from labs.gradelib import Ctx, Result, test
+from labs.gradelib import POWER_OFF, Ctx, Result, test
 
 # seed -> the moment of its save, chosen so that the seeds between them save
 # with a construction held (2), a construction and a teardown (1), a teardown
@@ -33,7 +33,6 @@ EXITED = re.compile(r"^\[cpu\d+\] task (\d+) exited")
 LISTED = re.compile(r"pgd_list: (\d+) pgds, (\d+) of them unpinned")
 PINNED = re.compile(r"xen_mm_pin_all: (\d+) unpinned pgds pinned")
 UNPINNED = re.compile(r"xen_mm_unpin_all: (\d+) SavePinned pgds unpinned")
-POWEROFF = re.compile(r"powering off \((\d+) pages free, (\d+) before the first task\)")
 
 
 @dataclass
@@ -204,7 +203,7 @@ def check_results(t: Ctx, got: str, expected: list[str]) -> None:
     missing, extra = sorted((want - have).elements()), sorted((have - want).elements())
     t.check(not missing and not extra, "the programs' results differ from a run without a "
             f"save: missing {missing[:4]}, extra {extra[:4]}")
-    m = POWEROFF.search(got)
+    m = POWER_OFF.search(got)
     t.check(m is not None and m.group(1) == m.group(2), "the guest did not give back every "
             "page it took: " + (m.group(0) if m else "it never powered off"))
 

@@ -17,7 +17,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from labs.gradelib import Ctx, Result, test
+from labs.gradelib import POWER_OFF, Ctx, Result, test
 
 SUSPEND_UNTIL = "8ms"      # suspend.toml powers off at about 5 ms
 RESTORE_UNTIL = "10ms"
@@ -30,7 +30,6 @@ FN_DEMO = re.compile(r"stop_machine: fn ran on cpu(\d+) while cpus ([\d,]+|none)
 FN_SUSPEND = re.compile(r"xen_suspend: on cpu(\d+), cpus ([\d,]+|none) spinning")
 NOT_SPINNING = re.compile(r"stop_machine: FAILURE: cpus \[[\d, ]+\] are not spinning masked")
 LEFT = re.compile(r"post-suspend: FAILURE: cpus \[[\d, ]+\] left the stopper")
-POWER_OFF = re.compile(r"powering off \((\d+) pages free, (\d+) before the first task\)")
 _PREFIX = re.compile(r"^\[cpu\d+\] ", re.MULTILINE)
 
 OOPS = re.compile(r"(?:Kernel panic - not syncing|kernel oops in [\w.]+): (.*)")

@@ -129,6 +129,13 @@ def _seed_line() -> str:
     return f"pvlab: extra seed {EXTRA_SEED} (repeat a run with {SEED_VARIABLE}={EXTRA_SEED})"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long tests first (a stable sort: the order is the same on every
+    worker): started last, one of them would keep a core busy after the other
+    has run out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return _seed_line()
 

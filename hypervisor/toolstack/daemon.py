@@ -248,7 +248,10 @@ class Daemon:
             quantum = QUANTUM_DET_NS if self.clock == "deterministic" else QUANTUM_FAST_NS
             domctl.run(self.hv, self.now() + quantum)
         for d in list(self.domains.values()):
-            self._look_at(d)
+            try:
+                self._look_at(d)
+            except Exception:  # a bug must not take the other domains down
+                log.exception("looking at domain %s failed", d.dom.name)
 
     def _look_at(self, d: DaemonDomain) -> None:
         dom = d.dom

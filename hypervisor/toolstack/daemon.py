@@ -355,7 +355,7 @@ class Daemon:
             raise
 
     def _destroy(self, d: DaemonDomain) -> None:
-        if d.dom.domid in self.hv.domains:
+        if d.dom in domctl.getdomaininfolist(self.hv):
             libxl.destroy_domain(self.hv, d.dom)
         self._forget(d)
 
@@ -463,7 +463,7 @@ class Daemon:
             raise QmpError(GENERIC, f"{path}: not a file in an existing directory")
         if d.save is not None or d.state.suspend is not None:
             raise QmpError(GENERIC, f"domain {d.dom.name} is being saved already")
-        if d.dom.paused:
+        if domctl.is_paused(d.dom):
             raise QmpError(GENERIC, f"domain {d.dom.name} is paused: it cannot suspend; "
                                     "unpause it first")
         checkpoint = _flag(args, "checkpoint")
@@ -540,7 +540,6 @@ def _path_arg(args: dict[str, Any], name: str) -> Path:
 
 def add_parser(sub: Any) -> None:
     """``pvlab daemon [stop|status]``."""
-    from hypervisor.scheduler import CLOCKS
     p = sub.add_parser("daemon", help="run the host daemon that xl's verbs talk to",
                        description="Run one machine with any number of domains, driven by "
                                    "`pvlab xl VERB` over a Unix socket (QMP's shape, "
@@ -557,7 +556,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--pidfile", metavar="PATH", default=None,
                    help="with --detach: where to write the pid (default pvlab.pid beside "
                         "the socket)")
-    p.add_argument("--clock", choices=CLOCKS, default="fast",
+    p.add_argument("--clock", choices=domctl.CLOCKS, default="fast",
                    help="fast (host time, the default) or deterministic (instructions)")
     p.add_argument("--memory", metavar="MIB", type=int, default=DEFAULT_MEMORY_MIB,
                    help=f"the machine's memory in MiB (default {DEFAULT_MEMORY_MIB})")

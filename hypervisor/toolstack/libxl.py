@@ -12,7 +12,7 @@ as xl and every other libxl client share libxl:
 * requests of the guest: a shutdown command written into control/shutdown,
   with its acknowledgement awaited (``make_request``, ``check_acknowledged``:
   libxl_domain_shutdown and the suspend's acknowledgement wait);
-* the suspend's completion (libxl__domain_suspend_done): what was asked for
+* the suspend's completion (domain_suspend_common_done): what was asked for
   the suspend is done once the domain has suspended: a save to a file (the
   domain destroyed after it, or resumed for a checkpoint), a numbered
   checkpoint, or nothing (the suspend is cancelled); a failed save resumes
@@ -98,16 +98,16 @@ class SuspendDone:
 
 def find_domain(hv: Hypervisor, which: str | int) -> Domain | None:
     """A domain by its name or domid (xl's find_domain)."""
-    for dom in hv.domains.values():
+    for dom in domctl.getdomaininfolist(hv):
         if dom.name == str(which) or str(dom.domid) == str(which):
             return dom
     return None
 
 
 def _check_name(hv: Hypervisor, name: str) -> None:
-    """libxl refuses a second domain of one name ("domain with name ... already exists")."""
-    if any(d.name == name for d in hv.domains.values()):
-        raise LibxlError(f"domain with name {name!r} already exists")
+    """libxl refuses a second domain of one name (libxl__domain_rename)."""
+    if any(d.name == name for d in domctl.getdomaininfolist(hv)):
+        raise LibxlError(f'domain with name "{name}" already exists')
 
 
 def create_domain(hv: Hypervisor, cfg: DomainConfig, paused: bool = False) -> Domain:
@@ -185,7 +185,7 @@ def suspended(dom: Domain) -> bool:
 
 
 def complete_suspend(hv: Hypervisor, dom: Domain, st: DomainState) -> SuspendDone:
-    """The domain suspended: do what the suspend was for (libxl__domain_suspend_done).
+    """The domain suspended: do what the suspend was for (domain_suspend_common_done).
     A save to a file that worked leaves it suspended, for ``destroy_saved``;
     everything else resumes it cancelled (its suspend hypercall returns 1)."""
     job, st.suspend = st.suspend, None
@@ -283,7 +283,7 @@ def state_letters(dom: Domain) -> str:
         flags[4] = "c"
     else:
         flags[3] = "s"
-    if dom.paused:
+    if domctl.is_paused(dom):
         flags[2] = "p"
     return "".join(flags)
 
@@ -302,7 +302,7 @@ def domain_row(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
 
 
 def domain_list(hv: Hypervisor) -> list[dict[str, Any]]:
-    return [domain_row(hv, d) for _, d in sorted(hv.domains.items())]
+    return [domain_row(hv, d) for d in domctl.getdomaininfolist(hv)]
 
 
 def domain_info(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
@@ -311,7 +311,7 @@ def domain_info(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
     row["shutdown_reason"] = (domctl.shutdown_name(dom.shutdown_reason)
                               if dom.shutdown_reason is not None else None)
     row["crash_report"] = dom.crash_report
-    row["paused"] = dom.paused
+    row["paused"] = domctl.is_paused(dom)
     row["tot_pages"] = dom.tot_pages
     row["max_pages"] = dom.max_pages
     balloon = balloon_kib(hv, dom)
@@ -323,7 +323,7 @@ def domain_info(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
 
 def vcpu_list(hv: Hypervisor, dom: Domain | None = None) -> list[dict[str, Any]]:
     """``xl vcpu-list``: every VCPU of ``dom`` (or of every domain)."""
-    doms = [dom] if dom is not None else [d for _, d in sorted(hv.domains.items())]
+    doms = [dom] if dom is not None else domctl.getdomaininfolist(hv)
     rows = []
     for d in doms:
         for i in range(domctl.max_vcpus(d)):
@@ -331,7 +331,7 @@ def vcpu_list(hv: Hypervisor, dom: Domain | None = None) -> list[dict[str, Any]]
             state = "-b-" if v.blocked else "r--"
             if not v.online:
                 state = "---"
-            elif d.paused:
+            elif domctl.is_paused(d):
                 state = "--p"
             rows.append({"domid": d.domid, "name": d.name, "vcpu": i, "cpu": 0,
                          "state": state, "time_s": round(v.running_ns / 1e9, 3)})
@@ -349,7 +349,7 @@ def host_info(hv: Hypervisor) -> dict[str, Any]:
             "free_memory": phys.free_pages * PAGE_SIZE >> 20,
             "xen_major": major, "xen_minor": minor, "xen_version": f"{major}.{minor}",
             "xen_scheduler": "pvlab", "clock": domctl.clock_name(hv),
-            "nr_domains": len(hv.domains)}
+            "nr_domains": len(domctl.getdomaininfolist(hv))}
 
 
 __all__ = ["BuildError", "DomainState", "LibxlError", "SuspendDone", "SuspendJob",

@@ -14,7 +14,7 @@ from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack import libxl
-from hypervisor.toolstack.builder import build_domain
+from hypervisor.toolstack.builder import build_domain, machine_mib_for
 from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
@@ -31,7 +31,6 @@ from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
 
-HYPERVISOR_OVERHEAD_MIB = 8
 SUSPEND_TIMEOUT_NS = 2_000_000_000  # virtual time from the request to the suspend
 CONSOLE_POLL_NS = 20_000_000  # with a console attached, its input is looked at this often
 CONSOLE_WAIT_S = 0.05  # how long to wait for input while the guest can do nothing
@@ -45,11 +44,6 @@ class ConsoleInput(Protocol):
     closed: bool
 
     def poll(self, timeout_s: float = 0.0) -> bytes: ...
-
-
-def machine_mib_for(memory_mib: int) -> int:
-    """Machine memory for one guest: its RAM, the M2P, the hypervisor's frames."""
-    return memory_mib + HYPERVISOR_OVERHEAD_MIB + memory_mib // 64
 
 
 @dataclass

@@ -210,6 +210,21 @@ def test_console_and_socket_modes(daemon: Daemon, workdir: Path) -> None:
     late.close()
 
 
+def test_deterministic_clock(workdir: Path) -> None:
+    """The deterministic clock's daemon: the same commands, the same console."""
+    daemon = Daemon(workdir, "--clock", "deterministic")
+    try:
+        assert daemon("host-info")["clock"] == "deterministic"
+        _, con = shell(daemon, workdir)
+        con.type("hello\n")
+        assert "hello from user space" in con.until("exited with code 0")
+        daemon("domain-shutdown", domain="sh", reason="poweroff")
+        assert daemon.event("SHUTDOWN")["data"]["reason"] == "poweroff"
+        con.close()
+    finally:
+        daemon.stop()
+
+
 def test_shutdown_poweroff_and_reboot(daemon: Daemon, workdir: Path) -> None:
     made, con = shell(daemon, workdir)
     daemon("domain-shutdown", domain="sh", reason="reboot")

@@ -36,7 +36,7 @@ from typing import Any
 
 from hypervisor import domctl
 from hypervisor.domctl import BalloonError, Domain, Hypervisor
-from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_suspend
+from hypervisor.public.sched import SHUTDOWN_crash
 from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack import balloonctl
 from hypervisor.toolstack.builder import BuildError, build_domain
@@ -52,10 +52,12 @@ from hypervisor.toolstack.control import (
     shutdown_pending,
 )
 from hypervisor.toolstack.save import Progress
+from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
 
 KIB_PER_PAGE = PAGE_SIZE // 1024
+SUSPEND_TIMEOUT_NS = 2_000_000_000  # system time from a save's request to the suspend
 
 
 class LibxlError(Exception):
@@ -180,8 +182,18 @@ def check_acknowledged(hv: Hypervisor, dom: Domain, st: DomainState, now_ns: int
     return waiting
 
 
-def suspended(dom: Domain) -> bool:
-    return dom.shutdown_reason == SHUTDOWN_suspend
+def why_not_suspended(shut_down: str, unacknowledged: bool, time_words: str) -> str:
+    """Why a save made nothing: the guest shut down first (``shut_down``, its
+    reason), did not acknowledge the request, or did not suspend in time
+    (``time_words`` says whose time the limits are)."""
+    if shut_down:
+        return f"the guest shut down ({shut_down}) before it suspended"
+    if unacknowledged:
+        return (f"the guest did not acknowledge the suspend request (control/shutdown) "
+                f"within {format_duration(ACK_TIMEOUT_NS)} {time_words}: is it built "
+                "without save/restore support?")
+    return (f"the guest did not suspend within {format_duration(SUSPEND_TIMEOUT_NS)} "
+            f"{time_words} of the request")
 
 
 def complete_suspend(hv: Hypervisor, dom: Domain, st: DomainState) -> SuspendDone:
@@ -356,4 +368,5 @@ __all__ = ["BuildError", "DomainState", "LibxlError", "SuspendDone", "SuspendJob
            "balloon_kib", "check_acknowledged", "complete_suspend", "create_domain",
            "destroy_domain", "destroy_saved", "domain_info", "domain_list", "domain_row",
            "find_domain", "host_info", "make_request", "mem_max", "mem_set", "pause",
-           "restore_domain", "save_suspended", "state_letters", "unpause", "vcpu_list"]
+           "restore_domain", "save_suspended", "state_letters", "unpause", "vcpu_list",
+           "why_not_suspended"]

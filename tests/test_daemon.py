@@ -390,6 +390,42 @@ def test_failed_saves_leave_guests_running(daemon: Daemon, workdir: Path) -> Non
     sh.close()
 
 
+def test_a_client_gone_mid_save_and_two_clients(daemon: Daemon, workdir: Path) -> None:
+    """A client that goes away while its save waits: the save is still made,
+    its answer dropped; a second client sees the events and is answered."""
+    made, con = shell(daemon, workdir)
+    other = Client(daemon.sock, timeout=WAIT_S)
+    img = workdir / "gone.img"
+    gone = Client(daemon.sock, timeout=WAIT_S)  # greeted and negotiated
+    gone.sock.sendall(b'{"execute": "domain-save", "arguments": {"domain": "sh", "file": "'
+                      + str(img).encode() + b'"}}\n')
+    gone.close()
+    while True:
+        ev = other.next_event(WAIT_S)
+        assert ev is not None
+        if ev["event"] == "DOMAIN_DESTROYED":
+            break
+    assert ev["data"] == made and img.exists()
+    assert other.execute("domain-list") == []
+    other.close()
+    con.close()
+
+
+def test_quit_and_sigterm_stop_every_domain_and_remove_the_sockets(workdir: Path) -> None:
+    for stop in ("quit", "sigterm"):
+        daemon = Daemon(workdir)
+        _, con = shell(daemon, workdir)
+        console = Path(daemon("domain-console", domain="sh")["path"])
+        if stop == "quit":
+            assert daemon("quit") == {}
+        else:
+            daemon.proc.terminate()
+        assert daemon.proc.wait(WAIT_S) == 0
+        assert con.to_end() and not console.exists() and not daemon.sock.exists()
+        con.close()
+        daemon.stop()
+
+
 # --- the command line ------------------------------------------------------------------------
 
 def test_detach_status_stop(workdir: Path) -> None:
@@ -413,3 +449,5 @@ def test_detach_status_stop(workdir: Path) -> None:
     status = pvlab("daemon", "status", "--socket", str(sock))
     assert status.returncode == 1
     assert status.stderr.strip().startswith("pvlab: no pvlab daemon is listening")
+    bad = pvlab("daemon", "--memory", "5", "--socket", str(sock))
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1

@@ -184,14 +184,9 @@ def test_create_list_pause_destroy(daemon: Daemon, workdir: Path) -> None:
         daemon("domain-pause", domain="sh")
     assert e.value.klass == "DomainNotFound"
     con.close()
-
-
-def test_domids_not_reused(daemon: Daemon, workdir: Path) -> None:
-    """A new domain never gets the domid of one just destroyed (domid_alloc)."""
-    first = daemon("domain-create", config=str(write_config(workdir, "a")), paused=True)
-    daemon("domain-destroy", domain="a")
-    second = daemon("domain-create", config=str(write_config(workdir, "a")), paused=True)
-    assert second["domid"] == first["domid"] + 1
+    # a new domain never gets the domid of one just destroyed (Xen's domid_alloc)
+    again = daemon("domain-create", config=str(write_config(workdir, "sh")), paused=True)
+    assert again["domid"] == made["domid"] + 1
 
 
 def test_console_and_socket_modes(daemon: Daemon, workdir: Path) -> None:
@@ -428,6 +423,7 @@ def test_quit_and_sigterm_stop_every_domain_and_remove_the_sockets(workdir: Path
 
 # --- the command line ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_detach_status_stop(workdir: Path) -> None:
     sock = workdir / "run" / "pvlab.sock"
     pidfile = workdir / "d.pid"

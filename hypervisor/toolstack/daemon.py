@@ -287,10 +287,11 @@ class Daemon:
     def _time_words(self) -> str:
         return "of virtual time" if self.clock == "deterministic" else "of host time"
 
-    def _save_failed(self, d: DaemonDomain, why: str) -> None:
+    def _save_failed(self, d: DaemonDomain, why: str, runs_on: bool = True) -> None:
         save, d.save = d.save, None
         assert save is not None
-        save.answer.fail(GENERIC, f"{why}; nothing was saved, the guest runs on")
+        fate = "the guest runs on" if runs_on else "the domain is gone"
+        save.answer.fail(GENERIC, f"{why}; nothing was saved, {fate}")
 
     def _check_balloon(self, d: DaemonDomain) -> None:
         now = libxl.balloon_kib(self.hv, d.dom)
@@ -332,7 +333,7 @@ class Daemon:
             self._emit("CRASH", dom, report=dom.crash_report)
         self._emit("SHUTDOWN", dom, reason=reason)
         if d.save is not None:
-            self._save_failed(d, libxl.why_not_suspended(reason, False, ""))
+            self._save_failed(d, libxl.why_not_suspended(reason, False, ""), runs_on=False)
         self._destroy(d)
         if dom.shutdown_reason == SHUTDOWN_reboot and d.cfg is not None:
             try:
@@ -369,7 +370,7 @@ class Daemon:
         d.console.close()
         self.domains.pop(d.dom.domid, None)
         if d.save is not None:
-            self._save_failed(d, "the domain was destroyed")
+            self._save_failed(d, "the domain was destroyed", runs_on=False)
         self._emit("DOMAIN_DESTROYED", d.dom)
 
     def shutdown(self) -> None:

@@ -26,6 +26,8 @@ from tests.conftest import ROOT, checkout_env
 
 GUEST = ROOT / "firmware" / "guest.elf"
 WAIT_S = 60.0  # the most a test waits for the daemon or a guest (a slow machine)
+POLL_S = 0.05  # how often a test looks again for what it waits for
+POLLS = int(WAIT_S / POLL_S)
 # results of a computing guest: what it prints is fixed by its arguments
 RESULTS = ("hashchain digest", "counter ")
 COMPUTE = "run=hashchain:300:32,counter:3:100000"
@@ -51,14 +53,14 @@ class Daemon:
         self.client = self.connect()
 
     def connect(self) -> Client:
-        deadline = time.monotonic() + WAIT_S
-        while True:
+        for _ in range(POLLS):
             try:
                 return Client(self.sock, timeout=WAIT_S)
             except DaemonNotRunning:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is not None:
                     raise
-                time.sleep(0.05)
+                time.sleep(POLL_S)
+        return Client(self.sock, timeout=WAIT_S)
 
     def __call__(self, command: str, **arguments: Any) -> Any:
         return self.client.execute(command, arguments)
@@ -141,10 +143,11 @@ def state(daemon: Daemon, name: str) -> str:
 
 
 def wait_state(daemon: Daemon, name: str, letter: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while letter not in state(daemon, name):
-        assert time.monotonic() < deadline, f"{name} never showed {letter!r}"
-        time.sleep(0.02)
+    for _ in range(POLLS):
+        if letter in state(daemon, name):
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"{name} never showed {letter!r}")
 
 
 def shell(daemon: Daemon, workdir: Path, name: str = "sh", paused: bool = False,

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -248,7 +247,6 @@ def test_pagetable_entries_read_back_as_written(booted):
     assert (rows[l1s] == before).all()
 
 
-@pytest.mark.slow
 def test_console_is_the_same_with_log_dirty_on():
     """A run cleaned every 2 ms of virtual time prints what a run without
     log-dirty prints (deterministic clock)."""

@@ -2,12 +2,12 @@
 powers off: the log-dirty tests' guest.
 
 ``X86`` pfns are written by x86 stores in guest kernel mode: the kernel puts
-a small loop of machine code in page ``CODE_PFN`` (a ``mov %rdi, (%rdi)``
+a small loop of machine code in its last page (a ``mov %rdi, (%rdi)``
 over a table of addresses) and jumps there; the loop ends by jumping to
 the native entry ``finish``. ``PYTHON`` pfns are written by the Python
 kernel's own stores (NativeCpu.write_u64). ``HYPERCALL`` pfns are written by
 the hypervisor's copy_to_guest: XENVER_extraversion's string lands there.
-Nothing else above ``first_free(cpu)`` is written."""
+Nothing else near the top of its RAM is written."""
 
 from __future__ import annotations
 
@@ -18,12 +18,11 @@ from typing import Any
 
 from hypervisor.public.native import VIRT_BASE, TailCall
 from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
-from hypervisor.public.xen import XENVER_extraversion, Hypercall, start_info
+from hypervisor.public.xen import Hypercall, XENVER_extraversion, start_info
 
 X86: list[int] = []
 PYTHON: list[int] = []
 HYPERCALL: list[int] = []
-CODE_PFN = -1  # the page for the code: -1 is the last pfn
 
 # lea table(%rip),%rsi; 1: mov (%rsi),%rdi; test %rdi,%rdi; jz 2f;
 # mov %rdi,(%rdi); add $8,%rsi; jmp 1b; 2: movabs $finish,%rax; jmp *%rax
@@ -48,7 +47,7 @@ def start(cpu: Any) -> TailCall:
         cpu.write_u64(va(pfn) + 8, pfn)
     for pfn in HYPERCALL:
         cpu.hypercall(Hypercall.xen_version, XENVER_extraversion, va(pfn) + 64)
-    code = va(last if CODE_PFN == -1 else CODE_PFN)
+    code = va(last)
     loop = bytearray(_LOOP)
     loop[_FINISH_AT:_FINISH_AT + 8] = struct.pack("<Q", cpu.native_addr(finish))
     table = b"".join(struct.pack("<Q", va(p) + 16) for p in X86) + bytes(8)

@@ -21,7 +21,13 @@ time, as a migration's pre-copy rounds would:
   call on every store.
 
 Each mechanism's dirty pages per round are printed too: all of them must
-see the dirtier's pages.
+see the dirtier's pages (the D bits see a page or three more: the L1s the MMU
+set D bits in, and what the Python kernel wrote).
+
+Measured on a loaded 2-core machine (best and median of 5): 256 pages, a
+round per ms: dbit 1.23x, wp 1.55x-1.64x, hook 9.8x-11.8x; 16 pages, a round
+per 5 ms: dbit 1.04x, wp 1.05x, hook 3.5x-4.5x. A dbit round (the CLEAN)
+takes about 0.4 ms for a 32 MiB guest.
 
     .venv/bin/python bench/logdirty.py [--pages N] [--spin N] [--period-ms N]
                                        [--span-ms N] [--repeat N]

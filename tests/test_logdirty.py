@@ -239,8 +239,8 @@ def test_frames_not_written_stay_clean(booted):
 
 def test_pagetable_entries_read_back_as_written(booted):
     """The D bits log-dirty takes are the guest's still: the kernel's reads
-    (the walker) see every L1 entry as before; memory holds them without
-    until OFF writes them back."""
+    (the walker) and the toolstack's copies see every L1 entry as before;
+    memory holds them without until OFF writes them back."""
     hv, dom = boot_writer(booted, logdirty=False)
     ft = hv.machine.frames
     l1s = np.flatnonzero((ft.owner == dom.domid) & (ft.type == PageType.l1) & ft.validated)
@@ -252,6 +252,8 @@ def test_pagetable_entries_read_back_as_written(booted):
     seen = np.array([[hv.walker.read_u64(cr3, VIRT_BASE + (int(m2p[m]) << 12) + 8 * s)
                       for s in range(512)] for m in l1s.tolist()], dtype=np.uint64)
     assert (seen == before).all()
+    # and the toolstack's copies through its foreign mappings (what a save sends)
+    assert (np.asarray(domctl.map_foreign_bulk(hv, dom, l1s)) == before).all()
     assert (rows[l1s] != before).any()  # the bits are off in memory
     assert ((before & np.uint64(_PAGE_DIRTY)) != 0).any()
     assert shadow(hv, dom, XEN_DOMCTL_SHADOW_OP_OFF)[0] == 0

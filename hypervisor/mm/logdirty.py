@@ -18,16 +18,18 @@ How a write is seen:
   and the guest sees it wherever the hypervisor reads its tables for it: the
   walker's reads (the Python kernel's loads, copy_from_guest), the old entry
   that MMU_PT_UPDATE_PRESERVE_AD keeps, the writable-pagetable emulation,
-  the toolstack's copies through its foreign mappings. It is written back when the entry is rewritten, when the frame stops being an
-  L1, and at OFF. (An x86 load of a pagetable entry through the guest's own
-  read-only mapping would see the bit off: pvlab's kernel is Python and reads
-  its tables through the walker.)
+  the toolstack's copies through its foreign mappings. It is written back
+  when the entry is rewritten, when the frame stops being an L1, and at OFF.
+  (An x86 load of a pagetable entry through the guest's own read-only
+  mapping would see the bit off: pvlab's kernel is Python and reads its
+  tables through the walker.)
 * **Writes made in software.** The walker marks every frame it translates a
   write to: copy_to_guest, bounce frames, the Python kernel's stores. The
   hypervisor marks its other writes where Xen calls paging_mark_dirty: a
   pagetable entry written, a frame becoming or ceasing to be a validated
   table, a pin or unpin, MMUEXT_CLEAR_PAGE/COPY_PAGE, update_descriptor,
-  MMU_MACHPHYS_UPDATE (its pfn), a device's DMA into the domain's memory, and
+  MMU_MACHPHYS_UPDATE (its pfn), a pfn populated again, a device's DMA into
+  the domain's memory, and
   what the toolstack's backends tell it they wrote (modified_memory).
 
 As in Xen, only frames the domain owns are marked, by their pfn in the M2P; a

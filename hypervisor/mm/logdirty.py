@@ -29,8 +29,8 @@ How a write is seen:
   pagetable entry written, a frame becoming or ceasing to be a validated
   table, a pin or unpin, MMUEXT_CLEAR_PAGE/COPY_PAGE, update_descriptor,
   MMU_MACHPHYS_UPDATE (its pfn), a pfn populated again, a device's DMA into
-  the domain's memory, and
-  what the toolstack's backends tell it they wrote (modified_memory).
+  the domain's memory, and what the toolstack's backends tell it they wrote
+  (modified_memory).
 
 As in Xen, only frames the domain owns are marked, by their pfn in the M2P; a
 pfn with the top bit set (no pfn, as shared_info's) and hypervisor pages

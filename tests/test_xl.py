@@ -4,14 +4,22 @@ each verb asks of the daemon (a stand-in that answers as the protocol says)."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pty
+import socket
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hypervisor.toolstack import xl
 from hypervisor.toolstack.cli import main
+from hypervisor.toolstack.console import ConsoleClient
 from hypervisor.toolstack.qmp import QmpError
+from hypervisor.toolstack.xenconsole import CLOSED, DETACHED, AttachError, attach
 from tests.conftest import ROOT
 
 ROW = {"domid": 1, "name": "shell", "memory_mib": 16, "maxmem_mib": 16, "vcpus": 2,
@@ -269,3 +277,82 @@ def test_console_is_also_a_top_level_verb(capsys):
     with pytest.raises(SystemExit):
         main(["console", "--help"])
     assert "Ctrl-] detaches" in capsys.readouterr().out
+
+
+# --- the console bridge, against a socket that plays the daemon's console -------------------
+
+class ConsoleSocket:
+    """A console socket: sends ``greeting`` to the client that connects, then
+    records what it gets until the client goes (or ``close_after`` bytes);
+    ``seen`` is set once ``expect`` bytes came."""
+
+    def __init__(self, path: Path, greeting: bytes, expect: int = 0,
+                 close_after: int = 0) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.got = bytearray()
+        self.seen = threading.Event()
+        self.thread = threading.Thread(target=self._serve,
+                                       args=(greeting, expect, close_after))
+        self.thread.start()
+
+    def _serve(self, greeting: bytes, expect: int, close_after: int) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.sendall(greeting)
+            while data := conn.recv(100):
+                self.got += data
+                if len(self.got) >= expect:
+                    self.seen.set()
+                if close_after and len(self.got) >= close_after:
+                    break
+        self.listener.close()
+
+
+def test_the_bridge_copies_both_ways_and_ctrl_bracket_detaches(tmp_path):
+    """Through a pseudo-terminal in raw mode: output is written with \\r\\n
+    (the host's tty no longer adds \\r), typed bytes go to the socket; Ctrl-]
+    detaches, what follows it is not sent, the terminal is left as it was."""
+    master, slave = pty.openpty()
+    server = ConsoleSocket(tmp_path / "c.sock", b"$ hi\n", expect=3)
+    out = io.BytesIO()
+    term = ConsoleClient(fd=slave, out=out)
+    before = term._saved
+    os.write(master, b"ls\r")
+    ended: list[str] = []
+    bridge = threading.Thread(target=lambda: ended.append(attach(tmp_path / "c.sock", "shell",
+                                                                 term)))
+    bridge.start()
+    try:
+        server.seen.wait(60)
+        os.write(master, b"\x1dlost")
+        bridge.join(60)
+    finally:
+        os.close(master)
+        os.close(slave)
+    server.thread.join()
+    assert ended == [DETACHED] and bytes(server.got) == b"ls\r"
+    assert out.getvalue() == b"$ hi\r\n"
+    assert before is not None and term._saved is None
+
+
+def test_the_bridge_ends_when_the_console_closes(tmp_path):
+    """Input from a pipe: its end is typed as Ctrl-D; the bridge then waits
+    for the guest's output until the daemon closes the console."""
+    r, w = os.pipe()
+    os.write(w, b"exit\n")
+    os.close(w)
+    server = ConsoleSocket(tmp_path / "c.sock", b"bye\n", close_after=6)
+    out = io.BytesIO()
+    try:
+        assert attach(tmp_path / "c.sock", "shell", ConsoleClient(fd=r, out=out)) == CLOSED
+    finally:
+        os.close(r)
+    server.thread.join()
+    assert bytes(server.got) == b"exit\n\x04" and out.getvalue() == b"bye\n"
+
+
+def test_a_console_socket_nobody_listens_at(tmp_path):
+    with pytest.raises(AttachError, match="cannot attach to the console of shell"):
+        attach(tmp_path / "none.sock", "shell", ConsoleClient(fd=0, out=io.BytesIO()))

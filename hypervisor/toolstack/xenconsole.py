@@ -53,12 +53,7 @@ def _bridge(sock: socket.socket, term: ConsoleClient) -> str:
     while True:
         watched = [sock] if term.closed else [sock, term.fd]
         ready, _, _ = select.select(watched, [], [])
-        if term.fd in ready:
-            typed = term.poll(0.0)
-            if typed and not _send(sock, typed):
-                return CLOSED
-            if term.detached:
-                return DETACHED
+        # the guest's output first: what came before Ctrl-] is shown
         if sock in ready:
             try:
                 data = sock.recv(4096)
@@ -67,6 +62,12 @@ def _bridge(sock: socket.socket, term: ConsoleClient) -> str:
             if not data:
                 return CLOSED
             term.write(data)
+        if term.fd in ready:
+            typed = term.poll(0.0)
+            if typed and not _send(sock, typed):
+                return CLOSED
+            if term.detached:
+                return DETACHED
 
 
 def _send(sock: socket.socket, data: bytes) -> bool:

@@ -173,6 +173,8 @@ def suspend_devices(cpu: NativeCpu) -> TailCall:
         return _worker_done(cpu)
     _xs_suspend(cpu)
     if pm.dpm_suspend_noirq(cpu):
+        # Linux goes the RESTORE way here (si.cancelled = 0, then xs_resume):
+        # the domain never left, so pvlab THAWs, which is what happened
         printk(cpu, "suspend: dpm_suspend_noirq failed; aborted")
         _xs_suspend_cancel(cpu)
         pm.dpm_resume_end(cpu, pm.PMSG_THAW)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from hypervisor.toolstack import qmp
+
 EXIT_OK, EXIT_FAILED = 0, 1
 
 # xl list: the name padded to 40, domid, memory in MiB, VCPUs, the six state
@@ -30,6 +32,9 @@ VCPU_HEADER = (f"{'Name':<32} {'ID':>5} {'VCPU':>5} {'CPU':>5} {'State':>5} {'Ti
                "Affinity (Hard / Soft)")
 # the events that end a domain's wait in ``xl shutdown -w`` (wait_for_domain_deaths)
 END_EVENTS = ("SHUTDOWN", "CRASH", "DOMAIN_DESTROYED")
+# how long a create, save or restore may take before the verb gives up on
+# the daemon (a big guest's save on a busy host); other commands answer at once
+LONG_WAIT_S = 3600.0
 
 
 class Daemon(Protocol):
@@ -143,7 +148,7 @@ def xl_create(d: Daemon, args: argparse.Namespace) -> int:
     config = _existing_file(args.config, "configuration")
     _say(f"Parsing config from {args.config}")
     made = d.execute("domain-create", {"config": config, "paused": args.paused},
-                     timeout=None)
+                     timeout=LONG_WAIT_S)
     _say(f"Created domain {made['domid']} ({made['name']})"
          + (", paused (pvlab xl unpause starts it)" if args.paused else ""))
     if args.console:
@@ -187,7 +192,7 @@ def xl_save(d: Daemon, args: argparse.Namespace) -> int:
     _say(f"Saving domain {info['domid']} ({info['name']}) to {args.file}")
     done = d.execute("domain-save", {"domain": info["domid"], "file": file,
                                      "checkpoint": args.checkpoint, "paused": args.paused},
-                     timeout=None)
+                     timeout=LONG_WAIT_S)
     after = ("is paused" if args.paused else "runs on" if args.checkpoint
              else "is destroyed")
     _say(f"Saved domain {info['domid']} ({info['name']}) to {args.file}: {done['pages']} "
@@ -198,7 +203,7 @@ def xl_save(d: Daemon, args: argparse.Namespace) -> int:
 def xl_restore(d: Daemon, args: argparse.Namespace) -> int:
     file = _existing_file(args.file, "save file")
     _say(f"Loading save file {args.file}")
-    made = d.execute("domain-restore", {"file": file, "paused": args.paused}, timeout=None)
+    made = d.execute("domain-restore", {"file": file, "paused": args.paused}, timeout=LONG_WAIT_S)
     _say(f"Restored domain {made['domid']} ({made['name']}) from {args.file}"
          + (", paused (pvlab xl unpause starts it)" if args.paused else ""))
     if args.console:
@@ -275,8 +280,8 @@ def xl_vcpu_list(d: Daemon, args: argparse.Namespace) -> int:
 def _vcpus_of(d: Daemon, dom: str) -> list[dict[str, Any]]:
     try:
         return d.execute("domain-vcpu-list", {"domain": domain_ref(dom)})
-    except Exception as e:  # qmp.QmpError, whose module the verbs do not import
-        if getattr(e, "klass", None) == "DomainNotFound":
+    except qmp.QmpError as e:
+        if e.klass == "DomainNotFound":
             raise XlError(invalid_domain(dom)) from None
         raise
 
@@ -296,7 +301,6 @@ def xl_dmesg(d: Daemon, args: argparse.Namespace) -> int:
 
 def connect(socket: str | None) -> Daemon:
     """A client of the daemon at ``socket`` (default: qmp.default_socket())."""
-    from hypervisor.toolstack import qmp
     return qmp.Client(Path(socket) if socket else qmp.default_socket())
 
 
@@ -327,7 +331,6 @@ class _Connection:
 
 def run_verb(args: argparse.Namespace) -> int:
     """Run the verb ``args`` names; every failure is one line on stderr."""
-    from hypervisor.toolstack import qmp
     daemon = _Connection(args.socket)
     try:
         return args.xl_verb(daemon, args)
@@ -341,7 +344,7 @@ def run_verb(args: argparse.Namespace) -> int:
     except XlError as e:
         _say(f"pvlab: {e}")
     except (OSError, EOFError) as e:
-        _say(f"pvlab: lost the daemon at {args.socket or 'the default socket'}: {e}")
+        _say(f"pvlab: the daemon at {args.socket or qmp.default_socket()}: {e}")
     finally:
         daemon.close()
     return EXIT_FAILED

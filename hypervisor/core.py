@@ -4,6 +4,7 @@ into a guest. One object per machine; everything runs on one host thread
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,14 +35,20 @@ from hypervisor.hypercalls.vcpu import do_vcpu_op
 from hypervisor.hypercalls.version import do_xen_version
 from hypervisor.hypercalls.vm_assist import do_vm_assist
 from hypervisor.machine import Machine
-from hypervisor.mm.frames import PageType
+from hypervisor.mm.frames import OutOfMemory, PageType
 from hypervisor.mm.mmu import Mmu
 from hypervisor.mm.ptwr import Ptwr
 from hypervisor.mm.reservation import Reservation
 from hypervisor.native import NativeKernel
 from hypervisor.public.errno import ENOSYS
 from hypervisor.public.sched import SCHEDOP_yield
-from hypervisor.public.xen import DOMID_XEN, VIRQ_CON_RING, VIRQ_DOM_EXC, Hypercall
+from hypervisor.public.xen import (
+    DOMID_FIRST_RESERVED,
+    DOMID_XEN,
+    VIRQ_CON_RING,
+    VIRQ_DOM_EXC,
+    Hypercall,
+)
 from hypervisor.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,7 @@ class Hypervisor:
         self.ptwr = Ptwr(self.mmu)
         self.reservation = Reservation(self.machine)
         self.domains: dict[int, Domain] = {}
+        self.domid_last = 0  # the last domid handed out (domid_alloc's domid_last)
         # the schedule follows the machine's seed unless given its own
         self.scheduler = Scheduler(self.domains, self.return_to_guest, clock, slice_insns,
                                    slice_us, seed if sched_seed is None else sched_seed)
@@ -115,8 +123,19 @@ class Hypervisor:
 
     # --- domains -----------------------------------------------------------------------
 
+    def domid_alloc(self) -> int:
+        """Xen's domid_alloc(DOMID_ANY): the first free domid after the last
+        one handed out, wrapping to 1 (0 is dom0's): a new domain never gets
+        the domid of one just destroyed."""
+        for domid in itertools.chain(range(self.domid_last + 1, DOMID_FIRST_RESERVED),
+                                     range(1, self.domid_last + 1)):
+            if domid not in self.domains:
+                self.domid_last = domid
+                return domid
+        raise OutOfMemory("no free domid")
+
     def create_domain(self, name: str, max_pages: int, nr_vcpus: int) -> Domain:
-        domid = 1 + max(self.domains, default=0)
+        domid = self.domid_alloc()
         dom = Domain(domid, name, max_pages, nr_vcpus, machine=self.machine,
                      domains=self.domains, scheduler=self.scheduler, exits=self,
                      on_console=self._console_output)

@@ -58,6 +58,7 @@ from hypervisor.public.domctl import (
     PFINFO_XTAB,
 )
 from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, EPERM
+from hypervisor.public.vcpu import RUNSTATE_running
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, VIRQ_CON_RING, VIRQ_DOM_EXC, shared_info
 from hypervisor.scheduler import next_wake
 from hypervisor.xentrace import TraceBuffer, TraceRecord
@@ -185,11 +186,13 @@ class VcpuInfo:
     online: bool
     blocked: bool
     cpu_time: int  # its virtual clock, ns
+    running_ns: int = 0  # time spent running (Xen's cpu_time: runstate running)
 
 
 def getvcpuinfo(dom: Domain, vcpu_id: int) -> VcpuInfo:
     v = dom.vcpus[vcpu_id]
-    return VcpuInfo(bool(v.online), bool(v.blocked), int(v.clock))
+    running = v.runstate.get(dom.scheduler.now()).time[RUNSTATE_running]
+    return VcpuInfo(bool(v.online), bool(v.blocked), int(v.clock), int(running))
 
 
 def reached(dom: Domain, t_ns: int) -> bool:
@@ -207,6 +210,18 @@ def system_time(hv: Hypervisor) -> int:
 def run(hv: Hypervisor, until_ns: int | None = None) -> None:
     """Let the machine's scheduler run every runnable VCPU (to ``until_ns``)."""
     hv.run(until_ns)
+
+
+def next_work(hv: Hypervisor) -> int | None:
+    """When the machine next has something to run: now (system time) if a
+    VCPU can run, else its earliest timer; None if only an event from outside
+    (the toolstack's) can wake it. A host daemon sleeps until then."""
+    return hv.scheduler.next_work()
+
+
+def clock_name(hv: Hypervisor) -> str:
+    """The machine's clock: "deterministic" or "fast" (scheduler.py)."""
+    return hv.scheduler.clock
 
 
 def no_progress(hv: Hypervisor) -> str:
@@ -690,7 +705,8 @@ __all__ = [
     "Balloon", "BalloonError", "Domain", "DomctlError", "ForeignMap", "FrameDump", "Hypervisor",
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio_balloon",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
-    "bind_virq_dom_exc", "check_device_state", "console_write", "createdomain", "debug_trace",
+    "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
+    "debug_trace", "next_work",
     "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",

@@ -191,6 +191,15 @@ class Scheduler:
         return (f"{spinning} VCPU(s) yield in a loop and {blocked} are blocked, with no timer "
                 "set and no event to come")
 
+    def next_work(self) -> int | None:
+        """When something next can run: now if a VCPU is runnable, else the
+        earliest VCPU or host timer; None if no timer is set."""
+        online = self._online()
+        if any(not v.blocked for v in online):
+            return self.now()
+        wakes = [t for v in online if (t := next_wake(v))] + [t[0] for t in self.timers[:1]]
+        return min(wakes, default=None)
+
     def idle_until(self, t_ns: int) -> None:
         """Nothing runs before ``t_ns`` (the toolstack's next request): let
         every stopped VCPU's time pass to it, as an idle CPU's does."""
@@ -245,6 +254,10 @@ class Scheduler:
                     if not wakes:
                         return
                     nxt = min(wakes)
+                    if until_ns is not None:
+                        if now >= until_ns:
+                            return
+                        nxt = min(nxt, until_ns)  # never sleep past the run's limit
                     time.sleep(max(0, nxt - now) / 1e9)
                     continue
                 if until_ns is not None and now >= until_ns:

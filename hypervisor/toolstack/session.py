@@ -13,19 +13,17 @@ from typing import Protocol
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.toolstack import libxl
 from hypervisor.toolstack.builder import build_domain
-from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome, try_save
+from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import (
     ACK_TIMEOUT_NS,
     TYPE,
     Request,
-    apply_request,
-    cancel_shutdown,
     console_bytes,
     resume_cancelled,
-    shutdown_pending,
     type_on_console,
 )
 from hypervisor.toolstack.save import Progress, SaveError, SaveStats
@@ -111,11 +109,10 @@ class _Run:
         self.observer = observer
         self.next_look = observer.first() if observer is not None else None
         self.pending = sorted(requests, key=lambda r: r.at_ns)
-        self.ack_deadline: int | None = None
-        # a checkpoint request is awaiting its suspend; two made before the guest
-        # suspends are one write of control/shutdown, so one checkpoint
-        self.checkpoint_wanted = False
-        self.unacknowledged = ""
+        # the requests in flight; a checkpoint request's suspend is a job there:
+        # two made before the guest suspends are one write of control/shutdown,
+        # so one checkpoint
+        self.state = libxl.DomainState()
         self.notes: list[str] = []
         self.writer = writer
         self.checkpoint_dir = checkpoint_dir
@@ -141,8 +138,8 @@ class _Run:
 
     def next_limit(self, until_ns: int | None) -> int | None:
         marks = [self.pending[0].at_ns] if self.pending else []
-        if self.ack_deadline is not None:
-            marks.append(self.ack_deadline)
+        if self.state.ack_deadline is not None:
+            marks.append(self.state.ack_deadline)
         if until_ns is not None:
             marks.append(until_ns)
         if self.next_look is not None:
@@ -158,22 +155,19 @@ class _Run:
             self.next_look += self.observer.every_ns
 
     def suspended(self, on_suspend: Callable[[Domain], bool] | None) -> bool:
-        """The domain suspended: checkpoint it, hand it to on_suspend, or
-        resume it cancelled. False if the run ends here."""
+        """The domain suspended: hand it to on_suspend, or do what the suspend
+        was for (libxl.complete_suspend: a checkpoint, or nothing, and it is
+        resumed cancelled). False if the run ends here."""
         dom = self.dom
-        if self.checkpoint_wanted and on_suspend is None:
-            self.checkpoint_wanted = False
-            _, line = self.checkpoint_writer().take(self.hv, dom)
-            self.say(line)
-        elif on_suspend is not None:
-            if not on_suspend(dom):
-                return False
-            self.say(f"domain {dom.name} resumed: the suspend hypercall returns 1")
-        else:
-            self.say(f"domain {dom.name} suspended; resuming it: the suspend is cancelled "
-                     "(the suspend hypercall returns 1)")
+        if on_suspend is None:
+            done = libxl.complete_suspend(self.hv, dom, self.state)
+            self.say(done.line)
+            return done.runs_on
+        if not on_suspend(dom):
+            return False
+        self.say(f"domain {dom.name} resumed: the suspend hypercall returns 1")
         resume_cancelled(self.hv, dom)
-        self.ack_deadline = None
+        self.state.ack_deadline = None
         return True
 
     def make_requests(self, limit: int) -> None:
@@ -181,24 +175,14 @@ class _Run:
         while self.pending and self.pending[0].at_ns <= limit:
             req = self.pending.pop(0)
             self.say(f"at {format_duration(req.at_ns)}: {_describe(req)}")
-            msg = apply_request(self.hv, self.dom, req)
+            msg = libxl.make_request(self.hv, self.dom, self.state, req)
             if msg:
                 self.say(msg)
             if req.command == "checkpoint":
-                self.checkpoint_wanted = True
-            if req.shutdown:
-                self.ack_deadline = req.at_ns + ACK_TIMEOUT_NS
-        if self.ack_deadline is None:
-            return
-        waiting = shutdown_pending(self.hv, self.dom)
-        if not waiting:
-            self.ack_deadline = None
-        elif limit >= self.ack_deadline:
-            self.unacknowledged = waiting
+                self.state.suspend = libxl.SuspendJob(writer=self.checkpoint_writer())
+        waiting = libxl.check_acknowledged(self.hv, self.dom, self.state, limit)
+        if waiting:
             self.say(f"guest didn't acknowledge {waiting}, cancelling request")
-            cancel_shutdown(self.hv, self.dom)
-            self.checkpoint_wanted = False
-            self.ack_deadline = None
 
     def say_not_made(self, reason: str) -> None:
         """Requests timed after the guest shut down are said, never silently lost."""
@@ -234,12 +218,12 @@ class _Run:
         t = max(domctl.vcpu_clocks(dom), default=0)
         checkpoints = list(self.writer.outcomes) if self.writer is not None else []
         return RunResult(dom, bytes(dom.console_out), reason, t, self.notes,
-                         self.unacknowledged, checkpoints, why)
+                         self.state.unacknowledged, checkpoints, why)
 
     def waits_for_toolstack(self) -> bool:
         """A request or an acknowledgement deadline is still to come: a guest
         that cannot run until then is waiting, not hung."""
-        return bool(self.pending) or self.ack_deadline is not None
+        return bool(self.pending) or self.state.ack_deadline is not None
 
 
 def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
@@ -335,11 +319,7 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
 
     def on_suspend(d: Domain) -> bool:
         nonlocal outcome
-        outcome = try_save(hv, d, Path(path), seed=seed, progress=progress)
-        if not outcome.ok:
-            outcome.error = (f"{outcome.error}; nothing was written, the guest runs on "
-                             "(its suspend hypercall returned 1)")
-            resume_cancelled(hv, d)
+        outcome = libxl.save_suspended(hv, d, Path(path), seed=seed, progress=progress)
         return False
 
     before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
@@ -349,25 +329,10 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
     if outcome.ok:
         if saved is not None:
             saved(dom)
-        _drop_console_input(hv, dom, note)
-        domctl.destroydomain(hv, dom)
+        libxl.destroy_saved(hv, dom, note)
     elif not outcome.error:
         outcome.error = f"{_why_not_suspended(result)}; nothing was saved"
     return result, outcome
-
-
-def _drop_console_input(hv: Hypervisor, dom: Domain,
-                        note: Callable[[str], None] | None) -> None:
-    """Input typed but not yet in the guest's ring is the console daemon's,
-    and goes with the domain, as xenconsoled's buffer does: said, not kept
-    (what is in the ring is guest memory, and is in the image)."""
-    backend = domain_of(hv, dom).console
-    if backend is not None and backend.pending_input:
-        msg = (f"{len(backend.pending_input)} bytes typed on the console were not yet in the "
-               "guest's ring: they are dropped with the domain, as xenconsoled drops them")
-        log.info("%s", msg)
-        if note is not None:
-            note(msg)
 
 
 def _why_not_suspended(result: RunResult) -> str:

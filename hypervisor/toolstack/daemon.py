@@ -1,0 +1,685 @@
+"""``pvlab daemon``: one machine with any number of domains, driven by
+commands on a Unix socket (xl's verbs, in QMP's shape: qmp.py), as xl and
+xenconsoled drive a Xen host.
+
+The loop (``Daemon.serve``): run the machine while a VCPU can run, a short
+quantum at a time, answering messages between quanta; when every domain is
+blocked, sleep in the socket's poll until the next timer (fast clock: host
+time) or a message. Each quantum ends with the domains looked at: a suspend
+is completed (libxl.complete_suspend), a shutdown is acted on as xl's
+defaults say (on_poweroff=destroy, on_reboot=restart: rebuilt from its
+configuration, with a new domid; on_crash=destroy), an unacknowledged
+request given up, a balloon change told.
+
+Every command goes through libxl, the layer the scripted ``pvlab run`` uses
+too. A command that fails changes nothing and leaves every other domain
+running. Each domain's console is a socket beside the daemon's (mode 0600,
+removed with the domain): raw bytes both ways, a new client first gets the
+recent output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypervisor import domctl
+from hypervisor.domctl import Domain, Hypervisor, OutOfMemory
+from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_reboot, SHUTDOWN_suspend
+from hypervisor.toolstack import libxl
+from hypervisor.toolstack.builder import BuildError
+from hypervisor.toolstack.config import ConfigError, DomainConfig, load_config
+from hypervisor.toolstack.context import domain_of
+from hypervisor.toolstack.control import ACK_TIMEOUT_NS, Request, type_on_console
+from hypervisor.toolstack.elfimage import ImageError as ElfImageError
+from hypervisor.toolstack.image import ImageError
+from hypervisor.toolstack.qmp import Deferred, QmpError, Server
+from hypervisor.toolstack.restore import RestoreError
+from hypervisor.toolstack.stream import StreamError
+from hypervisor.toolstack.timeparse import format_duration
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_MIB = 512
+QUANTUM_FAST_NS = 20_000_000     # host time run between looks at the socket
+QUANTUM_DET_NS = 2_000_000       # virtual time, deterministic clock
+SUSPEND_TIMEOUT_NS = 2_000_000_000  # from a save's request to the suspend
+CONSOLE_HISTORY = 16 * 1024      # output a newly attached console client gets
+DMESG_LINES = 2000
+GENERIC, NOT_FOUND = "GenericError", "DomainNotFound"
+# what makes a create or a restore fail, said to the client as one line
+_CREATE_ERRORS = (ConfigError, BuildError, ElfImageError, ImageError, RestoreError,
+                  StreamError, libxl.LibxlError, OutOfMemory, OSError, ValueError)
+
+
+class ConsoleSocket:
+    """One domain's console for any number of clients (xenconsoled's side of
+    ``xl console``): its output to each, what each types to the guest."""
+
+    def __init__(self, server: Server, hv: Hypervisor, dom: Domain, path: Path) -> None:
+        self.server, self.hv, self.dom, self.path = server, hv, dom, path
+        self.history = bytearray()
+        self.clients: list[socket.socket] = []
+        path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+        server.watch(self.listener, self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        self.clients.append(conn)
+        self._send(conn, bytes(self.history))
+        self.server.watch(conn, lambda: self._read(conn))
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        type_on_console(self.hv, self.dom, data)
+
+    def output(self, data: bytes) -> None:
+        """What the guest wrote: kept for later clients, sent to those attached."""
+        self.history += data
+        del self.history[:-CONSOLE_HISTORY]
+        for conn in list(self.clients):
+            self._send(conn, data)
+
+    def _send(self, conn: socket.socket, data: bytes) -> None:
+        """A client too slow to take the output is dropped, never waited for."""
+        try:
+            if data:
+                conn.sendall(data)
+        except OSError:
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        if conn in self.clients:
+            self.clients.remove(conn)
+            self.server.unwatch(conn)
+        conn.close()
+
+    def close(self) -> None:
+        for conn in list(self.clients):
+            self._drop(conn)
+        self.server.unwatch(self.listener)
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class SaveInFlight:
+    """A domain-save waiting for the guest to suspend."""
+
+    answer: Deferred
+    path: Path
+    checkpoint: bool
+    paused: bool
+    deadline: int      # system time by which the guest must have suspended
+
+
+@dataclass
+class DaemonDomain:
+    """What the daemon keeps of a domain beside libxl's state."""
+
+    dom: Domain
+    cfg: DomainConfig | None          # what a reboot rebuilds it from (None: restored)
+    console: ConsoleSocket
+    state: libxl.DomainState = field(default_factory=libxl.DomainState)
+    save: SaveInFlight | None = None
+    balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
+
+
+class DmesgHandler(logging.Handler):
+    """The hypervisor's log records, kept for ``host-dmesg`` (xl dmesg)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: deque[str] = deque(maxlen=DMESG_LINES)
+        self.setFormatter(logging.Formatter("(XEN) %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class Daemon:
+    """The machine, its domains and the command handlers."""
+
+    def __init__(self, socket_path: Path, clock: str = "fast",
+                 memory_mib: int = DEFAULT_MEMORY_MIB, version: str = "") -> None:
+        self.hv = Hypervisor(memory_mib, clock=clock)
+        self.clock = clock
+        self.domains: dict[int, DaemonDomain] = {}
+        self.stopping = False
+        self.dmesg = DmesgHandler()
+        hv_log = logging.getLogger("hypervisor")
+        hv_log.addHandler(self.dmesg)
+        if hv_log.getEffectiveLevel() > logging.INFO:
+            hv_log.setLevel(logging.INFO)
+        self.server = Server(socket_path, {"pvlab": version or _version(),
+                                           "xen": dict(zip(("major", "minor"),
+                                                           domctl.xen_version(self.hv),
+                                                           strict=True))})
+        self.dir = Path(socket_path).parent
+        for name, handler in self._commands().items():
+            self.server.register(name, handler)
+
+    # --- the loop --------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until ``quit`` (or stop()): machine and messages, in turn."""
+        try:
+            while not self.stopping:
+                self.server.poll(self._timeout())
+                if self.stopping:
+                    break
+                self.step()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def now(self) -> int:
+        return domctl.system_time(self.hv)
+
+    def _deadlines(self) -> list[int]:
+        marks = []
+        for d in self.domains.values():
+            if d.state.ack_deadline is not None:
+                marks.append(d.state.ack_deadline)
+            if d.save is not None:
+                marks.append(d.save.deadline)
+        return marks
+
+    def _timeout(self) -> float | None:
+        """How long the socket's poll may sleep: not at all while a VCPU can
+        run; until the next timer or deadline when every one is blocked;
+        for ever when nothing but a message can change anything."""
+        nxt = domctl.next_work(self.hv) if self.domains else None
+        marks = self._deadlines()
+        if nxt is None and not marks:
+            return None
+        now = self.now()
+        when = min([*marks, *([nxt] if nxt is not None else [])])
+        if when <= now:
+            return 0.0
+        if self.clock == "deterministic":
+            # virtual time: nothing runs before ``when``, so let it pass now
+            if nxt is None:
+                domctl.idle_until(self.hv, when)
+            return 0.0
+        return (when - now) / 1e9
+
+    def step(self) -> None:
+        """One quantum of the machine, then every domain looked at."""
+        if self.domains and domctl.next_work(self.hv) is not None:
+            quantum = QUANTUM_DET_NS if self.clock == "deterministic" else QUANTUM_FAST_NS
+            domctl.run(self.hv, self.now() + quantum)
+        for d in list(self.domains.values()):
+            self._look_at(d)
+
+    def _look_at(self, d: DaemonDomain) -> None:
+        dom = d.dom
+        if dom.shutdown_reason == SHUTDOWN_suspend:
+            self._suspended(d)
+        elif dom.shutdown_reason is not None:
+            self._shut_down(d)
+            return
+        self._check_requests(d)
+        self._check_balloon(d)
+
+    def _check_requests(self, d: DaemonDomain) -> None:
+        now = self.now()
+        waiting = libxl.check_acknowledged(self.hv, d.dom, d.state, now)
+        if waiting and d.save is not None:
+            self._save_failed(d, f"the guest did not acknowledge the suspend request "
+                                 f"(control/shutdown) within {format_duration(ACK_TIMEOUT_NS)}: "
+                                 "is it built without save/restore support?")
+        elif waiting:
+            log.info("guest %s didn't acknowledge %s, cancelling request", d.dom.name, waiting)
+        if d.save is not None and now >= d.save.deadline:
+            d.state.suspend = None
+            self._save_failed(d, f"the guest did not suspend within "
+                                 f"{format_duration(SUSPEND_TIMEOUT_NS)} of the request")
+
+    def _save_failed(self, d: DaemonDomain, why: str) -> None:
+        save, d.save = d.save, None
+        assert save is not None
+        save.answer.fail(GENERIC, f"{why}; nothing was saved, the guest runs on")
+
+    def _check_balloon(self, d: DaemonDomain) -> None:
+        now = libxl.balloon_kib(self.hv, d.dom)
+        if now is not None and now != d.balloon:
+            d.balloon = now
+            self._emit("BALLOON_CHANGE", d.dom, actual_kib=now[0], target_kib=now[1])
+
+    def _suspended(self, d: DaemonDomain) -> None:
+        """The suspend's completion; the domain saved away is destroyed."""
+        dom, save = d.dom, d.save
+        d.save = None
+        self._emit("SUSPEND", dom)
+        done = libxl.complete_suspend(self.hv, dom, d.state)
+        if done.line:
+            log.info("%s", done.line)
+        if save is not None:
+            self._answer_save(save, done)
+        if not done.runs_on:
+            libxl.destroy_saved(self.hv, dom, lambda msg: log.info("%s", msg))
+            self._forget(d)
+            return
+        if save is not None and save.paused:
+            libxl.pause(dom)
+        self._emit("RESUME", dom)
+
+    def _answer_save(self, save: SaveInFlight, done: libxl.SuspendDone) -> None:
+        outcome = done.outcome
+        if outcome is None or outcome.stats is None:
+            save.answer.fail(GENERIC, outcome.error if outcome else "the save was not made")
+        else:
+            save.answer.resolve({"file": str(save.path), "pages": outcome.stats.pages,
+                                 "bytes": outcome.stats.bytes})
+
+    def _shut_down(self, d: DaemonDomain) -> None:
+        """xl's defaults: on_poweroff=destroy, on_reboot=restart, on_crash=destroy."""
+        dom = d.dom
+        reason = domctl.shutdown_name(dom.shutdown_reason)  # type: ignore[arg-type]
+        if dom.shutdown_reason == SHUTDOWN_crash:
+            self._emit("CRASH", dom, report=dom.crash_report)
+        self._emit("SHUTDOWN", dom, reason=reason)
+        if d.save is not None:
+            self._save_failed(d, f"the guest shut down ({reason}) before it suspended")
+        self._destroy(d)
+        if dom.shutdown_reason == SHUTDOWN_reboot and d.cfg is not None:
+            try:
+                self._create(d.cfg, paused=False)
+            except _CREATE_ERRORS as e:
+                log.warning("rebooting %s failed: %s", dom.name, e)
+
+    # --- domains -----------------------------------------------------------------------
+
+    def _adopt(self, dom: Domain, cfg: DomainConfig | None) -> DaemonDomain:
+        path = self.dir / f"console-{dom.domid}.sock"
+        d = DaemonDomain(dom, cfg, ConsoleSocket(self.server, self.hv, dom, path))
+        domain_of(self.hv, dom).console_sink = lambda _dom, data: d.console.output(data)
+        d.console.output(bytes(dom.console_out))
+        d.balloon = libxl.balloon_kib(self.hv, dom)
+        self.domains[dom.domid] = d
+        self._emit("DOMAIN_CREATED", dom)
+        return d
+
+    def _create(self, cfg: DomainConfig, paused: bool) -> DaemonDomain:
+        dom = libxl.create_domain(self.hv, cfg, paused=paused)
+        try:
+            return self._adopt(dom, cfg)
+        except OSError:
+            libxl.destroy_domain(self.hv, dom)
+            raise
+
+    def _destroy(self, d: DaemonDomain) -> None:
+        if d.dom.domid in self.hv.domains:
+            libxl.destroy_domain(self.hv, d.dom)
+        self._forget(d)
+
+    def _forget(self, d: DaemonDomain) -> None:
+        d.console.close()
+        self.domains.pop(d.dom.domid, None)
+        if d.save is not None:
+            self._save_failed(d, "the domain was destroyed")
+        self._emit("DOMAIN_DESTROYED", d.dom)
+
+    def shutdown(self) -> None:
+        """Stop every domain and close the socket."""
+        for d in list(self.domains.values()):
+            self._destroy(d)
+        self.server.close()
+        logging.getLogger("hypervisor").removeHandler(self.dmesg)
+
+    def _emit(self, event: str, dom: Domain, **data: Any) -> None:
+        self.server.emit(event, {"domid": dom.domid, "name": dom.name, **data})
+
+    def find(self, args: dict[str, Any]) -> DaemonDomain:
+        which = args.get("domain")
+        if not isinstance(which, (str, int)) or isinstance(which, bool):
+            raise QmpError(GENERIC, "'domain' must be a domain's name or domid")
+        dom = libxl.find_domain(self.hv, which)
+        if dom is None or dom.domid not in self.domains:
+            raise QmpError(NOT_FOUND, f"no domain {which!r}")
+        return self.domains[dom.domid]
+
+    # --- commands ----------------------------------------------------------------------
+
+    def _commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {
+            "query-version": lambda _a: {"pvlab": _version(),
+                                         "xen": dict(zip(("major", "minor"),
+                                                         domctl.xen_version(self.hv),
+                                                         strict=True))},
+            "domain-create": self.cmd_create,
+            "domain-list": lambda _a: libxl.domain_list(self.hv),
+            "domain-info": lambda a: libxl.domain_info(self.hv, self.find(a).dom),
+            "domain-pause": self.cmd_pause,
+            "domain-unpause": self.cmd_unpause,
+            "domain-destroy": self.cmd_destroy,
+            "domain-shutdown": self.cmd_shutdown,
+            "domain-save": self.cmd_save,
+            "domain-restore": self.cmd_restore,
+            "domain-mem-set": self.cmd_mem_set,
+            "domain-mem-max": self.cmd_mem_max,
+            "domain-vcpu-list": self.cmd_vcpu_list,
+            "domain-console": lambda a: {"path": str(self.find(a).console.path)},
+            "host-info": lambda _a: {**libxl.host_info(self.hv), "clock": self.clock},
+            "host-dmesg": self.cmd_dmesg,
+            "quit": self.cmd_quit,
+        }
+
+    def cmd_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        config = _path_arg(args, "config")
+        try:
+            d = self._create(load_config(config), paused=_flag(args, "paused"))
+        except _CREATE_ERRORS as e:
+            raise QmpError(GENERIC, str(e)) from None
+        return {"domid": d.dom.domid, "name": d.dom.name}
+
+    def cmd_restore(self, args: dict[str, Any]) -> dict[str, Any]:
+        path = _path_arg(args, "file")
+        paused = _flag(args, "paused")
+        try:
+            dom = libxl.restore_domain(self.hv, path, paused=paused)
+        except _CREATE_ERRORS as e:
+            raise QmpError(GENERIC, str(e)) from None
+        try:
+            self._adopt(dom, None)
+        except OSError as e:
+            libxl.destroy_domain(self.hv, dom)
+            raise QmpError(GENERIC, f"the console socket: {e}") from None
+        return {"domid": dom.domid, "name": dom.name}
+
+    def cmd_pause(self, args: dict[str, Any]) -> dict[str, Any]:
+        libxl.pause(self.find(args).dom)
+        return {}
+
+    def cmd_unpause(self, args: dict[str, Any]) -> dict[str, Any]:
+        libxl.unpause(self.find(args).dom)
+        return {}
+
+    def cmd_destroy(self, args: dict[str, Any]) -> dict[str, Any]:
+        self._destroy(self.find(args))
+        return {}
+
+    def cmd_shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
+        d = self.find(args)
+        reason = args.get("reason", "poweroff")
+        if reason not in ("poweroff", "reboot"):
+            raise QmpError(GENERIC, f"reason {reason!r}: poweroff or reboot")
+        libxl.make_request(self.hv, d.dom, d.state, Request(self.now(), command=reason))
+        return {}
+
+    def cmd_save(self, args: dict[str, Any]) -> Deferred:
+        d = self.find(args)
+        path = _path_arg(args, "file")
+        if path.is_dir() or not path.parent.is_dir():
+            raise QmpError(GENERIC, f"{path}: not a file in an existing directory")
+        if d.save is not None or d.state.suspend is not None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is being saved already")
+        if d.dom.paused:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is paused: it cannot suspend; "
+                                    "unpause it first")
+        checkpoint = _flag(args, "checkpoint")
+        now = self.now()
+        answer = Deferred()
+        d.state.suspend = libxl.SuspendJob(path=path, checkpoint=checkpoint)
+        d.save = SaveInFlight(answer, path, checkpoint, _flag(args, "paused"),
+                              now + SUSPEND_TIMEOUT_NS)
+        libxl.make_request(self.hv, d.dom, d.state, Request(now, command="suspend"))
+        return answer
+
+    def cmd_mem_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        d = self.find(args)
+        try:
+            libxl.mem_set(self.hv, d.dom, _int_arg(args, "kib"))
+        except libxl.LibxlError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        self._check_balloon(d)
+        return {}
+
+    def cmd_mem_max(self, args: dict[str, Any]) -> dict[str, Any]:
+        d = self.find(args)
+        try:
+            libxl.mem_max(self.hv, d.dom, _int_arg(args, "kib"))
+        except libxl.LibxlError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        return {}
+
+    def cmd_vcpu_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        dom = self.find(args).dom if args.get("domain") is not None else None
+        return libxl.vcpu_list(self.hv, dom)
+
+    def cmd_dmesg(self, args: dict[str, Any]) -> dict[str, Any]:
+        text = "".join(f"{line}\n" for line in self.dmesg.lines)
+        if _flag(args, "clear"):
+            self.dmesg.lines.clear()
+        return {"text": text}
+
+    def cmd_quit(self, _args: dict[str, Any]) -> dict[str, Any]:
+        self.stopping = True
+        return {}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pvlab")
+    except Exception:  # not installed: a source tree
+        return "0"
+
+
+def _flag(args: dict[str, Any], name: str) -> bool:
+    value = args.get(name, False)
+    if not isinstance(value, bool):
+        raise QmpError(GENERIC, f"'{name}' must be true or false")
+    return value
+
+
+def _int_arg(args: dict[str, Any], name: str) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise QmpError(GENERIC, f"'{name}' must be a whole number, 0 or more")
+    return value
+
+
+def _path_arg(args: dict[str, Any], name: str) -> Path:
+    value = args.get(name)
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise QmpError(GENERIC, f"'{name}' must be an absolute path")
+    return Path(value)
+
+
+# --- the command line ------------------------------------------------------------------
+
+def add_parser(sub: Any) -> None:
+    """``pvlab daemon [stop|status]``."""
+    from hypervisor.scheduler import CLOCKS
+    p = sub.add_parser("daemon", help="run the host daemon that xl's verbs talk to",
+                       description="Run one machine with any number of domains, driven by "
+                                   "`pvlab xl VERB` over a Unix socket (QMP's shape, "
+                                   "docs/protocol.md). `pvlab daemon stop` stops it (its "
+                                   "domains with it); `pvlab daemon status` says whether "
+                                   "one runs.")
+    p.add_argument("action", nargs="?", choices=("start", "stop", "status"), default="start",
+                   help="start (the default), stop or status")
+    p.add_argument("--socket", metavar="PATH", default=None,
+                   help="the socket (default $XDG_RUNTIME_DIR/pvlab/pvlab.sock, else "
+                        "/tmp/pvlab-UID/pvlab.sock)")
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background once the socket listens")
+    p.add_argument("--pidfile", metavar="PATH", default=None,
+                   help="with --detach: where to write the pid (default pvlab.pid beside "
+                        "the socket)")
+    p.add_argument("--clock", choices=CLOCKS, default="fast",
+                   help="fast (host time, the default) or deterministic (instructions)")
+    p.add_argument("--memory", metavar="MIB", type=int, default=DEFAULT_MEMORY_MIB,
+                   help=f"the machine's memory in MiB (default {DEFAULT_MEMORY_MIB})")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from hypervisor.toolstack.qmp import default_socket
+    sock = Path(args.socket) if args.socket else default_socket()
+    if args.action == "stop":
+        return _stop(sock)
+    if args.action == "status":
+        return _status(sock)
+    if not 64 <= args.memory <= 65536:
+        print(f"pvlab: --memory {args.memory}: give 64 to 65536 MiB", file=sys.stderr)
+        return 2
+    if _answers(sock):
+        print(f"pvlab: a daemon already listens at {sock}", file=sys.stderr)
+        return 2
+    pidfile = Path(args.pidfile) if args.pidfile else sock.parent / "pvlab.pid"
+    if args.detach:
+        return _detach(sock, pidfile, args)
+    return _run(sock, args, None)
+
+
+def _answers(sock: Path) -> bool:
+    from hypervisor.toolstack.qmp import Client, DaemonNotRunning
+    try:
+        Client(sock, timeout=5.0).close()
+    except (DaemonNotRunning, OSError):
+        return False
+    return True
+
+
+def _run(sock: Path, args: argparse.Namespace, ready: Callable[[str], None] | None,
+         pidfile: Path | None = None) -> int:
+    """The daemon in this process; ``ready`` is told "" once it listens, or the error."""
+    try:
+        daemon = Daemon(sock, clock=args.clock, memory_mib=args.memory)
+    except (OSError, ValueError) as e:
+        msg = f"cannot listen at {sock}: {e}"
+        if ready is not None:
+            ready(msg)
+        print(f"pvlab: {msg}", file=sys.stderr)
+        return 2
+    if pidfile is not None:
+        pidfile.write_text(f"{os.getpid()}\n")
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: daemon.stop())
+    wake = os.fdopen(wake_r, "rb", buffering=0)
+    daemon.server.watch(wake, lambda: os.read(wake_r, 512))
+    if ready is not None:
+        ready("")
+    else:
+        print(f"pvlab: daemon listening at {sock} ({args.clock} clock, {args.memory} MiB); "
+              "`pvlab daemon stop` or Ctrl-C stops it", file=sys.stderr)
+    try:
+        daemon.serve()
+    finally:
+        signal.set_wakeup_fd(-1)
+        wake.close()
+        os.close(wake_w)
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
+    return 0
+
+
+def _detach(sock: Path, pidfile: Path, args: argparse.Namespace) -> int:
+    """Fork; the child leaves the session and runs the daemon; the parent
+    returns once the socket listens, or with the child's error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode(errors="replace")
+        os.waitpid(pid, 0)
+        if msg != "ok":
+            print(f"pvlab: {msg or 'the daemon did not start'}", file=sys.stderr)
+            return 2
+        print(f"pvlab: daemon listening at {sock}, pid in {pidfile}")
+        return 0
+    os.close(r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)  # the grandchild is adopted by init: no zombie, no terminal
+
+    def ready(msg: str) -> None:
+        os.write(w, (msg or "ok").encode())
+        os.close(w)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    code = 1
+    try:
+        code = _run(sock, args, ready, pidfile)
+    finally:
+        os._exit(code)
+
+
+def _stop(sock: Path) -> int:
+    from hypervisor.toolstack.qmp import Client, DaemonNotRunning, QmpError
+    try:
+        client = Client(sock)
+    except DaemonNotRunning as e:
+        print(f"pvlab: {e}", file=sys.stderr)
+        return 1
+    try:
+        client.execute("quit")
+    except (QmpError, OSError) as e:
+        print(f"pvlab: quit: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    for _ in range(100):  # the daemon destroys its domains, then removes its socket
+        if not sock.exists():
+            break
+        time.sleep(0.05)
+    print(f"pvlab: the daemon at {sock} stopped")
+    return 0
+
+
+def _status(sock: Path) -> int:
+    from hypervisor.toolstack.qmp import Client, DaemonNotRunning
+    try:
+        client = Client(sock)
+    except DaemonNotRunning as e:
+        print(f"pvlab: {e}", file=sys.stderr)
+        return 1
+    try:
+        rows = client.execute("domain-list")
+        info = client.execute("host-info")
+    finally:
+        client.close()
+    print(f"pvlab daemon at {sock}: {len(rows)} domain(s), {info['free_memory']} of "
+          f"{info['total_memory']} MiB free, {info['clock']} clock")
+    return 0

@@ -19,6 +19,7 @@ from hypervisor.toolstack import xl
 from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.console import ConsoleClient
 from hypervisor.toolstack.qmp import QmpError
+from hypervisor.toolstack.savefile import write_xl_header
 from hypervisor.toolstack.xenconsole import CLOSED, DETACHED, AttachError, attach
 from tests.conftest import ROOT
 
@@ -191,16 +192,43 @@ def test_create_refuses_a_missing_config_before_asking(capsys, tmp_path, daemon)
     assert daemon.calls == []
 
 
+def xl_file(path: Path) -> str:
+    """A file that begins as an xl save file; its xl format info as xl prints it."""
+    with path.open("wb") as f:
+        write_xl_header(f, b'{"name": "shell"}')
+    return xl.xl_format_info(str(path))
+
+
+def saving(image: Path) -> Any:
+    """domain-save's answer, the file written as the daemon would begin it."""
+    def answer(args: dict[str, Any]) -> dict[str, Any]:
+        xl_file(image)
+        return {"file": args["file"], "pages": 4096, "bytes": 3 << 20}
+    return answer
+
+
 def test_save_says_what_was_saved(capsys, tmp_path, daemon):
-    daemon.answers["domain-save"] = lambda a: {"file": a["file"], "pages": 4096,
-                                               "bytes": 3 << 20}
-    code, _, err = run(capsys, "xl", "save", "-c", "shell", str(tmp_path / "s.img"))
+    image = tmp_path / "s.img"
+    daemon.answers["domain-save"] = saving(image)
+    code, _, err = run(capsys, "xl", "save", "-c", "shell", str(image))
     assert code == 0
-    assert err == [f"Saving domain 1 (shell) to {tmp_path / 's.img'}",
-                   f"Saved domain 1 (shell) to {tmp_path / 's.img'}: 4096 pages, 3.0 MiB; "
-                   "the domain runs on"]
-    assert daemon.calls[-1] == ("domain-save", {"domain": 1, "file": str(tmp_path / "s.img"),
+    info = xl.xl_format_info(str(image))
+    assert info.startswith("0x3/0x0/")   # JSON config, libxl stream v2; no optional flag
+    assert err == [f"Saving domain 1 (shell) to {image}",
+                   f"Saved domain 1 (shell) to {image}, new xl format (info {info}): 4096 "
+                   "pages, 3.0 MiB; the domain runs on"]
+    assert daemon.calls[-1] == ("domain-save", {"domain": 1, "file": str(image),
                                                 "checkpoint": True, "paused": False})
+
+
+def test_save_p_keeps_the_domain_paused(capsys, tmp_path, daemon):
+    """-p asks for the domain to be kept, as -c does (xl's save_domain)."""
+    image = tmp_path / "s.img"
+    daemon.answers["domain-save"] = saving(image)
+    code, _, err = run(capsys, "xl", "save", "-p", "shell", str(image))
+    assert code == 0 and err[-1].endswith("; the domain is paused")
+    assert daemon.calls[-1][1] == {"domain": 1, "file": str(image), "checkpoint": True,
+                                   "paused": True}
 
 
 def test_save_refuses_a_file_it_cannot_write(capsys, tmp_path, daemon):
@@ -211,12 +239,22 @@ def test_save_refuses_a_file_it_cannot_write(capsys, tmp_path, daemon):
 
 
 def test_restore(capsys, tmp_path, daemon):
-    (tmp_path / "s.img").write_bytes(b"x")
+    info = xl_file(tmp_path / "s.img")
     daemon.answers["domain-restore"] = {"domid": 2, "name": "shell"}
-    code, _, err = run(capsys, "xl", "restore", str(tmp_path / "s.img"))
-    assert code == 0 and err[-1] == f"Restored domain 2 (shell) from {tmp_path / 's.img'}"
+    code, _, err = run(capsys, "xl", "restore", "-p", str(tmp_path / "s.img"))
+    assert code == 0 and err == [
+        f"Loading new save file {tmp_path / 's.img'} (new xl fmt info {info})",
+        f"Restored domain 2 (shell) from {tmp_path / 's.img'}, paused (pvlab xl unpause "
+        "starts it)"]
     assert daemon.calls == [("domain-restore", {"file": str(tmp_path / "s.img"),
-                                                "paused": False})]
+                                                "paused": True})]
+
+
+def test_restore_refuses_what_is_no_save_file_before_asking(capsys, tmp_path, daemon):
+    (tmp_path / "s.img").write_bytes(b"x" * 64)
+    code, _, err = run(capsys, "xl", "restore", str(tmp_path / "s.img"))
+    assert code == 2 and len(err) == 1 and "not an xl save file" in err[0]
+    assert daemon.calls == []
 
 
 def test_shutdown_wait_waits_for_its_domains_shutdown(capsys, daemon):

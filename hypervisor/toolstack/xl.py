@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hypervisor.toolstack import qmp
+from hypervisor.toolstack.savefile import XL_HDR, read_xl_header
+from hypervisor.toolstack.stream import StreamError
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -190,20 +192,36 @@ def xl_save(d: Daemon, args: argparse.Namespace) -> int:
     file = _new_file(args.file)
     info = _info(d, args.domain)
     _say(f"Saving domain {info['domid']} ({info['name']}) to {args.file}")
+    # -p keeps the domain as -c does, paused (xl's save_domain: leavepaused || checkpoint)
     done = d.execute("domain-save", {"domain": info["domid"], "file": file,
-                                     "checkpoint": args.checkpoint, "paused": args.paused},
+                                     "checkpoint": args.checkpoint or args.paused,
+                                     "paused": args.paused},
                      timeout=LONG_WAIT_S)
     after = ("is paused" if args.paused else "runs on" if args.checkpoint
              else "is destroyed")
-    _say(f"Saved domain {info['domid']} ({info['name']}) to {args.file}: {done['pages']} "
-         f"pages, {_mib(done['bytes'])}; the domain {after}")
+    _say(f"Saved domain {info['domid']} ({info['name']}) to {args.file}, new xl format "
+         f"(info {xl_format_info(file)}): {done['pages']} pages, {_mib(done['bytes'])}; "
+         f"the domain {after}")
     return EXIT_OK
+
+
+def xl_format_info(file: str) -> str:
+    """The save file's header as xl's save and restore print it: mandatory
+    flags / optional flags / length of the optional data
+    (save_domain_core_writeconfig)."""
+    try:
+        with open(file, "rb") as f:
+            hdr = read_xl_header(f)
+    except (OSError, StreamError) as e:
+        raise BadInput(f"{file}: {e}") from None
+    return f"{hdr.mandatory_flags:#x}/{hdr.optional_flags:#x}/{hdr.end - XL_HDR.size}"
 
 
 def xl_restore(d: Daemon, args: argparse.Namespace) -> int:
     file = _existing_file(args.file, "save file")
-    _say(f"Loading save file {args.file}")
-    made = d.execute("domain-restore", {"file": file, "paused": args.paused}, timeout=LONG_WAIT_S)
+    _say(f"Loading new save file {args.file} (new xl fmt info {xl_format_info(file)})")
+    made = d.execute("domain-restore", {"file": file, "paused": args.paused},
+                     timeout=LONG_WAIT_S)
     _say(f"Restored domain {made['domid']} ({made['name']}) from {args.file}"
          + (", paused (pvlab xl unpause starts it)" if args.paused else ""))
     if args.console:

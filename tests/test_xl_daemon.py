@@ -6,6 +6,8 @@ dmesg, and `pvlab console` through a pseudo-terminal."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import select
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import pytest
 from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.qmp import Client, DaemonNotRunning
 from tests.conftest import GUEST_IMAGE, ROOT, checkout_env
+from tests.reference import hashchain_line
 
 HELLO = b"hello from user space"
 # TODO(daemon-core): `python -m hypervisor daemon` once cli.py registers the verb; until
@@ -150,3 +153,96 @@ def test_mem_set_reaches_the_target_and_mem_max_may_not_go_below_it(capsys, host
     assert code == 1 and err.startswith("pvlab: ") and len(err.splitlines()) == 1
     assert xl(capsys, host, "mem-max", "bal", "1g")[0] == 0
     assert xl(capsys, host, "destroy", "bal")[0] == 0
+
+
+def test_save_c_leaves_the_domain_running(capsys, host):
+    assert xl(capsys, host, "create", host.config("ck"))[0] == 0
+    image = host.root / "ck.img"
+    code, _, err = xl(capsys, host, "save", "-c", "ck", str(image))
+    assert code == 0, err
+    assert err.splitlines()[-1].endswith("; the domain runs on") and image.stat().st_size
+    assert state(capsys, host, "ck")[2:4] == "--"    # neither paused nor shut down
+    assert xl(capsys, host, "destroy", "ck")[0] == 0
+
+
+def test_save_then_restore_and_the_restored_shell_runs_a_program(capsys, host):
+    """The domain is gone after xl save; xl restore -c brings it back and
+    attaches: lines piped in reach its shell, whose hashchain prints what an
+    uninterrupted run prints; the pipe's end exits the shell, and the guest
+    powers off, which ends the console."""
+    assert xl(capsys, host, "create", host.config("sr"))[0] == 0
+    image = host.root / "sr.img"
+    assert xl(capsys, host, "save", "sr", str(image))[0] == 0
+    assert row(capsys, host, "sr") is None
+    p = pvlab("xl", "restore", "-c", str(image), "--socket", str(host.sock),
+              stdin="hashchain 3 2\n")
+    assert p.returncode == 0, p.stderr
+    assert hashchain_line(3, 2) in p.stdout
+    assert p.stderr.splitlines()[-1] == "pvlab: the console of domain " \
+        f"{_domid(p.stderr)} (sr) closed"
+    assert row(capsys, host, "sr") is None    # powered off: destroyed (xl's on_poweroff)
+
+
+def _domid(err: str) -> str:
+    line = next(line for line in err.splitlines() if line.startswith("Restored domain "))
+    return line.split()[2]
+
+
+def test_shutdown_waits_and_dmesg_tells(capsys, host):
+    assert xl(capsys, host, "create", host.config("sd"))[0] == 0
+    code, _, err = xl(capsys, host, "shutdown", "-w", "sd")
+    assert code == 0, err
+    assert err.splitlines()[-1].endswith(" has been shut down (poweroff)")
+    assert row(capsys, host, "sd") is None
+    code, out, _ = xl(capsys, host, "dmesg", "-c")
+    assert code == 0 and "(sd) shut down: poweroff" in out
+    assert "(sd)" not in xl(capsys, host, "dmesg")[1]
+
+
+def test_a_person_at_pvlab_console(capsys, host):
+    """Through a pseudo-terminal: the shell of examples/shell.toml runs a
+    typed line; Ctrl-] detaches with exit 0 and the domain runs on."""
+    assert xl(capsys, host, "create", str(ROOT / "examples" / "shell.toml"))[0] == 0
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "hypervisor", "console", "shell",
+                             "--socket", str(host.sock)], stdin=slave, stdout=slave,
+                            stderr=slave, cwd=ROOT, env=checkout_env())
+    os.close(slave)
+    seen = bytearray()
+    try:
+        assert read_until(master, seen, b"$ ")
+        os.write(master, b"hellp\x7fo\r")
+        assert read_until(master, seen, HELLO + b"\r\n")
+        os.write(master, b"\x1d")
+        assert proc.wait(timeout=60) == 0
+        read_until(master, seen, b"runs on")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert b"detached from the console of domain" in seen
+    assert state(capsys, host, "shell")[3] == "-"
+    assert xl(capsys, host, "destroy", "shell")[0] == 0
+
+
+def read_until(fd: int, seen: bytearray, want: bytes, polls: int = 240) -> bool:
+    """Read the terminal until ``want`` shows, giving up after ``polls``
+    half-second waits with nothing to read (a guard against a hang, not a
+    timing assertion)."""
+    idle = 0
+    while want not in seen and idle < polls:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            idle += 1
+            continue
+        try:
+            seen += os.read(fd, 4096)
+        except OSError:
+            break
+    return want in seen
+
+
+def pvlab(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hypervisor", *args], cwd=ROOT,
+                          env=checkout_env(), capture_output=True, text=True, input=stdin,
+                          timeout=300)

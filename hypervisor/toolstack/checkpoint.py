@@ -44,7 +44,7 @@ def try_save(hv: Hypervisor, dom: Domain, path: Path, checkpoint: bool = False,
     try:
         out.stats = save_to_file(hv, dom, path, checkpoint=checkpoint, seed=seed,
                                  progress=progress)
-    except SaveError as e:
+    except (SaveError, OSError) as e:  # OSError: the temporary file could not be removed
         out.error = str(e)
     return out
 

@@ -763,9 +763,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_explore(sub)
     _add_plot(sub)
+    _add_daemon(sub)
     xl.add_parsers(sub)
     _add_registered(sub)
     return p
+
+
+def _add_daemon(sub: Any) -> None:
+    from hypervisor.toolstack.daemon import add_parser
+    add_parser(sub)
 
 
 def _add_registered(sub: argparse._SubParsersAction) -> None:

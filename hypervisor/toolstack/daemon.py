@@ -43,7 +43,7 @@ from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import ACK_TIMEOUT_NS, Request, type_on_console
 from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
-from hypervisor.toolstack.qmp import Deferred, QmpError, Server
+from hypervisor.toolstack.qmp import Deferred, Param, QmpError, Server
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.stream import StreamError
 from hypervisor.toolstack.timeparse import format_duration
@@ -182,13 +182,13 @@ class Daemon:
         hv_log.addHandler(self.dmesg)
         if hv_log.getEffectiveLevel() > logging.INFO:
             hv_log.setLevel(logging.INFO)
-        self.server = Server(socket_path, {"pvlab": version or _version(),
-                                           "xen": dict(zip(("major", "minor"),
-                                                           domctl.xen_version(self.hv),
-                                                           strict=True))})
+        major, minor = domctl.xen_version(self.hv)
+        self.version = {"pvlab": version or _version(), "xen": {"major": major,
+                                                                 "minor": minor}}
+        self.server = Server(socket_path, self.version)
         self.dir = Path(socket_path).parent
-        for name, handler in self._commands().items():
-            self.server.register(name, handler)
+        for name, (handler, params) in self._commands().items():
+            self.server.register(name, handler, params)
 
     # --- the loop --------------------------------------------------------------------
 
@@ -232,23 +232,33 @@ class Daemon:
             return 0.0
         if self.clock == "deterministic":
             # virtual time: nothing runs before ``when``, so let it pass now
+            # (with no VCPU online it cannot pass: wait for a message)
             if nxt is None:
                 domctl.idle_until(self.hv, when)
+                return 0.0 if self.now() >= when else None
             return 0.0
         return (when - now) / 1e9
 
     def step(self) -> None:
-        """One quantum of the machine, then every domain looked at."""
-        if self.domains and domctl.next_work(self.hv) is not None:
+        """One quantum of the machine, then every domain looked at. The fast
+        clock runs only once something is due (a message may have ended the
+        poll early); the deterministic clock's time passes as it runs."""
+        nxt = domctl.next_work(self.hv) if self.domains else None
+        if nxt is not None and (self.clock == "deterministic" or nxt <= self.now()):
             quantum = QUANTUM_DET_NS if self.clock == "deterministic" else QUANTUM_FAST_NS
             domctl.run(self.hv, self.now() + quantum)
         for d in list(self.domains.values()):
-            self._look_at(d)
+            try:
+                self._look_at(d)
+            except Exception:  # a bug must not take the other domains down
+                log.exception("looking at domain %s failed", d.dom.name)
 
     def _look_at(self, d: DaemonDomain) -> None:
         dom = d.dom
         if dom.shutdown_reason == SHUTDOWN_suspend:
             self._suspended(d)
+            if dom.domid not in self.domains:
+                return
         elif dom.shutdown_reason is not None:
             self._shut_down(d)
             return
@@ -365,9 +375,7 @@ class Daemon:
         self.server.emit(event, {"domid": dom.domid, "name": dom.name, **data})
 
     def find(self, args: dict[str, Any]) -> DaemonDomain:
-        which = args.get("domain")
-        if not isinstance(which, (str, int)) or isinstance(which, bool):
-            raise QmpError(GENERIC, "'domain' must be a domain's name or domid")
+        which = args["domain"]
         dom = libxl.find_domain(self.hv, which)
         if dom is None or dom.domid not in self.domains:
             raise QmpError(NOT_FOUND, f"no domain {which!r}")
@@ -375,28 +383,33 @@ class Daemon:
 
     # --- commands ----------------------------------------------------------------------
 
-    def _commands(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    def _commands(self) -> dict[str, tuple[Callable[[dict[str, Any]], Any],
+                                           dict[str, Param]]]:
+        """Each command's handler and arguments (the server checks their types)."""
+        dom, path, flag = Param((str, int)), Param((str,)), Param((bool,), required=False)
+        kib = {"domain": dom, "kib": Param((int,))}
         return {
-            "query-version": lambda _a: {"pvlab": _version(),
-                                         "xen": dict(zip(("major", "minor"),
-                                                         domctl.xen_version(self.hv),
-                                                         strict=True))},
-            "domain-create": self.cmd_create,
-            "domain-list": lambda _a: libxl.domain_list(self.hv),
-            "domain-info": lambda a: libxl.domain_info(self.hv, self.find(a).dom),
-            "domain-pause": self.cmd_pause,
-            "domain-unpause": self.cmd_unpause,
-            "domain-destroy": self.cmd_destroy,
-            "domain-shutdown": self.cmd_shutdown,
-            "domain-save": self.cmd_save,
-            "domain-restore": self.cmd_restore,
-            "domain-mem-set": self.cmd_mem_set,
-            "domain-mem-max": self.cmd_mem_max,
-            "domain-vcpu-list": self.cmd_vcpu_list,
-            "domain-console": lambda a: {"path": str(self.find(a).console.path)},
-            "host-info": lambda _a: {**libxl.host_info(self.hv), "clock": self.clock},
-            "host-dmesg": self.cmd_dmesg,
-            "quit": self.cmd_quit,
+            "query-version": (lambda _a: self.version, {}),
+            "domain-create": (self.cmd_create, {"config": path, "paused": flag}),
+            "domain-list": (lambda _a: libxl.domain_list(self.hv), {}),
+            "domain-info": (lambda a: libxl.domain_info(self.hv, self.find(a).dom),
+                            {"domain": dom}),
+            "domain-pause": (self.cmd_pause, {"domain": dom}),
+            "domain-unpause": (self.cmd_unpause, {"domain": dom}),
+            "domain-destroy": (self.cmd_destroy, {"domain": dom}),
+            "domain-shutdown": (self.cmd_shutdown,
+                                {"domain": dom, "reason": Param((str,), required=False)}),
+            "domain-save": (self.cmd_save, {"domain": dom, "file": path,
+                                            "checkpoint": flag, "paused": flag}),
+            "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
+            "domain-mem-set": (self.cmd_mem_set, kib),
+            "domain-mem-max": (self.cmd_mem_max, kib),
+            "domain-vcpu-list": (self.cmd_vcpu_list, {"domain": Param((str, int), False)}),
+            "domain-console": (lambda a: {"path": str(self.find(a).console.path)},
+                               {"domain": dom}),
+            "host-info": (lambda _a: libxl.host_info(self.hv), {}),
+            "host-dmesg": (self.cmd_dmesg, {"clear": flag}),
+            "quit": (self.cmd_quit, {}),
         }
 
     def cmd_create(self, args: dict[str, Any]) -> dict[str, Any]:

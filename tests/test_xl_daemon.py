@@ -22,14 +22,6 @@ from tests.conftest import GUEST_IMAGE, ROOT, checkout_env
 from tests.reference import hashchain_line
 
 HELLO = b"hello from user space"
-# TODO(daemon-core): `python -m hypervisor daemon` once cli.py registers the verb; until
-# then the daemon's own parser is called the way cli.main would call it
-DAEMON = ("import argparse, sys\n"
-          "from hypervisor.toolstack import daemon\n"
-          "p = argparse.ArgumentParser(prog='pvlab')\n"
-          "daemon.add_parser(p.add_subparsers())\n"
-          "a = p.parse_args(['daemon', *sys.argv[1:]])\n"
-          "sys.exit(a.func(a))\n")
 
 
 class Host:
@@ -41,7 +33,7 @@ class Host:
         self.log = root / "daemon.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", DAEMON, "--socket", str(self.sock)],
+                [sys.executable, "-m", "hypervisor", "daemon", "--socket", str(self.sock)],
                 cwd=ROOT, env=checkout_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self._wait_until_it_answers()
 

@@ -238,3 +238,20 @@ def pvlab(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[s
     return subprocess.run([sys.executable, "-m", "hypervisor", *args], cwd=ROOT,
                           env=checkout_env(), capture_output=True, text=True, input=stdin,
                           timeout=300)
+
+
+def test_save_p_leaves_the_domain_paused(capsys, host):
+    assert xl(capsys, host, "create", host.config("sp"))[0] == 0
+    code, _, err = xl(capsys, host, "save", "-p", "sp", str(host.root / "sp.img"))
+    assert code == 0, err
+    assert state(capsys, host, "sp")[2] == "p"
+    assert xl(capsys, host, "destroy", "sp")[0] == 0
+
+
+def test_create_c_attaches_at_once(host):
+    """xl create -c: the console from its first line (the kernel booting);
+    input from a pipe."""
+    p = pvlab("xl", "create", "-c", host.config("cc"), "--socket", str(host.sock),
+              stdin="hello\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("[cpu0] pvlab guest kernel booting") and HELLO.decode() in p.stdout

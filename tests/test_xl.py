@@ -394,3 +394,19 @@ def test_the_bridge_ends_when_the_console_closes(tmp_path):
 def test_a_console_socket_nobody_listens_at(tmp_path):
     with pytest.raises(AttachError, match="cannot attach to the console of shell"):
         attach(tmp_path / "none.sock", "shell", ConsoleClient(fd=0, out=io.BytesIO()))
+
+
+@pytest.mark.parametrize("error, line", [
+    (ConnectionError("the daemon at S closed the connection"),
+     "pvlab: the daemon at S closed the connection"),
+    (ConnectionResetError(104, "Connection reset by peer"),
+     "pvlab: the daemon at S: Connection reset by peer"),
+    (TimeoutError("timed out"), "pvlab: the daemon at S did not answer in time"),
+    (PermissionError(13, "Permission denied"), "pvlab: the daemon at S: Permission denied"),
+])
+def test_a_lost_daemon_is_one_line(capsys, daemon, error, line):
+    def fail(_args: Any) -> Any:
+        raise error
+    daemon.answers["domain-list"] = fail
+    code, out, err = run(capsys, "xl", "list", "--socket", "S")
+    assert code == 1 and out == "" and err == [line]

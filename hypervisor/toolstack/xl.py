@@ -361,11 +361,21 @@ def run_verb(args: argparse.Namespace) -> int:
         return 2
     except XlError as e:
         _say(f"pvlab: {e}")
-    except (OSError, EOFError) as e:
-        _say(f"pvlab: the daemon at {args.socket or qmp.default_socket()}: {e}")
+    except OSError as e:
+        _say(f"pvlab: {_lost_line(e, args.socket or str(qmp.default_socket()))}")
     finally:
         daemon.close()
     return EXIT_FAILED
+
+
+def _lost_line(e: OSError, socket: str) -> str:
+    """The connection's failure as one line that names the daemon once."""
+    if isinstance(e, TimeoutError):
+        return f"the daemon at {socket} did not answer in time"
+    text = str(e) if e.strerror is None else e.strerror
+    if text.startswith("the daemon at "):  # the Client's own line
+        return text
+    return f"the daemon at {socket}: {text}"
 
 
 def _qmp_error_line(e: Any, args: argparse.Namespace) -> str:

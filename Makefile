@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) bench/saverestore.py
 	$(PY) bench/schedule.py
 	$(PY) bench/debugger.py
+	$(PY) bench/daemon.py
 
 firmware:
 	$(MAKE) -C firmware

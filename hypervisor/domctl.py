@@ -212,6 +212,18 @@ def run(hv: Hypervisor, until_ns: int | None = None) -> None:
     hv.run(until_ns)
 
 
+def run_while_busy(hv: Hypervisor, until_ns: int) -> None:
+    """As run, but back as soon as every VCPU is blocked with no timer due
+    yet, instead of sleeping until one is (fast clock): a host daemon sleeps
+    then in its own poll, where a message can wake it too."""
+    sched = hv.scheduler
+
+    def idle() -> bool:
+        nxt = sched.next_work()
+        return nxt is None or nxt > sched.now()
+    hv.run(until_ns, idle)
+
+
 def next_work(hv: Hypervisor) -> int | None:
     """When the machine next has something to run: now (system time) if a
     VCPU can run, else its earliest timer; None if only an event from outside
@@ -706,7 +718,7 @@ __all__ = [
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio_balloon",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
-    "debug_trace", "next_work",
+    "debug_trace", "next_work", "run_while_busy",
     "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",

@@ -40,3 +40,11 @@ def test_debugger_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "a breakpoint set" in r.stdout and "x" in r.stdout
+
+
+def test_daemon_bench_runs():
+    r = subprocess.run([sys.executable, "bench/daemon.py", "--seconds", "0.3"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "blocked guest / busy" in r.stdout

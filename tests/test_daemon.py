@@ -28,7 +28,7 @@ GUEST = ROOT / "firmware" / "guest.elf"
 WAIT_S = 60.0  # the most a test waits for the daemon or a guest (a slow machine)
 # results of a computing guest: what it prints is fixed by its arguments
 RESULTS = ("hashchain digest", "counter ")
-COMPUTE = "run=hashchain:1200:32,counter:3:300000"
+COMPUTE = "run=hashchain:300:32,counter:3:100000"
 
 
 def write_config(d: Path, name: str, cmdline: str = "run=sh", memory: int = 16,
@@ -293,7 +293,7 @@ def test_images_move_between_daemon_and_scripted(daemon: Daemon, workdir: Path) 
     ``pvlab save`` wrote restores into the daemon; each guest ends with the
     uninterrupted run's results."""
     cfg = write_config(workdir, "hc", COMPUTE)
-    whole = pvlab("run", str(cfg))
+    whole = pvlab("run", str(cfg), "--fast")
     assert whole.returncode == 0
     expected = results(whole.stdout)
     daemon("domain-create", config=str(cfg), paused=True)

@@ -245,8 +245,10 @@ class Daemon:
         poll early); the deterministic clock's time passes as it runs."""
         nxt = domctl.next_work(self.hv) if self.domains else None
         if nxt is not None and (self.clock == "deterministic" or nxt <= self.now()):
-            quantum = QUANTUM_DET_NS if self.clock == "deterministic" else QUANTUM_FAST_NS
-            domctl.run(self.hv, self.now() + quantum)
+            if self.clock == "deterministic":
+                domctl.run(self.hv, self.now() + QUANTUM_DET_NS)
+            else:
+                domctl.run_while_busy(self.hv, self.now() + QUANTUM_FAST_NS)
         for d in list(self.domains.values()):
             try:
                 self._look_at(d)

@@ -410,3 +410,15 @@ def test_a_lost_daemon_is_one_line(capsys, daemon, error, line):
     daemon.answers["domain-list"] = fail
     code, out, err = run(capsys, "xl", "list", "--socket", "S")
     assert code == 1 and out == "" and err == [line]
+
+
+def test_list_long_leaves_out_a_domain_destroyed_meanwhile(capsys, daemon):
+    daemon.answers["domain-list"] = [ROW, {**ROW, "domid": 2, "name": "gone"}]
+
+    def info(args: dict[str, Any]) -> dict[str, Any]:
+        if args["domain"] == 2:
+            raise QmpError("DomainNotFound", "no domain 2")
+        return ROW
+    daemon.answers["domain-info"] = info
+    code, out, _ = run(capsys, "xl", "list", "-l")
+    assert code == 0 and json.loads(out) == [ROW]

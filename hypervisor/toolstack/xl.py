@@ -162,11 +162,24 @@ def xl_list(d: Daemon, args: argparse.Namespace) -> int:
     if args.domain is not None:
         infos = [_info(d, args.domain)]
     elif args.long:
-        infos = [_info(d, str(r["domid"])) for r in d.execute("domain-list")]
+        infos = _infos(d, [r["domid"] for r in d.execute("domain-list")])
     else:
         infos = d.execute("domain-list")
     print(format_list_long(infos) if args.long else format_list(infos))
     return EXIT_OK
+
+
+def _infos(d: Daemon, domids: list[int]) -> list[dict[str, Any]]:
+    """Each domain's details; one destroyed meanwhile is left out, as xl's
+    list_domains_details skips a domain whose configuration it cannot get."""
+    infos = []
+    for domid in domids:
+        try:
+            infos.append(d.execute("domain-info", {"domain": domid}))
+        except qmp.QmpError as e:
+            if e.klass != "DomainNotFound":
+                raise
+    return infos
 
 
 def xl_console(d: Daemon, args: argparse.Namespace) -> int:

@@ -206,10 +206,15 @@ def xl_save(d: Daemon, args: argparse.Namespace) -> int:
     info = _info(d, args.domain)
     _say(f"Saving domain {info['domid']} ({info['name']}) to {args.file}")
     # -p keeps the domain as -c does, paused (xl's save_domain: leavepaused || checkpoint)
-    done = d.execute("domain-save", {"domain": info["domid"], "file": file,
-                                     "checkpoint": args.checkpoint or args.paused,
-                                     "paused": args.paused},
-                     timeout=LONG_WAIT_S)
+    try:
+        done = d.execute("domain-save", {"domain": info["domid"], "file": file,
+                                         "checkpoint": args.checkpoint or args.paused,
+                                         "paused": args.paused},
+                         timeout=LONG_WAIT_S)
+    except qmp.QmpError as e:
+        # the daemon resumes the guest, as xl's "Failed to save domain, resuming domain"
+        raise XlError(f"failed to save domain {info['domid']} ({info['name']}): {e.desc}; "
+                      "it runs on") from None
     after = ("is paused" if args.paused else "runs on" if args.checkpoint
              else "is destroyed")
     _say(f"Saved domain {info['domid']} ({info['name']}) to {args.file}, new xl format "

@@ -424,8 +424,9 @@ def test_list_long_leaves_out_a_domain_destroyed_meanwhile(capsys, daemon):
     assert code == 0 and json.loads(out) == [ROW]
 
 
-def test_a_failed_save_says_the_domain_runs_on(capsys, tmp_path, daemon):
-    daemon.answers["domain-save"] = QmpError("GenericError", "the guest did not suspend")
+def test_a_failed_save_is_one_line(capsys, tmp_path, daemon):
+    daemon.answers["domain-save"] = QmpError("GenericError", "the guest did not suspend; "
+                                                             "it runs on")
     code, _, err = run(capsys, "xl", "save", "shell", str(tmp_path / "s.img"))
     assert code == 1 and err[-1] == "pvlab: failed to save domain 1 (shell): the guest did " \
                                     "not suspend; it runs on"

@@ -212,9 +212,10 @@ def xl_save(d: Daemon, args: argparse.Namespace) -> int:
                                          "paused": args.paused},
                          timeout=LONG_WAIT_S)
     except qmp.QmpError as e:
-        # the daemon resumes the guest, as xl's "Failed to save domain, resuming domain"
-        raise XlError(f"failed to save domain {info['domid']} ({info['name']}): {e.desc}; "
-                      "it runs on") from None
+        # xl's "Failed to save domain, resuming domain": the daemon resumes a
+        # guest whose save failed (unless the failure is that it is gone)
+        raise XlError(f"failed to save domain {info['domid']} ({info['name']}): "
+                      f"{e.desc}") from None
     after = ("is paused" if args.paused else "runs on" if args.checkpoint
              else "is destroyed")
     _say(f"Saved domain {info['domid']} ({info['name']}) to {args.file}, new xl format "

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from hypervisor.toolstack import xl
-from hypervisor.toolstack.cli import main
+from hypervisor.toolstack.cli import build_parser, main
 from hypervisor.toolstack.console import ConsoleClient
 from hypervisor.toolstack.qmp import QmpError
 from hypervisor.toolstack.savefile import write_xl_header
@@ -94,6 +94,34 @@ def test_a_bad_size_is_one_line_and_no_daemon_is_asked(capsys, monkeypatch):
 def test_domains_are_domids_when_all_digits():
     assert xl.domain_ref("3") == 3 and xl.domain_ref("shell") == "shell"
     assert xl.domain_ref("web3") == "web3"
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+def parse(*argv: str) -> Any:
+    return build_parser().parse_args(list(argv))
+
+
+def test_flags_are_xls_letters():
+    a = parse("xl", "save", "-c", "-p", "web", "web.img", "--socket", "/s")
+    assert (a.domain, a.file, a.checkpoint, a.paused, a.socket) == ("web", "web.img", True,
+                                                                     True, "/s")
+    a = parse("xl", "create", "-cp", "web.toml")
+    assert (a.config, a.console, a.paused) == ("web.toml", True, True)
+    assert parse("xl", "restore", "-p", "web.img").paused
+    assert parse("xl", "shutdown", "-w", "web").wait and parse("xl", "reboot", "--wait", "3").wait
+    assert parse("xl", "list", "--long").long and parse("xl", "list", "web").domain == "web"
+    assert parse("xl", "vcpu-list", "a", "b").domains == ["a", "b"]
+    assert parse("xl", "dmesg", "-c").clear and not parse("xl", "dmesg").clear
+    assert parse("console", "web").xl_verb is xl.xl_console
+
+
+@pytest.mark.parametrize("argv", [("xl",), ("xl", "save", "web"), ("xl", "mem-set", "web"),
+                                  ("xl", "list", "-x"), ("xl", "nosuchverb")])
+def test_bad_arguments_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2 and "usage: pvlab" in capsys.readouterr().err
 
 
 # --- formats ---------------------------------------------------------------------------------

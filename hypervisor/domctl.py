@@ -60,7 +60,7 @@ from hypervisor.public.domctl import (
 from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, EPERM
 from hypervisor.public.vcpu import RUNSTATE_running
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, VIRQ_CON_RING, VIRQ_DOM_EXC, shared_info
-from hypervisor.scheduler import next_wake
+from hypervisor.scheduler import CLOCKS, next_wake
 from hypervisor.xentrace import TraceBuffer, TraceRecord
 
 ENTRIES_PER_TABLE = PAGE_SIZE // 8
@@ -104,6 +104,16 @@ def pausedomain(dom: Domain) -> None:
 
 def unpausedomain(dom: Domain) -> None:
     dom.paused = False
+
+
+def is_paused(dom: Domain) -> bool:
+    """xc_domain_getinfo's XEN_DOMINF_paused: the toolstack paused it."""
+    return bool(dom.paused)
+
+
+def getdomaininfolist(hv: Hypervisor) -> list[Domain]:
+    """XEN_SYSCTL_getdomaininfolist: every domain of the machine, by domid."""
+    return [d for _, d in sorted(hv.domains.items())]
 
 
 def resumedomain(hv: Hypervisor, dom: Domain) -> None:
@@ -714,11 +724,12 @@ def dump_frames(hv: Hypervisor, dom: Domain | None = None) -> FrameDump:
 
 
 __all__ = [
-    "Balloon", "BalloonError", "Domain", "DomctlError", "ForeignMap", "FrameDump", "Hypervisor",
+    "CLOCKS", "Balloon", "BalloonError", "Domain", "DomctlError", "ForeignMap", "FrameDump",
+    "Hypervisor",
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio_balloon",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
-    "debug_trace", "next_work", "run_while_busy",
+    "debug_trace", "getdomaininfolist", "is_paused", "next_work", "run_while_busy",
     "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",

@@ -184,14 +184,9 @@ def test_create_list_pause_destroy(daemon: Daemon, workdir: Path) -> None:
         daemon("domain-pause", domain="sh")
     assert e.value.klass == "DomainNotFound"
     con.close()
-
-
-def test_domids_not_reused(daemon: Daemon, workdir: Path) -> None:
-    """A new domain never gets the domid of one just destroyed (domid_alloc)."""
-    first = daemon("domain-create", config=str(write_config(workdir, "a")), paused=True)
-    daemon("domain-destroy", domain="a")
-    second = daemon("domain-create", config=str(write_config(workdir, "a")), paused=True)
-    assert second["domid"] == first["domid"] + 1
+    # a new domain never gets the domid of one just destroyed (Xen's domid_alloc)
+    again = daemon("domain-create", config=str(write_config(workdir, "sh")), paused=True)
+    assert again["domid"] == made["domid"] + 1
 
 
 def test_console_and_socket_modes(daemon: Daemon, workdir: Path) -> None:
@@ -208,6 +203,21 @@ def test_console_and_socket_modes(daemon: Daemon, workdir: Path) -> None:
     assert con.to_end() and not path.exists()
     con.close()
     late.close()
+
+
+def test_deterministic_clock(workdir: Path) -> None:
+    """The deterministic clock's daemon: the same commands, the same console."""
+    daemon = Daemon(workdir, "--clock", "deterministic")
+    try:
+        assert daemon("host-info")["clock"] == "deterministic"
+        _, con = shell(daemon, workdir)
+        con.type("hello\n")
+        assert "hello from user space" in con.until("exited with code 0")
+        daemon("domain-shutdown", domain="sh", reason="poweroff")
+        assert daemon.event("SHUTDOWN")["data"]["reason"] == "poweroff"
+        con.close()
+    finally:
+        daemon.stop()
 
 
 def test_shutdown_poweroff_and_reboot(daemon: Daemon, workdir: Path) -> None:
@@ -375,8 +385,45 @@ def test_failed_saves_leave_guests_running(daemon: Daemon, workdir: Path) -> Non
     sh.close()
 
 
+def test_a_client_gone_mid_save_and_two_clients(daemon: Daemon, workdir: Path) -> None:
+    """A client that goes away while its save waits: the save is still made,
+    its answer dropped; a second client sees the events and is answered."""
+    made, con = shell(daemon, workdir)
+    other = Client(daemon.sock, timeout=WAIT_S)
+    img = workdir / "gone.img"
+    gone = Client(daemon.sock, timeout=WAIT_S)  # greeted and negotiated
+    gone.sock.sendall(b'{"execute": "domain-save", "arguments": {"domain": "sh", "file": "'
+                      + str(img).encode() + b'"}}\n')
+    gone.close()
+    while True:
+        ev = other.next_event(WAIT_S)
+        assert ev is not None
+        if ev["event"] == "DOMAIN_DESTROYED":
+            break
+    assert ev["data"] == made and img.exists()
+    assert other.execute("domain-list") == []
+    other.close()
+    con.close()
+
+
+def test_quit_and_sigterm_stop_every_domain_and_remove_the_sockets(workdir: Path) -> None:
+    for stop in ("quit", "sigterm"):
+        daemon = Daemon(workdir)
+        _, con = shell(daemon, workdir)
+        console = Path(daemon("domain-console", domain="sh")["path"])
+        if stop == "quit":
+            assert daemon("quit") == {}
+        else:
+            daemon.proc.terminate()
+        assert daemon.proc.wait(WAIT_S) == 0
+        assert con.to_end() and not console.exists() and not daemon.sock.exists()
+        con.close()
+        daemon.stop()
+
+
 # --- the command line ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_detach_status_stop(workdir: Path) -> None:
     sock = workdir / "run" / "pvlab.sock"
     pidfile = workdir / "d.pid"
@@ -398,3 +445,5 @@ def test_detach_status_stop(workdir: Path) -> None:
     status = pvlab("daemon", "status", "--socket", str(sock))
     assert status.returncode == 1
     assert status.stderr.strip().startswith("pvlab: no pvlab daemon is listening")
+    bad = pvlab("daemon", "--memory", "5", "--socket", str(sock))
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1

@@ -63,6 +63,7 @@ BOOT_STACK_PAGES = 4
 HYPERCALL_STUB_SIZE = 32  # the hypercall page: hypercall i's stub at 32 * i
 SLACK_PAGES = 64          # beside the guest's memory: shared_info, device pages
 DOMID_TOOLSTACK = 0       # the other end of the console and store channels
+HYPERVISOR_OVERHEAD_MIB = 8
 L1_RW = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
 
 
@@ -103,6 +104,11 @@ class DomImage:
 
     def mfn(self, pfn: int) -> int:
         return int(self.p2m[pfn])
+
+
+def machine_mib_for(memory_mib: int) -> int:
+    """Machine memory for one guest alone: its RAM, the M2P, the hypervisor's frames."""
+    return memory_mib + HYPERVISOR_OVERHEAD_MIB + memory_mib // 64
 
 
 def hypercall_page() -> bytes:

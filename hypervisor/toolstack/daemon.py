@@ -40,20 +40,18 @@ from hypervisor.toolstack import libxl
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, DomainConfig, load_config
 from hypervisor.toolstack.context import domain_of
-from hypervisor.toolstack.control import ACK_TIMEOUT_NS, Request, type_on_console
+from hypervisor.toolstack.control import Request, type_on_console
 from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.qmp import Deferred, Param, QmpError, Server
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.stream import StreamError
-from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_MIB = 512
 QUANTUM_FAST_NS = 20_000_000     # host time run between looks at the socket
 QUANTUM_DET_NS = 2_000_000       # virtual time, deterministic clock
-SUSPEND_TIMEOUT_NS = 2_000_000_000  # from a save's request to the suspend
 CONSOLE_HISTORY = 16 * 1024      # output a newly attached console client gets
 DMESG_LINES = 2000
 GENERIC, NOT_FOUND = "GenericError", "DomainNotFound"
@@ -175,6 +173,7 @@ class Daemon:
                  memory_mib: int = DEFAULT_MEMORY_MIB, version: str = "") -> None:
         self.hv = Hypervisor(memory_mib, clock=clock)
         self.clock = clock
+        self.started_ns = time.monotonic_ns()
         self.domains: dict[int, DaemonDomain] = {}
         self.stopping = False
         self.dmesg = DmesgHandler()
@@ -231,13 +230,20 @@ class Daemon:
         if when <= now:
             return 0.0
         if self.clock == "deterministic":
-            # virtual time: nothing runs before ``when``, so let it pass now
-            # (with no VCPU online it cannot pass: wait for a message)
-            if nxt is None:
-                domctl.idle_until(self.hv, when)
-                return 0.0 if self.now() >= when else None
-            return 0.0
+            return self._deterministic_timeout(nxt, when)
         return (when - now) / 1e9
+
+    def _deterministic_timeout(self, nxt: int | None, when: int) -> float | None:
+        """Virtual time: nothing runs before ``when``. With a timer to come,
+        the loop waits until host time since the start reaches it, so that an
+        idle guest's ticks do not race ahead and keep the host busy (what the
+        guest sees depends on virtual time alone). With none, its time passes
+        to the deadline at once; with no VCPU online it cannot pass, and only a
+        message can change anything."""
+        if nxt is not None:
+            return max(0.0, (when - (time.monotonic_ns() - self.started_ns)) / 1e9)
+        domctl.idle_until(self.hv, when)
+        return 0.0 if self.now() >= when else None
 
     def step(self) -> None:
         """One quantum of the machine, then every domain looked at. The fast
@@ -271,20 +277,21 @@ class Daemon:
         now = self.now()
         waiting = libxl.check_acknowledged(self.hv, d.dom, d.state, now)
         if waiting and d.save is not None:
-            self._save_failed(d, f"the guest did not acknowledge the suspend request "
-                                 f"(control/shutdown) within {format_duration(ACK_TIMEOUT_NS)}: "
-                                 "is it built without save/restore support?")
+            self._save_failed(d, libxl.why_not_suspended("", True, self._time_words()))
         elif waiting:
             log.info("guest %s didn't acknowledge %s, cancelling request", d.dom.name, waiting)
         if d.save is not None and now >= d.save.deadline:
             d.state.suspend = None
-            self._save_failed(d, f"the guest did not suspend within "
-                                 f"{format_duration(SUSPEND_TIMEOUT_NS)} of the request")
+            self._save_failed(d, libxl.why_not_suspended("", False, self._time_words()))
 
-    def _save_failed(self, d: DaemonDomain, why: str) -> None:
+    def _time_words(self) -> str:
+        return "of virtual time" if self.clock == "deterministic" else "of host time"
+
+    def _save_failed(self, d: DaemonDomain, why: str, runs_on: bool = True) -> None:
         save, d.save = d.save, None
         assert save is not None
-        save.answer.fail(GENERIC, f"{why}; nothing was saved, the guest runs on")
+        fate = "the guest runs on" if runs_on else "the domain is gone"
+        save.answer.fail(GENERIC, f"{why}; nothing was saved, {fate}")
 
     def _check_balloon(self, d: DaemonDomain) -> None:
         now = libxl.balloon_kib(self.hv, d.dom)
@@ -326,7 +333,7 @@ class Daemon:
             self._emit("CRASH", dom, report=dom.crash_report)
         self._emit("SHUTDOWN", dom, reason=reason)
         if d.save is not None:
-            self._save_failed(d, f"the guest shut down ({reason}) before it suspended")
+            self._save_failed(d, libxl.why_not_suspended(reason, False, ""), runs_on=False)
         self._destroy(d)
         if dom.shutdown_reason == SHUTDOWN_reboot and d.cfg is not None:
             try:
@@ -355,7 +362,7 @@ class Daemon:
             raise
 
     def _destroy(self, d: DaemonDomain) -> None:
-        if d.dom.domid in self.hv.domains:
+        if d.dom in domctl.getdomaininfolist(self.hv):
             libxl.destroy_domain(self.hv, d.dom)
         self._forget(d)
 
@@ -363,7 +370,7 @@ class Daemon:
         d.console.close()
         self.domains.pop(d.dom.domid, None)
         if d.save is not None:
-            self._save_failed(d, "the domain was destroyed")
+            self._save_failed(d, "the domain was destroyed", runs_on=False)
         self._emit("DOMAIN_DESTROYED", d.dom)
 
     def shutdown(self) -> None:
@@ -463,7 +470,7 @@ class Daemon:
             raise QmpError(GENERIC, f"{path}: not a file in an existing directory")
         if d.save is not None or d.state.suspend is not None:
             raise QmpError(GENERIC, f"domain {d.dom.name} is being saved already")
-        if d.dom.paused:
+        if domctl.is_paused(d.dom):
             raise QmpError(GENERIC, f"domain {d.dom.name} is paused: it cannot suspend; "
                                     "unpause it first")
         checkpoint = _flag(args, "checkpoint")
@@ -471,7 +478,7 @@ class Daemon:
         answer = Deferred()
         d.state.suspend = libxl.SuspendJob(path=path, checkpoint=checkpoint)
         d.save = SaveInFlight(answer, path, checkpoint, _flag(args, "paused"),
-                              now + SUSPEND_TIMEOUT_NS)
+                              now + libxl.SUSPEND_TIMEOUT_NS)
         libxl.make_request(self.hv, d.dom, d.state, Request(now, command="suspend"))
         return answer
 
@@ -540,7 +547,6 @@ def _path_arg(args: dict[str, Any], name: str) -> Path:
 
 def add_parser(sub: Any) -> None:
     """``pvlab daemon [stop|status]``."""
-    from hypervisor.scheduler import CLOCKS
     p = sub.add_parser("daemon", help="run the host daemon that xl's verbs talk to",
                        description="Run one machine with any number of domains, driven by "
                                    "`pvlab xl VERB` over a Unix socket (QMP's shape, "
@@ -557,7 +563,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--pidfile", metavar="PATH", default=None,
                    help="with --detach: where to write the pid (default pvlab.pid beside "
                         "the socket)")
-    p.add_argument("--clock", choices=CLOCKS, default="fast",
+    p.add_argument("--clock", choices=domctl.CLOCKS, default="fast",
                    help="fast (host time, the default) or deterministic (instructions)")
     p.add_argument("--memory", metavar="MIB", type=int, default=DEFAULT_MEMORY_MIB,
                    help=f"the machine's memory in MiB (default {DEFAULT_MEMORY_MIB})")

@@ -12,7 +12,7 @@ as xl and every other libxl client share libxl:
 * requests of the guest: a shutdown command written into control/shutdown,
   with its acknowledgement awaited (``make_request``, ``check_acknowledged``:
   libxl_domain_shutdown and the suspend's acknowledgement wait);
-* the suspend's completion (libxl__domain_suspend_done): what was asked for
+* the suspend's completion (domain_suspend_common_done): what was asked for
   the suspend is done once the domain has suspended: a save to a file (the
   domain destroyed after it, or resumed for a checkpoint), a numbered
   checkpoint, or nothing (the suspend is cancelled); a failed save resumes
@@ -36,7 +36,7 @@ from typing import Any
 
 from hypervisor import domctl
 from hypervisor.domctl import BalloonError, Domain, Hypervisor
-from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_suspend
+from hypervisor.public.sched import SHUTDOWN_crash
 from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack import balloonctl
 from hypervisor.toolstack.builder import BuildError, build_domain
@@ -52,10 +52,12 @@ from hypervisor.toolstack.control import (
     shutdown_pending,
 )
 from hypervisor.toolstack.save import Progress
+from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
 
 KIB_PER_PAGE = PAGE_SIZE // 1024
+SUSPEND_TIMEOUT_NS = 2_000_000_000  # system time from a save's request to the suspend
 
 
 class LibxlError(Exception):
@@ -98,16 +100,16 @@ class SuspendDone:
 
 def find_domain(hv: Hypervisor, which: str | int) -> Domain | None:
     """A domain by its name or domid (xl's find_domain)."""
-    for dom in hv.domains.values():
+    for dom in domctl.getdomaininfolist(hv):
         if dom.name == str(which) or str(dom.domid) == str(which):
             return dom
     return None
 
 
 def _check_name(hv: Hypervisor, name: str) -> None:
-    """libxl refuses a second domain of one name ("domain with name ... already exists")."""
-    if any(d.name == name for d in hv.domains.values()):
-        raise LibxlError(f"domain with name {name!r} already exists")
+    """libxl refuses a second domain of one name (libxl__domain_rename)."""
+    if any(d.name == name for d in domctl.getdomaininfolist(hv)):
+        raise LibxlError(f'domain with name "{name}" already exists')
 
 
 def create_domain(hv: Hypervisor, cfg: DomainConfig, paused: bool = False) -> Domain:
@@ -180,12 +182,22 @@ def check_acknowledged(hv: Hypervisor, dom: Domain, st: DomainState, now_ns: int
     return waiting
 
 
-def suspended(dom: Domain) -> bool:
-    return dom.shutdown_reason == SHUTDOWN_suspend
+def why_not_suspended(shut_down: str, unacknowledged: bool, time_words: str) -> str:
+    """Why a save made nothing: the guest shut down first (``shut_down``, its
+    reason), did not acknowledge the request, or did not suspend in time
+    (``time_words`` says whose time the limits are)."""
+    if shut_down:
+        return f"the guest shut down ({shut_down}) before it suspended"
+    if unacknowledged:
+        return (f"the guest did not acknowledge the suspend request (control/shutdown) "
+                f"within {format_duration(ACK_TIMEOUT_NS)} {time_words}: is it built "
+                "without save/restore support?")
+    return (f"the guest did not suspend within {format_duration(SUSPEND_TIMEOUT_NS)} "
+            f"{time_words} of the request")
 
 
 def complete_suspend(hv: Hypervisor, dom: Domain, st: DomainState) -> SuspendDone:
-    """The domain suspended: do what the suspend was for (libxl__domain_suspend_done).
+    """The domain suspended: do what the suspend was for (domain_suspend_common_done).
     A save to a file that worked leaves it suspended, for ``destroy_saved``;
     everything else resumes it cancelled (its suspend hypercall returns 1)."""
     job, st.suspend = st.suspend, None
@@ -283,7 +295,7 @@ def state_letters(dom: Domain) -> str:
         flags[4] = "c"
     else:
         flags[3] = "s"
-    if dom.paused:
+    if domctl.is_paused(dom):
         flags[2] = "p"
     return "".join(flags)
 
@@ -302,7 +314,7 @@ def domain_row(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
 
 
 def domain_list(hv: Hypervisor) -> list[dict[str, Any]]:
-    return [domain_row(hv, d) for _, d in sorted(hv.domains.items())]
+    return [domain_row(hv, d) for d in domctl.getdomaininfolist(hv)]
 
 
 def domain_info(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
@@ -311,7 +323,7 @@ def domain_info(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
     row["shutdown_reason"] = (domctl.shutdown_name(dom.shutdown_reason)
                               if dom.shutdown_reason is not None else None)
     row["crash_report"] = dom.crash_report
-    row["paused"] = dom.paused
+    row["paused"] = domctl.is_paused(dom)
     row["tot_pages"] = dom.tot_pages
     row["max_pages"] = dom.max_pages
     balloon = balloon_kib(hv, dom)
@@ -323,7 +335,7 @@ def domain_info(hv: Hypervisor, dom: Domain) -> dict[str, Any]:
 
 def vcpu_list(hv: Hypervisor, dom: Domain | None = None) -> list[dict[str, Any]]:
     """``xl vcpu-list``: every VCPU of ``dom`` (or of every domain)."""
-    doms = [dom] if dom is not None else [d for _, d in sorted(hv.domains.items())]
+    doms = [dom] if dom is not None else domctl.getdomaininfolist(hv)
     rows = []
     for d in doms:
         for i in range(domctl.max_vcpus(d)):
@@ -331,7 +343,7 @@ def vcpu_list(hv: Hypervisor, dom: Domain | None = None) -> list[dict[str, Any]]
             state = "-b-" if v.blocked else "r--"
             if not v.online:
                 state = "---"
-            elif d.paused:
+            elif domctl.is_paused(d):
                 state = "--p"
             rows.append({"domid": d.domid, "name": d.name, "vcpu": i, "cpu": 0,
                          "state": state, "time_s": round(v.running_ns / 1e9, 3)})
@@ -349,11 +361,12 @@ def host_info(hv: Hypervisor) -> dict[str, Any]:
             "free_memory": phys.free_pages * PAGE_SIZE >> 20,
             "xen_major": major, "xen_minor": minor, "xen_version": f"{major}.{minor}",
             "xen_scheduler": "pvlab", "clock": domctl.clock_name(hv),
-            "nr_domains": len(hv.domains)}
+            "nr_domains": len(domctl.getdomaininfolist(hv))}
 
 
 __all__ = ["BuildError", "DomainState", "LibxlError", "SuspendDone", "SuspendJob",
            "balloon_kib", "check_acknowledged", "complete_suspend", "create_domain",
            "destroy_domain", "destroy_saved", "domain_info", "domain_list", "domain_row",
            "find_domain", "host_info", "make_request", "mem_max", "mem_set", "pause",
-           "restore_domain", "save_suspended", "state_letters", "unpause", "vcpu_list"]
+           "restore_domain", "save_suspended", "state_letters", "unpause", "vcpu_list",
+           "why_not_suspended"]

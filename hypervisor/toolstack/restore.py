@@ -53,12 +53,11 @@ from hypervisor.public.xen import (
     start_info,
 )
 from hypervisor.toolstack import pfinfo, stream
-from hypervisor.toolstack.builder import BuildError, add_balloon
+from hypervisor.toolstack.builder import BuildError, add_balloon, machine_mib_for
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
 from hypervisor.toolstack.save import Progress
-from hypervisor.toolstack.session import machine_mib_for
 from hypervisor.toolstack.xenstored import home
 
 DOMID_TOOLSTACK = 0  # the other end of the console and store channels

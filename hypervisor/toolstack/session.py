@@ -14,12 +14,11 @@ from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack import libxl
-from hypervisor.toolstack.builder import build_domain
+from hypervisor.toolstack.builder import build_domain, machine_mib_for
 from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import (
-    ACK_TIMEOUT_NS,
     TYPE,
     Request,
     console_bytes,
@@ -31,8 +30,6 @@ from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
 
-HYPERVISOR_OVERHEAD_MIB = 8
-SUSPEND_TIMEOUT_NS = 2_000_000_000  # virtual time from the request to the suspend
 CONSOLE_POLL_NS = 20_000_000  # with a console attached, its input is looked at this often
 CONSOLE_WAIT_S = 0.05  # how long to wait for input while the guest can do nothing
 
@@ -45,11 +42,6 @@ class ConsoleInput(Protocol):
     closed: bool
 
     def poll(self, timeout_s: float = 0.0) -> bytes: ...
-
-
-def machine_mib_for(memory_mib: int) -> int:
-    """Machine memory for one guest: its RAM, the M2P, the hypervisor's frames."""
-    return memory_mib + HYPERVISOR_OVERHEAD_MIB + memory_mib // 64
 
 
 @dataclass
@@ -323,7 +315,7 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
         return False
 
     before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
-    result = run_domain(hv, dom, at_ns + SUSPEND_TIMEOUT_NS, sink,
+    result = run_domain(hv, dom, at_ns + libxl.SUSPEND_TIMEOUT_NS, sink,
                         [*before, Request(at_ns, command="suspend")], note, on_suspend,
                         observer=observer)
     if outcome.ok:
@@ -336,14 +328,8 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
 
 
 def _why_not_suspended(result: RunResult) -> str:
-    if result.reason not in ("running", "hung"):
-        return f"the guest shut down ({result.reason}) before it suspended"
-    if result.unacknowledged:
-        return (f"the guest did not acknowledge the suspend request (control/shutdown) "
-                f"within {format_duration(ACK_TIMEOUT_NS)} of virtual time: is it built "
-                "without save/restore support?")
-    return (f"the guest did not suspend within {format_duration(SUSPEND_TIMEOUT_NS)} of "
-            "virtual time of the request")
+    shut_down = result.reason if result.reason not in ("running", "hung") else ""
+    return libxl.why_not_suspended(shut_down, bool(result.unacknowledged), "of virtual time")
 
 
 def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | None = None,

@@ -39,7 +39,7 @@ END_EVENTS = ("SHUTDOWN", "CRASH", "DOMAIN_DESTROYED")
 LONG_WAIT_S = 3600.0
 
 
-class Daemon(Protocol):
+class DaemonClient(Protocol):
     """What a verb needs of the daemon: qmp.Client's two calls."""
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
@@ -142,11 +142,11 @@ def _new_file(text: str) -> str:
     return str(path.resolve())
 
 
-def _info(d: Daemon, dom: str) -> dict[str, Any]:
+def _info(d: DaemonClient, dom: str) -> dict[str, Any]:
     return d.execute("domain-info", {"domain": domain_ref(dom)})
 
 
-def xl_create(d: Daemon, args: argparse.Namespace) -> int:
+def xl_create(d: DaemonClient, args: argparse.Namespace) -> int:
     config = _existing_file(args.config, "configuration")
     _say(f"Parsing config from {args.config}")
     made = d.execute("domain-create", {"config": config, "paused": args.paused},
@@ -158,7 +158,7 @@ def xl_create(d: Daemon, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def xl_list(d: Daemon, args: argparse.Namespace) -> int:
+def xl_list(d: DaemonClient, args: argparse.Namespace) -> int:
     if args.domain is not None:
         infos = [_info(d, args.domain)]
     elif args.long:
@@ -169,7 +169,7 @@ def xl_list(d: Daemon, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _infos(d: Daemon, domids: list[int]) -> list[dict[str, Any]]:
+def _infos(d: DaemonClient, domids: list[int]) -> list[dict[str, Any]]:
     """Each domain's details; one destroyed meanwhile is left out, as xl's
     list_domains_details skips a domain whose configuration it cannot get."""
     infos = []
@@ -182,11 +182,11 @@ def _infos(d: Daemon, domids: list[int]) -> list[dict[str, Any]]:
     return infos
 
 
-def xl_console(d: Daemon, args: argparse.Namespace) -> int:
+def xl_console(d: DaemonClient, args: argparse.Namespace) -> int:
     return _attach(d, args.domain)
 
 
-def _attach(d: Daemon, dom: str) -> int:
+def _attach(d: DaemonClient, dom: str) -> int:
     """Bridge this terminal to the domain's console socket until Ctrl-]."""
     from hypervisor.toolstack.xenconsole import CLOSED, AttachError, attach
     info = _info(d, dom)
@@ -201,7 +201,7 @@ def _attach(d: Daemon, dom: str) -> int:
     return EXIT_OK
 
 
-def xl_save(d: Daemon, args: argparse.Namespace) -> int:
+def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
     file = _new_file(args.file)
     info = _info(d, args.domain)
     _say(f"Saving domain {info['domid']} ({info['name']}) to {args.file}")
@@ -236,7 +236,7 @@ def xl_format_info(file: str) -> str:
     return f"{hdr.mandatory_flags:#x}/{hdr.optional_flags:#x}/{hdr.end - XL_HDR.size}"
 
 
-def xl_restore(d: Daemon, args: argparse.Namespace) -> int:
+def xl_restore(d: DaemonClient, args: argparse.Namespace) -> int:
     file = _existing_file(args.file, "save file")
     _say(f"Loading new save file {args.file} (new xl fmt info {xl_format_info(file)})")
     made = d.execute("domain-restore", {"file": file, "paused": args.paused},
@@ -255,30 +255,30 @@ def _size_kib(text: str) -> int:
         raise BadInput(str(e)) from None
 
 
-def xl_mem_set(d: Daemon, args: argparse.Namespace) -> int:
+def xl_mem_set(d: DaemonClient, args: argparse.Namespace) -> int:
     kib = _size_kib(args.size)
     d.execute("domain-mem-set", {"domain": domain_ref(args.domain), "kib": kib})
     return EXIT_OK
 
 
-def xl_mem_max(d: Daemon, args: argparse.Namespace) -> int:
+def xl_mem_max(d: DaemonClient, args: argparse.Namespace) -> int:
     kib = _size_kib(args.size)
     d.execute("domain-mem-max", {"domain": domain_ref(args.domain), "kib": kib})
     return EXIT_OK
 
 
-def _simple(command: str) -> Callable[[Daemon, argparse.Namespace], int]:
+def _simple(command: str) -> Callable[[DaemonClient, argparse.Namespace], int]:
     """A verb that is one command on one domain and prints nothing, as xl's."""
-    def verb(d: Daemon, args: argparse.Namespace) -> int:
+    def verb(d: DaemonClient, args: argparse.Namespace) -> int:
         d.execute(command, {"domain": domain_ref(args.domain)})
         return EXIT_OK
     return verb
 
 
-def _shutdown(reason: str) -> Callable[[Daemon, argparse.Namespace], int]:
+def _shutdown(reason: str) -> Callable[[DaemonClient, argparse.Namespace], int]:
     """xl shutdown / reboot: write the request; with -w wait for the domain's
     SHUTDOWN (or its crash or destruction) as wait_for_domain_deaths does."""
-    def verb(d: Daemon, args: argparse.Namespace) -> int:
+    def verb(d: DaemonClient, args: argparse.Namespace) -> int:
         info = _info(d, args.domain)
         what = "Rebooting" if reason == "reboot" else "Shutting down"
         _say(f"{what} domain {info['domid']} ({info['name']})")
@@ -289,7 +289,7 @@ def _shutdown(reason: str) -> Callable[[Daemon, argparse.Namespace], int]:
     return verb
 
 
-def _wait_for_end(d: Daemon, domid: int) -> str:
+def _wait_for_end(d: DaemonClient, domid: int) -> str:
     """The line that says how the domain ended, once an event says it did."""
     while True:
         event = d.next_event(None)
@@ -305,7 +305,7 @@ def _wait_for_end(d: Daemon, domid: int) -> str:
         return f"Domain {domid} has been destroyed"
 
 
-def xl_vcpu_list(d: Daemon, args: argparse.Namespace) -> int:
+def xl_vcpu_list(d: DaemonClient, args: argparse.Namespace) -> int:
     if not args.domains:
         rows = d.execute("domain-vcpu-list", {})
     else:
@@ -314,7 +314,7 @@ def xl_vcpu_list(d: Daemon, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _vcpus_of(d: Daemon, dom: str) -> list[dict[str, Any]]:
+def _vcpus_of(d: DaemonClient, dom: str) -> list[dict[str, Any]]:
     try:
         return d.execute("domain-vcpu-list", {"domain": domain_ref(dom)})
     except qmp.QmpError as e:
@@ -323,12 +323,12 @@ def _vcpus_of(d: Daemon, dom: str) -> list[dict[str, Any]]:
         raise
 
 
-def xl_info(d: Daemon, args: argparse.Namespace) -> int:
+def xl_info(d: DaemonClient, args: argparse.Namespace) -> int:
     print(format_info(d.execute("host-info")))
     return EXIT_OK
 
 
-def xl_dmesg(d: Daemon, args: argparse.Namespace) -> int:
+def xl_dmesg(d: DaemonClient, args: argparse.Namespace) -> int:
     text = d.execute("host-dmesg", {"clear": args.clear})["text"]
     sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
     return EXIT_OK
@@ -336,7 +336,7 @@ def xl_dmesg(d: Daemon, args: argparse.Namespace) -> int:
 
 # --- connecting, and the one-line failures ---------------------------------------------------
 
-def connect(socket: str | None) -> Daemon:
+def connect(socket: str | None) -> DaemonClient:
     """A client of the daemon at ``socket`` (default: qmp.default_socket())."""
     return qmp.Client(Path(socket) if socket else qmp.default_socket())
 
@@ -482,7 +482,7 @@ CONSOLE_HELP = ("Attach this terminal to the domain's console: what you type goe
                 "it comes. Several people may attach to one domain at once.")
 
 # name, verb, one line for the verb list, the description, its arguments
-VERBS: list[tuple[str, Callable[[Daemon, argparse.Namespace], int], str, str,
+VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, str,
                   Callable[[argparse.ArgumentParser], None]]] = [
     ("create", xl_create, "build a domain from a configuration and start it",
      "Build the domain CONFIG describes in the daemon and start it.", _create_args),
@@ -522,7 +522,7 @@ VERBS: list[tuple[str, Callable[[Daemon, argparse.Namespace], int], str, str,
 ]
 
 
-def _add_verb(sub: Any, name: str, verb: Callable[[Daemon, argparse.Namespace], int],
+def _add_verb(sub: Any, name: str, verb: Callable[[DaemonClient, argparse.Namespace], int],
               summary: str, description: str,
               arguments: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser(name, help=summary, description=description)

@@ -479,7 +479,8 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 CONSOLE_HELP = ("Attach this terminal to the domain's console: what you type goes to the "
                 "guest (its tty echoes and edits the line), its output comes here; Ctrl-] "
                 "detaches and the domain runs on. Input that is no terminal is passed on as "
-                "it comes. Several people may attach to one domain at once.")
+                "it comes, and its end is typed as Ctrl-D. Several people may attach to one "
+                "domain at once.")
 
 # name, verb, one line for the verb list, the description, its arguments
 VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, str,
@@ -543,5 +544,5 @@ def add_parsers(sub: Any) -> None:
     verbs = xl.add_subparsers(dest="xl_name", metavar="VERB", required=True)
     for spec in VERBS:
         _add_verb(verbs, *spec)
-    console = next(spec for spec in VERBS if spec[0] == "console")
-    _add_verb(sub, *console)
+    _add_verb(sub, "console", xl_console, "attach to the console of a domain in the daemon "
+              "(pvlab xl console)", CONSOLE_HELP, _dom)

@@ -13,7 +13,7 @@ from typing import Any
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
-from hypervisor.toolstack import gdbsx
+from hypervisor.toolstack import gdbsx, xl
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.context import audit
@@ -764,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explore(sub)
     _add_plot(sub)
     _add_daemon(sub)
+    xl.add_parsers(sub)
     _add_registered(sub)
     return p
 

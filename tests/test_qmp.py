@@ -191,6 +191,25 @@ def test_a_client_that_goes_away_mid_command(server: Running, sock_path: Path) -
         assert c.execute("echo", {"ok": 1}) == {"ok": 1}
 
 
+def test_commands_sent_before_a_client_leaves_are_carried_out(server: Running,
+                                                              sock_path: Path) -> None:
+    """A client that writes its commands and goes before it has read anything
+    (its greeting cannot be sent any more) still has them carried out."""
+    for _ in range(5):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(os.fspath(sock_path))
+        s.sendall(b'{"execute": "qmp_capabilities"}{"execute": "later"}')
+        s.close()
+    with Client(sock_path) as c:
+        c.execute("echo")
+        for _ in range(100):
+            if len(server.waiting) == 5:
+                break
+            c.execute("echo")  # each answer is one more round of the server's loop
+        assert len(server.waiting) == 5
+        assert c.execute("finish") == {"answered": 0}  # the answers had nowhere to go
+
+
 def test_events_reach_negotiated_clients_only(server: Running, sock_path: Path) -> None:
     s, f = raw(sock_path)
     read(f)

@@ -277,10 +277,11 @@ class _Conn:
         self.out = bytearray()
         self.negotiated = False
         self.closing = False      # send what is queued, then close
+        self.deaf = False         # the client can no longer be written to
         self.pending: list[Deferred] = []
 
     def send(self, obj: dict[str, Any]) -> None:
-        if not self.closing:
+        if not self.closing and not self.deaf:
             self.out += _encode(obj)
 
 
@@ -403,8 +404,11 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self._drop(conn)
-                return
+                # the client went (EPIPE): what it wrote before going is still
+                # read and carried out; it is dropped at its end of file
+                conn.out.clear()
+                conn.deaf = True
+                break
             del conn.out[:n]
         if len(conn.out) > MAX_BACKLOG:
             log.warning("dropping a client that does not read its messages")

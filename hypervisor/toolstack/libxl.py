@@ -286,16 +286,19 @@ def state_letters(dom: Domain) -> str:
     online = [domctl.getvcpuinfo(dom, i) for i in range(domctl.max_vcpus(dom))]
     online = [v for v in online if v.online]
     flags = ["-"] * 6
+    paused = domctl.is_paused(dom)
     if dom.shutdown_reason is None:
-        if any(not v.blocked for v in online):
-            flags[0] = "r"
-        else:
+        # Xen's getdomaininfo: blocked if every online VCPU is; running if one
+        # is on a CPU, which no VCPU of a paused domain is
+        if all(v.blocked for v in online):
             flags[1] = "b"
+        elif not paused:
+            flags[0] = "r"
     elif dom.shutdown_reason == SHUTDOWN_crash:
         flags[4] = "c"
     else:
         flags[3] = "s"
-    if domctl.is_paused(dom):
+    if paused:
         flags[2] = "p"
     return "".join(flags)
 
@@ -340,12 +343,11 @@ def vcpu_list(hv: Hypervisor, dom: Domain | None = None) -> list[dict[str, Any]]
     for d in doms:
         for i in range(domctl.max_vcpus(d)):
             v = domctl.getvcpuinfo(d, i)
-            state = "-b-" if v.blocked else "r--"
-            if not v.online:
-                state = "---"
-            elif domctl.is_paused(d):
-                state = "--p"
-            rows.append({"domid": d.domid, "name": d.name, "vcpu": i, "cpu": 0,
+            # print_vcpuinfo: running, blocked, and "p" for an offline VCPU
+            running = "-" if v.blocked or domctl.is_paused(d) else "r"
+            state = f"{running}{'b' if v.blocked else '-'}-" if v.online else "--p"
+            cpu = 0 if v.online else None
+            rows.append({"domid": d.domid, "name": d.name, "vcpu": i, "cpu": cpu,
                          "state": state, "time_s": round(v.running_ns / 1e9, 3)})
     return rows
 

@@ -166,6 +166,7 @@ class Hypervisor:
     def destroy_domain(self, dom: Domain) -> None:
         """Tear a domain down and give all its frames back."""
         ft = self.machine.frames
+        self.machine.paging.forget(dom.domid)
         for mfn in ft.owned_by(dom.domid).tolist():
             ft.type_count[mfn] = 0
             ft.ref_count[mfn] = 0

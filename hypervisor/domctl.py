@@ -21,7 +21,8 @@ objects hold none of it. It learns of the machine's events through the global
 VIRQs it binds here: VIRQ_DOM_EXC when a domain is destroyed (it releases its
 xenstore connection itself), VIRQ_CON_RING for console output; and it passes
 the p2m lists it recorded to ``audit``. Every change to a domain goes through
-the calls below. Live migration will add shadow_op (log-dirty) here.
+the calls below; live migration's rounds read what a domain wrote with
+shadow_op (log-dirty).
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ from hypervisor.public.domctl import (
     PFINFO_LTAB_SHIFT,
     PFINFO_NOTAB,
     PFINFO_XTAB,
+    XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY,
+    XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL,
+    XEN_DOMCTL_SHADOW_OP_CLEAN,
+    XEN_DOMCTL_SHADOW_OP_ENABLE,
+    XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
+    XEN_DOMCTL_SHADOW_OP_OFF,
+    XEN_DOMCTL_SHADOW_OP_PEEK,
+    xen_domctl_shadow_op,
 )
 from hypervisor.public.errno import EBUSY, EEXIST, EINVAL, EPERM
 from hypervisor.public.xen import PAGE_SHIFT, PAGE_SIZE, VIRQ_CON_RING, VIRQ_DOM_EXC, shared_info
@@ -279,6 +288,8 @@ def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,
     mfns = np.asarray(mfns, dtype=np.int64)
     _check_owned(hv, dom, mfns)
     hv.machine.m2p[mfns] = np.asarray(pfns, dtype=np.uint64)
+    for pfn in np.asarray(pfns, dtype=np.uint64).tolist():
+        hv.machine.paging.mark_pfn_dirty(dom.domid, pfn)
 
 
 def map_m2p(hv: Hypervisor) -> np.ndarray:
@@ -320,6 +331,7 @@ def mmuext_pin_table(hv: Hypervisor, dom: Domain, mfn: int, level: int) -> int:
     if rc:
         return rc
     hv.machine.frames.pinned[mfn] = True
+    hv.machine.paging.mark_dirty(mfn)
     return 0
 
 
@@ -343,8 +355,51 @@ def getpageframeinfo3(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> np.ndarr
 
 
 # --- log-dirty ----------------------------------------------------------------------
-# XEN_DOMCTL_shadow_op (XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY, CLEAN, PEEK) goes
-# here with live migration: the frames a domain wrote since the last round.
+
+def shadow_op(hv: Hypervisor, dom: Domain, op: xen_domctl_shadow_op,
+              bitmap: np.ndarray | None = None) -> int:
+    """XEN_DOMCTL_shadow_op for log-dirty (paging_domctl, hypervisor/mm/logdirty.py):
+    OFF, ENABLE_LOGDIRTY (or ENABLE with XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY),
+    CLEAN and PEEK. For CLEAN and PEEK, ``op.pages`` bits go into ``bitmap``
+    (uint8, a bit per pfn, None for the counts only); ``op.pages`` and
+    ``op.stats`` are written back, as the domctl's OUT fields. 0 or -errno:
+    -EINVAL for ENABLE on a domain in log-dirty mode already, a CLEAN or
+    PEEK mode other than 0 or LOGDIRTY_FINAL, a bitmap smaller than
+    ``pages``, a domain with no VCPUs, and any other op (Xen's shadow
+    modes, which pvlab does not have)."""
+    paging = hv.machine.paging
+    if not dom.vcpus or dom.domid not in hv.domains:
+        return -EINVAL
+    if op.op == XEN_DOMCTL_SHADOW_OP_OFF:
+        return paging.disable(dom.domid)
+    if op.op == XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY or (
+            op.op == XEN_DOMCTL_SHADOW_OP_ENABLE
+            and op.mode == XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY):
+        rc = paging.enable(dom.domid)
+        dom.flush_tlbs()
+        return rc
+    if op.op not in (XEN_DOMCTL_SHADOW_OP_CLEAN, XEN_DOMCTL_SHADOW_OP_PEEK):
+        return -EINVAL
+    if op.mode & ~XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL:
+        return -EINVAL
+    if bitmap is not None and bitmap.size * 8 < op.pages:
+        return -EINVAL
+    pages, stats = paging.log_dirty_op(dom.domid, op.op == XEN_DOMCTL_SHADOW_OP_CLEAN,
+                                       int(op.pages), bitmap)
+    dom.flush_tlbs()  # the next store through a cleaned entry sets its D bit again
+    op.pages = pages
+    op.stats.fault_count = stats.fault_count
+    op.stats.dirty_count = stats.dirty_count
+    return 0
+
+
+def modified_memory(hv: Hypervisor, dom: Domain, first_pfn: int, nr: int) -> None:
+    """XEN_DMOP_modified_memory (xendevicemodel_modified_memory): a backend
+    wrote these pfns of the domain through its mapping (the console and
+    xenstore rings), for log-dirty to see."""
+    for pfn in range(first_pfn, first_pfn + nr):
+        hv.machine.paging.mark_pfn_dirty(dom.domid, pfn)
+
 
 # --- foreign mappings ---------------------------------------------------------------
 
@@ -593,7 +648,8 @@ def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice, base: i
         if dom.is_running and dom.shared_info is not None:
             dom.evtchn.set_pending(port)
 
-    mem = DomainMemory(hv.machine.memory, hv.machine.frames, dom.domid)
+    mem = DomainMemory(hv.machine.memory, hv.machine.frames, dom.domid,
+                       hv.machine.paging.mark_range)
     transport = VirtioMmio(device, mem, base, port, send_event)
     iomem_permission(hv, dom, base >> PAGE_SHIFT, 1)
     hv.add_device(dom, base, transport)
@@ -698,6 +754,7 @@ __all__ = [
     "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission", "kernel_binding",
     "kernel_cmdline_error", "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p",
     "map_shared_info", "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update",
+    "modified_memory", "shadow_op",
     "mmuext_pin_table", "modify_returncode", "next_mmio_base", "pausedomain", "physinfo",
     "populate_physmap", "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo",
     "setvcpucontext", "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain",

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hypervisor.mm.frames import DOMID_XEN, FrameTable
+from hypervisor.mm.logdirty import Paging
 from hypervisor.mm.memory import ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, MachineMemory
 from hypervisor.mm.pagetable import PageTypes
 from hypervisor.mm.walker import Walker
@@ -80,6 +81,9 @@ class Machine:
         self.walker = Walker(self.memory)
         self.seed = seed
         self._build_xen_area()
+        # log-dirty for every domain, told of writes by the walker and types
+        self.paging = Paging(self.frames, self.memory, self.m2p, self.walker)
+        self.types.paging = self.paging
 
     @property
     def nr_frames(self) -> int:

@@ -120,6 +120,7 @@ def do_update_descriptor(vcpu: Vcpu, pa: int, desc: int, *_: int) -> int:
     rc = types.get_page_type(mfn, ptype, domid)
     if rc == 0:
         vcpu.machine.memory.frame(mfn)[(pa & (PAGE_SIZE - 1)) // 8] = checked[0] | checked[1] << 32
+        vcpu.machine.paging.mark_dirty(mfn)  # do_update_descriptor
         types.put_page_type(mfn)
     types.put_page(mfn)
     return -EINVAL if rc else 0

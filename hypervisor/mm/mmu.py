@@ -79,6 +79,7 @@ class Mmu:
         self.types = machine.types
         self.frames = machine.frames
         self.memory = machine.memory
+        self.paging = machine.paging
 
     # --- helpers -------------------------------------------------------------------
 
@@ -116,6 +117,11 @@ class Mmu:
         if rc:
             return rc
         table[slot] = new
+        # a write to a guest pagetable dirties it (sh_validate_guest_entry);
+        # an L1's old entry may carry the D bit of a store through it
+        self.paging.mark_dirty(table_mfn)
+        if level == 1:
+            self.paging.l1_entry_written(table_mfn, slot, old, dom.domid)
         self.types.put_entry(level, old, table_mfn)
         return 0
 
@@ -125,13 +131,15 @@ class Mmu:
             return -EINVAL  # "Could not get page for normal update"
         slot = (maddr & 0xFFF) >> 3
         if preserve_ad:
-            val |= int(self.memory.frame(mfn)[slot]) & _AD_BITS
+            old = self.paging.guest_entry(mfn, slot, int(self.memory.frame(mfn)[slot]))
+            val |= old & _AD_BITS
         if self.table_level(mfn):
             return self.mod_entry(dom, mfn, slot, val)
         # not a pagetable in use: Xen takes a writable type ref and just writes
         if self.types.get_page_type(mfn, PageType.writable, dom.domid):
             return -EINVAL
         self.memory.frame(mfn)[slot] = val
+        self.paging.mark_dirty(mfn)
         self.types.put_page_type(mfn)
         return 0
 
@@ -229,6 +237,7 @@ class Mmu:
             if not self.owned(mfn, dom):
                 return -EINVAL  # "Could not get page for mach->phys update"
             self.machine.set_m2p(mfn, val)
+            self.paging.mark_pfn_dirty(dom.domid, val)
             return 0
         return -ENOSYS
 
@@ -350,6 +359,7 @@ class Mmu:
             types.put_page_and_type(mfn)
             return -EINVAL  # "mfn already pinned"
         ft.pinned[mfn] = True
+        self.paging.mark_dirty(mfn)  # a page is dirtied when its pin status is set
         return 0
 
     def _unpin(self, dom: Domain, mfn: int) -> int:
@@ -360,6 +370,7 @@ class Mmu:
             return -EINVAL  # "mfn not pinned"
         ft.pinned[mfn] = False
         self.types.put_page_and_type(mfn)
+        self.paging.mark_dirty(mfn)  # ... and when it is cleared
         return 0
 
     def _new_baseptr(self, vcpu: Vcpu, dom: Domain, mfn: int) -> int:
@@ -413,6 +424,7 @@ class Mmu:
             types.put_page(mfn)
             return -EINVAL
         action()
+        self.paging.mark_dirty(mfn)
         types.put_page_and_type(mfn)
         return 0
 

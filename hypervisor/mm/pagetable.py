@@ -23,6 +23,7 @@ return 0 or a negative errno as Xen's do.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -102,6 +103,17 @@ def adjust_guest_l1es(ptes: np.ndarray) -> np.ndarray:
     return ptes | np.where((ptes & _U64_GUEST_KERNEL) == 0, _U64_GLOBAL_USER, np.uint64(0))
 
 
+class DirtyTracking(Protocol):
+    """What log-dirty (hypervisor/mm/logdirty.py) is told of type changes:
+    a table is dirtied when its type count becomes non-zero and when it
+    becomes zero (Xen's validate_page and devalidate_page), and an L1's
+    entries are looked at as it starts and stops being one."""
+
+    def mark_dirty(self, mfn: int) -> None: ...
+    def l1_validated(self, mfn: int, domid: int) -> None: ...
+    def l1_devalidating(self, mfn: int, domid: int) -> None: ...
+
+
 class PageTypes:
     """Type and reference counting over the frame table, for every domain."""
 
@@ -121,6 +133,8 @@ class PageTypes:
         # takes the type (PGT_seg_desc_page: its descriptors), 0 or -errno;
         # the module that owns the type registers it
         self.validators: dict[PageType, Callable[[int, int], int]] = {}
+        # log-dirty, which the machine registers
+        self.paging: DirtyTracking | None = None
 
     # --- general references --------------------------------------------------------
 
@@ -158,6 +172,8 @@ class PageTypes:
             if ptype in (PageType.none, PageType.writable):
                 ft.validated[mfn] = True
             else:
+                if self.paging is not None:
+                    self.paging.mark_dirty(mfn)  # validate_page
                 validate = self.validators.get(ptype)
                 rc = validate(mfn, domid) if validate else self._promote(mfn, int(ptype), domid)
                 if rc:
@@ -166,6 +182,8 @@ class PageTypes:
                         ft.type[mfn] = PageType.none
                     return rc
                 ft.validated[mfn] = True
+                if ptype == PageType.l1 and self.paging is not None:
+                    self.paging.l1_validated(mfn, domid)
         return 0
 
     def put_page_type(self, mfn: int) -> None:
@@ -176,6 +194,10 @@ class PageTypes:
             level = int(ft.type[mfn])
             if 1 <= level <= 4:
                 ft.validated[mfn] = False
+                if self.paging is not None:
+                    self.paging.mark_dirty(mfn)  # devalidate_page
+                    if level == 1:
+                        self.paging.l1_devalidating(mfn, int(ft.owner[mfn]))
                 self._demote(mfn, level)
 
     def get_page_and_type(self, mfn: int, ptype: PageType, domid: int) -> int:

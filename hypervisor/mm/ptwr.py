@@ -188,7 +188,9 @@ class Ptwr:
         """What the L1 holds at ``addr`` (ptwr_emulated_read: the faulting
         page, which is the L1 itself)."""
         _check_access(addr, size, cr2)
-        return int.from_bytes(self.memory.read((l1 << 12) | (addr & 0xFFF), size), "little")
+        slot = (addr & 0xFFF) >> 3
+        full = self.mmu.paging.guest_entry(l1, slot, int(self.memory.frame(l1)[slot]))
+        return (full >> ((addr & 7) * 8)) & ((1 << (8 * size)) - 1)
 
     # --- ptwr_emulated_update ----------------------------------------------------------
 
@@ -201,7 +203,7 @@ class Ptwr:
             # a sub-word store: the rest of the entry as it stands
             shift = (addr & 7) * 8
             field = ((1 << (size * 8)) - 1) << shift
-            full = int(self.memory.frame(l1)[slot])
+            full = self.mmu.paging.guest_entry(l1, slot, int(self.memory.frame(l1)[slot]))
             val = full & ~field | (val << shift) & field
         if self.mmu.mod_entry(vcpu.domain, l1, slot, val):
             raise Unhandleable("could not get_page_from_l1e()")

@@ -10,8 +10,13 @@ see a mapping the emulated MMU would not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
 from hypervisor.mm.memory import PAGE_SHIFT, MachineMemory
 from hypervisor.public.arch_x86 import (
+    _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PSE,
     _PAGE_RW,
@@ -59,6 +64,11 @@ class Walker:
         self.u64 = memory.u64
         self.memory = memory
         self.tlb: dict[tuple[int, int], tuple[int, bool]] = {}
+        # log-dirty's (hypervisor/mm/logdirty.py): told of every frame a write
+        # is translated to, and the D bits it took off L1 entries (mfn -> the
+        # slots), which every read gives back
+        self.on_write: Callable[[int], None] | None = None
+        self.hidden_dirty: dict[int, np.ndarray] = {}
 
     def flush(self) -> None:
         self.tlb.clear()
@@ -68,6 +78,8 @@ class Walker:
         key = (cr3_mfn, va >> PAGE_SHIFT)
         hit = self.tlb.get(key)
         if hit is not None and (hit[1] or not write):
+            if write and self.on_write is not None:
+                self.on_write(hit[0])
             return (hit[0] << PAGE_SHIFT) | (va & 0xFFF)
         u64 = self.u64
         table = cr3_mfn
@@ -83,6 +95,8 @@ class Walker:
         if write and not writable:
             raise GuestFault(va, PFEC_PRESENT | PFEC_WRITE)
         self.tlb[key] = (table, writable)
+        if write and self.on_write is not None:
+            self.on_write(table)
         return (table << PAGE_SHIFT) | (va & 0xFFF)
 
     def l1e_maddr(self, cr3_mfn: int, va: int) -> int | None:
@@ -106,15 +120,24 @@ class Walker:
         buf = self.memory.buf
         if (va & 0xFFF) + size <= 4096:
             ma = self.translate(cr3_mfn, va)
+            if self.hidden_dirty and (ma >> PAGE_SHIFT) in self.hidden_dirty:
+                return self._as_written(ma, size)
             return buf[ma:ma + size]
         out = bytearray()
         while size:
             n = min(size, 4096 - (va & 0xFFF))
-            ma = self.translate(cr3_mfn, va)
-            out += buf[ma:ma + n]
+            out += self.read(cr3_mfn, va, n)
             va += n
             size -= n
         return bytes(out)
+
+    def _as_written(self, ma: int, size: int) -> bytes:
+        """Bytes of an L1 whose D bits log-dirty took, with the bits given back."""
+        mfn = ma >> PAGE_SHIFT
+        table = self.memory.frame(mfn).copy()
+        table[self.hidden_dirty[mfn]] |= np.uint64(_PAGE_DIRTY)
+        off = ma & 0xFFF
+        return table.tobytes()[off:off + size]
 
     def write(self, cr3_mfn: int, va: int, data: bytes) -> None:
         buf = self.memory.buf
@@ -134,7 +157,12 @@ class Walker:
     def read_u64(self, cr3_mfn: int, va: int) -> int:
         if va & 7:
             return int.from_bytes(self.read(cr3_mfn, va, 8), "little")
-        return int(self.u64[self.translate(cr3_mfn, va) >> 3])
+        ma = self.translate(cr3_mfn, va)
+        value = int(self.u64[ma >> 3])
+        hidden = self.hidden_dirty.get(ma >> PAGE_SHIFT) if self.hidden_dirty else None
+        if hidden is not None and hidden[(ma & 0xFFF) >> 3]:
+            value |= _PAGE_DIRTY
+        return value
 
     def write_u64(self, cr3_mfn: int, va: int, value: int) -> None:
         if va & 7:

@@ -48,8 +48,12 @@ class ConsoleBackend:
         return int.from_bytes(self.page[off:off + 4].tobytes(), "little")
 
     def _set_u32(self, off: int, value: int) -> None:
+        """An index written (after the data it publishes): the ring's page
+        was written, which log-dirty must see (modified_memory)."""
         self.page[off:off + 4] = np.frombuffer((value & 0xFFFFFFFF).to_bytes(4, "little"),
                                                dtype=np.uint8)
+        pfn = int(domctl.map_m2p(self.hv)[self.ring >> PAGE_SHIFT])
+        domctl.modified_memory(self.hv, self.dom, pfn, 1)
 
     def notify(self) -> None:
         """The guest kicked its port: take its output, move waiting input,

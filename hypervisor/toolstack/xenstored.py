@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,8 +208,12 @@ class Store:
         self.write(home(dom.domid), b"")
         self.write(home(dom.domid) + "/name", dom.name.encode())
         self.write(home(dom.domid) + "/domid", str(dom.domid).encode())
+
+        def written() -> None:  # log-dirty must see the backend's writes
+            domctl.modified_memory(hv, dom, int(domctl.map_m2p(hv)[ring_mfn]), 1)
+
         conn = XenstoreConnection(self, dom, ring_mfn, domctl.map_foreign_range(hv, dom, ring_mfn),
-                                  port)
+                                  port, written)
         domctl.evtchn_bind_backend(dom, port, conn.notify)
         return conn
 
@@ -224,12 +229,13 @@ class XenstoreConnection:
     """One guest's ring: requests in, replies and watch events out."""
 
     def __init__(self, store: Store, dom: Domain, ring_mfn: int, page: np.ndarray,
-                 port: int) -> None:
+                 port: int, written: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.dom = dom
         self.domid = dom.domid
         self.ring = ring_mfn << PAGE_SHIFT  # the ring's machine address
         self.page = page  # the guest's xenstore_domain_interface page, mapped
+        self.written = written  # called after each write to the page
         self.port = port
         self.out = bytearray()  # replies and events not yet in the ring
         self.broken = False
@@ -241,6 +247,7 @@ class XenstoreConnection:
 
     def _write(self, off: int, data: bytes) -> None:
         self.page[off:off + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.written()
 
     def _u32(self, off: int) -> int:
         return int.from_bytes(self._read(off, 4), "little")

@@ -21,6 +21,7 @@ and touches the queue no more until the driver resets the device.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,10 +78,13 @@ class DomainMemory:
     machine's memory and frame table, seen for one domain. Whoever creates a
     device gives it this view, so no device reaches up to the hypervisor."""
 
-    def __init__(self, memory: MachineMemory, frames: FrameTable, domid: int) -> None:
+    def __init__(self, memory: MachineMemory, frames: FrameTable, domid: int,
+                 on_write: Callable[[int, int], None] | None = None) -> None:
         self.memory = memory
         self.frames = frames
         self.domid = domid
+        # told of each write (machine address, length): log-dirty's marking
+        self.on_write = on_write
 
     def check(self, addr: int, length: int, write: bool, what: str) -> None:
         ft = self.frames
@@ -105,6 +109,8 @@ class DomainMemory:
     def write(self, addr: int, data: bytes, what: str) -> None:
         self.check(addr, len(data), True, what)
         self.memory.write(addr, data)
+        if self.on_write is not None:
+            self.on_write(addr, len(data))
 
     def read_u16(self, addr: int, what: str) -> int:
         return _U16.unpack(self.read(addr, 2, what))[0]

@@ -34,7 +34,6 @@ from typing import BinaryIO, Protocol
 import numpy as np
 
 from hypervisor import domctl
-from hypervisor.devices.balloon import persist as balloon_persist
 from hypervisor.domctl import Domain, DomctlError, Hypervisor
 from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import (
@@ -730,8 +729,7 @@ def live_config(hv: Hypervisor, dom: Domain, seed: int | None) -> bytes:
     """The xl header's config of a live save, written before the first round:
     the clocks are not known yet (X86_TSC_INFO carries the time at the end),
     the devices are named by place (their state follows at the end)."""
-    places = [{k: balloon_persist.save_state(t)[k] for k in savefile.DEVICE_CONFIG_KEYS}
-              for t in dom.devices]
+    places = context_of(hv).domain(dom).devices
     config = json.loads(domain_config(dom, "live save", hv.seed if seed is None else seed, []))
     config["pvlab"]["clocks"] = []
     config["pvlab"]["devices"] = places

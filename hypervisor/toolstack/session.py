@@ -438,8 +438,10 @@ def live_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
             outcome.error += "; nothing was written, the guest runs on (its suspend " \
                              "hypercall returned 1)"
             resume_cancelled(hv, dom)
-        else:
+        elif dom.shutdown_reason is None:
             outcome.error += "; nothing was written, the guest runs on"
+        else:
+            outcome.error += "; nothing was written"
     result = live.result or result
     outcome.console_bytes = len(dom.console_out)
     if outcome.ok:

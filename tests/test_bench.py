@@ -40,3 +40,12 @@ def test_debugger_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "a breakpoint set" in r.stdout and "x" in r.stdout
+
+
+def test_logdirty_bench_runs():
+    r = subprocess.run([sys.executable, "bench/logdirty.py", "--pages", "4", "--span-ms", "2",
+                        "--period-ms", "1", "--repeat", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "x off" in r.stdout and "wp" in r.stdout

@@ -35,6 +35,15 @@ def test_struct_sizes():
     assert ctypes.sizeof(pvlab_image_header) == 72
 
 
+def test_shadow_op_layout():
+    """struct xen_domctl_shadow_op (domctl.h): the bitmap handle 64-bit aligned."""
+    from hypervisor.public.domctl import xen_domctl_shadow_op
+    assert ctypes.sizeof(xen_domctl_shadow_op) == 40
+    assert off(xen_domctl_shadow_op, "dirty_bitmap") == 16
+    assert off(xen_domctl_shadow_op, "pages") == 24
+    assert off(xen_domctl_shadow_op, "stats") == 32
+
+
 def test_hypercall_argument_struct_sizes():
     """The structs hypercall arguments are read through (callback.h,
     event_channel.h, sched.h, xen.h, version.h)."""

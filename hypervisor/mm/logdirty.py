@@ -212,6 +212,10 @@ class Paging:
             log.faults += int(mfns.size)
             pfns = self.m2p[mfns]
             log.pfns.update(int(p) for p in pfns[(pfns >> np.uint64(63)) == 0].tolist())
+            # the MMU wrote the D bit into these tables: they are dirty too,
+            # as when Xen's guest_walk_tables sets an A/D bit
+            for mfn in l1s[hit].tolist():
+                self.mark_dirty(mfn)
         rows[l1s[hit]] = tables[hit] & ~(written[hit].astype(np.uint64) * _D)
         for i in hit.tolist():
             mfn = int(l1s[i])

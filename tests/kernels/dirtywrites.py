@@ -1,0 +1,66 @@
+"""A test kernel that writes the pages a test chose, in three ways, then
+powers off: the log-dirty tests' guest.
+
+``X86`` pfns are written by x86 stores in guest kernel mode: the kernel puts
+a small loop of machine code in its last page (a ``mov %rdi, (%rdi)``
+over a table of addresses) and jumps there; the loop ends by jumping to
+the native entry ``finish``. ``PYTHON`` pfns are written by the Python
+kernel's own stores (NativeCpu.write_u64). ``HYPERCALL`` pfns are written by
+the hypervisor's copy_to_guest: XENVER_extraversion's string lands there.
+Nothing else near the top of its RAM is written."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from hypervisor.public.native import VIRT_BASE, TailCall
+from hypervisor.public.sched import SCHEDOP_shutdown, SHUTDOWN_poweroff
+from hypervisor.public.xen import Hypercall, XENVER_extraversion, start_info
+
+X86: list[int] = []
+PYTHON: list[int] = []
+HYPERCALL: list[int] = []
+
+# lea table(%rip),%rsi; 1: mov (%rsi),%rdi; test %rdi,%rdi; jz 2f;
+# mov %rdi,(%rdi); add $8,%rsi; jmp 1b; 2: movabs $finish,%rax; jmp *%rax
+_LOOP = bytes.fromhex("488d3521000000" "488b3e" "4885ff" "7409" "48893f" "4883c608" "ebef"
+                      "48b8") + bytes(8) + bytes.fromhex("ffe0") + bytes(4)
+_FINISH_AT = 26  # offset of movabs's immediate
+_TABLE_AT = 40
+
+
+def va(pfn: int) -> int:
+    return VIRT_BASE + (pfn << 12)
+
+
+def nr_pages(cpu: Any) -> int:
+    si = start_info.from_buffer_copy(cpu.read(cpu.reg("rsi"), ctypes.sizeof(start_info)))
+    return int(si.nr_pages)
+
+
+def start(cpu: Any) -> TailCall:
+    last = nr_pages(cpu) - 1
+    for pfn in PYTHON:
+        cpu.write_u64(va(pfn) + 8, pfn)
+    for pfn in HYPERCALL:
+        cpu.hypercall(Hypercall.xen_version, XENVER_extraversion, va(pfn) + 64)
+    code = va(last)
+    loop = bytearray(_LOOP)
+    loop[_FINISH_AT:_FINISH_AT + 8] = struct.pack("<Q", cpu.native_addr(finish))
+    table = b"".join(struct.pack("<Q", va(p) + 16) for p in X86) + bytes(8)
+    cpu.write(code, bytes(loop) + table)
+    cpu.set_regs(rip=code)
+    return TailCall(Hypercall.sched_op, (0, 0), None)  # SCHEDOP_yield, then the loop
+
+
+def finish(cpu: Any) -> TailCall:
+    buf = cpu.reg("rsi")  # the end of the loop's table, in the code page
+    cpu.write(buf, struct.pack("<I", SHUTDOWN_poweroff))
+    return TailCall(Hypercall.sched_op, (SCHEDOP_shutdown, buf), None)
+
+
+def native_entries() -> list[Callable[..., object]]:
+    return [start, finish]

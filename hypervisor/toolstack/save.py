@@ -40,6 +40,7 @@ from hypervisor.public.arch_x86 import (
     _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PSE,
+    L1_PAGETABLE_ENTRIES,
     ROOT_PAGETABLE_FIRST_XEN_SLOT,
     ROOT_PAGETABLE_LAST_XEN_SLOT,
     table_offset,
@@ -745,35 +746,20 @@ def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: Live
     final one, the end of the checkpoint (TSC, shared info, the VCPUs), END,
     libxl's records. Log-dirty is off again at the end and on any failure.
     The guest is left suspended on success; the caller decides its fate."""
-    ls = LiveSave(hv, dom, savefile.DigestWriter(out), callbacks, opts, MigrationInfo(),
-                  report)
     if dom.shutdown_reason is not None:
         raise SaveError(f"domain {dom.name} is not running: a live save needs it running")
+    ls = LiveSave(hv, dom, savefile.DigestWriter(out), callbacks, opts, MigrationInfo(),
+                  report)
     ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)
     ls.deferred = np.zeros(ls.p2m.size, dtype=bool)
     ls.info.total = int(ls.p2m.size) * PAGE_SIZE
     try:
         enable_logdirty(ls)
-        digest_offset = savefile.write_xl_header(ls.out, live_config(hv, dom, seed))
-        savefile.write_libxl_header(ls.out)
-        savefile.write_libxl_record(ls.out, LibxlRecType.LIBXC_CONTEXT)
-        sc = SaveContext(ls.p2m, ls.frame_pfns, np.zeros(0, np.uint32), np.zeros((0, 512)),
-                         np.zeros(0, np.int64), [], [])
-        write_static_data(hv, dom, ls.out, sc)
-        ls.info.setup_ns = 0  # nothing of the guest's time passes before round 0
+        digest_offset = _write_live_head(ls, seed)
         send_memory_live(ls)
         suspend_and_send_dirty(ls)
         disable_logdirty(ls)
-        sc = SaveContext(ls.p2m, ls.frame_pfns, sc.types, sc.canon, sc.slot_of,
-                         vcpu_records(hv, dom, ls.p2m), devices_state(dom))
-        tail = ls.out.tell()
-        write_end_of_checkpoint(hv, dom, ls.out, sc, checkpoint=False)
-        write_libxl_tail(hv, dom, ls.out, sc, checkpoint=False)
-        ls.out.finish(digest_offset)
-        end_ns = opts.wire_ns(ls.out.tell() - tail)
-        ls.info.transferred += ls.out.tell() - tail
-        ls.info.downtime_ns += end_ns
-        ls.clock_ns += end_ns
+        _write_live_tail(ls, digest_offset)
     except BaseException as e:
         disable_logdirty(ls)
         ls.info.status = "failed"
@@ -785,6 +771,41 @@ def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: Live
     if report is not None:
         report(ls.info)
     return ls.info
+
+
+def _live_context(ls: LiveSave, vcpus: list[tuple[int, bytes]] | None = None,
+                  devices: list[dict] | None = None) -> SaveContext:
+    """The SaveContext the record writers take; a live save has no page
+    types or tables of its own (each round asks for them anew)."""
+    none = np.zeros(0, np.int64)
+    return SaveContext(ls.p2m, ls.frame_pfns, none.astype(np.uint32),
+                       np.zeros((0, L1_PAGETABLE_ENTRIES), np.uint64), none, vcpus or [],
+                       devices or [])
+
+
+def _write_live_head(ls: LiveSave, seed: int | None) -> int:
+    """xl's header and the config, libxl's header, LIBXC_CONTEXT and the
+    libxc stream's static part; returns where the digest goes."""
+    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed))
+    savefile.write_libxl_header(ls.out)
+    savefile.write_libxl_record(ls.out, LibxlRecType.LIBXC_CONTEXT)
+    write_static_data(ls.hv, ls.dom, ls.out, _live_context(ls))
+    return digest_offset
+
+
+def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
+    """The end of the checkpoint and libxl's records, with the guest
+    suspended: its time on the wire is downtime too."""
+    hv, dom = ls.hv, ls.dom
+    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
+    start = ls.out.tell()
+    write_end_of_checkpoint(hv, dom, ls.out, sc, checkpoint=False)
+    write_libxl_tail(hv, dom, ls.out, sc, checkpoint=False)
+    ls.out.finish(digest_offset)
+    octets = ls.out.tell() - start
+    ls.info.transferred += octets
+    ls.info.downtime_ns += ls.opts.wire_ns(octets)
+    ls.clock_ns += ls.opts.wire_ns(octets)
 
 
 def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],

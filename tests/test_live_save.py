@@ -110,6 +110,9 @@ def test_the_image_check_takes_a_live_image(saved, capsys):
     assert info.copies > info.nr_pfns and info.domain["kind"] == "live save"
     assert main(["image", "show", str(path)]) == 0
     assert "a live save at" in capsys.readouterr().out
+    assert main(["image", "check", str(path)]) == 0
+    assert f"a good image of 4096 pfns in {info.copies} page copies (live save)" \
+        in capsys.readouterr().out
 
 
 def test_the_policy_stops_at_five_rounds_for_a_guest_dirtying_over_50_pages(saved):

@@ -411,6 +411,12 @@ def cmd_image(args: argparse.Namespace) -> int:
             raise CliError("image show takes one IMAGE")
         print(describe(scan_image(args.images[0]), records=args.records))
         return EXIT_OK
+    if args.action == "check":
+        for path in args.images:
+            info = scan_image(path)
+            print(f"{path}: a good image of {info.nr_pfns} pfns in {info.copies} page "
+                  f"copies ({(info.domain or {}).get('kind', 'not pvlab')})")
+        return EXIT_OK
     if len(args.images) != 2:
         raise CliError("image diff takes two images: A B")
     a, b = (scan_image(p) for p in args.images)
@@ -812,11 +818,14 @@ def _add_plot(sub: Any) -> None:
 
 
 def _add_image(sub: Any) -> None:
-    image = sub.add_parser("image", help="show a saved image, or diff two",
+    image = sub.add_parser("image", help="show or check a saved image, or diff two",
                            description="image show IMAGE: its records, page types, pinned "
-                                       "tables, VCPUs and xenstore nodes. image diff A B: what "
+                                       "tables, VCPUs and xenstore nodes. image check IMAGE...: "
+                                       "the whole check a restore makes first, nothing built "
+                                       "(exit 2 at the first bad one). image diff A B: what "
                                        "differs between two images (exit 1 if anything).")
-    image.add_argument("action", choices=("show", "diff"), help="show IMAGE, or diff A B")
+    image.add_argument("action", choices=("show", "check", "diff"),
+                       help="show IMAGE, check IMAGE..., or diff A B")
     image.add_argument("images", metavar="IMAGE", nargs="+", help="image file(s)")
     image.add_argument("--records", action="store_true",
                        help="show: list every record with its offset and length")

@@ -519,7 +519,7 @@ class LiveSave:
     frame_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     deferred: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     paused: bool = False    # suspended: a page that fails now is an error
-    clock_ns: int = 0       # virtual time spent, for the report
+    start_ns: int = 0       # the guest's time at the start, for the report
     logdirty: bool = False
     reported: int = 0       # rounds the report has seen
 
@@ -670,10 +670,16 @@ def _reported(ls: LiveSave, r: Round, dirty_next: int) -> None:
     bw = info.bandwidth()
     if bw and dirty_next >= 0:
         info.expected_downtime_ns = int(dirty_next * PAGE_SIZE * NS / bw)
-    info.total_ns = ls.clock_ns
+    info.total_ns = _elapsed(ls)
     ls.reported = len(info.rounds)
     if ls.report is not None:
         ls.report(info)
+
+
+def _elapsed(ls: LiveSave) -> int:
+    """Virtual time since the start: the guest's, while it ran (the rounds
+    on the wire, its suspend path), then what was sent with it suspended."""
+    return max(domctl.vcpu_clocks(ls.dom), default=0) - ls.start_ns + ls.info.downtime_ns
 
 
 def send_memory_live(ls: LiveSave) -> None:
@@ -693,7 +699,6 @@ def send_memory_live(ls: LiveSave) -> None:
             r = send_dirty_pages(ls, dirty, x - 1)
             check_vm_state(ls)
             ls.callbacks.run_for(r.wire_ns)  # the guest runs while the round is sent
-            ls.clock_ns += r.wire_ns
         if decision != Policy.CONTINUE_PRECOPY:
             break
         stats.iteration = x
@@ -722,7 +727,6 @@ def suspend_and_send_dirty(ls: LiveSave) -> None:
     r = send_dirty_pages(ls, dirty, len(ls.info.rounds))
     ls.deferred[:] = False
     ls.info.downtime_ns += r.wire_ns
-    ls.clock_ns += r.wire_ns
     _reported(ls, r, 0)
 
 
@@ -752,6 +756,7 @@ def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: Live
                   report)
     ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)
     ls.deferred = np.zeros(ls.p2m.size, dtype=bool)
+    ls.start_ns = max(domctl.vcpu_clocks(dom), default=0)
     ls.info.total = int(ls.p2m.size) * PAGE_SIZE
     try:
         enable_logdirty(ls)
@@ -767,7 +772,7 @@ def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: Live
         raise
     ls.info.status = "completed"
     ls.info.remaining = 0
-    ls.info.total_ns = ls.clock_ns
+    ls.info.total_ns = _elapsed(ls)
     if report is not None:
         report(ls.info)
     return ls.info
@@ -805,7 +810,6 @@ def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
     octets = ls.out.tell() - start
     ls.info.transferred += octets
     ls.info.downtime_ns += ls.opts.wire_ns(octets)
-    ls.clock_ns += ls.opts.wire_ns(octets)
 
 
 def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],

@@ -183,19 +183,6 @@ def canonicalise(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
     with every present entry's mfn replaced by its pfn and an L4's Xen slots
     cleared; a frame that is not the domain's, or a superpage, is a
     SaveError. restore.localise_page undoes it."""
-    out, bad = normalise_tables(tables, levels, table_pfns, p2m, m2p)
-    if bad:
-        raise SaveError(next(iter(bad.values())))
-    return out
-
-
-def normalise_tables(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
-                     p2m: np.ndarray, m2p: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-    """canonicalise, telling the tables that fail apart: returns the
-    normalised tables and, for each row with an entry that is not in the
-    domain's pseudophysical map, why (the row itself is left unusable). A
-    live round defers those (Xen's EAGAIN); a superpage is always an error
-    (E2BIG)."""
     out = tables.copy()
     xen = slice(ROOT_PAGETABLE_FIRST_XEN_SLOT, ROOT_PAGETABLE_LAST_XEN_SLOT + 1)
     out[levels == 4, xen] = 0  # the hypervisor's slots: it fills them again itself
@@ -213,16 +200,32 @@ def normalise_tables(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndar
     pfns[ok] = m2p[mfns[ok].astype(np.int64)]
     ok &= pfns < np.uint64(p2m.size)
     ok[ok] = p2m[pfns[ok].astype(np.int64)] == mfns[ok]
-    bad: dict[int, str] = {}
-    for i in np.flatnonzero(~ok).tolist():
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
         row, slot = int(rows[i]), int(slots[i])
-        if row not in bad:
-            bad[row] = (f"pagetable pfn {int(table_pfns[row]):#x} (L{int(levels[row])}) "
+        raise SaveError(f"pagetable pfn {int(table_pfns[row]):#x} (L{int(levels[row])}) "
                         f"slot {slot}: entry {int(entries[i]):#018x} holds mfn "
                         f"{int(mfns[i]):#x}, which is not the domain's (bad mfn for "
                         f"L{int(levels[row])}[{slot}])")
-    out[rows[ok], slots[ok]] = (entries[ok] & ~PTE_FRAME_MASK) | (pfns[ok] << np.uint64(PAGE_SHIFT))
-    return out, bad
+    out[rows, slots] = (entries & ~PTE_FRAME_MASK) | (pfns << np.uint64(PAGE_SHIFT))
+    return out
+
+
+def in_pseudophysmap(tables: np.ndarray, levels: np.ndarray, p2m: np.ndarray,
+                     m2p: np.ndarray) -> np.ndarray:
+    """Per table: every present entry names a frame of the domain's, as
+    mfn_in_pseudophysmap asks (an L4's hypervisor slots aside). A live round
+    defers a table that is not (normalise_pagetable's EAGAIN), before
+    canonicalise would refuse it."""
+    t = tables.copy()
+    t[levels == 4, ROOT_PAGETABLE_FIRST_XEN_SLOT:ROOT_PAGETABLE_LAST_XEN_SLOT + 1] = 0
+    present = (t & np.uint64(_PAGE_PRESENT)) != 0
+    mfns = ((t & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    inside = mfns < m2p.size
+    pfns = np.where(inside, m2p[np.where(inside, mfns, 0)], np.uint64(INVALID_MFN))
+    mine = pfns < np.uint64(p2m.size)
+    back = p2m[np.where(mine, pfns, 0).astype(np.int64)] == mfns.astype(np.uint64)
+    return (~present | (inside & mine & back)).all(axis=1)
 
 
 def _mfn_to_pfn(hv: Hypervisor, p2m: np.ndarray, mfn: int, what: str) -> int:
@@ -617,12 +620,15 @@ def write_batch_live(ls: LiveSave, pfns: np.ndarray) -> tuple[int, int]:
     if rows.size:
         tables = pages[rows]
         _guest_dirty_bits(hv, mfns[data][rows], tables, levels[rows])
-        norm, bad = normalise_tables(tables, levels[rows], pfns[data][rows], ls.p2m, m2p)
-        if bad and ls.paused:
-            raise SaveError(f"{next(iter(bad.values()))} in the final round, with the guest "
-                            "suspended")
-        pages[rows] = norm
-        failed = data[rows[list(bad)]] if bad else np.zeros(0, np.int64)
+        good = np.ones(rows.size, bool) if ls.paused else \
+            in_pseudophysmap(tables, levels[rows], ls.p2m, m2p)
+        try:
+            pages[rows[good]] = canonicalise(tables[good], levels[rows][good],
+                                             pfns[data][rows][good], ls.p2m, m2p)
+        except SaveError as e:
+            raise SaveError(f"{e} in the final round, with the guest suspended") \
+                if ls.paused else e from None
+        failed = data[rows[~good]]
         defer[failed] = True
         types[failed] = PFINFO_XTAB
     keep = types[data] != PFINFO_XTAB

@@ -406,23 +406,29 @@ def modified_memory(hv: Hypervisor, dom: Domain, first_pfn: int, nr: int) -> Non
 class ForeignMap:
     """xc_map_foreign_bulk's result: a domain's frames as rows of 512 u64.
     ``fmap[i]`` is a view of one frame (writes reach the guest); a slice or
-    mask reads a copy; assigning to it writes the frames."""
+    mask reads a copy; assigning to it writes the frames. A copy shows the
+    guest's pagetables as it wrote them, with the D bits log-dirty took."""
 
-    def __init__(self, frames: np.ndarray, mfns: np.ndarray) -> None:
+    def __init__(self, frames: np.ndarray, mfns: np.ndarray,
+                 as_written: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         self._frames = frames
         self.mfns = mfns
+        self._as_written = as_written
 
     def __len__(self) -> int:
         return int(self.mfns.size)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return self._frames[self.mfns[key]]
+        mfns = self.mfns[key]
+        if np.ndim(mfns) == 0:
+            return self._frames[mfns]
+        return self._as_written(mfns, self._frames[mfns])
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._frames[self.mfns[key]] = value
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self._frames[self.mfns]
+        out = self._as_written(self.mfns, self._frames[self.mfns])
         return out if dtype is None else out.astype(dtype)
 
 
@@ -444,7 +450,8 @@ def map_foreign_bulk(hv: Hypervisor, dom: Domain, mfns: Sequence[int] | np.ndarr
     its frames by mfn); a frame it does not own is refused (EPERM)."""
     mfns = np.asarray(mfns, dtype=np.int64).reshape(-1)
     _check_owned(hv, dom, mfns)
-    return ForeignMap(hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE), mfns)
+    return ForeignMap(hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE), mfns,
+                      hv.machine.paging.as_written)
 
 
 def map_foreign_range(hv: Hypervisor, dom: Domain, mfn: int) -> np.ndarray:

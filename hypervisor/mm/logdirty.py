@@ -17,18 +17,20 @@ How a write is seen:
 * **The guest keeps its D bits.** A bit taken off is remembered (``hidden``)
   and the guest sees it wherever the hypervisor reads its tables for it: the
   walker's reads (the Python kernel's loads, copy_from_guest), the old entry
-  that MMU_PT_UPDATE_PRESERVE_AD keeps, the writable-pagetable emulation. It
-  is written back when the entry is rewritten, when the frame stops being an
-  L1, and at OFF. (An x86 load of a pagetable entry through the guest's own
-  read-only mapping would see the bit off: pvlab's kernel is Python and reads
-  its tables through the walker.)
+  that MMU_PT_UPDATE_PRESERVE_AD keeps, the writable-pagetable emulation,
+  the toolstack's copies through its foreign mappings. It is written back
+  when the entry is rewritten, when the frame stops being an L1, and at OFF.
+  (An x86 load of a pagetable entry through the guest's own read-only
+  mapping would see the bit off: pvlab's kernel is Python and reads its
+  tables through the walker.)
 * **Writes made in software.** The walker marks every frame it translates a
   write to: copy_to_guest, bounce frames, the Python kernel's stores. The
   hypervisor marks its other writes where Xen calls paging_mark_dirty: a
   pagetable entry written, a frame becoming or ceasing to be a validated
   table, a pin or unpin, MMUEXT_CLEAR_PAGE/COPY_PAGE, update_descriptor,
-  MMU_MACHPHYS_UPDATE (its pfn), a device's DMA into the domain's memory, and
-  what the toolstack's backends tell it they wrote (modified_memory).
+  MMU_MACHPHYS_UPDATE (its pfn), a pfn populated again, a device's DMA into
+  the domain's memory, and what the toolstack's backends tell it they wrote
+  (modified_memory).
 
 As in Xen, only frames the domain owns are marked, by their pfn in the M2P; a
 pfn with the top bit set (no pfn, as shared_info's) and hypervisor pages
@@ -260,6 +262,14 @@ class Paging:
         mask[slot] = took
         if took:
             table[slot] = new[0] & ~_D
+
+    def as_written(self, mfns: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Copies of frames ``mfns`` (``rows``, one per frame) as the guest
+        wrote them: the D bits taken given back, in place."""
+        if self.hidden and rows.size:
+            for i in np.flatnonzero(np.isin(mfns, np.fromiter(self.hidden, dtype=np.int64))):
+                rows[i][self.hidden[int(mfns[i])]] |= _D
+        return rows
 
     def guest_entry(self, table_mfn: int, slot: int, raw: int) -> int:
         """An entry as the guest wrote it: ``raw`` with the D bit log-dirty took."""

@@ -157,6 +157,10 @@ class Reservation:
             return False
         for j, mfn in enumerate(mfns):
             self.machine.set_m2p(mfn, gpfn + j)
+            # the pfn has a new (zeroed) frame: log-dirty must send it again.
+            # Xen marks it for translated guests only (guest_physmap_add_entry),
+            # a known gap for PV ballooning, which pvlab closes here
+            self.machine.paging.mark_pfn_dirty(d.domid, gpfn + j)
         # a PV guest learns the new extent's machine address from its list
         return self._put_u64(vcpu, slot, mfns[0])
 

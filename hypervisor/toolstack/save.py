@@ -37,7 +37,6 @@ from hypervisor import domctl
 from hypervisor.domctl import Domain, DomctlError, Hypervisor
 from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import (
-    _PAGE_DIRTY,
     _PAGE_PRESENT,
     _PAGE_PSE,
     L1_PAGETABLE_ENTRIES,
@@ -580,18 +579,6 @@ def check_vm_state(ls: LiveSave) -> None:
     ls.p2m = p2m
 
 
-def _guest_dirty_bits(hv: Hypervisor, mfns: np.ndarray, tables: np.ndarray,
-                      levels: np.ndarray) -> None:
-    """The D bits log-dirty took off the guest's L1 entries, put back into
-    the copies sent: the image holds the tables as the guest wrote them.
-    (Log-dirty has no domctl for the tools' reads: this reads its record.)"""
-    hidden = hv.machine.paging.hidden
-    for row in np.flatnonzero(levels == 1).tolist():
-        mask = hidden.get(int(mfns[row]))
-        if mask is not None:
-            tables[row, mask] |= np.uint64(_PAGE_DIRTY)
-
-
 def write_batch_live(ls: LiveSave, pfns: np.ndarray) -> tuple[int, int]:
     """One PAGE_DATA record of a live or final round (write_batch): the
     types asked now, pagetables normalised now. In a live round a pfn with
@@ -618,8 +605,7 @@ def write_batch_live(ls: LiveSave, pfns: np.ndarray) -> tuple[int, int]:
     levels = pfinfo.level(pfinfo.nibble(types[data]))
     rows = np.flatnonzero(levels)
     if rows.size:
-        tables = pages[rows]
-        _guest_dirty_bits(hv, mfns[data][rows], tables, levels[rows])
+        tables = pages[rows]  # as the guest wrote them: log-dirty's D bits given back
         good = np.ones(rows.size, bool) if ls.paused else \
             in_pseudophysmap(tables, levels[rows], ls.p2m, m2p)
         try:

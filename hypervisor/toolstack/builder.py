@@ -57,6 +57,7 @@ from hypervisor.toolstack.config import MAX_CMDLINE, DomainConfig
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.elfimage import GuestImage, ImageError, load_image
+from hypervisor.toolstack.savefile import DEVICE_CONFIG_KEYS
 
 START_INFO_MAGIC = b"xen-3.0-x86_64"
 BOOT_STACK_PAGES = 4
@@ -147,7 +148,15 @@ def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
                                             deflate_on_oom)
     else:
         balloon = domctl.restore_virtio_balloon(hv, dom, state)
+    _record_place(hv, dom, base)
     return balloon, f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
+
+
+def _record_place(hv: Hypervisor, dom: Domain, base: int) -> None:
+    """Where the new device is, kept as libxl keeps a domain's configuration:
+    a live save names it in the config it writes while the device runs."""
+    state = next(d for d in domctl.devices_state(dom) if d["base"] == base)
+    context_of(hv).domain(dom).devices.append({k: state[k] for k in DEVICE_CONFIG_KEYS})
 
 
 def build_domain(hv: Hypervisor, cfg: DomainConfig) -> Domain:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -17,9 +18,17 @@ from hypervisor.toolstack import gdbsx, xl
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.context import audit
-from hypervisor.toolstack.control import SAVE, Request, parse_request
+from hypervisor.toolstack.control import SAVE, SAVE_LIVE, Request, parse_request
 from hypervisor.toolstack.elfimage import ImageError
 from hypervisor.toolstack.gdbsx import GdbKill
+from hypervisor.toolstack.precopy import (
+    DEFAULT_BANDWIDTH,
+    SPP_MAX_ITERATIONS,
+    SPP_TARGET_DIRTY_COUNT,
+    MigrationInfo,
+    PrecopyOptions,
+    progress_line,
+)
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.session import RunResult, boot, run_domain
 from hypervisor.toolstack.stream import StreamError
@@ -52,6 +61,16 @@ def _stream(dom: Domain, data: bytes) -> None:
 def _note(msg: str) -> None:
     sys.stdout.write(f"[toolstack] {msg}\n")
     sys.stdout.flush()
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _request(text: str) -> Request:
@@ -136,7 +155,7 @@ def _save_request(requests: list[Request], until: int | None) -> Request | None:
     """The one ``save PATH`` request, checked before the guest boots: its
     directory exists, no other shutdown or checkpoint is asked, and nothing
     after it (the domain is gone)."""
-    saves = [r for r in requests if r.command == SAVE]
+    saves = [r for r in requests if r.command in (SAVE, SAVE_LIVE)]
     if not saves:
         return None
     if len(saves) > 1:
@@ -179,6 +198,8 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
             code = _exit_for(result, dom, args.until)
             return _judge(result, dom) if verdict else code
         others = [r for r in requests if r is not save]
+        if save.command == SAVE_LIVE:
+            return _save_live(hv, dom, save.value, save.at_ns, others, PrecopyOptions())
         return _save(hv, dom, save.value, save.at_ns, others)
     finally:
         if gdb is not None:
@@ -222,6 +243,49 @@ def _save(hv: Hypervisor, dom: Domain, image: str, at_ns: int,
           f"{stats.pages} pages, {stats.tables} pagetables canonicalised in "
           f"{stats.canonicalise_s * 1e3:.1f} ms ({stats.pinned} pinned), in "
           f"{stats.total_s:.2f} s; the domain is destroyed")
+    return EXIT_OK
+
+
+class LiveProgress:
+    """A live save's progress: libxc's "Frames iteration N" line per round
+    (as the toolstack's notes, on stdout), or with ``as_json`` a JSON line
+    of query-migrate's fields after each round on stderr, where the guest's
+    console does not mix with it."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.shown = 0
+
+    def __call__(self, info: MigrationInfo) -> None:
+        if self.as_json:
+            print(json.dumps(info.query_migrate(), sort_keys=True), file=sys.stderr,
+                  flush=True)
+            return
+        for r in info.rounds[self.shown:]:
+            _note(progress_line(r, info.total >> 12))
+        self.shown = len(info.rounds)
+
+
+def _save_live(hv: Hypervisor, dom: Domain, image: str, at_ns: int,
+               requests: list[Request], opts: PrecopyOptions, as_json: bool = False) -> int:
+    """The live save: pre-copy rounds from ``at_ns``, the suspend, the final
+    round, the domain destroyed."""
+    from hypervisor.toolstack.session import live_save
+    name = dom.name
+    _, outcome, info = live_save(hv, dom, image, at_ns, opts, sink=_stream, note=_note,
+                                 report=LiveProgress(as_json), requests=requests)
+    if outcome.stats is None:
+        if as_json:
+            print(json.dumps({"status": "failed", "error-desc": outcome.error}),
+                  file=sys.stderr)
+        print(f"pvlab: live save failed: {outcome.error}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    assert info is not None
+    live = info.rounds[:-1]
+    _note(f"saved domain {name} live to {image}: {outcome.stats.bytes / (1 << 20):.1f} MiB, "
+          f"{len(live)} live round(s) of {sum(r.pages for r in live)} pages, then "
+          f"{info.rounds[-1].pages} pages suspended; downtime "
+          f"{format_duration(info.downtime_ns)} of virtual time; the domain is destroyed")
     return EXIT_OK
 
 
@@ -293,10 +357,16 @@ def _image_dest(path: str) -> None:
 def cmd_save(args: argparse.Namespace) -> int:
     _image_dest(args.image)
     cfg = load_config(args.config)
-    if any(r.command == SAVE for r in cfg.requests):
+    if any(r.command in (SAVE, SAVE_LIVE) for r in cfg.requests):
         raise CliError(f"{args.config}: a save request in the configuration and pvlab "
                        "save's IMAGE: give one (pvlab run makes the configuration's)")
     hv, dom = boot(cfg, seed=args.seed)
+    if args.live:
+        opts = PrecopyOptions(args.max_iterations, args.dirty_threshold, args.downtime_limit,
+                              args.bandwidth << 20)
+        return _save_live(hv, dom, args.image, args.at, list(cfg.requests), opts, args.json)
+    if args.json:
+        raise CliError("--json reports a live save's rounds: give --live too")
     return _save(hv, dom, args.image, args.at, list(cfg.requests))
 
 
@@ -340,6 +410,12 @@ def cmd_image(args: argparse.Namespace) -> int:
         if len(args.images) != 1:
             raise CliError("image show takes one IMAGE")
         print(describe(scan_image(args.images[0]), records=args.records))
+        return EXIT_OK
+    if args.action == "check":
+        for path in args.images:
+            info = scan_image(path)
+            print(f"{path}: a good image of {info.nr_pfns} pfns in {info.copies} page "
+                  f"copies ({(info.domain or {}).get('kind', 'not pvlab')})")
         return EXIT_OK
     if len(args.images) != 2:
         raise CliError("image diff takes two images: A B")
@@ -409,7 +485,8 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "guest's memory target, as xl mem-set), balloon-stats, "
                         "balloon-inhibit, balloon-uninhibit, save PATH (a suspend whose "
                         "image is written to PATH, the domain then destroyed, as pvlab "
-                        "save does), type TEXT (TEXT typed on the guest's console, with "
+                        "save does), save-live PATH (the same after pre-copy rounds, as "
+                        "pvlab save --live), type TEXT (TEXT typed on the guest's console, with "
                         "the escapes \\n \\r \\t \\e \\\\ \\xHH), or PATH=VALUE (a xenstore "
                         "write in the guest's home); repeatable (e.g. --request '15ms "
                         "suspend' --request '2ms mem-set 16')")
@@ -498,8 +575,34 @@ def _add_save(sub: Any) -> None:
     _config_arg(save)
     save.add_argument("image", metavar="IMAGE", help="the image file to write")
     save.add_argument("--at", metavar="TIME", type=_duration, required=True,
-                      help="virtual time of the suspend request (e.g. 12ms)")
+                      help="virtual time of the suspend request (e.g. 12ms); with --live, "
+                           "of the first round")
     _seed_arg(save)
+    live = save.add_argument_group("live save (pre-copy, as xl migrate's loop)")
+    live.add_argument("--live", action="store_true",
+                      help="save while the guest runs: log-dirty on, a first round of every "
+                           "page, rounds of the pages dirtied meanwhile, then the suspend "
+                           "and a final round (docs/image.md)")
+    live.add_argument("--max-iterations", metavar="N", type=_positive,
+                      default=SPP_MAX_ITERATIONS,
+                      help=f"stop after N rounds (default {SPP_MAX_ITERATIONS}, Xen's)")
+    live.add_argument("--dirty-threshold", metavar="PAGES", type=_positive,
+                      default=SPP_TARGET_DIRTY_COUNT,
+                      help="stop when fewer pages than this are dirty (default "
+                           f"{SPP_TARGET_DIRTY_COUNT}, Xen's)")
+    live.add_argument("--downtime-limit", metavar="TIME", type=_duration,
+                      help="also stop when the dirty pages could be sent within TIME at the "
+                           "bandwidth measured so far (QEMU's downtime-limit; default: none)")
+    live.add_argument("--bandwidth", metavar="MIB", type=_positive,
+                      default=DEFAULT_BANDWIDTH >> 20,
+                      help="the modelled link, in MiB per second of virtual time: the guest "
+                           f"runs while a round is sent (default {DEFAULT_BANDWIDTH >> 20})")
+    live.add_argument("--json", action="store_true",
+                      help="after each round a JSON line on stderr with QEMU's query-migrate "
+                           "fields (status, ram.total, ram.transferred, ram.remaining, "
+                           "ram.dirty-pages-rate, ram.dirty-sync-count, setup-time, "
+                           "expected-downtime, downtime, total-time; times in ms of virtual "
+                           "time) instead of the Frames iteration lines")
     save.set_defaults(func=cmd_save)
 
 
@@ -715,11 +818,14 @@ def _add_plot(sub: Any) -> None:
 
 
 def _add_image(sub: Any) -> None:
-    image = sub.add_parser("image", help="show a saved image, or diff two",
+    image = sub.add_parser("image", help="show or check a saved image, or diff two",
                            description="image show IMAGE: its records, page types, pinned "
-                                       "tables, VCPUs and xenstore nodes. image diff A B: what "
+                                       "tables, VCPUs and xenstore nodes. image check IMAGE...: "
+                                       "the whole check a restore makes first, nothing built "
+                                       "(exit 2 at the first bad one). image diff A B: what "
                                        "differs between two images (exit 1 if anything).")
-    image.add_argument("action", choices=("show", "diff"), help="show IMAGE, or diff A B")
+    image.add_argument("action", choices=("show", "check", "diff"),
+                       help="show IMAGE, check IMAGE..., or diff A B")
     image.add_argument("images", metavar="IMAGE", nargs="+", help="image file(s)")
     image.add_argument("--records", action="store_true",
                        help="show: list every record with its offset and length")

@@ -51,6 +51,8 @@ class ToolstackDomain:
     # holding it and its number of entries
     p2m_frames: list[int] = field(default_factory=list)
     p2m_size: int = 0
+    # each device's place (savefile.DEVICE_CONFIG_KEYS), in the order made
+    devices: list[dict] = field(default_factory=list)
 
 
 class ToolstackContext:

@@ -34,6 +34,8 @@ TOOLSTACK_COMMANDS = ("checkpoint", "mem-set", "balloon-stats", "balloon-inhibit
 # a suspend whose image is written to PATH, the domain destroyed (xl save): the
 # command line's run and restore make it through session.suspend_and_save
 SAVE = "save"
+# the same, live: pre-copy rounds while the guest runs, then the suspend
+SAVE_LIVE = "save-live"
 # input typed on the guest's console (its text with backslash escapes)
 TYPE = "type"
 _TYPE_RE = re.compile(r"^\s*(\S+)\s+type (.*)$", re.DOTALL)
@@ -64,7 +66,8 @@ def parse_request(text: str) -> Request:
         console_bytes(typed.group(2))  # a bad escape is bad input now, not at 3ms
         return Request(parse_duration(typed.group(1)), command=TYPE, value=typed.group(2))
     parts = text.split(None, 1)
-    known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH", f"{TYPE} TEXT"))
+    known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH", f"{SAVE_LIVE} PATH",
+                                                        f"{TYPE} TEXT"))
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
                          f"(WHAT: {known}, or PATH=VALUE)")
@@ -73,11 +76,11 @@ def parse_request(text: str) -> Request:
     if what in COMMANDS or (what in TOOLSTACK_COMMANDS and what != "mem-set"):
         return Request(at, command=what)
     verb, _, arg = what.partition(" ")
-    if verb == SAVE:
+    if verb in (SAVE, SAVE_LIVE):
         if not arg.strip():
-            raise ValueError(f"request {text!r}: save takes the image's path, e.g. "
-                             "'5ms save guest.img'")
-        return Request(at, command=SAVE, value=arg.strip())
+            raise ValueError(f"request {text!r}: {verb} takes the image's path, e.g. "
+                             f"'5ms {verb} guest.img'")
+        return Request(at, command=verb, value=arg.strip())
     if verb == "mem-set":
         if not arg.strip().isdigit():
             raise ValueError(f"request {text!r}: mem-set takes the guest's memory target "

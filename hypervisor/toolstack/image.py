@@ -92,6 +92,11 @@ class ImageInfo:
     p2m_frame_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     batches: list[PageBatch] = field(default_factory=list)
     nibbles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # per pfn
+    # per pfn: given a frame by some copy (populate_pfns: the first copy of a
+    # populating type; never taken back), and sent with data by some copy
+    ever_populated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    ever_data: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    copies: int = 0  # pfn entries in all PAGE_DATA records: more than pfns if resent
     tsc: tuple[int, int, int, int] | None = None
     shared_info: bytes = b""
     vcpus: dict[int, bytes] = field(default_factory=dict)
@@ -106,7 +111,15 @@ class ImageInfo:
         return self.max_pfn + 1
 
     def populated(self) -> np.ndarray:
-        """pfns the image gives a frame."""
+        """pfns the restore gives a frame: every pfn some copy populated, or
+        that a copy of a pagetable names (x86_pv_localise_page populates
+        those too). A pfn sent with data and later as XTAB keeps its frame,
+        as in Xen: nothing is depopulated."""
+        return np.flatnonzero(self.ever_populated)
+
+    def populated_at_end(self) -> np.ndarray:
+        """pfns whose last copy has a populating type: the memory the sender
+        saw at the end of the stream."""
         seen = self.nibbles != ABSENT
         return np.flatnonzero(seen & ~np.isin(self.nibbles, list(NOT_POPULATED)))
 
@@ -373,6 +386,8 @@ def _p2m_frames(info: ImageInfo, rec: stream.Record) -> None:
                     f"outside the domain's maximum {end:#x}")
     info.p2m_frame_pfns = frames.astype(np.int64)
     info.nibbles = np.full(end + 1, ABSENT, dtype=np.uint8)
+    info.ever_populated = np.zeros(end + 1, dtype=bool)
+    info.ever_data = np.zeros(end + 1, dtype=bool)
 
 
 def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]]:
@@ -408,7 +423,12 @@ def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]
                     f"with {int(with_data.sum())} pages of data")
     data_offset = rec.offset + stream.RHDR.size + 8 + 8 * count
     info.batches.append(PageBatch(rec.offset, data_offset, pfns, nib, with_data))
+    # a pfn may come many times (the rounds of a live save): the last copy's
+    # type wins, and a frame once given stays (process_page_data)
     info.nibbles[pfns] = nib
+    info.ever_populated[pfns[~np.isin(nib, list(NOT_POPULATED))]] = True
+    info.ever_data[pfns[with_data]] = True
+    info.copies += int(pfns.size)
     tables = []
     level = pfinfo.level(nib)
     for k, i in enumerate(np.flatnonzero(with_data)):
@@ -540,19 +560,37 @@ def _read_pages(f: BinaryIO, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
+def _final_copies(info: ImageInfo, tables: list[tuple[int, int, int]]
+                  ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """The last copy of each pfn whose last type is a pagetable, and the
+    copies before them (the rounds of a live save: overwritten, never run)."""
+    levels = pfinfo.level(info.nibbles)
+    last: dict[int, int] = {}
+    for k, (pfn, _, _) in enumerate(tables):
+        last[pfn] = k
+    final = {k for pfn, k in last.items() if levels[pfn]}
+    return ([t for k, t in enumerate(tables) if k in final],
+            [t for k, t in enumerate(tables) if k not in final])
+
+
 def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int]]) -> None:
-    """Every present entry of every pagetable must name a pfn the image populates
-    (what localising would find out half way through a restore); an L4, L3 or
-    L2 entry must name a table one level down (what pinning validates, and
-    what the guest walks), and every L1..L3 must be named by a table one level
-    up: Xen keeps a table's type only while something references it, so an
-    unreferenced one is a table whose parent the image retyped."""
+    """The last copy of every pagetable must name in its present entries only
+    pfns the image populates at its end (what localising would find out half
+    way through a restore); an L4, L3 or L2 entry must name a table one level
+    down (what pinning validates, and what the guest walks), and every L1..L3
+    must be named by a table one level up: Xen keeps a table's type only
+    while something references it, so an unreferenced one is a table whose
+    parent the image retyped. Earlier copies are not validated (Xen's
+    restore does not validate during the rounds); they are localised when
+    they arrive, so a pfn they name gets a frame (_localise_earlier)."""
+    final, earlier = _final_copies(info, tables)
+    _localise_earlier(info, f, earlier)
     populated = np.zeros(info.nr_pfns, dtype=bool)
-    populated[info.populated()] = True
+    populated[info.populated_at_end()] = True
     levels = pfinfo.level(info.nibbles)
     named = np.zeros(info.nr_pfns, dtype=bool)
-    pages = _read_pages(f, np.array([t[2] for t in tables], dtype=np.int64))
-    for (pfn, level, _), page in zip(tables, pages, strict=True):
+    pages = _read_pages(f, np.array([t[2] for t in final], dtype=np.int64))
+    for (pfn, level, _), page in zip(final, pages, strict=True):
         present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
         targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
         bad = targets > np.uint64(info.max_pfn)
@@ -570,6 +608,24 @@ def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int
         pfn = int(orphans[0])
         raise ImageError(f"pagetable pfn {pfn:#x} (L{int(levels[pfn])}) is named by no table "
                          f"of level L{int(levels[pfn]) + 1}: the image retyped its parent")
+
+
+def _localise_earlier(info: ImageInfo, f: BinaryIO, earlier: list[tuple[int, int, int]]
+                      ) -> None:
+    """A pfn that an earlier copy of a pagetable names gets a frame, as
+    x86_pv_localise_page populates the pfns a table names before it has
+    them; a pfn beyond the domain's maximum cannot (Xen: "Bad mfn")."""
+    for (pfn, level, _), page in zip(earlier, _read_pages(
+            f, np.array([t[2] for t in earlier], dtype=np.int64)), strict=True):
+        present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
+        targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+        beyond = np.flatnonzero(targets > np.uint64(info.max_pfn))
+        if beyond.size:
+            i = int(beyond[0])
+            raise ImageError(f"a copy of pagetable pfn {pfn:#x} (L{level}) slot "
+                             f"{int(present[i])} names pfn {int(targets[i]):#x}, beyond the "
+                             f"domain's maximum {info.max_pfn:#x}")
+        info.ever_populated[targets.astype(np.int64)] = True
 
 
 def _check_level(info: ImageInfo, pfn: int, level: int, entries: np.ndarray,
@@ -597,7 +653,7 @@ def _check_p2m(info: ImageInfo, f: BinaryIO) -> None:
     p2m = _read_pages(f, where[frames]).reshape(-1)[:info.nr_pfns]
     have = p2m != np.uint64(INVALID_MFN)
     populated = np.zeros(info.nr_pfns, dtype=bool)
-    populated[info.populated()] = True
+    populated[info.populated_at_end()] = True
     differ = np.flatnonzero(have != populated)
     if differ.size:
         pfn = int(differ[0])

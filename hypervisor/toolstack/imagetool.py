@@ -71,7 +71,8 @@ def describe(info: ImageInfo, records: bool = False) -> str:
     lines = _layers(info, records)
     if d:
         kernel = (d.get("kernel") or {}).get("module", "none")
-        clocks = d.get("clocks") or [0]
+        # a live save's config is written before its end: the time is in X86_TSC_INFO
+        clocks = d.get("clocks") or [info.tsc[2] if info.tsc else 0]
         lines.append(f"domain: {d.get('name')}, {d.get('vcpus')} vcpus, {info.nr_pfns} pfns, "
                      f"a {d.get('kind')} at {format_duration(max(clocks))} of virtual time, "
                      f"seed {d.get('seed')}, guest kernel {kernel}")

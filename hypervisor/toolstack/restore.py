@@ -175,9 +175,12 @@ def restore(ctx: RestoreContext, progress: Progress | None) -> None:
 # --- memory ---------------------------------------------------------------------------
 
 def populate_pfns(ctx: RestoreContext) -> None:
-    """A new frame for every pfn the image gives one; the M2P learns them.
-    Frames are not zeroed: each gets its page from the image, but the XALLOC
-    ones (allocate only, no data), zeroed here."""
+    """A new frame for every pfn the image gives one (the first copy of a
+    populating type: a pfn sent again is not populated again, and one sent
+    later as XTAB keeps its frame, as Xen's populated_pfns bitmap has it);
+    the M2P learns them. Frames are not zeroed: each gets its page from the
+    image, but those no copy gives data (XALLOC, allocate only; a pfn only a
+    pagetable's earlier copy named), zeroed here."""
     hv, dom, info = ctx.hv, ctx.dom, ctx.info
     pfns = info.populated()
     free = domctl.physinfo(hv).free_pages
@@ -187,13 +190,16 @@ def populate_pfns(ctx: RestoreContext) -> None:
     ctx.p2m = np.full(info.nr_pfns, INVALID_MFN, dtype=np.uint64)
     ctx.p2m[pfns] = mfns.astype(np.uint64)
     domctl.mmu_machphys_update(hv, dom, mfns, pfns)
-    no_data = pfns[info.nibbles[pfns] == pfinfo.XALLOC]
+    no_data = pfns[~info.ever_data[pfns]]
     domctl.map_foreign_bulk(hv, dom, ctx.p2m[no_data].astype(np.int64))[:] = 0
 
 
 def process_page_data(ctx: RestoreContext, progress: Progress | None) -> None:
-    """Every PAGE_DATA batch's pages into their new frames, pagetables
-    localised on the way (save: write_batch)."""
+    """Every PAGE_DATA batch's pages into their new frames in stream order,
+    pagetables localised on the way (save: write_batch). A pfn sent in
+    several rounds is written each time, each copy localised by its own
+    type: the last copy wins. Nothing is validated or pinned here: the
+    frames are plain memory until stream_complete pins by the last types."""
     info, stats = ctx.info, ctx.stats
     done = 0
     with open(info.path, "rb", buffering=0) as f:
@@ -210,7 +216,7 @@ def process_page_data(ctx: RestoreContext, progress: Progress | None) -> None:
                 stats.pages += n
             done += batch.pfns.size
             if progress is not None:
-                progress(done, info.nr_pfns)
+                progress(done, info.copies)
 
 
 def _write_pages(ctx: RestoreContext, pfns: np.ndarray, nibbles: np.ndarray,
@@ -324,7 +330,9 @@ def handle_tsc_info(ctx: RestoreContext) -> None:
 
 
 def pin_pagetables(ctx: RestoreContext) -> None:
-    """Pin again what was pinned, with the recorded type (Xen validates it)."""
+    """Pin again what was pinned, by each pfn's last type in the stream (Xen
+    validates it here, once, after END): a table pinned in an early round
+    and unpinned by the end is not pinned."""
     info = ctx.info
     for pfn in np.flatnonzero(pfinfo.is_pinned_table(info.nibbles)).tolist():
         level = int(pfinfo.level(info.nibbles[pfn]))

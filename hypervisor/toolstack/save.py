@@ -27,9 +27,9 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -39,15 +39,33 @@ from hypervisor.public import arch_x86
 from hypervisor.public.arch_x86 import (
     _PAGE_PRESENT,
     _PAGE_PSE,
+    L1_PAGETABLE_ENTRIES,
     ROOT_PAGETABLE_FIRST_XEN_SLOT,
     ROOT_PAGETABLE_LAST_XEN_SLOT,
     table_offset,
 )
-from hypervisor.public.domctl import PFINFO_XTAB, TSC_MODE_ALWAYS_EMULATE
+from hypervisor.public.domctl import (
+    PFINFO_XTAB,
+    TSC_MODE_ALWAYS_EMULATE,
+    XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL,
+    XEN_DOMCTL_SHADOW_OP_CLEAN,
+    XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY,
+    XEN_DOMCTL_SHADOW_OP_OFF,
+    xen_domctl_shadow_op,
+)
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE
 from hypervisor.toolstack import pfinfo, savefile, stream
 from hypervisor.toolstack.context import context_of
+from hypervisor.toolstack.precopy import (
+    NS,
+    MigrationInfo,
+    Policy,
+    PrecopyOptions,
+    PrecopyStats,
+    Round,
+    precopy_policy,
+)
 from hypervisor.toolstack.savefile import LibxlRecType
 from hypervisor.toolstack.stream import RecType
 from hypervisor.toolstack.xenstored import Store, home
@@ -190,6 +208,23 @@ def canonicalise(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray,
                         f"L{int(levels[row])}[{slot}])")
     out[rows, slots] = (entries & ~PTE_FRAME_MASK) | (pfns << np.uint64(PAGE_SHIFT))
     return out
+
+
+def in_pseudophysmap(tables: np.ndarray, levels: np.ndarray, p2m: np.ndarray,
+                     m2p: np.ndarray) -> np.ndarray:
+    """Per table: every present entry names a frame of the domain's, as
+    mfn_in_pseudophysmap asks (an L4's hypervisor slots aside). A live round
+    defers a table that is not (normalise_pagetable's EAGAIN), before
+    canonicalise would refuse it."""
+    t = tables.copy()
+    t[levels == 4, ROOT_PAGETABLE_FIRST_XEN_SLOT:ROOT_PAGETABLE_LAST_XEN_SLOT + 1] = 0
+    present = (t & np.uint64(_PAGE_PRESENT)) != 0
+    mfns = ((t & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    inside = mfns < m2p.size
+    pfns = np.where(inside, m2p[np.where(inside, mfns, 0)], np.uint64(INVALID_MFN))
+    mine = pfns < np.uint64(p2m.size)
+    back = p2m[np.where(mine, pfns, 0).astype(np.int64)] == mfns.astype(np.uint64)
+    return (~present | (inside & mine & back)).all(axis=1)
 
 
 def _mfn_to_pfn(hv: Hypervisor, p2m: np.ndarray, mfn: int, what: str) -> int:
@@ -455,5 +490,349 @@ def save_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
     return stats
 
 
+# --- the live save (xg_sr_save.c send_domain_memory_live) ------------------------------
+
+class LiveCallbacks(Protocol):
+    """What the live save's caller does for it (save_callbacks): let the
+    guest run while a round is on the wire, and suspend it through the same
+    path as a save (raising SaveError if it does not suspend)."""
+
+    def run_for(self, ns: int) -> None: ...
+
+    def suspend(self) -> None: ...
+
+
+Report = Callable[[MigrationInfo], None]
+
+
+@dataclass
+class LiveSave:
+    """What the live loop carries from round to round (xc_sr_context's save
+    half in a live save)."""
+
+    hv: Hypervisor
+    dom: Domain
+    out: BinaryIO
+    callbacks: LiveCallbacks
+    opts: PrecopyOptions
+    info: MigrationInfo
+    report: Report | None
+    p2m: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    frame_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    deferred: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    paused: bool = False    # suspended: a page that fails now is an error
+    start_ns: int = 0       # the guest's time at the start, for the report
+    logdirty: bool = False
+    reported: int = 0       # rounds the report has seen
+
+
+def _shadow_op(ls: LiveSave, op: int, bitmap: np.ndarray | None = None,
+               mode: int = 0) -> xen_domctl_shadow_op:
+    arg = xen_domctl_shadow_op(op=op, mode=mode, pages=ls.p2m.size)
+    rc = domctl.shadow_op(ls.hv, ls.dom, arg, bitmap)
+    if rc:
+        raise SaveError(f"log-dirty operation {op} failed ({rc})")
+    return arg
+
+
+def enable_logdirty(ls: LiveSave) -> None:
+    """ENABLE_LOGDIRTY; if it fails, OFF and ENABLE again, as Xen does for
+    a domain whose log is already on (Xen's VRAM tracking)."""
+    arg = xen_domctl_shadow_op(op=XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
+    if domctl.shadow_op(ls.hv, ls.dom, arg):
+        domctl.shadow_op(ls.hv, ls.dom, xen_domctl_shadow_op(op=XEN_DOMCTL_SHADOW_OP_OFF))
+        arg = xen_domctl_shadow_op(op=XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)
+        rc = domctl.shadow_op(ls.hv, ls.dom, arg)
+        if rc:
+            raise SaveError(f"failed to enable log-dirty mode ({rc})")
+    ls.logdirty = True
+
+
+def disable_logdirty(ls: LiveSave) -> None:
+    """OFF, at the end and on every failure (the save's cleanup)."""
+    if ls.logdirty and ls.dom.domid in ls.hv.domains:
+        domctl.shadow_op(ls.hv, ls.dom, xen_domctl_shadow_op(op=XEN_DOMCTL_SHADOW_OP_OFF))
+    ls.logdirty = False
+
+
+def clean_dirty_bitmap(ls: LiveSave, final: bool = False) -> np.ndarray:
+    """CLEAN: the pfns written since the last one (LOGDIRTY_FINAL in the
+    paused round), the log emptied for the next round."""
+    bitmap = np.zeros(-(-ls.p2m.size // 8), dtype=np.uint8)
+    arg = _shadow_op(ls, XEN_DOMCTL_SHADOW_OP_CLEAN, bitmap,
+                     XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL if final else 0)
+    if arg.pages != ls.p2m.size:
+        raise SaveError(f"failed to retrieve the log-dirty bitmap: {arg.pages} bits for "
+                        f"{ls.p2m.size} pfns")
+    ls.info.dirty_sync_count += 1
+    return np.unpackbits(bitmap, bitorder="little")[:ls.p2m.size].astype(bool)
+
+
+def check_vm_state(ls: LiveSave) -> None:
+    """x86_pv_check_vm_state: the guest's p2m read again; its frames (sent
+    once, in X86_PV_P2M_FRAMES) must not have moved, as Xen aborts when the
+    p2m generation changes."""
+    p2m, frame_pfns = locate_p2m(ls.hv, ls.dom)
+    if p2m.size != ls.p2m.size or not np.array_equal(frame_pfns, ls.frame_pfns):
+        raise SaveError("the guest's p2m list changed its frames or size during the live "
+                        "save: migration aborted")
+    ls.p2m = p2m
+
+
+def write_batch_live(ls: LiveSave, pfns: np.ndarray) -> tuple[int, int]:
+    """One PAGE_DATA record of a live or final round (write_batch): the
+    types asked now, pagetables normalised now. In a live round a pfn with
+    no frame (ballooned) or a table that fails to normalise is deferred:
+    sent as XTAB, sent again in the final round; once suspended, either is
+    an error. Returns (pages with data, pfns deferred)."""
+    hv, dom = ls.hv, ls.dom
+    mfns = ls.p2m[pfns]
+    m2p = domctl.map_m2p(hv)
+    valid = mfns < np.uint64(m2p.size)
+    types = np.full(pfns.size, PFINFO_XTAB, dtype=np.uint32)
+    types[valid] = domctl.getpageframeinfo3(hv, dom, mfns[valid].astype(np.int64))
+    ours = valid & (types != PFINFO_XTAB)
+    ours[ours] = m2p[mfns[ours].astype(np.int64)] == pfns[ours].astype(np.uint64)
+    stray = np.flatnonzero(valid & ~ours)
+    if ls.paused and stray.size:
+        i = int(stray[0])
+        raise SaveError(f"p2m[{int(pfns[i]):#x}] = {int(mfns[i]):#x}: not a frame of the "
+                        "domain's (or the M2P disagrees)")
+    defer = ~ours & (not ls.paused)
+    types[~ours] = PFINFO_XTAB
+    data = np.flatnonzero(ours)
+    pages = np.asarray(domctl.map_foreign_bulk(hv, dom, mfns[data].astype(np.int64)))
+    levels = pfinfo.level(pfinfo.nibble(types[data]))
+    rows = np.flatnonzero(levels)
+    if rows.size:
+        tables = pages[rows]  # as the guest wrote them: log-dirty's D bits given back
+        good = np.ones(rows.size, bool) if ls.paused else \
+            in_pseudophysmap(tables, levels[rows], ls.p2m, m2p)
+        try:
+            pages[rows[good]] = canonicalise(tables[good], levels[rows][good],
+                                             pfns[data][rows][good], ls.p2m, m2p)
+        except SaveError as e:
+            raise SaveError(f"{e} in the final round, with the guest suspended") \
+                if ls.paused else e from None
+        failed = data[rows[~good]]
+        defer[failed] = True
+        types[failed] = PFINFO_XTAB
+    keep = types[data] != PFINFO_XTAB
+    _write_page_data(ls.out, pfns, types, pages[keep])
+    ls.deferred[pfns[defer]] = True
+    return int(keep.sum()), int(defer.sum())
+
+
+def _write_page_data(out: BinaryIO, pfns: np.ndarray, types: np.ndarray,
+                     pages: np.ndarray) -> None:
+    entries = (types.astype(np.uint64) << np.uint64(stream.PAGE_DATA_TYPE_SHIFT)) \
+        | pfns.astype(np.uint64)
+    body_len = stream.PAGE_DATA_HDR.size + 8 * pfns.size + PAGE_SIZE * len(pages)
+    out.write(stream.RHDR.pack(RecType.PAGE_DATA, body_len))
+    out.write(stream.PAGE_DATA_HDR.pack(pfns.size))
+    out.write(entries.tobytes())
+    out.write(np.ascontiguousarray(pages).tobytes())
+
+
+def send_dirty_pages(ls: LiveSave, dirty: np.ndarray, iteration: int) -> Round:
+    """The round's pfns in pfn order, MAX_BATCH_SIZE a record; after it the
+    guest's state is checked (check_vm_state)."""
+    start = ls.out.tell()
+    todo = np.flatnonzero(dirty)
+    pages = deferred = 0
+    for first in range(0, todo.size, stream.MAX_BATCH_SIZE):
+        p, d = write_batch_live(ls, todo[first:first + stream.MAX_BATCH_SIZE])
+        pages += p
+        deferred += d
+    octets = ls.out.tell() - start
+    r = Round(iteration, pages, int(todo.size), octets, deferred, ls.opts.wire_ns(octets),
+              ls.paused)
+    ls.info.rounds.append(r)
+    ls.info.transferred += octets
+    return r
+
+
+def _reported(ls: LiveSave, r: Round, dirty_next: int) -> None:
+    """The counters after a round, to the caller's report."""
+    info = ls.info
+    info.status = "active"
+    info.remaining = max(dirty_next, 0) * PAGE_SIZE
+    if r.wire_ns and dirty_next >= 0:
+        info.dirty_pages_rate = dirty_next * NS // r.wire_ns
+    bw = info.bandwidth()
+    if bw and dirty_next >= 0:
+        info.expected_downtime_ns = int(dirty_next * PAGE_SIZE * NS / bw)
+    info.total_ns = _elapsed(ls)
+    ls.reported = len(info.rounds)
+    if ls.report is not None:
+        ls.report(info)
+
+
+def _elapsed(ls: LiveSave) -> int:
+    """Virtual time since the start: the guest's, while it ran (the rounds
+    on the wire, its suspend path), then what was sent with it suspended."""
+    return max(domctl.vcpu_clocks(ls.dom), default=0) - ls.start_ns + ls.info.downtime_ns
+
+
+def send_memory_live(ls: LiveSave) -> None:
+    """The rounds while the guest runs, as Xen's loop: the first sends every
+    pfn; after each the policy is asked with the dirty count unknown (it may
+    stop on the iteration), then CLEAN gives the next round's pfns and the
+    policy is asked with their count. A round is sent unless the policy
+    aborts, even when it says stop: the paused round then has less to do."""
+    opts = ls.opts
+    stats = PrecopyStats(dirty_count=int(ls.p2m.size))
+    dirty = np.ones(ls.p2m.size, dtype=bool)
+    x = 0
+    while True:
+        decision = precopy_policy(stats, opts, ls.info.bandwidth())
+        x += 1
+        if stats.dirty_count > 0 and decision != Policy.ABORT:
+            r = send_dirty_pages(ls, dirty, x - 1)
+            check_vm_state(ls)
+            ls.callbacks.run_for(r.wire_ns)  # the guest runs while the round is sent
+        if decision != Policy.CONTINUE_PRECOPY:
+            break
+        stats.iteration = x
+        stats.total_written += stats.dirty_count
+        stats.dirty_count = -1
+        decision = precopy_policy(stats, opts, ls.info.bandwidth())
+        if decision != Policy.CONTINUE_PRECOPY:
+            break
+        dirty = clean_dirty_bitmap(ls)
+        stats.dirty_count = int(dirty.sum())
+        _reported(ls, ls.info.rounds[-1], stats.dirty_count)
+    if decision == Policy.ABORT:
+        raise SaveError("the pre-copy policy aborted the live save")
+    if ls.info.rounds and ls.reported < len(ls.info.rounds):
+        _reported(ls, ls.info.rounds[-1], -1)  # the last live round, not followed by a CLEAN
+
+
+def suspend_and_send_dirty(ls: LiveSave) -> None:
+    """The guest suspended through the save's path, then the final round:
+    the pages dirtied since the last CLEAN and every deferred one. Nothing
+    may fail to normalise now (Xen would defer and drop it: pvlab refuses)."""
+    ls.callbacks.suspend()
+    ls.paused = True
+    check_vm_state(ls)
+    dirty = clean_dirty_bitmap(ls, final=True) | ls.deferred
+    r = send_dirty_pages(ls, dirty, len(ls.info.rounds))
+    ls.deferred[:] = False
+    ls.info.downtime_ns += r.wire_ns
+    _reported(ls, r, 0)
+
+
+def live_config(hv: Hypervisor, dom: Domain, seed: int | None) -> bytes:
+    """The xl header's config of a live save, written before the first round:
+    the clocks are not known yet (X86_TSC_INFO carries the time at the end),
+    the devices are named by place (their state follows at the end)."""
+    places = context_of(hv).domain(dom).devices
+    config = json.loads(domain_config(dom, "live save", hv.seed if seed is None else seed, []))
+    config["pvlab"]["clocks"] = []
+    config["pvlab"]["devices"] = places
+    return json.dumps(config, sort_keys=True).encode()
+
+
+def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: LiveCallbacks,
+                     opts: PrecopyOptions, seed: int | None = None,
+                     report: Report | None = None) -> MigrationInfo:
+    """A live save of a running domain into ``out``, in the layers of
+    write_image: xl's header and config, libxl's header, LIBXC_CONTEXT, the
+    static records and X86_PV_P2M_FRAMES once, the live rounds and the
+    final one, the end of the checkpoint (TSC, shared info, the VCPUs), END,
+    libxl's records. Log-dirty is off again at the end and on any failure.
+    The guest is left suspended on success; the caller decides its fate."""
+    if dom.shutdown_reason is not None:
+        raise SaveError(f"domain {dom.name} is not running: a live save needs it running")
+    ls = LiveSave(hv, dom, savefile.DigestWriter(out), callbacks, opts, MigrationInfo(),
+                  report)
+    ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)
+    ls.deferred = np.zeros(ls.p2m.size, dtype=bool)
+    ls.start_ns = max(domctl.vcpu_clocks(dom), default=0)
+    ls.info.total = int(ls.p2m.size) * PAGE_SIZE
+    try:
+        enable_logdirty(ls)
+        digest_offset = _write_live_head(ls, seed)
+        send_memory_live(ls)
+        suspend_and_send_dirty(ls)
+        disable_logdirty(ls)
+        _write_live_tail(ls, digest_offset)
+    except BaseException as e:
+        disable_logdirty(ls)
+        ls.info.status = "failed"
+        ls.info.error = str(e)
+        raise
+    ls.info.status = "completed"
+    ls.info.remaining = 0
+    ls.info.total_ns = _elapsed(ls)
+    if report is not None:
+        report(ls.info)
+    return ls.info
+
+
+def _live_context(ls: LiveSave, vcpus: list[tuple[int, bytes]] | None = None,
+                  devices: list[dict] | None = None) -> SaveContext:
+    """The SaveContext the record writers take; a live save has no page
+    types or tables of its own (each round asks for them anew)."""
+    none = np.zeros(0, np.int64)
+    return SaveContext(ls.p2m, ls.frame_pfns, none.astype(np.uint32),
+                       np.zeros((0, L1_PAGETABLE_ENTRIES), np.uint64), none, vcpus or [],
+                       devices or [])
+
+
+def _write_live_head(ls: LiveSave, seed: int | None) -> int:
+    """xl's header and the config, libxl's header, LIBXC_CONTEXT and the
+    libxc stream's static part; returns where the digest goes."""
+    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed))
+    savefile.write_libxl_header(ls.out)
+    savefile.write_libxl_record(ls.out, LibxlRecType.LIBXC_CONTEXT)
+    write_static_data(ls.hv, ls.dom, ls.out, _live_context(ls))
+    return digest_offset
+
+
+def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
+    """The end of the checkpoint and libxl's records, with the guest
+    suspended: its time on the wire is downtime too."""
+    hv, dom = ls.hv, ls.dom
+    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
+    start = ls.out.tell()
+    write_end_of_checkpoint(hv, dom, ls.out, sc, checkpoint=False)
+    write_libxl_tail(hv, dom, ls.out, sc, checkpoint=False)
+    ls.out.finish(digest_offset)
+    octets = ls.out.tell() - start
+    ls.info.transferred += octets
+    ls.info.downtime_ns += ls.opts.wire_ns(octets)
+
+
+def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
+                      callbacks: LiveCallbacks, opts: PrecopyOptions,
+                      seed: int | None = None, report: Report | None = None
+                      ) -> tuple[MigrationInfo, SaveStats]:
+    """write_image_live into a temporary file beside ``path``, flushed and
+    renamed into place; on any failure nothing is left at ``path``."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise SaveError(f"{dest} is a directory; name the image file")
+    if not dest.parent.is_dir():
+        raise SaveError(f"{dest.parent} does not exist: cannot write {dest.name} there")
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    t0 = time.perf_counter()
+    try:
+        with open(tmp, "wb", buffering=1 << 22) as f:
+            info = write_image_live(hv, dom, f, callbacks, opts, seed, report)
+            stats = SaveStats(pages=sum(r.pages for r in info.rounds), bytes=f.tell())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise SaveError(f"cannot write {dest}: {e.strerror or e}") from None
+        raise
+    stats.total_s = time.perf_counter() - t0
+    return info, stats
+
+
 __all__ = ["SaveError", "SaveStats", "save_to_file", "write_image", "canonicalise",
-           "locate_p2m", "page_types"]
+           "locate_p2m", "page_types", "LiveCallbacks", "save_live_to_file",
+           "write_image_live"]

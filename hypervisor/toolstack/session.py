@@ -25,7 +25,8 @@ from hypervisor.toolstack.control import (
     resume_cancelled,
     type_on_console,
 )
-from hypervisor.toolstack.save import Progress, SaveError, SaveStats
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
+from hypervisor.toolstack.save import Progress, SaveError, SaveStats, save_live_to_file
 from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,74 @@ def suspend_and_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
 def _why_not_suspended(result: RunResult) -> str:
     shut_down = result.reason if result.reason not in ("running", "hung") else ""
     return libxl.why_not_suspended(shut_down, bool(result.unacknowledged), "of virtual time")
+
+
+class _LiveRun:
+    """The live save's callbacks (save.LiveCallbacks): the guest runs on in
+    this run loop while each round is on the wire, and is suspended through
+    the same request and handshake as ``suspend_and_save``'s."""
+
+    def __init__(self, hv: Hypervisor, dom: Domain, now_ns: int,
+                 sink: Callable[[Domain, bytes], None] | None,
+                 note: Callable[[str], None] | None) -> None:
+        self.hv, self.dom, self.now_ns, self.sink, self.note = hv, dom, now_ns, sink, note
+        self.result: RunResult | None = None
+
+    def run_for(self, ns: int) -> None:
+        self.now_ns += ns
+        self.result = run_domain(self.hv, self.dom, self.now_ns, self.sink, note=self.note,
+                                 on_suspend=lambda d: False)
+        if self.result.reason != "running":
+            raise SaveError(f"the guest stopped ({self.result.reason}) during the live save")
+
+    def suspend(self) -> None:
+        self.result = run_domain(self.hv, self.dom, self.now_ns + SUSPEND_TIMEOUT_NS,
+                                 self.sink, [Request(self.now_ns, command="suspend")],
+                                 self.note, on_suspend=lambda d: False)
+        if self.dom.shutdown_reason != SHUTDOWN_suspend:
+            raise SaveError(_why_not_suspended(self.result))
+        self.now_ns = max(domctl.vcpu_clocks(self.dom), default=self.now_ns)
+
+
+def live_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
+              opts: PrecopyOptions, seed: int | None = None,
+              sink: Callable[[Domain, bytes], None] | None = None,
+              note: Callable[[str], None] | None = None,
+              report: Callable[[MigrationInfo], None] | None = None,
+              requests: Sequence[Request] = (),
+              ) -> tuple[RunResult, SaveOutcome, MigrationInfo | None]:
+    """A live save (``xl save`` has none; ``xl migrate``'s loop into a file):
+    run the domain to ``at_ns`` (making the requests before it that are no
+    shutdown), then the pre-copy rounds while it runs, its suspend, the final
+    round, and the domain destroyed. On failure nothing is at ``path``,
+    log-dirty is off and the guest runs on (its suspend hypercall returned 1
+    if it had suspended); the outcome says why."""
+    outcome = SaveOutcome(Path(path))
+    before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
+    result = run_domain(hv, dom, at_ns, sink, before, note)
+    if result.reason != "running":
+        outcome.error = f"the guest shut down ({result.reason}) before the live save"
+        return result, outcome, None
+    live = _LiveRun(hv, dom, at_ns, sink, note)
+    info = None
+    try:
+        info, outcome.stats = save_live_to_file(hv, dom, path, live, opts, seed, report)
+    except SaveError as e:
+        outcome.error = str(e)
+        if dom.shutdown_reason == SHUTDOWN_suspend:
+            outcome.error += "; nothing was written, the guest runs on (its suspend " \
+                             "hypercall returned 1)"
+            resume_cancelled(hv, dom)
+        elif dom.shutdown_reason is None:
+            outcome.error += "; nothing was written, the guest runs on"
+        else:
+            outcome.error += "; nothing was written"
+    result = live.result or result
+    outcome.console_bytes = len(dom.console_out)
+    if outcome.ok:
+        _drop_console_input(hv, dom, note)
+        domctl.destroydomain(hv, dom)
+    return result, outcome, info
 
 
 def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | None = None,

@@ -352,7 +352,7 @@ class _LiveRun:
             raise SaveError(f"the guest stopped ({self.result.reason}) during the live save")
 
     def suspend(self) -> None:
-        self.result = run_domain(self.hv, self.dom, self.now_ns + SUSPEND_TIMEOUT_NS,
+        self.result = run_domain(self.hv, self.dom, self.now_ns + libxl.SUSPEND_TIMEOUT_NS,
                                  self.sink, [Request(self.now_ns, command="suspend")],
                                  self.note, on_suspend=lambda d: False)
         if self.dom.shutdown_reason != SHUTDOWN_suspend:
@@ -396,8 +396,7 @@ def live_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
     result = live.result or result
     outcome.console_bytes = len(dom.console_out)
     if outcome.ok:
-        _drop_console_input(hv, dom, note)
-        domctl.destroydomain(hv, dom)
+        libxl.destroy_saved(hv, dom, note)
     return result, outcome, info
 
 

@@ -127,8 +127,8 @@ def test_a_forked_run_past_its_time_is_killed_and_the_server_goes_on():
     config = str(ROOT / "labs" / "pmorder" / "pmorder.toml")
     server = ForkServer("pmorder", ["--reference"])
     try:
-        rc, _, err = server.run(["run", config, "--gdb", "0"], 3)
-        assert rc is None and "waiting for gdb on 127.0.0.1:" in err
+        rc, _, _ = server.run(["run", config, "--gdb", "0"], 2)   # waits for gdb for ever
+        assert rc is None
         rc, out, _ = server.run(["image", "--help"], 60)
         assert rc == 0 and out.startswith("usage: pvlab image")
     finally:

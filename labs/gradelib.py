@@ -15,11 +15,13 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labs.forkserver import ForkServer, ServerGone
 from labs.lab import ROOT, Lab
 
 TestFn = Callable[["Ctx"], Any]
@@ -90,10 +92,34 @@ class Settings:
     gdb: int | None = None
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
+    _servers: dict[tuple[str, ...], ForkServer] = field(default_factory=dict, init=False,
+                                                        repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def who(self, reference: bool = False) -> list[str]:
+        """labs.run's options for the student's modules, or the reference's."""
+        return (["--reference"] if self.student is None or reference
+                else ["--dir", str(self.student)])
+
     def run_prefix(self, reference: bool = False) -> list[str]:
-        base = [sys.executable, "-m", "labs.run", "--lab", self.lab.name]
-        return base + (["--reference"] if self.student is None or reference
-                       else ["--dir", str(self.student)])
+        return [sys.executable, "-m", "labs.run", "--lab", self.lab.name, *self.who(reference)]
+
+    def server(self, reference: bool = False) -> ForkServer | None:
+        """The fork server of these runs, started on first use (None where
+        Python cannot fork: each run then starts Python anew)."""
+        if not hasattr(os, "fork"):
+            return None
+        who = tuple(self.who(reference))
+        with self._lock:
+            if who not in self._servers:
+                self._servers[who] = ForkServer(self.lab.name, list(who))
+            return self._servers[who]
+
+    def close(self) -> None:
+        """Stop the fork servers."""
+        with self._lock:
+            while self._servers:
+                self._servers.popitem()[1].close()
 
     def replay_flags(self) -> list[str]:
         if self.student is None:
@@ -139,20 +165,31 @@ class Ctx:
         student's failures (they are in the result)."""
         argv = [str(a) for a in args]
         if reference:  # the grader's own question: not the run a failure replays
-            return self._run(self.settings.run_prefix(True), argv, timeout)
+            return self._run(True, argv, timeout)
         argv = self._with_gdb(argv)
         if self.settings.verbose:
             print(f"    $ pvlab lab run {self.lab.name} -- {shlex.join(argv)}", flush=True)
         waited = "--gdb" in argv[1:2]
-        self.last = self._run(self.settings.run_prefix(), argv, None if waited else timeout)
+        self.last = self._run(False, argv, None if waited else timeout)
         if self.last.rc is None:
             self.fail(f"pvlab did not end within {timeout:.0f} s: the guest or the "
                       "toolstack is stuck (a loop that never ends, a lock never released?)")
         return self.last
 
+    def _run(self, reference: bool, argv: list[str], timeout: float | None) -> Result:
+        """One pvlab child process, forked by the grade's fork server; rc None
+        if it ran past ``timeout``."""
+        server = self.settings.server(reference)
+        if server is not None:
+            try:
+                return Result(*server.run(argv, timeout), argv)
+            except ServerGone:
+                pass      # a server that could not start: Python started anew, as below
+        return self._fresh(self.settings.run_prefix(reference), argv, timeout)
+
     @staticmethod
-    def _run(prefix: list[str], argv: list[str], timeout: float | None) -> Result:
-        """One pvlab child process; rc None if it ran past ``timeout``."""
+    def _fresh(prefix: list[str], argv: list[str], timeout: float | None) -> Result:
+        """One pvlab child process started from scratch."""
         try:
             p = subprocess.run(prefix + ["--", *argv], capture_output=True, text=True,
                                timeout=timeout, errors="replace")

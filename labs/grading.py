@@ -103,8 +103,11 @@ def grade(settings: Settings, out: Any, only: str | None = None) -> Grade:
             raise LabError(f"lab {settings.lab.name} has no test {only!r} (its tests: {names})")
         tests = chosen
     g = Grade(settings, out)
-    for t in tests:
-        g.run(t)
+    try:
+        for t in tests:
+            g.run(t)
+    finally:
+        settings.close()
     earned, total = score(g)
     out.write(f"Score: {earned}/{total}\n")
     return g

@@ -39,14 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
     try:
-        lab = find_lab(args.lab)
-        if not args.reference:
-            install(student_files(lab, Path(args.dir)))
+        overlay(args.lab, None if args.reference else Path(args.dir))
     except LabError as e:
         print(f"pvlab: {e}", file=sys.stderr)
         return 2
+    return pvlab(rest)
+
+
+def overlay(name: str, parent: Path | None) -> None:
+    """Put the student's files of lab ``name`` under ``parent`` in place of
+    the reference modules for this process (``parent`` None: the reference)."""
+    lab = find_lab(name)
+    if parent is not None:
+        install(student_files(lab, parent))
+
+
+def pvlab(argv: list[str]) -> int:
+    """``pvlab ARGV`` in this process, once the overlay is in place."""
     from hypervisor.toolstack import cli  # after the overlay: it imports the replaced modules
-    return cli.main(rest)
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

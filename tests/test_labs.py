@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from labs import LabError, all_labs, find_lab
-from labs.gradelib import Settings, diff_lines
+from labs.forkserver import ForkServer
+from labs.gradelib import Ctx, Result, Settings, diff_lines
+from labs.gradelib import tests_of as graded_tests
 from labs.grading import grade, score
 from labs.lab import Lab, reference_path
 from labs.starter import strip
@@ -66,8 +68,7 @@ def test_a_seed_narrows_a_test_to_it(tmp_path):
 
 
 def test_gdb_is_served_in_the_first_run_or_restore_of_a_test_only(tmp_path, capsys):
-    from labs.gradelib import Ctx, tests_of
-    ctx = Ctx(Settings(FIXTURE, None, tmp_path, gdb=1234), tests_of(FIXTURE.tests)[0])
+    ctx = Ctx(Settings(FIXTURE, None, tmp_path, gdb=1234), graded_tests(FIXTURE.tests)[0])
     assert ctx._with_gdb(["image", "show", "g.img"]) == ["image", "show", "g.img"]
     assert ctx._with_gdb(["run", "a.toml"]) == ["run", "--gdb", "1234", "a.toml"]
     assert ctx._with_gdb(["restore", "g.img"]) == ["restore", "g.img"]
@@ -105,6 +106,41 @@ def test_lab_run_takes_its_own_options_before_the_double_dash(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("usage: pvlab image"), r.stderr
     r = pvlab("lab", "run", lab, "--bogus", "--", "run", "x.toml", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bogus" in r.stderr
+
+
+def test_a_forked_run_prints_and_ends_as_a_new_process_does(tmp_path):
+    config = str(ROOT / "labs" / "pmorder" / "pmorder.toml")
+    server = ForkServer("pmorder", ["--reference"])
+    try:
+        for argv in (["run", config, "--until", "1ms"], ["run", str(tmp_path / "no.toml")],
+                     ["image", "--help"]):
+            forked = Result(*server.run(argv, 60), argv)
+            fresh = Ctx._fresh(Settings(find_lab("pmorder"), None, tmp_path).run_prefix(),
+                               argv, 60)
+            assert forked == fresh
+            assert forked.rc is not None and forked.out + forked.err
+    finally:
+        server.close()
+
+
+def test_a_forked_run_past_its_time_is_killed_and_the_server_goes_on():
+    config = str(ROOT / "labs" / "pmorder" / "pmorder.toml")
+    server = ForkServer("pmorder", ["--reference"])
+    try:
+        rc, _, _ = server.run(["run", config, "--gdb", "0"], 2)   # waits for gdb for ever
+        assert rc is None
+        rc, out, _ = server.run(["image", "--help"], 60)
+        assert rc == 0 and out.startswith("usage: pvlab image")
+    finally:
+        server.close()
+
+
+def test_a_server_that_cannot_start_leaves_the_run_to_a_new_process(tmp_path):
+    settings = Settings(find_lab("pinall"), tmp_path, tmp_path)   # no starting point there
+    ctx = Ctx(settings, graded_tests(FIXTURE.tests)[0])
+    r = ctx.pvlab("image", "--help")
+    settings.close()
+    assert r.rc == 2 and "pvlab lab start pinall" in r.err
 
 
 @pytest.mark.parametrize("lab", LABS, ids=[lab.name for lab in LABS])

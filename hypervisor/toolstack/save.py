@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
 
@@ -70,6 +70,7 @@ from hypervisor.toolstack.savefile import LibxlRecType
 from hypervisor.toolstack.stream import RecType
 from hypervisor.toolstack.xenstored import Store, home
 
+_T = TypeVar("_T")
 PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
 P2M_VIRTUAL_LIST = 0xFFFFFFFFFFFFFFFF  # shared_info.arch.pfn_to_mfn_frame_list_list
 FPP = PAGE_SIZE // 8                   # p2m entries per frame, 64-bit guest
@@ -467,6 +468,21 @@ def save_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
     """Write the image to a temporary file beside ``path``, flush it to disk and
     rename it into place. On any failure the temporary file is removed and
     nothing is left at ``path``."""
+    def write(f: BinaryIO) -> SaveStats:
+        stats = write_image(hv, dom, f, checkpoint, seed, progress)
+        stats.bytes = f.tell()
+        return stats
+
+    stats, total_s = _write_in_place(path, write)
+    stats.total_s = total_s  # the data on disk, as xl save ends
+    return stats
+
+
+def _write_in_place(path: str | os.PathLike[str], write: Callable[[BinaryIO], _T]
+                    ) -> tuple[_T, float]:
+    """``write`` into a temporary file beside ``path``, flushed to disk and
+    renamed into place, and the seconds it all took; on any failure the
+    temporary file is removed and nothing is left at ``path``."""
     dest = Path(path)
     if dest.is_dir():
         raise SaveError(f"{dest} is a directory; name the image file")
@@ -476,18 +492,16 @@ def save_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
     t0 = time.perf_counter()
     try:
         with open(tmp, "wb", buffering=1 << 22) as f:
-            stats = write_image(hv, dom, f, checkpoint, seed, progress)
-            stats.bytes = f.tell()
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-        stats.total_s = time.perf_counter() - t0  # the data on disk, as xl save ends
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise SaveError(f"cannot write {dest}: {e.strerror or e}") from None
         raise
-    return stats
+    return result, time.perf_counter() - t0
 
 
 # --- the live save (xg_sr_save.c send_domain_memory_live) ------------------------------
@@ -810,26 +824,12 @@ def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
                       ) -> tuple[MigrationInfo, SaveStats]:
     """write_image_live into a temporary file beside ``path``, flushed and
     renamed into place; on any failure nothing is left at ``path``."""
-    dest = Path(path)
-    if dest.is_dir():
-        raise SaveError(f"{dest} is a directory; name the image file")
-    if not dest.parent.is_dir():
-        raise SaveError(f"{dest.parent} does not exist: cannot write {dest.name} there")
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    t0 = time.perf_counter()
-    try:
-        with open(tmp, "wb", buffering=1 << 22) as f:
-            info = write_image_live(hv, dom, f, callbacks, opts, seed, report)
-            stats = SaveStats(pages=sum(r.pages for r in info.rounds), bytes=f.tell())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise SaveError(f"cannot write {dest}: {e.strerror or e}") from None
-        raise
-    stats.total_s = time.perf_counter() - t0
+    def write(f: BinaryIO) -> tuple[MigrationInfo, SaveStats]:
+        info = write_image_live(hv, dom, f, callbacks, opts, seed, report)
+        return info, SaveStats(pages=sum(r.pages for r in info.rounds), bytes=f.tell())
+
+    (info, stats), total_s = _write_in_place(path, write)
+    stats.total_s = total_s
     return info, stats
 
 

@@ -151,8 +151,13 @@ def xl_create(d: DaemonClient, args: argparse.Namespace) -> int:
     _say(f"Parsing config from {args.config}")
     made = d.execute("domain-create", {"config": config, "paused": args.paused},
                      timeout=LONG_WAIT_S)
-    _say(f"Created domain {made['domid']} ({made['name']})"
-         + (", paused (pvlab xl unpause starts it)" if args.paused else ""))
+    return _started(d, args, f"Created domain {made['domid']} ({made['name']})", made)
+
+
+def _started(d: DaemonClient, args: argparse.Namespace, line: str,
+             made: dict[str, Any]) -> int:
+    """After create or restore: say so, and attach the console with -c."""
+    _say(line + (", paused (pvlab xl unpause starts it)" if args.paused else ""))
     if args.console:
         return _attach(d, str(made["domid"]))
     return EXIT_OK
@@ -241,11 +246,8 @@ def xl_restore(d: DaemonClient, args: argparse.Namespace) -> int:
     _say(f"Loading new save file {args.file} (new xl fmt info {xl_format_info(file)})")
     made = d.execute("domain-restore", {"file": file, "paused": args.paused},
                      timeout=LONG_WAIT_S)
-    _say(f"Restored domain {made['domid']} ({made['name']}) from {args.file}"
-         + (", paused (pvlab xl unpause starts it)" if args.paused else ""))
-    if args.console:
-        return _attach(d, str(made["domid"]))
-    return EXIT_OK
+    return _started(d, args, f"Restored domain {made['domid']} ({made['name']}) from "
+                    f"{args.file}", made)
 
 
 def _size_kib(text: str) -> int:

@@ -43,7 +43,7 @@ from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import Request, type_on_console
 from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
-from hypervisor.toolstack.qmp import Deferred, Param, QmpError, Server
+from hypervisor.toolstack.qmp import Deferred, Param, QmpError, Server, listen_unix
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.stream import StreamError
 
@@ -68,16 +68,8 @@ class ConsoleSocket:
         self.server, self.hv, self.dom, self.path = server, hv, dom, path
         self.history = bytearray()
         self.clients: list[socket.socket] = []
-        path.unlink(missing_ok=True)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self.listener.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        self.listener.listen(4)
-        self.listener.setblocking(False)
+        path.unlink(missing_ok=True)  # a console left by a daemon that died
+        self.listener = listen_unix(path)
         server.watch(self.listener, self._accept)
 
     def _accept(self) -> None:

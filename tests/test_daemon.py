@@ -451,3 +451,77 @@ def test_detach_status_stop(workdir: Path) -> None:
     assert status.stderr.strip().startswith("pvlab: no pvlab daemon is listening")
     bad = pvlab("daemon", "--memory", "5", "--socket", str(sock))
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+
+
+_PARAMS = {"domain-create": ("config", "paused"), "domain-info": ("domain",),
+           "domain-pause": ("domain",), "domain-unpause": ("domain",),
+           "domain-destroy": ("domain",), "domain-shutdown": ("domain", "reason"),
+           "domain-save": ("domain", "file", "checkpoint", "paused"),
+           "domain-restore": ("file", "paused"), "domain-mem-set": ("domain", "kib"),
+           "domain-mem-max": ("domain", "kib"), "domain-vcpu-list": ("domain",),
+           "domain-console": ("domain",), "host-dmesg": ("clear",)}
+
+
+def _mostly(usual: Any, rare: Any) -> Any:
+    """``usual`` six times in seven, ``rare`` otherwise."""
+    from hypothesis import strategies as st
+    return st.integers(0, 6).flatmap(lambda n: rare if n == 6 else usual)
+
+
+def _fuzz_calls(workdir: Path, commands: list[str]) -> Any:
+    """The daemon's own commands, each mostly with its own arguments and
+    values that mean something (the domain by name or domid, a configuration
+    and images that exist, do not, or are no image), sometimes with values of
+    any type or an argument it does not take."""
+    from hypothesis import strategies as st
+    junk = workdir / "junk.img"
+    junk.write_bytes(b"not an image" * 100)
+    anything = st.one_of(st.none(), st.booleans(), st.integers(-2, 2 ** 40),
+                         st.text(max_size=8), st.lists(st.integers(), max_size=2))
+    files = [str(workdir / n) for n in ("sh.img", "sh2.img", "no/dir.img")] + [str(junk)]
+    meaning = {"domain": st.sampled_from(["sh", "sh2", 1, 2, 3, "4", "nosuch"]),
+               "config": st.sampled_from([str(workdir / "sh.toml"), str(workdir / "sh2.toml"),
+                                          str(workdir / "none.toml"), "sh.toml"]),
+               "file": st.sampled_from(files), "paused": st.booleans(),
+               "checkpoint": st.booleans(), "clear": st.booleans(),
+               "reason": st.sampled_from(["poweroff", "reboot", "halt", "explode"]),
+               "kib": st.sampled_from([0, 4096, 12 * 1024, 16 * 1024, 1 << 40, -1])}
+
+    def arguments(command: str) -> Any:
+        keys = _PARAMS.get(command, ())
+        given = {k: _mostly(meaning[k], anything) for k in keys}
+        extra = _mostly(st.just({}), st.fixed_dictionaries({"extra": anything}))
+        args = st.tuples(st.fixed_dictionaries(given), extra).map(lambda a: {**a[0], **a[1]})
+        return st.tuples(st.just(command), args)
+
+    calls = st.sampled_from(commands).flatmap(arguments)
+    first = st.just(("domain-create", {"config": str(workdir / "sh.toml")}))
+    return st.tuples(first, st.lists(calls, min_size=1, max_size=6)).map(
+        lambda c: [c[0], *c[1]])
+
+
+def test_fuzzed_commands_leave_the_daemon_answering(daemon: Daemon, workdir: Path) -> None:
+    """Hypothesis throws the daemon's own commands at it with arguments of
+    every kind, domains made, paused, saved and destroyed among them: every
+    answer is a return or a one-line error, and the daemon still answers."""
+    from hypothesis import HealthCheck, given, settings
+    write_config(workdir, "sh")
+    write_config(workdir, "sh2")
+    commands = [c["name"] for c in daemon("query-commands") if c["name"] not in
+                ("quit", "qmp_capabilities")]
+
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow])
+    @given(_fuzz_calls(workdir, commands))
+    def fuzz(calls: list[tuple[str, dict[str, Any]]]) -> None:
+        for command, args in calls:
+            try:
+                daemon.client.execute(command, args, timeout=WAIT_S)
+            except QmpError as e:
+                assert e.klass in ("GenericError", "DomainNotFound") and e.desc, command
+                assert "\n" not in e.desc and "Traceback" not in e.desc, e.desc
+        assert "pvlab" in daemon("query-version")
+
+    fuzz()
+    assert daemon.proc.poll() is None

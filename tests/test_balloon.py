@@ -209,7 +209,7 @@ def test_the_2012_discard_code_leaks_what_the_fixed_discard_gives_back(save_ball
 # --- events racing the freeze ------------------------------------------------------------------
 
 def _race_run(seed: int, step: int, policy: str) -> tuple[str, list[str], Balloon, object]:
-    """A checkpoint at 4 ms; at the device's ``step``-th register access
+    """A checkpoint at 3 ms; at the device's ``step``-th register access
     between the start of the freeze and the end of the thaw, the host changes
     the target, returns the stats buffer and fires the event channel, all at
     once. A test makes many runs: each closes its machine at its end."""
@@ -218,7 +218,7 @@ def _race_run(seed: int, step: int, policy: str) -> tuple[str, list[str], Balloo
 
 
 def _race(boot, seed: int, step: int, policy: str) -> tuple[str, list[str], Balloon, object]:
-    cfg = balloon_config(f"run=hashchain:60:32 virtio_balloon.policy={policy}", memory=16,
+    cfg = balloon_config(f"run=hashchain:40:32 virtio_balloon.policy={policy}", memory=16,
                          seed=seed, stats=1_000_000)
     hv, dom = boot(cfg)
     t, bal = device(dom)
@@ -253,7 +253,7 @@ def _race(boot, seed: int, step: int, policy: str) -> tuple[str, list[str], Ball
 
     hv.after_hypercall = arm
     r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "3ms checkpoint",
-                                                    "6ms mem-set 16"))
+                                                    "4500us mem-set 16"))
     return r.console.decode(), audit(hv), bal, (r, seen[0])
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pty
-import select
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from hypervisor.toolstack.control import TYPE, console_bytes, parse_request
 from hypervisor.toolstack.session import RunResult, run_domain, save_domain
 from tests.conftest import GUEST_IMAGE, ROOT, checkout_env, make_config, sweep
 from tests.reference import hashchain_line
+from tests.terminal import read_until
 
 HELLO = "hello from user space\n"
 
@@ -196,30 +196,13 @@ def test_a_person_at_a_terminal_types_and_detaches(tmp_path):
     os.close(slave)
     seen = bytearray()
     try:
-        assert _read_until(master, seen, b"$ ")
+        assert read_until(master, seen, b"$ ")
         os.write(master, b"hellp\x7fo\r")
-        assert _read_until(master, seen, b"sh: hello (pid 2) exited with code 0\r\n")
+        assert read_until(master, seen, b"sh: hello (pid 2) exited with code 0\r\n")
         os.write(master, b"\x1d")
         assert proc.wait(timeout=60) == 0
-        _read_until(master, seen, b"ends with the run")
+        read_until(master, seen, b"ends with the run")
     finally:
         proc.kill()
         os.close(master)
     assert b"hello from user space\r\n" in seen and b"detached" in seen
-
-
-def _read_until(fd: int, seen: bytearray, want: bytes, polls: int = 240) -> bool:
-    """Read the terminal until ``want`` shows, giving up after ``polls``
-    half-second waits with nothing to read (a guard against a hang, not a
-    timing assertion)."""
-    idle = 0
-    while want not in seen and idle < polls:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            idle += 1
-            continue
-        try:
-            seen += os.read(fd, 4096)
-        except OSError:
-            break
-    return want in seen

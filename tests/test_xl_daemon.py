@@ -20,6 +20,7 @@ from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.qmp import Client, DaemonNotRunning
 from tests.conftest import GUEST_IMAGE, ROOT, checkout_env
 from tests.reference import hashchain_line
+from tests.terminal import read_until
 
 HELLO = b"hello from user space"
 
@@ -216,23 +217,6 @@ def test_a_person_at_pvlab_console(capsys, host):
     assert b"detached from the console of domain" in seen
     assert state(capsys, host, "shell")[3] == "-"
     assert xl(capsys, host, "destroy", "shell")[0] == 0
-
-
-def read_until(fd: int, seen: bytearray, want: bytes, polls: int = 240) -> bool:
-    """Read the terminal until ``want`` shows, giving up after ``polls``
-    half-second waits with nothing to read (a guard against a hang, not a
-    timing assertion)."""
-    idle = 0
-    while want not in seen and idle < polls:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            idle += 1
-            continue
-        try:
-            seen += os.read(fd, 4096)
-        except OSError:
-            break
-    return want in seen
 
 
 def pvlab(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

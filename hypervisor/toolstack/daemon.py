@@ -43,7 +43,15 @@ from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import Request, type_on_console
 from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
-from hypervisor.toolstack.qmp import Deferred, Param, QmpError, Server, listen_unix
+from hypervisor.toolstack.qmp import (
+    Client,
+    DaemonNotRunning,
+    Deferred,
+    Param,
+    QmpError,
+    Server,
+    listen_unix,
+)
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.stream import StreamError
 
@@ -659,12 +667,18 @@ def _detach(sock: Path, pidfile: Path, args: argparse.Namespace) -> int:
         os._exit(code)
 
 
-def _stop(sock: Path) -> int:
-    from hypervisor.toolstack.qmp import Client, DaemonNotRunning, QmpError
+def _connect(sock: Path) -> Client | None:
+    """A client of the daemon at ``sock``; None, said in one line, if none runs."""
     try:
-        client = Client(sock)
+        return Client(sock)
     except DaemonNotRunning as e:
         print(f"pvlab: {e}", file=sys.stderr)
+        return None
+
+
+def _stop(sock: Path) -> int:
+    client = _connect(sock)
+    if client is None:
         return 1
     try:
         client.execute("quit")
@@ -682,11 +696,8 @@ def _stop(sock: Path) -> int:
 
 
 def _status(sock: Path) -> int:
-    from hypervisor.toolstack.qmp import Client, DaemonNotRunning
-    try:
-        client = Client(sock)
-    except DaemonNotRunning as e:
-        print(f"pvlab: {e}", file=sys.stderr)
+    client = _connect(sock)
+    if client is None:
         return 1
     try:
         rows = client.execute("domain-list")

@@ -284,3 +284,39 @@ def test_a_guest_with_its_balloon_inflated_is_saved_live(booted, tmp_path):
             == outcome(ref.console.decode())
     finally:
         hv2.close()
+
+
+def test_a_live_stream_on_a_pipe_is_restored_as_it_comes(example, reference):
+    """A migration's wire never seeks: the sender writes no digest and the
+    receiver reads exactly the stream's octets, leaving what follows it (the
+    handshake's next message) unread."""
+    import os
+    import threading
+
+    from hypervisor.toolstack.restore import restore_stream
+    from hypervisor.toolstack.save import write_image_live
+
+    rfd, wfd = os.pipe()
+    got: dict = {}
+
+    def receive() -> None:
+        with os.fdopen(rfd, "rb") as f:
+            got["restored"] = restore_stream(f)
+            got["after"] = f.read()
+
+    rx = threading.Thread(target=receive)
+    rx.start()
+    with booting() as boot:
+        hv, dom = boot(example)
+        run_domain(hv, dom, AT_NS)
+        with os.fdopen(wfd, "wb") as w:
+            session_live = session._LiveRun(hv, dom, AT_NS, None, None)
+            write_image_live(hv, dom, w, session_live, PrecopyOptions(), digest=False)
+            w.write(b"domain received")
+        rx.join()
+        hv2, dom2, stats = got["restored"]
+        assert got["after"] == b"domain received" and stats.pages > 4096
+        after = run_domain(hv2, dom2, LIMIT_NS)
+    # the source's console holds everything up to its suspend
+    text = session_live.result.console.decode() + after.console.decode()
+    assert after.reason == "poweroff" and outcome(text) == reference

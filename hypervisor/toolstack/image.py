@@ -138,8 +138,10 @@ def _fail(rec: stream.Record | savefile.LibxlRecord | RecordInfo, why: str) -> I
     return ImageError(f"{name} at offset {rec.offset}: {why}")
 
 
-def scan_image(path: str | Path) -> ImageInfo:
-    """Read and check a whole image; raises ImageError naming what is wrong."""
+def scan_image(path: str | Path, wire: bool = False) -> ImageInfo:
+    """Read and check a whole image; raises ImageError naming what is wrong.
+    ``wire``: a stream received from a migration, which has no digest (the
+    transport guarded it); a file must have one."""
     p = Path(path)
     try:
         # a FIFO or a device would block the open or the reads: never open one
@@ -150,12 +152,12 @@ def scan_image(path: str | Path) -> ImageInfo:
         raise ImageError(f"cannot read {p}: {e.strerror or e}") from None
     with f:
         try:
-            return _scan(f, str(p))
+            return _scan(f, str(p), wire)
         except StreamError as e:
             raise ImageError(f"{p}: {e}") from None
 
 
-def _scan(f: BinaryIO, path: str) -> ImageInfo:
+def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
     """The three layers in file order: xl's header, libxl's records with the
     libxc stream read where LIBXC_CONTEXT stands, then the checks that need
     the whole image."""
@@ -189,7 +191,7 @@ def _scan(f: BinaryIO, path: str) -> ImageInfo:
     _check_vcpus(info)
     _check_tables(info, f, tables)
     _check_p2m(info, f)
-    savefile.check_digest(f, xl, required=info.domain is not None)
+    savefile.check_digest(f, xl, required=info.domain is not None and not wire)
     return info
 
 

@@ -29,9 +29,12 @@ all under stream_complete as x86_pv_stream_complete does.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -52,7 +55,7 @@ from hypervisor.public.xen import (
     shared_info,
     start_info,
 )
-from hypervisor.toolstack import pfinfo, stream
+from hypervisor.toolstack import pfinfo, savefile, stream
 from hypervisor.toolstack.builder import BuildError, add_balloon, machine_mib_for
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.context import context_of, domain_of
@@ -127,12 +130,13 @@ def machine_for(info: ImageInfo) -> int:
 
 def restore_image(path: str | Path, seed: int | None = None, clock: str = "deterministic",
                   hv: Hypervisor | None = None, progress: Progress | None = None,
-                  ) -> tuple[Hypervisor, Domain, RestoreStats]:
+                  wire: bool = False) -> tuple[Hypervisor, Domain, RestoreStats]:
     """Check the image, then restore it into a new domain (on ``hv``, or a new
     machine sized for it). The seed shuffles the new frames: by default the
-    saved one plus one, so that no pfn is likely to land on its old mfn."""
+    saved one plus one, so that no pfn is likely to land on its old mfn.
+    ``wire``: the image came over a migration's wire and has no digest."""
     t0 = time.perf_counter()
-    info = scan_image(path)
+    info = scan_image(path, wire)
     if info.domain is None or not info.domain.get("pvlab_image"):
         raise ImageError(f"{path}: no pvlab part in the xl header's config: a Xen image, "
                          "which `pvlab image show` can read but pvlab cannot run (it has no "
@@ -158,6 +162,56 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
                            "domain") from None
     stats.total_s = time.perf_counter() - t0
     return hv, dom, stats
+
+
+def restore_stream(src: BinaryIO, seed: int | None = None, clock: str = "deterministic",
+                   hv: Hypervisor | None = None, progress: Progress | None = None,
+                   ) -> tuple[Hypervisor, Domain, RestoreStats]:
+    """Restore a domain from a stream (a pipe or a socket: a migration's
+    receiver), reading exactly its octets, xl's header to libxl's END, and
+    nothing after them (the handshake goes on on the same connection).
+    Raises as restore_image does; a stream cut short is a RestoreError."""
+    with tempfile.TemporaryDirectory(prefix="pvlab-incoming-") as tmp:
+        spool = Path(tmp) / "incoming.img"
+        with open(spool, "wb") as f:
+            try:
+                copy_stream(stream.CountingReader(src), f)
+            except stream.StreamError as e:
+                raise RestoreError(f"the incoming stream: {e}; nothing was created") from None
+        return restore_image(spool, seed, clock, hv, progress, wire=True)
+
+
+def copy_stream(src: stream.CountingReader, out: BinaryIO) -> None:
+    """Copy one stream's octets by its framing: xl's header, libxl's header,
+    libxl's records with the libxc stream inline at LIBXC_CONTEXT, up to
+    libxl's END. What the records hold is checked by the restore."""
+    def take(n: int, what: str) -> bytes:
+        data = stream.read_exact(src, n, what, src.tell())
+        out.write(data)
+        return data
+
+    optlen = savefile.XL_HDR.unpack(take(savefile.XL_HDR.size, "the xl header"))[4]
+    if optlen > savefile.XL_OPTDATA_MAX:
+        raise stream.StreamError(f"{optlen} octets of xl optional data, over the limit")
+    take(optlen, "the xl header's optional data")
+    take(savefile.LIBXL_HDR.size, "the libxl header")
+    while True:
+        rtype = _copy_record(take, "a libxl record")
+        if rtype == savefile.LibxlRecType.END:
+            return
+        if rtype == savefile.LibxlRecType.LIBXC_CONTEXT:
+            take(stream.IHDR.size + stream.DHDR.size, "the libxc stream's headers")
+            while _copy_record(take, "a libxc record") != stream.RecType.END:
+                pass
+
+
+def _copy_record(take: Callable[[int, str], bytes], what: str) -> int:
+    """One record's header and padded body; returns its type."""
+    rtype, length = stream.RHDR.unpack(take(stream.RHDR.size, what))
+    if length > stream.REC_LENGTH_MAX:
+        raise stream.StreamError(f"a record of {length} octets, over the limit")
+    take(length + (-length % stream.REC_ALIGN), what)
+    return rtype
 
 
 def restore(ctx: RestoreContext, progress: Progress | None) -> None:

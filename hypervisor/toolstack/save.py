@@ -526,7 +526,7 @@ class LiveSave:
 
     hv: Hypervisor
     dom: Domain
-    out: BinaryIO
+    out: savefile.CountingWriter
     callbacks: LiveCallbacks
     opts: PrecopyOptions
     info: MigrationInfo
@@ -749,17 +749,19 @@ def live_config(hv: Hypervisor, dom: Domain, seed: int | None) -> bytes:
 
 def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: LiveCallbacks,
                      opts: PrecopyOptions, seed: int | None = None,
-                     report: Report | None = None) -> MigrationInfo:
+                     report: Report | None = None, digest: bool = True) -> MigrationInfo:
     """A live save of a running domain into ``out``, in the layers of
     write_image: xl's header and config, libxl's header, LIBXC_CONTEXT, the
     static records and X86_PV_P2M_FRAMES once, the live rounds and the
     final one, the end of the checkpoint (TSC, shared info, the VCPUs), END,
     libxl's records. Log-dirty is off again at the end and on any failure.
-    The guest is left suspended on success; the caller decides its fate."""
+    The guest is left suspended on success; the caller decides its fate.
+    ``digest`` False: no integrity digest (a stream on the wire, which never
+    seeks; a file needs it)."""
     if dom.shutdown_reason is not None:
         raise SaveError(f"domain {dom.name} is not running: a live save needs it running")
-    ls = LiveSave(hv, dom, savefile.DigestWriter(out), callbacks, opts, MigrationInfo(),
-                  report)
+    writer = savefile.DigestWriter(out) if digest else savefile.CountingWriter(out)
+    ls = LiveSave(hv, dom, writer, callbacks, opts, MigrationInfo(), report)
     ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)
     ls.deferred = np.zeros(ls.p2m.size, dtype=bool)
     ls.start_ns = max(domctl.vcpu_clocks(dom), default=0)
@@ -797,7 +799,8 @@ def _live_context(ls: LiveSave, vcpus: list[tuple[int, bytes]] | None = None,
 def _write_live_head(ls: LiveSave, seed: int | None) -> int:
     """xl's header and the config, libxl's header, LIBXC_CONTEXT and the
     libxc stream's static part; returns where the digest goes."""
-    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed))
+    digest = isinstance(ls.out, savefile.DigestWriter)
+    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed), digest)
     savefile.write_libxl_header(ls.out)
     savefile.write_libxl_record(ls.out, LibxlRecType.LIBXC_CONTEXT)
     write_static_data(ls.hv, ls.dom, ls.out, _live_context(ls))
@@ -812,7 +815,8 @@ def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
     start = ls.out.tell()
     write_end_of_checkpoint(hv, dom, ls.out, sc, checkpoint=False)
     write_libxl_tail(hv, dom, ls.out, sc, checkpoint=False)
-    ls.out.finish(digest_offset)
+    if isinstance(ls.out, savefile.DigestWriter):
+        ls.out.finish(digest_offset)
     octets = ls.out.tell() - start
     ls.info.transferred += octets
     ls.info.downtime_ns += ls.opts.wire_ns(octets)

@@ -116,29 +116,53 @@ class LibxlRecord:
         return libxl_rec_name(self.type)
 
 
-def write_xl_header(out: BinaryIO, config: bytes) -> int:
+def write_xl_header(out: BinaryIO, config: bytes, digest: bool = True) -> int:
     """save_domain_core_writeconfig: the header, then the config's length and
     the config itself, NUL-terminated as xl writes it, then room for pvlab's
     digest. The optional data is padded to 8 octets (a reader skips what
     follows the config) so that every record and page of the streams after
-    it is 8-aligned in the file. Returns where the digest's value goes."""
+    it is 8-aligned in the file. Returns where the digest's value goes.
+    A stream on the wire (a migration) has no digest (``digest`` False): it
+    cannot be filled in afterwards, and the transport guards the octets."""
     config = config + b"\0"
     flags = XL_MANDATORY_FLAG_STREAMV2 | XL_MANDATORY_FLAG_JSON
     optdata = XL_CONFIG_LEN.pack(len(config)) + config
     digest_offset = out.tell() + XL_HDR.size + len(optdata) + XL_DIGEST.size - 32
-    optdata += XL_DIGEST.pack(DIGEST_ALGORITHM.encode(), bytes(32))
+    if digest:
+        optdata += XL_DIGEST.pack(DIGEST_ALGORITHM.encode(), bytes(32))
     optdata += bytes(-len(optdata) % REC_ALIGN)
     out.write(XL_HDR.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)))
     out.write(optdata)
     return digest_offset
 
 
-class DigestWriter:
+class CountingWriter:
+    """A stream being written, which counts its octets: ``tell`` works on a
+    pipe or a socket too (a migration's wire)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        n = self.out.write(data)
+        self.written += len(data)
+        return n
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class DigestWriter(CountingWriter):
     """A file being saved, hashed as it is written: the digest costs no second
     pass over the image. ``finish`` writes the digest into its place."""
 
     def __init__(self, out: BinaryIO) -> None:
-        self.out = out
+        super().__init__(out)
+        self.written = out.tell()
         self.hash = hashlib.new(DIGEST_ALGORITHM)
         self.seconds = 0.0  # spent hashing, for the bench
 
@@ -146,10 +170,7 @@ class DigestWriter:
         t = time.perf_counter()
         self.hash.update(data)
         self.seconds += time.perf_counter() - t
-        return self.out.write(data)
-
-    def tell(self) -> int:
-        return self.out.tell()
+        return super().write(data)
 
     def finish(self, digest_offset: int) -> None:
         end = self.out.tell()

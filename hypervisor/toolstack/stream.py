@@ -127,6 +127,30 @@ def write_record(out: BinaryIO, rtype: int, body: bytes = b"",
     out.write(bytes(-len(body) % REC_ALIGN))
 
 
+class CountingReader:
+    """A stream being read, which counts its octets: ``tell`` works on a pipe
+    or a socket too (a migration's wire). It never seeks."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self.src = src
+        self.offset = 0
+
+    def read(self, n: int) -> bytes:
+        parts, want = [], n
+        while want > 0:
+            data = self.src.read(want)
+            if not data:
+                break
+            parts.append(data)
+            want -= len(data)
+        data = b"".join(parts)
+        self.offset += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.offset
+
+
 def read_exact(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
     """``n`` octets of ``what`` at ``offset``, or a refusal saying how many were left."""
     data = src.read(n)

@@ -399,12 +399,11 @@ def send_domain_memory_nonlive(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: S
             progress(int(pfns[-1]) + 1, total)
 
 
-def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
-                            checkpoint: bool) -> None:
-    """x86_pv_end_of_checkpoint and the end of the libxc stream: X86_TSC_INFO
+def x86_pv_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO,
+                             sc: SaveContext) -> None:
+    """The records that end every checkpoint of the libxc stream: X86_TSC_INFO
     (write_tsc_info; restore: handle_tsc_info), SHARED_INFO
-    (write_shared_info), a X86_PV_VCPU_BASIC per VCPU, CHECKPOINT if it is
-    one, END."""
+    (write_shared_info), a X86_PV_VCPU_BASIC per VCPU."""
     rec = stream.write_record
     clock = max(domctl.vcpu_clocks(dom), default=0)
     rec(out, RecType.X86_TSC_INFO,
@@ -413,16 +412,22 @@ def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: Save
     rec(out, RecType.SHARED_INFO, domctl.map_foreign_range(hv, dom, mfn).tobytes())
     for vcpu_id, ctx in sc.vcpus:
         rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
+
+
+def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                            checkpoint: bool) -> None:
+    """x86_pv_end_of_checkpoint and the end of the libxc stream: CHECKPOINT
+    if it is one, END."""
+    x86_pv_end_of_checkpoint(hv, dom, out, sc)
     if checkpoint:
-        rec(out, RecType.CHECKPOINT)
-    rec(out, RecType.END)
+        stream.write_record(out, RecType.CHECKPOINT)
+    stream.write_record(out, RecType.END)
 
 
-def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
-                     checkpoint: bool) -> None:
-    """What libxl writes after the libxc stream (libxl_stream_write.c): the
-    xenstore nodes, each device model's state, CHECKPOINT_END closing a
-    checkpoint, END."""
+def write_libxl_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO,
+                           sc: SaveContext) -> None:
+    """The records libxl writes of every checkpoint (libxl_stream_write.c):
+    the xenstore nodes, each device model's state."""
     rec = savefile.write_libxl_record
     store = context_of(hv).store
     if store is not None:
@@ -431,6 +436,14 @@ def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext
     for index, state in enumerate(sc.devices):
         rec(out, LibxlRecType.EMULATOR_CONTEXT,
             savefile.emulator_record(index, json.dumps(state, sort_keys=True).encode()))
+
+
+def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                     checkpoint: bool) -> None:
+    """What libxl writes after the libxc stream: its checkpoint records,
+    CHECKPOINT_END closing a checkpoint, END."""
+    rec = savefile.write_libxl_record
+    write_libxl_checkpoint(hv, dom, out, sc)
     if checkpoint:
         rec(out, LibxlRecType.CHECKPOINT_END)
     rec(out, LibxlRecType.END)
@@ -747,6 +760,21 @@ def live_config(hv: Hypervisor, dom: Domain, seed: int | None) -> bytes:
     return json.dumps(config, sort_keys=True).encode()
 
 
+def _live_setup(hv: Hypervisor, dom: Domain, out: savefile.CountingWriter,
+                callbacks: LiveCallbacks, opts: PrecopyOptions,
+                report: Report | None) -> LiveSave:
+    """The live save's context (x86_pv_setup's live half): the p2m found
+    while the guest runs, nothing deferred yet."""
+    if dom.shutdown_reason is not None:
+        raise SaveError(f"domain {dom.name} is not running: a live save needs it running")
+    ls = LiveSave(hv, dom, out, callbacks, opts, MigrationInfo(), report)
+    ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)
+    ls.deferred = np.zeros(ls.p2m.size, dtype=bool)
+    ls.start_ns = max(domctl.vcpu_clocks(dom), default=0)
+    ls.info.total = int(ls.p2m.size) * PAGE_SIZE
+    return ls
+
+
 def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: LiveCallbacks,
                      opts: PrecopyOptions, seed: int | None = None,
                      report: Report | None = None, digest: bool = True) -> MigrationInfo:
@@ -758,14 +786,8 @@ def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: Live
     The guest is left suspended on success; the caller decides its fate.
     ``digest`` False: no integrity digest (a stream on the wire, which never
     seeks; a file needs it)."""
-    if dom.shutdown_reason is not None:
-        raise SaveError(f"domain {dom.name} is not running: a live save needs it running")
     writer = savefile.DigestWriter(out) if digest else savefile.CountingWriter(out)
-    ls = LiveSave(hv, dom, writer, callbacks, opts, MigrationInfo(), report)
-    ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)
-    ls.deferred = np.zeros(ls.p2m.size, dtype=bool)
-    ls.start_ns = max(domctl.vcpu_clocks(dom), default=0)
-    ls.info.total = int(ls.p2m.size) * PAGE_SIZE
+    ls = _live_setup(hv, dom, writer, callbacks, opts, report)
     try:
         enable_logdirty(ls)
         digest_offset = _write_live_head(ls, seed)
@@ -822,6 +844,75 @@ def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
     ls.info.downtime_ns += ls.opts.wire_ns(octets)
 
 
+# --- the checkpointed stream (xg_sr_save.c save() for XC_STREAM_REMUS) -----------------
+
+class CheckpointCallbacks(LiveCallbacks, Protocol):
+    """What a checkpointed save's caller does besides a live save's
+    (save_callbacks' postcopy and checkpoint, libxl_remus.c): resume the
+    guest cancelled once an epoch is on the wire; then, with the epoch's
+    CHECKPOINT_END written, commit it (Remus's output commit) and let the
+    guest run for the interval. ``checkpoint`` returns False when there is
+    to be no next epoch (the guest shut down meanwhile); a broken
+    connection is an OSError."""
+
+    def postcopy(self) -> None: ...
+
+    def checkpoint(self, epoch: int) -> bool: ...
+
+
+def write_checkpointed_stream(hv: Hypervisor, dom: Domain, out: BinaryIO,
+                              callbacks: CheckpointCallbacks, opts: PrecopyOptions,
+                              seed: int | None = None,
+                              report: Report | None = None) -> MigrationInfo:
+    """A Remus stream (xg_sr_save.c save() with a checkpointed stream type;
+    libxl_stream_write.c's checkpoint loop). Epoch 0 is a live save's
+    rounds and its final round; every later epoch is the guest suspended,
+    CLEAN(FINAL) and the pages dirtied since (send_domain_memory_
+    checkpointed). Each epoch ends with libxc's TSC, SHARED_INFO and VCPU
+    records and CHECKPOINT, then libxl's xenstore and device records and
+    CHECKPOINT_END, flushed; then the guest resumes cancelled and the
+    caller commits the epoch. When ``checkpoint`` says stop, libxc's END
+    and libxl's END end the stream cleanly. Log-dirty is off at the end and
+    on any failure; the guest is left running or suspended as it was."""
+    ls = _live_setup(hv, dom, savefile.CountingWriter(out), callbacks, opts, report)
+    try:
+        enable_logdirty(ls)
+        _write_live_head(ls, seed)
+        send_memory_live(ls)
+        suspend_and_send_dirty(ls)
+        epoch = 0
+        while _send_checkpoint(ls, callbacks, epoch):
+            epoch += 1
+            suspend_and_send_dirty(ls)
+        stream.write_record(ls.out, RecType.END)
+        savefile.write_libxl_record(ls.out, LibxlRecType.END)
+        ls.out.flush()
+    finally:
+        disable_logdirty(ls)
+    ls.info.status = "completed"
+    return ls.info
+
+
+def _send_checkpoint(ls: LiveSave, callbacks: CheckpointCallbacks, epoch: int) -> bool:
+    """One epoch's end on the wire (end_of_checkpoint, write_checkpoint_record,
+    libxl__stream_write_start_checkpoint), the guest resumed (postcopy) and
+    the epoch committed (checkpoint). True if another epoch follows."""
+    hv, dom = ls.hv, ls.dom
+    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
+    start = ls.out.tell()
+    x86_pv_end_of_checkpoint(hv, dom, ls.out, sc)
+    stream.write_record(ls.out, RecType.CHECKPOINT)
+    write_libxl_checkpoint(hv, dom, ls.out, sc)
+    savefile.write_libxl_record(ls.out, LibxlRecType.CHECKPOINT_END)
+    ls.out.flush()
+    octets = ls.out.tell() - start
+    ls.info.transferred += octets
+    ls.info.downtime_ns += ls.opts.wire_ns(octets)
+    ls.paused = False
+    callbacks.postcopy()
+    return callbacks.checkpoint(epoch)
+
+
 def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
                       callbacks: LiveCallbacks, opts: PrecopyOptions,
                       seed: int | None = None, report: Report | None = None
@@ -839,4 +930,4 @@ def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
 
 __all__ = ["SaveError", "SaveStats", "save_to_file", "write_image", "canonicalise",
            "locate_p2m", "page_types", "LiveCallbacks", "save_live_to_file",
-           "write_image_live"]
+           "write_image_live", "CheckpointCallbacks", "write_checkpointed_stream"]

@@ -1,0 +1,205 @@
+"""Remus on the primary (Cully et al., NSDI 2008; Xen's libxl_remus.c and
+``xl remus``): the guest's state streamed to a backup in epochs, and its
+output to the world held until the epoch that produced it has committed
+there (the output commit).
+
+Each epoch: the guest suspended through the save's path, CLEAN(FINAL), the
+pages dirtied since the last epoch, its TSC, shared info and VCPUs,
+CHECKPOINT, libxl's records and CHECKPOINT_END (save.write_checkpointed_
+stream); then the guest resumes cancelled (its suspend hypercall returns 1:
+THAW) and runs for the interval while the backup applies the epoch.
+
+Output commit. The console is this guest's "network": what the console
+backend takes from the guest's ring during an epoch is held in an
+OutputBuffer (libxl_netbuffer.c's plug qdisc: ``start_new_epoch`` at each
+suspend, ``release_one`` at commit). Xen's libxl releases an epoch as soon
+as it has *written* CHECKPOINT_END; pvlab does what the Remus paper does:
+the backup acknowledges each epoch it has committed on the same connection
+(an ACK of 8 octets: "RACK", the epoch as u32), and the primary releases
+the epoch's output only when that acknowledgement has arrived. So nothing a
+failover could take back is ever seen: if the primary dies, what it held is
+lost with it, and the backup's guest, resumed from the last committed
+epoch, produces it again.
+
+If the backup fails (the connection breaks, or it closes it) the primary
+says "Backup failed? resuming domain at primary." as xl does, resumes the
+guest if it is suspended, releases what it held (no backup can take it back
+now) and the guest runs on alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.toolstack.control import resume_cancelled
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
+from hypervisor.toolstack.save import SaveError, write_checkpointed_stream
+from hypervisor.toolstack.session import RunResult, _LiveRun, run_domain
+
+log = logging.getLogger(__name__)
+
+ACK = struct.Struct("<4sI")            # the backup's acknowledgement: magic, epoch
+ACK_MAGIC = b"RACK"
+DEFAULT_INTERVAL_NS = 200_000_000      # xl remus -i: 200 ms
+BACKUP_FAILED = "Backup failed? resuming domain at primary."
+SUSPEND_FAILED = "Failed to suspend domain at primary."
+
+Sink = Callable[[Domain, bytes], None]
+
+
+class BackupFailed(Exception):
+    """The backup is gone or spoke out of turn: the primary runs on alone."""
+
+
+def write_ack(out: BinaryIO, epoch: int) -> None:
+    """The backup's side: epoch ``epoch`` is committed (sent on the stream's
+    connection, back to the primary)."""
+    out.write(ACK.pack(ACK_MAGIC, epoch))
+    out.flush()
+
+
+def read_ack(src: BinaryIO, epoch: int) -> None:
+    """Wait for the backup's acknowledgement of ``epoch``; BackupFailed if the
+    connection ends or breaks, or the acknowledgement is not that epoch's."""
+    try:
+        data = src.read(ACK.size)
+    except OSError as e:
+        raise BackupFailed(f"reading the backup's acknowledgement: {e.strerror or e}") from None
+    if not data or len(data) < ACK.size:
+        raise BackupFailed(f"the backup closed the connection before acknowledging epoch "
+                           f"{epoch}")
+    magic, got = ACK.unpack(data)
+    if magic != ACK_MAGIC or got != epoch:
+        raise BackupFailed(f"the backup acknowledged {magic!r} epoch {got}, not epoch {epoch}")
+
+
+@dataclass
+class OutputBuffer:
+    """The guest's console output held per epoch (libxl_netbuffer.c's plug
+    qdisc): ``hold`` takes what the console backend gives, ``start_new_epoch``
+    closes the epoch being produced (at its suspend), ``release_one`` lets an
+    epoch's output out once the backup has committed it."""
+
+    sink: Sink
+    dom: Domain | None = None
+    producing: bytearray = field(default_factory=bytearray)
+    closed: list[tuple[int, bytes]] = field(default_factory=list)  # (epoch, output)
+    epoch: int = 0
+    released: int = 0         # octets let out
+
+    def hold(self, dom: Domain, data: bytes) -> None:
+        self.dom = dom
+        self.producing += data
+
+    def start_new_epoch(self) -> None:
+        self.closed.append((self.epoch, bytes(self.producing)))
+        self.producing.clear()
+        self.epoch += 1
+
+    def release_one(self, epoch: int) -> None:
+        """The output of every closed epoch up to ``epoch``."""
+        while self.closed and self.closed[0][0] <= epoch:
+            self._out(self.closed.pop(0)[1])
+
+    def release_all(self) -> None:
+        """Everything held: no backup can take it back any more."""
+        while self.closed:
+            self._out(self.closed.pop(0)[1])
+        self._out(bytes(self.producing))
+        self.producing.clear()
+
+    def _out(self, data: bytes) -> None:
+        if data and self.dom is not None:
+            self.sink(self.dom, data)
+            self.released += len(data)
+
+
+class RemusPrimary(_LiveRun):
+    """The checkpointed save's callbacks for a scripted run (save.Checkpoint
+    Callbacks): the guest runs in this process, its output into the buffer;
+    each epoch commits when the backup's acknowledgement arrives on
+    ``acks``."""
+
+    def __init__(self, hv: Hypervisor, dom: Domain, now_ns: int, buffer: OutputBuffer,
+                 acks: BinaryIO, interval_ns: int, until_ns: int | None = None) -> None:
+        super().__init__(hv, dom, now_ns, buffer.hold, None)
+        self.buffer, self.acks, self.interval_ns = buffer, acks, interval_ns
+        self.until_ns = until_ns
+        self.committed = -1
+
+    def suspend(self) -> None:
+        super().suspend()
+        self.buffer.start_new_epoch()  # the NIC's postsuspend: plug a new epoch
+
+    def postcopy(self) -> None:
+        """libxl__remus_domain_resume_callback: resumed cancelled (THAW)."""
+        resume_cancelled(self.hv, self.dom)
+
+    def checkpoint(self, epoch: int) -> bool:
+        """remus_checkpoint_stream_written, then the interval: the epoch's
+        output released once the backup acknowledges it. False once the
+        guest has shut down or reached ``until_ns``."""
+        read_ack(self.acks, epoch)
+        self.committed = epoch
+        self.buffer.release_one(epoch)
+        self.now_ns += self.interval_ns
+        self.result = run_domain(self.hv, self.dom, self.now_ns, self.sink,
+                                 on_suspend=lambda d: False)
+        if self.until_ns is not None and self.now_ns >= self.until_ns:
+            return False
+        return self.result.reason == "running"
+
+
+@dataclass
+class RemusOutcome:
+    """How a Remus run ended on the primary."""
+
+    result: RunResult | None
+    info: MigrationInfo | None = None
+    epochs: int = 0            # committed on the backup
+    error: str = ""            # why replication stopped early ("" if it did not)
+
+
+def remus_domain(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, now_ns: int,
+                 sink: Sink, interval_ns: int = DEFAULT_INTERVAL_NS,
+                 opts: PrecopyOptions | None = None, until_ns: int | None = None,
+                 note: Callable[[str], None] | None = None,
+                 seed: int | None = None) -> RemusOutcome:
+    """libxl_domain_remus_start for a scripted run: the checkpointed stream
+    into ``out`` with acknowledgements read from ``acks``, the guest's
+    output to ``sink`` only as its epochs commit. Returns when the guest has
+    shut down (the stream ended cleanly, everything released) or, if the
+    backup failed or the guest could not be suspended, after the guest has
+    run on alone to its end (or ``until_ns``)."""
+    say = note or (lambda _m: None)
+    buffer = OutputBuffer(sink, dom)
+    primary = RemusPrimary(hv, dom, now_ns, buffer, acks, interval_ns, until_ns)
+    outcome = RemusOutcome(None)
+    try:
+        outcome.info = write_checkpointed_stream(hv, dom, out, primary,
+                                                 opts or PrecopyOptions(), seed)
+        read_ack(acks, primary.committed + 1)  # the backup has let the stream go
+    except (OSError, BackupFailed) as e:
+        outcome.error = str(e) or type(e).__name__
+        say(BACKUP_FAILED)
+    except SaveError as e:
+        outcome.error = str(e)
+        say(SUSPEND_FAILED)
+    outcome.epochs = primary.committed + 1
+    if dom.shutdown_reason == SHUTDOWN_suspend:
+        resume_cancelled(hv, dom)
+    buffer.release_all()
+    outcome.result = primary.result
+    if outcome.error and dom.shutdown_reason is None:
+        outcome.result = run_domain(hv, dom, until_ns, sink, note=note)
+    return outcome
+
+
+__all__ = ["ACK", "BackupFailed", "OutputBuffer", "RemusOutcome", "RemusPrimary",
+           "read_ack", "remus_domain", "write_ack"]

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.toolstack.incremental import (
+    image_digest,
+    save_increment_to_file,
+    start_dirty_log,
+)
 from hypervisor.toolstack.save import Progress, SaveError, SaveStats, save_to_file
+from hypervisor.toolstack.stream import StreamError
 
 NAME_FORMAT = "{name}-checkpoint-{n:03d}.img"
 
@@ -31,6 +37,7 @@ class SaveOutcome:
     stats: SaveStats | None = None
     error: str = ""           # why the save failed; "" if it did not
     console_bytes: int = 0    # the guest's console output up to the save
+    parent: str = ""          # an increment's parent image ("" for a whole image)
 
     @property
     def ok(self) -> bool:
@@ -67,7 +74,10 @@ class CheckpointWriter:
     # name the images by their path in what the toolstack says; a scratch
     # directory's path means nothing to the user (and differs every run)
     show_directory: bool = True
+    # a whole image first, then only the pages dirtied since the last image
+    incremental: bool = False
     outcomes: list[SaveOutcome] = field(default_factory=list)
+    parent: Path | None = None  # the last image, an increment's parent
 
     @property
     def taken(self) -> list[Path]:
@@ -77,10 +87,31 @@ class CheckpointWriter:
         """Checkpoint a suspended domain (the caller resumes it cancelled).
         Returns the outcome and the line the toolstack says of it."""
         n, path = checkpoint_path(Path(self.directory), dom.name)
-        out = try_save(hv, dom, path, checkpoint=True, progress=self.progress)
+        if self.incremental and self.parent is not None:
+            out = try_increment(hv, dom, path, self.parent)
+        else:
+            out = try_save(hv, dom, path, checkpoint=True, progress=self.progress)
+            if out.ok and self.incremental:
+                start_dirty_log(hv, dom)  # suspended: nothing is written before it
         self.outcomes.append(out)
+        # a failed increment has cleaned the log: the next image is whole again
+        self.parent = path if out.ok else None
         if not out.ok:
             return out, f"checkpoint {n} failed: {out.error}; the guest runs on"
         assert out.stats is not None
         where = path if self.show_directory else path.name
-        return out, f"checkpoint {n}: {where}: {out.stats.bytes / (1 << 20):.1f} MiB image written"
+        what = "increment" if out.parent else "image"
+        return out, (f"checkpoint {n}: {where}: {out.stats.bytes / (1 << 20):.1f} MiB {what} "
+                     "written" + (f" ({out.stats.pages} pages dirtied since {out.parent})"
+                                  if out.parent else ""))
+
+
+def try_increment(hv: Hypervisor, dom: Domain, path: Path, parent: Path) -> SaveOutcome:
+    """An increment over ``parent`` (incremental.save_increment_to_file), its
+    failure as a value."""
+    out = SaveOutcome(Path(path), console_bytes=len(dom.console_out), parent=parent.name)
+    try:
+        out.stats = save_increment_to_file(hv, dom, path, parent, image_digest(parent))
+    except (SaveError, OSError, StreamError) as e:
+        out.error = str(e)
+    return out

@@ -396,7 +396,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     hv, dom = boot(cfg, seed=args.seed)
     last = args.until if args.until is not None else args.every * args.max
     times = list(range(args.every, last + 1, args.every))[:args.max]
-    writer = CheckpointWriter(out, progress=ProgressBar("checkpoint"))
+    writer = CheckpointWriter(out, progress=ProgressBar("checkpoint"),
+                              incremental=not args.full)
     requests = [Request(t, command="checkpoint") for t in times]
     result = run_domain(hv, dom, args.until, _stream, requests, _note, checkpoints=writer)
     _note(f"{len(writer.taken)} checkpoints in {out}")
@@ -630,8 +631,9 @@ def _add_restore(sub: Any) -> None:
 def _add_checkpoint(sub: Any) -> None:
     ckpt = sub.add_parser("checkpoint", help="run a domain, saving a checkpoint at intervals",
                           description="Boot the domain CONFIG describes and run it; every "
-                                      "--every of virtual time save a complete image into "
-                                      "DIR (NAME-checkpoint-001.img, ..., NAME the domain's) "
+                                      "--every of virtual time save a checkpoint into "
+                                      "DIR (NAME-checkpoint-001.img, ..., NAME the domain's: "
+                                      "the first a whole image, then increments) "
                                       "and let the guest go on "
                                       "(its suspend hypercall returns 1: THAW), as Remus "
                                       "and xl save -c do.")
@@ -643,6 +645,10 @@ def _add_checkpoint(sub: Any) -> None:
                       help="stop at this virtual time (default: when the guest shuts down)")
     ckpt.add_argument("--max", metavar="N", type=int, default=100,
                       help="at most N checkpoints (default 100)")
+    ckpt.add_argument("--full", action="store_true",
+                      help="every checkpoint a whole image (default: the first whole, each "
+                           "later one only the pages dirtied since the one before, restorable "
+                           "through its chain of parents in DIR)")
     _seed_arg(ckpt)
     ckpt.set_defaults(func=cmd_checkpoint)
 

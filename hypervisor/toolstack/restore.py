@@ -60,6 +60,7 @@ from hypervisor.toolstack.builder import BuildError, add_balloon, machine_mib_fo
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.incremental import materialised, parent_of
 from hypervisor.toolstack.save import Progress
 from hypervisor.toolstack.xenstored import home
 
@@ -135,6 +136,9 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
     machine sized for it). The seed shuffles the new frames: by default the
     saved one plus one, so that no pfn is likely to land on its old mfn.
     ``wire``: the image came over a migration's wire and has no digest."""
+    if not wire and _parent_of(Path(path)):
+        with materialised(Path(path)) as whole:  # an increment: read through its chain
+            return restore_image(whole, seed, clock, hv, progress, wire=True)
     t0 = time.perf_counter()
     info = scan_image(path, wire)
     if info.domain is None or not info.domain.get("pvlab_image"):
@@ -162,6 +166,15 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
                            "domain") from None
     stats.total_s = time.perf_counter() - t0
     return hv, dom, stats
+
+
+def _parent_of(path: Path) -> bool:
+    """An incremental checkpoint (its config names a parent)? A file that is
+    no image is left to the check to refuse."""
+    try:
+        return parent_of(path) is not None
+    except (OSError, stream.StreamError):
+        return False
 
 
 def restore_stream(src: BinaryIO, seed: int | None = None, clock: str = "deterministic",

@@ -177,34 +177,42 @@ def chain_of(path: Path) -> list[Path]:
     raise ImageError(f"{path}: more than {MAX_CHAIN} parents: a loop in the chain")
 
 
-def _records(path: Path) -> tuple[stream.DomainHeader, list[stream.Record],
-                                  list[savefile.LibxlRecord], bytes]:
-    """An image's libxc records, libxl's records after them and its config."""
+Item = tuple[bool, int, bytes]  # (a libxc record?, its type, its body)
+
+
+def _records(path: Path) -> tuple[stream.DomainHeader, list[Item], bytes]:
+    """An image's records in stream order, from the libxc stream's first to
+    libxl's END (libxl's checkpoint records inline after CHECKPOINT), and
+    its config; every file's digest checked."""
     with open(path, "rb") as f:
         xl = savefile.read_xl_header(f)
         savefile.check_digest(f, xl, required=True)
         f.seek(xl.end)
         savefile.read_libxl_header(f, xl.end)
-        libxc: list[stream.Record] = []
-        tail: list[savefile.LibxlRecord] = []
-        header = None
-        for rec in savefile.read_libxl_records(f):
-            if rec.type == LibxlRecType.LIBXC_CONTEXT:
-                _, header = stream.read_headers(f, f.tell())
-                libxc = list(stream.read_records(f, f.tell()))
-            else:
-                tail.append(rec)
-    if header is None:
-        raise ImageError(f"{path}: no libxc stream in it")
-    return header, libxc, tail, xl.config
+        if savefile.read_libxl_record(f).type != LibxlRecType.LIBXC_CONTEXT:
+            raise ImageError(f"{path}: no libxc stream first in libxl's")
+        _, header = stream.read_headers(f, f.tell())
+        items: list[Item] = []
+        libxc = True
+        while True:
+            if libxc:
+                rec = stream.read_record(f, f.tell())
+                libxc = rec.type not in (RecType.CHECKPOINT, RecType.END)
+                items.append((True, rec.type, rec.body))
+                continue
+            lrec = savefile.read_libxl_record(f)
+            items.append((False, lrec.type, lrec.body))
+            if lrec.type == LibxlRecType.END:
+                return header, items, xl.config
+            libxc = lrec.type == LibxlRecType.CHECKPOINT_END
 
 
 def write_chain(chain: list[Path], out: BinaryIO) -> None:
     """The chain as one stream (no digest: every file's was checked): the
-    newest config without its parent, every image's pages in order, the
-    newest image's other records."""
-    records = [_records(p) for p in chain]
-    header, newest, tail, raw = records[-1]
+    newest config without its parent, the newest image's static records,
+    every image's pages in order, the newest image's other records."""
+    files = [_records(p) for p in chain]
+    header, newest, raw = files[-1]
     config = json.loads(raw)
     config["pvlab"].pop("parent", None)
     config["pvlab"]["kind"] = "checkpoint"
@@ -213,12 +221,11 @@ def write_chain(chain: list[Path], out: BinaryIO) -> None:
     savefile.write_libxl_record(out, LibxlRecType.LIBXC_CONTEXT)
     stream.write_headers(out, header.xen_major, header.xen_minor)
     static = (RecType.X86_PV_INFO, RecType.STATIC_DATA_END, RecType.X86_PV_P2M_FRAMES)
-    pages = [r for _, libxc, _, _ in records for r in libxc if r.type == RecType.PAGE_DATA]
-    for rec in [*(r for r in newest if r.type in static), *pages,
-                *(r for r in newest if r.type not in static and r.type != RecType.PAGE_DATA)]:
-        stream.write_record(out, rec.type, rec.body)
-    for lrec in tail:
-        savefile.write_libxl_record(out, lrec.type, lrec.body)
+    pages = [i for _, items, _ in files for i in items if i[0] and i[1] == RecType.PAGE_DATA]
+    head = [i for i in newest if i[0] and i[1] in static]
+    rest = [i for i in newest if not (i[0] and (i[1] in static or i[1] == RecType.PAGE_DATA))]
+    for _, rtype, body in [*head, *pages, *rest]:
+        stream.write_record(out, rtype, body)
 
 
 @contextmanager

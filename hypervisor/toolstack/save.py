@@ -399,11 +399,10 @@ def send_domain_memory_nonlive(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: S
             progress(int(pfns[-1]) + 1, total)
 
 
-def x86_pv_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO,
-                             sc: SaveContext) -> None:
-    """The records that end every checkpoint of the libxc stream: X86_TSC_INFO
-    (write_tsc_info; restore: handle_tsc_info), SHARED_INFO
-    (write_shared_info), a X86_PV_VCPU_BASIC per VCPU."""
+def end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext) -> None:
+    """x86_pv_end_of_checkpoint: X86_TSC_INFO (write_tsc_info; restore:
+    handle_tsc_info), SHARED_INFO (write_shared_info), a X86_PV_VCPU_BASIC
+    per VCPU."""
     rec = stream.write_record
     clock = max(domctl.vcpu_clocks(dom), default=0)
     rec(out, RecType.X86_TSC_INFO,
@@ -414,20 +413,32 @@ def x86_pv_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO,
         rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
 
 
+def write_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext) -> None:
+    """The end of an epoch of a checkpointed stream, as Xen interleaves its
+    two layers on one fd: libxc's CHECKPOINT (write_checkpoint_record), then
+    libxl's checkpoint records inline, before libxc's next record
+    (libxl_stream_write.c's checkpoint: the emulator records, CHECKPOINT_END).
+    The receiver's libxc hands the fd to libxl at CHECKPOINT and takes it
+    back after CHECKPOINT_END (restore.receive_checkpoints)."""
+    stream.write_record(out, RecType.CHECKPOINT)
+    write_emulator_records(hv, dom, out, sc)
+    savefile.write_libxl_record(out, LibxlRecType.CHECKPOINT_END)
+
+
 def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
                             checkpoint: bool) -> None:
-    """x86_pv_end_of_checkpoint and the end of the libxc stream: CHECKPOINT
-    if it is one, END."""
-    x86_pv_end_of_checkpoint(hv, dom, out, sc)
+    """The end of the libxc stream: end_of_checkpoint, a checkpoint's
+    CHECKPOINT with libxl's records after it if it is one, END."""
+    end_of_checkpoint(hv, dom, out, sc)
     if checkpoint:
-        stream.write_record(out, RecType.CHECKPOINT)
+        write_checkpoint(hv, dom, out, sc)
     stream.write_record(out, RecType.END)
 
 
-def write_libxl_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO,
+def write_emulator_records(hv: Hypervisor, dom: Domain, out: BinaryIO,
                            sc: SaveContext) -> None:
-    """The records libxl writes of every checkpoint (libxl_stream_write.c):
-    the xenstore nodes, each device model's state."""
+    """libxl's EMULATOR_XENSTORE_DATA (the xenstore nodes) and an
+    EMULATOR_CONTEXT per device model."""
     rec = savefile.write_libxl_record
     store = context_of(hv).store
     if store is not None:
@@ -440,13 +451,11 @@ def write_libxl_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO,
 
 def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
                      checkpoint: bool) -> None:
-    """What libxl writes after the libxc stream: its checkpoint records,
-    CHECKPOINT_END closing a checkpoint, END."""
-    rec = savefile.write_libxl_record
-    write_libxl_checkpoint(hv, dom, out, sc)
-    if checkpoint:
-        rec(out, LibxlRecType.CHECKPOINT_END)
-    rec(out, LibxlRecType.END)
+    """What libxl writes after the libxc stream (libxl_stream_write.c): the
+    emulator records, unless a checkpoint carried them, then END."""
+    if not checkpoint:
+        write_emulator_records(hv, dom, out, sc)
+    savefile.write_libxl_record(out, LibxlRecType.END)
 
 
 def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = False,
@@ -740,11 +749,7 @@ def suspend_and_send_dirty(ls: LiveSave) -> None:
     the pages dirtied since the last CLEAN and every deferred one. Nothing
     may fail to normalise now (Xen would defer and drop it: pvlab refuses)."""
     ls.callbacks.suspend()
-    ls.paused = True
-    check_vm_state(ls)
-    dirty = clean_dirty_bitmap(ls, final=True) | ls.deferred
-    r = send_dirty_pages(ls, dirty, len(ls.info.rounds))
-    ls.deferred[:] = False
+    r = send_epoch(ls)
     ls.info.downtime_ns += r.wire_ns
     _reported(ls, r, 0)
 
@@ -844,7 +849,66 @@ def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
     ls.info.downtime_ns += ls.opts.wire_ns(octets)
 
 
-# --- the checkpointed stream (xg_sr_save.c save() for XC_STREAM_REMUS) -----------------
+# --- a checkpointed stream (Remus: xg_sr_save.c save()'s loop) -----------------------
+
+def start_checkpointed_stream(hv: Hypervisor, dom: Domain, out: BinaryIO,
+                              callbacks: LiveCallbacks, opts: PrecopyOptions,
+                              seed: int | None = None, report: Report | None = None
+                              ) -> LiveSave:
+    """The first epoch of a checkpointed stream up to its end: xl's header
+    (no digest: a stream on the wire), libxl's, LIBXC_CONTEXT, the static
+    records, the live rounds, the guest suspended and the final round.
+    Log-dirty stays on. The caller then closes the epoch (write_epoch_end),
+    resumes the guest cancelled (THAW) and repeats: suspend, send_epoch,
+    write_epoch_end; end_checkpointed_stream ends it cleanly. On a failure
+    log-dirty is off again and the error raised."""
+    ls = _live_setup(hv, dom, savefile.CountingWriter(out), callbacks, opts, report)
+    try:
+        enable_logdirty(ls)
+        _write_live_head(ls, seed)
+        send_memory_live(ls)
+        suspend_and_send_dirty(ls)
+    except BaseException:
+        disable_logdirty(ls)
+        raise
+    return ls
+
+
+def send_epoch(ls: LiveSave) -> Round:
+    """An epoch after the first, the guest suspended by the caller: the pfns
+    dirtied since the last epoch (CLEAN, LOGDIRTY_FINAL) and any deferred."""
+    ls.paused = True
+    check_vm_state(ls)
+    dirty = clean_dirty_bitmap(ls, final=True) | ls.deferred
+    ls.deferred[:] = False
+    return send_dirty_pages(ls, dirty, len(ls.info.rounds))
+
+
+def write_epoch_end(ls: LiveSave) -> None:
+    """The end of an epoch, the guest still suspended: end_of_checkpoint
+    (TSC, SHARED_INFO, the VCPUs), CHECKPOINT and libxl's records up to
+    CHECKPOINT_END (write_checkpoint). The backup commits the epoch when it
+    has read them. The caller then resumes the guest cancelled (THAW)."""
+    hv, dom = ls.hv, ls.dom
+    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
+    start = ls.out.tell()
+    end_of_checkpoint(hv, dom, ls.out, sc)
+    write_checkpoint(hv, dom, ls.out, sc)
+    ls.out.flush()
+    octets = ls.out.tell() - start
+    ls.info.transferred += octets
+    ls.info.downtime_ns += ls.opts.wire_ns(octets)
+    ls.paused = False
+
+
+def end_checkpointed_stream(ls: LiveSave) -> None:
+    """A clean end after a closed epoch: libxc's END, libxl's END (the
+    backup completes the domain from the last epoch); log-dirty off."""
+    stream.write_record(ls.out, RecType.END)
+    savefile.write_libxl_record(ls.out, LibxlRecType.END)
+    ls.out.flush()
+    disable_logdirty(ls)
+
 
 class CheckpointCallbacks(LiveCallbacks, Protocol):
     """What a checkpointed save's caller does besides a live save's
@@ -852,8 +916,8 @@ class CheckpointCallbacks(LiveCallbacks, Protocol):
     guest cancelled once an epoch is on the wire; then, with the epoch's
     CHECKPOINT_END written, commit it (Remus's output commit) and let the
     guest run for the interval. ``checkpoint`` returns False when there is
-    to be no next epoch (the guest shut down meanwhile); a broken
-    connection is an OSError."""
+    to be no next epoch (the guest shut down meanwhile, or the run's time
+    is up); a broken connection is an OSError."""
 
     def postcopy(self) -> None: ...
 
@@ -864,53 +928,30 @@ def write_checkpointed_stream(hv: Hypervisor, dom: Domain, out: BinaryIO,
                               callbacks: CheckpointCallbacks, opts: PrecopyOptions,
                               seed: int | None = None,
                               report: Report | None = None) -> MigrationInfo:
-    """A Remus stream (xg_sr_save.c save() with a checkpointed stream type;
-    libxl_stream_write.c's checkpoint loop). Epoch 0 is a live save's
-    rounds and its final round; every later epoch is the guest suspended,
-    CLEAN(FINAL) and the pages dirtied since (send_domain_memory_
-    checkpointed). Each epoch ends with libxc's TSC, SHARED_INFO and VCPU
-    records and CHECKPOINT, then libxl's xenstore and device records and
-    CHECKPOINT_END, flushed; then the guest resumes cancelled and the
-    caller commits the epoch. When ``checkpoint`` says stop, libxc's END
-    and libxl's END end the stream cleanly. Log-dirty is off at the end and
-    on any failure; the guest is left running or suspended as it was."""
-    ls = _live_setup(hv, dom, savefile.CountingWriter(out), callbacks, opts, report)
+    """xg_sr_save.c's save() for a Remus stream, driving the pieces above:
+    epoch 0 a live save's rounds and its final round; each later epoch the
+    guest suspended through the save's path, CLEAN(FINAL) and the pages
+    dirtied since (send_domain_memory_checkpointed, which is
+    suspend_and_send_dirty); each epoch closed by write_epoch_end, then
+    ``postcopy`` (the guest resumed cancelled) and ``checkpoint`` (the
+    epoch committed, the interval run). When ``checkpoint`` says stop, the
+    stream ends cleanly. Log-dirty is off at the end and on any failure;
+    the guest is left as the failure found it (running or suspended)."""
+    ls = start_checkpointed_stream(hv, dom, out, callbacks, opts, seed, report)
     try:
-        enable_logdirty(ls)
-        _write_live_head(ls, seed)
-        send_memory_live(ls)
-        suspend_and_send_dirty(ls)
         epoch = 0
-        while _send_checkpoint(ls, callbacks, epoch):
+        while True:
+            write_epoch_end(ls)
+            callbacks.postcopy()
+            if not callbacks.checkpoint(epoch):
+                break
             epoch += 1
             suspend_and_send_dirty(ls)
-        stream.write_record(ls.out, RecType.END)
-        savefile.write_libxl_record(ls.out, LibxlRecType.END)
-        ls.out.flush()
+        end_checkpointed_stream(ls)
     finally:
         disable_logdirty(ls)
     ls.info.status = "completed"
     return ls.info
-
-
-def _send_checkpoint(ls: LiveSave, callbacks: CheckpointCallbacks, epoch: int) -> bool:
-    """One epoch's end on the wire (end_of_checkpoint, write_checkpoint_record,
-    libxl__stream_write_start_checkpoint), the guest resumed (postcopy) and
-    the epoch committed (checkpoint). True if another epoch follows."""
-    hv, dom = ls.hv, ls.dom
-    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
-    start = ls.out.tell()
-    x86_pv_end_of_checkpoint(hv, dom, ls.out, sc)
-    stream.write_record(ls.out, RecType.CHECKPOINT)
-    write_libxl_checkpoint(hv, dom, ls.out, sc)
-    savefile.write_libxl_record(ls.out, LibxlRecType.CHECKPOINT_END)
-    ls.out.flush()
-    octets = ls.out.tell() - start
-    ls.info.transferred += octets
-    ls.info.downtime_ns += ls.opts.wire_ns(octets)
-    ls.paused = False
-    callbacks.postcopy()
-    return callbacks.checkpoint(epoch)
 
 
 def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
@@ -930,4 +971,5 @@ def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
 
 __all__ = ["SaveError", "SaveStats", "save_to_file", "write_image", "canonicalise",
            "locate_p2m", "page_types", "LiveCallbacks", "save_live_to_file",
-           "write_image_live", "CheckpointCallbacks", "write_checkpointed_stream"]
+           "write_image_live", "start_checkpointed_stream", "send_epoch", "write_epoch_end",
+           "end_checkpointed_stream", "CheckpointCallbacks", "write_checkpointed_stream"]

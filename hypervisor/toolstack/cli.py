@@ -18,7 +18,14 @@ from hypervisor.toolstack import gdbsx, xl
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.context import audit
-from hypervisor.toolstack.control import SAVE, SAVE_LIVE, Request, parse_request
+from hypervisor.toolstack.control import (
+    REMUS,
+    SAVE,
+    SAVE_LIVE,
+    Request,
+    parse_request,
+    remus_target,
+)
 from hypervisor.toolstack.elfimage import ImageError
 from hypervisor.toolstack.gdbsx import GdbKill
 from hypervisor.toolstack.precopy import (
@@ -186,9 +193,15 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     if save is not None and args.console:
         raise CliError("--console and a save request: the save ends the run; attach to "
                        "the restored domain instead (pvlab restore IMAGE --console)")
+    remus = _remus_request(requests, save)
+    if remus is not None and args.console:
+        raise CliError("--console and a remus request: the console's output is held "
+                       "for Remus's output commit; run without --console")
     gdb = _attach_gdb(hv, dom, args.gdb)
     reason = "running"
     try:
+        if remus is not None:
+            return _remus(hv, dom, remus, [r for r in requests if r is not remus], args.until)
         if save is None and args.console:
             return _run_attached(hv, dom, requests, args)
         if save is None:
@@ -204,6 +217,81 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     finally:
         if gdb is not None:
             gdb.finish(reason)
+
+
+def _remus_request(requests: list[Request], save: Request | None) -> Request | None:
+    """The one ``remus`` request, checked before the guest boots: no save, no
+    shutdown or checkpoint request after it (the guest is replicated then)."""
+    reqs = [r for r in requests if r.command == REMUS]
+    if not reqs:
+        return None
+    if len(reqs) > 1:
+        raise CliError("at most one remus request: the guest is replicated from then on")
+    if save is not None:
+        raise CliError("a remus request and a save request: choose one")
+    later = [r for r in requests if r.at_ns >= reqs[0].at_ns and r is not reqs[0]]
+    if later:
+        raise CliError(f"a request at {format_duration(later[0].at_ns)} comes after the remus "
+                       f"request at {format_duration(reqs[0].at_ns)}: Remus's epochs are "
+                       "the run's only requests from then on")
+    return reqs[0]
+
+
+def _remus(hv: Hypervisor, dom: Domain, req: Request, others: list[Request],
+           until: int | None) -> int:
+    """xl remus in a scripted run: replicate from the request's time on; the
+    guest's output reaches stdout only as the backup commits its epochs."""
+    from hypervisor.toolstack.remus import DEFAULT_INTERVAL_NS, remus_run, tcp_channel
+    host, port, interval = remus_target(req.value)
+    out = remus_run(hv, dom, req.at_ns, lambda: tcp_channel(host, port), _stream,
+                    interval or DEFAULT_INTERVAL_NS, until, _note, others)
+    _note(f"remus: {out.epochs} epoch(s) committed on the backup at {host}:{port}")
+    assert out.result is not None
+    return _exit_for(out.result, dom, until)
+
+
+def cmd_migrate_receive(args: argparse.Namespace) -> int:
+    """xl migrate-receive; with -r, a Remus backup."""
+    from hypervisor.toolstack.migrate import MigrateError
+    from hypervisor.toolstack.remus import remus_receive
+    if not args.remus:
+        raise CliError("migrate-receive without -r is not built in this checkout: use -r "
+                       "for a Remus backup")
+    ch = _listen_once(args.listen)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+    try:
+        backup = remus_receive(ch, args.seed, "deterministic", say)
+    except MigrateError as e:
+        print(f"pvlab: {e}", file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    finally:
+        ch.close()
+    if backup is None:
+        return EXIT_OK
+    result = run_domain(backup.hv, backup.dom, args.until, _stream, note=_note)
+    return _exit_for(result, backup.dom, args.until)
+
+
+def _listen_once(where: str) -> Any:
+    """One connection accepted on HOST:PORT (port 0: any free one, said on
+    stderr with the one taken), as a migration channel."""
+    import socket
+
+    from hypervisor.toolstack.migrate import Channel
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise CliError(f"--listen {where!r}: want HOST:PORT, e.g. 127.0.0.1:7001")
+    try:
+        lsock = socket.create_server((host, int(port)))
+    except OSError as e:
+        raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
+    print(f"pvlab: listening on {host}:{lsock.getsockname()[1]}", file=sys.stderr, flush=True)
+    with lsock:
+        sock, _ = lsock.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Channel(sock.makefile("rb"), sock.makefile("wb"), closer=sock.close)
 
 
 def _run_attached(hv: Hypervisor, dom: Domain, requests: list[Request],
@@ -487,7 +575,10 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "balloon-inhibit, balloon-uninhibit, save PATH (a suspend whose "
                         "image is written to PATH, the domain then destroyed, as pvlab "
                         "save does), save-live PATH (the same after pre-copy rounds, as "
-                        "pvlab save --live), type TEXT (TEXT typed on the guest's console, with "
+                        "pvlab save --live), remus HOST:PORT [-i MS] (the guest replicated "
+                        "from then on to a backup, pvlab migrate-receive -r, every MS "
+                        "milliseconds of virtual time, default 200; docs/remus.md), type "
+                        "TEXT (TEXT typed on the guest's console, with "
                         "the escapes \\n \\r \\t \\e \\\\ \\xHH), or PATH=VALUE (a xenstore "
                         "write in the guest's home); repeatable (e.g. --request '15ms "
                         "suspend' --request '2ms mem-set 16')")
@@ -626,6 +717,27 @@ def _add_restore(sub: Any) -> None:
     _console_args(restore)
     restore.set_defaults(func=cmd_restore)
 
+
+
+def _add_migrate_receive(sub: Any) -> None:
+    mr = sub.add_parser("migrate-receive", help="receive a domain: with -r, be a Remus backup",
+                        description="xl migrate-receive. With -r (xl's), be the backup of a "
+                                    "guest that pvlab run --request 'TIME remus HOST:PORT' "
+                                    "replicates: each epoch is buffered and committed when "
+                                    "complete, and acknowledged to the primary (which only "
+                                    "then lets the epoch's console output out). When the "
+                                    "primary dies, \"Remus Failover for domain N\": the "
+                                    "guest resumes here from the last committed epoch and "
+                                    "runs to its end, its console on stdout. docs/remus.md.")
+    mr.add_argument("-r", dest="remus", action="store_true",
+                    help="the stream is Remus's checkpointed one (xl migrate-receive -r)")
+    mr.add_argument("--listen", metavar="HOST:PORT", required=True,
+                    help="accept one connection here (port 0: any free one, said on stderr)")
+    mr.add_argument("--until", metavar="TIME", type=_duration,
+                    help="after a failover, stop at this virtual time (default: when the "
+                         "guest shuts down)")
+    _seed_arg(mr, " of the backup's frame shuffle (default: the primary's plus one)")
+    mr.set_defaults(func=cmd_migrate_receive)
 
 
 def _add_checkpoint(sub: Any) -> None:
@@ -871,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_save(sub)
     _add_restore(sub)
     _add_checkpoint(sub)
+    _add_migrate_receive(sub)
     _add_image(sub)
     _add_demo(sub)
     _add_explore(sub)

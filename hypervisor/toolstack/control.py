@@ -36,6 +36,8 @@ TOOLSTACK_COMMANDS = ("checkpoint", "mem-set", "balloon-stats", "balloon-inhibit
 SAVE = "save"
 # the same, live: pre-copy rounds while the guest runs, then the suspend
 SAVE_LIVE = "save-live"
+# Remus from then on to a backup at HOST:PORT (xl remus), ``-i MS`` the interval
+REMUS = "remus"
 # input typed on the guest's console (its text with backslash escapes)
 TYPE = "type"
 _TYPE_RE = re.compile(r"^\s*(\S+)\s+type (.*)$", re.DOTALL)
@@ -67,6 +69,7 @@ def parse_request(text: str) -> Request:
         return Request(parse_duration(typed.group(1)), command=TYPE, value=typed.group(2))
     parts = text.split(None, 1)
     known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH", f"{SAVE_LIVE} PATH",
+                                                        f"{REMUS} HOST:PORT [-i MS]",
                                                         f"{TYPE} TEXT"))
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
@@ -81,6 +84,9 @@ def parse_request(text: str) -> Request:
             raise ValueError(f"request {text!r}: {verb} takes the image's path, e.g. "
                              f"'5ms {verb} guest.img'")
         return Request(at, command=verb, value=arg.strip())
+    if verb == REMUS:
+        remus_target(arg)  # bad input now, not at the request's time
+        return Request(at, command=verb, value=arg.strip())
     if verb == "mem-set":
         if not arg.strip().isdigit():
             raise ValueError(f"request {text!r}: mem-set takes the guest's memory target "
@@ -91,6 +97,25 @@ def parse_request(text: str) -> Request:
         raise ValueError(f"request {text!r}: {what!r} is neither a command "
                          f"({known}) nor PATH=VALUE")
     return Request(at, path=path.strip(), value=value.strip())
+
+
+def remus_target(value: str) -> tuple[str, int, int | None]:
+    """A remus request's 'HOST:PORT [-i MS]': host, port and the interval in
+    ns (None: xl's default); ValueError, one line, if it is not that."""
+    words = value.split()
+    interval = None
+    if len(words) == 3 and words[1] == "-i":
+        ms = words[2]
+        if not ms.isdigit() or int(ms) == 0:
+            raise ValueError(f"remus -i {ms}: the interval is a number of milliseconds, "
+                             "more than 0")
+        interval = int(ms) * 1_000_000
+        words = words[:1]
+    host, _, port = words[0].rpartition(":") if len(words) == 1 else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"remus {value!r}: want HOST:PORT [-i MS], e.g. "
+                         "'3ms remus 127.0.0.1:7001 -i 5'")
+    return host, int(port), interval
 
 
 def console_bytes(text: str) -> bytes:

@@ -30,17 +30,32 @@ now) and the guest runs on alone.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
-from hypervisor.toolstack.control import resume_cancelled
+from hypervisor.toolstack import libxl
+from hypervisor.toolstack.control import Request, resume_cancelled
+from hypervisor.toolstack.image import ImageError
+from hypervisor.toolstack.migrate import (
+    INCOMING,
+    MIGRATE_RECEIVER_BANNER,
+    Channel,
+    MigrateError,
+    _Prefixed,
+    incoming_header,
+    read_fixed_message,
+    write_message,
+)
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
+from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.save import SaveError, write_checkpointed_stream
 from hypervisor.toolstack.session import RunResult, _LiveRun, run_domain
+from hypervisor.toolstack.stream import StreamError
 
 log = logging.getLogger(__name__)
 
@@ -201,5 +216,104 @@ def remus_domain(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, now
     return outcome
 
 
-__all__ = ["ACK", "BackupFailed", "OutputBuffer", "RemusOutcome", "RemusPrimary",
-           "read_ack", "remus_domain", "write_ack"]
+def tcp_channel(host: str, port: int) -> Channel:
+    """A connection to a backup listening on HOST:PORT (``pvlab
+    migrate-receive -r --listen``); OSError if there is none."""
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Channel(sock.makefile("rb"), sock.makefile("wb"), closer=sock.close)
+
+
+def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Channel],
+              sink: Sink, interval_ns: int = DEFAULT_INTERVAL_NS,
+              until_ns: int | None = None, note: Callable[[str], None] | None = None,
+              requests: Sequence[Request] = ()) -> RemusOutcome:
+    """``xl remus`` in a scripted run: the domain runs to ``at_ns`` (making
+    the requests before it), then the connection to the backup, its banner
+    (xl's; no other handshake, as xl's remus rune has none) and
+    remus_domain. A backup that cannot be reached or says something else
+    is a failed backup: said, and the guest runs on alone."""
+    say = note or (lambda _m: None)
+    result = run_domain(hv, dom, at_ns, sink, [r for r in requests if r.at_ns < at_ns], note)
+    if result.reason != "running":
+        return RemusOutcome(result, error=f"the guest shut down ({result.reason}) before "
+                                          "Remus started")
+    try:
+        ch = connect()
+    except OSError as e:
+        say(f"remus: cannot reach the backup: {e.strerror or e}")
+        say(BACKUP_FAILED)
+        return RemusOutcome(run_domain(hv, dom, until_ns, sink, note=note), error=str(e))
+    try:
+        read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+        out = remus_domain(hv, dom, ch.writer, ch.reader, at_ns, sink, interval_ns,
+                           until_ns=until_ns, note=note)
+    except MigrateError as e:
+        say(f"remus: {e}")
+        say(BACKUP_FAILED)
+        out = RemusOutcome(run_domain(hv, dom, until_ns, sink, note=note), error=str(e))
+    finally:
+        ch.close()
+    return out
+
+
+# --- the backup ---------------------------------------------------------------------
+
+@dataclass
+class Backup:
+    """What the backup holds when the primary's stream ends: the domain
+    completed from the last committed epoch, and whether it is to run
+    (``failover``: the primary is gone) or not (the stream ended cleanly)."""
+
+    hv: Hypervisor
+    dom: Domain
+    failover: bool
+    epochs: int
+    why: str = ""
+
+
+def _acknowledge(ch: Channel, epoch: int) -> None:
+    """An epoch committed here: tell the primary (which releases its
+    output). A primary that is gone cannot hear it; the stream's end says so."""
+    try:
+        write_ack(ch.writer, epoch)
+    except OSError as e:
+        log.info("acknowledging epoch %d: %s", epoch, e)
+
+
+def remus_receive(ch: Channel, seed: int | None = None, clock: str = "deterministic",
+                  say: Callable[[str], None] | None = None) -> Backup | None:
+    """``xl migrate-receive -r``: the banner, the stream received as
+    NAME--incoming, each committed epoch acknowledged. When the stream
+    breaks (the primary died): "Remus Failover for domain N", the domain
+    renamed to NAME and returned ready to run its RESTORE path. When it
+    ends cleanly (the guest shut down at the primary): the end
+    acknowledged, our copy destroyed, None. MigrateError, one line, if no
+    epoch ever committed (nothing is left)."""
+    from hypervisor.toolstack.restore import receive_checkpoints
+    tell = say or (lambda _m: None)
+    tell("migration target (Remus): Ready to receive domain.")
+    try:
+        write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+        head, name = incoming_header(ch.reader)
+        hv, dom, stats = receive_checkpoints(_Prefixed(head, ch.reader), seed, clock,
+                                             on_commit=lambda e: _acknowledge(ch, e))
+    except (OSError, ImageError, RestoreError, StreamError) as e:
+        raise MigrateError(f"migration target (Remus): {e}") from None
+    if not stats.failover:
+        _acknowledge(ch, stats.epochs)
+        libxl.destroy_domain(hv, dom)
+        tell(f"Remus: the primary ended the replication after {stats.epochs} epochs; our "
+             "copy is destroyed")
+        return None
+    tell(f"Remus Failover for domain {dom.domid}")
+    try:
+        libxl.rename_domain(hv, dom, dom.name, name)
+    except libxl.LibxlError as e:
+        tell(f"Remus: cannot rename {name}{INCOMING} to {name}: {e}; it runs as it is")
+    return Backup(hv, dom, True, stats.epochs, stats.why)
+
+
+__all__ = ["ACK", "Backup", "BackupFailed", "OutputBuffer", "RemusOutcome", "RemusPrimary",
+           "read_ack", "remus_domain", "remus_receive", "remus_run", "tcp_channel",
+           "write_ack"]

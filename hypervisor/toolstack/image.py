@@ -200,7 +200,7 @@ def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
     libxc stream read where LIBXC_CONTEXT stands, then the checks that need
     the whole image."""
     xl, info = read_head(f, path)
-    parser = RecordParser(info, keep_batches=True)
+    parser = RecordParser(info, keep=True)
     while True:
         rec = savefile.read_libxl_record(f)
         parser.libxl(rec)
@@ -245,9 +245,9 @@ class RecordParser:
     records are checked as they come, epoch by epoch (a VCPU's context once
     an epoch, the emulator records once a checkpoint)."""
 
-    def __init__(self, info: ImageInfo, keep_batches: bool) -> None:
+    def __init__(self, info: ImageInfo, keep: bool) -> None:
         self.info = info
-        self.keep_batches = keep_batches  # a file's: where its pages are, for the restore
+        self.keep = keep  # a file's: where every record and page is (a stream's go by)
         self.seen_pv_info = self.seen_static_end = False
         self.seen_libxc = False
         self.in_checkpoint = False        # from CHECKPOINT to libxl's CHECKPOINT_END
@@ -264,13 +264,14 @@ class RecordParser:
 
     def libxc(self, rec: stream.Record) -> PageBatch | None:
         """One libxc record checked; a PAGE_DATA's batch returned."""
-        self.info.records.append(RecordInfo(rec.type, rec.offset, rec.length))
+        if self.keep:
+            self.info.records.append(RecordInfo(rec.type, rec.offset, rec.length))
         if rec.type == RecType.PAGE_DATA:
             if self.info.max_pfn < 0:
                 raise _fail(rec, "before X86_PV_P2M_FRAMES")
             batch, tables = _page_data(self.info, rec)
             self.epoch_copies += int(batch.pfns.size)
-            if self.keep_batches:
+            if self.keep:
                 self.info.batches.append(batch)
                 self.tables += tables
             return batch
@@ -287,8 +288,9 @@ class RecordParser:
                         "X86_PV_VCPU_BASIC)")
         info = self.info
         info.checkpoint = True
-        info.epochs.append(Epoch(len(info.epochs), self.epoch_start, rec.offset,
-                                 self.epoch_copies))
+        if self.keep:
+            info.epochs.append(Epoch(len(info.epochs), self.epoch_start, rec.offset,
+                                     self.epoch_copies))
         self.in_checkpoint = True
         self.epoch_vcpus = set()
         self.epoch_copies = 0
@@ -296,7 +298,8 @@ class RecordParser:
     def libxl(self, rec: savefile.LibxlRecord) -> int:
         """One libxl record checked; returns its type."""
         info = self.info
-        info.libxl_records.append(RecordInfo(rec.type, rec.offset, rec.length, "libxl"))
+        if self.keep:
+            info.libxl_records.append(RecordInfo(rec.type, rec.offset, rec.length, "libxl"))
         t = rec.type
         if t == LibxlRecType.LIBXC_CONTEXT:
             if self.seen_libxc or rec.length:

@@ -52,7 +52,7 @@ from hypervisor.toolstack.migrate import (
     write_message,
 )
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
-from hypervisor.toolstack.restore import RestoreError
+from hypervisor.toolstack.restore import RestoreError, receive_checkpoints
 from hypervisor.toolstack.save import SaveError, write_checkpointed_stream
 from hypervisor.toolstack.session import RunResult, _LiveRun, run_domain
 from hypervisor.toolstack.stream import StreamError
@@ -290,7 +290,6 @@ def remus_receive(ch: Channel, seed: int | None = None, clock: str = "determinis
     ends cleanly (the guest shut down at the primary): the end
     acknowledged, our copy destroyed, None. MigrateError, one line, if no
     epoch ever committed (nothing is left)."""
-    from hypervisor.toolstack.restore import receive_checkpoints
     tell = say or (lambda _m: None)
     tell("migration target (Remus): Ready to receive domain.")
     try:

@@ -85,6 +85,11 @@ class StreamError(Exception):
     """A stream that cannot be read: the message names the record and offset."""
 
 
+class Truncated(StreamError):
+    """The stream ended before the octets its framing promises: a file cut
+    short, or a sender gone (a migration's or a checkpointed stream's)."""
+
+
 @dataclass(frozen=True)
 class DomainHeader:
     type: int
@@ -155,7 +160,7 @@ def read_exact(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
     """``n`` octets of ``what`` at ``offset``, or a refusal saying how many were left."""
     data = src.read(n)
     if len(data) != n:
-        raise StreamError(f"truncated at offset {offset}: {what} needs {n} octets, "
+        raise Truncated(f"truncated at offset {offset}: {what} needs {n} octets, "
                           f"{len(data)} left")
     return data
 
@@ -202,7 +207,7 @@ def read_record(src: BinaryIO, offset: int,
         here = src.tell()
         end = src.seek(0, 2)
         if here + padded > end:
-            raise StreamError(f"truncated at offset {end}: {rec_name(rtype)} needs "
+            raise Truncated(f"truncated at offset {end}: {rec_name(rtype)} needs "
                               f"{padded} octets, {end - here} left")
         src.seek(here)
         body = reader(src, length)

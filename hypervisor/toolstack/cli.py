@@ -253,33 +253,35 @@ def _remus(hv: Hypervisor, dom: Domain, req: Request, others: list[Request],
 def cmd_migrate_receive(args: argparse.Namespace) -> int:
     """xl migrate-receive; with -r, a Remus backup."""
     from hypervisor.toolstack.migrate import MigrateError
-    from hypervisor.toolstack.remus import remus_receive
+    from hypervisor.toolstack.remus import SIDE_ACCEPT_S, remus_receive
     if not args.remus:
         raise CliError("migrate-receive without -r is not built in this checkout: use -r "
                        "for a Remus backup")
-    ch = _listen_once(args.listen)
+    lsock = _listen(args.listen)
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
-    try:
-        backup = remus_receive(ch, args.seed, "deterministic", say)
-    except MigrateError as e:
-        print(f"pvlab: {e}", file=sys.stderr)
-        return EXIT_GUEST_FAILED
-    finally:
-        ch.close()
+    with lsock:
+        ch = _accept(lsock)
+        try:
+            backup = remus_receive(ch, lambda: _accept(lsock, SIDE_ACCEPT_S), args.seed,
+                                   "deterministic", say)
+        except MigrateError as e:
+            print(f"pvlab: {e}", file=sys.stderr)
+            return EXIT_GUEST_FAILED
+        finally:
+            ch.close()
     if backup is None:
         return EXIT_OK
+    _stream(backup.dom, backup.output)
     result = run_domain(backup.hv, backup.dom, args.until, _stream, note=_note)
     return _exit_for(result, backup.dom, args.until)
 
 
-def _listen_once(where: str) -> Any:
-    """One connection accepted on HOST:PORT (port 0: any free one, said on
-    stderr with the one taken), as a migration channel."""
+def _listen(where: str) -> Any:
+    """A socket listening on HOST:PORT (port 0: any free one, said on stderr
+    with the one taken)."""
     import socket
-
-    from hypervisor.toolstack.migrate import Channel
     host, _, port = where.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
         raise CliError(f"--listen {where!r}: want HOST:PORT, e.g. 127.0.0.1:7001")
@@ -288,8 +290,18 @@ def _listen_once(where: str) -> Any:
     except OSError as e:
         raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
     print(f"pvlab: listening on {host}:{lsock.getsockname()[1]}", file=sys.stderr, flush=True)
-    with lsock:
-        sock, _ = lsock.accept()
+    return lsock
+
+
+def _accept(lsock: Any, timeout_s: float | None = None) -> Any:
+    """One connection on ``lsock`` as a migration channel (OSError if none
+    comes within ``timeout_s``)."""
+    import socket
+
+    from hypervisor.toolstack.migrate import Channel
+    lsock.settimeout(timeout_s)
+    sock, _ = lsock.accept()
+    sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Channel(sock.makefile("rb"), sock.makefile("wb"), closer=sock.close)
 

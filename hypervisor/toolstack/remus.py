@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -61,6 +62,10 @@ log = logging.getLogger(__name__)
 
 ACK = struct.Struct("<4sI")            # the backup's acknowledgement: magic, epoch
 ACK_MAGIC = b"RACK"
+OUTPUT = struct.Struct("<4sII")        # the output channel: magic, epoch, octets after it
+OUTPUT_HELD = b"RHLD"                  # an epoch's output as it closed, held at the primary
+OUTPUT_RELEASED = b"RREL"              # the epoch's output is out at the primary
+SIDE_ACCEPT_S = 10.0                   # the backup's wait for the output channel
 DEFAULT_INTERVAL_NS = 200_000_000      # xl remus -i: 200 ms
 BACKUP_FAILED = "Backup failed? resuming domain at primary."
 SUSPEND_FAILED = "Failed to suspend domain at primary."
@@ -99,10 +104,13 @@ class OutputBuffer:
     """The guest's console output held per epoch (libxl_netbuffer.c's plug
     qdisc): ``hold`` takes what the console backend gives, ``start_new_epoch``
     closes the epoch being produced (at its suspend), ``release_one`` lets an
-    epoch's output out once the backup has committed it."""
+    epoch's output out once the backup has committed it. Each closed epoch's
+    output and each release are also told to the backup on ``log`` (the
+    output channel), so that a failover prints what the primary never did."""
 
     sink: Sink
     dom: Domain | None = None
+    log: BinaryIO | None = None
     producing: bytearray = field(default_factory=bytearray)
     closed: list[tuple[int, bytes]] = field(default_factory=list)  # (epoch, output)
     epoch: int = 0
@@ -113,14 +121,18 @@ class OutputBuffer:
         self.producing += data
 
     def start_new_epoch(self) -> None:
-        self.closed.append((self.epoch, bytes(self.producing)))
+        data = bytes(self.producing)
+        self.closed.append((self.epoch, data))
+        self._tell(OUTPUT_HELD, self.epoch, data)
         self.producing.clear()
         self.epoch += 1
 
     def release_one(self, epoch: int) -> None:
-        """The output of every closed epoch up to ``epoch``."""
+        """The output of every closed epoch up to ``epoch``, then the backup
+        told it is out."""
         while self.closed and self.closed[0][0] <= epoch:
             self._out(self.closed.pop(0)[1])
+        self._tell(OUTPUT_RELEASED, epoch, b"")
 
     def release_all(self) -> None:
         """Everything held: no backup can take it back any more."""
@@ -133,6 +145,51 @@ class OutputBuffer:
         if data and self.dom is not None:
             self.sink(self.dom, data)
             self.released += len(data)
+
+    def _tell(self, magic: bytes, epoch: int, data: bytes) -> None:
+        """One message on the output channel; a channel that broke is left
+        (the stream's connection says whether the backup is gone)."""
+        if self.log is None:
+            return
+        try:
+            self.log.write(OUTPUT.pack(magic, epoch, len(data)) + data)
+            self.log.flush()
+        except OSError as e:
+            log.info("the output channel: %s", e)
+            self.log = None
+
+
+class OutputLog(threading.Thread):
+    """The backup's end of the output channel: each epoch's held output and
+    the last epoch the primary released, read until the primary closes it
+    (or dies)."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        super().__init__(daemon=True, name="remus-output")
+        self.src = src
+        self.held: dict[int, bytes] = {}
+        self.released = -1
+
+    def run(self) -> None:
+        try:
+            while len(head := self.src.read(OUTPUT.size)) == OUTPUT.size:
+                magic, epoch, n = OUTPUT.unpack(head)
+                data = self.src.read(n) if n else b""
+                if magic == OUTPUT_HELD and len(data) == n:
+                    self.held[epoch] = data
+                elif magic == OUTPUT_RELEASED:
+                    self.released = max(self.released, epoch)
+                else:
+                    return
+        except OSError as e:
+            log.info("the output channel: %s", e)
+
+    def unreleased(self, committed: int) -> bytes:
+        """After a failover from epoch ``committed``: the output of the
+        committed epochs the primary never let out (the guest resumed here
+        has already produced it, so only this side can show it)."""
+        self.join()
+        return b"".join(self.held.get(e, b"") for e in range(self.released + 1, committed + 1))
 
 
 class RemusPrimary(_LiveRun):
@@ -185,15 +242,16 @@ def remus_domain(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, now
                  sink: Sink, interval_ns: int = DEFAULT_INTERVAL_NS,
                  opts: PrecopyOptions | None = None, until_ns: int | None = None,
                  note: Callable[[str], None] | None = None,
-                 seed: int | None = None) -> RemusOutcome:
+                 seed: int | None = None, output_log: BinaryIO | None = None) -> RemusOutcome:
     """libxl_domain_remus_start for a scripted run: the checkpointed stream
     into ``out`` with acknowledgements read from ``acks``, the guest's
-    output to ``sink`` only as its epochs commit. Returns when the guest has
+    output to ``sink`` only as its epochs commit (and told to the backup on
+    ``output_log``, the output channel). Returns when the guest has
     shut down (the stream ended cleanly, everything released) or, if the
     backup failed or the guest could not be suspended, after the guest has
     run on alone to its end (or ``until_ns``)."""
     say = note or (lambda _m: None)
-    buffer = OutputBuffer(sink, dom)
+    buffer = OutputBuffer(sink, dom, output_log)
     primary = RemusPrimary(hv, dom, now_ns, buffer, acks, interval_ns, until_ns)
     outcome = RemusOutcome(None)
     try:
@@ -232,7 +290,8 @@ def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Cha
     the requests before it), then the connection to the backup, its banner
     (xl's; no other handshake, as xl's remus rune has none) and
     remus_domain. A backup that cannot be reached or says something else
-    is a failed backup: said, and the guest runs on alone."""
+    is a failed backup: said, and the guest runs on alone. ``connect`` is
+    called twice: the stream's connection, then the output channel's."""
     say = note or (lambda _m: None)
     result = run_domain(hv, dom, at_ns, sink, [r for r in requests if r.at_ns < at_ns], note)
     if result.reason != "running":
@@ -244,16 +303,20 @@ def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Cha
         say(f"remus: cannot reach the backup: {e.strerror or e}")
         say(BACKUP_FAILED)
         return RemusOutcome(run_domain(hv, dom, until_ns, sink, note=note), error=str(e))
+    side = None
     try:
         read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+        side = connect()
         out = remus_domain(hv, dom, ch.writer, ch.reader, at_ns, sink, interval_ns,
-                           until_ns=until_ns, note=note)
-    except MigrateError as e:
+                           until_ns=until_ns, note=note, output_log=side.writer)
+    except (MigrateError, OSError) as e:
         say(f"remus: {e}")
         say(BACKUP_FAILED)
         out = RemusOutcome(run_domain(hv, dom, until_ns, sink, note=note), error=str(e))
     finally:
         ch.close()
+        if side is not None:
+            side.close()
     return out
 
 
@@ -270,6 +333,7 @@ class Backup:
     failover: bool
     epochs: int
     why: str = ""
+    output: bytes = b""   # committed output the primary never let out: show it first
 
 
 def _acknowledge(ch: Channel, epoch: int) -> None:
@@ -281,38 +345,50 @@ def _acknowledge(ch: Channel, epoch: int) -> None:
         log.info("acknowledging epoch %d: %s", epoch, e)
 
 
-def remus_receive(ch: Channel, seed: int | None = None, clock: str = "deterministic",
+def remus_receive(ch: Channel, accept_side: Callable[[], Channel], seed: int | None = None,
+                  clock: str = "deterministic",
                   say: Callable[[str], None] | None = None) -> Backup | None:
     """``xl migrate-receive -r``: the banner, the stream received as
     NAME--incoming, each committed epoch acknowledged. When the stream
     breaks (the primary died): "Remus Failover for domain N", the domain
-    renamed to NAME and returned ready to run its RESTORE path. When it
+    renamed to NAME and returned ready to run its RESTORE path, with the
+    committed output the primary had not let out (from the output channel,
+    which ``accept_side`` takes after the banner). When it
     ends cleanly (the guest shut down at the primary): the end
     acknowledged, our copy destroyed, None. MigrateError, one line, if no
     epoch ever committed (nothing is left)."""
     tell = say or (lambda _m: None)
     tell("migration target (Remus): Ready to receive domain.")
+    side = None
     try:
         write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+        side = accept_side()
+        output = OutputLog(side.reader)
+        output.start()
         head, name = incoming_header(ch.reader)
         hv, dom, stats = receive_checkpoints(_Prefixed(head, ch.reader), seed, clock,
                                              on_commit=lambda e: _acknowledge(ch, e))
     except (OSError, ImageError, RestoreError, StreamError) as e:
+        if side is not None:
+            side.close()
         raise MigrateError(f"migration target (Remus): {e}") from None
     if not stats.failover:
         _acknowledge(ch, stats.epochs)
         libxl.destroy_domain(hv, dom)
+        side.close()
         tell(f"Remus: the primary ended the replication after {stats.epochs} epochs; our "
              "copy is destroyed")
         return None
+    unreleased = output.unreleased(stats.epochs - 1)
+    side.close()
     tell(f"Remus Failover for domain {dom.domid}")
     try:
         libxl.rename_domain(hv, dom, dom.name, name)
     except libxl.LibxlError as e:
         tell(f"Remus: cannot rename {name}{INCOMING} to {name}: {e}; it runs as it is")
-    return Backup(hv, dom, True, stats.epochs, stats.why)
+    return Backup(hv, dom, True, stats.epochs, stats.why, unreleased)
 
 
-__all__ = ["ACK", "Backup", "BackupFailed", "OutputBuffer", "RemusOutcome", "RemusPrimary",
-           "read_ack", "remus_domain", "remus_receive", "remus_run", "tcp_channel",
-           "write_ack"]
+__all__ = ["ACK", "OUTPUT", "Backup", "BackupFailed", "OutputBuffer", "OutputLog",
+           "RemusOutcome", "RemusPrimary", "read_ack", "remus_domain", "remus_receive",
+           "remus_run", "tcp_channel", "write_ack"]

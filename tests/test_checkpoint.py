@@ -13,6 +13,7 @@ from hypervisor.toolstack.checkpoint import CheckpointWriter, checkpoint_path
 from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.control import Request
 from hypervisor.toolstack.image import scan_image
+from hypervisor.toolstack.incremental import parent_of
 from hypervisor.toolstack.session import boot, run_domain, suspend_and_save
 from tests.conftest import GUEST_IMAGE, make_config
 
@@ -53,8 +54,9 @@ def test_pvlab_checkpoint_every_until_writes_one_image_each_time(tmp_path, capsy
     made = sorted(p.name for p in out.iterdir())
     assert made == ["busy-checkpoint-001.img", "busy-checkpoint-002.img"]
     assert "[toolstack] checkpoint 1: " in stdout and "2 checkpoints in" in stdout
-    info = scan_image(out / made[1])
+    info = scan_image(out / made[0])
     assert info.checkpoint and info.domain["kind"] == "checkpoint"
+    assert parent_of(out / made[1])["file"] == made[0]  # then an increment over it
 
 
 def test_pvlab_checkpoint_max_stops_the_checkpoints_not_the_guest(tmp_path, capsys):

@@ -57,6 +57,7 @@ from hypervisor.toolstack.restore import RestoreError, receive_checkpoints
 from hypervisor.toolstack.save import SaveError, write_checkpointed_stream
 from hypervisor.toolstack.session import RunResult, _LiveRun, run_domain
 from hypervisor.toolstack.stream import StreamError
+from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,13 @@ class OutputBuffer:
         self.epoch += 1
 
     def release_one(self, epoch: int) -> None:
-        """The output of every closed epoch up to ``epoch``, then the backup
-        told it is out."""
+        """The output of every closed epoch up to ``epoch``: the backup told
+        first, then the output let out. Whoever acts on what they saw (kills
+        the primary, say) acts after the backup knew; a kill between the
+        two would lose the epoch's output, never show it twice."""
+        self._tell(OUTPUT_RELEASED, epoch, b"")
         while self.closed and self.closed[0][0] <= epoch:
             self._out(self.closed.pop(0)[1])
-        self._tell(OUTPUT_RELEASED, epoch, b"")
 
     def release_all(self) -> None:
         """Everything held: no backup can take it back any more."""
@@ -188,7 +191,7 @@ class OutputLog(threading.Thread):
         """After a failover from epoch ``committed``: the output of the
         committed epochs the primary never let out (the guest resumed here
         has already produced it, so only this side can show it)."""
-        self.join()
+        self.join(SIDE_ACCEPT_S)
         return b"".join(self.held.get(e, b"") for e in range(self.released + 1, committed + 1))
 
 
@@ -297,6 +300,8 @@ def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Cha
     if result.reason != "running":
         return RemusOutcome(result, error=f"the guest shut down ({result.reason}) before "
                                           "Remus started")
+    say(f"at {format_duration(at_ns)}: Remus to the backup, an epoch every "
+        f"{format_duration(interval_ns)}; the guest's output waits for its epoch's commit")
     try:
         ch = connect()
     except OSError as e:
@@ -345,6 +350,15 @@ def _acknowledge(ch: Channel, epoch: int) -> None:
         log.info("acknowledging epoch %d: %s", epoch, e)
 
 
+def _close_side(side: Channel, output: OutputLog) -> None:
+    """The output channel closed once the primary has closed its end (a
+    reader still blocked in it would hold the close: then it is left to
+    the process's end)."""
+    output.join(SIDE_ACCEPT_S)
+    if not output.is_alive():
+        side.close()
+
+
 def remus_receive(ch: Channel, accept_side: Callable[[], Channel], seed: int | None = None,
                   clock: str = "deterministic",
                   say: Callable[[str], None] | None = None) -> Backup | None:
@@ -375,12 +389,12 @@ def remus_receive(ch: Channel, accept_side: Callable[[], Channel], seed: int | N
     if not stats.failover:
         _acknowledge(ch, stats.epochs)
         libxl.destroy_domain(hv, dom)
-        side.close()
+        _close_side(side, output)
         tell(f"Remus: the primary ended the replication after {stats.epochs} epochs; our "
              "copy is destroyed")
         return None
     unreleased = output.unreleased(stats.epochs - 1)
-    side.close()
+    _close_side(side, output)
     tell(f"Remus Failover for domain {dom.domid}")
     try:
         libxl.rename_domain(hv, dom, dom.name, name)

@@ -804,21 +804,28 @@ def _check_p2m(info: ImageInfo, read: PageReader) -> None:
     if owner.size != 1 or pfinfo.level(info.nibbles[int(owner[0])]) != pfinfo.L4:
         raise ImageError(f"shared_info's p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the p2m "
                          "in the frames of X86_PV_P2M_FRAMES")
+    seen: dict[int, np.ndarray] = {}  # the walks share their upper tables
+
+    def page(pfn: int) -> np.ndarray:
+        if pfn not in seen:
+            seen[pfn] = read(np.array([pfn]))[0]
+        return seen[pfn]
+
     for i, pfn in enumerate(frames.tolist()):
         va = int(arch.p2m_vaddr) + i * PAGE_SIZE
-        mapped = _walk(info, read, int(owner[0]), va)
+        mapped = _walk(info, page, int(owner[0]), va)
         if mapped != pfn:
             raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {pfn:#x}, but the "
                              f"guest's tables map pfn {mapped:#x} there (p2m_vaddr + "
                              f"{i * PAGE_SIZE:#x})")
 
 
-def _walk(info: ImageInfo, read: PageReader, l4: int, va: int) -> int:
+def _walk(info: ImageInfo, page: Callable[[int], np.ndarray], l4: int, va: int) -> int:
     """The pfn a canonical pagetable tree maps at ``va``; -1 if none."""
     table = l4
     for level in range(pfinfo.L4, 0, -1):
         slot = (va >> (PAGE_SHIFT + 9 * (level - 1))) & (L1_PAGETABLE_ENTRIES - 1)
-        entry = int(read(np.array([table]))[0][slot])
+        entry = int(page(table)[slot])
         if not entry & _PAGE_PRESENT:
             return -1
         table = (entry & arch_x86.PTE_FRAME_MASK) >> PAGE_SHIFT

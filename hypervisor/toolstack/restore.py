@@ -458,39 +458,6 @@ def complete(ctx: RestoreContext) -> None:
     stream_complete(ctx)
 
 
-def copy_stream(src: stream.CountingReader, out: BinaryIO) -> None:
-    """Copy one stream's octets by its framing: xl's header, libxl's header,
-    libxl's records with the libxc stream inline at LIBXC_CONTEXT, up to
-    libxl's END. What the records hold is checked by the restore."""
-    def take(n: int, what: str) -> bytes:
-        data = stream.read_exact(src, n, what, src.tell())
-        out.write(data)
-        return data
-
-    optlen = savefile.XL_HDR.unpack(take(savefile.XL_HDR.size, "the xl header"))[4]
-    if optlen > savefile.XL_OPTDATA_MAX:
-        raise stream.StreamError(f"{optlen} octets of xl optional data, over the limit")
-    take(optlen, "the xl header's optional data")
-    take(savefile.LIBXL_HDR.size, "the libxl header")
-    while True:
-        rtype = _copy_record(take, "a libxl record")
-        if rtype == savefile.LibxlRecType.END:
-            return
-        if rtype == savefile.LibxlRecType.LIBXC_CONTEXT:
-            take(stream.IHDR.size + stream.DHDR.size, "the libxc stream's headers")
-            while _copy_record(take, "a libxc record") != stream.RecType.END:
-                pass
-
-
-def _copy_record(take: Callable[[int, str], bytes], what: str) -> int:
-    """One record's header and padded body; returns its type."""
-    rtype, length = stream.RHDR.unpack(take(stream.RHDR.size, what))
-    if length > stream.REC_LENGTH_MAX:
-        raise stream.StreamError(f"a record of {length} octets, over the limit")
-    take(length + (-length % stream.REC_ALIGN), what)
-    return rtype
-
-
 def restore(ctx: RestoreContext, progress: Progress | None) -> None:
     """xg_sr_restore.c's restore: the memory, then the records that follow it,
     then stream_complete. The order is the frames' allocation order: keep it."""

@@ -30,7 +30,7 @@ from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.control import resume_cancelled
 from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
 from hypervisor.toolstack.precopy import PrecopyOptions
-from hypervisor.toolstack.restore import RestoreError, receive_checkpoints
+from hypervisor.toolstack.restore import RestoreError, receive_checkpoints, restore_image
 from hypervisor.toolstack.session import run_domain
 from hypervisor.toolstack.stream import RecType
 from tests.conftest import ROOT, booting
@@ -249,3 +249,10 @@ def test_image_show_and_check_list_a_saved_streams_epochs(checkpointed, tmp_path
     assert main(["image", "show", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"checkpointed: {EPOCHS} epochs" in out and "  epoch 3: offsets" in out
+    hv, dom, _ = restore_image(path)  # the file's restore gives the last epoch
+    try:
+        r = run_domain(hv, dom, LIMIT_NS)
+        text = checkpointed.console[-1].decode() + r.console.decode()
+        assert r.reason == "poweroff" and outcome(text) == checkpointed.reference
+    finally:
+        hv.close()

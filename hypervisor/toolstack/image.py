@@ -544,6 +544,11 @@ def _page_data(info: ImageInfo, rec: stream.Record
         if not known[i]:
             raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
         raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
+    values, counts = np.unique(pfns, return_counts=True)
+    if (counts > 1).any():
+        pfn = int(values[counts > 1][0])
+        i, j = np.flatnonzero(pfns == pfn)[:2].tolist()
+        raise _fail(rec, f"pfn {pfn:#x} twice in one batch (index {i} and {j})")
     with_data = ~np.isin(nib, list(NO_DATA))
     want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
     if length != want:

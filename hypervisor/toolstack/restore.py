@@ -217,7 +217,9 @@ def receive_checkpoints(src: BinaryIO, seed: int | None = None,
     stats.failover says whether it failed over and stats.why why. A break
     before the first whole checkpoint is a RestoreError and a bad record,
     even in a buffered epoch, an ImageError (Xen's receiver fails on it
-    too): nothing is left of the domain."""
+    too): nothing is left of the domain. An OSError out of ``on_commit``
+    (the backup's answer to a primary that is gone) is a break too: the
+    epoch it was called for is committed."""
     rx = receive(src, seed, clock, hv, progress, checkpointed=True, on_commit=on_commit)
     return rx.ctx.hv, rx.ctx.dom, rx.ctx.stats
 
@@ -271,6 +273,7 @@ class Committed:
     nibbles: np.ndarray
     ever_populated: np.ndarray
     ever_data: np.ndarray
+    copies: int
     tsc: tuple[int, int, int, int] | None
     shared_info: bytes
     vcpus: dict[int, bytes]
@@ -280,12 +283,12 @@ class Committed:
     @classmethod
     def of(cls, info: ImageInfo) -> Committed:
         return cls(info.nibbles.copy(), info.ever_populated.copy(), info.ever_data.copy(),
-                   info.tsc, info.shared_info, dict(info.vcpus), list(info.xenstore),
+                   info.copies, info.tsc, info.shared_info, dict(info.vcpus), list(info.xenstore),
                    list(info.devices))
 
     def put_back(self, info: ImageInfo) -> None:
-        info.nibbles, info.ever_populated, info.ever_data = \
-            self.nibbles, self.ever_populated, self.ever_data
+        info.nibbles, info.ever_populated, info.ever_data, info.copies = \
+            self.nibbles, self.ever_populated, self.ever_data, self.copies
         info.tsc, info.shared_info, info.vcpus = self.tsc, self.shared_info, self.vcpus
         info.xenstore, info.devices = self.xenstore, self.devices
 

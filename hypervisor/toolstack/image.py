@@ -302,6 +302,10 @@ class RecordParser:
         if self.keep:
             info.libxl_records.append(RecordInfo(rec.type, rec.offset, rec.length, "libxl"))
         t = rec.type
+        if self.in_checkpoint and t in (LibxlRecType.LIBXC_CONTEXT, LibxlRecType.END):
+            raise _fail(rec, "inside a checkpoint, before its CHECKPOINT_END (an older "
+                        "pvlab's checkpoint put libxl's records after libxc's END: save it "
+                        "again)")
         if t == LibxlRecType.LIBXC_CONTEXT:
             if self.seen_libxc or rec.length:
                 raise _fail(rec, "a second LIBXC_CONTEXT, or one with a body")
@@ -324,10 +328,6 @@ class RecordParser:
         else:
             raise _fail(rec, "a libxl record of a checkpointed (COLO) stream pvlab does "
                         "not restore")
-        if self.in_checkpoint and t in (LibxlRecType.LIBXC_CONTEXT, LibxlRecType.END):
-            raise _fail(rec, "inside a checkpoint, before its CHECKPOINT_END (an older "
-                        "pvlab's checkpoint put libxl's records after libxc's END: save it "
-                        "again)")
         return t
 
     def _end(self, rec: savefile.LibxlRecord) -> None:

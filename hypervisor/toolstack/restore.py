@@ -1,8 +1,11 @@
 """Restoring a saved image into a new domain (xg_sr_restore.c,
 xg_sr_restore_x86_pv.c; libxl's domain creation around it).
 
-The image is checked whole first (image.scan_image): a bad one is refused
-before anything exists. Then, in a machine of its own:
+A file is checked whole first (image.scan_image): a bad one is refused
+before anything exists. A stream (a migration's, a Remus backup's) is
+applied as it arrives, each record checked by the same parser when it comes
+and the whole-stream checks made at its END (Receiver, below). Either way,
+in a machine of its own:
 
 * every pfn the image populates gets a frame from the shuffled allocator (the
   mfns differ from the saved ones), and the M2P learns them;
@@ -235,7 +238,7 @@ def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
     where = "the incoming stream"
     try:
         _, info = read_head(reader, where)
-    except stream.Truncated as e:
+    except (stream.Truncated, OSError) as e:
         raise RestoreError(f"{where}: {e}; nothing was created") from None
     except stream.StreamError as e:
         raise ImageError(f"{where}: {e}; nothing was created") from None

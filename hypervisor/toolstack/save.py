@@ -858,7 +858,9 @@ def start_checkpointed_stream(hv: Hypervisor, dom: Domain, out: BinaryIO,
     Log-dirty stays on. The caller then closes the epoch (write_epoch_end),
     resumes the guest cancelled (THAW) and repeats: suspend, send_epoch,
     write_epoch_end; end_checkpointed_stream ends it cleanly. On a failure
-    log-dirty is off again and the error raised."""
+    here log-dirty is off again and the error raised; once this returns,
+    a caller whose stream fails turns it off itself (disable_logdirty).
+    The receiver is restore.receive_checkpoints."""
     ls = LiveSave(hv, dom, savefile.CountingWriter(out), callbacks, opts, MigrationInfo(),
                   report)
     ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)

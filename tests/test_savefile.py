@@ -221,3 +221,18 @@ def test_an_image_cut_in_its_outer_layers_is_refused(images, tmp_path):
     bad.write_bytes(raw[:end] + again + raw[end:])
     with pytest.raises(ImageError, match="a second EMULATOR_XENSTORE_DATA"):
         scan_image(bad)
+
+
+def test_an_older_pvlabs_checkpoint_layout_is_refused_in_one_line(images, tmp_path):
+    """An older pvlab wrote a checkpoint's libxl records after libxc's END
+    (CHECKPOINT, END, ..., CHECKPOINT_END, END): that END now comes where
+    libxl's checkpoint records are read, and is named as such."""
+    raw = images["checkpoint"].read_bytes()
+    info = scan_image(images["checkpoint"])
+    checkpoint = next(r.offset for r in info.records if r.name == "CHECKPOINT")
+    end = info.records[-1].offset  # libxc's END, after libxl's CHECKPOINT_END
+    old = raw[:checkpoint + 8] + bytes(8) + raw[checkpoint + 8:end] + raw[end + 8:]
+    bad = tmp_path / "old-checkpoint.img"
+    bad.write_bytes(old)
+    with pytest.raises(ImageError, match="inside a checkpoint, before its CHECKPOINT_END"):
+        scan_image(bad)

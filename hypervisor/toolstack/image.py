@@ -214,7 +214,8 @@ def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
     where = _page_offsets(info)
     _localise_earlier(info, f, parser.earlier_tables(where))
     check_end(info, lambda pfns: _read_pages(f, where[pfns]))
-    savefile.check_digest(f, xl, required=info.domain is not None and not wire)
+    sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
+    savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
     return info
 
 
@@ -301,6 +302,10 @@ class RecordParser:
         if self.keep:
             info.libxl_records.append(RecordInfo(rec.type, rec.offset, rec.length, "libxl"))
         t = rec.type
+        if self.in_checkpoint and t in (LibxlRecType.LIBXC_CONTEXT, LibxlRecType.END):
+            raise _fail(rec, "inside a checkpoint, before its CHECKPOINT_END (an older "
+                        "pvlab's checkpoint put libxl's records after libxc's END: save it "
+                        "again)")
         if t == LibxlRecType.LIBXC_CONTEXT:
             if self.seen_libxc or rec.length:
                 raise _fail(rec, "a second LIBXC_CONTEXT, or one with a body")
@@ -323,10 +328,6 @@ class RecordParser:
         else:
             raise _fail(rec, "a libxl record of a checkpointed (COLO) stream pvlab does "
                         "not restore")
-        if self.in_checkpoint and t in (LibxlRecType.LIBXC_CONTEXT, LibxlRecType.END):
-            raise _fail(rec, "inside a checkpoint, before its CHECKPOINT_END (an older "
-                        "pvlab's checkpoint put libxl's records after libxc's END: save it "
-                        "again)")
         return t
 
     def _end(self, rec: savefile.LibxlRecord) -> None:
@@ -543,6 +544,11 @@ def _page_data(info: ImageInfo, rec: stream.Record
         if not known[i]:
             raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
         raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
+    values, counts = np.unique(pfns, return_counts=True)
+    if (counts > 1).any():
+        pfn = int(values[counts > 1][0])
+        i, j = np.flatnonzero(pfns == pfn)[:2].tolist()
+        raise _fail(rec, f"pfn {pfn:#x} twice in one batch (index {i} and {j})")
     with_data = ~np.isin(nib, list(NO_DATA))
     want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
     if length != want:
@@ -803,21 +809,28 @@ def _check_p2m(info: ImageInfo, read: PageReader) -> None:
     if owner.size != 1 or pfinfo.level(info.nibbles[int(owner[0])]) != pfinfo.L4:
         raise ImageError(f"shared_info's p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the p2m "
                          "in the frames of X86_PV_P2M_FRAMES")
+    seen: dict[int, np.ndarray] = {}  # the walks share their upper tables
+
+    def page(pfn: int) -> np.ndarray:
+        if pfn not in seen:
+            seen[pfn] = read(np.array([pfn]))[0]
+        return seen[pfn]
+
     for i, pfn in enumerate(frames.tolist()):
         va = int(arch.p2m_vaddr) + i * PAGE_SIZE
-        mapped = _walk(info, read, int(owner[0]), va)
+        mapped = _walk(info, page, int(owner[0]), va)
         if mapped != pfn:
             raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {pfn:#x}, but the "
                              f"guest's tables map pfn {mapped:#x} there (p2m_vaddr + "
                              f"{i * PAGE_SIZE:#x})")
 
 
-def _walk(info: ImageInfo, read: PageReader, l4: int, va: int) -> int:
+def _walk(info: ImageInfo, page: Callable[[int], np.ndarray], l4: int, va: int) -> int:
     """The pfn a canonical pagetable tree maps at ``va``; -1 if none."""
     table = l4
     for level in range(pfinfo.L4, 0, -1):
         slot = (va >> (PAGE_SHIFT + 9 * (level - 1))) & (L1_PAGETABLE_ENTRIES - 1)
-        entry = int(read(np.array([table]))[0][slot])
+        entry = int(page(table)[slot])
         if not entry & _PAGE_PRESENT:
             return -1
         table = (entry & arch_x86.PTE_FRAME_MASK) >> PAGE_SHIFT

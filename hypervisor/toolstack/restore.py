@@ -1,8 +1,11 @@
 """Restoring a saved image into a new domain (xg_sr_restore.c,
 xg_sr_restore_x86_pv.c; libxl's domain creation around it).
 
-The image is checked whole first (image.scan_image): a bad one is refused
-before anything exists. Then, in a machine of its own:
+A file is checked whole first (image.scan_image): a bad one is refused
+before anything exists. A stream (a migration's, a Remus backup's) is
+applied as it arrives, each record checked by the same parser when it comes
+and the whole-stream checks made at its END (Receiver, below). Either way,
+in a machine of its own:
 
 * every pfn the image populates gets a frame from the shuffled allocator (the
   mfns differ from the saved ones), and the M2P learns them;
@@ -230,7 +233,9 @@ def receive_checkpoints(src: BinaryIO, seed: int | None = None,
     stats.failover says whether it failed over and stats.why why. A break
     before the first whole checkpoint is a RestoreError and a bad record,
     even in a buffered epoch, an ImageError (Xen's receiver fails on it
-    too): nothing is left of the domain."""
+    too): nothing is left of the domain. An OSError out of ``on_commit``
+    (the backup's answer to a primary that is gone) is a break too: the
+    epoch it was called for is committed."""
     rx = receive(src, seed, clock, hv, progress, checkpointed=True, on_commit=on_commit)
     return rx.ctx.hv, rx.ctx.dom, rx.ctx.stats
 
@@ -246,7 +251,7 @@ def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
     where = "the incoming stream"
     try:
         _, info = read_head(reader, where)
-    except stream.Truncated as e:
+    except (stream.Truncated, OSError) as e:
         raise RestoreError(f"{where}: {e}; nothing was created") from None
     except stream.StreamError as e:
         raise ImageError(f"{where}: {e}; nothing was created") from None
@@ -284,6 +289,7 @@ class Committed:
     nibbles: np.ndarray
     ever_populated: np.ndarray
     ever_data: np.ndarray
+    copies: int
     tsc: tuple[int, int, int, int] | None
     shared_info: bytes
     vcpus: dict[int, bytes]
@@ -293,12 +299,12 @@ class Committed:
     @classmethod
     def of(cls, info: ImageInfo) -> Committed:
         return cls(info.nibbles.copy(), info.ever_populated.copy(), info.ever_data.copy(),
-                   info.tsc, info.shared_info, dict(info.vcpus), list(info.xenstore),
+                   info.copies, info.tsc, info.shared_info, dict(info.vcpus), list(info.xenstore),
                    list(info.devices))
 
     def put_back(self, info: ImageInfo) -> None:
-        info.nibbles, info.ever_populated, info.ever_data = \
-            self.nibbles, self.ever_populated, self.ever_data
+        info.nibbles, info.ever_populated, info.ever_data, info.copies = \
+            self.nibbles, self.ever_populated, self.ever_data, self.copies
         info.tsc, info.shared_info, info.vcpus = self.tsc, self.shared_info, self.vcpus
         info.xenstore, info.devices = self.xenstore, self.devices
 
@@ -469,39 +475,6 @@ def complete(ctx: RestoreContext) -> None:
     process_start_info(ctx)
     handle_devices(ctx)
     stream_complete(ctx)
-
-
-def copy_stream(src: stream.CountingReader, out: BinaryIO) -> None:
-    """Copy one stream's octets by its framing: xl's header, libxl's header,
-    libxl's records with the libxc stream inline at LIBXC_CONTEXT, up to
-    libxl's END. What the records hold is checked by the restore."""
-    def take(n: int, what: str) -> bytes:
-        data = stream.read_exact(src, n, what, src.tell())
-        out.write(data)
-        return data
-
-    optlen = savefile.XL_HDR.unpack(take(savefile.XL_HDR.size, "the xl header"))[4]
-    if optlen > savefile.XL_OPTDATA_MAX:
-        raise stream.StreamError(f"{optlen} octets of xl optional data, over the limit")
-    take(optlen, "the xl header's optional data")
-    take(savefile.LIBXL_HDR.size, "the libxl header")
-    while True:
-        rtype = _copy_record(take, "a libxl record")
-        if rtype == savefile.LibxlRecType.END:
-            return
-        if rtype == savefile.LibxlRecType.LIBXC_CONTEXT:
-            take(stream.IHDR.size + stream.DHDR.size, "the libxc stream's headers")
-            while _copy_record(take, "a libxc record") != stream.RecType.END:
-                pass
-
-
-def _copy_record(take: Callable[[int, str], bytes], what: str) -> int:
-    """One record's header and padded body; returns its type."""
-    rtype, length = stream.RHDR.unpack(take(stream.RHDR.size, what))
-    if length > stream.REC_LENGTH_MAX:
-        raise stream.StreamError(f"a record of {length} octets, over the limit")
-    take(length + (-length % stream.REC_ALIGN), what)
-    return rtype
 
 
 def restore(ctx: RestoreContext, progress: Progress | None) -> None:

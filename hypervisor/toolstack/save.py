@@ -754,12 +754,13 @@ def suspend_and_send_dirty(ls: LiveSave) -> None:
     _reported(ls, r, 0)
 
 
-def live_config(hv: Hypervisor, dom: Domain, seed: int | None) -> bytes:
+def live_config(hv: Hypervisor, dom: Domain, seed: int | None, kind: str = "live save"
+                ) -> bytes:
     """The xl header's config of a live save, written before the first round:
     the clocks are not known yet (X86_TSC_INFO carries the time at the end),
     the devices are named by place (their state follows at the end)."""
     places = context_of(hv).domain(dom).devices
-    config = json.loads(domain_config(dom, "live save", hv.seed if seed is None else seed, []))
+    config = json.loads(domain_config(dom, kind, hv.seed if seed is None else seed, []))
     config["pvlab"]["clocks"] = []
     config["pvlab"]["devices"] = places
     return json.dumps(config, sort_keys=True).encode()
@@ -823,11 +824,12 @@ def _live_context(ls: LiveSave, vcpus: list[tuple[int, bytes]] | None = None,
                        devices or [])
 
 
-def _write_live_head(ls: LiveSave, seed: int | None) -> int:
+def _write_live_head(ls: LiveSave, seed: int | None, kind: str = "live save") -> int:
     """xl's header and the config, libxl's header, LIBXC_CONTEXT and the
     libxc stream's static part; returns where the digest goes."""
     digest = isinstance(ls.out, savefile.DigestWriter)
-    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed), digest)
+    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed, kind),
+                                             digest)
     savefile.write_libxl_header(ls.out)
     savefile.write_libxl_record(ls.out, LibxlRecType.LIBXC_CONTEXT)
     write_static_data(ls.hv, ls.dom, ls.out, _live_context(ls))
@@ -861,11 +863,13 @@ def start_checkpointed_stream(hv: Hypervisor, dom: Domain, out: BinaryIO,
     Log-dirty stays on. The caller then closes the epoch (write_epoch_end),
     resumes the guest cancelled (THAW) and repeats: suspend, send_epoch,
     write_epoch_end; end_checkpointed_stream ends it cleanly. On a failure
-    log-dirty is off again and the error raised."""
+    here log-dirty is off again and the error raised; once this returns,
+    a caller whose stream fails turns it off itself (disable_logdirty).
+    The receiver is restore.receive_checkpoints."""
     ls = _live_setup(hv, dom, savefile.CountingWriter(out), callbacks, opts, report)
     try:
         enable_logdirty(ls)
-        _write_live_head(ls, seed)
+        _write_live_head(ls, seed, savefile.CHECKPOINTED_KIND)
         send_memory_live(ls)
         suspend_and_send_dirty(ls)
     except BaseException:

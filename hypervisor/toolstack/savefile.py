@@ -62,6 +62,9 @@ PVLAB_IMAGE_VERSION = 3
 XL_DIGEST = struct.Struct("<16s32s")
 DIGEST_ALGORITHM = "sha256"
 DIGEST_CHUNK = 1 << 20
+# the config's pvlab.kind of a checkpointed stream (Remus's): written on the
+# wire, it has no digest, and a file of it is read without one
+CHECKPOINTED_KIND = "checkpointed stream"
 DEVICE_CONFIG_KEYS = ("bus", "kind", "base", "port")  # a device's place, in the config
 
 LIBXL_HDR = struct.Struct(">QII")   # ident, version, options

@@ -1,0 +1,261 @@
+"""Live migration with xl's handshake (migrate.py, transport.py; xl_migrate.c):
+a writing guest migrated to another process ends with the results of an
+uninterrupted run, the octets on the wire are xl's, and every row of xl's
+failure matrix leaves the guest running at the source (its suspend
+hypercall returning 1, THAW, if it had suspended; or never suspended) and
+nothing at the target; after GO the sender gives xl's warning and keeps its
+copy suspended and renamed.
+
+The receivers that are killed are real ``pvlab migrate-receive`` processes,
+killed (SIGKILL) by the test's side of the wire at the moment the wire
+shows: before the banner, mid-stream, after the ready message, after GO."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from hypervisor.domctl import physinfo
+from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.toolstack import migrate, save
+from hypervisor.toolstack.builder import build_domain
+from hypervisor.toolstack.cli import main
+from hypervisor.toolstack.migrate import (
+    FAILED_BADLY,
+    MIGRATE_PERMISSION_TO_GO,
+    MIGRATE_RECEIVER_BANNER,
+    MIGRATE_RECEIVER_READY,
+    MIGRATE_REPORT,
+    Channel,
+    MigrateError,
+    migrate_receive,
+)
+from hypervisor.toolstack.image import scan_image
+from hypervisor.toolstack.savefile import XL_MAGIC
+from hypervisor.toolstack.session import migrate_at, run_domain
+from hypervisor.toolstack.transport import connect_tcp, parse_destination, ssh_rune
+from tests.conftest import GUEST_IMAGE, ROOT, booting, checkout_env, make_config
+
+GUEST = "run=dirtier:100:20000:1000,counter:5:100000"  # ends at 41 ms
+AT_NS = 3_000_000
+LIMIT_NS = 2_000_000_000
+MID_STREAM = 1 << 20  # octets into the first round (16 MiB)
+RECEIVER = [sys.executable, "-m", "hypervisor", "migrate-receive"]
+
+
+def outcome(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.startswith(("dirtier", "counter ")))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return make_config(GUEST, vcpus=2, name="mig")
+
+
+@pytest.fixture(scope="module")
+def reference(cfg):
+    with booting() as boot:
+        r = run_domain(*boot(cfg), LIMIT_NS)
+    assert r.reason == "poweroff"
+    return outcome(r.console.decode())
+
+
+def toml(path: Path, cmdline: str = GUEST, kernel: str = "") -> Path:
+    path.write_text(f'name = "mig"\nmemory = 16\nvcpus = 2\nimage = "{GUEST_IMAGE}"\n'
+                    f'cmdline = "{cmdline}"\nseed = 1\n'
+                    + (f'kernel = "{kernel}"\n' if kernel else ""))
+    return path
+
+
+def empty(hv, free: int) -> bool:
+    """No domain left, and as many frames free as ``free``."""
+    return not hv.domains and physinfo(hv).free_pages == free
+
+
+# --- both ends in this process, on pipes ------------------------------------------------
+
+class Recorder:
+    """One direction of a wire, kept for the test."""
+
+    def __init__(self, f) -> None:
+        self.f, self.data = f, bytearray()
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.data += data
+        return data
+
+    def write(self, data: bytes) -> int:
+        self.data += data
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def pipes() -> tuple[Channel, Channel]:
+    """(the sender's channel, the receiver's), each direction recorded."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    tx = Channel(Recorder(os.fdopen(r2, "rb")), Recorder(os.fdopen(w1, "wb")))
+    rx = Channel(os.fdopen(r1, "rb"), os.fdopen(w2, "wb"))
+    return tx, rx
+
+
+class Target(threading.Thread):
+    """migrate_receive in a thread, on ``hv`` (None: a machine of its own);
+    ``watch`` sees each line it says as it says it."""
+
+    def __init__(self, ch: Channel, hv=None, watch=None, **kwargs) -> None:
+        super().__init__()
+        self.ch, self.hv, self.watch, self.kwargs = ch, hv, watch, kwargs
+        self.got: migrate.Received | None = None
+        self.error = ""
+        self.lines: list[str] = []
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        if self.watch is not None:
+            self.watch(line)
+
+    def run(self) -> None:
+        try:
+            self.got = migrate_receive(self.ch, self.hv, say=self.say, **self.kwargs)
+        except MigrateError as e:
+            self.error = str(e)
+        finally:
+            self.ch.close()
+
+
+@pytest.fixture(scope="module")
+def wire(cfg):
+    """One migration on pipes, both ends here: what each side said, who was
+    called what when, the octets each way, and the received guest's run."""
+    tx, rx = pipes()
+    seen: dict[str, object] = {}
+    said: list[str] = []
+    with booting() as boot:
+        hv_rx = boot.bare(64, seed=5)
+
+        def at_target(line: str) -> None:
+            if "Transfer complete" in line:
+                seen["target"] = [(d.name, d.paused) for d in hv_rx.domains.values()]
+        target = Target(rx, hv_rx, watch=at_target)
+        target.start()
+        hv, dom = boot(cfg)
+
+        def at_source(line: str) -> None:
+            said.append(line)
+            if "Giving target permission" in line:
+                seen["source"] = (dom.name, dom.shutdown_reason)
+        result, out = migrate_at(hv, dom, AT_NS, lambda: tx, say=at_source)
+        target.join()
+        assert target.got is not None, target.error
+        got = target.got
+        seen["after"] = (got.dom.name, got.dom.paused, dict(hv.domains))
+        after = run_domain(got.hv, got.dom, LIMIT_NS)
+    return {"out": out, "said": said, "heard": target.lines, "seen": seen,
+            "to_target": bytes(tx.writer.data), "to_source": bytes(tx.reader.data),
+            "console": result.console.decode() + after.console.decode(), "end": after.reason}
+
+
+def test_a_migrated_guest_ends_as_an_uninterrupted_run(wire, reference):
+    assert wire["out"].ok and wire["end"] == "poweroff"
+    assert outcome(wire["console"]) == reference
+    assert "suspend hypercall returned 0" in wire["console"]
+
+
+def test_the_octets_on_the_wire_are_xls(wire, tmp_path):
+    """The banner without its NUL, the other three messages with theirs,
+    the report's octet 0; the stream between is an xl save file's."""
+    assert wire["to_source"] == (MIGRATE_RECEIVER_BANNER + MIGRATE_RECEIVER_READY
+                                 + MIGRATE_REPORT + b"\0")
+    assert MIGRATE_RECEIVER_BANNER == b"xl migration receiver ready, send binary domain data.\n"
+    assert MIGRATE_RECEIVER_READY == b"domain received, ready to unpause\0"
+    assert MIGRATE_PERMISSION_TO_GO == b"domain is yours, you are cleared to unpause\0"
+    assert MIGRATE_REPORT == b"my copy unpause results are as follows\0"
+    to_target = wire["to_target"]
+    assert to_target.endswith(MIGRATE_PERMISSION_TO_GO)
+    stream = tmp_path / "stream.img"
+    stream.write_bytes(to_target[:-len(MIGRATE_PERMISSION_TO_GO)])
+    info = scan_image(stream, wire=True)
+    assert to_target.startswith(XL_MAGIC) and info.domain["name"] == "mig"
+    assert info.domain["kind"] == "live save" and info.copies > info.nr_pfns
+
+
+def test_the_names_and_states_follow_xls_order(wire):
+    """The target's copy is built paused as NAME--incoming; the source's is
+    NAME--migratedaway and suspended when GO goes; at the end the target's
+    is NAME and running, the source's destroyed."""
+    seen = wire["seen"]
+    assert seen["target"] == [("mig--incoming", True)]
+    assert seen["source"] == ("mig--migratedaway", SHUTDOWN_suspend)
+    assert seen["after"] == ("mig", False, {})
+    assert wire["said"] == ["migration sender: Target has acknowledged transfer.",
+                            "migration sender: Giving target permission to start.",
+                            "migration sender: Target reports successful startup.",
+                            "Migration successful."]
+    assert wire["heard"] == [
+        "migration target: Ready to receive domain.",
+        "Loading new save file <incoming migration stream> (domain mig)",
+        "migration target: Transfer complete, requesting permission to start domain.",
+        "migration target: Got permission, starting domain.",
+        "migration target: Domain started successfully."]
+
+
+# --- the receiver alone, fed the recorded stream -------------------------------------------
+
+def replay(wire, octets: bytes, **kwargs):
+    """migrate_receive fed ``octets`` (then the end of the wire), on a machine
+    of its own; returns (what it wrote back, the domain or None, the error,
+    the machine)."""
+    back = io.BytesIO()
+    back.close = lambda: None  # keep what was written readable
+    with booting() as boot:
+        hv = boot.bare(64, seed=5)
+        free = physinfo(hv).free_pages
+        try:
+            got, error = migrate_receive(Channel(io.BytesIO(octets), back), hv, **kwargs), ""
+        except MigrateError as e:
+            got, error = None, str(e)
+        left = empty(hv, free)
+        state = (got.dom.name, got.dom.paused) if got is not None else None
+    return back.getvalue(), state, error, left
+
+
+def stream_of(wire) -> bytes:
+    return wire["to_target"][:-len(MIGRATE_PERMISSION_TO_GO)]
+
+
+def test_with_p_the_target_leaves_the_domain_paused(wire):
+    back, state, error, _ = replay(wire, wire["to_target"], paused=True)
+    assert not error and state == ("mig", True)
+    assert back == MIGRATE_RECEIVER_BANNER + MIGRATE_RECEIVER_READY + MIGRATE_REPORT + b"\0"
+
+
+def test_a_sender_gone_before_go_leaves_nothing_at_the_target(wire):
+    """No GO: the report says failure (libxl's ERROR_FAIL, 3 on the wire),
+    the copy is destroyed and the domain handed back."""
+    back, state, error, left = replay(wire, stream_of(wire))
+    assert state is None and left
+    assert back == (MIGRATE_RECEIVER_BANNER + MIGRATE_RECEIVER_READY + MIGRATE_REPORT + b"\3"
+                    + MIGRATE_PERMISSION_TO_GO)
+    assert error == "migration target: the domain did not start here; it is handed back"
+
+
+def test_a_stream_cut_short_leaves_nothing_at_the_target(wire):
+    stream = stream_of(wire)
+    back, state, error, left = replay(wire, stream[:len(stream) // 2])
+    assert state is None and left and back == MIGRATE_RECEIVER_BANNER
+    assert error.startswith("migration target: Domain creation failed (code -3): ")
+    assert "\n" not in error

@@ -259,3 +259,198 @@ def test_a_stream_cut_short_leaves_nothing_at_the_target(wire):
     assert state is None and left and back == MIGRATE_RECEIVER_BANNER
     assert error.startswith("migration target: Domain creation failed (code -3): ")
     assert "\n" not in error
+
+
+# --- the failure matrix: the source's side ------------------------------------------------
+
+class Killer:
+    """A real receiver (``pvlab migrate-receive`` on its stdin and stdout)
+    behind the sender's channel, killed (SIGKILL) when the wire reaches
+    ``phase``: "before banner", "mid stream" (MID_STREAM octets into the
+    first round), "after ready" (the ready message read, GO not yet
+    written), "after go" (GO written: swallowed, as by a socket whose peer
+    just died)."""
+
+    def __init__(self, tmp: Path, phase: str, *args: str) -> None:
+        self.tmp, self.phase = tmp, phase
+        self.err = open(tmp / "receiver.err", "wb")  # noqa: SIM115 (closed in close)
+        self.proc = subprocess.Popen([*RECEIVER, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.err,
+                                     env=checkout_env(TMPDIR=str(tmp)))
+        self.sent = 0
+        self.heard = b""
+        if phase == "before banner":
+            self.kill()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def read(self, n: int) -> bytes:
+        data = self.proc.stdout.read(n)
+        self.heard += data
+        if self.phase == "after ready" and self.heard.endswith(MIGRATE_RECEIVER_READY):
+            self.kill()
+        return data
+
+    def write(self, data: bytes) -> int:
+        if self.phase == "mid stream" and self.sent >= MID_STREAM:
+            self.kill()
+        if self.phase == "after go" and data == MIGRATE_PERMISSION_TO_GO:
+            self.kill()
+            return len(data)
+        self.sent += len(data)
+        return self.proc.stdin.write(data)
+
+    def flush(self) -> None:
+        self.proc.stdin.flush()
+
+    def channel(self) -> Channel:
+        return Channel(self, self, "the test's receiver", lambda _wait: self.close())
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.proc.wait()
+        self.err.close()
+
+    def said(self) -> str:
+        return (self.tmp / "receiver.err").read_text()
+
+
+def migrate_and_run_on(boot, cfg, connect):
+    """Migrate the guest at AT_NS over ``connect()``'s channel; run it on
+    here if it runs on. Returns (dom, the run's console, outcome, xl's lines)."""
+    hv, dom = boot(cfg)
+    lines: list[str] = []
+    result, out = migrate_at(hv, dom, AT_NS, connect, until_ns=LIMIT_NS, say=lines.append)
+    return hv, dom, result, out, lines
+
+
+def ran_on(result, reference, suspended: bool) -> bool:
+    """The source's run ended as the uninterrupted one, THAW if it had suspended."""
+    text = result.console.decode()
+    thawed = "suspend hypercall returned 1" in text
+    return (result.reason == "poweroff" and outcome(text) == reference
+            and thawed == suspended and ("suspend hypercall returned 0" not in text))
+
+
+@pytest.mark.parametrize("phase, suspended, says", [
+    ("before banner", False, "file/stream truncated reading banner from migration "
+                             "receiver stream"),
+    ("mid stream", False, "migration sender: libxl_domain_suspend failed: Broken pipe"),
+    ("after ready", True, "migration sender: the target is gone (Broken pipe); it never had "
+                          "permission to start"),
+])
+def test_a_receiver_killed_before_go_leaves_the_guest_running_here(
+        booted, cfg, reference, tmp_path, phase, suspended, says):
+    killer = Killer(tmp_path, phase)
+    hv, dom, result, out, lines = migrate_and_run_on(booted, cfg, killer.channel)
+    assert not out.ok and out.runs_on and not out.undefined
+    assert says in lines
+    assert out.error == ("Migration failed, resuming at sender." if suspended else
+                         "Migration failed; the domain never suspended and runs on.")
+    assert dom.name == "mig" and ran_on(result, reference, suspended)
+    assert killer.proc.returncode == -9
+    assert not hv.machine.paging.enabled(dom.domid)  # log-dirty off again
+
+
+def test_a_receiver_killed_after_go_leaves_the_source_copy_suspended_and_renamed(
+        booted, cfg, tmp_path):
+    killer = Killer(tmp_path, "after go")
+    hv, dom, result, out, lines = migrate_and_run_on(booted, cfg, killer.channel)
+    assert out.undefined and not out.runs_on and out.error == FAILED_BADLY
+    assert lines[-2:] == ["file/stream truncated reading success/failure report message "
+                          "from migration receiver stream", FAILED_BADLY]
+    assert FAILED_BADLY.startswith("** Migration failed during final handshake **\n")
+    assert dom.domid in hv.domains and dom.name == "mig--migratedaway"
+    assert dom.shutdown_reason == SHUTDOWN_suspend
+
+
+def receiver_rune(tmp: Path, *args: str) -> str:
+    """The command a rune runs for a receiver of this checkout, its
+    temporary files in ``tmp``."""
+    return (f"exec env TMPDIR={tmp} PYTHONPATH={ROOT} {sys.executable} -m hypervisor "
+            f"migrate-receive {' '.join(args)}")
+
+
+def refused(booted, cfg, tmp_path, *args: str):
+    """Migrate to a receiver process (over a rune) that refuses the domain;
+    returns (the source's result, the outcome, xl's lines, what the receiver
+    said, its exit status)."""
+    from hypervisor.toolstack.transport import create_migration_child
+    err = tmp_path / "receiver.err"
+    with open(err, "wb") as f:
+        hv, dom, result, out, lines = migrate_and_run_on(
+            booted, cfg, lambda: create_migration_child(receiver_rune(tmp_path, *args), f))
+    return result, out, lines, err.read_text(), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_a_target_too_small_refuses_the_domain_and_the_source_thaws(
+        booted, cfg, reference, tmp_path):
+    result, out, lines, said, left = refused(booted, cfg, tmp_path, "--memory", "8")
+    assert out.runs_on and out.error == "Migration failed, resuming at sender."
+    assert "file/stream truncated reading ready message from migration receiver stream" \
+        in lines
+    assert ran_on(result, reference, suspended=True)
+    assert "migration target: Domain creation failed (code -3): " in said
+    assert "frames wanted" in said and "Traceback" not in said
+    assert left == ["receiver.err"]  # nothing half-written at the target
+
+
+def test_a_target_without_the_guests_kernel_refuses_it_and_the_source_thaws(
+        booted, reference, tmp_path, monkeypatch):
+    """The source runs a kernel module only it has (guestos under another
+    name, on its own sys.path): the target cannot bind it."""
+    here = tmp_path / "only-here"
+    here.mkdir()
+    (here / "migkernel_here.py").write_text(
+        "from guestos import check_cmdline, native_entries, oops  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(here))
+    cfg = make_config(GUEST, vcpus=2, name="mig")
+    cfg.kernel = "migkernel_here"
+    rx = tmp_path / "rx"
+    rx.mkdir()
+    result, out, lines, said, left = refused(booted, cfg, rx)
+    assert out.error == "Migration failed, resuming at sender."
+    assert ran_on(result, reference, suspended=True)
+    assert "kernel module 'migkernel_here' cannot be imported" in said
+    assert said.count("\n") == len(said.splitlines()) and "Traceback" not in said
+    assert left == ["receiver.err"]
+
+
+def test_a_config_the_target_cannot_parse_is_refused_before_the_guest_suspends(
+        booted, cfg, reference, monkeypatch):
+    monkeypatch.setattr(save, "live_config", lambda *_a: b"{not json")
+    tx, rx = pipes()
+    target = Target(rx, booted.bare(64))
+    free = physinfo(target.hv).free_pages
+    target.start()
+    hv, dom, result, out, lines = migrate_and_run_on(booted, cfg, lambda: tx)
+    target.join()
+    assert target.error.startswith("migration target: Domain creation failed (code -3): "
+                                   "the config in the stream's xl header cannot be used")
+    assert empty(target.hv, free)
+    assert out.error == "Migration failed; the domain never suspended and runs on."
+    assert ran_on(result, reference, suspended=False)
+
+
+def test_a_target_that_cannot_start_its_copy_hands_the_domain_back(booted, cfg, reference):
+    """xl's 9b: after GO the target's rename fails (a domain of that name
+    runs there); it reports failure, destroys its copy and gives the domain
+    back; the source renames its copy back and resumes it."""
+    tx, rx = pipes()
+    hv_rx = booted.bare(64)
+    other = build_domain(hv_rx, make_config(name="mig"))
+    target = Target(rx, hv_rx)
+    target.start()
+    hv, dom, result, out, lines = migrate_and_run_on(booted, cfg, lambda: tx)
+    target.join()
+    assert target.error == "migration target: the domain did not start here; it is handed back"
+    assert list(hv_rx.domains.values()) == [other]
+    assert "migration sender: Target reports startup failure (status code 3)." in lines
+    assert out.error == "Migration failed due to problems at target." and dom.name == "mig"
+    assert ran_on(result, reference, suspended=True)

@@ -454,3 +454,122 @@ def test_a_target_that_cannot_start_its_copy_hands_the_domain_back(booted, cfg, 
     assert "migration sender: Target reports startup failure (status code 3)." in lines
     assert out.error == "Migration failed due to problems at target." and dom.name == "mig"
     assert ran_on(result, reference, suspended=True)
+
+
+# --- the command line and TCP ---------------------------------------------------------------
+
+def listening(tmp: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """``pvlab migrate-receive --listen 127.0.0.1:0`` and the port it says."""
+    rx = subprocess.Popen([*RECEIVER, "--listen", "127.0.0.1:0", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=checkout_env(TMPDIR=str(tmp)))
+    first = rx.stderr.readline()
+    assert first.startswith("migration target: listening on 127.0.0.1:"), first
+    return rx, int(first.rsplit(":", 1)[1])
+
+
+def test_pvlab_run_migrates_over_tcp_with_json_progress(reference, tmp_path, capfd):
+    rx, port = listening(tmp_path)
+    code = main(["run", str(toml(tmp_path / "mig.toml")), "--request",
+                 f"3ms migrate 127.0.0.1:{port}", "--json"])
+    out, err = rx.communicate(timeout=300)
+    sent = capfd.readouterr()
+    assert code == 0 and rx.returncode == 0, err
+    # the console up to the suspend here, the rest there (on its stdout: TCP)
+    assert outcome(sent.out + out) == reference and "returned 0" in out
+    lines = [json.loads(x) for x in sent.err.splitlines()]
+    progress = [x for x in lines if "status" in x]
+    assert progress[-1]["status"] == "completed" and "downtime" in progress[-1]
+    assert {"total", "transferred", "remaining", "dirty-pages-rate",
+            "dirty-sync-count"} <= set(progress[0]["ram"])
+    assert [x["message"] for x in lines if "message" in x][-1] == "Migration successful."
+    assert err.splitlines()[-1] == "migration target: Domain started successfully."
+    assert os.listdir(tmp_path) == ["mig.toml"]
+
+
+class Dropping:
+    """A TCP connection that drops (both ways) MID_STREAM octets into the stream."""
+
+    def __init__(self, port: int) -> None:
+        self.ch = connect_tcp("127.0.0.1", port)
+        self.sent = 0
+        self.sock = None
+
+    def channel(self) -> Channel:
+        raw = self.ch.writer.raw  # the socket's writer, under its buffer
+        self.sock = raw._sock
+        self.ch.writer = self
+        return self.ch
+
+    def write(self, data: bytes) -> int:
+        if self.sent >= MID_STREAM:
+            self.sock.shutdown(2)  # SHUT_RDWR: the connection is gone
+        self.sent += len(data)
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_dropped_connection_leaves_the_guest_running_and_nothing_at_the_target(
+        booted, cfg, reference, tmp_path):
+    rx, port = listening(tmp_path)
+    drop = Dropping(port)
+    hv, dom, result, out, lines = migrate_and_run_on(booted, cfg, drop.channel)
+    _, err = rx.communicate(timeout=300)
+    assert out.error == "Migration failed; the domain never suspended and runs on."
+    assert ran_on(result, reference, suspended=False)
+    assert rx.returncode == 1 and "Traceback" not in err
+    assert "migration target: Domain creation failed (code -3): the incoming stream: " \
+           "truncated" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_banner_is_one_line_and_the_guest_never_suspends(reference, tmp_path, capfd):
+    """The rune (-s '': HOST is the whole command) prints something else."""
+    code = main(["run", str(toml(tmp_path / "mig.toml")), "--request",
+                 "3ms migrate -s '' 'ssh:yes pvlab | head -c 100'"])
+    sent = capfd.readouterr()
+    assert code == 1
+    assert sent.err.splitlines() == [
+        "migration receiver stream contained unexpected data instead of banner (command run "
+        "was: yes pvlab | head -c 100 )",
+        "Migration failed; the domain never suspended and runs on.",
+        "pvlab: migration to `yes pvlab | head -c 100` failed; domain mig ran on here"]
+    assert outcome(sent.out) == reference and "suspend hypercall" not in sent.out
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "CFG", "--request", "3ms migrate nowhere"],
+     "'nowhere' is not HOST:PORT (e.g. 127.0.0.1:7001)"),
+    (["run", "CFG", "--request", "3ms migrate -p 127.0.0.1:7001"],
+     "-s and -p go with ssh:HOST"),
+    (["run", "CFG", "--request", "3ms migrate"], "migrate takes the target"),
+    (["run", "CFG", "--request", "3ms migrate ssh:h", "--request", "4ms suspend"],
+     "comes after the migrate at 3.000 ms"),
+    (["migrate-receive", "--listen", "127.0.0.1:99999"], "is not HOST:PORT"),
+    (["migrate-receive", "--listen", "192.0.2.1:7001"], "cannot listen on 192.0.2.1:7001: "),
+])
+def test_bad_migration_input_is_one_line(tmp_path, capsys, argv, says):
+    argv = [str(toml(tmp_path / "mig.toml")) if a == "CFG" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    # one line (argparse's usage before it for an argument it refuses)
+    assert code == 2 and says in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_the_ssh_rune_is_xls():
+    assert ssh_rune("b") == "exec ssh b pvlab migrate-receive"
+    assert ssh_rune("b", "ssh -p 2222", paused=True) == \
+        "exec ssh -p 2222 b pvlab migrate-receive -p"
+    assert ssh_rune("nc b 7001", "") == "nc b 7001"
+    dest = parse_destination("-s 'ssh -i key' -p ssh:host")
+    assert dest.rune == "exec ssh -i key host pvlab migrate-receive -p"
+    assert parse_destination("10.0.0.2:7001").port == 7001

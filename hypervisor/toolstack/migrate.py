@@ -60,12 +60,11 @@ ERROR_FAIL = -3                # libxl's; the report octet is its negation
 # a write that fails with these reached no one: the other end is gone
 GONE = (errno.EPIPE, errno.ECONNRESET)
 
-FAILED_BADLY = ("** Migration failed during final handshake **\n"
-                "Domain state is now undefined !\n"
-                "Please CHECK AT BOTH ENDS for running instances, before renaming and\n"
-                " resuming at most one instance.  Two simultaneous instances of the domain\n"
-                " would probably result in SEVERE DATA LOSS and it is now your\n"
-                " responsibility to avoid that.  Sorry.")
+# xl's warning after GO, in one line
+FAILED_BADLY = ("** Migration failed during final handshake ** Domain state is now undefined! "
+                "Please CHECK AT BOTH ENDS for running instances, before renaming and resuming "
+                "at most one instance. Two simultaneous instances of the domain would probably "
+                "result in SEVERE DATA LOSS and it is now your responsibility to avoid that.")
 
 Say = Callable[[str], None]
 
@@ -200,6 +199,7 @@ class _Sender:
         self.out.undefined = True
         self.out.error = FAILED_BADLY
         self.say(FAILED_BADLY)
+        self.say(f"migration sender: the copy here stays suspended as {self.dom.name}")
         self.ch.close()
         return self.out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -41,7 +42,7 @@ from hypervisor.toolstack.migrate import (
 )
 from hypervisor.toolstack.savefile import XL_MAGIC
 from hypervisor.toolstack.session import migrate_at, run_domain
-from hypervisor.toolstack.transport import connect_tcp, parse_destination, ssh_rune
+from hypervisor.toolstack.transport import parse_destination, ssh_rune
 from tests.conftest import GUEST_IMAGE, ROOT, booting, checkout_env, make_config
 
 GUEST = "run=dirtier:100:20000:1000,counter:5:100000"  # ends at 41 ms
@@ -516,19 +517,15 @@ class Dropping:
     """A TCP connection that drops (both ways) MID_STREAM octets into the stream."""
 
     def __init__(self, port: int) -> None:
-        self.ch = connect_tcp("127.0.0.1", port)
+        self.sock = socket.create_connection(("127.0.0.1", port))
         self.sent = 0
-        self.sock = None
 
     def channel(self) -> Channel:
-        raw = self.ch.writer.raw  # the socket's writer, under its buffer
-        self.sock = raw._sock
-        self.ch.writer = self
-        return self.ch
+        return Channel(self.sock.makefile("rb"), self, None, lambda _wait: self.sock.close())
 
     def write(self, data: bytes) -> int:
         if self.sent >= MID_STREAM:
-            self.sock.shutdown(2)  # SHUT_RDWR: the connection is gone
+            self.sock.shutdown(socket.SHUT_RDWR)  # the connection is gone
         self.sent += len(data)
         self.sock.sendall(data)
         return len(data)

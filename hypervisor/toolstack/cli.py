@@ -196,6 +196,9 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     with a save request, run it to the save as ``pvlab save`` does. A run whose
     configuration asks for a verdict exits with it."""
     save = _save_request(requests, args.until)
+    if save is not None and args.console and save.command == MIGRATE:
+        raise CliError("--console and a migrate request: the migration ends the run here; "
+                       "the guest's console is the receiver's then")
     if save is not None and args.console:
         raise CliError("--console and a save request: the save ends the run; attach to "
                        "the restored domain instead (pvlab restore IMAGE --console)")

@@ -465,7 +465,10 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
         return EXIT_GUEST_FAILED
     finally:
         channel.close()
-    dom = got.dom
+    dom, stats = got.dom, got.stats
+    _note(f"received domain {dom.name} as domain {dom.domid}: {stats.pages} pages on new "
+          f"frames, {stats.tables} pagetables localised, {stats.pinned} pinned again; its "
+          "suspend hypercall returns 0")
     if args.paused:
         _note(f"domain {dom.name} received and left paused (-p): nothing unpauses it in "
               "this process, and it ends with it")

@@ -415,19 +415,27 @@ def refused(booted, cfg, tmp_path, *args: str):
     return result, out, lines, err.read_text(), sorted(p.name for p in tmp_path.iterdir())
 
 
-def test_a_target_too_small_refuses_the_domain_and_the_source_thaws(
+def refusal(out) -> bool:
+    """The outcome of a target that refused the domain: the guest runs on
+    here; returns whether it had suspended (the target refused once the
+    whole stream was in) or not (it refused as the pages came, and the
+    next write failed)."""
+    assert out.runs_on and not out.undefined
+    assert out.error in ("Migration failed, resuming at sender.",
+                         "Migration failed; the domain never suspended and runs on.")
+    return out.error == "Migration failed, resuming at sender."
+
+
+def test_a_target_too_small_refuses_the_domain_and_the_source_runs_on(
         booted, cfg, reference, tmp_path):
     result, out, lines, said, left = refused(booted, cfg, tmp_path, "--memory", "8")
-    assert out.runs_on and out.error == "Migration failed, resuming at sender."
-    assert "file/stream truncated reading ready message from migration receiver stream" \
-        in lines
-    assert ran_on(result, reference, suspended=True)
+    assert ran_on(result, reference, suspended=refusal(out))
     assert "migration target: Domain creation failed (code -3): " in said
     assert "frames wanted" in said and "Traceback" not in said
     assert left == ["receiver.err"]  # nothing half-written at the target
 
 
-def test_a_target_without_the_guests_kernel_refuses_it_and_the_source_thaws(
+def test_a_target_without_the_guests_kernel_refuses_it_and_the_source_runs_on(
         booted, reference, tmp_path, monkeypatch):
     """The source runs a kernel module only it has (guestos under another
     name, on its own sys.path): the target cannot bind it."""
@@ -441,8 +449,7 @@ def test_a_target_without_the_guests_kernel_refuses_it_and_the_source_thaws(
     rx = tmp_path / "rx"
     rx.mkdir()
     result, out, lines, said, left = refused(booted, cfg, rx)
-    assert out.error == "Migration failed, resuming at sender."
-    assert ran_on(result, reference, suspended=True)
+    assert ran_on(result, reference, suspended=refusal(out))
     assert "kernel module 'migkernel_here' cannot be imported" in said
     assert said.count("\n") == len(said.splitlines()) and "Traceback" not in said
     assert left == ["receiver.err"]
@@ -546,8 +553,8 @@ def test_a_dropped_connection_leaves_the_guest_running_and_nothing_at_the_target
     assert out.error == "Migration failed; the domain never suspended and runs on."
     assert ran_on(result, reference, suspended=False)
     assert rx.returncode == 1 and "Traceback" not in err
-    assert "migration target: Domain creation failed (code -3): the incoming stream: " \
-           "truncated" in err
+    assert "migration target: Domain creation failed (code -3): " in err
+    assert "truncated" in err
     assert os.listdir(tmp_path) == []
 
 

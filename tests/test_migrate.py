@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -606,3 +607,34 @@ def test_the_ssh_rune_is_xls():
     dest = parse_destination("-s 'ssh -i key' -p ssh:host")
     assert dest.rune == "exec ssh -i key host pvlab migrate-receive -p"
     assert parse_destination("10.0.0.2:7001").port == 7001
+
+
+# --- anywhere, any frames -------------------------------------------------------------------
+
+def _points(n: int) -> list[tuple[int, int]]:
+    """(seed, virtual time of the migration in us), drawn once from a fixed
+    generator, so that the test ids stay put."""
+    rng = random.Random(18)
+    return [(rng.randrange(1, 10_000), rng.randrange(500, 15_000)) for _ in range(n)]
+
+
+POINTS = _points(20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, at_us", POINTS)
+def test_a_migration_at_any_point_to_another_process_ends_as_an_uninterrupted_run(
+        booted, reference, tmp_path, seed, at_us):
+    """The source on the seed's frames and schedule, the target a
+    ``pvlab migrate-receive`` process on its own frames (the seed plus one);
+    the results are those of the uninterrupted run on seed 1's."""
+    cfg = make_config(GUEST, vcpus=2, name="mig", seed=seed)
+    with open(tmp_path / "receiver.err", "wb") as err:
+        rx = subprocess.Popen(RECEIVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=err, env=checkout_env(TMPDIR=str(tmp_path)))
+        hv, dom = booted(cfg)
+        result, out = migrate_at(hv, dom, at_us * 1000, lambda: Channel(rx.stdout, rx.stdin))
+        assert out.ok, out.lines
+        assert rx.wait(timeout=600) == 0
+    there = (tmp_path / "receiver.err").read_text()
+    assert outcome(result.console.decode() + there) == reference

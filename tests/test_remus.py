@@ -104,7 +104,7 @@ class DyingReader(io.RawIOBase):
 
 
 def channel(sock: socket.socket) -> Channel:
-    return Channel(sock.makefile("rb"), sock.makefile("wb"), closer=sock.close)
+    return Channel(sock.makefile("rb"), sock.makefile("wb"), closer=lambda _w: sock.close())
 
 
 def replicate(limit: int | None = None, backup_dies: bool = False,
@@ -151,7 +151,8 @@ def replicate(limit: int | None = None, backup_dies: bool = False,
 
         def connect() -> Channel:
             sock, w = socks.pop(0)
-            return Channel(sock.makefile("rb"), w or sock.makefile("wb"), closer=sock.close)
+            return Channel(sock.makefile("rb"), w or sock.makefile("wb"),
+                           closer=lambda _w: sock.close())
         remus.read_ack = awaiting
         try:
             outcome = remus.remus_run(hv, dom, AT_NS, connect,
@@ -248,7 +249,7 @@ def _pvlab(*args: str, **kw) -> subprocess.Popen:
 def _backup() -> tuple[subprocess.Popen, int]:
     b = _pvlab("migrate-receive", "-r", "--listen", "127.0.0.1:0")
     line = b.stderr.readline().decode()
-    assert line.startswith("pvlab: listening on 127.0.0.1:"), line
+    assert line.startswith("migration target: listening on 127.0.0.1:"), line
     return b, int(line.rsplit(":", 1)[1])
 
 

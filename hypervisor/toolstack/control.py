@@ -38,6 +38,8 @@ SAVE = "save"
 SAVE_LIVE = "save-live"
 # Remus from then on to a backup at HOST:PORT (xl remus), ``-i MS`` the interval
 REMUS = "remus"
+# a live migration to DEST (xl migrate): transport.parse_destination reads DEST
+MIGRATE = "migrate"
 # input typed on the guest's console (its text with backslash escapes)
 TYPE = "type"
 _TYPE_RE = re.compile(r"^\s*(\S+)\s+type (.*)$", re.DOTALL)
@@ -70,7 +72,7 @@ def parse_request(text: str) -> Request:
     parts = text.split(None, 1)
     known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH", f"{SAVE_LIVE} PATH",
                                                         f"{REMUS} HOST:PORT [-i MS]",
-                                                        f"{TYPE} TEXT"))
+                                                        f"{MIGRATE} DEST", f"{TYPE} TEXT"))
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
                          f"(WHAT: {known}, or PATH=VALUE)")
@@ -86,6 +88,11 @@ def parse_request(text: str) -> Request:
         return Request(at, command=verb, value=arg.strip())
     if verb == REMUS:
         remus_target(arg)  # bad input now, not at the request's time
+        return Request(at, command=verb, value=arg.strip())
+    if verb == MIGRATE:
+        if not arg.strip():
+            raise ValueError(f"request {text!r}: migrate takes the target, e.g. "
+                             "'8ms migrate 127.0.0.1:7001' or '8ms migrate ssh:HOST'")
         return Request(at, command=verb, value=arg.strip())
     if verb == "mem-set":
         if not arg.strip().isdigit():

@@ -34,7 +34,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
@@ -60,12 +60,11 @@ ERROR_FAIL = -3                # libxl's; the report octet is its negation
 # a write that fails with these reached no one: the other end is gone
 GONE = (errno.EPIPE, errno.ECONNRESET)
 
-FAILED_BADLY = ("** Migration failed during final handshake **\n"
-                "Domain state is now undefined !\n"
-                "Please CHECK AT BOTH ENDS for running instances, before renaming and\n"
-                " resuming at most one instance.  Two simultaneous instances of the domain\n"
-                " would probably result in SEVERE DATA LOSS and it is now your\n"
-                " responsibility to avoid that.  Sorry.")
+# xl's warning after GO, in one line
+FAILED_BADLY = ("** Migration failed during final handshake ** Domain state is now undefined! "
+                "Please CHECK AT BOTH ENDS for running instances, before renaming and resuming "
+                "at most one instance. Two simultaneous instances of the domain would probably "
+                "result in SEVERE DATA LOSS and it is now your responsibility to avoid that.")
 
 Say = Callable[[str], None]
 
@@ -80,22 +79,24 @@ class Channel:
     what the other end says) and ``writer`` (its send_fd). ``rune`` is the
     command run for it (xl quotes it when the banner is wrong), None for a
     socket or this process's stdin and stdout; ``closer`` ends the
-    transport (and reaps the command's process)."""
+    transport, given whether to wait for the command's process to exit."""
 
     reader: BinaryIO
     writer: BinaryIO
     rune: str | None = None
-    closer: Callable[[], None] | None = None
+    closer: Callable[[bool], None] | None = None
 
-    def close(self) -> None:
-        """close(send_fd), then the transport's end (migration_child_report)."""
+    def close(self, wait: bool = True) -> None:
+        """close(send_fd), then the transport's end: with ``wait``, a short
+        wait for the command's exit status (migration_child_report; xl
+        waits only when it failed: a receiver that succeeded runs on)."""
         for f in (self.writer, self.reader):
             try:
                 f.close()
             except OSError:
                 pass  # a writer whose buffer cannot be flushed any more
         if self.closer is not None:
-            self.closer()
+            self.closer(wait)
 
 
 def _stream_name(ch: Channel) -> str:
@@ -198,6 +199,7 @@ class _Sender:
         self.out.undefined = True
         self.out.error = FAILED_BADLY
         self.say(FAILED_BADLY)
+        self.say(f"migration sender: the copy here stays suspended as {self.dom.name}")
         self.ch.close()
         return self.out
 
@@ -260,7 +262,7 @@ def _handshake(s: _Sender) -> MigrateOutcome:
     libxl.destroy_domain(hv, dom)  # bang!
     s.out.ok, s.out.runs_on = True, False
     s.say("Migration successful.")
-    ch.close()
+    ch.close(wait=False)
     return s.out
 
 
@@ -290,19 +292,26 @@ class Received:
 
 
 class _Prefixed(io.RawIOBase):
-    """``head`` then whatever ``rest`` has: the stream with its xl header rewritten."""
+    """``head`` then whatever ``rest`` has: the stream with its xl header
+    rewritten. A read returns what is there (never waits for more than one
+    read of ``rest``): the sender waits for our answer once its stream is
+    out, so a read must not wait for octets that will not come."""
 
     def __init__(self, head: bytes, rest: BinaryIO) -> None:
         self.head, self.rest = head, rest
+        self._more = getattr(rest, "read1", rest.read)
 
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int = -1) -> bytes:
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
         if self.head:
-            data, self.head = self.head[:n], self.head[n:]
-            return data
-        return self.rest.read(n)
+            data, self.head = self.head[:len(view)], self.head[len(view):]
+        else:
+            data = self._more(len(view))
+        view[:len(data)] = data
+        return len(data)
 
 
 def incoming_header(reader: BinaryIO) -> tuple[bytes, str]:

@@ -30,7 +30,6 @@ now) and the guest runs on alone.
 from __future__ import annotations
 
 import logging
-import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from typing import BinaryIO
 
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
-from hypervisor.toolstack import libxl
+from hypervisor.toolstack import libxl, transport
 from hypervisor.toolstack.control import Request, resume_cancelled
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.migrate import (
@@ -280,9 +279,7 @@ def remus_domain(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, now
 def tcp_channel(host: str, port: int) -> Channel:
     """A connection to a backup listening on HOST:PORT (``pvlab
     migrate-receive -r --listen``); OSError if there is none."""
-    sock = socket.create_connection((host, port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return Channel(sock.makefile("rb"), sock.makefile("wb"), closer=sock.close)
+    return transport.connect_tcp(host, port)
 
 
 def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Channel],

@@ -72,3 +72,11 @@ def test_a_chain_whose_parent_changed_is_refused_in_one_line(taken, tmp_path, ca
     (chain / NAMES[0]).unlink()
     with pytest.raises(ImageError, match="is missing"):
         chain_of(chain / NAMES[3])
+
+
+def test_image_check_and_diff_read_an_increment_through_its_chain(taken, capsys):
+    inc = str(taken / "inc" / NAMES[2])
+    assert main(["image", "check", inc]) == 0
+    assert "(incremental checkpoint)" in capsys.readouterr().out
+    assert main(["image", "diff", inc, str(taken / "full" / NAMES[2])]) == 0
+    assert "the images hold the same guest state" in capsys.readouterr().out

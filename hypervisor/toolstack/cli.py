@@ -594,23 +594,49 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+    with ExitStack() as chains:
+        return _image(args, lambda p: _scan_through_chain(p, chains))
+
+
+def _scan_through_chain(path: str, chains: Any) -> Any:
+    """scan_image, an incremental checkpoint read as the whole image of its
+    chain (kept in a temporary file while ``chains`` is open), named as its
+    own file."""
+    from dataclasses import replace
+
     from hypervisor.toolstack.image import scan_image
+    from hypervisor.toolstack.incremental import materialised, parent_of
+    try:
+        parent = parent_of(Path(path))
+    except (OSError, StreamError):
+        parent = None  # not an image: the scan says so
+    if parent is None:
+        return scan_image(path)
+    whole = chains.enter_context(materialised(Path(path)))
+    info = scan_image(whole, wire=True)
+    return replace(info, domain={**(info.domain or {}), "kind": "incremental checkpoint"}) \
+        if info.domain is not None else info
+
+
+def _image(args: argparse.Namespace, scan: Any) -> int:
     from hypervisor.toolstack.imagetool import describe, diff
     if args.action == "show":
         if len(args.images) != 1:
             raise CliError("image show takes one IMAGE")
-        print(describe(scan_image(args.images[0]), records=args.records))
+        info = scan(args.images[0])
+        print(describe(info, records=args.records).replace(str(info.path), args.images[0]))
         return EXIT_OK
     if args.action == "check":
         for path in args.images:
-            info = scan_image(path)
+            info = scan(path)
             epochs = f", {len(info.epochs)} epochs" if info.checkpoint else ""
             print(f"{path}: a good image of {info.nr_pfns} pfns in {info.copies} page "
                   f"copies{epochs} ({(info.domain or {}).get('kind', 'not pvlab')})")
         return EXIT_OK
     if len(args.images) != 2:
         raise CliError("image diff takes two images: A B")
-    a, b = (scan_image(p) for p in args.images)
+    a, b = (scan(p) for p in args.images)
     lines = diff(a, b)
     print("\n".join(lines) if lines else "the images hold the same guest state")
     return EXIT_OK if not lines else EXIT_GUEST_FAILED

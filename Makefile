@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/vcpu.py
 	$(PY) bench/saverestore.py
 	$(PY) bench/receive.py
+	$(PY) bench/remus.py
 	$(PY) bench/schedule.py
 	$(PY) bench/debugger.py
 	$(PY) bench/daemon.py

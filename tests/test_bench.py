@@ -65,3 +65,11 @@ def test_receive_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "streaming" in r.stdout and "x " in r.stdout
+
+
+def test_remus_bench_runs():
+    r = subprocess.run([sys.executable, "bench/remus.py", "--mem", "16", "--span-ms", "30"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "epochs/s of wall time" in r.stdout and "x (" in r.stdout

@@ -20,6 +20,8 @@ hypervisor marks every write, the guest's and its own (migration.md 1.8).
 from __future__ import annotations
 
 import json
+import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,7 +139,11 @@ def image_digest(path: Path) -> bytes:
 # --- the restore's side: reading a chain ----------------------------------------------
 
 def parent_of(path: Path) -> dict | None:
-    """The parent an image's config names, or None for a whole image."""
+    """The parent an image's config names, or None for a whole image (or for
+    what is no regular file: a FIFO would block the open; the check refuses
+    it)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return None
     with open(path, "rb") as f:
         xl = savefile.read_xl_header(f)
     try:

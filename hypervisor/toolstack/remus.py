@@ -381,7 +381,7 @@ def remus_receive(ch: Channel, accept_side: Callable[[], Channel], seed: int | N
                                              on_commit=lambda e: _acknowledge(ch, e))
     except (OSError, ImageError, RestoreError, StreamError) as e:
         if side is not None:
-            side.close()
+            _close_side(side, output)
         raise MigrateError(f"migration target (Remus): {e}") from None
     if not stats.failover:
         _acknowledge(ch, stats.epochs)

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -289,11 +288,10 @@ def test_sigkill_of_the_backup_leaves_the_primary_running_to_its_results(referen
     out = bytearray()
     while b"Remus to the backup" not in out:
         out += p.stdout.readline()
-    time.sleep(0.3)
-    b.kill()
+    b.kill()  # as Remus begins: before the banner, or inside the first epoch
     b.wait()
     rest, _ = p.communicate(timeout=120)
     out += rest
     assert p.returncode == 0
-    assert remus.BACKUP_FAILED.encode() in out or b"epoch(s) committed" in out
+    assert remus.BACKUP_FAILED.encode() in out
     assert programs(bytes(out)) == reference

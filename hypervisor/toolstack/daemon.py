@@ -36,13 +36,15 @@ from typing import Any
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor, OutOfMemory
 from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_reboot, SHUTDOWN_suspend
-from hypervisor.toolstack import libxl
+from hypervisor.toolstack import libxl, livejob
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, DomainConfig, load_config
 from hypervisor.toolstack.context import domain_of
-from hypervisor.toolstack.control import Request, type_on_console
+from hypervisor.toolstack.control import Request, resume_cancelled, type_on_console
 from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
+from hypervisor.toolstack.livejob import DaemonLive, LiveJob, Machine
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
     Client,
     DaemonNotRunning,
@@ -53,6 +55,7 @@ from hypervisor.toolstack.qmp import (
     listen_unix,
 )
 from hypervisor.toolstack.restore import RestoreError
+from hypervisor.toolstack.save import _write_in_place, write_image_live
 from hypervisor.toolstack.stream import StreamError
 
 log = logging.getLogger(__name__)
@@ -60,8 +63,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MEMORY_MIB = 512
 QUANTUM_FAST_NS = 20_000_000     # host time run between looks at the socket
 QUANTUM_DET_NS = 2_000_000       # virtual time, deterministic clock
+QUANTUM_LIVE_NS = 2_000_000      # host time run between turns while a live job waits for one
 CONSOLE_HISTORY = 16 * 1024      # output a newly attached console client gets
 DMESG_LINES = 2000
+STOP_TURNS = 1000                # turns the daemon gives its cancelled jobs to end when it stops
 GENERIC, NOT_FOUND = "GenericError", "DomainNotFound"
 # what makes a create or a restore fail, said to the client as one line
 _CREATE_ERRORS = (ConfigError, BuildError, ElfImageError, ImageError, RestoreError,
@@ -151,6 +156,7 @@ class DaemonDomain:
     console: ConsoleSocket
     state: libxl.DomainState = field(default_factory=libxl.DomainState)
     save: SaveInFlight | None = None
+    live: LiveJob | None = None       # a live save or a migration under way
     balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
 
 
@@ -186,6 +192,12 @@ class Daemon:
                                                                  "minor": minor}}
         self.server = Server(socket_path, self.version)
         self.dir = Path(socket_path).parent
+        self.jobs: list[LiveJob] = []
+        self.last_job: dict[str, LiveJob] = {}   # by domain name, and "" for the last of all
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self.server.watch(self._wake_r, lambda: self._wake_r.recv(4096))
+        self.machine = Machine(self._wake)
         for name, (handler, params) in self._commands().items():
             self.server.register(name, handler, params)
 
@@ -199,8 +211,17 @@ class Daemon:
                 if self.stopping:
                     break
                 self.step()
+                self.machine.turn()
+                self._finish_jobs()
         finally:
             self.shutdown()
+
+    def _wake(self) -> None:
+        """End the loop's poll: a job's thread wants the machine."""
+        try:
+            self._wake_w.send(b"!")
+        except (BlockingIOError, OSError):
+            pass  # a byte is waiting already, or the daemon is closing
 
     def stop(self) -> None:
         self.stopping = True
@@ -215,6 +236,7 @@ class Daemon:
                 marks.append(d.state.ack_deadline)
             if d.save is not None:
                 marks.append(d.save.deadline)
+        marks += [j.wake_at for j in self.jobs if j.wake_at is not None]
         return marks
 
     def _timeout(self) -> float | None:
@@ -254,7 +276,8 @@ class Daemon:
             if self.clock == "deterministic":
                 domctl.run(self.hv, self.now() + QUANTUM_DET_NS)
             else:
-                domctl.run_while_busy(self.hv, self.now() + QUANTUM_FAST_NS)
+                quantum = QUANTUM_LIVE_NS if self.jobs else QUANTUM_FAST_NS
+                domctl.run_while_busy(self.hv, self.now() + quantum)
         for d in list(self.domains.values()):
             try:
                 self._look_at(d)
@@ -263,6 +286,9 @@ class Daemon:
 
     def _look_at(self, d: DaemonDomain) -> None:
         dom = d.dom
+        if d.live is not None:  # its job's thread awaits its suspend and its requests
+            self._check_balloon(d)
+            return
         if dom.shutdown_reason == SHUTDOWN_suspend:
             self._suspended(d)
             if dom.domid not in self.domains:
@@ -375,6 +401,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Stop every domain and close the socket."""
+        self._stop_jobs()
         for d in list(self.domains.values()):
             self._destroy(d)
         self.server.close()
@@ -389,6 +416,136 @@ class Daemon:
         if dom is None or dom.domid not in self.domains:
             raise QmpError(NOT_FOUND, f"no domain {which!r}")
         return self.domains[dom.domid]
+
+    # --- live jobs (livejob.py): a live save, a migration ------------------------------
+
+    def _not_moving(self, d: DaemonDomain) -> DaemonDomain:
+        """Refuse a command that would change a domain a live job is moving."""
+        if d.live is not None:
+            what = "saved live" if d.live.kind == "save" else "migrated"
+            raise QmpError(GENERIC, f"domain {d.dom.name} is being {what}: wait until that "
+                                    "ends")
+        return d
+
+    def _start_job(self, d: DaemonDomain, kind: str, work: Callable[[LiveJob], Any],
+                   finish: Callable[[LiveJob], None]) -> LiveJob:
+        job = LiveJob(kind, d.dom, finish=finish)
+        d.live = job
+        self.jobs.append(job)
+        self.last_job[d.dom.name] = self.last_job[""] = job
+        self._emit("MIGRATION", d.dom, status="setup")
+        livejob.start(self.machine, job, work)
+        return job
+
+    def _callbacks(self, d: DaemonDomain, job: LiveJob) -> DaemonLive:
+        return DaemonLive(self.machine, self.hv, job, d.state, self._time_words(),
+                          lambda: self._emit("SUSPEND", d.dom))
+
+    def _set_status(self, job: LiveJob, status: str) -> None:
+        if job.status != status:
+            job.status = status
+            self._emit("MIGRATION", job.dom, status=status)
+
+    def _report(self, job: LiveJob) -> Callable[[MigrationInfo], None]:
+        """The live loop's report as events: MIGRATION when the status
+        changes, MIGRATION_PASS for each round sent (QEMU's, counted from 1),
+        then MIGRATION_ROUND with query-migrate's fields. Called in the job's
+        thread, which holds the machine; "completed" is told by the job's
+        end (a migration's handshake is still to come)."""
+        def report(info: MigrationInfo) -> None:
+            job.info = info
+            if info.status == "active":
+                self._set_status(job, "active")
+            fresh = info.rounds[job.reported:]
+            for r in fresh:
+                self._emit("MIGRATION_PASS", job.dom, **{"pass": r.iteration + 1})
+            if fresh:
+                job.reported = len(info.rounds)
+                self._emit("MIGRATION_ROUND", job.dom, **job.query_migrate())
+        return report
+
+    def _finish_jobs(self) -> None:
+        """The loop's part of each job that is done: the domain's fate, the answer."""
+        for job in [j for j in self.jobs if j.done]:
+            self.jobs.remove(job)
+            d = self.domains.get(job.dom.domid)
+            if d is not None and d.live is job:
+                d.live = None
+            if job.thread is not None:
+                job.thread.join()
+            if job.finish is not None:
+                job.finish(job)
+
+    def _stop_jobs(self) -> None:
+        """The daemon stops: every job is cancelled and waited for."""
+        for job in self.jobs:
+            job.cancel()
+        for _ in range(STOP_TURNS):
+            if not self.jobs:
+                return
+            self.machine.turn()
+            self._finish_jobs()
+            time.sleep(0.01)
+
+    def _failed_job(self, d: DaemonDomain, job: LiveJob) -> str:
+        """After a failed job: the guest resumed if it had suspended; what its fate is."""
+        job.info.error = job.error
+        self._set_status(job, "failed")
+        dom = d.dom
+        if dom.shutdown_reason == SHUTDOWN_suspend:
+            resume_cancelled(self.hv, dom)
+            self._emit("RESUME", dom)
+            return "the guest runs on (its suspend hypercall returned 1)"
+        if dom.shutdown_reason is None:
+            return "the guest runs on"
+        return "the guest has shut down"
+
+    def _save_live(self, d: DaemonDomain, path: Path, checkpoint: bool,
+                   paused: bool) -> Deferred:
+        """``xl save --live``: the pre-copy loop into the file while the daemon runs."""
+        answer = Deferred()
+
+        def work(job: LiveJob) -> MigrationInfo:
+            def write(f: Any) -> MigrationInfo:
+                out = livejob.wire(f, self.machine)
+                info = write_image_live(self.hv, d.dom, out, self._callbacks(d, job),
+                                        PrecopyOptions(), report=self._report(job))
+                out.flush()
+                return info
+            return _write_in_place(path, write)[0]
+
+        def finish(job: LiveJob) -> None:
+            if job.error:
+                fate = self._failed_job(d, job)
+                answer.fail(GENERIC, f"{job.error}; nothing was written, {fate}")
+                return
+            self._set_status(job, "completed")
+            info: MigrationInfo = job.result
+            answer.resolve({"file": str(path), "pages": sum(r.pages for r in info.rounds),
+                            "bytes": path.stat().st_size, "rounds": len(info.rounds)})
+            self._after_save(d, checkpoint, paused)
+        self._start_job(d, "save", work, finish)
+        return answer
+
+    def _after_save(self, d: DaemonDomain, checkpoint: bool, paused: bool) -> None:
+        """A saved domain is destroyed, or resumed (cancelled) for a checkpoint."""
+        if not checkpoint:
+            libxl.destroy_saved(self.hv, d.dom, lambda msg: log.info("%s", msg))
+            self._forget(d)
+            return
+        resume_cancelled(self.hv, d.dom)
+        if paused:
+            libxl.pause(d.dom)
+        self._emit("RESUME", d.dom)
+
+    def cmd_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's query-migrate for a domain's current or last live job (by
+        name: a domain migrated away is gone), or the last of all; {} if none."""
+        which = args.get("domain")
+        if which is not None and not isinstance(which, str):
+            which = self.find(args).dom.name
+        job = self.last_job.get("" if which is None else str(which))
+        return {} if job is None else job.query_migrate()
 
     # --- commands ----------------------------------------------------------------------
 
@@ -408,8 +565,9 @@ class Daemon:
             "domain-destroy": (self.cmd_destroy, {"domain": dom}),
             "domain-shutdown": (self.cmd_shutdown,
                                 {"domain": dom, "reason": Param((str,), required=False)}),
-            "domain-save": (self.cmd_save, {"domain": dom, "file": path,
-                                            "checkpoint": flag, "paused": flag}),
+            "domain-save": (self.cmd_save, {"domain": dom, "file": path, "checkpoint": flag,
+                                            "paused": flag, "live": flag}),
+            "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
             "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
             "domain-mem-set": (self.cmd_mem_set, kib),
             "domain-mem-max": (self.cmd_mem_max, kib),
@@ -444,19 +602,19 @@ class Daemon:
         return {"domid": dom.domid, "name": dom.name}
 
     def cmd_pause(self, args: dict[str, Any]) -> dict[str, Any]:
-        libxl.pause(self.find(args).dom)
+        libxl.pause(self._not_moving(self.find(args)).dom)
         return {}
 
     def cmd_unpause(self, args: dict[str, Any]) -> dict[str, Any]:
-        libxl.unpause(self.find(args).dom)
+        libxl.unpause(self._not_moving(self.find(args)).dom)
         return {}
 
     def cmd_destroy(self, args: dict[str, Any]) -> dict[str, Any]:
-        self._destroy(self.find(args))
+        self._destroy(self._not_moving(self.find(args)))
         return {}
 
     def cmd_shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
-        d = self.find(args)
+        d = self._not_moving(self.find(args))
         reason = args.get("reason", "poweroff")
         if reason not in ("poweroff", "reboot"):
             raise QmpError(GENERIC, f"reason {reason!r}: poweroff or reboot")
@@ -464,7 +622,7 @@ class Daemon:
         return {}
 
     def cmd_save(self, args: dict[str, Any]) -> Deferred:
-        d = self.find(args)
+        d = self._not_moving(self.find(args))
         path = _path_arg(args, "file")
         if path.is_dir() or not path.parent.is_dir():
             raise QmpError(GENERIC, f"{path}: not a file in an existing directory")
@@ -474,6 +632,8 @@ class Daemon:
             raise QmpError(GENERIC, f"domain {d.dom.name} is paused: it cannot suspend; "
                                     "unpause it first")
         checkpoint = _flag(args, "checkpoint")
+        if _flag(args, "live"):
+            return self._save_live(d, path, checkpoint, _flag(args, "paused"))
         now = self.now()
         answer = Deferred()
         d.state.suspend = libxl.SuspendJob(path=path, checkpoint=checkpoint)

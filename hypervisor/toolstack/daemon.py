@@ -21,6 +21,7 @@ recent output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -461,7 +462,8 @@ class Daemon:
                 self._emit("MIGRATION_PASS", job.dom, **{"pass": r.iteration + 1})
             if fresh:
                 job.reported = len(info.rounds)
-                self._emit("MIGRATION_ROUND", job.dom, **job.query_migrate())
+                self._emit("MIGRATION_ROUND", job.dom, **job.query_migrate(),
+                           round=dataclasses.asdict(fresh[-1]))
         return report
 
     def _finish_jobs(self) -> None:

@@ -549,10 +549,12 @@ class Client:
         self.execute("qmp_capabilities")
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
+                timeout: float | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> Any:
         """The command's "return"; QmpError for its "error". Events read
-        meanwhile wait in ``events``. ``timeout`` (seconds) overrides the
-        connection's for this answer (a save may take a while)."""
+        meanwhile go to ``on_event`` as they come, or wait in ``events``.
+        ``timeout`` (seconds) overrides the connection's for this answer (a
+        save may take a while)."""
         self.next_id += 1
         msg: dict[str, Any] = {"execute": command, "id": self.next_id}
         if arguments:
@@ -564,7 +566,9 @@ class Client:
         try:
             while True:
                 reply = self._read()
-                if "event" in reply:
+                if "event" in reply and on_event is not None:
+                    on_event(reply)
+                elif "event" in reply:
                     self.events.append(reply)
                 elif reply.get("id") == self.next_id:
                     break

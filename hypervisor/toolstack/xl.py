@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hypervisor.toolstack import qmp
+from hypervisor.toolstack.precopy import Round, progress_line
 from hypervisor.toolstack.savefile import XL_HDR, read_xl_header
 from hypervisor.toolstack.stream import StreamError
 
@@ -43,7 +44,8 @@ class DaemonClient(Protocol):
     """What a verb needs of the daemon: qmp.Client's two calls."""
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any: ...
+                timeout: float | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> Any: ...
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None: ...
 
@@ -207,6 +209,8 @@ def _attach(d: DaemonClient, dom: str) -> int:
 
 
 def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
+    if args.json and not args.live:
+        raise BadInput("--json reports a live save's rounds: give --live too")
     file = _new_file(args.file)
     info = _info(d, args.domain)
     _say(f"Saving domain {info['domid']} ({info['name']}) to {args.file}")
@@ -214,8 +218,8 @@ def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
     try:
         done = d.execute("domain-save", {"domain": info["domid"], "file": file,
                                          "checkpoint": args.checkpoint or args.paused,
-                                         "paused": args.paused},
-                         timeout=LONG_WAIT_S)
+                                         "paused": args.paused, "live": args.live},
+                         timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
     except qmp.QmpError as e:
         # xl's "Failed to save domain, resuming domain": the daemon resumes a
         # guest whose save failed (unless the failure is that it is gone)
@@ -223,10 +227,42 @@ def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
                       f"{e.desc}") from None
     after = ("is paused" if args.paused else "runs on" if args.checkpoint
              else "is destroyed")
+    rounds = f" in {done['rounds']} rounds" if args.live else ""
     _say(f"Saved domain {info['domid']} ({info['name']}) to {args.file}, new xl format "
-         f"(info {xl_format_info(file)}): {done['pages']} pages, {_mib(done['bytes'])}; "
-         f"the domain {after}")
+         f"(info {xl_format_info(file)}): {done['pages']} pages{rounds}, "
+         f"{_mib(done['bytes'])}; the domain {after}")
+    if args.live and args.json:
+        _json_line(d.execute("query-migrate", {"domain": info["name"]}))
     return EXIT_OK
+
+
+def live_progress(domid: int, args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
+    """What a verb shows of a live job's events for ``domid``: with --json
+    each round's query-migrate fields as a JSON line on stdout; on a terminal
+    libxc's progress line per round (precopy.progress_line) on stderr; xl's
+    messages (MIGRATION_MESSAGE) on stderr."""
+    tty = sys.stderr.isatty()
+
+    def show(event: dict[str, Any]) -> None:
+        data = dict(event.get("data") or {})
+        if data.pop("domid", None) != domid:
+            return
+        data.pop("name", None)
+        if event["event"] == "MIGRATION_MESSAGE":
+            _say(str(data.get("text", "")))
+        elif event["event"] == "MIGRATION_ROUND":
+            done = data.pop("round")
+            if getattr(args, "json", False):
+                _json_line(data)
+            elif tty:
+                ram = data.get("ram") or {}
+                total = ram.get("total", 0) // max(ram.get("page-size", 1), 1)
+                _say(progress_line(Round(**done), total))
+    return show
+
+
+def _json_line(fields: dict[str, Any]) -> None:
+    print(json.dumps(fields, sort_keys=True), flush=True)
 
 
 def xl_format_info(file: str) -> str:
@@ -357,8 +393,9 @@ class _Connection:
         return self.client
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
-        return self._client().execute(command, arguments, timeout=timeout)
+                timeout: float | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        return self._client().execute(command, arguments, timeout=timeout, on_event=on_event)
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         return self._client().next_event(timeout)
@@ -443,6 +480,13 @@ def _save_args(p: argparse.ArgumentParser) -> None:
                    help="leave the domain running once saved (a checkpoint)")
     p.add_argument("-p", dest="paused", action="store_true",
                    help="leave the domain paused once saved")
+    p.add_argument("--live", action="store_true",
+                   help="save while the domain runs: pre-copy rounds of the pages it "
+                        "dirties, then a short suspend for the last (xl migrate's loop, "
+                        "into a file); on a terminal a progress line per round")
+    p.add_argument("--json", action="store_true",
+                   help="with --live: each round's query-migrate fields as a JSON line "
+                        "on stdout, then the final ones")
 
 
 def _restore_args(p: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor, OutOfMemory
 from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_reboot, SHUTDOWN_suspend
-from hypervisor.toolstack import libxl, livejob
+from hypervisor.toolstack import libxl, livejob, migrateuri
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, DomainConfig, load_config
 from hypervisor.toolstack.context import domain_of
@@ -45,6 +45,13 @@ from hypervisor.toolstack.control import Request, resume_cancelled, type_on_cons
 from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.livejob import DaemonLive, LiveJob, Machine
+from hypervisor.toolstack.migrate import (
+    Channel,
+    MigrateOutcome,
+    Received,
+    migrate_domain,
+    migrate_receive,
+)
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
     Client,
@@ -158,6 +165,7 @@ class DaemonDomain:
     state: libxl.DomainState = field(default_factory=libxl.DomainState)
     save: SaveInFlight | None = None
     live: LiveJob | None = None       # a live save or a migration under way
+    parked: bool = False              # migrated after GO, the handshake failed: kept suspended
     balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
 
 
@@ -289,6 +297,8 @@ class Daemon:
         dom = d.dom
         if d.live is not None:  # its job's thread awaits its suspend and its requests
             self._check_balloon(d)
+            return
+        if d.parked and dom.shutdown_reason == SHUTDOWN_suspend:
             return
         if dom.shutdown_reason == SHUTDOWN_suspend:
             self._suspended(d)
@@ -428,24 +438,40 @@ class Daemon:
                                     "ends")
         return d
 
-    def _start_job(self, d: DaemonDomain, kind: str, work: Callable[[LiveJob], Any],
+    def _start_job(self, d: DaemonDomain | None, kind: str, work: Callable[[LiveJob], Any],
                    finish: Callable[[LiveJob], None]) -> LiveJob:
-        job = LiveJob(kind, d.dom, finish=finish)
-        d.live = job
+        job = LiveJob(kind, d.dom if d is not None else None, finish=finish)
         self.jobs.append(job)
-        self.last_job[d.dom.name] = self.last_job[""] = job
-        self._emit("MIGRATION", d.dom, status="setup")
+        if d is not None:
+            d.live = job
+            self.last_job[d.dom.name] = self.last_job[""] = job
+        self._emit_job("MIGRATION", job, status="setup")
         livejob.start(self.machine, job, work)
         return job
 
     def _callbacks(self, d: DaemonDomain, job: LiveJob) -> DaemonLive:
-        return DaemonLive(self.machine, self.hv, job, d.state, self._time_words(),
-                          lambda: self._emit("SUSPEND", d.dom))
+        def suspended() -> None:
+            job.suspended = True
+            self._emit("SUSPEND", d.dom)
+        return DaemonLive(self.machine, self.hv, job, d.state, self._time_words(), suspended)
 
     def _set_status(self, job: LiveJob, status: str) -> None:
         if job.status != status:
             job.status = status
-            self._emit("MIGRATION", job.dom, status=status)
+            self._emit_job("MIGRATION", job, status=status)
+
+    def _emit_job(self, event: str, job: LiveJob, **data: Any) -> None:
+        """An event of a job's domain (none yet for an incoming one: domid null)."""
+        if job.dom is not None:
+            self._emit(event, job.dom, **data)
+        else:
+            self.server.emit(event, {"domid": None, "name": "", **data})
+
+    def _tell_messages(self) -> None:
+        """xl's lines the jobs said since the last turn, as MIGRATION_MESSAGE events."""
+        for job in self.jobs:
+            while job.messages:
+                self._emit_job("MIGRATION_MESSAGE", job, text=job.messages.popleft())
 
     def _report(self, job: LiveJob) -> Callable[[MigrationInfo], None]:
         """The live loop's report as events: MIGRATION when the status
@@ -459,18 +485,19 @@ class Daemon:
                 self._set_status(job, "active")
             fresh = info.rounds[job.reported:]
             for r in fresh:
-                self._emit("MIGRATION_PASS", job.dom, **{"pass": r.iteration + 1})
+                self._emit_job("MIGRATION_PASS", job, **{"pass": r.iteration + 1})
             if fresh:
                 job.reported = len(info.rounds)
-                self._emit("MIGRATION_ROUND", job.dom, **job.query_migrate(),
-                           round=dataclasses.asdict(fresh[-1]))
+                self._emit_job("MIGRATION_ROUND", job, **job.query_migrate(),
+                               round=dataclasses.asdict(fresh[-1]))
         return report
 
     def _finish_jobs(self) -> None:
         """The loop's part of each job that is done: the domain's fate, the answer."""
+        self._tell_messages()
         for job in [j for j in self.jobs if j.done]:
             self.jobs.remove(job)
-            d = self.domains.get(job.dom.domid)
+            d = self.domains.get(job.dom.domid) if job.dom is not None else None
             if d is not None and d.live is job:
                 d.live = None
             if job.thread is not None:
@@ -540,6 +567,107 @@ class Daemon:
             libxl.pause(d.dom)
         self._emit("RESUME", d.dom)
 
+    def cmd_migrate(self, args: dict[str, Any]) -> Deferred:
+        """QEMU's migrate (``uri``: tcp:HOST:PORT or exec:COMMAND) run as xl's
+        migrate_domain; answered once the target has the domain, or with why
+        not (the guest then runs on here)."""
+        d = self._not_moving(self.find(args))
+        if d.save is not None or d.state.suspend is not None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is being saved")
+        if domctl.is_paused(d.dom) or d.dom.shutdown_reason is not None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is not running: it cannot be "
+                                    "migrated (unpause it first)")
+        try:
+            uri = migrateuri.check_uri(str(args["uri"]))
+        except ValueError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        answer = Deferred()
+
+        def work(job: LiveJob) -> MigrateOutcome:
+            wire = livejob.unheld(self.machine,
+                                  lambda: migrateuri.open_uri(uri, job.say))
+            job.on_cancel = wire.cut
+            return migrate_domain(self.hv, d.dom, self._held(wire.channel),
+                                  self._callbacks(d, job), PrecopyOptions(),
+                                  report=self._report(job), say=job.say)
+        self._start_job(d, "migrate", work, lambda job: self._migrated(d, job, answer))
+        return answer
+
+    def _held(self, ch: Channel) -> Channel:
+        """The channel with the machine given back while it is read, written, closed."""
+        m = self.machine
+        closer = ch.closer
+        return Channel(livejob.wire(ch.reader, m), livejob.wire(ch.writer, m), ch.rune,
+                       (lambda: livejob.unheld(m, closer)) if closer is not None else None)
+
+    def _migrated(self, d: DaemonDomain, job: LiveJob, answer: Deferred) -> None:
+        """The source's end: gone (the target has it), running on, or kept
+        suspended and renamed when the handshake failed after GO."""
+        out: MigrateOutcome | None = job.result
+        if out is not None and out.ok:
+            self._set_status(job, "completed")
+            answer.resolve({})
+            self._forget(d)
+            return
+        if out is not None and out.undefined:
+            d.parked = True   # neither resumed nor destroyed: a person decides (xl's way)
+            job.error = out.error.splitlines()[0]
+            job.info.error = out.error
+            self._set_status(job, "failed")
+            answer.fail(GENERIC, f"{_cause(out.lines)}; {job.error} the domain is kept "
+                                 f"suspended here as {d.dom.name}: check both hosts")
+            return
+        if out is not None:
+            job.error = f"{_cause(out.lines)}; {out.error}"
+            if job.suspended and d.dom.shutdown_reason is None:
+                self._emit("RESUME", d.dom)  # migrate_domain resumed it cancelled
+        fate = self._failed_job(d, job)
+        answer.fail(GENERIC, f"{job.error}; {fate}")
+
+    def cmd_migrate_incoming(self, args: dict[str, Any]) -> Deferred:
+        """QEMU's migrate-incoming with ``uri`` fd:NAME (one descriptor both
+        ways, a socket) or fd:IN,OUT (ssh's pipes), descriptors passed
+        before with getfd: xl's migrate_receive into this machine. The
+        answer: the domain's domid and name, and the receiver's lines."""
+        kind, _, names = str(args["uri"]).partition(":")
+        fdnames = names.split(",")
+        if kind != "fd" or not 1 <= len(fdnames) <= 2 or not all(fdnames):
+            raise QmpError(GENERIC, f"uri {args['uri']!r}: give fd:NAME or fd:IN,OUT, "
+                                    "descriptors passed with getfd")
+        fds = [self.server.take_fd(n) for n in fdnames]
+        reader = os.fdopen(fds[0], "rb")
+        writer = os.fdopen(fds[-1] if len(fds) == 2 else os.dup(fds[0]), "wb")
+        ch = Channel(reader, writer)
+        answer = Deferred()
+        paused = _flag(args, "paused")
+
+        def work(job: LiveJob) -> Received:
+            job.on_cancel = reader.close
+            return migrate_receive(self._held(ch), hv=self.hv, clock=self.clock,
+                                   paused=paused, say=job.say)
+        self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer))
+        return answer
+
+    def _received(self, job: LiveJob, ch: Channel, answer: Deferred) -> None:
+        """The target's end: the domain adopted (its console socket), or why not."""
+        lines = job.lines
+        ch.close()
+        if job.error:
+            self._set_status(job, "failed")
+            answer.fail(GENERIC, job.error)
+            return
+        got: Received = job.result
+        try:
+            self._adopt(got.dom, None)
+        except OSError as e:
+            libxl.destroy_domain(self.hv, got.dom)
+            answer.fail(GENERIC, f"the console socket: {e}; the domain is destroyed")
+            return
+        job.dom = got.dom
+        self.last_job[got.dom.name] = job
+        self._set_status(job, "completed")
+        answer.resolve({"domid": got.dom.domid, "name": got.dom.name, "lines": lines})
+
     def cmd_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         """QEMU's query-migrate for a domain's current or last live job (by
         name: a domain migrated away is gone), or the last of all; {} if none."""
@@ -570,6 +698,8 @@ class Daemon:
             "domain-save": (self.cmd_save, {"domain": dom, "file": path, "checkpoint": flag,
                                             "paused": flag, "live": flag}),
             "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
+            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path}),
+            "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag}),
             "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
             "domain-mem-set": (self.cmd_mem_set, kib),
             "domain-mem-max": (self.cmd_mem_max, kib),
@@ -674,6 +804,14 @@ class Daemon:
     def cmd_quit(self, _args: dict[str, Any]) -> dict[str, Any]:
         self.stopping = True
         return {}
+
+
+def _cause(lines: list[str]) -> str:
+    """Why a migration failed: xl's line before its first "Migration failed"."""
+    for i, line in enumerate(lines):
+        if line.startswith("Migration failed") or line.startswith("** Migration failed"):
+            return lines[i - 1] if i else line
+    return lines[-1] if lines else "the migration failed"
 
 
 def _version() -> str:

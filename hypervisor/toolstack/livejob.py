@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -104,6 +105,15 @@ class Machine:
             self._held = True
 
 
+def unheld(machine: Machine, call: Callable[[], Any]) -> Any:
+    """``call()`` in a job's thread with the machine given back meanwhile."""
+    machine.give()
+    try:
+        return call()
+    finally:
+        machine.take()
+
+
 class Unheld:
     """A file, pipe or socket that a job writes and reads with the machine
     given back meanwhile. Writes are gathered up to WIRE_CHUNK octets (a
@@ -117,11 +127,7 @@ class Unheld:
         self.buf = bytearray()
 
     def _unheld(self, call: Callable[[], Any]) -> Any:
-        self.machine.give()
-        try:
-            return call()
-        finally:
-            self.machine.take()
+        return unheld(self.machine, call)
 
     def write(self, data: bytes) -> int:
         self.buf += data
@@ -154,6 +160,12 @@ class Unheld:
         self._send()
         return self.f.tell()
 
+    def close(self) -> None:
+        try:
+            self._send()
+        finally:
+            self._unheld(self.f.close)
+
     def seek(self, offset: int, whence: int = 0) -> int:
         self._send()
         return self.f.seek(offset, whence)
@@ -172,8 +184,8 @@ class LiveJob:
     what came of it, and the system time its thread waits for (the loop's
     poll must wake by then)."""
 
-    kind: str                     # "save" or "migrate"
-    dom: Domain
+    kind: str                     # "save", "migrate" or "incoming"
+    dom: Domain | None            # None for an incoming migration until it is built
     info: MigrationInfo = field(default_factory=MigrationInfo)
     status: str = "setup"         # QEMU's MigrationStatus, as events tell it
     result: Any = None
@@ -181,10 +193,19 @@ class LiveJob:
     done: bool = False
     wake_at: int | None = None
     reported: int = 0             # rounds told as events so far
+    suspended: bool = False       # the guest suspended for the final round
     cancelled: bool = False
     thread: threading.Thread | None = None
     on_cancel: Callable[[], None] | None = None  # closes its wire (ends a blocked read)
     finish: Callable[[LiveJob], None] | None = None  # the loop's part once it is done
+    # xl's lines said meanwhile, from any thread; the loop emits them as events
+    messages: deque[str] = field(default_factory=deque)
+    lines: list[str] = field(default_factory=list)
+
+    def say(self, line: str) -> None:
+        """One of xl's lines: kept, and told as an event at the loop's next turn."""
+        self.lines.append(line)
+        self.messages.append(line)
 
     def query_migrate(self) -> dict[str, Any]:
         out = self.info.query_migrate()
@@ -210,13 +231,13 @@ def start(machine: Machine, job: LiveJob, work: Callable[[LiveJob], Any]) -> Non
             job.result = work(job)
         except Exception as e:  # every failure is the job's answer, never the daemon's end
             if not isinstance(e, (SaveError, OSError, libxl.LibxlError)):
-                log.exception("live job of %s failed", job.dom.name)
+                log.exception("live %s job failed", job.kind)
             job.error = str(e) or type(e).__name__
         finally:
             job.done = True
             job.wake_at = None
             machine.give()
-    job.thread = threading.Thread(target=body, name=f"live-{job.dom.name}", daemon=True)
+    job.thread = threading.Thread(target=body, name=f"live-{job.kind}", daemon=True)
     job.thread.start()
 
 
@@ -236,6 +257,7 @@ class DaemonLive:
 
     def _check(self) -> None:
         dom = self.job.dom
+        assert dom is not None
         if self.job.cancelled:
             raise Cancelled("the live job was cancelled (the daemon stops)")
         if dom.shutdown_reason is not None and dom.shutdown_reason != SHUTDOWN_suspend:
@@ -255,6 +277,7 @@ class DaemonLive:
 
     def suspend(self) -> None:
         dom, st = self.job.dom, self.state
+        assert dom is not None
         now = domctl.system_time(self.hv)
         libxl.make_request(self.hv, dom, st, Request(now, command="suspend"))
         deadline = now + libxl.SUSPEND_TIMEOUT_NS
@@ -279,4 +302,5 @@ def wire(f: BinaryIO, machine: Machine) -> BinaryIO:
     return Unheld(f, machine)  # type: ignore[return-value]
 
 
-__all__ = ["Cancelled", "DaemonLive", "LiveJob", "Machine", "Unheld", "start", "wire"]
+__all__ = ["Cancelled", "DaemonLive", "LiveJob", "Machine", "Unheld", "start", "unheld",
+           "wire"]

@@ -236,6 +236,50 @@ def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
+    """xl migrate: the daemon runs xl's migrate_domain to the uri the flags
+    make; xl's lines and, on a terminal, a progress line per round come as
+    events; a failure is one line (the guest runs on here)."""
+    uri = migrate_uri(args)
+    info = _info(d, args.domain)
+    try:
+        d.execute("migrate", {"domain": info["domid"], "uri": uri}, timeout=LONG_WAIT_S,
+                  on_event=live_progress(info["domid"], args))
+    except qmp.QmpError as e:
+        if e.klass == "DomainNotFound":
+            raise
+        raise XlError(f"migrating domain {info['domid']} ({info['name']}) failed: "
+                      f"{e.desc}") from None
+    if args.json:
+        _json_line(d.execute("query-migrate", {"domain": info["name"]}))
+    return EXIT_OK
+
+
+def migrate_uri(args: argparse.Namespace) -> str:
+    """The daemon's uri for xl migrate's flags: ``tcp:HOST:PORT`` with --tcp,
+    else xl's rune as exec: (``exec SSH HOST pvlab migrate-receive [-e] [-p]``;
+    ``-s CMD`` replaces ssh; an empty -s makes HOST the whole command)."""
+    if args.config is not None:
+        raise BadInput("-C: sending another configuration than the domain's is not built "
+                       "in pvlab; migrate without it")
+    if args.debug:
+        raise BadInput("--debug: xl's verify pass is not built in pvlab; migrate without it")
+    if args.tcp is not None:
+        if args.host is not None or args.ssh is not None or args.no_monitor or args.paused:
+            raise BadInput("--tcp HOST:PORT talks to `pvlab migrate-receive --listen`, "
+                           "which takes -p and -e itself: give no HOST, -s, -e or -p")
+        host, _, port = args.tcp.rpartition(":")
+        if not host or not port.isdigit():
+            raise BadInput(f"--tcp {args.tcp}: give HOST:PORT")
+        return f"tcp:{args.tcp}"
+    if args.host is None:
+        raise BadInput("give the HOST to migrate to (or --tcp HOST:PORT)")
+    if args.ssh == "":
+        return f"exec:{args.host}"
+    flags = (" -e" if args.no_monitor else "") + (" -p" if args.paused else "")
+    return f"exec:exec {args.ssh or 'ssh'} {args.host} pvlab migrate-receive{flags}"
+
+
 def live_progress(domid: int, args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
     """What a verb shows of a live job's events for ``domid``: with --json
     each round's query-migrate fields as a JSON line on stdout; on a terminal
@@ -372,6 +416,22 @@ def xl_dmesg(d: DaemonClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def receive_into_daemon(client: qmp.Client, reader_fd: int, writer_fd: int,
+                        paused: bool = False) -> dict[str, Any]:
+    """``pvlab migrate-receive`` when a daemon runs here: the wire's
+    descriptors handed to it (QEMU's getfd: SCM_RIGHTS over its socket), then
+    migrate-incoming, so that the domain lives in the daemon. One
+    descriptor for a socket, two for ssh's pipes. Returns the answer
+    (domid, name, the receiver's lines); QmpError says why not."""
+    client.send_fd("migrate-in", reader_fd)
+    names = "migrate-in"
+    if writer_fd != reader_fd:
+        client.send_fd("migrate-out", writer_fd)
+        names += ",migrate-out"
+    return client.execute("migrate-incoming", {"uri": f"fd:{names}", "paused": paused},
+                          timeout=LONG_WAIT_S)
+
+
 # --- connecting, and the one-line failures ---------------------------------------------------
 
 def connect(socket: str | None) -> DaemonClient:
@@ -497,6 +557,33 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
                    help="attach to the domain's console once it is restored")
 
 
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    _dom(p)
+    p.add_argument("host", metavar="HOST", nargs="?",
+                   help="the host to migrate to: `ssh HOST pvlab migrate-receive` is run "
+                        "there, its stdin and stdout the wire (xl's way)")
+    p.add_argument("-s", dest="ssh", metavar="CMD",
+                   help="run CMD instead of ssh; an empty CMD runs HOST itself as the "
+                        "command")
+    p.add_argument("-e", dest="no_monitor", action="store_true",
+                   help="passed on to migrate-receive: do not wait for the domain there")
+    p.add_argument("-p", dest="paused", action="store_true",
+                   help="leave the domain paused on the target")
+    p.add_argument("-C", dest="config", metavar="CFG",
+                   help="xl's: send CFG instead of the domain's configuration (not built: "
+                        "refused)")
+    p.add_argument("--debug", action="store_true",
+                   help="xl's verify pass (not built: refused)")
+    p.add_argument("--live", action="store_true",
+                   help="accepted and ignored, as xl does (migration is always live)")
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="connect to `pvlab migrate-receive --listen HOST:PORT` there "
+                        "instead of running it over ssh")
+    p.add_argument("--json", action="store_true",
+                   help="each round's query-migrate fields as a JSON line on stdout, then "
+                        "the final ones")
+
+
 def _size_args(p: argparse.ArgumentParser) -> None:
     _dom(p)
     p.add_argument("size", metavar="SIZE", help=SIZE_HELP)
@@ -528,6 +615,12 @@ CONSOLE_HELP = ("Attach this terminal to the domain's console: what you type goe
                 "it comes, and its end is typed as Ctrl-D. Several people may attach to one "
                 "domain at once.")
 
+MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon sends it live "
+                "(pre-copy rounds while it runs, then a short suspend) to `pvlab "
+                "migrate-receive` run over ssh on HOST (or, with --tcp, listening there); "
+                "once the target has started it, it is gone from here. If anything fails "
+                "the domain runs on here and the verb says why (exit 1).")
+
 # name, verb, one line for the verb list, the description, its arguments
 VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, str,
                   Callable[[argparse.ArgumentParser], None]]] = [
@@ -541,6 +634,8 @@ VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, s
     ("save", xl_save, "save a domain to a file, to restore later",
      "Suspend the domain and write its state to FILE (an xl save file); the domain is "
      "then destroyed, unless -c or -p keeps it.", _save_args),
+    ("migrate", xl_migrate, "move a running domain to another host",
+     MIGRATE_HELP, _migrate_args),
     ("restore", xl_restore, "build a domain from a save file",
      "Build a new domain from FILE and let it run on from where it was saved.",
      _restore_args),
@@ -592,3 +687,5 @@ def add_parsers(sub: Any) -> None:
         _add_verb(verbs, *spec)
     _add_verb(sub, "console", xl_console, "attach to the console of a domain in the daemon "
               "(pvlab xl console)", CONSOLE_HELP, _dom)
+    _add_verb(sub, "migrate", xl_migrate, "move a running domain of the daemon to another "
+              "host (pvlab xl migrate)", MIGRATE_HELP, _migrate_args)

@@ -80,22 +80,24 @@ class Channel:
     what the other end says) and ``writer`` (its send_fd). ``rune`` is the
     command run for it (xl quotes it when the banner is wrong), None for a
     socket or this process's stdin and stdout; ``closer`` ends the
-    transport (and reaps the command's process)."""
+    transport, given whether to wait for the command's process to exit."""
 
     reader: BinaryIO
     writer: BinaryIO
     rune: str | None = None
-    closer: Callable[[], None] | None = None
+    closer: Callable[[bool], None] | None = None
 
-    def close(self) -> None:
-        """close(send_fd), then the transport's end (migration_child_report)."""
+    def close(self, wait: bool = True) -> None:
+        """close(send_fd), then the transport's end: with ``wait``, a short
+        wait for the command's exit status (migration_child_report; xl
+        waits only when it failed: a receiver that succeeded runs on)."""
         for f in (self.writer, self.reader):
             try:
                 f.close()
             except OSError:
                 pass  # a writer whose buffer cannot be flushed any more
         if self.closer is not None:
-            self.closer()
+            self.closer(wait)
 
 
 def _stream_name(ch: Channel) -> str:
@@ -260,7 +262,7 @@ def _handshake(s: _Sender) -> MigrateOutcome:
     libxl.destroy_domain(hv, dom)  # bang!
     s.out.ok, s.out.runs_on = True, False
     s.say("Migration successful.")
-    ch.close()
+    ch.close(wait=False)
     return s.out
 
 

@@ -526,7 +526,8 @@ class Daemon:
             self._emit("RESUME", dom)
             return "the guest runs on (its suspend hypercall returned 1)"
         if dom.shutdown_reason is None:
-            return "the guest runs on"
+            return "the guest runs on" + (" (its suspend hypercall returned 1)"
+                                          if job.suspended else "")
         return "the guest has shut down"
 
     def _save_live(self, d: DaemonDomain, path: Path, checkpoint: bool,
@@ -598,7 +599,8 @@ class Daemon:
         m = self.machine
         closer = ch.closer
         return Channel(livejob.wire(ch.reader, m), livejob.wire(ch.writer, m), ch.rune,
-                       (lambda: livejob.unheld(m, closer)) if closer is not None else None)
+                       (lambda wait: livejob.unheld(m, lambda: closer(wait)))
+                       if closer is not None else None)
 
     def _migrated(self, d: DaemonDomain, job: LiveJob, answer: Deferred) -> None:
         """The source's end: gone (the target has it), running on, or kept
@@ -618,11 +620,11 @@ class Daemon:
                                  f"suspended here as {d.dom.name}: check both hosts")
             return
         if out is not None:
-            job.error = f"{_cause(out.lines)}; {out.error}"
+            job.error = f"{_cause(out.lines)}; {out.error.rstrip('.')}"
             if job.suspended and d.dom.shutdown_reason is None:
                 self._emit("RESUME", d.dom)  # migrate_domain resumed it cancelled
         fate = self._failed_job(d, job)
-        answer.fail(GENERIC, f"{job.error}; {fate}")
+        answer.fail(GENERIC, job.error if "runs on" in job.error else f"{job.error}; {fate}")
 
     def cmd_migrate_incoming(self, args: dict[str, Any]) -> Deferred:
         """QEMU's migrate-incoming with ``uri`` fd:NAME (one descriptor both
@@ -807,11 +809,13 @@ class Daemon:
 
 
 def _cause(lines: list[str]) -> str:
-    """Why a migration failed: xl's line before its first "Migration failed"."""
-    for i, line in enumerate(lines):
-        if line.startswith("Migration failed") or line.startswith("** Migration failed"):
-            return lines[i - 1] if i else line
-    return lines[-1] if lines else "the migration failed"
+    """Why a migration failed: xl's line before its first "Migration failed"
+    (the resume's own step passed over)."""
+    said = [x for x in lines if not x.endswith("Trying to resume at our end.")]
+    for i, line in enumerate(said):
+        if line.startswith(("Migration failed", "** Migration failed")):
+            return said[i - 1] if i else line
+    return said[-1] if said else "the migration failed"
 
 
 def _version() -> str:

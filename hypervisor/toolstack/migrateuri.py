@@ -66,11 +66,13 @@ def _tcp(host: str, port: int) -> Wire:
 
     def cut() -> None:
         sock.shutdown(socket.SHUT_RDWR)
-    return Wire(Channel(sock.makefile("rb"), sock.makefile("wb"), None, sock.close), cut)
+    return Wire(Channel(sock.makefile("rb"), sock.makefile("wb"), None,
+                        lambda _wait: sock.close()), cut)
 
 
 def _exec(command: str, stderr_line: Callable[[str], None]) -> Wire:
-    """The command in a child of its own session (xl's create_migration_child)."""
+    """The command in a child of its own session (transport.create_migration_child,
+    with its stderr relayed and a way to kill it)."""
     proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -83,14 +85,17 @@ def _exec(command: str, stderr_line: Callable[[str], None]) -> Wire:
     relay_thread = threading.Thread(target=relay, name="migrate-stderr", daemon=True)
     relay_thread.start()
 
-    def close() -> None:
-        try:
-            proc.wait(EXIT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        relay_thread.join(EXIT_WAIT_S)
-        err.close()
+    def close(wait: bool) -> None:
+        """The command's end: waited for after a failure; after a success it
+        runs on (the receiver keeps the domain), its lines relayed until it
+        closes its stderr."""
+        if wait:
+            try:
+                proc.wait(EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            relay_thread.join(EXIT_WAIT_S)
     return Wire(Channel(proc.stdout, proc.stdin, command, close), proc.kill)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from hypervisor.toolstack import qmp
+from hypervisor.toolstack import qmp, transport
 from hypervisor.toolstack.precopy import Round, progress_line
 from hypervisor.toolstack.savefile import XL_HDR, read_xl_header
 from hypervisor.toolstack.stream import StreamError
@@ -274,10 +274,11 @@ def migrate_uri(args: argparse.Namespace) -> str:
         return f"tcp:{args.tcp}"
     if args.host is None:
         raise BadInput("give the HOST to migrate to (or --tcp HOST:PORT)")
-    if args.ssh == "":
-        return f"exec:{args.host}"
-    flags = (" -e" if args.no_monitor else "") + (" -p" if args.paused else "")
-    return f"exec:exec {args.ssh or 'ssh'} {args.host} pvlab migrate-receive{flags}"
+    if args.no_monitor and args.ssh != "":
+        raise BadInput("-e: pvlab migrate-receive has no monitor to leave out; migrate "
+                       "without it")
+    return "exec:" + transport.ssh_rune(args.host, "ssh" if args.ssh is None else args.ssh,
+                                        args.paused)
 
 
 def live_progress(domid: int, args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
@@ -417,19 +418,58 @@ def xl_dmesg(d: DaemonClient, args: argparse.Namespace) -> int:
 
 
 def receive_into_daemon(client: qmp.Client, reader_fd: int, writer_fd: int,
-                        paused: bool = False) -> dict[str, Any]:
+                        paused: bool = False,
+                        say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``pvlab migrate-receive`` when a daemon runs here: the wire's
     descriptors handed to it (QEMU's getfd: SCM_RIGHTS over its socket), then
     migrate-incoming, so that the domain lives in the daemon. One
-    descriptor for a socket, two for ssh's pipes. Returns the answer
-    (domid, name, the receiver's lines); QmpError says why not."""
+    descriptor for a socket, two for ssh's pipes. ``say`` gets the
+    receiver's lines as they come. Returns the answer (domid, name, the
+    receiver's lines); QmpError says why not."""
     client.send_fd("migrate-in", reader_fd)
     names = "migrate-in"
     if writer_fd != reader_fd:
         client.send_fd("migrate-out", writer_fd)
         names += ",migrate-out"
+    def tell(event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event.get("event") == "MIGRATION_MESSAGE" and data.get("domid") is None and say:
+            say(str(data.get("text", "")))
     return client.execute("migrate-incoming", {"uri": f"fd:{names}", "paused": paused},
-                          timeout=LONG_WAIT_S)
+                          timeout=LONG_WAIT_S, on_event=tell)
+
+
+def receiving_daemon(socket: str | None, in_process: bool) -> qmp.Client | None:
+    """The daemon ``pvlab migrate-receive`` hands its wire to: the one at
+    ``socket`` (BadInput if none answers there), else the one at the default
+    socket if it answers; None with ``in_process`` or when none runs."""
+    if in_process:
+        return None
+    path = Path(socket) if socket else qmp.default_socket()
+    try:
+        return qmp.Client(path, timeout=None)
+    except (qmp.DaemonNotRunning, OSError, qmp.QmpError) as e:
+        if socket:
+            raise BadInput(f"--socket {socket}: {e}") from None
+        return None
+
+
+def receive_in_daemon(client: qmp.Client, channel: Any, paused: bool) -> int:
+    """The wire handed to the daemon; its receiver's lines said here, on
+    stderr, which ssh relays to the sender (xl's "migration target: ..."
+    lines). 0 once the domain runs there, 1 if not (the one line why)."""
+    try:
+        done = receive_into_daemon(client, channel.reader.fileno(), channel.writer.fileno(),
+                                   paused, _say)
+    except (qmp.QmpError, OSError) as e:
+        _say(f"migration target: {e}")
+        return EXIT_FAILED
+    finally:
+        channel.close(wait=False)
+        client.close()
+    _say(f"migration target: domain {done['domid']} ({done['name']}) runs in the daemon at "
+         f"{client.path}")
+    return EXIT_OK
 
 
 # --- connecting, and the one-line failures ---------------------------------------------------

@@ -249,3 +249,49 @@ def test_nobody_listens_and_bad_flags(capsys, hosts):
         code, _, err = pvlab(capsys, "xl", "migrate", *argv, "--socket", str(a.sock))
         assert code == 2 and err.startswith(f"pvlab: {what}") and len(err.splitlines()) == 1
     a("domain-destroy", domain="idle")
+
+
+def test_daemon_serves_while_the_receiver_is_waited_for(capsys, hosts, reference):
+    """The receiver takes the whole stream and then says nothing: the guest
+    waits suspended for the ready message while the daemon serves (another
+    domain runs and prints, the domain is listed, commands that would change
+    it are refused, query-migrate answers); the receiver killed, the
+    migration fails and the guest runs on, resumed (its suspend returns 1)."""
+    import os
+    import signal
+    import threading
+    a, _, d = hosts
+    con = guest(a, d, "wait")
+    pidfile = d / "rx.pid"
+    banner = MIGRATE_RECEIVER_BANNER.decode().strip()
+    # cat takes the stream; its descriptor 3 keeps the wire back open, unsaid
+    rune = f"echo $$ > {pidfile}; printf '{banner}\\n'; exec cat 3>&1 >/dev/null"
+    answer: list[Any] = []
+
+    def migrate() -> None:
+        with Client(a.sock, timeout=WAIT_S) as c:
+            try:
+                answer.append(c.execute("migrate", {"domain": "wait", "uri": f"exec:{rune}"}))
+            except Exception as e:  # the answer the test looks at
+                answer.append(e)
+    t = threading.Thread(target=migrate)
+    t.start()
+    while True:
+        ev = a.client.next_event(WAIT_S)
+        assert ev is not None, "the guest never suspended"
+        if ev["event"] == "SUSPEND" and ev["data"]["name"] == "wait":
+            break
+    (row,) = [r for r in a("domain-list") if r["name"] == "wait"]
+    assert row["state"][3] == "s"  # suspended for the final round, the stream sent
+    for command in ("domain-destroy", "domain-pause", "domain-unpause"):
+        with pytest.raises(Exception, match="is being migrated"):
+            a(command, domain="wait")
+    assert a("query-migrate", domain="wait")["status"] == "active"
+    a("domain-create", config=str(write_config(d, "other", cmdline="run=counter:2:1000")))
+    other = Console(a("domain-console", domain="other")["path"])
+    assert "counter 2" in other.to_end()  # it ran to its end meanwhile
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    t.join(WAIT_S)
+    (err,) = answer
+    assert "ready message" in str(err) and "suspend hypercall returned 1" in str(err)
+    runs_on(a, con, "wait", reference)

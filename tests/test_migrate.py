@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -23,10 +24,12 @@ from pathlib import Path
 import pytest
 
 from hypervisor.domctl import physinfo
+from hypervisor.domctl import vcpu_clocks as dom_clocks
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack import migrate, save
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.cli import main
+from hypervisor.toolstack.image import scan_image
 from hypervisor.toolstack.migrate import (
     FAILED_BADLY,
     MIGRATE_PERMISSION_TO_GO,
@@ -37,10 +40,9 @@ from hypervisor.toolstack.migrate import (
     MigrateError,
     migrate_receive,
 )
-from hypervisor.toolstack.image import scan_image
 from hypervisor.toolstack.savefile import XL_MAGIC
 from hypervisor.toolstack.session import migrate_at, run_domain
-from hypervisor.toolstack.transport import connect_tcp, parse_destination, ssh_rune
+from hypervisor.toolstack.transport import parse_destination, ssh_rune
 from tests.conftest import GUEST_IMAGE, ROOT, booting, checkout_env, make_config
 
 GUEST = "run=dirtier:100:20000:1000,counter:5:100000"  # ends at 41 ms
@@ -191,6 +193,27 @@ def test_the_octets_on_the_wire_are_xls(wire, tmp_path):
     info = scan_image(stream, wire=True)
     assert to_target.startswith(XL_MAGIC) and info.domain["name"] == "mig"
     assert info.domain["kind"] == "live save" and info.copies > info.nr_pfns
+
+
+def test_a_guest_goes_there_and_back(cfg, reference):
+    """A -> B -> A: the received domain migrates again, back to the machine
+    it left (its frames and its name free there again)."""
+    with booting() as boot:
+        hv, dom = boot(cfg)
+        console, at = "", AT_NS
+        for hv_next in (boot.bare(64, seed=5), hv):
+            tx, rx = pipes()
+            target = Target(rx, hv_next)
+            target.start()
+            result, out = migrate_at(hv, dom, at, lambda tx=tx: tx)
+            target.join()
+            assert out.ok and target.got is not None, target.error
+            console += result.console.decode()
+            hv, dom = hv_next, target.got.dom
+            at = max(c for c in dom_clocks(dom)) + 2_000_000
+        after = run_domain(hv, dom, LIMIT_NS)
+    assert after.reason == "poweroff" and dom.name == "mig"
+    assert outcome(console + after.console.decode()) == reference
 
 
 def test_the_names_and_states_follow_xls_order(wire):
@@ -363,9 +386,12 @@ def test_a_receiver_killed_after_go_leaves_the_source_copy_suspended_and_renamed
     killer = Killer(tmp_path, "after go")
     hv, dom, result, out, lines = migrate_and_run_on(booted, cfg, killer.channel)
     assert out.undefined and not out.runs_on and out.error == FAILED_BADLY
-    assert lines[-2:] == ["file/stream truncated reading success/failure report message "
-                          "from migration receiver stream", FAILED_BADLY]
-    assert FAILED_BADLY.startswith("** Migration failed during final handshake **\n")
+    assert lines[-3:] == ["file/stream truncated reading success/failure report message "
+                          "from migration receiver stream", FAILED_BADLY,
+                          "migration sender: the copy here stays suspended as "
+                          "mig--migratedaway"]
+    assert FAILED_BADLY.startswith("** Migration failed during final handshake ** ")
+    assert "\n" not in FAILED_BADLY
     assert dom.domid in hv.domains and dom.name == "mig--migratedaway"
     assert dom.shutdown_reason == SHUTDOWN_suspend
 
@@ -491,19 +517,15 @@ class Dropping:
     """A TCP connection that drops (both ways) MID_STREAM octets into the stream."""
 
     def __init__(self, port: int) -> None:
-        self.ch = connect_tcp("127.0.0.1", port)
+        self.sock = socket.create_connection(("127.0.0.1", port))
         self.sent = 0
-        self.sock = None
 
     def channel(self) -> Channel:
-        raw = self.ch.writer.raw  # the socket's writer, under its buffer
-        self.sock = raw._sock
-        self.ch.writer = self
-        return self.ch
+        return Channel(self.sock.makefile("rb"), self, None, lambda _wait: self.sock.close())
 
     def write(self, data: bytes) -> int:
         if self.sent >= MID_STREAM:
-            self.sock.shutdown(2)  # SHUT_RDWR: the connection is gone
+            self.sock.shutdown(socket.SHUT_RDWR)  # the connection is gone
         self.sent += len(data)
         self.sock.sendall(data)
         return len(data)

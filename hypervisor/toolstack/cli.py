@@ -331,6 +331,8 @@ def _migrate(hv: Hypervisor, dom: Domain, req: Request, requests: list[Request],
         _exit_for(result, dom, args.until)
         print(f"pvlab: migration to {dest.describe()} failed; domain {name} ran on here",
               file=sys.stderr)
+    elif not out.undefined:
+        print(f"pvlab: migration to {dest.describe()} failed", file=sys.stderr)
     return EXIT_GUEST_FAILED
 
 

@@ -34,7 +34,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
@@ -60,12 +60,11 @@ ERROR_FAIL = -3                # libxl's; the report octet is its negation
 # a write that fails with these reached no one: the other end is gone
 GONE = (errno.EPIPE, errno.ECONNRESET)
 
-FAILED_BADLY = ("** Migration failed during final handshake **\n"
-                "Domain state is now undefined !\n"
-                "Please CHECK AT BOTH ENDS for running instances, before renaming and\n"
-                " resuming at most one instance.  Two simultaneous instances of the domain\n"
-                " would probably result in SEVERE DATA LOSS and it is now your\n"
-                " responsibility to avoid that.  Sorry.")
+# xl's warning after GO, in one line
+FAILED_BADLY = ("** Migration failed during final handshake ** Domain state is now undefined! "
+                "Please CHECK AT BOTH ENDS for running instances, before renaming and resuming "
+                "at most one instance. Two simultaneous instances of the domain would probably "
+                "result in SEVERE DATA LOSS and it is now your responsibility to avoid that.")
 
 Say = Callable[[str], None]
 
@@ -200,6 +199,7 @@ class _Sender:
         self.out.undefined = True
         self.out.error = FAILED_BADLY
         self.say(FAILED_BADLY)
+        self.say(f"migration sender: the copy here stays suspended as {self.dom.name}")
         self.ch.close()
         return self.out
 
@@ -292,19 +292,26 @@ class Received:
 
 
 class _Prefixed(io.RawIOBase):
-    """``head`` then whatever ``rest`` has: the stream with its xl header rewritten."""
+    """``head`` then whatever ``rest`` has: the stream with its xl header
+    rewritten. A read returns what is there (never waits for more than one
+    read of ``rest``): the sender waits for our answer once its stream is
+    out, so a read must not wait for octets that will not come."""
 
     def __init__(self, head: bytes, rest: BinaryIO) -> None:
         self.head, self.rest = head, rest
+        self._more = getattr(rest, "read1", rest.read)
 
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int = -1) -> bytes:
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
         if self.head:
-            data, self.head = self.head[:n], self.head[n:]
-            return data
-        return self.rest.read(n)
+            data, self.head = self.head[:len(view)], self.head[len(view):]
+        else:
+            data = self._more(len(view))
+        view[:len(data)] = data
+        return len(data)
 
 
 def incoming_header(reader: BinaryIO) -> tuple[bytes, str]:

@@ -417,9 +417,11 @@ def migrate_at(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Ch
     before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
     result = run_domain(hv, dom, at_ns, sink, before, note)
     if result.reason != "running":
-        return result, MigrateOutcome(runs_on=False, error=f"the guest shut down "
-                                                           f"({result.reason}) before the "
-                                                           "migration")
+        out = MigrateOutcome(runs_on=False, error=f"the guest shut down ({result.reason}) "
+                                                  "before the migration")
+        if say is not None:
+            say(out.error)
+        return result, out
     try:
         channel = connect()
     except OSError as e:

@@ -31,6 +31,7 @@ from hypervisor.toolstack.qmp import Client
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import booting, checkout_env
 from tests.test_daemon import WAIT_S, Console, Daemon, write_config
+from tests.test_migrate_ssh import sshd  # noqa: F401 (a fixture: a real sshd on loopback)
 
 WRITER = "run=dirtier:100:20000:3000,hashchain:50:32,counter:5:300000"
 # the same with a shell that waits for a line: the guest cannot end before a
@@ -186,6 +187,25 @@ def test_migrate_daemon_to_daemon_over_xl_rune(capsys, hosts, reference):
     assert "migration target: Ready to receive domain." in err.splitlines()
     assert [r["name"] for r in a("domain-list")] == []
     arrive(b, "rune", con.to_end(), reference)
+
+
+def test_migrate_daemon_to_daemon_over_ssh(capsys, hosts, reference, sshd):  # noqa: F811
+    """xl's way for real: ``ssh HOST pvlab migrate-receive -p`` through a real
+    sshd (-s names a wrapper with the test's port and key); the receiver on
+    the far side hands ssh's pipes to daemon B, where the domain lives."""
+    a, b, d = hosts
+    wrap, _ = sshd
+    to_b = d / "ssh-to-b"
+    to_b.write_text(f'#!/bin/sh\nhost=$1; shift\nexec {wrap} "$host" "$@" --socket {b.sock}\n')
+    to_b.chmod(0o755)
+    con = guest(a, d, "ssh")
+    code, _, err = pvlab(capsys, "xl", "migrate", "-s", str(to_b), "-p", "ssh", "127.0.0.1",
+                         "--socket", str(a.sock))
+    assert code == 0, err
+    assert "migration target: Ready to receive domain." in err.splitlines()
+    assert "Migration successful." in err.splitlines()
+    assert [r["name"] for r in a("domain-list")] == []
+    arrive(b, "ssh", con.to_end(), reference)
 
 
 def runs_on(a: Daemon, con: Console, name: str, reference: list[str]) -> None:

@@ -315,3 +315,40 @@ def test_daemon_serves_while_the_receiver_is_waited_for(capsys, hosts, reference
     (err,) = answer
     assert "ready message" in str(err) and "suspend hypercall returned 1" in str(err)
     runs_on(a, con, "wait", reference)
+
+
+# a receiver that takes the stream, says it is ready, reads GO and dies
+# without its report: the sender cannot know whether the target started
+AFTER_GO = """\
+import os, sys
+from hypervisor.toolstack import migrate, restore, stream
+out = sys.stdout.buffer
+out.write(migrate.MIGRATE_RECEIVER_BANNER)
+out.flush()
+with open(os.devnull, "wb") as null:
+    restore.copy_stream(stream.CountingReader(sys.stdin.buffer), null)
+out.write(migrate.MIGRATE_RECEIVER_READY)
+out.flush()
+sys.stdin.buffer.read(len(migrate.MIGRATE_PERMISSION_TO_GO))
+"""
+
+
+def test_failed_after_go_keeps_the_domain_suspended(capsys, hosts):
+    """xl's failed_badly: past the point of no return the daemon neither
+    resumes nor destroys its copy; it stays suspended as NAME--migratedaway
+    (looked at turn after turn, it is not resumed) until a person acts."""
+    a, _, d = hosts
+    guest(a, d, "late")
+    script = d / "after_go.py"
+    script.write_text(AFTER_GO)
+    code, _, err = pvlab(capsys, "xl", "migrate", "-s", "", "late",
+                         f"{sys.executable} {script}", "--socket", str(a.sock))
+    assert code == 1
+    last = err.splitlines()[-1]
+    assert "Migration failed during final handshake" in last and "check both hosts" in last
+    for _ in range(3):  # the daemon's turns go on; the copy stays as it is
+        (row,) = a("domain-list")
+        assert row["name"] == "late--migratedaway" and row["state"][3] == "s"
+        a("domain-vcpu-list")
+    assert a("query-migrate", domain="late")["status"] == "failed"
+    a("domain-destroy", domain="late--migratedaway")

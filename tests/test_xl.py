@@ -301,7 +301,7 @@ def test_save_live_shows_the_rounds(capsys, tmp_path, daemon, monkeypatch):
 
 @pytest.mark.parametrize("argv, uri", [
     (["shell", "h"], "exec:exec ssh h pvlab migrate-receive"),
-    (["-p", "shell", "h"], "exec:exec ssh h pvlab migrate-receive -p"),
+    (["-p", "-e", "shell", "h"], "exec:exec ssh h pvlab migrate-receive -e -p"),
     (["-s", "ssh -p 2222", "--live", "shell", "h"],
      "exec:exec ssh -p 2222 h pvlab migrate-receive"),
     (["-s", "", "shell", "my receiver"], "exec:my receiver"),  # xl: HOST is the command

@@ -630,7 +630,11 @@ class Daemon:
         """QEMU's migrate-incoming with ``uri`` fd:NAME (one descriptor both
         ways, a socket) or fd:IN,OUT (ssh's pipes), descriptors passed
         before with getfd: xl's migrate_receive into this machine. The
-        answer: the domain's domid and name, and the receiver's lines."""
+        answer: the domain's domid and name, and the receiver's lines.
+        Descriptors rather than a port the daemon would listen on: xl's ssh
+        way has no port, only the receiver's stdin and stdout, and so one
+        mechanism serves both ways while the daemon never listens on the
+        network (``pvlab migrate-receive --listen`` decides where)."""
         kind, _, names = str(args["uri"]).partition(":")
         fdnames = names.split(",")
         if kind != "fd" or not 1 <= len(fdnames) <= 2 or not all(fdnames):

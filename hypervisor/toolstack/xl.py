@@ -257,8 +257,9 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
 
 def migrate_uri(args: argparse.Namespace) -> str:
     """The daemon's uri for xl migrate's flags: ``tcp:HOST:PORT`` with --tcp,
-    else xl's rune as exec: (``exec SSH HOST pvlab migrate-receive [-e] [-p]``;
-    ``-s CMD`` replaces ssh; an empty -s makes HOST the whole command)."""
+    else xl's rune as exec: (``exec SSH HOST pvlab migrate-receive[ -e][ -p]``;
+    ``-s CMD`` replaces ssh; an empty -s makes HOST the whole command, with
+    no flags, as xl's)."""
     if args.config is not None:
         raise BadInput("-C: sending another configuration than the domain's is not built "
                        "in pvlab; migrate without it")
@@ -274,11 +275,11 @@ def migrate_uri(args: argparse.Namespace) -> str:
         return f"tcp:{args.tcp}"
     if args.host is None:
         raise BadInput("give the HOST to migrate to (or --tcp HOST:PORT)")
-    if args.no_monitor and args.ssh != "":
-        raise BadInput("-e: pvlab migrate-receive has no monitor to leave out; migrate "
-                       "without it")
-    return "exec:" + transport.ssh_rune(args.host, "ssh" if args.ssh is None else args.ssh,
-                                        args.paused)
+    if args.ssh == "":
+        return f"exec:{args.host}"
+    # main_migrate's rune, the receiver's flags in xl's order
+    flags = (" -e" if args.no_monitor else "") + (" -p" if args.paused else "")
+    return f"exec:exec {args.ssh or 'ssh'} {args.host} {transport.RECEIVER}{flags}"
 
 
 def live_progress(domid: int, args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:

@@ -573,6 +573,8 @@ def test_a_bad_banner_is_one_line_and_the_guest_never_suspends(reference, tmp_pa
     (["run", "CFG", "--request", "3ms migrate"], "migrate takes the target"),
     (["run", "CFG", "--request", "3ms migrate ssh:h", "--request", "4ms suspend"],
      "comes after the migrate at 3.000 ms"),
+    (["run", "CFG", "--request", "3ms migrate ssh:h", "--console"],
+     "--console and a migrate request"),
     (["migrate-receive", "--listen", "127.0.0.1:99999"], "is not HOST:PORT"),
     (["migrate-receive", "--listen", "192.0.2.1:7001"], "cannot listen on 192.0.2.1:7001: "),
 ])

@@ -196,6 +196,9 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     with a save request, run it to the save as ``pvlab save`` does. A run whose
     configuration asks for a verdict exits with it."""
     save = _save_request(requests, args.until)
+    if save is not None and args.console and save.command == MIGRATE:
+        raise CliError("--console and a migrate request: the migration ends the run here; "
+                       "the guest's console is the receiver's then")
     if save is not None and args.console:
         raise CliError("--console and a save request: the save ends the run; attach to "
                        "the restored domain instead (pvlab restore IMAGE --console)")
@@ -465,7 +468,10 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
         return EXIT_GUEST_FAILED
     finally:
         channel.close()
-    dom = got.dom
+    dom, stats = got.dom, got.stats
+    _note(f"received domain {dom.name} as domain {dom.domid}: {stats.pages} pages on new "
+          f"frames, {stats.tables} pagetables localised, {stats.pinned} pinned again; its "
+          "suspend hypercall returns 0")
     if args.paused:
         _note(f"domain {dom.name} received and left paused (-p): nothing unpauses it in "
               "this process, and it ends with it")

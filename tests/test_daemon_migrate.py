@@ -30,7 +30,7 @@ from hypervisor.toolstack.migrate import MIGRATE_RECEIVER_BANNER
 from hypervisor.toolstack.qmp import Client
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import booting, checkout_env
-from tests.test_daemon import WAIT_S, Console, Daemon, write_config
+from tests.test_daemon import WAIT_S, Console, Daemon, workdir, write_config  # noqa: F401 (a fixture)
 from tests.test_migrate_ssh import sshd  # noqa: F401 (a fixture: a real sshd on loopback)
 
 WRITER = "run=dirtier:100:20000:3000,hashchain:50:32,counter:5:300000"
@@ -352,3 +352,35 @@ def test_failed_after_go_keeps_the_domain_suspended(capsys, hosts):
         a("domain-vcpu-list")
     assert a("query-migrate", domain="late")["status"] == "failed"
     a("domain-destroy", domain="late--migratedaway")
+
+
+def test_quit_while_a_migration_waits(workdir):  # noqa: F811 (the fixture)
+    """quit while a migration waits for a receiver that never answers: the
+    job is cancelled (its wire cut), the guest resumed and its client told
+    why; then the daemon ends."""
+    import threading
+    dmn = Daemon(workdir)
+    banner = MIGRATE_RECEIVER_BANNER.decode().strip()
+    rune = f"printf '{banner}\\n'; exec cat 3>&1 >/dev/null"
+    try:
+        dmn("domain-create", config=str(write_config(workdir, "q", cmdline=LIVE)))
+        Console(dmn("domain-console", domain="q")["path"]).until("counter 1")
+        answer: list[Any] = []
+
+        def migrate() -> None:
+            with Client(dmn.sock, timeout=WAIT_S) as c:
+                try:
+                    answer.append(c.execute("migrate", {"domain": "q", "uri": f"exec:{rune}"}))
+                except Exception as e:  # the answer the test looks at
+                    answer.append(e)
+        t = threading.Thread(target=migrate)
+        t.start()
+        dmn.event("SUSPEND", name="q")
+        dmn("quit")
+        t.join(WAIT_S)
+        assert dmn.proc.wait(WAIT_S) == 0
+    finally:
+        dmn.stop()
+    (err,) = answer
+    # cut in the final round's write or in the wait for the ready message
+    assert "resuming at sender" in str(err) and "suspend hypercall returned 1" in str(err)

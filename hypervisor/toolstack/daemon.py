@@ -537,12 +537,17 @@ class Daemon:
 
         def work(job: LiveJob) -> MigrationInfo:
             def write(f: Any) -> MigrationInfo:
-                out = livejob.wire(f, self.machine)
-                info = write_image_live(self.hv, d.dom, out, self._callbacks(d, job),
-                                        PrecopyOptions(), report=self._report(job))
-                out.flush()
-                return info
-            return _write_in_place(path, write)[0]
+                self.machine.take()
+                try:
+                    out = livejob.wire(f, self.machine)
+                    info = write_image_live(self.hv, d.dom, out, self._callbacks(d, job),
+                                            PrecopyOptions(), report=self._report(job))
+                    out.flush()
+                    return info
+                finally:
+                    self.machine.give()
+            # the file's flush to disk and its rename with the machine given back
+            return livejob.unheld(self.machine, lambda: _write_in_place(path, write))[0]
 
         def finish(job: LiveJob) -> None:
             if job.error:

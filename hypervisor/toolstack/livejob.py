@@ -148,6 +148,10 @@ class Unheld:
         self._send()
         return self._unheld(lambda: self.f.read(n))
 
+    def read1(self, n: int = -1) -> bytes:
+        self._send()
+        return self._unheld(lambda: self.f.read1(n))
+
     def readinto(self, b: Any) -> int:
         self._send()
         return self._unheld(lambda: self.f.readinto(b))
@@ -171,6 +175,10 @@ class Unheld:
         return self.f.seek(offset, whence)
 
     def __getattr__(self, name: str) -> Any:
+        """What does not wait (fileno, closed, name) comes from the file itself;
+        every call that may wait is one of the methods above."""
+        if name in ("peek", "readlines", "writelines", "recv", "send", "sendall"):
+            raise AttributeError(f"{name} would wait with the machine held")
         return getattr(self.f, name)
 
 

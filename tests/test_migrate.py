@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -379,6 +380,8 @@ def test_a_receiver_killed_before_go_leaves_the_guest_running_here(
     assert dom.name == "mig" and ran_on(result, reference, suspended)
     assert killer.proc.returncode == -9
     assert not hv.machine.paging.enabled(dom.domid)  # log-dirty off again
+    if phase != "mid stream":  # a spooling restore_stream leaves its half file to a SIGKILL
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["receiver.err"]
 
 
 def test_a_receiver_killed_after_go_leaves_the_source_copy_suspended_and_renamed(
@@ -415,19 +418,27 @@ def refused(booted, cfg, tmp_path, *args: str):
     return result, out, lines, err.read_text(), sorted(p.name for p in tmp_path.iterdir())
 
 
-def test_a_target_too_small_refuses_the_domain_and_the_source_thaws(
+def refusal(out) -> bool:
+    """The outcome of a target that refused the domain: the guest runs on
+    here; returns whether it had suspended (the target refused once the
+    whole stream was in) or not (it refused as the pages came, and the
+    next write failed)."""
+    assert out.runs_on and not out.undefined
+    assert out.error in ("Migration failed, resuming at sender.",
+                         "Migration failed; the domain never suspended and runs on.")
+    return out.error == "Migration failed, resuming at sender."
+
+
+def test_a_target_too_small_refuses_the_domain_and_the_source_runs_on(
         booted, cfg, reference, tmp_path):
     result, out, lines, said, left = refused(booted, cfg, tmp_path, "--memory", "8")
-    assert out.runs_on and out.error == "Migration failed, resuming at sender."
-    assert "file/stream truncated reading ready message from migration receiver stream" \
-        in lines
-    assert ran_on(result, reference, suspended=True)
+    assert ran_on(result, reference, suspended=refusal(out))
     assert "migration target: Domain creation failed (code -3): " in said
     assert "frames wanted" in said and "Traceback" not in said
     assert left == ["receiver.err"]  # nothing half-written at the target
 
 
-def test_a_target_without_the_guests_kernel_refuses_it_and_the_source_thaws(
+def test_a_target_without_the_guests_kernel_refuses_it_and_the_source_runs_on(
         booted, reference, tmp_path, monkeypatch):
     """The source runs a kernel module only it has (guestos under another
     name, on its own sys.path): the target cannot bind it."""
@@ -441,8 +452,7 @@ def test_a_target_without_the_guests_kernel_refuses_it_and_the_source_thaws(
     rx = tmp_path / "rx"
     rx.mkdir()
     result, out, lines, said, left = refused(booted, cfg, rx)
-    assert out.error == "Migration failed, resuming at sender."
-    assert ran_on(result, reference, suspended=True)
+    assert ran_on(result, reference, suspended=refusal(out))
     assert "kernel module 'migkernel_here' cannot be imported" in said
     assert said.count("\n") == len(said.splitlines()) and "Traceback" not in said
     assert left == ["receiver.err"]
@@ -546,8 +556,8 @@ def test_a_dropped_connection_leaves_the_guest_running_and_nothing_at_the_target
     assert out.error == "Migration failed; the domain never suspended and runs on."
     assert ran_on(result, reference, suspended=False)
     assert rx.returncode == 1 and "Traceback" not in err
-    assert "migration target: Domain creation failed (code -3): the incoming stream: " \
-           "truncated" in err
+    assert "migration target: Domain creation failed (code -3): " in err
+    assert "truncated" in err
     assert os.listdir(tmp_path) == []
 
 
@@ -597,3 +607,34 @@ def test_the_ssh_rune_is_xls():
     dest = parse_destination("-s 'ssh -i key' -p ssh:host")
     assert dest.rune == "exec ssh -i key host pvlab migrate-receive -p"
     assert parse_destination("10.0.0.2:7001").port == 7001
+
+
+# --- anywhere, any frames -------------------------------------------------------------------
+
+def _points(n: int) -> list[tuple[int, int]]:
+    """(seed, virtual time of the migration in us), drawn once from a fixed
+    generator, so that the test ids stay put."""
+    rng = random.Random(18)
+    return [(rng.randrange(1, 10_000), rng.randrange(500, 15_000)) for _ in range(n)]
+
+
+POINTS = _points(20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, at_us", POINTS)
+def test_a_migration_at_any_point_to_another_process_ends_as_an_uninterrupted_run(
+        booted, reference, tmp_path, seed, at_us):
+    """The source on the seed's frames and schedule, the target a
+    ``pvlab migrate-receive`` process on its own frames (the seed plus one);
+    the results are those of the uninterrupted run on seed 1's."""
+    cfg = make_config(GUEST, vcpus=2, name="mig", seed=seed)
+    with open(tmp_path / "receiver.err", "wb") as err:
+        rx = subprocess.Popen(RECEIVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=err, env=checkout_env(TMPDIR=str(tmp_path)))
+        hv, dom = booted(cfg)
+        result, out = migrate_at(hv, dom, at_us * 1000, lambda: Channel(rx.stdout, rx.stdin))
+        assert out.ok, out.lines
+        assert rx.wait(timeout=600) == 0
+    there = (tmp_path / "receiver.err").read_text()
+    assert outcome(result.console.decode() + there) == reference

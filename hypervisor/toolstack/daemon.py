@@ -590,8 +590,10 @@ class Daemon:
         answer = Deferred()
 
         def work(job: LiveJob) -> MigrateOutcome:
-            wire = livejob.unheld(self.machine,
-                                  lambda: migrateuri.open_uri(uri, job.say))
+            try:
+                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
+            except OSError as e:
+                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
             job.on_cancel = wire.cut
             return migrate_domain(self.hv, d.dom, self._held(wire.channel),
                                   self._callbacks(d, job), PrecopyOptions(),

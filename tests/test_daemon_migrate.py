@@ -384,3 +384,20 @@ def test_quit_while_a_migration_waits(workdir):  # noqa: F811 (the fixture)
     (err,) = answer
     # cut in the final round's write or in the wait for the ready message
     assert "resuming at sender" in str(err) and "suspend hypercall returned 1" in str(err)
+
+
+def test_scripted_run_migrates_into_the_daemon(hosts, reference):
+    """``pvlab run --request '3ms migrate HOST:PORT'`` (the scripted sender,
+    virtual time) to ``pvlab migrate-receive --listen`` handing to daemon B:
+    the two ends of pvlab's migration meet whichever loop drives each."""
+    _, b, d = hosts
+    rx, port = listen_on_b(b)
+    config = write_config(d, "scripted", cmdline=WRITER)
+    run = subprocess.run([sys.executable, "-m", "hypervisor", "run", str(config), "--request",
+                          f"3ms migrate 127.0.0.1:{port}"], capture_output=True, text=True,
+                         env=checkout_env(), timeout=WAIT_S * 5)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert rx.wait(WAIT_S) == 0
+    con = Console(b("domain-console", domain="scripted")["path"])
+    b("domain-unpause", domain="scripted")
+    assert results(run.stdout, con.to_end()) == reference

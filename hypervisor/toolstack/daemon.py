@@ -647,7 +647,14 @@ class Daemon:
         if kind != "fd" or not 1 <= len(fdnames) <= 2 or not all(fdnames):
             raise QmpError(GENERIC, f"uri {args['uri']!r}: give fd:NAME or fd:IN,OUT, "
                                     "descriptors passed with getfd")
-        fds = [self.server.take_fd(n) for n in fdnames]
+        fds: list[int] = []
+        try:
+            for n in fdnames:
+                fds.append(self.server.take_fd(n))
+        except QmpError:
+            for fd in fds:
+                os.close(fd)
+            raise
         reader = os.fdopen(fds[0], "rb")
         writer = os.fdopen(fds[-1] if len(fds) == 2 else os.dup(fds[0]), "wb")
         ch = Channel(reader, writer)
@@ -655,7 +662,7 @@ class Daemon:
         paused = _flag(args, "paused")
 
         def work(job: LiveJob) -> Received:
-            job.on_cancel = reader.close
+            job.on_cancel = lambda: _shut_socket(fds[0])
             return migrate_receive(self._held(ch), hv=self.hv, clock=self.clock,
                                    paused=paused, say=job.say)
         self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer))
@@ -817,6 +824,21 @@ class Daemon:
     def cmd_quit(self, _args: dict[str, Any]) -> dict[str, Any]:
         self.stopping = True
         return {}
+
+
+def _shut_socket(fd: int) -> None:
+    """End a wait on ``fd`` from another thread, if it is a socket (a pipe's
+    end comes when its writer, the sender, goes)."""
+    copy = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.close()
 
 
 def _cause(lines: list[str]) -> str:

@@ -463,7 +463,8 @@ _PARAMS = {"domain-create": ("config", "paused"), "domain-info": ("domain",),
            # migrations that cannot go anywhere: nobody listens, a receiver that
            # says nothing, descriptors never passed
            "migrate": ("domain", "uri"), "migrate-incoming": ("uri", "paused"),
-           "query-migrate": ("domain",), "getfd": ("fdname",), "closefd": ("fdname",)}
+           "query-migrate": ("domain",), "migrate_cancel": ("domain",), "getfd": ("fdname",),
+           "closefd": ("fdname",)}
 
 
 def _mostly(usual: Any, rare: Any) -> Any:

@@ -401,3 +401,38 @@ def test_scripted_run_migrates_into_the_daemon(hosts, reference):
     con = Console(b("domain-console", domain="scripted")["path"])
     b("domain-unpause", domain="scripted")
     assert results(run.stdout, con.to_end()) == reference
+
+
+def test_migrate_cancel(hosts, reference):
+    """QEMU's migrate_cancel while the receiver keeps the sender waiting:
+    the wire cut, the migration's own answer says it failed, its status is
+    cancelled, and the guest runs on (resumed: its suspend returns 1)."""
+    import threading
+    a, _, d = hosts
+    con = guest(a, d, "cx")
+    banner = MIGRATE_RECEIVER_BANNER.decode().strip()
+    rune = f"printf '{banner}\\n'; exec cat 3>&1 >/dev/null"
+    answer: list[Any] = []
+
+    def migrate() -> None:
+        with Client(a.sock, timeout=WAIT_S) as c:
+            try:
+                answer.append(c.execute("migrate", {"domain": "cx", "uri": f"exec:{rune}"}))
+            except Exception as e:  # the answer the test looks at
+                answer.append(e)
+    t = threading.Thread(target=migrate)
+    t.start()
+    a.event("SUSPEND", name="cx")
+    assert a("migrate_cancel", domain="cx") == {}
+    t.join(WAIT_S)
+    (err,) = answer
+    assert "suspend hypercall returned 1" in str(err)
+    a("query-version")  # the events sent before its answer are read
+    assert [e["data"]["status"] for e in a.client.events if e["event"] == "MIGRATION"
+            and e["data"]["name"] == "cx"][-2:] == ["cancelling", "cancelled"]
+    with pytest.raises(Exception, match="is not being saved live or migrated"):
+        a("migrate_cancel", domain="cx")
+    (row,) = [r for r in a("domain-list") if r["name"] == "cx"]
+    assert "s" not in row["state"]
+    assert a("query-migrate", domain="cx")["status"] == "cancelled"
+    assert finish(con) == reference

@@ -519,7 +519,7 @@ class Daemon:
     def _failed_job(self, d: DaemonDomain, job: LiveJob) -> str:
         """After a failed job: the guest resumed if it had suspended; what its fate is."""
         job.info.error = job.error
-        self._set_status(job, "failed")
+        self._set_status(job, "cancelled" if job.cancelled else "failed")
         dom = d.dom
         if dom.shutdown_reason == SHUTDOWN_suspend:
             resume_cancelled(self.hv, dom)
@@ -688,6 +688,20 @@ class Daemon:
         self._set_status(job, "completed")
         answer.resolve({"domid": got.dom.domid, "name": got.dom.name, "lines": lines})
 
+    def cmd_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate_cancel, for a domain's live save or migration: its
+        wire cut, it fails, and the guest runs on (resumed cancelled if it
+        had suspended); its own answer says so. Cut after the permission to
+        start was sent, it is xl's undefined case (the domain kept here,
+        suspended, for a person to check both hosts)."""
+        d = self.find(args)
+        if d.live is None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is not being saved live or "
+                                    "migrated")
+        self._set_status(d.live, "cancelling")
+        d.live.cancel()
+        return {}
+
     def cmd_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         """QEMU's query-migrate for a domain's current or last live job (by
         name: a domain migrated away is gone), or the last of all; {} if none."""
@@ -720,6 +734,7 @@ class Daemon:
             "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
             "migrate": (self.cmd_migrate, {"domain": dom, "uri": path}),
             "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag}),
+            "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),
             "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
             "domain-mem-set": (self.cmd_mem_set, kib),
             "domain-mem-max": (self.cmd_mem_max, kib),

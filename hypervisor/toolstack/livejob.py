@@ -267,7 +267,7 @@ class DaemonLive:
         dom = self.job.dom
         assert dom is not None
         if self.job.cancelled:
-            raise Cancelled("the live job was cancelled (the daemon stops)")
+            raise Cancelled("the live job was cancelled")
         if dom.shutdown_reason is not None and dom.shutdown_reason != SHUTDOWN_suspend:
             raise SaveError(f"the guest stopped ({domctl.shutdown_name(dom.shutdown_reason)})"
                             " during the live save")

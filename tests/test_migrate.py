@@ -12,6 +12,7 @@ shows: before the banner, mid-stream, after the ready message, after GO."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -30,6 +31,8 @@ from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack import migrate, save
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.cli import main
+from hypervisor.toolstack.config import BalloonConfig
+from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.image import scan_image
 from hypervisor.toolstack.migrate import (
     FAILED_BADLY,
@@ -67,7 +70,9 @@ def reference(cfg):
     with booting() as boot:
         r = run_domain(*boot(cfg), LIMIT_NS)
     assert r.reason == "poweroff"
-    return outcome(r.console.decode())
+    lines = outcome(r.console.decode())
+    assert "dirtier done passes=1000" in lines and "counter 5" in lines
+    return lines
 
 
 def toml(path: Path, cmdline: str = GUEST, kernel: str = "") -> Path:
@@ -215,6 +220,29 @@ def test_a_guest_goes_there_and_back(cfg, reference):
         after = run_domain(hv, dom, LIMIT_NS)
     assert after.reason == "poweroff" and dom.name == "mig"
     assert outcome(console + after.console.decode()) == reference
+
+
+def test_a_guest_with_its_balloon_inflated_migrates(booted):
+    """The balloon's place travels in the config, its state at the end of
+    the stream: the target re-creates it, and the guest ends as it would
+    have at home."""
+    cfg = dataclasses.replace(
+        make_config("run=dirtier:60:20000:1000,counter:5:100000", vcpus=2, memory=8,
+                    name="bal"),
+        balloon=BalloonConfig(0), requests=[parse_request("1ms mem-set 6")])
+    ref = run_domain(*booted(cfg), LIMIT_NS, requests=cfg.requests)
+    tx, rx = pipes()
+    target = Target(rx, booted.bare(64, seed=5))
+    target.start()
+    hv, dom = booted(cfg)
+    result, out = migrate_at(hv, dom, 4_000_000, lambda: tx, requests=cfg.requests)
+    target.join()
+    assert out.ok and target.got is not None, target.error
+    assert out.info.rounds[0].deferred >= 512  # the ballooned 2 MiB
+    after = run_domain(target.got.hv, target.got.dom, LIMIT_NS)
+    assert after.reason == "poweroff" and "balloon" in after.console.decode()
+    text = result.console.decode() + after.console.decode()
+    assert outcome(text) == outcome(ref.console.decode()) != []
 
 
 def test_the_names_and_states_follow_xls_order(wire):

@@ -520,3 +520,15 @@ def test_a_failed_save_is_one_line(capsys, tmp_path, daemon):
     code, _, err = run(capsys, "xl", "save", "shell", str(tmp_path / "s.img"))
     assert code == 1 and err[-1] == "pvlab: failed to save domain 1 (shell): the guest did " \
                                     "not suspend; it runs on"
+
+
+def test_ctrl_c_cancels_the_migration(capsys, daemon):
+    """Ctrl-C while the daemon migrates: migrate_cancel is sent, one line said."""
+    def interrupted(_args: Any) -> Any:
+        raise KeyboardInterrupt
+    daemon.answers["migrate"] = interrupted
+    daemon.answers["migrate_cancel"] = {}
+    code, _, err = run(capsys, "xl", "migrate", "shell", "h")
+    assert code == 1 and daemon.calls[-1] == ("migrate_cancel", {"domain": 1})
+    assert err == ["pvlab: interrupted: the job of domain 1 (shell) is cancelled; the domain "
+                   "runs on"]

@@ -220,6 +220,10 @@ def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
                                          "checkpoint": args.checkpoint or args.paused,
                                          "paused": args.paused, "live": args.live},
                          timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
+    except KeyboardInterrupt:
+        if not args.live:
+            raise
+        raise XlError(_cancel(d, info)) from None
     except qmp.QmpError as e:
         # xl's "Failed to save domain, resuming domain": the daemon resumes a
         # guest whose save failed (unless the failure is that it is gone)
@@ -245,6 +249,8 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     try:
         d.execute("migrate", {"domain": info["domid"], "uri": uri}, timeout=LONG_WAIT_S,
                   on_event=live_progress(info["domid"], args))
+    except KeyboardInterrupt:
+        raise XlError(_cancel(d, info)) from None
     except qmp.QmpError as e:
         if e.klass == "DomainNotFound":
             raise
@@ -253,6 +259,17 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     if args.json:
         _json_line(d.execute("query-migrate", {"domain": info["name"]}))
     return EXIT_OK
+
+
+def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
+    """Ctrl-C while a live job runs: the daemon is asked to cut it (QEMU's
+    migrate_cancel); the line to say."""
+    name = f"domain {info['domid']} ({info['name']})"
+    try:
+        d.execute("migrate_cancel", {"domain": info["domid"]})
+    except (qmp.QmpError, OSError) as e:
+        return f"interrupted; cancelling the job of {name} failed: {e}"
+    return f"interrupted: the job of {name} is cancelled; the domain runs on"
 
 
 def migrate_uri(args: argparse.Namespace) -> str:

@@ -624,7 +624,8 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
                    help="run CMD instead of ssh; an empty CMD runs HOST itself as the "
                         "command")
     p.add_argument("-e", dest="no_monitor", action="store_true",
-                   help="passed on to migrate-receive: do not wait for the domain there")
+                   help="passed on to migrate-receive (xl's: it does not daemonise; "
+                        "pvlab's receiver never does)")
     p.add_argument("-p", dest="paused", action="store_true",
                    help="leave the domain paused on the target")
     p.add_argument("-C", dest="config", metavar="CFG",

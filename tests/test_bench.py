@@ -73,3 +73,11 @@ def test_remus_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "epochs/s of wall time" in r.stdout and "x (" in r.stdout
+
+
+def test_daemon_live_bench_runs():
+    r = subprocess.run([sys.executable, "bench/daemon_live.py", "--memory", "16",
+                        "--repeat", "1"], capture_output=True, text=True, cwd=ROOT,
+                       env=checkout_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "plain median" in r.stdout and "x " in r.stdout

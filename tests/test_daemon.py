@@ -456,10 +456,15 @@ def test_detach_status_stop(workdir: Path) -> None:
 _PARAMS = {"domain-create": ("config", "paused"), "domain-info": ("domain",),
            "domain-pause": ("domain",), "domain-unpause": ("domain",),
            "domain-destroy": ("domain",), "domain-shutdown": ("domain", "reason"),
-           "domain-save": ("domain", "file", "checkpoint", "paused"),
+           "domain-save": ("domain", "file", "checkpoint", "paused", "live"),
            "domain-restore": ("file", "paused"), "domain-mem-set": ("domain", "kib"),
            "domain-mem-max": ("domain", "kib"), "domain-vcpu-list": ("domain",),
-           "domain-console": ("domain",), "host-dmesg": ("clear",)}
+           "domain-console": ("domain",), "host-dmesg": ("clear",),
+           # migrations that cannot go anywhere: nobody listens, a receiver that
+           # says nothing, descriptors never passed
+           "migrate": ("domain", "uri"), "migrate-incoming": ("uri", "paused"),
+           "query-migrate": ("domain",), "migrate_cancel": ("domain",), "getfd": ("fdname",),
+           "closefd": ("fdname",)}
 
 
 def _mostly(usual: Any, rare: Any) -> Any:
@@ -483,7 +488,9 @@ def _fuzz_calls(workdir: Path, commands: list[str]) -> Any:
                "config": st.sampled_from([str(workdir / "sh.toml"), str(workdir / "sh2.toml"),
                                           str(workdir / "none.toml"), "sh.toml"]),
                "file": st.sampled_from(files), "paused": st.booleans(),
-               "checkpoint": st.booleans(), "clear": st.booleans(),
+               "checkpoint": st.booleans(), "clear": st.booleans(), "live": st.booleans(),
+               "uri": st.sampled_from(["tcp:127.0.0.1:1", "exec:true", "fd:nope", "bogus"]),
+               "fdname": st.sampled_from(["a", "b"]),
                "reason": st.sampled_from(["poweroff", "reboot", "halt", "explode"]),
                "kib": st.sampled_from([0, 4096, 12 * 1024, 16 * 1024, 1 << 40, -1])}
 

@@ -408,8 +408,7 @@ def test_a_receiver_killed_before_go_leaves_the_guest_running_here(
     assert dom.name == "mig" and ran_on(result, reference, suspended)
     assert killer.proc.returncode == -9
     assert not hv.machine.paging.enabled(dom.domid)  # log-dirty off again
-    if phase != "mid stream":  # a spooling restore_stream leaves its half file to a SIGKILL
-        assert sorted(p.name for p in tmp_path.rglob("*")) == ["receiver.err"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["receiver.err"]
 
 
 def test_a_receiver_killed_after_go_leaves_the_source_copy_suspended_and_renamed(

@@ -36,6 +36,7 @@ class Running:
         s.register("later", self._later)
         s.register("finish", self._finish)
         s.register("shout", lambda a: s.emit("SHOUT", {"text": a.get("text", "")}))
+        s.register("readfd", self._readfd, {"fdname": Param((str,))})
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -51,6 +52,11 @@ class Running:
             d.resolve({"done": True})
         self.waiting.clear()
         return {"answered": n}
+
+    def _readfd(self, args: dict[str, Any]) -> str:
+        """What the descriptor named ``fdname`` (getfd) gives, read to its end."""
+        with os.fdopen(self.server.take_fd(args["fdname"]), "rb") as f:
+            return f.read().decode()
 
     def _loop(self) -> None:
         while not self.stop.is_set():
@@ -303,3 +309,29 @@ def test_fuzzed_messages_leave_the_server_answering(server: Running, sock_path: 
     s.close()
     with Client(sock_path) as c:
         assert c.execute("echo", {"alive": True}) == {"alive": True}
+
+
+def test_getfd_passes_a_descriptor_by_name(server, sock_path):
+    """QEMU's getfd: a descriptor sent with SCM_RIGHTS is kept under its name
+    for this client, for a command to take; closefd closes one; a name not
+    given, or a getfd without a descriptor, is QEMU's error."""
+    r, w = os.pipe()
+    os.write(w, b"through the socket")
+    os.close(w)
+    with Client(sock_path) as c:
+        c.send_fd("pipe", r)
+        os.close(r)  # the server has its own copy
+        with pytest.raises(QmpError, match="No file descriptor supplied via SCM_RIGHTS"):
+            c.execute("getfd", {"fdname": "none"})
+        with Client(sock_path) as other:  # names are per client
+            with pytest.raises(QmpError, match="File descriptor named 'pipe' not found"):
+                other.execute("readfd", {"fdname": "pipe"})
+        assert c.execute("readfd", {"fdname": "pipe"}) == "through the socket"
+        with pytest.raises(QmpError, match="File descriptor named 'pipe' not found"):
+            c.execute("closefd", {"fdname": "pipe"})  # taken by the command
+        r2, w2 = os.pipe()
+        c.send_fd("again", r2)
+        assert c.execute("closefd", {"fdname": "again"}) == {}
+        os.close(r2)
+        os.close(w2)
+        assert {"name": "getfd"} in c.execute("query-commands")

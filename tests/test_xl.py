@@ -39,8 +39,12 @@ class FakeDaemon:
         self.closed = False
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
+                timeout: float | None = None, on_event: Any = None) -> Any:
+        """The events waiting go to ``on_event`` first, as they would come
+        while a deferred command waits for its answer."""
         self.calls.append((command, arguments))
+        while on_event is not None and self.events:
+            on_event(self.events.pop(0))
         answer = self.answers[command]
         if isinstance(answer, QmpError):
             raise answer
@@ -246,7 +250,8 @@ def test_save_says_what_was_saved(capsys, tmp_path, daemon):
                    f"Saved domain 1 (shell) to {image}, new xl format (info {info}): 4096 "
                    "pages, 3.0 MiB; the domain runs on"]
     assert daemon.calls[-1] == ("domain-save", {"domain": 1, "file": str(image),
-                                                "checkpoint": True, "paused": False})
+                                                "checkpoint": True, "paused": False,
+                                                "live": False})
 
 
 def test_save_p_keeps_the_domain_paused(capsys, tmp_path, daemon):
@@ -256,7 +261,64 @@ def test_save_p_keeps_the_domain_paused(capsys, tmp_path, daemon):
     code, _, err = run(capsys, "xl", "save", "-p", "shell", str(image))
     assert code == 0 and err[-1].endswith("; the domain is paused")
     assert daemon.calls[-1][1] == {"domain": 1, "file": str(image), "checkpoint": True,
-                                   "paused": True}
+                                   "paused": True, "live": False}
+
+
+def _round_event(domid: int, iteration: int, final: bool = False) -> dict[str, Any]:
+    ram = {"total": 16 << 20, "transferred": (iteration + 1) << 20, "remaining": 4096,
+           "dirty-pages-rate": 10, "dirty-sync-count": iteration, "page-size": 4096}
+    rnd = {"iteration": iteration, "pages": 100, "pfns": 4096 if not iteration else 100,
+           "octets": 1 << 20, "deferred": 0, "wire_ns": 1000, "final": final}
+    return {"event": "MIGRATION_ROUND", "data": {"domid": domid, "name": "shell",
+                                                  "status": "active", "ram": ram,
+                                                  "round": rnd}}
+
+
+def test_save_live_shows_the_rounds(capsys, tmp_path, daemon, monkeypatch):
+    """xl save --live: a progress line per round of its domain's (libxc's
+    "Frames iteration N") on a terminal; with --json the query-migrate
+    fields of each round, then the final ones; another domain's rounds are
+    not shown."""
+    image = tmp_path / "s.img"
+    daemon.answers["domain-save"] = lambda a: {**saving(image)(a), "rounds": 2}
+    daemon.answers["query-migrate"] = {"status": "completed", "downtime": 1}
+    monkeypatch.setattr(xl.sys.stderr, "isatty", lambda: True)
+    daemon.events = [_round_event(1, 0), _round_event(7, 0), _round_event(1, 1, final=True)]
+    code, _, err = run(capsys, "xl", "save", "--live", "shell", str(image))
+    assert code == 0
+    assert err[1:3] == ["Frames iteration 0: 4096/4096  100%",
+                        "Frames iteration 1: 100/4096    2% (suspended)"]
+    assert err[-1].endswith("pages in 2 rounds, 3.0 MiB; the domain is destroyed")
+    assert daemon.calls[-1][1]["live"] is True
+    daemon.events = [_round_event(1, 0)]
+    code, out, _ = run(capsys, "xl", "save", "--live", "--json", "shell", str(image))
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert code == 0 and lines[0]["ram"]["transferred"] == 1 << 20 and "round" not in lines[0]
+    assert lines[-1] == {"status": "completed", "downtime": 1}
+    code, _, err = run(capsys, "xl", "save", "--json", "shell", str(image))
+    assert code == 2 and err == ["pvlab: --json reports a live save's rounds: give --live too"]
+
+
+@pytest.mark.parametrize("argv, uri", [
+    (["shell", "h"], "exec:exec ssh h pvlab migrate-receive"),
+    (["-p", "-e", "shell", "h"], "exec:exec ssh h pvlab migrate-receive -e -p"),
+    (["-s", "ssh -p 2222", "--live", "shell", "h"],
+     "exec:exec ssh -p 2222 h pvlab migrate-receive"),
+    (["-s", "", "shell", "my receiver"], "exec:my receiver"),  # xl: HOST is the command
+    (["shell", "--tcp", "10.0.0.2:7001"], "tcp:10.0.0.2:7001"),
+])
+def test_migrate_asks_for_xls_rune_or_tcp(capsys, daemon, argv, uri):
+    """xl migrate [options] DOM HOST: the uri the daemon is asked for."""
+    daemon.answers["migrate"] = {}
+    code, _, _ = run(capsys, "xl", "migrate", *argv)
+    assert code == 0 and daemon.calls[-1] == ("migrate", {"domain": 1, "uri": uri})
+
+
+def test_a_failed_migration_is_one_line(capsys, daemon):
+    daemon.answers["migrate"] = QmpError("GenericError", "Connection refused; the guest runs on")
+    code, _, err = run(capsys, "migrate", "shell", "--tcp", "h:1")
+    assert code == 1 and err == ["pvlab: migrating domain 1 (shell) failed: Connection "
+                                 "refused; the guest runs on"]
 
 
 def test_save_refuses_a_file_it_cannot_write(capsys, tmp_path, daemon):
@@ -458,3 +520,15 @@ def test_a_failed_save_is_one_line(capsys, tmp_path, daemon):
     code, _, err = run(capsys, "xl", "save", "shell", str(tmp_path / "s.img"))
     assert code == 1 and err[-1] == "pvlab: failed to save domain 1 (shell): the guest did " \
                                     "not suspend; it runs on"
+
+
+def test_ctrl_c_cancels_the_migration(capsys, daemon):
+    """Ctrl-C while the daemon migrates: migrate_cancel is sent, one line said."""
+    def interrupted(_args: Any) -> Any:
+        raise KeyboardInterrupt
+    daemon.answers["migrate"] = interrupted
+    daemon.answers["migrate_cancel"] = {}
+    code, _, err = run(capsys, "xl", "migrate", "shell", "h")
+    assert code == 1 and daemon.calls[-1] == ("migrate_cancel", {"domain": 1})
+    assert err == ["pvlab: interrupted: the job of domain 1 (shell) is cancelled; the domain "
+                   "runs on"]

@@ -500,12 +500,15 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
         logging.getLogger("hypervisor.toolstack").setLevel(logging.INFO)
     if args.remus:
         return _remus_backup(args)
+    daemon = xl.receiving_daemon(args.socket, args.in_process)
     hv = Hypervisor(args.memory, seed=args.seed or 0, clock=args.clock) \
-        if args.memory is not None else None
+        if args.memory is not None and daemon is None else None
     if args.listen is None:
         channel = transport.stdio_channel()
     else:
         channel = transport.accept_one(_listen(args.listen))
+    if daemon is not None:
+        return xl.receive_in_daemon(daemon, channel, args.paused)
     try:
         got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say)
     except MigrateError as e:
@@ -894,6 +897,13 @@ def _add_migrate_receive(sub: Any) -> None:
     rx.add_argument("--seed", metavar="N", type=int,
                     help="seed of this machine's frame shuffle (default: the sender's seed "
                          "plus one; 0 with --memory)")
+    rx.add_argument("--socket", metavar="PATH",
+                    help="hand the wire to the pvlab daemon at PATH, where the domain then "
+                         "lives (by default to the daemon at its default socket when one "
+                         "answers there; --until, --clock, --memory and --seed are then the "
+                         "daemon's)")
+    rx.add_argument("--in-process", action="store_true",
+                    help="receive into this process even when a daemon answers")
     rx.set_defaults(func=cmd_migrate_receive)
 
 

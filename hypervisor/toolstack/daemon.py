@@ -21,6 +21,7 @@ recent output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -36,13 +37,22 @@ from typing import Any
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor, OutOfMemory
 from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_reboot, SHUTDOWN_suspend
-from hypervisor.toolstack import libxl
+from hypervisor.toolstack import libxl, livejob, migrateuri
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, DomainConfig, load_config
 from hypervisor.toolstack.context import domain_of
-from hypervisor.toolstack.control import Request, type_on_console
+from hypervisor.toolstack.control import Request, resume_cancelled, type_on_console
 from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
+from hypervisor.toolstack.livejob import DaemonLive, LiveJob, Machine
+from hypervisor.toolstack.migrate import (
+    Channel,
+    MigrateOutcome,
+    Received,
+    migrate_domain,
+    migrate_receive,
+)
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
     Client,
     DaemonNotRunning,
@@ -53,6 +63,7 @@ from hypervisor.toolstack.qmp import (
     listen_unix,
 )
 from hypervisor.toolstack.restore import RestoreError
+from hypervisor.toolstack.save import _write_in_place, write_image_live
 from hypervisor.toolstack.stream import StreamError
 
 log = logging.getLogger(__name__)
@@ -60,8 +71,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MEMORY_MIB = 512
 QUANTUM_FAST_NS = 20_000_000     # host time run between looks at the socket
 QUANTUM_DET_NS = 2_000_000       # virtual time, deterministic clock
+QUANTUM_LIVE_NS = 2_000_000      # host time run between turns while a live job waits for one
 CONSOLE_HISTORY = 16 * 1024      # output a newly attached console client gets
 DMESG_LINES = 2000
+STOP_TURNS = 1000                # turns the daemon gives its cancelled jobs to end when it stops
 GENERIC, NOT_FOUND = "GenericError", "DomainNotFound"
 # what makes a create or a restore fail, said to the client as one line
 _CREATE_ERRORS = (ConfigError, BuildError, ElfImageError, ImageError, RestoreError,
@@ -151,6 +164,8 @@ class DaemonDomain:
     console: ConsoleSocket
     state: libxl.DomainState = field(default_factory=libxl.DomainState)
     save: SaveInFlight | None = None
+    live: LiveJob | None = None       # a live save or a migration under way
+    parked: bool = False              # migrated after GO, the handshake failed: kept suspended
     balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
 
 
@@ -186,6 +201,12 @@ class Daemon:
                                                                  "minor": minor}}
         self.server = Server(socket_path, self.version)
         self.dir = Path(socket_path).parent
+        self.jobs: list[LiveJob] = []
+        self.last_job: dict[str, LiveJob] = {}   # by domain name, and "" for the last of all
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self.server.watch(self._wake_r, lambda: self._wake_r.recv(4096))
+        self.machine = Machine(self._wake)
         for name, (handler, params) in self._commands().items():
             self.server.register(name, handler, params)
 
@@ -199,8 +220,17 @@ class Daemon:
                 if self.stopping:
                     break
                 self.step()
+                self.machine.turn()
+                self._finish_jobs()
         finally:
             self.shutdown()
+
+    def _wake(self) -> None:
+        """End the loop's poll: a job's thread wants the machine."""
+        try:
+            self._wake_w.send(b"!")
+        except (BlockingIOError, OSError):
+            pass  # a byte is waiting already, or the daemon is closing
 
     def stop(self) -> None:
         self.stopping = True
@@ -215,6 +245,7 @@ class Daemon:
                 marks.append(d.state.ack_deadline)
             if d.save is not None:
                 marks.append(d.save.deadline)
+        marks += [j.wake_at for j in self.jobs if j.wake_at is not None]
         return marks
 
     def _timeout(self) -> float | None:
@@ -254,7 +285,8 @@ class Daemon:
             if self.clock == "deterministic":
                 domctl.run(self.hv, self.now() + QUANTUM_DET_NS)
             else:
-                domctl.run_while_busy(self.hv, self.now() + QUANTUM_FAST_NS)
+                quantum = QUANTUM_LIVE_NS if self.jobs else QUANTUM_FAST_NS
+                domctl.run_while_busy(self.hv, self.now() + quantum)
         for d in list(self.domains.values()):
             try:
                 self._look_at(d)
@@ -263,6 +295,11 @@ class Daemon:
 
     def _look_at(self, d: DaemonDomain) -> None:
         dom = d.dom
+        if d.live is not None:  # its job's thread awaits its suspend and its requests
+            self._check_balloon(d)
+            return
+        if d.parked and dom.shutdown_reason == SHUTDOWN_suspend:
+            return
         if dom.shutdown_reason == SHUTDOWN_suspend:
             self._suspended(d)
             if dom.domid not in self.domains:
@@ -375,6 +412,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Stop every domain and close the socket."""
+        self._stop_jobs()
         for d in list(self.domains.values()):
             self._destroy(d)
         self.server.close()
@@ -389,6 +427,289 @@ class Daemon:
         if dom is None or dom.domid not in self.domains:
             raise QmpError(NOT_FOUND, f"no domain {which!r}")
         return self.domains[dom.domid]
+
+    # --- live jobs (livejob.py): a live save, a migration ------------------------------
+
+    def _not_moving(self, d: DaemonDomain) -> DaemonDomain:
+        """Refuse a command that would change a domain a live job is moving."""
+        if d.live is not None:
+            what = "saved live" if d.live.kind == "save" else "migrated"
+            raise QmpError(GENERIC, f"domain {d.dom.name} is being {what}: wait until that "
+                                    "ends")
+        return d
+
+    def _start_job(self, d: DaemonDomain | None, kind: str, work: Callable[[LiveJob], Any],
+                   finish: Callable[[LiveJob], None]) -> LiveJob:
+        job = LiveJob(kind, d.dom if d is not None else None, finish=finish)
+        self.jobs.append(job)
+        if d is not None:
+            d.live = job
+            self.last_job[d.dom.name] = self.last_job[""] = job
+        self._emit_job("MIGRATION", job, status="setup")
+        livejob.start(self.machine, job, work)
+        return job
+
+    def _callbacks(self, d: DaemonDomain, job: LiveJob) -> DaemonLive:
+        def suspended() -> None:
+            job.suspended = True
+            self._emit("SUSPEND", d.dom)
+        return DaemonLive(self.machine, self.hv, job, d.state, self._time_words(), suspended)
+
+    def _set_status(self, job: LiveJob, status: str) -> None:
+        if job.status != status:
+            job.status = status
+            self._emit_job("MIGRATION", job, status=status)
+
+    def _emit_job(self, event: str, job: LiveJob, **data: Any) -> None:
+        """An event of a job's domain (none yet for an incoming one: domid null)."""
+        if job.dom is not None:
+            self._emit(event, job.dom, **data)
+        else:
+            self.server.emit(event, {"domid": None, "name": "", **data})
+
+    def _tell_messages(self) -> None:
+        """xl's lines the jobs said since the last turn, as MIGRATION_MESSAGE events."""
+        for job in self.jobs:
+            while job.messages:
+                self._emit_job("MIGRATION_MESSAGE", job, text=job.messages.popleft())
+
+    def _report(self, job: LiveJob) -> Callable[[MigrationInfo], None]:
+        """The live loop's report as events: MIGRATION when the status
+        changes, MIGRATION_PASS for each round sent (QEMU's, counted from 1),
+        then MIGRATION_ROUND with query-migrate's fields. Called in the job's
+        thread, which holds the machine; "completed" is told by the job's
+        end (a migration's handshake is still to come)."""
+        def report(info: MigrationInfo) -> None:
+            job.info = info
+            if info.status == "active":
+                self._set_status(job, "active")
+            fresh = info.rounds[job.reported:]
+            for r in fresh:
+                self._emit_job("MIGRATION_PASS", job, **{"pass": r.iteration + 1})
+            if fresh:
+                job.reported = len(info.rounds)
+                self._emit_job("MIGRATION_ROUND", job, **job.query_migrate(),
+                               round=dataclasses.asdict(fresh[-1]))
+        return report
+
+    def _finish_jobs(self) -> None:
+        """The loop's part of each job that is done: the domain's fate, the answer."""
+        self._tell_messages()
+        for job in [j for j in self.jobs if j.done]:
+            self.jobs.remove(job)
+            d = self.domains.get(job.dom.domid) if job.dom is not None else None
+            if d is not None and d.live is job:
+                d.live = None
+            if job.thread is not None:
+                job.thread.join()
+            if job.finish is not None:
+                job.finish(job)
+
+    def _stop_jobs(self) -> None:
+        """The daemon stops: every job is cancelled and waited for."""
+        for job in self.jobs:
+            job.cancel()
+        for _ in range(STOP_TURNS):
+            if not self.jobs:
+                return
+            self.machine.turn()
+            self._finish_jobs()
+            time.sleep(0.01)
+
+    def _failed_job(self, d: DaemonDomain, job: LiveJob) -> str:
+        """After a failed job: the guest resumed if it had suspended; what its fate is."""
+        job.info.error = job.error
+        self._set_status(job, "cancelled" if job.cancelled else "failed")
+        dom = d.dom
+        if dom.shutdown_reason == SHUTDOWN_suspend:
+            resume_cancelled(self.hv, dom)
+            self._emit("RESUME", dom)
+            return "the guest runs on (its suspend hypercall returned 1)"
+        if dom.shutdown_reason is None:
+            return "the guest runs on" + (" (its suspend hypercall returned 1)"
+                                          if job.suspended else "")
+        return "the guest has shut down"
+
+    def _save_live(self, d: DaemonDomain, path: Path, checkpoint: bool,
+                   paused: bool) -> Deferred:
+        """``xl save --live``: the pre-copy loop into the file while the daemon runs."""
+        answer = Deferred()
+
+        def work(job: LiveJob) -> MigrationInfo:
+            def write(f: Any) -> MigrationInfo:
+                self.machine.take()
+                try:
+                    out = livejob.wire(f, self.machine)
+                    info = write_image_live(self.hv, d.dom, out, self._callbacks(d, job),
+                                            PrecopyOptions(), report=self._report(job))
+                    out.flush()
+                    return info
+                finally:
+                    self.machine.give()
+            # the file's flush to disk and its rename with the machine given back
+            return livejob.unheld(self.machine, lambda: _write_in_place(path, write))[0]
+
+        def finish(job: LiveJob) -> None:
+            if job.error:
+                fate = self._failed_job(d, job)
+                answer.fail(GENERIC, f"{job.error}; nothing was written, {fate}")
+                return
+            self._set_status(job, "completed")
+            info: MigrationInfo = job.result
+            answer.resolve({"file": str(path), "pages": sum(r.pages for r in info.rounds),
+                            "bytes": path.stat().st_size, "rounds": len(info.rounds)})
+            self._after_save(d, checkpoint, paused)
+        self._start_job(d, "save", work, finish)
+        return answer
+
+    def _after_save(self, d: DaemonDomain, checkpoint: bool, paused: bool) -> None:
+        """A saved domain is destroyed, or resumed (cancelled) for a checkpoint."""
+        if not checkpoint:
+            libxl.destroy_saved(self.hv, d.dom, lambda msg: log.info("%s", msg))
+            self._forget(d)
+            return
+        resume_cancelled(self.hv, d.dom)
+        if paused:
+            libxl.pause(d.dom)
+        self._emit("RESUME", d.dom)
+
+    def cmd_migrate(self, args: dict[str, Any]) -> Deferred:
+        """QEMU's migrate (``uri``: tcp:HOST:PORT or exec:COMMAND) run as xl's
+        migrate_domain; answered once the target has the domain, or with why
+        not (the guest then runs on here)."""
+        d = self._not_moving(self.find(args))
+        if d.save is not None or d.state.suspend is not None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is being saved")
+        if domctl.is_paused(d.dom) or d.dom.shutdown_reason is not None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is not running: it cannot be "
+                                    "migrated (unpause it first)")
+        try:
+            uri = migrateuri.check_uri(str(args["uri"]))
+        except ValueError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        answer = Deferred()
+
+        def work(job: LiveJob) -> MigrateOutcome:
+            try:
+                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
+            except OSError as e:
+                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
+            job.on_cancel = wire.cut
+            return migrate_domain(self.hv, d.dom, self._held(wire.channel),
+                                  self._callbacks(d, job), PrecopyOptions(),
+                                  report=self._report(job), say=job.say)
+        self._start_job(d, "migrate", work, lambda job: self._migrated(d, job, answer))
+        return answer
+
+    def _held(self, ch: Channel) -> Channel:
+        """The channel with the machine given back while it is read, written, closed."""
+        m = self.machine
+        closer = ch.closer
+        return Channel(livejob.wire(ch.reader, m), livejob.wire(ch.writer, m), ch.rune,
+                       (lambda wait: livejob.unheld(m, lambda: closer(wait)))
+                       if closer is not None else None)
+
+    def _migrated(self, d: DaemonDomain, job: LiveJob, answer: Deferred) -> None:
+        """The source's end: gone (the target has it), running on, or kept
+        suspended and renamed when the handshake failed after GO."""
+        out: MigrateOutcome | None = job.result
+        if out is not None and out.ok:
+            self._set_status(job, "completed")
+            answer.resolve({})
+            self._forget(d)
+            return
+        if out is not None and out.undefined:
+            d.parked = True   # neither resumed nor destroyed: a person decides (xl's way)
+            job.error = out.error.splitlines()[0]
+            job.info.error = out.error
+            self._set_status(job, "failed")
+            answer.fail(GENERIC, f"{_cause(out.lines)}; {job.error} the domain is kept "
+                                 f"suspended here as {d.dom.name}: check both hosts")
+            return
+        if out is not None:
+            job.error = f"{_cause(out.lines)}; {out.error.rstrip('.')}"
+            if job.suspended and d.dom.shutdown_reason is None:
+                self._emit("RESUME", d.dom)  # migrate_domain resumed it cancelled
+        fate = self._failed_job(d, job)
+        answer.fail(GENERIC, job.error if "runs on" in job.error else f"{job.error}; {fate}")
+
+    def cmd_migrate_incoming(self, args: dict[str, Any]) -> Deferred:
+        """QEMU's migrate-incoming with ``uri`` fd:NAME (one descriptor both
+        ways, a socket) or fd:IN,OUT (ssh's pipes), descriptors passed
+        before with getfd: xl's migrate_receive into this machine. The
+        answer: the domain's domid and name, and the receiver's lines.
+        Descriptors rather than a port the daemon would listen on: xl's ssh
+        way has no port, only the receiver's stdin and stdout, and so one
+        mechanism serves both ways while the daemon never listens on the
+        network (``pvlab migrate-receive --listen`` decides where)."""
+        kind, _, names = str(args["uri"]).partition(":")
+        fdnames = names.split(",")
+        if kind != "fd" or not 1 <= len(fdnames) <= 2 or not all(fdnames):
+            raise QmpError(GENERIC, f"uri {args['uri']!r}: give fd:NAME or fd:IN,OUT, "
+                                    "descriptors passed with getfd")
+        fds: list[int] = []
+        try:
+            for n in fdnames:
+                fds.append(self.server.take_fd(n))
+        except QmpError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        reader = os.fdopen(fds[0], "rb")
+        writer = os.fdopen(fds[-1] if len(fds) == 2 else os.dup(fds[0]), "wb")
+        ch = Channel(reader, writer)
+        answer = Deferred()
+        paused = _flag(args, "paused")
+
+        def work(job: LiveJob) -> Received:
+            job.on_cancel = lambda: _shut_socket(fds[0])
+            return migrate_receive(self._held(ch), hv=self.hv, clock=self.clock,
+                                   paused=paused, say=job.say)
+        self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer))
+        return answer
+
+    def _received(self, job: LiveJob, ch: Channel, answer: Deferred) -> None:
+        """The target's end: the domain adopted (its console socket), or why not."""
+        lines = job.lines
+        ch.close()
+        if job.error:
+            self._set_status(job, "failed")
+            answer.fail(GENERIC, job.error)
+            return
+        got: Received = job.result
+        try:
+            self._adopt(got.dom, None)
+        except OSError as e:
+            libxl.destroy_domain(self.hv, got.dom)
+            answer.fail(GENERIC, f"the console socket: {e}; the domain is destroyed")
+            return
+        job.dom = got.dom
+        self.last_job[got.dom.name] = job
+        self._set_status(job, "completed")
+        answer.resolve({"domid": got.dom.domid, "name": got.dom.name, "lines": lines})
+
+    def cmd_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate_cancel, for a domain's live save or migration: its
+        wire cut, it fails, and the guest runs on (resumed cancelled if it
+        had suspended); its own answer says so. Cut after the permission to
+        start was sent, it is xl's undefined case (the domain kept here,
+        suspended, for a person to check both hosts)."""
+        d = self.find(args)
+        if d.live is None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is not being saved live or "
+                                    "migrated")
+        self._set_status(d.live, "cancelling")
+        d.live.cancel()
+        return {}
+
+    def cmd_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's query-migrate for a domain's current or last live job (by
+        name: a domain migrated away is gone), or the last of all; {} if none."""
+        which = args.get("domain")
+        if which is not None and not isinstance(which, str):
+            which = self.find(args).dom.name
+        job = self.last_job.get("" if which is None else str(which))
+        return {} if job is None else job.query_migrate()
 
     # --- commands ----------------------------------------------------------------------
 
@@ -408,8 +729,12 @@ class Daemon:
             "domain-destroy": (self.cmd_destroy, {"domain": dom}),
             "domain-shutdown": (self.cmd_shutdown,
                                 {"domain": dom, "reason": Param((str,), required=False)}),
-            "domain-save": (self.cmd_save, {"domain": dom, "file": path,
-                                            "checkpoint": flag, "paused": flag}),
+            "domain-save": (self.cmd_save, {"domain": dom, "file": path, "checkpoint": flag,
+                                            "paused": flag, "live": flag}),
+            "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
+            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path}),
+            "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag}),
+            "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),
             "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
             "domain-mem-set": (self.cmd_mem_set, kib),
             "domain-mem-max": (self.cmd_mem_max, kib),
@@ -444,19 +769,19 @@ class Daemon:
         return {"domid": dom.domid, "name": dom.name}
 
     def cmd_pause(self, args: dict[str, Any]) -> dict[str, Any]:
-        libxl.pause(self.find(args).dom)
+        libxl.pause(self._not_moving(self.find(args)).dom)
         return {}
 
     def cmd_unpause(self, args: dict[str, Any]) -> dict[str, Any]:
-        libxl.unpause(self.find(args).dom)
+        libxl.unpause(self._not_moving(self.find(args)).dom)
         return {}
 
     def cmd_destroy(self, args: dict[str, Any]) -> dict[str, Any]:
-        self._destroy(self.find(args))
+        self._destroy(self._not_moving(self.find(args)))
         return {}
 
     def cmd_shutdown(self, args: dict[str, Any]) -> dict[str, Any]:
-        d = self.find(args)
+        d = self._not_moving(self.find(args))
         reason = args.get("reason", "poweroff")
         if reason not in ("poweroff", "reboot"):
             raise QmpError(GENERIC, f"reason {reason!r}: poweroff or reboot")
@@ -464,7 +789,7 @@ class Daemon:
         return {}
 
     def cmd_save(self, args: dict[str, Any]) -> Deferred:
-        d = self.find(args)
+        d = self._not_moving(self.find(args))
         path = _path_arg(args, "file")
         if path.is_dir() or not path.parent.is_dir():
             raise QmpError(GENERIC, f"{path}: not a file in an existing directory")
@@ -474,6 +799,8 @@ class Daemon:
             raise QmpError(GENERIC, f"domain {d.dom.name} is paused: it cannot suspend; "
                                     "unpause it first")
         checkpoint = _flag(args, "checkpoint")
+        if _flag(args, "live"):
+            return self._save_live(d, path, checkpoint, _flag(args, "paused"))
         now = self.now()
         answer = Deferred()
         d.state.suspend = libxl.SuspendJob(path=path, checkpoint=checkpoint)
@@ -512,6 +839,31 @@ class Daemon:
     def cmd_quit(self, _args: dict[str, Any]) -> dict[str, Any]:
         self.stopping = True
         return {}
+
+
+def _shut_socket(fd: int) -> None:
+    """End a wait on ``fd`` from another thread, if it is a socket (a pipe's
+    end comes when its writer, the sender, goes)."""
+    copy = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.close()
+
+
+def _cause(lines: list[str]) -> str:
+    """Why a migration failed: xl's line before its first "Migration failed"
+    (the resume's own step passed over)."""
+    said = [x for x in lines if not x.endswith("Trying to resume at our end.")]
+    for i, line in enumerate(said):
+        if line.startswith(("Migration failed", "** Migration failed")):
+            return said[i - 1] if i else line
+    return said[-1] if said else "the migration failed"
 
 
 def _version() -> str:

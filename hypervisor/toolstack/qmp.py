@@ -29,6 +29,7 @@ Nothing here knows the hypervisor: the daemon registers its commands.
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import logging
@@ -51,7 +52,9 @@ MAX_MESSAGE = 1 << 20        # bytes of one incoming object (QEMU limits tokens,
 MAX_BACKLOG = 8 << 20        # bytes waiting for a client that does not read: then it is dropped
 MAX_NESTING = 64             # arrays and objects within each other (QEMU's limit is 1024)
 SUN_PATH_MAX = 107           # sockaddr_un's sun_path, less its terminating NUL
+MAX_FDS = 4                  # file descriptors one message may carry (SCM_RIGHTS)
 GENERIC = "GenericError"
+BUILTIN = ("qmp_capabilities", "query-commands", "getfd", "closefd")  # the server's own
 NOT_FOUND = "CommandNotFound"
 
 
@@ -279,6 +282,8 @@ class _Conn:
         self.closing = False      # send what is queued, then close
         self.deaf = False         # the client can no longer be written to
         self.pending: list[Deferred] = []
+        self.fds_in: list[int] = []       # passed with SCM_RIGHTS, not yet named by getfd
+        self.fds: dict[str, int] = {}     # getfd's names (QEMU's per-monitor table)
 
     def send(self, obj: dict[str, Any]) -> None:
         if not self.closing and not self.deaf:
@@ -300,12 +305,13 @@ class Server:
         self.listener = listen_unix(self.path)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self.conns: dict[int, _Conn] = {}
+        self.current: _Conn | None = None  # the client whose command is being handled
 
     def register(self, name: str, handler: Handler,
                  params: Mapping[str, Param] | None = None) -> None:
         """Answer ``name`` with ``handler``; with ``params`` the server checks
         the arguments (none missing, none unknown, each of its types) first."""
-        if name in self.commands or name in ("qmp_capabilities", "query-commands"):
+        if name in self.commands or name in BUILTIN:
             raise ValueError(f"command {name} is registered already")
         self.commands[name] = _Command(handler, params)
 
@@ -365,7 +371,7 @@ class Server:
     def _ready(self, conn: _Conn, mask: int) -> None:
         if mask & selectors.EVENT_READ:
             try:
-                data = conn.sock.recv(65536)
+                data = _recv_fds(conn.sock, conn.fds_in)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -387,6 +393,10 @@ class Server:
             return
         for d in conn.pending:
             d.cancelled = True
+        for fd in [*conn.fds_in, *conn.fds.values()]:
+            os.close(fd)
+        conn.fds_in.clear()
+        conn.fds.clear()
         self.sel.unregister(conn.sock)
         conn.sock.close()
 
@@ -476,13 +486,17 @@ class Server:
             raise QmpError(NOT_FOUND, "Expecting capabilities negotiation with "
                            "'qmp_capabilities'")
         if name == "query-commands":
-            return [{"name": n} for n in ["qmp_capabilities", "query-commands",
-                                          *sorted(self.commands)]]
+            return [{"name": n} for n in [*BUILTIN, *sorted(self.commands)]]
+        if name in ("getfd", "closefd"):
+            check_arguments(args, {"fdname": Param((str,))})
+            return self._getfd(conn, args["fdname"]) if name == "getfd" else \
+                os.close(self._take(conn, args["fdname"]))
         cmd = self.commands.get(name)
         if cmd is None:
             raise QmpError(NOT_FOUND, f"The command {name} has not been found")
         if cmd.params is not None:
             check_arguments(args, cmd.params)
+        self.current = conn
         try:
             return cmd.handler(args)
         except QmpError:
@@ -490,6 +504,32 @@ class Server:
         except Exception as e:  # a handler's bug must not stop the daemon
             log.exception("command %s failed", name)
             raise QmpError(GENERIC, f"internal error in {name}: {e}") from e
+        finally:
+            self.current = None
+
+    # --- file descriptors passed with a command (QEMU's getfd, closefd) ---------------
+
+    def _getfd(self, conn: _Conn, name: str) -> dict[str, Any]:
+        """Name the oldest descriptor this client passed; an old one of that name is closed."""
+        if not conn.fds_in:
+            raise QmpError(GENERIC, "No file descriptor supplied via SCM_RIGHTS")
+        if name in conn.fds:
+            os.close(conn.fds.pop(name))
+        conn.fds[name] = conn.fds_in.pop(0)
+        return {}
+
+    @staticmethod
+    def _take(conn: _Conn, name: str) -> int:
+        if name not in conn.fds:
+            raise QmpError(GENERIC, f"File descriptor named '{name}' not found")
+        return conn.fds.pop(name)
+
+    def take_fd(self, name: str) -> int:
+        """For a command's handler: the descriptor its client named ``name``
+        with getfd, now the handler's to close."""
+        if self.current is None:
+            raise QmpError(GENERIC, f"File descriptor named '{name}' not found")
+        return self._take(self.current, name)
 
     def _negotiate(self, conn: _Conn, args: dict[str, Any]) -> dict[str, Any]:
         if conn.negotiated:
@@ -501,6 +541,16 @@ class Server:
                 raise QmpError(GENERIC, f"Capability {cap!r} not available")
         conn.negotiated = True
         return {}
+
+
+def _recv_fds(sock: socket.socket, fds: list[int]) -> bytes:
+    """recv, with the descriptors passed alongside (SCM_RIGHTS) added to ``fds``."""
+    data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(array.array("i", payload[:usable]))
+    return data
 
 
 _TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", list: "array",
@@ -549,22 +599,44 @@ class Client:
         self.execute("qmp_capabilities")
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
+                timeout: float | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> Any:
         """The command's "return"; QmpError for its "error". Events read
-        meanwhile wait in ``events``. ``timeout`` (seconds) overrides the
-        connection's for this answer (a save may take a while)."""
+        meanwhile go to ``on_event`` as they come, or wait in ``events``.
+        ``timeout`` (seconds) overrides the connection's for this answer (a
+        save may take a while)."""
+        self._send(command, arguments)
+        return self._answer(timeout, on_event)
+
+    def send_fd(self, fdname: str, fd: int) -> None:
+        """QEMU's getfd: ``fd`` passed to the daemon (SCM_RIGHTS) under ``fdname``,
+        for a later command to name."""
+        self._send("getfd", {"fdname": fdname}, fd)
+        self._answer(None, None)
+
+    def _send(self, command: str, arguments: dict[str, Any] | None, fd: int | None = None
+              ) -> None:
         self.next_id += 1
         msg: dict[str, Any] = {"execute": command, "id": self.next_id}
         if arguments:
             msg["arguments"] = arguments
-        self.sock.sendall(_encode(msg))
+        if fd is None:
+            self.sock.sendall(_encode(msg))
+        else:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            self.sock.sendmsg([_encode(msg)], rights)
+
+    def _answer(self, timeout: float | None,
+                on_event: Callable[[dict[str, Any]], None] | None) -> Any:
         old = self.sock.gettimeout()
         if timeout is not None:
             self.sock.settimeout(timeout)
         try:
             while True:
                 reply = self._read()
-                if "event" in reply:
+                if "event" in reply and on_event is not None:
+                    on_event(reply)
+                elif "event" in reply:
                     self.events.append(reply)
                 elif reply.get("id") == self.next_id:
                     break

@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from hypervisor.toolstack import qmp
+from hypervisor.toolstack import qmp, transport
+from hypervisor.toolstack.precopy import Round, progress_line
 from hypervisor.toolstack.savefile import XL_HDR, read_xl_header
 from hypervisor.toolstack.stream import StreamError
 
@@ -43,7 +44,8 @@ class DaemonClient(Protocol):
     """What a verb needs of the daemon: qmp.Client's two calls."""
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any: ...
+                timeout: float | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> Any: ...
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None: ...
 
@@ -207,6 +209,8 @@ def _attach(d: DaemonClient, dom: str) -> int:
 
 
 def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
+    if args.json and not args.live:
+        raise BadInput("--json reports a live save's rounds: give --live too")
     file = _new_file(args.file)
     info = _info(d, args.domain)
     _say(f"Saving domain {info['domid']} ({info['name']}) to {args.file}")
@@ -214,8 +218,12 @@ def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
     try:
         done = d.execute("domain-save", {"domain": info["domid"], "file": file,
                                          "checkpoint": args.checkpoint or args.paused,
-                                         "paused": args.paused},
-                         timeout=LONG_WAIT_S)
+                                         "paused": args.paused, "live": args.live},
+                         timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
+    except KeyboardInterrupt:
+        if not args.live:
+            raise
+        raise XlError(_cancel(d, info)) from None
     except qmp.QmpError as e:
         # xl's "Failed to save domain, resuming domain": the daemon resumes a
         # guest whose save failed (unless the failure is that it is gone)
@@ -223,10 +231,101 @@ def xl_save(d: DaemonClient, args: argparse.Namespace) -> int:
                       f"{e.desc}") from None
     after = ("is paused" if args.paused else "runs on" if args.checkpoint
              else "is destroyed")
+    rounds = f" in {done['rounds']} rounds" if args.live else ""
     _say(f"Saved domain {info['domid']} ({info['name']}) to {args.file}, new xl format "
-         f"(info {xl_format_info(file)}): {done['pages']} pages, {_mib(done['bytes'])}; "
-         f"the domain {after}")
+         f"(info {xl_format_info(file)}): {done['pages']} pages{rounds}, "
+         f"{_mib(done['bytes'])}; the domain {after}")
+    if args.live and args.json:
+        _json_line(d.execute("query-migrate", {"domain": info["name"]}))
     return EXIT_OK
+
+
+def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
+    """xl migrate: the daemon runs xl's migrate_domain to the uri the flags
+    make; xl's lines and, on a terminal, a progress line per round come as
+    events; a failure is one line (the guest runs on here)."""
+    uri = migrate_uri(args)
+    info = _info(d, args.domain)
+    try:
+        d.execute("migrate", {"domain": info["domid"], "uri": uri}, timeout=LONG_WAIT_S,
+                  on_event=live_progress(info["domid"], args))
+    except KeyboardInterrupt:
+        raise XlError(_cancel(d, info)) from None
+    except qmp.QmpError as e:
+        if e.klass == "DomainNotFound":
+            raise
+        raise XlError(f"migrating domain {info['domid']} ({info['name']}) failed: "
+                      f"{e.desc}") from None
+    if args.json:
+        _json_line(d.execute("query-migrate", {"domain": info["name"]}))
+    return EXIT_OK
+
+
+def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
+    """Ctrl-C while a live job runs: the daemon is asked to cut it (QEMU's
+    migrate_cancel); the line to say."""
+    name = f"domain {info['domid']} ({info['name']})"
+    try:
+        d.execute("migrate_cancel", {"domain": info["domid"]})
+    except (qmp.QmpError, OSError) as e:
+        return f"interrupted; cancelling the job of {name} failed: {e}"
+    return f"interrupted: the job of {name} is cancelled; the domain runs on"
+
+
+def migrate_uri(args: argparse.Namespace) -> str:
+    """The daemon's uri for xl migrate's flags: ``tcp:HOST:PORT`` with --tcp,
+    else xl's rune as exec: (``exec SSH HOST pvlab migrate-receive[ -e][ -p]``;
+    ``-s CMD`` replaces ssh; an empty -s makes HOST the whole command, with
+    no flags, as xl's)."""
+    if args.config is not None:
+        raise BadInput("-C: sending another configuration than the domain's is not built "
+                       "in pvlab; migrate without it")
+    if args.debug:
+        raise BadInput("--debug: xl's verify pass is not built in pvlab; migrate without it")
+    if args.tcp is not None:
+        if args.host is not None or args.ssh is not None or args.no_monitor or args.paused:
+            raise BadInput("--tcp HOST:PORT talks to `pvlab migrate-receive --listen`, "
+                           "which takes -p and -e itself: give no HOST, -s, -e or -p")
+        host, _, port = args.tcp.rpartition(":")
+        if not host or not port.isdigit():
+            raise BadInput(f"--tcp {args.tcp}: give HOST:PORT")
+        return f"tcp:{args.tcp}"
+    if args.host is None:
+        raise BadInput("give the HOST to migrate to (or --tcp HOST:PORT)")
+    if args.ssh == "":
+        return f"exec:{args.host}"
+    # main_migrate's rune, the receiver's flags in xl's order
+    flags = (" -e" if args.no_monitor else "") + (" -p" if args.paused else "")
+    return f"exec:exec {args.ssh or 'ssh'} {args.host} {transport.RECEIVER}{flags}"
+
+
+def live_progress(domid: int, args: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
+    """What a verb shows of a live job's events for ``domid``: with --json
+    each round's query-migrate fields as a JSON line on stdout; on a terminal
+    libxc's progress line per round (precopy.progress_line) on stderr; xl's
+    messages (MIGRATION_MESSAGE) on stderr."""
+    tty = sys.stderr.isatty()
+
+    def show(event: dict[str, Any]) -> None:
+        data = dict(event.get("data") or {})
+        if data.pop("domid", None) != domid:
+            return
+        data.pop("name", None)
+        if event["event"] == "MIGRATION_MESSAGE":
+            _say(str(data.get("text", "")))
+        elif event["event"] == "MIGRATION_ROUND":
+            done = data.pop("round")
+            if getattr(args, "json", False):
+                _json_line(data)
+            elif tty:
+                ram = data.get("ram") or {}
+                total = ram.get("total", 0) // max(ram.get("page-size", 1), 1)
+                _say(progress_line(Round(**done), total))
+    return show
+
+
+def _json_line(fields: dict[str, Any]) -> None:
+    print(json.dumps(fields, sort_keys=True), flush=True)
 
 
 def xl_format_info(file: str) -> str:
@@ -336,6 +435,61 @@ def xl_dmesg(d: DaemonClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def receive_into_daemon(client: qmp.Client, reader_fd: int, writer_fd: int,
+                        paused: bool = False,
+                        say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``pvlab migrate-receive`` when a daemon runs here: the wire's
+    descriptors handed to it (QEMU's getfd: SCM_RIGHTS over its socket), then
+    migrate-incoming, so that the domain lives in the daemon. One
+    descriptor for a socket, two for ssh's pipes. ``say`` gets the
+    receiver's lines as they come. Returns the answer (domid, name, the
+    receiver's lines); QmpError says why not."""
+    client.send_fd("migrate-in", reader_fd)
+    names = "migrate-in"
+    if writer_fd != reader_fd:
+        client.send_fd("migrate-out", writer_fd)
+        names += ",migrate-out"
+    def tell(event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event.get("event") == "MIGRATION_MESSAGE" and data.get("domid") is None and say:
+            say(str(data.get("text", "")))
+    return client.execute("migrate-incoming", {"uri": f"fd:{names}", "paused": paused},
+                          timeout=LONG_WAIT_S, on_event=tell)
+
+
+def receiving_daemon(socket: str | None, in_process: bool) -> qmp.Client | None:
+    """The daemon ``pvlab migrate-receive`` hands its wire to: the one at
+    ``socket`` (BadInput if none answers there), else the one at the default
+    socket if it answers; None with ``in_process`` or when none runs."""
+    if in_process:
+        return None
+    path = Path(socket) if socket else qmp.default_socket()
+    try:
+        return qmp.Client(path, timeout=None)
+    except (qmp.DaemonNotRunning, OSError, qmp.QmpError) as e:
+        if socket:
+            raise BadInput(f"--socket {socket}: {e}") from None
+        return None
+
+
+def receive_in_daemon(client: qmp.Client, channel: Any, paused: bool) -> int:
+    """The wire handed to the daemon; its receiver's lines said here, on
+    stderr, which ssh relays to the sender (xl's "migration target: ..."
+    lines). 0 once the domain runs there, 1 if not (the one line why)."""
+    try:
+        done = receive_into_daemon(client, channel.reader.fileno(), channel.writer.fileno(),
+                                   paused, _say)
+    except (qmp.QmpError, OSError) as e:
+        _say(f"migration target: {e}")
+        return EXIT_FAILED
+    finally:
+        channel.close(wait=False)
+        client.close()
+    _say(f"migration target: domain {done['domid']} ({done['name']}) runs in the daemon at "
+         f"{client.path}")
+    return EXIT_OK
+
+
 # --- connecting, and the one-line failures ---------------------------------------------------
 
 def connect(socket: str | None) -> DaemonClient:
@@ -357,8 +511,9 @@ class _Connection:
         return self.client
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
-        return self._client().execute(command, arguments, timeout=timeout)
+                timeout: float | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        return self._client().execute(command, arguments, timeout=timeout, on_event=on_event)
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         return self._client().next_event(timeout)
@@ -443,6 +598,13 @@ def _save_args(p: argparse.ArgumentParser) -> None:
                    help="leave the domain running once saved (a checkpoint)")
     p.add_argument("-p", dest="paused", action="store_true",
                    help="leave the domain paused once saved")
+    p.add_argument("--live", action="store_true",
+                   help="save while the domain runs: pre-copy rounds of the pages it "
+                        "dirties, then a short suspend for the last (xl migrate's loop, "
+                        "into a file); on a terminal a progress line per round")
+    p.add_argument("--json", action="store_true",
+                   help="with --live: each round's query-migrate fields as a JSON line "
+                        "on stdout, then the final ones")
 
 
 def _restore_args(p: argparse.ArgumentParser) -> None:
@@ -451,6 +613,34 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
                    help="leave the restored domain paused (xl unpause DOM starts it)")
     p.add_argument("-c", dest="console", action="store_true",
                    help="attach to the domain's console once it is restored")
+
+
+def _migrate_args(p: argparse.ArgumentParser) -> None:
+    _dom(p)
+    p.add_argument("host", metavar="HOST", nargs="?",
+                   help="the host to migrate to: `ssh HOST pvlab migrate-receive` is run "
+                        "there, its stdin and stdout the wire (xl's way)")
+    p.add_argument("-s", dest="ssh", metavar="CMD",
+                   help="run CMD instead of ssh; an empty CMD runs HOST itself as the "
+                        "command")
+    p.add_argument("-e", dest="no_monitor", action="store_true",
+                   help="passed on to migrate-receive (xl's: it does not daemonise; "
+                        "pvlab's receiver never does)")
+    p.add_argument("-p", dest="paused", action="store_true",
+                   help="leave the domain paused on the target")
+    p.add_argument("-C", dest="config", metavar="CFG",
+                   help="xl's: send CFG instead of the domain's configuration (not built: "
+                        "refused)")
+    p.add_argument("--debug", action="store_true",
+                   help="xl's verify pass (not built: refused)")
+    p.add_argument("--live", action="store_true",
+                   help="accepted and ignored, as xl does (migration is always live)")
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="connect to `pvlab migrate-receive --listen HOST:PORT` there "
+                        "instead of running it over ssh")
+    p.add_argument("--json", action="store_true",
+                   help="each round's query-migrate fields as a JSON line on stdout, then "
+                        "the final ones")
 
 
 def _size_args(p: argparse.ArgumentParser) -> None:
@@ -484,6 +674,12 @@ CONSOLE_HELP = ("Attach this terminal to the domain's console: what you type goe
                 "it comes, and its end is typed as Ctrl-D. Several people may attach to one "
                 "domain at once.")
 
+MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon sends it live "
+                "(pre-copy rounds while it runs, then a short suspend) to `pvlab "
+                "migrate-receive` run over ssh on HOST (or, with --tcp, listening there); "
+                "once the target has started it, it is gone from here. If anything fails "
+                "the domain runs on here and the verb says why (exit 1).")
+
 # name, verb, one line for the verb list, the description, its arguments
 VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, str,
                   Callable[[argparse.ArgumentParser], None]]] = [
@@ -497,6 +693,8 @@ VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, s
     ("save", xl_save, "save a domain to a file, to restore later",
      "Suspend the domain and write its state to FILE (an xl save file); the domain is "
      "then destroyed, unless -c or -p keeps it.", _save_args),
+    ("migrate", xl_migrate, "move a running domain to another host",
+     MIGRATE_HELP, _migrate_args),
     ("restore", xl_restore, "build a domain from a save file",
      "Build a new domain from FILE and let it run on from where it was saved.",
      _restore_args),
@@ -548,3 +746,5 @@ def add_parsers(sub: Any) -> None:
         _add_verb(verbs, *spec)
     _add_verb(sub, "console", xl_console, "attach to the console of a domain in the daemon "
               "(pvlab xl console)", CONSOLE_HELP, _dom)
+    _add_verb(sub, "migrate", xl_migrate, "move a running domain of the daemon to another "
+              "host (pvlab xl migrate)", MIGRATE_HELP, _migrate_args)

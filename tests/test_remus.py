@@ -22,11 +22,12 @@ import threading
 
 import pytest
 
-from hypervisor.toolstack import remus
+from hypervisor.toolstack import remus, stream
 from hypervisor.toolstack.config import load_config
-from hypervisor.toolstack.control import parse_request, remus_target
+from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.migrate import Channel, MigrateError
 from hypervisor.toolstack.session import run_domain
+from hypervisor.toolstack.transport import Destination, parse_remus_target
 from tests.conftest import ROOT, booting, checkout_env
 
 EXAMPLE = ROOT / "examples" / "live-save.toml"
@@ -53,8 +54,8 @@ class Killed(Exception):
 
 
 class DyingWriter(io.RawIOBase):
-    """The primary's stream, cut after ``limit`` octets: both connections
-    shut at once, as the kernel shuts a killed process's sockets."""
+    """The primary's stream, cut after ``limit`` octets: its connection
+    shut, as the kernel shuts a killed process's sockets."""
 
     def __init__(self, out, limit: int, socks: list[socket.socket]) -> None:
         self.out, self.limit, self.socks, self.sent = out, limit, socks, 0
@@ -115,15 +116,14 @@ def replicate(limit: int | None = None, backup_dies: bool = False,
     (what the primary let out, what the backup showed, the primary's
     outcome or None if it died, the backup's notes)."""
     main_p, main_b = socket.socketpair()
-    side_p, side_b = socket.socketpair()
     shown, notes, backup_out = bytearray(), [], {}
 
     def backup() -> None:
         ch = channel(main_b)
         if backup_dies:  # after the first epoch and a few more octets
-            ch.reader = DyingReader(ch.reader, 21_000_000, [main_b, side_b])
+            ch.reader = DyingReader(ch.reader, 21_000_000, [main_b])
         try:
-            got = remus.remus_receive(ch, lambda: channel(side_b), say=notes.append)
+            got = remus.remus_receive(ch, say=notes.append)
         except (Killed, MigrateError):
             return
         if got is not None:
@@ -138,7 +138,7 @@ def replicate(limit: int | None = None, backup_dies: bool = False,
     outcome = None
     with booting() as boot:
         hv, dom = boot(load_config(EXAMPLE))
-        writer = DyingWriter(main_p.makefile("wb"), limit or 1 << 62, [main_p, side_p])
+        writer = DyingWriter(main_p.makefile("wb"), limit or 1 << 62, [main_p])
         read_ack = remus.read_ack
 
         def awaiting(src, epoch: int) -> None:
@@ -146,12 +146,8 @@ def replicate(limit: int | None = None, backup_dies: bool = False,
                 writer.die()
             read_ack(src, epoch)
 
-        socks = [(main_p, writer), (side_p, None)]
-
         def connect() -> Channel:
-            sock, w = socks.pop(0)
-            return Channel(sock.makefile("rb"), w or sock.makefile("wb"),
-                           closer=lambda _w: sock.close())
+            return Channel(main_p.makefile("rb"), writer, closer=lambda _w: main_p.close())
         remus.read_ack = awaiting
         try:
             outcome = remus.remus_run(hv, dom, AT_NS, connect,
@@ -205,10 +201,11 @@ def test_output_is_held_until_its_epoch_is_acknowledged():
     buf.release_all()
     assert sink == b"ab"
     # the backup learns each epoch's output and each release, in order
-    log.seek(0)
-    got = remus.OutputLog(log)
-    got.start()
-    got.join()
+    # REMUS_OUTPUT records, as they ride the stream
+    end, log = log.tell(), io.BytesIO(log.getvalue())
+    got = remus.OutputLog()
+    while log.tell() < end:
+        got.take(stream.read_record(log, log.tell()))
     assert got.held == {0: b"a", 1: b"b"} and got.released == 0
     assert got.unreleased(1) == b"b"
 
@@ -225,6 +222,8 @@ def test_a_backup_that_dies_leaves_the_primary_running_its_output_let_out(refere
     ("3ms remus 127.0.0.1:99999", "HOST:PORT"),
     ("3ms remus 127.0.0.1:7001 -i 0", "milliseconds"),
     ("3ms remus 127.0.0.1:7001 -i x", "milliseconds"),
+    ("3ms remus -s 'ssh -p 22' 127.0.0.1:7001", "-s goes with ssh:HOST"),
+    ("3ms remus 127.0.0.1:7001 ssh:b", "want"),
 ])
 def test_a_bad_remus_request_is_refused_before_the_run(text, why):
     with pytest.raises(ValueError, match=why):
@@ -233,8 +232,12 @@ def test_a_bad_remus_request_is_refused_before_the_run(text, why):
 
 def test_a_remus_request_names_the_backup_and_the_interval():
     req = parse_request("3ms remus 127.0.0.1:7001 -i 5")
-    assert req.command == "remus" and remus_target(req.value) == ("127.0.0.1", 7001, 5_000_000)
-    assert remus_target("localhost:9") == ("localhost", 9, None)
+    assert req.command == "remus"
+    assert parse_remus_target(req.value) == (Destination("127.0.0.1", 7001), 5_000_000)
+    assert parse_remus_target("localhost:9") == (Destination("localhost", 9), None)
+    # over ssh, main_remus's rune: migrate-receive -r on the far side
+    dest, interval = parse_remus_target("-i 2 -s 'ssh -p 2222' ssh:b")
+    assert dest.rune == "exec ssh -p 2222 b pvlab migrate-receive -r" and interval == 2_000_000
 
 
 # --- real processes ------------------------------------------------------------------

@@ -25,7 +25,6 @@ from hypervisor.toolstack.control import (
     SAVE_LIVE,
     Request,
     parse_request,
-    remus_target,
 )
 from hypervisor.toolstack.elfimage import ImageError
 from hypervisor.toolstack.gdbsx import GdbKill
@@ -262,11 +261,12 @@ def _remus(hv: Hypervisor, dom: Domain, req: Request, others: list[Request],
            until: int | None) -> int:
     """xl remus in a scripted run: replicate from the request's time on; the
     guest's output reaches stdout only as the backup commits its epochs."""
-    from hypervisor.toolstack.remus import DEFAULT_INTERVAL_NS, remus_run, tcp_channel
-    host, port, interval = remus_target(req.value)
-    out = remus_run(hv, dom, req.at_ns, lambda: tcp_channel(host, port), _stream,
+    from hypervisor.toolstack import transport
+    from hypervisor.toolstack.remus import DEFAULT_INTERVAL_NS, remus_run
+    dest, interval = transport.parse_remus_target(req.value)
+    out = remus_run(hv, dom, req.at_ns, lambda: transport.open_channel(dest), _stream,
                     interval or DEFAULT_INTERVAL_NS, until, _note, others)
-    _note(f"remus: {out.epochs} epoch(s) committed on the backup at {host}:{port}")
+    _note(f"remus: {out.epochs} epoch(s) committed on the backup at {dest.describe()}")
     assert out.result is not None
     return _exit_for(out.result, dom, until)
 
@@ -530,31 +530,23 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
 
 def _remus_backup(args: argparse.Namespace) -> int:
     """``migrate-receive -r``: the backup of a Remus primary (remus.remus_receive)
-    on --listen's address, two connections (the stream, then the output
-    channel); after a failover the guest runs here, its console on stdout."""
-    import socket
-
+    on stdin and stdout (main_remus's ssh rune) or one --listen connection;
+    after a failover the guest runs here, its console on stdout (on stderr
+    when stdout was the wire)."""
     from hypervisor.toolstack import transport
-    from hypervisor.toolstack.migrate import Channel, MigrateError
-    from hypervisor.toolstack.remus import SIDE_ACCEPT_S, remus_receive
+    from hypervisor.toolstack.migrate import MigrateError
+    from hypervisor.toolstack.remus import remus_receive
     if args.listen is None:
-        raise CliError("-r needs --listen HOST:PORT: the backup takes two connections")
-    lsock = _listen(args.listen)
-
-    def accept_side() -> Any:
-        lsock.settimeout(SIDE_ACCEPT_S)
-        return transport.accept_one(lsock)
-    conn, _ = lsock.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    ch = Channel(conn.makefile("rb"), conn.makefile("wb"), None, lambda _wait: conn.close())
+        ch = transport.stdio_channel()
+    else:
+        ch = transport.accept_one(_listen(args.listen))
     try:
-        backup = remus_receive(ch, accept_side, args.seed, args.clock, _say)
+        backup = remus_receive(ch, args.seed, args.clock, _say)
     except MigrateError as e:
         print(e, file=sys.stderr)
         return EXIT_GUEST_FAILED
     finally:
         ch.close()
-        lsock.close()
     if backup is None:
         return EXIT_OK
     _stream(backup.dom, backup.output)

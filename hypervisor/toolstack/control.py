@@ -36,7 +36,8 @@ TOOLSTACK_COMMANDS = ("checkpoint", "mem-set", "balloon-stats", "balloon-inhibit
 SAVE = "save"
 # the same, live: pre-copy rounds while the guest runs, then the suspend
 SAVE_LIVE = "save-live"
-# Remus from then on to a backup at HOST:PORT (xl remus), ``-i MS`` the interval
+# Remus from then on to a backup at HOST:PORT or ssh:HOST (xl remus), ``-i MS``
+# the interval, ``-s CMD`` in ssh's place
 REMUS = "remus"
 # a live migration to DEST (xl migrate): transport.parse_destination reads DEST
 MIGRATE = "migrate"
@@ -71,7 +72,7 @@ def parse_request(text: str) -> Request:
         return Request(parse_duration(typed.group(1)), command=TYPE, value=typed.group(2))
     parts = text.split(None, 1)
     known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH", f"{SAVE_LIVE} PATH",
-                                                        f"{REMUS} HOST:PORT [-i MS]",
+                                                        f"{REMUS} [-i MS] DEST",
                                                         f"{MIGRATE} DEST", f"{TYPE} TEXT"))
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
@@ -106,23 +107,11 @@ def parse_request(text: str) -> Request:
     return Request(at, path=path.strip(), value=value.strip())
 
 
-def remus_target(value: str) -> tuple[str, int, int | None]:
-    """A remus request's 'HOST:PORT [-i MS]': host, port and the interval in
-    ns (None: xl's default); ValueError, one line, if it is not that."""
-    words = value.split()
-    interval = None
-    if len(words) == 3 and words[1] == "-i":
-        ms = words[2]
-        if not ms.isdigit() or int(ms) == 0:
-            raise ValueError(f"remus -i {ms}: the interval is a number of milliseconds, "
-                             "more than 0")
-        interval = int(ms) * 1_000_000
-        words = words[:1]
-    host, _, port = words[0].rpartition(":") if len(words) == 1 else ("", "", "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"remus {value!r}: want HOST:PORT [-i MS], e.g. "
-                         "'3ms remus 127.0.0.1:7001 -i 5'")
-    return host, int(port), interval
+def remus_target(value: str) -> None:
+    """A remus request's '[-s CMD] [-i MS] DEST' checked (transport.parse_
+    remus_target reads it); ValueError, one line, if it is not that."""
+    from hypervisor.toolstack.transport import parse_remus_target  # transport imports us
+    parse_remus_target(value)
 
 
 def console_bytes(text: str) -> bytes:

@@ -17,9 +17,12 @@ as it has *written* CHECKPOINT_END; pvlab does what the Remus paper does:
 the backup acknowledges each epoch it has committed on the same connection
 (an ACK of 8 octets: "RACK", the epoch as u32), and the primary releases
 the epoch's output only when that acknowledgement has arrived. So nothing a
-failover could take back is ever seen: if the primary dies, what it held is
-lost with it, and the backup's guest, resumed from the last committed
-epoch, produces it again.
+failover could take back is ever seen. The output channel tells the backup
+each epoch's held output and each release, as REMUS_OUTPUT records (pvlab's
+own optional libxc record) between the stream's records on the same
+connection: after a failover the backup shows the committed output the
+primary never let out. One connection carries it all, so the backup can
+be ``ssh HOST pvlab migrate-receive -r`` as xl's rune runs it.
 
 If the backup fails (the connection breaks, or it closes it) the primary
 says "Backup failed? resuming domain at primary." as xl does, resumes the
@@ -31,14 +34,13 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
-from hypervisor.toolstack import libxl, transport
+from hypervisor.toolstack import libxl
 from hypervisor.toolstack.control import Request, resume_cancelled
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.migrate import (
@@ -55,17 +57,16 @@ from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.restore import RestoreError, receive_checkpoints
 from hypervisor.toolstack.save import SaveError, write_checkpointed_stream
 from hypervisor.toolstack.session import RunResult, _LiveRun, run_domain
-from hypervisor.toolstack.stream import StreamError
+from hypervisor.toolstack.stream import REMUS_OUTPUT, Record, StreamError, write_record
 from hypervisor.toolstack.timeparse import format_duration
 
 log = logging.getLogger(__name__)
 
 ACK = struct.Struct("<4sI")            # the backup's acknowledgement: magic, epoch
 ACK_MAGIC = b"RACK"
-OUTPUT = struct.Struct("<4sII")        # the output channel: magic, epoch, octets after it
+OUTPUT = struct.Struct("<4sII")        # a REMUS_OUTPUT record: magic, epoch, octets after it
 OUTPUT_HELD = b"RHLD"                  # an epoch's output as it closed, held at the primary
 OUTPUT_RELEASED = b"RREL"              # the epoch's output is out at the primary
-SIDE_ACCEPT_S = 10.0                   # the backup's wait for the output channel
 DEFAULT_INTERVAL_NS = 200_000_000      # xl remus -i: 200 ms
 BACKUP_FAILED = "Backup failed? resuming domain at primary."
 SUSPEND_FAILED = "Failed to suspend domain at primary."
@@ -106,7 +107,9 @@ class OutputBuffer:
     closes the epoch being produced (at its suspend), ``release_one`` lets an
     epoch's output out once the backup has committed it. Each closed epoch's
     output and each release are also told to the backup on ``log`` (the
-    output channel), so that a failover prints what the primary never did."""
+    output channel: REMUS_OUTPUT records on the stream's own connection,
+    between the stream's records), so that a failover prints what the
+    primary never did."""
 
     sink: Sink
     dom: Domain | None = None
@@ -149,48 +152,43 @@ class OutputBuffer:
             self.released += len(data)
 
     def _tell(self, magic: bytes, epoch: int, data: bytes) -> None:
-        """One message on the output channel; a channel that broke is left
-        (the stream's connection says whether the backup is gone)."""
+        """One REMUS_OUTPUT record, flushed with the stream before it; a
+        connection that broke is left (the stream's next write says the
+        backup is gone)."""
         if self.log is None:
             return
         try:
-            self.log.write(OUTPUT.pack(magic, epoch, len(data)) + data)
+            write_record(self.log, REMUS_OUTPUT, OUTPUT.pack(magic, epoch, len(data)) + data)
             self.log.flush()
         except OSError as e:
             log.info("the output channel: %s", e)
             self.log = None
 
 
-class OutputLog(threading.Thread):
+class OutputLog:
     """The backup's end of the output channel: each epoch's held output and
-    the last epoch the primary released, read until the primary closes it
-    (or dies)."""
+    the last epoch the primary released, taken from the REMUS_OUTPUT records
+    as the stream brings them (restore.receive_checkpoints' on_optional)."""
 
-    def __init__(self, src: BinaryIO) -> None:
-        super().__init__(daemon=True, name="remus-output")
-        self.src = src
+    def __init__(self) -> None:
         self.held: dict[int, bytes] = {}
         self.released = -1
 
-    def run(self) -> None:
-        try:
-            while len(head := self.src.read(OUTPUT.size)) == OUTPUT.size:
-                magic, epoch, n = OUTPUT.unpack(head)
-                data = self.src.read(n) if n else b""
-                if magic == OUTPUT_HELD and len(data) == n:
-                    self.held[epoch] = data
-                elif magic == OUTPUT_RELEASED:
-                    self.released = max(self.released, epoch)
-                else:
-                    return
-        except OSError as e:
-            log.info("the output channel: %s", e)
+    def take(self, rec: Record) -> None:
+        """One optional record: a REMUS_OUTPUT is kept, any other skipped."""
+        if rec.type != REMUS_OUTPUT or len(rec.body) < OUTPUT.size:
+            return
+        magic, epoch, n = OUTPUT.unpack_from(rec.body)
+        data = rec.body[OUTPUT.size:OUTPUT.size + n]
+        if magic == OUTPUT_HELD and len(data) == n:
+            self.held[epoch] = data
+        elif magic == OUTPUT_RELEASED:
+            self.released = max(self.released, epoch)
 
     def unreleased(self, committed: int) -> bytes:
         """After a failover from epoch ``committed``: the output of the
         committed epochs the primary never let out (the guest resumed here
         has already produced it, so only this side can show it)."""
-        self.join(SIDE_ACCEPT_S)
         return b"".join(self.held.get(e, b"") for e in range(self.released + 1, committed + 1))
 
 
@@ -276,12 +274,6 @@ def remus_domain(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, now
     return outcome
 
 
-def tcp_channel(host: str, port: int) -> Channel:
-    """A connection to a backup listening on HOST:PORT (``pvlab
-    migrate-receive -r --listen``); OSError if there is none."""
-    return transport.connect_tcp(host, port)
-
-
 def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Channel],
               sink: Sink, interval_ns: int = DEFAULT_INTERVAL_NS,
               until_ns: int | None = None, note: Callable[[str], None] | None = None,
@@ -290,8 +282,9 @@ def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Cha
     the requests before it), then the connection to the backup, its banner
     (xl's; no other handshake, as xl's remus rune has none) and
     remus_domain. A backup that cannot be reached or says something else
-    is a failed backup: said, and the guest runs on alone. ``connect`` is
-    called twice: the stream's connection, then the output channel's."""
+    is a failed backup: said, and the guest runs on alone. ``connect`` gives
+    the one connection (TCP, or the ssh rune's child): the stream with the
+    output channel's records in it, the acknowledgements back."""
     say = note or (lambda _m: None)
     result = run_domain(hv, dom, at_ns, sink, [r for r in requests if r.at_ns < at_ns], note)
     if result.reason != "running":
@@ -305,20 +298,16 @@ def remus_run(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Cha
         say(f"remus: cannot reach the backup: {e.strerror or e}")
         say(BACKUP_FAILED)
         return RemusOutcome(run_domain(hv, dom, until_ns, sink, note=note), error=str(e))
-    side = None
     try:
         read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
-        side = connect()
         out = remus_domain(hv, dom, ch.writer, ch.reader, at_ns, sink, interval_ns,
-                           until_ns=until_ns, note=note, output_log=side.writer)
+                           until_ns=until_ns, note=note, output_log=ch.writer)
     except (MigrateError, OSError) as e:
         say(f"remus: {e}")
         say(BACKUP_FAILED)
         out = RemusOutcome(run_domain(hv, dom, until_ns, sink, note=note), error=str(e))
     finally:
         ch.close()
-        if side is not None:
-            side.close()
     return out
 
 
@@ -347,51 +336,35 @@ def _acknowledge(ch: Channel, epoch: int) -> None:
         log.info("acknowledging epoch %d: %s", epoch, e)
 
 
-def _close_side(side: Channel, output: OutputLog) -> None:
-    """The output channel closed once the primary has closed its end (a
-    reader still blocked in it would hold the close: then it is left to
-    the process's end)."""
-    output.join(SIDE_ACCEPT_S)
-    if not output.is_alive():
-        side.close()
-
-
-def remus_receive(ch: Channel, accept_side: Callable[[], Channel], seed: int | None = None,
-                  clock: str = "deterministic",
+def remus_receive(ch: Channel, seed: int | None = None, clock: str = "deterministic",
                   say: Callable[[str], None] | None = None) -> Backup | None:
     """``xl migrate-receive -r``: the banner, the stream received as
     NAME--incoming, each committed epoch acknowledged. When the stream
     breaks (the primary died): "Remus Failover for domain N", the domain
     renamed to NAME and returned ready to run its RESTORE path, with the
-    committed output the primary had not let out (from the output channel,
-    which ``accept_side`` takes after the banner). When it
+    committed output the primary had not let out (from the output channel's
+    REMUS_OUTPUT records in the stream). When it
     ends cleanly (the guest shut down at the primary): the end
     acknowledged, our copy destroyed, None. MigrateError, one line, if no
     epoch ever committed (nothing is left)."""
     tell = say or (lambda _m: None)
     tell("migration target (Remus): Ready to receive domain.")
-    side = None
+    output = OutputLog()
     try:
         write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
-        side = accept_side()
-        output = OutputLog(side.reader)
-        output.start()
         head, name = incoming_header(ch.reader)
         hv, dom, stats = receive_checkpoints(_Prefixed(head, ch.reader), seed, clock,
-                                             on_commit=lambda e: _acknowledge(ch, e))
+                                             on_commit=lambda e: _acknowledge(ch, e),
+                                             on_optional=output.take)
     except (OSError, ImageError, RestoreError, StreamError) as e:
-        if side is not None:
-            _close_side(side, output)
         raise MigrateError(f"migration target (Remus): {e}") from None
     if not stats.failover:
         _acknowledge(ch, stats.epochs)
         libxl.destroy_domain(hv, dom)
-        _close_side(side, output)
         tell(f"Remus: the primary ended the replication after {stats.epochs} epochs; our "
              "copy is destroyed")
         return None
     unreleased = output.unreleased(stats.epochs - 1)
-    _close_side(side, output)
     tell(f"Remus Failover for domain {dom.domid}")
     try:
         libxl.rename_domain(hv, dom, dom.name, name)
@@ -402,4 +375,4 @@ def remus_receive(ch: Channel, accept_side: Callable[[], Channel], seed: int | N
 
 __all__ = ["ACK", "OUTPUT", "Backup", "BackupFailed", "OutputBuffer", "OutputLog",
            "RemusOutcome", "RemusPrimary", "read_ack", "remus_domain", "remus_receive",
-           "remus_run", "tcp_channel", "write_ack"]
+           "remus_run", "write_ack"]

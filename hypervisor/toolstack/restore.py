@@ -217,6 +217,7 @@ def receive_checkpoints(src: BinaryIO, seed: int | None = None,
                         clock: str = "deterministic", hv: Hypervisor | None = None,
                         on_commit: Callable[[int], None] | None = None,
                         progress: Progress | None = None,
+                        on_optional: Callable[[stream.Record], None] | None = None,
                         ) -> tuple[Hypervisor, Domain, RestoreStats]:
     """The backup's side of a checkpointed stream (Remus), as Xen's
     receiver: records are applied as they come up to the first CHECKPOINT;
@@ -235,14 +236,18 @@ def receive_checkpoints(src: BinaryIO, seed: int | None = None,
     even in a buffered epoch, an ImageError (Xen's receiver fails on it
     too): nothing is left of the domain. An OSError out of ``on_commit``
     (the backup's answer to a primary that is gone) is a break too: the
-    epoch it was called for is committed."""
-    rx = receive(src, seed, clock, hv, progress, checkpointed=True, on_commit=on_commit)
+    epoch it was called for is committed. An optional libxc record (bit 31)
+    goes to ``on_optional`` as it arrives, never buffered (Remus's output
+    channel rides the stream so: stream.REMUS_OUTPUT)."""
+    rx = receive(src, seed, clock, hv, progress, checkpointed=True, on_commit=on_commit,
+                 on_optional=on_optional)
     return rx.ctx.hv, rx.ctx.dom, rx.ctx.stats
 
 
 def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
             progress: Progress | None, checkpointed: bool = False,
-            on_commit: Callable[[int], None] | None = None) -> Receiver:
+            on_commit: Callable[[int], None] | None = None,
+            on_optional: Callable[[stream.Record], None] | None = None) -> Receiver:
     """xc_domain_restore on a stream: the head read, the domain created from
     its config (libxl's domain creation), the records received into it; on
     any failure the domain is destroyed."""
@@ -266,7 +271,7 @@ def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
     dom = domctl.createdomain(hv, str(d["name"]), int(d["vcpus"]), int(d["max_pages"]))
     ctx = RestoreContext(hv, dom, info, RestoreStats(info=info))
     rx = Receiver(reader, ctx, RecordParser(info, keep=False), checkpointed, on_commit,
-                  progress)
+                  progress, on_optional)
     try:
         rx.restore()
     except (stream.Truncated, OSError, OutOfMemory, DomctlError, RestoreError) as e:
@@ -322,6 +327,7 @@ class Receiver:
     checkpointed: bool = False
     on_commit: Callable[[int], None] | None = None
     progress: Progress | None = None
+    on_optional: Callable[[stream.Record], None] | None = None
     # the last copy of each pfn last sent as a pagetable, canonical: the END
     # checks read them (guest memory holds them localised)
     tables: dict[int, np.ndarray] = field(default_factory=dict)
@@ -365,6 +371,8 @@ class Receiver:
                 return
             if rec.type == RecType.CHECKPOINT:
                 self.handle_checkpoint()
+            elif rec.type & stream.REC_TYPE_OPTIONAL and self.on_optional is not None:
+                self.on_optional(rec)
             elif self.buffering:
                 self.buffered.append((rec, batch))  # buffer_record
             else:

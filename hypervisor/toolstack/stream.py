@@ -8,10 +8,12 @@
 Version 3 is written; 2 and 3 are read (a v2 stream has no STATIC_DATA_END:
 a reader infers it at the first X86_PV_P2M_FRAMES). Record types with bit 31
 set are optional: a reader skips the ones it does not know, and fails on an
-unknown mandatory one (Xen's own verifier fails on both: pvlab writes only
-Xen's types). In a saved image this stream sits inside libxl's, which sits
-inside xl's save file (savefile.py). This module only frames; what the
-records hold is the save and restore code's business.
+unknown mandatory one (Xen's own verifier fails on both). pvlab writes only
+Xen's types, except in a Remus stream: its one type of its own, optional
+(REMUS_OUTPUT), carries the primary's output channel beside the epochs.
+In a saved image this stream sits inside libxl's, which sits inside xl's
+save file (savefile.py). This module only frames; what the records hold is
+the save and restore code's business.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ RHDR = struct.Struct("<II")
 REC_ALIGN = 8
 REC_LENGTH_MAX = 128 << 20
 REC_TYPE_OPTIONAL = 0x80000000
+# pvlab's own record, optional (a restorer that does not know it skips it):
+# a Remus primary's held output and its releases (remus.OutputBuffer)
+REMUS_OUTPUT = REC_TYPE_OPTIONAL | 0x0100
 VERSION = 3
 READABLE_VERSIONS = (2, 3)
 

@@ -54,12 +54,14 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def ssh_rune(host: str, ssh_command: str = "ssh", paused: bool = False) -> str:
-    """main_migrate's rune: ``exec SSH HOST pvlab migrate-receive[ -p]``, or
-    HOST itself when the ssh command is empty."""
+def ssh_rune(host: str, ssh_command: str = "ssh", paused: bool = False,
+             remus: bool = False) -> str:
+    """main_migrate's rune: ``exec SSH HOST pvlab migrate-receive[ -p]``
+    (main_remus's with `` -r``), or HOST itself when the ssh command is empty."""
     if not ssh_command:
         return host
-    return f"exec {ssh_command} {host} {RECEIVER}{' -p' if paused else ''}"
+    flag = " -r" if remus else " -p" if paused else ""
+    return f"exec {ssh_command} {host} {RECEIVER}{flag}"
 
 
 def parse_destination(text: str) -> Destination:
@@ -90,6 +92,46 @@ def parse_destination(text: str) -> Destination:
                          "takes -p itself)")
     host, port = parse_hostport(dest[0])
     return Destination(host, port)
+
+
+def parse_remus_target(text: str) -> tuple[Destination, int | None]:
+    """A ``remus`` request's argument: ``[-s CMD] [-i MS] DEST``, DEST being
+    HOST:PORT (a ``migrate-receive -r --listen``) or ssh:HOST (main_remus's
+    rune, ``... pvlab migrate-receive -r``); the interval in ns (None: xl's
+    default). ValueError, one line, saying what is wrong."""
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise ValueError(f"remus {text!r}: {e}") from None
+    ssh_command, interval, dest = "ssh", None, []
+    while words:
+        w = words.pop(0)
+        if w == "-s" and words:
+            ssh_command = words.pop(0)
+        elif w == "-i" and words:
+            interval = _interval_ns(words.pop(0))
+        else:
+            dest.append(w)
+    if len(dest) != 1:
+        raise ValueError(f"remus {text!r}: want [-s CMD] [-i MS] HOST:PORT or ssh:HOST, "
+                         "e.g. '3ms remus 127.0.0.1:7001 -i 5'")
+    if dest[0].startswith(SSH_PREFIX) and dest[0] != SSH_PREFIX:
+        host = dest[0][len(SSH_PREFIX):]
+        return Destination(host, rune=ssh_rune(host, ssh_command, remus=True)), interval
+    if ssh_command != "ssh":
+        raise ValueError(f"remus {text!r}: -s goes with ssh:HOST")
+    host, port = parse_hostport(dest[0])
+    if port == 0:
+        raise ValueError(f"remus {text!r}: port 0 is no backup's port")
+    return Destination(host, port), interval
+
+
+def _interval_ns(ms: str) -> int:
+    """xl remus -i MS, in ns."""
+    if not ms.isdigit() or int(ms) == 0:
+        raise ValueError(f"remus -i {ms}: the interval is a number of milliseconds, "
+                         "more than 0")
+    return int(ms) * 1_000_000
 
 
 def open_channel(dest: Destination, stderr: IO[bytes] | None = None) -> Channel:
@@ -130,6 +172,9 @@ def migration_child_report(child: subprocess.Popen[bytes], wait: bool = True) ->
 
 
 def _socket_channel(sock: socket.socket) -> Channel:
+    """A connection as a Channel; small messages (the handshake's, Remus's
+    acknowledgements) leave at once (no Nagle)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Channel(sock.makefile("rb"), sock.makefile("wb"), None, lambda _wait: sock.close())
 
 
@@ -174,4 +219,4 @@ def stdio_channel() -> Channel:
 
 __all__ = ["Destination", "accept_one", "connect_tcp", "create_migration_child",
            "listen_tcp", "migration_child_report", "open_channel", "parse_destination",
-           "parse_hostport", "ssh_rune", "stdio_channel"]
+           "parse_hostport", "parse_remus_target", "ssh_rune", "stdio_channel"]

@@ -4,13 +4,15 @@ a temporary directory, as this user) and ``pvlab run`` migrates its guest
 through ``ssh 127.0.0.1 pvlab migrate-receive``, -s naming a small wrapper
 that gives ssh the port and key and the far side this checkout. The guest
 ends over there with the results of an uninterrupted run, its console
-coming back on ssh's stderr. Nothing is skipped: without a working sshd the
-test fails and says why."""
+coming back on ssh's stderr. Remus takes the same rune with ``-r``, and
+its backup fails over when the primary is killed. Nothing is skipped:
+without a working sshd the test fails and says why."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import ROOT, booting, checkout_env, make_config
 from tests.test_migrate import AT_NS, GUEST, LIMIT_NS, outcome, toml
@@ -113,4 +116,41 @@ def test_a_guest_migrates_over_ssh_to_pvlab_migrate_receive(sshd, tmp_path):
     assert "Migration successful." in err
     assert "[cpu0] suspend hypercall returned 0 (resumed in a new domain)" in err
     assert f"migrated live to `exec {wrap} 127.0.0.1 pvlab migrate-receive`" in p.stdout
+    assert os.listdir(rx_tmp) == []
+
+
+REMUS_EXAMPLE = ROOT / "examples" / "live-save.toml"
+PROGRAMS = ("dirtier", "hashchain", "counter")
+
+
+def _programs(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.startswith(PROGRAMS))
+
+
+def test_remus_over_ssh_fails_over_with_every_line_once(sshd):
+    """``xl remus``'s rune: ``ssh 127.0.0.1 pvlab migrate-receive -r``, one
+    connection carrying the stream, the output channel's records and the
+    acknowledgements. The primary is killed (SIGKILL) once it has let out
+    three lines of the programs' output; the backup fails over, and what
+    the primary let out plus what the backup shows (on ssh's stderr: its
+    stdout was the wire) is the uninterrupted run's output, each line once."""
+    wrap, rx_tmp = sshd
+    with booting() as boot:
+        ref = run_domain(*boot(load_config(REMUS_EXAMPLE)))
+    p = subprocess.Popen([sys.executable, "-m", "hypervisor", "run", str(REMUS_EXAMPLE),
+                          "--request", f"3ms remus -i 2 -s {wrap} ssh:127.0.0.1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=checkout_env())
+    out, started, seen = bytearray(), False, 0
+    while seen < 3:
+        line = p.stdout.readline()
+        assert line, "the primary ended before it was killed"
+        out += line
+        started = started or b"Remus to the backup" in line
+        seen += started and line.decode().startswith(PROGRAMS)
+    os.kill(p.pid, signal.SIGKILL)
+    rest = p.stdout.read()   # what readline has buffered, and the rest
+    err_text = p.stderr.read().decode()  # it ends when ssh's session does
+    p.wait()
+    assert "Remus Failover for domain" in err_text, err_text[-3000:]
+    assert _programs((bytes(out) + rest).decode() + err_text) == _programs(ref.console.decode())
     assert os.listdir(rx_tmp) == []

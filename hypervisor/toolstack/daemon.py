@@ -46,11 +46,14 @@ from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.livejob import DaemonLive, LiveJob, Machine
 from hypervisor.toolstack.migrate import (
+    MIGRATE_RECEIVER_BANNER,
     Channel,
+    MigrateError,
     MigrateOutcome,
     Received,
     migrate_domain,
     migrate_receive,
+    read_fixed_message,
 )
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
@@ -61,6 +64,15 @@ from hypervisor.toolstack.qmp import (
     QmpError,
     Server,
     listen_unix,
+)
+from hypervisor.toolstack.remus import (
+    BACKUP_FAILED,
+    DEFAULT_INTERVAL_NS,
+    PRIMARY_DESTROYED,
+    DaemonRemus,
+    OutputBuffer,
+    RemusOutcome,
+    replicate,
 )
 from hypervisor.toolstack.restore import RestoreError
 from hypervisor.toolstack.save import _write_in_place, write_image_live
@@ -166,6 +178,7 @@ class DaemonDomain:
     save: SaveInFlight | None = None
     live: LiveJob | None = None       # a live save or a migration under way
     parked: bool = False              # migrated after GO, the handshake failed: kept suspended
+    destroying: Deferred | None = None  # xl destroy while Remus runs: answered at its end
     balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
 
 
@@ -433,7 +446,8 @@ class Daemon:
     def _not_moving(self, d: DaemonDomain) -> DaemonDomain:
         """Refuse a command that would change a domain a live job is moving."""
         if d.live is not None:
-            what = "saved live" if d.live.kind == "save" else "migrated"
+            what = {"save": "saved live", "remus": "replicated (Remus)"}.get(d.live.kind,
+                                                                          "migrated")
             raise QmpError(GENERIC, f"domain {d.dom.name} is being {what}: wait until that "
                                     "ends")
         return d
@@ -577,12 +591,7 @@ class Daemon:
         """QEMU's migrate (``uri``: tcp:HOST:PORT or exec:COMMAND) run as xl's
         migrate_domain; answered once the target has the domain, or with why
         not (the guest then runs on here)."""
-        d = self._not_moving(self.find(args))
-        if d.save is not None or d.state.suspend is not None:
-            raise QmpError(GENERIC, f"domain {d.dom.name} is being saved")
-        if domctl.is_paused(d.dom) or d.dom.shutdown_reason is not None:
-            raise QmpError(GENERIC, f"domain {d.dom.name} is not running: it cannot be "
-                                    "migrated (unpause it first)")
+        d = self._movable(args)
         try:
             uri = migrateuri.check_uri(str(args["uri"]))
         except ValueError as e:
@@ -632,6 +641,96 @@ class Daemon:
                 self._emit("RESUME", d.dom)  # migrate_domain resumed it cancelled
         fate = self._failed_job(d, job)
         answer.fail(GENERIC, job.error if "runs on" in job.error else f"{job.error}; {fate}")
+
+    def cmd_remus(self, args: dict[str, Any]) -> Deferred:
+        """xl remus (libxl_domain_remus_start) of a running domain to a
+        backup at ``uri`` (tcp:HOST:PORT, or exec:... migrate-receive -r),
+        an epoch every ``interval`` ms: a live job until the guest shuts
+        down, ``migrate_cancel`` ends it cleanly, xl destroy ends the
+        primary (the backup fails over) or the backup fails (the guest runs
+        on here). The console gets an epoch's output once it has committed."""
+        d = self._movable(args)
+        interval = args.get("interval")
+        if interval is not None and interval <= 0:
+            raise QmpError(GENERIC, f"interval {interval}: a number of milliseconds, more "
+                                    "than 0")
+        try:
+            uri = migrateuri.check_uri(str(args["uri"]))
+        except ValueError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        interval_ns = DEFAULT_INTERVAL_NS if interval is None else interval * 1_000_000
+        answer = Deferred()
+
+        def work(job: LiveJob) -> RemusOutcome:
+            try:
+                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
+            except OSError as e:
+                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
+            job.on_cancel = wire.cut
+            ch = self._held(wire.channel)
+            try:
+                read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+                return self._replicate(d, job, ch, interval_ns)
+            except MigrateError as e:
+                raise OSError(str(e)) from None
+            finally:
+                ch.close(wait=job.cancelled)
+        self._start_job(d, "remus", work, lambda job: self._remus_ended(d, job, answer))
+        return answer
+
+    def _movable(self, args: dict[str, Any]) -> DaemonDomain:
+        """The domain of a migrate or remus: running, no other job on it."""
+        d = self._not_moving(self.find(args))
+        if d.save is not None or d.state.suspend is not None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is being saved")
+        if domctl.is_paused(d.dom) or d.dom.shutdown_reason is not None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is not running: it cannot be "
+                                    "migrated (unpause it first)")
+        return d
+
+    def _replicate(self, d: DaemonDomain, job: LiveJob, ch: Channel,
+                   interval_ns: int) -> RemusOutcome:
+        """The job's thread: the console's output held per epoch while the
+        primary's loop runs (remus.replicate), given straight again after."""
+        ctx = domain_of(self.hv, d.dom)
+        buffer = OutputBuffer(lambda _dom, data: d.console.output(data), d.dom, ch.writer)
+        ctx.console_sink = buffer.hold
+
+        def committed(epoch: int) -> None:
+            self._emit("REMUS_CHECKPOINT", d.dom, epoch=epoch,
+                       pages=job.info.rounds[-1].pages if job.info.rounds else 0)
+        primary = DaemonRemus(self.machine, self.hv, job, d.state, self._time_words(), buffer,
+                              ch.reader, interval_ns, committed)
+        job.on_stop = primary.stop
+        try:
+            return replicate(self.hv, d.dom, ch.writer, ch.reader, primary, buffer,
+                             say=job.say, report=self._report(job),
+                             cancelled=lambda: job.cancelled)
+        finally:
+            ctx.console_sink = lambda _dom, data: d.console.output(data)
+
+    def _remus_ended(self, d: DaemonDomain, job: LiveJob, answer: Deferred) -> None:
+        """The primary's end (main_remus): destroyed, the backup failed (the
+        guest runs on here), or the stream ended cleanly."""
+        out: RemusOutcome | None = job.result
+        epochs = out.epochs if out is not None else 0
+        if d.destroying is not None:
+            self._set_status(job, "cancelled")
+            self._destroy(d)
+            d.destroying.resolve({})
+            answer.resolve({"epochs": epochs, "line": PRIMARY_DESTROYED})
+            return
+        if job.error or (out is not None and out.error):
+            line = out.line if out is not None and out.line else BACKUP_FAILED
+            why = job.error or (out.error if out is not None else "")
+            job.error = f"{line} ({why})"
+            answer.fail(GENERIC, f"{job.error}; {self._failed_job(d, job)}")
+            return
+        self._set_status(job, "completed")
+        fate = ("the guest has shut down" if d.dom.shutdown_reason is not None
+                else "the guest runs on here")
+        answer.resolve({"epochs": epochs, "line": f"Remus ended after {epochs} epochs: the "
+                                                  f"backup destroyed its copy; {fate}"})
 
     def cmd_migrate_incoming(self, args: dict[str, Any]) -> Deferred:
         """QEMU's migrate-incoming with ``uri`` fd:NAME (one descriptor both
@@ -699,7 +798,10 @@ class Daemon:
             raise QmpError(GENERIC, f"domain {d.dom.name} is not being saved live or "
                                     "migrated")
         self._set_status(d.live, "cancelling")
-        d.live.cancel()
+        if d.live.on_stop is not None:
+            d.live.on_stop()
+        else:
+            d.live.cancel()
         return {}
 
     def cmd_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -735,6 +837,8 @@ class Daemon:
             "migrate": (self.cmd_migrate, {"domain": dom, "uri": path}),
             "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag}),
             "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),
+            "remus": (self.cmd_remus, {"domain": dom, "uri": path,
+                                       "interval": Param((int,), required=False)}),
             "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
             "domain-mem-set": (self.cmd_mem_set, kib),
             "domain-mem-max": (self.cmd_mem_max, kib),
@@ -776,8 +880,15 @@ class Daemon:
         libxl.unpause(self._not_moving(self.find(args)).dom)
         return {}
 
-    def cmd_destroy(self, args: dict[str, Any]) -> dict[str, Any]:
-        self._destroy(self._not_moving(self.find(args)))
+    def cmd_destroy(self, args: dict[str, Any]) -> dict[str, Any] | Deferred:
+        """xl destroy; of a Remus primary, its wire cut first (the backup
+        fails over, as xl's "to force failover"), answered when it is gone."""
+        d = self.find(args)
+        if d.live is not None and d.live.kind == "remus":
+            d.destroying = d.destroying or Deferred()
+            d.live.cancel()
+            return d.destroying
+        self._destroy(self._not_moving(d))
         return {}
 
     def cmd_shutdown(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -192,7 +192,7 @@ class LiveJob:
     what came of it, and the system time its thread waits for (the loop's
     poll must wake by then)."""
 
-    kind: str                     # "save", "migrate" or "incoming"
+    kind: str                     # "save", "migrate", "incoming" or "remus"
     dom: Domain | None            # None for an incoming migration until it is built
     info: MigrationInfo = field(default_factory=MigrationInfo)
     status: str = "setup"         # QEMU's MigrationStatus, as events tell it
@@ -205,6 +205,7 @@ class LiveJob:
     cancelled: bool = False
     thread: threading.Thread | None = None
     on_cancel: Callable[[], None] | None = None  # closes its wire (ends a blocked read)
+    on_stop: Callable[[], None] | None = None    # a gentle end (Remus's stream ended cleanly)
     finish: Callable[[LiveJob], None] | None = None  # the loop's part once it is done
     # xl's lines said meanwhile, from any thread; the loop emits them as events
     messages: deque[str] = field(default_factory=deque)

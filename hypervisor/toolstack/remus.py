@@ -36,13 +36,14 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack import libxl
 from hypervisor.toolstack.control import Request, resume_cancelled
 from hypervisor.toolstack.image import ImageError
+from hypervisor.toolstack.livejob import Cancelled, DaemonLive, LiveJob, Machine
 from hypervisor.toolstack.migrate import (
     INCOMING,
     MIGRATE_RECEIVER_BANNER,
@@ -55,7 +56,7 @@ from hypervisor.toolstack.migrate import (
 )
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.restore import RestoreError, receive_checkpoints
-from hypervisor.toolstack.save import SaveError, write_checkpointed_stream
+from hypervisor.toolstack.save import Report, SaveError, write_checkpointed_stream
 from hypervisor.toolstack.session import RunResult, _LiveRun, run_domain
 from hypervisor.toolstack.stream import REMUS_OUTPUT, Record, StreamError, write_record
 from hypervisor.toolstack.timeparse import format_duration
@@ -70,6 +71,7 @@ OUTPUT_RELEASED = b"RREL"              # the epoch's output is out at the primar
 DEFAULT_INTERVAL_NS = 200_000_000      # xl remus -i: 200 ms
 BACKUP_FAILED = "Backup failed? resuming domain at primary."
 SUSPEND_FAILED = "Failed to suspend domain at primary."
+PRIMARY_DESTROYED = "Primary domain has been destroyed."
 
 Sink = Callable[[Domain, bytes], None]
 
@@ -217,15 +219,75 @@ class RemusPrimary(_LiveRun):
         """remus_checkpoint_stream_written, then the interval: the epoch's
         output released once the backup acknowledges it. False once the
         guest has shut down or reached ``until_ns``."""
-        read_ack(self.acks, epoch)
+        commit(self.buffer, self.acks, epoch)
         self.committed = epoch
-        self.buffer.release_one(epoch)
         self.now_ns += self.interval_ns
         self.result = run_domain(self.hv, self.dom, self.now_ns, self.sink,
                                  on_suspend=lambda d: False)
         if self.until_ns is not None and self.now_ns >= self.until_ns:
             return False
         return self.result.reason == "running"
+
+
+def commit(buffer: OutputBuffer, acks: BinaryIO, epoch: int) -> None:
+    """The epoch's output commit (libxl_remus.c's remus_checkpoint_stream_
+    written, with the paper's wait): the backup's acknowledgement awaited,
+    then the epoch's output let out."""
+    read_ack(acks, epoch)
+    buffer.release_one(epoch)
+
+
+class DaemonRemus(DaemonLive):
+    """The checkpointed save's callbacks for a domain of the daemon: the
+    guest runs in the daemon's loop for the interval (livejob.DaemonLive),
+    its console output into the buffer meanwhile; ``on_commit(epoch)`` tells
+    each committed epoch (the daemon's REMUS_CHECKPOINT event). ``stop``
+    ends the stream cleanly at the next epoch (the backup destroys its copy;
+    the guest runs on here)."""
+
+    def __init__(self, machine: Machine, hv: Hypervisor, job: LiveJob,
+                 state: libxl.DomainState, time_words: str, buffer: OutputBuffer,
+                 acks: BinaryIO, interval_ns: int, on_commit: Callable[[int], None]) -> None:
+        super().__init__(machine, hv, job, state, time_words, buffer.start_new_epoch)
+        self.buffer, self.acks, self.interval_ns = buffer, acks, interval_ns
+        self.on_commit = on_commit
+        self.committed = -1
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def postcopy(self) -> None:
+        """libxl__remus_domain_resume_callback: resumed cancelled (THAW)."""
+        assert self.job.dom is not None
+        resume_cancelled(self.hv, self.job.dom)
+
+    def checkpoint(self, epoch: int) -> bool:
+        """The epoch committed, then the interval run in the daemon's loop.
+        False once the guest has shut down meanwhile, or ``stop`` was asked."""
+        commit(self.buffer, self.acks, epoch)
+        self.committed = epoch
+        self.on_commit(epoch)
+        if self.stopping:
+            return False
+        try:
+            self.run_for(self.interval_ns)
+        except Cancelled:
+            raise
+        except SaveError:   # the guest stopped (powered off, crashed) meanwhile
+            return False
+        return not self.stopping
+
+
+class Primary(Protocol):
+    """A primary's callbacks as replicate drives them."""
+
+    committed: int
+
+    def suspend(self) -> None: ...
+    def run_for(self, ns: int) -> None: ...
+    def postcopy(self) -> None: ...
+    def checkpoint(self, epoch: int) -> bool: ...
 
 
 @dataclass
@@ -236,6 +298,38 @@ class RemusOutcome:
     info: MigrationInfo | None = None
     epochs: int = 0            # committed on the backup
     error: str = ""            # why replication stopped early ("" if it did not)
+    line: str = ""             # xl's line for it (BACKUP_FAILED, SUSPEND_FAILED)
+
+
+def replicate(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, primary: Primary,
+              buffer: OutputBuffer, opts: PrecopyOptions | None = None,
+              seed: int | None = None, say: Callable[[str], None] | None = None,
+              report: Report | None = None,
+              cancelled: Callable[[], bool] = lambda: False) -> RemusOutcome:
+    """libxl_domain_remus_start's loop and its end: the checkpointed stream
+    into ``out``, each epoch committed by the backup's acknowledgement on
+    ``acks``. A backup that fails, or a guest that does not suspend, is
+    xl's line (said) and the guest resumed if it is suspended; then
+    everything held is let out, unless the job was ``cancelled`` (the
+    primary destroyed: what it held dies with it, the backup has the
+    committed part of it)."""
+    tell = say or (lambda _m: None)
+    outcome = RemusOutcome(None)
+    try:
+        outcome.info = write_checkpointed_stream(hv, dom, out, primary,
+                                                 opts or PrecopyOptions(), seed, report)
+        read_ack(acks, primary.committed + 1)  # the backup has let the stream go
+    except (OSError, BackupFailed, SaveError) as e:
+        outcome.error = str(e) or type(e).__name__
+        if not cancelled():
+            outcome.line = SUSPEND_FAILED if isinstance(e, SaveError) else BACKUP_FAILED
+            tell(outcome.line)
+    outcome.epochs = primary.committed + 1
+    if dom.shutdown_reason == SHUTDOWN_suspend:
+        resume_cancelled(hv, dom)
+    if not cancelled():
+        buffer.release_all()
+    return outcome
 
 
 def remus_domain(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, now_ns: int,
@@ -243,31 +337,15 @@ def remus_domain(hv: Hypervisor, dom: Domain, out: BinaryIO, acks: BinaryIO, now
                  opts: PrecopyOptions | None = None, until_ns: int | None = None,
                  note: Callable[[str], None] | None = None,
                  seed: int | None = None, output_log: BinaryIO | None = None) -> RemusOutcome:
-    """libxl_domain_remus_start for a scripted run: the checkpointed stream
-    into ``out`` with acknowledgements read from ``acks``, the guest's
-    output to ``sink`` only as its epochs commit (and told to the backup on
-    ``output_log``, the output channel). Returns when the guest has
-    shut down (the stream ended cleanly, everything released) or, if the
-    backup failed or the guest could not be suspended, after the guest has
-    run on alone to its end (or ``until_ns``)."""
-    say = note or (lambda _m: None)
+    """libxl_domain_remus_start for a scripted run: replicate with the
+    guest in this process, its output to ``sink`` only as its epochs
+    commit (and told to the backup on ``output_log``, the output channel).
+    Returns when the guest has shut down (the stream ended cleanly,
+    everything released) or, if the backup failed or the guest could not be
+    suspended, after the guest has run on alone to its end (or ``until_ns``)."""
     buffer = OutputBuffer(sink, dom, output_log)
     primary = RemusPrimary(hv, dom, now_ns, buffer, acks, interval_ns, until_ns)
-    outcome = RemusOutcome(None)
-    try:
-        outcome.info = write_checkpointed_stream(hv, dom, out, primary,
-                                                 opts or PrecopyOptions(), seed)
-        read_ack(acks, primary.committed + 1)  # the backup has let the stream go
-    except (OSError, BackupFailed) as e:
-        outcome.error = str(e) or type(e).__name__
-        say(BACKUP_FAILED)
-    except SaveError as e:
-        outcome.error = str(e)
-        say(SUSPEND_FAILED)
-    outcome.epochs = primary.committed + 1
-    if dom.shutdown_reason == SHUTDOWN_suspend:
-        resume_cancelled(hv, dom)
-    buffer.release_all()
+    outcome = replicate(hv, dom, out, acks, primary, buffer, opts, seed, note)
     outcome.result = primary.result
     if outcome.error and dom.shutdown_reason is None:
         outcome.result = run_domain(hv, dom, until_ns, sink, note=note)
@@ -373,6 +451,7 @@ def remus_receive(ch: Channel, seed: int | None = None, clock: str = "determinis
     return Backup(hv, dom, True, stats.epochs, stats.why, unreleased)
 
 
-__all__ = ["ACK", "OUTPUT", "Backup", "BackupFailed", "OutputBuffer", "OutputLog",
-           "RemusOutcome", "RemusPrimary", "read_ack", "remus_domain", "remus_receive",
+__all__ = ["ACK", "OUTPUT", "Backup", "BackupFailed", "DaemonRemus", "OutputBuffer",
+           "OutputLog", "RemusOutcome", "RemusPrimary", "commit", "read_ack", "remus_domain",
+           "remus_receive", "replicate",
            "remus_run", "write_ack"]

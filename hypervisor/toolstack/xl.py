@@ -38,6 +38,10 @@ END_EVENTS = ("SHUTDOWN", "CRASH", "DOMAIN_DESTROYED")
 # how long a create, save or restore may take before the verb gives up on
 # the daemon (a big guest's save on a busy host); other commands answer at once
 LONG_WAIT_S = 3600.0
+REMUS_WAIT_S = 30 * 24 * 3600.0   # xl remus lasts as long as the guest runs
+# xl remus's flags ("Fbundi:s:N:ecp") pvlab does not build: each refused
+REMUS_UNBUILT = {"unsafe": "-F", "blackhole": "-b", "no_netbuf": "-n", "no_diskbuf": "-d",
+                 "netbuf_script": "-N", "colo": "-c", "colo_proxy": "-p"}
 
 
 class DaemonClient(Protocol):
@@ -296,6 +300,57 @@ def migrate_uri(args: argparse.Namespace) -> str:
         return f"exec:{args.host}"
     # main_migrate's rune, the receiver's flags in xl's order
     flags = (" -e" if args.no_monitor else "") + (" -p" if args.paused else "")
+    return f"exec:exec {args.ssh or 'ssh'} {args.host} {transport.RECEIVER}{flags}"
+
+
+def xl_remus(d: DaemonClient, args: argparse.Namespace) -> int:
+    """xl remus: the daemon replicates the domain to the backup the flags
+    name (a live job, epochs every -i MS) until the guest shuts down, the
+    backup fails ("Backup failed? resuming domain at primary.", exit 1),
+    the domain is destroyed ("Primary domain has been destroyed.") or
+    Ctrl-C (migrate_cancel: the stream ended cleanly, the guest runs on)."""
+    uri = remus_uri(args)
+    info = _info(d, args.domain)
+    try:
+        done = d.execute("remus", {"domain": info["domid"], "uri": uri,
+                                   "interval": args.interval},
+                         timeout=REMUS_WAIT_S, on_event=live_progress(info["domid"], args))
+    except KeyboardInterrupt:
+        d.execute("migrate_cancel", {"domain": info["domid"]})
+        raise XlError(f"interrupted: Remus of domain {info['domid']} ({info['name']}) is "
+                      "ended; the backup destroys its copy, the domain runs on") from None
+    except qmp.QmpError as e:
+        if e.klass == "DomainNotFound":
+            raise
+        raise XlError(e.desc) from None
+    _say(done["line"])
+    return EXIT_OK
+
+
+def remus_uri(args: argparse.Namespace) -> str:
+    """The daemon's uri for xl remus's flags: ``tcp:HOST:PORT`` with --tcp,
+    else main_remus's rune as exec: (``exec SSH HOST pvlab migrate-receive
+    -r[ -e]``; an empty -s makes HOST the whole command)."""
+    for name, flag in REMUS_UNBUILT.items():
+        if getattr(args, name):
+            raise BadInput(f"remus {flag}: not built in pvlab (no network or disk buffering, "
+                           "no COLO: the console is the output Remus holds)")
+    if args.interval is not None and args.interval <= 0:
+        raise BadInput(f"-i {args.interval}: the interval is a number of milliseconds, more "
+                       "than 0")
+    if args.tcp is not None:
+        if args.host is not None or args.ssh is not None or args.no_monitor:
+            raise BadInput("--tcp HOST:PORT talks to `pvlab migrate-receive -r --listen`: "
+                           "give no HOST, -s or -e")
+        host, _, port = args.tcp.rpartition(":")
+        if not host or not port.isdigit():
+            raise BadInput(f"--tcp {args.tcp}: give HOST:PORT")
+        return f"tcp:{args.tcp}"
+    if args.host is None:
+        raise BadInput("give the backup's HOST (or --tcp HOST:PORT)")
+    if args.ssh == "":
+        return f"exec:{args.host}"
+    flags = " -r" + (" -e" if args.no_monitor else "")
     return f"exec:exec {args.ssh or 'ssh'} {args.host} {transport.RECEIVER}{flags}"
 
 
@@ -643,6 +698,32 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
                         "the final ones")
 
 
+def _remus_args(p: argparse.ArgumentParser) -> None:
+    _dom(p)
+    p.add_argument("host", metavar="HOST", nargs="?",
+                   help="the backup's host: `ssh HOST pvlab migrate-receive -r` is run there, "
+                        "its stdin and stdout the wire (xl's way)")
+    p.add_argument("-i", dest="interval", metavar="MS", type=int,
+                   help="an epoch every MS milliseconds (default 200, as xl's)")
+    p.add_argument("-s", dest="ssh", metavar="CMD",
+                   help="run CMD instead of ssh; an empty CMD runs HOST itself as the command")
+    p.add_argument("-e", dest="no_monitor", action="store_true",
+                   help="passed on to migrate-receive (xl's: it does not daemonise)")
+    p.add_argument("-u", dest="uncompressed", action="store_true",
+                   help="accepted and ignored: xl's checkpoint compression is not built in "
+                        "Xen either")
+    p.add_argument("--tcp", metavar="HOST:PORT",
+                   help="connect to `pvlab migrate-receive -r --listen HOST:PORT` there "
+                        "instead of running it over ssh")
+    for name, flag in REMUS_UNBUILT.items():
+        if flag == "-N":   # xl's netbuf script
+            p.add_argument(flag, dest=name, metavar="SCRIPT", help="xl's; not built: refused")
+        else:
+            p.add_argument(flag, dest=name, action="store_true", help="xl's; not built: refused")
+    p.add_argument("--json", action="store_true",
+                   help="each epoch's query-migrate fields as a JSON line on stdout")
+
+
 def _size_args(p: argparse.ArgumentParser) -> None:
     _dom(p)
     p.add_argument("size", metavar="SIZE", help=SIZE_HELP)
@@ -680,6 +761,13 @@ MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon send
                 "once the target has started it, it is gone from here. If anything fails "
                 "the domain runs on here and the verb says why (exit 1).")
 
+REMUS_HELP = ("Keep a copy of the running domain on a backup, as xl remus: the daemon "
+              "sends it live to `pvlab migrate-receive -r` run over ssh on HOST (or, with "
+              "--tcp, listening there), then every -i MS an epoch of what changed; the "
+              "domain's console shows an epoch's output only once the backup has it. If "
+              "this host dies the backup runs the domain on from the last epoch; if the "
+              "backup dies the domain runs on here (exit 1). Ctrl-C ends the copy.")
+
 # name, verb, one line for the verb list, the description, its arguments
 VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, str,
                   Callable[[argparse.ArgumentParser], None]]] = [
@@ -695,6 +783,8 @@ VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, s
      "then destroyed, unless -c or -p keeps it.", _save_args),
     ("migrate", xl_migrate, "move a running domain to another host",
      MIGRATE_HELP, _migrate_args),
+    ("remus", xl_remus, "keep a running domain's copy on a backup host (Remus)",
+     REMUS_HELP, _remus_args),
     ("restore", xl_restore, "build a domain from a save file",
      "Build a new domain from FILE and let it run on from where it was saved.",
      _restore_args),
@@ -748,3 +838,5 @@ def add_parsers(sub: Any) -> None:
               "(pvlab xl console)", CONSOLE_HELP, _dom)
     _add_verb(sub, "migrate", xl_migrate, "move a running domain of the daemon to another "
               "host (pvlab xl migrate)", MIGRATE_HELP, _migrate_args)
+    _add_verb(sub, "remus", xl_remus, "keep a copy of a running domain of the daemon on a "
+              "backup host (pvlab xl remus)", REMUS_HELP, _remus_args)

@@ -702,9 +702,10 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "migrate: DEST is HOST:PORT for a pvlab migrate-receive --listen there, "
                         "or ssh:HOST to run pvlab migrate-receive on HOST over ssh, or over "
                         "CMD instead of ssh; an empty CMD runs HOST as the command; -p: the "
-                        "target leaves it paused), remus HOST:PORT [-i MS] (the guest "
-                        "replicated from then on to a backup, pvlab migrate-receive -r, an "
-                        "epoch every MS milliseconds of virtual time, default 200; "
+                        "target leaves it paused), remus [-s CMD] [-i MS] DEST (the guest "
+                        "replicated from then on to a backup, pvlab migrate-receive -r, at "
+                        "DEST as migrate's, an epoch every MS milliseconds of virtual time, "
+                        "default 200; "
                         "docs/remus.md), type TEXT (TEXT typed on the guest's "
                         "console, with the escapes \\n \\r \\t \\e \\\\ \\xHH), or "
                         "PATH=VALUE (a xenstore write in the guest's home); repeatable (e.g. "
@@ -869,8 +870,8 @@ def _add_migrate_receive(sub: Any) -> None:
                     help="be a Remus backup (xl's -r): each epoch of the checkpointed "
                          "stream buffered, committed when whole and acknowledged; when the "
                          "primary dies, \"Remus Failover for domain N\" and the guest runs "
-                         "on here from the last committed epoch (--listen only; "
-                         "docs/remus.md)")
+                         "on here from the last committed epoch (on stdin and stdout, ssh's "
+                         "end, or one --listen connection; docs/remus.md)")
     rx.add_argument("-p", dest="paused", action="store_true",
                     help="leave the domain paused once it is here (xl's -p)")
     rx.add_argument("-e", dest="no_daemon", action="store_true",

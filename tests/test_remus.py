@@ -23,6 +23,7 @@ import threading
 import pytest
 
 from hypervisor.toolstack import remus, stream
+from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.migrate import Channel, MigrateError
@@ -218,16 +219,22 @@ def test_a_backup_that_dies_leaves_the_primary_running_its_output_let_out(refere
 
 
 @pytest.mark.parametrize("text, why", [
-    ("3ms remus nowhere", "HOST:PORT"),
-    ("3ms remus 127.0.0.1:99999", "HOST:PORT"),
-    ("3ms remus 127.0.0.1:7001 -i 0", "milliseconds"),
-    ("3ms remus 127.0.0.1:7001 -i x", "milliseconds"),
-    ("3ms remus -s 'ssh -p 22' 127.0.0.1:7001", "-s goes with ssh:HOST"),
-    ("3ms remus 127.0.0.1:7001 ssh:b", "want"),
+    ("nowhere", "HOST:PORT"),
+    ("127.0.0.1:99999", "HOST:PORT"),
+    ("127.0.0.1:7001 -i 0", "milliseconds"),
+    ("127.0.0.1:7001 -i x", "milliseconds"),
+    ("-s 'ssh -p 22' 127.0.0.1:7001", "-s goes with ssh:HOST"),
+    ("127.0.0.1:7001 ssh:b", "want"),
 ])
-def test_a_bad_remus_request_is_refused_before_the_run(text, why):
+def test_a_bad_remus_request_is_refused_before_the_run(capsys, text, why):
     with pytest.raises(ValueError, match=why):
-        parse_request(text)
+        parse_remus_target(text)
+    # pvlab run says it in one line, exit 2, before the guest runs
+    assert main(["run", str(EXAMPLE), "--request", f"3ms remus {text}"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="remus takes the backup"):
+        parse_request("3ms remus ")
 
 
 def test_a_remus_request_names_the_backup_and_the_interval():

@@ -242,9 +242,14 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
 def _remus_request(requests: list[Request], save: Request | None) -> Request | None:
     """The one ``remus`` request, checked before the guest boots: no save, no
     shutdown or checkpoint request after it (the guest is replicated then)."""
+    from hypervisor.toolstack.transport import parse_remus_target
     reqs = [r for r in requests if r.command == REMUS]
     if not reqs:
         return None
+    try:
+        parse_remus_target(reqs[0].value)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     if len(reqs) > 1:
         raise CliError("at most one remus request: the guest is replicated from then on")
     if save is not None:

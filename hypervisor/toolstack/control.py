@@ -88,7 +88,9 @@ def parse_request(text: str) -> Request:
                              f"'5ms {verb} guest.img'")
         return Request(at, command=verb, value=arg.strip())
     if verb == REMUS:
-        remus_target(arg)  # bad input now, not at the request's time
+        if not arg.strip():
+            raise ValueError(f"request {text!r}: remus takes the backup, e.g. "
+                             "'3ms remus 127.0.0.1:7001 -i 5' or '3ms remus ssh:HOST'")
         return Request(at, command=verb, value=arg.strip())
     if verb == MIGRATE:
         if not arg.strip():
@@ -105,13 +107,6 @@ def parse_request(text: str) -> Request:
         raise ValueError(f"request {text!r}: {what!r} is neither a command "
                          f"({known}) nor PATH=VALUE")
     return Request(at, path=path.strip(), value=value.strip())
-
-
-def remus_target(value: str) -> None:
-    """A remus request's '[-s CMD] [-i MS] DEST' checked (transport.parse_
-    remus_target reads it); ValueError, one line, if it is not that."""
-    from hypervisor.toolstack.transport import parse_remus_target  # transport imports us
-    parse_remus_target(value)
 
 
 def console_bytes(text: str) -> bytes:

@@ -1,15 +1,18 @@
 """What pvlab's pictures are drawn from, gathered from real runs: the machine's
 frames by owner, type and pin state; a guest's pfn -> mfn map before a save and
-after its restore on other frames; the balloon's pages over virtual time. (The
+after its restore on other frames; the balloon's pages over virtual time; a
+live save's rounds and its downtime. (The
 suspend path's timeline is timeline.py's.) Drawing is plots.py's: nothing here
 knows how a picture looks."""
 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +24,15 @@ from hypervisor.toolstack.balloonctl import balloon_of, guest_pages
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import SAVE, Request
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.restore import restore_image
-from hypervisor.toolstack.session import Observer, boot, run_domain, suspend_and_save
+from hypervisor.toolstack.session import (
+    Observer,
+    boot,
+    live_save,
+    run_domain,
+    suspend_and_save,
+)
 from hypervisor.toolstack.timeparse import format_duration
 
 FREE_OWNER = -1  # the frame table's owner of a free frame
@@ -259,3 +269,53 @@ def _save_then_restore(machines: Machines, cfg: DomainConfig,
     restored_at = max(domctl.vcpu_clocks(dom2))
     run_domain(hv2, dom2, until_ns, requests=after, observer=watch.watch(hv2, dom2))
     return restored_at
+
+
+# --- a live migration's rounds ------------------------------------------------------------
+
+@dataclass
+class MigrationRun:
+    """A real live save's rounds and where its downtime went: the final
+    round's and the tail records' virtual time on the modelled link (the
+    guest suspended), and the receiver's work once the stream has ended, in
+    host time (a restore of the whole image: the receiver reads the stream
+    to its end before it restores)."""
+
+    domain: str
+    at_ns: int
+    total_pfns: int
+    info: MigrationInfo
+    receive_s: float
+
+    @property
+    def final_ns(self) -> int:
+        return self.info.rounds[-1].wire_ns
+
+    @property
+    def tail_ns(self) -> int:
+        return self.info.downtime_ns - self.final_ns
+
+    def dirty_rates(self) -> list[float]:
+        """Pages dirtied per second of virtual time while each live round was
+        on the wire (the next round's pfns over its time)."""
+        return [b.pfns * 1e9 / a.wire_ns if a.wire_ns else 0.0
+                for a, b in pairwise(self.info.rounds)]
+
+
+def migration_run(cfg: DomainConfig, at_ns: int, seed: int | None = None,
+                  opts: PrecopyOptions | None = None) -> MigrationRun:
+    """Live-save the domain at ``at_ns`` (Xen's loop and stop policy), then
+    restore the image on other frames, timing the restore."""
+    with closing_machines() as machines, tempfile.TemporaryDirectory(
+            prefix="pvlab-migration-") as scratch:
+        hv, dom = machines.boot(cfg, seed=seed)
+        image = Path(scratch) / f"{dom.name}.img"
+        _, outcome, info = live_save(hv, dom, image, at_ns, opts or PrecopyOptions(),
+                                     requests=cfg.requests)
+        if not outcome.ok or info is None:
+            raise PlotDataError(f"the live save at {format_duration(at_ns)} failed: "
+                                f"{outcome.error}")
+        t = time.perf_counter()
+        machines.restore(image)
+        receive_s = time.perf_counter() - t
+    return MigrationRun(dom.name, at_ns, info.total // PAGE_SIZE, info, receive_s)

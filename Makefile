@@ -53,6 +53,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/vcpu.py
 	$(PY) bench/saverestore.py
+	$(PY) bench/receive.py
 	$(PY) bench/schedule.py
 	$(PY) bench/debugger.py
 	$(PY) bench/daemon.py

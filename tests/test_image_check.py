@@ -107,6 +107,13 @@ def unknown_mandatory_record(raw: bytearray, info: ImageInfo) -> None:
     _put(raw, _record(info, RecType.X86_TSC_INFO), "<I", 0xCC)
 
 
+def pfn_twice_in_a_batch(raw: bytearray, info: ImageInfo) -> None:
+    entries = _record(info, RecType.PAGE_DATA, 0) + stream.RHDR.size + stream.PAGE_DATA_HDR.size
+    first, second = struct.unpack_from("<QQ", raw, entries)
+    mask = stream.PAGE_DATA_PFN_MASK
+    _put(raw, entries + 8, "<Q", (second & ~mask) | (first & mask))
+
+
 def rename_kernel_module(raw: bytearray, info: ImageInfo) -> None:
     at = bytes(raw).index(b'"module"')
     raw[at:at + 8] = b'"modulx"'
@@ -128,6 +135,8 @@ DAMAGE = {
     "an unknown mandatory record": (unknown_mandatory_record,
                                     "mandatory record 0xcc at offset"),
     "the kernel's module key renamed": (rename_kernel_module, "pvlab.kernel.module is missing"),
+    "a pfn twice in one PAGE_DATA": (pfn_twice_in_a_batch, "pfn 0x0 twice in one batch (index 0 "
+                                                           "and 1)"),
 }
 
 

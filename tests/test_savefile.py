@@ -28,11 +28,17 @@ LIBXL_TYPES = {0: "END", 1: "LIBXC_CONTEXT", 2: "EMULATOR_XENSTORE_DATA",
                3: "EMULATOR_CONTEXT", 4: "CHECKPOINT_END"}
 
 
-def _records(raw: bytes, at: int, last: int) -> tuple[list[tuple[int, bytes]], int]:
+def _records(raw: bytes, at: int, last: int, checkpoint: list | None = None
+             ) -> tuple[list[tuple[int, bytes]], int]:
     """Records (u32 type, u32 length, body, zero padding to 8) from ``at`` up
-    to and including type ``last`` == 0 (END); returns them and the end."""
+    to and including type ``last`` == 0 (END); returns them and the end.
+    ``checkpoint``: a libxc stream's, where libxl's records follow each
+    CHECKPOINT (0x0E) inline up to CHECKPOINT_END (4), put in that list."""
     out = []
     while True:
+        if checkpoint is not None and out and out[-1][0] == 0x0E:
+            recs, at = _records(raw, at, 4)
+            checkpoint += recs
         rtype, length = struct.unpack_from("<II", raw, at)
         body = raw[at + 8:at + 8 + length]
         pad = raw[at + 8 + length:at + 8 + length + (-length % 8)]
@@ -63,7 +69,9 @@ def read_layers(raw: bytes) -> dict:
             x = at + 8
             assert raw[x:x + 12] == b"\xff" * 8 + b"XENF"
             assert struct.unpack_from(">I", raw, x + 12)[0] == 3
-            libxc, at = _records(raw, x + 40, 0)
+            libxl.append((rtype, body))
+            libxc, at = _records(raw, x + 40, 0, libxl)
+            continue
         else:
             recs, at = _records(raw, at, rtype)  # just this one: it is its own last
             body = recs[0][1]
@@ -104,6 +112,8 @@ def test_a_save_is_an_xl_save_file_with_only_xens_records(images):
 
 
 def test_a_checkpoint_ends_with_checkpoint_end(images):
+    """As Xen's checkpointed stream: libxc's CHECKPOINT, then libxl's records
+    inline up to CHECKPOINT_END, then libxc's END and libxl's."""
     layers = read_layers(images["checkpoint"].read_bytes())
     assert [LIBXL_TYPES[t] for t, _ in layers["libxl"]][-2:] == ["CHECKPOINT_END", "END"]
     assert [t for t, _ in layers["libxc"]][-2:] == [0x0E, 0]
@@ -203,9 +213,26 @@ def test_an_image_cut_in_its_outer_layers_is_refused(images, tmp_path):
         bad.write_bytes(raw[:cut])
         with pytest.raises(ImageError, match="truncated|offset|no LIBXC_CONTEXT"):
             scan_image(bad)
+    raw = images["save"].read_bytes()
+    info = scan_image(images["save"])
     xs = next(r for r in info.libxl_records if r.name == "EMULATOR_XENSTORE_DATA")
     end = info.libxl_records[-1].offset
     again = raw[xs.offset:xs.offset + 8 + xs.length + (-xs.length % 8)]
     bad.write_bytes(raw[:end] + again + raw[end:])
     with pytest.raises(ImageError, match="a second EMULATOR_XENSTORE_DATA"):
+        scan_image(bad)
+
+
+def test_an_older_pvlabs_checkpoint_layout_is_refused_in_one_line(images, tmp_path):
+    """An older pvlab wrote a checkpoint's libxl records after libxc's END
+    (CHECKPOINT, END, ..., CHECKPOINT_END, END): that END now comes where
+    libxl's checkpoint records are read, and is named as such."""
+    raw = images["checkpoint"].read_bytes()
+    info = scan_image(images["checkpoint"])
+    checkpoint = next(r.offset for r in info.records if r.name == "CHECKPOINT")
+    end = info.records[-1].offset  # libxc's END, after libxl's CHECKPOINT_END
+    old = raw[:checkpoint + 8] + bytes(8) + raw[checkpoint + 8:end] + raw[end + 8:]
+    bad = tmp_path / "old-checkpoint.img"
+    bad.write_bytes(old)
+    with pytest.raises(ImageError, match="inside a checkpoint, before its CHECKPOINT_END"):
         scan_image(bad)

@@ -414,8 +414,9 @@ def cmd_image(args: argparse.Namespace) -> int:
     if args.action == "check":
         for path in args.images:
             info = scan_image(path)
+            epochs = f", {len(info.epochs)} epochs" if info.checkpoint else ""
             print(f"{path}: a good image of {info.nr_pfns} pfns in {info.copies} page "
-                  f"copies ({(info.domain or {}).get('kind', 'not pvlab')})")
+                  f"copies{epochs} ({(info.domain or {}).get('kind', 'not pvlab')})")
         return EXIT_OK
     if len(args.images) != 2:
         raise CliError("image diff takes two images: A B")

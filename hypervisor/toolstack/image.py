@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -66,6 +67,17 @@ class PageBatch:
 
 
 @dataclass
+class Epoch:
+    """One epoch of a checkpointed stream: its records from ``offset`` to
+    its CHECKPOINT (libxl's CHECKPOINT_END follows that)."""
+
+    number: int
+    offset: int       # of its first record
+    checkpoint: int   # of its CHECKPOINT record
+    copies: int       # pfn entries in its PAGE_DATA records
+
+
+@dataclass
 class RecordInfo:
     type: int
     offset: int
@@ -104,6 +116,7 @@ class ImageInfo:
     xenstore: list[tuple[str, bytes]] = field(default_factory=list)
     devices: list[dict] = field(default_factory=list)
     checkpoint: bool = False
+    epochs: list[Epoch] = field(default_factory=list)  # a checkpointed stream's
     size: int = 0
 
     @property
@@ -157,116 +170,253 @@ def scan_image(path: str | Path, wire: bool = False) -> ImageInfo:
             raise ImageError(f"{p}: {e}") from None
 
 
+def read_head(src: BinaryIO, path: str) -> tuple[savefile.XlHeader, ImageInfo]:
+    """xl's header and config, libxl's header: what a receiver knows before
+    the first record (enough to create the domain)."""
+    head = src.read(12)
+    if head == stream.IHDR.pack(stream.IHDR_MARKER, stream.IHDR_ID, 0, 0, 0, 0)[:12]:
+        raise StreamError("an image from an older pvlab (a bare libxc stream, no xl header); "
+                          "this pvlab reads only xl save files")
+    xl = savefile.read_xl_header(_Prefixed(head, src))
+    savefile.read_libxl_header(src, xl.end)
+    info = ImageInfo(path, 0, stream.DomainHeader(0, 0, 0, 0))
+    _config(info, xl.config)
+    return xl, info
+
+
+class _Prefixed:
+    """A stream with octets already read put back in front of it."""
+
+    def __init__(self, head: bytes, src: BinaryIO) -> None:
+        self.head, self.src = head, src
+
+    def read(self, n: int) -> bytes:
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.src.read(n - len(out)) if n > len(out) else b"")
+
+
 def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
     """The three layers in file order: xl's header, libxl's records with the
     libxc stream read where LIBXC_CONTEXT stands, then the checks that need
     the whole image."""
-    head = f.read(12)
-    if head == stream.IHDR.pack(stream.IHDR_MARKER, stream.IHDR_ID, 0, 0, 0, 0)[:12]:
-        raise StreamError("an image from an older pvlab (a bare libxc stream, no xl header); "
-                          "this pvlab reads only xl save files")
-    f.seek(0)
-    xl = savefile.read_xl_header(f)
-    savefile.read_libxl_header(f, xl.end)
-    info: ImageInfo | None = None
-    libxl: list[RecordInfo] = []
-    tail: list[savefile.LibxlRecord] = []
-    for rec in savefile.read_libxl_records(f):
-        libxl.append(RecordInfo(rec.type, rec.offset, rec.length, "libxl"))
-        if rec.type != LibxlRecType.LIBXC_CONTEXT:
-            tail.append(rec)
-            continue
-        if info is not None or rec.length:
-            raise _fail(libxl[-1], "a second LIBXC_CONTEXT, or one with a body")
-        info, tables, last = _scan_libxc(f, path, f.tell())
-    if info is None:
-        raise StreamError("no LIBXC_CONTEXT record: the libxl stream holds no domain")
-    info.libxl_records = libxl
+    xl, info = read_head(f, path)
+    parser = RecordParser(info, keep=True)
+    while True:
+        rec = savefile.read_libxl_record(f)
+        parser.libxl(rec)
+        if rec.type == LibxlRecType.END:
+            break
+        if rec.type == LibxlRecType.LIBXC_CONTEXT:
+            _scan_libxc(f, parser)
     info.size = f.tell()
     if f.read(1):
         raise ImageError(f"offset {info.size}: data after libxl's END record")
-    _config(info, xl.config)
-    _libxl_tail(info, tail)
-    _check_whole(info, last)
-    _check_vcpus(info)
-    _check_tables(info, f, tables)
-    _check_p2m(info, f)
-    savefile.check_digest(f, xl, required=info.domain is not None and not wire)
+    where = _page_offsets(info)
+    _localise_earlier(info, f, parser.earlier_tables(where))
+    check_end(info, lambda pfns: _read_pages(f, where[pfns]))
+    sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
+    savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
     return info
 
 
-def _scan_libxc(f: BinaryIO, path: str, base: int
-                ) -> tuple[ImageInfo, list[tuple[int, int, int]], stream.Record]:
-    # one pass over the records in stream order, a branch per record type as
-    # xg_sr_restore.c's process_record has: longer than most, read as a table
-    version, dhdr = stream.read_headers(f, base)
-    info = ImageInfo(path, version, dhdr, libxc_offset=base)
-    seen_pv_info = seen_static_end = False
-    tables: list[tuple[int, int, int]] = []  # (pfn, level, offset of its page)
-    last = None
-    start = base + stream.IHDR.size + stream.DHDR.size
-    for rec in stream.read_records(f, start, partial={RecType.PAGE_DATA: _page_data_head}):
-        info.records.append(RecordInfo(rec.type, rec.offset, rec.length))
-        last = rec
-        t = rec.type
-        if t == RecType.END:
-            break
-        if t == RecType.X86_PV_INFO:
-            if seen_pv_info:
-                raise _fail(rec, "a second X86_PV_INFO")
-            if len(rec.body) != stream.X86_PV_INFO.size:
-                raise _fail(rec, f"length {len(rec.body)}, expected {stream.X86_PV_INFO.size}")
-            width, levels = stream.X86_PV_INFO.unpack(rec.body)
-            if (width, levels) != (stream.GUEST_WIDTH_X86_64, stream.PT_LEVELS_X86_64):
-                raise _fail(rec, f"guest width {width}, {levels} pagetable levels: only "
-                            "64-bit guests with 4 levels are restored")
-            seen_pv_info = True
-        elif t == RecType.STATIC_DATA_END:
-            if version < 3:
-                raise _fail(rec, f"in a version {version} stream: the record is new in "
-                            "version 3")
-            if seen_static_end:
-                raise _fail(rec, "a second STATIC_DATA_END")
-            if not seen_pv_info:
-                raise _fail(rec, "before X86_PV_INFO")
-            seen_static_end = True
-        elif t == RecType.X86_PV_P2M_FRAMES:
-            if not seen_pv_info:
-                raise _fail(rec, "before X86_PV_INFO")
-            if not seen_static_end:
-                if version >= 3:
-                    raise _fail(rec, "before STATIC_DATA_END (mandatory in version 3)")
-                seen_static_end = True  # a v2 stream: STATIC_DATA_END is implied here
-            if info.max_pfn >= 0:
-                raise _fail(rec, "a second X86_PV_P2M_FRAMES")
-            _p2m_frames(info, rec)
-        elif t == RecType.PAGE_DATA:
-            if info.max_pfn < 0:
+def _scan_libxc(f: BinaryIO, parser: RecordParser) -> None:
+    """The libxc stream from ``f``'s position to its END, pages skipped;
+    after a CHECKPOINT, libxl's records up to CHECKPOINT_END (a checkpointed
+    stream interleaves them there)."""
+    base = f.tell()
+    parser.headers(*stream.read_headers(f, base), base)
+    offset = base + stream.IHDR.size + stream.DHDR.size
+    while True:
+        rec = stream.read_record(f, offset, {RecType.PAGE_DATA: _page_data_head})
+        offset += stream.record_size(rec)
+        parser.libxc(rec)
+        if rec.type == RecType.END:
+            return
+        if rec.type == RecType.CHECKPOINT:
+            while parser.libxl(savefile.read_libxl_record(f)) != LibxlRecType.CHECKPOINT_END:
+                pass
+            offset = f.tell()
+
+
+class RecordParser:
+    """The checks of xg_sr_restore.c's process_record and its x86 PV
+    handlers, one record at a time, into an ImageInfo: the one parser that
+    the file scan (scan_image) and the stream receiver (restore.py) drive.
+    PAGE_DATA gives its batch back (``libxc``); a checkpointed stream's
+    records are checked as they come, epoch by epoch (a VCPU's context once
+    an epoch, the emulator records once a checkpoint)."""
+
+    def __init__(self, info: ImageInfo, keep: bool) -> None:
+        self.info = info
+        self.keep = keep  # a file's: where every record and page is (a stream's go by)
+        self.seen_pv_info = self.seen_static_end = False
+        self.seen_libxc = False
+        self.in_checkpoint = False        # from CHECKPOINT to libxl's CHECKPOINT_END
+        self.epoch_vcpus: set[int] = set()
+        self.epoch_start = 0              # offset of the epoch's first record
+        self.epoch_copies = 0
+        self.xenstore_seen = False
+        self.devices: list[dict] = []
+        self.tables: list[tuple[int, int, int]] = []  # (pfn, level, page's offset)
+
+    def headers(self, version: int, header: stream.DomainHeader, base: int) -> None:
+        self.info.version, self.info.header, self.info.libxc_offset = version, header, base
+        self.epoch_start = base + stream.IHDR.size + stream.DHDR.size
+
+    def libxc(self, rec: stream.Record) -> PageBatch | None:
+        """One libxc record checked; a PAGE_DATA's batch returned."""
+        if self.keep:
+            self.info.records.append(RecordInfo(rec.type, rec.offset, rec.length))
+        if rec.type == RecType.PAGE_DATA:
+            if self.info.max_pfn < 0:
                 raise _fail(rec, "before X86_PV_P2M_FRAMES")
-            tables += _page_data(info, rec)
-        elif t == RecType.X86_TSC_INFO:
-            if len(rec.body) != stream.X86_TSC_INFO.size:
-                raise _fail(rec, f"length {len(rec.body)}, expected {stream.X86_TSC_INFO.size}")
-            info.tsc = stream.X86_TSC_INFO.unpack(rec.body)
-        elif t == RecType.SHARED_INFO:
-            if not seen_pv_info:
-                raise _fail(rec, "before X86_PV_INFO")
-            if len(rec.body) != PAGE_SIZE:
-                raise _fail(rec, f"length {len(rec.body)}, expected {PAGE_SIZE}")
-            info.shared_info = rec.body
-        elif t == RecType.X86_PV_VCPU_BASIC:
-            _vcpu_basic(info, rec)
-        elif t == RecType.CHECKPOINT:
-            if rec.body:
-                raise _fail(rec, "a CHECKPOINT record has no body")
-            info.checkpoint = True
-        elif t in (RecType.X86_PV_VCPU_EXTENDED, RecType.X86_PV_VCPU_XSAVE,
-                   RecType.X86_PV_VCPU_MSRS, RecType.X86_CPUID_POLICY, RecType.X86_MSR_POLICY):
-            pass  # state pvlab's VCPUs do not have: read and dropped
-        elif not t & stream.REC_TYPE_OPTIONAL:
-            raise _fail(rec, "a mandatory record type this restorer does not know")
-    assert last is not None
-    return info, tables, last
+            batch, tables = _page_data(self.info, rec)
+            self.epoch_copies += int(batch.pfns.size)
+            if self.keep:
+                self.info.batches.append(batch)
+                self.tables += tables
+            return batch
+        _process_record(self, rec)
+        return None
+
+    def checkpoint(self, rec: stream.Record) -> None:
+        """CHECKPOINT (handle_checkpoint): the epoch is whole once libxl's
+        CHECKPOINT_END follows; the next one's VCPUs come again."""
+        if rec.body:
+            raise _fail(rec, "a CHECKPOINT record has no body")
+        if self.info.max_pfn < 0 or 0 not in self.epoch_vcpus:
+            raise _fail(rec, "before the epoch's memory and VCPUs (X86_PV_P2M_FRAMES, "
+                        "X86_PV_VCPU_BASIC)")
+        info = self.info
+        info.checkpoint = True
+        if self.keep:
+            info.epochs.append(Epoch(len(info.epochs), self.epoch_start, rec.offset,
+                                     self.epoch_copies))
+        self.in_checkpoint = True
+        self.epoch_vcpus = set()
+        self.epoch_copies = 0
+
+    def libxl(self, rec: savefile.LibxlRecord) -> int:
+        """One libxl record checked; returns its type."""
+        info = self.info
+        if self.keep:
+            info.libxl_records.append(RecordInfo(rec.type, rec.offset, rec.length, "libxl"))
+        t = rec.type
+        if self.in_checkpoint and t in (LibxlRecType.LIBXC_CONTEXT, LibxlRecType.END):
+            raise _fail(rec, "inside a checkpoint, before its CHECKPOINT_END (an older "
+                        "pvlab's checkpoint put libxl's records after libxc's END: save it "
+                        "again)")
+        if t == LibxlRecType.LIBXC_CONTEXT:
+            if self.seen_libxc or rec.length:
+                raise _fail(rec, "a second LIBXC_CONTEXT, or one with a body")
+            self.seen_libxc = True
+        elif t == LibxlRecType.EMULATOR_XENSTORE_DATA:
+            if self.xenstore_seen:
+                raise _fail(rec, "a second EMULATOR_XENSTORE_DATA")
+            self.xenstore_seen = True
+            info.xenstore = _xenstore(rec, _emulator_data(rec, 0))
+        elif t == LibxlRecType.EMULATOR_CONTEXT:
+            self.devices.append(_device(rec, _emulator_data(rec, len(self.devices))))
+        elif t == LibxlRecType.CHECKPOINT_END:
+            if rec.body or not self.in_checkpoint:
+                raise _fail(rec, "CHECKPOINT_END with a body, or not after libxc's CHECKPOINT")
+            self._close_emulators()
+            self.in_checkpoint = False
+            self.epoch_start = rec.offset + stream.RHDR.size
+        elif t == LibxlRecType.END:
+            self._end(rec)
+        else:
+            raise _fail(rec, "a libxl record of a checkpointed (COLO) stream pvlab does "
+                        "not restore")
+        return t
+
+    def _end(self, rec: savefile.LibxlRecord) -> None:
+        if not self.seen_libxc:
+            raise StreamError("no LIBXC_CONTEXT record: the libxl stream holds no domain")
+        if not self.info.checkpoint:
+            self._close_emulators()
+        elif self.xenstore_seen or self.devices:
+            raise _fail(rec, "emulator records after the last checkpoint's CHECKPOINT_END")
+
+    def _close_emulators(self) -> None:
+        """A set of emulator records is whole: its devices must be the
+        config's (a checkpoint's set replaces the last one)."""
+        info = self.info
+        info.devices, self.devices, self.xenstore_seen = self.devices, [], False
+        placed = (info.domain or {}).get("devices")
+        if placed is not None:
+            have = [{k: d[k] for k in savefile.DEVICE_CONFIG_KEYS} for d in info.devices]
+            if placed != have:
+                raise ImageError(f"the config's devices {placed} are not the ones whose "
+                                 f"state the EMULATOR_CONTEXT records hold ({have})")
+
+    def end_of_libxc(self, rec: stream.Record) -> None:
+        """libxc's END: in a checkpointed stream, right after a CHECKPOINT_END
+        (Xen's receiver would drop an unfinished epoch's records silently)."""
+        if self.info.checkpoint and self.epoch_copies + len(self.epoch_vcpus):
+            raise _fail(rec, "after records of an epoch with no CHECKPOINT")
+
+    def earlier_tables(self, where: np.ndarray) -> list[tuple[int, int, int]]:
+        """The copies of pagetables that a later copy of their pfn overwrote
+        (the rounds of a live save): the file's, by their offsets."""
+        return [t for t in self.tables if where[t[0]] != t[2] or not
+                pfinfo.level(self.info.nibbles[t[0]])]
+
+
+def _process_record(p: RecordParser, rec: stream.Record) -> None:
+    # a branch per record type as xg_sr_restore.c's process_record and
+    # x86_pv_process_record have: longer than most, read as a table
+    info, t = p.info, rec.type
+    if t == RecType.END:
+        p.end_of_libxc(rec)
+    elif t == RecType.X86_PV_INFO:
+        if p.seen_pv_info:
+            raise _fail(rec, "a second X86_PV_INFO")
+        if len(rec.body) != stream.X86_PV_INFO.size:
+            raise _fail(rec, f"length {len(rec.body)}, expected {stream.X86_PV_INFO.size}")
+        width, levels = stream.X86_PV_INFO.unpack(rec.body)
+        if (width, levels) != (stream.GUEST_WIDTH_X86_64, stream.PT_LEVELS_X86_64):
+            raise _fail(rec, f"guest width {width}, {levels} pagetable levels: only "
+                        "64-bit guests with 4 levels are restored")
+        p.seen_pv_info = True
+    elif t == RecType.STATIC_DATA_END:
+        if info.version < 3:
+            raise _fail(rec, f"in a version {info.version} stream: the record is new in "
+                        "version 3")
+        if p.seen_static_end:
+            raise _fail(rec, "a second STATIC_DATA_END")
+        if not p.seen_pv_info:
+            raise _fail(rec, "before X86_PV_INFO")
+        p.seen_static_end = True
+    elif t == RecType.X86_PV_P2M_FRAMES:
+        if not p.seen_pv_info:
+            raise _fail(rec, "before X86_PV_INFO")
+        if not p.seen_static_end:
+            if info.version >= 3:
+                raise _fail(rec, "before STATIC_DATA_END (mandatory in version 3)")
+            p.seen_static_end = True  # a v2 stream: STATIC_DATA_END is implied here
+        if info.max_pfn >= 0:
+            raise _fail(rec, "a second X86_PV_P2M_FRAMES")
+        _p2m_frames(info, rec)
+    elif t == RecType.X86_TSC_INFO:
+        if len(rec.body) != stream.X86_TSC_INFO.size:
+            raise _fail(rec, f"length {len(rec.body)}, expected {stream.X86_TSC_INFO.size}")
+        info.tsc = stream.X86_TSC_INFO.unpack(rec.body)
+    elif t == RecType.SHARED_INFO:
+        if not p.seen_pv_info:
+            raise _fail(rec, "before X86_PV_INFO")
+        if len(rec.body) != PAGE_SIZE:
+            raise _fail(rec, f"length {len(rec.body)}, expected {PAGE_SIZE}")
+        info.shared_info = rec.body
+    elif t == RecType.X86_PV_VCPU_BASIC:
+        _vcpu_basic(info, rec, p.epoch_vcpus)
+    elif t == RecType.CHECKPOINT:
+        p.checkpoint(rec)
+    elif t in (RecType.X86_PV_VCPU_EXTENDED, RecType.X86_PV_VCPU_XSAVE,
+               RecType.X86_PV_VCPU_MSRS, RecType.X86_CPUID_POLICY, RecType.X86_MSR_POLICY):
+        pass  # state pvlab's VCPUs do not have: read and dropped
+    elif not t & stream.REC_TYPE_OPTIONAL:
+        raise _fail(rec, "a mandatory record type this restorer does not know")
 
 
 # the config's keys pvlab needs, with their JSON types: (where, key, type)
@@ -306,33 +456,6 @@ def _config(info: ImageInfo, raw: bytes) -> None:
                    "name": config["c_info"]["name"], "vcpus": config["b_info"]["max_vcpus"],
                    "max_pages": config["b_info"]["max_memkb"] * 1024 // PAGE_SIZE,
                    "kernel": p["kernel"], "clocks": p["clocks"], "devices": p["devices"]}
-
-
-def _libxl_tail(info: ImageInfo, recs: list[savefile.LibxlRecord]) -> None:
-    """libxl's records besides LIBXC_CONTEXT: the xenstore nodes, a device
-    model's state per EMULATOR_CONTEXT (in index order), CHECKPOINT_END."""
-    xenstore_seen = False
-    for rec in recs:
-        if rec.type == LibxlRecType.EMULATOR_XENSTORE_DATA:
-            if xenstore_seen:
-                raise _fail(rec, "a second EMULATOR_XENSTORE_DATA")
-            xenstore_seen = True
-            info.xenstore = _xenstore(rec, _emulator_data(rec, 0))
-        elif rec.type == LibxlRecType.EMULATOR_CONTEXT:
-            info.devices.append(_device(rec, _emulator_data(rec, len(info.devices))))
-        elif rec.type == LibxlRecType.CHECKPOINT_END:
-            if rec.body or not info.checkpoint:
-                raise _fail(rec, "CHECKPOINT_END with a body, or in a stream with no "
-                            "CHECKPOINT")
-        elif rec.type != LibxlRecType.END:
-            raise _fail(rec, "a libxl record of a checkpointed (COLO) stream pvlab does "
-                        "not restore")
-    placed = (info.domain or {}).get("devices")
-    if placed is not None:
-        have = [{k: d[k] for k in savefile.DEVICE_CONFIG_KEYS} for d in info.devices]
-        if placed != have:
-            raise ImageError(f"the config's devices {placed} are not the ones whose state "
-                             f"the EMULATOR_CONTEXT records hold ({have})")
 
 
 def _emulator_data(rec: savefile.LibxlRecord, index: int) -> bytes:
@@ -392,7 +515,10 @@ def _p2m_frames(info: ImageInfo, rec: stream.Record) -> None:
     info.ever_data = np.zeros(end + 1, dtype=bool)
 
 
-def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]]:
+def _page_data(info: ImageInfo, rec: stream.Record
+               ) -> tuple[PageBatch, list[tuple[int, int, int]]]:
+    """handle_page_data's checks; the batch, and its pagetables' (pfn,
+    level, offset of the page)."""
     length = rec.length
     if length < stream.PAGE_DATA_HDR.size:
         raise _fail(rec, f"length {length}, less than its 8-octet header")
@@ -401,9 +527,9 @@ def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]
         raise _fail(rec, "expected at least 1 pfn")
     if count > stream.MAX_BATCH_SIZE:
         raise _fail(rec, f"{count} pfns, more than a batch's {stream.MAX_BATCH_SIZE}")
-    if len(rec.body) != 8 + 8 * count:
+    if len(rec.body) < 8 + 8 * count:
         raise _fail(rec, f"length {length} is too short for {count} pfns")
-    entries = np.frombuffer(rec.body, dtype=np.uint64, offset=8)
+    entries = np.frombuffer(rec.body, dtype=np.uint64, count=count, offset=8)
     pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
     nib = (entries >> np.uint64(60)).astype(np.uint8)
     reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
@@ -418,13 +544,18 @@ def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]
         if not known[i]:
             raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
         raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
+    values, counts = np.unique(pfns, return_counts=True)
+    if (counts > 1).any():
+        pfn = int(values[counts > 1][0])
+        i, j = np.flatnonzero(pfns == pfn)[:2].tolist()
+        raise _fail(rec, f"pfn {pfn:#x} twice in one batch (index {i} and {j})")
     with_data = ~np.isin(nib, list(NO_DATA))
     want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
     if length != want:
         raise _fail(rec, f"wrong size: length {length}, expected {want} for {count} pfns "
                     f"with {int(with_data.sum())} pages of data")
     data_offset = rec.offset + stream.RHDR.size + 8 + 8 * count
-    info.batches.append(PageBatch(rec.offset, data_offset, pfns, nib, with_data))
+    batch = PageBatch(rec.offset, data_offset, pfns, nib, with_data)
     # a pfn may come many times (the rounds of a live save): the last copy's
     # type wins, and a frame once given stays (process_page_data)
     info.nibbles[pfns] = nib
@@ -436,10 +567,11 @@ def _page_data(info: ImageInfo, rec: stream.Record) -> list[tuple[int, int, int]
     for k, i in enumerate(np.flatnonzero(with_data)):
         if level[i]:
             tables.append((int(pfns[i]), int(level[i]), data_offset + PAGE_SIZE * k))
-    return tables
+    return batch, tables
 
 
-def _vcpu_basic(info: ImageInfo, rec: stream.Record) -> None:
+def _vcpu_basic(info: ImageInfo, rec: stream.Record, epoch: set[int]) -> None:
+    """A VCPU's context, once an epoch (the last one wins)."""
     want = stream.VCPU_HDR.size + CONTEXT_SIZE
     if len(rec.body) != want:
         raise _fail(rec, f"length {len(rec.body)}, expected {want} (8 + a 64-bit "
@@ -447,8 +579,9 @@ def _vcpu_basic(info: ImageInfo, rec: stream.Record) -> None:
     (vcpu_id,) = stream.VCPU_HDR.unpack_from(rec.body)
     if vcpu_id >= MAX_VCPUS:
         raise _fail(rec, f"vcpu {vcpu_id}: at most {MAX_VCPUS} are supported")
-    if vcpu_id in info.vcpus:
+    if vcpu_id in epoch:
         raise _fail(rec, f"a second context for vcpu {vcpu_id}")
+    epoch.add(vcpu_id)
     info.vcpus[vcpu_id] = rec.body[stream.VCPU_HDR.size:]
 
 
@@ -465,7 +598,22 @@ def _xenstore(rec: savefile.LibxlRecord, data: bytes) -> list[tuple[str, bytes]]
     return out
 
 
-def _check_whole(info: ImageInfo, end: stream.Record) -> None:
+# the last copy of each of these pfns' pages, as rows of 512 entries: read
+# from the file, or from what a receiver kept or wrote
+PageReader = Callable[[np.ndarray], np.ndarray]
+
+
+def check_end(info: ImageInfo, read: PageReader) -> None:
+    """The checks that need the whole stream, on what arrived: a file's
+    after its last octet, a stream's at its END (the tables then in guest
+    memory; pinning validates them again through the hypervisor)."""
+    _check_whole(info)
+    _check_vcpus(info)
+    _check_tables(info, read)
+    _check_p2m(info, read)
+
+
+def _check_whole(info: ImageInfo) -> None:
     """What only the whole stream can tell (x86_pv_stream_complete's checks)."""
     if info.max_pfn < 0:
         raise ImageError("no X86_PV_P2M_FRAMES record")
@@ -562,20 +710,7 @@ def _read_pages(f: BinaryIO, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
-def _final_copies(info: ImageInfo, tables: list[tuple[int, int, int]]
-                  ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
-    """The last copy of each pfn whose last type is a pagetable, and the
-    copies before them (the rounds of a live save: overwritten, never run)."""
-    levels = pfinfo.level(info.nibbles)
-    last: dict[int, int] = {}
-    for k, (pfn, _, _) in enumerate(tables):
-        last[pfn] = k
-    final = {k for pfn, k in last.items() if levels[pfn]}
-    return ([t for k, t in enumerate(tables) if k in final],
-            [t for k, t in enumerate(tables) if k not in final])
-
-
-def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int]]) -> None:
+def _check_tables(info: ImageInfo, read: PageReader) -> None:
     """The last copy of every pagetable must name in its present entries only
     pfns the image populates at its end (what localising would find out half
     way through a restore); an L4, L3 or L2 entry must name a table one level
@@ -585,14 +720,13 @@ def _check_tables(info: ImageInfo, f: BinaryIO, tables: list[tuple[int, int, int
     parent the image retyped. Earlier copies are not validated (Xen's
     restore does not validate during the rounds); they are localised when
     they arrive, so a pfn they name gets a frame (_localise_earlier)."""
-    final, earlier = _final_copies(info, tables)
-    _localise_earlier(info, f, earlier)
     populated = np.zeros(info.nr_pfns, dtype=bool)
     populated[info.populated_at_end()] = True
     levels = pfinfo.level(info.nibbles)
     named = np.zeros(info.nr_pfns, dtype=bool)
-    pages = _read_pages(f, np.array([t[2] for t in final], dtype=np.int64))
-    for (pfn, level, _), page in zip(final, pages, strict=True):
+    final = np.flatnonzero(levels)
+    for pfn, level, page in zip(final.tolist(), levels[final].tolist(), read(final),
+                                strict=True):
         present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
         targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
         bad = targets > np.uint64(info.max_pfn)
@@ -619,15 +753,22 @@ def _localise_earlier(info: ImageInfo, f: BinaryIO, earlier: list[tuple[int, int
     them; a pfn beyond the domain's maximum cannot (Xen: "Bad mfn")."""
     for (pfn, level, _), page in zip(earlier, _read_pages(
             f, np.array([t[2] for t in earlier], dtype=np.int64)), strict=True):
-        present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
-        targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
-        beyond = np.flatnonzero(targets > np.uint64(info.max_pfn))
-        if beyond.size:
-            i = int(beyond[0])
-            raise ImageError(f"a copy of pagetable pfn {pfn:#x} (L{level}) slot "
-                             f"{int(present[i])} names pfn {int(targets[i]):#x}, beyond the "
-                             f"domain's maximum {info.max_pfn:#x}")
-        info.ever_populated[targets.astype(np.int64)] = True
+        info.ever_populated[table_targets(info, pfn, level, page)] = True
+
+
+def table_targets(info: ImageInfo, pfn: int, level: int, page: np.ndarray) -> np.ndarray:
+    """The pfns a copy of a pagetable names, which x86_pv_localise_page
+    populates as it goes; a pfn beyond the domain's maximum cannot be
+    (Xen: "Bad mfn")."""
+    present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
+    targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+    beyond = np.flatnonzero(targets > np.uint64(info.max_pfn))
+    if beyond.size:
+        i = int(beyond[0])
+        raise ImageError(f"a copy of pagetable pfn {pfn:#x} (L{level}) slot "
+                         f"{int(present[i])} names pfn {int(targets[i]):#x}, beyond the "
+                         f"domain's maximum {info.max_pfn:#x}")
+    return targets.astype(np.int64)
 
 
 def _check_level(info: ImageInfo, pfn: int, level: int, entries: np.ndarray,
@@ -644,15 +785,14 @@ def _check_level(info: ImageInfo, pfn: int, level: int, entries: np.ndarray,
                          f"L{level - 1}")
 
 
-def _check_p2m(info: ImageInfo, f: BinaryIO) -> None:
+def _check_p2m(info: ImageInfo, read: PageReader) -> None:
     """The p2m frame list must be the frames of the p2m the guest published:
     the ones its own tables map at shared_info's p2m_vaddr from p2m_cr3, and
     the p2m they hold must give a frame to exactly the pfns the image
     populates. Restore writes the new p2m into these frames: a wrong one
     would overwrite a page of the guest's and leave its p2m stale."""
-    where = _page_offsets(info)
     frames = info.p2m_frame_pfns
-    p2m = _read_pages(f, where[frames]).reshape(-1)[:info.nr_pfns]
+    p2m = read(frames).reshape(-1)[:info.nr_pfns]
     have = p2m != np.uint64(INVALID_MFN)
     populated = np.zeros(info.nr_pfns, dtype=bool)
     populated[info.populated_at_end()] = True
@@ -669,28 +809,35 @@ def _check_p2m(info: ImageInfo, f: BinaryIO) -> None:
     if owner.size != 1 or pfinfo.level(info.nibbles[int(owner[0])]) != pfinfo.L4:
         raise ImageError(f"shared_info's p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the p2m "
                          "in the frames of X86_PV_P2M_FRAMES")
+    seen: dict[int, np.ndarray] = {}  # the walks share their upper tables
+
+    def page(pfn: int) -> np.ndarray:
+        if pfn not in seen:
+            seen[pfn] = read(np.array([pfn]))[0]
+        return seen[pfn]
+
     for i, pfn in enumerate(frames.tolist()):
         va = int(arch.p2m_vaddr) + i * PAGE_SIZE
-        mapped = _walk(info, f, where, int(owner[0]), va)
+        mapped = _walk(info, page, int(owner[0]), va)
         if mapped != pfn:
             raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {pfn:#x}, but the "
                              f"guest's tables map pfn {mapped:#x} there (p2m_vaddr + "
                              f"{i * PAGE_SIZE:#x})")
 
 
-def _walk(info: ImageInfo, f: BinaryIO, where: np.ndarray, l4: int, va: int) -> int:
+def _walk(info: ImageInfo, page: Callable[[int], np.ndarray], l4: int, va: int) -> int:
     """The pfn a canonical pagetable tree maps at ``va``; -1 if none."""
     table = l4
     for level in range(pfinfo.L4, 0, -1):
         slot = (va >> (PAGE_SHIFT + 9 * (level - 1))) & (L1_PAGETABLE_ENTRIES - 1)
-        f.seek(int(where[table]) + 8 * slot)
-        (entry,) = np.frombuffer(f.read(8), dtype=np.uint64).tolist() or [0]
+        entry = int(page(table)[slot])
         if not entry & _PAGE_PRESENT:
             return -1
         table = (entry & arch_x86.PTE_FRAME_MASK) >> PAGE_SHIFT
-        if table > info.max_pfn or where[table] < 0:
+        if table > info.max_pfn or not info.ever_data[table]:
             return -1
     return table
 
 
-__all__ = ["ImageError", "ImageInfo", "PageBatch", "scan_image", "vcpus_up", "TYPE_NAMES"]
+__all__ = ["ImageError", "ImageInfo", "PageBatch", "Epoch", "RecordParser", "check_end",
+           "read_head", "scan_image", "vcpus_up", "TYPE_NAMES"]

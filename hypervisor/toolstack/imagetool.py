@@ -79,8 +79,13 @@ def describe(info: ImageInfo, records: bool = False) -> str:
     else:
         lines.append("domain: no pvlab part in the config (not written by pvlab)")
     if info.checkpoint:
-        lines.append("checkpoint: yes (libxc's CHECKPOINT and libxl's CHECKPOINT_END: Xen "
-                     "reads it as a checkpointed stream)")
+        lines.append(f"checkpointed: {len(info.epochs)} epochs, each closed by libxc's "
+                     "CHECKPOINT and libxl's records up to CHECKPOINT_END (a restore "
+                     "gives the last)")
+        lines += [f"  epoch {e.number}: offsets {e.offset}-{e.checkpoint}, {e.copies} page "
+                  "copies" for e in info.epochs[:LIST_MAX]]
+        if len(info.epochs) > LIST_MAX:
+            lines.append(f"  ... and {len(info.epochs) - LIST_MAX} more")
     counts = Counter(r.name for r in info.records)
     lines.append("libxc records: " + ", ".join(f"{n} x{c}" for n, c in counts.items()))
     lines.append("page types: " + ", ".join(f"{n} {c}" for n, c in info.type_counts().items()))

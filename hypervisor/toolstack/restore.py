@@ -1,8 +1,11 @@
 """Restoring a saved image into a new domain (xg_sr_restore.c,
 xg_sr_restore_x86_pv.c; libxl's domain creation around it).
 
-The image is checked whole first (image.scan_image): a bad one is refused
-before anything exists. Then, in a machine of its own:
+A file is checked whole first (image.scan_image): a bad one is refused
+before anything exists. A stream (a migration's, a Remus backup's) is
+applied as it arrives, each record checked by the same parser when it comes
+and the whole-stream checks made at its END (Receiver, below). Either way,
+in a machine of its own:
 
 * every pfn the image populates gets a frame from the shuffled allocator (the
   mfns differ from the saved ones), and the M2P learns them;
@@ -29,7 +32,6 @@ all under stream_complete as x86_pv_stream_complete does.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,8 +61,20 @@ from hypervisor.toolstack import pfinfo, savefile, stream
 from hypervisor.toolstack.builder import BuildError, add_balloon, machine_mib_for
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.context import context_of, domain_of
-from hypervisor.toolstack.image import PTE_FRAME_MASK, ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.image import (
+    PTE_FRAME_MASK,
+    ImageError,
+    ImageInfo,
+    PageBatch,
+    RecordParser,
+    check_end,
+    read_head,
+    scan_image,
+    table_targets,
+)
 from hypervisor.toolstack.save import Progress
+from hypervisor.toolstack.savefile import LibxlRecType
+from hypervisor.toolstack.stream import RecType
 from hypervisor.toolstack.xenstored import home
 
 DOMID_TOOLSTACK = 0  # the other end of the console and store channels
@@ -79,6 +93,13 @@ class RestoreStats:
     localise_s: float = 0.0
     total_s: float = 0.0
     info: ImageInfo | None = None
+    # a stream's receiver: the seconds from its last record to a domain
+    # ready to run; a checkpointed stream's epochs committed, whether it
+    # failed over (the stream broke inside an epoch) and why
+    complete_s: float = 0.0
+    epochs: int = 0
+    failover: bool = False
+    why: str = ""
 
 
 @dataclass
@@ -168,50 +189,279 @@ def restore_stream(src: BinaryIO, seed: int | None = None, clock: str = "determi
                    hv: Hypervisor | None = None, progress: Progress | None = None,
                    ) -> tuple[Hypervisor, Domain, RestoreStats]:
     """Restore a domain from a stream (a pipe or a socket: a migration's
-    receiver), reading exactly its octets, xl's header to libxl's END, and
-    nothing after them (the handshake goes on on the same connection).
-    Raises as restore_image does; a stream cut short is a RestoreError."""
-    with tempfile.TemporaryDirectory(prefix="pvlab-incoming-") as tmp:
-        spool = Path(tmp) / "incoming.img"
-        with open(spool, "wb") as f:
-            try:
-                copy_stream(stream.CountingReader(src), f)
-            except stream.StreamError as e:
-                raise RestoreError(f"the incoming stream: {e}; nothing was created") from None
-        return restore_image(spool, seed, clock, hv, progress, wire=True)
+    receiver) as it arrives, reading exactly its octets, xl's header to
+    libxl's END, and nothing after them (the handshake goes on on the same
+    connection). The domain is created from the xl header's config; each
+    PAGE_DATA is applied when it arrives; at END the checks that need the
+    whole stream, then stream_complete (Receiver). Raises ImageError for a
+    bad stream, RestoreError for a failed restore or a stream cut short; on
+    any failure nothing is left of the new domain."""
+    rx = receive(src, seed, clock, hv, progress)
+    return rx.ctx.hv, rx.ctx.dom, rx.ctx.stats
 
 
-def copy_stream(src: stream.CountingReader, out: BinaryIO) -> None:
-    """Copy one stream's octets by its framing: xl's header, libxl's header,
-    libxl's records with the libxc stream inline at LIBXC_CONTEXT, up to
-    libxl's END. What the records hold is checked by the restore."""
-    def take(n: int, what: str) -> bytes:
-        data = stream.read_exact(src, n, what, src.tell())
-        out.write(data)
-        return data
+def receive_checkpoints(src: BinaryIO, seed: int | None = None,
+                        clock: str = "deterministic", hv: Hypervisor | None = None,
+                        on_commit: Callable[[int], None] | None = None,
+                        progress: Progress | None = None,
+                        ) -> tuple[Hypervisor, Domain, RestoreStats]:
+    """The backup's side of a checkpointed stream (Remus), as Xen's
+    receiver: records are applied as they come up to the first CHECKPOINT;
+    after it each epoch's records are checked as they arrive and buffered,
+    and applied when its CHECKPOINT and libxl's CHECKPOINT_END have come
+    (save.write_epoch_end writes them); ``on_commit(epoch)`` is called then,
+    epochs numbered from 0 (the primary's output commit waits for it).
 
-    optlen = savefile.XL_HDR.unpack(take(savefile.XL_HDR.size, "the xl header"))[4]
-    if optlen > savefile.XL_OPTDATA_MAX:
-        raise stream.StreamError(f"{optlen} octets of xl optional data, over the limit")
-    take(optlen, "the xl header's optional data")
-    take(savefile.LIBXL_HDR.size, "the libxl header")
-    while True:
-        rtype = _copy_record(take, "a libxl record")
-        if rtype == savefile.LibxlRecType.END:
-            return
-        if rtype == savefile.LibxlRecType.LIBXC_CONTEXT:
-            take(stream.IHDR.size + stream.DHDR.size, "the libxc stream's headers")
-            while _copy_record(take, "a libxc record") != stream.RecType.END:
-                pass
+    Returns when the stream ends: at a clean END (save.end_checkpointed_stream)
+    or when it breaks (EOF, a read error, a reset) while an epoch is being
+    buffered: **failover**, the partial epoch dropped. Either way the domain
+    is completed from the last committed epoch (stream_complete) and left
+    ready to run its RESTORE path; stats.epochs counts the epochs committed,
+    stats.failover says whether it failed over and stats.why why. A break
+    before the first whole checkpoint is a RestoreError and a bad record,
+    even in a buffered epoch, an ImageError (Xen's receiver fails on it
+    too): nothing is left of the domain. An OSError out of ``on_commit``
+    (the backup's answer to a primary that is gone) is a break too: the
+    epoch it was called for is committed."""
+    rx = receive(src, seed, clock, hv, progress, checkpointed=True, on_commit=on_commit)
+    return rx.ctx.hv, rx.ctx.dom, rx.ctx.stats
 
 
-def _copy_record(take: Callable[[int, str], bytes], what: str) -> int:
-    """One record's header and padded body; returns its type."""
-    rtype, length = stream.RHDR.unpack(take(stream.RHDR.size, what))
-    if length > stream.REC_LENGTH_MAX:
-        raise stream.StreamError(f"a record of {length} octets, over the limit")
-    take(length + (-length % stream.REC_ALIGN), what)
-    return rtype
+def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
+            progress: Progress | None, checkpointed: bool = False,
+            on_commit: Callable[[int], None] | None = None) -> Receiver:
+    """xc_domain_restore on a stream: the head read, the domain created from
+    its config (libxl's domain creation), the records received into it; on
+    any failure the domain is destroyed."""
+    t0 = time.perf_counter()
+    reader = stream.CountingReader(src)
+    where = "the incoming stream"
+    try:
+        _, info = read_head(reader, where)
+    except (stream.Truncated, OSError) as e:
+        raise RestoreError(f"{where}: {e}; nothing was created") from None
+    except stream.StreamError as e:
+        raise ImageError(f"{where}: {e}; nothing was created") from None
+    if info.domain is None or not info.domain.get("pvlab_image"):
+        raise ImageError(f"{where}: no pvlab part in the xl header's config: a Xen image, "
+                         "which pvlab cannot run (it has no guest kernel binding)")
+    if seed is None:
+        seed = int(info.domain.get("seed") or 0) + 1
+    if hv is None:
+        hv = Hypervisor(machine_for(info), seed=seed, clock=clock)
+    d = info.domain
+    dom = domctl.createdomain(hv, str(d["name"]), int(d["vcpus"]), int(d["max_pages"]))
+    ctx = RestoreContext(hv, dom, info, RestoreStats(info=info))
+    rx = Receiver(reader, ctx, RecordParser(info, keep=False), checkpointed, on_commit,
+                  progress)
+    try:
+        rx.restore()
+    except (stream.Truncated, OSError, OutOfMemory, DomctlError, RestoreError) as e:
+        domctl.destroydomain(hv, dom)
+        raise RestoreError(f"{where} failed: {e}; nothing is left of the new domain") \
+            from None
+    except (stream.StreamError, KernelError) as e:  # ImageError is one
+        domctl.destroydomain(hv, dom)
+        raise ImageError(f"{where}: {e}; nothing is left of the new domain") from None
+    ctx.stats.total_s = time.perf_counter() - t0
+    return rx
+
+
+@dataclass
+class Committed:
+    """What a checkpointed stream's receiver knew at its last commit: a
+    failover goes back to it (the partial epoch's records were checked into
+    the ImageInfo as they came, not applied)."""
+
+    nibbles: np.ndarray
+    ever_populated: np.ndarray
+    ever_data: np.ndarray
+    copies: int
+    tsc: tuple[int, int, int, int] | None
+    shared_info: bytes
+    vcpus: dict[int, bytes]
+    xenstore: list[tuple[str, bytes]]
+    devices: list[dict]
+
+    @classmethod
+    def of(cls, info: ImageInfo) -> Committed:
+        return cls(info.nibbles.copy(), info.ever_populated.copy(), info.ever_data.copy(),
+                   info.copies, info.tsc, info.shared_info, dict(info.vcpus), list(info.xenstore),
+                   list(info.devices))
+
+    def put_back(self, info: ImageInfo) -> None:
+        info.nibbles, info.ever_populated, info.ever_data, info.copies = \
+            self.nibbles, self.ever_populated, self.ever_data, self.copies
+        info.tsc, info.shared_info, info.vcpus = self.tsc, self.shared_info, self.vcpus
+        info.xenstore, info.devices = self.xenstore, self.devices
+
+
+@dataclass
+class Receiver:
+    """A stream restored as it arrives: xg_sr_restore.c's restore() loop
+    (read_record, process_record; buffer_record and handle_checkpoint in a
+    checkpointed stream), with libxl_stream_read.c's records around and,
+    at a CHECKPOINT, inside it."""
+
+    src: stream.CountingReader
+    ctx: RestoreContext
+    parser: RecordParser
+    checkpointed: bool = False
+    on_commit: Callable[[int], None] | None = None
+    progress: Progress | None = None
+    # the last copy of each pfn last sent as a pagetable, canonical: the END
+    # checks read them (guest memory holds them localised)
+    tables: dict[int, np.ndarray] = field(default_factory=dict)
+    buffering: bool = False       # after the first CHECKPOINT of a checkpointed stream
+    buffered: list[tuple[stream.Record, PageBatch | None]] = field(default_factory=list)
+    committed: Committed | None = None
+    copies: int = 0
+
+    def restore(self) -> None:
+        """The records up to libxl's END, or a failover; then the END checks
+        and stream_complete."""
+        try:
+            self.read_stream()
+        except (stream.Truncated, OSError) as e:
+            if not self.buffering:
+                raise
+            self.failover(str(e))
+        tc = time.perf_counter()
+        check_end(self.ctx.info, self.read_pages)
+        complete(self.ctx)
+        self.ctx.stats.complete_s = time.perf_counter() - tc
+
+    def read_stream(self) -> None:
+        while True:
+            rec = savefile.read_libxl_record(self.src)
+            rtype = self.parser.libxl(rec)
+            if rtype == LibxlRecType.END:
+                return
+            if rtype == LibxlRecType.LIBXC_CONTEXT:
+                self.read_libxc()
+
+    def read_libxc(self) -> None:
+        """The libxc stream to its END: each record checked as it comes, then
+        processed, or buffered while an epoch is open."""
+        base = self.src.tell()
+        self.parser.headers(*stream.read_headers(self.src, base), base)
+        while True:
+            rec = stream.read_record(self.src, self.src.tell())
+            batch = self.parser.libxc(rec)
+            if rec.type == RecType.END:
+                return
+            if rec.type == RecType.CHECKPOINT:
+                self.handle_checkpoint()
+            elif self.buffering:
+                self.buffered.append((rec, batch))  # buffer_record
+            else:
+                self.process_record(rec, batch)
+
+    def process_record(self, rec: stream.Record, batch: PageBatch | None) -> None:
+        """What a record does to the new domain as it is applied; the rest
+        (TSC, SHARED_INFO, the VCPUs, libxl's records) the parser keeps in
+        the ImageInfo for stream_complete."""
+        if batch is not None:
+            process_batch(self, batch, rec.body)
+        elif rec.type == RecType.X86_PV_P2M_FRAMES:
+            self.ctx.p2m = np.full(self.ctx.info.nr_pfns, INVALID_MFN, dtype=np.uint64)
+
+    def handle_checkpoint(self) -> None:
+        """libxl's records up to CHECKPOINT_END (libxl's checkpoint callback),
+        then the buffered epoch applied; the epoch is committed."""
+        while self.parser.libxl(savefile.read_libxl_record(self.src)) \
+                != LibxlRecType.CHECKPOINT_END:
+            pass
+        for rec, batch in self.buffered:
+            self.process_record(rec, batch)
+        self.buffered = []
+        self.buffering = self.checkpointed
+        self.committed = Committed.of(self.ctx.info)
+        stats = self.ctx.stats
+        stats.epochs += 1
+        if self.on_commit is not None:
+            self.on_commit(stats.epochs - 1)
+
+    def failover(self, why: str) -> None:
+        """The stream broke inside an epoch: it is dropped, the domain is
+        the last committed epoch's (remus_failover)."""
+        assert self.committed is not None
+        self.committed.put_back(self.ctx.info)
+        self.buffered = []
+        self.ctx.stats.failover, self.ctx.stats.why = True, why
+
+    def read_pages(self, pfns: np.ndarray) -> np.ndarray:
+        """The last copy of these pfns' pages: a table's as it came (kept),
+        any other's from guest memory (written as it came)."""
+        out = np.empty((pfns.size, L1_PAGETABLE_ENTRIES), dtype=np.uint64)
+        kept = np.array([int(p) in self.tables for p in pfns.tolist()], dtype=bool)
+        for k in np.flatnonzero(kept).tolist():
+            out[k] = self.tables[int(pfns[k])]
+        if (~kept).any():
+            mfns = self.ctx.p2m[pfns[~kept]].astype(np.int64)
+            out[~kept] = domctl.map_foreign_bulk(self.ctx.hv, self.ctx.dom, mfns)
+        return out
+
+
+def process_batch(rx: Receiver, batch: PageBatch, body: bytes) -> None:
+    """One PAGE_DATA batch into the new domain as it arrives
+    (process_page_data): a pfn populated at its first populating copy
+    (populate_pfns), and every pfn a table names that has no frame yet
+    (x86_pv_localise_page); each page written, each table localised by its
+    own type; the last copy wins."""
+    ctx, info = rx.ctx, rx.ctx.info
+    count = batch.pfns.size
+    pages = np.frombuffer(body, dtype=np.uint64, offset=stream.PAGE_DATA_HDR.size + 8 * count
+                          ).reshape(-1, L1_PAGETABLE_ENTRIES)
+    pfns, nib = batch.pfns[batch.with_data], batch.nibbles[batch.with_data]
+    levels = pfinfo.level(nib)
+    rows = np.flatnonzero(levels)
+    wanted = [batch.pfns[~np.isin(batch.nibbles, list(pfinfo.NOT_POPULATED))]]
+    wanted += [table_targets(info, int(pfns[k]), int(levels[k]), pages[k]) for k in rows]
+    new = populate(ctx, np.concatenate(wanted))
+    blank = np.setdiff1d(new, pfns)  # frames no page of this batch fills
+    if blank.size:
+        domctl.map_foreign_bulk(ctx.hv, ctx.dom, ctx.p2m[blank].astype(np.int64))[:] = 0
+    if pfns.size:
+        _write_pages(ctx, pfns, nib, pages)
+    for k, pfn in enumerate(pfns.tolist()):
+        if levels[k]:
+            rx.tables[pfn] = pages[k].copy()
+        else:
+            rx.tables.pop(pfn, None)
+    ctx.stats.pages += int(pfns.size)
+    rx.copies += count
+    if rx.progress is not None:
+        rx.progress(rx.copies, info.nr_pfns)
+
+
+def populate(ctx: RestoreContext, pfns: np.ndarray) -> np.ndarray:
+    """A frame for each of these pfns that has none yet (populate_pfns, as a
+    stream needs it: batch by batch); the M2P learns them. Returns the pfns
+    populated now."""
+    new = np.unique(pfns)
+    new = new[ctx.p2m[new] == np.uint64(INVALID_MFN)]
+    if not new.size:
+        return new
+    free = domctl.physinfo(ctx.hv).free_pages
+    if new.size > free:
+        raise RestoreError(f"{new.size} frames wanted, {free} free")
+    mfns = domctl.populate_physmap(ctx.hv, ctx.dom, int(new.size), zero=False)
+    ctx.p2m[new] = mfns.astype(np.uint64)
+    domctl.mmu_machphys_update(ctx.hv, ctx.dom, mfns, new)
+    ctx.info.ever_populated[new] = True
+    return new
+
+
+def complete(ctx: RestoreContext) -> None:
+    """What a stream's receiver does once the records are in, as the file's
+    restore does after its pages: the guest's p2m, shared_info, start_info,
+    the devices, then stream_complete."""
+    update_guest_p2m(ctx)
+    handle_shared_info(ctx)
+    process_start_info(ctx)
+    handle_devices(ctx)
+    stream_complete(ctx)
 
 
 def restore(ctx: RestoreContext, progress: Progress | None) -> None:
@@ -219,11 +469,7 @@ def restore(ctx: RestoreContext, progress: Progress | None) -> None:
     then stream_complete. The order is the frames' allocation order: keep it."""
     populate_pfns(ctx)
     process_page_data(ctx, progress)
-    update_guest_p2m(ctx)
-    handle_shared_info(ctx)
-    process_start_info(ctx)
-    handle_devices(ctx)
-    stream_complete(ctx)
+    complete(ctx)
 
 
 # --- memory ---------------------------------------------------------------------------

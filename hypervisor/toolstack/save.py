@@ -399,12 +399,10 @@ def send_domain_memory_nonlive(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: S
             progress(int(pfns[-1]) + 1, total)
 
 
-def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
-                            checkpoint: bool) -> None:
-    """x86_pv_end_of_checkpoint and the end of the libxc stream: X86_TSC_INFO
-    (write_tsc_info; restore: handle_tsc_info), SHARED_INFO
-    (write_shared_info), a X86_PV_VCPU_BASIC per VCPU, CHECKPOINT if it is
-    one, END."""
+def end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext) -> None:
+    """x86_pv_end_of_checkpoint: X86_TSC_INFO (write_tsc_info; restore:
+    handle_tsc_info), SHARED_INFO (write_shared_info), a X86_PV_VCPU_BASIC
+    per VCPU."""
     rec = stream.write_record
     clock = max(domctl.vcpu_clocks(dom), default=0)
     rec(out, RecType.X86_TSC_INFO,
@@ -413,16 +411,34 @@ def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: Save
     rec(out, RecType.SHARED_INFO, domctl.map_foreign_range(hv, dom, mfn).tobytes())
     for vcpu_id, ctx in sc.vcpus:
         rec(out, RecType.X86_PV_VCPU_BASIC, stream.VCPU_HDR.pack(vcpu_id) + ctx)
+
+
+def write_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext) -> None:
+    """The end of an epoch of a checkpointed stream, as Xen interleaves its
+    two layers on one fd: libxc's CHECKPOINT (write_checkpoint_record), then
+    libxl's checkpoint records inline, before libxc's next record
+    (libxl_stream_write.c's checkpoint: the emulator records, CHECKPOINT_END).
+    The receiver's libxc hands the fd to libxl at CHECKPOINT and takes it
+    back after CHECKPOINT_END (restore.receive_checkpoints)."""
+    stream.write_record(out, RecType.CHECKPOINT)
+    write_emulator_records(hv, dom, out, sc)
+    savefile.write_libxl_record(out, LibxlRecType.CHECKPOINT_END)
+
+
+def write_end_of_checkpoint(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                            checkpoint: bool) -> None:
+    """The end of the libxc stream: end_of_checkpoint, a checkpoint's
+    CHECKPOINT with libxl's records after it if it is one, END."""
+    end_of_checkpoint(hv, dom, out, sc)
     if checkpoint:
-        rec(out, RecType.CHECKPOINT)
-    rec(out, RecType.END)
+        write_checkpoint(hv, dom, out, sc)
+    stream.write_record(out, RecType.END)
 
 
-def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
-                     checkpoint: bool) -> None:
-    """What libxl writes after the libxc stream (libxl_stream_write.c): the
-    xenstore nodes, each device model's state, CHECKPOINT_END closing a
-    checkpoint, END."""
+def write_emulator_records(hv: Hypervisor, dom: Domain, out: BinaryIO,
+                           sc: SaveContext) -> None:
+    """libxl's EMULATOR_XENSTORE_DATA (the xenstore nodes) and an
+    EMULATOR_CONTEXT per device model."""
     rec = savefile.write_libxl_record
     store = context_of(hv).store
     if store is not None:
@@ -431,9 +447,15 @@ def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext
     for index, state in enumerate(sc.devices):
         rec(out, LibxlRecType.EMULATOR_CONTEXT,
             savefile.emulator_record(index, json.dumps(state, sort_keys=True).encode()))
-    if checkpoint:
-        rec(out, LibxlRecType.CHECKPOINT_END)
-    rec(out, LibxlRecType.END)
+
+
+def write_libxl_tail(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+                     checkpoint: bool) -> None:
+    """What libxl writes after the libxc stream (libxl_stream_write.c): the
+    emulator records, unless a checkpoint carried them, then END."""
+    if not checkpoint:
+        write_emulator_records(hv, dom, out, sc)
+    savefile.write_libxl_record(out, LibxlRecType.END)
 
 
 def write_image(hv: Hypervisor, dom: Domain, out: BinaryIO, checkpoint: bool = False,
@@ -736,12 +758,13 @@ def suspend_and_send_dirty(ls: LiveSave) -> None:
     _reported(ls, r, 0)
 
 
-def live_config(hv: Hypervisor, dom: Domain, seed: int | None) -> bytes:
+def live_config(hv: Hypervisor, dom: Domain, seed: int | None, kind: str = "live save"
+                ) -> bytes:
     """The xl header's config of a live save, written before the first round:
     the clocks are not known yet (X86_TSC_INFO carries the time at the end),
     the devices are named by place (their state follows at the end)."""
     places = context_of(hv).domain(dom).devices
-    config = json.loads(domain_config(dom, "live save", hv.seed if seed is None else seed, []))
+    config = json.loads(domain_config(dom, kind, hv.seed if seed is None else seed, []))
     config["pvlab"]["clocks"] = []
     config["pvlab"]["devices"] = places
     return json.dumps(config, sort_keys=True).encode()
@@ -796,11 +819,12 @@ def _live_context(ls: LiveSave, vcpus: list[tuple[int, bytes]] | None = None,
                        devices or [])
 
 
-def _write_live_head(ls: LiveSave, seed: int | None) -> int:
+def _write_live_head(ls: LiveSave, seed: int | None, kind: str = "live save") -> int:
     """xl's header and the config, libxl's header, LIBXC_CONTEXT and the
     libxc stream's static part; returns where the digest goes."""
     digest = isinstance(ls.out, savefile.DigestWriter)
-    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed), digest)
+    digest_offset = savefile.write_xl_header(ls.out, live_config(ls.hv, ls.dom, seed, kind),
+                                             digest)
     savefile.write_libxl_header(ls.out)
     savefile.write_libxl_record(ls.out, LibxlRecType.LIBXC_CONTEXT)
     write_static_data(ls.hv, ls.dom, ls.out, _live_context(ls))
@@ -822,6 +846,70 @@ def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
     ls.info.downtime_ns += ls.opts.wire_ns(octets)
 
 
+# --- a checkpointed stream (Remus: xg_sr_save.c save()'s loop) -----------------------
+
+def start_checkpointed_stream(hv: Hypervisor, dom: Domain, out: BinaryIO,
+                              callbacks: LiveCallbacks, opts: PrecopyOptions,
+                              seed: int | None = None, report: Report | None = None
+                              ) -> LiveSave:
+    """The first epoch of a checkpointed stream up to its end: xl's header
+    (no digest: a stream on the wire), libxl's, LIBXC_CONTEXT, the static
+    records, the live rounds, the guest suspended and the final round.
+    Log-dirty stays on. The caller then closes the epoch (write_epoch_end),
+    resumes the guest cancelled (THAW) and repeats: suspend, send_epoch,
+    write_epoch_end; end_checkpointed_stream ends it cleanly. On a failure
+    here log-dirty is off again and the error raised; once this returns,
+    a caller whose stream fails turns it off itself (disable_logdirty).
+    The receiver is restore.receive_checkpoints."""
+    ls = LiveSave(hv, dom, savefile.CountingWriter(out), callbacks, opts, MigrationInfo(),
+                  report)
+    ls.p2m, ls.frame_pfns = locate_p2m(hv, dom)
+    ls.deferred = np.zeros(ls.p2m.size, dtype=bool)
+    ls.start_ns = max(domctl.vcpu_clocks(dom), default=0)
+    ls.info.total = int(ls.p2m.size) * PAGE_SIZE
+    try:
+        enable_logdirty(ls)
+        _write_live_head(ls, seed, savefile.CHECKPOINTED_KIND)
+        send_memory_live(ls)
+        suspend_and_send_dirty(ls)
+    except BaseException:
+        disable_logdirty(ls)
+        raise
+    return ls
+
+
+def send_epoch(ls: LiveSave) -> Round:
+    """An epoch after the first, the guest suspended by the caller: the pfns
+    dirtied since the last epoch (CLEAN, LOGDIRTY_FINAL) and any deferred."""
+    ls.paused = True
+    check_vm_state(ls)
+    dirty = clean_dirty_bitmap(ls, final=True) | ls.deferred
+    ls.deferred[:] = False
+    return send_dirty_pages(ls, dirty, len(ls.info.rounds))
+
+
+def write_epoch_end(ls: LiveSave) -> None:
+    """The end of an epoch, the guest still suspended: end_of_checkpoint
+    (TSC, SHARED_INFO, the VCPUs), CHECKPOINT and libxl's records up to
+    CHECKPOINT_END (write_checkpoint). The backup commits the epoch when it
+    has read them. The caller then resumes the guest cancelled (THAW)."""
+    hv, dom = ls.hv, ls.dom
+    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
+    end_of_checkpoint(hv, dom, ls.out, sc)
+    write_checkpoint(hv, dom, ls.out, sc)
+    ls.out.flush()
+    ls.paused = False
+
+
+def end_checkpointed_stream(ls: LiveSave) -> None:
+    """A clean end after a closed epoch: libxc's END, libxl's END (the
+    backup completes the domain from the last epoch); log-dirty off."""
+    stream.write_record(ls.out, RecType.END)
+    savefile.write_libxl_record(ls.out, LibxlRecType.END)
+    ls.out.flush()
+    disable_logdirty(ls)
+
+
 def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
                       callbacks: LiveCallbacks, opts: PrecopyOptions,
                       seed: int | None = None, report: Report | None = None
@@ -839,4 +927,5 @@ def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
 
 __all__ = ["SaveError", "SaveStats", "save_to_file", "write_image", "canonicalise",
            "locate_p2m", "page_types", "LiveCallbacks", "save_live_to_file",
-           "write_image_live"]
+           "write_image_live", "start_checkpointed_stream", "send_epoch", "write_epoch_end",
+           "end_checkpointed_stream"]

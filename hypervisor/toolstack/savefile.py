@@ -62,6 +62,9 @@ PVLAB_IMAGE_VERSION = 3
 XL_DIGEST = struct.Struct("<16s32s")
 DIGEST_ALGORITHM = "sha256"
 DIGEST_CHUNK = 1 << 20
+# the config's pvlab.kind of a checkpointed stream (Remus's): written on the
+# wire, it has no digest, and a file of it is read without one
+CHECKPOINTED_KIND = "checkpointed stream"
 DEVICE_CONFIG_KEYS = ("bus", "kind", "base", "port")  # a device's place, in the config
 
 LIBXL_HDR = struct.Struct(">QII")   # ident, version, options
@@ -295,20 +298,26 @@ def read_libxl_header(src: BinaryIO, offset: int) -> None:
                           "little-endian ones are read")
 
 
+def read_libxl_record(src: BinaryIO) -> LibxlRecord:
+    """One libxl record at ``src``'s position, framing and type checked."""
+    offset = src.tell()
+    rtype, length = RHDR.unpack(read_exact(src, RHDR.size, "a libxl record header", offset))
+    if rtype not in LibxlRecType._value2member_map_:
+        raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)}: a libxl record "
+                          "type this reader does not know")
+    if length > REC_LENGTH_MAX:
+        raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)} claims {length} "
+                          f"octets, over the {REC_LENGTH_MAX} limit")
+    padded = length + (-length % REC_ALIGN)
+    body = read_exact(src, padded, libxl_rec_name(rtype), offset + RHDR.size)[:length]
+    return LibxlRecord(rtype, body, offset, length)
+
+
 def read_libxl_records(src: BinaryIO) -> Iterator[LibxlRecord]:
     """Every libxl record up to and including END. After LIBXC_CONTEXT the
     caller reads the libxc stream from ``src`` before asking for the next."""
     while True:
-        offset = src.tell()
-        rtype, length = RHDR.unpack(read_exact(src, RHDR.size, "a libxl record header", offset))
-        if rtype not in LibxlRecType._value2member_map_:
-            raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)}: a libxl record "
-                              "type this reader does not know")
-        if length > REC_LENGTH_MAX:
-            raise StreamError(f"offset {offset}: {libxl_rec_name(rtype)} claims {length} "
-                              f"octets, over the {REC_LENGTH_MAX} limit")
-        padded = length + (-length % REC_ALIGN)
-        body = read_exact(src, padded, libxl_rec_name(rtype), offset + RHDR.size)[:length]
-        yield LibxlRecord(rtype, body, offset, length)
-        if rtype == LibxlRecType.END:
+        rec = read_libxl_record(src)
+        yield rec
+        if rec.type == LibxlRecType.END:
             return

@@ -85,6 +85,11 @@ class StreamError(Exception):
     """A stream that cannot be read: the message names the record and offset."""
 
 
+class Truncated(StreamError):
+    """The stream ended before the octets its framing promises: a file cut
+    short, or a sender gone (a migration's or a checkpointed stream's)."""
+
+
 @dataclass(frozen=True)
 class DomainHeader:
     type: int
@@ -155,7 +160,7 @@ def read_exact(src: BinaryIO, n: int, what: str, offset: int) -> bytes:
     """``n`` octets of ``what`` at ``offset``, or a refusal saying how many were left."""
     data = src.read(n)
     if len(data) != n:
-        raise StreamError(f"truncated at offset {offset}: {what} needs {n} octets, "
+        raise Truncated(f"truncated at offset {offset}: {what} needs {n} octets, "
                           f"{len(data)} left")
     return data
 
@@ -185,34 +190,43 @@ def read_headers(src: BinaryIO, base: int = 0) -> tuple[int, DomainHeader]:
     return version, DomainHeader(dtype, shift, major, minor)
 
 
+def read_record(src: BinaryIO, offset: int,
+                partial: Mapping[int, PartialReader] | None = None) -> Record:
+    """One record at ``offset``, framing checked (read_record in
+    xg_sr_common.c). A record whose type is in ``partial`` is read by that
+    function, the rest of it skipped (``src`` must then be seekable)."""
+    rtype, length = RHDR.unpack(read_exact(src, RHDR.size, "a record header", offset))
+    if length > REC_LENGTH_MAX:
+        raise StreamError(f"offset {offset}: {rec_name(rtype)} claims {length} octets, "
+                          f"over the {REC_LENGTH_MAX} limit")
+    padded = length + (-length % REC_ALIGN)
+    reader = partial.get(rtype) if partial else None
+    if reader is None:
+        body = read_exact(src, padded, rec_name(rtype), offset + RHDR.size)[:length]
+    else:
+        here = src.tell()
+        end = src.seek(0, 2)
+        if here + padded > end:
+            raise Truncated(f"truncated at offset {end}: {rec_name(rtype)} needs "
+                              f"{padded} octets, {end - here} left")
+        src.seek(here)
+        body = reader(src, length)
+        src.seek(here + padded)
+    return Record(rtype, body, offset, length)
+
+
+def record_size(rec: Record) -> int:
+    """The octets a record takes in the stream, header and padding included."""
+    return RHDR.size + rec.length + (-rec.length % REC_ALIGN)
+
+
 def read_records(src: BinaryIO, start: int = IHDR.size + DHDR.size,
                  partial: Mapping[int, PartialReader] | None = None) -> Iterator[Record]:
-    """Every record up to and including END, framing checked. A record whose
-    type is in ``partial`` is read by that function, the rest of it skipped
-    (``src`` must then be seekable)."""
+    """Every record up to and including END, framing checked (read_record)."""
     offset = start
-    end = None
     while True:
-        rtype, length = RHDR.unpack(read_exact(src, RHDR.size, "a record header", offset))
-        if length > REC_LENGTH_MAX:
-            raise StreamError(f"offset {offset}: {rec_name(rtype)} claims {length} octets, "
-                              f"over the {REC_LENGTH_MAX} limit")
-        padded = length + (-length % REC_ALIGN)
-        reader = partial.get(rtype) if partial else None
-        if reader is None:
-            body = read_exact(src, padded, rec_name(rtype), offset + RHDR.size)[:length]
-        else:
-            here = src.tell()
-            if end is None:
-                end = src.seek(0, 2)
-            if here + padded > end:
-                raise StreamError(f"truncated at offset {end}: {rec_name(rtype)} needs "
-                                  f"{padded} octets, {end - here} left")
-            src.seek(here)
-            body = reader(src, length)
-            src.seek(here + padded)
-        rec = Record(rtype, body, offset, length)
-        offset += RHDR.size + padded
+        rec = read_record(src, offset, partial)
+        offset += record_size(rec)
         yield rec
-        if rtype == RecType.END:
+        if rec.type == RecType.END:
             return

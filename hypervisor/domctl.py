@@ -120,6 +120,13 @@ def is_paused(dom: Domain) -> bool:
     return bool(dom.paused)
 
 
+def setdomainname(dom: Domain, name: str) -> None:
+    """A domain's new name. Xen keeps names in xenstore alone (libxl_domain_rename
+    writes the home's ``name`` node); pvlab's domains carry theirs too, as
+    xc_domain_getinfo's reader sees it, so libxl renames through here."""
+    dom.name = name
+
+
 def getdomaininfolist(hv: Hypervisor) -> list[Domain]:
     """XEN_SYSCTL_getdomaininfolist: every domain of the machine, by domid."""
     return [d for _, d in sorted(hv.domains.items())]

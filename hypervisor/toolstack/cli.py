@@ -18,7 +18,7 @@ from hypervisor.toolstack import gdbsx, xl
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, load_config
 from hypervisor.toolstack.context import audit
-from hypervisor.toolstack.control import SAVE, SAVE_LIVE, Request, parse_request
+from hypervisor.toolstack.control import MIGRATE, SAVE, SAVE_LIVE, Request, parse_request
 from hypervisor.toolstack.elfimage import ImageError
 from hypervisor.toolstack.gdbsx import GdbKill
 from hypervisor.toolstack.precopy import (
@@ -35,6 +35,7 @@ from hypervisor.toolstack.stream import StreamError
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
 
 EXIT_OK, EXIT_GUEST_FAILED, EXIT_USAGE = 0, 1, 2
+ENDING = (SAVE, SAVE_LIVE, MIGRATE)  # requests after which the domain is gone from here
 
 
 class CliError(Exception):
@@ -152,29 +153,41 @@ def _attach_gdb(hv: Hypervisor, dom: Domain, port: int | None) -> gdbsx.GdbServe
 
 
 def _save_request(requests: list[Request], until: int | None) -> Request | None:
-    """The one ``save PATH`` request, checked before the guest boots: its
-    directory exists, no other shutdown or checkpoint is asked, and nothing
-    after it (the domain is gone)."""
-    saves = [r for r in requests if r.command in (SAVE, SAVE_LIVE)]
+    """The one ``save PATH`` or ``migrate DEST`` request, checked before the
+    guest boots: its directory exists (its target reads), no other shutdown
+    or checkpoint is asked, and nothing after it (the domain is gone)."""
+    saves = [r for r in requests if r.command in ENDING]
     if not saves:
         return None
     if len(saves) > 1:
-        raise CliError("at most one save request: the domain is gone after it")
+        raise CliError("at most one save or migrate request: the domain is gone after it")
     save = saves[0]
-    _image_dest(save.value)
+    if save.command == MIGRATE:
+        _destination(save.value)
+    else:
+        _image_dest(save.value)
     later = [r for r in requests if r.at_ns >= save.at_ns and r is not save]
     if later:
-        raise CliError(f"a request at {format_duration(later[0].at_ns)} comes after the save "
-                       f"at {format_duration(save.at_ns)}: the domain is gone by then")
+        raise CliError(f"a request at {format_duration(later[0].at_ns)} comes after the "
+                       f"{save.command} at {format_duration(save.at_ns)}: the domain is gone "
+                       "by then")
     shutdown = [r for r in requests if r.shutdown]
     if shutdown:
         # suspend_and_save makes only requests that leave the guest running
-        raise CliError(f"a {shutdown[0].command} request and a save request: the save is "
-                       "the run's one shutdown")
+        raise CliError(f"a {shutdown[0].command} request and a {save.command} request: the "
+                       f"{save.command} is the run's one shutdown")
     if until is not None and until < save.at_ns:
-        raise CliError(f"--until {format_duration(until)} stops the guest before its save "
-                       f"at {format_duration(save.at_ns)}")
+        raise CliError(f"--until {format_duration(until)} stops the guest before its "
+                       f"{save.command} at {format_duration(save.at_ns)}")
     return save
+
+
+def _destination(text: str) -> Any:
+    from hypervisor.toolstack.transport import parse_destination
+    try:
+        return parse_destination(text)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
@@ -183,6 +196,9 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
     with a save request, run it to the save as ``pvlab save`` does. A run whose
     configuration asks for a verdict exits with it."""
     save = _save_request(requests, args.until)
+    if save is not None and args.console and save.command == MIGRATE:
+        raise CliError("--console and a migrate request: the migration ends the run here; "
+                       "the guest's console is the receiver's then")
     if save is not None and args.console:
         raise CliError("--console and a save request: the save ends the run; attach to "
                        "the restored domain instead (pvlab restore IMAGE --console)")
@@ -198,8 +214,11 @@ def _run_or_save(hv: Hypervisor, dom: Domain, requests: list[Request],
             code = _exit_for(result, dom, args.until)
             return _judge(result, dom) if verdict else code
         others = [r for r in requests if r is not save]
+        if save.command == MIGRATE:
+            return _migrate(hv, dom, save, others, args)
         if save.command == SAVE_LIVE:
-            return _save_live(hv, dom, save.value, save.at_ns, others, PrecopyOptions())
+            return _save_live(hv, dom, save.value, save.at_ns, others, PrecopyOptions(),
+                              args.json)
         return _save(hv, dom, save.value, save.at_ns, others)
     finally:
         if gdb is not None:
@@ -287,6 +306,45 @@ def _save_live(hv: Hypervisor, dom: Domain, image: str, at_ns: int,
           f"{info.rounds[-1].pages} pages suspended; downtime "
           f"{format_duration(info.downtime_ns)} of virtual time; the domain is destroyed")
     return EXIT_OK
+
+
+def _migrate(hv: Hypervisor, dom: Domain, req: Request, requests: list[Request],
+             args: argparse.Namespace) -> int:
+    """The ``migrate DEST`` request: xl migrate from this run (its lines on
+    stderr, as xl's); if it fails before GO the guest runs on here to its
+    end, and the exit status is 1 all the same."""
+    from hypervisor.toolstack.session import migrate_at
+    from hypervisor.toolstack.transport import open_channel
+    dest = _destination(req.value)
+    name = dom.name
+    say = _say_json if args.json else _say
+    result, out = migrate_at(hv, dom, req.at_ns, lambda: open_channel(dest), PrecopyOptions(),
+                             args.until, sink=_stream, note=_note,
+                             report=LiveProgress(args.json), say=say, requests=requests)
+    if out.ok:
+        assert out.info is not None
+        _note(f"domain {name} migrated live to {dest.describe()}: "
+              f"{out.info.transferred / (1 << 20):.1f} MiB in {len(out.info.rounds)} rounds, "
+              f"downtime {format_duration(out.info.downtime_ns)} of virtual time; it runs "
+              "there and is destroyed here")
+        return EXIT_OK
+    if args.json:
+        print(json.dumps({"status": "failed", "error-desc": out.error}), file=sys.stderr)
+    if out.runs_on:
+        _exit_for(result, dom, args.until)
+        print(f"pvlab: migration to {dest.describe()} failed; domain {name} ran on here",
+              file=sys.stderr)
+    elif not out.undefined:
+        print(f"pvlab: migration to {dest.describe()} failed", file=sys.stderr)
+    return EXIT_GUEST_FAILED
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _say_json(line: str) -> None:
+    print(json.dumps({"message": line}), file=sys.stderr, flush=True)
 
 
 def _exit_for(result: RunResult, dom: Domain, until: int | None) -> int:
@@ -383,6 +441,55 @@ def cmd_restore(args: argparse.Namespace) -> int:
           f"{stats.pinned} pinned again, in {stats.total_s:.2f} s; its suspend hypercall "
           "returns 0")
     return _run_or_save(hv, dom, args.request, args)
+
+
+def cmd_migrate_receive(args: argparse.Namespace) -> int:
+    """``xl migrate-receive``: the handshake on stdin and stdout (the ssh
+    rune's end) or on one TCP connection, then the domain runs here as
+    ``pvlab restore`` runs one, its console on stdout, or on stderr when
+    stdout is the wire."""
+    from hypervisor.toolstack import transport
+    from hypervisor.toolstack.migrate import MigrateError, migrate_receive
+    if args.debug:
+        logging.getLogger("hypervisor.toolstack").setLevel(logging.INFO)
+    hv = Hypervisor(args.memory, seed=args.seed or 0, clock=args.clock) \
+        if args.memory is not None else None
+    if args.listen is None:
+        channel = transport.stdio_channel()
+    else:
+        channel = transport.accept_one(_listen(args.listen))
+    try:
+        got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say)
+    except MigrateError as e:
+        print(e, file=sys.stderr)
+        return EXIT_GUEST_FAILED
+    finally:
+        channel.close()
+    dom, stats = got.dom, got.stats
+    _note(f"received domain {dom.name} as domain {dom.domid}: {stats.pages} pages on new "
+          f"frames, {stats.tables} pagetables localised, {stats.pinned} pinned again; its "
+          "suspend hypercall returns 0")
+    if args.paused:
+        _note(f"domain {dom.name} received and left paused (-p): nothing unpauses it in "
+              "this process, and it ends with it")
+        return EXIT_OK
+    result = run_domain(got.hv, dom, args.until, _stream, note=_note)
+    return _exit_for(result, dom, args.until)
+
+
+def _listen(where: str) -> Any:
+    """The listening socket of --listen HOST:PORT, its port said on stderr."""
+    from hypervisor.toolstack import transport
+    try:
+        host, port = transport.parse_hostport(where)
+        sock = transport.listen_tcp(host, port)
+    except ValueError as e:
+        raise CliError(f"--listen: {e}") from None
+    except OSError as e:
+        raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
+    print(f"migration target: listening on {host}:{sock.getsockname()[1]}", file=sys.stderr,
+          flush=True)
+    return sock
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -487,10 +594,18 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "balloon-inhibit, balloon-uninhibit, save PATH (a suspend whose "
                         "image is written to PATH, the domain then destroyed, as pvlab "
                         "save does), save-live PATH (the same after pre-copy rounds, as "
-                        "pvlab save --live), type TEXT (TEXT typed on the guest's console, with "
-                        "the escapes \\n \\r \\t \\e \\\\ \\xHH), or PATH=VALUE (a xenstore "
-                        "write in the guest's home); repeatable (e.g. --request '15ms "
-                        "suspend' --request '2ms mem-set 16')")
+                        "pvlab save --live), migrate [-s CMD] [-p] DEST (a live migration, as xl "
+                        "migrate: DEST is HOST:PORT for a pvlab migrate-receive --listen there, "
+                        "or ssh:HOST to run pvlab migrate-receive on HOST over ssh, or over "
+                        "CMD instead of ssh; an empty CMD runs HOST as the command; -p: the "
+                        "target leaves it paused), type TEXT (TEXT typed on the guest's "
+                        "console, with the escapes \\n \\r \\t \\e \\\\ \\xHH), or "
+                        "PATH=VALUE (a xenstore write in the guest's home); repeatable (e.g. "
+                        "--request '15ms suspend' --request '2ms mem-set 16')")
+    p.add_argument("--json", action="store_true",
+                   help="a save-live or migrate request's progress as JSON lines on stderr, "
+                        "with QEMU's query-migrate fields, instead of the Frames iteration "
+                        "lines (the migration's messages as {\"message\": ...})")
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="keep the images of checkpoint requests here (default: they are "
                         "written to a temporary directory and removed)")
@@ -626,6 +741,42 @@ def _add_restore(sub: Any) -> None:
     _console_args(restore)
     restore.set_defaults(func=cmd_restore)
 
+
+
+def _add_migrate_receive(sub: Any) -> None:
+    rx = sub.add_parser("migrate-receive", help="receive a domain migrating live (xl's)",
+                        description="The receiving end of a migration, as xl migrate-receive: "
+                                    "say xl's banner, take the domain's stream (xl's header "
+                                    "and config, libxl's stream), build it paused as "
+                                    "NAME--incoming, then at the sender's word rename it NAME "
+                                    "and unpause it, and run it here as pvlab restore does. "
+                                    "The wire is stdin and stdout (what ssh connects; the "
+                                    "guest's console then goes to stderr), or with --listen "
+                                    "one TCP connection (the console on stdout). Whatever "
+                                    "fails before the domain starts here leaves nothing of "
+                                    "it here, and the sender resumes its copy.")
+    rx.add_argument("--listen", metavar="HOST:PORT",
+                    help="accept one migration on this TCP address (port 0: any free one; "
+                         "the port is said on stderr), instead of stdin and stdout")
+    rx.add_argument("-p", dest="paused", action="store_true",
+                    help="leave the domain paused once it is here (xl's -p)")
+    rx.add_argument("-e", dest="no_daemon", action="store_true",
+                    help="xl's: do not daemonise; pvlab's receiver never does (the domain "
+                         "runs in this process), so it changes nothing")
+    rx.add_argument("-d", dest="debug", action="store_true",
+                    help="debug: the toolstack's steps logged on stderr")
+    rx.add_argument("--until", metavar="TIME", type=_duration,
+                    help="stop the received guest at this virtual time (counted from its "
+                         "boot)")
+    rx.add_argument("--clock", choices=domctl.CLOCKS, default="deterministic",
+                    help="the received guest's clock: deterministic (the default) or fast")
+    rx.add_argument("--memory", metavar="MIB", type=_positive,
+                    help="this machine's memory in MiB (default: sized for the domain); a "
+                         "domain that does not fit is refused")
+    rx.add_argument("--seed", metavar="N", type=int,
+                    help="seed of this machine's frame shuffle (default: the sender's seed "
+                         "plus one; 0 with --memory)")
+    rx.set_defaults(func=cmd_migrate_receive)
 
 
 def _add_checkpoint(sub: Any) -> None:
@@ -882,6 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frames(sub)
     _add_save(sub)
     _add_restore(sub)
+    _add_migrate_receive(sub)
     _add_checkpoint(sub)
     _add_image(sub)
     _add_demo(sub)

@@ -36,6 +36,8 @@ TOOLSTACK_COMMANDS = ("checkpoint", "mem-set", "balloon-stats", "balloon-inhibit
 SAVE = "save"
 # the same, live: pre-copy rounds while the guest runs, then the suspend
 SAVE_LIVE = "save-live"
+# a live migration to DEST (xl migrate): transport.parse_destination reads DEST
+MIGRATE = "migrate"
 # input typed on the guest's console (its text with backslash escapes)
 TYPE = "type"
 _TYPE_RE = re.compile(r"^\s*(\S+)\s+type (.*)$", re.DOTALL)
@@ -67,7 +69,7 @@ def parse_request(text: str) -> Request:
         return Request(parse_duration(typed.group(1)), command=TYPE, value=typed.group(2))
     parts = text.split(None, 1)
     known = ", ".join(COMMANDS + TOOLSTACK_COMMANDS + (f"{SAVE} PATH", f"{SAVE_LIVE} PATH",
-                                                        f"{TYPE} TEXT"))
+                                                        f"{MIGRATE} DEST", f"{TYPE} TEXT"))
     if len(parts) != 2:
         raise ValueError(f"request {text!r}: want 'TIME WHAT', e.g. '15ms suspend' "
                          f"(WHAT: {known}, or PATH=VALUE)")
@@ -80,6 +82,11 @@ def parse_request(text: str) -> Request:
         if not arg.strip():
             raise ValueError(f"request {text!r}: {verb} takes the image's path, e.g. "
                              f"'5ms {verb} guest.img'")
+        return Request(at, command=verb, value=arg.strip())
+    if verb == MIGRATE:
+        if not arg.strip():
+            raise ValueError(f"request {text!r}: migrate takes the target, e.g. "
+                             "'8ms migrate 127.0.0.1:7001' or '8ms migrate ssh:HOST'")
         return Request(at, command=verb, value=arg.strip())
     if verb == "mem-set":
         if not arg.strip().isdigit():

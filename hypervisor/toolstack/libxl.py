@@ -7,8 +7,9 @@ commands at any moment, as ``xl`` sends them). Both call the functions here,
 as xl and every other libxl client share libxl:
 
 * domains: create (build from a configuration), restore (an image into the
-  running machine), destroy, pause, unpause (libxl_domain_create_new,
-  libxl_domain_create_restore, libxl_domain_destroy, libxl_domain_pause);
+  running machine), rename, destroy, pause, unpause (libxl_domain_create_new,
+  libxl_domain_create_restore, libxl_domain_rename, libxl_domain_destroy,
+  libxl_domain_pause);
 * requests of the guest: a shutdown command written into control/shutdown,
   with its acknowledgement awaited (``make_request``, ``check_acknowledged``:
   libxl_domain_shutdown and the suspend's acknowledgement wait);
@@ -42,7 +43,7 @@ from hypervisor.toolstack import balloonctl
 from hypervisor.toolstack.builder import BuildError, build_domain
 from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome, try_save
 from hypervisor.toolstack.config import DomainConfig
-from hypervisor.toolstack.context import domain_of
+from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.control import (
     ACK_TIMEOUT_NS,
     Request,
@@ -53,6 +54,7 @@ from hypervisor.toolstack.control import (
 )
 from hypervisor.toolstack.save import Progress
 from hypervisor.toolstack.timeparse import format_duration
+from hypervisor.toolstack.xenstored import home
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,18 @@ def restore_domain(hv: Hypervisor, path: str | Path, paused: bool = False,
     if paused:
         domctl.pausedomain(dom)
     return dom
+
+
+def rename_domain(hv: Hypervisor, dom: Domain, old_name: str, new_name: str) -> None:
+    """libxl_domain_rename: the domain must still be called ``old_name`` and
+    ``new_name`` be free; the name changes where getdomaininfo shows it and
+    in the domain's xenstore home. LibxlError if refused (nothing changed)."""
+    if dom.name != old_name:
+        raise LibxlError(f'domain {dom.domid} is called "{dom.name}", not "{old_name}"')
+    if new_name != old_name:
+        _check_name(hv, new_name)
+    domctl.setdomainname(dom, new_name)
+    context_of(hv).xenstore().write(f"{home(dom.domid)}/name", new_name.encode())
 
 
 def destroy_domain(hv: Hypervisor, dom: Domain) -> None:
@@ -370,5 +384,5 @@ __all__ = ["BuildError", "DomainState", "LibxlError", "SuspendDone", "SuspendJob
            "balloon_kib", "check_acknowledged", "complete_suspend", "create_domain",
            "destroy_domain", "destroy_saved", "domain_info", "domain_list", "domain_row",
            "find_domain", "host_info", "make_request", "mem_max", "mem_set", "pause",
-           "restore_domain", "save_suspended", "state_letters", "unpause", "vcpu_list",
-           "why_not_suspended"]
+           "rename_domain", "restore_domain", "save_suspended", "state_letters", "unpause",
+           "vcpu_list", "why_not_suspended"]

@@ -25,6 +25,7 @@ from hypervisor.toolstack.control import (
     resume_cancelled,
     type_on_console,
 )
+from hypervisor.toolstack.migrate import Channel, MigrateOutcome, migrate_domain
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.save import Progress, SaveError, SaveStats, save_live_to_file
 from hypervisor.toolstack.timeparse import format_duration
@@ -398,6 +399,43 @@ def live_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
     if outcome.ok:
         libxl.destroy_saved(hv, dom, note)
     return result, outcome, info
+
+
+def migrate_at(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Channel],
+               opts: PrecopyOptions | None = None, until_ns: int | None = None,
+               seed: int | None = None, sink: Callable[[Domain, bytes], None] | None = None,
+               note: Callable[[str], None] | None = None,
+               report: Callable[[MigrationInfo], None] | None = None,
+               say: Callable[[str], None] | None = None, requests: Sequence[Request] = (),
+               ) -> tuple[RunResult, MigrateOutcome]:
+    """``xl migrate`` in a scripted run: run the domain to ``at_ns`` (making
+    the requests before it that are no shutdown), open the channel
+    (``connect``), migrate it live (migrate.migrate_domain, the guest run
+    between rounds in this loop), and if it runs on here (the migration
+    failed before GO) run it on to ``until_ns`` or its end. ``say`` gets
+    xl's lines. The result is the run's last."""
+    before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
+    result = run_domain(hv, dom, at_ns, sink, before, note)
+    if result.reason != "running":
+        out = MigrateOutcome(runs_on=False, error=f"the guest shut down ({result.reason}) "
+                                                  "before the migration")
+        if say is not None:
+            say(out.error)
+        return result, out
+    try:
+        channel = connect()
+    except OSError as e:
+        out = MigrateOutcome(error=f"cannot reach the target: {e.strerror or e}; the "
+                                   "domain never suspended and runs on")
+        if say is not None:
+            say(out.error)
+    else:
+        live = _LiveRun(hv, dom, at_ns, sink, note)
+        out = migrate_domain(hv, dom, channel, live, opts, seed, report, say)
+        result = live.result or result
+    if out.runs_on:
+        result = run_domain(hv, dom, until_ns, sink, note=note)
+    return result, out
 
 
 def save_domain(hv: Hypervisor, dom: Domain, path: str, at_ns: int, seed: int | None = None,

@@ -1,0 +1,451 @@
+"""xl migrate's handshake (tools/xl/xl_migrate.c, its messages in xl.h):
+the sender ``migrate_domain`` and the receiver ``migrate_receive``, over any
+connection (transport.py makes them: ssh's pipes, a TCP socket).
+
+    receiver                                   sender
+    banner (no NUL)               ---------->  read: else the guest never suspends
+                                  <----------  the stream: xl's header and config,
+                                               libxl's stream around a live save
+    domain built *paused*, named NAME--incoming
+    "domain received, ready to unpause"  ---->
+                                               renames its copy NAME--migratedaway
+                                  <----------  "domain is yours, you are cleared
+                                               to unpause": the point of no return
+    renames NAME--incoming to NAME, unpauses (unless paused is asked)
+    "my copy unpause results are as follows" + one octet (0: running) ---->
+                                               0: destroys its copy
+    (not 0: destroys its copy, then   ---->    renames back, resumes its copy
+     "domain is yours, ..." back)              cancelled (the suspend returns 1)
+
+The three messages after the banner go with their NUL, as xl sends them.
+Every failure before the point of no return leaves the guest running at the
+source (resumed cancelled if it had suspended, THAW) and nothing at the
+target; after it the sender says xl's warning and keeps its copy renamed and
+suspended, for a person to decide. One departure from xl: a GO write that
+fails outright (EPIPE, ECONNRESET: the receiver is gone and cannot have read
+it) resumes the source, where xl gives up the domain as undefined.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.toolstack import libxl, savefile
+from hypervisor.toolstack.control import resume_cancelled
+from hypervisor.toolstack.image import ImageError
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
+from hypervisor.toolstack.restore import RestoreError, RestoreStats, restore_stream
+from hypervisor.toolstack.save import LiveCallbacks, Progress, Report, SaveError, write_image_live
+from hypervisor.toolstack.stream import StreamError
+
+log = logging.getLogger(__name__)
+
+# xl.h's four messages, byte for byte
+MIGRATE_RECEIVER_BANNER = b"xl migration receiver ready, send binary domain data.\n"
+MIGRATE_RECEIVER_READY = b"domain received, ready to unpause\0"
+MIGRATE_PERMISSION_TO_GO = b"domain is yours, you are cleared to unpause\0"
+MIGRATE_REPORT = b"my copy unpause results are as follows\0"
+
+INCOMING = "--incoming"        # the receiver's copy until GO
+MIGRATED_AWAY = "--migratedaway"  # the sender's copy from the ready message on
+ERROR_FAIL = -3                # libxl's; the report octet is its negation
+# a write that fails with these reached no one: the other end is gone
+GONE = (errno.EPIPE, errno.ECONNRESET)
+
+# xl's warning after GO, in one line
+FAILED_BADLY = ("** Migration failed during final handshake ** Domain state is now undefined! "
+                "Please CHECK AT BOTH ENDS for running instances, before renaming and resuming "
+                "at most one instance. Two simultaneous instances of the domain would probably "
+                "result in SEVERE DATA LOSS and it is now your responsibility to avoid that.")
+
+Say = Callable[[str], None]
+
+
+class MigrateError(Exception):
+    """The migration failed; the message is its one line."""
+
+
+@dataclass
+class Channel:
+    """The migration's connection as xl holds it: ``reader`` (its recv_fd:
+    what the other end says) and ``writer`` (its send_fd). ``rune`` is the
+    command run for it (xl quotes it when the banner is wrong), None for a
+    socket or this process's stdin and stdout; ``closer`` ends the
+    transport, given whether to wait for the command's process to exit."""
+
+    reader: BinaryIO
+    writer: BinaryIO
+    rune: str | None = None
+    closer: Callable[[bool], None] | None = None
+
+    def close(self, wait: bool = True) -> None:
+        """close(send_fd), then the transport's end: with ``wait``, a short
+        wait for the command's exit status (migration_child_report; xl
+        waits only when it failed: a receiver that succeeded runs on)."""
+        for f in (self.writer, self.reader):
+            try:
+                f.close()
+            except OSError:
+                pass  # a writer whose buffer cannot be flushed any more
+        if self.closer is not None:
+            self.closer(wait)
+
+
+def _stream_name(ch: Channel) -> str:
+    return "migration receiver stream" if ch.rune else "migration stream"
+
+
+def read_fixed_message(ch: Channel, msg: bytes, what: str) -> None:
+    """migrate_read_fixedmessage: exactly ``msg`` next on the reader, else a
+    MigrateError in xl's words (libxl_read_exactly's for a short read)."""
+    stream = _stream_name(ch)
+    try:
+        got = _read_exactly(ch.reader, len(msg))
+    except OSError as e:
+        raise MigrateError(f"{stream}: error reading {what}: {e.strerror or e}") from None
+    if len(got) < len(msg):
+        raise MigrateError(f"file/stream truncated reading {what} from {stream}")
+    if got != msg:
+        rune = f" (command run was: {ch.rune} )" if ch.rune else ""
+        raise MigrateError(f"{stream} contained unexpected data instead of {what}{rune}")
+
+
+def _read_exactly(reader: BinaryIO, n: int) -> bytes:
+    parts, want = [], n
+    while want > 0:
+        data = reader.read(want)
+        if not data:
+            break
+        parts.append(data)
+        want -= len(data)
+    return b"".join(parts)
+
+
+def write_message(ch: Channel, msg: bytes, what: str) -> None:
+    """libxl_write_exactly, flushed: OSError if it could not be written."""
+    try:
+        ch.writer.write(msg)
+        ch.writer.flush()
+    except OSError as e:
+        log.info("writing %s: %s", what, e)
+        raise
+
+
+# --- the sender ----------------------------------------------------------------------
+
+@dataclass
+class MigrateOutcome:
+    """What came of ``migrate_domain``. ``ok``: the guest runs at the target
+    and its copy here is destroyed. Otherwise ``runs_on`` says whether the
+    guest runs on here (resumed cancelled, or never suspended); ``undefined``
+    that the handshake failed after GO (the copy here stays suspended and
+    renamed NAME--migratedaway); ``error`` is xl's last line."""
+
+    ok: bool = False
+    runs_on: bool = True
+    undefined: bool = False
+    error: str = ""
+    info: MigrationInfo | None = None
+    lines: list[str] = field(default_factory=list)
+
+
+class _Sender:
+    """One migrate_domain: what it says, and its three ways to fail."""
+
+    def __init__(self, hv: Hypervisor, dom: Domain, ch: Channel, say: Say | None) -> None:
+        self.hv, self.dom, self.ch = hv, dom, ch
+        self.name = dom.name
+        self.out = MigrateOutcome()
+        self._say = say
+
+    def say(self, line: str) -> None:
+        self.out.lines.append(line)
+        log.info("%s", line)
+        if self._say is not None:
+            self._say(line)
+
+    def failed_resume(self, why: str) -> MigrateOutcome:
+        """Before GO: the copy here runs on, resumed cancelled if it had
+        suspended (xl's failed_resume; a guest that never suspended is xl's
+        failed_suspend or preamble exit: nothing to resume)."""
+        self.say(why)
+        self.ch.close()
+        dom = self.dom
+        if dom.name != self.name:
+            libxl.rename_domain(self.hv, dom, dom.name, self.name)
+        if dom.shutdown_reason == SHUTDOWN_suspend:
+            resume_cancelled(self.hv, dom)
+            self.out.error = "Migration failed, resuming at sender."
+        elif dom.shutdown_reason is None:
+            self.out.error = "Migration failed; the domain never suspended and runs on."
+        else:
+            self.out.runs_on = False
+            self.out.error = "Migration failed; the domain shut down at the sender."
+        self.say(self.out.error)
+        return self.out
+
+    def failed_badly(self, why: str) -> MigrateOutcome:
+        """After GO: nothing is done; the copy here stays renamed and suspended."""
+        self.say(why)
+        self.out.runs_on = False
+        self.out.undefined = True
+        self.out.error = FAILED_BADLY
+        self.say(FAILED_BADLY)
+        self.say(f"migration sender: the copy here stays suspended as {self.dom.name}")
+        self.ch.close()
+        return self.out
+
+
+def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCallbacks,
+                   opts: PrecopyOptions | None = None, seed: int | None = None,
+                   report: Report | None = None, say: Say | None = None) -> MigrateOutcome:
+    """xl's migrate_domain on a running domain: the receiver's banner, the
+    stream (a live save: ``callbacks`` run the guest between rounds and
+    suspend it, as save.write_image_live takes them), the ready message, the
+    rename to NAME--migratedaway, GO, the receiver's report, then the copy
+    here destroyed, or resumed if the target failed. ``report`` sees the
+    rounds' progress, ``say`` xl's lines. The channel is closed at the end."""
+    s = _Sender(hv, dom, ch, say)
+    try:
+        read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+    except MigrateError as e:
+        return s.failed_resume(str(e))
+    try:
+        s.out.info = write_image_live(hv, dom, ch.writer, callbacks, opts or PrecopyOptions(),
+                                      seed, report, digest=False)
+        ch.writer.flush()
+    except (SaveError, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return s.failed_resume(f"migration sender: libxl_domain_suspend failed: {why}")
+    return _handshake(s)
+
+
+def _handshake(s: _Sender) -> MigrateOutcome:
+    """From the ready message to the end (xl's order)."""
+    hv, dom, ch = s.hv, s.dom, s.ch
+    try:
+        read_fixed_message(ch, MIGRATE_RECEIVER_READY, "ready message")
+    except MigrateError as e:
+        return s.failed_resume(str(e))
+    s.say("migration sender: Target has acknowledged transfer.")
+    try:
+        libxl.rename_domain(hv, dom, s.name, s.name + MIGRATED_AWAY)
+    except libxl.LibxlError as e:
+        return s.failed_resume(f"migration sender: {e}")
+    s.say("migration sender: Giving target permission to start.")
+    try:
+        write_message(ch, MIGRATE_PERMISSION_TO_GO, "GO message")
+    except OSError as e:
+        if e.errno in GONE:  # no one read it: the target cannot have started
+            return s.failed_resume(f"migration sender: the target is gone ({e.strerror}); "
+                                   "it never had permission to start")
+        return s.failed_badly(f"migration sender: writing the GO message: {e.strerror or e}")
+    try:
+        read_fixed_message(ch, MIGRATE_REPORT, "success/failure report message")
+        code = _read_exactly(ch.reader, 1)
+    except (MigrateError, OSError) as e:
+        return s.failed_badly(str(e))
+    if not code:
+        return s.failed_badly("file/stream truncated reading success/failure status from "
+                              "migration ack stream")
+    if code[0]:
+        return _target_failed(s, code[0])
+    s.say("migration sender: Target reports successful startup.")
+    libxl.destroy_domain(hv, dom)  # bang!
+    s.out.ok, s.out.runs_on = True, False
+    s.say("Migration successful.")
+    ch.close(wait=False)
+    return s.out
+
+
+def _target_failed(s: _Sender, status: int) -> MigrateOutcome:
+    """The target could not start its copy: it destroys it and hands the
+    domain back with a second GO; the copy here is renamed back and resumed."""
+    s.say(f"migration sender: Target reports startup failure (status code {status}).")
+    try:
+        read_fixed_message(s.ch, MIGRATE_PERMISSION_TO_GO, "permission for sender to resume")
+    except MigrateError as e:
+        return s.failed_badly(str(e))
+    out = s.failed_resume("migration sender: Trying to resume at our end.")
+    out.error = "Migration failed due to problems at target."
+    s.say(out.error)
+    return out
+
+
+# --- the receiver --------------------------------------------------------------------
+
+@dataclass
+class Received:
+    """The migrated domain, running here (paused if asked), named as at the source."""
+
+    hv: Hypervisor
+    dom: Domain
+    stats: RestoreStats
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` then whatever ``rest`` has: the stream with its xl header
+    rewritten. A read returns what is there (never waits for more than one
+    read of ``rest``): the sender waits for our answer once its stream is
+    out, so a read must not wait for octets that will not come."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self.head, self.rest = head, rest
+        self._more = getattr(rest, "read1", rest.read)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        if self.head:
+            data, self.head = self.head[:len(view)], self.head[len(view):]
+        else:
+            data = self._more(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+
+def incoming_header(reader: BinaryIO) -> tuple[bytes, str]:
+    """xl's header and config off the wire, the config's name made
+    NAME--incoming (create_domain's migration_domname_r); returns the header
+    to restore from and the source's name. MigrateError if it is no xl header
+    or its config is not what a pvlab domain needs."""
+    hdr = _read_exactly(reader, savefile.XL_HDR.size)
+    if len(hdr) < savefile.XL_HDR.size:
+        raise MigrateError("the stream ended in its xl header")
+    magic, _, _, _, optlen = savefile.XL_HDR.unpack(hdr)
+    if magic != savefile.XL_MAGIC or optlen > savefile.XL_OPTDATA_MAX:
+        raise MigrateError("the stream does not start with an xl save file header")
+    optdata = _read_exactly(reader, optlen)
+    clen = savefile.XL_CONFIG_LEN.unpack_from(optdata)[0] if len(optdata) >= 4 else -1
+    if len(optdata) < optlen or not 0 < clen <= optlen - 4:
+        raise MigrateError("the stream ended in, or holds no config in, its xl header")
+    try:
+        config = json.loads(optdata[4:4 + clen].rstrip(b"\0"))
+        name = config["c_info"]["name"]
+        if not isinstance(name, str) or "pvlab" not in config:
+            raise ValueError("no pvlab domain")
+    except (ValueError, KeyError, TypeError) as e:
+        raise MigrateError(f"the config in the stream's xl header cannot be used: "
+                           f"{e}") from None
+    config["c_info"]["name"] = name + INCOMING
+    head = io.BytesIO()
+    savefile.write_xl_header(head, json.dumps(config, sort_keys=True).encode(), digest=False)
+    return head.getvalue(), name
+
+
+class _Receiver:
+    def __init__(self, ch: Channel, say: Say | None) -> None:
+        self.ch, self._say = ch, say
+
+    def say(self, line: str) -> None:
+        log.info("%s", line)
+        if self._say is not None:
+            self._say(line)
+
+
+def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None = None,
+                    clock: str = "deterministic", paused: bool = False,
+                    say: Say | None = None, progress: Progress | None = None) -> Received:
+    """xl's migrate_receive: the banner, the stream restored into a domain
+    built paused as NAME--incoming (on ``hv``, or a machine of its own sized
+    for it), the ready message, GO, the rename to NAME, the unpause (unless
+    ``paused``), the report. Returns the domain once it is this side's; on
+    any failure nothing is left of it here, the sender has been told if it
+    could be, and MigrateError says why in one line."""
+    r = _Receiver(ch, say)
+    r.say("migration target: Ready to receive domain.")
+    try:
+        write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+    except OSError as e:
+        raise MigrateError(f"migration target: writing the banner: {e.strerror or e}") from None
+    got = _receive_domain(r, hv, seed, clock, progress)
+    r.say("migration target: Transfer complete, requesting permission to start domain.")
+    try:
+        write_message(ch, MIGRATE_RECEIVER_READY, "ready message")
+    except OSError as e:
+        libxl.destroy_domain(got.hv, got.dom)
+        raise MigrateError(f"migration target: writing the ready message: "
+                           f"{e.strerror or e}; our copy is destroyed") from None
+    rc = _start_domain(r, got, paused)
+    _report(r, got, rc)
+    return got
+
+
+def _receive_domain(r: _Receiver, hv: Hypervisor | None, seed: int | None, clock: str,
+                    progress: Progress | None) -> Received:
+    """create_domain from the stream, paused and named NAME--incoming."""
+    try:
+        head, name = incoming_header(r.ch.reader)
+        r.say(f"Loading new save file <incoming migration stream> (domain {name})")
+        if hv is not None and libxl.find_domain(hv, name + INCOMING) is not None:
+            raise MigrateError(f'domain with name "{name + INCOMING}" already exists')
+        hv2, dom, stats = restore_stream(_Prefixed(head, r.ch.reader), seed, clock, hv,
+                                         progress)
+    except (MigrateError, ImageError, RestoreError, StreamError, OSError) as e:
+        raise MigrateError(f"migration target: Domain creation failed (code {ERROR_FAIL}): "
+                           f"{e}") from None
+    libxl.pause(dom)
+    return Received(hv2, dom, stats)
+
+
+def _start_domain(r: _Receiver, got: Received, paused: bool) -> int:
+    """GO, the rename, the unpause: 0, or libxl's error code."""
+    try:
+        read_fixed_message(r.ch, MIGRATE_PERMISSION_TO_GO, "GO message")
+    except MigrateError as e:
+        r.say(f"migration target: {e}")
+        return ERROR_FAIL
+    r.say("migration target: Got permission, starting domain.")
+    name = got.dom.name.removesuffix(INCOMING)
+    try:
+        libxl.rename_domain(got.hv, got.dom, got.dom.name, name)
+    except libxl.LibxlError as e:
+        r.say(f"migration target: {e}")
+        return ERROR_FAIL
+    if not paused:
+        libxl.unpause(got.dom)
+    r.say("migration target: Domain started successfully.")
+    return 0
+
+
+def _report(r: _Receiver, got: Received, rc: int) -> None:
+    """The report and its octet; on failure our copy destroyed and the
+    domain handed back (a second GO). Raises MigrateError when the domain
+    is not this side's."""
+    try:
+        write_message(r.ch, MIGRATE_REPORT + bytes([-rc & 0xFF]), "success/failure report")
+    except OSError as e:
+        if rc:
+            libxl.destroy_domain(got.hv, got.dom)
+            raise MigrateError(f"migration target: the sender is gone ({e.strerror or e}); "
+                               "our copy is destroyed") from None
+        # after GO the domain is ours: it runs here whether the sender hears or not
+        r.say(f"migration target: the report did not reach the sender ({e.strerror or e}); "
+              "the domain runs here")
+        return
+    if not rc:
+        return
+    r.say("migration target: Failure, destroying our copy.")
+    libxl.destroy_domain(got.hv, got.dom)
+    r.say("migration target: Cleanup OK, granting sender permission to resume.")
+    try:
+        write_message(r.ch, MIGRATE_PERMISSION_TO_GO, "permission to sender to have domain back")
+    except OSError:
+        pass  # the sender is gone: it said xl's warning and decides
+    raise MigrateError("migration target: the domain did not start here; it is handed back")
+
+
+__all__ = ["Channel", "FAILED_BADLY", "INCOMING", "MIGRATED_AWAY", "MIGRATE_PERMISSION_TO_GO",
+           "MIGRATE_RECEIVER_BANNER", "MIGRATE_RECEIVER_READY", "MIGRATE_REPORT",
+           "MigrateError", "MigrateOutcome", "Received", "incoming_header", "migrate_domain",
+           "migrate_receive", "read_fixed_message"]

@@ -5,8 +5,10 @@ the loopback's own throughput measured in the same run.
 What it measures, in host time (time.perf_counter: CLOCK_MONOTONIC, one clock
 for both processes):
 
-* the sender is the live save (save.write_image_live, no digest: a stream on
-  the wire) of a booted guest running the dirtier user program
+* the sender is pvlab migrate's (migrate.migrate_domain over
+  transport.connect_tcp: xl's handshake around a live save,
+  save.write_image_live, no digest) of a booted guest running the dirtier
+  user program
   (firmware/user/dirtier.S: PAGES pages rewritten every pass, the spin
   between passes chosen to give RATE KiB per second of virtual time; the
   deterministic clock runs one instruction a nanosecond, the spin two), its
@@ -14,8 +16,10 @@ for both processes):
   pages; the modelled link's bandwidth sets how long the guest runs between
   rounds), its suspend through the save's path, the final round and the
   tail;
-* the receiver is restore.restore_stream reading the socket in a process of
-  its own, then the restored domain run for a moment;
+* the receiver is pvlab migrate-receive's (migrate.migrate_receive on a
+  transport.listen_tcp socket, in a process of its own: the banner, the
+  stream restored as it arrives, the ready message, GO, the unpause, the
+  report), then the domain run for a moment;
 * downtime: from the source guest's suspend (its suspend hypercall made, the
   live save's suspend callback returning) to the destination's first
   instruction (its run loop entered, the restore done), split into the
@@ -29,8 +33,7 @@ for both processes):
 
 Goals (issue 18): downtime under 50 ms for a 256 MiB guest dirtying 1 MiB a
 second of virtual time; total within 1.5x of guest bytes / loopback
-throughput. The receiver on main spools the whole stream before it restores
-anything, so its end-of-stream work is the whole restore.
+throughput.
 
     .venv/bin/python bench/migrate.py [--sizes 64,256] [--rate KIB] [--pages N]
                                       [--at TIME] [--repeat N]
@@ -50,10 +53,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hypervisor import domctl  # noqa: E402
+from hypervisor.toolstack import transport  # noqa: E402
 from hypervisor.toolstack.config import DomainConfig  # noqa: E402
+from hypervisor.toolstack.migrate import migrate_domain, migrate_receive  # noqa: E402
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions  # noqa: E402
-from hypervisor.toolstack.restore import restore_stream  # noqa: E402
-from hypervisor.toolstack.save import write_image_live  # noqa: E402
 from hypervisor.toolstack.session import _LiveRun, boot, run_domain  # noqa: E402
 from hypervisor.toolstack.timeparse import parse_duration  # noqa: E402
 
@@ -83,6 +86,14 @@ class TimedReader:
         self.last = time.perf_counter()
         return data
 
+    def read1(self, n: int = -1) -> bytes:
+        data = self.f.read1(n)  # type: ignore[attr-defined]
+        self.last = time.perf_counter()
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
     def readinto(self, b: Any) -> int:
         n = self.f.readinto(b)
         self.last = time.perf_counter()
@@ -106,38 +117,50 @@ class TimedLive:
 
 
 def receiver(listener: socket.socket, report: Any) -> None:
-    """migrate-receive's part: restore the stream, then run the domain."""
-    conn, _ = listener.accept()
-    with conn, conn.makefile("rb") as f:
-        src = TimedReader(f)
-        hv, dom, _ = restore_stream(src, seed=2)  # type: ignore[arg-type]
-        first = time.perf_counter()
-        now = max(domctl.vcpu_clocks(dom), default=0)
-        r = run_domain(hv, dom, now + AFTER_NS)
-        report.send({"last_read": src.last, "first": first, "reason": r.reason,
-                     "console": r.console.decode(errors="replace")[-200:]})
-        hv.close()
+    """pvlab migrate-receive's part: xl's handshake around the stream's
+    restore, then the domain run for a moment."""
+    ch = transport.accept_one(listener)
+    src = TimedReader(ch.reader)
+    ch.reader = src  # type: ignore[assignment]
+    t: dict[str, float] = {}
+
+    def say(line: str) -> None:
+        if "Transfer complete" in line:  # the stream restored: the handshake follows
+            t["last_read"], t["restored"] = src.last, time.perf_counter()
+
+    got = migrate_receive(ch, say=say)
+    first = time.perf_counter()
+    ch.close()
+    now = max(domctl.vcpu_clocks(got.dom), default=0)
+    r = run_domain(got.hv, got.dom, now + AFTER_NS)
+    report.send({**t, "first": first, "reason": r.reason,
+                 "console": r.console.decode(errors="replace")[-200:]})
+    got.hv.close()
 
 
 def sender(mib: int, cmdline: str, at_ns: int, port: int) -> tuple[MigrationInfo, dict]:
-    """The live save of a booted guest into a loopback TCP connection."""
+    """pvlab migrate's part: a booted guest's live save into loopback TCP,
+    in xl's handshake."""
     hv, dom = boot(DomainConfig("migrant", mib, 1, IMAGE, cmdline, 1))
     r = run_domain(hv, dom, at_ns)
     assert r.reason == "running", r.reason
     live = TimedLive(_LiveRun(hv, dom, at_ns, None, None))
-    with socket.create_connection(("127.0.0.1", port)) as sock, \
-            sock.makefile("wb", buffering=CHUNK) as out:
-        start = time.perf_counter()
-        info = write_image_live(hv, dom, out, live, PrecopyOptions(), digest=False)
-        out.flush()
-        written = time.perf_counter()
+    written: list[float] = []
+
+    def report(info: MigrationInfo) -> None:
+        if info.status == "completed":
+            written.append(time.perf_counter())
+
+    ch = transport.connect_tcp("127.0.0.1", port)
+    start = time.perf_counter()
+    out = migrate_domain(hv, dom, ch, live, PrecopyOptions(), report=report)
     hv.close()
-    return info, {"start": start, "suspended": live.suspended, "written": written}
+    assert out.ok and out.info is not None, out.error
+    return out.info, {"start": start, "suspended": live.suspended, "written": written[0]}
 
 
 def _listener() -> socket.socket:
-    s = socket.create_server(("127.0.0.1", 0))
-    return s
+    return transport.listen_tcp("127.0.0.1", 0)
 
 
 def migrate_once(mib: int, cmdline: str, at_ns: int) -> dict[str, Any]:
@@ -188,7 +211,8 @@ def one(mib: int, cmdline: str, at_ns: int) -> dict[str, float]:
     return {
         "downtime": m["first"] - m["suspended"],
         "sent": m["written"] - m["suspended"],
-        "received": m["first"] - max(m["last_read"], m["written"]),
+        "received": m["restored"] - max(m["last_read"], m["written"]),
+        "handshake": m["first"] - m["restored"],
         "total": m["first"] - m["start"],
         "ideal": info.total / rate,
         "rate": rate,
@@ -213,19 +237,21 @@ def main() -> int:
     at_ns = parse_duration(args.at)
     print(f"guest: {cmdline} ({args.rate} KiB/s of virtual time), migrated at {args.at}")
     print(f"{'guest':>6} {'rounds':>6} {'final':>5} {'stream':>8} {'downtime':>9} "
-          f"{'sender':>8} {'receiver':>9} {'virtual':>8} {'total':>7} {'loopback':>9} "
-          f"{'ideal':>7} {'ratio':>6}")
+          f"{'sender':>8} {'receiver':>9} {'xl msgs':>8} {'virtual':>8} {'total':>7} "
+          f"{'loopback':>9} {'ideal':>7} {'ratio':>6}")
     for mib in [int(x) for x in args.sizes.split(",")]:
         runs = [one(mib, cmdline, at_ns) for _ in range(args.repeat)]
         b = min(runs, key=lambda r: r["total"])
         print(f"{mib:>4}Mi {b['rounds']:>6} {b['final']:>5} {b['stream'] / (1 << 20):>6.1f}Mi "
               f"{b['downtime'] * 1e3:>6.1f} ms {b['sent'] * 1e3:>5.1f} ms "
-              f"{b['received'] * 1e3:>6.1f} ms {b['vdowntime']:>5.2f} ms {b['total']:>5.2f} s "
+              f"{b['received'] * 1e3:>6.1f} ms {b['handshake'] * 1e3:>5.1f} ms "
+              f"{b['vdowntime']:>5.2f} ms {b['total']:>5.2f} s "
               f"{b['rate'] / (1 << 20):>5.0f}Mi/s {b['ideal']:>5.3f} s "
               f"{b['total'] / b['ideal']:>5.1f}x", flush=True)
-    print("downtime: source suspended -> destination's first instruction (host time), "
-          "of it the sender's final round and tail, and the receiver's work after the last "
-          "octet; virtual: the downtime the live save reports on its modelled link")
+    print("downtime: source suspended -> destination's first instruction (host time); of it "
+          "the sender's final round and tail to the last octet written, the receiver's work "
+          "after the stream's last octet, and xl's messages after it (ready, GO, the unpause); "
+          "virtual: the downtime the live save reports on its modelled link")
     print("ratio: the total over guest bytes / loopback throughput, measured in the same run")
     return 0
 

@@ -302,7 +302,7 @@ def _downtime_panel(ax: Axes, m: MigrationRun) -> None:
     ax.barh(1, tail_ms, left=final_ms, color="#9467bd",
             label=f"the tail records (VCPUs, shared info, TSC, END): {tail_ms:.3f} ms")
     ax.barh(0, rx_ms - origin, left=origin, color="#2ca02c",
-            label=f"receiver after the stream's end (the restore): {rx_ms:.1f} ms")
+            label=f"receiver after the stream's last octet: {rx_ms:.1f} ms")
     ax.set_yticks([1, 0], ["source, suspended\n(virtual time)", "destination\n(host time)"])
     ax.set_xscale("log")
     ax.set_xlabel("ms")

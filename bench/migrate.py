@@ -5,31 +5,32 @@ the loopback's own throughput measured in the same run.
 What it measures, in host time (time.perf_counter: CLOCK_MONOTONIC, one clock
 for both processes):
 
-* the sender is pvlab migrate's (migrate.migrate_domain over
+* the sender is pvlab migrate's code (migrate.migrate_domain over
   transport.connect_tcp: xl's handshake around a live save,
-  save.write_image_live, no digest) of a booted guest running the dirtier
-  user program
-  (firmware/user/dirtier.S: PAGES pages rewritten every pass, the spin
-  between passes chosen to give RATE KiB per second of virtual time; the
-  deterministic clock runs one instruction a nanosecond, the spin two), its
-  rounds sent as the pre-copy policy decides (5 rounds or fewer than 50 dirty
-  pages; the modelled link's bandwidth sets how long the guest runs between
-  rounds), its suspend through the save's path, the final round and the
-  tail;
-* the receiver is pvlab migrate-receive's (migrate.migrate_receive on a
+  save.write_image_live, no digest) on a booted guest running the dirtier
+  user program (firmware/user/dirtier.S: PAGES pages rewritten every pass,
+  the spin between passes chosen to give RATE KiB per second of virtual
+  time; the deterministic clock runs one instruction a nanosecond, the spin
+  two a turn). Its rounds go as the pre-copy policy decides (5 rounds, or
+  fewer than 50 dirty pages; the modelled link's bandwidth sets how long the
+  guest runs between rounds), then its suspend through the save's path, the
+  final round and the tail;
+* the receiver is pvlab migrate-receive's code (migrate.migrate_receive on a
   transport.listen_tcp socket, in a process of its own: the banner, the
   stream restored as it arrives, the ready message, GO, the unpause, the
-  report), then the domain run for a moment;
-* downtime: from the source guest's suspend (its suspend hypercall made, the
-  live save's suspend callback returning) to the destination's first
-  instruction (its run loop entered, the restore done), split into the
-  sender's part (the final round and the tail on the wire, to the last octet
-  written) and the receiver's (from the last octet read to the first
-  instruction: the receiver's end-of-stream work);
+  report), then the domain run for a millisecond of virtual time, which must
+  show it resumed ("suspend: done");
+* downtime: from the source guest's suspend (the live save's suspend
+  callback returning: the guest has made its suspend hypercall) to the
+  destination's first instruction (migrate_receive returned, the domain
+  unpaused, its run loop about to start). It is split into the sender's
+  part (the final round and the tail, to the last octet written), the
+  receiver's work after the stream's last octet (to its "Transfer complete"),
+  and xl's messages after that (ready, GO, the unpause);
 * total: from the start of the live save to the destination's first
   instruction, against the guest's bytes at the loopback throughput (the
-  same octets sent over a loopback TCP connection to a process that reads
-  and drops them, in the same run): the ratio is the figure (goal 1.5x).
+  same number of octets sent over a loopback TCP connection to a process
+  that reads and drops them, in the same run): the ratio is the figure.
 
 Goals (issue 18): downtime under 50 ms for a 256 MiB guest dirtying 1 MiB a
 second of virtual time; total within 1.5x of guest bytes / loopback

@@ -12,9 +12,11 @@ shows: before the banner, mid-stream, after the ready message, after GO."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -29,6 +31,8 @@ from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack import migrate, save
 from hypervisor.toolstack.builder import build_domain
 from hypervisor.toolstack.cli import main
+from hypervisor.toolstack.config import BalloonConfig
+from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.image import scan_image
 from hypervisor.toolstack.migrate import (
     FAILED_BADLY,
@@ -66,7 +70,9 @@ def reference(cfg):
     with booting() as boot:
         r = run_domain(*boot(cfg), LIMIT_NS)
     assert r.reason == "poweroff"
-    return outcome(r.console.decode())
+    lines = outcome(r.console.decode())
+    assert "dirtier done passes=1000" in lines and "counter 5" in lines
+    return lines
 
 
 def toml(path: Path, cmdline: str = GUEST, kernel: str = "") -> Path:
@@ -214,6 +220,29 @@ def test_a_guest_goes_there_and_back(cfg, reference):
         after = run_domain(hv, dom, LIMIT_NS)
     assert after.reason == "poweroff" and dom.name == "mig"
     assert outcome(console + after.console.decode()) == reference
+
+
+def test_a_guest_with_its_balloon_inflated_migrates(booted):
+    """The balloon's place travels in the config, its state at the end of
+    the stream: the target re-creates it, and the guest ends as it would
+    have at home."""
+    cfg = dataclasses.replace(
+        make_config("run=dirtier:60:20000:1000,counter:5:100000", vcpus=2, memory=8,
+                    name="bal"),
+        balloon=BalloonConfig(0), requests=[parse_request("1ms mem-set 6")])
+    ref = run_domain(*booted(cfg), LIMIT_NS, requests=cfg.requests)
+    tx, rx = pipes()
+    target = Target(rx, booted.bare(64, seed=5))
+    target.start()
+    hv, dom = booted(cfg)
+    result, out = migrate_at(hv, dom, 4_000_000, lambda: tx, requests=cfg.requests)
+    target.join()
+    assert out.ok and target.got is not None, target.error
+    assert out.info.rounds[0].deferred >= 512  # the ballooned 2 MiB
+    after = run_domain(target.got.hv, target.got.dom, LIMIT_NS)
+    assert after.reason == "poweroff" and "balloon" in after.console.decode()
+    text = result.console.decode() + after.console.decode()
+    assert outcome(text) == outcome(ref.console.decode()) != []
 
 
 def test_the_names_and_states_follow_xls_order(wire):
@@ -379,6 +408,8 @@ def test_a_receiver_killed_before_go_leaves_the_guest_running_here(
     assert dom.name == "mig" and ran_on(result, reference, suspended)
     assert killer.proc.returncode == -9
     assert not hv.machine.paging.enabled(dom.domid)  # log-dirty off again
+    if phase != "mid stream":  # a spooling restore_stream leaves its half file to a SIGKILL
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["receiver.err"]
 
 
 def test_a_receiver_killed_after_go_leaves_the_source_copy_suspended_and_renamed(
@@ -604,3 +635,34 @@ def test_the_ssh_rune_is_xls():
     dest = parse_destination("-s 'ssh -i key' -p ssh:host")
     assert dest.rune == "exec ssh -i key host pvlab migrate-receive -p"
     assert parse_destination("10.0.0.2:7001").port == 7001
+
+
+# --- anywhere, any frames -------------------------------------------------------------------
+
+def _points(n: int) -> list[tuple[int, int]]:
+    """(seed, virtual time of the migration in us), drawn once from a fixed
+    generator, so that the test ids stay put."""
+    rng = random.Random(18)
+    return [(rng.randrange(1, 10_000), rng.randrange(500, 15_000)) for _ in range(n)]
+
+
+POINTS = _points(20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, at_us", POINTS)
+def test_a_migration_at_any_point_to_another_process_ends_as_an_uninterrupted_run(
+        booted, reference, tmp_path, seed, at_us):
+    """The source on the seed's frames and schedule, the target a
+    ``pvlab migrate-receive`` process on its own frames (the seed plus one);
+    the results are those of the uninterrupted run on seed 1's."""
+    cfg = make_config(GUEST, vcpus=2, name="mig", seed=seed)
+    with open(tmp_path / "receiver.err", "wb") as err:
+        rx = subprocess.Popen(RECEIVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=err, env=checkout_env(TMPDIR=str(tmp_path)))
+        hv, dom = booted(cfg)
+        result, out = migrate_at(hv, dom, at_us * 1000, lambda: Channel(rx.stdout, rx.stdin))
+        assert out.ok, out.lines
+        assert rx.wait(timeout=600) == 0
+    there = (tmp_path / "receiver.err").read_text()
+    assert outcome(result.console.decode() + there) == reference

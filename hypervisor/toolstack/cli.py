@@ -160,7 +160,8 @@ def _save_request(requests: list[Request], until: int | None) -> Request | None:
     if not saves:
         return None
     if len(saves) > 1:
-        raise CliError("at most one save or migrate request: the domain is gone after it")
+        raise CliError("at most one save request (save, save-live or migrate): the domain is "
+                       "gone after it")
     save = saves[0]
     if save.command == MIGRATE:
         _destination(save.value)

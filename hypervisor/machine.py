@@ -108,6 +108,7 @@ class Machine:
             ft.owner[mfn] = DOMID_XEN
             ft.ref_count[mfn] = 1
             ft.allocated[mfn] = True
+            ft.pristine[mfn] = False
             self.memory.clear_frame(mfn)
         return taken
 

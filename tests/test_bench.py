@@ -59,6 +59,14 @@ def test_logdirty_bench_runs():
     assert "x off" in r.stdout and "wp" in r.stdout
 
 
+def test_migrate_bench_runs():
+    r = subprocess.run([sys.executable, "bench/migrate.py", "--sizes", "16", "--repeat", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "downtime" in r.stdout and "x\n" in r.stdout
+
+
 def test_receive_bench_runs():
     r = subprocess.run([sys.executable, "bench/receive.py", "--sizes", "16", "--repeat", "1"],
                        capture_output=True, text=True, cwd=ROOT, env=checkout_env(),

@@ -102,11 +102,37 @@ def test_the_register_file_is_found_in_a_mapping_bigger_than_the_scan_limit(monk
 
     from hypervisor.cpu import ucfast
     monkeypatch.setattr(ucfast, "_WINDOW", 64)  # no window holds the registers
+    monkeypatch.setattr(ucfast, "_known_place", None)  # nor a place found before
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     regs = ucfast.gpr_file(uc)
     assert regs is not None
     regs[1] = 0x5151
     assert uc.reg_read(UC_X86_REG_RCX) == 0x5151
+
+
+def test_the_register_file_is_looked_for_where_the_last_engine_had_it(monkeypatch):
+    """The search of the mappings is made once a process: a new engine's
+    registers are at the place the last one's were (the same pointer of
+    uc_struct, the same distance past it), checked both ways; a place that
+    fails its checks (here a made-up one) leads to the search."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn.x86_const import UC_X86_REG_RDX
+
+    from hypervisor.cpu import ucfast
+    assert ucfast.gpr_file(Uc(UC_ARCH_X86, UC_MODE_64)) is not None
+    place = ucfast._known_place
+    assert place is not None
+    searched: list[int] = []
+    search = ucfast._search
+    monkeypatch.setattr(ucfast, "_search", lambda *a: searched.append(1) or search(*a))
+    for known in (place, (place[0], place[1] + 4096)):
+        monkeypatch.setattr(ucfast, "_known_place", known)
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        regs = ucfast.gpr_file(uc)
+        assert regs is not None
+        regs[2] = 0x7777
+        assert uc.reg_read(UC_X86_REG_RDX) == 0x7777
+    assert searched == [1] and ucfast._known_place == place
 
 
 def test_a_vcpu_whose_register_file_is_not_found_still_runs(monkeypatch, booted):

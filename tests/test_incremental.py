@@ -55,8 +55,7 @@ def test_increments_are_smaller_than_whole_images(taken):
     assert (taken / "inc" / NAMES[0]).stat().st_size == whole
 
 
-@pytest.mark.parametrize("name", [pytest.param(NAMES[1], marks=pytest.mark.slow),
-                                  pytest.param(NAMES[2], marks=pytest.mark.slow), NAMES[3]])
+@pytest.mark.parametrize("name", [pytest.param(NAMES[1], marks=pytest.mark.slow), NAMES[3]])
 def test_a_restore_of_an_increment_is_the_restore_of_a_whole_checkpoint(taken, name):
     assert run_restored(taken / "inc" / name) == run_restored(taken / "full" / name)
 

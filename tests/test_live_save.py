@@ -263,7 +263,7 @@ def test_a_guest_with_its_balloon_inflated_is_saved_live(booted, tmp_path):
     balloon: Linux's policy, the default); the balloon's place is in the
     config written first, its state in EMULATOR_CONTEXT at the end."""
     cfg = dataclasses.replace(
-        make_config("run=hashchain:400:256,dirtier:60:20000:400", vcpus=2, memory=8,
+        make_config("run=hashchain:100:256,dirtier:60:20000:400", vcpus=2, memory=8,
                     name="bal"),
         balloon=BalloonConfig(0), requests=[parse_request("1ms mem-set 6")])
     ref = run_domain(*booted(cfg), LIMIT_NS, requests=cfg.requests)

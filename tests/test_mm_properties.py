@@ -134,3 +134,24 @@ def test_invariants_hold_fixed_seed(ops):
 @given(st.lists(op, min_size=5, max_size=40))
 def test_invariants_hold_random_seed(ops):
     run_ops(ops)
+
+
+def test_a_frame_is_handed_out_zeroed_the_first_time_and_every_time_after():
+    """A frame never handed out is not zeroed again (the machine's memory is
+    a fresh anonymous mapping: zeros); one that was used and freed is zeroed
+    when it is taken again, by alloc, alloc_many and alloc_contiguous alike."""
+    import numpy as np
+
+    from hypervisor.mm.frames import FrameTable
+    from hypervisor.mm.memory import MachineMemory
+    ft = FrameTable(MachineMemory(1024), seed=3)
+    rows = ft.memory.u64.reshape(ft.nr_frames, -1)
+    first = [ft.alloc(1), *ft.alloc_many(1, 8), *ft.alloc_contiguous(1, 2)]
+    assert not rows[first].any() and not ft.pristine[first].any()
+    for mfn in first:
+        rows[mfn] = 0xDEAD
+        ft.ref_count[mfn] = 0
+        ft.free(mfn)
+    again = [ft.alloc(1), *ft.alloc_many(1, ft.nr_free - 1)]
+    assert set(first) <= set(again) and not rows[again].any()
+    assert not ft.pristine[np.array(again)].any()

@@ -17,7 +17,7 @@ import pytest
 from hypervisor import domctl
 from hypervisor.toolstack import plotdata, plots, timeline
 from hypervisor.toolstack.cli import main
-from hypervisor.toolstack.config import BalloonConfig
+from hypervisor.toolstack.config import BalloonConfig, load_config
 from hypervisor.toolstack.control import parse_request
 from hypervisor.toolstack.frames import frame_table, summary
 from hypervisor.toolstack.session import run_domain
@@ -159,6 +159,35 @@ def test_the_balloon_follows_its_target_and_gives_back_what_it_took(tmp_path):
     assert run.free
     plots.save_figure(plots.draw_balloon(run), tmp_path / "b.png")
     assert_png(tmp_path / "b.png")
+
+
+# --- a live migration ---------------------------------------------------------------------
+
+def test_the_migration_picture_shows_every_round_and_the_downtime(tmp_path):
+    """examples/migration.toml's dirtier keeps 64 pages dirty: the first round
+    sends every pfn, the live rounds stop at Xen's fifth, the final one is the
+    suspended round, and the downtime is that round and the tail on the wire."""
+    run = plotdata.migration_run(load_config(ROOT / "examples/migration.toml"), 2_000_000)
+    rounds = run.info.rounds
+    assert rounds[0].pfns == run.total_pfns and not rounds[0].final
+    assert [r.iteration for r in rounds] == list(range(6)) and rounds[-1].final
+    assert all(r.pfns >= 50 for r in rounds[:-1])
+    assert run.final_ns == rounds[-1].wire_ns and run.tail_ns > 0
+    assert len(run.dirty_rates()) == 5 and all(x > 0 for x in run.dirty_rates())
+    assert run.receive_s > 0
+    fig = plots.draw_migration(run)
+    plots.save_figure(fig, tmp_path / "m.svg")
+    plots.save_figure(fig, tmp_path / "m.png")
+    assert_svg(tmp_path / "m.svg")
+    assert_png(tmp_path / "m.png")
+
+
+def test_a_migration_picture_of_a_guest_that_shuts_down_is_one_line(tmp_path, capsys):
+    out = tmp_path / "m.png"
+    assert main(["plot", "migration", str(ROOT / "examples/hello.toml"), "--at", "5ms",
+                 "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "live save" in err and err.count("\n") == 1 and not out.exists()
 
 
 # --- the command line -----------------------------------------------------------------------

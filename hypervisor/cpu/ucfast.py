@@ -133,7 +133,10 @@ def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
     writable mappings that pointers in ``struct uc_struct`` lead into; every
     match is checked both ways before use, because other engines (live, or
     freed and not yet reused) can hold the same values: each call takes
-    markers of its own unless given some."""
+    markers of its own unless given some. Where the last engine's array was
+    (which pointer of its uc_struct, how far past it) is looked at first: the
+    layout is the library's, the same for every engine, so the search of the
+    mappings is made once a process unless that place fails its checks."""
     global _mark_serial
     if marks is None:
         _mark_serial += 1
@@ -142,10 +145,49 @@ def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
         uc.reg_write(reg, mark)
     want = np.array(marks, dtype=np.uint64)
     regions = _readable_regions()
-    head = ctypes.string_at(uc._uch.value, 4096)
+    ptrs = [p for (p,) in struct.iter_unpack("<Q", ctypes.string_at(uc._uch.value, 4096))]
+    found = _at_known_place(uc, ptrs, regions, want)
+    if found is None:
+        found = _search(uc, ptrs, regions, want)
+        if found is not None:
+            _remember_place(ptrs, ctypes.addressof(found))
+    for reg in _GPR_UC_IDS:
+        uc.reg_write(reg, 0)
+    return found
+
+
+# (index of the uc_struct pointer, offset of env->regs past it) of the last find
+_known_place: tuple[int, int] | None = None
+_REGS_SIZE = 16 * 8
+_PLACE_REACH = 1 << 20  # env->regs is ~35 KiB past uc->cpu
+
+
+def _at_known_place(uc: Uc, ptrs: list[int], regions: list[tuple[int, int]],
+                    want: np.ndarray) -> ctypes.Array | None:
+    if _known_place is None:
+        return None
+    slot, delta = _known_place
+    lo = ptrs[slot] + delta
+    if not any(rlo <= lo and lo + _REGS_SIZE <= rhi for rlo, rhi in regions):
+        return None
+    return _verified_match(uc, lo, lo + _REGS_SIZE, want)
+
+
+def _remember_place(ptrs: list[int], addr: int) -> None:
+    global _known_place
+    near = [(addr - p, i) for i, p in enumerate(ptrs) if 0 <= addr - p < _PLACE_REACH]
+    if near:
+        delta, slot = min(near)
+        _known_place = (slot, delta)
+
+
+def _search(uc: Uc, ptrs: list[int], regions: list[tuple[int, int]],
+            want: np.ndarray) -> ctypes.Array | None:
+    """The markers looked for about each pointer of uc_struct, then in the
+    mappings those pointers lead into, whole."""
     windows: list[tuple[int, int]] = []
     whole: list[tuple[int, int]] = []
-    for (ptr,) in struct.iter_unpack("<Q", head):
+    for ptr in ptrs:
         for lo, hi in regions:
             if lo <= ptr < hi:
                 # the CPU state is right by what uc_struct points at (env->regs
@@ -159,15 +201,12 @@ def gpr_file(uc: Uc, marks: Sequence[int] | None = None) -> ctypes.Array | None:
             spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
         else:
             spans.append((lo, hi))
-    found = None
     # the windows first, then the mappings whole, smallest first
     for lo, hi in spans + sorted(set(whole), key=lambda r: r[1] - r[0]):
         found = _verified_match(uc, lo, hi, want)
         if found is not None:
-            break
-    for reg in _GPR_UC_IDS:
-        uc.reg_write(reg, 0)
-    return found
+            return found
+    return None
 
 
 def _verified_match(uc: Uc, lo: int, hi: int, want: np.ndarray) -> ctypes.Array | None:

@@ -19,12 +19,14 @@ empty after every operation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from hypervisor.mm.frames import DOMID_XEN, FREE, PageType
+from hypervisor.mm.memory import ENTRIES_PER_TABLE
 from hypervisor.mm.pagetable import is_guest_l4_slot
 from hypervisor.public.arch_x86 import _PAGE_PRESENT, _PAGE_RW, PTE_FRAME_MASK
 from hypervisor.public.xen import INVALID_MFN
@@ -41,50 +43,61 @@ class Audited(Protocol):
     domains: Mapping[int, Domain]
 
 _FRAME = np.uint64(PTE_FRAME_MASK)
+# the L4 slots that are Xen's, not the guest's (is_guest_l4_slot's complement)
+_XEN_L4_SLOTS = ~np.array([is_guest_l4_slot(s) for s in range(ENTRIES_PER_TABLE)])
 
 
-def validated_tables(hv: Audited, io_mfns: list[tuple[int, int, int]] | None = None,
-                     ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(mfn, level, present ptes, their target mfns) for every validated
-    pagetable of every guest; Xen's own L4 slots are left out, and entries
-    that map device memory (beyond RAM) go to ``io_mfns`` as (table, level,
-    mfn) instead."""
-    if io_mfns is None:
-        io_mfns = []
+@dataclass
+class TableEntries:
+    """Every present entry of every validated pagetable of every guest, one
+    row an entry, in (table, slot) order: the table's mfn and level, the
+    entry and the mfn it maps. Xen's own L4 slots are left out; entries that
+    map device memory (beyond RAM) are in ``io`` as (table, level, mfn)
+    instead."""
+
+    table: np.ndarray
+    level: np.ndarray
+    pte: np.ndarray
+    target: np.ndarray
+    io: list[tuple[int, int, int]]
+
+
+def table_entries(hv: Audited) -> TableEntries:
+    """The entries of the validated tables, read in one gather of their frames."""
     ft = hv.machine.frames
-    mem = hv.machine.memory
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
-    for mfn in np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4)).tolist():
-        level = int(ft.type[mfn])
-        t = mem.frame(mfn)
-        slots = np.flatnonzero(t & np.uint64(_PAGE_PRESENT))
-        if level == 4:
-            slots = slots[[is_guest_l4_slot(s) for s in slots.tolist()]]
-        ptes = t[slots]
-        targets = ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
-        io = targets >= ft.nr_frames
-        if io.any():  # device memory: checked against the domain's I/O ranges
-            io_mfns.extend((mfn, level, int(m)) for m in targets[io].tolist())
-            ptes, targets = ptes[~io], targets[~io]
-        yield mfn, level, ptes, targets
+    mfns = np.flatnonzero(guest & ft.validated & (ft.type >= 1) & (ft.type <= 4))
+    levels = ft.type[mfns].astype(np.int64)
+    tables = hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE)[mfns]
+    present = (tables & np.uint64(_PAGE_PRESENT)) != 0
+    present &= ~((levels == 4)[:, None] & _XEN_L4_SLOTS[None, :])
+    rows, slots = np.nonzero(present)
+    ptes = tables[rows, slots]
+    targets = ((ptes & _FRAME) >> np.uint64(12)).astype(np.int64)
+    table, level = mfns[rows], levels[rows]
+    io = targets >= ft.nr_frames  # device memory: checked against the domain's I/O ranges
+    io_mfns = list(zip(table[io].tolist(), level[io].tolist(), targets[io].tolist(),
+                       strict=True))
+    ram = ~io
+    return TableEntries(table[ram], level[ram], ptes[ram], targets[ram], io_mfns)
 
 
-def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
+def _counts(mfns: np.ndarray, nr_frames: int) -> np.ndarray:
+    return np.bincount(mfns, minlength=nr_frames).astype(np.int64)
+
+
+def recount(hv: Audited, entries: TableEntries | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ref_count, type_count) as the pagetables, pins and VCPUs (their L4s and
     GDT frames) imply them."""
     ft = hv.machine.frames
-    refs = np.zeros(ft.nr_frames, dtype=np.int64)
-    types = np.zeros(ft.nr_frames, dtype=np.int64)
+    e = table_entries(hv) if entries is None else entries
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
+    # a table mapping itself holds no reference
+    holds = (e.level == 1) | (e.target != e.table)
+    refs = _counts(e.target[holds], ft.nr_frames)
     refs[guest & ft.allocated] += 1  # the allocation reference
-    for mfn, level, ptes, targets in validated_tables(hv):
-        if level > 1:  # a table mapping itself holds no reference
-            ptes, targets = ptes[targets != mfn], targets[targets != mfn]
-        np.add.at(refs, targets, 1)
-        if level == 1:
-            np.add.at(types, targets[(ptes & np.uint64(_PAGE_RW)) != 0], 1)
-        else:
-            np.add.at(types, targets, 1)
+    typed = holds & ((e.level > 1) | ((e.pte & np.uint64(_PAGE_RW)) != 0))
+    types = _counts(e.target[typed], ft.nr_frames)
     pinned = np.flatnonzero(ft.pinned & guest)
     refs[pinned] += 1
     types[pinned] += 1
@@ -97,26 +110,43 @@ def recount(hv: Audited) -> tuple[np.ndarray, np.ndarray]:
     return refs, types
 
 
-def linear_recount(hv: Audited) -> np.ndarray:
+def linear_recount(hv: Audited, entries: TableEntries | None = None) -> np.ndarray:
     """linear_pt_count as the tables imply it: +1 per linear entry a table
     holds (one mapping another table of its own level), -1 per such entry
     mapping it; a table mapping itself counts for neither."""
     ft = hv.machine.frames
-    linear = np.zeros(ft.nr_frames, dtype=np.int64)
-    for mfn, level, _ptes, targets in validated_tables(hv):
-        if level > 1:
-            lin = targets[(ft.type[targets] == level) & (targets != mfn)]
-            linear[mfn] += lin.size
-            np.subtract.at(linear, lin, 1)
-    return linear
+    e = table_entries(hv) if entries is None else entries
+    lin = (e.level > 1) & (ft.type[e.target] == e.level) & (e.target != e.table)
+    return _counts(e.table[lin], ft.nr_frames) - _counts(e.target[lin], ft.nr_frames)
 
 
-def _linear_problems(hv: Audited, guest: np.ndarray) -> list[str]:
+def _linear_problems(hv: Audited, guest: np.ndarray, entries: TableEntries) -> list[str]:
     ft = hv.machine.frames
-    recounted = linear_recount(hv)
+    recounted = linear_recount(hv, entries)
     bad = np.flatnonzero(guest & (recounted != ft.linear.astype(np.int64)))
     return [f"mfn {mfn:#x}: linear_pt_count {int(ft.linear[mfn])}, recount {recounted[mfn]}"
             for mfn in bad[:5].tolist()]
+
+
+def _first_per_table(e: TableEntries, where: np.ndarray) -> list[tuple[int, int, int]]:
+    """(table, level, target) of the first entry of each table where ``where`` holds."""
+    tables, first = np.unique(e.table[where], return_index=True)
+    level, target = e.level[where][first], e.target[where][first]
+    return list(zip(tables.tolist(), level.tolist(), target.tolist(), strict=True))
+
+
+def _mapping_problems(hv: Audited, e: TableEntries) -> list[str]:
+    """Every present entry of a validated table maps a frame of the same
+    domain, and no writable L1 entry maps a pagetable; by table, in mfn order."""
+    ft = hv.machine.frames
+    found = [(t, 0, f"L{lv} {t:#x} maps frame {m:#x} of another owner")
+             for t, lv, m in _first_per_table(e, ft.owner[e.target] != ft.owner[e.table])]
+    ty = ft.type[e.target]
+    pt = (e.level == 1) & ((e.pte & np.uint64(_PAGE_RW)) != 0) & (ty >= 1) & (ty <= 4) \
+        & (ft.type_count[e.target] > 0)
+    found += [(t, 1, f"L1 {t:#x} maps pagetable {m:#x} writable")
+              for t, _lv, m in _first_per_table(e, pt)]
+    return [msg for _t, _k, msg in sorted(found)]
 
 
 # domid -> (the frames holding its p2m list, the number of entries)
@@ -137,7 +167,8 @@ def audit(hv: Audited, p2m_lists: P2mLists | None = None) -> list[str]:
         problems.append("a frame is on the free list twice")
 
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)
-    refs, types = recount(hv)
+    entries = table_entries(hv)
+    refs, types = recount(hv, entries)
     bad = np.flatnonzero(guest & (refs != ft.ref_count.astype(np.int64)))
     for mfn in bad[:5].tolist():
         problems.append(f"mfn {mfn:#x}: ref_count {int(ft.ref_count[mfn])}, recount {refs[mfn]}")
@@ -145,25 +176,11 @@ def audit(hv: Audited, p2m_lists: P2mLists | None = None) -> list[str]:
     for mfn in bad[:5].tolist():
         problems.append(f"mfn {mfn:#x}: type_count {int(ft.type_count[mfn])} "
                         f"(type {PageType(int(ft.type[mfn])).name}), recount {types[mfn]}")
-
-    # every present entry of a validated table maps a frame of the same domain,
-    # or device memory the domain was given, and no writable L1 entry maps a
-    # pagetable
-    io: list[tuple[int, int, int]] = []
-    for mfn, level, ptes, targets in validated_tables(hv, io):
-        foreign = targets[ft.owner[targets] != ft.owner[mfn]]
-        if foreign.size:
-            problems.append(f"L{level} {mfn:#x} maps frame {int(foreign[0]):#x} of another owner")
-        if level == 1:
-            rw = targets[(ptes & np.uint64(_PAGE_RW)) != 0]
-            pt = rw[(ft.type[rw] >= 1) & (ft.type[rw] <= 4) & (ft.type_count[rw] > 0)]
-            if pt.size:
-                problems.append(f"L1 {mfn:#x} maps pagetable {int(pt[0]):#x} writable")
-
-    problems += _linear_problems(hv, guest)
+    problems += _mapping_problems(hv, entries)
+    problems += _linear_problems(hv, guest, entries)
 
     permitted = hv.machine.types.iomem_permitted
-    for table, level, mfn in io:
+    for table, level, mfn in entries.io:
         if level != 1 or not permitted(int(ft.owner[table]), mfn):
             problems.append(f"L{level} {table:#x} maps device memory {mfn:#x} it was not given")
 

@@ -69,6 +69,9 @@ class FrameTable:
         # a hypervisor page shared with a domain (shared_info): mappable by it,
         # not part of its reservation (Xen's PGC_xen_heap)
         self.xenheap = np.zeros(n, dtype=bool)
+        # never handed out since the machine's memory was mapped (an anonymous
+        # mapping: zeros): such a frame needs no zeroing, nor its pages touched
+        self.pristine = np.ones(n, dtype=bool)
         self.m2p: np.ndarray | None = None  # set by the machine: entries die with frames
         rng = np.random.default_rng(seed)
         # the free list is a stack of mfns, popped from its end; frame 0 is never
@@ -104,7 +107,11 @@ class FrameTable:
         self.allocated[mfns] = True
         self.linear[mfns] = 0
         if zero:
-            self.memory.u64.reshape(self.nr_frames, -1)[mfns] = 0
+            used = np.atleast_1d(mfns)
+            used = used[~self.pristine[used]]
+            if used.size:
+                self.memory.u64.reshape(self.nr_frames, -1)[used] = 0
+        self.pristine[mfns] = False
 
     def alloc_many(self, owner: int, count: int, zero: bool = True) -> list[int]:
         """``count`` frames, as ``count`` calls of alloc would give them, in bulk;

@@ -980,6 +980,11 @@ def _plot_balloon(args: argparse.Namespace, cfg: Any) -> Any:
                                                    args.save_at, after))
 
 
+def _plot_migration(args: argparse.Namespace, cfg: Any) -> Any:
+    from hypervisor.toolstack import plotdata, plots
+    return plots.draw_migration(plotdata.migration_run(cfg, args.at, args.seed))
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from hypervisor.toolstack.plotdata import PlotDataError
     from hypervisor.toolstack.timeline import TimelineError
@@ -1056,7 +1061,8 @@ def _add_plot(sub: Any) -> None:
                           description="Run the domain CONFIG describes and draw what it did: "
                                       "p2m (its pfn -> mfn map before a save and after the "
                                       "restore), timeline (the suspend path on each VCPU), "
-                                      "balloon (the balloon's pages over time). `pvlab frames "
+                                      "balloon (the balloon's pages over time), migration "
+                                      "(a live save's rounds and its downtime). `pvlab frames "
                                       "CONFIG --plot FILE` draws the machine's frames.")
     kinds = plot.add_subparsers(dest="kind", metavar="KIND", required=True)
     p2m = kinds.add_parser("p2m", help="pfn -> mfn before a save and after its restore",
@@ -1098,6 +1104,17 @@ def _add_plot(sub: Any) -> None:
     bal.add_argument("--request", metavar="'TIME WHAT'", type=_request, action="append",
                      default=[], help="a request as pvlab run takes it (e.g. '14ms mem-set "
                                       "32'), made of the restored guest if after --save-at")
+    mig = kinds.add_parser("migration", help="a live save's rounds and where its downtime went",
+                           description="Live-save the domain at --at (the pre-copy rounds "
+                                       "while it runs, its suspend, the final round) and "
+                                       "restore the image on other frames; draw the pages "
+                                       "sent per round, the dirty rate between rounds, and "
+                                       "the downtime: the final round and the tail records "
+                                       "on the source (virtual time), the receiver's restore "
+                                       "after the stream's end (host time).")
+    _plot_common(mig, _plot_migration)
+    mig.add_argument("--at", metavar="TIME", type=_duration, required=True,
+                     help="virtual time the live save starts (e.g. 2ms)")
 
 
 def _add_image(sub: Any) -> None:

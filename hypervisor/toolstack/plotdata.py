@@ -1,16 +1,20 @@
 """What pvlab's pictures are drawn from, gathered from real runs: the machine's
 frames by owner, type and pin state; a guest's pfn -> mfn map before a save and
-after its restore on other frames; the balloon's pages over virtual time. (The
+after its restore on other frames; the balloon's pages over virtual time; a
+live save's rounds and its downtime. (The
 suspend path's timeline is timeline.py's.) Drawing is plots.py's: nothing here
 knows how a picture looks."""
 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -21,8 +25,15 @@ from hypervisor.toolstack.balloonctl import balloon_of, guest_pages
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import SAVE, Request
-from hypervisor.toolstack.restore import restore_image
-from hypervisor.toolstack.session import Observer, boot, run_domain, suspend_and_save
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
+from hypervisor.toolstack.restore import restore_image, restore_stream
+from hypervisor.toolstack.session import (
+    Observer,
+    boot,
+    live_save,
+    run_domain,
+    suspend_and_save,
+)
 from hypervisor.toolstack.timeparse import format_duration
 
 FREE_OWNER = -1  # the frame table's owner of a free frame
@@ -55,6 +66,28 @@ class Machines:
         hv, dom, _ = restore_image(image, seed=seed)
         self.made.append(hv)
         return hv, dom
+
+    def receive(self, image: Path) -> float:
+        """The image received as a migration's stream (restore_stream):
+        the host time from its last octet read to the domain ready to run."""
+        with open(image, "rb") as f:
+            src = _TimedReader(f)
+            hv, _, _ = restore_stream(src)  # type: ignore[arg-type]
+            done = time.perf_counter()
+        self.made.append(hv)
+        return done - src.last
+
+
+class _TimedReader:
+    """A stream being read, with the host time of its last read."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.last = f, time.perf_counter()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.last = time.perf_counter()
+        return data
 
 
 @contextmanager
@@ -259,3 +292,52 @@ def _save_then_restore(machines: Machines, cfg: DomainConfig,
     restored_at = max(domctl.vcpu_clocks(dom2))
     run_domain(hv2, dom2, until_ns, requests=after, observer=watch.watch(hv2, dom2))
     return restored_at
+
+
+# --- a live migration's rounds ------------------------------------------------------------
+
+@dataclass
+class MigrationRun:
+    """A real live save's rounds and where its downtime went: the final
+    round's and the tail records' virtual time on the modelled link (the
+    guest suspended), and the receiver's work once the stream has ended, in
+    host time (restore_stream applies the pages as they arrive; what is left
+    at the end is the END checks and stream_complete)."""
+
+    domain: str
+    at_ns: int
+    total_pfns: int
+    info: MigrationInfo
+    receive_s: float
+
+    @property
+    def final_ns(self) -> int:
+        return self.info.rounds[-1].wire_ns
+
+    @property
+    def tail_ns(self) -> int:
+        return self.info.downtime_ns - self.final_ns
+
+    def dirty_rates(self) -> list[float]:
+        """Pages dirtied per second of virtual time while each live round was
+        on the wire (the next round's pfns over its time)."""
+        return [b.pfns * 1e9 / a.wire_ns if a.wire_ns else 0.0
+                for a, b in pairwise(self.info.rounds)]
+
+
+def migration_run(cfg: DomainConfig, at_ns: int, seed: int | None = None,
+                  opts: PrecopyOptions | None = None) -> MigrationRun:
+    """Live-save the domain at ``at_ns`` (Xen's loop and stop policy), then
+    receive the image as a stream on other frames, timing the receiver's
+    work after the stream's last octet."""
+    with closing_machines() as machines, tempfile.TemporaryDirectory(
+            prefix="pvlab-migration-") as scratch:
+        hv, dom = machines.boot(cfg, seed=seed)
+        image = Path(scratch) / f"{dom.name}.img"
+        _, outcome, info = live_save(hv, dom, image, at_ns, opts or PrecopyOptions(),
+                                     requests=cfg.requests)
+        if not outcome.ok or info is None:
+            raise PlotDataError(f"the live save at {format_duration(at_ns)} failed: "
+                                f"{outcome.error}")
+        receive_s = machines.receive(image)
+    return MigrationRun(dom.name, at_ns, info.total // PAGE_SIZE, info, receive_s)

@@ -1,8 +1,9 @@
 """pvlab's pictures, drawn with matplotlib (its Agg renderer: no display is
 ever opened) from what plotdata.py and timeline.py gathered: the machine's
 frames, the p2m across a restore, the suspend path per VCPU, the balloon over
-time. A picture is a PNG or an SVG, as its file's name ends; it is written to
-a temporary file beside it and renamed, so a failure leaves nothing."""
+time, a live migration's rounds and downtime. A picture is a PNG or an SVG,
+as its file's name ends; it is written to a temporary file beside it and
+renamed, so a failure leaves nothing."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from hypervisor.toolstack.plotdata import (
     PAGETABLES,
     BalloonRun,
     FrameMap,
+    MigrationRun,
     P2mAcrossRestore,
     P2mView,
     category_index,
@@ -261,5 +263,63 @@ def draw_balloon(b: BalloonRun) -> Figure:
     ax.set_title(f"domain {b.domain}: the balloon over time ({b.guest_pages} pages of "
                  "guest memory)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# --- a live migration ---------------------------------------------------------------------
+
+def _rounds_panel(ax: Axes, m: MigrationRun) -> None:
+    rounds = m.info.rounds
+    x = [r.iteration for r in rounds]
+    colours = ["#d62728" if r.final else "#1f77b4" for r in rounds]
+    ax.bar(x, [r.pfns for r in rounds], color=colours, width=0.6)
+    for r in rounds:
+        ax.annotate(f"{r.pfns}" + (f" ({r.deferred} deferred)" if r.deferred else ""),
+                    (r.iteration, r.pfns), ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"{r.iteration}" + ("\n(suspended)" if r.final else "")
+                      for r in rounds])
+    ax.set_xlabel("round (Xen's iteration)")
+    ax.set_ylabel("pages sent")
+    rates = m.dirty_rates()
+    if rates:
+        twin = ax.twinx()
+        twin.plot(x[:len(rates)], rates, "o-", color="#ff7f0e",
+                  label="pages dirtied per virtual second while the round was sent")
+        twin.set_yscale("log")
+        twin.set_ylabel("dirty rate (pages/s)", color="#ff7f0e")
+        twin.legend(loc="center right", fontsize=8, frameon=False)
+    ax.set_title(f"pages sent per round (blue: the guest running; red: suspended), "
+                 f"{m.total_pfns} pfns")
+
+
+def _downtime_panel(ax: Axes, m: MigrationRun) -> None:
+    final_ms, tail_ms, rx_ms = m.final_ns / 1e6, m.tail_ns / 1e6, m.receive_s * 1e3
+    origin = min(final_ms, rx_ms) / 10  # a log axis has no 0: the bars start a decade lower
+    ax.barh(1, final_ms - origin, left=origin, color="#d62728", label=f"final round on the "
+            f"wire ({m.info.rounds[-1].pfns} pages): {final_ms:.3f} ms")
+    ax.barh(1, tail_ms, left=final_ms, color="#9467bd",
+            label=f"the tail records (VCPUs, shared info, TSC, END): {tail_ms:.3f} ms")
+    ax.barh(0, rx_ms - origin, left=origin, color="#2ca02c",
+            label=f"receiver after the stream's last octet: {rx_ms:.1f} ms")
+    ax.set_yticks([1, 0], ["source, suspended\n(virtual time)", "destination\n(host time)"])
+    ax.set_xscale("log")
+    ax.set_xlabel("ms")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    ax.set_title("where the downtime went")
+
+
+def draw_migration(m: MigrationRun) -> Figure:
+    """A live save's rounds: pages sent per round and the dirty rate between
+    them; below, the downtime: the final round and the tail on the source,
+    the receiver's restore after the stream's end."""
+    fig = Figure(figsize=(10, 7))
+    top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]})
+    _rounds_panel(top, m)
+    _downtime_panel(bottom, m)
+    mib = m.info.transferred / (1 << 20)
+    fig.suptitle(f"domain {m.domain}: a live migration at {format_duration(m.at_ns)}, "
+                 f"{len(m.info.rounds)} rounds, {mib:.1f} MiB on the wire")
     fig.tight_layout()
     return fig

@@ -494,6 +494,7 @@ def map_foreign_bulk(hv: Hypervisor, dom: Domain, mfns: Sequence[int] | np.ndarr
     its frames by mfn); a frame it does not own is refused (EPERM)."""
     mfns = np.asarray(mfns, dtype=np.int64).reshape(-1)
     _check_owned(hv, dom, mfns)
+    hv.machine.memory.populate_many(mfns)  # a mapping sees the frames' contents
     return ForeignMap(hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE), mfns,
                       hv.machine.paging.as_written)
 
@@ -508,6 +509,7 @@ def map_struct(hv: Hypervisor, dom: Domain, mfn: int, struct: type[ctypes.Struct
                ) -> Any:
     """A frame of the domain mapped as a ctypes struct (start_info, say)."""
     _check_owned(hv, dom, np.array([mfn], dtype=np.int64))
+    hv.machine.memory.populate(mfn)
     return struct.from_buffer(hv.machine.memory.buf, mfn << PAGE_SHIFT)
 
 

@@ -30,11 +30,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import numpy as np
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_UNMAPPED,
     UC_MODE_64,
     UC_PROT_ALL,
     Uc,
@@ -65,9 +67,16 @@ from hypervisor.cpu.ucfast import (
     gpr_file,
 )
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
+from hypervisor.mm.absent import CHUNK_SHIFT
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.mm.walker import PFEC_WRITE, GuestFault, addr_ok
-from hypervisor.public.arch_x86 import MSR_SHADOW_GS_BASE, X86_EFLAGS_IF, X86_EFLAGS_MBS
+from hypervisor.public.arch_x86 import (
+    _PAGE_PRESENT,
+    MSR_SHADOW_GS_BASE,
+    PTE_FRAME_MASK,
+    X86_EFLAGS_IF,
+    X86_EFLAGS_MBS,
+)
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
@@ -175,6 +184,12 @@ class Vcpu:
         self.cr3 = FastReg(uc, UC_X86_REG_CR3)
         self.counter = InsnCounter(uc)
         self.env = CpuEnv(uc)
+        # chunks of machine memory this engine has unmapped because they hold
+        # an absent frame (hypervisor/mm/absent.py), and the absent set's
+        # generation it last followed
+        self._unmapped = np.zeros(len(mem.absent.chunk_absent), dtype=bool)
+        self._absent_generation = 0
+        self._walk_filled = False
 
         # Xen's per-vcpu PV state (struct pv_vcpu)
         self.online = False
@@ -229,6 +244,7 @@ class Vcpu:
         self._hooks.append(uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid))
         self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0,
                                        UC_X86_INS_CPUID))
+        self._hooks.append(uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped))
 
     def bind_native(self, begin: int, end: int, callback: Any) -> None:
         """Run ``callback(vcpu, addr)`` whenever the VCPU, in guest kernel mode,
@@ -360,9 +376,10 @@ class Vcpu:
             start = BOOT_STUB_VA
             self.fresh = False
         self.slice_base = 0
+        self.sync_absent()
         try:
             if self.debug is None:
-                self.emulate(start, timeout_us, budget)
+                self.emulate_filling(start, timeout_us, budget)
             else:
                 self.debug.run_slice(self, start, timeout_us, budget)
         except UcError as e:
@@ -378,6 +395,20 @@ class Vcpu:
         """Run the engine from ``start``: a slice, or a piece of one."""
         self._budget = budget
         self.uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
+
+    def emulate_filling(self, start: int, timeout_us: int, budget: int) -> None:
+        """A slice, run on in the same slice after each stop the MMU's walk
+        made on an absent chunk (filled in the fault hook): the guest sees
+        neither the fault nor a slice boundary there."""
+        self.emulate(start, timeout_us, budget)
+        while self._walk_filled:
+            self._walk_filled = False
+            if budget:
+                self.slice_base += self.counter.retired(self._budget)
+                if self.slice_base >= budget:
+                    return
+            self.env.clear_old_exception()
+            self.emulate(self.rip.read(), timeout_us, budget - self.slice_base if budget else 0)
 
     def end_piece(self) -> None:
         """A piece of the slice is over and counted in slice_base (a stop for
@@ -424,6 +455,9 @@ class Vcpu:
                     and cr2 == self.rip.read()):
                 self.native_call(self, cr2)
                 return
+            if intno == X86_EXC_PF and self.fill_walk(cr2):
+                self._walk_filled = True  # the instruction again, same slice
+                return
             if intno == X86_EXC_PF:
                 exits.do_page_fault(self, err, cr2)
             else:
@@ -443,6 +477,73 @@ class Vcpu:
     def _on_cpuid(self, uc: Uc, ud: Any) -> int:
         """1: the hypervisor answered the leaf; 0: the CPU runs it."""
         return 1 if self.exits.cpuid(self) else 0
+
+    # --- absent frames ---------------------------------------------------------------
+
+    def sync_absent(self) -> None:
+        """Between slices: unmap the chunks that gained an absent frame since
+        this engine last looked, or map all memory back as one region once no
+        frame is absent (Unicorn's accesses slow down as its regions multiply)."""
+        absent = self.machine.memory.absent
+        if absent.generation != self._absent_generation:
+            self._absent_generation = absent.generation
+            new = np.zeros_like(self._unmapped)
+            new[absent.absent_chunks()] = True
+            new &= ~self._unmapped
+            for first, end in _runs(new):
+                self.uc.mem_unmap(*self._chunk_range(first, end))
+            self._unmapped |= new
+        elif not absent.count and self._unmapped.any():
+            for first, end in _runs(~self._unmapped):
+                self.uc.mem_unmap(*self._chunk_range(first, end))
+            mem = self.machine.memory
+            self.uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
+            self._unmapped[:] = False
+
+    def _chunk_range(self, first: int, end: int) -> tuple[int, int]:
+        """Machine address and size of chunks [first, end)."""
+        base = first << (CHUNK_SHIFT + PAGE_SHIFT)
+        top = min(end << (CHUNK_SHIFT + PAGE_SHIFT), self.machine.memory.size)
+        return base, top - base
+
+    def map_chunk(self, chunk: int) -> bool:
+        """Fill an unmapped chunk's absent frames and map it in this engine;
+        False if this engine has it mapped already."""
+        if not 0 <= chunk < self._unmapped.size or not self._unmapped[chunk]:
+            return False
+        mem = self.machine.memory
+        mem.absent.populate_chunk(chunk)
+        base, size = self._chunk_range(chunk, chunk + 1)
+        self.uc.mem_map_ptr(base, size, UC_PROT_ALL, mem.host_addr + base)
+        self._unmapped[chunk] = False
+        return True
+
+    def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
+                     ud: Any) -> bool:
+        """A load, store or fetch reached an unmapped chunk: fill it, map it
+        and let the access go on (False: no memory there at all)."""
+        return self.map_chunk(address >> (CHUNK_SHIFT + PAGE_SHIFT))
+
+    def fill_walk(self, cr2: int) -> bool:
+        """The MMU reads an unmapped chunk as zeros, so a #PF may only mean
+        that the walk for ``cr2`` crossed one: walk it here (the tables' and
+        the leaf's chunks), filling and mapping each unmapped one. True if
+        any was: the fault is not the guest's."""
+        if not self._unmapped.any():
+            return False
+        mem = self.machine.memory
+        table = self.cr3.read() >> PAGE_SHIFT
+        filled = False
+        for shift in (39, 30, 21, 12, 0):
+            filled |= self.map_chunk(table >> CHUNK_SHIFT)
+            if not shift:
+                break
+            mem.populate(table)
+            pte = int(mem.u64[(table << 9) | ((cr2 >> shift) & 511)])
+            if not pte & _PAGE_PRESENT:
+                break
+            table = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
+        return filled
 
     # --- device memory ---------------------------------------------------------------
 
@@ -467,3 +568,9 @@ class Vcpu:
                 pass
         self._hooks.clear()
         self.env.free()
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """The [first, end) runs of True in a bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))

@@ -103,6 +103,8 @@ class FrameTable:
         self.validated[mfns] = False
         self.allocated[mfns] = True
         self.linear[mfns] = 0
+        # a new allocation's contents are its taker's: nothing left to fetch
+        self.memory.absent.discard(mfns)
         if zero:
             self.memory.u64.reshape(self.nr_frames, -1)[mfns] = 0
 
@@ -146,6 +148,7 @@ class FrameTable:
         self.allocated[mfn] = False
         self.xenheap[mfn] = False
         self.linear[mfn] = 0
+        self.memory.absent.discard(mfn)  # a freed frame's contents are nobody's
         if self.m2p is not None:
             self.m2p[mfn] = INVALID_MFN
         self._free.append(mfn)

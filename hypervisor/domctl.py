@@ -336,6 +336,40 @@ def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,
         hv.machine.paging.mark_pfn_dirty(dom.domid, pfn)
 
 
+def mem_paging_setup(hv: Hypervisor, fetch: Callable[[np.ndarray], None] | None,
+                     background: int = 0) -> None:
+    """The pager of absent frames (Xen's xenpaging on its vm_event ring):
+    ``fetch(mfns)`` writes the contents of absent frames (with ``write_absent``)
+    when anything touches them, and ``background`` of them are filled
+    between slices whether touched or not. None: no pager."""
+    absent = hv.machine.memory.absent
+    absent.register(fetch)
+    absent.background = background
+
+
+def mem_paging_evict(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> None:
+    """Mark the domain's frames ``mfns`` absent (xc_mem_paging_populate_evicted:
+    frames populated straight into the paged-out state): the pager fills each
+    before anything reads or writes it."""
+    mfns = np.asarray(mfns, dtype=np.int64)
+    _check_owned(hv, dom, mfns)
+    hv.machine.memory.absent.mark_absent(mfns)
+    hv.machine.walker.flush()
+    dom.flush_tlbs()
+
+
+def write_absent(hv: Hypervisor, mfns: np.ndarray, pages: np.ndarray) -> None:
+    """The pager's copy into absent frames (UFFDIO_COPY, the paging op
+    ``prep``): rows of 512 u64, written without waking the pager again."""
+    hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE)[mfns] = pages
+
+
+def mem_paging_stats(hv: Hypervisor) -> tuple[int, int, int]:
+    """(frames still absent, frames the pager filled, its calls)."""
+    absent = hv.machine.memory.absent
+    return absent.count, absent.fetched, absent.fetch_calls
+
+
 def map_m2p(hv: Hypervisor) -> np.ndarray:
     """xc_map_m2p: the machine-to-phys table, read-only."""
     view = hv.machine.m2p.view()

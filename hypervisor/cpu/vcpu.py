@@ -67,7 +67,7 @@ from hypervisor.cpu.ucfast import (
     gpr_file,
 )
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
-from hypervisor.mm.absent import CHUNK_SHIFT
+from hypervisor.mm.absent import CHUNK_SHIFT, AbsentFrames
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.mm.walker import PFEC_WRITE, GuestFault, addr_ok
 from hypervisor.public.arch_x86 import (
@@ -404,7 +404,8 @@ class Vcpu:
         while self._walk_filled:
             self._walk_filled = False
             if budget:
-                self.slice_base += self.counter.retired(self._budget)
+                # the counter counted the faulting instruction, which runs again
+                self.slice_base += self.counter.retired(self._budget) - 1
                 if self.slice_base >= budget:
                     return
             self.env.clear_old_exception()
@@ -485,6 +486,17 @@ class Vcpu:
         this engine last looked, or map all memory back as one region once no
         frame is absent (Unicorn's accesses slow down as its regions multiply)."""
         absent = self.machine.memory.absent
+        if absent.generation == self._absent_generation and (
+                absent.count or not self._unmapped.any()):
+            return
+        # Unicorn drops the translations of what it unmaps at the current CPL
+        # and CR3, which may swallow a #PF: keep CR2 and forget that fault
+        cr2 = self.uc.reg_read(UC_X86_REG_CR2)
+        self._remap(absent)
+        self.uc.reg_write(UC_X86_REG_CR2, cr2)
+        self.env.clear_old_exception()
+
+    def _remap(self, absent: AbsentFrames) -> None:
         if absent.generation != self._absent_generation:
             self._absent_generation = absent.generation
             new = np.zeros_like(self._unmapped)

@@ -51,6 +51,8 @@ class AbsentFrames:
         self.fetch: Fetch | None = None
         self.fetched = 0           # frames the handler filled
         self.fetch_calls = 0       # its calls (a batch is one)
+        self.background = 0        # frames the background pass fills between slices
+        self._cursor = 0           # where it goes on from
 
     def register(self, fetch: Fetch | None) -> None:
         """The handler that fills absent frames (None: none; an access to an
@@ -122,12 +124,23 @@ class AbsentFrames:
 
     def populate_some(self, limit: int) -> int:
         """Up to ``limit`` absent frames, lowest first: a background pass's
-        step. Returns how many it filled."""
+        step (QEMU's eager thread beside its fault thread). Returns how many
+        it filled."""
         if not self.count:
             return 0
-        mfns = np.flatnonzero(self.absent)[:limit]
+        start = self._cursor
+        mfns = start + np.flatnonzero(self.absent[start:])[:limit]
+        if not mfns.size:  # a frame below the cursor was marked absent again
+            self._cursor = 0
+            return self.populate_some(limit)
+        self._cursor = int(mfns[-1])
         self.populate_many(mfns)
         return int(mfns.size)
+
+    def background_step(self) -> None:
+        """Between slices: ``background`` frames (0: no background pass)."""
+        if self.count and self.background:
+            self.populate_some(self.background)
 
     def absent_chunks(self) -> np.ndarray:
         """Chunks that hold an absent frame."""

@@ -37,6 +37,9 @@ from unicorn import (
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
     UC_HOOK_MEM_UNMAPPED,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_READ_UNMAPPED,
+    UC_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
     UC_PROT_ALL,
     Uc,
@@ -104,6 +107,8 @@ X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
 # ``until - 1`` when emu_start ends, which here is a swallowed #GP that Run
 # clears (else the guest's next #GP or #PF would arrive as a #DF).
 NEVER_REACHED = 0x8000_0000_0000_0000
+_ACCESS_KIND = {UC_MEM_READ_UNMAPPED: "read", UC_MEM_WRITE_UNMAPPED: "write",
+                UC_MEM_FETCH_UNMAPPED: "fetch"}
 
 
 class DeviceBus(Protocol):
@@ -534,27 +539,31 @@ class Vcpu:
                      ud: Any) -> bool:
         """A load, store or fetch reached an unmapped chunk: fill it, map it
         and let the access go on (False: no memory there at all)."""
-        return self.map_chunk(address >> (CHUNK_SHIFT + PAGE_SHIFT))
+        if not self.map_chunk(address >> (CHUNK_SHIFT + PAGE_SHIFT)):
+            return False
+        self.machine.memory.absent.faults[_ACCESS_KIND.get(access, "read")] += 1
+        return True
 
     def fill_walk(self, cr2: int) -> bool:
         """The MMU reads an unmapped chunk as zeros, so a #PF may only mean
-        that the walk for ``cr2`` crossed one: walk it here (the tables' and
-        the leaf's chunks), filling and mapping each unmapped one. True if
-        any was: the fault is not the guest's."""
+        that the walk for ``cr2`` crossed one: walk it here, filling and
+        mapping the tables' unmapped chunks (the leaf's, if unmapped, is the
+        unmapped-memory hook's when the access runs again). True if any was:
+        the fault is not the guest's."""
         if not self._unmapped.any():
             return False
         mem = self.machine.memory
         table = self.cr3.read() >> PAGE_SHIFT
         filled = False
-        for shift in (39, 30, 21, 12, 0):
+        for shift in (39, 30, 21, 12):
             filled |= self.map_chunk(table >> CHUNK_SHIFT)
-            if not shift:
-                break
             mem.populate(table)
             pte = int(mem.u64[(table << 9) | ((cr2 >> shift) & 511)])
             if not pte & _PAGE_PRESENT:
                 break
             table = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if filled:
+            mem.absent.faults["walk"] += 1
         return filled
 
     # --- device memory ---------------------------------------------------------------

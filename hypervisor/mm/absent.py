@@ -52,6 +52,9 @@ class AbsentFrames:
         self.fetched = 0           # frames the handler filled
         self.fetch_calls = 0       # its calls (a batch is one)
         self.background = 0        # frames the background pass fills between slices
+        # the VCPUs' faults served, by kind: "read", "write", "fetch" (an
+        # access to an unmapped chunk) and "walk" (the MMU's walk crossed one)
+        self.faults = dict.fromkeys(("read", "write", "fetch", "walk"), 0)
         self._cursor = 0           # where it goes on from
 
     def register(self, fetch: Fetch | None) -> None:

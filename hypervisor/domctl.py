@@ -332,8 +332,9 @@ def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,
     mfns = np.asarray(mfns, dtype=np.int64)
     _check_owned(hv, dom, mfns)
     hv.machine.m2p[mfns] = np.asarray(pfns, dtype=np.uint64)
-    for pfn in np.asarray(pfns, dtype=np.uint64).tolist():
-        hv.machine.paging.mark_pfn_dirty(dom.domid, pfn)
+    if dom.domid in hv.machine.paging.logs:  # log-dirty on: each pfn is marked
+        for pfn in np.asarray(pfns, dtype=np.uint64).tolist():
+            hv.machine.paging.mark_pfn_dirty(dom.domid, pfn)
 
 
 def mem_paging_setup(hv: Hypervisor, fetch: Callable[[np.ndarray], None] | None,

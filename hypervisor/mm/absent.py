@@ -70,7 +70,8 @@ class AbsentFrames:
         if not mfns.size:
             return
         self.absent[mfns] = True
-        np.add.at(self.chunk_absent, mfns >> CHUNK_SHIFT, 1)
+        self.chunk_absent += np.bincount(mfns >> CHUNK_SHIFT,
+                                         minlength=self.chunk_absent.size).astype(np.int32)
         self.count += int(mfns.size)
         self.generation += 1
 

@@ -174,7 +174,8 @@ class Vcpu:
         self.machine = machine
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         mem = machine.memory
-        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
+        # machine memory is mapped at the first slice (sync_absent): as one
+        # region, or without the chunks that hold an absent frame
         # env->regs[] in place: a load or store here is what uc_reg_read/write do;
         # if the search fails twice, the same through the library calls (slower)
         gprs = gpr_file(uc)
@@ -192,8 +193,8 @@ class Vcpu:
         # chunks of machine memory this engine has unmapped because they hold
         # an absent frame (hypervisor/mm/absent.py), and the absent set's
         # generation it last followed
-        self._unmapped = np.zeros(len(mem.absent.chunk_absent), dtype=bool)
-        self._absent_generation = 0
+        self._unmapped = np.ones(len(mem.absent.chunk_absent), dtype=bool)
+        self._absent_generation = -1
         self._walk_filled = False
 
         # Xen's per-vcpu PV state (struct pv_vcpu)
@@ -488,8 +489,9 @@ class Vcpu:
 
     def sync_absent(self) -> None:
         """Between slices: unmap the chunks that gained an absent frame since
-        this engine last looked, or map all memory back as one region once no
-        frame is absent (Unicorn's accesses slow down as its regions multiply)."""
+        this engine last looked and map those that lost theirs, or map all
+        memory as one region once no frame is absent (Unicorn's changes to its
+        map slow down as its regions multiply). The first slice maps memory."""
         absent = self.machine.memory.absent
         if absent.generation == self._absent_generation and (
                 absent.count or not self._unmapped.any()):
@@ -502,20 +504,23 @@ class Vcpu:
         self.env.clear_old_exception()
 
     def _remap(self, absent: AbsentFrames) -> None:
-        if absent.generation != self._absent_generation:
-            self._absent_generation = absent.generation
-            new = np.zeros_like(self._unmapped)
-            new[absent.absent_chunks()] = True
-            new &= ~self._unmapped
-            for first, end in _runs(new):
-                self.uc.mem_unmap(*self._chunk_range(first, end))
-            self._unmapped |= new
-        elif not absent.count and self._unmapped.any():
+        absent_now = np.zeros_like(self._unmapped)
+        absent_now[absent.absent_chunks()] = True
+        for first, end in _runs(absent_now & ~self._unmapped):
+            self.uc.mem_unmap(*self._chunk_range(first, end))
+        self._unmapped |= absent_now
+        self._absent_generation = absent.generation
+        mem = self.machine.memory
+        if not absent.count:  # all here: memory as one region again
             for first, end in _runs(~self._unmapped):
                 self.uc.mem_unmap(*self._chunk_range(first, end))
-            mem = self.machine.memory
             self.uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
             self._unmapped[:] = False
+            return
+        for first, end in _runs(self._unmapped & ~absent_now):
+            base, size = self._chunk_range(first, end)
+            self.uc.mem_map_ptr(base, size, UC_PROT_ALL, mem.host_addr + base)
+        self._unmapped = absent_now
 
     def _chunk_range(self, first: int, end: int) -> tuple[int, int]:
         """Machine address and size of chunks [first, end)."""

@@ -65,8 +65,9 @@ class AbsentFrames:
     def mark_absent(self, mfns: np.ndarray) -> None:
         """These frames' contents are not here yet (p2m_mem_paging_evict, or
         xc_mem_paging_populate_evicted for a frame that never had them)."""
-        mfns = np.unique(np.asarray(mfns, dtype=np.int64))
-        mfns = mfns[~self.absent[mfns]]
+        wanted = np.zeros(self.nr_frames, dtype=bool)
+        wanted[np.asarray(mfns, dtype=np.int64)] = True
+        mfns = np.flatnonzero(wanted & ~self.absent)
         if not mfns.size:
             return
         self.absent[mfns] = True
@@ -87,7 +88,8 @@ class AbsentFrames:
         if not mfns.size:
             return
         self.absent[mfns] = False
-        np.subtract.at(self.chunk_absent, mfns >> CHUNK_SHIFT, 1)
+        self.chunk_absent -= np.bincount(mfns >> CHUNK_SHIFT,
+                                         minlength=self.chunk_absent.size).astype(np.int32)
         self.count -= int(mfns.size)
 
     # --- filling -------------------------------------------------------------------

@@ -107,6 +107,7 @@ X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
 # ``until - 1`` when emu_start ends, which here is a swallowed #GP that Run
 # clears (else the guest's next #GP or #PF would arrive as a #DF).
 NEVER_REACHED = 0x8000_0000_0000_0000
+CHUNK_BYTES = 1 << (CHUNK_SHIFT + PAGE_SHIFT)
 _ACCESS_KIND = {UC_MEM_READ_UNMAPPED: "read", UC_MEM_WRITE_UNMAPPED: "write",
                 UC_MEM_FETCH_UNMAPPED: "fetch"}
 
@@ -175,7 +176,10 @@ class Vcpu:
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         mem = machine.memory
         # machine memory is mapped at the first slice (sync_absent): as one
-        # region, or without the chunks that hold an absent frame
+        # region, or without the chunks that hold an absent frame. The first
+        # chunk now, so that the engine is set up before its register file is
+        # searched for (Unicorn builds its CPU on the first mapping)
+        uc.mem_map_ptr(0, min(mem.size, CHUNK_BYTES), UC_PROT_ALL, mem.host_addr)
         # env->regs[] in place: a load or store here is what uc_reg_read/write do;
         # if the search fails twice, the same through the library calls (slower)
         gprs = gpr_file(uc)
@@ -194,6 +198,7 @@ class Vcpu:
         # an absent frame (hypervisor/mm/absent.py), and the absent set's
         # generation it last followed
         self._unmapped = np.ones(len(mem.absent.chunk_absent), dtype=bool)
+        self._unmapped[0] = False
         self._absent_generation = -1
         self._walk_filled = False
 
@@ -382,6 +387,7 @@ class Vcpu:
             start = BOOT_STUB_VA
             self.fresh = False
         self.slice_base = 0
+        self._walk_filled = False  # (a debugger's pieces end at such a stop instead)
         self.sync_absent()
         try:
             if self.debug is None:

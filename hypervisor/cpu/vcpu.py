@@ -174,12 +174,7 @@ class Vcpu:
         self.vcpu_id = vcpu_id
         self.machine = machine
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        mem = machine.memory
-        # machine memory is mapped at the first slice (sync_absent): as one
-        # region, or without the chunks that hold an absent frame. The first
-        # chunk now, so that the engine is set up before its register file is
-        # searched for (Unicorn builds its CPU on the first mapping)
-        uc.mem_map_ptr(0, min(mem.size, CHUNK_BYTES), UC_PROT_ALL, mem.host_addr)
+        self._init_absent()
         # env->regs[] in place: a load or store here is what uc_reg_read/write do;
         # if the search fails twice, the same through the library calls (slower)
         gprs = gpr_file(uc)
@@ -194,13 +189,6 @@ class Vcpu:
         self.cr3 = FastReg(uc, UC_X86_REG_CR3)
         self.counter = InsnCounter(uc)
         self.env = CpuEnv(uc)
-        # chunks of machine memory this engine has unmapped because they hold
-        # an absent frame (hypervisor/mm/absent.py), and the absent set's
-        # generation it last followed
-        self._unmapped = np.ones(len(mem.absent.chunk_absent), dtype=bool)
-        self._unmapped[0] = False
-        self._absent_generation = -1
-        self._walk_filled = False
 
         # Xen's per-vcpu PV state (struct pv_vcpu)
         self.online = False
@@ -256,6 +244,21 @@ class Vcpu:
         self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0,
                                        UC_X86_INS_CPUID))
         self._hooks.append(uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped))
+
+    def _init_absent(self) -> None:
+        """Machine memory is mapped at the first slice (sync_absent): as one
+        region, or without the chunks that hold an absent frame
+        (hypervisor/mm/absent.py). The first chunk now, so that the engine is
+        set up before its register file is searched for (Unicorn builds its
+        CPU on the first mapping)."""
+        mem = self.machine.memory
+        self.uc.mem_map_ptr(0, min(mem.size, CHUNK_BYTES), UC_PROT_ALL, mem.host_addr)
+        # the chunks this engine has unmapped, and the absent set's
+        # generation it last followed
+        self._unmapped = np.ones(len(mem.absent.chunk_absent), dtype=bool)
+        self._unmapped[0] = False
+        self._absent_generation = -1
+        self._walk_filled = False
 
     def bind_native(self, begin: int, end: int, callback: Any) -> None:
         """Run ``callback(vcpu, addr)`` whenever the VCPU, in guest kernel mode,

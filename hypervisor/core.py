@@ -86,6 +86,7 @@ class Hypervisor:
         self.scheduler = Scheduler(self.domains, self.return_to_guest, clock, slice_insns,
                                    slice_us, seed if sched_seed is None else sched_seed)
         self.machine.types.on_type_change = self._type_changed
+        self.scheduler.between_slices.append(self.machine.memory.absent.background_step)
         self.machine.types.iomem_permitted = self._iomem_permitted
         self.machine.types.validators[PageType.seg_desc] = segdesc_validator(self.machine.memory)
         self.bus = MmioBus()

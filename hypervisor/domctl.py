@@ -332,8 +332,43 @@ def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,
     mfns = np.asarray(mfns, dtype=np.int64)
     _check_owned(hv, dom, mfns)
     hv.machine.m2p[mfns] = np.asarray(pfns, dtype=np.uint64)
-    for pfn in np.asarray(pfns, dtype=np.uint64).tolist():
-        hv.machine.paging.mark_pfn_dirty(dom.domid, pfn)
+    if dom.domid in hv.machine.paging.logs:  # log-dirty on: each pfn is marked
+        for pfn in np.asarray(pfns, dtype=np.uint64).tolist():
+            hv.machine.paging.mark_pfn_dirty(dom.domid, pfn)
+
+
+def mem_paging_setup(hv: Hypervisor, fetch: Callable[[np.ndarray], None] | None,
+                     background: int = 0) -> None:
+    """The pager of absent frames (Xen's xenpaging on its vm_event ring):
+    ``fetch(mfns)`` writes the contents of absent frames (with ``write_absent``)
+    when anything touches them, and ``background`` of them are filled
+    between slices whether touched or not. None: no pager."""
+    absent = hv.machine.memory.absent
+    absent.register(fetch)
+    absent.background = background
+
+
+def mem_paging_evict(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> None:
+    """Mark the domain's frames ``mfns`` absent (xc_mem_paging_populate_evicted:
+    frames populated straight into the paged-out state): the pager fills each
+    before anything reads or writes it."""
+    mfns = np.asarray(mfns, dtype=np.int64)
+    _check_owned(hv, dom, mfns)
+    hv.machine.memory.absent.mark_absent(mfns)
+    hv.machine.walker.flush()
+    dom.flush_tlbs()
+
+
+def write_absent(hv: Hypervisor, mfns: np.ndarray, pages: np.ndarray) -> None:
+    """The pager's copy into absent frames (UFFDIO_COPY, the paging op
+    ``prep``): rows of 512 u64, written without waking the pager again."""
+    hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE)[mfns] = pages
+
+
+def mem_paging_stats(hv: Hypervisor) -> tuple[int, int, int]:
+    """(frames still absent, frames the pager filled, its calls)."""
+    absent = hv.machine.memory.absent
+    return absent.count, absent.fetched, absent.fetch_calls
 
 
 def map_m2p(hv: Hypervisor) -> np.ndarray:
@@ -494,6 +529,7 @@ def map_foreign_bulk(hv: Hypervisor, dom: Domain, mfns: Sequence[int] | np.ndarr
     its frames by mfn); a frame it does not own is refused (EPERM)."""
     mfns = np.asarray(mfns, dtype=np.int64).reshape(-1)
     _check_owned(hv, dom, mfns)
+    hv.machine.memory.populate_many(mfns)  # a mapping sees the frames' contents
     return ForeignMap(hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE), mfns,
                       hv.machine.paging.as_written)
 
@@ -508,6 +544,7 @@ def map_struct(hv: Hypervisor, dom: Domain, mfn: int, struct: type[ctypes.Struct
                ) -> Any:
     """A frame of the domain mapped as a ctypes struct (start_info, say)."""
     _check_owned(hv, dom, np.array([mfn], dtype=np.int64))
+    hv.machine.memory.populate(mfn)
     return struct.from_buffer(hv.machine.memory.buf, mfn << PAGE_SHIFT)
 
 

@@ -129,6 +129,9 @@ class Scheduler:
         self._seq = itertools.count()
         self._timer_now: int | None = None
         self.stalled = ""  # why the last run stopped with no progress possible
+        # host work done between slices, a bounded amount each time (the
+        # background fill of absent frames): registered, never named here
+        self.between_slices: list[Callable[[], None]] = []
 
     # --- host timers -------------------------------------------------------------------
 
@@ -299,3 +302,5 @@ class Scheduler:
             end = v.clock if self.deterministic else self.host_now()
             v.runstate.change(RUNSTATE_blocked if v.blocked else RUNSTATE_runnable
                               if v.online else RUNSTATE_offline, end)
+        for work in self.between_slices:
+            work()

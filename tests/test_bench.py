@@ -89,3 +89,11 @@ def test_daemon_live_bench_runs():
                        env=checkout_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "plain median" in r.stdout and "x " in r.stdout
+
+
+def test_lazyrestore_bench_runs():
+    r = subprocess.run([sys.executable, "bench/lazyrestore.py", "--sizes", "16", "--repeat", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "lazy w/o check" in r.stdout and "mem_protect per frame" in r.stdout

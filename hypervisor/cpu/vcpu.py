@@ -30,11 +30,16 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import numpy as np
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_UNMAPPED,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_READ_UNMAPPED,
+    UC_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
     UC_PROT_ALL,
     Uc,
@@ -65,9 +70,16 @@ from hypervisor.cpu.ucfast import (
     gpr_file,
 )
 from hypervisor.machine import BOOT_STACK_VA, BOOT_STUB_VA, GDT_VA, Machine
+from hypervisor.mm.absent import CHUNK_SHIFT, AbsentFrames
 from hypervisor.mm.memory import PAGE_SHIFT, PAGE_SIZE
 from hypervisor.mm.walker import PFEC_WRITE, GuestFault, addr_ok
-from hypervisor.public.arch_x86 import MSR_SHADOW_GS_BASE, X86_EFLAGS_IF, X86_EFLAGS_MBS
+from hypervisor.public.arch_x86 import (
+    _PAGE_PRESENT,
+    MSR_SHADOW_GS_BASE,
+    PTE_FRAME_MASK,
+    X86_EFLAGS_IF,
+    X86_EFLAGS_MBS,
+)
 
 if TYPE_CHECKING:
     from hypervisor.domain import Domain
@@ -95,6 +107,9 @@ X86_EXC_DF, X86_EXC_GP, X86_EXC_PF = 8, 13, 14
 # ``until - 1`` when emu_start ends, which here is a swallowed #GP that Run
 # clears (else the guest's next #GP or #PF would arrive as a #DF).
 NEVER_REACHED = 0x8000_0000_0000_0000
+CHUNK_BYTES = 1 << (CHUNK_SHIFT + PAGE_SHIFT)
+_ACCESS_KIND = {UC_MEM_READ_UNMAPPED: "read", UC_MEM_WRITE_UNMAPPED: "write",
+                UC_MEM_FETCH_UNMAPPED: "fetch"}
 
 
 class DeviceBus(Protocol):
@@ -159,8 +174,7 @@ class Vcpu:
         self.vcpu_id = vcpu_id
         self.machine = machine
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        mem = machine.memory
-        uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
+        self._init_absent()
         # env->regs[] in place: a load or store here is what uc_reg_read/write do;
         # if the search fails twice, the same through the library calls (slower)
         gprs = gpr_file(uc)
@@ -229,6 +243,22 @@ class Vcpu:
         self._hooks.append(uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid))
         self._hooks.append(uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0,
                                        UC_X86_INS_CPUID))
+        self._hooks.append(uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped))
+
+    def _init_absent(self) -> None:
+        """Machine memory is mapped at the first slice (sync_absent): as one
+        region, or without the chunks that hold an absent frame
+        (hypervisor/mm/absent.py). The first chunk now, so that the engine is
+        set up before its register file is searched for (Unicorn builds its
+        CPU on the first mapping)."""
+        mem = self.machine.memory
+        self.uc.mem_map_ptr(0, min(mem.size, CHUNK_BYTES), UC_PROT_ALL, mem.host_addr)
+        # the chunks this engine has unmapped, and the absent set's
+        # generation it last followed
+        self._unmapped = np.ones(len(mem.absent.chunk_absent), dtype=bool)
+        self._unmapped[0] = False
+        self._absent_generation = -1
+        self._walk_filled = False
 
     def bind_native(self, begin: int, end: int, callback: Any) -> None:
         """Run ``callback(vcpu, addr)`` whenever the VCPU, in guest kernel mode,
@@ -360,9 +390,11 @@ class Vcpu:
             start = BOOT_STUB_VA
             self.fresh = False
         self.slice_base = 0
+        self._walk_filled = False  # (a debugger's pieces end at such a stop instead)
+        self.sync_absent()
         try:
             if self.debug is None:
-                self.emulate(start, timeout_us, budget)
+                self.emulate_filling(start, timeout_us, budget)
             else:
                 self.debug.run_slice(self, start, timeout_us, budget)
         except UcError as e:
@@ -378,6 +410,21 @@ class Vcpu:
         """Run the engine from ``start``: a slice, or a piece of one."""
         self._budget = budget
         self.uc.emu_start(start, NEVER_REACHED, timeout_us, budget)
+
+    def emulate_filling(self, start: int, timeout_us: int, budget: int) -> None:
+        """A slice, run on in the same slice after each stop the MMU's walk
+        made on an absent chunk (filled in the fault hook): the guest sees
+        neither the fault nor a slice boundary there."""
+        self.emulate(start, timeout_us, budget)
+        while self._walk_filled:
+            self._walk_filled = False
+            if budget:
+                # the counter counted the faulting instruction, which runs again
+                self.slice_base += self.counter.retired(self._budget) - 1
+                if self.slice_base >= budget:
+                    return
+            self.env.clear_old_exception()
+            self.emulate(self.rip.read(), timeout_us, budget - self.slice_base if budget else 0)
 
     def end_piece(self) -> None:
         """A piece of the slice is over and counted in slice_base (a stop for
@@ -424,6 +471,9 @@ class Vcpu:
                     and cr2 == self.rip.read()):
                 self.native_call(self, cr2)
                 return
+            if intno == X86_EXC_PF and self.fill_walk(cr2):
+                self._walk_filled = True  # the instruction again, same slice
+                return
             if intno == X86_EXC_PF:
                 exits.do_page_fault(self, err, cr2)
             else:
@@ -443,6 +493,92 @@ class Vcpu:
     def _on_cpuid(self, uc: Uc, ud: Any) -> int:
         """1: the hypervisor answered the leaf; 0: the CPU runs it."""
         return 1 if self.exits.cpuid(self) else 0
+
+    # --- absent frames ---------------------------------------------------------------
+
+    def sync_absent(self) -> None:
+        """Between slices: unmap the chunks that gained an absent frame since
+        this engine last looked and map those that lost theirs, or map all
+        memory as one region once no frame is absent (Unicorn's changes to its
+        map slow down as its regions multiply). The first slice maps memory."""
+        absent = self.machine.memory.absent
+        if absent.generation == self._absent_generation and (
+                absent.count or not self._unmapped.any()):
+            return
+        # Unicorn drops the translations of what it unmaps at the current CPL
+        # and CR3, which may swallow a #PF: keep CR2 and forget that fault
+        cr2 = self.uc.reg_read(UC_X86_REG_CR2)
+        self._remap(absent)
+        self.uc.reg_write(UC_X86_REG_CR2, cr2)
+        self.env.clear_old_exception()
+
+    def _remap(self, absent: AbsentFrames) -> None:
+        absent_now = np.zeros_like(self._unmapped)
+        absent_now[absent.absent_chunks()] = True
+        for first, end in _runs(absent_now & ~self._unmapped):
+            self.uc.mem_unmap(*self._chunk_range(first, end))
+        self._unmapped |= absent_now
+        self._absent_generation = absent.generation
+        mem = self.machine.memory
+        if not absent.count:  # all here: memory as one region again
+            for first, end in _runs(~self._unmapped):
+                self.uc.mem_unmap(*self._chunk_range(first, end))
+            self.uc.mem_map_ptr(0, mem.size, UC_PROT_ALL, mem.host_addr)
+            self._unmapped[:] = False
+            return
+        for first, end in _runs(self._unmapped & ~absent_now):
+            base, size = self._chunk_range(first, end)
+            self.uc.mem_map_ptr(base, size, UC_PROT_ALL, mem.host_addr + base)
+        self._unmapped = absent_now
+
+    def _chunk_range(self, first: int, end: int) -> tuple[int, int]:
+        """Machine address and size of chunks [first, end)."""
+        base = first << (CHUNK_SHIFT + PAGE_SHIFT)
+        top = min(end << (CHUNK_SHIFT + PAGE_SHIFT), self.machine.memory.size)
+        return base, top - base
+
+    def map_chunk(self, chunk: int) -> bool:
+        """Fill an unmapped chunk's absent frames and map it in this engine;
+        False if this engine has it mapped already."""
+        if not 0 <= chunk < self._unmapped.size or not self._unmapped[chunk]:
+            return False
+        mem = self.machine.memory
+        mem.absent.populate_chunk(chunk)
+        base, size = self._chunk_range(chunk, chunk + 1)
+        self.uc.mem_map_ptr(base, size, UC_PROT_ALL, mem.host_addr + base)
+        self._unmapped[chunk] = False
+        return True
+
+    def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
+                     ud: Any) -> bool:
+        """A load, store or fetch reached an unmapped chunk: fill it, map it
+        and let the access go on (False: no memory there at all)."""
+        if not self.map_chunk(address >> (CHUNK_SHIFT + PAGE_SHIFT)):
+            return False
+        self.machine.memory.absent.faults[_ACCESS_KIND.get(access, "read")] += 1
+        return True
+
+    def fill_walk(self, cr2: int) -> bool:
+        """The MMU reads an unmapped chunk as zeros, so a #PF may only mean
+        that the walk for ``cr2`` crossed one: walk it here, filling and
+        mapping the tables' unmapped chunks (the leaf's, if unmapped, is the
+        unmapped-memory hook's when the access runs again). True if any was:
+        the fault is not the guest's."""
+        if not self._unmapped.any():
+            return False
+        mem = self.machine.memory
+        table = self.cr3.read() >> PAGE_SHIFT
+        filled = False
+        for shift in (39, 30, 21, 12):
+            filled |= self.map_chunk(table >> CHUNK_SHIFT)
+            mem.populate(table)
+            pte = int(mem.u64[(table << 9) | ((cr2 >> shift) & 511)])
+            if not pte & _PAGE_PRESENT:
+                break
+            table = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
+        if filled:
+            mem.absent.faults["walk"] += 1
+        return filled
 
     # --- device memory ---------------------------------------------------------------
 
@@ -467,3 +603,9 @@ class Vcpu:
                 pass
         self._hooks.clear()
         self.env.free()
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """The [first, end) runs of True in a bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))

@@ -106,6 +106,8 @@ class FrameTable:
         self.validated[mfns] = False
         self.allocated[mfns] = True
         self.linear[mfns] = 0
+        # a new allocation's contents are its taker's: nothing left to fetch
+        self.memory.absent.discard(mfns)
         if zero:
             used = np.atleast_1d(mfns)
             used = used[~self.pristine[used]]
@@ -153,6 +155,7 @@ class FrameTable:
         self.allocated[mfn] = False
         self.xenheap[mfn] = False
         self.linear[mfn] = 0
+        self.memory.absent.discard(mfn)  # a freed frame's contents are nobody's
         if self.m2p is not None:
             self.m2p[mfn] = INVALID_MFN
         self._free.append(mfn)

@@ -202,6 +202,7 @@ class Paging:
         the frames they map (``mark``) and remembering the bits for the guest."""
         if not l1s.size:
             return
+        self.memory.populate_many(l1s)
         rows = self.memory.u64.reshape(-1, ENTRIES_PER_TABLE)
         tables = rows[l1s]
         written = self._written(domid, tables)

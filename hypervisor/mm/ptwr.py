@@ -128,6 +128,7 @@ class Ptwr:
         maddr = self.mmu.machine.walker.l1e_maddr(vcpu.guest_table, va)
         if maddr is None:
             return None
+        self.memory.populate(maddr >> 12)
         pte = int(self.memory.u64[maddr >> 3])
         if pte & (_PAGE_PRESENT | _PAGE_RW) != _PAGE_PRESENT:
             return None

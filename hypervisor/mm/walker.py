@@ -82,9 +82,12 @@ class Walker:
                 self.on_write(hit[0])
             return (hit[0] << PAGE_SHIFT) | (va & 0xFFF)
         u64 = self.u64
+        absent = self.memory.absent
         table = cr3_mfn
         writable = True
         for shift in (39, 30, 21, 12):
+            if absent.count:  # a table not here yet is fetched before it is read
+                absent.populate(table)
             pte = int(u64[(table << 9) | ((va >> shift) & 511)])
             if not pte & _PAGE_PRESENT:
                 raise GuestFault(va, PFEC_WRITE if write else 0)
@@ -94,6 +97,8 @@ class Walker:
             table = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
         if write and not writable:
             raise GuestFault(va, PFEC_PRESENT | PFEC_WRITE)
+        if absent.count:  # the TLB caches only frames that are here
+            absent.populate(table)
         self.tlb[key] = (table, writable)
         if write and self.on_write is not None:
             self.on_write(table)
@@ -106,8 +111,11 @@ class Walker:
         if not addr_ok(va):
             return None
         u64 = self.u64
+        absent = self.memory.absent
         table = cr3_mfn
         for shift in (39, 30, 21):
+            if absent.count:
+                absent.populate(table)
             pte = int(u64[(table << 9) | ((va >> shift) & 511)])
             if not pte & _PAGE_PRESENT or pte & _PAGE_PSE:
                 return None

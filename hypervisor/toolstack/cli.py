@@ -485,6 +485,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     _save_request(args.request, args.until)
     clock = "fast" if args.console and not args.deterministic else "deterministic"
     _gdb_needs_counted_slices(args, clock)
+    if args.lazy:
+        return _restore_lazy(args, clock)
     hv, dom, stats = restore_image(args.image, seed=args.seed, clock=clock,
                                    progress=ProgressBar("restoring"))
     _note(f"restored {args.image} as domain {dom.domid} ({dom.name}): {stats.pages} pages on "
@@ -492,6 +494,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
           f"{stats.pinned} pinned again, in {stats.total_s:.2f} s; its suspend hypercall "
           "returns 0")
     return _run_or_save(hv, dom, args.request, args)
+
+
+def _restore_lazy(args: argparse.Namespace, clock: str) -> int:
+    """``pvlab restore --lazy``: the guest runs once its tables and contexts
+    are in; its other pages come from the mapped image when touched."""
+    from hypervisor.toolstack.lazyrestore import restore_image_lazy
+    hv, dom, stats, image = restore_image_lazy(args.image, seed=args.seed, clock=clock)
+    try:
+        absent = domctl.mem_paging_stats(hv)[0]
+        _note(f"restored {args.image} lazily as domain {dom.domid} ({dom.name}): "
+              f"{stats.tables} pagetables localised and {stats.pages - stats.tables} pages "
+              f"read, {absent} pages left in the image, in {stats.total_s * 1e3:.1f} ms; "
+              "its suspend hypercall returns 0")
+        code = _run_or_save(hv, dom, args.request, args)
+        left, fetched, calls = domctl.mem_paging_stats(hv)
+        _note(f"lazy restore: {fetched} pages read from the image in {calls} batches, "
+              f"{left} never needed")
+        return code
+    finally:
+        image.close()
 
 
 def cmd_migrate_receive(args: argparse.Namespace) -> int:
@@ -849,6 +871,12 @@ def _add_restore(sub: Any) -> None:
     restore.add_argument("--seed", metavar="N", type=int,
                          help="seed of the new machine's frame shuffle (default: the saved "
                               "seed plus one, so that the frames differ)")
+    restore.add_argument("--lazy", action="store_true",
+                         help="start the guest once its pagetables, contexts and "
+                              "start_info are in, and read each other page from the image "
+                              "(mapped, held open) when it is first touched, a background "
+                              "pass filling the rest between slices; an image that changes "
+                              "meanwhile ends the guest (exit 1)")
     _request_args(restore)
     _gdb_arg(restore)
     _console_args(restore)

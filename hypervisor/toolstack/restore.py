@@ -157,7 +157,7 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
     machine sized for it). The seed shuffles the new frames: by default the
     saved one plus one, so that no pfn is likely to land on its old mfn.
     ``wire``: the image came over a migration's wire and has no digest."""
-    if not wire and _parent_of(Path(path)):
+    if not wire and is_increment(Path(path)):
         with materialised(Path(path)) as whole:  # an increment: read through its chain
             return restore_image(whole, seed, clock, hv, progress, wire=True)
     t0 = time.perf_counter()
@@ -189,7 +189,7 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
     return hv, dom, stats
 
 
-def _parent_of(path: Path) -> bool:
+def is_increment(path: Path) -> bool:
     """An incremental checkpoint (its config names a parent)? A file that is
     no image is left to the check to refuse."""
     try:

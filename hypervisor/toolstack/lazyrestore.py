@@ -1,0 +1,235 @@
+"""Lazy restore: run a saved image before its memory is in (``pvlab restore
+--lazy``), as Firecracker's snapshot load with a page-fault handler and QEMU's
+fast snapshot load (post-copy from a file) do.
+
+The image is checked whole first, as an eager restore checks it. Then, in a
+new domain:
+
+* every pfn gets its frame, in the eager restore's order (the same mfns for
+  the same seed), and the pages no copy gives data are zeroed;
+* the pagetables are read and localised at once (the MMU and the hypervisor's
+  walker need them; a VCPU's walk could not fault on a table here);
+* every other page is left *absent* (hypervisor/mm/absent.py) with the file
+  offset of its last copy: the pager registered here copies it from the image,
+  which is mapped (mmap), not read, when anything first touches it;
+* start_info, shared_info, the p2m list, the devices, the pins and the VCPUs
+  as in an eager restore (start_info's and the rings' pages are fetched
+  through the same mechanism when those steps touch them).
+
+The guest then runs, and a background pass between slices fills
+``BACKGROUND_FRAMES`` more each time (QEMU's eager thread), so the image can
+be let go once every frame is in.
+
+The image must not change underneath: it is opened before the check and held
+open; its size and modification time are read then, must be the same after
+the check (and the path must still name the file held open), and are read
+again before every fetch. A change is an ``ImageChanged``: refused before the
+guest runs, the end of the guest after (its memory can no longer be trusted).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hypervisor import domctl
+from hypervisor.domctl import Domain, DomctlError, Hypervisor, KernelError, OutOfMemory
+from hypervisor.public.xen import PAGE_SIZE
+from hypervisor.toolstack import pfinfo
+from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.restore import (
+    RestoreContext,
+    RestoreError,
+    RestoreStats,
+    complete,
+    is_increment,
+    localise_page,
+    machine_for,
+    populate_pfns,
+)
+
+BACKGROUND_FRAMES = 64  # frames the background pass fills between two slices
+
+
+class ImageChanged(RestoreError):
+    """The image changed while a lazily restored guest still reads it."""
+
+
+@dataclass(frozen=True)
+class FileId:
+    """What says a file is the one checked: inode, size, modification time."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class LazyImage:
+    """The image held open and mapped, and the pager that reads it."""
+
+    def __init__(self, path: str, fd: int, checked: FileId) -> None:
+        self.path = path
+        self.fd = fd
+        self.checked = checked
+        self.map = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        self.u8 = np.frombuffer(self.map, dtype=np.uint8)
+        self.hv: Hypervisor | None = None
+        self.offset_of: np.ndarray = np.zeros(0, np.int64)  # per mfn; -1: none
+
+    def check_unchanged(self) -> None:
+        now = FileId.of(os.fstat(self.fd))
+        if now != self.checked:
+            raise ImageChanged(f"{self.path} changed while the guest was running from it "
+                               f"(size {self.checked.size} -> {now.size}, mtime changed: "
+                               f"{now.mtime_ns != self.checked.mtime_ns}): its memory cannot "
+                               "be read any more")
+
+    def pages(self, offsets: np.ndarray) -> np.ndarray:
+        """Pages of the image at these file offsets, as rows of 512 u64."""
+        u8 = self.u8
+        out = np.empty((offsets.size, PAGE_SIZE), dtype=np.uint8)
+        for i, off in enumerate(offsets.tolist()):
+            out[i] = u8[off:off + PAGE_SIZE]
+        return out.view(np.uint64)
+
+    def fetch(self, mfns: np.ndarray) -> None:
+        """The pager: absent frames from their last copy in the image."""
+        self.check_unchanged()
+        offsets = self.offset_of[mfns]
+        assert (offsets >= 0).all(), "an absent frame with no page in the image"
+        assert self.hv is not None
+        domctl.write_absent(self.hv, mfns, self.pages(offsets))
+
+    def close(self) -> None:
+        """Let the image go (every frame is in, or the domain is gone)."""
+        if self.hv is not None and domctl.mem_paging_stats(self.hv)[0] == 0:
+            domctl.mem_paging_setup(self.hv, None)
+        self.u8 = np.zeros(0, np.uint8)
+        self.map.close()
+        os.close(self.fd)
+
+
+def open_checked(path: str | Path) -> tuple[LazyImage, ImageInfo]:
+    """Open the image, check it whole (scan_image, with its digest), and map
+    it, refusing a file that changed or was replaced meanwhile."""
+    p = str(path)
+    try:
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            raise ImageError(f"{p}: not a regular file")
+        fd = os.open(p, os.O_RDONLY)
+    except OSError as e:
+        raise ImageError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        before = FileId.of(os.fstat(fd))
+        info = scan_image(p)
+        if FileId.of(os.fstat(fd)) != before or FileId.of(os.stat(p)) != before:
+            raise ImageError(f"{p} changed while it was checked: not restored")
+        return LazyImage(p, fd, before), info
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def last_copies(info: ImageInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pfn sent with data: its last copy's file offset and type nibble
+    (the copy an eager restore leaves in the frame). Returns (pfns, offsets,
+    nibbles)."""
+    pfns, offsets, nibbles = [], [], []
+    for b in info.batches:
+        w = b.with_data
+        if w.any():
+            p = b.pfns[w]
+            pfns.append(p)
+            offsets.append(b.data_offset + PAGE_SIZE * np.arange(p.size, dtype=np.int64))
+            nibbles.append(b.nibbles[w])
+    if not pfns:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    allp, allo, alln = np.concatenate(pfns), np.concatenate(offsets), np.concatenate(nibbles)
+    uniq, first_in_reverse = np.unique(allp[::-1], return_index=True)
+    last = allp.size - 1 - first_in_reverse
+    return uniq, allo[last], alln[last]
+
+
+def restore_lazy(ctx: RestoreContext, image: LazyImage) -> None:
+    """populate_pfns, the tables now, the rest absent with the pager set,
+    then what follows the memory (restore.complete)."""
+    populate_pfns(ctx)
+    pfns, offsets, nibbles = last_copies(ctx.info)
+    table = pfinfo.is_table(nibbles)
+    mfns = ctx.p2m[pfns].astype(np.int64)
+    if table.any():
+        rows = localise_page(image.pages(offsets[table]), pfinfo.level(nibbles[table]),
+                             pfns[table], ctx.p2m)
+        domctl.map_foreign_bulk(ctx.hv, ctx.dom, mfns[table])[:] = rows
+        ctx.stats.tables += int(table.sum())
+    # the p2m list's frames are written whole by update_guest_p2m
+    lazy = ~table & ~np.isin(pfns, ctx.info.p2m_frame_pfns)
+    image.offset_of = np.full(ctx.hv.machine.nr_frames, -1, dtype=np.int64)
+    image.offset_of[mfns[lazy]] = offsets[lazy]
+    image.hv = ctx.hv
+    domctl.mem_paging_setup(ctx.hv, image.fetch, BACKGROUND_FRAMES)
+    domctl.mem_paging_evict(ctx.hv, ctx.dom, mfns[lazy])
+    eager = ~lazy & ~table
+    if eager.any():
+        domctl.map_foreign_bulk(ctx.hv, ctx.dom, mfns[eager])[:] = image.pages(offsets[eager])
+    ctx.stats.pages = int(table.sum() + eager.sum())
+    complete(ctx)
+
+
+def restore_image_lazy(path: str | Path, seed: int | None = None,
+                       clock: str = "deterministic", hv: Hypervisor | None = None,
+                       ) -> tuple[Hypervisor, Domain, RestoreStats, LazyImage]:
+    """Check the image, then restore it lazily into a new domain (on ``hv``,
+    or a new machine sized for it; the seed as restore_image takes it).
+    The caller closes the LazyImage once the domain is gone."""
+    t0 = time.perf_counter()
+    image, info = open_checked(path)
+    try:
+        if info.domain is None or not info.domain.get("pvlab_image"):
+            raise ImageError(f"{path}: no pvlab part in the xl header's config: a Xen "
+                             "image, which pvlab cannot run")
+        if is_increment(Path(path)):
+            raise ImageError(f"{path}: an incremental checkpoint: restore it without "
+                             "--lazy (its pages are spread over its chain)")
+        if seed is None:
+            seed = int(info.domain.get("seed") or 0) + 1
+        if hv is None:
+            hv = Hypervisor(machine_for(info), seed=seed, clock=clock)
+        hv, dom, stats = _restore_into(hv, info, image, str(path))
+    except BaseException:
+        image.close()
+        raise
+    stats.total_s = time.perf_counter() - t0
+    return hv, dom, stats, image
+
+
+def _restore_into(hv: Hypervisor, info: ImageInfo, image: LazyImage,
+                  path: str) -> tuple[Hypervisor, Domain, RestoreStats]:
+    d = info.domain or {}
+    dom = domctl.createdomain(hv, str(d["name"]), int(d["vcpus"]), int(d["max_pages"]))
+    stats = RestoreStats(info=info)
+    try:
+        restore_lazy(RestoreContext(hv, dom, info, stats), image)
+    except (ImageError, KernelError) as e:
+        _undo(hv, dom)
+        raise ImageError(f"{path}: {e}; nothing is left of the new domain") from None
+    except (OutOfMemory, OSError, DomctlError, RestoreError) as e:
+        _undo(hv, dom)
+        raise RestoreError(f"restoring {path} lazily failed: {e}; nothing is left of the "
+                           "new domain") from None
+    return hv, dom, stats
+
+
+def _undo(hv: Hypervisor, dom: Domain) -> None:
+    domctl.destroydomain(hv, dom)  # its frames freed: none is absent any more
+    domctl.mem_paging_setup(hv, None)

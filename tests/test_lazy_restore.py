@@ -1,0 +1,124 @@
+"""Lazy restore (hypervisor/toolstack/lazyrestore.py, ``pvlab restore
+--lazy``): the same run as an eager restore of the same image, in a fresh
+process, for the save/restore example and for a guest that keeps writing
+(a live save, whose pages were sent in several rounds: the last copy wins);
+each page read from the image once; an image that changes is refused before
+the guest runs and ends the guest after."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hypervisor import domctl
+from hypervisor.toolstack import lazyrestore
+from hypervisor.toolstack.cli import main
+from hypervisor.toolstack.image import ImageError
+from hypervisor.toolstack.lazyrestore import ImageChanged, restore_image_lazy
+from hypervisor.toolstack.session import run_domain
+from tests.conftest import ROOT, checkout_env, save_example
+
+LIMIT_NS = 2_000_000_000
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """The save/restore example at 12 ms, and the writing guest saved live at 3 ms."""
+    d = tmp_path_factory.mktemp("lazy")
+    example = save_example(d / "example.img", 12_000_000)
+    live = d / "live.img"
+    assert main(["save", str(ROOT / "examples/live-save.toml"), str(live), "--at", "3ms",
+                 "--live"]) == 0
+    return {"example": example, "live": live}
+
+
+def guest_output(image, *flags: str) -> str:
+    """The console of ``pvlab restore [flags] IMAGE`` in a fresh process,
+    without the toolstack's own lines."""
+    cmd = [sys.executable, "-m", "hypervisor", "restore", *flags, str(image)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return "\n".join(line for line in r.stdout.splitlines()
+                     if not line.startswith("[toolstack]"))
+
+
+@pytest.mark.parametrize("which", ["example", pytest.param("live", marks=pytest.mark.slow)])
+def test_lazy_runs_as_eager(images, which):
+    """Byte for byte the console of the eager restore of the same image."""
+    lazy = guest_output(images[which], "--lazy")
+    assert "suspend hypercall returned 0" in lazy
+    assert lazy == guest_output(images[which])
+
+
+def test_each_page_read_once_and_all_in_the_end(images, monkeypatch):
+    """The pager reads every page it is asked for once; by the end of the
+    run the background pass has brought in every one; the VCPUs' walks and
+    accesses were served on the way."""
+    asked: list[int] = []
+    fetch = lazyrestore.LazyImage.fetch
+
+    def spy(self, mfns):
+        asked.extend(mfns.tolist())
+        fetch(self, mfns)
+
+    monkeypatch.setattr(lazyrestore.LazyImage, "fetch", spy)
+    hv, dom, stats, image = restore_image_lazy(images["example"])
+    try:
+        left_at_start, read_by_restore, _ = domctl.mem_paging_stats(hv)
+        # start_info and the console's and store's rings, which the restore
+        # itself touched: the rest waits for the guest
+        assert read_by_restore == 3 and left_at_start > 10 * stats.pages
+        assert run_domain(hv, dom, LIMIT_NS).reason == "poweroff"
+    finally:
+        image.close()
+    assert len(asked) == len(set(asked)) == left_at_start + read_by_restore
+    assert domctl.mem_paging_stats(hv)[0] == 0
+    assert sum(hv.machine.memory.absent.faults.values())
+
+
+def test_changed_during_the_check_is_refused(images, tmp_path, monkeypatch):
+    """A file that changes between the check and the mapping is refused
+    (exit 2 from the verb) and no domain is made."""
+    img = tmp_path / "g.img"
+    img.write_bytes(images["example"].read_bytes())
+    scan = lazyrestore.scan_image
+
+    def scan_then_touch(path, wire=False):
+        info = scan(path, wire)
+        with open(path, "ab") as f:
+            f.write(b"\0")
+        return info
+
+    monkeypatch.setattr(lazyrestore, "scan_image", scan_then_touch)
+    with pytest.raises(ImageError, match="changed while it was checked"):
+        restore_image_lazy(img)
+    assert main(["restore", "--lazy", str(img)]) == 2
+
+
+def test_changed_while_running_ends_the_guest(images, tmp_path):
+    """The image rewritten under a running guest: the next fetch finds it
+    changed and the guest ends with ImageChanged, never reading the new bytes."""
+    img = tmp_path / "g.img"
+    img.write_bytes(images["example"].read_bytes())
+    hv, dom, _, image = restore_image_lazy(img)
+    try:
+        hv.machine.memory.absent.background = 0
+        st = os.stat(img)
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        with pytest.raises(ImageChanged, match="changed while the guest was running"):
+            run_domain(hv, dom, LIMIT_NS)
+    finally:
+        image.close()
+
+
+def test_bad_image_is_one_line(tmp_path, capsys):
+    """A file that is no image: refused by the check, one line, exit 2."""
+    bad = tmp_path / "x.img"
+    bad.write_bytes(b"not an image")
+    assert main(["restore", "--lazy", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pvlab: ") and err.count("\n") == 1

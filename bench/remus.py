@@ -51,18 +51,17 @@ def replicated(cfg, until_ns: int, interval_ns: int
     """The replicated run's wall time, the wall time of each acknowledgement
     (from the start), and its outcome."""
     main_p, main_b = socket.socketpair()
-    side_p, side_b = socket.socketpair()
 
     def backup() -> None:
         ch = _channel(main_b)
-        remus.remus_receive(ch, lambda: _channel(side_b))
+        remus.remus_receive(ch)
         ch.close()
 
     t = threading.Thread(target=backup)
     t.start()
     hv, dom = boot(cfg)
     run_domain(hv, dom, START_NS)
-    chans = [_channel(main_p), _channel(side_p)]
+    chans = [_channel(main_p)]
     acks: list[float] = []
     read_ack = remus.read_ack
 

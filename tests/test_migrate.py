@@ -645,7 +645,7 @@ def _points(n: int) -> list[tuple[int, int]]:
     return [(rng.randrange(1, 10_000), rng.randrange(500, 15_000)) for _ in range(n)]
 
 
-POINTS = _points(6)  # each point is two processes' run: six keep the suite's time
+POINTS = _points(4)  # each point is two processes' run: four keep the suite's time
 
 
 @pytest.mark.slow

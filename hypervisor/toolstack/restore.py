@@ -150,6 +150,23 @@ def machine_for(info: ImageInfo) -> int:
     return machine_mib_for(-(-pages * PAGE_SIZE // (1 << 20)))
 
 
+def _create_domain(info: ImageInfo, where: str, seed: int | None, clock: str,
+                   hv: Hypervisor | None) -> tuple[Hypervisor, Domain]:
+    """The new domain from the xl config's pvlab part, on ``hv`` or a new
+    machine sized for it. The seed shuffles the new frames: by default the
+    saved one plus one, so that no pfn is likely to land on its old mfn."""
+    d = info.domain
+    if d is None or not d.get("pvlab_image"):
+        raise ImageError(f"{where}: no pvlab part in the xl header's config: a Xen image, "
+                         "which `pvlab image show` can read but pvlab cannot run (it has no "
+                         "guest kernel binding)")
+    if seed is None:
+        seed = int(d.get("seed") or 0) + 1
+    if hv is None:
+        hv = Hypervisor(machine_for(info), seed=seed, clock=clock)
+    return hv, domctl.createdomain(hv, str(d["name"]), int(d["vcpus"]), int(d["max_pages"]))
+
+
 def restore_image(path: str | Path, seed: int | None = None, clock: str = "deterministic",
                   hv: Hypervisor | None = None, progress: Progress | None = None,
                   wire: bool = False) -> tuple[Hypervisor, Domain, RestoreStats]:
@@ -162,16 +179,7 @@ def restore_image(path: str | Path, seed: int | None = None, clock: str = "deter
             return restore_image(whole, seed, clock, hv, progress, wire=True)
     t0 = time.perf_counter()
     info = scan_image(path, wire)
-    if info.domain is None or not info.domain.get("pvlab_image"):
-        raise ImageError(f"{path}: no pvlab part in the xl header's config: a Xen image, "
-                         "which `pvlab image show` can read but pvlab cannot run (it has no "
-                         "guest kernel binding)")
-    if seed is None:
-        seed = int(info.domain.get("seed") or 0) + 1
-    if hv is None:
-        hv = Hypervisor(machine_for(info), seed=seed, clock=clock)
-    d = info.domain
-    dom = domctl.createdomain(hv, str(d["name"]), int(d["vcpus"]), int(d["max_pages"]))
+    hv, dom = _create_domain(info, str(path), seed, clock, hv)
     stats = RestoreStats(info=info)
     try:
         restore(RestoreContext(hv, dom, info, stats), progress)
@@ -260,15 +268,7 @@ def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
         raise RestoreError(f"{where}: {e}; nothing was created") from None
     except stream.StreamError as e:
         raise ImageError(f"{where}: {e}; nothing was created") from None
-    if info.domain is None or not info.domain.get("pvlab_image"):
-        raise ImageError(f"{where}: no pvlab part in the xl header's config: a Xen image, "
-                         "which pvlab cannot run (it has no guest kernel binding)")
-    if seed is None:
-        seed = int(info.domain.get("seed") or 0) + 1
-    if hv is None:
-        hv = Hypervisor(machine_for(info), seed=seed, clock=clock)
-    d = info.domain
-    dom = domctl.createdomain(hv, str(d["name"]), int(d["vcpus"]), int(d["max_pages"]))
+    hv, dom = _create_domain(info, where, seed, clock, hv)
     ctx = RestoreContext(hv, dom, info, RestoreStats(info=info))
     rx = Receiver(reader, ctx, RecordParser(info, keep=False), checkpointed, on_commit,
                   progress, on_optional)

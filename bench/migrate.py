@@ -58,7 +58,7 @@ from hypervisor.toolstack import transport  # noqa: E402
 from hypervisor.toolstack.config import DomainConfig  # noqa: E402
 from hypervisor.toolstack.migrate import migrate_domain, migrate_receive  # noqa: E402
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions  # noqa: E402
-from hypervisor.toolstack.session import _LiveRun, boot, run_domain  # noqa: E402
+from hypervisor.toolstack.session import LiveRun, boot, run_domain  # noqa: E402
 from hypervisor.toolstack.timeparse import parse_duration  # noqa: E402
 
 IMAGE = ROOT / "firmware/guest.elf"
@@ -102,11 +102,11 @@ class TimedReader:
 
 
 class TimedLive:
-    """The live save's callbacks (session._LiveRun's: the guest runs on while
+    """The live save's callbacks (session.LiveRun's: the guest runs on while
     a round is on the wire, then suspends through the save's path), with the
     moment the guest is suspended."""
 
-    def __init__(self, live: _LiveRun) -> None:
+    def __init__(self, live: LiveRun) -> None:
         self.live, self.suspended, self.guest_s = live, 0.0, 0.0
 
     def run_for(self, ns: int) -> None:
@@ -147,7 +147,7 @@ def sender(mib: int, cmdline: str, at_ns: int, port: int) -> tuple[MigrationInfo
     hv, dom = boot(DomainConfig("migrant", mib, 1, IMAGE, cmdline, 1))
     r = run_domain(hv, dom, at_ns)
     assert r.reason == "running", r.reason
-    live = TimedLive(_LiveRun(hv, dom, at_ns, None, None))
+    live = TimedLive(LiveRun(hv, dom, at_ns, None, None))
     written: list[float] = []
 
     def report(info: MigrationInfo) -> None:

@@ -55,7 +55,7 @@ def live_stream(mib: int) -> bytes:
     hv, dom = boot(cfg)
     run_domain(hv, dom, AT_NS)
     out = io.BytesIO()
-    write_image_live(hv, dom, out, session._LiveRun(hv, dom, AT_NS, None, None),
+    write_image_live(hv, dom, out, session.LiveRun(hv, dom, AT_NS, None, None),
                      PrecopyOptions(bandwidth=LINK), digest=False)
     hv.close()
     return out.getvalue()

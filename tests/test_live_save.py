@@ -186,7 +186,7 @@ def test_a_table_that_fails_once_suspended_is_an_error_the_guest_runs_on(
     tdom = domain_of(hv, dom)
     other = next(i for i in range(512) if i != slot and rows[l1][i] & _PAGE_PRESENT)
     victim = int(hv.machine.m2p[int(rows[l1][other] & PTE_FRAME_MASK) >> PAGE_SHIFT])
-    suspend = session._LiveRun.suspend
+    suspend = session.LiveRun.suspend
     kept = {}
 
     def suspend_then_break(self):
@@ -194,7 +194,7 @@ def test_a_table_that_fails_once_suspended_is_an_error_the_guest_runs_on(
         frame, i = divmod(victim, 512)
         kept["mfn"] = int(rows[tdom.p2m_frames[frame]][i])
         rows[tdom.p2m_frames[frame]][i] = INVALID_MFN
-    monkeypatch.setattr(session._LiveRun, "suspend", suspend_then_break)
+    monkeypatch.setattr(session.LiveRun, "suspend", suspend_then_break)
     path = tmp_path / "guest.img"
     before, out, info = live_save(hv, dom, path, AT_NS, PrecopyOptions())
     assert not out.ok and "in the final round, with the guest suspended" in out.error
@@ -310,7 +310,7 @@ def test_a_live_stream_on_a_pipe_is_restored_as_it_comes(example, reference):
         hv, dom = boot(example)
         run_domain(hv, dom, AT_NS)
         with os.fdopen(wfd, "wb") as w:
-            session_live = session._LiveRun(hv, dom, AT_NS, None, None)
+            session_live = session.LiveRun(hv, dom, AT_NS, None, None)
             write_image_live(hv, dom, w, session_live, PrecopyOptions(), digest=False)
             w.write(b"domain received")
         rx.join()

@@ -63,7 +63,7 @@ def primary(cfg, out: io.BytesIO) -> tuple[list[int], list[bytes]]:
     with booting() as boot:
         hv, dom = boot(cfg)
         run_domain(hv, dom, AT_NS)
-        live = session._LiveRun(hv, dom, AT_NS, None, None)
+        live = session.LiveRun(hv, dom, AT_NS, None, None)
         ls = save.start_checkpointed_stream(hv, dom, out, live, PrecopyOptions())
         for epoch in range(EPOCHS):
             if epoch:

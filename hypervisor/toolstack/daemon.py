@@ -75,7 +75,7 @@ from hypervisor.toolstack.remus import (
     replicate,
 )
 from hypervisor.toolstack.restore import RestoreError
-from hypervisor.toolstack.save import _write_in_place, write_image_live
+from hypervisor.toolstack.save import write_image_live, write_in_place
 from hypervisor.toolstack.stream import StreamError
 
 log = logging.getLogger(__name__)
@@ -561,7 +561,7 @@ class Daemon:
                 finally:
                     self.machine.give()
             # the file's flush to disk and its rename with the machine given back
-            return livejob.unheld(self.machine, lambda: _write_in_place(path, write))[0]
+            return livejob.unheld(self.machine, lambda: write_in_place(path, write))[0]
 
         def finish(job: LiveJob) -> None:
             if job.error:
@@ -763,12 +763,14 @@ class Daemon:
         def work(job: LiveJob) -> Received:
             job.on_cancel = lambda: _shut_socket(fds[0])
             return migrate_receive(self._held(ch), hv=self.hv, clock=self.clock,
-                                   paused=paused, say=job.say)
+                                   paused=paused, say=job.say,
+                                   started=lambda got: self._adopt(got.dom, None))
         self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer))
         return answer
 
     def _received(self, job: LiveJob, ch: Channel, answer: Deferred) -> None:
-        """The target's end: the domain adopted (its console socket), or why not."""
+        """The target's end: the domain (adopted, its console socket made,
+        before the report told the sender), or why not."""
         lines = job.lines
         ch.close()
         if job.error:
@@ -776,12 +778,6 @@ class Daemon:
             answer.fail(GENERIC, job.error)
             return
         got: Received = job.result
-        try:
-            self._adopt(got.dom, None)
-        except OSError as e:
-            libxl.destroy_domain(self.hv, got.dom)
-            answer.fail(GENERIC, f"the console socket: {e}; the domain is destroyed")
-            return
         job.dom = got.dom
         self.last_job[got.dom.name] = job
         self._set_status(job, "completed")

@@ -44,10 +44,10 @@ from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.save import (
     SaveError,
     SaveStats,
-    _write_in_place,
     domain_config,
     write_batch,
     write_end_of_checkpoint,
+    write_in_place,
     write_libxl_tail,
     write_static_data,
     x86_pv_setup,
@@ -122,7 +122,7 @@ def save_increment_to_file(hv: Hypervisor, dom: Domain, path: Path, parent: Path
         stats.bytes = f.tell()
         return stats
 
-    stats, stats.total_s = _write_in_place(path, write)
+    stats, stats.total_s = write_in_place(path, write)
     return stats
 
 

@@ -291,7 +291,7 @@ class Received:
     stats: RestoreStats
 
 
-class _Prefixed(io.RawIOBase):
+class Prefixed(io.RawIOBase):
     """``head`` then whatever ``rest`` has: the stream with its xl header
     rewritten. A read returns what is there (never waits for more than one
     read of ``rest``): the sender waits for our answer once its stream is
@@ -355,12 +355,16 @@ class _Receiver:
 
 def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None = None,
                     clock: str = "deterministic", paused: bool = False,
-                    say: Say | None = None, progress: Progress | None = None) -> Received:
+                    say: Say | None = None, progress: Progress | None = None,
+                    started: Callable[[Received], None] | None = None) -> Received:
     """xl's migrate_receive: the banner, the stream restored into a domain
     built paused as NAME--incoming (on ``hv``, or a machine of its own sized
     for it), the ready message, GO, the rename to NAME, the unpause (unless
-    ``paused``), the report. Returns the domain once it is this side's; on
-    any failure nothing is left of it here, the sender has been told if it
+    ``paused``), the report. ``started`` takes the domain in (a daemon's
+    tables) before the report, so that it is there by the time the sender
+    says the migration succeeded; an OSError there fails the start, as a
+    failed unpause does. Returns the domain once it is this side's; on any
+    failure nothing is left of it here, the sender has been told if it
     could be, and MigrateError says why in one line."""
     r = _Receiver(ch, say)
     r.say("migration target: Ready to receive domain.")
@@ -376,7 +380,7 @@ def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None 
         libxl.destroy_domain(got.hv, got.dom)
         raise MigrateError(f"migration target: writing the ready message: "
                            f"{e.strerror or e}; our copy is destroyed") from None
-    rc = _start_domain(r, got, paused)
+    rc = _start_domain(r, got, paused, started)
     _report(r, got, rc)
     return got
 
@@ -389,7 +393,7 @@ def _receive_domain(r: _Receiver, hv: Hypervisor | None, seed: int | None, clock
         r.say(f"Loading new save file <incoming migration stream> (domain {name})")
         if hv is not None and libxl.find_domain(hv, name + INCOMING) is not None:
             raise MigrateError(f'domain with name "{name + INCOMING}" already exists')
-        hv2, dom, stats = restore_stream(_Prefixed(head, r.ch.reader), seed, clock, hv,
+        hv2, dom, stats = restore_stream(Prefixed(head, r.ch.reader), seed, clock, hv,
                                          progress)
     except (MigrateError, ImageError, RestoreError, StreamError, OSError) as e:
         raise MigrateError(f"migration target: Domain creation failed (code {ERROR_FAIL}): "
@@ -398,8 +402,9 @@ def _receive_domain(r: _Receiver, hv: Hypervisor | None, seed: int | None, clock
     return Received(hv2, dom, stats)
 
 
-def _start_domain(r: _Receiver, got: Received, paused: bool) -> int:
-    """GO, the rename, the unpause: 0, or libxl's error code."""
+def _start_domain(r: _Receiver, got: Received, paused: bool,
+                  started: Callable[[Received], None] | None) -> int:
+    """GO, the rename, the unpause, ``started``: 0, or libxl's error code."""
     try:
         read_fixed_message(r.ch, MIGRATE_PERMISSION_TO_GO, "GO message")
     except MigrateError as e:
@@ -414,6 +419,12 @@ def _start_domain(r: _Receiver, got: Received, paused: bool) -> int:
         return ERROR_FAIL
     if not paused:
         libxl.unpause(got.dom)
+    if started is not None:
+        try:
+            started(got)
+        except OSError as e:
+            r.say(f"migration target: {e.strerror or e}")
+            return ERROR_FAIL
     r.say("migration target: Domain started successfully.")
     return 0
 

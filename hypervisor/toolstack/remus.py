@@ -49,7 +49,7 @@ from hypervisor.toolstack.migrate import (
     MIGRATE_RECEIVER_BANNER,
     Channel,
     MigrateError,
-    _Prefixed,
+    Prefixed,
     incoming_header,
     read_fixed_message,
     write_message,
@@ -57,7 +57,7 @@ from hypervisor.toolstack.migrate import (
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.restore import RestoreError, receive_checkpoints
 from hypervisor.toolstack.save import Report, SaveError, write_checkpointed_stream
-from hypervisor.toolstack.session import RunResult, _LiveRun, run_domain
+from hypervisor.toolstack.session import LiveRun, RunResult, run_domain
 from hypervisor.toolstack.stream import REMUS_OUTPUT, Record, StreamError, write_record
 from hypervisor.toolstack.timeparse import format_duration
 
@@ -194,7 +194,7 @@ class OutputLog:
         return b"".join(self.held.get(e, b"") for e in range(self.released + 1, committed + 1))
 
 
-class RemusPrimary(_LiveRun):
+class RemusPrimary(LiveRun):
     """The checkpointed save's callbacks for a scripted run (save.Checkpoint
     Callbacks): the guest runs in this process, its output into the buffer;
     each epoch commits when the backup's acknowledgement arrives on
@@ -431,7 +431,7 @@ def remus_receive(ch: Channel, seed: int | None = None, clock: str = "determinis
     try:
         write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
         head, name = incoming_header(ch.reader)
-        hv, dom, stats = receive_checkpoints(_Prefixed(head, ch.reader), seed, clock,
+        hv, dom, stats = receive_checkpoints(Prefixed(head, ch.reader), seed, clock,
                                              on_commit=lambda e: _acknowledge(ch, e),
                                              on_optional=output.take)
     except (OSError, ImageError, RestoreError, StreamError) as e:

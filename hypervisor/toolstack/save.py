@@ -495,12 +495,12 @@ def save_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
         stats.bytes = f.tell()
         return stats
 
-    stats, total_s = _write_in_place(path, write)
+    stats, total_s = write_in_place(path, write)
     stats.total_s = total_s  # the data on disk, as xl save ends
     return stats
 
 
-def _write_in_place(path: str | os.PathLike[str], write: Callable[[BinaryIO], _T]
+def write_in_place(path: str | os.PathLike[str], write: Callable[[BinaryIO], _T]
                     ) -> tuple[_T, float]:
     """``write`` into a temporary file beside ``path``, flushed to disk and
     renamed into place, and the seconds it all took; on any failure the
@@ -968,7 +968,7 @@ def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
         info = write_image_live(hv, dom, f, callbacks, opts, seed, report)
         return info, SaveStats(pages=sum(r.pages for r in info.rounds), bytes=f.tell())
 
-    (info, stats), total_s = _write_in_place(path, write)
+    (info, stats), total_s = write_in_place(path, write)
     stats.total_s = total_s
     return info, stats
 

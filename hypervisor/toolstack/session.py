@@ -334,7 +334,7 @@ def _why_not_suspended(result: RunResult) -> str:
     return libxl.why_not_suspended(shut_down, bool(result.unacknowledged), "of virtual time")
 
 
-class _LiveRun:
+class LiveRun:
     """The live save's callbacks (save.LiveCallbacks): the guest runs on in
     this run loop while each round is on the wire, and is suspended through
     the same request and handshake as ``suspend_and_save``'s."""
@@ -380,7 +380,7 @@ def live_save(hv: Hypervisor, dom: Domain, path: str | Path, at_ns: int,
     if result.reason != "running":
         outcome.error = f"the guest shut down ({result.reason}) before the live save"
         return result, outcome, None
-    live = _LiveRun(hv, dom, at_ns, sink, note)
+    live = LiveRun(hv, dom, at_ns, sink, note)
     info = None
     try:
         info, outcome.stats = save_live_to_file(hv, dom, path, live, opts, seed, report)
@@ -430,7 +430,7 @@ def migrate_at(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Ch
         if say is not None:
             say(out.error)
     else:
-        live = _LiveRun(hv, dom, at_ns, sink, note)
+        live = LiveRun(hv, dom, at_ns, sink, note)
         out = migrate_domain(hv, dom, channel, live, opts, seed, report, say)
         result = live.result or result
     if out.runs_on:

@@ -86,3 +86,24 @@ def apply(hv: Hypervisor, dom: Domain, command: str, value: str) -> str:
     except BalloonError as e:
         return f"{command} refused: {e}"
     raise ValueError(f"unknown balloon command {command!r}")
+
+
+# --- post-copy's inhibit (QEMU's virtio_balloon_inhibited during incoming post-copy) ------
+
+def postcopy_inhibit(dom: Domain) -> None:
+    """Post-copy starts on the destination: the domain's balloon (if it has
+    one) stops acting on the guest's requests until ``postcopy_release``."""
+    bal = domctl.find_device(dom, Balloon)
+    if bal is not None:
+        bal.inhibit()
+
+
+def postcopy_release(dom: Domain) -> str:
+    """The last page of a post-copy has arrived: the inhibit taken by
+    ``postcopy_inhibit`` goes. Returns a line saying what that did ("" for a
+    domain without a balloon)."""
+    bal = domctl.find_device(dom, Balloon)
+    if bal is None:
+        return ""
+    freed = bal.uninhibit()
+    return f"balloon inhibit released; {freed} frames set aside meanwhile freed"

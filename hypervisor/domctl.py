@@ -40,7 +40,7 @@ from hypervisor import debugger
 from hypervisor.core import Hypervisor
 from hypervisor.cpu.context import get_context, set_context
 from hypervisor.cpu.vcpu import RAX
-from hypervisor.devices.balloon import Balloon, BalloonError, BalloonHost
+from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
 from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
 from hypervisor.devices.virtio.queue import DomainMemory
@@ -363,6 +363,20 @@ def write_absent(hv: Hypervisor, mfns: np.ndarray, pages: np.ndarray) -> None:
     """The pager's copy into absent frames (UFFDIO_COPY, the paging op
     ``prep``): rows of 512 u64, written without waking the pager again."""
     hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE)[mfns] = pages
+
+
+def mem_paging_loaded(hv: Hypervisor, mfns: np.ndarray) -> None:
+    """The pager wrote these frames whole with ``write_absent`` without being
+    asked (a page that arrived on its own, pushed by the source): they are
+    present from now on. The pager names them from its own table of what it
+    evicted, which nothing here corrects: a frame freed and reused since is
+    written all the same (why post-copy inhibits the balloon)."""
+    hv.machine.memory.absent.discard(np.asarray(mfns, dtype=np.int64))
+
+
+def mem_paging_absent(hv: Hypervisor, mfns: np.ndarray) -> np.ndarray:
+    """Which of these frames are absent (bool per mfn); touches none."""
+    return hv.machine.memory.absent.absent[np.asarray(mfns, dtype=np.int64)].copy()
 
 
 def mem_paging_stats(hv: Hypervisor) -> tuple[int, int, int]:
@@ -721,9 +735,11 @@ def balloon_host(hv: Hypervisor, dom: Domain) -> BalloonHost:
     frame release of XENMEM_decrease_reservation, the domain's TLB flush,
     the scheduler's timers."""
     machine = hv.machine
+    absent = machine.memory.absent.absent
     return BalloonHost(dom.domid, machine.frames, machine.m2p,
                        lambda mfn: hv.reservation.remove_page(dom, mfn),
-                       lambda: dom.flush_tlbs(), hv.scheduler, lambda: dom.is_running)
+                       lambda: dom.flush_tlbs(), hv.scheduler, lambda: dom.is_running,
+                       lambda mfn: bool(absent[mfn]))
 
 
 def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice, base: int,
@@ -745,9 +761,11 @@ def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice, base: i
 
 
 def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
-                       stats_interval_ns: int, deflate_on_oom: bool) -> Balloon:
-    """A new virtio-mmio balloon of ``dom``."""
-    balloon = Balloon(balloon_host(hv, dom), stats_interval_ns, deflate_on_oom)
+                       stats_interval_ns: int, deflate_on_oom: bool,
+                       postcopy: str = "drop") -> Balloon:
+    """A new virtio-mmio balloon of ``dom``; ``postcopy`` is what its
+    requests do while inhibited (drop or reconcile)."""
+    balloon = Balloon(balloon_host(hv, dom), stats_interval_ns, deflate_on_oom, postcopy)
     add_virtio_device(hv, dom, balloon, base, port)
     return balloon
 
@@ -789,9 +807,13 @@ def check_device_state(state: object) -> str | None:
             or state.get("bus") != balloon_persist.BUS:
         return f"a device this restorer does not know: {state!r}"
     for key, want in balloon_persist.STATE_KEYS.items():
+        if key not in state and key in balloon_persist.STATE_DEFAULTS:
+            continue  # an image from before the key
         value = state.get(key)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             return f"device {key} is missing or not {want.__name__}"
+    if state.get("postcopy", "drop") not in POSTCOPY_POLICIES:
+        return f"device post-copy policy {state['postcopy']!r} unknown"
     return None
 
 
@@ -831,7 +853,8 @@ def dump_frames(hv: Hypervisor, dom: Domain | None = None) -> FrameDump:
 
 
 __all__ = [
-    "CLOCKS", "Balloon", "BalloonError", "Domain", "DomctlError", "ForeignMap", "FrameDump",
+    "CLOCKS", "POSTCOPY_POLICIES", "Balloon", "BalloonError", "Domain", "DomctlError",
+    "ForeignMap", "FrameDump",
     "Hypervisor",
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio_balloon",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",

@@ -51,7 +51,9 @@ def stats_text(hv: Hypervisor, dom: Domain) -> str:
     left = (guest_pages(hv, dom) - info["actual"]) / PAGES_PER_MIB
     lines = [f"balloon of {dom.name}: target {info['num_pages']} pages, actual "
              f"{info['actual']} pages; the guest has {left:.1f} of its {memory_mib(hv, dom)} MiB"
-             + (f"; inhibited ({info['inhibits']})" if info["inhibits"] else "")]
+             f"; post-copy policy {info['postcopy']}"
+             + (f"; inhibited ({info['inhibits']}, {info['queued']} requests queued)"
+                if info["inhibits"] else "")]
     if not bal.stats_interval_ns:
         # without a poll the only statistics are the driver's first, from boot
         lines.append("  no statistics interval: the host never asks for statistics (set "
@@ -80,19 +82,30 @@ def apply(hv: Hypervisor, dom: Domain, command: str, value: str) -> str:
             return f"balloon inhibited ({bal.inhibits})"
         if command == "balloon-uninhibit":
             bal = balloon_of(dom)
-            freed = bal.uninhibit()
-            return (f"balloon inhibit released ({bal.inhibits} left); "
-                    f"{freed} frames set aside meanwhile freed")
+            return f"balloon inhibit released ({bal.inhibits} left); {released(bal)}"
     except BalloonError as e:
         return f"{command} refused: {e}"
     raise ValueError(f"unknown balloon command {command!r}")
+
+
+def released(bal: Balloon) -> str:
+    """What the last uninhibit did, as the policy says (uninhibit first)."""
+    freed = bal.uninhibit()
+    if bal.inhibits:
+        return "still inhibited"
+    m = bal.metrics
+    if bal.postcopy == "drop":
+        return (f"policy drop: {m.dropped} inflated frames were left with the domain, "
+                f"{m.dropped_deflates} deflates ignored")
+    return f"policy reconcile: {freed} queued frames freed, {m.kept} kept"
 
 
 # --- post-copy's inhibit (QEMU's virtio_balloon_inhibited during incoming post-copy) ------
 
 def postcopy_inhibit(dom: Domain) -> None:
     """Post-copy starts on the destination: the domain's balloon (if it has
-    one) stops acting on the guest's requests until ``postcopy_release``."""
+    one) stops acting on the guest's requests, as its policy says, until
+    ``postcopy_release``; the host changes no target meanwhile."""
     bal = domctl.find_device(dom, Balloon)
     if bal is not None:
         bal.inhibit()
@@ -100,10 +113,10 @@ def postcopy_inhibit(dom: Domain) -> None:
 
 def postcopy_release(dom: Domain) -> str:
     """The last page of a post-copy has arrived: the inhibit taken by
-    ``postcopy_inhibit`` goes. Returns a line saying what that did ("" for a
-    domain without a balloon)."""
+    ``postcopy_inhibit`` goes, and under ``reconcile`` the queued requests
+    are applied. Returns a line saying what that did ("" for a domain
+    without a balloon)."""
     bal = domctl.find_device(dom, Balloon)
     if bal is None:
         return ""
-    freed = bal.uninhibit()
-    return f"balloon inhibit released; {freed} frames set aside meanwhile freed"
+    return f"balloon inhibit released; {released(bal)}"

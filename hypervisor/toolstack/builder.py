@@ -129,15 +129,15 @@ def hypercall_page() -> bytes:
 
 def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
                 deflate_on_oom: bool = False, base: int | None = None,
-                port: int | None = None,
-                state: dict | None = None) -> tuple[domctl.Balloon, str]:
+                port: int | None = None, state: dict | None = None,
+                postcopy: str = "drop") -> tuple[domctl.Balloon, str]:
     """Give ``dom`` a virtio-mmio balloon: a register page on the bus that the
     domain may map (its I/O memory permission), an event channel for its
     interrupt. Returns the device and the kernel command line word that tells
     the guest where it is, in Linux's virtio_mmio.device=<size>@<base>:<irq>
     form (the irq being the event channel's port). A restore passes the saved
     base and port (the guest knows them from its command line) and the state
-    the image carries."""
+    the image carries (with the post-copy policy)."""
     port = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK, port)
     if port < 0:
         raise BuildError(f"{dom.name}: no event channel for the balloon ({port})")
@@ -145,7 +145,7 @@ def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
     base = domctl.next_mmio_base(hv) if base is None else base
     if state is None:
         balloon = domctl.add_virtio_balloon(hv, dom, base, port, stats_interval_ns,
-                                            deflate_on_oom)
+                                            deflate_on_oom, postcopy)
     else:
         balloon = domctl.restore_virtio_balloon(hv, dom, state)
     _record_place(hv, dom, base)
@@ -381,7 +381,7 @@ def _cmdline(xd: DomImage) -> str:
     if cfg.balloon is None:
         return cfg.cmdline
     _, word = add_balloon(xd.hv, xd.dom, cfg.balloon.stats_interval_ns,
-                          cfg.balloon.deflate_on_oom)
+                          cfg.balloon.deflate_on_oom, postcopy=cfg.balloon.postcopy)
     cmdline = f"{cfg.cmdline} {word}".strip()
     if len(cmdline) > MAX_CMDLINE:
         raise BuildError(f"{cfg.name}: the command line with the balloon's device is "

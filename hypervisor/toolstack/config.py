@@ -21,6 +21,8 @@
     [balloon]            # optional: a virtio-mmio balloon device
     stats_interval = "50ms"   # the host polls the guest's memory statistics (default: never)
     deflate_on_oom = false    # offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (default: no)
+    postcopy = "drop"         # the guest's requests while post-copy runs: "drop" them
+                              # (QEMU's, the default) or "reconcile" them at its end
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypervisor.domctl import POSTCOPY_POLICIES
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.timeparse import parse_duration
 from hypervisor.toolstack.verdict import VERDICTS
@@ -63,6 +66,7 @@ class DomainConfig:
 class BalloonConfig:
     stats_interval_ns: int = 0  # 0: the host never polls the statistics
     deflate_on_oom: bool = False
+    postcopy: str = "drop"      # what the guest's requests do while post-copy runs
 
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
@@ -70,7 +74,7 @@ _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str,
          "verdict": str}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
-_BALLOON_KEYS = ("stats_interval", "deflate_on_oom")
+_BALLOON_KEYS = ("stats_interval", "deflate_on_oom", "postcopy")
 _REQUIRED = ("name", "memory", "image")
 
 
@@ -145,7 +149,11 @@ def _balloon_config(table: dict, src: str) -> BalloonConfig:
     oom = table.get("deflate_on_oom", False)
     if not isinstance(oom, bool):
         raise ConfigError(f"{src}: balloon.deflate_on_oom must be true or false, not {oom!r}")
-    return BalloonConfig(ns, oom)
+    postcopy = table.get("postcopy", "drop")
+    if postcopy not in POSTCOPY_POLICIES:
+        raise ConfigError(f"{src}: balloon.postcopy must be \"drop\" or \"reconcile\", "
+                          f"not {postcopy!r}")
+    return BalloonConfig(ns, oom, postcopy)
 
 
 def load_config(path: str | Path) -> DomainConfig:

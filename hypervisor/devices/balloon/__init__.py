@@ -21,16 +21,26 @@ hypervisor/public/io/virtio.py.
 """
 
 from hypervisor.devices.balloon.device import (
+    POSTCOPY_DROP,
+    POSTCOPY_POLICIES,
+    POSTCOPY_RECONCILE,
     QUEUE_SIZE,
     Balloon,
     BalloonError,
     BalloonHost,
+    QueuedRequest,
     Timers,
 )
 from hypervisor.devices.balloon.event_handler import REQUEST_MAX_BYTES, STATS_MAX_BYTES
 from hypervisor.devices.balloon.metrics import BalloonMetrics
-from hypervisor.devices.balloon.persist import STATE_KEYS, restore_state, save_state
+from hypervisor.devices.balloon.persist import (
+    STATE_DEFAULTS,
+    STATE_KEYS,
+    restore_state,
+    save_state,
+)
 
-__all__ = ["QUEUE_SIZE", "REQUEST_MAX_BYTES", "STATS_MAX_BYTES", "STATE_KEYS", "Balloon",
-           "BalloonError", "BalloonHost", "BalloonMetrics", "Timers", "restore_state",
-           "save_state"]
+__all__ = ["POSTCOPY_DROP", "POSTCOPY_POLICIES", "POSTCOPY_RECONCILE", "QUEUE_SIZE",
+           "REQUEST_MAX_BYTES", "STATE_DEFAULTS", "STATE_KEYS", "STATS_MAX_BYTES", "Balloon",
+           "BalloonError", "BalloonHost", "BalloonMetrics", "QueuedRequest", "Timers",
+           "restore_state", "save_state"]

@@ -10,12 +10,17 @@ the statistics poll (Firecracker's balloon/device.rs).
   deflate request then names those frames before the driver uses them
   (MUST_TELL_HOST), and the device checks they are the domain's and counts
   them. The frame allocation stays in one place, the memory op.
-* **inhibit** (QEMU's qemu_balloon_inhibit, taken by migration while
-  post-copy runs) is counted; while it is held, an inflated frame is not
-  freed but set aside (unmapped, without its pfn) and freed when the last
-  inhibit goes, if it is still the domain's and still unmapped. So nothing
-  is lost and nothing is freed twice. Host target changes are refused
-  meanwhile.
+* **inhibit** (QEMU's qemu_balloon_inhibit, taken by post-copy's
+  destination until the last page has arrived) is counted; while it is held
+  the host changes no target, and the guest's requests follow the domain's
+  post-copy policy. ``drop`` (QEMU's): each request is acknowledged and not
+  acted on; a dropped inflate's frame stays the domain's without the pfn the
+  guest gave up. ``reconcile``: each request is queued, in order, and at the
+  release applied against each frame's final state: the last request that
+  named a frame wins; an inflate is applied (the frame freed) only if the
+  frame is still the domain's, unused, without a pfn in the M2P and present;
+  anything else is kept. No frame leaves the domain while the inhibit is
+  held, so a post-copy receiver's table of frames stays true.
 * **statistics**: the device holds the one buffer the driver made available
   and gives it back every ``stats_interval_ns`` of virtual time (the host's
   poll); the driver refills it and makes it available again.
@@ -52,6 +57,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 256  # a descriptor table fills one page
+POSTCOPY_DROP = "drop"            # QEMU's: acknowledged, not acted on
+POSTCOPY_RECONCILE = "reconcile"  # queued, applied at the release
+POSTCOPY_POLICIES = (POSTCOPY_DROP, POSTCOPY_RECONCILE)
 
 
 class BalloonError(Exception):
@@ -80,6 +88,16 @@ class BalloonHost:
     flush_tlbs: Callable[[], None]     # the domain's TLBs, after frames were freed
     timers: Timers                     # the statistics poll
     is_running: Callable[[], bool]     # the poll stops with the domain
+    is_absent: Callable[[int], bool] = lambda mfn: False  # its contents not here yet
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    """One page number of a request made while inhibited (policy reconcile)."""
+
+    inflate: bool  # an inflate; else a deflate
+    mfn: int
+    pfn: int       # the frame's pfn in the M2P when the request came (INVALID_MFN: none)
 
 
 class Balloon(BalloonEventHandler, VirtioDevice):
@@ -90,7 +108,10 @@ class Balloon(BalloonEventHandler, VirtioDevice):
     name = "virtio-balloon"
 
     def __init__(self, host: BalloonHost, stats_interval_ns: int = 0,
-                 deflate_on_oom: bool = False) -> None:
+                 deflate_on_oom: bool = False, postcopy: str = POSTCOPY_DROP) -> None:
+        if postcopy not in POSTCOPY_POLICIES:
+            raise BalloonError(f"post-copy policy {postcopy!r} unknown (one of "
+                               f"{', '.join(POSTCOPY_POLICIES)})")
         self.host = host
         self.domid = host.domid
         self.stats_interval_ns = stats_interval_ns
@@ -98,7 +119,8 @@ class Balloon(BalloonEventHandler, VirtioDevice):
         self.num_pages = 0       # the host's target
         self.actual = 0          # what the driver last said it holds
         self.inhibits = 0
-        self.set_aside: list[int] = []  # frames inflated while inhibited
+        self.postcopy = postcopy  # what a request does while inhibited
+        self.queue: list[QueuedRequest] = []  # policy reconcile: requests while inhibited
         self.metrics = BalloonMetrics()
         self.stats: dict[str, int] = {}
         self.stats_updated_ns: int | None = None
@@ -167,9 +189,7 @@ class Balloon(BalloonEventHandler, VirtioDevice):
             log.info("d%d balloon: inflate of mfn %#x refused: %s", self.domid, mfn, why)
             return False
         if self.inhibits:
-            self.host.m2p[mfn] = INVALID_MFN  # the guest gave up its pfn
-            self.set_aside.append(mfn)
-            self.metrics.inhibited += 1
+            self._hold(mfn, inflate=True)
             return False
         self._free(mfn)
         return True
@@ -186,16 +206,38 @@ class Balloon(BalloonEventHandler, VirtioDevice):
         if not self._ours(mfn):
             self.metrics.refused += 1
             return
+        if self.inhibits:
+            self._hold(mfn, inflate=False)
+            if self.postcopy == POSTCOPY_DROP:
+                return
         self.metrics.deflated += 1
+
+    def _hold(self, mfn: int, inflate: bool) -> None:
+        """A checked request while inhibited, as the policy says: dropped
+        (virtio_balloon_handle_output while virtio_balloon_inhibited()), or
+        queued. A queued inflate's frame loses its pfn in the M2P, as
+        guest_remove_page would take it: a pfn there at the release says the
+        guest uses the frame again."""
+        if self.postcopy == POSTCOPY_DROP:
+            if inflate:
+                self.metrics.dropped += 1
+            else:
+                self.metrics.dropped_deflates += 1
+            return
+        m2p = self.host.m2p
+        self.queue.append(QueuedRequest(inflate, mfn, int(m2p[mfn])))
+        self.metrics.queued += 1
+        if inflate:
+            m2p[mfn] = INVALID_MFN
 
     # --- the host's controls -------------------------------------------------------------
 
     def set_target(self, pages: int) -> None:
         """The balloon should hold ``pages`` pages (num_pages)."""
         if self.inhibits:
-            raise BalloonError("ballooning is inhibited (as post-copy migration inhibits it "
-                               "while it runs): the target is unchanged; try again when the "
-                               "inhibit is lifted")
+            raise BalloonError("ballooning is inhibited (post-copy is running: its pages are "
+                               "still arriving, or a balloon-inhibit took it): the target is "
+                               "unchanged; try again when the inhibit is lifted")
         if not 0 <= pages < 1 << 32:
             raise BalloonError(f"a balloon of {pages} pages is impossible")
         self.num_pages = pages
@@ -205,24 +247,53 @@ class Balloon(BalloonEventHandler, VirtioDevice):
         self.inhibits += 1
 
     def uninhibit(self) -> int:
-        """Drop one inhibit; when the last goes, free what was set aside that
-        is still unused. Returns how many frames that freed."""
+        """Drop one inhibit; when the last goes, apply what was queued.
+        Returns how many frames that freed."""
         if self.inhibits == 0:
             raise BalloonError("the balloon is not inhibited")
         self.inhibits -= 1
-        if self.inhibits:
-            return 0
+        return 0 if self.inhibits else self.reconcile()
+
+    def reconcile(self) -> int:
+        """Apply the queue against each frame's final state: the last request
+        naming a frame decides (inflate then deflate of one frame is nothing);
+        an inflate frees the frame only if ``_kept`` finds no reason not to,
+        so a frame is never freed twice, nor while the guest uses it, nor
+        while absent. Returns how many frames were freed."""
+        last: dict[int, QueuedRequest] = {}
+        inflated: set[int] = set()
+        for req in self.queue:
+            last[req.mfn] = req
+            if req.inflate:
+                inflated.add(req.mfn)
+        self.queue = []
         freed = 0
-        for mfn in self.set_aside:
-            if self._unused(mfn) or self.host.m2p[mfn] != INVALID_MFN:
-                self.metrics.refused += 1  # the guest took it back meanwhile
+        for mfn, req in last.items():
+            if mfn not in inflated:
+                continue  # a fresh frame deflated: nothing to apply
+            why = self._kept(mfn) if req.inflate else "taken back by a deflate"
+            if why:
+                self.metrics.kept += 1
+                log.info("d%d balloon: queued inflate of mfn %#x (pfn %#x) not applied: %s",
+                         self.domid, mfn, req.pfn, why)
                 continue
             self._free(mfn)
+            self.metrics.reconciled += 1
             freed += 1
-        self.set_aside.clear()
         if freed:
             self.host.flush_tlbs()
         return freed
+
+    def _kept(self, mfn: int) -> str:
+        """Why a frame whose last request was an inflate stays, or "" to free it."""
+        why = self._unused(mfn)
+        if why:
+            return why
+        if self.host.m2p[mfn] != INVALID_MFN:
+            return "its pfn is back in the M2P: the guest uses it again"
+        if self.host.is_absent(mfn):
+            return "still absent: its page has not arrived"
+        return ""
 
     # --- the statistics poll -------------------------------------------------------------
 
@@ -252,5 +323,6 @@ class Balloon(BalloonEventHandler, VirtioDevice):
     def info(self) -> dict[str, Any]:
         """What ``balloon-stats`` shows."""
         return {"num_pages": self.num_pages, "actual": self.actual, "inhibits": self.inhibits,
-                "set_aside": len(self.set_aside), "counters": self.metrics.nonzero(),
+                "postcopy": self.postcopy, "queued": len(self.queue),
+                "counters": self.metrics.nonzero(),
                 "stats": dict(self.stats), "stats_updated_ns": self.stats_updated_ns}

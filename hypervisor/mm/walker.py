@@ -97,7 +97,9 @@ class Walker:
             table = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
         if write and not writable:
             raise GuestFault(va, PFEC_PRESENT | PFEC_WRITE)
-        if absent.count:  # the TLB caches only frames that are here
+        # the TLB caches only frames that are here; device memory (the balloon's
+        # registers, beyond RAM) is never absent
+        if absent.count and table < absent.nr_frames:
             absent.populate(table)
         self.tlb[key] = (table, writable)
         if write and self.on_write is not None:

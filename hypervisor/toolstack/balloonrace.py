@@ -90,7 +90,8 @@ def check(hv: Hypervisor, dom: Domain, p2m: np.ndarray, versions: Mapping[int, i
     mfns = p2m[mapped].astype(np.int64)
     found += _mapping(hv, dom, mapped, mfns)
     found += _data(hv, dom, mapped, mfns, versions)
-    owned = set(domctl.dump_frames(hv, dom).mfns.tolist())
+    d = domctl.dump_frames(hv, dom)
+    owned = set(d.mfns[~d.xenheap].tolist())  # shared_info is the hypervisor's
     extra, missing = owned - set(mfns.tolist()) - left, left - owned
     if extra:
         found.append(f"frames of the domain's neither mapped nor left by the policy "

@@ -120,10 +120,10 @@ _U32 = struct.Struct("<I")
 # --- the machine and the fake driver ---------------------------------------------------
 
 def boot_balloon(boot, interval: str = "5ms", memory: int = 16, seed: int = 1,
-                 deflate_on_oom: bool = False):
+                 deflate_on_oom: bool = False, postcopy: str = "drop"):
     """A guest with a balloon device, booted by ``boot`` (the ``booted``
     fixture, or ``booting()``'s function)."""
-    balloon: dict = {"stats_interval": interval}
+    balloon: dict = {"stats_interval": interval, "postcopy": postcopy}
     if deflate_on_oom:
         balloon["deflate_on_oom"] = True
     cfg = parse_config({"name": "vb", "memory": memory, "image": "firmware/guest.elf",
@@ -316,7 +316,8 @@ class Guard:
         assert (ft.owner[gone] == FREE).all()
         balloon = self.dom.devices[0].device
         m2p_changed = set(np.flatnonzero(hv.machine.m2p != self.m2p).tolist())
-        assert m2p_changed <= set(np.flatnonzero(gone).tolist()) | set(balloon.set_aside)
+        queued = {r.mfn for r in balloon.queue if r.inflate}
+        assert m2p_changed <= set(np.flatnonzero(gone).tolist()) | queued
         assert audit(hv, p2m=False) == []
 
 
@@ -1070,10 +1071,33 @@ def test_inflate_of_its_own_ring_page_needs_reset_and_still_flushes(env):
 
 # --- 5. inhibit --------------------------------------------------------------------------
 
-def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
+def test_inhibit_under_drop_acknowledges_and_acts_on_nothing(env):
+    """QEMU's policy: the frames stay the domain's with their M2P entries,
+    before and after the inhibit; a deflate is dropped too."""
     hv, dom, drv = env
     ft = hv.machine.frames
     bal = drv.t.device
+    assert bal.postcopy == "drop"
+    drv.start()
+    victims = [drv.frame() for _ in range(3)]
+    m2p = hv.machine.m2p[victims].copy()
+    bal.inhibit()
+    head = drv.request(INFLATE, victims[:2])
+    assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
+    drv.request(DEFLATE, victims[2:])
+    assert bal.uninhibit() == 0
+    assert all(ft.owner[m] == dom.domid for m in victims)
+    assert (hv.machine.m2p[victims] == m2p).all() and bal.queue == []
+    assert bal.metrics.dropped == 2 and bal.metrics.dropped_deflates == 1
+    assert bal.metrics.freed == bal.metrics.deflated == 0
+    assert audit(hv, p2m=False) == []
+
+
+def test_inhibit_under_reconcile_queues_frames_until_the_last_uninhibit(env):
+    hv, dom, drv = env
+    ft = hv.machine.frames
+    bal = drv.t.device
+    bal.postcopy = "reconcile"
     drv.start()
     victims = [drv.frame() for _ in range(4)]
     for k, m in enumerate(victims):
@@ -1084,10 +1108,10 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     head = drv.request(INFLATE, victims[:2])
     assert drv.used(drv.rings[INFLATE]) == (1, [(head, 0)])
     assert all(ft.owner[m] == dom.domid for m in victims)
-    # set aside: still owned, but no longer a pfn of the guest
+    # queued: still owned, but no longer a pfn of the guest
     assert [hv.machine.m2p[m] == INVALID_MFN for m in victims] == [True, True, False, False]
     assert ft.nr_free == free0
-    assert bal.metrics.inhibited == 2 and bal.metrics.freed == 0
+    assert bal.metrics.queued == 2 and bal.metrics.freed == 0
     assert audit(hv, p2m=False) == []
     with pytest.raises(BalloonError, match="inhibited"):
         bal.set_target(10)
@@ -1096,11 +1120,11 @@ def test_inhibit_sets_frames_aside_until_the_last_uninhibit(env):
     drv.request(INFLATE, victims[2:])
     assert bal.uninhibit() == 0
     assert all(ft.owner[m] == dom.domid for m in victims) and ft.nr_free == free0
-    assert bal.info()["set_aside"] == 4
+    assert bal.info()["queued"] == 4
     assert bal.uninhibit() == 4
     assert all(ft.owner[m] == FREE for m in victims)
     assert ft.nr_free == free0 + 4
-    assert bal.metrics.freed == 4 and bal.set_aside == []
+    assert bal.metrics.freed == 4 == bal.metrics.reconciled and bal.queue == []
     guard.check()
     with pytest.raises(BalloonError, match="not inhibited"):
         bal.uninhibit()
@@ -1113,6 +1137,7 @@ def test_inhibited_frame_listed_twice_is_freed_once(env):
     hv, dom, drv = env
     ft = hv.machine.frames
     bal = drv.t.device
+    bal.postcopy = "reconcile"
     drv.start()
     mfn = drv.frame()
     free0 = ft.nr_free
@@ -1126,12 +1151,13 @@ def test_inhibited_frame_listed_twice_is_freed_once(env):
     assert audit(hv, p2m=False) == []
 
 
-def test_set_aside_frame_taken_back_is_not_freed(env):
+def test_queued_frame_taken_back_is_not_freed(env):
     """A frame the guest took back while the balloon was inhibited (its M2P
     entry set again, as populate_physmap does) stays the domain's."""
     hv, dom, drv = env
     ft = hv.machine.frames
     bal = drv.t.device
+    bal.postcopy = "reconcile"
     drv.start()
     kept, gone = drv.frame(), drv.frame()
     bal.inhibit()
@@ -1140,7 +1166,7 @@ def test_set_aside_frame_taken_back_is_not_freed(env):
     hv.machine.set_m2p(kept, 5)
     assert bal.uninhibit() == 1
     assert ft.owner[kept] == dom.domid and ft.owner[gone] == FREE
-    assert bal.metrics.refused == 1
+    assert bal.metrics.kept == 1 and bal.metrics.refused == 0
     assert audit(hv, p2m=False) == []
 
 
@@ -1436,12 +1462,14 @@ def test_pagetable_may_hold_a_readable_ring_but_not_the_used_ring(env):
 def test_persist_round_trip_of_a_busy_balloon(booted, interval, oom):
     """save_state makes the balloon's EMULATOR_CONTEXT entry; restore_state makes
     from it a balloon that saves the same entry. The device is saved mid-inflate
-    (target 300 pages, 2 in the balloon), inhibited, with frames set aside and a
-    statistics buffer held: that is the host's and the rings' state, which no
-    image carries, so the restored balloon starts without it."""
+    (target 300 pages, 2 in the balloon), inhibited under reconcile, with
+    requests queued and a statistics buffer held: that is the host's and the
+    rings' state, which no image carries, so the restored balloon starts
+    without it; its post-copy policy goes across."""
     hv, dom = boot_balloon(booted, interval=interval, deflate_on_oom=oom)
     drv = Driver(hv, dom)
     t, bal = drv.t, drv.t.device
+    bal.postcopy = "reconcile"
     drv.start()
     bal.set_target(300)
     victims = [drv.frame() for _ in range(4)]
@@ -1452,14 +1480,14 @@ def test_persist_round_trip_of_a_busy_balloon(booted, interval, oom):
     entries = stats_bytes([(4, 1000)])
     drv.add(drv.rings[STATS], [(drv.buffer(entries), len(entries), False)])
     drv.notify(STATS)
-    assert bal.inhibits == 1 and len(bal.set_aside) == 2 and bal.stats_held is not None
+    assert bal.inhibits == 1 and len(bal.queue) == 2 and bal.stats_held is not None
 
     state = save_state(t)
     assert json.loads(json.dumps(state)) == state
     assert state == {"bus": "virtio-mmio", "base": t.base, "port": t.port, "kind": "balloon",
                      "num_pages": 300, "actual": 2,
                      "stats_interval_ns": INTERVAL_NS if interval == "5ms" else 0,
-                     "deflate_on_oom": oom}
+                     "deflate_on_oom": oom, "postcopy": "reconcile"}
     assert {k: type(v) for k, v in state.items()} == STATE_KEYS
 
     again = restore_state(state, bal.host)
@@ -1467,7 +1495,10 @@ def test_persist_round_trip_of_a_busy_balloon(booted, interval, oom):
     assert save_state(restored) == state
     assert again.features() == bal.features()
     assert again.config_bytes() == bal.config_bytes()
-    assert (again.inhibits, again.set_aside, again.stats_held, again.stats) == (0, [], None, {})
+    assert (again.inhibits, again.queue, again.stats_held, again.stats) == (0, [], None, {})
+    assert again.postcopy == "reconcile"
+    del state["postcopy"]  # an image from before the key: QEMU's policy
+    assert restore_state(state, bal.host).postcopy == "drop"
     assert again.metrics == BalloonMetrics()
 
 
@@ -1685,7 +1716,7 @@ def run_fuzz(*case) -> Counter:
 
 
 def fuzz_case(boot, num: int, driver_ok: bool, table, avail, data, ops) -> Counter:
-    hv, dom = boot_balloon(boot, memory=FUZZ_MIB)
+    hv, dom = boot_balloon(boot, memory=FUZZ_MIB, postcopy="reconcile")
     drv = Driver(hv, dom)
     t, bal = drv.t, drv.t.device
     drv.start(num=num, driver_ok=driver_ok)
@@ -1715,11 +1746,11 @@ def fuzz_case(boot, num: int, driver_ok: bool, table, avail, data, ops) -> Count
     guard.check()
     if t.status & NEEDS_RESET:
         assert t.metrics.ring_errors >= 1
-    # drop every inhibit: what was set aside is freed once, the counts stay right
+    # drop every inhibit: what was queued is freed once, the counts stay right
     while bal.inhibits:
         bal.uninhibit()
     guard.check()
-    assert bal.set_aside == []
+    assert bal.queue == []
     seen = Counter(asdict(t.metrics)) + Counter(asdict(bal.metrics))
     seen.update(needs_reset=bool(t.status & NEEDS_RESET))
     seen["stats"] = dict(bal.stats)
@@ -1828,7 +1859,7 @@ def well_formed_case(boot, case) -> None:
     """One well-formed scenario read top to bottom, hence its length: set-up,
     the ops, then what must hold."""
     num, chains, ops = case
-    hv, dom = boot_balloon(boot, memory=FUZZ_MIB)
+    hv, dom = boot_balloon(boot, memory=FUZZ_MIB, postcopy="reconcile")
     drv = Driver(hv, dom)
     t, bal = drv.t, drv.t.device
     ft = hv.machine.frames
@@ -1884,10 +1915,13 @@ def well_formed_case(boot, case) -> None:
     idx, elems = drv.used(drv.rings[STATS])
     assert idx + (bal.stats_held is not None) == len(chains)
     assert [h for h, _ in elems] == heads[STATS][:idx][:num]
-    assert {m for m in spares if ft.owner[m] == FREE} == {spares[e] for e in named}
+    # every named spare freed once, but those inflated and then deflated while
+    # inhibited (the same chains go on both queues): reconcile's "nothing"
+    freed, want = {m for m in spares if ft.owner[m] == FREE}, {spares[e] for e in named}
+    assert freed <= want and len(want - freed) == bal.metrics.kept
     assert all(ft.owner[m] == dom.domid for i, m in enumerate(spares) if i not in named)
     assert {k: int(ft.owner[kinds[k]]) for k in owners} == owners
-    assert bal.metrics.freed == len(named)
+    assert bal.metrics.freed == len(named) - bal.metrics.kept
     assert bal.metrics.malformed >= sum(tail for _, tail in chains)
     guard.check()
     assert_recovers(hv, dom, drv)

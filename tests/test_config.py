@@ -32,6 +32,15 @@ def test_good_config_loads(tmp_path):
     assert (cfg.seed, cfg.sched_seed) == (3, 9)
 
 
+def test_the_balloons_post_copy_policy_is_drop_unless_reconcile_is_asked(tmp_path):
+    from tests.conftest import GUEST_IMAGE
+    cfg = load_config(write(tmp_path, GOOD + "[balloon]\n", image=GUEST_IMAGE))
+    assert cfg.balloon is not None and cfg.balloon.postcopy == "drop"
+    cfg = load_config(write(tmp_path, GOOD + '[balloon]\npostcopy = "reconcile"\n',
+                            image=GUEST_IMAGE))
+    assert cfg.balloon is not None and cfg.balloon.postcopy == "reconcile"
+
+
 def test_image_path_is_relative_to_the_config(tmp_path):
     from tests.conftest import GUEST_IMAGE
     (tmp_path / "img.elf").write_bytes(GUEST_IMAGE.read_bytes())
@@ -49,6 +58,8 @@ def test_image_path_is_relative_to_the_config(tmp_path):
     (("seed = 3", "sched_seed = -2"), "sched_seed must not be negative"),
     (('name = "t"', ""), "missing key 'name'"),
     (("cmdline = \"run=hello\"", "cmdline = \"" + "x" * 2000 + "\""), "cmdline is longer"),
+    (("seed = 3", 'seed = 3\n[balloon]\npostcopy = "queue"'),
+     "balloon.postcopy must be \"drop\" or \"reconcile\", not 'queue'"),
 ])
 def test_bad_values_are_named(tmp_path, change, message):
     from tests.conftest import GUEST_IMAGE

@@ -34,7 +34,7 @@ STATE_KEYS: dict[str, type] = {"bus": str, "base": int, "port": int, "kind": str
                                "num_pages": int, "actual": int, "stats_interval_ns": int,
                                "deflate_on_oom": bool, "postcopy": str}
 # keys an image written before them lacks, and what such an image means
-STATE_DEFAULTS: dict[str, object] = {"postcopy": "drop"}
+STATE_DEFAULTS: dict[str, Any] = {"postcopy": "drop"}
 
 
 def save_state(transport: VirtioMmio) -> dict[str, Any]:

@@ -298,16 +298,24 @@ def test_a_truncated_image_is_refused_at_every_record_boundary(good_image, boote
 
 
 def test_damaged_record_fields_are_refused_naming_the_record(good_image, tmp_path):
-    raw = good_image.read_bytes()
     info = scan_image(good_image)
     by_name = {r.name: r for r in reversed(info.records)}
     bad = tmp_path / "bad.img"
+    shutil.copyfile(good_image, bad)
 
     def patched(offset: int, data: bytes) -> str:
-        b = bytearray(raw)
-        b[offset:offset + len(data)] = data
-        bad.write_bytes(bytes(b))
-        return _refused_cleanly(bad)
+        """The image with ``data`` at ``offset`` (only that: put back after)."""
+        with open(bad, "r+b") as f:
+            f.seek(offset)
+            was = f.read(len(data))
+            f.seek(offset)
+            f.write(data)
+        try:
+            return _refused_cleanly(bad)
+        finally:
+            with open(bad, "r+b") as f:
+                f.seek(offset)
+                f.write(was)
 
     x = info.libxc_offset
     assert "not a Xen migration stream" in patched(x + 8, b"XENG")
@@ -339,16 +347,19 @@ def test_random_bytes_anywhere_in_the_structure_are_refused_or_harmless(good_ima
     """No checksum covers page data (Xen's stream has none), so a flipped data
     byte may restore; but a restore either works or fails with a message, never
     half way with a Python error, and never leaves a domain behind."""
-    raw = good_image.read_bytes()
     info = scan_image(good_image)
     first_page = info.batches[0].data_offset
+    with open(good_image, "rb") as f:
+        structure = f.read(first_page)
     rng = random.Random(EXTRA_SEED)
     bad = tmp_path / "noise.img"
+    shutil.copyfile(good_image, bad)
     for _ in range(12):
-        b = bytearray(raw)
+        b = bytearray(structure)
         for _ in range(rng.randint(1, 4)):
             b[rng.randrange(0, first_page)] = rng.randrange(256)
-        bad.write_bytes(bytes(b))
+        with open(bad, "r+b") as f:   # the bytes before the first page: all that changes
+            f.write(b)
         hv = Hypervisor(96, seed=5)
         try:
             restore_image(bad, hv=hv)

@@ -9,11 +9,15 @@ a device still live is not saved."""
 from __future__ import annotations
 
 import dataclasses
-import functools
+import os
+import pickle
 import re
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -30,6 +34,7 @@ from tests.conftest import ROOT, booting, checkout_env, make_config
 EXAMPLE = ROOT / "examples" / "balloon.toml"
 REFERENCE_DIGEST = "hashchain digest ef1035920e1827ec"  # examples/smp.toml's hashchain
 PAGES_PER_MIB = 256
+POWER_OFF = re.compile(r"powering off \((\d+) pages free, (\d+) before the first task\)")
 
 
 def balloon_config(cmdline: str, memory: int = 32, vcpus: int = 2, seed: int = 1,
@@ -43,7 +48,7 @@ def requests(*texts: str):
 
 
 def free_pages_line(console: str) -> tuple[int, int]:
-    m = re.search(r"powering off \((\d+) pages free, (\d+) before the first task\)", console)
+    m = POWER_OFF.search(console)
     assert m, console[-2000:]
     return int(m.group(1)), int(m.group(2))
 
@@ -209,41 +214,59 @@ def test_the_2012_discard_code_leaks_what_the_fixed_discard_gives_back(save_ball
 
 # --- events racing the freeze ------------------------------------------------------------------
 
-@functools.cache
-def _steps(seed: int, policy: str) -> tuple[str, int]:
-    """The run with no event: how it ends and how many register accesses the
-    freeze and thaw make (both halves of a seed's steps need it: once a worker)."""
-    _, _, _, (r, steps) = _race_run(seed, 10 ** 9, policy)
-    return r.reason, steps
+@dataclasses.dataclass(frozen=True)
+class RaceEnd:
+    """How a run ended: what the assertions look at, small enough to pass up
+    from a forked child."""
+    step: int                  # the register access its event came at (0: none)
+    steps: int                 # the register accesses of the freeze and the thaw
+    reason: str
+    why: str                   # the crash report and the console's tail
+    digest: bool
+    problems: list[str]
+    ring_errors: int
+    free: tuple[int, int]
+    balloon: tuple[int, int]   # num_pages, actual
 
 
-def _race_run(seed: int, step: int, policy: str) -> tuple[str, list[str], Balloon, object]:
-    """A checkpoint at 3 ms; at the device's ``step``-th register access
-    between the start of the freeze and the end of the thaw, the host changes
-    the target, returns the stats buffer and fires the event channel, all at
-    once. A test makes many runs: each closes its machine at its end."""
+def _race_ends(seed: int, policy: str, first: int, stride: int) -> list[RaceEnd]:
+    """A checkpoint at 3 ms; the run has no event of its own, but at the
+    device's register accesses ``first``, ``first + stride``, ... between the
+    start of the freeze and the end of the thaw it forks a child (os.fork
+    copies the machine) in which the host changes the target, returns the
+    stats buffer and fires the event channel, all at once, and which runs to
+    the end. The children one at a time, then the run itself, last; so each
+    step's run shares everything before its step with the others."""
     with booting() as boot:
-        return _race(boot, seed, step, policy)
+        return _race(boot, seed, policy, first, stride)
 
 
-def _race(boot, seed: int, step: int, policy: str) -> tuple[str, list[str], Balloon, object]:
+def _race(boot, seed: int, policy: str, first: int, stride: int) -> list[RaceEnd]:
     cfg = balloon_config(f"run=hashchain:40:32 virtio_balloon.policy={policy}", memory=16,
                          seed=seed, stats=1_000_000)
     hv, dom = boot(cfg)
     t, bal = device(dom)
-    seen = [0]
-    armed = [False]
+    seen, step, armed, ends, child = [0], [0], [False], [], []
     mmio_write, mmio_read = t.mmio_write, t.mmio_read
 
+    def event():
+        if not bal.inhibits:
+            bal.num_pages = 2 * PAGES_PER_MIB if bal.num_pages else 4 * PAGES_PER_MIB
+            t.config_changed()
+        bal._poll()
+        dom.evtchn.set_pending(t.port)
+
     def inject():
-        if armed[0]:
+        if armed[0] and not child:
             seen[0] += 1
-            if seen[0] == step:
-                if not bal.inhibits:
-                    bal.num_pages = 2 * PAGES_PER_MIB if bal.num_pages else 4 * PAGES_PER_MIB
-                    t.config_changed()
-                bal._poll()
-                dom.evtchn.set_pending(t.port)
+            if seen[0] >= first and (seen[0] - first) % stride == 0:
+                fork = _fork()
+                if fork.child:
+                    child.append(fork.fd)
+                    step[0] = seen[0]
+                    event()
+                else:
+                    ends.append(fork.end(seen[0]))
 
     def write(offset, size, value):
         mmio_write(offset, size, value)
@@ -261,9 +284,63 @@ def _race(boot, seed: int, step: int, policy: str) -> tuple[str, list[str], Ball
         armed[0] = b"suspend: freeze_processes" in out and b"virtio_balloon: thawed" not in out
 
     hv.after_hypercall = arm
-    r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "3ms checkpoint",
-                                                    "4500us mem-set 16"))
-    return r.console.decode(), audit(hv), bal, (r, seen[0])
+    r = None
+    try:
+        r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "3ms checkpoint",
+                                                        "4500us mem-set 16"))
+    finally:
+        if child:   # never back into pytest from a child
+            _child_exit(child[0], lambda: _end(r, hv, bal, step[0], seen[0]))
+    died = [e for e in ends if not isinstance(e, RaceEnd)]
+    assert not died, died[0]
+    return [*ends, _end(r, hv, bal, 0, seen[0])]
+
+
+def _end(r, hv, bal: Balloon, step: int, seen: int) -> RaceEnd:
+    out = r.console.decode()
+    m = POWER_OFF.search(out)
+    return RaceEnd(step, seen, r.reason, f"{r.domain.crash_report}\n{out[-2000:]}",
+                   "hashchain digest" in out, audit(hv), bal.transport.metrics.ring_errors,
+                   (int(m.group(1)), int(m.group(2))) if m else (-1, -2),
+                   (bal.num_pages, bal.actual))
+
+
+@dataclasses.dataclass
+class _Fork:
+    child: bool
+    fd: int
+    pid: int
+
+    def end(self, step: int) -> RaceEnd | str:
+        """The parent's side: the child's RaceEnd, or why there is none."""
+        with os.fdopen(self.fd, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(self.pid, 0)
+        end = pickle.loads(data) if data else f"died with status {status:#x}"
+        return end if isinstance(end, RaceEnd) else f"step {step}: the child {end}"
+
+
+def _fork() -> _Fork:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        return _Fork(True, w, 0)
+    os.close(w)
+    return _Fork(False, r, pid)
+
+
+def _child_exit(fd: int, end: Callable[[], RaceEnd]) -> NoReturn:
+    """Send the child's RaceEnd (or why there is none) and end the child."""
+    try:
+        try:
+            data = pickle.dumps(end())
+        except BaseException:  # noqa: BLE001 - the parent reports it
+            data = pickle.dumps("raised:\n" + traceback.format_exc())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    finally:
+        os._exit(0)
 
 
 @pytest.mark.slow
@@ -274,16 +351,16 @@ def test_an_event_at_each_step_of_the_freeze_is_harmless(seed, policy, half):
     """Every register access of the freeze and the thaw gets its event, the
     odd ones under seed 1, the even ones under seed 2; those in two halves
     (every other one), so that a parallel run spreads them over the cores."""
-    reason, steps = _steps(seed, policy)
-    assert reason == "poweroff" and steps > 20
-    for step in range(seed + 2 * half, steps + 1, 4):
-        out, problems, bal, (r, _) = _race_run(seed, step, policy)
-        assert r.reason == "poweroff", f"step {step}: {r.domain.crash_report}\n{out[-2000:]}"
-        assert "hashchain digest" in out and problems == [], (step, problems)
-        assert bal.transport.metrics.ring_errors == 0, step
-        free, before = free_pages_line(out)
-        assert free == before, step  # the last target (16 MiB) reached, nothing lost
-        assert bal.num_pages == 0 and bal.actual == 0, step
+    *ends, free_run = _race_ends(seed, policy, seed + 2 * half, 4)
+    assert free_run.reason == "poweroff" and free_run.steps > 20, free_run.why
+    assert [e.step for e in ends] == list(range(seed + 2 * half, free_run.steps + 1, 4))
+    for e in [*ends, free_run]:
+        assert e.reason == "poweroff", f"step {e.step}: {e.why}"
+        assert e.digest and e.problems == [], (e.step, e.problems)
+        assert e.ring_errors == 0, e.step
+        free, before = e.free
+        assert free == before, e.step  # the last target (16 MiB) reached, nothing lost
+        assert e.balloon == (0, 0), e.step
 
 
 def test_a_request_on_a_queue_the_freeze_deleted_is_not_sent_and_says_so(booted,

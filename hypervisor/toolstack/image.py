@@ -21,6 +21,8 @@ the restore.
 from __future__ import annotations
 
 import ctypes
+import functools
+import io
 import json
 import os
 import stat
@@ -41,7 +43,8 @@ from hypervisor.public.arch_x86 import (
     vcpu_guest_context,
 )
 from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE, shared_info
-from hypervisor.toolstack import pfinfo, savefile, stream
+from hypervisor.toolstack import pagedigest, pfinfo, savefile, stream
+from hypervisor.toolstack.pagedigest import PageDigests
 from hypervisor.toolstack.pfinfo import ABSENT, KNOWN, NO_DATA, NOT_POPULATED, TYPE_NAMES
 from hypervisor.toolstack.savefile import EmulatorId, LibxlRecType
 from hypervisor.toolstack.stream import RecType, StreamError
@@ -118,6 +121,9 @@ class ImageInfo:
     checkpoint: bool = False
     epochs: list[Epoch] = field(default_factory=list)  # a checkpointed stream's
     size: int = 0
+    # a lazy check's: the batches' digests, checked as the pages are read
+    # (None: the whole file was checked)
+    page_digests: PageDigests | None = None
 
     @property
     def nr_pfns(self) -> int:
@@ -151,10 +157,14 @@ def _fail(rec: stream.Record | savefile.LibxlRecord | RecordInfo, why: str) -> I
     return ImageError(f"{name} at offset {rec.offset}: {why}")
 
 
-def scan_image(path: str | Path, wire: bool = False) -> ImageInfo:
+def scan_image(path: str | Path, wire: bool = False, lazy: bool = False) -> ImageInfo:
     """Read and check a whole image; raises ImageError naming what is wrong.
     ``wire``: a stream received from a migration, which has no digest (the
-    transport guarded it); a file must have one."""
+    transport guarded it); a file must have one. ``lazy``: the pages are
+    not read now: an image with per-batch digests has its structure checked
+    against its digest, and each batch of pages when first read
+    (info.page_digests; the check's own reads of pagetables and the p2m
+    included); one without them is checked whole, as without ``lazy``."""
     p = Path(path)
     try:
         # a FIFO or a device would block the open or the reads: never open one
@@ -165,7 +175,7 @@ def scan_image(path: str | Path, wire: bool = False) -> ImageInfo:
         raise ImageError(f"cannot read {p}: {e.strerror or e}") from None
     with f:
         try:
-            return _scan(f, str(p), wire)
+            return _scan(f, str(p), wire, lazy)
         except StreamError as e:
             raise ImageError(f"{p}: {e}") from None
 
@@ -195,10 +205,10 @@ class _Prefixed:
         return out + (self.src.read(n - len(out)) if n > len(out) else b"")
 
 
-def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
+def _scan(f: BinaryIO, path: str, wire: bool = False, lazy: bool = False) -> ImageInfo:
     """The three layers in file order: xl's header, libxl's records with the
     libxc stream read where LIBXC_CONTEXT stands, then the checks that need
-    the whole image."""
+    the whole image, then the digests."""
     xl, info = read_head(f, path)
     parser = RecordParser(info, keep=True)
     while True:
@@ -209,14 +219,103 @@ def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
         if rec.type == LibxlRecType.LIBXC_CONTEXT:
             _scan_libxc(f, parser)
     info.size = f.tell()
-    if f.read(1):
-        raise ImageError(f"offset {info.size}: data after libxl's END record")
+    trailer = _read_trailer(f, xl, info)
+    read_at: Callable[[np.ndarray], np.ndarray] = functools.partial(_read_pages, f)
+    if lazy and trailer is not None:
+        info.page_digests = _page_digests(f, xl, info, trailer)
+        read_at = _checked_reader(f, info.page_digests)
     where = _page_offsets(info)
-    _localise_earlier(info, f, parser.earlier_tables(where))
-    check_end(info, lambda pfns: _read_pages(f, where[pfns]))
-    sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
-    savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
+    _localise_earlier(info, read_at, parser.earlier_tables(where))
+    check_end(info, lambda pfns: read_at(where[pfns]))
+    if info.page_digests is None:
+        sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
+        savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
     return info
+
+
+def _read_trailer(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo) -> bytes | None:
+    """What follows libxl's END: nothing, or exactly the per-batch digests
+    XL_BATCHES announces (one per PAGE_DATA record, then the structure's)."""
+    b = xl.batches
+    rest = f.read(1 if b is None else b.trailer_size + 1)
+    if b is None:
+        if rest:
+            raise ImageError(f"offset {info.size}: data after libxl's END record")
+        return None
+    if b.trailer != info.size or len(rest) != b.trailer_size:
+        raise ImageError(f"offset {info.size}: the per-batch digests are not the "
+                         f"{b.trailer_size} octets at offset {b.trailer} that XL_BATCHES "
+                         "announces, right after libxl's END, to the end of the file")
+    if b.count != len(info.batches):
+        raise ImageError(f"offset {b.trailer}: {b.count} per-batch digests for "
+                         f"{len(info.batches)} PAGE_DATA records")
+    return rest
+
+
+def _page_ranges(info: ImageInfo) -> list[tuple[int, int]]:
+    """Each PAGE_DATA record's pages as (offset, length), in stream order."""
+    return [(b.data_offset, PAGE_SIZE * int(b.with_data.sum())) for b in info.batches]
+
+
+def _page_digests(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo,
+                  trailer: bytes) -> PageDigests:
+    """The trailer and the structure checked against their digests; the
+    batches' digests, to check each batch when it is first read."""
+    pagedigest.check_trailer(xl, trailer)
+    ranges = _page_ranges(info)
+    pagedigest.check_structure(xl, trailer, _range_reader(f), ranges)
+    return PageDigests(trailer, np.array([b.offset for b in info.batches], dtype=np.int64),
+                       np.array([o for o, _ in ranges], dtype=np.int64),
+                       np.array([n for _, n in ranges], dtype=np.int64))
+
+
+def _range_reader(f: BinaryIO) -> pagedigest.ReadRange:
+    def read(offset: int, length: int) -> bytes:
+        f.seek(offset)
+        data = f.read(length)
+        if len(data) != length:
+            raise ImageError(f"truncated at offset {offset}")
+        return data
+    return read
+
+
+def _checked_reader(f: BinaryIO, digests: PageDigests) -> Callable[[np.ndarray], np.ndarray]:
+    """_read_pages, each batch read from checked against its digest first."""
+    def read(offsets: np.ndarray) -> np.ndarray:
+        digests.check(offsets, _range_reader(f))
+        return _read_pages(f, offsets)
+    return read
+
+
+def seal(image: bytearray) -> None:
+    """savefile.seal for an image held in memory, its PAGE_DATA records found
+    by their framing alone (a tool or a test that edits an image on purpose,
+    even into a bad one, seals it again so)."""
+    xl = savefile.read_xl_header(io.BytesIO(image))
+    pages: list[tuple[int, int]] = []
+    f = io.BytesIO(image)
+    f.seek(xl.end + savefile.LIBXL_HDR.size)
+    if xl.batches is not None:
+        while (rec := savefile.read_libxl_record(f)).type != LibxlRecType.END:
+            if rec.type == LibxlRecType.LIBXC_CONTEXT:
+                pages += _libxc_pages(f)
+    savefile.seal(image, pages, f.tell())
+
+
+def _libxc_pages(f: BinaryIO) -> list[tuple[int, int]]:
+    """Each PAGE_DATA record's pages (what follows its pfn list), from
+    ``f``'s position to libxc's END; libxl's records after a CHECKPOINT."""
+    f.seek(stream.IHDR.size + stream.DHDR.size, io.SEEK_CUR)
+    out = []
+    while (rec := stream.read_record(f, f.tell(), {RecType.PAGE_DATA: _page_data_head})
+           ).type != RecType.END:
+        if rec.type == RecType.PAGE_DATA:
+            head = 8 + 8 * stream.PAGE_DATA_HDR.unpack_from(rec.body)[0]
+            out.append((rec.offset + stream.RHDR.size + head, rec.length - head))
+        if rec.type == RecType.CHECKPOINT:
+            while savefile.read_libxl_record(f).type != LibxlRecType.CHECKPOINT_END:
+                pass
+    return out
 
 
 def _scan_libxc(f: BinaryIO, parser: RecordParser) -> None:
@@ -746,13 +845,13 @@ def _check_tables(info: ImageInfo, read: PageReader) -> None:
                          f"of level L{int(levels[pfn]) + 1}: the image retyped its parent")
 
 
-def _localise_earlier(info: ImageInfo, f: BinaryIO, earlier: list[tuple[int, int, int]]
-                      ) -> None:
+def _localise_earlier(info: ImageInfo, read_at: Callable[[np.ndarray], np.ndarray],
+                      earlier: list[tuple[int, int, int]]) -> None:
     """A pfn that an earlier copy of a pagetable names gets a frame, as
     x86_pv_localise_page populates the pfns a table names before it has
     them; a pfn beyond the domain's maximum cannot (Xen: "Bad mfn")."""
-    for (pfn, level, _), page in zip(earlier, _read_pages(
-            f, np.array([t[2] for t in earlier], dtype=np.int64)), strict=True):
+    for (pfn, level, _), page in zip(earlier, read_at(
+            np.array([t[2] for t in earlier], dtype=np.int64)), strict=True):
         info.ever_populated[table_targets(info, pfn, level, page)] = True
 
 

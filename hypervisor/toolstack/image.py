@@ -45,7 +45,7 @@ from hypervisor.public.arch_x86 import (
 from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE, shared_info
 from hypervisor.toolstack import pagedigest, pfinfo, savefile, stream
 from hypervisor.toolstack.pagedigest import PageDigests
-from hypervisor.toolstack.pfinfo import ABSENT, KNOWN, NO_DATA, NOT_POPULATED, TYPE_NAMES
+from hypervisor.toolstack.pfinfo import ABSENT, TYPE_NAMES
 from hypervisor.toolstack.savefile import EmulatorId, LibxlRecType
 from hypervisor.toolstack.stream import RecType, StreamError
 
@@ -140,7 +140,7 @@ class ImageInfo:
         """pfns whose last copy has a populating type: the memory the sender
         saw at the end of the stream."""
         seen = self.nibbles != ABSENT
-        return np.flatnonzero(seen & ~np.isin(self.nibbles, list(NOT_POPULATED)))
+        return np.flatnonzero(seen & pfinfo.populates(self.nibbles))
 
     def type_counts(self) -> dict[str, int]:
         seen = self.nibbles[self.nibbles != ABSENT]
@@ -632,7 +632,7 @@ def _page_data(info: ImageInfo, rec: stream.Record
     pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
     nib = (entries >> np.uint64(60)).astype(np.uint8)
     reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
-    known = np.isin(nib, list(KNOWN))
+    known = pfinfo.is_known(nib)
     bad = np.flatnonzero((pfns > info.max_pfn) | ~known | (reserved != 0))
     if bad.size:
         i = int(bad[0])
@@ -643,12 +643,13 @@ def _page_data(info: ImageInfo, rec: stream.Record
         if not known[i]:
             raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
         raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
-    values, counts = np.unique(pfns, return_counts=True)
-    if (counts > 1).any():
-        pfn = int(values[counts > 1][0])
+    ordered = np.sort(pfns)
+    twice = ordered[1:][ordered[1:] == ordered[:-1]]
+    if twice.size:
+        pfn = int(twice[0])
         i, j = np.flatnonzero(pfns == pfn)[:2].tolist()
         raise _fail(rec, f"pfn {pfn:#x} twice in one batch (index {i} and {j})")
-    with_data = ~np.isin(nib, list(NO_DATA))
+    with_data = pfinfo.has_data(nib)
     want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
     if length != want:
         raise _fail(rec, f"wrong size: length {length}, expected {want} for {count} pfns "
@@ -658,14 +659,13 @@ def _page_data(info: ImageInfo, rec: stream.Record
     # a pfn may come many times (the rounds of a live save): the last copy's
     # type wins, and a frame once given stays (process_page_data)
     info.nibbles[pfns] = nib
-    info.ever_populated[pfns[~np.isin(nib, list(NOT_POPULATED))]] = True
+    info.ever_populated[pfns[pfinfo.populates(nib)]] = True
     info.ever_data[pfns[with_data]] = True
     info.copies += int(pfns.size)
-    tables = []
-    level = pfinfo.level(nib)
-    for k, i in enumerate(np.flatnonzero(with_data)):
-        if level[i]:
-            tables.append((int(pfns[i]), int(level[i]), data_offset + PAGE_SIZE * k))
+    level = pfinfo.level(nib[with_data])
+    k = np.flatnonzero(level)  # the tables' places among the pages
+    tables = list(zip(pfns[with_data][k].tolist(), level[k].tolist(),
+                      (data_offset + PAGE_SIZE * k).tolist(), strict=True))
     return batch, tables
 
 

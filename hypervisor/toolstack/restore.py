@@ -437,7 +437,7 @@ def process_batch(rx: Receiver, batch: PageBatch, body: bytes) -> None:
     pfns, nib = batch.pfns[batch.with_data], batch.nibbles[batch.with_data]
     levels = pfinfo.level(nib)
     rows = np.flatnonzero(levels)
-    wanted = [batch.pfns[~np.isin(batch.nibbles, list(pfinfo.NOT_POPULATED))]]
+    wanted = [batch.pfns[pfinfo.populates(batch.nibbles)]]
     wanted += [table_targets(info, int(pfns[k]), int(levels[k]), pages[k]) for k in rows]
     new = populate(ctx, np.concatenate(wanted))
     blank = np.setdiff1d(new, pfns)  # frames no page of this batch fills

@@ -414,6 +414,23 @@ def mmuext_pin_table(hv: Hypervisor, dom: Domain, mfn: int, level: int) -> int:
     return 0
 
 
+def validate_l1_tables(hv: Hypervisor, dom: Domain, l1_mfns: np.ndarray,
+                       table_mfns: np.ndarray) -> bool:
+    """Validate a restored domain's L1s in one pass before its tables are
+    pinned (PageTypes.validate_l1s: Xen's rules, over all of them at once);
+    ``table_mfns``: every frame the pins will type. False: nothing was done,
+    the pins validate each table themselves."""
+    busy = np.zeros(hv.machine.frames.nr_frames, dtype=bool)
+    busy[table_mfns] = True
+    return hv.machine.types.validate_l1s(l1_mfns, busy, dom.domid)
+
+
+def release_unreferenced_l1s(hv: Hypervisor, l1_mfns: np.ndarray) -> None:
+    """After the pins: the L1s validate_l1_tables validated that no table
+    referenced are devalidated again."""
+    hv.machine.types.release_unreferenced(l1_mfns)
+
+
 def getpageframeinfo3(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> np.ndarray:
     """XEN_DOMCTL_getpageframeinfo3: a PFINFO type (u32) per frame. A frame
     not the domain's is XTAB; a pagetable pinned or in use (validated) is

@@ -87,8 +87,8 @@ def test_changed_during_the_check_is_refused(images, tmp_path, monkeypatch):
     img.write_bytes(images["example"].read_bytes())
     scan = lazyrestore.scan_image
 
-    def scan_then_touch(path, wire=False):
-        info = scan(path, wire)
+    def scan_then_touch(path, **how):
+        info = scan(path, **how)
         with open(path, "ab") as f:
             f.write(b"\0")
         return info

@@ -121,6 +121,9 @@ class ImageInfo:
     checkpoint: bool = False
     epochs: list[Epoch] = field(default_factory=list)  # a checkpointed stream's
     size: int = 0
+    # per pfn, its last copy with data: file offset (-1: none) and type
+    last_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    last_nibble: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     # a lazy check's: the batches' digests, checked as the pages are read
     # (None: the whole file was checked)
     page_digests: PageDigests | None = None
@@ -789,11 +792,16 @@ def _check_vcpus(info: ImageInfo) -> None:
 
 
 def _page_offsets(info: ImageInfo) -> np.ndarray:
-    """Where each pfn's page is in the file; -1 for a pfn with no data."""
+    """Where each pfn's last page of data is in the file (-1: none), and its
+    type then, kept in info.last_offset and info.last_nibble; returns the
+    offsets. A batch names a pfn once, so the later batch's copy wins."""
     where = np.full(info.nr_pfns, -1, dtype=np.int64)
+    nibbles = np.full(info.nr_pfns, ABSENT, dtype=np.uint8)
     for b in info.batches:
         pfns = b.pfns[b.with_data]
         where[pfns] = b.data_offset + PAGE_SIZE * np.arange(pfns.size, dtype=np.int64)
+        nibbles[pfns] = b.nibbles[b.with_data]
+    info.last_offset, info.last_nibble = where, nibbles
     return where
 
 
@@ -822,27 +830,47 @@ def _check_tables(info: ImageInfo, read: PageReader) -> None:
     populated = np.zeros(info.nr_pfns, dtype=bool)
     populated[info.populated_at_end()] = True
     levels = pfinfo.level(info.nibbles)
-    named = np.zeros(info.nr_pfns, dtype=bool)
     final = np.flatnonzero(levels)
-    for pfn, level, page in zip(final.tolist(), levels[final].tolist(), read(final),
-                                strict=True):
-        present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
-        targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
-        bad = targets > np.uint64(info.max_pfn)
-        if not bad.any():
-            bad = ~populated[targets.astype(np.int64)]
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ImageError(f"pagetable pfn {pfn:#x} (L{level}) slot {int(present[i])} names "
-                             f"pfn {int(targets[i]):#x}, which the image does not populate")
-        if level > 1:
-            _check_level(info, pfn, level, page[present], present, targets.astype(np.int64))
-            named[targets.astype(np.int64)] = True
+    pages = read(final)
+    present = (pages & np.uint64(_PAGE_PRESENT)) != 0
+    targets = ((pages & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    inside = targets <= info.max_pfn
+    up = levels[final] > 1
+    # all the tables at once; the first one with a fault is checked again
+    # alone (_check_table), which says what it is
+    wrong = present & ~(inside & populated[np.where(inside, targets, 0)])
+    below = pfinfo.level(info.nibbles[np.where(inside, targets, 0)])
+    wrong |= present & up[:, None] & ((below != (levels[final] - 1)[:, None])
+                                      | ((pages & np.uint64(_PAGE_PSE)) != 0))
+    faulty = np.flatnonzero(wrong.any(axis=1))
+    if faulty.size:
+        k = int(faulty[0])
+        _check_table(info, populated, int(final[k]), int(levels[final[k]]), pages[k])
+        raise AssertionError(f"pagetable pfn {int(final[k]):#x}: the checks disagree")
+    named = np.zeros(info.nr_pfns, dtype=bool)
+    named[targets[present & up[:, None]]] = True
     orphans = np.flatnonzero((levels >= 1) & (levels < pfinfo.L4) & ~named)
     if orphans.size:
         pfn = int(orphans[0])
         raise ImageError(f"pagetable pfn {pfn:#x} (L{int(levels[pfn])}) is named by no table "
                          f"of level L{int(levels[pfn]) + 1}: the image retyped its parent")
+
+
+def _check_table(info: ImageInfo, populated: np.ndarray, pfn: int, level: int,
+                 page: np.ndarray) -> None:
+    """One pagetable's present entries: pfns the image populates, and for an
+    L4, L3 or L2 tables one level down (_check_level)."""
+    present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
+    targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+    bad = targets > np.uint64(info.max_pfn)
+    if not bad.any():
+        bad = ~populated[targets.astype(np.int64)]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ImageError(f"pagetable pfn {pfn:#x} (L{level}) slot {int(present[i])} names "
+                         f"pfn {int(targets[i]):#x}, which the image does not populate")
+    if level > 1:
+        _check_level(info, pfn, level, page[present], present, targets.astype(np.int64))
 
 
 def _localise_earlier(info: ImageInfo, read_at: Callable[[np.ndarray], np.ndarray],

@@ -158,22 +158,10 @@ def open_checked(path: str | Path) -> tuple[LazyImage, ImageInfo]:
 
 def last_copies(info: ImageInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pfn sent with data: its last copy's file offset and type nibble
-    (the copy an eager restore leaves in the frame). Returns (pfns, offsets,
-    nibbles)."""
-    pfns, offsets, nibbles = [], [], []
-    for b in info.batches:
-        w = b.with_data
-        if w.any():
-            p = b.pfns[w]
-            pfns.append(p)
-            offsets.append(b.data_offset + PAGE_SIZE * np.arange(p.size, dtype=np.int64))
-            nibbles.append(b.nibbles[w])
-    if not pfns:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
-    allp, allo, alln = np.concatenate(pfns), np.concatenate(offsets), np.concatenate(nibbles)
-    uniq, first_in_reverse = np.unique(allp[::-1], return_index=True)
-    last = allp.size - 1 - first_in_reverse
-    return uniq, allo[last], alln[last]
+    (the copy an eager restore leaves in the frame; the check found them).
+    Returns (pfns, offsets, nibbles)."""
+    pfns = np.flatnonzero(info.last_offset >= 0)
+    return pfns, info.last_offset[pfns], info.last_nibble[pfns]
 
 
 def restore_lazy(ctx: RestoreContext, image: LazyImage) -> None:

@@ -60,9 +60,9 @@ def test_an_image_without_a_digest_is_refused_as_from_an_older_pvlab(image, tmp_
     xl = savefile.read_xl_header(open(image, "rb"))
     name_at = xl.digest_offset - 16
     # what a version 2 image had: padding, and nothing after libxl's END
-    raw[name_at:xl.batches.value_offset + savefile.BATCHES_VALUE] = bytes(
-        xl.batches.value_offset + savefile.BATCHES_VALUE - name_at)
-    del raw[xl.batches.trailer:]
+    raw[name_at:xl.page_digests.value_offset + savefile.PAGE_DIGESTS_VALUE] = bytes(
+        xl.page_digests.value_offset + savefile.PAGE_DIGESTS_VALUE - name_at)
+    del raw[xl.page_digests.trailer:]
     old = tmp_path / "v2.img"
     old.write_bytes(bytes(raw))
     with pytest.raises(ImageError, match="no integrity digest.*older pvlab"):

@@ -124,7 +124,7 @@ class ImageInfo:
     # per pfn, its last copy with data: file offset (-1: none) and type
     last_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     last_nibble: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
-    # a lazy check's: the batches' digests, checked as the pages are read
+    # a lazy check's: the page digests, checked as the pages are read
     # (None: the whole file was checked)
     page_digests: PageDigests | None = None
 
@@ -164,8 +164,8 @@ def scan_image(path: str | Path, wire: bool = False, lazy: bool = False) -> Imag
     """Read and check a whole image; raises ImageError naming what is wrong.
     ``wire``: a stream received from a migration, which has no digest (the
     transport guarded it); a file must have one. ``lazy``: the pages are
-    not read now: an image with per-batch digests has its structure checked
-    against its digest, and each batch of pages when first read
+    not read now: an image with page digests has its structure checked
+    against its digest, and each block of pages when first read
     (info.page_digests; the check's own reads of pagetables and the p2m
     included); one without them is checked whole, as without ``lazy``."""
     p = Path(path)
@@ -237,21 +237,22 @@ def _scan(f: BinaryIO, path: str, wire: bool = False, lazy: bool = False) -> Ima
 
 
 def _read_trailer(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo) -> bytes | None:
-    """What follows libxl's END: nothing, or exactly the per-batch digests
-    XL_BATCHES announces (one per PAGE_DATA record, then the structure's)."""
-    b = xl.batches
+    """What follows libxl's END: nothing, or exactly the page digests
+    XL_PAGE_DIGESTS announces (one per PAGE_DATA record, then the structure's)."""
+    b = xl.page_digests
     rest = f.read(1 if b is None else b.trailer_size + 1)
     if b is None:
         if rest:
             raise ImageError(f"offset {info.size}: data after libxl's END record")
         return None
     if b.trailer != info.size or len(rest) != b.trailer_size:
-        raise ImageError(f"offset {info.size}: the per-batch digests are not the "
-                         f"{b.trailer_size} octets at offset {b.trailer} that XL_BATCHES "
+        raise ImageError(f"offset {info.size}: the page digests are not the "
+                         f"{b.trailer_size} octets at offset {b.trailer} that XL_PAGE_DIGESTS "
                          "announces, right after libxl's END, to the end of the file")
-    if b.count != len(info.batches):
-        raise ImageError(f"offset {b.trailer}: {b.count} per-batch digests for "
-                         f"{len(info.batches)} PAGE_DATA records")
+    want = len(savefile.digest_blocks(_page_ranges(info)))
+    if b.count != want:
+        raise ImageError(f"offset {b.trailer}: {b.count} page digests for the {want} blocks "
+                         f"of {len(info.batches)} PAGE_DATA records")
     return rest
 
 
@@ -263,13 +264,16 @@ def _page_ranges(info: ImageInfo) -> list[tuple[int, int]]:
 def _page_digests(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo,
                   trailer: bytes) -> PageDigests:
     """The trailer and the structure checked against their digests; the
-    batches' digests, to check each batch when it is first read."""
+    page digests, to check each block when it is first read."""
     pagedigest.check_trailer(xl, trailer)
     ranges = _page_ranges(info)
     pagedigest.check_structure(xl, trailer, _range_reader(f), ranges)
-    return PageDigests(trailer, np.array([b.offset for b in info.batches], dtype=np.int64),
-                       np.array([o for o, _ in ranges], dtype=np.int64),
-                       np.array([n for _, n in ranges], dtype=np.int64))
+    blocks = savefile.digest_blocks(ranges)
+    records = [b.offset for b, (_, n) in zip(info.batches, ranges, strict=True)
+               for _ in range(0, max(n, 1), savefile.DIGEST_BLOCK)]
+    return PageDigests(trailer, np.array(records, dtype=np.int64),
+                       np.array([o for o, _ in blocks], dtype=np.int64),
+                       np.array([n for _, n in blocks], dtype=np.int64))
 
 
 def _range_reader(f: BinaryIO) -> pagedigest.ReadRange:
@@ -298,7 +302,7 @@ def seal(image: bytearray) -> None:
     pages: list[tuple[int, int]] = []
     f = io.BytesIO(image)
     f.seek(xl.end + savefile.LIBXL_HDR.size)
-    if xl.batches is not None:
+    if xl.page_digests is not None:
         while (rec := savefile.read_libxl_record(f)).type != LibxlRecType.END:
             if rec.type == LibxlRecType.LIBXC_CONTEXT:
                 pages += _libxc_pages(f)

@@ -4,8 +4,8 @@ fast snapshot load (post-copy from a file) do.
 
 The image's structure is checked first (every record, as an eager restore
 checks it, against the digest of everything but the pages); its pages are
-checked batch by batch, each the first time one of its pages is read, against
-the per-batch digests the save wrote (pagedigest.py). An image written before
+checked block by block, each the first time one of its pages is read, against
+the page digests the save wrote (pagedigest.py). An image written before
 those digests is checked whole first, as an eager restore checks it. Then, in
 a new domain:
 
@@ -104,7 +104,7 @@ class LazyImage:
 
     def pages(self, offsets: np.ndarray) -> np.ndarray:
         """Pages of the image at these file offsets, as rows of 512 u64; the
-        batches they are in checked against their digests if not yet."""
+        blocks they are in checked against their digests if not yet."""
         u8 = self.u8
         if self.digests is not None:
             try:
@@ -136,7 +136,7 @@ class LazyImage:
 
 def open_checked(path: str | Path) -> tuple[LazyImage, ImageInfo]:
     """Open the image, check it (scan_image: its structure and the pages it
-    reads, or all of it for an image without per-batch digests), and map it,
+    reads, or all of it for an image without page digests), and map it,
     refusing a file that changed or was replaced meanwhile."""
     p = str(path)
     try:

@@ -1,20 +1,22 @@
 """Page digests checked when the pages are first read: what lets a lazy
 restore start without reading the whole image.
 
-A saved file holds, after libxl's END, a digest of each PAGE_DATA record's
-pages and one of every other octet (savefile.DigestWriter writes them; the
-xl header's XL_BATCHES says where they are and holds the trailer's own
-digest). The image check then reads the trailer and the structure up front,
-as it reads them anyway, and leaves the pages: a batch is hashed whole the
+A saved file holds, after libxl's END, a digest of each block of a PAGE_DATA
+record's pages (savefile.DIGEST_BLOCK: 64 pages) and one of every other
+octet (savefile.DigestWriter writes them; the xl header's XL_PAGE_DIGESTS
+says where they are and holds the trailer's own digest). The image check
+then reads the trailer and the structure up front, as it reads them anyway,
+and leaves the pages: a block is hashed whole the
 first time any of its pages is read (by the check's reads of pagetables and
 the p2m, by the restore, by the pager), and compared with its digest. A
-batch that does not match is refused before the guest exists, and ends the
+block that does not match is refused before the guest exists, and ends the
 guest after (its memory can no longer be trusted), as Cloud Hypervisor's
 strict on-demand restore does with a changed file.
 
-The unit is the PAGE_DATA record (up to 1024 pages, 4 MiB): 32 octets a
-batch keep the trailer small (8 KiB a GiB), and the pager reads a 2 MiB
-chunk at a time, within one or two batches.
+Why blocks of 64 pages: a whole record (1024 pages, 4 MiB) made the restore
+hash 8 MiB to read the 1000-odd pages of pagetables and p2m at the start of
+a 1 GiB guest's memory, and each fault of the guest up to 4 MiB; a digest a
+page would make the trailer 8 MiB a GiB, itself to be hashed first.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ ReadRange = Callable[[int, int], bytes | memoryview]
 
 
 class DigestMismatch(StreamError):
-    """A batch's pages are not the ones the save wrote."""
+    """A block of pages is not the one the save wrote."""
 
 
 class PageDigests:
-    """The digest of each PAGE_DATA record's pages, and which of them have
-    been checked. ``records``: each record's offset (for the message),
-    ``starts`` and ``sizes``: its pages' offset and length in the file."""
+    """The digest of each block of pages, and which of them have been
+    checked. ``records``: the offset of each block's PAGE_DATA record (for
+    the message), ``starts`` and ``sizes``: the block's offset and length."""
 
     def __init__(self, trailer: bytes, records: np.ndarray, starts: np.ndarray,
                  sizes: np.ndarray) -> None:
@@ -51,21 +53,23 @@ class PageDigests:
         self.checked = np.zeros(n, dtype=bool)
         self.hashed = 0  # octets hashed so far, for the bench
 
-    def batches_of(self, offsets: np.ndarray) -> np.ndarray:
-        """The batches that hold the pages at these file offsets."""
+    def blocks_of(self, offsets: np.ndarray) -> np.ndarray:
+        """The blocks that hold the pages at these file offsets."""
         return np.unique(np.searchsorted(self.starts, offsets, side="right") - 1)
 
     def check(self, offsets: np.ndarray, read: ReadRange) -> None:
-        """Check each batch holding one of these pages that is not checked
+        """Check each block holding one of these pages that is not checked
         yet; raises DigestMismatch naming the first that does not match."""
-        todo = self.batches_of(np.asarray(offsets, dtype=np.int64))
+        todo = self.blocks_of(np.asarray(offsets, dtype=np.int64))
         for i in todo[~self.checked[todo]].tolist():
             data = read(int(self.starts[i]), int(self.sizes[i]))
             self.hashed += len(data)
             if hashlib.new(savefile.DIGEST_ALGORITHM, data).digest() != self.digests[i]:
+                start = int(self.starts[i])
                 raise DigestMismatch(f"PAGE_DATA record at offset {int(self.records[i])}: "
-                                     "its pages do not match their digest: the image was "
-                                     "changed after it was written")
+                                     f"its pages at offsets {start}-{start + len(data)} do "
+                                     "not match their digest: the image was changed after "
+                                     "it was written")
             self.checked[i] = True
 
     def all_checked(self) -> bool:
@@ -73,19 +77,19 @@ class PageDigests:
 
 
 def check_trailer(xl: savefile.XlHeader, trailer: bytes) -> None:
-    """The trailer must be the one XL_BATCHES holds the digest of."""
-    assert xl.batches is not None
-    if hashlib.new(savefile.DIGEST_ALGORITHM, trailer).digest() != xl.batches.digest:
-        raise DigestMismatch(f"offset {xl.batches.trailer}: the per-batch digests do not "
-                             "match XL_BATCHES' digest of them: the image was changed after "
+    """The trailer must be the one XL_PAGE_DIGESTS holds the digest of."""
+    assert xl.page_digests is not None
+    if hashlib.new(savefile.DIGEST_ALGORITHM, trailer).digest() != xl.page_digests.digest:
+        raise DigestMismatch(f"offset {xl.page_digests.trailer}: the page digests do not "
+                             "match XL_PAGE_DIGESTS' digest of them: the image was changed after "
                              "it was written")
 
 
 def check_structure(xl: savefile.XlHeader, trailer: bytes, read: ReadRange,
                     pages: list[tuple[int, int]]) -> None:
     """Every octet but the pages, against the trailer's last digest."""
-    assert xl.batches is not None
-    end = xl.batches.trailer
+    assert xl.page_digests is not None
+    end = xl.page_digests.trailer
     if savefile.structure_digest(read, end, pages, xl.zeroed()) != trailer[-savefile.DIGEST_SIZE:]:
         raise DigestMismatch(f"offsets 0-{end}: the records do not match their digest: the "
                              "image was changed after it was written")

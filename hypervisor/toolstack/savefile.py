@@ -23,13 +23,13 @@ octets read as zeros: the save hashes as it writes (DigestWriter) and fills
 the digest in last; a restore checks it (check_digest) before building.
 
 A lazy restore cannot read every octet first. So the save also writes a
-digest of each PAGE_DATA record's pages and one of every other octet (the
-structure), in a trailer after libxl's END (Xen's readers stop at END and
+digest of each block of a PAGE_DATA record's pages (DIGEST_BLOCK) and one of
+every other octet (the structure), in a trailer after libxl's END (Xen's readers stop at END and
 never see it); the optional data, after the whole digest, says where the
-trailer is and holds the trailer's own digest (XL_BATCHES). The structure is
-then checked up front and each batch of pages when it is first read
+trailer is and holds the trailer's own digest (XL_PAGE_DIGESTS). The structure is
+then checked up front and each block of pages when it is first read
 (pagedigest.py). The whole digest covers the trailer too, and treats the
-XL_BATCHES values, filled in last, as zeros.
+XL_PAGE_DIGESTS values, filled in last, as zeros.
 """
 
 from __future__ import annotations
@@ -72,11 +72,15 @@ PVLAB_IMAGE_VERSION = 3
 XL_DIGEST = struct.Struct("<16s32s")
 DIGEST_ALGORITHM = "sha256"
 DIGEST_CHUNK = 1 << 20
-# after the digest: where the trailer of per-batch digests is and its own
-# digest (the algorithm's name NUL-padded, trailer offset, batches, digest)
-XL_BATCHES = struct.Struct("<16sQQ32s")
-BATCHES_NAME = b"sha256-batches"
-BATCHES_VALUE = XL_BATCHES.size - 16  # the octets filled in last
+# after the digest: where the trailer of page digests is and its own digest
+# (the algorithm's name NUL-padded, trailer offset, digests, digest)
+XL_PAGE_DIGESTS = struct.Struct("<16sQQ32s")
+PAGE_DIGESTS_NAME = b"sha256-pages"
+PAGE_DIGESTS_VALUE = XL_PAGE_DIGESTS.size - 16  # the octets filled in last
+# a digest covers at most this much of a PAGE_DATA record's pages (64 pages):
+# a read checks no more than it needs (a pagetable, a 2 MiB chunk) while the
+# trailer stays small (128 KiB a GiB)
+DIGEST_BLOCK = 64 << 12
 DIGEST_SIZE = 32
 # the config's pvlab.kind of a checkpointed stream (Remus's): written on the
 # wire, it has no digest, and a file of it is read without one
@@ -121,26 +125,26 @@ class XlHeader:
     end: int             # offset of the libxl stream
     digest: bytes | None = None  # pvlab's integrity digest, if there is one
     digest_offset: int = 0       # where its value is in the file
-    batches: BatchIndex | None = None  # where the per-batch digests are, if anywhere
+    page_digests: PageDigestIndex | None = None  # where the page digests are, if anywhere
 
     def zeroed(self) -> list[tuple[int, int]]:
         """The (offset, length) ranges the digests read as zeros: the values
         filled in after the octets were hashed."""
         out = [(self.digest_offset, DIGEST_SIZE)] if self.digest is not None else []
-        if self.batches is not None:
-            out.append((self.batches.value_offset, BATCHES_VALUE))
+        if self.page_digests is not None:
+            out.append((self.page_digests.value_offset, PAGE_DIGESTS_VALUE))
         return out
 
 
 @dataclass(frozen=True)
-class BatchIndex:
-    """XL_BATCHES: the trailer of per-batch digests after libxl's END (one
+class PageDigestIndex:
+    """XL_PAGE_DIGESTS: the trailer of per-batch digests after libxl's END (one
     per PAGE_DATA record in stream order, then the structure's digest)."""
 
     trailer: int       # offset of the trailer
-    count: int         # PAGE_DATA records, digests in it
+    count: int         # page digests in it
     digest: bytes      # of the trailer
-    value_offset: int  # where the XL_BATCHES values are in the file
+    value_offset: int  # where the XL_PAGE_DIGESTS values are in the file
 
     @property
     def trailer_size(self) -> int:
@@ -162,7 +166,7 @@ class LibxlRecord:
 def write_xl_header(out: BinaryIO, config: bytes, digest: bool = True) -> int:
     """save_domain_core_writeconfig: the header, then the config's length and
     the config itself, NUL-terminated as xl writes it, then room for pvlab's
-    digest and for XL_BATCHES (right after the digest's value). The optional
+    digest and for XL_PAGE_DIGESTS (right after the digest's value). The optional
     data is padded to 8 octets (a reader skips what follows the config) so
     that every record and page of the streams after it is 8-aligned in the
     file. Returns where the digest's value goes.
@@ -174,7 +178,7 @@ def write_xl_header(out: BinaryIO, config: bytes, digest: bool = True) -> int:
     digest_offset = out.tell() + XL_HDR.size + len(optdata) + XL_DIGEST.size - 32
     if digest:
         optdata += XL_DIGEST.pack(DIGEST_ALGORITHM.encode(), bytes(32))
-        optdata += XL_BATCHES.pack(BATCHES_NAME, 0, 0, bytes(32))
+        optdata += XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, 0, 0, bytes(32))
     optdata += bytes(-len(optdata) % REC_ALIGN)
     out.write(XL_HDR.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)))
     out.write(optdata)
@@ -216,7 +220,7 @@ class DigestWriter(CountingWriter):
         self.written = out.tell()
         self.hash = hashlib.new(DIGEST_ALGORITHM)
         self.structure = hashlib.new(DIGEST_ALGORITHM)
-        self.batches: list[bytes] = []
+        self.blocks: list[bytes] = []
         self.seconds = 0.0  # spent hashing, for the bench
 
     def write(self, data: bytes) -> int:
@@ -229,20 +233,22 @@ class DigestWriter(CountingWriter):
     def write_pages(self, data: bytes) -> int:
         t = time.perf_counter()
         self.hash.update(data)
-        self.batches.append(hashlib.new(DIGEST_ALGORITHM, data).digest())
+        view = memoryview(data)
+        self.blocks += [hashlib.new(DIGEST_ALGORITHM, view[o:o + n]).digest()
+                         for o, n in digest_blocks([(0, len(data))])]
         self.seconds += time.perf_counter() - t
         return CountingWriter.write(self, data)
 
     def finish(self, digest_offset: int) -> None:
-        """After libxl's END: the trailer, then XL_BATCHES' values and the
+        """After libxl's END: the trailer, then XL_PAGE_DIGESTS' values and the
         whole digest in the header (the zeros they replace were hashed)."""
         trailer_at = self.out.tell()
-        trailer = b"".join(self.batches) + self.structure.digest()
+        trailer = b"".join(self.blocks) + self.structure.digest()
         self.hash.update(trailer)
         CountingWriter.write(self, trailer)
         end = self.out.tell()
         self.out.seek(digest_offset + DIGEST_SIZE + 16)
-        self.out.write(XL_BATCHES.pack(BATCHES_NAME, trailer_at, len(self.batches),
+        self.out.write(XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, trailer_at, len(self.blocks),
                                        hashlib.new(DIGEST_ALGORITHM, trailer).digest())[16:])
         self.out.seek(digest_offset)
         self.out.write(self.hash.digest())
@@ -253,7 +259,7 @@ def seal(image: bytearray, pages: list[tuple[int, int]] | None = None,
          end: int = 0) -> None:
     """Write the digests of an image held in memory into it: what a tool that
     rewrites an image on purpose (a stream converter, a test) must do last.
-    An image with per-batch digests is given each PAGE_DATA record's pages
+    An image with page digests is given each PAGE_DATA record's pages
     as (offset, length), in stream order, and where libxl's END ends
     (image.seal finds them): its trailer is written anew there."""
     xl = read_xl_header(io.BytesIO(image))
@@ -261,22 +267,30 @@ def seal(image: bytearray, pages: list[tuple[int, int]] | None = None,
         raise StreamError("no room for an integrity digest in the xl header")
     for at, n in xl.zeroed():
         image[at:at + n] = bytes(n)
-    b = xl.batches
+    b = xl.page_digests
     value = b""
     if b is not None:
         if pages is None:
-            raise StreamError("an image with per-batch digests is sealed by image.seal")
+            raise StreamError("an image with page digests is sealed by image.seal")
         del image[end:]
         trailer = b"".join(hashlib.new(DIGEST_ALGORITHM, image[o:o + n]).digest()
-                           for o, n in pages)
+                           for o, n in digest_blocks(pages))
         trailer += structure_digest(lambda o, n: image[o:o + n], end, pages)
         image += trailer
-        value = XL_BATCHES.pack(BATCHES_NAME, end, len(pages),
+        value = XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, end, len(trailer) // DIGEST_SIZE - 1,
                                 hashlib.new(DIGEST_ALGORITHM, trailer).digest())[16:]
     whole = hashlib.new(DIGEST_ALGORITHM, image).digest()
     if b is not None:
-        image[b.value_offset:b.value_offset + BATCHES_VALUE] = value
+        image[b.value_offset:b.value_offset + PAGE_DIGESTS_VALUE] = value
     image[xl.digest_offset:xl.digest_offset + DIGEST_SIZE] = whole
+
+
+def digest_blocks(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """What each page digest covers, in order: each PAGE_DATA record's
+    pages, given as (offset, length), cut in DIGEST_BLOCK pieces (a record
+    with no pages has one empty piece)."""
+    return [(o + at, min(DIGEST_BLOCK, n - at)) for o, n in pages
+            for at in range(0, max(n, 1), DIGEST_BLOCK)]
 
 
 def structure_digest(read: Callable[[int, int], bytes | bytearray | memoryview], end: int,
@@ -361,11 +375,11 @@ def read_xl_header(src: BinaryIO) -> XlHeader:
     optdata = read_exact(src, optlen, "the xl header's optional data", XL_HDR.size)
     config = _config(optdata, mflags)
     digest, at = _digest(optdata)
-    batches = _batches(optdata, at + DIGEST_SIZE) if digest is not None else None
-    if batches is not None:
-        batches = dataclasses.replace(batches, value_offset=XL_HDR.size + batches.value_offset)
+    pages = _page_digests(optdata, at + DIGEST_SIZE) if digest is not None else None
+    if pages is not None:
+        pages = dataclasses.replace(pages, value_offset=XL_HDR.size + pages.value_offset)
     return XlHeader(mflags, oflags, config, XL_HDR.size + optlen, digest, XL_HDR.size + at,
-                    batches)
+                    pages)
 
 
 def _digest(optdata: bytes) -> tuple[bytes | None, int]:
@@ -382,15 +396,15 @@ def _digest(optdata: bytes) -> tuple[bytes | None, int]:
     return value, at + XL_DIGEST.size - len(value)
 
 
-def _batches(optdata: bytes, at: int) -> BatchIndex | None:
-    """XL_BATCHES right after the digest's value, if it is there (an image
+def _page_digests(optdata: bytes, at: int) -> PageDigestIndex | None:
+    """XL_PAGE_DIGESTS right after the digest's value, if it is there (an image
     written before per-batch digests has padding or nothing)."""
-    if len(optdata) - at < XL_BATCHES.size:
+    if len(optdata) - at < XL_PAGE_DIGESTS.size:
         return None
-    name, trailer, count, digest = XL_BATCHES.unpack_from(optdata, at)
-    if name.rstrip(b"\0") != BATCHES_NAME:
+    name, trailer, count, digest = XL_PAGE_DIGESTS.unpack_from(optdata, at)
+    if name.rstrip(b"\0") != PAGE_DIGESTS_NAME:
         return None
-    return BatchIndex(trailer, count, digest, at + 16)
+    return PageDigestIndex(trailer, count, digest, at + 16)
 
 
 def _config(optdata: bytes, mflags: int) -> bytes:

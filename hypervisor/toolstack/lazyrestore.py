@@ -130,7 +130,10 @@ class LazyImage:
         if self.hv is not None and domctl.mem_paging_stats(self.hv)[0] == 0:
             domctl.mem_paging_setup(self.hv, None)
         self.u8 = np.zeros(0, np.uint8)
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a view is still held (an ImageChanged's traceback): unmapped with it
         os.close(self.fd)
 
 

@@ -2,11 +2,11 @@
 
 1. A guest of each size (default 1024 MiB) suspended and saved; then, in the
    same run, from nothing to its first instruction retired: ``restore_image``
-   (eager: every page read) and ``restore_image_lazy`` (tables now, the rest
-   when touched), each on a new machine. The whole-image check (the digest
-   and the record scan, one pass over the file) is in both; it is also timed
-   alone, and the lazy restore without it is shown, since the check is the
-   part that grows with the image. Goal: under 10 ms.
+   (eager: the whole image checked, every page read) and
+   ``restore_image_lazy`` (the structure checked, the tables now, the rest
+   when touched, each block of pages checked when first read), each on a new
+   machine. The lazy restore's time is split into its parts (the functions
+   that make them timed in place). Goal: under 10 ms.
 2. The mechanism, side by side in one run: the hypervisor's read of a guest
    word with no frame absent against the same read without the check (the
    cost everybody pays); a guest's run with every chunk mapped as one region

@@ -321,8 +321,7 @@ def populate_physmap(hv: Hypervisor, dom: Domain, nr_frames: int,
     """XENMEM_populate_physmap on a foreign domain: ``nr_frames`` new frames
     from the shuffled heap, as mfns (int64). ``zero=False`` when every frame
     is about to be written whole. Raises OutOfMemory."""
-    return np.array(hv.machine.frames.alloc_many(dom.domid, nr_frames, zero=zero),
-                    dtype=np.int64)
+    return hv.machine.frames.alloc_array(dom.domid, nr_frames, zero=zero)
 
 
 def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,

@@ -179,17 +179,15 @@ def restore_lazy(ctx: RestoreContext, image: LazyImage) -> None:
                              pfns[table], ctx.p2m)
         domctl.map_foreign_bulk(ctx.hv, ctx.dom, mfns[table])[:] = rows
         ctx.stats.tables += int(table.sum())
-    # the p2m list's frames are written whole by update_guest_p2m
+    # the p2m list's frames are left present and not read: update_guest_p2m
+    # writes every word of them (what the eager restore copied is overwritten)
     lazy = ~table & ~np.isin(pfns, ctx.info.p2m_frame_pfns)
     image.offset_of = np.full(ctx.hv.machine.nr_frames, -1, dtype=np.int64)
     image.offset_of[mfns[lazy]] = offsets[lazy]
     image.hv = ctx.hv
     domctl.mem_paging_setup(ctx.hv, image.fetch, BACKGROUND_FRAMES)
     domctl.mem_paging_evict(ctx.hv, ctx.dom, mfns[lazy])
-    eager = ~lazy & ~table
-    if eager.any():
-        domctl.map_foreign_bulk(ctx.hv, ctx.dom, mfns[eager])[:] = image.pages(offsets[eager])
-    ctx.stats.pages = int(table.sum() + eager.sum())
+    ctx.stats.pages = int(table.sum())
     complete(ctx)
 
 

@@ -126,18 +126,22 @@ def localise_page(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray
     and slot, as Xen's "Bad mfn for L%u[%u]": the image's check refuses such
     a file first, but a stream is localised as it arrives."""
     present = (tables & np.uint64(_PAGE_PRESENT)) != 0
-    pfns = ((tables & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-    inside = pfns < p2m.size
-    mfns = p2m[np.where(inside, pfns, 0)]
-    bad = np.flatnonzero(present & (~inside | (mfns == np.uint64(INVALID_MFN))))
+    rows, slots = np.nonzero(present)
+    entries = tables[rows, slots]
+    pfns = (entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+    mfns = np.full(pfns.size, INVALID_MFN, dtype=np.uint64)
+    inside = pfns < np.uint64(p2m.size)
+    mfns[inside] = p2m[pfns[inside].astype(np.int64)]
+    bad = np.flatnonzero(mfns == np.uint64(INVALID_MFN))
     if bad.size:
-        row, slot = divmod(int(bad[0]), L1_PAGETABLE_ENTRIES)
-        level, entry = int(levels[row]), int(tables[row, slot])
+        i = int(bad[0])
+        row, slot, level = int(rows[i]), int(slots[i]), int(levels[int(rows[i])])
         raise RestoreError(f"pagetable pfn {int(table_pfns[row]):#x} (L{level}) slot {slot}: "
-                           f"entry {entry:#018x} names pfn {int(pfns[row, slot]):#x}, "
+                           f"entry {int(entries[i]):#018x} names pfn {int(pfns[i]):#x}, "
                            f"which has no frame (bad mfn for L{level}[{slot}])")
-    return np.where(present, (tables & ~PTE_FRAME_MASK) | (mfns << np.uint64(PAGE_SHIFT)),
-                    tables)
+    out = tables.copy()
+    out[rows, slots] = (entries & ~PTE_FRAME_MASK) | (mfns << np.uint64(PAGE_SHIFT))
+    return out
 
 
 def machine_for(info: ImageInfo) -> int:

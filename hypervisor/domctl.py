@@ -321,8 +321,7 @@ def populate_physmap(hv: Hypervisor, dom: Domain, nr_frames: int,
     """XENMEM_populate_physmap on a foreign domain: ``nr_frames`` new frames
     from the shuffled heap, as mfns (int64). ``zero=False`` when every frame
     is about to be written whole. Raises OutOfMemory."""
-    return np.array(hv.machine.frames.alloc_many(dom.domid, nr_frames, zero=zero),
-                    dtype=np.int64)
+    return hv.machine.frames.alloc_array(dom.domid, nr_frames, zero=zero)
 
 
 def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,
@@ -426,6 +425,23 @@ def mmuext_pin_table(hv: Hypervisor, dom: Domain, mfn: int, level: int) -> int:
     hv.machine.frames.pinned[mfn] = True
     hv.machine.paging.mark_dirty(mfn)
     return 0
+
+
+def validate_l1_tables(hv: Hypervisor, dom: Domain, l1_mfns: np.ndarray,
+                       table_mfns: np.ndarray) -> bool:
+    """Validate a restored domain's L1s in one pass before its tables are
+    pinned (PageTypes.validate_l1s: Xen's rules, over all of them at once);
+    ``table_mfns``: every frame the pins will type. False: nothing was done,
+    the pins validate each table themselves."""
+    busy = np.zeros(hv.machine.frames.nr_frames, dtype=bool)
+    busy[table_mfns] = True
+    return hv.machine.types.validate_l1s(l1_mfns, busy, dom.domid)
+
+
+def release_unreferenced_l1s(hv: Hypervisor, l1_mfns: np.ndarray) -> None:
+    """After the pins: the L1s validate_l1_tables validated that no table
+    referenced are devalidated again."""
+    hv.machine.types.release_unreferenced(l1_mfns)
 
 
 def getpageframeinfo3(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> np.ndarray:

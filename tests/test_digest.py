@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from hypervisor.toolstack import savefile
-from hypervisor.toolstack.image import ImageError, scan_image
+from hypervisor.toolstack.image import ImageError, scan_image, seal
 from tests.conftest import ROOT, checkout_env, save_example
 
 EXAMPLE = ROOT / "examples" / "save-restore.toml"
@@ -35,7 +35,7 @@ def test_the_digest_follows_the_config_in_the_optional_data(image):
     assert raw[xl.digest_offset:xl.digest_offset + 32] == xl.digest
     assert xl.digest_offset + 32 <= xl.end and xl.end % 8 == 0
     sealed = bytearray(raw)
-    savefile.seal(sealed)  # sealing a good image changes nothing
+    seal(sealed)  # sealing a good image changes nothing
     assert bytes(sealed) == raw
 
 
@@ -59,7 +59,10 @@ def test_an_image_without_a_digest_is_refused_as_from_an_older_pvlab(image, tmp_
     raw = bytearray(image.read_bytes())
     xl = savefile.read_xl_header(open(image, "rb"))
     name_at = xl.digest_offset - 16
-    raw[name_at:xl.digest_offset + 32] = bytes(48)  # what a version 2 image had: padding
+    # what a version 2 image had: padding, and nothing after libxl's END
+    raw[name_at:xl.page_digests.value_offset + savefile.PAGE_DIGESTS_VALUE] = bytes(
+        xl.page_digests.value_offset + savefile.PAGE_DIGESTS_VALUE - name_at)
+    del raw[xl.page_digests.trailer:]
     old = tmp_path / "v2.img"
     old.write_bytes(bytes(raw))
     with pytest.raises(ImageError, match="no integrity digest.*older pvlab"):

@@ -17,9 +17,9 @@ import pytest
 
 from hypervisor.core import Hypervisor
 from hypervisor.public.arch_x86 import VGCF_online, vcpu_guest_context
-from hypervisor.toolstack import pfinfo, restore, savefile, stream
+from hypervisor.toolstack import pfinfo, restore, stream
 from hypervisor.toolstack.cli import main
-from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image, seal
 from hypervisor.toolstack.restore import restore_image
 from hypervisor.toolstack.stream import RecType
 from tests.conftest import ROOT, save_example
@@ -187,7 +187,7 @@ def test_a_vcpu_down_at_the_save_is_no_refusal(good, tmp_path):
     cfg = b'"avail_vcpus": [0, 1, 2, 3]'
     at = bytes(raw).index(cfg)
     raw[at:at + len(cfg)] = b'"avail_vcpus": [0, 1, 2]   '
-    savefile.seal(raw)  # an image edited on purpose, and meant to be good, is sealed again
+    seal(raw)  # an image edited on purpose, and meant to be good, is sealed again
     img = tmp_path / "down.img"
     img.write_bytes(bytes(raw))
     assert sorted(scan_image(img).vcpus) == [0, 1, 2]

@@ -57,7 +57,7 @@ def test_a_stream_cut_short_is_a_failed_restore_leaving_nothing(good):  # noqa: 
     free = hv.machine.frames.nr_free
     try:
         for cut in (30, info.libxc_offset + 5, info.records[5].offset + 100,
-                    info.records[-3].offset, len(raw) - 4):
+                    info.records[-3].offset, info.size - 4):
             with pytest.raises(RestoreError, match="truncated at offset"):
                 restore_stream(io.BytesIO(raw[:cut]), hv=hv)
             assert not hv.domains and hv.machine.frames.nr_free == free

@@ -19,11 +19,11 @@ import pytest
 from hypervisor.mm.frames import PageType
 from hypervisor.public.arch_x86 import _PAGE_PRESENT
 from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE
-from hypervisor.toolstack import pfinfo, savefile, stream
+from hypervisor.toolstack import pfinfo, stream
 from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.context import audit, domain_of
-from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image, seal
 from hypervisor.toolstack.imagetool import page_index
 from hypervisor.toolstack.restore import restore_image
 from hypervisor.toolstack.session import run_domain, save_domain
@@ -68,7 +68,7 @@ def rebuild(good: Path, dest: Path, earlier: bytes = b"", final: bytes = b"") ->
     tsc = next(r.offset for r in info.records if r.type == RecType.X86_TSC_INFO)
     raw = good.read_bytes()
     image = bytearray(raw[:first] + earlier + raw[first:tsc] + final + raw[tsc:])
-    savefile.seal(image)
+    seal(image)
     dest.write_bytes(bytes(image))
     return dest
 

@@ -76,7 +76,11 @@ def read_layers(raw: bytes) -> dict:
             recs, at = _records(raw, at, rtype)  # just this one: it is its own last
             body = recs[0][1]
         libxl.append((rtype, body))
-    assert at == len(raw)
+    # after libxl's END, pvlab's trailer: a digest per block of each
+    # PAGE_DATA record's pages and one of the rest (Xen's readers stop at END)
+    pages = [(0, len(b) - 8 - 8 * struct.unpack_from("<I", b)[0]) for t, b in libxc
+             if t == stream.RecType.PAGE_DATA]
+    assert len(raw) - at == 32 * (len(savefile.digest_blocks(pages)) + 1)
     return {"config": json.loads(config[:-1]), "libxl": libxl, "libxc": libxc}
 
 

@@ -20,10 +20,10 @@ import pytest
 
 from hypervisor.core import Hypervisor
 from hypervisor.public.domctl import PFINFO_LPINTAB
-from hypervisor.toolstack import savefile, stream
+from hypervisor.toolstack import stream
 from hypervisor.toolstack.config import load_config
 from hypervisor.toolstack.context import audit, domain_of
-from hypervisor.toolstack.image import ImageError, scan_image
+from hypervisor.toolstack.image import ImageError, scan_image, seal
 from hypervisor.toolstack.restore import RestoreError, restore_image
 from hypervisor.toolstack.save import SaveError, canonicalise
 from hypervisor.toolstack.session import run_domain, save_domain
@@ -174,7 +174,7 @@ def test_a_version_2_stream_is_read(example, tmp_path):
     del raw[sde.offset:sde.offset + 8]
     x = info.libxc_offset
     raw[x + 12:x + 16] = (2).to_bytes(4, "big")
-    savefile.seal(raw)
+    seal(raw)
     v2 = tmp_path / "v2.img"
     v2.write_bytes(bytes(raw))
     assert scan_image(v2).version == 2
@@ -182,7 +182,7 @@ def test_a_version_2_stream_is_read(example, tmp_path):
     assert run_domain(hv, dom, LIMIT_NS).reason == "poweroff"
     hv.close()
     raw[x + 12:x + 16] = (3).to_bytes(4, "big")  # the same in version 3 is refused
-    savefile.seal(raw)
+    seal(raw)
     v2.write_bytes(bytes(raw))
     with pytest.raises(ImageError, match="before STATIC_DATA_END"):
         scan_image(v2)

@@ -118,13 +118,17 @@ class FrameTable:
     def alloc_many(self, owner: int, count: int, zero: bool = True) -> list[int]:
         """``count`` frames, as ``count`` calls of alloc would give them, in bulk;
         ``zero=False`` for a caller that overwrites every byte of them at once."""
+        return self.alloc_array(owner, count, zero).tolist()
+
+    def alloc_array(self, owner: int, count: int, zero: bool = True) -> np.ndarray:
+        """alloc_many's frames as an array of mfns (int64)."""
         if count > len(self._free):
             raise OutOfMemory(f"{count} frames wanted, {len(self._free)} free")
         if count <= 0:
-            return []
-        mfns = self._free[-count:][::-1]
+            return np.zeros(0, dtype=np.int64)
+        mfns = np.array(self._free[-count:][::-1], dtype=np.int64)
         del self._free[-count:]
-        self._take(np.array(mfns, dtype=np.int64), owner, zero)
+        self._take(mfns, owner, zero)
         return mfns
 
     def alloc_contiguous(self, owner: int, order: int) -> list[int]:

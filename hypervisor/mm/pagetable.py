@@ -103,6 +103,15 @@ def adjust_guest_l1es(ptes: np.ndarray) -> np.ndarray:
     return ptes | np.where((ptes & _U64_GUEST_KERNEL) == 0, _U64_GLOBAL_USER, np.uint64(0))
 
 
+def _count_into(counts: np.ndarray, idx: np.ndarray) -> None:
+    """counts[i] += 1 for each i in idx, repeats counted (np.add.at for a
+    table's entries, bincount for many tables')."""
+    if idx.size > 4096:
+        counts += np.bincount(idx, minlength=counts.size).astype(counts.dtype)
+    else:
+        np.add.at(counts, idx, 1)
+
+
 class DirtyTracking(Protocol):
     """What log-dirty (hypervisor/mm/logdirty.py) is told of type changes:
     a table is dirtied when its type count becomes non-zero and when it
@@ -160,6 +169,8 @@ class PageTypes:
         count = int(ft.type_count[mfn])
         if count == 0:
             if ft.type[mfn] != ptype:
+                if ft.validated[mfn] and 1 <= ft.type[mfn] <= 4:
+                    self._devalidate(mfn)  # validated ahead (validate_l1s)
                 was_writable = ft.type[mfn] == PageType.writable
                 ft.type[mfn] = ptype
                 ft.validated[mfn] = False
@@ -190,15 +201,8 @@ class PageTypes:
         ft = self.frames
         assert ft.type_count[mfn] > 0, f"type_count underflow on mfn {mfn:#x}"
         ft.type_count[mfn] -= 1
-        if ft.type_count[mfn] == 0 and ft.validated[mfn]:
-            level = int(ft.type[mfn])
-            if 1 <= level <= 4:
-                ft.validated[mfn] = False
-                if self.paging is not None:
-                    self.paging.mark_dirty(mfn)  # devalidate_page
-                    if level == 1:
-                        self.paging.l1_devalidating(mfn, int(ft.owner[mfn]))
-                self._demote(mfn, level)
+        if ft.type_count[mfn] == 0 and ft.validated[mfn] and 1 <= ft.type[mfn] <= 4:
+            self._devalidate(mfn)
 
     def get_page_and_type(self, mfn: int, ptype: PageType, domid: int) -> int:
         if not self.get_page(mfn, domid):
@@ -332,35 +336,14 @@ class PageTypes:
     def _promote_l1(self, mfn: int, table: np.ndarray, domid: int) -> int:
         """Validate an L1 in bulk: the common case (the guest's own RAM) is one
         vectorised pass; anything unusual falls back to the per-entry rules."""
-        ft = self.frames
         present = (table & np.uint64(_PAGE_PRESENT)) != 0
         if not present.any():
             return 0
         ptes = table[present]
-        mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
-        low = ptes & np.uint64(0xFFF)
-        simple = (
-            np.all((low & np.uint64(~_L1_ALLOWED & 0xFFF)) == 0)
-            and not np.any(ptes & np.uint64(_PAGE_GNTTAB))
-            and np.all(mfns < ft.nr_frames)
-        )
-        if simple:
-            owned = ft.owner[mfns] == domid
-            rw = (ptes & np.uint64(_PAGE_RW)) != 0
-            rw_mfns = mfns[rw]
-            rw_types = ft.type[rw_mfns]
-            rw_counts = ft.type_count[rw_mfns]
-            # a writable mapping of a frame in use as a pagetable is refused;
-            # this table itself counts (its own type ref is already taken)
-            bad_rw = (rw_counts > 0) & (rw_types != PageType.writable)
-            if owned.all() and not bad_rw.any():
-                np.add.at(ft.ref_count, mfns, 1)
-                changed = rw_mfns[(rw_counts == 0) & (rw_types != PageType.writable)]
-                ft.type[changed] = PageType.writable
-                ft.validated[rw_mfns] = True
-                np.add.at(ft.type_count, rw_mfns, 1)
-                table[present] = adjust_guest_l1es(ptes)
-                return 0
+        if self._l1_simple(ptes, domid):
+            self._take_l1(ptes)
+            table[present] = adjust_guest_l1es(ptes)
+            return 0
         # slow path: exact per-entry semantics and error
         done: list[int] = []
         for slot in np.flatnonzero(present).tolist():
@@ -373,6 +356,98 @@ class PageTypes:
             table[slot] = adjust_guest_entry(1, pte)
             done.append(slot)
         return 0
+
+    def _l1_simple(self, ptes: np.ndarray, domid: int,
+                   busy: np.ndarray | None = None) -> bool:
+        """Present L1 entries that the vectorised pass may take: flags an L1
+        allows, no grant mapping, RAM the domain owns, and no writable
+        mapping of a frame in use as a pagetable (this table itself counts:
+        its own type ref is already taken) or of one in ``busy`` (a bool per
+        frame: the tables a bulk validation is about to type)."""
+        ft = self.frames
+        mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
+        low = ptes & np.uint64(0xFFF)
+        if (low & np.uint64(~_L1_ALLOWED & 0xFFF)).any() \
+                or (ptes & np.uint64(_PAGE_GNTTAB)).any() or (mfns >= ft.nr_frames).any():
+            return False
+        if not (ft.owner[mfns] == domid).all():
+            return False
+        rw_mfns = mfns[(ptes & np.uint64(_PAGE_RW)) != 0]
+        bad_rw = (ft.type_count[rw_mfns] > 0) & (ft.type[rw_mfns] != PageType.writable)
+        if busy is not None:
+            bad_rw |= busy[rw_mfns]
+        return not bad_rw.any()
+
+    def _take_l1(self, ptes: np.ndarray) -> None:
+        """What get_entry takes for present L1 entries that _l1_simple let
+        through: a general reference each, and a writable type reference for
+        each writable one (the frame becoming writable if it was nothing)."""
+        ft = self.frames
+        mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
+        rw_mfns = mfns[(ptes & np.uint64(_PAGE_RW)) != 0]
+        changed = rw_mfns[(ft.type_count[rw_mfns] == 0) & (ft.type[rw_mfns] != PageType.writable)]
+        _count_into(ft.ref_count, mfns)
+        ft.type[changed] = PageType.writable
+        ft.validated[rw_mfns] = True
+        _count_into(ft.type_count, rw_mfns)
+
+    def validate_l1s(self, mfns: np.ndarray, busy: np.ndarray, domid: int) -> bool:
+        """Validate many L1s at once, ahead of the pins that will reference
+        them (a restore's: Xen validates each table as its first type
+        reference is taken, and the rules are the same here, over all the
+        tables' entries in one vectorised pass). Every one must be the
+        domain's, of no type in use, and pass _l1_simple with ``busy`` (a
+        bool per frame: every table the pins will type, these included).
+        Then each becomes a validated L1 with no type reference yet (the
+        pins take them; release_unreferenced puts back the ones they did
+        not). Returns False, having done nothing, if any table needs the
+        one-by-one rules: the pins then validate as usual, with their exact
+        errors."""
+        ft = self.frames
+        if not mfns.size:
+            return True
+        if not ((ft.owner[mfns] == domid) & (ft.type_count[mfns] == 0)).all():
+            return False
+        rows = self.memory.u64.reshape(-1, ENTRIES_PER_TABLE)
+        self.memory.populate_many(mfns)
+        tables = rows[mfns]
+        present = (tables & np.uint64(_PAGE_PRESENT)) != 0
+        ptes = tables[present]
+        if not self._l1_simple(ptes, domid, busy):
+            return False
+        was_writable = ft.type[mfns] == PageType.writable
+        ft.type[mfns] = PageType.l1
+        ft.validated[mfns] = True
+        self._take_l1(ptes)
+        tables[present] = adjust_guest_l1es(ptes)
+        rows[mfns] = tables
+        if was_writable.any():
+            self.on_type_change(domid)
+        if self.paging is not None:
+            for m in mfns.tolist():
+                self.paging.mark_dirty(m)  # validate_page
+                self.paging.l1_validated(m, domid)
+        return True
+
+    def release_unreferenced(self, mfns: np.ndarray) -> None:
+        """The L1s validate_l1s validated that no pin referenced: devalidated
+        again (the state a type count of zero has)."""
+        ft = self.frames
+        for m in mfns[(ft.type_count[mfns] == 0) & ft.validated[mfns]].tolist():
+            self._devalidate(m)
+
+    def _devalidate(self, mfn: int) -> None:
+        """A pagetable with no type reference left (its last put_page_type, or
+        one validate_l1s validated ahead that nothing took) loses its
+        validation and what its entries took (devalidate_page)."""
+        ft = self.frames
+        ft.validated[mfn] = False
+        level = int(ft.type[mfn])
+        if self.paging is not None:
+            self.paging.mark_dirty(mfn)  # devalidate_page
+            if level == 1:
+                self.paging.l1_devalidating(mfn, int(ft.owner[mfn]))
+        self._demote(mfn, level)
 
     def _demote(self, mfn: int, level: int) -> None:
         table = self.memory.frame(mfn)

@@ -875,8 +875,10 @@ def _add_restore(sub: Any) -> None:
                          help="start the guest once its pagetables, contexts and "
                               "start_info are in, and read each other page from the image "
                               "(mapped, held open) when it is first touched, a background "
-                              "pass filling the rest between slices; an image that changes "
-                              "meanwhile ends the guest (exit 1)")
+                              "pass filling the rest between slices; the image's structure is "
+                              "checked first, each block of pages against its digest when first "
+                              "read; an image that changes meanwhile, or a block that does not "
+                              "match, ends the guest (exit 1)")
     _request_args(restore)
     _gdb_arg(restore)
     _console_args(restore)

@@ -21,6 +21,8 @@ the restore.
 from __future__ import annotations
 
 import ctypes
+import functools
+import io
 import json
 import os
 import stat
@@ -41,8 +43,9 @@ from hypervisor.public.arch_x86 import (
     vcpu_guest_context,
 )
 from hypervisor.public.xen import INVALID_MFN, PAGE_SHIFT, PAGE_SIZE, shared_info
-from hypervisor.toolstack import pfinfo, savefile, stream
-from hypervisor.toolstack.pfinfo import ABSENT, KNOWN, NO_DATA, NOT_POPULATED, TYPE_NAMES
+from hypervisor.toolstack import pagedigest, pfinfo, savefile, stream
+from hypervisor.toolstack.pagedigest import PageDigests
+from hypervisor.toolstack.pfinfo import ABSENT, TYPE_NAMES
 from hypervisor.toolstack.savefile import EmulatorId, LibxlRecType
 from hypervisor.toolstack.stream import RecType, StreamError
 
@@ -118,6 +121,12 @@ class ImageInfo:
     checkpoint: bool = False
     epochs: list[Epoch] = field(default_factory=list)  # a checkpointed stream's
     size: int = 0
+    # per pfn, its last copy with data: file offset (-1: none) and type
+    last_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    last_nibble: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    # a lazy check's: the page digests, checked as the pages are read
+    # (None: the whole file was checked)
+    page_digests: PageDigests | None = None
 
     @property
     def nr_pfns(self) -> int:
@@ -134,7 +143,7 @@ class ImageInfo:
         """pfns whose last copy has a populating type: the memory the sender
         saw at the end of the stream."""
         seen = self.nibbles != ABSENT
-        return np.flatnonzero(seen & ~np.isin(self.nibbles, list(NOT_POPULATED)))
+        return np.flatnonzero(seen & pfinfo.populates(self.nibbles))
 
     def type_counts(self) -> dict[str, int]:
         seen = self.nibbles[self.nibbles != ABSENT]
@@ -151,10 +160,14 @@ def _fail(rec: stream.Record | savefile.LibxlRecord | RecordInfo, why: str) -> I
     return ImageError(f"{name} at offset {rec.offset}: {why}")
 
 
-def scan_image(path: str | Path, wire: bool = False) -> ImageInfo:
+def scan_image(path: str | Path, wire: bool = False, lazy: bool = False) -> ImageInfo:
     """Read and check a whole image; raises ImageError naming what is wrong.
     ``wire``: a stream received from a migration, which has no digest (the
-    transport guarded it); a file must have one."""
+    transport guarded it); a file must have one. ``lazy``: the pages are
+    not read now: an image with page digests has its structure checked
+    against its digest, and each block of pages when first read
+    (info.page_digests; the check's own reads of pagetables and the p2m
+    included); one without them is checked whole, as without ``lazy``."""
     p = Path(path)
     try:
         # a FIFO or a device would block the open or the reads: never open one
@@ -165,7 +178,7 @@ def scan_image(path: str | Path, wire: bool = False) -> ImageInfo:
         raise ImageError(f"cannot read {p}: {e.strerror or e}") from None
     with f:
         try:
-            return _scan(f, str(p), wire)
+            return _scan(f, str(p), wire, lazy)
         except StreamError as e:
             raise ImageError(f"{p}: {e}") from None
 
@@ -195,10 +208,10 @@ class _Prefixed:
         return out + (self.src.read(n - len(out)) if n > len(out) else b"")
 
 
-def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
+def _scan(f: BinaryIO, path: str, wire: bool = False, lazy: bool = False) -> ImageInfo:
     """The three layers in file order: xl's header, libxl's records with the
     libxc stream read where LIBXC_CONTEXT stands, then the checks that need
-    the whole image."""
+    the whole image, then the digests."""
     xl, info = read_head(f, path)
     parser = RecordParser(info, keep=True)
     while True:
@@ -209,14 +222,107 @@ def _scan(f: BinaryIO, path: str, wire: bool = False) -> ImageInfo:
         if rec.type == LibxlRecType.LIBXC_CONTEXT:
             _scan_libxc(f, parser)
     info.size = f.tell()
-    if f.read(1):
-        raise ImageError(f"offset {info.size}: data after libxl's END record")
+    trailer = _read_trailer(f, xl, info)
+    read_at: Callable[[np.ndarray], np.ndarray] = functools.partial(_read_pages, f)
+    if lazy and trailer is not None:
+        info.page_digests = _page_digests(f, xl, info, trailer)
+        read_at = _checked_reader(f, info.page_digests)
     where = _page_offsets(info)
-    _localise_earlier(info, f, parser.earlier_tables(where))
-    check_end(info, lambda pfns: _read_pages(f, where[pfns]))
-    sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
-    savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
+    _localise_earlier(info, read_at, parser.earlier_tables(where))
+    check_end(info, lambda pfns: read_at(where[pfns]))
+    if info.page_digests is None:
+        sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
+        savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
     return info
+
+
+def _read_trailer(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo) -> bytes | None:
+    """What follows libxl's END: nothing, or exactly the page digests
+    XL_PAGE_DIGESTS announces (one per PAGE_DATA record, then the structure's)."""
+    b = xl.page_digests
+    rest = f.read(1 if b is None else b.trailer_size + 1)
+    if b is None:
+        if rest:
+            raise ImageError(f"offset {info.size}: data after libxl's END record")
+        return None
+    if b.trailer != info.size or len(rest) != b.trailer_size:
+        raise ImageError(f"offset {info.size}: the page digests are not the "
+                         f"{b.trailer_size} octets at offset {b.trailer} that XL_PAGE_DIGESTS "
+                         "announces, right after libxl's END, to the end of the file")
+    want = len(savefile.digest_blocks(_page_ranges(info)))
+    if b.count != want:
+        raise ImageError(f"offset {b.trailer}: {b.count} page digests for the {want} blocks "
+                         f"of {len(info.batches)} PAGE_DATA records")
+    return rest
+
+
+def _page_ranges(info: ImageInfo) -> list[tuple[int, int]]:
+    """Each PAGE_DATA record's pages as (offset, length), in stream order."""
+    return [(b.data_offset, PAGE_SIZE * int(b.with_data.sum())) for b in info.batches]
+
+
+def _page_digests(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo,
+                  trailer: bytes) -> PageDigests:
+    """The trailer and the structure checked against their digests; the
+    page digests, to check each block when it is first read."""
+    pagedigest.check_trailer(xl, trailer)
+    ranges = _page_ranges(info)
+    pagedigest.check_structure(xl, trailer, _range_reader(f), ranges)
+    blocks = savefile.digest_blocks(ranges)
+    records = [b.offset for b, (_, n) in zip(info.batches, ranges, strict=True)
+               for _ in range(0, max(n, 1), savefile.DIGEST_BLOCK)]
+    return PageDigests(trailer, np.array(records, dtype=np.int64),
+                       np.array([o for o, _ in blocks], dtype=np.int64),
+                       np.array([n for _, n in blocks], dtype=np.int64))
+
+
+def _range_reader(f: BinaryIO) -> pagedigest.ReadRange:
+    def read(offset: int, length: int) -> bytes:
+        f.seek(offset)
+        data = f.read(length)
+        if len(data) != length:
+            raise ImageError(f"truncated at offset {offset}")
+        return data
+    return read
+
+
+def _checked_reader(f: BinaryIO, digests: PageDigests) -> Callable[[np.ndarray], np.ndarray]:
+    """_read_pages, each batch read from checked against its digest first."""
+    def read(offsets: np.ndarray) -> np.ndarray:
+        digests.check(offsets, _range_reader(f))
+        return _read_pages(f, offsets)
+    return read
+
+
+def seal(image: bytearray) -> None:
+    """savefile.seal for an image held in memory, its PAGE_DATA records found
+    by their framing alone (a tool or a test that edits an image on purpose,
+    even into a bad one, seals it again so)."""
+    xl = savefile.read_xl_header(io.BytesIO(image))
+    pages: list[tuple[int, int]] = []
+    f = io.BytesIO(image)
+    f.seek(xl.end + savefile.LIBXL_HDR.size)
+    if xl.page_digests is not None:
+        while (rec := savefile.read_libxl_record(f)).type != LibxlRecType.END:
+            if rec.type == LibxlRecType.LIBXC_CONTEXT:
+                pages += _libxc_pages(f)
+    savefile.seal(image, pages, f.tell())
+
+
+def _libxc_pages(f: BinaryIO) -> list[tuple[int, int]]:
+    """Each PAGE_DATA record's pages (what follows its pfn list), from
+    ``f``'s position to libxc's END; libxl's records after a CHECKPOINT."""
+    f.seek(stream.IHDR.size + stream.DHDR.size, io.SEEK_CUR)
+    out = []
+    while (rec := stream.read_record(f, f.tell(), {RecType.PAGE_DATA: _page_data_head})
+           ).type != RecType.END:
+        if rec.type == RecType.PAGE_DATA:
+            head = 8 + 8 * stream.PAGE_DATA_HDR.unpack_from(rec.body)[0]
+            out.append((rec.offset + stream.RHDR.size + head, rec.length - head))
+        if rec.type == RecType.CHECKPOINT:
+            while savefile.read_libxl_record(f).type != LibxlRecType.CHECKPOINT_END:
+                pass
+    return out
 
 
 def _scan_libxc(f: BinaryIO, parser: RecordParser) -> None:
@@ -533,7 +639,7 @@ def _page_data(info: ImageInfo, rec: stream.Record
     pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
     nib = (entries >> np.uint64(60)).astype(np.uint8)
     reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
-    known = np.isin(nib, list(KNOWN))
+    known = pfinfo.is_known(nib)
     bad = np.flatnonzero((pfns > info.max_pfn) | ~known | (reserved != 0))
     if bad.size:
         i = int(bad[0])
@@ -544,12 +650,13 @@ def _page_data(info: ImageInfo, rec: stream.Record
         if not known[i]:
             raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
         raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
-    values, counts = np.unique(pfns, return_counts=True)
-    if (counts > 1).any():
-        pfn = int(values[counts > 1][0])
+    ordered = np.sort(pfns)
+    twice = ordered[1:][ordered[1:] == ordered[:-1]]
+    if twice.size:
+        pfn = int(twice[0])
         i, j = np.flatnonzero(pfns == pfn)[:2].tolist()
         raise _fail(rec, f"pfn {pfn:#x} twice in one batch (index {i} and {j})")
-    with_data = ~np.isin(nib, list(NO_DATA))
+    with_data = pfinfo.has_data(nib)
     want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
     if length != want:
         raise _fail(rec, f"wrong size: length {length}, expected {want} for {count} pfns "
@@ -559,14 +666,13 @@ def _page_data(info: ImageInfo, rec: stream.Record
     # a pfn may come many times (the rounds of a live save): the last copy's
     # type wins, and a frame once given stays (process_page_data)
     info.nibbles[pfns] = nib
-    info.ever_populated[pfns[~np.isin(nib, list(NOT_POPULATED))]] = True
+    info.ever_populated[pfns[pfinfo.populates(nib)]] = True
     info.ever_data[pfns[with_data]] = True
     info.copies += int(pfns.size)
-    tables = []
-    level = pfinfo.level(nib)
-    for k, i in enumerate(np.flatnonzero(with_data)):
-        if level[i]:
-            tables.append((int(pfns[i]), int(level[i]), data_offset + PAGE_SIZE * k))
+    level = pfinfo.level(nib[with_data])
+    k = np.flatnonzero(level)  # the tables' places among the pages
+    tables = list(zip(pfns[with_data][k].tolist(), level[k].tolist(),
+                      (data_offset + PAGE_SIZE * k).tolist(), strict=True))
     return batch, tables
 
 
@@ -690,11 +796,16 @@ def _check_vcpus(info: ImageInfo) -> None:
 
 
 def _page_offsets(info: ImageInfo) -> np.ndarray:
-    """Where each pfn's page is in the file; -1 for a pfn with no data."""
+    """Where each pfn's last page of data is in the file (-1: none), and its
+    type then, kept in info.last_offset and info.last_nibble; returns the
+    offsets. A batch names a pfn once, so the later batch's copy wins."""
     where = np.full(info.nr_pfns, -1, dtype=np.int64)
+    nibbles = np.full(info.nr_pfns, ABSENT, dtype=np.uint8)
     for b in info.batches:
         pfns = b.pfns[b.with_data]
         where[pfns] = b.data_offset + PAGE_SIZE * np.arange(pfns.size, dtype=np.int64)
+        nibbles[pfns] = b.nibbles[b.with_data]
+    info.last_offset, info.last_nibble = where, nibbles
     return where
 
 
@@ -723,22 +834,25 @@ def _check_tables(info: ImageInfo, read: PageReader) -> None:
     populated = np.zeros(info.nr_pfns, dtype=bool)
     populated[info.populated_at_end()] = True
     levels = pfinfo.level(info.nibbles)
-    named = np.zeros(info.nr_pfns, dtype=bool)
     final = np.flatnonzero(levels)
-    for pfn, level, page in zip(final.tolist(), levels[final].tolist(), read(final),
-                                strict=True):
-        present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
-        targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
-        bad = targets > np.uint64(info.max_pfn)
-        if not bad.any():
-            bad = ~populated[targets.astype(np.int64)]
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ImageError(f"pagetable pfn {pfn:#x} (L{level}) slot {int(present[i])} names "
-                             f"pfn {int(targets[i]):#x}, which the image does not populate")
-        if level > 1:
-            _check_level(info, pfn, level, page[present], present, targets.astype(np.int64))
-            named[targets.astype(np.int64)] = True
+    pages = read(final)
+    present = (pages & np.uint64(_PAGE_PRESENT)) != 0
+    targets = ((pages & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    inside = targets <= info.max_pfn
+    up = levels[final] > 1
+    # all the tables at once; the first one with a fault is checked again
+    # alone (_check_table), which says what it is
+    wrong = present & ~(inside & populated[np.where(inside, targets, 0)])
+    below = pfinfo.level(info.nibbles[np.where(inside, targets, 0)])
+    wrong |= present & up[:, None] & ((below != (levels[final] - 1)[:, None])
+                                      | ((pages & np.uint64(_PAGE_PSE)) != 0))
+    faulty = np.flatnonzero(wrong.any(axis=1))
+    if faulty.size:
+        k = int(faulty[0])
+        _check_table(info, populated, int(final[k]), int(levels[final[k]]), pages[k])
+        raise AssertionError(f"pagetable pfn {int(final[k]):#x}: the checks disagree")
+    named = np.zeros(info.nr_pfns, dtype=bool)
+    named[targets[present & up[:, None]]] = True
     orphans = np.flatnonzero((levels >= 1) & (levels < pfinfo.L4) & ~named)
     if orphans.size:
         pfn = int(orphans[0])
@@ -746,13 +860,30 @@ def _check_tables(info: ImageInfo, read: PageReader) -> None:
                          f"of level L{int(levels[pfn]) + 1}: the image retyped its parent")
 
 
-def _localise_earlier(info: ImageInfo, f: BinaryIO, earlier: list[tuple[int, int, int]]
-                      ) -> None:
+def _check_table(info: ImageInfo, populated: np.ndarray, pfn: int, level: int,
+                 page: np.ndarray) -> None:
+    """One pagetable's present entries: pfns the image populates, and for an
+    L4, L3 or L2 tables one level down (_check_level)."""
+    present = np.flatnonzero(page & np.uint64(_PAGE_PRESENT))
+    targets = (page[present] & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+    bad = targets > np.uint64(info.max_pfn)
+    if not bad.any():
+        bad = ~populated[targets.astype(np.int64)]
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ImageError(f"pagetable pfn {pfn:#x} (L{level}) slot {int(present[i])} names "
+                         f"pfn {int(targets[i]):#x}, which the image does not populate")
+    if level > 1:
+        _check_level(info, pfn, level, page[present], present, targets.astype(np.int64))
+
+
+def _localise_earlier(info: ImageInfo, read_at: Callable[[np.ndarray], np.ndarray],
+                      earlier: list[tuple[int, int, int]]) -> None:
     """A pfn that an earlier copy of a pagetable names gets a frame, as
     x86_pv_localise_page populates the pfns a table names before it has
     them; a pfn beyond the domain's maximum cannot (Xen: "Bad mfn")."""
-    for (pfn, level, _), page in zip(earlier, _read_pages(
-            f, np.array([t[2] for t in earlier], dtype=np.int64)), strict=True):
+    for (pfn, level, _), page in zip(earlier, read_at(
+            np.array([t[2] for t in earlier], dtype=np.int64)), strict=True):
         info.ever_populated[table_targets(info, pfn, level, page)] = True
 
 

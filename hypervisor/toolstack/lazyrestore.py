@@ -2,8 +2,12 @@
 --lazy``), as Firecracker's snapshot load with a page-fault handler and QEMU's
 fast snapshot load (post-copy from a file) do.
 
-The image is checked whole first, as an eager restore checks it. Then, in a
-new domain:
+The image's structure is checked first (every record, as an eager restore
+checks it, against the digest of everything but the pages); its pages are
+checked block by block, each the first time one of its pages is read, against
+the page digests the save wrote (pagedigest.py). An image written before
+those digests is checked whole first, as an eager restore checks it. Then, in
+a new domain:
 
 * every pfn gets its frame, in the eager restore's order (the same mfns for
   the same seed), and the pages no copy gives data are zeroed;
@@ -23,8 +27,9 @@ be let go once every frame is in.
 The image must not change underneath: it is opened before the check and held
 open; its size and modification time are read then, must be the same after
 the check (and the path must still name the file held open), and are read
-again before every fetch. A change is an ``ImageChanged``: refused before the
-guest runs, the end of the guest after (its memory can no longer be trusted).
+again before every fetch. A change, or a batch whose pages do not match their
+digest, is an ``ImageChanged``: refused before the guest runs, the end of the
+guest after (its memory can no longer be trusted).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from hypervisor.domctl import Domain, DomctlError, Hypervisor, KernelError, OutO
 from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack import pfinfo
 from hypervisor.toolstack.image import ImageError, ImageInfo, scan_image
+from hypervisor.toolstack.pagedigest import DigestMismatch, PageDigests
 from hypervisor.toolstack.restore import (
     RestoreContext,
     RestoreError,
@@ -77,10 +83,12 @@ class FileId:
 class LazyImage:
     """The image held open and mapped, and the pager that reads it."""
 
-    def __init__(self, path: str, fd: int, checked: FileId) -> None:
+    def __init__(self, path: str, fd: int, checked: FileId,
+                 digests: PageDigests | None = None) -> None:
         self.path = path
         self.fd = fd
         self.checked = checked
+        self.digests = digests  # None: the whole image was checked
         self.map = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
         self.u8 = np.frombuffer(self.map, dtype=np.uint8)
         self.hv: Hypervisor | None = None
@@ -95,8 +103,15 @@ class LazyImage:
                                "be read any more")
 
     def pages(self, offsets: np.ndarray) -> np.ndarray:
-        """Pages of the image at these file offsets, as rows of 512 u64."""
+        """Pages of the image at these file offsets, as rows of 512 u64; the
+        blocks they are in checked against their digests if not yet."""
         u8 = self.u8
+        if self.digests is not None:
+            try:
+                self.digests.check(offsets, lambda at, n: u8[at:at + n])
+            except DigestMismatch as e:
+                raise ImageChanged(f"{self.path}: {e}: its memory cannot be read any "
+                                   "more") from None
         out = np.empty((offsets.size, PAGE_SIZE), dtype=np.uint8)
         for i, off in enumerate(offsets.tolist()):
             out[i] = u8[off:off + PAGE_SIZE]
@@ -115,13 +130,17 @@ class LazyImage:
         if self.hv is not None and domctl.mem_paging_stats(self.hv)[0] == 0:
             domctl.mem_paging_setup(self.hv, None)
         self.u8 = np.zeros(0, np.uint8)
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a view is still held (an ImageChanged's traceback): unmapped with it
         os.close(self.fd)
 
 
 def open_checked(path: str | Path) -> tuple[LazyImage, ImageInfo]:
-    """Open the image, check it whole (scan_image, with its digest), and map
-    it, refusing a file that changed or was replaced meanwhile."""
+    """Open the image, check it (scan_image: its structure and the pages it
+    reads, or all of it for an image without page digests), and map it,
+    refusing a file that changed or was replaced meanwhile."""
     p = str(path)
     try:
         if not stat.S_ISREG(os.stat(p).st_mode):
@@ -131,10 +150,10 @@ def open_checked(path: str | Path) -> tuple[LazyImage, ImageInfo]:
         raise ImageError(f"cannot read {p}: {e.strerror or e}") from None
     try:
         before = FileId.of(os.fstat(fd))
-        info = scan_image(p)
+        info = scan_image(p, lazy=True)
         if FileId.of(os.fstat(fd)) != before or FileId.of(os.stat(p)) != before:
             raise ImageError(f"{p} changed while it was checked: not restored")
-        return LazyImage(p, fd, before), info
+        return LazyImage(p, fd, before, info.page_digests), info
     except BaseException:
         os.close(fd)
         raise
@@ -142,22 +161,10 @@ def open_checked(path: str | Path) -> tuple[LazyImage, ImageInfo]:
 
 def last_copies(info: ImageInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pfn sent with data: its last copy's file offset and type nibble
-    (the copy an eager restore leaves in the frame). Returns (pfns, offsets,
-    nibbles)."""
-    pfns, offsets, nibbles = [], [], []
-    for b in info.batches:
-        w = b.with_data
-        if w.any():
-            p = b.pfns[w]
-            pfns.append(p)
-            offsets.append(b.data_offset + PAGE_SIZE * np.arange(p.size, dtype=np.int64))
-            nibbles.append(b.nibbles[w])
-    if not pfns:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
-    allp, allo, alln = np.concatenate(pfns), np.concatenate(offsets), np.concatenate(nibbles)
-    uniq, first_in_reverse = np.unique(allp[::-1], return_index=True)
-    last = allp.size - 1 - first_in_reverse
-    return uniq, allo[last], alln[last]
+    (the copy an eager restore leaves in the frame; the check found them).
+    Returns (pfns, offsets, nibbles)."""
+    pfns = np.flatnonzero(info.last_offset >= 0)
+    return pfns, info.last_offset[pfns], info.last_nibble[pfns]
 
 
 def restore_lazy(ctx: RestoreContext, image: LazyImage) -> None:
@@ -172,17 +179,15 @@ def restore_lazy(ctx: RestoreContext, image: LazyImage) -> None:
                              pfns[table], ctx.p2m)
         domctl.map_foreign_bulk(ctx.hv, ctx.dom, mfns[table])[:] = rows
         ctx.stats.tables += int(table.sum())
-    # the p2m list's frames are written whole by update_guest_p2m
+    # the p2m list's frames are left present and not read: update_guest_p2m
+    # writes every word of them (what the eager restore copied is overwritten)
     lazy = ~table & ~np.isin(pfns, ctx.info.p2m_frame_pfns)
     image.offset_of = np.full(ctx.hv.machine.nr_frames, -1, dtype=np.int64)
     image.offset_of[mfns[lazy]] = offsets[lazy]
     image.hv = ctx.hv
     domctl.mem_paging_setup(ctx.hv, image.fetch, BACKGROUND_FRAMES)
     domctl.mem_paging_evict(ctx.hv, ctx.dom, mfns[lazy])
-    eager = ~lazy & ~table
-    if eager.any():
-        domctl.map_foreign_bulk(ctx.hv, ctx.dom, mfns[eager])[:] = image.pages(offsets[eager])
-    ctx.stats.pages = int(table.sum() + eager.sum())
+    ctx.stats.pages = int(table.sum())
     complete(ctx)
 
 
@@ -220,8 +225,8 @@ def _restore_into(hv: Hypervisor, info: ImageInfo, image: LazyImage,
     stats = RestoreStats(info=info)
     try:
         restore_lazy(RestoreContext(hv, dom, info, stats), image)
-    except (ImageError, KernelError) as e:
-        _undo(hv, dom)
+    except (ImageError, KernelError, ImageChanged) as e:
+        _undo(hv, dom)  # a page the restore read did not match: refused as the check's are
         raise ImageError(f"{path}: {e}; nothing is left of the new domain") from None
     except (OutOfMemory, OSError, DomctlError, RestoreError) as e:
         _undo(hv, dom)

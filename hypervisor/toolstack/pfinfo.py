@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from hypervisor.public.domctl import (
     PFINFO_BROKEN,
     PFINFO_LPINTAB,
@@ -41,6 +43,28 @@ KNOWN = frozenset(TYPE_NAMES)
 NO_DATA = frozenset([XTAB, BROKEN, XALLOC])
 # no frame at all for the pfn
 NOT_POPULATED = frozenset([XTAB, BROKEN])
+
+
+# the same three sets as lookup tables over the 16 nibbles (a batch's
+# entries are looked up at once)
+_KNOWN = np.array([n in KNOWN for n in range(16)])
+_HAS_DATA = np.array([n not in NO_DATA for n in range(16)])
+_POPULATES = np.array([n not in NOT_POPULATED for n in range(16)])
+
+
+def is_known(nib: np.ndarray) -> np.ndarray:
+    """A type a stream may carry (is_known_page_type)."""
+    return _KNOWN[nib & 0xF] & (nib < 16)
+
+
+def has_data(nib: np.ndarray) -> np.ndarray:
+    """A page of data follows the entry (page_type_has_stream_data)."""
+    return _HAS_DATA[nib & 0xF]
+
+
+def populates(nib: np.ndarray) -> np.ndarray:
+    """The pfn gets a frame (not XTAB or BROKEN)."""
+    return _POPULATES[nib & 0xF]
 
 
 def nibble(pfinfo: Any) -> Any:

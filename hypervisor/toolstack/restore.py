@@ -437,7 +437,7 @@ def process_batch(rx: Receiver, batch: PageBatch, body: bytes) -> None:
     pfns, nib = batch.pfns[batch.with_data], batch.nibbles[batch.with_data]
     levels = pfinfo.level(nib)
     rows = np.flatnonzero(levels)
-    wanted = [batch.pfns[~np.isin(batch.nibbles, list(pfinfo.NOT_POPULATED))]]
+    wanted = [batch.pfns[pfinfo.populates(batch.nibbles)]]
     wanted += [table_targets(info, int(pfns[k]), int(levels[k]), pages[k]) for k in rows]
     new = populate(ctx, np.concatenate(wanted))
     blank = np.setdiff1d(new, pfns)  # frames no page of this batch fills
@@ -653,15 +653,34 @@ def handle_tsc_info(ctx: RestoreContext) -> None:
 def pin_pagetables(ctx: RestoreContext) -> None:
     """Pin again what was pinned, by each pfn's last type in the stream (Xen
     validates it here, once, after END): a table pinned in an early round
-    and unpinned by the end is not pinned."""
+    and unpinned by the end is not pinned. The L1s are validated in one
+    pass first when they can be (validate_l1s): the pins then find them
+    validated."""
     info = ctx.info
-    for pfn in np.flatnonzero(pfinfo.is_pinned_table(info.nibbles)).tolist():
-        level = int(pfinfo.level(info.nibbles[pfn]))
-        rc = domctl.mmuext_pin_table(ctx.hv, ctx.dom, int(ctx.p2m[pfn]), level)
-        if rc:
-            raise ImageError(f"pinning pfn {pfn:#x} as an L{level} table failed ({rc}): "
-                             "the hypervisor refuses the table's contents")
-        ctx.stats.pinned += 1
+    l1_mfns = validate_l1s(ctx)
+    try:
+        for pfn in np.flatnonzero(pfinfo.is_pinned_table(info.nibbles)).tolist():
+            level = int(pfinfo.level(info.nibbles[pfn]))
+            rc = domctl.mmuext_pin_table(ctx.hv, ctx.dom, int(ctx.p2m[pfn]), level)
+            if rc:
+                raise ImageError(f"pinning pfn {pfn:#x} as an L{level} table failed "
+                                 f"({rc}): the hypervisor refuses the table's contents")
+            ctx.stats.pinned += 1
+    finally:
+        domctl.release_unreferenced_l1s(ctx.hv, l1_mfns)
+
+
+def validate_l1s(ctx: RestoreContext) -> np.ndarray:
+    """Every L1 of the image validated at once (domctl.validate_l1_tables),
+    ahead of the pins; returns them, or none if they need the one-by-one
+    validation of the pins (an entry out of the common case, whose exact
+    error the pins give)."""
+    levels = pfinfo.level(ctx.info.nibbles)
+    tables = ctx.p2m[np.flatnonzero(levels)].astype(np.int64)
+    l1_mfns = ctx.p2m[np.flatnonzero(levels == 1)].astype(np.int64)
+    if not domctl.validate_l1_tables(ctx.hv, ctx.dom, l1_mfns, tables):
+        return l1_mfns[:0]
+    return l1_mfns
 
 
 def update_vcpu_context(ctx: RestoreContext, vcpu_id: int) -> None:

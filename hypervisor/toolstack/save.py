@@ -367,7 +367,7 @@ def write_static_data(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContex
         stream.P2M_FRAMES_HDR.pack(0, max_pfn) + p2m_list.tobytes())
 
 
-def write_batch(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
+def write_batch(hv: Hypervisor, dom: Domain, out: savefile.CountingWriter, sc: SaveContext,
                 pfns: np.ndarray) -> int:
     """One PAGE_DATA record: the batch's types and pfns, then the pages of those
     that have data, pagetables in their canonical form. Returns the pages."""
@@ -384,7 +384,7 @@ def write_batch(hv: Hypervisor, dom: Domain, out: BinaryIO, sc: SaveContext,
     out.write(stream.RHDR.pack(RecType.PAGE_DATA, body_len))
     out.write(stream.PAGE_DATA_HDR.pack(pfns.size))
     out.write(entries.tobytes())
-    out.write(pages.tobytes())  # body_len is a multiple of 8: no padding
+    out.write_pages(pages.tobytes())  # body_len is a multiple of 8: no padding
     return int(with_data.size)
 
 
@@ -659,7 +659,7 @@ def write_batch_live(ls: LiveSave, pfns: np.ndarray) -> tuple[int, int]:
     return int(keep.sum()), int(defer.sum())
 
 
-def _write_page_data(out: BinaryIO, pfns: np.ndarray, types: np.ndarray,
+def _write_page_data(out: savefile.CountingWriter, pfns: np.ndarray, types: np.ndarray,
                      pages: np.ndarray) -> None:
     entries = (types.astype(np.uint64) << np.uint64(stream.PAGE_DATA_TYPE_SHIFT)) \
         | pfns.astype(np.uint64)
@@ -667,7 +667,7 @@ def _write_page_data(out: BinaryIO, pfns: np.ndarray, types: np.ndarray,
     out.write(stream.RHDR.pack(RecType.PAGE_DATA, body_len))
     out.write(stream.PAGE_DATA_HDR.pack(pfns.size))
     out.write(entries.tobytes())
-    out.write(np.ascontiguousarray(pages).tobytes())
+    out.write_pages(np.ascontiguousarray(pages).tobytes())
 
 
 def send_dirty_pages(ls: LiveSave, dirty: np.ndarray, iteration: int) -> Round:

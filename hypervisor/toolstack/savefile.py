@@ -21,16 +21,26 @@ optional data after the config, where xl and Xen's verifier skip what they do
 not know. The digest is computed over every octet of the file with its own 32
 octets read as zeros: the save hashes as it writes (DigestWriter) and fills
 the digest in last; a restore checks it (check_digest) before building.
+
+A lazy restore cannot read every octet first. So the save also writes a
+digest of each block of a PAGE_DATA record's pages (DIGEST_BLOCK) and one of
+every other octet (the structure), in a trailer after libxl's END (Xen's readers stop at END and
+never see it); the optional data, after the whole digest, says where the
+trailer is and holds the trailer's own digest (XL_PAGE_DIGESTS). The structure is
+then checked up front and each block of pages when it is first read
+(pagedigest.py). The whole digest covers the trailer too, and treats the
+XL_PAGE_DIGESTS values, filled in last, as zeros.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import io
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -62,6 +72,16 @@ PVLAB_IMAGE_VERSION = 3
 XL_DIGEST = struct.Struct("<16s32s")
 DIGEST_ALGORITHM = "sha256"
 DIGEST_CHUNK = 1 << 20
+# after the digest: where the trailer of page digests is and its own digest
+# (the algorithm's name NUL-padded, trailer offset, digests, digest)
+XL_PAGE_DIGESTS = struct.Struct("<16sQQ32s")
+PAGE_DIGESTS_NAME = b"sha256-pages"
+PAGE_DIGESTS_VALUE = XL_PAGE_DIGESTS.size - 16  # the octets filled in last
+# a digest covers at most this much of a PAGE_DATA record's pages (64 pages):
+# a read checks no more than it needs (a pagetable, a 2 MiB chunk) while the
+# trailer stays small (128 KiB a GiB)
+DIGEST_BLOCK = 64 << 12
+DIGEST_SIZE = 32
 # the config's pvlab.kind of a checkpointed stream (Remus's): written on the
 # wire, it has no digest, and a file of it is read without one
 CHECKPOINTED_KIND = "checkpointed stream"
@@ -105,6 +125,30 @@ class XlHeader:
     end: int             # offset of the libxl stream
     digest: bytes | None = None  # pvlab's integrity digest, if there is one
     digest_offset: int = 0       # where its value is in the file
+    page_digests: PageDigestIndex | None = None  # where the page digests are, if anywhere
+
+    def zeroed(self) -> list[tuple[int, int]]:
+        """The (offset, length) ranges the digests read as zeros: the values
+        filled in after the octets were hashed."""
+        out = [(self.digest_offset, DIGEST_SIZE)] if self.digest is not None else []
+        if self.page_digests is not None:
+            out.append((self.page_digests.value_offset, PAGE_DIGESTS_VALUE))
+        return out
+
+
+@dataclass(frozen=True)
+class PageDigestIndex:
+    """XL_PAGE_DIGESTS: the trailer of per-batch digests after libxl's END (one
+    per PAGE_DATA record in stream order, then the structure's digest)."""
+
+    trailer: int       # offset of the trailer
+    count: int         # page digests in it
+    digest: bytes      # of the trailer
+    value_offset: int  # where the XL_PAGE_DIGESTS values are in the file
+
+    @property
+    def trailer_size(self) -> int:
+        return DIGEST_SIZE * (self.count + 1)
 
 
 @dataclass(frozen=True)
@@ -122,9 +166,10 @@ class LibxlRecord:
 def write_xl_header(out: BinaryIO, config: bytes, digest: bool = True) -> int:
     """save_domain_core_writeconfig: the header, then the config's length and
     the config itself, NUL-terminated as xl writes it, then room for pvlab's
-    digest. The optional data is padded to 8 octets (a reader skips what
-    follows the config) so that every record and page of the streams after
-    it is 8-aligned in the file. Returns where the digest's value goes.
+    digest and for XL_PAGE_DIGESTS (right after the digest's value). The optional
+    data is padded to 8 octets (a reader skips what follows the config) so
+    that every record and page of the streams after it is 8-aligned in the
+    file. Returns where the digest's value goes.
     A stream on the wire (a migration) has no digest (``digest`` False): it
     cannot be filled in afterwards, and the transport guards the octets."""
     config = config + b"\0"
@@ -133,6 +178,7 @@ def write_xl_header(out: BinaryIO, config: bytes, digest: bool = True) -> int:
     digest_offset = out.tell() + XL_HDR.size + len(optdata) + XL_DIGEST.size - 32
     if digest:
         optdata += XL_DIGEST.pack(DIGEST_ALGORITHM.encode(), bytes(32))
+        optdata += XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, 0, 0, bytes(32))
     optdata += bytes(-len(optdata) % REC_ALIGN)
     out.write(XL_HDR.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)))
     out.write(optdata)
@@ -152,6 +198,10 @@ class CountingWriter:
         self.written += len(data)
         return n
 
+    def write_pages(self, data: bytes) -> int:
+        """A PAGE_DATA record's pages (a digested file keeps their digest)."""
+        return self.write(data)
+
     def tell(self) -> int:
         return self.written
 
@@ -161,36 +211,105 @@ class CountingWriter:
 
 class DigestWriter(CountingWriter):
     """A file being saved, hashed as it is written: the digest costs no second
-    pass over the image. ``finish`` writes the digest into its place."""
+    pass over the image. Each PAGE_DATA record's pages (``write_pages``) get
+    a digest of their own, every other octet goes into the structure's.
+    ``finish`` writes the trailer of those and the digests into their places."""
 
     def __init__(self, out: BinaryIO) -> None:
         super().__init__(out)
         self.written = out.tell()
         self.hash = hashlib.new(DIGEST_ALGORITHM)
+        self.structure = hashlib.new(DIGEST_ALGORITHM)
+        self.blocks: list[bytes] = []
         self.seconds = 0.0  # spent hashing, for the bench
 
     def write(self, data: bytes) -> int:
         t = time.perf_counter()
         self.hash.update(data)
+        self.structure.update(data)
         self.seconds += time.perf_counter() - t
-        return super().write(data)
+        return CountingWriter.write(self, data)
+
+    def write_pages(self, data: bytes) -> int:
+        t = time.perf_counter()
+        self.hash.update(data)
+        view = memoryview(data)
+        self.blocks += [hashlib.new(DIGEST_ALGORITHM, view[o:o + n]).digest()
+                         for o, n in digest_blocks([(0, len(data))])]
+        self.seconds += time.perf_counter() - t
+        return CountingWriter.write(self, data)
 
     def finish(self, digest_offset: int) -> None:
+        """After libxl's END: the trailer, then XL_PAGE_DIGESTS' values and the
+        whole digest in the header (the zeros they replace were hashed)."""
+        trailer_at = self.out.tell()
+        trailer = b"".join(self.blocks) + self.structure.digest()
+        self.hash.update(trailer)
+        CountingWriter.write(self, trailer)
         end = self.out.tell()
+        self.out.seek(digest_offset + DIGEST_SIZE + 16)
+        self.out.write(XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, trailer_at, len(self.blocks),
+                                       hashlib.new(DIGEST_ALGORITHM, trailer).digest())[16:])
         self.out.seek(digest_offset)
-        self.out.write(self.hash.digest())  # the zeros it replaces were hashed
+        self.out.write(self.hash.digest())
         self.out.seek(end)
 
 
-def seal(image: bytearray) -> None:
-    """Write the digest of an image held in memory into it: what a tool that
-    rewrites an image on purpose (a stream converter, a test) must do last."""
+def seal(image: bytearray, pages: list[tuple[int, int]] | None = None,
+         end: int = 0) -> None:
+    """Write the digests of an image held in memory into it: what a tool that
+    rewrites an image on purpose (a stream converter, a test) must do last.
+    An image with page digests is given each PAGE_DATA record's pages
+    as (offset, length), in stream order, and where libxl's END ends
+    (image.seal finds them): its trailer is written anew there."""
     xl = read_xl_header(io.BytesIO(image))
     if xl.digest is None:
         raise StreamError("no room for an integrity digest in the xl header")
-    at = xl.digest_offset
-    image[at:at + 32] = bytes(32)
-    image[at:at + 32] = hashlib.new(DIGEST_ALGORITHM, image).digest()
+    for at, n in xl.zeroed():
+        image[at:at + n] = bytes(n)
+    b = xl.page_digests
+    value = b""
+    if b is not None:
+        if pages is None:
+            raise StreamError("an image with page digests is sealed by image.seal")
+        del image[end:]
+        trailer = b"".join(hashlib.new(DIGEST_ALGORITHM, image[o:o + n]).digest()
+                           for o, n in digest_blocks(pages))
+        trailer += structure_digest(lambda o, n: image[o:o + n], end, pages)
+        image += trailer
+        value = XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, end, len(trailer) // DIGEST_SIZE - 1,
+                                hashlib.new(DIGEST_ALGORITHM, trailer).digest())[16:]
+    whole = hashlib.new(DIGEST_ALGORITHM, image).digest()
+    if b is not None:
+        image[b.value_offset:b.value_offset + PAGE_DIGESTS_VALUE] = value
+    image[xl.digest_offset:xl.digest_offset + DIGEST_SIZE] = whole
+
+
+def digest_blocks(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """What each page digest covers, in order: each PAGE_DATA record's
+    pages, given as (offset, length), cut in DIGEST_BLOCK pieces (a record
+    with no pages has one empty piece)."""
+    return [(o + at, min(DIGEST_BLOCK, n - at)) for o, n in pages
+            for at in range(0, max(n, 1), DIGEST_BLOCK)]
+
+
+def structure_digest(read: Callable[[int, int], bytes | bytearray | memoryview], end: int,
+                     pages: list[tuple[int, int]],
+                     zeroed: list[tuple[int, int]] | None = None) -> bytes:
+    """The digest of every octet before ``end`` but the pages (``read(offset,
+    length)`` gives them), the ``zeroed`` ranges (inside the xl header,
+    before any page) read as zeros."""
+    h = hashlib.new(DIGEST_ALGORITHM)
+    pos = 0
+    for offset, n in [*pages, (end, 0)]:
+        piece = read(pos, offset - pos)
+        if pos == 0 and zeroed:
+            piece = bytearray(piece)
+            for at, k in zeroed:
+                piece[at:at + k] = bytes(k)
+        h.update(piece)
+        pos = offset + n
+    return h.digest()
 
 
 def check_digest(src: BinaryIO, xl: XlHeader, required: bool) -> None:
@@ -206,11 +325,13 @@ def check_digest(src: BinaryIO, xl: XlHeader, required: bool) -> None:
     h = hashlib.new(DIGEST_ALGORITHM)
     src.seek(0)
     pos = 0
+    zeroed = xl.zeroed()
     while chunk := src.read(DIGEST_CHUNK):
-        lo, hi = xl.digest_offset - pos, xl.digest_offset + 32 - pos
-        if lo < len(chunk) and hi > 0:
-            chunk = bytearray(chunk)
-            chunk[max(lo, 0):max(hi, 0)] = bytes(min(hi, len(chunk)) - max(lo, 0))
+        for at, n in zeroed:
+            lo, hi = at - pos, at + n - pos
+            if lo < len(chunk) and hi > 0:
+                chunk = bytearray(chunk)
+                chunk[max(lo, 0):min(hi, len(chunk))] = bytes(min(hi, len(chunk)) - max(lo, 0))
         h.update(chunk)
         pos += len(chunk)
     if h.digest() != xl.digest:
@@ -254,7 +375,11 @@ def read_xl_header(src: BinaryIO) -> XlHeader:
     optdata = read_exact(src, optlen, "the xl header's optional data", XL_HDR.size)
     config = _config(optdata, mflags)
     digest, at = _digest(optdata)
-    return XlHeader(mflags, oflags, config, XL_HDR.size + optlen, digest, XL_HDR.size + at)
+    pages = _page_digests(optdata, at + DIGEST_SIZE) if digest is not None else None
+    if pages is not None:
+        pages = dataclasses.replace(pages, value_offset=XL_HDR.size + pages.value_offset)
+    return XlHeader(mflags, oflags, config, XL_HDR.size + optlen, digest, XL_HDR.size + at,
+                    pages)
 
 
 def _digest(optdata: bytes) -> tuple[bytes | None, int]:
@@ -269,6 +394,17 @@ def _digest(optdata: bytes) -> tuple[bytes | None, int]:
     if name.rstrip(b"\0") != DIGEST_ALGORITHM.encode():
         return None, 0
     return value, at + XL_DIGEST.size - len(value)
+
+
+def _page_digests(optdata: bytes, at: int) -> PageDigestIndex | None:
+    """XL_PAGE_DIGESTS right after the digest's value, if it is there (an image
+    written before per-batch digests has padding or nothing)."""
+    if len(optdata) - at < XL_PAGE_DIGESTS.size:
+        return None
+    name, trailer, count, digest = XL_PAGE_DIGESTS.unpack_from(optdata, at)
+    if name.rstrip(b"\0") != PAGE_DIGESTS_NAME:
+        return None
+    return PageDigestIndex(trailer, count, digest, at + 16)
 
 
 def _config(optdata: bytes, mflags: int) -> bytes:

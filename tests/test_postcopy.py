@@ -85,6 +85,11 @@ class Tap:
         self.f.flush()
 
     def close(self) -> None:
+        """The source's end closing its side: the other end sees the end."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # shut down already
         self.f.close()
 
 
@@ -392,7 +397,7 @@ def _points(n: int) -> list[tuple[int, int, str]]:
     """(seed, virtual time of the migration in us, mode), drawn once from a
     fixed generator, so that the test ids stay put."""
     rng = random.Random(110)
-    return [(rng.randrange(1, 10_000), rng.randrange(500, 30_000), rng.choice(list(MODES)))
+    return [(rng.randrange(1, 10_000), rng.randrange(500, 15_000), rng.choice(list(MODES)))
             for _ in range(n)]
 
 

@@ -291,7 +291,9 @@ def migrate_postcopy(s: _Sender, callbacks: LiveCallbacks, opts: PrecopyOptions,
     try:
         postcopy.push(postcopy.DomainPages(hv, dom, ls.p2m), link, src, report)
     except (postcopy.Dropped, StreamError, SaveError) as e:
-        ls.info.status = "postcopy-paused"
+        ls.info.status, ls.info.error = "postcopy-paused", str(e)
+        if report is not None:
+            report(ls.info)
         return s.failed_postcopy(f"migration sender: post-copy failed: {e}")
     try:  # the target has every page: what follows is tidiness (Otto's xl)
         postcopy.end_stream(link)

@@ -13,6 +13,8 @@ suspended as NAME--postcopy-inconsistent."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import random
 import socket
 import threading
@@ -23,6 +25,7 @@ import pytest
 from hypervisor import domctl
 from hypervisor.public.sched import SHUTDOWN_suspend
 from hypervisor.toolstack import pfinfo, postcopy, savefile, stream
+from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.migrate import (
     FAILED_POSTCOPY,
     MIGRATE_POSTCOPY_SYNC,
@@ -37,8 +40,9 @@ from hypervisor.toolstack.save import canonicalise, start_live_stream
 from hypervisor.toolstack.savefile import LibxlRecType
 from hypervisor.toolstack.session import LiveRun, migrate_at, run_domain
 from hypervisor.toolstack.stream import PostcopyType, RecType
+from hypervisor.toolstack.transport import parse_destination
 from tests.conftest import booting, make_config
-from tests.test_migrate import GUEST, LIMIT_NS, outcome
+from tests.test_migrate import GUEST, LIMIT_NS, listening, outcome, toml
 
 AT_NS = 3_000_000
 HYBRID = PrecopyOptions(postcopy=True)
@@ -389,6 +393,47 @@ def test_a_drop_after_the_switch_pauses_the_target_and_keeps_the_source_suspende
     assert m["dom"].name == "mig--incoming"
     assert m["stats"][0][0] > 0  # absent frames kept
     assert sum("dropped during post-copy" in line for line in m["heard"]) == 1
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def test_pvlab_run_migrates_with_postcopy_over_tcp(reference, tmp_path, capfd):
+    """``migrate --postcopy --precopy-iterations 0`` to a ``pvlab migrate-receive``
+    process: QEMU's post-copy fields in the JSON lines, Otto's messages."""
+    rx, port = listening(tmp_path)
+    code = main(["run", str(toml(tmp_path / "mig.toml")), "--request",
+                 f"3ms migrate --postcopy --precopy-iterations 0 127.0.0.1:{port}", "--json"])
+    out, err = rx.communicate(timeout=300)
+    sent = capfd.readouterr()
+    assert code == 0 and rx.returncode == 0, err
+    assert outcome(sent.out + out) == reference and "returned 0" in out
+    lines = [json.loads(x) for x in sent.err.splitlines()]
+    status = [x["status"] for x in lines if "status" in x]
+    assert "postcopy-active" in status and status[-1] == "completed"
+    ram = [x for x in lines if "status" in x][-1]["ram"]
+    assert {"postcopy-requests", "postcopy-bytes", "precopy-bytes", "downtime-bytes"} <= set(ram)
+    assert [x["message"] for x in lines if "message" in x][-1] == "Migration successful."
+    said = err.splitlines()
+    assert "migration target: Domain started successfully." in said
+    assert not any("ready to unpause" in line or "permission" in line for line in said)
+    assert os.listdir(tmp_path) == ["mig.toml"]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("--postcopy 10.0.0.2:7001", (True, None)),
+    ("--postcopy --precopy-iterations 0 ssh:host", (True, 0)),
+    ("--precopy-iterations 2 10.0.0.2:7001", (False, 2)),
+])
+def test_the_postcopy_flags_are_read(text, want):
+    dest = parse_destination(text)
+    assert (dest.postcopy, dest.precopy_iterations) == want
+
+
+@pytest.mark.parametrize("text", ["--precopy-iterations 0 10.0.0.2:7001",
+                                  "--postcopy --precopy-iterations x 10.0.0.2:7001"])
+def test_bad_postcopy_flags_are_one_line(text):
+    with pytest.raises(ValueError, match="precopy-iterations"):
+        parse_destination(text)
 
 
 # --- anywhere --------------------------------------------------------------------------------

@@ -178,6 +178,10 @@ class MigrateOutcome:
     error: str = ""
     info: MigrationInfo | None = None
     lines: list[str] = field(default_factory=list)
+    # a post-copy's push, kept when it failed: what is still to send and
+    # where the pages come from, for a push resumed on a new connection
+    postcopy: postcopy.PostcopySource | None = None
+    pages: postcopy.PageSource | None = None
 
 
 class _Sender:
@@ -288,8 +292,9 @@ def migrate_postcopy(s: _Sender, callbacks: LiveCallbacks, opts: PrecopyOptions,
     s.say(f"migration sender: Post-copy: the guest starts at the target; "
           f"{src.remaining()} pages follow.")
     link = postcopy.Link(ch.reader, ch.writer)
+    s.out.postcopy, s.out.pages = src, postcopy.DomainPages(hv, dom, ls.p2m)
     try:
-        postcopy.push(postcopy.DomainPages(hv, dom, ls.p2m), link, src, report)
+        postcopy.push(s.out.pages, link, src, report)
     except (postcopy.Dropped, StreamError, SaveError) as e:
         ls.info.status, ls.info.error = "postcopy-paused", str(e)
         if report is not None:
@@ -302,6 +307,7 @@ def migrate_postcopy(s: _Sender, callbacks: LiveCallbacks, opts: PrecopyOptions,
     except postcopy.Dropped as e:
         s.say(f"migration sender: after post-copy: {e}")
     libxl.destroy_domain(hv, dom)
+    s.out.postcopy = s.out.pages = None
     ls.info.status, ls.info.remaining = "completed", 0
     if report is not None:
         report(ls.info)

@@ -403,11 +403,14 @@ def _postcopy_figures(info: MigrationInfo) -> str:
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    # one write with its newline: over ssh the far side's lines share this
+    # stderr, and print's two writes let one land between a line and its end
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _say_json(line: str) -> None:
-    print(json.dumps({"message": line}), file=sys.stderr, flush=True)
+    _say(json.dumps({"message": line}))
 
 
 def _exit_for(result: RunResult, dom: Domain, until: int | None) -> int:
@@ -931,7 +934,11 @@ def _add_migrate_receive(sub: Any) -> None:
                                     "guest's console then goes to stderr), or with --listen "
                                     "one TCP connection (the console on stdout). Whatever "
                                     "fails before the domain starts here leaves nothing of "
-                                    "it here, and the sender resumes its copy.")
+                                    "it here, and the sender resumes its copy. A post-copy "
+                                    "migration (migrate --postcopy) starts the domain at the "
+                                    "switch and takes its pages while it runs; if the "
+                                    "connection drops then, the domain is paused and the "
+                                    "exit status is 1.")
     rx.add_argument("--listen", metavar="HOST:PORT",
                     help="accept one migration on this TCP address (port 0: any free one; "
                          "the port is said on stderr), instead of stdin and stdout")

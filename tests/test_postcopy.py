@@ -35,7 +35,7 @@ from hypervisor.toolstack.migrate import (
     migrate_receive,
     read_fixed_message,
 )
-from hypervisor.toolstack.precopy import PrecopyOptions
+from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.save import canonicalise, start_live_stream
 from hypervisor.toolstack.savefile import LibxlRecType
 from hypervisor.toolstack.session import LiveRun, migrate_at, run_domain
@@ -224,14 +224,18 @@ def test_the_records_come_in_the_documented_order(migrated):
     back = m["to_source"][len(MIGRATE_RECEIVER_BANNER):]
     assert m["to_source"].startswith(MIGRATE_RECEIVER_BANNER)
     assert back.endswith(MIGRATE_POSTCOPY_SYNC)
-    kinds = []
+    kinds, asked = [], []
     src = io.BytesIO(back[:-len(MIGRATE_POSTCOPY_SYNC)])
     while src.tell() < len(back) - len(MIGRATE_POSTCOPY_SYNC):
         rtype, length = stream.RHDR.unpack(src.read(stream.RHDR.size))
-        src.read(length)
+        body = src.read(length)
         kinds.append(rtype)
+        if rtype == PostcopyType.POSTCOPY_FAULT:
+            (count,) = stream.PAGE_DATA_HDR.unpack_from(body)
+            asked += np.frombuffer(body, np.uint64, count, 8).tolist()
     assert kinds[-1] == PostcopyType.POSTCOPY_COMPLETE
     assert set(kinds[:-1]) <= {PostcopyType.POSTCOPY_FAULT}
+    assert len(set(asked)) == len(asked)  # no pfn asked for twice
 
 
 def test_each_page_crosses_once_after_the_switch(migrated):
@@ -275,6 +279,25 @@ def test_a_postcopy_migration_ends_as_an_uninterrupted_run(migrated, reference):
     assert ram["postcopy-bytes"] > 0 and ram["downtime-bytes"] > 0
     assert ram["postcopy-requests"] == m["pager"].requests
     assert (ram["precopy-bytes"] > 16 << 20) == (mode == "hybrid")
+
+
+def test_a_fault_for_a_page_sent_is_not_answered_and_the_scan_follows_the_fault():
+    """handle_postcopy_faults: the asked pages first, one already sent not
+    again; the scan goes on after the last faulted pfn, round the end."""
+    src = postcopy.PostcopySource.of(np.ones(16, bool), MigrationInfo())
+    first, _ = src.next_batch(4)
+    assert first.tolist() == [0, 1, 2, 3]
+    src.fault(np.array([2, 10]))
+    batch, asked = src.next_batch(4)
+    assert (batch.tolist(), asked) == ([10, 11, 12, 13], 1)
+    src.fault(np.array([15]))
+    batch, asked = src.next_batch(4)
+    assert (batch.tolist(), asked) == ([15, 4, 5, 6], 1)
+    rest = []
+    while src.remaining():
+        rest += src.next_batch(4)[0].tolist()
+    assert sorted(rest + [0, 1, 2, 3, 10, 11, 12, 13, 15, 4, 5, 6]) == list(range(16))
+    assert src.sent.all() and src.info.postcopy_requests == 2
 
 
 # --- faults served, pages as the source's --------------------------------------------------

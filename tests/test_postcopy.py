@@ -110,6 +110,14 @@ class Wire:
         self.tx = Channel(self.to_source, self.to_target)
         self.rx = Channel(self.b.makefile("rb"), self.b.makefile("wb"))
 
+    def shutdown(self) -> None:
+        """Both ends cut: whatever waits on the wire stops waiting."""
+        for sock in (self.a, self.b):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # shut down already
+
     def close(self) -> None:
         for ch in (self.tx, self.rx):
             ch.close(wait=False)
@@ -131,8 +139,12 @@ def migrate_here(opts: PrecopyOptions, seed: int = 1, at_ns: int = AT_NS, paused
         hv_rx = boot.bare(64, seed=seed + 1)
 
         def source() -> None:
-            got["source"] = migrate_at(hv, dom, at_ns, lambda: wire.tx, opts,
-                                       until_ns=LIMIT_NS, say=said.append)
+            try:
+                got["source"] = migrate_at(hv, dom, at_ns, lambda: wire.tx, opts,
+                                           until_ns=LIMIT_NS, say=said.append)
+            except BaseException:
+                wire.shutdown()  # the destination must not wait for ever
+                raise
         thread = threading.Thread(target=source)
         thread.start()
         try:
@@ -145,6 +157,9 @@ def migrate_here(opts: PrecopyOptions, seed: int = 1, at_ns: int = AT_NS, paused
                 after = None
             stats = (domctl.mem_paging_stats(hv_rx), dict(hv_rx.machine.memory.absent.faults))
             pager.drain()
+        except BaseException:
+            wire.shutdown()  # a failure here must not leave the source waiting
+            raise
         finally:
             thread.join()
         result, out = got["source"]
@@ -331,7 +346,13 @@ def demand_migration(paused: bool, at_ns: int = AT_NS) -> dict:
         hv, dom = boot(make_config(GUEST, vcpus=2, name="mig"))
         run_domain(hv, dom, at_ns)
         hv_rx = boot.bare(64, seed=7)
-        thread = threading.Thread(target=demand_only, args=(wire, hv, dom, at_ns, snap))
+        def source() -> None:
+            try:
+                demand_only(wire, hv, dom, at_ns, snap)
+            except BaseException:
+                wire.shutdown()  # the destination must not wait for ever
+                raise
+        thread = threading.Thread(target=source)
         thread.start()
         try:
             rx = migrate_receive(wire.rx, hv_rx, paused=paused)
@@ -340,6 +361,9 @@ def demand_migration(paused: bool, at_ns: int = AT_NS) -> dict:
             stats = (domctl.mem_paging_stats(hv_rx), dict(hv_rx.machine.memory.absent.faults),
                      pager.faulted, pager.pushed, pager.requests)
             pager.drain()
+        except BaseException:
+            wire.shutdown()  # a failure here must not leave the source waiting
+            raise
         finally:
             thread.join()
         wire.close()

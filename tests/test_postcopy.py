@@ -18,6 +18,8 @@ import os
 import random
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,7 +128,8 @@ class Wire:
 
 
 def migrate_here(opts: PrecopyOptions, seed: int = 1, at_ns: int = AT_NS, paused: bool = False,
-                 cut: int | None = None, guest: str = GUEST, mib: int = 16) -> dict:
+                 cut: int | None = None, guest: str = GUEST, mib: int = 16,
+                 then: Callable[[Any, Any], bytes] | None = None) -> dict:
     """One post-copy migration, the source (``seed``'s frames and schedule)
     in a thread, the destination here run to its end; what each side said
     and did, the octets both ways, the guest's console."""
@@ -164,10 +167,12 @@ def migrate_here(opts: PrecopyOptions, seed: int = 1, at_ns: int = AT_NS, paused
             thread.join()
         result, out = got["source"]
         wire.close()
+        later = then(rx, out) if then is not None else b""
         return {"out": out, "said": said, "heard": heard, "pager": pager, "stats": stats,
                 "dom": rx.dom, "paused": rx.dom.paused, "alive": rx.dom.domid in hv_rx.domains,
                 "source": dom, "source_alive": dom.domid in hv.domains,
-                "console": result.console.decode() + (after.console.decode() if after else ""),
+                "console": result.console.decode() + (after.console.decode() if after else "")
+                + later.decode(),
                 "to_target": bytes(wire.to_target.data),
                 "to_source": bytes(wire.to_source.data)}
 
@@ -483,6 +488,41 @@ def test_the_postcopy_flags_are_read(text, want):
 def test_bad_postcopy_flags_are_one_line(text):
     with pytest.raises(ValueError, match="precopy-iterations"):
         parse_destination(text)
+
+
+def test_the_pieces_a_recovery_stands_on_finish_a_dropped_postcopy(reference):
+    """After a drop: the source's push state (kept in its outcome) made to
+    send again what the destination never got, the push run on a new
+    connection, the pager given it (``replace_link``: its lost requests
+    asked again, the domain unpaused); the guest ends as the uninterrupted run."""
+    def recover(rx, out) -> bytes:
+        pager, src = rx.postcopy, out.postcopy
+        ready = pager.state == postcopy.READY
+        lost = src.sent & ~ready & (pager.state != postcopy.NOT_POSTCOPY)
+        src.pending |= lost
+        src.sent &= ~lost
+        a, b = socket.socketpair()
+        link = postcopy.Link(a.makefile("rb"), a.makefile("wb"))
+
+        def source() -> None:
+            postcopy.push(out.pages, link, src)
+            postcopy.end_stream(link)
+        thread = threading.Thread(target=source)
+        thread.start()
+        pager.replace_link(postcopy.Link(b.makefile("rb"), b.makefile("wb")))
+        try:
+            after = run_domain(rx.hv, rx.dom, LIMIT_NS)
+            pager.drain()
+        finally:
+            thread.join()
+            a.close()
+            b.close()
+        assert pager.done and not pager.left and rx.dom.name == "mig"
+        return after.console
+
+    m = migrate_here(PURE, cut=1 << 20, then=recover)
+    assert m["out"].undefined and m["pager"].done
+    assert outcome(m["console"]) == reference
 
 
 # --- anywhere --------------------------------------------------------------------------------

@@ -517,17 +517,18 @@ def _start_postcopy(r: _Receiver, got: Received, pager: postcopy.Pager,
     balloonctl.postcopy_inhibit(got.dom)
     if not paused:
         libxl.unpause(got.dom)
-    pager.on_complete = lambda p: _postcopy_done(r, got)
+    pager.on_complete = lambda p: _postcopy_done(r, got, p)
     got.postcopy = pager
     return got
 
 
-def _postcopy_done(r: _Receiver, got: Received) -> None:
-    """Every page is in and the stream ended: xl's word to the sender, the
-    domain renamed NAME, the channel closed."""
+def _postcopy_done(r: _Receiver, got: Received, pager: postcopy.Pager) -> None:
+    """Every page is in and the stream ended: xl's word to the sender (on
+    the pager's link: a recovered post-copy's is a new one), the domain
+    renamed NAME, the channel closed."""
     try:
-        write_message(r.ch, MIGRATE_POSTCOPY_SYNC, "postcopy sync")
-    except OSError:
+        pager.link.write(MIGRATE_POSTCOPY_SYNC)
+    except postcopy.Dropped:
         pass  # it does not matter past this point: the domain is whole here
     r.say("migration target: Domain started successfully.")
     if got.dom.domid in got.hv.domains:

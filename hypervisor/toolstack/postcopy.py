@@ -511,8 +511,9 @@ class Pager:
     """The destination's pager of a post-copy (Otto's restore side, QEMU's
     fault thread and listen thread in one): each post-copy pfn outstanding,
     then requested when a fetch asks for it, then ready. ``link`` may be
-    replaced (``replace_link``) after a drop, and the wait goes on.
-    ``on_complete`` is called once every page is in and the stream ended."""
+    replaced (``replace_link``) after a drop, and the wait goes on (a
+    waiting fetch asks ``recover`` for it). ``on_complete`` is called once
+    every page is in and the stream ended."""
 
     def __init__(self, hv: Hypervisor, dom: Domain, p2m: np.ndarray, pfns: np.ndarray,
                  link: Link, say: Callable[[str], None] | None = None) -> None:
@@ -525,6 +526,8 @@ class Pager:
         self.paused = self.done = False
         self.why = ""
         self.on_complete: Callable[[Pager], None] | None = None
+        # a drop while a fetch waits: a new link to go on with, or None
+        self.recover: Callable[[Pager], Link | None] | None = None
 
     def say(self, line: str) -> None:
         log.info("%s", line)
@@ -533,23 +536,34 @@ class Pager:
 
     def fetch(self, mfns: np.ndarray) -> None:
         """Absent frames touched: one POSTCOPY_FAULT for their pfns not yet
-        asked for, then records until all are in. PostcopyPaused if the
-        connection drops meanwhile (the domain paused and kept)."""
+        asked for, then records until all are in. If the connection drops
+        meanwhile the domain is paused; ``recover`` (if set) may give a new
+        link, on which the wait goes on, else PostcopyPaused (the domain
+        kept)."""
         pfns = domctl.map_m2p(self.hv)[mfns].astype(np.int64)
         if (self.state[pfns] == NOT_POSTCOPY).any():
             raise RuntimeError("an absent frame that is none of the post-copy's")
-        ask = pfns[self.state[pfns] == OUTSTANDING]
         self.fetching = np.asarray(mfns, np.int64)
         try:
-            if ask.size:
-                self._ask(ask)
-            while (self.state[pfns] != READY).any():
-                self._take(block=True)
-        except (Dropped, StreamError) as e:
-            self._paused(str(e))
-            raise PostcopyPaused(self.why) from None
+            while True:
+                try:
+                    self._wait(pfns)
+                    return
+                except (Dropped, StreamError) as e:
+                    self._paused(str(e))
+                    link = self.recover(self) if self.recover is not None else None
+                    if link is None:
+                        raise PostcopyPaused(self.why) from None
+                    self.replace_link(link)
         finally:
             self.fetching = np.zeros(0, np.int64)
+
+    def _wait(self, pfns: np.ndarray) -> None:
+        ask = pfns[self.state[pfns] == OUTSTANDING]
+        if ask.size:
+            self._ask(ask)
+        while (self.state[pfns] != READY).any():
+            self._take(block=True)
 
     def _ask(self, pfns: np.ndarray) -> None:
         self.state[pfns] = REQUESTED

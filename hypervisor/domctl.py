@@ -337,14 +337,17 @@ def mmu_machphys_update(hv: Hypervisor, dom: Domain, mfns: np.ndarray,
 
 
 def mem_paging_setup(hv: Hypervisor, fetch: Callable[[np.ndarray], None] | None,
-                     background: int = 0) -> None:
+                     background: int = 0, poll: Callable[[], None] | None = None) -> None:
     """The pager of absent frames (Xen's xenpaging on its vm_event ring):
     ``fetch(mfns)`` writes the contents of absent frames (with ``write_absent``)
     when anything touches them, and ``background`` of them are filled
-    between slices whether touched or not. None: no pager."""
+    between slices whether touched or not; ``poll()``, if given, runs between
+    slices first (a post-copy pager loads the pages that came meanwhile with
+    ``mem_paging_load``). None: no pager."""
     absent = hv.machine.memory.absent
     absent.register(fetch)
     absent.background = background
+    absent.poll = poll if fetch is not None else None
 
 
 def mem_paging_evict(hv: Hypervisor, dom: Domain, mfns: np.ndarray) -> None:
@@ -376,6 +379,17 @@ def mem_paging_loaded(hv: Hypervisor, mfns: np.ndarray) -> None:
 def mem_paging_absent(hv: Hypervisor, mfns: np.ndarray) -> np.ndarray:
     """Which of these frames are absent (bool per mfn); touches none."""
     return hv.machine.memory.absent.absent[np.asarray(mfns, dtype=np.int64)].copy()
+
+
+def mem_paging_load(hv: Hypervisor, mfns: np.ndarray, pages: np.ndarray) -> None:
+    """Pages the pager has before anything asked for them (xc_mem_paging_load):
+    written into absent frames, which are then present. Only absent ones
+    are written: a frame present again (overwritten whole) keeps its contents."""
+    absent = hv.machine.memory.absent
+    mfns = np.asarray(mfns, dtype=np.int64)
+    still = absent.absent[mfns]
+    hv.machine.memory.u64.reshape(-1, ENTRIES_PER_TABLE)[mfns[still]] = pages[still]
+    absent.discard(mfns[still])
 
 
 def mem_paging_stats(hv: Hypervisor) -> tuple[int, int, int]:

@@ -100,13 +100,15 @@ def sshd(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
         proc.communicate(timeout=30)
 
 
-def test_a_guest_migrates_over_ssh_to_pvlab_migrate_receive(sshd, tmp_path):
+@pytest.mark.parametrize("how", ["", "--postcopy "], ids=["pre-copy", "post-copy"])
+def test_a_guest_migrates_over_ssh_to_pvlab_migrate_receive(sshd, tmp_path, how):
+    """Pre-copy, and post-copy (its pages and faults on ssh's pipes)."""
     wrap, rx_tmp = sshd
     with booting() as boot:
         ref = run_domain(*boot(make_config(GUEST, vcpus=2, name="mig")), LIMIT_NS)
     config = toml(tmp_path / "mig.toml")
     p = subprocess.run([sys.executable, "-m", "hypervisor", "run", str(config), "--request",
-                        f"{AT_NS // 1_000_000}ms migrate -s {wrap} ssh:127.0.0.1"],
+                        f"{AT_NS // 1_000_000}ms migrate {how}-s {wrap} ssh:127.0.0.1"],
                        capture_output=True, text=True, env=checkout_env(), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     # the far side's console comes back on ssh's stderr (its stdout is the wire)

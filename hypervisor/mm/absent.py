@@ -36,6 +36,7 @@ CHUNK_SHIFT = 9            # frames per chunk: 512, 2 MiB (an order-9 extent)
 CHUNK_FRAMES = 1 << CHUNK_SHIFT
 
 Fetch = Callable[[np.ndarray], None]
+Poll = Callable[[], None]
 
 
 class AbsentFrames:
@@ -52,6 +53,7 @@ class AbsentFrames:
         self.fetched = 0           # frames the handler filled
         self.fetch_calls = 0       # its calls (a batch is one)
         self.background = 0        # frames the background pass fills between slices
+        self.poll: Poll | None = None  # the pager's own work between slices
         # the VCPUs' faults served, by kind: "read", "write", "fetch" (an
         # access to an unmapped chunk) and "walk" (the MMU's walk crossed one)
         self.faults = dict.fromkeys(("read", "write", "fetch", "walk"), 0)
@@ -144,7 +146,11 @@ class AbsentFrames:
         return int(mfns.size)
 
     def background_step(self) -> None:
-        """Between slices: ``background`` frames (0: no background pass)."""
+        """Between slices: the pager's ``poll`` (a post-copy's pages that have
+        arrived, applied without waiting), then ``background`` frames (0: no
+        background pass)."""
+        if self.poll is not None:
+            self.poll()
         if self.count and self.background:
             self.populate_some(self.background)
 

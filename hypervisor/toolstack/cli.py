@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -369,15 +370,18 @@ def _migrate(hv: Hypervisor, dom: Domain, req: Request, requests: list[Request],
     dest = _destination(req.value)
     name = dom.name
     say = _say_json if args.json else _say
-    result, out = migrate_at(hv, dom, req.at_ns, lambda: open_channel(dest), PrecopyOptions(),
+    opts = PrecopyOptions(postcopy=dest.postcopy)
+    if dest.precopy_iterations is not None:
+        opts = dataclasses.replace(opts, max_iterations=dest.precopy_iterations)
+    result, out = migrate_at(hv, dom, req.at_ns, lambda: open_channel(dest), opts,
                              args.until, sink=_stream, note=_note,
                              report=LiveProgress(args.json), say=say, requests=requests)
     if out.ok:
         assert out.info is not None
         _note(f"domain {name} migrated live to {dest.describe()}: "
-              f"{out.info.transferred / (1 << 20):.1f} MiB in {len(out.info.rounds)} rounds, "
-              f"downtime {format_duration(out.info.downtime_ns)} of virtual time; it runs "
-              "there and is destroyed here")
+              f"{out.info.transferred / (1 << 20):.1f} MiB in {len(out.info.rounds)} rounds"
+              f"{_postcopy_figures(out.info)}, downtime {format_duration(out.info.downtime_ns)} "
+              "of virtual time; it runs there and is destroyed here")
         return EXIT_OK
     if args.json:
         print(json.dumps({"status": "failed", "error-desc": out.error}), file=sys.stderr)
@@ -390,12 +394,23 @@ def _migrate(hv: Hypervisor, dom: Domain, req: Request, requests: list[Request],
     return EXIT_GUEST_FAILED
 
 
+def _postcopy_figures(info: MigrationInfo) -> str:
+    """What a post-copy sent after the switch, for the run's last line."""
+    if not info.postcopy:
+        return ""
+    return (f" then post-copy: {info.postcopy_pushed} pages pushed, {info.postcopy_faulted} "
+            f"asked for in {info.postcopy_requests} requests")
+
+
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    # one write with its newline: over ssh the far side's lines share this
+    # stderr, and print's two writes let one land between a line and its end
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _say_json(line: str) -> None:
-    print(json.dumps({"message": line}), file=sys.stderr, flush=True)
+    _say(json.dumps({"message": line}))
 
 
 def _exit_for(result: RunResult, dom: Domain, until: int | None) -> int:
@@ -539,10 +554,11 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
     try:
         got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say)
     except MigrateError as e:
+        channel.close()
         print(e, file=sys.stderr)
         return EXIT_GUEST_FAILED
-    finally:
-        channel.close()
+    if got.postcopy is None:
+        channel.close()  # a post-copy's is the pager's until its last page
     dom, stats = got.dom, got.stats
     _note(f"received domain {dom.name} as domain {dom.domid}: {stats.pages} pages on new "
           f"frames, {stats.tables} pagetables localised, {stats.pinned} pinned again; its "
@@ -550,9 +566,28 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
     if args.paused:
         _note(f"domain {dom.name} received and left paused (-p): nothing unpauses it in "
               "this process, and it ends with it")
-        return EXIT_OK
-    result = run_domain(got.hv, dom, args.until, _stream, note=_note)
-    return _exit_for(result, dom, args.until)
+        return _postcopy_end(got, None)
+    from hypervisor.toolstack.postcopy import PostcopyPaused
+    try:
+        result = run_domain(got.hv, dom, args.until, _stream, note=_note)
+    except PostcopyPaused:
+        return _postcopy_end(got, None)
+    return _postcopy_end(got, _exit_for(result, dom, args.until))
+
+
+def _postcopy_end(got: Any, code: int | None) -> int:
+    """A post-copy's pages still coming when the run ends are taken in;
+    a domain paused by a dropped connection is said, and the exit is 1."""
+    pager = got.postcopy
+    if pager is not None:
+        pager.drain()
+        if pager.paused:
+            print(f"pvlab: {pager.why}; nothing resumes it in this process",
+                  file=sys.stderr)
+            return EXIT_GUEST_FAILED
+        _note(f"post-copy: {pager.pushed} pages pushed by the source, {pager.faulted} asked "
+              f"for in {pager.requests} requests")
+    return EXIT_OK if code is None else code
 
 
 def _remus_backup(args: argparse.Namespace) -> int:
@@ -725,11 +760,15 @@ def _request_args(p: argparse.ArgumentParser) -> None:
                         "balloon-inhibit, balloon-uninhibit, save PATH (a suspend whose "
                         "image is written to PATH, the domain then destroyed, as pvlab "
                         "save does), save-live PATH (the same after pre-copy rounds, as "
-                        "pvlab save --live), migrate [-s CMD] [-p] DEST (a live migration, as xl "
+                        "pvlab save --live), migrate [-s CMD] [-p] [--postcopy] "
+                        "[--precopy-iterations N] DEST (a live migration, as xl "
                         "migrate: DEST is HOST:PORT for a pvlab migrate-receive --listen there, "
                         "or ssh:HOST to run pvlab migrate-receive on HOST over ssh, or over "
                         "CMD instead of ssh; an empty CMD runs HOST as the command; -p: the "
-                        "target leaves it paused), remus [-s CMD] [-i MS] DEST (the guest "
+                        "target leaves it paused; --postcopy: the guest starts at the target "
+                        "where the pre-copy rounds stop and its memory follows; "
+                        "--precopy-iterations: at most N rounds, 0 with --postcopy for none), "
+                        "remus [-s CMD] [-i MS] DEST (the guest "
                         "replicated from then on to a backup, pvlab migrate-receive -r, at "
                         "DEST as migrate's, an epoch every MS milliseconds of virtual time, "
                         "default 200; "
@@ -897,7 +936,11 @@ def _add_migrate_receive(sub: Any) -> None:
                                     "guest's console then goes to stderr), or with --listen "
                                     "one TCP connection (the console on stdout). Whatever "
                                     "fails before the domain starts here leaves nothing of "
-                                    "it here, and the sender resumes its copy.")
+                                    "it here, and the sender resumes its copy. A post-copy "
+                                    "migration (migrate --postcopy) starts the domain at the "
+                                    "switch and takes its pages while it runs; if the "
+                                    "connection drops then, the domain is paused and the "
+                                    "exit status is 1.")
     rx.add_argument("--listen", metavar="HOST:PORT",
                     help="accept one migration on this TCP address (port 0: any free one; "
                          "the port is said on stderr), instead of stdin and stdout")

@@ -762,9 +762,12 @@ class Daemon:
 
         def work(job: LiveJob) -> Received:
             job.on_cancel = lambda: _shut_socket(fds[0])
+            # a post-copy stream is refused here for now: its pager would
+            # read the wire from the loop's slices, not from this job
             return migrate_receive(self._held(ch), hv=self.hv, clock=self.clock,
                                    paused=paused, say=job.say,
-                                   started=lambda got: self._adopt(got.dom, None))
+                                   started=lambda got: self._adopt(got.dom, None),
+                                   accept_postcopy=False)
         self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer))
         return answer
 

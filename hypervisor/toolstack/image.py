@@ -436,6 +436,11 @@ class RecordParser:
                         "not restore")
         return t
 
+    def transition_end(self, rec: savefile.LibxlRecord) -> None:
+        """libxl's POSTCOPY_TRANSITION_END (post-copy's own check is the
+        caller's): the emulator records before it are whole, as at END."""
+        self._end(rec)
+
     def _end(self, rec: savefile.LibxlRecord) -> None:
         if not self.seen_libxc:
             raise StreamError("no LIBXC_CONTEXT record: the libxl stream holds no domain")

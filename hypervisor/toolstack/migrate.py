@@ -18,6 +18,14 @@ connection (transport.py makes them: ssh's pipes, a TCP socket).
      "domain is yours, ..." back)              cancelled (the suspend returns 1)
 
 The three messages after the banner go with their NUL, as xl sends them.
+
+After a switch to post-copy (Otto's xl, postcopy.py has the stream) neither
+the ready message nor GO is sent: the domain starts at the target at the
+transition, and once every page is there the target says "postcopy
+migration completed successfully" (with its NUL), renames its copy NAME and
+the sender destroys its own. A failure after the transition can leave the
+guest running at the target: the sender keeps its copy suspended, renamed
+NAME--postcopy-inconsistent, says Otto's warning and never resumes it.
 Every failure before the point of no return leaves the guest running at the
 source (resumed cancelled if it had suspended, THAW) and nothing at the
 target; after it the sender says xl's warning and keeps its copy renamed and
@@ -38,12 +46,19 @@ from typing import Any, BinaryIO
 
 from hypervisor.domctl import Domain, Hypervisor
 from hypervisor.public.sched import SHUTDOWN_suspend
-from hypervisor.toolstack import libxl, savefile
+from hypervisor.toolstack import balloonctl, libxl, postcopy, savefile
 from hypervisor.toolstack.control import resume_cancelled
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.restore import RestoreError, RestoreStats, restore_stream
-from hypervisor.toolstack.save import LiveCallbacks, Progress, Report, SaveError, write_image_live
+from hypervisor.toolstack.save import (
+    LiveCallbacks,
+    Progress,
+    Report,
+    SaveError,
+    start_live_stream,
+    write_image_live,
+)
 from hypervisor.toolstack.stream import StreamError
 
 log = logging.getLogger(__name__)
@@ -53,9 +68,12 @@ MIGRATE_RECEIVER_BANNER = b"xl migration receiver ready, send binary domain data
 MIGRATE_RECEIVER_READY = b"domain received, ready to unpause\0"
 MIGRATE_PERMISSION_TO_GO = b"domain is yours, you are cleared to unpause\0"
 MIGRATE_REPORT = b"my copy unpause results are as follows\0"
+# Otto's post-copy xl (xl.h there): the target's word that every page is in
+MIGRATE_POSTCOPY_SYNC = b"postcopy migration completed successfully\0"
 
 INCOMING = "--incoming"        # the receiver's copy until GO
 MIGRATED_AWAY = "--migratedaway"  # the sender's copy from the ready message on
+POSTCOPY_INCONSISTENT = "--postcopy-inconsistent"  # the sender's after a failed post-copy
 ERROR_FAIL = -3                # libxl's; the report octet is its negation
 # a write that fails with these reached no one: the other end is gone
 GONE = (errno.EPIPE, errno.ECONNRESET)
@@ -65,6 +83,11 @@ FAILED_BADLY = ("** Migration failed during final handshake ** Domain state is n
                 "Please CHECK AT BOTH ENDS for running instances, before renaming and resuming "
                 "at most one instance. Two simultaneous instances of the domain would probably "
                 "result in SEVERE DATA LOSS and it is now your responsibility to avoid that.")
+
+# Otto's xl after a failure past the post-copy transition, in one line
+FAILED_POSTCOPY = ("** Migration failed during memory postcopy ** It's possible that the guest "
+                   "has executed/is executing at the destination, so resuming it here now may "
+                   "be unsafe.")
 
 Say = Callable[[str], None]
 
@@ -155,6 +178,10 @@ class MigrateOutcome:
     error: str = ""
     info: MigrationInfo | None = None
     lines: list[str] = field(default_factory=list)
+    # a post-copy's push, kept when it failed: what is still to send and
+    # where the pages come from, for a push resumed on a new connection
+    postcopy: postcopy.PostcopySource | None = None
+    pages: postcopy.PageSource | None = None
 
 
 class _Sender:
@@ -203,6 +230,23 @@ class _Sender:
         self.ch.close()
         return self.out
 
+    def failed_postcopy(self, why: str) -> MigrateOutcome:
+        """After the post-copy transition: the copy here renamed
+        NAME--postcopy-inconsistent and kept suspended, never resumed."""
+        self.say(why)
+        dom = self.dom
+        try:
+            libxl.rename_domain(self.hv, dom, dom.name, self.name + POSTCOPY_INCONSISTENT)
+        except libxl.LibxlError as e:
+            self.say(f"migration sender: {e}")
+        self.out.runs_on = False
+        self.out.undefined = True
+        self.out.error = FAILED_POSTCOPY
+        self.say(FAILED_POSTCOPY)
+        self.say(f"migration sender: the copy here stays suspended as {dom.name}")
+        self.ch.close()
+        return self.out
+
 
 def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCallbacks,
                    opts: PrecopyOptions | None = None, seed: int | None = None,
@@ -212,12 +256,16 @@ def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCall
     suspend it, as save.write_image_live takes them), the ready message, the
     rename to NAME--migratedaway, GO, the receiver's report, then the copy
     here destroyed, or resumed if the target failed. ``report`` sees the
-    rounds' progress, ``say`` xl's lines. The channel is closed at the end."""
+    rounds' progress, ``say`` xl's lines. The channel is closed at the end.
+    With ``opts.postcopy`` the stream switches to post-copy where the policy
+    stops (migrate_postcopy)."""
     s = _Sender(hv, dom, ch, say)
     try:
         read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
     except MigrateError as e:
         return s.failed_resume(str(e))
+    if opts is not None and opts.postcopy:
+        return migrate_postcopy(s, callbacks, opts, seed, report)
     try:
         s.out.info = write_image_live(hv, dom, ch.writer, callbacks, opts or PrecopyOptions(),
                                       seed, report, digest=False)
@@ -226,6 +274,47 @@ def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCall
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return s.failed_resume(f"migration sender: libxl_domain_suspend failed: {why}")
     return _handshake(s)
+
+
+def migrate_postcopy(s: _Sender, callbacks: LiveCallbacks, opts: PrecopyOptions,
+                     seed: int | None, report: Report | None) -> MigrateOutcome:
+    """The stream to its post-copy transition (any failure so far resumes
+    the guest here), then the pages pushed and asked for until the target
+    has them all, END, the target's word, and the copy here destroyed."""
+    hv, dom, ch = s.hv, s.dom, s.ch
+    try:
+        ls = start_live_stream(hv, dom, ch.writer, callbacks, opts, seed, report)
+        src = postcopy.switch_to_postcopy(ls)
+    except (SaveError, OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return s.failed_resume(f"migration sender: libxl_domain_suspend failed: {why}")
+    s.out.info = ls.info
+    s.say(f"migration sender: Post-copy: the guest starts at the target; "
+          f"{src.remaining()} pages follow.")
+    link = postcopy.Link(ch.reader, ch.writer)
+    s.out.postcopy, s.out.pages = src, postcopy.DomainPages(hv, dom, ls.p2m)
+    try:
+        postcopy.push(s.out.pages, link, src, report)
+    except (postcopy.Dropped, StreamError, SaveError) as e:
+        ls.info.status, ls.info.error = "postcopy-paused", str(e)
+        if report is not None:
+            report(ls.info)
+        return s.failed_postcopy(f"migration sender: post-copy failed: {e}")
+    try:  # the target has every page: what follows is tidiness (Otto's xl)
+        postcopy.end_stream(link)
+        if link.read_exactly(len(MIGRATE_POSTCOPY_SYNC)) != MIGRATE_POSTCOPY_SYNC:
+            s.say("migration sender: the target's word after post-copy is not xl's")
+    except postcopy.Dropped as e:
+        s.say(f"migration sender: after post-copy: {e}")
+    libxl.destroy_domain(hv, dom)
+    s.out.postcopy = s.out.pages = None
+    ls.info.status, ls.info.remaining = "completed", 0
+    if report is not None:
+        report(ls.info)
+    s.out.ok, s.out.runs_on = True, False
+    s.say("Migration successful.")
+    ch.close(wait=False)
+    return s.out
 
 
 def _handshake(s: _Sender) -> MigrateOutcome:
@@ -289,6 +378,7 @@ class Received:
     hv: Hypervisor
     dom: Domain
     stats: RestoreStats
+    postcopy: postcopy.Pager | None = None  # its pages still coming (post-copy)
 
 
 class Prefixed(io.RawIOBase):
@@ -356,7 +446,8 @@ class _Receiver:
 def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None = None,
                     clock: str = "deterministic", paused: bool = False,
                     say: Say | None = None, progress: Progress | None = None,
-                    started: Callable[[Received], None] | None = None) -> Received:
+                    started: Callable[[Received], None] | None = None,
+                    accept_postcopy: bool = True) -> Received:
     """xl's migrate_receive: the banner, the stream restored into a domain
     built paused as NAME--incoming (on ``hv``, or a machine of its own sized
     for it), the ready message, GO, the rename to NAME, the unpause (unless
@@ -365,14 +456,26 @@ def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None 
     says the migration succeeded; an OSError there fails the start, as a
     failed unpause does. Returns the domain once it is this side's; on any
     failure nothing is left of it here, the sender has been told if it
-    could be, and MigrateError says why in one line."""
+    could be, and MigrateError says why in one line.
+
+    A stream that switches to post-copy (refused unless ``accept_postcopy``)
+    returns as soon as the domain starts, named NAME--incoming, with
+    ``postcopy`` its pager: the caller runs the domain while its pages come
+    (they are loaded between slices and when touched) and calls the pager's
+    ``drain`` when its run ends. Once the last page is in, the target's word
+    goes to the sender and the domain is renamed NAME; the channel is then
+    closed. A connection that drops first pauses the domain and keeps it."""
     r = _Receiver(ch, say)
     r.say("migration target: Ready to receive domain.")
     try:
         write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
     except OSError as e:
         raise MigrateError(f"migration target: writing the banner: {e.strerror or e}") from None
-    got = _receive_domain(r, hv, seed, clock, progress)
+    incoming = postcopy.Incoming(postcopy.Link(ch.reader, ch.writer), r.say) \
+        if accept_postcopy else None
+    got = _receive_domain(r, hv, seed, clock, progress, incoming)
+    if incoming is not None and incoming.pager is not None:
+        return _start_postcopy(r, got, incoming.pager, paused)
     r.say("migration target: Transfer complete, requesting permission to start domain.")
     try:
         write_message(ch, MIGRATE_RECEIVER_READY, "ready message")
@@ -386,7 +489,8 @@ def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None 
 
 
 def _receive_domain(r: _Receiver, hv: Hypervisor | None, seed: int | None, clock: str,
-                    progress: Progress | None) -> Received:
+                    progress: Progress | None, incoming: postcopy.Incoming | None
+                    ) -> Received:
     """create_domain from the stream, paused and named NAME--incoming."""
     try:
         head, name = incoming_header(r.ch.reader)
@@ -394,12 +498,46 @@ def _receive_domain(r: _Receiver, hv: Hypervisor | None, seed: int | None, clock
         if hv is not None and libxl.find_domain(hv, name + INCOMING) is not None:
             raise MigrateError(f'domain with name "{name + INCOMING}" already exists')
         hv2, dom, stats = restore_stream(Prefixed(head, r.ch.reader), seed, clock, hv,
-                                         progress)
+                                         progress, incoming)
     except (MigrateError, ImageError, RestoreError, StreamError, OSError) as e:
+        if incoming is not None:
+            incoming.abandon()
         raise MigrateError(f"migration target: Domain creation failed (code {ERROR_FAIL}): "
                            f"{e}") from None
     libxl.pause(dom)
     return Received(hv2, dom, stats)
+
+
+def _start_postcopy(r: _Receiver, got: Received, pager: postcopy.Pager,
+                    paused: bool) -> Received:
+    """The domain starts at the transition (Otto's libxl resumes it while
+    the stream goes on), its balloon inhibited until the last page; at that
+    last page the word to the sender and the rename (_postcopy_done)."""
+    r.say(f"migration target: Post-copy: starting the domain; {pager.left} pages follow.")
+    balloonctl.postcopy_inhibit(got.dom)
+    if not paused:
+        libxl.unpause(got.dom)
+    pager.on_complete = lambda p: _postcopy_done(r, got, p)
+    got.postcopy = pager
+    return got
+
+
+def _postcopy_done(r: _Receiver, got: Received, pager: postcopy.Pager) -> None:
+    """Every page is in and the stream ended: xl's word to the sender (on
+    the pager's link: a recovered post-copy's is a new one), the domain
+    renamed NAME, the channel closed."""
+    try:
+        pager.link.write(MIGRATE_POSTCOPY_SYNC)
+    except postcopy.Dropped:
+        pass  # it does not matter past this point: the domain is whole here
+    r.say("migration target: Domain started successfully.")
+    if got.dom.domid in got.hv.domains:
+        name = got.dom.name.removesuffix(INCOMING)
+        try:
+            libxl.rename_domain(got.hv, got.dom, got.dom.name, name)
+        except libxl.LibxlError as e:
+            r.say(f"migration target: {e}")
+    r.ch.close(wait=False)
 
 
 def _start_domain(r: _Receiver, got: Received, paused: bool,
@@ -457,6 +595,7 @@ def _report(r: _Receiver, got: Received, rc: int) -> None:
 
 
 __all__ = ["Channel", "FAILED_BADLY", "INCOMING", "MIGRATED_AWAY", "MIGRATE_PERMISSION_TO_GO",
-           "MIGRATE_RECEIVER_BANNER", "MIGRATE_RECEIVER_READY", "MIGRATE_REPORT",
+           "MIGRATE_POSTCOPY_SYNC", "MIGRATE_RECEIVER_BANNER", "MIGRATE_RECEIVER_READY",
+           "MIGRATE_REPORT", "FAILED_POSTCOPY", "POSTCOPY_INCONSISTENT",
            "MigrateError", "MigrateOutcome", "Received", "incoming_header", "migrate_domain",
            "migrate_receive", "read_fixed_message"]

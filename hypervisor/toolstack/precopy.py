@@ -34,6 +34,7 @@ class Policy(enum.IntEnum):
     ABORT = -1
     CONTINUE_PRECOPY = 0
     STOP_AND_COPY = 1
+    POSTCOPY = 2  # Otto's XGS_POLICY_POSTCOPY: switch to post-copy instead
 
 
 @dataclass
@@ -50,12 +51,21 @@ class PrecopyStats:
 class PrecopyOptions:
     """The live save's settings: Xen's two (both are constants in Xen; Otto's
     unmerged branch made them xl options), QEMU's downtime limit (None: no
-    limit, Xen's policy alone) and the modelled link's bandwidth."""
+    limit, Xen's policy alone) and the modelled link's bandwidth. ``postcopy``:
+    where the policy says stop, switch to post-copy instead of stop-and-copy
+    (Otto's ``xl migrate --postcopy``); with ``max_iterations`` 0 no pre-copy
+    round at all (a pure post-copy: the guest suspends at once)."""
 
     max_iterations: int = SPP_MAX_ITERATIONS
     dirty_threshold: int = SPP_TARGET_DIRTY_COUNT
     downtime_limit_ns: int | None = None
     bandwidth: int = DEFAULT_BANDWIDTH
+    postcopy: bool = False
+
+    @property
+    def pure_postcopy(self) -> bool:
+        """Post-copy with no pre-copy round."""
+        return self.postcopy and self.max_iterations == 0
 
     def wire_ns(self, octets: int) -> int:
         """The virtual time ``octets`` take on the link."""
@@ -66,13 +76,16 @@ def precopy_policy(stats: PrecopyStats, opts: PrecopyOptions, bandwidth: float) 
     """simple_precopy_policy (fewer than ``dirty_threshold`` dirty pages, or
     ``max_iterations`` rounds, stops), and QEMU's switchover test: stop when
     the dirty pages could be sent within the downtime limit at ``bandwidth``
-    (octets per virtual second measured so far; 0 before the first round)."""
+    (octets per virtual second measured so far; 0 before the first round).
+    Stopping is POSTCOPY when ``opts`` asks for post-copy (Otto's libxl
+    policy), else STOP_AND_COPY."""
+    stop = Policy.POSTCOPY if opts.postcopy else Policy.STOP_AND_COPY
     dirty = stats.dirty_count
     if 0 <= dirty < opts.dirty_threshold or stats.iteration >= opts.max_iterations:
-        return Policy.STOP_AND_COPY
+        return stop
     if opts.downtime_limit_ns is not None and dirty >= 0 and bandwidth > 0 \
             and dirty * PAGE_SIZE * NS / bandwidth <= opts.downtime_limit_ns:
-        return Policy.STOP_AND_COPY
+        return stop
     return Policy.CONTINUE_PRECOPY
 
 
@@ -95,7 +108,8 @@ class MigrationInfo:
     """What query-migrate answers, as far as a pvlab live save has it. Sizes
     in octets; times in milliseconds of virtual time, as QEMU's are in ms."""
 
-    status: str = "setup"          # setup, active, completed, failed
+    status: str = "setup"          # setup, active, postcopy-active, postcopy-paused,
+    #                                completed, failed
     total: int = 0                 # the guest's memory
     transferred: int = 0           # octets written so far
     remaining: int = 0             # dirty pages not yet sent, in octets
@@ -107,6 +121,13 @@ class MigrationInfo:
     total_ns: int = 0
     rounds: list[Round] = field(default_factory=list)
     error: str = ""
+    postcopy: bool = False         # the migration switched to post-copy
+    postcopy_requests: int = 0     # POSTCOPY_FAULT records the destination sent
+    postcopy_bytes: int = 0        # octets sent after the switch, the guest there
+    precopy_bytes: int = 0         # octets sent while the guest ran here
+    downtime_bytes: int = 0        # octets sent with the guest running nowhere
+    postcopy_faulted: int = 0      # pages sent because the destination asked
+    postcopy_pushed: int = 0       # pages sent by the background scan
 
     def bandwidth(self) -> float:
         """Octets per virtual second over the rounds so far."""
@@ -118,10 +139,15 @@ class MigrationInfo:
         ms = 1_000_000
         out: dict = {"status": self.status, "setup-time": self.setup_ns // ms,
                      "total-time": self.total_ns // ms}
-        if self.status in ("active", "completed"):
+        if self.status in ("active", "completed", "postcopy-active", "postcopy-paused"):
             out["ram"] = {"total": self.total, "transferred": self.transferred,
                           "remaining": self.remaining, "dirty-pages-rate": self.dirty_pages_rate,
                           "dirty-sync-count": self.dirty_sync_count, "page-size": PAGE_SIZE}
+            if self.postcopy:
+                out["ram"].update({"postcopy-requests": self.postcopy_requests,
+                                   "postcopy-bytes": self.postcopy_bytes,
+                                   "precopy-bytes": self.precopy_bytes,
+                                   "downtime-bytes": self.downtime_bytes})
         if self.status == "active":
             out["expected-downtime"] = self.expected_downtime_ns // ms
         if self.status == "completed":

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -208,7 +208,7 @@ def is_increment(path: Path) -> bool:
 
 def restore_stream(src: BinaryIO, seed: int | None = None, clock: str = "deterministic",
                    hv: Hypervisor | None = None, progress: Progress | None = None,
-                   ) -> tuple[Hypervisor, Domain, RestoreStats]:
+                   postcopy: Any = None) -> tuple[Hypervisor, Domain, RestoreStats]:
     """Restore a domain from a stream (a pipe or a socket: a migration's
     receiver) as it arrives, reading exactly its octets, xl's header to
     libxl's END, and nothing after them (the handshake goes on on the same
@@ -216,8 +216,10 @@ def restore_stream(src: BinaryIO, seed: int | None = None, clock: str = "determi
     PAGE_DATA is applied when it arrives; at END the checks that need the
     whole stream, then stream_complete (Receiver). Raises ImageError for a
     bad stream, RestoreError for a failed restore or a stream cut short; on
-    any failure nothing is left of the new domain."""
-    rx = receive(src, seed, clock, hv, progress)
+    any failure nothing is left of the new domain. ``postcopy`` takes the
+    records of a post-copy migration (postcopy.Incoming); without it such a
+    stream is refused, as any reader that does not know them refuses it."""
+    rx = receive(src, seed, clock, hv, progress, postcopy=postcopy)
     return rx.ctx.hv, rx.ctx.dom, rx.ctx.stats
 
 
@@ -255,7 +257,8 @@ def receive_checkpoints(src: BinaryIO, seed: int | None = None,
 def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
             progress: Progress | None, checkpointed: bool = False,
             on_commit: Callable[[int], None] | None = None,
-            on_optional: Callable[[stream.Record], None] | None = None) -> Receiver:
+            on_optional: Callable[[stream.Record], None] | None = None,
+            postcopy: Any = None) -> Receiver:
     """xc_domain_restore on a stream: the head read, the domain created from
     its config (libxl's domain creation), the records received into it; on
     any failure the domain is destroyed."""
@@ -271,7 +274,7 @@ def receive(src: BinaryIO, seed: int | None, clock: str, hv: Hypervisor | None,
     hv, dom = _create_domain(info, where, seed, clock, hv)
     ctx = RestoreContext(hv, dom, info, RestoreStats(info=info))
     rx = Receiver(reader, ctx, RecordParser(info, keep=False), checkpointed, on_commit,
-                  progress, on_optional)
+                  progress, on_optional, postcopy)
     try:
         rx.restore()
     except (stream.Truncated, OSError, OutOfMemory, DomctlError, RestoreError) as e:
@@ -328,6 +331,9 @@ class Receiver:
     on_commit: Callable[[int], None] | None = None
     progress: Progress | None = None
     on_optional: Callable[[stream.Record], None] | None = None
+    # a post-copy migration's records and the domain's absent part
+    # (postcopy.Incoming: record, transition_end, transitioned, prepare)
+    postcopy: Any = None
     # the last copy of each pfn last sent as a pagetable, canonical: the END
     # checks read them (guest memory holds them localised)
     tables: dict[int, np.ndarray] = field(default_factory=dict)
@@ -346,6 +352,8 @@ class Receiver:
                 raise
             self.failover(str(e))
         tc = time.perf_counter()
+        if self.postcopy is not None and self.postcopy.transitioned:
+            self.postcopy.prepare(self)  # the pages still at the source made absent
         check_end(self.ctx.info, self.read_pages)
         complete(self.ctx)
         self.ctx.stats.complete_s = time.perf_counter() - tc
@@ -353,6 +361,8 @@ class Receiver:
     def read_stream(self) -> None:
         while True:
             rec = savefile.read_libxl_record(self.src)
+            if self.postcopy is not None and self.postcopy.transition_end(self, rec):
+                return  # post-copy: the rest of the stream is the pager's
             rtype = self.parser.libxl(rec)
             if rtype == LibxlRecType.END:
                 return
@@ -366,6 +376,10 @@ class Receiver:
         self.parser.headers(*stream.read_headers(self.src, base), base)
         while True:
             rec = stream.read_record(self.src, self.src.tell())
+            if self.postcopy is not None and rec.type in stream.PostcopyType._value2member_map_:
+                if self.postcopy.record(self, rec):
+                    return  # POSTCOPY_TRANSITION: libxl's records come now
+                continue
             batch = self.parser.libxc(rec)
             if rec.type == RecType.END:
                 return

@@ -654,20 +654,25 @@ def write_batch_live(ls: LiveSave, pfns: np.ndarray) -> tuple[int, int]:
         defer[failed] = True
         types[failed] = PFINFO_XTAB
     keep = types[data] != PFINFO_XTAB
-    _write_page_data(ls.out, pfns, types, pages[keep])
+    write_page_data(ls.out, pfns, types, pages[keep])
     ls.deferred[pfns[defer]] = True
     return int(keep.sum()), int(defer.sum())
 
 
-def _write_page_data(out: savefile.CountingWriter, pfns: np.ndarray, types: np.ndarray,
-                     pages: np.ndarray) -> None:
+def write_page_data(out: BinaryIO, pfns: np.ndarray, types: np.ndarray,
+                    pages: np.ndarray, rtype: int = RecType.PAGE_DATA) -> None:
+    """A PAGE_DATA record (or one of its layout: POSTCOPY_PAGE_DATA, or
+    POSTCOPY_PFNS with no pages) of these pfns and types, with ``pages``
+    for those that have data. A saved file's writer keeps the digests of
+    PAGE_DATA's pages (write_pages); a wire has none."""
     entries = (types.astype(np.uint64) << np.uint64(stream.PAGE_DATA_TYPE_SHIFT)) \
         | pfns.astype(np.uint64)
     body_len = stream.PAGE_DATA_HDR.size + 8 * pfns.size + PAGE_SIZE * len(pages)
-    out.write(stream.RHDR.pack(RecType.PAGE_DATA, body_len))
+    out.write(stream.RHDR.pack(rtype, body_len))
     out.write(stream.PAGE_DATA_HDR.pack(pfns.size))
     out.write(entries.tobytes())
-    out.write_pages(np.ascontiguousarray(pages).tobytes())
+    write_pages = getattr(out, "write_pages", out.write)
+    write_pages(np.ascontiguousarray(pages).tobytes())
 
 
 def send_dirty_pages(ls: LiveSave, dirty: np.ndarray, iteration: int) -> Round:
@@ -814,8 +819,28 @@ def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: Live
     return ls.info
 
 
-def _live_context(ls: LiveSave, vcpus: list[tuple[int, bytes]] | None = None,
-                  devices: list[dict] | None = None) -> SaveContext:
+def start_live_stream(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: LiveCallbacks,
+                      opts: PrecopyOptions, seed: int | None = None,
+                      report: Report | None = None) -> LiveSave:
+    """The start of a live save on the wire (no digest) for a caller that
+    ends it its own way (post-copy): xl's header, libxl's, LIBXC_CONTEXT,
+    the static records, log-dirty on, then the pre-copy rounds unless
+    ``opts`` asks for a pure post-copy. The guest still runs; log-dirty is
+    off again on a failure here, and the caller's to turn off after."""
+    ls = _live_setup(hv, dom, savefile.CountingWriter(out), callbacks, opts, report)
+    try:
+        enable_logdirty(ls)
+        _write_live_head(ls, seed)
+        if not opts.pure_postcopy:
+            send_memory_live(ls)
+    except BaseException:
+        disable_logdirty(ls)
+        raise
+    return ls
+
+
+def live_context(ls: LiveSave, vcpus: list[tuple[int, bytes]] | None = None,
+                 devices: list[dict] | None = None) -> SaveContext:
     """The SaveContext the record writers take; a live save has no page
     types or tables of its own (each round asks for them anew)."""
     none = np.zeros(0, np.int64)
@@ -832,7 +857,7 @@ def _write_live_head(ls: LiveSave, seed: int | None, kind: str = "live save") ->
                                              digest)
     savefile.write_libxl_header(ls.out)
     savefile.write_libxl_record(ls.out, LibxlRecType.LIBXC_CONTEXT)
-    write_static_data(ls.hv, ls.dom, ls.out, _live_context(ls))
+    write_static_data(ls.hv, ls.dom, ls.out, live_context(ls))
     return digest_offset
 
 
@@ -840,7 +865,7 @@ def _write_live_tail(ls: LiveSave, digest_offset: int) -> None:
     """The end of the checkpoint and libxl's records, with the guest
     suspended: its time on the wire is downtime too."""
     hv, dom = ls.hv, ls.dom
-    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
+    sc = live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
     start = ls.out.tell()
     write_end_of_checkpoint(hv, dom, ls.out, sc, checkpoint=False)
     write_libxl_tail(hv, dom, ls.out, sc, checkpoint=False)
@@ -894,7 +919,7 @@ def write_epoch_end(ls: LiveSave) -> None:
     CHECKPOINT_END (write_checkpoint). The backup commits the epoch when it
     has read them. The caller then resumes the guest cancelled (THAW)."""
     hv, dom = ls.hv, ls.dom
-    sc = _live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
+    sc = live_context(ls, vcpu_records(hv, dom, ls.p2m), devices_state(dom))
     start = ls.out.tell()
     end_of_checkpoint(hv, dom, ls.out, sc)
     write_checkpoint(hv, dom, ls.out, sc)
@@ -975,5 +1000,6 @@ def save_live_to_file(hv: Hypervisor, dom: Domain, path: str | os.PathLike[str],
 
 __all__ = ["SaveError", "SaveStats", "save_to_file", "write_image", "canonicalise",
            "locate_p2m", "page_types", "LiveCallbacks", "save_live_to_file",
-           "write_image_live", "start_checkpointed_stream", "send_epoch", "write_epoch_end",
-           "end_checkpointed_stream", "CheckpointCallbacks", "write_checkpointed_stream"]
+           "write_image_live", "start_live_stream", "start_checkpointed_stream", "send_epoch",
+           "write_epoch_end", "end_checkpointed_stream", "CheckpointCallbacks",
+           "write_checkpointed_stream"]

@@ -102,6 +102,9 @@ class LibxlRecType(enum.IntEnum):
     EMULATOR_CONTEXT = 0x03
     CHECKPOINT_END = 0x04
     CHECKPOINT_STATE = 0x05
+    # Otto's post-copy RFC (libxl_sr_stream_format.h there): the end of the
+    # records libxl writes inside the libxc stream at its POSTCOPY_TRANSITION
+    POSTCOPY_TRANSITION_END = 0x06
 
 
 class EmulatorId(enum.IntEnum):

@@ -9,8 +9,11 @@ Version 3 is written; 2 and 3 are read (a v2 stream has no STATIC_DATA_END:
 a reader infers it at the first X86_PV_P2M_FRAMES). Record types with bit 31
 set are optional: a reader skips the ones it does not know, and fails on an
 unknown mandatory one (Xen's own verifier fails on both). pvlab writes only
-Xen's types, except in a Remus stream: its one type of its own, optional
-(REMUS_OUTPUT), carries the primary's output channel beside the epochs.
+Xen's types, except in two streams: a Remus stream's one type of its own,
+optional (REMUS_OUTPUT), carries the primary's output channel beside the
+epochs; a post-copy migration's seven (PostcopyType, Joshua Otto's RFC
+renumbered), mandatory, switch the stream to post-copy and carry its pages
+and the destination's requests.
 In a saved image this stream sits inside libxl's, which sits inside xl's
 save file (savefile.py). This module only frames; what the records hold is
 the save and restore code's business.
@@ -63,6 +66,22 @@ class RecType(enum.IntEnum):
     X86_MSR_POLICY = 0x12
 
 
+class PostcopyType(enum.IntEnum):
+    """pvlab's post-copy records: Joshua Otto's seven (his xen RFC's
+    libxc-migration-stream spec, 0x10-0x16 there, which Xen has since given
+    to STATIC_DATA_END and the CPU policies), beside REMUS_OUTPUT. Mandatory
+    (bit 31 clear): a reader that does not know them must refuse the stream.
+    FAULT and COMPLETE go the other way, destination to source."""
+
+    POSTCOPY_BEGIN = 0x0110       # empty; the CPU context records follow at once
+    POSTCOPY_PFNS_BEGIN = 0x0111  # empty; the cue to set up paging
+    POSTCOPY_PFNS = 0x0112        # PAGE_DATA's layout without pages: pfns still to come
+    POSTCOPY_TRANSITION = 0x0113  # empty; libxl's records, then the domain runs
+    POSTCOPY_PAGE_DATA = 0x0114   # PAGE_DATA's layout: pages of POSTCOPY_PFNS' pfns
+    POSTCOPY_FAULT = 0x0115       # count, pfns without type bits: pages wanted now
+    POSTCOPY_COMPLETE = 0x0116    # empty; every page is in
+
+
 # record bodies (xg_sr_stream_format.h), little-endian
 X86_PV_INFO = struct.Struct("<BB6x")              # guest_width, pt_levels
 P2M_FRAMES_HDR = struct.Struct("<II")              # start_pfn, end_pfn; then u64 pfns
@@ -76,14 +95,16 @@ USER_L4_SET = 1
 PAGE_DATA_PFN_MASK = 0x000FFFFFFFFFFFFF
 PAGE_DATA_TYPE_SHIFT = 32                          # pfn entry = type << 32 | pfn
 MAX_BATCH_SIZE = 1024                              # pfns per PAGE_DATA record
+MAX_POSTCOPY_BATCH_SIZE = 64                       # pages per POSTCOPY_PAGE_DATA
+MAX_PFN_BATCH_SIZE = (4 << 20) // 8                # pfns per POSTCOPY_PFNS / FAULT
 GUEST_WIDTH_X86_64, PT_LEVELS_X86_64 = 8, 4
 
 
 def rec_name(rtype: int) -> str:
-    try:
-        return RecType(rtype).name
-    except ValueError:
-        return f"{'optional' if rtype & REC_TYPE_OPTIONAL else 'mandatory'} record {rtype:#x}"
+    for kind in (RecType, PostcopyType):
+        if rtype in kind._value2member_map_:
+            return kind(rtype).name
+    return f"{'optional' if rtype & REC_TYPE_OPTIONAL else 'mandatory'} record {rtype:#x}"
 
 
 class StreamError(Exception):

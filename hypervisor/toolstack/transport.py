@@ -36,11 +36,15 @@ SSH_PREFIX = "ssh:"
 @dataclass(frozen=True)
 class Destination:
     """Where a migration goes: a TCP ``host`` and ``port``, or a ``rune``
-    (the command whose stdin and stdout are the wire)."""
+    (the command whose stdin and stdout are the wire); whether it switches
+    to post-copy (``postcopy``), after how many pre-copy rounds at most
+    (``precopy_iterations``, None: Xen's 5; 0: a pure post-copy)."""
 
     host: str
     port: int | None = None
     rune: str | None = None
+    postcopy: bool = False
+    precopy_iterations: int | None = None
 
     def describe(self) -> str:
         return f"{self.host}:{self.port}" if self.rune is None else f"`{self.rune}`"
@@ -64,34 +68,56 @@ def ssh_rune(host: str, ssh_command: str = "ssh", paused: bool = False,
     return f"exec {ssh_command} {host} {RECEIVER}{flag}"
 
 
+MIGRATE_USAGE = ("[-s CMD] [-p] [--postcopy] [--precopy-iterations N] HOST:PORT or "
+                 "ssh:HOST")
+
+
 def parse_destination(text: str) -> Destination:
-    """A ``migrate`` request's argument: ``[-s CMD] [-p] DEST``, DEST being
-    HOST:PORT (TCP, to a ``migrate-receive --listen``) or ssh:HOST (the ssh
-    rune; -s CMD in ssh's place, -p the target leaves the domain paused).
-    ValueError saying what is wrong."""
+    """A ``migrate`` request's argument: ``[-s CMD] [-p] [--postcopy]
+    [--precopy-iterations N] DEST``, DEST being HOST:PORT (TCP, to a
+    ``migrate-receive --listen``) or ssh:HOST (the ssh rune; -s CMD in ssh's
+    place, -p the target leaves the domain paused). ``--postcopy`` switches
+    to post-copy where the pre-copy policy stops, and
+    ``--precopy-iterations`` bounds its rounds (Otto's xl options; 0 with
+    --postcopy: no round, a pure post-copy). ValueError saying what is wrong."""
     try:
         words = shlex.split(text)
     except ValueError as e:
         raise ValueError(f"migrate {text!r}: {e}") from None
-    ssh_command, paused, dest = "ssh", False, []
+    ssh_command, paused, postcopy, rounds, dest = "ssh", False, False, None, []
     while words:
         w = words.pop(0)
         if w == "-s" and words:
             ssh_command = words.pop(0)
         elif w == "-p":
             paused = True
+        elif w == "--postcopy":
+            postcopy = True
+        elif w == "--precopy-iterations" and words:
+            rounds = _iterations(text, words.pop(0))
         else:
             dest.append(w)
     if len(dest) != 1:
-        raise ValueError(f"migrate {text!r}: want [-s CMD] [-p] HOST:PORT or ssh:HOST")
+        raise ValueError(f"migrate {text!r}: want {MIGRATE_USAGE}")
+    if rounds == 0 and not postcopy:
+        raise ValueError(f"migrate {text!r}: --precopy-iterations 0 needs --postcopy (no "
+                         "round at all is a pure post-copy)")
     if dest[0].startswith(SSH_PREFIX) and dest[0] != SSH_PREFIX:
         host = dest[0][len(SSH_PREFIX):]
-        return Destination(host, rune=ssh_rune(host, ssh_command, paused))
+        return Destination(host, rune=ssh_rune(host, ssh_command, paused), postcopy=postcopy,
+                           precopy_iterations=rounds)
     if paused or ssh_command != "ssh":
         raise ValueError(f"migrate {text!r}: -s and -p go with ssh:HOST (a TCP receiver "
                          "takes -p itself)")
     host, port = parse_hostport(dest[0])
-    return Destination(host, port)
+    return Destination(host, port, postcopy=postcopy, precopy_iterations=rounds)
+
+
+def _iterations(text: str, word: str) -> int:
+    if not word.isdigit():
+        raise ValueError(f"migrate {text!r}: --precopy-iterations wants a number of rounds, "
+                         f"not {word!r}")
+    return int(word)
 
 
 def parse_remus_target(text: str) -> tuple[Destination, int | None]:

@@ -6,7 +6,7 @@ drop policy (QEMU's), the reconcile policy, and with no post-copy at all;
 the account closes: the domain's frames are its mapped pages and what the
 policy left. Without the inhibit, post-copy loses a page and the harness says
 so. The rules of reconcile one by one, and a real guest ballooning during a
-lazy restore under both policies."""
+lazy restore and during a post-copy migration under both policies."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from hypervisor.toolstack import balloonctl
 from hypervisor.toolstack.balloonrace import STEPS, FreeLog, Harness
 from hypervisor.toolstack.context import audit, context_of
 from hypervisor.toolstack.lazyrestore import restore_image_lazy
+from hypervisor.toolstack.precopy import PrecopyOptions
 from hypervisor.toolstack.session import Observer, run_domain, save_domain
 from tests.test_balloon import balloon_config, requests
+from tests.test_postcopy import migrate_here
 
 EXAMPLES = 100
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -256,3 +258,49 @@ def test_a_guest_ballooning_during_a_lazy_restore_ends_with_every_frame_accounte
     mem_set = [i for i, n in enumerate(notes) if "mem-set 16: balloon target 0 pages" in n]
     assert released and mem_set and released[0] < mem_set[0], notes
     assert bal.actual == 0 and audit(hv2) == []
+
+
+# --- a real guest ballooning during a post-copy migration ------------------------------------
+
+@pytest.mark.parametrize("policy", ["drop", "reconcile"])
+def test_a_guest_ballooning_during_a_postcopy_migration_ends_with_every_frame_accounted_for(
+        policy):
+    """Ballooned by 4 MiB under the guest's ``deflate`` policy, then a pure
+    post-copy migration: the suspend's freeze deflates the balloon and the
+    resume at the destination inflates it again while its pages are still
+    at the source, under the inhibit the destination takes at the start;
+    the release when the last page is in applies the domain's policy. Then
+    a mem-set deflates it all and the guest's digest ends the run. Frames at
+    the destination: none freed twice nor while absent; the domain's frames
+    are its p2m's and, under drop, the inflates it dropped."""
+    cfg = balloon_config("run=hashchain virtio_balloon.policy=deflate", memory=16, stats=0)
+    cfg = dataclasses.replace(cfg, name="mig", maxmem=24,
+                              balloon=dataclasses.replace(cfg.balloon, postcopy=policy))
+    seen: dict = {}
+
+    def started(rx) -> None:
+        bal = domctl.find_device(rx.dom, Balloon)
+        seen["bal"], seen["log"] = bal, FreeLog(rx.hv)
+        seen["log"].watch(bal)
+        assert bal.inhibits == 1 and domctl.mem_paging_stats(rx.hv)[0] > 0
+        # the host starts no balloon operation while post-copy runs
+        assert "refused" in balloonctl.apply(rx.hv, rx.dom, "mem-set", "8")
+
+    got = migrate_here(PrecopyOptions(postcopy=True, max_iterations=0), at_ns=3_000_000,
+                       cfg=cfg, requests=tuple(requests("1ms mem-set 12")), started=started)
+    hv2, dom2, bal, log = got["hv"], got["dom"], seen["bal"], seen["log"]
+    assert got["out"].ok, got["said"]
+    released = [line for line in got["heard"] if "balloon inhibit released" in line]
+    assert released and bal.inhibits == 0, got["heard"]
+    assert "hashchain digest" in got["console"], got["console"][-2000:]
+    m = bal.metrics
+    assert log.wrong == [] and log.count == m.freed
+    mapped, owned = _p2m_mapped(hv2, dom2), _reservation(hv2, dom2)
+    assert mapped <= owned
+    if policy == "drop":
+        assert m.dropped == 1024  # the resume's inflate, acknowledged, not acted on
+        assert len(owned - mapped) == m.dropped  # accounted, not lost: QEMU's leftover
+    else:
+        assert m.queued == 1024 and m.reconciled == 1024 and m.kept == 0
+        assert owned == mapped
+    assert audit(hv2) == []

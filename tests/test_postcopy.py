@@ -129,22 +129,25 @@ class Wire:
 
 def migrate_here(opts: PrecopyOptions, seed: int = 1, at_ns: int = AT_NS, paused: bool = False,
                  cut: int | None = None, guest: str = GUEST, mib: int = 16,
-                 then: Callable[[Any, Any], bytes] | None = None) -> dict:
-    """One post-copy migration, the source (``seed``'s frames and schedule)
-    in a thread, the destination here run to its end; what each side said
-    and did, the octets both ways, the guest's console."""
+                 then: Callable[[Any, Any], bytes] | None = None, cfg: Any = None,
+                 requests: tuple = (), started: Callable[[Any], None] | None = None) -> dict:
+    """One post-copy migration, the source (``seed``'s frames and schedule,
+    or ``cfg``, making ``requests`` before the migration) in a thread, the
+    destination here run to its end (``started`` sees it before it runs);
+    what each side said and did, the octets both ways, the guest's console."""
     wire = Wire(cut)
     said: list[str] = []
     heard: list[str] = []
     got: dict = {}
     with booting() as boot:
-        hv, dom = boot(make_config(guest, vcpus=2, name="mig", seed=seed, memory=mib))
+        hv, dom = boot(cfg or make_config(guest, vcpus=2, name="mig", seed=seed, memory=mib))
         hv_rx = boot.bare(64, seed=seed + 1)
 
         def source() -> None:
             try:
                 got["source"] = migrate_at(hv, dom, at_ns, lambda: wire.tx, opts,
-                                           until_ns=LIMIT_NS, say=said.append)
+                                           until_ns=LIMIT_NS, say=said.append,
+                                           requests=requests)
             except BaseException:
                 wire.shutdown()  # the destination must not wait for ever
                 raise
@@ -154,6 +157,8 @@ def migrate_here(opts: PrecopyOptions, seed: int = 1, at_ns: int = AT_NS, paused
             rx = migrate_receive(wire.rx, hv_rx, paused=paused, say=heard.append)
             pager = rx.postcopy
             assert pager is not None
+            if started is not None:
+                started(rx)
             try:
                 after = run_domain(rx.hv, rx.dom, None if paused else LIMIT_NS)
             except postcopy.PostcopyPaused:
@@ -169,7 +174,8 @@ def migrate_here(opts: PrecopyOptions, seed: int = 1, at_ns: int = AT_NS, paused
         wire.close()
         later = then(rx, out) if then is not None else b""
         return {"out": out, "said": said, "heard": heard, "pager": pager, "stats": stats,
-                "dom": rx.dom, "paused": rx.dom.paused, "alive": rx.dom.domid in hv_rx.domains,
+                "hv": hv_rx, "dom": rx.dom, "paused": rx.dom.paused,
+                "alive": rx.dom.domid in hv_rx.domains,
                 "source": dom, "source_alive": dom.domid in hv.domains,
                 "console": result.console.decode() + (after.console.decode() if after else "")
                 + later.decode(),

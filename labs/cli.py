@@ -27,9 +27,11 @@ Verb = Callable[[argparse.Namespace], int]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for lab in all_labs():
+    labs = all_labs()
+    width = max(len(lab.name) for lab in labs)
+    for lab in labs:
         mark = "started" if student_dir(lab, Path(args.dir)).exists() else ""
-        print(f"{lab.name:14} {lab.title}  ({lab.handout}) {mark}".rstrip())
+        print(f"{lab.name:{width}} {lab.title}  ({lab.handout}) {mark}".rstrip())
     return EXIT_OK
 
 

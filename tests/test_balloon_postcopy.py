@@ -184,6 +184,18 @@ def test_drop_neither_frees_nor_changes_the_frame(tmp_path):
         h.close()
 
 
+def test_balloon_uninhibit_counts_the_inhibits_left_after_its_own():
+    h = Harness("drop", postcopy=True)
+    try:
+        balloonctl.apply(h.hv, h.dom, "balloon-inhibit", "")
+        line = balloonctl.apply(h.hv, h.dom, "balloon-uninhibit", "")
+        assert line == "balloon inhibit released (1 left); still inhibited"
+        line = balloonctl.apply(h.hv, h.dom, "balloon-uninhibit", "")
+        assert line.startswith("balloon inhibit released (0 left); policy drop: ")
+    finally:
+        h.close()
+
+
 # --- a real guest ballooning during a lazy restore -------------------------------------------
 
 def _p2m_mapped(hv, dom) -> set[int]:

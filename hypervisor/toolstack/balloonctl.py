@@ -82,7 +82,8 @@ def apply(hv: Hypervisor, dom: Domain, command: str, value: str) -> str:
             return f"balloon inhibited ({bal.inhibits})"
         if command == "balloon-uninhibit":
             bal = balloon_of(dom)
-            return f"balloon inhibit released ({bal.inhibits} left); {released(bal)}"
+            done = released(bal)  # first: it drops the inhibit the line counts
+            return f"balloon inhibit released ({bal.inhibits} left); {done}"
     except BalloonError as e:
         return f"{command} refused: {e}"
     raise ValueError(f"unknown balloon command {command!r}")

@@ -28,4 +28,5 @@ def native_entries() -> list[Callable[..., object]]:
         stop_machine.multi_cpu_stop,
         manage.suspend_freeze_wait,
         suspend.xen_suspend_resumed,
+        upcall.irq_thread_resume,
     ]

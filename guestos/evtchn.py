@@ -22,10 +22,12 @@ from guestos.layout import Layout, Ref
 from guestos.symbols import NO_SYMBOL, symbol, symbol_number
 from hypervisor.public.event_channel import (
     EVTCHNOP_bind_ipi,
+    EVTCHNOP_bind_vcpu,
     EVTCHNOP_bind_virq,
     EVTCHNOP_send,
     EVTCHNOP_unmask,
     evtchn_bind_ipi,
+    evtchn_bind_vcpu,
     evtchn_bind_virq,
     evtchn_send,
     evtchn_unmask,
@@ -53,10 +55,12 @@ IRQ_INFO = Layout("irq_info", [
     ("virq", "u32"),      # which VIRQ (IRQT_VIRQ)
     ("handler", "u32"),   # symbol number of handler(cpu, irq, dev_id)
     ("dev_id", "u64"),
+    ("thread", "u32"),    # symbol number of the threaded half (NO_SYMBOL: none)
+    ("thread_pending", "u32"),  # the hard half woke it; it has not run yet
 ])
 assert NR_PORTS + NR_IRQS * IRQ_INFO.size <= AREAS["evtchn"].size
 
-IrqHandler = Callable[[NativeCpu, int, int], None]
+IrqHandler = Callable[[NativeCpu, int, int], object]  # True: wake the irq's thread
 
 
 def _evtchn_to_irq_va(cpu: NativeCpu) -> int:
@@ -115,12 +119,15 @@ def mask_all(cpu: NativeCpu) -> None:
 
 # --- binding ------------------------------------------------------------------------------
 
-def _alloc_irq(cpu: NativeCpu, kind: int, handler: IrqHandler, dev_id: int, n: int) -> int:
+def _alloc_irq(cpu: NativeCpu, kind: int, handler: IrqHandler, dev_id: int, n: int,
+               thread: IrqHandler | None = None) -> int:
     for irq in range(NR_IRQS):
         info = irq_info(cpu, irq)
         if info.type == IRQT_UNBOUND:
             info.type, info.evtchn, info.cpu, info.virq = kind, NO_PORT, n, 0
             info.handler, info.dev_id = symbol_number(handler), dev_id
+            info.thread = NO_SYMBOL if thread is None else symbol_number(thread)
+            info.thread_pending = 0
             return irq
     raise RuntimeError("no free irq")
 
@@ -131,14 +138,23 @@ def rebind_evtchn_irq(cpu: NativeCpu, port: int, irq: int) -> None:
     info = irq_info(cpu, irq)
     info.evtchn = port
     _set_evtchn_to_irq(cpu, port, irq)
+    if info.type == IRQT_EVTCHN and info.cpu != 0:
+        # Linux's xen_rebind_evtchn_to_cpu: Xen delivers a port to vcpu0 until told
+        cpu.hypercall(Hypercall.event_channel_op, EVTCHNOP_bind_vcpu,
+                      with_args(cpu, bytes(evtchn_bind_vcpu(port=port, vcpu=info.cpu))))
     unmask_evtchn(cpu, port)
 
 
 def bind_evtchn_to_irqhandler(cpu: NativeCpu, port: int, handler: IrqHandler,
-                              dev_id: int = 0, on_cpu: int = 0) -> int:
+                              dev_id: int = 0, on_cpu: int = 0,
+                              thread: IrqHandler | None = None) -> int:
     """Events on ``port`` run ``handler(cpu, irq, dev_id)`` on cpu ``on_cpu``;
-    ``handler`` must be exported. Returns the irq."""
-    irq = _alloc_irq(cpu, IRQT_EVTCHN, handler, dev_id, on_cpu)
+    ``handler`` must be exported. With ``thread`` (Linux's
+    request_threaded_irq), a hard handler that returns True wakes it: the
+    cpu yields once on its way out of the upcall, so that other vcpus run
+    while the irq is half handled, and then runs ``thread(cpu, irq, dev_id)``.
+    Returns the irq."""
+    irq = _alloc_irq(cpu, IRQT_EVTCHN, handler, dev_id, on_cpu, thread)
     rebind_evtchn_irq(cpu, port, irq)
     return irq
 
@@ -221,7 +237,35 @@ def _handle_irq(cpu: NativeCpu, irq: int) -> None:
     info = irq_info(cpu, irq)
     if info.handler != NO_SYMBOL:
         handler: IrqHandler = symbol(info.handler)  # type: ignore[assignment]
-        handler(cpu, irq, info.dev_id)
+        if handler(cpu, irq, info.dev_id) is True and info.thread != NO_SYMBOL:
+            info.thread_pending = 1
+
+
+# --- threaded halves (Linux's kernel/irq/manage.c irq_thread) ----------------------------
+
+def irq_threads_pending(cpu: NativeCpu) -> bool:
+    """Whether a hard handler on this cpu woke its thread."""
+    return any(irq_info(cpu, irq).thread_pending and irq_info(cpu, irq).cpu == cpu.vcpu_id
+               for irq in range(NR_IRQS))
+
+
+def run_irq_thread(cpu: NativeCpu, irq: int) -> bool:
+    """Run ``irq``'s thread now if it was woken (on whatever cpu calls this:
+    synchronize_irq's flush); whether it ran."""
+    info = irq_info(cpu, irq)
+    if not info.thread_pending:
+        return False
+    info.thread_pending = 0
+    thread: IrqHandler = symbol(info.thread)  # type: ignore[assignment]
+    thread(cpu, irq, info.dev_id)
+    return True
+
+
+def run_irq_threads(cpu: NativeCpu) -> None:
+    """The woken threads of this cpu's irqs, after the upcall's yield."""
+    for irq in range(NR_IRQS):
+        if irq_info(cpu, irq).cpu == cpu.vcpu_id:
+            run_irq_thread(cpu, irq)
 
 
 def _my_irqs(cpu: NativeCpu, w: int, bits: int) -> dict[int, int]:

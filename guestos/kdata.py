@@ -59,7 +59,7 @@ AREAS = _place([
     ("sched", 128),                     # the scheduler's globals (guestos/task.py)
     ("tasks", MAX_TASKS * 256),         # the task table (guestos/task.py)
     ("pgd_list", MAX_TASKS * 8),        # guestos/pgd.py
-    ("evtchn", NR_PORTS + 32 * 32),     # evtchn_to_irq and irq_info (guestos/evtchn.py)
+    ("evtchn", NR_PORTS + 32 * 40),     # evtchn_to_irq and irq_info (guestos/evtchn.py)
     ("stop_machine", 128),              # guestos/stop_machine.py
     ("xencons", 16),                    # guestos/xencons.py
     ("xenbus", 64 + 8 * 128 + 8 * 256 + 16 + 4096),  # guestos/xenbus.py

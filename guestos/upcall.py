@@ -8,7 +8,7 @@ idle loop with a task now runnable)."""
 from __future__ import annotations
 
 from guestos import manage, stop_machine
-from guestos.evtchn import xen_evtchn_do_upcall
+from guestos.evtchn import irq_threads_pending, run_irq_threads, xen_evtchn_do_upcall
 from guestos.frame import read_bounce, return_from_bounce
 from guestos.idle import cpu_idle
 from guestos.printk import printk
@@ -23,11 +23,37 @@ from guestos.task import (
     schedule,
 )
 from hypervisor.public.native import NativeCpu, TailCall
+from hypervisor.public.sched import SCHEDOP_yield
+from hypervisor.public.xen import Hypercall
 
 
 def hypervisor_callback(cpu: NativeCpu) -> TailCall:
-    """The event upcall (a native entry; events are masked while it runs)."""
+    """The event upcall (a native entry; events are masked while it runs).
+    A hard handler that woke its irq's thread leaves it for after a yield:
+    other vcpus run meanwhile, as other CPUs do while a Linux irq thread
+    waits to be scheduled."""
     xen_evtchn_do_upcall(cpu)
+    if irq_threads_pending(cpu):
+        # the yield's hypercall takes rax, rdi and rsi: keep the interrupted
+        # context's below the bounce frame
+        rsp = cpu.reg("rsp") - 8 * len(_YIELD_CLOBBERS)
+        cpu.write(rsp, b"".join(cpu.reg(r).to_bytes(8, "little") for r in _YIELD_CLOBBERS))
+        cpu.set_regs(rsp=rsp)
+        return TailCall(Hypercall.sched_op, (SCHEDOP_yield, 0), irq_thread_resume)
+    return irqentry_exit(cpu)
+
+
+_YIELD_CLOBBERS = ("rax", "rdi", "rsi")
+
+
+def irq_thread_resume(cpu: NativeCpu) -> TailCall:
+    """The upcall's yield returned (a native entry): run the woken threads,
+    then leave the upcall as usual, the interrupted context's registers back."""
+    run_irq_threads(cpu)
+    rsp = cpu.reg("rsp")
+    saved = cpu.read(rsp, 8 * len(_YIELD_CLOBBERS))
+    cpu.set_regs(rsp=rsp + len(saved), **{r: int.from_bytes(saved[8 * i:8 * i + 8], "little")
+                                           for i, r in enumerate(_YIELD_CLOBBERS)})
     return irqentry_exit(cpu)
 
 

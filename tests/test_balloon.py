@@ -370,10 +370,10 @@ def test_a_request_on_a_queue_the_freeze_deleted_is_not_sent_and_says_so(booted,
     not sent, and the console says why (before, it went silently)."""
     from guestos.drivers import virtio_balloon as vb
 
-    def deflate_first(cpu, instance):
+    def deflate_first(cpu, dev):
         vb.leak_balloon(cpu, 16)
-        return vb.virtballoon_thaw(cpu, instance)
-    monkeypatch.setattr(vb.virtballoon_pm_ops, "thaw", deflate_first)
+        return vb.virtballoon_thaw(cpu, dev)
+    monkeypatch.setattr(vb.virtio_balloon_driver, "thaw", deflate_first)
     hv, dom = booted(balloon_config("run=hashchain virtio_balloon.policy=discard", memory=16))
     t, bal = device(dom)
     r = run_domain(hv, dom, None, requests=requests("1ms mem-set 12", "3ms checkpoint"))
@@ -442,7 +442,7 @@ def test_an_inflate_while_inhibited_is_acknowledged_and_follows_the_policy(boote
 def test_a_device_the_guest_left_live_is_not_saved_and_the_guest_runs_on(tmp_path,
                                                                          monkeypatch, booted):
     from guestos.drivers import virtio_balloon
-    monkeypatch.setattr(virtio_balloon.virtballoon_pm_ops, "freeze", lambda cpu, instance: 0)
+    monkeypatch.setattr(virtio_balloon.virtio_balloon_driver, "freeze", lambda cpu, dev: 0)
     cfg = balloon_config("run=hashchain", memory=16)
     hv, dom = booted(cfg)
     with pytest.raises(SaveError, match="live .*did not reset it"):

@@ -18,9 +18,9 @@ import importlib, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
 from guestos.symbols import symbol_number
-from guestos.drivers.virtio_balloon import balloon_interrupt, virtballoon_pm_ops
+from guestos.drivers.virtio_balloon import stats_request, virtio_balloon_driver
 from guestos.manage import shutdown_handler
-print(symbol_number(balloon_interrupt), symbol_number(virtballoon_pm_ops),
+print(symbol_number(stats_request), symbol_number(virtio_balloon_driver),
       symbol_number(shutdown_handler))
 """
 

@@ -21,13 +21,16 @@ again 200 ms later. The device serves a request as soon as it is notified
 (as the console and store backends do), so tell_host finds its buffer used
 when the notify returns; a buffer not used means the device is broken.
 
-PM, chosen with ``virtio_balloon.policy=``:
+PM: the driver's handlers are called by the virtio core (virtio.py), which
+defers config changes from the freeze to the end of the restore and goes
+through the handshake around the restore; the policy is chosen with
+``virtio_balloon.policy=``:
 
 * freeze: the worker is already frozen; with ``deflate`` the balloon is
-  emptied first (Linux since 2012); then the device is reset, its interrupt
-  masked and the handler told to leave it alone (no handler can be half
-  way: see virtio_mmio.disable_irq), and only then are the queues deleted.
-* thaw (a checkpoint, or a failed suspend): the device is set up again; the
+  emptied first (Linux since 2012); then the device is reset
+  (virtio_reset_device: the queues broken, the interrupt handlers flushed,
+  status 0) and only then are the queues deleted.
+* thaw (a checkpoint, or a failed suspend): the queues are made again; the
   balloon stays as it was (``deflate``: it refills to the target).
 * restore (a new domain): ``discard`` (the 2012 commit): the host forgot the
   balloon, so the driver forgets its pages: each gets a fresh frame and goes
@@ -49,8 +52,7 @@ import struct
 
 from guestos.cmdline import parse_word
 from guestos.hypercall import with_args
-from guestos.init import device_initcall
-from guestos.kdata import driver_data, kernel, set_driver_data
+from guestos.kdata import driver_data, kernel, read_start_info, set_driver_data
 from guestos.layout import Layout, Ref
 from guestos.mm import (
     PG_BALLOON,
@@ -63,12 +65,11 @@ from guestos.mm import (
     va,
     zone,
 )
-from guestos.pm import dev_pm_ops, device_register, register_syscore_ops, syscore_ops
 from guestos.printk import printk
 from guestos.symbols import export
 from guestos.time import now
 from guestos.workqueue import flush_work, queue_work, workqueue_frozen
-from hypervisor.public.errno import EIO, ENODEV
+from hypervisor.public.errno import EBUSY
 from hypervisor.public.io.virtio import (
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_CFG_ACTUAL,
@@ -89,8 +90,6 @@ from hypervisor.public.io.virtio import (
     VIRTIO_BALLOON_VQ_INFLATE,
     VIRTIO_BALLOON_VQ_STATS,
     VIRTIO_ID_BALLOON,
-    VIRTIO_MMIO_INT_CONFIG,
-    VIRTIO_MMIO_INT_VRING,
 )
 from hypervisor.public.memory import XENMEM_populate_physmap, xen_memory_reservation
 from hypervisor.public.native import NativeCpu
@@ -98,6 +97,15 @@ from hypervisor.public.xen import DOMID_SELF, INVALID_MFN, Hypercall
 
 from . import virtio_mmio as vm
 from . import virtio_ring
+from .virtio import (
+    dev_at,
+    has_feature,
+    register_virtio_driver,
+    virtio_device_ready,
+    virtio_driver,
+    virtio_reset_device,
+    vq_at,
+)
 
 POLICIES = ("discard", "deflate", "keep")
 POLICY_DISCARD, POLICY_DEFLATE, POLICY_KEEP = range(3)
@@ -127,25 +135,25 @@ VBALLOON = Layout("virtio_balloon", [
     ("discarded", "u64"),     # pages the last discard took back
     ("map_bug", "u64"),       # option balloonbug=keepmap
 ])
-VB_OFFSET = 1024
 EXTENTS_OFFSET = 1024         # in the request page: u64 pfns for populate_physmap
 
 
 def _state(cpu: NativeCpu) -> int:
-    """The driver's state page (0: no balloon)."""
-    return driver_data(cpu, virtballoon_pm_ops)
-
-
-def _vb(cpu: NativeCpu) -> Ref:
-    return VBALLOON.at(cpu, _state(cpu) + VB_OFFSET)
+    """The balloon's virtio device (0: no balloon): the work has no device
+    argument, and there is one balloon."""
+    return driver_data(cpu, virtio_balloon_driver)
 
 
 def _dev(cpu: NativeCpu) -> Ref:
-    return vm.dev_at(cpu, _state(cpu))
+    return dev_at(cpu, _state(cpu))
+
+
+def _vb(cpu: NativeCpu) -> Ref:
+    return VBALLOON.at(cpu, _dev(cpu).priv)
 
 
 def _vq(cpu: NativeCpu, index: int) -> Ref:
-    return vm.vq_at(cpu, _state(cpu), index)
+    return vq_at(cpu, _dev(cpu), index)
 
 
 def balloon_pages(cpu: NativeCpu) -> int:
@@ -154,77 +162,47 @@ def balloon_pages(cpu: NativeCpu) -> int:
 
 # --- probe -------------------------------------------------------------------------------
 
-@device_initcall
-def virtio_balloon_init(cpu: NativeCpu, cmdline: str) -> None:
-    """At boot: each virtio_mmio.device= on the command line."""
-    for _size, base, port in vm.parse_devices(cmdline):
-        if _state(cpu):
-            printk(cpu, f"virtio-mmio at {base:#x}: only one balloon is supported; ignored")
-            continue
-        state = va(alloc_pages(cpu))
-        dev = vm.dev_at(cpu, state)
-        dev.base, dev.port = base, port
-        try:
-            vm.ioremap(cpu, dev)
-            device_id = vm.probe_regs(cpu, dev)
-        except vm.VirtioError as e:
-            printk(cpu, str(e))
-            continue
-        if device_id == 0:
-            continue  # a placeholder: ignore it silently
-        if device_id != VIRTIO_ID_BALLOON:
-            printk(cpu, f"virtio-mmio at {base:#x}: device id {device_id}: no driver")
-            continue
-        set_driver_data(cpu, virtballoon_pm_ops, state)
-        try:
-            _probe(cpu, cmdline)
-        except vm.VirtioError as e:
-            printk(cpu, f"virtio_balloon: probe failed: {e}")
-            set_driver_data(cpu, virtballoon_pm_ops, 0)
-
-
-def _probe(cpu: NativeCpu, cmdline: str) -> None:
-    dev, vb = _dev(cpu), _vb(cpu)
+def virtballoon_probe(cpu: NativeCpu, dev: Ref) -> int:
+    """The core negotiated the features; make the state, the queues, say so."""
+    if _state(cpu):
+        printk(cpu, f"virtio-mmio at {dev.base:#x}: only one balloon is supported; ignored")
+        return -EBUSY
+    cmdline = read_start_info(cpu).cmd_line.split(b"\0")[0].decode(errors="replace")
     policy = parse_word(cmdline, "virtio_balloon.policy", "deflate")
     if policy not in POLICIES:
         printk(cpu, f"virtio_balloon: policy {policy!r} unknown (one of "
                f"{', '.join(POLICIES)}); using deflate")
         policy = "deflate"
+    dev.priv = va(alloc_pages(cpu))
+    set_driver_data(cpu, virtio_balloon_driver, dev.va)
+    vb = _vb(cpu)
     vb.policy = POLICIES.index(policy)
     vb.leak_bug = 1 if "balloonbug=leak" in cmdline.split() else 0
-    vb.map_bug = 1 if "balloonbug=keepmap" in cmdline.split() else 0
+    dev.keepmap_bug = 1 if "balloonbug=keepmap" in cmdline.split() else 0
     vb.pfns, vb.stats = alloc_pages(cpu), alloc_pages(cpu)
-    vm.negotiate(cpu, dev, KNOWN_FEATURES)
-    _init_vqs(cpu)
-    vm.device_ready(cpu, dev)
-    vm.request_irq(cpu, dev, balloon_interrupt)
-    dev.config_enabled = 1
-    device_register(cpu, virtballoon_pm_ops)
-    register_syscore_ops(cpu, virtballoon_syscore_ops)
+    init_vqs(cpu)
+    virtio_device_ready(cpu, dev)
     printk(cpu, f"virtio_balloon: device at {dev.base:#x}, event channel {dev.port}, "
            f"features {dev.features:#x}, policy {policy}"
            + (" (option balloonbug=leak: the 2012 discard bug)" if vb.leak_bug else ""))
     if towards_target(cpu):
-        virtballoon_changed(cpu)
+        queue_update(cpu)
+    return 0
 
 
-def _init_vqs(cpu: NativeCpu) -> None:
+def init_vqs(cpu: NativeCpu) -> None:
     """The queues, numbered by offered position, and the first stats buffer
     made available and kicked, before DRIVER_OK, as Linux's init_vqs does
     (the device holds the kick until DRIVER_OK)."""
     dev = _dev(cpu)
-    vm.setup_vq(cpu, dev, _vq(cpu, VIRTIO_BALLOON_VQ_INFLATE), VIRTIO_BALLOON_VQ_INFLATE)
-    vm.setup_vq(cpu, dev, _vq(cpu, VIRTIO_BALLOON_VQ_DEFLATE), VIRTIO_BALLOON_VQ_DEFLATE)
-    if vm.has_feature(dev, VIRTIO_BALLOON_F_STATS_VQ):
-        vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
-        vm.setup_vq(cpu, dev, vq, VIRTIO_BALLOON_VQ_STATS)
+    stats = has_feature(dev, VIRTIO_BALLOON_F_STATS_VQ)
+    vm.find_vqs(cpu, dev, [None, None, stats_request] if stats else [None, None])
+    if stats:
         _add_stats_buffer(cpu)
 
 
 def _del_vqs(cpu: NativeCpu) -> None:
-    dev = _dev(cpu)
-    for i in (VIRTIO_BALLOON_VQ_INFLATE, VIRTIO_BALLOON_VQ_DEFLATE, VIRTIO_BALLOON_VQ_STATS):
-        vm.del_vq(cpu, dev, _vq(cpu, i))
+    vm.del_vqs(cpu, _dev(cpu))
 
 
 # --- the target -----------------------------------------------------------------------------
@@ -239,23 +217,25 @@ def update_balloon_size(cpu: NativeCpu) -> None:
     vm.config_write(cpu, _dev(cpu), VIRTIO_BALLOON_CFG_ACTUAL, _vb(cpu).num_pages)
 
 
-def virtballoon_changed(cpu: NativeCpu) -> None:
-    """The config changed (or probe found a target): queue the work, unless
-    config changes are held back (frozen)."""
-    dev = _dev(cpu)
-    if not dev.config_enabled:
-        dev.config_pending = 1
-        return
+def queue_update(cpu: NativeCpu) -> None:
+    """Probe or restore found the balloon off its target: queue the work."""
     vb = _vb(cpu)
     vb.work_queued = 1
     vb.retry_at = 0  # a new target is worth trying at once, out of puff or not
     queue_work(cpu, update_balloon_size_func)
 
 
+def virtballoon_changed(cpu: NativeCpu, dev: Ref) -> None:
+    """The config changed (the core holds changes back while frozen): queue
+    the work, and run it now if the workers are not frozen."""
+    queue_update(cpu)
+    flush_work(cpu, update_balloon_size_func, now(cpu))
+
+
 def _accounts_ram(cpu: NativeCpu) -> bool:
     """Without DEFLATE_ON_OOM, ballooned pages leave the RAM count
     (adjust_managed_page_count)."""
-    return not vm.has_feature(_dev(cpu), VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+    return not has_feature(_dev(cpu), VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
 
 
 def _adjust_ram(cpu: NativeCpu, delta: int) -> None:
@@ -396,7 +376,7 @@ def update_balloon_size_func(cpu: NativeCpu, t_now: int) -> None:
     vb = _vb(cpu)
     if vb.work_queued or vb.stats_pending:
         queue_work(cpu, update_balloon_size_func)
-    if not _dev(cpu).irq_enabled:
+    if not _dev(cpu).nvqs:  # frozen: the queues are deleted
         return
     if vb.stats_pending:
         vb.stats_pending = 0
@@ -445,40 +425,26 @@ def stats_handle_request(cpu: NativeCpu) -> None:
     _add_stats_buffer(cpu)
 
 
-# --- the interrupt ---------------------------------------------------------------------------
+# --- the stats queue's callback ----------------------------------------------------------
 
 @export
-def balloon_interrupt(cpu: NativeCpu, irq: int, dev_id: int) -> None:
-    """vm_interrupt for the balloon's port. After a freeze the device is
-    reset and its queues gone: an event that was already pending, or that
-    raced the reset, finds irq_enabled 0 and is only counted."""
-    dev = _dev(cpu)
-    if not dev.irq_enabled or not dev.regs:
-        dev.spurious = dev.spurious + 1
-        return
-    dev.interrupts = dev.interrupts + 1
-    status = vm.ack_interrupt(cpu, dev)
-    if status & VIRTIO_MMIO_INT_CONFIG:
-        virtballoon_changed(cpu)
-    if status & VIRTIO_MMIO_INT_VRING:
-        vq = _vq(cpu, VIRTIO_BALLOON_VQ_STATS)
-        if vq.present:
-            _vb(cpu).stats_pending = 1  # the work refills it (stats_request)
-            queue_work(cpu, update_balloon_size_func)
+def stats_request(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
+    """The host used the stats buffer: the work refills it."""
+    _vb(cpu).stats_pending = 1
+    queue_work(cpu, update_balloon_size_func)
     flush_work(cpu, update_balloon_size_func, now(cpu))
 
 
 # --- PM ----------------------------------------------------------------------------------------
 
-def virtballoon_freeze(cpu: NativeCpu, instance: int) -> int:
-    """virtio_device_freeze + virtballoon_freeze: the workers are already
-    frozen. Under ``deflate`` the balloon is emptied first (Linux's
-    remove_common); then the device is reset before its queues are deleted,
-    so that neither side uses a queue while it goes."""
-    dev, vb = _dev(cpu), _vb(cpu)
+def virtballoon_freeze(cpu: NativeCpu, dev: Ref) -> int:
+    """The driver's freeze (the core has deferred config changes): the
+    workers are already frozen. Under ``deflate`` the balloon is emptied
+    first (Linux's remove_common); then the device is reset before its
+    queues are deleted, so that neither side uses a queue while it goes."""
+    vb = _vb(cpu)
     if not workqueue_frozen(cpu):
         printk(cpu, "virtio_balloon: freeze with the worker still running")
-    dev.config_enabled = 0
     if vb.policy == POLICY_DEFLATE:
         while vb.num_pages:  # remove_common: leak everything, telling the host
             if not leak_balloon(cpu, vb.num_pages):
@@ -486,8 +452,7 @@ def virtballoon_freeze(cpu: NativeCpu, instance: int) -> int:
                        "taken back")
                 break
         update_balloon_size(cpu)
-    vm.reset(cpu, dev)
-    vm.disable_irq(cpu, dev)
+    virtio_reset_device(cpu, dev)
     _del_vqs(cpu)
     printk(cpu, f"virtio_balloon: frozen: device reset, queues deleted, {vb.num_pages} "
            f"pages in the balloon (policy {POLICIES[vb.policy]})")
@@ -495,28 +460,18 @@ def virtballoon_freeze(cpu: NativeCpu, instance: int) -> int:
 
 
 def _restore_common(cpu: NativeCpu) -> int:
-    """virtio_device_restore + the driver's restore: set the device up again."""
-    dev = _dev(cpu)
-    if not dev.regs:
-        printk(cpu, "virtio_balloon: the device's registers are not mapped; it stays off")
-        return -ENODEV
-    try:
-        vm.negotiate(cpu, dev, KNOWN_FEATURES)
-        _init_vqs(cpu)
-    except vm.VirtioError as e:
-        printk(cpu, f"virtio_balloon: cannot set the device up again: {e}")
-        return -EIO
-    vm.device_ready(cpu, dev)
-    vm.enable_irq(cpu, dev)
-    dev.config_enabled = 1
-    dev.config_pending = 0
+    """Linux's virtballoon_restore, once the core has reset the device and
+    negotiated again: the queues, DRIVER_OK, the work if the balloon is off
+    its target, and ``actual`` written."""
+    init_vqs(cpu)
+    virtio_device_ready(cpu, _dev(cpu))
     if towards_target(cpu):
-        virtballoon_changed(cpu)
+        queue_update(cpu)
     update_balloon_size(cpu)
     return 0
 
 
-def virtballoon_thaw(cpu: NativeCpu, instance: int) -> int:
+def virtballoon_thaw(cpu: NativeCpu, dev: Ref) -> int:
     """The same domain goes on (a checkpoint, or a suspend that failed): the
     device is set up again and the balloon stays as the freeze left it."""
     rc = _restore_common(cpu)
@@ -525,7 +480,7 @@ def virtballoon_thaw(cpu: NativeCpu, instance: int) -> int:
     return rc
 
 
-def virtballoon_restore(cpu: NativeCpu, instance: int) -> int:
+def virtballoon_restore(cpu: NativeCpu, dev: Ref) -> int:
     """A new domain: the host kept the target, not the balloon's frames.
     ``discard`` forgets the balloon first (Linux e562966); then the device is
     set up again and the work moves towards the target."""
@@ -537,7 +492,6 @@ def virtballoon_restore(cpu: NativeCpu, instance: int) -> int:
         printk(cpu, f"virtio_balloon: restored: {vb.num_pages} pages in the balloon, "
                f"target {vb.num_pages + towards_target(cpu)}")
     return rc
-
 
 def _discard(cpu: NativeCpu) -> None:
     """The host has forgotten the balloon: every page leaves it and goes back
@@ -575,30 +529,7 @@ def _discard_as_shipped(cpu: NativeCpu) -> None:
            "(counted back as RAM, never freed: LEAKED)")
 
 
-virtballoon_pm_ops = export(dev_pm_ops(
-    "virtio_balloon", freeze=virtballoon_freeze, thaw=virtballoon_thaw,
-    restore=virtballoon_restore), "guestos.drivers.virtio_balloon.virtballoon_pm_ops")
-
-
-# --- suspend: the register mapping ---------------------------------------------------------
-
-def virtballoon_iounmap(cpu: NativeCpu) -> None:
-    """Inside xen_suspend: device memory has no pfn, so no pagetable may map
-    it when the tools canonicalise them. ``balloonbug=keepmap`` forgets to
-    (a planted bug: the save must refuse the image, "bad mfn")."""
-    if _vb(cpu).map_bug:
-        printk(cpu, f"virtio_balloon: balloonbug=keepmap: the registers at {_dev(cpu).base:#x} "
-               "stay mapped")
-        return
-    vm.iounmap(cpu, _dev(cpu))
-
-
-def virtballoon_ioremap(cpu: NativeCpu) -> None:
-    try:
-        vm.ioremap(cpu, _dev(cpu))
-    except vm.VirtioError as e:
-        printk(cpu, str(e))
-
-
-virtballoon_syscore_ops = export(syscore_ops(virtballoon_iounmap, virtballoon_ioremap),
-                                 "guestos.drivers.virtio_balloon.virtballoon_syscore_ops")
+virtio_balloon_driver = register_virtio_driver(export(virtio_driver(
+    "virtio_balloon", VIRTIO_ID_BALLOON, KNOWN_FEATURES, probe=virtballoon_probe,
+    freeze=virtballoon_freeze, restore=virtballoon_restore, thaw=virtballoon_thaw,
+    config_changed=virtballoon_changed), "guestos.drivers.virtio_balloon.virtio_balloon_driver"))

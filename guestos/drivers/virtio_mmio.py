@@ -1,6 +1,7 @@
 """The virtio-mmio transport, the driver's side (Linux's
-drivers/virtio/virtio_mmio.c with the parts of drivers/virtio/virtio.c that
-it leans on: the status handshake, feature negotiation, PM).
+drivers/virtio/virtio_mmio.c): it finds the devices, maps their registers,
+gives the core (virtio.py) its virtio_config_ops, sets queues up, takes the
+interrupt and carries PM to the core.
 
 Devices are found on the command line in Linux's form
 ``virtio_mmio.device=<size>@<base>:<irq>``; here the irq is the event
@@ -10,26 +11,32 @@ update_va_mapping that the hypervisor lets through only because the
 toolstack gave the domain that range. A save must find no such mapping in
 any pagetable (the tools canonicalise every entry to a pfn, and device
 memory has none), so the suspend path unmaps it and maps it again after,
-as it does shared_info.
+as it does shared_info (the syscore ops below).
 
-The device's state as the driver knows it is a VIRTIO_DEV struct at the
-start of the driver's state page (guest memory, like all kernel state).
+The interrupt is bound to cpu0, or to the first cpu of ``irqaffinity=``
+(Linux's option of that name), and handled in two halves: the hard half
+reads and acknowledges InterruptStatus and notes the queues then present;
+the irq thread, after the upcall's yield, hands a config change to the core
+and each noted queue to vring_interrupt. Between the two, other vcpus run,
+as other CPUs run while a Linux handler is half way: the window in which
+the 2011 review saw a reset race the handler (virtio.py's flush closes it).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from guestos.evtchn import IrqHandler, bind_evtchn_to_irqhandler, mask_evtchn, rebind_evtchn_irq
-from guestos.layout import Layout, Ref
+from guestos.evtchn import NO_IRQ, bind_evtchn_to_irqhandler, rebind_evtchn_irq, run_irq_thread
+from guestos.init import device_initcall
+from guestos.kdata import driver_data, kernel, set_driver_data
+from guestos.layout import Ref
 from guestos.mm import PTE_RW, alloc_pages, pfn_to_mfn, va
+from guestos.pm import dev_pm_ops, device_register, register_syscore_ops, syscore_ops
 from guestos.printk import printk
+from guestos.symbols import export, symbol_number
+from hypervisor.public.errno import ENODEV
 from hypervisor.public.io.virtio import (
-    VIRTIO_CONFIG_S_ACKNOWLEDGE,
-    VIRTIO_CONFIG_S_DRIVER,
-    VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_CONFIG,
     VIRTIO_MMIO_CONFIG_GENERATION,
@@ -38,6 +45,8 @@ from hypervisor.public.io.virtio import (
     VIRTIO_MMIO_DEVICE_ID,
     VIRTIO_MMIO_DRIVER_FEATURES,
     VIRTIO_MMIO_DRIVER_FEATURES_SEL,
+    VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_VRING,
     VIRTIO_MMIO_INTERRUPT_ACK,
     VIRTIO_MMIO_INTERRUPT_STATUS,
     VIRTIO_MMIO_MAGIC,
@@ -61,31 +70,24 @@ from hypervisor.public.native import NativeCpu
 from hypervisor.public.xen import Hypercall
 
 from . import virtio_ring
+from .virtio import (
+    MAX_VQS,
+    VirtioError,
+    dev_at,
+    driver_of,
+    register_virtio_device,
+    virtio_config_changed,
+    virtio_config_ops,
+    virtio_device_freeze,
+    virtio_device_restore,
+    virtio_device_thaw,
+    vq_at,
+    vring_interrupt,
+)
 from .virtio_ring import MAX_QUEUE_SIZE
 
-VIRTIO_DEV = Layout("virtio_dev", [
-    ("base", "u64"),          # machine address of the register page
-    ("regs", "u64"),          # where the kernel maps it (0: not mapped)
-    ("regs_pfn", "u64"),      # the linear-map page whose slot the mapping takes
-    ("port", "u64"),          # the event channel of its interrupt
-    ("irq", "u64"),           #   and the irq it is bound to
-    ("device_id", "u64"),
-    ("features", "u64"),      # negotiated
-    ("irq_enabled", "u64"),   # 0: the handler leaves the device alone (frozen, reset)
-    ("config_enabled", "u64"),  # virtio_config_core_enable/disable
-    ("config_pending", "u64"),  # a config change came while disabled
-    ("interrupts", "u64"),
-    ("spurious", "u64"),      # events that found the device reset or frozen
-])
-VQ_OFFSET = 256
-VQ_STRIDE = 128
-assert VIRTIO_DEV.size <= VQ_OFFSET and virtio_ring.VQ.size <= VQ_STRIDE
-
+MAX_DEVICES = 8
 _DEVICE_RE = re.compile(r"^(\w+)@(\w+):(\d+)(?::(\d+))?$")
-
-
-class VirtioError(Exception):
-    """The device cannot be driven; the message says why (not fatal to the kernel)."""
 
 
 def memparse(text: str) -> int:
@@ -106,14 +108,6 @@ def parse_devices(cmdline: str) -> list[tuple[int, int, int]]:
                 except ValueError:
                     pass
     return out
-
-
-def dev_at(cpu: NativeCpu, state_va: int) -> Ref:
-    return VIRTIO_DEV.at(cpu, state_va)
-
-
-def vq_at(cpu: NativeCpu, state_va: int, index: int) -> Ref:
-    return virtio_ring.VQ.at(cpu, state_va + VQ_OFFSET + index * VQ_STRIDE)
 
 
 # --- the register page ------------------------------------------------------------------
@@ -159,20 +153,53 @@ def config_write(cpu: NativeCpu, dev: Ref, off: int, value: int, size: int = 4) 
     cpu.writel(dev.regs + VIRTIO_MMIO_CONFIG + off, value, size)
 
 
-# --- status and features ----------------------------------------------------------------
+# --- the core's operations ------------------------------------------------------------
 
-def get_status(cpu: NativeCpu, dev: Ref) -> int:
+def vm_get_status(cpu: NativeCpu, dev: Ref) -> int:
     return readl(cpu, dev, VIRTIO_MMIO_STATUS) & 0xFF
 
 
-def add_status(cpu: NativeCpu, dev: Ref, bits: int) -> None:
-    writel(cpu, dev, VIRTIO_MMIO_STATUS, get_status(cpu, dev) | bits)
+def vm_set_status(cpu: NativeCpu, dev: Ref, status: int) -> None:
+    writel(cpu, dev, VIRTIO_MMIO_STATUS, status)
 
 
-def reset(cpu: NativeCpu, dev: Ref) -> None:
-    """vm_reset: status 0. The device stops using every queue and clears its
+def vm_reset(cpu: NativeCpu, dev: Ref) -> None:
+    """Status 0. The device stops using every queue and clears its
     interrupt status; from here on it touches no ring."""
     writel(cpu, dev, VIRTIO_MMIO_STATUS, 0)
+
+
+def vm_get_features(cpu: NativeCpu, dev: Ref) -> int:
+    offered = 0
+    for sel in (1, 0):
+        writel(cpu, dev, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel)
+        offered |= readl(cpu, dev, VIRTIO_MMIO_DEVICE_FEATURES) << (32 * sel)
+    return offered
+
+
+def vm_finalize_features(cpu: NativeCpu, dev: Ref) -> None:
+    """Write dev.features (VERSION_1 added: a version 2 device needs it)."""
+    if not vm_get_features(cpu, dev) >> VIRTIO_F_VERSION_1 & 1:
+        raise VirtioError("New virtio-mmio devices (version 2) must provide "
+                          "VIRTIO_F_VERSION_1 feature!")
+    dev.features = dev.features | 1 << VIRTIO_F_VERSION_1
+    for sel in (1, 0):
+        writel(cpu, dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
+        writel(cpu, dev, VIRTIO_MMIO_DRIVER_FEATURES, dev.features >> (32 * sel) & 0xFFFFFFFF)
+
+
+def vm_synchronize_cbs(cpu: NativeCpu, dev: Ref) -> None:
+    """Linux's synchronize_irq: no half of the handler is left. A thread the
+    hard half woke on some cpu, not yet run, is run here and now (the queues
+    are broken, so it calls no vring callback); a hard half is one native
+    call, never caught half way."""
+    if dev.irq != NO_IRQ and run_irq_thread(cpu, dev.irq):
+        dev.flushed = dev.flushed + 1
+
+
+virtio_mmio_config_ops = export(virtio_config_ops(
+    vm_get_status, vm_set_status, vm_reset, vm_get_features, vm_finalize_features,
+    vm_synchronize_cbs), "guestos.drivers.virtio_mmio.virtio_mmio_config_ops")
 
 
 def probe_regs(cpu: NativeCpu, dev: Ref) -> int:
@@ -187,44 +214,12 @@ def probe_regs(cpu: NativeCpu, dev: Ref) -> int:
     return dev.device_id
 
 
-def negotiate(cpu: NativeCpu, dev: Ref, known: int) -> int:
-    """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK read back (Linux's
-    virtio_dev_probe / virtio_device_restore_priv). Returns the features, or
-    raises VirtioError with the device left FAILED."""
-    reset(cpu, dev)
-    add_status(cpu, dev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
-    add_status(cpu, dev, VIRTIO_CONFIG_S_DRIVER)
-    offered = 0
-    for sel in (1, 0):
-        writel(cpu, dev, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel)
-        offered |= readl(cpu, dev, VIRTIO_MMIO_DEVICE_FEATURES) << (32 * sel)
-    if not offered >> VIRTIO_F_VERSION_1 & 1:
-        add_status(cpu, dev, VIRTIO_CONFIG_S_FAILED)
-        raise VirtioError("New virtio-mmio devices (version 2) must provide "
-                          "VIRTIO_F_VERSION_1 feature!")
-    features = offered & (known | 1 << VIRTIO_F_VERSION_1)
-    for sel in (1, 0):
-        writel(cpu, dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
-        writel(cpu, dev, VIRTIO_MMIO_DRIVER_FEATURES, features >> (32 * sel) & 0xFFFFFFFF)
-    add_status(cpu, dev, VIRTIO_CONFIG_S_FEATURES_OK)
-    if not get_status(cpu, dev) & VIRTIO_CONFIG_S_FEATURES_OK:
-        add_status(cpu, dev, VIRTIO_CONFIG_S_FAILED)
-        raise VirtioError("virtio: device refuses features")
-    dev.features = features
-    return features
-
-
-def device_ready(cpu: NativeCpu, dev: Ref) -> None:
-    add_status(cpu, dev, VIRTIO_CONFIG_S_DRIVER_OK)
-
-
-def has_feature(dev: Ref, bit: int) -> bool:
-    return bool(dev.features >> bit & 1)
-
-
 # --- queues -----------------------------------------------------------------------------
 
-def setup_vq(cpu: NativeCpu, dev: Ref, vq: Ref, index: int) -> None:
+VqCallback = Callable[[NativeCpu, Ref, Ref], None]
+
+
+def setup_vq(cpu: NativeCpu, dev: Ref, index: int, callback: VqCallback | None) -> Ref:
     """vm_setup_vq: select, check it is free and exists, give it its rings."""
     writel(cpu, dev, VIRTIO_MMIO_QUEUE_SEL, index)
     if readl(cpu, dev, VIRTIO_MMIO_QUEUE_READY):
@@ -233,7 +228,8 @@ def setup_vq(cpu: NativeCpu, dev: Ref, vq: Ref, index: int) -> None:
     if num == 0:
         raise VirtioError(f"virtio-mmio: queue {index} is not available")
     num = 1 << (num.bit_length() - 1)  # a power of two
-    virtio_ring.vring_new(cpu, vq, index, num)
+    vq = vq_at(cpu, dev, index)
+    virtio_ring.vring_new(cpu, vq, index, num, 0 if callback is None else symbol_number(callback))
     writel(cpu, dev, VIRTIO_MMIO_QUEUE_NUM, num)
     for (lo, hi), addr in zip(((VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH),
                                (VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
@@ -242,6 +238,18 @@ def setup_vq(cpu: NativeCpu, dev: Ref, vq: Ref, index: int) -> None:
         writel(cpu, dev, lo, addr & 0xFFFFFFFF)
         writel(cpu, dev, hi, addr >> 32)
     writel(cpu, dev, VIRTIO_MMIO_QUEUE_READY, 1)
+    return vq
+
+
+def find_vqs(cpu: NativeCpu, dev: Ref, callbacks: list[VqCallback | None]) -> list[Ref]:
+    """vm_find_vqs: queues 0..n-1, each with its callback (exported, or None)."""
+    if len(callbacks) > MAX_VQS:
+        raise VirtioError(f"virtio-mmio: {len(callbacks)} queues, at most {MAX_VQS}")
+    vqs = []
+    for i, cb in enumerate(callbacks):
+        vqs.append(setup_vq(cpu, dev, i, cb))
+        dev.nvqs = i + 1
+    return vqs
 
 
 def del_vq(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
@@ -256,38 +264,167 @@ def del_vq(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
     virtio_ring.vring_del(cpu, vq)
 
 
+def del_vqs(cpu: NativeCpu, dev: Ref) -> None:
+    """vm_del_vqs: every queue, once the device is reset."""
+    for i in range(dev.nvqs):
+        del_vq(cpu, dev, vq_at(cpu, dev, i))
+    dev.nvqs = 0
+
+
 def notify(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
     writel(cpu, dev, VIRTIO_MMIO_QUEUE_NOTIFY, vq.index)
 
 
 # --- the interrupt ----------------------------------------------------------------------
 
-def request_irq(cpu: NativeCpu, dev: Ref, handler: IrqHandler) -> None:
-    """At probe: the device's port runs ``handler`` on cpu0, with the
-    driver's state page as dev_id."""
-    dev.irq = bind_evtchn_to_irqhandler(cpu, dev.port, handler, dev_id=dev.va)
-    dev.irq_enabled = 1
+@export
+def vm_interrupt(cpu: NativeCpu, irq: int, dev_va: int) -> bool:
+    """The hard half: read InterruptStatus and acknowledge it before
+    handling, so that a new event is not lost; note the queues present for
+    the thread. An event that finds nothing (the device reset, or its
+    registers unmapped inside a save) is only counted."""
+    dev = dev_at(cpu, dev_va)
+    status = readl(cpu, dev, VIRTIO_MMIO_INTERRUPT_STATUS) if dev.regs else 0
+    if not status:
+        dev.spurious = dev.spurious + 1
+        return False
+    writel(cpu, dev, VIRTIO_MMIO_INTERRUPT_ACK, status)
+    dev.interrupts = dev.interrupts + 1
+    dev.isr = dev.isr | status
+    if status & VIRTIO_MMIO_INT_VRING:
+        dev.vq_signalled = dev.vq_signalled | sum(
+            1 << i for i in range(dev.nvqs) if vq_at(cpu, dev, i).present)
+    return True
 
 
-def enable_irq(cpu: NativeCpu, dev: Ref) -> None:
-    """Again after a freeze; in a new domain the irq gets its port back."""
-    dev.irq_enabled = 1
+@export
+def vm_interrupt_thread(cpu: NativeCpu, irq: int, dev_va: int) -> None:
+    """The thread: a config change to the core, each noted queue to
+    vring_interrupt (which refuses broken ones)."""
+    dev = dev_at(cpu, dev_va)
+    status, signalled = dev.isr, dev.vq_signalled
+    dev.isr = dev.vq_signalled = 0
+    if status & VIRTIO_MMIO_INT_CONFIG:
+        virtio_config_changed(cpu, dev)
+    for i in range(MAX_VQS):
+        if signalled >> i & 1:
+            vring_interrupt(cpu, dev, vq_at(cpu, dev, i))
+
+
+def irq_affinity(cpu: NativeCpu, cmdline: str) -> int:
+    """The first cpu of ``irqaffinity=LIST`` that this domain has, else 0."""
+    for word in cmdline.split():
+        if word.startswith("irqaffinity="):
+            for item in word.split("=", 1)[1].split(","):
+                first = item.split("-")[0]
+                if first.isdigit() and int(first) < kernel(cpu).nr_cpus:
+                    return int(first)
+    return 0
+
+
+def request_irq(cpu: NativeCpu, dev: Ref, cmdline: str) -> None:
+    dev.irq_cpu = irq_affinity(cpu, cmdline)
+    dev.irq = bind_evtchn_to_irqhandler(cpu, dev.port, vm_interrupt, dev_id=dev.va,
+                                        on_cpu=dev.irq_cpu, thread=vm_interrupt_thread)
+
+
+# --- the devices, probed at boot ---------------------------------------------------------
+
+def _devices_page(cpu: NativeCpu) -> int:
+    """The page listing every bound device's VIRTIO_DEV (VAs; 0 ends it)."""
+    return driver_data(cpu, virtio_mmio_pm_ops)
+
+
+def virtio_mmio_device(cpu: NativeCpu, n: int) -> Ref:
+    """The n-th device bound, in PM registration order."""
+    return dev_at(cpu, cpu.read_u64(_devices_page(cpu) + 8 * n))
+
+
+def virtio_mmio_devices(cpu: NativeCpu) -> list[Ref]:
+    page, out = _devices_page(cpu), []
+    while page and len(out) < MAX_DEVICES and (addr := cpu.read_u64(page + 8 * len(out))):
+        out.append(dev_at(cpu, addr))
+    return out
+
+
+def _add_device(cpu: NativeCpu, dev: Ref) -> int:
+    if not _devices_page(cpu):
+        set_driver_data(cpu, virtio_mmio_pm_ops, va(alloc_pages(cpu)))
+        register_syscore_ops(cpu, virtio_mmio_syscore_ops)
+    n = len(virtio_mmio_devices(cpu))
+    cpu.write_u64(_devices_page(cpu) + 8 * n, dev.va)
+    return n
+
+
+@device_initcall
+def virtio_mmio_init(cpu: NativeCpu, cmdline: str) -> None:
+    """At boot: each virtio_mmio.device= on the command line, mapped,
+    checked, its irq bound, and handed to the core, which binds its driver."""
+    for _size, base, port in parse_devices(cmdline):
+        if len(virtio_mmio_devices(cpu)) >= MAX_DEVICES:
+            printk(cpu, f"virtio-mmio at {base:#x}: more than {MAX_DEVICES} devices; ignored")
+            continue
+        dev = dev_at(cpu, va(alloc_pages(cpu)))
+        dev.base, dev.port, dev.irq = base, port, NO_IRQ
+        dev.config_ops = symbol_number(virtio_mmio_config_ops)
+        try:
+            ioremap(cpu, dev)
+            if probe_regs(cpu, dev) == 0:
+                continue  # a placeholder: ignore it silently
+        except VirtioError as e:
+            printk(cpu, str(e))
+            continue
+        request_irq(cpu, dev, cmdline)
+        rc = register_virtio_device(cpu, dev, cmdline)
+        if rc == -ENODEV:
+            printk(cpu, f"virtio-mmio at {base:#x}: device id {dev.device_id}: no driver")
+        if rc == 0:
+            device_register(cpu, virtio_mmio_pm_ops, _add_device(cpu, dev))
+
+
+# --- PM: the core's order, and the register mapping at a save ----------------------------
+
+def virtio_mmio_freeze(cpu: NativeCpu, n: int) -> int:
+    return virtio_device_freeze(cpu, virtio_mmio_device(cpu, n))
+
+
+def virtio_mmio_thaw(cpu: NativeCpu, n: int) -> int:
+    return virtio_device_thaw(cpu, virtio_mmio_device(cpu, n))
+
+
+def virtio_mmio_restore(cpu: NativeCpu, n: int) -> int:
+    """A new domain: the irq gets its port back first (xen_irq_resume forgot
+    every port)."""
+    dev = virtio_mmio_device(cpu, n)
     rebind_evtchn_irq(cpu, dev.port, dev.irq)
+    return virtio_device_restore(cpu, dev)
 
 
-def disable_irq(cpu: NativeCpu, dev: Ref) -> None:
-    """Mask the port and let the handler ignore the device. No handler can be
-    half way through: a handler is one native call, which runs to its end
-    before any other VCPU runs (what synchronize_irq waits for in Linux)."""
-    mask_evtchn(cpu, dev.port)
-    dev.irq_enabled = 0
+virtio_mmio_pm_ops = export(dev_pm_ops(
+    "virtio_mmio", freeze=virtio_mmio_freeze, thaw=virtio_mmio_thaw,
+    restore=virtio_mmio_restore), "guestos.drivers.virtio_mmio.virtio_mmio_pm_ops")
 
 
-def ack_interrupt(cpu: NativeCpu, dev: Ref) -> int:
-    """vm_interrupt's first half: read InterruptStatus and acknowledge it
-    before handling, so that a new event is not lost."""
-    status = readl(cpu, dev, VIRTIO_MMIO_INTERRUPT_STATUS)
-    if status:
-        writel(cpu, dev, VIRTIO_MMIO_INTERRUPT_ACK, status)
-    return status
+def virtio_mmio_iounmap(cpu: NativeCpu) -> None:
+    """Inside xen_suspend: device memory has no pfn, so no pagetable may map
+    it when the tools canonicalise them. A device whose driver planted
+    ``balloonbug=keepmap`` forgets to (the save must refuse the image)."""
+    for dev in virtio_mmio_devices(cpu):
+        if dev.keepmap_bug:
+            drv = driver_of(dev)
+            printk(cpu, f"{drv.name if drv else 'virtio'}: balloonbug=keepmap: the registers "
+                        f"at {dev.base:#x} stay mapped")
+            continue
+        iounmap(cpu, dev)
 
+
+def virtio_mmio_ioremap(cpu: NativeCpu) -> None:
+    for dev in virtio_mmio_devices(cpu):
+        try:
+            ioremap(cpu, dev)
+        except VirtioError as e:
+            printk(cpu, str(e))
+
+
+virtio_mmio_syscore_ops = export(syscore_ops(virtio_mmio_iounmap, virtio_mmio_ioremap),
+                                 "guestos.drivers.virtio_mmio.virtio_mmio_syscore_ops")

@@ -1,5 +1,6 @@
 """Split virtqueues, the driver's side (Linux's drivers/virtio/virtio_ring.c,
 cut to what the balloon needs: one descriptor per buffer, no event index).
+The queue's interrupt, vring_interrupt, is the core's (virtio.py).
 
 Each area gets a page of its own: the descriptor table (16 bytes an entry,
 so at most 256 entries in a page), the available ring and the used ring. A
@@ -36,14 +37,17 @@ VQ = Layout("virtqueue", [
     ("num_free", "u64"),
     ("avail_idx", "u64"),  # the driver's avail->idx (free-running u16)
     ("last_used", "u64"),  # the used entries read so far (free-running u16)
+    ("callback", "u64"),   # symbol number of callback(cpu, dev, vq) (0: none)
+    ("broken", "u64"),     # the reset is under way or done: no callback (virtio.py)
 ])
 MAX_QUEUE_SIZE = PAGE_SIZE // VRING_DESC.size  # the descriptor table in one page
 _U16 = struct.Struct("<H")
 
 
-def vring_new(cpu: NativeCpu, vq: Ref, index: int, num: int) -> None:
-    """Zeroed areas for a queue of ``num`` entries, every descriptor free."""
-    vq.index, vq.num = index, num
+def vring_new(cpu: NativeCpu, vq: Ref, index: int, num: int, callback: int) -> None:
+    """Zeroed areas for a queue of ``num`` entries, every descriptor free;
+    ``callback`` is a symbol number (0: none)."""
+    vq.index, vq.num, vq.callback, vq.broken = index, num, callback, 0
     vq.desc, vq.avail, vq.used = alloc_pages(cpu), alloc_pages(cpu), alloc_pages(cpu)
     table = bytearray(PAGE_SIZE)
     for i in range(num):
@@ -88,6 +92,12 @@ def add_buf(cpu: NativeCpu, vq: Ref, addr: int, length: int, writable: bool) -> 
     vq.avail_idx = (idx + 1) & 0xFFFF
     cpu.write(va(vq.avail) + VRING_IDX_OFF, _U16.pack(vq.avail_idx))
     return head
+
+
+def more_used(cpu: NativeCpu, vq: Ref) -> bool:
+    """Whether the device used a buffer the driver has not taken yet."""
+    return bool(vq.present) and _U16.unpack(
+        cpu.read(va(vq.used) + VRING_IDX_OFF, 2))[0] != vq.last_used
 
 
 def get_buf(cpu: NativeCpu, vq: Ref) -> tuple[int, int] | None:

@@ -10,9 +10,10 @@ with the device as a Ref. A transport (virtio_mmio.py) finds devices and
 calls ``register_virtio_device``; the core binds the driver by device id
 and calls its probe inside the handshake. The device's state, the core's
 part and the transport's, is a VIRTIO_DEV struct at the start of a page
-(guest memory, like all kernel state); the driver's own data is a page of
-its own, ``dev.priv``. The code the core calls is named in that struct by
-symbol number (guestos/symbols.py): the driver, and the transport's
+(guest memory, like all kernel state); the driver's own data is at
+``dev.priv``: the last half of the device's page (``PRIV_OFFSET``), or a
+page the driver allocates. The code the core calls is named in that struct
+by symbol number (guestos/symbols.py): the driver, and the transport's
 ``virtio_config_ops``.
 
 PM (virtio_device_freeze / virtio_device_restore): config changes are
@@ -80,6 +81,7 @@ VIRTIO_DEV = Layout("virtio_dev", [
     ("config_changes", "u64"),         # delivered to the driver
     ("config_deferred", "u64"),        # held back while disabled
     ("priv", "u64"),          # the driver's own data (a VA; 0: none)
+    ("next", "u64"),          # the transport's next device (a VA; 0: the last)
     ("nvqs", "u64"),          # queue slots in use (find_vqs .. del_vqs)
     ("nosync", "u64"),        # option virtio.nosync=1: no break, no flush
     ("flushed", "u64"),       # irq threads the reset's flush finished
@@ -88,7 +90,8 @@ VIRTIO_DEV = Layout("virtio_dev", [
 ])
 VQ_OFFSET = 256
 VQ_STRIDE = 128
-MAX_VQS = (4096 - VQ_OFFSET) // VQ_STRIDE
+PRIV_OFFSET = 2048            # the driver's, if its data fits in 2 KiB
+MAX_VQS = (PRIV_OFFSET - VQ_OFFSET) // VQ_STRIDE
 assert VIRTIO_DEV.size <= VQ_OFFSET and virtio_ring.VQ.size <= VQ_STRIDE
 
 DevHandler = Callable[[NativeCpu, Ref], int]  # (cpu, dev) -> 0 or -errno
@@ -230,6 +233,9 @@ def virtio_config_core_enable(cpu: NativeCpu, dev: Ref) -> None:
     """Enabled again; a change that came meanwhile is delivered now."""
     dev.config_core_enabled = 1
     if dev.config_change_pending:
+        drv = driver_of(dev)
+        printk(cpu, f"{drv.name if drv else 'virtio'}: a config change held back while "
+                    "config changes were disabled, delivered now")
         virtio_config_changed(cpu, dev)
 
 
@@ -345,8 +351,9 @@ def vring_interrupt(cpu: NativeCpu, dev: Ref, vq: Ref) -> bool:
         return False
     if not vq.present:
         dev.late_callbacks = dev.late_callbacks + 1
-        printk(cpu, f"virtio: FAILURE: a callback of queue {vq.index} ran after the reset "
-                    "deleted it (option virtio.nosync: the handlers were not flushed)")
+        printk(cpu, f"virtio: FAILURE: an interrupt of queue {vq.index} handled after the "
+                    "reset deleted the queue (option virtio.nosync: the handlers were not "
+                    "flushed)")
     elif not virtio_ring.more_used(cpu, vq):
         return False
     if vq.callback != NO_SYMBOL:

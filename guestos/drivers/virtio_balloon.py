@@ -98,6 +98,7 @@ from hypervisor.public.xen import DOMID_SELF, INVALID_MFN, Hypercall
 from . import virtio_mmio as vm
 from . import virtio_ring
 from .virtio import (
+    PRIV_OFFSET,
     dev_at,
     has_feature,
     register_virtio_driver,
@@ -135,6 +136,7 @@ VBALLOON = Layout("virtio_balloon", [
     ("discarded", "u64"),     # pages the last discard took back
     ("map_bug", "u64"),       # option balloonbug=keepmap
 ])
+assert VBALLOON.size <= 4096 - PRIV_OFFSET
 EXTENTS_OFFSET = 1024         # in the request page: u64 pfns for populate_physmap
 
 
@@ -173,7 +175,7 @@ def virtballoon_probe(cpu: NativeCpu, dev: Ref) -> int:
         printk(cpu, f"virtio_balloon: policy {policy!r} unknown (one of "
                f"{', '.join(POLICIES)}); using deflate")
         policy = "deflate"
-    dev.priv = va(alloc_pages(cpu))
+    dev.priv = dev.va + PRIV_OFFSET
     set_driver_data(cpu, virtio_balloon_driver, dev.va)
     vb = _vb(cpu)
     vb.policy = POLICIES.index(policy)

@@ -195,6 +195,8 @@ def vm_synchronize_cbs(cpu: NativeCpu, dev: Ref) -> None:
     call, never caught half way."""
     if dev.irq != NO_IRQ and run_irq_thread(cpu, dev.irq):
         dev.flushed = dev.flushed + 1
+        printk(cpu, f"virtio-mmio at {dev.base:#x}: reset: finished the interrupt that cpu"
+                    f"{dev.irq_cpu} had half handled")
 
 
 virtio_mmio_config_ops = export(virtio_config_ops(
@@ -330,30 +332,29 @@ def request_irq(cpu: NativeCpu, dev: Ref, cmdline: str) -> None:
 
 # --- the devices, probed at boot ---------------------------------------------------------
 
-def _devices_page(cpu: NativeCpu) -> int:
-    """The page listing every bound device's VIRTIO_DEV (VAs; 0 ends it)."""
-    return driver_data(cpu, virtio_mmio_pm_ops)
-
-
-def virtio_mmio_device(cpu: NativeCpu, n: int) -> Ref:
-    """The n-th device bound, in PM registration order."""
-    return dev_at(cpu, cpu.read_u64(_devices_page(cpu) + 8 * n))
-
-
 def virtio_mmio_devices(cpu: NativeCpu) -> list[Ref]:
-    page, out = _devices_page(cpu), []
-    while page and len(out) < MAX_DEVICES and (addr := cpu.read_u64(page + 8 * len(out))):
+    """Every bound device, in PM registration order: a list through
+    ``dev.next`` from the one the transport's driver data names."""
+    out, addr = [], driver_data(cpu, virtio_mmio_pm_ops)
+    while addr and len(out) < MAX_DEVICES:
         out.append(dev_at(cpu, addr))
+        addr = out[-1].next
     return out
 
 
+def virtio_mmio_device(cpu: NativeCpu, n: int) -> Ref:
+    """The n-th device bound (the PM core's instance number)."""
+    return virtio_mmio_devices(cpu)[n]
+
+
 def _add_device(cpu: NativeCpu, dev: Ref) -> int:
-    if not _devices_page(cpu):
-        set_driver_data(cpu, virtio_mmio_pm_ops, va(alloc_pages(cpu)))
+    devs = virtio_mmio_devices(cpu)
+    if devs:
+        devs[-1].next = dev.va
+    else:
+        set_driver_data(cpu, virtio_mmio_pm_ops, dev.va)
         register_syscore_ops(cpu, virtio_mmio_syscore_ops)
-    n = len(virtio_mmio_devices(cpu))
-    cpu.write_u64(_devices_page(cpu) + 8 * n, dev.va)
-    return n
+    return len(devs)
 
 
 @device_initcall

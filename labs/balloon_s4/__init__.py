@@ -13,21 +13,23 @@ LAB = Lab(
     handout="docs/labs/balloon-s4.md",
     todo={"guestos.drivers.virtio_balloon": {
         "virtballoon_freeze":
-            "The tasks and the balloon's work are already frozen. Stop config changes from "
-            "reaching the work (dev.config_enabled = 0). Under policy deflate "
+            "The virtio core has already deferred config changes, and the tasks and the "
+            "balloon's work are frozen. Under policy deflate "
             "(vb.policy == POLICY_DEFLATE) empty the balloon first, telling the host: "
             "leak_balloon until vb.num_pages is 0 (it takes back at most 256 pages a call; "
             "if a call takes back none, printk why and stop), then write `actual` with "
             "update_balloon_size. Under discard and keep the balloon stays inflated. Then, in "
-            "this order: reset the device (vm.reset: from then on it touches no ring), mask "
-            "its interrupt (vm.disable_irq), and only then delete the queues (_del_vqs frees "
-            "their ring pages). Print 'virtio_balloon: frozen: device reset, queues deleted, "
-            "N pages in the balloon (policy P)' (P is POLICIES[vb.policy]) and return 0.",
+            "this order: reset the device with virtio_reset_device(cpu, dev) (the core's: the "
+            "queues broken, the interrupt handlers flushed, status 0; from then on the device "
+            "touches no ring and no callback runs), and only then delete the queues "
+            "(_del_vqs frees their ring pages). Print 'virtio_balloon: frozen: device reset, "
+            "queues deleted, N pages in the balloon (policy P)' (P is POLICIES[vb.policy]) "
+            "and return 0.",
         "virtballoon_thaw":
             "The same domain goes on (a checkpoint, or a suspend that failed): the host "
-            "still holds what the freeze left. Set the device up again with "
-            "_restore_common(cpu), which does the handshake, makes the queues, enables the "
-            "interrupt and config changes, and queues the work if the balloon is not at "
+            "still holds what the freeze left. The core has reset the device and negotiated "
+            "its features again; set the driver up again with _restore_common(cpu), which "
+            "makes the queues, sets DRIVER_OK and queues the work if the balloon is not at "
             "the host's target. Do not touch the balloon's pages. If it returned 0, print "
             "'virtio_balloon: thawed: N pages in the balloon'. Return what it returned.",
         "virtballoon_restore":
@@ -35,7 +37,7 @@ LAB = Lab(
             "policy discard, the driver forgets the balloon first, if it holds pages: "
             "_discard(cpu). Under deflate the balloon is already empty, and under keep its "
             "pages and the device's `actual` came through the image: nothing to do but set "
-            "the device up. Then _restore_common(cpu), as the thaw does; if it returned 0, "
+            "the driver up. Then _restore_common(cpu), as the thaw does; if it returned 0, "
             "print 'virtio_balloon: restored: N pages in the balloon, target T' "
             "(T = vb.num_pages + towards_target(cpu)). Return what it returned.",
         "_discard":

@@ -203,7 +203,7 @@ def image_of(t: Ctx, policy: str, ck: Checkpoint) -> Path:
     refused = re.search(r"^\[toolstack\] checkpoint 1 failed: (.*)$", ck.run.out, re.MULTILINE)
     if refused and "is live" in refused.group(1):
         fail(t, f"under {policy} the save refused the balloon: {refused.group(1)}. "
-             "virtballoon_freeze must reset the device (vm.reset) before the image is "
+             "virtballoon_freeze must reset the device (virtio_reset_device) before the image is "
              "written: a live device may still use rings in frames that the restore "
              "moves, and a device forgets its rings only at a reset.")
     if refused:

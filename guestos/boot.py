@@ -102,8 +102,9 @@ def parse_options(cpu: NativeCpu, cmdline: str) -> None:
                      test devices), fails PHASE (freeze, freeze_noirq, ...: pm.PHASES)
     The drivers read their own from their initcalls: testdevs=N and
     testdev.order=reverse (drivers/testdev.py),
-    virtio_mmio.device=SIZE@BASE:PORT, virtio_balloon.policy=P and balloonbug=leak|keepmap
-    (drivers/virtio_balloon.py)."""
+    virtio_mmio.device=SIZE@BASE:PORT and irqaffinity=CPU (drivers/virtio_mmio.py),
+    virtio.nosync=1 (drivers/virtio.py), virtio_balloon.policy=P and
+    balloonbug=leak|keepmap (drivers/virtio_balloon.py)."""
     words = cmdline.split()
     stopper(cpu).test_at_ms = parse_int(cmdline, "stopmachine")
     stopper(cpu).bug_ack = 1 if "stopmachinebug=ack" in words else 0

@@ -13,8 +13,9 @@ allocator. Requests carry at most 256 page numbers; ``actual`` is written
 after each.
 
 The work (Linux's update_balloon_size_func on system_freezable_wq) runs when
-the interrupt queues it and then from cpu0's timer tick, while freezable
-workers are not frozen (the port is cpu0's); it moves towards
+a config change or the stats callback queues it, on the cpu of the device's
+irq, and then from cpu0's timer tick, while freezable workers are not
+frozen; it moves towards
 num_pages a few batches at a time and stays queued until ``actual`` meets the
 target; when the guest is short of memory it logs "Out of puff!" and tries
 again 200 ms later. The device serves a request as soon as it is notified

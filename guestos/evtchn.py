@@ -244,9 +244,14 @@ def _handle_irq(cpu: NativeCpu, irq: int) -> None:
 # --- threaded halves (Linux's kernel/irq/manage.c irq_thread) ----------------------------
 
 def irq_threads_pending(cpu: NativeCpu) -> bool:
-    """Whether a hard handler on this cpu woke its thread."""
-    return any(irq_info(cpu, irq).thread_pending and irq_info(cpu, irq).cpu == cpu.vcpu_id
-               for irq in range(NR_IRQS))
+    """Whether a hard handler on this cpu woke its thread (the table read
+    at once: every upcall asks)."""
+    table = cpu.read(AREAS["evtchn"].va(cpu) + NR_PORTS, NR_IRQS * IRQ_INFO.size)
+    cpu_off, cpu_s = IRQ_INFO.fields["cpu"]
+    pend_off, pend_s = IRQ_INFO.fields["thread_pending"]
+    return any(pend_s.unpack_from(table, base + pend_off)[0]
+               and cpu_s.unpack_from(table, base + cpu_off)[0] == cpu.vcpu_id
+               for base in range(0, len(table), IRQ_INFO.size))
 
 
 def run_irq_thread(cpu: NativeCpu, irq: int) -> bool:

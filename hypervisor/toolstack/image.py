@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import io
 import json
 import os
 import stat
@@ -167,7 +166,9 @@ def scan_image(path: str | Path, wire: bool = False, lazy: bool = False) -> Imag
     not read now: an image with page digests has its structure checked
     against its digest, and each block of pages when first read
     (info.page_digests; the check's own reads of pagetables and the p2m
-    included); one without them is checked whole, as without ``lazy``."""
+    included); one without them is checked whole, as without ``lazy``.
+    Without ``lazy`` every octet is checked against the digests
+    (savefile.check_digest), the page digests included."""
     p = Path(path)
     try:
         # a FIFO or a device would block the open or the reads: never open one
@@ -232,7 +233,8 @@ def _scan(f: BinaryIO, path: str, wire: bool = False, lazy: bool = False) -> Ima
     check_end(info, lambda pfns: read_at(where[pfns]))
     if info.page_digests is None:
         sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
-        savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
+        savefile.check_digest(f, xl, info.domain is not None and not wire and not sent,
+                              _page_ranges(info))
     return info
 
 
@@ -295,34 +297,9 @@ def _checked_reader(f: BinaryIO, digests: PageDigests) -> Callable[[np.ndarray],
 
 
 def seal(image: bytearray) -> None:
-    """savefile.seal for an image held in memory, its PAGE_DATA records found
-    by their framing alone (a tool or a test that edits an image on purpose,
-    even into a bad one, seals it again so)."""
-    xl = savefile.read_xl_header(io.BytesIO(image))
-    pages: list[tuple[int, int]] = []
-    f = io.BytesIO(image)
-    f.seek(xl.end + savefile.LIBXL_HDR.size)
-    if xl.page_digests is not None:
-        while (rec := savefile.read_libxl_record(f)).type != LibxlRecType.END:
-            if rec.type == LibxlRecType.LIBXC_CONTEXT:
-                pages += _libxc_pages(f)
-    savefile.seal(image, pages, f.tell())
-
-
-def _libxc_pages(f: BinaryIO) -> list[tuple[int, int]]:
-    """Each PAGE_DATA record's pages (what follows its pfn list), from
-    ``f``'s position to libxc's END; libxl's records after a CHECKPOINT."""
-    f.seek(stream.IHDR.size + stream.DHDR.size, io.SEEK_CUR)
-    out = []
-    while (rec := stream.read_record(f, f.tell(), {RecType.PAGE_DATA: _page_data_head})
-           ).type != RecType.END:
-        if rec.type == RecType.PAGE_DATA:
-            head = 8 + 8 * stream.PAGE_DATA_HDR.unpack_from(rec.body)[0]
-            out.append((rec.offset + stream.RHDR.size + head, rec.length - head))
-        if rec.type == RecType.CHECKPOINT:
-            while savefile.read_libxl_record(f).type != LibxlRecType.CHECKPOINT_END:
-                pass
-    return out
+    """savefile.seal: a tool or a test that edits an image on purpose, even
+    into a bad one, seals it again so."""
+    savefile.seal(image)
 
 
 def _scan_libxc(f: BinaryIO, parser: RecordParser) -> None:

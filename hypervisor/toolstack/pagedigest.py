@@ -77,9 +77,11 @@ class PageDigests:
 
 
 def check_trailer(xl: savefile.XlHeader, trailer: bytes) -> None:
-    """The trailer must be the one XL_PAGE_DIGESTS holds the digest of."""
+    """The trailer must be the one XL_PAGE_DIGESTS holds the digest of (and,
+    in a hash tree, the image's digest: the same value)."""
     assert xl.page_digests is not None
-    if hashlib.new(savefile.DIGEST_ALGORITHM, trailer).digest() != xl.page_digests.digest:
+    root = hashlib.new(savefile.DIGEST_ALGORITHM, trailer).digest()
+    if root != xl.page_digests.digest or (xl.tree and root != xl.digest):
         raise DigestMismatch(f"offset {xl.page_digests.trailer}: the page digests do not "
                              "match XL_PAGE_DIGESTS' digest of them: the image was changed after "
                              "it was written")

@@ -51,6 +51,7 @@ from hypervisor.toolstack.stream import RecType, StreamError
 MAX_VCPUS = 32
 CONTEXT_SIZE = ctypes.sizeof(vcpu_guest_context)
 PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
+RESERVED_BITS = np.uint64(0xFF << 52)  # of a PAGE_DATA entry, between the pfn and the type
 
 
 class ImageError(StreamError):
@@ -251,7 +252,7 @@ def _read_trailer(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo) -> bytes 
         raise ImageError(f"offset {info.size}: the page digests are not the "
                          f"{b.trailer_size} octets at offset {b.trailer} that XL_PAGE_DIGESTS "
                          "announces, right after libxl's END, to the end of the file")
-    want = len(savefile.digest_blocks(_page_ranges(info)))
+    want = _blocks(info)[0].size
     if b.count != want:
         raise ImageError(f"offset {b.trailer}: {b.count} page digests for the {want} blocks "
                          f"of {len(info.batches)} PAGE_DATA records")
@@ -263,19 +264,26 @@ def _page_ranges(info: ImageInfo) -> list[tuple[int, int]]:
     return [(b.data_offset, PAGE_SIZE * int(b.with_data.sum())) for b in info.batches]
 
 
+def _blocks(info: ImageInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """savefile.digest_blocks over every PAGE_DATA record at once: each
+    block's record offset, its offset and its length."""
+    ranges = np.array(_page_ranges(info), dtype=np.int64).reshape(-1, 2)
+    per = np.maximum(-(-ranges[:, 1] // savefile.DIGEST_BLOCK), 1)
+    record = np.repeat(np.arange(ranges.shape[0]), per)
+    first = np.cumsum(per) - per  # each record's first block
+    at = (np.arange(record.size) - first[record]) * savefile.DIGEST_BLOCK
+    sizes = np.minimum(ranges[record, 1] - at, savefile.DIGEST_BLOCK)
+    offsets = np.array([b.offset for b in info.batches], dtype=np.int64)
+    return offsets[record], ranges[record, 0] + at, sizes
+
+
 def _page_digests(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo,
                   trailer: bytes) -> PageDigests:
     """The trailer and the structure checked against their digests; the
     page digests, to check each block when it is first read."""
     pagedigest.check_trailer(xl, trailer)
-    ranges = _page_ranges(info)
-    pagedigest.check_structure(xl, trailer, _range_reader(f), ranges)
-    blocks = savefile.digest_blocks(ranges)
-    records = [b.offset for b, (_, n) in zip(info.batches, ranges, strict=True)
-               for _ in range(0, max(n, 1), savefile.DIGEST_BLOCK)]
-    return PageDigests(trailer, np.array(records, dtype=np.int64),
-                       np.array([o for o, _ in blocks], dtype=np.int64),
-                       np.array([n for _, n in blocks], dtype=np.int64))
+    pagedigest.check_structure(xl, trailer, _range_reader(f), _page_ranges(info))
+    return PageDigests(trailer, *_blocks(info))
 
 
 def _range_reader(f: BinaryIO) -> pagedigest.ReadRange:
@@ -620,42 +628,58 @@ def _page_data(info: ImageInfo, rec: stream.Record
     entries = np.frombuffer(rec.body, dtype=np.uint64, count=count, offset=8)
     pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
     nib = (entries >> np.uint64(60)).astype(np.uint8)
-    reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
-    known = pfinfo.is_known(nib)
-    bad = np.flatnonzero((pfns > info.max_pfn) | ~known | (reserved != 0))
-    if bad.size:
-        i = int(bad[0])
-        pfn = int(pfns[i])
-        if pfn > info.max_pfn:
-            raise _fail(rec, f"pfn {pfn:#x} (index {i}) outside the domain's maximum "
-                        f"{info.max_pfn:#x}")
-        if not known[i]:
-            raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
-        raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
+    # the common case told by the count of each type and a few passes over
+    # the batch; the first fault, if any, found and named entry by entry
+    # (_bad_entry)
+    kinds = np.bincount(nib, minlength=16)
+    if int(pfns.max()) > info.max_pfn or (entries & RESERVED_BITS).any() \
+            or kinds[~pfinfo.KNOWN_NIBBLES].any():
+        _bad_entry(info, rec, entries, pfns, nib)
     ordered = np.sort(pfns)
     twice = ordered[1:][ordered[1:] == ordered[:-1]]
     if twice.size:
         pfn = int(twice[0])
         i, j = np.flatnonzero(pfns == pfn)[:2].tolist()
         raise _fail(rec, f"pfn {pfn:#x} twice in one batch (index {i} and {j})")
-    with_data = pfinfo.has_data(nib)
-    want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
+    pages = int(kinds[pfinfo.DATA_NIBBLES].sum())
+    want = 8 + 8 * count + PAGE_SIZE * pages
     if length != want:
         raise _fail(rec, f"wrong size: length {length}, expected {want} for {count} pfns "
-                    f"with {int(with_data.sum())} pages of data")
+                    f"with {pages} pages of data")
+    every = pages == count
+    with_data = np.ones(count, dtype=bool) if every else pfinfo.has_data(nib)
     data_offset = rec.offset + stream.RHDR.size + 8 + 8 * count
     batch = PageBatch(rec.offset, data_offset, pfns, nib, with_data)
     # a pfn may come many times (the rounds of a live save): the last copy's
     # type wins, and a frame once given stays (process_page_data)
     info.nibbles[pfns] = nib
-    info.ever_populated[pfns[pfinfo.populates(nib)]] = True
-    info.ever_data[pfns[with_data]] = True
-    info.copies += int(pfns.size)
-    level = pfinfo.level(nib[with_data])
+    populating = int(kinds[pfinfo.POPULATING_NIBBLES].sum())
+    info.ever_populated[pfns if populating == count else pfns[pfinfo.populates(nib)]] = True
+    data_pfns = pfns if every else pfns[with_data]
+    info.ever_data[data_pfns] = True
+    info.copies += count
+    if not kinds[pfinfo.TABLE_NIBBLES].any():
+        return batch, []
+    level = pfinfo.levels(nib if every else nib[with_data])
     k = np.flatnonzero(level)  # the tables' places among the pages
-    tables = list(zip(pfns[with_data][k].tolist(), level[k].tolist(),
-                      (data_offset + PAGE_SIZE * k).tolist(), strict=True))
-    return batch, tables
+    return batch, list(zip(data_pfns[k].tolist(), level[k].tolist(),
+                           (data_offset + PAGE_SIZE * k).tolist(), strict=True))
+
+
+def _bad_entry(info: ImageInfo, rec: stream.Record, entries: np.ndarray, pfns: np.ndarray,
+               nib: np.ndarray) -> None:
+    """The first entry of a batch beyond the domain's maximum, of an unknown
+    type or with reserved bits set, named."""
+    known = pfinfo.is_known(nib)
+    bad = np.flatnonzero((pfns > info.max_pfn) | ~known | ((entries & RESERVED_BITS) != 0))
+    i = int(bad[0])
+    pfn = int(pfns[i])
+    if pfn > info.max_pfn:
+        raise _fail(rec, f"pfn {pfn:#x} (index {i}) outside the domain's maximum "
+                    f"{info.max_pfn:#x}")
+    if not known[i]:
+        raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
+    raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
 
 
 def _vcpu_basic(info: ImageInfo, rec: stream.Record, epoch: set[int]) -> None:

@@ -45,8 +45,7 @@ class PageDigests:
     def __init__(self, trailer: bytes, records: np.ndarray, starts: np.ndarray,
                  sizes: np.ndarray) -> None:
         n = records.size
-        self.digests = [trailer[i * savefile.DIGEST_SIZE:(i + 1) * savefile.DIGEST_SIZE]
-                        for i in range(n)]
+        self.trailer = trailer
         self.records = records
         self.starts = starts
         self.sizes = sizes
@@ -64,7 +63,8 @@ class PageDigests:
         for i in todo[~self.checked[todo]].tolist():
             data = read(int(self.starts[i]), int(self.sizes[i]))
             self.hashed += len(data)
-            if hashlib.new(savefile.DIGEST_ALGORITHM, data).digest() != self.digests[i]:
+            want = self.trailer[i * savefile.DIGEST_SIZE:(i + 1) * savefile.DIGEST_SIZE]
+            if hashlib.new(savefile.DIGEST_ALGORITHM, data).digest() != want:
                 start = int(self.starts[i])
                 raise DigestMismatch(f"PAGE_DATA record at offset {int(self.records[i])}: "
                                      f"its pages at offsets {start}-{start + len(data)} do "

@@ -197,8 +197,7 @@ def write_xl_header(out: BinaryIO, config: bytes, digest: bool = True) -> int:
     optdata = XL_CONFIG_LEN.pack(len(config)) + config
     digest_offset = out.tell() + XL_HDR.size + len(optdata) + XL_DIGEST.size - 32
     if digest:
-        name = DIGEST_ALGORITHM if isinstance(out, DigestWriter) and out.whole else \
-            TREE_DIGEST_NAME
+        name = DIGEST_ALGORITHM if getattr(out, "whole", False) else TREE_DIGEST_NAME
         optdata += XL_DIGEST.pack(name.encode(), bytes(32))
         optdata += XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, 0, 0, bytes(32))
     optdata += bytes(-len(optdata) % REC_ALIGN)

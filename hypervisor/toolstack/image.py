@@ -818,9 +818,9 @@ def _page_offsets(info: ImageInfo) -> np.ndarray:
 def _read_pages(f: BinaryIO, offsets: np.ndarray) -> np.ndarray:
     """The pages at these file offsets, as rows of 512 entries."""
     out = np.empty((offsets.size, L1_PAGETABLE_ENTRIES), dtype=np.uint64)
+    fd = f.fileno()
     for k, offset in enumerate(offsets.tolist()):
-        f.seek(offset)
-        page = f.read(PAGE_SIZE)
+        page = os.pread(fd, PAGE_SIZE, offset)  # one call a page, no seek
         if len(page) != PAGE_SIZE:
             raise ImageError(f"truncated at offset {offset}")
         out[k] = np.frombuffer(page, dtype=np.uint64)
@@ -837,28 +837,33 @@ def _check_tables(info: ImageInfo, read: PageReader) -> None:
     parent the image retyped. Earlier copies are not validated (Xen's
     restore does not validate during the rounds); they are localised when
     they arrive, so a pfn they name gets a frame (_localise_earlier)."""
-    populated = np.zeros(info.nr_pfns, dtype=bool)
-    populated[info.populated_at_end()] = True
-    levels = pfinfo.level(info.nibbles)
+    n = info.nr_pfns
+    # per pfn, one more for any pfn beyond the maximum (populated by nothing,
+    # of no level), so that every entry's target can be looked up
+    populated = np.zeros(n + 1, dtype=bool)
+    populated[:n] = (info.nibbles != ABSENT) & pfinfo.populates(info.nibbles)
+    levels = np.zeros(n + 1, dtype=np.uint8)
+    levels[:n] = pfinfo.levels(info.nibbles)
     final = np.flatnonzero(levels)
     pages = read(final)
-    present = (pages & np.uint64(_PAGE_PRESENT)) != 0
-    targets = ((pages & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-    inside = targets <= info.max_pfn
-    up = levels[final] > 1
+    present = (pages & np.uint64(_PAGE_PRESENT)).astype(bool)
+    targets = np.minimum((pages & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT),
+                         np.uint64(n)).astype(np.intp)
     # all the tables at once; the first one with a fault is checked again
-    # alone (_check_table), which says what it is
-    wrong = present & ~(inside & populated[np.where(inside, targets, 0)])
-    below = pfinfo.level(info.nibbles[np.where(inside, targets, 0)])
-    wrong |= present & up[:, None] & ((below != (levels[final] - 1)[:, None])
-                                      | ((pages & np.uint64(_PAGE_PSE)) != 0))
+    # alone (_check_table), which says what it is. The level rule is only
+    # the upper tables' (a few among the L1s)
+    wrong = present & ~populated[targets]
+    up = np.flatnonzero(levels[final] > 1)
+    up_present = present[up]
+    wrong[up] |= up_present & ((levels[targets[up]] != (levels[final[up]] - 1)[:, None])
+                               | ((pages[up] & np.uint64(_PAGE_PSE)) != 0))
     faulty = np.flatnonzero(wrong.any(axis=1))
     if faulty.size:
         k = int(faulty[0])
-        _check_table(info, populated, int(final[k]), int(levels[final[k]]), pages[k])
+        _check_table(info, populated[:n], int(final[k]), int(levels[final[k]]), pages[k])
         raise AssertionError(f"pagetable pfn {int(final[k]):#x}: the checks disagree")
-    named = np.zeros(info.nr_pfns, dtype=bool)
-    named[targets[present & up[:, None]]] = True
+    named = np.zeros(n + 1, dtype=bool)
+    named[targets[up][up_present]] = True
     orphans = np.flatnonzero((levels >= 1) & (levels < pfinfo.L4) & ~named)
     if orphans.size:
         pfn = int(orphans[0])
@@ -946,34 +951,34 @@ def _check_p2m(info: ImageInfo, read: PageReader) -> None:
     if owner.size != 1 or pfinfo.level(info.nibbles[int(owner[0])]) != pfinfo.L4:
         raise ImageError(f"shared_info's p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the p2m "
                          "in the frames of X86_PV_P2M_FRAMES")
-    seen: dict[int, np.ndarray] = {}  # the walks share their upper tables
-
-    def page(pfn: int) -> np.ndarray:
-        if pfn not in seen:
-            seen[pfn] = read(np.array([pfn]))[0]
-        return seen[pfn]
-
-    for i, pfn in enumerate(frames.tolist()):
-        va = int(arch.p2m_vaddr) + i * PAGE_SIZE
-        mapped = _walk(info, page, int(owner[0]), va)
-        if mapped != pfn:
-            raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {pfn:#x}, but the "
-                             f"guest's tables map pfn {mapped:#x} there (p2m_vaddr + "
-                             f"{i * PAGE_SIZE:#x})")
+    va = np.uint64(arch.p2m_vaddr) + np.uint64(PAGE_SIZE) * np.arange(frames.size,
+                                                                       dtype=np.uint64)
+    mapped = _walk(info, read, int(owner[0]), va)
+    wrong = np.flatnonzero(mapped != frames)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {int(frames[i]):#x}, but "
+                         f"the guest's tables map pfn {int(mapped[i]):#x} there (p2m_vaddr + "
+                         f"{i * PAGE_SIZE:#x})")
 
 
-def _walk(info: ImageInfo, page: Callable[[int], np.ndarray], l4: int, va: int) -> int:
-    """The pfn a canonical pagetable tree maps at ``va``; -1 if none."""
-    table = l4
+def _walk(info: ImageInfo, read: PageReader, l4: int, vas: np.ndarray) -> np.ndarray:
+    """The pfn a canonical pagetable tree maps at each of ``vas``; -1 where
+    none. The walks go down together, each table read once."""
+    tables = np.full(vas.size, l4, dtype=np.int64)
     for level in range(pfinfo.L4, 0, -1):
-        slot = (va >> (PAGE_SHIFT + 9 * (level - 1))) & (L1_PAGETABLE_ENTRIES - 1)
-        entry = int(page(table)[slot])
-        if not entry & _PAGE_PRESENT:
-            return -1
-        table = (entry & arch_x86.PTE_FRAME_MASK) >> PAGE_SHIFT
-        if table > info.max_pfn or not info.ever_data[table]:
-            return -1
-    return table
+        slots = ((vas >> np.uint64(PAGE_SHIFT + 9 * (level - 1)))
+                 & np.uint64(L1_PAGETABLE_ENTRIES - 1)).astype(np.intp)
+        ok = tables >= 0
+        distinct, which = np.unique(tables[ok], return_inverse=True)
+        entries = np.zeros(vas.size, dtype=np.uint64)
+        entries[ok] = read(distinct)[which, slots[ok]]
+        nxt = ((entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        inside = nxt <= info.max_pfn
+        ok &= ((entries & np.uint64(_PAGE_PRESENT)) != 0) & inside
+        ok[ok] = info.ever_data[nxt[ok]]
+        tables = np.where(ok, nxt, -1)
+    return tables
 
 
 __all__ = ["ImageError", "ImageInfo", "PageBatch", "Epoch", "RecordParser", "check_end",

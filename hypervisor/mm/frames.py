@@ -97,7 +97,9 @@ class FrameTable:
         """Take these frames off the free list (the machine's own), keeping
         the order of the rest."""
         live = self._stack[:self._top]
-        keep = live[~np.isin(live, mfns)]
+        drop = np.zeros(self.nr_frames, dtype=bool)
+        drop[mfns] = True
+        keep = live[~drop[live]]
         self._stack[:keep.size] = keep
         self._top = int(keep.size)
 

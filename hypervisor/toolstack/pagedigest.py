@@ -4,9 +4,10 @@ restore start without reading the whole image.
 A saved file holds, after libxl's END, a digest of each block of a PAGE_DATA
 record's pages (savefile.DIGEST_BLOCK: 64 pages) and one of every other
 octet (savefile.DigestWriter writes them; the xl header's XL_PAGE_DIGESTS
-says where they are and holds the trailer's own digest). The image check
-then reads the trailer and the structure up front, as it reads them anyway,
-and leaves the pages: a block is hashed whole the
+says where they are and holds the trailer's own digest, which is also the
+image's digest: the root of the tree). The lazy image check reads the
+trailer and the structure up front, as it reads them anyway, and leaves the
+pages: a block is hashed whole the
 first time any of its pages is read (by the check's reads of pagetables and
 the p2m, by the restore, by the pager), and compared with its digest. A
 block that does not match is refused before the guest exists, and ends the

@@ -102,8 +102,7 @@ class Machine:
                 taken.append(mfn)
         if len(taken) < count:
             raise MemoryError("machine memory too small for the hypervisor")
-        keep = set(taken)
-        ft._free = [m for m in ft._free if m not in keep]
+        ft.unlist(np.array(taken, dtype=np.int64))
         for mfn in taken:
             ft.owner[mfn] = DOMID_XEN
             ft.ref_count[mfn] = 1

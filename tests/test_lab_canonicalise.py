@@ -43,8 +43,8 @@ def test_a_save_that_trusts_the_m2p_alone_is_caught(tmp_path):
 
 
 def test_a_localise_that_keeps_only_the_low_flags_is_caught(tmp_path):
-    d = mutant(tmp_path, "restore", "(entries & ~PTE_FRAME_MASK) | (mfns <<",
-               "(entries & np.uint64(0xFFF)) | (mfns <<")
+    d = mutant(tmp_path, "restore", "(tables & ~PTE_FRAME_MASK) | (mfns <<",
+               "(tables & np.uint64(0xFFF)) | (mfns <<")
     r = grade(d, "keeps_every_other_bit")
     assert r.returncode == 1 and "Score: 0/10" in r.stdout, r.stdout + r.stderr
     assert "(NX and bit 52 set, pfn 3): expected 0x801000000000d067, yours " \

@@ -183,7 +183,9 @@ def test_an_image_without_page_digests_is_checked_whole_first(images, tmp_path,
     name_at = index.value_offset - 16
     raw[name_at:index.value_offset + savefile.PAGE_DIGESTS_VALUE] = bytes(
         16 + savefile.PAGE_DIGESTS_VALUE)
-    savefile.seal(raw)
+    raw[xl.digest_offset - 16:xl.digest_offset] = savefile.DIGEST_ALGORITHM.encode().ljust(16,
+                                                                                         b"\0")
+    savefile.seal(raw)  # the whole file's digest, as an image of then had
     old = tmp_path / "old.img"
     old.write_bytes(bytes(raw))
     whole = []

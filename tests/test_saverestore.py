@@ -328,6 +328,12 @@ def test_damaged_record_fields_are_refused_naming_the_record(good_image, tmp_pat
     assert "outside the domain's maximum" in msg
     msg = patched(page.offset + 8, (0).to_bytes(4, "little"))
     assert "at least 1 pfn" in msg
+    first = int(info.batches[0].pfns[0])
+    assert info.batches[0].offset == page.offset and info.batches[0].with_data[0]
+    msg = patched(page.offset + 16, ((1 << 52) | first).to_bytes(8, "little"))
+    assert f"pfn {first:#x} (index 0): reserved bits set" in msg
+    msg = patched(page.offset + 16, ((0xF << 60) | first).to_bytes(8, "little"))  # XTAB: no page
+    assert "wrong size" in msg and "pages of data" in msg
     vcpu = by_name["X86_PV_VCPU_BASIC"]
     msg = patched(vcpu.offset + 4, (100).to_bytes(4, "little"))
     assert "X86_PV_VCPU_BASIC" in msg

@@ -161,9 +161,10 @@ def audit(hv: Audited, p2m_lists: P2mLists | None = None) -> list[str]:
     for owner in np.unique(ft.owner).tolist():
         if owner not in known:
             problems.append(f"frames owned by unknown domain {owner}")
-    if len(ft._free) != int((ft.owner == FREE).sum()):
+    free = ft.free_mfns()
+    if free.size != int((ft.owner == FREE).sum()):
         problems.append("free list and owner table disagree")
-    if len(set(ft._free)) != len(ft._free):
+    if np.unique(free).size != free.size:
         problems.append("a frame is on the free list twice")
 
     guest = (ft.owner != FREE) & (ft.owner != DOMID_XEN)

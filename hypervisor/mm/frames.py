@@ -74,25 +74,41 @@ class FrameTable:
         self.pristine = np.ones(n, dtype=bool)
         self.m2p: np.ndarray | None = None  # set by the machine: entries die with frames
         rng = np.random.default_rng(seed)
-        # the free list is a stack of mfns, popped from its end; frame 0 is never
-        # handed out so that a zero mfn in a guest structure is always a bug
-        order: list[int] = []
-        for chunk in rng.permutation(-(-n // CHUNK_FRAMES)).tolist():
-            first = chunk * CHUNK_FRAMES
-            frames = np.arange(max(first, 1), min(first + CHUNK_FRAMES, n), dtype=np.int64)
-            order += rng.permutation(frames).tolist()
-        self._free = order[::-1]
+        # the free list is a stack of mfns, popped from its end (``_top``: how
+        # many are on it), an array so that a restore takes 262144 frames in
+        # one slice; frame 0 is never handed out so that a zero mfn in a guest
+        # structure is always a bug
+        order = [rng.permutation(np.arange(max(first, 1), min(first + CHUNK_FRAMES, n),
+                                           dtype=np.int64))
+                 for first in (rng.permutation(-(-n // CHUNK_FRAMES)) * CHUNK_FRAMES).tolist()]
+        self._stack = np.concatenate(order)[::-1].copy()
+        self._top = self._stack.size
         self.owner[0] = DOMID_XEN
 
     @property
     def nr_free(self) -> int:
-        return len(self._free)
+        return self._top
+
+    def free_mfns(self) -> np.ndarray:
+        """The free list, last to be handed out first (for the audit)."""
+        return self._stack[:self._top]
+
+    def unlist(self, mfns: np.ndarray) -> None:
+        """Take these frames off the free list (the machine's own), keeping
+        the order of the rest."""
+        live = self._stack[:self._top]
+        drop = np.zeros(self.nr_frames, dtype=bool)
+        drop[mfns] = True
+        keep = live[~drop[live]]
+        self._stack[:keep.size] = keep
+        self._top = int(keep.size)
 
     def alloc(self, owner: int) -> int:
         """Take one free frame for ``owner``, zeroed, holding one allocation ref."""
-        if not self._free:
+        if not self._top:
             raise OutOfMemory("no free machine frames")
-        mfn = self._free.pop()
+        self._top -= 1
+        mfn = int(self._stack[self._top])
         self._take(mfn, owner)
         return mfn
 
@@ -122,12 +138,12 @@ class FrameTable:
 
     def alloc_array(self, owner: int, count: int, zero: bool = True) -> np.ndarray:
         """alloc_many's frames as an array of mfns (int64)."""
-        if count > len(self._free):
-            raise OutOfMemory(f"{count} frames wanted, {len(self._free)} free")
+        if count > self._top:
+            raise OutOfMemory(f"{count} frames wanted, {self._top} free")
         if count <= 0:
             return np.zeros(0, dtype=np.int64)
-        mfns = np.array(self._free[-count:][::-1], dtype=np.int64)
-        del self._free[-count:]
+        mfns = self._stack[self._top - count:self._top][::-1].copy()
+        self._top -= count
         self._take(mfns, owner, zero)
         return mfns
 
@@ -143,8 +159,7 @@ class FrameTable:
         if not candidates.size:
             raise OutOfMemory(f"no free run of {n} contiguous frames")
         first = int(candidates[0]) * n
-        taken = set(range(first, first + n))
-        self._free = [m for m in self._free if m not in taken]
+        self.unlist(np.arange(first, first + n))
         self._take(np.arange(first, first + n), owner)
         return list(range(first, first + n))
 
@@ -162,7 +177,8 @@ class FrameTable:
         self.memory.absent.discard(mfn)  # a freed frame's contents are nobody's
         if self.m2p is not None:
             self.m2p[mfn] = INVALID_MFN
-        self._free.append(mfn)
+        self._stack[self._top] = mfn
+        self._top += 1
 
     def owned_by(self, domid: int) -> np.ndarray:
         return np.flatnonzero(self.owner == domid)

@@ -340,8 +340,9 @@ class PageTypes:
         if not present.any():
             return 0
         ptes = table[present]
-        if self._l1_simple(ptes, domid):
-            self._take_l1(ptes)
+        frames = self._l1_simple(ptes, domid)
+        if frames is not None:
+            self._take_l1(*frames)
             table[present] = adjust_guest_l1es(ptes)
             return 0
         # slow path: exact per-entry semantics and error
@@ -357,37 +358,38 @@ class PageTypes:
             done.append(slot)
         return 0
 
-    def _l1_simple(self, ptes: np.ndarray, domid: int,
-                   busy: np.ndarray | None = None) -> bool:
+    def _l1_simple(self, ptes: np.ndarray, domid: int, busy: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Present L1 entries that the vectorised pass may take: flags an L1
         allows, no grant mapping, RAM the domain owns, and no writable
         mapping of a frame in use as a pagetable (this table itself counts:
         its own type ref is already taken) or of one in ``busy`` (a bool per
-        frame: the tables a bulk validation is about to type)."""
+        frame: the tables a bulk validation is about to type). Returns what
+        _take_l1 takes (the frames mapped, the ones mapped writable, which
+        of those are untyped), or None."""
         ft = self.frames
-        mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
-        low = ptes & np.uint64(0xFFF)
-        if (low & np.uint64(~_L1_ALLOWED & 0xFFF)).any() \
-                or (ptes & np.uint64(_PAGE_GNTTAB)).any() or (mfns >= ft.nr_frames).any():
-            return False
+        if (ptes & np.uint64((~_L1_ALLOWED & 0xFFF) | _PAGE_GNTTAB)).any():
+            return None
+        mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.intp)
+        if mfns.size and int(mfns.max()) >= ft.nr_frames:
+            return None
         if not (ft.owner[mfns] == domid).all():
-            return False
+            return None
         rw_mfns = mfns[(ptes & np.uint64(_PAGE_RW)) != 0]
-        bad_rw = (ft.type_count[rw_mfns] > 0) & (ft.type[rw_mfns] != PageType.writable)
+        untyped = ft.type_count[rw_mfns] == 0
+        bad_rw = ~untyped & (ft.type[rw_mfns] != PageType.writable)
         if busy is not None:
             bad_rw |= busy[rw_mfns]
-        return not bad_rw.any()
+        return None if bad_rw.any() else (mfns, rw_mfns, untyped)
 
-    def _take_l1(self, ptes: np.ndarray) -> None:
+    def _take_l1(self, mfns: np.ndarray, rw_mfns: np.ndarray, untyped: np.ndarray) -> None:
         """What get_entry takes for present L1 entries that _l1_simple let
-        through: a general reference each, and a writable type reference for
-        each writable one (the frame becoming writable if it was nothing)."""
+        through (given its answer): a general reference each, and a writable
+        type reference for each writable one (the frame becoming writable if
+        it was nothing)."""
         ft = self.frames
-        mfns = ((ptes & _U64_FRAME) >> np.uint64(12)).astype(np.int64)
-        rw_mfns = mfns[(ptes & np.uint64(_PAGE_RW)) != 0]
-        changed = rw_mfns[(ft.type_count[rw_mfns] == 0) & (ft.type[rw_mfns] != PageType.writable)]
         _count_into(ft.ref_count, mfns)
-        ft.type[changed] = PageType.writable
+        ft.type[rw_mfns[untyped]] = PageType.writable
         ft.validated[rw_mfns] = True
         _count_into(ft.type_count, rw_mfns)
 
@@ -412,15 +414,14 @@ class PageTypes:
         self.memory.populate_many(mfns)
         tables = rows[mfns]
         present = (tables & np.uint64(_PAGE_PRESENT)) != 0
-        ptes = tables[present]
-        if not self._l1_simple(ptes, domid, busy):
+        frames = self._l1_simple(tables[present], domid, busy)
+        if frames is None:
             return False
         was_writable = ft.type[mfns] == PageType.writable
         ft.type[mfns] = PageType.l1
         ft.validated[mfns] = True
-        self._take_l1(ptes)
-        tables[present] = adjust_guest_l1es(ptes)
-        rows[mfns] = tables
+        self._take_l1(*frames)
+        rows[mfns] = np.where(present, adjust_guest_l1es(tables), tables)
         if was_writable.any():
             self.on_type_change(domid)
         if self.paging is not None:

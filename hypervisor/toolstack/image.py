@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import io
 import json
 import os
 import stat
@@ -52,6 +51,7 @@ from hypervisor.toolstack.stream import RecType, StreamError
 MAX_VCPUS = 32
 CONTEXT_SIZE = ctypes.sizeof(vcpu_guest_context)
 PTE_FRAME_MASK = np.uint64(arch_x86.PTE_FRAME_MASK)
+RESERVED_BITS = np.uint64(0xFF << 52)  # of a PAGE_DATA entry, between the pfn and the type
 
 
 class ImageError(StreamError):
@@ -167,7 +167,9 @@ def scan_image(path: str | Path, wire: bool = False, lazy: bool = False) -> Imag
     not read now: an image with page digests has its structure checked
     against its digest, and each block of pages when first read
     (info.page_digests; the check's own reads of pagetables and the p2m
-    included); one without them is checked whole, as without ``lazy``."""
+    included); one without them is checked whole, as without ``lazy``.
+    Without ``lazy`` every octet is checked against the digests
+    (savefile.check_digest), the page digests included."""
     p = Path(path)
     try:
         # a FIFO or a device would block the open or the reads: never open one
@@ -232,7 +234,8 @@ def _scan(f: BinaryIO, path: str, wire: bool = False, lazy: bool = False) -> Ima
     check_end(info, lambda pfns: read_at(where[pfns]))
     if info.page_digests is None:
         sent = (info.domain or {}).get("kind") == savefile.CHECKPOINTED_KIND
-        savefile.check_digest(f, xl, required=info.domain is not None and not wire and not sent)
+        savefile.check_digest(f, xl, info.domain is not None and not wire and not sent,
+                              _page_ranges(info))
     return info
 
 
@@ -249,7 +252,7 @@ def _read_trailer(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo) -> bytes 
         raise ImageError(f"offset {info.size}: the page digests are not the "
                          f"{b.trailer_size} octets at offset {b.trailer} that XL_PAGE_DIGESTS "
                          "announces, right after libxl's END, to the end of the file")
-    want = len(savefile.digest_blocks(_page_ranges(info)))
+    want = _blocks(info)[0].size
     if b.count != want:
         raise ImageError(f"offset {b.trailer}: {b.count} page digests for the {want} blocks "
                          f"of {len(info.batches)} PAGE_DATA records")
@@ -261,19 +264,26 @@ def _page_ranges(info: ImageInfo) -> list[tuple[int, int]]:
     return [(b.data_offset, PAGE_SIZE * int(b.with_data.sum())) for b in info.batches]
 
 
+def _blocks(info: ImageInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """savefile.digest_blocks over every PAGE_DATA record at once: each
+    block's record offset, its offset and its length."""
+    ranges = np.array(_page_ranges(info), dtype=np.int64).reshape(-1, 2)
+    per = np.maximum(-(-ranges[:, 1] // savefile.DIGEST_BLOCK), 1)
+    record = np.repeat(np.arange(ranges.shape[0]), per)
+    first = np.cumsum(per) - per  # each record's first block
+    at = (np.arange(record.size) - first[record]) * savefile.DIGEST_BLOCK
+    sizes = np.minimum(ranges[record, 1] - at, savefile.DIGEST_BLOCK)
+    offsets = np.array([b.offset for b in info.batches], dtype=np.int64)
+    return offsets[record], ranges[record, 0] + at, sizes
+
+
 def _page_digests(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo,
                   trailer: bytes) -> PageDigests:
     """The trailer and the structure checked against their digests; the
     page digests, to check each block when it is first read."""
     pagedigest.check_trailer(xl, trailer)
-    ranges = _page_ranges(info)
-    pagedigest.check_structure(xl, trailer, _range_reader(f), ranges)
-    blocks = savefile.digest_blocks(ranges)
-    records = [b.offset for b, (_, n) in zip(info.batches, ranges, strict=True)
-               for _ in range(0, max(n, 1), savefile.DIGEST_BLOCK)]
-    return PageDigests(trailer, np.array(records, dtype=np.int64),
-                       np.array([o for o, _ in blocks], dtype=np.int64),
-                       np.array([n for _, n in blocks], dtype=np.int64))
+    pagedigest.check_structure(xl, trailer, _range_reader(f), _page_ranges(info))
+    return PageDigests(trailer, *_blocks(info))
 
 
 def _range_reader(f: BinaryIO) -> pagedigest.ReadRange:
@@ -295,34 +305,9 @@ def _checked_reader(f: BinaryIO, digests: PageDigests) -> Callable[[np.ndarray],
 
 
 def seal(image: bytearray) -> None:
-    """savefile.seal for an image held in memory, its PAGE_DATA records found
-    by their framing alone (a tool or a test that edits an image on purpose,
-    even into a bad one, seals it again so)."""
-    xl = savefile.read_xl_header(io.BytesIO(image))
-    pages: list[tuple[int, int]] = []
-    f = io.BytesIO(image)
-    f.seek(xl.end + savefile.LIBXL_HDR.size)
-    if xl.page_digests is not None:
-        while (rec := savefile.read_libxl_record(f)).type != LibxlRecType.END:
-            if rec.type == LibxlRecType.LIBXC_CONTEXT:
-                pages += _libxc_pages(f)
-    savefile.seal(image, pages, f.tell())
-
-
-def _libxc_pages(f: BinaryIO) -> list[tuple[int, int]]:
-    """Each PAGE_DATA record's pages (what follows its pfn list), from
-    ``f``'s position to libxc's END; libxl's records after a CHECKPOINT."""
-    f.seek(stream.IHDR.size + stream.DHDR.size, io.SEEK_CUR)
-    out = []
-    while (rec := stream.read_record(f, f.tell(), {RecType.PAGE_DATA: _page_data_head})
-           ).type != RecType.END:
-        if rec.type == RecType.PAGE_DATA:
-            head = 8 + 8 * stream.PAGE_DATA_HDR.unpack_from(rec.body)[0]
-            out.append((rec.offset + stream.RHDR.size + head, rec.length - head))
-        if rec.type == RecType.CHECKPOINT:
-            while savefile.read_libxl_record(f).type != LibxlRecType.CHECKPOINT_END:
-                pass
-    return out
+    """savefile.seal: a tool or a test that edits an image on purpose, even
+    into a bad one, seals it again so."""
+    savefile.seal(image)
 
 
 def _scan_libxc(f: BinaryIO, parser: RecordParser) -> None:
@@ -643,42 +628,58 @@ def _page_data(info: ImageInfo, rec: stream.Record
     entries = np.frombuffer(rec.body, dtype=np.uint64, count=count, offset=8)
     pfns = (entries & np.uint64(stream.PAGE_DATA_PFN_MASK)).astype(np.int64)
     nib = (entries >> np.uint64(60)).astype(np.uint8)
-    reserved = (entries >> np.uint64(52)) & np.uint64(0xFF)
-    known = pfinfo.is_known(nib)
-    bad = np.flatnonzero((pfns > info.max_pfn) | ~known | (reserved != 0))
-    if bad.size:
-        i = int(bad[0])
-        pfn = int(pfns[i])
-        if pfn > info.max_pfn:
-            raise _fail(rec, f"pfn {pfn:#x} (index {i}) outside the domain's maximum "
-                        f"{info.max_pfn:#x}")
-        if not known[i]:
-            raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
-        raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
+    # the common case told by the count of each type and a few passes over
+    # the batch; the first fault, if any, found and named entry by entry
+    # (_bad_entry)
+    kinds = np.bincount(nib, minlength=16)
+    if int(pfns.max()) > info.max_pfn or (entries & RESERVED_BITS).any() \
+            or kinds[~pfinfo.KNOWN_NIBBLES].any():
+        _bad_entry(info, rec, entries, pfns, nib)
     ordered = np.sort(pfns)
     twice = ordered[1:][ordered[1:] == ordered[:-1]]
     if twice.size:
         pfn = int(twice[0])
         i, j = np.flatnonzero(pfns == pfn)[:2].tolist()
         raise _fail(rec, f"pfn {pfn:#x} twice in one batch (index {i} and {j})")
-    with_data = pfinfo.has_data(nib)
-    want = 8 + 8 * count + PAGE_SIZE * int(with_data.sum())
+    pages = int(kinds[pfinfo.DATA_NIBBLES].sum())
+    want = 8 + 8 * count + PAGE_SIZE * pages
     if length != want:
         raise _fail(rec, f"wrong size: length {length}, expected {want} for {count} pfns "
-                    f"with {int(with_data.sum())} pages of data")
+                    f"with {pages} pages of data")
+    every = pages == count
+    with_data = np.ones(count, dtype=bool) if every else pfinfo.has_data(nib)
     data_offset = rec.offset + stream.RHDR.size + 8 + 8 * count
     batch = PageBatch(rec.offset, data_offset, pfns, nib, with_data)
     # a pfn may come many times (the rounds of a live save): the last copy's
     # type wins, and a frame once given stays (process_page_data)
     info.nibbles[pfns] = nib
-    info.ever_populated[pfns[pfinfo.populates(nib)]] = True
-    info.ever_data[pfns[with_data]] = True
-    info.copies += int(pfns.size)
-    level = pfinfo.level(nib[with_data])
+    populating = int(kinds[pfinfo.POPULATING_NIBBLES].sum())
+    info.ever_populated[pfns if populating == count else pfns[pfinfo.populates(nib)]] = True
+    data_pfns = pfns if every else pfns[with_data]
+    info.ever_data[data_pfns] = True
+    info.copies += count
+    if not kinds[pfinfo.TABLE_NIBBLES].any():
+        return batch, []
+    level = pfinfo.levels(nib if every else nib[with_data])
     k = np.flatnonzero(level)  # the tables' places among the pages
-    tables = list(zip(pfns[with_data][k].tolist(), level[k].tolist(),
-                      (data_offset + PAGE_SIZE * k).tolist(), strict=True))
-    return batch, tables
+    return batch, list(zip(data_pfns[k].tolist(), level[k].tolist(),
+                           (data_offset + PAGE_SIZE * k).tolist(), strict=True))
+
+
+def _bad_entry(info: ImageInfo, rec: stream.Record, entries: np.ndarray, pfns: np.ndarray,
+               nib: np.ndarray) -> None:
+    """The first entry of a batch beyond the domain's maximum, of an unknown
+    type or with reserved bits set, named."""
+    known = pfinfo.is_known(nib)
+    bad = np.flatnonzero((pfns > info.max_pfn) | ~known | ((entries & RESERVED_BITS) != 0))
+    i = int(bad[0])
+    pfn = int(pfns[i])
+    if pfn > info.max_pfn:
+        raise _fail(rec, f"pfn {pfn:#x} (index {i}) outside the domain's maximum "
+                    f"{info.max_pfn:#x}")
+    if not known[i]:
+        raise _fail(rec, f"pfn {pfn:#x} (index {i}): unknown type {int(nib[i]):#x}")
+    raise _fail(rec, f"pfn {pfn:#x} (index {i}): reserved bits set")
 
 
 def _vcpu_basic(info: ImageInfo, rec: stream.Record, epoch: set[int]) -> None:
@@ -817,9 +818,9 @@ def _page_offsets(info: ImageInfo) -> np.ndarray:
 def _read_pages(f: BinaryIO, offsets: np.ndarray) -> np.ndarray:
     """The pages at these file offsets, as rows of 512 entries."""
     out = np.empty((offsets.size, L1_PAGETABLE_ENTRIES), dtype=np.uint64)
+    fd = f.fileno()
     for k, offset in enumerate(offsets.tolist()):
-        f.seek(offset)
-        page = f.read(PAGE_SIZE)
+        page = os.pread(fd, PAGE_SIZE, offset)  # one call a page, no seek
         if len(page) != PAGE_SIZE:
             raise ImageError(f"truncated at offset {offset}")
         out[k] = np.frombuffer(page, dtype=np.uint64)
@@ -836,28 +837,33 @@ def _check_tables(info: ImageInfo, read: PageReader) -> None:
     parent the image retyped. Earlier copies are not validated (Xen's
     restore does not validate during the rounds); they are localised when
     they arrive, so a pfn they name gets a frame (_localise_earlier)."""
-    populated = np.zeros(info.nr_pfns, dtype=bool)
-    populated[info.populated_at_end()] = True
-    levels = pfinfo.level(info.nibbles)
+    n = info.nr_pfns
+    # per pfn, one more for any pfn beyond the maximum (populated by nothing,
+    # of no level), so that every entry's target can be looked up
+    populated = np.zeros(n + 1, dtype=bool)
+    populated[:n] = (info.nibbles != ABSENT) & pfinfo.populates(info.nibbles)
+    levels = np.zeros(n + 1, dtype=np.uint8)
+    levels[:n] = pfinfo.levels(info.nibbles)
     final = np.flatnonzero(levels)
     pages = read(final)
-    present = (pages & np.uint64(_PAGE_PRESENT)) != 0
-    targets = ((pages & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-    inside = targets <= info.max_pfn
-    up = levels[final] > 1
+    present = (pages & np.uint64(_PAGE_PRESENT)).astype(bool)
+    targets = np.minimum((pages & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT),
+                         np.uint64(n)).astype(np.intp)
     # all the tables at once; the first one with a fault is checked again
-    # alone (_check_table), which says what it is
-    wrong = present & ~(inside & populated[np.where(inside, targets, 0)])
-    below = pfinfo.level(info.nibbles[np.where(inside, targets, 0)])
-    wrong |= present & up[:, None] & ((below != (levels[final] - 1)[:, None])
-                                      | ((pages & np.uint64(_PAGE_PSE)) != 0))
+    # alone (_check_table), which says what it is. The level rule is only
+    # the upper tables' (a few among the L1s)
+    wrong = present & ~populated[targets]
+    up = np.flatnonzero(levels[final] > 1)
+    up_present = present[up]
+    wrong[up] |= up_present & ((levels[targets[up]] != (levels[final[up]] - 1)[:, None])
+                               | ((pages[up] & np.uint64(_PAGE_PSE)) != 0))
     faulty = np.flatnonzero(wrong.any(axis=1))
     if faulty.size:
         k = int(faulty[0])
-        _check_table(info, populated, int(final[k]), int(levels[final[k]]), pages[k])
+        _check_table(info, populated[:n], int(final[k]), int(levels[final[k]]), pages[k])
         raise AssertionError(f"pagetable pfn {int(final[k]):#x}: the checks disagree")
-    named = np.zeros(info.nr_pfns, dtype=bool)
-    named[targets[present & up[:, None]]] = True
+    named = np.zeros(n + 1, dtype=bool)
+    named[targets[up][up_present]] = True
     orphans = np.flatnonzero((levels >= 1) & (levels < pfinfo.L4) & ~named)
     if orphans.size:
         pfn = int(orphans[0])
@@ -945,34 +951,34 @@ def _check_p2m(info: ImageInfo, read: PageReader) -> None:
     if owner.size != 1 or pfinfo.level(info.nibbles[int(owner[0])]) != pfinfo.L4:
         raise ImageError(f"shared_info's p2m_cr3 {int(arch.p2m_cr3):#x} is no L4 of the p2m "
                          "in the frames of X86_PV_P2M_FRAMES")
-    seen: dict[int, np.ndarray] = {}  # the walks share their upper tables
-
-    def page(pfn: int) -> np.ndarray:
-        if pfn not in seen:
-            seen[pfn] = read(np.array([pfn]))[0]
-        return seen[pfn]
-
-    for i, pfn in enumerate(frames.tolist()):
-        va = int(arch.p2m_vaddr) + i * PAGE_SIZE
-        mapped = _walk(info, page, int(owner[0]), va)
-        if mapped != pfn:
-            raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {pfn:#x}, but the "
-                             f"guest's tables map pfn {mapped:#x} there (p2m_vaddr + "
-                             f"{i * PAGE_SIZE:#x})")
+    va = np.uint64(arch.p2m_vaddr) + np.uint64(PAGE_SIZE) * np.arange(frames.size,
+                                                                       dtype=np.uint64)
+    mapped = _walk(info, read, int(owner[0]), va)
+    wrong = np.flatnonzero(mapped != frames)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ImageError(f"p2m frame {i} of X86_PV_P2M_FRAMES is pfn {int(frames[i]):#x}, but "
+                         f"the guest's tables map pfn {int(mapped[i]):#x} there (p2m_vaddr + "
+                         f"{i * PAGE_SIZE:#x})")
 
 
-def _walk(info: ImageInfo, page: Callable[[int], np.ndarray], l4: int, va: int) -> int:
-    """The pfn a canonical pagetable tree maps at ``va``; -1 if none."""
-    table = l4
+def _walk(info: ImageInfo, read: PageReader, l4: int, vas: np.ndarray) -> np.ndarray:
+    """The pfn a canonical pagetable tree maps at each of ``vas``; -1 where
+    none. The walks go down together, each table read once."""
+    tables = np.full(vas.size, l4, dtype=np.int64)
     for level in range(pfinfo.L4, 0, -1):
-        slot = (va >> (PAGE_SHIFT + 9 * (level - 1))) & (L1_PAGETABLE_ENTRIES - 1)
-        entry = int(page(table)[slot])
-        if not entry & _PAGE_PRESENT:
-            return -1
-        table = (entry & arch_x86.PTE_FRAME_MASK) >> PAGE_SHIFT
-        if table > info.max_pfn or not info.ever_data[table]:
-            return -1
-    return table
+        slots = ((vas >> np.uint64(PAGE_SHIFT + 9 * (level - 1)))
+                 & np.uint64(L1_PAGETABLE_ENTRIES - 1)).astype(np.intp)
+        ok = tables >= 0
+        distinct, which = np.unique(tables[ok], return_inverse=True)
+        entries = np.zeros(vas.size, dtype=np.uint64)
+        entries[ok] = read(distinct)[which, slots[ok]]
+        nxt = ((entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        inside = nxt <= info.max_pfn
+        ok &= ((entries & np.uint64(_PAGE_PRESENT)) != 0) & inside
+        ok[ok] = info.ever_data[nxt[ok]]
+        tables = np.where(ok, nxt, -1)
+    return tables
 
 
 __all__ = ["ImageError", "ImageInfo", "PageBatch", "Epoch", "RecordParser", "check_end",

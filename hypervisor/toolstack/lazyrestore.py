@@ -181,7 +181,9 @@ def restore_lazy(ctx: RestoreContext, image: LazyImage) -> None:
         ctx.stats.tables += int(table.sum())
     # the p2m list's frames are left present and not read: update_guest_p2m
     # writes every word of them (what the eager restore copied is overwritten)
-    lazy = ~table & ~np.isin(pfns, ctx.info.p2m_frame_pfns)
+    p2m_frame = np.zeros(ctx.info.nr_pfns, dtype=bool)
+    p2m_frame[ctx.info.p2m_frame_pfns] = True
+    lazy = ~table & ~p2m_frame[pfns]
     image.offset_of = np.full(ctx.hv.machine.nr_frames, -1, dtype=np.int64)
     image.offset_of[mfns[lazy]] = offsets[lazy]
     image.hv = ctx.hv

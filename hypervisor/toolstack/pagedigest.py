@@ -4,9 +4,10 @@ restore start without reading the whole image.
 A saved file holds, after libxl's END, a digest of each block of a PAGE_DATA
 record's pages (savefile.DIGEST_BLOCK: 64 pages) and one of every other
 octet (savefile.DigestWriter writes them; the xl header's XL_PAGE_DIGESTS
-says where they are and holds the trailer's own digest). The image check
-then reads the trailer and the structure up front, as it reads them anyway,
-and leaves the pages: a block is hashed whole the
+says where they are and holds the trailer's own digest, which is also the
+image's digest: the root of the tree). The lazy image check reads the
+trailer and the structure up front, as it reads them anyway, and leaves the
+pages: a block is hashed whole the
 first time any of its pages is read (by the check's reads of pagetables and
 the p2m, by the restore, by the pager), and compared with its digest. A
 block that does not match is refused before the guest exists, and ends the
@@ -45,8 +46,7 @@ class PageDigests:
     def __init__(self, trailer: bytes, records: np.ndarray, starts: np.ndarray,
                  sizes: np.ndarray) -> None:
         n = records.size
-        self.digests = [trailer[i * savefile.DIGEST_SIZE:(i + 1) * savefile.DIGEST_SIZE]
-                        for i in range(n)]
+        self.trailer = trailer
         self.records = records
         self.starts = starts
         self.sizes = sizes
@@ -64,7 +64,8 @@ class PageDigests:
         for i in todo[~self.checked[todo]].tolist():
             data = read(int(self.starts[i]), int(self.sizes[i]))
             self.hashed += len(data)
-            if hashlib.new(savefile.DIGEST_ALGORITHM, data).digest() != self.digests[i]:
+            want = self.trailer[i * savefile.DIGEST_SIZE:(i + 1) * savefile.DIGEST_SIZE]
+            if hashlib.new(savefile.DIGEST_ALGORITHM, data).digest() != want:
                 start = int(self.starts[i])
                 raise DigestMismatch(f"PAGE_DATA record at offset {int(self.records[i])}: "
                                      f"its pages at offsets {start}-{start + len(data)} do "
@@ -77,9 +78,11 @@ class PageDigests:
 
 
 def check_trailer(xl: savefile.XlHeader, trailer: bytes) -> None:
-    """The trailer must be the one XL_PAGE_DIGESTS holds the digest of."""
+    """The trailer must be the one XL_PAGE_DIGESTS holds the digest of (and,
+    in a hash tree, the image's digest: the same value)."""
     assert xl.page_digests is not None
-    if hashlib.new(savefile.DIGEST_ALGORITHM, trailer).digest() != xl.page_digests.digest:
+    root = hashlib.new(savefile.DIGEST_ALGORITHM, trailer).digest()
+    if root != xl.page_digests.digest or (xl.tree and root != xl.digest):
         raise DigestMismatch(f"offset {xl.page_digests.trailer}: the page digests do not "
                              "match XL_PAGE_DIGESTS' digest of them: the image was changed after "
                              "it was written")

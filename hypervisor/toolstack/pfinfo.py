@@ -78,6 +78,21 @@ def level(nib: Any) -> Any:
     return lvl * is_table(nib)
 
 
+_LEVELS = np.array([(n & LTABTYPE_MASK) * ((n < BROKEN) and 1 <= (n & LTABTYPE_MASK) <= L4)
+                    for n in range(16)], dtype=np.uint8)
+
+
+# per nibble, for a batch told by how many entries of each type it has
+# (np.bincount over its nibbles): which are known, have data, populate, are tables
+KNOWN_NIBBLES, DATA_NIBBLES, POPULATING_NIBBLES = _KNOWN, _HAS_DATA, _POPULATES
+TABLE_NIBBLES = _LEVELS > 0
+
+
+def levels(nib: np.ndarray) -> np.ndarray:
+    """level() of an array of nibbles, by lookup."""
+    return _LEVELS[nib & 0xF]
+
+
 def is_table(nib: Any) -> Any:
     """An L1..L4 pagetable, pinned or not."""
     lvl = nib & LTABTYPE_MASK

@@ -125,23 +125,21 @@ def localise_page(tables: np.ndarray, levels: np.ndarray, table_pfns: np.ndarray
     or one the image does not populate) is a RestoreError naming the table
     and slot, as Xen's "Bad mfn for L%u[%u]": the image's check refuses such
     a file first, but a stream is localised as it arrives."""
-    present = (tables & np.uint64(_PAGE_PRESENT)) != 0
-    rows, slots = np.nonzero(present)
-    entries = tables[rows, slots]
-    pfns = (entries & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
-    mfns = np.full(pfns.size, INVALID_MFN, dtype=np.uint64)
-    inside = pfns < np.uint64(p2m.size)
-    mfns[inside] = p2m[pfns[inside].astype(np.int64)]
-    bad = np.flatnonzero(mfns == np.uint64(INVALID_MFN))
-    if bad.size:
-        i = int(bad[0])
-        row, slot, level = int(rows[i]), int(slots[i]), int(levels[int(rows[i])])
+    # over every entry at once, present or not (the gather and the select
+    # cost less than finding the present ones first)
+    present = (tables & np.uint64(_PAGE_PRESENT)).astype(bool)
+    pfns = (tables & PTE_FRAME_MASK) >> np.uint64(PAGE_SHIFT)
+    lookup = np.append(p2m, np.uint64(INVALID_MFN))  # a pfn beyond the p2m: no frame
+    mfns = lookup[np.minimum(pfns, np.uint64(p2m.size)).astype(np.intp)]
+    bad = present & (mfns == np.uint64(INVALID_MFN))
+    if bad.any():
+        row, slot = (int(x[0]) for x in np.nonzero(bad))
+        level, entry = int(levels[row]), int(tables[row, slot])
         raise RestoreError(f"pagetable pfn {int(table_pfns[row]):#x} (L{level}) slot {slot}: "
-                           f"entry {int(entries[i]):#018x} names pfn {int(pfns[i]):#x}, "
+                           f"entry {entry:#018x} names pfn {int(pfns[row, slot]):#x}, "
                            f"which has no frame (bad mfn for L{level}[{slot}])")
-    out = tables.copy()
-    out[rows, slots] = (entries & ~PTE_FRAME_MASK) | (mfns << np.uint64(PAGE_SHIFT))
-    return out
+    return np.where(present, (tables & ~PTE_FRAME_MASK) | (mfns << np.uint64(PAGE_SHIFT)),
+                    tables)
 
 
 def machine_for(info: ImageInfo) -> int:

@@ -16,20 +16,25 @@ records start with an emulator header (u32 id, u32 index). This module
 only frames; what the records hold is the save and restore code's business.
 
 Xen's streams carry no checksum over page data: a flipped octet in a data
-page restores silently. pvlab puts a SHA-256 digest of the whole file in the
-optional data after the config, where xl and Xen's verifier skip what they do
-not know. The digest is computed over every octet of the file with its own 32
-octets read as zeros: the save hashes as it writes (DigestWriter) and fills
-the digest in last; a restore checks it (check_digest) before building.
+page restores silently. pvlab's digests sit where Xen's readers never look:
+the image's digest in the optional data after the config (xl and Xen's
+verifier skip what they do not know), and a trailer after libxl's END (they
+stop at END). The save hashes every octet once, as it writes it
+(DigestWriter), into one of two kinds of digest: each block of a PAGE_DATA
+record's pages (DIGEST_BLOCK: 64 pages) has its own, and every other octet
+(the structure: headers, records, pfn lists, contexts) goes into one. The
+trailer holds the block digests in stream order, then the structure's; the
+image's digest is the digest of the trailer: the root of a two-level hash
+tree ("sha256-tree"), also kept in XL_PAGE_DIGESTS beside where the trailer
+is. The values filled in last (the root, XL_PAGE_DIGESTS' values) are read as
+zeros by the structure's digest. So a check that reads every octet
+(check_digest: the eager restore, ``pvlab image check``) hashes each once and
+says which blocks differ, and a lazy restore checks the structure up front
+and each block when it is first read (pagedigest.py).
 
-A lazy restore cannot read every octet first. So the save also writes a
-digest of each block of a PAGE_DATA record's pages (DIGEST_BLOCK) and one of
-every other octet (the structure), in a trailer after libxl's END (Xen's readers stop at END and
-never see it); the optional data, after the whole digest, says where the
-trailer is and holds the trailer's own digest (XL_PAGE_DIGESTS). The structure is
-then checked up front and each block of pages when it is first read
-(pagedigest.py). The whole digest covers the trailer too, and treats the
-XL_PAGE_DIGESTS values, filled in last, as zeros.
+An older pvlab's image ("sha256") has a digest of the whole file instead,
+its own octets and XL_PAGE_DIGESTS' values read as zeros, and may have the
+same trailer; it is still read (check_digest checks both).
 """
 
 from __future__ import annotations
@@ -45,11 +50,16 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from hypervisor.toolstack.stream import (
+    DHDR,
+    IHDR,
+    PAGE_DATA_HDR,
     REC_ALIGN,
     REC_LENGTH_MAX,
     RHDR,
+    RecType,
     StreamError,
     read_exact,
+    read_record,
     write_record,
 )
 
@@ -66,11 +76,14 @@ XL_OPTDATA_MAX = 16 << 20
 # stream with pvlab's own records, 2 had no integrity digest; this pvlab
 # reads neither
 PVLAB_IMAGE_VERSION = 3
-# the digest after the config: the algorithm's name NUL-padded, its value;
-# SHA-256 because hashlib's is the fastest of its strong digests here
-# (bench/saverestore.py prints what it costs)
+# the digest after the config: its name NUL-padded, its value; SHA-256
+# because hashlib's is the fastest of its strong digests here
+# (bench/saverestore.py prints what it costs). "sha256-tree": the digest of
+# the trailer, whose digests cover every octet once (a new image);
+# "sha256": of the whole file (an older pvlab's)
 XL_DIGEST = struct.Struct("<16s32s")
 DIGEST_ALGORITHM = "sha256"
+TREE_DIGEST_NAME = "sha256-tree"
 DIGEST_CHUNK = 1 << 20
 # after the digest: where the trailer of page digests is and its own digest
 # (the algorithm's name NUL-padded, trailer offset, digests, digest)
@@ -129,6 +142,7 @@ class XlHeader:
     digest: bytes | None = None  # pvlab's integrity digest, if there is one
     digest_offset: int = 0       # where its value is in the file
     page_digests: PageDigestIndex | None = None  # where the page digests are, if anywhere
+    tree: bool = False           # the digest is the trailer's (not the whole file's)
 
     def zeroed(self) -> list[tuple[int, int]]:
         """The (offset, length) ranges the digests read as zeros: the values
@@ -141,8 +155,9 @@ class XlHeader:
 
 @dataclass(frozen=True)
 class PageDigestIndex:
-    """XL_PAGE_DIGESTS: the trailer of per-batch digests after libxl's END (one
-    per PAGE_DATA record in stream order, then the structure's digest)."""
+    """XL_PAGE_DIGESTS: the trailer of digests after libxl's END (one per
+    block of a PAGE_DATA record's pages in stream order, then the
+    structure's digest)."""
 
     trailer: int       # offset of the trailer
     count: int         # page digests in it
@@ -174,13 +189,16 @@ def write_xl_header(out: BinaryIO, config: bytes, digest: bool = True) -> int:
     that every record and page of the streams after it is 8-aligned in the
     file. Returns where the digest's value goes.
     A stream on the wire (a migration) has no digest (``digest`` False): it
-    cannot be filled in afterwards, and the transport guards the octets."""
+    cannot be filled in afterwards, and the transport guards the octets.
+    The digest's name is the tree's, unless ``out`` is a DigestWriter kept
+    to the whole-file rule."""
     config = config + b"\0"
     flags = XL_MANDATORY_FLAG_STREAMV2 | XL_MANDATORY_FLAG_JSON
     optdata = XL_CONFIG_LEN.pack(len(config)) + config
     digest_offset = out.tell() + XL_HDR.size + len(optdata) + XL_DIGEST.size - 32
     if digest:
-        optdata += XL_DIGEST.pack(DIGEST_ALGORITHM.encode(), bytes(32))
+        name = DIGEST_ALGORITHM if getattr(out, "whole", False) else TREE_DIGEST_NAME
+        optdata += XL_DIGEST.pack(name.encode(), bytes(32))
         optdata += XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, 0, 0, bytes(32))
     optdata += bytes(-len(optdata) % REC_ALIGN)
     out.write(XL_HDR.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)))
@@ -213,29 +231,35 @@ class CountingWriter:
 
 
 class DigestWriter(CountingWriter):
-    """A file being saved, hashed as it is written: the digest costs no second
-    pass over the image. Each PAGE_DATA record's pages (``write_pages``) get
-    a digest of their own, every other octet goes into the structure's.
-    ``finish`` writes the trailer of those and the digests into their places."""
+    """A file being saved, hashed as it is written, each octet once: the
+    digest costs no second pass over the image. Each block of a PAGE_DATA
+    record's pages (``write_pages``) gets a digest of its own, every other
+    octet goes into the structure's. ``finish`` writes the trailer of those,
+    and its digest (the image's) into its places. ``whole``: the older
+    rule, a digest of the whole file besides (every page hashed twice),
+    kept for the bench's comparison and for tests of older images."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, whole: bool = False) -> None:
         super().__init__(out)
         self.written = out.tell()
-        self.hash = hashlib.new(DIGEST_ALGORITHM)
+        self.whole = whole
+        self.hash = hashlib.new(DIGEST_ALGORITHM) if whole else None
         self.structure = hashlib.new(DIGEST_ALGORITHM)
         self.blocks: list[bytes] = []
         self.seconds = 0.0  # spent hashing, for the bench
 
     def write(self, data: bytes) -> int:
         t = time.perf_counter()
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         self.structure.update(data)
         self.seconds += time.perf_counter() - t
         return CountingWriter.write(self, data)
 
     def write_pages(self, data: bytes) -> int:
         t = time.perf_counter()
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         view = memoryview(data)
         self.blocks += [hashlib.new(DIGEST_ALGORITHM, view[o:o + n]).digest()
                          for o, n in digest_blocks([(0, len(data))])]
@@ -244,27 +268,29 @@ class DigestWriter(CountingWriter):
 
     def finish(self, digest_offset: int) -> None:
         """After libxl's END: the trailer, then XL_PAGE_DIGESTS' values and the
-        whole digest in the header (the zeros they replace were hashed)."""
+        image's digest in the header (the zeros they replace were hashed)."""
         trailer_at = self.out.tell()
         trailer = b"".join(self.blocks) + self.structure.digest()
-        self.hash.update(trailer)
+        root = hashlib.new(DIGEST_ALGORITHM, trailer).digest()
         CountingWriter.write(self, trailer)
         end = self.out.tell()
         self.out.seek(digest_offset + DIGEST_SIZE + 16)
         self.out.write(XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, trailer_at, len(self.blocks),
-                                       hashlib.new(DIGEST_ALGORITHM, trailer).digest())[16:])
+                                            root)[16:])
         self.out.seek(digest_offset)
-        self.out.write(self.hash.digest())
+        if self.hash is not None:
+            self.hash.update(trailer)
+            root = self.hash.digest()
+        self.out.write(root)
         self.out.seek(end)
 
 
-def seal(image: bytearray, pages: list[tuple[int, int]] | None = None,
-         end: int = 0) -> None:
-    """Write the digests of an image held in memory into it: what a tool that
-    rewrites an image on purpose (a stream converter, a test) must do last.
-    An image with page digests is given each PAGE_DATA record's pages
-    as (offset, length), in stream order, and where libxl's END ends
-    (image.seal finds them): its trailer is written anew there."""
+def seal(image: bytearray) -> None:
+    """Write the digests of an image held in memory into it, by the rule its
+    header names: what a tool that rewrites an image on purpose (a stream
+    converter, a test, even into a bad image) must do last. An image with
+    page digests gets its trailer anew after libxl's END, each PAGE_DATA
+    record found by the framing alone (page_ranges)."""
     xl = read_xl_header(io.BytesIO(image))
     if xl.digest is None:
         raise StreamError("no room for an integrity digest in the xl header")
@@ -273,19 +299,53 @@ def seal(image: bytearray, pages: list[tuple[int, int]] | None = None,
     b = xl.page_digests
     value = b""
     if b is not None:
-        if pages is None:
-            raise StreamError("an image with page digests is sealed by image.seal")
+        pages, end = page_ranges(io.BytesIO(image), xl)
         del image[end:]
         trailer = b"".join(hashlib.new(DIGEST_ALGORITHM, image[o:o + n]).digest()
                            for o, n in digest_blocks(pages))
         trailer += structure_digest(lambda o, n: image[o:o + n], end, pages)
         image += trailer
         value = XL_PAGE_DIGESTS.pack(PAGE_DIGESTS_NAME, end, len(trailer) // DIGEST_SIZE - 1,
-                                hashlib.new(DIGEST_ALGORITHM, trailer).digest())[16:]
-    whole = hashlib.new(DIGEST_ALGORITHM, image).digest()
+                                     hashlib.new(DIGEST_ALGORITHM, trailer).digest())[16:]
+    elif xl.tree:
+        raise StreamError("a hash tree's digest with no page digests to be its leaves")
+    root = value[-DIGEST_SIZE:] if xl.tree else hashlib.new(DIGEST_ALGORITHM, image).digest()
     if b is not None:
         image[b.value_offset:b.value_offset + PAGE_DIGESTS_VALUE] = value
-    image[xl.digest_offset:xl.digest_offset + DIGEST_SIZE] = whole
+    image[xl.digest_offset:xl.digest_offset + DIGEST_SIZE] = root
+
+
+def page_ranges(src: BinaryIO, xl: XlHeader) -> tuple[list[tuple[int, int]], int]:
+    """Each PAGE_DATA record's pages as (offset, length), in stream order,
+    found by the records' framing alone (libxl's records after a CHECKPOINT
+    included), and where libxl's END ends: what the page digests cover."""
+    src.seek(xl.end)
+    read_libxl_header(src, xl.end)
+    pages: list[tuple[int, int]] = []
+    while (rec := read_libxl_record(src)).type != LibxlRecType.END:
+        if rec.type == LibxlRecType.LIBXC_CONTEXT:
+            pages += _libxc_pages(src)
+    return pages, src.tell()
+
+
+def _libxc_pages(src: BinaryIO) -> list[tuple[int, int]]:
+    """page_ranges' part in the libxc stream, from ``src``'s position to its END."""
+    src.seek(IHDR.size + DHDR.size, io.SEEK_CUR)
+    out = []
+    while (rec := read_record(src, src.tell(), {RecType.PAGE_DATA: _pfn_count})
+           ).type != RecType.END:
+        if rec.type == RecType.PAGE_DATA:
+            (count,) = PAGE_DATA_HDR.unpack_from(rec.body.ljust(PAGE_DATA_HDR.size, b"\0"))
+            head = PAGE_DATA_HDR.size + 8 * count
+            out.append((rec.offset + RHDR.size + head, max(rec.length - head, 0)))
+        if rec.type == RecType.CHECKPOINT:
+            while read_libxl_record(src).type != LibxlRecType.CHECKPOINT_END:
+                pass
+    return out
+
+
+def _pfn_count(src: BinaryIO, length: int) -> bytes:
+    return src.read(min(length, PAGE_DATA_HDR.size))
 
 
 def digest_blocks(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -315,16 +375,87 @@ def structure_digest(read: Callable[[int, int], bytes | bytearray | memoryview],
     return h.digest()
 
 
-def check_digest(src: BinaryIO, xl: XlHeader, required: bool) -> None:
-    """Hash the whole file (the digest's own octets as zeros) and compare: the
-    one check that sees a changed octet of page data. One digest over the
-    file cannot say where the change is, only that there is one; the checks
-    of structure, made before this, name the record of what they see."""
+def check_digest(src: BinaryIO, xl: XlHeader, required: bool,
+                 pages: list[tuple[int, int]] | None = None) -> None:
+    """Every octet of the file against the image's digests, each hashed
+    once: for a hash tree (a new image) the trailer against the root, the
+    structure and every block of pages against the trailer; for an older
+    image, the whole file (its digest's own octets as zeros) and then the
+    blocks, if it has page digests. ``pages``: each PAGE_DATA record's
+    pages, if the caller knows them (else found by the framing). A block
+    that differs is named by its offsets; the whole file's digest cannot say
+    where the change is."""
     if xl.digest is None:
         if required:
             raise StreamError("no integrity digest in the xl header's optional data: an "
                               "image from an older pvlab, which this pvlab does not read")
         return
+    if not xl.tree:
+        _check_whole(src, xl)
+    if xl.page_digests is None:
+        if xl.tree:
+            raise StreamError("a hash tree's digest with no page digests to be its leaves")
+        return
+    trailer = read_trailer(src, xl)
+    if xl.tree and hashlib.new(DIGEST_ALGORITHM, trailer).digest() != xl.digest:
+        raise StreamError(f"offset {xl.page_digests.trailer}: the integrity digest does not "
+                          "match the page digests there: the image was changed after it was "
+                          "written")
+    if pages is None:
+        pages = page_ranges(src, xl)[0]
+    blocks = digest_blocks(pages)
+    if len(blocks) != xl.page_digests.count:
+        raise StreamError(f"offset {xl.page_digests.trailer}: {xl.page_digests.count} page "
+                          f"digests for {len(blocks)} blocks of pages")
+    if xl.tree:
+        read = _reader(src)
+        if structure_digest(read, xl.page_digests.trailer, pages, xl.zeroed()) \
+                != trailer[-DIGEST_SIZE:]:
+            raise StreamError(f"offsets 0-{xl.page_digests.trailer}, but the pages: the "
+                              "integrity digest does not match: the image was changed after "
+                              "it was written")
+    check_blocks(src, pages, trailer)
+
+
+def read_trailer(src: BinaryIO, xl: XlHeader) -> bytes:
+    """The trailer XL_PAGE_DIGESTS announces, which must end the file."""
+    b = xl.page_digests
+    assert b is not None
+    src.seek(b.trailer)
+    trailer = src.read(b.trailer_size + 1)
+    if len(trailer) != b.trailer_size:
+        raise StreamError(f"offset {b.trailer}: the page digests are not the "
+                          f"{b.trailer_size} octets XL_PAGE_DIGESTS announces there, to the "
+                          "end of the file")
+    return trailer
+
+
+def check_blocks(src: BinaryIO, pages: list[tuple[int, int]], trailer: bytes) -> None:
+    """Every block of pages against its digest in the trailer, a record's
+    pages read at once."""
+    i = 0
+    for offset, n in pages:
+        src.seek(offset)
+        data = memoryview(src.read(n))
+        for at in range(0, max(n, 1), DIGEST_BLOCK):
+            block = data[at:at + DIGEST_BLOCK]
+            if hashlib.new(DIGEST_ALGORITHM, block).digest() != \
+                    trailer[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]:
+                raise StreamError(f"offsets {offset + at}-{offset + at + len(block)}, pages of "
+                                  "a PAGE_DATA record: the integrity digest does not match: "
+                                  "the image was changed after it was written")
+            i += 1
+
+
+def _reader(src: BinaryIO) -> Callable[[int, int], bytes]:
+    def read(offset: int, length: int) -> bytes:
+        src.seek(offset)
+        return read_exact(src, length, "the image", offset)
+    return read
+
+
+def _check_whole(src: BinaryIO, xl: XlHeader) -> None:
+    """An older image's digest: the whole file, the zeroed ranges as zeros."""
     h = hashlib.new(DIGEST_ALGORITHM)
     src.seek(0)
     pos = 0
@@ -377,26 +508,27 @@ def read_xl_header(src: BinaryIO) -> XlHeader:
                           f"{XL_OPTDATA_MAX} limit")
     optdata = read_exact(src, optlen, "the xl header's optional data", XL_HDR.size)
     config = _config(optdata, mflags)
-    digest, at = _digest(optdata)
+    digest, at, tree = _digest(optdata)
     pages = _page_digests(optdata, at + DIGEST_SIZE) if digest is not None else None
     if pages is not None:
         pages = dataclasses.replace(pages, value_offset=XL_HDR.size + pages.value_offset)
     return XlHeader(mflags, oflags, config, XL_HDR.size + optlen, digest, XL_HDR.size + at,
-                    pages)
+                    pages, tree)
 
 
-def _digest(optdata: bytes) -> tuple[bytes | None, int]:
-    """pvlab's digest after the config, if there is one, and where its value
-    starts in the optional data."""
+def _digest(optdata: bytes) -> tuple[bytes | None, int, bool]:
+    """pvlab's digest after the config, if there is one, where its value
+    starts in the optional data, and whether it is a hash tree's root."""
     if len(optdata) < XL_CONFIG_LEN.size:
-        return None, 0
+        return None, 0, False
     at = XL_CONFIG_LEN.size + XL_CONFIG_LEN.unpack_from(optdata)[0]
     if len(optdata) - at < XL_DIGEST.size:
-        return None, 0
+        return None, 0, False
     name, value = XL_DIGEST.unpack_from(optdata, at)
-    if name.rstrip(b"\0") != DIGEST_ALGORITHM.encode():
-        return None, 0
-    return value, at + XL_DIGEST.size - len(value)
+    name = name.rstrip(b"\0")
+    if name not in (DIGEST_ALGORITHM.encode(), TREE_DIGEST_NAME.encode()):
+        return None, 0, False
+    return value, at + XL_DIGEST.size - len(value), name == TREE_DIGEST_NAME.encode()
 
 
 def _page_digests(optdata: bytes, at: int) -> PageDigestIndex | None:

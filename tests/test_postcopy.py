@@ -216,10 +216,11 @@ def entries(body: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_the_records_have_pvlabs_numbers_and_are_mandatory():
-    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x0117))
+    # Otto's seven, then pvlab's refusal
+    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x0118))
     assert [t.name for t in PostcopyType] == [
         "POSTCOPY_BEGIN", "POSTCOPY_PFNS_BEGIN", "POSTCOPY_PFNS", "POSTCOPY_TRANSITION",
-        "POSTCOPY_PAGE_DATA", "POSTCOPY_FAULT", "POSTCOPY_COMPLETE"]
+        "POSTCOPY_PAGE_DATA", "POSTCOPY_FAULT", "POSTCOPY_COMPLETE", "POSTCOPY_REFUSED"]
     assert not any(t & stream.REC_TYPE_OPTIONAL for t in PostcopyType)
     assert not {int(t) for t in PostcopyType} & {int(t) for t in RecType}
     assert LibxlRecType.POSTCOPY_TRANSITION_END == 6

@@ -550,9 +550,11 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
     else:
         channel = transport.accept_one(_listen(args.listen))
     if daemon is not None:
-        return xl.receive_in_daemon(daemon, channel, args.paused)
+        return xl.receive_in_daemon(daemon, channel, args.paused, not args.no_postcopy)
+    refuse = "the target does not take post-copy (--no-postcopy)" if args.no_postcopy else ""
     try:
-        got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say)
+        got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say,
+                              refuse_postcopy=refuse)
     except MigrateError as e:
         channel.close()
         print(e, file=sys.stderr)
@@ -975,6 +977,9 @@ def _add_migrate_receive(sub: Any) -> None:
                          "daemon's)")
     rx.add_argument("--in-process", action="store_true",
                     help="receive into this process even when a daemon answers")
+    rx.add_argument("--no-postcopy", action="store_true",
+                    help="refuse a post-copy migration (at its switch, before the domain "
+                         "could run here: the sender resumes its copy)")
     rx.set_defaults(func=cmd_migrate_receive)
 
 

@@ -71,7 +71,11 @@ class PostcopyType(enum.IntEnum):
     libxc-migration-stream spec, 0x10-0x16 there, which Xen has since given
     to STATIC_DATA_END and the CPU policies), beside REMUS_OUTPUT. Mandatory
     (bit 31 clear): a reader that does not know them must refuse the stream.
-    FAULT and COMPLETE go the other way, destination to source."""
+    FAULT and COMPLETE go the other way, destination to source, and so does
+    pvlab's eighth, REFUSED: a destination that cannot take post-copy says so
+    at POSTCOPY_BEGIN, before the guest could run there, so that the source
+    may resume its copy (Otto's stream has no refusal: QEMU's sides agree
+    on the capability before the migration starts)."""
 
     POSTCOPY_BEGIN = 0x0110       # empty; the CPU context records follow at once
     POSTCOPY_PFNS_BEGIN = 0x0111  # empty; the cue to set up paging
@@ -80,6 +84,7 @@ class PostcopyType(enum.IntEnum):
     POSTCOPY_PAGE_DATA = 0x0114   # PAGE_DATA's layout: pages of POSTCOPY_PFNS' pfns
     POSTCOPY_FAULT = 0x0115       # count, pfns without type bits: pages wanted now
     POSTCOPY_COMPLETE = 0x0116    # empty; every page is in
+    POSTCOPY_REFUSED = 0x0117     # pvlab's: why, in UTF-8; the guest never ran there
 
 
 # record bodies (xg_sr_stream_format.h), little-endian

@@ -11,7 +11,7 @@ set are optional: a reader skips the ones it does not know, and fails on an
 unknown mandatory one (Xen's own verifier fails on both). pvlab writes only
 Xen's types, except in two streams: a Remus stream's one type of its own,
 optional (REMUS_OUTPUT), carries the primary's output channel beside the
-epochs; a post-copy migration's seven (PostcopyType, Joshua Otto's RFC
+epochs; a post-copy migration's eight (PostcopyType, Joshua Otto's RFC
 renumbered), mandatory, switch the stream to post-copy and carry its pages
 and the destination's requests.
 In a saved image this stream sits inside libxl's, which sits inside xl's

@@ -786,7 +786,10 @@ MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon send
                 "(pre-copy rounds while it runs, then a short suspend) to `pvlab "
                 "migrate-receive` run over ssh on HOST (or, with --tcp, listening there); "
                 "once the target has started it, it is gone from here. If anything fails "
-                "the domain runs on here and the verb says why (exit 1).")
+                "the domain runs on here and the verb says why (exit 1). With --postcopy "
+                "the guest suspends where the rounds would stop, starts at the target and "
+                "its pages follow it there; a failure after that switch keeps the copy here "
+                "suspended as NAME--postcopy-inconsistent.")
 
 REMUS_HELP = ("Keep a copy of the running domain on a backup, as xl remus: the daemon "
               "sends it live to `pvlab migrate-receive -r` run over ssh on HOST (or, with "

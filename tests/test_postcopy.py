@@ -33,6 +33,7 @@ from hypervisor.toolstack.migrate import (
     MIGRATE_POSTCOPY_SYNC,
     MIGRATE_RECEIVER_BANNER,
     Channel,
+    MigrateError,
     incoming_header,
     migrate_receive,
     read_fixed_message,
@@ -432,6 +433,42 @@ def test_a_failure_before_the_switch_resumes_the_source(reference):
     assert not out.ok and out.runs_on and not out.undefined
     assert out.error == "Migration failed, resuming at sender."
     assert dom.name == "mig" and result.reason == "poweroff"
+    assert outcome(result.console.decode()) == reference
+
+
+def test_a_target_that_refuses_postcopy_before_the_transition_resumes_the_source(reference):
+    """A receiver that cannot take post-copy answers POSTCOPY_BEGIN with
+    POSTCOPY_REFUSED and builds nothing: the source, which would otherwise
+    have kept its copy as NAME--postcopy-inconsistent, resumes it, and it
+    ends here as the uninterrupted run."""
+    wire = Wire()
+    said: list[str] = []
+    refused: list[Exception] = []
+    with booting() as boot:
+        hv, dom = boot(make_config(GUEST, vcpus=2, name="mig"))
+        hv_rx = boot.bare(64, seed=2)
+
+        def target() -> None:
+            try:
+                migrate_receive(wire.rx, hv_rx, refuse_postcopy="no post-copy here")
+            except MigrateError as e:
+                refused.append(e)
+        thread = threading.Thread(target=target)
+        thread.start()
+        try:
+            result, out = migrate_at(hv, dom, AT_NS, lambda: wire.tx, PURE, until_ns=LIMIT_NS,
+                                     say=said.append)
+        finally:
+            wire.shutdown()
+            thread.join()
+        wire.close()
+        assert not hv_rx.domains  # nothing built at the target
+    assert "post-copy refused: no post-copy here" in str(refused[0])
+    assert "migration sender: the target refused post-copy: no post-copy here" in said
+    assert not out.ok and out.runs_on and not out.undefined
+    assert out.error == "Migration failed, resuming at sender."
+    assert dom.name == "mig" and result.reason == "poweroff"
+    assert out.info is not None and out.info.status == "failed"
     assert outcome(result.console.decode()) == reference
 
 

@@ -776,6 +776,8 @@ class Pager:
             line = balloonctl.postcopy_release(self.dom)
             if line:
                 self.say(f"migration target: {line}")
+            if self.left:
+                self._zero_lacking()
         domctl.mem_paging_setup(self.hv, None)
         try:
             self.link.write_record(PostcopyType.POSTCOPY_COMPLETE)
@@ -786,6 +788,18 @@ class Pager:
                      "has all its memory")
         if self.on_complete is not None:
             self.on_complete(self)
+
+    def _zero_lacking(self) -> None:
+        """A domain that wants no more pages (powered off) ends with the
+        frames of those that never came zeroed and present: nothing is
+        left absent with no pager to fill it (a reader would fail)."""
+        pfns = np.flatnonzero(self.lacks())
+        for first in range(0, pfns.size, stream.MAX_PFN_BATCH_SIZE):
+            mfns = self.p2m[pfns[first:first + stream.MAX_PFN_BATCH_SIZE]].astype(np.int64)
+            domctl.mem_paging_load(self.hv, mfns,
+                                   np.zeros((mfns.size, PAGE_SIZE // 8), np.uint64))
+        self.say(f"migration target: domain {self.dom.name} has powered off: {pfns.size} "
+                 "pages it will not read again were not fetched")
 
     def _read_end(self) -> None:
         while True:

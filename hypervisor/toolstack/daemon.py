@@ -54,6 +54,7 @@ from hypervisor.toolstack.migrate import (
     migrate_domain,
     migrate_receive,
     read_fixed_message,
+    resume_postcopy,
 )
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
@@ -178,6 +179,7 @@ class DaemonDomain:
     save: SaveInFlight | None = None
     live: LiveJob | None = None       # a live save or a migration under way
     parked: bool = False              # migrated after GO, the handshake failed: kept suspended
+    paused_postcopy: MigrateOutcome | None = None  # its post-copy dropped: for migrate --resume
     destroying: Deferred | None = None  # xl destroy while Remus runs: answered at its end
     balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
 
@@ -495,8 +497,8 @@ class Daemon:
         end (a migration's handshake is still to come)."""
         def report(info: MigrationInfo) -> None:
             job.info = info
-            if info.status == "active":
-                self._set_status(job, "active")
+            if info.status == "active" or info.status.startswith("postcopy-"):
+                self._set_status(job, info.status)
             fresh = info.rounds[job.reported:]
             for r in fresh:
                 self._emit_job("MIGRATION_PASS", job, **{"pass": r.iteration + 1})
@@ -590,7 +592,10 @@ class Daemon:
     def cmd_migrate(self, args: dict[str, Any]) -> Deferred:
         """QEMU's migrate (``uri``: tcp:HOST:PORT or exec:COMMAND) run as xl's
         migrate_domain; answered once the target has the domain, or with why
-        not (the guest then runs on here)."""
+        not (the guest then runs on here). With ``resume`` (QEMU's
+        resume=true) a paused post-copy goes on instead (``_resume``)."""
+        if _flag(args, "resume"):
+            return self._resume(args)
         d = self._movable(args)
         try:
             uri = migrateuri.check_uri(str(args["uri"]))
@@ -610,6 +615,44 @@ class Daemon:
         self._start_job(d, "migrate", work, lambda job: self._migrated(d, job, answer))
         return answer
 
+    def _resume(self, args: dict[str, Any]) -> Deferred:
+        """migrate resume=true: the domain's paused post-copy (its copy here
+        suspended, its push state kept) resumed on a new connection to
+        ``uri``: postcopy-recover-setup, postcopy-recover (the pages lost in
+        flight sent again), postcopy-active, then completed as an
+        uninterrupted one; a failure leaves it paused, resumable again."""
+        d = self._not_moving(self.find(args))
+        out = d.paused_postcopy
+        if out is None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} has no paused post-copy migration "
+                                    "to resume")
+        try:
+            uri = migrateuri.check_uri(str(args["uri"]))
+        except ValueError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        answer = Deferred()
+
+        def work(job: LiveJob) -> MigrateOutcome:
+            assert out.info is not None
+            job.info = out.info
+            try:
+                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
+            except OSError as e:
+                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
+            job.on_cancel = wire.cut
+            return resume_postcopy(self.hv, d.dom, out, self._held(wire.channel),
+                                   self._report(job), job.say)
+
+        def finish(job: LiveJob) -> None:
+            if job.result is None:  # no connection: nothing changed
+                self._set_status(job, "postcopy-paused")
+                answer.fail(GENERIC, f"{job.error}; the post-copy of {d.dom.name} stays "
+                                     "paused, resumable again")
+                return
+            self._migrated(d, job, answer)
+        self._start_job(d, "migrate", work, finish)
+        return answer
+
     def _held(self, ch: Channel) -> Channel:
         """The channel with the machine given back while it is read, written, closed."""
         m = self.machine
@@ -626,6 +669,14 @@ class Daemon:
             self._set_status(job, "completed")
             answer.resolve({})
             self._forget(d)
+            return
+        if out is not None and out.undefined and out.postcopy is not None:
+            d.parked, d.paused_postcopy = True, out  # QEMU's postcopy-paused: never resumed here
+            job.error = out.error.splitlines()[0]
+            self._set_status(job, "postcopy-paused")
+            answer.fail(GENERIC, f"{_cause(job.lines)}; the post-copy is paused, the domain "
+                                 f"kept suspended here as {d.dom.name}: resume it with "
+                                 f"pvlab migrate --resume {d.dom.domid} HOST:PORT")
             return
         if out is not None and out.undefined:
             d.parked = True   # neither resumed nor destroyed: a person decides (xl's way)
@@ -833,7 +884,7 @@ class Daemon:
             "domain-save": (self.cmd_save, {"domain": dom, "file": path, "checkpoint": flag,
                                             "paused": flag, "live": flag}),
             "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
-            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path}),
+            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path, "resume": flag}),
             "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag}),
             "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),
             "remus": (self.cmd_remus, {"domain": dom, "uri": path,

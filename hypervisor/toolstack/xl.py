@@ -248,11 +248,11 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     """xl migrate: the daemon runs xl's migrate_domain to the uri the flags
     make; xl's lines and, on a terminal, a progress line per round come as
     events; a failure is one line (the guest runs on here)."""
-    uri = migrate_uri(args)
+    uri = resume_uri(args) if args.resume else migrate_uri(args)
     info = _info(d, args.domain)
     try:
-        d.execute("migrate", {"domain": info["domid"], "uri": uri}, timeout=LONG_WAIT_S,
-                  on_event=live_progress(info["domid"], args))
+        d.execute("migrate", {"domain": info["domid"], "uri": uri, "resume": args.resume},
+                  timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
     except KeyboardInterrupt:
         raise XlError(_cancel(d, info)) from None
     except qmp.QmpError as e:
@@ -274,6 +274,19 @@ def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
     except (qmp.QmpError, OSError) as e:
         return f"interrupted; cancelling the job of {name} failed: {e}"
     return f"interrupted: the job of {name} is cancelled; the domain runs on"
+
+
+def resume_uri(args: argparse.Namespace) -> str:
+    """--resume's uri: the target's ``pvlab migrate-receive`` waits for it on
+    TCP (its --listen or --recover address), given as HOST:PORT or --tcp."""
+    where = args.tcp if args.tcp is not None else args.host
+    if where is None or (args.tcp is not None and args.host is not None):
+        raise BadInput("--resume: give the HOST:PORT the target waits on (once)")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--resume {where}: give HOST:PORT, where the target waits for the "
+                       "resume")
+    return f"tcp:{where}"
 
 
 def migrate_uri(args: argparse.Namespace) -> str:
@@ -696,6 +709,11 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="each round's query-migrate fields as a JSON line on stdout, then "
                         "the final ones")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the domain's post-copy migration that a dropped "
+                        "connection paused (QEMU's migrate resume=true): HOST is then the "
+                        "HOST:PORT where the target's migrate-receive waits (its --listen "
+                        "or --recover address)")
 
 
 def _remus_args(p: argparse.ArgumentParser) -> None:
@@ -759,7 +777,9 @@ MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon send
                 "(pre-copy rounds while it runs, then a short suspend) to `pvlab "
                 "migrate-receive` run over ssh on HOST (or, with --tcp, listening there); "
                 "once the target has started it, it is gone from here. If anything fails "
-                "the domain runs on here and the verb says why (exit 1).")
+                "the domain runs on here and the verb says why (exit 1). A post-copy "
+                "migration whose connection dropped is paused, its copy here kept "
+                "suspended: --resume DOM HOST:PORT goes on with it.")
 
 REMUS_HELP = ("Keep a copy of the running domain on a backup, as xl remus: the daemon "
               "sends it live to `pvlab migrate-receive -r` run over ssh on HOST (or, with "

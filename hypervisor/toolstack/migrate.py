@@ -25,7 +25,11 @@ transition, and once every page is there the target says "postcopy
 migration completed successfully" (with its NUL), renames its copy NAME and
 the sender destroys its own. A failure after the transition can leave the
 guest running at the target: the sender keeps its copy suspended, renamed
-NAME--postcopy-inconsistent, says Otto's warning and never resumes it.
+NAME--postcopy-inconsistent, says Otto's warning and never resumes it. A
+dropped connection pauses both sides (QEMU's postcopy-paused) and a new one
+resumes the post-copy: the receiver's banner, then postcopy.py's resume
+handshake (``resume_postcopy``, ``push_postcopy`` at the sender;
+``receive_resume``, ``postcopy_recovery`` at the receiver).
 Every failure before the point of no return leaves the guest running at the
 source (resumed cancelled if it had suspended, THAW) and nothing at the
 target; after it the sender says xl's warning and keeps its copy renamed and

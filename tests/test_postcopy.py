@@ -217,11 +217,12 @@ def entries(body: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_the_records_have_pvlabs_numbers_and_are_mandatory():
-    # Otto's seven, then pvlab's refusal
-    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x0118))
+    # Otto's seven, then pvlab's two of a resume and its refusal
+    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x011A))
     assert [t.name for t in PostcopyType] == [
         "POSTCOPY_BEGIN", "POSTCOPY_PFNS_BEGIN", "POSTCOPY_PFNS", "POSTCOPY_TRANSITION",
-        "POSTCOPY_PAGE_DATA", "POSTCOPY_FAULT", "POSTCOPY_COMPLETE", "POSTCOPY_REFUSED"]
+        "POSTCOPY_PAGE_DATA", "POSTCOPY_FAULT", "POSTCOPY_COMPLETE", "POSTCOPY_RESUME",
+        "POSTCOPY_RECV_BITMAP", "POSTCOPY_REFUSED"]
     assert not any(t & stream.REC_TYPE_OPTIONAL for t in PostcopyType)
     assert not {int(t) for t in PostcopyType} & {int(t) for t in RecType}
     assert LibxlRecType.POSTCOPY_TRANSITION_END == 6
@@ -344,6 +345,7 @@ def demand_only(wire: Wire, hv, dom, at_ns: int, snapshot: dict) -> None:
     postcopy.push(postcopy.DomainPages(hv, dom, ls.p2m), link, src, background=False)
     postcopy.end_stream(link)
     assert link.read_exactly(len(MIGRATE_POSTCOPY_SYNC)) == MIGRATE_POSTCOPY_SYNC
+    snapshot["ended"] = src.remaining()  # the pages never sent
 
 
 def demand_migration(paused: bool, at_ns: int = AT_NS) -> dict:
@@ -377,19 +379,23 @@ def demand_migration(paused: bool, at_ns: int = AT_NS) -> dict:
         p2m = pager.p2m.astype(np.int64)
         here = np.asarray(domctl.map_foreign_bulk(hv_rx, rx.dom, p2m[p2m >= 0])).copy()
         return {"stats": stats, "after": after, "snap": snap, "p2m": p2m, "here": here,
+                "left": pager.left, "done": pager.done,
                 "m2p": domctl.map_m2p(hv_rx).copy(), "source": bytes(dom.console_out)}
 
 
 def test_a_guest_whose_pages_are_all_absent_has_its_faults_served(reference):
     """Demand paging alone: every page the guest touches is asked for, and
-    the guest ends as the uninterrupted run."""
+    the guest ends as the uninterrupted run. It powers off with pages it
+    never touched: the drain asks for none of them (COMPLETE at once), and
+    the source ends cleanly with them unsent."""
     m = demand_migration(paused=False)
     (absent, fetched, calls), faults, faulted, pushed, requests = m["stats"]
     assert m["after"].reason == "poweroff"
     assert outcome(m["source"].decode() + m["after"].console.decode()) == reference
     assert pushed == 0 and faulted > 0 and requests > 0
     assert fetched >= faulted and calls >= requests and sum(faults.values()) > 0
-    assert absent > 0  # pages it never touched, asked for by the drain
+    assert absent > 0  # pages it never touched
+    assert m["done"] and m["left"] == m["snap"]["ended"] > 0
 
 
 def test_the_frames_hold_the_sources_pages():

@@ -56,6 +56,7 @@ from hypervisor.toolstack.migrate import (
     migrate_domain,
     migrate_receive,
     read_fixed_message,
+    resume_postcopy,
 )
 from hypervisor.toolstack.postcopy import Pager, PostcopyPaused
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
@@ -184,6 +185,7 @@ class DaemonDomain:
     save: SaveInFlight | None = None
     live: LiveJob | None = None       # a live save or a migration under way
     parked: bool = False              # migrated after GO, the handshake failed: kept suspended
+    paused_postcopy: MigrateOutcome | None = None  # its post-copy dropped: for migrate --resume
     destroying: Deferred | None = None  # xl destroy while Remus runs: answered at its end
     balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
 
@@ -514,7 +516,7 @@ class Daemon:
         end (a migration's handshake is still to come)."""
         def report(info: MigrationInfo) -> None:
             job.info = info
-            if info.status in ("active", "postcopy-active", "postcopy-paused"):
+            if info.status == "active" or info.status.startswith("postcopy-"):
                 self._set_status(job, info.status)
             fresh = info.rounds[job.reported:]
             for r in fresh:
@@ -613,7 +615,11 @@ class Daemon:
         --postcopy): switch to post-copy where the pre-copy policy stops;
         ``precopy-iterations``: at most that many rounds (0 with postcopy: a
         pure post-copy). With the postcopy-ram capability on, or
-        ``postcopy``, migrate-start-postcopy switches at the next round."""
+        ``postcopy``, migrate-start-postcopy switches at the next round.
+        With ``resume`` (QEMU's resume=true) a paused post-copy goes on
+        instead (``_resume``)."""
+        if _flag(args, "resume"):
+            return self._resume(args)
         d = self._movable(args)
         try:
             uri = migrateuri.check_uri(str(args["uri"]))
@@ -676,6 +682,44 @@ class Daemon:
         self.capabilities = new
         return {}
 
+    def _resume(self, args: dict[str, Any]) -> Deferred:
+        """migrate resume=true: the domain's paused post-copy (its copy here
+        suspended, its push state kept) resumed on a new connection to
+        ``uri``: postcopy-recover-setup, postcopy-recover (the pages lost in
+        flight sent again), postcopy-active, then completed as an
+        uninterrupted one; a failure leaves it paused, resumable again."""
+        d = self._not_moving(self.find(args))
+        out = d.paused_postcopy
+        if out is None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} has no paused post-copy migration "
+                                    "to resume")
+        try:
+            uri = migrateuri.check_uri(str(args["uri"]))
+        except ValueError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        answer = Deferred()
+
+        def work(job: LiveJob) -> MigrateOutcome:
+            assert out.info is not None
+            job.info = out.info
+            try:
+                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
+            except OSError as e:
+                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
+            job.on_cancel = wire.cut
+            return resume_postcopy(self.hv, d.dom, out, self._held(wire.channel),
+                                   self._report(job), job.say)
+
+        def finish(job: LiveJob) -> None:
+            if job.result is None:  # no connection: nothing changed
+                self._set_status(job, "postcopy-paused")
+                answer.fail(GENERIC, f"{job.error}; the post-copy of {d.dom.name} stays "
+                                     "paused, resumable again")
+                return
+            self._migrated(d, job, answer)
+        self._start_job(d, "migrate", work, finish)
+        return answer
+
     def _held(self, ch: Channel) -> Channel:
         """The channel with the machine given back while it is read, written, closed."""
         m = self.machine
@@ -692,6 +736,14 @@ class Daemon:
             self._set_status(job, "completed")
             answer.resolve({})
             self._forget(d)
+            return
+        if out is not None and out.undefined and out.postcopy is not None:
+            d.parked, d.paused_postcopy = True, out  # QEMU's postcopy-paused: never resumed here
+            job.error = out.error.splitlines()[0]
+            self._set_status(job, "postcopy-paused")
+            answer.fail(GENERIC, f"{_cause(job.lines)}; the post-copy is paused, the domain "
+                                 f"kept suspended here as {d.dom.name}: resume it with "
+                                 f"pvlab migrate --resume {d.dom.domid} HOST:PORT")
             return
         if out is not None and out.undefined:
             d.parked = True   # neither resumed nor destroyed: a person decides (xl's way)
@@ -980,7 +1032,8 @@ class Daemon:
                                             "paused": flag, "live": flag}),
             "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
             "migrate": (self.cmd_migrate, {"domain": dom, "uri": path, "postcopy": flag,
-                                           "precopy-iterations": Param((int,), False)}),
+                                           "precopy-iterations": Param((int,), False),
+                                           "resume": flag}),
             "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag,
                                                              "postcopy": flag}),
             "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),

@@ -36,12 +36,19 @@ slices it loads what has arrived without waiting. The per-pfn states are
 Otto's: outstanding, requested, ready.
 
 A connection that drops after the transition leaves a guest in two halves:
-its memory partly at the source, its state at the destination. The
-destination pauses its domain and keeps it (QEMU's postcopy-paused); the
-source keeps its copy suspended, renamed NAME--postcopy-inconsistent, and
-never resumes it. The pager's ``link`` can be replaced and its wait retried
-(``Pager.replace_link``), and the source's loop resumed from its
-``PostcopySource`` on a new connection.
+its memory partly at the source, its state at the destination. Both sides
+pause (QEMU's postcopy-paused): the destination pauses its domain and keeps
+it; the source keeps its copy suspended, renamed NAME--postcopy-inconsistent,
+and never resumes it. Recovery is a new connection and a handshake on it
+(QEMU's postcopy recovery, ``loadvm_postcopy_handle_resume`` and
+``ram_dirty_bitmap_reload``, in pvlab's two records):
+
+    POSTCOPY_RESUME      source -> destination: the domain's name
+    POSTCOPY_RECV_BITMAP destination -> source: a bit per pfn, the pages it
+                         still lacks; the source sends again those it had
+                         sent (lost in flight: ``resume_source``), the
+                         destination asks again for those it had asked for
+                         (``Pager.replace_link``), and the push goes on.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ import numpy as np
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.public.sched import SHUTDOWN_poweroff, SHUTDOWN_reboot
 from hypervisor.public.xen import PAGE_SIZE, start_info
 from hypervisor.toolstack import balloonctl, libxl, pfinfo, savefile, stream
 from hypervisor.toolstack.image import ImageError
@@ -201,6 +209,25 @@ def read_pfn_record(rec: stream.Record, nr_pfns: int) -> np.ndarray:
         raise StreamError(f"offset {rec.offset}: {rec.name} names a pfn beyond the "
                           f"domain's {nr_pfns}")
     return pfns.astype(np.int64)
+
+
+def bitmap_record(lacks: np.ndarray) -> bytes:
+    """A POSTCOPY_RECV_BITMAP's body: the number of pfns, then a bit per pfn
+    (least significant first), set for each page still lacked."""
+    bits = np.packbits(lacks.astype(bool), bitorder="little").tobytes()
+    return stream.RECV_BITMAP_HDR.pack(lacks.size) + bits
+
+
+def read_bitmap_record(rec: stream.Record, nr_pfns: int) -> np.ndarray:
+    """A POSTCOPY_RECV_BITMAP's bits as bool per pfn, checked against ``nr_pfns``."""
+    if len(rec.body) < stream.RECV_BITMAP_HDR.size:
+        raise StreamError(f"offset {rec.offset}: {rec.name} shorter than its header")
+    (count,) = stream.RECV_BITMAP_HDR.unpack_from(rec.body)
+    if count != nr_pfns or len(rec.body) != stream.RECV_BITMAP_HDR.size + (count + 7) // 8:
+        raise StreamError(f"offset {rec.offset}: {rec.name} of {count} pfns, "
+                          f"{len(rec.body)} octets long, for a domain of {nr_pfns}")
+    bits = np.frombuffer(rec.body, np.uint8, offset=stream.RECV_BITMAP_HDR.size)
+    return np.unpackbits(bits, count=count, bitorder="little").astype(bool)
 
 
 def read_typed_pfns(rec: stream.Record, with_pages: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -371,6 +398,29 @@ def _write_switch(ls: LiveSave, todo: np.ndarray) -> PostcopySource:
     pending = np.zeros(ls.p2m.size, bool)
     pending[rest] = ~np.isin(pfinfo.nibble(types[rest]), list(pfinfo.NO_DATA))
     return PostcopySource.of(pending, ls.info)
+
+
+def resume_source(link: Link, src: PostcopySource, name: str) -> tuple[int, int]:
+    """The source's side of a resume on a new connection: POSTCOPY_RESUME
+    for ``name``, then the destination's POSTCOPY_RECV_BITMAP. The pages it
+    lacks that were sent are to send again (lost in flight, QEMU's
+    ram_dirty_bitmap_reload); faults asked for and lost it asks for again.
+    Returns (pages lacked, of them sent before). StreamError or Dropped if
+    the destination does not answer so."""
+    link.write_record(PostcopyType.POSTCOPY_RESUME, name.encode())
+    rec = link.read_record(block=True)
+    assert rec is not None
+    if rec.type != PostcopyType.POSTCOPY_RECV_BITMAP:
+        raise StreamError(f"{rec.name} from the destination, expected POSTCOPY_RECV_BITMAP")
+    lacks = read_bitmap_record(rec, src.pending.size)
+    if (lacks & ~src.sent & ~src.pending).any():
+        raise StreamError("the destination lacks pages that are none of the post-copy's")
+    lost = src.sent & lacks
+    src.pending |= lost
+    src.sent &= ~lost
+    src.asked, src.complete = [], False
+    src.info.remaining = src.remaining() * PAGE_SIZE
+    return int(lacks.sum()), int(lost.sum())
 
 
 def serve_requests(link: Link, src: PostcopySource, block: bool) -> None:
@@ -555,10 +605,12 @@ class Incoming:
 class Pager:
     """The destination's pager of a post-copy (Otto's restore side, QEMU's
     fault thread and listen thread in one): each post-copy pfn outstanding,
-    then requested when a fetch asks for it, then ready. ``link`` may be
-    replaced (``replace_link``) after a drop, and the wait goes on (a
-    waiting fetch asks ``recover`` for it). ``on_complete`` is called once
-    every page is in and the stream ended."""
+    then requested when a fetch asks for it, then ready. After a drop the
+    domain is paused and ``recover`` (if set) is asked for a new link, one
+    that has been through the resume handshake (``accept_resume``); the
+    pager takes it (``replace_link``) and whatever waited goes on: a
+    fetch, the loads between slices, the drain. ``on_complete`` is called
+    once every page is in and the stream ended."""
 
     def __init__(self, hv: Hypervisor, dom: Domain, p2m: np.ndarray, pfns: np.ndarray,
                  link: Link, say: Callable[[str], None] | None = None) -> None:
@@ -570,7 +622,9 @@ class Pager:
         self.requests = self.faulted = self.pushed = self.dropped = 0
         self.blocked_ns = 0   # host time fetches waited (QEMU's postcopy-blocktime)
         self.paused = self.done = False
+        self.held = False  # the drop paused a running domain: a resume unpauses it
         self.why = ""
+        self.drops = 0
         self.on_complete: Callable[[Pager], None] | None = None
         # a drop while a fetch waits: a new link to go on with, or None
         self.recover: Callable[[Pager], Link | None] | None = None
@@ -597,11 +651,8 @@ class Pager:
                     self._wait(pfns)
                     return
                 except (Dropped, StreamError) as e:
-                    self._paused(str(e))
-                    link = self.recover(self) if self.recover is not None else None
-                    if link is None:
+                    if not self._recovered(str(e)):
                         raise PostcopyPaused(self.why) from None
-                    self.replace_link(link)
         finally:
             self.fetching = np.zeros(0, np.int64)
             self.blocked_ns += time.monotonic_ns() - t0
@@ -629,7 +680,7 @@ class Pager:
             while (limit is None or taken < limit) and self._take(block=False):
                 taken += 1
         except (Dropped, StreamError) as e:
-            self._paused(str(e))
+            self._recovered(str(e))
             return
         if not self.left:
             self.finish()
@@ -671,40 +722,99 @@ class Pager:
         if self.paused:
             return
         self.paused = True
+        self.drops += 1
         self.why = (f"migration target: the connection to the source dropped during "
                     f"post-copy ({why}); domain {self.dom.name} paused with {self.left} "
                     "pages still at the source")
-        if self.dom.domid in self.hv.domains:
+        alive = self.dom.domid in self.hv.domains
+        self.held = alive and not self.dom.paused
+        if alive:
             libxl.pause(self.dom)
         self.say(self.why)
 
+    def _recovered(self, why: str) -> bool:
+        """After a drop: paused, then a new link from ``recover`` taken (a
+        drop on it at once asks for another). False if none came: the
+        domain stays paused."""
+        self._paused(why)
+        while self.recover is not None:
+            link = self.recover(self)
+            if link is None:
+                return False
+            try:
+                self.replace_link(link)
+                return True
+            except Dropped as e:
+                self.say(f"migration target: the resumed connection dropped at once ({e})")
+        return False
+
+    def lacks(self) -> np.ndarray:
+        """Bool per pfn: the post-copy's pages not in yet (QEMU's RECV_BITMAP, negated)."""
+        return (self.state == OUTSTANDING) | (self.state == REQUESTED)
+
+    def accept_resume(self, link: Link, name: str) -> None:
+        """The destination's side of the resume handshake on a new
+        connection: the source's POSTCOPY_RESUME for ``name``, answered with
+        POSTCOPY_RECV_BITMAP of the pages still lacked. StreamError (or
+        Dropped) if it is not that; the caller then closes the connection,
+        the source's sign of a refusal."""
+        rec = link.read_record(block=True)
+        assert rec is not None
+        if rec.type != PostcopyType.POSTCOPY_RESUME:
+            raise StreamError(f"offset {rec.offset}: {rec.name}, expected POSTCOPY_RESUME")
+        if rec.body != name.encode():
+            raise StreamError(f"a resume of domain {rec.body.decode(errors='replace')!r}, "
+                              f"not {name!r}")
+        if not self.paused or self.done:
+            raise StreamError(f"the post-copy of {name} is not paused")
+        link.write_record(PostcopyType.POSTCOPY_RECV_BITMAP, bitmap_record(self.lacks()))
+
     def replace_link(self, link: Link) -> None:
-        """A new connection to the source (recovery): the pfns asked for and
-        not come are asked again, the domain unpaused, the wait goes on."""
-        self.link, self.paused, self.why = link, False, ""
+        """A new connection to the source (recovery, after ``accept_resume``
+        on it): the pfns asked for and not come are asked again, the domain
+        unpaused (if the drop paused it), the wait goes on. Dropped if the
+        new connection fails at once: still paused."""
+        self.link = link
         lost = np.flatnonzero(self.state == REQUESTED)
         if lost.size:
             self.state[lost] = OUTSTANDING
             self._ask(lost)
-        libxl.unpause(self.dom)
+        self.paused, self.why = False, ""
+        if self.held and self.dom.domid in self.hv.domains:
+            libxl.unpause(self.dom)
+        self.held = False
+
+    def wants_pages(self) -> bool:
+        """Whether the domain still needs its memory: not once it is gone,
+        powered off or rebooting (nothing reads its old memory again); a
+        suspended or crashed one does (a save, a core dump reads it)."""
+        return self.dom.domid in self.hv.domains and \
+            self.dom.shutdown_reason not in (SHUTDOWN_poweroff, SHUTDOWN_reboot)
 
     def drain(self) -> None:
-        """Every page in (the caller's run has ended): those not yet asked
-        for asked now, then waited for; then the end. A domain gone
-        meanwhile needs none: the end at once."""
+        """The caller's run has ended: if the domain still wants its
+        memory (``wants_pages``), every page not yet asked for is asked for
+        now and all are waited for; then the end (COMPLETE: the source
+        stops pushing). A drop meanwhile is recovered as a fetch's is, or
+        leaves the domain paused."""
         if self.done or self.paused:
             return
-        try:
-            if self.dom.domid in self.hv.domains:
-                rest = np.flatnonzero(self.state == OUTSTANDING)
-                for first in range(0, rest.size, stream.MAX_PFN_BATCH_SIZE):
-                    self._ask(rest[first:first + stream.MAX_PFN_BATCH_SIZE])
-            while self.left and self.dom.domid in self.hv.domains:
-                self._take(block=True)
-        except (Dropped, StreamError) as e:
-            self._paused(str(e))
-            return
+        while True:
+            try:
+                self._drain()
+                break
+            except (Dropped, StreamError) as e:
+                if not self._recovered(str(e)):
+                    return
         self.finish()
+
+    def _drain(self) -> None:
+        if self.wants_pages():
+            rest = np.flatnonzero(self.state == OUTSTANDING)
+            for first in range(0, rest.size, stream.MAX_PFN_BATCH_SIZE):
+                self._ask(rest[first:first + stream.MAX_PFN_BATCH_SIZE])
+        while self.left and self.wants_pages():
+            self._take(block=True)
 
     def finish(self) -> None:
         """The last page is in (or no longer wanted): the balloon's inhibit
@@ -716,6 +826,8 @@ class Pager:
             line = balloonctl.postcopy_release(self.dom)
             if line:
                 self.say(f"migration target: {line}")
+            if self.left:
+                self._zero_lacking()
         domctl.mem_paging_setup(self.hv, None)
         try:
             self.link.write_record(PostcopyType.POSTCOPY_COMPLETE)
@@ -726,6 +838,18 @@ class Pager:
                      "has all its memory")
         if self.on_complete is not None:
             self.on_complete(self)
+
+    def _zero_lacking(self) -> None:
+        """A domain that wants no more pages (powered off) ends with the
+        frames of those that never came zeroed and present: nothing is
+        left absent with no pager to fill it (a reader would fail)."""
+        pfns = np.flatnonzero(self.lacks())
+        for first in range(0, pfns.size, stream.MAX_PFN_BATCH_SIZE):
+            mfns = self.p2m[pfns[first:first + stream.MAX_PFN_BATCH_SIZE]].astype(np.int64)
+            domctl.mem_paging_load(self.hv, mfns,
+                                   np.zeros((mfns.size, PAGE_SIZE // 8), np.uint64))
+        self.say(f"migration target: domain {self.dom.name} has powered off: {pfns.size} "
+                 "pages it will not read again were not fetched")
 
     def _read_end(self) -> None:
         while True:
@@ -742,6 +866,7 @@ class Pager:
                               "expected libxl's END")
 
 
-__all__ = ["DomainPages", "Dropped", "Incoming", "Link", "PageSource", "Pager", "Refused",
-           "refusal", "refuse",
-           "PostcopyPaused", "PostcopySource", "end_stream", "push", "switch_to_postcopy"]
+__all__ = ["DomainPages", "Dropped", "Incoming", "Link", "PageSource", "Pager",
+           "PostcopyPaused", "PostcopySource", "Refused", "bitmap_record", "end_stream",
+           "push", "read_bitmap_record", "refusal", "refuse", "resume_source",
+           "switch_to_postcopy"]

@@ -248,10 +248,11 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     """xl migrate: the daemon runs xl's migrate_domain to the uri the flags
     make; xl's lines and, on a terminal, a progress line per round come as
     events; a failure is one line (the guest runs on here)."""
-    uri = migrate_uri(args)
+    uri = resume_uri(args) if args.resume else migrate_uri(args)
     info = _info(d, args.domain)
     try:
-        d.execute("migrate", {"domain": info["domid"], "uri": uri, **postcopy_args(args)},
+        d.execute("migrate", {"domain": info["domid"], "uri": uri, "resume": args.resume,
+                              **postcopy_args(args)},
                   timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
     except KeyboardInterrupt:
         raise XlError(_cancel(d, info)) from None
@@ -288,6 +289,19 @@ def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
     except (qmp.QmpError, OSError) as e:
         return f"interrupted; cancelling the job of {name} failed: {e}"
     return f"interrupted: the job of {name} is cancelled; the domain runs on"
+
+
+def resume_uri(args: argparse.Namespace) -> str:
+    """--resume's uri: the target's ``pvlab migrate-receive`` waits for it on
+    TCP (its --listen or --recover address), given as HOST:PORT or --tcp."""
+    where = args.tcp if args.tcp is not None else args.host
+    if where is None or (args.tcp is not None and args.host is not None):
+        raise BadInput("--resume: give the HOST:PORT the target waits on (once)")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--resume {where}: give HOST:PORT, where the target waits for the "
+                       "resume")
+    return f"tcp:{where}"
 
 
 def migrate_uri(args: argparse.Namespace) -> str:
@@ -723,6 +737,11 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precopy-iterations", metavar="N", type=int,
                    help="at most N pre-copy rounds (Xen's 5 by default; 0 with --postcopy: "
                         "a pure post-copy, no round)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the domain's post-copy migration that a dropped "
+                        "connection paused (QEMU's migrate resume=true): HOST is then the "
+                        "HOST:PORT where the target's migrate-receive waits (its --listen "
+                        "or --recover address)")
 
 
 def _remus_args(p: argparse.ArgumentParser) -> None:
@@ -789,7 +808,8 @@ MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon send
                 "the domain runs on here and the verb says why (exit 1). With --postcopy "
                 "the guest suspends where the rounds would stop, starts at the target and "
                 "its pages follow it there; a failure after that switch keeps the copy here "
-                "suspended as NAME--postcopy-inconsistent.")
+                "suspended as NAME--postcopy-inconsistent, and a dropped connection pauses "
+                "the migration: --resume DOM HOST:PORT goes on with it.")
 
 REMUS_HELP = ("Keep a copy of the running domain on a backup, as xl remus: the daemon "
               "sends it live to `pvlab migrate-receive -r` run over ssh on HOST (or, with "

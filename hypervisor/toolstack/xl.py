@@ -251,7 +251,8 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     uri = resume_uri(args) if args.resume else migrate_uri(args)
     info = _info(d, args.domain)
     try:
-        d.execute("migrate", {"domain": info["domid"], "uri": uri, "resume": args.resume,
+        d.execute("migrate", {"domain": info["domid"], "uri": uri,
+                              **({"resume": True} if args.resume else {}),
                               **postcopy_args(args)},
                   timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
     except KeyboardInterrupt:

@@ -575,7 +575,7 @@ class Pager:
         self.state[pfns] = OUTSTANDING
         self.left = int(pfns.size)
         self.fetching = np.zeros(0, np.int64)
-        self.requests = self.faulted = self.pushed = self.dropped = 0
+        self.requests = self.faulted = self.pushed = self.dropped = self.unfetched = 0
         self.paused = self.done = False
         self.held = False  # the drop paused a running domain: a resume unpauses it
         self.unfinished = False  # every page in, the stream's end interrupted
@@ -829,7 +829,7 @@ class Pager:
             domctl.mem_paging_load(self.hv, mfns,
                                    np.zeros((mfns.size, PAGE_SIZE // 8), np.uint64))
         self.state[pfns] = READY
-        self.left = 0
+        self.left, self.unfetched = 0, int(pfns.size)
         self.say(f"migration target: domain {self.dom.name} has ended: {pfns.size} pages it "
                  "will not read again were not fetched")
 

@@ -379,7 +379,7 @@ def demand_migration(paused: bool, at_ns: int = AT_NS) -> dict:
         p2m = pager.p2m.astype(np.int64)
         here = np.asarray(domctl.map_foreign_bulk(hv_rx, rx.dom, p2m[p2m >= 0])).copy()
         return {"stats": stats, "after": after, "snap": snap, "p2m": p2m, "here": here,
-                "left": pager.left, "done": pager.done,
+                "unfetched": pager.unfetched, "done": pager.done,
                 "m2p": domctl.map_m2p(hv_rx).copy(), "source": bytes(dom.console_out)}
 
 
@@ -395,7 +395,7 @@ def test_a_guest_whose_pages_are_all_absent_has_its_faults_served(reference):
     assert pushed == 0 and faulted > 0 and requests > 0
     assert fetched >= faulted and calls >= requests and sum(faults.values()) > 0
     assert absent > 0  # pages it never touched
-    assert m["done"] and m["left"] == m["snap"]["ended"] > 0
+    assert m["done"] and m["unfetched"] == m["snap"]["ended"] > 0
 
 
 def test_the_frames_hold_the_sources_pages():

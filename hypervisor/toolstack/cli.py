@@ -590,7 +590,8 @@ def _receive_here(args: argparse.Namespace, hv: Hypervisor | None, listening: An
     elif recovery is not None:
         where = "{}:{}".format(*recovery.getsockname()[:2])
         pager = got.postcopy
-        pager.recover = postcopy_recovery(lambda: transport.accept_next(recovery), where, _say)
+        pager.recover = postcopy_recovery(lambda t: transport.accept_next(recovery, t), where,
+                                          _say)
         complete = pager.on_complete
 
         def done(p: Any) -> None:

@@ -100,6 +100,7 @@ Connect = Callable[[], "Channel"]
 # a scripted source's resumes of a dropped post-copy at the same target
 RESUME_TRIES = 3
 RESUME_WAIT_S = 1.0   # between two tries (host time)
+END_WAIT_S = 30.0     # a target with every page waits this long for a resume to end the stream
 
 
 class MigrateError(Exception):
@@ -345,7 +346,7 @@ def push_postcopy(s: _Sender, link: postcopy.Link, report: Report | None,
     while True:
         try:
             postcopy.push(out.pages, link, out.postcopy, report)
-            return _postcopy_complete(s, link, report)
+            return _postcopy_complete(s, link, report, reconnect)
         except postcopy.Refused as e:
             return _refused(s, str(e), report)
         except (postcopy.Dropped, StreamError, SaveError) as e:
@@ -400,6 +401,12 @@ def _resume(s: _Sender, connect: Connect, report: Report | None) -> postcopy.Lin
     return link
 
 
+def _end_stream(s: _Sender, link: postcopy.Link) -> None:
+    postcopy.end_stream(link)
+    if link.read_exactly(len(MIGRATE_POSTCOPY_SYNC)) != MIGRATE_POSTCOPY_SYNC:
+        s.say("migration sender: the target's word after post-copy is not xl's")
+
+
 def resume_postcopy(hv: Hypervisor, dom: Domain, out: MigrateOutcome, ch: Channel,
                     report: Report | None = None, say: Say | None = None) -> MigrateOutcome:
     """``migrate --resume``: a paused post-copy (``out``, the failed
@@ -419,16 +426,23 @@ def resume_postcopy(hv: Hypervisor, dom: Domain, out: MigrateOutcome, ch: Channe
     return push_postcopy(s, link, report)
 
 
-def _postcopy_complete(s: _Sender, link: postcopy.Link,
-                       report: Report | None) -> MigrateOutcome:
+def _postcopy_complete(s: _Sender, link: postcopy.Link, report: Report | None,
+                       reconnect: Connect | None = None) -> MigrateOutcome:
     """The target has every page: END, its word (tidiness, Otto's xl), the
-    copy here destroyed."""
+    copy here destroyed. If the END may not have reached it, one resume
+    (with ``reconnect``) lets it end its side rather than wait."""
     try:
-        postcopy.end_stream(link)
-        if link.read_exactly(len(MIGRATE_POSTCOPY_SYNC)) != MIGRATE_POSTCOPY_SYNC:
-            s.say("migration sender: the target's word after post-copy is not xl's")
+        _end_stream(s, link)
     except postcopy.Dropped as e:
         s.say(f"migration sender: after post-copy: {e}")
+        again = _resume(s, reconnect, report) if reconnect is not None else None
+        if again is not None:
+            assert s.out.pages is not None and s.out.postcopy is not None
+            try:  # nothing is left to send: the target's COMPLETE, then the end
+                postcopy.push(s.out.pages, again, s.out.postcopy)
+                _end_stream(s, again)
+            except (postcopy.Dropped, StreamError) as e:
+                s.say(f"migration sender: after post-copy: {e}")
     libxl.destroy_domain(s.hv, s.dom)
     out = s.out
     out.postcopy = out.pages = None
@@ -708,21 +722,25 @@ def receive_resume(ch: Channel, pager: postcopy.Pager, say: Say | None = None
     return link
 
 
-def postcopy_recovery(accept: Connect, where: str, say: Say | None = None
+def postcopy_recovery(accept: Callable[[float | None], Channel], where: str,
+                      say: Say | None = None
                       ) -> Callable[[postcopy.Pager], postcopy.Link | None]:
     """A pager's ``recover`` hook: after a drop, said in one line, the
-    connections ``accept`` gives (where: the address it listens on) until
-    one resumes the post-copy; None once ``accept`` fails (OSError: its
-    socket closed), the domain then left paused."""
+    connections ``accept(timeout)`` gives (where: the address it listens
+    on) until one resumes the post-copy; None once ``accept`` fails
+    (OSError: its socket closed), the domain then left paused. A domain
+    that has all it needs waits END_WAIT_S at most (its source may have
+    ended already: an END lost after our COMPLETE)."""
     def recover(pager: postcopy.Pager) -> postcopy.Link | None:
-        line = (f"migration target: domain {pager.dom.name} paused; waiting on {where} for "
+        state = "paused" if pager.paused else "has all it needs"
+        line = (f"migration target: domain {pager.dom.name} {state}; waiting on {where} for "
                 "the source to resume its post-copy")
         log.info("%s", line)
         if say is not None:
             say(line)
         while True:
             try:
-                ch = accept()
+                ch = accept(END_WAIT_S if pager.unfinished else None)
             except OSError:
                 return None
             try:

@@ -404,7 +404,8 @@ def resume_source(link: Link, src: PostcopySource, name: str) -> tuple[int, int]
     """The source's side of a resume on a new connection: POSTCOPY_RESUME
     for ``name``, then the destination's POSTCOPY_RECV_BITMAP. The pages it
     lacks that were sent are to send again (lost in flight, QEMU's
-    ram_dirty_bitmap_reload); faults asked for and lost it asks for again.
+    ram_dirty_bitmap_reload), and only the pages it lacks are still to
+    send; faults asked for and lost it asks for again.
     Returns (pages lacked, of them sent before). StreamError or Dropped if
     the destination does not answer so."""
     link.write_record(PostcopyType.POSTCOPY_RESUME, name.encode())
@@ -416,7 +417,7 @@ def resume_source(link: Link, src: PostcopySource, name: str) -> tuple[int, int]
     if (lacks & ~src.sent & ~src.pending).any():
         raise StreamError("the destination lacks pages that are none of the post-copy's")
     lost = src.sent & lacks
-    src.pending |= lost
+    src.pending = lacks.copy()  # what is in, or no longer wanted, is not sent
     src.sent &= ~lost
     src.asked, src.complete = [], False
     src.info.remaining = src.remaining() * PAGE_SIZE
@@ -619,10 +620,12 @@ class Pager:
         self.state[pfns] = OUTSTANDING
         self.left = int(pfns.size)
         self.fetching = np.zeros(0, np.int64)
-        self.requests = self.faulted = self.pushed = self.dropped = 0
+        self.requests = self.faulted = self.pushed = self.dropped = self.unfetched = 0
         self.blocked_ns = 0   # host time fetches waited (QEMU's postcopy-blocktime)
         self.paused = self.done = False
         self.held = False  # the drop paused a running domain: a resume unpauses it
+        self.unfinished = False  # every page in, the stream's end interrupted
+        self.source_ended = False  # the source's END read: it had our COMPLETE
         self.why = ""
         self.drops = 0
         self.on_complete: Callable[[Pager], None] | None = None
@@ -765,7 +768,7 @@ class Pager:
         if rec.body != name.encode():
             raise StreamError(f"a resume of domain {rec.body.decode(errors='replace')!r}, "
                               f"not {name!r}")
-        if not self.paused or self.done:
+        if not (self.paused or self.unfinished) or self.done:
             raise StreamError(f"the post-copy of {name} is not paused")
         link.write_record(PostcopyType.POSTCOPY_RECV_BITMAP, bitmap_record(self.lacks()))
 
@@ -799,14 +802,16 @@ class Pager:
         leaves the domain paused."""
         if self.done or self.paused:
             return
-        while True:
+        while not self.unfinished:
             try:
                 self._drain()
                 break
             except (Dropped, StreamError) as e:
                 if not self._recovered(str(e)):
                     return
-        self.finish()
+        if not self.unfinished:
+            self.finish()
+        self._end_again()
 
     def _drain(self) -> None:
         if self.wants_pages():
@@ -818,44 +823,72 @@ class Pager:
 
     def finish(self) -> None:
         """The last page is in (or no longer wanted): the balloon's inhibit
-        released, POSTCOPY_COMPLETE sent, the source's END and libxl's END
-        read (pages still in flight dropped), the pager let go."""
-        self.done = True
+        released, the pager let go, then the stream's end (``_end``)."""
         alive = self.dom.domid in self.hv.domains
         if alive:
             line = balloonctl.postcopy_release(self.dom)
             if line:
                 self.say(f"migration target: {line}")
-            if self.left:
-                self._zero_lacking()
+        if self.left:
+            self._give_up_lacking(alive)
         domctl.mem_paging_setup(self.hv, None)
+        self._end()
+
+    def _end(self) -> None:
+        """POSTCOPY_COMPLETE sent, the source's END and libxl's END read
+        (pages still in flight dropped); then ``on_complete``. A drop here
+        leaves the domain whole but the source unaware: ``unfinished``, and
+        the drain waits for a resume to end it (``_end_again``)."""
         try:
             self.link.write_record(PostcopyType.POSTCOPY_COMPLETE)
             self._read_end()
         except (Dropped, StreamError) as e:
-            # every page is here: the domain is whole whatever the source hears
+            # the source's END means it had COMPLETE: it knows, nothing to wait for
+            self.unfinished = not self.source_ended
             self.say(f"migration target: the stream's end did not come ({e}); the domain "
-                     "has all its memory")
+                     "has all it needs" + (", the source must resume to end its side"
+                                          if self.unfinished else ""))
+            if self.unfinished:
+                return
+        self.unfinished, self.done = False, True
         if self.on_complete is not None:
             self.on_complete(self)
 
-    def _zero_lacking(self) -> None:
-        """A domain that wants no more pages (powered off) ends with the
-        frames of those that never came zeroed and present: nothing is
-        left absent with no pager to fill it (a reader would fail)."""
+    def _end_again(self) -> None:
+        """``unfinished``: the source's resumes (``recover``) until one ends
+        the stream; with none, the end all the same (the source stays
+        paused, for a person to destroy its copy)."""
+        while self.unfinished:
+            link = self.recover(self) if self.recover is not None else None
+            if link is None:
+                self.unfinished, self.done = False, True
+                if self.on_complete is not None:
+                    self.on_complete(self)
+                return
+            self.link = link
+            self._end()
+
+    def _give_up_lacking(self, alive: bool) -> None:
+        """A domain that wants no more pages (powered off, gone): those that
+        never came are ready as they are, their frames (if still the
+        domain's) zeroed and present, so that none is left absent with no
+        pager to fill it (a reader would fail) and a resume finds none lacking."""
         pfns = np.flatnonzero(self.lacks())
-        for first in range(0, pfns.size, stream.MAX_PFN_BATCH_SIZE):
+        for first in range(0, pfns.size if alive else 0, stream.MAX_PFN_BATCH_SIZE):
             mfns = self.p2m[pfns[first:first + stream.MAX_PFN_BATCH_SIZE]].astype(np.int64)
             domctl.mem_paging_load(self.hv, mfns,
                                    np.zeros((mfns.size, PAGE_SIZE // 8), np.uint64))
-        self.say(f"migration target: domain {self.dom.name} has powered off: {pfns.size} "
-                 "pages it will not read again were not fetched")
+        self.state[pfns] = READY
+        self.left, self.unfetched = 0, int(pfns.size)
+        self.say(f"migration target: domain {self.dom.name} has ended: {pfns.size} pages it "
+                 "will not read again were not fetched")
 
     def _read_end(self) -> None:
         while True:
             rec = self.link.read_record(block=True)
             assert rec is not None
             if rec.type == RecType.END:
+                self.source_ended = True
                 break
             if rec.type != PostcopyType.POSTCOPY_PAGE_DATA:
                 raise StreamError(f"offset {rec.offset}: {rec.name} at the post-copy's end")

@@ -229,10 +229,16 @@ def accept_one(sock: socket.socket) -> Channel:
     return _socket_channel(conn)
 
 
-def accept_next(sock: socket.socket) -> Channel:
+def accept_next(sock: socket.socket, timeout: float | None = None) -> Channel:
     """A connection on a socket kept listening (a post-copy's resume may
-    come on it after a drop: QEMU's migrate-recover)."""
-    conn, _ = sock.accept()
+    come on it after a drop: QEMU's migrate-recover); OSError (TimeoutError)
+    if none came within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    try:
+        conn, _ = sock.accept()
+    finally:
+        sock.settimeout(None)
+    conn.settimeout(None)
     return _socket_channel(conn)
 
 

@@ -33,6 +33,7 @@ from hypervisor.toolstack.migrate import (
     MIGRATE_POSTCOPY_SYNC,
     MIGRATE_RECEIVER_BANNER,
     Channel,
+    MigrateError,
     incoming_header,
     migrate_receive,
     read_fixed_message,
@@ -216,11 +217,12 @@ def entries(body: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_the_records_have_pvlabs_numbers_and_are_mandatory():
-    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x0119))
+    # Otto's seven, then pvlab's two of a resume and its refusal
+    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x011A))
     assert [t.name for t in PostcopyType] == [
         "POSTCOPY_BEGIN", "POSTCOPY_PFNS_BEGIN", "POSTCOPY_PFNS", "POSTCOPY_TRANSITION",
         "POSTCOPY_PAGE_DATA", "POSTCOPY_FAULT", "POSTCOPY_COMPLETE", "POSTCOPY_RESUME",
-        "POSTCOPY_RECV_BITMAP"]
+        "POSTCOPY_RECV_BITMAP", "POSTCOPY_REFUSED"]
     assert not any(t & stream.REC_TYPE_OPTIONAL for t in PostcopyType)
     assert not {int(t) for t in PostcopyType} & {int(t) for t in RecType}
     assert LibxlRecType.POSTCOPY_TRANSITION_END == 6
@@ -437,6 +439,42 @@ def test_a_failure_before_the_switch_resumes_the_source(reference):
     assert not out.ok and out.runs_on and not out.undefined
     assert out.error == "Migration failed, resuming at sender."
     assert dom.name == "mig" and result.reason == "poweroff"
+    assert outcome(result.console.decode()) == reference
+
+
+def test_a_target_that_refuses_postcopy_before_the_transition_resumes_the_source(reference):
+    """A receiver that cannot take post-copy answers POSTCOPY_BEGIN with
+    POSTCOPY_REFUSED and builds nothing: the source, which would otherwise
+    have kept its copy as NAME--postcopy-inconsistent, resumes it, and it
+    ends here as the uninterrupted run."""
+    wire = Wire()
+    said: list[str] = []
+    refused: list[Exception] = []
+    with booting() as boot:
+        hv, dom = boot(make_config(GUEST, vcpus=2, name="mig"))
+        hv_rx = boot.bare(64, seed=2)
+
+        def target() -> None:
+            try:
+                migrate_receive(wire.rx, hv_rx, refuse_postcopy="no post-copy here")
+            except MigrateError as e:
+                refused.append(e)
+        thread = threading.Thread(target=target)
+        thread.start()
+        try:
+            result, out = migrate_at(hv, dom, AT_NS, lambda: wire.tx, PURE, until_ns=LIMIT_NS,
+                                     say=said.append)
+        finally:
+            wire.shutdown()
+            thread.join()
+        wire.close()
+        assert not hv_rx.domains  # nothing built at the target
+    assert "post-copy refused: no post-copy here" in str(refused[0])
+    assert "migration sender: the target refused post-copy: no post-copy here" in said
+    assert not out.ok and out.runs_on and not out.undefined
+    assert out.error == "Migration failed, resuming at sender."
+    assert dom.name == "mig" and result.reason == "poweroff"
+    assert out.info is not None and out.info.status == "failed"
     assert outcome(result.console.decode()) == reference
 
 

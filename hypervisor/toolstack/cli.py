@@ -556,7 +556,8 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
     if daemon is not None:
         channel = transport.stdio_channel() if args.listen is None \
             else transport.accept_one(_listen(args.listen))
-        return xl.receive_in_daemon(daemon, channel, args.paused)
+        return xl.receive_in_daemon(daemon, channel, args.paused,
+                                    not args.no_postcopy)
     # the socket a paused post-copy's resume comes on: --recover's, else --listen's
     listening = _listen(args.listen) if args.listen is not None else None
     recovery = _listen(args.recover, "--recover") if args.recover is not None else listening
@@ -576,8 +577,10 @@ def _receive_here(args: argparse.Namespace, hv: Hypervisor | None, listening: An
     channel = transport.stdio_channel() if listening is None else transport.accept_next(listening)
     if listening is not None and listening is not recovery:
         listening.close()
+    refuse = "the target does not take post-copy (--no-postcopy)" if args.no_postcopy else ""
     try:
-        got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say)
+        got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say,
+                              refuse_postcopy=refuse)
     except MigrateError as e:
         channel.close()
         print(e, file=sys.stderr)
@@ -1022,6 +1025,9 @@ def _add_migrate_receive(sub: Any) -> None:
                          "daemon's)")
     rx.add_argument("--in-process", action="store_true",
                     help="receive into this process even when a daemon answers")
+    rx.add_argument("--no-postcopy", action="store_true",
+                    help="refuse a post-copy migration (at its switch, before the domain "
+                         "could run here: the sender resumes its copy)")
     rx.set_defaults(func=cmd_migrate_receive)
 
 

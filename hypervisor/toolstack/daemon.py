@@ -37,6 +37,7 @@ from typing import Any
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor, OutOfMemory
 from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_reboot, SHUTDOWN_suspend
+from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack import libxl, livejob, migrateuri
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, DomainConfig, load_config
@@ -46,6 +47,7 @@ from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.livejob import DaemonLive, LiveJob, Machine
 from hypervisor.toolstack.migrate import (
+    INCOMING,
     MIGRATE_RECEIVER_BANNER,
     Channel,
     MigrateError,
@@ -56,6 +58,7 @@ from hypervisor.toolstack.migrate import (
     read_fixed_message,
     resume_postcopy,
 )
+from hypervisor.toolstack.postcopy import Pager, PostcopyPaused
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
     Client,
@@ -89,6 +92,9 @@ CONSOLE_HISTORY = 16 * 1024      # output a newly attached console client gets
 DMESG_LINES = 2000
 STOP_TURNS = 1000                # turns the daemon gives its cancelled jobs to end when it stops
 GENERIC, NOT_FOUND = "GenericError", "DomainNotFound"
+POLL_RECORDS = 16                # post-copy records loaded per look at the wire: the guests
+#                                  run between (a record: 64 pages)
+POSTCOPY_RAM = "postcopy-ram"    # QEMU's capability: a migration may switch to post-copy
 # what makes a create or a restore fail, said to the client as one line
 _CREATE_ERRORS = (ConfigError, BuildError, ElfImageError, ImageError, RestoreError,
                   StreamError, libxl.LibxlError, OutOfMemory, OSError, ValueError)
@@ -217,6 +223,8 @@ class Daemon:
         self.server = Server(socket_path, self.version)
         self.dir = Path(socket_path).parent
         self.jobs: list[LiveJob] = []
+        self.capabilities = {POSTCOPY_RAM: False}  # QEMU's migration capabilities
+        self.incoming: tuple[LiveJob, Pager] | None = None  # a post-copy's pages coming in
         self.last_job: dict[str, LiveJob] = {}   # by domain name, and "" for the last of all
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -295,18 +303,26 @@ class Daemon:
         """One quantum of the machine, then every domain looked at. The fast
         clock runs only once something is due (a message may have ended the
         poll early); the deterministic clock's time passes as it runs."""
-        nxt = domctl.next_work(self.hv) if self.domains else None
-        if nxt is not None and (self.clock == "deterministic" or nxt <= self.now()):
-            if self.clock == "deterministic":
-                domctl.run(self.hv, self.now() + QUANTUM_DET_NS)
-            else:
-                quantum = QUANTUM_LIVE_NS if self.jobs else QUANTUM_FAST_NS
-                domctl.run_while_busy(self.hv, self.now() + quantum)
+        try:
+            self._run_quantum()
+        except PostcopyPaused as e:  # the pager paused its domain and keeps it
+            log.warning("%s", e)
+        if self.incoming is not None:
+            self._incoming_info(*self.incoming)
         for d in list(self.domains.values()):
             try:
                 self._look_at(d)
             except Exception:  # a bug must not take the other domains down
                 log.exception("looking at domain %s failed", d.dom.name)
+
+    def _run_quantum(self) -> None:
+        nxt = domctl.next_work(self.hv) if self.domains else None
+        if nxt is not None and (self.clock == "deterministic" or nxt <= self.now()):
+            if self.clock == "deterministic":
+                domctl.run(self.hv, self.now() + QUANTUM_DET_NS)
+            else:
+                quantum = QUANTUM_LIVE_NS if self.jobs or self.incoming else QUANTUM_FAST_NS
+                domctl.run_while_busy(self.hv, self.now() + quantum)
 
     def _look_at(self, d: DaemonDomain) -> None:
         dom = d.dom
@@ -419,6 +435,8 @@ class Daemon:
         self._forget(d)
 
     def _forget(self, d: DaemonDomain) -> None:
+        if self.incoming is not None and self.incoming[1].dom is d.dom:
+            self.incoming[1].drain()  # gone: its pages are no longer wanted
         d.console.close()
         self.domains.pop(d.dom.domid, None)
         if d.save is not None:
@@ -455,8 +473,9 @@ class Daemon:
         return d
 
     def _start_job(self, d: DaemonDomain | None, kind: str, work: Callable[[LiveJob], Any],
-                   finish: Callable[[LiveJob], None]) -> LiveJob:
-        job = LiveJob(kind, d.dom if d is not None else None, finish=finish)
+                   finish: Callable[[LiveJob], None], postcopy_ok: bool = False) -> LiveJob:
+        job = LiveJob(kind, d.dom if d is not None else None, finish=finish,
+                      postcopy_ok=postcopy_ok)
         self.jobs.append(job)
         if d is not None:
             d.live = job
@@ -592,13 +611,19 @@ class Daemon:
     def cmd_migrate(self, args: dict[str, Any]) -> Deferred:
         """QEMU's migrate (``uri``: tcp:HOST:PORT or exec:COMMAND) run as xl's
         migrate_domain; answered once the target has the domain, or with why
-        not (the guest then runs on here). With ``resume`` (QEMU's
-        resume=true) a paused post-copy goes on instead (``_resume``)."""
+        not (the guest then runs on here). ``postcopy`` (Otto's xl migrate
+        --postcopy): switch to post-copy where the pre-copy policy stops;
+        ``precopy-iterations``: at most that many rounds (0 with postcopy: a
+        pure post-copy). With the postcopy-ram capability on, or
+        ``postcopy``, migrate-start-postcopy switches at the next round.
+        With ``resume`` (QEMU's resume=true) a paused post-copy goes on
+        instead (``_resume``)."""
         if _flag(args, "resume"):
             return self._resume(args)
         d = self._movable(args)
         try:
             uri = migrateuri.check_uri(str(args["uri"]))
+            opts = _precopy_options(args)
         except ValueError as e:
             raise QmpError(GENERIC, str(e)) from None
         answer = Deferred()
@@ -609,11 +634,53 @@ class Daemon:
             except OSError as e:
                 raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
             job.on_cancel = wire.cut
+            switch = (lambda: job.start_postcopy) if job.postcopy_ok else None
             return migrate_domain(self.hv, d.dom, self._held(wire.channel),
-                                  self._callbacks(d, job), PrecopyOptions(),
-                                  report=self._report(job), say=job.say)
-        self._start_job(d, "migrate", work, lambda job: self._migrated(d, job, answer))
+                                  self._callbacks(d, job), opts,
+                                  report=self._report(job), say=job.say, switch=switch)
+        self._start_job(d, "migrate", work, lambda job: self._migrated(d, job, answer),
+                        postcopy_ok=opts.postcopy or self.capabilities[POSTCOPY_RAM])
         return answer
+
+    def cmd_migrate_start_postcopy(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate-start-postcopy: the domain's migration switches to
+        post-copy at its next round (the guest suspends then, and starts at
+        the target). Harmless once the rounds are over, or the migration
+        ended; an error if the capability was off when it started."""
+        try:
+            d = self.find(args)
+            job = d.live if d.live is not None else self.last_job.get(d.dom.name)
+        except QmpError:  # migrated away: its last job, by name
+            job = self.last_job.get(str(args["domain"]))
+            if job is None:
+                raise
+        if job is None or job.kind != "migrate":
+            raise QmpError(GENERIC, "Postcopy must be started after migration has been "
+                                    "started")
+        if not job.postcopy_ok:
+            raise QmpError(GENERIC, "Enable postcopy with migrate-set-capabilities "
+                                    "(postcopy-ram) before the start of migration")
+        job.start_postcopy = True
+        return {}
+
+    def cmd_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate-set-capabilities: [{"capability": NAME, "state": BOOL}];
+        pvlab has one, postcopy-ram. Refused while a migration runs."""
+        caps = args["capabilities"]
+        new = dict(self.capabilities)
+        for cap in caps:
+            if not isinstance(cap, dict) or set(cap) != {"capability", "state"} \
+                    or not isinstance(cap["state"], bool):
+                raise QmpError(GENERIC, "each capability is {\"capability\": NAME, "
+                                        "\"state\": true or false}")
+            if cap["capability"] not in new:
+                raise QmpError(GENERIC, f"capability {cap['capability']!r}: pvlab has "
+                                        f"{', '.join(new)}")
+            new[cap["capability"]] = cap["state"]
+        if any(j.kind in ("migrate", "incoming") for j in self.jobs):
+            raise QmpError(GENERIC, "There's a migration process in progress")
+        self.capabilities = new
+        return {}
 
     def _resume(self, args: dict[str, Any]) -> Deferred:
         """migrate resume=true: the domain's paused post-copy (its copy here
@@ -737,6 +804,9 @@ class Daemon:
         if domctl.is_paused(d.dom) or d.dom.shutdown_reason is not None:
             raise QmpError(GENERIC, f"domain {d.dom.name} is not running: it cannot be "
                                     "migrated (unpause it first)")
+        if self.incoming is not None and self.incoming[1].dom is d.dom:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is still taking its pages from "
+                                    "its post-copy migration here: wait until that ends")
         return d
 
     def _replicate(self, d: DaemonDomain, job: LiveJob, ch: Channel,
@@ -810,32 +880,109 @@ class Daemon:
         ch = Channel(reader, writer)
         answer = Deferred()
         paused = _flag(args, "paused")
+        refuse = self._refuse_postcopy(args)
 
         def work(job: LiveJob) -> Received:
             job.on_cancel = lambda: _shut_socket(fds[0])
-            # a post-copy stream is refused here for now: its pager would
-            # read the wire from the loop's slices, not from this job
+            # the job reads the stream through wrappers; a post-copy's pager
+            # works from the loop, on the channel itself
             return migrate_receive(self._held(ch), hv=self.hv, clock=self.clock,
                                    paused=paused, say=job.say,
                                    started=lambda got: self._adopt(got.dom, None),
-                                   accept_postcopy=False)
-        self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer))
+                                   refuse_postcopy=refuse, loop_channel=ch)
+        self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer),
+                        postcopy_ok=not refuse)
         return answer
+
+    def _refuse_postcopy(self, args: dict[str, Any]) -> str:
+        """Why an incoming migration may not switch to post-copy, or "": the
+        machine has one pager (its absent frames' handler), so one post-copy
+        comes in at a time; ``postcopy`` false refuses it too."""
+        if not _flag(args, "postcopy", True):
+            return "the target does not take post-copy (migrate-incoming postcopy false)"
+        if self.incoming is not None or any(j.kind == "incoming" and j.postcopy_ok
+                                            for j in self.jobs):
+            return "the target's daemon takes one post-copy migration at a time"
+        return ""
 
     def _received(self, job: LiveJob, ch: Channel, answer: Deferred) -> None:
         """The target's end: the domain (adopted, its console socket made,
-        before the report told the sender), or why not."""
+        before the report told the sender), or why not. A post-copy's
+        domain runs already while its pages come (_postcopy_started)."""
         lines = job.lines
+        got: Received | None = job.result
+        if got is not None and got.postcopy is not None:
+            self._postcopy_started(job, got, ch, answer)
+            return
         ch.close()
-        if job.error:
+        if job.error or got is None:
             self._set_status(job, "failed")
             answer.fail(GENERIC, job.error)
             return
-        got: Received = job.result
         job.dom = got.dom
         self.last_job[got.dom.name] = job
         self._set_status(job, "completed")
         answer.resolve({"domid": got.dom.domid, "name": got.dom.name, "lines": lines})
+
+    def _postcopy_started(self, job: LiveJob, got: Received, ch: Channel,
+                          answer: Deferred) -> None:
+        """A post-copy's domain runs here, NAME--incoming, while its pages
+        come: the pager reads them on this loop (between slices, and when the
+        connection is readable), and a fault waits for its page on the loop,
+        so every domain of the daemon waits meanwhile. Once the last page is
+        in the domain is renamed NAME and the job completed."""
+        pager = got.postcopy
+        assert pager is not None
+        job.dom = got.dom
+        self.last_job[got.dom.name] = job
+        self.last_job[got.dom.name.removesuffix(INCOMING)] = job
+        self.incoming = (job, pager)
+        self._adopt(got.dom, None)
+        self.server.watch(ch.reader, self._poll_pager)
+        done = pager.on_complete
+
+        def complete(p: Pager) -> None:
+            self.server.unwatch(ch.reader)
+            self.incoming = None
+            if done is not None:
+                done(p)  # the sender's word, the rename, the channel closed
+            self.last_job[p.dom.name] = job
+            self._incoming_info(job, p)
+        pager.on_complete = complete
+        self._incoming_info(job, pager)
+        answer.resolve({"domid": got.dom.domid, "name": got.dom.name, "lines": job.lines,
+                        "postcopy": True})
+
+    def _poll_pager(self) -> None:
+        """The post-copy's connection is readable: its pages loaded now
+        (the guest may be idle, and no slice would), a few records at a
+        time so that the loop's guests run between."""
+        if self.incoming is None:
+            return
+        job, pager = self.incoming
+        pager.poll(POLL_RECORDS)
+        self._incoming_info(job, pager)
+
+    def _incoming_info(self, job: LiveJob, pager: Pager) -> None:
+        """The destination's MigrationInfo from its pager (QEMU's destination
+        answers query-migrate too), and its status as events."""
+        info = job.info
+        info.postcopy = True
+        info.total = int(pager.p2m.size) * PAGE_SIZE
+        info.remaining = pager.left * PAGE_SIZE
+        info.postcopy_requests = pager.requests
+        info.postcopy_faulted, info.postcopy_pushed = pager.faulted, pager.pushed
+        info.postcopy_bytes = info.transferred = pager.link.offset
+        info.postcopy_blocktime_ns = pager.blocked_ns
+        if pager.paused:
+            info.error = pager.why
+            if self.incoming is not None and self.incoming[1] is pager:
+                self.server.unwatch(pager.link.reader)  # its end stays readable
+                self.incoming = None
+        status = "postcopy-paused" if pager.paused else \
+            "completed" if pager.done else "postcopy-active"
+        info.status = status
+        self._set_status(job, status)
 
     def cmd_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         """QEMU's migrate_cancel, for a domain's live save or migration: its
@@ -884,9 +1031,18 @@ class Daemon:
             "domain-save": (self.cmd_save, {"domain": dom, "file": path, "checkpoint": flag,
                                             "paused": flag, "live": flag}),
             "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
-            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path, "resume": flag}),
-            "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag}),
+            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path, "postcopy": flag,
+                                           "precopy-iterations": Param((int,), False),
+                                           "resume": flag}),
+            "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag,
+                                                             "postcopy": flag}),
             "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),
+            "migrate-start-postcopy": (self.cmd_migrate_start_postcopy, {"domain": dom}),
+            "migrate-set-capabilities": (self.cmd_set_capabilities,
+                                         {"capabilities": Param((list,))}),
+            "query-migrate-capabilities": (
+                lambda _a: [{"capability": k, "state": v} for k, v in self.capabilities.items()],
+                {}),
             "remus": (self.cmd_remus, {"domain": dom, "uri": path,
                                        "interval": Param((int,), required=False)}),
             "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
@@ -1035,11 +1191,22 @@ def _version() -> str:
         return "0"
 
 
-def _flag(args: dict[str, Any], name: str) -> bool:
-    value = args.get(name, False)
+def _flag(args: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = args.get(name, default)
     if not isinstance(value, bool):
         raise QmpError(GENERIC, f"'{name}' must be true or false")
     return value
+
+
+def _precopy_options(args: dict[str, Any]) -> PrecopyOptions:
+    """migrate's ``postcopy`` and ``precopy-iterations``; ValueError if bad."""
+    postcopy = _flag(args, "postcopy")
+    rounds = args.get("precopy-iterations")
+    if rounds is None:
+        return PrecopyOptions(postcopy=postcopy)
+    if rounds < 0 or (rounds == 0 and not postcopy):
+        raise ValueError(f"precopy-iterations {rounds}: 1 or more (0 only with postcopy)")
+    return PrecopyOptions(max_iterations=rounds, postcopy=postcopy)
 
 
 def _int_arg(args: dict[str, Any], name: str) -> int:

@@ -61,6 +61,7 @@ from hypervisor.toolstack.save import (
     Progress,
     Report,
     SaveError,
+    end_live_stream,
     start_live_stream,
     write_image_live,
 )
@@ -272,6 +273,7 @@ class _Sender:
 def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCallbacks,
                    opts: PrecopyOptions | None = None, seed: int | None = None,
                    report: Report | None = None, say: Say | None = None,
+                   switch: Callable[[], bool] | None = None,
                    reconnect: Connect | None = None) -> MigrateOutcome:
     """xl's migrate_domain on a running domain: the receiver's banner, the
     stream (a live save: ``callbacks`` run the guest between rounds and
@@ -280,41 +282,54 @@ def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCall
     here destroyed, or resumed if the target failed. ``report`` sees the
     rounds' progress, ``say`` xl's lines. The channel is closed at the end.
     With ``opts.postcopy`` the stream switches to post-copy where the policy
-    stops (migrate_postcopy); a drop after the switch is resumed on
-    ``reconnect``'s connections, RESUME_TRIES at most, if given."""
+    stops (migrate_postcopy); ``switch``, asked between the rounds, may ask
+    for the switch sooner (QEMU's migrate-start-postcopy); a drop after the
+    switch is resumed on ``reconnect``'s connections, RESUME_TRIES at most,
+    if given."""
     s = _Sender(hv, dom, ch, say)
     try:
         read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
     except MigrateError as e:
         return s.failed_resume(str(e))
-    if opts is not None and opts.postcopy:
-        return migrate_postcopy(s, callbacks, opts, seed, report, reconnect)
+    opts = opts or PrecopyOptions()
+    if opts.postcopy or switch is not None:
+        return migrate_postcopy(s, callbacks, opts, seed, report, switch, reconnect)
     try:
-        s.out.info = write_image_live(hv, dom, ch.writer, callbacks, opts or PrecopyOptions(),
-                                      seed, report, digest=False)
+        s.out.info = write_image_live(hv, dom, ch.writer, callbacks, opts, seed, report,
+                                      digest=False)
         ch.writer.flush()
     except (SaveError, OSError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return s.failed_resume(f"migration sender: libxl_domain_suspend failed: {why}")
+        return s.failed_resume(_suspend_failed(e))
     return _handshake(s)
+
+
+def _suspend_failed(e: Exception) -> str:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"migration sender: libxl_domain_suspend failed: {why}"
 
 
 def migrate_postcopy(s: _Sender, callbacks: LiveCallbacks, opts: PrecopyOptions,
                      seed: int | None, report: Report | None,
+                     switch: Callable[[], bool] | None = None,
                      reconnect: Connect | None = None) -> MigrateOutcome:
     """The stream to its post-copy transition (any failure so far resumes
     the guest here), then the pages pushed and asked for until the target
     has them all (``push_postcopy``), END, the target's word, and the copy
-    here destroyed."""
+    here destroyed. If the rounds end without the switch (no
+    ``opts.postcopy``, and ``switch`` never asked for it), the migration
+    ends as a pre-copy one."""
     hv, dom, ch = s.hv, s.dom, s.ch
     try:
-        ls = start_live_stream(hv, dom, ch.writer, callbacks, opts, seed, report)
+        ls = start_live_stream(hv, dom, ch.writer, callbacks, opts, seed, report, switch)
+        s.out.info = ls.info
+        if not ls.to_postcopy:
+            end_live_stream(ls)
+            ch.writer.flush()
+            return _handshake(s)
         src = postcopy.switch_to_postcopy(ls)
     except (SaveError, OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return s.failed_resume(f"migration sender: libxl_domain_suspend failed: {why}")
-    s.out.info = ls.info
-    s.say(f"migration sender: Post-copy: the guest starts at the target; "
+        return s.failed_resume(_suspend_failed(e))
+    s.say(f"migration sender: Post-copy: switched; the guest starts at the target, "
           f"{src.remaining()} pages follow.")
     s.out.postcopy, s.out.pages = src, postcopy.DomainPages(hv, dom, ls.p2m)
     return push_postcopy(s, postcopy.Link(ch.reader, ch.writer), report, reconnect)
@@ -332,7 +347,12 @@ def push_postcopy(s: _Sender, link: postcopy.Link, report: Report | None,
         try:
             postcopy.push(out.pages, link, out.postcopy, report)
             return _postcopy_complete(s, link, report, reconnect)
+        except postcopy.Refused as e:
+            return _refused(s, str(e), report)
         except (postcopy.Dropped, StreamError, SaveError) as e:
+            why = postcopy.refusal(link) if isinstance(e, postcopy.Dropped) else ""
+            if why:
+                return _refused(s, why, report)
             assert out.info is not None
             out.info.error = str(e)
             s.status("postcopy-paused", report)
@@ -433,6 +453,17 @@ def _postcopy_complete(s: _Sender, link: postcopy.Link, report: Report | None,
     s.say("Migration successful.")
     s.ch.close(wait=False)
     return out
+
+
+def _refused(s: _Sender, why: str, report: Report | None) -> MigrateOutcome:
+    """The target refused post-copy before its transition (POSTCOPY_REFUSED
+    at POSTCOPY_BEGIN): the guest never ran there, so it is resumed here
+    (failed_resume)."""
+    s.out.postcopy = s.out.pages = None
+    assert s.out.info is not None
+    s.out.info.error = f"the target refused post-copy: {why}"
+    s.status("failed", report)
+    return s.failed_resume(f"migration sender: the target refused post-copy: {why}")
 
 
 def _handshake(s: _Sender) -> MigrateOutcome:
@@ -565,7 +596,8 @@ def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None 
                     clock: str = "deterministic", paused: bool = False,
                     say: Say | None = None, progress: Progress | None = None,
                     started: Callable[[Received], None] | None = None,
-                    accept_postcopy: bool = True) -> Received:
+                    refuse_postcopy: str = "",
+                    loop_channel: Channel | None = None) -> Received:
     """xl's migrate_receive: the banner, the stream restored into a domain
     built paused as NAME--incoming (on ``hv``, or a machine of its own sized
     for it), the ready message, GO, the rename to NAME, the unpause (unless
@@ -576,23 +608,30 @@ def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None 
     failure nothing is left of it here, the sender has been told if it
     could be, and MigrateError says why in one line.
 
-    A stream that switches to post-copy (refused unless ``accept_postcopy``)
-    returns as soon as the domain starts, named NAME--incoming, with
-    ``postcopy`` its pager: the caller runs the domain while its pages come
-    (they are loaded between slices and when touched) and calls the pager's
-    ``drain`` when its run ends. Once the last page is in, the target's word
-    goes to the sender and the domain is renamed NAME; the channel is then
-    closed. A connection that drops first pauses the domain and keeps it."""
+    A stream that switches to post-copy returns as soon as the domain
+    starts, named NAME--incoming, with ``postcopy`` its pager: the caller
+    runs the domain while its pages come (they are loaded between slices
+    and when touched) and calls the pager's ``drain`` when its run ends.
+    Once the last page is in, the target's word goes to the sender and the
+    domain is renamed NAME; the channel is then closed. A connection that
+    drops first pauses the domain and keeps it. The pager works on
+    ``loop_channel`` when given (the same connection as the caller's loop
+    may use it: a daemon's job reads ``ch`` through wrappers only the job
+    may use). With ``refuse_postcopy`` (why not) a post-copy stream is
+    refused at its POSTCOPY_BEGIN, before the transition: the sender
+    resumes its copy and nothing is left here."""
     r = _Receiver(ch, say)
     r.say("migration target: Ready to receive domain.")
     try:
         write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
     except OSError as e:
         raise MigrateError(f"migration target: writing the banner: {e.strerror or e}") from None
-    incoming = postcopy.Incoming(postcopy.Link(ch.reader, ch.writer), r.say) \
-        if accept_postcopy else None
+    incoming = postcopy.Incoming(postcopy.Link(ch.reader, ch.writer), r.say, refuse_postcopy)
     got = _receive_domain(r, hv, seed, clock, progress, incoming)
-    if incoming is not None and incoming.pager is not None:
+    if incoming.pager is not None:
+        if loop_channel is not None:
+            incoming.pager.link = postcopy.Link(loop_channel.reader, loop_channel.writer)
+            r.ch = loop_channel
         return _start_postcopy(r, got, incoming.pager, paused)
     r.say("migration target: Transfer complete, requesting permission to start domain.")
     try:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
@@ -91,12 +92,18 @@ from hypervisor.toolstack.stream import PostcopyType, RecType, StreamError
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # octets a link reads at a time
+REFUSED_DRAIN_S = 2.0  # a refusing destination reads on until the source hangs up, or this long
 # a pfn's state at the destination (Otto's xc_sr_restore.c)
 NOT_POSTCOPY, OUTSTANDING, REQUESTED, READY = 0, 1, 2, 3
 
 
 class Dropped(ConnectionError):
     """The post-copy's connection ended or failed."""
+
+
+class Refused(Exception):
+    """The destination refused post-copy at POSTCOPY_BEGIN (POSTCOPY_REFUSED):
+    its guest never ran there; the message is its reason."""
 
 
 class PostcopyPaused(RestoreError):
@@ -426,6 +433,8 @@ def serve_requests(link: Link, src: PostcopySource, block: bool) -> None:
             return
         if rec.type == PostcopyType.POSTCOPY_COMPLETE:
             src.complete = True
+        elif rec.type == PostcopyType.POSTCOPY_REFUSED:
+            raise Refused(rec.body.decode(errors="replace") or "no reason given")
         elif rec.type == PostcopyType.POSTCOPY_FAULT:
             src.fault(read_pfn_record(rec, src.pending.size))
         else:
@@ -470,6 +479,35 @@ def push(pages: PageSource, link: Link, src: PostcopySource,
         report(info)
 
 
+def refusal(link: Link) -> str:
+    """After a drop: the destination's refusal if it came before (what is
+    left to read, read without waiting), else ""."""
+    try:
+        while (rec := link.read_record(block=False)) is not None:
+            if rec.type == PostcopyType.POSTCOPY_REFUSED:
+                return rec.body.decode(errors="replace") or "no reason given"
+    except (Dropped, StreamError):
+        pass
+    return ""
+
+
+def refuse(link: Link, why: str) -> None:
+    """The destination cannot take post-copy: POSTCOPY_REFUSED with ``why``,
+    then the source's octets read and dropped until it hangs up (or
+    REFUSED_DRAIN_S pass with nothing), so that closing this end does not
+    reset the connection before the source has read the refusal."""
+    link.write_record(PostcopyType.POSTCOPY_REFUSED, why.encode())
+    fd = link.reader.fileno()
+    deadline = time.monotonic() + REFUSED_DRAIN_S
+    try:
+        while select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if not link.reader.read1(READ_CHUNK):  # type: ignore[attr-defined]
+                return
+            deadline = time.monotonic() + REFUSED_DRAIN_S
+    except (OSError, ValueError):
+        pass
+
+
 def end_stream(link: Link) -> None:
     """libxc's END, then libxl's (the stream's end after post-copy)."""
     try:
@@ -488,10 +526,13 @@ class Incoming:
     POSTCOPY_TRANSITION in the libxc stream, libxl's
     POSTCOPY_TRANSITION_END after libxl's records; then ``prepare`` makes
     the domain's absent part and its pager, before the restore completes
-    it (the pins, the VCPUs)."""
+    it (the pins, the VCPUs). With ``refuse`` (why this side cannot take
+    post-copy) POSTCOPY_BEGIN is answered with POSTCOPY_REFUSED and the
+    restore fails there, before the transition."""
 
-    def __init__(self, link: Link, say: Callable[[str], None] | None = None) -> None:
-        self.link, self.say = link, say
+    def __init__(self, link: Link, say: Callable[[str], None] | None = None,
+                 refuse: str = "") -> None:
+        self.link, self.say, self.refuse = link, say, refuse
         self.begun = self.transitioned = False
         self.pfns: list[np.ndarray] = []
         self.pager: Pager | None = None
@@ -502,6 +543,10 @@ class Incoming:
         if t in (PostcopyType.POSTCOPY_BEGIN, PostcopyType.POSTCOPY_PFNS_BEGIN,
                  PostcopyType.POSTCOPY_TRANSITION) and rec.body:
             raise ImageError(f"offset {rec.offset}: {rec.name} has a body")
+        if t == PostcopyType.POSTCOPY_BEGIN and self.refuse:
+            # before the transition: the source may still resume its copy
+            refuse(self.link, self.refuse)
+            raise ImageError(f"offset {rec.offset}: post-copy refused: {self.refuse}")
         if t == PostcopyType.POSTCOPY_BEGIN and not self.begun and info.max_pfn >= 0:
             self.begun = True
         elif t == PostcopyType.POSTCOPY_PFNS_BEGIN and self.begun and 0 in info.vcpus:
@@ -576,6 +621,7 @@ class Pager:
         self.left = int(pfns.size)
         self.fetching = np.zeros(0, np.int64)
         self.requests = self.faulted = self.pushed = self.dropped = self.unfetched = 0
+        self.blocked_ns = 0   # host time fetches waited (QEMU's postcopy-blocktime)
         self.paused = self.done = False
         self.held = False  # the drop paused a running domain: a resume unpauses it
         self.unfinished = False  # every page in, the stream's end interrupted
@@ -601,6 +647,7 @@ class Pager:
         if (self.state[pfns] == NOT_POSTCOPY).any():
             raise RuntimeError("an absent frame that is none of the post-copy's")
         self.fetching = np.asarray(mfns, np.int64)
+        t0 = time.monotonic_ns()
         try:
             while True:
                 try:
@@ -611,6 +658,7 @@ class Pager:
                         raise PostcopyPaused(self.why) from None
         finally:
             self.fetching = np.zeros(0, np.int64)
+            self.blocked_ns += time.monotonic_ns() - t0
 
     def _wait(self, pfns: np.ndarray) -> None:
         ask = pfns[self.state[pfns] == OUTSTANDING]
@@ -624,14 +672,16 @@ class Pager:
         self.requests += 1
         self.link.write_record(PostcopyType.POSTCOPY_FAULT, pfn_record(pfns))
 
-    def poll(self) -> None:
-        """Between slices: the pages that have come, loaded without waiting;
-        the end once the last is in."""
+    def poll(self, limit: int | None = None) -> None:
+        """Between slices: the pages that have come (at most ``limit``
+        records, so that a loop's guest runs between), loaded without
+        waiting; the end once the last is in."""
         if self.paused or self.done:
             return
         try:
-            while self._take(block=False):
-                pass
+            taken = 0
+            while (limit is None or taken < limit) and self._take(block=False):
+                taken += 1
         except (Dropped, StreamError) as e:
             self._recovered(str(e))
             return
@@ -850,5 +900,6 @@ class Pager:
 
 
 __all__ = ["DomainPages", "Dropped", "Incoming", "Link", "PageSource", "Pager",
-           "PostcopyPaused", "PostcopySource", "bitmap_record", "end_stream", "push",
-           "read_bitmap_record", "resume_source", "switch_to_postcopy"]
+           "PostcopyPaused", "PostcopySource", "Refused", "bitmap_record", "end_stream",
+           "push", "read_bitmap_record", "refusal", "refuse", "resume_source",
+           "switch_to_postcopy"]

@@ -434,7 +434,7 @@ def migrate_at(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Ch
             say(out.error)
     else:
         live = LiveRun(hv, dom, at_ns, sink, note)
-        out = migrate_domain(hv, dom, channel, live, opts, seed, report, say, resume)
+        out = migrate_domain(hv, dom, channel, live, opts, seed, report, say, reconnect=resume)
         result = live.result or result
     if out.runs_on:
         result = run_domain(hv, dom, until_ns, sink, note=note)

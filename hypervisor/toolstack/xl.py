@@ -251,7 +251,9 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     uri = resume_uri(args) if args.resume else migrate_uri(args)
     info = _info(d, args.domain)
     try:
-        d.execute("migrate", {"domain": info["domid"], "uri": uri, "resume": args.resume},
+        d.execute("migrate", {"domain": info["domid"], "uri": uri,
+                              **({"resume": True} if args.resume else {}),
+                              **postcopy_args(args)},
                   timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
     except KeyboardInterrupt:
         raise XlError(_cancel(d, info)) from None
@@ -263,6 +265,20 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     if args.json:
         _json_line(d.execute("query-migrate", {"domain": info["name"]}))
     return EXIT_OK
+
+
+def postcopy_args(args: argparse.Namespace) -> dict[str, Any]:
+    """migrate's arguments for Otto's --postcopy and --precopy-iterations."""
+    out: dict[str, Any] = {}
+    if args.postcopy:
+        out["postcopy"] = True
+    if args.precopy_iterations is not None:
+        if args.precopy_iterations < 0 or (args.precopy_iterations == 0
+                                           and not args.postcopy):
+            raise BadInput(f"--precopy-iterations {args.precopy_iterations}: 1 or more "
+                           "(0 only with --postcopy: a pure post-copy)")
+        out["precopy-iterations"] = args.precopy_iterations
+    return out
 
 
 def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
@@ -505,13 +521,16 @@ def xl_dmesg(d: DaemonClient, args: argparse.Namespace) -> int:
 
 def receive_into_daemon(client: qmp.Client, reader_fd: int, writer_fd: int,
                         paused: bool = False,
-                        say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        say: Callable[[str], None] | None = None,
+                        postcopy: bool = True) -> dict[str, Any]:
     """``pvlab migrate-receive`` when a daemon runs here: the wire's
     descriptors handed to it (QEMU's getfd: SCM_RIGHTS over its socket), then
     migrate-incoming, so that the domain lives in the daemon. One
     descriptor for a socket, two for ssh's pipes. ``say`` gets the
-    receiver's lines as they come. Returns the answer (domid, name, the
-    receiver's lines); QmpError says why not."""
+    receiver's lines as they come; ``postcopy`` False refuses a post-copy
+    stream. Returns the answer (domid, name, the receiver's lines; for a
+    post-copy, once the domain runs there while its pages come); QmpError
+    says why not."""
     client.send_fd("migrate-in", reader_fd)
     names = "migrate-in"
     if writer_fd != reader_fd:
@@ -521,7 +540,8 @@ def receive_into_daemon(client: qmp.Client, reader_fd: int, writer_fd: int,
         data = event.get("data") or {}
         if event.get("event") == "MIGRATION_MESSAGE" and data.get("domid") is None and say:
             say(str(data.get("text", "")))
-    return client.execute("migrate-incoming", {"uri": f"fd:{names}", "paused": paused},
+    return client.execute("migrate-incoming", {"uri": f"fd:{names}", "paused": paused,
+                                               "postcopy": postcopy},
                           timeout=LONG_WAIT_S, on_event=tell)
 
 
@@ -540,21 +560,23 @@ def receiving_daemon(socket: str | None, in_process: bool) -> qmp.Client | None:
         return None
 
 
-def receive_in_daemon(client: qmp.Client, channel: Any, paused: bool) -> int:
+def receive_in_daemon(client: qmp.Client, channel: Any, paused: bool,
+                      postcopy: bool = True) -> int:
     """The wire handed to the daemon; its receiver's lines said here, on
     stderr, which ssh relays to the sender (xl's "migration target: ..."
     lines). 0 once the domain runs there, 1 if not (the one line why)."""
     try:
         done = receive_into_daemon(client, channel.reader.fileno(), channel.writer.fileno(),
-                                   paused, _say)
+                                   paused, _say, postcopy)
     except (qmp.QmpError, OSError) as e:
         _say(f"migration target: {e}")
         return EXIT_FAILED
     finally:
         channel.close(wait=False)
         client.close()
+    pages = "; its pages follow it there (post-copy)" if done.get("postcopy") else ""
     _say(f"migration target: domain {done['domid']} ({done['name']}) runs in the daemon at "
-         f"{client.path}")
+         f"{client.path}{pages}")
     return EXIT_OK
 
 
@@ -709,6 +731,13 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="each round's query-migrate fields as a JSON line on stdout, then "
                         "the final ones")
+    p.add_argument("--postcopy", action="store_true",
+                   help="post-copy where the pre-copy rounds would stop (Otto's xl "
+                        "migrate --postcopy): the guest suspends once, starts at the target, "
+                        "and its pages follow, each sent once")
+    p.add_argument("--precopy-iterations", metavar="N", type=int,
+                   help="at most N pre-copy rounds (Xen's 5 by default; 0 with --postcopy: "
+                        "a pure post-copy, no round)")
     p.add_argument("--resume", action="store_true",
                    help="go on with the domain's post-copy migration that a dropped "
                         "connection paused (QEMU's migrate resume=true): HOST is then the "
@@ -777,9 +806,11 @@ MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon send
                 "(pre-copy rounds while it runs, then a short suspend) to `pvlab "
                 "migrate-receive` run over ssh on HOST (or, with --tcp, listening there); "
                 "once the target has started it, it is gone from here. If anything fails "
-                "the domain runs on here and the verb says why (exit 1). A post-copy "
-                "migration whose connection dropped is paused, its copy here kept "
-                "suspended: --resume DOM HOST:PORT goes on with it.")
+                "the domain runs on here and the verb says why (exit 1). With --postcopy "
+                "the guest suspends where the rounds would stop, starts at the target and "
+                "its pages follow it there; a failure after that switch keeps the copy here "
+                "suspended as NAME--postcopy-inconsistent, and a dropped connection pauses "
+                "the migration: --resume DOM HOST:PORT goes on with it.")
 
 REMUS_HELP = ("Keep a copy of the running domain on a backup, as xl remus: the daemon "
               "sends it live to `pvlab migrate-receive -r` run over ssh on HOST (or, with "

@@ -235,3 +235,46 @@ def test_start_postcopy_needs_the_capability(hosts):
         with pytest.raises(QmpError, match=what):
             a("migrate-set-capabilities", capabilities=caps)
     a("domain-destroy", domain="cap")
+
+
+def test_a_dropped_postcopy_between_daemons_is_recovered(capsys, hosts, reference):
+    """A's pure post-copy to B through a relay that cuts it mid-push: both
+    pause (postcopy-paused, A's copy kept as NAME--postcopy-inconsistent);
+    ``pvlab migrate-recover`` waits for the resume on B's side, ``pvlab
+    migrate --resume`` on A's makes it; the migration ends as an
+    uninterrupted one (A's copy gone, B's domain named NAME, the results)."""
+    from tests.test_postcopy_recover import TO_TARGET, Relay
+    a, b, d = hosts
+    rx, port = listen(b)
+    relay = Relay(port, [(TO_TARGET, 4 << 20)])
+    try:
+        con = guest(a, d, "rec")
+        code, _, err = pvlab(capsys, "migrate", "rec", "--tcp", f"127.0.0.1:{relay.port}",
+                             "--postcopy", "--precopy-iterations", "0", "--socket",
+                             str(a.sock))
+        assert code == 1 and "the post-copy is paused" in err.splitlines()[-1], err
+        assert rx.wait(WAIT_S) == 0
+        [src] = a("domain-list")
+        assert src["name"] == "rec--postcopy-inconsistent"
+        assert a("query-migrate", domain=src["name"])["status"] == "postcopy-paused"
+        until(lambda: b("query-migrate", domain="rec--incoming")["status"] == "postcopy-paused")
+        rec = subprocess.Popen([sys.executable, "-m", "hypervisor", "migrate-recover",
+                                "rec--incoming", "127.0.0.1:0", "--socket", str(b.sock)],
+                               env=checkout_env(), stderr=subprocess.PIPE, text=True)
+        assert rec.stderr is not None
+        waiting = rec.stderr.readline()
+        assert "waiting on 127.0.0.1:" in waiting, waiting
+        there = int(waiting.split("127.0.0.1:")[1].split()[0])
+        code, _, err = pvlab(capsys, "migrate", "--resume", str(src["domid"]),
+                             f"127.0.0.1:{there}", "--socket", str(a.sock))
+        said = rec.communicate(timeout=WAIT_S)[1]
+        assert code == 0 and "Migration successful." in err.splitlines(), err + said
+        assert any(line.startswith("migration sender: Post-copy resumed") for line in
+                   err.splitlines())
+        assert rec.returncode == 0 and "post-copy resumed" in said, said
+    finally:
+        relay.close()
+    assert a("domain-list") == []
+    until(lambda: b("query-migrate", domain="rec")["status"] == "completed")
+    assert finish(Console(b("domain-console", domain="rec")["path"]), con.to_end()) == \
+        reference

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -49,6 +50,7 @@ from hypervisor.toolstack.livejob import DaemonLive, LiveJob, Machine
 from hypervisor.toolstack.migrate import (
     INCOMING,
     MIGRATE_RECEIVER_BANNER,
+    POSTCOPY_INCONSISTENT,
     Channel,
     MigrateError,
     MigrateOutcome,
@@ -56,9 +58,10 @@ from hypervisor.toolstack.migrate import (
     migrate_domain,
     migrate_receive,
     read_fixed_message,
+    receive_resume,
     resume_postcopy,
 )
-from hypervisor.toolstack.postcopy import Pager, PostcopyPaused
+from hypervisor.toolstack.postcopy import Dropped, Pager, PostcopyPaused
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
     Client,
@@ -94,6 +97,7 @@ STOP_TURNS = 1000                # turns the daemon gives its cancelled jobs to 
 GENERIC, NOT_FOUND = "GenericError", "DomainNotFound"
 POLL_RECORDS = 16                # post-copy records loaded per look at the wire: the guests
 #                                  run between (a record: 64 pages)
+RESUME_HANDSHAKE_S = 10.0        # migrate-recover: the source's POSTCOPY_RESUME comes at once
 POSTCOPY_RAM = "postcopy-ram"    # QEMU's capability: a migration may switch to post-copy
 # what makes a create or a restore fail, said to the client as one line
 _CREATE_ERRORS = (ConfigError, BuildError, ElfImageError, ImageError, RestoreError,
@@ -225,6 +229,7 @@ class Daemon:
         self.jobs: list[LiveJob] = []
         self.capabilities = {POSTCOPY_RAM: False}  # QEMU's migration capabilities
         self.incoming: tuple[LiveJob, Pager] | None = None  # a post-copy's pages coming in
+        self.paused_incoming: tuple[LiveJob, Pager] | None = None  # its connection dropped
         self.last_job: dict[str, LiveJob] = {}   # by domain name, and "" for the last of all
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -717,7 +722,8 @@ class Daemon:
                                      "paused, resumable again")
                 return
             self._migrated(d, job, answer)
-        self._start_job(d, "migrate", work, finish)
+        job = self._start_job(d, "migrate", work, finish)
+        self.last_job[d.dom.name.removesuffix(POSTCOPY_INCONSISTENT)] = job
         return answer
 
     def _held(self, ch: Channel) -> Channel:
@@ -739,6 +745,7 @@ class Daemon:
             return
         if out is not None and out.undefined and out.postcopy is not None:
             d.parked, d.paused_postcopy = True, out  # QEMU's postcopy-paused: never resumed here
+            self.last_job[d.dom.name] = job  # its new name asks after it too
             job.error = out.error.splitlines()[0]
             self._set_status(job, "postcopy-paused")
             answer.fail(GENERIC, f"{_cause(job.lines)}; the post-copy is paused, the domain "
@@ -942,7 +949,7 @@ class Daemon:
         done = pager.on_complete
 
         def complete(p: Pager) -> None:
-            self.server.unwatch(ch.reader)
+            self.server.unwatch(p.link.reader)  # a recovered post-copy's is a new one
             self.incoming = None
             if done is not None:
                 done(p)  # the sender's word, the rename, the channel closed
@@ -978,11 +985,44 @@ class Daemon:
             info.error = pager.why
             if self.incoming is not None and self.incoming[1] is pager:
                 self.server.unwatch(pager.link.reader)  # its end stays readable
-                self.incoming = None
+                self.incoming, self.paused_incoming = None, (job, pager)
         status = "postcopy-paused" if pager.paused else \
             "completed" if pager.done else "postcopy-active"
         info.status = status
         self._set_status(job, status)
+
+    def cmd_migrate_recover(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate-recover, for the domain of a post-copy coming in
+        that a drop paused: ``uri`` fd:NAME, the connection the source's
+        resume came on (``pvlab migrate-recover`` accepts it and passes it
+        with getfd: the daemon never listens on the network). The resume's
+        handshake here (the source sends its POSTCOPY_RESUME at once after
+        the banner: RESUME_HANDSHAKE_S at most), then the pager takes the
+        connection and its domain runs on."""
+        d = self.find(args)
+        paused = self.paused_incoming
+        if paused is None or paused[1].dom is not d.dom or not paused[1].paused:
+            raise QmpError(GENERIC, f"domain {d.dom.name} has no paused post-copy coming in")
+        kind, _, name = str(args["uri"]).partition(":")
+        if kind != "fd" or not name or "," in name:
+            raise QmpError(GENERIC, f"uri {args['uri']!r}: give fd:NAME, a connection passed "
+                                    "with getfd")
+        fd = self.server.take_fd(name)
+        job, pager = paused
+        ch = Channel(os.fdopen(fd, "rb"), os.fdopen(os.dup(fd), "wb"))
+        try:
+            link = receive_resume(ch, pager, job.say, lambda: bool(
+                select.select([fd], [], [], RESUME_HANDSHAKE_S)[0]))
+            pager.replace_link(link)
+        except (MigrateError, Dropped) as e:
+            ch.close(wait=False)
+            raise QmpError(GENERIC, f"{e}; domain {d.dom.name} stays paused") from None
+        self.paused_incoming, self.incoming = None, (job, pager)
+        self.server.watch(ch.reader, self._poll_pager)
+        self._incoming_info(job, pager)
+        self._tell_messages()
+        return {"line": f"domain {d.dom.name}: post-copy resumed, {pager.left} pages still "
+                        "to come"}
 
     def cmd_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         """QEMU's migrate_cancel, for a domain's live save or migration: its
@@ -1034,6 +1074,7 @@ class Daemon:
             "migrate": (self.cmd_migrate, {"domain": dom, "uri": path, "postcopy": flag,
                                            "precopy-iterations": Param((int,), False),
                                            "resume": flag}),
+            "migrate-recover": (self.cmd_migrate_recover, {"domain": dom, "uri": path}),
             "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag,
                                                              "postcopy": flag}),
             "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),

@@ -699,17 +699,20 @@ def _postcopy_done(r: _Receiver, got: Received, pager: postcopy.Pager) -> None:
     r.ch.close(wait=False)
 
 
-def receive_resume(ch: Channel, pager: postcopy.Pager, say: Say | None = None
-                   ) -> postcopy.Link:
+def receive_resume(ch: Channel, pager: postcopy.Pager, say: Say | None = None,
+                   ready: Callable[[], bool] | None = None) -> postcopy.Link:
     """The target's side of a paused post-copy's resume on a new connection
     ``ch`` (QEMU's migrate-recover): the banner, the source's resume for
-    this domain, the pages still lacked. Returns the link for the pager
+    this domain (``ready``, if given, says whether it has come in time), the
+    pages still lacked. Returns the link for the pager
     (``Pager.replace_link``); MigrateError if it is not that resume (the
     caller closes ``ch``: the source's sign that it was refused)."""
     name = pager.dom.name.removesuffix(INCOMING)
     link = postcopy.Link(ch.reader, ch.writer)
     try:
         write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+        if ready is not None and not ready():
+            raise postcopy.Dropped("no resume came on the connection")
         pager.accept_resume(link, name)
     except (OSError, postcopy.Dropped, StreamError) as e:
         raise MigrateError(f"migration target: a resume refused: "

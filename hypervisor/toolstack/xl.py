@@ -281,6 +281,44 @@ def postcopy_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def xl_migrate_recover(d: DaemonClient, args: argparse.Namespace) -> int:
+    """QEMU's migrate-recover for a domain of the daemon whose incoming
+    post-copy a drop paused: listen on HOST:PORT for the source's resume
+    (``pvlab migrate --resume`` there), then hand the connection to the
+    daemon, which shakes hands and lets the domain run on."""
+    info = _info(d, args.domain)
+    name = f"domain {info['domid']} ({info['name']})"
+    if d.execute("query-migrate", {"domain": info["name"]}).get("status") != "postcopy-paused":
+        raise XlError(f"{name} has no paused post-copy coming in")
+    try:
+        host, port = transport.parse_hostport(args.address)
+        sock = transport.listen_tcp(host, port)
+    except ValueError as e:
+        raise BadInput(f"migrate-recover {args.address}: {e}") from None
+    except OSError as e:
+        raise XlError(f"cannot listen on {args.address}: {e.strerror or e}") from None
+    _say(f"migration target: waiting on {host}:{sock.getsockname()[1]} for the source to "
+         f"resume the post-copy of {name}")
+    ch = transport.accept_one(sock)
+    try:
+        d.send_fd("migrate-recover", ch.reader.fileno())  # type: ignore[attr-defined]
+        done = d.execute("migrate-recover", {"domain": info["domid"],
+                                             "uri": "fd:migrate-recover"})
+    except qmp.QmpError as e:
+        raise XlError(f"recovering the post-copy of {name} failed: {e.desc}") from None
+    finally:
+        ch.close(wait=False)
+    _say(done["line"])
+    return EXIT_OK
+
+
+def _recover_args(p: argparse.ArgumentParser) -> None:
+    _dom(p)
+    p.add_argument("address", metavar="HOST:PORT",
+                   help="where to wait for the source's resume (its pvlab migrate --resume "
+                        "DOM HOST:PORT)")
+
+
 def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
     """Ctrl-C while a live job runs: the daemon is asked to cut it (QEMU's
     migrate_cancel); the line to say."""
@@ -608,6 +646,10 @@ class _Connection:
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         return self._client().next_event(timeout)
 
+    def send_fd(self, name: str, fd: int) -> None:
+        """QMP's getfd: ``fd`` passed to the daemon under ``name``."""
+        self._client().send_fd(name, fd)
+
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
@@ -812,6 +854,13 @@ MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon send
                 "suspended as NAME--postcopy-inconsistent, and a dropped connection pauses "
                 "the migration: --resume DOM HOST:PORT goes on with it.")
 
+RECOVER_HELP = ("A post-copy migration into the daemon whose connection dropped leaves its "
+                "domain paused with its missing pages. Wait on HOST:PORT for the source's "
+                "resume (pvlab migrate --resume DOM HOST:PORT on the source's host), hand "
+                "the connection to the daemon: the pages lost in flight come again and the "
+                "domain runs on. One line and exit 1 if the domain has no paused post-copy "
+                "or the resume is refused.")
+
 REMUS_HELP = ("Keep a copy of the running domain on a backup, as xl remus: the daemon "
               "sends it live to `pvlab migrate-receive -r` run over ssh on HOST (or, with "
               "--tcp, listening there), then every -i MS an epoch of what changed; the "
@@ -889,5 +938,8 @@ def add_parsers(sub: Any) -> None:
               "(pvlab xl console)", CONSOLE_HELP, _dom)
     _add_verb(sub, "migrate", xl_migrate, "move a running domain of the daemon to another "
               "host (pvlab xl migrate)", MIGRATE_HELP, _migrate_args)
+    _add_verb(sub, "migrate-recover", xl_migrate_recover, "let a post-copy migration into "
+              "the daemon that a dropped connection paused go on (QEMU's migrate-recover)",
+              RECOVER_HELP, _recover_args)
     _add_verb(sub, "remus", xl_remus, "keep a copy of a running domain of the daemon on a "
               "backup host (pvlab xl remus)", REMUS_HELP, _remus_args)

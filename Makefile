@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) bench/debugger.py
 	$(PY) bench/daemon.py
 	$(PY) bench/migrate.py
+	$(PY) bench/postcopy.py
 
 firmware:
 	$(MAKE) -C firmware

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, checkout_env
 
 
@@ -97,3 +99,12 @@ def test_lazyrestore_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "lazy's parts" in r.stdout and "mem_protect per frame" in r.stdout
+
+
+@pytest.mark.slow
+def test_postcopy_bench_runs():
+    r = subprocess.run([sys.executable, "bench/postcopy.py", "--mib", "8", "--run", "1ms"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "pure / pre-copy: downtime" in r.stdout and "faults/s" in r.stdout

@@ -439,3 +439,20 @@ def test_migrate_cancel(hosts, reference):
     assert "s" not in row["state"]
     assert a("query-migrate", domain="cx")["status"] == "cancelled"
     assert finish(con) == reference
+
+
+def test_migrate_resume_without_a_paused_postcopy_is_one_line(capsys, hosts):
+    """``pvlab migrate --resume`` of a domain whose migration is not a
+    paused post-copy: one line, exit 1, the domain untouched."""
+    a, _, d = hosts
+    a("domain-create", config=str(write_config(d, "nr", cmdline=LIVE)), paused=True)
+    try:
+        code, out, err = pvlab(capsys, "migrate", "--resume", "nr", "127.0.0.1:9",
+                               "--socket", str(a.sock))
+        bad, _, usage = pvlab(capsys, "migrate", "--resume", "nr", "--socket", str(a.sock))
+        assert a("domain-info", domain="nr")["name"] == "nr"
+    finally:
+        a("domain-destroy", domain="nr")
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "domain nr has no paused post-copy migration to resume" in err
+    assert bad == 2 and "--resume: give the HOST:PORT" in usage

@@ -33,6 +33,7 @@ from hypervisor.toolstack.migrate import (
     MIGRATE_POSTCOPY_SYNC,
     MIGRATE_RECEIVER_BANNER,
     Channel,
+    MigrateError,
     incoming_header,
     migrate_receive,
     read_fixed_message,
@@ -222,10 +223,12 @@ def entries(body: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_the_records_have_pvlabs_numbers_and_are_mandatory():
-    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x0117))
+    # Otto's seven, then pvlab's two of a resume and its refusal
+    assert [int(t) for t in PostcopyType] == list(range(0x0110, 0x011A))
     assert [t.name for t in PostcopyType] == [
         "POSTCOPY_BEGIN", "POSTCOPY_PFNS_BEGIN", "POSTCOPY_PFNS", "POSTCOPY_TRANSITION",
-        "POSTCOPY_PAGE_DATA", "POSTCOPY_FAULT", "POSTCOPY_COMPLETE"]
+        "POSTCOPY_PAGE_DATA", "POSTCOPY_FAULT", "POSTCOPY_COMPLETE", "POSTCOPY_RESUME",
+        "POSTCOPY_RECV_BITMAP", "POSTCOPY_REFUSED"]
     assert not any(t & stream.REC_TYPE_OPTIONAL for t in PostcopyType)
     assert not {int(t) for t in PostcopyType} & {int(t) for t in RecType}
     assert LibxlRecType.POSTCOPY_TRANSITION_END == 6
@@ -348,6 +351,7 @@ def demand_only(wire: Wire, hv, dom, at_ns: int, snapshot: dict) -> None:
     postcopy.push(postcopy.DomainPages(hv, dom, ls.p2m), link, src, background=False)
     postcopy.end_stream(link)
     assert link.read_exactly(len(MIGRATE_POSTCOPY_SYNC)) == MIGRATE_POSTCOPY_SYNC
+    snapshot["ended"] = src.remaining()  # the pages never sent
 
 
 def demand_migration(paused: bool, at_ns: int = AT_NS) -> dict:
@@ -381,19 +385,23 @@ def demand_migration(paused: bool, at_ns: int = AT_NS) -> dict:
         p2m = pager.p2m.astype(np.int64)
         here = np.asarray(domctl.map_foreign_bulk(hv_rx, rx.dom, p2m[p2m >= 0])).copy()
         return {"stats": stats, "after": after, "snap": snap, "p2m": p2m, "here": here,
+                "unfetched": pager.unfetched, "done": pager.done,
                 "m2p": domctl.map_m2p(hv_rx).copy(), "source": bytes(dom.console_out)}
 
 
 def test_a_guest_whose_pages_are_all_absent_has_its_faults_served(reference):
     """Demand paging alone: every page the guest touches is asked for, and
-    the guest ends as the uninterrupted run."""
+    the guest ends as the uninterrupted run. It powers off with pages it
+    never touched: the drain asks for none of them (COMPLETE at once), and
+    the source ends cleanly with them unsent."""
     m = demand_migration(paused=False)
     (absent, fetched, calls), faults, faulted, pushed, requests = m["stats"]
     assert m["after"].reason == "poweroff"
     assert outcome(m["source"].decode() + m["after"].console.decode()) == reference
     assert pushed == 0 and faulted > 0 and requests > 0
     assert fetched >= faulted and calls >= requests and sum(faults.values()) > 0
-    assert absent > 0  # pages it never touched, asked for by the drain
+    assert absent > 0  # pages it never touched
+    assert m["done"] and m["unfetched"] == m["snap"]["ended"] > 0
 
 
 def test_the_frames_hold_the_sources_pages():
@@ -437,6 +445,42 @@ def test_a_failure_before_the_switch_resumes_the_source(reference):
     assert not out.ok and out.runs_on and not out.undefined
     assert out.error == "Migration failed, resuming at sender."
     assert dom.name == "mig" and result.reason == "poweroff"
+    assert outcome(result.console.decode()) == reference
+
+
+def test_a_target_that_refuses_postcopy_before_the_transition_resumes_the_source(reference):
+    """A receiver that cannot take post-copy answers POSTCOPY_BEGIN with
+    POSTCOPY_REFUSED and builds nothing: the source, which would otherwise
+    have kept its copy as NAME--postcopy-inconsistent, resumes it, and it
+    ends here as the uninterrupted run."""
+    wire = Wire()
+    said: list[str] = []
+    refused: list[Exception] = []
+    with booting() as boot:
+        hv, dom = boot(make_config(GUEST, vcpus=2, name="mig"))
+        hv_rx = boot.bare(64, seed=2)
+
+        def target() -> None:
+            try:
+                migrate_receive(wire.rx, hv_rx, refuse_postcopy="no post-copy here")
+            except MigrateError as e:
+                refused.append(e)
+        thread = threading.Thread(target=target)
+        thread.start()
+        try:
+            result, out = migrate_at(hv, dom, AT_NS, lambda: wire.tx, PURE, until_ns=LIMIT_NS,
+                                     say=said.append)
+        finally:
+            wire.shutdown()
+            thread.join()
+        wire.close()
+        assert not hv_rx.domains  # nothing built at the target
+    assert "post-copy refused: no post-copy here" in str(refused[0])
+    assert "migration sender: the target refused post-copy: no post-copy here" in said
+    assert not out.ok and out.runs_on and not out.undefined
+    assert out.error == "Migration failed, resuming at sender."
+    assert dom.name == "mig" and result.reason == "poweroff"
+    assert out.info is not None and out.info.status == "failed"
     assert outcome(result.console.decode()) == reference
 
 

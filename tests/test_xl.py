@@ -314,6 +314,17 @@ def test_migrate_asks_for_xls_rune_or_tcp(capsys, daemon, argv, uri):
     assert code == 0 and daemon.calls[-1] == ("migrate", {"domain": 1, "uri": uri})
 
 
+def test_migrate_passes_ottos_postcopy_flags(capsys, daemon):
+    daemon.answers["migrate"] = {}
+    code, _, _ = run(capsys, "xl", "migrate", "--postcopy", "--precopy-iterations", "0",
+                     "shell", "h")
+    assert code == 0 and daemon.calls[-1] == ("migrate", {
+        "domain": 1, "uri": "exec:exec ssh h pvlab migrate-receive", "postcopy": True,
+        "precopy-iterations": 0})
+    code, _, err = run(capsys, "migrate", "--precopy-iterations", "0", "shell", "h")
+    assert code == 2 and len(err) == 1 and "0 only with --postcopy" in err[0]
+
+
 def test_a_failed_migration_is_one_line(capsys, daemon):
     daemon.answers["migrate"] = QmpError("GenericError", "Connection refused; the guest runs on")
     code, _, err = run(capsys, "migrate", "shell", "--tcp", "h:1")

@@ -365,6 +365,7 @@ def _migrate(hv: Hypervisor, dom: Domain, req: Request, requests: list[Request],
     """The ``migrate DEST`` request: xl migrate from this run (its lines on
     stderr, as xl's); if it fails before GO the guest runs on here to its
     end, and the exit status is 1 all the same."""
+    from hypervisor.toolstack.migrate import RESUME_TRIES
     from hypervisor.toolstack.session import migrate_at
     from hypervisor.toolstack.transport import open_channel
     dest = _destination(req.value)
@@ -373,9 +374,13 @@ def _migrate(hv: Hypervisor, dom: Domain, req: Request, requests: list[Request],
     opts = PrecopyOptions(postcopy=dest.postcopy)
     if dest.precopy_iterations is not None:
         opts = dataclasses.replace(opts, max_iterations=dest.precopy_iterations)
+    # a dropped post-copy is resumed at the same HOST:PORT (its receiver keeps
+    # listening there); over ssh a new rune would be a new receiver: none
+    resume = (lambda: open_channel(dest)) if dest.port is not None else None
     result, out = migrate_at(hv, dom, req.at_ns, lambda: open_channel(dest), opts,
                              args.until, sink=_stream, note=_note,
-                             report=LiveProgress(args.json), say=say, requests=requests)
+                             report=LiveProgress(args.json), say=say, requests=requests,
+                             resume=resume)
     if out.ok:
         assert out.info is not None
         _note(f"domain {name} migrated live to {dest.describe()}: "
@@ -389,6 +394,10 @@ def _migrate(hv: Hypervisor, dom: Domain, req: Request, requests: list[Request],
         _exit_for(result, dom, args.until)
         print(f"pvlab: migration to {dest.describe()} failed; domain {name} ran on here",
               file=sys.stderr)
+    elif out.postcopy is not None:
+        tried = "" if dest.port is None else f" after {RESUME_TRIES} tries at a resume"
+        print(f"pvlab: post-copy to {dest.describe()} paused{tried}: the guest is lost with "
+              f"this process (its memory partly here, its state there)", file=sys.stderr)
     elif not out.undefined:
         print(f"pvlab: migration to {dest.describe()} failed", file=sys.stderr)
     return EXIT_GUEST_FAILED
@@ -537,7 +546,6 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
     ``pvlab restore`` runs one, its console on stdout, or on stderr when
     stdout is the wire."""
     from hypervisor.toolstack import transport
-    from hypervisor.toolstack.migrate import MigrateError, migrate_receive
     if args.debug:
         logging.getLogger("hypervisor.toolstack").setLevel(logging.INFO)
     if args.remus:
@@ -545,20 +553,52 @@ def cmd_migrate_receive(args: argparse.Namespace) -> int:
     daemon = xl.receiving_daemon(args.socket, args.in_process)
     hv = Hypervisor(args.memory, seed=args.seed or 0, clock=args.clock) \
         if args.memory is not None and daemon is None else None
-    if args.listen is None:
-        channel = transport.stdio_channel()
-    else:
-        channel = transport.accept_one(_listen(args.listen))
     if daemon is not None:
-        return xl.receive_in_daemon(daemon, channel, args.paused)
+        channel = transport.stdio_channel() if args.listen is None \
+            else transport.accept_one(_listen(args.listen))
+        return xl.receive_in_daemon(daemon, channel, args.paused,
+                                    not args.no_postcopy)
+    # the socket a paused post-copy's resume comes on: --recover's, else --listen's
+    listening = _listen(args.listen) if args.listen is not None else None
+    recovery = _listen(args.recover, "--recover") if args.recover is not None else listening
     try:
-        got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say)
+        return _receive_here(args, hv, listening, recovery)
+    finally:
+        for sock in {id(s): s for s in (listening, recovery) if s is not None}.values():
+            sock.close()
+
+
+def _receive_here(args: argparse.Namespace, hv: Hypervisor | None, listening: Any,
+                  recovery: Any) -> int:
+    """migrate-receive into this process, on --listen's first connection or
+    stdin and stdout; a post-copy's drop waits for a resume on ``recovery``."""
+    from hypervisor.toolstack import transport
+    from hypervisor.toolstack.migrate import MigrateError, migrate_receive, postcopy_recovery
+    channel = transport.stdio_channel() if listening is None else transport.accept_next(listening)
+    if listening is not None and listening is not recovery:
+        listening.close()
+    refuse = "the target does not take post-copy (--no-postcopy)" if args.no_postcopy else ""
+    try:
+        got = migrate_receive(channel, hv, args.seed, args.clock, args.paused, say=_say,
+                              refuse_postcopy=refuse)
     except MigrateError as e:
         channel.close()
         print(e, file=sys.stderr)
         return EXIT_GUEST_FAILED
     if got.postcopy is None:
         channel.close()  # a post-copy's is the pager's until its last page
+    elif recovery is not None:
+        where = "{}:{}".format(*recovery.getsockname()[:2])
+        pager = got.postcopy
+        pager.recover = postcopy_recovery(lambda t: transport.accept_next(recovery, t), where,
+                                          _say)
+        complete = pager.on_complete
+
+        def done(p: Any) -> None:
+            if complete is not None:
+                complete(p)
+            recovery.close()  # every page is in: nothing to resume any more
+        pager.on_complete = done
     dom, stats = got.dom, got.stats
     _note(f"received domain {dom.name} as domain {dom.domid}: {stats.pages} pages on new "
           f"frames, {stats.tables} pagetables localised, {stats.pinned} pinned again; its "
@@ -582,9 +622,11 @@ def _postcopy_end(got: Any, code: int | None) -> int:
     if pager is not None:
         pager.drain()
         if pager.paused:
-            print(f"pvlab: {pager.why}; nothing resumes it in this process",
-                  file=sys.stderr)
+            print(f"pvlab: {pager.why}; nothing resumes it in this process (no --listen "
+                  "or --recover address)", file=sys.stderr)
             return EXIT_GUEST_FAILED
+        if pager.drops:
+            _note(f"post-copy: resumed after {pager.drops} dropped connection(s)")
         _note(f"post-copy: {pager.pushed} pages pushed by the source, {pager.faulted} asked "
               f"for in {pager.requests} requests")
     return EXIT_OK if code is None else code
@@ -616,17 +658,19 @@ def _remus_backup(args: argparse.Namespace) -> int:
     return _exit_for(result, backup.dom, args.until)
 
 
-def _listen(where: str) -> Any:
-    """The listening socket of --listen HOST:PORT, its port said on stderr."""
+def _listen(where: str, flag: str = "--listen") -> Any:
+    """The listening socket of --listen HOST:PORT (or ``flag``'s), its port
+    said on stderr."""
     from hypervisor.toolstack import transport
     try:
         host, port = transport.parse_hostport(where)
         sock = transport.listen_tcp(host, port)
     except ValueError as e:
-        raise CliError(f"--listen: {e}") from None
+        raise CliError(f"{flag}: {e}") from None
     except OSError as e:
         raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
-    print(f"migration target: listening on {host}:{sock.getsockname()[1]}", file=sys.stderr,
+    what = "listening" if flag == "--listen" else "listening for a post-copy's resume"
+    print(f"migration target: {what} on {host}:{sock.getsockname()[1]}", file=sys.stderr,
           flush=True)
     return sock
 
@@ -939,11 +983,17 @@ def _add_migrate_receive(sub: Any) -> None:
                                     "it here, and the sender resumes its copy. A post-copy "
                                     "migration (migrate --postcopy) starts the domain at the "
                                     "switch and takes its pages while it runs; if the "
-                                    "connection drops then, the domain is paused and the "
-                                    "exit status is 1.")
+                                    "connection drops then, the domain is paused and this "
+                                    "process waits on the --listen (or --recover) address "
+                                    "for the source to resume the post-copy (without either "
+                                    "the exit status is 1).")
     rx.add_argument("--listen", metavar="HOST:PORT",
                     help="accept one migration on this TCP address (port 0: any free one; "
                          "the port is said on stderr), instead of stdin and stdout")
+    rx.add_argument("--recover", metavar="HOST:PORT",
+                    help="where a post-copy whose connection dropped waits for the source's "
+                         "resume (QEMU's migrate-recover URI; default: the --listen address, "
+                         "kept listening until the last page is in)")
     rx.add_argument("-r", dest="remus", action="store_true",
                     help="be a Remus backup (xl's -r): each epoch of the checkpointed "
                          "stream buffered, committed when whole and acknowledged; when the "
@@ -975,6 +1025,9 @@ def _add_migrate_receive(sub: Any) -> None:
                          "daemon's)")
     rx.add_argument("--in-process", action="store_true",
                     help="receive into this process even when a daemon answers")
+    rx.add_argument("--no-postcopy", action="store_true",
+                    help="refuse a post-copy migration (at its switch, before the domain "
+                         "could run here: the sender resumes its copy)")
     rx.set_defaults(func=cmd_migrate_receive)
 
 

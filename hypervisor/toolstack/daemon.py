@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor, OutOfMemory
 from hypervisor.public.sched import SHUTDOWN_crash, SHUTDOWN_reboot, SHUTDOWN_suspend
+from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack import libxl, livejob, migrateuri
 from hypervisor.toolstack.builder import BuildError
 from hypervisor.toolstack.config import ConfigError, DomainConfig, load_config
@@ -46,7 +48,9 @@ from hypervisor.toolstack.elfimage import ImageError as ElfImageError
 from hypervisor.toolstack.image import ImageError
 from hypervisor.toolstack.livejob import DaemonLive, LiveJob, Machine
 from hypervisor.toolstack.migrate import (
+    INCOMING,
     MIGRATE_RECEIVER_BANNER,
+    POSTCOPY_INCONSISTENT,
     Channel,
     MigrateError,
     MigrateOutcome,
@@ -54,7 +58,10 @@ from hypervisor.toolstack.migrate import (
     migrate_domain,
     migrate_receive,
     read_fixed_message,
+    receive_resume,
+    resume_postcopy,
 )
+from hypervisor.toolstack.postcopy import Dropped, Pager, PostcopyPaused
 from hypervisor.toolstack.precopy import MigrationInfo, PrecopyOptions
 from hypervisor.toolstack.qmp import (
     Client,
@@ -88,6 +95,10 @@ CONSOLE_HISTORY = 16 * 1024      # output a newly attached console client gets
 DMESG_LINES = 2000
 STOP_TURNS = 1000                # turns the daemon gives its cancelled jobs to end when it stops
 GENERIC, NOT_FOUND = "GenericError", "DomainNotFound"
+POLL_RECORDS = 16                # post-copy records loaded per look at the wire: the guests
+#                                  run between (a record: 64 pages)
+RESUME_HANDSHAKE_S = 10.0        # migrate-recover: the source's POSTCOPY_RESUME comes at once
+POSTCOPY_RAM = "postcopy-ram"    # QEMU's capability: a migration may switch to post-copy
 # what makes a create or a restore fail, said to the client as one line
 _CREATE_ERRORS = (ConfigError, BuildError, ElfImageError, ImageError, RestoreError,
                   StreamError, libxl.LibxlError, OutOfMemory, OSError, ValueError)
@@ -178,6 +189,7 @@ class DaemonDomain:
     save: SaveInFlight | None = None
     live: LiveJob | None = None       # a live save or a migration under way
     parked: bool = False              # migrated after GO, the handshake failed: kept suspended
+    paused_postcopy: MigrateOutcome | None = None  # its post-copy dropped: for migrate --resume
     destroying: Deferred | None = None  # xl destroy while Remus runs: answered at its end
     balloon: tuple[int, int] | None = None  # last (actual, target) KiB told
 
@@ -215,6 +227,9 @@ class Daemon:
         self.server = Server(socket_path, self.version)
         self.dir = Path(socket_path).parent
         self.jobs: list[LiveJob] = []
+        self.capabilities = {POSTCOPY_RAM: False}  # QEMU's migration capabilities
+        self.incoming: tuple[LiveJob, Pager] | None = None  # a post-copy's pages coming in
+        self.paused_incoming: tuple[LiveJob, Pager] | None = None  # its connection dropped
         self.last_job: dict[str, LiveJob] = {}   # by domain name, and "" for the last of all
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
@@ -293,18 +308,26 @@ class Daemon:
         """One quantum of the machine, then every domain looked at. The fast
         clock runs only once something is due (a message may have ended the
         poll early); the deterministic clock's time passes as it runs."""
-        nxt = domctl.next_work(self.hv) if self.domains else None
-        if nxt is not None and (self.clock == "deterministic" or nxt <= self.now()):
-            if self.clock == "deterministic":
-                domctl.run(self.hv, self.now() + QUANTUM_DET_NS)
-            else:
-                quantum = QUANTUM_LIVE_NS if self.jobs else QUANTUM_FAST_NS
-                domctl.run_while_busy(self.hv, self.now() + quantum)
+        try:
+            self._run_quantum()
+        except PostcopyPaused as e:  # the pager paused its domain and keeps it
+            log.warning("%s", e)
+        if self.incoming is not None:
+            self._incoming_info(*self.incoming)
         for d in list(self.domains.values()):
             try:
                 self._look_at(d)
             except Exception:  # a bug must not take the other domains down
                 log.exception("looking at domain %s failed", d.dom.name)
+
+    def _run_quantum(self) -> None:
+        nxt = domctl.next_work(self.hv) if self.domains else None
+        if nxt is not None and (self.clock == "deterministic" or nxt <= self.now()):
+            if self.clock == "deterministic":
+                domctl.run(self.hv, self.now() + QUANTUM_DET_NS)
+            else:
+                quantum = QUANTUM_LIVE_NS if self.jobs or self.incoming else QUANTUM_FAST_NS
+                domctl.run_while_busy(self.hv, self.now() + quantum)
 
     def _look_at(self, d: DaemonDomain) -> None:
         dom = d.dom
@@ -417,6 +440,8 @@ class Daemon:
         self._forget(d)
 
     def _forget(self, d: DaemonDomain) -> None:
+        if self.incoming is not None and self.incoming[1].dom is d.dom:
+            self.incoming[1].drain()  # gone: its pages are no longer wanted
         d.console.close()
         self.domains.pop(d.dom.domid, None)
         if d.save is not None:
@@ -453,8 +478,9 @@ class Daemon:
         return d
 
     def _start_job(self, d: DaemonDomain | None, kind: str, work: Callable[[LiveJob], Any],
-                   finish: Callable[[LiveJob], None]) -> LiveJob:
-        job = LiveJob(kind, d.dom if d is not None else None, finish=finish)
+                   finish: Callable[[LiveJob], None], postcopy_ok: bool = False) -> LiveJob:
+        job = LiveJob(kind, d.dom if d is not None else None, finish=finish,
+                      postcopy_ok=postcopy_ok)
         self.jobs.append(job)
         if d is not None:
             d.live = job
@@ -495,8 +521,8 @@ class Daemon:
         end (a migration's handshake is still to come)."""
         def report(info: MigrationInfo) -> None:
             job.info = info
-            if info.status == "active":
-                self._set_status(job, "active")
+            if info.status == "active" or info.status.startswith("postcopy-"):
+                self._set_status(job, info.status)
             fresh = info.rounds[job.reported:]
             for r in fresh:
                 self._emit_job("MIGRATION_PASS", job, **{"pass": r.iteration + 1})
@@ -590,10 +616,19 @@ class Daemon:
     def cmd_migrate(self, args: dict[str, Any]) -> Deferred:
         """QEMU's migrate (``uri``: tcp:HOST:PORT or exec:COMMAND) run as xl's
         migrate_domain; answered once the target has the domain, or with why
-        not (the guest then runs on here)."""
+        not (the guest then runs on here). ``postcopy`` (Otto's xl migrate
+        --postcopy): switch to post-copy where the pre-copy policy stops;
+        ``precopy-iterations``: at most that many rounds (0 with postcopy: a
+        pure post-copy). With the postcopy-ram capability on, or
+        ``postcopy``, migrate-start-postcopy switches at the next round.
+        With ``resume`` (QEMU's resume=true) a paused post-copy goes on
+        instead (``_resume``)."""
+        if _flag(args, "resume"):
+            return self._resume(args)
         d = self._movable(args)
         try:
             uri = migrateuri.check_uri(str(args["uri"]))
+            opts = _precopy_options(args)
         except ValueError as e:
             raise QmpError(GENERIC, str(e)) from None
         answer = Deferred()
@@ -604,10 +639,91 @@ class Daemon:
             except OSError as e:
                 raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
             job.on_cancel = wire.cut
+            switch = (lambda: job.start_postcopy) if job.postcopy_ok else None
             return migrate_domain(self.hv, d.dom, self._held(wire.channel),
-                                  self._callbacks(d, job), PrecopyOptions(),
-                                  report=self._report(job), say=job.say)
-        self._start_job(d, "migrate", work, lambda job: self._migrated(d, job, answer))
+                                  self._callbacks(d, job), opts,
+                                  report=self._report(job), say=job.say, switch=switch)
+        self._start_job(d, "migrate", work, lambda job: self._migrated(d, job, answer),
+                        postcopy_ok=opts.postcopy or self.capabilities[POSTCOPY_RAM])
+        return answer
+
+    def cmd_migrate_start_postcopy(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate-start-postcopy: the domain's migration switches to
+        post-copy at its next round (the guest suspends then, and starts at
+        the target). Harmless once the rounds are over, or the migration
+        ended; an error if the capability was off when it started."""
+        try:
+            d = self.find(args)
+            job = d.live if d.live is not None else self.last_job.get(d.dom.name)
+        except QmpError:  # migrated away: its last job, by name
+            job = self.last_job.get(str(args["domain"]))
+            if job is None:
+                raise
+        if job is None or job.kind != "migrate":
+            raise QmpError(GENERIC, "Postcopy must be started after migration has been "
+                                    "started")
+        if not job.postcopy_ok:
+            raise QmpError(GENERIC, "Enable postcopy with migrate-set-capabilities "
+                                    "(postcopy-ram) before the start of migration")
+        job.start_postcopy = True
+        return {}
+
+    def cmd_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate-set-capabilities: [{"capability": NAME, "state": BOOL}];
+        pvlab has one, postcopy-ram. Refused while a migration runs."""
+        caps = args["capabilities"]
+        new = dict(self.capabilities)
+        for cap in caps:
+            if not isinstance(cap, dict) or set(cap) != {"capability", "state"} \
+                    or not isinstance(cap["state"], bool):
+                raise QmpError(GENERIC, "each capability is {\"capability\": NAME, "
+                                        "\"state\": true or false}")
+            if cap["capability"] not in new:
+                raise QmpError(GENERIC, f"capability {cap['capability']!r}: pvlab has "
+                                        f"{', '.join(new)}")
+            new[cap["capability"]] = cap["state"]
+        if any(j.kind in ("migrate", "incoming") for j in self.jobs):
+            raise QmpError(GENERIC, "There's a migration process in progress")
+        self.capabilities = new
+        return {}
+
+    def _resume(self, args: dict[str, Any]) -> Deferred:
+        """migrate resume=true: the domain's paused post-copy (its copy here
+        suspended, its push state kept) resumed on a new connection to
+        ``uri``: postcopy-recover-setup, postcopy-recover (the pages lost in
+        flight sent again), postcopy-active, then completed as an
+        uninterrupted one; a failure leaves it paused, resumable again."""
+        d = self._not_moving(self.find(args))
+        out = d.paused_postcopy
+        if out is None:
+            raise QmpError(GENERIC, f"domain {d.dom.name} has no paused post-copy migration "
+                                    "to resume")
+        try:
+            uri = migrateuri.check_uri(str(args["uri"]))
+        except ValueError as e:
+            raise QmpError(GENERIC, str(e)) from None
+        answer = Deferred()
+
+        def work(job: LiveJob) -> MigrateOutcome:
+            assert out.info is not None
+            job.info = out.info
+            try:
+                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
+            except OSError as e:
+                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
+            job.on_cancel = wire.cut
+            return resume_postcopy(self.hv, d.dom, out, self._held(wire.channel),
+                                   self._report(job), job.say)
+
+        def finish(job: LiveJob) -> None:
+            if job.result is None:  # no connection: nothing changed
+                self._set_status(job, "postcopy-paused")
+                answer.fail(GENERIC, f"{job.error}; the post-copy of {d.dom.name} stays "
+                                     "paused, resumable again")
+                return
+            self._migrated(d, job, answer)
+        job = self._start_job(d, "migrate", work, finish)
+        self.last_job[d.dom.name.removesuffix(POSTCOPY_INCONSISTENT)] = job
         return answer
 
     def _held(self, ch: Channel) -> Channel:
@@ -626,6 +742,15 @@ class Daemon:
             self._set_status(job, "completed")
             answer.resolve({})
             self._forget(d)
+            return
+        if out is not None and out.undefined and out.postcopy is not None:
+            d.parked, d.paused_postcopy = True, out  # QEMU's postcopy-paused: never resumed here
+            self.last_job[d.dom.name] = job  # its new name asks after it too
+            job.error = out.error.splitlines()[0]
+            self._set_status(job, "postcopy-paused")
+            answer.fail(GENERIC, f"{_cause(job.lines)}; the post-copy is paused, the domain "
+                                 f"kept suspended here as {d.dom.name}: resume it with "
+                                 f"pvlab migrate --resume {d.dom.domid} HOST:PORT")
             return
         if out is not None and out.undefined:
             d.parked = True   # neither resumed nor destroyed: a person decides (xl's way)
@@ -686,6 +811,9 @@ class Daemon:
         if domctl.is_paused(d.dom) or d.dom.shutdown_reason is not None:
             raise QmpError(GENERIC, f"domain {d.dom.name} is not running: it cannot be "
                                     "migrated (unpause it first)")
+        if self.incoming is not None and self.incoming[1].dom is d.dom:
+            raise QmpError(GENERIC, f"domain {d.dom.name} is still taking its pages from "
+                                    "its post-copy migration here: wait until that ends")
         return d
 
     def _replicate(self, d: DaemonDomain, job: LiveJob, ch: Channel,
@@ -759,32 +887,142 @@ class Daemon:
         ch = Channel(reader, writer)
         answer = Deferred()
         paused = _flag(args, "paused")
+        refuse = self._refuse_postcopy(args)
 
         def work(job: LiveJob) -> Received:
             job.on_cancel = lambda: _shut_socket(fds[0])
-            # a post-copy stream is refused here for now: its pager would
-            # read the wire from the loop's slices, not from this job
+            # the job reads the stream through wrappers; a post-copy's pager
+            # works from the loop, on the channel itself
             return migrate_receive(self._held(ch), hv=self.hv, clock=self.clock,
                                    paused=paused, say=job.say,
                                    started=lambda got: self._adopt(got.dom, None),
-                                   accept_postcopy=False)
-        self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer))
+                                   refuse_postcopy=refuse, loop_channel=ch)
+        self._start_job(None, "incoming", work, lambda job: self._received(job, ch, answer),
+                        postcopy_ok=not refuse)
         return answer
+
+    def _refuse_postcopy(self, args: dict[str, Any]) -> str:
+        """Why an incoming migration may not switch to post-copy, or "": the
+        machine has one pager (its absent frames' handler), so one post-copy
+        comes in at a time; ``postcopy`` false refuses it too."""
+        if not _flag(args, "postcopy", True):
+            return "the target does not take post-copy (migrate-incoming postcopy false)"
+        if self.incoming is not None or any(j.kind == "incoming" and j.postcopy_ok
+                                            for j in self.jobs):
+            return "the target's daemon takes one post-copy migration at a time"
+        return ""
 
     def _received(self, job: LiveJob, ch: Channel, answer: Deferred) -> None:
         """The target's end: the domain (adopted, its console socket made,
-        before the report told the sender), or why not."""
+        before the report told the sender), or why not. A post-copy's
+        domain runs already while its pages come (_postcopy_started)."""
         lines = job.lines
+        got: Received | None = job.result
+        if got is not None and got.postcopy is not None:
+            self._postcopy_started(job, got, ch, answer)
+            return
         ch.close()
-        if job.error:
+        if job.error or got is None:
             self._set_status(job, "failed")
             answer.fail(GENERIC, job.error)
             return
-        got: Received = job.result
         job.dom = got.dom
         self.last_job[got.dom.name] = job
         self._set_status(job, "completed")
         answer.resolve({"domid": got.dom.domid, "name": got.dom.name, "lines": lines})
+
+    def _postcopy_started(self, job: LiveJob, got: Received, ch: Channel,
+                          answer: Deferred) -> None:
+        """A post-copy's domain runs here, NAME--incoming, while its pages
+        come: the pager reads them on this loop (between slices, and when the
+        connection is readable), and a fault waits for its page on the loop,
+        so every domain of the daemon waits meanwhile. Once the last page is
+        in the domain is renamed NAME and the job completed."""
+        pager = got.postcopy
+        assert pager is not None
+        job.dom = got.dom
+        self.last_job[got.dom.name] = job
+        self.last_job[got.dom.name.removesuffix(INCOMING)] = job
+        self.incoming = (job, pager)
+        self._adopt(got.dom, None)
+        self.server.watch(ch.reader, self._poll_pager)
+        done = pager.on_complete
+
+        def complete(p: Pager) -> None:
+            self.server.unwatch(p.link.reader)  # a recovered post-copy's is a new one
+            self.incoming = None
+            if done is not None:
+                done(p)  # the sender's word, the rename, the channel closed
+            self.last_job[p.dom.name] = job
+            self._incoming_info(job, p)
+        pager.on_complete = complete
+        self._incoming_info(job, pager)
+        answer.resolve({"domid": got.dom.domid, "name": got.dom.name, "lines": job.lines,
+                        "postcopy": True})
+
+    def _poll_pager(self) -> None:
+        """The post-copy's connection is readable: its pages loaded now
+        (the guest may be idle, and no slice would), a few records at a
+        time so that the loop's guests run between."""
+        if self.incoming is None:
+            return
+        job, pager = self.incoming
+        pager.poll(POLL_RECORDS)
+        self._incoming_info(job, pager)
+
+    def _incoming_info(self, job: LiveJob, pager: Pager) -> None:
+        """The destination's MigrationInfo from its pager (QEMU's destination
+        answers query-migrate too), and its status as events."""
+        info = job.info
+        info.postcopy = True
+        info.total = int(pager.p2m.size) * PAGE_SIZE
+        info.remaining = pager.left * PAGE_SIZE
+        info.postcopy_requests = pager.requests
+        info.postcopy_faulted, info.postcopy_pushed = pager.faulted, pager.pushed
+        info.postcopy_bytes = info.transferred = pager.link.offset
+        info.postcopy_blocktime_ns = pager.blocked_ns
+        if pager.paused:
+            info.error = pager.why
+            if self.incoming is not None and self.incoming[1] is pager:
+                self.server.unwatch(pager.link.reader)  # its end stays readable
+                self.incoming, self.paused_incoming = None, (job, pager)
+        status = "postcopy-paused" if pager.paused else \
+            "completed" if pager.done else "postcopy-active"
+        info.status = status
+        self._set_status(job, status)
+
+    def cmd_migrate_recover(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's migrate-recover, for the domain of a post-copy coming in
+        that a drop paused: ``uri`` fd:NAME, the connection the source's
+        resume came on (``pvlab migrate-recover`` accepts it and passes it
+        with getfd: the daemon never listens on the network). The resume's
+        handshake here (the source sends its POSTCOPY_RESUME at once after
+        the banner: RESUME_HANDSHAKE_S at most), then the pager takes the
+        connection and its domain runs on."""
+        d = self.find(args)
+        paused = self.paused_incoming
+        if paused is None or paused[1].dom is not d.dom or not paused[1].paused:
+            raise QmpError(GENERIC, f"domain {d.dom.name} has no paused post-copy coming in")
+        kind, _, name = str(args["uri"]).partition(":")
+        if kind != "fd" or not name or "," in name:
+            raise QmpError(GENERIC, f"uri {args['uri']!r}: give fd:NAME, a connection passed "
+                                    "with getfd")
+        fd = self.server.take_fd(name)
+        job, pager = paused
+        ch = Channel(os.fdopen(fd, "rb"), os.fdopen(os.dup(fd), "wb"))
+        try:
+            link = receive_resume(ch, pager, job.say, lambda: bool(
+                select.select([fd], [], [], RESUME_HANDSHAKE_S)[0]))
+            pager.replace_link(link)
+        except (MigrateError, Dropped) as e:
+            ch.close(wait=False)
+            raise QmpError(GENERIC, f"{e}; domain {d.dom.name} stays paused") from None
+        self.paused_incoming, self.incoming = None, (job, pager)
+        self.server.watch(ch.reader, self._poll_pager)
+        self._incoming_info(job, pager)
+        self._tell_messages()
+        return {"line": f"domain {d.dom.name}: post-copy resumed, {pager.left} pages still "
+                        "to come"}
 
     def cmd_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         """QEMU's migrate_cancel, for a domain's live save or migration: its
@@ -833,9 +1071,19 @@ class Daemon:
             "domain-save": (self.cmd_save, {"domain": dom, "file": path, "checkpoint": flag,
                                             "paused": flag, "live": flag}),
             "query-migrate": (self.cmd_query_migrate, {"domain": Param((str, int), False)}),
-            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path}),
-            "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag}),
+            "migrate": (self.cmd_migrate, {"domain": dom, "uri": path, "postcopy": flag,
+                                           "precopy-iterations": Param((int,), False),
+                                           "resume": flag}),
+            "migrate-recover": (self.cmd_migrate_recover, {"domain": dom, "uri": path}),
+            "migrate-incoming": (self.cmd_migrate_incoming, {"uri": path, "paused": flag,
+                                                             "postcopy": flag}),
             "migrate_cancel": (self.cmd_migrate_cancel, {"domain": dom}),
+            "migrate-start-postcopy": (self.cmd_migrate_start_postcopy, {"domain": dom}),
+            "migrate-set-capabilities": (self.cmd_set_capabilities,
+                                         {"capabilities": Param((list,))}),
+            "query-migrate-capabilities": (
+                lambda _a: [{"capability": k, "state": v} for k, v in self.capabilities.items()],
+                {}),
             "remus": (self.cmd_remus, {"domain": dom, "uri": path,
                                        "interval": Param((int,), required=False)}),
             "domain-restore": (self.cmd_restore, {"file": path, "paused": flag}),
@@ -984,11 +1232,22 @@ def _version() -> str:
         return "0"
 
 
-def _flag(args: dict[str, Any], name: str) -> bool:
-    value = args.get(name, False)
+def _flag(args: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = args.get(name, default)
     if not isinstance(value, bool):
         raise QmpError(GENERIC, f"'{name}' must be true or false")
     return value
+
+
+def _precopy_options(args: dict[str, Any]) -> PrecopyOptions:
+    """migrate's ``postcopy`` and ``precopy-iterations``; ValueError if bad."""
+    postcopy = _flag(args, "postcopy")
+    rounds = args.get("precopy-iterations")
+    if rounds is None:
+        return PrecopyOptions(postcopy=postcopy)
+    if rounds < 0 or (rounds == 0 and not postcopy):
+        raise ValueError(f"precopy-iterations {rounds}: 1 or more (0 only with postcopy)")
+    return PrecopyOptions(max_iterations=rounds, postcopy=postcopy)
 
 
 def _int_arg(args: dict[str, Any], name: str) -> int:

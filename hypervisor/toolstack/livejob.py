@@ -203,6 +203,8 @@ class LiveJob:
     reported: int = 0             # rounds told as events so far
     suspended: bool = False       # the guest suspended for the final round
     cancelled: bool = False
+    postcopy_ok: bool = False     # may switch to post-copy (the capability, or --postcopy)
+    start_postcopy: bool = False  # migrate-start-postcopy came: switch at the next round
     thread: threading.Thread | None = None
     on_cancel: Callable[[], None] | None = None  # closes its wire (ends a blocked read)
     on_stop: Callable[[], None] | None = None    # a gentle end (Remus's stream ended cleanly)

@@ -25,7 +25,11 @@ transition, and once every page is there the target says "postcopy
 migration completed successfully" (with its NUL), renames its copy NAME and
 the sender destroys its own. A failure after the transition can leave the
 guest running at the target: the sender keeps its copy suspended, renamed
-NAME--postcopy-inconsistent, says Otto's warning and never resumes it.
+NAME--postcopy-inconsistent, says Otto's warning and never resumes it. A
+dropped connection pauses both sides (QEMU's postcopy-paused) and a new one
+resumes the post-copy: the receiver's banner, then postcopy.py's resume
+handshake (``resume_postcopy``, ``push_postcopy`` at the sender;
+``receive_resume``, ``postcopy_recovery`` at the receiver).
 Every failure before the point of no return leaves the guest running at the
 source (resumed cancelled if it had suspended, THAW) and nothing at the
 target; after it the sender says xl's warning and keeps its copy renamed and
@@ -40,6 +44,7 @@ import errno
 import io
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -56,6 +61,7 @@ from hypervisor.toolstack.save import (
     Progress,
     Report,
     SaveError,
+    end_live_stream,
     start_live_stream,
     write_image_live,
 )
@@ -90,6 +96,11 @@ FAILED_POSTCOPY = ("** Migration failed during memory postcopy ** It's possible 
                    "be unsafe.")
 
 Say = Callable[[str], None]
+Connect = Callable[[], "Channel"]
+# a scripted source's resumes of a dropped post-copy at the same target
+RESUME_TRIES = 3
+RESUME_WAIT_S = 1.0   # between two tries (host time)
+END_WAIT_S = 30.0     # a target with every page waits this long for a resume to end the stream
 
 
 class MigrateError(Exception):
@@ -232,25 +243,38 @@ class _Sender:
 
     def failed_postcopy(self, why: str) -> MigrateOutcome:
         """After the post-copy transition: the copy here renamed
-        NAME--postcopy-inconsistent and kept suspended, never resumed."""
+        NAME--postcopy-inconsistent and kept suspended, never resumed; its
+        push state kept in the outcome for a resume (postcopy-paused)."""
         self.say(why)
         dom = self.dom
-        try:
-            libxl.rename_domain(self.hv, dom, dom.name, self.name + POSTCOPY_INCONSISTENT)
-        except libxl.LibxlError as e:
-            self.say(f"migration sender: {e}")
-        self.out.runs_on = False
+        if dom.name != self.name + POSTCOPY_INCONSISTENT:
+            try:
+                libxl.rename_domain(self.hv, dom, dom.name, self.name + POSTCOPY_INCONSISTENT)
+            except libxl.LibxlError as e:
+                self.say(f"migration sender: {e}")
+        self.out.ok = self.out.runs_on = False
         self.out.undefined = True
         self.out.error = FAILED_POSTCOPY
         self.say(FAILED_POSTCOPY)
-        self.say(f"migration sender: the copy here stays suspended as {dom.name}")
+        self.say(f"migration sender: the copy here stays suspended as {dom.name}; its "
+                 "post-copy is paused and can be resumed")
         self.ch.close()
         return self.out
+
+    def status(self, status: str, report: Report | None) -> None:
+        """query-migrate's status changed: told to ``report``."""
+        info = self.out.info
+        assert info is not None
+        info.status = status
+        if report is not None:
+            report(info)
 
 
 def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCallbacks,
                    opts: PrecopyOptions | None = None, seed: int | None = None,
-                   report: Report | None = None, say: Say | None = None) -> MigrateOutcome:
+                   report: Report | None = None, say: Say | None = None,
+                   switch: Callable[[], bool] | None = None,
+                   reconnect: Connect | None = None) -> MigrateOutcome:
     """xl's migrate_domain on a running domain: the receiver's banner, the
     stream (a live save: ``callbacks`` run the guest between rounds and
     suspend it, as save.write_image_live takes them), the ready message, the
@@ -258,63 +282,188 @@ def migrate_domain(hv: Hypervisor, dom: Domain, ch: Channel, callbacks: LiveCall
     here destroyed, or resumed if the target failed. ``report`` sees the
     rounds' progress, ``say`` xl's lines. The channel is closed at the end.
     With ``opts.postcopy`` the stream switches to post-copy where the policy
-    stops (migrate_postcopy)."""
+    stops (migrate_postcopy); ``switch``, asked between the rounds, may ask
+    for the switch sooner (QEMU's migrate-start-postcopy); a drop after the
+    switch is resumed on ``reconnect``'s connections, RESUME_TRIES at most,
+    if given."""
     s = _Sender(hv, dom, ch, say)
     try:
         read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
     except MigrateError as e:
         return s.failed_resume(str(e))
-    if opts is not None and opts.postcopy:
-        return migrate_postcopy(s, callbacks, opts, seed, report)
+    opts = opts or PrecopyOptions()
+    if opts.postcopy or switch is not None:
+        return migrate_postcopy(s, callbacks, opts, seed, report, switch, reconnect)
     try:
-        s.out.info = write_image_live(hv, dom, ch.writer, callbacks, opts or PrecopyOptions(),
-                                      seed, report, digest=False)
+        s.out.info = write_image_live(hv, dom, ch.writer, callbacks, opts, seed, report,
+                                      digest=False)
         ch.writer.flush()
     except (SaveError, OSError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return s.failed_resume(f"migration sender: libxl_domain_suspend failed: {why}")
+        return s.failed_resume(_suspend_failed(e))
     return _handshake(s)
 
 
+def _suspend_failed(e: Exception) -> str:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return f"migration sender: libxl_domain_suspend failed: {why}"
+
+
 def migrate_postcopy(s: _Sender, callbacks: LiveCallbacks, opts: PrecopyOptions,
-                     seed: int | None, report: Report | None) -> MigrateOutcome:
+                     seed: int | None, report: Report | None,
+                     switch: Callable[[], bool] | None = None,
+                     reconnect: Connect | None = None) -> MigrateOutcome:
     """The stream to its post-copy transition (any failure so far resumes
     the guest here), then the pages pushed and asked for until the target
-    has them all, END, the target's word, and the copy here destroyed."""
+    has them all (``push_postcopy``), END, the target's word, and the copy
+    here destroyed. If the rounds end without the switch (no
+    ``opts.postcopy``, and ``switch`` never asked for it), the migration
+    ends as a pre-copy one."""
     hv, dom, ch = s.hv, s.dom, s.ch
     try:
-        ls = start_live_stream(hv, dom, ch.writer, callbacks, opts, seed, report)
+        ls = start_live_stream(hv, dom, ch.writer, callbacks, opts, seed, report, switch)
+        s.out.info = ls.info
+        if not ls.to_postcopy:
+            end_live_stream(ls)
+            ch.writer.flush()
+            return _handshake(s)
         src = postcopy.switch_to_postcopy(ls)
     except (SaveError, OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return s.failed_resume(f"migration sender: libxl_domain_suspend failed: {why}")
-    s.out.info = ls.info
-    s.say(f"migration sender: Post-copy: the guest starts at the target; "
+        return s.failed_resume(_suspend_failed(e))
+    s.say(f"migration sender: Post-copy: switched; the guest starts at the target, "
           f"{src.remaining()} pages follow.")
-    link = postcopy.Link(ch.reader, ch.writer)
     s.out.postcopy, s.out.pages = src, postcopy.DomainPages(hv, dom, ls.p2m)
+    return push_postcopy(s, postcopy.Link(ch.reader, ch.writer), report, reconnect)
+
+
+def push_postcopy(s: _Sender, link: postcopy.Link, report: Report | None,
+                  reconnect: Connect | None = None) -> MigrateOutcome:
+    """The push on ``link`` to its end. A drop pauses it (postcopy-paused:
+    the copy here kept suspended, the push state in the outcome); with
+    ``reconnect``, up to RESUME_TRIES new connections after each drop are
+    offered a resume (``_resume``) and the push goes on on the first taken."""
+    out = s.out
+    assert out.postcopy is not None and out.pages is not None
+    while True:
+        try:
+            postcopy.push(out.pages, link, out.postcopy, report)
+            return _postcopy_complete(s, link, report, reconnect)
+        except postcopy.Refused as e:
+            return _refused(s, str(e), report)
+        except (postcopy.Dropped, StreamError, SaveError) as e:
+            why = postcopy.refusal(link) if isinstance(e, postcopy.Dropped) else ""
+            if why:
+                return _refused(s, why, report)
+            assert out.info is not None
+            out.info.error = str(e)
+            s.status("postcopy-paused", report)
+            s.failed_postcopy(f"migration sender: post-copy failed: {e}")
+        if reconnect is None:
+            return out
+        resumed = _resume(s, reconnect, report)
+        for _ in range(RESUME_TRIES - 1):
+            if resumed is not None:
+                break
+            time.sleep(RESUME_WAIT_S)  # a network that dropped may need a moment
+            resumed = _resume(s, reconnect, report)
+        if resumed is None:
+            return out
+        link = resumed
+
+
+def _resume(s: _Sender, connect: Connect, report: Report | None) -> postcopy.Link | None:
+    """One try at a paused post-copy's resume (QEMU's migrate resume=true):
+    a connection (postcopy-recover-setup), the banner, the handshake
+    (postcopy-recover: the pages lost in flight to send again), then
+    postcopy-active. None, still paused, if it failed (said in one line)."""
+    s.status("postcopy-recover-setup", report)
     try:
-        postcopy.push(s.out.pages, link, src, report)
-    except (postcopy.Dropped, StreamError, SaveError) as e:
-        ls.info.status, ls.info.error = "postcopy-paused", str(e)
-        if report is not None:
-            report(ls.info)
-        return s.failed_postcopy(f"migration sender: post-copy failed: {e}")
-    try:  # the target has every page: what follows is tidiness (Otto's xl)
-        postcopy.end_stream(link)
-        if link.read_exactly(len(MIGRATE_POSTCOPY_SYNC)) != MIGRATE_POSTCOPY_SYNC:
-            s.say("migration sender: the target's word after post-copy is not xl's")
+        ch = connect()
+    except OSError as e:
+        s.say(f"migration sender: cannot reach the target to resume: {e.strerror or e}")
+        s.status("postcopy-paused", report)
+        return None
+    s.ch = ch
+    try:
+        read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+        s.status("postcopy-recover", report)
+        link = postcopy.Link(ch.reader, ch.writer)
+        assert s.out.postcopy is not None
+        lacked, lost = postcopy.resume_source(link, s.out.postcopy, s.name)
+    except (MigrateError, postcopy.Dropped, StreamError) as e:
+        s.say(f"migration sender: the target refused the resume: {e}")
+        ch.close()
+        s.status("postcopy-paused", report)
+        return None
+    s.say(f"migration sender: Post-copy resumed: the target lacks {lacked} pages, {lost} of "
+          "them sent before the drop and sent again.")
+    s.out.error = ""
+    s.status("postcopy-active", report)
+    return link
+
+
+def _end_stream(s: _Sender, link: postcopy.Link) -> None:
+    postcopy.end_stream(link)
+    if link.read_exactly(len(MIGRATE_POSTCOPY_SYNC)) != MIGRATE_POSTCOPY_SYNC:
+        s.say("migration sender: the target's word after post-copy is not xl's")
+
+
+def resume_postcopy(hv: Hypervisor, dom: Domain, out: MigrateOutcome, ch: Channel,
+                    report: Report | None = None, say: Say | None = None) -> MigrateOutcome:
+    """``migrate --resume``: a paused post-copy (``out``, the failed
+    migration's outcome, its push state kept; ``dom`` the copy here, named
+    NAME--postcopy-inconsistent) resumed on the new connection ``ch``. The
+    outcome is the migration's, as migrate_domain's: ok once the target has
+    every page (the copy here destroyed), else paused again and resumable
+    again."""
+    if out.postcopy is None or out.pages is None or out.info is None:
+        raise MigrateError(f"domain {dom.name} has no paused post-copy to resume")
+    s = _Sender(hv, dom, ch, say)
+    s.name = dom.name.removesuffix(POSTCOPY_INCONSISTENT)
+    s.out = out
+    link = _resume(s, lambda: ch, report)
+    if link is None:
+        return out
+    return push_postcopy(s, link, report)
+
+
+def _postcopy_complete(s: _Sender, link: postcopy.Link, report: Report | None,
+                       reconnect: Connect | None = None) -> MigrateOutcome:
+    """The target has every page: END, its word (tidiness, Otto's xl), the
+    copy here destroyed. If the END may not have reached it, one resume
+    (with ``reconnect``) lets it end its side rather than wait."""
+    try:
+        _end_stream(s, link)
     except postcopy.Dropped as e:
         s.say(f"migration sender: after post-copy: {e}")
-    libxl.destroy_domain(hv, dom)
-    s.out.postcopy = s.out.pages = None
-    ls.info.status, ls.info.remaining = "completed", 0
-    if report is not None:
-        report(ls.info)
-    s.out.ok, s.out.runs_on = True, False
+        again = _resume(s, reconnect, report) if reconnect is not None else None
+        if again is not None:
+            assert s.out.pages is not None and s.out.postcopy is not None
+            try:  # nothing is left to send: the target's COMPLETE, then the end
+                postcopy.push(s.out.pages, again, s.out.postcopy)
+                _end_stream(s, again)
+            except (postcopy.Dropped, StreamError) as e:
+                s.say(f"migration sender: after post-copy: {e}")
+    libxl.destroy_domain(s.hv, s.dom)
+    out = s.out
+    out.postcopy = out.pages = None
+    assert out.info is not None
+    out.info.remaining, out.info.error = 0, ""
+    s.status("completed", report)
+    out.ok, out.runs_on, out.undefined, out.error = True, False, False, ""
     s.say("Migration successful.")
-    ch.close(wait=False)
-    return s.out
+    s.ch.close(wait=False)
+    return out
+
+
+def _refused(s: _Sender, why: str, report: Report | None) -> MigrateOutcome:
+    """The target refused post-copy before its transition (POSTCOPY_REFUSED
+    at POSTCOPY_BEGIN): the guest never ran there, so it is resumed here
+    (failed_resume)."""
+    s.out.postcopy = s.out.pages = None
+    assert s.out.info is not None
+    s.out.info.error = f"the target refused post-copy: {why}"
+    s.status("failed", report)
+    return s.failed_resume(f"migration sender: the target refused post-copy: {why}")
 
 
 def _handshake(s: _Sender) -> MigrateOutcome:
@@ -447,7 +596,8 @@ def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None 
                     clock: str = "deterministic", paused: bool = False,
                     say: Say | None = None, progress: Progress | None = None,
                     started: Callable[[Received], None] | None = None,
-                    accept_postcopy: bool = True) -> Received:
+                    refuse_postcopy: str = "",
+                    loop_channel: Channel | None = None) -> Received:
     """xl's migrate_receive: the banner, the stream restored into a domain
     built paused as NAME--incoming (on ``hv``, or a machine of its own sized
     for it), the ready message, GO, the rename to NAME, the unpause (unless
@@ -458,23 +608,30 @@ def migrate_receive(ch: Channel, hv: Hypervisor | None = None, seed: int | None 
     failure nothing is left of it here, the sender has been told if it
     could be, and MigrateError says why in one line.
 
-    A stream that switches to post-copy (refused unless ``accept_postcopy``)
-    returns as soon as the domain starts, named NAME--incoming, with
-    ``postcopy`` its pager: the caller runs the domain while its pages come
-    (they are loaded between slices and when touched) and calls the pager's
-    ``drain`` when its run ends. Once the last page is in, the target's word
-    goes to the sender and the domain is renamed NAME; the channel is then
-    closed. A connection that drops first pauses the domain and keeps it."""
+    A stream that switches to post-copy returns as soon as the domain
+    starts, named NAME--incoming, with ``postcopy`` its pager: the caller
+    runs the domain while its pages come (they are loaded between slices
+    and when touched) and calls the pager's ``drain`` when its run ends.
+    Once the last page is in, the target's word goes to the sender and the
+    domain is renamed NAME; the channel is then closed. A connection that
+    drops first pauses the domain and keeps it. The pager works on
+    ``loop_channel`` when given (the same connection as the caller's loop
+    may use it: a daemon's job reads ``ch`` through wrappers only the job
+    may use). With ``refuse_postcopy`` (why not) a post-copy stream is
+    refused at its POSTCOPY_BEGIN, before the transition: the sender
+    resumes its copy and nothing is left here."""
     r = _Receiver(ch, say)
     r.say("migration target: Ready to receive domain.")
     try:
         write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
     except OSError as e:
         raise MigrateError(f"migration target: writing the banner: {e.strerror or e}") from None
-    incoming = postcopy.Incoming(postcopy.Link(ch.reader, ch.writer), r.say) \
-        if accept_postcopy else None
+    incoming = postcopy.Incoming(postcopy.Link(ch.reader, ch.writer), r.say, refuse_postcopy)
     got = _receive_domain(r, hv, seed, clock, progress, incoming)
-    if incoming is not None and incoming.pager is not None:
+    if incoming.pager is not None:
+        if loop_channel is not None:
+            incoming.pager.link = postcopy.Link(loop_channel.reader, loop_channel.writer)
+            r.ch = loop_channel
         return _start_postcopy(r, got, incoming.pager, paused)
     r.say("migration target: Transfer complete, requesting permission to start domain.")
     try:
@@ -525,11 +682,13 @@ def _start_postcopy(r: _Receiver, got: Received, pager: postcopy.Pager,
 def _postcopy_done(r: _Receiver, got: Received, pager: postcopy.Pager) -> None:
     """Every page is in and the stream ended: xl's word to the sender (on
     the pager's link: a recovered post-copy's is a new one), the domain
-    renamed NAME, the channel closed."""
+    renamed NAME, the channels closed."""
     try:
         pager.link.write(MIGRATE_POSTCOPY_SYNC)
     except postcopy.Dropped:
         pass  # it does not matter past this point: the domain is whole here
+    if pager.link.reader is not r.ch.reader:
+        Channel(pager.link.reader, pager.link.writer).close(wait=False)
     r.say("migration target: Domain started successfully.")
     if got.dom.domid in got.hv.domains:
         name = got.dom.name.removesuffix(INCOMING)
@@ -538,6 +697,62 @@ def _postcopy_done(r: _Receiver, got: Received, pager: postcopy.Pager) -> None:
         except libxl.LibxlError as e:
             r.say(f"migration target: {e}")
     r.ch.close(wait=False)
+
+
+def receive_resume(ch: Channel, pager: postcopy.Pager, say: Say | None = None,
+                   ready: Callable[[], bool] | None = None) -> postcopy.Link:
+    """The target's side of a paused post-copy's resume on a new connection
+    ``ch`` (QEMU's migrate-recover): the banner, the source's resume for
+    this domain (``ready``, if given, says whether it has come in time), the
+    pages still lacked. Returns the link for the pager
+    (``Pager.replace_link``); MigrateError if it is not that resume (the
+    caller closes ``ch``: the source's sign that it was refused)."""
+    name = pager.dom.name.removesuffix(INCOMING)
+    link = postcopy.Link(ch.reader, ch.writer)
+    try:
+        write_message(ch, MIGRATE_RECEIVER_BANNER, "banner")
+        if ready is not None and not ready():
+            raise postcopy.Dropped("no resume came on the connection")
+        pager.accept_resume(link, name)
+    except (OSError, postcopy.Dropped, StreamError) as e:
+        raise MigrateError(f"migration target: a resume refused: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
+    line = (f"migration target: Post-copy resumed: domain {pager.dom.name} unpaused, "
+            f"{pager.left} pages still to come.")
+    log.info("%s", line)
+    if say is not None:
+        say(line)
+    return link
+
+
+def postcopy_recovery(accept: Callable[[float | None], Channel], where: str,
+                      say: Say | None = None
+                      ) -> Callable[[postcopy.Pager], postcopy.Link | None]:
+    """A pager's ``recover`` hook: after a drop, said in one line, the
+    connections ``accept(timeout)`` gives (where: the address it listens
+    on) until one resumes the post-copy; None once ``accept`` fails
+    (OSError: its socket closed), the domain then left paused. A domain
+    that has all it needs waits END_WAIT_S at most (its source may have
+    ended already: an END lost after our COMPLETE)."""
+    def recover(pager: postcopy.Pager) -> postcopy.Link | None:
+        state = "paused" if pager.paused else "has all it needs"
+        line = (f"migration target: domain {pager.dom.name} {state}; waiting on {where} for "
+                "the source to resume its post-copy")
+        log.info("%s", line)
+        if say is not None:
+            say(line)
+        while True:
+            try:
+                ch = accept(END_WAIT_S if pager.unfinished else None)
+            except OSError:
+                return None
+            try:
+                return receive_resume(ch, pager, say)
+            except MigrateError as e:
+                if say is not None:
+                    say(str(e))
+                ch.close(wait=False)
+    return recover
 
 
 def _start_domain(r: _Receiver, got: Received, paused: bool,
@@ -597,5 +812,6 @@ def _report(r: _Receiver, got: Received, rc: int) -> None:
 __all__ = ["Channel", "FAILED_BADLY", "INCOMING", "MIGRATED_AWAY", "MIGRATE_PERMISSION_TO_GO",
            "MIGRATE_POSTCOPY_SYNC", "MIGRATE_RECEIVER_BANNER", "MIGRATE_RECEIVER_READY",
            "MIGRATE_REPORT", "FAILED_POSTCOPY", "POSTCOPY_INCONSISTENT",
-           "MigrateError", "MigrateOutcome", "Received", "incoming_header", "migrate_domain",
-           "migrate_receive", "read_fixed_message"]
+           "MigrateError", "MigrateOutcome", "RESUME_TRIES", "Received", "incoming_header",
+           "migrate_domain", "migrate_receive", "postcopy_recovery", "push_postcopy",
+           "read_fixed_message", "receive_resume", "resume_postcopy"]

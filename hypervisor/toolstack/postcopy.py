@@ -36,12 +36,19 @@ slices it loads what has arrived without waiting. The per-pfn states are
 Otto's: outstanding, requested, ready.
 
 A connection that drops after the transition leaves a guest in two halves:
-its memory partly at the source, its state at the destination. The
-destination pauses its domain and keeps it (QEMU's postcopy-paused); the
-source keeps its copy suspended, renamed NAME--postcopy-inconsistent, and
-never resumes it. The pager's ``link`` can be replaced and its wait retried
-(``Pager.replace_link``), and the source's loop resumed from its
-``PostcopySource`` on a new connection.
+its memory partly at the source, its state at the destination. Both sides
+pause (QEMU's postcopy-paused): the destination pauses its domain and keeps
+it; the source keeps its copy suspended, renamed NAME--postcopy-inconsistent,
+and never resumes it. Recovery is a new connection and a handshake on it
+(QEMU's postcopy recovery, ``loadvm_postcopy_handle_resume`` and
+``ram_dirty_bitmap_reload``, in pvlab's two records):
+
+    POSTCOPY_RESUME      source -> destination: the domain's name
+    POSTCOPY_RECV_BITMAP destination -> source: a bit per pfn, the pages it
+                         still lacks; the source sends again those it had
+                         sent (lost in flight: ``resume_source``), the
+                         destination asks again for those it had asked for
+                         (``Pager.replace_link``), and the push goes on.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
@@ -57,6 +65,7 @@ import numpy as np
 
 from hypervisor import domctl
 from hypervisor.domctl import Domain, Hypervisor
+from hypervisor.public.sched import SHUTDOWN_poweroff, SHUTDOWN_reboot
 from hypervisor.public.xen import PAGE_SIZE, start_info
 from hypervisor.toolstack import balloonctl, libxl, pfinfo, savefile, stream
 from hypervisor.toolstack.image import ImageError
@@ -83,12 +92,18 @@ from hypervisor.toolstack.stream import PostcopyType, RecType, StreamError
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # octets a link reads at a time
+REFUSED_DRAIN_S = 2.0  # a refusing destination reads on until the source hangs up, or this long
 # a pfn's state at the destination (Otto's xc_sr_restore.c)
 NOT_POSTCOPY, OUTSTANDING, REQUESTED, READY = 0, 1, 2, 3
 
 
 class Dropped(ConnectionError):
     """The post-copy's connection ended or failed."""
+
+
+class Refused(Exception):
+    """The destination refused post-copy at POSTCOPY_BEGIN (POSTCOPY_REFUSED):
+    its guest never ran there; the message is its reason."""
 
 
 class PostcopyPaused(RestoreError):
@@ -194,6 +209,25 @@ def read_pfn_record(rec: stream.Record, nr_pfns: int) -> np.ndarray:
         raise StreamError(f"offset {rec.offset}: {rec.name} names a pfn beyond the "
                           f"domain's {nr_pfns}")
     return pfns.astype(np.int64)
+
+
+def bitmap_record(lacks: np.ndarray) -> bytes:
+    """A POSTCOPY_RECV_BITMAP's body: the number of pfns, then a bit per pfn
+    (least significant first), set for each page still lacked."""
+    bits = np.packbits(lacks.astype(bool), bitorder="little").tobytes()
+    return stream.RECV_BITMAP_HDR.pack(lacks.size) + bits
+
+
+def read_bitmap_record(rec: stream.Record, nr_pfns: int) -> np.ndarray:
+    """A POSTCOPY_RECV_BITMAP's bits as bool per pfn, checked against ``nr_pfns``."""
+    if len(rec.body) < stream.RECV_BITMAP_HDR.size:
+        raise StreamError(f"offset {rec.offset}: {rec.name} shorter than its header")
+    (count,) = stream.RECV_BITMAP_HDR.unpack_from(rec.body)
+    if count != nr_pfns or len(rec.body) != stream.RECV_BITMAP_HDR.size + (count + 7) // 8:
+        raise StreamError(f"offset {rec.offset}: {rec.name} of {count} pfns, "
+                          f"{len(rec.body)} octets long, for a domain of {nr_pfns}")
+    bits = np.frombuffer(rec.body, np.uint8, offset=stream.RECV_BITMAP_HDR.size)
+    return np.unpackbits(bits, count=count, bitorder="little").astype(bool)
 
 
 def read_typed_pfns(rec: stream.Record, with_pages: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -366,6 +400,30 @@ def _write_switch(ls: LiveSave, todo: np.ndarray) -> PostcopySource:
     return PostcopySource.of(pending, ls.info)
 
 
+def resume_source(link: Link, src: PostcopySource, name: str) -> tuple[int, int]:
+    """The source's side of a resume on a new connection: POSTCOPY_RESUME
+    for ``name``, then the destination's POSTCOPY_RECV_BITMAP. The pages it
+    lacks that were sent are to send again (lost in flight, QEMU's
+    ram_dirty_bitmap_reload), and only the pages it lacks are still to
+    send; faults asked for and lost it asks for again.
+    Returns (pages lacked, of them sent before). StreamError or Dropped if
+    the destination does not answer so."""
+    link.write_record(PostcopyType.POSTCOPY_RESUME, name.encode())
+    rec = link.read_record(block=True)
+    assert rec is not None
+    if rec.type != PostcopyType.POSTCOPY_RECV_BITMAP:
+        raise StreamError(f"{rec.name} from the destination, expected POSTCOPY_RECV_BITMAP")
+    lacks = read_bitmap_record(rec, src.pending.size)
+    if (lacks & ~src.sent & ~src.pending).any():
+        raise StreamError("the destination lacks pages that are none of the post-copy's")
+    lost = src.sent & lacks
+    src.pending = lacks.copy()  # what is in, or no longer wanted, is not sent
+    src.sent &= ~lost
+    src.asked, src.complete = [], False
+    src.info.remaining = src.remaining() * PAGE_SIZE
+    return int(lacks.sum()), int(lost.sum())
+
+
 def serve_requests(link: Link, src: PostcopySource, block: bool) -> None:
     """The destination's records that have come (all of them, or with
     ``block`` the next one): FAULTs queued, COMPLETE noted."""
@@ -375,6 +433,8 @@ def serve_requests(link: Link, src: PostcopySource, block: bool) -> None:
             return
         if rec.type == PostcopyType.POSTCOPY_COMPLETE:
             src.complete = True
+        elif rec.type == PostcopyType.POSTCOPY_REFUSED:
+            raise Refused(rec.body.decode(errors="replace") or "no reason given")
         elif rec.type == PostcopyType.POSTCOPY_FAULT:
             src.fault(read_pfn_record(rec, src.pending.size))
         else:
@@ -419,6 +479,35 @@ def push(pages: PageSource, link: Link, src: PostcopySource,
         report(info)
 
 
+def refusal(link: Link) -> str:
+    """After a drop: the destination's refusal if it came before (what is
+    left to read, read without waiting), else ""."""
+    try:
+        while (rec := link.read_record(block=False)) is not None:
+            if rec.type == PostcopyType.POSTCOPY_REFUSED:
+                return rec.body.decode(errors="replace") or "no reason given"
+    except (Dropped, StreamError):
+        pass
+    return ""
+
+
+def refuse(link: Link, why: str) -> None:
+    """The destination cannot take post-copy: POSTCOPY_REFUSED with ``why``,
+    then the source's octets read and dropped until it hangs up (or
+    REFUSED_DRAIN_S pass with nothing), so that closing this end does not
+    reset the connection before the source has read the refusal."""
+    link.write_record(PostcopyType.POSTCOPY_REFUSED, why.encode())
+    fd = link.reader.fileno()
+    deadline = time.monotonic() + REFUSED_DRAIN_S
+    try:
+        while select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if not link.reader.read1(READ_CHUNK):  # type: ignore[attr-defined]
+                return
+            deadline = time.monotonic() + REFUSED_DRAIN_S
+    except (OSError, ValueError):
+        pass
+
+
 def end_stream(link: Link) -> None:
     """libxc's END, then libxl's (the stream's end after post-copy)."""
     try:
@@ -437,10 +526,13 @@ class Incoming:
     POSTCOPY_TRANSITION in the libxc stream, libxl's
     POSTCOPY_TRANSITION_END after libxl's records; then ``prepare`` makes
     the domain's absent part and its pager, before the restore completes
-    it (the pins, the VCPUs)."""
+    it (the pins, the VCPUs). With ``refuse`` (why this side cannot take
+    post-copy) POSTCOPY_BEGIN is answered with POSTCOPY_REFUSED and the
+    restore fails there, before the transition."""
 
-    def __init__(self, link: Link, say: Callable[[str], None] | None = None) -> None:
-        self.link, self.say = link, say
+    def __init__(self, link: Link, say: Callable[[str], None] | None = None,
+                 refuse: str = "") -> None:
+        self.link, self.say, self.refuse = link, say, refuse
         self.begun = self.transitioned = False
         self.pfns: list[np.ndarray] = []
         self.pager: Pager | None = None
@@ -451,6 +543,10 @@ class Incoming:
         if t in (PostcopyType.POSTCOPY_BEGIN, PostcopyType.POSTCOPY_PFNS_BEGIN,
                  PostcopyType.POSTCOPY_TRANSITION) and rec.body:
             raise ImageError(f"offset {rec.offset}: {rec.name} has a body")
+        if t == PostcopyType.POSTCOPY_BEGIN and self.refuse:
+            # before the transition: the source may still resume its copy
+            refuse(self.link, self.refuse)
+            raise ImageError(f"offset {rec.offset}: post-copy refused: {self.refuse}")
         if t == PostcopyType.POSTCOPY_BEGIN and not self.begun and info.max_pfn >= 0:
             self.begun = True
         elif t == PostcopyType.POSTCOPY_PFNS_BEGIN and self.begun and 0 in info.vcpus:
@@ -510,10 +606,12 @@ class Incoming:
 class Pager:
     """The destination's pager of a post-copy (Otto's restore side, QEMU's
     fault thread and listen thread in one): each post-copy pfn outstanding,
-    then requested when a fetch asks for it, then ready. ``link`` may be
-    replaced (``replace_link``) after a drop, and the wait goes on (a
-    waiting fetch asks ``recover`` for it). ``on_complete`` is called once
-    every page is in and the stream ended."""
+    then requested when a fetch asks for it, then ready. After a drop the
+    domain is paused and ``recover`` (if set) is asked for a new link, one
+    that has been through the resume handshake (``accept_resume``); the
+    pager takes it (``replace_link``) and whatever waited goes on: a
+    fetch, the loads between slices, the drain. ``on_complete`` is called
+    once every page is in and the stream ended."""
 
     def __init__(self, hv: Hypervisor, dom: Domain, p2m: np.ndarray, pfns: np.ndarray,
                  link: Link, say: Callable[[str], None] | None = None) -> None:
@@ -522,9 +620,14 @@ class Pager:
         self.state[pfns] = OUTSTANDING
         self.left = int(pfns.size)
         self.fetching = np.zeros(0, np.int64)
-        self.requests = self.faulted = self.pushed = self.dropped = 0
+        self.requests = self.faulted = self.pushed = self.dropped = self.unfetched = 0
+        self.blocked_ns = 0   # host time fetches waited (QEMU's postcopy-blocktime)
         self.paused = self.done = False
+        self.held = False  # the drop paused a running domain: a resume unpauses it
+        self.unfinished = False  # every page in, the stream's end interrupted
+        self.source_ended = False  # the source's END read: it had our COMPLETE
         self.why = ""
+        self.drops = 0
         self.on_complete: Callable[[Pager], None] | None = None
         # a drop while a fetch waits: a new link to go on with, or None
         self.recover: Callable[[Pager], Link | None] | None = None
@@ -544,19 +647,18 @@ class Pager:
         if (self.state[pfns] == NOT_POSTCOPY).any():
             raise RuntimeError("an absent frame that is none of the post-copy's")
         self.fetching = np.asarray(mfns, np.int64)
+        t0 = time.monotonic_ns()
         try:
             while True:
                 try:
                     self._wait(pfns)
                     return
                 except (Dropped, StreamError) as e:
-                    self._paused(str(e))
-                    link = self.recover(self) if self.recover is not None else None
-                    if link is None:
+                    if not self._recovered(str(e)):
                         raise PostcopyPaused(self.why) from None
-                    self.replace_link(link)
         finally:
             self.fetching = np.zeros(0, np.int64)
+            self.blocked_ns += time.monotonic_ns() - t0
 
     def _wait(self, pfns: np.ndarray) -> None:
         ask = pfns[self.state[pfns] == OUTSTANDING]
@@ -570,16 +672,18 @@ class Pager:
         self.requests += 1
         self.link.write_record(PostcopyType.POSTCOPY_FAULT, pfn_record(pfns))
 
-    def poll(self) -> None:
-        """Between slices: the pages that have come, loaded without waiting;
-        the end once the last is in."""
+    def poll(self, limit: int | None = None) -> None:
+        """Between slices: the pages that have come (at most ``limit``
+        records, so that a loop's guest runs between), loaded without
+        waiting; the end once the last is in."""
         if self.paused or self.done:
             return
         try:
-            while self._take(block=False):
-                pass
+            taken = 0
+            while (limit is None or taken < limit) and self._take(block=False):
+                taken += 1
         except (Dropped, StreamError) as e:
-            self._paused(str(e))
+            self._recovered(str(e))
             return
         if not self.left:
             self.finish()
@@ -621,67 +725,170 @@ class Pager:
         if self.paused:
             return
         self.paused = True
+        self.drops += 1
         self.why = (f"migration target: the connection to the source dropped during "
                     f"post-copy ({why}); domain {self.dom.name} paused with {self.left} "
                     "pages still at the source")
-        if self.dom.domid in self.hv.domains:
+        alive = self.dom.domid in self.hv.domains
+        self.held = alive and not self.dom.paused
+        if alive:
             libxl.pause(self.dom)
         self.say(self.why)
 
+    def _recovered(self, why: str) -> bool:
+        """After a drop: paused, then a new link from ``recover`` taken (a
+        drop on it at once asks for another). False if none came: the
+        domain stays paused."""
+        self._paused(why)
+        while self.recover is not None:
+            link = self.recover(self)
+            if link is None:
+                return False
+            try:
+                self.replace_link(link)
+                return True
+            except Dropped as e:
+                self.say(f"migration target: the resumed connection dropped at once ({e})")
+        return False
+
+    def lacks(self) -> np.ndarray:
+        """Bool per pfn: the post-copy's pages not in yet (QEMU's RECV_BITMAP, negated)."""
+        return (self.state == OUTSTANDING) | (self.state == REQUESTED)
+
+    def accept_resume(self, link: Link, name: str) -> None:
+        """The destination's side of the resume handshake on a new
+        connection: the source's POSTCOPY_RESUME for ``name``, answered with
+        POSTCOPY_RECV_BITMAP of the pages still lacked. StreamError (or
+        Dropped) if it is not that; the caller then closes the connection,
+        the source's sign of a refusal."""
+        rec = link.read_record(block=True)
+        assert rec is not None
+        if rec.type != PostcopyType.POSTCOPY_RESUME:
+            raise StreamError(f"offset {rec.offset}: {rec.name}, expected POSTCOPY_RESUME")
+        if rec.body != name.encode():
+            raise StreamError(f"a resume of domain {rec.body.decode(errors='replace')!r}, "
+                              f"not {name!r}")
+        if not (self.paused or self.unfinished) or self.done:
+            raise StreamError(f"the post-copy of {name} is not paused")
+        link.write_record(PostcopyType.POSTCOPY_RECV_BITMAP, bitmap_record(self.lacks()))
+
     def replace_link(self, link: Link) -> None:
-        """A new connection to the source (recovery): the pfns asked for and
-        not come are asked again, the domain unpaused, the wait goes on."""
-        self.link, self.paused, self.why = link, False, ""
+        """A new connection to the source (recovery, after ``accept_resume``
+        on it): the pfns asked for and not come are asked again, the domain
+        unpaused (if the drop paused it), the wait goes on. Dropped if the
+        new connection fails at once: still paused."""
+        self.link = link
         lost = np.flatnonzero(self.state == REQUESTED)
         if lost.size:
             self.state[lost] = OUTSTANDING
             self._ask(lost)
-        libxl.unpause(self.dom)
+        self.paused, self.why = False, ""
+        if self.held and self.dom.domid in self.hv.domains:
+            libxl.unpause(self.dom)
+        self.held = False
+
+    def wants_pages(self) -> bool:
+        """Whether the domain still needs its memory: not once it is gone,
+        powered off or rebooting (nothing reads its old memory again); a
+        suspended or crashed one does (a save, a core dump reads it)."""
+        return self.dom.domid in self.hv.domains and \
+            self.dom.shutdown_reason not in (SHUTDOWN_poweroff, SHUTDOWN_reboot)
 
     def drain(self) -> None:
-        """Every page in (the caller's run has ended): those not yet asked
-        for asked now, then waited for; then the end. A domain gone
-        meanwhile needs none: the end at once."""
+        """The caller's run has ended: if the domain still wants its
+        memory (``wants_pages``), every page not yet asked for is asked for
+        now and all are waited for; then the end (COMPLETE: the source
+        stops pushing). A drop meanwhile is recovered as a fetch's is, or
+        leaves the domain paused."""
         if self.done or self.paused:
             return
-        try:
-            if self.dom.domid in self.hv.domains:
-                rest = np.flatnonzero(self.state == OUTSTANDING)
-                for first in range(0, rest.size, stream.MAX_PFN_BATCH_SIZE):
-                    self._ask(rest[first:first + stream.MAX_PFN_BATCH_SIZE])
-            while self.left and self.dom.domid in self.hv.domains:
-                self._take(block=True)
-        except (Dropped, StreamError) as e:
-            self._paused(str(e))
-            return
-        self.finish()
+        while not self.unfinished:
+            try:
+                self._drain()
+                break
+            except (Dropped, StreamError) as e:
+                if not self._recovered(str(e)):
+                    return
+        if not self.unfinished:
+            self.finish()
+        self._end_again()
+
+    def _drain(self) -> None:
+        if self.wants_pages():
+            rest = np.flatnonzero(self.state == OUTSTANDING)
+            for first in range(0, rest.size, stream.MAX_PFN_BATCH_SIZE):
+                self._ask(rest[first:first + stream.MAX_PFN_BATCH_SIZE])
+        while self.left and self.wants_pages():
+            self._take(block=True)
 
     def finish(self) -> None:
         """The last page is in (or no longer wanted): the balloon's inhibit
-        released, POSTCOPY_COMPLETE sent, the source's END and libxl's END
-        read (pages still in flight dropped), the pager let go."""
-        self.done = True
+        released, the pager let go, then the stream's end (``_end``)."""
         alive = self.dom.domid in self.hv.domains
         if alive:
             line = balloonctl.postcopy_release(self.dom)
             if line:
                 self.say(f"migration target: {line}")
+        if self.left:
+            self._give_up_lacking(alive)
         domctl.mem_paging_setup(self.hv, None)
+        self._end()
+
+    def _end(self) -> None:
+        """POSTCOPY_COMPLETE sent, the source's END and libxl's END read
+        (pages still in flight dropped); then ``on_complete``. A drop here
+        leaves the domain whole but the source unaware: ``unfinished``, and
+        the drain waits for a resume to end it (``_end_again``)."""
         try:
             self.link.write_record(PostcopyType.POSTCOPY_COMPLETE)
             self._read_end()
         except (Dropped, StreamError) as e:
-            # every page is here: the domain is whole whatever the source hears
+            # the source's END means it had COMPLETE: it knows, nothing to wait for
+            self.unfinished = not self.source_ended
             self.say(f"migration target: the stream's end did not come ({e}); the domain "
-                     "has all its memory")
+                     "has all it needs" + (", the source must resume to end its side"
+                                          if self.unfinished else ""))
+            if self.unfinished:
+                return
+        self.unfinished, self.done = False, True
         if self.on_complete is not None:
             self.on_complete(self)
+
+    def _end_again(self) -> None:
+        """``unfinished``: the source's resumes (``recover``) until one ends
+        the stream; with none, the end all the same (the source stays
+        paused, for a person to destroy its copy)."""
+        while self.unfinished:
+            link = self.recover(self) if self.recover is not None else None
+            if link is None:
+                self.unfinished, self.done = False, True
+                if self.on_complete is not None:
+                    self.on_complete(self)
+                return
+            self.link = link
+            self._end()
+
+    def _give_up_lacking(self, alive: bool) -> None:
+        """A domain that wants no more pages (powered off, gone): those that
+        never came are ready as they are, their frames (if still the
+        domain's) zeroed and present, so that none is left absent with no
+        pager to fill it (a reader would fail) and a resume finds none lacking."""
+        pfns = np.flatnonzero(self.lacks())
+        for first in range(0, pfns.size if alive else 0, stream.MAX_PFN_BATCH_SIZE):
+            mfns = self.p2m[pfns[first:first + stream.MAX_PFN_BATCH_SIZE]].astype(np.int64)
+            domctl.mem_paging_load(self.hv, mfns,
+                                   np.zeros((mfns.size, PAGE_SIZE // 8), np.uint64))
+        self.state[pfns] = READY
+        self.left, self.unfetched = 0, int(pfns.size)
+        self.say(f"migration target: domain {self.dom.name} has ended: {pfns.size} pages it "
+                 "will not read again were not fetched")
 
     def _read_end(self) -> None:
         while True:
             rec = self.link.read_record(block=True)
             assert rec is not None
             if rec.type == RecType.END:
+                self.source_ended = True
                 break
             if rec.type != PostcopyType.POSTCOPY_PAGE_DATA:
                 raise StreamError(f"offset {rec.offset}: {rec.name} at the post-copy's end")
@@ -693,4 +900,6 @@ class Pager:
 
 
 __all__ = ["DomainPages", "Dropped", "Incoming", "Link", "PageSource", "Pager",
-           "PostcopyPaused", "PostcopySource", "end_stream", "push", "switch_to_postcopy"]
+           "PostcopyPaused", "PostcopySource", "Refused", "bitmap_record", "end_stream",
+           "push", "read_bitmap_record", "refusal", "refuse", "resume_source",
+           "switch_to_postcopy"]

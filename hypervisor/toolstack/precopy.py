@@ -128,6 +128,7 @@ class MigrationInfo:
     downtime_bytes: int = 0        # octets sent with the guest running nowhere
     postcopy_faulted: int = 0      # pages sent because the destination asked
     postcopy_pushed: int = 0       # pages sent by the background scan
+    postcopy_blocktime_ns: int | None = None  # the destination's: host time faults waited
 
     def bandwidth(self) -> float:
         """Octets per virtual second over the rounds so far."""
@@ -152,6 +153,8 @@ class MigrationInfo:
             out["expected-downtime"] = self.expected_downtime_ns // ms
         if self.status == "completed":
             out["downtime"] = self.downtime_ns // ms
+        if self.postcopy_blocktime_ns is not None:
+            out["postcopy-blocktime"] = self.postcopy_blocktime_ns // ms
         if self.rounds:
             out["iteration"] = self.rounds[-1].iteration  # Xen's, beside QEMU's fields
         if self.error:

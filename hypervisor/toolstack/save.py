@@ -560,6 +560,9 @@ class LiveSave:
     start_ns: int = 0       # the guest's time at the start, for the report
     logdirty: bool = False
     reported: int = 0       # rounds the report has seen
+    # asked between rounds: switch to post-copy now (QEMU's migrate-start-postcopy)
+    switch: Callable[[], bool] | None = None
+    to_postcopy: bool = False  # the rounds ended in a switch to post-copy
 
 
 def _shadow_op(ls: LiveSave, op: int, bitmap: np.ndarray | None = None,
@@ -715,18 +718,19 @@ def _elapsed(ls: LiveSave) -> int:
     return max(domctl.vcpu_clocks(ls.dom), default=0) - ls.start_ns + ls.info.downtime_ns
 
 
-def send_memory_live(ls: LiveSave) -> None:
+def send_memory_live(ls: LiveSave) -> Policy:
     """The rounds while the guest runs, as Xen's loop: the first sends every
     pfn; after each the policy is asked with the dirty count unknown (it may
     stop on the iteration), then CLEAN gives the next round's pfns and the
     policy is asked with their count. A round is sent unless the policy
-    aborts, even when it says stop: the paused round then has less to do."""
-    opts = ls.opts
+    aborts, even when it says stop: the paused round then has less to do.
+    Returns how the rounds stopped: STOP_AND_COPY or POSTCOPY (the policy's,
+    or ``ls.switch`` asking for it between rounds)."""
     stats = PrecopyStats(dirty_count=int(ls.p2m.size))
     dirty = np.ones(ls.p2m.size, dtype=bool)
     x = 0
     while True:
-        decision = precopy_policy(stats, opts, ls.info.bandwidth())
+        decision = _ask_policy(ls, stats)
         x += 1
         if stats.dirty_count > 0 and decision != Policy.ABORT:
             r = send_dirty_pages(ls, dirty, x - 1)
@@ -737,7 +741,7 @@ def send_memory_live(ls: LiveSave) -> None:
         stats.iteration = x
         stats.total_written += stats.dirty_count
         stats.dirty_count = -1
-        decision = precopy_policy(stats, opts, ls.info.bandwidth())
+        decision = _ask_policy(ls, stats)
         if decision != Policy.CONTINUE_PRECOPY:
             break
         dirty = clean_dirty_bitmap(ls)
@@ -747,6 +751,16 @@ def send_memory_live(ls: LiveSave) -> None:
         raise SaveError("the pre-copy policy aborted the live save")
     if ls.info.rounds and ls.reported < len(ls.info.rounds):
         _reported(ls, ls.info.rounds[-1], -1)  # the last live round, not followed by a CLEAN
+    return decision
+
+
+def _ask_policy(ls: LiveSave, stats: PrecopyStats) -> Policy:
+    """The policy's answer, made POSTCOPY if the caller asked for the switch
+    meanwhile (QEMU's migration_iteration_run, start_postcopy)."""
+    decision = precopy_policy(stats, ls.opts, ls.info.bandwidth())
+    if decision == Policy.CONTINUE_PRECOPY and ls.switch is not None and ls.switch():
+        return Policy.POSTCOPY
+    return decision
 
 
 def suspend_and_send_dirty(ls: LiveSave) -> None:
@@ -803,36 +817,55 @@ def write_image_live(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: Live
         enable_logdirty(ls)
         digest_offset = _write_live_head(ls, seed)
         send_memory_live(ls)
+    except BaseException as e:
+        _failed(ls, e)
+        raise
+    return end_live_stream(ls, digest_offset)
+
+
+def _failed(ls: LiveSave, e: BaseException) -> None:
+    disable_logdirty(ls)
+    ls.info.status = "failed"
+    ls.info.error = str(e)
+
+
+def end_live_stream(ls: LiveSave, digest_offset: int = 0) -> MigrationInfo:
+    """A live stream's stop-and-copy after its rounds: the guest suspended,
+    the final round, log-dirty off, the end of the checkpoint and libxl's
+    records (and the digest at ``digest_offset`` in a file). Log-dirty is
+    off on a failure too."""
+    try:
         suspend_and_send_dirty(ls)
         disable_logdirty(ls)
         _write_live_tail(ls, digest_offset)
     except BaseException as e:
-        disable_logdirty(ls)
-        ls.info.status = "failed"
-        ls.info.error = str(e)
+        _failed(ls, e)
         raise
     ls.info.status = "completed"
     ls.info.remaining = 0
     ls.info.total_ns = _elapsed(ls)
-    if report is not None:
-        report(ls.info)
+    if ls.report is not None:
+        ls.report(ls.info)
     return ls.info
 
 
 def start_live_stream(hv: Hypervisor, dom: Domain, out: BinaryIO, callbacks: LiveCallbacks,
                       opts: PrecopyOptions, seed: int | None = None,
-                      report: Report | None = None) -> LiveSave:
+                      report: Report | None = None,
+                      switch: Callable[[], bool] | None = None) -> LiveSave:
     """The start of a live save on the wire (no digest) for a caller that
-    ends it its own way (post-copy): xl's header, libxl's, LIBXC_CONTEXT,
-    the static records, log-dirty on, then the pre-copy rounds unless
-    ``opts`` asks for a pure post-copy. The guest still runs; log-dirty is
-    off again on a failure here, and the caller's to turn off after."""
+    ends it its own way: xl's header, libxl's, LIBXC_CONTEXT, the static
+    records, log-dirty on, then the pre-copy rounds unless ``opts`` asks for
+    a pure post-copy. ``switch`` is asked between rounds whether to switch
+    to post-copy now. ``to_postcopy`` then says how the caller goes on:
+    switch_to_postcopy, or end_live_stream. The guest still runs; log-dirty
+    is off again on a failure here, and the caller's to turn off after."""
     ls = _live_setup(hv, dom, savefile.CountingWriter(out), callbacks, opts, report)
+    ls.switch = switch
     try:
         enable_logdirty(ls)
         _write_live_head(ls, seed)
-        if not opts.pure_postcopy:
-            send_memory_live(ls)
+        ls.to_postcopy = opts.pure_postcopy or send_memory_live(ls) == Policy.POSTCOPY
     except BaseException:
         disable_logdirty(ls)
         raise

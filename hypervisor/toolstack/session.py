@@ -407,13 +407,16 @@ def migrate_at(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Ch
                note: Callable[[str], None] | None = None,
                report: Callable[[MigrationInfo], None] | None = None,
                say: Callable[[str], None] | None = None, requests: Sequence[Request] = (),
+               resume: Callable[[], Channel] | None = None,
                ) -> tuple[RunResult, MigrateOutcome]:
     """``xl migrate`` in a scripted run: run the domain to ``at_ns`` (making
     the requests before it that are no shutdown), open the channel
     (``connect``), migrate it live (migrate.migrate_domain, the guest run
     between rounds in this loop), and if it runs on here (the migration
     failed before GO) run it on to ``until_ns`` or its end. ``say`` gets
-    xl's lines. The result is the run's last."""
+    xl's lines. A post-copy that drops is resumed on ``resume``'s
+    connections, if given (migrate.RESUME_TRIES at most). The result is the
+    run's last."""
     before = [r for r in requests if r.at_ns < at_ns and not r.shutdown]
     result = run_domain(hv, dom, at_ns, sink, before, note)
     if result.reason != "running":
@@ -431,7 +434,7 @@ def migrate_at(hv: Hypervisor, dom: Domain, at_ns: int, connect: Callable[[], Ch
             say(out.error)
     else:
         live = LiveRun(hv, dom, at_ns, sink, note)
-        out = migrate_domain(hv, dom, channel, live, opts, seed, report, say)
+        out = migrate_domain(hv, dom, channel, live, opts, seed, report, say, reconnect=resume)
         result = live.result or result
     if out.runs_on:
         result = run_domain(hv, dom, until_ns, sink, note=note)

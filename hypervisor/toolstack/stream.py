@@ -13,7 +13,8 @@ Xen's types, except in two streams: a Remus stream's one type of its own,
 optional (REMUS_OUTPUT), carries the primary's output channel beside the
 epochs; a post-copy migration's seven (PostcopyType, Joshua Otto's RFC
 renumbered), mandatory, switch the stream to post-copy and carry its pages
-and the destination's requests.
+and the destination's requests, and pvlab's three beside them resume it on a
+new connection after a drop, or refuse it before the transition.
 In a saved image this stream sits inside libxl's, which sits inside xl's
 save file (savefile.py). This module only frames; what the records hold is
 the save and restore code's business.
@@ -71,7 +72,14 @@ class PostcopyType(enum.IntEnum):
     libxc-migration-stream spec, 0x10-0x16 there, which Xen has since given
     to STATIC_DATA_END and the CPU policies), beside REMUS_OUTPUT. Mandatory
     (bit 31 clear): a reader that does not know them must refuse the stream.
-    FAULT and COMPLETE go the other way, destination to source."""
+    FAULT and COMPLETE go the other way, destination to source, and so does
+    REFUSED: a destination that cannot take post-copy says so at
+    POSTCOPY_BEGIN, before the guest could run there, so that the source may
+    resume its copy (Otto's stream has no refusal: QEMU's sides agree on the
+    capability before the migration starts). RESUME, RECV_BITMAP and REFUSED
+    are pvlab's own; the first two are the handshake of a recovered
+    post-copy (QEMU's MIG_CMD_RECV_BITMAP and RESUME_ACK play the part
+    there)."""
 
     POSTCOPY_BEGIN = 0x0110       # empty; the CPU context records follow at once
     POSTCOPY_PFNS_BEGIN = 0x0111  # empty; the cue to set up paging
@@ -80,12 +88,16 @@ class PostcopyType(enum.IntEnum):
     POSTCOPY_PAGE_DATA = 0x0114   # PAGE_DATA's layout: pages of POSTCOPY_PFNS' pfns
     POSTCOPY_FAULT = 0x0115       # count, pfns without type bits: pages wanted now
     POSTCOPY_COMPLETE = 0x0116    # empty; every page is in
+    POSTCOPY_RESUME = 0x0117      # the domain's name: go on with its post-copy (recovery)
+    POSTCOPY_RECV_BITMAP = 0x0118  # nr_pfns, a bit per pfn: the pages still lacked
+    POSTCOPY_REFUSED = 0x0119     # why, in UTF-8: the guest never ran there
 
 
 # record bodies (xg_sr_stream_format.h), little-endian
 X86_PV_INFO = struct.Struct("<BB6x")              # guest_width, pt_levels
 P2M_FRAMES_HDR = struct.Struct("<II")              # start_pfn, end_pfn; then u64 pfns
 PAGE_DATA_HDR = struct.Struct("<I4x")              # count; then u64 pfn|type, pages
+RECV_BITMAP_HDR = struct.Struct("<Q")              # nr_pfns; then a bit per pfn, LSB first
 X86_TSC_INFO = struct.Struct("<IIQI4x")            # mode, khz, nsec, incarnation
 VCPU_HDR = struct.Struct("<I4x")                   # vcpu_id; then the context
 # the context's ctrlreg[1] (the user L4, as a pfn) has bit 0 set when there is

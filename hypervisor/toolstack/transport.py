@@ -229,6 +229,19 @@ def accept_one(sock: socket.socket) -> Channel:
     return _socket_channel(conn)
 
 
+def accept_next(sock: socket.socket, timeout: float | None = None) -> Channel:
+    """A connection on a socket kept listening (a post-copy's resume may
+    come on it after a drop: QEMU's migrate-recover); OSError (TimeoutError)
+    if none came within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    try:
+        conn, _ = sock.accept()
+    finally:
+        sock.settimeout(None)
+    conn.settimeout(None)
+    return _socket_channel(conn)
+
+
 def stdio_channel() -> Channel:
     """This process's stdin and stdout, as ``xl migrate-receive`` speaks
     (ssh's end of the rune). The wire keeps copies of the two descriptors;
@@ -243,6 +256,6 @@ def stdio_channel() -> Channel:
     return Channel(os.fdopen(wire_in, "rb"), os.fdopen(wire_out, "wb"))
 
 
-__all__ = ["Destination", "accept_one", "connect_tcp", "create_migration_child",
+__all__ = ["Destination", "accept_next", "accept_one", "connect_tcp", "create_migration_child",
            "listen_tcp", "migration_child_report", "open_channel", "parse_destination",
            "parse_hostport", "parse_remus_target", "ssh_rune", "stdio_channel"]

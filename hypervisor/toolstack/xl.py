@@ -248,11 +248,13 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     """xl migrate: the daemon runs xl's migrate_domain to the uri the flags
     make; xl's lines and, on a terminal, a progress line per round come as
     events; a failure is one line (the guest runs on here)."""
-    uri = migrate_uri(args)
+    uri = resume_uri(args) if args.resume else migrate_uri(args)
     info = _info(d, args.domain)
     try:
-        d.execute("migrate", {"domain": info["domid"], "uri": uri}, timeout=LONG_WAIT_S,
-                  on_event=live_progress(info["domid"], args))
+        d.execute("migrate", {"domain": info["domid"], "uri": uri,
+                              **({"resume": True} if args.resume else {}),
+                              **postcopy_args(args)},
+                  timeout=LONG_WAIT_S, on_event=live_progress(info["domid"], args))
     except KeyboardInterrupt:
         raise XlError(_cancel(d, info)) from None
     except qmp.QmpError as e:
@@ -265,6 +267,58 @@ def xl_migrate(d: DaemonClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def postcopy_args(args: argparse.Namespace) -> dict[str, Any]:
+    """migrate's arguments for Otto's --postcopy and --precopy-iterations."""
+    out: dict[str, Any] = {}
+    if args.postcopy:
+        out["postcopy"] = True
+    if args.precopy_iterations is not None:
+        if args.precopy_iterations < 0 or (args.precopy_iterations == 0
+                                           and not args.postcopy):
+            raise BadInput(f"--precopy-iterations {args.precopy_iterations}: 1 or more "
+                           "(0 only with --postcopy: a pure post-copy)")
+        out["precopy-iterations"] = args.precopy_iterations
+    return out
+
+
+def xl_migrate_recover(d: DaemonClient, args: argparse.Namespace) -> int:
+    """QEMU's migrate-recover for a domain of the daemon whose incoming
+    post-copy a drop paused: listen on HOST:PORT for the source's resume
+    (``pvlab migrate --resume`` there), then hand the connection to the
+    daemon, which shakes hands and lets the domain run on."""
+    info = _info(d, args.domain)
+    name = f"domain {info['domid']} ({info['name']})"
+    if d.execute("query-migrate", {"domain": info["name"]}).get("status") != "postcopy-paused":
+        raise XlError(f"{name} has no paused post-copy coming in")
+    try:
+        host, port = transport.parse_hostport(args.address)
+        sock = transport.listen_tcp(host, port)
+    except ValueError as e:
+        raise BadInput(f"migrate-recover {args.address}: {e}") from None
+    except OSError as e:
+        raise XlError(f"cannot listen on {args.address}: {e.strerror or e}") from None
+    _say(f"migration target: waiting on {host}:{sock.getsockname()[1]} for the source to "
+         f"resume the post-copy of {name}")
+    ch = transport.accept_one(sock)
+    try:
+        d.send_fd("migrate-recover", ch.reader.fileno())  # type: ignore[attr-defined]
+        done = d.execute("migrate-recover", {"domain": info["domid"],
+                                             "uri": "fd:migrate-recover"})
+    except qmp.QmpError as e:
+        raise XlError(f"recovering the post-copy of {name} failed: {e.desc}") from None
+    finally:
+        ch.close(wait=False)
+    _say(done["line"])
+    return EXIT_OK
+
+
+def _recover_args(p: argparse.ArgumentParser) -> None:
+    _dom(p)
+    p.add_argument("address", metavar="HOST:PORT",
+                   help="where to wait for the source's resume (its pvlab migrate --resume "
+                        "DOM HOST:PORT)")
+
+
 def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
     """Ctrl-C while a live job runs: the daemon is asked to cut it (QEMU's
     migrate_cancel); the line to say."""
@@ -274,6 +328,19 @@ def _cancel(d: DaemonClient, info: dict[str, Any]) -> str:
     except (qmp.QmpError, OSError) as e:
         return f"interrupted; cancelling the job of {name} failed: {e}"
     return f"interrupted: the job of {name} is cancelled; the domain runs on"
+
+
+def resume_uri(args: argparse.Namespace) -> str:
+    """--resume's uri: the target's ``pvlab migrate-receive`` waits for it on
+    TCP (its --listen or --recover address), given as HOST:PORT or --tcp."""
+    where = args.tcp if args.tcp is not None else args.host
+    if where is None or (args.tcp is not None and args.host is not None):
+        raise BadInput("--resume: give the HOST:PORT the target waits on (once)")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--resume {where}: give HOST:PORT, where the target waits for the "
+                       "resume")
+    return f"tcp:{where}"
 
 
 def migrate_uri(args: argparse.Namespace) -> str:
@@ -492,13 +559,16 @@ def xl_dmesg(d: DaemonClient, args: argparse.Namespace) -> int:
 
 def receive_into_daemon(client: qmp.Client, reader_fd: int, writer_fd: int,
                         paused: bool = False,
-                        say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        say: Callable[[str], None] | None = None,
+                        postcopy: bool = True) -> dict[str, Any]:
     """``pvlab migrate-receive`` when a daemon runs here: the wire's
     descriptors handed to it (QEMU's getfd: SCM_RIGHTS over its socket), then
     migrate-incoming, so that the domain lives in the daemon. One
     descriptor for a socket, two for ssh's pipes. ``say`` gets the
-    receiver's lines as they come. Returns the answer (domid, name, the
-    receiver's lines); QmpError says why not."""
+    receiver's lines as they come; ``postcopy`` False refuses a post-copy
+    stream. Returns the answer (domid, name, the receiver's lines; for a
+    post-copy, once the domain runs there while its pages come); QmpError
+    says why not."""
     client.send_fd("migrate-in", reader_fd)
     names = "migrate-in"
     if writer_fd != reader_fd:
@@ -508,7 +578,8 @@ def receive_into_daemon(client: qmp.Client, reader_fd: int, writer_fd: int,
         data = event.get("data") or {}
         if event.get("event") == "MIGRATION_MESSAGE" and data.get("domid") is None and say:
             say(str(data.get("text", "")))
-    return client.execute("migrate-incoming", {"uri": f"fd:{names}", "paused": paused},
+    return client.execute("migrate-incoming", {"uri": f"fd:{names}", "paused": paused,
+                                               "postcopy": postcopy},
                           timeout=LONG_WAIT_S, on_event=tell)
 
 
@@ -527,21 +598,23 @@ def receiving_daemon(socket: str | None, in_process: bool) -> qmp.Client | None:
         return None
 
 
-def receive_in_daemon(client: qmp.Client, channel: Any, paused: bool) -> int:
+def receive_in_daemon(client: qmp.Client, channel: Any, paused: bool,
+                      postcopy: bool = True) -> int:
     """The wire handed to the daemon; its receiver's lines said here, on
     stderr, which ssh relays to the sender (xl's "migration target: ..."
     lines). 0 once the domain runs there, 1 if not (the one line why)."""
     try:
         done = receive_into_daemon(client, channel.reader.fileno(), channel.writer.fileno(),
-                                   paused, _say)
+                                   paused, _say, postcopy)
     except (qmp.QmpError, OSError) as e:
         _say(f"migration target: {e}")
         return EXIT_FAILED
     finally:
         channel.close(wait=False)
         client.close()
+    pages = "; its pages follow it there (post-copy)" if done.get("postcopy") else ""
     _say(f"migration target: domain {done['domid']} ({done['name']}) runs in the daemon at "
-         f"{client.path}")
+         f"{client.path}{pages}")
     return EXIT_OK
 
 
@@ -572,6 +645,10 @@ class _Connection:
 
     def next_event(self, timeout: float | None) -> dict[str, Any] | None:
         return self._client().next_event(timeout)
+
+    def send_fd(self, name: str, fd: int) -> None:
+        """QMP's getfd: ``fd`` passed to the daemon under ``name``."""
+        self._client().send_fd(name, fd)
 
     def close(self) -> None:
         if self.client is not None:
@@ -696,6 +773,18 @@ def _migrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="each round's query-migrate fields as a JSON line on stdout, then "
                         "the final ones")
+    p.add_argument("--postcopy", action="store_true",
+                   help="post-copy where the pre-copy rounds would stop (Otto's xl "
+                        "migrate --postcopy): the guest suspends once, starts at the target, "
+                        "and its pages follow, each sent once")
+    p.add_argument("--precopy-iterations", metavar="N", type=int,
+                   help="at most N pre-copy rounds (Xen's 5 by default; 0 with --postcopy: "
+                        "a pure post-copy, no round)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the domain's post-copy migration that a dropped "
+                        "connection paused (QEMU's migrate resume=true): HOST is then the "
+                        "HOST:PORT where the target's migrate-receive waits (its --listen "
+                        "or --recover address)")
 
 
 def _remus_args(p: argparse.ArgumentParser) -> None:
@@ -759,7 +848,18 @@ MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon send
                 "(pre-copy rounds while it runs, then a short suspend) to `pvlab "
                 "migrate-receive` run over ssh on HOST (or, with --tcp, listening there); "
                 "once the target has started it, it is gone from here. If anything fails "
-                "the domain runs on here and the verb says why (exit 1).")
+                "the domain runs on here and the verb says why (exit 1). With --postcopy "
+                "the guest suspends where the rounds would stop, starts at the target and "
+                "its pages follow it there; a failure after that switch keeps the copy here "
+                "suspended as NAME--postcopy-inconsistent, and a dropped connection pauses "
+                "the migration: --resume DOM HOST:PORT goes on with it.")
+
+RECOVER_HELP = ("A post-copy migration into the daemon whose connection dropped leaves its "
+                "domain paused with its missing pages. Wait on HOST:PORT for the source's "
+                "resume (pvlab migrate --resume DOM HOST:PORT on the source's host), hand "
+                "the connection to the daemon: the pages lost in flight come again and the "
+                "domain runs on. One line and exit 1 if the domain has no paused post-copy "
+                "or the resume is refused.")
 
 REMUS_HELP = ("Keep a copy of the running domain on a backup, as xl remus: the daemon "
               "sends it live to `pvlab migrate-receive -r` run over ssh on HOST (or, with "
@@ -838,5 +938,8 @@ def add_parsers(sub: Any) -> None:
               "(pvlab xl console)", CONSOLE_HELP, _dom)
     _add_verb(sub, "migrate", xl_migrate, "move a running domain of the daemon to another "
               "host (pvlab xl migrate)", MIGRATE_HELP, _migrate_args)
+    _add_verb(sub, "migrate-recover", xl_migrate_recover, "let a post-copy migration into "
+              "the daemon that a dropped connection paused go on (QEMU's migrate-recover)",
+              RECOVER_HELP, _recover_args)
     _add_verb(sub, "remus", xl_remus, "keep a copy of a running domain of the daemon on a "
               "backup host (pvlab xl remus)", REMUS_HELP, _remus_args)

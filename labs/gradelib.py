@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -220,6 +221,26 @@ class Ctx:
         if m is None:
             raise Fail(f"{message}\n    (no line matches /{regex}/)")
         return m
+
+
+WIDTH = 92  # a message's lines, indented 4 by the grade's report
+
+
+def prose(text: str) -> str:
+    """A message's sentences wrapped to the report's width; quoted console
+    lines (indented) kept as they are."""
+    return "\n".join(line if line.startswith(" ") else textwrap.fill(line, WIDTH)
+                     for line in text.split("\n"))
+
+
+def fail(t: Ctx, message: str) -> None:
+    """``t.fail`` with the message wrapped (prose)."""
+    t.fail(prose(message))
+
+
+def check(t: Ctx, cond: object, message: str) -> None:
+    """``t.check`` with the message wrapped (prose)."""
+    t.check(cond, prose(message))
 
 
 def diff_lines(expected: list[str], got: list[str]) -> str:

@@ -137,9 +137,10 @@ def test_live_save_events_query_migrate_and_restore(capsys, hosts, reference):
     assert finish(con2, before) == reference
 
 
-def listen_on_b(b: Daemon) -> tuple[subprocess.Popen[bytes], int]:
-    """``pvlab migrate-receive --listen`` on B's side, handing to daemon B."""
-    rx = subprocess.Popen([sys.executable, "-m", "hypervisor", "migrate-receive", "-p",
+def listen_on_b(b: Daemon, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``pvlab migrate-receive --listen`` on B's side, handing to daemon B
+    (with ``flags``, e.g. -p)."""
+    rx = subprocess.Popen([sys.executable, "-m", "hypervisor", "migrate-receive", *flags,
                            "--listen", "127.0.0.1:0", "--socket", str(b.sock)],
                           env=checkout_env(), stderr=subprocess.PIPE)
     assert rx.stderr is not None
@@ -159,7 +160,7 @@ def arrive(b: Daemon, name: str, before: str, reference: list[str]) -> None:
 
 def test_migrate_daemon_to_daemon_over_tcp(capsys, hosts, reference):
     a, b, d = hosts
-    rx, port = listen_on_b(b)
+    rx, port = listen_on_b(b, "-p")
     con = guest(a, d, "tcp")
     code, out, err = pvlab(capsys, "migrate", "tcp", "--tcp", f"127.0.0.1:{port}", "--json",
                            "--socket", str(a.sock))
@@ -223,7 +224,7 @@ def test_failed_migration_receiver_refuses(capsys, hosts, reference):
     it (the suspend returns 1)."""
     a, b, d = hosts
     b("domain-create", config=str(write_config(d, "clash")), paused=True)
-    rx, port = listen_on_b(b)
+    rx, port = listen_on_b(b, "-p")
     con = guest(a, d, "clash")
     code, _, err = pvlab(capsys, "xl", "migrate", "clash", "--tcp", f"127.0.0.1:{port}",
                          "--socket", str(a.sock))
@@ -394,7 +395,7 @@ def test_scripted_run_migrates_into_the_daemon(hosts, reference):
     virtual time) to ``pvlab migrate-receive --listen`` handing to daemon B:
     the two ends of pvlab's migration meet whichever loop drives each."""
     _, b, d = hosts
-    rx, port = listen_on_b(b)
+    rx, port = listen_on_b(b, "-p")
     config = write_config(d, "scripted", cmdline=WRITER)
     run = subprocess.run([sys.executable, "-m", "hypervisor", "run", str(config), "--request",
                           f"3ms migrate 127.0.0.1:{port}"], capture_output=True, text=True,

@@ -28,27 +28,14 @@ from hypervisor.toolstack.session import migrate_at
 from hypervisor.toolstack.transport import connect_tcp
 from tests import test_daemon_migrate as daemon_migrate
 from tests.conftest import booting, checkout_env
-from tests.test_daemon import WAIT_S, Console, Daemon, write_config
-from tests.test_daemon_migrate import LIVE, finish, guest, pvlab
+from tests.test_daemon import WAIT_S, Console, write_config
+from tests.test_daemon_migrate import LIVE, finish, guest, listen_on_b, pvlab
 
 # the two daemons and the uninterrupted run's results, for this module
 hosts, reference = daemon_migrate.hosts, daemon_migrate.reference
 
 POLL_S = 0.01
 POSTCOPY_FIELDS = {"postcopy-requests", "postcopy-bytes", "precopy-bytes", "downtime-bytes"}
-
-
-def listen(b: Daemon, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
-    """``pvlab migrate-receive --listen`` handing to daemon B, with ``flags``."""
-    import re
-    rx = subprocess.Popen([sys.executable, "-m", "hypervisor", "migrate-receive", *flags,
-                           "--listen", "127.0.0.1:0", "--socket", str(b.sock)],
-                          env=checkout_env(), stderr=subprocess.PIPE)
-    assert rx.stderr is not None
-    line = rx.stderr.readline().decode()
-    port = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-    assert port, line
-    return rx, int(port.group(1))
 
 
 def until(check: Any) -> Any:
@@ -75,7 +62,7 @@ def test_scripted_postcopy_into_the_daemon_lists_it_while_pages_come(hosts, refe
     fault. At the end the domain is NAME and B's query-migrate completed,
     with the fault counted at both ends."""
     _, b, d = hosts
-    rx, port = listen(b, "-p")
+    rx, port = listen_on_b(b, "-p")
     seen: dict[str, Any] = {}
     wires: list[Any] = []
 
@@ -118,7 +105,7 @@ def test_migrate_start_postcopy_switches_mid_precopy(hosts, reference):
     come (its faults served), A says postcopy-active then completed, and
     the command is harmless after the end."""
     a, b, d = hosts
-    rx, port = listen(b)
+    rx, port = listen_on_b(b)
     con = guest(a, d, "ms")
     a("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram",
                                                  "state": True}])
@@ -158,7 +145,7 @@ def test_xl_migrate_pure_postcopy(capsys, hosts, reference):
     round, the guest suspends at once; the final JSON line has the
     post-copy's fields."""
     a, b, d = hosts
-    rx, port = listen(b)
+    rx, port = listen_on_b(b)
     con = guest(a, d, "pure")
     code, out, err = pvlab(capsys, "migrate", "pure", "--tcp", f"127.0.0.1:{port}",
                            "--postcopy", "--precopy-iterations", "0", "--json", "--socket",
@@ -184,7 +171,7 @@ def test_a_receiver_without_postcopy_refuses_before_the_switch(capsys, hosts, re
     with a refusal, before the domain could run there; the source resumes
     its copy (not --postcopy-inconsistent), one line says why, exit 1."""
     a, b, d = hosts
-    rx, port = listen(b, "--no-postcopy")
+    rx, port = listen_on_b(b, "--no-postcopy")
     con = guest(a, d, "nopc")
     code, _, err = pvlab(capsys, "migrate", "nopc", "--tcp", f"127.0.0.1:{port}",
                          "--postcopy", "--socket", str(a.sock))
@@ -245,7 +232,7 @@ def test_a_dropped_postcopy_between_daemons_is_recovered(capsys, hosts, referenc
     uninterrupted one (A's copy gone, B's domain named NAME, the results)."""
     from tests.test_postcopy_recover import TO_TARGET, Relay
     a, b, d = hosts
-    rx, port = listen(b)
+    rx, port = listen_on_b(b)
     relay = Relay(port, [(TO_TARGET, 4 << 20)])
     try:
         con = guest(a, d, "rec")

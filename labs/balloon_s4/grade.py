@@ -11,13 +11,12 @@ task, which must match once the host has given all the memory back.
 from __future__ import annotations
 
 import re
-import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from labs.gradelib import POWER_OFF, Ctx, Result, test
+from labs.gradelib import POWER_OFF, Ctx, Result, check, fail, test
 
 # the seeds each policy is graded on: the discard's restore is the lab's centre
 SEEDS = {"discard": range(1, 4), "deflate": range(1, 3), "keep": range(1, 2)}
@@ -25,7 +24,6 @@ BALLOON = 4096             # pages: mem-set 16 of the guest's 32 MiB
 AFTER_THAW = 2048          # pages: the thawed guest's mem-set 24
 RING_PAGES = 9             # 3 queues x (descriptors, available ring, used ring)
 IMAGE = "s4-checkpoint-001.img"
-WIDTH = 92                 # a message's lines, indented 4 by the grade's report
 
 
 @dataclass
@@ -63,21 +61,6 @@ class Checkpoints:
         todo = {key: self.args(key) for key in self.where if key not in self.made}
         for key, r in in_parallel(self.t, todo).items():
             self.made[key] = Checkpoint(r, self.where[key] / IMAGE)
-
-
-def prose(text: str) -> str:
-    """A message's sentences wrapped to the terminal; quoted console lines
-    (indented) kept as they are."""
-    return "\n".join(line if line.startswith(" ") else textwrap.fill(line, WIDTH)
-                     for line in text.split("\n"))
-
-
-def fail(t: Ctx, message: str) -> None:
-    t.fail(prose(message))
-
-
-def check(t: Ctx, cond: object, message: str) -> None:
-    t.check(cond, prose(message))
 
 
 # --- reading what pvlab printed ----------------------------------------------------------

@@ -407,8 +407,9 @@ def _postcopy_figures(info: MigrationInfo) -> str:
     """What a post-copy sent after the switch, for the run's last line."""
     if not info.postcopy:
         return ""
-    return (f" then post-copy: {info.postcopy_pushed} pages pushed, {info.postcopy_faulted} "
-            f"asked for in {info.postcopy_requests} requests")
+    return (f" then post-copy: {info.postcopy_pushed} pages pushed, "
+            f"{info.postcopy_requests} fault requests answered with {info.postcopy_faulted} "
+            "pages (a page already on its way is not sent again)")
 
 
 def _say(line: str) -> None:

@@ -316,3 +316,18 @@ def test_a_guest_ballooning_during_a_postcopy_migration_ends_with_every_frame_ac
         assert m.queued == 1024 and m.reconciled == 1024 and m.kept == 0
         assert owned == mapped
     assert audit(hv2) == []
+
+
+def test_a_second_release_says_what_its_own_inhibit_dropped():
+    """The release's line counts the requests of its own inhibit, not the
+    device's whole life (a second post-copy into the same domain)."""
+    h = Harness("drop", postcopy=True)
+    try:
+        h.inflate(5)
+        assert "1 inflated frames were left" in balloonctl.postcopy_release(h.dom)
+        balloonctl.postcopy_inhibit(h.dom)
+        h.inflate(6)
+        h.inflate(7)
+        assert "2 inflated frames were left" in balloonctl.postcopy_release(h.dom)
+    finally:
+        h.close()

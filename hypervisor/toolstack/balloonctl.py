@@ -94,11 +94,11 @@ def released(bal: Balloon) -> str:
     freed = bal.uninhibit()
     if bal.inhibits:
         return "still inhibited"
-    m = bal.metrics
+    now, then = bal.metrics, bal.metrics_at_inhibit  # this inhibit's requests only
     if bal.postcopy == "drop":
-        return (f"policy drop: {m.dropped} inflated frames were left with the domain, "
-                f"{m.dropped_deflates} deflates ignored")
-    return f"policy reconcile: {freed} queued frames freed, {m.kept} kept"
+        return (f"policy drop: {now.dropped - then.dropped} inflated frames were left with the "
+                f"domain, {now.dropped_deflates - then.dropped_deflates} deflates ignored")
+    return f"policy reconcile: {freed} queued frames freed, {now.kept - then.kept} kept"
 
 
 # --- post-copy's inhibit (QEMU's virtio_balloon_inhibited during incoming post-copy) ------

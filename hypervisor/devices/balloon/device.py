@@ -28,6 +28,7 @@ the statistics poll (Firecracker's balloon/device.rs).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +123,7 @@ class Balloon(BalloonEventHandler, VirtioDevice):
         self.postcopy = postcopy  # what a request does while inhibited
         self.queue: list[QueuedRequest] = []  # policy reconcile: requests while inhibited
         self.metrics = BalloonMetrics()
+        self.metrics_at_inhibit = BalloonMetrics()  # the counters when the inhibit was taken
         self.stats: dict[str, int] = {}
         self.stats_updated_ns: int | None = None
         self.stats_held: int | None = None  # head of the held stats buffer
@@ -244,6 +246,8 @@ class Balloon(BalloonEventHandler, VirtioDevice):
         self.transport.config_changed()
 
     def inhibit(self) -> None:
+        if not self.inhibits:  # the counters as it found them: its release reports the rest
+            self.metrics_at_inhibit = dataclasses.replace(self.metrics)
         self.inhibits += 1
 
     def uninhibit(self) -> int:

@@ -167,6 +167,12 @@ class Vcpu:
     gs_bases_in_use = False  # a GS base was set: a mode switch swaps them
     debug: SliceRunner | None = None  # an attached debugger runs the slices
     slice_base = 0  # instructions the slice's pieces before the running one retired
+    last_retired = 0  # instructions the last slice retired (one an error ended too)
+    # an exception a hook caught (a pager's PostcopyPaused), raised once the
+    # slice is over; and whether the counter counted the instruction it
+    # stopped at (which runs again)
+    _hook_error: BaseException | None = None
+    _error_counted = False
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
@@ -216,12 +222,6 @@ class Vcpu:
         self.fresh = True           # still at CPL0: enter through the boot stub
         self.stop_requested = False
         self._budget = 0
-        self.last_retired = 0  # instructions the last slice retired (one an error ended too)
-        # an exception a hook caught (a pager's PostcopyPaused), raised once
-        # the slice is over; and whether the counter counted the instruction
-        # it stopped at (which runs again)
-        self._hook_error: BaseException | None = None
-        self._error_counted = False
         self._in_syscall_hook = False
         self.in_multicall = False  # Xen refuses a multicall inside a multicall
         self._hooks: list[int] = []

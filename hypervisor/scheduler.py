@@ -297,6 +297,12 @@ class Scheduler:
                 v.clock += max(retired, 1)
             else:
                 v.run(0, self.slice_us)
+        except BaseException:
+            # a hook's error (a post-copy whose connection dropped): the slice
+            # ended at the instruction that raised it, which runs again
+            if self.deterministic:
+                v.clock += v.last_retired
+            raise
         finally:
             self.current = None
             end = v.clock if self.deterministic else self.host_now()

@@ -6,12 +6,16 @@ them one way."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 from hypervisor import domctl
 from hypervisor.cpu.vcpu import RSP
 from hypervisor.mm.memory import PAGE_SHIFT
+from hypervisor.public.vcpu import RUNSTATE_runnable
+from hypervisor.toolstack.postcopy import PostcopyPaused
 from hypervisor.toolstack.session import run_domain
 from tests.conftest import booting, make_config
 
@@ -33,9 +37,11 @@ class Pager:
         self.kept: dict[int, np.ndarray] = {}
         self.fetched: list[int] = []
         self.calls = 0
+        self.drop_in: str | None = None  # the function a fetch fails once under
         domctl.mem_paging_setup(hv, self.fetch)
 
     def evict(self, dom, mfns) -> None:
+        self.dom = dom
         rows = self.hv.machine.memory.u64.reshape(-1, 512)
         for m in np.atleast_1d(mfns).tolist():
             self.kept[m] = rows[m].copy()
@@ -43,9 +49,21 @@ class Pager:
         domctl.mem_paging_evict(self.hv, dom, np.atleast_1d(mfns))
 
     def fetch(self, mfns: np.ndarray) -> None:
+        if self.drop_in is not None and _called_from(self.drop_in):
+            # a post-copy pager whose connection dropped: the domain paused, kept
+            self.drop_in = None
+            domctl.pausedomain(self.dom)
+            raise PostcopyPaused("the connection dropped")
         self.calls += 1
         self.fetched += mfns.tolist()
         domctl.write_absent(self.hv, mfns, np.stack([self.kept[m] for m in mfns.tolist()]))
+
+
+def _called_from(name: str) -> bool:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != name:
+        frame = frame.f_back
+    return frame is not None
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +185,10 @@ def test_the_guest_cannot_tell(guest, reference):
     assert len(pager.fetched) == len(set(pager.fetched))
 
 
-def test_vcpu_load_store_and_fetch(guest):
-    """The x86 paths through Unicorn: code in one absent frame loads from a
-    second and stores to a third, each in a chunk of its own with no
-    pagetable in it (so the walk finds every table mapped): the fetch, the
-    load and the store each reach the unmapped-memory hook, which fills the
-    chunk, and the instruction goes on with the frame's real contents."""
-    hv, dom, pager = guest
+def load_store_code(hv, dom, pager):
+    """Code in an absent frame that loads from a second and stores to a
+    third, each in a chunk of its own with no pagetable in it (so the walk
+    finds every table mapped), VCPU 0 at its start. Returns its three frames."""
     v = dom.vcpus[0]
     ft, mem = hv.machine.frames, hv.machine.memory
     owned = ft.owned_by(dom.domid)
@@ -197,9 +212,61 @@ def test_vcpu_load_store_and_fetch(guest):
     dom.flush_tlbs()
     pager.evict(dom, np.array([code, load, store]))
     v.rip.write(va[0])
+    return code, load, store
+
+
+def test_vcpu_load_store_and_fetch(guest):
+    """The x86 paths through Unicorn: the fetch, the load and the store each
+    reach the unmapped-memory hook, which fills the chunk, and the
+    instruction goes on with the frame's real contents."""
+    hv, dom, pager = guest
+    v, mem = dom.vcpus[0], hv.machine.memory
+    code, load, store = load_store_code(hv, dom, pager)
     v.run(3)
     faults = mem.absent.faults
     assert (faults["fetch"], faults["read"], faults["write"]) == (1, 1, 1)
     assert v.gpr[0] == 0x1234_5678_9ABC_DEF0
     assert mem.read_u64((store << PAGE_SHIFT) + 8) == 0x1234_5678_9ABC_DEF0
     assert sorted(pager.fetched) == sorted((code, load, store))
+
+
+def test_a_failed_fetch_for_a_load_ends_the_slice_there(guest):
+    """The unmapped-memory hook's fetch fails (a post-copy's connection
+    dropped): the exception leaves the slice, the domain is not crashed, the
+    load is not done and not counted; the next slice runs it."""
+    hv, dom, pager = guest
+    v, mem = dom.vcpus[0], hv.machine.memory
+    code, load, store = load_store_code(hv, dom, pager)
+    domctl.write_absent(hv, np.array([code]), pager.kept[code][None])  # the fetch is done
+    pager.drop_in = "_on_unmapped"
+    rip = v.rip.read()
+    with pytest.raises(PostcopyPaused):
+        v.run(3)
+    assert dom.shutdown_reason is None
+    assert (v.rip.read(), v.last_retired, v.gpr[0] == 0x1234_5678_9ABC_DEF0) == (rip, 0, False)
+    assert v.run(2) == 2  # the load again, and the store
+    assert mem.read_u64((store << PAGE_SHIFT) + 8) == 0x1234_5678_9ABC_DEF0
+
+def test_a_failed_fetch_in_the_walk_pauses(guest, reference):
+    """The MMU's walk crosses an unmapped chunk and its fill's fetch fails as
+    a post-copy's does when its connection drops: the exception reaches
+    run_domain's caller, the domain is paused, not crashed, and the slice
+    ended at the access, its time the instructions it retired; given the
+    pages and unpaused, the guest ends as the uninterrupted run does."""
+    hv, dom, pager = guest
+    pager.evict(dom, hv.machine.frames.owned_by(dom.domid))
+    pager.drop_in = "fill_walk"
+    ends = []
+    for v in dom.vcpus:
+        v.after_slice = lambda v: ends.append((v, v.clock, v.last_retired))
+    with pytest.raises(PostcopyPaused):
+        run_domain(hv, dom, LIMIT_NS)
+    v, clock, retired = ends[-1]
+    assert (v.clock, v.runstate.state, hv.scheduler.current) == (
+        clock + retired, RUNSTATE_runnable, None)
+    assert pager.drop_in is None and dom.shutdown_reason is None and dom.paused
+    for v in dom.vcpus:
+        v.after_slice = None
+    domctl.unpausedomain(dom)
+    run_domain(hv, dom, LIMIT_NS)
+    assert outcome(bytes(dom.console_out)) == reference

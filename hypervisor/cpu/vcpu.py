@@ -167,6 +167,12 @@ class Vcpu:
     gs_bases_in_use = False  # a GS base was set: a mode switch swaps them
     debug: SliceRunner | None = None  # an attached debugger runs the slices
     slice_base = 0  # instructions the slice's pieces before the running one retired
+    last_retired = 0  # instructions the last slice retired (one an error ended too)
+    # an exception a hook caught (a pager's PostcopyPaused), raised once the
+    # slice is over; and whether the counter counted the instruction it
+    # stopped at (which runs again)
+    _hook_error: BaseException | None = None
+    _error_counted = False
 
     def __init__(self, domain: Domain, vcpu_id: int, machine: Machine) -> None:
         self.domain = domain
@@ -376,9 +382,15 @@ class Vcpu:
     def run(self, budget: int, timeout_us: int = 0) -> int:
         """Run one slice: at most ``budget`` instructions (deterministic clock) or
         ``timeout_us`` of host time (fast clock). Returns instructions retired
-        (deterministic) or 0 (fast)."""
+        (deterministic) or 0 (fast).
+
+        An exception a hook caught (a pager's fetch failing, say) is raised
+        once the slice is over: the slice ended at the instruction whose
+        access failed, which runs again in the next one, and
+        ``last_retired`` counts the instructions before it."""
         uc = self.uc
         self.stop_requested = False
+        self.last_retired = 0
         start = self.rip.read()
         if self.fresh:
             # enter CPL3 through the stub: iretq pops rip, cs, rflags, rsp, ss
@@ -398,12 +410,23 @@ class Vcpu:
             else:
                 self.debug.run_slice(self, start, timeout_us, budget)
         except UcError as e:
-            self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
+            if self._hook_error is None:  # else that error stopped the access
+                self.domain.crash(self, f"CPU error {e} at rip {self.rip.read():#x}")
+        return self._end_slice(budget)
+
+    def _end_slice(self, budget: int) -> int:
+        """The slice's bookkeeping, then the error a hook kept, if any."""
         self.env.clear_old_exception()  # Unicorn's own fetch at NEVER_REACHED - 1
         retired = self.retired_in_slice() if budget else 0
+        error, self._hook_error = self._hook_error, None
+        if error is not None and self._error_counted and retired > self.slice_base:
+            retired -= 1  # counted, but it runs again
         self._budget = 0
+        self.last_retired = retired
         if self.after_slice is not None:
             self.after_slice(self)
+        if error is not None:
+            raise error
         return retired
 
     def emulate(self, start: int, timeout_us: int, budget: int) -> None:
@@ -471,8 +494,7 @@ class Vcpu:
                     and cr2 == self.rip.read()):
                 self.native_call(self, cr2)
                 return
-            if intno == X86_EXC_PF and self.fill_walk(cr2):
-                self._walk_filled = True  # the instruction again, same slice
+            if intno == X86_EXC_PF and self._fill_walk_kept(cr2):
                 return
             if intno == X86_EXC_PF:
                 exits.do_page_fault(self, err, cr2)
@@ -483,6 +505,27 @@ class Vcpu:
         else:
             exits.inject(self, intno, None, None)
         exits.return_to_guest(self)
+
+    def _fill_walk_kept(self, cr2: int) -> bool:
+        """fill_walk from the fault hook: True if the walk was filled (the
+        instruction again, in the same slice) or its fetch failed (the error
+        kept, the slice over)."""
+        try:
+            filled = self.fill_walk(cr2)
+        except BaseException as e:
+            self._keep_error(e, counted=True)
+            return True
+        self._walk_filled = filled
+        return filled
+
+    def _keep_error(self, error: BaseException, counted: bool) -> None:
+        """Keep a hook's exception for run to raise after the slice (the
+        binding would turn it into a failed access, or skip the slice's
+        bookkeeping) and stop the engine; ``counted``: the counter counted
+        the instruction it stopped at."""
+        if self._hook_error is None:
+            self._hook_error, self._error_counted = error, counted
+        self.uc.emu_stop()
 
     def _on_invalid(self, uc: Uc, ud: Any) -> bool:
         uc.emu_stop()  # as in _on_intr: the slice ends with the exception
@@ -552,8 +595,15 @@ class Vcpu:
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
                      ud: Any) -> bool:
         """A load, store or fetch reached an unmapped chunk: fill it, map it
-        and let the access go on (False: no memory there at all)."""
-        if not self.map_chunk(address >> (CHUNK_SHIFT + PAGE_SHIFT)):
+        and let the access go on (False: no memory there at all, or the fill
+        failed: its error kept for run, the instruction not done)."""
+        try:
+            mapped = self.map_chunk(address >> (CHUNK_SHIFT + PAGE_SHIFT))
+        except BaseException as e:
+            # an instruction fetch fails before the counter counts it
+            self._keep_error(e, counted=access != UC_MEM_FETCH_UNMAPPED)
+            return False
+        if not mapped:
             return False
         self.machine.memory.absent.faults[_ACCESS_KIND.get(access, "read")] += 1
         return True

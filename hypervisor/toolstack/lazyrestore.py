@@ -29,8 +29,8 @@ fault fills, and a page changed in place after its block was checked is
 never seen.
 
 The guest then runs, and a background pass between slices fills
-``BACKGROUND_FRAMES`` more each time (QEMU's eager thread), so the image can
-be let go once every frame is in.
+``BACKGROUND_FRAMES`` more each time (QEMU's eager thread), with the rest of
+their blocks, so the image can be let go once every frame is in.
 
 The image must not change underneath: it is opened before the check and held
 open; its size and modification time are read then, must be the same after
@@ -68,7 +68,7 @@ from hypervisor.toolstack.restore import (
     populate_pfns,
 )
 
-BACKGROUND_FRAMES = 64  # frames the background pass fills between two slices
+BACKGROUND_FRAMES = 64  # frames the background pass asks for between two slices
 
 
 class ImageChanged(RestoreError):

@@ -2,7 +2,8 @@
 --lazy``): the same run as an eager restore of the same image, in a fresh
 process, for the save/restore example and for a guest that keeps writing
 (a live save, whose pages were sent in several rounds: the last copy wins);
-each page read from the image once; an image that changes is refused before
+each page read from the image once, and never again once its block is
+checked; an image that changes is refused before
 the guest runs and ends the guest after, whether the file's identity shows
 it or only a page digest does; an image without page digests is checked
 whole first."""
@@ -59,29 +60,70 @@ def test_lazy_runs_as_eager(images, which):
 
 
 def test_each_page_read_once_and_all_in_the_end(images, monkeypatch):
-    """The pager reads every page it is asked for once; by the end of the
-    run the background pass has brought in every one; the VCPUs' walks and
-    accesses were served on the way."""
-    asked: list[int] = []
-    fetch = lazyrestore.LazyImage.fetch
+    """Every lazy frame is written once, each block of the image read from
+    the file once (the tables' blocks by the check, whose other pages the
+    restore writes at once); by the end of the run the background pass has
+    brought in every one; the VCPUs' walks and accesses were served on the way."""
+    written: list[int] = []
+    read: list[int] = []
+    fetch, load, read_range = (lazyrestore.LazyImage.fetch, domctl.mem_paging_load,
+                               lazyrestore.LazyImage._read)
 
-    def spy(self, mfns):
-        asked.extend(mfns.tolist())
+    def spy_fetch(self, mfns):
+        written.extend(mfns.tolist())
         fetch(self, mfns)
 
-    monkeypatch.setattr(lazyrestore.LazyImage, "fetch", spy)
+    def spy_load(hv, mfns, pages):
+        written.extend(mfns[domctl.mem_paging_absent(hv, mfns)].tolist())
+        load(hv, mfns, pages)
+
+    def spy_read(self, at, n):
+        read.append(at)
+        return read_range(self, at, n)
+
+    monkeypatch.setattr(lazyrestore.LazyImage, "fetch", spy_fetch)
+    monkeypatch.setattr(domctl, "mem_paging_load", spy_load)
+    monkeypatch.setattr(lazyrestore.LazyImage, "_read", spy_read)
     hv, dom, stats, image = restore_image_lazy(images["example"])
     try:
-        left_at_start, read_by_restore, _ = domctl.mem_paging_stats(hv)
-        # start_info and the console's and store's rings, which the restore
-        # itself touched: the rest waits for the guest
-        assert read_by_restore == 3 and left_at_start > 10 * stats.pages
+        by_check = image.digests.checked.copy()
+        assert domctl.mem_paging_stats(hv)[0] > 10 * stats.pages
         assert run_domain(hv, dom, LIMIT_NS).reason == "poweroff"
     finally:
         image.close()
-    assert len(asked) == len(set(asked)) == left_at_start + read_by_restore
+    assert sorted(written) == np.flatnonzero(image.offset_of >= 0).tolist()
+    assert len(read) == len(set(read))
+    assert not by_check[image.digests.block_of(np.array(read, dtype=np.int64))].any()
     assert domctl.mem_paging_stats(hv)[0] == 0
     assert sum(hv.machine.memory.absent.faults.values())
+
+
+def test_a_checked_block_is_never_read_again(images, tmp_path):
+    """Once a block is checked, no page of it comes from the file again: its
+    lazy frames were filled from the octets hashed (the check's blocks by the
+    restore, a fetched page's block by the fetch), so a page rewritten in
+    place afterwards, the file's identity kept, is never seen."""
+    img = tmp_path / "g.img"
+    img.write_bytes(images["example"].read_bytes())
+    hv, dom, _, image = restore_image_lazy(img)
+    try:
+        digests, absent = image.digests, hv.machine.memory.absent
+        lazy = np.flatnonzero(image.offset_of >= 0)
+        blocks = digests.block_of(image.offset_of[lazy])
+        assert not absent.absent[lazy[digests.checked[blocks]]].any()
+        first = int(lazy[absent.absent[lazy]][0])  # a fetch checks its block
+        absent.populate_many(np.array([first]))
+        same = lazy[blocks == blocks[lazy == first][0]]
+        by_check = lazy[digests.checked[blocks]]
+        for mfn in (int(same[same != first][0]), int(by_check[~np.isin(by_check, same)][0])):
+            at = int(image.offset_of[mfn])
+            with open(img, "rb") as f:
+                was = os.pread(f.fileno(), 8, at)
+            rewrite_in_place(img, at, bytes(x ^ 0xFF for x in was))
+            absent.populate_many(np.array([mfn]))
+            assert bytes(hv.machine.memory.frame_bytes(mfn)[:8]) == was
+    finally:
+        image.close()
 
 
 def test_changed_during_the_check_is_refused(images, tmp_path, monkeypatch):
@@ -141,7 +183,8 @@ def rewrite_in_place(img, offset: int, data: bytes) -> None:
 def test_a_page_changed_after_the_start_ends_the_guest(images, tmp_path):
     """A block of pages the restore has not read yet, changed in place under
     a running guest: its digest fails when it is first read and the guest
-    ends with ImageChanged, in one line naming the record."""
+    ends with ImageChanged, in one line naming the record; the image is
+    unmapped by close() all the same."""
     img = tmp_path / "g.img"
     img.write_bytes(images["example"].read_bytes())
     hv, dom, _, image = restore_image_lazy(img)
@@ -155,6 +198,8 @@ def test_a_page_changed_after_the_start_ends_the_guest(images, tmp_path):
         assert "\n" not in str(e.value) and "PAGE_DATA record at offset" in str(e.value)
     finally:
         image.close()
+    # the traceback, still held, holds no view of the mapping: it is gone
+    assert image.map.closed
 
 
 def test_a_changed_page_the_restore_reads_is_refused(images, tmp_path, capsys):

@@ -402,9 +402,10 @@ class PageTypes:
         bool per frame: every table the pins will type, these included).
         Then each becomes a validated L1 with no type reference yet (the
         pins take them; release_unreferenced puts back the ones they did
-        not). Returns False, having done nothing, if any table needs the
-        one-by-one rules: the pins then validate as usual, with their exact
-        errors."""
+        not). Returns False if any table needs the one-by-one rules, having
+        changed no type or reference (an absent table among them has been
+        filled, as any read fills it): the pins then validate as usual, with
+        their exact errors."""
         ft = self.frames
         if not mfns.size:
             return True

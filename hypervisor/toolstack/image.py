@@ -167,7 +167,8 @@ def scan_image(path: str | Path, wire: bool = False, lazy: bool = False) -> Imag
     not read now: an image with page digests has its structure checked
     against its digest, and each block of pages when first read
     (info.page_digests; the check's own reads of pagetables and the p2m
-    included); one without them is checked whole, as without ``lazy``.
+    included, their blocks' octets kept there for the restore); one
+    without them is checked whole, as without ``lazy``.
     Without ``lazy`` every octet is checked against the digests
     (savefile.check_digest), the page digests included."""
     p = Path(path)
@@ -241,7 +242,8 @@ def _scan(f: BinaryIO, path: str, wire: bool = False, lazy: bool = False) -> Ima
 
 def _read_trailer(f: BinaryIO, xl: savefile.XlHeader, info: ImageInfo) -> bytes | None:
     """What follows libxl's END: nothing, or exactly the page digests
-    XL_PAGE_DIGESTS announces (one per PAGE_DATA record, then the structure's)."""
+    XL_PAGE_DIGESTS announces (one per block of 64 pages of each PAGE_DATA
+    record, then the structure's)."""
     b = xl.page_digests
     rest = f.read(1 if b is None else b.trailer_size + 1)
     if b is None:
@@ -297,10 +299,10 @@ def _range_reader(f: BinaryIO) -> pagedigest.ReadRange:
 
 
 def _checked_reader(f: BinaryIO, digests: PageDigests) -> Callable[[np.ndarray], np.ndarray]:
-    """_read_pages, each batch read from checked against its digest first."""
+    """The pages from the octets their blocks were checked with, each block
+    read once; the blocks stay kept for the restore (PageDigests.release)."""
     def read(offsets: np.ndarray) -> np.ndarray:
-        digests.check(offsets, _range_reader(f))
-        return _read_pages(f, offsets)
+        return digests.pages(offsets, _range_reader(f))
     return read
 
 

@@ -15,14 +15,22 @@ a new domain:
   walker need them; a VCPU's walk could not fault on a table here);
 * every other page is left *absent* (hypervisor/mm/absent.py) with the file
   offset of its last copy: the pager registered here copies it from the image,
-  which is mapped (mmap), not read, when anything first touches it;
+  which is mapped (mmap), when anything first touches it;
 * start_info, shared_info, the p2m list, the devices, the pins and the VCPUs
   as in an eager restore (start_info's and the rings' pages are fetched
   through the same mechanism when those steps touch them).
 
+A page is never taken from the file but through its block's check: the
+octets hashed are the octets served, and a block is read once. When a block
+is checked, every absent frame whose copy is in it is filled from them at
+once (the pagetables' blocks, which the check read, as the restore marks the
+rest absent): a 64-page block costs little beside the 512-page chunk a VCPU's
+fault fills, and a page changed in place after its block was checked is
+never seen.
+
 The guest then runs, and a background pass between slices fills
-``BACKGROUND_FRAMES`` more each time (QEMU's eager thread), so the image can
-be let go once every frame is in.
+``BACKGROUND_FRAMES`` more each time (QEMU's eager thread), with the rest of
+their blocks, so the image can be let go once every frame is in.
 
 The image must not change underneath: it is opened before the check and held
 open; its size and modification time are read then, must be the same after
@@ -60,7 +68,7 @@ from hypervisor.toolstack.restore import (
     populate_pfns,
 )
 
-BACKGROUND_FRAMES = 64  # frames the background pass fills between two slices
+BACKGROUND_FRAMES = 64  # frames the background pass asks for between two slices
 
 
 class ImageChanged(RestoreError):
@@ -90,9 +98,10 @@ class LazyImage:
         self.checked = checked
         self.digests = digests  # None: the whole image was checked
         self.map = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-        self.u8 = np.frombuffer(self.map, dtype=np.uint8)
         self.hv: Hypervisor | None = None
         self.offset_of: np.ndarray = np.zeros(0, np.int64)  # per mfn; -1: none
+        self._by_block = np.zeros(0, np.int64)  # the lazy mfns, by their copy's block
+        self._block_first = np.zeros(1, np.int64)  # per block, where its mfns start there
 
     def check_unchanged(self) -> None:
         now = FileId.of(os.fstat(self.fd))
@@ -102,38 +111,76 @@ class LazyImage:
                                f"{now.mtime_ns != self.checked.mtime_ns}): its memory cannot "
                                "be read any more")
 
+    def _read(self, at: int, n: int) -> bytes:
+        # a copy (at most a block, 256 KiB): no view of the mapping may
+        # outlive the read (an ImageChanged's traceback would keep it mapped)
+        return self.map[at:at + n]
+
     def pages(self, offsets: np.ndarray) -> np.ndarray:
-        """Pages of the image at these file offsets, as rows of 512 u64; the
-        blocks they are in checked against their digests if not yet."""
-        u8 = self.u8
+        """Pages of the image at these file offsets, as rows of 512 u64,
+        from the octets their blocks were checked with (checked now if not
+        yet: PageDigests.pages)."""
+        if self.digests is None:
+            out = np.empty((offsets.size, PAGE_SIZE // 8), dtype=np.uint64)
+            for i, off in enumerate(offsets.tolist()):
+                out[i] = np.frombuffer(self._read(off, PAGE_SIZE), dtype=np.uint64)
+            return out
+        try:
+            return self.digests.pages(offsets, self._read)
+        except DigestMismatch as e:
+            raise ImageChanged(f"{self.path}: {e}: its memory cannot be read any "
+                               "more") from None
+
+    def set_frames(self, hv: Hypervisor, mfns: np.ndarray, offsets: np.ndarray) -> None:
+        """The frames the pager fills, each from its last copy at ``offsets``."""
+        self.hv = hv
+        self.offset_of = np.full(hv.machine.nr_frames, -1, dtype=np.int64)
+        self.offset_of[mfns] = offsets
         if self.digests is not None:
-            try:
-                self.digests.check(offsets, lambda at, n: u8[at:at + n])
-            except DigestMismatch as e:
-                raise ImageChanged(f"{self.path}: {e}: its memory cannot be read any "
-                                   "more") from None
-        out = np.empty((offsets.size, PAGE_SIZE), dtype=np.uint8)
-        for i, off in enumerate(offsets.tolist()):
-            out[i] = u8[off:off + PAGE_SIZE]
-        return out.view(np.uint64)
+            blocks = self.digests.block_of(offsets)
+            order = np.argsort(blocks, kind="stable")
+            self._by_block = mfns[order]
+            self._block_first = np.searchsorted(blocks[order],
+                                                np.arange(self.digests.starts.size + 1))
+
+    def load_checked(self, skip: np.ndarray | None = None) -> None:
+        """Every frame still absent whose copy is in a block checked and
+        kept (PageDigests.release), from those octets, but ``skip``: a block
+        checked is never read from the file again (mem_paging_load)."""
+        assert self.digests is not None and self.hv is not None
+        kept = self.digests.release()
+        if not kept:
+            return
+        mfns = np.concatenate([self._by_block[self._block_first[i]:self._block_first[i + 1]]
+                               for i in kept])
+        mfns = mfns[domctl.mem_paging_absent(self.hv, mfns)]
+        if skip is not None:
+            mfns = mfns[~np.isin(mfns, skip)]
+        if mfns.size:
+            rows = np.empty((mfns.size, PAGE_SIZE // 8), dtype=np.uint64)
+            at = self.offset_of[mfns]
+            blocks = self.digests.block_of(at)
+            for k, (i, off) in enumerate(zip(blocks.tolist(), at.tolist(), strict=True)):
+                rows[k] = np.frombuffer(kept[i], dtype=np.uint64, count=PAGE_SIZE // 8,
+                                        offset=off - int(self.digests.starts[i]))
+            domctl.mem_paging_load(self.hv, mfns, rows)
 
     def fetch(self, mfns: np.ndarray) -> None:
-        """The pager: absent frames from their last copy in the image."""
+        """The pager: absent frames from their last copy in the image, and
+        every other absent frame whose copy is in a block this checked."""
         self.check_unchanged()
         offsets = self.offset_of[mfns]
         assert (offsets >= 0).all(), "an absent frame with no page in the image"
         assert self.hv is not None
         domctl.write_absent(self.hv, mfns, self.pages(offsets))
+        if self.digests is not None:
+            self.load_checked(skip=mfns)
 
     def close(self) -> None:
         """Let the image go (every frame is in, or the domain is gone)."""
         if self.hv is not None and domctl.mem_paging_stats(self.hv)[0] == 0:
             domctl.mem_paging_setup(self.hv, None)
-        self.u8 = np.zeros(0, np.uint8)
-        try:
-            self.map.close()
-        except BufferError:
-            pass  # a view is still held (an ImageChanged's traceback): unmapped with it
+        self.map.close()
         os.close(self.fd)
 
 
@@ -184,11 +231,11 @@ def restore_lazy(ctx: RestoreContext, image: LazyImage) -> None:
     p2m_frame = np.zeros(ctx.info.nr_pfns, dtype=bool)
     p2m_frame[ctx.info.p2m_frame_pfns] = True
     lazy = ~table & ~p2m_frame[pfns]
-    image.offset_of = np.full(ctx.hv.machine.nr_frames, -1, dtype=np.int64)
-    image.offset_of[mfns[lazy]] = offsets[lazy]
-    image.hv = ctx.hv
+    image.set_frames(ctx.hv, mfns[lazy], offsets[lazy])
     domctl.mem_paging_setup(ctx.hv, image.fetch, BACKGROUND_FRAMES)
     domctl.mem_paging_evict(ctx.hv, ctx.dom, mfns[lazy])
+    if image.digests is not None:
+        image.load_checked()  # the check's blocks: their other pages now, as hashed
     ctx.stats.pages = int(table.sum())
     complete(ctx)
 

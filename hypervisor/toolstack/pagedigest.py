@@ -7,12 +7,13 @@ octet (savefile.DigestWriter writes them; the xl header's XL_PAGE_DIGESTS
 says where they are and holds the trailer's own digest, which is also the
 image's digest: the root of the tree). The lazy image check reads the
 trailer and the structure up front, as it reads them anyway, and leaves the
-pages: a block is hashed whole the
-first time any of its pages is read (by the check's reads of pagetables and
-the p2m, by the restore, by the pager), and compared with its digest. A
-block that does not match is refused before the guest exists, and ends the
-guest after (its memory can no longer be trusted), as Cloud Hypervisor's
-strict on-demand restore does with a changed file.
+pages: a block is hashed whole the first time any of its pages is read (by
+the check's reads of pagetables and the p2m, by the restore, by the pager),
+and compared with its digest. The pages are then served from the octets
+hashed, never read from the file again: a reader keeps a checked block's
+octets until it has taken from them every page it will want (``pages``,
+``release``). A block that does not match is refused before the guest
+exists, and ends the guest after (its memory can no longer be trusted).
 
 Why blocks of 64 pages: a whole record (1024 pages, 4 MiB) made the restore
 hash 8 MiB to read the 1000-odd pages of pagetables and p2m at the start of
@@ -27,11 +28,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack import savefile
 from hypervisor.toolstack.stream import StreamError
 
 # the octets [offset, offset + length) of the image
-ReadRange = Callable[[int, int], bytes | memoryview]
+ReadRange = Callable[[int, int], bytes]
 
 
 class DigestMismatch(StreamError):
@@ -39,31 +41,31 @@ class DigestMismatch(StreamError):
 
 
 class PageDigests:
-    """The digest of each block of pages, and which of them have been
-    checked. ``records``: the offset of each block's PAGE_DATA record (for
-    the message), ``starts`` and ``sizes``: the block's offset and length."""
+    """The digest of each block of pages, which of them have been checked,
+    and the octets of those checked and not yet let go. ``records``: the
+    offset of each block's PAGE_DATA record (for the message), ``starts``
+    and ``sizes``: the block's offset and length."""
 
     def __init__(self, trailer: bytes, records: np.ndarray, starts: np.ndarray,
                  sizes: np.ndarray) -> None:
-        n = records.size
         self.trailer = trailer
         self.records = records
         self.starts = starts
         self.sizes = sizes
-        self.checked = np.zeros(n, dtype=bool)
-        self.hashed = 0  # octets hashed so far, for the bench
+        self.checked = np.zeros(records.size, dtype=bool)
+        self.kept: dict[int, bytes] = {}  # block -> its octets as hashed
 
-    def blocks_of(self, offsets: np.ndarray) -> np.ndarray:
-        """The blocks that hold the pages at these file offsets."""
-        return np.unique(np.searchsorted(self.starts, offsets, side="right") - 1)
+    def block_of(self, offsets: np.ndarray) -> np.ndarray:
+        """The block that holds the page at each of these file offsets."""
+        return np.searchsorted(self.starts, offsets, side="right") - 1
 
     def check(self, offsets: np.ndarray, read: ReadRange) -> None:
-        """Check each block holding one of these pages that is not checked
-        yet; raises DigestMismatch naming the first that does not match."""
-        todo = self.blocks_of(np.asarray(offsets, dtype=np.int64))
+        """Read and check each block holding one of these pages that is not
+        checked yet, keeping its octets; raises DigestMismatch naming the
+        first that does not match."""
+        todo = np.unique(self.block_of(np.asarray(offsets, dtype=np.int64)))
         for i in todo[~self.checked[todo]].tolist():
             data = read(int(self.starts[i]), int(self.sizes[i]))
-            self.hashed += len(data)
             want = self.trailer[i * savefile.DIGEST_SIZE:(i + 1) * savefile.DIGEST_SIZE]
             if hashlib.new(savefile.DIGEST_ALGORITHM, data).digest() != want:
                 start = int(self.starts[i])
@@ -72,9 +74,28 @@ class PageDigests:
                                      "not match their digest: the image was changed after "
                                      "it was written")
             self.checked[i] = True
+            self.kept[i] = data
 
-    def all_checked(self) -> bool:
-        return bool(self.checked.all())
+    def pages(self, offsets: np.ndarray, read: ReadRange) -> np.ndarray:
+        """The pages at these file offsets, as rows of 512 u64, from the
+        octets their blocks were checked with (checked now if not yet). A
+        block checked and let go is not read again: asking for it is a bug."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        self.check(offsets, read)
+        out = np.empty((offsets.size, PAGE_SIZE // 8), dtype=np.uint64)
+        for k, (i, at) in enumerate(zip(self.block_of(offsets).tolist(), offsets.tolist(),
+                                        strict=True)):
+            data = self.kept.get(i)
+            assert data is not None, f"block {i} wanted again after it was let go"
+            out[k] = np.frombuffer(data, dtype=np.uint64, count=PAGE_SIZE // 8,
+                                   offset=at - int(self.starts[i]))
+        return out
+
+    def release(self) -> dict[int, bytes]:
+        """The kept blocks' octets, let go of here: the caller takes from
+        them every page it will ever want."""
+        kept, self.kept = self.kept, {}
+        return kept
 
 
 def check_trailer(xl: savefile.XlHeader, trailer: bytes) -> None:

@@ -499,6 +499,23 @@ def test_a_drop_after_the_switch_pauses_the_target_and_keeps_the_source_suspende
     assert sum("dropped during post-copy" in line for line in m["heard"]) == 1
 
 
+def test_any_failure_after_the_switch_keeps_the_source_suspended(monkeypatch):
+    """A page the source cannot read (any exception, not only a drop) after
+    the switch: the guest runs at the target, so the copy here is kept
+    suspended, never resumed (two running instances)."""
+    def unreadable(self, pfns):
+        raise RuntimeError("a page unreadable here")
+    monkeypatch.setattr(postcopy.DomainPages, "read", unreadable)
+    m = migrate_here(PURE)
+    out = m["out"]
+    assert not out.ok and out.undefined and not out.runs_on
+    assert out.error == FAILED_POSTCOPY
+    assert "migration sender: post-copy failed: a page unreadable here" in m["said"]
+    assert m["source_alive"] and m["source"].name == "mig--postcopy-inconsistent"
+    assert m["source"].shutdown_reason == SHUTDOWN_suspend
+    assert m["pager"].paused
+
+
 # --- the command line -------------------------------------------------------------------------
 
 def test_pvlab_run_migrates_with_postcopy_over_tcp(reference, tmp_path, capfd):

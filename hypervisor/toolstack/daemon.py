@@ -764,8 +764,21 @@ class Daemon:
             job.error = f"{_cause(out.lines)}; {out.error.rstrip('.')}"
             if job.suspended and d.dom.shutdown_reason is None:
                 self._emit("RESUME", d.dom)  # migrate_domain resumed it cancelled
+        if job.info.postcopy and d.dom.shutdown_reason == SHUTDOWN_suspend:
+            self._postcopy_failed(d, job, answer)
+            return
         fate = self._failed_job(d, job)
         answer.fail(GENERIC, job.error if "runs on" in job.error else f"{job.error}; {fate}")
+
+    def _postcopy_failed(self, d: DaemonDomain, job: LiveJob, answer: Deferred) -> None:
+        """A failure after the switch that migrate_domain did not take: the
+        guest may run at the target, so the copy here is kept suspended,
+        never resumed (two running instances; Otto's xl)."""
+        d.parked = True
+        job.info.error = job.error
+        self._set_status(job, "failed")
+        answer.fail(GENERIC, f"{job.error}; the guest switched to post-copy, the domain is "
+                             f"kept suspended here as {d.dom.name}: check both hosts")
 
     def cmd_remus(self, args: dict[str, Any]) -> Deferred:
         """xl remus (libxl_domain_remus_start) of a running domain to a

@@ -92,6 +92,10 @@ from hypervisor.toolstack.stream import PostcopyType, RecType, StreamError
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # octets a link reads at a time
+# pfns a drain asks for at a time, the next piece asked once the one before
+# is in: more faults unread would fill the socket while the source is blocked
+# writing its pages, and the two would wait on each other's writes
+DRAIN_ASK_PFNS = 512
 REFUSED_DRAIN_S = 2.0  # a refusing destination reads on until the source hangs up, or this long
 # a pfn's state at the destination (Otto's xc_sr_restore.c)
 NOT_POSTCOPY, OUTSTANDING, REQUESTED, READY = 0, 1, 2, 3
@@ -814,10 +818,21 @@ class Pager:
         self._end_again()
 
     def _drain(self) -> None:
+        """Every outstanding pfn asked for, DRAIN_ASK_PFNS at a time, each
+        piece once the one before it is in (the source reads faults only
+        between its batches: at most two pieces wait unread, never enough
+        to block a write), then all waited for."""
         if self.wants_pages():
             rest = np.flatnonzero(self.state == OUTSTANDING)
-            for first in range(0, rest.size, stream.MAX_PFN_BATCH_SIZE):
-                self._ask(rest[first:first + stream.MAX_PFN_BATCH_SIZE])
+            before = np.zeros(0, np.int64)
+            for first in range(0, rest.size, DRAIN_ASK_PFNS):
+                piece = rest[first:first + DRAIN_ASK_PFNS]
+                piece = piece[self.state[piece] == OUTSTANDING]  # not pushed meanwhile
+                if piece.size:
+                    self._ask(piece)
+                while (self.state[before] != READY).any() and self.wants_pages():
+                    self._take(block=True)
+                before = piece
         while self.left and self.wants_pages():
             self._take(block=True)
 

@@ -679,16 +679,18 @@ class Pager:
     def poll(self, limit: int | None = None) -> None:
         """Between slices: the pages that have come (at most ``limit``
         records, so that a loop's guest runs between), loaded without
-        waiting; the end once the last is in."""
-        if self.paused or self.done:
+        waiting; the end once the last is in. Nothing once the end is
+        interrupted (``unfinished``: what the link holds is no page)."""
+        if self.paused or self.done or self.unfinished:
             return
         try:
             taken = 0
             while (limit is None or taken < limit) and self._take(block=False):
                 taken += 1
         except (Dropped, StreamError) as e:
-            self._recovered(str(e))
-            return
+            if self.left:  # a domain with every page needs no source: only its end
+                self._recovered(str(e))
+                return
         if not self.left:
             self.finish()
 
@@ -733,7 +735,8 @@ class Pager:
         self.why = (f"migration target: the connection to the source dropped during "
                     f"post-copy ({why}); domain {self.dom.name} paused with {self.left} "
                     "pages still at the source")
-        alive = self.dom.domid in self.hv.domains
+        # a domain with every page runs on: nothing it reads is at the source
+        alive = self.dom.domid in self.hv.domains and self.left > 0
         self.held = alive and not self.dom.paused
         if alive:
             libxl.pause(self.dom)
@@ -838,7 +841,9 @@ class Pager:
 
     def finish(self) -> None:
         """The last page is in (or no longer wanted): the balloon's inhibit
-        released, the pager let go, then the stream's end (``_end``)."""
+        released, the pager let go, then the stream's end (``_end``, and
+        ``_end_again`` if it was interrupted: with no ``recover`` the pager
+        is done at once)."""
         alive = self.dom.domid in self.hv.domains
         if alive:
             line = balloonctl.postcopy_release(self.dom)
@@ -848,6 +853,7 @@ class Pager:
             self._give_up_lacking(alive)
         domctl.mem_paging_setup(self.hv, None)
         self._end()
+        self._end_again()
 
     def _end(self) -> None:
         """POSTCOPY_COMPLETE sent, the source's END and libxl's END read

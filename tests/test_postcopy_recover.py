@@ -349,6 +349,18 @@ def test_an_end_lost_after_complete_never_pauses_a_whole_domain():
         assert completed == [pager] and not dom.paused and pager.drops == 0
 
 
+def test_a_resumed_link_closes_the_dropped_one_but_not_its_owners():
+    """Each resume's link replaces the one before, which is closed; the
+    first is the receiver's channel, closed by its owner."""
+    links = [postcopy.Link(io.BytesIO(), io.BytesIO()) for _ in range(3)]
+    pager = postcopy.Pager.__new__(postcopy.Pager)
+    pager.link = pager.first_link = links[0]
+    pager._swap_link(links[1])
+    pager._swap_link(links[2])
+    assert [link.reader.closed for link in links] == [False, True, False]
+    assert pager.link is links[2]
+
+
 def test_a_source_that_cannot_resume_keeps_its_copy_paused_for_a_later_resume(
         transition_end, reference):
     """The source without a way to reconnect: postcopy-paused, its copy

@@ -312,6 +312,8 @@ class Daemon:
             self._run_quantum()
         except PostcopyPaused as e:  # the pager paused its domain and keeps it
             log.warning("%s", e)
+        except Exception:  # a bug (a pager's) must not stop the daemon
+            log.exception("running the machine failed")
         if self.incoming is not None:
             self._incoming_info(*self.incoming)
         for d in list(self.domains.values()):
@@ -442,6 +444,11 @@ class Daemon:
     def _forget(self, d: DaemonDomain) -> None:
         if self.incoming is not None and self.incoming[1].dom is d.dom:
             self.incoming[1].drain()  # gone: its pages are no longer wanted
+        paused = self.paused_incoming
+        if paused is not None and paused[1].dom is d.dom:
+            self.paused_incoming = None  # no resume can come for it now
+            paused[1].abandon()
+            self._set_status(paused[0], "failed")
         d.console.close()
         self.domains.pop(d.dom.domid, None)
         if d.save is not None:
@@ -917,11 +924,12 @@ class Daemon:
     def _refuse_postcopy(self, args: dict[str, Any]) -> str:
         """Why an incoming migration may not switch to post-copy, or "": the
         machine has one pager (its absent frames' handler), so one post-copy
-        comes in at a time; ``postcopy`` false refuses it too."""
+        comes in at a time, a paused one included (its resume would find
+        another pager); ``postcopy`` false refuses it too."""
         if not _flag(args, "postcopy", True):
             return "the target does not take post-copy (migrate-incoming postcopy false)"
-        if self.incoming is not None or any(j.kind == "incoming" and j.postcopy_ok
-                                            for j in self.jobs):
+        if self.incoming is not None or self.paused_incoming is not None or \
+                any(j.kind == "incoming" and j.postcopy_ok for j in self.jobs):
             return "the target's daemon takes one post-copy migration at a time"
         return ""
 

@@ -193,6 +193,14 @@ class Link:
         except (OSError, ValueError) as e:
             raise Dropped(f"writing: {getattr(e, 'strerror', None) or e}") from None
 
+    def close(self) -> None:
+        """Both directions closed (a writer that cannot flush any more too)."""
+        for f in (self.writer, self.reader):
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
+
 
 def pfn_record(pfns: np.ndarray) -> bytes:
     """A POSTCOPY_FAULT's body: the count, then the pfns without type bits."""
@@ -620,6 +628,7 @@ class Pager:
     def __init__(self, hv: Hypervisor, dom: Domain, p2m: np.ndarray, pfns: np.ndarray,
                  link: Link, say: Callable[[str], None] | None = None) -> None:
         self.hv, self.dom, self.p2m, self.link, self._say = hv, dom, p2m, link, say
+        self.first_link = link  # its owner's (the receiver's channel) to close
         self.state = np.zeros(p2m.size, np.int8)
         self.state[pfns] = OUTSTANDING
         self.left = int(pfns.size)
@@ -784,7 +793,7 @@ class Pager:
         on it): the pfns asked for and not come are asked again, the domain
         unpaused (if the drop paused it), the wait goes on. Dropped if the
         new connection fails at once: still paused."""
-        self.link = link
+        self._swap_link(link)
         lost = np.flatnonzero(self.state == REQUESTED)
         if lost.size:
             self.state[lost] = OUTSTANDING
@@ -886,8 +895,24 @@ class Pager:
                 if self.on_complete is not None:
                     self.on_complete(self)
                 return
-            self.link = link
+            self._swap_link(link)
             self._end()
+
+    def _swap_link(self, link: Link) -> None:
+        """A resume's link in place of the dropped one, which is closed
+        (unless it is the first, its owner's)."""
+        old, self.link = self.link, link
+        if old is not link and old is not self.first_link:
+            old.close()
+
+    def abandon(self) -> None:
+        """The domain is gone while paused: the pager let go, its link
+        closed (the first one too: nothing else will close it)."""
+        self.done, self.paused, self.unfinished = True, False, False
+        domctl.mem_paging_setup(self.hv, None)
+        self.link.close()
+        if self.first_link is not self.link:
+            self.first_link.close()
 
     def _give_up_lacking(self, alive: bool) -> None:
         """A domain that wants no more pages (powered off, gone): those that

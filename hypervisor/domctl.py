@@ -368,11 +368,13 @@ def write_absent(hv: Hypervisor, mfns: np.ndarray, pages: np.ndarray) -> None:
 
 
 def mem_paging_loaded(hv: Hypervisor, mfns: np.ndarray) -> None:
-    """The pager wrote these frames whole with ``write_absent`` without being
+    """A pager wrote these frames whole with ``write_absent`` without being
     asked (a page that arrived on its own, pushed by the source): they are
-    present from now on. The pager names them from its own table of what it
-    evicted, which nothing here corrects: a frame freed and reused since is
-    written all the same (why post-copy inhibits the balloon)."""
+    present from now on. Such a pager names them from its own table of what
+    it evicted, which nothing here corrects: a frame freed and reused since
+    is written all the same. This is the balloon race harness's placement
+    (by table, as Otto's RFC places pages), not pvlab's post-copy pager,
+    which uses ``mem_paging_load`` (absent frames only)."""
     hv.machine.memory.absent.discard(np.asarray(mfns, dtype=np.int64))
 
 

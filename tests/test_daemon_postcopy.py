@@ -265,3 +265,15 @@ def test_a_dropped_postcopy_between_daemons_is_recovered(capsys, hosts, referenc
     until(lambda: b("query-migrate", domain="rec")["status"] == "completed")
     assert finish(Console(b("domain-console", domain="rec")["path"]), con.to_end()) == \
         reference
+
+
+def test_a_paused_incoming_postcopy_refuses_a_second_one():
+    """The machine has one pager: while a dropped post-copy waits paused for
+    its resume, another is refused before its switch."""
+    from types import SimpleNamespace
+
+    from hypervisor.toolstack.daemon import Daemon
+    d = SimpleNamespace(incoming=None, paused_incoming=(object(), object()), jobs=[])
+    assert "one post-copy migration at a time" in Daemon._refuse_postcopy(d, {})
+    d.paused_incoming = None
+    assert Daemon._refuse_postcopy(d, {}) == ""

@@ -26,6 +26,7 @@ import pytest
 
 from hypervisor import domctl
 from hypervisor.public.sched import SHUTDOWN_suspend
+from hypervisor.public.xen import PAGE_SIZE
 from hypervisor.toolstack import pfinfo, postcopy, savefile, stream
 from hypervisor.toolstack.cli import main
 from hypervisor.toolstack.migrate import (
@@ -331,6 +332,61 @@ def test_a_fault_for_a_page_sent_is_not_answered_and_the_scan_follows_the_fault(
     assert src.sent.all() and src.info.postcopy_requests == 2
 
 
+class Zeros:
+    """A PageSource of zeroed pages (no domain)."""
+
+    def read(self, pfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(pfns.size, np.uint32), np.zeros((pfns.size, PAGE_SIZE // 8), np.uint64)
+
+
+class Counting(postcopy.Pager):
+    """A pager of no domain: its pages counted in, not loaded."""
+
+    def __init__(self, link: postcopy.Link, n: int) -> None:
+        super().__init__(None, None, np.arange(n), np.arange(n), link)  # type: ignore[arg-type]
+
+    def wants_pages(self) -> bool:
+        return True
+
+    def _load(self, rec: stream.Record) -> None:
+        pfns, _ = postcopy.read_typed_pfns(rec, with_pages=True)
+        self.state[pfns] = postcopy.READY
+        self.left -= pfns.size
+
+
+def test_a_drain_of_a_big_guest_asks_while_the_pages_come():
+    """A drain's faults for 2^16 pfns (512 KiB, more than the socket holds)
+    while the source pushes: written in pieces with the pages taken between,
+    neither side waits in a write for ever (the drop below only ends a hang)."""
+    n = 1 << 16
+    a, b = socket.socketpair()
+    src = postcopy.PostcopySource.of(np.ones(n, bool), MigrationInfo())
+    pager = Counting(postcopy.Link(b.makefile("rb"), b.makefile("wb")), n)
+    failed: list[BaseException] = []
+
+    def source() -> None:
+        try:
+            postcopy.push(Zeros(), postcopy.Link(a.makefile("rb"), a.makefile("wb")), src)
+        except BaseException as e:
+            failed.append(e)
+    thread = threading.Thread(target=source)
+    thread.start()
+    try:
+        pager._take(block=True)  # the push under way
+        drained = threading.Thread(target=pager._drain)
+        drained.start()
+        drained.join(60)
+        hung = drained.is_alive()
+    finally:
+        for sock in (a, b):
+            sock.shutdown(socket.SHUT_RDWR)
+        thread.join()
+        drained.join()
+        a.close()
+        b.close()
+    assert not hung and pager.left == 0 and pager.requests > 1
+
+
 # --- faults served, pages as the source's --------------------------------------------------
 
 def demand_only(wire: Wire, hv, dom, at_ns: int, snapshot: dict) -> None:
@@ -497,6 +553,23 @@ def test_a_drop_after_the_switch_pauses_the_target_and_keeps_the_source_suspende
     assert m["dom"].name == "mig--incoming"
     assert m["stats"][0][0] > 0  # absent frames kept
     assert sum("dropped during post-copy" in line for line in m["heard"]) == 1
+
+
+def test_any_failure_after_the_switch_keeps_the_source_suspended(monkeypatch):
+    """A page the source cannot read (any exception, not only a drop) after
+    the switch: the guest runs at the target, so the copy here is kept
+    suspended, never resumed (two running instances)."""
+    def unreadable(self, pfns):
+        raise RuntimeError("a page unreadable here")
+    monkeypatch.setattr(postcopy.DomainPages, "read", unreadable)
+    m = migrate_here(PURE)
+    out = m["out"]
+    assert not out.ok and out.undefined and not out.runs_on
+    assert out.error == FAILED_POSTCOPY
+    assert "migration sender: post-copy failed: a page unreadable here" in m["said"]
+    assert m["source_alive"] and m["source"].name == "mig--postcopy-inconsistent"
+    assert m["source"].shutdown_reason == SHUTDOWN_suspend
+    assert m["pager"].paused
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -326,6 +326,41 @@ def test_a_drop_in_the_streams_end_is_resumed_to_end_both_sides(plain, reference
     assert len(m["data"]) == 2 and len(m["data"][0][TO_TARGET]) == total - 12
 
 
+def test_an_end_lost_after_complete_never_pauses_a_whole_domain():
+    """A pager with no ``recover`` (the daemon's) whose END is lost after
+    its COMPLETE: its domain has every page, so it is done at once (the
+    source, which had COMPLETE, may have destroyed its copy already) and
+    runs on; the loop's next poll reads nothing."""
+    with booting() as boot:
+        hv, dom = boot(make_config("run=hashchain", memory=16, name="x"))
+        run_domain(hv, dom, 1_000_000)
+        a, b = socket.socketpair()
+        pager = postcopy.Pager(hv, dom, np.arange(4096), np.zeros(0, np.int64),
+                               postcopy.Link(b.makefile("rb"), b.makefile("wb")))
+        completed: list[postcopy.Pager] = []
+        pager.on_complete = completed.append
+        a.close()  # the source gone before END
+        try:
+            pager.poll(16)  # the last page is in: COMPLETE, END lost
+            pager.poll(16)  # the loop's next slice
+        finally:
+            b.close()
+        assert pager.done and not pager.paused and not pager.unfinished
+        assert completed == [pager] and not dom.paused and pager.drops == 0
+
+
+def test_a_resumed_link_closes_the_dropped_one_but_not_its_owners():
+    """Each resume's link replaces the one before, which is closed; the
+    first is the receiver's channel, closed by its owner."""
+    links = [postcopy.Link(io.BytesIO(), io.BytesIO()) for _ in range(3)]
+    pager = postcopy.Pager.__new__(postcopy.Pager)
+    pager.link = pager.first_link = links[0]
+    pager._swap_link(links[1])
+    pager._swap_link(links[2])
+    assert [link.reader.closed for link in links] == [False, True, False]
+    assert pager.link is links[2]
+
+
 def test_a_source_that_cannot_resume_keeps_its_copy_paused_for_a_later_resume(
         transition_end, reference):
     """The source without a way to reconnect: postcopy-paused, its copy

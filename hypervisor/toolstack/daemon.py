@@ -312,6 +312,8 @@ class Daemon:
             self._run_quantum()
         except PostcopyPaused as e:  # the pager paused its domain and keeps it
             log.warning("%s", e)
+        except Exception:  # a bug (a pager's) must not stop the daemon
+            log.exception("running the machine failed")
         if self.incoming is not None:
             self._incoming_info(*self.incoming)
         for d in list(self.domains.values()):
@@ -442,6 +444,11 @@ class Daemon:
     def _forget(self, d: DaemonDomain) -> None:
         if self.incoming is not None and self.incoming[1].dom is d.dom:
             self.incoming[1].drain()  # gone: its pages are no longer wanted
+        paused = self.paused_incoming
+        if paused is not None and paused[1].dom is d.dom:
+            self.paused_incoming = None  # no resume can come for it now
+            paused[1].abandon()
+            self._set_status(paused[0], "failed")
         d.console.close()
         self.domains.pop(d.dom.domid, None)
         if d.save is not None:
@@ -764,8 +771,21 @@ class Daemon:
             job.error = f"{_cause(out.lines)}; {out.error.rstrip('.')}"
             if job.suspended and d.dom.shutdown_reason is None:
                 self._emit("RESUME", d.dom)  # migrate_domain resumed it cancelled
+        if job.info.postcopy and d.dom.shutdown_reason == SHUTDOWN_suspend:
+            self._postcopy_failed(d, job, answer)
+            return
         fate = self._failed_job(d, job)
         answer.fail(GENERIC, job.error if "runs on" in job.error else f"{job.error}; {fate}")
+
+    def _postcopy_failed(self, d: DaemonDomain, job: LiveJob, answer: Deferred) -> None:
+        """A failure after the switch that migrate_domain did not take: the
+        guest may run at the target, so the copy here is kept suspended,
+        never resumed (two running instances; Otto's xl)."""
+        d.parked = True
+        job.info.error = job.error
+        self._set_status(job, "failed")
+        answer.fail(GENERIC, f"{job.error}; the guest switched to post-copy, the domain is "
+                             f"kept suspended here as {d.dom.name}: check both hosts")
 
     def cmd_remus(self, args: dict[str, Any]) -> Deferred:
         """xl remus (libxl_domain_remus_start) of a running domain to a
@@ -904,11 +924,12 @@ class Daemon:
     def _refuse_postcopy(self, args: dict[str, Any]) -> str:
         """Why an incoming migration may not switch to post-copy, or "": the
         machine has one pager (its absent frames' handler), so one post-copy
-        comes in at a time; ``postcopy`` false refuses it too."""
+        comes in at a time, a paused one included (its resume would find
+        another pager); ``postcopy`` false refuses it too."""
         if not _flag(args, "postcopy", True):
             return "the target does not take post-copy (migrate-incoming postcopy false)"
-        if self.incoming is not None or any(j.kind == "incoming" and j.postcopy_ok
-                                            for j in self.jobs):
+        if self.incoming is not None or self.paused_incoming is not None or \
+                any(j.kind == "incoming" and j.postcopy_ok for j in self.jobs):
             return "the target's daemon takes one post-copy migration at a time"
         return ""
 

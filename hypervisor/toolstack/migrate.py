@@ -337,7 +337,8 @@ def migrate_postcopy(s: _Sender, callbacks: LiveCallbacks, opts: PrecopyOptions,
 
 def push_postcopy(s: _Sender, link: postcopy.Link, report: Report | None,
                   reconnect: Connect | None = None) -> MigrateOutcome:
-    """The push on ``link`` to its end. A drop pauses it (postcopy-paused:
+    """The push on ``link`` to its end. A drop, or any other failure (a page
+    unreadable here), pauses it (postcopy-paused:
     the copy here kept suspended, the push state in the outcome); with
     ``reconnect``, up to RESUME_TRIES new connections after each drop are
     offered a resume (``_resume``) and the push goes on on the first taken."""
@@ -349,14 +350,16 @@ def push_postcopy(s: _Sender, link: postcopy.Link, report: Report | None,
             return _postcopy_complete(s, link, report, reconnect)
         except postcopy.Refused as e:
             return _refused(s, str(e), report)
-        except (postcopy.Dropped, StreamError, SaveError) as e:
+        except Exception as e:  # any failure: the guest runs there, never resumed here
             why = postcopy.refusal(link) if isinstance(e, postcopy.Dropped) else ""
             if why:
                 return _refused(s, why, report)
+            if not isinstance(e, (postcopy.Dropped, StreamError, SaveError)):
+                log.exception("post-copy push failed")
             assert out.info is not None
-            out.info.error = str(e)
+            out.info.error = str(e) or type(e).__name__
             s.status("postcopy-paused", report)
-            s.failed_postcopy(f"migration sender: post-copy failed: {e}")
+            s.failed_postcopy(f"migration sender: post-copy failed: {out.info.error}")
         if reconnect is None:
             return out
         resumed = _resume(s, reconnect, report)

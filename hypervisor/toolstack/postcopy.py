@@ -92,6 +92,10 @@ from hypervisor.toolstack.stream import PostcopyType, RecType, StreamError
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # octets a link reads at a time
+# pfns a drain asks for at a time, the next piece asked once the one before
+# is in: more faults unread would fill the socket while the source is blocked
+# writing its pages, and the two would wait on each other's writes
+DRAIN_ASK_PFNS = 512
 REFUSED_DRAIN_S = 2.0  # a refusing destination reads on until the source hangs up, or this long
 # a pfn's state at the destination (Otto's xc_sr_restore.c)
 NOT_POSTCOPY, OUTSTANDING, REQUESTED, READY = 0, 1, 2, 3
@@ -188,6 +192,14 @@ class Link:
             self.writer.flush()
         except (OSError, ValueError) as e:
             raise Dropped(f"writing: {getattr(e, 'strerror', None) or e}") from None
+
+    def close(self) -> None:
+        """Both directions closed (a writer that cannot flush any more too)."""
+        for f in (self.writer, self.reader):
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
 
 
 def pfn_record(pfns: np.ndarray) -> bytes:
@@ -616,6 +628,7 @@ class Pager:
     def __init__(self, hv: Hypervisor, dom: Domain, p2m: np.ndarray, pfns: np.ndarray,
                  link: Link, say: Callable[[str], None] | None = None) -> None:
         self.hv, self.dom, self.p2m, self.link, self._say = hv, dom, p2m, link, say
+        self.first_link = link  # its owner's (the receiver's channel) to close
         self.state = np.zeros(p2m.size, np.int8)
         self.state[pfns] = OUTSTANDING
         self.left = int(pfns.size)
@@ -675,16 +688,18 @@ class Pager:
     def poll(self, limit: int | None = None) -> None:
         """Between slices: the pages that have come (at most ``limit``
         records, so that a loop's guest runs between), loaded without
-        waiting; the end once the last is in."""
-        if self.paused or self.done:
+        waiting; the end once the last is in. Nothing once the end is
+        interrupted (``unfinished``: what the link holds is no page)."""
+        if self.paused or self.done or self.unfinished:
             return
         try:
             taken = 0
             while (limit is None or taken < limit) and self._take(block=False):
                 taken += 1
         except (Dropped, StreamError) as e:
-            self._recovered(str(e))
-            return
+            if self.left:  # a domain with every page needs no source: only its end
+                self._recovered(str(e))
+                return
         if not self.left:
             self.finish()
 
@@ -729,7 +744,8 @@ class Pager:
         self.why = (f"migration target: the connection to the source dropped during "
                     f"post-copy ({why}); domain {self.dom.name} paused with {self.left} "
                     "pages still at the source")
-        alive = self.dom.domid in self.hv.domains
+        # a domain with every page runs on: nothing it reads is at the source
+        alive = self.dom.domid in self.hv.domains and self.left > 0
         self.held = alive and not self.dom.paused
         if alive:
             libxl.pause(self.dom)
@@ -777,7 +793,7 @@ class Pager:
         on it): the pfns asked for and not come are asked again, the domain
         unpaused (if the drop paused it), the wait goes on. Dropped if the
         new connection fails at once: still paused."""
-        self.link = link
+        self._swap_link(link)
         lost = np.flatnonzero(self.state == REQUESTED)
         if lost.size:
             self.state[lost] = OUTSTANDING
@@ -814,16 +830,29 @@ class Pager:
         self._end_again()
 
     def _drain(self) -> None:
+        """Every outstanding pfn asked for, DRAIN_ASK_PFNS at a time, each
+        piece once the one before it is in (the source reads faults only
+        between its batches: at most two pieces wait unread, never enough
+        to block a write), then all waited for."""
         if self.wants_pages():
             rest = np.flatnonzero(self.state == OUTSTANDING)
-            for first in range(0, rest.size, stream.MAX_PFN_BATCH_SIZE):
-                self._ask(rest[first:first + stream.MAX_PFN_BATCH_SIZE])
+            before = np.zeros(0, np.int64)
+            for first in range(0, rest.size, DRAIN_ASK_PFNS):
+                piece = rest[first:first + DRAIN_ASK_PFNS]
+                piece = piece[self.state[piece] == OUTSTANDING]  # not pushed meanwhile
+                if piece.size:
+                    self._ask(piece)
+                while (self.state[before] != READY).any() and self.wants_pages():
+                    self._take(block=True)
+                before = piece
         while self.left and self.wants_pages():
             self._take(block=True)
 
     def finish(self) -> None:
         """The last page is in (or no longer wanted): the balloon's inhibit
-        released, the pager let go, then the stream's end (``_end``)."""
+        released, the pager let go, then the stream's end (``_end``, and
+        ``_end_again`` if it was interrupted: with no ``recover`` the pager
+        is done at once)."""
         alive = self.dom.domid in self.hv.domains
         if alive:
             line = balloonctl.postcopy_release(self.dom)
@@ -833,6 +862,7 @@ class Pager:
             self._give_up_lacking(alive)
         domctl.mem_paging_setup(self.hv, None)
         self._end()
+        self._end_again()
 
     def _end(self) -> None:
         """POSTCOPY_COMPLETE sent, the source's END and libxl's END read
@@ -865,8 +895,24 @@ class Pager:
                 if self.on_complete is not None:
                     self.on_complete(self)
                 return
-            self.link = link
+            self._swap_link(link)
             self._end()
+
+    def _swap_link(self, link: Link) -> None:
+        """A resume's link in place of the dropped one, which is closed
+        (unless it is the first, its owner's)."""
+        old, self.link = self.link, link
+        if old is not link and old is not self.first_link:
+            old.close()
+
+    def abandon(self) -> None:
+        """The domain is gone while paused: the pager let go, its link
+        closed (the first one too: nothing else will close it)."""
+        self.done, self.paused, self.unfinished = True, False, False
+        domctl.mem_paging_setup(self.hv, None)
+        self.link.close()
+        if self.first_link is not self.link:
+            self.first_link.close()
 
     def _give_up_lacking(self, alive: bool) -> None:
         """A domain that wants no more pages (powered off, gone): those that

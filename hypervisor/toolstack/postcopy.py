@@ -849,17 +849,17 @@ class Pager:
             self._take(block=True)
 
     def finish(self) -> None:
-        """The last page is in (or no longer wanted): the balloon's inhibit
-        released, the pager let go, then the stream's end (``_end``, and
+        """The last page is in (or no longer wanted): the frames never fetched
+        made present (zeroed), the balloon's inhibit released, the pager let go, then the stream's end (``_end``, and
         ``_end_again`` if it was interrupted: with no ``recover`` the pager
         is done at once)."""
         alive = self.dom.domid in self.hv.domains
+        if self.left:  # before the release: reconcile must find no frame absent
+            self._give_up_lacking(alive)
         if alive:
             line = balloonctl.postcopy_release(self.dom)
             if line:
                 self.say(f"migration target: {line}")
-        if self.left:
-            self._give_up_lacking(alive)
         domctl.mem_paging_setup(self.hv, None)
         self._end()
         self._end_again()

@@ -850,9 +850,9 @@ class Pager:
 
     def finish(self) -> None:
         """The last page is in (or no longer wanted): the frames never fetched
-        made present (zeroed), the balloon's inhibit released, the pager let go, then the stream's end (``_end``, and
-        ``_end_again`` if it was interrupted: with no ``recover`` the pager
-        is done at once)."""
+        made present (zeroed), the balloon's inhibit released, the pager let
+        go, then the stream's end (``_end``, and ``_end_again`` if it was
+        interrupted: with no ``recover`` the pager is done at once)."""
         alive = self.dom.domid in self.hv.domains
         if self.left:  # before the release: reconcile must find no frame absent
             self._give_up_lacking(alive)

@@ -641,11 +641,7 @@ class Daemon:
         answer = Deferred()
 
         def work(job: LiveJob) -> MigrateOutcome:
-            try:
-                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
-            except OSError as e:
-                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
-            job.on_cancel = wire.cut
+            wire = self._open_wire(job, uri)
             switch = (lambda: job.start_postcopy) if job.postcopy_ok else None
             return migrate_domain(self.hv, d.dom, self._held(wire.channel),
                                   self._callbacks(d, job), opts,
@@ -714,11 +710,7 @@ class Daemon:
         def work(job: LiveJob) -> MigrateOutcome:
             assert out.info is not None
             job.info = out.info
-            try:
-                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
-            except OSError as e:
-                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
-            job.on_cancel = wire.cut
+            wire = self._open_wire(job, uri)
             return resume_postcopy(self.hv, d.dom, out, self._held(wire.channel),
                                    self._report(job), job.say)
 
@@ -732,6 +724,16 @@ class Daemon:
         job = self._start_job(d, "migrate", work, finish)
         self.last_job[d.dom.name.removesuffix(POSTCOPY_INCONSISTENT)] = job
         return answer
+
+    def _open_wire(self, job: LiveJob, uri: str) -> migrateuri.Wire:
+        """A live job's connection to ``uri``, opened with the machine given
+        back (a connect may wait); the job's cancel cuts it."""
+        try:
+            wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
+        except OSError as e:
+            raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
+        job.on_cancel = wire.cut
+        return wire
 
     def _held(self, ch: Channel) -> Channel:
         """The channel with the machine given back while it is read, written, closed."""
@@ -807,11 +809,7 @@ class Daemon:
         answer = Deferred()
 
         def work(job: LiveJob) -> RemusOutcome:
-            try:
-                wire = livejob.unheld(self.machine, lambda: migrateuri.open_uri(uri, job.say))
-            except OSError as e:
-                raise OSError(f"cannot reach {uri}: {e.strerror or e}") from None
-            job.on_cancel = wire.cut
+            wire = self._open_wire(job, uri)
             ch = self._held(wire.channel)
             try:
                 read_fixed_message(ch, MIGRATE_RECEIVER_BANNER, "banner")

@@ -357,10 +357,7 @@ def migrate_uri(args: argparse.Namespace) -> str:
         if args.host is not None or args.ssh is not None or args.no_monitor or args.paused:
             raise BadInput("--tcp HOST:PORT talks to `pvlab migrate-receive --listen`, "
                            "which takes -p and -e itself: give no HOST, -s, -e or -p")
-        host, _, port = args.tcp.rpartition(":")
-        if not host or not port.isdigit():
-            raise BadInput(f"--tcp {args.tcp}: give HOST:PORT")
-        return f"tcp:{args.tcp}"
+        return tcp_uri(args.tcp)
     if args.host is None:
         raise BadInput("give the HOST to migrate to (or --tcp HOST:PORT)")
     if args.ssh == "":
@@ -394,6 +391,14 @@ def xl_remus(d: DaemonClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def tcp_uri(address: str) -> str:
+    """--tcp HOST:PORT as the daemon's uri (BadInput if it is not that)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--tcp {address}: give HOST:PORT")
+    return f"tcp:{address}"
+
+
 def remus_uri(args: argparse.Namespace) -> str:
     """The daemon's uri for xl remus's flags: ``tcp:HOST:PORT`` with --tcp,
     else main_remus's rune as exec: (``exec SSH HOST pvlab migrate-receive
@@ -409,10 +414,7 @@ def remus_uri(args: argparse.Namespace) -> str:
         if args.host is not None or args.ssh is not None or args.no_monitor:
             raise BadInput("--tcp HOST:PORT talks to `pvlab migrate-receive -r --listen`: "
                            "give no HOST, -s or -e")
-        host, _, port = args.tcp.rpartition(":")
-        if not host or not port.isdigit():
-            raise BadInput(f"--tcp {args.tcp}: give HOST:PORT")
-        return f"tcp:{args.tcp}"
+        return tcp_uri(args.tcp)
     if args.host is None:
         raise BadInput("give the backup's HOST (or --tcp HOST:PORT)")
     if args.ssh == "":

@@ -194,6 +194,7 @@ class Hypervisor:
         for device in dom.devices:
             self.bus.remove(device)
             self.scheduler.cancel_timers(device.device)  # the model owns its timers
+            device.device.close()
         dom.close()
         self.domains.pop(dom.domid, None)
         self.walker.flush()

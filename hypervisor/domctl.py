@@ -40,6 +40,7 @@ from hypervisor import debugger
 from hypervisor.core import Hypervisor
 from hypervisor.cpu.context import get_context, set_context
 from hypervisor.cpu.vcpu import RAX
+from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
 from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
@@ -763,15 +764,8 @@ def next_mmio_base(hv: Hypervisor) -> int:
 
 
 def balloon_host(hv: Hypervisor, dom: Domain) -> BalloonHost:
-    """What a balloon of ``dom`` is given: the frame table and the M2P, the
-    frame release of XENMEM_decrease_reservation, the domain's TLB flush,
-    the scheduler's timers."""
-    machine = hv.machine
-    absent = machine.memory.absent.absent
-    return BalloonHost(dom.domid, machine.frames, machine.m2p,
-                       lambda mfn: hv.reservation.remove_page(dom, mfn),
-                       lambda: dom.flush_tlbs(), hv.scheduler, lambda: dom.is_running,
-                       lambda mfn: bool(absent[mfn]))
+    """What a balloon of ``dom`` is given (the balloon race harness's too)."""
+    return balloon_persist.balloon_host(hv, dom)
 
 
 def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice, base: int,
@@ -792,21 +786,35 @@ def add_virtio_device(hv: Hypervisor, dom: Domain, device: VirtioDevice, base: i
     return transport
 
 
+def add_virtio(hv: Hypervisor, dom: Domain, state: dict[str, Any], base: int,
+               port: int) -> VirtioDevice:
+    """A device of the kind ``state["kind"]`` names, made as ``state``
+    describes it (a new device's configuration, or an EMULATOR_CONTEXT
+    entry), behind a transport at ``base`` with its interrupt on ``port``.
+    ValueError: the kind is unknown or the state is wrong for it."""
+    kind = kinds.kind_named(str(state.get("kind")))
+    if kind is None:
+        raise ValueError(f"no device kind {state.get('kind')!r} (known: "
+                         f"{', '.join(kinds.kind_names())})")
+    device = kind.make(hv, dom, kinds.with_defaults(state))
+    add_virtio_device(hv, dom, device, base, port)
+    return device
+
+
+def new_balloon_state(stats_interval_ns: int, deflate_on_oom: bool, postcopy: str = "drop"
+                      ) -> dict[str, Any]:
+    """A new balloon's state, for add_virtio: its configuration, nothing inflated."""
+    return balloon_persist.new_state(stats_interval_ns, deflate_on_oom, postcopy)
+
+
 def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
                        stats_interval_ns: int, deflate_on_oom: bool,
                        postcopy: str = "drop") -> Balloon:
     """A new virtio-mmio balloon of ``dom``; ``postcopy`` is what its
     requests do while inhibited (drop or reconcile)."""
-    balloon = Balloon(balloon_host(hv, dom), stats_interval_ns, deflate_on_oom, postcopy)
-    add_virtio_device(hv, dom, balloon, base, port)
-    return balloon
-
-
-def restore_virtio_balloon(hv: Hypervisor, dom: Domain, state: dict[str, Any]) -> Balloon:
-    """A balloon re-created from its EMULATOR_CONTEXT entry, at the base and
-    port the guest knows from its command line."""
-    balloon = balloon_persist.restore_state(state, balloon_host(hv, dom))
-    add_virtio_device(hv, dom, balloon, state["base"], state["port"])
+    state = new_balloon_state(stats_interval_ns, deflate_on_oom, postcopy)
+    balloon = add_virtio(hv, dom, state, base, port)
+    assert isinstance(balloon, Balloon)
     return balloon
 
 
@@ -828,25 +836,14 @@ def devices_state(dom: Domain) -> list[dict[str, Any]]:
             raise DomctlError(EBUSY, f"the {t.device.name} device at {t.base:#x} is live "
                               f"(status {t.status:#x}): the guest did not reset it when it "
                               "froze its devices, and its rings cannot be carried over")
-        out.append(balloon_persist.save_state(t))
+        out.append(kinds.save_entry(t))
     return out
 
 
 def check_device_state(state: object) -> str | None:
     """Why an EMULATOR_CONTEXT entry cannot be restored, or None: a device this
     hypervisor knows, with every key of its declared state and type."""
-    if not isinstance(state, dict) or state.get("kind") != balloon_persist.KIND \
-            or state.get("bus") != balloon_persist.BUS:
-        return f"a device this restorer does not know: {state!r}"
-    for key, want in balloon_persist.STATE_KEYS.items():
-        if key not in state and key in balloon_persist.STATE_DEFAULTS:
-            continue  # an image from before the key
-        value = state.get(key)
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            return f"device {key} is missing or not {want.__name__}"
-    if state.get("postcopy", "drop") not in POSTCOPY_POLICIES:
-        return f"device post-copy policy {state['postcopy']!r} unknown"
-    return None
+    return kinds.check_entry(state)
 
 
 # --- checks -------------------------------------------------------------------------
@@ -888,7 +885,8 @@ __all__ = [
     "CLOCKS", "POSTCOPY_POLICIES", "Balloon", "BalloonError", "Domain", "DomctlError",
     "ForeignMap", "FrameDump",
     "Hypervisor",
-    "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio_balloon",
+    "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio",
+    "add_virtio_balloon", "new_balloon_state",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "getdomaininfolist", "is_paused", "next_work", "run_while_busy",
@@ -901,7 +899,7 @@ __all__ = [
     "map_shared_info", "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update",
     "modified_memory", "shadow_op",
     "mmuext_pin_table", "modify_returncode", "next_mmio_base", "pausedomain", "physinfo",
-    "populate_physmap", "reached", "restore_virtio_balloon", "resumedomain", "run", "settscinfo",
+    "populate_physmap", "reached", "resumedomain", "run", "settscinfo",
     "setvcpucontext", "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain",
     "vcpu_clocks", "xen_version", "tbuf_enable", "tbuf_read", "TraceRecord",
 ]

@@ -36,9 +36,9 @@ from hypervisor.devices.balloon import (
     BalloonHost,
     BalloonMetrics,
     restore_state,
-    save_state,
 )
 from hypervisor.devices.bus import MMIO_BASE, MMIO_NONE, MmioBus
+from hypervisor.devices.kinds import PLACE_KEYS, check_entry, save_entry
 from hypervisor.devices.virtio.mmio import PVLAB_VENDOR_ID, VirtioMmio, VirtioMmioMetrics
 from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.mm.frames import FREE, FrameTable, PageType
@@ -1460,7 +1460,7 @@ def test_pagetable_may_hold_a_readable_ring_but_not_the_used_ring(env):
 
 @pytest.mark.parametrize("interval,oom", [("5ms", False), ("0ms", True)])
 def test_persist_round_trip_of_a_busy_balloon(booted, interval, oom):
-    """save_state makes the balloon's EMULATOR_CONTEXT entry; restore_state makes
+    """save_entry makes the balloon's EMULATOR_CONTEXT entry; restore_state makes
     from it a balloon that saves the same entry. The device is saved mid-inflate
     (target 300 pages, 2 in the balloon), inhibited under reconcile, with
     requests queued and a statistics buffer held: that is the host's and the
@@ -1482,17 +1482,18 @@ def test_persist_round_trip_of_a_busy_balloon(booted, interval, oom):
     drv.notify(STATS)
     assert bal.inhibits == 1 and len(bal.queue) == 2 and bal.stats_held is not None
 
-    state = save_state(t)
+    state = save_entry(t)
     assert json.loads(json.dumps(state)) == state
     assert state == {"bus": "virtio-mmio", "base": t.base, "port": t.port, "kind": "balloon",
                      "num_pages": 300, "actual": 2,
                      "stats_interval_ns": INTERVAL_NS if interval == "5ms" else 0,
                      "deflate_on_oom": oom, "postcopy": "reconcile"}
-    assert {k: type(v) for k, v in state.items()} == STATE_KEYS
+    assert {k: type(v) for k, v in state.items()} == {**PLACE_KEYS, **STATE_KEYS}
+    assert check_entry(state) is None
 
     again = restore_state(state, bal.host)
     restored = VirtioMmio(again, t.mem, state["base"], state["port"], lambda: None)
-    assert save_state(restored) == state
+    assert save_entry(restored) == state
     assert again.features() == bal.features()
     assert again.config_bytes() == bal.config_bytes()
     assert (again.inhibits, again.queue, again.stats_held, again.stats) == (0, [], None, {})

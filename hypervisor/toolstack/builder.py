@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -127,29 +128,32 @@ def hypercall_page() -> bytes:
     return bytes(page)
 
 
-def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
-                deflate_on_oom: bool = False, base: int | None = None,
-                port: int | None = None, state: dict | None = None,
-                postcopy: str = "drop") -> tuple[domctl.Balloon, str]:
-    """Give ``dom`` a virtio-mmio balloon: a register page on the bus that the
-    domain may map (its I/O memory permission), an event channel for its
-    interrupt. Returns the device and the kernel command line word that tells
-    the guest where it is, in Linux's virtio_mmio.device=<size>@<base>:<irq>
-    form (the irq being the event channel's port). A restore passes the saved
-    base and port (the guest knows them from its command line) and the state
-    the image carries (with the post-copy policy)."""
+def add_device(hv: Hypervisor, dom: Domain, state: dict, base: int | None = None,
+               port: int | None = None) -> tuple[Any, str]:
+    """Give ``dom`` a virtio-mmio device of the kind ``state["kind"]`` names,
+    made as ``state`` (its configuration, or the entry an image carries)
+    describes: a register page on the bus that the domain may map (its I/O
+    memory permission), an event channel for its interrupt. Returns the
+    device and the kernel command line word that tells the guest where it
+    is, in Linux's virtio_mmio.device=<size>@<base>:<irq> form (the irq
+    being the event channel's port). A restore passes the saved base and
+    port (the guest knows them from its command line)."""
     port = domctl.evtchn_alloc_unbound(dom, DOMID_TOOLSTACK, port)
     if port < 0:
-        raise BuildError(f"{dom.name}: no event channel for the balloon ({port})")
+        raise BuildError(f"{dom.name}: no event channel for the {state.get('kind')} ({port})")
     domctl.evtchn_bind_backend(dom, port, lambda: None)  # the guest notifies through QueueNotify
     base = domctl.next_mmio_base(hv) if base is None else base
-    if state is None:
-        balloon = domctl.add_virtio_balloon(hv, dom, base, port, stats_interval_ns,
-                                            deflate_on_oom, postcopy)
-    else:
-        balloon = domctl.restore_virtio_balloon(hv, dom, state)
+    device = domctl.add_virtio(hv, dom, state, base, port)
     _record_place(hv, dom, base)
-    return balloon, f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
+    return device, f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
+
+
+def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
+                deflate_on_oom: bool = False, postcopy: str = "drop"
+                ) -> tuple[domctl.Balloon, str]:
+    """A new balloon for ``dom`` (add_device's result)."""
+    state = domctl.new_balloon_state(stats_interval_ns, deflate_on_oom, postcopy)
+    return add_device(hv, dom, state)
 
 
 def _record_place(hv: Hypervisor, dom: Domain, base: int) -> None:

@@ -58,7 +58,7 @@ from hypervisor.public.xen import (
     start_info,
 )
 from hypervisor.toolstack import pfinfo, savefile, stream
-from hypervisor.toolstack.builder import BuildError, add_balloon, machine_mib_for
+from hypervisor.toolstack.builder import BuildError, add_device, machine_mib_for
 from hypervisor.toolstack.consoled import ConsoleBackend
 from hypervisor.toolstack.context import context_of, domain_of
 from hypervisor.toolstack.image import (
@@ -631,10 +631,9 @@ def handle_devices(ctx: RestoreContext) -> None:
     the guest knows from its command line, with what the host kept of it."""
     for d in ctx.info.devices:
         try:
-            add_balloon(ctx.hv, ctx.dom, d["stats_interval_ns"], d["deflate_on_oom"],
-                        base=d["base"], port=d["port"], state=d)
-        except (BuildError, ValueError) as e:
-            raise ImageError(f"the balloon at {d['base']:#x} cannot be re-created: {e}") \
+            add_device(ctx.hv, ctx.dom, d, base=d["base"], port=d["port"])
+        except (BuildError, ValueError, OSError) as e:
+            raise ImageError(f"the {d['kind']} at {d['base']:#x} cannot be re-created: {e}") \
                 from None
 
 

@@ -119,6 +119,10 @@ class VirtioDevice:
     def handle_queue(self, q: SplitQueue) -> None:
         """The driver notified ``q``; may raise RingError."""
 
+    def close(self) -> None:
+        """The domain is gone: let go of what the host gave the device (its
+        files and sockets). Called once, after which nothing else is."""
+
 
 class VirtioMmio:
     """One device's register page, its queues and its interrupt.

@@ -87,6 +87,8 @@ VIRTIO_DEV = Layout("virtio_dev", [
     ("flushed", "u64"),       # irq threads the reset's flush finished
     ("broken_irqs", "u64"),   # vring interrupts refused on broken queues
     ("late_callbacks", "u64"),  # callbacks run on a queue already deleted (nosync)
+    ("nodetach", "u64"),      # option virtio.nodetach=1: the driver's freeze does not
+                              #   stop its users before the reset (a planted bug)
 ])
 VQ_OFFSET = 256
 VQ_STRIDE = 128
@@ -255,7 +257,9 @@ def register_virtio_device(cpu: NativeCpu, dev: Ref, cmdline: str) -> int:
     """A transport found ``dev`` (its config_ops and device_id set): reset,
     ACKNOWLEDGE, and bind the driver of its id (virtio_dev_probe). Returns 0,
     -ENODEV (no driver) or the probe's error (the device left FAILED)."""
-    dev.nosync = 1 if "virtio.nosync=1" in cmdline.split() else 0
+    words = cmdline.split()
+    dev.nosync = 1 if "virtio.nosync=1" in words else 0
+    dev.nodetach = 1 if "virtio.nodetach=1" in words else 0
     _ops(dev).reset(cpu, dev)
     add_status(cpu, dev, VIRTIO_CONFIG_S_ACKNOWLEDGE)
     drv = _drivers.get(dev.device_id)

@@ -16,6 +16,7 @@ import struct
 
 from guestos.layout import Layout, Ref
 from guestos.mm import PAGE_SIZE, alloc_pages, free_page, pfn_to_mfn, va
+from guestos.printk import printk
 from hypervisor.public.io.virtio import (
     VRING_DESC,
     VRING_DESC_F_NEXT,
@@ -78,8 +79,11 @@ def area_addrs(cpu: NativeCpu, vq: Ref) -> tuple[int, int, int]:
 
 def add_buf(cpu: NativeCpu, vq: Ref, addr: int, length: int, writable: bool) -> int:
     """Make one buffer available (virtqueue_add_outbuf/inbuf); returns its
-    descriptor, or -1 if the queue is full. The caller kicks."""
-    if not vq.present or vq.num_free == 0:
+    descriptor, or -1 if the queue is full or deleted. The caller kicks."""
+    if not vq.present:
+        late_add(cpu, vq)
+        return -1
+    if vq.num_free == 0:
         return -1
     head = vq.free_head
     slot = va(vq.desc) + VRING_DESC.size * head
@@ -92,6 +96,13 @@ def add_buf(cpu: NativeCpu, vq: Ref, addr: int, length: int, writable: bool) -> 
     vq.avail_idx = (idx + 1) & 0xFFFF
     cpu.write(va(vq.avail) + VRING_IDX_OFF, _U16.pack(vq.avail_idx))
     return head
+
+
+def late_add(cpu: NativeCpu, vq: Ref) -> None:
+    """A driver's user added a buffer to a queue its freeze deleted: the
+    race the driver's detach (stopping its users before the reset) closes."""
+    printk(cpu, f"virtio: FAILURE: a buffer added to queue {vq.index} after the freeze "
+                "deleted it (option virtio.nodetach: the driver's users were not stopped)")
 
 
 def more_used(cpu: NativeCpu, vq: Ref) -> bool:

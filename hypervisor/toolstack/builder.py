@@ -148,14 +148,6 @@ def add_device(hv: Hypervisor, dom: Domain, state: dict, base: int | None = None
     return device, f"virtio_mmio.device={VIRTIO_MMIO_WINDOW:#x}@{base:#x}:{port}"
 
 
-def add_balloon(hv: Hypervisor, dom: Domain, stats_interval_ns: int,
-                deflate_on_oom: bool = False, postcopy: str = "drop"
-                ) -> tuple[domctl.Balloon, str]:
-    """A new balloon for ``dom`` (add_device's result)."""
-    state = domctl.new_balloon_state(stats_interval_ns, deflate_on_oom, postcopy)
-    return add_device(hv, dom, state)
-
-
 def _record_place(hv: Hypervisor, dom: Domain, base: int) -> None:
     """Where the new device is, kept as libxl keeps a domain's configuration:
     a live save names it in the config it writes while the device runs."""
@@ -380,15 +372,18 @@ def start_info_x86_64(xd: DomImage) -> None:
 
 
 def _cmdline(xd: DomImage) -> str:
-    """The configuration's command line, and the balloon's device if it has one."""
+    """The configuration's command line, with a virtio_mmio.device= word for
+    each device it asks for (each made here, in order)."""
     cfg = xd.cfg
-    if cfg.balloon is None:
-        return cfg.cmdline
-    _, word = add_balloon(xd.hv, xd.dom, cfg.balloon.stats_interval_ns,
-                          cfg.balloon.deflate_on_oom, postcopy=cfg.balloon.postcopy)
-    cmdline = f"{cfg.cmdline} {word}".strip()
+    words = [cfg.cmdline] if cfg.cmdline else []
+    for state in cfg.device_states():
+        try:
+            words.append(add_device(xd.hv, xd.dom, state)[1])
+        except (ValueError, OSError) as e:
+            raise BuildError(f"{cfg.name}: the {state['kind']} device: {e}") from None
+    cmdline = " ".join(words)
     if len(cmdline) > MAX_CMDLINE:
-        raise BuildError(f"{cfg.name}: the command line with the balloon's device is "
+        raise BuildError(f"{cfg.name}: the command line with the devices' words is "
                          f"longer than {MAX_CMDLINE} characters")
     return cmdline
 

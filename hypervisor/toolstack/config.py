@@ -31,7 +31,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypervisor.domctl import POSTCOPY_POLICIES
+from hypervisor.domctl import POSTCOPY_POLICIES, new_balloon_state
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.timeparse import parse_duration
 from hypervisor.toolstack.verdict import VERDICTS
@@ -60,6 +60,16 @@ class DomainConfig:
     balloon: BalloonConfig | None = None  # a balloon device, if any
     verdict: str = ""         # "xtf": the toolstack judges the console as xtf-runner does
     sched_seed: int | None = None  # the schedule's seed; None: the seed's
+
+    def device_states(self) -> list[dict]:
+        """Each virtio device the configuration asks for, as the state its
+        kind makes a new device from (hypervisor/devices/kinds.py), in the
+        order they go on the bus and the command line."""
+        out: list[dict] = []
+        if self.balloon is not None:
+            out.append(new_balloon_state(self.balloon.stats_interval_ns,
+                                         self.balloon.deflate_on_oom, self.balloon.postcopy))
+        return out
 
 
 @dataclass(frozen=True)

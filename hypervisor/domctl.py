@@ -43,6 +43,8 @@ from hypervisor.cpu.vcpu import RAX
 from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.net import backend as net_backend
+from hypervisor.devices.net import persist as net_persist
 from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
 from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.domain import SHUTDOWN_NAMES, Domain
@@ -807,6 +809,18 @@ def new_balloon_state(stats_interval_ns: int, deflate_on_oom: bool, postcopy: st
     return balloon_persist.new_state(stats_interval_ns, deflate_on_oom, postcopy)
 
 
+def new_net_state(mac: str, backend: dict[str, Any]) -> dict[str, Any]:
+    """A new network device's state, for add_virtio: its MAC and its backend
+    ({"type": "user"}, or {"type": "socket", "listen" or "connect": ADDRESS})."""
+    return net_persist.new_state(mac, backend)
+
+
+def parse_net_address(text: str) -> tuple[int, Any]:
+    """A socket backend's ``HOST:PORT`` or ``unix:PATH``: (family, address);
+    ValueError if it is neither."""
+    return net_backend.parse_address(text)
+
+
 def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
                        stats_interval_ns: int, deflate_on_oom: bool,
                        postcopy: str = "drop") -> Balloon:
@@ -886,7 +900,7 @@ __all__ = [
     "ForeignMap", "FrameDump",
     "Hypervisor",
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio",
-    "add_virtio_balloon", "new_balloon_state",
+    "add_virtio_balloon", "new_balloon_state", "new_net_state", "parse_net_address",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "getdomaininfolist", "is_paused", "next_work", "run_while_busy",

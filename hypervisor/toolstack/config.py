@@ -18,6 +18,13 @@
                          # SUCCESS 0, SKIP 3, ERROR 4, FAILURE 5, and CRASH 6 (no such
                          # line, or the domain did not power off); default: not judged
 
+    vif = ["mac=00:16:3e:00:00:01, type=user"]   # optional: virtio-net devices, xl's
+                         # spelling: type=user (the user-mode network, gateway 10.0.2.2),
+                         # or type=socket with listen=ADDRESS or connect=ADDRESS, an
+                         # ADDRESS being HOST:PORT or unix:PATH (a path relative to the
+                         # working directory); mac defaults to 00:16:3e:00:00:N, N the
+                         # vif's place from 1
+
     [balloon]            # optional: a virtio-mmio balloon device
     stats_interval = "50ms"   # the host polls the guest's memory statistics (default: never)
     deflate_on_oom = false    # offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (default: no)
@@ -31,7 +38,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypervisor.domctl import POSTCOPY_POLICIES, new_balloon_state
+from hypervisor.domctl import (
+    POSTCOPY_POLICIES,
+    new_balloon_state,
+    new_net_state,
+    parse_net_address,
+)
+from hypervisor.public.io.inet import mac_aton
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.timeparse import parse_duration
 from hypervisor.toolstack.verdict import VERDICTS
@@ -60,6 +73,7 @@ class DomainConfig:
     balloon: BalloonConfig | None = None  # a balloon device, if any
     verdict: str = ""         # "xtf": the toolstack judges the console as xtf-runner does
     sched_seed: int | None = None  # the schedule's seed; None: the seed's
+    vifs: tuple[VifConfig, ...] = ()  # virtio-net devices, in order
 
     def device_states(self) -> list[dict]:
         """Each virtio device the configuration asks for, as the state its
@@ -69,6 +83,8 @@ class DomainConfig:
         if self.balloon is not None:
             out.append(new_balloon_state(self.balloon.stats_interval_ns,
                                          self.balloon.deflate_on_oom, self.balloon.postcopy))
+        for vif in self.vifs:
+            out.append(new_net_state(vif.mac, vif.backend()))
         return out
 
 
@@ -79,9 +95,66 @@ class BalloonConfig:
     postcopy: str = "drop"      # what the guest's requests do while post-copy runs
 
 
+@dataclass(frozen=True)
+class VifConfig:
+    """One network device (xl's vif spec): its MAC and backend."""
+
+    mac: str
+    type: str = "user"        # "user" or "socket"
+    listen: str = ""          # socket: HOST:PORT or unix:PATH to listen on
+    connect: str = ""         # socket: ... or to connect to
+
+    def backend(self) -> dict:
+        if self.type == "user":
+            return {"type": "user"}
+        return {"type": "socket", **({"listen": self.listen} if self.listen
+                                     else {"connect": self.connect})}
+
+
+_VIF_KEYS = ("mac", "type", "listen", "connect")
+
+
+def parse_vif(spec: str, index: int, src: str = "config") -> VifConfig:
+    """``"mac=00:16:3e:00:00:01, type=socket, listen=unix:/tmp/n.sock"``
+    (xl's vif spelling: KEY=VALUE items split by commas)."""
+    items: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _VIF_KEYS:
+            raise ConfigError(f"{src}: vif {spec!r}: {item!r} is not one of "
+                              f"{', '.join(k + '=...' for k in _VIF_KEYS)}")
+        items[key] = value.strip()
+    mac = items.get("mac", f"00:16:3e:00:00:{index + 1:02x}")
+    try:
+        mac_aton(mac)
+    except ValueError as e:
+        raise ConfigError(f"{src}: vif {spec!r}: {e}") from None
+    if int(mac[:2], 16) & 1:
+        raise ConfigError(f"{src}: vif {spec!r}: mac {mac} is a multicast address")
+    kind = items.get("type", "user")
+    if kind not in ("user", "socket"):
+        raise ConfigError(f"{src}: vif {spec!r}: type must be user or socket, not {kind!r}")
+    listen, connect = items.get("listen", ""), items.get("connect", "")
+    if kind == "socket":
+        if bool(listen) == bool(connect):
+            raise ConfigError(f"{src}: vif {spec!r}: a socket vif needs one of "
+                              "listen=ADDRESS or connect=ADDRESS (HOST:PORT or unix:PATH)")
+        try:
+            parse_net_address(listen or connect)
+        except ValueError as e:
+            raise ConfigError(f"{src}: vif {spec!r}: {e}") from None
+    elif listen or connect:
+        raise ConfigError(f"{src}: vif {spec!r}: listen and connect are for type=socket")
+    return VifConfig(mac.lower(), kind, listen, connect)
+
+
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
          "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict,
-         "verdict": str}
+         "verdict": str, "vif": list}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom", "postcopy")
@@ -132,12 +205,17 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
         except ValueError as e:
             raise ConfigError(f"{src}: {e}") from None
     balloon = _balloon_config(data["balloon"], src) if "balloon" in data else None
+    vifs = []
+    for i, spec in enumerate(data.get("vif", [])):
+        if not isinstance(spec, str):
+            raise ConfigError(f"{src}: vif must be a list of strings, not {spec!r}")
+        vifs.append(parse_vif(spec, i, src))
     verdict = data.get("verdict", "")
     if verdict and verdict not in VERDICTS:
         raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
                         where, kernel, maxmem, tuple(requests), balloon, verdict,
-                        data.get("sched_seed"))
+                        data.get("sched_seed"), tuple(vifs))
 
 
 def _balloon_config(table: dict, src: str) -> BalloonConfig:

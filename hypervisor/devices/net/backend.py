@@ -1,0 +1,348 @@
+"""The network device's host backends: where the frames a guest sends go,
+and where the frames it receives come from.
+
+* ``user`` (QEMU's -netdev user, slirp): a network of its own, 10.0.2.0/24,
+  with the gateway 10.0.2.2 (MAC 52:55:0a:00:02:02, slirp's). The gateway
+  answers ARP for its address and ICMP echo to it, the reply built by the
+  host; it routes nothing else: every other frame is dropped and counted.
+  A gratuitous ARP (an announcement) is counted and its sender learnt.
+* ``socket`` (QEMU's -netdev socket / stream): frames on a stream socket,
+  each a 4-byte big-endian length then the frame (net/stream.c's framing),
+  over TCP (``HOST:PORT``) or a Unix socket (``unix:PATH``), listening or
+  connecting. Two domains joined this way share an Ethernet segment, in
+  one process or in two.
+
+A backend never blocks the machine: the device polls it from a host timer
+(``poll``); a socket is non-blocking and read as far as it has data.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypervisor.public.io.inet import (
+    ARP_PKT,
+    ARPOP_REPLY,
+    ARPOP_REQUEST,
+    ETH_BROADCAST,
+    ETH_HDR,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ICMP_ECHO,
+    ICMP_ECHOREPLY,
+    ICMP_HDR,
+    IP_HDR,
+    IPPROTO_ICMP,
+    arp_packet,
+    eth_frame,
+    icmp_echo,
+    inet_checksum,
+    ip_aton,
+    ip_packet,
+)
+from hypervisor.public.io.virtio_net import VIRTIO_NET_MAX_FRAME
+
+log = logging.getLogger(__name__)
+
+USER_GATEWAY = ip_aton("10.0.2.2")
+USER_GATEWAY_MAC = bytes.fromhex("52550a000202")
+FRAME_LEN = 4                  # the stream framing's length word
+READ_CHUNK = 65536
+
+
+class BackendError(ValueError):
+    """A backend cannot be opened; the message says why and what to change."""
+
+
+@dataclass
+class UserStats:
+    """What the user network's gateway saw."""
+
+    arp_replies: int = 0       # ARP requests for the gateway answered
+    echo_replies: int = 0      # echo requests to the gateway answered
+    announcements: int = 0     # gratuitous ARPs heard
+    dropped: int = 0           # frames the gateway does not route or answer
+    learnt: dict[str, str] = field(default_factory=dict)  # ip -> mac heard
+
+
+class Backend:
+    """What the device needs of a backend."""
+
+    kind = ""
+
+    def send(self, frame: bytes) -> None:
+        """The guest sent ``frame``."""
+
+    def poll(self) -> list[bytes]:
+        """Frames for the guest that arrived since the last poll."""
+        return []
+
+    def connected(self) -> bool:
+        """Whether a peer is there (the link status)."""
+        return True
+
+    def config(self) -> dict[str, Any]:
+        """How to open it again (persist.py)."""
+        return {"type": self.kind}
+
+    def close(self) -> None:
+        pass
+
+
+class UserBackend(Backend):
+    """The user-mode network's gateway, answering ARP and ICMP echo."""
+
+    kind = "user"
+
+    def __init__(self) -> None:
+        self.stats = UserStats()
+        self.pending: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        dest, src, ethertype = ETH_HDR.unpack_from(frame)
+        body = frame[ETH_HDR.size:]
+        if ethertype == ETH_P_ARP and len(body) >= ARP_PKT.size:
+            self._arp(src, body)
+        elif ethertype == ETH_P_IP and len(body) >= IP_HDR.size and dest == USER_GATEWAY_MAC:
+            self._ip(src, body)
+        else:
+            self.stats.dropped += 1
+
+    def _arp(self, src: bytes, body: bytes) -> None:
+        _, ptype, _, _, op, sha, spa, _, tpa = ARP_PKT.unpack_from(body)
+        spa_i, tpa_i = int.from_bytes(spa, "big"), int.from_bytes(tpa, "big")
+        if ptype != ETH_P_IP:
+            self.stats.dropped += 1
+            return
+        if spa_i == tpa_i:  # gratuitous: the sender announces itself (RFC 5227)
+            self.stats.announcements += 1
+            self.stats.learnt[".".join(map(str, spa))] = sha.hex(":")
+            return
+        if op == ARPOP_REQUEST and tpa_i == USER_GATEWAY:
+            self.stats.arp_replies += 1
+            self.stats.learnt[".".join(map(str, spa))] = sha.hex(":")
+            reply = arp_packet(ARPOP_REPLY, USER_GATEWAY_MAC, USER_GATEWAY, sha, spa_i)
+            self.pending.append(eth_frame(src, USER_GATEWAY_MAC, ETH_P_ARP, reply))
+            return
+        self.stats.dropped += 1
+
+    def _ip(self, src: bytes, body: bytes) -> None:
+        ver_ihl, _, tot_len, ident, _, _, proto, _, saddr, daddr = IP_HDR.unpack_from(body)
+        ihl = (ver_ihl & 0xF) * 4
+        icmp = body[ihl:tot_len]
+        if (ver_ihl >> 4 != 4 or ihl < IP_HDR.size or tot_len > len(body)
+                or inet_checksum(body[:ihl]) or proto != IPPROTO_ICMP
+                or int.from_bytes(daddr, "big") != USER_GATEWAY or len(icmp) < ICMP_HDR.size
+                or inet_checksum(icmp)):
+            self.stats.dropped += 1
+            return
+        kind, _, _, echo_id, seq = ICMP_HDR.unpack_from(icmp)
+        if kind != ICMP_ECHO:
+            self.stats.dropped += 1
+            return
+        self.stats.echo_replies += 1
+        reply = icmp_echo(ICMP_ECHOREPLY, echo_id, seq, icmp[ICMP_HDR.size:])
+        packet = ip_packet(USER_GATEWAY, int.from_bytes(saddr, "big"), IPPROTO_ICMP, reply,
+                           ident)
+        self.pending.append(eth_frame(src, USER_GATEWAY_MAC, ETH_P_IP, packet))
+
+    def poll(self) -> list[bytes]:
+        out, self.pending = self.pending, []
+        return out
+
+
+def parse_address(text: str) -> tuple[int, Any]:
+    """``HOST:PORT`` or ``unix:PATH`` as (family, address); BackendError if neither."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise BackendError(f"socket address {text!r}: the path after unix: is missing")
+        return socket.AF_UNIX, path
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BackendError(f"socket address {text!r} is neither HOST:PORT nor unix:PATH")
+    return socket.AF_INET, (host or "127.0.0.1", int(port))
+
+
+class SocketBackend(Backend):
+    """Frames over a stream socket with QEMU's framing; ``listen`` waits for
+    one peer (another takes its place when it goes), ``connect`` dials, and
+    dials again while no one answers."""
+
+    kind = "socket"
+
+    def __init__(self, mode: str, address: str) -> None:
+        if mode not in ("listen", "connect"):
+            raise BackendError(f"socket backend: {mode!r} is neither listen nor connect")
+        self.mode, self.address = mode, address
+        self.family, self.addr = parse_address(address)
+        self.listener: socket.socket | None = None
+        self.sock: socket.socket | None = None
+        self.inbuf = bytearray()
+        self.errors = 0
+        if mode == "listen":
+            self._listen()
+        else:
+            self._dial()
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> SocketBackend:
+        """A backend on a socket already connected (one end of a socketpair)."""
+        self = cls.__new__(cls)
+        self.mode, self.address, self.family, self.addr = "connect", "", sock.family, None
+        self.listener, self.inbuf, self.errors = None, bytearray(), 0
+        sock.setblocking(False)
+        self.sock = sock
+        return self
+
+    def _listen(self) -> None:
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            if self.family == socket.AF_UNIX:
+                if os.path.exists(self.addr):
+                    os.unlink(self.addr)  # a socket left by a listener gone (a restore's)
+            else:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(self.addr)
+            s.listen(1)
+        except OSError as e:
+            s.close()
+            raise BackendError(f"socket backend: cannot listen on {self.address}: "
+                               f"{e.strerror or e}") from None
+        s.setblocking(False)
+        self.listener = s
+
+    def _dial(self) -> None:
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        rc = s.connect_ex(self.addr)
+        if rc not in (0, errno.EINPROGRESS):
+            s.close()  # nobody there yet: dialled again at the next poll
+            return
+        self.sock = s
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            s, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        s.setblocking(False)
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.inbuf = s, bytearray()
+        log.info("net socket %s: a peer connected", self.address)
+
+    def _drop(self, why: str) -> None:
+        log.info("net socket %s: %s", self.address, why)
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.inbuf = None, bytearray()
+
+    def connected(self) -> bool:
+        return self.sock is not None
+
+    def send(self, frame: bytes) -> None:
+        if self.sock is None:
+            self.poll_connection()
+        if self.sock is None:
+            self.errors += 1
+            return
+        data = len(frame).to_bytes(FRAME_LEN, "big") + frame
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self.errors += 1
+            self._drop(f"send failed: {e}")
+            return
+        if sent < len(data):
+            # the peer's socket buffer is full: the rest goes out blocking a
+            # moment, so the stream keeps its framing (QEMU queues it instead)
+            self.sock.setblocking(True)
+            try:
+                self.sock.settimeout(1.0)
+                self.sock.sendall(data[sent:])
+            except OSError as e:
+                self.errors += 1
+                self._drop(f"send failed: {e}")
+                return
+            finally:
+                if self.sock is not None:
+                    self.sock.setblocking(False)
+
+    def poll_connection(self) -> None:
+        if self.sock is not None:
+            return
+        if self.listener is not None:
+            self._accept()
+        else:
+            self._dial()
+
+    def poll(self) -> list[bytes]:
+        self.poll_connection()
+        if self.sock is None:
+            return []
+        while True:
+            try:
+                chunk = self.sock.recv(READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.errors += 1
+                self._drop(f"receive failed: {e}")
+                return []
+            if not chunk:
+                self._drop("the peer closed the connection")
+                return []
+            self.inbuf += chunk
+        frames = []
+        while len(self.inbuf) >= FRAME_LEN:
+            n = int.from_bytes(self.inbuf[:FRAME_LEN], "big")
+            if n > VIRTIO_NET_MAX_FRAME + 4 or n == 0:
+                self.errors += 1
+                self._drop(f"a frame of {n} bytes: the stream is not QEMU's framing")
+                return frames
+            if len(self.inbuf) < FRAME_LEN + n:
+                break
+            frames.append(bytes(self.inbuf[FRAME_LEN:FRAME_LEN + n]))
+            del self.inbuf[:FRAME_LEN + n]
+        return frames
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.kind, self.mode: self.address}
+
+    def close(self) -> None:
+        for s in (self.sock, self.listener):
+            if s is not None:
+                s.close()
+        if self.listener is not None and self.family == socket.AF_UNIX:
+            try:
+                os.unlink(self.addr)
+            except OSError:
+                pass
+        self.sock = self.listener = None
+
+
+def open_backend(config: dict[str, Any]) -> Backend:
+    """The backend ``config`` names: {"type": "user"} or {"type": "socket",
+    "listen" or "connect": ADDRESS}. BackendError if it cannot be opened."""
+    kind = config.get("type")
+    if kind == "user":
+        return UserBackend()
+    if kind == "socket":
+        modes = [m for m in ("listen", "connect") if m in config]
+        if len(modes) != 1:
+            raise BackendError("a socket vif needs one of listen=ADDRESS or connect=ADDRESS")
+        return SocketBackend(modes[0], str(config[modes[0]]))
+    raise BackendError(f"vif type {kind!r} unknown (user or socket)")
+
+
+__all__ = ["ETH_BROADCAST", "USER_GATEWAY", "USER_GATEWAY_MAC", "Backend", "BackendError",
+           "SocketBackend", "UserBackend", "open_backend", "parse_address"]

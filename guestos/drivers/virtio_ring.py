@@ -1,5 +1,6 @@
 """Split virtqueues, the driver's side (Linux's drivers/virtio/virtio_ring.c,
-cut to what the balloon needs: one descriptor per buffer, no event index).
+cut to what the drivers need: a buffer of one descriptor, or a chain of a
+few (add_chain), no indirect descriptors, no event index).
 The queue's interrupt, vring_interrupt, is the core's (virtio.py).
 
 Each area gets a page of its own: the descriptor table (16 bytes an entry,
@@ -125,9 +126,42 @@ def get_buf(cpu: NativeCpu, vq: Ref) -> tuple[int, int] | None:
     if head >= vq.num:
         raise ValueError(f"virtqueue {vq.index}: the device used descriptor {head}, "
                          f"beyond the queue's {vq.num}")
-    slot = va(vq.desc) + VRING_DESC.size * head
-    addr, length_, flags, _ = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))
-    cpu.write(slot, VRING_DESC.pack(0, 0, flags & ~VRING_DESC_F_NEXT, vq.free_head))
-    vq.free_head, vq.num_free = head, vq.num_free + 1
+    # detach_buf: every descriptor of the chain goes back on the free list
+    i, freed = head, 1
+    while True:
+        slot = va(vq.desc) + VRING_DESC.size * i
+        _, _, flags, nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))
+        if not flags & VRING_DESC_F_NEXT or freed >= vq.num:
+            break
+        cpu.write(slot, VRING_DESC.pack(0, 0, VRING_DESC_F_NEXT, nxt))
+        i, freed = nxt, freed + 1
+    cpu.write(slot, VRING_DESC.pack(0, 0, 0, vq.free_head))
+    vq.free_head, vq.num_free = head, vq.num_free + freed
     vq.last_used = (last + 1) & 0xFFFF
     return head, length
+
+
+def add_chain(cpu: NativeCpu, vq: Ref, bufs: list[tuple[int, int, bool]]) -> int:
+    """Make one chain of buffers available, (addr, length, writable) each,
+    the device-readable ones first (virtqueue_add_sgs); returns its head
+    descriptor, or -1 if the queue has too few free or is deleted."""
+    if not vq.present:
+        late_add(cpu, vq)
+        return -1
+    if not bufs or vq.num_free < len(bufs):
+        return -1
+    head = i = vq.free_head
+    for n, (addr, length, writable) in enumerate(bufs):
+        slot = va(vq.desc) + VRING_DESC.size * i
+        nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))[3]
+        flags = (VRING_DESC_F_WRITE if writable else 0) \
+            | (VRING_DESC_F_NEXT if n + 1 < len(bufs) else 0)
+        cpu.write(slot, VRING_DESC.pack(addr, length, flags, nxt))
+        i = nxt
+    # the free list goes on after the chain's last descriptor
+    vq.free_head, vq.num_free = i, vq.num_free - len(bufs)
+    idx = vq.avail_idx
+    cpu.write(va(vq.avail) + VRING_RING_OFF + 2 * (idx % vq.num), _U16.pack(head))
+    vq.avail_idx = (idx + 1) & 0xFFFF
+    cpu.write(va(vq.avail) + VRING_IDX_OFF, _U16.pack(vq.avail_idx))
+    return head

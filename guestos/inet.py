@@ -34,13 +34,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from guestos.fs import device_create, file_operations, wake_up_node
 from guestos.kdata import driver_data, set_driver_data
 from guestos.layout import Layout, Ref
 from guestos.mm import alloc_pages, va
 from guestos.printk import printk
 from guestos.symbols import export, symbol, symbol_number
 from guestos.time import now
-from hypervisor.public.errno import EINVAL, ENOBUFS, ENODEV
+from guestos.usercopy import copy_from_user, copy_to_user
+from hypervisor.public.errno import EFAULT, EINVAL, ENOBUFS, ENODEV
 from hypervisor.public.io.inet import (
     ARP_PKT,
     ARPHRD_ETHER,
@@ -104,6 +106,7 @@ DEFAULT_IP = "10.0.2.15"
 DEFAULT_GATEWAY = "10.0.2.2"
 PING_IDENT = 0x7076               # "pv"
 NODE_NAME = "icmp"
+NO_NODE = (1 << 64) - 1
 ARP_TIMEOUT_NS = 1_000_000_000    # a packet waits this long for its ARP reply
 
 Xmit = Callable[[NativeCpu, int, bytes], int]
@@ -148,7 +151,7 @@ def inet_init(cpu: NativeCpu, netdev: int, xmit: Xmit, mac: bytes, cmdline: str)
     if inet is None:
         inet = INET.at(cpu, va(alloc_pages(cpu)))
         set_driver_data(cpu, inet_key, inet.va)
-        inet.node = (1 << 64) - 1
+        inet.node = NO_NODE
         inet.ident = PING_IDENT
     inet.netdev, inet.xmit = netdev, symbol_number(xmit)
     inet.mac = int.from_bytes(mac, "big")
@@ -159,11 +162,7 @@ def inet_init(cpu: NativeCpu, netdev: int, xmit: Xmit, mac: bytes, cmdline: str)
 
 def _make_node(cpu: NativeCpu, inet: Ref) -> None:
     """The icmp node, if the kernel has a file layer to hold it."""
-    try:
-        from guestos import fs
-    except ImportError:  # a kernel without guestos/fs.py: no node, the stack still answers
-        return
-    node = fs.device_create(cpu, NODE_NAME, icmp_fops, 0)
+    node = device_create(cpu, NODE_NAME, icmp_fops, 0)
     if node >= 0:
         inet.node = node
     else:
@@ -321,9 +320,8 @@ def _queue_reply(cpu: NativeCpu, inet: Ref, saddr: int, seq: int, ttl: int, size
     at = inet.va + REPLY_OFF + REPLY.size * (inet.reply_tail % REPLY_SLOTS)
     cpu.write(at, REPLY.pack(saddr, seq, ttl, 0, min(rtt_us, 0xFFFFFFFF), size))
     inet.reply_tail = inet.reply_tail + 1
-    if inet.node != (1 << 64) - 1:
-        from guestos import fs
-        fs.wake_up_node(cpu, inet.node)
+    if inet.node != NO_NODE:
+        wake_up_node(cpu, inet.node)
 
 
 def icmp_send_echo(cpu: NativeCpu, daddr: int, seq: int) -> int:
@@ -387,43 +385,27 @@ def icmp_open(cpu: NativeCpu, file: Ref) -> int:
 
 def icmp_read(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | None:
     """The next echo reply (16 bytes), or 0 if none has come."""
-    from guestos.usercopy import copy_to_user
     if size < REPLY.size:
         return -EINVAL
     reply = icmp_next_reply(cpu)
     if reply is None:
         return 0
     if not copy_to_user(cpu, ubuf, reply):
-        from hypervisor.public.errno import EFAULT
         return -EFAULT
     return REPLY.size
 
 
 def icmp_write(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | None:
     """{u32 daddr, u16 seq, 2 bytes 0}: an echo request sent."""
-    from guestos.usercopy import copy_from_user
     if size != ECHO_REQUEST.size:
         return -EINVAL
     raw = copy_from_user(cpu, ubuf, size)
     if raw is None:
-        from hypervisor.public.errno import EFAULT
         return -EFAULT
     daddr, seq = ECHO_REQUEST.unpack(raw)
     rc = icmp_send_echo(cpu, daddr, seq)
     return rc if rc < 0 else size
 
 
-def icmp_release(cpu: NativeCpu, file: Ref) -> None:
-    pass
-
-
-def _icmp_fops() -> object:
-    try:
-        from guestos.fs import file_operations
-    except ImportError:
-        return None
-    return export(file_operations(icmp_open, icmp_read, icmp_write, icmp_release),
-                  "guestos.inet.icmp_fops")
-
-
-icmp_fops = _icmp_fops()
+icmp_fops = export(file_operations(icmp_open, icmp_read, icmp_write),
+                   "guestos.inet.icmp_fops")

@@ -142,7 +142,7 @@ def virtnet_probe(cpu: NativeCpu, dev: Ref) -> int:
     virtio_device_ready(cpu, dev)
     cmdline = read_start_info(cpu).cmd_line.split(b"\0")[0].decode(errors="replace")
     ip = inet_init(cpu, dev.va, virtnet_start_xmit, mac, cmdline)
-    _update_link(cpu, dev)
+    vn.link_up = 1 if _status(cpu, dev) & VIRTIO_NET_S_LINK_UP else 0
     printk(cpu, f"virtio_net: device at {dev.base:#x}, event channel {dev.port}, MAC "
                 f"{mac.hex(':')}, address {'.'.join(str(b) for b in ip.to_bytes(4, 'big'))}, "
                 f"link {'up' if vn.link_up else 'down'}")

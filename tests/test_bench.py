@@ -108,3 +108,11 @@ def test_postcopy_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "pure / pre-copy: downtime" in r.stdout and "faults/s" in r.stdout
+
+
+def test_net_bench_runs():
+    r = subprocess.run([sys.executable, "bench/net.py", "--pings", "3", "--repeat", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "packets/s" in r.stdout and "guests / wire alone" in r.stdout

@@ -196,7 +196,7 @@ class SocketBackend(Backend):
         self = cls.__new__(cls)
         self.mode, self.address, self.family, self.addr = "connect", "", sock.family, None
         self.listener, self.inbuf, self.errors = None, bytearray(), 0
-        sock.setblocking(False)
+        self._stream(sock)
         self.sock = sock
         return self
 
@@ -217,9 +217,16 @@ class SocketBackend(Backend):
         s.setblocking(False)
         self.listener = s
 
+    def _stream(self, s: socket.socket) -> None:
+        """Non-blocking; over TCP without Nagle's delay (a frame goes at once,
+        as QEMU's stream backend sends it)."""
+        s.setblocking(False)
+        if s.family != socket.AF_UNIX:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def _dial(self) -> None:
         s = socket.socket(self.family, socket.SOCK_STREAM)
-        s.setblocking(False)
+        self._stream(s)
         rc = s.connect_ex(self.addr)
         if rc not in (0, errno.EINPROGRESS):
             s.close()  # nobody there yet: dialled again at the next poll
@@ -232,7 +239,7 @@ class SocketBackend(Backend):
             s, _ = self.listener.accept()
         except BlockingIOError:
             return
-        s.setblocking(False)
+        self._stream(s)
         if self.sock is not None:
             self.sock.close()
         self.sock, self.inbuf = s, bytearray()

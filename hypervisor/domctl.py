@@ -43,6 +43,7 @@ from hypervisor.cpu.vcpu import RAX
 from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.blk import persist as blk_persist
 from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
 from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.domain import SHUTDOWN_NAMES, Domain
@@ -807,6 +808,11 @@ def new_balloon_state(stats_interval_ns: int, deflate_on_oom: bool, postcopy: st
     return balloon_persist.new_state(stats_interval_ns, deflate_on_oom, postcopy)
 
 
+def new_blk_state(path: str, read_only: bool, serial: str = "") -> dict[str, Any]:
+    """A new disk's state, for add_virtio: the image at ``path`` (a raw file)."""
+    return blk_persist.new_state(path, read_only, serial)
+
+
 def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
                        stats_interval_ns: int, deflate_on_oom: bool,
                        postcopy: str = "drop") -> Balloon:
@@ -886,7 +892,7 @@ __all__ = [
     "ForeignMap", "FrameDump",
     "Hypervisor",
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio",
-    "add_virtio_balloon", "new_balloon_state",
+    "add_virtio_balloon", "new_balloon_state", "new_blk_state",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "getdomaininfolist", "is_paused", "next_work", "run_while_busy",

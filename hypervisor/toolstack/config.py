@@ -23,6 +23,12 @@
     deflate_on_oom = false    # offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (default: no)
     postcopy = "drop"         # the guest's requests while post-copy runs: "drop" them
                               # (QEMU's, the default) or "reconcile" them at its end
+
+    disk = ["target=disk.img, vdev=xvda, access=rw, format=raw"]
+                         # optional: virtio-blk disks, xl's disk spelling (also its
+                         # positional "disk.img,raw,xvda,rw"): a raw image file
+                         # (relative to this file), access rw or ro; the guest
+                         # names them vda, vdb, ... in this order
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypervisor.domctl import POSTCOPY_POLICIES, new_balloon_state
+from hypervisor.domctl import POSTCOPY_POLICIES, new_balloon_state, new_blk_state
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.timeparse import parse_duration
 from hypervisor.toolstack.verdict import VERDICTS
@@ -60,6 +66,7 @@ class DomainConfig:
     balloon: BalloonConfig | None = None  # a balloon device, if any
     verdict: str = ""         # "xtf": the toolstack judges the console as xtf-runner does
     sched_seed: int | None = None  # the schedule's seed; None: the seed's
+    disks: tuple[DiskConfig, ...] = ()  # virtio-blk disks, in the guest's order
 
     def device_states(self) -> list[dict]:
         """Each virtio device the configuration asks for, as the state its
@@ -69,7 +76,19 @@ class DomainConfig:
         if self.balloon is not None:
             out.append(new_balloon_state(self.balloon.stats_interval_ns,
                                          self.balloon.deflate_on_oom, self.balloon.postcopy))
+        for disk in self.disks:
+            out.append(new_blk_state(str(disk.target), disk.read_only))
         return out
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """One entry of ``disk``, as xl's disk specification reads it."""
+
+    target: Path           # the raw image, absolute
+    vdev: str              # xl's virtual device name (xvda); the guest says vda
+    read_only: bool = False
+    format: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -81,10 +100,13 @@ class BalloonConfig:
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
          "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict,
-         "verdict": str}
+         "verdict": str, "disk": list}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom", "postcopy")
+# xl's disk specification: its keys, and the order of its positional parameters
+_DISK_POSITIONAL = ("target", "format", "vdev", "access")
+_DISK_ACCESS = {"rw": False, "w": False, "ro": True, "r": True}
 _REQUIRED = ("name", "memory", "image")
 
 
@@ -135,9 +157,54 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     verdict = data.get("verdict", "")
     if verdict and verdict not in VERDICTS:
         raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
+    disks = tuple(parse_disk(spec, src, where) for spec in data.get("disk", []))
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
                         where, kernel, maxmem, tuple(requests), balloon, verdict,
-                        data.get("sched_seed"))
+                        data.get("sched_seed"), disks)
+
+
+def parse_disk(spec: object, src: str = "config", where: Path | None = None) -> DiskConfig:
+    """One of xl's disk specifications: comma-separated ``key=value`` items
+    and positional ones (target, format, vdev, access, in that order); the
+    target relative to the configuration file."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"{src}: disk must be a list of strings, not {spec!r}")
+    values: dict[str, str] = {}
+    unknown: list[str] = []
+    position = 0
+    for item in (part.strip() for part in spec.split(",")):
+        key, eq, value = item.partition("=")
+        if eq:
+            key = key.strip()
+            if key not in _DISK_POSITIONAL:
+                unknown.append(key)
+            values[key] = value.strip()
+            continue
+        if position >= len(_DISK_POSITIONAL):
+            raise ConfigError(f"{src}: disk {spec!r}: {item!r} is a fifth positional "
+                              f"parameter; xl's are {', '.join(_DISK_POSITIONAL)}")
+        if item:
+            values.setdefault(_DISK_POSITIONAL[position], item)
+        position += 1
+    if unknown:
+        raise ConfigError(f"{src}: disk {spec!r}: unknown key(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(_DISK_POSITIONAL)})")
+    for key in ("target", "vdev"):
+        if not values.get(key):
+            raise ConfigError(f"{src}: disk {spec!r}: no {key}")
+    fmt = values.get("format", "raw")
+    if fmt != "raw":
+        raise ConfigError(f"{src}: disk {spec!r}: format {fmt!r}; only raw images are known")
+    access = values.get("access", "rw")
+    if access not in _DISK_ACCESS:
+        raise ConfigError(f"{src}: disk {spec!r}: access {access!r}; one of rw, ro")
+    target = Path(values["target"])
+    if where is not None and not target.is_absolute():
+        target = where.parent / target
+    if not target.is_file():
+        raise ConfigError(f"{src}: disk {spec!r}: the image {str(target)!r} does not exist "
+                          "(make one, e.g. truncate -s 1M disk.img)")
+    return DiskConfig(target.resolve(), values["vdev"], _DISK_ACCESS[access], fmt)
 
 
 def _balloon_config(table: dict, src: str) -> BalloonConfig:

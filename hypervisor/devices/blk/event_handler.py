@@ -116,54 +116,15 @@ class BlockEventHandler:
             self.metrics.no_status += 1
             return 0
         last = writable[-1]
-        status_addr = last.addr + last.length - 1
-        written = 0
         try:
-            if sum(b.length for b in readable) < VIRTIO_BLK_OUTHDR.size:
+            nread = sum(b.length for b in readable)
+            if nread < VIRTIO_BLK_OUTHDR.size:
                 raise Refused(VIRTIO_BLK_S_IOERR, "bad_header")
-            head = _segments(readable, 0, sum(b.length for b in readable)
-                             - VIRTIO_BLK_OUTHDR.size)
+            head = _segments(readable, 0, nread - VIRTIO_BLK_OUTHDR.size)
             raw = b"".join(mem.read(a, n, "blk request header") for a, n in head)
             rtype, _reserved, sector = VIRTIO_BLK_OUTHDR.unpack(raw)
-            out_data = _segments(readable, VIRTIO_BLK_OUTHDR.size, 0)
-            in_data = _segments(writable, 0, 1)
-            if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
-                data = in_data if rtype == VIRTIO_BLK_T_IN else out_data
-                if (out_data if rtype == VIRTIO_BLK_T_IN else in_data):
-                    raise Refused(VIRTIO_BLK_S_IOERR, "bad_direction")
-                length = sum(n for _, n in data)
-                if length == 0 or length % SECTOR_SIZE:
-                    raise Refused(VIRTIO_BLK_S_IOERR, "bad_length")
-                if len(data) > SEG_MAX:
-                    raise Refused(VIRTIO_BLK_S_IOERR, "too_many_segments")
-                if any(n > SIZE_MAX for _, n in data):
-                    raise Refused(VIRTIO_BLK_S_IOERR, "segment_too_big")
-                if sector + length // SECTOR_SIZE > self.capacity:
-                    raise Refused(VIRTIO_BLK_S_IOERR, "out_of_range")
-                if rtype == VIRTIO_BLK_T_IN:
-                    written = self._read(sector, data)
-                else:
-                    if self.read_only:
-                        raise Refused(VIRTIO_BLK_S_IOERR, "read_only")
-                    self._write(sector, data)
-            elif rtype == VIRTIO_BLK_T_FLUSH:
-                if not self.transport.negotiated(VIRTIO_BLK_F_FLUSH):
-                    raise Refused(VIRTIO_BLK_S_UNSUPP, "")
-                if in_data or out_data:
-                    raise Refused(VIRTIO_BLK_S_IOERR, "bad_direction")
-                if sector:
-                    raise Refused(VIRTIO_BLK_S_IOERR, "out_of_range")
-                self._host(self.flush)
-                self.metrics.flushes += 1
-            elif rtype == VIRTIO_BLK_T_GET_ID:
-                if out_data or sum(n for _, n in in_data) != VIRTIO_BLK_ID_BYTES:
-                    raise Refused(VIRTIO_BLK_S_IOERR, "bad_direction")
-                self._scatter(self.serial.encode().ljust(VIRTIO_BLK_ID_BYTES, b"\0"),
-                              in_data)
-                written = VIRTIO_BLK_ID_BYTES
-                self.metrics.get_ids += 1
-            else:
-                raise Refused(VIRTIO_BLK_S_UNSUPP, "")
+            written = self._serve(rtype, sector, _segments(readable, VIRTIO_BLK_OUTHDR.size, 0),
+                                  _segments(writable, 0, 1))
             status = VIRTIO_BLK_S_OK
             self.metrics.ok += 1
         except Refused as e:
@@ -174,8 +135,54 @@ class BlockEventHandler:
                 self.metrics.unsupp += 1
             else:
                 self.metrics.ioerr += 1
-        mem.write(status_addr, bytes([status]), "blk request status")
+        mem.write(last.addr + last.length - 1, bytes([status]), "blk request status")
         return written + 1
+
+    def _serve(self, rtype: int, sector: int, out_data: list[Segment],
+               in_data: list[Segment]) -> int:
+        """One request of type ``rtype`` with its data checked and done;
+        returns the data bytes written into the chain (Refused: a rule broken)."""
+        if rtype in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+            return self._read_write(rtype, sector, out_data, in_data)
+        if rtype == VIRTIO_BLK_T_FLUSH:
+            if not self.transport.negotiated(VIRTIO_BLK_F_FLUSH):
+                raise Refused(VIRTIO_BLK_S_UNSUPP, "")
+            if in_data or out_data:
+                raise Refused(VIRTIO_BLK_S_IOERR, "bad_direction")
+            if sector:
+                raise Refused(VIRTIO_BLK_S_IOERR, "out_of_range")
+            self._host(self.flush)
+            self.metrics.flushes += 1
+            return 0
+        if rtype == VIRTIO_BLK_T_GET_ID:
+            if out_data or sum(n for _, n in in_data) != VIRTIO_BLK_ID_BYTES:
+                raise Refused(VIRTIO_BLK_S_IOERR, "bad_direction")
+            self._scatter(self.serial.encode().ljust(VIRTIO_BLK_ID_BYTES, b"\0"), in_data)
+            self.metrics.get_ids += 1
+            return VIRTIO_BLK_ID_BYTES
+        raise Refused(VIRTIO_BLK_S_UNSUPP, "")
+
+    def _read_write(self, rtype: int, sector: int, out_data: list[Segment],
+                    in_data: list[Segment]) -> int:
+        """IN or OUT: the data's direction, length, segments and range checked."""
+        data, wrong = (in_data, out_data) if rtype == VIRTIO_BLK_T_IN else (out_data, in_data)
+        if wrong:
+            raise Refused(VIRTIO_BLK_S_IOERR, "bad_direction")
+        length = sum(n for _, n in data)
+        if length == 0 or length % SECTOR_SIZE:
+            raise Refused(VIRTIO_BLK_S_IOERR, "bad_length")
+        if len(data) > SEG_MAX:
+            raise Refused(VIRTIO_BLK_S_IOERR, "too_many_segments")
+        if any(n > SIZE_MAX for _, n in data):
+            raise Refused(VIRTIO_BLK_S_IOERR, "segment_too_big")
+        if sector + length // SECTOR_SIZE > self.capacity:
+            raise Refused(VIRTIO_BLK_S_IOERR, "out_of_range")
+        if rtype == VIRTIO_BLK_T_IN:
+            return self._read(sector, data)
+        if self.read_only:
+            raise Refused(VIRTIO_BLK_S_IOERR, "read_only")
+        self._write(sector, data)
+        return 0
 
     # --- the image, through the host's file ------------------------------------------
 

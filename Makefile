@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) bench/schedule.py
 	$(PY) bench/debugger.py
 	$(PY) bench/daemon.py
+	$(PY) bench/blk.py
 	$(PY) bench/migrate.py
 	$(PY) bench/postcopy.py
 

@@ -111,6 +111,7 @@ VBLK = Layout("virtio_blk", [
     ("completed", "u64"),
     ("errors", "u64"),       # completed with a status other than OK
     ("slot_waits", "u64"),   # a read or write waited for a free slot
+    ("slot_waiting", "u64"),  # ... and is not woken yet
     ("quiesce_waits", "u64"),  # ... for the restore
     ("reaped_at_freeze", "u64"),  # completions the freeze took from the used ring
     ("failed_at_freeze", "u64"),  # requests the device left unused at the freeze
@@ -331,7 +332,7 @@ def _rw(cpu: NativeCpu, file: Ref, ubuf: int, size: int, write: bool) -> int | N
         return None
     i = _free_slot(cpu, dev)
     if i < 0:
-        vb.slot_waits = vb.slot_waits + 1
+        vb.slot_waits, vb.slot_waiting = vb.slot_waits + 1, 1
         return None
     slot = _slot(cpu, dev, i)
     if write:
@@ -359,8 +360,10 @@ def _finish(cpu: NativeCpu, file: Ref, slot: Ref, ubuf: int, write: bool) -> int
                         _data_pfns(cpu, slot)[:-(-nbytes // PAGE_SIZE)])[:nbytes]
     slot.state, slot.file = REQ_FREE, 0
     file.private = 0
-    dev = _file_dev(cpu, file)
-    wake_up_node(cpu, _vb(cpu, dev).node)  # a task may wait for the slot
+    vb = _vb(cpu, _file_dev(cpu, file))
+    if vb.slot_waiting:  # a task waits for a slot: this one is free now
+        vb.slot_waiting = 0
+        wake_up_node(cpu, vb.node)
     if status != VIRTIO_BLK_S_OK:
         return -EIO
     if data and not copy_to_user(cpu, ubuf, data):

@@ -128,8 +128,9 @@ class ConsoleEventHandler:
 
     def port_ready(self, port: Port) -> None:
         """PORT_READY 1: tell the driver what the port is and whether the
-        host side is open (asked afresh: a client may have come or gone)."""
-        self.refresh(port)
+        host side is open (asked afresh: a client may have come or gone, and
+        the answer carries it)."""
+        self.refresh(port, tell=False)
         if port.console:
             self.send_control(port.id, VIRTIO_CONSOLE_CONSOLE_PORT, 1)
         self.send_control(port.id, VIRTIO_CONSOLE_PORT_NAME, 1, port.name.encode())
@@ -230,16 +231,19 @@ class ConsoleEventHandler:
 
     # --- the host side ----------------------------------------------------------------
 
-    def refresh(self, port: Port) -> None:
-        """A client came or went at the port's backend: tell the driver."""
+    def refresh(self, port: Port, tell: bool = True) -> None:
+        """A client came or went at the port's backend: tell the driver
+        (virtio_serial_open, virtio_serial_close)."""
         event = port.backend.refresh()
         if event == "connected":
             self.metrics.connects += 1
-            self.send_control(port.id, VIRTIO_CONSOLE_PORT_OPEN, 1)
+            if tell:
+                self.send_control(port.id, VIRTIO_CONSOLE_PORT_OPEN, 1)
         elif event == "disconnected":
-            self.host_closed(port)
+            self.host_closed(port, tell)
 
-    def host_closed(self, port: Port) -> None:
-        """The client went (virtio_serial_close): PORT_OPEN 0."""
+    def host_closed(self, port: Port, tell: bool = True) -> None:
+        """The client went: PORT_OPEN 0."""
         self.metrics.disconnects += 1
-        self.send_control(port.id, VIRTIO_CONSOLE_PORT_OPEN, 0)
+        if tell:
+            self.send_control(port.id, VIRTIO_CONSOLE_PORT_OPEN, 0)

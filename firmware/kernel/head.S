@@ -69,7 +69,7 @@ hypercall_page:                             # the hypervisor writes the stubs
         .section .rodata.programs, "a"
         .balign 16
 programs:
-        .quad   8                           # entries: name[16], offset, size
+        .quad   9                           # entries: name[16], offset, size
         program hello, 1
         program counter, 2
         program hashchain, 3
@@ -78,6 +78,7 @@ programs:
         program fault, 6
         program sh, 7
         program fdtest, 8
+        program portecho, 9
         .balign 16
         blob hello
         blob counter
@@ -87,6 +88,7 @@ programs:
         blob fault
         blob sh
         blob fdtest
+        blob portecho
 
         .section .bss.kernel_data, "aw", @nobits
         .balign 4096

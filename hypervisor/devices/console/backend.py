@@ -51,6 +51,10 @@ class Backend:
         """The host side is open (a client is there)."""
         return True
 
+    def client_there(self) -> bool:
+        """Someone is at the host's end: connected, or waiting to be taken."""
+        return self.connected
+
     def refresh(self) -> str:
         """Take a new client or notice one gone: "connected", "disconnected" or ""."""
         return ""
@@ -58,6 +62,10 @@ class Backend:
     def read(self, size: int) -> bytes | None:
         """Up to ``size`` bytes of input: None if none now; b"" at the
         client's end of file (the host side is closed then)."""
+        return None
+
+    def read_data(self, size: int) -> bytes | None:
+        """As read, but the end of file is left to be read later (None)."""
         return None
 
     def write(self, data: bytes) -> int:
@@ -112,6 +120,9 @@ class SocketBackend(Backend):
     @property
     def connected(self) -> bool:
         return self.client is not None
+
+    def client_there(self) -> bool:
+        return self.client is not None or bool(select.select([self.listener], [], [], 0)[0])
 
     def refresh(self) -> str:
         """A client gone (end of file, an error) closes the host side; a new
@@ -168,6 +179,11 @@ class SocketBackend(Backend):
         if not data:
             self._drop_client()
         return data
+
+    def read_data(self, size: int) -> bytes | None:
+        if self.client is None or self._hung_up():
+            return None
+        return self.read(size)
 
     def write(self, data: bytes) -> int:
         if self.client is None:

@@ -169,7 +169,7 @@ class Console(ConsoleEventHandler, VirtioDevice):
 
     def info(self) -> dict[str, Any]:
         return {"ports": [{"id": p.id, "name": p.name, "connection": p.backend.connection,
-                           "path": p.backend.path, "host_connected": p.backend.connected,
+                           "path": p.backend.path, "host_connected": p.backend.client_there(),
                            "guest_connected": p.guest_connected}
                           for p in self.ports.values()],
                 "counters": self.metrics.nonzero()}

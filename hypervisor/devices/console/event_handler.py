@@ -202,7 +202,9 @@ class ConsoleEventHandler:
     def serve_rx(self, port: Port) -> None:
         """Host input into the port's receive buffers, while the guest has
         the port open and buffers are there. A buffer taken when no input
-        is ready is held (``port.rx_held``) until some comes."""
+        is ready is held (``port.rx_held``) until some comes. A client's end
+        of file closes the host side only in a round that gave no input, so
+        the guest sees the input (and may answer it) before the close."""
         t = self.transport
         q = t.queues[port_rxq(port.id)]
         if not t.live or not q.ready or not port.guest_connected:
@@ -214,11 +216,11 @@ class ConsoleEventHandler:
                 break
             port.rx_held = None
             room = sum(b.length for b in chain.buffers if b.writable)
-            data = port.backend.read(room)
+            data = port.backend.read(room) if not done else port.backend.read_data(room)
             if data is None:
                 port.rx_held = chain
                 break
-            if data == b"":  # the client's end of file
+            if data == b"":  # the client's end of file: after the guest took the rest
                 port.rx_held = chain
                 self.host_closed(port)
                 break

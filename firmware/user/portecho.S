@@ -24,7 +24,7 @@ again:
         mov     $SYS_read, %eax
         mov     %r13, %rdi
         lea     buf(%rip), %rsi
-        mov     $256, %edx
+        mov     $4096, %edx
         syscall
         test    %rax, %rax
         js      fail_rw
@@ -90,5 +90,5 @@ node_id: .byte  '1'
         .byte   0
 
         .bss
-buf:    .skip   256
+buf:    .skip   4096
 line:   .skip   64

@@ -20,6 +20,7 @@ from hypervisor.devices.console.backend import (
     Backend,
     BackendError,
     FileBackend,
+    Port,
     SocketBackend,
 )
 from hypervisor.devices.console.device import (
@@ -30,7 +31,6 @@ from hypervisor.devices.console.device import (
     Console,
     ConsoleError,
     ConsoleHost,
-    Port,
 )
 from hypervisor.devices.console.metrics import ConsoleMetrics
 from hypervisor.devices.console.persist import (

@@ -26,7 +26,10 @@ import os
 import select
 import socket
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from hypervisor.devices.virtio.queue import Chain
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +232,19 @@ def _clear_stale(path: str) -> None:
         probe.close()
     raise BackendError(f"console port socket {path} is in use: another domain or process "
                        "listens on it")
+
+
+@dataclass
+class Port:
+    """One port of the device: its id, name and host end, and what the device
+    knows of it."""
+
+    id: int
+    name: str
+    backend: Backend
+    console: bool = False           # CONSOLE_PORT is sent for it (never, yet)
+    guest_connected: bool = False   # the guest has it open (its PORT_OPEN)
+    rx_held: Chain | None = field(default=None, repr=False)  # a receive buffer, no input yet
 
 
 def open_backend(connection: str, path: str) -> Backend:

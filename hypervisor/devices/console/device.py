@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hypervisor.devices.console.backend import Backend, open_backend
+from hypervisor.devices.console.backend import Port, open_backend
 from hypervisor.devices.console.event_handler import ConsoleEventHandler
 from hypervisor.devices.console.metrics import ConsoleMetrics
 from hypervisor.devices.virtio.mmio import VirtioDevice
-from hypervisor.devices.virtio.queue import Chain, RingError
+from hypervisor.devices.virtio.queue import RingError
 from hypervisor.public.io.virtio import VIRTIO_F_VERSION_1
 from hypervisor.public.io.virtio_console import (
     VIRTIO_CONSOLE_CONFIG,
@@ -67,18 +67,6 @@ class ConsoleHost:
     domid: int
     timers: Timers                  # the sockets' poll
     is_running: Callable[[], bool]  # the poll stops with the domain
-
-
-@dataclass
-class Port:
-    """One port: its id, name and host end, and what the device knows of it."""
-
-    id: int
-    name: str
-    backend: Backend
-    console: bool = False           # CONSOLE_PORT is sent for it (never, yet)
-    guest_connected: bool = False   # the guest has it open (its PORT_OPEN)
-    rx_held: Chain | None = field(default=None, repr=False)  # a receive buffer, no input yet
 
 
 class Console(ConsoleEventHandler, VirtioDevice):

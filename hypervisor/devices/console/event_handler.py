@@ -19,8 +19,8 @@ buffer of the wrong direction or larger than any message is counted
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
+from hypervisor.devices.console.backend import Port
 from hypervisor.devices.console.metrics import ConsoleMetrics
 from hypervisor.devices.virtio.mmio import VirtioMmio
 from hypervisor.devices.virtio.queue import Chain, SplitQueue
@@ -38,9 +38,6 @@ from hypervisor.public.io.virtio_console import (
     port_rxq,
     queue_port,
 )
-
-if TYPE_CHECKING:
-    from hypervisor.devices.console.device import Port
 
 log = logging.getLogger(__name__)
 

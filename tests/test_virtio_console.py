@@ -202,3 +202,9 @@ def test_pvlab_console_port_through_the_daemon(tmp_path):
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_the_example_configuration_loads():
+    from hypervisor.toolstack.config import load_config
+    cfg = load_config(ROOT / "examples/console.toml")
+    assert [c.name for c in cfg.channels] == ["echo", "log"]

@@ -175,7 +175,7 @@ def test_second_client_refused(env):
     (VIRTIO_CONSOLE_CONTROL.pack(ECHO, 99, 1), "unknown event"),
     (VIRTIO_CONSOLE_CONTROL.pack(7, VIRTIO_CONSOLE_PORT_READY, 1), "no such port"),
     (VIRTIO_CONSOLE_CONTROL.pack(ECHO, VIRTIO_CONSOLE_DEVICE_ADD, 1), "the device's event"),
-])
+], ids=["short", "unknown event", "no such port", "the device's event"])
 def test_bad_control_messages_counted(env, raw, why):
     hv, dom, d, _, _ = env
     d.control(0, 0, 0, raw=raw)

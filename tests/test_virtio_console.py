@@ -208,3 +208,18 @@ def test_the_example_configuration_loads():
     from hypervisor.toolstack.config import load_config
     cfg = load_config(ROOT / "examples/console.toml")
     assert [c.name for c in cfg.channels] == ["echo", "log"]
+
+
+def test_nodetach_leaves_the_users_running_through_the_freeze(booted, tmp_path):
+    """virtio.nodetach=1: the freeze does not stop the port's users (the
+    planted bug the explorer looks for); without it, it does."""
+    for cmdline, said in (("run=portecho", "input discarded\n"),
+                          ("run=portecho virtio.nodetach=1", "users not stopped)\n")):
+        sock = tmp_path / f"{len(cmdline)}.sock"
+        hv, dom = booted(console_config(sock, cmdline=cmdline))
+        client = connect(sock)
+        r = run_domain(hv, dom, 20 * MS, requests=[parse_request("10ms checkpoint")])
+        frozen = next(line for line in r.console.decode().splitlines(keepends=True)
+                      if "virtio_console: frozen" in line)
+        assert frozen.endswith(said), frozen
+        client.close()

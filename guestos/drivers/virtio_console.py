@@ -431,9 +431,9 @@ def port_fops_write(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | No
 
 
 def port_fops_open(cpu: NativeCpu, file: Ref) -> int:
-    dev = _dev(cpu)
     if not _devva(cpu):
         return -ENODEV
+    dev = _dev(cpu)
     port = _port(cpu, dev, file.minor)
     if not port.present:
         return -ENODEV

@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) bench/blk.py
 	$(PY) bench/migrate.py
 	$(PY) bench/postcopy.py
+	$(PY) bench/console.py
 
 firmware:
 	$(MAKE) -C firmware

@@ -290,8 +290,8 @@ class Hypervisor:
 
     def close(self) -> None:
         for dom in list(self.domains.values()):
-            for device in dom.devices:  # their host files and sockets go with the machine
-                device.device.close()
+            for device in dom.devices:
+                device.device.close()  # its host files and sockets
             dom.close()
 
 

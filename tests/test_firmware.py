@@ -18,7 +18,7 @@ from tests.conftest import FIRMWARE, GUEST_IMAGE, make_config
 from tests.reference import hashchain_line
 
 PROGRAMS = ("hello", "counter", "hashchain", "dirtier", "spawner", "fault", "sh", "fdtest",
-            "blkcheck")
+            "portecho", "blkcheck")
 
 
 @pytest.fixture

@@ -3,6 +3,6 @@ probe with device_initcall, its irq, PM callbacks and watches from there).
 Importing one here is all it takes to build it in; their initcalls run in
 this order, which is the order of their PM devices."""
 
-from guestos.drivers import hvc_xen, testdev, virtio_balloon, virtio_blk
+from guestos.drivers import hvc_xen, testdev, virtio_balloon, virtio_blk, virtio_console
 
-__all__ = ["hvc_xen", "testdev", "virtio_balloon", "virtio_blk"]
+__all__ = ["hvc_xen", "testdev", "virtio_balloon", "virtio_blk", "virtio_console"]

@@ -58,8 +58,10 @@ bench: $(STAMP)
 	$(PY) bench/schedule.py
 	$(PY) bench/debugger.py
 	$(PY) bench/daemon.py
+	$(PY) bench/blk.py
 	$(PY) bench/migrate.py
 	$(PY) bench/postcopy.py
+	$(PY) bench/console.py
 
 firmware:
 	$(MAKE) -C firmware

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hypervisor.core import Hypervisor  # noqa: E402
-from hypervisor.devices.net import SocketBackend  # noqa: E402
+from hypervisor.devices.net import StreamBackend  # noqa: E402
 from hypervisor.toolstack.builder import build_domain  # noqa: E402
 from hypervisor.toolstack.config import parse_config  # noqa: E402
 
@@ -66,7 +66,7 @@ def wire_alone(frames: int) -> float:
     """Host seconds to send ``frames`` echo-sized frames through two socket
     backends alone, each polled as the device polls it."""
     x, y = socket.socketpair()
-    a, b = SocketBackend.from_socket(x), SocketBackend.from_socket(y)
+    a, b = StreamBackend.from_socket(x), StreamBackend.from_socket(y)
     frame = bytes(ECHO_FRAME)
     try:
         t = time.perf_counter()

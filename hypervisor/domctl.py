@@ -43,6 +43,9 @@ from hypervisor.cpu.vcpu import RAX
 from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.blk import persist as blk_persist
+from hypervisor.devices.console import Console
+from hypervisor.devices.console import persist as console_persist
 from hypervisor.devices.net import backend as net_backend
 from hypervisor.devices.net import persist as net_persist
 from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
@@ -809,6 +812,11 @@ def new_balloon_state(stats_interval_ns: int, deflate_on_oom: bool, postcopy: st
     return balloon_persist.new_state(stats_interval_ns, deflate_on_oom, postcopy)
 
 
+def new_blk_state(path: str, read_only: bool, serial: str = "") -> dict[str, Any]:
+    """A new disk's state, for add_virtio: the image at ``path`` (a raw file)."""
+    return blk_persist.new_state(path, read_only, serial)
+
+
 def new_net_state(mac: str, backend: dict[str, Any]) -> dict[str, Any]:
     """A new network device's state, for add_virtio: its MAC and its backend
     ({"type": "user"}, or {"type": "socket", "listen" or "connect": ADDRESS})."""
@@ -830,6 +838,24 @@ def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
     balloon = add_virtio(hv, dom, state, base, port)
     assert isinstance(balloon, Balloon)
     return balloon
+
+
+def new_console_state(ports: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """A new virtio-console's state, for add_virtio: (name, connection, path)
+    of each port (connection "socket" or "file")."""
+    return console_persist.new_state(ports)
+
+
+def check_console_ports(ports: list[dict[str, str]]) -> str | None:
+    """Why these ports cannot make a console, or None."""
+    return console_persist.check_ports(ports)
+
+
+def console_ports(dom: Domain) -> list[dict[str, Any]]:
+    """Each port of the domain's virtio-console: id, name, connection, path,
+    and whether each side has it open (empty: no console)."""
+    con = find_device(dom, Console)
+    return [] if con is None else con.info()["ports"]
 
 
 def find_device(dom: Domain, kind: type) -> Any | None:
@@ -900,7 +926,9 @@ __all__ = [
     "ForeignMap", "FrameDump",
     "Hypervisor",
     "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio",
-    "add_virtio_balloon", "new_balloon_state", "new_net_state", "parse_net_address",
+    "add_virtio_balloon", "new_balloon_state", "new_blk_state", "new_console_state",
+    "check_console_ports", "console_ports",
+    "new_net_state", "parse_net_address",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "getdomaininfolist", "is_paused", "next_work", "run_while_busy",

@@ -18,7 +18,7 @@ from hypervisor.devices.net import (
     USER_GATEWAY,
     USER_GATEWAY_MAC,
     Net,
-    SocketBackend,
+    StreamBackend,
     UserBackend,
     restore_state,
     save_state,
@@ -233,7 +233,7 @@ def test_a_restored_device_asks_for_an_announcement_and_the_ack_clears_it(drv):
 
 def test_socket_backend_frames_with_qemus_stream_framing():
     a, b = socket.socketpair()
-    backend = SocketBackend.from_socket(a)
+    backend = StreamBackend.from_socket(a)
     try:
         backend.send(b"frame-one")
         assert b.recv(100) == len(b"frame-one").to_bytes(4, "big") + b"frame-one"

@@ -69,7 +69,7 @@ hypercall_page:                             # the hypervisor writes the stubs
         .section .rodata.programs, "a"
         .balign 16
 programs:
-        .quad   9                           # entries: name[16], offset, size
+        .quad   11                          # entries: name[16], offset, size
         program hello, 1
         program counter, 2
         program hashchain, 3
@@ -78,7 +78,9 @@ programs:
         program fault, 6
         program sh, 7
         program fdtest, 8
-        program ping, 9
+        program portecho, 9
+        program blkcheck, 10
+        program ping, 11
         .balign 16
         blob hello
         blob counter
@@ -88,6 +90,8 @@ programs:
         blob fault
         blob sh
         blob fdtest
+        blob portecho
+        blob blkcheck
         blob ping
 
         .section .bss.kernel_data, "aw", @nobits

@@ -3,6 +3,13 @@ probe with device_initcall, its irq, PM callbacks and watches from there).
 Importing one here is all it takes to build it in; their initcalls run in
 this order, which is the order of their PM devices."""
 
-from guestos.drivers import hvc_xen, testdev, virtio_balloon, virtio_net
+from guestos.drivers import (
+    hvc_xen,
+    testdev,
+    virtio_balloon,
+    virtio_blk,
+    virtio_console,
+    virtio_net,
+)
 
-__all__ = ["hvc_xen", "testdev", "virtio_balloon", "virtio_net"]
+__all__ = ["hvc_xen", "testdev", "virtio_balloon", "virtio_blk", "virtio_console", "virtio_net"]

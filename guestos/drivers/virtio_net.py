@@ -285,8 +285,8 @@ def virtnet_ack_link_announce(cpu: NativeCpu, dev: Ref) -> None:
     cpu.write(page, VIRTIO_NET_CTRL_HDR.pack(VIRTIO_NET_CTRL_ANNOUNCE,
                                              VIRTIO_NET_CTRL_ANNOUNCE_ACK) + b"\xff")
     bus = virtio_ring.bus_addr(cpu, vn.ctrl)
-    head = virtio_ring.add_chain(cpu, vq, [(bus, VIRTIO_NET_CTRL_HDR.size, False),
-                                           (bus + VIRTIO_NET_CTRL_HDR.size, 1, True)])
+    head = virtio_ring.add_sgs(cpu, vq, [(bus, VIRTIO_NET_CTRL_HDR.size)],
+                               [(bus + VIRTIO_NET_CTRL_HDR.size, 1)])
     if head < 0:
         printk(cpu, "virtio_net: no room for the announce ack")
         return

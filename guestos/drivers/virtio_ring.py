@@ -1,6 +1,7 @@
 """Split virtqueues, the driver's side (Linux's drivers/virtio/virtio_ring.c,
-cut to what the drivers need: a buffer of one descriptor, or a chain of a
-few (add_chain), no indirect descriptors, no event index).
+cut to what the drivers need: single buffers (``add_buf``) and chains of
+device-readable then device-writable buffers (``add_sgs``, for a block
+request's header, data and status); no indirect descriptors, no event index).
 The queue's interrupt, vring_interrupt, is the core's (virtio.py).
 
 Each area gets a page of its own: the descriptor table (16 bytes an entry,
@@ -99,6 +100,36 @@ def add_buf(cpu: NativeCpu, vq: Ref, addr: int, length: int, writable: bool) -> 
     return head
 
 
+def add_sgs(cpu: NativeCpu, vq: Ref, out: list[tuple[int, int]],
+            in_: list[tuple[int, int]]) -> int:
+    """Make one chain available (virtqueue_add_sgs): the ``out`` buffers
+    (address, length), device-readable, then the ``in_`` ones,
+    device-writable, linked through NEXT. Returns the head descriptor, or
+    -1 if the queue has too few free descriptors or is deleted. The caller
+    kicks."""
+    n = len(out) + len(in_)
+    if not vq.present:
+        late_add(cpu, vq)
+        return -1
+    if n == 0 or vq.num_free < n:
+        return -1
+    table = va(vq.desc)
+    head = i = vq.free_head
+    for k, (addr, length) in enumerate([*out, *in_]):
+        slot = table + VRING_DESC.size * i
+        nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))[3]  # the free list's next
+        flags = (VRING_DESC_F_WRITE if k >= len(out) else 0) | \
+            (VRING_DESC_F_NEXT if k + 1 < n else 0)
+        cpu.write(slot, VRING_DESC.pack(addr, length, flags, nxt))
+        i = nxt
+    vq.free_head, vq.num_free = i, vq.num_free - n
+    idx = vq.avail_idx
+    cpu.write(va(vq.avail) + VRING_RING_OFF + 2 * (idx % vq.num), _U16.pack(head))
+    vq.avail_idx = (idx + 1) & 0xFFFF  # the entry before the index, as add_buf
+    cpu.write(va(vq.avail) + VRING_IDX_OFF, _U16.pack(vq.avail_idx))
+    return head
+
+
 def late_add(cpu: NativeCpu, vq: Ref) -> None:
     """A driver's user added a buffer to a queue its freeze deleted: the
     race the driver's detach (stopping its users before the reset) closes."""
@@ -113,8 +144,9 @@ def more_used(cpu: NativeCpu, vq: Ref) -> bool:
 
 
 def get_buf(cpu: NativeCpu, vq: Ref) -> tuple[int, int] | None:
-    """The next used buffer (descriptor, length written), its descriptor
-    freed; None if the device has used nothing new."""
+    """The next used buffer (its head descriptor, length written), its
+    descriptors freed, the whole chain (detach_buf); None if the device has
+    used nothing new."""
     if not vq.present:
         return None
     used_idx = _U16.unpack(cpu.read(va(vq.used) + VRING_IDX_OFF, 2))[0]
@@ -126,42 +158,16 @@ def get_buf(cpu: NativeCpu, vq: Ref) -> tuple[int, int] | None:
     if head >= vq.num:
         raise ValueError(f"virtqueue {vq.index}: the device used descriptor {head}, "
                          f"beyond the queue's {vq.num}")
-    # detach_buf: every descriptor of the chain goes back on the free list
-    i, freed = head, 1
-    while True:
+    i, freed = head, 0
+    while True:  # the chain's descriptors back on the free list, head first
         slot = va(vq.desc) + VRING_DESC.size * i
-        _, _, flags, nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))
+        _addr, _len, flags, nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))
+        freed += 1
         if not flags & VRING_DESC_F_NEXT or freed >= vq.num:
+            cpu.write(slot, VRING_DESC.pack(0, 0, 0, vq.free_head))
             break
-        cpu.write(slot, VRING_DESC.pack(0, 0, VRING_DESC_F_NEXT, nxt))
-        i, freed = nxt, freed + 1
-    cpu.write(slot, VRING_DESC.pack(0, 0, 0, vq.free_head))
+        cpu.write(slot, VRING_DESC.pack(0, 0, 0, nxt))
+        i = nxt
     vq.free_head, vq.num_free = head, vq.num_free + freed
     vq.last_used = (last + 1) & 0xFFFF
     return head, length
-
-
-def add_chain(cpu: NativeCpu, vq: Ref, bufs: list[tuple[int, int, bool]]) -> int:
-    """Make one chain of buffers available, (addr, length, writable) each,
-    the device-readable ones first (virtqueue_add_sgs); returns its head
-    descriptor, or -1 if the queue has too few free or is deleted."""
-    if not vq.present:
-        late_add(cpu, vq)
-        return -1
-    if not bufs or vq.num_free < len(bufs):
-        return -1
-    head = i = vq.free_head
-    for n, (addr, length, writable) in enumerate(bufs):
-        slot = va(vq.desc) + VRING_DESC.size * i
-        nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))[3]
-        flags = (VRING_DESC_F_WRITE if writable else 0) \
-            | (VRING_DESC_F_NEXT if n + 1 < len(bufs) else 0)
-        cpu.write(slot, VRING_DESC.pack(addr, length, flags, nxt))
-        i = nxt
-    # the free list goes on after the chain's last descriptor
-    vq.free_head, vq.num_free = i, vq.num_free - len(bufs)
-    idx = vq.avail_idx
-    cpu.write(va(vq.avail) + VRING_RING_OFF + 2 * (idx % vq.num), _U16.pack(head))
-    vq.avail_idx = (idx + 1) & 0xFFFF
-    cpu.write(va(vq.avail) + VRING_IDX_OFF, _U16.pack(vq.avail_idx))
-    return head

@@ -30,6 +30,19 @@
     deflate_on_oom = false    # offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (default: no)
     postcopy = "drop"         # the guest's requests while post-copy runs: "drop" them
                               # (QEMU's, the default) or "reconcile" them at its end
+
+    channel = ["name=org.pvlab.echo, connection=socket, path=echo.sock",
+               "name=log, connection=file, path=guest-log.txt"]
+                         # optional: a virtio-console with these ports (xl's channel
+                         # spelling; relative paths are relative to this file): a
+                         # Unix socket the host connects to (pvlab console DOM --port
+                         # NAME, or socat), or a file the guest's output is appended to
+
+    disk = ["target=disk.img, vdev=xvda, access=rw, format=raw"]
+                         # optional: virtio-blk disks, xl's disk spelling (also its
+                         # positional "disk.img,raw,xvda,rw"): a raw image file
+                         # (relative to this file), access rw or ro; the guest
+                         # names them vda, vdb, ... in this order
 """
 
 from __future__ import annotations
@@ -40,7 +53,10 @@ from pathlib import Path
 
 from hypervisor.domctl import (
     POSTCOPY_POLICIES,
+    check_console_ports,
     new_balloon_state,
+    new_blk_state,
+    new_console_state,
     new_net_state,
     parse_net_address,
 )
@@ -73,6 +89,8 @@ class DomainConfig:
     balloon: BalloonConfig | None = None  # a balloon device, if any
     verdict: str = ""         # "xtf": the toolstack judges the console as xtf-runner does
     sched_seed: int | None = None  # the schedule's seed; None: the seed's
+    channels: tuple[ChannelConfig, ...] = ()  # the virtio-console's ports, if any
+    disks: tuple[DiskConfig, ...] = ()  # virtio-blk disks, in the guest's order
     vifs: tuple[VifConfig, ...] = ()  # virtio-net devices, in order
 
     def device_states(self) -> list[dict]:
@@ -83,9 +101,34 @@ class DomainConfig:
         if self.balloon is not None:
             out.append(new_balloon_state(self.balloon.stats_interval_ns,
                                          self.balloon.deflate_on_oom, self.balloon.postcopy))
+        if self.channels:
+            out.append(new_console_state([(c.name, c.connection, c.path)
+                                          for c in self.channels]))
+        for disk in self.disks:
+            out.append(new_blk_state(str(disk.target), disk.read_only))
         for vif in self.vifs:
             out.append(new_net_state(vif.mac, vif.backend()))
         return out
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """One port of the virtio-console (xl's channel): its name, its host end
+    (connection "socket" or "file") and that end's path."""
+
+    name: str
+    connection: str
+    path: str
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """One entry of ``disk``, as xl's disk specification reads it."""
+
+    target: Path           # the raw image, absolute
+    vdev: str              # xl's virtual device name (xvda); the guest says vda
+    read_only: bool = False
+    format: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -154,10 +197,13 @@ def parse_vif(spec: str, index: int, src: str = "config") -> VifConfig:
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
          "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict,
-         "verdict": str, "vif": list}
+         "verdict": str, "channel": list, "disk": list, "vif": list}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom", "postcopy")
+# xl's disk specification: its keys, and the order of its positional parameters
+_DISK_POSITIONAL = ("target", "format", "vdev", "access")
+_DISK_ACCESS = {"rw": False, "w": False, "ro": True, "r": True}
 _REQUIRED = ("name", "memory", "image")
 
 
@@ -213,9 +259,88 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     verdict = data.get("verdict", "")
     if verdict and verdict not in VERDICTS:
         raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
+    channels = _channels(data.get("channel", []), where, src)
+    disks = tuple(parse_disk(spec, src, where) for spec in data.get("disk", []))
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
                         where, kernel, maxmem, tuple(requests), balloon, verdict,
-                        data.get("sched_seed"), tuple(vifs))
+                        data.get("sched_seed"), channels, disks, tuple(vifs))
+
+
+_CHANNEL_KEYS = ("name", "connection", "path")
+
+
+def _channels(specs: list, where: Path | None, src: str) -> tuple[ChannelConfig, ...]:
+    """xl's ``channel = ["name=N, connection=socket, path=P", ...]`` (xl.cfg's
+    CHANNEL_SPEC_STRING; connection=file is pvlab's: the output to a file)."""
+    out = []
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise ConfigError(f"{src}: channel must be a list of strings such as "
+                              f"\"name=NAME, connection=socket, path=PATH\", not {spec!r}")
+        fields: dict[str, str] = {}
+        for item in spec.split(","):
+            key, eq, value = item.strip().partition("=")
+            if not eq or key not in _CHANNEL_KEYS:
+                raise ConfigError(f"{src}: channel {spec!r}: {item.strip()!r} is not one of "
+                                  f"{', '.join(k + '=...' for k in _CHANNEL_KEYS)}")
+            fields[key] = value.strip()
+        missing = [k for k in _CHANNEL_KEYS if not fields.get(k)]
+        if missing:
+            raise ConfigError(f"{src}: channel {spec!r}: no {', '.join(missing)}")
+        path = Path(fields["path"])
+        if where is not None and not path.is_absolute():
+            path = where.parent / path
+        fields["path"] = str(path)
+        out.append(ChannelConfig(fields["name"], fields["connection"], fields["path"]))
+    why = check_console_ports([{"name": c.name, "connection": c.connection, "path": c.path}
+                               for c in out])
+    if why:
+        raise ConfigError(f"{src}: channel: {why}")
+    return tuple(out)
+
+
+def parse_disk(spec: object, src: str = "config", where: Path | None = None) -> DiskConfig:
+    """One of xl's disk specifications: comma-separated ``key=value`` items
+    and positional ones (target, format, vdev, access, in that order); the
+    target relative to the configuration file."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"{src}: disk must be a list of strings, not {spec!r}")
+    values: dict[str, str] = {}
+    unknown: list[str] = []
+    position = 0
+    for item in (part.strip() for part in spec.split(",")):
+        key, eq, value = item.partition("=")
+        if eq:
+            key = key.strip()
+            if key not in _DISK_POSITIONAL:
+                unknown.append(key)
+            values[key] = value.strip()
+            continue
+        if position >= len(_DISK_POSITIONAL):
+            raise ConfigError(f"{src}: disk {spec!r}: {item!r} is a fifth positional "
+                              f"parameter; xl's are {', '.join(_DISK_POSITIONAL)}")
+        if item:
+            values.setdefault(_DISK_POSITIONAL[position], item)
+        position += 1
+    if unknown:
+        raise ConfigError(f"{src}: disk {spec!r}: unknown key(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(_DISK_POSITIONAL)})")
+    for key in ("target", "vdev"):
+        if not values.get(key):
+            raise ConfigError(f"{src}: disk {spec!r}: no {key}")
+    fmt = values.get("format", "raw")
+    if fmt != "raw":
+        raise ConfigError(f"{src}: disk {spec!r}: format {fmt!r}; only raw images are known")
+    access = values.get("access", "rw")
+    if access not in _DISK_ACCESS:
+        raise ConfigError(f"{src}: disk {spec!r}: access {access!r}; one of rw, ro")
+    target = Path(values["target"])
+    if where is not None and not target.is_absolute():
+        target = where.parent / target
+    if not target.is_file():
+        raise ConfigError(f"{src}: disk {spec!r}: the image {str(target)!r} does not exist "
+                          "(make one, e.g. truncate -s 1M disk.img)")
+    return DiskConfig(target.resolve(), values["vdev"], _DISK_ACCESS[access], fmt)
 
 
 def _balloon_config(table: dict, src: str) -> BalloonConfig:

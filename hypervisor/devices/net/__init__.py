@@ -22,7 +22,7 @@ from hypervisor.devices.net.backend import (
     USER_GATEWAY_MAC,
     Backend,
     BackendError,
-    SocketBackend,
+    StreamBackend,
     UserBackend,
     open_backend,
     parse_address,
@@ -38,5 +38,5 @@ from hypervisor.devices.net.persist import (
 
 __all__ = ["CTRL_QUEUE_SIZE", "POLL_NS", "QUEUE_SIZE", "STATE_KEYS", "USER_GATEWAY",
            "USER_GATEWAY_MAC", "Backend", "BackendError", "Net", "NetHost", "NetMetrics",
-           "SocketBackend", "UserBackend", "new_state", "open_backend", "parse_address",
+           "StreamBackend", "UserBackend", "new_state", "open_backend", "parse_address",
            "restore_state", "save_state"]

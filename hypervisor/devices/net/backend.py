@@ -169,7 +169,7 @@ def parse_address(text: str) -> tuple[int, Any]:
     return socket.AF_INET, (host or "127.0.0.1", int(port))
 
 
-class SocketBackend(Backend):
+class StreamBackend(Backend):
     """Frames over a stream socket with QEMU's framing; ``listen`` waits for
     one peer (another takes its place when it goes), ``connect`` dials, and
     dials again while no one answers."""
@@ -191,7 +191,7 @@ class SocketBackend(Backend):
             self._dial()
 
     @classmethod
-    def from_socket(cls, sock: socket.socket) -> SocketBackend:
+    def from_socket(cls, sock: socket.socket) -> StreamBackend:
         """A backend on a socket already connected (one end of a socketpair)."""
         self = cls.__new__(cls)
         self.mode, self.address, self.family, self.addr = "connect", "", sock.family, None
@@ -347,9 +347,9 @@ def open_backend(config: dict[str, Any]) -> Backend:
         modes = [m for m in ("listen", "connect") if m in config]
         if len(modes) != 1:
             raise BackendError("a socket vif needs one of listen=ADDRESS or connect=ADDRESS")
-        return SocketBackend(modes[0], str(config[modes[0]]))
+        return StreamBackend(modes[0], str(config[modes[0]]))
     raise BackendError(f"vif type {kind!r} unknown (user or socket)")
 
 
 __all__ = ["ETH_BROADCAST", "USER_GATEWAY", "USER_GATEWAY_MAC", "Backend", "BackendError",
-           "SocketBackend", "UserBackend", "open_backend", "parse_address"]
+           "StreamBackend", "UserBackend", "open_backend", "parse_address"]

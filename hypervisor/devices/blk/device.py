@@ -1,0 +1,135 @@
+"""The block device's model: a raw disk image on the host, its config
+space, the features it offers, and what each request does to the image
+(Firecracker's block/virtio/device.rs; QEMU's hw/block/virtio-blk.c).
+
+The image is a plain file: sector n is its bytes 512n .. 512n+511, and the
+capacity is the file's size in whole sectors. The device opens it when it
+is made and closes it in ``close`` (the domain is destroyed). Reads and
+writes are ``pread``/``pwrite`` on it; FLUSH is an ``fsync``; a save
+flushes too (persist.py).
+
+Requests are served synchronously, inside the driver's QueueNotify: when
+the notify returns, every request it made available is complete and in the
+used ring. QEMU submits them asynchronously, which is why it must drain
+them before a save or a reset (blk_drain); here nothing is ever left in
+flight on the host side, and a save finds no half-done request.
+
+Features: VERSION_1, SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, and RO for a
+read-only disk. One request queue of 256 entries; seg_max = 126 (QEMU's
+before seg-max-adjust); size_max = 64 KiB.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from hypervisor.devices.blk.event_handler import QUEUE_SIZE, SEG_MAX, SIZE_MAX, BlockEventHandler
+from hypervisor.devices.blk.metrics import BlockMetrics
+from hypervisor.devices.virtio.mmio import VirtioDevice
+from hypervisor.public.io.virtio import VIRTIO_F_VERSION_1
+from hypervisor.public.io.virtio_blk import (
+    SECTOR_SIZE,
+    VIRTIO_BLK_CONFIG,
+    VIRTIO_BLK_CONFIG_SIZE,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_ID_BYTES,
+    VIRTIO_ID_BLOCK,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BlockError(Exception):
+    """The disk cannot be used as asked (no such file, resized since the
+    save, ...); the message says why and what to do."""
+
+
+def image_capacity(path: str) -> int:
+    """The image's capacity in 512-byte sectors (BlockError: no such file)."""
+    try:
+        return os.stat(path).st_size // SECTOR_SIZE
+    except FileNotFoundError:
+        raise BlockError(f"disk image {path!r} does not exist") from None
+    except OSError as e:
+        raise BlockError(f"disk image {path!r}: {e.strerror}") from None
+
+
+def default_serial(path: str) -> str:
+    """A serial for GET_ID when the configuration gives none: the image's
+    name, cut to 20 bytes."""
+    return os.path.basename(path)[:VIRTIO_BLK_ID_BYTES]
+
+
+class Block(BlockEventHandler, VirtioDevice):
+    """virtio-blk, the host's side. Its queue notification is handled in
+    event_handler.py, its saved state in persist.py."""
+
+    device_id = VIRTIO_ID_BLOCK
+    name = "virtio-blk"
+
+    def __init__(self, path: str, read_only: bool = False, serial: str = "",
+                 capacity: int = -1) -> None:
+        """Open the image at ``path``; ``capacity`` (sectors) is what a saved
+        image expects it to be (-1: whatever it is, a new disk)."""
+        if len(serial.encode()) > VIRTIO_BLK_ID_BYTES or not serial.isascii():
+            raise BlockError(f"serial {serial!r}: at most {VIRTIO_BLK_ID_BYTES} ASCII bytes")
+        have = image_capacity(path)
+        if capacity >= 0 and have != capacity:
+            raise BlockError(f"disk image {path!r} has {have} sectors, the saved domain's "
+                             f"disk had {capacity}: it was resized or replaced since the "
+                             "save; give the restore the image it was saved with")
+        if have == 0:
+            raise BlockError(f"disk image {path!r} is smaller than one 512-byte sector")
+        try:
+            self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        except OSError as e:
+            raise BlockError(f"disk image {path!r}: cannot open it "
+                             f"{'read-only' if read_only else 'read-write'}: "
+                             f"{e.strerror}") from None
+        self.path = path
+        self.read_only = read_only
+        self.serial = serial or default_serial(path)
+        self.capacity = have
+        self.metrics = BlockMetrics()
+
+    # --- what the transport asks --------------------------------------------------
+
+    def features(self) -> int:
+        return (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_SIZE_MAX
+                | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE
+                | 1 << VIRTIO_BLK_F_FLUSH | int(self.read_only) << VIRTIO_BLK_F_RO)
+
+    def queue_sizes(self) -> list[int]:
+        return [QUEUE_SIZE]
+
+    def config_bytes(self) -> bytes:
+        """capacity, size_max, seg_max, no geometry, blk_size 512."""
+        return VIRTIO_BLK_CONFIG.pack(self.capacity, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE)
+
+    def config_read(self, offset: int, size: int) -> int:
+        if offset + size > VIRTIO_BLK_CONFIG_SIZE:
+            self.transport.bad_access(f"blk config read at {offset:#x}, beyond its "
+                                      f"{VIRTIO_BLK_CONFIG_SIZE} bytes")
+            return 0
+        return int.from_bytes(self.config_bytes()[offset:offset + size], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        # writeback (CONFIG_WCE) is not offered: the whole config is read-only
+        self.transport.bad_access(f"blk config write at {offset:#x}: the config is read-only")
+
+    # --- the image ------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """The image's writes to stable storage (FLUSH, and a save)."""
+        if not self.read_only:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

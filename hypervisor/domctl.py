@@ -838,14 +838,17 @@ def device_kind_names() -> list[str]:
     return kinds.kind_names()
 
 
-def virtio_injectors(dom: Domain, every: int, phase: int = 0,
-                     kind: str | None = None) -> list[Injector]:
+def virtio_injectors(hv: Hypervisor, dom: Domain, every: int, phase: int = 0,
+                     kind: str | None = None, unit: str = "access") -> list[Injector]:
     """An injector (devices/virtio/inject.py) on each of the domain's
     virtio devices, or those of ``kind`` ("balloon", ...), not armed yet: it
-    throws the device's events at every ``every``-th register access from
-    ``phase`` once armed."""
-    return [Injector(t, every, phase) for t in dom.devices
-            if kind is None or kinds.kind_of(t.device).name == kind]
+    throws the device's events at every ``every``-th step (register access,
+    or slice) from ``phase`` once armed."""
+    out = [Injector(t, every, phase, unit) for t in dom.devices
+           if kind is None or kinds.kind_of(t.device).name == kind]
+    if unit == "slice":
+        hv.scheduler.between_slices.extend(inj.tick for inj in out)
+    return out
 
 
 def devices_state(dom: Domain) -> list[dict[str, Any]]:

@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     clock = _clock(args)
     _gdb_needs_counted_slices(args, clock)
     _check_parting_args(args.config, args.sched_from, args.until, "--sched-from")
-    _check_inject_args(args.inject_every, args.inject_kind)
+    _check_inject_args(args.inject_every, args.inject_kind, args.inject_slices)
     if args.sched_from is not None and args.sched_seed is None:
         raise CliError("--sched-from needs --sched-seed: the schedule from that time on")
     if args.inject_phase and not args.inject_every:
@@ -145,7 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
-    injectors = (domctl.virtio_injectors(dom, args.inject_every, 0, args.inject_kind)
+    injectors = (domctl.virtio_injectors(hv, dom, args.inject_every, 0, args.inject_kind,
+                                         "slice" if args.inject_slices else "access")
                  if args.inject_every else [])
     if parting:
         # explore's forked runs: the configuration's schedule to the parting
@@ -1173,9 +1174,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
     _check_parting_args(args.config, args.fork_at, args.until, "--fork-at")
     if args.fork_at is not None and args.frames:
         raise CliError("--fork-at and --frames: forked runs share their frames")
-    _check_inject_args(args.inject_every, args.inject_kind)
+    _check_inject_args(args.inject_every, args.inject_kind, args.inject_slices)
     scenario = explore.Scenario(args.config, args.until, args.frames, args.seed, args.results,
-                                args.fork_at, args.inject_every, args.inject_kind)
+                                args.fork_at, args.inject_every, args.inject_kind,
+                                "slice" if args.inject_slices else "access")
     groups = explore.explore(scenario, seeds, args.jobs, explore.progress_on_stderr())
     explore.report(scenario, groups, print)
     if args.json:
@@ -1196,11 +1198,12 @@ def _check_parting_args(config: str, at_ns: int | None, until: int | None, flag:
         raise CliError(f"{flag}: {e}") from None
 
 
-def _check_inject_args(every: int, kind: str | None) -> None:
+def _check_inject_args(every: int, kind: str | None, slices: bool) -> None:
     if every < 0:
         raise CliError("--inject-every must be 1 or more (0: no injector)")
-    if kind is not None and not every:
-        raise CliError("--inject-kind needs --inject-every")
+    if (kind is not None or slices) and not every:
+        raise CliError(f"{'--inject-kind' if kind is not None else '--inject-slices'} "
+                       "needs --inject-every")
     if kind is not None and kind not in domctl.device_kind_names():
         raise CliError(f"--inject-kind {kind!r}: no such device kind (the kinds: "
                        f"{', '.join(domctl.device_kind_names())})")
@@ -1213,6 +1216,9 @@ def _inject_arg(p: argparse.ArgumentParser) -> None:
                         "the parting on (docs/virtio.md, 'The injector')")
     p.add_argument("--inject-kind", metavar="KIND",
                    help="only at the devices of this kind (balloon, ...)")
+    p.add_argument("--inject-slices", action="store_true",
+                   help="count the scheduler's slices from the parting instead of the "
+                        "guest's register accesses in the freeze, reset and restore")
 
 
 def _add_explore(sub: Any) -> None:

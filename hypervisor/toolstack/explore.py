@@ -30,9 +30,10 @@ Two options aim the runs at a moment, the freeze and thaw of a save, say:
   (hypervisor/devices/virtio/inject.py) on every virtio device (or those of
   ``inject_kind``), armed at the parting (or at boot without one), throws the
   device's events, a used buffer, a config change and its interrupt, after
-  every N-th register access of the guest, from access ``seed % N``: over N
-  seeds every step of the guest's freeze, reset and restore gets its events
-  under some schedule.
+  every N-th register access of the guest in its freeze, reset and restore,
+  from access ``seed % N``: over N seeds every step gets its events under
+  some schedule. With ``inject_unit="slice"`` (``--inject-slices``) it counts
+  slices from the parting instead, so the events come before the freeze too.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class Scenario:
     fork_ns: int | None = None  # the runs share their start up to this time (--fork-at)
     inject_every: int = 0      # the injector: events at every N-th access (0: none)
     inject_kind: str | None = None  # only on the devices of this kind
+    inject_unit: str = "access"  # what the injector counts: "access" or "slice"
 
     def phase(self, seed: int) -> int:
         """The injector's first access under ``seed``."""
@@ -146,6 +148,8 @@ class Scenario:
                     "--inject-phase", str(self.phase(seed))]
             if self.inject_kind is not None:
                 cmd += ["--inject-kind", self.inject_kind]
+            if self.inject_unit == "slice":
+                cmd += ["--inject-slices"]
         if self.until_ns is not None:
             cmd += ["--until", _time_arg(self.until_ns)]
         return shlex.join(cmd)
@@ -174,17 +178,19 @@ def run_one(scenario: Scenario, seed: int) -> Run:
     else:
         hv, dom = boot(cfg, seed=scenario.seed, sched_seed=seed)
     try:
-        injectors = _injectors(scenario, dom)
+        injectors = _injectors(scenario, hv, dom)
         arm_injectors(injectors, scenario.phase(seed))
         return _finish(scenario, seed, hv, dom, cfg.requests, injectors)
     finally:
         hv.close()
 
 
-def _injectors(scenario: Scenario, dom: domctl.Domain) -> list[domctl.Injector]:
+def _injectors(scenario: Scenario, hv: domctl.Hypervisor,
+               dom: domctl.Domain) -> list[domctl.Injector]:
     if not scenario.inject_every:
         return []
-    return domctl.virtio_injectors(dom, scenario.inject_every, 0, scenario.inject_kind)
+    return domctl.virtio_injectors(hv, dom, scenario.inject_every, 0, scenario.inject_kind,
+                                   scenario.inject_unit)
 
 
 def arm_injectors(injectors: list[domctl.Injector], phase: int) -> None:
@@ -262,7 +268,7 @@ def _forked_runs(scenario: Scenario, seeds: list[int], jobs: int) -> Iterator[Ru
     check_parting(cfg.requests, scenario.fork_ns)
     hv, dom = boot(cfg, seed=scenario.seed)
     try:
-        injectors = _injectors(scenario, dom)
+        injectors = _injectors(scenario, hv, dom)
         rest = run_to_parting(hv, dom, scenario.fork_ns, cfg.requests)
         yield from _children(seeds, jobs or os.cpu_count() or 1, lambda seed: _part(
             scenario, seed, hv, dom, rest, injectors))

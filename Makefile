@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) bench/daemon.py
 	$(PY) bench/migrate.py
 	$(PY) bench/postcopy.py
+	$(PY) bench/console.py
 
 firmware:
 	$(MAKE) -C firmware

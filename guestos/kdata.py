@@ -70,6 +70,7 @@ AREAS = _place([
     ("suspend", 32),                    # guestos/suspend.py
     ("manage", 48),                     # guestos/manage.py
     ("tty", 64 + 4096),                 # the console's line buffer (guestos/tty.py)
+    ("fs", 32 * 32 + 64 * 48),          # device nodes and open files (guestos/fs.py)
 ])
 
 # what boot learns from start_info and the hypervisor, which every subsystem reads

@@ -5,10 +5,13 @@ spawn(name, a0, a1, a2) starts another program of the image as a new task,
 a child of the caller (pvlab's own, numbered 1000). read(0, buf, len) reads
 a line of the console (guestos/tty.py) and wait4(pid, wstatus, 0, 0) waits
 for a child, both blocking: the task is BLOCKED and the call restarted when
-it is woken (guestos/task.py)."""
+it is woken (guestos/task.py). open, close, lseek, ioctl, and read and write
+on descriptors from 3 reach a driver through a device file (guestos/fs.py);
+a driver's read or write may block the same way."""
 
 from __future__ import annotations
 
+from guestos import fs
 from guestos.frame import iret_to, read_bounce
 from guestos.printk import console_out, printk
 from guestos.task import (
@@ -18,6 +21,7 @@ from guestos.task import (
     RUNNABLE,
     SLEEPING,
     WAIT_CHILD,
+    WAIT_NONE,
     WAIT_TTY_READ,
     ZOMBIE,
     current,
@@ -33,7 +37,8 @@ from guestos.usercopy import copy_from_user, copy_to_user
 from hypervisor.public.errno import EBADF, ECHILD, EFAULT, EINVAL, ENOSYS
 from hypervisor.public.native import NativeCpu, TailCall
 
-SYS_read, SYS_write, SYS_sched_yield, SYS_sleep, SYS_getpid, SYS_exit = 0, 1, 24, 35, 39, 60
+SYS_read, SYS_write, SYS_open, SYS_close, SYS_lseek, SYS_ioctl = 0, 1, 2, 3, 8, 16
+SYS_sched_yield, SYS_sleep, SYS_getpid, SYS_exit = 24, 35, 39, 60
 SYS_wait4 = 61
 SYS_spawn = 1000
 MAX_WRITE = 1 << 16
@@ -68,10 +73,23 @@ def syscall_entry(cpu: NativeCpu) -> TailCall:
 def _call(cpu: NativeCpu, nr: int, r: dict[str, int]) -> int | tuple[str, int]:
     """The calls that return to the caller: their result, or ("block",
     channel) for one that must wait."""
+    if nr in (SYS_read, SYS_write) and r["rdi"] >= fs.FIRST_FD:
+        f = fs.fget(cpu, r["rdi"])
+        op = fs.file_write if nr == SYS_write else fs.file_read
+        rc = op(cpu, r["rdi"], r["rsi"], r["rdx"])
+        return _or_block(rc, fs.wait_channel(f) if f is not None else WAIT_NONE)
     if nr == SYS_write:
         return sys_write(cpu, r["rdi"], r["rsi"], r["rdx"])
     if nr == SYS_read:
         return _or_block(sys_read(cpu, r["rdi"], r["rsi"], r["rdx"]), WAIT_TTY_READ)
+    if nr == SYS_open:
+        return fs.sys_open(cpu, r["rdi"], r["rsi"])
+    if nr == SYS_close:
+        return fs.sys_close(cpu, r["rdi"])
+    if nr == SYS_lseek:
+        return fs.sys_lseek(cpu, r["rdi"], r["rsi"], r["rdx"])
+    if nr == SYS_ioctl:
+        return fs.sys_ioctl(cpu, r["rdi"], r["rsi"], r["rdx"])
     if nr == SYS_wait4:
         return _or_block(sys_wait4(cpu, r["rdi"], r["rsi"], r["rdx"]), WAIT_CHILD)
     if nr == SYS_getpid:

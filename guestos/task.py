@@ -26,6 +26,8 @@ registers, load the next task's, iret.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from guestos.evtchn import NO_PORT, ipi_evtchn, notify_remote_via_evtchn
 from guestos.frame import iret_to
 from guestos.hypercall import mmuext, shutdown_args
@@ -62,6 +64,7 @@ TASK = Layout("task", [
     *((r, "u64") for r in SAVED),
     ("parent", "u64"),     # pid of the task that spawned it and may wait4 it; 0: none
     ("wait_chan", "u64"),  # WAIT_*: what a BLOCKED task waits for
+    ("files", "u64"),      # its open files: a byte per descriptor (guestos/fs.py)
 ])
 TASK_SIZE = AREAS["tasks"].size // MAX_TASKS
 assert TASK.size <= TASK_SIZE
@@ -144,7 +147,7 @@ def spawn(cpu: NativeCpu, name: str, args: tuple[int, int, int], on_cpu: int | N
         on_cpu = sc.next_cpu % k.nr_cpus
         sc.next_cpu = on_cpu + 1
     t.pid, t.cpu, t.pgd, t.exit_code, t.wake_at = pid, on_cpu, aspace.l4, 0, 0
-    t.parent, t.wait_chan = parent, WAIT_NONE
+    t.parent, t.wait_chan, t.files = parent, WAIT_NONE, 0
     for r in GPRS:
         setattr(t, r, 0)
     t.rdi, t.rsi, t.rdx = args
@@ -222,12 +225,24 @@ def exit_notify(cpu: NativeCpu, t: Ref) -> None:
         wake_up_waiters(cpu, WAIT_CHILD, parent.pid)
 
 
+# what else a task's exit lets go (Linux's exit_files and the like): code
+# registered by the subsystems above this one when they are imported
+_exit_hooks: list[Callable[[NativeCpu, Ref], None]] = []
+
+
+def register_exit_hook(hook: Callable[[NativeCpu, Ref], None]) -> None:
+    _exit_hooks.append(hook)
+
+
 def exit_current(cpu: NativeCpu, code: int) -> TailCall:
-    """The running task exits: its pgd comes off this cpu, is unpinned, freed."""
+    """The running task exits: what it holds is let go, its pgd comes off
+    this cpu, is unpinned, freed."""
     t = current(cpu)
     assert t is not None
     sc = sched(cpu)
     printk(cpu, f"task {t.pid} exited with code {code}")
+    for hook in _exit_hooks:
+        hook(cpu, t)
     exit_notify(cpu, t)
     install_user_l4(cpu, 0)
     pgd_unpin(cpu, t.pgd)

@@ -290,6 +290,8 @@ class Hypervisor:
 
     def close(self) -> None:
         for dom in list(self.domains.values()):
+            for device in dom.devices:
+                device.device.close()  # its host files and sockets
             dom.close()
 
 

@@ -43,6 +43,8 @@ from hypervisor.cpu.vcpu import RAX
 from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.console import Console
+from hypervisor.devices.console import persist as console_persist
 from hypervisor.devices.virtio.inject import Injector, Throw
 from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
 from hypervisor.devices.virtio.queue import DomainMemory
@@ -825,6 +827,24 @@ def add_virtio_balloon(hv: Hypervisor, dom: Domain, base: int, port: int,
     return balloon
 
 
+def new_console_state(ports: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """A new virtio-console's state, for add_virtio: (name, connection, path)
+    of each port (connection "socket" or "file")."""
+    return console_persist.new_state(ports)
+
+
+def check_console_ports(ports: list[dict[str, str]]) -> str | None:
+    """Why these ports cannot make a console, or None."""
+    return console_persist.check_ports(ports)
+
+
+def console_ports(dom: Domain) -> list[dict[str, Any]]:
+    """Each port of the domain's virtio-console: id, name, connection, path,
+    and whether each side has it open (empty: no console)."""
+    con = find_device(dom, Console)
+    return [] if con is None else con.info()["ports"]
+
+
 def find_device(dom: Domain, kind: type) -> Any | None:
     """The domain's first device model of this kind, or None."""
     for dev in dom.devices:
@@ -912,7 +932,8 @@ __all__ = [
     "Hypervisor",
     "Injector", "KernelError", "OutOfMemory", "PageType", "PhysInfo", "Throw", "VcpuInfo",
     "add_virtio",
-    "add_virtio_balloon", "new_balloon_state",
+    "add_virtio_balloon", "new_balloon_state", "new_console_state", "check_console_ports",
+    "console_ports",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "device_kind_names", "getdomaininfolist", "is_paused", "next_work",

@@ -108,3 +108,11 @@ def test_postcopy_bench_runs():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "pure / pre-copy: downtime" in r.stdout and "faults/s" in r.stdout
+
+
+def test_console_bench_runs():
+    r = subprocess.run([sys.executable, "bench/console.py", "--kib", "8", "--repeat", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "pvlab KiB/s" in r.stdout and "x\n" in r.stdout

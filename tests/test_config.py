@@ -75,3 +75,31 @@ def test_missing_image_and_bad_toml(tmp_path):
         load_config(write(tmp_path, "name = "))
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_channels_in_xls_spelling(tmp_path):
+    """xl's channel = ["name=..., connection=socket, path=..."], and pvlab's
+    connection=file; relative paths are relative to the configuration."""
+    from tests.conftest import GUEST_IMAGE
+    cfg = load_config(write(tmp_path, GOOD + 'channel = ["name=org.pvlab.echo, '
+                            'connection=socket, path=e.sock", "name=log,connection=file,'
+                            'path=/tmp/x.log"]\n', image=GUEST_IMAGE))
+    assert [(c.name, c.connection, c.path) for c in cfg.channels] == [
+        ("org.pvlab.echo", "socket", str(tmp_path / "e.sock")), ("log", "file", "/tmp/x.log")]
+    (state,) = cfg.device_states()
+    assert state["kind"] == "console" and len(state["ports"]) == 2
+
+
+@pytest.mark.parametrize("channel, message", [
+    ('"name=a, connection=pty, path=p"', "connection 'pty' unknown"),
+    ('"name=a, path=p"', "no connection"),
+    ('"name=a, connection=socket, path=p, backend=dom0"', "'backend=dom0' is not one of"),
+    ('"name=a, connection=file, path=p", "name=a, connection=file, path=q"',
+     "two console ports named 'a'"),
+    ("1", "channel must be a list of strings"),
+])
+def test_bad_channels_are_named(tmp_path, channel, message):
+    from tests.conftest import GUEST_IMAGE
+    text = GOOD.format(image=GUEST_IMAGE) + f"channel = [{channel}]\n"
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text.replace("{", "{{").replace("}", "}}")))

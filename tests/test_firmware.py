@@ -17,7 +17,8 @@ from hypervisor.toolstack.session import run_domain
 from tests.conftest import FIRMWARE, GUEST_IMAGE, make_config
 from tests.reference import hashchain_line
 
-PROGRAMS = ("hello", "counter", "hashchain", "dirtier", "spawner", "fault", "sh")
+PROGRAMS = ("hello", "counter", "hashchain", "dirtier", "spawner", "fault", "sh", "fdtest",
+            "portecho")
 
 
 @pytest.fixture

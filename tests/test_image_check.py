@@ -62,6 +62,15 @@ def p2m_frame(old: int, new: int) -> Callable[[bytearray, ImageInfo], None]:
     return damage
 
 
+def p2m_frame_nth(n: int, delta: int) -> Callable[[bytearray, ImageInfo], None]:
+    """The n-th p2m frame moved ``delta`` pfns on (the frames' pfns follow the
+    image's size: a program more in the image moves them)."""
+    def damage(raw: bytearray, info: ImageInfo) -> None:
+        old = int(info.p2m_frame_pfns[n])
+        p2m_frame(old, old + delta)(raw, info)
+    return damage
+
+
 def p2m_frame_twice(raw: bytearray, info: ImageInfo) -> None:
     p2m_frame(int(info.p2m_frame_pfns[1]), int(info.p2m_frame_pfns[0]))(raw, info)
 
@@ -124,8 +133,8 @@ DAMAGE = {
     "a VCPU context retyped optional": (retype_last_vcpu_optional,
                                         "no context (X86_PV_VCPU_BASIC) for vcpu 3"),
     "a VCPU's online flag cleared": (clear_last_vcpu_online, "vcpu3's context is not marked"),
-    "p2m frame 0x25 -> 0xa5": (p2m_frame(0x25, 0xA5), "X86_PV_P2M_FRAMES"),
-    "p2m frame 0x3f -> 0x7f": (p2m_frame(0x3F, 0x7F), "X86_PV_P2M_FRAMES"),
+    "the first p2m frame 0x80 on": (p2m_frame_nth(0, 0x80), "X86_PV_P2M_FRAMES"),
+    "the 27th p2m frame 0x40 on": (p2m_frame_nth(26, 0x40), "X86_PV_P2M_FRAMES"),
     "a p2m frame listed twice": (p2m_frame_twice, "in the p2m frame list twice"),
     "a pinned L4 retyped NOTAB": (retype_pinned_l4_notab, "is named by no table of level L4"),
     "CR3's L4 unpinned": (unpin_the_cr3_l4, "expected L4 pinned"),

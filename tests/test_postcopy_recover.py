@@ -446,3 +446,37 @@ def test_migrate_receive_waits_paused_for_the_resume_of_a_scripted_postcopy(
     assert "migration target: Domain started successfully." in said
     assert "post-copy: resumed after 1 dropped connection(s)" in out
     assert os.listdir(tmp_path) == ["mig.toml"]
+
+
+# --- a peer gone without a word ----------------------------------------------------------------
+
+def _silent_link() -> tuple[postcopy.Link, socket.socket, socket.socket]:
+    a, b = socket.socketpair()  # b is the peer: open, and it never writes
+    return postcopy.Link(a.makefile("rb"), a.makefile("wb")), a, b
+
+
+def test_a_link_whose_peer_says_nothing_is_dropped_after_the_wait():
+    link, a, b = _silent_link()
+    try:
+        assert link.read_record(block=False) is None
+        with pytest.raises(postcopy.Dropped, match="nothing from the peer in 0.05 s"):
+            link.read_record(block=True, timeout_s=0.05)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_pager_waits_for_a_page_no_longer_than_page_wait(monkeypatch):
+    """A half-open connection (the source's host gone without a FIN) must not
+    hold the pager, which at a daemon destination holds the daemon's loop:
+    its wait ends as a drop, which pauses the domain, recoverable."""
+    monkeypatch.setattr(postcopy, "PAGE_WAIT_S", 0.05)
+    link, a, b = _silent_link()
+    pager = _paused_pager("mig")
+    pager.link = link
+    try:
+        with pytest.raises(postcopy.Dropped, match="nothing from the peer"):
+            pager._take(block=True)
+    finally:
+        a.close()
+        b.close()

@@ -69,7 +69,7 @@ hypercall_page:                             # the hypervisor writes the stubs
         .section .rodata.programs, "a"
         .balign 16
 programs:
-        .quad   7                           # entries: name[16], offset, size
+        .quad   9                           # entries: name[16], offset, size
         program hello, 1
         program counter, 2
         program hashchain, 3
@@ -77,6 +77,8 @@ programs:
         program spawner, 5
         program fault, 6
         program sh, 7
+        program fdtest, 8
+        program portecho, 9
         .balign 16
         blob hello
         blob counter
@@ -85,6 +87,8 @@ programs:
         blob spawner
         blob fault
         blob sh
+        blob fdtest
+        blob portecho
 
         .section .bss.kernel_data, "aw", @nobits
         .balign 4096

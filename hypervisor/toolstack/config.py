@@ -23,6 +23,13 @@
     deflate_on_oom = false    # offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (default: no)
     postcopy = "drop"         # the guest's requests while post-copy runs: "drop" them
                               # (QEMU's, the default) or "reconcile" them at its end
+
+    channel = ["name=org.pvlab.echo, connection=socket, path=echo.sock",
+               "name=log, connection=file, path=guest-log.txt"]
+                         # optional: a virtio-console with these ports (xl's channel
+                         # spelling; relative paths are relative to this file): a
+                         # Unix socket the host connects to (pvlab console DOM --port
+                         # NAME, or socat), or a file the guest's output is appended to
 """
 
 from __future__ import annotations
@@ -31,7 +38,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypervisor.domctl import POSTCOPY_POLICIES, new_balloon_state
+from hypervisor.domctl import (
+    POSTCOPY_POLICIES,
+    check_console_ports,
+    new_balloon_state,
+    new_console_state,
+)
 from hypervisor.toolstack.control import Request, parse_request
 from hypervisor.toolstack.timeparse import parse_duration
 from hypervisor.toolstack.verdict import VERDICTS
@@ -60,6 +72,7 @@ class DomainConfig:
     balloon: BalloonConfig | None = None  # a balloon device, if any
     verdict: str = ""         # "xtf": the toolstack judges the console as xtf-runner does
     sched_seed: int | None = None  # the schedule's seed; None: the seed's
+    channels: tuple[ChannelConfig, ...] = ()  # the virtio-console's ports, if any
 
     def device_states(self) -> list[dict]:
         """Each virtio device the configuration asks for, as the state its
@@ -69,7 +82,20 @@ class DomainConfig:
         if self.balloon is not None:
             out.append(new_balloon_state(self.balloon.stats_interval_ns,
                                          self.balloon.deflate_on_oom, self.balloon.postcopy))
+        if self.channels:
+            out.append(new_console_state([(c.name, c.connection, c.path)
+                                          for c in self.channels]))
         return out
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """One port of the virtio-console (xl's channel): its name, its host end
+    (connection "socket" or "file") and that end's path."""
+
+    name: str
+    connection: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -81,7 +107,7 @@ class BalloonConfig:
 
 _KEYS = {"name": str, "memory": int, "vcpus": int, "image": str, "cmdline": str, "seed": int,
          "sched_seed": int, "kernel": str, "maxmem": int, "requests": list, "balloon": dict,
-         "verdict": str}
+         "verdict": str, "channel": list}
 _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
                dict: "a table ([balloon])"}
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom", "postcopy")
@@ -135,9 +161,43 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     verdict = data.get("verdict", "")
     if verdict and verdict not in VERDICTS:
         raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
+    channels = _channels(data.get("channel", []), where, src)
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
                         where, kernel, maxmem, tuple(requests), balloon, verdict,
-                        data.get("sched_seed"))
+                        data.get("sched_seed"), channels)
+
+
+_CHANNEL_KEYS = ("name", "connection", "path")
+
+
+def _channels(specs: list, where: Path | None, src: str) -> tuple[ChannelConfig, ...]:
+    """xl's ``channel = ["name=N, connection=socket, path=P", ...]`` (xl.cfg's
+    CHANNEL_SPEC_STRING; connection=file is pvlab's: the output to a file)."""
+    out = []
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise ConfigError(f"{src}: channel must be a list of strings such as "
+                              f"\"name=NAME, connection=socket, path=PATH\", not {spec!r}")
+        fields: dict[str, str] = {}
+        for item in spec.split(","):
+            key, eq, value = item.strip().partition("=")
+            if not eq or key not in _CHANNEL_KEYS:
+                raise ConfigError(f"{src}: channel {spec!r}: {item.strip()!r} is not one of "
+                                  f"{', '.join(k + '=...' for k in _CHANNEL_KEYS)}")
+            fields[key] = value.strip()
+        missing = [k for k in _CHANNEL_KEYS if not fields.get(k)]
+        if missing:
+            raise ConfigError(f"{src}: channel {spec!r}: no {', '.join(missing)}")
+        path = Path(fields["path"])
+        if where is not None and not path.is_absolute():
+            path = where.parent / path
+        fields["path"] = str(path)
+        out.append(ChannelConfig(fields["name"], fields["connection"], fields["path"]))
+    why = check_console_ports([{"name": c.name, "connection": c.connection, "path": c.path}
+                               for c in out])
+    if why:
+        raise ConfigError(f"{src}: channel: {why}")
+    return tuple(out)
 
 
 def _balloon_config(table: dict, src: str) -> BalloonConfig:

@@ -1109,12 +1109,30 @@ class Daemon:
             "domain-mem-set": (self.cmd_mem_set, kib),
             "domain-mem-max": (self.cmd_mem_max, kib),
             "domain-vcpu-list": (self.cmd_vcpu_list, {"domain": Param((str, int), False)}),
-            "domain-console": (lambda a: {"path": str(self.find(a).console.path)},
-                               {"domain": dom}),
+            "domain-console": (self.cmd_console,
+                               {"domain": dom, "port": Param((str,), required=False)}),
             "host-info": (lambda _a: libxl.host_info(self.hv), {}),
             "host-dmesg": (self.cmd_dmesg, {"clear": flag}),
             "quit": (self.cmd_quit, {}),
         }
+
+    def cmd_console(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The socket of the domain's Xen console, or with ``port`` of that
+        virtio-console port (a port whose host end is a socket)."""
+        d = self.find(args)
+        name = args.get("port")
+        if name is None:
+            return {"path": str(d.console.path)}
+        ports = domctl.console_ports(d.dom)
+        port = next((p for p in ports if p["name"] == name), None)
+        if port is None:
+            known = ", ".join(p["name"] for p in ports) or "none"
+            raise QmpError(GENERIC, f"domain {d.dom.name} has no console port {name!r} "
+                                      f"(its ports: {known})")
+        if port["connection"] != "socket":
+            raise QmpError(GENERIC, f"console port {name!r} of domain {d.dom.name} goes to "
+                                    f"a {port['connection']} ({port['path']}), not a socket")
+        return {"path": port["path"], "port": port}
 
     def cmd_create(self, args: dict[str, Any]) -> dict[str, Any]:
         config = _path_arg(args, "config")

@@ -66,8 +66,7 @@ class PageDigests:
         todo = np.unique(self.block_of(np.asarray(offsets, dtype=np.int64)))
         for i in todo[~self.checked[todo]].tolist():
             data = read(int(self.starts[i]), int(self.sizes[i]))
-            want = self.trailer[i * savefile.DIGEST_SIZE:(i + 1) * savefile.DIGEST_SIZE]
-            if hashlib.new(savefile.DIGEST_ALGORITHM, data).digest() != want:
+            if not savefile.block_matches(data, self.trailer, i):
                 start = int(self.starts[i])
                 raise DigestMismatch(f"PAGE_DATA record at offset {int(self.records[i])}: "
                                      f"its pages at offsets {start}-{start + len(data)} do "

@@ -57,7 +57,8 @@ import logging
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
@@ -92,6 +93,11 @@ from hypervisor.toolstack.stream import PostcopyType, RecType, StreamError
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20  # octets a link reads at a time
+# a page the destination waits for that does not come in this long: the
+# link is taken as dropped (a peer gone without a word leaves a TCP
+# connection half open, and a pager on the daemon's loop must not wait on it
+# for ever: the domain pauses, recoverable, and the loop goes on)
+PAGE_WAIT_S = 30.0
 # pfns a drain asks for at a time, the next piece asked once the one before
 # is in: more faults unread would fill the socket while the source is blocked
 # writing its pages, and the two would wait on each other's writes
@@ -103,6 +109,11 @@ NOT_POSTCOPY, OUTSTANDING, REQUESTED, READY = 0, 1, 2, 3
 
 class Dropped(ConnectionError):
     """The post-copy's connection ended or failed."""
+
+
+def dropped(doing: str, e: Exception) -> Dropped:
+    """An OSError or a closed file met while ``doing`` (reading, writing), as Dropped."""
+    return Dropped(f"{doing}: {getattr(e, 'strerror', None) or e}")
 
 
 class Refused(Exception):
@@ -127,25 +138,25 @@ class Link:
         self.buf = bytearray()
         self.offset = 0  # octets taken off the buffer so far
 
-    def _more(self, block: bool) -> bool:
+    def _more(self, block: bool, timeout_s: float | None = None) -> bool:
         """Octets from the reader into the buffer: False if none without
-        waiting; Dropped at the end of the stream."""
+        waiting; Dropped at the end of the stream, or when ``timeout_s``
+        passes with nothing (a peer gone without a word: a half-open link)."""
         fd = self.reader.fileno()
         try:
-            if not block:
-                os.set_blocking(fd, False)
-                try:
-                    data = self.reader.read1(READ_CHUNK)  # type: ignore[attr-defined]
-                finally:
-                    os.set_blocking(fd, True)
-                if data:
-                    self.buf += data
-                    return True
-                if not select.select([fd], [], [], 0)[0]:
-                    return False  # nothing buffered, nothing on the wire yet
-            data = self.reader.read1(READ_CHUNK)  # type: ignore[attr-defined]
+            os.set_blocking(fd, False)
+            try:
+                data = self.reader.read1(READ_CHUNK)  # type: ignore[attr-defined]
+            finally:
+                os.set_blocking(fd, True)
+            if not data:
+                if not select.select([fd], [], [], timeout_s if block else 0)[0]:
+                    if not block:
+                        return False  # nothing buffered, nothing on the wire yet
+                    raise Dropped(f"nothing from the peer in {timeout_s:g} s")
+                data = self.reader.read1(READ_CHUNK)  # type: ignore[attr-defined]
         except (OSError, ValueError) as e:
-            raise Dropped(f"reading: {getattr(e, 'strerror', None) or e}") from None
+            raise dropped("reading", e) from None
         if not data:
             raise Dropped("the connection ended")
         self.buf += data
@@ -157,8 +168,9 @@ class Link:
         self.offset += n
         return data
 
-    def read_record(self, block: bool) -> stream.Record | None:
-        """The next record, or None if it has not all come and ``block`` is False."""
+    def read_record(self, block: bool, timeout_s: float | None = None) -> stream.Record | None:
+        """The next record, or None if it has not all come and ``block`` is
+        False; waiting, Dropped if nothing comes for ``timeout_s``."""
         while True:
             if len(self.buf) >= stream.RHDR.size:
                 rtype, length = stream.RHDR.unpack_from(self.buf)
@@ -170,7 +182,7 @@ class Link:
                     offset = self.offset
                     body = self._take(whole)[stream.RHDR.size:stream.RHDR.size + length]
                     return stream.Record(rtype, body, offset, length)
-            if not self._more(block):
+            if not self._more(block, timeout_s):
                 return None
 
     def read_exactly(self, n: int) -> bytes:
@@ -179,19 +191,24 @@ class Link:
             self._more(True)
         return self._take(n)
 
-    def write(self, data: bytes) -> None:
+    @contextmanager
+    def writing(self) -> Iterator[BinaryIO]:
+        """The writer, flushed after; any failure of either is Dropped."""
         try:
-            self.writer.write(data)
+            yield self.writer
             self.writer.flush()
+        except Dropped:
+            raise
         except (OSError, ValueError) as e:
-            raise Dropped(f"writing: {getattr(e, 'strerror', None) or e}") from None
+            raise dropped("writing", e) from None
+
+    def write(self, data: bytes) -> None:
+        with self.writing() as w:
+            w.write(data)
 
     def write_record(self, rtype: int, body: bytes = b"") -> None:
-        try:
-            stream.write_record(self.writer, rtype, body)
-            self.writer.flush()
-        except (OSError, ValueError) as e:
-            raise Dropped(f"writing: {getattr(e, 'strerror', None) or e}") from None
+        with self.writing() as w:
+            stream.write_record(w, rtype, body)
 
     def close(self) -> None:
         """Both directions closed (a writer that cannot flush any more too)."""
@@ -474,11 +491,8 @@ def push(pages: PageSource, link: Link, src: PostcopySource,
         if not batch.size:
             continue
         types, data = pages.read(batch)
-        try:
-            write_page_data(link.writer, batch, types, data, PostcopyType.POSTCOPY_PAGE_DATA)
-        except (OSError, ValueError) as e:
-            raise Dropped(f"writing: {getattr(e, 'strerror', None) or e}") from None
-        link.write(b"")
+        with link.writing() as w:
+            write_page_data(w, batch, types, data, PostcopyType.POSTCOPY_PAGE_DATA)
         octets = stream.RHDR.size + stream.PAGE_DATA_HDR.size + batch.size * (8 + PAGE_SIZE)
         info.postcopy_bytes += octets
         info.transferred += octets
@@ -522,12 +536,9 @@ def refuse(link: Link, why: str) -> None:
 
 def end_stream(link: Link) -> None:
     """libxc's END, then libxl's (the stream's end after post-copy)."""
-    try:
-        stream.write_record(link.writer, RecType.END)
-        savefile.write_libxl_record(link.writer, LibxlRecType.END)
-    except (OSError, ValueError) as e:
-        raise Dropped(f"writing: {getattr(e, 'strerror', None) or e}") from None
-    link.write(b"")
+    with link.writing() as w:
+        stream.write_record(w, RecType.END)
+        savefile.write_libxl_record(w, LibxlRecType.END)
 
 
 # --- the destination ---------------------------------------------------------------------
@@ -705,7 +716,7 @@ class Pager:
 
     def _take(self, block: bool) -> bool:
         """One record off the link, applied; False if none has come."""
-        rec = self.link.read_record(block)
+        rec = self.link.read_record(block, PAGE_WAIT_S)
         if rec is None:
             return False
         if rec.type != PostcopyType.POSTCOPY_PAGE_DATA:
@@ -931,7 +942,7 @@ class Pager:
 
     def _read_end(self) -> None:
         while True:
-            rec = self.link.read_record(block=True)
+            rec = self.link.read_record(block=True, timeout_s=PAGE_WAIT_S)
             assert rec is not None
             if rec.type == RecType.END:
                 self.source_ended = True

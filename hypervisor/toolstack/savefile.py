@@ -430,21 +430,20 @@ def read_trailer(src: BinaryIO, xl: XlHeader) -> bytes:
     return trailer
 
 
+def block_matches(data: bytes | memoryview, trailer: bytes, i: int) -> bool:
+    """Whether block ``i``'s octets match its digest in the trailer."""
+    return hashlib.new(DIGEST_ALGORITHM, data).digest() == \
+        trailer[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+
+
 def check_blocks(src: BinaryIO, pages: list[tuple[int, int]], trailer: bytes) -> None:
-    """Every block of pages against its digest in the trailer, a record's
-    pages read at once."""
-    i = 0
-    for offset, n in pages:
+    """Every block of pages against its digest in the trailer."""
+    for i, (offset, n) in enumerate(digest_blocks(pages)):
         src.seek(offset)
-        data = memoryview(src.read(n))
-        for at in range(0, max(n, 1), DIGEST_BLOCK):
-            block = data[at:at + DIGEST_BLOCK]
-            if hashlib.new(DIGEST_ALGORITHM, block).digest() != \
-                    trailer[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]:
-                raise StreamError(f"offsets {offset + at}-{offset + at + len(block)}, pages of "
-                                  "a PAGE_DATA record: the integrity digest does not match: "
-                                  "the image was changed after it was written")
-            i += 1
+        if not block_matches(src.read(n), trailer, i):
+            raise StreamError(f"offsets {offset}-{offset + n}, pages of a PAGE_DATA record: "
+                              "the integrity digest does not match: the image was changed "
+                              "after it was written")
 
 
 def _reader(src: BinaryIO) -> Callable[[int, int], bytes]:

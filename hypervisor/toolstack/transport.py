@@ -223,10 +223,9 @@ def _family(host: str) -> socket.AddressFamily:
 def accept_one(sock: socket.socket) -> Channel:
     """The one connection; the listening socket is closed after it."""
     try:
-        conn, _ = sock.accept()
+        return accept_next(sock)
     finally:
         sock.close()
-    return _socket_channel(conn)
 
 
 def accept_next(sock: socket.socket, timeout: float | None = None) -> Channel:

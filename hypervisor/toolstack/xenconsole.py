@@ -26,9 +26,13 @@ class AttachError(Exception):
     """The console socket cannot be reached."""
 
 
-def attach(path: Path, name: str, term: ConsoleClient | None = None) -> str:
+def attach(path: Path, name: str, term: ConsoleClient | None = None,
+           half_close: bool = False) -> str:
     """Copy bytes between the terminal and the console socket at ``path``
-    until Ctrl-] (DETACHED) or the daemon closes the socket (CLOSED)."""
+    until Ctrl-] (DETACHED) or the daemon closes the socket (CLOSED). With
+    ``half_close`` (a virtio-console port, where Ctrl-D means nothing) the
+    end of piped input shuts the socket's sending half instead of typing
+    Ctrl-D: the port's host side closes once the input is read."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -42,13 +46,13 @@ def attach(path: Path, name: str, term: ConsoleClient | None = None) -> str:
                   file=sys.stderr, flush=True)
         term = ConsoleClient()
     try:
-        return _bridge(sock, term)
+        return _bridge(sock, term, half_close)
     finally:
         term.close()
         sock.close()
 
 
-def _bridge(sock: socket.socket, term: ConsoleClient) -> str:
+def _bridge(sock: socket.socket, term: ConsoleClient, half_close: bool = False) -> str:
     """The copying loop (xenconsole's console_loop)."""
     while True:
         watched = [sock] if term.closed else [sock, term.fd]
@@ -64,8 +68,15 @@ def _bridge(sock: socket.socket, term: ConsoleClient) -> str:
             term.write(data)
         if term.fd in ready:
             typed = term.poll(0.0)
+            if half_close and term.closed:
+                typed = typed[:-1]  # the Ctrl-D standing for the end of input
             if typed and not _send(sock, typed):
                 return CLOSED
+            if half_close and term.closed:
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    return CLOSED
             if term.detached:
                 return DETACHED
 

@@ -194,7 +194,25 @@ def _infos(d: DaemonClient, domids: list[int]) -> list[dict[str, Any]]:
 
 
 def xl_console(d: DaemonClient, args: argparse.Namespace) -> int:
+    if args.port is not None:
+        return _attach_port(d, args.domain, args.port)
     return _attach(d, args.domain)
+
+
+def _attach_port(d: DaemonClient, dom: str, port: str) -> int:
+    """Bridge this terminal to a virtio-console port's socket (as socat
+    would) until Ctrl-] or the device closes it."""
+    from hypervisor.toolstack.xenconsole import CLOSED, AttachError, attach
+    info = _info(d, dom)
+    path = d.execute("domain-console", {"domain": info["domid"], "port": port})["path"]
+    name = f"domain {info['domid']} ({info['name']}) port {port}"
+    try:
+        how = attach(Path(path), name, half_close=True)
+    except AttachError as e:
+        raise XlError(str(e)) from None
+    _say(f"\npvlab: {name} closed" if how == CLOSED else
+         f"\npvlab: detached from {name}; it runs on")
+    return EXIT_OK
 
 
 def _attach(d: DaemonClient, dom: str) -> int:
@@ -711,6 +729,15 @@ def _dom(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", metavar="DOM", help="the domain: its name or its domid")
 
 
+def _console_args(p: argparse.ArgumentParser) -> None:
+    _dom(p)
+    p.add_argument("--port", metavar="NAME",
+                   help="a virtio-console port of the domain (a channel of its "
+                        "configuration whose connection is a socket) instead of its console: "
+                        "the bytes go both ways untouched, and the guest's read of the port "
+                        "ends (end of file) when you detach")
+
+
 def _create_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", metavar="CONFIG", help="the domain's configuration (TOML)")
     p.add_argument("-c", dest="console", action="store_true",
@@ -844,7 +871,9 @@ CONSOLE_HELP = ("Attach this terminal to the domain's console: what you type goe
                 "guest (its tty echoes and edits the line), its output comes here; Ctrl-] "
                 "detaches and the domain runs on. Input that is no terminal is passed on as "
                 "it comes, and its end is typed as Ctrl-D. Several people may attach to one "
-                "domain at once.")
+                "domain at once. With --port NAME the terminal goes to that virtio-console "
+                "port's socket instead (one client at a time; `socat - UNIX-CONNECT:PATH` "
+                "does the same).")
 
 MIGRATE_HELP = ("Move the running domain to HOST, as xl migrate: the daemon sends it live "
                 "(pre-copy rounds while it runs, then a short suspend) to `pvlab "
@@ -879,7 +908,8 @@ VERBS: list[tuple[str, Callable[[DaemonClient, argparse.Namespace], int], str, s
      "One line per domain: name, domid, memory (MiB), VCPUs, state and CPU time. The "
      "state letters: r running, b blocked, p paused, s shut down, c crashed, d dying.",
      _list_args),
-    ("console", xl_console, "attach to a domain's console", CONSOLE_HELP, _dom),
+    ("console", xl_console, "attach to a domain's console, or to a virtio-console port",
+     CONSOLE_HELP, _console_args),
     ("save", xl_save, "save a domain to a file, to restore later",
      "Suspend the domain and write its state to FILE (an xl save file); the domain is "
      "then destroyed, unless -c or -p keeps it.", _save_args),
@@ -936,8 +966,9 @@ def add_parsers(sub: Any) -> None:
     verbs = xl.add_subparsers(dest="xl_name", metavar="VERB", required=True)
     for spec in VERBS:
         _add_verb(verbs, *spec)
-    _add_verb(sub, "console", xl_console, "attach to the console of a domain in the daemon "
-              "(pvlab xl console)", CONSOLE_HELP, _dom)
+    _add_verb(sub, "console", xl_console, "attach to the console of a domain in the daemon, "
+              "or to one of its virtio-console ports (pvlab xl console)", CONSOLE_HELP,
+              _console_args)
     _add_verb(sub, "migrate", xl_migrate, "move a running domain of the daemon to another "
               "host (pvlab xl migrate)", MIGRATE_HELP, _migrate_args)
     _add_verb(sub, "migrate-recover", xl_migrate_recover, "let a post-copy migration into "

@@ -22,6 +22,8 @@ from guestos.task import (
     save_user_context,
     schedule,
 )
+from guestos.time import now
+from guestos.workqueue import cpu_work_pending, run_cpu_work
 from hypervisor.public.native import NativeCpu, TailCall
 from hypervisor.public.sched import SCHEDOP_yield
 from hypervisor.public.xen import Hypercall
@@ -31,9 +33,10 @@ def hypervisor_callback(cpu: NativeCpu) -> TailCall:
     """The event upcall (a native entry; events are masked while it runs).
     A hard handler that woke its irq's thread leaves it for after a yield:
     other vcpus run meanwhile, as other CPUs do while a Linux irq thread
-    waits to be scheduled."""
+    waits to be scheduled. So does work this cpu queued on system_wq (its
+    kworker; guestos/workqueue.py)."""
     xen_evtchn_do_upcall(cpu)
-    if irq_threads_pending(cpu):
+    if irq_threads_pending(cpu) or cpu_work_pending(cpu):
         # the yield's hypercall takes rax, rdi and rsi: keep the interrupted
         # context's below the bounce frame
         rsp = cpu.reg("rsp") - 8 * len(_YIELD_CLOBBERS)
@@ -47,8 +50,10 @@ _YIELD_CLOBBERS = ("rax", "rdi", "rsi")
 
 
 def irq_thread_resume(cpu: NativeCpu) -> TailCall:
-    """The upcall's yield returned (a native entry): run the woken threads,
-    then leave the upcall as usual, the interrupted context's registers back."""
+    """The upcall's yield returned (a native entry): run this cpu's kworker,
+    then the woken threads (work they queue waits for the next upcall), then
+    leave the upcall as usual, the interrupted context's registers back."""
+    run_cpu_work(cpu, now(cpu))
     run_irq_threads(cpu)
     rsp = cpu.reg("rsp")
     saved = cpu.read(rsp, 8 * len(_YIELD_CLOBBERS))

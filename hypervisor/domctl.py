@@ -48,6 +48,7 @@ from hypervisor.devices.console import Console
 from hypervisor.devices.console import persist as console_persist
 from hypervisor.devices.net import backend as net_backend
 from hypervisor.devices.net import persist as net_persist
+from hypervisor.devices.virtio.inject import Injector, Throw
 from hypervisor.devices.virtio.mmio import VirtioDevice, VirtioMmio
 from hypervisor.devices.virtio.queue import DomainMemory
 from hypervisor.domain import SHUTDOWN_NAMES, Domain
@@ -261,6 +262,12 @@ def next_work(hv: Hypervisor) -> int | None:
     VCPU can run, else its earliest timer; None if only an event from outside
     (the toolstack's) can wake it. A host daemon sleeps until then."""
     return hv.scheduler.next_work()
+
+
+def reseed_schedule(hv: Hypervisor, sched_seed: int) -> None:
+    """From now on the schedule's choices come from ``sched_seed``'s stream
+    (the explorer's runs forked from one start)."""
+    hv.scheduler.reseed(sched_seed)
 
 
 def clock_name(hv: Hypervisor) -> str:
@@ -866,6 +873,24 @@ def find_device(dom: Domain, kind: type) -> Any | None:
     return None
 
 
+def device_kind_names() -> list[str]:
+    """The kinds of device model this hypervisor has (devices/kinds.py)."""
+    return kinds.kind_names()
+
+
+def virtio_injectors(hv: Hypervisor, dom: Domain, every: int, phase: int = 0,
+                     kind: str | None = None, unit: str = "access") -> list[Injector]:
+    """An injector (devices/virtio/inject.py) on each of the domain's
+    virtio devices, or those of ``kind`` ("balloon", ...), not armed yet: it
+    throws the device's events at every ``every``-th step (register access,
+    or slice) from ``phase`` once armed."""
+    out = [Injector(t, every, phase, unit) for t in dom.devices
+           if kind is None or kinds.kind_of(t.device).name == kind]
+    if unit == "slice":
+        hv.scheduler.between_slices.extend(inj.tick for inj in out)
+    return out
+
+
 def devices_state(dom: Domain) -> list[dict[str, Any]]:
     """What an image carries of each device (its EMULATOR_CONTEXT record): where
     it is and what the host keeps of it. The guest must have frozen (reset)
@@ -925,13 +950,14 @@ __all__ = [
     "CLOCKS", "POSTCOPY_POLICIES", "Balloon", "BalloonError", "Domain", "DomctlError",
     "ForeignMap", "FrameDump",
     "Hypervisor",
-    "KernelError", "OutOfMemory", "PageType", "PhysInfo", "VcpuInfo", "add_virtio",
-    "add_virtio_balloon", "new_balloon_state", "new_blk_state", "new_console_state",
-    "check_console_ports", "console_ports",
+    "Injector", "KernelError", "OutOfMemory", "PageType", "PhysInfo", "Throw", "VcpuInfo",
+    "add_virtio", "add_virtio_balloon", "new_balloon_state", "new_blk_state",
+    "new_console_state", "check_console_ports", "console_ports",
     "new_net_state", "parse_net_address",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
-    "debug_trace", "getdomaininfolist", "is_paused", "next_work", "run_while_busy",
+    "debug_trace", "device_kind_names", "getdomaininfolist", "is_paused", "next_work",
+    "run_while_busy",
     "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",
@@ -939,7 +965,7 @@ __all__ = [
     "getpageframeinfo3", "getvcpucontext", "getvcpuinfo", "iomem_permission", "kernel_binding",
     "kernel_cmdline_error", "load_kernel", "map_foreign_bulk", "map_foreign_range", "map_m2p",
     "map_shared_info", "map_struct", "max_mem", "max_vcpus", "mmu_machphys_update",
-    "modified_memory", "shadow_op",
+    "modified_memory", "reseed_schedule", "shadow_op", "virtio_injectors",
     "mmuext_pin_table", "modify_returncode", "next_mmio_base", "pausedomain", "physinfo",
     "populate_physmap", "reached", "resumedomain", "run", "settscinfo",
     "setvcpucontext", "shared_info_frame", "shutdown_name", "tlb_flush", "unpausedomain",

@@ -111,9 +111,7 @@ class Scheduler:
                  clock: str, slice_insns: int, slice_us: int, sched_seed: int = 0) -> None:
         if clock not in CLOCKS:
             raise ValueError(f"unknown clock {clock!r}: choose one of {', '.join(CLOCKS)}")
-        # the schedule's own stream: the frame allocator's draws never move it
-        self.rng = random.Random(f"pvlab-schedule-{sched_seed}")
-        self.sched_seed = sched_seed
+        self.reseed(sched_seed)
         self.domains = domains
         self.return_to_guest = return_to_guest
         self.clock = clock
@@ -132,6 +130,12 @@ class Scheduler:
         # host work done between slices, a bounded amount each time (the
         # background fill of absent frames): registered, never named here
         self.between_slices: list[Callable[[], None]] = []
+
+    def reseed(self, sched_seed: int) -> None:
+        """The schedule's choices from ``sched_seed``'s stream from now on
+        (the frame allocator's draws never move it)."""
+        self.rng = random.Random(f"pvlab-schedule-{sched_seed}")
+        self.sched_seed = sched_seed
 
     # --- host timers -------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 
 from labs import LabError, all_labs, find_lab
 from labs.forkserver import ForkServer
-from labs.gradelib import Ctx, Result, Settings, diff_lines
+from labs.gradelib import QUICK_ENV, Ctx, Result, Settings, diff_lines
 from labs.gradelib import tests_of as graded_tests
 from labs.grading import grade, score
 from labs.lab import Lab, reference_path
@@ -30,7 +30,8 @@ FIXTURE = Lab(name="fixture", order=0, title="t", handout="docs/labs/none.md",
 
 def pvlab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hypervisor.toolstack.cli", *args],
-                          cwd=cwd, capture_output=True, text=True, env=checkout_env())
+                          cwd=cwd, capture_output=True, text=True,
+                          env=checkout_env(**{QUICK_ENV: "1"}))
 
 
 def test_strip_keeps_signature_and_docstring_and_puts_the_rule_in_the_body():

@@ -136,6 +136,7 @@ VBALLOON = Layout("virtio_balloon", [
     ("stats_requests", "u64"),
     ("discarded", "u64"),     # pages the last discard took back
     ("map_bug", "u64"),       # option balloonbug=keepmap
+    ("stop_update", "u64"),   # the freeze stopped the balloon's users (Linux's stop_update)
 ])
 assert VBALLOON.size <= 4096 - PRIV_OFFSET
 EXTENTS_OFFSET = 1024         # in the request page: u64 pfns for populate_physmap
@@ -220,17 +221,25 @@ def update_balloon_size(cpu: NativeCpu) -> None:
     vm.config_write(cpu, _dev(cpu), VIRTIO_BALLOON_CFG_ACTUAL, _vb(cpu).num_pages)
 
 
+def _queue_work(cpu: NativeCpu) -> None:
+    """The work on system_freezable_wq, which the freezer stops before the
+    freeze; under option virtio.nodetach on system_wq, which it does not."""
+    queue_work(cpu, update_balloon_size_func, freezable=not _dev(cpu).nodetach)
+
+
 def queue_update(cpu: NativeCpu) -> None:
     """Probe or restore found the balloon off its target: queue the work."""
     vb = _vb(cpu)
     vb.work_queued = 1
     vb.retry_at = 0  # a new target is worth trying at once, out of puff or not
-    queue_work(cpu, update_balloon_size_func)
+    _queue_work(cpu)
 
 
 def virtballoon_changed(cpu: NativeCpu, dev: Ref) -> None:
     """The config changed (the core holds changes back while frozen): queue
-    the work, and run it now if the workers are not frozen."""
+    the work, unless the freeze stopped it, and run it now if it may run."""
+    if _vb(cpu).stop_update:
+        return
     queue_update(cpu)
     flush_work(cpu, update_balloon_size_func, now(cpu))
 
@@ -257,13 +266,12 @@ def tell_host(cpu: NativeCpu, index: int, n: int) -> bool:
     """Send the request page's first n frame numbers on queue ``index`` and
     see it used."""
     dev, vq = _dev(cpu), _vq(cpu, index)
-    if not vq.present:  # deleted at the freeze: Linux would use a freed virtqueue
-        printk(cpu, f"virtio_balloon: a request on queue {index}, which the freeze deleted: "
-               "not sent")
-        return False
     head = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, _vb(cpu).pfns), 4 * n,
                                writable=False)
     if head < 0:
+        if not vq.present:  # deleted at the freeze: Linux would use a freed virtqueue
+            printk(cpu, f"virtio_balloon: a request on queue {index}, which the freeze "
+                   "deleted: not sent")
         return False
     vm.notify(cpu, dev, vq)
     while (got := virtio_ring.get_buf(cpu, vq)) is not None:
@@ -378,8 +386,8 @@ def update_balloon_size_func(cpu: NativeCpu, t_now: int) -> None:
         return
     vb = _vb(cpu)
     if vb.work_queued or vb.stats_pending:
-        queue_work(cpu, update_balloon_size_func)
-    if not _dev(cpu).nvqs:  # frozen: the queues are deleted
+        _queue_work(cpu)
+    if vb.stop_update:  # the freeze stopped it: the queues are deleted
         return
     if vb.stats_pending:
         vb.stats_pending = 0
@@ -432,22 +440,40 @@ def stats_handle_request(cpu: NativeCpu) -> None:
 
 @export
 def stats_request(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
-    """The host used the stats buffer: the work refills it."""
-    _vb(cpu).stats_pending = 1
-    queue_work(cpu, update_balloon_size_func)
+    """The host used the stats buffer: the work refills it (unless the
+    freeze stopped the balloon's users)."""
+    vb = _vb(cpu)
+    if vb.stop_update:
+        return
+    vb.stats_pending = 1
+    _queue_work(cpu)
     flush_work(cpu, update_balloon_size_func, now(cpu))
 
 
 # --- PM ----------------------------------------------------------------------------------------
 
-def virtballoon_freeze(cpu: NativeCpu, dev: Ref) -> int:
-    """The driver's freeze (the core has deferred config changes): the
-    workers are already frozen. Under ``deflate`` the balloon is emptied
-    first (Linux's remove_common); then the device is reset before its
-    queues are deleted, so that neither side uses a queue while it goes."""
-    vb = _vb(cpu)
+def virtballoon_detach(cpu: NativeCpu, dev: Ref) -> None:
+    """Stop the balloon's users before the reset: its work (on the freezable
+    workqueue, which the freezer has stopped) and its callbacks, which queue
+    no more work (Linux's stop_update). Option virtio.nodetach skips this
+    and queues the work where the freezer does not stop it: the work then
+    runs while the queues are deleted (the ring says so with a FAILURE)."""
+    if dev.nodetach:
+        printk(cpu, "virtio_balloon: option virtio.nodetach: the freeze leaves the work "
+               "running")
+        return
+    _vb(cpu).stop_update = 1
     if not workqueue_frozen(cpu):
         printk(cpu, "virtio_balloon: freeze with the worker still running")
+
+
+def virtballoon_freeze(cpu: NativeCpu, dev: Ref) -> int:
+    """The driver's freeze (the core has deferred config changes): first its
+    users stopped (virtballoon_detach). Under ``deflate`` the balloon is
+    emptied (Linux's remove_common); then the device is reset before its
+    queues are deleted, so that neither side uses a queue while it goes."""
+    vb = _vb(cpu)
+    virtballoon_detach(cpu, dev)
     if vb.policy == POLICY_DEFLATE:
         while vb.num_pages:  # remove_common: leak everything, telling the host
             if not leak_balloon(cpu, vb.num_pages):
@@ -467,6 +493,7 @@ def _restore_common(cpu: NativeCpu) -> int:
     negotiated again: the queues, DRIVER_OK, the work if the balloon is off
     its target, and ``actual`` written."""
     init_vqs(cpu)
+    _vb(cpu).stop_update = 0  # the queues are there again: the users may go on
     virtio_device_ready(cpu, _dev(cpu))
     if towards_target(cpu):
         queue_update(cpu)

@@ -38,7 +38,13 @@ from hypervisor.toolstack.precopy import (
     progress_line,
 )
 from hypervisor.toolstack.restore import RestoreError
-from hypervisor.toolstack.session import RunResult, boot, run_domain
+from hypervisor.toolstack.session import (
+    RunResult,
+    boot,
+    check_parting,
+    run_domain,
+    run_to_parting,
+)
 from hypervisor.toolstack.stream import StreamError
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
 
@@ -127,10 +133,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     _save_request(requests, args.until)
     clock = _clock(args)
     _gdb_needs_counted_slices(args, clock)
-    hv, dom = boot(cfg, seed=args.seed, clock=clock, sched_seed=args.sched_seed)
+    _check_parting_args(args.config, args.sched_from, args.until, "--sched-from")
+    _check_inject_args(args.inject_every, args.inject_kind, args.inject_slices)
+    if args.sched_from is not None and args.sched_seed is None:
+        raise CliError("--sched-from needs --sched-seed: the schedule from that time on")
+    if args.inject_phase and not args.inject_every:
+        raise CliError("--inject-phase needs --inject-every")
+    parting = args.sched_from is not None
+    hv, dom = boot(cfg, seed=args.seed, clock=clock,
+                   sched_seed=None if parting else args.sched_seed)
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
+    injectors = (domctl.virtio_injectors(hv, dom, args.inject_every, 0, args.inject_kind,
+                                         "slice" if args.inject_slices else "access")
+                 if args.inject_every else [])
+    if parting:
+        # explore's forked runs: the configuration's schedule to the parting
+        requests = run_to_parting(hv, dom, args.sched_from, requests, _stream, _note)
+        domctl.reseed_schedule(hv, args.sched_seed)
+    for inj in injectors:
+        inj.phase = args.inject_phase
+        inj.arm()
     return _run_or_save(hv, dom, requests, args, cfg.verdict)
 
 
@@ -863,6 +887,13 @@ def _add_run(sub: Any) -> None:
                      help="stop after TIME of virtual time (e.g. 20ms, 1.5s)")
     _seed_arg(run, " (frame shuffling, scheduling)")
     _sched_seed_arg(run)
+    run.add_argument("--sched-from", metavar="TIME", type=_duration,
+                     help="the configuration's schedule until TIME, --sched-seed's from then "
+                          "on (how pvlab explore --fork-at runs; its replay lines use it)")
+    _inject_arg(run)
+    run.add_argument("--inject-phase", metavar="K", type=int, default=0,
+                     help="with --inject-every N: throw after the accesses numbered K "
+                          "modulo N (explore gives seed S the phase S mod N)")
     run.add_argument("--fast", action="store_true",
                      help="fast clock: host-time slices instead of deterministic "
                           "instruction-count slices (results stay the same, runs do not "
@@ -1140,10 +1171,54 @@ def cmd_explore(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     except re.error as e:
         raise CliError(f"--results {args.results!r} is no regular expression: {e}") from None
-    scenario = explore.Scenario(args.config, args.until, args.frames, args.seed, args.results)
+    _check_parting_args(args.config, args.fork_at, args.until, "--fork-at")
+    if args.fork_at is not None and args.frames:
+        raise CliError("--fork-at and --frames: forked runs share their frames")
+    _check_inject_args(args.inject_every, args.inject_kind, args.inject_slices)
+    scenario = explore.Scenario(args.config, args.until, args.frames, args.seed, args.results,
+                                args.fork_at, args.inject_every, args.inject_kind,
+                                "slice" if args.inject_slices else "access")
     groups = explore.explore(scenario, seeds, args.jobs, explore.progress_on_stderr())
     explore.report(scenario, groups, print)
+    if args.json:
+        explore.write_json(scenario, groups, args.json)
     return explore.verdict(groups)
+
+
+def _check_parting_args(config: str, at_ns: int | None, until: int | None, flag: str) -> None:
+    """A parting time before --until and before any suspend, shutdown or save."""
+    if at_ns is None:
+        return
+    if until is not None and until <= at_ns:
+        raise CliError(f"{flag} {format_duration(at_ns)} is not before --until "
+                       f"{format_duration(until)}")
+    try:
+        check_parting(load_config(config).requests, at_ns)
+    except ValueError as e:
+        raise CliError(f"{flag}: {e}") from None
+
+
+def _check_inject_args(every: int, kind: str | None, slices: bool) -> None:
+    if every < 0:
+        raise CliError("--inject-every must be 1 or more (0: no injector)")
+    if (kind is not None or slices) and not every:
+        raise CliError(f"{'--inject-kind' if kind is not None else '--inject-slices'} "
+                       "needs --inject-every")
+    if kind is not None and kind not in domctl.device_kind_names():
+        raise CliError(f"--inject-kind {kind!r}: no such device kind (the kinds: "
+                       f"{', '.join(domctl.device_kind_names())})")
+
+
+def _inject_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inject-every", metavar="N", type=int, default=0,
+                   help="throw each virtio device's events (a used buffer, a config change, "
+                        "its interrupt) after every N-th register access of the guest, from "
+                        "the parting on (docs/virtio.md, 'The injector')")
+    p.add_argument("--inject-kind", metavar="KIND",
+                   help="only at the devices of this kind (balloon, ...)")
+    p.add_argument("--inject-slices", action="store_true",
+                   help="count the scheduler's slices from the parting instead of the "
+                        "guest's register accesses in the freeze, reset and restore")
 
 
 def _add_explore(sub: Any) -> None:
@@ -1172,6 +1247,12 @@ def _add_explore(sub: Any) -> None:
     ex.add_argument("--results", metavar="REGEX", default=DEFAULT_RESULTS,
                     help="console lines that are a run's results, compared across runs "
                          f"(default {DEFAULT_RESULTS!r})")
+    ex.add_argument("--fork-at", metavar="TIME", type=_duration,
+                    help="the runs share their start: one run on the configuration's "
+                         "schedule to TIME (before any suspend, shutdown or save), then each "
+                         "seed's run is a fork of it with that seed's schedule from there on")
+    _inject_arg(ex)
+    ex.add_argument("--json", metavar="FILE", help="also write the groups to FILE as JSON")
     ex.set_defaults(func=cmd_explore)
 
 

@@ -17,20 +17,44 @@ run's console and the ``pvlab run`` command that replays that run bit for bit.
 
 A guest's results must not depend on its schedule: more than one group, or a
 group that crashed or hung, is a race found.
+
+Two options aim the runs at a moment, the freeze and thaw of a save, say:
+
+* ``fork_ns`` (``--fork-at TIME``): the runs share their start. One run, on
+  the configuration's schedule, goes to that time (no suspend, shutdown or
+  save may be asked before it); each seed's run is a fork of that process
+  (os.fork copies the machine) whose schedule from there on is the seed's
+  (``domctl.reseed_schedule``). A run then costs only its part after TIME.
+  ``pvlab run CONFIG --sched-from TIME --sched-seed N`` replays one.
+* ``inject_every`` (``--inject-every N``): the injector
+  (hypervisor/devices/virtio/inject.py) on every virtio device (or those of
+  ``inject_kind``), armed at the parting (or at boot without one), throws the
+  device's events, a used buffer, a config change and its interrupt, after
+  every N-th register access of the guest in its freeze, reset and restore,
+  from access ``seed % N``: over N seeds every step gets its events under
+  some schedule. With ``inject_unit="slice"`` (``--inject-slices``) it counts
+  slices from the parting instead, so the events come before the freeze too.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import pickle
 import re
+import selectors
 import shlex
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from hypervisor import domctl
 from hypervisor.toolstack.config import load_config
-from hypervisor.toolstack.session import boot, run_domain
+from hypervisor.toolstack.control import Request
+from hypervisor.toolstack.session import boot, check_parting, run_domain, run_to_parting
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
 
 DEFAULT_RESULTS = r"digest|FAILURE|Test result:"
@@ -100,6 +124,14 @@ class Scenario:
     frames: bool = False       # the seed moves the frames too (the machine's seed)
     seed: int | None = None    # the frames' seed when they stay put (default the config's)
     results: str = DEFAULT_RESULTS
+    fork_ns: int | None = None  # the runs share their start up to this time (--fork-at)
+    inject_every: int = 0      # the injector: events at every N-th access (0: none)
+    inject_kind: str | None = None  # only on the devices of this kind
+    inject_unit: str = "access"  # what the injector counts: "access" or "slice"
+
+    def phase(self, seed: int) -> int:
+        """The injector's first access under ``seed``."""
+        return seed % self.inject_every if self.inject_every else 0
 
     def replay(self, seed: int) -> str:
         """The command that runs this scenario's run ``seed`` again."""
@@ -108,35 +140,81 @@ class Scenario:
             cmd += ["--seed", str(seed)]  # and the schedule's, whatever the config says
         elif self.seed is not None:
             cmd += ["--seed", str(self.seed)]
+        if self.fork_ns is not None:
+            cmd += ["--sched-from", _time_arg(self.fork_ns)]
         cmd += ["--sched-seed", str(seed)]
+        if self.inject_every:
+            cmd += ["--inject-every", str(self.inject_every),
+                    "--inject-phase", str(self.phase(seed))]
+            if self.inject_kind is not None:
+                cmd += ["--inject-kind", self.inject_kind]
+            if self.inject_unit == "slice":
+                cmd += ["--inject-slices"]
         if self.until_ns is not None:
-            until = format_duration(self.until_ns).replace(" ", "")
-            exact = parse_duration(until) == self.until_ns
-            cmd += ["--until", until if exact else f"{self.until_ns}ns"]
+            cmd += ["--until", _time_arg(self.until_ns)]
         return shlex.join(cmd)
 
 
-def run_one(scenario: Scenario, seed: int) -> tuple[int, Outcome, str]:
-    """One run: its seed, its outcome and the tail of its console."""
+def _time_arg(ns: int) -> str:
+    text = format_duration(ns).replace(" ", "")
+    return text if parse_duration(text) == ns else f"{ns}ns"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run as the explorer keeps it."""
+
+    seed: int
+    outcome: Outcome
+    tail: str                  # the console's last lines
+    thrown: tuple[str, ...] = ()  # the injector's throws, in order
+
+
+def run_one(scenario: Scenario, seed: int) -> Run:
+    """One run of ``seed`` from boot."""
     cfg = load_config(scenario.config)
     if scenario.frames:
         hv, dom = boot(cfg, seed=seed, sched_seed=seed)
     else:
         hv, dom = boot(cfg, seed=scenario.seed, sched_seed=seed)
     try:
-        r = run_domain(hv, dom, scenario.until_ns, requests=cfg.requests)
-        trouble = (dom.crash_report.splitlines() or [""])[0] if r.reason == "crash" else ""
-        trouble = trouble or r.why or (f"did not acknowledge {r.unacknowledged}"
-                                       if r.unacknowledged else "")
-        lines = r.console.decode(errors="replace").splitlines()
-        pattern = re.compile(scenario.results)
-        results = tuple(sorted(_CPU_PREFIX.sub("", x) for x in lines if pattern.search(x)))
-        return seed, Outcome(r.reason, trouble, results), "\n".join(lines[-TAIL_LINES:])
+        injectors = _injectors(scenario, hv, dom)
+        arm_injectors(injectors, scenario.phase(seed))
+        return _finish(scenario, seed, hv, dom, cfg.requests, injectors)
     finally:
         hv.close()
 
 
-def _run_one(job: tuple[Scenario, int]) -> tuple[int, Outcome, str]:
+def _injectors(scenario: Scenario, hv: domctl.Hypervisor,
+               dom: domctl.Domain) -> list[domctl.Injector]:
+    if not scenario.inject_every:
+        return []
+    return domctl.virtio_injectors(hv, dom, scenario.inject_every, 0, scenario.inject_kind,
+                                   scenario.inject_unit)
+
+
+def arm_injectors(injectors: list[domctl.Injector], phase: int) -> None:
+    for inj in injectors:
+        inj.phase = phase
+        inj.arm()
+
+
+def _finish(scenario: Scenario, seed: int, hv: domctl.Hypervisor, dom: domctl.Domain,
+            requests: Iterable[Request], injectors: list[domctl.Injector]) -> Run:
+    """The run from here to its end, and what it came to."""
+    r = run_domain(hv, dom, scenario.until_ns, requests=list(requests))
+    trouble = (dom.crash_report.splitlines() or [""])[0] if r.reason == "crash" else ""
+    trouble = trouble or r.why or (f"did not acknowledge {r.unacknowledged}"
+                                   if r.unacknowledged else "")
+    lines = r.console.decode(errors="replace").splitlines()
+    pattern = re.compile(scenario.results)
+    results = tuple(sorted(_CPU_PREFIX.sub("", x) for x in lines if pattern.search(x)))
+    thrown = tuple(f"{inj.transport.device.name}: {t}" for inj in injectors for t in inj.thrown)
+    return Run(seed, Outcome(r.reason, trouble, results), "\n".join(lines[-TAIL_LINES:]),
+               thrown)
+
+
+def _run_one(job: tuple[Scenario, int]) -> Run:
     return run_one(*job)
 
 
@@ -145,6 +223,7 @@ class Group:
     outcome: Outcome
     seeds: list[int] = field(default_factory=list)
     tail: str = ""         # the console's tail of the run of its first seed
+    thrown: tuple[str, ...] = ()  # the injector's throws in the run of its first seed
 
 
 def explore(scenario: Scenario, seeds: list[int], jobs: int = 0,
@@ -152,20 +231,20 @@ def explore(scenario: Scenario, seeds: list[int], jobs: int = 0,
     """Run every seed (on ``jobs`` worker processes, 0: one per core) and
     group the outcomes, the largest group first."""
     groups: dict[Outcome, Group] = {}
-    tails: dict[int, str] = {}
-    for done, (seed, outcome, tail) in enumerate(_runs(scenario, seeds, jobs), 1):
-        groups.setdefault(outcome, Group(outcome)).seeds.append(seed)
-        tails[seed] = tail
+    runs: dict[int, Run] = {}
+    todo = _forked_runs if scenario.fork_ns is not None else _runs
+    for done, run in enumerate(todo(scenario, seeds, jobs), 1):
+        groups.setdefault(run.outcome, Group(run.outcome)).seeds.append(run.seed)
+        runs[run.seed] = run
         if progress is not None:
             progress(done, len(seeds))
     for g in groups.values():
         g.seeds.sort()
-        g.tail = tails[g.seeds[0]]
+        g.tail, g.thrown = runs[g.seeds[0]].tail, runs[g.seeds[0]].thrown
     return sorted(groups.values(), key=lambda g: (-len(g.seeds), g.seeds[0]))
 
 
-def _runs(scenario: Scenario, seeds: list[int], jobs: int
-          ) -> Iterator[tuple[int, Outcome, str]]:
+def _runs(scenario: Scenario, seeds: list[int], jobs: int) -> Iterator[Run]:
     jobs = min(jobs or os.cpu_count() or 1, len(seeds))
     if jobs <= 1:
         yield from (run_one(scenario, s) for s in seeds)
@@ -179,6 +258,85 @@ def _runs(scenario: Scenario, seeds: list[int], jobs: int
 def _quiet_worker() -> None:
     import logging
     logging.disable(logging.WARNING)
+
+
+def _forked_runs(scenario: Scenario, seeds: list[int], jobs: int) -> Iterator[Run]:
+    """The shared start once, to fork_ns; then a forked child per seed,
+    ``jobs`` at a time, each sending its Run back through a pipe."""
+    assert scenario.fork_ns is not None and not scenario.frames
+    cfg = load_config(scenario.config)
+    check_parting(cfg.requests, scenario.fork_ns)
+    hv, dom = boot(cfg, seed=scenario.seed)
+    try:
+        injectors = _injectors(scenario, hv, dom)
+        rest = run_to_parting(hv, dom, scenario.fork_ns, cfg.requests)
+        yield from _children(seeds, jobs or os.cpu_count() or 1, lambda seed: _part(
+            scenario, seed, hv, dom, rest, injectors))
+    finally:
+        hv.close()
+
+
+def _part(scenario: Scenario, seed: int, hv: domctl.Hypervisor, dom: domctl.Domain,
+          rest: list[Request], injectors: list[domctl.Injector]) -> Run:
+    """In the child: this seed's schedule from the parting on."""
+    _quiet_worker()
+    domctl.reseed_schedule(hv, seed)
+    arm_injectors(injectors, scenario.phase(seed))
+    return _finish(scenario, seed, hv, dom, rest, injectors)
+
+
+def _children(seeds: list[int], jobs: int, work: Callable[[int], Run]) -> Iterator[Run]:
+    """``work(seed)`` in a forked child per seed, at most ``jobs`` at once."""
+    todo = list(seeds)
+    sel = selectors.DefaultSelector()
+    got: dict[int, bytearray] = {}
+    try:
+        while todo or sel.get_map():
+            while todo and len(sel.get_map()) < jobs:
+                seed = todo.pop(0)
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:   # the child: never back into the caller
+                    os.close(r)
+                    _child(w, seed, work)
+                os.close(w)
+                got[r] = bytearray()
+                sel.register(r, selectors.EVENT_READ, (pid, seed))
+            for key, _ in sel.select():
+                chunk = os.read(key.fd, 1 << 16)
+                if chunk:
+                    got[key.fd] += chunk
+                    continue
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                pid, seed = key.data
+                _, status = os.waitpid(pid, 0)
+                yield _received(seed, bytes(got.pop(key.fd)), status)
+    finally:
+        for key in list(sel.get_map().values()):
+            os.close(key.fd)
+        sel.close()
+
+
+def _child(fd: int, seed: int, work: Callable[[int], Run]) -> None:
+    try:
+        try:
+            data = pickle.dumps(work(seed))
+        except BaseException:  # noqa: BLE001 - the parent reports it as the run's outcome
+            data = pickle.dumps(traceback.format_exc())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    finally:
+        os._exit(0)
+
+
+def _received(seed: int, data: bytes, status: int) -> Run:
+    """The child's Run, or an outcome that says why there is none."""
+    got = pickle.loads(data) if data else f"the run's process died (status {status:#x})"
+    if isinstance(got, Run):
+        return got
+    last = got.rstrip().splitlines()[-1] if got.strip() else "?"
+    return Run(seed, Outcome("error", f"the explorer's run failed: {last}", ()), got[-2000:])
 
 
 def report(scenario: Scenario, groups: list[Group], out: Callable[[str], None]) -> None:
@@ -196,7 +354,24 @@ def report(scenario: Scenario, groups: list[Group], out: Callable[[str], None]) 
         out("  console tail:")
         for line in g.tail.splitlines() or [""]:
             out(f"    {line}")
+        if g.thrown:
+            out(f"  events thrown (seed {g.seeds[0]}): {len(g.thrown)}, the first at "
+                f"{g.thrown[0]}")
         out(f"  replay: {scenario.replay(g.seeds[0])}")
+
+
+def groups_json(scenario: Scenario, groups: list[Group]) -> dict[str, Any]:
+    """The groups as one JSON object (``pvlab explore --json``)."""
+    return {"config": scenario.config, "verdict": verdict(groups),
+            "groups": [{**asdict(g.outcome), "seeds": g.seeds, "tail": g.tail,
+                        "thrown": list(g.thrown), "replay": scenario.replay(g.seeds[0])}
+                       for g in groups]}
+
+
+def write_json(scenario: Scenario, groups: list[Group], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(groups_json(scenario, groups), f, indent=1)
+        f.write("\n")
 
 
 def verdict(groups: list[Group]) -> int:

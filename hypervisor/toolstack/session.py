@@ -19,6 +19,10 @@ from hypervisor.toolstack.checkpoint import CheckpointWriter, SaveOutcome
 from hypervisor.toolstack.config import DomainConfig
 from hypervisor.toolstack.context import domain_of
 from hypervisor.toolstack.control import (
+    MIGRATE,
+    REMUS,
+    SAVE,
+    SAVE_LIVE,
     TYPE,
     Request,
     console_bytes,
@@ -271,6 +275,31 @@ def run_domain(hv: Hypervisor, dom: Domain, until_ns: int | None = None,
     finally:
         if run.scratch is not None:
             run.scratch.cleanup()
+
+
+def run_to_parting(hv: Hypervisor, dom: Domain, at_ns: int, requests: Sequence[Request],
+                   sink: Callable[[Domain, bytes], None] | None = None,
+                   note: Callable[[str], None] | None = None) -> list[Request]:
+    """The start that runs parting at ``at_ns`` share (``pvlab explore
+    --fork-at``, ``pvlab run --sched-from``): run to ``at_ns``, making the
+    requests due by then, and return the others, for the rest of the run.
+    None due by then may suspend, shut down, save or migrate the domain: it
+    would still be under way where the runs part (ValueError)."""
+    check_parting(requests, at_ns)
+    run_domain(hv, dom, at_ns, sink, [r for r in requests if r.at_ns <= at_ns], note)
+    return [r for r in requests if r.at_ns > at_ns]
+
+
+def check_parting(requests: Sequence[Request], at_ns: int) -> None:
+    """ValueError if a request due by ``at_ns`` suspends, shuts down, saves
+    or migrates the domain (run_to_parting's rule)."""
+    busy = [r for r in requests if r.at_ns <= at_ns
+            and (r.shutdown or r.command in (SAVE, SAVE_LIVE, MIGRATE, REMUS))]
+    if busy:
+        raise ValueError(f"the request at {format_duration(busy[0].at_ns)} "
+                         f"({_describe(busy[0])}) comes before the runs part at "
+                         f"{format_duration(at_ns)}: part them before any suspend, "
+                         "shutdown or save")
 
 
 def _console_limit(hv: Hypervisor, limit: int | None) -> int:

@@ -309,6 +309,14 @@ class Balloon(BalloonEventHandler, VirtioDevice):
 
     def _poll(self) -> None:
         """The host asks for fresh statistics: give the held buffer back."""
+        if not self._return_stats():
+            return
+        if self.host.is_running():
+            self._arm_poll()
+
+    def _return_stats(self) -> bool:
+        """Give the held stats buffer back (used), if the queue is live;
+        False if the ring broke doing it."""
         t = self.transport
         q = t.queues[VIRTIO_BALLOON_VQ_STATS]
         if self.stats_held is not None and t.live and q.ready:
@@ -317,10 +325,13 @@ class Balloon(BalloonEventHandler, VirtioDevice):
                 q.push(t.mem, head, 0)
             except RingError as e:
                 t.needs_reset(str(e))
-                return
+                return False
             t.used_notify(q)
-        if self.host.is_running():
-            self._arm_poll()
+        return True
+
+    def spontaneous(self) -> None:
+        """The explorer's injector: a stats request out of turn."""
+        self._return_stats()
 
     # --- for the toolstack --------------------------------------------------------------
 

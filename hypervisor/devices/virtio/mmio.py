@@ -119,6 +119,11 @@ class VirtioDevice:
     def handle_queue(self, q: SplitQueue) -> None:
         """The driver notified ``q``; may raise RingError."""
 
+    def spontaneous(self) -> None:
+        """Use a buffer as the host may at any moment (a stats request, a
+        packet, console input), if there is one to use; the explorer's
+        injector (devices/virtio/inject.py) calls it at chosen steps."""
+
     def close(self) -> None:
         """The domain is gone: let go of what the host gave the device (its
         files and sockets). Called once, after which nothing else is."""

@@ -44,6 +44,7 @@ from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
 from hypervisor.devices.blk import QUEUE_SIZE as BLK_QUEUE_SIZE
+from hypervisor.devices.blk import Block
 from hypervisor.devices.blk import check_queue_size as blk_check_queue_size
 from hypervisor.devices.blk import persist as blk_persist
 from hypervisor.devices.console import Console
@@ -874,6 +875,14 @@ def console_ports(dom: Domain) -> list[dict[str, Any]]:
     return [] if con is None else con.info()["ports"]
 
 
+def private_disks(dom: Domain) -> None:
+    """Each of the domain's disks goes on with a copy of its own (the
+    explorer's runs: none writes another's disk, nor the image file)."""
+    for dev in dom.devices:
+        if isinstance(dev.device, Block):
+            dev.device.private_copy()
+
+
 def find_device(dom: Domain, kind: type) -> Any | None:
     """The domain's first device model of this kind, or None."""
     for dev in dom.devices:
@@ -963,7 +972,7 @@ __all__ = [
     "add_virtio", "add_virtio_balloon", "new_balloon_state", "new_blk_state",
     "new_console_state", "check_console_ports", "check_blk_queue_size", "BLK_QUEUE_SIZE",
     "console_ports",
-    "new_net_state", "parse_net_address",
+    "new_net_state", "parse_net_address", "private_disks",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "device_kind_names", "getdomaininfolist", "is_paused", "next_work",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 from hypervisor.devices.blk.event_handler import (
     QUEUE_SIZE,
@@ -150,6 +151,20 @@ class Block(BlockEventHandler, VirtioDevice):
         """The image's writes to stable storage (FLUSH, and a save)."""
         if not self.read_only:
             os.fsync(self.fd)
+
+    def private_copy(self) -> None:
+        """Go on with a copy of the disk as it is now, of this process's own:
+        the explorer's runs, forked from one, each write their own disk, and
+        the image file keeps what it had (``path`` still names it)."""
+        fd, tmp = tempfile.mkstemp(prefix="pvlab-disk-")
+        os.unlink(tmp)  # gone when closed
+        pos, size = 0, os.fstat(self.fd).st_size
+        while pos < size:
+            chunk = os.pread(self.fd, min(1 << 20, size - pos), pos)
+            os.pwrite(fd, chunk, pos)
+            pos += len(chunk)
+        os.close(self.fd)
+        self.fd = fd
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -42,7 +42,9 @@
                          # optional: virtio-blk disks, xl's disk spelling (also its
                          # positional "disk.img,raw,xvda,rw"): a raw image file
                          # (relative to this file), access rw or ro; the guest
-                         # names them vda, vdb, ... in this order
+                         # names them vda, vdb, ... in this order; pvlab's
+                         # queue-size=N (QEMU's): the request queue's entries,
+                         # a power of two from 4 to 256 (default 256)
 """
 
 from __future__ import annotations

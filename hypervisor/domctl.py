@@ -43,6 +43,9 @@ from hypervisor.cpu.vcpu import RAX
 from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.blk import QUEUE_SIZE as BLK_QUEUE_SIZE
+from hypervisor.devices.blk import Block
+from hypervisor.devices.blk import check_queue_size as blk_check_queue_size
 from hypervisor.devices.blk import persist as blk_persist
 from hypervisor.devices.console import Console
 from hypervisor.devices.console import persist as console_persist
@@ -819,9 +822,16 @@ def new_balloon_state(stats_interval_ns: int, deflate_on_oom: bool, postcopy: st
     return balloon_persist.new_state(stats_interval_ns, deflate_on_oom, postcopy)
 
 
-def new_blk_state(path: str, read_only: bool, serial: str = "") -> dict[str, Any]:
-    """A new disk's state, for add_virtio: the image at ``path`` (a raw file)."""
-    return blk_persist.new_state(path, read_only, serial)
+def new_blk_state(path: str, read_only: bool, serial: str = "",
+                  queue_size: int = BLK_QUEUE_SIZE) -> dict[str, Any]:
+    """A new disk's state, for add_virtio: the image at ``path`` (a raw file),
+    its request queue of ``queue_size`` entries."""
+    return blk_persist.new_state(path, read_only, serial, queue_size)
+
+
+def check_blk_queue_size(size: int) -> str | None:
+    """Why a disk's request queue cannot have ``size`` entries, or None."""
+    return blk_check_queue_size(size)
 
 
 def new_net_state(mac: str, backend: dict[str, Any]) -> dict[str, Any]:
@@ -863,6 +873,14 @@ def console_ports(dom: Domain) -> list[dict[str, Any]]:
     and whether each side has it open (empty: no console)."""
     con = find_device(dom, Console)
     return [] if con is None else con.info()["ports"]
+
+
+def private_disks(dom: Domain) -> None:
+    """Each of the domain's disks goes on with a copy of its own (the
+    explorer's runs: none writes another's disk, nor the image file)."""
+    for dev in dom.devices:
+        if isinstance(dev.device, Block):
+            dev.device.private_copy()
 
 
 def find_device(dom: Domain, kind: type) -> Any | None:
@@ -952,8 +970,9 @@ __all__ = [
     "Hypervisor",
     "Injector", "KernelError", "OutOfMemory", "PageType", "PhysInfo", "Throw", "VcpuInfo",
     "add_virtio", "add_virtio_balloon", "new_balloon_state", "new_blk_state",
-    "new_console_state", "check_console_ports", "console_ports",
-    "new_net_state", "parse_net_address",
+    "new_console_state", "check_console_ports", "check_blk_queue_size", "BLK_QUEUE_SIZE",
+    "console_ports",
+    "new_net_state", "parse_net_address", "private_disks",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "device_kind_names", "getdomaininfolist", "is_paused", "next_work",

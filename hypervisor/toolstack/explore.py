@@ -25,6 +25,8 @@ Two options aim the runs at a moment, the freeze and thaw of a save, say:
   save may be asked before it); each seed's run is a fork of that process
   (os.fork copies the machine) whose schedule from there on is the seed's
   (``domctl.reseed_schedule``). A run then costs only its part after TIME.
+  Every run writes a private copy of each disk (``domctl.private_disks``),
+  so that no run sees another's writes and the image file stays as it was.
   ``pvlab run CONFIG --sched-from TIME --sched-seed N`` replays one.
 * ``inject_every`` (``--inject-every N``): the injector
   (hypervisor/devices/virtio/inject.py) on every virtio device (or those of
@@ -177,6 +179,7 @@ def run_one(scenario: Scenario, seed: int) -> Run:
         hv, dom = boot(cfg, seed=seed, sched_seed=seed)
     else:
         hv, dom = boot(cfg, seed=scenario.seed, sched_seed=seed)
+    domctl.private_disks(dom)
     try:
         injectors = _injectors(scenario, hv, dom)
         arm_injectors(injectors, scenario.phase(seed))
@@ -267,6 +270,7 @@ def _forked_runs(scenario: Scenario, seeds: list[int], jobs: int) -> Iterator[Ru
     cfg = load_config(scenario.config)
     check_parting(cfg.requests, scenario.fork_ns)
     hv, dom = boot(cfg, seed=scenario.seed)
+    domctl.private_disks(dom)  # the image file stays as it is: a replay starts from it too
     try:
         injectors = _injectors(scenario, hv, dom)
         rest = run_to_parting(hv, dom, scenario.fork_ns, cfg.requests)
@@ -280,6 +284,7 @@ def _part(scenario: Scenario, seed: int, hv: domctl.Hypervisor, dom: domctl.Doma
           rest: list[Request], injectors: list[domctl.Injector]) -> Run:
     """In the child: this seed's schedule from the parting on."""
     _quiet_worker()
+    domctl.private_disks(dom)  # the disks as the parting left them, this run's own
     domctl.reseed_schedule(hv, seed)
     arm_injectors(injectors, scenario.phase(seed))
     return _finish(scenario, seed, hv, dom, rest, injectors)

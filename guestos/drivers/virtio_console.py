@@ -18,21 +18,24 @@ reads the host's input and writes output to the host:
 * **open** and **release** tell the device (PORT_OPEN 1 and 0), which gives
   the port input only while the guest has it open.
 
-A control message from the device is handled where its buffer is taken
-(``handle_control``): from the control receiveq's callback, or at once by
-the driver after it sent a message the device answers in its notify.
+A control message from the device is handled by the control work
+(``control_work_handler``, on system_wq), which the control receiveq's
+callback queues, or at once by probe and restore after they sent messages
+the device answers in its notify (``handle_control``).
 
 All state is in guest memory: the device's ``priv`` page holds the driver's
 PORTDEV and one PORT per port; the buffers are pages the driver allocates.
 
 PM (virtcons_freeze, virtcons_restore):
 
-* freeze: the users stop first (``detach``: a read or a write waits until
-  the restore; the option ``virtio.nodetach=1`` skips this, so a write during
-  the freeze reaches a deleted queue and the ring prints a FAILURE line),
-  then the device is reset (virtio_reset_device), every port's host side is
-  taken as closed ("we'll ask the host later"), unread input discarded, and
-  the queues deleted;
+* freeze: the users stop (``detached``: a read or a write waits until the
+  restore), the device is reset (virtio_reset_device), the control work
+  cancelled (cancel_work_sync: after the reset, whose flush leaves no
+  callback to queue it again), every port's host side taken as closed
+  ("we'll ask the host later"), unread input discarded, and the queues
+  deleted. The option ``virtio.nodetach=1`` skips the detach: the work, not
+  cancelled, may run after the delete and give a buffer back to the deleted
+  control receiveq (the ring prints a FAILURE line; docs/virtio-console.md);
 * restore and thaw: the queues again, DRIVER_OK, the control receiveq and
   each port's receiveq filled, PORT_READY for each known port (the device
   answers with PORT_OPEN 1 if its host side is open: a client connected)
@@ -457,7 +460,7 @@ def port_fops_write(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | No
     vq = vq_at(cpu, dev, port_txq(file.minor))
     head = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, port.tx), n, writable=False)
     if head < 0:
-        return -EIO  # the queue is gone (option virtio.nodetach) or full
+        return -EIO  # the queue is full
     vm.notify(cpu, dev, vq)
     while virtio_ring.get_buf(cpu, vq) is not None:  # the device used it in its notify
         pass

@@ -207,13 +207,8 @@ def virtblk_probe(cpu: NativeCpu, dev: Ref) -> int:
     vb.blk_size = (vm.config_read(cpu, dev, VIRTIO_BLK_CFG_BLK_SIZE)
                    if has_feature(dev, VIRTIO_BLK_F_BLK_SIZE) else SECTOR_SIZE)
     vb.read_only = 1 if has_feature(dev, VIRTIO_BLK_F_RO) else 0
-    for i in range(NR_SLOTS):
-        slot = _slot(cpu, dev, i)
-        slot.page, slot.state, slot.file = alloc_pages(cpu), REQ_FREE, 0
-        pfns = [alloc_pages(cpu) for _ in range(DATA_PAGES)]
-        cpu.write(va(slot.page) + DATA_OFF, struct.pack(f"<{DATA_PAGES}Q", *pfns))
-    init_vq(cpu, dev)
-    virtio_device_ready(cpu, dev)
+    # the node first: a disk that cannot have its name takes nothing (no
+    # slot pages, no queue), and the next disk keeps its own name
     set_driver_data(cpu, virtio_blk_driver, index + 1)
     name = f"vd{chr(ord('a') + index)}"
     node = device_create(cpu, name, virtio_blk_fops, dev.va)
@@ -221,6 +216,13 @@ def virtblk_probe(cpu: NativeCpu, dev: Ref) -> int:
         printk(cpu, f"virtio_blk: no node {name}: error {node}")
         return node
     vb.node = node
+    for i in range(NR_SLOTS):
+        slot = _slot(cpu, dev, i)
+        slot.page, slot.state, slot.file = alloc_pages(cpu), REQ_FREE, 0
+        pfns = [alloc_pages(cpu) for _ in range(DATA_PAGES)]
+        cpu.write(va(slot.page) + DATA_OFF, struct.pack(f"<{DATA_PAGES}Q", *pfns))
+    init_vq(cpu, dev)
+    virtio_device_ready(cpu, dev)
     serial = get_id(cpu, dev)
     printk(cpu, f"virtio_blk: {name}: {vb.capacity} sectors ({vb.capacity // 2} KiB), "
            f"serial {serial!r}, {'read-only' if vb.read_only else 'read-write'}, "

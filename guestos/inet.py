@@ -407,5 +407,5 @@ def icmp_write(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | None:
     return rc if rc < 0 else size
 
 
-icmp_fops = export(file_operations(icmp_open, icmp_read, icmp_write),
+icmp_fops = export(file_operations(icmp_open, icmp_read, icmp_write, no_llseek=True),
                    "guestos.inet.icmp_fops")

@@ -354,8 +354,8 @@ def vring_interrupt(cpu: NativeCpu, dev: Ref, vq: Ref) -> bool:
     deleted one that is not broken is the race the flush prevents."""
     if vq.broken:
         dev.broken_irqs = dev.broken_irqs + 1
-        printk(cpu, f"virtio: an interrupt of queue {vq.index} refused: the queue is broken "
-                    "(reset, or not yet DRIVER_OK)")
+        printk(cpu, f"virtio: an interrupt of queue {vq.index} refused on cpu{cpu.vcpu_id}: "
+                    "the queue is broken (reset, or not yet DRIVER_OK)")
         return False
     if not vq.present:
         dev.late_callbacks = dev.late_callbacks + 1

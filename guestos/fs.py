@@ -20,7 +20,8 @@ returned -ERESTARTSYS. Nothing of the wait is kept but the task's state,
 its channel and its registers, so a save in between loses nothing.
 
 A task's files are closed when it exits (the driver's ``release``), as
-Linux's exit_files does.
+Linux's exit_files does. A file open on a node its driver destroyed is dead:
+every call on it but close gets -ENODEV, whatever node later takes the row.
 """
 
 from __future__ import annotations
@@ -30,15 +31,30 @@ from dataclasses import dataclass
 
 from guestos.kdata import AREAS
 from guestos.layout import Layout, Ref
+from guestos.mm import PAGE_SIZE
 from guestos.symbols import NO_SYMBOL, symbol, symbol_number
 from guestos.task import current, register_exit_hook, wake_up_waiters
 from guestos.usercopy import copy_from_user
-from hypervisor.public.errno import EBADF, EEXIST, EFAULT, EINVAL, EMFILE, ENFILE, ENODEV, ENOENT
+from hypervisor.public.errno import (
+    EBADF,
+    EEXIST,
+    EFAULT,
+    EINVAL,
+    EMFILE,
+    ENAMETOOLONG,
+    ENFILE,
+    ENODEV,
+    ENOENT,
+    ENOTTY,
+    ESPIPE,
+)
 from hypervisor.public.native import NativeCpu
 
 O_RDONLY, O_WRONLY, O_RDWR = 0, 1, 2
 O_ACCMODE = 3
+F_DEAD = 1 << 8              # file.flags: its node was destroyed (not an open flag)
 SEEK_SET, SEEK_CUR = 0, 1
+MAX_LFS = (1 << 63) - 1      # the largest position (Linux's MAX_LFS_FILESIZE)
 FIRST_FD = 3                 # 0, 1, 2: the console
 MAX_FDS = 8                  # a task's descriptors: 3 .. 10, one byte each of task.files
 assert MAX_FDS * 8 <= 64
@@ -57,7 +73,7 @@ FILE = Layout("file", [
     ("node", "u64"),         # node index + 1 (0: a free row)
     ("minor", "u64"),
     ("pos", "u64"),
-    ("flags", "u64"),        # O_RDONLY, O_WRONLY or O_RDWR
+    ("flags", "u64"),        # O_RDONLY, O_WRONLY or O_RDWR; F_DEAD
     ("private", "u64"),      # the driver's
     ("pid", "u64"),          # the task that opened it
 ])
@@ -76,6 +92,7 @@ class file_operations:
     write: Read | None = None                      #   None: wait (wake_up_node)
     release: Callable[[NativeCpu, Ref], None] | None = None
     ioctl: Callable[[NativeCpu, Ref, int, int], int] | None = None
+    no_llseek: bool = False    # a stream (Linux's no_llseek): lseek gets -ESPIPE
 
 
 def node(cpu: NativeCpu, n: int) -> Ref:
@@ -119,11 +136,17 @@ def device_create(cpu: NativeCpu, name: str, fops: file_operations, minor: int) 
 
 
 def device_destroy(cpu: NativeCpu, name: str) -> None:
-    """The node goes; files open on it get -ENODEV from then on."""
+    """The node goes; files open on it are dead, -ENODEV from then on (as
+    Linux's cdev_del leaves them), even once a new node takes its row."""
     n = _find_node(cpu, name)
-    if n >= 0:
-        node(cpu, n).fops = NO_SYMBOL
-        wake_up_node(cpu, n)
+    if n < 0:
+        return
+    node(cpu, n).fops = NO_SYMBOL
+    for r in range(MAX_FILES):
+        f = file(cpu, r)
+        if f.node == n + 1:
+            f.flags = f.flags | F_DEAD
+    wake_up_node(cpu, n)
 
 
 def wake_up_node(cpu: NativeCpu, n: int) -> None:
@@ -133,6 +156,9 @@ def wake_up_node(cpu: NativeCpu, n: int) -> None:
 
 
 def _fops(cpu: NativeCpu, f: Ref) -> file_operations | None:
+    """The driver's operations for ``f``; None if its node was destroyed."""
+    if f.flags & F_DEAD:
+        return None
     nd = node(cpu, f.node - 1)
     return symbol(nd.fops) if nd.fops != NO_SYMBOL else None  # type: ignore[return-value]
 
@@ -164,14 +190,31 @@ def wait_channel(f: Ref) -> int:
 
 # --- the calls ----------------------------------------------------------------------------
 
+def strncpy_from_user(cpu: NativeCpu, uva: int, size: int) -> bytes | int:
+    """The string at ``uva`` without its NUL, read up to the NUL and a page
+    at a time, so that a short name just before an unmapped page is read
+    (Linux's strncpy_from_user); -EFAULT, or -ENAMETOOLONG if no NUL comes in
+    ``size`` bytes."""
+    out = b""
+    while len(out) < size:
+        n = min(size - len(out), PAGE_SIZE - (uva & (PAGE_SIZE - 1)))
+        chunk = copy_from_user(cpu, uva, n)
+        if chunk is None:
+            return -EFAULT
+        if b"\0" in chunk:
+            return out + chunk.split(b"\0")[0]
+        out, uva = out + chunk, uva + n
+    return -ENAMETOOLONG
+
+
 def sys_open(cpu: NativeCpu, path: int, flags: int) -> int:
     """A descriptor for the node named at ``path``, or -errno."""
-    raw = copy_from_user(cpu, path, NAME_LEN)
-    if raw is None:
-        return -EFAULT
+    raw = strncpy_from_user(cpu, path, NAME_LEN)
+    if isinstance(raw, int):
+        return raw
     if flags & ~O_ACCMODE or flags & O_ACCMODE == O_ACCMODE:
         return -EINVAL
-    n = _find_node(cpu, raw.split(b"\0")[0].decode(errors="replace"))
+    n = _find_node(cpu, raw.decode(errors="replace"))
     if n < 0:
         return n
     t = current(cpu)
@@ -219,7 +262,7 @@ def file_write(cpu: NativeCpu, fd: int, ubuf: int, size: int) -> int | None:
 
 def _rw(cpu: NativeCpu, fd: int, ubuf: int, size: int, write: bool) -> int | None:
     f = fget(cpu, fd)
-    if f is None or f.flags == (O_RDONLY if write else O_WRONLY):
+    if f is None or f.flags & O_ACCMODE == (O_RDONLY if write else O_WRONLY):
         return -EBADF
     fops = _fops(cpu, f)
     if fops is None:
@@ -232,14 +275,21 @@ def _rw(cpu: NativeCpu, fd: int, ubuf: int, size: int, write: bool) -> int | Non
 
 def sys_lseek(cpu: NativeCpu, fd: int, offset: int, whence: int) -> int:
     """The new position (SEEK_SET, SEEK_CUR; the driver checks it at each
-    read or write), or -errno."""
+    read or write), or -errno: -ESPIPE on a stream (no_llseek), -EINVAL
+    below 0 or past MAX_LFS (a larger one would come back looking like an
+    error code, as Linux's vfs_setpos refuses it)."""
     f = fget(cpu, fd)
     if f is None:
         return -EBADF
+    fops = _fops(cpu, f)
+    if fops is None:
+        return -ENODEV
+    if fops.no_llseek:
+        return -ESPIPE
     if offset >= 1 << 63:
         offset -= 1 << 64  # a negative offset, as the register held it
     base = {SEEK_SET: 0, SEEK_CUR: f.pos}.get(whence)
-    if base is None or base + offset < 0:
+    if base is None or not 0 <= base + offset <= MAX_LFS:
         return -EINVAL
     f.pos = base + offset
     return f.pos
@@ -252,7 +302,7 @@ def sys_ioctl(cpu: NativeCpu, fd: int, cmd: int, arg: int) -> int:
     fops = _fops(cpu, f)
     if fops is None:
         return -ENODEV
-    return fops.ioctl(cpu, f, cmd, arg) if fops.ioctl is not None else -EINVAL
+    return fops.ioctl(cpu, f, cmd, arg) if fops.ioctl is not None else -ENOTTY  # Linux's
 
 
 def exit_files(cpu: NativeCpu, t: Ref) -> None:

@@ -82,7 +82,7 @@ INET = Layout("inet", [
     ("reply_tail", "u64"),    #   and tail (next to fill), free-running
     ("pending_ip", "u64"),    # the packet waiting for ARP: its next hop (0: none)
     ("pending_len", "u64"),
-    ("pending_since", "u64"),
+    ("pending_since", "u64"),  #   since when (ARP_TIMEOUT_NS)
     ("arp_requests", "u64"),  # counters
     ("arp_replies", "u64"),
     ("arp_announces", "u64"),  # gratuitous ARPs sent
@@ -93,8 +93,10 @@ INET = Layout("inet", [
     ("replies_dropped", "u64"),  # ... with the queue full
     ("rx_dropped", "u64"),    # frames not for us or malformed
     ("tx_errors", "u64"),     # frames the device would not take
+    ("arp_timeouts", "u64"),  # held packets dropped: their ARP reply came too late
 ])
 ARP_OFF, ARP_SLOTS, ARP_ENTRY = 512, 16, struct.Struct("<I6sH")  # ip, mac, valid
+assert INET.size <= ARP_OFF
 REPLY_OFF, REPLY_SLOTS = 1024, 32
 REPLY = struct.Struct("<IHBBII")  # saddr, seq, ttl, 0, rtt_us, bytes: what read gives
 SENT_OFF, SENT_SLOTS = 1536, 64   # send time of each sequence number mod 64
@@ -249,6 +251,19 @@ def _arp_rcv(cpu: NativeCpu, inet: Ref, body: bytes) -> None:
         _send_pending(cpu, inet, sha)
 
 
+def _send_pending(cpu: NativeCpu, inet: Ref, mac: bytes) -> None:
+    """The packet held for this ARP reply, unless it waited past
+    ARP_TIMEOUT_NS: then it is dropped, as Linux's neighbour code drops a
+    queue whose resolution failed (neigh_invalidate)."""
+    inet.pending_ip = 0
+    if now(cpu) - inet.pending_since > ARP_TIMEOUT_NS:
+        inet.arp_timeouts = inet.arp_timeouts + 1
+        printk(cpu, "inet: a packet dropped: its ARP reply came too late")
+        return
+    packet = cpu.read(inet.va + PENDING_OFF, inet.pending_len)
+    _send(cpu, inet, eth_frame(mac, _mac(inet), ETH_P_IP, packet))
+
+
 # --- IPv4 ---------------------------------------------------------------------------------
 
 def _next_hop(inet: Ref, daddr: int) -> int:
@@ -271,12 +286,6 @@ def ip_send(cpu: NativeCpu, inet: Ref, daddr: int, protocol: int, payload: bytes
     inet.pending_ip, inet.pending_len, inet.pending_since = hop, len(packet), now(cpu)
     inet.arp_requests = inet.arp_requests + 1
     return arp_send(cpu, inet, ARPOP_REQUEST, b"\0" * ETH_ALEN, hop, ETH_BROADCAST)
-
-
-def _send_pending(cpu: NativeCpu, inet: Ref, mac: bytes) -> None:
-    packet = cpu.read(inet.va + PENDING_OFF, inet.pending_len)
-    inet.pending_ip = 0
-    _send(cpu, inet, eth_frame(mac, _mac(inet), ETH_P_IP, packet))
 
 
 def _ip_rcv(cpu: NativeCpu, inet: Ref, body: bytes) -> None:
@@ -335,14 +344,22 @@ def icmp_send_echo(cpu: NativeCpu, daddr: int, seq: int) -> int:
     return ip_send(cpu, inet, daddr, IPPROTO_ICMP, icmp_echo(ICMP_ECHO, inet.ident, seq, data))
 
 
-def icmp_next_reply(cpu: NativeCpu) -> bytes | None:
-    """The next queued echo reply (REPLY's bytes), or None."""
+def icmp_peek_reply(cpu: NativeCpu) -> bytes | None:
+    """The next queued echo reply (REPLY's bytes), left queued, or None."""
     inet = _inet(cpu)
     if inet is None or inet.reply_head == inet.reply_tail:
         return None
-    at = inet.va + REPLY_OFF + REPLY.size * (inet.reply_head % REPLY_SLOTS)
-    inet.reply_head = inet.reply_head + 1
-    return cpu.read(at, REPLY.size)
+    return cpu.read(inet.va + REPLY_OFF + REPLY.size * (inet.reply_head % REPLY_SLOTS),
+                    REPLY.size)
+
+
+def icmp_next_reply(cpu: NativeCpu) -> bytes | None:
+    """The next queued echo reply (REPLY's bytes), taken off the queue, or None."""
+    reply = icmp_peek_reply(cpu)
+    if reply is not None:
+        inet = _inet(cpu)
+        inet.reply_head = inet.reply_head + 1  # type: ignore[union-attr]
+    return reply
 
 
 # --- frames from the device -------------------------------------------------------------
@@ -384,14 +401,16 @@ def icmp_open(cpu: NativeCpu, file: Ref) -> int:
 
 
 def icmp_read(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | None:
-    """The next echo reply (16 bytes), or 0 if none has come."""
+    """The next echo reply (16 bytes), or 0 if none has come. It is taken
+    off the queue only once copied: a bad buffer loses no reply."""
     if size < REPLY.size:
         return -EINVAL
-    reply = icmp_next_reply(cpu)
+    reply = icmp_peek_reply(cpu)
     if reply is None:
         return 0
     if not copy_to_user(cpu, ubuf, reply):
         return -EFAULT
+    icmp_next_reply(cpu)
     return REPLY.size
 
 
@@ -407,5 +426,5 @@ def icmp_write(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | None:
     return rc if rc < 0 else size
 
 
-icmp_fops = export(file_operations(icmp_open, icmp_read, icmp_write),
+icmp_fops = export(file_operations(icmp_open, icmp_read, icmp_write, no_llseek=True),
                    "guestos.inet.icmp_fops")

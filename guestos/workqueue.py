@@ -64,11 +64,15 @@ def _slot(cpu: NativeCpu, fn: WorkFunc) -> Ref:
     return free
 
 
-def queue_work(cpu: NativeCpu, fn: WorkFunc, freezable: bool = True) -> None:
+def queue_work(cpu: NativeCpu, fn: WorkFunc, freezable: bool = True) -> bool:
     """Mark ``fn`` pending: on system_freezable_wq, or (``freezable=False``)
-    on system_wq, for this cpu's kworker."""
+    on system_wq, for this cpu's kworker. An item already pending stays
+    where it is, and the call says False (Linux's queue_work)."""
     w = _slot(cpu, fn)
+    if w.pending:
+        return False
     w.pending, w.on_cpu = 1, FREEZABLE if freezable else 1 + cpu.vcpu_id
+    return True
 
 
 def cancel_work(cpu: NativeCpu, fn: WorkFunc) -> bool:

@@ -9,6 +9,8 @@ graders start this; a student may too.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,6 +54,16 @@ def overlay(name: str, parent: Path | None) -> None:
     lab = find_lab(name)
     if parent is not None:
         install(student_files(lab, parent))
+    from hypervisor.toolstack.explore import REPLAY_AS_ENV  # the replaced modules are in
+    os.environ[REPLAY_AS_ENV] = replay_as(name, parent)
+
+
+def replay_as(name: str, parent: Path | None) -> str:
+    """How a replay printed by these runs (explore's) spells pvlab: with this
+    lab's modules again."""
+    who = (["--reference"] if parent is None
+           else [] if parent == Path(".") else ["--dir", str(parent)])
+    return shlex.join(["pvlab", "lab", "run", name, *who, "--"])
 
 
 def pvlab(argv: list[str]) -> int:

@@ -97,9 +97,27 @@ def test_channels_in_xls_spelling(tmp_path):
     ('"name=a, connection=file, path=p", "name=a, connection=file, path=q"',
      "two console ports named 'a'"),
     ("1", "channel must be a list of strings"),
+    ('"name=vda, connection=file, path=p"', "'vda' is a device node of the guest's"),
+    ('"name=icmp, connection=file, path=p"', "'icmp' is a device node of the guest's"),
+    ('"name=vport0p3, connection=file, path=p"', "'vport0p3' is a device node"),
+    (", ".join(f'"name=c{i}, connection=file, path=p{i}"' for i in range(6)),
+     r"6 channels; the guest drives at most 5 \(ports 1 to 5\)"),
 ])
 def test_bad_channels_are_named(tmp_path, channel, message):
     from tests.conftest import GUEST_IMAGE
     text = GOOD.format(image=GUEST_IMAGE) + f"channel = [{channel}]\n"
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text.replace("{", "{{").replace("}", "}}")))
+
+
+def test_the_channels_allowed_are_the_ports_the_guest_drives():
+    from guestos.drivers.virtio_console import MAX_PORTS
+    from hypervisor.toolstack.config import MAX_CHANNELS
+    assert MAX_CHANNELS == MAX_PORTS - 1   # port 0 is never a channel
+
+
+def test_the_image_check_refuses_a_port_named_as_another_drivers_node():
+    from hypervisor.devices.console import check_ports
+    for taken in ("vdb", "icmp", "vport0p1"):
+        assert "reserved" in check_ports([{"name": taken, "connection": "file", "path": "p"}])
+    assert check_ports([{"name": "vdab", "connection": "file", "path": "p"}]) is None

@@ -196,9 +196,10 @@ def virtio_reset_device(cpu: NativeCpu, dev: Ref) -> None:
 
 def virtio_device_ready(cpu: NativeCpu, dev: Ref) -> None:
     """DRIVER_OK, the queues unbroken first (__virtio_unbreak_device): the
-    device may use them from now on."""
+    device may use them from now on. A queue the device broke (BAD_RING)
+    stays broken."""
     for vq in dev_vqs(cpu, dev):
-        vq.broken = 0
+        vq.broken = vq.bad
     add_status(cpu, dev, VIRTIO_CONFIG_S_DRIVER_OK)
 
 
@@ -349,9 +350,12 @@ def virtio_device_thaw(cpu: NativeCpu, dev: Ref) -> int:
 def vring_interrupt(cpu: NativeCpu, dev: Ref, vq: Ref) -> bool:
     """A queue's interrupt: its callback if the device used something
     (Linux's vring_interrupt). A broken queue (reset, not yet ready) takes
-    none; a deleted one that is not broken is the race the flush prevents."""
+    none, and says so (Linux warns "vring IRQ raised before DRIVER_OK"); a
+    deleted one that is not broken is the race the flush prevents."""
     if vq.broken:
         dev.broken_irqs = dev.broken_irqs + 1
+        printk(cpu, f"virtio: an interrupt of queue {vq.index} refused on cpu{cpu.vcpu_id}: "
+                    "the queue is broken (reset, or not yet DRIVER_OK)")
         return False
     if not vq.present:
         dev.late_callbacks = dev.late_callbacks + 1

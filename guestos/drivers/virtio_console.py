@@ -493,7 +493,7 @@ def port_fops_release(cpu: NativeCpu, file: Ref) -> None:
 
 
 console_fops = export(file_operations(port_fops_open, port_fops_read, port_fops_write,
-                                      port_fops_release),
+                                      port_fops_release, no_llseek=True),
                       "guestos.drivers.virtio_console.console_fops")
 
 

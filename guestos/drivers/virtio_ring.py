@@ -41,16 +41,25 @@ VQ = Layout("virtqueue", [
     ("avail_idx", "u64"),  # the driver's avail->idx (free-running u16)
     ("last_used", "u64"),  # the used entries read so far (free-running u16)
     ("callback", "u64"),   # symbol number of callback(cpu, dev, vq) (0: none)
-    ("broken", "u64"),     # the reset is under way or done: no callback (virtio.py)
+    ("broken", "u64"),     # no callback (virtio.py): from vring_new until DRIVER_OK, and
+                           #   from the reset on
+    ("bad", "u64"),        # the device broke the ring's rules (BAD_RING): no more buffers
 ])
 MAX_QUEUE_SIZE = PAGE_SIZE // VRING_DESC.size  # the descriptor table in one page
 _U16 = struct.Struct("<H")
+# The heads in flight, a bit each, in the second half of the available ring's
+# page (the ring itself takes at most 6 + 2 * 256 bytes): Linux's desc_state,
+# which tells a used id the driver made available from one it never did.
+INFLIGHT_OFF = PAGE_SIZE // 2
+assert VRING_RING_OFF + 2 * MAX_QUEUE_SIZE + 2 <= INFLIGHT_OFF
 
 
 def vring_new(cpu: NativeCpu, vq: Ref, index: int, num: int, callback: int) -> None:
     """Zeroed areas for a queue of ``num`` entries, every descriptor free;
-    ``callback`` is a symbol number (0: none)."""
-    vq.index, vq.num, vq.callback, vq.broken = index, num, callback, 0
+    ``callback`` is a symbol number (0: none). The queue is broken until
+    virtio_device_ready, as in Linux under CONFIG_VIRTIO_HARDEN_NOTIFICATION
+    (__vring_new_virtqueue): an interrupt before DRIVER_OK calls no callback."""
+    vq.index, vq.num, vq.callback, vq.broken, vq.bad = index, num, callback, 1, 0
     vq.desc, vq.avail, vq.used = alloc_pages(cpu), alloc_pages(cpu), alloc_pages(cpu)
     table = bytearray(PAGE_SIZE)
     for i in range(num):
@@ -92,6 +101,7 @@ def add_buf(cpu: NativeCpu, vq: Ref, addr: int, length: int, writable: bool) -> 
     nxt = VRING_DESC.unpack(cpu.read(slot, VRING_DESC.size))[3]
     cpu.write(slot, VRING_DESC.pack(addr, length, VRING_DESC_F_WRITE if writable else 0, nxt))
     vq.free_head, vq.num_free = nxt, vq.num_free - 1
+    _set_inflight(cpu, vq, head, True)
     idx = vq.avail_idx
     cpu.write(va(vq.avail) + VRING_RING_OFF + 2 * (idx % vq.num), _U16.pack(head))
     # the entry before the index: the device must not see one without the other
@@ -123,6 +133,7 @@ def add_sgs(cpu: NativeCpu, vq: Ref, out: list[tuple[int, int]],
         cpu.write(slot, VRING_DESC.pack(addr, length, flags, nxt))
         i = nxt
     vq.free_head, vq.num_free = i, vq.num_free - n
+    _set_inflight(cpu, vq, head, True)
     idx = vq.avail_idx
     cpu.write(va(vq.avail) + VRING_RING_OFF + 2 * (idx % vq.num), _U16.pack(head))
     vq.avail_idx = (idx + 1) & 0xFFFF  # the entry before the index, as add_buf
@@ -137,17 +148,37 @@ def late_add(cpu: NativeCpu, vq: Ref) -> None:
                 "deleted it (option virtio.nodetach: the driver's users were not stopped)")
 
 
+def _inflight(cpu: NativeCpu, vq: Ref, head: int) -> bool:
+    return bool(cpu.read(va(vq.avail) + INFLIGHT_OFF + head // 8, 1)[0] >> (head % 8) & 1)
+
+
+def _set_inflight(cpu: NativeCpu, vq: Ref, head: int, on: bool) -> None:
+    addr = va(vq.avail) + INFLIGHT_OFF + head // 8
+    byte = cpu.read(addr, 1)[0]
+    bit = 1 << (head % 8)
+    cpu.write(addr, bytes([byte | bit if on else byte & ~bit]))
+
+
+def bad_ring(cpu: NativeCpu, vq: Ref, why: str) -> None:
+    """Linux's BAD_RING: the device broke the ring's rules; the queue is
+    broken for good (until it is made again) and the driver gets no more
+    buffers from it, rather than a corrupt free list or a crashed kernel."""
+    vq.bad = vq.broken = 1
+    printk(cpu, f"virtio: queue {vq.index} is broken: {why}")
+
+
 def more_used(cpu: NativeCpu, vq: Ref) -> bool:
     """Whether the device used a buffer the driver has not taken yet."""
-    return bool(vq.present) and _U16.unpack(
+    return bool(vq.present) and not vq.bad and _U16.unpack(
         cpu.read(va(vq.used) + VRING_IDX_OFF, 2))[0] != vq.last_used
 
 
 def get_buf(cpu: NativeCpu, vq: Ref) -> tuple[int, int] | None:
     """The next used buffer (its head descriptor, length written), its
     descriptors freed, the whole chain (detach_buf); None if the device has
-    used nothing new."""
-    if not vq.present:
+    used nothing new, or if the queue is bad (a used id that is no head in
+    flight: virtqueue_get_buf_ctx_split's checks)."""
+    if not vq.present or vq.bad:
         return None
     used_idx = _U16.unpack(cpu.read(va(vq.used) + VRING_IDX_OFF, 2))[0]
     last = vq.last_used
@@ -156,8 +187,12 @@ def get_buf(cpu: NativeCpu, vq: Ref) -> tuple[int, int] | None:
     elem = va(vq.used) + VRING_RING_OFF + VRING_USED_ELEM.size * (last % vq.num)
     head, length = VRING_USED_ELEM.unpack(cpu.read(elem, VRING_USED_ELEM.size))
     if head >= vq.num:
-        raise ValueError(f"virtqueue {vq.index}: the device used descriptor {head}, "
-                         f"beyond the queue's {vq.num}")
+        bad_ring(cpu, vq, f"the device used id {head}, beyond the queue's {vq.num}")
+        return None
+    if not _inflight(cpu, vq, head):
+        bad_ring(cpu, vq, f"the device used id {head}, which is not a buffer in flight")
+        return None
+    _set_inflight(cpu, vq, head, False)
     i, freed = head, 0
     while True:  # the chain's descriptors back on the free list, head first
         slot = va(vq.desc) + VRING_DESC.size * i

@@ -274,11 +274,16 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
 
 
 _CHANNEL_KEYS = ("name", "connection", "path")
+MAX_CHANNELS = 5  # the guest's virtio_console drives ports 0 to 5; port 0 is never a channel
 
 
 def _channels(specs: list, where: Path | None, src: str) -> tuple[ChannelConfig, ...]:
     """xl's ``channel = ["name=N, connection=socket, path=P", ...]`` (xl.cfg's
-    CHANNEL_SPEC_STRING; connection=file is pvlab's: the output to a file)."""
+    CHANNEL_SPEC_STRING; connection=file is pvlab's: the output to a file).
+    At most MAX_CHANNELS: the guest drives ports 0 to 5."""
+    if isinstance(specs, list) and len(specs) > MAX_CHANNELS:
+        raise ConfigError(f"{src}: channel: {len(specs)} channels; the guest drives at most "
+                          f"{MAX_CHANNELS} (ports 1 to {MAX_CHANNELS})")
     out = []
     for spec in specs:
         if not isinstance(spec, str):

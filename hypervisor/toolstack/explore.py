@@ -27,7 +27,9 @@ Two options aim the runs at a moment, the freeze and thaw of a save, say:
   (``domctl.reseed_schedule``). A run then costs only its part after TIME.
   Every run writes a private copy of each disk (``domctl.private_disks``),
   so that no run sees another's writes and the image file stays as it was.
-  ``pvlab run CONFIG --sched-from TIME --sched-seed N`` replays one.
+  ``pvlab run CONFIG --sched-from TIME --sched-seed N`` replays one (spelled
+  as ``REPLAY_AS_ENV`` says: ``pvlab lab run NAME -- run ...`` inside a lab,
+  whose run must load the student's modules again).
 * ``inject_every`` (``--inject-every N``): the injector
   (hypervisor/devices/virtio/inject.py) on every virtio device (or those of
   ``inject_kind``), armed at the parting (or at boot without one), throws the
@@ -60,6 +62,9 @@ from hypervisor.toolstack.session import boot, check_parting, run_domain, run_to
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
 
 DEFAULT_RESULTS = r"digest|FAILURE|Test result:"
+# How a replay line spells ``pvlab`` (default "pvlab"): set by ``pvlab lab run
+# NAME`` to "pvlab lab run NAME --", so that a replay runs the lab's modules
+REPLAY_AS_ENV = "PVLAB_REPLAY_AS"
 TAIL_LINES = 6
 MAX_SEEDS = 1_000_000
 _CPU_PREFIX = re.compile(r"^\[cpu\d+\] ")
@@ -137,7 +142,7 @@ class Scenario:
 
     def replay(self, seed: int) -> str:
         """The command that runs this scenario's run ``seed`` again."""
-        cmd = ["pvlab", "run", self.config]
+        cmd = [*shlex.split(os.environ.get(REPLAY_AS_ENV, "pvlab")), "run", self.config]
         if self.frames:
             cmd += ["--seed", str(seed)]  # and the schedule's, whatever the config says
         elif self.seed is not None:

@@ -10,6 +10,7 @@ after its restore, hears PORT_OPEN 1 only if someone has.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hypervisor.devices.console.backend import CONNECTIONS
@@ -20,6 +21,10 @@ from hypervisor.devices.virtio.mmio import VirtioDevice
 KIND = "console"
 STATE_KEYS: dict[str, type] = {"ports": list}
 PORT_KEYS = ("name", "connection", "path")
+# The device nodes pvlab's guest makes for its other devices (the disks, the
+# icmp socket, every port's vport0pN): a port of that name would take the node
+# another driver needs, device nodes sharing one namespace.
+RESERVED_NAMES = re.compile(r"vd[a-z]|icmp|vport\d+p\d+")
 
 
 def save_state(con: VirtioDevice) -> dict[str, Any]:
@@ -49,6 +54,9 @@ def check_ports(ports: list) -> str | None:
             return f"console port connection {port['connection']!r} unknown"
         if not port["name"] or len(port["name"].encode()) > MAX_NAME:
             return f"console port name {port['name']!r}: 1 to {MAX_NAME} bytes"
+        if RESERVED_NAMES.fullmatch(port["name"]):
+            return (f"console port name {port['name']!r} is a device node of the guest's "
+                    "(vd[a-z], icmp, vport0pN are reserved)")
         if port["name"] in names:
             return f"two console ports named {port['name']!r}"
         names.add(port["name"])

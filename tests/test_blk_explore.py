@@ -50,22 +50,20 @@ def config(tmp_path_factory):
 def test_without_the_detach_kblockd_dispatches_to_a_deleted_queue(config):
     """virtio.nodetach: the freeze leaves a request in the software queue and
     kblockd's run on cpu1 puts it on the ring the freeze deleted; the
-    request fails (the task's write gets EIO). Seed 1's schedule runs kblockd
-    after the thaw instead: it goes well."""
-    got = outcomes(config("virtio.nodetach=1"), [1, 2, 3], FORK, UNTIL, results=RESULTS)
+    request fails (the task's write gets EIO)."""
+    got = outcomes(config("virtio.nodetach=1"), [2, 3], FORK, UNTIL, results=RESULTS)
     assert all(NODETACH in got[s] and "blkcheck FAILED step 2 errno 5" in got[s]
                for s in (2, 3)), got
-    assert got[1] == BLK_INVARIANT, got
 
 
 def test_the_detach_keeps_kblockd_off_the_deleted_queue(config):
     """A few schedules with the device's events thrown at the steps of its
-    freeze, reset and thaw; the 200 are the slow test below."""
+    freeze, reset and thaw; the 100 are the slow test below."""
     groups = survives(config(), range(1, 4), FORK, UNTIL, inject_every=3, results=RESULTS)
     assert groups[0].outcome.results == BLK_INVARIANT
 
 
 @pytest.mark.slow
-def test_the_disk_survives_200_schedules_of_its_freeze_and_thaw(config):
-    groups = survives(config(), range(1, 201), FORK, UNTIL, inject_every=3, results=RESULTS)
+def test_the_disk_survives_100_schedules_of_its_freeze_and_thaw(config):
+    groups = survives(config(), range(1, 101), FORK, UNTIL, inject_every=3, results=RESULTS)
     assert groups[0].outcome.results == BLK_INVARIANT

@@ -66,15 +66,15 @@ def test_the_console_survives_events_at_its_freeze(config):
 
 
 @pytest.mark.slow
-def test_the_console_survives_200_schedules_of_its_freeze_and_thaw(config):
-    """200 schedules by slice and 100 by access: no FAILURE, no crash or
+def test_the_console_survives_130_schedules_of_its_freeze_and_thaw(config):
+    """100 schedules by slice and 30 by access: no FAILURE, no crash or
     hang, the invariant kept, every outcome alike but for how much the
     freeze's cancel dropped; under many schedules it had a message to drop
     (the detach mattered)."""
-    groups = survives(config(), range(1, 101), FORK, UNTIL, 3,
+    groups = survives(config(), range(1, 31), FORK, UNTIL, 3,
                       results="FAILURE|digest|portecho|virtio_console: restored")
     assert _kept(groups[0].outcome.results)
-    got = outcomes(config(), range(1, 201), FORK, UNTIL, EVERY, slices=True, results=RESULTS)
+    got = outcomes(config(), range(1, 101), FORK, UNTIL, EVERY, slices=True, results=RESULTS)
     alike = {tuple(x for x in lines if "frozen" not in x) for lines in got.values()}
     assert len(alike) == 1 and _kept(next(iter(alike))) and FAILURE not in next(iter(alike))
-    assert 20 < sum(any(CANCELLED in x for x in lines) for lines in got.values()) < 180
+    assert 10 < sum(any(CANCELLED in x for x in lines) for lines in got.values()) < 90

@@ -28,6 +28,7 @@ shadow_op (log-dirty).
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from hypervisor.cpu.vcpu import RAX
 from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.blk import Block
 from hypervisor.devices.blk import persist as blk_persist
 from hypervisor.devices.console import Console
 from hypervisor.devices.console import persist as console_persist
@@ -905,6 +907,26 @@ def devices_state(dom: Domain) -> list[dict[str, Any]]:
     return out
 
 
+def copy_disks(dom: Domain, directory: str) -> None:
+    """Each writable disk of ``dom`` goes on with a copy of its image as it
+    is now, made under ``directory`` with the image's name (its default
+    serial): this process's own (a forked run's)."""
+    for i, t in enumerate(dom.devices):
+        dev = t.device
+        if isinstance(dev, Block) and not dev.read_only:
+            where = os.path.join(directory, str(i))
+            os.makedirs(where, exist_ok=True)
+            dev.use_copy(os.path.join(where, os.path.basename(dev.path)))
+
+
+def device_place(dom: Domain, base: int) -> dict[str, Any]:
+    """Where the device at ``base`` is (bus, kind, base, port): what a
+    configuration names of it, without its state (no save's flush)."""
+    t = next(t for t in dom.devices if t.base == base)
+    return {"bus": kinds.BUS, "kind": kinds.kind_of(t.device).name, "base": t.base,
+            "port": t.port}
+
+
 def check_device_state(state: object) -> str | None:
     """Why an EMULATOR_CONTEXT entry cannot be restored, or None: a device this
     hypervisor knows, with every key of its declared state and type."""
@@ -958,7 +980,8 @@ __all__ = [
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "device_kind_names", "getdomaininfolist", "is_paused", "next_work",
     "run_while_busy",
-    "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
+    "copy_disks", "destroydomain", "device_place", "devices_state", "dump_frames",
+    "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",
     "debug_op_single_step", "debug_detach",

@@ -326,6 +326,10 @@ def test_state_round_trip_flushes_and_checks_the_file(env, image, monkeypatch):
         {"kind": "blk", "path": str(image), "read_only": False, "serial": "disk.img",
          "capacity": SECTORS}
     assert check_entry(entry) is None
+    # the saved domain still has the image open for writing: a second writer is refused
+    with pytest.raises(BlockError, match="failed to get the write lock"):
+        restore_state(entry)
+    drv.blk.close()
     again = restore_state(entry)
     assert again.capacity == SECTORS and again.serial == "disk.img"
     again.close()

@@ -45,14 +45,16 @@ import pickle
 import re
 import selectors
 import shlex
+import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from hypervisor import domctl
-from hypervisor.toolstack.config import load_config
+from hypervisor.toolstack.config import DomainConfig, load_config
 from hypervisor.toolstack.control import Request
 from hypervisor.toolstack.session import boot, check_parting, run_domain, run_to_parting
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
@@ -170,19 +172,51 @@ class Run:
     thrown: tuple[str, ...] = ()  # the injector's throws, in order
 
 
+def check_config(cfg: DomainConfig) -> None:
+    """ExploreError if the runs cannot each have their own host side: a
+    socket console port or socket vif would be one path or address for all
+    (the runs are refused, not given paths of their own, which no peer
+    would know)."""
+    sockets = [f"channel {c.name!r}" for c in cfg.channels if c.connection == "socket"]
+    sockets += [f"vif {v.mac}" for v in cfg.vifs if v.type == "socket"]
+    if sockets:
+        raise ExploreError(f"{cfg.path or 'the configuration'}: {', '.join(sockets)} is a "
+                           "socket, which the runs would share: explore a configuration "
+                           "with file console ports and user vifs")
+
+
+def private_disks(cfg: DomainConfig, directory: str) -> DomainConfig:
+    """``cfg`` with each read-write disk a copy of its image in ``directory``
+    (each copy under its own directory, keeping the image's name, which is
+    the disk's default serial): a run's writes are its own."""
+    disks = []
+    for i, d in enumerate(cfg.disks):
+        if not d.read_only:
+            where = os.path.join(directory, str(i))
+            os.mkdir(where)
+            copy = os.path.join(where, d.target.name)
+            shutil.copyfile(d.target, copy)
+            d = replace(d, target=type(d.target)(copy))
+        disks.append(d)
+    return replace(cfg, disks=tuple(disks))
+
+
 def run_one(scenario: Scenario, seed: int) -> Run:
-    """One run of ``seed`` from boot."""
+    """One run of ``seed`` from boot, on copies of the read-write disks."""
     cfg = load_config(scenario.config)
-    if scenario.frames:
-        hv, dom = boot(cfg, seed=seed, sched_seed=seed)
-    else:
-        hv, dom = boot(cfg, seed=scenario.seed, sched_seed=seed)
-    try:
-        injectors = _injectors(scenario, hv, dom)
-        arm_injectors(injectors, scenario.phase(seed))
-        return _finish(scenario, seed, hv, dom, cfg.requests, injectors)
-    finally:
-        hv.close()
+    check_config(cfg)
+    with tempfile.TemporaryDirectory(prefix="pvlab-explore-") as tmp:
+        cfg = private_disks(cfg, tmp)
+        if scenario.frames:
+            hv, dom = boot(cfg, seed=seed, sched_seed=seed)
+        else:
+            hv, dom = boot(cfg, seed=scenario.seed, sched_seed=seed)
+        try:
+            injectors = _injectors(scenario, hv, dom)
+            arm_injectors(injectors, scenario.phase(seed))
+            return _finish(scenario, seed, hv, dom, cfg.requests, injectors)
+        finally:
+            hv.close()
 
 
 def _injectors(scenario: Scenario, hv: domctl.Hypervisor,
@@ -230,6 +264,7 @@ def explore(scenario: Scenario, seeds: list[int], jobs: int = 0,
             progress: Callable[[int, int], None] | None = None) -> list[Group]:
     """Run every seed (on ``jobs`` worker processes, 0: one per core) and
     group the outcomes, the largest group first."""
+    check_config(load_config(scenario.config))
     groups: dict[Outcome, Group] = {}
     runs: dict[int, Run] = {}
     todo = _forked_runs if scenario.fork_ns is not None else _runs
@@ -265,24 +300,29 @@ def _forked_runs(scenario: Scenario, seeds: list[int], jobs: int) -> Iterator[Ru
     ``jobs`` at a time, each sending its Run back through a pipe."""
     assert scenario.fork_ns is not None and not scenario.frames
     cfg = load_config(scenario.config)
+    check_config(cfg)
     check_parting(cfg.requests, scenario.fork_ns)
-    hv, dom = boot(cfg, seed=scenario.seed)
-    try:
-        injectors = _injectors(scenario, hv, dom)
-        rest = run_to_parting(hv, dom, scenario.fork_ns, cfg.requests)
-        yield from _children(seeds, jobs or os.cpu_count() or 1, lambda seed: _part(
-            scenario, seed, hv, dom, rest, injectors))
-    finally:
-        hv.close()
+    with tempfile.TemporaryDirectory(prefix="pvlab-explore-") as tmp:
+        hv, dom = boot(private_disks(cfg, tmp), seed=scenario.seed)
+        try:
+            injectors = _injectors(scenario, hv, dom)
+            rest = run_to_parting(hv, dom, scenario.fork_ns, cfg.requests)
+            yield from _children(seeds, jobs or os.cpu_count() or 1, lambda seed: _part(
+                scenario, seed, hv, dom, rest, injectors))
+        finally:
+            hv.close()
 
 
 def _part(scenario: Scenario, seed: int, hv: domctl.Hypervisor, dom: domctl.Domain,
           rest: list[Request], injectors: list[domctl.Injector]) -> Run:
-    """In the child: this seed's schedule from the parting on."""
+    """In the child: this seed's schedule from the parting on, on copies of
+    the read-write disks as they are at the parting."""
     _quiet_worker()
-    domctl.reseed_schedule(hv, seed)
-    arm_injectors(injectors, scenario.phase(seed))
-    return _finish(scenario, seed, hv, dom, rest, injectors)
+    with tempfile.TemporaryDirectory(prefix="pvlab-explore-") as tmp:
+        domctl.copy_disks(dom, tmp)
+        domctl.reseed_schedule(hv, seed)
+        arm_injectors(injectors, scenario.phase(seed))
+        return _finish(scenario, seed, hv, dom, rest, injectors)
 
 
 def _children(seeds: list[int], jobs: int, work: Callable[[int], Run]) -> Iterator[Run]:

@@ -22,6 +22,7 @@ from typing import Any
 from hypervisor.devices.blk.device import Block, BlockError, image_capacity
 from hypervisor.devices.kinds import BUS, DeviceKind, register_kind
 from hypervisor.devices.virtio.mmio import VirtioDevice
+from hypervisor.public.io.virtio_blk import VIRTIO_BLK_ID_BYTES
 
 KIND = "blk"
 
@@ -55,6 +56,11 @@ def restore_state(state: dict[str, Any]) -> Block:
 
 def _check(state: dict[str, Any]) -> str | None:
     """What the image check can tell without opening the disk for use."""
+    serial = state["serial"]
+    if len(serial.encode()) > VIRTIO_BLK_ID_BYTES or not serial.isascii():
+        return f"disk serial {serial!r}: at most {VIRTIO_BLK_ID_BYTES} ASCII bytes"
+    if state["capacity"] < NEW_DISK:
+        return f"disk capacity {state['capacity']}: negative"
     try:
         have = image_capacity(state["path"])
     except BlockError as e:

@@ -266,12 +266,7 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     if verdict and verdict not in VERDICTS:
         raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
     channels = _channels(data.get("channel", []), where, src)
-    disks = tuple(parse_disk(spec, src, where) for spec in data.get("disk", []))
-    targets = [d.target for d in disks]
-    twice = next((t for t in targets if targets.count(t) > 1), None)
-    if twice is not None:
-        raise ConfigError(f"{src}: disk: the image {str(twice)!r} is given twice (one image "
-                          "is one disk)")
+    disks = _disks(data.get("disk", []), src, where)
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
                         where, kernel, maxmem, tuple(requests), balloon, verdict,
                         data.get("sched_seed"), channels, disks, tuple(vifs))
@@ -314,6 +309,18 @@ def _host_path(text: str, where: Path | None) -> str:
     if where is not None and not path.is_absolute():
         path = where.parent / path
     return str(path.resolve())
+
+
+def _disks(specs: list, src: str, where: Path | None) -> tuple[DiskConfig, ...]:
+    """The ``disk`` list; an image named twice is refused (two devices on one
+    file would be two writers)."""
+    disks = tuple(parse_disk(spec, src, where) for spec in specs)
+    targets = [d.target for d in disks]
+    twice = next((t for t in targets if targets.count(t) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"{src}: disk: the image {str(twice)!r} is given twice (one image "
+                          "is one disk)")
+    return disks
 
 
 def parse_disk(spec: object, src: str = "config", where: Path | None = None) -> DiskConfig:

@@ -163,6 +163,7 @@ def test_an_ack_of_no_bytes_is_not_written(drv):  # noqa: F811
 
 def test_a_peer_that_does_not_read_never_blocks_the_sender():
     a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the wire fills at once
     backend = StreamBackend.from_socket(a)
     frame = b"f" * 1500
     try:

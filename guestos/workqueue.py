@@ -15,7 +15,7 @@ An item queued with ``freezable=False`` (system_wq) runs frozen or not: on
 the cpu that queued it, at the end of that cpu's next event upcall, after
 the upcall's yield (as an irq thread runs: other vcpus run meanwhile, as a
 kworker waits to be scheduled), or from cpu0's tick. A driver whose users
-are such items must stop them itself at its freeze.
+are such items must stop them itself at its freeze (``cancel_work``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,19 @@ def queue_work(cpu: NativeCpu, fn: WorkFunc, freezable: bool = True) -> None:
     on system_wq, for this cpu's kworker."""
     w = _slot(cpu, fn)
     w.pending, w.on_cpu = 1, FREEZABLE if freezable else 1 + cpu.vcpu_id
+
+
+def cancel_work(cpu: NativeCpu, fn: WorkFunc) -> bool:
+    """cancel_work_sync: ``fn`` no longer pending; whether it was. A native
+    call runs whole, so no cpu is half way through the item: nothing to
+    wait for."""
+    number = symbol_number(fn)
+    for i in range(MAX_WORK):
+        w = _work(cpu, i)
+        if w.func == number:
+            was, w.pending = bool(w.pending), 0
+            return was
+    return False
 
 
 def workqueue_frozen(cpu: NativeCpu) -> bool:

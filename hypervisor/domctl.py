@@ -28,7 +28,6 @@ shadow_op (log-dirty).
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,9 @@ from hypervisor.cpu.vcpu import RAX
 from hypervisor.devices import kinds
 from hypervisor.devices.balloon import POSTCOPY_POLICIES, Balloon, BalloonError, BalloonHost
 from hypervisor.devices.balloon import persist as balloon_persist
+from hypervisor.devices.blk import QUEUE_SIZE as BLK_QUEUE_SIZE
 from hypervisor.devices.blk import Block
+from hypervisor.devices.blk import check_queue_size as blk_check_queue_size
 from hypervisor.devices.blk import persist as blk_persist
 from hypervisor.devices.console import Console
 from hypervisor.devices.console import persist as console_persist
@@ -821,9 +822,16 @@ def new_balloon_state(stats_interval_ns: int, deflate_on_oom: bool, postcopy: st
     return balloon_persist.new_state(stats_interval_ns, deflate_on_oom, postcopy)
 
 
-def new_blk_state(path: str, read_only: bool, serial: str = "") -> dict[str, Any]:
-    """A new disk's state, for add_virtio: the image at ``path`` (a raw file)."""
-    return blk_persist.new_state(path, read_only, serial)
+def new_blk_state(path: str, read_only: bool, serial: str = "",
+                  queue_size: int = BLK_QUEUE_SIZE) -> dict[str, Any]:
+    """A new disk's state, for add_virtio: the image at ``path`` (a raw file),
+    its request queue of ``queue_size`` entries."""
+    return blk_persist.new_state(path, read_only, serial, queue_size)
+
+
+def check_blk_queue_size(size: int) -> str | None:
+    """Why a disk's request queue cannot have ``size`` entries, or None."""
+    return blk_check_queue_size(size)
 
 
 def new_net_state(mac: str, backend: dict[str, Any]) -> dict[str, Any]:
@@ -867,6 +875,14 @@ def console_ports(dom: Domain) -> list[dict[str, Any]]:
     return [] if con is None else con.info()["ports"]
 
 
+def private_disks(dom: Domain) -> None:
+    """Each of the domain's disks goes on with a copy of its own (the
+    explorer's runs: none writes another's disk, nor the image file)."""
+    for dev in dom.devices:
+        if isinstance(dev.device, Block):
+            dev.device.private_copy()
+
+
 def find_device(dom: Domain, kind: type) -> Any | None:
     """The domain's first device model of this kind, or None."""
     for dev in dom.devices:
@@ -905,18 +921,6 @@ def devices_state(dom: Domain) -> list[dict[str, Any]]:
                               "froze its devices, and its rings cannot be carried over")
         out.append(kinds.save_entry(t))
     return out
-
-
-def copy_disks(dom: Domain, directory: str) -> None:
-    """Each writable disk of ``dom`` goes on with a copy of its image as it
-    is now, made under ``directory`` with the image's name (its default
-    serial): this process's own (a forked run's)."""
-    for i, t in enumerate(dom.devices):
-        dev = t.device
-        if isinstance(dev, Block) and not dev.read_only:
-            where = os.path.join(directory, str(i))
-            os.makedirs(where, exist_ok=True)
-            dev.use_copy(os.path.join(where, os.path.basename(dev.path)))
 
 
 def device_place(dom: Domain, base: int) -> dict[str, Any]:
@@ -974,13 +978,14 @@ __all__ = [
     "Hypervisor",
     "Injector", "KernelError", "OutOfMemory", "PageType", "PhysInfo", "Throw", "VcpuInfo",
     "add_virtio", "add_virtio_balloon", "new_balloon_state", "new_blk_state",
-    "new_console_state", "check_console_ports", "console_ports",
-    "new_net_state", "parse_net_address",
+    "new_console_state", "check_console_ports", "check_blk_queue_size", "BLK_QUEUE_SIZE",
+    "console_ports",
+    "new_net_state", "parse_net_address", "private_disks",
     "add_virtio_device", "alloc_shared_info", "audit", "balloon_host", "bind_virq_con_ring",
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "device_kind_names", "getdomaininfolist", "is_paused", "next_work",
     "run_while_busy",
-    "copy_disks", "destroydomain", "device_place", "devices_state", "dump_frames",
+    "destroydomain", "device_place", "devices_state", "dump_frames",
     "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",

@@ -155,11 +155,12 @@ class Ctx:
 
     def seeds(self, seeds: Iterable[int], quick: Iterable[int] | None = None
               ) -> Iterator[int]:
-        """The seeds to try, or only the one ``--seed`` names; ``quick``, if
-        given, instead of ``seeds`` where the environment sets QUICK_ENV (the
-        test suite's gradings, which need not try them all)."""
-        if quick is not None and os.environ.get(QUICK_ENV):
-            seeds = quick
+        """The seeds to try, or only the one ``--seed`` names. Where the
+        environment sets QUICK_ENV (the test suite's gradings, which check
+        the lab's plumbing and need not try them all): ``quick`` if given,
+        else the first of ``seeds``."""
+        if os.environ.get(QUICK_ENV):
+            seeds = quick if quick is not None else list(seeds)[:1]
         chosen = [self.settings.seed] if self.settings.seed is not None else list(seeds)
         for seed in chosen:
             self.seed = seed

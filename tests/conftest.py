@@ -130,10 +130,22 @@ def _seed_line() -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long tests first (a stable sort: the order is the same on every
-    worker): started last, one of them would keep a core busy after the other
-    has run out of tests."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The modules holding long tests first, each module's long tests first
+    (a stable sort: the order is the same on every worker): started last, one
+    of them would keep a core busy after the other has run out of tests. A
+    module's tests stay together: xdist hands each worker a run of
+    consecutive tests, and a module split between two workers makes its
+    module-scoped fixtures (a reference run, a saved image) twice."""
+    def slow(item: pytest.Item) -> bool:
+        return item.get_closest_marker("slow") is not None
+
+    first: dict[Path, int] = {}
+    has_slow: set[Path] = set()
+    for item in items:
+        first.setdefault(item.path, len(first))
+        if slow(item):
+            has_slow.add(item.path)
+    items.sort(key=lambda item: (item.path not in has_slow, first[item.path], not slow(item)))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

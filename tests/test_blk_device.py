@@ -365,6 +365,39 @@ def test_new_state_takes_the_files_capacity(image):
         Block(str(make_image(image.parent / "tiny.img", 0)))
 
 
+def test_a_small_queue_adjusts_seg_max_and_goes_through_the_image(booted, tmp_path):
+    """queue-size=4 (QEMU's property): the queue offers 4 entries and
+    seg_max is 2 (QEMU's seg-max-adjust: a request of seg_max segments, with
+    its header and status, fits the empty queue); the image carries it."""
+    image = make_image(tmp_path / "q.img")
+    cfg = _cfg(tmp_path, ["q.img,raw,xvda,rw,queue-size=4"])
+    assert cfg.disks[0].queue_size == 4
+    hv, dom = booted(cfg)
+    drv = BlkDriver(hv, dom)
+    blk = drv.t.device
+    assert blk.queue_sizes() == [4] and blk.seg_max == 2
+    assert drv.read(VIRTIO_MMIO_CONFIG + VIRTIO_BLK_CFG_SEG_MAX) == 2
+    entry = save_entry(drv.t)
+    assert entry["queue_size"] == 4 and check_entry(entry) is None
+    again = restore_state(entry)
+    assert again.queue_sizes() == [4] and again.seg_max == 2
+    again.close()
+    assert "a power of two" in check_entry({**entry, "queue_size": 3})
+    with pytest.raises(BlockError, match="queue size 300"):
+        Block(str(image), queue_size=300)
+
+
+def test_a_private_copy_leaves_the_image_file_alone(image):
+    """The explorer's runs each write a copy of the disk of their own."""
+    blk = Block(str(image))
+    before = image.read_bytes()
+    blk.private_copy()
+    os.pwrite(blk.fd, b"\x55" * 512, 0)
+    assert os.pread(blk.fd, 512, 512) == before[512:1024]
+    assert image.read_bytes() == before
+    blk.close()
+
+
 # --- the configuration: xl's disk spelling ------------------------------------------------
 
 def _cfg(tmp_path: Path, disk: list) -> object:
@@ -395,6 +428,9 @@ def test_disk_config_spellings(tmp_path):
     ("missing.img,raw,xvda,rw", "does not exist"),
     ("a.img,raw,xvda,rw,extra", "fifth positional"),
     (7, "list of strings"),
+    ("a.img,raw,xvda,rw,queue-size=12", "queue-size '12': a power of two from 4 to 256"),
+    ("a.img,raw,xvda,rw,queue-size=512", "queue-size '512': a power of two"),
+    ("a.img,raw,xvda,rw,queue-size=two", "queue-size 'two': a power of two"),
 ])
 def test_disk_config_errors(tmp_path, spec, why):
     make_image(tmp_path / "a.img")

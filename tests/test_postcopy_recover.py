@@ -49,6 +49,7 @@ PURE = PrecopyOptions(postcopy=True, max_iterations=0)
 # a full POSTCOPY_PAGE_DATA record: header, count, 64 entries, 64 pages
 RECORD = stream.RHDR.size + stream.PAGE_DATA_HDR.size + 64 * (8 + 4096)
 TO_TARGET, TO_SOURCE = "to target", "to source"
+SOURCE_JOIN_S = 120  # far beyond a run's need, even on a loaded machine
 
 
 class Relay:
@@ -112,14 +113,18 @@ class Relay:
                 except OSError:
                     pass  # shut down already
 
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+    def cut(self) -> None:
+        """Every connection made through it shut down, as a network that fails."""
         for s in self.socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # shut down already
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.cut()
         for t in self.threads:
             t.join()
         for s in self.socks:
@@ -173,7 +178,15 @@ def recover_here(cuts: list[tuple[str, int] | None], resume: bool = True,
                 pager.drain()
                 runs.append(run_domain(rx.hv, rx.dom, LIMIT_NS))
             finally:
-                thread.join()
+                # a source still writing to a destination that stopped reading
+                # (this side failed, or it hangs) must not hold the run: cut
+                # every connection and say so
+                thread.join(SOURCE_JOIN_S)
+                if thread.is_alive():
+                    relay.cut()
+                    thread.join()
+                    raise AssertionError(f"the source was still sending {SOURCE_JOIN_S} s "
+                                         "after the destination stopped")
             result, out = got["source"]
             return {"out": out, "said": said, "heard": heard, "pager": pager, "dom": rx.dom,
                     "statuses": statuses, "source": dom, "data": relay.data,

@@ -220,6 +220,18 @@ def test_reset_closes_the_guest_side_only(env):
     c.close()
 
 
+def test_spontaneous_tells_each_ports_host_side_again(env):
+    """The explorer's injector: a control message out of turn (PORT_OPEN
+    with the host side as it is), none from a reset device."""
+    hv, dom, d, sock, _ = env
+    con(dom).spontaneous()
+    assert d.received() == [(ECHO, VIRTIO_CONSOLE_PORT_OPEN, 0, b""),
+                            (LOG, VIRTIO_CONSOLE_PORT_OPEN, 1, b"")]
+    d.write(0x70, 0)
+    con(dom).spontaneous()
+    assert con(dom).metrics.control_dropped == 2
+
+
 def test_state_saved_and_checked(env, tmp_path):
     hv, dom, d, sock, log = env
     d.write(0x70, 0)

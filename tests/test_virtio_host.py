@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from hypervisor import domctl
 from hypervisor.devices import unixsock
 from hypervisor.devices.blk import Block, BlockError
 from hypervisor.devices.console import BackendError as ConsoleBackendError
@@ -32,7 +31,7 @@ from hypervisor.public.io.virtio_net import (
 )
 from hypervisor.toolstack import cli, explore
 from hypervisor.toolstack.config import ConfigError, parse_config
-from tests.test_blk_device import disk_config, make_image
+from tests.test_blk_device import make_image
 from tests.test_virtio_console_device import ECHO, con, connect, env  # noqa: F401 (fixture)
 from tests.test_virtio_net import CTRL, drv, net  # noqa: F401 (fixture)
 
@@ -300,18 +299,6 @@ def test_each_explorer_run_writes_its_own_copy_of_a_disk(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="booted"):
             explore.run_one(explore.Scenario(str(config)), seed)
     assert len(set(seen)) == 2 and not any(p.exists() for p in seen)  # removed after
-
-
-def test_a_forked_run_goes_on_with_its_own_copy(booted, tmp_path):
-    image = make_image(tmp_path / "disk.img")
-    hv, dom = booted(disk_config(image))
-    blk = dom.devices[0].device
-    os.pwrite(blk.fd, b"before the fork", 0)
-    domctl.copy_disks(dom, str(tmp_path / "run"))
-    assert blk.path != str(image) and Path(blk.path).name == "disk.img"
-    os.pwrite(blk.fd, b"the run's", 0)
-    assert image.read_bytes()[:15] == b"before the fork"
-    assert Path(blk.path).read_bytes()[:15] == b"the run'se fork"
 
 
 @pytest.mark.parametrize("spec", ["channel", "vif"])

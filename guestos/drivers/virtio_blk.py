@@ -11,6 +11,18 @@ flight at once, one per task reading or writing. The queue's callback
 (``virtblk_done``) takes every used chain, records its status in its slot
 and wakes the tasks waiting on the node.
 
+Dispatch is blk-mq's (block/blk-mq.c, one hardware queue, no scheduler). A
+request a task makes enters the software queue (its slot REQ_QUEUED, in
+order of entry) and the task's call runs the hardware queue at once
+(blk_mq_run_hw_queue, sync): the queued requests go onto the ring in order
+(virtio_queue_rq) until one does not fit. That one goes back to wait
+(BLK_STS_DEV_RESOURCE: a requeue) and the hardware queue stops
+(blk_mq_stop_hw_queue). The next completion starts it again the way
+virtblk_done does, asynchronously (blk_mq_start_stopped_hw_queues(q, true)):
+the run goes to kblockd, a workqueue the freezer does not stop (here
+system_wq: it runs on the cpu that queued it, after that cpu's next upcall
+yield). A later task's call also runs the queue, in its own context.
+
 The file: read(2) and write(2) at the file's position, in whole 512-byte
 sectors, at most DATA_PAGES pages a call (a shorter count is returned, as
 for any file). The first call takes a slot (copying a write's data in),
@@ -22,18 +34,24 @@ file's ``private`` naming it, the task's registers), so a save in between
 loses nothing. ioctl BLKGETSIZE64 gives the size in bytes; BLKFLSBUF sends
 a FLUSH (the host fsyncs the image).
 
-PM, today's Linux (virtblk_freeze_priv): the freeze stops new requests
-(blk_mq_quiesce_queue: a read or write that would start waits until the
-restore), drains those in flight, resets the device, deletes the queue. The
-device serves each request inside the notify, so a request in flight at
-the freeze is complete on the host, its status in the used ring, but the
-callback (an irq thread) may not have run yet: the freeze reaps it, so that
-its task finds it done after the restore, and it is neither lost nor sent
-again. A request the device left unused (it broke) ends with IOERR: sending
-it again could apply a write twice. The restore makes the queue again,
-sets DRIVER_OK, lets new requests start and wakes the waiting tasks.
-``virtio.nodetach=1`` skips the quiesce: a request started between the
-freeze and the restore meets a deleted queue (the ring's FAILURE line).
+PM, today's Linux (virtblk_freeze_priv). The freeze first detaches the
+block layer (virtblk_detach): blk_mq_freeze_queue waits for every request
+that entered to complete, which the synchronous device makes exact here
+(the freeze dispatches what waits in the software queue and reaps it),
+then blk_mq_quiesce_queue: no dispatch, by a task or by kblockd, until the
+restore. Then it reaps the used ring: a request the device served whose
+callback (an irq thread) has not run yet is marked done, so that its task
+finds it done after the restore: neither lost nor sent again. A request the
+device left unused (it broke) ends with IOERR: sending it again could apply
+a write twice. Then the reset and the queue's deletion. The restore makes
+the queue again, sets DRIVER_OK, unquiesces (the queue's run goes to
+kblockd) and wakes the waiting tasks.
+
+``virtio.nodetach=1`` skips the detach. A request left in the software
+queue at the freeze is then dispatched by kblockd, which the freezer does
+not stop: a run queued on another cpu just before the freeze goes after
+the freeze deleted the ring (the ring's FAILURE line, and the request ends
+with IOERR).
 """
 
 from __future__ import annotations
@@ -47,6 +65,7 @@ from guestos.mm import PAGE_SIZE, alloc_pages, va
 from guestos.printk import printk
 from guestos.symbols import export
 from guestos.usercopy import copy_from_user, copy_to_user
+from guestos.workqueue import queue_work
 from hypervisor.public.errno import EAGAIN, EBUSY, EFAULT, EINVAL, EIO, ENOSPC, EROFS
 from hypervisor.public.io.virtio_blk import (
     SECTOR_SIZE,
@@ -91,7 +110,7 @@ DATA_PAGES = 8               # data pages of a slot: 32 KiB a request at most
 MAX_DISKS = 26               # vda .. vdz
 STATUS_OFF = VIRTIO_BLK_OUTHDR.size   # in the slot's page, after the header
 DATA_OFF = 64                # in the slot's page: the pfns of its data pages
-REQ_FREE, REQ_INFLIGHT, REQ_DONE = range(3)
+REQ_FREE, REQ_INFLIGHT, REQ_DONE, REQ_QUEUED = range(4)  # QUEUED: in the software queue
 
 # Linux's ioctl numbers (include/uapi/linux/fs.h)
 BLKGETSIZE64 = 0x80081272    # *(u64 *)arg = the size in bytes
@@ -105,7 +124,7 @@ VBLK = Layout("virtio_blk", [
     ("read_only", "u64"),    # VIRTIO_BLK_F_RO
     ("index", "u64"),        # 0: vda
     ("node", "u64"),         # its device node
-    ("quiesced", "u64"),     # frozen: requests wait to start (blk_mq_quiesce_queue)
+    ("quiesced", "u64"),     # frozen: nothing is dispatched (blk_mq_quiesce_queue)
     ("in_flight", "u64"),
     ("submitted", "u64"),
     ("completed", "u64"),
@@ -115,6 +134,15 @@ VBLK = Layout("virtio_blk", [
     ("quiesce_waits", "u64"),  # ... for the restore
     ("reaped_at_freeze", "u64"),  # completions the freeze took from the used ring
     ("failed_at_freeze", "u64"),  # requests the device left unused at the freeze
+    # blk-mq's dispatch
+    ("stopped", "u64"),      # the ring was full: no dispatch until a completion (STOPPED)
+    ("run_pending", "u64"),  # kblockd has a run of the queue to do (hctx->run_work)
+    ("next_seq", "u64"),     # the software queue's order of entry
+    ("queued", "u64"),       # requests in the software queue, not on the ring yet
+    ("ring_full", "u64"),    # dispatches the full ring sent back (BLK_STS_DEV_RESOURCE)
+    ("kblockd_runs", "u64"),
+    ("kblockd_dispatched", "u64"),  # requests kblockd put on the ring
+    ("drained_at_freeze", "u64"),   # requests the freeze dispatched from the software queue
 ])
 SLOT = Layout("virtblk_req", [
     ("state", "u64"),        # REQ_*
@@ -125,6 +153,7 @@ SLOT = Layout("virtblk_req", [
     ("status", "u64"),       # the device's, once done
     ("file", "u64"),         # the open file waiting for it (a VA; 0: nobody)
     ("page", "u64"),         # pfn of its header/status page
+    ("seq", "u64"),          # its place in the software queue
 ])
 SLOTS_OFFSET = 256           # in the driver's state
 assert VBLK.size <= SLOTS_OFFSET
@@ -178,13 +207,8 @@ def virtblk_probe(cpu: NativeCpu, dev: Ref) -> int:
     vb.blk_size = (vm.config_read(cpu, dev, VIRTIO_BLK_CFG_BLK_SIZE)
                    if has_feature(dev, VIRTIO_BLK_F_BLK_SIZE) else SECTOR_SIZE)
     vb.read_only = 1 if has_feature(dev, VIRTIO_BLK_F_RO) else 0
-    for i in range(NR_SLOTS):
-        slot = _slot(cpu, dev, i)
-        slot.page, slot.state, slot.file = alloc_pages(cpu), REQ_FREE, 0
-        pfns = [alloc_pages(cpu) for _ in range(DATA_PAGES)]
-        cpu.write(va(slot.page) + DATA_OFF, struct.pack(f"<{DATA_PAGES}Q", *pfns))
-    init_vq(cpu, dev)
-    virtio_device_ready(cpu, dev)
+    # the node first: a disk that cannot have its name takes nothing (no
+    # slot pages, no queue), and the next disk keeps its own name
     set_driver_data(cpu, virtio_blk_driver, index + 1)
     name = f"vd{chr(ord('a') + index)}"
     node = device_create(cpu, name, virtio_blk_fops, dev.va)
@@ -192,6 +216,13 @@ def virtblk_probe(cpu: NativeCpu, dev: Ref) -> int:
         printk(cpu, f"virtio_blk: no node {name}: error {node}")
         return node
     vb.node = node
+    for i in range(NR_SLOTS):
+        slot = _slot(cpu, dev, i)
+        slot.page, slot.state, slot.file = alloc_pages(cpu), REQ_FREE, 0
+        pfns = [alloc_pages(cpu) for _ in range(DATA_PAGES)]
+        cpu.write(va(slot.page) + DATA_OFF, struct.pack(f"<{DATA_PAGES}Q", *pfns))
+    init_vq(cpu, dev)
+    virtio_device_ready(cpu, dev)
     serial = get_id(cpu, dev)
     printk(cpu, f"virtio_blk: {name}: {vb.capacity} sectors ({vb.capacity // 2} KiB), "
            f"serial {serial!r}, {'read-only' if vb.read_only else 'read-write'}, "
@@ -207,9 +238,11 @@ def init_vq(cpu: NativeCpu, dev: Ref) -> None:
 
 def virtblk_add_req(cpu: NativeCpu, dev: Ref, i: int, rtype: int, sector: int,
                     nbytes: int) -> int:
-    """Slot ``i``'s request on the queue (header, data, status) and kicked:
-    0, or -EIO if the queue takes no chain (full, or deleted)."""
+    """Slot ``i``'s request on the ring (header, data, status) and kicked:
+    0, -ENOSPC if the ring has too few free descriptors, -EIO if the ring is
+    deleted."""
     slot = _slot(cpu, dev, i)
+    slot.type, slot.sector, slot.nbytes = rtype, sector, nbytes
     page = slot.page
     cpu.write(va(page), VIRTIO_BLK_OUTHDR.pack(rtype, 0, sector) + b"\xff")
     seg, left = _vb(cpu, dev).seg_bytes, nbytes
@@ -225,8 +258,8 @@ def virtblk_add_req(cpu: NativeCpu, dev: Ref, i: int, rtype: int, sector: int,
     vq = _vq(cpu, dev)
     head = virtio_ring.add_sgs(cpu, vq, out, in_)
     if head < 0:
-        return -EIO
-    slot.head, slot.type, slot.sector, slot.nbytes = head, rtype, sector, nbytes
+        return -ENOSPC if vq.present else -EIO
+    slot.head = head
     slot.state = REQ_INFLIGHT
     vb = _vb(cpu, dev)
     vb.in_flight, vb.submitted = vb.in_flight + 1, vb.submitted + 1
@@ -246,7 +279,9 @@ def _complete(cpu: NativeCpu, dev: Ref, i: int, status: int) -> None:
 
 def virtblk_reap(cpu: NativeCpu, dev: Ref) -> int:
     """Every chain the device used: its slot done with its status. Returns
-    how many; the node's waiters are woken if any."""
+    how many; the node's waiters are woken if any, and a stopped queue is
+    started again, asynchronously, as virtblk_done does
+    (blk_mq_start_stopped_hw_queues(q, true))."""
     vq, n = _vq(cpu, dev), 0
     while (got := virtio_ring.get_buf(cpu, vq)) is not None:
         for i in range(NR_SLOTS):
@@ -258,7 +293,11 @@ def virtblk_reap(cpu: NativeCpu, dev: Ref) -> int:
         else:
             printk(cpu, f"virtio_blk: the device used descriptor {got[0]}, no request's")
     if n:
-        wake_up_node(cpu, _vb(cpu, dev).node)
+        vb = _vb(cpu, dev)
+        wake_up_node(cpu, vb.node)
+        if vb.stopped:
+            vb.stopped = 0
+            blk_mq_run_hw_queue_async(cpu, dev)
     return n
 
 
@@ -266,6 +305,80 @@ def virtblk_reap(cpu: NativeCpu, dev: Ref) -> int:
 def virtblk_done(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
     """The queue's callback (virtblk_done): requests completed."""
     virtblk_reap(cpu, dev)
+
+
+# --- blk-mq's dispatch -------------------------------------------------------------------
+
+def blk_mq_insert(cpu: NativeCpu, dev: Ref, i: int, rtype: int, sector: int,
+                  nbytes: int) -> None:
+    """Slot ``i``'s request into the software queue, last."""
+    slot, vb = _slot(cpu, dev, i), _vb(cpu, dev)
+    slot.type, slot.sector, slot.nbytes = rtype, sector, nbytes
+    slot.seq, vb.next_seq = vb.next_seq, vb.next_seq + 1
+    slot.state, vb.queued = REQ_QUEUED, vb.queued + 1
+
+
+def _first_queued(cpu: NativeCpu, dev: Ref) -> int:
+    """The slot that entered the software queue first (-1: none)."""
+    best, seq = -1, 0
+    for i in range(NR_SLOTS):
+        slot = _slot(cpu, dev, i)
+        if slot.state == REQ_QUEUED and (best < 0 or slot.seq < seq):
+            best, seq = i, slot.seq
+    return best
+
+
+def virtio_queue_rq(cpu: NativeCpu, dev: Ref, i: int) -> int:
+    """A queued request onto the ring (virtio_queue_rq): 0; -ENOSPC, the
+    ring full, the request still queued; -EIO, the ring deleted, the request
+    ended with IOERR (blk_mq_end_request)."""
+    slot, vb = _slot(cpu, dev, i), _vb(cpu, dev)
+    rc = virtblk_add_req(cpu, dev, i, slot.type, slot.sector, slot.nbytes)
+    if rc == -ENOSPC:
+        slot.state = REQ_QUEUED
+        return rc
+    vb.queued = vb.queued - 1
+    if rc:
+        slot.state, vb.in_flight = REQ_INFLIGHT, vb.in_flight + 1  # _complete takes it off
+        _complete(cpu, dev, i, VIRTIO_BLK_S_IOERR)
+        wake_up_node(cpu, vb.node)
+    return rc
+
+
+def blk_mq_dispatch(cpu: NativeCpu, dev: Ref) -> int:
+    """One run of the hardware queue (__blk_mq_run_hw_queue): the queued
+    requests onto the ring in order of entry, until the ring is full (the
+    queue then stops: the next completion starts it). Nothing while the
+    queue is quiesced or stopped. Returns how many went."""
+    vb, n = _vb(cpu, dev), 0
+    if vb.quiesced or vb.stopped:
+        return 0
+    while (i := _first_queued(cpu, dev)) >= 0:
+        if virtio_queue_rq(cpu, dev, i) == -ENOSPC:
+            vb.stopped, vb.ring_full = 1, vb.ring_full + 1  # blk_mq_stop_hw_queue
+            break
+        n += 1
+    return n
+
+
+def blk_mq_run_hw_queue_async(cpu: NativeCpu, dev: Ref) -> None:
+    """blk_mq_run_hw_queue(hctx, true): the run to kblockd (system_wq here:
+    the freezer does not stop it), on this cpu."""
+    _vb(cpu, dev).run_pending = 1
+    queue_work(cpu, blk_mq_run_work_fn, freezable=False)
+
+
+@export
+def blk_mq_run_work_fn(cpu: NativeCpu, t_now: int) -> None:
+    """kblockd's work (blk_mq_run_work_fn): run each disk's hardware queue
+    that asked for it."""
+    for dev in vm.virtio_mmio_devices(cpu):
+        if dev.device_id != VIRTIO_ID_BLOCK or not dev.priv:
+            continue
+        vb = _vb(cpu, dev)
+        if vb.run_pending:
+            vb.run_pending, vb.kblockd_runs = 0, vb.kblockd_runs + 1
+            vb.kblockd_dispatched = vb.kblockd_dispatched + blk_mq_dispatch(cpu, dev)
 
 
 def _free_slot(cpu: NativeCpu, dev: Ref) -> int:
@@ -314,7 +427,7 @@ def _rw(cpu: NativeCpu, file: Ref, ubuf: int, size: int, write: bool) -> int | N
     vb = _vb(cpu, dev)
     if file.private:
         slot = _slot(cpu, dev, file.private - 1)
-        if slot.state == REQ_INFLIGHT:
+        if slot.state in (REQ_QUEUED, REQ_INFLIGHT):
             return None
         return _finish(cpu, file, slot, ubuf, write)
     if write and vb.read_only:
@@ -344,10 +457,11 @@ def _rw(cpu: NativeCpu, file: Ref, ubuf: int, size: int, write: bool) -> int | N
                 cpu.write(va(pfn), data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE])
     slot.file = file.va
     rtype = VIRTIO_BLK_T_OUT if write else VIRTIO_BLK_T_IN
-    if virtblk_add_req(cpu, dev, i, rtype, file.pos // SECTOR_SIZE, nbytes):
-        slot.state, slot.file = REQ_FREE, 0
-        return -EIO
+    blk_mq_insert(cpu, dev, i, rtype, file.pos // SECTOR_SIZE, nbytes)
     file.private = i + 1
+    blk_mq_dispatch(cpu, dev)  # blk_mq_run_hw_queue(hctx, false): in this task's call
+    if slot.state == REQ_DONE:  # failed at once (the ring deleted): no wake-up will come
+        return _finish(cpu, file, slot, ubuf, write)
     return None
 
 
@@ -396,16 +510,22 @@ def blk_ioctl(cpu: NativeCpu, file: Ref, cmd: int, arg: int) -> int:
 
 def blk_flush(cpu: NativeCpu, dev: Ref) -> int:
     """A FLUSH, waited for the way GET_ID is (an ioctl cannot block): 0,
-    -EAGAIN (no free slot, or frozen: try again), -EIO."""
+    -EAGAIN (no free slot, the ring full, or frozen: try again), -EIO. It
+    covers the writes completed, so it need not wait its turn behind the
+    software queue."""
     vb = _vb(cpu, dev)
     if not has_feature(dev, VIRTIO_BLK_F_FLUSH):
         return 0  # no write cache to flush: every completed write is stable
     i = _free_slot(cpu, dev)
     if i < 0 or vb.quiesced:
         return -EAGAIN
+    virtblk_reap(cpu, dev)  # the device used what it was given: room on the ring
     slot = _slot(cpu, dev, i)
     slot.file = 1  # held here, not freed by the reap
     rc = virtblk_add_req(cpu, dev, i, VIRTIO_BLK_T_FLUSH, 0, 0)
+    if rc == -ENOSPC:
+        slot.file = 0
+        return -EAGAIN
     virtblk_reap(cpu, dev)
     ok = rc == 0 and slot.state == REQ_DONE and slot.status == VIRTIO_BLK_S_OK
     if rc == 0 and slot.state == REQ_INFLIGHT:
@@ -420,14 +540,41 @@ virtio_blk_fops = export(file_operations(blk_open, blk_read, blk_write, blk_rele
 
 # --- PM -----------------------------------------------------------------------------------
 
-def virtblk_freeze(cpu: NativeCpu, dev: Ref) -> int:
-    """virtblk_freeze_priv: no new request starts (unless virtio.nodetach),
-    the ones in flight are drained, the device reset, the queue deleted."""
+def virtblk_detach(cpu: NativeCpu, dev: Ref) -> int:
+    """Stop the disk's users before the reset (virtblk_freeze_priv's
+    blk_mq_freeze_queue, then blk_mq_quiesce_queue): every request that
+    entered completes (the device serves what it is given in the notify, so
+    the freeze dispatches what waits in the software queue and reaps it),
+    then no dispatch, by a task or by kblockd, until the restore. Returns the
+    requests it dispatched. Option virtio.nodetach skips it: kblockd may then
+    dispatch after the queue is deleted."""
     vb = _vb(cpu, dev)
-    if not dev.nodetach:
-        vb.quiesced = 1
-    reaped = virtblk_reap(cpu, dev)  # complete on the host: take them now
-    vb.reaped_at_freeze = vb.reaped_at_freeze + reaped
+    if dev.nodetach:
+        printk(cpu, f"virtio_blk: option virtio.nodetach: the freeze leaves {vb.queued} "
+               "requests in the software queue and kblockd running")
+        return 0
+    drained = 0
+    while True:
+        vb.reaped_at_freeze = vb.reaped_at_freeze + virtblk_reap(cpu, dev)
+        vb.stopped = 0  # the ring is empty again: the device used all it was given
+        sent = blk_mq_dispatch(cpu, dev)
+        if not sent:  # the software queue is empty (or the device uses nothing)
+            break
+        drained += sent
+    vb.drained_at_freeze = vb.drained_at_freeze + drained
+    vb.quiesced = 1
+    return drained
+
+
+def virtblk_freeze(cpu: NativeCpu, dev: Ref) -> int:
+    """virtblk_freeze_priv: the users stopped (virtblk_detach: every request
+    completed, dispatch quiesced), what the device used reaped, the device
+    reset, the queue deleted."""
+    vb = _vb(cpu, dev)
+    before = vb.reaped_at_freeze
+    drained = virtblk_detach(cpu, dev)
+    vb.reaped_at_freeze = vb.reaped_at_freeze + virtblk_reap(cpu, dev)
+    reaped = vb.reaped_at_freeze - before
     failed = 0
     for i in range(NR_SLOTS):  # never used by the device: it broke; IOERR, not resent
         if _slot(cpu, dev, i).state == REQ_INFLIGHT:
@@ -439,17 +586,21 @@ def virtblk_freeze(cpu: NativeCpu, dev: Ref) -> int:
     virtio_reset_device(cpu, dev)
     vm.del_vqs(cpu, dev)
     printk(cpu, f"virtio_blk: vd{chr(ord('a') + vb.index)} frozen: {reaped} requests "
-           f"reaped, {failed} failed, device reset, queue deleted")
+           f"reaped, {failed} failed ({drained} sent from the software queue), device reset, "
+           "queue deleted")
     return 0
 
 
 def virtblk_restore(cpu: NativeCpu, dev: Ref) -> int:
-    """virtblk_restore_priv: the queue again, DRIVER_OK, requests may start
-    (blk_mq_unquiesce_queue); the tasks that waited try again."""
+    """virtblk_restore_priv: the queue again, DRIVER_OK, dispatch may go on
+    (blk_mq_unquiesce_queue, which runs the queue through kblockd); the
+    tasks that waited try again."""
     vb = _vb(cpu, dev)
     init_vq(cpu, dev)
     virtio_device_ready(cpu, dev)
-    vb.quiesced = 0
+    vb.quiesced = vb.stopped = 0  # a new ring, empty
+    if vb.queued:
+        blk_mq_run_hw_queue_async(cpu, dev)
     wake_up_node(cpu, vb.node)
     printk(cpu, f"virtio_blk: vd{chr(ord('a') + vb.index)} restored: {vb.capacity} sectors")
     return 0

@@ -18,21 +18,24 @@ reads the host's input and writes output to the host:
 * **open** and **release** tell the device (PORT_OPEN 1 and 0), which gives
   the port input only while the guest has it open.
 
-A control message from the device is handled where its buffer is taken
-(``handle_control``): from the control receiveq's callback, or at once by
-the driver after it sent a message the device answers in its notify.
+A control message from the device is handled by the control work
+(``control_work_handler``, on system_wq), which the control receiveq's
+callback queues, or at once by probe and restore after they sent messages
+the device answers in its notify (``handle_control``).
 
 All state is in guest memory: the device's ``priv`` page holds the driver's
 PORTDEV and one PORT per port; the buffers are pages the driver allocates.
 
 PM (virtcons_freeze, virtcons_restore):
 
-* freeze: the users stop first (``detach``: a read or a write waits until
-  the restore; the option ``virtio.nodetach=1`` skips this, so a write during
-  the freeze reaches a deleted queue and the ring prints a FAILURE line),
-  then the device is reset (virtio_reset_device), every port's host side is
-  taken as closed ("we'll ask the host later"), unread input discarded, and
-  the queues deleted;
+* freeze: the users stop (``detached``: a read or a write waits until the
+  restore), the device is reset (virtio_reset_device), the control work
+  cancelled (cancel_work_sync: after the reset, whose flush leaves no
+  callback to queue it again), every port's host side taken as closed
+  ("we'll ask the host later"), unread input discarded, and the queues
+  deleted. The option ``virtio.nodetach=1`` skips the detach: the work, not
+  cancelled, may run after the delete and give a buffer back to the deleted
+  control receiveq (the ring prints a FAILURE line; docs/virtio-console.md);
 * restore and thaw: the queues again, DRIVER_OK, the control receiveq and
   each port's receiveq filled, PORT_READY for each known port (the device
   answers with PORT_OPEN 1 if its host side is open: a client connected)
@@ -52,6 +55,7 @@ from guestos.mm import PAGE_SIZE, alloc_pages, va
 from guestos.printk import printk
 from guestos.symbols import export
 from guestos.usercopy import copy_from_user, copy_to_user
+from guestos.workqueue import cancel_work, queue_work
 from hypervisor.public.errno import EBUSY, EFAULT, EINVAL, EIO, ENODEV
 from hypervisor.public.io.virtio_console import (
     VIRTIO_CONSOLE_BAD_ID,
@@ -107,7 +111,11 @@ PORTDEV = Layout("ports_device", [
     ("bad_ctrl", "u64"),       # ... dropped: short, or for a port not added
     ("not_acked", "u64"),      # control messages the device did not use
     ("discarded", "u64"),      # input bytes thrown away at a freeze
+    ("taken", "u64"),          # control messages taken by the callback, for the work
+    ("cancelled", "u64"),      # ... dropped unhandled by the freeze's cancel
     *((f"cmap{i}", "u8") for i in range(CTRL_BUFS)),  # descriptor -> control buffer
+    *((f"tbuf{i}", "u8") for i in range(CTRL_BUFS)),  # the taken: their buffers, in order
+    *((f"tlen{i}", "u16") for i in range(CTRL_BUFS)),  # ... and lengths
 ])
 PORT = Layout("port", [
     ("present", "u64"),        # DEVICE_ADD seen
@@ -259,28 +267,58 @@ def send_control_msg(cpu: NativeCpu, dev: Ref, pid: int, event: int, value: int)
 
 @export
 def control_intr(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
-    """The control receiveq's callback (control_work_handler)."""
-    handle_control(cpu, dev)
+    """The control receiveq's callback (control_intr): the messages the
+    device sent are taken off the queue and the control work queued on
+    system_wq, whose worker the freezer does not stop. Linux's work takes
+    them itself and may sleep between taking a buffer and giving it back;
+    pvlab's work runs whole, so the callback takes them and the buffers stay
+    out of the queue while the work waits for its kworker."""
+    _take_control(cpu, dev)
+    queue_work(cpu, control_work_handler, freezable=False)
+
+
+@export
+def control_work_handler(cpu: NativeCpu, t_now: int) -> None:
+    """The control work (control_work_handler): each message taken handled,
+    its buffer given back. The freeze cancels it (virtcons_freeze's
+    cancel_work_sync); under option virtio.nodetach it is not, and may run
+    after the freeze deleted the queues."""
+    if _devva(cpu):
+        handle_control(cpu, _dev(cpu))
+
+
+def _take_control(cpu: NativeCpu, dev: Ref) -> int:
+    """Every used control buffer noted for the work, in order; how many."""
+    pd = _pd(cpu, dev)
+    vq = vq_at(cpu, dev, VIRTIO_CONSOLE_CTRL_RXQ)
+    n = 0
+    while pd.taken < CTRL_BUFS and (got := virtio_ring.get_buf(cpu, vq)) is not None:
+        head, length = got
+        setattr(pd, f"tbuf{pd.taken}", getattr(pd, f"cmap{head}"))
+        setattr(pd, f"tlen{pd.taken}", min(length, CTRL_BUF_SIZE))
+        pd.taken, n = pd.taken + 1, n + 1
+    return n
 
 
 def handle_control(cpu: NativeCpu, dev: Ref) -> None:
-    """Every control message the device has used a buffer for, handled, its
-    buffer given back. The answers the device gives in its notify (to a
-    PORT_READY sent here) are taken in the same loop."""
+    """Every control message taken or used since, handled, its buffer given
+    back first (so that the answers to a PORT_READY sent here, which the
+    device gives in its notify, have room). Called by the work, and at once
+    by probe and restore."""
     pd = _pd(cpu, dev)
     vq = vq_at(cpu, dev, VIRTIO_CONSOLE_CTRL_RXQ)
-    while (got := virtio_ring.get_buf(cpu, vq)) is not None:
-        head, length = got
-        i = getattr(pd, f"cmap{head}")
-        addr = va(pd.ctrl_rx) + i * CTRL_BUF_SIZE
-        data = cpu.read(addr, min(length, CTRL_BUF_SIZE))
-        h = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, pd.ctrl_rx,
-                                                              i * CTRL_BUF_SIZE),
-                                CTRL_BUF_SIZE, writable=True)
-        if h >= 0:
-            setattr(pd, f"cmap{h}", i)
-        vm.notify(cpu, dev, vq)
-        handle_control_message(cpu, dev, data)
+    while _take_control(cpu, dev) or pd.taken:
+        taken = [(getattr(pd, f"tbuf{k}"), getattr(pd, f"tlen{k}")) for k in range(pd.taken)]
+        pd.taken = 0
+        for i, length in taken:
+            data = cpu.read(va(pd.ctrl_rx) + i * CTRL_BUF_SIZE, length)
+            h = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, pd.ctrl_rx,
+                                                                  i * CTRL_BUF_SIZE),
+                                    CTRL_BUF_SIZE, writable=True)
+            if h >= 0:
+                setattr(pd, f"cmap{h}", i)
+                vm.notify(cpu, dev, vq)
+            handle_control_message(cpu, dev, data)
 
 
 def handle_control_message(cpu: NativeCpu, dev: Ref, data: bytes) -> None:
@@ -422,7 +460,7 @@ def port_fops_write(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | No
     vq = vq_at(cpu, dev, port_txq(file.minor))
     head = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, port.tx), n, writable=False)
     if head < 0:
-        return -EIO  # the queue is gone (option virtio.nodetach) or full
+        return -EIO  # the queue is full
     vm.notify(cpu, dev, vq)
     while virtio_ring.get_buf(cpu, vq) is not None:  # the device used it in its notify
         pass
@@ -479,12 +517,19 @@ def _ports(cpu: NativeCpu, dev: Ref) -> list[tuple[int, Ref]]:
 
 
 def virtcons_freeze(cpu: NativeCpu, dev: Ref) -> int:
-    """Stop the users, reset the device, forget the host side and the unread
-    input, delete the queues."""
+    """Stop the users, reset the device, cancel the control work, forget the
+    host side and the unread input, delete the queues (virtcons_freeze)."""
     pd = _pd(cpu, dev)
     if not dev.nodetach:
         pd.detached = 1
     virtio_reset_device(cpu, dev)
+    dropped = 0
+    if not dev.nodetach:
+        # after the reset, whose flush leaves no callback to queue it again;
+        # the messages it had are the old device's: the restore asks afresh
+        cancel_work(cpu, control_work_handler)
+        dropped, pd.taken = pd.taken, 0
+        pd.cancelled = pd.cancelled + dropped
     lost = 0
     for pid, port in _ports(cpu, dev):
         port.host_connected = 0  # asked again at the restore
@@ -492,8 +537,11 @@ def virtcons_freeze(cpu: NativeCpu, dev: Ref) -> int:
     pd.discarded = pd.discarded + lost
     vm.del_vqs(cpu, dev)
     printk(cpu, f"virtio_console: frozen: device reset, queues deleted, {lost} bytes of "
-                "input discarded" + (" (option virtio.nodetach: users not stopped)"
-                                     if dev.nodetach else ""))
+                "input discarded" + (f", control work cancelled ({dropped} message"
+                                     f"{'' if dropped == 1 else 's'} dropped)"
+                                     if not dev.nodetach else
+                                     " (option virtio.nodetach: the control work and the "
+                                     "users not stopped)"))
     return 0
 
 
@@ -502,6 +550,7 @@ def virtcons_restore(cpu: NativeCpu, dev: Ref) -> int:
     the device; then the users go on, each waiter trying again."""
     init_vqs(cpu, dev)
     virtio_device_ready(cpu, dev)
+    _pd(cpu, dev).taken = 0  # (option virtio.nodetach) taken from the old queues
     fill_control(cpu, dev)
     ports = _ports(cpu, dev)
     for pid, port in ports:
@@ -526,7 +575,8 @@ def console_state(cpu: NativeCpu) -> dict[str, object]:
     dev = _dev(cpu)
     pd = _pd(cpu, dev)
     return {"ctrl_msgs": pd.ctrl_msgs, "bad_ctrl": pd.bad_ctrl, "not_acked": pd.not_acked,
-            "discarded": pd.discarded, "detached": pd.detached,
+            "discarded": pd.discarded, "detached": pd.detached, "taken": pd.taken,
+            "cancelled": pd.cancelled,
             "ports": {pid: {"name": port_name(cpu, p), "host": p.host_connected,
                             "guest": p.guest_connected, "rx": p.rx_bytes, "tx": p.tx_bytes}
                       for pid, p in _ports(cpu, dev)}}

@@ -42,7 +42,9 @@
                          # optional: virtio-blk disks, xl's disk spelling (also its
                          # positional "disk.img,raw,xvda,rw"): a raw image file
                          # (relative to this file), access rw or ro; the guest
-                         # names them vda, vdb, ... in this order
+                         # names them vda, vdb, ... in this order; pvlab's
+                         # queue-size=N (QEMU's): the request queue's entries,
+                         # a power of two from 4 to 256 (default 256)
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hypervisor.domctl import (
+    BLK_QUEUE_SIZE,
     POSTCOPY_POLICIES,
+    check_blk_queue_size,
     check_console_ports,
     new_balloon_state,
     new_blk_state,
@@ -105,7 +109,8 @@ class DomainConfig:
             out.append(new_console_state([(c.name, c.connection, c.path)
                                           for c in self.channels]))
         for disk in self.disks:
-            out.append(new_blk_state(str(disk.target), disk.read_only))
+            out.append(new_blk_state(str(disk.target), disk.read_only,
+                                     queue_size=disk.queue_size))
         for vif in self.vifs:
             out.append(new_net_state(vif.mac, vif.backend()))
         return out
@@ -129,6 +134,7 @@ class DiskConfig:
     vdev: str              # xl's virtual device name (xvda); the guest says vda
     read_only: bool = False
     format: str = "raw"
+    queue_size: int = BLK_QUEUE_SIZE  # pvlab's queue-size= (QEMU's property of that name)
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,7 @@ _TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings",
 _BALLOON_KEYS = ("stats_interval", "deflate_on_oom", "postcopy")
 # xl's disk specification: its keys, and the order of its positional parameters
 _DISK_POSITIONAL = ("target", "format", "vdev", "access")
+_DISK_PVLAB = ("queue-size",)  # pvlab's keys beyond xl's (QEMU's property of that name)
 _DISK_ACCESS = {"rw": False, "w": False, "ro": True, "r": True}
 _REQUIRED = ("name", "memory", "image")
 
@@ -336,7 +343,7 @@ def parse_disk(spec: object, src: str = "config", where: Path | None = None) -> 
         key, eq, value = item.partition("=")
         if eq:
             key = key.strip()
-            if key not in _DISK_POSITIONAL:
+            if key not in _DISK_POSITIONAL + _DISK_PVLAB:
                 unknown.append(key)
             values[key] = value.strip()
             continue
@@ -348,7 +355,7 @@ def parse_disk(spec: object, src: str = "config", where: Path | None = None) -> 
         position += 1
     if unknown:
         raise ConfigError(f"{src}: disk {spec!r}: unknown key(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(_DISK_POSITIONAL)})")
+                          f"(known: {', '.join(_DISK_POSITIONAL + _DISK_PVLAB)})")
     for key in ("target", "vdev"):
         if not values.get(key):
             raise ConfigError(f"{src}: disk {spec!r}: no {key}")
@@ -364,7 +371,12 @@ def parse_disk(spec: object, src: str = "config", where: Path | None = None) -> 
     if not target.is_file():
         raise ConfigError(f"{src}: disk {spec!r}: the image {str(target)!r} does not exist "
                           "(make one, e.g. truncate -s 1M disk.img)")
-    return DiskConfig(target.resolve(), values["vdev"], _DISK_ACCESS[access], fmt)
+    size_text = values.get("queue-size", str(BLK_QUEUE_SIZE))
+    queue_size = int(size_text) if size_text.isdigit() else -1
+    if (why := check_blk_queue_size(queue_size)) is not None:
+        raise ConfigError(f"{src}: disk {spec!r}: queue-size {size_text!r}: "
+                          f"{why.split(': ', 1)[1]}")
+    return DiskConfig(target.resolve(), values["vdev"], _DISK_ACCESS[access], fmt, queue_size)
 
 
 def _balloon_config(table: dict, src: str) -> BalloonConfig:

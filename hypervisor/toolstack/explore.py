@@ -25,6 +25,11 @@ Two options aim the runs at a moment, the freeze and thaw of a save, say:
   save may be asked before it); each seed's run is a fork of that process
   (os.fork copies the machine) whose schedule from there on is the seed's
   (``domctl.reseed_schedule``). A run then costs only its part after TIME.
+  Every run writes a private copy of each disk (``domctl.private_disks``),
+  so that no run sees another's writes and the image file stays as it was.
+  A run from boot is built on copies of the images (``private_images``).
+  A configuration with a socket console port or vif is refused: the runs
+  would share its path or address (``check_config``).
   ``pvlab run CONFIG --sched-from TIME --sched-seed N`` replays one.
 * ``inject_every`` (``--inject-every N``): the injector
   (hypervisor/devices/virtio/inject.py) on every virtio device (or those of
@@ -185,10 +190,11 @@ def check_config(cfg: DomainConfig) -> None:
                            "with file console ports and user vifs")
 
 
-def private_disks(cfg: DomainConfig, directory: str) -> DomainConfig:
+def private_images(cfg: DomainConfig, directory: str) -> DomainConfig:
     """``cfg`` with each read-write disk a copy of its image in ``directory``
-    (each copy under its own directory, keeping the image's name, which is
-    the disk's default serial): a run's writes are its own."""
+    (each under a directory of its own, keeping the image's name, the disk's
+    default serial). A run from boot is built on the copies: runs in parallel
+    workers never open the image itself, whose write lock one would hold."""
     disks = []
     for i, d in enumerate(cfg.disks):
         if not d.read_only:
@@ -206,7 +212,7 @@ def run_one(scenario: Scenario, seed: int) -> Run:
     cfg = load_config(scenario.config)
     check_config(cfg)
     with tempfile.TemporaryDirectory(prefix="pvlab-explore-") as tmp:
-        cfg = private_disks(cfg, tmp)
+        cfg = private_images(cfg, tmp)
         if scenario.frames:
             hv, dom = boot(cfg, seed=seed, sched_seed=seed)
         else:
@@ -302,27 +308,25 @@ def _forked_runs(scenario: Scenario, seeds: list[int], jobs: int) -> Iterator[Ru
     cfg = load_config(scenario.config)
     check_config(cfg)
     check_parting(cfg.requests, scenario.fork_ns)
-    with tempfile.TemporaryDirectory(prefix="pvlab-explore-") as tmp:
-        hv, dom = boot(private_disks(cfg, tmp), seed=scenario.seed)
-        try:
-            injectors = _injectors(scenario, hv, dom)
-            rest = run_to_parting(hv, dom, scenario.fork_ns, cfg.requests)
-            yield from _children(seeds, jobs or os.cpu_count() or 1, lambda seed: _part(
-                scenario, seed, hv, dom, rest, injectors))
-        finally:
-            hv.close()
+    hv, dom = boot(cfg, seed=scenario.seed)
+    domctl.private_disks(dom)  # the image file stays as it is: a replay starts from it too
+    try:
+        injectors = _injectors(scenario, hv, dom)
+        rest = run_to_parting(hv, dom, scenario.fork_ns, cfg.requests)
+        yield from _children(seeds, jobs or os.cpu_count() or 1, lambda seed: _part(
+            scenario, seed, hv, dom, rest, injectors))
+    finally:
+        hv.close()
 
 
 def _part(scenario: Scenario, seed: int, hv: domctl.Hypervisor, dom: domctl.Domain,
           rest: list[Request], injectors: list[domctl.Injector]) -> Run:
-    """In the child: this seed's schedule from the parting on, on copies of
-    the read-write disks as they are at the parting."""
+    """In the child: this seed's schedule from the parting on."""
     _quiet_worker()
-    with tempfile.TemporaryDirectory(prefix="pvlab-explore-") as tmp:
-        domctl.copy_disks(dom, tmp)
-        domctl.reseed_schedule(hv, seed)
-        arm_injectors(injectors, scenario.phase(seed))
-        return _finish(scenario, seed, hv, dom, rest, injectors)
+    domctl.private_disks(dom)  # the disks as the parting left them, this run's own
+    domctl.reseed_schedule(hv, seed)
+    arm_injectors(injectors, scenario.phase(seed))
+    return _finish(scenario, seed, hv, dom, rest, injectors)
 
 
 def _children(seeds: list[int], jobs: int, work: Callable[[int], Run]) -> Iterator[Run]:

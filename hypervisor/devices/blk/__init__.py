@@ -7,7 +7,7 @@ the models), in the balloon's shape:
 * ``event_handler.py``: the request queue: each request read, checked and
   served against the image, synchronously inside the notify;
 * ``persist.py``: the state an image carries (path, read_only, serial,
-  capacity), checked against the file at a restore;
+  capacity, queue_size), checked against the file at a restore;
 * ``metrics.py``: its counters, declared with their meaning;
 * this file: the public names.
 
@@ -15,7 +15,13 @@ One queue (requestq, index 0). The constants of the ABI are in
 hypervisor/public/io/virtio_blk.py.
 """
 
-from hypervisor.devices.blk.device import Block, BlockError, default_serial, image_capacity
+from hypervisor.devices.blk.device import (
+    Block,
+    BlockError,
+    check_queue_size,
+    default_serial,
+    image_capacity,
+)
 from hypervisor.devices.blk.event_handler import QUEUE_SIZE, SEG_MAX, SIZE_MAX
 from hypervisor.devices.blk.metrics import BlockMetrics
 from hypervisor.devices.blk.persist import (
@@ -27,5 +33,5 @@ from hypervisor.devices.blk.persist import (
 )
 
 __all__ = ["NEW_DISK", "QUEUE_SIZE", "SEG_MAX", "SIZE_MAX", "STATE_KEYS", "Block",
-           "BlockError", "BlockMetrics", "default_serial", "image_capacity", "new_state",
-           "restore_state", "save_state"]
+           "BlockError", "BlockMetrics", "check_queue_size", "default_serial", "image_capacity",
+           "new_state", "restore_state", "save_state"]

@@ -15,8 +15,11 @@ them before a save or a reset (blk_drain); here nothing is ever left in
 flight on the host side, and a save finds no half-done request.
 
 Features: VERSION_1, SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, and RO for a
-read-only disk. One request queue of 256 entries; seg_max = 126 (QEMU's
-before seg-max-adjust); size_max = 64 KiB.
+read-only disk. One request queue of 256 entries, or of ``queue_size``
+(QEMU's queue-size property: a power of two, 4 to 256); seg_max = 126
+(QEMU's before seg-max-adjust), or the queue size less 2 when that is less
+(QEMU's seg-max-adjust: a request of seg_max segments fits an empty queue);
+size_max = 64 KiB.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import struct
+import tempfile
 
-from hypervisor.devices.blk.event_handler import QUEUE_SIZE, SEG_MAX, SIZE_MAX, BlockEventHandler
+from hypervisor.devices.blk.event_handler import (
+    QUEUE_SIZE,
+    QUEUE_SIZE_MIN,
+    SEG_MAX,
+    SIZE_MAX,
+    BlockEventHandler,
+)
 from hypervisor.devices.blk.metrics import BlockMetrics
 from hypervisor.devices.virtio.mmio import VirtioDevice
 from hypervisor.public.io.virtio import VIRTIO_F_VERSION_1
@@ -65,6 +74,14 @@ def image_capacity(path: str) -> int:
         raise BlockError(f"disk image {path!r}: {e.strerror}") from None
 
 
+def check_queue_size(size: int) -> str | None:
+    """Why ``size`` cannot be the request queue's size, or None."""
+    if not QUEUE_SIZE_MIN <= size <= QUEUE_SIZE or size & (size - 1):
+        return (f"queue size {size}: a power of two from {QUEUE_SIZE_MIN} to {QUEUE_SIZE} "
+                "(QEMU's queue-size)")
+    return None
+
+
 def default_serial(path: str) -> str:
     """A serial for GET_ID when the configuration gives none: the image's
     name, cut to 20 bytes."""
@@ -95,11 +112,13 @@ class Block(BlockEventHandler, VirtioDevice):
     name = "virtio-blk"
 
     def __init__(self, path: str, read_only: bool = False, serial: str = "",
-                 capacity: int = -1) -> None:
+                 capacity: int = -1, queue_size: int = QUEUE_SIZE) -> None:
         """Open the image at ``path``; ``capacity`` (sectors) is what a saved
         image expects it to be (-1: whatever it is, a new disk)."""
         if len(serial.encode()) > VIRTIO_BLK_ID_BYTES or not serial.isascii():
             raise BlockError(f"serial {serial!r}: at most {VIRTIO_BLK_ID_BYTES} ASCII bytes")
+        if (why := check_queue_size(queue_size)) is not None:
+            raise BlockError(why)
         have = image_capacity(path)
         if capacity >= 0 and have != capacity:
             raise BlockError(f"disk image {path!r} has {have} sectors, the saved domain's "
@@ -122,6 +141,8 @@ class Block(BlockEventHandler, VirtioDevice):
         self.read_only = read_only
         self.serial = serial or default_serial(path)
         self.capacity = have
+        self.queue_size = queue_size
+        self.seg_max = min(SEG_MAX, queue_size - 2)  # QEMU's seg-max-adjust
         self.metrics = BlockMetrics()
 
     # --- what the transport asks --------------------------------------------------
@@ -132,11 +153,12 @@ class Block(BlockEventHandler, VirtioDevice):
                 | 1 << VIRTIO_BLK_F_FLUSH | int(self.read_only) << VIRTIO_BLK_F_RO)
 
     def queue_sizes(self) -> list[int]:
-        return [QUEUE_SIZE]
+        return [self.queue_size]
 
     def config_bytes(self) -> bytes:
         """capacity, size_max, seg_max, no geometry, blk_size 512."""
-        return VIRTIO_BLK_CONFIG.pack(self.capacity, SIZE_MAX, SEG_MAX, 0, 0, 0, SECTOR_SIZE)
+        return VIRTIO_BLK_CONFIG.pack(self.capacity, SIZE_MAX, self.seg_max, 0, 0, 0,
+                                      SECTOR_SIZE)
 
     def config_read(self, offset: int, size: int) -> int:
         if offset + size > VIRTIO_BLK_CONFIG_SIZE:
@@ -156,19 +178,19 @@ class Block(BlockEventHandler, VirtioDevice):
         if not self.read_only:
             os.fsync(self.fd)
 
-    def use_copy(self, path: str) -> None:
-        """Go on with a copy of the image, made at ``path`` now, as this
-        process's own disk (the explorer's forked runs: the fork shares the
-        open file with its parent and its siblings)."""
-        shutil.copyfile(self.path, path)
-        fd = os.open(path, os.O_RDWR)
-        try:
-            lock_image(fd, False)
-        except BlockError:
-            os.close(fd)
-            raise
+    def private_copy(self) -> None:
+        """Go on with a copy of the disk as it is now, of this process's own:
+        the explorer's runs, forked from one, each write their own disk, and
+        the image file keeps what it had (``path`` still names it)."""
+        fd, tmp = tempfile.mkstemp(prefix="pvlab-disk-")
+        os.unlink(tmp)  # gone when closed
+        pos, size = 0, os.fstat(self.fd).st_size
+        while pos < size:
+            chunk = os.pread(self.fd, min(1 << 20, size - pos), pos)
+            os.pwrite(fd, chunk, pos)
+            pos += len(chunk)
         os.close(self.fd)
-        self.fd, self.path = fd, path
+        self.fd = fd
 
     def close(self) -> None:
         if self.fd >= 0:

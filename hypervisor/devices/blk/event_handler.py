@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 Segment = tuple[int, int]  # bus address, length
 T = TypeVar("T")
 
-QUEUE_SIZE = 256             # a descriptor table fills one page
+QUEUE_SIZE = 256             # a descriptor table fills one page (the default)
+QUEUE_SIZE_MIN = 4           # QEMU's queue-size: a power of two, more than 2
 SEG_MAX = 126                # QEMU's before seg-max-adjust: a queue of 128 less the
                              # header and status (a smaller one than the queue allows,
                              # so that a driver must honour it)
@@ -93,6 +94,7 @@ class BlockEventHandler:
     capacity: int
     read_only: bool
     serial: str
+    seg_max: int
 
     def flush(self) -> None: ...
 
@@ -171,7 +173,7 @@ class BlockEventHandler:
         length = sum(n for _, n in data)
         if length == 0 or length % SECTOR_SIZE:
             raise Refused(VIRTIO_BLK_S_IOERR, "bad_length")
-        if len(data) > SEG_MAX:
+        if len(data) > self.seg_max:
             raise Refused(VIRTIO_BLK_S_IOERR, "too_many_segments")
         if any(n > SIZE_MAX for _, n in data):
             raise Refused(VIRTIO_BLK_S_IOERR, "segment_too_big")

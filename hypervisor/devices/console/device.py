@@ -34,6 +34,7 @@ from hypervisor.public.io.virtio_console import (
     VIRTIO_CONSOLE_CONFIG,
     VIRTIO_CONSOLE_CONFIG_SIZE,
     VIRTIO_CONSOLE_F_MULTIPORT,
+    VIRTIO_CONSOLE_PORT_OPEN,
     VIRTIO_ID_CONSOLE,
     nr_queues,
 )
@@ -150,6 +151,17 @@ class Console(ConsoleEventHandler, VirtioDevice):
             self.refresh(port)
             self.flush_output(port)
             self.serve_rx(port)
+
+    def spontaneous(self) -> None:
+        """The explorer's injector: a control message out of turn, each
+        port's host side told again (PORT_OPEN, as QEMU tells a chardev's
+        open and close events whenever they come)."""
+        try:
+            for port in self.ports.values():
+                self.send_control(port.id, VIRTIO_CONSOLE_PORT_OPEN,
+                                  int(port.backend.connected))
+        except RingError as e:
+            self.transport.needs_reset(str(e))
 
     # --- for the toolstack --------------------------------------------------------------
 

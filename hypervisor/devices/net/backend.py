@@ -72,6 +72,7 @@ class UserStats:
     arp_replies: int = 0       # ARP requests for the gateway answered
     echo_replies: int = 0      # echo requests to the gateway answered
     announcements: int = 0     # gratuitous ARPs heard
+    arp_asked: int = 0         # ARP requests the gateway sent unasked (``unsolicited``)
     dropped: int = 0           # frames the gateway does not route or answer
     learnt: dict[str, str] = field(default_factory=dict)  # ip -> mac heard
 
@@ -88,6 +89,11 @@ class Backend:
 
     def poll(self) -> list[bytes]:
         """Frames for the guest that arrived since the last poll."""
+        return []
+
+    def unsolicited(self) -> list[bytes]:
+        """A frame the network sends the guest unasked, if it has one (the
+        explorer's injector, through the device's ``spontaneous``)."""
         return []
 
     def connected(self) -> bool:
@@ -137,7 +143,21 @@ class UserBackend(Backend):
             reply = arp_packet(ARPOP_REPLY, USER_GATEWAY_MAC, USER_GATEWAY, sha, spa_i)
             self.pending.append(eth_frame(src, USER_GATEWAY_MAC, ETH_P_ARP, reply))
             return
+        if op == ARPOP_REPLY and tpa_i == USER_GATEWAY:  # an answer to unsolicited()
+            self.stats.learnt[".".join(map(str, spa))] = sha.hex(":")
+            return
         self.stats.dropped += 1
+
+    def unsolicited(self) -> list[bytes]:
+        """The gateway asks who has the first address it learnt (slirp's
+        arp_request before it forwards to a guest); none before it learnt one."""
+        if not self.stats.learnt:
+            return []
+        ip = next(iter(self.stats.learnt))
+        self.stats.arp_asked += 1
+        request = arp_packet(ARPOP_REQUEST, USER_GATEWAY_MAC, USER_GATEWAY, bytes(6),
+                             ip_aton(ip))
+        return [eth_frame(ETH_BROADCAST, USER_GATEWAY_MAC, ETH_P_ARP, request)]
 
     def _ip(self, src: bytes, body: bytes) -> None:
         ver_ihl, _, tot_len, ident, _, _, proto, _, saddr, daddr = IP_HDR.unpack_from(body)

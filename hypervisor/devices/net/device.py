@@ -130,6 +130,13 @@ class Net(NetEventHandler, VirtioDevice):
         self.status_announce = False
         self.host.timers.cancel_timers(self)
 
+    def spontaneous(self) -> None:
+        """A frame from the network now, as between two polls (the
+        explorer's injector): what the backend has, and what its network
+        sends unasked (the user gateway's ARP request for the guest)."""
+        if self.transport.live:
+            self.receive_frames(self.backend.poll() + self.backend.unsolicited())
+
     def close(self) -> None:
         self.host.timers.cancel_timers(self)
         self.backend.close()

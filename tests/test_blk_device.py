@@ -379,6 +379,7 @@ def test_a_small_queue_adjusts_seg_max_and_goes_through_the_image(booted, tmp_pa
     assert drv.read(VIRTIO_MMIO_CONFIG + VIRTIO_BLK_CFG_SEG_MAX) == 2
     entry = save_entry(drv.t)
     assert entry["queue_size"] == 4 and check_entry(entry) is None
+    blk.close()  # the image's one writer (its lock) goes
     again = restore_state(entry)
     assert again.queue_sizes() == [4] and again.seg_max == 2
     again.close()

@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) bench/migrate.py
 	$(PY) bench/postcopy.py
 	$(PY) bench/console.py
+	$(PY) bench/net.py
 
 firmware:
 	$(MAKE) -C firmware

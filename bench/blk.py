@@ -9,7 +9,9 @@ The guest runs blkcheck (firmware/user/blkcheck.S) on vda: BLOCKS blocks of
 at a time and checksummed. Its time runs from the "blkcheck start" line to
 the checksum line on the console (wall time; boot is not in it). The host
 makes the same calls on a file of its own: the same writes and counter
-read-writes with pwrite/pread, an fsync, the same reads. The guest's time
+read-writes with pwrite/pread, an fsync, the same reads, with blkcheck's
+pattern made and checked and its checksum folded in Python (the checksum
+must be the guest's: the bench fails if not). The guest's time
 includes its user code generating and checking the pattern in emulated x86,
 the syscall path through the Python kernel, the ring, and the device.
 
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +38,16 @@ from hypervisor.toolstack.session import boot, run_domain  # noqa: E402
 
 CHUNK = 8192
 M64 = (1 << 64) - 1
+SEED = 1                       # blkcheck's pattern seed, as the guest is given it
+GOLDEN = 0x9E3779B97F4A7C15    # blkcheck.S's pattern: (seed << 32 | 0) + i + 1, times this
+FNV_PRIME = 0x100000001B3      # its checksum: h ^= word; h *= this
+FNV_BASIS = 0xCBF29CE484222325
+WORDS = CHUNK // 8
 
 
-def guest_run(disk: Path, blocks: int) -> tuple[float, int]:
-    """Seconds from blkcheck's start to its checksum; the device's requests."""
+def guest_run(disk: Path, blocks: int) -> tuple[float, int, int]:
+    """Seconds from blkcheck's start to its checksum; the device's requests;
+    the checksum it printed."""
     disk.write_bytes(bytes((blocks * 8 + 1) * 512 + (1 << 16)))
     cfg = parse_config({"name": "blkbench", "memory": 16,
                         "image": str(ROOT / "firmware/guest.elf"),
@@ -59,30 +69,41 @@ def guest_run(disk: Path, blocks: int) -> tuple[float, int]:
             raise SystemExit(f"bench/blk.py: the guest run failed ({r.reason}):\n"
                              f"{r.console.decode()[-1500:]}")
         requests = dom.devices[0].device.metrics.requests
+        checksum = int(re.search(rb"blkcheck checksum (?:0x)?([0-9a-fA-F]+)", r.console)[1], 16)
     finally:
         hv.close()
-    return marks["blkcheck checksum"] - marks["blkcheck start"], requests
+    return marks["blkcheck checksum"] - marks["blkcheck start"], requests, checksum
 
 
-def host_run(path: Path, blocks: int) -> float:
-    """The same calls on a host file: writes with counter read-writes, an
-    fsync, reads; the pattern made and checked in Python as the guest does."""
-    data = [bytes(CHUNK) for _ in range(blocks // 2)]
+def pattern(block: int) -> bytes:
+    """blkcheck's ``fill``: the 8 KiB of blocks ``block`` and ``block + 1``."""
+    base = (SEED << 32) + (block << 9) + 1
+    return array("Q", [(base + i) * GOLDEN & M64 for i in range(WORDS)]).tobytes()
+
+
+def host_run(path: Path, blocks: int) -> tuple[float, int]:
+    """The same calls on a host file: writes of the pattern with counter
+    read-writes, an fsync, reads checked against the pattern and folded
+    into the checksum, as blkcheck does. (seconds, checksum)"""
     t = time.perf_counter()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         counter_at = blocks * 4096
-        for i, chunk in enumerate(data):
-            os.pwrite(fd, chunk, i * CHUNK)
+        for block in range(0, blocks, 2):
+            os.pwrite(fd, pattern(block), block * 4096)
             c = int.from_bytes(os.pread(fd, 512, counter_at)[:8] or bytes(8), "little")
             os.pwrite(fd, (c + 1).to_bytes(8, "little").ljust(512, b"\0"), counter_at)
         os.fsync(fd)
-        for i in range(len(data)):
-            if len(os.pread(fd, CHUNK, i * CHUNK)) != CHUNK:
-                raise SystemExit("bench/blk.py: a short read on the host")
+        h = FNV_BASIS
+        for block in range(0, blocks, 2):
+            got = os.pread(fd, CHUNK, block * 4096)
+            if got != pattern(block):
+                raise SystemExit("bench/blk.py: the host read back other bytes than it wrote")
+            for word in array("Q", got):
+                h = (h ^ word) * FNV_PRIME & M64
     finally:
         os.close(fd)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, h
 
 
 def main() -> None:
@@ -97,9 +118,13 @@ def main() -> None:
     guest, host = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.repeat):
-            g, requests = guest_run(Path(tmp) / "disk.img", blocks)
+            g, requests, want = guest_run(Path(tmp) / "disk.img", blocks)
             guest.append(g)
-            host.append(host_run(Path(tmp) / "plain.img", blocks))
+            took, checksum = host_run(Path(tmp) / "plain.img", blocks)
+            if checksum != want:
+                raise SystemExit(f"bench/blk.py: the host's checksum {checksum:#x} is not "
+                                 f"the guest's {want:#x}: the two do not do the same work")
+            host.append(took)
     mib = 2 * blocks * 4096 / (1 << 20)  # written and read back
     print(f"blkcheck: {blocks} blocks of 4 KiB written and read back ({mib:.2f} MiB moved), "
           f"{requests} requests")

@@ -34,6 +34,7 @@ MS = 1_000_000
 CHUNK = 4096
 WINDOW = 16384  # bytes in flight at most: the socket never drops the echo
 READ_SIZE = 4096  # what portecho reads at a time
+STALL_ROUNDS = 1000  # rounds of a millisecond with no echo back: it cannot finish
 
 
 def through_guest(total: int, work: Path) -> tuple[float, float]:
@@ -53,18 +54,32 @@ def through_guest(total: int, work: Path) -> tuple[float, float]:
         sent = got = 0
         v0 = max(v.clock for v in dom.vcpus)
         t0 = time.perf_counter()
+        idle = 0
         while got < total:
             while sent < total and sent - got < WINDOW:
-                sent += client.send(payload[sent:sent + CHUNK])
-            run_domain(hv, dom, max(v.clock for v in dom.vcpus) + MS)
+                try:
+                    sent += client.send(payload[sent:sent + CHUNK])
+                except BlockingIOError:
+                    break
+            now = max(v.clock for v in dom.vcpus)
+            r = run_domain(hv, dom, now + MS)
+            if r.reason not in ("running", "hung"):
+                raise SystemExit(f"bench/console.py: the guest stopped ({r.reason}) with "
+                                 f"{got} of {total} bytes echoed")
+            before = got
             while True:
                 try:
                     data = client.recv(65536)
                 except BlockingIOError:
                     break
                 if not data:
-                    raise RuntimeError("the port closed before the echo came back")
+                    raise SystemExit("bench/console.py: the port closed before the echo "
+                                     "came back")
                 got += len(data)
+            idle = 0 if got > before else idle + 1
+            if idle > STALL_ROUNDS:
+                raise SystemExit(f"bench/console.py: no echo in {STALL_ROUNDS} rounds of "
+                                 f"1 ms ({got} of {total} bytes back): the run cannot finish")
         wall = time.perf_counter() - t0
         virtual = (max(v.clock for v in dom.vcpus) - v0) / 1e9
         client.close()
@@ -103,6 +118,9 @@ def main() -> None:
     p.add_argument("--kib", type=int, default=256, help="KiB echoed per run")
     p.add_argument("--repeat", type=int, default=3, help="runs; the median is shown")
     args = p.parse_args()
+    for name, value in (("--kib", args.kib), ("--repeat", args.repeat)):
+        if value < 1:
+            raise SystemExit(f"bench/console.py: {name} {value}: give 1 or more")
     total = args.kib * 1024
     with tempfile.TemporaryDirectory(prefix="vcb", dir="/tmp") as d:
         runs = [through_guest(total, Path(d)) for _ in range(args.repeat)]

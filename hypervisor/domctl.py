@@ -923,6 +923,14 @@ def devices_state(dom: Domain) -> list[dict[str, Any]]:
     return out
 
 
+def device_place(dom: Domain, base: int) -> dict[str, Any]:
+    """Where the device at ``base`` is (bus, kind, base, port): what a
+    configuration names of it, without its state (no save's flush)."""
+    t = next(t for t in dom.devices if t.base == base)
+    return {"bus": kinds.BUS, "kind": kinds.kind_of(t.device).name, "base": t.base,
+            "port": t.port}
+
+
 def check_device_state(state: object) -> str | None:
     """Why an EMULATOR_CONTEXT entry cannot be restored, or None: a device this
     hypervisor knows, with every key of its declared state and type."""
@@ -977,7 +985,8 @@ __all__ = [
     "bind_virq_dom_exc", "check_device_state", "clock_name", "console_write", "createdomain",
     "debug_trace", "device_kind_names", "getdomaininfolist", "is_paused", "next_work",
     "run_while_busy",
-    "destroydomain", "devices_state", "dump_frames", "evtchn_alloc_unbound",
+    "destroydomain", "device_place", "devices_state", "dump_frames",
+    "evtchn_alloc_unbound",
     "evtchn_bind_backend", "evtchn_notify", "find_device", "gdbsx_guestmemio",
     "gdbsx_guestmemio_write", "gdbsx_getregs", "gdbsx_setreg", "debug_attach", "debug_breakpoint",
     "debug_op_single_step", "debug_detach",

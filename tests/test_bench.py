@@ -118,6 +118,13 @@ def test_console_bench_runs():
     assert "pvlab KiB/s" in r.stdout and "x\n" in r.stdout
 
 
+@pytest.mark.parametrize("arg", ["--kib", "--repeat"])
+def test_console_bench_refuses_nothing_to_do_in_one_line(arg):
+    r = subprocess.run([sys.executable, "bench/console.py", arg, "0"], capture_output=True,
+                       text=True, cwd=ROOT, env=checkout_env(), timeout=300)
+    assert r.returncode == 1 and r.stderr == f"bench/console.py: {arg} 0: give 1 or more\n"
+
+
 def test_blk_bench_runs():
     r = subprocess.run([sys.executable, "bench/blk.py", "--blocks", "4", "--repeat", "1"],
                        capture_output=True, text=True, cwd=ROOT, env=checkout_env(),

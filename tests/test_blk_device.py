@@ -326,6 +326,10 @@ def test_state_round_trip_flushes_and_checks_the_file(env, image, monkeypatch):
         {"kind": "blk", "path": str(image), "read_only": False, "serial": "disk.img",
          "capacity": SECTORS}
     assert check_entry(entry) is None
+    # the saved domain still has the image open for writing: a second writer is refused
+    with pytest.raises(BlockError, match="failed to get the write lock"):
+        restore_state(entry)
+    drv.blk.close()
     again = restore_state(entry)
     assert again.capacity == SECTORS and again.serial == "disk.img"
     again.close()
@@ -375,6 +379,7 @@ def test_a_small_queue_adjusts_seg_max_and_goes_through_the_image(booted, tmp_pa
     assert drv.read(VIRTIO_MMIO_CONFIG + VIRTIO_BLK_CFG_SEG_MAX) == 2
     entry = save_entry(drv.t)
     assert entry["queue_size"] == 4 and check_entry(entry) is None
+    blk.close()  # the image's one writer (its lock) goes
     again = restore_state(entry)
     assert again.queue_sizes() == [4] and again.seg_max == 2
     again.close()

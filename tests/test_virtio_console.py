@@ -225,3 +225,37 @@ def test_nodetach_leaves_the_users_running_through_the_freeze(booted, tmp_path):
                       if "virtio_console: frozen" in line)
         assert frozen.endswith(said), frozen
         client.close()
+
+
+def test_a_client_that_reads_late_gets_every_byte(booted, tmp_path):
+    """The host throttles a port whose client does not read (QEMU's generic
+    port): portecho's writes wait for its buffer to be used, none is lost or
+    overwritten, and they go on as the client reads."""
+    sock = tmp_path / "e.sock"
+    hv, dom = booted(console_config(sock))
+    client = connect(sock)
+    run_domain(hv, dom, 20 * MS)
+    con = dom.devices[0].device
+    con.ports[1].backend.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client.setblocking(False)
+    payload = bytes(b"abcdefghijklmnopqrstuvwxyz\n"[i % 27] for i in range(48 * 1024))
+    sent, got, t, unread = 0, b"", 20 * MS, 0
+    for _ in range(5000):
+        if len(got) == len(payload):
+            break
+        try:
+            sent += client.send(payload[sent:sent + 8192]) if sent < len(payload) else 0
+        except BlockingIOError:
+            pass
+        t += MS
+        run_domain(hv, dom, t)
+        if con.metrics.tx_throttled and unread < 20:
+            unread += 1  # 20 ms more, throttled: the guest would write on if it could
+            continue
+        try:
+            got += client.recv(65536)
+        except BlockingIOError:
+            pass
+    assert got == payload.upper()
+    assert con.metrics.tx_throttled > 0 and con.metrics.tx_dropped == 0
+    client.close()

@@ -206,8 +206,10 @@ def init_vqs(cpu: NativeCpu, dev: Ref) -> None:
     for i in range(nr_queues(_pd(cpu, dev).nr_ports)):
         if i == VIRTIO_CONSOLE_CTRL_RXQ:
             callbacks.append(control_intr)
-        elif i == VIRTIO_CONSOLE_CTRL_TXQ or i % 2:
-            callbacks.append(None)  # output is reclaimed where it is sent
+        elif i == VIRTIO_CONSOLE_CTRL_TXQ:
+            callbacks.append(None)  # control messages are reclaimed where they are sent
+        elif i % 2:
+            callbacks.append(out_intr)  # a throttled port's buffer used late
         else:
             callbacks.append(in_intr)
     vm.find_vqs(cpu, dev, callbacks)
@@ -404,6 +406,15 @@ def in_intr(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
         _wake(cpu, _port(cpu, dev, pid))
 
 
+@export
+def out_intr(cpu: NativeCpu, dev: Ref, vq: Ref) -> None:
+    """A port's output buffer used after its notify (the host throttled the
+    port until its client read): its writers try again (Linux's out_intr)."""
+    pid = queue_port(vq.index)
+    if pid is not None:
+        _wake(cpu, _port(cpu, dev, pid))
+
+
 def _take_inbuf(cpu: NativeCpu, port: Ref, vq: Ref) -> bool:
     """A used receive buffer becomes the one being read; whether there is one."""
     if port.cur_buf != NONE:
@@ -456,13 +467,17 @@ def port_fops_write(cpu: NativeCpu, file: Ref, ubuf: int, size: int) -> int | No
     data = copy_from_user(cpu, ubuf, n)
     if data is None:
         return -EFAULT
-    cpu.write(va(port.tx), data)
     vq = vq_at(cpu, dev, port_txq(file.minor))
+    while virtio_ring.get_buf(cpu, vq) is not None:  # reclaim_consumed_buffers
+        pass
+    if vq.num_free < vq.num:
+        return None  # will_write_block: the host holds the last buffer (a throttled port)
+    cpu.write(va(port.tx), data)
     head = virtio_ring.add_buf(cpu, vq, virtio_ring.bus_addr(cpu, port.tx), n, writable=False)
     if head < 0:
         return -EIO  # the queue is full
     vm.notify(cpu, dev, vq)
-    while virtio_ring.get_buf(cpu, vq) is not None:  # the device used it in its notify
+    while virtio_ring.get_buf(cpu, vq) is not None:  # used in the notify, unless throttled
         pass
     port.tx_bytes = port.tx_bytes + n
     return n

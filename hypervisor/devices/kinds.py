@@ -83,7 +83,7 @@ def check_entry(state: object) -> str | None:
     """Why an EMULATOR_CONTEXT entry cannot be restored, or None: a kind this
     hypervisor knows, with every key of its declared state and type."""
     if not isinstance(state, dict) or state.get("bus") != BUS \
-            or state.get("kind") not in _KINDS:
+            or not isinstance(state.get("kind"), str) or state["kind"] not in _KINDS:
         return f"a device this restorer does not know: {state!r}"
     kind = _KINDS[state["kind"]]
     for key, want in {**PLACE_KEYS, **kind.state_keys}.items():

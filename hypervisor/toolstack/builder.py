@@ -151,8 +151,8 @@ def add_device(hv: Hypervisor, dom: Domain, state: dict, base: int | None = None
 def _record_place(hv: Hypervisor, dom: Domain, base: int) -> None:
     """Where the new device is, kept as libxl keeps a domain's configuration:
     a live save names it in the config it writes while the device runs."""
-    state = next(d for d in domctl.devices_state(dom) if d["base"] == base)
-    context_of(hv).domain(dom).devices.append({k: state[k] for k in DEVICE_CONFIG_KEYS})
+    place = domctl.device_place(dom, base)
+    context_of(hv).domain(dom).devices.append({k: place[k] for k in DEVICE_CONFIG_KEYS})
 
 
 def build_domain(hv: Hypervisor, cfg: DomainConfig) -> Domain:

@@ -142,6 +142,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     parting = args.sched_from is not None
     hv, dom = boot(cfg, seed=args.seed, clock=clock,
                    sched_seed=None if parting else args.sched_seed)
+    try:
+        return _run_booted(hv, dom, cfg.verdict, requests, args)
+    finally:
+        hv.close()  # the devices' host files and sockets, whatever the outcome
+
+
+def _run_booted(hv: Hypervisor, dom: Domain, verdict: str, requests: list[Request],
+                args: argparse.Namespace) -> int:
+    """``pvlab run`` once the domain is built."""
+    parting = args.sched_from is not None
     if args.trace:
         from hypervisor.toolstack.trace import Tracer
         Tracer(hv, dom, args.trace, sys.stdout).attach()
@@ -155,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for inj in injectors:
         inj.phase = args.inject_phase
         inj.arm()
-    return _run_or_save(hv, dom, requests, args, cfg.verdict)
+    return _run_or_save(hv, dom, requests, args, verdict)
 
 
 def _gdb_port(text: str) -> int:
@@ -542,7 +552,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
           f"new frames, {stats.tables} pagetables localised in {stats.localise_s * 1e3:.1f} ms, "
           f"{stats.pinned} pinned again, in {stats.total_s:.2f} s; its suspend hypercall "
           "returns 0")
-    return _run_or_save(hv, dom, args.request, args)
+    try:
+        return _run_or_save(hv, dom, args.request, args)
+    finally:
+        hv.close()  # the devices' host files and sockets, whatever the outcome
 
 
 def _restore_lazy(args: argparse.Namespace, clock: str) -> int:
@@ -562,6 +575,7 @@ def _restore_lazy(args: argparse.Namespace, clock: str) -> int:
               f"{left} never needed")
         return code
     finally:
+        hv.close()
         image.close()
 
 
@@ -1159,7 +1173,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from hypervisor.toolstack import explore
-    load_config(args.config)  # a bad configuration is one line, before any worker starts
+    cfg = load_config(args.config)  # a bad configuration is one line, before any worker starts
+    try:
+        explore.check_config(cfg)
+    except explore.ExploreError as e:
+        raise CliError(str(e)) from None
     if args.jobs < 0:
         raise CliError("-j must be 0 (one worker per core) or more")
     if args.frames and args.seed is not None:

@@ -163,9 +163,11 @@ class VifConfig:
 _VIF_KEYS = ("mac", "type", "listen", "connect")
 
 
-def parse_vif(spec: str, index: int, src: str = "config") -> VifConfig:
+def parse_vif(spec: str, index: int, src: str = "config", where: Path | None = None
+              ) -> VifConfig:
     """``"mac=00:16:3e:00:00:01, type=socket, listen=unix:/tmp/n.sock"``
-    (xl's vif spelling: KEY=VALUE items split by commas)."""
+    (xl's vif spelling: KEY=VALUE items split by commas); a ``unix:`` path
+    relative to the configuration file, made absolute."""
     items: dict[str, str] = {}
     for item in spec.split(","):
         item = item.strip()
@@ -196,6 +198,10 @@ def parse_vif(spec: str, index: int, src: str = "config") -> VifConfig:
             parse_net_address(listen or connect)
         except ValueError as e:
             raise ConfigError(f"{src}: vif {spec!r}: {e}") from None
+        if listen.startswith("unix:"):
+            listen = "unix:" + _host_path(listen[5:], where)
+        if connect.startswith("unix:"):
+            connect = "unix:" + _host_path(connect[5:], where)
     elif listen or connect:
         raise ConfigError(f"{src}: vif {spec!r}: listen and connect are for type=socket")
     return VifConfig(mac.lower(), kind, listen, connect)
@@ -262,12 +268,12 @@ def parse_config(data: dict, where: Path | None = None) -> DomainConfig:
     for i, spec in enumerate(data.get("vif", [])):
         if not isinstance(spec, str):
             raise ConfigError(f"{src}: vif must be a list of strings, not {spec!r}")
-        vifs.append(parse_vif(spec, i, src))
+        vifs.append(parse_vif(spec, i, src, where))
     verdict = data.get("verdict", "")
     if verdict and verdict not in VERDICTS:
         raise ConfigError(f"{src}: verdict is {verdict!r}; the one known is \"xtf\"")
     channels = _channels(data.get("channel", []), where, src)
-    disks = tuple(parse_disk(spec, src, where) for spec in data.get("disk", []))
+    disks = _disks(data.get("disk", []), src, where)
     return DomainConfig(data["name"], memory, vcpus, image, data.get("cmdline", ""), seed,
                         where, kernel, maxmem, tuple(requests), balloon, verdict,
                         data.get("sched_seed"), channels, disks, tuple(vifs))
@@ -299,16 +305,34 @@ def _channels(specs: list, where: Path | None, src: str) -> tuple[ChannelConfig,
         missing = [k for k in _CHANNEL_KEYS if not fields.get(k)]
         if missing:
             raise ConfigError(f"{src}: channel {spec!r}: no {', '.join(missing)}")
-        path = Path(fields["path"])
-        if where is not None and not path.is_absolute():
-            path = where.parent / path
-        fields["path"] = str(path)
+        fields["path"] = _host_path(fields["path"], where)
         out.append(ChannelConfig(fields["name"], fields["connection"], fields["path"]))
     why = check_console_ports([{"name": c.name, "connection": c.connection, "path": c.path}
                                for c in out])
     if why:
         raise ConfigError(f"{src}: channel: {why}")
     return tuple(out)
+
+
+def _host_path(text: str, where: Path | None) -> str:
+    """A host file's path, relative to the configuration file, resolved (as
+    a disk's target): what a restore elsewhere, in another directory, finds."""
+    path = Path(text)
+    if where is not None and not path.is_absolute():
+        path = where.parent / path
+    return str(path.resolve())
+
+
+def _disks(specs: list, src: str, where: Path | None) -> tuple[DiskConfig, ...]:
+    """The ``disk`` list; an image named twice is refused (two devices on one
+    file would be two writers)."""
+    disks = tuple(parse_disk(spec, src, where) for spec in specs)
+    targets = [d.target for d in disks]
+    twice = next((t for t in targets if targets.count(t) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"{src}: disk: the image {str(twice)!r} is given twice (one image "
+                          "is one disk)")
+    return disks
 
 
 def parse_disk(spec: object, src: str = "config", where: Path | None = None) -> DiskConfig:

@@ -27,6 +27,9 @@ Two options aim the runs at a moment, the freeze and thaw of a save, say:
   (``domctl.reseed_schedule``). A run then costs only its part after TIME.
   Every run writes a private copy of each disk (``domctl.private_disks``),
   so that no run sees another's writes and the image file stays as it was.
+  A run from boot is built on copies of the images (``private_images``).
+  A configuration with a socket console port or vif is refused: the runs
+  would share its path or address (``check_config``).
   ``pvlab run CONFIG --sched-from TIME --sched-seed N`` replays one (spelled
   as ``REPLAY_AS_ENV`` says: ``pvlab lab run NAME -- run ...`` inside a lab,
   whose run must load the student's modules again).
@@ -49,14 +52,16 @@ import pickle
 import re
 import selectors
 import shlex
+import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from hypervisor import domctl
-from hypervisor.toolstack.config import load_config
+from hypervisor.toolstack.config import DomainConfig, load_config
 from hypervisor.toolstack.control import Request
 from hypervisor.toolstack.session import boot, check_parting, run_domain, run_to_parting
 from hypervisor.toolstack.timeparse import format_duration, parse_duration
@@ -177,20 +182,52 @@ class Run:
     thrown: tuple[str, ...] = ()  # the injector's throws, in order
 
 
+def check_config(cfg: DomainConfig) -> None:
+    """ExploreError if the runs cannot each have their own host side: a
+    socket console port or socket vif would be one path or address for all
+    (the runs are refused, not given paths of their own, which no peer
+    would know)."""
+    sockets = [f"channel {c.name!r}" for c in cfg.channels if c.connection == "socket"]
+    sockets += [f"vif {v.mac}" for v in cfg.vifs if v.type == "socket"]
+    if sockets:
+        raise ExploreError(f"{cfg.path or 'the configuration'}: {', '.join(sockets)} is a "
+                           "socket, which the runs would share: explore a configuration "
+                           "with file console ports and user vifs")
+
+
+def private_images(cfg: DomainConfig, directory: str) -> DomainConfig:
+    """``cfg`` with each read-write disk a copy of its image in ``directory``
+    (each under a directory of its own, keeping the image's name, the disk's
+    default serial). A run from boot is built on the copies: runs in parallel
+    workers never open the image itself, whose write lock one would hold."""
+    disks = []
+    for i, d in enumerate(cfg.disks):
+        if not d.read_only:
+            where = os.path.join(directory, str(i))
+            os.mkdir(where)
+            copy = os.path.join(where, d.target.name)
+            shutil.copyfile(d.target, copy)
+            d = replace(d, target=type(d.target)(copy))
+        disks.append(d)
+    return replace(cfg, disks=tuple(disks))
+
+
 def run_one(scenario: Scenario, seed: int) -> Run:
-    """One run of ``seed`` from boot."""
+    """One run of ``seed`` from boot, on copies of the read-write disks."""
     cfg = load_config(scenario.config)
-    if scenario.frames:
-        hv, dom = boot(cfg, seed=seed, sched_seed=seed)
-    else:
-        hv, dom = boot(cfg, seed=scenario.seed, sched_seed=seed)
-    domctl.private_disks(dom)
-    try:
-        injectors = _injectors(scenario, hv, dom)
-        arm_injectors(injectors, scenario.phase(seed))
-        return _finish(scenario, seed, hv, dom, cfg.requests, injectors)
-    finally:
-        hv.close()
+    check_config(cfg)
+    with tempfile.TemporaryDirectory(prefix="pvlab-explore-") as tmp:
+        cfg = private_images(cfg, tmp)
+        if scenario.frames:
+            hv, dom = boot(cfg, seed=seed, sched_seed=seed)
+        else:
+            hv, dom = boot(cfg, seed=scenario.seed, sched_seed=seed)
+        try:
+            injectors = _injectors(scenario, hv, dom)
+            arm_injectors(injectors, scenario.phase(seed))
+            return _finish(scenario, seed, hv, dom, cfg.requests, injectors)
+        finally:
+            hv.close()
 
 
 def _injectors(scenario: Scenario, hv: domctl.Hypervisor,
@@ -238,6 +275,7 @@ def explore(scenario: Scenario, seeds: list[int], jobs: int = 0,
             progress: Callable[[int, int], None] | None = None) -> list[Group]:
     """Run every seed (on ``jobs`` worker processes, 0: one per core) and
     group the outcomes, the largest group first."""
+    check_config(load_config(scenario.config))
     groups: dict[Outcome, Group] = {}
     runs: dict[int, Run] = {}
     todo = _forked_runs if scenario.fork_ns is not None else _runs
@@ -273,6 +311,7 @@ def _forked_runs(scenario: Scenario, seeds: list[int], jobs: int) -> Iterator[Ru
     ``jobs`` at a time, each sending its Run back through a pipe."""
     assert scenario.fork_ns is not None and not scenario.frames
     cfg = load_config(scenario.config)
+    check_config(cfg)
     check_parting(cfg.requests, scenario.fork_ns)
     hv, dom = boot(cfg, seed=scenario.seed)
     domctl.private_disks(dom)  # the image file stays as it is: a replay starts from it too

@@ -24,8 +24,11 @@ size_max = 64 KiB.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import struct
 import tempfile
 
 from hypervisor.devices.blk.event_handler import (
@@ -52,6 +55,8 @@ from hypervisor.public.io.virtio_blk import (
 )
 
 log = logging.getLogger(__name__)
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 
 class BlockError(Exception):
@@ -83,6 +88,22 @@ def default_serial(path: str) -> str:
     return os.path.basename(path)[:VIRTIO_BLK_ID_BYTES]
 
 
+def lock_image(fd: int, read_only: bool) -> None:
+    """An open file description lock on the whole image, shared for a
+    read-only disk, exclusive for a writable one (QEMU's raw_apply_lock_bytes,
+    simplified): two domains, or two processes, never write one image, nor
+    read one another writes. Held until the fd is closed; BlockError if taken."""
+    kind = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            what = "a shared" if read_only else "the write"
+            raise BlockError(f"failed to get {what} lock: another domain or process uses "
+                             "the image") from None
+        raise BlockError(f"cannot lock it: {e.strerror}") from None
+
+
 class Block(BlockEventHandler, VirtioDevice):
     """virtio-blk, the host's side. Its queue notification is handled in
     event_handler.py, its saved state in persist.py."""
@@ -111,6 +132,11 @@ class Block(BlockEventHandler, VirtioDevice):
             raise BlockError(f"disk image {path!r}: cannot open it "
                              f"{'read-only' if read_only else 'read-write'}: "
                              f"{e.strerror}") from None
+        try:
+            lock_image(self.fd, read_only)
+        except BlockError as e:
+            os.close(self.fd)
+            raise BlockError(f"disk image {path!r}: {e}") from None
         self.path = path
         self.read_only = read_only
         self.serial = serial or default_serial(path)

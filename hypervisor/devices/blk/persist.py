@@ -24,6 +24,7 @@ from hypervisor.devices.blk.device import Block, BlockError, check_queue_size, i
 from hypervisor.devices.blk.event_handler import QUEUE_SIZE
 from hypervisor.devices.kinds import BUS, DeviceKind, register_kind
 from hypervisor.devices.virtio.mmio import VirtioDevice
+from hypervisor.public.io.virtio_blk import VIRTIO_BLK_ID_BYTES
 
 KIND = "blk"
 
@@ -59,6 +60,11 @@ def restore_state(state: dict[str, Any]) -> Block:
 
 def _check(state: dict[str, Any]) -> str | None:
     """What the image check can tell without opening the disk for use."""
+    serial = state["serial"]
+    if len(serial.encode()) > VIRTIO_BLK_ID_BYTES or not serial.isascii():
+        return f"disk serial {serial!r}: at most {VIRTIO_BLK_ID_BYTES} ASCII bytes"
+    if state["capacity"] < NEW_DISK:
+        return f"disk capacity {state['capacity']}: negative"
     if (why := check_queue_size(state["queue_size"])) is not None:
         return why
     try:

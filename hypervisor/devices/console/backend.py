@@ -10,25 +10,22 @@ the guest has no room for waits in the socket, not in the host.
   ``path``; a client that connects opens the host side (the device sends
   PORT_OPEN 1), its end of file closes it (PORT_OPEN 0). A second client
   while one is connected is refused (accepted and closed at once). Output
-  the socket will not take now (the client does not read) is dropped and
-  counted, as QEMU drops what a console port's chardev cannot take, so the
-  guest never waits on a host client.
+  the socket will not take now (the client does not read) waits: the port
+  is throttled, as QEMU throttles a generic port (virtio-console.c's
+  flush_buf; only a console port, which this device never has, drops the
+  rest so that hvc never blocks). With no client, output is discarded.
 * **file** (QEMU's ``-chardev file``): output appended, no input; the host
   side is always open.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
 import select
 import socket
-import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from hypervisor.devices import unixsock
 from hypervisor.devices.virtio.queue import Chain
 
 log = logging.getLogger(__name__)
@@ -45,6 +42,7 @@ class Backend:
     """What a port's host end does; the base class is a sink with no input."""
 
     connection = ""
+    throttles = False  # output it cannot take now waits (else it is dropped)
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -72,7 +70,7 @@ class Backend:
         return None
 
     def write(self, data: bytes) -> int:
-        """Output: how many bytes the host took (the rest is dropped)."""
+        """Output: how many bytes the host took now (0 .. len(data))."""
         return len(data)
 
     def close(self) -> None:
@@ -103,22 +101,16 @@ class FileBackend(Backend):
 
 class SocketBackend(Backend):
     connection = SOCKET
+    throttles = True
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.client: socket.socket | None = None
         self.refused = 0  # clients turned away while one was connected
-        _clear_stale(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.listener.bind(path)
-            self.listener.listen(1)
-        except OSError as e:
-            self.listener.close()
-            raise BackendError(f"cannot listen on {path} for a console port: "
-                               f"{e.strerror or e}") from None
-        self.listener.setblocking(False)
-        self._inode = os.stat(path).st_ino
+            self.listener, self._inode = unixsock.listen(path)
+        except unixsock.SocketPathError as e:
+            raise BackendError(f"console port socket {path}: {e}") from None
 
     @property
     def connected(self) -> bool:
@@ -142,6 +134,9 @@ class SocketBackend(Backend):
             except OSError as e:
                 log.warning("console port socket %s: accept: %s", self.path, e)
                 break
+            if unixsock.is_probe(conn):
+                conn.close()  # another listener's look at the path: no client
+                continue
             if self.client is not None:
                 self.refused += 1  # one client at a time, as a chardev
                 conn.close()
@@ -201,37 +196,7 @@ class SocketBackend(Backend):
     def close(self) -> None:
         self._drop_client()
         self.listener.close()
-        # the path is ours to remove only if it is still the socket we made
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-
-
-def _clear_stale(path: str) -> None:
-    """A socket left at ``path`` by a process that is gone is removed (as
-    a restore in a new process finds the old one's); one that someone
-    listens on, or anything that is not a socket, is an error."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise BackendError(f"console port socket {path}: {e.strerror or e}") from None
-    if not stat.S_ISSOCK(mode):
-        raise BackendError(f"console port socket {path}: the path exists and is no socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-        raise BackendError(f"console port socket {path}: {e.strerror or e}") from None
-    finally:
-        probe.close()
-    raise BackendError(f"console port socket {path} is in use: another domain or process "
-                       "listens on it")
+        unixsock.release(self.path, self._inode)
 
 
 @dataclass
@@ -245,6 +210,11 @@ class Port:
     console: bool = False           # CONSOLE_PORT is sent for it (never, yet)
     guest_connected: bool = False   # the guest has it open (its PORT_OPEN)
     rx_held: Chain | None = field(default=None, repr=False)  # a receive buffer, no input yet
+    # a throttled output buffer (QEMU's port->elem and its offset): its data,
+    # of which tx_done bytes went; used when all has gone
+    tx_held: Chain | None = field(default=None, repr=False)
+    tx_data: bytes = field(default=b"", repr=False)
+    tx_done: int = 0
 
 
 def open_backend(connection: str, path: str) -> Backend:
@@ -256,12 +226,3 @@ def open_backend(connection: str, path: str) -> Backend:
     raise BackendError(f"console port connection {connection!r} unknown (one of "
                        f"{', '.join(CONNECTIONS)})")
 
-
-def backend_path_ok(path: str) -> str | None:
-    """Why ``path`` cannot be a socket's address, or None (a Unix socket's
-    path is at most 107 bytes)."""
-    if len(os.fsencode(path)) > 107:
-        return f"the socket path {path} is longer than a Unix socket's 107 bytes"
-    if not Path(path).parent.is_dir():
-        return f"the directory of {path} does not exist"
-    return None

@@ -119,7 +119,7 @@ class Console(ConsoleEventHandler, VirtioDevice):
     def reset(self) -> None:
         for port in self.ports.values():
             port.guest_connected = False
-            port.rx_held = None
+            port.rx_held = port.tx_held = None
         self.host.timers.cancel_timers(self)
 
     def close(self) -> None:
@@ -149,6 +149,7 @@ class Console(ConsoleEventHandler, VirtioDevice):
         """One look at every port's host end (the poll's work, also for tests)."""
         for port in self.ports.values():
             self.refresh(port)
+            self.flush_output(port)
             self.serve_rx(port)
 
     def spontaneous(self) -> None:

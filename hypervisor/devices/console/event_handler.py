@@ -36,6 +36,7 @@ from hypervisor.public.io.virtio_console import (
     VIRTIO_CONSOLE_PORT_OPEN,
     VIRTIO_CONSOLE_PORT_READY,
     port_rxq,
+    port_txq,
     queue_port,
 )
 
@@ -176,8 +177,12 @@ class ConsoleEventHandler:
 
     def handle_output(self, q: SplitQueue, port: Port | None) -> None:
         """Output buffers (handle_output): to the host if its side is open,
-        else discarded; each used with length 0."""
+        else discarded; each used with length 0. A buffer the host takes
+        only part of is held and the queue waits (the port is throttled)
+        until the poll has sent the rest (``flush_output``)."""
         mem = self.transport.mem
+        if port is not None and port.tx_held is not None:
+            return  # throttled: the poll goes on when the client reads
         done = 0
         while (chain := q.pop(mem)) is not None:
             size = _readable(chain)
@@ -190,11 +195,51 @@ class ConsoleEventHandler:
                                 for b in chain.buffers)
                 took = port.backend.write(data)
                 self.metrics.tx_bytes += took
+                if took < len(data) and port.backend.throttles and not port.console:
+                    port.tx_held, port.tx_data, port.tx_done = chain, data, took
+                    self.metrics.tx_throttled += 1
+                    break
                 self.metrics.tx_dropped += len(data) - took
             q.push(mem, chain.head, 0)
             done += 1
         if done:
             self.transport.used_notify(q)
+
+    def flush_output(self, port: Port) -> None:
+        """The held output buffer's rest to the host, as far as it takes it;
+        once all is sent the buffer is used and the queue goes on
+        (virtio_serial_throttle_port(false), do_flush_queued_data)."""
+        if port.tx_held is None:
+            return
+        t = self.transport
+        q = t.queues[port_txq(port.id)]
+        if not t.live or not q.ready:
+            return
+        if not port.backend.connected:
+            self._discard_held(port)
+            return
+        took = port.backend.write(port.tx_data[port.tx_done:])
+        self.metrics.tx_bytes += took
+        port.tx_done += took
+        if port.tx_done < len(port.tx_data):
+            return
+        q.push(t.mem, port.tx_held.head, 0)
+        port.tx_held, port.tx_data, port.tx_done = None, b"", 0
+        t.used_notify(q)
+        self.handle_output(q, port)
+
+    def _discard_held(self, port: Port) -> None:
+        """The client went: the held output's rest discarded and the buffer
+        used (virtio_serial_close discards pending guest output)."""
+        if port.tx_held is None:
+            return
+        t = self.transport
+        self.metrics.tx_discarded += len(port.tx_data) - port.tx_done
+        q = t.queues[port_txq(port.id)]
+        if t.live and q.ready:
+            q.push(t.mem, port.tx_held.head, 0)
+            t.used_notify(q)
+        port.tx_held, port.tx_data, port.tx_done = None, b"", 0
 
     def serve_rx(self, port: Port) -> None:
         """Host input into the port's receive buffers, while the guest has
@@ -213,6 +258,11 @@ class ConsoleEventHandler:
                 break
             port.rx_held = None
             room = sum(b.length for b in chain.buffers if b.writable)
+            if not room:  # no byte it could take: used empty, never held for ever
+                self.metrics.malformed += 1
+                q.push(t.mem, chain.head, 0)
+                done += 1
+                continue
             data = port.backend.read(room) if not done else port.backend.read_data(room)
             if data is None:
                 port.rx_held = chain
@@ -242,7 +292,8 @@ class ConsoleEventHandler:
             self.host_closed(port, tell)
 
     def host_closed(self, port: Port, tell: bool = True) -> None:
-        """The client went: PORT_OPEN 0."""
+        """The client went: PORT_OPEN 0, held output discarded."""
         self.metrics.disconnects += 1
+        self._discard_held(port)
         if tell:
             self.send_control(port.id, VIRTIO_CONSOLE_PORT_OPEN, 0)

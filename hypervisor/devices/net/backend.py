@@ -13,18 +13,23 @@ and where the frames it receives come from.
   one process or in two.
 
 A backend never blocks the machine: the device polls it from a host timer
-(``poll``); a socket is non-blocking and read as far as it has data.
+(``poll``); a socket is non-blocking and read as far as it has data. What
+the peer's socket will not take now waits in a bounded queue (``OUT_MAX``),
+sent from the poll; a frame past it is dropped and counted (``dropped``), as
+a NIC drops what its full wire cannot take. A host error (a socket's, a
+name that does not resolve) is counted (``errors``) and drops the peer (the
+link goes down), never an exception out of ``send`` or ``poll``.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from hypervisor.devices import unixsock
 from hypervisor.public.io.inet import (
     ARP_PKT,
     ARPOP_REPLY,
@@ -53,6 +58,7 @@ USER_GATEWAY = ip_aton("10.0.2.2")
 USER_GATEWAY_MAC = bytes.fromhex("52550a000202")
 FRAME_LEN = 4                  # the stream framing's length word
 READ_CHUNK = 65536
+OUT_MAX = 256 * 1024           # bytes queued for a peer that does not read
 
 
 class BackendError(ValueError):
@@ -75,6 +81,8 @@ class Backend:
     """What the device needs of a backend."""
 
     kind = ""
+    errors = 0                 # host failures (a socket error): frames lost
+    dropped = 0                # frames sent with the queue to the peer full
 
     def send(self, frame: bytes) -> None:
         """The guest sent ``frame``."""
@@ -204,7 +212,8 @@ class StreamBackend(Backend):
         self.listener: socket.socket | None = None
         self.sock: socket.socket | None = None
         self.inbuf = bytearray()
-        self.errors = 0
+        self.outbuf = bytearray()  # framed bytes the peer's socket has not taken yet
+        self.errors = self.dropped = 0
         if mode == "listen":
             self._listen()
         else:
@@ -215,25 +224,29 @@ class StreamBackend(Backend):
         """A backend on a socket already connected (one end of a socketpair)."""
         self = cls.__new__(cls)
         self.mode, self.address, self.family, self.addr = "connect", "", sock.family, None
-        self.listener, self.inbuf, self.errors = None, bytearray(), 0
+        self.listener, self.inbuf, self.outbuf = None, bytearray(), bytearray()
+        self.errors = self.dropped = 0
         self._stream(sock)
         self.sock = sock
         return self
 
     def _listen(self) -> None:
-        s = socket.socket(self.family, socket.SOCK_STREAM)
         try:
             if self.family == socket.AF_UNIX:
-                if os.path.exists(self.addr):
-                    os.unlink(self.addr)  # a socket left by a listener gone (a restore's)
-            else:
+                self.listener, self._inode = unixsock.listen(self.addr)
+                return
+            s = socket.socket(self.family, socket.SOCK_STREAM)
+            try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(self.addr)
-            s.listen(1)
-        except OSError as e:
-            s.close()
+                s.bind(self.addr)
+                s.listen(1)
+            except OSError:
+                s.close()
+                raise
+        except (OSError, unixsock.SocketPathError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
             raise BackendError(f"socket backend: cannot listen on {self.address}: "
-                               f"{e.strerror or e}") from None
+                               f"{why}") from None
         s.setblocking(False)
         self.listener = s
 
@@ -247,7 +260,13 @@ class StreamBackend(Backend):
     def _dial(self) -> None:
         s = socket.socket(self.family, socket.SOCK_STREAM)
         self._stream(s)
-        rc = s.connect_ex(self.addr)
+        try:
+            rc = s.connect_ex(self.addr)
+        except OSError as e:  # the host's name does not resolve (gaierror), ...
+            s.close()
+            self.errors += 1
+            log.info("net socket %s: cannot dial: %s", self.address, e)
+            return
         if rc not in (0, errno.EINPROGRESS):
             s.close()  # nobody there yet: dialled again at the next poll
             return
@@ -257,52 +276,54 @@ class StreamBackend(Backend):
         assert self.listener is not None
         try:
             s, _ = self.listener.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.errors += 1
+            log.info("net socket %s: accept failed: %s", self.address, e)
+            return
+        if unixsock.is_probe(s):
+            s.close()  # another listener's look at the path, not a peer
             return
         self._stream(s)
-        if self.sock is not None:
-            self.sock.close()
-        self.sock, self.inbuf = s, bytearray()
+        self.sock, self.inbuf, self.outbuf = s, bytearray(), bytearray()
         log.info("net socket %s: a peer connected", self.address)
 
     def _drop(self, why: str) -> None:
         log.info("net socket %s: %s", self.address, why)
         if self.sock is not None:
             self.sock.close()
-        self.sock, self.inbuf = None, bytearray()
+        self.sock, self.inbuf, self.outbuf = None, bytearray(), bytearray()
 
     def connected(self) -> bool:
         return self.sock is not None
 
     def send(self, frame: bytes) -> None:
+        """The frame queued for the peer and as much of the queue sent as
+        its socket takes now; dropped (counted) if the queue is full."""
         if self.sock is None:
             self.poll_connection()
         if self.sock is None:
             self.errors += 1
             return
-        data = len(frame).to_bytes(FRAME_LEN, "big") + frame
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as e:
-            self.errors += 1
-            self._drop(f"send failed: {e}")
+        if len(self.outbuf) + FRAME_LEN + len(frame) > OUT_MAX:
+            self.dropped += 1  # the wire is full (QEMU's queue would hold it)
             return
-        if sent < len(data):
-            # the peer's socket buffer is full: the rest goes out blocking a
-            # moment, so the stream keeps its framing (QEMU queues it instead)
-            self.sock.setblocking(True)
+        self.outbuf += len(frame).to_bytes(FRAME_LEN, "big") + frame
+        self._flush()
+
+    def _flush(self) -> None:
+        """Queued bytes into the socket, as far as it takes them."""
+        while self.sock is not None and self.outbuf:
             try:
-                self.sock.settimeout(1.0)
-                self.sock.sendall(data[sent:])
+                sent = self.sock.send(self.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as e:
                 self.errors += 1
                 self._drop(f"send failed: {e}")
                 return
-            finally:
-                if self.sock is not None:
-                    self.sock.setblocking(False)
+            del self.outbuf[:sent]
 
     def poll_connection(self) -> None:
         if self.sock is not None:
@@ -314,6 +335,7 @@ class StreamBackend(Backend):
 
     def poll(self) -> list[bytes]:
         self.poll_connection()
+        self._flush()
         if self.sock is None:
             return []
         while True:
@@ -350,10 +372,7 @@ class StreamBackend(Backend):
             if s is not None:
                 s.close()
         if self.listener is not None and self.family == socket.AF_UNIX:
-            try:
-                os.unlink(self.addr)
-            except OSError:
-                pass
+            unixsock.release(self.addr, self._inode)  # only if still ours
         self.sock = self.listener = None
 
 

@@ -152,7 +152,14 @@ class Net(NetEventHandler, VirtioDevice):
         """Frames from the backend to the guest; the link's state."""
         if not self.transport.live:
             return
-        self.receive_frames(self.backend.poll())
+        try:
+            frames = self.backend.poll()
+        except OSError as e:  # a backend's own failure: counted, never the host's
+            log.info("d%d virtio-net: backend: %s", self.domid, e)
+            self.backend.errors += 1
+            frames = []
+        self.receive_frames(frames)
+        self.backend_counts()
         self._check_link()
         if self.host.is_running():
             self._arm_poll()

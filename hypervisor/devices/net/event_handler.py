@@ -50,9 +50,15 @@ class NetEventHandler:
         if q.index == VIRTIO_NET_VQ_TX:
             self.process_tx(q)
             self.receive_frames(self.backend.poll())
+            self.backend_counts()
         elif q.index == VIRTIO_NET_VQ_CTRL:
             self.process_ctrl(q)
         # VIRTIO_NET_VQ_RX: buffers posted, used when frames come
+
+    def backend_counts(self) -> None:
+        """The backend's failures and drops into the device's counters."""
+        self.metrics.backend_errors = self.backend.errors
+        self.metrics.tx_dropped = self.backend.dropped
 
     # --- transmit ----------------------------------------------------------------------
 
@@ -143,7 +149,8 @@ class NetEventHandler:
             readable = chain.readable()
             ack = chain.buffers[-1] if chain.buffers and chain.buffers[-1].writable else None
             size = sum(b.length for b in readable)
-            if ack is None or not VIRTIO_NET_CTRL_HDR.size <= size <= CTRL_MAX_BYTES:
+            if (ack is None or not ack.length
+                    or not VIRTIO_NET_CTRL_HDR.size <= size <= CTRL_MAX_BYTES):
                 self.metrics.ctrl_malformed += 1
                 if ack is not None and ack.length:
                     mem.write(ack.addr, bytes([VIRTIO_NET_ERR]), "ctrl ack")

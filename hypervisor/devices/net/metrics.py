@@ -26,6 +26,7 @@ class NetMetrics:
     announce_acks: int = 0     # VIRTIO_NET_CTRL_ANNOUNCE_ACK received
     link_changes: int = 0      # the link went up or down
     backend_errors: int = 0    # the host side failed (a socket error): frames lost
+    tx_dropped: int = 0        # frames the backend dropped: the queue to its peer full
 
     def nonzero(self) -> dict[str, int]:
         """The counters that moved, for the host's report."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from hypervisor.devices.kinds import BUS, DeviceKind, register_kind
-from hypervisor.devices.net.backend import BackendError, open_backend
+from hypervisor.devices.net.backend import BackendError, open_backend, parse_address
 from hypervisor.devices.net.device import Net, NetHost
 from hypervisor.devices.virtio.mmio import VirtioDevice
 from hypervisor.public.io.inet import mac_aton
@@ -58,8 +58,17 @@ def _check(state: dict[str, Any]) -> str | None:
     backend = state["backend"]
     if backend.get("type") not in ("user", "socket"):
         return f"device backend type {backend.get('type')!r} unknown (user or socket)"
-    if backend["type"] == "socket" and sum(k in backend for k in ("listen", "connect")) != 1:
-        return "a socket backend needs one of listen or connect"
+    if backend["type"] == "socket":
+        modes = [k for k in ("listen", "connect") if k in backend]
+        if len(modes) != 1:
+            return "a socket backend needs one of listen or connect"
+        address = backend[modes[0]]
+        if not isinstance(address, str):
+            return f"device backend {modes[0]} {address!r} is no address string"
+        try:
+            parse_address(address)  # what the restore parses
+        except BackendError as e:
+            return str(e)
     return None
 
 

@@ -493,3 +493,23 @@ def test_the_pager_waits_for_a_page_no_longer_than_page_wait(monkeypatch):
     finally:
         a.close()
         b.close()
+
+
+def test_a_pager_that_pauses_cuts_its_link_so_the_source_hears_it():
+    """A drop the destination decided (a page waited for too long) leaves a
+    link that still works: cut, the source's reads end and its writes fail,
+    instead of it sending into a destination that no longer reads."""
+    from types import SimpleNamespace
+    link, a, b = _silent_link()
+    pager = postcopy.Pager.__new__(postcopy.Pager)
+    pager.hv = SimpleNamespace(domains={})
+    pager.dom = SimpleNamespace(domid=7, name="mig", paused=False)
+    pager.link, pager.paused, pager.drops, pager.left = link, False, 0, 3
+    pager._say = None
+    try:
+        pager._paused("nothing from the peer in 30 s")
+        b.settimeout(5)
+        assert b.recv(1) == b""  # the source's read ends
+    finally:
+        a.close()
+        b.close()

@@ -56,6 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -209,6 +210,28 @@ class Link:
     def write_record(self, rtype: int, body: bytes = b"") -> None:
         with self.writing() as w:
             stream.write_record(w, rtype, body)
+
+    def cut(self) -> None:
+        """The connection shut down both ways, as a network that fails: the
+        peer's reads end and its writes fail, whoever else holds the
+        descriptor (a pipe is only left as it is)."""
+        for f in (self.reader, self.writer):
+            try:
+                fd = os.dup(f.fileno())
+            except (OSError, ValueError):
+                continue  # closed already
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)  # a pipe
+                continue
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not a socket, or not connected any more
+            finally:
+                s.close()
+            return
 
     def close(self) -> None:
         """Both directions closed (a writer that cannot flush any more too)."""
@@ -752,6 +775,7 @@ class Pager:
             return
         self.paused = True
         self.drops += 1
+        self.link.cut()  # a link dropped by a wait that timed out is cut, so the source hears it
         self.why = (f"migration target: the connection to the source dropped during "
                     f"post-copy ({why}); domain {self.dom.name} paused with {self.left} "
                     "pages still at the source")

@@ -260,13 +260,23 @@ def file_write(cpu: NativeCpu, fd: int, ubuf: int, size: int) -> int | None:
     return _rw(cpu, fd, ubuf, size, write=True)
 
 
-def _rw(cpu: NativeCpu, fd: int, ubuf: int, size: int, write: bool) -> int | None:
+def _file_ops(cpu: NativeCpu, fd: int) -> tuple[Ref, file_operations] | int:
+    """The running task's open file ``fd`` and its driver's operations, or
+    -EBADF (no such descriptor), -ENODEV (its node is gone)."""
     f = fget(cpu, fd)
-    if f is None or f.flags & O_ACCMODE == (O_RDONLY if write else O_WRONLY):
+    if f is None:
         return -EBADF
     fops = _fops(cpu, f)
-    if fops is None:
-        return -ENODEV
+    return -ENODEV if fops is None else (f, fops)
+
+
+def _rw(cpu: NativeCpu, fd: int, ubuf: int, size: int, write: bool) -> int | None:
+    got = _file_ops(cpu, fd)
+    if isinstance(got, int):
+        return got
+    f, fops = got
+    if f.flags & O_ACCMODE == (O_RDONLY if write else O_WRONLY):
+        return -EBADF
     op = fops.write if write else fops.read
     if op is None:
         return -EINVAL
@@ -278,12 +288,10 @@ def sys_lseek(cpu: NativeCpu, fd: int, offset: int, whence: int) -> int:
     read or write), or -errno: -ESPIPE on a stream (no_llseek), -EINVAL
     below 0 or past MAX_LFS (a larger one would come back looking like an
     error code, as Linux's vfs_setpos refuses it)."""
-    f = fget(cpu, fd)
-    if f is None:
-        return -EBADF
-    fops = _fops(cpu, f)
-    if fops is None:
-        return -ENODEV
+    got = _file_ops(cpu, fd)
+    if isinstance(got, int):
+        return got
+    f, fops = got
     if fops.no_llseek:
         return -ESPIPE
     if offset >= 1 << 63:
@@ -296,12 +304,10 @@ def sys_lseek(cpu: NativeCpu, fd: int, offset: int, whence: int) -> int:
 
 
 def sys_ioctl(cpu: NativeCpu, fd: int, cmd: int, arg: int) -> int:
-    f = fget(cpu, fd)
-    if f is None:
-        return -EBADF
-    fops = _fops(cpu, f)
-    if fops is None:
-        return -ENODEV
+    got = _file_ops(cpu, fd)
+    if isinstance(got, int):
+        return got
+    f, fops = got
     return fops.ioctl(cpu, f, cmd, arg) if fops.ioctl is not None else -ENOTTY  # Linux's
 
 

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 CONTROL_MAX_BYTES = 64       # a driver's control message is 8 bytes
 TX_MAX_BYTES = 1 << 16       # one output buffer chain: Linux sends at most 32 KiB
+RX_READ_MAX = 1 << 16        # host input read into one rx chain at a time, whatever room
+                             # the guest claims (its descriptors may name 4 GiB)
 
 
 def _readable(chain: Chain) -> int:
@@ -263,7 +265,8 @@ class ConsoleEventHandler:
                 q.push(t.mem, chain.head, 0)
                 done += 1
                 continue
-            data = port.backend.read(room) if not done else port.backend.read_data(room)
+            want = min(room, RX_READ_MAX)
+            data = port.backend.read(want) if not done else port.backend.read_data(want)
             if data is None:
                 port.rx_held = chain
                 break

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -50,6 +51,18 @@ PURE = PrecopyOptions(postcopy=True, max_iterations=0)
 RECORD = stream.RHDR.size + stream.PAGE_DATA_HDR.size + 64 * (8 + 4096)
 TO_TARGET, TO_SOURCE = "to target", "to source"
 SOURCE_JOIN_S = 120  # far beyond a run's need, even on a loaded machine
+
+
+def reset(s: socket.socket) -> None:
+    """The connection ended as a failed network ends it, with a reset: a
+    shutdown alone lets a peer that only writes go on writing into buffers
+    nobody reads, until it blocks for ever."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        s.shutdown(socket.SHUT_RDWR)  # the other direction's pump wakes
+    except OSError:
+        pass  # shut down already
+    s.close()  # the reset
 
 
 class Relay:
@@ -101,8 +114,9 @@ class Relay:
                     data = data[:limit - len(seen)]
                     seen += data
                     b.sendall(data)
-                    for s in both:
-                        s.shutdown(socket.SHUT_RDWR)
+                    near, far = both
+                    far.shutdown(socket.SHUT_RDWR)  # the target reads what came, then the end
+                    reset(near)  # the source's writes fail, whatever it still sends
                     return
                 seen += data
                 b.sendall(data)

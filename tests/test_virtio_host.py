@@ -333,3 +333,32 @@ def test_run_and_restore_close_the_machine_whatever_the_outcome(tmp_path, monkey
     with pytest.raises(RuntimeError):
         cli.main(["restore", str(tmp_path / "img")])
     assert closed == [1, 1]
+
+
+def test_the_gateway_remembers_at_most_learnt_max_senders():
+    """A guest announcing ever new addresses: the table stays bounded, the
+    rest counted; an address already known is still updated."""
+    from hypervisor.public.io.inet import ARPOP_REQUEST, ETH_P_ARP, arp_packet, eth_frame
+    user = net_backend.UserBackend()
+    mac = bytes.fromhex("00163e000001")
+    for n in range(net_backend.LEARNT_MAX + 40):
+        ip = 0x0A000300 + n
+        user.send(eth_frame(b"\xff" * 6, mac, ETH_P_ARP, arp_packet(ARPOP_REQUEST, mac, ip,
+                                                                  bytes(6), ip)))
+    assert len(user.stats.learnt) == net_backend.LEARNT_MAX
+    assert user.stats.not_learnt == 40 and user.stats.announcements == net_backend.LEARNT_MAX + 40
+
+
+def test_a_dial_without_a_descriptor_left_is_counted_not_raised(monkeypatch):
+    b = StreamBackend("connect", "127.0.0.1:1")
+    if b.sock is not None:  # the first dial, made at once
+        b.sock.close()
+        b.sock = None
+
+    def no_fd(*a, **k):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(net_backend.socket, "socket", no_fd)
+    before = b.errors
+    b._dial()
+    assert b.errors == before + 1 and b.sock is None
+    b.close()

@@ -79,9 +79,9 @@ def release(path: str, inode: int) -> None:
             os.unlink(path)
 
 
-def is_probe(conn: socket.socket) -> bool:
-    """A connection just accepted that hung up having sent nothing: another
-    listener's ``clear_stale`` probe, not a client."""
+def hung_up(conn: socket.socket) -> bool:
+    """The peer closed its end: a peek finds the end of file (input still
+    before it is not the end: that is read first)."""
     if not select.select([conn], [], [], 0)[0]:
         return False
     try:
@@ -90,3 +90,9 @@ def is_probe(conn: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def is_probe(conn: socket.socket) -> bool:
+    """A connection just accepted that hung up having sent nothing: another
+    listener's ``clear_stale`` probe, not a client."""
+    return hung_up(conn)

@@ -147,18 +147,8 @@ class SocketBackend(Backend):
         return event
 
     def _hung_up(self) -> bool:
-        """The client closed its end (a peek finds the end of file), and no
-        input is left before it (that is read first)."""
         assert self.client is not None
-        readable, _, _ = select.select([self.client], [], [], 0)
-        if not readable:
-            return False
-        try:
-            return self.client.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+        return unixsock.hung_up(self.client)
 
     def _drop_client(self) -> None:
         if self.client is not None:

@@ -58,6 +58,7 @@ USER_GATEWAY = ip_aton("10.0.2.2")
 USER_GATEWAY_MAC = bytes.fromhex("52550a000202")
 FRAME_LEN = 4                  # the stream framing's length word
 READ_CHUNK = 65536
+LEARNT_MAX = 16  # addresses the gateway remembers (slirp's ARP table is as small)
 OUT_MAX = 256 * 1024           # bytes queued for a peer that does not read
 
 
@@ -74,6 +75,7 @@ class UserStats:
     announcements: int = 0     # gratuitous ARPs heard
     arp_asked: int = 0         # ARP requests the gateway sent unasked (``unsolicited``)
     dropped: int = 0           # frames the gateway does not route or answer
+    not_learnt: int = 0        # senders not remembered: the table was full (LEARNT_MAX)
     learnt: dict[str, str] = field(default_factory=dict)  # ip -> mac heard
 
 
@@ -127,6 +129,16 @@ class UserBackend(Backend):
         else:
             self.stats.dropped += 1
 
+    def _learn(self, spa: bytes, sha: bytes) -> None:
+        """Remember who has an address, as slirp's ARP table: at most
+        LEARNT_MAX entries (a guest sending from ever new addresses must not
+        grow the host's memory); past it, counted and not kept."""
+        ip = ".".join(map(str, spa))
+        if ip not in self.stats.learnt and len(self.stats.learnt) >= LEARNT_MAX:
+            self.stats.not_learnt += 1
+            return
+        self.stats.learnt[ip] = sha.hex(":")
+
     def _arp(self, src: bytes, body: bytes) -> None:
         _, ptype, _, _, op, sha, spa, _, tpa = ARP_PKT.unpack_from(body)
         spa_i, tpa_i = int.from_bytes(spa, "big"), int.from_bytes(tpa, "big")
@@ -135,16 +147,16 @@ class UserBackend(Backend):
             return
         if spa_i == tpa_i:  # gratuitous: the sender announces itself (RFC 5227)
             self.stats.announcements += 1
-            self.stats.learnt[".".join(map(str, spa))] = sha.hex(":")
+            self._learn(spa, sha)
             return
         if op == ARPOP_REQUEST and tpa_i == USER_GATEWAY:
             self.stats.arp_replies += 1
-            self.stats.learnt[".".join(map(str, spa))] = sha.hex(":")
+            self._learn(spa, sha)
             reply = arp_packet(ARPOP_REPLY, USER_GATEWAY_MAC, USER_GATEWAY, sha, spa_i)
             self.pending.append(eth_frame(src, USER_GATEWAY_MAC, ETH_P_ARP, reply))
             return
         if op == ARPOP_REPLY and tpa_i == USER_GATEWAY:  # an answer to unsolicited()
-            self.stats.learnt[".".join(map(str, spa))] = sha.hex(":")
+            self._learn(spa, sha)
             return
         self.stats.dropped += 1
 
@@ -258,12 +270,14 @@ class StreamBackend(Backend):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _dial(self) -> None:
-        s = socket.socket(self.family, socket.SOCK_STREAM)
-        self._stream(s)
+        s = None
         try:
+            s = socket.socket(self.family, socket.SOCK_STREAM)  # EMFILE too: counted
+            self._stream(s)
             rc = s.connect_ex(self.addr)
         except OSError as e:  # the host's name does not resolve (gaierror), ...
-            s.close()
+            if s is not None:
+                s.close()
             self.errors += 1
             log.info("net socket %s: cannot dial: %s", self.address, e)
             return
